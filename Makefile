@@ -1,0 +1,25 @@
+# lpd — see README.md. `make check` is what CI runs (.ci/run).
+PYTHON ?= python3
+DEBIAN_PACKAGES = libpcap0.8 tcpdump netsniff-ng tcpreplay ethtool iproute2 iputils-ping \
+	netcat-openbsd systemd python3 python3-prometheus-client python3-pytest python3-hypothesis \
+	prometheus libcap2-bin procps
+.PHONY: deps test check bench wheel clean
+
+deps:            ## system and Python packages the tests and the benchmark need (root)
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBIAN_PACKAGES)
+	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[test]'
+
+test:            ## the whole suite; needs root (network namespaces) and libpcap
+	$(PYTHON) -m pytest -q tests
+
+check: deps test
+
+bench:           ## speed, cost and loss beside tcpdump and libpcap (root for the live part)
+	$(PYTHON) tests/bench.py
+
+wheel:           ## build output goes to build/, never to dist/ (our unit files live there)
+	$(PYTHON) -m pip wheel --no-deps -w build/wheel .
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .hypothesis bench/results

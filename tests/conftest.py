@@ -1,0 +1,12 @@
+"""Makes the repository's lpd.py importable and the test helpers (netns, packets,
+libpcap_oracle) importable as top-level modules."""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.join(ROOT, "tests")
+for path in (HERE, ROOT):
+    if path not in sys.path:
+        sys.path.append(path)
+
+CORPUS = os.path.join(os.path.dirname(ROOT), "shared", "corpus", "pcaps")
