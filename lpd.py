@@ -23,7 +23,14 @@ import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
+import re
+import functools
+import grp
+import logging
+import selectors
+import stat
+from contextlib import nullcontext
+from typing import NamedTuple
 __version__ = "0.1.0"
 
 ###############################################################################
@@ -115,6 +122,8 @@ def build_parser():
                    help="forget an address after this long without traffic (default 300)")
     p.add_argument("--mapping-url", default=DEFAULT_MAPPING_URL, metavar="URL",
                    help="NIC mapping service, or 'none' (default %(default)s)")
+    p.add_argument("--mapping-interval", type=_positive_float, default=10.0, metavar="SECONDS",
+                   help="how often to fetch the mapping (default 10)")
     p.add_argument("-b", dest="ring_bytes", type=_size, default=DEFAULT_RING_BYTES, metavar="BYTES",
                    help="capture ring size (default 16m)")
     p.add_argument("--promisc", action="store_true", help="put the interface in promiscuous mode")
@@ -505,6 +514,1428 @@ MALFORMED_REASONS = (
 # Filter compiler #############################################################
 ###############################################################################
 
+# >>> wip:filter_compiler
+# Classic BPF, as struct sock_filter / struct bpf_insn spell it. A program is a
+# list of (code, jt, jf, k) tuples.
+BPF_LD, BPF_LDX, BPF_ST, BPF_STX, BPF_ALU, BPF_JMP, BPF_RET, BPF_MISC = range(8)
+BPF_W, BPF_H, BPF_B = 0x00, 0x08, 0x10
+BPF_IMM, BPF_ABS, BPF_IND, BPF_MEM, BPF_LEN, BPF_MSH = 0x00, 0x20, 0x40, 0x60, 0x80, 0xa0
+BPF_ADD, BPF_SUB, BPF_MUL, BPF_DIV, BPF_OR, BPF_AND = 0x00, 0x10, 0x20, 0x30, 0x40, 0x50
+BPF_LSH, BPF_RSH, BPF_NEG, BPF_MOD, BPF_XOR = 0x60, 0x70, 0x80, 0x90, 0xa0
+BPF_JA, BPF_JEQ, BPF_JGT, BPF_JGE, BPF_JSET = 0x00, 0x10, 0x20, 0x30, 0x40
+BPF_K, BPF_X, BPF_A = 0x00, 0x08, 0x10
+BPF_TAX, BPF_TXA = 0x00, 0x80
+BPF_MEMWORDS = 16
+
+# Linux ancillary data: loads at these offsets read socket metadata, not packet bytes.
+SKF_AD_OFF = 0xfffff000             # -0x1000 as the unsigned k of a load
+SKF_AD_PROTOCOL, SKF_AD_PKTTYPE, SKF_AD_IFINDEX, SKF_AD_NLATTR = 0, 4, 8, 12
+SKF_AD_NLATTR_NEST, SKF_AD_MARK, SKF_AD_QUEUE, SKF_AD_HATYPE = 16, 20, 24, 28
+SKF_AD_RXHASH, SKF_AD_CPU, SKF_AD_ALU_XOR_X, SKF_AD_VLAN_TAG = 32, 36, 40, 44
+SKF_AD_VLAN_TAG_PRESENT, SKF_AD_PAY_OFFSET, SKF_AD_RANDOM, SKF_AD_VLAN_TPID = 48, 52, 56, 60
+PACKET_OUTGOING = 4                 # sll_pkttype of a frame this host sent
+
+
+def _cls(code):
+    return code & 0x07
+
+
+def _jmp(op):
+    return BPF_JMP | op | BPF_K
+
+
+class FilterError(UsageError):
+    """A filter expression that does not compile; str() is 'line:col: reason'."""
+
+    def __init__(self, reason, col=1, line=1):
+        self.reason, self.col, self.line = reason, col, line
+        super().__init__(f"{line}:{col}: {reason}")
+
+
+class _Syntax(FilterError):
+    """A parse failure; the parser may still try another production."""
+
+
+###############################################################################
+# Protocol knowledge
+
+ETHERMTU = 1500
+ETHERTYPE = dict(ip=0x0800, arp=0x0806, rarp=0x8035, ip6=0x86dd, atalk=0x809b, aarp=0x80f3,
+                 decnet=0x6003, sca=0x6007, lat=0x6004, mopdl=0x6001, moprc=0x6002,
+                 loopback=0x9000, ipx=0x8137, ns=0x0600, vlan=0x8100, qinq_ad=0x88a8,
+                 qinq=0x9100, mpls=0x8847, pppoed=0x8863, pppoes=0x8864)
+LLCSAP = dict(iso=0xfe, stp=0x42, ipx=0xe0, netbeui=0xf0, ip=0x06, snap=0xaa)
+# pcap_nametoeproto(), then pcap_nametollc(): the names 'ether proto' accepts.
+ETHER_PROTO_NAMES = {n: ETHERTYPE[n] for n in (
+    "aarp", "arp", "atalk", "decnet", "ip", "ip6", "lat", "loopback", "mopdl", "moprc",
+    "rarp", "sca")}
+LLC_PROTO_NAMES = {n: LLCSAP[n] for n in ("iso", "stp", "ipx", "netbeui")}
+IPPROTO = dict(icmp=1, igmp=2, igrp=9, tcp=6, udp=17, icmpv6=58, ah=51, esp=50, pim=103,
+               vrrp=112, carp=112, sctp=132, hopopts=0, dstopts=60, routing=43,
+               fragment=44, none=59)
+ISO_PROTO = dict(clnp=0x81, esis=0x82, isis=0x83)
+ISIS_PDU = dict(l1_iih=15, l2_iih=16, ptp_iih=17, l1_lsp=18, l2_lsp=20, l1_csnp=24,
+                l2_csnp=25, l1_psnp=26, l2_psnp=27)
+# After 'pppoes' the link layer is PPP; libpcap maps Ethernet types to PPP protocols.
+PPP_OF_ETHERTYPE = {0x0800: 0x0021, 0x86dd: 0x0057, 0x6003: 0x0027, 0x809b: 0x0029,
+                    0x0600: 0x0025, 0xfe: 0x0023, 0x42: 0x0031, 0xe0: 0x002b}
+PPP_MPLS_UCAST = 0x0281
+
+# Keywords of scanner.l.  Protocol qualifiers carry their pname; link types that
+# are not Ethernet still lex as keywords, so they cannot be host names either.
+PNAMES = {"link": "link", "ether": "link", "ppp": "link", "slip": "link", "fddi": "link",
+          "tr": "link", "wlan": "link", "arp": "arp", "rarp": "rarp", "ip": "ip",
+          "sctp": "sctp", "tcp": "tcp", "udp": "udp", "icmp": "icmp", "igmp": "igmp",
+          "igrp": "igrp", "pim": "pim", "vrrp": "vrrp", "carp": "carp", "radio": "radio",
+          "ip6": "ip6", "icmp6": "icmp6", "ah": "ah", "esp": "esp", "atalk": "atalk",
+          "aarp": "aarp", "decnet": "decnet", "lat": "lat", "sca": "sca", "moprc": "moprc",
+          "mopdl": "mopdl", "iso": "iso", "esis": "esis", "es-is": "esis", "isis": "isis",
+          "is-is": "isis", "l1": "l1", "l2": "l2", "iih": "iih", "lsp": "lsp", "snp": "snp",
+          "csnp": "csnp", "psnp": "psnp", "clnp": "clnp", "stp": "stp", "ipx": "ipx",
+          "netbeui": "netbeui"}
+KEYWORDS = {"dst": "DST", "src": "SRC", "host": "HOST", "net": "NET", "mask": "NETMASK",
+            "port": "PORT", "portrange": "PORTRANGE", "proto": "PROTO",
+            "protochain": "PROTOCHAIN", "gateway": "GATEWAY", "less": "LESS",
+            "greater": "GREATER", "byte": "CBYTE", "broadcast": "BROADCAST",
+            "multicast": "MULTICAST", "and": "AND", "&&": "AND", "or": "OR", "||": "OR",
+            "not": "!", "len": "LEN", "length": "LEN", "inbound": "INBOUND",
+            "outbound": "OUTBOUND", "ifindex": "IFINDEX", "vlan": "VLAN", "mpls": "MPLS",
+            "pppoed": "PPPOED", "pppoes": "PPPOES", "geneve": "GENEVE", "llc": "LLC",
+            "type": "TYPE", "subtype": "SUBTYPE", "direction": "DIR", "dir": "DIR",
+            "address1": "ADDR", "addr1": "ADDR", "address2": "ADDR", "addr2": "ADDR",
+            "address3": "ADDR", "addr3": "ADDR", "address4": "ADDR", "addr4": "ADDR",
+            "ra": "ADDR", "ta": "ADDR"}
+KEYWORDS.update((w, "PNAME") for w in PNAMES)
+# Link types lpd never captures: their keywords only ever produce an error.
+for _w in ("lane metac bcc oam oamf4 oamf4ec oamf4sc sc ilmic vpi vci connectmsg metaconnect "
+           "on ifname rset ruleset rnr rulenum srnr subrulenum reason action fisu lssu lsu "
+           "msu hfisu hlssu hmsu sio opc dpc sls hsio hopc hdpc hsls").split():
+    KEYWORDS[_w] = "FOREIGN"
+
+# Named constants that lex as numbers (scanner.l).
+NAMED_NUMBERS = dict(
+    icmptype=0, icmpcode=1, icmp6type=0, icmp6code=1, tcpflags=13,
+    **{"icmp-echoreply": 0, "icmp-unreach": 3, "icmp-sourcequench": 4, "icmp-redirect": 5,
+       "icmp-echo": 8, "icmp-routeradvert": 9, "icmp-routersolicit": 10,
+       "icmp-timxceed": 11, "icmp-paramprob": 12, "icmp-tstamp": 13,
+       "icmp-tstampreply": 14, "icmp-ireq": 15, "icmp-ireqreply": 16, "icmp-maskreq": 17,
+       "icmp-maskreply": 18, "icmp6-destinationunreach": 1, "icmp6-packettoobig": 2,
+       "icmp6-timeexceeded": 3, "icmp6-parameterproblem": 4, "icmp6-echo": 128,
+       "icmp6-echoreply": 129, "icmp6-multicastlistenerquery": 130,
+       "icmp6-multicastlistenerreportv1": 131, "icmp6-multicastlistenerdone": 132,
+       "icmp6-routersolicit": 133, "icmp6-routeradvert": 134,
+       "icmp6-neighborsolicit": 135, "icmp6-neighboradvert": 136, "icmp6-redirect": 137,
+       "icmp6-routerrenum": 138, "icmp6-nodeinformationquery": 139,
+       "icmp6-nodeinformationresponse": 140, "icmp6-ineighbordiscoverysolicit": 141,
+       "icmp6-ineighbordiscoveryadvert": 142, "icmp6-multicastlistenerreportv2": 143,
+       "icmp6-homeagentdiscoveryrequest": 144, "icmp6-homeagentdiscoveryreply": 145,
+       "icmp6-mobileprefixsolicit": 146, "icmp6-mobileprefixadvert": 147,
+       "icmp6-certpathsolicit": 148, "icmp6-certpathadvert": 149,
+       "icmp6-multicastrouteradvert": 151, "icmp6-multicastroutersolicit": 152,
+       "icmp6-multicastrouterterm": 153, "tcp-fin": 0x01, "tcp-syn": 0x02,
+       "tcp-rst": 0x04, "tcp-push": 0x08, "tcp-ack": 0x10, "tcp-urg": 0x20,
+       "tcp-ece": 0x40, "tcp-cwr": 0x80})
+
+###############################################################################
+# Lexer: flex semantics, i.e. the longest match wins and ties go to the earlier rule.
+
+_W = r"[0-9A-Fa-f]{1,4}"
+_N = r"(?:0[xX][0-9A-Fa-f]+|[0-9]+)"
+_V4 = rf"{_N}\.{_N}\.{_N}\.{_N}"
+
+
+def _v6_patterns():
+    """scanner.l's V6 alternatives: n groups, '::' after group i, optional IPv4 tail."""
+    pats = [":".join([_W] * 8), ":".join([_W] * 6) + ":" + _V4]
+    for tail, total in (("", 8), (_V4, 6)):
+        for n in range(total - 1, -1, -1):
+            for i in range(n + 1):
+                left, right = ":".join([_W] * i), ":".join([_W] * (n - i))
+                if tail:
+                    right = (right + ":" if right else "") + tail
+                pats.append(left + "::" + right)
+    return [re.compile(p) for p in pats]
+
+
+_LEX = [  # (kind, [regexes]) in rule order; keywords are handled before these
+    ("OP2", [re.compile(r">=|<=|!=|==|<<|>>")]),
+    ("OP1", [re.compile(r"[-+*/%:\[\]!<>()&|^=]")]),
+    ("AID", [re.compile(r"\$[0-9A-Fa-f]{1,2}")]),
+    ("EID", [re.compile(p) for p in (
+        r"[0-9A-Fa-f]{1,2}(?::[0-9A-Fa-f]{1,2}){5}", r"[0-9A-Fa-f]{1,2}(?:-[0-9A-Fa-f]{1,2}){5}",
+        r"[0-9A-Fa-f]{1,2}(?:\.[0-9A-Fa-f]{1,2}){5}", r"[0-9A-Fa-f]{4}(?:\.[0-9A-Fa-f]{4}){2}",
+        r"[0-9A-Fa-f]{12}")]),
+    ("NUM", [re.compile(r"0[xX][0-9A-Fa-f]+"), re.compile(r"[0-9]+")]),
+    ("HID", [re.compile(rf"{_N}(?:\.{_N}){{1,3}}")]),
+    ("HID6", _v6_patterns()),
+    ("BADEID", [re.compile(r"[0-9A-Fa-f]{1,2}:+(?:[0-9A-Fa-f]{1,2}:+)+")]),
+    ("NAMED", None),
+    ("ID", [re.compile(r"[A-Za-z0-9](?:[-_.A-Za-z0-9]*[.A-Za-z0-9])?")]),
+    ("ESCID", [re.compile(r"\\[^ !()\n\t]+")]),
+]
+_WORD = re.compile(r"[A-Za-z0-9&|][-A-Za-z0-9&|]*")
+
+
+class Token:
+    __slots__ = ("kind", "value", "text", "col")
+
+    def __init__(self, kind, value, text, col):
+        self.kind, self.value, self.text, self.col = kind, value, text, col
+
+    def __repr__(self):
+        return f"Token({self.kind}, {self.value!r}, col {self.col})"
+
+
+def _longest(regexes, text, pos):
+    best = 0
+    for r in regexes:
+        m = r.match(text, pos)
+        if m and m.end() - pos > best:
+            best = m.end() - pos
+    return best
+
+
+def _number(text, col):
+    """stou(): decimal, 0x hex or 0 octal, unsigned 32 bits."""
+    if text[:2] in ("0x", "0X"):
+        n = int(text[2:], 16)
+    elif text.startswith("0") and len(text) > 1:
+        if re.search(r"[89]", text):
+            raise FilterError(f"number {text} contains non-octal digit", col)
+        n = int(text, 8)
+    else:
+        n = int(text)
+    if n > 0xffffffff:
+        raise FilterError(f"number {text} overflows 32 bits", col)
+    return n
+
+
+def tokenize(expr):
+    """The tokens of a filter expression, ending with an EOF token."""
+    toks, pos, n = [], 0, len(expr)
+    while True:
+        while pos < n and expr[pos] in " \r\n\t":
+            pos += 1
+        col = pos + 1
+        if pos >= n:
+            toks.append(Token("EOF", None, "", col))
+            return toks
+        # Literal words (keywords first, named numbers later in rule order).
+        kw_len = named_len = 0
+        m = _WORD.match(expr, pos)
+        if m:
+            word = m.group()
+            for end in range(len(word), 0, -1):
+                w = word[:end]
+                if w in KEYWORDS and not kw_len:
+                    kw_len = end
+                if w in NAMED_NUMBERS and not named_len:
+                    named_len = end
+        best_kind, best_len = None, 0
+        if kw_len:
+            best_kind, best_len = "KEYWORD", kw_len
+        for kind, regexes in _LEX:
+            length = named_len if kind == "NAMED" else _longest(regexes, expr, pos)
+            if length > best_len:
+                best_kind, best_len = kind, length
+        if not best_kind:
+            raise _Syntax(f"unexpected character {expr[pos]!r}", col)
+        text = expr[pos:pos + best_len]
+        pos += best_len
+        if best_kind == "KEYWORD":
+            kind = KEYWORDS[text]
+            value = PNAMES.get(text) if kind == "PNAME" else text
+            toks.append(Token(kind, value, text, col))
+        elif best_kind in ("OP1", "OP2"):
+            toks.append(Token({"==": "="}.get(text, text), text, text, col))
+        elif best_kind == "NAMED":
+            toks.append(Token("NUM", NAMED_NUMBERS[text], text, col))
+        elif best_kind == "NUM":
+            toks.append(Token("NUM", _number(text, col), text, col))
+        elif best_kind == "ESCID":
+            toks.append(Token("ID", text[1:], text, col))
+        elif best_kind == "BADEID":
+            raise FilterError(f"bogus ethernet address {text}", col)
+        elif best_kind == "HID6":
+            try:
+                socket.inet_pton(socket.AF_INET6, text)
+            except OSError:
+                raise FilterError(f"bogus IPv6 address {text}", col) from None
+            toks.append(Token("HID6", text, text, col))
+        else:
+            toks.append(Token(best_kind, text, text, col))
+
+###############################################################################
+# Intermediate code: gencode.c's blocks of statements ending in a branch or return.
+
+NOP = -1
+
+
+class _Stmt:
+    __slots__ = ("code", "k", "jt", "jf")
+
+    def __init__(self, code, k=0):
+        self.code, self.k, self.jt, self.jf = code, k, None, None   # jt/jf: in-block jumps
+
+
+class _Edge:
+    __slots__ = ("id", "code", "edom", "succ", "pred", "next")
+
+    def __init__(self, pred):
+        self.pred, self.succ, self.next, self.id, self.code, self.edom = pred, None, None, 0, 0, 0
+
+
+class _Block:
+    __slots__ = ("id", "stmts", "s", "et", "ef", "sense", "head", "link", "level", "offset",
+                 "longjt", "longjf", "dom", "in_edges", "val", "oval", "kill", "in_use",
+                 "out_use", "mark")
+
+    def __init__(self, code, k=0, stmts=None):
+        self.s = _Stmt(code, k)
+        self.stmts = stmts or []
+        self.et, self.ef = _Edge(self), _Edge(self)
+        self.sense, self.head, self.link = 0, self, None
+        self.longjt = self.longjf = 0
+        self.id = self.level = self.offset = self.dom = self.oval = 0
+        self.kill = self.in_use = self.out_use = 0
+        self.in_edges, self.val, self.mark = None, None, 0
+
+    @property
+    def jt(self):
+        return self.et.succ
+
+    @property
+    def jf(self):
+        return self.ef.succ
+
+
+# While parsing, a block's unresolved true (sense 0) or false exits are chained
+# through those very edges; backpatch() points a whole chain at its target.
+def _backpatch(lst, target):
+    while lst:
+        e = lst.ef if lst.sense else lst.et
+        lst, e.succ = e.succ, target
+
+
+def _merge(b0, b1):
+    p = b0
+    while True:
+        e = p.ef if p.sense else p.et
+        if e.succ is None:
+            e.succ = b1
+            return
+        p = e.succ
+
+
+def gen_and(b0, b1):
+    _backpatch(b0, b1.head)
+    b0.sense ^= 1
+    b1.sense ^= 1
+    _merge(b1, b0)
+    b1.sense ^= 1
+    b1.head = b0.head
+
+
+def gen_or(b0, b1):
+    b0.sense ^= 1
+    _backpatch(b0, b1.head)
+    b0.sense ^= 1
+    _merge(b1, b0)
+    b1.head = b0.head
+
+
+def gen_not(b):
+    b.sense ^= 1
+
+
+class _Offset:
+    """An absolute offset: a constant part plus, if variable, a scratch register."""
+    __slots__ = ("constant_part", "is_variable", "reg")
+
+    def __init__(self, constant_part, is_variable=False, reg=-1):
+        self.constant_part, self.is_variable, self.reg = constant_part, is_variable, reg
+
+    def copy(self):
+        return _Offset(self.constant_part, self.is_variable, self.reg)
+
+
+class _Arth:
+    """An arithmetic value: statements leaving it in scratch register regno, plus the
+    protocol tests (b) that must hold for the loads in it to make sense."""
+    __slots__ = ("s", "regno", "b")
+
+    def __init__(self, s, regno, b=None):
+        self.s, self.regno, self.b = s, regno, b
+
+
+DEFAULT = "default"
+Qual = tuple   # (proto, dir, addr)
+QERR = ("undef", "undef", "undef")
+EN10MB, PPP = "Ethernet", "PPP"
+
+###############################################################################
+# Code generation (gencode.c): small generators returning blocks to combine.
+
+class _Gen:
+    """The compiler state for one expression: link layer and header offsets, which
+    'vlan', 'mpls' and 'pppoes' move for everything parsed after them."""
+
+    def __init__(self, kernel, snaplen):
+        self.kernel, self.snaplen = kernel, snaplen
+        self.linktype, self.prevlinktype = EN10MB, None
+        self.off_linkhdr = _Offset(0)
+        self.off_prevlinkhdr = _Offset(0)
+        self.off_outermostlinkhdr = _Offset(0)
+        self.off_linktype = _Offset(12)
+        self.off_linkpl = _Offset(14)
+        self.off_nl, self.off_nl_nosnap = 0, 3
+        self.label_stack_depth = self.vlan_stack_depth = 0
+        self.is_vlan_vloffset = False
+        self.no_optimize = False
+        self.regused, self.curreg = [False] * BPF_MEMWORDS, 0
+        self.col = 1            # where errors are reported
+
+    def error(self, reason):
+        raise FilterError(reason, self.col)
+
+    def snapshot(self):
+        d = {k: v for k, v in vars(self).items()}
+        for k in ("off_linkhdr", "off_prevlinkhdr", "off_outermostlinkhdr", "off_linktype",
+                  "off_linkpl"):
+            d[k] = d[k].copy()
+        d["regused"] = list(self.regused)
+        return d
+
+    def restore(self, d):
+        vars(self).update(d)
+
+    # -- scratch memory registers --------------------------------------------
+    def alloc_reg(self):
+        for _ in range(BPF_MEMWORDS):
+            if not self.regused[self.curreg]:
+                self.regused[self.curreg] = True
+                return self.curreg
+            self.curreg = (self.curreg + 1) % BPF_MEMWORDS
+        self.error("too many registers needed to evaluate expression")
+
+    def free_reg(self, n):
+        self.regused[n] = False
+
+    # -- loads ---------------------------------------------------------------
+    def abs_offset_varpart(self, off):
+        if not off.is_variable:
+            return None
+        if off.reg == -1:
+            off.reg = self.alloc_reg()
+        return [_Stmt(BPF_LDX | BPF_MEM, off.reg)]
+
+    def load_absoffsetrel(self, off, offset, size):
+        s = self.abs_offset_varpart(off)
+        if s is not None:
+            return s + [_Stmt(BPF_LD | BPF_IND | size, off.constant_part + offset)]
+        return [_Stmt(BPF_LD | BPF_ABS | size, off.constant_part + offset)]
+
+    def loadx_iphdrlen(self):
+        s = self.abs_offset_varpart(self.off_linkpl)
+        k = self.off_linkpl.constant_part + self.off_nl
+        if s is not None:
+            return s + [_Stmt(BPF_LD | BPF_IND | BPF_B, k), _Stmt(BPF_ALU | BPF_AND | BPF_K, 0xf),
+                        _Stmt(BPF_ALU | BPF_LSH | BPF_K, 2), _Stmt(BPF_ALU | BPF_ADD | BPF_X),
+                        _Stmt(BPF_MISC | BPF_TAX)]
+        return [_Stmt(BPF_LDX | BPF_MSH | BPF_B, k)]
+
+    def load_a(self, offrel, offset, size):
+        """Load a field at offset from the start of the header 'offrel' names."""
+        pl, nl = self.off_linkpl, self.off_nl
+        if offrel == "packet":
+            return [_Stmt(BPF_LD | BPF_ABS | size, offset)]
+        if offrel == "linkhdr":
+            return self.load_absoffsetrel(self.off_linkhdr, offset, size)
+        if offrel == "prevlinkhdr":
+            return self.load_absoffsetrel(self.off_prevlinkhdr, offset, size)
+        if offrel == "llc":
+            return self.load_absoffsetrel(pl, offset, size)
+        if offrel == "prevmplshdr":
+            return self.load_absoffsetrel(pl, nl - 4 + offset, size)
+        if offrel == "linkpl":
+            return self.load_absoffsetrel(pl, nl + offset, size)
+        if offrel == "linkpl_nosnap":
+            return self.load_absoffsetrel(pl, self.off_nl_nosnap + offset, size)
+        if offrel == "linktype":
+            return self.load_absoffsetrel(self.off_linktype, offset, size)
+        if offrel == "tran_ipv4":
+            return self.loadx_iphdrlen() + [
+                _Stmt(BPF_LD | BPF_IND | size, pl.constant_part + nl + offset)]
+        if offrel == "tran_ipv6":
+            return self.load_absoffsetrel(pl, nl + 40 + offset, size)
+        raise AssertionError(offrel)
+
+    # -- comparisons ---------------------------------------------------------
+    def ncmp(self, offrel, offset, size, mask, jtype, reverse, v):
+        s = self.load_a(offrel, offset & 0xffffffff, size)
+        if mask != 0xffffffff:
+            s.append(_Stmt(BPF_ALU | BPF_AND | BPF_K, mask))
+        b = _Block(_jmp(jtype), v & 0xffffffff, s)
+        if reverse and jtype in (BPF_JGT, BPF_JGE):
+            gen_not(b)
+        return b
+
+    def cmp(self, offrel, offset, size, v):
+        return self.ncmp(offrel, offset, size, 0xffffffff, BPF_JEQ, False, v)
+
+    def cmp_gt(self, offrel, offset, size, v):
+        return self.ncmp(offrel, offset, size, 0xffffffff, BPF_JGT, False, v)
+
+    def cmp_ge(self, offrel, offset, size, v):
+        return self.ncmp(offrel, offset, size, 0xffffffff, BPF_JGE, False, v)
+
+    def cmp_lt(self, offrel, offset, size, v):
+        return self.ncmp(offrel, offset, size, 0xffffffff, BPF_JGE, True, v)
+
+    def cmp_le(self, offrel, offset, size, v):
+        return self.ncmp(offrel, offset, size, 0xffffffff, BPF_JGT, True, v)
+
+    def mcmp(self, offrel, offset, size, v, mask):
+        return self.ncmp(offrel, offset, size, mask, BPF_JEQ, False, v)
+
+    def bcmp(self, offrel, offset, data):
+        """Compare a byte string, in words then halfwords then a byte, last part first."""
+        b, size = None, len(data)
+        while size >= 4:
+            tmp = self.cmp(offrel, offset + size - 4, BPF_W,
+                           int.from_bytes(data[size - 4:size], "big"))
+            if b is not None:
+                gen_and(b, tmp)
+            b, size = tmp, size - 4
+        while size >= 2:
+            tmp = self.cmp(offrel, offset + size - 2, BPF_H,
+                           int.from_bytes(data[size - 2:size], "big"))
+            if b is not None:
+                gen_and(b, tmp)
+            b, size = tmp, size - 2
+        if size > 0:
+            tmp = self.cmp(offrel, offset, BPF_B, data[0])
+            if b is not None:
+                gen_and(b, tmp)
+            b = tmp
+        return b
+
+    def uncond(self, rsense):
+        return _Block(_jmp(BPF_JEQ), 0, [_Stmt(BPF_LD | BPF_IMM, int(not rsense))])
+
+    def true(self):
+        return self.uncond(1)
+
+    def false(self):
+        return self.uncond(0)
+
+    def retblk(self, v):
+        return _Block(BPF_RET | BPF_K, v)
+
+    # -- link layer ----------------------------------------------------------
+    def linktype_test(self, ll_proto):
+        """gen_linktype(): is the payload of this link layer of type ll_proto?"""
+        if self.label_stack_depth > 0:
+            return self.mpls_linktype(ll_proto)
+        if self.linktype == PPP:
+            return self.cmp("linktype", 0, BPF_H, PPP_OF_ETHERTYPE.get(ll_proto, ll_proto))
+        return self.ether_linktype(ll_proto)
+
+    def ether_linktype(self, ll_proto):
+        # Values up to ETHERMTU are 802.3 lengths, so those protocols live in 802.2 LLC.
+        if ll_proto in (LLCSAP["iso"], LLCSAP["ip"], LLCSAP["netbeui"]):
+            b0 = self.cmp_gt("linktype", 0, BPF_H, ETHERMTU)
+            gen_not(b0)
+            b1 = self.cmp("llc", 0, BPF_H, (ll_proto << 8) | ll_proto)
+            gen_and(b0, b1)
+            return b1
+        if ll_proto == LLCSAP["ipx"]:
+            b0 = self.cmp("llc", 0, BPF_B, LLCSAP["ipx"])
+            b1 = self.cmp("llc", 0, BPF_H, 0xffff)
+            gen_or(b0, b1)
+            b0 = self.snap(0x000000, ETHERTYPE["ipx"])
+            gen_or(b0, b1)
+            b0 = self.cmp_gt("linktype", 0, BPF_H, ETHERMTU)
+            gen_not(b0)
+            gen_and(b0, b1)
+            b0 = self.cmp("linktype", 0, BPF_H, ETHERTYPE["ipx"])
+            gen_or(b0, b1)
+            return b1
+        if ll_proto in (ETHERTYPE["atalk"], ETHERTYPE["aarp"]):
+            b0 = self.cmp_gt("linktype", 0, BPF_H, ETHERMTU)
+            gen_not(b0)
+            if ll_proto == ETHERTYPE["atalk"]:
+                b1 = self.snap(0x080007, ETHERTYPE["atalk"])
+            else:
+                b1 = self.snap(0x000000, ETHERTYPE["aarp"])
+            gen_and(b0, b1)
+            b0 = self.cmp("linktype", 0, BPF_H, ll_proto)
+            gen_or(b0, b1)
+            return b1
+        if ll_proto <= ETHERMTU:
+            b0 = self.cmp_gt("linktype", 0, BPF_H, ETHERMTU)
+            gen_not(b0)
+            b1 = self.cmp("linktype", 2, BPF_B, ll_proto)
+            gen_and(b0, b1)
+            return b1
+        return self.cmp("linktype", 0, BPF_H, ll_proto)
+
+    def snap(self, orgcode, ptype):
+        return self.bcmp("llc", 0, bytes([0xaa, 0xaa, 0x03]) + orgcode.to_bytes(3, "big")
+                         + ptype.to_bytes(2, "big"))
+
+    def mpls_linktype(self, ll_proto):
+        # Below an MPLS label, only the bottom-of-stack bit and the IP version tell.
+        if ll_proto in (ETHERTYPE["ip"], ETHERTYPE["ip6"]):
+            b0 = self.mcmp("linkpl", -2, BPF_B, 0x01, 0x01)
+            b1 = self.mcmp("linkpl", 0, BPF_B, 0x40 if ll_proto == ETHERTYPE["ip"] else 0x60, 0xf0)
+            gen_and(b0, b1)
+            return b1
+        self.error("unsupported protocol over mpls")
+
+    def llc(self):
+        if self.linktype != EN10MB:
+            self.error(f"'llc' not supported for {self.linktype}")
+        b0 = self.cmp_gt("linktype", 0, BPF_H, ETHERMTU)
+        gen_not(b0)
+        b1 = self.cmp("llc", 0, BPF_H, 0xffff)     # not Novell's raw 802.3
+        gen_not(b1)
+        gen_and(b0, b1)
+        return b1
+
+    def need_ethernet(self, what):
+        if self.linktype != EN10MB:
+            self.error(f"{what} not supported on {self.linktype} (after 'pppoes')")
+
+    # -- addresses -----------------------------------------------------------
+    def _dir_error(self, d, what):
+        self.error(f"'{d}' is not a valid qualifier for {what}")
+
+    def hostop(self, addr, mask, d, ll_proto, src_off, dst_off):
+        if d in ("and", "or", DEFAULT):
+            b0 = self.hostop(addr, mask, "src", ll_proto, src_off, dst_off)
+            b1 = self.hostop(addr, mask, "dst", ll_proto, src_off, dst_off)
+            (gen_and if d == "and" else gen_or)(b0, b1)
+            return b1
+        if d not in ("src", "dst"):
+            self._dir_error(d, "addresses other than 802.11 MAC addresses")
+        b0 = self.linktype_test(ll_proto)
+        b1 = self.mcmp("linkpl", src_off if d == "src" else dst_off, BPF_W, addr, mask)
+        gen_and(b0, b1)
+        return b1
+
+    def hostop6(self, addr, mask, d, src_off, dst_off):
+        if d in ("and", "or", DEFAULT):
+            b0 = self.hostop6(addr, mask, "src", src_off, dst_off)
+            b1 = self.hostop6(addr, mask, "dst", src_off, dst_off)
+            (gen_and if d == "and" else gen_or)(b0, b1)
+            return b1
+        if d not in ("src", "dst"):
+            self._dir_error(d, "addresses other than 802.11 MAC addresses")
+        off = src_off if d == "src" else dst_off
+        word = [(int.from_bytes(addr[i:i + 4], "big"), int.from_bytes(mask[i:i + 4], "big"))
+                for i in range(0, 16, 4)]
+        b1 = self.mcmp("linkpl", off + 12, BPF_W, *word[3])
+        for i in (2, 1, 0):
+            b0 = self.mcmp("linkpl", off + 4 * i, BPF_W, *word[i])
+            gen_and(b0, b1)
+        b0 = self.linktype_test(ETHERTYPE["ip6"])
+        gen_and(b0, b1)
+        return b1
+
+    def ehostop(self, eaddr, d):
+        if d == "src":
+            return self.bcmp("linkhdr", 6, eaddr)
+        if d == "dst":
+            return self.bcmp("linkhdr", 0, eaddr)
+        if d in ("and", "or", DEFAULT):
+            b0 = self.ehostop(eaddr, "src")
+            b1 = self.ehostop(eaddr, "dst")
+            (gen_and if d == "and" else gen_or)(b0, b1)
+            return b1
+        self.error(f"'{d}' is only supported on 802.11 with 802.11 headers")
+
+    def dnhostop(self, addr, d):
+        if d in ("and", "or", DEFAULT):
+            b0 = self.dnhostop(addr, "src")
+            b1 = self.dnhostop(addr, "dst")
+            (gen_and if d == "and" else gen_or)(b0, b1)
+            return b1
+        if d not in ("src", "dst"):
+            self._dir_error(d, "addresses other than 802.11 MAC addresses")
+        off_sh, off_lh = (1, 7) if d == "dst" else (3, 15)
+        a = ((addr & 0xff) << 8) | ((addr >> 8) & 0xff)     # DECnet addresses are little-endian
+        b0 = self.linktype_test(ETHERTYPE["decnet"])
+        tmp = self.mcmp("linkpl", 2, BPF_H, 0x8106, 0xff07)
+        b1 = self.cmp("linkpl", 2 + 1 + off_lh, BPF_H, a)
+        gen_and(tmp, b1)
+        tmp = self.mcmp("linkpl", 2, BPF_B, 0x06, 0x7)
+        b2 = self.cmp("linkpl", 2 + off_lh, BPF_H, a)
+        gen_and(tmp, b2)
+        gen_or(b2, b1)
+        tmp = self.mcmp("linkpl", 2, BPF_H, 0x8102, 0xff07)
+        b2 = self.cmp("linkpl", 2 + 1 + off_sh, BPF_H, a)
+        gen_and(tmp, b2)
+        gen_or(b2, b1)
+        tmp = self.mcmp("linkpl", 2, BPF_B, 0x02, 0x7)
+        b2 = self.cmp("linkpl", 2 + off_sh, BPF_H, a)
+        gen_and(tmp, b2)
+        gen_or(b2, b1)
+        gen_and(b0, b1)
+        return b1
+
+    _NOT_HOST = {"sctp", "tcp", "udp", "icmp", "igmp", "igrp", "icmp6", "ah", "esp", "pim",
+                 "vrrp", "esis", "isis", "clnp", "stp", "netbeui", "l1", "l2", "iih", "snp",
+                 "csnp", "psnp", "lsp", "radio", "carp"}
+
+    def host(self, addr, mask, proto, d, typ):
+        """An IPv4 address (or DECnet one) in whatever carries it: ip, arp, rarp."""
+        if proto == DEFAULT:
+            b0 = self.host(addr, mask, "ip", d, typ)
+            if self.label_stack_depth == 0:
+                b1 = self.host(addr, mask, "arp", d, typ)
+                gen_or(b0, b1)
+                b0 = self.host(addr, mask, "rarp", d, typ)
+                gen_or(b1, b0)
+            return b0
+        if proto == "ip":
+            return self.hostop(addr, mask, d, ETHERTYPE["ip"], 12, 16)
+        if proto in ("arp", "rarp"):
+            return self.hostop(addr, mask, d, ETHERTYPE[proto], 14, 24)
+        if proto == "decnet":
+            return self.dnhostop(addr, d)
+        if proto == "link":
+            self.error(f"link-layer modifier applied to {typ}")
+        if proto == "ip6":
+            self.error("'ip6' modifier applied to ip host")
+        if proto in self._NOT_HOST:
+            self.error(f"'{proto}' modifier applied to {typ}")
+        self.error(f"{proto.upper()} host filtering not implemented")
+
+    def host6(self, addr, mask, proto, d, typ):
+        if proto in (DEFAULT, "ip6"):
+            return self.hostop6(addr, mask, d, 8, 24)
+        if proto == "link":
+            self.error(f"link-layer modifier applied to ip6 {typ}")
+        self.error(f"'{proto}' modifier applied to ip6 {typ}")
+
+    # -- protocols -----------------------------------------------------------
+    def proto_abbrev(self, proto):
+        """A bare protocol name: 'tcp', 'ip6', 'arp', 'stp' …"""
+        ip_only = {"icmp", "igmp", "igrp", "vrrp", "carp"}
+        if proto in ("sctp", "tcp", "udp", "pim", "ah", "esp"):
+            return self.proto(IPPROTO[proto], DEFAULT, DEFAULT)
+        if proto in ip_only:
+            return self.proto(IPPROTO[proto], "ip", DEFAULT)
+        if proto == "icmp6":
+            return self.proto(IPPROTO["icmpv6"], "ip6", DEFAULT)
+        if proto in ("ip", "arp", "rarp", "atalk", "aarp", "decnet", "sca", "lat", "mopdl",
+                     "moprc", "ip6"):
+            return self.linktype_test(ETHERTYPE[proto])
+        if proto in ("iso", "stp", "ipx", "netbeui"):
+            return self.linktype_test(LLCSAP[proto])
+        if proto in ISO_PROTO:
+            return self.proto(ISO_PROTO[proto], "iso", DEFAULT)
+        isis = {"l1": ("l1_iih", "ptp_iih", "l1_lsp", "l1_csnp", "l1_psnp"),
+                "l2": ("l2_iih", "ptp_iih", "l2_lsp", "l2_csnp", "l2_psnp"),
+                "iih": ("l1_iih", "l2_iih", "ptp_iih"), "lsp": ("l1_lsp", "l2_lsp"),
+                "snp": ("l1_csnp", "l2_csnp", "l1_psnp", "l2_psnp"),
+                "csnp": ("l1_csnp", "l2_csnp"), "psnp": ("l1_psnp", "l2_psnp")}
+        if proto in isis:
+            pdus = isis[proto]
+            b1 = self.proto(ISIS_PDU[pdus[0]], "isis", DEFAULT)
+            b0 = self.proto(ISIS_PDU[pdus[1]], "isis", DEFAULT)
+            gen_or(b1, b0)
+            b1 = b0
+            for pdu in pdus[2:]:
+                b0 = self.proto(ISIS_PDU[pdu], "isis", DEFAULT)
+                gen_or(b0, b1)
+            return b1
+        if proto == "link":
+            self.error("link layer applied in wrong context")
+        self.error(f"'{proto}' is not a valid protocol type")
+
+    def proto(self, v, proto, d):
+        """'[ip|ip6|ether|iso|isis] proto v'."""
+        if d != DEFAULT:
+            self.error("direction applied to 'proto'")
+        if proto == DEFAULT:
+            b0 = self.proto(v, "ip", d)
+            b1 = self.proto(v, "ip6", d)
+            gen_or(b0, b1)
+            return b1
+        if proto == "link":
+            return self.linktype_test(v)
+        if proto == "ip":
+            b0 = self.linktype_test(ETHERTYPE["ip"])
+            b1 = self.cmp("linkpl", 9, BPF_B, v)
+            gen_and(b0, b1)
+            return b1
+        if proto == "ip6":
+            # Only one extension header is looked through: a fragment header.
+            b0 = self.linktype_test(ETHERTYPE["ip6"])
+            b2 = self.cmp("linkpl", 6, BPF_B, IPPROTO["fragment"])
+            b1 = self.cmp("linkpl", 40, BPF_B, v)
+            gen_and(b2, b1)
+            b2 = self.cmp("linkpl", 6, BPF_B, v)
+            gen_or(b2, b1)
+            gen_and(b0, b1)
+            return b1
+        if proto == "iso":
+            b0 = self.linktype_test(LLCSAP["iso"])
+            b1 = self.cmp("linkpl_nosnap", 0, BPF_B, v)
+            gen_and(b0, b1)
+            return b1
+        if proto == "isis":
+            b0 = self.proto(ISO_PROTO["isis"], "iso", DEFAULT)
+            b1 = self.cmp("linkpl_nosnap", 4, BPF_B, v)
+            gen_and(b0, b1)
+            return b1
+        if proto in ("arp", "rarp", "lat", "sca", "moprc", "mopdl"):
+            self.error(f"{proto} does not encapsulate another protocol")
+        if proto in ("atalk", "decnet"):
+            self.error(f"{proto} encapsulation is not specifiable")
+        self.error(f"'{proto} proto' is bogus")
+
+    def ipfrag(self):
+        """True for the first (or only) fragment: later ones carry no ports."""
+        b = _Block(_jmp(BPF_JSET), 0x1fff, self.load_a("linkpl", 6, BPF_H))
+        gen_not(b)
+        return b
+
+    def portop(self, tran, lo, hi, ipproto, d):
+        """Ports (lo..hi) of one transport protocol over IPv4 (tran 'tran_ipv4') or IPv6."""
+        if tran == "tran_ipv4":
+            tmp = self.cmp("linkpl", 9, BPF_B, ipproto)
+            b0 = self.ipfrag()
+            gen_and(tmp, b0)
+        else:
+            b0 = self.cmp("linkpl", 6, BPF_B, ipproto)
+
+        def atom(off):
+            if lo is None:
+                return self.cmp(tran, off, BPF_H, hi)
+            b1 = self.cmp_ge(tran, off, BPF_H, lo)
+            b2 = self.cmp_le(tran, off, BPF_H, hi)
+            gen_and(b1, b2)
+            return b2
+
+        if d in ("src", "dst"):
+            b1 = atom(0 if d == "src" else 2)
+        elif d in ("and", "or", DEFAULT):
+            tmp = atom(0)
+            b1 = atom(2)
+            (gen_and if d == "and" else gen_or)(tmp, b1)
+        else:
+            self._dir_error(d, "ports" if lo is None else "port ranges")
+        gen_and(b0, b1)
+        return b1
+
+    def port(self, lo, hi, ipproto, d):
+        """'port' (lo None) or 'portrange' over IPv4 or IPv6; ipproto None = tcp/udp/sctp."""
+        if lo is not None and lo > hi:
+            lo, hi = hi, lo
+        result = None
+        for tran, ethertype in (("tran_ipv4", ETHERTYPE["ip"]), ("tran_ipv6", ETHERTYPE["ip6"])):
+            b0 = self.linktype_test(ethertype)
+            if ipproto is not None:
+                b1 = self.portop(tran, lo, hi, ipproto, d)
+            else:
+                tmp = self.portop(tran, lo, hi, IPPROTO["tcp"], d)
+                b1 = self.portop(tran, lo, hi, IPPROTO["udp"], d)
+                gen_or(tmp, b1)
+                tmp = self.portop(tran, lo, hi, IPPROTO["sctp"], d)
+                gen_or(tmp, b1)
+            gen_and(b0, b1)
+            if result is None:
+                result = b1
+            else:
+                gen_or(b1, result)
+        return result
+
+    def protochain(self, v, proto):
+        """Follow IPv6 extension headers and AH up to protocol v (a loop: no optimiser)."""
+        if proto == DEFAULT:
+            b0 = self.protochain(v, "ip")
+            b = self.protochain(v, "ip6")
+            gen_or(b0, b)
+            return b
+        if proto not in ("ip", "ip6"):
+            self.error("bad protocol applied for 'protochain'")
+        if self.off_linkpl.is_variable:
+            self.error("'protochain' not supported with variable length headers")
+        if self.kernel:
+            self.error("'protochain' needs backward jumps, which the kernel refuses")
+        reg2 = self.alloc_reg()
+        self.no_optimize = True
+        base = self.off_linkpl.constant_part + self.off_nl
+        S = _Stmt
+        if proto == "ip":
+            b0 = self.linktype_test(ETHERTYPE["ip"])
+            head = [S(BPF_LD | BPF_ABS | BPF_B, base + 9), S(BPF_LDX | BPF_MSH | BPF_B, base)]
+        else:
+            b0 = self.linktype_test(ETHERTYPE["ip6"])
+            head = [S(BPF_LD | BPF_ABS | BPF_B, base + 6), S(BPF_LDX | BPF_IMM, 40)]
+        s = list(head)
+        again = len(s)
+        jeq_v = S(_jmp(BPF_JEQ), v)
+        jeq_none = S(_jmp(BPF_JEQ), IPPROTO["none"])
+        s += [jeq_v, jeq_none]
+        jeq_v.jf = jeq_none
+        fix3 = None
+        if proto == "ip6":
+            v6 = [S(_jmp(BPF_JEQ), IPPROTO[n]) for n in ("hopopts", "dstopts", "routing", "fragment")]
+            jeq_none.jf = v6[0]
+            for a, b in zip(v6, v6[1:]):
+                a.jf = b
+            fix3 = v6[-1]
+            advance = [S(BPF_LD | BPF_IND | BPF_B, base), S(BPF_ST, reg2),
+                       S(BPF_LD | BPF_IND | BPF_B, base + 1), S(BPF_ALU | BPF_ADD | BPF_K, 1),
+                       S(BPF_ALU | BPF_MUL | BPF_K, 8), S(BPF_ALU | BPF_ADD | BPF_X),
+                       S(BPF_MISC | BPF_TAX), S(BPF_LD | BPF_MEM, reg2)]
+            for j in v6:
+                j.jt = advance[0]
+            s += v6 + advance
+            s.append(S(BPF_JMP | BPF_JA, again - len(s) - 1))
+        else:
+            nop = S(BPF_ALU | BPF_ADD | BPF_K, 0)
+            jeq_none.jf = nop
+            s.append(nop)
+        ahcheck = S(_jmp(BPF_JEQ), IPPROTO["ah"])
+        if fix3 is not None:
+            fix3.jf = ahcheck
+        s.append(ahcheck)
+        ah = [S(BPF_MISC | BPF_TXA), S(BPF_LD | BPF_IND | BPF_B, base), S(BPF_ST, reg2),
+              S(BPF_MISC | BPF_TXA), S(BPF_ALU | BPF_ADD | BPF_K, 1), S(BPF_MISC | BPF_TAX),
+              S(BPF_LD | BPF_IND | BPF_B, base), S(BPF_ALU | BPF_ADD | BPF_K, 2),
+              S(BPF_ALU | BPF_MUL | BPF_K, 4), S(BPF_MISC | BPF_TAX), S(BPF_LD | BPF_MEM, reg2)]
+        ahcheck.jt = ah[0]
+        s += ah
+        s.append(S(BPF_JMP | BPF_JA, again - len(s) - 1))
+        end = S(BPF_ALU | BPF_ADD | BPF_K, 0)
+        s.append(end)
+        jeq_none.jt = ahcheck.jf = jeq_v.jt = end
+        b = _Block(_jmp(BPF_JEQ), v, s)
+        self.free_reg(reg2)
+        gen_and(b0, b)
+        return b
+# <<< wip:filter_compiler
+
+
+# >>> wip:rules_section
+###############################################################################
+# Rules: bpfcountd-compatible filter files, per-rule counters, unix socket ####
+###############################################################################
+#
+# A filter file is bpfcountd's `<id>;<bpf expression>` per line, minus its bugs
+# (see parse_filter_text). Every rule that matches a frame counts it.
+#
+# Counting contract with the capture loop (which holds `lock` for a whole ring
+# block): read `rs = state.ruleset` once per block, then per frame
+#     for i in rs.match(data, wirelen, pkttype, vlan_tci):
+#         rb[i] += wirelen; rp[i] += 1            # rb, rp = rs.bytes, rs.packets
+# Plain lists indexed by int are the cheapest mutable counters CPython has; the
+# matcher returns indices so the loop does no dict lookups. A rule set with no
+# rules gets a matcher returning () so the loop costs one call.
+#
+# Reload: compile the new RuleSet *outside* the lock (compiling is slow and
+# must not stall capture), then under the lock copy the counts over and swap:
+#     new = RuleSet(parse_filter_file(path, mac))          # may raise ConfigError
+#     with lock:
+#         new.carry_counts_from(state.ruleset)
+#         state.ruleset = new
+# Doing both inside one lock hold is what makes the hand-over lose no packet.
+#
+# The unix socket: bpfcountd wrote its lines in reverse file order (it prepended
+# to a list); lpd writes them in file order.
+
+
+_rules_log = logging.getLogger("lpd")
+
+
+class Rule(NamedTuple):
+    """One filter-file line: its id, the fully expanded expression, its line number."""
+    id: str
+    expr: str
+    lineno: int
+
+
+def format_mac(mac):
+    """6 raw bytes or any 'aa:bb:..' / 'AA-BB-..' text -> 'aa:bb:cc:dd:ee:ff' (None stays None)."""
+    if mac is None:
+        return None
+    if isinstance(mac, (bytes, bytearray)):
+        return ":".join(f"{b:02x}" for b in mac)
+    return mac.replace("-", ":").lower()
+
+
+def _split_lines(text):
+    """Lines of text with their numbers; '\\n' only (str.splitlines would also split on
+    form feeds and U+2028, and the numbers would then disagree with editors)."""
+    return [(n, line[:-1] if line.endswith("\r") else line)
+            for n, line in enumerate(text.split("\n"), 1)]
+
+
+def _rule_id_problem(rule_id):
+    """Why rule_id is unusable as a socket-line id, or None."""
+    if not rule_id:
+        return "empty identifier before ';'"
+    if ":" in rule_id:
+        # ':' separates the fields of the socket line; readers split on it.
+        return f"identifier {rule_id!r} contains ':'"
+    if any(c.isspace() for c in rule_id):
+        return f"identifier {rule_id!r} contains whitespace"
+    return None
+
+
+_REF = re.compile(r"\$\{([^}]*)\}|\$MAC")
+
+
+def _expand(expr, mac, earlier, defined_at, lineno):
+    """Substitute $MAC and ${id} in one left-to-right pass (substituted text is not
+    rescanned); returns (text, first problem or None)."""
+    problems = []
+
+    def sub(m):
+        ref = m.group(1)
+        if ref is None:
+            if mac is None:
+                problems.append("$MAC used but the interface has no MAC address")
+                return m.group(0)
+            return f"({mac})"
+        if ref in earlier:
+            return f"({earlier[ref]})"
+        at = defined_at.get(ref)
+        if at == lineno:
+            problems.append(f"${{{ref}}} refers to its own rule")
+        elif at is not None:
+            problems.append(f"${{{ref}}} refers to a rule defined later (line {at})")
+        else:
+            problems.append(f"${{{ref}}} refers to an unknown rule")
+        return m.group(0)
+
+    text = _REF.sub(sub, expr)
+    return text, (problems[0] if problems else None)
+
+
+@functools.lru_cache(maxsize=4096)
+def compile_rule_expr(expr):
+    """Userspace program for expr as a tuple of (code, jt, jf, k); cached so a reload
+    recompiles only changed rules. Raises FilterError."""
+    return tuple(tuple(insn) for insn in compile_filter(expr))
+
+
+def _compile_problem(expr, expanded):
+    """None if expr compiles, else a one-line reason."""
+    where = f"expanded expression {expr!r}" if expanded else "expression"
+    try:
+        compile_rule_expr(expr)
+    except FilterError as e:
+        return f"{where} does not compile: {e}"
+    except Exception as e:  # a compiler bug must not take a running daemon down on reload
+        return f"{where} does not compile: internal compiler error: {e!r}"
+    return None
+
+
+def _defined_at(lines):
+    """id -> line of its first definition, for naming forward references."""
+    found = {}
+    for n, line in lines:
+        s = line.strip()
+        if s and not s.startswith("#") and ";" in s:
+            found.setdefault(s.split(";", 1)[0].strip(), n)
+    return found
+
+
+def _parse_line(line, lineno, mac, expanded_by_id, defined_at):
+    """(id, expanded expression) of one rule line, or a reason string for the error."""
+    s = line.strip()
+    if ";" not in s:
+        return "missing ';' between identifier and expression"
+    rule_id, expr = (part.strip() for part in s.split(";", 1))
+    problem = _rule_id_problem(rule_id)
+    if problem:
+        return problem
+    if rule_id in expanded_by_id:
+        return f"duplicate identifier {rule_id!r} (first defined on line {defined_at[rule_id]})"
+    if not expr:
+        return f"empty expression for {rule_id!r}"
+    full, problem = _expand(expr, mac, expanded_by_id, defined_at, lineno)
+    return problem or _compile_problem(full, full != expr) or (rule_id, full)
+
+
+def parse_filter_text(text, source, mac):
+    """Parse filter-file text into Rules; raises ConfigError('source:line: reason').
+
+    bpfcountd's format with its defects fixed: '#' comments and blank lines are
+    skipped, CRLF works, a last line without newline is whole, id and expression
+    are trimmed; bad ids, duplicates, empty or uncompilable expressions and
+    references to unknown or later rules are errors. `mac` may be None (offline
+    mode), then $MAC is an error.
+    """
+    mac = format_mac(mac)
+    lines = _split_lines(text)
+    defined_at = _defined_at(lines)
+    rules, expanded_by_id = [], {}
+    for n, line in lines:
+        if not line.strip() or line.strip().startswith("#"):
+            continue
+        got = _parse_line(line, n, mac, expanded_by_id, defined_at)
+        if isinstance(got, str):
+            raise ConfigError(f"{source}:{n}: {got}")
+        expanded_by_id[got[0]] = got[1]
+        rules.append(Rule(got[0], got[1], n))
+    return rules
+
+
+def parse_filter_file(path, mac):
+    """Read and parse a filter file (see parse_filter_text); ConfigError on any problem."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read filter file: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{lineno}: not valid UTF-8") from None
+    return parse_filter_text(text, path, mac)
+
+
+def _no_match(data, wirelen, pkttype=0, vlan_tci=None):
+    """Matcher of an empty rule set."""
+    return ()
+
+
+class RuleSet:
+    """Compiled rules, their combined matcher and per-rule counters (file order)."""
+
+    def __init__(self, rules=()):
+        self.rules = tuple(rules)
+        self.ids = tuple(r.id for r in self.rules)
+        self.progs = [compile_rule_expr(r.expr) for r in self.rules]
+        self.match = make_rules_matcher(self.progs) if self.progs else _no_match
+        self.bytes = [0] * len(self.rules)
+        self.packets = [0] * len(self.rules)
+
+    def __len__(self):
+        return len(self.rules)
+
+    def carry_counts_from(self, old):
+        """Take over old's counts for rules whose id and expanded expression are
+        unchanged; call under the capture lock, right before swapping."""
+        if old is None:
+            return
+        prev = {(r.id, r.expr): i for i, r in enumerate(old.rules)}
+        for i, r in enumerate(self.rules):
+            j = prev.get((r.id, r.expr))
+            if j is not None:
+                self.bytes[i] = old.bytes[j]
+                self.packets[i] = old.packets[j]
+
+    def reloaded(self, rules):
+        """A new RuleSet for rules carrying this one's counts over (no locking: for
+        offline use and tests; the daemon follows the pattern in the section comment)."""
+        new = RuleSet(rules)
+        new.carry_counts_from(self)
+        return new
+
+    def count(self, data, wirelen, pkttype=0, vlan_tci=None):
+        """Count one frame (offline mode and tests; the live loop inlines this)."""
+        rb, rp = self.bytes, self.packets
+        for i in self.match(data, wirelen, pkttype, vlan_tci):
+            rb[i] += wirelen
+            rp[i] += 1
+
+    def snapshot(self, lock=None):
+        """[(id, bytes, packets)] in file order, copied under lock in one go."""
+        with lock if lock is not None else nullcontext():
+            return list(zip(self.ids, self.bytes, self.packets))
+
+
+def format_rule_lines(snapshot):
+    """bpfcountd's socket text: '<id>:<bytes>:<packets>\\n' per rule, in the given order."""
+    return "".join(f"{rid}:{b}:{p}\n" for rid, b, p in snapshot)
+
+
+def default_socket_path(iface):
+    """Where the rule socket lives unless -u says otherwise."""
+    return f"/run/lpd/{iface}.sock"
+
+
+def resolve_group(spec):
+    """--socket-group value (name or numeric gid) -> gid; ConfigError if unknown."""
+    if spec is None or spec == "":
+        return None
+    if isinstance(spec, int) or str(spec).isdigit():
+        return int(spec)
+    try:
+        return grp.getgrnam(spec).gr_gid
+    except KeyError:
+        raise ConfigError(f"--socket-group: no such group {spec!r}") from None
+
+
+def _probe_unix_socket(path):
+    """True if something accepts connections at path, False if the file is stale."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1.0)
+        s.connect(path)
+        return True
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except socket.timeout:
+        return True   # a full backlog is still a live server
+    finally:
+        s.close()
+
+
+def _clear_stale_socket(path):
+    """Remove a dead socket file at path; ConfigError if it is live or not a socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"{path}: exists and is not a socket; not replacing it")
+    try:
+        live = _probe_unix_socket(path)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot probe existing socket: {e.strerror or e}") from None
+    if live:
+        raise ConfigError(f"{path}: another lpd is serving this socket")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot remove stale socket: {e.strerror or e}") from None
+
+
+def _bind_unix_socket(path, mode, gid):
+    """Listening socket at path with mode/group set before anyone can connect.
+
+    Binds to a temporary name in the same directory, fixes mode and group there and
+    renames it into place, so the socket never exists with the umask's permissions
+    and the process-wide umask is left alone (other threads may be creating files).
+    """
+    d = os.path.dirname(path) or "."
+    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    if len(os.fsencode(tmp)) > 107:
+        tmp = os.path.join(d, f".lpd{os.getpid()}.tmp")
+    if len(os.fsencode(path)) > 107:
+        raise ConfigError(f"{path}: socket path longer than 107 bytes")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        s.bind(tmp)
+        try:
+            os.chmod(tmp, mode)
+            if gid is not None:
+                os.chown(tmp, -1, gid)
+            s.listen(128)
+            os.rename(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+    except OSError as e:
+        s.close()
+        what = "set socket group" if e.errno == errno.EPERM and gid is not None else "create socket"
+        raise ConfigError(f"{path}: cannot {what}: {e.strerror or e}") from None
+    return s
+
+
+class _Client:
+    """One connection being served: its socket, unsent bytes and deadline."""
+    __slots__ = ("sock", "buf", "deadline")
+
+    def __init__(self, sock, payload, deadline):
+        self.sock, self.buf, self.deadline = sock, memoryview(payload), deadline
+
+
+class RuleSocketServer:
+    """bpfcountd's unix socket: each client gets the rule lines of one snapshot, then EOF.
+
+    One background thread runs a selector over the listening socket and non-blocking
+    clients with their own write buffers, so a client that never reads, reads slowly
+    or vanishes costs only its own deadline; capture never waits on it. `snapshot` is a
+    callable returning [(id, bytes, packets)] (it takes the capture lock itself).
+    """
+
+    def __init__(self, path, snapshot, group=None, mode=0o660, client_timeout=10.0,
+                 max_clients=512):
+        self.path = path
+        self._snapshot = snapshot
+        self._timeout = client_timeout
+        self._max_clients = max_clients
+        self._clients = {}
+        self._thread = None
+        self._closed = False
+        gid = resolve_group(group)
+        try:
+            os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot create directory: {e.strerror or e}") from None
+        _clear_stale_socket(path)
+        self._sock = _bind_unix_socket(path, mode, gid)
+        self._sock.setblocking(False)
+        st = os.stat(path)
+        self._identity = (st.st_dev, st.st_ino)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._sock, selectors.EVENT_READ, "listen")
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._accepting = True
+
+    def start(self):
+        """Serve in a daemon thread; returns self."""
+        self._thread = threading.Thread(target=self._run, name="lpd-rule-socket", daemon=True)
+        self._thread.start()
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        """Stop serving, drop clients, remove the socket file if it is still ours."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        if self._thread is not None:
+            self._thread.join(5.0)
+        for c in list(self._clients.values()):
+            self._drop(c)
+        self._sel.close()
+        for s in (self._sock, self._wake_r, self._wake_w):
+            s.close()
+        try:
+            st = os.stat(self.path)
+            # Another lpd may have replaced a socket we thought stale; leave theirs.
+            if (st.st_dev, st.st_ino) == self._identity:
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+    # -- the serving thread --------------------------------------------------
+
+    def _run(self):
+        """Selector loop: accept, write, expire, until close()."""
+        while not self._closed:
+            timeout = None
+            if self._clients:
+                timeout = max(0.0, min(c.deadline for c in self._clients.values())
+                              - time.monotonic())
+            try:
+                events = self._sel.select(timeout)
+            except OSError:
+                if self._closed:
+                    return
+                raise
+            for key, mask in events:
+                if key.data == "wake":
+                    return
+                if key.data == "listen":
+                    self._accept_all()
+                else:
+                    self._write(key.data)
+            self._expire()
+
+    def _payload(self):
+        """Encoded rule lines of one fresh snapshot (None if the snapshot failed)."""
+        try:
+            return format_rule_lines(self._snapshot()).encode("utf-8")
+        except Exception:
+            _rules_log.exception("rule socket: snapshot failed")
+            return None
+
+    def _accept_all(self):
+        """Accept every pending connection; one snapshot serves the whole batch."""
+        payload = None
+        while len(self._clients) < self._max_clients:
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                # EMFILE and friends: leave the rest queued in the backlog.
+                _rules_log.warning("rule socket: accept failed: %s", e)
+                break
+            conn.setblocking(False)
+            if payload is None:
+                payload = self._payload()
+            if payload is None:
+                conn.close()
+                continue
+            c = _Client(conn, payload, time.monotonic() + self._timeout)
+            if self._send(c):
+                conn.close()
+            else:
+                self._clients[conn.fileno()] = c
+                self._sel.register(conn, selectors.EVENT_WRITE, c)
+        self._set_accepting(len(self._clients) < self._max_clients)
+
+    def _set_accepting(self, on):
+        """Stop polling the listener while at max_clients (the kernel backlog waits)."""
+        if on != self._accepting:
+            self._accepting = on
+            if on:
+                self._sel.register(self._sock, selectors.EVENT_READ, "listen")
+            else:
+                self._sel.unregister(self._sock)
+
+    def _send(self, c):
+        """Send what the socket takes; True when the client is finished (done or gone)."""
+        try:
+            while c.buf:
+                c.buf = c.buf[c.sock.send(c.buf, socket.MSG_NOSIGNAL):]
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            pass      # EPIPE / ECONNRESET: the client left; nothing to report
+        return True
+
+    def _write(self, c):
+        """The client became writable: continue its dump, finish it when done."""
+        if self._send(c):
+            self._drop(c)
+            self._set_accepting(True)
+
+    def _drop(self, c):
+        """Forget a client and close it."""
+        self._clients.pop(c.sock.fileno(), None)
+        try:
+            self._sel.unregister(c.sock)
+        except (KeyError, ValueError):
+            pass
+        c.sock.close()
+
+    def _expire(self):
+        """Drop clients past their deadline (never-reading or stalled readers)."""
+        now = time.monotonic()
+        expired = [c for c in self._clients.values() if c.deadline <= now]
+        for c in expired:
+            self._drop(c)
+        if expired:
+            self._set_accepting(True)
+# <<< wip:rules_section
+
+
 # (The compiler, matcher and rules sections are merged here.)
 
 
@@ -721,7 +2152,6 @@ class Rates:
 # Exporters: NIC mapping ######################################################
 ###############################################################################
 
-MAPPING_PERIOD = 10.0
 MAPPING_TIMEOUT = 2.0
 
 
@@ -764,17 +2194,12 @@ def parse_mapping(body):
 class NicMapping:
     """Background poller of the mapping service; never blocks capture."""
 
-    def __init__(self, url, fallback_nic, log):
-        self.url, self.fallback, self.log = url, fallback_nic, log
+    def __init__(self, url, fallback_nic, log, period=10.0):
+        self.url, self.fallback, self.log, self.period = url, fallback_nic, log, period
         self.table, self.default = {}, None
         self.errors = 0
         self.last_success = 0.0
         self._state = None                 # last logged state: "ok" or the error's kind
-
-    def label(self, addr):
-        if self.default is None:
-            return self.fallback
-        return self.table.get(addr, self.default)
 
     def labeller(self):
         """A consistent (table, default) pair for one scrape."""
@@ -805,7 +2230,7 @@ class NicMapping:
     def run(self, stop):
         while not stop.is_set():
             self.fetch_once()
-            stop.wait(MAPPING_PERIOD)
+            stop.wait(self.period)
 
 
 def _describe(exc):
@@ -981,7 +2406,7 @@ class Daemon:
         if not self.acct.local_nets:
             log(LOG_WARNING, f"{self.ifname}: no addresses and no --local-net: no address is local")
         self.rates = Rates(opts.idle_timeout)
-        self.mapping = NicMapping(opts.mapping_url, self.ifname, log)
+        self.mapping = NicMapping(opts.mapping_url, self.ifname, log, opts.mapping_interval)
         self.ring = None
         self.past_drops = 0              # from rings closed when the interface went away
         self.stop_requested = self.reload_requested = False

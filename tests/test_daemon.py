@@ -1,0 +1,345 @@
+"""lpd as a real process on one end of a veth pair: exact per-address and interface
+accounting, metrics over HTTP, NIC mapping from a real HTTP server, idle expiry,
+interface loss and return, signals and readiness."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import netns
+
+LPD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lpd.py")
+PORT = 59122
+MAPPING_PORT = 32599
+
+
+def scrape(pair, ns=None, port=PORT, path="/metrics"):
+    """GET a page of lpd's HTTP server from inside its namespace."""
+    code = ("import sys, urllib.request;"
+            f"sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:{port}{path}', timeout=5)"
+            ".read().decode())")
+    return pair.run(ns or pair.ns_b, [sys.executable, "-c", code]).stdout
+
+
+def metrics(pair, ns=None, port=PORT):
+    """{(name, frozenset(labels)): value} from lpd's /metrics, parsed by prometheus_client."""
+    out = {}
+    for fam in text_string_to_metric_families(scrape(pair, ns, port)):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(m, name, **labels):
+    return m.get((name, frozenset(labels.items())))
+
+
+def series(m, name):
+    return {dict(k[1]).get("local_ip"): v for k, v in m.items() if k[0] == name}
+
+
+def wait_for(predicate, timeout=10.0, step=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(step)
+    return predicate()
+
+
+class Lpd:
+    """lpd started in ns_b on veth-b, stopped by PID at the end."""
+
+    def __init__(self, pair, *args, env=None, python=sys.executable):
+        self.pair = pair
+        self.err = tempfile.TemporaryFile()
+        self.proc = pair.popen(pair.ns_b, [python, LPD, "-i", pair.if_b,
+                                           "--web.listen-address", f"127.0.0.1:{PORT}", *args],
+                               stderr=self.err, env=env)
+        if not wait_for(self._ready, 15):
+            raise AssertionError(f"lpd did not start: {self.stderr()}")
+
+    def _ready(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"lpd exited {self.proc.returncode}: {self.stderr()}")
+        try:
+            return "lpd_build_info" in scrape(self.pair)
+        except netns.NetnsError:
+            return False
+
+    def stderr(self):
+        self.err.seek(0)
+        return self.err.read().decode(errors="replace")
+
+    def stop(self, sig=signal.SIGTERM):
+        self.proc.send_signal(sig)
+        return self.proc.wait(10)
+
+
+@pytest.fixture
+def pair():
+    with netns.Pair() as p:
+        yield p
+
+
+def settle_counts(pair, name, expect, **labels):
+    """Poll until a counter reaches `expect` (ring blocks are handed over within ~20 ms)."""
+    return wait_for(lambda: value(metrics(pair), name, **labels) == expect, 5, 0.2)
+
+
+def test_exact_bytes_per_address_and_interface_totals(pair):
+    lpd = Lpd(pair, "--mapping-url", "none")
+    pair.settle()
+    before = pair.link_stats(pair.ns_b, pair.if_b)
+    m0 = metrics(pair)
+    sizes = [1, 100, 555, 1400, 1472]
+    pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, sizes)              # received by B
+    pair.udp_send(pair.ns_b, pair.ip4_b, pair.ip4_a, sizes[:3])          # sent by B
+    pair.udp_send(pair.ns_a, pair.ip6_a, pair.ip6_b, [10, 1000])
+    pair.udp_send(pair.ns_b, pair.ip6_b, pair.ip6_a, [20])
+    assert pair.ping(pair.ns_a, pair.ip4_b, count=2)                    # 2 requests, 2 replies
+    tagged = [netns.udp_frame(pair.mac_a, pair.mac_b, pair.ip4_a, pair.ip4_b, n,
+                              vlans=[(netns.ETH_P_8021Q, 7)]) for n in (90, 300)]
+    qinq = [netns.udp_frame(pair.mac_a, pair.mac_b, pair.ip4_a, pair.ip4_b, 200,
+                            vlans=[(netns.ETH_P_8021AD, 100), (netns.ETH_P_8021Q, 7)])]
+    good_ip = netns.udp_frame(pair.mac_a, pair.mac_b, pair.ip4_a, pair.ip4_b, 80)
+    eth = good_ip[:14]
+    malformed = {
+        "ihl": eth + bytes([0x43]) + good_ip[15:],
+        "version": eth + bytes([0x55]) + good_ip[15:],
+        "length": eth + good_ip[14:16] + (2000).to_bytes(2, "big") + good_ip[18:],
+        "truncated": eth + good_ip[14:24],
+    }
+    pair.inject(pair.ns_a, pair.if_a, tagged + qinq + list(malformed.values()))
+
+    ip4_rx = sum(netns.frame_len(n) for n in sizes) + 2 * 98 + 90 + 300 + 200
+    ip4_tx = sum(netns.frame_len(n) for n in sizes[:3]) + 2 * 98
+    ip6_rx = netns.frame_len(10, True) + netns.frame_len(1000, True)
+    ip6_tx = netns.frame_len(20, True)
+    assert settle_counts(pair, "lpd_receive_bytes_total", ip4_rx, local_ip=pair.ip4_b, nic=pair.if_b)
+    m = metrics(pair)
+    lbl = {"nic": pair.if_b}
+    assert value(m, "lpd_receive_bytes_total", local_ip=pair.ip4_b, **lbl) == ip4_rx
+    assert value(m, "lpd_receive_packets_total", local_ip=pair.ip4_b, **lbl) == 5 + 2 + 3
+    assert value(m, "lpd_transmit_bytes_total", local_ip=pair.ip4_b, **lbl) == ip4_tx
+    assert value(m, "lpd_transmit_packets_total", local_ip=pair.ip4_b, **lbl) == 3 + 2
+    # A is in the local net too: what B received from A, A transmitted.
+    assert value(m, "lpd_transmit_bytes_total", local_ip=pair.ip4_a, **lbl) == ip4_rx
+    assert value(m, "lpd_receive_bytes_total", local_ip=pair.ip6_b, **lbl) == ip6_rx
+    assert value(m, "lpd_transmit_bytes_total", local_ip=pair.ip6_b, **lbl) == ip6_tx
+    assert value(m, "lpd_receive_packets_total", local_ip=pair.ip6_b, **lbl) == 2
+    for reason in malformed:
+        got = value(m, "lpd_packets_malformed_total", reason=reason)
+        assert got == value(m0, "lpd_packets_malformed_total", reason=reason) + 1, reason
+
+    after = pair.link_stats(pair.ns_b, pair.if_b)
+    delta = netns.stats_delta(after, before)
+    for direction in ("receive", "transmit"):
+        key = "rx" if direction == "receive" else "tx"
+        got_b = value(m, f"lpd_interface_{direction}_bytes_total", **lbl) - \
+            value(m0, f"lpd_interface_{direction}_bytes_total", **lbl)
+        got_p = value(m, f"lpd_interface_{direction}_packets_total", **lbl) - \
+            value(m0, f"lpd_interface_{direction}_packets_total", **lbl)
+        assert (got_b, got_p) == (delta[f"{key}_bytes"], delta[f"{key}_packets"]), direction
+    assert value(m, "lpd_capture_drops_total", **lbl) == 0
+    assert value(m, "lpd_interface_up", **lbl) == 1
+    assert lpd.stop() == 0
+
+
+def test_landing_page_and_legacy_gauges_go_quiet_then_expire(pair):
+    Lpd(pair, "--mapping-url", "none", "--interval", "0.5", "--idle-timeout", "2",
+        "--local-net", "10.199.0.0/24")
+    assert 'href="/metrics"' in scrape(pair, path="/")
+    pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [1000] * 20)
+    busy = wait_for(lambda: (series(metrics(pair), "network_ip_rx_bps").get(pair.ip4_b) or 0) > 0, 3, 0.1)
+    assert busy, "rx bps never rose"
+    m = metrics(pair)
+    assert value(m, "network_ip_rx_bps_total", nic=pair.if_b) >= series(m, "network_ip_rx_bps")[pair.ip4_b]
+    quiet = wait_for(lambda: series(metrics(pair), "network_ip_rx_bps").get(pair.ip4_b) == 0.0, 3, 0.1)
+    assert quiet, "a quiet address must read 0"
+    gone = wait_for(lambda: pair.ip4_b not in series(metrics(pair), "network_ip_rx_bps"), 6, 0.2)
+    assert gone, "an idle address must disappear after --idle-timeout"
+    assert pair.ip4_b not in series(metrics(pair), "lpd_receive_bytes_total")
+
+
+# A real HTTP server for the mapping service, run inside ns_b where lpd looks for it.
+MAPPING_SERVER = r"""
+import http.server, os, sys, time
+path = sys.argv[1]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        try:
+            body = open(path, 'rb').read()
+        except OSError:
+            body = b''
+        if body.startswith(b'SLOW'):
+            time.sleep(4)
+        if body.startswith(b'HTTP500'):
+            self.send_response(500); self.end_headers(); return
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(('127.0.0.1', %d), H).serve_forever()
+"""
+
+
+def test_nic_mapping_follows_a_real_service(pair, tmp_path):
+    doc = tmp_path / "status.json"
+
+    def serve(body):
+        tmp = tmp_path / "status.tmp"
+        tmp.write_text(body)
+        tmp.replace(doc)
+
+    serve(json.dumps({"config": {"lan": "eth2", "wan0": "eth0", "wan1": "eth1"},
+                      "mappings": {pair.ip4_b: "wan1"}}))
+    server = pair.popen(pair.ns_b, [sys.executable, "-c", MAPPING_SERVER % MAPPING_PORT, str(doc)])
+    lpd = Lpd(pair, "--local-net", "10.199.0.0/24", "--mapping-interval", "0.5")
+    pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100])
+
+    def nic_of(addr):
+        for (name, labels), _ in metrics(pair).items():
+            d = dict(labels)
+            if name == "lpd_receive_bytes_total" and d.get("local_ip") == addr:
+                return d["nic"]
+        return None
+
+    assert wait_for(lambda: nic_of(pair.ip4_b) == "eth1", 8, 0.3), nic_of(pair.ip4_b)
+    assert nic_of(pair.ip4_a) is None or nic_of(pair.ip4_a) == "eth0"
+    m = metrics(pair)
+    assert value(m, "lpd_mapping_last_success_timestamp_seconds") > time.time() - 60
+    errors0 = value(m, "lpd_mapping_errors_total")
+
+    for bad in ("{not json", json.dumps({"config": {"wan0": "eth0"}, "mappings": {"10.0.0.1": "wan9"}}),
+                "HTTP500", "SLOW"):
+        serve(bad)
+        assert wait_for(lambda: value(metrics(pair), "lpd_mapping_errors_total") > errors0, 8, 0.3), bad
+        errors0 = value(metrics(pair), "lpd_mapping_errors_total")
+        assert nic_of(pair.ip4_b) == "eth1", f"last good mapping must be kept ({bad})"
+
+    netns.stop(server)                                # service down
+    assert wait_for(lambda: value(metrics(pair), "lpd_mapping_errors_total") > errors0, 8, 0.3)
+    assert nic_of(pair.ip4_b) == "eth1"
+
+    serve(json.dumps({"config": {"wan0": "ppp0", "wan1": "eth1"}, "mappings": {}}))
+    pair.popen(pair.ns_b, [sys.executable, "-c", MAPPING_SERVER % MAPPING_PORT, str(doc)])
+    assert wait_for(lambda: nic_of(pair.ip4_b) == "ppp0", 8, 0.3), "labels follow a changed mapping"
+    log = lpd.stderr()
+    # One line per state change, not one per failed poll.
+    assert 1 <= log.count("keeping the last good mapping") <= 5, log
+    assert "answering again" in log
+
+
+def test_interface_deleted_and_recreated(pair):
+    lpd = Lpd(pair, "--mapping-url", "none", "--local-net", "10.199.0.0/24")
+    pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100, 200])
+    first = netns.frame_len(100) + netns.frame_len(200)
+    assert settle_counts(pair, "lpd_receive_bytes_total", first, local_ip=pair.ip4_b, nic=pair.if_b)
+    pair.delete_link()
+    assert wait_for(lambda: value(metrics(pair), "lpd_interface_up", nic=pair.if_b) == 0, 5)
+    m = metrics(pair)
+    assert value(m, "lpd_receive_bytes_total", local_ip=pair.ip4_b, nic=pair.if_b) == first
+    pair.create_link()
+    pair.settle()
+    assert wait_for(lambda: value(metrics(pair), "lpd_interface_up", nic=pair.if_b) == 1, 5)
+    pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [300])
+    assert settle_counts(pair, "lpd_receive_bytes_total", first + netns.frame_len(300),
+                         local_ip=pair.ip4_b, nic=pair.if_b)
+    log = lpd.stderr()
+    assert log.count("counters kept") == 1 and "capturing again" in log, log
+    assert lpd.proc.poll() is None
+
+
+def test_link_down_and_up(pair):
+    Lpd(pair, "--mapping-url", "none", "--local-net", "10.199.0.0/24")
+    pair.set_up(pair.ns_b, pair.if_b, False)
+    assert wait_for(lambda: value(metrics(pair), "lpd_interface_up", nic=pair.if_b) == 0, 5)
+    pair.set_up(pair.ns_b, pair.if_b, True)
+    pair.settle()
+    assert wait_for(lambda: value(metrics(pair), "lpd_interface_up", nic=pair.if_b) == 1, 5)
+    pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [64])
+    assert settle_counts(pair, "lpd_receive_bytes_total", netns.frame_len(64),
+                         local_ip=pair.ip4_b, nic=pair.if_b)
+
+
+def debian_prometheus_client_version():
+    cp = subprocess.run(["/usr/bin/python3", "-c", "import importlib.metadata as m;"
+                         "print(m.version('prometheus_client'))"], capture_output=True, text=True)
+    return cp.stdout.strip()
+
+
+@pytest.mark.parametrize("python", [sys.executable, "/usr/bin/python3"])
+def test_default_local_nets_come_from_the_interface(pair, python):
+    # Debian 12's own interpreter with its prometheus_client 0.16, and the current release.
+    if python == "/usr/bin/python3":
+        assert debian_prometheus_client_version().startswith("0.16"), "install python3-prometheus-client"
+    Lpd(pair, "--mapping-url", "none", python=python)
+    pair.udp_send(pair.ns_a, pair.ip6_a, pair.ip6_b, [5])
+    assert settle_counts(pair, "lpd_receive_bytes_total", netns.frame_len(5, True),
+                         local_ip=pair.ip6_b, nic=pair.if_b)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_stop_cleanly_and_readiness_is_notified(pair, tmp_path, sig):
+    notify = tmp_path / "notify.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(notify))
+    server.settimeout(15)
+    env = dict(os.environ, NOTIFY_SOCKET=str(notify), JOURNAL_STREAM="8:1234")
+    # Started the way a non-interactive shell starts a background job: SIGINT ignored.
+    lpd = Lpd(pair, "--mapping-url", "none", env=env)
+    assert server.recv(100) == b"READY=1"
+    lpd.proc.send_signal(signal.SIGHUP)              # reload, keeps running
+    time.sleep(0.5)
+    assert lpd.proc.poll() is None
+    assert lpd.stop(sig) == 0
+    assert "<6>lpd: reloaded" in lpd.stderr()
+
+
+def test_startup_errors_exit_codes(pair):
+    def run(*args, ns=None):
+        cp = pair.run(ns or pair.ns_b, [sys.executable, LPD, *args], check=False)
+        return cp.returncode, cp.stderr.strip()
+
+    code, err = run("-i", "nosuchif0")
+    assert code == 78 and err == "lpd: nosuchif0: no such interface"
+    code, err = run("--bogus")
+    assert code == 64 and err.count("\n") == 0
+    code, err = run("--interval", "0")
+    assert code == 64
+    blocker = pair.popen(pair.ns_b, [sys.executable, "-c",
+                                     "import socket,time;s=socket.socket();s.bind(('127.0.0.1',%d));"
+                                     "s.listen();print('ok',flush=True);time.sleep(60)" % PORT],
+                         stdout=subprocess.PIPE, text=True)
+    assert blocker.stdout.readline().strip() == "ok"
+    code, err = run("-i", pair.if_b, "--web.listen-address", f"127.0.0.1:{PORT}")
+    assert code == 69 and "address already in use" in err
+    netns.stop(blocker)
+
+
+def test_no_permission_exits_77(pair):
+    # An unprivileged user cannot reach pyenv's interpreter under /root: use Debian's,
+    # with Debian's prometheus_client (0.16), on a copy of lpd.py it can read.
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o755)
+        copy = os.path.join(tmp, "lpd.py")
+        with open(copy, "wb") as f:
+            f.write(open(LPD, "rb").read())
+        os.chmod(copy, 0o644)
+        nobody = pair.run(pair.ns_b, ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                  "/usr/bin/python3", copy, "-i", pair.if_b, "--mapping-url",
+                                      "none", "--web.listen-address", "127.0.0.1:59124"],
+                          check=False)
+    assert nobody.returncode == 77, nobody.stderr
+    assert nobody.stderr.strip() == (f"lpd: capturing on {pair.if_b} needs CAP_NET_RAW "
+                                     "(run as root or grant the capability)")

@@ -1,0 +1,109 @@
+"""The NIC mapping document and its poller, against a real HTTP server on loopback."""
+import http.server
+import ipaddress
+import json
+import threading
+import time
+
+import pytest
+
+import lpd
+
+GOOD = {"config": {"lan": "eth2", "wan0": "eth0", "wan1": "eth1"},
+        "mappings": {"10.40.0.3": "wan1", "2001:DB8::0:1": "wan1"}}
+
+
+def test_parse_mapping_labels_mapped_and_default_addresses():
+    table, default = lpd.parse_mapping(json.dumps(GOOD))
+    assert default == "eth0"
+    assert table == {ipaddress.ip_address("10.40.0.3"): "eth1",
+                     ipaddress.ip_address("2001:db8::1"): "eth1"}
+
+
+@pytest.mark.parametrize("body,reason", [
+    ("{", "invalid JSON"),
+    ("[]", "expected a JSON object"),
+    (json.dumps({"mappings": {}}), "'config' must be an object of strings"),
+    (json.dumps({"config": {"lan": "eth2"}}), "'config' has no 'wan0'"),
+    (json.dumps({"config": {"wan0": "eth0"}, "mappings": []}), "'mappings' must be an object"),
+    (json.dumps({"config": {"wan0": "eth0"}, "mappings": {"10.0.0.1": "wan7"}}), "unknown wan 'wan7'"),
+    (json.dumps({"config": {"wan0": "eth0"}, "mappings": {"host": "wan0"}}), "not an IP address"),
+    (b"\xff\xfe{", "invalid JSON"),
+])
+def test_parse_mapping_rejects_wrong_shapes(body, reason):
+    with pytest.raises(lpd.MappingError, match=reason.replace("(", r"\(").replace("[", r"\[")):
+        lpd.parse_mapping(body)
+
+
+class Service:
+    """A real HTTP mapping service on loopback whose answer the test sets."""
+
+    def __init__(self):
+        self.body, self.status, self.delay = b"", 200, 0.0
+        svc = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                time.sleep(svc.delay)
+                self.send_response(svc.status)
+                self.send_header("Content-Length", str(len(svc.body)))
+                self.end_headers()
+                self.wfile.write(svc.body)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/status"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def service():
+    s = Service()
+    yield s
+    s.close()
+
+
+def test_poller_keeps_the_last_good_mapping_and_logs_state_changes(service):
+    lines = []
+    m = lpd.NicMapping(service.url, "cap0", lambda prio, msg: lines.append(msg))
+    addr = ipaddress.ip_address("10.40.0.3")
+    other = ipaddress.ip_address("10.40.0.9")
+    assert m.labeller()(addr) == "cap0"               # before the first good answer
+    service.body = json.dumps(GOOD).encode()
+    assert m.fetch_once()
+    label = m.labeller()
+    assert (label(addr), label(other)) == ("eth1", "eth0")
+    assert m.last_success > time.time() - 5
+
+    for body, status, delay in ((b"garbage", 200, 0), (b"{}", 500, 0), (b"{}", 200, 2.5)):
+        service.body, service.status, service.delay = body, status, delay
+        assert not m.fetch_once()
+        assert m.labeller()(addr) == "eth1"
+    assert m.errors == 3
+    assert not m.fetch_once()                          # the same failure again: no new line
+    assert len(lines) == 3, lines
+    service.close()
+    assert not m.fetch_once()                          # refused
+    assert m.errors == 5 and m.labeller()(addr) == "eth1"
+    assert "Connection refused" in lines[-1] and lines[-1].count("\n") == 0
+
+
+def test_poller_recovers_and_follows_changes(service):
+    lines = []
+    m = lpd.NicMapping(service.url, "cap0", lambda prio, msg: lines.append(msg))
+    service.body = b"not json"
+    assert not m.fetch_once()
+    service.body = json.dumps(GOOD).encode()
+    assert m.fetch_once()
+    assert "answering again" in lines[-1]
+    changed = {"config": {"wan0": "ppp0", "wan1": "eth1"}, "mappings": {}}
+    service.body = json.dumps(changed).encode()
+    assert m.fetch_once()
+    assert m.labeller()(ipaddress.ip_address("10.40.0.3")) == "ppp0"
