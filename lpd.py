@@ -26,11 +26,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import re
 import functools
 import grp
-import logging
 import selectors
 import stat
 from contextlib import nullcontext
 from typing import NamedTuple
+import traceback
 __version__ = "0.1.0"
 
 ###############################################################################
@@ -68,7 +68,7 @@ DEFAULT_MAPPING_URL = "http://localhost:32599/status"
 DEFAULT_RING_BYTES = 16 << 20
 
 
-class _Parser(argparse.ArgumentParser):
+class _ArgParser(argparse.ArgumentParser):
     """argparse that reports usage errors as UsageError (exit 64), not exit 2."""
 
     def error(self, message):
@@ -108,7 +108,7 @@ def parse_listen_address(text):
 
 
 def build_parser():
-    p = _Parser(prog="lpd", description="Per-address and per-rule network accounting "
+    p = _ArgParser(prog="lpd", description="Per-address and per-rule network accounting "
                 "from an AF_PACKET ring, exported to Prometheus and a unix socket.")
     p.add_argument("-i", dest="interface", metavar="IFACE",
                    help="capture interface (default: the default route's, else the first up one)")
@@ -1355,6 +1355,7 @@ class _Gen:
 
     def protochain(self, v, proto):
         """Follow IPv6 extension headers and AH up to protocol v (a loop: no optimiser)."""
+        reg2 = self.alloc_reg()     # allocated (and for 'default' leaked) as libpcap does
         if proto == DEFAULT:
             b0 = self.protochain(v, "ip")
             b = self.protochain(v, "ip6")
@@ -1366,7 +1367,6 @@ class _Gen:
             self.error("'protochain' not supported with variable length headers")
         if self.kernel:
             self.error("'protochain' needs backward jumps, which the kernel refuses")
-        reg2 = self.alloc_reg()
         self.no_optimize = True
         base = self.off_linkpl.constant_part + self.off_nl
         S = _Stmt
@@ -1419,7 +1419,1795 @@ class _Gen:
         self.free_reg(reg2)
         gen_and(b0, b)
         return b
+
+    # -- arithmetic ----------------------------------------------------------
+    def loadi(self, val):
+        reg = self.alloc_reg()
+        return _Arth([_Stmt(BPF_LD | BPF_IMM, val), _Stmt(BPF_ST, reg)], reg)
+
+    def loadlen(self):
+        reg = self.alloc_reg()
+        return _Arth([_Stmt(BPF_LD | BPF_LEN), _Stmt(BPF_ST, reg)], reg)
+
+    def xfer_to_x(self, a):
+        return _Stmt(BPF_LDX | BPF_MEM, a.regno)
+
+    def xfer_to_a(self, a):
+        return _Stmt(BPF_LD | BPF_MEM, a.regno)
+
+    def load(self, proto, inst, size):
+        """proto[inst : size]: a packet load relative to proto's header."""
+        regno = self.alloc_reg()
+        self.free_reg(inst.regno)
+        size_code = {1: BPF_B, 2: BPF_H, 4: BPF_W}.get(size)
+        if size_code is None:
+            self.error("data size must be 1, 2, or 4")
+        pl = self.off_linkpl
+
+        def indexed(off, k):
+            s = self.abs_offset_varpart(off)
+            if s is not None:
+                s += [self.xfer_to_a(inst), _Stmt(BPF_ALU | BPF_ADD | BPF_X), _Stmt(BPF_MISC | BPF_TAX)]
+            else:
+                s = [self.xfer_to_x(inst)]
+            return s + [_Stmt(BPF_LD | BPF_IND | size_code, k)]
+
+        if proto == "link":
+            inst.s += indexed(self.off_linkhdr, self.off_linkhdr.constant_part)
+        elif proto in ("ip", "arp", "rarp", "atalk", "decnet", "sca", "lat", "moprc", "mopdl",
+                       "ip6"):
+            inst.s += indexed(pl, pl.constant_part + self.off_nl)
+            b = self.proto_abbrev(proto)
+            if inst.b:
+                gen_and(inst.b, b)
+            inst.b = b
+        elif proto in ("sctp", "tcp", "udp", "icmp", "igmp", "igrp", "pim", "vrrp", "carp"):
+            # Transport headers: after the IPv4 header, in the first fragment only.
+            inst.s += self.loadx_iphdrlen() + [
+                self.xfer_to_a(inst), _Stmt(BPF_ALU | BPF_ADD | BPF_X), _Stmt(BPF_MISC | BPF_TAX),
+                _Stmt(BPF_LD | BPF_IND | size_code, pl.constant_part + self.off_nl)]
+            b = self.ipfrag()
+            gen_and(self.proto_abbrev(proto), b)
+            if inst.b:
+                gen_and(inst.b, b)
+            gen_and(self.proto_abbrev("ip"), b)
+            inst.b = b
+        elif proto == "icmp6":
+            # Right after a fixed IPv6 header: extension headers are not followed.
+            b = self.proto_abbrev("ip6")
+            if inst.b:
+                gen_and(inst.b, b)
+            inst.b = b
+            b = self.cmp("linkpl", 6, BPF_B, IPPROTO["icmpv6"])
+            gen_and(inst.b, b)
+            inst.b = b
+            inst.s += indexed(pl, pl.constant_part + self.off_nl + 40)
+        elif proto == "radio":
+            self.error("radio information not present in capture")
+        else:
+            self.error(f"'{proto}[...]' is not supported (unsupported index operation)")
+        inst.regno = regno
+        inst.s.append(_Stmt(BPF_ST, regno))
+        return inst
+
+    def relation(self, code, a0, a1, reversed_):
+        s0 = [self.xfer_to_x(a1), self.xfer_to_a(a0)]
+        if code == BPF_JEQ:
+            s0.append(_Stmt(BPF_ALU | BPF_SUB | BPF_X))
+            b = _Block(_jmp(code))
+        else:
+            b = _Block(BPF_JMP | code | BPF_X)
+        if reversed_:
+            gen_not(b)
+        b.stmts = a0.s + a1.s + s0
+        self.free_reg(a0.regno)
+        self.free_reg(a1.regno)
+        if a0.b:
+            if a1.b:
+                gen_and(a0.b, a1.b)
+                tmp = a1.b
+            else:
+                tmp = a0.b
+        else:
+            tmp = a1.b
+        if tmp:
+            gen_and(tmp, b)
+        return b
+
+    def neg(self, a):
+        a.s += [self.xfer_to_a(a), _Stmt(BPF_ALU | BPF_NEG), _Stmt(BPF_ST, a.regno)]
+        return a
+
+    def arth(self, code, a0, a1):
+        first = a1.s[0]
+        if first.code == BPF_LD | BPF_IMM:
+            if code == BPF_DIV and first.k == 0:
+                self.error("division by zero")
+            if code == BPF_MOD and first.k == 0:
+                self.error("modulus by zero")
+            if code in (BPF_LSH, BPF_RSH) and first.k > 31:
+                self.error("shift by more than 31 bits")
+        a0.s = a0.s + a1.s + [self.xfer_to_x(a1), self.xfer_to_a(a0),
+                              _Stmt(BPF_ALU | BPF_X | code)]
+        self.free_reg(a0.regno)
+        self.free_reg(a1.regno)
+        a0.regno = self.alloc_reg()
+        a0.s.append(_Stmt(BPF_ST, a0.regno))
+        return a0       # a1's protocol tests are dropped, as libpcap drops them
+
+    # -- other primitives ----------------------------------------------------
+    def length(self, jmp, n):
+        return _Block(_jmp(jmp), n, [_Stmt(BPF_LD | BPF_LEN)])
+
+    def byteop(self, op, idx, val):
+        if op == "=":
+            return self.cmp("linkhdr", idx, BPF_B, val)
+        if op == "<":
+            return self.cmp_lt("linkhdr", idx, BPF_B, val)
+        if op == ">":
+            return self.cmp_gt("linkhdr", idx, BPF_B, val)
+        # libpcap emits the ALU operation without loading the byte first.
+        b = _Block(_jmp(BPF_JEQ), 0, [_Stmt(BPF_ALU | (BPF_OR if op == "|" else BPF_AND) | BPF_K, val)])
+        gen_not(b)
+        return b
+
+    def broadcast(self, proto):
+        if proto in (DEFAULT, "link"):
+            if self.linktype != EN10MB:
+                self.error("not a broadcast link")
+            return self.ehostop(b"\xff" * 6, "dst")
+        if proto == "ip":
+            # lpd, like libpcap without an interface, does not know the netmask.
+            self.error("netmask not known, so 'ip broadcast' not supported")
+        self.error("only link-layer/IP broadcast filters supported")
+
+    def multicast(self, proto):
+        if proto in (DEFAULT, "link"):
+            if self.linktype != EN10MB:
+                self.error("link-layer multicast filters supported only on ethernet")
+            return _Block(_jmp(BPF_JSET), 1, self.load_a("linkhdr", 0, BPF_B))
+        if proto == "ip":
+            b0 = self.linktype_test(ETHERTYPE["ip"])
+            b1 = self.cmp_ge("linkpl", 16, BPF_B, 224)
+            gen_and(b0, b1)
+            return b1
+        if proto == "ip6":
+            b0 = self.linktype_test(ETHERTYPE["ip6"])
+            b1 = self.cmp("linkpl", 24, BPF_B, 255)
+            gen_and(b0, b1)
+            return b1
+        self.error("link-layer multicast filters supported only on ethernet")
+
+    def inbound(self, outbound):
+        # The packet type is socket metadata (the AF_PACKET sll_pkttype), loaded
+        # relative to the link header exactly as libpcap does.
+        b0 = self.cmp("linkhdr", (SKF_AD_OFF + SKF_AD_PKTTYPE) & 0xffffffff, BPF_H,
+                      PACKET_OUTGOING)
+        if not outbound:
+            gen_not(b0)
+        return b0
+
+    def ifindex(self, n):
+        return self.cmp("linkhdr", (SKF_AD_OFF + SKF_AD_IFINDEX) & 0xffffffff, BPF_W, n)
+
+    def vlan(self, vlan_num):
+        """'vlan [id]': in the data in userspace; in the kernel the outermost tag is
+        socket metadata, and an inner tag moves offsets at run time."""
+        if self.label_stack_depth > 0:
+            self.error("no VLAN match after MPLS")
+        if self.linktype != EN10MB:
+            self.error(f"no VLAN support for {self.linktype}")
+        if vlan_num is not None and vlan_num > 0x0fff:
+            self.error(f"VLAN tag {vlan_num} greater than maximum 4095")
+        if (self.kernel and self.vlan_stack_depth == 0 and not self.off_linkhdr.is_variable
+                and self.off_linkhdr.constant_part == self.off_outermostlinkhdr.constant_part):
+            b0 = self.vlan_bpf_extensions(vlan_num)
+        else:
+            b0 = self.vlan_tpid_test()
+            if vlan_num is not None:
+                b1 = self.mcmp("linkpl", 0, BPF_H, vlan_num, 0x0fff)
+                gen_and(b0, b1)
+                b0 = b1
+            self.off_linkpl.constant_part += 4
+            self.off_linktype.constant_part += 4
+        self.vlan_stack_depth += 1
+        return b0
+
+    def vlan_tpid_test(self):
+        b0 = self.linktype_test(ETHERTYPE["vlan"])
+        b1 = self.linktype_test(ETHERTYPE["qinq_ad"])
+        gen_or(b0, b1)
+        b0 = b1
+        b1 = self.linktype_test(ETHERTYPE["qinq"])
+        gen_or(b0, b1)
+        return b1
+
+    def vlan_bpf_extensions(self, vlan_num):
+        b0 = _Block(_jmp(BPF_JEQ), 1,
+                    [_Stmt(BPF_LD | BPF_B | BPF_ABS, SKF_AD_OFF + SKF_AD_VLAN_TAG_PRESENT)])
+        b_tpid = self.vlan_tpid_test()
+        b_vid = None
+        if vlan_num is not None:
+            b_vid = self.mcmp("linkpl", 0, BPF_H, vlan_num, 0x0fff)
+        # No tag in the metadata: a tag in the data shifts later headers by 4.
+        self.is_vlan_vloffset = True
+        s = []
+        for off in (self.off_linkpl, self.off_linktype):
+            off.is_variable = True
+            if off.reg == -1:
+                off.reg = self.alloc_reg()
+            s += [_Stmt(BPF_LD | BPF_MEM, off.reg), _Stmt(BPF_ALU | BPF_ADD | BPF_K, 4),
+                  _Stmt(BPF_ST, off.reg)]
+        b_tpid.head.stmts = s + b_tpid.head.stmts
+        gen_or(b0, b_tpid)
+        b0 = b_tpid
+        if b_vid is not None:
+            # The id comes from the metadata when present, else from the data.
+            vid_stmts = b_vid.stmts
+            tci = _Stmt(BPF_LD | BPF_B | BPF_ABS, SKF_AD_OFF + SKF_AD_VLAN_TAG)
+            jeq = _Stmt(_jmp(BPF_JEQ), 1)
+            jeq.jt, jeq.jf = tci, vid_stmts[0]
+            b_vid.stmts = [_Stmt(BPF_LD | BPF_B | BPF_ABS, SKF_AD_OFF + SKF_AD_VLAN_TAG_PRESENT),
+                           jeq, tci, _Stmt(BPF_JMP | BPF_JA, len(vid_stmts) - 1)] + vid_stmts
+            gen_and(b0, b_vid)
+            b0 = b_vid
+        return b0
+
+    def mpls(self, label):
+        if self.label_stack_depth > 0:
+            b0 = self.mcmp("prevmplshdr", 2, BPF_B, 0, 0x01)    # previous label not bottom
+        elif self.linktype == EN10MB:
+            b0 = self.linktype_test(ETHERTYPE["mpls"])
+        else:
+            b0 = self.linktype_test(PPP_MPLS_UCAST)
+        if label is not None:
+            if label > 0xfffff:
+                self.error(f"MPLS label {label} greater than maximum 1048575")
+            b1 = self.mcmp("linkpl", 0, BPF_W, label << 12, 0xfffff000)
+            gen_and(b0, b1)
+            b0 = b1
+        self.off_nl_nosnap += 4
+        self.off_nl += 4
+        self.label_stack_depth += 1
+        return b0
+
+    def pppoed(self):
+        return self.linktype_test(ETHERTYPE["pppoed"])
+
+    def pppoes(self, sess):
+        b0 = self.linktype_test(ETHERTYPE["pppoes"])
+        if sess is not None:
+            if sess > 0xffff:
+                self.error(f"PPPoE session number {sess} greater than maximum 65535")
+            b1 = self.mcmp("linkpl", 0, BPF_W, sess, 0xffff)
+            gen_and(b0, b1)
+            b0 = b1
+        # Everything after this is inside the PPP frame of the session.
+        pl = self.off_linkpl
+        self.prevlinktype, self.linktype = self.linktype, PPP
+        self.off_prevlinkhdr = self.off_linkhdr
+        self.off_linkhdr = _Offset(pl.constant_part + self.off_nl + 6, pl.is_variable, pl.reg)
+        self.off_linktype = self.off_linkhdr.copy()
+        pl.constant_part = self.off_linkhdr.constant_part + 2
+        self.off_nl = self.off_nl_nosnap = 0
+        return b0
+
+    def finish(self, p):
+        """Attach the returns; the root computes the run-time VLAN offsets if any."""
+        if self.is_vlan_vloffset:
+            for off in (self.off_linkpl, self.off_linktype):
+                if off.reg == -1:
+                    off.reg = self.alloc_reg()
+            p.head.stmts = [_Stmt(BPF_LD | BPF_W | BPF_IMM, 0), _Stmt(BPF_ST, self.off_linkpl.reg),
+                            _Stmt(BPF_ST, self.off_linktype.reg)] + p.head.stmts
+        _backpatch(p, self.retblk(self.snaplen))
+        p.sense ^= 1
+        _backpatch(p, self.retblk(0))
+        return p.head
+
+    # -- names and numbers (gen_scode, gen_ncode, gen_mcode, gen_mcode6, gen_ecode) --
+    def scode(self, name, q):
+        proto, d, addr = q
+        if addr == "net":
+            a = _nametonetaddr(name)
+            if not a:
+                self.error(f"unknown network '{name}'")
+            mask = 0xffffffff
+            while a and not a & 0xff000000:
+                a, mask = (a << 8) & 0xffffffff, (mask << 8) & 0xffffffff
+            return self.host(a, mask, proto, d, "net")
+        if addr in (DEFAULT, "host"):
+            if proto == "link":
+                if self.linktype != EN10MB:
+                    self.error("only ethernet supports link-level host names")
+                eaddr = _ether_hostton(name)
+                if eaddr is None:
+                    self.error(f"unknown ether host '{name}'")
+                return self.ehostop(eaddr, d)
+            if proto == "decnet":
+                self.error(f"decnet name support not included, '{name}' cannot be translated")
+            b = None
+            for family, sockaddr in _nametoaddrinfo(name):
+                if family == socket.AF_INET:
+                    if proto == "ip6":
+                        continue
+                    tmp = self.host(int.from_bytes(socket.inet_aton(sockaddr[0]), "big"),
+                                    0xffffffff, proto, d, addr if addr != DEFAULT else "host")
+                elif family == socket.AF_INET6:
+                    if proto == "ip":
+                        continue
+                    tmp = self.host6(socket.inet_pton(socket.AF_INET6, sockaddr[0].split("%")[0]),
+                                     b"\xff" * 16, proto, d, "host")
+                else:
+                    continue
+                if b is not None:
+                    gen_or(b, tmp)
+                b = tmp
+            if b is None:
+                self.error(f"unknown host '{name}'"
+                           + ("" if proto == DEFAULT else " for specified address family"))
+            return b
+        if addr in ("port", "portrange"):
+            if proto not in (DEFAULT, "udp", "tcp", "sctp"):
+                self.error(f"illegal qualifier of '{addr}'")
+            if addr == "port":
+                res = _nametoport(name)
+                if res is None:
+                    self.error(f"expected a port number after 'port', got '{name}'")
+                lo, (hi, real) = None, res
+            else:
+                res = _nametoportrange(name)
+                if res is None:
+                    self.error(f"unknown port in range '{name}'")
+                lo, hi, real = res
+            what = "port" if addr == "port" else "port in range"
+            if proto != DEFAULT:
+                want = IPPROTO[proto]
+                if real is not None and real != want:
+                    other = {v: k for k, v in IPPROTO.items() if k in ("tcp", "udp", "sctp")}[real]
+                    self.error(f"{what} '{name}' is {other}")
+                real = want
+            for p in (lo, hi):
+                if p is not None and p < 0:
+                    self.error(f"illegal port number {p} < 0")
+                if p is not None and p > 65535:
+                    self.error(f"illegal port number {p} > 65535")
+            return self.port(lo, hi, real, d)
+        if addr == "gateway":
+            self.gateway()
+        if addr in ("proto", "protochain"):
+            v = self.lookup_proto(name, proto)
+            if v is None:
+                self.error(f"unknown protocol: {name}")
+            return self.proto(v, proto, d) if addr == "proto" else self.protochain(v, proto)
+        self.error("syntax error in filter expression")
+
+    def gateway(self):
+        self.error("'gateway' is not supported (libpcap with IPv6 does not support it either)")
+
+    def lookup_proto(self, name, proto):
+        if proto in (DEFAULT, "ip", "ip6"):
+            try:
+                return socket.getprotobyname(name)
+            except (OSError, UnicodeError, ValueError):
+                self.error(f"unknown ip proto '{name}'")
+        if proto == "link":
+            v = ETHER_PROTO_NAMES.get(name, LLC_PROTO_NAMES.get(name))
+            if v is None:
+                self.error(f"unknown ether proto '{name}'")
+            return v
+        if proto == "iso":
+            if name not in ISO_PROTO:
+                self.error(f"unknown osi proto '{name}'")
+            return ISO_PROTO[name]
+        return None
+
+    def ncode(self, s, v, q):
+        """A number (s None) or a dotted IPv4 address s, under qualifiers q."""
+        proto, d, addr = q
+        if s is None:
+            vlen = 32
+        elif proto == "decnet":
+            v = _atodn(s)
+            if v is None:
+                self.error(f"malformed decnet address '{s}'")
+        else:
+            vlen, v = _atoin(s)
+            if vlen < 0:
+                self.error(f"invalid IPv4 address '{s}'")
+        if addr in (DEFAULT, "host", "net"):
+            if proto == "decnet":
+                return self.host(v, 0, proto, d, addr)
+            if proto == "link":
+                self.error("illegal link layer address")
+            mask = 0xffffffff
+            if s is None and addr == "net":
+                while v and not v & 0xff000000:
+                    v, mask = (v << 8) & 0xffffffff, (mask << 8) & 0xffffffff
+            else:
+                v, mask = (v << (32 - vlen)) & 0xffffffff, (mask << (32 - vlen)) & 0xffffffff
+            return self.host(v, mask, proto, d, "net" if addr == "net" else "host")
+        if addr in ("port", "portrange"):
+            if proto not in (DEFAULT, "udp", "tcp", "sctp"):
+                self.error(f"illegal qualifier of '{addr}'")
+            if v > 65535:
+                self.error(f"illegal port number {v} > 65535")
+            ipproto = None if proto == DEFAULT else IPPROTO[proto]
+            return self.port(None if addr == "port" else v, v, ipproto, d)
+        if addr == "gateway":
+            self.gateway()
+        if addr == "proto":
+            return self.proto(v, proto, d)
+        if addr == "protochain":
+            return self.protochain(v, proto)
+        self.error("syntax error in filter expression")
+
+    def mcode(self, s1, s2, masklen, q):
+        """'net a.b.c.d/len' and 'net a.b.c.d mask m.m.m.m'."""
+        nlen, n = _atoin(s1)
+        if nlen < 0:
+            self.error(f"invalid IPv4 address '{s1}'")
+        n = (n << (32 - nlen)) & 0xffffffff
+        if s2 is not None:
+            mlen, m = _atoin(s2)
+            if mlen < 0:
+                self.error(f"invalid IPv4 address '{s2}'")
+            m = (m << (32 - mlen)) & 0xffffffff
+            if n & ~m:
+                self.error(f'non-network bits set in "{s1} mask {s2}"')
+        else:
+            if masklen > 32:
+                self.error("mask length must be <= 32")
+            m = (0xffffffff << (32 - masklen)) & 0xffffffff if masklen else 0
+            if n & ~m:
+                self.error(f'non-network bits set in "{s1}/{masklen}"')
+        if q[2] != "net":
+            self.error("Mask syntax for networks only")
+        return self.host(n, m, q[0], q[1], "net")
+
+    def mcode6(self, s, masklen, q):
+        addr = socket.inet_pton(socket.AF_INET6, s)
+        if masklen > 128:
+            self.error("mask length must be <= 128")
+        m = ((1 << 128) - (1 << (128 - masklen))).to_bytes(16, "big")
+        if int.from_bytes(addr, "big") & ~int.from_bytes(m, "big"):
+            self.error(f'non-network bits set in "{s}/{masklen}"')
+        if q[2] in (DEFAULT, "host"):
+            if masklen != 128:
+                self.error("Mask syntax for networks only")
+        elif q[2] != "net":
+            self.error("invalid qualifier against IPv6 address")
+        return self.host6(addr, m, q[0], q[1], "net" if q[2] == "net" else "host")
+
+    def ecode(self, s, q):
+        if q[2] in ("host", DEFAULT) and q[0] == "link":
+            if self.linktype != EN10MB:
+                self.error("ethernet addresses supported only on ethernet")
+            return self.ehostop(_ether_aton(s), q[1])
+        self.error("ethernet address used in non-ether expression")
+
+
+def _atoin(s):
+    """__pcap_atoin(): (bits given, value) of a dotted quad that may be partial."""
+    addr, length = 0, 0
+    for part in s.split("."):
+        n = 0
+        for c in part:
+            if n > 25:
+                return -1, 0
+            n = n * 10 + ord(c) - 48
+        if n > 255:
+            return -1, 0
+        addr, length = ((addr << 8) | n) & 0xffffffff, length + 8
+    return length, addr
+
+
+def _atodn(s):
+    m = re.fullmatch(r"(\d+)\.(\d+)", s)
+    if not m or int(m.group(1)) > 63 or int(m.group(2)) > 1023:
+        return None
+    return (int(m.group(1)) << 10) | int(m.group(2))
+
+
+def _ether_aton(s):
+    out, i = bytearray(), 0
+    while i < len(s):
+        if s[i] in ":.-":
+            i += 1
+        d = int(s[i], 16)
+        i += 1
+        if i < len(s) and s[i] in "0123456789abcdefABCDEF":
+            d = (d << 4) | int(s[i], 16)
+            i += 1
+        out.append(d)
+    return bytes(out)
+
+
+def _read_db(path):
+    try:
+        with open(path) as f:
+            for line in f:
+                fields = line.split("#")[0].split()
+                if fields:
+                    yield fields
+    except OSError:
+        return
+
+
+def _ether_hostton(name):
+    """/etc/ethers, as ether_hostton() reads it."""
+    for fields in _read_db("/etc/ethers"):
+        if len(fields) >= 2 and fields[1] == name:
+            try:
+                return _ether_aton(fields[0])
+            except ValueError:
+                return None
+    return None
+
+
+def _nametonetaddr(name):
+    """getnetbyname() from /etc/networks: the network number, 0 if unknown."""
+    for fields in _read_db("/etc/networks"):
+        if len(fields) >= 2 and name in [fields[0]] + fields[2:]:
+            val = 0
+            try:
+                for part in fields[1].split("."):
+                    val = (val << 8) | (int(part, 0) & 0xff)
+            except ValueError:
+                return 0
+            return val
+    return 0
+
+
+def _nametoaddrinfo(name):
+    try:
+        return [(ai[0], ai[4]) for ai in socket.getaddrinfo(
+            name, None, socket.AF_UNSPEC, socket.SOCK_STREAM, socket.IPPROTO_TCP)]
+    except (OSError, UnicodeError, ValueError):
+        return []
+
+
+def _service_port(name, socktype, proto):
+    try:
+        for ai in socket.getaddrinfo(None, name, socket.AF_UNSPEC, socktype, proto):
+            return ai[4][1]
+    except (OSError, UnicodeError, ValueError):
+        pass
+    return None
+
+
+def _nametoport(name):
+    """(port, IP protocol or None for both) like pcap_nametoport(); None if unknown.
+
+    A service known for only one of tcp and udp (or at different ports) matches
+    only that protocol."""
+    tcp = _service_port(name, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    udp = _service_port(name, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+    if tcp is not None:
+        return tcp, (None if udp == tcp else IPPROTO["tcp"])
+    if udp is not None:
+        return udp, IPPROTO["udp"]
+    return None
+
+
+def _nametoportrange(name):
+    m = re.match(r"\s*([-+]?\d+)-\s*([-+]?\d+)", name)      # sscanf("%d-%d")
+    if m:
+        return int(m.group(1)), int(m.group(2)), None
+    if "-" not in name:
+        return None
+    a, b = name.split("-", 1)
+    pa, pb = _nametoport(a), _nametoport(b)
+    if pa is None or pb is None:
+        return None
+    return pa[0], pb[0], (pa[1] if pa[1] == pb[1] else None)
+
+###############################################################################
+# Parser: recursive descent over grammar.y's productions, generating code as
+# yacc's actions do, in the same order.  A bare id after and/or inherits the
+# qualifiers (q) of what precedes it.
+
+_RELOPS = {">": (BPF_JGT, False), ">=": (BPF_JGE, False), "=": (BPF_JEQ, False),
+           "<=": (BPF_JGT, True), "<": (BPF_JGE, True), "!=": (BPF_JEQ, True)}
+_ARITH = {"+": BPF_ADD, "-": BPF_SUB, "*": BPF_MUL, "/": BPF_DIV, "%": BPF_MOD, "&": BPF_AND,
+          "|": BPF_OR, "^": BPF_XOR, "<<": BPF_LSH, ">>": BPF_RSH}
+# yacc's %left levels; '%' and '^' have none, so yacc always shifts past them.
+_PREC = {"|": 1, "&": 2, "<<": 3, ">>": 3, "+": 4, "-": 4, "*": 5, "/": 5}
+_UMINUS = 6
+_ID_START = ("ID", "HID", "HID6", "EID", "AID")
+_ID_FOLLOW = ("AND", "OR", ")", "EOF")
+_HEAD_START = ("SRC", "DST", "ADDR", "HOST", "NET", "PORT", "PORTRANGE", "PROTO", "PROTOCHAIN",
+               "GATEWAY")
+
+
+class _Parser:
+    def __init__(self, expr, gen):
+        self.toks = tokenize(expr)
+        self.i = 0
+        self.g = gen
+
+    def peek(self, k=0):
+        return self.toks[min(self.i + k, len(self.toks) - 1)]
+
+    def take(self):
+        tok = self.toks[self.i]
+        self.i += 1
+        self.g.col = tok.col
+        return tok
+
+    def fail(self, expected, tok=None):
+        tok = tok or self.peek()
+        got = "end of expression" if tok.kind == "EOF" else f"'{tok.text}'"
+        raise _Syntax(f"expected {expected}, got {got}", tok.col)
+
+    def expect(self, kind, expected):
+        if self.peek().kind != kind:
+            self.fail(expected)
+        return self.take()
+
+    def at(self, tok):
+        self.g.col = tok.col
+
+    def attempt(self, *alternatives):
+        """Try productions in turn (each may consume tokens and generate code);
+        a syntax error rewinds the tokens and the compiler state."""
+        start, state, errors = self.i, self.g.snapshot(), []
+        for alt in alternatives:
+            try:
+                return alt()
+            except _Syntax as e:
+                errors.append(e)
+                self.i = start
+                self.g.restore(state)
+                state = self.g.snapshot()
+        raise max(errors, key=lambda e: e.col)
+
+    def matching_paren(self):
+        """Index of the token after the ')' closing the '(' at the current token."""
+        depth, j = 0, self.i
+        while j < len(self.toks):
+            kind = self.toks[j].kind
+            if kind == "(":
+                depth += 1
+            elif kind == ")":
+                depth -= 1
+                if depth == 0:
+                    return j + 1
+            elif kind == "EOF":
+                break
+            j += 1
+        return j
+
+    # -- expressions ---------------------------------------------------------
+    def parse_prog(self):
+        """prog: null expr | null"""
+        if self.peek().kind == "EOF":
+            return None
+        b, _ = self.parse_expr()
+        if self.peek().kind != "EOF":
+            self.fail("'and', 'or' or the end of the expression")
+        return b
+
+    def parse_expr(self):
+        """expr: term | expr and term | expr and id | expr or term | expr or id"""
+        b, q = self.parse_term(QERR, allow_id=False)
+        while self.peek().kind in ("AND", "OR"):
+            op = self.take().kind
+            b2, q = self.parse_term(q, allow_id=True)
+            (gen_and if op == "AND" else gen_or)(b, b2)
+            b = b2
+        return b, q
+
+    def parse_term(self, q, allow_id):
+        """term: rterm | not term   (and, after and/or, also an id inheriting q)"""
+        tok = self.peek()
+        if tok.kind == "!":
+            self.take()
+            b, q2 = self.parse_term(q, allow_id)
+            gen_not(b)
+            return b, q2
+        if allow_id:
+            if tok.kind in _ID_START:
+                return self.parse_id(q)
+            if tok.kind == "NUM" and self.peek(1).kind in _ID_FOLLOW:
+                return self.parse_id(q)
+            if tok.kind == "(" and self.toks[self.matching_paren()].kind in _ID_FOLLOW:
+                return self.attempt(lambda: self.parse_id(q), lambda: self.parse_rterm(q))
+        return self.parse_rterm(q)
+
+    def parse_rterm(self, q):
+        """rterm: head id | paren expr ')' | pname | arth relop arth | arth irelop arth | other"""
+        tok, nxt = self.peek(), self.peek(1)
+        kind = tok.kind
+        if kind == "PNAME":
+            if nxt.kind == "[":
+                return self.parse_relation(), QERR
+            if nxt.kind in _HEAD_START:
+                return self.parse_head_id()
+            if nxt.kind in ("BROADCAST", "MULTICAST"):
+                return self.parse_other(), QERR
+            self.take()
+            return self.g.proto_abbrev(tok.value), QERR
+        if kind in _HEAD_START:
+            return self.parse_head_id()
+        if kind == "(":
+            if self.toks[self.matching_paren()].kind in _RELOPS or \
+                    self.toks[self.matching_paren()].kind in _ARITH:
+                return self.parse_relation(), QERR
+            self.take()
+            b, _ = self.parse_expr()
+            self.expect(")", "')' or 'and'/'or'")
+            return b, q     # yacc: $$.q = $1.q, the qualifiers from before '('
+        if kind in ("NUM", "LEN", "-"):
+            return self.parse_relation(), QERR
+        if kind in _ID_START:
+            self.fail("a primitive such as 'host', 'port' or 'tcp' before this address or name")
+        return self.parse_other(), QERR
+
+    def parse_head_id(self):
+        """rterm: head id
+        head: pqual dqual aqual | pqual dqual | pqual aqual | pqual PROTO | pqual PROTOCHAIN
+            | pqual ndaqual"""
+        proto, d, addr = DEFAULT, DEFAULT, DEFAULT
+        if self.peek().kind == "PNAME":
+            proto = self.take().value
+        kind = self.peek().kind
+        if kind in ("SRC", "DST", "ADDR"):
+            d = self.parse_dqual()
+            kind = self.peek().kind
+            if kind in ("HOST", "NET", "PORT", "PORTRANGE"):
+                addr = self.take().kind.lower()
+        elif kind in ("HOST", "NET", "PORT", "PORTRANGE", "PROTO", "PROTOCHAIN", "GATEWAY"):
+            addr = self.take().kind.lower()
+        else:
+            self.fail("'src', 'dst', 'host', 'net', 'port', 'portrange', 'proto' or 'protochain'")
+        return self.parse_id((proto, d, addr))
+
+    def parse_dqual(self):
+        """dqual: SRC | DST | SRC OR DST | DST OR SRC | SRC AND DST | DST AND SRC
+            | ADDR1 | ADDR2 | ADDR3 | ADDR4 | RA | TA"""
+        tok = self.take()
+        if tok.kind == "ADDR":
+            return tok.value
+        if self.peek().kind in ("AND", "OR"):
+            op = self.take().kind
+            other = "DST" if tok.kind == "SRC" else "SRC"
+            self.expect(other, f"'{other.lower()}' after '{tok.text} {op.lower()}'")
+            return op.lower()
+        return tok.kind.lower()
+
+    # -- ids -----------------------------------------------------------------
+    def parse_id(self, q):
+        """id: nid | pnum | paren pid ')'"""
+        tok = self.peek()
+        if tok.kind == "(":
+            self.take()
+            b, _ = self.parse_pid(q)
+            self.expect(")", "')' or 'and'/'or'")
+            return b, q
+        if tok.kind == "NUM":
+            v = self.take().value
+            self.check_id_follow()
+            self.at(tok)
+            return self.g.ncode(None, v, q), q
+        return self.parse_nid(q)
+
+    def check_id_follow(self):
+        if self.peek().kind not in _ID_FOLLOW:
+            self.fail("'and', 'or', ')' or the end of the expression")
+
+    def parse_pid(self, q):
+        """pid: nid | qid and id | qid or id
+        qid: pnum | pid"""
+        tok = self.peek()
+        if tok.kind in ("NUM", "("):
+            v = self.parse_pnum()
+            self.check_id_follow()
+            if self.peek().kind not in ("AND", "OR"):     # '(' pnum ')' is pnum, not pid
+                self.at(tok)
+                return self.g.ncode(None, v, q), q
+            self.at(tok)
+            b = self.g.ncode(None, v, q)
+        else:
+            b, _ = self.parse_nid(q)
+        while self.peek().kind in ("AND", "OR"):
+            op = self.take().kind
+            b2, _ = self.parse_id(q)
+            (gen_and if op == "AND" else gen_or)(b, b2)
+            b = b2
+        return b, q
+
+    def parse_pnum(self):
+        """pnum: NUM | paren pnum ')'"""
+        if self.peek().kind == "(":
+            self.take()
+            v = self.parse_pnum()
+            self.expect(")", "')'")
+            return v
+        return self.expect("NUM", "a number").value
+
+    def parse_nid(self, q):
+        """nid: ID | HID '/' NUM | HID NETMASK HID | HID | HID6 '/' NUM | HID6 | EID | AID
+            | not id"""
+        tok = self.peek()
+        kind = tok.kind
+        if kind == "!":
+            self.take()
+            b, q2 = self.parse_id(q)
+            gen_not(b)
+            return b, q2
+        if kind not in _ID_START:
+            what = {"port": "a port number or name", "portrange": "a port range",
+                    "proto": "a protocol number or name"}.get(q[2], "an address, name or number")
+            self.fail(what)
+        self.take()
+        g = self.g
+        if kind == "ID":
+            self.check_id_follow()
+            self.at(tok)
+            return g.scode(tok.value, q), q
+        if kind == "HID":
+            if self.peek().kind == "/":
+                self.take()
+                n = self.expect("NUM", "a mask length after '/'").value
+                self.check_id_follow()
+                self.at(tok)
+                return g.mcode(tok.value, None, n, q), q
+            if self.peek().kind == "NETMASK":
+                self.take()
+                m = self.expect("HID", "a dotted netmask after 'mask'")
+                self.check_id_follow()
+                self.at(tok)
+                return g.mcode(tok.value, m.value, 0, q), q
+            self.check_id_follow()
+            self.at(tok)
+            if q[2] in ("port", "portrange", "proto", "protochain"):
+                g.error(f"'{q[2]}' modifier applied to ip host")
+            return g.ncode(tok.value, 0, q), q
+        if kind == "HID6":
+            masklen = 128
+            if self.peek().kind == "/":
+                self.take()
+                masklen = self.expect("NUM", "a prefix length after '/'").value
+            self.check_id_follow()
+            self.at(tok)
+            return g.mcode6(tok.value, masklen, q), q
+        if kind == "EID":
+            self.check_id_follow()
+            self.at(tok)
+            return g.ecode(tok.value, q), q
+        self.at(tok)
+        g.error("ARCnet addresses ('$xx') are supported only on ARCnet")
+
+    # -- relations and arithmetic ------------------------------------------------
+    def parse_relation(self):
+        """rterm: arth relop arth | arth irelop arth
+        relop: '>' | GEQ | '='      irelop: LEQ | '<' | NEQ"""
+        a0 = self.parse_arth()
+        tok = self.peek()
+        if tok.kind not in _RELOPS:
+            self.fail("a comparison ('=', '!=', '<', '<=', '>', '>=')")
+        self.take()
+        a1 = self.parse_arth()
+        code, rev = _RELOPS[tok.kind]
+        self.at(tok)
+        return self.g.relation(code, a0, a1, rev)
+
+    def parse_arth(self):
+        """arth: pnum | narth
+        narth: pname '[' arth ']' | pname '[' arth ':' NUM ']' | arth '+' arth | arth '-' arth
+            | arth '*' arth | arth '/' arth | arth '%' arth | arth '&' arth | arth '|' arth
+            | arth '^' arth | arth LSH arth | arth RSH arth | '-' arth | paren narth ')' | LEN
+
+        Operators are resolved the way yacc resolves this ambiguous grammar: by the
+        precedence table, shifting whenever an operator has no precedence."""
+        stack = []      # operands (_Arth), binary operator tokens, and "neg" markers
+
+        def reducible(look):
+            if len(stack) >= 2 and stack[-2] == "neg":
+                rule = _UMINUS
+            elif len(stack) >= 3 and isinstance(stack[-2], Token):
+                rule = _PREC.get(stack[-2].kind)
+            else:
+                return False
+            if look is None:
+                return True
+            return rule is not None and _PREC.get(look) is not None and rule >= _PREC[look]
+
+        def reduce():
+            if stack[-2] == "neg":
+                a = stack.pop()
+                stack.pop()
+                stack.append(self.g.neg(a))
+            else:
+                a1, op, a0 = stack.pop(), stack.pop(), stack.pop()
+                self.at(op)
+                stack.append(self.g.arth(_ARITH[op.kind], a0, a1))
+
+        while True:
+            while self.peek().kind == "-":
+                self.take()
+                stack.append("neg")
+            stack.append(self.parse_arth_primary())
+            look = self.peek()
+            if look.kind in _ARITH:
+                while reducible(look.kind):
+                    reduce()
+                stack.append(self.take())
+                continue
+            while len(stack) > 1:
+                reduce()
+            return stack[0]
+
+    def parse_arth_primary(self):
+        tok = self.peek()
+        if tok.kind == "NUM":
+            self.take()
+            return self.g.loadi(tok.value)
+        if tok.kind == "LEN":
+            self.take()
+            return self.g.loadlen()
+        if tok.kind == "(":
+            self.take()
+            a = self.parse_arth()
+            self.expect(")", "')' or an arithmetic operator")
+            return a
+        if tok.kind == "PNAME" and self.peek(1).kind == "[":
+            self.take()
+            self.take()
+            inst = self.parse_arth()
+            size = 1
+            if self.peek().kind == ":":
+                self.take()
+                size = self.expect("NUM", "a size (1, 2 or 4) after ':'").value
+            self.expect("]", "']'")
+            self.at(tok)
+            return self.g.load(tok.value, inst, size)
+        self.fail("a number, 'len' or a packet access like 'ip[0]'")
+
+    # -- other primitives ----------------------------------------------------
+    def parse_other(self):
+        """other: pqual TK_BROADCAST | pqual TK_MULTICAST | LESS NUM | GREATER NUM
+            | CBYTE NUM byteop NUM | INBOUND | OUTBOUND | IFINDEX NUM | VLAN pnum | VLAN
+            | MPLS pnum | MPLS | PPPOED | PPPOES pnum | PPPOES | GENEVE pnum | GENEVE | pllc"""
+        g = self.g
+        tok = self.take()
+        kind = tok.kind
+        if kind == "PNAME" or kind in ("BROADCAST", "MULTICAST"):
+            proto = DEFAULT
+            if kind == "PNAME":
+                proto, tok = tok.value, self.take()
+            return g.broadcast(proto) if tok.kind == "BROADCAST" else g.multicast(proto)
+        if kind in ("LESS", "GREATER"):
+            n = self.expect("NUM", f"a length after '{tok.text}'").value
+            self.at(tok)
+            if kind == "GREATER":
+                return g.length(BPF_JGE, n)
+            b = g.length(BPF_JGT, n)
+            gen_not(b)
+            return b
+        if kind == "CBYTE":
+            idx = self.expect("NUM", "a byte offset after 'byte'").value
+            op = self.peek()
+            if op.kind not in ("&", "|", "<", ">", "="):
+                self.fail("one of '&', '|', '<', '>', '='")
+            self.take()
+            val = self.expect("NUM", "a number").value
+            return g.byteop(op.kind, idx, val)
+        if kind in ("INBOUND", "OUTBOUND"):
+            return g.inbound(kind == "OUTBOUND")
+        if kind == "IFINDEX":
+            return g.ifindex(self.expect("NUM", "an interface index after 'ifindex'").value)
+        if kind in ("VLAN", "MPLS", "PPPOES", "GENEVE"):
+            n = None
+            if self.peek().kind in ("NUM", "("):
+                n = self.parse_pnum()
+            self.at(tok)
+            if kind == "VLAN":
+                return g.vlan(n)
+            if kind == "MPLS":
+                return g.mpls(n)
+            if kind == "PPPOES":
+                return g.pppoes(n)
+            g.error("'geneve' is not supported by lpd")
+        if kind == "PPPOED":
+            return g.pppoed()
+        if kind == "LLC":
+            if self.peek().kind in ("ID",) or self.peek().text == "rnr":
+                self.take()
+                g.error("'llc' with a frame type is not supported by lpd")
+            return g.llc()
+        if kind in ("TYPE", "SUBTYPE", "DIR"):
+            g.error("802.11 link-layer types supported only on 802.11")
+        if kind == "FOREIGN":
+            g.error(f"'{tok.text}' applies only to link types lpd does not capture")
+        self.i -= 1
+        self.fail("a primitive such as 'host', 'port', 'tcp' or 'ip[0] = 1'")
+
+###############################################################################
+# From blocks to instructions (optimize.c's icode_to_fcode).
+
+def _reachable(root):
+    """Blocks reachable from root, depth first (true branch first), root first."""
+    seen, order, stack = set(), [], [root]
+    while stack:
+        b = stack.pop()
+        if b is None or id(b) in seen:
+            continue
+        seen.add(id(b))
+        order.append(b)
+        stack.append(b.ef.succ)
+        stack.append(b.et.succ)
+    return order
+
+
+def _postorder(root, first_false):
+    """Blocks in the order a recursive post-order walk finishes them."""
+    seen, out, stack = set(), [], [(root, False)]
+    while stack:
+        b, done = stack.pop()
+        if done:
+            out.append(b)
+            continue
+        if b is None or id(b) in seen:
+            continue
+        seen.add(id(b))
+        stack.append((b, True))
+        kids = (b.ef.succ, b.et.succ) if first_false else (b.et.succ, b.ef.succ)
+        for kid in reversed(kids):
+            stack.append((kid, False))
+    return out
+
+
+def _linearize(root):
+    """Lay blocks out back to front as libpcap does; a branch too far for the
+    8-bit jt/jf gets an extra 'ja' after it."""
+    while True:
+        order = _postorder(root, first_false=True)
+        total = sum(sum(s.code != NOP for s in b.stmts) + 1 + b.longjt + b.longjf for b in order)
+        out = [None] * total
+        tail = total
+        retry = False
+        for p in order:
+            live = [s for s in p.stmts if s.code != NOP]
+            slen = len(live)
+            tail -= slen + 1 + p.longjt + p.longjf
+            p.offset = tail
+            for off, s in enumerate(live):
+                jt = jf = 0
+                if _cls(s.code) == BPF_JMP and s.code != BPF_JMP | BPF_JA and off != slen - 2:
+                    # Block-local jumps, counted over the raw statement list as libpcap does.
+                    raw = p.stmts[:slen]
+                    jt = next(i for i, r in enumerate(raw) if r is s.jt) - off - 1
+                    jf = next(i for i, r in enumerate(raw) if r is s.jf) - off - 1
+                out[tail + off] = (s.code, jt, jf, s.k & 0xffffffff)
+            pos = tail + slen
+            code, k = p.s.code, p.s.k & 0xffffffff
+            if p.et.succ is None:
+                out[pos] = (code, 0, 0, k)
+                continue
+            extra, jts = 0, []
+            for which in ("t", "f"):
+                succ = p.et.succ if which == "t" else p.ef.succ
+                dist = succ.offset - (p.offset + slen) - 1
+                if dist >= 256:
+                    if (p.longjt if which == "t" else p.longjf) == 0:
+                        if which == "t":
+                            p.longjt += 1
+                        else:
+                            p.longjf += 1
+                        retry = True
+                        break
+                    jts.append(extra)
+                    extra += 1
+                    out[pos + extra] = (BPF_JMP | BPF_JA, 0, 0, dist - extra)
+                else:
+                    jts.append(dist)
+            if retry:
+                break
+            out[pos] = (code, jts[0], jts[1], k)
+        if not retry:
+            return out
+
+
+###############################################################################
+# Entry points
+
+def compile_filter(expr, kernel=False, snaplen=262144, optimize=True):
+    """Compile a pcap-filter expression to a classic BPF program for Ethernet.
+
+    kernel=False: the frame as pcap_offline_filter sees it (VLAN tags in the data);
+    kernel=True: as an AF_PACKET socket filter sees it (outer VLAN tag in metadata).
+    Raises FilterError for every expression libpcap 1.10 rejects."""
+    gen = _Gen(kernel, snaplen)
+    b = _Parser(expr, gen).parse_prog()
+    root = gen.retblk(snaplen) if b is None else gen.finish(b)
+    if optimize and not gen.no_optimize:
+        root = _Optimizer(root).run()
+        if root.s.code == BPF_RET | BPF_K and root.s.k == 0:
+            raise FilterError("expression rejects all packets", 1)
+    return _linearize(root)
+
+
+_AD_NAMES = {SKF_AD_PROTOCOL: "proto", SKF_AD_PKTTYPE: "type", SKF_AD_IFINDEX: "ifidx",
+             SKF_AD_NLATTR: "nla", SKF_AD_NLATTR_NEST: "nlan", SKF_AD_MARK: "mark",
+             SKF_AD_QUEUE: "queue", SKF_AD_HATYPE: "hatype", SKF_AD_RXHASH: "rxhash",
+             SKF_AD_CPU: "cpu", SKF_AD_ALU_XOR_X: "xor_x", SKF_AD_VLAN_TAG: "vlan_tci",
+             SKF_AD_VLAN_TAG_PRESENT: "vlanp", SKF_AD_PAY_OFFSET: "poff",
+             SKF_AD_RANDOM: "random", SKF_AD_VLAN_TPID: "vlan_tpid"}
+_ALU_NAMES = {BPF_ADD: "add", BPF_SUB: "sub", BPF_MUL: "mul", BPF_DIV: "div", BPF_MOD: "mod",
+              BPF_AND: "and", BPF_OR: "or", BPF_XOR: "xor", BPF_LSH: "lsh", BPF_RSH: "rsh"}
+_JMP_NAMES = {BPF_JGT: "jgt", BPF_JGE: "jge", BPF_JEQ: "jeq", BPF_JSET: "jset"}
+
+
+def _s32(k):
+    return k - (1 << 32) if k & 0x80000000 else k
+
+
+def _image_table():
+    t = {BPF_RET | BPF_K: ("ret", "#d"), BPF_RET | BPF_A: ("ret", ""),
+         BPF_LD | BPF_W | BPF_LEN: ("ld", "#pktlen"), BPF_LD | BPF_IMM: ("ld", "#x"),
+         BPF_LDX | BPF_IMM: ("ldx", "#x"), BPF_LDX | BPF_MSH | BPF_B: ("ldxb", "msh"),
+         BPF_LD | BPF_MEM: ("ld", "M"), BPF_LDX | BPF_MEM: ("ldx", "M"), BPF_ST: ("st", "M"),
+         BPF_STX: ("stx", "M"), BPF_JMP | BPF_JA: ("ja", "ja"), BPF_ALU | BPF_NEG: ("neg", ""),
+         BPF_MISC | BPF_TAX: ("tax", ""), BPF_MISC | BPF_TXA: ("txa", "")}
+    for size, name in ((BPF_W, "ld"), (BPF_H, "ldh"), (BPF_B, "ldb")):
+        t[BPF_LD | size | BPF_ABS] = (name, "abs")
+        t[BPF_LD | size | BPF_IND] = (name, "ind")
+    for op, name in _JMP_NAMES.items():
+        t[BPF_JMP | op | BPF_K], t[BPF_JMP | op | BPF_X] = (name, "#x"), (name, "x")
+    for op, name in _ALU_NAMES.items():
+        hexa = op in (BPF_AND, BPF_OR, BPF_XOR)
+        t[BPF_ALU | op | BPF_K], t[BPF_ALU | op | BPF_X] = (name, "#x" if hexa else "#d"), (name, "x")
+    return t
+
+
+_IMAGE = _image_table()
+
+
+def _image(insn, n):
+    """One line of 'tcpdump -d' (libpcap's bpf_image())."""
+    code, jt, jf, k = insn
+    opname, form = _IMAGE.get(code, ("unimp", None))
+    if form is None:
+        operand = f"0x{code:x}"
+    elif form == "#d":
+        operand = f"#{_s32(k)}"
+    elif form == "#x":
+        operand = f"#0x{k:x}"
+    elif form == "abs":
+        ad = _AD_NAMES.get(k - SKF_AD_OFF) if k >= SKF_AD_OFF else None
+        operand = f"[{ad}]" if ad else f"[{_s32(k)}]"
+    elif form == "ind":
+        operand = f"[x + {_s32(k)}]"
+    elif form == "msh":
+        operand = f"4*([{_s32(k)}]&0xf)"
+    elif form == "M":
+        operand = f"M[{_s32(k)}]"
+    elif form == "ja":
+        operand = f"{_s32((n + 1 + k) & 0xffffffff)}"
+    else:
+        operand = form
+    if _cls(code) == BPF_JMP and code & 0xf0 != BPF_JA:
+        return f"({n:03d}) {opname:<8} {operand:<16} jt {n + 1 + jt}\tjf {n + 1 + jf}"
+    return f"({n:03d}) {opname:<8} {operand}"
+
+
+def format_program(prog, level=1):
+    """The program as 'tcpdump -d' (level 1), '-dd' (2) or '-ddd' (3) prints it."""
+    if level >= 3:
+        return f"{len(prog)}\n" + "".join(f"{c} {t} {f} {k}\n" for c, t, f, k in prog)
+    if level == 2:
+        return "".join(f"{{ 0x{c:x}, {t}, {f}, 0x{k:08x} }},\n" for c, t, f, k in prog)
+    return "".join(_image(insn, n) + "\n" for n, insn in enumerate(prog))
 # <<< wip:filter_compiler
+
+
+# >>> wip:filter_matcher
+###############################################################################
+# Filter matcher: running classic BPF in CPython ##############################
+###############################################################################
+#
+# Rules are evaluated for every frame, so a compiled program is translated once
+# into Python source and compile()d (make_matcher, make_rules_matcher);
+# bpf_interpret is the plain interpreter that translation is measured against
+# and tested with. Semantics are libpcap's userspace bpf_filter() (1.10) for
+# everything it defines, and the Linux kernel's for ancillary loads, which
+# libpcap's interpreter does not implement:
+#   - a load past the end of the captured bytes rejects (returns 0);
+#   - division or modulo by zero rejects; A and X are 32-bit unsigned;
+#   - BPF_LEN is the wire length; scratch memory M[0..15] starts at 0;
+#   - ja's k is sign-extended (libpcap compiles 'protochain' to a backward jump);
+#   - shifts by 32 or more give 0 (libpcap's rule for X; a K that large is
+#     refused by both libpcap's compiler and the kernel's checker);
+#   - an opcode libpcap's interpreter has no case for, a jump out of the
+#     program, or M[k] with k >= 16 rejects instead of crashing;
+#   - loads at SKF_AD_OFF + n: PKTTYPE, VLAN_TAG, VLAN_TAG_PRESENT and PROTOCOL
+#     as in the kernel's net/core/filter.c; any other ancillary load rejects.
+#     VLAN_TAG is the whole 16-bit TCI (PCP, DEI and VID) as since Linux 4.20
+#     ("net: remove VLAN_TAG_PRESENT"); before that the kernel cleared bit 12,
+#     which it used as its own "present" flag.
+
+# Same values as the compiler section (deduplicated when merged).
+BPF_LD, BPF_LDX, BPF_ST, BPF_STX, BPF_ALU, BPF_JMP, BPF_RET, BPF_MISC = range(8)
+BPF_W, BPF_H, BPF_B = 0x00, 0x08, 0x10
+BPF_IMM, BPF_ABS, BPF_IND, BPF_MEM, BPF_LEN, BPF_MSH = 0x00, 0x20, 0x40, 0x60, 0x80, 0xa0
+BPF_ADD, BPF_SUB, BPF_MUL, BPF_DIV, BPF_OR, BPF_AND = 0x00, 0x10, 0x20, 0x30, 0x40, 0x50
+BPF_LSH, BPF_RSH, BPF_NEG, BPF_MOD, BPF_XOR = 0x60, 0x70, 0x80, 0x90, 0xa0
+BPF_JA, BPF_JEQ, BPF_JGT, BPF_JGE, BPF_JSET = 0x00, 0x10, 0x20, 0x30, 0x40
+BPF_K, BPF_X, BPF_A = 0x00, 0x08, 0x10
+BPF_TAX, BPF_TXA = 0x00, 0x80
+BPF_MEMWORDS = 16
+SKF_AD_OFF = 0xfffff000
+SKF_AD_PROTOCOL, SKF_AD_PKTTYPE, SKF_AD_IFINDEX = 0, 4, 8
+SKF_AD_VLAN_TAG, SKF_AD_VLAN_TAG_PRESENT = 44, 48
+
+_U32 = 0xFFFFFFFF
+_PKT_TYPE_MAX = 7           # the kernel masks skb->pkt_type with this
+# libpcap 1.10 loops forever on a program that jumps back forever; a frame of
+# 256 KiB walked in 8-byte headers needs 32768 turns of protochain's loop.
+_MAX_BACKWARD_JUMPS = 1 << 16
+
+_H = struct.Struct("!H").unpack_from
+_W = struct.Struct("!I").unpack_from
+
+
+def _skb_protocol(data):
+    """What eth_type_trans() leaves in skb->protocol (host order), from the frame."""
+    if len(data) < 14:
+        return 0
+    ethertype = data[12] << 8 | data[13]
+    if ethertype >= 0x0600:
+        return ethertype
+    return 0x0001 if data[14:16] == b"\xff\xff" else 0x0004   # ETH_P_802_3 / ETH_P_802_2
+
+
+def _ancillary(k, data, pkttype, vlan_tci):
+    """Value of an ancillary load, or None when the kernel has nothing there for us."""
+    off = k - SKF_AD_OFF
+    if off == SKF_AD_PKTTYPE:
+        return pkttype & _PKT_TYPE_MAX
+    if off == SKF_AD_VLAN_TAG:
+        return 0 if vlan_tci is None else vlan_tci & 0xFFFF
+    if off == SKF_AD_VLAN_TAG_PRESENT:
+        return 0 if vlan_tci is None else 1
+    if off == SKF_AD_PROTOCOL:
+        return _skb_protocol(data)
+    return None
+
+
+def _load(data, size, k):
+    """Big-endian load of `size` bytes at k, or None past the end (k may be huge)."""
+    if k + size > len(data):
+        return None
+    if size == 1:
+        return data[k]
+    return _H(data, k)[0] if size == 2 else _W(data, k)[0]
+
+
+_SIZES = {BPF_W: 4, BPF_H: 2, BPF_B: 1}
+
+
+def _alu(op, a, v):
+    """A op v for BPF_ALU (v is K or X); None for division by zero or unknown op."""
+    if op == BPF_ADD:
+        return (a + v) & _U32
+    if op == BPF_SUB:
+        return (a - v) & _U32
+    if op == BPF_MUL:
+        return (a * v) & _U32
+    if op in (BPF_DIV, BPF_MOD):
+        if v == 0:
+            return None
+        return a // v if op == BPF_DIV else a % v
+    if op == BPF_OR:
+        return a | v
+    if op == BPF_AND:
+        return a & v
+    if op == BPF_XOR:
+        return a ^ v
+    if op == BPF_LSH:
+        return (a << v) & _U32 if v < 32 else 0
+    if op == BPF_RSH:
+        return a >> v
+    return None
+
+
+def _jump_taken(op, a, v):
+    if op == BPF_JEQ:
+        return a == v
+    if op == BPF_JGT:
+        return a > v
+    if op == BPF_JGE:
+        return a >= v
+    return (a & v) != 0                                         # BPF_JSET
+
+
+def bpf_interpret(prog, data, wirelen, pkttype=0, vlan_tci=None):
+    """Run classic BPF `prog` on a frame; the accept length (0 = reject).
+
+    The straightforward interpreter: the reference the generated matchers are
+    tested against and the baseline `make bench` measures them against.
+    """
+    a = x = 0
+    mem = [0] * BPF_MEMWORDS
+    pc, end, back = 0, len(prog), 0
+    while 0 <= pc < end:
+        code, jt, jf, k = prog[pc]
+        pc += 1
+        if code > 0xFF:
+            return 0
+        cls = code & 0x07
+        if cls == BPF_RET:
+            if code == BPF_RET | BPF_K:
+                return k
+            return a if code == BPF_RET | BPF_A else 0
+        if cls == BPF_LD:
+            mode, size = code & 0xE0, code & 0x18
+            if mode == BPF_ABS and size in _SIZES:
+                a = _ancillary(k, data, pkttype, vlan_tci) if k >= SKF_AD_OFF else \
+                    _load(data, _SIZES[size], k)
+            elif mode == BPF_IND and size in _SIZES:
+                a = _load(data, _SIZES[size], x + k)
+            elif code == BPF_LD | BPF_IMM:
+                a = k
+            elif code == BPF_LD | BPF_W | BPF_LEN:
+                a = wirelen
+            elif code == BPF_LD | BPF_MEM and k < BPF_MEMWORDS:
+                a = mem[k]
+            else:
+                return 0
+            if a is None:
+                return 0
+        elif cls == BPF_LDX:
+            if code == BPF_LDX | BPF_W | BPF_IMM:
+                x = k
+            elif code == BPF_LDX | BPF_W | BPF_LEN:
+                x = wirelen
+            elif code == BPF_LDX | BPF_W | BPF_MEM and k < BPF_MEMWORDS:
+                x = mem[k]
+            elif code == BPF_LDX | BPF_B | BPF_MSH and k < len(data):
+                x = (data[k] & 0x0F) << 2
+            else:
+                return 0
+        elif cls in (BPF_ST, BPF_STX):
+            if code & ~0x07 or k >= BPF_MEMWORDS:
+                return 0
+            mem[k] = a if cls == BPF_ST else x
+        elif cls == BPF_ALU:
+            if code == BPF_ALU | BPF_NEG:
+                a = -a & _U32
+            else:
+                a = _alu(code & 0xF0, a, x if code & BPF_X else k)
+                if a is None:
+                    return 0
+        elif cls == BPF_JMP:
+            op = code & 0xF0
+            if code == BPF_JMP | BPF_JA:
+                off = k - (1 << 32) if k & 0x80000000 else k
+                if off < 0:
+                    back += 1
+                    if back > _MAX_BACKWARD_JUMPS:
+                        return 0
+                pc += off
+            elif op in (BPF_JEQ, BPF_JGT, BPF_JGE, BPF_JSET):
+                pc += jt if _jump_taken(op, a, x if code & BPF_X else k) else jf
+            else:
+                return 0
+        elif code == BPF_MISC | BPF_TAX:
+            x = a
+        elif code == BPF_MISC | BPF_TXA:
+            a = x
+        else:
+            return 0
+    return 0
+
+
+###############################################################################
+# Translation to Python
+#
+# A program without backward jumps is a DAG, so it becomes one tree of nested
+# if/elif/else: every path from the entry is straight-line code ending in a
+# `return`, with constants inlined and no dispatch at run time. A join point
+# reached from several places is duplicated into each, unless the copies would
+# grow too big; then it becomes a helper function the paths call (a call costs
+# about as much as four loads, so only big tails are worth it). Loads do no
+# length check: indexing past the end raises IndexError, unpack_from raises
+# struct.error and a zero divisor raises ZeroDivisionError, and one zero-cost
+# `try` turns all three into "reject", exactly when bpf_filter would.
+# Programs that jump backwards (libpcap's protochain) become a small state
+# machine instead. make_rules_matcher puts every rule into one function and
+# caches the absolute loads rules share ('ldh [12]' starts almost all of them)
+# in locals, so the 2nd..nth rule pays a None test instead of a load.
+
+_REJECTS = (IndexError, struct.error, ZeroDivisionError)
+_DUP_BUDGET = 256           # instructions one join point may be copied into its paths
+_MAX_INDENT = 40            # Python refuses source nested beyond 100 levels
+_FOLD_RUN = 3               # statements folded into one `elif (A := ...)` condition
+
+_JUMP_OPS = {BPF_JEQ: "==", BPF_JGT: ">", BPF_JGE: ">=", BPF_JSET: "&"}
+_ALU_OPS = {BPF_ADD: "+", BPF_SUB: "-", BPF_MUL: "*", BPF_DIV: "//", BPF_MOD: "%",
+            BPF_OR: "|", BPF_AND: "&", BPF_XOR: "^", BPF_LSH: "<<", BPF_RSH: ">>"}
+_REJECT = object()          # a statement that rejects wherever it is reached
+
+
+def _insn_text(insn):
+    """One instruction in roughly tcpdump -d notation, for the generated code's comments."""
+    code, jt, jf, k = insn
+    return f"code=0x{code:02x} jt={jt} jf={jf} k=0x{k:x}"
+
+
+def _jump_target(prog, pc):
+    """Successor pcs of a jump at pc (the ja offset sign-extended, as libpcap does)."""
+    code, jt, jf, k = prog[pc]
+    if code == BPF_JMP | BPF_JA:
+        return (pc + 1 + (k - (1 << 32) if k & 0x80000000 else k),)
+    return pc + 1 + jt, pc + 1 + jf
+
+
+def _is_cond_jump(code):
+    return code & 0x07 == BPF_JMP and code & 0xF0 in _JUMP_OPS and code <= 0xFF
+
+
+def _successors(prog, pc):
+    code = prog[pc][0]
+    if code & 0x07 == BPF_RET:
+        return ()
+    if code == BPF_JMP | BPF_JA or _is_cond_jump(code):
+        return _jump_target(prog, pc)
+    return (pc + 1,)
+
+
+def _has_backward_jump(prog):
+    return any(t <= pc for pc in range(len(prog)) for t in _successors(prog, pc))
+
+
+def _predecessor_counts(prog):
+    preds = [0] * (len(prog) + 1)
+    for pc in range(len(prog)):
+        for t in set(_successors(prog, pc)):
+            if 0 <= t < len(prog):
+                preds[t] += 1
+    return preds
+
+
+def _helper_points(prog):
+    """Join points whose copies would exceed _DUP_BUDGET: they become helper functions."""
+    preds, helpers = _predecessor_counts(prog), set()
+    size = [1] * (len(prog) + 1)
+    for pc in range(len(prog) - 1, -1, -1):
+        succ = [t for t in set(_successors(prog, pc)) if 0 <= t < len(prog)]
+        size[pc] = 1 + sum(1 if t in helpers else size[t] for t in succ)
+        if preds[pc] > 1 and size[pc] * (preds[pc] - 1) > _DUP_BUDGET:
+            helpers.add(pc)
+    return helpers
+
+
+def _load_expr(size, index):
+    """Source of a big-endian load at `index` (a source snippet); raises past the end."""
+    if size == 1:
+        return f"data[{index}]"
+    return f"_H(data, {index})[0]" if size == 2 else f"_W(data, {index})[0]"
+
+
+_ANCILLARY_SRC = {
+    SKF_AD_PKTTYPE: ("pkttype & 7", 7),
+    SKF_AD_VLAN_TAG: ("0 if vlan_tci is None else vlan_tci & 0xffff", 0xFFFF),
+    SKF_AD_VLAN_TAG_PRESENT: ("0 if vlan_tci is None else 1", 1),
+    SKF_AD_PROTOCOL: ("_skb_protocol(data)", 0xFFFF),
+}
+
+
+def _statement(insn, bound_a, bound_x, cache=None):
+    """(target, expression, bound) for a non-jump, non-return instruction, or _REJECT.
+
+    The expression refers to the accumulator as '{a}' so runs of accumulator
+    statements can be folded into one walrus expression. `bound_*` are upper
+    bounds of A and X; an arithmetic result below 2**32 needs no mask. `cache`
+    maps (kind, k) of shareable loads to the local caching them.
+    """
+    code, _, _, k = insn
+    if code > 0xFF:
+        return _REJECT
+    cls, size = code & 0x07, _SIZES.get(code & 0x18)
+    if cls == BPF_LD:
+        mode = code & 0xE0
+        if mode == BPF_ABS and size:
+            if k >= SKF_AD_OFF:
+                src = _ANCILLARY_SRC.get(k - SKF_AD_OFF)
+                return _REJECT if src is None else ("A",) + src
+            expr = _load_expr(size, k)
+            name = cache.get(("ld", size, k)) if cache else None
+            if name:
+                expr = f"{name} if {name} is not None else ({name} := {expr})"
+            return "A", expr, (1 << 8 * size) - 1
+        if mode == BPF_IND and size:
+            return "A", _load_expr(size, f"X + {k}" if k else "X"), (1 << 8 * size) - 1
+        if code == BPF_LD | BPF_IMM:
+            return "A", str(k), k
+        if code == BPF_LD | BPF_W | BPF_LEN:
+            return "A", "wirelen", _U32
+        if code == BPF_LD | BPF_MEM and k < BPF_MEMWORDS:
+            return "A", f"m{k}", _U32
+        return _REJECT
+    if cls == BPF_LDX:
+        if code == BPF_LDX | BPF_IMM:
+            return "X", str(k), k
+        if code == BPF_LDX | BPF_LEN:
+            return "X", "wirelen", _U32
+        if code == BPF_LDX | BPF_MEM and k < BPF_MEMWORDS:
+            return "X", f"m{k}", _U32
+        if code == BPF_LDX | BPF_B | BPF_MSH:
+            expr = f"(data[{k}] & 15) << 2"
+            name = cache.get(("msh", 1, k)) if cache else None
+            if name:
+                expr = f"{name} if {name} is not None else ({name} := {expr})"
+            return "X", expr, 60
+        return _REJECT
+    if cls in (BPF_ST, BPF_STX):
+        if code & ~0x07 or k >= BPF_MEMWORDS:
+            return _REJECT
+        return f"m{k}", "{a}" if cls == BPF_ST else "X", bound_a if cls == BPF_ST else bound_x
+    if cls == BPF_ALU:
+        return _alu_statement(code, k, bound_a, bound_x)
+    if code == BPF_MISC | BPF_TAX:
+        return "X", "{a}", bound_a
+    if code == BPF_MISC | BPF_TXA:
+        return "A", "X", bound_x
+    return _REJECT
+
+
+def _alu_statement(code, k, bound_a, bound_x):
+    op = code & 0xF0
+    if code == BPF_ALU | BPF_NEG:
+        return "A", "-{a} & 0xffffffff", _U32
+    if op not in _ALU_OPS:
+        return _REJECT
+    by_x = code & BPF_X
+    v, bound_v = ("X", bound_x) if by_x else (str(k), k)
+    if op == BPF_LSH and not by_x:
+        if k >= 32:
+            return "A", "0", 0
+    elif op == BPF_LSH:
+        return "A", "({a} << X) & 0xffffffff if X < 32 else 0", _U32
+    if op in (BPF_DIV, BPF_MOD) and not by_x and k == 0:
+        return _REJECT
+    bound = {BPF_ADD: bound_a + bound_v, BPF_MUL: bound_a * bound_v,
+             BPF_LSH: bound_a << (k if not by_x else 0), BPF_SUB: 1 << 33,
+             BPF_OR: max(bound_a, bound_v) * 2, BPF_XOR: max(bound_a, bound_v) * 2,
+             }.get(op, bound_a)
+    if op == BPF_SUB and not by_x and k == 0:
+        bound = bound_a
+    if op == BPF_AND:
+        bound = min(bound_a, bound_v)
+    if op in (BPF_DIV, BPF_MOD, BPF_RSH, BPF_AND, BPF_OR, BPF_XOR):
+        return "A", f"{{a}} {_ALU_OPS[op]} {v}", min(bound, _U32)
+    if bound <= _U32:
+        return "A", f"{{a}} {_ALU_OPS[op]} {v}", bound
+    return "A", f"({{a}} {_ALU_OPS[op]} {v}) & 0xffffffff", _U32
+
+
+class _Tree:
+    """Emits one forward-only program as nested if/elif/else source lines.
+
+    `leaf(value_src)` gives the statement that ends a path with that return
+    value ('return ...' for a matcher, 'hit(i)' for a rule); helpers holds the
+    join points turned into functions named `prefix + pc`.
+    """
+
+    def __init__(self, prog, leaf, prefix, cache=None, helpers=None):
+        self.prog, self.leaf, self.prefix, self.cache = prog, leaf, prefix, cache
+        self.helpers = _helper_points(prog) if helpers is None else helpers
+        self.args = _state_args(prog)
+        self.lines = []
+
+    def emit(self, depth, text):
+        self.lines.append("    " * depth + text)
+
+    def call(self, pc):
+        self.helpers.add(pc)
+        return f"{self.prefix}{pc}(data, wirelen, pkttype, vlan_tci{self.args})"
+
+    def path(self, pc, depth, ba=_U32, bx=_U32, entry=False):
+        """Straight-line code from pc up to its branch or leaf."""
+        prog = self.prog
+        while True:
+            if not 0 <= pc < len(prog):
+                return self.emit(depth, self.leaf("0"))
+            if (pc in self.helpers and not entry) or depth > _MAX_INDENT:
+                return self.emit(depth, self.leaf(self.call(pc)))
+            entry = False
+            code, _, _, k = insn = prog[pc]
+            if code & 0x07 == BPF_RET:
+                value = str(k) if code == BPF_RET | BPF_K else \
+                    "A" if code == BPF_RET | BPF_A else "0"
+                return self.emit(depth, self.leaf(value) + f"  # ({pc})")
+            if code == BPF_JMP | BPF_JA:
+                pc = _jump_target(prog, pc)[0]
+                continue
+            if _is_cond_jump(code):
+                t, f = _jump_target(prog, pc)
+                if t == f:
+                    pc = t
+                    continue
+                return self.branch(self.condition(insn, "A"), t, f, depth, ba, bx, pc)
+            st = _statement(insn, ba, bx, self.cache)
+            if st is _REJECT:
+                return self.emit(depth, self.leaf("0") + f"  # ({pc}) rejects")
+            target, expr, bound = st
+            self.emit(depth, f"{target} = {expr.format(a='A')}  # ({pc}) {_insn_text(insn)}")
+            if target == "A":
+                ba = bound
+            elif target == "X":
+                bx = bound
+            pc += 1
+
+    @staticmethod
+    def condition(insn, a_src):
+        code, _, _, k = insn
+        value = "X" if code & BPF_X else str(k)
+        return f"{a_src} {_JUMP_OPS[code & 0xF0]} {value}"
+
+    def fold(self, pc, ba, bx):
+        """(condition, t, f, ba) when the code at pc is a run of accumulator
+        statements ending in a conditional jump, so it can be an `elif`."""
+        prog, a_src, run = self.prog, "A", 0
+        while 0 <= pc < len(prog) and pc not in self.helpers:
+            insn = prog[pc]
+            if _is_cond_jump(insn[0]):
+                t, f = _jump_target(prog, pc)
+                if t == f:
+                    return None
+                cond = self.condition(insn, a_src if run == 0 else f"(A := {a_src})")
+                return cond, t, f, ba, pc
+            st = _statement(insn, ba, bx, self.cache)
+            if st is _REJECT or st[0] != "A" or run == _FOLD_RUN or \
+                    (run and "{a}" not in st[1] and "X" in st[1]):
+                return None
+            a_src, ba, run = st[1].format(a=f"({a_src})" if run else "A"), st[2], run + 1
+            pc += 1
+        return None
+
+    def branch(self, cond, t, f, depth, ba, bx, pc):
+        keyword = "if"
+        while True:
+            self.emit(depth, f"{keyword} {cond}:  # ({pc})")
+            self.path(t, depth + 1, ba, bx)
+            folded = self.fold(f, ba, bx)
+            if folded is None:
+                break
+            cond, t, f, ba, pc = folded
+            keyword = "elif"
+        if self.leaf("0") != "pass" or not self.rejects_at_once(f):
+            self.emit(depth, "else:")
+            self.path(f, depth + 1, ba, bx)
+
+    def rejects_at_once(self, pc):
+        return 0 <= pc < len(self.prog) and self.prog[pc][0] == BPF_RET | BPF_K \
+            and self.prog[pc][3] == 0
+
+
+def _state_args(prog):
+    """', A, X, m0...' — the registers a helper function needs passed in."""
+    used = _scratch_used(prog)
+    return ", A" + (", X" if _uses_x(prog) else "") + "".join(f", m{i}" for i in used)
+
+
+def _scratch_used(prog):
+    return sorted({k for code, _, _, k in prog if k < BPF_MEMWORDS and code in (
+        BPF_ST, BPF_STX, BPF_LD | BPF_MEM, BPF_LDX | BPF_MEM)})
+
+
+def _uses_x(prog):
+    return any(code & 0x07 in (BPF_LDX, BPF_STX) or code in (BPF_MISC | BPF_TXA,)
+               or (code & 0x07 in (BPF_ALU, BPF_JMP) and code & BPF_X)
+               or (code & 0x07 == BPF_LD and code & 0xE0 == BPF_IND)
+               for code, _, _, _ in prog)
+
+
+def _register_init(prog, indent):
+    """Zero the registers and scratch words a program may read before writing."""
+    names = [f"m{i}" for i in _scratch_used(prog)]
+    if _uses_x(prog):
+        names.insert(0, "X")
+    names.insert(0, "A")
+    return [f"{indent}{' = '.join(names)} = 0"]
+
+
+def _machine_lines(prog, leaf, depth):
+    """A state machine for a program with backward jumps: one `if pc == n` per
+    basic block inside a loop; backward jumps are counted and capped."""
+    leaders = {0} | {t for pc in range(len(prog)) for t in _successors(prog, pc)
+                     if 0 <= t < len(prog)}
+    leaders |= {pc + 1 for pc in range(len(prog)) if prog[pc][0] & 0x07 in (BPF_RET, BPF_JMP)}
+    leaders = sorted(x for x in leaders if x < len(prog))
+    ind = "    " * depth
+    lines = [f"{ind}pc = back = 0", f"{ind}while True:"]
+    for n, start in enumerate(leaders):
+        lines.append(f"{ind}    {'if' if n == 0 else 'elif'} pc == {start}:")
+        lines += _block_lines(prog, start, leaders, leaf, ind + "        ")
+    lines.append(f"{ind}    else:")
+    lines.append(f"{ind}        {leaf('0')}")
+    return lines
+
+
+def _goto(pc, target, ind):
+    if target <= pc:
+        return [f"{ind}back += 1", f"{ind}if back > {_MAX_BACKWARD_JUMPS}:",
+                f"{ind}    pc = -1", f"{ind}else:", f"{ind}    pc = {target}"]
+    return [f"{ind}pc = {target}"]
+
+
+def _block_lines(prog, pc, leaders, leaf, ind):
+    lines = []
+    while True:
+        code, _, _, k = insn = prog[pc]
+        if code & 0x07 == BPF_RET:
+            value = str(k) if code == BPF_RET | BPF_K else "A" if code == BPF_RET | BPF_A else "0"
+            return lines + [f"{ind}{leaf(value)}"]
+        if code == BPF_JMP | BPF_JA:
+            return lines + _goto(pc, _jump_target(prog, pc)[0], ind)
+        if _is_cond_jump(code):
+            t, f = _jump_target(prog, pc)
+            return lines + [f"{ind}if {_Tree.condition(insn, 'A')}:"] + \
+                _goto(pc, t, ind + "    ") + [f"{ind}else:"] + _goto(pc, f, ind + "    ")
+        st = _statement(insn, _U32, _U32)
+        if st is _REJECT:
+            return lines + [f"{ind}{leaf('0')}"]
+        lines.append(f"{ind}{st[0]} = {st[1].format(a='A')}  # ({pc}) {_insn_text(insn)}")
+        pc += 1
+        if pc in leaders or pc >= len(prog):
+            return lines + [f"{ind}pc = {pc}"]
+
+
+_HEADER = "def {name}(data, wirelen, pkttype=0, vlan_tci=None):"
+
+
+def matcher_source(prog, name="match"):
+    """Python source of the function make_matcher builds (for debugging)."""
+    prog = [tuple(int(v) for v in insn) for insn in prog]
+    if not prog:
+        return f"{_HEADER.format(name=name)}\n    return 0\n"
+    body = [_HEADER.format(name=name)]
+    body += _register_init(prog, "    ") + ["    try:"]
+    if _has_backward_jump(prog):
+        body += _machine_lines(prog, lambda v: f"return {v}", 2)
+        helpers = []
+    else:
+        tree = _Tree(prog, lambda v: f"return {v}", f"_{name}_")
+        tree.path(0, 2, entry=True)
+        body += tree.lines
+        helpers = _helper_sources(tree, name)
+    body += ["    except _REJECTS:", "        return 0"]
+    return "\n".join(helpers + body) + "\n"
+
+
+def _helper_sources(tree, name):
+    """Bodies of the helper functions a tree called, each its own small tree."""
+    out, done = [], set()
+    while tree.helpers - done:
+        pc = min(tree.helpers - done)
+        done.add(pc)
+        sub = _Tree(tree.prog, lambda v: f"return {v}", tree.prefix, helpers=tree.helpers)
+        sub.path(pc, 1, entry=True)
+        out += [f"def {tree.prefix}{pc}(data, wirelen, pkttype, vlan_tci{tree.args}):"] + \
+            sub.lines + [""]
+    return out
+
+
+def _compile(source, name, label):
+    namespace = {"_H": _H, "_W": _W, "_REJECTS": _REJECTS, "_skb_protocol": _skb_protocol}
+    exec(compile(source, f"<bpf {label}>", "exec"), namespace)
+    fn = namespace[name]
+    fn.source = source
+    return fn
+
+
+def make_matcher(prog):
+    """Compile `prog` to a function f(data, wirelen, pkttype=0, vlan_tci=None) -> int
+    returning exactly what bpf_interpret returns; f.source is its Python text."""
+    return _compile(matcher_source(prog), "match", "matcher")
+# <<< wip:filter_matcher
 
 
 # >>> wip:rules_section
@@ -1444,13 +3232,20 @@ class _Gen:
 #     with lock:
 #         new.carry_counts_from(state.ruleset)
 #         state.ruleset = new
-# Doing both inside one lock hold is what makes the hand-over lose no packet.
+# Doing both inside one lock hold is what makes the hand-over lose no packet
+# (RuleSet(rules, previous) copies at construction: fine offline, but live a
+# packet counted by the old set between construction and swap would be lost).
+# The loop must likewise read state.ruleset after taking the lock.
 #
 # The unix socket: bpfcountd wrote its lines in reverse file order (it prepended
 # to a list); lpd writes them in file order.
 
 
-_rules_log = logging.getLogger("lpd")
+
+
+def _rules_log(message):
+    """A warning through the daemon section's log() (defined further down)."""
+    log(LOG_WARNING, message)
 
 
 class Rule(NamedTuple):
@@ -1611,13 +3406,15 @@ def _no_match(data, wirelen, pkttype=0, vlan_tci=None):
 class RuleSet:
     """Compiled rules, their combined matcher and per-rule counters (file order)."""
 
-    def __init__(self, rules=()):
+    def __init__(self, rules=(), previous=None):
+        """Compile rules; with previous, carry its counts over (see carry_counts_from)."""
         self.rules = tuple(rules)
         self.ids = tuple(r.id for r in self.rules)
         self.progs = [compile_rule_expr(r.expr) for r in self.rules]
         self.match = make_rules_matcher(self.progs) if self.progs else _no_match
         self.bytes = [0] * len(self.rules)
         self.packets = [0] * len(self.rules)
+        self.carry_counts_from(previous)
 
     def __len__(self):
         return len(self.rules)
@@ -1850,10 +3647,18 @@ class RuleSocketServer:
             for key, mask in events:
                 if key.data == "wake":
                     return
-                if key.data == "listen":
-                    self._accept_all()
-                else:
-                    self._write(key.data)
+                try:
+                    if key.data == "listen":
+                        self._accept_all()
+                    else:
+                        self._write(key.data)
+                except Exception:
+                    # Never let one bad connection end the thread: the socket would
+                    # then stay bound but silent until restart.
+                    _rules_log(f"rule socket: unexpected error: "
+                               f"{traceback.format_exc(limit=-1).strip()!r}")
+                    if key.data not in ("listen", "wake"):
+                        self._drop(key.data)
             self._expire()
 
     def _payload(self):
@@ -1861,7 +3666,7 @@ class RuleSocketServer:
         try:
             return format_rule_lines(self._snapshot()).encode("utf-8")
         except Exception:
-            _rules_log.exception("rule socket: snapshot failed")
+            _rules_log(f"rule socket: snapshot failed: {traceback.format_exc(limit=-1).strip()!r}")
             return None
 
     def _accept_all(self):
@@ -1874,7 +3679,7 @@ class RuleSocketServer:
                 break
             except OSError as e:
                 # EMFILE and friends: leave the rest queued in the backlog.
-                _rules_log.warning("rule socket: accept failed: %s", e)
+                _rules_log(f"rule socket: accept failed: {e}")
                 break
             conn.setblocking(False)
             if payload is None:
@@ -2004,19 +3809,20 @@ class Accounting:
         stripped into the frame header counts its 4 bytes back in, and rules see the
         tag re-inserted, exactly like pcap_offline_filter on libpcap's capture.
         """
-        count, first = BLOCK_HDR.unpack_from(buf, base + BLOCK_HDR_OFF)
         frame_hdr = FRAME_HDR.unpack_from
         u16 = U16BE.unpack_from
         ip4 = IPV4_HDR.unpack_from
         ip6 = IPV6_HDR.unpack_from
-        cache4, cache6, hosts4, hosts6 = self.cache4, self.cache6, self.hosts4, self.hosts6
-        nets4, nets6, locate = self._nets4, self._nets6, self._locate
         totals, malformed, tpids = self.totals, self.malformed, VLAN_TPIDS
-        rules = self.rules
-        if rules is not None:
-            match, rule_bytes, rule_packets = rules.match, rules.bytes, rules.packets
+        count, first = BLOCK_HDR.unpack_from(buf, base + BLOCK_HDR_OFF)
         pos = base + first
         with self.lock:
+            # Read under the lock: reload and set_local_nets swap these while holding it.
+            cache4, cache6, hosts4, hosts6 = self.cache4, self.cache6, self.hosts4, self.hosts6
+            nets4, nets6, locate = self._nets4, self._nets6, self._locate
+            rules = self.rules
+            if rules is not None:
+                match, rule_bytes, rule_packets = rules.match, rules.bytes, rules.packets
             self.frames += count
             for _ in range(count):
                 nxt, caplen, flen, status, mac, tci, tpid, pkttype = frame_hdr(buf, pos)
@@ -2429,12 +4235,13 @@ class Daemon:
         except OSError as e:
             raise ConfigError(f"{self.ifname}: cannot read its addresses: {e.strerror}") from None
 
-    def load_rules(self, previous=None):
-        rules = parse_filter_file(self.opts.filter_file, interface_mac(self.ifname))
-        return RuleSet(rules, previous)
+    def load_rules(self):
+        """Parse and compile outside the lock: compiling must not stall capture."""
+        return RuleSet(parse_filter_file(self.opts.filter_file, interface_mac(self.ifname)))
 
     def kernel_program(self):
-        snaplen = SNAPLEN_ACCOUNTING if self.rules is None else SNAPLEN_FULL
+        # Rules may read any byte; accounting alone needs only the headers.
+        snaplen = SNAPLEN_FULL if self.rules else SNAPLEN_ACCOUNTING
         if self.opts.prefilter:
             return compile_filter(self.opts.prefilter, kernel=True, snaplen=snaplen)
         return accept_all(snaplen)
@@ -2442,18 +4249,22 @@ class Daemon:
     def reload(self):
         """SIGHUP: new rules and local networks; a broken file changes nothing."""
         try:
-            rules = self.load_rules(self.rules) if self.opts.filter_file else None
+            rules = self.load_rules() if self.opts.filter_file else None
             nets = self.local_nets()
         except LpdError as e:
             log(LOG_ERR, f"reload failed, keeping the running configuration: {e}")
             return
         with self.lock:
+            # Counts carried over and sets swapped in one hold: no frame is counted
+            # by the old set after its counts were copied.
+            if rules is not None and self.rules is not None:
+                rules.carry_counts_from(self.rules)
             self.rules = self.acct.rules = rules
             if nets != self.acct.local_nets:
                 self.acct.set_local_nets(nets)
         if self.ring is not None:
             self.ring.attach(self.kernel_program())
-        log(LOG_INFO, f"reloaded: {len(rules.ids) if rules else 0} rules, "
+        log(LOG_INFO, f"reloaded: {len(rules) if rules else 0} rules, "
                       f"{len(nets)} local networks")
 
     # -- snapshots for the exporters ------------------------------------------

@@ -241,6 +241,63 @@ def start_tcpdump(ns, ifname, args=(), ready_timeout=10):
     raise NetnsError(f"tcpdump in {ns} did not start: {''.join(lines).strip()}")
 
 
+CLONE_NEWNET = 0x40000000
+_libc = None
+
+
+def _setns(fd):
+    global _libc
+    if _libc is None:
+        import ctypes
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        import ctypes
+        err = ctypes.get_errno()
+        raise NetnsError(f"setns: {os.strerror(err)}")
+
+
+def socket_in(ns, family, type_):
+    """A socket created inside namespace `ns` (only this thread switches, briefly).
+
+    Lets the test process talk to a server listening on 127.0.0.1 inside the
+    namespace (lpd's /metrics) without a helper process.
+    """
+    import socket
+    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    there = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        _setns(there)
+        try:
+            return socket.socket(family, type_)
+        finally:
+            _setns(here)
+    finally:
+        os.close(there)
+        os.close(here)
+
+
+def http_get(ns, host, port, path="/", timeout=5.0):
+    """GET http://host:port/path from inside `ns`; returns (status, body bytes)."""
+    import http.client
+    import socket
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket_in(ns, family, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect((host, port))
+    except OSError:
+        sock.close()
+        raise
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    conn.sock = sock
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
 def ns_pids(ns):
     cp = run(None, [IP, "netns", "pids", ns], check=False)
     return [int(x) for x in cp.stdout.split()] if cp.returncode == 0 else []

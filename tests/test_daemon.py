@@ -343,3 +343,34 @@ def test_no_permission_exits_77(pair):
     assert nobody.returncode == 77, nobody.stderr
     assert nobody.stderr.strip() == (f"lpd: capturing on {pair.if_b} needs CAP_NET_RAW "
                                      "(run as root or grant the capability)")
+
+
+def test_runs_unprivileged_with_only_cap_net_raw(pair):
+    """What the systemd unit does (DynamicUser, CAP_NET_RAW only), done with setpriv."""
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o755)
+        copy = os.path.join(tmp, "lpd.py")
+        with open(copy, "wb") as f:
+            f.write(open(LPD, "rb").read())
+        os.chmod(copy, 0o644)
+        sock = os.path.join(tmp, "rules.sock")
+        rules = os.path.join(tmp, "r.filters")
+        with open(rules, "w") as f:
+            f.write("udp;udp\n")
+        os.chmod(tmp, 0o777)
+        proc = pair.popen(pair.ns_b, [
+            "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            "--inh-caps=-all,+net_raw", "--ambient-caps=-all,+net_raw", "--bounding-set=-all,+net_raw",
+            "/usr/bin/python3", copy, "-i", pair.if_b, "--mapping-url", "none",
+            "--web.listen-address", f"127.0.0.1:{PORT}", "-f", rules, "-u", sock],
+            stderr=subprocess.PIPE, text=True)
+        assert wait_for(lambda: proc.poll() is None and os.path.exists(sock), 15), proc.stderr.read()
+        status = open(f"/proc/{proc.pid}/status").read()
+        assert "\nUid:\t65534" in status and "CapEff:\t0000000000002000" in status
+        pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [33])
+        want = netns.frame_len(33)
+        assert wait_for(lambda: value(metrics(pair), "lpd_receive_bytes_total", local_ip=pair.ip4_b,
+                                      nic=pair.if_b) == want, 5, 0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert not os.path.exists(sock)

@@ -119,3 +119,15 @@ def test_failure_raises_instead_of_skipping(monkeypatch):
     monkeypatch.setattr(netns, "IP", "/nonexistent/ip")
     with pytest.raises(netns.NetnsError):
         netns.Pair()
+
+
+def test_http_get_reaches_a_server_inside_the_namespace(pair):
+    server = pair.popen(pair.ns_b, [sys.executable, "-u", "-m", "http.server", "--bind",
+                                    "127.0.0.1", "18080"], stdout=subprocess.PIPE, text=True,
+                        cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert "Serving HTTP" in server.stdout.readline()
+    status, body = netns.http_get(pair.ns_b, "127.0.0.1", 18080, "/netns.py")
+    assert status == 200 and b"class Pair" in body
+    with pytest.raises(OSError):          # the other namespace has no such server
+        netns.http_get(pair.ns_a, "127.0.0.1", 18080, "/")
+    netns.stop(server)

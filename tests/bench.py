@@ -1,0 +1,864 @@
+#!/usr/bin/env python3
+"""`make bench`: lpd's speed, cost and loss, measured beside tcpdump and libpcap in one run.
+
+    python3 tests/bench.py               # offline, then live (live needs root + netns)
+    python3 tests/bench.py --offline     # in-process only, no privileges, < 1 min
+    python3 tests/bench.py --live        # namespaces + trafgen only
+    python3 tests/bench.py --quick       # smaller counts: a smoke run (~1 min)
+
+Prints plain tables and writes the same figures as JSON to bench/results/<UTC time>.json.
+Nothing here asserts a timing: it measures and reports.
+
+Offline: frames from ../shared/corpus/pcaps plus a synthetic mix go through lpd's own
+frames_to_blocks() -> Accounting.process_block() (the function the live ring loop calls),
+with 0/1/10/50 rules; the rule matcher beside lpd's plain interpreter and libpcap's C
+bpf_filter (ctypes); compile time and program length beside libpcap.
+
+Live: two namespaces joined by a veth pair (tests/netns.py); trafgen sends a fixed number of
+frames at a ladder of rates; tcpdump -w /dev/null (same ring size) and lpd consume them in
+turn. Capacity: the consumer is SIGSTOPped while the ring fills, then SIGCONTed and timed.
+Traffic never leaves the namespaces this script creates.
+"""
+import argparse
+import datetime
+import glob
+import json
+import os
+import platform
+import random
+import re
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import netns  # noqa: E402
+
+LPD_PATH = os.path.join(REPO, "lpd.py")
+RESULTS_DIR = os.path.join(REPO, "bench", "results")
+CORPUS_DIR = os.path.join(os.path.dirname(REPO), "shared", "corpus", "pcaps")
+
+# ---- offline ---------------------------------------------------------------------
+SYNTH_FRAMES = 1_000_000
+SYNTH_FLOWS = 3000
+SYNTH_TAGGED = 0.10                     # share of 802.1Q-tagged frames
+SYNTH_IPV6 = 0.30
+SYNTH_SIZES = (64, 64, 64, 78, 128, 256, 512, 576, 1024, 1280, 1400, 1500, 1514, 1514)
+OFFLINE_SNAPLEN = 128                   # lpd's accounting snaplen: what the kernel hands it
+OFFLINE_LOCAL_NETS = ("10.199.0.0/16", "fd00:199::/64")
+RULE_FRAMES = 100_000                   # frames per rule-count run (rules cost more per frame)
+MATCHER_FRAMES = 20_000                 # frames per expression in the matcher comparison
+COMPILE_REPEAT = 20
+
+# ---- live ------------------------------------------------------------------------
+GENERATOR_CPU = 0                       # trafgen -P 1 pins its worker to CPU 0 by itself
+LADDER_PPS = (50_000, 100_000, 200_000, None)      # None: as fast as trafgen goes
+RUNG_FRAMES = 200_000
+FRAME_SIZES = (64, 1400)
+LOSS_OK = 0.001                         # "zero loss": below 0.1 %
+DRAIN_FRAMES = 1_000_000
+DRAIN_RING = 256 << 20                  # ring big enough to hold DRAIN_FRAMES small frames
+DRAIN_SETTLE = 1.3                      # s: tcpdump's blocks retire after 1 s
+DRAIN_IDLE = 0.15                       # s without CPU progress = drained
+COUNT_TIMEOUT = 4.0                     # s to wait for a consumer to account a rung
+LPD_PORT = 19122                        # inside the receiving namespace only
+DEFAULT_RING = 16 << 20                 # lpd's default -b; tcpdump -B gets the same
+
+RULE_EXPRS = [
+    "udp port 9", "host 10.199.0.1", "net 10.199.0.0/24 and udp", "ip6 and udp",
+    "tcp port 443", "udp port 53", "icmp or icmp6", "greater 1000", "vlan",
+    "src net 198.51.100.0/24 and dst port 9", "ip6 dst host fd00:199::2",
+    "tcp[tcpflags] & tcp-syn != 0", "ether broadcast", "arp", "less 128",
+    "dst net 203.0.113.0/24", "udp dst portrange 1000-2000", "ip proto 47",
+    "vlan 100 and ip", "not ip and not ip6",
+]
+
+
+###############################################################################
+# Output ######################################################################
+###############################################################################
+
+def fmt(v):
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float):
+        if v != v:
+            return "-"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        if abs(v) >= 10:
+            return f"{v:.1f}"
+        return f"{v:.3g}" if abs(v) >= 0.001 or v == 0 else f"{v:.2e}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+class Table:
+    """Rows of dicts printed as a plain aligned table; kept for the JSON too."""
+
+    def __init__(self, title, columns, note=None):
+        self.title, self.columns, self.note, self.rows = title, columns, note, []
+
+    def add(self, **row):
+        self.rows.append(row)
+        return row
+
+    def render(self):
+        cells = [[fmt(r.get(c)) for c in self.columns] for r in self.rows]
+        widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(self.columns)]
+        lines = [f"== {self.title}"]
+        if self.note:
+            lines += [f"   {line}" for line in self.note.splitlines()]
+        lines.append("  ".join(c.rjust(w) for c, w in zip(self.columns, widths)))
+        for row in cells:
+            lines.append("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+        return "\n".join(lines)
+
+    def show(self):
+        print(self.render(), flush=True)
+        print(flush=True)
+
+    def to_json(self):
+        return {"title": self.title, "note": self.note, "rows": self.rows}
+
+
+def machine_info():
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version(), "interpreter": sys.executable,
+            "tcpdump": tool_version(["tcpdump", "--version"]),
+            "trafgen": tool_version(["trafgen", "-v"]),
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def tool_version(argv):
+    try:
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not installed"
+    text = (cp.stdout + cp.stderr).strip().splitlines()
+    return text[0] if text else "?"
+
+
+def save_json(results):
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = os.path.join(RESULTS_DIR, f"{stamp}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    return path
+
+
+def import_lpd(path):
+    """lpd as a module from `path` (the repo's lpd.py, or the wip shim)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("lpd", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["lpd"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+###############################################################################
+# Offline #####################################################################
+###############################################################################
+
+def corpus_frames(lpd):
+    """(data, wirelen) of every Ethernet frame in the shared corpus; skipped files counted."""
+    frames, skipped = [], 0
+    for path in sorted(glob.glob(os.path.join(CORPUS_DIR, "*.pcap"))):
+        try:
+            frames += [(data, wirelen) for _, wirelen, data in lpd.read_pcap(path)]
+        except Exception:
+            skipped += 1
+    return frames, skipped
+
+
+def _ipv4_header(src, dst, total_len):
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total_len, 0, 0x4000, 64, 17, 0, src, dst)
+    s = sum(struct.unpack("!10H", hdr))
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    return hdr[:10] + struct.pack("!H", ~s & 0xFFFF) + hdr[12:]
+
+
+def synth_frame(flow, size):
+    """The first OFFLINE_SNAPLEN bytes of a UDP frame of `size` bytes on the wire."""
+    ipv6, tagged, src, dst, sport, dport = flow
+    eth = b"\x02\x00\x0a\xc7\x00\x02\x02\x00\x0a\xc7\x00\x01"
+    if tagged:
+        eth += struct.pack("!HH", 0x8100, 100)
+    l3 = size - len(eth) - 2
+    if ipv6:
+        eth += b"\x86\xdd"
+        ip = struct.pack("!IHBB16s16s", 0x60000000, l3 - 40, 17, 64, src, dst)
+    else:
+        eth += b"\x08\x00"
+        ip = _ipv4_header(src, dst, l3)
+    udp = struct.pack("!HHHH", sport, dport, l3 - len(ip), 0)
+    frame = eth + ip + udp
+    return (frame + bytes(OFFLINE_SNAPLEN))[:min(size, OFFLINE_SNAPLEN)]
+
+
+def synth_flows(rng):
+    """SYNTH_FLOWS flows between local hosts (10.199/16, fd00:199::/64) and remote ones
+    (documentation ranges; these are bytes in memory, never sent anywhere)."""
+    flows = []
+    for _ in range(SYNTH_FLOWS):
+        ipv6 = rng.random() < SYNTH_IPV6
+        if ipv6:
+            local = bytes.fromhex("fd000199000000000000000000") + rng.randbytes(3)
+            remote = bytes.fromhex("20010db8") + rng.randbytes(12)
+        else:
+            local = bytes([10, 199, rng.randrange(4), rng.randrange(1, 255)])
+            remote = bytes([rng.choice((198, 203)), rng.choice((51, 0)), rng.choice((100, 113)),
+                            rng.randrange(1, 255)])
+        src, dst = (local, remote) if rng.random() < 0.5 else (remote, local)
+        flows.append((ipv6, rng.random() < SYNTH_TAGGED, src, dst,
+                      rng.randrange(1024, 65535), rng.choice((9, 53, 443, 1500, 4500))))
+    return flows
+
+
+def synthetic_frames(n, seed=199):
+    rng = random.Random(seed)
+    flows = synth_flows(rng)
+    cache = {}
+    frames = []
+    for _ in range(n):
+        fi, size = rng.randrange(len(flows)), rng.choice(SYNTH_SIZES)
+        data = cache.get((fi, size))
+        if data is None:
+            data = cache[(fi, size)] = synth_frame(flows[fi], size)
+        frames.append((data, size))
+    return frames
+
+
+def time_accounting(lpd, blocks, rules=None):
+    """Seconds for lpd.Accounting.process_block over every block; returns (s, acct)."""
+    import ipaddress
+    acct = lpd.Accounting([ipaddress.ip_network(n) for n in OFFLINE_LOCAL_NETS], rules)
+    views = [memoryview(b) for b in blocks]
+    t0 = time.perf_counter()
+    for v in views:
+        acct.process_block(v, 0)
+    return time.perf_counter() - t0, acct
+
+
+def make_ruleset(lpd, exprs):
+    text = "".join(f"r{i};{e}\n" for i, e in enumerate(exprs))
+    return lpd.RuleSet(lpd.parse_filter_text(text, "bench", None))
+
+
+def rule_exprs(n):
+    """n rule expressions: the realistic list, then per-host rules for the rest."""
+    exprs = list(RULE_EXPRS[:n])
+    i = 0
+    while len(exprs) < n:
+        exprs.append(f"host 10.199.{i % 4}.{i + 1}")
+        i += 1
+    return exprs
+
+
+def offline_accounting(lpd, results, quick):
+    t = Table("Offline: decode + per-address accounting (+ rules), in-process",
+              ["input", "rules", "frames", "ns/frame", "Mframes/s", "bytes ok"],
+              note=f"lpd.frames_to_blocks -> Accounting.process_block; frames carry their first "
+                   f"{OFFLINE_SNAPLEN} bytes (lpd's accounting snaplen), wirelen is the real one;\n"
+                   f"local nets {', '.join(OFFLINE_LOCAL_NETS)}; rule runs use the first "
+                   f"{RULE_FRAMES:,} synthetic frames.")
+    if not hasattr(lpd, "frames_to_blocks") or not hasattr(lpd, "Accounting"):
+        t.add(input="-", rules="lpd.frames_to_blocks/Accounting not available yet")
+        return t
+    corpus, skipped = corpus_frames(lpd)
+    n = SYNTH_FRAMES // (10 if quick else 1)
+    synth = synthetic_frames(n)
+    for name, frames in ((f"corpus ({skipped} files skipped)", corpus), ("synthetic mix", synth)):
+        blocks = lpd.frames_to_blocks(frames)
+        secs, acct = time_accounting(lpd, blocks)
+        t.add(input=name, rules=0, frames=len(frames), **{
+            "ns/frame": secs / len(frames) * 1e9, "Mframes/s": len(frames) / secs / 1e6,
+            "bytes ok": acct.totals[2] == sum(w for _, w in frames)})
+    rule_frames = synth[:RULE_FRAMES // (10 if quick else 1)]
+    blocks = lpd.frames_to_blocks(rule_frames)
+    base, _ = time_accounting(lpd, blocks)
+    for nrules in (1, 10, 50):
+        try:
+            rules = make_ruleset(lpd, rule_exprs(nrules))
+        except Exception as e:
+            t.add(input="synthetic mix", rules=nrules, frames="not available yet: " + one_line(e))
+            continue
+        secs, _ = time_accounting(lpd, blocks, rules)
+        t.add(input="synthetic mix", rules=nrules, frames=len(rule_frames), **{
+            "ns/frame": secs / len(rule_frames) * 1e9,
+            "Mframes/s": len(rule_frames) / secs / 1e6,
+            "bytes ok": f"+{(secs - base) / len(rule_frames) * 1e9:.0f} ns over no rules"})
+    results["offline_accounting"] = t.to_json()
+    return t
+
+
+def one_line(e):
+    return f"{type(e).__name__}: {e}".splitlines()[0][:100]
+
+
+def prog_tuples(prog):
+    return [tuple(int(x) for x in insn) for insn in prog]
+
+
+def offline_matchers(lpd, results, quick):
+    """Per expression: lpd's matcher, lpd's interpreter, libpcap's bpf_filter (C, ctypes)."""
+    t = Table("Offline: one rule on the same frames - lpd matcher, lpd interpreter, libpcap C",
+              ["expression", "lpd insns", "pcap insns", "compile ms", "pcap ms",
+               "matcher ns", "interp ns", "libpcap ns", "matches", "agree"],
+              note="ns per frame; libpcap's bpf_filter runs libpcap's own program through ctypes\n"
+                   "(a call costs ~0.3-0.5 us of ctypes overhead on its own); 'agree' compares the "
+                   "accept decision of all three.")
+    results["offline_matchers"] = t.to_json()
+    missing = [n for n in ("compile_filter", "bpf_interpret") if not hasattr(lpd, n)]
+    if missing:
+        t.add(expression="not available yet: lpd." + ", lpd.".join(missing))
+        return t
+    try:
+        import libpcap_oracle as oracle
+    except ImportError as e:
+        t.add(expression="libpcap not available: " + str(e))
+        return t
+    import ctypes
+    frames = synthetic_frames(MATCHER_FRAMES // (5 if quick else 1), seed=7)
+    make_matcher = getattr(lpd, "make_matcher", None)
+    for expr in RULE_EXPRS:
+        row = t.add(expression=expr)
+        try:
+            prog = prog_tuples(lpd.compile_filter(expr))
+        except Exception as e:
+            row["lpd insns"] = "error: " + one_line(e)
+            continue
+        row["compile ms"] = best_time(lambda: lpd.compile_filter(expr), COMPILE_REPEAT) * 1e3
+        row["lpd insns"] = len(prog)
+        try:
+            pprog = oracle.compile(expr)
+            row["pcap insns"] = len(pprog)
+            row["pcap ms"] = best_time(lambda: oracle.compile(expr), COMPILE_REPEAT) * 1e3
+        except Exception as e:
+            row["pcap insns"] = "error: " + one_line(e)
+            continue
+        arr = (oracle.bpf_insn * len(pprog))(*[oracle.bpf_insn(*i) for i in pprog])
+        cfilter = oracle.lib.bpf_filter
+        c_res, secs = run_each(frames, lambda d, w: cfilter(arr, d, w, len(d)))
+        row["libpcap ns"] = secs / len(frames) * 1e9
+        i_res, secs = run_each(frames, lambda d, w: lpd.bpf_interpret(prog, d, w))
+        row["interp ns"] = secs / len(frames) * 1e9
+        agree = [bool(a) for a in c_res] == [bool(b) for b in i_res]
+        if make_matcher is not None:
+            try:
+                m = make_matcher(prog)
+                m_res, secs = run_each(frames, lambda d, w: m(d, w))
+                row["matcher ns"] = secs / len(frames) * 1e9
+                agree = agree and [bool(a) for a in c_res] == [bool(b) for b in m_res]
+            except Exception as e:
+                row["matcher ns"] = "error: " + one_line(e)
+        else:
+            row["matcher ns"] = "n/a yet"
+        row["matches"] = sum(1 for r in c_res if r)
+        row["agree"] = agree
+    return t
+
+
+def run_each(frames, fn):
+    t0 = time.perf_counter()
+    res = [fn(d, w) for d, w in frames]
+    return res, time.perf_counter() - t0
+
+
+def best_time(fn, repeat):
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run_offline(lpd, results, quick):
+    t0 = time.monotonic()
+    offline_accounting(lpd, results, quick).show()
+    offline_matchers(lpd, results, quick).show()
+    results["offline_seconds"] = round(time.monotonic() - t0, 1)
+
+
+###############################################################################
+# Live: process measurement ###################################################
+###############################################################################
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid):
+    """utime+stime (+ waited-for children) of a process, all threads, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / CLK_TCK
+
+
+def cpu_ns(pid):
+    """Precise CPU time (ns) summed over the threads, from /proc/<pid>/task/*/schedstat."""
+    total = 0
+    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        try:
+            with open(path) as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError):
+            pass
+    return total
+
+
+def peak_rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return None
+
+
+class NotAvailable(Exception):
+    """The consumer could not run (lpd lacks the feature yet): reported as a row."""
+
+
+###############################################################################
+# Live: consumers #############################################################
+###############################################################################
+
+class Consumer:
+    """A capture process in the receiving namespace; counts() -> (seen, drops, rx bytes)."""
+    name = "?"
+
+    def __init__(self, pair, cpu, ring_bytes):
+        self.pair, self.cpu, self.ring_bytes = pair, cpu, ring_bytes
+        self.proc = None
+
+    def argv(self):
+        raise NotImplementedError
+
+    def start(self):
+        self.proc = self.pair.popen(self.pair.ns_b, ["taskset", "-c", str(self.cpu)] + self.argv(),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.lines = []
+        self.new_line = threading.Condition()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self.wait_ready()
+        return self
+
+    def _read_stderr(self):
+        for line in self.proc.stderr:
+            with self.new_line:
+                self.lines.append(line)
+                self.new_line.notify_all()
+        with self.new_line:
+            self.new_line.notify_all()
+
+    def wait_line(self, pattern, start=0, timeout=10.0):
+        """Index of the first stderr line from `start` matching `pattern`, or None."""
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        with self.new_line:
+            while True:
+                for i in range(start, len(self.lines)):
+                    if rx.search(self.lines[i]):
+                        return i
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    return None
+                self.new_line.wait(min(left, 0.1))
+
+    def wait_ready(self):
+        raise NotImplementedError
+
+    def stop(self):
+        """Stop it; returns peak RSS (KiB) read just before."""
+        rss = None
+        if self.proc is not None and self.proc.poll() is None:
+            rss = peak_rss_kib(self.proc.pid)
+        if self.proc is not None:
+            netns.stop(self.proc)
+        return rss
+
+    def cpu_time(self):
+        return cpu_seconds(self.proc.pid)
+
+    def wait_counted(self, before, expected, timeout=COUNT_TIMEOUT):
+        """Poll counts() until seen+drops since `before` reach `expected`; the last counts."""
+        deadline = time.monotonic() + timeout
+        while True:
+            now = self.counts()
+            if now[0] + now[1] - before[0] - before[1] >= expected or time.monotonic() > deadline:
+                return now
+            time.sleep(0.1)
+
+
+class Tcpdump(Consumer):
+    name = "tcpdump"
+
+    def argv(self):
+        return ["tcpdump", "-i", self.pair.if_b, "-n", "-w", "/dev/null",
+                "-B", str(self.ring_bytes // 1024)]
+
+    def wait_ready(self):
+        if self.wait_line("listening on") is None:
+            raise NotAvailable("tcpdump did not start: " + "".join(self.lines[-3:]).strip())
+
+    STATS = re.compile(r"(\d+) packets captured\D+(\d+) packets received by filter\D+"
+                       r"(\d+) packets dropped by kernel")
+
+    def counts(self):
+        """SIGUSR1 makes tcpdump print its (cumulative) counters on stderr."""
+        with self.new_line:
+            start = len(self.lines)
+        os.kill(self.proc.pid, signal.SIGUSR1)
+        if self.wait_line("dropped by kernel", start, timeout=3) is None:
+            raise RuntimeError("tcpdump did not answer SIGUSR1")
+        with self.new_line:
+            text = "".join(self.lines[start:])
+        m = self.STATS.findall(text)[-1]
+        return int(m[0]), int(m[2]), None
+
+
+class Lpd(Consumer):
+    name = "lpd"
+
+    def __init__(self, pair, cpu, ring_bytes, rules_file=None, extra=(), label=None):
+        super().__init__(pair, cpu, ring_bytes)
+        self.rules_file, self.extra = rules_file, list(extra)
+        self.name = label or ("lpd +10 rules" if rules_file else "lpd")
+
+    def argv(self):
+        argv = [sys.executable, LPD, "-i", self.pair.if_b,
+                "--local-net", "10.199.0.0/16", "--local-net", "fd00:199::/64",
+                "--web.listen-address", f"127.0.0.1:{LPD_PORT}", "--mapping-url", "none"]
+        if self.ring_bytes != DEFAULT_RING:
+            argv += ["-b", str(self.ring_bytes)]
+        if self.rules_file:
+            argv += ["-f", self.rules_file, "-u", self.rules_file + ".sock"]
+        return argv + self.extra
+
+    def wait_ready(self):
+        if self.wait_line("capturing on", timeout=20) is None:
+            self.proc.poll()
+            raise NotAvailable(f"lpd did not start (exit {self.proc.returncode}): "
+                               + "".join(self.lines[-2:]).strip())
+
+    def metrics(self):
+        status, body = netns.http_get(self.pair.ns_b, "127.0.0.1", LPD_PORT, "/metrics")
+        values = {}
+        for line in body.decode().splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name.split("{", 1)[0]] = values.get(name.split("{", 1)[0], 0) + float(value)
+        return values
+
+    def counts(self):
+        m = self.metrics()
+        return (int(m.get("lpd_capture_packets_total", 0)), int(m.get("lpd_capture_drops_total", 0)),
+                int(m.get("lpd_interface_receive_bytes_total", 0)))
+
+
+LPD = LPD_PATH
+
+
+###############################################################################
+# Live: generator #############################################################
+###############################################################################
+
+class Trafgen:
+    """trafgen (netsniff-ng) in namespace A sending UDP frames of one size to B.
+
+    Two frames round robin, IPv4 and IPv6 (10.199.0.1 -> .2, fd00:199::1 -> ::2, UDP port
+    9 where B's sink holds a socket), written to a config file as raw bytes.
+    """
+
+    def __init__(self, pair, frame_size, workdir):
+        self.pair = pair
+        p = pair
+        frames = [netns.udp_frame(p.mac_a, p.mac_b, p.ip4_a, p.ip4_b, frame_size),
+                  netns.udp_frame(p.mac_a, p.mac_b, p.ip6_a, p.ip6_b, frame_size)]
+        self.conf = os.path.join(workdir, f"trafgen-{frame_size}.cfg")
+        with open(self.conf, "w") as f:
+            for fr in frames:
+                f.write("{ " + ", ".join(f"0x{b:02x}" for b in fr) + " }\n")
+
+    def send(self, count, pps=None):
+        """Send `count` frames at `pps` (None: top speed); (frames sent, seconds)."""
+        argv = ["trafgen", "-o", self.pair.if_a, "-i", self.conf, "-n", str(count), "-P", "1",
+                "--no-sock-mem", "--notouch-irq", "-C"]
+        if pps:
+            argv += ["-b", f"{pps}pps"]
+        t0 = time.monotonic()
+        cp = netns.run(self.pair.ns_a, argv, timeout=count / (pps or 100_000) + 30)
+        secs = time.monotonic() - t0
+        m = re.search(r"(\d+) packets outgoing", cp.stdout + cp.stderr)
+        return (int(m.group(1)) if m else count), secs
+
+
+###############################################################################
+# Live: series ################################################################
+###############################################################################
+
+PINNINGS = {
+    # name: (consumer CPU, rps_cpus mask on the receiving veth)
+    "split": (1, "0"),            # generator CPU 0, consumer CPU 1, receive path on CPU 0
+    "shared": (GENERATOR_CPU, format(1 << GENERATOR_CPU, "x")),   # all on one core
+}
+
+
+def set_rps(pair, mask):
+    """Receive packet steering of the receiving veth onto the CPUs in hex `mask` (0: off)."""
+    netns.run(pair.ns_b, ["sh", "-c", f"for q in /sys/class/net/{pair.if_b}/queues/rx-*/rps_cpus;"
+                                      f" do echo {mask} > $q; done"])
+
+
+def wait_link_quiet(pair, quiet=0.05, timeout=3.0):
+    last = netns.link_stats(pair.ns_b, pair.if_b)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = netns.link_stats(pair.ns_b, pair.if_b)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def run_rung(pair, gen, consumer, pps, frames):
+    v0 = netns.link_stats(pair.ns_b, pair.if_b)
+    c0 = consumer.counts()
+    cpu0 = consumer.cpu_time()
+    sent, secs = gen.send(frames, pps)
+    v1 = wait_link_quiet(pair)
+    veth = v1["rx_packets"] - v0["rx_packets"]
+    c1 = consumer.wait_counted(c0, veth)
+    cpu = consumer.cpu_time() - cpu0
+    seen, drops = c1[0] - c0[0], c1[1] - c0[1]
+    row = {"consumer": consumer.name, "target pps": pps or "top", "sent pps": sent / secs,
+           "sent": sent, "veth rx": veth, "seen": seen, "drops": drops,
+           "seen/sent": seen / sent if sent else None, "seen/veth": seen / veth if veth else None,
+           "loss %": 100.0 * (1 - seen / sent) if sent else None,
+           "cpu s/M": cpu / seen * 1e6 if seen else None, "_cpu": cpu}
+    if c1[2] is not None:
+        row["bytes = veth"] = (c1[2] - c0[2]) == v1["rx_bytes"] - v0["rx_bytes"]
+    return row
+
+
+def run_series(pair, gen, consumer, table, frames):
+    """One consumer over the whole ladder; appends rows, returns the series summary."""
+    try:
+        consumer.start()
+    except NotAvailable as e:
+        consumer.stop()
+        table.add(consumer=consumer.name, **{"target pps": "not available: " + str(e)[:90]})
+        return None
+    rows = []
+    try:
+        for pps in LADDER_PPS:
+            rows.append(table.add(**run_rung(pair, gen, consumer, pps, frames)))
+    finally:
+        rss = consumer.stop()
+    ok = [r for r in rows if r["loss %"] is not None and r["loss %"] < LOSS_OK * 100]
+    seen = sum(r["seen"] for r in rows)
+    summary = {"consumer": consumer.name, "zero-loss pps": max((r["sent pps"] for r in ok), default=0),
+               "cpu s/M": sum(r["_cpu"] for r in rows) / seen * 1e6 if seen else None,
+               "peak RSS MiB": rss / 1024 if rss else None,
+               "bytes = veth": all(r.get("bytes = veth", True) for r in ok) if ok else None}
+    for r in rows:
+        r["peak RSS MiB"] = summary["peak RSS MiB"]
+    return summary
+
+
+def drain_capacity(pair, gen, consumer, table):
+    """Fill the ring while `consumer` is stopped, then time how fast it empties it."""
+    try:
+        consumer.start()
+    except NotAvailable as e:
+        consumer.stop()
+        table.add(consumer=consumer.name, frames="not available: " + str(e)[:90])
+        return None
+    try:
+        c0 = consumer.counts()
+        os.kill(consumer.proc.pid, signal.SIGSTOP)
+        v0 = netns.link_stats(pair.ns_b, pair.if_b)
+        sent, secs = gen.send(DRAIN_FRAMES)
+        v1 = wait_link_quiet(pair)
+        time.sleep(DRAIN_SETTLE)
+        ns0, t0 = cpu_ns(consumer.proc.pid), time.monotonic()
+        os.kill(consumer.proc.pid, signal.SIGCONT)
+        ns1, t1 = wait_cpu_idle(consumer.proc.pid, ns0, t0)
+        c1 = consumer.wait_counted(c0, v1["rx_packets"] - v0["rx_packets"])
+        seen, drops = c1[0] - c0[0], c1[1] - c0[1]
+        cpu = (ns1 - ns0) / 1e9
+        row = table.add(consumer=consumer.name, frames=sent, **{
+            "veth rx": v1["rx_packets"] - v0["rx_packets"], "seen": seen, "drops": drops,
+            "drain s": t1 - t0, "cpu s": cpu,
+            "Mfps wall": seen / (t1 - t0) / 1e6 if t1 > t0 else None,
+            "Mfps/core": seen / cpu / 1e6 if cpu else None})
+    finally:
+        consumer.stop()
+    return row
+
+
+def wait_cpu_idle(pid, ns0, t0, timeout=20.0):
+    """(cpu ns, time) of the last CPU progress after t0, once idle for DRAIN_IDLE s."""
+    last_ns, last_t = ns0, t0
+    deadline = t0 + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.005)
+        now = cpu_ns(pid)
+        t = time.monotonic()
+        if now != last_ns:
+            last_ns, last_t = now, t
+        elif t - last_t >= DRAIN_IDLE and last_ns != ns0:
+            break
+    return last_ns, last_t
+
+
+def lpd_offers(flag):
+    cp = subprocess.run([sys.executable, LPD, "-h"], capture_output=True, text=True, timeout=30)
+    return flag in cp.stdout
+
+
+def run_live(results, quick, workdir):
+    global RUNG_FRAMES, DRAIN_FRAMES
+    if quick:
+        RUNG_FRAMES, DRAIN_FRAMES = RUNG_FRAMES // 4, DRAIN_FRAMES // 4
+    rules_file = os.path.join(workdir, "rules.txt")
+    with open(rules_file, "w") as f:
+        f.writelines(f"r{i};{e}\n" for i, e in enumerate(rule_exprs(10)))
+    fanout = lpd_offers("--fanout")
+    ladder = Table("Live: rate ladder (trafgen -> veth -> consumer)",
+                   ["consumer", "frame", "pinning", "target pps", "sent pps", "sent", "veth rx",
+                    "seen", "drops", "seen/sent", "seen/veth", "loss %", "cpu s/M",
+                    "peak RSS MiB", "bytes = veth"],
+                   note=f"{RUNG_FRAMES:,} frames per rung (IPv4+IPv6 UDP, round robin); "
+                        f"ring {DEFAULT_RING >> 20} MiB for both (tcpdump -B {DEFAULT_RING >> 10});\n"
+                        "pinning split: trafgen CPU 0, consumer CPU 1; shared: all on CPU 0 with RPS "
+                        "onto it.\ncpu s/M: consumer CPU seconds (utime+stime, /proc/<pid>/stat) per "
+                        "million frames seen; bytes = veth: lpd's interface receive bytes equal the "
+                        "veth's rx_bytes.")
+    summary = Table("Live: summary per series", ["consumer", "frame", "pinning", "zero-loss pps",
+                                                  "cpu s/M", "peak RSS MiB", "bytes = veth"],
+                    note=f"zero-loss pps: highest rung with < {LOSS_OK * 100:g} % loss; cpu s/M over "
+                         "all rungs.")
+    drain = Table("Live: capacity - ring filled while the consumer is SIGSTOPped, then drained",
+                  ["consumer", "pinning", "frames", "veth rx", "seen", "drops", "drain s", "cpu s",
+                   "Mfps wall", "Mfps/core"],
+                  note=f"64-byte frames; ring {DRAIN_RING >> 20} MiB for both; Mfps/core = frames "
+                       "seen / consumer CPU seconds (schedstat) after SIGCONT.")
+    ratios = Table("Live: lpd / tcpdump", ["frame", "pinning", "consumer", "zero-loss pps ratio",
+                                           "cpu s/M ratio", "drain Mfps/core ratio"])
+    with netns.Pair() as pair:
+        gens = {size: Trafgen(pair, size, workdir) for size in FRAME_SIZES}
+        plan = [(64, "split"), (64, "shared"), (1400, "split")]
+        sums = {}
+        for size, pinning in plan:
+            cpu, rps = PINNINGS[pinning]
+            set_rps(pair, rps)
+            consumers = [Tcpdump(pair, cpu, DEFAULT_RING), Lpd(pair, cpu, DEFAULT_RING),
+                         Lpd(pair, cpu, DEFAULT_RING, rules_file)]
+            if fanout:
+                consumers.append(Lpd(pair, cpu, DEFAULT_RING, extra=["--fanout", "2"],
+                                     label="lpd fanout 2"))
+            for c in consumers:
+                start = len(ladder.rows)
+                s = run_series(pair, gens[size], c, ladder, RUNG_FRAMES)
+                for r in ladder.rows[start:]:
+                    r.update(frame=size, pinning=pinning)
+                if s:
+                    summary.add(frame=size, pinning=pinning, **s)
+                    sums[(size, pinning, c.name)] = s
+            print(f"   ... {size}-byte frames, {pinning}: done", file=sys.stderr, flush=True)
+        drains = {}
+        for pinning in ("split", "shared"):
+            cpu, rps = PINNINGS[pinning]
+            set_rps(pair, rps)
+            for c in (Tcpdump(pair, cpu, DRAIN_RING), Lpd(pair, cpu, DRAIN_RING),
+                      Lpd(pair, cpu, DRAIN_RING, rules_file)):
+                row = drain_capacity(pair, gens[64], c, drain)
+                if row:
+                    row["pinning"] = pinning
+                    drains[(pinning, c.name)] = row
+    for (size, pinning, name), s in sums.items():
+        ref = sums.get((size, pinning, "tcpdump"))
+        if name == "tcpdump" or not ref:
+            continue
+        d, dref = drains.get((pinning, name)), drains.get((pinning, "tcpdump"))
+        ratios.add(frame=size, pinning=pinning, consumer=name, **{
+            "zero-loss pps ratio": ratio(s["zero-loss pps"], ref["zero-loss pps"]),
+            "cpu s/M ratio": ratio(s["cpu s/M"], ref["cpu s/M"]),
+            "drain Mfps/core ratio": ratio(d and d.get("Mfps/core"), dref and dref.get("Mfps/core"))
+            if size == 64 else None})
+    for t in (ladder, summary, drain, ratios):
+        for r in t.rows:
+            r.pop("_cpu", None)
+        t.show()
+        results.setdefault("live", []).append(t.to_json())
+
+
+def ratio(a, b):
+    return a / b if a and b else None
+
+
+###############################################################################
+# main ########################################################################
+###############################################################################
+
+def main(argv=None):
+    global LPD
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--offline", action="store_true", help="only the in-process part")
+    ap.add_argument("--live", action="store_true", help="only the live part (root)")
+    ap.add_argument("--quick", action="store_true", help="smaller counts (smoke run)")
+    ap.add_argument("--lpd", default=LPD_PATH, help="lpd.py to measure (default: the repo's)")
+    args = ap.parse_args(argv)
+    LPD = os.path.abspath(args.lpd)
+    do_offline, do_live = not args.live or args.offline, not args.offline or args.live
+    netns.exit_on_signals()
+    started = time.monotonic()
+    info = machine_info()
+    results = {"machine": info, "lpd": LPD, "quick": args.quick}
+    print("lpd bench - " + ", ".join(f"{k}: {v}" for k, v in info.items()))
+    lpd = import_lpd(LPD)
+    info["lpd_version"] = getattr(lpd, "__version__", "?")
+    print(f"lpd {info['lpd_version']} ({LPD}) under {sys.executable}\n", flush=True)
+    try:
+        if do_offline:
+            run_offline(lpd, results, args.quick)
+        if do_live:
+            if os.geteuid() != 0:
+                raise SystemExit("the live part needs root (network namespaces); "
+                                 "run with --offline for the rest")
+            with tempfile.TemporaryDirectory(prefix="lpd-bench-") as workdir:
+                os.chmod(workdir, 0o755)
+                run_live(results, args.quick, workdir)
+    finally:
+        results["seconds"] = round(time.monotonic() - started, 1)
+        path = save_json(results)
+        print(f"total {results['seconds']} s; results in {os.path.relpath(path, REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Rules on a running lpd: known traffic on a veth pair, read back through the unix socket
+by real clients (Python and `nc -U`), reload with SIGHUP, and the kernel prefilter."""
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+import netns
+from test_daemon import Lpd, metrics, value, wait_for
+
+
+def read_socket(path, timeout=5):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    return b"".join(chunks).decode()
+
+
+def parse_lines(text):
+    rows = []
+    for line in text.splitlines():
+        rid, b, p = line.rsplit(":", 2)
+        rows.append((rid, int(b), int(p)))
+    return rows
+
+
+@pytest.fixture
+def pair():
+    with netns.Pair() as p:
+        yield p
+
+
+RULES = """\
+# bpfcountd format; lpd's fixes: comments, blank lines, trimming, CRLF
+udp4;udp and ip\r
+
+to-b ; dst host 10.199.0.2
+icmp;icmp
+v6;ip6 and udp
+big;greater 1000
+in;inbound and (udp or icmp)
+out;outbound and (udp or icmp)
+me;ether src $MAC and (udp or icmp)
+both;${in} or ${out}"""            # no final newline: the last character stays
+
+
+def test_rule_counts_over_the_socket_in_file_order(pair, tmp_path):
+    rules = tmp_path / "veth.filters"
+    rules.write_text(RULES)
+    sock = str(tmp_path / "lpd.sock")
+    lpd = Lpd(pair, "--mapping-url", "none", "-f", str(rules), "-u", sock)
+    assert oct(os.stat(sock).st_mode & 0o777) == "0o660"
+    pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100, 1400])
+    pair.udp_send(pair.ns_b, pair.ip4_b, pair.ip4_a, [50])
+    pair.udp_send(pair.ns_a, pair.ip6_a, pair.ip6_b, [10])
+    assert pair.ping(pair.ns_a, pair.ip4_b)
+    f = netns.frame_len
+    expect = [
+        ("udp4", f(100) + f(1400) + f(50), 3),
+        ("to-b", f(100) + f(1400) + 98, 3),
+        ("icmp", 196, 2),
+        ("v6", f(10, True), 1),
+        ("big", f(1400), 1),
+        ("in", f(100) + f(1400) + f(10, True) + 98, 4),
+        ("out", f(50) + 98, 2),
+        ("me", f(50) + 98, 2),
+        ("both", f(100) + f(1400) + f(10, True) + 98 + f(50) + 98, 6),
+    ]
+    assert wait_for(lambda: parse_lines(read_socket(sock)) == expect, 5, 0.2), read_socket(sock)
+    nc = subprocess.run(["nc", "-U", sock], stdin=subprocess.DEVNULL, capture_output=True,
+                        text=True, timeout=10)
+    assert parse_lines(nc.stdout) == expect
+    assert nc.stdout.endswith("\n")
+    m = metrics(pair)
+    for rid, b, p in expect:
+        assert value(m, "lpd_rule_bytes_total", rule=rid) == b
+        assert value(m, "lpd_rule_packets_total", rule=rid) == p
+    assert lpd.stop() == 0
+    assert not os.path.exists(sock), "the socket file is removed on SIGTERM"
+
+
+def test_reload_keeps_unchanged_rules_and_survives_a_broken_file(pair, tmp_path):
+    rules = tmp_path / "veth.filters"
+    rules.write_text("udp4;udp and ip\nto-b;dst host 10.199.0.2\nicmp;icmp\n")
+    sock = str(tmp_path / "lpd.sock")
+    lpd = Lpd(pair, "--mapping-url", "none", "-f", str(rules), "-u", sock)
+    pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100])
+    one = netns.frame_len(100)
+    assert wait_for(lambda: parse_lines(read_socket(sock))[0] == ("udp4", one, 1), 5, 0.2)
+
+    rules.write_text("udp4;udp and ip\nto-b;dst host 10.199.0.1\ntcp;tcp\n")
+    lpd.proc.send_signal(signal.SIGHUP)
+    want = [("udp4", one, 1), ("to-b", 0, 0), ("tcp", 0, 0)]
+    assert wait_for(lambda: parse_lines(read_socket(sock)) == want, 5, 0.2), read_socket(sock)
+
+    rules.write_text("udp4;udp and ip\nbad;port nonsense-service\n")
+    lpd.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: "reload failed" in lpd.stderr(), 5)
+    line = [x for x in lpd.stderr().splitlines() if "reload failed" in x][0]
+    assert f"{rules}:2:" in line
+    pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100])
+    assert wait_for(lambda: parse_lines(read_socket(sock)) ==
+                    [("udp4", 2 * one, 2), ("to-b", 0, 0), ("tcp", 0, 0)], 5, 0.2)
+
+
+def test_prefilter_swap_on_reload_loses_no_packet(pair, tmp_path):
+    rules = tmp_path / "veth.filters"
+    rules.write_text("# no rules yet: the kernel program cuts frames to the headers\n")
+    sock = str(tmp_path / "lpd.sock")
+    lpd = Lpd(pair, "--mapping-url", "none", "-F", "udp", "-f", str(rules), "-u", sock,
+              "--local-net", "10.199.0.0/24")
+    n = 20000
+    sender = threading.Thread(target=pair.udp_send, args=(pair.ns_a, pair.ip4_a, pair.ip4_b, [18] * n))
+    sender.start()
+    time.sleep(0.05)
+    rules.write_text("udp4;udp\n")                   # the kernel program changes (full frames)
+    lpd.proc.send_signal(signal.SIGHUP)
+    sender.join(60)
+    want = n * netns.frame_len(18)
+    assert wait_for(lambda: value(metrics(pair), "lpd_receive_bytes_total",
+                                  local_ip=pair.ip4_b, nic=pair.if_b) == want, 10, 0.3)
+    assert "reloaded" in lpd.stderr()
+    assert value(metrics(pair), "lpd_capture_drops_total", nic=pair.if_b) == 0
+
+
+def test_kernel_prefilter_sees_vlan_tags_and_direction(pair):
+    """-F compiles for the kernel: the tag is stripped there, so `vlan` must use the
+    ancillary loads; only matching frames may reach lpd at all."""
+    lpd = Lpd(pair, "--mapping-url", "none", "-F", "vlan 7 or (outbound and icmp)",
+              "--local-net", "10.199.0.0/24")
+    m0 = metrics(pair)
+    frames = [netns.udp_frame(pair.mac_a, pair.mac_b, pair.ip4_a, pair.ip4_b, 100,
+                              vlans=[(netns.ETH_P_8021Q, vid)]) for vid in (7, 8, 7)]
+    plain = netns.udp_frame(pair.mac_a, pair.mac_b, pair.ip4_a, pair.ip4_b, 100)
+    pair.inject(pair.ns_a, pair.if_a, frames + [plain])
+    assert pair.ping(pair.ns_a, pair.ip4_b)       # the request is inbound: only the reply passes
+    lbl = {"nic": pair.if_b}
+    got = lambda: value(metrics(pair), "lpd_capture_packets_total", **lbl) - \
+        value(m0, "lpd_capture_packets_total", **lbl)
+    assert wait_for(lambda: got() == 3, 5, 0.2), got()
+    m = metrics(pair)
+    assert value(m, "lpd_receive_bytes_total", local_ip=pair.ip4_b, **lbl) == 2 * 100
+    assert value(m, "lpd_transmit_bytes_total", local_ip=pair.ip4_b, **lbl) == 98
+    assert lpd.stop() == 0
