@@ -499,7 +499,8 @@ VLAN_TPIDS = frozenset((0x8100, 0x88A8, 0x9100))    # 802.1Q, 802.1ad, old QinQ
 VLAN_TAG = struct.Struct("!HH")
 U16BE = struct.Struct("!H")
 IPV4_HDR = struct.Struct("!BxH8xII")                 # version/IHL, total length, src, dst
-IPV6_HDR = struct.Struct("!B3xH2xQQQQ")              # version, payload length, src, dst
+IPV6_HDR = struct.Struct("!B3xH2x16s16s")            # version, payload length, src, dst
+ETH_IPV4_HDR = struct.Struct("!12xHBxH8xII")         # ethertype, then IPV4_HDR
 
 # Why a frame was not attributed to an address: lpd_packets_malformed_total{reason}.
 MALFORMED_REASONS = (
@@ -576,6 +577,9 @@ IPPROTO = dict(icmp=1, igmp=2, igrp=9, tcp=6, udp=17, icmpv6=58, ah=51, esp=50, 
 ISO_PROTO = dict(clnp=0x81, esis=0x82, isis=0x83)
 ISIS_PDU = dict(l1_iih=15, l2_iih=16, ptp_iih=17, l1_lsp=18, l2_lsp=20, l1_csnp=24,
                 l2_csnp=25, l1_psnp=26, l2_psnp=27)
+LLC_S_TYPES = dict(rr=0x01, rnr=0x05, rej=0x09)
+LLC_U_TYPES = dict(ui=0x03, ua=0x63, disc=0x43, dm=0x0f, sabme=0x6f, test=0xe3, xid=0xaf,
+                   frmr=0x87)
 # After 'pppoes' the link layer is PPP; libpcap maps Ethernet types to PPP protocols.
 PPP_OF_ETHERTYPE = {0x0800: 0x0021, 0x86dd: 0x0057, 0x6003: 0x0027, 0x809b: 0x0029,
                     0x0600: 0x0025, 0xfe: 0x0023, 0x42: 0x0031, 0xe0: 0x002b}
@@ -890,7 +894,7 @@ class _Gen:
         self.off_linkpl = _Offset(14)
         self.off_nl, self.off_nl_nosnap = 0, 3
         self.label_stack_depth = self.vlan_stack_depth = 0
-        self.is_vlan_vloffset = False
+        self.is_vlan_vloffset = self.is_geneve = False
         self.no_optimize = False
         self.regused, self.curreg = [False] * BPF_MEMWORDS, 0
         self.col = 1            # where errors are reported
@@ -1026,9 +1030,6 @@ class _Gen:
     def true(self):
         return self.uncond(1)
 
-    def false(self):
-        return self.uncond(0)
-
     def retblk(self, v):
         return _Block(BPF_RET | BPF_K, v)
 
@@ -1103,9 +1104,27 @@ class _Gen:
         gen_and(b0, b1)
         return b1
 
-    def need_ethernet(self, what):
-        if self.linktype != EN10MB:
-            self.error(f"{what} not supported on {self.linktype} (after 'pppoes')")
+    def llc_type(self, name):
+        """'llc i|s|u' and 'llc <S or U frame type>': tests on the LLC control byte."""
+        name_l = name.lower()
+        if name_l == "i":
+            b0 = self.llc()
+            b1 = _Block(_jmp(BPF_JSET), 0x01, self.load_a("llc", 2, BPF_B))
+            gen_not(b1)
+            gen_and(b0, b1)
+            return b1
+        if name_l in ("s", "u"):
+            value, mask = (1 if name_l == "s" else 3), 0x03
+        elif name_l in LLC_S_TYPES:
+            value, mask = LLC_S_TYPES[name_l], 0x0f
+        elif name_l in LLC_U_TYPES:
+            value, mask = LLC_U_TYPES[name_l], 0xef
+        else:
+            self.error(f'unknown LLC type name "{name}"')
+        b0 = self.llc()
+        b1 = self.mcmp("llc", 2, BPF_B, value, mask)
+        gen_and(b0, b1)
+        return b1
 
     # -- addresses -----------------------------------------------------------
     def _dir_error(self, d, what):
@@ -1335,23 +1354,22 @@ class _Gen:
         """'port' (lo None) or 'portrange' over IPv4 or IPv6; ipproto None = tcp/udp/sctp."""
         if lo is not None and lo > hi:
             lo, hi = hi, lo
-        result = None
-        for tran, ethertype in (("tran_ipv4", ETHERTYPE["ip"]), ("tran_ipv6", ETHERTYPE["ip6"])):
-            b0 = self.linktype_test(ethertype)
-            if ipproto is not None:
-                b1 = self.portop(tran, lo, hi, ipproto, d)
-            else:
-                tmp = self.portop(tran, lo, hi, IPPROTO["tcp"], d)
-                b1 = self.portop(tran, lo, hi, IPPROTO["udp"], d)
-                gen_or(tmp, b1)
-                tmp = self.portop(tran, lo, hi, IPPROTO["sctp"], d)
-                gen_or(tmp, b1)
-            gen_and(b0, b1)
-            if result is None:
-                result = b1
-            else:
-                gen_or(b1, result)
+        result = self.port_over("tran_ipv4", lo, hi, ipproto, d)
+        gen_or(self.port_over("tran_ipv6", lo, hi, ipproto, d), result)
         return result
+
+    def port_over(self, tran, lo, hi, ipproto, d):
+        b0 = self.linktype_test(ETHERTYPE["ip" if tran == "tran_ipv4" else "ip6"])
+        if ipproto is not None:
+            b1 = self.portop(tran, lo, hi, ipproto, d)
+        else:
+            tmp = self.portop(tran, lo, hi, IPPROTO["tcp"], d)
+            b1 = self.portop(tran, lo, hi, IPPROTO["udp"], d)
+            gen_or(tmp, b1)
+            tmp = self.portop(tran, lo, hi, IPPROTO["sctp"], d)
+            gen_or(tmp, b1)
+        gen_and(b0, b1)
+        return b1
 
     def protochain(self, v, proto):
         """Follow IPv6 extension headers and AH up to protocol v (a loop: no optimiser)."""
@@ -1555,7 +1573,7 @@ class _Gen:
         if proto in (DEFAULT, "link"):
             if self.linktype != EN10MB:
                 self.error("not a broadcast link")
-            return self.ehostop(b"\xff" * 6, "dst")
+            return self.link_host(b"\xff" * 6, "dst")
         if proto == "ip":
             # lpd, like libpcap without an interface, does not know the netmask.
             self.error("netmask not known, so 'ip broadcast' not supported")
@@ -1565,7 +1583,11 @@ class _Gen:
         if proto in (DEFAULT, "link"):
             if self.linktype != EN10MB:
                 self.error("link-layer multicast filters supported only on ethernet")
-            return _Block(_jmp(BPF_JSET), 1, self.load_a("linkhdr", 0, BPF_B))
+            b0 = _Block(_jmp(BPF_JSET), 1, self.load_a("linkhdr", 0, BPF_B))
+            tmp = self.prevlinkhdr_check()
+            if tmp is not None:
+                gen_and(tmp, b0)
+            return b0
         if proto == "ip":
             b0 = self.linktype_test(ETHERTYPE["ip"])
             b1 = self.cmp_ge("linkpl", 16, BPF_B, 224)
@@ -1671,6 +1693,89 @@ class _Gen:
         self.label_stack_depth += 1
         return b0
 
+    def geneve(self, vni):
+        """'geneve [vni]': UDP port 6081; later primitives look inside the tunnel, at
+        offsets computed at run time (libpcap then skips the optimiser)."""
+        if vni is not None and vni > 0xffffff:
+            self.error(f"Geneve VNI {vni} greater than maximum 16777215")
+        b0 = self.geneve_check("tran_ipv4", vni)
+        s = self.loadx_iphdrlen() + [_Stmt(BPF_MISC | BPF_TXA)]
+        b1 = _Block(BPF_JMP | BPF_JEQ | BPF_X, 0, s)
+        gen_and(b0, b1)
+        v4 = b1
+        b0 = self.geneve_check("tran_ipv6", vni)
+        s = self.abs_offset_varpart(self.off_linkpl)
+        if s is not None:
+            s += [_Stmt(BPF_LD | BPF_IMM, 40), _Stmt(BPF_ALU | BPF_ADD | BPF_X)]
+        else:
+            s = [_Stmt(BPF_LD | BPF_IMM, 40)]
+        b1 = _Block(BPF_JMP | BPF_JEQ | BPF_X, 0, s + [_Stmt(BPF_MISC | BPF_TAX)])
+        gen_and(b0, b1)
+        gen_or(v4, b1)
+        b0 = b1
+        b1 = self.true()
+        b1.stmts = self.geneve_offsets() + b1.stmts
+        gen_and(b0, b1)
+        self.is_geneve = True
+        return b1
+
+    def geneve_check(self, tran, vni):
+        b0 = self.port_over(tran, None, 6081, IPPROTO["udp"], "dst")
+        b1 = self.mcmp(tran, 8, BPF_B, 0, 0xc0)         # version 0
+        gen_and(b0, b1)
+        b0 = b1
+        if vni is not None:
+            b1 = self.mcmp(tran, 12, BPF_W, vni << 8, 0xffffff00)
+            gen_and(b0, b1)
+            b0 = b1
+        return b0
+
+    def geneve_offsets(self):
+        """Statements that, with A at the UDP header, store the inner link-layer offsets;
+        the inner frame is Ethernet (type 0x6558) or bare IP."""
+        S = _Stmt
+        s = [S(BPF_ALU | BPF_ADD | BPF_K, self.off_linkpl.constant_part + self.off_nl + 8),
+             S(BPF_MISC | BPF_TAX), S(BPF_ALU | BPF_ADD | BPF_K, 2)]
+        self.off_linktype = _Offset(0, True, self.alloc_reg())
+        s += [S(BPF_ST, self.off_linktype.reg), S(BPF_LD | BPF_IND | BPF_B, 0),
+              S(BPF_ALU | BPF_AND | BPF_K, 0x3f), S(BPF_ALU | BPF_MUL | BPF_K, 4),
+              S(BPF_ALU | BPF_ADD | BPF_K, 8), S(BPF_ALU | BPF_ADD | BPF_X)]
+        self.push_linkhdr(EN10MB, _Offset(0, True, self.alloc_reg()))
+        s.append(S(BPF_ST, self.off_linkhdr.reg))
+        self.no_optimize = True
+        txa, proto = S(BPF_MISC | BPF_TXA), S(_jmp(BPF_JEQ), 0x6558)
+        s += [S(BPF_LD | BPF_IND | BPF_H, 2), S(BPF_LDX | BPF_MEM, self.off_linkhdr.reg), proto,
+              txa, S(BPF_ALU | BPF_ADD | BPF_K, 12), S(BPF_ST, self.off_linktype.reg),
+              S(BPF_ALU | BPF_ADD | BPF_K, 2), S(BPF_MISC | BPF_TAX)]
+        self.off_linkpl = _Offset(0, True, self.alloc_reg())
+        stx = S(BPF_STX, self.off_linkpl.reg)
+        s.append(stx)
+        proto.jt, proto.jf = txa, stx
+        self.off_nl = 0
+        return s
+
+    def push_linkhdr(self, linktype, off):
+        self.prevlinktype, self.linktype = self.linktype, linktype
+        self.off_prevlinkhdr = self.off_linkhdr
+        self.off_linkhdr = off
+        self.is_geneve = False
+
+    def prevlinkhdr_check(self):
+        """Inside Geneve, link-layer tests apply only when the inner frame is Ethernet."""
+        if not self.is_geneve:
+            return None
+        b0 = _Block(BPF_JMP | BPF_JEQ | BPF_X, 0, [_Stmt(BPF_LD | BPF_MEM, self.off_linkhdr.reg),
+                                                  _Stmt(BPF_LDX | BPF_MEM, self.off_linkpl.reg)])
+        gen_not(b0)
+        return b0
+
+    def link_host(self, eaddr, d):
+        b = self.ehostop(eaddr, d)
+        tmp = self.prevlinkhdr_check()
+        if tmp is not None:
+            gen_and(tmp, b)
+        return b
+
     def pppoed(self):
         return self.linktype_test(ETHERTYPE["pppoed"])
 
@@ -1684,9 +1789,7 @@ class _Gen:
             b0 = b1
         # Everything after this is inside the PPP frame of the session.
         pl = self.off_linkpl
-        self.prevlinktype, self.linktype = self.linktype, PPP
-        self.off_prevlinkhdr = self.off_linkhdr
-        self.off_linkhdr = _Offset(pl.constant_part + self.off_nl + 6, pl.is_variable, pl.reg)
+        self.push_linkhdr(PPP, _Offset(pl.constant_part + self.off_nl + 6, pl.is_variable, pl.reg))
         self.off_linktype = self.off_linkhdr.copy()
         pl.constant_part = self.off_linkhdr.constant_part + 2
         self.off_nl = self.off_nl_nosnap = 0
@@ -1723,7 +1826,7 @@ class _Gen:
                 eaddr = _ether_hostton(name)
                 if eaddr is None:
                     self.error(f"unknown ether host '{name}'")
-                return self.ehostop(eaddr, d)
+                return self.link_host(eaddr, d)
             if proto == "decnet":
                 self.error(f"decnet name support not included, '{name}' cannot be translated")
             b = None
@@ -1883,7 +1986,7 @@ class _Gen:
         if q[2] in ("host", DEFAULT) and q[0] == "link":
             if self.linktype != EN10MB:
                 self.error("ethernet addresses supported only on ethernet")
-            return self.ehostop(_ether_aton(s), q[1])
+            return self.link_host(_ether_aton(s), q[1])
         self.error("ethernet address used in non-ether expression")
 
 
@@ -1903,10 +2006,11 @@ def _atoin(s):
 
 
 def _atodn(s):
-    m = re.fullmatch(r"(\d+)\.(\d+)", s)
-    if not m or int(m.group(1)) > 63 or int(m.group(2)) > 1023:
+    """__pcap_atodn(): sscanf("%d.%d") of area.node, masked into 16 bits."""
+    m = re.match(r"\s*([-+]?\d+)\.\s*([-+]?\d+)", s)
+    if not m:
         return None
-    return (int(m.group(1)) << 10) | int(m.group(2))
+    return ((int(m.group(1)) << 10) & 0o176000) | (int(m.group(2)) & 0o1777)
 
 
 def _ether_aton(s):
@@ -2049,18 +2153,19 @@ class _Parser:
         self.g.col = tok.col
 
     def attempt(self, *alternatives):
-        """Try productions in turn (each may consume tokens and generate code);
-        a syntax error rewinds the tokens and the compiler state."""
+        """Try productions in turn (each may consume tokens and generate code); an
+        error rewinds the tokens and the compiler state.  yacc, deciding with
+        lookahead, would not have run the failed alternative's actions at all."""
         start, state, errors = self.i, self.g.snapshot(), []
         for alt in alternatives:
             try:
                 return alt()
-            except _Syntax as e:
+            except FilterError as e:
                 errors.append(e)
                 self.i = start
                 self.g.restore(state)
                 state = self.g.snapshot()
-        raise max(errors, key=lambda e: e.col)
+        raise max(errors, key=lambda e: (e.col, not isinstance(e, _Syntax)))
 
     def matching_paren(self):
         """Index of the token after the ')' closing the '(' at the current token."""
@@ -2088,9 +2193,9 @@ class _Parser:
             self.fail("'and', 'or' or the end of the expression")
         return b
 
-    def parse_expr(self):
+    def parse_expr(self, q=QERR):
         """expr: term | expr and term | expr and id | expr or term | expr or id"""
-        b, q = self.parse_term(QERR, allow_id=False)
+        b, q = self.parse_term(q, allow_id=False)
         while self.peek().kind in ("AND", "OR"):
             op = self.take().kind
             b2, q = self.parse_term(q, allow_id=True)
@@ -2135,7 +2240,7 @@ class _Parser:
                     self.toks[self.matching_paren()].kind in _ARITH:
                 return self.parse_relation(), QERR
             self.take()
-            b, _ = self.parse_expr()
+            b, _ = self.parse_expr(q)
             self.expect(")", "')' or 'and'/'or'")
             return b, q     # yacc: $$.q = $1.q, the qualifiers from before '('
         if kind in ("NUM", "LEN", "-"):
@@ -2356,12 +2461,13 @@ class _Parser:
             self.take()
             self.take()
             inst = self.parse_arth()
-            size = 1
+            size, where = 1, tok
             if self.peek().kind == ":":
                 self.take()
-                size = self.expect("NUM", "a size (1, 2 or 4) after ':'").value
+                where = self.expect("NUM", "a size (1, 2 or 4) after ':'")
+                size = where.value
             self.expect("]", "']'")
-            self.at(tok)
+            self.at(where)
             return self.g.load(tok.value, inst, size)
         self.fail("a number, 'len' or a packet access like 'ip[0]'")
 
@@ -2399,23 +2505,26 @@ class _Parser:
         if kind == "IFINDEX":
             return g.ifindex(self.expect("NUM", "an interface index after 'ifindex'").value)
         if kind in ("VLAN", "MPLS", "PPPOES", "GENEVE"):
-            n = None
+            n, where = None, tok
             if self.peek().kind in ("NUM", "("):
+                where = self.peek()
                 n = self.parse_pnum()
-            self.at(tok)
+            self.at(where)
             if kind == "VLAN":
                 return g.vlan(n)
             if kind == "MPLS":
                 return g.mpls(n)
             if kind == "PPPOES":
                 return g.pppoes(n)
-            g.error("'geneve' is not supported by lpd")
+            return g.geneve(n)
         if kind == "PPPOED":
             return g.pppoed()
         if kind == "LLC":
-            if self.peek().kind in ("ID",) or self.peek().text == "rnr":
+            nxt = self.peek()
+            if nxt.kind == "ID" or nxt.text == "rnr":      # 'rnr' lexes as a keyword
                 self.take()
-                g.error("'llc' with a frame type is not supported by lpd")
+                self.at(nxt)
+                return g.llc_type(nxt.text if nxt.kind != "ID" else nxt.value)
             return g.llc()
         if kind in ("TYPE", "SUBTYPE", "DIR"):
             g.error("802.11 link-layer types supported only on 802.11")
@@ -2520,7 +2629,10 @@ def compile_filter(expr, kernel=False, snaplen=262144, optimize=True):
     kernel=True: as an AF_PACKET socket filter sees it (outer VLAN tag in metadata).
     Raises FilterError for every expression libpcap 1.10 rejects."""
     gen = _Gen(kernel, snaplen)
-    b = _Parser(expr, gen).parse_prog()
+    try:
+        b = _Parser(expr, gen).parse_prog()
+    except RecursionError:
+        raise FilterError("expression nested too deeply", 1) from None
     root = gen.retblk(snaplen) if b is None else gen.finish(b)
     if optimize and not gen.no_optimize:
         root = _Optimizer(root).run()
@@ -2600,6 +2712,642 @@ def format_program(prog, level=1):
     if level == 2:
         return "".join(f"{{ 0x{c:x}, {t}, {f}, 0x{k:08x} }},\n" for c, t, f, k in prog)
     return "".join(_image(insn, n) + "\n" for n, insn in enumerate(prog))
+
+###############################################################################
+# Optimiser (optimize.c): value numbering within blocks, constant folding,
+# dead-store elimination and branch threading over edge dominators, repeated to
+# a fixed point; then identical blocks are merged.  It is part of the semantics:
+# a load whose result no longer matters is dropped, so a frame too short for it
+# is still accepted, exactly as libpcap's optimised program accepts it.
+
+_A_ATOM, _X_ATOM, _N_ATOMS = BPF_MEMWORDS, BPF_MEMWORDS + 1, BPF_MEMWORDS + 2
+_AX_ATOM = _N_ATOMS
+_VAL_UNKNOWN = 0
+
+
+def _atomuse(s):
+    c = s.code
+    if c == NOP:
+        return -1
+    cls = c & 0x07
+    if cls == BPF_RET:
+        return _A_ATOM if c & 0x18 == BPF_A else _X_ATOM if c & 0x18 == BPF_X else -1
+    if cls in (BPF_LD, BPF_LDX):
+        mode = c & 0xe0
+        return _X_ATOM if mode == BPF_IND else s.k if mode == BPF_MEM else -1
+    if cls == BPF_ST:
+        return _A_ATOM
+    if cls == BPF_STX:
+        return _X_ATOM
+    if cls in (BPF_JMP, BPF_ALU):
+        return _AX_ATOM if c & BPF_X else _A_ATOM
+    return _X_ATOM if c & 0xf8 == BPF_TXA else _A_ATOM      # BPF_MISC
+
+
+def _atomdef(s):
+    c = s.code
+    if c == NOP:
+        return -1
+    cls = c & 0x07
+    if cls in (BPF_LD, BPF_ALU):
+        return _A_ATOM
+    if cls == BPF_LDX:
+        return _X_ATOM
+    if cls in (BPF_ST, BPF_STX):
+        return s.k
+    if cls == BPF_MISC:
+        return _X_ATOM if c & 0xf8 == BPF_TAX else _A_ATOM
+    return -1
+
+
+def _bits(x):
+    while x:
+        low = x & -x
+        yield low.bit_length() - 1
+        x ^= low
+
+
+class _Optimizer:
+    def __init__(self, root):
+        self.root = root
+        self.blocks = []
+        # Number the blocks depth first, true branch first, as libpcap does.
+        for b in _reachable(root):
+            b.id = len(self.blocks)
+            self.blocks.append(b)
+        n = len(self.blocks)
+        self.edges = [None] * (2 * n)
+        for b in self.blocks:
+            b.et.id, b.ef.id = b.id, n + b.id
+            self.edges[b.id], self.edges[n + b.id] = b.et, b.ef
+            b.et.pred = b.ef.pred = b
+
+    def error(self, reason):
+        raise FilterError(reason, 1)
+
+    def run(self):
+        self.loop(False)
+        self.loop(True)
+        self.intern_blocks()
+        return self.opt_root()
+
+    # -- the flow graph ------------------------------------------------------
+    def find_levels(self):
+        """Level = longest path to a return; levels[i] lists blocks as libpcap links them."""
+        levels = [[] for _ in self.blocks]
+        for b in _postorder(self.root, first_false=False):
+            if b.et.succ is not None:
+                b.level = max(b.et.succ.level, b.ef.succ.level) + 1
+            else:
+                b.level = 0
+            levels[b.level].insert(0, b)
+        self.levels = levels
+
+    def by_level(self, lowest=0):
+        for level in range(self.root.level, lowest - 1, -1):
+            yield from self.levels[level]
+
+    def find_dom(self):
+        allset = (1 << len(self.blocks)) - 1
+        for b in self.blocks:
+            b.dom = allset
+        self.root.dom = 0
+        for b in self.by_level():
+            b.dom |= 1 << b.id
+            if b.et.succ is not None:
+                b.et.succ.dom &= b.dom
+                b.ef.succ.dom &= b.dom
+
+    def find_edom(self):
+        allset = (1 << len(self.edges)) - 1
+        for e in self.edges:
+            e.edom = allset
+        self.root.et.edom = self.root.ef.edom = 0
+        for b in self.by_level():
+            for ep in (b.et, b.ef):
+                ep.edom |= 1 << ep.id
+                if ep.succ is not None:
+                    ep.succ.et.edom &= ep.edom
+                    ep.succ.ef.edom &= ep.edom
+
+    def find_ud(self):
+        """Which registers each block uses before defining, and needs on exit."""
+        for b in self.by_level():
+            use = defs = kill = 0
+            for s in b.stmts + ([b.s] if b.s.code & 0x07 == BPF_JMP else []):
+                atom = _atomuse(s)
+                if atom == _AX_ATOM:
+                    for a in (_X_ATOM, _A_ATOM):
+                        if not defs >> a & 1:
+                            use |= 1 << a
+                elif atom >= 0:
+                    if not defs >> atom & 1:
+                        use |= 1 << atom
+                if s is b.s:
+                    continue
+                atom = _atomdef(s)
+                if atom >= 0:
+                    if not use >> atom & 1:
+                        kill |= 1 << atom
+                    defs |= 1 << atom
+            b.kill, b.in_use, b.out_use = kill, use, 0
+        for level in range(1, self.root.level + 1):
+            for b in self.levels[level]:
+                b.out_use |= b.et.succ.in_use | b.ef.succ.in_use
+                b.in_use |= b.out_use & ~b.kill
+
+    def find_inedges(self):
+        for b in self.blocks:
+            b.in_edges = None
+        for level in range(self.root.level, 0, -1):
+            for b in self.levels[level]:
+                for ep in (b.et, b.ef):
+                    ep.next = ep.succ.in_edges
+                    ep.succ.in_edges = ep
+
+    # -- value numbering -----------------------------------------------------
+    def init_val(self):
+        self.curval = 0
+        self.vtable = {}
+        self.const = {}
+
+    def F(self, code, v0, v1):
+        key = (code, v0, v1)
+        val = self.vtable.get(key)
+        if val is None:
+            self.curval += 1
+            val = self.vtable[key] = self.curval
+            if code & 0xe0 == BPF_IMM and code & 0x07 in (BPF_LD, BPF_LDX):
+                self.const[val] = v0
+        return val
+
+    def K(self, k):
+        return self.F(BPF_LD | BPF_IMM | BPF_W, k & 0xffffffff, 0)
+
+    def changed(self):
+        self.non_branch_movement_performed = True
+        self.done = False
+
+    def vstore(self, s, val, atom, newval, alter):
+        if alter and newval != _VAL_UNKNOWN and val[atom] == newval:
+            s.code = NOP
+        else:
+            val[atom] = newval
+
+    def fold_op(self, s, v0, v1):
+        a, b = self.const[v0], self.const[v1]
+        op = s.code & 0xf0
+        if op == BPF_ADD:
+            a += b
+        elif op == BPF_SUB:
+            a -= b
+        elif op == BPF_MUL:
+            a *= b
+        elif op == BPF_DIV:
+            if b == 0:
+                self.error("division by zero")
+            a //= b
+        elif op == BPF_MOD:
+            if b == 0:
+                self.error("modulus by zero")
+            a %= b
+        elif op == BPF_AND:
+            a &= b
+        elif op == BPF_OR:
+            a |= b
+        elif op == BPF_XOR:
+            a ^= b
+        elif op == BPF_LSH:
+            a = a << b if b < 32 else 0
+        elif op == BPF_RSH:
+            a = a >> b if b < 32 else 0
+        s.k = a & 0xffffffff
+        s.code = BPF_LD | BPF_IMM
+        self.changed()
+
+    def opt_stmt(self, s, val, alter):
+        """Symbolically execute s, updating val; with alter, simplify s too."""
+        c = s.code
+        cls, mode = c & 0x07, c & 0xe0
+        const = self.const
+        if cls == BPF_LD and mode == BPF_ABS:
+            self.vstore(s, val, _A_ATOM, self.F(c, s.k, 0), alter)
+        elif cls == BPF_LD and mode == BPF_IND:
+            v = val[_X_ATOM]
+            if alter and v in const:
+                s.code = BPF_LD | BPF_ABS | (c & 0x18)
+                s.k = (s.k + const[v]) & 0xffffffff
+                v = self.F(s.code, s.k, 0)
+                self.changed()
+            else:
+                v = self.F(c, s.k, v)
+            self.vstore(s, val, _A_ATOM, v, alter)
+        elif c == BPF_LD | BPF_LEN:
+            self.vstore(s, val, _A_ATOM, self.F(c, 0, 0), alter)
+        elif c == BPF_LD | BPF_IMM:
+            self.vstore(s, val, _A_ATOM, self.K(s.k), alter)
+        elif c == BPF_LDX | BPF_IMM:
+            self.vstore(s, val, _X_ATOM, self.K(s.k), alter)
+        elif c == BPF_LDX | BPF_MSH | BPF_B:
+            self.vstore(s, val, _X_ATOM, self.F(c, s.k, 0), alter)
+        elif c == BPF_ALU | BPF_NEG:
+            if alter and val[_A_ATOM] in const:
+                s.code = BPF_LD | BPF_IMM
+                s.k = (-const[val[_A_ATOM]]) & 0xffffffff
+                val[_A_ATOM] = self.K(s.k)
+            else:
+                val[_A_ATOM] = self.F(c, val[_A_ATOM], 0)
+        elif cls == BPF_ALU and c & BPF_X == BPF_K and c & 0xf0 in _ALU_NAMES:
+            op = c & 0xf0
+            if alter:
+                if s.k == 0:
+                    # 'sub #0' stays: the peephole pass needs it.
+                    if op in (BPF_ADD, BPF_LSH, BPF_RSH, BPF_OR, BPF_XOR):
+                        s.code = NOP
+                        return
+                    if op in (BPF_MUL, BPF_AND):
+                        s.code = BPF_LD | BPF_IMM
+                        val[_A_ATOM] = self.K(s.k)
+                        return
+                    if op == BPF_DIV:
+                        self.error("division by zero")
+                    if op == BPF_MOD:
+                        self.error("modulus by zero")
+                if val[_A_ATOM] in const:
+                    self.fold_op(s, val[_A_ATOM], self.K(s.k))
+                    val[_A_ATOM] = self.K(s.k)
+                    return
+            val[_A_ATOM] = self.F(c, val[_A_ATOM], self.K(s.k))
+        elif cls == BPF_ALU and c & BPF_X and c & 0xf0 in _ALU_NAMES:
+            op = c & 0xf0
+            if alter and val[_X_ATOM] in const:
+                if val[_A_ATOM] in const:
+                    self.fold_op(s, val[_A_ATOM], val[_X_ATOM])
+                    val[_A_ATOM] = self.K(s.k)
+                else:
+                    s.code = BPF_ALU | BPF_K | op
+                    s.k = const[val[_X_ATOM]]
+                    if op in (BPF_LSH, BPF_RSH) and s.k > 31:
+                        self.error("shift by more than 31 bits")
+                    self.changed()
+                    val[_A_ATOM] = self.F(s.code, val[_A_ATOM], self.K(s.k))
+                return
+            if alter and const.get(val[_A_ATOM], 1) == 0:
+                if op in (BPF_ADD, BPF_OR, BPF_XOR):
+                    s.code = BPF_MISC | BPF_TXA
+                    self.vstore(s, val, _A_ATOM, val[_X_ATOM], alter)
+                    return
+                if op in (BPF_MUL, BPF_DIV, BPF_MOD, BPF_AND, BPF_LSH, BPF_RSH):
+                    s.code = BPF_LD | BPF_IMM
+                    s.k = 0
+                    self.vstore(s, val, _A_ATOM, self.K(s.k), alter)
+                    return
+            val[_A_ATOM] = self.F(c, val[_A_ATOM], val[_X_ATOM])
+        elif c == BPF_MISC | BPF_TXA:
+            self.vstore(s, val, _A_ATOM, val[_X_ATOM], alter)
+        elif c in (BPF_LD | BPF_MEM, BPF_LDX | BPF_MEM):
+            v = val[s.k]
+            if alter and v in const:
+                s.code = BPF_LD | BPF_IMM if c == BPF_LD | BPF_MEM else BPF_LDX | BPF_IMM
+                s.k = const[v]
+                self.changed()
+            self.vstore(s, val, _A_ATOM if c == BPF_LD | BPF_MEM else _X_ATOM, v, alter)
+        elif c == BPF_MISC | BPF_TAX:
+            self.vstore(s, val, _X_ATOM, val[_A_ATOM], alter)
+        elif c == BPF_ST:
+            self.vstore(s, val, s.k, val[_A_ATOM], alter)
+        elif c == BPF_STX:
+            self.vstore(s, val, s.k, val[_X_ATOM], alter)
+
+    def opt_peep(self, b):
+        stmts = b.stmts
+        if not stmts:
+            return
+        n = len(stmts)
+
+        def this_op(i):
+            while i < n and stmts[i].code == NOP:
+                i += 1
+            return i if i < n else None
+
+        last = stmts[0]
+        i = 0
+        while True:
+            i = this_op(i)
+            if i is None:
+                break
+            j = this_op(i + 1)
+            if j is None:
+                break
+            s, nxt = stmts[i], stmts[j]
+            last = nxt
+            i_next = j
+            # st M[k]; ldx M[k]  ->  st M[k]; tax
+            if s.code == BPF_ST and nxt.code == BPF_LDX | BPF_MEM and s.k == nxt.k:
+                self.changed()
+                nxt.code = BPF_MISC | BPF_TAX
+            # ld #k; tax  ->  ldx #k; txa
+            if s.code == BPF_LD | BPF_IMM and nxt.code == BPF_MISC | BPF_TAX:
+                s.code = BPF_LDX | BPF_IMM
+                nxt.code = BPF_MISC | BPF_TXA
+                self.changed()
+            # ld #k; [ldxms]; add x; tax; ld [x+j]  ->  [ldxms]; ld [x+j+k]  (tcp[k] etc.)
+            if s.code == BPF_LD | BPF_IMM and not b.out_use >> _X_ATOM & 1:
+                add_i = j if nxt.code != BPF_LDX | BPF_MSH | BPF_B else this_op(j + 1)
+                if add_i is None or stmts[add_i].code != BPF_ALU | BPF_ADD | BPF_X:
+                    i = i_next
+                    continue
+                tax_i = this_op(add_i + 1)
+                if tax_i is None or stmts[tax_i].code != BPF_MISC | BPF_TAX:
+                    i = i_next
+                    continue
+                ild_i = this_op(tax_i + 1)
+                if ild_i is None or stmts[ild_i].code & 0x07 != BPF_LD or \
+                        stmts[ild_i].code & 0xe0 != BPF_IND:
+                    i = i_next
+                    continue
+                stmts[ild_i].k = (stmts[ild_i].k + s.k) & 0xffffffff
+                s.code = stmts[add_i].code = stmts[tax_i].code = NOP
+                self.changed()
+            i = i_next
+        const = self.const
+        if b.s.code == _jmp(BPF_JEQ) and not b.out_use >> _A_ATOM & 1:
+            if last.code == BPF_ALU | BPF_SUB | BPF_X:
+                val = b.val[_X_ATOM]
+                if val in const:
+                    # sub x; jeq #y  ->  jeq #(x+y)
+                    b.s.k = (b.s.k + const[val]) & 0xffffffff
+                    last.code = NOP
+                    self.changed()
+                elif b.s.k == 0:
+                    # sub x; jeq #0  ->  jeq x
+                    last.code = NOP
+                    b.s.code = BPF_JMP | BPF_JEQ | BPF_X
+                    self.changed()
+            elif last.code == BPF_ALU | BPF_SUB | BPF_K:
+                last.code = NOP
+                b.s.k = (b.s.k + last.k) & 0xffffffff
+                self.changed()
+            elif last.code == BPF_ALU | BPF_AND | BPF_K and b.s.k == 0:
+                # and #k; jeq #0  ->  jset #k, branches swapped
+                b.s.k = last.k
+                b.s.code = _jmp(BPF_JSET)
+                last.code = NOP
+                self.changed()
+                b.et.succ, b.ef.succ = b.ef.succ, b.et.succ
+        if b.s.code == _jmp(BPF_JSET):
+            if b.s.k == 0:
+                b.et.succ = b.ef.succ
+            if b.s.k == 0xffffffff:
+                b.ef.succ = b.et.succ
+        val = b.val[_X_ATOM]
+        if val in const and b.s.code & BPF_X:
+            b.s.code &= ~BPF_X
+            b.s.k = const[val]
+        val = b.val[_A_ATOM]
+        if val in const and not b.s.code & BPF_X:
+            v, k, op = const[val], b.s.k, b.s.code & 0xf0
+            if op == BPF_JEQ:
+                v = v == k
+            elif op == BPF_JGT:
+                v = v > k
+            elif op == BPF_JGE:
+                v = v >= k
+            elif op == BPF_JSET:
+                v &= k
+            else:
+                raise AssertionError(op)
+            if b.ef.succ is not b.et.succ:
+                self.changed()
+            if v:
+                b.ef.succ = b.et.succ
+            else:
+                b.et.succ = b.ef.succ
+
+    def opt_deadstores(self, b):
+        last = [None] * _N_ATOMS
+
+        def deadstmt(s):
+            atom = _atomuse(s)
+            if atom >= 0:
+                if atom == _AX_ATOM:
+                    last[_X_ATOM] = last[_A_ATOM] = None
+                else:
+                    last[atom] = None
+            atom = _atomdef(s)
+            if atom >= 0:
+                if last[atom] is not None:
+                    self.changed()
+                    last[atom].code = NOP
+                last[atom] = s
+
+        for s in b.stmts:
+            deadstmt(s)
+        deadstmt(b.s)
+        for atom in range(_N_ATOMS):
+            if last[atom] is not None and not b.out_use >> atom & 1:
+                last[atom].code = NOP
+                self.changed()
+
+    def opt_blk(self, b, do_stmts):
+        p = b.in_edges
+        if p is None:
+            b.val = [0] * _N_ATOMS
+        else:
+            # Registers keep a value number only where all predecessors agree.
+            b.val = list(p.pred.val)
+            p = p.next
+            while p is not None:
+                pv = p.pred.val
+                for i in range(_N_ATOMS):
+                    if b.val[i] != pv[i]:
+                        b.val[i] = 0
+                p = p.next
+        aval, xval = b.val[_A_ATOM], b.val[_X_ATOM]
+        for s in b.stmts:
+            self.opt_stmt(s, b.val, do_stmts)
+        if do_stmts and ((b.out_use == 0 and aval != _VAL_UNKNOWN and b.val[_A_ATOM] == aval
+                          and xval != _VAL_UNKNOWN and b.val[_X_ATOM] == xval)
+                         or b.s.code & 0x07 == BPF_RET):
+            if b.stmts:
+                b.stmts = []
+                self.changed()
+        else:
+            self.opt_peep(b)
+            self.opt_deadstores(b)
+        b.oval = self.K(b.s.k) if not b.s.code & BPF_X else b.val[_X_ATOM]
+        b.et.code = b.s.code
+        b.ef.code = -b.s.code
+
+    # -- branches ------------------------------------------------------------
+    @staticmethod
+    def use_conflict(b, succ):
+        use = succ.out_use
+        return any(b.val[atom] != succ.val[atom] for atom in _bits(use) if atom < _N_ATOMS)
+
+    @staticmethod
+    def fold_edge(child, ep):
+        """Where child goes when entered along ep, if the test on ep decides it."""
+        code, sense = (ep.code, True) if ep.code >= 0 else (-ep.code, False)
+        if child.s.code != code:
+            return None
+        if child.val[_A_ATOM] != ep.pred.val[_A_ATOM]:
+            return None
+        if child.oval == ep.pred.oval:
+            return child.et.succ if sense else child.ef.succ
+        if sense and code == _jmp(BPF_JEQ):
+            return child.ef.succ
+        return None
+
+    def opt_j(self, ep):
+        succ = ep.succ
+        if succ.et.succ is None:
+            return
+        if succ.et.succ is succ.ef.succ and not self.use_conflict(ep.pred, succ.et.succ):
+            self.changed()
+            ep.succ = succ.et.succ
+        while True:
+            for k in _bits(ep.edom):
+                target = self.fold_edge(ep.succ, self.edges[k])
+                if target is not None and not self.use_conflict(ep.pred, target):
+                    self.done = False
+                    ep.succ = target
+                    if target.et.succ is not None:
+                        break
+                    return
+            else:
+                return
+
+    def pullup(self, b, branch):
+        """or_pullup (branch 'et') / and_pullup ('ef'): hoist a repeated test of the
+        same value to the top of a chain of tests that all lead to the same place."""
+        other = "ef" if branch == "et" else "et"
+        ep = b.in_edges
+        if ep is None:
+            return
+        val = ep.pred.val[_A_ATOM]
+        e = ep.next
+        while e is not None:
+            if e.pred.val[_A_ATOM] != val:
+                return
+            e = e.next
+        pred = b.in_edges.pred
+        diffp = pred.et if pred.et.succ is b else pred.ef
+        at_top = True
+        target = getattr(b, branch).succ
+        while True:
+            d = diffp.succ
+            if d is None or getattr(d, branch).succ is not target or not d.dom >> b.id & 1:
+                return
+            if d.val[_A_ATOM] != val:
+                break
+            diffp = getattr(d, other)
+            at_top = False
+        samep = getattr(diffp.succ, other)
+        while True:
+            d = samep.succ
+            if d is None or getattr(d, branch).succ is not target or not d.dom >> b.id & 1:
+                return
+            if d.val[_A_ATOM] == val:
+                break
+            samep = getattr(d, other)
+        pull = samep.succ
+        samep.succ = getattr(pull, other).succ
+        getattr(pull, other).succ = diffp.succ
+        if at_top:
+            e = b.in_edges
+            while e is not None:
+                if e.pred.et.succ is b:
+                    e.pred.et.succ = pull
+                else:
+                    e.pred.ef.succ = pull
+                e = e.next
+        else:
+            diffp.succ = pull
+        self.done = False
+
+    def opt_blks(self, do_stmts):
+        self.init_val()
+        self.find_inedges()
+        for b in self.by_level():
+            self.opt_blk(b, do_stmts)
+        if do_stmts:
+            return      # moving branches now could not change anything
+        for level in range(1, self.root.level + 1):
+            for b in self.levels[level]:
+                self.opt_j(b.et)
+                self.opt_j(b.ef)
+        self.find_inedges()
+        for level in range(1, self.root.level + 1):
+            for b in self.levels[level]:
+                self.pullup(b, "et")
+                self.pullup(b, "ef")
+
+    def loop(self, do_stmts):
+        loop_count = 0
+        while True:
+            self.done = True
+            self.non_branch_movement_performed = False
+            self.find_levels()
+            self.find_dom()
+            self.find_ud()
+            self.find_edom()
+            self.opt_blks(do_stmts)
+            if self.done:
+                break
+            # Branch movement alone can cycle; libpcap gives up after 100 rounds.
+            if self.non_branch_movement_performed:
+                loop_count = 0
+            else:
+                loop_count += 1
+                if loop_count >= 100:
+                    break
+
+    # -- clean-up ------------------------------------------------------------
+    def intern_blocks(self):
+        """Merge blocks that are equal (same statements, test and successors)."""
+        def key(b):
+            return (b.s.code, b.s.k, id(b.et.succ), id(b.ef.succ),
+                    tuple((s.code, s.k) for s in b.stmts if s.code != NOP))
+        while True:
+            live = {id(b) for b in _reachable(self.root)}
+            for b in self.blocks:
+                b.link = None
+            n = len(self.blocks)
+            first = {}
+            for i in range(n - 1, -1, -1):
+                b = self.blocks[i]
+                if id(b) not in live:
+                    continue
+                kb = key(b)
+                j = first.get(kb)
+                if j is not None:
+                    later = self.blocks[j]
+                    b.link = later.link if later.link is not None else later
+                first[kb] = i
+            done = True
+            for b in self.blocks:
+                if b.et.succ is None:
+                    continue
+                if b.et.succ.link is not None:
+                    done = False
+                    b.et.succ = b.et.succ.link
+                if b.ef.succ.link is not None:
+                    done = False
+                    b.ef.succ = b.ef.succ.link
+            if done:
+                return
+
+    def opt_root(self):
+        b = self.root
+        s = b.stmts
+        b.stmts = []
+        while b.s.code & 0x07 == BPF_JMP and b.et.succ is b.ef.succ:
+            b = b.et.succ
+        b.stmts = s + b.stmts
+        if b.s.code & 0x07 == BPF_RET:
+            b.stmts = []
+        return b
 # <<< wip:filter_compiler
 
 
@@ -2957,6 +3705,23 @@ def _statement(insn, bound_a, bound_x, cache=None):
     return _REJECT
 
 
+def _alu_bound(op, bound_a, bound_v, by_x, k):
+    """Upper bound of A op v (possibly >= 2**32, meaning the result needs a mask)."""
+    if op == BPF_ADD:
+        return bound_a + bound_v
+    if op == BPF_MUL:
+        return bound_a * bound_v
+    if op == BPF_LSH:           # by K < 32 here; by X handled by the caller
+        return bound_a << k
+    if op == BPF_SUB:
+        return bound_a if not by_x and k == 0 else 1 << 33
+    if op == BPF_AND:
+        return min(bound_a, bound_v)
+    if op in (BPF_OR, BPF_XOR):
+        return (1 << max(bound_a, bound_v).bit_length()) - 1
+    return bound_a              # DIV, MOD, RSH never grow A
+
+
 def _alu_statement(code, k, bound_a, bound_x):
     op = code & 0xF0
     if code == BPF_ALU | BPF_NEG:
@@ -2972,16 +3737,9 @@ def _alu_statement(code, k, bound_a, bound_x):
         return "A", "({a} << X) & 0xffffffff if X < 32 else 0", _U32
     if op in (BPF_DIV, BPF_MOD) and not by_x and k == 0:
         return _REJECT
-    bound = {BPF_ADD: bound_a + bound_v, BPF_MUL: bound_a * bound_v,
-             BPF_LSH: bound_a << (k if not by_x else 0), BPF_SUB: 1 << 33,
-             BPF_OR: max(bound_a, bound_v) * 2, BPF_XOR: max(bound_a, bound_v) * 2,
-             }.get(op, bound_a)
-    if op == BPF_SUB and not by_x and k == 0:
-        bound = bound_a
-    if op == BPF_AND:
-        bound = min(bound_a, bound_v)
+    bound = _alu_bound(op, bound_a, bound_v, by_x, k)
     if op in (BPF_DIV, BPF_MOD, BPF_RSH, BPF_AND, BPF_OR, BPF_XOR):
-        return "A", f"{{a}} {_ALU_OPS[op]} {v}", min(bound, _U32)
+        return "A", f"{{a}} {_ALU_OPS[op]} {v}", bound
     if bound <= _U32:
         return "A", f"{{a}} {_ALU_OPS[op]} {v}", bound
     return "A", f"({{a}} {_ALU_OPS[op]} {v}) & 0xffffffff", _U32
@@ -3105,20 +3863,66 @@ def _uses_x(prog):
                for code, _, _, _ in prog)
 
 
-def _register_init(prog, indent):
-    """Zero the registers and scratch words a program may read before writing."""
-    names = [f"m{i}" for i in _scratch_used(prog)]
-    if _uses_x(prog):
-        names.insert(0, "X")
-    names.insert(0, "A")
-    return [f"{indent}{' = '.join(names)} = 0"]
+def _reads_writes(insn):
+    """(registers read, registers written) by one instruction: 'A', 'X', 'm0'..'m15'."""
+    code, _, _, k = insn
+    cls, mem = code & 0x07, f"m{k}"
+    uses_x = bool(code & BPF_X) if cls in (BPF_ALU, BPF_JMP) else \
+        cls == BPF_LD and code & 0xE0 == BPF_IND
+    reads = {"X"} if uses_x else set()
+    if cls == BPF_LD:
+        return reads | ({mem} if code == BPF_LD | BPF_MEM else set()), {"A"}
+    if cls == BPF_LDX:
+        return ({mem} if code == BPF_LDX | BPF_MEM else set()), {"X"}
+    if cls in (BPF_ST, BPF_STX):
+        return {"A" if cls == BPF_ST else "X"}, {mem}
+    if cls == BPF_ALU:
+        return reads | {"A"}, {"A"}
+    if cls == BPF_JMP:
+        return (reads | {"A"}) if code != BPF_JMP | BPF_JA else set(), set()
+    if cls == BPF_RET:
+        return ({"A"} if code == BPF_RET | BPF_A else set()), set()
+    return ({"A"}, {"X"}) if code == BPF_MISC | BPF_TAX else ({"X"}, {"A"})
+
+
+def _read_before_written(prog):
+    """Registers some path may read before writing; they must start at 0.
+
+    Forward-only programs are in topological order, so one pass intersecting
+    what is definitely written on every incoming edge suffices; with backward
+    jumps every register the program mentions is zeroed.
+    """
+    everything = {"A", "X"} | {f"m{i}" for i in _scratch_used(prog)}
+    if _has_backward_jump(prog):
+        return everything
+    written, unset = [None] * len(prog), set()
+    written[0] = frozenset()
+    for pc, insn in enumerate(prog):
+        if written[pc] is None:
+            continue                                    # unreachable
+        reads, writes = _reads_writes(insn)
+        unset |= reads - written[pc]
+        after = written[pc] | writes
+        for t in _successors(prog, pc):
+            if 0 <= t < len(prog):
+                written[t] = after if written[t] is None else written[t] & after
+    return unset & everything
+
+
+def _register_init(prog, indent, all_state=False):
+    """Zero the registers and scratch words a program may read before writing
+    (all of them when helper functions are passed the whole state)."""
+    order = ["A", "X"] + [f"m{i}" for i in range(BPF_MEMWORDS)]
+    needed = _state_args(prog).split(", ")[1:] if all_state else _read_before_written(prog)
+    names = [r for r in order if r in needed]
+    return [f"{indent}{' = '.join(names)} = 0"] if names else []
 
 
 def _machine_lines(prog, leaf, depth):
     """A state machine for a program with backward jumps: one `if pc == n` per
     basic block inside a loop; backward jumps are counted and capped."""
-    leaders = {0} | {t for pc in range(len(prog)) for t in _successors(prog, pc)
-                     if 0 <= t < len(prog)}
+    jumps = [pc for pc in range(len(prog)) if prog[pc][0] & 0x07 == BPF_JMP]
+    leaders = {0} | {t for pc in jumps for t in _successors(prog, pc) if 0 <= t < len(prog)}
     leaders |= {pc + 1 for pc in range(len(prog)) if prog[pc][0] & 0x07 in (BPF_RET, BPF_JMP)}
     leaders = sorted(x for x in leaders if x < len(prog))
     ind = "    " * depth
@@ -3169,14 +3973,14 @@ def matcher_source(prog, name="match"):
     if not prog:
         return f"{_HEADER.format(name=name)}\n    return 0\n"
     body = [_HEADER.format(name=name)]
-    body += _register_init(prog, "    ") + ["    try:"]
     if _has_backward_jump(prog):
+        body += _register_init(prog, "    ") + ["    try:"]
         body += _machine_lines(prog, lambda v: f"return {v}", 2)
         helpers = []
     else:
         tree = _Tree(prog, lambda v: f"return {v}", f"_{name}_")
         tree.path(0, 2, entry=True)
-        body += tree.lines
+        body += _register_init(prog, "    ", bool(tree.helpers)) + ["    try:"] + tree.lines
         helpers = _helper_sources(tree, name)
     body += ["    except _REJECTS:", "        return 0"]
     return "\n".join(helpers + body) + "\n"
@@ -3207,6 +4011,67 @@ def make_matcher(prog):
     """Compile `prog` to a function f(data, wirelen, pkttype=0, vlan_tci=None) -> int
     returning exactly what bpf_interpret returns; f.source is its Python text."""
     return _compile(matcher_source(prog), "match", "matcher")
+
+
+def _shared_loads(progs):
+    """{(kind, size, k): local name} for absolute loads that two or more rules make."""
+    seen = {}
+    for prog in progs:
+        keys = set()
+        for code, _, _, k in prog:
+            if code & 0xE0 == BPF_ABS and code & 0x07 == BPF_LD and k < SKF_AD_OFF \
+                    and code & 0x18 in _SIZES:
+                keys.add(("ld", _SIZES[code & 0x18], k))
+            elif code == BPF_LDX | BPF_B | BPF_MSH:
+                keys.add(("msh", 1, k))
+        for key in keys:
+            seen[key] = seen.get(key, 0) + 1
+    letter = {("ld", 1): "b", ("ld", 2): "h", ("ld", 4): "w", ("msh", 1): "x"}
+    return {key: f"c_{letter[key[:2]]}{key[2]}" for key, n in sorted(seen.items()) if n > 1}
+
+
+def _rule_leaf(i):
+    def leaf(value):
+        if value == "0":
+            return "pass"
+        return f"hit({i})" if value.isdigit() else f"if {value}: hit({i})"
+    return leaf
+
+
+def rules_matcher_source(progs, name="match_rules"):
+    """Python source of the function make_rules_matcher builds (for debugging)."""
+    progs = [[tuple(int(v) for v in insn) for insn in prog] for prog in progs]
+    plain = [p for p in progs if p and not _has_backward_jump(p)]
+    cache = _shared_loads(plain)
+    helpers, body = [], [_HEADER.format(name=name), "    hits = []", "    hit = hits.append"]
+    if cache:
+        body.append(f"    {' = '.join(sorted(cache.values()))} = None")
+    for i, prog in enumerate(progs):
+        body.append(f"    # rule {i}")
+        if not prog:
+            continue
+        if _has_backward_jump(prog):
+            helpers.append(matcher_source(prog, f"_r{i}"))
+            body.append(f"    if _r{i}(data, wirelen, pkttype, vlan_tci):")
+            body.append(f"        hit({i})")
+            continue
+        tree = _Tree(prog, _rule_leaf(i), f"_r{i}_", cache=cache)
+        tree.path(0, 2, entry=True)
+        helpers += _helper_sources(tree, name)
+        body += _register_init(prog, "    ", bool(tree.helpers)) + ["    try:"] + tree.lines
+        body += ["    except _REJECTS:", "        pass"]
+    body.append("    return hits")
+    return "\n".join(helpers + body) + "\n"
+
+
+def make_rules_matcher(progs):
+    """One function f(data, wirelen, pkttype=0, vlan_tci=None) -> list of the indices
+    (ascending) of every program in `progs` that accepts the frame.
+
+    Equivalent to [i for i, p in enumerate(progs) if bpf_interpret(p, ...)], but
+    absolute loads several rules make are done once per frame; f.source is its text.
+    """
+    return _compile(rules_matcher_source(progs), "match_rules", "rules")
 # <<< wip:filter_matcher
 
 
@@ -3750,7 +4615,6 @@ class RuleSocketServer:
 
 TX_BYTES, TX_PACKETS, RX_BYTES, RX_PACKETS = range(4)
 LOCALITY_CACHE_MAX = 1 << 16      # remote addresses remembered as "not local"
-_MISS = object()
 
 
 def _prefixes(nets, version):
@@ -3779,18 +4643,21 @@ class Accounting:
         self.local_nets = list(nets)
         self._nets4, self._nets6 = _prefixes(nets, 4), _prefixes(nets, 6)
         for table, prefixes in ((self.hosts4, self._nets4), (self.hosts6, self._nets6)):
-            for addr in [a for a in table if not any(a & m == n for n, m in prefixes)]:
+            for addr in [a for a in table if not any(
+                    (a if type(a) is int else int.from_bytes(a, "big")) & m == n for n, m in prefixes)]:
                 del table[addr]
         self.cache4, self.cache6 = dict(self.hosts4), dict(self.hosts6)
 
     def _locate(self, addr, cache, table, prefixes):
-        """Slow path of the hot loop: first sight of an address."""
+        """Slow path of the hot loop: first sight of an address (an int for IPv4,
+        16 bytes for IPv6, whichever the loop unpacks cheapest)."""
         if len(cache) >= LOCALITY_CACHE_MAX + len(table):
             cache.clear()
             cache.update(table)
-        entry = None
+        value = addr if type(addr) is int else int.from_bytes(addr, "big")
+        entry = 0                               # remote: falsy, but not None (unseen)
         for net, mask in prefixes:
-            if addr & mask == net:
+            if value & mask == net:
                 entry = table[addr] = [0, 0, 0, 0]
                 break
         cache[addr] = entry
@@ -3808,14 +4675,18 @@ class Accounting:
         A byte is the frame's length as libpcap reports it: a VLAN tag the kernel
         stripped into the frame header counts its 4 bytes back in, and rules see the
         tag re-inserted, exactly like pcap_offline_filter on libpcap's capture.
+        Constants are literals and counters locals: each global or attribute lookup
+        here costs more than the arithmetic it guards.
         """
         frame_hdr = FRAME_HDR.unpack_from
+        eth_ip4 = ETH_IPV4_HDR.unpack_from
         u16 = U16BE.unpack_from
         ip4 = IPV4_HDR.unpack_from
         ip6 = IPV6_HDR.unpack_from
-        totals, malformed, tpids = self.totals, self.malformed, VLAN_TPIDS
+        malformed, tpids, tag = self.malformed, VLAN_TPIDS, VLAN_TAG.pack
         count, first = BLOCK_HDR.unpack_from(buf, base + BLOCK_HDR_OFF)
         pos = base + first
+        tx_b = tx_p = rx_b = rx_p = 0
         with self.lock:
             # Read under the lock: reload and set_local_nets swap these while holding it.
             cache4, cache6, hosts4, hosts6 = self.cache4, self.cache6, self.hosts4, self.hosts6
@@ -3823,48 +4694,53 @@ class Accounting:
             rules = self.rules
             if rules is not None:
                 match, rule_bytes, rule_packets = rules.match, rules.bytes, rules.packets
-            self.frames += count
             for _ in range(count):
                 nxt, caplen, flen, status, mac, tci, tpid, pkttype = frame_hdr(buf, pos)
                 p = pos + mac
-                end = p + caplen
+                pos += nxt
                 wl = flen
-                tagged = status & TP_STATUS_VLAN_VALID or tci
+                tagged = status & 0x10 or tci                # TP_STATUS_VLAN_VALID
                 if tagged:
                     wl += 4
-                if pkttype == PACKET_OUTGOING:
-                    totals[0] += wl
-                    totals[1] += 1
+                if pkttype == 4:                             # PACKET_OUTGOING
+                    tx_b += wl
+                    tx_p += 1
                 else:
-                    totals[2] += wl
-                    totals[3] += 1
+                    rx_b += wl
+                    rx_p += 1
+                end = p + caplen
                 if rules is not None:
                     if tagged:
-                        data = b"".join((buf[p:p + 12], VLAN_TAG.pack(
-                            tpid if status & TP_STATUS_VLAN_TPID_VALID else 0x8100, tci),
-                            buf[p + 12:end]))
+                        data = b"".join((buf[p:p + 12], tag(
+                            tpid if status & 0x40 else 0x8100, tci), buf[p + 12:end]))
                     else:
                         data = buf[p:end]
                     for i in match(data, wl, pkttype, tci if tagged else None):
                         rule_bytes[i] += wl
                         rule_packets[i] += 1
-                pos += nxt
-                if caplen < 14:
+                # Untagged IPv4, the common case, is one unpack: ethertype and header.
+                if caplen >= 34:
+                    et, vihl, tlen, src, dst = eth_ip4(buf, p)
+                elif caplen >= 14:
+                    et, vihl = u16(buf, p + 12)[0], -1
+                else:
                     malformed["truncated"] += 1
                     continue
-                et = u16(buf, p + 12)[0]
                 q = p + 14
-                while et in tpids:
-                    if q + 4 > end:
-                        et = -1
-                        break
-                    et = u16(buf, q + 2)[0]
-                    q += 4
+                if et in tpids:
+                    vihl = -1
+                    while et in tpids:
+                        if q + 4 > end:
+                            et = -1
+                            break
+                        et = u16(buf, q + 2)[0]
+                        q += 4
                 if et == 0x0800:
-                    if q + 20 > end:
-                        malformed["truncated"] += 1
-                        continue
-                    vihl, tlen, src, dst = ip4(buf, q)
+                    if vihl < 0:
+                        if q + 20 > end:
+                            malformed["truncated"] += 1
+                            continue
+                        vihl, tlen, src, dst = ip4(buf, q)
                     if vihl >> 4 != 4:
                         malformed["version"] += 1
                         continue
@@ -3874,45 +4750,62 @@ class Accounting:
                     if tlen < (vihl & 15) << 2 or q - p + tlen > flen:
                         malformed["length"] += 1
                         continue
-                    e = cache4.get(src, _MISS)
-                    if e is _MISS:
-                        e = locate(src, cache4, hosts4, nets4)
-                    if e is not None:
+                    # Cached: the counter list (local), 0 (remote) or None (unseen).
+                    e = cache4.get(src)
+                    if e:
                         e[0] += wl
                         e[1] += 1
-                    e = cache4.get(dst, _MISS)
-                    if e is _MISS:
-                        e = locate(dst, cache4, hosts4, nets4)
-                    if e is not None:
+                    elif e is None:
+                        e = locate(src, cache4, hosts4, nets4)
+                        if e:
+                            e[0] += wl
+                            e[1] += 1
+                    e = cache4.get(dst)
+                    if e:
                         e[2] += wl
                         e[3] += 1
+                    elif e is None:
+                        e = locate(dst, cache4, hosts4, nets4)
+                        if e:
+                            e[2] += wl
+                            e[3] += 1
                 elif et == 0x86DD:
                     if q + 40 > end:
                         malformed["truncated"] += 1
                         continue
-                    vtc, plen, sh, sl, dh, dl = ip6(buf, q)
+                    vtc, plen, src, dst = ip6(buf, q)
                     if vtc >> 4 != 6:
                         malformed["version"] += 1
                         continue
                     if q - p + 40 + plen > flen:
                         malformed["length"] += 1
                         continue
-                    src = sh << 64 | sl
-                    e = cache6.get(src, _MISS)
-                    if e is _MISS:
-                        e = locate(src, cache6, hosts6, nets6)
-                    if e is not None:
+                    e = cache6.get(src)
+                    if e:
                         e[0] += wl
                         e[1] += 1
-                    dst = dh << 64 | dl
-                    e = cache6.get(dst, _MISS)
-                    if e is _MISS:
-                        e = locate(dst, cache6, hosts6, nets6)
-                    if e is not None:
+                    elif e is None:
+                        e = locate(src, cache6, hosts6, nets6)
+                        if e:
+                            e[0] += wl
+                            e[1] += 1
+                    e = cache6.get(dst)
+                    if e:
                         e[2] += wl
                         e[3] += 1
+                    elif e is None:
+                        e = locate(dst, cache6, hosts6, nets6)
+                        if e:
+                            e[2] += wl
+                            e[3] += 1
                 elif et == -1:
                     malformed["truncated"] += 1
+            totals = self.totals
+            totals[0] += tx_b
+            totals[1] += tx_p
+            totals[2] += rx_b
+            totals[3] += rx_p
+            self.frames += count
 
     def host_counters(self):
         """[(ip_address, [tx_b, tx_p, rx_b, rx_p])] copied; call with the lock held."""

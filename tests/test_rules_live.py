@@ -135,8 +135,9 @@ def test_prefilter_swap_on_reload_loses_no_packet(pair, tmp_path):
 
 def test_kernel_prefilter_sees_vlan_tags_and_direction(pair):
     """-F compiles for the kernel: the tag is stripped there, so `vlan` must use the
-    ancillary loads; only matching frames may reach lpd at all."""
-    lpd = Lpd(pair, "--mapping-url", "none", "-F", "vlan 7 or (outbound and icmp)",
+    ancillary loads; only matching frames may reach lpd at all. (`vlan` shifts every
+    later offset, as in libpcap, so the direction test comes first.)"""
+    lpd = Lpd(pair, "--mapping-url", "none", "-F", "(outbound and icmp) or vlan 7",
               "--local-net", "10.199.0.0/24")
     m0 = metrics(pair)
     frames = [netns.udp_frame(pair.mac_a, pair.mac_b, pair.ip4_a, pair.ip4_b, 100,
