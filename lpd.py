@@ -356,6 +356,7 @@ RING_BLOCK_BYTES = 1 << 20
 # frame is counted, at high rates blocks fill long before (see README, Performance).
 RING_RETIRE_MS = 20
 SNAPLEN_ACCOUNTING = 128                   # Ethernet + stacked tags + IPv6 addresses
+SNAPLEN_FULL = 262144                      # libpcap's maximum
 
 
 def accept_all(snaplen):
@@ -873,8 +874,7 @@ class _Arth:
 
 
 DEFAULT = "default"
-Qual = tuple   # (proto, dir, addr)
-QERR = ("undef", "undef", "undef")
+QERR = ("undef", "undef", "undef")     # qualifiers: (proto, dir, addr)
 EN10MB, PPP = "Ethernet", "PPP"
 
 ###############################################################################
@@ -4610,6 +4610,85 @@ class RuleSocketServer:
 
 
 ###############################################################################
+# Snapshot length #############################################################
+###############################################################################
+
+U32_MAX = 0xFFFFFFFF
+_SNAP_LOAD_MAX = {0x00: U32_MAX, 0x08: 0xFFFF, 0x10: 0xFF}      # by BPF_SIZE: W, H, B
+_SNAP_LOAD_SIZE = {0x00: 4, 0x08: 2, 0x10: 1}
+
+
+def program_snaplen(prog, limit=SNAPLEN_FULL):
+    """The fewest leading bytes of a frame on which `prog` decides as on the whole frame.
+
+    Rules run in userspace on what the kernel copied; cutting frames to this length
+    instead of keeping them whole lets the ring hold several times more frames, with
+    no rule seeing a different byte. An abstract interpretation over the program's
+    forward-only jumps bounds A, X and M[] from above; a load at [X + k] is bounded by
+    the largest X can be. Returns `limit` where no bound below it can be proved (a
+    backward jump, as in libpcap's protochain loop, wraps k past the program's end).
+    """
+    n = len(prog)
+    states = [None] * (n + 1)                        # (A, X, M tuple) upper bounds per pc
+    states[0] = (0, 0, (0,) * 16)
+    need = 0
+
+    def merge(pc, st):
+        old = states[pc]
+        states[pc] = st if old is None else (max(old[0], st[0]), max(old[1], st[1]),
+                                             tuple(map(max, old[2], st[2])))
+
+    for pc, (code, jt, jf, k) in enumerate(prog):
+        st = states[pc]
+        if st is None:                               # unreachable
+            continue
+        a, x, mem = st
+        cls, mode, size = code & 0x07, code & 0xE0, code & 0x18
+        if cls in (0x00, 0x01):                      # ld, ldx
+            if mode == 0x00:                         # imm
+                v = k
+            elif mode == 0x60:                       # mem
+                v = mem[k & 15]
+            elif mode == 0x80:                       # len
+                v = limit
+            elif mode == 0xA0:                       # msh: 4*([k]&0xf)
+                need, v = max(need, k + 1), 60
+            elif k >= 0xFFFFF000 or (mode == 0x40 and x + k >= 0xFFFFF000):
+                v = U32_MAX                          # ancillary data, not frame bytes
+            else:
+                need = max(need, k + (x if mode == 0x40 else 0) + _SNAP_LOAD_SIZE[size])
+                v = _SNAP_LOAD_MAX[size]
+            if cls == 0x00:
+                a = v
+            else:
+                x = v
+        elif cls in (0x02, 0x03):                    # st, stx
+            mem = mem[:k & 15] + ((a if cls == 0x02 else x),) + mem[(k & 15) + 1:]
+        elif cls == 0x04:                            # alu (the matcher's bounds; neg and
+            op, by_x = code & 0xF0, bool(code & 0x08)  # a shift by X may reach any value)
+            a = U32_MAX if op == BPF_NEG or (op == BPF_LSH and by_x) else \
+                min(_alu_bound(op, a, x if by_x else k, by_x, k), U32_MAX)
+        elif cls == 0x07:                            # misc: tax / txa
+            if code & 0x80:
+                a = x
+            else:
+                x = a
+        if need >= limit:
+            return limit
+        if cls == 0x05:                              # jmp
+            if code & 0xF0 == 0x00:
+                if pc + 1 + k >= n:                  # a loop (libpcap's protochain): no bound
+                    return limit
+                merge(pc + 1 + k, (a, x, mem))
+            else:
+                merge(pc + 1 + jt, (a, x, mem))
+                merge(pc + 1 + jf, (a, x, mem))
+        elif cls != 0x06:                            # everything but ret falls through
+            merge(pc + 1, (a, x, mem))
+    return min(need, limit)
+
+
+###############################################################################
 # Accounting ##################################################################
 ###############################################################################
 
@@ -5061,7 +5140,6 @@ def make_http_server(host, port, registry):
 ###############################################################################
 
 LOG_ERR, LOG_WARNING, LOG_NOTICE, LOG_INFO, LOG_DEBUG = 3, 4, 5, 6, 7
-SNAPLEN_FULL = 262144
 INTERFACE_CHECK_PERIOD = 1.0
 
 
@@ -5133,8 +5211,9 @@ class Daemon:
         return RuleSet(parse_filter_file(self.opts.filter_file, interface_mac(self.ifname)))
 
     def kernel_program(self):
-        # Rules may read any byte; accounting alone needs only the headers.
-        snaplen = SNAPLEN_FULL if self.rules else SNAPLEN_ACCOUNTING
+        # The kernel copies only what accounting and the rules can read.
+        snaplen = max([SNAPLEN_ACCOUNTING] + [program_snaplen(p) for p in
+                                              (self.rules.progs if self.rules else ())])
         if self.opts.prefilter:
             return compile_filter(self.opts.prefilter, kernel=True, snaplen=snaplen)
         return accept_all(snaplen)
