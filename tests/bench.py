@@ -613,7 +613,7 @@ class Lpd(Consumer):
                 int(m.get("lpd_interface_receive_bytes_total", 0)))
 
 
-LPD = os.environ.get("LPD_DBG", LPD_PATH)
+LPD = LPD_PATH
 
 
 ###############################################################################
