@@ -780,7 +780,8 @@ class _Stmt:
     __slots__ = ("code", "k", "jt", "jf")
 
     def __init__(self, code, k=0):
-        self.code, self.k, self.jt, self.jf = code, k, None, None   # jt/jf: in-block jumps
+        # k is a u_int in libpcap: offsets like -2 wrap, and the optimiser must see that.
+        self.code, self.k, self.jt, self.jf = code, k & 0xffffffff, None, None
 
 
 class _Edge:
@@ -5387,7 +5388,8 @@ def replay(opts, out=sys.stdout):
     """-r FILE: the same block path as live capture, then a table of totals."""
     rules = None
     if opts.filter_file:
-        mac = interface_mac(opts.interface) if opts.interface else "00:00:00:00:00:00"
+        # $MAC names the capture interface's address: only with -i, never a made-up one.
+        mac = interface_mac(opts.interface) if opts.interface else None
         rules = RuleSet(parse_filter_file(opts.filter_file, mac))
     acct = Accounting(opts.local_nets or EVERY_ADDRESS, rules)
     frames = ((data, wirelen) for _, wirelen, data in read_pcap(opts.read_file))

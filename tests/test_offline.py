@@ -134,3 +134,31 @@ def test_non_ethernet_link_type_is_refused(tmp_path, capsys):
     write_pcap(path, [], linktype=101)
     assert lpd.main(["-r", str(path)]) == 78
     assert "link type 101 is not Ethernet" in capsys.readouterr().err
+
+
+RULE_EXPRS = ["ip", "ip6", "arp", "tcp", "udp", "icmp", "icmp6", "vlan", "mpls", "pppoes",
+              "tcp port 80", "udp port 53", "port 22 or port 23", "ip[6:2] & 0x1fff != 0",
+              "tcp[tcpflags] & (tcp-syn|tcp-fin) != 0", "greater 1000", "less 64",
+              "ether broadcast", "ether multicast", "ip multicast", "net 192.168.0.0/16",
+              "ip6 protochain 58", "portrange 1-1023", "ip proto 47", "sctp", "igmp",
+              "vlan and ip", "not ip and not ip6", "ether[0] & 1 = 0 and ip[8] > 32",
+              "icmp[icmptype] = icmp-echo"]
+
+
+@pytest.mark.skipif(not PCAPS, reason="corpus ../shared/corpus/pcaps absent")
+def test_rule_lines_on_the_corpus_equal_libpcap(tmp_path):
+    import libpcap_oracle as oracle
+    rules = tmp_path / "corpus.filters"
+    rules.write_text("".join(f"r{i};{e}\n" for i, e in enumerate(RULE_EXPRS)))
+    progs = [oracle.Program(e) for e in RULE_EXPRS]
+    for path in PCAPS:
+        text = replay(path, "-f", str(rules))
+        got = [line for line in text.splitlines() if line.startswith("r") and line.count(":") == 2]
+        want = [0, 0] * len(progs)
+        for wirelen, data in independent_records(path):
+            for i, p in enumerate(progs):
+                if p.filter(data, wirelen):
+                    want[2 * i] += wirelen
+                    want[2 * i + 1] += 1
+        assert got == [f"r{i}:{want[2 * i]}:{want[2 * i + 1]}" for i in range(len(progs))], \
+            os.path.basename(path)

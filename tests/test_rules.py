@@ -19,31 +19,6 @@ MAC = "02:00:00:00:00:01"
 OTHER = "02:00:00:00:00:02"
 BCAST = "ff:ff:ff:ff:ff:ff"
 
-# --- TEMPORARY: until the filter compiler and matcher sections land in lpd.py ----
-# Stand-ins backed by libpcap so these tests run today. Remove this block once
-# /work/wip/filter_compiler.py and filter_matcher.py are merged.
-if not hasattr(lpd, "compile_filter"):
-    class FilterError(Exception):
-        pass
-
-    def _standin_compile(expr, kernel=False, snaplen=262144):
-        try:
-            return oracle.compile(expr, snaplen=snaplen)
-        except oracle.OracleError as e:
-            raise FilterError(f"1:1: {e}") from None
-
-    lpd.FilterError = FilterError
-    lpd.compile_filter = _standin_compile
-if not hasattr(lpd, "make_rules_matcher"):
-    def _standin_matcher(progs):
-        progs = list(progs)
-
-        def match(data, wirelen, pkttype=0, vlan_tci=None):
-            return [i for i, p in enumerate(progs) if oracle.bpf_filter(p, data, wirelen)]
-        return match
-
-    lpd.make_rules_matcher = _standin_matcher
-# --- end TEMPORARY -----------------------------------------------------------------
 
 
 def parse(text, mac=MAC):
