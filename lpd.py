@@ -173,7 +173,11 @@ def read_pcap(path):
 
     Both byte orders, micro- and nanosecond magic; Ethernet link type only.
     """
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    with f:
         head = f.read(24)
         if len(head) < 24:
             raise ConfigError(f"{path}: not a pcap file (only {len(head)} header bytes)")
@@ -462,24 +466,18 @@ class Ring:
 
 
 def frames_to_blocks(frames, block_size=RING_BLOCK_BYTES, pkttype=PACKET_HOST):
-    """Lay (data, wirelen) frames out exactly as TPACKET_V3 ring blocks.
+    """Lay (data, wirelen) frames out exactly as TPACKET_V3 ring blocks, one block at a time.
 
     Offline replay and the benchmark push these through the same process_block()
     the live ring feeds, so there is one decode and accounting path.
     """
-    blocks, block, count, pos = [], bytearray(block_size), 0, 48
-
-    def close():
-        BLOCK_HDR.pack_into(block, BLOCK_HDR_OFF, count, 48)
-        U32.pack_into(block, BLOCK_STATUS_OFF, TP_STATUS_USER)
-        blocks.append(block)
-
+    block, count, pos = bytearray(block_size), 0, 48
     for data, wirelen in frames:
         need = (SYNTH_MAC_OFF + len(data) + 15) & ~15
         if need > block_size - 48:
             raise ValueError(f"frame of {len(data)} bytes does not fit a {block_size}-byte block")
         if pos + need > block_size:
-            close()
+            yield _close_block(block, count)
             block, count, pos = bytearray(block_size), 0, 48
         struct.pack_into("=I8xII4xH", block, pos, need, len(data), wirelen, SYNTH_MAC_OFF)
         block[pos + 58] = pkttype
@@ -487,8 +485,13 @@ def frames_to_blocks(frames, block_size=RING_BLOCK_BYTES, pkttype=PACKET_HOST):
         pos += need
         count += 1
     if count:
-        close()
-    return blocks
+        yield _close_block(block, count)
+
+
+def _close_block(block, count):
+    BLOCK_HDR.pack_into(block, BLOCK_HDR_OFF, count, 48)
+    U32.pack_into(block, BLOCK_STATUS_OFF, TP_STATUS_USER)
+    return block
 
 
 ###############################################################################
@@ -5409,7 +5412,8 @@ def replay(opts, out=sys.stdout):
 def dump_filter(opts, out=sys.stdout):
     """-d/-dd/-ddd EXPR: the program in tcpdump's formats."""
     prog = compile_filter(" ".join(opts.expression), kernel=opts.kernel)
-    out.write(format_program(prog, min(opts.dump, 3)) + "\n")
+    text = format_program(prog, min(opts.dump, 3))
+    out.write(text if text.endswith("\n") else text + "\n")
     return 0
 
 

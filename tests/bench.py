@@ -312,7 +312,7 @@ def offline_accounting(lpd, results, quick):
     n = SYNTH_FRAMES // (10 if quick else 1)
     synth = synthetic_frames(n)
     for name, frames in ((f"corpus ({skipped} files skipped)", corpus), ("synthetic mix", synth)):
-        blocks = lpd.frames_to_blocks(frames)
+        blocks = list(lpd.frames_to_blocks(frames))
         secs, acct = time_accounting(lpd, blocks)
         t.add(input=name, rules=0, frames=len(frames), **{
             "ns/frame": secs / len(frames) * 1e9, "Mframes/s": len(frames) / secs / 1e6,
@@ -324,7 +324,7 @@ def offline_accounting(lpd, results, quick):
     except AttributeError as e:
         t.add(input="bare block walk", rules="not available: " + one_line(e))
     rule_frames = synth[:RULE_FRAMES // (10 if quick else 1)]
-    blocks = lpd.frames_to_blocks(rule_frames)
+    blocks = list(lpd.frames_to_blocks(rule_frames))
     base, _ = time_accounting(lpd, blocks)
     for nrules in (1, 10, 50):
         try:
