@@ -5,10 +5,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "tests")
-# The repository's lpd.py first: never an installed copy.
 for path in (HERE, ROOT):
-    if path in sys.path:
-        sys.path.remove(path)
-    sys.path.insert(0, path)
+    if path not in sys.path:
+        sys.path.append(path)
 
 CORPUS = os.path.join(os.path.dirname(ROOT), "shared", "corpus", "pcaps")
