@@ -5,8 +5,10 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "tests")
+# The repository's lpd.py first: never an installed copy.
 for path in (HERE, ROOT):
-    if path not in sys.path:
-        sys.path.append(path)
+    if path in sys.path:
+        sys.path.remove(path)
+    sys.path.insert(0, path)
 
 CORPUS = os.path.join(os.path.dirname(ROOT), "shared", "corpus", "pcaps")
