@@ -2,35 +2,38 @@
 """lpd — per-address and per-rule network accounting from an AF_PACKET ring.
 
 One module, standard library plus prometheus_client. Sections, in dependency
-order: errors and options, capture, decode, filter compiler, accounting,
-exporters, daemon, main().
+order: errors, options, capture (pcap files, interfaces, the ring), decode,
+filter compiler (lexer, parser, code generators, optimiser, formatter), filter
+matcher, rules (filter files, the unix socket), snapshot length, accounting
+(the hot loop), exporters (NIC mapping, Prometheus), daemon, main().
 """
 import argparse
 import ctypes
 import errno
 import fcntl
+import functools
+import grp
 import ipaddress
 import json
 import mmap
 import os
+import re
 import select
+import selectors
 import signal
 import socket
+import stat
 import struct
 import sys
 import threading
 import time
+import traceback
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-import re
-import functools
-import grp
-import selectors
-import stat
 from contextlib import nullcontext
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import NamedTuple
-import traceback
+
 __version__ = "0.1.0"
 
 ###############################################################################
@@ -157,7 +160,7 @@ def parse_args(argv):
 
 
 ###############################################################################
-# Offline capture files #######################################################
+# Capture: pcap files #########################################################
 ###############################################################################
 
 # magic -> (byte order, timestamp divisor); the magic read as little-endian.
@@ -519,7 +522,6 @@ MALFORMED_REASONS = (
 # Filter compiler #############################################################
 ###############################################################################
 
-# >>> wip:filter_compiler
 # Classic BPF, as struct sock_filter / struct bpf_insn spell it. A program is a
 # list of (code, jt, jf, k) tuples.
 BPF_LD, BPF_LDX, BPF_ST, BPF_STX, BPF_ALU, BPF_JMP, BPF_RET, BPF_MISC = range(8)
@@ -538,7 +540,6 @@ SKF_AD_PROTOCOL, SKF_AD_PKTTYPE, SKF_AD_IFINDEX, SKF_AD_NLATTR = 0, 4, 8, 12
 SKF_AD_NLATTR_NEST, SKF_AD_MARK, SKF_AD_QUEUE, SKF_AD_HATYPE = 16, 20, 24, 28
 SKF_AD_RXHASH, SKF_AD_CPU, SKF_AD_ALU_XOR_X, SKF_AD_VLAN_TAG = 32, 36, 40, 44
 SKF_AD_VLAN_TAG_PRESENT, SKF_AD_PAY_OFFSET, SKF_AD_RANDOM, SKF_AD_VLAN_TPID = 48, 52, 56, 60
-PACKET_OUTGOING = 4                 # sll_pkttype of a frame this host sent
 
 
 def _cls(code):
@@ -3352,10 +3353,8 @@ class _Optimizer:
         if b.s.code & 0x07 == BPF_RET:
             b.stmts = []
         return b
-# <<< wip:filter_compiler
 
 
-# >>> wip:filter_matcher
 ###############################################################################
 # Filter matcher: running classic BPF in CPython ##############################
 ###############################################################################
@@ -3370,6 +3369,9 @@ class _Optimizer:
 #   - division or modulo by zero rejects; A and X are 32-bit unsigned;
 #   - BPF_LEN is the wire length; scratch memory M[0..15] starts at 0;
 #   - ja's k is sign-extended (libpcap compiles 'protochain' to a backward jump);
+#     after 65536 backward jumps the frame is rejected: libpcap's protochain
+#     step for AH sets X to the header length instead of adding it, so on some
+#     IPv6 chains libpcap's own interpreter never returns;
 #   - shifts by 32 or more give 0 (libpcap's rule for X; a K that large is
 #     refused by both libpcap's compiler and the kernel's checker);
 #   - an opcode libpcap's interpreter has no case for, a jump out of the
@@ -3380,19 +3382,6 @@ class _Optimizer:
 #     ("net: remove VLAN_TAG_PRESENT"); before that the kernel cleared bit 12,
 #     which it used as its own "present" flag.
 
-# Same values as the compiler section (deduplicated when merged).
-BPF_LD, BPF_LDX, BPF_ST, BPF_STX, BPF_ALU, BPF_JMP, BPF_RET, BPF_MISC = range(8)
-BPF_W, BPF_H, BPF_B = 0x00, 0x08, 0x10
-BPF_IMM, BPF_ABS, BPF_IND, BPF_MEM, BPF_LEN, BPF_MSH = 0x00, 0x20, 0x40, 0x60, 0x80, 0xa0
-BPF_ADD, BPF_SUB, BPF_MUL, BPF_DIV, BPF_OR, BPF_AND = 0x00, 0x10, 0x20, 0x30, 0x40, 0x50
-BPF_LSH, BPF_RSH, BPF_NEG, BPF_MOD, BPF_XOR = 0x60, 0x70, 0x80, 0x90, 0xa0
-BPF_JA, BPF_JEQ, BPF_JGT, BPF_JGE, BPF_JSET = 0x00, 0x10, 0x20, 0x30, 0x40
-BPF_K, BPF_X, BPF_A = 0x00, 0x08, 0x10
-BPF_TAX, BPF_TXA = 0x00, 0x80
-BPF_MEMWORDS = 16
-SKF_AD_OFF = 0xfffff000
-SKF_AD_PROTOCOL, SKF_AD_PKTTYPE, SKF_AD_IFINDEX = 0, 4, 8
-SKF_AD_VLAN_TAG, SKF_AD_VLAN_TAG_PRESENT = 44, 48
 
 _U32 = 0xFFFFFFFF
 _PKT_TYPE_MAX = 7           # the kernel masks skb->pkt_type with this
@@ -3400,8 +3389,8 @@ _PKT_TYPE_MAX = 7           # the kernel masks skb->pkt_type with this
 # 256 KiB walked in 8-byte headers needs 32768 turns of protochain's loop.
 _MAX_BACKWARD_JUMPS = 1 << 16
 
-_H = struct.Struct("!H").unpack_from
-_W = struct.Struct("!I").unpack_from
+_UNPACK_H = struct.Struct("!H").unpack_from
+_UNPACK_W = struct.Struct("!I").unpack_from
 
 
 def _skb_protocol(data):
@@ -3428,19 +3417,19 @@ def _ancillary(k, data, pkttype, vlan_tci):
     return None
 
 
-def _load(data, size, k):
+def _load_packet(data, size, k):
     """Big-endian load of `size` bytes at k, or None past the end (k may be huge)."""
     if k + size > len(data):
         return None
     if size == 1:
         return data[k]
-    return _H(data, k)[0] if size == 2 else _W(data, k)[0]
+    return _UNPACK_H(data, k)[0] if size == 2 else _UNPACK_W(data, k)[0]
 
 
-_SIZES = {BPF_W: 4, BPF_H: 2, BPF_B: 1}
+_LOAD_SIZES = {BPF_W: 4, BPF_H: 2, BPF_B: 1}
 
 
-def _alu(op, a, v):
+def _alu_result(op, a, v):
     """A op v for BPF_ALU (v is K or X); None for division by zero or unknown op."""
     if op == BPF_ADD:
         return (a + v) & _U32
@@ -3496,11 +3485,11 @@ def bpf_interpret(prog, data, wirelen, pkttype=0, vlan_tci=None):
             return a if code == BPF_RET | BPF_A else 0
         if cls == BPF_LD:
             mode, size = code & 0xE0, code & 0x18
-            if mode == BPF_ABS and size in _SIZES:
+            if mode == BPF_ABS and size in _LOAD_SIZES:
                 a = _ancillary(k, data, pkttype, vlan_tci) if k >= SKF_AD_OFF else \
-                    _load(data, _SIZES[size], k)
-            elif mode == BPF_IND and size in _SIZES:
-                a = _load(data, _SIZES[size], x + k)
+                    _load_packet(data, _LOAD_SIZES[size], k)
+            elif mode == BPF_IND and size in _LOAD_SIZES:
+                a = _load_packet(data, _LOAD_SIZES[size], x + k)
             elif code == BPF_LD | BPF_IMM:
                 a = k
             elif code == BPF_LD | BPF_W | BPF_LEN:
@@ -3530,7 +3519,7 @@ def bpf_interpret(prog, data, wirelen, pkttype=0, vlan_tci=None):
             if code == BPF_ALU | BPF_NEG:
                 a = -a & _U32
             else:
-                a = _alu(code & 0xF0, a, x if code & BPF_X else k)
+                a = _alu_result(code & 0xF0, a, x if code & BPF_X else k)
                 if a is None:
                     return 0
         elif cls == BPF_JMP:
@@ -3562,15 +3551,20 @@ def bpf_interpret(prog, data, wirelen, pkttype=0, vlan_tci=None):
 # if/elif/else: every path from the entry is straight-line code ending in a
 # `return`, with constants inlined and no dispatch at run time. A join point
 # reached from several places is duplicated into each, unless the copies would
-# grow too big; then it becomes a helper function the paths call (a call costs
-# about as much as four loads, so only big tails are worth it). Loads do no
+# grow too big; then it becomes a helper function the paths call (a Python call
+# costs about two packet loads, so only big tails are worth it). Loads do no
 # length check: indexing past the end raises IndexError, unpack_from raises
-# struct.error and a zero divisor raises ZeroDivisionError, and one zero-cost
-# `try` turns all three into "reject", exactly when bpf_filter would.
+# struct.error and a zero divisor raises ZeroDivisionError, and one `try`
+# (free until it fires, since Python 3.11) turns all three into "reject",
+# exactly when bpf_filter would.
 # Programs that jump backwards (libpcap's protochain) become a small state
-# machine instead. make_rules_matcher puts every rule into one function and
-# caches the absolute loads rules share ('ldh [12]' starts almost all of them)
-# in locals, so the 2nd..nth rule pays a None test instead of a load.
+# machine instead. make_rules_matcher puts every rule into one function: loads
+# several rules make (absolute ones, 'ldxb 4*([14]&0xf)' and the transport
+# header loads at [x + k] after it) are cached in locals, so the 2nd..nth rule
+# pays a None test instead of a load; and the ethertype is tested once, with
+# every rule specialised under each common value, which removes the rules that
+# cannot match a frame of that type (most of them, for ARP or IPv6 frames in an
+# IPv4 rule set) and the ethertype tests from the others.
 
 _REJECTS = (IndexError, struct.error, ZeroDivisionError)
 _DUP_BUDGET = 256           # instructions one join point may be copied into its paths
@@ -3580,13 +3574,41 @@ _FOLD_RUN = 3               # statements folded into one `elif (A := ...)` condi
 _JUMP_OPS = {BPF_JEQ: "==", BPF_JGT: ">", BPF_JGE: ">=", BPF_JSET: "&"}
 _ALU_OPS = {BPF_ADD: "+", BPF_SUB: "-", BPF_MUL: "*", BPF_DIV: "//", BPF_MOD: "%",
             BPF_OR: "|", BPF_AND: "&", BPF_XOR: "^", BPF_LSH: "<<", BPF_RSH: ">>"}
-_REJECT = object()          # a statement that rejects wherever it is reached
+_REJECT_STMT = object()          # a statement that rejects wherever it is reached
+
+
+_ANCILLARY_MNEMONICS = {SKF_AD_PROTOCOL: "proto", SKF_AD_PKTTYPE: "type", SKF_AD_IFINDEX: "ifidx",
+                    SKF_AD_VLAN_TAG: "vlan_tci", SKF_AD_VLAN_TAG_PRESENT: "vlan_avail"}
+_ALU_MNEMONICS = {BPF_ADD: "add", BPF_SUB: "sub", BPF_MUL: "mul", BPF_DIV: "div", BPF_MOD: "mod",
+              BPF_OR: "or", BPF_AND: "and", BPF_XOR: "xor", BPF_LSH: "lsh", BPF_RSH: "rsh"}
+_JUMP_MNEMONICS = {BPF_JEQ: "jeq", BPF_JGT: "jgt", BPF_JGE: "jge", BPF_JSET: "jset"}
 
 
 def _insn_text(insn):
-    """One instruction in roughly tcpdump -d notation, for the generated code's comments."""
-    code, jt, jf, k = insn
-    return f"code=0x{code:02x} jt={jt} jf={jf} k=0x{k:x}"
+    """One instruction in tcpdump -d style, for the generated code's comments."""
+    code, _, _, k = insn
+    cls, size = code & 0x07, {BPF_W: "", BPF_H: "h", BPF_B: "b"}.get(code & 0x18, "?")
+    mode, operand = code & 0xE0, "x" if code & BPF_X else f"#0x{k:x}"
+    if cls == BPF_RET:
+        return "ret a" if code & BPF_A else f"ret #{k}"
+    if cls in (BPF_LD, BPF_LDX):
+        op = "ld" if cls == BPF_LD else "ldx"
+        if mode == BPF_ABS and k >= SKF_AD_OFF:
+            return f"ld{size} #{_ANCILLARY_MNEMONICS.get(k - SKF_AD_OFF, hex(k))}"
+        return {BPF_ABS: f"{op}{size} [{k}]", BPF_IND: f"{op}{size} [x + {k}]",
+                BPF_IMM: f"{op} #0x{k:x}", BPF_MEM: f"{op} M[{k}]", BPF_LEN: f"{op} #pktlen",
+                BPF_MSH: f"ldxb 4*([{k}]&0xf)"}.get(mode, f"0x{code:x}")
+    if cls in (BPF_ST, BPF_STX):
+        return f"{'st' if cls == BPF_ST else 'stx'} M[{k}]"
+    if cls == BPF_ALU:
+        if code & 0xF0 == BPF_NEG:
+            return "neg"
+        return f"{_ALU_MNEMONICS.get(code & 0xF0, '?')} {operand}"
+    if cls == BPF_JMP:
+        if code & 0xF0 == BPF_JA:
+            return f"ja {k}"
+        return f"{_JUMP_MNEMONICS.get(code & 0xF0, '?')} {operand}"
+    return "tax" if code == BPF_MISC | BPF_TAX else "txa"
 
 
 def _jump_target(prog, pc):
@@ -3650,38 +3672,44 @@ _ANCILLARY_SRC = {
 }
 
 
-def _statement(insn, bound_a, bound_x, cache=None):
-    """(target, expression, bound) for a non-jump, non-return instruction, or _REJECT.
+def _statement(insn, bound_a, bound_x, cache=None, x_msh=None):
+    """(target, expression, bound) for a non-jump, non-return instruction, or _REJECT_STMT.
 
     The expression refers to the accumulator as '{a}' so runs of accumulator
     statements can be folded into one walrus expression. `bound_*` are upper
     bounds of A and X; an arithmetic result below 2**32 needs no mask. `cache`
-    maps (kind, k) of shareable loads to the local caching them.
+    maps shareable loads to the local caching them: ("ld", size, k) for
+    absolute loads, ("msh", 1, k) for 'ldxb 4*([k]&0xf)' and, when X is known
+    to hold that ('x_msh'), ("ind", x_msh, size, k) for loads at [x + k].
     """
     code, _, _, k = insn
     if code > 0xFF:
-        return _REJECT
-    cls, size = code & 0x07, _SIZES.get(code & 0x18)
+        return _REJECT_STMT
+    cls, size = code & 0x07, _LOAD_SIZES.get(code & 0x18)
     if cls == BPF_LD:
         mode = code & 0xE0
         if mode == BPF_ABS and size:
             if k >= SKF_AD_OFF:
                 src = _ANCILLARY_SRC.get(k - SKF_AD_OFF)
-                return _REJECT if src is None else ("A",) + src
+                return _REJECT_STMT if src is None else ("A",) + src
             expr = _load_expr(size, k)
             name = cache.get(("ld", size, k)) if cache else None
             if name:
                 expr = f"{name} if {name} is not None else ({name} := {expr})"
             return "A", expr, (1 << 8 * size) - 1
         if mode == BPF_IND and size:
-            return "A", _load_expr(size, f"X + {k}" if k else "X"), (1 << 8 * size) - 1
+            expr = _load_expr(size, f"X + {k}" if k else "X")
+            name = cache.get(("ind", x_msh, size, k)) if cache and x_msh is not None else None
+            if name:
+                expr = f"{name} if {name} is not None else ({name} := {expr})"
+            return "A", expr, (1 << 8 * size) - 1
         if code == BPF_LD | BPF_IMM:
             return "A", str(k), k
         if code == BPF_LD | BPF_W | BPF_LEN:
             return "A", "wirelen", _U32
         if code == BPF_LD | BPF_MEM and k < BPF_MEMWORDS:
             return "A", f"m{k}", _U32
-        return _REJECT
+        return _REJECT_STMT
     if cls == BPF_LDX:
         if code == BPF_LDX | BPF_IMM:
             return "X", str(k), k
@@ -3695,10 +3723,10 @@ def _statement(insn, bound_a, bound_x, cache=None):
             if name:
                 expr = f"{name} if {name} is not None else ({name} := {expr})"
             return "X", expr, 60
-        return _REJECT
+        return _REJECT_STMT
     if cls in (BPF_ST, BPF_STX):
         if code & ~0x07 or k >= BPF_MEMWORDS:
-            return _REJECT
+            return _REJECT_STMT
         return f"m{k}", "{a}" if cls == BPF_ST else "X", bound_a if cls == BPF_ST else bound_x
     if cls == BPF_ALU:
         return _alu_statement(code, k, bound_a, bound_x)
@@ -3706,7 +3734,7 @@ def _statement(insn, bound_a, bound_x, cache=None):
         return "X", "{a}", bound_a
     if code == BPF_MISC | BPF_TXA:
         return "A", "X", bound_x
-    return _REJECT
+    return _REJECT_STMT
 
 
 def _alu_bound(op, bound_a, bound_v, by_x, k):
@@ -3731,7 +3759,7 @@ def _alu_statement(code, k, bound_a, bound_x):
     if code == BPF_ALU | BPF_NEG:
         return "A", "-{a} & 0xffffffff", _U32
     if op not in _ALU_OPS:
-        return _REJECT
+        return _REJECT_STMT
     by_x = code & BPF_X
     v, bound_v = ("X", bound_x) if by_x else (str(k), k)
     if op == BPF_LSH and not by_x:
@@ -3740,7 +3768,7 @@ def _alu_statement(code, k, bound_a, bound_x):
     elif op == BPF_LSH:
         return "A", "({a} << X) & 0xffffffff if X < 32 else 0", _U32
     if op in (BPF_DIV, BPF_MOD) and not by_x and k == 0:
-        return _REJECT
+        return _REJECT_STMT
     bound = _alu_bound(op, bound_a, bound_v, by_x, k)
     if op in (BPF_DIV, BPF_MOD, BPF_RSH, BPF_AND, BPF_OR, BPF_XOR):
         return "A", f"{{a}} {_ALU_OPS[op]} {v}", bound
@@ -3749,17 +3777,45 @@ def _alu_statement(code, k, bound_a, bound_x):
     return "A", f"({{a}} {_ALU_OPS[op]} {v}) & 0xffffffff", _U32
 
 
-class _Tree:
+def _resolve(insn, fact):
+    """Outcome (True/False) of a conditional jump on A if `fact` about A decides it, else None.
+
+    A fact is ("eq", v): A == v, or ("ne", values): A is none of them.
+    """
+    code, _, _, k = insn
+    if fact is None or code & BPF_X:
+        return None
+    op = code & 0xF0
+    if fact[0] == "eq":
+        return _jump_taken(op, fact[1], k)
+    return False if op == BPF_JEQ and k in fact[1] else None
+
+
+def _after_jump(insn, fact, taken):
+    """What is known about A on the taken / not-taken edge of a conditional jump."""
+    code, _, _, k = insn
+    if code & BPF_X or code & 0xF0 != BPF_JEQ or (fact and fact[0] == "eq"):
+        return fact
+    if taken:
+        return "eq", k
+    return "ne", (fact[1] if fact and fact[0] == "ne" else frozenset()) | {k}
+
+
+class _MatchTree:
     """Emits one forward-only program as nested if/elif/else source lines.
 
     `leaf(value_src)` gives the statement that ends a path with that return
     value ('return ...' for a matcher, 'hit(i)' for a rule); helpers holds the
-    join points turned into functions named `prefix + pc`.
+    join points turned into functions named `prefix + pc`. Along each path the
+    emitter knows facts about A from the jumps taken, so a test a path has
+    already decided costs nothing; `ethertype` is such a fact about the
+    'ldh [12]' a rule set dispatches on before its rules run.
     """
 
-    def __init__(self, prog, leaf, prefix, cache=None, helpers=None):
+    def __init__(self, prog, leaf, prefix, cache=None, helpers=None, ethertype=None):
         self.prog, self.leaf, self.prefix, self.cache = prog, leaf, prefix, cache
         self.helpers = _helper_points(prog) if helpers is None else helpers
+        self.ethertype = ethertype
         self.args = _state_args(prog)
         self.lines = []
 
@@ -3770,7 +3826,21 @@ class _Tree:
         self.helpers.add(pc)
         return f"{self.prefix}{pc}(data, wirelen, pkttype, vlan_tci{self.args})"
 
-    def path(self, pc, depth, ba=_U32, bx=_U32, entry=False):
+    def statement(self, insn, ba, bx, xk):
+        """(_statement, fact about A after it, MSH offset X holds after it or None)."""
+        code, k = insn[0], insn[3]
+        if code == BPF_LDX | BPF_B | BPF_MSH:
+            return _statement(insn, ba, bx, self.cache), None, k
+        if self.ethertype and code == BPF_LD | BPF_H | BPF_ABS and k == 12:
+            if self.ethertype[0] == "eq":
+                return ("A", "c_h12", 0xFFFF), self.ethertype, xk
+            return _statement(insn, ba, bx, self.cache), self.ethertype, xk
+        st = _statement(insn, ba, bx, self.cache, xk)
+        if st is not _REJECT_STMT and st[0] == "X":
+            xk = None
+        return st, (("eq", k) if code == BPF_LD | BPF_IMM else None), xk
+
+    def path(self, pc, depth, ba=_U32, bx=_U32, fact=None, entry=False, xk=None):
         """Straight-line code from pc up to its branch or leaf."""
         prog = self.prog
         while True:
@@ -3789,17 +3859,19 @@ class _Tree:
                 continue
             if _is_cond_jump(code):
                 t, f = _jump_target(prog, pc)
-                if t == f:
-                    pc = t
+                known = _resolve(insn, fact)
+                if t == f or known is not None:
+                    fact = _after_jump(insn, fact, t == f or known) if t != f else fact
+                    pc = t if t == f or known else f
                     continue
-                return self.branch(self.condition(insn, "A"), t, f, depth, ba, bx, pc)
-            st = _statement(insn, ba, bx, self.cache)
-            if st is _REJECT:
+                return self.branch(insn, t, f, depth, ba, bx, fact, pc, xk)
+            st, new_fact, xk = self.statement(insn, ba, bx, xk)
+            if st is _REJECT_STMT:
                 return self.emit(depth, self.leaf("0") + f"  # ({pc}) rejects")
             target, expr, bound = st
             self.emit(depth, f"{target} = {expr.format(a='A')}  # ({pc}) {_insn_text(insn)}")
             if target == "A":
-                ba = bound
+                ba, fact = bound, new_fact
             elif target == "X":
                 bx = bound
             pc += 1
@@ -3810,39 +3882,63 @@ class _Tree:
         value = "X" if code & BPF_X else str(k)
         return f"{a_src} {_JUMP_OPS[code & 0xF0]} {value}"
 
-    def fold(self, pc, ba, bx):
-        """(condition, t, f, ba) when the code at pc is a run of accumulator
+    def fold(self, pc, ba, bx, xk):
+        """(jump pc, condition, ba, fact) when the code at pc is a run of accumulator
         statements ending in a conditional jump, so it can be an `elif`."""
-        prog, a_src, run = self.prog, "A", 0
+        prog, a_src, run, fact = self.prog, "A", 0, None
         while 0 <= pc < len(prog) and pc not in self.helpers:
             insn = prog[pc]
             if _is_cond_jump(insn[0]):
-                t, f = _jump_target(prog, pc)
-                if t == f:
-                    return None
-                cond = self.condition(insn, a_src if run == 0 else f"(A := {a_src})")
-                return cond, t, f, ba, pc
-            st = _statement(insn, ba, bx, self.cache)
-            if st is _REJECT or st[0] != "A" or run == _FOLD_RUN or \
-                    (run and "{a}" not in st[1] and "X" in st[1]):
+                return pc, self.condition(insn, f"(A := {a_src})" if run else "A"), ba, fact
+            st, fact, _ = self.statement(insn, ba, bx, xk)
+            # a statement that ignores A would drop the ones before it, and with
+            # them a load that may be out of bounds
+            if st is _REJECT_STMT or st[0] != "A" or run == _FOLD_RUN or \
+                    (run and "{a}" not in st[1]):
                 return None
             a_src, ba, run = st[1].format(a=f"({a_src})" if run else "A"), st[2], run + 1
             pc += 1
         return None
 
-    def branch(self, cond, t, f, depth, ba, bx, pc):
-        keyword = "if"
+    def skip_decided(self, pc, fact):
+        """Follow the jumps at pc that `fact` already decides: (new pc, fact there)."""
+        prog = self.prog
+        while 0 <= pc < len(prog) and pc not in self.helpers:
+            insn = prog[pc]
+            if insn[0] == BPF_JMP | BPF_JA:
+                pc = _jump_target(prog, pc)[0]
+                continue
+            if not _is_cond_jump(insn[0]):
+                break
+            t, f = _jump_target(prog, pc)
+            known = True if t == f else _resolve(insn, fact)
+            if known is None:
+                break
+            fact = _after_jump(insn, fact, known) if t != f else fact
+            pc = t if known else f
+        return pc, fact
+
+    def branch(self, insn, t, f, depth, ba, bx, fact, pc, xk):
+        keyword, cond = "if", self.condition(insn, "A")
         while True:
-            self.emit(depth, f"{keyword} {cond}:  # ({pc})")
-            self.path(t, depth + 1, ba, bx)
-            folded = self.fold(f, ba, bx)
+            self.emit(depth, f"{keyword} {cond}:  # ({pc}) {_insn_text(insn)}")
+            self.path(t, depth + 1, ba, bx, _after_jump(insn, fact, True), xk=xk)
+            f, fact = self.skip_decided(f, _after_jump(insn, fact, False))
+            folded = self.fold(f, ba, bx, xk)
             if folded is None:
                 break
-            cond, t, f, ba, pc = folded
-            keyword = "elif"
+            jpc, jcond, jba, jfact = folded
+            jinsn = self.prog[jpc]
+            jt, jf = _jump_target(self.prog, jpc)
+            if jpc != f:                        # statements ran: facts come from them
+                if jt == jf or _resolve(jinsn, jfact) is not None:
+                    break
+            else:
+                jfact = fact
+            insn, cond, pc, t, f, ba, fact, keyword = jinsn, jcond, jpc, jt, jf, jba, jfact, "elif"
         if self.leaf("0") != "pass" or not self.rejects_at_once(f):
             self.emit(depth, "else:")
-            self.path(f, depth + 1, ba, bx)
+            self.path(f, depth + 1, ba, bx, fact, xk=xk)
 
     def rejects_at_once(self, pc):
         return 0 <= pc < len(self.prog) and self.prog[pc][0] == BPF_RET | BPF_K \
@@ -3957,10 +4053,10 @@ def _block_lines(prog, pc, leaders, leaf, ind):
             return lines + _goto(pc, _jump_target(prog, pc)[0], ind)
         if _is_cond_jump(code):
             t, f = _jump_target(prog, pc)
-            return lines + [f"{ind}if {_Tree.condition(insn, 'A')}:"] + \
+            return lines + [f"{ind}if {_MatchTree.condition(insn, 'A')}:"] + \
                 _goto(pc, t, ind + "    ") + [f"{ind}else:"] + _goto(pc, f, ind + "    ")
         st = _statement(insn, _U32, _U32)
-        if st is _REJECT:
+        if st is _REJECT_STMT:
             return lines + [f"{ind}{leaf('0')}"]
         lines.append(f"{ind}{st[0]} = {st[1].format(a='A')}  # ({pc}) {_insn_text(insn)}")
         pc += 1
@@ -3968,43 +4064,44 @@ def _block_lines(prog, pc, leaders, leaf, ind):
             return lines + [f"{ind}pc = {pc}"]
 
 
-_HEADER = "def {name}(data, wirelen, pkttype=0, vlan_tci=None):"
+_MATCHER_HEADER = "def {name}(data, wirelen, pkttype=0, vlan_tci=None):"
 
 
 def matcher_source(prog, name="match"):
     """Python source of the function make_matcher builds (for debugging)."""
     prog = [tuple(int(v) for v in insn) for insn in prog]
     if not prog:
-        return f"{_HEADER.format(name=name)}\n    return 0\n"
-    body = [_HEADER.format(name=name)]
+        return f"{_MATCHER_HEADER.format(name=name)}\n    return 0\n"
+    body = [_MATCHER_HEADER.format(name=name)]
     if _has_backward_jump(prog):
         body += _register_init(prog, "    ") + ["    try:"]
         body += _machine_lines(prog, lambda v: f"return {v}", 2)
         helpers = []
     else:
-        tree = _Tree(prog, lambda v: f"return {v}", f"_{name}_")
+        tree = _MatchTree(prog, lambda v: f"return {v}", f"_{name}_")
         tree.path(0, 2, entry=True)
         body += _register_init(prog, "    ", bool(tree.helpers)) + ["    try:"] + tree.lines
-        helpers = _helper_sources(tree, name)
+        helpers = list(_helper_sources(tree).values())
     body += ["    except _REJECTS:", "        return 0"]
     return "\n".join(helpers + body) + "\n"
 
 
-def _helper_sources(tree, name):
-    """Bodies of the helper functions a tree called, each its own small tree."""
-    out, done = [], set()
-    while tree.helpers - done:
-        pc = min(tree.helpers - done)
-        done.add(pc)
-        sub = _Tree(tree.prog, lambda v: f"return {v}", tree.prefix, helpers=tree.helpers)
+def _helper_sources(tree):
+    """{name: source} of the helper functions a tree calls, each its own small tree."""
+    out = {}
+    while tree.helpers - set(out):
+        pc = min(tree.helpers - set(out))
+        sub = _MatchTree(tree.prog, lambda v: f"return {v}", tree.prefix, helpers=tree.helpers)
         sub.path(pc, 1, entry=True)
-        out += [f"def {tree.prefix}{pc}(data, wirelen, pkttype, vlan_tci{tree.args}):"] + \
-            sub.lines + [""]
-    return out
+        out[pc] = "\n".join([f"def {tree.prefix}{pc}(data, wirelen, pkttype, vlan_tci{tree.args}):"]
+                            + sub.lines) + "\n"
+    return {f"{tree.prefix}{pc}": source for pc, source in out.items()}
 
 
-def _compile(source, name, label):
-    namespace = {"_H": _H, "_W": _W, "_REJECTS": _REJECTS, "_skb_protocol": _skb_protocol}
+def _compile_matcher(source, name, label):
+    # generated code runs in its own namespace, so short names cost nothing to lpd
+    namespace = {"_H": _UNPACK_H, "_W": _UNPACK_W, "_REJECTS": _REJECTS,
+                 "_skb_protocol": _skb_protocol}
     exec(compile(source, f"<bpf {label}>", "exec"), namespace)
     fn = namespace[name]
     fn.source = source
@@ -4014,7 +4111,7 @@ def _compile(source, name, label):
 def make_matcher(prog):
     """Compile `prog` to a function f(data, wirelen, pkttype=0, vlan_tci=None) -> int
     returning exactly what bpf_interpret returns; f.source is its Python text."""
-    return _compile(matcher_source(prog), "match", "matcher")
+    return _compile_matcher(matcher_source(prog), "match", "matcher")
 
 
 def _shared_loads(progs):
@@ -4024,17 +4121,27 @@ def _shared_loads(progs):
         keys = set()
         for code, _, _, k in prog:
             if code & 0xE0 == BPF_ABS and code & 0x07 == BPF_LD and k < SKF_AD_OFF \
-                    and code & 0x18 in _SIZES:
-                keys.add(("ld", _SIZES[code & 0x18], k))
+                    and code & 0x18 in _LOAD_SIZES:
+                keys.add(("ld", _LOAD_SIZES[code & 0x18], k))
             elif code == BPF_LDX | BPF_B | BPF_MSH:
                 keys.add(("msh", 1, k))
+        msh = {key[2] for key in keys if key[0] == "msh"}
+        for code, _, _, k in prog:              # [x + k] after 'ldxb 4*([m]&0xf)'
+            if code & 0x07 == BPF_LD and code & 0xE0 == BPF_IND and code & 0x18 in _LOAD_SIZES:
+                keys.update(("ind", m, _LOAD_SIZES[code & 0x18], k) for m in msh)
         for key in keys:
             seen[key] = seen.get(key, 0) + 1
-    letter = {("ld", 1): "b", ("ld", 2): "h", ("ld", 4): "w", ("msh", 1): "x"}
-    return {key: f"c_{letter[key[:2]]}{key[2]}" for key, n in sorted(seen.items()) if n > 1}
+    return {key: _cache_name(key) for key, n in sorted(seen.items()) if n > 1}
+
+
+def _cache_name(key):
+    """c_h12: ldh [12]; c_x14: ldxb 4*([14]&0xf); c_h16x14: ldh [x + 16] with that X."""
+    letter = "x" if key[0] == "msh" else {1: "b", 2: "h", 4: "w"}[key[-2]]
+    return f"c_{letter}{key[-1]}" + (f"x{key[1]}" if key[0] == "ind" else "")
 
 
 def _rule_leaf(i):
+    """Leaves of a rule: count the frame for rule i when the value is non-zero."""
     def leaf(value):
         if value == "0":
             return "pass"
@@ -4042,30 +4149,81 @@ def _rule_leaf(i):
     return leaf
 
 
+_COMMON_ETHERTYPES = (0x0800, 0x86DD, 0x0806, 0x8100)   # tried first, in this order
+_MAX_DISPATCH = 6
+
+
+def _dispatch_ethertypes(progs):
+    """Ethertypes worth a branch of their own: compared right after 'ldh [12]' in 2+ rules."""
+    count = {}
+    for prog in progs:
+        seen = set()
+        for pc, insn in enumerate(prog):
+            if insn[0] == BPF_LD | BPF_H | BPF_ABS and insn[3] == 12:
+                q = pc + 1
+                while 0 <= q < len(prog) and prog[q][0] == BPF_JMP | BPF_JEQ | BPF_K:
+                    seen.add(prog[q][3])
+                    q += 1 + prog[q][2]
+        for k in seen:
+            count[k] = count.get(k, 0) + 1
+    rank = {k: i for i, k in enumerate(_COMMON_ETHERTYPES)}
+    chosen = sorted((k for k, n in count.items() if n > 1),
+                    key=lambda k: (rank.get(k, len(rank)), -count[k], k))
+    return chosen[:_MAX_DISPATCH]
+
+
+def _rule_lines(i, prog, cache, depth, ethertype, helpers):
+    """Source lines evaluating rule i in place; helper functions go into `helpers`."""
+    ind = "    " * depth
+    if not prog:
+        return [f"{ind}pass  # rule {i} is empty"]
+    if _has_backward_jump(prog):
+        helpers.setdefault(f"_r{i}", matcher_source(prog, f"_r{i}"))
+        return [f"{ind}if _r{i}(data, wirelen, pkttype, vlan_tci):  # rule {i}",
+                f"{ind}    hit({i})"]
+    tree = _MatchTree(prog, _rule_leaf(i), f"_r{i}_", cache=cache, ethertype=ethertype)
+    tree.path(0, depth + 1, entry=True)
+    if not any("hit(" in line for line in tree.lines):
+        return []                   # cannot match here: the ethertype decided it
+    helpers.update(_helper_sources(tree))
+    return [f"{ind}# rule {i}"] + _register_init(prog, ind, bool(tree.helpers)) + \
+        [f"{ind}try:"] + tree.lines + [f"{ind}except _REJECTS:", f"{ind}    pass"]
+
+
 def rules_matcher_source(progs, name="match_rules"):
-    """Python source of the function make_rules_matcher builds (for debugging)."""
+    """Python source of the function make_rules_matcher builds (for debugging).
+
+    When two or more rules test the same ethertypes, the frame's ethertype is
+    loaded once and each such ethertype gets a branch holding every rule
+    specialised for it: rules that cannot match it vanish from that branch and
+    the others skip their ethertype tests.
+    """
     progs = [[tuple(int(v) for v in insn) for insn in prog] for prog in progs]
     plain = [p for p in progs if p and not _has_backward_jump(p)]
     cache = _shared_loads(plain)
-    helpers, body = [], [_HEADER.format(name=name), "    hits = []", "    hit = hits.append"]
+    ethertypes = _dispatch_ethertypes(plain)
+    if ethertypes:
+        cache[("ld", 2, 12)] = "c_h12"
+    helpers = {}
+    body = [_MATCHER_HEADER.format(name=name), "    hits = []", "    hit = hits.append"]
     if cache:
         body.append(f"    {' = '.join(sorted(cache.values()))} = None")
-    for i, prog in enumerate(progs):
-        body.append(f"    # rule {i}")
-        if not prog:
-            continue
-        if _has_backward_jump(prog):
-            helpers.append(matcher_source(prog, f"_r{i}"))
-            body.append(f"    if _r{i}(data, wirelen, pkttype, vlan_tci):")
-            body.append(f"        hit({i})")
-            continue
-        tree = _Tree(prog, _rule_leaf(i), f"_r{i}_", cache=cache)
-        tree.path(0, 2, entry=True)
-        helpers += _helper_sources(tree, name)
-        body += _register_init(prog, "    ", bool(tree.helpers)) + ["    try:"] + tree.lines
-        body += ["    except _REJECTS:", "        pass"]
+    if not ethertypes:
+        for i, prog in enumerate(progs):
+            body += _rule_lines(i, prog, cache, 1, None, helpers)
+    else:
+        body += ["    try:", "        c_h12 = _H(data, 12)[0]", "    except _REJECTS:",
+                 "        pass"]
+        branches = [(f"{'if' if n == 0 else 'elif'} c_h12 == {ethertype}:", ("eq", ethertype))
+                    for n, ethertype in enumerate(ethertypes)]
+        branches.append(("else:", ("ne", frozenset(ethertypes))))
+        for head, known in branches:
+            lines = [line for i, prog in enumerate(progs)
+                     for line in _rule_lines(i, prog, cache, 2, known, helpers)]
+            # Every rule may vanish from a branch (none can match its ethertype).
+            body += [f"    {head}"] + (lines or ["        pass"])
     body.append("    return hits")
-    return "\n".join(helpers + body) + "\n"
+    return "\n".join(list(helpers.values()) + body) + "\n"
 
 
 def make_rules_matcher(progs):
@@ -4075,11 +4233,9 @@ def make_rules_matcher(progs):
     Equivalent to [i for i, p in enumerate(progs) if bpf_interpret(p, ...)], but
     absolute loads several rules make are done once per frame; f.source is its text.
     """
-    return _compile(rules_matcher_source(progs), "match_rules", "rules")
-# <<< wip:filter_matcher
+    return _compile_matcher(rules_matcher_source(progs), "match_rules", "rules")
 
 
-# >>> wip:rules_section
 ###############################################################################
 # Rules: bpfcountd-compatible filter files, per-rule counters, unix socket ####
 ###############################################################################
@@ -4607,10 +4763,7 @@ class RuleSocketServer:
             self._drop(c)
         if expired:
             self._set_accepting(True)
-# <<< wip:rules_section
 
-
-# (The compiler, matcher and rules sections are merged here.)
 
 
 ###############################################################################

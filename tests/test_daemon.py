@@ -327,17 +327,23 @@ def test_startup_errors_exit_codes(pair):
     netns.stop(blocker)
 
 
+def readable_copy(tmp):
+    """lpd.py copied where an unprivileged user can read it. Such a user cannot reach
+    pyenv's interpreter under /root either: those tests use Debian's, with Debian's
+    prometheus_client (0.16)."""
+    os.chmod(tmp, 0o755)
+    copy = os.path.join(tmp, "lpd.py")
+    with open(copy, "wb") as f:
+        f.write(open(LPD, "rb").read())
+    os.chmod(copy, 0o644)
+    return copy
+
+
 def test_no_permission_exits_77(pair):
-    # An unprivileged user cannot reach pyenv's interpreter under /root: use Debian's,
-    # with Debian's prometheus_client (0.16), on a copy of lpd.py it can read.
     with tempfile.TemporaryDirectory() as tmp:
-        os.chmod(tmp, 0o755)
-        copy = os.path.join(tmp, "lpd.py")
-        with open(copy, "wb") as f:
-            f.write(open(LPD, "rb").read())
-        os.chmod(copy, 0o644)
+        copy = readable_copy(tmp)
         nobody = pair.run(pair.ns_b, ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                                  "/usr/bin/python3", copy, "-i", pair.if_b, "--mapping-url",
+                                      "/usr/bin/python3", copy, "-i", pair.if_b, "--mapping-url",
                                       "none", "--web.listen-address", "127.0.0.1:59124"],
                           check=False)
     assert nobody.returncode == 77, nobody.stderr
@@ -348,11 +354,7 @@ def test_no_permission_exits_77(pair):
 def test_runs_unprivileged_with_only_cap_net_raw(pair):
     """What the systemd unit does (DynamicUser, CAP_NET_RAW only), done with setpriv."""
     with tempfile.TemporaryDirectory() as tmp:
-        os.chmod(tmp, 0o755)
-        copy = os.path.join(tmp, "lpd.py")
-        with open(copy, "wb") as f:
-            f.write(open(LPD, "rb").read())
-        os.chmod(copy, 0o644)
+        copy = readable_copy(tmp)
         sock = os.path.join(tmp, "rules.sock")
         rules = os.path.join(tmp, "r.filters")
         with open(rules, "w") as f:
