@@ -16,6 +16,9 @@ test:            ## the whole suite; needs root (network namespaces) and libpcap
 check: deps test
 
 bench:           ## speed, cost and loss beside tcpdump and libpcap (root for the live part)
+	@command -v trafgen >/dev/null && command -v tcpdump >/dev/null && \
+		$(PYTHON) -c 'import prometheus_client, ctypes; ctypes.CDLL("libpcap.so.0.8")' 2>/dev/null \
+		|| $(MAKE) deps
 	$(PYTHON) tests/bench.py
 
 wheel:           ## build output goes to build/, never to dist/ (our unit files live there)

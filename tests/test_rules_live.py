@@ -51,7 +51,8 @@ big;greater 1000
 in;inbound and (udp or icmp)
 out;outbound and (udp or icmp)
 me;ether src $MAC and (udp or icmp)
-both;${in} or ${out}"""            # no final newline: the last character stays
+both;${in} or ${out}
+we"ird\\id;udp and ip"""       # no final newline: the last character stays
 
 
 def test_rule_counts_over_the_socket_in_file_order(pair, tmp_path):
@@ -75,6 +76,7 @@ def test_rule_counts_over_the_socket_in_file_order(pair, tmp_path):
         ("out", f(50) + 98, 2),
         ("me", f(50) + 98, 2),
         ("both", f(100) + f(1400) + f(10, True) + 98 + f(50) + 98, 6),
+        ('we"ird\\id', f(100) + f(1400) + f(50), 3),        # label escaping on /metrics
     ]
     assert wait_for(lambda: parse_lines(read_socket(sock)) == expect, 5, 0.2), read_socket(sock)
     nc = subprocess.run(["nc", "-U", sock], stdin=subprocess.DEVNULL, capture_output=True,
