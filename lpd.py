@@ -5350,7 +5350,7 @@ class Daemon:
         self.http = make_http_server(*opts.listen, registry)
         self.rule_server = None
         if opts.filter_file or opts.socket_path:
-            path = opts.socket_path or f"/run/lpd/{self.ifname}.sock"
+            path = opts.socket_path or default_socket_path(self.ifname)
             self.rule_server = RuleSocketServer(path, self.rule_snapshot, opts.socket_group)
 
     # -- configuration --------------------------------------------------------
