@@ -7,8 +7,11 @@ import os
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lpd
+import packets
 from conftest import CORPUS
 
 PCAPS = sorted(glob.glob(os.path.join(CORPUS, "*.pcap")))
@@ -162,3 +165,18 @@ def test_rule_lines_on_the_corpus_equal_libpcap(tmp_path):
                     want[2 * i + 1] += 1
         assert got == [f"r{i}:{want[2 * i]}:{want[2 * i + 1]}" for i in range(len(progs))], \
             os.path.basename(path)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(packets.short_frames(), packets.frames()), min_size=1, max_size=40))
+def test_any_frame_is_counted_and_never_raises(frames):
+    """Garbage, runts, cut headers: every frame reaches the interface totals, none raises,
+    and a frame is either attributed or counted as malformed/other, never both."""
+    acct = lpd.Accounting([ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")])
+    for block in lpd.frames_to_blocks(frames):
+        acct.process_block(memoryview(block), 0)
+    assert acct.frames == len(frames)
+    assert acct.totals[2:] == [sum(w for _, w in frames), len(frames)]
+    attributed = sum(e[1] for e in acct.hosts4.values()) + sum(e[1] for e in acct.hosts6.values())
+    expect = sum(1 for d, w in frames if well_formed_ip(d, w))
+    assert attributed == expect
