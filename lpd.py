@@ -4934,108 +4934,110 @@ class Accounting:
                 nxt, caplen, flen, status, mac, tci, tpid, pkttype = frame_hdr(buf, pos)
                 p = pos + mac
                 pos += nxt
-                wl = flen
                 tagged = status & 0x10 or tci                # TP_STATUS_VLAN_VALID
-                if tagged:
-                    wl += 4
+                wl = flen + 4 if tagged else flen
                 if pkttype == 4:                             # PACKET_OUTGOING
                     tx_b += wl
                     tx_p += 1
                 else:
                     rx_b += wl
                     rx_p += 1
-                end = p + caplen
                 if rules is not None:
                     if tagged:
                         data = b"".join((buf[p:p + 12], tag(
-                            tpid if status & 0x40 else 0x8100, tci), buf[p + 12:end]))
+                            tpid if status & 0x40 else 0x8100, tci), buf[p + 12:p + caplen]))
                     else:
-                        data = buf[p:end]
+                        data = buf[p:p + caplen]
                     for i in match(data, wl, pkttype, tci if tagged else None):
                         rule_bytes[i] += wl
                         rule_packets[i] += 1
-                # Untagged IPv4, the common case, is one unpack: ethertype and header.
+                # The common frame, untagged IPv4 without options, is one unpack and
+                # one test; everything else takes the general path below, which
+                # either ends the frame (IPv6, malformed, other) or leaves a valid
+                # IPv4 header's addresses for the attribution at the bottom.
                 if caplen >= 34:
                     et, vihl, tlen, src, dst = eth_ip4(buf, p)
+                    general = et != 0x0800 or vihl != 0x45 or tlen < 20 or tlen + 14 > flen
                 elif caplen >= 14:
-                    et, vihl = u16(buf, p + 12)[0], -1
+                    et, general = u16(buf, p + 12)[0], True
                 else:
                     malformed["truncated"] += 1
                     continue
-                q = p + 14
-                if et in tpids:
-                    vihl = -1
+                if general:
+                    end = p + caplen
+                    q = p + 14
                     while et in tpids:
                         if q + 4 > end:
                             et = -1
                             break
                         et = u16(buf, q + 2)[0]
                         q += 4
-                if et == 0x0800:
-                    if vihl < 0:
+                    if et == 0x0800:
                         if q + 20 > end:
                             malformed["truncated"] += 1
                             continue
                         vihl, tlen, src, dst = ip4(buf, q)
-                    if vihl >> 4 != 4:
-                        malformed["version"] += 1
+                        if vihl >> 4 != 4:
+                            malformed["version"] += 1
+                            continue
+                        if vihl & 15 < 5:
+                            malformed["ihl"] += 1
+                            continue
+                        if tlen < (vihl & 15) << 2 or q - p + tlen > flen:
+                            malformed["length"] += 1
+                            continue
+                    elif et == 0x86DD:
+                        if q + 40 > end:
+                            malformed["truncated"] += 1
+                            continue
+                        vtc, plen, src, dst = ip6(buf, q)
+                        if vtc >> 4 != 6:
+                            malformed["version"] += 1
+                        elif q - p + 40 + plen > flen:
+                            malformed["length"] += 1
+                        else:
+                            e = cache6.get(src)
+                            if e:
+                                e[0] += wl
+                                e[1] += 1
+                            elif e is None:
+                                e = locate(src, cache6, hosts6, nets6)
+                                if e:
+                                    e[0] += wl
+                                    e[1] += 1
+                            e = cache6.get(dst)
+                            if e:
+                                e[2] += wl
+                                e[3] += 1
+                            elif e is None:
+                                e = locate(dst, cache6, hosts6, nets6)
+                                if e:
+                                    e[2] += wl
+                                    e[3] += 1
                         continue
-                    if vihl & 15 < 5:
-                        malformed["ihl"] += 1
+                    else:
+                        if et == -1:
+                            malformed["truncated"] += 1
                         continue
-                    if tlen < (vihl & 15) << 2 or q - p + tlen > flen:
-                        malformed["length"] += 1
-                        continue
-                    # Cached: the counter list (local), 0 (remote) or None (unseen).
-                    e = cache4.get(src)
+                # Cached: the counter list (local), 0 (remote) or None (unseen).
+                e = cache4.get(src)
+                if e:
+                    e[0] += wl
+                    e[1] += 1
+                elif e is None:
+                    e = locate(src, cache4, hosts4, nets4)
                     if e:
                         e[0] += wl
                         e[1] += 1
-                    elif e is None:
-                        e = locate(src, cache4, hosts4, nets4)
-                        if e:
-                            e[0] += wl
-                            e[1] += 1
-                    e = cache4.get(dst)
+                e = cache4.get(dst)
+                if e:
+                    e[2] += wl
+                    e[3] += 1
+                elif e is None:
+                    e = locate(dst, cache4, hosts4, nets4)
                     if e:
                         e[2] += wl
                         e[3] += 1
-                    elif e is None:
-                        e = locate(dst, cache4, hosts4, nets4)
-                        if e:
-                            e[2] += wl
-                            e[3] += 1
-                elif et == 0x86DD:
-                    if q + 40 > end:
-                        malformed["truncated"] += 1
-                        continue
-                    vtc, plen, src, dst = ip6(buf, q)
-                    if vtc >> 4 != 6:
-                        malformed["version"] += 1
-                        continue
-                    if q - p + 40 + plen > flen:
-                        malformed["length"] += 1
-                        continue
-                    e = cache6.get(src)
-                    if e:
-                        e[0] += wl
-                        e[1] += 1
-                    elif e is None:
-                        e = locate(src, cache6, hosts6, nets6)
-                        if e:
-                            e[0] += wl
-                            e[1] += 1
-                    e = cache6.get(dst)
-                    if e:
-                        e[2] += wl
-                        e[3] += 1
-                    elif e is None:
-                        e = locate(dst, cache6, hosts6, nets6)
-                        if e:
-                            e[2] += wl
-                            e[3] += 1
-                elif et == -1:
-                    malformed["truncated"] += 1
             totals = self.totals
             totals[0] += tx_b
             totals[1] += tx_p
