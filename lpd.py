@@ -13,6 +13,7 @@ import errno
 import fcntl
 import functools
 import grp
+import http.client
 import ipaddress
 import json
 import mmap
@@ -335,13 +336,11 @@ def interface_networks(ifindex):
 SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC = 1, 1
 PACKET_RX_RING, PACKET_STATISTICS, PACKET_AUXDATA, PACKET_VERSION = 5, 6, 8, 10
-PACKET_FANOUT, PACKET_FANOUT_HASH = 18, 0
 TPACKET_V3 = 2
 SO_ATTACH_FILTER = 26
 ETH_P_ALL = 0x0003
 PACKET_HOST, PACKET_OUTGOING = 0, 4
 TP_STATUS_KERNEL, TP_STATUS_USER = 0, 1
-TP_STATUS_VLAN_VALID, TP_STATUS_VLAN_TPID_VALID = 0x10, 0x40
 
 TPACKET_REQ3 = struct.Struct("=7I")
 PACKET_MREQ = struct.Struct("=iHH8s")
@@ -386,7 +385,7 @@ def ring_geometry(ring_bytes):
 class Ring:
     """An AF_PACKET socket with a mapped TPACKET_V3 receive ring on one interface."""
 
-    def __init__(self, ifname, ring_bytes, prog, promisc=False, fanout=None):
+    def __init__(self, ifname, ring_bytes, prog, promisc=False):
         self.ifname = ifname
         self.ifindex = interface_index(ifname)
         if self.ifindex is None:
@@ -414,24 +413,26 @@ class Ring:
             if promisc:
                 self.sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, PACKET_MREQ.pack(
                     self.ifindex, PACKET_MR_PROMISC, 0, b""))
-            if fanout is not None:
-                self.sock.setsockopt(SOL_PACKET, PACKET_FANOUT, fanout)
         except OSError as e:
+            if hasattr(self, "view"):
+                self.view.release()
+                self.map.close()
             self.sock.close()
             if e.errno == errno.ENODEV:
                 raise ConfigError(f"{ifname}: no such interface") from None
             raise ConfigError(f"{ifname}: cannot set up the capture ring: {e.strerror}") from None
         self.next_block = 0
-        self.packets = self.drops = 0
+        self.drops = 0
 
     def fileno(self):
         return self.sock.fileno()
 
     def attach(self, prog):
         """Replace the kernel filter; a single SO_ATTACH_FILTER swaps it atomically."""
-        buf = pack_filter(prog)
-        self._fprog_buf = bytearray(buf)   # kept alive: the kernel copies it during the call
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(self._fprog_buf))
+        # sock_fprog holds a pointer: the instructions need an address, which only a
+        # ctypes-visible buffer has; the kernel copies them before setsockopt returns.
+        insns = bytearray(pack_filter(prog))
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(insns))
         self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, SOCK_FPROG.pack(len(prog), addr))
 
     def drain(self, process):
@@ -451,11 +452,10 @@ class Ring:
     def read_stats(self):
         """Accumulate the kernel's counters (reading them resets them)."""
         try:
-            packets, drops, _ = TPACKET_STATS_V3.unpack(
+            _, drops, _ = TPACKET_STATS_V3.unpack(
                 self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, TPACKET_STATS_V3.size))
         except OSError:
             return
-        self.packets += packets
         self.drops += drops
 
     def socket_error(self):
@@ -501,7 +501,6 @@ def _close_block(block, count):
 # Decode ######################################################################
 ###############################################################################
 
-ETH_P_IP, ETH_P_IPV6, ETH_P_ARP = 0x0800, 0x86DD, 0x0806
 VLAN_TPIDS = frozenset((0x8100, 0x88A8, 0x9100))    # 802.1Q, 802.1ad, old QinQ
 VLAN_TAG = struct.Struct("!HH")
 U16BE = struct.Struct("!H")
@@ -4243,29 +4242,18 @@ def make_rules_matcher(progs):
 # A filter file is bpfcountd's `<id>;<bpf expression>` per line, minus its bugs
 # (see parse_filter_text). Every rule that matches a frame counts it.
 #
-# Counting contract with the capture loop (which holds `lock` for a whole ring
-# block): read `rs = state.ruleset` once per block, then per frame
-#     for i in rs.match(data, wirelen, pkttype, vlan_tci):
-#         rb[i] += wirelen; rp[i] += 1            # rb, rp = rs.bytes, rs.packets
-# Plain lists indexed by int are the cheapest mutable counters CPython has; the
-# matcher returns indices so the loop does no dict lookups. A rule set with no
-# rules gets a matcher returning () so the loop costs one call.
+# Counting: Accounting.process_block reads Daemon.rules under the capture lock once
+# per ring block, then per frame adds to `bytes[i]` and `packets[i]` for every index
+# `match()` returns. Plain lists indexed by int are the cheapest mutable counters
+# CPython has, and returning indices spares the loop any dict lookup. An empty rule
+# set is skipped outright (RuleSet is falsy when empty).
 #
-# Reload: compile the new RuleSet *outside* the lock (compiling is slow and
-# must not stall capture), then under the lock copy the counts over and swap:
-#     new = RuleSet(parse_filter_file(path, mac))          # may raise ConfigError
-#     with lock:
-#         new.carry_counts_from(state.ruleset)
-#         state.ruleset = new
-# Doing both inside one lock hold is what makes the hand-over lose no packet
-# (RuleSet(rules, previous) copies at construction: fine offline, but live a
-# packet counted by the old set between construction and swap would be lost).
-# The loop must likewise read state.ruleset after taking the lock.
+# Reload (Daemon.reload): the new RuleSet is compiled outside the lock, because
+# compiling must not stall capture; counts are carried over and the sets swapped in
+# one lock hold, so no frame is counted by the old set after its counts were copied.
 #
 # The unix socket: bpfcountd wrote its lines in reverse file order (it prepended
 # to a list); lpd writes them in file order.
-
-
 
 
 def _rules_log(message):
@@ -4770,9 +4758,6 @@ class RuleSocketServer:
 # Snapshot length #############################################################
 ###############################################################################
 
-U32_MAX = 0xFFFFFFFF
-_SNAP_LOAD_MAX = {0x00: U32_MAX, 0x08: 0xFFFF, 0x10: 0xFF}      # by BPF_SIZE: W, H, B
-_SNAP_LOAD_SIZE = {0x00: 4, 0x08: 2, 0x10: 1}
 
 
 def program_snaplen(prog, limit=SNAPLEN_FULL):
@@ -4811,10 +4796,10 @@ def program_snaplen(prog, limit=SNAPLEN_FULL):
             elif mode == 0xA0:                       # msh: 4*([k]&0xf)
                 need, v = max(need, k + 1), 60
             elif k >= 0xFFFFF000 or (mode == 0x40 and x + k >= 0xFFFFF000):
-                v = U32_MAX                          # ancillary data, not frame bytes
+                v = _U32                             # ancillary data, not frame bytes
             else:
-                need = max(need, k + (x if mode == 0x40 else 0) + _SNAP_LOAD_SIZE[size])
-                v = _SNAP_LOAD_MAX[size]
+                need = max(need, k + (x if mode == 0x40 else 0) + _LOAD_SIZES[size])
+                v = (1 << 8 * _LOAD_SIZES[size]) - 1
             if cls == 0x00:
                 a = v
             else:
@@ -4823,8 +4808,8 @@ def program_snaplen(prog, limit=SNAPLEN_FULL):
             mem = mem[:k & 15] + ((a if cls == 0x02 else x),) + mem[(k & 15) + 1:]
         elif cls == 0x04:                            # alu (the matcher's bounds; neg and
             op, by_x = code & 0xF0, bool(code & 0x08)  # a shift by X may reach any value)
-            a = U32_MAX if op == BPF_NEG or (op == BPF_LSH and by_x) else \
-                min(_alu_bound(op, a, x if by_x else k, by_x, k), U32_MAX)
+            a = _U32 if op == BPF_NEG or (op == BPF_LSH and by_x) else \
+                min(_alu_bound(op, a, x if by_x else k, by_x, k), _U32)
         elif cls == 0x07:                            # misc: tax / txa
             if code & 0x80:
                 a = x
@@ -4857,6 +4842,12 @@ def _prefixes(nets, version):
     return [(int(n.network_address), int(n.netmask)) for n in nets if n.version == version]
 
 
+def _is_local(addr, prefixes):
+    """addr: an int (IPv4) or 16 bytes (IPv6), as the hot loop keys them."""
+    value = addr if type(addr) is int else int.from_bytes(addr, "big")
+    return any(value & mask == net for net, mask in prefixes)
+
+
 class Accounting:
     """Per-address, per-interface and per-rule counters, fed one ring block at a time.
 
@@ -4875,14 +4866,12 @@ class Accounting:
         self.set_local_nets(local_nets)
 
     def set_local_nets(self, nets):
-        """Adopt new local networks; counters of addresses still local are kept."""
+        """Adopt new local networks. No counter is dropped: an address that is no
+        longer local stops counting and expires like any idle one."""
         self.local_nets = list(nets)
         self._nets4, self._nets6 = _prefixes(nets, 4), _prefixes(nets, 6)
-        for table, prefixes in ((self.hosts4, self._nets4), (self.hosts6, self._nets6)):
-            for addr in [a for a in table if not any(
-                    (a if type(a) is int else int.from_bytes(a, "big")) & m == n for n, m in prefixes)]:
-                del table[addr]
-        self.cache4, self.cache6 = dict(self.hosts4), dict(self.hosts6)
+        self.cache4 = {a: e for a, e in self.hosts4.items() if _is_local(a, self._nets4)}
+        self.cache6 = {a: e for a, e in self.hosts6.items() if _is_local(a, self._nets6)}
 
     def _locate(self, addr, cache, table, prefixes):
         """Slow path of the hot loop: first sight of an address (an int for IPv4,
@@ -4890,12 +4879,10 @@ class Accounting:
         if len(cache) >= LOCALITY_CACHE_MAX + len(table):
             cache.clear()
             cache.update(table)
-        value = addr if type(addr) is int else int.from_bytes(addr, "big")
         entry = 0                               # remote: falsy, but not None (unseen)
-        for net, mask in prefixes:
-            if value & mask == net:
-                entry = table[addr] = [0, 0, 0, 0]
-                break
+        if _is_local(addr, prefixes):
+            entry = table.get(addr) or [0, 0, 0, 0]
+            table[addr] = entry
         cache[addr] = entry
         return entry
 
@@ -4927,14 +4914,15 @@ class Accounting:
             # Read under the lock: reload and set_local_nets swap these while holding it.
             cache4, cache6, hosts4, hosts6 = self.cache4, self.cache6, self.hosts4, self.hosts6
             nets4, nets6, locate = self._nets4, self._nets6, self._locate
-            rules = self.rules
+            rules = self.rules or None                      # an empty rule set costs nothing
             if rules is not None:
                 match, rule_bytes, rule_packets = rules.match, rules.bytes, rules.packets
             for _ in range(count):
                 nxt, caplen, flen, status, mac, tci, tpid, pkttype = frame_hdr(buf, pos)
                 p = pos + mac
                 pos += nxt
-                tagged = status & 0x10 or tci                # TP_STATUS_VLAN_VALID
+                # TP_STATUS_VLAN_VALID (0x10), TP_STATUS_VLAN_TPID_VALID (0x40) below
+                tagged = status & 0x10 or tci
                 wl = flen + 4 if tagged else flen
                 if pkttype == 4:                             # PACKET_OUTGOING
                     tx_b += wl
@@ -5046,9 +5034,16 @@ class Accounting:
             self.frames += count
 
     def host_counters(self):
-        """[(ip_address, [tx_b, tx_p, rx_b, rx_p])] copied; call with the lock held."""
-        return ([(ipaddress.IPv4Address(a), list(e)) for a, e in self.hosts4.items()] +
-                [(ipaddress.IPv6Address(a), list(e)) for a, e in self.hosts6.items()])
+        """[((version, key), [tx_b, tx_p, rx_b, rx_p])] copied; call with the lock held
+        and turn keys into addresses with address() after releasing it."""
+        return ([((4, a), list(e)) for a, e in self.hosts4.items()] +
+                [((6, a), list(e)) for a, e in self.hosts6.items()])
+
+
+def address(key):
+    """(version, int or 16 bytes) as the hot loop keys it -> an ipaddress object."""
+    version, raw = key
+    return ipaddress.IPv4Address(raw) if version == 4 else ipaddress.IPv6Address(raw)
 
 
 class Rates:
@@ -5057,8 +5052,8 @@ class Rates:
 
     def __init__(self, idle_timeout):
         self.idle_timeout = idle_timeout
-        self.prev = {}        # (version, int) -> (tx_bytes, rx_bytes, last_active)
-        self.bps = {}         # ip_address -> (tx_bps, rx_bps)
+        self.prev = {}        # (version, key) -> (tx_bytes, rx_bytes, last_active)
+        self.bps = {}         # (version, key) -> (tx_bps, rx_bps)
         self.last_tick = None
 
     def tick(self, acct, now):
@@ -5066,8 +5061,7 @@ class Rates:
         elapsed = None if self.last_tick is None else now - self.last_tick
         self.last_tick = now
         bps, prev = {}, {}
-        for version, table, cls in ((4, acct.hosts4, ipaddress.IPv4Address),
-                                    (6, acct.hosts6, ipaddress.IPv6Address)):
+        for version, table in ((4, acct.hosts4), (6, acct.hosts6)):
             for addr, e in list(table.items()):
                 key = (version, addr)
                 tx0, rx0, active = self.prev.get(key, (0, 0, now))
@@ -5078,10 +5072,9 @@ class Rates:
                     continue
                 prev[key] = (e[TX_BYTES], e[RX_BYTES], active)
                 if elapsed:
-                    bps[cls(addr)] = ((e[TX_BYTES] - tx0) * 8 / elapsed,
-                                      (e[RX_BYTES] - rx0) * 8 / elapsed)
+                    bps[key] = ((e[TX_BYTES] - tx0) * 8 / elapsed, (e[RX_BYTES] - rx0) * 8 / elapsed)
                 else:
-                    bps[cls(addr)] = (0.0, 0.0)
+                    bps[key] = (0.0, 0.0)
         self.prev, self.bps = prev, bps
 
 
@@ -5133,14 +5126,14 @@ class NicMapping:
 
     def __init__(self, url, fallback_nic, log, period=10.0):
         self.url, self.fallback, self.log, self.period = url, fallback_nic, log, period
-        self.table, self.default = {}, None
+        self.current = ({}, None)          # (table, default nic): replaced whole, read whole
         self.errors = 0
         self.last_success = 0.0
         self._state = None                 # last logged state: "ok" or the error's kind
 
     def labeller(self):
         """A consistent (table, default) pair for one scrape."""
-        table, default = self.table, self.default
+        table, default = self.current
         if default is None:
             return lambda addr: self.fallback
         return lambda addr: table.get(addr, default)
@@ -5149,14 +5142,14 @@ class NicMapping:
         try:
             with urllib.request.urlopen(self.url, timeout=MAPPING_TIMEOUT) as resp:
                 table, default = parse_mapping(resp.read(1 << 20))
-        except (OSError, MappingError, ValueError) as e:
+        except (OSError, ValueError, http.client.HTTPException) as e:
             self.errors += 1
             kind = type(e).__name__
             if self._state != kind:
                 self._state = kind
                 self.log(4, f"mapping: {self.url}: {_describe(e)}; keeping the last good mapping")
             return False
-        self.table, self.default = table, default     # swapped as a pair under the GIL
+        self.current = (table, default)
         self.last_success = time.time()
         if self._state != "ok":
             if self._state is not None:
@@ -5166,7 +5159,11 @@ class NicMapping:
 
     def run(self, stop):
         while not stop.is_set():
-            self.fetch_once()
+            try:
+                self.fetch_once()
+            except Exception as e:        # never let one odd answer end the poller
+                self.errors += 1
+                self.log(LOG_ERR, f"mapping: {self.url}: unexpected {type(e).__name__}: {e}")
             stop.wait(self.period)
 
 
@@ -5338,6 +5335,8 @@ class Daemon:
             raise ConfigError(f"{self.ifname}: no such interface")
         self.lock = threading.Lock()
         self.rules = self.load_rules() if opts.filter_file else None
+        # Compiled once, before anything is bound; only its accept length changes later.
+        self.prefilter = compile_filter(opts.prefilter, kernel=True) if opts.prefilter else None
         self.acct = Accounting(self.local_nets(), self.rules, self.lock)
         if not self.acct.local_nets:
             log(LOG_WARNING, f"{self.ifname}: no addresses and no --local-net: no address is local")
@@ -5349,19 +5348,27 @@ class Daemon:
         self.stop_event = threading.Event()
         registry = CollectorRegistry(auto_describe=False)
         registry.register(Collector(self))
-        self.http = make_http_server(*opts.listen, registry)
         self.rule_server = None
         if opts.filter_file or opts.socket_path:
             path = opts.socket_path or default_socket_path(self.ifname)
             self.rule_server = RuleSocketServer(path, self.rule_snapshot, opts.socket_group)
+        try:
+            self.http = make_http_server(*opts.listen, registry)
+        except LpdError:
+            if self.rule_server:
+                self.rule_server.close()
+            raise
 
     # -- configuration --------------------------------------------------------
 
     def local_nets(self):
         if self.opts.local_nets:
             return self.opts.local_nets
+        index = interface_index(self.ifname)
+        if index is None:
+            raise ConfigError(f"{self.ifname}: no such interface")
         try:
-            return interface_networks(interface_index(self.ifname))
+            return interface_networks(index)
         except OSError as e:
             raise ConfigError(f"{self.ifname}: cannot read its addresses: {e.strerror}") from None
 
@@ -5369,32 +5376,42 @@ class Daemon:
         """Parse and compile outside the lock: compiling must not stall capture."""
         return RuleSet(parse_filter_file(self.opts.filter_file, interface_mac(self.ifname)))
 
-    def kernel_program(self):
-        # The kernel copies only what accounting and the rules can read.
-        snaplen = max([SNAPLEN_ACCOUNTING] + [program_snaplen(p) for p in
-                                              (self.rules.progs if self.rules else ())])
-        if self.opts.prefilter:
-            return compile_filter(self.opts.prefilter, kernel=True, snaplen=snaplen)
-        return accept_all(snaplen)
+    @staticmethod
+    def snaplen(rules):
+        """What the kernel must copy: the headers accounting reads, and whatever the
+        rules can read."""
+        return max([SNAPLEN_ACCOUNTING] + [program_snaplen(p) for p in (rules.progs if rules else ())])
+
+    def kernel_program(self, snaplen):
+        if self.prefilter is None:
+            return accept_all(snaplen)
+        return [(c, jt, jf, snaplen if c == 0x06 and k else k) for c, jt, jf, k in self.prefilter]
 
     def reload(self):
         """SIGHUP: new rules and local networks; a broken file changes nothing."""
         try:
             rules = self.load_rules() if self.opts.filter_file else None
             nets = self.local_nets()
-        except LpdError as e:
-            log(LOG_ERR, f"reload failed, keeping the running configuration: {e}")
+        except Exception as e:            # whatever went wrong, the running rules stay
+            reason = str(e) if isinstance(e, LpdError) else f"{type(e).__name__}: {e}"
+            log(LOG_ERR, f"reload failed, keeping the running configuration: {reason}")
             return
-        with self.lock:
-            # Counts carried over and sets swapped in one hold: no frame is counted
-            # by the old set after its counts were copied.
-            if rules is not None and self.rules is not None:
-                rules.carry_counts_from(self.rules)
-            self.rules = self.acct.rules = rules
-            if nets != self.acct.local_nets:
-                self.acct.set_local_nets(nets)
-        if self.ring is not None:
-            self.ring.attach(self.kernel_program())
+        old, new = self.snaplen(self.rules), self.snaplen(rules)
+        try:
+            if self.ring is not None and new > old:     # widen first: new rules see whole frames
+                self.ring.attach(self.kernel_program(new))
+            with self.lock:
+                # Counts carried over and sets swapped in one hold: no frame is counted
+                # by the old set after its counts were copied.
+                if rules is not None and self.rules is not None:
+                    rules.carry_counts_from(self.rules)
+                self.rules = self.acct.rules = rules
+                if nets and nets != self.acct.local_nets:
+                    self.acct.set_local_nets(nets)
+            if self.ring is not None and new < old:     # narrow last: old rules kept theirs
+                self.ring.attach(self.kernel_program(new))
+        except OSError as e:
+            log(LOG_ERR, f"reload: cannot replace the kernel filter: {e.strerror}")
         log(LOG_INFO, f"reloaded: {len(rules) if rules else 0} rules, "
                       f"{len(nets)} local networks")
 
@@ -5403,7 +5420,7 @@ class Daemon:
     def snapshot(self):
         with self.lock:
             ring = self.ring
-            return {
+            snap = {
                 "hosts": self.acct.host_counters(),
                 "bps": dict(self.rates.bps),
                 "totals": list(self.acct.totals),
@@ -5413,6 +5430,10 @@ class Daemon:
                 "up": ring is not None,
                 "rules": self.rules.snapshot() if self.rules else [],
             }
+        # Building address objects is the slow part: done after releasing capture.
+        snap["hosts"] = [(address(k), e) for k, e in snap["hosts"]]
+        snap["bps"] = {address(k): r for k, r in snap["bps"].items()}
+        return snap
 
     def rule_snapshot(self):
         with self.lock:
@@ -5421,16 +5442,19 @@ class Daemon:
     # -- capture --------------------------------------------------------------
 
     def open_capture(self):
-        self.ring = Ring(self.ifname, self.opts.ring_bytes, self.kernel_program(), self.opts.promisc)
+        self.ring = Ring(self.ifname, self.opts.ring_bytes, self.kernel_program(self.snaplen(self.rules)),
+                         self.opts.promisc)
         self.poller.register(self.ring.fileno(), select.POLLIN | select.POLLERR)
 
     def lose_capture(self, why):
         log(LOG_WARNING, f"{self.ifname}: {why}; counters kept, retrying every second")
-        ring, self.ring = self.ring, None
+        ring = self.ring
         self.poller.unregister(ring.fileno())
         ring.drain(self.acct.process_block)
-        ring.close()
-        self.past_drops += ring.drops
+        ring.close()                      # reads the kernel's last drop count
+        with self.lock:                   # one step for scrapes: the drop counter never dips
+            self.past_drops += ring.drops
+            self.ring = None
 
     def check_interface(self):
         index, flags = interface_index(self.ifname), interface_flags(self.ifname)
@@ -5445,7 +5469,8 @@ class Daemon:
             try:
                 if not self.opts.local_nets:
                     nets = self.local_nets()
-                    if nets != self.acct.local_nets:
+                    # Addresses may come back after the link: keep the old nets till then.
+                    if nets and nets != self.acct.local_nets:
                         with self.lock:
                             self.acct.set_local_nets(nets)
                 self.open_capture()
@@ -5513,12 +5538,9 @@ class Daemon:
                                 break
                         except BlockingIOError:
                             break
-                elif self.ring is not None and fd == self.ring.fileno():
-                    if events & select.POLLERR:
-                        err = self.ring.socket_error()
-                        self.lose_capture(os.strerror(err) if err else "socket error")
-                    else:
-                        self.ring.drain(self.acct.process_block)
+                elif self.ring is not None and fd == self.ring.fileno() and events & select.POLLERR:
+                    err = self.ring.socket_error()
+                    self.lose_capture(os.strerror(err) if err else "socket error")
             if self.ring is not None:
                 self.ring.drain(self.acct.process_block)
             now = time.monotonic()
@@ -5553,7 +5575,7 @@ def replay(opts, out=sys.stdout):
     frames = ((data, wirelen) for _, wirelen, data in read_pcap(opts.read_file))
     for block in frames_to_blocks(frames):
         acct.process_block(memoryview(block), 0)
-    rows = sorted(acct.host_counters(), key=lambda r: (r[0].version, r[0]))
+    rows = sorted(((address(k), e) for k, e in acct.host_counters()), key=lambda r: (r[0].version, r[0]))
     width = max([len(str(a)) for a, _ in rows] + [len("local_ip")])
     out.write(f"{'local_ip':<{width}}  direction  {'bytes':>12}  {'packets':>9}\n")
     for addr, e in rows:

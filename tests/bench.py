@@ -367,7 +367,6 @@ def offline_matchers(lpd, results, quick):
     except ImportError as e:
         t.add(expression="libpcap not available: " + str(e))
         return t
-    import ctypes
     frames = synthetic_frames(MATCHER_FRAMES // (5 if quick else 1), seed=7)
     make_matcher = getattr(lpd, "make_matcher", None)
     ret0 = (oracle.bpf_insn * 1)(oracle.bpf_insn(0x06, 0, 0, 0))

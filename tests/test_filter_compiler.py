@@ -7,7 +7,6 @@ fragmented, IPv6 extension headers, ARP, LLC, MPLS, PPPoE, truncated and runt fr
 Programs are evaluated with libpcap's own C interpreter (bpf_filter), so the comparison is of
 the programs, not of two interpreters.
 """
-import ctypes
 import glob
 import os
 import random

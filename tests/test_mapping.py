@@ -107,3 +107,39 @@ def test_poller_recovers_and_follows_changes(service):
     service.body = json.dumps(changed).encode()
     assert m.fetch_once()
     assert m.labeller()(ipaddress.ip_address("10.40.0.3")) == "ppp0"
+
+
+def test_a_service_that_does_not_speak_http_is_an_error_not_the_end():
+    """http.client raises BadStatusLine (not an OSError) for a non-HTTP answer; the
+    poller must count it and keep going."""
+    import socket as so
+    srv = so.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    stop = threading.Event()
+
+    def serve():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                continue
+            with c:
+                c.recv(1024)
+                c.sendall(b"HELLO I AM NOT HTTP\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    lines = []
+    m = lpd.NicMapping(f"http://127.0.0.1:{srv.getsockname()[1]}/status", "cap0",
+                       lambda prio, msg: lines.append(msg), period=0.05)
+    t = threading.Thread(target=m.run, args=(stop,), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 5
+    while m.errors < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert t.is_alive() and m.errors >= 3, (m.errors, lines)
+    assert len(lines) == 1 and "keeping the last good mapping" in lines[0]
+    stop.set()
+    t.join(2)
+    srv.close()

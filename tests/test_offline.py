@@ -180,3 +180,21 @@ def test_any_frame_is_counted_and_never_raises(frames):
     attributed = sum(e[1] for e in acct.hosts4.values()) + sum(e[1] for e in acct.hosts6.values())
     expect = sum(1 for d, w in frames if well_formed_ip(d, w))
     assert attributed == expect
+
+
+def test_new_local_nets_never_drop_counters():
+    """An interface coming back before its addresses, or a reload while it is gone,
+    must not wipe what was counted (issue 3: every counter kept)."""
+    frame = udp4("10.0.0.1", "192.0.2.9")
+    acct = lpd.Accounting([ipaddress.ip_network("10.0.0.0/8")])
+    for block in lpd.frames_to_blocks([(frame, len(frame))]):
+        acct.process_block(memoryview(block), 0)
+    acct.set_local_nets([])
+    for block in lpd.frames_to_blocks([(frame, len(frame))]):
+        acct.process_block(memoryview(block), 0)
+    assert [(lpd.address(k), e) for k, e in acct.host_counters()] == \
+        [(ipaddress.ip_address("10.0.0.1"), [len(frame), 1, 0, 0])]      # kept, not counting
+    acct.set_local_nets([ipaddress.ip_network("10.0.0.0/8")])
+    for block in lpd.frames_to_blocks([(frame, len(frame))]):
+        acct.process_block(memoryview(block), 0)
+    assert acct.host_counters()[0][1] == [2 * len(frame), 2, 0, 0]       # and counting again
