@@ -326,14 +326,20 @@ def test_snapshot_failure_closes_client_and_keeps_serving(serve, sockpath):
     assert srv._thread.is_alive()
 
 
-def test_close_is_prompt_with_stuck_clients(sockpath):
-    srv = lpd.RuleSocketServer(sockpath, lambda: rules(20000)).start()
+def connect_stuck(srv, sockpath, n):
+    """n clients that connect and never read, once the server holds all of them."""
     stuck = []
-    for _ in range(5):
+    for _ in range(n):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(sockpath)
         stuck.append(s)
-    wait_for(lambda: len(srv._clients) == 5, timeout=5, what="clients accepted")
+    wait_for(lambda: len(srv._clients) == n, timeout=5, what="clients accepted")
+    return stuck
+
+
+def test_close_is_prompt_with_stuck_clients(sockpath):
+    srv = lpd.RuleSocketServer(sockpath, lambda: rules(20000)).start()
+    stuck = connect_stuck(srv, sockpath, 5)
     t0 = time.monotonic()
     srv.close()
     assert time.monotonic() - t0 < 2
@@ -356,12 +362,7 @@ def test_default_socket_path():
 def test_client_limit_queues_instead_of_refusing(serve, sockpath):
     snap = rules(20000)
     srv = serve(snap, client_timeout=1.0, max_clients=3)
-    stuck = []
-    for _ in range(3):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(sockpath)
-        stuck.append(s)
-    wait_for(lambda: len(srv._clients) == 3, timeout=5, what="slots filled")
+    stuck = connect_stuck(srv, sockpath, 3)
     t0 = time.monotonic()
     assert read_all(sockpath, timeout=10) == expected(snap)    # waits in the backlog
     assert time.monotonic() - t0 >= 0.5                        # ...until the stuck ones expire
