@@ -204,7 +204,7 @@ def read_pcap(path):
             if len(h) < 16:
                 raise ConfigError(f"{path}: record {n}: truncated record header")
             sec, frac, caplen, wirelen = rec.unpack(h)
-            if caplen > 262144:
+            if caplen > SNAPLEN_FULL:
                 raise ConfigError(f"{path}: record {n}: capture length {caplen} is corrupt")
             data = f.read(caplen)
             if len(data) < caplen:
@@ -2626,7 +2626,7 @@ def _linearize(root):
 ###############################################################################
 # Entry points
 
-def compile_filter(expr, kernel=False, snaplen=262144, optimize=True):
+def compile_filter(expr, kernel=False, snaplen=SNAPLEN_FULL, optimize=True):
     """Compile a pcap-filter expression to a classic BPF program for Ethernet.
 
     kernel=False: the frame as pcap_offline_filter sees it (VLAN tags in the data);
@@ -3388,7 +3388,7 @@ _PKT_TYPE_MAX = 7           # the kernel masks skb->pkt_type with this
 # 256 KiB walked in 8-byte headers needs 32768 turns of protochain's loop.
 _MAX_BACKWARD_JUMPS = 1 << 16
 
-_UNPACK_H = struct.Struct("!H").unpack_from
+_UNPACK_H = U16BE.unpack_from
 _UNPACK_W = struct.Struct("!I").unpack_from
 
 
@@ -3576,38 +3576,9 @@ _ALU_OPS = {BPF_ADD: "+", BPF_SUB: "-", BPF_MUL: "*", BPF_DIV: "//", BPF_MOD: "%
 _REJECT_STMT = object()          # a statement that rejects wherever it is reached
 
 
-_ANCILLARY_MNEMONICS = {SKF_AD_PROTOCOL: "proto", SKF_AD_PKTTYPE: "type", SKF_AD_IFINDEX: "ifidx",
-                    SKF_AD_VLAN_TAG: "vlan_tci", SKF_AD_VLAN_TAG_PRESENT: "vlan_avail"}
-_ALU_MNEMONICS = {BPF_ADD: "add", BPF_SUB: "sub", BPF_MUL: "mul", BPF_DIV: "div", BPF_MOD: "mod",
-              BPF_OR: "or", BPF_AND: "and", BPF_XOR: "xor", BPF_LSH: "lsh", BPF_RSH: "rsh"}
-_JUMP_MNEMONICS = {BPF_JEQ: "jeq", BPF_JGT: "jgt", BPF_JGE: "jge", BPF_JSET: "jset"}
-
-
-def _insn_text(insn):
-    """One instruction in tcpdump -d style, for the generated code's comments."""
-    code, _, _, k = insn
-    cls, size = code & 0x07, {BPF_W: "", BPF_H: "h", BPF_B: "b"}.get(code & 0x18, "?")
-    mode, operand = code & 0xE0, "x" if code & BPF_X else f"#0x{k:x}"
-    if cls == BPF_RET:
-        return "ret a" if code & BPF_A else f"ret #{k}"
-    if cls in (BPF_LD, BPF_LDX):
-        op = "ld" if cls == BPF_LD else "ldx"
-        if mode == BPF_ABS and k >= SKF_AD_OFF:
-            return f"ld{size} #{_ANCILLARY_MNEMONICS.get(k - SKF_AD_OFF, hex(k))}"
-        return {BPF_ABS: f"{op}{size} [{k}]", BPF_IND: f"{op}{size} [x + {k}]",
-                BPF_IMM: f"{op} #0x{k:x}", BPF_MEM: f"{op} M[{k}]", BPF_LEN: f"{op} #pktlen",
-                BPF_MSH: f"ldxb 4*([{k}]&0xf)"}.get(mode, f"0x{code:x}")
-    if cls in (BPF_ST, BPF_STX):
-        return f"{'st' if cls == BPF_ST else 'stx'} M[{k}]"
-    if cls == BPF_ALU:
-        if code & 0xF0 == BPF_NEG:
-            return "neg"
-        return f"{_ALU_MNEMONICS.get(code & 0xF0, '?')} {operand}"
-    if cls == BPF_JMP:
-        if code & 0xF0 == BPF_JA:
-            return f"ja {k}"
-        return f"{_JUMP_MNEMONICS.get(code & 0xF0, '?')} {operand}"
-    return "tax" if code == BPF_MISC | BPF_TAX else "txa"
+def _insn_text(insn, pc):
+    """One instruction as 'tcpdump -d' prints it, padding folded, for generated comments."""
+    return " ".join(_image(insn, pc).split())
 
 
 def _jump_target(prog, pc):
@@ -3868,7 +3839,7 @@ class _MatchTree:
             if st is _REJECT_STMT:
                 return self.emit(depth, self.leaf("0") + f"  # ({pc}) rejects")
             target, expr, bound = st
-            self.emit(depth, f"{target} = {expr.format(a='A')}  # ({pc}) {_insn_text(insn)}")
+            self.emit(depth, f"{target} = {expr.format(a='A')}  # {_insn_text(insn, pc)}")
             if target == "A":
                 ba, fact = bound, new_fact
             elif target == "X":
@@ -3920,7 +3891,7 @@ class _MatchTree:
     def branch(self, insn, t, f, depth, ba, bx, fact, pc, xk):
         keyword, cond = "if", self.condition(insn, "A")
         while True:
-            self.emit(depth, f"{keyword} {cond}:  # ({pc}) {_insn_text(insn)}")
+            self.emit(depth, f"{keyword} {cond}:  # {_insn_text(insn, pc)}")
             self.path(t, depth + 1, ba, bx, _after_jump(insn, fact, True), xk=xk)
             f, fact = self.skip_decided(f, _after_jump(insn, fact, False))
             folded = self.fold(f, ba, bx, xk)
@@ -4057,7 +4028,7 @@ def _block_lines(prog, pc, leaders, leaf, ind):
         st = _statement(insn, _U32, _U32)
         if st is _REJECT_STMT:
             return lines + [f"{ind}{leaf('0')}"]
-        lines.append(f"{ind}{st[0]} = {st[1].format(a='A')}  # ({pc}) {_insn_text(insn)}")
+        lines.append(f"{ind}{st[0]} = {st[1].format(a='A')}  # {_insn_text(insn, pc)}")
         pc += 1
         if pc in leaders or pc >= len(prog):
             return lines + [f"{ind}pc = {pc}"]
@@ -4254,11 +4225,6 @@ def make_rules_matcher(progs):
 #
 # The unix socket: bpfcountd wrote its lines in reverse file order (it prepended
 # to a list); lpd writes them in file order.
-
-
-def _rules_log(message):
-    """A warning through the daemon section's log() (defined further down)."""
-    log(LOG_WARNING, message)
 
 
 class Rule(NamedTuple):
@@ -4668,7 +4634,7 @@ class RuleSocketServer:
                 except Exception:
                     # Never let one bad connection end the thread: the socket would
                     # then stay bound but silent until restart.
-                    _rules_log(f"rule socket: unexpected error: "
+                    log(LOG_WARNING, f"rule socket: unexpected error: "
                                f"{traceback.format_exc(limit=-1).strip()!r}")
                     if key.data not in ("listen", "wake"):
                         self._drop(key.data)
@@ -4679,7 +4645,7 @@ class RuleSocketServer:
         try:
             return format_rule_lines(self._snapshot()).encode("utf-8")
         except Exception:
-            _rules_log(f"rule socket: snapshot failed: {traceback.format_exc(limit=-1).strip()!r}")
+            log(LOG_WARNING, f"rule socket: snapshot failed: {traceback.format_exc(limit=-1).strip()!r}")
             return None
 
     def _accept_all(self):
@@ -4692,7 +4658,7 @@ class RuleSocketServer:
                 break
             except OSError as e:
                 # EMFILE and friends: leave the rest queued in the backlog.
-                _rules_log(f"rule socket: accept failed: {e}")
+                log(LOG_WARNING, f"rule socket: accept failed: {e}")
                 break
             conn.setblocking(False)
             if payload is None:
@@ -4786,46 +4752,46 @@ def program_snaplen(prog, limit=SNAPLEN_FULL):
             continue
         a, x, mem = st
         cls, mode, size = code & 0x07, code & 0xE0, code & 0x18
-        if cls in (0x00, 0x01):                      # ld, ldx
-            if mode == 0x00:                         # imm
+        if cls in (BPF_LD, BPF_LDX):
+            if mode == BPF_IMM:
                 v = k
-            elif mode == 0x60:                       # mem
+            elif mode == BPF_MEM:
                 v = mem[k & 15]
-            elif mode == 0x80:                       # len
+            elif mode == BPF_LEN:
                 v = limit
-            elif mode == 0xA0:                       # msh: 4*([k]&0xf)
+            elif mode == BPF_MSH:                    # 4*([k]&0xf)
                 need, v = max(need, k + 1), 60
-            elif k >= 0xFFFFF000 or (mode == 0x40 and x + k >= 0xFFFFF000):
+            elif k >= SKF_AD_OFF or (mode == BPF_IND and x + k >= SKF_AD_OFF):
                 v = _U32                             # ancillary data, not frame bytes
             else:
-                need = max(need, k + (x if mode == 0x40 else 0) + _LOAD_SIZES[size])
+                need = max(need, k + (x if mode == BPF_IND else 0) + _LOAD_SIZES[size])
                 v = (1 << 8 * _LOAD_SIZES[size]) - 1
-            if cls == 0x00:
+            if cls == BPF_LD:
                 a = v
             else:
                 x = v
-        elif cls in (0x02, 0x03):                    # st, stx
-            mem = mem[:k & 15] + ((a if cls == 0x02 else x),) + mem[(k & 15) + 1:]
-        elif cls == 0x04:                            # alu (the matcher's bounds; neg and
-            op, by_x = code & 0xF0, bool(code & 0x08)  # a shift by X may reach any value)
+        elif cls in (BPF_ST, BPF_STX):
+            mem = mem[:k & 15] + ((a if cls == BPF_ST else x),) + mem[(k & 15) + 1:]
+        elif cls == BPF_ALU:                         # the matcher's bounds; neg and a
+            op, by_x = code & 0xF0, bool(code & BPF_X)   # shift by X may reach any value
             a = _U32 if op == BPF_NEG or (op == BPF_LSH and by_x) else \
                 min(_alu_bound(op, a, x if by_x else k, by_x, k), _U32)
-        elif cls == 0x07:                            # misc: tax / txa
-            if code & 0x80:
+        elif cls == BPF_MISC:
+            if code & BPF_TXA:
                 a = x
             else:
                 x = a
         if need >= limit:
             return limit
-        if cls == 0x05:                              # jmp
-            if code & 0xF0 == 0x00:
+        if cls == BPF_JMP:
+            if code & 0xF0 == BPF_JA:
                 if pc + 1 + k >= n:                  # a loop (libpcap's protochain): no bound
                     return limit
                 merge(pc + 1 + k, (a, x, mem))
             else:
                 merge(pc + 1 + jt, (a, x, mem))
                 merge(pc + 1 + jf, (a, x, mem))
-        elif cls != 0x06:                            # everything but ret falls through
+        elif cls != BPF_RET:                         # everything but ret falls through
             merge(pc + 1, (a, x, mem))
     return min(need, limit)
 
@@ -5589,8 +5555,7 @@ def replay(opts, out=sys.stdout):
 def dump_filter(opts, out=sys.stdout):
     """-d/-dd/-ddd EXPR: the program in tcpdump's formats."""
     prog = compile_filter(" ".join(opts.expression), kernel=opts.kernel)
-    text = format_program(prog, min(opts.dump, 3))
-    out.write(text if text.endswith("\n") else text + "\n")
+    out.write(format_program(prog, min(opts.dump, 3)))
     return 0
 
 
