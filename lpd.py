@@ -4839,12 +4839,17 @@ class Accounting:
         self.cache4 = {a: e for a, e in self.hosts4.items() if _is_local(a, self._nets4)}
         self.cache6 = {a: e for a, e in self.hosts6.items() if _is_local(a, self._nets6)}
 
-    def _locate(self, addr, cache, table, prefixes):
+    def _locate(self, addr):
         """Slow path of the hot loop: first sight of an address (an int for IPv4,
         16 bytes for IPv6, whichever the loop unpacks cheapest)."""
+        if type(addr) is int:
+            cache, table, prefixes = self.cache4, self.hosts4, self._nets4
+        else:
+            cache, table, prefixes = self.cache6, self.hosts6, self._nets6
         if len(cache) >= LOCALITY_CACHE_MAX + len(table):
+            # Forget the remote addresses seen so far; local ones keep their counters.
             cache.clear()
-            cache.update(table)
+            cache.update((a, e) for a, e in table.items() if _is_local(a, prefixes))
         entry = 0                               # remote: falsy, but not None (unseen)
         if _is_local(addr, prefixes):
             entry = table.get(addr) or [0, 0, 0, 0]
@@ -4878,8 +4883,7 @@ class Accounting:
         tx_b = tx_p = rx_b = rx_p = 0
         with self.lock:
             # Read under the lock: reload and set_local_nets swap these while holding it.
-            cache4, cache6, hosts4, hosts6 = self.cache4, self.cache6, self.hosts4, self.hosts6
-            nets4, nets6, locate = self._nets4, self._nets6, self._locate
+            cache4, cache6, locate = self.cache4, self.cache6, self._locate
             rules = self.rules or None                      # an empty rule set costs nothing
             if rules is not None:
                 match, rule_bytes, rule_packets = rules.match, rules.bytes, rules.packets
@@ -4940,6 +4944,7 @@ class Accounting:
                         if tlen < (vihl & 15) << 2 or q - p + tlen > flen:
                             malformed["length"] += 1
                             continue
+                        cache = cache4
                     elif et == 0x86DD:
                         if q + 40 > end:
                             malformed["truncated"] += 1
@@ -4947,48 +4952,34 @@ class Accounting:
                         vtc, plen, src, dst = ip6(buf, q)
                         if vtc >> 4 != 6:
                             malformed["version"] += 1
-                        elif q - p + 40 + plen > flen:
+                            continue
+                        if q - p + 40 + plen > flen:
                             malformed["length"] += 1
-                        else:
-                            e = cache6.get(src)
-                            if e:
-                                e[0] += wl
-                                e[1] += 1
-                            elif e is None:
-                                e = locate(src, cache6, hosts6, nets6)
-                                if e:
-                                    e[0] += wl
-                                    e[1] += 1
-                            e = cache6.get(dst)
-                            if e:
-                                e[2] += wl
-                                e[3] += 1
-                            elif e is None:
-                                e = locate(dst, cache6, hosts6, nets6)
-                                if e:
-                                    e[2] += wl
-                                    e[3] += 1
-                        continue
+                            continue
+                        cache = cache6
                     else:
                         if et == -1:
                             malformed["truncated"] += 1
                         continue
-                # Cached: the counter list (local), 0 (remote) or None (unseen).
-                e = cache4.get(src)
+                else:
+                    cache = cache4
+                # One attribution for both families. Cached: the counter list (local),
+                # 0 (remote) or None (unseen).
+                e = cache.get(src)
                 if e:
                     e[0] += wl
                     e[1] += 1
                 elif e is None:
-                    e = locate(src, cache4, hosts4, nets4)
+                    e = locate(src)
                     if e:
                         e[0] += wl
                         e[1] += 1
-                e = cache4.get(dst)
+                e = cache.get(dst)
                 if e:
                     e[2] += wl
                     e[3] += 1
                 elif e is None:
-                    e = locate(dst, cache4, hosts4, nets4)
+                    e = locate(dst)
                     if e:
                         e[2] += wl
                         e[3] += 1
