@@ -1,11 +1,22 @@
 #!/usr/bin/env python3
 """lpd — per-address and per-rule network accounting from an AF_PACKET ring.
 
-One module, standard library plus prometheus_client. Sections, in dependency
-order: errors, options, capture (pcap files, interfaces, the ring), decode,
-filter compiler (lexer, parser, code generators, optimiser, formatter), filter
-matcher, rules (filter files, the unix socket), snapshot length, accounting
-(the hot loop), exporters (NIC mapping, Prometheus), daemon, main().
+One module, standard library plus prometheus_client. Data flows one way:
+sources (the ring, a pcap file, synthetic blocks) -> decode (one flat loop per
+block) -> consumers (local addresses, rules) -> published snapshots (immutable;
+the capture thread is the only writer) -> exporters (Prometheus, the rule socket).
+
+Sections, in dependency order (nothing refers to a later one):
+  errors and logging, options, Linux ABI, wire formats, system helpers,
+  classic BPF (opcodes, formatter, interpreter, snapshot length), filter
+  compiler (lexer, parser, code generators, optimiser), filter matcher,
+  snapshots, sources, decode, consumers (local addresses, rules), enrichment
+  (pollers: NIC mapping), exporters (Prometheus, rule socket), daemon, offline
+  replay and filter dumps, main().
+
+Where a new stage goes: a Consumer subclass in "Consumers" (what it wants
+decoded, its snapshot length, consume/tick/snapshot), a snapshot type in
+"Snapshots", its metrics in "Exporters"; build_daemon() wires it in.
 """
 import argparse
 import ctypes
@@ -31,14 +42,14 @@ import time
 import traceback
 import urllib.error
 import urllib.request
-from contextlib import nullcontext
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 __version__ = "0.1.0"
 
+
 ###############################################################################
-# Errors ######################################################################
+# Errors and logging ##########################################################
 ###############################################################################
 
 
@@ -61,6 +72,42 @@ class NoPermission(LpdError):
 
 class PortInUse(LpdError):
     exit_code = 69      # EX_UNAVAILABLE
+
+
+class FilterError(UsageError):
+    """A filter expression that does not compile; str() is 'line:col: reason'."""
+
+    def __init__(self, reason, col=1, line=1):
+        self.reason, self.col, self.line = reason, col, line
+        super().__init__(f"{line}:{col}: {reason}")
+
+
+LOG_ERR, LOG_WARNING, LOG_NOTICE, LOG_INFO, LOG_DEBUG = 3, 4, 5, 6, 7     # syslog priorities
+
+
+def log(priority, message):
+    """One line on stderr; journald reads the <N> priority prefix."""
+    prefix = f"<{priority}>" if os.environ.get("JOURNAL_STREAM") else ""
+    try:
+        sys.stderr.write(f"{prefix}lpd: {message}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def sd_notify(state):
+    """systemd's readiness protocol, without libsystemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr[0] == "@":
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+    except OSError as e:
+        log(LOG_WARNING, f"sd_notify: {addr}: {e.strerror}")
 
 
 ###############################################################################
@@ -161,76 +208,170 @@ def parse_args(argv):
 
 
 ###############################################################################
-# Capture: pcap files #########################################################
+# Linux ABI: every kernel constant and structure lpd speaks, declared once ####
 ###############################################################################
 
-# magic -> (byte order, timestamp divisor); the magic read as little-endian.
-PCAP_MAGICS = {
-    0xA1B2C3D4: ("<", 1_000_000), 0xD4C3B2A1: (">", 1_000_000),
-    0xA1B23C4D: ("<", 1_000_000_000), 0x4D3CB2A1: (">", 1_000_000_000),
-}
-PCAPNG_MAGIC = 0x0A0D0D0A
-
-
-def read_pcap(path):
-    """Yield (timestamp, wirelen, data) for each record of a classic pcap file.
-
-    Both byte orders, micro- and nanosecond magic; Ethernet link type only.
-    """
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise ConfigError(f"{path}: {e.strerror}") from None
-    with f:
-        head = f.read(24)
-        if len(head) < 24:
-            raise ConfigError(f"{path}: not a pcap file (only {len(head)} header bytes)")
-        magic = struct.unpack_from("<I", head)[0]
-        if magic == PCAPNG_MAGIC:
-            raise ConfigError(f"{path}: pcapng is not supported; convert with 'editcap -F pcap'")
-        if magic not in PCAP_MAGICS:
-            raise ConfigError(f"{path}: not a pcap file (magic 0x{magic:08x})")
-        order, div = PCAP_MAGICS[magic]
-        linktype = struct.unpack_from(order + "I", head, 20)[0] & 0xFFFF  # LT_LINKTYPE()
-        if linktype != 1:
-            raise ConfigError(f"{path}: link type {linktype} is not Ethernet (DLT_EN10MB)")
-        rec = struct.Struct(order + "IIII")
-        n = 0
-        while True:
-            h = f.read(16)
-            if not h:
-                return
-            n += 1
-            if len(h) < 16:
-                raise ConfigError(f"{path}: record {n}: truncated record header")
-            sec, frac, caplen, wirelen = rec.unpack(h)
-            if caplen > SNAPLEN_FULL:
-                raise ConfigError(f"{path}: record {n}: capture length {caplen} is corrupt")
-            data = f.read(caplen)
-            if len(data) < caplen:
-                raise ConfigError(f"{path}: record {n}: truncated record data")
-            yield sec + frac / div, wirelen, data
-
-
-###############################################################################
-# Capture: interfaces #########################################################
-###############################################################################
-
+# Interfaces (linux/sockios.h, linux/if.h).
 SIOCGIFFLAGS = 0x8913
 SIOCGIFHWADDR = 0x8927
 IFF_UP = 0x1
 IFF_LOOPBACK = 0x8
 IFREQ = struct.Struct("16sH14x")
+IFREQ_HWADDR = slice(18, 24)        # ifr_hwaddr.sa_data: after the name and sa_family
 
 # rtnetlink, for the capture interface's own networks without iproute2.
 NETLINK_ROUTE = 0
 RTM_NEWADDR, RTM_GETADDR = 20, 22
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLMSG_ALIGNTO = RTA_ALIGNTO = 4
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 NLMSGHDR = struct.Struct("=IHHII")
+NLMSGERR = struct.Struct("=i")
 IFADDRMSG = struct.Struct("=BBBBI")
 RTATTR = struct.Struct("=HH")
+
+# Packet sockets: Python's socket module has none of these (linux/if_packet.h,
+# asm-generic/socket.h, linux/if_ether.h).
+SOL_PACKET = 263
+PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC = 1, 1
+PACKET_RX_RING, PACKET_STATISTICS, PACKET_AUXDATA, PACKET_VERSION = 5, 6, 8, 10
+TPACKET_V3 = 2
+SO_ATTACH_FILTER = 26
+ETH_P_ALL = 0x0003
+ETH_P_8021Q = 0x8100
+ETH_HLEN, ETH_ALEN, ETH_TYPE_OFF = 14, 6, 12
+ETH_SRC = slice(ETH_ALEN, 2 * ETH_ALEN)
+SLL_ADDR_LEN = 8
+PACKET_HOST, PACKET_BROADCAST, PACKET_MULTICAST, PACKET_OTHERHOST, PACKET_OUTGOING = range(5)
+TP_STATUS_KERNEL, TP_STATUS_USER = 0, 1
+TP_STATUS_VLAN_VALID, TP_STATUS_VLAN_TPID_VALID = 0x10, 0x40
+TPACKET_ALIGNMENT = 16
+TPACKET_FRAME_SIZE = 2048           # tp_frame_size: V3 ignores it beyond the checks on it
+
+TPACKET_REQ3 = struct.Struct("=7I")
+PACKET_MREQ = struct.Struct("=iHH8s")
+TPACKET_STATS_V3 = struct.Struct("=III")
+SOCK_FPROG = struct.Struct("=HxxxxxxQ")     # struct sock_fprog { u16 len; sock_filter *filter; }
+SOCK_FILTER = struct.Struct("=HBBI")
+U32 = struct.Struct("=I")
+
+
+def _layout(fields, keep=None):
+    """A Struct over `fields` ((name, code) in order, '=' byte order). With `keep`,
+    the other fields become padding and the trailing ones are left off, so the hot
+    loop unpacks only what it reads from the one declaration the builders use."""
+    codes = []
+    for name, code in fields:
+        wanted = name is not None and (keep is None or name in keep)
+        codes.append(code if wanted else f"{struct.calcsize('=' + code)}x")
+        if wanted:
+            last = len(codes)
+    return struct.Struct("=" + "".join(codes[:last]))
+
+
+def _offset(fields, field):
+    """Byte offset of one field of a layout."""
+    names = [name for name, _ in fields]
+    return struct.calcsize("=" + "".join(code for _, code in fields[:names.index(field)]))
+
+
+def _align(n, to):
+    return (n + to - 1) & ~(to - 1)
+
+
+# struct tpacket_block_desc with its tpacket_hdr_v1 (the block header of a V3 ring).
+BLOCK_FIELDS = (
+    ("version", "I"), ("offset_to_priv", "I"), ("block_status", "I"), ("num_pkts", "I"),
+    ("offset_to_first_pkt", "I"), ("blk_len", "I"), ("seq_num", "Q"),
+    ("first_sec", "I"), ("first_nsec", "I"), ("last_sec", "I"), ("last_nsec", "I"))
+BLOCK = _layout(BLOCK_FIELDS)
+BLOCK_STATUS_OFF = _offset(BLOCK_FIELDS, "block_status")
+BLOCK_HDR_OFF = _offset(BLOCK_FIELDS, "num_pkts")
+BLOCK_HDR = _layout(BLOCK_FIELDS[3:5])          # num_pkts, offset_to_first_pkt
+BLOCK_FIRST_FRAME = _align(BLOCK.size, TPACKET_ALIGNMENT)
+
+# struct tpacket3_hdr (with tpacket_hdr_variant1) then struct sockaddr_ll, as the
+# kernel writes them before each frame. sll_protocol is in network byte order.
+FRAME_FIELDS = (
+    ("next_offset", "I"), ("sec", "I"), ("nsec", "I"), ("snaplen", "I"), ("len", "I"),
+    ("status", "I"), ("mac", "H"), ("net", "H"),
+    ("rxhash", "I"), ("vlan_tci", "I"), ("vlan_tpid", "H"), (None, "H"),
+    (None, "8x"),                                # tp_padding
+    ("sll_family", "H"), ("sll_protocol", "H"), ("sll_ifindex", "i"), ("sll_hatype", "H"),
+    ("sll_pkttype", "B"), ("sll_halen", "B"), ("sll_addr", "8s"))
+FRAME = _layout(FRAME_FIELDS)                    # every field: reading whole and building
+FRAME_HDR = _layout(FRAME_FIELDS, ("next_offset", "snaplen", "len", "status", "mac",
+                                   "vlan_tci", "vlan_tpid", "sll_pkttype"))   # the hot loop's
+FRAME_DATA_OFF = _align(FRAME.size, TPACKET_ALIGNMENT)   # where the kernel puts tp_mac
+ARPHRD_ETHER = 1
+
+# Capture geometry: lpd's choices within the ABI above.
+RING_BLOCK_BYTES = 1 << 20
+# A block goes to userspace when full or after this; at low rates it bounds how late a
+# frame is counted, at high rates blocks fill long before (see README, Performance).
+RING_RETIRE_MS = 20
+SNAPLEN_ACCOUNTING = 128                   # Ethernet + stacked tags + IPv6 addresses
+SNAPLEN_FULL = 262144                      # libpcap's maximum
+
+
+###############################################################################
+# Wire formats: Ethernet, VLAN, IPv4, IPv6 ####################################
+###############################################################################
+
+VLAN_TPIDS = frozenset((0x8100, 0x88A8, 0x9100))    # 802.1Q, 802.1ad, old QinQ
+VLAN_TAG = struct.Struct("!HH")
+VLAN_TAG_LEN = VLAN_TAG.size
+U16BE = struct.Struct("!H")
+U32BE = struct.Struct("!I")
+ETHERTYPE_IPV4, ETHERTYPE_IPV6 = 0x0800, 0x86DD
+IPV4_HDR = struct.Struct("!BxH8xII")                 # version/IHL, total length, src, dst
+IPV6_HDR = struct.Struct("!B3xH2x16s16s")            # version, payload length, src, dst
+ETH_IPV4_HDR = struct.Struct("!12xHBxH8xII")         # ethertype, then IPV4_HDR
+IPV4_VIHL_PLAIN = 0x45                              # version 4, no options
+IPV4_MIN_IHL, IPV6_HDR_LEN = 5, 40
+
+
+class Family(NamedTuple):
+    """What differs between IPv4 and IPv6 wherever lpd handles an address. The hot
+    loop keys an IPv4 address by its integer and an IPv6 one by its 16 raw bytes,
+    whichever each unpacks cheapest."""
+    version: int
+    ethertype: int
+    address: type                                   # ipaddress class
+    key_to_int: Callable                            # hot-loop key -> integer
+    key_of: Callable                                # ipaddress object -> hot-loop key
+
+
+FAMILIES = {
+    4: Family(4, ETHERTYPE_IPV4, ipaddress.IPv4Address, int, int),
+    6: Family(6, ETHERTYPE_IPV6, ipaddress.IPv6Address,
+              lambda raw: int.from_bytes(raw, "big"), lambda a: a.packed),
+}
+
+
+def family_of_key(key):
+    """The family of a hot-loop key: an int is IPv4, 16 bytes IPv6."""
+    return FAMILIES[4] if type(key) is int else FAMILIES[6]
+
+
+def address(key):
+    """(version, hot-loop key) -> an ipaddress object."""
+    version, raw = key
+    return FAMILIES[version].address(raw)
+
+# Why a frame was not attributed to an address: lpd_packets_malformed_total{reason}.
+MALFORMED_REASONS = (
+    "truncated",   # shorter than the Ethernet/VLAN/IP header it announces
+    "version",     # IP version field disagrees with the ethertype
+    "ihl",         # IPv4 header length below 5 words
+    "length",      # IP total length beyond the frame's wire length (or below the header)
+)
+
+
+###############################################################################
+# System helpers: interfaces, unix sockets ####################################
+###############################################################################
 
 
 def _ifreq(ifname, request):
@@ -259,7 +400,7 @@ def interface_mac(ifname):
         raw = _ifreq(ifname, SIOCGIFHWADDR)
     except OSError as e:
         raise ConfigError(f"{ifname}: cannot read the MAC address: {e.strerror}") from None
-    return ":".join(f"{b:02x}" for b in raw[18:24])
+    return ":".join(f"{b:02x}" for b in raw[IFREQ_HWADDR])
 
 
 def default_interface():
@@ -294,10 +435,10 @@ def _netlink_dump(request_type, body):
                 if mtype == NLMSG_DONE or length < NLMSGHDR.size:
                     return
                 if mtype == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", data, off + NLMSGHDR.size)[0]
+                    code = -NLMSGERR.unpack_from(data, off + NLMSGHDR.size)[0]
                     raise OSError(code, os.strerror(code))
                 yield mtype, data[off + NLMSGHDR.size:off + length]
-                off += (length + 3) & ~3
+                off += _align(length, NLMSG_ALIGNTO)
 
 
 def _rtattrs(data, off):
@@ -307,7 +448,7 @@ def _rtattrs(data, off):
         if length < RTATTR.size:
             break
         attrs[atype] = data[off + RTATTR.size:off + length]
-        off += (length + 3) & ~3
+        off += _align(length, RTA_ALIGNTO)
     return attrs
 
 
@@ -328,197 +469,103 @@ def interface_networks(ifindex):
     return nets
 
 
-###############################################################################
-# Capture: the TPACKET_V3 ring ################################################
-###############################################################################
-
-# Python's socket module has none of these (linux/if_packet.h, asm-generic/socket.h).
-SOL_PACKET = 263
-PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC = 1, 1
-PACKET_RX_RING, PACKET_STATISTICS, PACKET_AUXDATA, PACKET_VERSION = 5, 6, 8, 10
-TPACKET_V3 = 2
-SO_ATTACH_FILTER = 26
-ETH_P_ALL = 0x0003
-PACKET_HOST, PACKET_OUTGOING = 0, 4
-TP_STATUS_KERNEL, TP_STATUS_USER = 0, 1
-
-TPACKET_REQ3 = struct.Struct("=7I")
-PACKET_MREQ = struct.Struct("=iHH8s")
-TPACKET_STATS_V3 = struct.Struct("=III")
-SOCK_FPROG = struct.Struct("=HxxxxxxQ")     # struct sock_fprog { u16 len; sock_filter *filter; }
-SOCK_FILTER = struct.Struct("=HBBI")
-# tpacket_block_desc: version, offset_to_priv, then tpacket_hdr_v1 from block_status on.
-BLOCK_STATUS_OFF = 8
-BLOCK_HDR = struct.Struct("=II")          # num_pkts, offset_to_first_pkt (at +12)
-BLOCK_HDR_OFF = 12
-U32 = struct.Struct("=I")
-# tpacket3_hdr (48 bytes) then sockaddr_ll: next_offset, snaplen, len, status, mac,
-# vlan_tci, vlan_tpid, sll_pkttype. Skipped: timestamps, net, rxhash, padding, sll head.
-FRAME_HDR = struct.Struct("=I8xIIIH2x4xIH2x8x10xB")
-SYNTH_MAC_OFF = 80                         # where frames_to_blocks puts the frame data
-
-RING_BLOCK_BYTES = 1 << 20
-# A block goes to userspace when full or after this; at low rates it bounds how late a
-# frame is counted, at high rates blocks fill long before (see README, Performance).
-RING_RETIRE_MS = 20
-SNAPLEN_ACCOUNTING = 128                   # Ethernet + stacked tags + IPv6 addresses
-SNAPLEN_FULL = 262144                      # libpcap's maximum
+def default_socket_path(iface):
+    """Where the rule socket lives unless -u says otherwise."""
+    return f"/run/lpd/{iface}.sock"
 
 
-def accept_all(snaplen):
-    """The default kernel filter: everything, cut to the bytes lpd reads."""
-    return [(0x06, 0, 0, snaplen)]        # ret #snaplen
+def resolve_group(spec):
+    """--socket-group value (name or numeric gid) -> gid; ConfigError if unknown."""
+    if spec is None or spec == "":
+        return None
+    if isinstance(spec, int) or str(spec).isdigit():
+        return int(spec)
+    try:
+        return grp.getgrnam(spec).gr_gid
+    except KeyError:
+        raise ConfigError(f"--socket-group: no such group {spec!r}") from None
 
 
-def pack_filter(prog):
-    return b"".join(SOCK_FILTER.pack(*insn) for insn in prog)
+def _probe_unix_socket(path):
+    """True if something accepts connections at path, False if the file is stale."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1.0)
+        s.connect(path)
+        return True
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except socket.timeout:
+        return True   # a full backlog is still a live server
+    finally:
+        s.close()
 
 
-def ring_geometry(ring_bytes):
-    """(block_size, block_nr) for a ring of about ring_bytes."""
-    block = RING_BLOCK_BYTES
-    while block > mmap.PAGESIZE and ring_bytes // block < 4:
-        block //= 2
-    return block, max(ring_bytes // block, 2)
+def _clear_stale_socket(path):
+    """Remove a dead socket file at path; ConfigError if it is live or not a socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"{path}: exists and is not a socket; not replacing it")
+    try:
+        live = _probe_unix_socket(path)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot probe existing socket: {e.strerror or e}") from None
+    if live:
+        raise ConfigError(f"{path}: another lpd is serving this socket")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot remove stale socket: {e.strerror or e}") from None
 
 
-class Ring:
-    """An AF_PACKET socket with a mapped TPACKET_V3 receive ring on one interface."""
+def _bind_unix_socket(path, mode, gid):
+    """Listening socket at path with mode/group set before anyone can connect.
 
-    def __init__(self, ifname, ring_bytes, prog, promisc=False):
-        self.ifname = ifname
-        self.ifindex = interface_index(ifname)
-        if self.ifindex is None:
-            raise ConfigError(f"{ifname}: no such interface")
-        try:
-            # Protocol 0: nothing is queued until bind(), after the filter is attached,
-            # so no unfiltered frame ever reaches the ring.
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
-        except PermissionError:
-            raise NoPermission(f"capturing on {ifname} needs CAP_NET_RAW (run as root "
-                               "or grant the capability)") from None
-        try:
-            self.attach(prog)
-            self.sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
-            self.sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
-            self.block_size, self.block_nr = ring_geometry(ring_bytes)
-            frame = 2048
-            self.sock.setsockopt(SOL_PACKET, PACKET_RX_RING, TPACKET_REQ3.pack(
-                self.block_size, self.block_nr, frame, self.block_size // frame * self.block_nr,
-                RING_RETIRE_MS, 0, 0))
-            self.map = mmap.mmap(self.sock.fileno(), self.block_size * self.block_nr,
-                                 mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            self.view = memoryview(self.map)
-            self.sock.bind((ifname, ETH_P_ALL))
-            if promisc:
-                self.sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, PACKET_MREQ.pack(
-                    self.ifindex, PACKET_MR_PROMISC, 0, b""))
-        except OSError as e:
-            if hasattr(self, "view"):
-                self.view.release()
-                self.map.close()
-            self.sock.close()
-            if e.errno == errno.ENODEV:
-                raise ConfigError(f"{ifname}: no such interface") from None
-            raise ConfigError(f"{ifname}: cannot set up the capture ring: {e.strerror}") from None
-        self.next_block = 0
-        self.drops = 0
-
-    def fileno(self):
-        return self.sock.fileno()
-
-    def attach(self, prog):
-        """Replace the kernel filter; a single SO_ATTACH_FILTER swaps it atomically."""
-        # sock_fprog holds a pointer: the instructions need an address, which only a
-        # ctypes-visible buffer has; the kernel copies them before setsockopt returns.
-        insns = bytearray(pack_filter(prog))
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(insns))
-        self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, SOCK_FPROG.pack(len(prog), addr))
-
-    def drain(self, process):
-        """Hand every block the kernel has released to process(view, base); return how many."""
-        view, size, nr = self.view, self.block_size, self.block_nr
-        done = 0
-        while done < nr:
-            base = self.next_block * size
-            if not U32.unpack_from(view, base + BLOCK_STATUS_OFF)[0] & TP_STATUS_USER:
-                break
-            process(view, base)
-            U32.pack_into(view, base + BLOCK_STATUS_OFF, TP_STATUS_KERNEL)
-            self.next_block = (self.next_block + 1) % nr
-            done += 1
-        return done
-
-    def read_stats(self):
-        """Accumulate the kernel's counters (reading them resets them)."""
-        try:
-            _, drops, _ = TPACKET_STATS_V3.unpack(
-                self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, TPACKET_STATS_V3.size))
-        except OSError:
-            return
-        self.drops += drops
-
-    def socket_error(self):
-        return self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-
-    def close(self):
-        self.read_stats()
-        self.view.release()
-        self.map.close()
-        self.sock.close()
-
-
-def frames_to_blocks(frames, block_size=RING_BLOCK_BYTES, pkttype=PACKET_HOST):
-    """Lay (data, wirelen) frames out exactly as TPACKET_V3 ring blocks, one block at a time.
-
-    Offline replay and the benchmark push these through the same process_block()
-    the live ring feeds, so there is one decode and accounting path.
+    Binds to a temporary name in the same directory, fixes mode and group there and
+    renames it into place, so the socket never exists with the umask's permissions
+    and the process-wide umask is left alone (other threads may be creating files).
     """
-    block, count, pos = bytearray(block_size), 0, 48
-    for data, wirelen in frames:
-        need = (SYNTH_MAC_OFF + len(data) + 15) & ~15
-        if need > block_size - 48:
-            raise ValueError(f"frame of {len(data)} bytes does not fit a {block_size}-byte block")
-        if pos + need > block_size:
-            yield _close_block(block, count)
-            block, count, pos = bytearray(block_size), 0, 48
-        struct.pack_into("=I8xII4xH", block, pos, need, len(data), wirelen, SYNTH_MAC_OFF)
-        block[pos + 58] = pkttype
-        block[pos + SYNTH_MAC_OFF:pos + SYNTH_MAC_OFF + len(data)] = data
-        pos += need
-        count += 1
-    if count:
-        yield _close_block(block, count)
-
-
-def _close_block(block, count):
-    BLOCK_HDR.pack_into(block, BLOCK_HDR_OFF, count, 48)
-    U32.pack_into(block, BLOCK_STATUS_OFF, TP_STATUS_USER)
-    return block
-
-
-###############################################################################
-# Decode ######################################################################
-###############################################################################
-
-VLAN_TPIDS = frozenset((0x8100, 0x88A8, 0x9100))    # 802.1Q, 802.1ad, old QinQ
-VLAN_TAG = struct.Struct("!HH")
-U16BE = struct.Struct("!H")
-IPV4_HDR = struct.Struct("!BxH8xII")                 # version/IHL, total length, src, dst
-IPV6_HDR = struct.Struct("!B3xH2x16s16s")            # version, payload length, src, dst
-ETH_IPV4_HDR = struct.Struct("!12xHBxH8xII")         # ethertype, then IPV4_HDR
-
-# Why a frame was not attributed to an address: lpd_packets_malformed_total{reason}.
-MALFORMED_REASONS = (
-    "truncated",   # shorter than the Ethernet/VLAN/IP header it announces
-    "version",     # IP version field disagrees with the ethertype
-    "ihl",         # IPv4 header length below 5 words
-    "length",      # IP total length beyond the frame's wire length (or below the header)
-)
+    d = os.path.dirname(path) or "."
+    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    if len(os.fsencode(tmp)) > 107:
+        tmp = os.path.join(d, f".lpd{os.getpid()}.tmp")
+    if len(os.fsencode(path)) > 107:
+        raise ConfigError(f"{path}: socket path longer than 107 bytes")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        s.bind(tmp)
+        try:
+            os.chmod(tmp, mode)
+            if gid is not None:
+                os.chown(tmp, -1, gid)
+            s.listen(128)
+            os.rename(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+    except OSError as e:
+        s.close()
+        what = "set socket group" if e.errno == errno.EPERM and gid is not None else "create socket"
+        raise ConfigError(f"{path}: cannot {what}: {e.strerror or e}") from None
+    return s
 
 
 ###############################################################################
-# Filter compiler #############################################################
+# Classic BPF: opcodes, formatter, interpreter, snapshot length ###############
+###############################################################################
+
 ###############################################################################
 
 # Classic BPF, as struct sock_filter / struct bpf_insn spell it. A program is a
@@ -549,13 +596,347 @@ def _jmp(op):
     return BPF_JMP | op | BPF_K
 
 
-class FilterError(UsageError):
-    """A filter expression that does not compile; str() is 'line:col: reason'."""
+def accept_all(snaplen):
+    """The default kernel filter: everything, cut to the bytes lpd reads."""
+    return [(0x06, 0, 0, snaplen)]        # ret #snaplen
 
-    def __init__(self, reason, col=1, line=1):
-        self.reason, self.col, self.line = reason, col, line
-        super().__init__(f"{line}:{col}: {reason}")
 
+def pack_filter(prog):
+    return b"".join(SOCK_FILTER.pack(*insn) for insn in prog)
+
+
+_AD_NAMES = {SKF_AD_PROTOCOL: "proto", SKF_AD_PKTTYPE: "type", SKF_AD_IFINDEX: "ifidx",
+             SKF_AD_NLATTR: "nla", SKF_AD_NLATTR_NEST: "nlan", SKF_AD_MARK: "mark",
+             SKF_AD_QUEUE: "queue", SKF_AD_HATYPE: "hatype", SKF_AD_RXHASH: "rxhash",
+             SKF_AD_CPU: "cpu", SKF_AD_ALU_XOR_X: "xor_x", SKF_AD_VLAN_TAG: "vlan_tci",
+             SKF_AD_VLAN_TAG_PRESENT: "vlanp", SKF_AD_PAY_OFFSET: "poff",
+             SKF_AD_RANDOM: "random", SKF_AD_VLAN_TPID: "vlan_tpid"}
+_ALU_NAMES = {BPF_ADD: "add", BPF_SUB: "sub", BPF_MUL: "mul", BPF_DIV: "div", BPF_MOD: "mod",
+              BPF_AND: "and", BPF_OR: "or", BPF_XOR: "xor", BPF_LSH: "lsh", BPF_RSH: "rsh"}
+_JMP_NAMES = {BPF_JGT: "jgt", BPF_JGE: "jge", BPF_JEQ: "jeq", BPF_JSET: "jset"}
+
+
+def _s32(k):
+    return k - (1 << 32) if k & 0x80000000 else k
+
+
+def _image_table():
+    t = {BPF_RET | BPF_K: ("ret", "#d"), BPF_RET | BPF_A: ("ret", ""),
+         BPF_LD | BPF_W | BPF_LEN: ("ld", "#pktlen"), BPF_LD | BPF_IMM: ("ld", "#x"),
+         BPF_LDX | BPF_IMM: ("ldx", "#x"), BPF_LDX | BPF_MSH | BPF_B: ("ldxb", "msh"),
+         BPF_LD | BPF_MEM: ("ld", "M"), BPF_LDX | BPF_MEM: ("ldx", "M"), BPF_ST: ("st", "M"),
+         BPF_STX: ("stx", "M"), BPF_JMP | BPF_JA: ("ja", "ja"), BPF_ALU | BPF_NEG: ("neg", ""),
+         BPF_MISC | BPF_TAX: ("tax", ""), BPF_MISC | BPF_TXA: ("txa", "")}
+    for size, name in ((BPF_W, "ld"), (BPF_H, "ldh"), (BPF_B, "ldb")):
+        t[BPF_LD | size | BPF_ABS] = (name, "abs")
+        t[BPF_LD | size | BPF_IND] = (name, "ind")
+    for op, name in _JMP_NAMES.items():
+        t[BPF_JMP | op | BPF_K], t[BPF_JMP | op | BPF_X] = (name, "#x"), (name, "x")
+    for op, name in _ALU_NAMES.items():
+        hexa = op in (BPF_AND, BPF_OR, BPF_XOR)
+        t[BPF_ALU | op | BPF_K], t[BPF_ALU | op | BPF_X] = (name, "#x" if hexa else "#d"), (name, "x")
+    return t
+
+
+_IMAGE = _image_table()
+
+
+def _image(insn, n):
+    """One line of 'tcpdump -d' (libpcap's bpf_image())."""
+    code, jt, jf, k = insn
+    opname, form = _IMAGE.get(code, ("unimp", None))
+    if form is None:
+        operand = f"0x{code:x}"
+    elif form == "#d":
+        operand = f"#{_s32(k)}"
+    elif form == "#x":
+        operand = f"#0x{k:x}"
+    elif form == "abs":
+        ad = _AD_NAMES.get(k - SKF_AD_OFF) if k >= SKF_AD_OFF else None
+        operand = f"[{ad}]" if ad else f"[{_s32(k)}]"
+    elif form == "ind":
+        operand = f"[x + {_s32(k)}]"
+    elif form == "msh":
+        operand = f"4*([{_s32(k)}]&0xf)"
+    elif form == "M":
+        operand = f"M[{_s32(k)}]"
+    elif form == "ja":
+        operand = f"{_s32((n + 1 + k) & 0xffffffff)}"
+    else:
+        operand = form
+    if _cls(code) == BPF_JMP and code & 0xf0 != BPF_JA:
+        return f"({n:03d}) {opname:<8} {operand:<16} jt {n + 1 + jt}\tjf {n + 1 + jf}"
+    return f"({n:03d}) {opname:<8} {operand}"
+
+
+def format_program(prog, level=1):
+    """The program as 'tcpdump -d' (level 1), '-dd' (2) or '-ddd' (3) prints it."""
+    if level >= 3:
+        return f"{len(prog)}\n" + "".join(f"{c} {t} {f} {k}\n" for c, t, f, k in prog)
+    if level == 2:
+        return "".join(f"{{ 0x{c:x}, {t}, {f}, 0x{k:08x} }},\n" for c, t, f, k in prog)
+    return "".join(_image(insn, n) + "\n" for n, insn in enumerate(prog))
+
+
+#
+# Rules are evaluated for every frame, so a compiled program is translated once
+# into Python source and compile()d (make_matcher, make_rules_matcher);
+# bpf_interpret is the plain interpreter that translation is measured against
+# and tested with. Semantics are libpcap's userspace bpf_filter() (1.10) for
+# everything it defines, and the Linux kernel's for ancillary loads, which
+# libpcap's interpreter does not implement:
+#   - a load past the end of the captured bytes rejects (returns 0);
+#   - division or modulo by zero rejects; A and X are 32-bit unsigned;
+#   - BPF_LEN is the wire length; scratch memory M[0..15] starts at 0;
+#   - ja's k is sign-extended (libpcap compiles 'protochain' to a backward jump);
+#     after 65536 backward jumps the frame is rejected: libpcap's protochain
+#     step for AH sets X to the header length instead of adding it, so on some
+#     IPv6 chains libpcap's own interpreter never returns;
+#   - shifts by 32 or more give 0 (libpcap's rule for X; a K that large is
+#     refused by both libpcap's compiler and the kernel's checker);
+#   - an opcode libpcap's interpreter has no case for, a jump out of the
+#     program, or M[k] with k >= 16 rejects instead of crashing;
+#   - loads at SKF_AD_OFF + n: PKTTYPE, VLAN_TAG, VLAN_TAG_PRESENT and PROTOCOL
+#     as in the kernel's net/core/filter.c; any other ancillary load rejects.
+#     VLAN_TAG is the whole 16-bit TCI (PCP, DEI and VID) as since Linux 4.20
+#     ("net: remove VLAN_TAG_PRESENT"); before that the kernel cleared bit 12,
+#     which it used as its own "present" flag.
+
+
+_U32 = 0xFFFFFFFF
+_PKT_TYPE_MAX = 7           # the kernel masks skb->pkt_type with this
+# libpcap 1.10 loops forever on a program that jumps back forever; a frame of
+# 256 KiB walked in 8-byte headers needs 32768 turns of protochain's loop.
+_MAX_BACKWARD_JUMPS = 1 << 16
+
+_UNPACK_H = U16BE.unpack_from
+_UNPACK_W = struct.Struct("!I").unpack_from
+
+
+def _skb_protocol(data):
+    """What eth_type_trans() leaves in skb->protocol (host order), from the frame."""
+    if len(data) < 14:
+        return 0
+    ethertype = data[12] << 8 | data[13]
+    if ethertype >= 0x0600:
+        return ethertype
+    return 0x0001 if data[14:16] == b"\xff\xff" else 0x0004   # ETH_P_802_3 / ETH_P_802_2
+
+
+def _ancillary(k, data, pkttype, vlan_tci):
+    """Value of an ancillary load, or None when the kernel has nothing there for us."""
+    off = k - SKF_AD_OFF
+    if off == SKF_AD_PKTTYPE:
+        return pkttype & _PKT_TYPE_MAX
+    if off == SKF_AD_VLAN_TAG:
+        return 0 if vlan_tci is None else vlan_tci & 0xFFFF
+    if off == SKF_AD_VLAN_TAG_PRESENT:
+        return 0 if vlan_tci is None else 1
+    if off == SKF_AD_PROTOCOL:
+        return _skb_protocol(data)
+    return None
+
+
+def _load_packet(data, size, k):
+    """Big-endian load of `size` bytes at k, or None past the end (k may be huge)."""
+    if k + size > len(data):
+        return None
+    if size == 1:
+        return data[k]
+    return _UNPACK_H(data, k)[0] if size == 2 else _UNPACK_W(data, k)[0]
+
+
+_LOAD_SIZES = {BPF_W: 4, BPF_H: 2, BPF_B: 1}
+
+
+def _alu_result(op, a, v):
+    """A op v for BPF_ALU (v is K or X); None for division by zero or unknown op."""
+    if op == BPF_ADD:
+        return (a + v) & _U32
+    if op == BPF_SUB:
+        return (a - v) & _U32
+    if op == BPF_MUL:
+        return (a * v) & _U32
+    if op in (BPF_DIV, BPF_MOD):
+        if v == 0:
+            return None
+        return a // v if op == BPF_DIV else a % v
+    if op == BPF_OR:
+        return a | v
+    if op == BPF_AND:
+        return a & v
+    if op == BPF_XOR:
+        return a ^ v
+    if op == BPF_LSH:
+        return (a << v) & _U32 if v < 32 else 0
+    if op == BPF_RSH:
+        return a >> v
+    return None
+
+
+def _jump_taken(op, a, v):
+    if op == BPF_JEQ:
+        return a == v
+    if op == BPF_JGT:
+        return a > v
+    if op == BPF_JGE:
+        return a >= v
+    return (a & v) != 0                                         # BPF_JSET
+
+
+def bpf_interpret(prog, data, wirelen, pkttype=0, vlan_tci=None):
+    """Run classic BPF `prog` on a frame; the accept length (0 = reject).
+
+    The straightforward interpreter: the reference the generated matchers are
+    tested against and the baseline `make bench` measures them against.
+    """
+    a = x = 0
+    mem = [0] * BPF_MEMWORDS
+    pc, end, back = 0, len(prog), 0
+    while 0 <= pc < end:
+        code, jt, jf, k = prog[pc]
+        pc += 1
+        if code > 0xFF:
+            return 0
+        cls = code & 0x07
+        if cls == BPF_RET:
+            if code == BPF_RET | BPF_K:
+                return k
+            return a if code == BPF_RET | BPF_A else 0
+        if cls == BPF_LD:
+            mode, size = code & 0xE0, code & 0x18
+            if mode == BPF_ABS and size in _LOAD_SIZES:
+                a = _ancillary(k, data, pkttype, vlan_tci) if k >= SKF_AD_OFF else \
+                    _load_packet(data, _LOAD_SIZES[size], k)
+            elif mode == BPF_IND and size in _LOAD_SIZES:
+                a = _load_packet(data, _LOAD_SIZES[size], x + k)
+            elif code == BPF_LD | BPF_IMM:
+                a = k
+            elif code == BPF_LD | BPF_W | BPF_LEN:
+                a = wirelen
+            elif code == BPF_LD | BPF_MEM and k < BPF_MEMWORDS:
+                a = mem[k]
+            else:
+                return 0
+            if a is None:
+                return 0
+        elif cls == BPF_LDX:
+            if code == BPF_LDX | BPF_W | BPF_IMM:
+                x = k
+            elif code == BPF_LDX | BPF_W | BPF_LEN:
+                x = wirelen
+            elif code == BPF_LDX | BPF_W | BPF_MEM and k < BPF_MEMWORDS:
+                x = mem[k]
+            elif code == BPF_LDX | BPF_B | BPF_MSH and k < len(data):
+                x = (data[k] & 0x0F) << 2
+            else:
+                return 0
+        elif cls in (BPF_ST, BPF_STX):
+            if code & ~0x07 or k >= BPF_MEMWORDS:
+                return 0
+            mem[k] = a if cls == BPF_ST else x
+        elif cls == BPF_ALU:
+            if code == BPF_ALU | BPF_NEG:
+                a = -a & _U32
+            else:
+                a = _alu_result(code & 0xF0, a, x if code & BPF_X else k)
+                if a is None:
+                    return 0
+        elif cls == BPF_JMP:
+            op = code & 0xF0
+            if code == BPF_JMP | BPF_JA:
+                off = k - (1 << 32) if k & 0x80000000 else k
+                if off < 0:
+                    back += 1
+                    if back > _MAX_BACKWARD_JUMPS:
+                        return 0
+                pc += off
+            elif op in (BPF_JEQ, BPF_JGT, BPF_JGE, BPF_JSET):
+                pc += jt if _jump_taken(op, a, x if code & BPF_X else k) else jf
+            else:
+                return 0
+        elif code == BPF_MISC | BPF_TAX:
+            x = a
+        elif code == BPF_MISC | BPF_TXA:
+            a = x
+        else:
+            return 0
+    return 0
+
+
+def program_snaplen(prog, limit=SNAPLEN_FULL):
+    """The fewest leading bytes of a frame on which `prog` decides as on the whole frame.
+
+    Rules run in userspace on what the kernel copied; cutting frames to this length
+    instead of keeping them whole lets the ring hold several times more frames, with
+    no rule seeing a different byte. An abstract interpretation over the program's
+    forward-only jumps bounds A, X and M[] from above; a load at [X + k] is bounded by
+    the largest X can be. Returns `limit` where no bound below it can be proved (a
+    backward jump, as in libpcap's protochain loop, wraps k past the program's end).
+    """
+    n = len(prog)
+    states = [None] * (n + 1)                        # (A, X, M tuple) upper bounds per pc
+    states[0] = (0, 0, (0,) * 16)
+    need = 0
+
+    def merge(pc, st):
+        old = states[pc]
+        states[pc] = st if old is None else (max(old[0], st[0]), max(old[1], st[1]),
+                                             tuple(map(max, old[2], st[2])))
+
+    for pc, (code, jt, jf, k) in enumerate(prog):
+        st = states[pc]
+        if st is None:                               # unreachable
+            continue
+        a, x, mem = st
+        cls, mode, size = code & 0x07, code & 0xE0, code & 0x18
+        if cls in (BPF_LD, BPF_LDX):
+            if mode == BPF_IMM:
+                v = k
+            elif mode == BPF_MEM:
+                v = mem[k & 15]
+            elif mode == BPF_LEN:
+                v = limit
+            elif mode == BPF_MSH:                    # 4*([k]&0xf)
+                need, v = max(need, k + 1), 60
+            elif k >= SKF_AD_OFF or (mode == BPF_IND and x + k >= SKF_AD_OFF):
+                v = _U32                             # ancillary data, not frame bytes
+            else:
+                need = max(need, k + (x if mode == BPF_IND else 0) + _LOAD_SIZES[size])
+                v = (1 << 8 * _LOAD_SIZES[size]) - 1
+            if cls == BPF_LD:
+                a = v
+            else:
+                x = v
+        elif cls in (BPF_ST, BPF_STX):
+            mem = mem[:k & 15] + ((a if cls == BPF_ST else x),) + mem[(k & 15) + 1:]
+        elif cls == BPF_ALU:                         # the matcher's bounds; neg and a
+            op, by_x = code & 0xF0, bool(code & BPF_X)   # shift by X may reach any value
+            a = _U32 if op == BPF_NEG or (op == BPF_LSH and by_x) else \
+                min(_alu_bound(op, a, x if by_x else k, by_x, k), _U32)
+        elif cls == BPF_MISC:
+            if code & BPF_TXA:
+                a = x
+            else:
+                x = a
+        if need >= limit:
+            return limit
+        if cls == BPF_JMP:
+            if code & 0xF0 == BPF_JA:
+                if pc + 1 + k >= n:                  # a loop (libpcap's protochain): no bound
+                    return limit
+                merge(pc + 1 + k, (a, x, mem))
+            else:
+                merge(pc + 1 + jt, (a, x, mem))
+                merge(pc + 1 + jf, (a, x, mem))
+        elif cls != BPF_RET:                         # everything but ret falls through
+            merge(pc + 1, (a, x, mem))
+    return min(need, limit)
+
+
+###############################################################################
+# Filter compiler #############################################################
+###############################################################################
 
 class _Syntax(FilterError):
     """A parse failure; the parser may still try another production."""
@@ -2645,78 +3026,6 @@ def compile_filter(expr, kernel=False, snaplen=SNAPLEN_FULL, optimize=True):
     return _linearize(root)
 
 
-_AD_NAMES = {SKF_AD_PROTOCOL: "proto", SKF_AD_PKTTYPE: "type", SKF_AD_IFINDEX: "ifidx",
-             SKF_AD_NLATTR: "nla", SKF_AD_NLATTR_NEST: "nlan", SKF_AD_MARK: "mark",
-             SKF_AD_QUEUE: "queue", SKF_AD_HATYPE: "hatype", SKF_AD_RXHASH: "rxhash",
-             SKF_AD_CPU: "cpu", SKF_AD_ALU_XOR_X: "xor_x", SKF_AD_VLAN_TAG: "vlan_tci",
-             SKF_AD_VLAN_TAG_PRESENT: "vlanp", SKF_AD_PAY_OFFSET: "poff",
-             SKF_AD_RANDOM: "random", SKF_AD_VLAN_TPID: "vlan_tpid"}
-_ALU_NAMES = {BPF_ADD: "add", BPF_SUB: "sub", BPF_MUL: "mul", BPF_DIV: "div", BPF_MOD: "mod",
-              BPF_AND: "and", BPF_OR: "or", BPF_XOR: "xor", BPF_LSH: "lsh", BPF_RSH: "rsh"}
-_JMP_NAMES = {BPF_JGT: "jgt", BPF_JGE: "jge", BPF_JEQ: "jeq", BPF_JSET: "jset"}
-
-
-def _s32(k):
-    return k - (1 << 32) if k & 0x80000000 else k
-
-
-def _image_table():
-    t = {BPF_RET | BPF_K: ("ret", "#d"), BPF_RET | BPF_A: ("ret", ""),
-         BPF_LD | BPF_W | BPF_LEN: ("ld", "#pktlen"), BPF_LD | BPF_IMM: ("ld", "#x"),
-         BPF_LDX | BPF_IMM: ("ldx", "#x"), BPF_LDX | BPF_MSH | BPF_B: ("ldxb", "msh"),
-         BPF_LD | BPF_MEM: ("ld", "M"), BPF_LDX | BPF_MEM: ("ldx", "M"), BPF_ST: ("st", "M"),
-         BPF_STX: ("stx", "M"), BPF_JMP | BPF_JA: ("ja", "ja"), BPF_ALU | BPF_NEG: ("neg", ""),
-         BPF_MISC | BPF_TAX: ("tax", ""), BPF_MISC | BPF_TXA: ("txa", "")}
-    for size, name in ((BPF_W, "ld"), (BPF_H, "ldh"), (BPF_B, "ldb")):
-        t[BPF_LD | size | BPF_ABS] = (name, "abs")
-        t[BPF_LD | size | BPF_IND] = (name, "ind")
-    for op, name in _JMP_NAMES.items():
-        t[BPF_JMP | op | BPF_K], t[BPF_JMP | op | BPF_X] = (name, "#x"), (name, "x")
-    for op, name in _ALU_NAMES.items():
-        hexa = op in (BPF_AND, BPF_OR, BPF_XOR)
-        t[BPF_ALU | op | BPF_K], t[BPF_ALU | op | BPF_X] = (name, "#x" if hexa else "#d"), (name, "x")
-    return t
-
-
-_IMAGE = _image_table()
-
-
-def _image(insn, n):
-    """One line of 'tcpdump -d' (libpcap's bpf_image())."""
-    code, jt, jf, k = insn
-    opname, form = _IMAGE.get(code, ("unimp", None))
-    if form is None:
-        operand = f"0x{code:x}"
-    elif form == "#d":
-        operand = f"#{_s32(k)}"
-    elif form == "#x":
-        operand = f"#0x{k:x}"
-    elif form == "abs":
-        ad = _AD_NAMES.get(k - SKF_AD_OFF) if k >= SKF_AD_OFF else None
-        operand = f"[{ad}]" if ad else f"[{_s32(k)}]"
-    elif form == "ind":
-        operand = f"[x + {_s32(k)}]"
-    elif form == "msh":
-        operand = f"4*([{_s32(k)}]&0xf)"
-    elif form == "M":
-        operand = f"M[{_s32(k)}]"
-    elif form == "ja":
-        operand = f"{_s32((n + 1 + k) & 0xffffffff)}"
-    else:
-        operand = form
-    if _cls(code) == BPF_JMP and code & 0xf0 != BPF_JA:
-        return f"({n:03d}) {opname:<8} {operand:<16} jt {n + 1 + jt}\tjf {n + 1 + jf}"
-    return f"({n:03d}) {opname:<8} {operand}"
-
-
-def format_program(prog, level=1):
-    """The program as 'tcpdump -d' (level 1), '-dd' (2) or '-ddd' (3) prints it."""
-    if level >= 3:
-        return f"{len(prog)}\n" + "".join(f"{c} {t} {f} {k}\n" for c, t, f, k in prog)
-    if level == 2:
-        return "".join(f"{{ 0x{c:x}, {t}, {f}, 0x{k:08x} }},\n" for c, t, f, k in prog)
-    return "".join(_image(insn, n) + "\n" for n, insn in enumerate(prog))
-
 ###############################################################################
 # Optimiser (optimize.c): value numbering within blocks, constant folding,
 # dead-store elimination and branch threading over edge dominators, repeated to
@@ -3355,194 +3664,8 @@ class _Optimizer:
 
 
 ###############################################################################
-# Filter matcher: running classic BPF in CPython ##############################
+# Filter matcher: classic BPF translated to Python ############################
 ###############################################################################
-#
-# Rules are evaluated for every frame, so a compiled program is translated once
-# into Python source and compile()d (make_matcher, make_rules_matcher);
-# bpf_interpret is the plain interpreter that translation is measured against
-# and tested with. Semantics are libpcap's userspace bpf_filter() (1.10) for
-# everything it defines, and the Linux kernel's for ancillary loads, which
-# libpcap's interpreter does not implement:
-#   - a load past the end of the captured bytes rejects (returns 0);
-#   - division or modulo by zero rejects; A and X are 32-bit unsigned;
-#   - BPF_LEN is the wire length; scratch memory M[0..15] starts at 0;
-#   - ja's k is sign-extended (libpcap compiles 'protochain' to a backward jump);
-#     after 65536 backward jumps the frame is rejected: libpcap's protochain
-#     step for AH sets X to the header length instead of adding it, so on some
-#     IPv6 chains libpcap's own interpreter never returns;
-#   - shifts by 32 or more give 0 (libpcap's rule for X; a K that large is
-#     refused by both libpcap's compiler and the kernel's checker);
-#   - an opcode libpcap's interpreter has no case for, a jump out of the
-#     program, or M[k] with k >= 16 rejects instead of crashing;
-#   - loads at SKF_AD_OFF + n: PKTTYPE, VLAN_TAG, VLAN_TAG_PRESENT and PROTOCOL
-#     as in the kernel's net/core/filter.c; any other ancillary load rejects.
-#     VLAN_TAG is the whole 16-bit TCI (PCP, DEI and VID) as since Linux 4.20
-#     ("net: remove VLAN_TAG_PRESENT"); before that the kernel cleared bit 12,
-#     which it used as its own "present" flag.
-
-
-_U32 = 0xFFFFFFFF
-_PKT_TYPE_MAX = 7           # the kernel masks skb->pkt_type with this
-# libpcap 1.10 loops forever on a program that jumps back forever; a frame of
-# 256 KiB walked in 8-byte headers needs 32768 turns of protochain's loop.
-_MAX_BACKWARD_JUMPS = 1 << 16
-
-_UNPACK_H = U16BE.unpack_from
-_UNPACK_W = struct.Struct("!I").unpack_from
-
-
-def _skb_protocol(data):
-    """What eth_type_trans() leaves in skb->protocol (host order), from the frame."""
-    if len(data) < 14:
-        return 0
-    ethertype = data[12] << 8 | data[13]
-    if ethertype >= 0x0600:
-        return ethertype
-    return 0x0001 if data[14:16] == b"\xff\xff" else 0x0004   # ETH_P_802_3 / ETH_P_802_2
-
-
-def _ancillary(k, data, pkttype, vlan_tci):
-    """Value of an ancillary load, or None when the kernel has nothing there for us."""
-    off = k - SKF_AD_OFF
-    if off == SKF_AD_PKTTYPE:
-        return pkttype & _PKT_TYPE_MAX
-    if off == SKF_AD_VLAN_TAG:
-        return 0 if vlan_tci is None else vlan_tci & 0xFFFF
-    if off == SKF_AD_VLAN_TAG_PRESENT:
-        return 0 if vlan_tci is None else 1
-    if off == SKF_AD_PROTOCOL:
-        return _skb_protocol(data)
-    return None
-
-
-def _load_packet(data, size, k):
-    """Big-endian load of `size` bytes at k, or None past the end (k may be huge)."""
-    if k + size > len(data):
-        return None
-    if size == 1:
-        return data[k]
-    return _UNPACK_H(data, k)[0] if size == 2 else _UNPACK_W(data, k)[0]
-
-
-_LOAD_SIZES = {BPF_W: 4, BPF_H: 2, BPF_B: 1}
-
-
-def _alu_result(op, a, v):
-    """A op v for BPF_ALU (v is K or X); None for division by zero or unknown op."""
-    if op == BPF_ADD:
-        return (a + v) & _U32
-    if op == BPF_SUB:
-        return (a - v) & _U32
-    if op == BPF_MUL:
-        return (a * v) & _U32
-    if op in (BPF_DIV, BPF_MOD):
-        if v == 0:
-            return None
-        return a // v if op == BPF_DIV else a % v
-    if op == BPF_OR:
-        return a | v
-    if op == BPF_AND:
-        return a & v
-    if op == BPF_XOR:
-        return a ^ v
-    if op == BPF_LSH:
-        return (a << v) & _U32 if v < 32 else 0
-    if op == BPF_RSH:
-        return a >> v
-    return None
-
-
-def _jump_taken(op, a, v):
-    if op == BPF_JEQ:
-        return a == v
-    if op == BPF_JGT:
-        return a > v
-    if op == BPF_JGE:
-        return a >= v
-    return (a & v) != 0                                         # BPF_JSET
-
-
-def bpf_interpret(prog, data, wirelen, pkttype=0, vlan_tci=None):
-    """Run classic BPF `prog` on a frame; the accept length (0 = reject).
-
-    The straightforward interpreter: the reference the generated matchers are
-    tested against and the baseline `make bench` measures them against.
-    """
-    a = x = 0
-    mem = [0] * BPF_MEMWORDS
-    pc, end, back = 0, len(prog), 0
-    while 0 <= pc < end:
-        code, jt, jf, k = prog[pc]
-        pc += 1
-        if code > 0xFF:
-            return 0
-        cls = code & 0x07
-        if cls == BPF_RET:
-            if code == BPF_RET | BPF_K:
-                return k
-            return a if code == BPF_RET | BPF_A else 0
-        if cls == BPF_LD:
-            mode, size = code & 0xE0, code & 0x18
-            if mode == BPF_ABS and size in _LOAD_SIZES:
-                a = _ancillary(k, data, pkttype, vlan_tci) if k >= SKF_AD_OFF else \
-                    _load_packet(data, _LOAD_SIZES[size], k)
-            elif mode == BPF_IND and size in _LOAD_SIZES:
-                a = _load_packet(data, _LOAD_SIZES[size], x + k)
-            elif code == BPF_LD | BPF_IMM:
-                a = k
-            elif code == BPF_LD | BPF_W | BPF_LEN:
-                a = wirelen
-            elif code == BPF_LD | BPF_MEM and k < BPF_MEMWORDS:
-                a = mem[k]
-            else:
-                return 0
-            if a is None:
-                return 0
-        elif cls == BPF_LDX:
-            if code == BPF_LDX | BPF_W | BPF_IMM:
-                x = k
-            elif code == BPF_LDX | BPF_W | BPF_LEN:
-                x = wirelen
-            elif code == BPF_LDX | BPF_W | BPF_MEM and k < BPF_MEMWORDS:
-                x = mem[k]
-            elif code == BPF_LDX | BPF_B | BPF_MSH and k < len(data):
-                x = (data[k] & 0x0F) << 2
-            else:
-                return 0
-        elif cls in (BPF_ST, BPF_STX):
-            if code & ~0x07 or k >= BPF_MEMWORDS:
-                return 0
-            mem[k] = a if cls == BPF_ST else x
-        elif cls == BPF_ALU:
-            if code == BPF_ALU | BPF_NEG:
-                a = -a & _U32
-            else:
-                a = _alu_result(code & 0xF0, a, x if code & BPF_X else k)
-                if a is None:
-                    return 0
-        elif cls == BPF_JMP:
-            op = code & 0xF0
-            if code == BPF_JMP | BPF_JA:
-                off = k - (1 << 32) if k & 0x80000000 else k
-                if off < 0:
-                    back += 1
-                    if back > _MAX_BACKWARD_JUMPS:
-                        return 0
-                pc += off
-            elif op in (BPF_JEQ, BPF_JGT, BPF_JGE, BPF_JSET):
-                pc += jt if _jump_taken(op, a, x if code & BPF_X else k) else jf
-            else:
-                return 0
-        elif code == BPF_MISC | BPF_TAX:
-            x = a
-        elif code == BPF_MISC | BPF_TXA:
-            a = x
-        else:
-            return 0
-    return 0
-
-
 ###############################################################################
 # Translation to Python
 #
@@ -3557,7 +3680,7 @@ def bpf_interpret(prog, data, wirelen, pkttype=0, vlan_tci=None):
 # (free until it fires, since Python 3.11) turns all three into "reject",
 # exactly when bpf_filter would.
 # Programs that jump backwards (libpcap's protochain) become a small state
-# machine instead. make_rules_matcher puts every rule into one function: loads
+# machine instead. make_rules_counter puts every rule into one function: loads
 # several rules make (absolute ones, 'ldxb 4*([14]&0xf)' and the transport
 # header loads at [x + k] after it) are cached in locals, so the 2nd..nth rule
 # pays a None test instead of a load; and the ethertype is tested once, with
@@ -3775,7 +3898,7 @@ class _MatchTree:
     """Emits one forward-only program as nested if/elif/else source lines.
 
     `leaf(value_src)` gives the statement that ends a path with that return
-    value ('return ...' for a matcher, 'hit(i)' for a rule); helpers holds the
+    value ('return ...' for a matcher, the counting statements for a rule); helpers holds the
     join points turned into functions named `prefix + pc`. Along each path the
     emitter knows facts about A from the jumps taken, so a test a path has
     already decided costs nothing; `ethertype` is such a fact about the
@@ -4110,12 +4233,17 @@ def _cache_name(key):
     return f"c_{letter}{key[-1]}" + (f"x{key[1]}" if key[0] == "ind" else "")
 
 
+def _hit(i):
+    """The statements counting the frame for rule i."""
+    return f"rb[{i}] += wirelen; rp[{i}] += 1"
+
+
 def _rule_leaf(i):
     """Leaves of a rule: count the frame for rule i when the value is non-zero."""
     def leaf(value):
         if value == "0":
             return "pass"
-        return f"hit({i})" if value.isdigit() else f"if {value}: hit({i})"
+        return _hit(i) if value.isdigit() else f"if {value}: {_hit(i)}"
     return leaf
 
 
@@ -4150,18 +4278,18 @@ def _rule_lines(i, prog, cache, depth, ethertype, helpers):
     if _has_backward_jump(prog):
         helpers.setdefault(f"_r{i}", matcher_source(prog, f"_r{i}"))
         return [f"{ind}if _r{i}(data, wirelen, pkttype, vlan_tci):  # rule {i}",
-                f"{ind}    hit({i})"]
+                f"{ind}    {_hit(i)}"]
     tree = _MatchTree(prog, _rule_leaf(i), f"_r{i}_", cache=cache, ethertype=ethertype)
     tree.path(0, depth + 1, entry=True)
-    if not any("hit(" in line for line in tree.lines):
+    if not any(_hit(i) in line for line in tree.lines):
         return []                   # cannot match here: the ethertype decided it
     helpers.update(_helper_sources(tree))
     return [f"{ind}# rule {i}"] + _register_init(prog, ind, bool(tree.helpers)) + \
         [f"{ind}try:"] + tree.lines + [f"{ind}except _REJECTS:", f"{ind}    pass"]
 
 
-def rules_matcher_source(progs, name="match_rules"):
-    """Python source of the function make_rules_matcher builds (for debugging).
+def rules_counter_source(progs, name="count_rules"):
+    """Python source of the function make_rules_counter builds (for debugging).
 
     When two or more rules test the same ethertypes, the frame's ethertype is
     loaded once and each such ethertype gets a branch holding every rule
@@ -4175,71 +4303,718 @@ def rules_matcher_source(progs, name="match_rules"):
     if ethertypes:
         cache[("ld", 2, 12)] = "c_h12"
     helpers = {}
-    body = [_MATCHER_HEADER.format(name=name), "    hits = []", "    hit = hits.append"]
+    body = [f"def {name}(frames, rb, rp):",
+            "    for data, wirelen, pkttype, vlan_tci in frames:"]
     if cache:
-        body.append(f"    {' = '.join(sorted(cache.values()))} = None")
+        body.append(f"        {' = '.join(sorted(cache.values()))} = None")
     if not ethertypes:
         for i, prog in enumerate(progs):
-            body += _rule_lines(i, prog, cache, 1, None, helpers)
+            body += _rule_lines(i, prog, cache, 2, None, helpers)
     else:
-        body += ["    try:", "        c_h12 = _H(data, 12)[0]", "    except _REJECTS:",
-                 "        pass"]
+        body += ["        try:", "            c_h12 = _H(data, 12)[0]", "        except _REJECTS:",
+                 "            pass"]
         branches = [(f"{'if' if n == 0 else 'elif'} c_h12 == {ethertype}:", ("eq", ethertype))
                     for n, ethertype in enumerate(ethertypes)]
         branches.append(("else:", ("ne", frozenset(ethertypes))))
         for head, known in branches:
             lines = [line for i, prog in enumerate(progs)
-                     for line in _rule_lines(i, prog, cache, 2, known, helpers)]
+                     for line in _rule_lines(i, prog, cache, 3, known, helpers)]
             # Every rule may vanish from a branch (none can match its ethertype).
-            body += [f"    {head}"] + (lines or ["        pass"])
-    body.append("    return hits")
+            body += [f"        {head}"] + (lines or ["            pass"])
+    if len(body) == 2:
+        body.append("        pass")
     return "\n".join(list(helpers.values()) + body) + "\n"
 
 
-def make_rules_matcher(progs):
-    """One function f(data, wirelen, pkttype=0, vlan_tci=None) -> list of the indices
-    (ascending) of every program in `progs` that accepts the frame.
+def make_rules_counter(progs):
+    """One function f(frames, rb, rp) that, for each (data, wirelen, pkttype,
+    vlan_tci) in frames and each program i of `progs` accepting it, adds wirelen
+    to rb[i] and 1 to rp[i].
 
-    Equivalent to [i for i, p in enumerate(progs) if bpf_interpret(p, ...)], but
-    absolute loads several rules make are done once per frame; f.source is its text.
+    Equivalent to running bpf_interpret per program, but absolute loads several
+    rules make are done once per frame, and the loop over a block's frames and the
+    counting are in the generated code: no call and no list per frame.
+    f.source is its text.
     """
-    return _compile_matcher(rules_matcher_source(progs), "match_rules", "rules")
+    return _compile_matcher(rules_counter_source(progs), "count_rules", "rules")
 
 
 ###############################################################################
-# Rules: bpfcountd-compatible filter files, per-rule counters, unix socket ####
+# Snapshots: what the capture thread publishes ################################
+###############################################################################
+#
+# Every stage turns its counters into an immutable snapshot; the capture thread
+# (the only writer of any counter) publishes them together once per --interval,
+# and on demand for a socket dump. Exporters read the latest publication and never
+# take a lock the capture thread waits on. Snapshots of one kind merge by adding,
+# which is what fanout workers will send to a parent.
+
+TX_BYTES, TX_PACKETS, RX_BYTES, RX_PACKETS = range(4)
+DIRECTIONS = ("tx_bytes", "tx_packets", "rx_bytes", "rx_packets")
+
+
+def _add(a, b):
+    return tuple(x + y for x, y in zip(a, b))
+
+
+def _merge_keyed(rows_a, rows_b, key_len):
+    """Rows of (key..., number...) summed per key; order: a's keys, then b's new ones."""
+    merged = {}
+    for row in rows_a + rows_b:
+        key, values = row[:key_len], row[key_len:]
+        merged[key] = _add(merged[key], values) if key in merged else values
+    return tuple(key + values for key, values in merged.items())
+
+
+class InterfaceSnapshot(NamedTuple):
+    """Every frame read from the capture, whether or not it was attributed."""
+    frames: int = 0
+    totals: tuple = (0, 0, 0, 0)           # TX_BYTES .. RX_PACKETS
+    malformed: tuple = ()                  # ((reason, count), ...) in MALFORMED_REASONS order
+    drops: int = 0
+    up: bool = False
+
+    def merge(self, other):
+        return InterfaceSnapshot(self.frames + other.frames, _add(self.totals, other.totals),
+                                 _merge_keyed(self.malformed, other.malformed, 1),
+                                 self.drops + other.drops, self.up or other.up)
+
+
+class AddressSnapshot(NamedTuple):
+    """Per local address: ((version, raw key), tx_b, tx_p, rx_b, rx_p, tx_bps, rx_bps)."""
+    rows: tuple = ()
+
+    def merge(self, other):
+        return AddressSnapshot(_merge_keyed(self.rows, other.rows, 1))
+
+
+class RuleSnapshot(NamedTuple):
+    """Per rule, in file order: (id, bytes, packets)."""
+    rows: tuple = ()
+
+    def merge(self, other):
+        return RuleSnapshot(_merge_keyed(self.rows, other.rows, 1))
+
+
+class Published:
+    """The one object the capture thread shares: the latest snapshots by stage name.
+
+    publish() is a reference swap; readers keep what latest() returned as long as
+    they like. fresh() asks the capture thread for a publication made after the
+    call and waits for it, bounded: the rule socket's dump must include every frame
+    counted before the client connected.
+    """
+
+    def __init__(self):
+        self._latest = {}
+        self._done = threading.Event()
+        self.requested = False
+        self._wake = lambda: None
+
+    def set_waker(self, wake):
+        """How fresh() wakes the capture thread (its poll loop's pipe)."""
+        self._wake = wake
+
+    def publish(self, snapshots):
+        self._latest = dict(snapshots)
+        done, self._done = self._done, threading.Event()
+        done.set()
+
+    def latest(self):
+        return self._latest
+
+    def fresh(self, timeout):
+        """A publication made after this call, or after `timeout` s the latest one."""
+        done = self._done                   # taken before asking: the next publish sets it
+        self.requested = True
+        self._wake()
+        done.wait(timeout)
+        return self._latest
+
+
+###############################################################################
+# Sources: where ring blocks come from ########################################
+###############################################################################
+#
+# Every source hands TPACKET_V3 blocks to process(buf, base): the live ring, a pcap
+# file laid out as blocks, or synthetic blocks built from the same FRAME layout the
+# kernel writes. There is one decode path, whatever the source.
+
+# pcap file header magic -> (byte order, timestamp divisor); read as little-endian.
+PCAP_MAGICS = {
+    0xA1B2C3D4: ("<", 1_000_000), 0xD4C3B2A1: (">", 1_000_000),
+    0xA1B23C4D: ("<", 1_000_000_000), 0x4D3CB2A1: (">", 1_000_000_000),
+}
+PCAPNG_MAGIC = 0x0A0D0D0A
+PCAP_FILE_HDR_LEN, PCAP_LINKTYPE_OFF, PCAP_RECORD_HDR_LEN = 24, 20, 16
+LINKTYPE_ETHERNET = 1
+LINKTYPE_MASK = 0xFFFF                      # LT_LINKTYPE(): the upper bits are FCS flags
+
+
+def read_pcap(path):
+    """Yield (timestamp, wirelen, data) for each record of a classic pcap file.
+
+    Both byte orders, micro- and nanosecond magic; Ethernet link type only.
+    """
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    with f:
+        head = f.read(PCAP_FILE_HDR_LEN)
+        if len(head) < PCAP_FILE_HDR_LEN:
+            raise ConfigError(f"{path}: not a pcap file (only {len(head)} header bytes)")
+        magic = struct.unpack_from("<I", head)[0]
+        if magic == PCAPNG_MAGIC:
+            raise ConfigError(f"{path}: pcapng is not supported; convert with 'editcap -F pcap'")
+        if magic not in PCAP_MAGICS:
+            raise ConfigError(f"{path}: not a pcap file (magic 0x{magic:08x})")
+        order, div = PCAP_MAGICS[magic]
+        linktype = struct.unpack_from(order + "I", head, PCAP_LINKTYPE_OFF)[0] & LINKTYPE_MASK
+        if linktype != LINKTYPE_ETHERNET:
+            raise ConfigError(f"{path}: link type {linktype} is not Ethernet (DLT_EN10MB)")
+        rec = struct.Struct(order + "IIII")
+        n = 0
+        while True:
+            h = f.read(PCAP_RECORD_HDR_LEN)
+            if not h:
+                return
+            n += 1
+            if len(h) < PCAP_RECORD_HDR_LEN:
+                raise ConfigError(f"{path}: record {n}: truncated record header")
+            sec, frac, caplen, wirelen = rec.unpack(h)
+            if caplen > SNAPLEN_FULL:
+                raise ConfigError(f"{path}: record {n}: capture length {caplen} is corrupt")
+            data = f.read(caplen)
+            if len(data) < caplen:
+                raise ConfigError(f"{path}: record {n}: truncated record data")
+            yield sec + frac / div, wirelen, data
+
+
+class SynthFrame(NamedTuple):
+    """One frame as the kernel hands it over: `data` as captured (a VLAN tag the NIC
+    stripped is not in it but in vlan_tci), `wirelen` as tp_len reports it."""
+    data: bytes
+    wirelen: int
+    pkttype: int = PACKET_HOST
+    vlan_tci: Optional[int] = None           # set: the tag was stripped (TP_STATUS_VLAN_VALID)
+    vlan_tpid: int = ETH_P_8021Q
+    ts: float = 0.0
+
+
+def _frame_fields(f, next_offset):
+    """FRAME's fields for one SynthFrame, as tpacket_rcv() fills them."""
+    status = TP_STATUS_USER
+    if f.vlan_tci is not None:
+        status |= TP_STATUS_VLAN_VALID | TP_STATUS_VLAN_TPID_VALID
+    sec = int(f.ts)
+    proto = U16BE.unpack_from(f.data, ETH_TYPE_OFF)[0] if len(f.data) >= ETH_HLEN else 0
+    return (next_offset, sec, int((f.ts - sec) * 1e9), len(f.data), f.wirelen, status,
+            FRAME_DATA_OFF, FRAME_DATA_OFF + ETH_HLEN, 0, f.vlan_tci or 0,
+            f.vlan_tpid if f.vlan_tci is not None else 0,
+            socket.AF_PACKET, socket.htons(proto), 0, ARPHRD_ETHER, f.pkttype, ETH_ALEN,
+            bytes(f.data[ETH_SRC]).ljust(SLL_ADDR_LEN, b"\0"))
+
+
+def frames_to_blocks(frames, block_size=RING_BLOCK_BYTES):
+    """Lay frames ((data, wirelen) pairs or SynthFrames) out exactly as TPACKET_V3 ring
+    blocks, every header field set; yields one bytearray per block.
+
+    Offline replay, the tests and the benchmark push these through the same decode
+    the live ring feeds, so there is one decode and accounting path.
+    """
+    block, frames_in, pos, first, last = bytearray(block_size), 0, BLOCK_FIRST_FRAME, 0.0, 0.0
+    for f in frames:
+        if type(f) is not SynthFrame:
+            f = SynthFrame(*f)
+        need = _align(FRAME_DATA_OFF + len(f.data), TPACKET_ALIGNMENT)
+        if need > block_size - BLOCK_FIRST_FRAME:
+            raise ValueError(f"frame of {len(f.data)} bytes does not fit a {block_size}-byte block")
+        if pos + need > block_size:
+            yield _close_block(block, frames_in, pos, first, last)
+            block, frames_in, pos = bytearray(block_size), 0, BLOCK_FIRST_FRAME
+        if not frames_in:
+            first = f.ts
+        last = f.ts
+        FRAME.pack_into(block, pos, *_frame_fields(f, need))
+        block[pos + FRAME_DATA_OFF:pos + FRAME_DATA_OFF + len(f.data)] = f.data
+        pos += need
+        frames_in += 1
+    if frames_in:
+        yield _close_block(block, frames_in, pos, first, last)
+
+
+def _close_block(block, count, length, first, last):
+    """The block descriptor, as the kernel writes it when it retires a block."""
+    fs, ls = int(first), int(last)
+    BLOCK.pack_into(block, 0, TPACKET_V3, 0, TP_STATUS_USER, count, BLOCK_FIRST_FRAME, length, 0,
+                    fs, int((first - fs) * 1e9), ls, int((last - ls) * 1e9))
+    return block
+
+
+class PcapSource:
+    """A classic pcap file as ring blocks (offline replay)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.frames = 0
+
+    def drain(self, process):
+        records = (SynthFrame(data, wirelen, ts=ts) for ts, wirelen, data in read_pcap(self.path))
+        blocks = 0
+        for block in frames_to_blocks(records):
+            self.frames += BLOCK_HDR.unpack_from(block, BLOCK_HDR_OFF)[0]
+            process(memoryview(block), 0)
+            blocks += 1
+        return blocks
+
+    def stats(self):
+        return self.frames, 0
+
+
+def ring_geometry(ring_bytes):
+    """(block_size, block_nr) for a ring of about ring_bytes."""
+    block = RING_BLOCK_BYTES
+    while block > mmap.PAGESIZE and ring_bytes // block < 4:
+        block //= 2
+    return block, max(ring_bytes // block, 2)
+
+
+class Ring:
+    """An AF_PACKET socket with a mapped TPACKET_V3 receive ring on one interface."""
+
+    def __init__(self, ifname, ring_bytes, prog, promisc=False):
+        self.ifname = ifname
+        self.ifindex = interface_index(ifname)
+        if self.ifindex is None:
+            raise ConfigError(f"{ifname}: no such interface")
+        try:
+            # Protocol 0: nothing is queued until bind(), after the filter is attached,
+            # so no unfiltered frame ever reaches the ring.
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+        except PermissionError:
+            raise NoPermission(f"capturing on {ifname} needs CAP_NET_RAW (run as root "
+                               "or grant the capability)") from None
+        try:
+            self.attach(prog)
+            self.sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+            self.sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+            self.block_size, self.block_nr = ring_geometry(ring_bytes)
+            self.sock.setsockopt(SOL_PACKET, PACKET_RX_RING, TPACKET_REQ3.pack(
+                self.block_size, self.block_nr, TPACKET_FRAME_SIZE,
+                self.block_size // TPACKET_FRAME_SIZE * self.block_nr, RING_RETIRE_MS, 0, 0))
+            self.map = mmap.mmap(self.sock.fileno(), self.block_size * self.block_nr,
+                                 mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.view = memoryview(self.map)
+            self.sock.bind((ifname, ETH_P_ALL))
+            if promisc:
+                self.sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, PACKET_MREQ.pack(
+                    self.ifindex, PACKET_MR_PROMISC, 0, b""))
+        except OSError as e:
+            if hasattr(self, "view"):
+                self.view.release()
+                self.map.close()
+            self.sock.close()
+            if e.errno == errno.ENODEV:
+                raise ConfigError(f"{ifname}: no such interface") from None
+            raise ConfigError(f"{ifname}: cannot set up the capture ring: {e.strerror}") from None
+        self.next_block = 0
+        self.drops = 0
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def attach(self, prog):
+        """Replace the kernel filter; a single SO_ATTACH_FILTER swaps it atomically."""
+        # sock_fprog holds a pointer: the instructions need an address, which only a
+        # ctypes-visible buffer has; the kernel copies them before setsockopt returns.
+        insns = bytearray(pack_filter(prog))
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(insns))
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, SOCK_FPROG.pack(len(prog), addr))
+
+    def _status(self, i):
+        return U32.unpack_from(self.view, i * self.block_size + BLOCK_STATUS_OFF)[0]
+
+    def queued_blocks(self):
+        """Blocks that may hold frames the kernel has already filtered: those handed
+        to userspace and not yet drained, and the one the kernel is filling."""
+        n = 0
+        while n < self.block_nr and self._status((self.next_block + n) % self.block_nr) & TP_STATUS_USER:
+            n += 1
+        return min(n + 1, self.block_nr)
+
+    def drain(self, process):
+        """Hand every block the kernel has released to process(view, base); return how many."""
+        view, size, nr = self.view, self.block_size, self.block_nr
+        done = 0
+        while done < nr:
+            base = self.next_block * size
+            if not U32.unpack_from(view, base + BLOCK_STATUS_OFF)[0] & TP_STATUS_USER:
+                break
+            process(view, base)
+            U32.pack_into(view, base + BLOCK_STATUS_OFF, TP_STATUS_KERNEL)
+            self.next_block = (self.next_block + 1) % nr
+            done += 1
+        return done
+
+    def read_stats(self):
+        """Accumulate the kernel's counters (reading them resets them)."""
+        try:
+            _, drops, _ = TPACKET_STATS_V3.unpack(
+                self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, TPACKET_STATS_V3.size))
+        except OSError:
+            return
+        self.drops += drops
+
+    def socket_error(self):
+        return self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+
+    def close(self):
+        self.read_stats()
+        self.view.release()
+        self.map.close()
+        self.sock.close()
+
+
+###############################################################################
+# Decode: one flat loop per block #############################################
+###############################################################################
+#
+# Decoder.process_block walks a block once. It counts the interface totals and the
+# local addresses inline (measured: a call or a tuple per frame for them would cost
+# more than the counting), and fills only the per-frame lists some consumer asked
+# for in its `wants`; a consumer that is not there costs nothing per frame. Then
+# every consumer gets the batch, once per block.
+
+WANT_RAW = "raw"    # (data, wirelen, pkttype, vlan_tci or None): frame bytes, tag re-inserted
+WANT_IP = "ip"      # (wirelen, pkttype, src key, dst key) of every well-formed IP frame
+
+
+class Batch:
+    """What one block decoded into. Its lists hold views of the ring: a consumer
+    copies whatever it keeps beyond consume()."""
+    __slots__ = ("raw", "ip", "frames", "time")
+
+    def __init__(self):
+        self.raw, self.ip, self.frames, self.time = [], [], 0, 0.0
+
+
+class Consumer:
+    """A stage fed by the decoder. The capture thread is the only caller of every
+    method but snapshot()'s result, which is immutable."""
+    name = ""
+    wants = frozenset()            # WANT_* lists this stage reads
+
+    def snaplen(self):
+        """Leading bytes of each frame this stage reads; the kernel copies the maximum."""
+        return 0
+
+    def consume(self, batch):
+        """One block's frames."""
+
+    def tick(self, now):
+        """Close an interval: rates, expiry (bounded work)."""
+
+    def snapshot(self):
+        raise NotImplementedError
+
+
+class Decoder:
+    """Interface totals, malformed frames and the local-address counters, per block."""
+
+    def __init__(self, local, consumers=()):
+        self.local = local
+        self.frames = 0
+        self.totals = [0, 0, 0, 0]                   # TX_BYTES .. RX_PACKETS
+        self.malformed = dict.fromkeys(MALFORMED_REASONS, 0)
+        self.set_consumers(consumers)
+
+    def set_consumers(self, consumers):
+        """Between blocks only (the capture thread swaps stages at a block boundary)."""
+        self.consumers = tuple(consumers)
+        wants = frozenset().union(*(c.wants for c in self.consumers))
+        self.want_raw, self.want_ip = WANT_RAW in wants, WANT_IP in wants
+
+    def snaplen(self):
+        return max([SNAPLEN_ACCOUNTING] + [c.snaplen() for c in self.consumers])
+
+    def snapshot(self, drops=0, up=True):
+        return InterfaceSnapshot(self.frames, tuple(self.totals), tuple(self.malformed.items()),
+                                 drops, up)
+
+    def process_block(self, buf, base):
+        """Count every frame of one TPACKET_V3 block. The hot loop: deliberately flat.
+
+        A byte is the frame's length as libpcap reports it: a VLAN tag the kernel
+        stripped into the frame header counts its 4 bytes back in, and rules see the
+        tag re-inserted, exactly like pcap_offline_filter on libpcap's capture.
+        Constants and counters are locals: each global or attribute lookup here
+        costs more than the arithmetic it guards.
+        """
+        frame_hdr = FRAME_HDR.unpack_from
+        eth_ip4 = ETH_IPV4_HDR.unpack_from
+        u16 = U16BE.unpack_from
+        ip4 = IPV4_HDR.unpack_from
+        ip6 = IPV6_HDR.unpack_from
+        malformed, tpids, tag = self.malformed, VLAN_TPIDS, VLAN_TAG.pack
+        vlan_valid, tpid_valid, outgoing = TP_STATUS_VLAN_VALID, TP_STATUS_VLAN_TPID_VALID, PACKET_OUTGOING
+        et_ip4, et_ip6, plain4, dot1q = ETHERTYPE_IPV4, ETHERTYPE_IPV6, IPV4_VIHL_PLAIN, ETH_P_8021Q
+        local = self.local
+        cache4, cache6, locate = local.cache4, local.cache6, local.locate
+        batch = Batch()
+        want_raw, want_ip = self.want_raw, self.want_ip
+        raw, ip_frames = batch.raw.append, batch.ip.append
+        (_, _, _, count, first, _, _, _, _, last_sec, last_nsec) = BLOCK.unpack_from(buf, base)
+        pos = base + first
+        tx_b = tx_p = rx_b = rx_p = 0
+        for _ in range(count):
+            nxt, caplen, flen, status, mac, tci, tpid, pkttype = frame_hdr(buf, pos)
+            p = pos + mac
+            pos += nxt
+            tagged = status & vlan_valid or tci
+            wl = flen + 4 if tagged else flen
+            if pkttype == outgoing:
+                tx_b += wl
+                tx_p += 1
+            else:
+                rx_b += wl
+                rx_p += 1
+            if want_raw:
+                if tagged:
+                    raw((b"".join((buf[p:p + 12], tag(tpid if status & tpid_valid else dot1q, tci),
+                                   buf[p + 12:p + caplen])), wl, pkttype, tci))
+                else:
+                    raw((buf[p:p + caplen], wl, pkttype, None))
+            # The common frame, untagged IPv4 without options, is one unpack and
+            # one test; everything else takes the general path below, which
+            # either ends the frame (malformed, not IP) or leaves a valid header's
+            # addresses and its family's locality cache for the attribution.
+            if caplen >= 34:
+                et, vihl, tlen, src, dst = eth_ip4(buf, p)
+                general = et != et_ip4 or vihl != plain4 or tlen < 20 or tlen + 14 > flen
+            elif caplen >= 14:
+                et, general = u16(buf, p + 12)[0], True
+            else:
+                malformed["truncated"] += 1
+                continue
+            if general:
+                end = p + caplen
+                q = p + 14
+                while et in tpids:
+                    if q + 4 > end:
+                        et = -1
+                        break
+                    et = u16(buf, q + 2)[0]
+                    q += 4
+                if et == et_ip4:
+                    if q + 20 > end:
+                        malformed["truncated"] += 1
+                        continue
+                    vihl, tlen, src, dst = ip4(buf, q)
+                    if vihl >> 4 != 4:
+                        malformed["version"] += 1
+                        continue
+                    if vihl & 15 < 5:
+                        malformed["ihl"] += 1
+                        continue
+                    if tlen < (vihl & 15) << 2 or q - p + tlen > flen:
+                        malformed["length"] += 1
+                        continue
+                    cache = cache4
+                elif et == et_ip6:
+                    if q + 40 > end:
+                        malformed["truncated"] += 1
+                        continue
+                    vtc, plen, src, dst = ip6(buf, q)
+                    if vtc >> 4 != 6:
+                        malformed["version"] += 1
+                        continue
+                    if q - p + 40 + plen > flen:
+                        malformed["length"] += 1
+                        continue
+                    cache = cache6
+                else:
+                    if et == -1:
+                        malformed["truncated"] += 1
+                    continue
+            else:
+                cache = cache4
+            if want_ip:
+                ip_frames((wl, pkttype, src, dst))
+            # One attribution for both families. Cached: the counter list (local),
+            # 0 (remote) or None (unseen).
+            e = cache.get(src)
+            if e:
+                e[0] += wl
+                e[1] += 1
+            elif e is None:
+                e = locate(src)
+                if e:
+                    e[0] += wl
+                    e[1] += 1
+            e = cache.get(dst)
+            if e:
+                e[2] += wl
+                e[3] += 1
+            elif e is None:
+                e = locate(dst)
+                if e:
+                    e[2] += wl
+                    e[3] += 1
+        totals = self.totals
+        totals[0] += tx_b
+        totals[1] += tx_p
+        totals[2] += rx_b
+        totals[3] += rx_p
+        self.frames += count
+        batch.frames, batch.time = count, last_sec + last_nsec * 1e-9
+        for consumer in self.consumers:
+            consumer.consume(batch)
+
+
+###############################################################################
+# Consumers: local addresses ##################################################
+###############################################################################
+
+LOCALITY_CACHE_MAX = 1 << 16      # remote addresses remembered as "not local"
+
+
+def _prefixes(nets, family):
+    return [(int(n.network_address), int(n.netmask)) for n in nets if n.version == family.version]
+
+
+def _is_local(key, prefixes):
+    """key: a hot-loop key (an int for IPv4, 16 bytes for IPv6)."""
+    value = family_of_key(key).key_to_int(key)
+    return any(value & mask == net for net, mask in prefixes)
+
+
+class _LocalTable:
+    """One family's counters, locality cache and prefixes."""
+    __slots__ = ("family", "hosts", "cache", "prefixes")
+
+    def __init__(self, family, hosts, nets):
+        self.family, self.hosts = family, hosts
+        self.prefixes = _prefixes(nets, family)
+        self.cache = {a: e for a, e in hosts.items() if _is_local(a, self.prefixes)}
+
+
+class LocalAddresses(Consumer):
+    """Per-local-address counters, the legacy *_bps rates and idle expiry.
+
+    The decoder counts into these lists inline: the locality caches map every
+    address seen to its counter list (local) or 0 (remote), so the hot loop pays two
+    dict lookups per IP frame whatever the number of local networks.
+    """
+    name = "addresses"
+
+    def __init__(self, local_nets, idle_timeout=300.0):
+        self.idle_timeout = idle_timeout
+        self.tables = {v: _LocalTable(f, {}, ()) for v, f in FAMILIES.items()}
+        self.prev = {}        # (version, key) -> (tx_bytes, rx_bytes, last_active)
+        self.bps = {}         # (version, key) -> (tx_bps, rx_bps)
+        self.last_tick = None
+        self.set_local_nets(local_nets)
+
+    def set_local_nets(self, nets):
+        """Adopt new local networks (between blocks). No counter is dropped: an
+        address that is no longer local stops counting and expires like any idle one."""
+        self.local_nets = list(nets)
+        self.tables = {v: _LocalTable(t.family, t.hosts, self.local_nets)
+                       for v, t in self.tables.items()}
+        self.cache4, self.cache6 = self.tables[4].cache, self.tables[6].cache
+
+    @property
+    def hosts4(self):
+        return self.tables[4].hosts
+
+    @property
+    def hosts6(self):
+        return self.tables[6].hosts
+
+    def locate(self, key):
+        """Slow path of the hot loop: first sight of an address."""
+        t = self.tables[family_of_key(key).version]
+        cache = t.cache
+        if len(cache) >= LOCALITY_CACHE_MAX + len(t.hosts):
+            # Forget the remote addresses seen so far; local ones keep their counters.
+            cache.clear()
+            cache.update((a, e) for a, e in t.hosts.items() if _is_local(a, t.prefixes))
+        entry = 0                               # remote: falsy, but not None (unseen)
+        if _is_local(key, t.prefixes):
+            entry = t.hosts.get(key) or [0, 0, 0, 0]
+            t.hosts[key] = entry
+        cache[key] = entry
+        return entry
+
+    def forget(self, version, key):
+        """Drop an idle address (its series disappear from the exporters)."""
+        t = self.tables[version]
+        t.hosts.pop(key, None)
+        t.cache.pop(key, None)
+
+    def tick(self, now):
+        """Close an interval: bits per second over it, and idle expiry (an address
+        that goes quiet reads 0, then disappears)."""
+        elapsed = None if self.last_tick is None else now - self.last_tick
+        self.last_tick = now
+        bps, prev = {}, {}
+        for version, t in self.tables.items():
+            for addr, e in list(t.hosts.items()):
+                key = (version, addr)
+                tx0, rx0, active = self.prev.get(key, (0, 0, now))
+                if e[TX_BYTES] != tx0 or e[RX_BYTES] != rx0:
+                    active = now
+                elif now - active >= self.idle_timeout:
+                    self.forget(version, addr)
+                    continue
+                prev[key] = (e[TX_BYTES], e[RX_BYTES], active)
+                if elapsed:
+                    bps[key] = ((e[TX_BYTES] - tx0) * 8 / elapsed, (e[RX_BYTES] - rx0) * 8 / elapsed)
+                else:
+                    bps[key] = (0.0, 0.0)
+        self.prev, self.bps = prev, bps
+
+    def snapshot(self):
+        bps, idle = self.bps, (0.0, 0.0)
+        return AddressSnapshot(tuple(
+            ((version, a), *e, *bps.get((version, a), idle))
+            for version, t in self.tables.items() for a, e in t.hosts.items()))
+
+
+###############################################################################
+# Consumers: rules (bpfcountd-compatible filter files) ########################
 ###############################################################################
 #
 # A filter file is bpfcountd's `<id>;<bpf expression>` per line, minus its bugs
 # (see parse_filter_text). Every rule that matches a frame counts it.
 #
-# Counting: Accounting.process_block reads Daemon.rules under the capture lock once
-# per ring block, then per frame adds to `bytes[i]` and `packets[i]` for every index
-# `match()` returns. Plain lists indexed by int are the cheapest mutable counters
-# CPython has, and returning indices spares the loop any dict lookup. An empty rule
-# set is skipped outright (RuleSet is falsy when empty).
+# Counting: the decoder hands the rules the block's frames (WANT_RAW); one generated
+# function (make_rules_counter) loops over them and adds to `bytes[i]` and
+# `packets[i]` where rule i matches. Plain lists indexed by int are the cheapest
+# mutable counters CPython has.
 #
-# Reload (Daemon.reload): the new RuleSet is compiled outside the lock, because
-# compiling must not stall capture; counts are carried over and the sets swapped in
-# one lock hold, so no frame is counted by the old set after its counts were copied.
+# Reload: a new RuleCounter is compiled off the capture thread; the capture thread
+# carries the counts over and swaps it in between two blocks (Daemon.apply_reload),
+# so no frame is counted by the old set after its counts were copied.
 #
 # The unix socket: bpfcountd wrote its lines in reverse file order (it prepended
 # to a list); lpd writes them in file order.
 
-
 class Rule(NamedTuple):
-    """One filter-file line: its id, the fully expanded expression, its line number."""
+    """One filter-file line: its id, the fully expanded expression, its line number,
+    and its userspace program, compiled once per load (host names in it were resolved
+    then: a reload compiles, and so resolves, again)."""
     id: str
     expr: str
     lineno: int
+    prog: tuple = ()
 
 
 def format_mac(mac):
-    """6 raw bytes or any 'aa:bb:..' / 'AA-BB-..' text -> 'aa:bb:cc:dd:ee:ff' (None stays None)."""
+    """Any 'aa:bb:..' / 'AA-BB-..' text -> 'aa:bb:cc:dd:ee:ff' (None stays None)."""
     if mac is None:
         return None
-    if isinstance(mac, (bytes, bytearray)):
-        return ":".join(f"{b:02x}" for b in mac)
     return mac.replace("-", ":").lower()
 
 
@@ -4292,23 +5067,20 @@ def _expand(expr, mac, earlier, defined_at, lineno):
     return text, (problems[0] if problems else None)
 
 
-@functools.lru_cache(maxsize=4096)
 def compile_rule_expr(expr):
-    """Userspace program for expr as a tuple of (code, jt, jf, k); cached so a reload
-    recompiles only changed rules. Raises FilterError."""
+    """Userspace program for expr as a tuple of (code, jt, jf, k). Raises FilterError."""
     return tuple(tuple(insn) for insn in compile_filter(expr))
 
 
-def _compile_problem(expr, expanded):
-    """None if expr compiles, else a one-line reason."""
+def _compile(expr, expanded):
+    """(program, None) if expr compiles, else (None, a one-line reason)."""
     where = f"expanded expression {expr!r}" if expanded else "expression"
     try:
-        compile_rule_expr(expr)
+        return compile_rule_expr(expr), None
     except FilterError as e:
-        return f"{where} does not compile: {e}"
+        return None, f"{where} does not compile: {e}"
     except Exception as e:  # a compiler bug must not take a running daemon down on reload
-        return f"{where} does not compile: internal compiler error: {e!r}"
-    return None
+        return None, f"{where} does not compile: internal compiler error: {e!r}"
 
 
 def _defined_at(lines):
@@ -4322,7 +5094,7 @@ def _defined_at(lines):
 
 
 def _parse_line(line, lineno, mac, expanded_by_id, defined_at):
-    """(id, expanded expression) of one rule line, or a reason string for the error."""
+    """(id, expanded expression, program) of one rule line, or a reason for the error."""
     s = line.strip()
     if ";" not in s:
         return "missing ';' between identifier and expression"
@@ -4335,7 +5107,10 @@ def _parse_line(line, lineno, mac, expanded_by_id, defined_at):
     if not expr:
         return f"empty expression for {rule_id!r}"
     full, problem = _expand(expr, mac, expanded_by_id, defined_at, lineno)
-    return problem or _compile_problem(full, full != expr) or (rule_id, full)
+    if problem:
+        return problem
+    prog, problem = _compile(full, full != expr)
+    return problem or (rule_id, full, prog)
 
 
 def parse_filter_text(text, source, mac):
@@ -4357,8 +5132,9 @@ def parse_filter_text(text, source, mac):
         got = _parse_line(line, n, mac, expanded_by_id, defined_at)
         if isinstance(got, str):
             raise ConfigError(f"{source}:{n}: {got}")
-        expanded_by_id[got[0]] = got[1]
-        rules.append(Rule(got[0], got[1], n))
+        rule_id, expr, prog = got
+        expanded_by_id[rule_id] = expr
+        rules.append(Rule(rule_id, expr, n, prog))
     return rules
 
 
@@ -4377,32 +5153,32 @@ def parse_filter_file(path, mac):
     return parse_filter_text(text, path, mac)
 
 
-def _no_match(data, wirelen, pkttype=0, vlan_tci=None):
-    """Matcher of an empty rule set."""
-    return ()
 
+class RuleCounter(Consumer):
+    """Compiled rules, their combined counting function and per-rule counters."""
+    name = "rules"
+    wants = frozenset((WANT_RAW,))
 
-class RuleSet:
-    """Compiled rules, their combined matcher and per-rule counters (file order)."""
-
-    def __init__(self, rules=(), previous=None):
-        """Compile rules; with previous, carry its counts over (see carry_counts_from)."""
+    def __init__(self, rules=()):
         self.rules = tuple(rules)
         self.ids = tuple(r.id for r in self.rules)
-        self.progs = [compile_rule_expr(r.expr) for r in self.rules]
-        self.match = make_rules_matcher(self.progs) if self.progs else _no_match
+        self.progs = [r.prog or compile_rule_expr(r.expr) for r in self.rules]
+        self.count = make_rules_counter(self.progs)
         self.bytes = [0] * len(self.rules)
         self.packets = [0] * len(self.rules)
-        self.carry_counts_from(previous)
 
     def __len__(self):
         return len(self.rules)
 
+    def snaplen(self):
+        return max([0] + [program_snaplen(p) for p in self.progs])
+
+    def consume(self, batch):
+        self.count(batch.raw, self.bytes, self.packets)
+
     def carry_counts_from(self, old):
         """Take over old's counts for rules whose id and expanded expression are
-        unchanged; call under the capture lock, right before swapping."""
-        if old is None:
-            return
+        unchanged (the capture thread, right before swapping)."""
         prev = {(r.id, r.expr): i for i, r in enumerate(old.rules)}
         for i, r in enumerate(self.rules):
             j = prev.get((r.id, r.expr))
@@ -4410,123 +5186,278 @@ class RuleSet:
                 self.bytes[i] = old.bytes[j]
                 self.packets[i] = old.packets[j]
 
-    def reloaded(self, rules):
-        """A new RuleSet for rules carrying this one's counts over (no locking: for
-        offline use and tests; the daemon follows the pattern in the section comment)."""
-        new = RuleSet(rules)
-        new.carry_counts_from(self)
-        return new
-
-    def count(self, data, wirelen, pkttype=0, vlan_tci=None):
-        """Count one frame (offline mode and tests; the live loop inlines this)."""
-        rb, rp = self.bytes, self.packets
-        for i in self.match(data, wirelen, pkttype, vlan_tci):
-            rb[i] += wirelen
-            rp[i] += 1
-
-    def snapshot(self, lock=None):
-        """[(id, bytes, packets)] in file order, copied under lock in one go."""
-        with lock if lock is not None else nullcontext():
-            return list(zip(self.ids, self.bytes, self.packets))
+    def snapshot(self):
+        return RuleSnapshot(tuple(zip(self.ids, self.bytes, self.packets)))
 
 
-def format_rule_lines(snapshot):
+def format_rule_lines(rows):
     """bpfcountd's socket text: '<id>:<bytes>:<packets>\\n' per rule, in the given order."""
-    return "".join(f"{rid}:{b}:{p}\n" for rid, b, p in snapshot)
+    return "".join(f"{rid}:{b}:{p}\n" for rid, b, p in rows)
 
 
-def default_socket_path(iface):
-    """Where the rule socket lives unless -u says otherwise."""
-    return f"/run/lpd/{iface}.sock"
+###############################################################################
+# Enrichment: background pollers (NIC mapping) ################################
+###############################################################################
+#
+# Labels that come from outside (the NIC mapping service now; GeoIP and Docker
+# later) are fetched by a Poller in a thread of its own: it keeps the last good
+# answer, counts failures and logs each change of state once. Capture never waits
+# on one; exporters read `current` whole.
 
+class Poller:
+    """Periodic fetch of one outside source. Subclasses define fetch() and describe()."""
+    name = "poller"
 
-def resolve_group(spec):
-    """--socket-group value (name or numeric gid) -> gid; ConfigError if unknown."""
-    if spec is None or spec == "":
-        return None
-    if isinstance(spec, int) or str(spec).isdigit():
-        return int(spec)
-    try:
-        return grp.getgrnam(spec).gr_gid
-    except KeyError:
-        raise ConfigError(f"--socket-group: no such group {spec!r}") from None
+    def __init__(self, log, period, initial=None):
+        self.log, self.period = log, period
+        self.current = initial             # replaced whole on success, read whole
+        self.errors = 0
+        self.last_success = 0.0
+        self._state = None                 # last logged state: "ok" or the error's kind
 
+    def fetch(self):
+        """The new value; raises OSError, ValueError or HTTPException on failure."""
+        raise NotImplementedError
 
-def _probe_unix_socket(path):
-    """True if something accepts connections at path, False if the file is stale."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.settimeout(1.0)
-        s.connect(path)
+    def describe(self, exc):
+        return str(exc) or type(exc).__name__
+
+    def fetch_once(self):
+        """One poll; True on success. A failure keeps the last good value."""
+        try:
+            value = self.fetch()
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            self._failed(type(e).__name__, f"{self.describe(e)}; keeping the last good {self.name}")
+            return False
+        self.current = value
+        self.last_success = time.time()
+        if self._state != "ok":
+            if self._state is not None:
+                self.log(LOG_INFO, f"{self.name}: {self.where()}: answering again")
+            self._state = "ok"
         return True
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except socket.timeout:
-        return True   # a full backlog is still a live server
-    finally:
-        s.close()
 
+    def where(self):
+        return ""
 
-def _clear_stale_socket(path):
-    """Remove a dead socket file at path; ConfigError if it is live or not a socket."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(f"{path}: exists and is not a socket; not replacing it")
-    try:
-        live = _probe_unix_socket(path)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot probe existing socket: {e.strerror or e}") from None
-    if live:
-        raise ConfigError(f"{path}: another lpd is serving this socket")
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot remove stale socket: {e.strerror or e}") from None
+    def _failed(self, kind, message):
+        self.errors += 1
+        if self._state != kind:
+            self._state = kind
+            self.log(LOG_WARNING, f"{self.name}: {self.where()}: {message}")
 
-
-def _bind_unix_socket(path, mode, gid):
-    """Listening socket at path with mode/group set before anyone can connect.
-
-    Binds to a temporary name in the same directory, fixes mode and group there and
-    renames it into place, so the socket never exists with the umask's permissions
-    and the process-wide umask is left alone (other threads may be creating files).
-    """
-    d = os.path.dirname(path) or "."
-    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    if len(os.fsencode(tmp)) > 107:
-        tmp = os.path.join(d, f".lpd{os.getpid()}.tmp")
-    if len(os.fsencode(path)) > 107:
-        raise ConfigError(f"{path}: socket path longer than 107 bytes")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        s.bind(tmp)
-        try:
-            os.chmod(tmp, mode)
-            if gid is not None:
-                os.chown(tmp, -1, gid)
-            s.listen(128)
-            os.rename(tmp, path)
-        except BaseException:
+    def run(self, stop):
+        while not stop.is_set():
             try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-    except OSError as e:
-        s.close()
-        what = "set socket group" if e.errno == errno.EPERM and gid is not None else "create socket"
-        raise ConfigError(f"{path}: cannot {what}: {e.strerror or e}") from None
-    return s
+                self.fetch_once()
+            except Exception as e:        # never let one odd answer end the poller
+                self._failed(type(e).__name__, f"unexpected {type(e).__name__}: {e}")
+            stop.wait(self.period)
 
+
+MAPPING_TIMEOUT = 2.0
+MAPPING_MAX_BYTES = 1 << 20
+
+
+class MappingError(ValueError):
+    """The mapping service answered something lpd cannot use."""
+
+
+def parse_mapping(body):
+    """The /status document -> ({canonical address: nic}, default nic).
+
+    {"config": {"lan": "eth2", "wan0": "eth0", "wan1": "eth1"},
+     "mappings": {"10.40.0.3": "wan1"}}: a mapped address is labelled with the
+    device its wan names; every other address with config["wan0"]'s.
+    """
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MappingError(f"invalid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise MappingError("expected a JSON object")
+    config, mappings = doc.get("config"), doc.get("mappings", {})
+    if not isinstance(config, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in config.items()):
+        raise MappingError("'config' must be an object of strings")
+    if "wan0" not in config:
+        raise MappingError("'config' has no 'wan0'")
+    if not isinstance(mappings, dict):
+        raise MappingError("'mappings' must be an object")
+    table = {}
+    for addr, wan in mappings.items():
+        if wan not in config:
+            raise MappingError(f"mapping of {addr} names unknown wan {wan!r}")
+        try:
+            table[ipaddress.ip_address(addr)] = config[wan]
+        except ValueError:
+            raise MappingError(f"mapping key {addr!r} is not an IP address") from None
+    return table, config["wan0"]
+
+
+
+
+class NicMapping(Poller):
+    """The NIC label of each local address, from the mapping service."""
+    name = "mapping"
+
+    def __init__(self, url, fallback_nic, log, period=10.0):
+        super().__init__(log, period, ({}, None))   # (table, default nic)
+        self.url, self.fallback = url, fallback_nic
+
+    def where(self):
+        return self.url
+
+    def fetch(self):
+        with urllib.request.urlopen(self.url, timeout=MAPPING_TIMEOUT) as resp:
+            return parse_mapping(resp.read(MAPPING_MAX_BYTES))
+
+    def describe(self, exc):
+        if isinstance(exc, urllib.error.HTTPError):
+            return f"HTTP {exc.code}"
+        if isinstance(exc, urllib.error.URLError):
+            return str(exc.reason)
+        return super().describe(exc)
+
+    def labeller(self):
+        """A consistent (table, default) pair for one scrape."""
+        table, default = self.current
+        if default is None:
+            return lambda addr: self.fallback
+        return lambda addr: table.get(addr, default)
+
+
+###############################################################################
+# Exporters: Prometheus #######################################################
+###############################################################################
+#
+# Exporters read Published.latest(): a scrape never waits for capture, and capture
+# never waits for a scrape.
+
+LANDING_PAGE = (b"<html><head><title>lpd</title></head><body><h1>lpd</h1>"
+                b"<p><a href=\"/metrics\">Metrics</a></p></body></html>\n")
+
+# (name, row index, help) of the per-address and per-interface counters.
+ADDRESS_COUNTERS = (
+    ("lpd_transmit_bytes", TX_BYTES, "Bytes sent by a local address."),
+    ("lpd_transmit_packets", TX_PACKETS, "Packets sent by a local address."),
+    ("lpd_receive_bytes", RX_BYTES, "Bytes received by a local address."),
+    ("lpd_receive_packets", RX_PACKETS, "Packets received by a local address."))
+INTERFACE_COUNTERS = (
+    ("lpd_interface_transmit_bytes", TX_BYTES, "Bytes of frames the interface sent."),
+    ("lpd_interface_transmit_packets", TX_PACKETS, "Frames the interface sent."),
+    ("lpd_interface_receive_bytes", RX_BYTES, "Bytes of frames the interface received."),
+    ("lpd_interface_receive_packets", RX_PACKETS, "Frames the interface received."))
+# (name, index into (tx_bps, rx_bps), help) of localpacketdump's gauges.
+RATE_GAUGES = (
+    ("network_ip_tx_bps", 0, "Bits per second sent by a local address.",
+     "network_ip_tx_bps_total", "Bits per second sent, per NIC."),
+    ("network_ip_rx_bps", 1, "Bits per second received by a local address.",
+     "network_ip_rx_bps_total", "Bits per second received, per NIC."))
+
+
+class Collector:
+    """Builds fresh metric families on every scrape from the latest publication."""
+
+    def __init__(self, published, mapping, nic):
+        self.published, self.mapping, self.nic = published, mapping, nic
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        def family(cls, name, doc, labels, rows):
+            fam = cls(name, doc, labels=labels)
+            for values, v in rows:
+                fam.add_metric(values, v)
+            return fam
+
+        snap = self.published.latest()
+        iface = snap.get("interface", InterfaceSnapshot())
+        label = self.mapping.labeller()
+        nic = self.nic
+        hosts = []
+        for row in snap.get("addresses", AddressSnapshot()).rows:
+            a = address(row[0])
+            hosts.append((str(a), label(a), row[1:]))
+        for name, i, doc, total_name, total_doc in RATE_GAUGES:
+            yield family(GaugeMetricFamily, name, doc, ["local_ip", "nic"],
+                         [((a, n), r[4 + i]) for a, n, r in hosts])
+            per_nic = {}
+            for _, n, r in hosts:
+                per_nic[n] = per_nic.get(n, 0.0) + r[4 + i]
+            yield family(GaugeMetricFamily, total_name, total_doc, ["nic"],
+                         [((n,), v) for n, v in per_nic.items()])
+        for name, i, doc in ADDRESS_COUNTERS:
+            yield family(CounterMetricFamily, name, doc, ["local_ip", "nic"],
+                         [((a, n), r[i]) for a, n, r in hosts])
+        for name, i, doc in INTERFACE_COUNTERS:
+            yield family(CounterMetricFamily, name, doc, ["nic"], [((nic,), iface.totals[i])])
+        yield family(CounterMetricFamily, "lpd_capture_packets", "Frames lpd read from the ring.",
+                     ["nic"], [((nic,), iface.frames)])
+        yield family(CounterMetricFamily, "lpd_capture_drops", "Frames the kernel dropped (ring full).",
+                     ["nic"], [((nic,), iface.drops)])
+        malformed = dict(iface.malformed)
+        yield family(CounterMetricFamily, "lpd_packets_malformed", "Frames not attributed: malformed.",
+                     ["reason"], [((r,), malformed.get(r, 0)) for r in MALFORMED_REASONS])
+        yield family(GaugeMetricFamily, "lpd_interface_up", "1 while lpd captures on the interface.",
+                     ["nic"], [((nic,), 1.0 if iface.up else 0.0)])
+        yield family(CounterMetricFamily, "lpd_mapping_errors", "Failed NIC mapping fetches.",
+                     [], [((), self.mapping.errors)])
+        yield family(GaugeMetricFamily, "lpd_mapping_last_success_timestamp_seconds",
+                     "Unix time of the last good NIC mapping (0: never).", [],
+                     [((), self.mapping.last_success)])
+        rules = snap.get("rules", RuleSnapshot()).rows
+        yield family(CounterMetricFamily, "lpd_rule_packets", "Packets matching a rule.",
+                     ["rule"], [((r,), p) for r, _, p in rules])
+        yield family(CounterMetricFamily, "lpd_rule_bytes", "Bytes of packets matching a rule.",
+                     ["rule"], [((r,), b) for r, b, _ in rules])
+        yield family(GaugeMetricFamily, "lpd_build_info", "lpd's version.", ["version"],
+                     [((__version__,), 1.0)])
+
+
+def make_http_server(host, port, registry):
+    """The /metrics endpoint (and a landing page on /), served from a thread."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                body, ctype, code = generate_latest(registry), CONTENT_TYPE_LATEST, 200
+            elif path == "/":
+                body, ctype, code = LANDING_PAGE, "text/html; charset=utf-8", 200
+            else:
+                body, ctype, code = b"not found\n", "text/plain", 404
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise ConfigError(f"--web.listen-address {host}:{port}: {e.strerror}") from None
+
+    class Server(ThreadingHTTPServer):
+        address_family = family
+        daemon_threads = True
+
+    try:
+        return Server((host, port), Handler)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise PortInUse(f"--web.listen-address {host}:{port}: address already in use") from None
+        raise ConfigError(f"--web.listen-address {host}:{port}: {e.strerror}") from None
+
+
+
+###############################################################################
+# Exporters: the rule socket (bpfcountd's unix socket) ########################
+###############################################################################
 
 class _Client:
     """One connection being served: its socket, unsent bytes and deadline."""
@@ -4542,7 +5473,8 @@ class RuleSocketServer:
     One background thread runs a selector over the listening socket and non-blocking
     clients with their own write buffers, so a client that never reads, reads slowly
     or vanishes costs only its own deadline; capture never waits on it. `snapshot` is a
-    callable returning [(id, bytes, packets)] (it takes the capture lock itself).
+    callable returning [(id, bytes, packets)]; the daemon's asks the capture thread for a
+    fresh publication, waiting a bounded time.
     """
 
     def __init__(self, path, snapshot, group=None, mode=0o660, client_timeout=10.0,
@@ -4719,699 +5651,195 @@ class RuleSocketServer:
             self._set_accepting(True)
 
 
-
 ###############################################################################
-# Snapshot length #############################################################
+# Daemon: wiring, signals, reload #############################################
 ###############################################################################
+#
+# The capture thread (the main one) drains the ring, runs the decoder and the
+# consumers, and is the only writer of every counter. Beside it: the HTTP server,
+# the mapping poller, the rule socket and, during a SIGHUP, the thread compiling
+# the new rules. They meet the capture thread only through Published and through
+# `pending`, a reference the reload thread sets and the capture thread takes.
 
-
-
-def program_snaplen(prog, limit=SNAPLEN_FULL):
-    """The fewest leading bytes of a frame on which `prog` decides as on the whole frame.
-
-    Rules run in userspace on what the kernel copied; cutting frames to this length
-    instead of keeping them whole lets the ring hold several times more frames, with
-    no rule seeing a different byte. An abstract interpretation over the program's
-    forward-only jumps bounds A, X and M[] from above; a load at [X + k] is bounded by
-    the largest X can be. Returns `limit` where no bound below it can be proved (a
-    backward jump, as in libpcap's protochain loop, wraps k past the program's end).
-    """
-    n = len(prog)
-    states = [None] * (n + 1)                        # (A, X, M tuple) upper bounds per pc
-    states[0] = (0, 0, (0,) * 16)
-    need = 0
-
-    def merge(pc, st):
-        old = states[pc]
-        states[pc] = st if old is None else (max(old[0], st[0]), max(old[1], st[1]),
-                                             tuple(map(max, old[2], st[2])))
-
-    for pc, (code, jt, jf, k) in enumerate(prog):
-        st = states[pc]
-        if st is None:                               # unreachable
-            continue
-        a, x, mem = st
-        cls, mode, size = code & 0x07, code & 0xE0, code & 0x18
-        if cls in (BPF_LD, BPF_LDX):
-            if mode == BPF_IMM:
-                v = k
-            elif mode == BPF_MEM:
-                v = mem[k & 15]
-            elif mode == BPF_LEN:
-                v = limit
-            elif mode == BPF_MSH:                    # 4*([k]&0xf)
-                need, v = max(need, k + 1), 60
-            elif k >= SKF_AD_OFF or (mode == BPF_IND and x + k >= SKF_AD_OFF):
-                v = _U32                             # ancillary data, not frame bytes
-            else:
-                need = max(need, k + (x if mode == BPF_IND else 0) + _LOAD_SIZES[size])
-                v = (1 << 8 * _LOAD_SIZES[size]) - 1
-            if cls == BPF_LD:
-                a = v
-            else:
-                x = v
-        elif cls in (BPF_ST, BPF_STX):
-            mem = mem[:k & 15] + ((a if cls == BPF_ST else x),) + mem[(k & 15) + 1:]
-        elif cls == BPF_ALU:                         # the matcher's bounds; neg and a
-            op, by_x = code & 0xF0, bool(code & BPF_X)   # shift by X may reach any value
-            a = _U32 if op == BPF_NEG or (op == BPF_LSH and by_x) else \
-                min(_alu_bound(op, a, x if by_x else k, by_x, k), _U32)
-        elif cls == BPF_MISC:
-            if code & BPF_TXA:
-                a = x
-            else:
-                x = a
-        if need >= limit:
-            return limit
-        if cls == BPF_JMP:
-            if code & 0xF0 == BPF_JA:
-                if pc + 1 + k >= n:                  # a loop (libpcap's protochain): no bound
-                    return limit
-                merge(pc + 1 + k, (a, x, mem))
-            else:
-                merge(pc + 1 + jt, (a, x, mem))
-                merge(pc + 1 + jf, (a, x, mem))
-        elif cls != BPF_RET:                         # everything but ret falls through
-            merge(pc + 1, (a, x, mem))
-    return min(need, limit)
-
-
-###############################################################################
-# Accounting ##################################################################
-###############################################################################
-
-TX_BYTES, TX_PACKETS, RX_BYTES, RX_PACKETS = range(4)
-LOCALITY_CACHE_MAX = 1 << 16      # remote addresses remembered as "not local"
-
-
-def _prefixes(nets, version):
-    return [(int(n.network_address), int(n.netmask)) for n in nets if n.version == version]
-
-
-def _is_local(addr, prefixes):
-    """addr: an int (IPv4) or 16 bytes (IPv6), as the hot loop keys them."""
-    value = addr if type(addr) is int else int.from_bytes(addr, "big")
-    return any(value & mask == net for net, mask in prefixes)
-
-
-class Accounting:
-    """Per-address, per-interface and per-rule counters, fed one ring block at a time.
-
-    Addresses are kept as integers in one table per family; the locality caches map
-    every address seen to its counter list (local) or None (remote), so the hot loop
-    pays two dict lookups per IP frame whatever the number of local networks.
-    """
-
-    def __init__(self, local_nets, rules=None, lock=None):
-        self.lock = lock or threading.Lock()
-        self.rules = rules
-        self.totals = [0, 0, 0, 0]                   # by direction: TX_BYTES .. RX_PACKETS
-        self.frames = 0
-        self.malformed = dict.fromkeys(MALFORMED_REASONS, 0)
-        self.hosts4, self.hosts6 = {}, {}             # int address -> [tx_b, tx_p, rx_b, rx_p]
-        self.set_local_nets(local_nets)
-
-    def set_local_nets(self, nets):
-        """Adopt new local networks. No counter is dropped: an address that is no
-        longer local stops counting and expires like any idle one."""
-        self.local_nets = list(nets)
-        self._nets4, self._nets6 = _prefixes(nets, 4), _prefixes(nets, 6)
-        self.cache4 = {a: e for a, e in self.hosts4.items() if _is_local(a, self._nets4)}
-        self.cache6 = {a: e for a, e in self.hosts6.items() if _is_local(a, self._nets6)}
-
-    def _locate(self, addr):
-        """Slow path of the hot loop: first sight of an address (an int for IPv4,
-        16 bytes for IPv6, whichever the loop unpacks cheapest)."""
-        if type(addr) is int:
-            cache, table, prefixes = self.cache4, self.hosts4, self._nets4
-        else:
-            cache, table, prefixes = self.cache6, self.hosts6, self._nets6
-        if len(cache) >= LOCALITY_CACHE_MAX + len(table):
-            # Forget the remote addresses seen so far; local ones keep their counters.
-            cache.clear()
-            cache.update((a, e) for a, e in table.items() if _is_local(a, prefixes))
-        entry = 0                               # remote: falsy, but not None (unseen)
-        if _is_local(addr, prefixes):
-            entry = table.get(addr) or [0, 0, 0, 0]
-            table[addr] = entry
-        cache[addr] = entry
-        return entry
-
-    def forget(self, version, addr):
-        """Drop an idle address (its series disappear from the exporter)."""
-        table, cache = (self.hosts4, self.cache4) if version == 4 else (self.hosts6, self.cache6)
-        table.pop(addr, None)
-        cache.pop(addr, None)
-
-    def process_block(self, buf, base):
-        """Count every frame of one TPACKET_V3 block. The hot loop: deliberately flat.
-
-        A byte is the frame's length as libpcap reports it: a VLAN tag the kernel
-        stripped into the frame header counts its 4 bytes back in, and rules see the
-        tag re-inserted, exactly like pcap_offline_filter on libpcap's capture.
-        Constants are literals and counters locals: each global or attribute lookup
-        here costs more than the arithmetic it guards.
-        """
-        frame_hdr = FRAME_HDR.unpack_from
-        eth_ip4 = ETH_IPV4_HDR.unpack_from
-        u16 = U16BE.unpack_from
-        ip4 = IPV4_HDR.unpack_from
-        ip6 = IPV6_HDR.unpack_from
-        malformed, tpids, tag = self.malformed, VLAN_TPIDS, VLAN_TAG.pack
-        count, first = BLOCK_HDR.unpack_from(buf, base + BLOCK_HDR_OFF)
-        pos = base + first
-        tx_b = tx_p = rx_b = rx_p = 0
-        with self.lock:
-            # Read under the lock: reload and set_local_nets swap these while holding it.
-            cache4, cache6, locate = self.cache4, self.cache6, self._locate
-            rules = self.rules or None                      # an empty rule set costs nothing
-            if rules is not None:
-                match, rule_bytes, rule_packets = rules.match, rules.bytes, rules.packets
-            for _ in range(count):
-                nxt, caplen, flen, status, mac, tci, tpid, pkttype = frame_hdr(buf, pos)
-                p = pos + mac
-                pos += nxt
-                # TP_STATUS_VLAN_VALID (0x10), TP_STATUS_VLAN_TPID_VALID (0x40) below
-                tagged = status & 0x10 or tci
-                wl = flen + 4 if tagged else flen
-                if pkttype == 4:                             # PACKET_OUTGOING
-                    tx_b += wl
-                    tx_p += 1
-                else:
-                    rx_b += wl
-                    rx_p += 1
-                if rules is not None:
-                    if tagged:
-                        data = b"".join((buf[p:p + 12], tag(
-                            tpid if status & 0x40 else 0x8100, tci), buf[p + 12:p + caplen]))
-                    else:
-                        data = buf[p:p + caplen]
-                    for i in match(data, wl, pkttype, tci if tagged else None):
-                        rule_bytes[i] += wl
-                        rule_packets[i] += 1
-                # The common frame, untagged IPv4 without options, is one unpack and
-                # one test; everything else takes the general path below, which
-                # either ends the frame (IPv6, malformed, other) or leaves a valid
-                # IPv4 header's addresses for the attribution at the bottom.
-                if caplen >= 34:
-                    et, vihl, tlen, src, dst = eth_ip4(buf, p)
-                    general = et != 0x0800 or vihl != 0x45 or tlen < 20 or tlen + 14 > flen
-                elif caplen >= 14:
-                    et, general = u16(buf, p + 12)[0], True
-                else:
-                    malformed["truncated"] += 1
-                    continue
-                if general:
-                    end = p + caplen
-                    q = p + 14
-                    while et in tpids:
-                        if q + 4 > end:
-                            et = -1
-                            break
-                        et = u16(buf, q + 2)[0]
-                        q += 4
-                    if et == 0x0800:
-                        if q + 20 > end:
-                            malformed["truncated"] += 1
-                            continue
-                        vihl, tlen, src, dst = ip4(buf, q)
-                        if vihl >> 4 != 4:
-                            malformed["version"] += 1
-                            continue
-                        if vihl & 15 < 5:
-                            malformed["ihl"] += 1
-                            continue
-                        if tlen < (vihl & 15) << 2 or q - p + tlen > flen:
-                            malformed["length"] += 1
-                            continue
-                        cache = cache4
-                    elif et == 0x86DD:
-                        if q + 40 > end:
-                            malformed["truncated"] += 1
-                            continue
-                        vtc, plen, src, dst = ip6(buf, q)
-                        if vtc >> 4 != 6:
-                            malformed["version"] += 1
-                            continue
-                        if q - p + 40 + plen > flen:
-                            malformed["length"] += 1
-                            continue
-                        cache = cache6
-                    else:
-                        if et == -1:
-                            malformed["truncated"] += 1
-                        continue
-                else:
-                    cache = cache4
-                # One attribution for both families. Cached: the counter list (local),
-                # 0 (remote) or None (unseen).
-                e = cache.get(src)
-                if e:
-                    e[0] += wl
-                    e[1] += 1
-                elif e is None:
-                    e = locate(src)
-                    if e:
-                        e[0] += wl
-                        e[1] += 1
-                e = cache.get(dst)
-                if e:
-                    e[2] += wl
-                    e[3] += 1
-                elif e is None:
-                    e = locate(dst)
-                    if e:
-                        e[2] += wl
-                        e[3] += 1
-            totals = self.totals
-            totals[0] += tx_b
-            totals[1] += tx_p
-            totals[2] += rx_b
-            totals[3] += rx_p
-            self.frames += count
-
-    def host_counters(self):
-        """[((version, key), [tx_b, tx_p, rx_b, rx_p])] copied; call with the lock held
-        and turn keys into addresses with address() after releasing it."""
-        return ([((4, a), list(e)) for a, e in self.hosts4.items()] +
-                [((6, a), list(e)) for a, e in self.hosts6.items()])
-
-
-def address(key):
-    """(version, int or 16 bytes) as the hot loop keys it -> an ipaddress object."""
-    version, raw = key
-    return ipaddress.IPv4Address(raw) if version == 4 else ipaddress.IPv6Address(raw)
-
-
-class Rates:
-    """The legacy *_bps gauges: bits per address over the last completed interval,
-    and idle expiry (an address that goes quiet reads 0, then disappears)."""
-
-    def __init__(self, idle_timeout):
-        self.idle_timeout = idle_timeout
-        self.prev = {}        # (version, key) -> (tx_bytes, rx_bytes, last_active)
-        self.bps = {}         # (version, key) -> (tx_bps, rx_bps)
-        self.last_tick = None
-
-    def tick(self, acct, now):
-        """Close an interval; call with acct.lock held."""
-        elapsed = None if self.last_tick is None else now - self.last_tick
-        self.last_tick = now
-        bps, prev = {}, {}
-        for version, table in ((4, acct.hosts4), (6, acct.hosts6)):
-            for addr, e in list(table.items()):
-                key = (version, addr)
-                tx0, rx0, active = self.prev.get(key, (0, 0, now))
-                if e[TX_BYTES] != tx0 or e[RX_BYTES] != rx0:
-                    active = now
-                elif now - active >= self.idle_timeout:
-                    acct.forget(version, addr)
-                    continue
-                prev[key] = (e[TX_BYTES], e[RX_BYTES], active)
-                if elapsed:
-                    bps[key] = ((e[TX_BYTES] - tx0) * 8 / elapsed, (e[RX_BYTES] - rx0) * 8 / elapsed)
-                else:
-                    bps[key] = (0.0, 0.0)
-        self.prev, self.bps = prev, bps
-
-
-###############################################################################
-# Exporters: NIC mapping ######################################################
-###############################################################################
-
-MAPPING_TIMEOUT = 2.0
-
-
-class MappingError(ValueError):
-    """The mapping service answered something lpd cannot use."""
-
-
-def parse_mapping(body):
-    """The /status document -> ({canonical address: nic}, default nic).
-
-    {"config": {"lan": "eth2", "wan0": "eth0", "wan1": "eth1"},
-     "mappings": {"10.40.0.3": "wan1"}}: a mapped address is labelled with the
-    device its wan names; every other address with config["wan0"]'s.
-    """
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise MappingError(f"invalid JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise MappingError("expected a JSON object")
-    config, mappings = doc.get("config"), doc.get("mappings", {})
-    if not isinstance(config, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in config.items()):
-        raise MappingError("'config' must be an object of strings")
-    if "wan0" not in config:
-        raise MappingError("'config' has no 'wan0'")
-    if not isinstance(mappings, dict):
-        raise MappingError("'mappings' must be an object")
-    table = {}
-    for addr, wan in mappings.items():
-        if wan not in config:
-            raise MappingError(f"mapping of {addr} names unknown wan {wan!r}")
-        try:
-            table[ipaddress.ip_address(addr)] = config[wan]
-        except ValueError:
-            raise MappingError(f"mapping key {addr!r} is not an IP address") from None
-    return table, config["wan0"]
-
-
-class NicMapping:
-    """Background poller of the mapping service; never blocks capture."""
-
-    def __init__(self, url, fallback_nic, log, period=10.0):
-        self.url, self.fallback, self.log, self.period = url, fallback_nic, log, period
-        self.current = ({}, None)          # (table, default nic): replaced whole, read whole
-        self.errors = 0
-        self.last_success = 0.0
-        self._state = None                 # last logged state: "ok" or the error's kind
-
-    def labeller(self):
-        """A consistent (table, default) pair for one scrape."""
-        table, default = self.current
-        if default is None:
-            return lambda addr: self.fallback
-        return lambda addr: table.get(addr, default)
-
-    def fetch_once(self):
-        try:
-            with urllib.request.urlopen(self.url, timeout=MAPPING_TIMEOUT) as resp:
-                table, default = parse_mapping(resp.read(1 << 20))
-        except (OSError, ValueError, http.client.HTTPException) as e:
-            self.errors += 1
-            kind = type(e).__name__
-            if self._state != kind:
-                self._state = kind
-                self.log(4, f"mapping: {self.url}: {_describe(e)}; keeping the last good mapping")
-            return False
-        self.current = (table, default)
-        self.last_success = time.time()
-        if self._state != "ok":
-            if self._state is not None:
-                self.log(6, f"mapping: {self.url}: answering again")
-            self._state = "ok"
-        return True
-
-    def run(self, stop):
-        while not stop.is_set():
-            try:
-                self.fetch_once()
-            except Exception as e:        # never let one odd answer end the poller
-                self.errors += 1
-                self.log(LOG_ERR, f"mapping: {self.url}: unexpected {type(e).__name__}: {e}")
-            stop.wait(self.period)
-
-
-def _describe(exc):
-    if isinstance(exc, urllib.error.HTTPError):
-        return f"HTTP {exc.code}"
-    if isinstance(exc, urllib.error.URLError):
-        return str(exc.reason)
-    return str(exc) or type(exc).__name__
-
-
-###############################################################################
-# Exporters: Prometheus #######################################################
-###############################################################################
-
-LANDING_PAGE = (b"<html><head><title>lpd</title></head><body><h1>lpd</h1>"
-                b"<p><a href=\"/metrics\">Metrics</a></p></body></html>\n")
-
-
-class Collector:
-    """Builds fresh metric families on every scrape from one locked snapshot."""
-
-    def __init__(self, daemon):
-        self.daemon = daemon
-
-    def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-        d = self.daemon
-        snap = d.snapshot()
-        label = d.mapping.labeller()
-        nic = d.ifname
-
-        def family(cls, name, doc, labels, rows):
-            fam = cls(name, doc, labels=labels)
-            for values, value in rows:
-                fam.add_metric(values, value)
-            return fam
-
-        hosts = [(str(a), label(a), e) for a, e in snap["hosts"]]
-        rates = [(str(a), label(a), r) for a, r in snap["bps"].items()]
-        yield family(GaugeMetricFamily, "network_ip_tx_bps", "Bits per second sent by a local address.",
-                     ["local_ip", "nic"], [((a, n), r[0]) for a, n, r in rates])
-        yield family(GaugeMetricFamily, "network_ip_rx_bps", "Bits per second received by a local address.",
-                     ["local_ip", "nic"], [((a, n), r[1]) for a, n, r in rates])
-        per_nic = {}
-        for _, n, r in rates:
-            t = per_nic.setdefault(n, [0.0, 0.0])
-            t[0] += r[0]
-            t[1] += r[1]
-        yield family(GaugeMetricFamily, "network_ip_tx_bps_total", "Bits per second sent, per NIC.",
-                     ["nic"], [((n,), t[0]) for n, t in per_nic.items()])
-        yield family(GaugeMetricFamily, "network_ip_rx_bps_total", "Bits per second received, per NIC.",
-                     ["nic"], [((n,), t[1]) for n, t in per_nic.items()])
-        for name, idx, doc in (("lpd_transmit_bytes", TX_BYTES, "Bytes sent by a local address."),
-                               ("lpd_transmit_packets", TX_PACKETS, "Packets sent by a local address."),
-                               ("lpd_receive_bytes", RX_BYTES, "Bytes received by a local address."),
-                               ("lpd_receive_packets", RX_PACKETS, "Packets received by a local address.")):
-            yield family(CounterMetricFamily, name, doc, ["local_ip", "nic"],
-                         [((a, n), e[idx]) for a, n, e in hosts])
-        t = snap["totals"]
-        for name, idx, doc in (
-                ("lpd_interface_transmit_bytes", TX_BYTES, "Bytes of frames the interface sent."),
-                ("lpd_interface_transmit_packets", TX_PACKETS, "Frames the interface sent."),
-                ("lpd_interface_receive_bytes", RX_BYTES, "Bytes of frames the interface received."),
-                ("lpd_interface_receive_packets", RX_PACKETS, "Frames the interface received.")):
-            yield family(CounterMetricFamily, name, doc, ["nic"], [((nic,), t[idx])])
-        yield family(CounterMetricFamily, "lpd_capture_packets", "Frames lpd read from the ring.",
-                     ["nic"], [((nic,), snap["frames"])])
-        yield family(CounterMetricFamily, "lpd_capture_drops", "Frames the kernel dropped (ring full).",
-                     ["nic"], [((nic,), snap["drops"])])
-        yield family(CounterMetricFamily, "lpd_packets_malformed", "Frames not attributed: malformed.",
-                     ["reason"], [((r,), v) for r, v in snap["malformed"].items()])
-        yield family(GaugeMetricFamily, "lpd_interface_up", "1 while lpd captures on the interface.",
-                     ["nic"], [((nic,), 1.0 if snap["up"] else 0.0)])
-        yield family(CounterMetricFamily, "lpd_mapping_errors", "Failed NIC mapping fetches.",
-                     [], [((), d.mapping.errors)])
-        yield family(GaugeMetricFamily, "lpd_mapping_last_success_timestamp_seconds",
-                     "Unix time of the last good NIC mapping (0: never).", [],
-                     [((), d.mapping.last_success)])
-        rules = snap["rules"]
-        yield family(CounterMetricFamily, "lpd_rule_packets", "Packets matching a rule.",
-                     ["rule"], [((r,), p) for r, _, p in rules])
-        yield family(CounterMetricFamily, "lpd_rule_bytes", "Bytes of packets matching a rule.",
-                     ["rule"], [((r,), b) for r, b, _ in rules])
-        yield family(GaugeMetricFamily, "lpd_build_info", "lpd's version.", ["version"],
-                     [((__version__,), 1.0)])
-
-
-def make_http_server(host, port, registry):
-    """The /metrics endpoint (and a landing page on /), served from a thread."""
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                body, ctype, code = generate_latest(registry), CONTENT_TYPE_LATEST, 200
-            elif path == "/":
-                body, ctype, code = LANDING_PAGE, "text/html; charset=utf-8", 200
-            else:
-                body, ctype, code = b"not found\n", "text/plain", 404
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    except socket.gaierror as e:
-        raise ConfigError(f"--web.listen-address {host}:{port}: {e.strerror}") from None
-
-    class Server(ThreadingHTTPServer):
-        address_family = family
-        daemon_threads = True
-
-    try:
-        return Server((host, port), Handler)
-    except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            raise PortInUse(f"--web.listen-address {host}:{port}: address already in use") from None
-        raise ConfigError(f"--web.listen-address {host}:{port}: {e.strerror}") from None
-
-
-###############################################################################
-# Daemon ######################################################################
-###############################################################################
-
-LOG_ERR, LOG_WARNING, LOG_NOTICE, LOG_INFO, LOG_DEBUG = 3, 4, 5, 6, 7
 INTERFACE_CHECK_PERIOD = 1.0
+SOCKET_FRESH_TIMEOUT = 1.0          # how long a socket dump waits for a fresh publication
+# After widening the kernel snapshot, frames the old program cut short may still sit
+# in the block the kernel is filling; it retires within RING_RETIRE_MS of its first
+# frame, so by then every such frame has been drained through the old rules.
+WIDEN_DRAIN_SECONDS = 4 * RING_RETIRE_MS / 1000
 
 
-def log(priority, message):
-    """One line on stderr; journald reads the <N> priority prefix."""
-    prefix = f"<{priority}>" if os.environ.get("JOURNAL_STREAM") else ""
+def interface_local_nets(ifname):
+    """The networks of the interface's own addresses."""
+    index = interface_index(ifname)
+    if index is None:
+        raise ConfigError(f"{ifname}: no such interface")
     try:
-        sys.stderr.write(f"{prefix}lpd: {message}\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
-
-
-def sd_notify(state):
-    """systemd's readiness protocol, without libsystemd."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr[0] == "@":
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(addr)
-            s.sendall(state.encode())
+        return interface_networks(index)
     except OSError as e:
-        log(LOG_WARNING, f"sd_notify: {addr}: {e.strerror}")
+        raise ConfigError(f"{ifname}: cannot read its addresses: {e.strerror}") from None
+
+
+def load_rules(path, ifname):
+    """Parse and compile a filter file (slow: never on the capture thread)."""
+    return RuleCounter(parse_filter_file(path, interface_mac(ifname)))
+
+
+def rule_rows(published):
+    """The rule socket's dump: counts including every frame drained before the call."""
+    return published.fresh(SOCKET_FRESH_TIMEOUT).get("rules", RuleSnapshot()).rows
+
+
+def kernel_program(prefilter, snaplen):
+    """The socket filter: -F's program (or accept-all) returning `snaplen` bytes."""
+    if prefilter is None:
+        return accept_all(snaplen)
+    return [(c, jt, jf, snaplen if c == BPF_RET | BPF_K and k else k) for c, jt, jf, k in prefilter]
+
+
+class _Widening(NamedTuple):
+    """New rules waiting for the frames the old snapshot length cut to drain."""
+    rules: object
+    deadline: float
 
 
 class Daemon:
     """Capture loop in the main thread; HTTP, mapping poller and rule socket beside it."""
 
-    def __init__(self, opts):
-        from prometheus_client import CollectorRegistry
-        self.opts = opts
-        self.ifname = opts.interface or default_interface()
-        if interface_index(self.ifname) is None:
-            raise ConfigError(f"{self.ifname}: no such interface")
-        self.lock = threading.Lock()
-        self.rules = self.load_rules() if opts.filter_file else None
-        # Compiled once, before anything is bound; only its accept length changes later.
-        self.prefilter = compile_filter(opts.prefilter, kernel=True) if opts.prefilter else None
-        self.acct = Accounting(self.local_nets(), self.rules, self.lock)
-        if not self.acct.local_nets:
-            log(LOG_WARNING, f"{self.ifname}: no addresses and no --local-net: no address is local")
-        self.rates = Rates(opts.idle_timeout)
-        self.mapping = NicMapping(opts.mapping_url, self.ifname, log, opts.mapping_interval)
+    def __init__(self, opts, ifname, decoder, rules, prefilter, mapping, published, http,
+                 rule_server=None):
+        self.opts, self.ifname = opts, ifname
+        self.decoder, self.local, self.rules = decoder, decoder.local, rules
+        self.prefilter, self.mapping, self.published = prefilter, mapping, published
+        self.http, self.rule_server = http, rule_server
         self.ring = None
         self.past_drops = 0              # from rings closed when the interface went away
         self.stop_requested = self.reload_requested = False
         self.stop_event = threading.Event()
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(Collector(self))
-        self.rule_server = None
-        if opts.filter_file or opts.socket_path:
-            path = opts.socket_path or default_socket_path(self.ifname)
-            self.rule_server = RuleSocketServer(path, self.rule_snapshot, opts.socket_group)
+        self.pending = None              # (rules, nets) compiled by the reload thread
+        self.reloader = None
+        self.widening = None
+        self.widen_blocks = 0
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        published.set_waker(self._wake)
+
+    def _wake(self):
         try:
-            self.http = make_http_server(*opts.listen, registry)
-        except LpdError:
-            if self.rule_server:
-                self.rule_server.close()
-            raise
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass                         # already awake
 
-    # -- configuration --------------------------------------------------------
+    # -- snapshots ------------------------------------------------------------
 
-    def local_nets(self):
-        if self.opts.local_nets:
-            return self.opts.local_nets
-        index = interface_index(self.ifname)
-        if index is None:
-            raise ConfigError(f"{self.ifname}: no such interface")
+    def publish(self):
+        ring = self.ring
+        self.published.publish({
+            "interface": self.decoder.snapshot(self.past_drops + (ring.drops if ring else 0),
+                                               ring is not None),
+            "addresses": self.local.snapshot(),
+            "rules": self.rules.snapshot() if self.rules is not None else RuleSnapshot(),
+        })
+
+    def tick(self, now):
+        for stage in (self.local,) + self.decoder.consumers:
+            stage.tick(now)
+        self.publish()
+
+    # -- reload ---------------------------------------------------------------
+
+    def _compile_reload(self):
+        """The reload thread: everything slow (parsing, compiling, DNS, netlink)."""
         try:
-            return interface_networks(index)
-        except OSError as e:
-            raise ConfigError(f"{self.ifname}: cannot read its addresses: {e.strerror}") from None
-
-    def load_rules(self):
-        """Parse and compile outside the lock: compiling must not stall capture."""
-        return RuleSet(parse_filter_file(self.opts.filter_file, interface_mac(self.ifname)))
-
-    @staticmethod
-    def snaplen(rules):
-        """What the kernel must copy: the headers accounting reads, and whatever the
-        rules can read."""
-        return max([SNAPLEN_ACCOUNTING] + [program_snaplen(p) for p in (rules.progs if rules else ())])
-
-    def kernel_program(self, snaplen):
-        if self.prefilter is None:
-            return accept_all(snaplen)
-        return [(c, jt, jf, snaplen if c == 0x06 and k else k) for c, jt, jf, k in self.prefilter]
-
-    def reload(self):
-        """SIGHUP: new rules and local networks; a broken file changes nothing."""
-        try:
-            rules = self.load_rules() if self.opts.filter_file else None
-            nets = self.local_nets()
+            rules = load_rules(self.opts.filter_file, self.ifname) if self.opts.filter_file else None
+            nets = self.opts.local_nets or interface_local_nets(self.ifname)
         except Exception as e:            # whatever went wrong, the running rules stay
             reason = str(e) if isinstance(e, LpdError) else f"{type(e).__name__}: {e}"
             log(LOG_ERR, f"reload failed, keeping the running configuration: {reason}")
             return
-        old, new = self.snaplen(self.rules), self.snaplen(rules)
+        self.pending = (rules, nets)
+        self._wake()
+
+    def start_reload(self):
+        if self.reloader is not None and self.reloader.is_alive():
+            return False                  # one at a time; the request stays set
+        self.reload_requested = False
+        self.reloader = threading.Thread(target=self._compile_reload, name="reload", daemon=True)
+        self.reloader.start()
+        return True
+
+    def apply_reload(self):
+        """Capture thread, between blocks: adopt what the reload thread compiled."""
+        rules, nets = self.pending
+        self.pending = None
+        if nets and nets != self.local.local_nets:
+            self.local.set_local_nets(nets)
+        log(LOG_INFO, f"reloaded: {len(rules) if rules else 0} rules, {len(nets)} local networks")
+        if rules is None:
+            return
+        new = max(SNAPLEN_ACCOUNTING, rules.snaplen())
+        if self.ring is not None and new > self.decoder.snaplen():
+            # Widen first, and let the frames already cut to the old length drain
+            # through the old rules: a new rule must never judge a frame cut short.
+            if self._attach(new):
+                self.widen_blocks = self.ring.queued_blocks()
+                self.widening = _Widening(rules, time.monotonic() + WIDEN_DRAIN_SECONDS)
+                return
+        self.swap_rules(rules)
+
+    def advance_reload(self, now):
+        """Capture thread, between blocks: finish a widening whose old frames have
+        drained, then adopt a compiled reload."""
+        if self.widening is not None and self.widen_blocks <= 1 and now >= self.widening.deadline:
+            self.swap_rules(self.widening.rules)      # the kernel's block holds no old frame
+        if self.pending is not None and self.widening is None:
+            self.apply_reload()
+
+    def swap_rules(self, rules):
+        """Counts carried over and the stage swapped between two blocks: no frame is
+        counted by the old set after its counts were copied."""
+        self.widening = None
+        rules.carry_counts_from(self.rules)
+        old = self.decoder.snaplen()
+        self.rules = rules
+        self.decoder.set_consumers([c for c in (rules,) if len(c)])
+        new = self.decoder.snaplen()
+        if self.ring is not None and new < old:     # narrow last: old rules kept theirs
+            self._attach(new)
+        self.publish()
+
+    def _attach(self, snaplen):
         try:
-            if self.ring is not None and new > old:     # widen first: new rules see whole frames
-                self.ring.attach(self.kernel_program(new))
-            with self.lock:
-                # Counts carried over and sets swapped in one hold: no frame is counted
-                # by the old set after its counts were copied.
-                if rules is not None and self.rules is not None:
-                    rules.carry_counts_from(self.rules)
-                self.rules = self.acct.rules = rules
-                if nets and nets != self.acct.local_nets:
-                    self.acct.set_local_nets(nets)
-            if self.ring is not None and new < old:     # narrow last: old rules kept theirs
-                self.ring.attach(self.kernel_program(new))
+            self.ring.attach(kernel_program(self.prefilter, snaplen))
+            return True
         except OSError as e:
             log(LOG_ERR, f"reload: cannot replace the kernel filter: {e.strerror}")
-        log(LOG_INFO, f"reloaded: {len(rules) if rules else 0} rules, "
-                      f"{len(nets)} local networks")
-
-    # -- snapshots for the exporters ------------------------------------------
-
-    def snapshot(self):
-        with self.lock:
-            ring = self.ring
-            snap = {
-                "hosts": self.acct.host_counters(),
-                "bps": dict(self.rates.bps),
-                "totals": list(self.acct.totals),
-                "frames": self.acct.frames,
-                "drops": self.past_drops + (ring.drops if ring else 0),
-                "malformed": dict(self.acct.malformed),
-                "up": ring is not None,
-                "rules": self.rules.snapshot() if self.rules else [],
-            }
-        # Building address objects is the slow part: done after releasing capture.
-        snap["hosts"] = [(address(k), e) for k, e in snap["hosts"]]
-        snap["bps"] = {address(k): r for k, r in snap["bps"].items()}
-        return snap
-
-    def rule_snapshot(self):
-        with self.lock:
-            return self.rules.snapshot() if self.rules else []
+            return False
 
     # -- capture --------------------------------------------------------------
 
+    def process_block(self, buf, base):
+        self.decoder.process_block(buf, base)
+        if self.widening is not None:
+            self.widen_blocks -= 1
+            if self.widen_blocks <= 0:
+                self.swap_rules(self.widening.rules)
+
     def open_capture(self):
-        self.ring = Ring(self.ifname, self.opts.ring_bytes, self.kernel_program(self.snaplen(self.rules)),
-                         self.opts.promisc)
+        self.ring = Ring(self.ifname, self.opts.ring_bytes,
+                         kernel_program(self.prefilter, self.decoder.snaplen()), self.opts.promisc)
         self.poller.register(self.ring.fileno(), select.POLLIN | select.POLLERR)
 
     def lose_capture(self, why):
         log(LOG_WARNING, f"{self.ifname}: {why}; counters kept, retrying every second")
         ring = self.ring
         self.poller.unregister(ring.fileno())
-        ring.drain(self.acct.process_block)
+        ring.drain(self.process_block)
         ring.close()                      # reads the kernel's last drop count
-        with self.lock:                   # one step for scrapes: the drop counter never dips
-            self.past_drops += ring.drops
-            self.ring = None
+        self.past_drops += ring.drops     # one step for scrapes: the drop counter never dips
+        self.ring = None
+        if self.widening is not None:
+            self.swap_rules(self.widening.rules)
+        self.publish()
 
     def check_interface(self):
         index, flags = interface_index(self.ifname), interface_flags(self.ifname)
@@ -5425,11 +5853,10 @@ class Daemon:
         if self.ring is None and present:
             try:
                 if not self.opts.local_nets:
-                    nets = self.local_nets()
+                    nets = interface_local_nets(self.ifname)
                     # Addresses may come back after the link: keep the old nets till then.
-                    if nets and nets != self.acct.local_nets:
-                        with self.lock:
-                            self.acct.set_local_nets(nets)
+                    if nets and nets != self.local.local_nets:
+                        self.local.set_local_nets(nets)
                 self.open_capture()
                 log(LOG_NOTICE, f"{self.ifname}: capturing again")
             except LpdError as e:
@@ -5444,18 +5871,18 @@ class Daemon:
             self.stop_requested = True
 
     def run(self):
-        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+        old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         self.poller = select.poll()
-        self.poller.register(rfd, select.POLLIN)
+        self.poller.register(self._wake_r, select.POLLIN)
         threads = [threading.Thread(target=self.http.serve_forever, name="http", daemon=True)]
         if self.opts.mapping_url:
             threads.append(threading.Thread(target=self.mapping.run, args=(self.stop_event,),
                                             name="mapping", daemon=True))
         try:
             self.open_capture()
+            self.tick(time.monotonic())
             for t in threads:
                 t.start()
             if self.rule_server:
@@ -5463,7 +5890,7 @@ class Daemon:
             log(LOG_INFO, f"capturing on {self.ifname}; metrics on "
                           f"http://{self.opts.listen[0]}:{self.opts.listen[1]}/metrics")
             sd_notify("READY=1")
-            self._loop(rfd)
+            self._loop()
         finally:
             sd_notify("STOPPING=1")
             self.stop_event.set()
@@ -5475,23 +5902,23 @@ class Daemon:
             if self.ring is not None:
                 self.ring.close()
             signal.set_wakeup_fd(old_wakeup)
-            os.close(rfd)
-            os.close(wfd)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
         return 0
 
-    def _loop(self, wakeup_fd):
+    def _loop(self):
         interval = self.opts.interval
         now = time.monotonic()
         next_tick, next_check = now + interval, now + INTERFACE_CHECK_PERIOD
-        with self.lock:
-            self.rates.tick(self.acct, now)
         while not self.stop_requested:
-            timeout = max(0.0, min(next_tick, next_check) - time.monotonic())
-            for fd, events in self.poller.poll(timeout * 1000):
-                if fd == wakeup_fd:
+            due = min(next_tick, next_check)
+            if self.widening is not None:
+                due = min(due, self.widening.deadline)
+            for fd, events in self.poller.poll(max(0.0, due - time.monotonic()) * 1000):
+                if fd == self._wake_r:
                     while True:
                         try:
-                            if not os.read(wakeup_fd, 512):
+                            if not os.read(self._wake_r, 512):
                                 break
                         except BlockingIOError:
                             break
@@ -5499,19 +5926,52 @@ class Daemon:
                     err = self.ring.socket_error()
                     self.lose_capture(os.strerror(err) if err else "socket error")
             if self.ring is not None:
-                self.ring.drain(self.acct.process_block)
+                self.ring.drain(self.process_block)
             now = time.monotonic()
+            self.advance_reload(now)
             if now >= next_check:
                 self.check_interface()
                 next_check = now + INTERFACE_CHECK_PERIOD
             if now >= next_tick:
-                with self.lock:
-                    self.rates.tick(self.acct, now)
+                self.published.requested = False
+                self.tick(now)
                 next_tick = max(next_tick + interval, now + interval / 2)
+            elif self.published.requested:
+                self.published.requested = False
+                self.publish()
             if self.reload_requested:
-                self.reload_requested = False
-                self.reload()
+                self.start_reload()
 
+
+def build_daemon(opts):
+    """Every part of a daemon, from the options; the Daemon itself builds none."""
+    from prometheus_client import CollectorRegistry
+    ifname = opts.interface or default_interface()
+    if interface_index(ifname) is None:
+        raise ConfigError(f"{ifname}: no such interface")
+    rules = load_rules(opts.filter_file, ifname) if opts.filter_file else None
+    # Compiled once, before anything is bound; only its accept length changes later.
+    prefilter = compile_filter(opts.prefilter, kernel=True) if opts.prefilter else None
+    local = LocalAddresses(opts.local_nets or interface_local_nets(ifname), opts.idle_timeout)
+    if not local.local_nets:
+        log(LOG_WARNING, f"{ifname}: no addresses and no --local-net: no address is local")
+    decoder = Decoder(local, [c for c in (rules,) if c])
+    mapping = NicMapping(opts.mapping_url, ifname, log, opts.mapping_interval)
+    published = Published()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector(published, mapping, ifname))
+    rule_server = None
+    if opts.filter_file or opts.socket_path:
+        path = opts.socket_path or default_socket_path(ifname)
+        rule_server = RuleSocketServer(path, functools.partial(rule_rows, published),
+                                       opts.socket_group)
+    try:
+        http = make_http_server(*opts.listen, registry)
+    except LpdError:
+        if rule_server:
+            rule_server.close()
+        raise
+    return Daemon(opts, ifname, decoder, rules, prefilter, mapping, published, http, rule_server)
 
 
 ###############################################################################
@@ -5522,24 +5982,24 @@ EVERY_ADDRESS = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")
 
 
 def replay(opts, out=sys.stdout):
-    """-r FILE: the same block path as live capture, then a table of totals."""
+    """-r FILE: the same decode and consumers as live capture, then a table of totals."""
     rules = None
     if opts.filter_file:
         # $MAC names the capture interface's address: only with -i, never a made-up one.
         mac = interface_mac(opts.interface) if opts.interface else None
-        rules = RuleSet(parse_filter_file(opts.filter_file, mac))
-    acct = Accounting(opts.local_nets or EVERY_ADDRESS, rules)
-    frames = ((data, wirelen) for _, wirelen, data in read_pcap(opts.read_file))
-    for block in frames_to_blocks(frames):
-        acct.process_block(memoryview(block), 0)
-    rows = sorted(((address(k), e) for k, e in acct.host_counters()), key=lambda r: (r[0].version, r[0]))
+        rules = RuleCounter(parse_filter_file(opts.filter_file, mac))
+    local = LocalAddresses(opts.local_nets or EVERY_ADDRESS)
+    decoder = Decoder(local, [c for c in (rules,) if c])
+    PcapSource(opts.read_file).drain(decoder.process_block)
+    rows = sorted(((address(row[0]), row[1:5]) for row in local.snapshot().rows),
+                  key=lambda r: (r[0].version, r[0]))
     width = max([len(str(a)) for a, _ in rows] + [len("local_ip")])
     out.write(f"{'local_ip':<{width}}  direction  {'bytes':>12}  {'packets':>9}\n")
     for addr, e in rows:
         out.write(f"{str(addr):<{width}}  {'tx':<9}  {e[TX_BYTES]:>12}  {e[TX_PACKETS]:>9}\n")
         out.write(f"{str(addr):<{width}}  {'rx':<9}  {e[RX_BYTES]:>12}  {e[RX_PACKETS]:>9}\n")
     if rules is not None:
-        out.write(format_rule_lines(rules.snapshot()))
+        out.write(format_rule_lines(rules.snapshot().rows))
     return 0
 
 
@@ -5555,6 +6015,9 @@ def dump_filter(opts, out=sys.stdout):
 ###############################################################################
 
 
+###############################################################################
+
+
 def main(argv=None):
     try:
         opts = parse_args(sys.argv[1:] if argv is None else argv)
@@ -5562,7 +6025,7 @@ def main(argv=None):
             return dump_filter(opts)
         if opts.read_file:
             return replay(opts)
-        return Daemon(opts).run()
+        return build_daemon(opts).run()
     except FilterError as e:
         log(LOG_ERR, f"filter: {e}")
         return e.exit_code

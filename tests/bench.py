@@ -10,7 +10,7 @@ Prints plain tables and writes the same figures as JSON to bench/results/<UTC ti
 Nothing here asserts a timing: it measures and reports.
 
 Offline: frames from ../shared/corpus/pcaps plus a synthetic mix go through lpd's own
-frames_to_blocks() -> Accounting.process_block() (the function the live ring loop calls),
+frames_to_blocks() -> Decoder.process_block() (the function the live ring loop calls),
 with 0/1/10/50 rules; the rule matcher beside lpd's plain interpreter and libpcap's C
 bpf_filter (ctypes); compile time and program length beside libpcap.
 
@@ -256,13 +256,16 @@ def synthetic_frames(n, seed=199):
 
 
 def time_accounting(lpd, blocks, rules=None, repeat=2):
-    """Best seconds for lpd.Accounting.process_block over every block (fresh counters each
-    time); returns (s, acct)."""
+    """Best seconds for lpd.Decoder.process_block over every block (fresh counters each
+    time); returns (s, decoder)."""
     import ipaddress
     best = float("inf")
     views = [memoryview(b) for b in blocks]
     for _ in range(repeat):
-        acct = lpd.Accounting([ipaddress.ip_network(n) for n in OFFLINE_LOCAL_NETS], rules)
+        local = lpd.LocalAddresses([ipaddress.ip_network(n) for n in OFFLINE_LOCAL_NETS])
+        if rules is not None:
+            rules = lpd.RuleCounter(rules.rules)          # fresh counters, same programs
+        acct = lpd.Decoder(local, [rules] if rules else [])
         t0 = time.perf_counter()
         for v in views:
             acct.process_block(v, 0)
@@ -285,7 +288,7 @@ def time_bare_walk(lpd, blocks):
 
 def make_ruleset(lpd, exprs):
     text = "".join(f"r{i};{e}\n" for i, e in enumerate(exprs))
-    return lpd.RuleSet(lpd.parse_filter_text(text, "bench", None))
+    return lpd.RuleCounter(lpd.parse_filter_text(text, "bench", None))
 
 
 def rule_exprs(n):
@@ -301,12 +304,12 @@ def rule_exprs(n):
 def offline_accounting(lpd, results, quick):
     t = Table("Offline: decode + per-address accounting (+ rules), in-process",
               ["input", "rules", "frames", "ns/frame", "Mframes/s", "bytes ok"],
-              note=f"lpd.frames_to_blocks -> Accounting.process_block; frames carry their first "
+              note=f"lpd.frames_to_blocks -> Decoder.process_block; frames carry their first "
                    f"{OFFLINE_SNAPLEN} bytes (lpd's accounting snaplen), wirelen is the real one;\n"
                    f"local nets {', '.join(OFFLINE_LOCAL_NETS)}; rule runs use the first "
                    f"{RULE_FRAMES:,} synthetic frames.")
-    if not hasattr(lpd, "frames_to_blocks") or not hasattr(lpd, "Accounting"):
-        t.add(input="-", rules="lpd.frames_to_blocks/Accounting not available yet")
+    if not hasattr(lpd, "frames_to_blocks") or not hasattr(lpd, "Decoder"):
+        t.add(input="-", rules="lpd.frames_to_blocks/Decoder not available yet")
         return t
     corpus, skipped = corpus_frames(lpd)
     n = SYNTH_FRAMES // (10 if quick else 1)

@@ -4,7 +4,7 @@ Every program here is libpcap's own compilation of an expression from
 filter_expressions.txt (or a hand-written / random program), so these tests pin
 down the evaluators independently of lpd's compiler: bpf_interpret and
 make_matcher must return exactly what libpcap returns, on every corpus frame and
-on generated ones; make_rules_matcher must equal the programs run one by one.
+on generated ones; make_rules_counter must equal the programs run one by one.
 """
 import os
 import random
@@ -168,13 +168,41 @@ def _expected_hits(progs, data, wirelen, pkttype, vlan_tci):
             if lpd.bpf_interpret(p, data, wirelen, pkttype, vlan_tci)]
 
 
+def rules_matcher(progs):
+    """f(data, wirelen, pkttype, vlan_tci) -> the indices of the rules
+    make_rules_counter counts that frame for (and each by its wire length)."""
+    count = lpd.make_rules_counter(progs)
+
+    def hits(data, wirelen, pkttype=0, vlan_tci=None):
+        rb, rp = [0] * len(progs), [0] * len(progs)
+        count([(data, wirelen, pkttype, vlan_tci)], rb, rp)
+        assert all(p in (0, 1) and b == wirelen * p for b, p in zip(rb, rp))
+        return [i for i, p in enumerate(rp) if p]
+    hits.source = count.source
+    return hits
+
+
+def test_rules_counter_counts_a_whole_batch():
+    """One call per block: every frame of the batch is counted, per rule."""
+    progs = [oracle.compile(e) for e in ("ip", "udp", "arp")]
+    count = lpd.make_rules_counter(progs)
+    rng = random.Random(3)
+    batch = [(d, w, rng.choice([0, 4]), None) for d, w in CORPUS_FRAMES[::3]]
+    rb, rp = [0] * 3, [0] * 3
+    count(batch, rb, rp)
+    for i, prog in enumerate(progs):
+        hit = [w for d, w, t, _ in batch if lpd.bpf_interpret(prog, d, w, t)]
+        assert (rb[i], rp[i]) == (sum(hit), len(hit))
+    assert all(rp)
+
+
 @pytest.mark.parametrize("size", [1, 2, 10, 50])
 def test_rules_matcher_equals_programs_one_by_one(size):
     rng = random.Random(size)
     frames = CORPUS_FRAMES[::7] + [packets.random_frame(rng) for _ in range(400)]
     for _ in range(10):
         progs = [p.insns for _, p in rng.sample(COMPILED, size)]
-        rules = lpd.make_rules_matcher(progs)
+        rules = rules_matcher(progs)
         for data, wirelen in frames:
             pkttype, tci = rng.choice([0, 1, 3, 4]), rng.choice([None, 5, 0x2064])
             assert list(rules(data, wirelen, pkttype, tci)) == \
@@ -185,16 +213,16 @@ def test_rules_matcher_counts_every_matching_rule():
     progs = [oracle.compile(e) for e in ("ip", "udp", "port 53", "ip6", "udp port 53")]
     frame = packets.ether("ff:ff:ff:ff:ff:ff", "00:60:08:9f:b1:f3", packets.ETH_IP,
                           packets.ipv4("10.0.0.1", "10.0.0.2", 17, packets.udp(1024, 53)))
-    assert list(lpd.make_rules_matcher(progs)(frame, len(frame))) == [0, 1, 2, 4]
-    assert list(lpd.make_rules_matcher(progs)(frame[:20], len(frame))) == [0]
+    assert list(rules_matcher(progs)(frame, len(frame))) == [0, 1, 2, 4]
+    assert list(rules_matcher(progs)(frame[:20], len(frame))) == [0]
 
 
 def test_rules_matcher_shares_loads_between_rules():
     progs = [oracle.compile(e) for e in ("tcp port 22", "udp port 53", "icmp")]
-    source = lpd.rules_matcher_source(progs)
+    source = lpd.rules_counter_source(progs)
     assert "c_h12" in source and "c_b23" in source
     # a frame too short for the shared load rejects in every rule that makes it
-    assert list(lpd.make_rules_matcher(progs)(b"\0" * 13, 13)) == []
+    assert list(rules_matcher(progs)(b"\0" * 13, 13)) == []
 
 
 def test_rules_matcher_caches_transport_loads_only_while_x_holds_the_header_length():
@@ -203,7 +231,7 @@ def test_rules_matcher_caches_transport_loads_only_while_x_holds_the_header_leng
     moved = [msh, (0x87, 0, 0, 0), (0x04, 0, 0, 2), (0x07, 0, 0, 0),   # txa; add #2; tax
              (0x48, 0, 0, 14), (0x16, 0, 0, 0)]
     progs = [plain, moved, plain, moved]
-    rules = lpd.make_rules_matcher(progs)
+    rules = rules_matcher(progs)
     rng = random.Random(7)
     for data, wirelen in CORPUS_FRAMES[::13] + [packets.random_frame(rng) for _ in range(300)]:
         assert list(rules(data, wirelen)) == _expected_hits(progs, data, wirelen, 0, None)
@@ -214,7 +242,7 @@ def test_rules_matcher_with_rejecting_and_looping_programs():
     frame = packets.ether("ff:ff:ff:ff:ff:ff", "00:60:08:9f:b1:f3", packets.ETH_IP6,
                           packets.ipv6("fe80::1", "ff02::1", 17, packets.udp(1, 2),
                                        exts=(packets.ipv6_ext(packets.PROTO_HOPOPTS),)))
-    assert list(lpd.make_rules_matcher(progs)(frame, len(frame))) == [1, 3]
+    assert list(rules_matcher(progs)(frame, len(frame))) == [1, 3]
 
 
 # --- ancillary loads: the kernel's semantics ----------------------------------------------
@@ -401,7 +429,7 @@ def test_random_programs_match_libpcap(prog, frame):
     want = oracle.bpf_filter(prog, data, wirelen)
     assert lpd.bpf_interpret(prog, data, wirelen) == want
     assert lpd.make_matcher(prog)(data, wirelen) == want
-    assert list(lpd.make_rules_matcher([prog, prog])(data, wirelen)) == ([0, 1] if want else [])
+    assert list(rules_matcher([prog, prog])(data, wirelen)) == ([0, 1] if want else [])
 
 
 # --- generated source ------------------------------------------------------------------
@@ -430,7 +458,7 @@ def test_helper_functions_for_join_points_give_the_same_results(monkeypatch):
         for data, wirelen in frames:
             assert matcher(data, wirelen) == lpd.bpf_interpret(prog.insns, data, wirelen), expr
     progs = [p.insns for _, p in chosen]
-    rules = lpd.make_rules_matcher(progs)
+    rules = rules_matcher(progs)
     assert "def _r" in rules.source
     for data, wirelen in frames:
         assert list(rules(data, wirelen, 4, 7)) == _expected_hits(progs, data, wirelen, 4, 7)
@@ -440,12 +468,12 @@ def test_source_is_kept_for_debugging():
     prog = oracle.compile("tcp port 80")
     assert lpd.make_matcher(prog).source == lpd.matcher_source(prog)
     assert "def match(" in lpd.matcher_source(prog)
-    assert "hit(0)" in lpd.make_rules_matcher([prog]).source
+    assert "rb[0] += wirelen" in lpd.make_rules_counter([prog]).source
 
 
 def test_rules_matcher_when_no_rule_survives_a_branch():
     # Both rules need IPv4: the branch for every other ethertype is left empty.
     progs = [oracle.compile("tcp and ip[6:2] & 0x1fff = 0"), oracle.compile("ether proto \\ip")]
-    rules = lpd.make_rules_matcher(progs)
+    rules = rules_matcher(progs)
     for data, wirelen in CORPUS_FRAMES[::5]:
         assert list(rules(data, wirelen, 0, None)) == _expected_hits(progs, data, wirelen, 0, None)

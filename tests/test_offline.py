@@ -172,12 +172,13 @@ def test_rule_lines_on_the_corpus_equal_libpcap(tmp_path):
 def test_any_frame_is_counted_and_never_raises(frames):
     """Garbage, runts, cut headers: every frame reaches the interface totals, none raises,
     and a frame is either attributed or counted as malformed/other, never both."""
-    acct = lpd.Accounting([ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")])
+    local = lpd.LocalAddresses([ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")])
+    dec = lpd.Decoder(local)
     for block in lpd.frames_to_blocks(frames):
-        acct.process_block(memoryview(block), 0)
-    assert acct.frames == len(frames)
-    assert acct.totals[2:] == [sum(w for _, w in frames), len(frames)]
-    attributed = sum(e[1] for e in acct.hosts4.values()) + sum(e[1] for e in acct.hosts6.values())
+        dec.process_block(memoryview(block), 0)
+    assert dec.frames == len(frames)
+    assert dec.totals[2:] == [sum(w for _, w in frames), len(frames)]
+    attributed = sum(e[1] for e in local.hosts4.values()) + sum(e[1] for e in local.hosts6.values())
     expect = sum(1 for d, w in frames if well_formed_ip(d, w))
     assert attributed == expect
 
@@ -186,15 +187,19 @@ def test_new_local_nets_never_drop_counters():
     """An interface coming back before its addresses, or a reload while it is gone,
     must not wipe what was counted (issue 3: every counter kept)."""
     frame = udp4("10.0.0.1", "192.0.2.9")
-    acct = lpd.Accounting([ipaddress.ip_network("10.0.0.0/8")])
-    for block in lpd.frames_to_blocks([(frame, len(frame))]):
-        acct.process_block(memoryview(block), 0)
-    acct.set_local_nets([])
-    for block in lpd.frames_to_blocks([(frame, len(frame))]):
-        acct.process_block(memoryview(block), 0)
-    assert [(lpd.address(k), e) for k, e in acct.host_counters()] == \
-        [(ipaddress.ip_address("10.0.0.1"), [len(frame), 1, 0, 0])]      # kept, not counting
-    acct.set_local_nets([ipaddress.ip_network("10.0.0.0/8")])
-    for block in lpd.frames_to_blocks([(frame, len(frame))]):
-        acct.process_block(memoryview(block), 0)
-    assert acct.host_counters()[0][1] == [2 * len(frame), 2, 0, 0]       # and counting again
+    local = lpd.LocalAddresses([ipaddress.ip_network("10.0.0.0/8")])
+    dec = lpd.Decoder(local)
+
+    def feed():
+        for block in lpd.frames_to_blocks([(frame, len(frame))]):
+            dec.process_block(memoryview(block), 0)
+
+    def rows():
+        return [(lpd.address(r[0]), list(r[1:5])) for r in local.snapshot().rows]
+    feed()
+    local.set_local_nets([])
+    feed()
+    assert rows() == [(ipaddress.ip_address("10.0.0.1"), [len(frame), 1, 0, 0])]   # kept, not counting
+    local.set_local_nets([ipaddress.ip_network("10.0.0.0/8")])
+    feed()
+    assert rows()[0][1] == [2 * len(frame), 2, 0, 0]                                # and counting again

@@ -155,3 +155,98 @@ def test_kernel_prefilter_sees_vlan_tags_and_direction(pair):
     assert value(m, "lpd_receive_bytes_total", local_ip=pair.ip4_b, **lbl) == 2 * 100
     assert value(m, "lpd_transmit_bytes_total", local_ip=pair.ip4_b, **lbl) == 98
     assert lpd.stop() == 0
+
+
+# --- reload runs beside capture (issue 9) ----------------------------------------------
+
+@pytest.fixture
+def netns_etc(pair):
+    """/etc/netns/<ns_b>/: `ip netns exec` mounts its files over /etc's for lpd alone."""
+    d = f"/etc/netns/{pair.ns_b}"
+    os.makedirs(d, exist_ok=True)
+    with open("/etc/hosts") as f:
+        base = f.read()
+
+    def write(name, text):
+        # In place, never by rename: the bind mount holds the file, not the name.
+        with open(os.path.join(d, name), "r+" if os.path.exists(os.path.join(d, name)) else "w") as f:
+            f.seek(0)
+            f.truncate()
+            f.write(text)
+    write.base_hosts = base
+    yield write
+    for name in os.listdir(d):
+        os.unlink(os.path.join(d, name))
+    os.rmdir(d)
+
+
+def sink_rows(sock):
+    return {rid: (b, p) for rid, b, p in parse_lines(read_socket(sock))}
+
+
+def test_reload_never_stalls_capture_even_on_a_slow_name_lookup(pair, tmp_path, netns_etc):
+    """SIGHUP with a rule naming a host that the (silent) DNS server never answers:
+    while the lookup hangs, frames are still drained and counted."""
+    netns_etc("resolv.conf", f"nameserver {pair.ip4_a}\noptions timeout:4 attempts:1\n")
+    netns_etc("hosts", netns_etc.base_hosts)
+    silent = netns.socket_in(pair.ns_a, socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind((pair.ip4_a, 53))                   # takes queries, answers none
+    rules = tmp_path / "veth.filters"
+    rules.write_text(f"sink;udp dst port {netns.SINK_PORT}\n")
+    sock = str(tmp_path / "lpd.sock")
+    lpd = Lpd(pair, "--mapping-url", "none", "-f", str(rules), "-u", sock)
+    one = netns.frame_len(100)
+    rules.write_text(f"sink;udp dst port {netns.SINK_PORT}\nslow;host lpd-test-unanswered.example\n")
+    lpd.proc.send_signal(signal.SIGHUP)
+    t0 = time.monotonic()
+    time.sleep(0.3)
+    pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100] * 5)
+    assert wait_for(lambda: sink_rows(sock).get("sink") == (5 * one, 5), 2.5, 0.1), sink_rows(sock)
+    assert "reload failed" not in lpd.stderr() and time.monotonic() - t0 < 3.5, \
+        "the lookup ended before the check: the test proves nothing"
+    assert wait_for(lambda: "reload failed" in lpd.stderr(), 10)
+    assert sink_rows(sock) == {"sink": (5 * one, 5)}
+    silent.close()
+
+
+def test_reload_resolves_host_names_again(pair, tmp_path, netns_etc):
+    netns_etc("hosts", netns_etc.base_hosts + f"{pair.ip4_a} lpd-test-peer\n")
+    rules = tmp_path / "veth.filters"
+    rules.write_text(f"peer;src host lpd-test-peer and udp dst port {netns.SINK_PORT}\n")
+    sock = str(tmp_path / "lpd.sock")
+    lpd = Lpd(pair, "--mapping-url", "none", "-f", str(rules), "-u", sock)
+    one = netns.frame_len(100)
+    pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100] * 3)
+    assert wait_for(lambda: sink_rows(sock) == {"peer": (3 * one, 3)}, 5, 0.1), sink_rows(sock)
+    netns_etc("hosts", netns_etc.base_hosts + "10.199.0.77 lpd-test-peer\n")
+    lpd.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: lpd.stderr().count("reloaded") == 1, 5)
+    pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100] * 4)
+    time.sleep(0.5)
+    assert sink_rows(sock) == {"peer": (3 * one, 3)}     # same text, other address: not counted
+
+
+def test_widening_reload_never_judges_a_frame_cut_short(pair, tmp_path):
+    """Two rules swapped in together, both matching every datagram sent (each has a
+    zero at byte 300): if any queued frame cut to the old 128 bytes reached the new
+    rules, 'big' would fall behind 'all'."""
+    rules = tmp_path / "veth.filters"
+    rules.write_text(f"old;udp dst port {netns.SINK_PORT}\n")
+    sock = str(tmp_path / "lpd.sock")
+    lpd = Lpd(pair, "--mapping-url", "none", "-f", str(rules), "-u", sock,
+              "--local-net", "10.199.0.0/24")
+    n = 20000
+    sender = threading.Thread(target=pair.udp_send, args=(pair.ns_a, pair.ip4_a, pair.ip4_b, [400] * n))
+    sender.start()
+    time.sleep(0.1)
+    rules.write_text(f"old;udp dst port {netns.SINK_PORT}\n"
+                     f"all;udp dst port {netns.SINK_PORT}\n"
+                     f"big;udp dst port {netns.SINK_PORT} and ether[300] = 0\n")
+    lpd.proc.send_signal(signal.SIGHUP)
+    sender.join(60)
+    one = netns.frame_len(400)
+    assert wait_for(lambda: sink_rows(sock).get("old") == (n * one, n), 10, 0.2), sink_rows(sock)
+    got = sink_rows(sock)
+    assert 0 < got["all"][1] < n, got                  # the reload landed mid-stream
+    assert got["big"] == got["all"], got
+    assert value(metrics(pair), "lpd_capture_drops_total", nic=pair.if_b) == 0

@@ -29,12 +29,17 @@ def corpus_frames():
 
 
 def programs():
+    """Each distinct program once: libpcap's and lpd's are mostly the same instructions."""
+    seen = set()
     for expr in expressions():
         for compile_ in (oracle.compile, lpd.compile_filter):
             try:
-                yield expr, compile_(expr)
+                prog = tuple(tuple(insn) for insn in compile_(expr))
             except (oracle.OracleError, lpd.FilterError):
-                pass
+                continue
+            if prog not in seen:
+                seen.add(prog)
+                yield expr, list(prog)
 
 
 def test_cut_frames_decide_like_whole_frames():
@@ -48,7 +53,7 @@ def test_cut_frames_decide_like_whole_frames():
                 assert oracle.bpf_filter(prog, data[:n], wirelen) == oracle.bpf_filter(prog, data, wirelen), \
                     (expr, n, data.hex())
         checked += 1
-    assert checked >= 500
+    assert checked >= 350
     assert min(lengths) < 64 and max(lengths) == lpd.SNAPLEN_FULL   # bounds are real, loops are not
 
 

@@ -1,0 +1,331 @@
+"""The pipeline without a socket: synthetic ring blocks (every header field set) through
+the decoder into the consumers, their snapshots and merges, publication, and the
+reload swap at a block boundary."""
+import ipaddress
+import threading
+import time
+
+import pytest
+
+import lpd
+import packets
+
+NET = ipaddress.ip_network("10.0.0.0/8")
+NET6 = ipaddress.ip_network("2001:db8::/32")
+
+
+def udp4(src, dst, payload=b"x" * 20):
+    return packets.ether("02:00:00:00:00:02", "02:00:00:00:00:01", packets.ETH_IP,
+                         packets.ipv4(src, dst, packets.PROTO_UDP, packets.udp(1000, 2000, payload)))
+
+
+def udp6(src, dst, payload=b"y" * 20):
+    return packets.ether("02:00:00:00:00:02", "02:00:00:00:00:01", packets.ETH_IP6,
+                         packets.ipv6(src, dst, packets.PROTO_UDP, packets.udp(1000, 2000, payload)))
+
+
+def decode(frames, local=None, consumers=(), block_size=lpd.RING_BLOCK_BYTES):
+    local = local or lpd.LocalAddresses([NET, NET6])
+    dec = lpd.Decoder(local, consumers)
+    for block in lpd.frames_to_blocks(frames, block_size):
+        dec.process_block(memoryview(block), 0)
+    return dec
+
+
+def rows(local):
+    return {str(lpd.address(r[0])): tuple(r[1:5]) for r in local.snapshot().rows}
+
+
+def rules(text):
+    return lpd.RuleCounter(lpd.parse_filter_text(text, "t", None))
+
+
+# --- synthetic blocks: one FRAME layout, read and built ------------------------------
+
+def test_synthetic_blocks_carry_every_header_field():
+    f = lpd.SynthFrame(udp4("10.0.0.1", "10.0.0.2"), 90, pkttype=lpd.PACKET_OUTGOING,
+                       vlan_tci=0x2007, vlan_tpid=0x88A8, ts=1700000000.25)
+    g = lpd.SynthFrame(udp6("2001:db8::1", "2001:db8::2"), 200, ts=1700000001.5)
+    [block] = list(lpd.frames_to_blocks([f, g]))
+    b = dict(zip([n for n, _ in lpd.BLOCK_FIELDS], lpd.BLOCK.unpack_from(block)))
+    assert b["block_status"] & lpd.TP_STATUS_USER and b["num_pkts"] == 2
+    assert b["version"] == lpd.TPACKET_V3 and b["offset_to_first_pkt"] == lpd.BLOCK_FIRST_FRAME
+    assert (b["first_sec"], b["first_nsec"]) == (1700000000, 250000000)
+    assert (b["last_sec"], b["last_nsec"]) == (1700000001, 500000000)
+    names = [n for n, _ in lpd.FRAME_FIELDS if n is not None]
+    pos, seen, nexts = b["offset_to_first_pkt"], [], []
+    for want in (f, g):
+        h = dict(zip(names, lpd.FRAME.unpack_from(block, pos)))
+        nexts.append(h["next_offset"])
+        data = bytes(block[pos + h["mac"]:pos + h["mac"] + h["snaplen"]])
+        assert data == want.data and h["len"] == want.wirelen
+        assert h["sll_pkttype"] == want.pkttype and h["sll_hatype"] == lpd.ARPHRD_ETHER
+        assert h["sec"] + h["nsec"] / 1e9 == pytest.approx(want.ts)
+        assert h["sll_addr"][:6] == want.data[6:12] and h["sll_halen"] == 6
+        assert h["net"] == h["mac"] + lpd.ETH_HLEN and h["mac"] % lpd.TPACKET_ALIGNMENT == 0
+        seen.append((h["status"], h["vlan_tci"], h["vlan_tpid"]))
+        pos += h["next_offset"]
+    vlan = lpd.TP_STATUS_VLAN_VALID | lpd.TP_STATUS_VLAN_TPID_VALID
+    assert seen == [(lpd.TP_STATUS_USER | vlan, 0x2007, 0x88A8), (lpd.TP_STATUS_USER, 0, 0)]
+    assert pos == b["blk_len"]
+    # The hot loop's layout is the same declaration with fields left out.
+    hot = lpd.FRAME_HDR.unpack_from(block, b["offset_to_first_pkt"])
+    assert hot == (nexts[0], len(f.data), 90, seen[0][0], lpd.FRAME_DATA_OFF, 0x2007, 0x88A8,
+                   lpd.PACKET_OUTGOING)
+
+
+def test_blocks_split_when_full_and_every_frame_is_decoded():
+    frames = [(udp4("10.0.0.1", "192.0.2.1", b"z" * 900), 942)] * 100
+    blocks = list(lpd.frames_to_blocks(frames, 16384))
+    assert len(blocks) > 1
+    assert sum(lpd.BLOCK_HDR.unpack_from(b, lpd.BLOCK_HDR_OFF)[0] for b in blocks) == 100
+    dec = decode(frames, block_size=16384)
+    assert dec.frames == 100 and dec.totals == [0, 0, 942 * 100, 100]
+
+
+# --- the decoder and the local-address consumer ---------------------------------------
+
+def test_direction_comes_from_the_packet_type():
+    out = lpd.SynthFrame(udp4("10.0.0.1", "192.0.2.9"), 62, pkttype=lpd.PACKET_OUTGOING)
+    back = lpd.SynthFrame(udp4("192.0.2.9", "10.0.0.1"), 62, pkttype=lpd.PACKET_HOST)
+    dec = decode([out, out, back])
+    assert dec.totals == [124, 2, 62, 1]                  # interface: by packet type
+    assert rows(dec.local) == {"10.0.0.1": (124, 2, 62, 1)}   # address: by source/destination
+
+
+def test_stripped_vlan_tag_counts_its_bytes_and_rules_see_it_reinserted():
+    data = udp4("10.0.0.1", "10.0.0.2")
+    tagged = lpd.SynthFrame(data, len(data), vlan_tci=7)
+    qinq = lpd.SynthFrame(data, len(data), vlan_tci=100, vlan_tpid=0x88A8)
+    rc = rules("v7;vlan 7\nad;ether[12:2] = 0x88a8\nany;vlan\nplain;ip\n")
+    dec = decode([tagged, qinq, (data, len(data))], consumers=[rc])
+    wl = len(data) + lpd.VLAN_TAG_LEN
+    assert dec.totals[2:] == [2 * wl + len(data), 3]
+    assert rows(dec.local)["10.0.0.1"] == (2 * wl + len(data), 3, 0, 0)
+    assert rc.snapshot().rows == (("v7", wl, 1), ("ad", wl, 1), ("any", 2 * wl, 2),
+                                  ("plain", len(data), 1))
+
+
+def test_malformed_frames_are_counted_by_reason_and_not_attributed():
+    good = udp4("10.0.0.1", "10.0.0.2")
+    bad = {
+        "ihl": good[:14] + bytes([0x43]) + good[15:],
+        "version": good[:14] + bytes([0x55]) + good[15:],
+        "length": good[:16] + (2000).to_bytes(2, "big") + good[18:],
+        "truncated": good[:24],
+    }
+    dec = decode([(f, len(f)) for f in bad.values()] + [(b"\0" * 10, 10)])
+    assert dec.malformed == {"truncated": 2, "version": 1, "ihl": 1, "length": 1}
+    assert rows(dec.local) == {}
+    assert dict(dec.snapshot().malformed) == dec.malformed
+
+
+class Recorder(lpd.Consumer):
+    """A stage asking for the IP tuples: what a remote-address stage will get."""
+    name = "recorder"
+    wants = frozenset((lpd.WANT_IP,))
+
+    def __init__(self):
+        self.seen, self.batches = [], []
+
+    def consume(self, batch):
+        self.seen += batch.ip
+        self.batches.append((len(batch.raw), batch.frames, batch.time))
+
+
+def test_consumers_get_only_what_they_asked_for():
+    frames = [lpd.SynthFrame(udp4("10.0.0.1", "192.0.2.1"), 62, pkttype=lpd.PACKET_OUTGOING, ts=5.0),
+              lpd.SynthFrame(udp6("2001:db8::1", "2001:db8::2"), 82, ts=6.0),
+              lpd.SynthFrame(b"\xff" * 60, 60, ts=7.0)]                     # not IP
+    rec = Recorder()
+    decode(frames, consumers=[rec])
+    assert rec.seen == [(62, lpd.PACKET_OUTGOING, int(ipaddress.ip_address("10.0.0.1")),
+                         int(ipaddress.ip_address("192.0.2.1"))),
+                        (82, lpd.PACKET_HOST, ipaddress.ip_address("2001:db8::1").packed,
+                         ipaddress.ip_address("2001:db8::2").packed)]
+    assert rec.batches == [(0, 3, 7.0)]             # no raw frames built: nobody wants them
+    dec = lpd.Decoder(lpd.LocalAddresses([NET]))
+    assert not dec.want_raw and not dec.want_ip      # the default path builds nothing per frame
+
+
+def test_locality_cache_is_bounded_and_local_counts_stay_exact(monkeypatch):
+    monkeypatch.setattr(lpd, "LOCALITY_CACHE_MAX", 64)
+    local = lpd.LocalAddresses([NET])
+    me = udp4("10.0.0.1", "10.0.0.2")
+    frames = []
+    for i in range(1000):                           # 1000 remote peers, then our host again
+        frames.append((udp4(f"192.0.{i // 250}.{i % 250 + 1}", "10.0.0.1"), 62))
+        frames.append((me, len(me)))
+    decode(frames, local)
+    assert len(local.cache4) <= 64 + len(local.hosts4) + 1
+    assert rows(local)["10.0.0.1"] == (1000 * len(me), 1000, 1000 * 62, 1000)
+    assert rows(local)["10.0.0.2"] == (0, 0, 1000 * len(me), 1000)
+    assert len(local.hosts4) == 2
+
+
+def test_rates_and_idle_expiry_follow_the_clock_they_are_given():
+    local = lpd.LocalAddresses([NET], idle_timeout=10.0)
+    frame = udp4("10.0.0.1", "192.0.2.1")
+    local.tick(100.0)
+    decode([(frame, 1000)] * 5, local)              # 5000 bytes sent
+    local.tick(102.0)
+    snap = {str(lpd.address(r[0])): r for r in local.snapshot().rows}
+    assert snap["10.0.0.1"][5:] == (5000 * 8 / 2.0, 0.0)
+    local.tick(105.0)                               # quiet: reads 0, still there
+    assert [r[5:] for r in local.snapshot().rows] == [(0.0, 0.0)]
+    local.tick(111.9)
+    assert len(local.snapshot().rows) == 1
+    local.tick(112.0)                               # 10 s after its last traffic
+    assert local.snapshot().rows == () and local.hosts4 == {}
+    assert int(ipaddress.ip_address("10.0.0.1")) not in local.cache4
+    decode([(frame, 1000)], local)                  # comes back from zero
+    assert rows(local) == {"10.0.0.1": (1000, 1, 0, 0)}
+
+
+def test_new_local_nets_keep_counters_and_stop_counting_old_ones():
+    local = lpd.LocalAddresses([NET])
+    frame = udp4("10.0.0.1", "172.16.0.1")
+    decode([(frame, 100)], local)
+    local.set_local_nets([ipaddress.ip_network("172.16.0.0/12")])
+    decode([(frame, 100)], local)
+    assert rows(local) == {"10.0.0.1": (100, 1, 0, 0), "172.16.0.1": (0, 0, 100, 1)}
+
+
+# --- snapshots and publication -----------------------------------------------------------
+
+def test_snapshots_merge_to_what_one_pass_counts():
+    frames = [(udp4(f"10.0.0.{i % 7 + 1}", f"192.0.2.{i % 3 + 1}"), 60 + i) for i in range(50)]
+    frames += [(udp6("2001:db8::1", "2001:db8::99"), 90)] * 4 + [(b"\0" * 20, 20)] * 3
+    text = "u;udp\nsix;ip6\nbig;greater 80\n"
+
+    def run(part):
+        rc = rules(text)
+        dec = decode(part, consumers=[rc])
+        return dec.snapshot(), dec.local.snapshot(), rc.snapshot()
+
+    whole = run(frames)
+    halves = [run(frames[::2]), run(frames[1::2])]
+    merged = [a.merge(b) for a, b in zip(*halves)]
+    assert merged[0] == whole[0]
+    assert dict((r[0], r[1:]) for r in merged[1].rows) == dict((r[0], r[1:]) for r in whole[1].rows)
+    assert merged[2] == whole[2]
+
+
+def test_fresh_waits_for_a_publication_made_after_the_call():
+    pub = lpd.Published()
+    pub.publish({"n": 0})
+    published = []
+
+    def capture():                                  # the capture thread's part of the deal
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not published:
+            if pub.requested:
+                pub.requested = False
+                pub.publish({"n": 1})
+                published.append(1)
+            time.sleep(0.01)
+
+    t = threading.Thread(target=capture)
+    t.start()
+    assert pub.fresh(5.0) == {"n": 1}
+    t.join(5)
+    t0 = time.monotonic()
+    assert pub.fresh(0.2) == {"n": 1}               # nobody publishes: bounded, the latest
+    assert 0.15 < time.monotonic() - t0 < 2
+
+
+# --- reload: swapped at a block boundary, widened first -----------------------------------
+
+class FakeRing:
+    """The parts of Ring the swap logic uses: the kernel program and the queue."""
+
+    drops = 0
+
+    def __init__(self, queued):
+        self.programs, self.queued = [], queued
+
+    def attach(self, prog):
+        self.programs.append(prog)
+
+    def queued_blocks(self):
+        return self.queued
+
+
+def daemon(rule_counter):
+    opts = lpd.parse_args(["--mapping-url", "none"])
+    dec = lpd.Decoder(lpd.LocalAddresses([NET]), [rule_counter])
+    return lpd.Daemon(opts, "lo", dec, rule_counter, None, None, lpd.Published(), None)
+
+
+def feed(d, frames):
+    for block in lpd.frames_to_blocks(frames):
+        d.process_block(memoryview(block), 0)
+
+
+def test_widening_reload_lets_frames_cut_short_drain_through_the_old_rules():
+    old = rules("all;ip\n")
+    d = daemon(old)
+    ring = d.ring = FakeRing(queued=2)
+    whole = udp4("10.0.0.1", "10.0.0.2", b"\x42" * 400)
+    cut = whole[:d.decoder.snaplen()]               # what the old kernel program copied
+    new = rules("all;ip\nbig;ether[300] = 0x42\n")
+    d.pending = (new, [NET])
+    d.apply_reload()
+    assert ring.programs == [lpd.kernel_program(None, new.snaplen())] and new.snaplen() >= 301
+    assert d.rules is old and d.widening is not None        # widened, not yet swapped
+    feed(d, [(cut, len(whole))] * 3)                          # queued before the widening
+    assert d.rules is old
+    feed(d, [(cut, len(whole))] * 2)                          # the kernel's half-full block
+    assert d.rules is new and d.widening is None
+    assert new.snapshot().rows == (("all", 5 * len(whole), 5), ("big", 0, 0))
+    feed(d, [(whole, len(whole))] * 4)                        # after: whole frames
+    assert new.snapshot().rows == (("all", 9 * len(whole), 9), ("big", 4 * len(whole), 4))
+
+
+def test_narrowing_reload_swaps_first_then_narrows_the_kernel_program():
+    old = rules("big;ether[300] = 0x42\n")
+    d = daemon(old)
+    ring = d.ring = FakeRing(queued=3)
+    wide = d.decoder.snaplen()
+    d.pending = (rules("all;ip\n"), [NET])
+    d.apply_reload()
+    assert d.widening is None and d.rules.ids == ("all",)
+    assert ring.programs == [lpd.kernel_program(None, lpd.SNAPLEN_ACCOUNTING)]
+    assert wide > lpd.SNAPLEN_ACCOUNTING
+
+
+def test_widening_ends_by_deadline_when_the_kernel_block_stays_empty():
+    d = daemon(rules("all;ip\n"))
+    d.ring = FakeRing(queued=1)                    # nothing queued, the kernel's block empty
+    d.pending = (rules("big;ether[300] = 1\n"), [NET])
+    d.apply_reload()
+    assert d.widening is not None and d.widen_blocks == 1
+    time.sleep(lpd.WIDEN_DRAIN_SECONDS + 0.01)
+    d.advance_reload(time.monotonic())
+    assert d.widening is None and d.rules.ids == ("big",)
+
+
+def test_reload_compiles_off_the_capture_thread(monkeypatch, tmp_path):
+    """The capture thread never waits for a compile (nor for DNS): the slow part runs in
+    the reload thread and only a finished result is handed over."""
+    started, release = threading.Event(), threading.Event()
+    slow = rules("all;ip\n")
+
+    def load(path, ifname):
+        started.set()
+        release.wait(5)
+        return slow
+
+    monkeypatch.setattr(lpd, "load_rules", load)
+    d = daemon(rules("old;ip\n"))
+    d.opts.filter_file, d.opts.local_nets = str(tmp_path / "f"), [NET]
+    assert d.start_reload()
+    assert started.wait(5)
+    frame = udp4("10.0.0.1", "10.0.0.2")
+    feed(d, [(frame, len(frame))] * 3)              # capture goes on meanwhile
+    assert d.pending is None and d.rules.snapshot().rows == (("old", 3 * len(frame), 3),)
+    release.set()
+    d.reloader.join(5)
+    assert d.pending is not None
+    d.apply_reload()
+    assert d.rules is slow
