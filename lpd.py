@@ -579,6 +579,10 @@ BPF_JA, BPF_JEQ, BPF_JGT, BPF_JGE, BPF_JSET = 0x00, 0x10, 0x20, 0x30, 0x40
 BPF_K, BPF_X, BPF_A = 0x00, 0x08, 0x10
 BPF_TAX, BPF_TXA = 0x00, 0x80
 BPF_MEMWORDS = 16
+# The fields of an opcode (bpf.h's BPF_CLASS, BPF_SIZE, BPF_MODE, BPF_OP, BPF_SRC).
+BPF_CLASS_MASK, BPF_SIZE_MASK, BPF_MODE_MASK, BPF_OP_MASK = 0x07, 0x18, 0xE0, 0xF0
+BPF_RVAL_MASK = 0x18                # a ret's source: BPF_K, BPF_X or BPF_A
+U32_MAX = 0xFFFFFFFF                # A, X and k are 32-bit unsigned
 
 # Linux ancillary data: loads at these offsets read socket metadata, not packet bytes.
 SKF_AD_OFF = 0xfffff000             # -0x1000 as the unsigned k of a load
@@ -589,7 +593,7 @@ SKF_AD_VLAN_TAG_PRESENT, SKF_AD_PAY_OFFSET, SKF_AD_RANDOM, SKF_AD_VLAN_TPID = 48
 
 
 def _cls(code):
-    return code & 0x07
+    return code & BPF_CLASS_MASK
 
 
 def _jmp(op):
@@ -661,10 +665,10 @@ def _image(insn, n):
     elif form == "M":
         operand = f"M[{_s32(k)}]"
     elif form == "ja":
-        operand = f"{_s32((n + 1 + k) & 0xffffffff)}"
+        operand = f"{_s32((n + 1 + k) & U32_MAX)}"
     else:
         operand = form
-    if _cls(code) == BPF_JMP and code & 0xf0 != BPF_JA:
+    if _cls(code) == BPF_JMP and code & BPF_OP_MASK != BPF_JA:
         return f"({n:03d}) {opname:<8} {operand:<16} jt {n + 1 + jt}\tjf {n + 1 + jf}"
     return f"({n:03d}) {opname:<8} {operand}"
 
@@ -703,7 +707,6 @@ def format_program(prog, level=1):
 #     which it used as its own "present" flag.
 
 
-_U32 = 0xFFFFFFFF
 _PKT_TYPE_MAX = 7           # the kernel masks skb->pkt_type with this
 # libpcap 1.10 loops forever on a program that jumps back forever; a frame of
 # 256 KiB walked in 8-byte headers needs 32768 turns of protochain's loop.
@@ -752,11 +755,11 @@ _LOAD_SIZES = {BPF_W: 4, BPF_H: 2, BPF_B: 1}
 def _alu_result(op, a, v):
     """A op v for BPF_ALU (v is K or X); None for division by zero or unknown op."""
     if op == BPF_ADD:
-        return (a + v) & _U32
+        return (a + v) & U32_MAX
     if op == BPF_SUB:
-        return (a - v) & _U32
+        return (a - v) & U32_MAX
     if op == BPF_MUL:
-        return (a * v) & _U32
+        return (a * v) & U32_MAX
     if op in (BPF_DIV, BPF_MOD):
         if v == 0:
             return None
@@ -768,7 +771,7 @@ def _alu_result(op, a, v):
     if op == BPF_XOR:
         return a ^ v
     if op == BPF_LSH:
-        return (a << v) & _U32 if v < 32 else 0
+        return (a << v) & U32_MAX if v < 32 else 0
     if op == BPF_RSH:
         return a >> v
     return None
@@ -798,13 +801,13 @@ def bpf_interpret(prog, data, wirelen, pkttype=0, vlan_tci=None):
         pc += 1
         if code > 0xFF:
             return 0
-        cls = code & 0x07
+        cls = _cls(code)
         if cls == BPF_RET:
             if code == BPF_RET | BPF_K:
                 return k
             return a if code == BPF_RET | BPF_A else 0
         if cls == BPF_LD:
-            mode, size = code & 0xE0, code & 0x18
+            mode, size = code & BPF_MODE_MASK, code & BPF_SIZE_MASK
             if mode == BPF_ABS and size in _LOAD_SIZES:
                 a = _ancillary(k, data, pkttype, vlan_tci) if k >= SKF_AD_OFF else \
                     _load_packet(data, _LOAD_SIZES[size], k)
@@ -832,18 +835,18 @@ def bpf_interpret(prog, data, wirelen, pkttype=0, vlan_tci=None):
             else:
                 return 0
         elif cls in (BPF_ST, BPF_STX):
-            if code & ~0x07 or k >= BPF_MEMWORDS:
+            if code & ~BPF_CLASS_MASK or k >= BPF_MEMWORDS:
                 return 0
             mem[k] = a if cls == BPF_ST else x
         elif cls == BPF_ALU:
             if code == BPF_ALU | BPF_NEG:
-                a = -a & _U32
+                a = -a & U32_MAX
             else:
-                a = _alu_result(code & 0xF0, a, x if code & BPF_X else k)
+                a = _alu_result(code & BPF_OP_MASK, a, x if code & BPF_X else k)
                 if a is None:
                     return 0
         elif cls == BPF_JMP:
-            op = code & 0xF0
+            op = code & BPF_OP_MASK
             if code == BPF_JMP | BPF_JA:
                 off = k - (1 << 32) if k & 0x80000000 else k
                 if off < 0:
@@ -889,7 +892,7 @@ def program_snaplen(prog, limit=SNAPLEN_FULL):
         if st is None:                               # unreachable
             continue
         a, x, mem = st
-        cls, mode, size = code & 0x07, code & 0xE0, code & 0x18
+        cls, mode, size = _cls(code), code & BPF_MODE_MASK, code & BPF_SIZE_MASK
         if cls in (BPF_LD, BPF_LDX):
             if mode == BPF_IMM:
                 v = k
@@ -900,7 +903,7 @@ def program_snaplen(prog, limit=SNAPLEN_FULL):
             elif mode == BPF_MSH:                    # 4*([k]&0xf)
                 need, v = max(need, k + 1), 60
             elif k >= SKF_AD_OFF or (mode == BPF_IND and x + k >= SKF_AD_OFF):
-                v = _U32                             # ancillary data, not frame bytes
+                v = U32_MAX                             # ancillary data, not frame bytes
             else:
                 need = max(need, k + (x if mode == BPF_IND else 0) + _LOAD_SIZES[size])
                 v = (1 << 8 * _LOAD_SIZES[size]) - 1
@@ -911,9 +914,9 @@ def program_snaplen(prog, limit=SNAPLEN_FULL):
         elif cls in (BPF_ST, BPF_STX):
             mem = mem[:k & 15] + ((a if cls == BPF_ST else x),) + mem[(k & 15) + 1:]
         elif cls == BPF_ALU:                         # the matcher's bounds; neg and a
-            op, by_x = code & 0xF0, bool(code & BPF_X)   # shift by X may reach any value
-            a = _U32 if op == BPF_NEG or (op == BPF_LSH and by_x) else \
-                min(_alu_bound(op, a, x if by_x else k, by_x, k), _U32)
+            op, by_x = code & BPF_OP_MASK, bool(code & BPF_X)   # shift by X may reach any value
+            a = U32_MAX if op == BPF_NEG or (op == BPF_LSH and by_x) else \
+                min(_alu_bound(op, a, x if by_x else k, by_x, k), U32_MAX)
         elif cls == BPF_MISC:
             if code & BPF_TXA:
                 a = x
@@ -922,7 +925,7 @@ def program_snaplen(prog, limit=SNAPLEN_FULL):
         if need >= limit:
             return limit
         if cls == BPF_JMP:
-            if code & 0xF0 == BPF_JA:
+            if code & BPF_OP_MASK == BPF_JA:
                 if pc + 1 + k >= n:                  # a loop (libpcap's protochain): no bound
                     return limit
                 merge(pc + 1 + k, (a, x, mem))
@@ -1094,7 +1097,7 @@ def _number(text, col):
         n = int(text, 8)
     else:
         n = int(text)
-    if n > 0xffffffff:
+    if n > U32_MAX:
         raise FilterError(f"number {text} overflows 32 bits", col)
     return n
 
@@ -1165,7 +1168,7 @@ class _Stmt:
 
     def __init__(self, code, k=0):
         # k is a u_int in libpcap: offsets like -2 wrap, and the optimiser must see that.
-        self.code, self.k, self.jt, self.jf = code, k & 0xffffffff, None, None
+        self.code, self.k, self.jt, self.jf = code, k & U32_MAX, None, None
 
 
 class _Edge:
@@ -1361,28 +1364,28 @@ class _Gen:
 
     # -- comparisons ---------------------------------------------------------
     def ncmp(self, offrel, offset, size, mask, jtype, reverse, v):
-        s = self.load_a(offrel, offset & 0xffffffff, size)
-        if mask != 0xffffffff:
+        s = self.load_a(offrel, offset & U32_MAX, size)
+        if mask != U32_MAX:
             s.append(_Stmt(BPF_ALU | BPF_AND | BPF_K, mask))
-        b = _Block(_jmp(jtype), v & 0xffffffff, s)
+        b = _Block(_jmp(jtype), v & U32_MAX, s)
         if reverse and jtype in (BPF_JGT, BPF_JGE):
             gen_not(b)
         return b
 
     def cmp(self, offrel, offset, size, v):
-        return self.ncmp(offrel, offset, size, 0xffffffff, BPF_JEQ, False, v)
+        return self.ncmp(offrel, offset, size, U32_MAX, BPF_JEQ, False, v)
 
     def cmp_gt(self, offrel, offset, size, v):
-        return self.ncmp(offrel, offset, size, 0xffffffff, BPF_JGT, False, v)
+        return self.ncmp(offrel, offset, size, U32_MAX, BPF_JGT, False, v)
 
     def cmp_ge(self, offrel, offset, size, v):
-        return self.ncmp(offrel, offset, size, 0xffffffff, BPF_JGE, False, v)
+        return self.ncmp(offrel, offset, size, U32_MAX, BPF_JGE, False, v)
 
     def cmp_lt(self, offrel, offset, size, v):
-        return self.ncmp(offrel, offset, size, 0xffffffff, BPF_JGE, True, v)
+        return self.ncmp(offrel, offset, size, U32_MAX, BPF_JGE, True, v)
 
     def cmp_le(self, offrel, offset, size, v):
-        return self.ncmp(offrel, offset, size, 0xffffffff, BPF_JGT, True, v)
+        return self.ncmp(offrel, offset, size, U32_MAX, BPF_JGT, True, v)
 
     def mcmp(self, offrel, offset, size, v, mask):
         return self.ncmp(offrel, offset, size, mask, BPF_JEQ, False, v)
@@ -1988,14 +1991,14 @@ class _Gen:
     def inbound(self, outbound):
         # The packet type is socket metadata (the AF_PACKET sll_pkttype), loaded
         # relative to the link header exactly as libpcap does.
-        b0 = self.cmp("linkhdr", (SKF_AD_OFF + SKF_AD_PKTTYPE) & 0xffffffff, BPF_H,
+        b0 = self.cmp("linkhdr", (SKF_AD_OFF + SKF_AD_PKTTYPE) & U32_MAX, BPF_H,
                       PACKET_OUTGOING)
         if not outbound:
             gen_not(b0)
         return b0
 
     def ifindex(self, n):
-        return self.cmp("linkhdr", (SKF_AD_OFF + SKF_AD_IFINDEX) & 0xffffffff, BPF_W, n)
+        return self.cmp("linkhdr", (SKF_AD_OFF + SKF_AD_IFINDEX) & U32_MAX, BPF_W, n)
 
     def vlan(self, vlan_num):
         """'vlan [id]': in the data in userspace; in the kernel the outermost tag is
@@ -2200,9 +2203,9 @@ class _Gen:
             a = _nametonetaddr(name)
             if not a:
                 self.error(f"unknown network '{name}'")
-            mask = 0xffffffff
+            mask = U32_MAX
             while a and not a & 0xff000000:
-                a, mask = (a << 8) & 0xffffffff, (mask << 8) & 0xffffffff
+                a, mask = (a << 8) & U32_MAX, (mask << 8) & U32_MAX
             return self.host(a, mask, proto, d, "net")
         if addr in (DEFAULT, "host"):
             if proto == "link":
@@ -2220,7 +2223,7 @@ class _Gen:
                     if proto == "ip6":
                         continue
                     tmp = self.host(int.from_bytes(socket.inet_aton(sockaddr[0]), "big"),
-                                    0xffffffff, proto, d, addr if addr != DEFAULT else "host")
+                                    U32_MAX, proto, d, addr if addr != DEFAULT else "host")
                 elif family == socket.AF_INET6:
                     if proto == "ip":
                         continue
@@ -2308,12 +2311,12 @@ class _Gen:
                 return self.host(v, 0, proto, d, addr)
             if proto == "link":
                 self.error("illegal link layer address")
-            mask = 0xffffffff
+            mask = U32_MAX
             if s is None and addr == "net":
                 while v and not v & 0xff000000:
-                    v, mask = (v << 8) & 0xffffffff, (mask << 8) & 0xffffffff
+                    v, mask = (v << 8) & U32_MAX, (mask << 8) & U32_MAX
             else:
-                v, mask = (v << (32 - vlen)) & 0xffffffff, (mask << (32 - vlen)) & 0xffffffff
+                v, mask = (v << (32 - vlen)) & U32_MAX, (mask << (32 - vlen)) & U32_MAX
             return self.host(v, mask, proto, d, "net" if addr == "net" else "host")
         if addr in ("port", "portrange"):
             if proto not in (DEFAULT, "udp", "tcp", "sctp"):
@@ -2335,18 +2338,18 @@ class _Gen:
         nlen, n = _atoin(s1)
         if nlen < 0:
             self.error(f"invalid IPv4 address '{s1}'")
-        n = (n << (32 - nlen)) & 0xffffffff
+        n = (n << (32 - nlen)) & U32_MAX
         if s2 is not None:
             mlen, m = _atoin(s2)
             if mlen < 0:
                 self.error(f"invalid IPv4 address '{s2}'")
-            m = (m << (32 - mlen)) & 0xffffffff
+            m = (m << (32 - mlen)) & U32_MAX
             if n & ~m:
                 self.error(f'non-network bits set in "{s1} mask {s2}"')
         else:
             if masklen > 32:
                 self.error("mask length must be <= 32")
-            m = (0xffffffff << (32 - masklen)) & 0xffffffff if masklen else 0
+            m = (U32_MAX << (32 - masklen)) & U32_MAX if masklen else 0
             if n & ~m:
                 self.error(f'non-network bits set in "{s1}/{masklen}"')
         if q[2] != "net":
@@ -2386,7 +2389,7 @@ def _atoin(s):
             n = n * 10 + ord(c) - 48
         if n > 255:
             return -1, 0
-        addr, length = ((addr << 8) | n) & 0xffffffff, length + 8
+        addr, length = ((addr << 8) | n) & U32_MAX, length + 8
     return length, addr
 
 
@@ -2974,9 +2977,9 @@ def _linearize(root):
                     raw = p.stmts[:slen]
                     jt = next(i for i, r in enumerate(raw) if r is s.jt) - off - 1
                     jf = next(i for i, r in enumerate(raw) if r is s.jf) - off - 1
-                out[tail + off] = (s.code, jt, jf, s.k & 0xffffffff)
+                out[tail + off] = (s.code, jt, jf, s.k & U32_MAX)
             pos = tail + slen
-            code, k = p.s.code, p.s.k & 0xffffffff
+            code, k = p.s.code, p.s.k & U32_MAX
             if p.et.succ is None:
                 out[pos] = (code, 0, 0, k)
                 continue
@@ -3042,11 +3045,11 @@ def _atomuse(s):
     c = s.code
     if c == NOP:
         return -1
-    cls = c & 0x07
+    cls = _cls(c)
     if cls == BPF_RET:
-        return _A_ATOM if c & 0x18 == BPF_A else _X_ATOM if c & 0x18 == BPF_X else -1
+        return _A_ATOM if c & BPF_RVAL_MASK == BPF_A else _X_ATOM if c & BPF_RVAL_MASK == BPF_X else -1
     if cls in (BPF_LD, BPF_LDX):
-        mode = c & 0xe0
+        mode = c & BPF_MODE_MASK
         return _X_ATOM if mode == BPF_IND else s.k if mode == BPF_MEM else -1
     if cls == BPF_ST:
         return _A_ATOM
@@ -3061,7 +3064,7 @@ def _atomdef(s):
     c = s.code
     if c == NOP:
         return -1
-    cls = c & 0x07
+    cls = _cls(c)
     if cls in (BPF_LD, BPF_ALU):
         return _A_ATOM
     if cls == BPF_LDX:
@@ -3147,7 +3150,7 @@ class _Optimizer:
         """Which registers each block uses before defining, and needs on exit."""
         for b in self.by_level():
             use = defs = kill = 0
-            for s in b.stmts + ([b.s] if b.s.code & 0x07 == BPF_JMP else []):
+            for s in b.stmts + ([b.s] if _cls(b.s.code) == BPF_JMP else []):
                 atom = _atomuse(s)
                 if atom == _AX_ATOM:
                     for a in (_X_ATOM, _A_ATOM):
@@ -3190,12 +3193,12 @@ class _Optimizer:
         if val is None:
             self.curval += 1
             val = self.vtable[key] = self.curval
-            if code & 0xe0 == BPF_IMM and code & 0x07 in (BPF_LD, BPF_LDX):
+            if code & BPF_MODE_MASK == BPF_IMM and _cls(code) in (BPF_LD, BPF_LDX):
                 self.const[val] = v0
         return val
 
     def K(self, k):
-        return self.F(BPF_LD | BPF_IMM | BPF_W, k & 0xffffffff, 0)
+        return self.F(BPF_LD | BPF_IMM | BPF_W, k & U32_MAX, 0)
 
     def changed(self):
         self.non_branch_movement_performed = True
@@ -3209,7 +3212,7 @@ class _Optimizer:
 
     def fold_op(self, s, v0, v1):
         a, b = self.const[v0], self.const[v1]
-        op = s.code & 0xf0
+        op = s.code & BPF_OP_MASK
         if op == BPF_ADD:
             a += b
         elif op == BPF_SUB:
@@ -3234,22 +3237,22 @@ class _Optimizer:
             a = a << b if b < 32 else 0
         elif op == BPF_RSH:
             a = a >> b if b < 32 else 0
-        s.k = a & 0xffffffff
+        s.k = a & U32_MAX
         s.code = BPF_LD | BPF_IMM
         self.changed()
 
     def opt_stmt(self, s, val, alter):
         """Symbolically execute s, updating val; with alter, simplify s too."""
         c = s.code
-        cls, mode = c & 0x07, c & 0xe0
+        cls, mode = _cls(c), c & BPF_MODE_MASK
         const = self.const
         if cls == BPF_LD and mode == BPF_ABS:
             self.vstore(s, val, _A_ATOM, self.F(c, s.k, 0), alter)
         elif cls == BPF_LD and mode == BPF_IND:
             v = val[_X_ATOM]
             if alter and v in const:
-                s.code = BPF_LD | BPF_ABS | (c & 0x18)
-                s.k = (s.k + const[v]) & 0xffffffff
+                s.code = BPF_LD | BPF_ABS | (c & BPF_SIZE_MASK)
+                s.k = (s.k + const[v]) & U32_MAX
                 v = self.F(s.code, s.k, 0)
                 self.changed()
             else:
@@ -3266,12 +3269,12 @@ class _Optimizer:
         elif c == BPF_ALU | BPF_NEG:
             if alter and val[_A_ATOM] in const:
                 s.code = BPF_LD | BPF_IMM
-                s.k = (-const[val[_A_ATOM]]) & 0xffffffff
+                s.k = (-const[val[_A_ATOM]]) & U32_MAX
                 val[_A_ATOM] = self.K(s.k)
             else:
                 val[_A_ATOM] = self.F(c, val[_A_ATOM], 0)
-        elif cls == BPF_ALU and c & BPF_X == BPF_K and c & 0xf0 in _ALU_NAMES:
-            op = c & 0xf0
+        elif cls == BPF_ALU and c & BPF_X == BPF_K and c & BPF_OP_MASK in _ALU_NAMES:
+            op = c & BPF_OP_MASK
             if alter:
                 if s.k == 0:
                     # 'sub #0' stays: the peephole pass needs it.
@@ -3291,8 +3294,8 @@ class _Optimizer:
                     val[_A_ATOM] = self.K(s.k)
                     return
             val[_A_ATOM] = self.F(c, val[_A_ATOM], self.K(s.k))
-        elif cls == BPF_ALU and c & BPF_X and c & 0xf0 in _ALU_NAMES:
-            op = c & 0xf0
+        elif cls == BPF_ALU and c & BPF_X and c & BPF_OP_MASK in _ALU_NAMES:
+            op = c & BPF_OP_MASK
             if alter and val[_X_ATOM] in const:
                 if val[_A_ATOM] in const:
                     self.fold_op(s, val[_A_ATOM], val[_X_ATOM])
@@ -3375,11 +3378,11 @@ class _Optimizer:
                     i = i_next
                     continue
                 ild_i = this_op(tax_i + 1)
-                if ild_i is None or stmts[ild_i].code & 0x07 != BPF_LD or \
-                        stmts[ild_i].code & 0xe0 != BPF_IND:
+                if ild_i is None or _cls(stmts[ild_i].code) != BPF_LD or \
+                        stmts[ild_i].code & BPF_MODE_MASK != BPF_IND:
                     i = i_next
                     continue
-                stmts[ild_i].k = (stmts[ild_i].k + s.k) & 0xffffffff
+                stmts[ild_i].k = (stmts[ild_i].k + s.k) & U32_MAX
                 s.code = stmts[add_i].code = stmts[tax_i].code = NOP
                 self.changed()
             i = i_next
@@ -3389,7 +3392,7 @@ class _Optimizer:
                 val = b.val[_X_ATOM]
                 if val in const:
                     # sub x; jeq #y  ->  jeq #(x+y)
-                    b.s.k = (b.s.k + const[val]) & 0xffffffff
+                    b.s.k = (b.s.k + const[val]) & U32_MAX
                     last.code = NOP
                     self.changed()
                 elif b.s.k == 0:
@@ -3399,7 +3402,7 @@ class _Optimizer:
                     self.changed()
             elif last.code == BPF_ALU | BPF_SUB | BPF_K:
                 last.code = NOP
-                b.s.k = (b.s.k + last.k) & 0xffffffff
+                b.s.k = (b.s.k + last.k) & U32_MAX
                 self.changed()
             elif last.code == BPF_ALU | BPF_AND | BPF_K and b.s.k == 0:
                 # and #k; jeq #0  ->  jset #k, branches swapped
@@ -3411,7 +3414,7 @@ class _Optimizer:
         if b.s.code == _jmp(BPF_JSET):
             if b.s.k == 0:
                 b.et.succ = b.ef.succ
-            if b.s.k == 0xffffffff:
+            if b.s.k == U32_MAX:
                 b.ef.succ = b.et.succ
         val = b.val[_X_ATOM]
         if val in const and b.s.code & BPF_X:
@@ -3419,7 +3422,7 @@ class _Optimizer:
             b.s.k = const[val]
         val = b.val[_A_ATOM]
         if val in const and not b.s.code & BPF_X:
-            v, k, op = const[val], b.s.k, b.s.code & 0xf0
+            v, k, op = const[val], b.s.k, b.s.code & BPF_OP_MASK
             if op == BPF_JEQ:
                 v = v == k
             elif op == BPF_JGT:
@@ -3481,7 +3484,7 @@ class _Optimizer:
             self.opt_stmt(s, b.val, do_stmts)
         if do_stmts and ((b.out_use == 0 and aval != _VAL_UNKNOWN and b.val[_A_ATOM] == aval
                           and xval != _VAL_UNKNOWN and b.val[_X_ATOM] == xval)
-                         or b.s.code & 0x07 == BPF_RET):
+                         or _cls(b.s.code) == BPF_RET):
             if b.stmts:
                 b.stmts = []
                 self.changed()
@@ -3655,10 +3658,10 @@ class _Optimizer:
         b = self.root
         s = b.stmts
         b.stmts = []
-        while b.s.code & 0x07 == BPF_JMP and b.et.succ is b.ef.succ:
+        while _cls(b.s.code) == BPF_JMP and b.et.succ is b.ef.succ:
             b = b.et.succ
         b.stmts = s + b.stmts
-        if b.s.code & 0x07 == BPF_RET:
+        if _cls(b.s.code) == BPF_RET:
             b.stmts = []
         return b
 
@@ -3713,12 +3716,12 @@ def _jump_target(prog, pc):
 
 
 def _is_cond_jump(code):
-    return code & 0x07 == BPF_JMP and code & 0xF0 in _JUMP_OPS and code <= 0xFF
+    return _cls(code) == BPF_JMP and code & BPF_OP_MASK in _JUMP_OPS and code <= 0xFF
 
 
 def _successors(prog, pc):
     code = prog[pc][0]
-    if code & 0x07 == BPF_RET:
+    if _cls(code) == BPF_RET:
         return ()
     if code == BPF_JMP | BPF_JA or _is_cond_jump(code):
         return _jump_target(prog, pc)
@@ -3778,9 +3781,9 @@ def _statement(insn, bound_a, bound_x, cache=None, x_msh=None):
     code, _, _, k = insn
     if code > 0xFF:
         return _REJECT_STMT
-    cls, size = code & 0x07, _LOAD_SIZES.get(code & 0x18)
+    cls, size = _cls(code), _LOAD_SIZES.get(code & BPF_SIZE_MASK)
     if cls == BPF_LD:
-        mode = code & 0xE0
+        mode = code & BPF_MODE_MASK
         if mode == BPF_ABS and size:
             if k >= SKF_AD_OFF:
                 src = _ANCILLARY_SRC.get(k - SKF_AD_OFF)
@@ -3799,17 +3802,17 @@ def _statement(insn, bound_a, bound_x, cache=None, x_msh=None):
         if code == BPF_LD | BPF_IMM:
             return "A", str(k), k
         if code == BPF_LD | BPF_W | BPF_LEN:
-            return "A", "wirelen", _U32
+            return "A", "wirelen", U32_MAX
         if code == BPF_LD | BPF_MEM and k < BPF_MEMWORDS:
-            return "A", f"m{k}", _U32
+            return "A", f"m{k}", U32_MAX
         return _REJECT_STMT
     if cls == BPF_LDX:
         if code == BPF_LDX | BPF_IMM:
             return "X", str(k), k
         if code == BPF_LDX | BPF_LEN:
-            return "X", "wirelen", _U32
+            return "X", "wirelen", U32_MAX
         if code == BPF_LDX | BPF_MEM and k < BPF_MEMWORDS:
-            return "X", f"m{k}", _U32
+            return "X", f"m{k}", U32_MAX
         if code == BPF_LDX | BPF_B | BPF_MSH:
             expr = f"(data[{k}] & 15) << 2"
             name = cache.get(("msh", 1, k)) if cache else None
@@ -3818,7 +3821,7 @@ def _statement(insn, bound_a, bound_x, cache=None, x_msh=None):
             return "X", expr, 60
         return _REJECT_STMT
     if cls in (BPF_ST, BPF_STX):
-        if code & ~0x07 or k >= BPF_MEMWORDS:
+        if code & ~BPF_CLASS_MASK or k >= BPF_MEMWORDS:
             return _REJECT_STMT
         return f"m{k}", "{a}" if cls == BPF_ST else "X", bound_a if cls == BPF_ST else bound_x
     if cls == BPF_ALU:
@@ -3848,9 +3851,9 @@ def _alu_bound(op, bound_a, bound_v, by_x, k):
 
 
 def _alu_statement(code, k, bound_a, bound_x):
-    op = code & 0xF0
+    op = code & BPF_OP_MASK
     if code == BPF_ALU | BPF_NEG:
-        return "A", "-{a} & 0xffffffff", _U32
+        return "A", f"-{{a}} & {U32_MAX}", U32_MAX
     if op not in _ALU_OPS:
         return _REJECT_STMT
     by_x = code & BPF_X
@@ -3859,15 +3862,15 @@ def _alu_statement(code, k, bound_a, bound_x):
         if k >= 32:
             return "A", "0", 0
     elif op == BPF_LSH:
-        return "A", "({a} << X) & 0xffffffff if X < 32 else 0", _U32
+        return "A", f"({{a}} << X) & {U32_MAX} if X < 32 else 0", U32_MAX
     if op in (BPF_DIV, BPF_MOD) and not by_x and k == 0:
         return _REJECT_STMT
     bound = _alu_bound(op, bound_a, bound_v, by_x, k)
     if op in (BPF_DIV, BPF_MOD, BPF_RSH, BPF_AND, BPF_OR, BPF_XOR):
         return "A", f"{{a}} {_ALU_OPS[op]} {v}", bound
-    if bound <= _U32:
+    if bound <= U32_MAX:
         return "A", f"{{a}} {_ALU_OPS[op]} {v}", bound
-    return "A", f"({{a}} {_ALU_OPS[op]} {v}) & 0xffffffff", _U32
+    return "A", f"({{a}} {_ALU_OPS[op]} {v}) & {U32_MAX}", U32_MAX
 
 
 def _resolve(insn, fact):
@@ -3878,7 +3881,7 @@ def _resolve(insn, fact):
     code, _, _, k = insn
     if fact is None or code & BPF_X:
         return None
-    op = code & 0xF0
+    op = code & BPF_OP_MASK
     if fact[0] == "eq":
         return _jump_taken(op, fact[1], k)
     return False if op == BPF_JEQ and k in fact[1] else None
@@ -3887,7 +3890,7 @@ def _resolve(insn, fact):
 def _after_jump(insn, fact, taken):
     """What is known about A on the taken / not-taken edge of a conditional jump."""
     code, _, _, k = insn
-    if code & BPF_X or code & 0xF0 != BPF_JEQ or (fact and fact[0] == "eq"):
+    if code & BPF_X or code & BPF_OP_MASK != BPF_JEQ or (fact and fact[0] == "eq"):
         return fact
     if taken:
         return "eq", k
@@ -3933,7 +3936,7 @@ class _MatchTree:
             xk = None
         return st, (("eq", k) if code == BPF_LD | BPF_IMM else None), xk
 
-    def path(self, pc, depth, ba=_U32, bx=_U32, fact=None, entry=False, xk=None):
+    def path(self, pc, depth, ba=U32_MAX, bx=U32_MAX, fact=None, entry=False, xk=None):
         """Straight-line code from pc up to its branch or leaf."""
         prog = self.prog
         while True:
@@ -3943,7 +3946,7 @@ class _MatchTree:
                 return self.emit(depth, self.leaf(self.call(pc)))
             entry = False
             code, _, _, k = insn = prog[pc]
-            if code & 0x07 == BPF_RET:
+            if _cls(code) == BPF_RET:
                 value = str(k) if code == BPF_RET | BPF_K else \
                     "A" if code == BPF_RET | BPF_A else "0"
                 return self.emit(depth, self.leaf(value) + f"  # ({pc})")
@@ -3973,7 +3976,7 @@ class _MatchTree:
     def condition(insn, a_src):
         code, _, _, k = insn
         value = "X" if code & BPF_X else str(k)
-        return f"{a_src} {_JUMP_OPS[code & 0xF0]} {value}"
+        return f"{a_src} {_JUMP_OPS[code & BPF_OP_MASK]} {value}"
 
     def fold(self, pc, ba, bx, xk):
         """(jump pc, condition, ba, fact) when the code at pc is a run of accumulator
@@ -4050,18 +4053,18 @@ def _scratch_used(prog):
 
 
 def _uses_x(prog):
-    return any(code & 0x07 in (BPF_LDX, BPF_STX) or code in (BPF_MISC | BPF_TXA,)
-               or (code & 0x07 in (BPF_ALU, BPF_JMP) and code & BPF_X)
-               or (code & 0x07 == BPF_LD and code & 0xE0 == BPF_IND)
+    return any(_cls(code) in (BPF_LDX, BPF_STX) or code in (BPF_MISC | BPF_TXA,)
+               or (_cls(code) in (BPF_ALU, BPF_JMP) and code & BPF_X)
+               or (_cls(code) == BPF_LD and code & BPF_MODE_MASK == BPF_IND)
                for code, _, _, _ in prog)
 
 
 def _reads_writes(insn):
     """(registers read, registers written) by one instruction: 'A', 'X', 'm0'..'m15'."""
     code, _, _, k = insn
-    cls, mem = code & 0x07, f"m{k}"
+    cls, mem = _cls(code), f"m{k}"
     uses_x = bool(code & BPF_X) if cls in (BPF_ALU, BPF_JMP) else \
-        cls == BPF_LD and code & 0xE0 == BPF_IND
+        cls == BPF_LD and code & BPF_MODE_MASK == BPF_IND
     reads = {"X"} if uses_x else set()
     if cls == BPF_LD:
         return reads | ({mem} if code == BPF_LD | BPF_MEM else set()), {"A"}
@@ -4114,9 +4117,9 @@ def _register_init(prog, indent, all_state=False):
 def _machine_lines(prog, leaf, depth):
     """A state machine for a program with backward jumps: one `if pc == n` per
     basic block inside a loop; backward jumps are counted and capped."""
-    jumps = [pc for pc in range(len(prog)) if prog[pc][0] & 0x07 == BPF_JMP]
+    jumps = [pc for pc in range(len(prog)) if _cls(prog[pc][0]) == BPF_JMP]
     leaders = {0} | {t for pc in jumps for t in _successors(prog, pc) if 0 <= t < len(prog)}
-    leaders |= {pc + 1 for pc in range(len(prog)) if prog[pc][0] & 0x07 in (BPF_RET, BPF_JMP)}
+    leaders |= {pc + 1 for pc in range(len(prog)) if _cls(prog[pc][0]) in (BPF_RET, BPF_JMP)}
     leaders = sorted(x for x in leaders if x < len(prog))
     ind = "    " * depth
     lines = [f"{ind}pc = back = 0", f"{ind}while True:"]
@@ -4139,7 +4142,7 @@ def _block_lines(prog, pc, leaders, leaf, ind):
     lines = []
     while True:
         code, _, _, k = insn = prog[pc]
-        if code & 0x07 == BPF_RET:
+        if _cls(code) == BPF_RET:
             value = str(k) if code == BPF_RET | BPF_K else "A" if code == BPF_RET | BPF_A else "0"
             return lines + [f"{ind}{leaf(value)}"]
         if code == BPF_JMP | BPF_JA:
@@ -4148,7 +4151,7 @@ def _block_lines(prog, pc, leaders, leaf, ind):
             t, f = _jump_target(prog, pc)
             return lines + [f"{ind}if {_MatchTree.condition(insn, 'A')}:"] + \
                 _goto(pc, t, ind + "    ") + [f"{ind}else:"] + _goto(pc, f, ind + "    ")
-        st = _statement(insn, _U32, _U32)
+        st = _statement(insn, U32_MAX, U32_MAX)
         if st is _REJECT_STMT:
             return lines + [f"{ind}{leaf('0')}"]
         lines.append(f"{ind}{st[0]} = {st[1].format(a='A')}  # {_insn_text(insn, pc)}")
@@ -4213,15 +4216,15 @@ def _shared_loads(progs):
     for prog in progs:
         keys = set()
         for code, _, _, k in prog:
-            if code & 0xE0 == BPF_ABS and code & 0x07 == BPF_LD and k < SKF_AD_OFF \
-                    and code & 0x18 in _LOAD_SIZES:
-                keys.add(("ld", _LOAD_SIZES[code & 0x18], k))
+            if code & BPF_MODE_MASK == BPF_ABS and _cls(code) == BPF_LD and k < SKF_AD_OFF \
+                    and code & BPF_SIZE_MASK in _LOAD_SIZES:
+                keys.add(("ld", _LOAD_SIZES[code & BPF_SIZE_MASK], k))
             elif code == BPF_LDX | BPF_B | BPF_MSH:
                 keys.add(("msh", 1, k))
         msh = {key[2] for key in keys if key[0] == "msh"}
         for code, _, _, k in prog:              # [x + k] after 'ldxb 4*([m]&0xf)'
-            if code & 0x07 == BPF_LD and code & 0xE0 == BPF_IND and code & 0x18 in _LOAD_SIZES:
-                keys.update(("ind", m, _LOAD_SIZES[code & 0x18], k) for m in msh)
+            if _cls(code) == BPF_LD and code & BPF_MODE_MASK == BPF_IND and code & BPF_SIZE_MASK in _LOAD_SIZES:
+                keys.update(("ind", m, _LOAD_SIZES[code & BPF_SIZE_MASK], k) for m in msh)
         for key in keys:
             seen[key] = seen.get(key, 0) + 1
     return {key: _cache_name(key) for key, n in sorted(seen.items()) if n > 1}
