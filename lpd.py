@@ -247,6 +247,8 @@ PACKET_HOST, PACKET_BROADCAST, PACKET_MULTICAST, PACKET_OTHERHOST, PACKET_OUTGOI
 TP_STATUS_KERNEL, TP_STATUS_USER = 0, 1
 TP_STATUS_VLAN_VALID, TP_STATUS_VLAN_TPID_VALID = 0x10, 0x40
 TPACKET_ALIGNMENT = 16
+V3_ALIGNMENT = 8                    # frames within a V3 block (TOTAL_PKT_LEN_INCL_ALIGN)
+TPACKET_MIN_MACLEN = 16             # tpacket_rcv() reserves at least this for the link header
 TPACKET_FRAME_SIZE = 2048           # tp_frame_size: V3 ignores it beyond the checks on it
 
 TPACKET_REQ3 = struct.Struct("=7I")
@@ -289,7 +291,7 @@ BLOCK = _layout(BLOCK_FIELDS)
 BLOCK_STATUS_OFF = _offset(BLOCK_FIELDS, "block_status")
 BLOCK_HDR_OFF = _offset(BLOCK_FIELDS, "num_pkts")
 BLOCK_HDR = _layout(BLOCK_FIELDS[3:5])          # num_pkts, offset_to_first_pkt
-BLOCK_FIRST_FRAME = _align(BLOCK.size, TPACKET_ALIGNMENT)
+BLOCK_FIRST_FRAME = _align(BLOCK.size, V3_ALIGNMENT)       # BLK_PLUS_PRIV(0)
 
 # struct tpacket3_hdr (with tpacket_hdr_variant1) then struct sockaddr_ll, as the
 # kernel writes them before each frame. sll_protocol is in network byte order.
@@ -303,7 +305,9 @@ FRAME_FIELDS = (
 FRAME = _layout(FRAME_FIELDS)                    # every field: reading whole and building
 FRAME_HDR = _layout(FRAME_FIELDS, ("next_offset", "snaplen", "len", "status", "mac",
                                    "vlan_tci", "vlan_tpid", "sll_pkttype"))   # the hot loop's
-FRAME_DATA_OFF = _align(FRAME.size, TPACKET_ALIGNMENT)   # where the kernel puts tp_mac
+# Where tpacket_rcv() puts an Ethernet frame: the network header aligned, after the
+# headers and room for the link header (tp_net = 96, tp_mac = 82).
+FRAME_NET_OFF = _align(FRAME.size + TPACKET_MIN_MACLEN, TPACKET_ALIGNMENT)
 ARPHRD_ETHER = 1
 
 # Capture geometry: lpd's choices within the ABI above.
@@ -323,13 +327,11 @@ VLAN_TPIDS = frozenset((0x8100, 0x88A8, 0x9100))    # 802.1Q, 802.1ad, old QinQ
 VLAN_TAG = struct.Struct("!HH")
 VLAN_TAG_LEN = VLAN_TAG.size
 U16BE = struct.Struct("!H")
-U32BE = struct.Struct("!I")
 ETHERTYPE_IPV4, ETHERTYPE_IPV6 = 0x0800, 0x86DD
 IPV4_HDR = struct.Struct("!BxH8xII")                 # version/IHL, total length, src, dst
 IPV6_HDR = struct.Struct("!B3xH2x16s16s")            # version, payload length, src, dst
 ETH_IPV4_HDR = struct.Struct("!12xHBxH8xII")         # ethertype, then IPV4_HDR
 IPV4_VIHL_PLAIN = 0x45                              # version 4, no options
-IPV4_MIN_IHL, IPV6_HDR_LEN = 5, 40
 
 
 class Family(NamedTuple):
@@ -337,16 +339,13 @@ class Family(NamedTuple):
     loop keys an IPv4 address by its integer and an IPv6 one by its 16 raw bytes,
     whichever each unpacks cheapest."""
     version: int
-    ethertype: int
     address: type                                   # ipaddress class
     key_to_int: Callable                            # hot-loop key -> integer
-    key_of: Callable                                # ipaddress object -> hot-loop key
 
 
 FAMILIES = {
-    4: Family(4, ETHERTYPE_IPV4, ipaddress.IPv4Address, int, int),
-    6: Family(6, ETHERTYPE_IPV6, ipaddress.IPv6Address,
-              lambda raw: int.from_bytes(raw, "big"), lambda a: a.packed),
+    4: Family(4, ipaddress.IPv4Address, int),
+    6: Family(6, ipaddress.IPv6Address, lambda raw: int.from_bytes(raw, "big")),
 }
 
 
@@ -684,7 +683,7 @@ def format_program(prog, level=1):
 
 #
 # Rules are evaluated for every frame, so a compiled program is translated once
-# into Python source and compile()d (make_matcher, make_rules_matcher);
+# into Python source and compile()d (make_matcher, make_rules_counter);
 # bpf_interpret is the plain interpreter that translation is measured against
 # and tested with. Semantics are libpcap's userspace bpf_filter() (1.10) for
 # everything it defines, and the Linux kernel's for ancillary loads, which
@@ -865,6 +864,23 @@ def bpf_interpret(prog, data, wirelen, pkttype=0, vlan_tci=None):
         else:
             return 0
     return 0
+
+
+def _alu_bound(op, bound_a, bound_v, by_x, k):
+    """Upper bound of A op v (possibly >= 2**32, meaning the result needs a mask)."""
+    if op == BPF_ADD:
+        return bound_a + bound_v
+    if op == BPF_MUL:
+        return bound_a * bound_v
+    if op == BPF_LSH:           # by K < 32 here; by X handled by the caller
+        return bound_a << k
+    if op == BPF_SUB:
+        return bound_a if not by_x and k == 0 else 1 << 33
+    if op == BPF_AND:
+        return min(bound_a, bound_v)
+    if op in (BPF_OR, BPF_XOR):
+        return (1 << max(bound_a, bound_v).bit_length()) - 1
+    return bound_a              # DIV, MOD, RSH never grow A
 
 
 def program_snaplen(prog, limit=SNAPLEN_FULL):
@@ -3833,23 +3849,6 @@ def _statement(insn, bound_a, bound_x, cache=None, x_msh=None):
     return _REJECT_STMT
 
 
-def _alu_bound(op, bound_a, bound_v, by_x, k):
-    """Upper bound of A op v (possibly >= 2**32, meaning the result needs a mask)."""
-    if op == BPF_ADD:
-        return bound_a + bound_v
-    if op == BPF_MUL:
-        return bound_a * bound_v
-    if op == BPF_LSH:           # by K < 32 here; by X handled by the caller
-        return bound_a << k
-    if op == BPF_SUB:
-        return bound_a if not by_x and k == 0 else 1 << 33
-    if op == BPF_AND:
-        return min(bound_a, bound_v)
-    if op in (BPF_OR, BPF_XOR):
-        return (1 << max(bound_a, bound_v).bit_length()) - 1
-    return bound_a              # DIV, MOD, RSH never grow A
-
-
 def _alu_statement(code, k, bound_a, bound_x):
     op = code & BPF_OP_MASK
     if code == BPF_ALU | BPF_NEG:
@@ -4353,7 +4352,6 @@ def make_rules_counter(progs):
 # which is what fanout workers will send to a parent.
 
 TX_BYTES, TX_PACKETS, RX_BYTES, RX_PACKETS = range(4)
-DIRECTIONS = ("tx_bytes", "tx_packets", "rx_bytes", "rx_packets")
 
 
 def _add(a, b):
@@ -4513,44 +4511,48 @@ def _frame_fields(f, next_offset):
     sec = int(f.ts)
     proto = U16BE.unpack_from(f.data, ETH_TYPE_OFF)[0] if len(f.data) >= ETH_HLEN else 0
     return (next_offset, sec, int((f.ts - sec) * 1e9), len(f.data), f.wirelen, status,
-            FRAME_DATA_OFF, FRAME_DATA_OFF + ETH_HLEN, 0, f.vlan_tci or 0,
+            FRAME_NET_OFF - ETH_HLEN, FRAME_NET_OFF, 0, f.vlan_tci or 0,
             f.vlan_tpid if f.vlan_tci is not None else 0,
             socket.AF_PACKET, socket.htons(proto), 0, ARPHRD_ETHER, f.pkttype, ETH_ALEN,
             bytes(f.data[ETH_SRC]).ljust(SLL_ADDR_LEN, b"\0"))
 
 
 def frames_to_blocks(frames, block_size=RING_BLOCK_BYTES):
-    """Lay frames ((data, wirelen) pairs or SynthFrames) out exactly as TPACKET_V3 ring
-    blocks, every header field set; yields one bytearray per block.
+    """Lay frames ((data, wirelen) pairs or SynthFrames) out exactly as a TPACKET_V3 ring
+    does (tpacket_rcv, prb_close_block): every header field set, data at the kernel's
+    offset, frames 8-aligned, the last one's next_offset 0. Yields a bytearray per block.
 
     Offline replay, the tests and the benchmark push these through the same decode
     the live ring feeds, so there is one decode and accounting path.
     """
-    block, frames_in, pos, first, last = bytearray(block_size), 0, BLOCK_FIRST_FRAME, 0.0, 0.0
+    mac = FRAME_NET_OFF - ETH_HLEN
+    block, seq, last_frame = bytearray(block_size), 1, None
+    frames_in, pos, first, last = 0, BLOCK_FIRST_FRAME, 0.0, 0.0
     for f in frames:
         if type(f) is not SynthFrame:
             f = SynthFrame(*f)
-        need = _align(FRAME_DATA_OFF + len(f.data), TPACKET_ALIGNMENT)
+        need = _align(mac + len(f.data), V3_ALIGNMENT)
         if need > block_size - BLOCK_FIRST_FRAME:
             raise ValueError(f"frame of {len(f.data)} bytes does not fit a {block_size}-byte block")
         if pos + need > block_size:
-            yield _close_block(block, frames_in, pos, first, last)
-            block, frames_in, pos = bytearray(block_size), 0, BLOCK_FIRST_FRAME
+            yield _close_block(block, seq, frames_in, pos, first, last, last_frame)
+            block, seq, frames_in, pos = bytearray(block_size), seq + 1, 0, BLOCK_FIRST_FRAME
         if not frames_in:
             first = f.ts
-        last = f.ts
+        last, last_frame = f.ts, pos
         FRAME.pack_into(block, pos, *_frame_fields(f, need))
-        block[pos + FRAME_DATA_OFF:pos + FRAME_DATA_OFF + len(f.data)] = f.data
+        block[pos + mac:pos + mac + len(f.data)] = f.data
         pos += need
         frames_in += 1
     if frames_in:
-        yield _close_block(block, frames_in, pos, first, last)
+        yield _close_block(block, seq, frames_in, pos, first, last, last_frame)
 
 
-def _close_block(block, count, length, first, last):
+def _close_block(block, seq, count, length, first, last, last_frame):
     """The block descriptor, as the kernel writes it when it retires a block."""
+    U32.pack_into(block, last_frame, 0)             # tp_next_offset of the last frame
     fs, ls = int(first), int(last)
-    BLOCK.pack_into(block, 0, TPACKET_V3, 0, TP_STATUS_USER, count, BLOCK_FIRST_FRAME, length, 0,
+    BLOCK.pack_into(block, 0, TPACKET_V3, 0, TP_STATUS_USER, count, BLOCK_FIRST_FRAME, length, seq,
                     fs, int((first - fs) * 1e9), ls, int((last - ls) * 1e9))
     return block
 
@@ -4560,19 +4562,15 @@ class PcapSource:
 
     def __init__(self, path):
         self.path = path
-        self.frames = 0
 
     def drain(self, process):
+        """process(view, base) for every block of the file; returns how many."""
         records = (SynthFrame(data, wirelen, ts=ts) for ts, wirelen, data in read_pcap(self.path))
         blocks = 0
         for block in frames_to_blocks(records):
-            self.frames += BLOCK_HDR.unpack_from(block, BLOCK_HDR_OFF)[0]
             process(memoryview(block), 0)
             blocks += 1
         return blocks
-
-    def stats(self):
-        return self.frames, 0
 
 
 def ring_geometry(ring_bytes):
@@ -4638,6 +4636,10 @@ class Ring:
     def _status(self, i):
         return U32.unpack_from(self.view, i * self.block_size + BLOCK_STATUS_OFF)[0]
 
+    def ready(self):
+        """Whether the next block is the kernel's no more: drain() would take it."""
+        return bool(self._status(self.next_block) & TP_STATUS_USER)
+
     def queued_blocks(self):
         """Blocks that may hold frames the kernel has already filtered: those handed
         to userspace and not yet drained, and the one the kernel is filling."""
@@ -4690,16 +4692,15 @@ class Ring:
 # every consumer gets the batch, once per block.
 
 WANT_RAW = "raw"    # (data, wirelen, pkttype, vlan_tci or None): frame bytes, tag re-inserted
-WANT_IP = "ip"      # (wirelen, pkttype, src key, dst key) of every well-formed IP frame
 
 
 class Batch:
     """What one block decoded into. Its lists hold views of the ring: a consumer
     copies whatever it keeps beyond consume()."""
-    __slots__ = ("raw", "ip", "frames", "time")
+    __slots__ = ("raw", "frames", "time")
 
     def __init__(self):
-        self.raw, self.ip, self.frames, self.time = [], [], 0, 0.0
+        self.raw, self.frames, self.time = [], 0, 0.0
 
 
 class Consumer:
@@ -4736,7 +4737,7 @@ class Decoder:
         """Between blocks only (the capture thread swaps stages at a block boundary)."""
         self.consumers = tuple(consumers)
         wants = frozenset().union(*(c.wants for c in self.consumers))
-        self.want_raw, self.want_ip = WANT_RAW in wants, WANT_IP in wants
+        self.want_raw = WANT_RAW in wants
 
     def snaplen(self):
         return max([SNAPLEN_ACCOUNTING] + [c.snaplen() for c in self.consumers])
@@ -4763,10 +4764,9 @@ class Decoder:
         vlan_valid, tpid_valid, outgoing = TP_STATUS_VLAN_VALID, TP_STATUS_VLAN_TPID_VALID, PACKET_OUTGOING
         et_ip4, et_ip6, plain4, dot1q = ETHERTYPE_IPV4, ETHERTYPE_IPV6, IPV4_VIHL_PLAIN, ETH_P_8021Q
         local = self.local
-        cache4, cache6, locate = local.cache4, local.cache6, local.locate
+        get4, get6, locate = local.cache4.get, local.cache6.get, local.locate
         batch = Batch()
-        want_raw, want_ip = self.want_raw, self.want_ip
-        raw, ip_frames = batch.raw.append, batch.ip.append
+        want_raw, raw = self.want_raw, batch.raw.append
         (_, _, _, count, first, _, _, _, _, last_sec, last_nsec) = BLOCK.unpack_from(buf, base)
         pos = base + first
         tx_b = tx_p = rx_b = rx_p = 0
@@ -4823,7 +4823,7 @@ class Decoder:
                     if tlen < (vihl & 15) << 2 or q - p + tlen > flen:
                         malformed["length"] += 1
                         continue
-                    cache = cache4
+                    get = get4
                 elif et == et_ip6:
                     if q + 40 > end:
                         malformed["truncated"] += 1
@@ -4835,18 +4835,16 @@ class Decoder:
                     if q - p + 40 + plen > flen:
                         malformed["length"] += 1
                         continue
-                    cache = cache6
+                    get = get6
                 else:
                     if et == -1:
                         malformed["truncated"] += 1
                     continue
             else:
-                cache = cache4
-            if want_ip:
-                ip_frames((wl, pkttype, src, dst))
+                get = get4
             # One attribution for both families. Cached: the counter list (local),
             # 0 (remote) or None (unseen).
-            e = cache.get(src)
+            e = get(src)
             if e:
                 e[0] += wl
                 e[1] += 1
@@ -4855,7 +4853,7 @@ class Decoder:
                 if e:
                     e[0] += wl
                     e[1] += 1
-            e = cache.get(dst)
+            e = get(dst)
             if e:
                 e[2] += wl
                 e[3] += 1
@@ -5167,6 +5165,8 @@ class RuleCounter(Consumer):
         self.ids = tuple(r.id for r in self.rules)
         self.progs = [r.prog or compile_rule_expr(r.expr) for r in self.rules]
         self.count = make_rules_counter(self.progs)
+        # Computed here, on the reload thread: the capture thread asks for it on swaps.
+        self._snaplen = max([0] + [program_snaplen(p) for p in self.progs])
         self.bytes = [0] * len(self.rules)
         self.packets = [0] * len(self.rules)
 
@@ -5174,7 +5174,7 @@ class RuleCounter(Consumer):
         return len(self.rules)
 
     def snaplen(self):
-        return max([0] + [program_snaplen(p) for p in self.progs])
+        return self._snaplen
 
     def consume(self, batch):
         self.count(batch.raw, self.bytes, self.packets)
@@ -5729,17 +5729,21 @@ class Daemon:
     def _wake(self):
         try:
             os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass                         # already awake
+        except OSError:
+            pass                         # already awake (full), or stopped (closed)
 
     # -- snapshots ------------------------------------------------------------
 
-    def publish(self):
+    def publish(self, addresses=True):
+        """Every stage's snapshot; a socket dump's (addresses=False) skips the address
+        table, which can be large and which the dump does not show."""
         ring = self.ring
+        latest = self.published.latest()
         self.published.publish({
             "interface": self.decoder.snapshot(self.past_drops + (ring.drops if ring else 0),
                                                ring is not None),
-            "addresses": self.local.snapshot(),
+            "addresses": self.local.snapshot() if addresses or "addresses" not in latest
+            else latest["addresses"],
             "rules": self.rules.snapshot() if self.rules is not None else RuleSnapshot(),
         })
 
@@ -5758,13 +5762,16 @@ class Daemon:
         except Exception as e:            # whatever went wrong, the running rules stay
             reason = str(e) if isinstance(e, LpdError) else f"{type(e).__name__}: {e}"
             log(LOG_ERR, f"reload failed, keeping the running configuration: {reason}")
-            return
-        self.pending = (rules, nets)
-        self._wake()
+        else:
+            self.pending = (rules, nets)
+        self._wake()                      # a SIGHUP that came meanwhile starts the next one
 
     def start_reload(self):
-        if self.reloader is not None and self.reloader.is_alive():
-            return False                  # one at a time; the request stays set
+        """One reload at a time: the request stays set while one is compiling, waiting
+        to be applied, or widening."""
+        if (self.reloader is not None and self.reloader.is_alive()) or \
+                self.pending is not None or self.widening is not None:
+            return False
         self.reload_requested = False
         self.reloader = threading.Thread(target=self._compile_reload, name="reload", daemon=True)
         self.reloader.start()
@@ -5783,17 +5790,21 @@ class Daemon:
         if self.ring is not None and new > self.decoder.snaplen():
             # Widen first, and let the frames already cut to the old length drain
             # through the old rules: a new rule must never judge a frame cut short.
-            if self._attach(new):
-                self.widen_blocks = self.ring.queued_blocks()
-                self.widening = _Widening(rules, time.monotonic() + WIDEN_DRAIN_SECONDS)
+            if not self._attach(new):
+                log(LOG_ERR, "reload: keeping the running rules")
                 return
+            self.widen_blocks = self.ring.queued_blocks()
+            self.widening = _Widening(rules, time.monotonic() + WIDEN_DRAIN_SECONDS)
+            return
         self.swap_rules(rules)
 
     def advance_reload(self, now):
         """Capture thread, between blocks: finish a widening whose old frames have
         drained, then adopt a compiled reload."""
-        if self.widening is not None and self.widen_blocks <= 1 and now >= self.widening.deadline:
-            self.swap_rules(self.widening.rules)      # the kernel's block holds no old frame
+        w = self.widening
+        if w is not None and self.widen_blocks <= 1 and now >= w.deadline and \
+                (self.ring is None or not self.ring.ready()):
+            self.swap_rules(w.rules)      # the kernel's block holds no frame cut short
         if self.pending is not None and self.widening is None:
             self.apply_reload()
 
@@ -5862,6 +5873,7 @@ class Daemon:
                         self.local.set_local_nets(nets)
                 self.open_capture()
                 log(LOG_NOTICE, f"{self.ifname}: capturing again")
+                self.publish()
             except LpdError as e:
                 log(LOG_DEBUG, f"{self.ifname}: not yet: {e}")
 
@@ -5905,6 +5917,7 @@ class Daemon:
             if self.ring is not None:
                 self.ring.close()
             signal.set_wakeup_fd(old_wakeup)
+            self.published.set_waker(lambda: None)
             os.close(self._wake_r)
             os.close(self._wake_w)
         return 0
@@ -5941,7 +5954,7 @@ class Daemon:
                 next_tick = max(next_tick + interval, now + interval / 2)
             elif self.published.requested:
                 self.published.requested = False
-                self.publish()
+                self.publish(addresses=False)
             if self.reload_requested:
                 self.start_reload()
 
@@ -6015,9 +6028,6 @@ def dump_filter(opts, out=sys.stdout):
 
 ###############################################################################
 # main ########################################################################
-###############################################################################
-
-
 ###############################################################################
 
 

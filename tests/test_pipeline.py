@@ -49,7 +49,7 @@ def test_synthetic_blocks_carry_every_header_field():
     [block] = list(lpd.frames_to_blocks([f, g]))
     b = dict(zip([n for n, _ in lpd.BLOCK_FIELDS], lpd.BLOCK.unpack_from(block)))
     assert b["block_status"] & lpd.TP_STATUS_USER and b["num_pkts"] == 2
-    assert b["version"] == lpd.TPACKET_V3 and b["offset_to_first_pkt"] == lpd.BLOCK_FIRST_FRAME
+    assert b["offset_to_first_pkt"] == lpd.BLOCK_FIRST_FRAME == 48 and b["seq_num"] == 1
     assert (b["first_sec"], b["first_nsec"]) == (1700000000, 250000000)
     assert (b["last_sec"], b["last_nsec"]) == (1700000001, 500000000)
     names = [n for n, _ in lpd.FRAME_FIELDS if n is not None]
@@ -62,15 +62,16 @@ def test_synthetic_blocks_carry_every_header_field():
         assert h["sll_pkttype"] == want.pkttype and h["sll_hatype"] == lpd.ARPHRD_ETHER
         assert h["sec"] + h["nsec"] / 1e9 == pytest.approx(want.ts)
         assert h["sll_addr"][:6] == want.data[6:12] and h["sll_halen"] == 6
-        assert h["net"] == h["mac"] + lpd.ETH_HLEN and h["mac"] % lpd.TPACKET_ALIGNMENT == 0
+        assert (h["mac"], h["net"]) == (82, 96)       # tpacket_rcv's offsets for Ethernet
         seen.append((h["status"], h["vlan_tci"], h["vlan_tpid"]))
         pos += h["next_offset"]
     vlan = lpd.TP_STATUS_VLAN_VALID | lpd.TP_STATUS_VLAN_TPID_VALID
     assert seen == [(lpd.TP_STATUS_USER | vlan, 0x2007, 0x88A8), (lpd.TP_STATUS_USER, 0, 0)]
-    assert pos == b["blk_len"]
+    assert nexts[0] % 8 == 0 and nexts[1] == 0        # 8-aligned; the last one 0
+    assert b["blk_len"] == b["offset_to_first_pkt"] + nexts[0] + -(-(82 + len(g.data)) // 8) * 8
     # The hot loop's layout is the same declaration with fields left out.
     hot = lpd.FRAME_HDR.unpack_from(block, b["offset_to_first_pkt"])
-    assert hot == (nexts[0], len(f.data), 90, seen[0][0], lpd.FRAME_DATA_OFF, 0x2007, 0x88A8,
+    assert hot == (nexts[0], len(f.data), 90, seen[0][0], 82, 0x2007, 0x88A8,
                    lpd.PACKET_OUTGOING)
 
 
@@ -121,31 +122,33 @@ def test_malformed_frames_are_counted_by_reason_and_not_attributed():
 
 
 class Recorder(lpd.Consumer):
-    """A stage asking for the IP tuples: what a remote-address stage will get."""
+    """A stage that records what the decoder hands it."""
     name = "recorder"
-    wants = frozenset((lpd.WANT_IP,))
 
-    def __init__(self):
-        self.seen, self.batches = [], []
+    def __init__(self, wants):
+        self.wants, self.raw, self.batches = frozenset(wants), [], []
 
     def consume(self, batch):
-        self.seen += batch.ip
-        self.batches.append((len(batch.raw), batch.frames, batch.time))
+        self.raw += [(bytes(d), w, t, v) for d, w, t, v in batch.raw]
+        self.batches.append((batch.frames, batch.time))
 
 
 def test_consumers_get_only_what_they_asked_for():
-    frames = [lpd.SynthFrame(udp4("10.0.0.1", "192.0.2.1"), 62, pkttype=lpd.PACKET_OUTGOING, ts=5.0),
-              lpd.SynthFrame(udp6("2001:db8::1", "2001:db8::2"), 82, ts=6.0),
-              lpd.SynthFrame(b"\xff" * 60, 60, ts=7.0)]                     # not IP
-    rec = Recorder()
-    decode(frames, consumers=[rec])
-    assert rec.seen == [(62, lpd.PACKET_OUTGOING, int(ipaddress.ip_address("10.0.0.1")),
-                         int(ipaddress.ip_address("192.0.2.1"))),
-                        (82, lpd.PACKET_HOST, ipaddress.ip_address("2001:db8::1").packed,
-                         ipaddress.ip_address("2001:db8::2").packed)]
-    assert rec.batches == [(0, 3, 7.0)]             # no raw frames built: nobody wants them
-    dec = lpd.Decoder(lpd.LocalAddresses([NET]))
-    assert not dec.want_raw and not dec.want_ip      # the default path builds nothing per frame
+    data = udp4("10.0.0.1", "192.0.2.1")
+    frames = [lpd.SynthFrame(data, 62, pkttype=lpd.PACKET_OUTGOING, ts=5.0),
+              lpd.SynthFrame(data, 62, vlan_tci=9, ts=6.0),
+              lpd.SynthFrame(b"\xff" * 60, 60, ts=7.0)]                   # not IP: still a frame
+    raw, none = Recorder([lpd.WANT_RAW]), Recorder([])
+    dec = decode(frames, consumers=[raw, none])
+    tag = (0x8100).to_bytes(2, "big") + (9).to_bytes(2, "big")
+    assert raw.raw == [(data, 62, lpd.PACKET_OUTGOING, None),
+                       (data[:12] + tag + data[12:], 66, lpd.PACKET_HOST, 9),
+                       (b"\xff" * 60, 60, lpd.PACKET_HOST, None)]
+    assert raw.batches == none.batches == [(3, 7.0)]      # one batch per block, its clock
+    assert dec.want_raw
+    quiet = Recorder([])
+    alone = decode(frames, consumers=[quiet])
+    assert not alone.want_raw and quiet.raw == [] and quiet.batches == [(3, 7.0)]    # nobody asked: no per-frame tuple is built
 
 
 def test_locality_cache_is_bounded_and_local_counts_stay_exact(monkeypatch):
@@ -250,6 +253,9 @@ class FakeRing:
     def queued_blocks(self):
         return self.queued
 
+    def ready(self):
+        return False                                # the kernel's block has not retired
+
 
 def daemon(rule_counter):
     opts = lpd.parse_args(["--mapping-url", "none"])
@@ -329,3 +335,21 @@ def test_reload_compiles_off_the_capture_thread(monkeypatch, tmp_path):
     assert d.pending is not None
     d.apply_reload()
     assert d.rules is slow
+
+
+def test_a_widening_the_kernel_refuses_keeps_the_running_rules():
+    old = rules("all;ip\n")
+    d = daemon(old)
+    ring = d.ring = FakeRing(queued=1)
+
+    def refuse(prog):
+        raise OSError(12, "Cannot allocate memory")
+    ring.attach = refuse
+    d.pending = (rules("big;ether[300] = 1\n"), [NET])
+    d.apply_reload()
+    assert d.rules is old and d.widening is None
+    assert d.decoder.snaplen() == lpd.SNAPLEN_ACCOUNTING     # still what the kernel copies
+    ring.attach = ring.programs.append                       # the next reload tries again
+    d.pending = (rules("big;ether[300] = 1\n"), [NET])
+    d.apply_reload()
+    assert d.widening is not None and len(ring.programs) == 1
