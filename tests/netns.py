@@ -60,6 +60,7 @@ NS_SYSCTLS = {
 
 OFFLOADS_REQUIRED = ["tso", "off", "gso", "off", "gro", "off"]
 OFFLOADS_OPTIONAL = ["tx", "off", "rx", "off"]     # checksumming: frames carry real sums
+OFFLOADS_ON = ["tso", "on", "gso", "on", "gro", "on"]   # what the kernel hands AF_PACKET then: super-frames
 
 STAT_NAMES = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "rx_dropped", "tx_dropped")
 
@@ -478,8 +479,9 @@ class Pair:
     ip4_a, ip4_b, ip6_a, ip6_b = IP4_A, IP4_B, IP6_A, IP6_B
     net4, net6 = NET4, NET6
 
-    def __init__(self, sinks=True, queues=1):
+    def __init__(self, sinks=True, queues=1, offloads=False):
         self.queues = queues
+        self.offloads = offloads        # True: TSO, GSO and GRO on, as on a default host
         self.procs = []
         try:
             cleanup_stale()
@@ -522,8 +524,11 @@ class Pair:
                         self.ip4_a, self.ip6_a, self.mac_a)
 
     def _configure(self, ns, ifname, ip4, ip6, peer4, peer6, peer_mac):
-        run(ns, [ETHTOOL, "-K", ifname] + OFFLOADS_REQUIRED)
-        run(ns, [ETHTOOL, "-K", ifname] + OFFLOADS_OPTIONAL, check=False)
+        if self.offloads:
+            run(ns, [ETHTOOL, "-K", ifname] + OFFLOADS_ON)
+        else:
+            run(ns, [ETHTOOL, "-K", ifname] + OFFLOADS_REQUIRED)
+            run(ns, [ETHTOOL, "-K", ifname] + OFFLOADS_OPTIONAL, check=False)
         run(ns, [IP, "addr", "add", f"{ip4}/{IP4_PREFIX}", "dev", ifname])
         run(ns, [IP, "-6", "addr", "add", f"{ip6}/{IP6_PREFIX}", "dev", ifname, "nodad"])
         run(ns, [IP, "link", "set", ifname, "up"])

@@ -353,3 +353,90 @@ def test_a_widening_the_kernel_refuses_keeps_the_running_rules():
     d.pending = (rules("big;ether[300] = 1\n"), [NET])
     d.apply_reload()
     assert d.widening is not None and len(ring.programs) == 1
+
+
+# --- GSO/GRO super-frames: counted as what the wire carried -------------------------------
+
+def tcp4_super(payload_len, options=b"\x01" * 12, src="10.0.0.1", dst="192.0.2.1"):
+    seg = packets.tcp(40000, 80, packets.TCP_ACK, options=options, payload=b"p" * payload_len)
+    return packets.ether("02:00:00:00:00:02", "02:00:00:00:00:01", packets.ETH_IP,
+                         packets.ipv4(src, dst, packets.PROTO_TCP, seg), pad=False)
+
+
+def super_frames(frames):
+    """Frames as a PACKET_VNET_HDR ring hands them over, cut to the accounting snaplen."""
+    return list(lpd.frames_to_blocks(frames, vnet=True))
+
+
+def test_a_tcp_super_frame_counts_the_segments_the_wire_carried():
+    mss, payload = 1448, 10 * 1448 + 100            # 11 segments, the last one short
+    data = tcp4_super(payload)
+    hdr = 14 + 20 + 32                              # Ethernet, IPv4, TCP with 12 option bytes
+    assert len(data) == hdr + payload
+    sf = lpd.SynthFrame(data[:lpd.SNAPLEN_ACCOUNTING], len(data), pkttype=lpd.PACKET_OUTGOING,
+                        gso=(lpd.VIRTIO_NET_HDR_GSO_TCPV4, mss, hdr))
+    rc = rules("web;tcp port 80\nbig;greater 2000\n")
+    local = lpd.LocalAddresses([NET])
+    dec = lpd.Decoder(local, [rc], vnet=True)
+    for block in super_frames([sf]):
+        dec.process_block(memoryview(block), 0)
+    wire = payload + 11 * hdr                       # what 11 frames on the wire add up to
+    assert dec.totals == [wire, 11, 0, 0] and dec.gso_frames == 1 and dec.gso_unsplit == 0
+    assert rows(local) == {"10.0.0.1": (wire, 11, 0, 0)}
+    # judged once, as the frame it is ('greater 2000' is true of it), counted 11 times
+    assert rc.snapshot().rows == (("web", wire, 11), ("big", wire, 11))
+
+
+def test_super_frames_of_every_kind_and_vlan():
+    v6 = packets.ether("02:00:00:00:00:02", "02:00:00:00:00:01", packets.ETH_IP6,
+                       packets.ipv6("2001:db8::1", "2001:db8::2", packets.PROTO_TCP,
+                                    packets.tcp(1, 2, packets.TCP_ACK, payload=b"q" * 3000)), pad=False)
+    u4 = packets.ether("02:00:00:00:00:02", "02:00:00:00:00:01", packets.ETH_IP,
+                       packets.ipv4("10.0.0.1", "10.0.0.2", packets.PROTO_UDP,
+                                    packets.udp(1, 2, b"u" * 2500)), pad=False)
+    cases = [
+        # (frame, gso_type, gso_size, tag stripped?) -> (segments, bytes each repeats)
+        (v6, lpd.VIRTIO_NET_HDR_GSO_TCPV6, 1000, False, 3, 14 + 40 + 20),
+        (u4, lpd.VIRTIO_NET_HDR_GSO_UDP_L4, 1000, False, 3, 14 + 20 + 8),
+        (u4, lpd.VIRTIO_NET_HDR_GSO_UDP, 1480, False, 2, 14 + 20),        # UFO: IP fragments
+        (tcp4_super(3000), lpd.VIRTIO_NET_HDR_GSO_TCPV4 | lpd.VIRTIO_NET_HDR_GSO_ECN,
+         1448, True, 3, 14 + 20 + 32 + 4),                                 # tag on every frame
+    ]
+    for data, kind, size, tagged, segs, hdr in cases:
+        wl = len(data) + (4 if tagged else 0)
+        got = lpd.gso_split(data[:lpd.SNAPLEN_ACCOUNTING], wl, 4 if tagged else 0, kind, size)
+        assert got is not None and got[:2] == (wl + (segs - 1) * hdr, segs), (kind, got)
+        sf = lpd.SynthFrame(data[:lpd.SNAPLEN_ACCOUNTING], len(data), gso=(kind, size, 0),
+                            vlan_tci=5 if tagged else None)
+        dec = lpd.Decoder(lpd.LocalAddresses([NET, NET6]), vnet=True)
+        for block in super_frames([sf]):
+            dec.process_block(memoryview(block), 0)
+        assert dec.totals[2:] == [wl + (segs - 1) * hdr, segs]
+
+
+def test_inconsistent_super_frames_count_as_one_and_are_counted():
+    data = tcp4_super(3000)
+    bad = [
+        (lpd.VIRTIO_NET_HDR_GSO_TCPV6, 1448),      # says IPv6, is IPv4
+        (lpd.VIRTIO_NET_HDR_GSO_UDP_L4, 1448),     # says UDP, is TCP
+        (lpd.VIRTIO_NET_HDR_GSO_TCPV4, 0),         # no segment size
+        (0x42, 1448),                              # a type lpd does not know
+    ]
+    frames = [lpd.SynthFrame(data[:128], len(data), gso=(t, s, 0)) for t, s in bad]
+    frames.append(lpd.SynthFrame(data[:30], len(data), gso=(lpd.VIRTIO_NET_HDR_GSO_TCPV4, 1448, 0)))
+    dec = lpd.Decoder(lpd.LocalAddresses([NET]), vnet=True)
+    for block in super_frames(frames):
+        dec.process_block(memoryview(block), 0)
+    assert dec.gso_unsplit == 5 and dec.gso_frames == 0
+    assert dec.totals[2:] == [5 * len(data), 5]    # each as the one frame it is
+    assert dict(dec.snapshot().malformed)["truncated"] == 1
+
+
+def test_plain_frames_on_a_vnet_ring_count_as_before():
+    frames = [(udp4("10.0.0.1", "10.0.0.2"), 62)] * 3 + [(udp6("2001:db8::1", "2001:db8::2"), 82)]
+    plain = decode(frames)
+    dec = lpd.Decoder(lpd.LocalAddresses([NET, NET6]), vnet=True)
+    for block in lpd.frames_to_blocks(frames, vnet=True):
+        dec.process_block(memoryview(block), 0)
+    assert dec.totals == plain.totals and rows(dec.local) == rows(plain.local)
+    assert dec.gso_frames == dec.gso_unsplit == 0
