@@ -42,7 +42,6 @@ import time
 import traceback
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, NamedTuple, Optional
 
 __version__ = "0.1.0"
@@ -5596,43 +5595,310 @@ class Collector:
                      [((__version__,), 1.0)])
 
 
-def make_http_server(host, port, registry):
-    """The /metrics endpoint (and a landing page on /), served from a thread."""
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+# Limits of the metrics endpoint. A scraper sends a small request at once and reads
+# the answer at once; a slower or bigger client is broken or hostile, and these make it
+# cost one slot of a fixed table for a bounded time, never a thread of its own.
+# A burst of scrapes waits in the kernel's accept queue instead of in SYN retries of a
+# second or more (the kernel caps this at net.core.somaxconn).
+HTTP_BACKLOG = socket.SOMAXCONN
+# Open connections, one descriptor each: with the rule socket's 512 it stays under
+# systemd's default soft limit of 1024. Beyond it the oldest connection is closed.
+HTTP_MAX_CONNECTIONS = 256
+HTTP_HEAD_TIMEOUT = 5.0     # seconds to receive a whole request head, however it trickles in
+# Seconds to send an answer: three times Prometheus's default scrape_timeout, so only a
+# client that stopped reading runs into it.
+HTTP_SEND_TIMEOUT = 30.0
+HTTP_MAX_HEAD_BYTES = 8192  # request line and headers; a scrape's are a few hundred bytes
+HTTP_ACCEPT_PAUSE = 1.0     # seconds the listener rests after accept() fails (EMFILE): no spinning
+# Seconds an answered connection waits for the client to close, dropping what it still
+# sends: closing on unread input would reset the connection and lose the answer.
+HTTP_LINGER_TIMEOUT = 2.0
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                body, ctype, code = generate_latest(registry), CONTENT_TYPE_LATEST, 200
-            elif path == "/":
-                body, ctype, code = LANDING_PAGE, "text/html; charset=utf-8", 200
-            else:
-                body, ctype, code = b"not found\n", "text/plain", 404
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+_HTTP_HEAD_END = re.compile(rb"\n\r?\n")
 
-        def log_message(self, *args):
+
+def http_head_end(data, start=0):
+    """Length of the request head at the start of data, blank line included; -1 if partial.
+    `start` is where a terminator may begin (bytes before it were searched already)."""
+    m = _HTTP_HEAD_END.search(data, max(0, start))
+    return m.end() if m else -1
+
+
+def http_request_line(head):
+    """(method, path without its query) of an HTTP/1.x request head; None if malformed."""
+    parts = head.split(b"\n", 1)[0].split()
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        return None
+    return parts[0].decode("latin-1"), parts[1].split(b"?", 1)[0].decode("latin-1")
+
+
+def http_response(code, ctype, body, head_only=False):
+    """A whole HTTP/1.0 answer; the connection closes after it."""
+    head = (f"HTTP/1.0 {code} {http.HTTPStatus(code).phrase}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("latin-1")
+    return head if head_only else head + body
+
+
+class _HttpConn:
+    """One connection: its socket, the request head so far, then the answer left to send.
+    Both None: answered (or about to be), waiting for the client to close."""
+    __slots__ = ("sock", "fd", "head", "out", "deadline")
+
+    def __init__(self, sock, deadline):
+        self.sock, self.fd, self.deadline = sock, sock.fileno(), deadline
+        self.head, self.out = bytearray(), None
+
+
+class MetricsServer:
+    """The metrics endpoint: one thread, one selector, at most HTTP_MAX_CONNECTIONS.
+
+    serve_forever() accepts non-blocking connections and reads each request head within
+    HTTP_HEAD_TIMEOUT in total; only a complete request is answered, within
+    HTTP_SEND_TIMEOUT, then the connection closes. The /metrics requests completed in one
+    round share one metrics() call. shutdown() and server_close() are socketserver's.
+    """
+
+    def __init__(self, sock, metrics, metrics_type):
+        self.socket, self.server_address = sock, sock.getsockname()
+        self._metrics, self._metrics_type = metrics, metrics_type
+        self._conns = {}                # fd -> _HttpConn, oldest first
+        self._accept_at = None          # while the listener rests: when it resumes
+        self._accept_error = None       # logged once per run of failures
+        self._stop = False
+        self._idle = threading.Event()
+        self._idle.set()
+        sock.setblocking(False)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(sock, selectors.EVENT_READ, "listen")
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+
+    def serve_forever(self):
+        """Serve until shutdown()."""
+        self._idle.clear()
+        try:
+            while not self._stop:
+                self._round()
+        finally:
+            self._idle.set()
+
+    def shutdown(self):
+        """Make serve_forever() return, and wait until it has."""
+        self._stop = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
             pass
+        self._idle.wait()
+
+    def server_close(self):
+        """Close the listener and every connection."""
+        for c in list(self._conns.values()):
+            self._close(c)
+        self._sel.close()
+        for s in (self.socket, self._wake_r, self._wake_w):
+            s.close()
+
+    # -- the serving thread --------------------------------------------------
+
+    def _round(self):
+        """One select(): accept, read, answer, send; then close what is past its deadline."""
+        now = time.monotonic()
+        deadlines = [c.deadline for c in self._conns.values()]
+        if self._accept_at is not None:
+            deadlines.append(self._accept_at)
+        events = self._sel.select(max(0.0, min(deadlines) - now) if deadlines else None)
+        scrapes = []
+        for key, _ in events:
+            if key.data == "wake":
+                return
+            if key.data == "listen":
+                self._accept()
+                continue
+            c = key.data
+            if self._conns.get(c.fd) is not c:
+                continue                # closed earlier in this round
+            try:
+                if c.head is not None:
+                    self._read(c, scrapes)
+                elif c.out is not None:
+                    if self._send(c):
+                        self._linger(c)
+                else:
+                    self._discard(c)
+            except Exception:
+                # Never let one connection end the thread: the port would stay bound
+                # but silent until restart.
+                log(LOG_WARNING, f"metrics: unexpected error: "
+                                 f"{traceback.format_exc(limit=-1).strip()!r}")
+                self._close(c)
+        if scrapes:
+            self._answer_scrapes(scrapes)
+        now = time.monotonic()
+        for c in [c for c in self._conns.values() if c.deadline <= now]:
+            self._close(c, abort=c.out is not None)
+        if self._accept_at is not None and self._accept_at <= now:
+            self._accept_at = None
+            self._sel.register(self.socket, selectors.EVENT_READ, "listen")
+
+    def _accept(self):
+        """Accept a table's worth at most, so this round's reads are not starved."""
+        for _ in range(HTTP_MAX_CONNECTIONS):
+            try:
+                sock, _ = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:
+                # The listener stays readable: rest it instead of spinning on the error.
+                if e.errno != self._accept_error:
+                    log(LOG_WARNING, f"metrics: cannot accept: {e.strerror or e}")
+                self._accept_error = e.errno
+                self._sel.unregister(self.socket)
+                self._accept_at = time.monotonic() + HTTP_ACCEPT_PAUSE
+                return
+            self._accept_error = None
+            if len(self._conns) >= HTTP_MAX_CONNECTIONS:
+                self._close(self._oldest())
+            sock.setblocking(False)
+            c = _HttpConn(sock, time.monotonic() + HTTP_HEAD_TIMEOUT)
+            self._conns[c.fd] = c
+            self._sel.register(sock, selectors.EVENT_READ, c)
+
+    def _oldest(self):
+        """The connection to give up for a new one: the oldest not receiving an answer."""
+        conns = self._conns.values()
+        return next((c for c in conns if c.out is None), None) or next(iter(conns))
+
+    def _read(self, c, scrapes):
+        """Take what the client sent; route the request once its head is complete."""
+        seen = len(c.head)
+        try:
+            data = c.sock.recv(HTTP_MAX_HEAD_BYTES + 1 - seen)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(c)
+            return
+        c.head += data
+        end = http_head_end(c.head, seen - 2)
+        if 0 <= end <= HTTP_MAX_HEAD_BYTES:
+            self._route(c, bytes(c.head[:end]), scrapes)
+        elif len(c.head) > HTTP_MAX_HEAD_BYTES:
+            self._respond(c, http_response(431, "text/plain", b"request head too large\n"))
+
+    def _route(self, c, head, scrapes):
+        request = http_request_line(head)
+        c.head = None               # no longer reading: not the first to give up
+        if request is None:
+            self._respond(c, http_response(400, "text/plain", b"bad request\n"))
+            return
+        method, path = request
+        if method not in ("GET", "HEAD"):
+            self._respond(c, http_response(501, "text/plain", b"not implemented\n"))
+        elif path == "/metrics":
+            scrapes.append((c, method == "HEAD"))
+        elif path == "/":
+            self._respond(c, http_response(200, "text/html; charset=utf-8", LANDING_PAGE,
+                                           method == "HEAD"))
+        else:
+            self._respond(c, http_response(404, "text/plain", b"not found\n", method == "HEAD"))
+
+    def _answer_scrapes(self, scrapes):
+        """One exposition, made after every one of these requests arrived, answers them all."""
+        try:
+            page = 200, self._metrics_type, self._metrics()
+        except Exception:
+            log(LOG_WARNING, f"metrics: collecting failed: "
+                             f"{traceback.format_exc(limit=-1).strip()!r}")
+            page = 500, "text/plain", b"collecting the metrics failed\n"
+        answers = http_response(*page), http_response(*page, head_only=True)
+        for c, head_only in scrapes:
+            if self._conns.get(c.fd) is c:
+                self._respond(c, answers[head_only])
+
+    def _respond(self, c, answer):
+        """Send what the socket takes now; the rest as it drains, by HTTP_SEND_TIMEOUT."""
+        c.head, c.out = None, memoryview(answer)
+        c.deadline = time.monotonic() + HTTP_SEND_TIMEOUT
+        if self._send(c):
+            self._linger(c)
+        else:
+            self._sel.modify(c.sock, selectors.EVENT_WRITE, c)
+
+    def _send(self, c):
+        """True when the answer is sent or the client is gone."""
+        try:
+            while c.out:
+                c.out = c.out[c.sock.send(c.out, socket.MSG_NOSIGNAL):]
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            pass            # EPIPE / ECONNRESET: the client left
+        return True
+
+    def _linger(self, c):
+        """The answer is sent: end our side, then wait (bounded) for the client's end."""
+        c.out = None
+        try:
+            c.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(c)          # the client is gone already
+            return
+        c.deadline = time.monotonic() + HTTP_LINGER_TIMEOUT
+        self._sel.modify(c.sock, selectors.EVENT_READ, c)
+
+    def _discard(self, c):
+        """Drop what an answered client still sends; close at its end."""
+        try:
+            if c.sock.recv(HTTP_MAX_HEAD_BYTES):
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._close(c)
+
+    def _close(self, c, abort=False):
+        """Forget and close a connection; `abort` resets it, so the kernel drops what a
+        stalled reader never took instead of keeping it queued."""
+        if self._conns.get(c.fd) is not c:
+            return                  # closed already; its descriptor may be another's now
+        del self._conns[c.fd]
+        self._sel.unregister(c.sock)
+        if abort:
+            try:
+                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass                # reset by the client already
+        c.sock.close()
+
+
+def make_http_server(host, port, registry):
+    """The /metrics endpoint (and a landing page on /): a MetricsServer, not yet serving."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     except socket.gaierror as e:
         raise ConfigError(f"--web.listen-address {host}:{port}: {e.strerror}") from None
-
-    class Server(ThreadingHTTPServer):
-        address_family = family
-        daemon_threads = True
-
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        return Server((host, port), Handler)
+        # A restart must not fail on the last run's connections still in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(HTTP_BACKLOG)
     except OSError as e:
+        sock.close()
         if e.errno == errno.EADDRINUSE:
             raise PortInUse(f"--web.listen-address {host}:{port}: address already in use") from None
         raise ConfigError(f"--web.listen-address {host}:{port}: {e.strerror}") from None
+    return MetricsServer(sock, functools.partial(generate_latest, registry), CONTENT_TYPE_LATEST)
 
 
 
