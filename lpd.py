@@ -19,6 +19,7 @@ decoded, its snapshot length, consume/tick/snapshot), a snapshot type in
 "Snapshots", its metrics in "Exporters"; build_daemon() wires it in.
 """
 import argparse
+import collections
 import ctypes
 import errno
 import fcntl
@@ -116,6 +117,9 @@ def sd_notify(state):
 DEFAULT_LISTEN = "localhost:59122"
 DEFAULT_MAPPING_URL = "http://localhost:32599/status"
 DEFAULT_RING_BYTES = 16 << 20
+# Local addresses tracked at most: room for a /18 of hosts, and a bound on what a flood
+# of spoofed sources inside a local network can cost (memory, scrape size, series).
+DEFAULT_LOCAL_MAX = 16384
 
 
 class _ArgParser(argparse.ArgumentParser):
@@ -129,6 +133,13 @@ def _positive_float(text):
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
     return value
 
 
@@ -168,6 +179,9 @@ def build_parser():
                    help=f"Prometheus endpoint (default {DEFAULT_LISTEN})")
     p.add_argument("--interval", type=_positive_float, default=1.0, metavar="SECONDS",
                    help="period of the *_bps gauges (default 1)")
+    p.add_argument("--local-max", type=_positive_int, default=DEFAULT_LOCAL_MAX, metavar="N",
+                   help=f"local addresses tracked at most; the least busy are evicted "
+                        f"(default {DEFAULT_LOCAL_MAX})")
     p.add_argument("--idle-timeout", type=_positive_float, default=300.0, metavar="SECONDS",
                    help="forget an address after this long without traffic (default 300)")
     p.add_argument("--mapping-url", default=DEFAULT_MAPPING_URL, metavar="URL",
@@ -4415,9 +4429,11 @@ class InterfaceSnapshot(NamedTuple):
 class AddressSnapshot(NamedTuple):
     """Per local address: ((version, raw key), tx_b, tx_p, rx_b, rx_p, tx_bps, rx_bps)."""
     rows: tuple = ()
+    evictions: int = 0                     # addresses dropped because the table was full
 
     def merge(self, other):
-        return AddressSnapshot(_merge_keyed(self.rows, other.rows, 1))
+        return AddressSnapshot(_merge_keyed(self.rows, other.rows, 1),
+                               self.evictions + other.evictions)
 
 
 class RuleSnapshot(NamedTuple):
@@ -5041,6 +5057,7 @@ class Decoder:
 ###############################################################################
 
 LOCALITY_CACHE_MAX = 1 << 16      # remote addresses remembered as "not local"
+LOCAL_EVICT_FRACTION = 8          # a full table evicts this fraction of itself at once
 
 
 def _prefixes(nets, family):
@@ -5054,38 +5071,57 @@ def _is_local(key, prefixes):
 
 
 class _LocalTable:
-    """One family's counters, locality cache and prefixes."""
-    __slots__ = ("family", "hosts", "cache", "prefixes")
+    """One family's local addresses: counters, locality cache, and what changed."""
+    __slots__ = ("family", "hosts", "cache", "remote", "prefixes", "dirty", "prev", "active",
+                 "rows", "bps")
 
-    def __init__(self, family, hosts, nets):
-        self.family, self.hosts = family, hosts
+    def __init__(self, family, nets, old=None):
+        self.family = family
         self.prefixes = _prefixes(nets, family)
-        self.cache = {a: e for a, e in hosts.items() if _is_local(a, self.prefixes)}
+        self.hosts = old.hosts if old else {}      # key -> [tx_b, tx_p, rx_b, rx_p]
+        self.remote = {}                            # key -> 0: seen, not local
+        # key -> counter list (local) or 0 (remote): what the hot loop looks up. Local
+        # keys leave it at every tick, so their next frame goes through locate(),
+        # which notes them in `dirty`: a tick then works on what changed only.
+        self.cache = {}
+        self.dirty = set(self.hosts)                # local keys counted since the last tick
+        self.prev = old.prev if old else {}         # key -> (tx_b, rx_b) at the last change
+        self.active = old.active if old else collections.OrderedDict()   # key -> last change
+        self.rows = old.rows if old else {}         # key -> its snapshot row
+        self.bps = old.bps if old else {}           # key -> rates of the last interval, if moving
 
 
 class LocalAddresses(Consumer):
-    """Per-local-address counters, the legacy *_bps rates and idle expiry.
+    """Per-local-address counters, the legacy *_bps rates and idle expiry, bounded.
 
     The decoder counts into these lists inline: the locality caches map every
     address seen to its counter list (local) or 0 (remote), so the hot loop pays two
     dict lookups per IP frame whatever the number of local networks.
+
+    At most `local_max` addresses are kept: a flood of spoofed sources inside a local
+    network evicts the addresses with the least traffic (the spoofed ones), never the
+    busy hosts, and the interface totals count every frame whatever was evicted. A
+    tick works on the addresses that changed since the last one, not on the table.
     """
     name = "addresses"
 
-    def __init__(self, local_nets, idle_timeout=300.0):
-        self.idle_timeout = idle_timeout
-        self.tables = {v: _LocalTable(f, {}, ()) for v, f in FAMILIES.items()}
-        self.prev = {}        # (version, key) -> (tx_bytes, rx_bytes, last_active)
-        self.bps = {}         # (version, key) -> (tx_bps, rx_bps)
+    def __init__(self, local_nets, idle_timeout=300.0, local_max=DEFAULT_LOCAL_MAX):
+        self.idle_timeout, self.local_max = idle_timeout, local_max
+        self.tables = {}
         self.last_tick = None
+        self.evictions = 0
+        self.work = 0                   # addresses the last tick looked at
         self.set_local_nets(local_nets)
 
     def set_local_nets(self, nets):
         """Adopt new local networks (between blocks). No counter is dropped: an
         address that is no longer local stops counting and expires like any idle one."""
         self.local_nets = list(nets)
-        self.tables = {v: _LocalTable(t.family, t.hosts, self.local_nets)
-                       for v, t in self.tables.items()}
+        self.tables = {v: _LocalTable(f, self.local_nets, self.tables.get(v))
+                       for v, f in FAMILIES.items()}
+        self._caches()
+
+    def _caches(self):
         self.cache4, self.cache6 = self.tables[4].cache, self.tables[6].cache
 
     @property
@@ -5096,54 +5132,92 @@ class LocalAddresses(Consumer):
     def hosts6(self):
         return self.tables[6].hosts
 
+    def tracked(self):
+        """How many local addresses are kept (not __len__: an empty table is no less
+        a stage)."""
+        return sum(len(t.hosts) for t in self.tables.values())
+
     def locate(self, key):
-        """Slow path of the hot loop: first sight of an address."""
+        """Slow path of the hot loop: an address not in the cache (first sight, or
+        first frame since the last tick)."""
         t = self.tables[family_of_key(key).version]
-        cache = t.cache
-        if len(cache) >= LOCALITY_CACHE_MAX + len(t.hosts):
-            # Forget the remote addresses seen so far; local ones keep their counters.
-            cache.clear()
-            cache.update((a, e) for a, e in t.hosts.items() if _is_local(a, t.prefixes))
-        entry = 0                               # remote: falsy, but not None (unseen)
-        if _is_local(key, t.prefixes):
-            entry = t.hosts.get(key) or [0, 0, 0, 0]
-            t.hosts[key] = entry
-        cache[key] = entry
+        if not _is_local(key, t.prefixes):
+            if len(t.remote) >= LOCALITY_CACHE_MAX:
+                # Forget the remote addresses seen so far; local ones come back on
+                # their next frame.
+                t.remote.clear()
+                t.cache.clear()
+            t.remote[key] = t.cache[key] = 0    # remote: falsy, but not None (unseen)
+            return 0
+        entry = t.hosts.get(key)
+        if entry is None:
+            if self.tracked() >= self.local_max:
+                self.evict()
+            entry = t.hosts[key] = [0, 0, 0, 0]
+        t.dirty.add(key)
+        t.cache[key] = entry
         return entry
 
+    def evict(self):
+        """The table is full: drop the addresses with the least traffic, an eighth of
+        the table at once (so a flood costs a sort per local_max/8 newcomers)."""
+        keep = self.local_max - max(1, self.local_max // LOCAL_EVICT_FRACTION)
+        by_traffic = sorted((e[TX_BYTES] + e[RX_BYTES], v, k)
+                            for v, t in self.tables.items() for k, e in t.hosts.items())
+        for _, version, key in by_traffic[:max(0, len(by_traffic) - keep)]:
+            self.forget(version, key)
+            self.evictions += 1
+
     def forget(self, version, key):
-        """Drop an idle address (its series disappear from the exporters)."""
+        """Drop an address (idle or evicted): its series disappear from the exporters."""
         t = self.tables[version]
-        t.hosts.pop(key, None)
-        t.cache.pop(key, None)
+        for table in (t.hosts, t.cache, t.prev, t.active, t.rows, t.bps):
+            table.pop(key, None)
+        t.dirty.discard(key)
+
+    def _row(self, version, key, bps):
+        return ((version, key), *self.tables[version].hosts[key], *bps)
 
     def tick(self, now):
         """Close an interval: bits per second over it, and idle expiry (an address
         that goes quiet reads 0, then disappears)."""
         elapsed = None if self.last_tick is None else now - self.last_tick
         self.last_tick = now
-        bps, prev = {}, {}
+        work = 0
         for version, t in self.tables.items():
-            for addr, e in list(t.hosts.items()):
-                key = (version, addr)
-                tx0, rx0, active = self.prev.get(key, (0, 0, now))
-                if e[TX_BYTES] != tx0 or e[RX_BYTES] != rx0:
-                    active = now
-                elif now - active >= self.idle_timeout:
-                    self.forget(version, addr)
+            moving = {}
+            for key in t.dirty:
+                e = t.hosts[key]
+                tx0, rx0 = t.prev.get(key, (0, 0))
+                if e[TX_BYTES] == tx0 and e[RX_BYTES] == rx0:
                     continue
-                prev[key] = (e[TX_BYTES], e[RX_BYTES], active)
-                if elapsed:
-                    bps[key] = ((e[TX_BYTES] - tx0) * 8 / elapsed, (e[RX_BYTES] - rx0) * 8 / elapsed)
-                else:
-                    bps[key] = (0.0, 0.0)
-        self.prev, self.bps = prev, bps
+                t.prev[key] = (e[TX_BYTES], e[RX_BYTES])
+                t.active[key] = now
+                t.active.move_to_end(key)
+                moving[key] = ((e[TX_BYTES] - tx0) * 8 / elapsed,
+                               (e[RX_BYTES] - rx0) * 8 / elapsed) if elapsed else (0.0, 0.0)
+                t.rows[key] = self._row(version, key, moving[key])
+            for key in t.bps.keys() - moving.keys():         # moved last time, not now
+                t.rows[key] = self._row(version, key, (0.0, 0.0))
+            work += len(t.dirty) + len(t.bps)
+            t.bps, t.dirty = moving, set()
+            while t.active:
+                key, last = next(iter(t.active.items()))
+                if now - last < self.idle_timeout:
+                    break
+                self.forget(version, key)
+                work += 1
+            t.cache = dict(t.remote)            # local keys come back through locate()
+        self._caches()
+        self.work = work
 
     def snapshot(self):
-        bps, idle = self.bps, (0.0, 0.0)
-        return AddressSnapshot(tuple(
-            ((version, a), *e, *bps.get((version, a), idle))
-            for version, t in self.tables.items() for a, e in t.hosts.items()))
+        rows = []
+        for version, t in self.tables.items():
+            for key in t.dirty:                 # counted since the tick: the counts now
+                t.rows[key] = self._row(version, key, t.bps.get(key, (0.0, 0.0)))
+            rows += t.rows.values()
+        return AddressSnapshot(tuple(rows), self.evictions)
 
 
 ###############################################################################
@@ -5564,6 +5638,12 @@ class Collector:
         for name, i, doc in ADDRESS_COUNTERS:
             yield family(CounterMetricFamily, name, doc, ["local_ip", "nic"],
                          [((a, n), r[i]) for a, n, r in hosts])
+        addresses = snap.get("addresses", AddressSnapshot())
+        yield family(GaugeMetricFamily, "lpd_local_addresses", "Local addresses tracked.",
+                     [], [((), len(addresses.rows))])
+        yield family(CounterMetricFamily, "lpd_local_evictions",
+                     "Local addresses dropped, least traffic first, because --local-max was reached.",
+                     [], [((), addresses.evictions)])
         for name, i, doc in INTERFACE_COUNTERS:
             yield family(CounterMetricFamily, name, doc, ["nic"], [((nic,), iface.totals[i])])
         yield family(CounterMetricFamily, "lpd_capture_packets", "Frames lpd read from the ring.",
@@ -6416,7 +6496,8 @@ def build_daemon(opts):
     rules = load_rules(opts.filter_file, ifname) if opts.filter_file else None
     # Compiled once, before anything is bound; only its accept length changes later.
     prefilter = compile_filter(opts.prefilter, kernel=True) if opts.prefilter else None
-    local = LocalAddresses(opts.local_nets or interface_local_nets(ifname), opts.idle_timeout)
+    local = LocalAddresses(opts.local_nets or interface_local_nets(ifname), opts.idle_timeout,
+                           opts.local_max)
     if not local.local_nets:
         log(LOG_WARNING, f"{ifname}: no addresses and no --local-net: no address is local")
     decoder = Decoder(local, [c for c in (rules,) if c], vnet=None)   # the ring will tell
@@ -6452,7 +6533,7 @@ def replay(opts, out=sys.stdout):
         # $MAC names the capture interface's address: only with -i, never a made-up one.
         mac = interface_mac(opts.interface) if opts.interface else None
         rules = RuleCounter(parse_filter_file(opts.filter_file, mac))
-    local = LocalAddresses(opts.local_nets or EVERY_ADDRESS)
+    local = LocalAddresses(opts.local_nets or EVERY_ADDRESS, local_max=opts.local_max)
     decoder = Decoder(local, [c for c in (rules,) if c])
     PcapSource(opts.read_file).drain(decoder.process_block)
     rows = sorted(((address(row[0]), row[1:5]) for row in local.snapshot().rows),

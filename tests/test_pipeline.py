@@ -440,3 +440,55 @@ def test_plain_frames_on_a_vnet_ring_count_as_before():
         dec.process_block(memoryview(block), 0)
     assert dec.totals == plain.totals and rows(dec.local) == rows(plain.local)
     assert dec.gso_frames == dec.gso_unsplit == 0
+
+
+# --- floods of spoofed sources inside a local net -----------------------------------------
+
+def test_a_spoofed_flood_is_bounded_and_leaves_busy_hosts_exact():
+    local = lpd.LocalAddresses([NET], local_max=1000)
+    legit_out, legit_in = udp4("10.0.0.1", "192.0.2.1"), udp4("192.0.2.1", "10.0.0.1")
+    frames, n = [], 100_000
+    for i in range(n):
+        frames.append((udp4(f"10.{1 + i // 65536}.{i // 256 % 256}.{i % 256}", "192.0.2.9"), 62))
+        if i % 50 == 0:
+            frames += [(legit_out, len(legit_out)), (legit_in, len(legit_in))]
+    legit = n // 50
+    dec = decode(frames, local)
+    assert local.tracked() <= 1000 and local.evictions >= n - 1000
+    assert rows(local)["10.0.0.1"] == (legit * len(legit_out), legit, legit * len(legit_in), legit)
+    assert dec.totals[2:] == [n * 62 + legit * (len(legit_out) + len(legit_in)), n + 2 * legit]
+    snap = local.snapshot()
+    assert len(snap.rows) <= 1000 and snap.evictions == local.evictions
+
+
+def test_an_ipv6_flood_in_a_64_is_bounded_too():
+    local = lpd.LocalAddresses([ipaddress.ip_network("2001:db8::/64")], local_max=500)
+    me = udp6("2001:db8::1", "2001:db8:ffff::1")
+    frames = [(udp6(f"2001:db8::{i >> 16:x}:{i & 0xffff:x}:1", "2001:db8:ffff::2"), 82)
+              for i in range(1, 20_001)]
+    frames = [f for pair in zip(frames, [(me, len(me))] * len(frames)) for f in pair]
+    decode(frames, local)
+    assert local.tracked() <= 500 and local.evictions > 19_000
+    assert rows(local)["2001:db8::1"] == (20_000 * len(me), 20_000, 0, 0)
+
+
+def test_a_tick_works_on_what_changed_not_on_the_table():
+    local = lpd.LocalAddresses([NET], idle_timeout=100.0)
+    many = [(udp4(f"10.0.{i // 256}.{i % 256}", "192.0.2.1"), 62) for i in range(5000)]
+    local.tick(0.0)
+    decode(many, local)
+    local.tick(1.0)
+    assert local.work >= 5000                     # all of them moved
+    local.tick(2.0)
+    assert local.work == 5000                     # each goes from moving to still: once
+    local.tick(3.0)
+    assert local.work == 0                        # nothing moved: nothing to do
+    one = udp4("10.0.0.7", "192.0.2.1")
+    decode([(one, len(one))], local)
+    local.tick(4.0)
+    assert local.work == 1 and len(local.snapshot().rows) == 5000
+    snap = {str(lpd.address(r[0])): r for r in local.snapshot().rows}
+    assert snap["10.0.0.7"][1:5] == (62 + len(one), 2, 0, 0) and snap["10.0.0.7"][5] > 0
+    assert snap["10.0.0.8"][5:] == (0.0, 0.0)
+    local.tick(101.5)                             # 100 s after the flood's last frame
+    assert len(local.snapshot().rows) == 1 and local.work == 5000
