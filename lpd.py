@@ -143,10 +143,16 @@ def _size(text):
 
 
 def _network(text):
+    """A CIDR network; host bits set are an error, as in tcpdump's 'net', because
+    10.0.0.1/8 is more likely a typo for a /32 or a /24 than a wish for 10.0.0.0/8."""
     try:
-        return ipaddress.ip_network(text, strict=False)
+        return ipaddress.ip_network(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        try:
+            net = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(f"{text} has host bits set (the network is {net})") from None
 
 
 def parse_listen_address(text):

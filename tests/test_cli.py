@@ -54,6 +54,13 @@ def test_kernel_target_uses_ancillary_vlan_loads():
     (["--kernel"], 64, "--kernel goes with -d"),
     (["--web.listen-address", "nowhere"], 64, "expected HOST:PORT"),
     (["-b", "12"], 64, "ring size must be at least 64 KiB"),
+    # tcpdump refuses 'net 10.0.0.1/8' too: the host bits are likely a typo. With -r, an
+    # lpd that accepted the flag would fail on the file (78), never start capturing.
+    (["-r", "/nonexistent.pcap", "--local-net", "10.0.0.1/8"], 64,
+     "lpd: argument --local-net: 10.0.0.1/8 has host bits set (the network is 10.0.0.0/8)\n"),
+    (["-r", "/nonexistent.pcap", "--local-net", "fd00:199::2/64"], 64,
+     "lpd: argument --local-net: fd00:199::2/64 has host bits set (the network is fd00:199::/64)\n"),
+    (["-r", "/nonexistent.pcap", "--local-net", "10.0.0.0/33"], 64, "argument --local-net: "),
     (["-r", "/nonexistent.pcap"], 78, "/nonexistent.pcap: No such file or directory"),
 ])
 def test_usage_errors(args, code, text):
