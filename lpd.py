@@ -117,6 +117,21 @@ def sd_notify(state):
 DEFAULT_LISTEN = "localhost:59122"
 DEFAULT_MAPPING_URL = "http://localhost:32599/status"
 DEFAULT_RING_BYTES = 16 << 20
+RING_MIN_BYTES = 1 << 16
+# The ring is kernel memory, pinned for lpd's lifetime and allocated by setsockopt()
+# before any mmap(): it is never swapped, no memory cgroup is charged for it and
+# RLIMIT_AS only sees the mapping afterwards. Asking for more than the machine can spare
+# stalls inside that setsockopt() (SIGTERM waits too) until the global OOM killer takes
+# other processes. So -b may take at most this share of physical memory.
+RING_MAX_MEMORY_DIVISOR = 4                 # at most 1/4 of physical memory
+
+
+def physical_memory():
+    """Bytes of RAM, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
 
 
 class _ArgParser(argparse.ArgumentParser):
@@ -137,8 +152,14 @@ def _size(text):
     """A byte count, with an optional k/m/g suffix (binary)."""
     mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:].lower(), 1)
     value = int(text[:-1] if mult > 1 else text, 0) * mult
-    if value < 1 << 16:
-        raise argparse.ArgumentTypeError(f"ring size must be at least 64 KiB, got {text!r}")
+    if value < RING_MIN_BYTES:
+        raise argparse.ArgumentTypeError(f"ring size must be at least {RING_MIN_BYTES >> 10} KiB, "
+                                         f"got {text!r}")
+    memory = physical_memory()
+    if memory and value > memory // RING_MAX_MEMORY_DIVISOR:
+        raise argparse.ArgumentTypeError(
+            f"ring size {text!r} is more than 1/{RING_MAX_MEMORY_DIVISOR} of physical memory "
+            f"({memory // RING_MAX_MEMORY_DIVISOR >> 20} MiB of {memory >> 20} MiB)")
     return value
 
 
@@ -4624,6 +4645,10 @@ class Ring:
             self.sock.close()
             if e.errno == errno.ENODEV:
                 raise ConfigError(f"{ifname}: no such interface") from None
+            if e.errno == errno.ENOMEM:
+                size = f"{ring_bytes >> 20} MiB" if ring_bytes >= 1 << 20 else f"{ring_bytes >> 10} KiB"
+                raise ConfigError(f"{ifname}: cannot set up a capture ring of {size}: {e.strerror} "
+                                  "(a smaller -b may fit)") from None
             raise ConfigError(f"{ifname}: cannot set up the capture ring: {e.strerror}") from None
         self.next_block = 0
         self.drops = 0

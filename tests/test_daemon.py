@@ -327,6 +327,18 @@ def test_startup_errors_exit_codes(pair):
     netns.stop(blocker)
 
 
+def test_a_ring_that_cannot_be_mapped_is_one_line_exit_78(pair):
+    """The kernel grants the ring (setsockopt), then mmap() fails: RLIMIT_AS is below the
+    ring's size but above what the interpreter needs (bytes: prlimit's suffixes crash it)."""
+    ring = 256 << 20
+    cp = pair.run(pair.ns_b, ["prlimit", f"--as={ring // 2}", sys.executable, LPD, "-i", pair.if_b,
+                              "--mapping-url", "none", "--web.listen-address", f"127.0.0.1:{PORT}",
+                              "-b", str(ring)], check=False)
+    assert cp.returncode == 78, cp.stderr
+    assert cp.stderr == (f"lpd: {pair.if_b}: cannot set up a capture ring of 256 MiB: "
+                         "Cannot allocate memory (a smaller -b may fit)\n")
+
+
 def readable_copy(tmp):
     """lpd.py copied where an unprivileged user can read it. Such a user cannot reach
     pyenv's interpreter under /root either: those tests use Debian's, with Debian's
