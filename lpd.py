@@ -5057,15 +5057,29 @@ def _split_lines(text):
             for n, line in enumerate(text.split("\n"), 1)]
 
 
+# An id is written raw as the first field of a socket line and as the `rule` label.
+# Bounded so that one line of a filter file cannot make every dump and scrape huge;
+# bpfcountd's label-style ids (type="arp",subtype="request",who="me") are far shorter.
+RULE_ID_MAX_CHARS = 256
+# C0, DEL and C1: they would end or garble a reader's line (NUL, ESC sequences).
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def _rule_id_problem(rule_id):
     """Why rule_id is unusable as a socket-line id, or None."""
     if not rule_id:
         return "empty identifier before ';'"
+    if len(rule_id) > RULE_ID_MAX_CHARS:
+        # Not quoted: the id itself may be a megabyte.
+        return f"identifier of {len(rule_id)} characters (at most {RULE_ID_MAX_CHARS})"
     if ":" in rule_id:
         # ':' separates the fields of the socket line; readers split on it.
         return f"identifier {rule_id!r} contains ':'"
     if any(c.isspace() for c in rule_id):
         return f"identifier {rule_id!r} contains whitespace"
+    control = _CONTROL_CHAR.search(rule_id)
+    if control:
+        return f"identifier {rule_id!r} contains control character U+{ord(control.group()):04X}"
     return None
 
 
