@@ -5762,7 +5762,8 @@ class Daemon:
         self.http, self.rule_server = http, rule_server
         self.ring = None
         self.past_drops = 0              # from rings closed when the interface went away
-        self.stop_requested = self.reload_requested = False
+        self.stop_requested = self.reload_requested = self.status_requested = False
+        self.started = time.monotonic()
         self.stop_event = threading.Event()
         self.pending = None              # (rules, nets) compiled by the reload thread
         self.reloader = None
@@ -5925,15 +5926,33 @@ class Daemon:
     # -- main loop ------------------------------------------------------------
 
     def _on_signal(self, signum, frame):
+        # Only flags: the loop acts on them. Logging here could re-enter a write to
+        # stderr the main thread was in the middle of.
         if signum == signal.SIGHUP:
             self.reload_requested = True
+        elif signum == signal.SIGUSR1:
+            self.status_requested = True
         else:
             self.stop_requested = True
 
+    def status_line(self):
+        """SIGUSR1's report, from the latest publication (at most one --interval old)."""
+        snap = self.published.latest()
+        iface = snap.get("interface", InterfaceSnapshot())
+        return (f"status: {self.ifname} {'up' if iface.up else 'down'}, {iface.frames} frames, "
+                f"{iface.drops} drops, tx {iface.totals[TX_BYTES]} bytes, "
+                f"rx {iface.totals[RX_BYTES]} bytes, "
+                f"{len(snap.get('addresses', AddressSnapshot()).rows)} local addresses, "
+                f"{len(snap.get('rules', RuleSnapshot()).rows)} rules, "
+                f"uptime {int(time.monotonic() - self.started)} s")
+
     def run(self):
         old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
+        # Its default action kills lpd without cleanup (the socket file stays): a stray
+        # kill -USR2, or a log rotator's, must not take the daemon down.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         self.poller = select.poll()
         self.poller.register(self._wake_r, select.POLLIN)
         threads = [threading.Thread(target=self.http.serve_forever, name="http", daemon=True)]
@@ -6002,6 +6021,9 @@ class Daemon:
                 self.publish(addresses=False)
             if self.reload_requested:
                 self.start_reload()
+            if self.status_requested:
+                self.status_requested = False
+                log(LOG_INFO, self.status_line())
 
 
 def build_daemon(opts):
