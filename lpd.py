@@ -5407,8 +5407,9 @@ RATE_GAUGES = (
 class Collector:
     """Builds fresh metric families on every scrape from the latest publication."""
 
-    def __init__(self, published, mapping, nic):
+    def __init__(self, published, mapping, nic, rule_socket=None):
         self.published, self.mapping, self.nic = published, mapping, nic
+        self.rule_socket = rule_socket      # its own counters, read as it counts them
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -5459,6 +5460,10 @@ class Collector:
                      ["rule"], [((r,), p) for r, _, p in rules])
         yield family(CounterMetricFamily, "lpd_rule_bytes", "Bytes of packets matching a rule.",
                      ["rule"], [((r,), b) for r, b, _ in rules])
+        if self.rule_socket is not None:
+            yield family(CounterMetricFamily, "lpd_rule_socket_truncated",
+                         "Rule socket dumps cut off: the client did not read them in time.", [],
+                         [((), self.rule_socket.truncated)])
         yield family(GaugeMetricFamily, "lpd_build_info", "lpd's version.", ["version"],
                      [((__version__,), 1.0)])
 
@@ -5515,6 +5520,14 @@ class _Client:
         self.sock, self.buf, self.deadline = sock, memoryview(payload), deadline
 
 
+# When accept() fails (EMFILE, ENFILE, ENOBUFS, ...) the connection stays queued and the
+# listener stays readable: polling it again at once spins a core and floods the log.
+# The listener rests this long instead, then accept() is tried again.
+ACCEPT_BACKOFF_SECONDS = 0.5
+# Dumps cut off at a client's deadline are logged at most this often, as a count.
+TRUNCATED_REPORT_SECONDS = 60.0
+
+
 class RuleSocketServer:
     """bpfcountd's unix socket: each client gets the rule lines of one snapshot, then EOF.
 
@@ -5551,6 +5564,11 @@ class RuleSocketServer:
         self._sel.register(self._sock, selectors.EVENT_READ, "listen")
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._accepting = True
+        self._backoff_until = None          # while accept() fails: when to try again
+        self._accept_error = None           # the failure last logged, None while accepting
+        self.truncated = 0                  # dumps cut off at the deadline (a counter)
+        self._truncated_reported = 0
+        self._truncated_report_at = None    # monotonic time of the last report line
 
     def start(self):
         """Serve in a daemon thread; returns self."""
@@ -5593,10 +5611,12 @@ class RuleSocketServer:
     def _run(self):
         """Selector loop: accept, write, expire, until close()."""
         while not self._closed:
-            timeout = None
-            if self._clients:
-                timeout = max(0.0, min(c.deadline for c in self._clients.values())
-                              - time.monotonic())
+            due = [c.deadline for c in self._clients.values()]
+            if self._backoff_until is not None:
+                due.append(self._backoff_until)
+            if self.truncated > self._truncated_reported and self._truncated_report_at is not None:
+                due.append(self._truncated_report_at + TRUNCATED_REPORT_SECONDS)
+            timeout = max(0.0, min(due) - time.monotonic()) if due else None
             try:
                 events = self._sel.select(timeout)
             except OSError:
@@ -5619,6 +5639,11 @@ class RuleSocketServer:
                     if key.data not in ("listen", "wake"):
                         self._drop(key.data)
             self._expire()
+            now = time.monotonic()
+            if self._backoff_until is not None and now >= self._backoff_until:
+                self._backoff_until = None
+                self._set_accepting(len(self._clients) < self._max_clients)
+            self._report_truncated(now)
 
     def _payload(self):
         """Encoded rule lines of one fresh snapshot (None if the snapshot failed)."""
@@ -5637,9 +5662,12 @@ class RuleSocketServer:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
-                # EMFILE and friends: leave the rest queued in the backlog.
-                log(LOG_WARNING, f"rule socket: accept failed: {e}")
-                break
+                # EMFILE and friends: leave the rest queued in the backlog and rest.
+                self._accept_failed(e)
+                return
+            if self._accept_error is not None:
+                self._accept_error = None
+                log(LOG_NOTICE, "rule socket: accepting connections again")
             conn.setblocking(False)
             if payload is None:
                 payload = self._payload()
@@ -5654,8 +5682,19 @@ class RuleSocketServer:
                 self._sel.register(conn, selectors.EVENT_WRITE, c)
         self._set_accepting(len(self._clients) < self._max_clients)
 
+    def _accept_failed(self, e):
+        """Stop polling the listener for ACCEPT_BACKOFF_SECONDS; log only the change."""
+        self._backoff_until = time.monotonic() + ACCEPT_BACKOFF_SECONDS
+        self._set_accepting(False)
+        if self._accept_error is None:
+            self._accept_error = e.errno
+            log(LOG_WARNING, f"rule socket: accept failed: {e.strerror or e}; clients wait "
+                             f"in the backlog, retrying every {ACCEPT_BACKOFF_SECONDS:g} s")
+
     def _set_accepting(self, on):
-        """Stop polling the listener while at max_clients (the kernel backlog waits)."""
+        """Stop polling the listener while at max_clients or backing off after a failed
+        accept (the kernel backlog waits)."""
+        on = on and self._backoff_until is None
         if on != self._accepting:
             self._accepting = on
             if on:
@@ -5696,7 +5735,19 @@ class RuleSocketServer:
         for c in expired:
             self._drop(c)
         if expired:
+            self.truncated += len(expired)
             self._set_accepting(True)
+
+    def _report_truncated(self, now):
+        """One line per TRUNCATED_REPORT_SECONDS at most, counting the dumps cut off
+        since the last line: a client that never reads must not flood the log either."""
+        new = self.truncated - self._truncated_reported
+        if not new or (self._truncated_report_at is not None and
+                       now < self._truncated_report_at + TRUNCATED_REPORT_SECONDS):
+            return
+        self._truncated_reported, self._truncated_report_at = self.truncated, now
+        log(LOG_WARNING, f"rule socket: {new} dump{'s' if new > 1 else ''} cut off, not read "
+                         f"within {self._timeout:g} s ({self.truncated} in all)")
 
 
 ###############################################################################
@@ -6042,12 +6093,12 @@ def build_daemon(opts):
     mapping = NicMapping(opts.mapping_url, ifname, log, opts.mapping_interval)
     published = Published()
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(Collector(published, mapping, ifname))
     rule_server = None
     if opts.filter_file or opts.socket_path:
         path = opts.socket_path or default_socket_path(ifname)
         rule_server = RuleSocketServer(path, functools.partial(rule_rows, published),
                                        opts.socket_group)
+    registry.register(Collector(published, mapping, ifname, rule_server))
     try:
         http = make_http_server(*opts.listen, registry)
     except LpdError:

@@ -335,6 +335,15 @@ def test_sigusr1_logs_status_and_sigusr2_is_ignored(pair, tmp_path):
     assert not sock.exists()
 
 
+def test_rule_socket_counters_are_exported(pair, tmp_path):
+    sock = tmp_path / "rules.sock"
+    lpd = Lpd(pair, "--mapping-url", "none", "-u", str(sock))
+    assert value(metrics(pair), "lpd_rule_socket_truncated_total") == 0
+    assert lpd.stop() == 0
+    Lpd(pair, "--mapping-url", "none")            # no rule socket, no such counter
+    assert value(metrics(pair), "lpd_rule_socket_truncated_total") is None
+
+
 def test_startup_errors_exit_codes(pair):
     def run(*args, ns=None):
         cp = pair.run(ns or pair.ns_b, [sys.executable, LPD, *args], check=False)
