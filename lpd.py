@@ -5322,6 +5322,9 @@ def parse_mapping(body):
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise MappingError(f"invalid JSON: {e}") from None
+    except RecursionError:
+        # json's decoder recurses per nesting level; '[' * 100000 exhausts the stack.
+        raise MappingError("invalid JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise MappingError("expected a JSON object")
     config, mappings = doc.get("config"), doc.get("mappings", {})
@@ -5345,6 +5348,69 @@ def parse_mapping(body):
 
 
 
+class _DeadlineSocket(socket.socket):
+    """A TCP socket whose every wait ends at one deadline. http.client reads headers
+    and body in many small recv()s; a timeout per call would let a server that
+    drips a byte a second hold a fetch for ever."""
+    deadline = 0.0
+
+    def _bounded(self, call, *args):
+        late = socket.timeout(f"no complete answer within {MAPPING_TIMEOUT:g} s")
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise late
+        self.settimeout(left)
+        try:
+            return call(self, *args)
+        except socket.timeout:
+            raise late from None
+
+    def connect(self, address):
+        return self._bounded(socket.socket.connect, address)
+
+    def sendall(self, data, flags=0):
+        return self._bounded(socket.socket.sendall, data, flags)
+
+    def recv_into(self, buffer, nbytes=0, flags=0):
+        return self._bounded(socket.socket.recv_into, buffer, nbytes, flags)
+
+
+class _DeadlineHTTPConnection(http.client.HTTPConnection):
+    """HTTPConnection on a _DeadlineSocket: connect, request and the whole answer share
+    one deadline. (Name resolution is not under it: the C resolver cannot be bounded.)"""
+
+    def __init__(self, host, deadline, **kw):
+        super().__init__(host, **kw)
+        self.deadline = deadline
+
+    def connect(self):
+        error = OSError(f"{self.host}: no address")
+        for family, type_, proto, _, addr in socket.getaddrinfo(self.host, self.port,
+                                                                type=socket.SOCK_STREAM):
+            sock = _DeadlineSocket(family, type_, proto)
+            sock.deadline = self.deadline
+            try:
+                sock.connect(addr)
+            except OSError as e:
+                sock.close()
+                error = e
+                continue
+            self.sock = sock
+            return
+        raise error
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    """urllib's http:// handler (redirects, proxies, HTTPError) on _DeadlineHTTPConnection."""
+
+    def __init__(self, deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req):
+        return self.do_open(functools.partial(_DeadlineHTTPConnection, deadline=self.deadline), req)
+
+
 class NicMapping(Poller):
     """The NIC label of each local address, from the mapping service."""
     name = "mapping"
@@ -5357,7 +5423,11 @@ class NicMapping(Poller):
         return self.url
 
     def fetch(self):
-        with urllib.request.urlopen(self.url, timeout=MAPPING_TIMEOUT) as resp:
+        # MAPPING_TIMEOUT bounds the whole fetch (connect, request, every byte of the
+        # answer) for http://; other schemes keep urllib's timeout per blocking call.
+        opener = urllib.request.build_opener(
+            _DeadlineHTTPHandler(time.monotonic() + MAPPING_TIMEOUT))
+        with opener.open(self.url, timeout=MAPPING_TIMEOUT) as resp:
             return parse_mapping(resp.read(MAPPING_MAX_BYTES))
 
     def describe(self, exc):
