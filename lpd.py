@@ -120,6 +120,21 @@ DEFAULT_RING_BYTES = 16 << 20
 # Local addresses tracked at most: room for a /18 of hosts, and a bound on what a flood
 # of spoofed sources inside a local network can cost (memory, scrape size, series).
 DEFAULT_LOCAL_MAX = 16384
+RING_MIN_BYTES = 1 << 16
+# The ring is kernel memory, pinned for lpd's lifetime and allocated by setsockopt()
+# before any mmap(): it is never swapped, no memory cgroup is charged for it and
+# RLIMIT_AS only sees the mapping afterwards. Asking for more than the machine can spare
+# stalls inside that setsockopt() (SIGTERM waits too) until the global OOM killer takes
+# other processes. So -b may take at most this share of physical memory.
+RING_MAX_MEMORY_DIVISOR = 4                 # at most 1/4 of physical memory
+
+
+def physical_memory():
+    """Bytes of RAM, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
 
 
 class _ArgParser(argparse.ArgumentParser):
@@ -147,16 +162,28 @@ def _size(text):
     """A byte count, with an optional k/m/g suffix (binary)."""
     mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:].lower(), 1)
     value = int(text[:-1] if mult > 1 else text, 0) * mult
-    if value < 1 << 16:
-        raise argparse.ArgumentTypeError(f"ring size must be at least 64 KiB, got {text!r}")
+    if value < RING_MIN_BYTES:
+        raise argparse.ArgumentTypeError(f"ring size must be at least {RING_MIN_BYTES >> 10} KiB, "
+                                         f"got {text!r}")
+    memory = physical_memory()
+    if memory and value > memory // RING_MAX_MEMORY_DIVISOR:
+        raise argparse.ArgumentTypeError(
+            f"ring size {text!r} is more than 1/{RING_MAX_MEMORY_DIVISOR} of physical memory "
+            f"({memory // RING_MAX_MEMORY_DIVISOR >> 20} MiB of {memory >> 20} MiB)")
     return value
 
 
 def _network(text):
+    """A CIDR network; host bits set are an error, as in tcpdump's 'net', because
+    10.0.0.1/8 is more likely a typo for a /32 or a /24 than a wish for 10.0.0.0/8."""
     try:
-        return ipaddress.ip_network(text, strict=False)
+        return ipaddress.ip_network(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        try:
+            net = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(f"{text} has host bits set (the network is {net})") from None
 
 
 def parse_listen_address(text):
@@ -4674,6 +4701,10 @@ class Ring:
             self.sock.close()
             if e.errno == errno.ENODEV:
                 raise ConfigError(f"{ifname}: no such interface") from None
+            if e.errno == errno.ENOMEM:
+                size = f"{ring_bytes >> 20} MiB" if ring_bytes >= 1 << 20 else f"{ring_bytes >> 10} KiB"
+                raise ConfigError(f"{ifname}: cannot set up a capture ring of {size}: {e.strerror} "
+                                  "(a smaller -b may fit)") from None
             raise ConfigError(f"{ifname}: cannot set up the capture ring: {e.strerror}") from None
         self.next_block = 0
         self.drops = 0
@@ -5263,15 +5294,29 @@ def _split_lines(text):
             for n, line in enumerate(text.split("\n"), 1)]
 
 
+# An id is written raw as the first field of a socket line and as the `rule` label.
+# Bounded so that one line of a filter file cannot make every dump and scrape huge;
+# bpfcountd's label-style ids (type="arp",subtype="request",who="me") are far shorter.
+RULE_ID_MAX_CHARS = 256
+# C0, DEL and C1: they would end or garble a reader's line (NUL, ESC sequences).
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def _rule_id_problem(rule_id):
     """Why rule_id is unusable as a socket-line id, or None."""
     if not rule_id:
         return "empty identifier before ';'"
+    if len(rule_id) > RULE_ID_MAX_CHARS:
+        # Not quoted: the id itself may be a megabyte.
+        return f"identifier of {len(rule_id)} characters (at most {RULE_ID_MAX_CHARS})"
     if ":" in rule_id:
         # ':' separates the fields of the socket line; readers split on it.
         return f"identifier {rule_id!r} contains ':'"
     if any(c.isspace() for c in rule_id):
         return f"identifier {rule_id!r} contains whitespace"
+    control = _CONTROL_CHAR.search(rule_id)
+    if control:
+        return f"identifier {rule_id!r} contains control character U+{ord(control.group()):04X}"
     return None
 
 
@@ -5522,6 +5567,9 @@ def parse_mapping(body):
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise MappingError(f"invalid JSON: {e}") from None
+    except RecursionError:
+        # json's decoder recurses per nesting level; '[' * 100000 exhausts the stack.
+        raise MappingError("invalid JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise MappingError("expected a JSON object")
     config, mappings = doc.get("config"), doc.get("mappings", {})
@@ -5545,6 +5593,69 @@ def parse_mapping(body):
 
 
 
+class _DeadlineSocket(socket.socket):
+    """A TCP socket whose every wait ends at one deadline. http.client reads headers
+    and body in many small recv()s; a timeout per call would let a server that
+    drips a byte a second hold a fetch for ever."""
+    deadline = 0.0
+
+    def _bounded(self, call, *args):
+        late = socket.timeout(f"no complete answer within {MAPPING_TIMEOUT:g} s")
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise late
+        self.settimeout(left)
+        try:
+            return call(self, *args)
+        except socket.timeout:
+            raise late from None
+
+    def connect(self, address):
+        return self._bounded(socket.socket.connect, address)
+
+    def sendall(self, data, flags=0):
+        return self._bounded(socket.socket.sendall, data, flags)
+
+    def recv_into(self, buffer, nbytes=0, flags=0):
+        return self._bounded(socket.socket.recv_into, buffer, nbytes, flags)
+
+
+class _DeadlineHTTPConnection(http.client.HTTPConnection):
+    """HTTPConnection on a _DeadlineSocket: connect, request and the whole answer share
+    one deadline. (Name resolution is not under it: the C resolver cannot be bounded.)"""
+
+    def __init__(self, host, deadline, **kw):
+        super().__init__(host, **kw)
+        self.deadline = deadline
+
+    def connect(self):
+        error = OSError(f"{self.host}: no address")
+        for family, type_, proto, _, addr in socket.getaddrinfo(self.host, self.port,
+                                                                type=socket.SOCK_STREAM):
+            sock = _DeadlineSocket(family, type_, proto)
+            sock.deadline = self.deadline
+            try:
+                sock.connect(addr)
+            except OSError as e:
+                sock.close()
+                error = e
+                continue
+            self.sock = sock
+            return
+        raise error
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    """urllib's http:// handler (redirects, proxies, HTTPError) on _DeadlineHTTPConnection."""
+
+    def __init__(self, deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req):
+        return self.do_open(functools.partial(_DeadlineHTTPConnection, deadline=self.deadline), req)
+
+
 class NicMapping(Poller):
     """The NIC label of each local address, from the mapping service."""
     name = "mapping"
@@ -5557,7 +5668,11 @@ class NicMapping(Poller):
         return self.url
 
     def fetch(self):
-        with urllib.request.urlopen(self.url, timeout=MAPPING_TIMEOUT) as resp:
+        # MAPPING_TIMEOUT bounds the whole fetch (connect, request, every byte of the
+        # answer) for http://; other schemes keep urllib's timeout per blocking call.
+        opener = urllib.request.build_opener(
+            _DeadlineHTTPHandler(time.monotonic() + MAPPING_TIMEOUT))
+        with opener.open(self.url, timeout=MAPPING_TIMEOUT) as resp:
             return parse_mapping(resp.read(MAPPING_MAX_BYTES))
 
     def describe(self, exc):
@@ -5607,8 +5722,9 @@ RATE_GAUGES = (
 class Collector:
     """Builds fresh metric families on every scrape from the latest publication."""
 
-    def __init__(self, published, mapping, nic):
+    def __init__(self, published, mapping, nic, rule_socket=None):
         self.published, self.mapping, self.nic = published, mapping, nic
+        self.rule_socket = rule_socket      # its own counters, read as it counts them
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -5671,6 +5787,10 @@ class Collector:
                      ["rule"], [((r,), p) for r, _, p in rules])
         yield family(CounterMetricFamily, "lpd_rule_bytes", "Bytes of packets matching a rule.",
                      ["rule"], [((r,), b) for r, b, _ in rules])
+        if self.rule_socket is not None:
+            yield family(CounterMetricFamily, "lpd_rule_socket_truncated",
+                         "Rule socket dumps cut off: the client did not read them in time.", [],
+                         [((), self.rule_socket.truncated)])
         yield family(GaugeMetricFamily, "lpd_build_info", "lpd's version.", ["version"],
                      [((__version__,), 1.0)])
 
@@ -5994,6 +6114,14 @@ class _Client:
         self.sock, self.buf, self.deadline = sock, memoryview(payload), deadline
 
 
+# When accept() fails (EMFILE, ENFILE, ENOBUFS, ...) the connection stays queued and the
+# listener stays readable: polling it again at once spins a core and floods the log.
+# The listener rests this long instead, then accept() is tried again.
+ACCEPT_BACKOFF_SECONDS = 0.5
+# Dumps cut off at a client's deadline are logged at most this often, as a count.
+TRUNCATED_REPORT_SECONDS = 60.0
+
+
 class RuleSocketServer:
     """bpfcountd's unix socket: each client gets the rule lines of one snapshot, then EOF.
 
@@ -6030,6 +6158,11 @@ class RuleSocketServer:
         self._sel.register(self._sock, selectors.EVENT_READ, "listen")
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._accepting = True
+        self._backoff_until = None          # while accept() fails: when to try again
+        self._accept_error = None           # the failure last logged, None while accepting
+        self.truncated = 0                  # dumps cut off at the deadline (a counter)
+        self._truncated_reported = 0
+        self._truncated_report_at = None    # monotonic time of the last report line
 
     def start(self):
         """Serve in a daemon thread; returns self."""
@@ -6072,10 +6205,12 @@ class RuleSocketServer:
     def _run(self):
         """Selector loop: accept, write, expire, until close()."""
         while not self._closed:
-            timeout = None
-            if self._clients:
-                timeout = max(0.0, min(c.deadline for c in self._clients.values())
-                              - time.monotonic())
+            due = [c.deadline for c in self._clients.values()]
+            if self._backoff_until is not None:
+                due.append(self._backoff_until)
+            if self.truncated > self._truncated_reported and self._truncated_report_at is not None:
+                due.append(self._truncated_report_at + TRUNCATED_REPORT_SECONDS)
+            timeout = max(0.0, min(due) - time.monotonic()) if due else None
             try:
                 events = self._sel.select(timeout)
             except OSError:
@@ -6098,6 +6233,11 @@ class RuleSocketServer:
                     if key.data not in ("listen", "wake"):
                         self._drop(key.data)
             self._expire()
+            now = time.monotonic()
+            if self._backoff_until is not None and now >= self._backoff_until:
+                self._backoff_until = None
+                self._set_accepting(len(self._clients) < self._max_clients)
+            self._report_truncated(now)
 
     def _payload(self):
         """Encoded rule lines of one fresh snapshot (None if the snapshot failed)."""
@@ -6116,9 +6256,12 @@ class RuleSocketServer:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
-                # EMFILE and friends: leave the rest queued in the backlog.
-                log(LOG_WARNING, f"rule socket: accept failed: {e}")
-                break
+                # EMFILE and friends: leave the rest queued in the backlog and rest.
+                self._accept_failed(e)
+                return
+            if self._accept_error is not None:
+                self._accept_error = None
+                log(LOG_NOTICE, "rule socket: accepting connections again")
             conn.setblocking(False)
             if payload is None:
                 payload = self._payload()
@@ -6133,8 +6276,19 @@ class RuleSocketServer:
                 self._sel.register(conn, selectors.EVENT_WRITE, c)
         self._set_accepting(len(self._clients) < self._max_clients)
 
+    def _accept_failed(self, e):
+        """Stop polling the listener for ACCEPT_BACKOFF_SECONDS; log only the change."""
+        self._backoff_until = time.monotonic() + ACCEPT_BACKOFF_SECONDS
+        self._set_accepting(False)
+        if self._accept_error is None:
+            self._accept_error = e.errno
+            log(LOG_WARNING, f"rule socket: accept failed: {e.strerror or e}; clients wait "
+                             f"in the backlog, retrying every {ACCEPT_BACKOFF_SECONDS:g} s")
+
     def _set_accepting(self, on):
-        """Stop polling the listener while at max_clients (the kernel backlog waits)."""
+        """Stop polling the listener while at max_clients or backing off after a failed
+        accept (the kernel backlog waits)."""
+        on = on and self._backoff_until is None
         if on != self._accepting:
             self._accepting = on
             if on:
@@ -6175,7 +6329,19 @@ class RuleSocketServer:
         for c in expired:
             self._drop(c)
         if expired:
+            self.truncated += len(expired)
             self._set_accepting(True)
+
+    def _report_truncated(self, now):
+        """One line per TRUNCATED_REPORT_SECONDS at most, counting the dumps cut off
+        since the last line: a client that never reads must not flood the log either."""
+        new = self.truncated - self._truncated_reported
+        if not new or (self._truncated_report_at is not None and
+                       now < self._truncated_report_at + TRUNCATED_REPORT_SECONDS):
+            return
+        self._truncated_reported, self._truncated_report_at = self.truncated, now
+        log(LOG_WARNING, f"rule socket: {new} dump{'s' if new > 1 else ''} cut off, not read "
+                         f"within {self._timeout:g} s ({self.truncated} in all)")
 
 
 ###############################################################################
@@ -6241,7 +6407,8 @@ class Daemon:
         self.http, self.rule_server = http, rule_server
         self.ring = None
         self.past_drops = 0              # from rings closed when the interface went away
-        self.stop_requested = self.reload_requested = False
+        self.stop_requested = self.reload_requested = self.status_requested = False
+        self.started = time.monotonic()
         self.stop_event = threading.Event()
         self.pending = None              # (rules, nets) compiled by the reload thread
         self.reloader = None
@@ -6408,15 +6575,33 @@ class Daemon:
     # -- main loop ------------------------------------------------------------
 
     def _on_signal(self, signum, frame):
+        # Only flags: the loop acts on them. Logging here could re-enter a write to
+        # stderr the main thread was in the middle of.
         if signum == signal.SIGHUP:
             self.reload_requested = True
+        elif signum == signal.SIGUSR1:
+            self.status_requested = True
         else:
             self.stop_requested = True
 
+    def status_line(self):
+        """SIGUSR1's report, from the latest publication (at most one --interval old)."""
+        snap = self.published.latest()
+        iface = snap.get("interface", InterfaceSnapshot())
+        return (f"status: {self.ifname} {'up' if iface.up else 'down'}, {iface.frames} frames, "
+                f"{iface.drops} drops, tx {iface.totals[TX_BYTES]} bytes, "
+                f"rx {iface.totals[RX_BYTES]} bytes, "
+                f"{len(snap.get('addresses', AddressSnapshot()).rows)} local addresses, "
+                f"{len(snap.get('rules', RuleSnapshot()).rows)} rules, "
+                f"uptime {int(time.monotonic() - self.started)} s")
+
     def run(self):
         old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
+        # Its default action kills lpd without cleanup (the socket file stays): a stray
+        # kill -USR2, or a log rotator's, must not take the daemon down.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         self.poller = select.poll()
         self.poller.register(self._wake_r, select.POLLIN)
         threads = [threading.Thread(target=self.http.serve_forever, name="http", daemon=True)]
@@ -6485,6 +6670,9 @@ class Daemon:
                 self.publish(addresses=False)
             if self.reload_requested:
                 self.start_reload()
+            if self.status_requested:
+                self.status_requested = False
+                log(LOG_INFO, self.status_line())
 
 
 def build_daemon(opts):
@@ -6504,12 +6692,12 @@ def build_daemon(opts):
     mapping = NicMapping(opts.mapping_url, ifname, log, opts.mapping_interval)
     published = Published()
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(Collector(published, mapping, ifname))
     rule_server = None
     if opts.filter_file or opts.socket_path:
         path = opts.socket_path or default_socket_path(ifname)
         rule_server = RuleSocketServer(path, functools.partial(rule_rows, published),
                                        opts.socket_group)
+    registry.register(Collector(published, mapping, ifname, rule_server))
     try:
         http = make_http_server(*opts.listen, registry)
     except LpdError:

@@ -3,8 +3,11 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
+
+import lpd as lpd_module
 
 LPD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lpd.py")
 
@@ -54,6 +57,13 @@ def test_kernel_target_uses_ancillary_vlan_loads():
     (["--kernel"], 64, "--kernel goes with -d"),
     (["--web.listen-address", "nowhere"], 64, "expected HOST:PORT"),
     (["-b", "12"], 64, "ring size must be at least 64 KiB"),
+    # tcpdump refuses 'net 10.0.0.1/8' too: the host bits are likely a typo. With -r, an
+    # lpd that accepted the flag would fail on the file (78), never start capturing.
+    (["-r", "/nonexistent.pcap", "--local-net", "10.0.0.1/8"], 64,
+     "lpd: argument --local-net: 10.0.0.1/8 has host bits set (the network is 10.0.0.0/8)\n"),
+    (["-r", "/nonexistent.pcap", "--local-net", "fd00:199::2/64"], 64,
+     "lpd: argument --local-net: fd00:199::2/64 has host bits set (the network is fd00:199::/64)\n"),
+    (["-r", "/nonexistent.pcap", "--local-net", "10.0.0.0/33"], 64, "argument --local-net: "),
     (["-r", "/nonexistent.pcap"], 78, "/nonexistent.pcap: No such file or directory"),
 ])
 def test_usage_errors(args, code, text):
@@ -70,3 +80,47 @@ def test_version_and_help():
     for flag in ("-i", "--local-net", "--web.listen-address", "--interval", "--mapping-url",
                  "-b", "--promisc", "-r", "-f", "-F", "-u", "--socket-group", "-d", "--kernel"):
         assert flag in shown, flag
+
+
+# RLIMIT_AS in bytes: util-linux's prlimit crashes on its own suffixes ("512M") here.
+AS_LIMIT = 512 << 20
+PROMPT = 5.0              # seconds: parsing the command line, nothing more
+
+
+def physical_memory():
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_ring_beyond_the_memory_limit_is_refused_at_once():
+    """-b 100g once stalled 52 s in the kernel, then the OOM killer took other processes."""
+    sizes = [f"{(physical_memory() >> 30) + 1}g"]
+    if physical_memory() < 400 << 30:
+        sizes.append("100g")                  # the issue's size, where it is too big
+    for size in sizes:
+        # In an empty network namespace an lpd that took the size would find no
+        # interface (exit 78) before asking the kernel for the ring; RLIMIT_AS bounds
+        # what the process itself could map.
+        t0 = time.monotonic()
+        cp = subprocess.run(["unshare", "--net", "prlimit", f"--as={AS_LIMIT}",
+                             sys.executable, LPD, "-b", size],
+                            capture_output=True, text=True, timeout=60)
+        assert time.monotonic() - t0 < PROMPT
+        assert cp.returncode == 64, cp.stderr
+        assert cp.stderr.startswith(f"lpd: argument -b: ring size '{size}' is more than "
+                                    f"1/{lpd_module.RING_MAX_MEMORY_DIVISOR} of physical memory")
+        assert cp.stderr.count("\n") == 1
+
+
+def test_ring_limit_boundary():
+    limit = physical_memory() // lpd_module.RING_MAX_MEMORY_DIVISOR
+    # With -r on a missing file, a size that passes fails on the file (78), capturing nothing.
+    assert lpd("-r", "/nonexistent.pcap", "-b", str(limit)).returncode == 78
+    cp = lpd("-r", "/nonexistent.pcap", "-b", str(limit + 1))
+    assert cp.returncode == 64 and "of physical memory" in cp.stderr
+
+
+def test_readme_documents_the_ring_limit():
+    readme = os.path.join(os.path.dirname(LPD), "README.md")
+    row = [line for line in open(readme) if line.startswith("| `-b BYTES`")]
+    assert len(row) == 1
+    assert f"1/{lpd_module.RING_MAX_MEMORY_DIVISOR} of physical memory" in row[0], row[0]

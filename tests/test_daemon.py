@@ -3,6 +3,7 @@ accounting, metrics over HTTP, NIC mapping from a real HTTP server, idle expiry,
 interface loss and return, signals and readiness."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -306,6 +307,43 @@ def test_signals_stop_cleanly_and_readiness_is_notified(pair, tmp_path, sig):
     assert "<6>lpd: reloaded" in lpd.stderr()
 
 
+STATUS = re.compile(r"^lpd: status: (\S+) (up|down), (\d+) frames, (\d+) drops, tx (\d+) bytes, "
+                    r"rx (\d+) bytes, (\d+) local addresses, (\d+) rules, uptime (\d+) s$", re.M)
+
+
+def test_sigusr1_logs_status_and_sigusr2_is_ignored(pair, tmp_path):
+    """Both once killed lpd without cleanup, leaving the socket file behind."""
+    rules, sock = tmp_path / "r.filters", tmp_path / "rules.sock"
+    rules.write_text("udp;udp\nicmp;icmp\n")
+    lpd = Lpd(pair, "--mapping-url", "none", "--local-net", pair.net4, "-f", str(rules),
+              "-u", str(sock))
+    pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100])
+    assert settle_counts(pair, "lpd_receive_bytes_total", netns.frame_len(100),
+                         local_ip=pair.ip4_b, nic=pair.if_b)
+    for n in range(1, 4):
+        lpd.proc.send_signal(signal.SIGUSR1)
+        assert wait_for(lambda: len(STATUS.findall(lpd.stderr())) == n, 5), lpd.stderr()
+        lpd.proc.send_signal(signal.SIGUSR2)
+    time.sleep(0.5)                                # room for a late extra line or death
+    assert lpd.proc.poll() is None, lpd.stderr()
+    found = STATUS.findall(lpd.stderr())
+    assert len(found) == 3, lpd.stderr()
+    ifname, state, frames, drops, tx, rx, addresses, nrules, uptime = found[-1]
+    assert (ifname, state, drops, addresses, nrules) == (pair.if_b, "up", "0", "2", "2")
+    assert int(frames) >= 1 and int(rx) >= netns.frame_len(100) and int(uptime) < 60
+    assert lpd.stop() == 0
+    assert not sock.exists()
+
+
+def test_rule_socket_counters_are_exported(pair, tmp_path):
+    sock = tmp_path / "rules.sock"
+    lpd = Lpd(pair, "--mapping-url", "none", "-u", str(sock))
+    assert value(metrics(pair), "lpd_rule_socket_truncated_total") == 0
+    assert lpd.stop() == 0
+    Lpd(pair, "--mapping-url", "none")            # no rule socket, no such counter
+    assert value(metrics(pair), "lpd_rule_socket_truncated_total") is None
+
+
 def test_startup_errors_exit_codes(pair):
     def run(*args, ns=None):
         cp = pair.run(ns or pair.ns_b, [sys.executable, LPD, *args], check=False)
@@ -325,6 +363,18 @@ def test_startup_errors_exit_codes(pair):
     code, err = run("-i", pair.if_b, "--web.listen-address", f"127.0.0.1:{PORT}")
     assert code == 69 and "address already in use" in err
     netns.stop(blocker)
+
+
+def test_a_ring_that_cannot_be_mapped_is_one_line_exit_78(pair):
+    """The kernel grants the ring (setsockopt), then mmap() fails: RLIMIT_AS is below the
+    ring's size but above what the interpreter needs (bytes: prlimit's suffixes crash it)."""
+    ring = 256 << 20
+    cp = pair.run(pair.ns_b, ["prlimit", f"--as={ring // 2}", sys.executable, LPD, "-i", pair.if_b,
+                              "--mapping-url", "none", "--web.listen-address", f"127.0.0.1:{PORT}",
+                              "-b", str(ring)], check=False)
+    assert cp.returncode == 78, cp.stderr
+    assert cp.stderr == (f"lpd: {pair.if_b}: cannot set up a capture ring of 256 MiB: "
+                         "Cannot allocate memory (a smaller -b may fit)\n")
 
 
 def readable_copy(tmp):

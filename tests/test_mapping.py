@@ -2,6 +2,7 @@
 import http.server
 import ipaddress
 import json
+import socket
 import threading
 import time
 
@@ -143,3 +144,98 @@ def test_a_service_that_does_not_speak_http_is_an_error_not_the_end():
     stop.set()
     t.join(2)
     srv.close()
+
+
+# --- answers that never end, answers nested too deeply ------------------------------
+
+SLACK = 1.0               # seconds beyond MAPPING_TIMEOUT a fetch may take to give up
+DRIP_PERIOD = 0.2         # seconds between the bytes a dripping server sends
+DRIP_SECONDS = 10.0       # it gives up after this, so that no fetch can hang the suite
+
+
+class Dripper:
+    """A TCP server on loopback that reads the request, then sends its answer one byte
+    per DRIP_PERIOD: every single read succeeds well within a per-read timeout."""
+
+    def __init__(self, answer):
+        self.answer, self.stop = answer, threading.Event()
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(8)
+        self.srv.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self.srv.getsockname()[1]}/status"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn):
+        with conn:
+            conn.settimeout(DRIP_SECONDS)
+            try:
+                conn.recv(65536)
+                end = time.monotonic() + DRIP_SECONDS
+                for i in range(len(self.answer)):
+                    if self.stop.is_set() or time.monotonic() > end:
+                        return
+                    conn.sendall(self.answer[i:i + 1])
+                    time.sleep(DRIP_PERIOD)
+            except OSError:
+                pass                       # the client gave up: what the test wants
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(2)
+        self.srv.close()
+
+
+BODY = json.dumps(GOOD).encode() * 40     # long enough to outlast DRIP_SECONDS
+DRIPS = {
+    "status line": b"HTTP/1.0 200 OK\r\nContent-Length: 10\r\n\r\n{}",
+    "body": b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY),
+}
+
+
+@pytest.mark.parametrize("where", sorted(DRIPS))
+def test_a_dripping_server_fails_the_fetch_at_the_deadline(where):
+    server = Dripper(DRIPS[where])
+    lines = []
+    try:
+        m = lpd.NicMapping(server.url, "cap0", lambda prio, msg: lines.append(msg))
+        for n in (1, 2):
+            t0 = time.monotonic()
+            assert not m.fetch_once()
+            took = time.monotonic() - t0
+            assert took < lpd.MAPPING_TIMEOUT + SLACK, f"fetch {n} took {took:.1f} s"
+            assert m.errors == n
+    finally:
+        server.close()
+    assert len(lines) == 1, lines                            # one line per state change
+    assert f"no complete answer within {lpd.MAPPING_TIMEOUT:g} s" in lines[0], lines
+
+
+def test_deeply_nested_json_is_a_mapping_error():
+    with pytest.raises(lpd.MappingError, match="^invalid JSON: nested too deeply$"):
+        lpd.parse_mapping("[" * 100000)
+    with pytest.raises(lpd.MappingError, match="^invalid JSON: nested too deeply$"):
+        lpd.parse_mapping('{"config": ' * 100000)
+
+
+def test_a_deeply_nested_answer_is_counted_and_logged_once(service):
+    lines = []
+    m = lpd.NicMapping(service.url, "cap0", lambda prio, msg: lines.append(msg))
+    service.body = json.dumps(GOOD).encode()
+    assert m.fetch_once()
+    service.body = b"[" * 100000
+    for n in (1, 2, 3):
+        assert not m.fetch_once()
+        assert m.errors == n
+    assert m.labeller()(ipaddress.ip_address("10.40.0.3")) == "eth1"      # the last good one
+    assert lines == [f"mapping: {service.url}: invalid JSON: nested too deeply; "
+                     "keeping the last good mapping"], lines

@@ -50,6 +50,8 @@ GOOD = [
     ("empty file", "", []),
     ("only comments", "# nothing\n\n", []),
     ("label-style ids", 'type="arp",who="me";arp\n', [('type="arp",who="me"', "arp", 1)]),
+    ("longest id", "x" * 256 + ";arp\n", [("x" * 256, "arp", 1)]),
+    ("non-ASCII id", "zähler-ü;arp\n", [("zähler-ü", "arp", 1)]),
     ("$MAC lower case", "me;ether src $MAC\n", [("me", "ether src (02:00:00:00:00:01)", 1)]),
     ("reference", "a;arp\nb;${a} and ether broadcast\n",
      [("a", "arp", 1), ("b", "(arp) and ether broadcast", 2)]),
@@ -80,6 +82,15 @@ BAD = [
     ("id with colon", "a:b;arp\n", 1, "contains ':'"),
     ("id with space", "a b;arp\n", 1, "whitespace"),
     ("id with tab", "a\tb;arp\n", 1, "whitespace"),
+    # Written raw into socket lines and labels, these would end or garble a reader's line.
+    ("id with NUL", "a;arp\na\x00b;ip\n", 2, "'a\\x00b' contains control character U+0000"),
+    ("id with 0x01", "\x01;arp\n", 1, "contains control character U+0001"),
+    ("id with DEL", "a\x7f;arp\n", 1, "contains control character U+007F"),
+    ("id with C1 CSI", "a\x9b31m;arp\n", 1, "contains control character U+009B"),
+    ("id with ESC", "a\x1b[31m;arp\n", 1, "contains control character U+001B"),
+    ("id too long", "x" * 257 + ";arp\n", 1, "identifier of 257 characters (at most 256)"),
+    ("id of 1 MB", "a;arp\n" + "x" * (1 << 20) + ";arp\n", 2,
+     f"identifier of {1 << 20} characters (at most 256)"),
     ("duplicate id", "a;arp\nb;ip\na;ip6\n", 3, "duplicate identifier 'a' (first defined on line 1)"),
     ("empty expression", "a;arp\nb;\n", 2, "empty expression"),
     ("blank expression", "a;   \t\n", 1, "empty expression"),
@@ -100,6 +111,15 @@ def test_filter_file_rejects(name, text, lineno, reason):
     msg = parse_error(text)
     assert msg.startswith(f"t.filters:{lineno}: "), msg
     assert reason in msg, msg
+
+
+def test_a_huge_id_is_not_quoted_in_the_error():
+    assert len(parse_error("x" * (1 << 20) + ";arp\n")) < 100
+
+
+def test_readme_states_the_id_limit():
+    readme = (FILTERS.parent / "README.md").read_text()
+    assert f"at most {lpd.RULE_ID_MAX_CHARS} characters" in readme
 
 
 def test_mac_without_interface_mac_is_an_error():
