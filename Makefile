@@ -1,8 +1,11 @@
 # lpd — see README.md. `make check` is what CI runs (.ci/run).
 PYTHON ?= python3
+# strace, prometheus-node-exporter, busybox: tests/test_dist.py (the unit's system-call
+# filter against a traced lpd; the textfile script's output read by node_exporter itself
+# and rendered by busybox awk as on OpenWrt).
 DEBIAN_PACKAGES = libpcap0.8 tcpdump netsniff-ng tcpreplay ethtool iproute2 iputils-ping \
 	netcat-openbsd systemd python3 python3-prometheus-client python3-pytest python3-hypothesis \
-	prometheus libcap2-bin procps
+	prometheus libcap2-bin procps strace prometheus-node-exporter busybox
 .PHONY: deps test check bench wheel clean
 
 deps:            ## system and Python packages the tests and the benchmark need (root)
