@@ -206,9 +206,9 @@ def build_parser():
                    help=f"Prometheus endpoint (default {DEFAULT_LISTEN})")
     p.add_argument("--interval", type=_positive_float, default=1.0, metavar="SECONDS",
                    help="period of the *_bps gauges (default 1)")
-    p.add_argument("--local-max", type=_positive_int, default=DEFAULT_LOCAL_MAX, metavar="N",
+    p.add_argument("--local-max", type=_positive_int, metavar="N",
                    help=f"local addresses tracked at most; the least busy are evicted "
-                        f"(default {DEFAULT_LOCAL_MAX})")
+                        f"(default {DEFAULT_LOCAL_MAX}; with -r: no bound)")
     p.add_argument("--idle-timeout", type=_positive_float, default=300.0, metavar="SECONDS",
                    help="forget an address after this long without traffic (default 300)")
     p.add_argument("--mapping-url", default=DEFAULT_MAPPING_URL, metavar="URL",
@@ -334,6 +334,8 @@ BLOCK = _layout(BLOCK_FIELDS)
 BLOCK_STATUS_OFF = _offset(BLOCK_FIELDS, "block_status")
 BLOCK_HDR_OFF = _offset(BLOCK_FIELDS, "num_pkts")
 BLOCK_HDR = _layout(BLOCK_FIELDS[3:5])          # num_pkts, offset_to_first_pkt
+BLOCK_LEN_OFF = _offset(BLOCK_FIELDS, "blk_len")
+BLOCK_HDR_LEN = U32
 BLOCK_FIRST_FRAME = _align(BLOCK.size, V3_ALIGNMENT)       # BLK_PLUS_PRIV(0)
 
 # struct tpacket3_hdr (with tpacket_hdr_variant1) then struct sockaddr_ll, as the
@@ -361,6 +363,7 @@ VIRTIO_GSO_TYPE_BACK = VIRTIO_NET_HDR.size - 1     # gso_type, counted back from
 VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_UDP = 0, 1, 3
 VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP_L4 = 4, 5
 VIRTIO_NET_HDR_GSO_ECN = 0x80
+VIRTIO_NET_HDR_GSO_TYPE_MASK = 0x0F         # the type; the bits above are flags (ECN, ...)
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
 GSO_MAX_SEGS = 65535                        # the kernel's own bound (GSO_MAX_SEGS)
 # Longer than any frame (tp_len is at most 4 GiB, and in practice 512 KiB with BIG TCP)
@@ -391,7 +394,7 @@ ETH_IPV4_HDR = struct.Struct("!12xHBxH8xII")         # ethertype, then IPV4_HDR
 IPV4_VIHL_PLAIN = 0x45                              # version 4, no options
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
 IPV4_PROTO_OFF, IPV4_SRC_OFF, IPV6_NEXT_OFF, IPV6_SRC_OFF = 9, 12, 6, 8
-IPV6_HDR_LEN, UDP_HDR_LEN, TCP_DOFF_OFF = 40, 8, 12
+IPV6_HDR_LEN, UDP_HDR_LEN, TCP_DOFF_OFF, TCP_MIN_HDR_LEN = 40, 8, 12, 20
 
 
 class Family(NamedTuple):
@@ -4708,6 +4711,7 @@ class Ring:
             raise ConfigError(f"{ifname}: cannot set up the capture ring: {e.strerror}") from None
         self.next_block = 0
         self.drops = 0
+        self.zeros = memoryview(bytes(self.block_size))
 
     def fileno(self):
         return self.sock.fileno()
@@ -4753,6 +4757,13 @@ class Ring:
             if not U32.unpack_from(view, base + BLOCK_STATUS_OFF)[0] & TP_STATUS_USER:
                 break
             process(view, base)
+            if self.vnet:
+                # With PACKET_VNET_HDR the kernel may reserve a frame's slot and then
+                # drop the frame (a GSO type virtio_net_hdr cannot describe) leaving the
+                # slot's header unwritten: zeroed here, it reads as tp_mac 0 next time,
+                # never as a frame of an earlier pass.
+                used = BLOCK_HDR_LEN.unpack_from(view, base + BLOCK_LEN_OFF)[0]
+                view[base + BLOCK_FIRST_FRAME:base + used] = self.zeros[:used - BLOCK_FIRST_FRAME]
             U32.pack_into(view, base + BLOCK_STATUS_OFF, TP_STATUS_KERNEL)
             self.next_block = (self.next_block + 1) % nr
             done += 1
@@ -4820,7 +4831,7 @@ def gso_split(data, wirelen, tag_len, gso_type, gso_size):
     from the frame itself: virtio_net_hdr's hdr_len is the skb's linear part, which
     need not end where the headers do.
     """
-    kind = GSO_KINDS.get(gso_type & ~VIRTIO_NET_HDR_GSO_ECN)
+    kind = GSO_KINDS.get(gso_type & VIRTIO_NET_HDR_GSO_TYPE_MASK)
     if kind is None or gso_size <= 0 or len(data) < ETH_HLEN:
         return None
     versions, proto, repeats_l4 = kind
@@ -4828,15 +4839,18 @@ def gso_split(data, wirelen, tag_len, gso_type, gso_size):
     while et in VLAN_TPIDS and q + VLAN_TAG_LEN <= len(data):
         et = U16BE.unpack_from(data, q + 2)[0]
         q += VLAN_TAG_LEN
+    wire_ip = wirelen - tag_len - q            # what the frame holds from the IP header on
+    # The hot loop's checks: a header that fails them is malformed, not a super-frame.
     if et == ETHERTYPE_IPV4 and 4 in versions and len(data) >= q + 20:
-        vihl, _, src, dst = IPV4_HDR.unpack_from(data, q)
+        vihl, tlen, src, dst = IPV4_HDR.unpack_from(data, q)
         l3, got = (vihl & 15) * 4, data[q + IPV4_PROTO_OFF]
-        if vihl >> 4 != 4 or l3 < 20:
+        if vihl >> 4 != 4 or l3 < 20 or not l3 <= tlen <= wire_ip:
             return None
     elif et == ETHERTYPE_IPV6 and 6 in versions and len(data) >= q + IPV6_HDR_LEN:
-        _, _, src, dst = IPV6_HDR.unpack_from(data, q)
+        vtc, plen, src, dst = IPV6_HDR.unpack_from(data, q)
         l3, got = IPV6_HDR_LEN, data[q + IPV6_NEXT_OFF]
-        src, dst = bytes(src), bytes(dst)
+        if vtc >> 4 != 6 or IPV6_HDR_LEN + plen > wire_ip:
+            return None
     else:
         return None
     if got != proto:
@@ -4847,8 +4861,10 @@ def gso_split(data, wirelen, tag_len, gso_type, gso_size):
             l4 = UDP_HDR_LEN
         elif len(data) > q + l3 + TCP_DOFF_OFF:
             l4 = (data[q + l3 + TCP_DOFF_OFF] >> 4) * 4
-        if l4 < UDP_HDR_LEN:
-            return None                              # cut before the TCP header, or corrupt
+            if l4 < TCP_MIN_HDR_LEN:
+                return None                          # a corrupt data offset
+        if not l4:
+            return None                              # cut before the TCP header
     hdr = q + l3 + l4 + tag_len
     payload = wirelen - hdr
     segments = -(-payload // gso_size)
@@ -4923,7 +4939,7 @@ class Decoder:
         cannot be split: the hot loop then counts it as one frame."""
         _, gso_type, _, gso_size, _, _ = VIRTIO_NET_HDR.unpack_from(buf, p - VIRTIO_NET_HDR.size)
         tagged = status & TP_STATUS_VLAN_VALID or tci
-        data = bytes(buf[p:p + caplen])
+        data = buf[p:p + caplen]                 # a view: kept only until consume() returns
         split = gso_split(data, wl, VLAN_TAG_LEN if tagged else 0, gso_type, gso_size)
         if split is None:
             self.gso_unsplit += 1
@@ -4945,7 +4961,7 @@ class Decoder:
         if self.want_raw:
             if tagged:
                 tag = VLAN_TAG.pack(tpid if status & TP_STATUS_VLAN_TPID_VALID else ETH_P_8021Q, tci)
-                data = data[:ETH_TYPE_OFF] + tag + data[ETH_TYPE_OFF:]
+                data = b"".join((data[:ETH_TYPE_OFF], tag, data[ETH_TYPE_OFF:]))
             batch.gso.append((data, wl, pkttype, tci if tagged else None, nbytes, segments))
         return True
 
@@ -4979,6 +4995,8 @@ class Decoder:
             nxt, caplen, flen, status, mac, tci, tpid, pkttype = frame_hdr(buf, pos)
             p = pos + mac
             pos += nxt
+            if not mac:
+                continue          # a slot the kernel reserved and dropped (see Ring.drain)
             tagged = status & vlan_valid or tci
             wl = flen + 4 if tagged else flen
             # virtio_net_hdr.gso_type: a super-frame, counted as the frames the wire
@@ -6098,7 +6116,11 @@ def make_http_server(host, port, registry):
         if e.errno == errno.EADDRINUSE:
             raise PortInUse(f"--web.listen-address {host}:{port}: address already in use") from None
         raise ConfigError(f"--web.listen-address {host}:{port}: {e.strerror}") from None
-    return MetricsServer(sock, functools.partial(generate_latest, registry), CONTENT_TYPE_LATEST)
+    try:
+        return MetricsServer(sock, functools.partial(generate_latest, registry), CONTENT_TYPE_LATEST)
+    except OSError as e:              # its wake-up pair: out of descriptors
+        sock.close()
+        raise ConfigError(f"--web.listen-address {host}:{port}: {e.strerror or e}") from None
 
 
 
@@ -6685,7 +6707,7 @@ def build_daemon(opts):
     # Compiled once, before anything is bound; only its accept length changes later.
     prefilter = compile_filter(opts.prefilter, kernel=True) if opts.prefilter else None
     local = LocalAddresses(opts.local_nets or interface_local_nets(ifname), opts.idle_timeout,
-                           opts.local_max)
+                           opts.local_max or DEFAULT_LOCAL_MAX)
     if not local.local_nets:
         log(LOG_WARNING, f"{ifname}: no addresses and no --local-net: no address is local")
     decoder = Decoder(local, [c for c in (rules,) if c], vnet=None)   # the ring will tell
@@ -6721,7 +6743,8 @@ def replay(opts, out=sys.stdout):
         # $MAC names the capture interface's address: only with -i, never a made-up one.
         mac = interface_mac(opts.interface) if opts.interface else None
         rules = RuleCounter(parse_filter_file(opts.filter_file, mac))
-    local = LocalAddresses(opts.local_nets or EVERY_ADDRESS, local_max=opts.local_max)
+    # A replay prints every address unless told otherwise: its table is the output.
+    local = LocalAddresses(opts.local_nets or EVERY_ADDRESS, local_max=opts.local_max or sys.maxsize)
     decoder = Decoder(local, [c for c in (rules,) if c])
     PcapSource(opts.read_file).drain(decoder.process_block)
     rows = sorted(((address(row[0]), row[1:5]) for row in local.snapshot().rows),
@@ -6733,6 +6756,9 @@ def replay(opts, out=sys.stdout):
         out.write(f"{str(addr):<{width}}  {'rx':<9}  {e[RX_BYTES]:>12}  {e[RX_PACKETS]:>9}\n")
     if rules is not None:
         out.write(format_rule_lines(rules.snapshot().rows))
+    if local.evictions:
+        log(LOG_WARNING, f"{opts.read_file}: {local.evictions} addresses evicted by "
+                         f"--local-max {opts.local_max}: the table lacks them")
     return 0
 
 

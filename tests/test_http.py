@@ -5,6 +5,7 @@ Every wait is bounded in time and count, and every socket is closed, so a server
 that hangs or leaks fails the test instead of hanging the suite.
 """
 import contextlib
+import resource
 import select
 import socket
 import threading
@@ -94,13 +95,34 @@ def closed_by_peer(s):
         return True
 
 
-def test_idle_connections_cost_no_thread_block_no_scrape_and_expire(server):
+IDLE_CLIENTS = 1000
+
+
+@pytest.fixture
+def descriptors():
+    """Room for 1000 clients and the server's own connections in this one process,
+    whatever the soft limit the test runner inherited (often 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = IDLE_CLIENTS + lpd.HTTP_MAX_CONNECTIONS + 256          # and the runner's own
+    for limit in (want, hard):                   # root may raise the hard limit; else up to it
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, limit), max(hard, limit)))
+            break
+        except (ValueError, OSError):
+            continue
+    yield min(IDLE_CLIENTS, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+              - lpd.HTTP_MAX_CONNECTIONS - 256)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_idle_connections_cost_no_thread_block_no_scrape_and_expire(server, descriptors):
     port = port_of(server)
     before = thread_count()
     socks = []
     try:
         opened = time.monotonic()
-        for _ in range(1000):
+        assert descriptors >= 500, "too few file descriptors for the test"
+        for _ in range(descriptors):
             assert time.monotonic() - opened < 10, "could not even open the connections"
             socks.append(socket.create_connection(("127.0.0.1", port), timeout=2))
         time.sleep(0.5)                             # the server accepts the backlog

@@ -1,7 +1,9 @@
 """The pipeline without a socket: synthetic ring blocks (every header field set) through
 the decoder into the consumers, their snapshots and merges, publication, and the
 reload swap at a block boundary."""
+import io
 import ipaddress
+import struct
 import threading
 import time
 
@@ -492,3 +494,57 @@ def test_a_tick_works_on_what_changed_not_on_the_table():
     assert snap["10.0.0.8"][5:] == (0.0, 0.0)
     local.tick(101.5)                             # 100 s after the flood's last frame
     assert len(local.snapshot().rows) == 1 and local.work == 5000
+
+
+def test_super_frames_with_bad_headers_are_left_to_the_hot_loop():
+    good = tcp4_super(3000)
+    bad_tlen = good[:16] + (len(good) + 100).to_bytes(2, "big") + good[18:]   # beyond the frame
+    v6 = packets.ether("02:00:00:00:00:02", "02:00:00:00:00:01", packets.ETH_IP6,
+                       packets.ipv6("2001:db8::1", "2001:db8::2", packets.PROTO_TCP,
+                                    packets.tcp(1, 2, packets.TCP_ACK, payload=b"q" * 3000)), pad=False)
+    bad_version = v6[:14] + bytes([0x50 | v6[14] & 15]) + v6[15:]
+    bad_doff = good[:14 + 20 + 12] + bytes([0x30]) + good[14 + 20 + 13:]    # data offset 3 words
+    for data, kind in ((bad_tlen, lpd.VIRTIO_NET_HDR_GSO_TCPV4), (bad_doff, lpd.VIRTIO_NET_HDR_GSO_TCPV4),
+                       (bad_version, lpd.VIRTIO_NET_HDR_GSO_TCPV6)):
+        assert lpd.gso_split(data[:128], len(data), 0, kind, 1000) is None
+    assert lpd.gso_split(good[:128], len(good), 0, lpd.VIRTIO_NET_HDR_GSO_TCPV4 | 0x10, 1448)[1] == 3
+    dec = lpd.Decoder(lpd.LocalAddresses([NET, NET6]), vnet=True)
+    for block in super_frames([lpd.SynthFrame(d[:128], len(d), gso=(k, 1000, 0)) for d, k in
+                               ((bad_tlen, 1), (bad_version, 4))]):
+        dec.process_block(memoryview(block), 0)
+    assert dec.gso_unsplit == 2 and dict(dec.snapshot().malformed)["length"] == 1
+    assert dict(dec.snapshot().malformed)["version"] == 1 and rows(dec.local) == {}
+
+
+def test_a_slot_the_kernel_abandoned_is_skipped_and_a_vnet_ring_is_zeroed_when_drained():
+    frame = udp4("10.0.0.1", "10.0.0.2")
+    [block] = list(lpd.frames_to_blocks([(frame, len(frame))] * 3, 4096, vnet=True))
+    first = lpd.BLOCK_FIRST_FRAME
+    nxt = lpd.U32.unpack_from(block, first)[0]
+    block[first + 4:first + nxt] = bytes(nxt - 4)       # as tpacket_rcv leaves a dropped frame
+    ring = object.__new__(lpd.Ring)                     # the drain logic, without a socket
+    ring.view, ring.block_size, ring.block_nr, ring.next_block = memoryview(block), 4096, 1, 0
+    ring.vnet, ring.zeros = True, memoryview(bytes(4096))
+    dec = lpd.Decoder(lpd.LocalAddresses([NET]), vnet=True)
+    assert ring.drain(dec.process_block) == 1
+    assert dec.frames == 3 and dec.totals[2:] == [2 * len(frame), 2]    # the slot: not a frame
+    assert rows(dec.local)["10.0.0.1"] == (2 * len(frame), 2, 0, 0)
+    assert not any(block[first:]) and lpd.U32.unpack_from(block, lpd.BLOCK_STATUS_OFF)[0] == 0
+
+
+def test_replay_prints_every_address_unless_bounded(tmp_path, capsys):
+    path = tmp_path / "many.pcap"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        for i in range(20_001):
+            data = udp4(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", "192.0.2.1")
+            f.write(struct.pack("<IIII", 0, 0, len(data), len(data)) + data)
+
+    def replay(*extra):
+        out = io.StringIO()
+        assert lpd.replay(lpd.parse_args(["-r", str(path), "--local-net", "10.0.0.0/8", *extra]), out) == 0
+        return [line for line in out.getvalue().splitlines()[1:] if line.split()[1] == "tx"]
+    assert len(replay()) == 20_001 and capsys.readouterr().err == ""
+    assert len(replay("--local-max", "100")) <= 100
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "evicted by --local-max 100" in err
