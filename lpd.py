@@ -1265,7 +1265,7 @@ class _Edge:
 class _Block:
     __slots__ = ("id", "stmts", "s", "et", "ef", "sense", "head", "link", "level", "offset",
                  "longjt", "longjf", "dom", "in_edges", "val", "oval", "kill", "in_use",
-                 "out_use", "mark")
+                 "out_use", "mark", "dom_lo", "dom_hi")
 
     def __init__(self, code, k=0, stmts=None):
         self.s = _Stmt(code, k)
@@ -1276,6 +1276,7 @@ class _Block:
         self.id = self.level = self.offset = self.dom = self.oval = 0
         self.kill = self.in_use = self.out_use = 0
         self.in_edges, self.val, self.mark = None, None, 0
+        self.dom_lo = self.dom_hi = -1
 
     @property
     def jt(self):
@@ -3042,53 +3043,58 @@ def _postorder(root, first_false):
 
 def _linearize(root):
     """Lay blocks out back to front as libpcap does; a branch too far for the
-    8-bit jt/jf gets an extra 'ja' after it."""
-    while True:
-        order = _postorder(root, first_false=True)
-        total = sum(sum(s.code != NOP for s in b.stmts) + 1 + b.longjt + b.longjf for b in order)
-        out = [None] * total
-        tail = total
-        retry = False
-        for p in order:
-            live = [s for s in p.stmts if s.code != NOP]
-            slen = len(live)
-            tail -= slen + 1 + p.longjt + p.longjf
-            p.offset = tail
-            for off, s in enumerate(live):
-                jt = jf = 0
-                if _cls(s.code) == BPF_JMP and s.code != BPF_JMP | BPF_JA and off != slen - 2:
-                    # Block-local jumps, counted over the raw statement list as libpcap does.
-                    raw = p.stmts[:slen]
-                    jt = next(i for i, r in enumerate(raw) if r is s.jt) - off - 1
-                    jf = next(i for i, r in enumerate(raw) if r is s.jf) - off - 1
-                out[tail + off] = (s.code, jt, jf, s.k & U32_MAX)
-            pos = tail + slen
-            code, k = p.s.code, p.s.k & U32_MAX
-            if p.et.succ is None:
-                out[pos] = (code, 0, 0, k)
-                continue
-            extra, jts = 0, []
+    8-bit jt/jf gets an extra 'ja' after it.
+
+    libpcap restarts the whole layout each time a branch turns out too far
+    (quadratic in the blocks). A block's successors are laid out before it, so
+    growing a block by a 'ja' moves only what is laid out after it: one pass
+    that redoes just that block gives the same program. Positions are counted
+    from the program's end (`rend`) until the total is known."""
+    order = _postorder(root, first_false=True)
+    rend, pieces, end = {}, [], 0
+    for p in order:
+        live = [s for s in p.stmts if s.code != NOP]
+        slen = len(live)
+        body = []
+        for off, s in enumerate(live):
+            jt = jf = 0
+            if _cls(s.code) == BPF_JMP and s.code != BPF_JMP | BPF_JA and off != slen - 2:
+                # Block-local jumps, counted over the raw statement list as libpcap does.
+                raw = p.stmts[:slen]
+                jt = next(i for i, r in enumerate(raw) if r is s.jt) - off - 1
+                jf = next(i for i, r in enumerate(raw) if r is s.jf) - off - 1
+            body.append((s.code, jt, jf, s.k & U32_MAX))
+        code, k = p.s.code, p.s.k & U32_MAX
+        if p.et.succ is None:
+            end += slen + 1
+            rend[id(p)] = end
+            pieces.append(body + [(code, 0, 0, k)])
+            continue
+        while True:
+            start = end + slen + 1 + p.longjt + p.longjf
+            extra, jts, longs, grown = 0, [], [], False
             for which in ("t", "f"):
                 succ = p.et.succ if which == "t" else p.ef.succ
-                dist = succ.offset - (p.offset + slen) - 1
+                dist = start - rend[id(succ)] - slen - 1
                 if dist >= 256:
                     if (p.longjt if which == "t" else p.longjf) == 0:
                         if which == "t":
                             p.longjt += 1
                         else:
                             p.longjf += 1
-                        retry = True
+                        grown = True
                         break
                     jts.append(extra)
                     extra += 1
-                    out[pos + extra] = (BPF_JMP | BPF_JA, 0, 0, dist - extra)
+                    longs.append((BPF_JMP | BPF_JA, 0, 0, dist - extra))
                 else:
                     jts.append(dist)
-            if retry:
+            if not grown:
                 break
-            out[pos] = (code, jts[0], jts[1], k)
-        if not retry:
-            return out
+        end = start
+        rend[id(p)] = end
+        pieces.append(body + [(code, jts[0], jts[1], k)] + longs)
+    return [insn for piece in reversed(pieces) for insn in piece]
 
 
 ###############################################################################
@@ -3195,12 +3201,14 @@ class _Optimizer:
     def find_levels(self):
         """Level = longest path to a return; levels[i] lists blocks as libpcap links them."""
         levels = [[] for _ in self.blocks]
-        for b in _postorder(self.root, first_false=False):
+        order = _postorder(self.root, first_false=False)
+        for b in order:
             if b.et.succ is not None:
                 b.level = max(b.et.succ.level, b.ef.succ.level) + 1
             else:
                 b.level = 0
-            levels[b.level].insert(0, b)
+        for b in reversed(order):           # libpcap links each block in at the front
+            levels[b.level].append(b)
         self.levels = levels
 
     def by_level(self, lowest=0):
@@ -3217,6 +3225,36 @@ class _Optimizer:
             if b.et.succ is not None:
                 b.et.succ.dom &= b.dom
                 b.ef.succ.dom &= b.dom
+        self.number_dom_tree()
+
+    def number_dom_tree(self):
+        """dom_lo..dom_hi: a block's interval in a depth-first numbering of the
+        dominator tree, so 'a dominates b' is a comparison (dominates()), not a bit of
+        a bitset as long as the program (pullup asks it at every step of its walks).
+        b's proper dominators are exactly dom(idom(b)), which names the parent."""
+        by_dom, children = {}, {}
+        for b in self.blocks:
+            b.dom_lo = b.dom_hi = -1
+        for b in self.by_level():
+            by_dom[b.dom] = b
+            if b is not self.root:
+                children.setdefault(id(by_dom[b.dom ^ 1 << b.id]), []).append(b)
+        n, stack = 0, [(self.root, False)]
+        while stack:
+            b, leaving = stack.pop()
+            if leaving:
+                b.dom_hi = n
+                continue
+            b.dom_lo, n = n, n + 1
+            stack.append((b, True))
+            stack.extend((c, False) for c in children.get(id(b), ()))
+
+    @staticmethod
+    def dominates(a, b):
+        """a dominates b, by find_dom's bitsets (as they were when it ran)."""
+        if b.dom_lo < 0:            # not reachable then: find_dom left it the full set
+            return bool(b.dom >> a.id & 1)
+        return a.dom_lo <= b.dom_lo < a.dom_hi
 
     def find_edom(self):
         allset = (1 << len(self.edges)) - 1
@@ -3607,8 +3645,13 @@ class _Optimizer:
             self.changed()
             ep.succ = succ.et.succ
         while True:
-            for k in _bits(ep.edom):
-                target = self.fold_edge(ep.succ, self.edges[k])
+            child = ep.succ
+            key = (child.s.code, child.val[_A_ATOM])
+            deciding = self.same_test.get(key + (child.oval,), 0)
+            if child.s.code == _jmp(BPF_JEQ):
+                deciding |= self.jeq_true.get(key, 0)
+            for k in _bits(ep.edom & deciding):
+                target = self.fold_edge(child, self.edges[k])
                 if target is not None and not self.use_conflict(ep.pred, target):
                     self.done = False
                     ep.succ = target
@@ -3621,7 +3664,6 @@ class _Optimizer:
     def pullup(self, b, branch):
         """or_pullup (branch 'et') / and_pullup ('ef'): hoist a repeated test of the
         same value to the top of a chain of tests that all lead to the same place."""
-        other = "ef" if branch == "et" else "et"
         ep = b.in_edges
         if ep is None:
             return
@@ -3631,29 +3673,36 @@ class _Optimizer:
             if e.pred.val[_A_ATOM] != val:
                 return
             e = e.next
-        pred = b.in_edges.pred
+        # The walks below are libpcap's, and as long as the chain of tests: written
+        # out per branch, with dominates() inlined, because on a long 'or' they are
+        # most of the optimiser's time.
+        pred, or_, dominates = b.in_edges.pred, branch == "et", self.dominates
+        lo, hi = b.dom_lo, b.dom_hi
         diffp = pred.et if pred.et.succ is b else pred.ef
         at_top = True
-        target = getattr(b, branch).succ
+        target = b.et.succ if or_ else b.ef.succ
         while True:
             d = diffp.succ
-            if d is None or getattr(d, branch).succ is not target or not d.dom >> b.id & 1:
+            if d is None or (d.et.succ if or_ else d.ef.succ) is not target or \
+                    not (lo <= d.dom_lo < hi if d.dom_lo >= 0 else dominates(b, d)):
                 return
             if d.val[_A_ATOM] != val:
                 break
-            diffp = getattr(d, other)
+            diffp = d.ef if or_ else d.et
             at_top = False
-        samep = getattr(diffp.succ, other)
+        samep = diffp.succ.ef if or_ else diffp.succ.et
         while True:
             d = samep.succ
-            if d is None or getattr(d, branch).succ is not target or not d.dom >> b.id & 1:
+            if d is None or (d.et.succ if or_ else d.ef.succ) is not target or \
+                    not (lo <= d.dom_lo < hi if d.dom_lo >= 0 else dominates(b, d)):
                 return
             if d.val[_A_ATOM] == val:
                 break
-            samep = getattr(d, other)
+            samep = d.ef if or_ else d.et
         pull = samep.succ
-        samep.succ = getattr(pull, other).succ
-        getattr(pull, other).succ = diffp.succ
+        pull_other = pull.ef if or_ else pull.et
+        samep.succ = pull_other.succ
+        pull_other.succ = diffp.succ
         if at_top:
             e = b.in_edges
             while e is not None:
@@ -3673,6 +3722,18 @@ class _Optimizer:
             self.opt_blk(b, do_stmts)
         if do_stmts:
             return      # moving branches now could not change anything
+        # opt_j tries the edge dominators of an edge in order, and fold_edge(child, e)
+        # decides only when e has child's test and A, and child's operand or is a
+        # 'jeq' taken: those edges as bitsets like edom, so opt_j ANDs instead of trying
+        # every dominator (quadratic in a long 'or'). Branch moves change neither.
+        same_test, jeq_true = self.same_test, self.jeq_true = {}, {}
+        for e in self.edges:
+            if e.pred.val is not None:
+                key = (abs(e.code), e.pred.val[_A_ATOM])
+                bit = 1 << e.id
+                same_test[key + (e.pred.oval,)] = same_test.get(key + (e.pred.oval,), 0) | bit
+                if e.code == _jmp(BPF_JEQ):
+                    jeq_true[key] = jeq_true.get(key, 0) | bit
         for level in range(1, self.root.level + 1):
             for b in self.levels[level]:
                 self.opt_j(b.et)
@@ -3705,38 +3766,31 @@ class _Optimizer:
 
     # -- clean-up ------------------------------------------------------------
     def intern_blocks(self):
-        """Merge blocks that are equal (same statements, test and successors)."""
-        def key(b):
-            return (b.s.code, b.s.k, id(b.et.succ), id(b.ef.succ),
-                    tuple((s.code, s.k) for s in b.stmts if s.code != NOP))
-        while True:
-            live = {id(b) for b in _reachable(self.root)}
-            for b in self.blocks:
-                b.link = None
-            n = len(self.blocks)
-            first = {}
-            for i in range(n - 1, -1, -1):
-                b = self.blocks[i]
-                if id(b) not in live:
-                    continue
-                kb = key(b)
-                j = first.get(kb)
-                if j is not None:
-                    later = self.blocks[j]
-                    b.link = later.link if later.link is not None else later
-                first[kb] = i
-            done = True
-            for b in self.blocks:
-                if b.et.succ is None:
-                    continue
-                if b.et.succ.link is not None:
-                    done = False
-                    b.et.succ = b.et.succ.link
-                if b.ef.succ.link is not None:
-                    done = False
-                    b.ef.succ = b.ef.succ.link
-            if done:
-                return
+        """Merge blocks that are equal (same statements, test and successors).
+
+        libpcap merges the blocks equal as they stand, redirects the branches and
+        starts over until nothing changes: one round per level of the graph. What
+        it ends with is the same as numbering the classes bottom up, successors'
+        classes in the key, in one pass: each class is kept as its member that
+        comes last in self.blocks (a merge keeps the later block), and every
+        branch goes to the class's keeper."""
+        cls, classes, keeper = {}, {}, {}
+        for b in _postorder(self.root, first_false=False):      # successors first
+            succ = (None, None) if b.et.succ is None else \
+                (cls[id(b.et.succ)], cls[id(b.ef.succ)])
+            c = classes.setdefault((b.s.code, b.s.k, succ, tuple(
+                (s.code, s.k) for s in b.stmts if s.code != NOP)), len(classes))
+            cls[id(b)] = c
+            if c not in keeper or keeper[c].id < b.id:
+                keeper[c] = b
+        for b in keeper.values():
+            if b.et.succ is not None:
+                b.et.succ = keeper[cls[id(b.et.succ)]]
+                b.ef.succ = keeper[cls[id(b.ef.succ)]]
+        root = self.root
+        if root.et.succ is not None:        # the root is kept even if merged: no branch
+            root.et.succ = keeper[cls[id(root.et.succ)]]    # goes to it
+            root.ef.succ = keeper[cls[id(root.ef.succ)]]
 
     def opt_root(self):
         b = self.root
