@@ -1029,6 +1029,13 @@ class _Syntax(FilterError):
     """A parse failure; the parser may still try another production."""
 
 
+class FilterTooLarge(FilterError):
+    """An expression beyond FILTER_MAX_CHARS or FILTER_MAX_BLOCKS; reason says which."""
+
+    def __init__(self, size, limit):
+        super().__init__(f"expression too large ({size}, at most {limit})")
+
+
 ###############################################################################
 # Protocol knowledge
 
@@ -3100,20 +3107,38 @@ def _linearize(root):
 ###############################################################################
 # Entry points
 
+# Bounds on one expression, checked before the work they bound (README, Rules). The
+# optimiser's passes are quadratic in the blocks (dominator bitsets, libpcap's chain
+# walks), so the blocks parsing generates bound its time and memory: at the limit,
+# about a second on a 2-core VM (tests/bench.py, "Rules at scale"). The text is
+# checked before it is even lexed; a limit in characters is one an operator can
+# check by eye, and with ~12 blocks per 'host' term (IPv4, ARP and RARP, each
+# source and destination) the block limit binds first for the common 'or' lists:
+# ~340 'host' terms or ~180 'port' terms (23 blocks: TCP/UDP/SCTP over IPv4/IPv6).
+FILTER_MAX_CHARS = 8192
+FILTER_MAX_BLOCKS = 4096
+
+
 def compile_filter(expr, kernel=False, snaplen=SNAPLEN_FULL, optimize=True):
     """Compile a pcap-filter expression to a classic BPF program for Ethernet.
 
     kernel=False: the frame as pcap_offline_filter sees it (VLAN tags in the data);
     kernel=True: as an AF_PACKET socket filter sees it (outer VLAN tag in metadata).
-    Raises FilterError for every expression libpcap 1.10 rejects."""
+    Raises FilterError for every expression libpcap 1.10 rejects, and FilterTooLarge
+    beyond FILTER_MAX_CHARS or FILTER_MAX_BLOCKS."""
+    if len(expr) > FILTER_MAX_CHARS:
+        raise FilterTooLarge(f"{len(expr)} characters", FILTER_MAX_CHARS)
     gen = _Gen(kernel, snaplen)
     try:
         b = _Parser(expr, gen).parse_prog()
     except RecursionError:
         raise FilterError("expression nested too deeply", 1) from None
     root = gen.retblk(snaplen) if b is None else gen.finish(b)
+    blocks = _reachable(root)
+    if len(blocks) > FILTER_MAX_BLOCKS:
+        raise FilterTooLarge(f"{len(blocks)} blocks of code", FILTER_MAX_BLOCKS)
     if optimize and not gen.no_optimize:
-        root = _Optimizer(root).run()
+        root = _Optimizer(root, blocks).run()
         if root.s.code == BPF_RET | BPF_K and root.s.k == 0:
             raise FilterError("expression rejects all packets", 1)
     return _linearize(root)
@@ -3174,11 +3199,11 @@ def _bits(x):
 
 
 class _Optimizer:
-    def __init__(self, root):
+    def __init__(self, root, reachable=None):
         self.root = root
         self.blocks = []
         # Number the blocks depth first, true branch first, as libpcap does.
-        for b in _reachable(root):
+        for b in reachable or _reachable(root):
             b.id = len(self.blocks)
             self.blocks.append(b)
         n = len(self.blocks)
@@ -5381,6 +5406,13 @@ def _expand(expr, mac, earlier, defined_at, lineno):
     """Substitute $MAC and ${id} in one left-to-right pass (substituted text is not
     rescanned); returns (text, first problem or None)."""
     problems = []
+    # A rule may use an earlier one several times, so each line could double the
+    # text: past FILTER_MAX_CHARS only the length is counted, nothing is built.
+    length = [len(expr)]
+
+    def put(m, text):
+        length[0] += len(text) - len(m.group(0))
+        return text if length[0] <= FILTER_MAX_CHARS else ""
 
     def sub(m):
         ref = m.group(1)
@@ -5388,9 +5420,9 @@ def _expand(expr, mac, earlier, defined_at, lineno):
             if mac is None:
                 problems.append("$MAC used but the interface has no MAC address")
                 return m.group(0)
-            return f"({mac})"
+            return put(m, f"({mac})")
         if ref in earlier:
-            return f"({earlier[ref]})"
+            return put(m, f"({earlier[ref]})")
         at = defined_at.get(ref)
         if at == lineno:
             problems.append(f"${{{ref}}} refers to its own rule")
@@ -5401,6 +5433,9 @@ def _expand(expr, mac, earlier, defined_at, lineno):
         return m.group(0)
 
     text = _REF.sub(sub, expr)
+    if length[0] > FILTER_MAX_CHARS:
+        return text, FilterTooLarge(f"{length[0]} characters once $MAC and ${{...}} are "
+                                    "expanded", FILTER_MAX_CHARS).reason
     return text, (problems[0] if problems else None)
 
 
@@ -5414,6 +5449,9 @@ def _compile(expr, expanded):
     where = f"expanded expression {expr!r}" if expanded else "expression"
     try:
         return compile_rule_expr(expr), None
+    except FilterTooLarge as e:
+        # Not quoted: it may be kilobytes.
+        return None, e.reason
     except FilterError as e:
         return None, f"{where} does not compile: {e}"
     except Exception as e:  # a compiler bug must not take a running daemon down on reload
@@ -5443,6 +5481,8 @@ def _parse_line(line, lineno, mac, expanded_by_id, defined_at):
         return f"duplicate identifier {rule_id!r} (first defined on line {defined_at[rule_id]})"
     if not expr:
         return f"empty expression for {rule_id!r}"
+    if len(expr) > FILTER_MAX_CHARS:        # before anything reads it: it may be megabytes
+        return FilterTooLarge(f"{len(expr)} characters", FILTER_MAX_CHARS).reason
     full, problem = _expand(expr, mac, expanded_by_id, defined_at, lineno)
     if problem:
         return problem
