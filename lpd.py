@@ -1032,6 +1032,13 @@ class _Syntax(FilterError):
     """A parse failure; the parser may still try another production."""
 
 
+class FilterTooLarge(FilterError):
+    """An expression beyond FILTER_MAX_CHARS or FILTER_MAX_BLOCKS; reason says which."""
+
+    def __init__(self, size, limit):
+        super().__init__(f"expression too large ({size}, at most {limit})")
+
+
 ###############################################################################
 # Protocol knowledge
 
@@ -1153,6 +1160,7 @@ _LEX = [  # (kind, [regexes]) in rule order; keywords are handled before these
     ("ESCID", [re.compile(r"\\[^ !()\n\t]+")]),
 ]
 _WORD = re.compile(r"[A-Za-z0-9&|][-A-Za-z0-9&|]*")
+_HEX_RUN = re.compile(r"[0-9A-Fa-f:.]*")
 
 
 class Token:
@@ -1213,7 +1221,12 @@ def tokenize(expr):
         best_kind, best_len = None, 0
         if kw_len:
             best_kind, best_len = "KEYWORD", kw_len
+        # Every IPv6 and bad-MAC pattern has a ':' within its run of these characters:
+        # without one, their dozens of regexes cannot match here.
+        colon = ":" in _HEX_RUN.match(expr, pos).group()
         for kind, regexes in _LEX:
+            if not colon and kind in ("HID6", "BADEID"):
+                continue
             length = named_len if kind == "NAMED" else _longest(regexes, expr, pos)
             if length > best_len:
                 best_kind, best_len = kind, length
@@ -1268,7 +1281,7 @@ class _Edge:
 class _Block:
     __slots__ = ("id", "stmts", "s", "et", "ef", "sense", "head", "link", "level", "offset",
                  "longjt", "longjf", "dom", "in_edges", "val", "oval", "kill", "in_use",
-                 "out_use", "mark")
+                 "out_use", "mark", "dom_lo", "dom_hi")
 
     def __init__(self, code, k=0, stmts=None):
         self.s = _Stmt(code, k)
@@ -1279,6 +1292,7 @@ class _Block:
         self.id = self.level = self.offset = self.dom = self.oval = 0
         self.kill = self.in_use = self.out_use = 0
         self.in_edges, self.val, self.mark = None, None, 0
+        self.dom_lo = self.dom_hi = -1
 
     @property
     def jt(self):
@@ -3045,72 +3059,95 @@ def _postorder(root, first_false):
 
 def _linearize(root):
     """Lay blocks out back to front as libpcap does; a branch too far for the
-    8-bit jt/jf gets an extra 'ja' after it."""
-    while True:
-        order = _postorder(root, first_false=True)
-        total = sum(sum(s.code != NOP for s in b.stmts) + 1 + b.longjt + b.longjf for b in order)
-        out = [None] * total
-        tail = total
-        retry = False
-        for p in order:
-            live = [s for s in p.stmts if s.code != NOP]
-            slen = len(live)
-            tail -= slen + 1 + p.longjt + p.longjf
-            p.offset = tail
-            for off, s in enumerate(live):
-                jt = jf = 0
-                if _cls(s.code) == BPF_JMP and s.code != BPF_JMP | BPF_JA and off != slen - 2:
-                    # Block-local jumps, counted over the raw statement list as libpcap does.
-                    raw = p.stmts[:slen]
-                    jt = next(i for i, r in enumerate(raw) if r is s.jt) - off - 1
-                    jf = next(i for i, r in enumerate(raw) if r is s.jf) - off - 1
-                out[tail + off] = (s.code, jt, jf, s.k & U32_MAX)
-            pos = tail + slen
-            code, k = p.s.code, p.s.k & U32_MAX
-            if p.et.succ is None:
-                out[pos] = (code, 0, 0, k)
-                continue
-            extra, jts = 0, []
+    8-bit jt/jf gets an extra 'ja' after it.
+
+    libpcap restarts the whole layout each time a branch turns out too far
+    (quadratic in the blocks). A block's successors are laid out before it, so
+    growing a block by a 'ja' moves only what is laid out after it: one pass
+    that redoes just that block gives the same program. Positions are counted
+    from the program's end (`rend`) until the total is known."""
+    order = _postorder(root, first_false=True)
+    rend, pieces, end = {}, [], 0
+    for p in order:
+        live = [s for s in p.stmts if s.code != NOP]
+        slen = len(live)
+        body = []
+        for off, s in enumerate(live):
+            jt = jf = 0
+            if _cls(s.code) == BPF_JMP and s.code != BPF_JMP | BPF_JA and off != slen - 2:
+                # Block-local jumps, counted over the raw statement list as libpcap does.
+                raw = p.stmts[:slen]
+                jt = next(i for i, r in enumerate(raw) if r is s.jt) - off - 1
+                jf = next(i for i, r in enumerate(raw) if r is s.jf) - off - 1
+            body.append((s.code, jt, jf, s.k & U32_MAX))
+        code, k = p.s.code, p.s.k & U32_MAX
+        if p.et.succ is None:
+            end += slen + 1
+            rend[id(p)] = end
+            pieces.append(body + [(code, 0, 0, k)])
+            continue
+        while True:
+            start = end + slen + 1 + p.longjt + p.longjf
+            extra, jts, longs, grown = 0, [], [], False
             for which in ("t", "f"):
                 succ = p.et.succ if which == "t" else p.ef.succ
-                dist = succ.offset - (p.offset + slen) - 1
+                dist = start - rend[id(succ)] - slen - 1
                 if dist >= 256:
                     if (p.longjt if which == "t" else p.longjf) == 0:
                         if which == "t":
                             p.longjt += 1
                         else:
                             p.longjf += 1
-                        retry = True
+                        grown = True
                         break
                     jts.append(extra)
                     extra += 1
-                    out[pos + extra] = (BPF_JMP | BPF_JA, 0, 0, dist - extra)
+                    longs.append((BPF_JMP | BPF_JA, 0, 0, dist - extra))
                 else:
                     jts.append(dist)
-            if retry:
+            if not grown:
                 break
-            out[pos] = (code, jts[0], jts[1], k)
-        if not retry:
-            return out
+        end = start
+        rend[id(p)] = end
+        pieces.append(body + [(code, jts[0], jts[1], k)] + longs)
+    return [insn for piece in reversed(pieces) for insn in piece]
 
 
 ###############################################################################
 # Entry points
+
+# Bounds on one expression, checked before the work they bound (README, Rules). The
+# optimiser's passes are quadratic in the blocks (dominator bitsets, libpcap's chain
+# walks), so the blocks parsing generates bound its time and memory: at the limit,
+# about a second on a 2-core VM (tests/bench.py, "Rules at scale"). The text is
+# checked before it is even lexed; a limit in characters is one an operator can
+# check by eye, and with ~12 blocks per 'host' term (IPv4, ARP and RARP, each
+# source and destination) the block limit binds first for the common 'or' lists:
+# ~340 'host' terms or ~180 'port' terms (23 blocks: TCP/UDP/SCTP over IPv4/IPv6).
+FILTER_MAX_CHARS = 8192
+FILTER_MAX_BLOCKS = 4096
+
 
 def compile_filter(expr, kernel=False, snaplen=SNAPLEN_FULL, optimize=True):
     """Compile a pcap-filter expression to a classic BPF program for Ethernet.
 
     kernel=False: the frame as pcap_offline_filter sees it (VLAN tags in the data);
     kernel=True: as an AF_PACKET socket filter sees it (outer VLAN tag in metadata).
-    Raises FilterError for every expression libpcap 1.10 rejects."""
+    Raises FilterError for every expression libpcap 1.10 rejects, and FilterTooLarge
+    beyond FILTER_MAX_CHARS or FILTER_MAX_BLOCKS."""
+    if len(expr) > FILTER_MAX_CHARS:
+        raise FilterTooLarge(f"{len(expr)} characters", FILTER_MAX_CHARS)
     gen = _Gen(kernel, snaplen)
     try:
         b = _Parser(expr, gen).parse_prog()
     except RecursionError:
         raise FilterError("expression nested too deeply", 1) from None
     root = gen.retblk(snaplen) if b is None else gen.finish(b)
+    blocks = _reachable(root)
+    if len(blocks) > FILTER_MAX_BLOCKS:
+        raise FilterTooLarge(f"{len(blocks)} blocks of code", FILTER_MAX_BLOCKS)
     if optimize and not gen.no_optimize:
-        root = _Optimizer(root).run()
+        root = _Optimizer(root, blocks).run()
         if root.s.code == BPF_RET | BPF_K and root.s.k == 0:
             raise FilterError("expression rejects all packets", 1)
     return _linearize(root)
@@ -3163,6 +3200,13 @@ def _atomdef(s):
     return -1
 
 
+# Below these sizes the plain ways are quicker than setting up the faster ones:
+# testing a bit of a dom bitset than numbering the dominator tree (number_dom_tree),
+# trying every edge dominator than sorting the edges by test (fold_masks).
+_DOM_TREE_MIN_BLOCKS = 256
+_FOLD_MASKS_MIN_EDGES = 256
+
+
 def _bits(x):
     while x:
         low = x & -x
@@ -3171,11 +3215,11 @@ def _bits(x):
 
 
 class _Optimizer:
-    def __init__(self, root):
+    def __init__(self, root, reachable=None):
         self.root = root
         self.blocks = []
         # Number the blocks depth first, true branch first, as libpcap does.
-        for b in _reachable(root):
+        for b in reachable or _reachable(root):
             b.id = len(self.blocks)
             self.blocks.append(b)
         n = len(self.blocks)
@@ -3198,12 +3242,14 @@ class _Optimizer:
     def find_levels(self):
         """Level = longest path to a return; levels[i] lists blocks as libpcap links them."""
         levels = [[] for _ in self.blocks]
-        for b in _postorder(self.root, first_false=False):
+        order = _postorder(self.root, first_false=False)
+        for b in order:
             if b.et.succ is not None:
                 b.level = max(b.et.succ.level, b.ef.succ.level) + 1
             else:
                 b.level = 0
-            levels[b.level].insert(0, b)
+        for b in reversed(order):           # libpcap links each block in at the front
+            levels[b.level].append(b)
         self.levels = levels
 
     def by_level(self, lowest=0):
@@ -3220,6 +3266,37 @@ class _Optimizer:
             if b.et.succ is not None:
                 b.et.succ.dom &= b.dom
                 b.ef.succ.dom &= b.dom
+        if len(self.blocks) > _DOM_TREE_MIN_BLOCKS:
+            self.number_dom_tree()
+
+    def number_dom_tree(self):
+        """dom_lo..dom_hi: a block's interval in a depth-first numbering of the
+        dominator tree, so 'a dominates b' is a comparison (dominates()), not a bit of
+        a bitset as long as the program (pullup asks it at every step of its walks).
+        b's proper dominators are exactly dom(idom(b)), which names the parent."""
+        by_dom, children = {}, {}
+        for b in self.blocks:
+            b.dom_lo = b.dom_hi = -1
+        for b in self.by_level():
+            by_dom[b.dom] = b
+            if b is not self.root:
+                children.setdefault(id(by_dom[b.dom ^ 1 << b.id]), []).append(b)
+        n, stack = 0, [(self.root, False)]
+        while stack:
+            b, leaving = stack.pop()
+            if leaving:
+                b.dom_hi = n
+                continue
+            b.dom_lo, n = n, n + 1
+            stack.append((b, True))
+            stack.extend((c, False) for c in children.get(id(b), ()))
+
+    @staticmethod
+    def dominates(a, b):
+        """a dominates b, by find_dom's bitsets (as they were when it ran)."""
+        if b.dom_lo < 0:            # not reachable then: find_dom left it the full set
+            return bool(b.dom >> a.id & 1)
+        return a.dom_lo <= b.dom_lo < a.dom_hi
 
     def find_edom(self):
         allset = (1 << len(self.edges)) - 1
@@ -3610,8 +3687,13 @@ class _Optimizer:
             self.changed()
             ep.succ = succ.et.succ
         while True:
-            for k in _bits(ep.edom):
-                target = self.fold_edge(ep.succ, self.edges[k])
+            child, deciding = ep.succ, ep.edom
+            if self.same_test is not None:
+                key = (child.s.code, child.val[_A_ATOM])
+                deciding &= self.same_test.get(key + (child.oval,), 0) | \
+                    (self.jeq_true.get(key, 0) if child.s.code == _jmp(BPF_JEQ) else 0)
+            for k in _bits(deciding):
+                target = self.fold_edge(child, self.edges[k])
                 if target is not None and not self.use_conflict(ep.pred, target):
                     self.done = False
                     ep.succ = target
@@ -3624,7 +3706,6 @@ class _Optimizer:
     def pullup(self, b, branch):
         """or_pullup (branch 'et') / and_pullup ('ef'): hoist a repeated test of the
         same value to the top of a chain of tests that all lead to the same place."""
-        other = "ef" if branch == "et" else "et"
         ep = b.in_edges
         if ep is None:
             return
@@ -3634,29 +3715,36 @@ class _Optimizer:
             if e.pred.val[_A_ATOM] != val:
                 return
             e = e.next
-        pred = b.in_edges.pred
+        # The walks below are libpcap's, and as long as the chain of tests: written
+        # out per branch, with dominates() inlined, because on a long 'or' they are
+        # most of the optimiser's time.
+        pred, or_, dominates = b.in_edges.pred, branch == "et", self.dominates
+        lo, hi = b.dom_lo, b.dom_hi
         diffp = pred.et if pred.et.succ is b else pred.ef
         at_top = True
-        target = getattr(b, branch).succ
+        target = b.et.succ if or_ else b.ef.succ
         while True:
             d = diffp.succ
-            if d is None or getattr(d, branch).succ is not target or not d.dom >> b.id & 1:
+            if d is None or (d.et.succ if or_ else d.ef.succ) is not target or \
+                    not (lo <= d.dom_lo < hi if d.dom_lo >= 0 else dominates(b, d)):
                 return
             if d.val[_A_ATOM] != val:
                 break
-            diffp = getattr(d, other)
+            diffp = d.ef if or_ else d.et
             at_top = False
-        samep = getattr(diffp.succ, other)
+        samep = diffp.succ.ef if or_ else diffp.succ.et
         while True:
             d = samep.succ
-            if d is None or getattr(d, branch).succ is not target or not d.dom >> b.id & 1:
+            if d is None or (d.et.succ if or_ else d.ef.succ) is not target or \
+                    not (lo <= d.dom_lo < hi if d.dom_lo >= 0 else dominates(b, d)):
                 return
             if d.val[_A_ATOM] == val:
                 break
-            samep = getattr(d, other)
+            samep = d.ef if or_ else d.et
         pull = samep.succ
-        samep.succ = getattr(pull, other).succ
-        getattr(pull, other).succ = diffp.succ
+        pull_other = pull.ef if or_ else pull.et
+        samep.succ = pull_other.succ
+        pull_other.succ = diffp.succ
         if at_top:
             e = b.in_edges
             while e is not None:
@@ -3676,6 +3764,9 @@ class _Optimizer:
             self.opt_blk(b, do_stmts)
         if do_stmts:
             return      # moving branches now could not change anything
+        self.same_test = self.jeq_true = None
+        if len(self.edges) > _FOLD_MASKS_MIN_EDGES:
+            self.fold_masks()
         for level in range(1, self.root.level + 1):
             for b in self.levels[level]:
                 self.opt_j(b.et)
@@ -3685,6 +3776,20 @@ class _Optimizer:
             for b in self.levels[level]:
                 self.pullup(b, "et")
                 self.pullup(b, "ef")
+
+    def fold_masks(self):
+        """opt_j tries the edge dominators of an edge in order, and fold_edge(child, e)
+        decides only when e has child's test and A, and child's operand or is a
+        'jeq' taken: those edges as bitsets like edom, so opt_j ANDs instead of trying
+        every dominator (quadratic in a long 'or'). Branch moves change neither."""
+        same_test, jeq_true = self.same_test, self.jeq_true = {}, {}
+        for e in self.edges:
+            if e.pred.val is not None:
+                key = (abs(e.code), e.pred.val[_A_ATOM])
+                bit = 1 << e.id
+                same_test[key + (e.pred.oval,)] = same_test.get(key + (e.pred.oval,), 0) | bit
+                if e.code == _jmp(BPF_JEQ):
+                    jeq_true[key] = jeq_true.get(key, 0) | bit
 
     def loop(self, do_stmts):
         loop_count = 0
@@ -3708,38 +3813,31 @@ class _Optimizer:
 
     # -- clean-up ------------------------------------------------------------
     def intern_blocks(self):
-        """Merge blocks that are equal (same statements, test and successors)."""
-        def key(b):
-            return (b.s.code, b.s.k, id(b.et.succ), id(b.ef.succ),
-                    tuple((s.code, s.k) for s in b.stmts if s.code != NOP))
-        while True:
-            live = {id(b) for b in _reachable(self.root)}
-            for b in self.blocks:
-                b.link = None
-            n = len(self.blocks)
-            first = {}
-            for i in range(n - 1, -1, -1):
-                b = self.blocks[i]
-                if id(b) not in live:
-                    continue
-                kb = key(b)
-                j = first.get(kb)
-                if j is not None:
-                    later = self.blocks[j]
-                    b.link = later.link if later.link is not None else later
-                first[kb] = i
-            done = True
-            for b in self.blocks:
-                if b.et.succ is None:
-                    continue
-                if b.et.succ.link is not None:
-                    done = False
-                    b.et.succ = b.et.succ.link
-                if b.ef.succ.link is not None:
-                    done = False
-                    b.ef.succ = b.ef.succ.link
-            if done:
-                return
+        """Merge blocks that are equal (same statements, test and successors).
+
+        libpcap merges the blocks equal as they stand, redirects the branches and
+        starts over until nothing changes: one round per level of the graph. What
+        it ends with is the same as numbering the classes bottom up, successors'
+        classes in the key, in one pass: each class is kept as its member that
+        comes last in self.blocks (a merge keeps the later block), and every
+        branch goes to the class's keeper."""
+        cls, classes, keeper = {}, {}, {}
+        for b in _postorder(self.root, first_false=False):      # successors first
+            succ = (None, None) if b.et.succ is None else \
+                (cls[id(b.et.succ)], cls[id(b.ef.succ)])
+            c = classes.setdefault((b.s.code, b.s.k, succ, tuple(
+                (s.code, s.k) for s in b.stmts if s.code != NOP)), len(classes))
+            cls[id(b)] = c
+            if c not in keeper or keeper[c].id < b.id:
+                keeper[c] = b
+        for b in keeper.values():
+            if b.et.succ is not None:
+                b.et.succ = keeper[cls[id(b.et.succ)]]
+                b.ef.succ = keeper[cls[id(b.ef.succ)]]
+        root = self.root
+        if root.et.succ is not None:        # the root is kept even if merged: no branch
+            root.et.succ = keeper[cls[id(root.et.succ)]]    # goes to it
+            root.ef.succ = keeper[cls[id(root.ef.succ)]]
 
     def opt_root(self):
         b = self.root
@@ -3770,7 +3868,8 @@ class _Optimizer:
 # (free until it fires, since Python 3.11) turns all three into "reject",
 # exactly when bpf_filter would.
 # Programs that jump backwards (libpcap's protochain) become a small state
-# machine instead. make_rules_counter puts every rule into one function: loads
+# machine instead. make_rules_counter puts every rule into one function (one
+# per _RULES_PER_FUNCTION rules, for a big rule set): loads
 # several rules make (absolute ones, 'ldxb 4*([14]&0xf)' and the transport
 # header loads at [x + k] after it) are cached in locals, so the 2nd..nth rule
 # pays a None test instead of a load; and the ethertype is tested once, with
@@ -3978,11 +4077,11 @@ class _MatchTree:
     'ldh [12]' a rule set dispatches on before its rules run.
     """
 
-    def __init__(self, prog, leaf, prefix, cache=None, helpers=None, ethertype=None):
+    def __init__(self, prog, leaf, prefix, cache=None, helpers=None, ethertype=None, args=None):
         self.prog, self.leaf, self.prefix, self.cache = prog, leaf, prefix, cache
         self.helpers = _helper_points(prog) if helpers is None else helpers
         self.ethertype = ethertype
-        self.args = _state_args(prog)
+        self.args = _state_args(prog) if args is None else args
         self.lines = []
 
     def emit(self, depth, text):
@@ -4049,13 +4148,14 @@ class _MatchTree:
         return f"{a_src} {_JUMP_OPS[code & BPF_OP_MASK]} {value}"
 
     def fold(self, pc, ba, bx, xk):
-        """(jump pc, condition, ba, fact) when the code at pc is a run of accumulator
-        statements ending in a conditional jump, so it can be an `elif`."""
+        """(jump pc, source of A for its condition, ba, fact) when the code at pc is a
+        run of accumulator statements ending in a conditional jump, so it can be an
+        `elif`."""
         prog, a_src, run, fact = self.prog, "A", 0, None
         while 0 <= pc < len(prog) and pc not in self.helpers:
             insn = prog[pc]
             if _is_cond_jump(insn[0]):
-                return pc, self.condition(insn, f"(A := {a_src})" if run else "A"), ba, fact
+                return pc, f"(A := {a_src})" if run else "A", ba, fact
             st, fact, _ = self.statement(insn, ba, bx, xk)
             # a statement that ignores A would drop the ones before it, and with
             # them a load that may be out of bounds
@@ -4084,16 +4184,40 @@ class _MatchTree:
             pc = t if known else f
         return pc, fact
 
+    def jeq_run(self, insn, pc, t, f, fact):
+        """'jeq #k' tests that all go to t when equal, each the next one's 'else' (how
+        libpcap tests for one of several values, e.g. TCP, UDP or SCTP for 'port'):
+        (their ks, their comment, the 'else' of the last, the fact there). One
+        `A in {...}` instead of t's code copied under each."""
+        ks, text, fact = [insn[3]], _insn_text(insn, pc), _after_jump(insn, fact, False)
+        while insn[0] == BPF_JMP | BPF_JEQ | BPF_K:
+            g, gfact = self.skip_decided(f, fact)
+            if not 0 <= g < len(self.prog) or g in self.helpers:
+                break
+            insn = self.prog[g]
+            if insn[0] != BPF_JMP | BPF_JEQ | BPF_K or _jump_target(self.prog, g)[0] != t:
+                break
+            ks.append(insn[3])
+            text += "; " + _insn_text(insn, g)
+            f, fact = _jump_target(self.prog, g)[1], _after_jump(insn, gfact, False)
+        return ks, text, f, fact
+
     def branch(self, insn, t, f, depth, ba, bx, fact, pc, xk):
-        keyword, cond = "if", self.condition(insn, "A")
+        keyword, a_src = "if", "A"
         while True:
-            self.emit(depth, f"{keyword} {cond}:  # {_insn_text(insn, pc)}")
-            self.path(t, depth + 1, ba, bx, _after_jump(insn, fact, True), xk=xk)
-            f, fact = self.skip_decided(f, _after_jump(insn, fact, False))
+            ks, text, f_run, f_fact = self.jeq_run(insn, pc, t, f, fact)
+            if len(ks) == 1:
+                cond, t_fact = self.condition(insn, a_src), _after_jump(insn, fact, True)
+            else:
+                # Taken, A is one of ks: what was known before (A is none of a set) holds.
+                cond, t_fact = f"{a_src} in {{{', '.join(map(str, ks))}}}", fact
+            self.emit(depth, f"{keyword} {cond}:  # {text}")
+            self.path(t, depth + 1, ba, bx, t_fact, xk=xk)
+            f, fact = self.skip_decided(f_run, f_fact)
             folded = self.fold(f, ba, bx, xk)
             if folded is None:
                 break
-            jpc, jcond, jba, jfact = folded
+            jpc, ja_src, jba, jfact = folded
             jinsn = self.prog[jpc]
             jt, jf = _jump_target(self.prog, jpc)
             if jpc != f:                        # statements ran: facts come from them
@@ -4101,7 +4225,7 @@ class _MatchTree:
                     break
             else:
                 jfact = fact
-            insn, cond, pc, t, f, ba, fact, keyword = jinsn, jcond, jpc, jt, jf, jba, jfact, "elif"
+            insn, a_src, pc, t, f, ba, fact, keyword = jinsn, ja_src, jpc, jt, jf, jba, jfact, "elif"
         if self.leaf("0") != "pass" or not self.rejects_at_once(f):
             self.emit(depth, "else:")
             self.path(f, depth + 1, ba, bx, fact, xk=xk)
@@ -4175,11 +4299,15 @@ def _read_before_written(prog):
     return unset & everything
 
 
-def _register_init(prog, indent, all_state=False):
+def _register_init(prog, indent, all_state=False, unset=None):
     """Zero the registers and scratch words a program may read before writing
-    (all of them when helper functions are passed the whole state)."""
+    (all of them when helper functions are passed the whole state); unset is
+    _read_before_written(prog) if known."""
     order = ["A", "X"] + [f"m{i}" for i in range(BPF_MEMWORDS)]
-    needed = _state_args(prog).split(", ")[1:] if all_state else _read_before_written(prog)
+    if all_state:
+        needed = _state_args(prog).split(", ")[1:]
+    else:
+        needed = _read_before_written(prog) if unset is None else unset
     names = [r for r in order if r in needed]
     return [f"{indent}{' = '.join(names)} = 0"] if names else []
 
@@ -4264,10 +4392,14 @@ def _helper_sources(tree):
     return {f"{tree.prefix}{pc}": source for pc, source in out.items()}
 
 
-def _compile_matcher(source, name, label):
+def _matcher_namespace():
     # generated code runs in its own namespace, so short names cost nothing to lpd
-    namespace = {"_H": _UNPACK_H, "_W": _UNPACK_W, "_REJECTS": _REJECTS,
-                 "_skb_protocol": _skb_protocol}
+    return {"_H": _UNPACK_H, "_W": _UNPACK_W, "_REJECTS": _REJECTS,
+            "_skb_protocol": _skb_protocol}
+
+
+def _compile_matcher(source, name, label):
+    namespace = _matcher_namespace()
     exec(compile(source, f"<bpf {label}>", "exec"), namespace)
     fn = namespace[name]
     fn.source = source
@@ -4343,34 +4475,50 @@ def _dispatch_ethertypes(progs):
     return chosen[:_MAX_DISPATCH]
 
 
-def _rule_lines(i, prog, cache, depth, ethertype, helpers):
-    """Source lines evaluating rule i in place; helper functions go into `helpers`."""
+def _rule_analysis(prog):
+    """What _rule_lines needs to know of prog whatever the ethertype branch, worked
+    out once per rule: (_helper_points, _read_before_written, _state_args), or None
+    when prog is empty or jumps backwards."""
+    if not prog or _has_backward_jump(prog):
+        return None
+    return _helper_points(prog), _read_before_written(prog), _state_args(prog)
+
+
+def _rule_lines(i, prog, cache, depth, ethertype, helpers, analysis):
+    """Source lines evaluating rule i in place; helper functions go into `helpers`.
+    analysis: _rule_analysis(prog)."""
     ind = "    " * depth
     if not prog:
         return [f"{ind}pass  # rule {i} is empty"]
-    if _has_backward_jump(prog):
+    if analysis is None:
         helpers.setdefault(f"_r{i}", matcher_source(prog, f"_r{i}"))
         return [f"{ind}if _r{i}(data, wirelen, pkttype, vlan_tci):  # rule {i}",
                 f"{ind}    {_hit(i)}"]
-    tree = _MatchTree(prog, _rule_leaf(i), f"_r{i}_", cache=cache, ethertype=ethertype)
+    join_points, unset, args = analysis
+    tree = _MatchTree(prog, _rule_leaf(i), f"_r{i}_", cache=cache, helpers=set(join_points),
+                      ethertype=ethertype, args=args)
     tree.path(0, depth + 1, entry=True)
     if not any(_hit(i) in line for line in tree.lines):
         return []                   # cannot match here: the ethertype decided it
     helpers.update(_helper_sources(tree))
-    return [f"{ind}# rule {i}"] + _register_init(prog, ind, bool(tree.helpers)) + \
+    return [f"{ind}# rule {i}"] + _register_init(prog, ind, bool(tree.helpers), unset) + \
         [f"{ind}try:"] + tree.lines + [f"{ind}except _REJECTS:", f"{ind}    pass"]
 
 
-def rules_counter_source(progs, name="count_rules"):
-    """Python source of the function make_rules_counter builds (for debugging).
+# Rules per generated function. compile() of one function holding 10,000 rules
+# peaked at 2 GB (syntax tree, code generator) that CPython then kept; compiled a
+# slice at a time the peak is that of one slice, and its memory is reused for the
+# next. Each function loops over the block's frames itself, so per frame a slice
+# costs a tuple unpack and its ethertype load: a few per cent of its rules' time.
+_RULES_PER_FUNCTION = 128
 
-    When two or more rules test the same ethertypes, the frame's ethertype is
-    loaded once and each such ethertype gets a branch holding every rule
-    specialised for it: rules that cannot match it vanish from that branch and
-    the others skip their ethertype tests.
-    """
+
+def _rules_function_source(progs, first, name):
+    """One counting function for progs, rules first, first + 1, ... (see
+    rules_counter_source)."""
     progs = [[tuple(int(v) for v in insn) for insn in prog] for prog in progs]
-    plain = [p for p in progs if p and not _has_backward_jump(p)]
+    analyses = [_rule_analysis(p) for p in progs]
+    plain = [p for p, analysis in zip(progs, analyses) if p and analysis is not None]
     cache = _shared_loads(plain)
     ethertypes = _dispatch_ethertypes(plain)
     if ethertypes:
@@ -4381,8 +4529,8 @@ def rules_counter_source(progs, name="count_rules"):
     if cache:
         body.append(f"        {' = '.join(sorted(cache.values()))} = None")
     if not ethertypes:
-        for i, prog in enumerate(progs):
-            body += _rule_lines(i, prog, cache, 2, None, helpers)
+        for i, prog in enumerate(progs, first):
+            body += _rule_lines(i, prog, cache, 2, None, helpers, analyses[i - first])
     else:
         body += ["        try:", "            c_h12 = _H(data, 12)[0]", "        except _REJECTS:",
                  "            pass"]
@@ -4390,13 +4538,56 @@ def rules_counter_source(progs, name="count_rules"):
                     for n, ethertype in enumerate(ethertypes)]
         branches.append(("else:", ("ne", frozenset(ethertypes))))
         for head, known in branches:
-            lines = [line for i, prog in enumerate(progs)
-                     for line in _rule_lines(i, prog, cache, 3, known, helpers)]
+            lines = [line for i, prog in enumerate(progs, first)
+                     for line in _rule_lines(i, prog, cache, 3, known, helpers,
+                                             analyses[i - first])]
             # Every rule may vanish from a branch (none can match its ethertype).
             body += [f"        {head}"] + (lines or ["            pass"])
     if len(body) == 2:
         body.append("        pass")
     return "\n".join(list(helpers.values()) + body) + "\n"
+
+
+def _rules_counter_parts(progs, name):
+    """The source of each function make_rules_counter compiles, in order: up to
+    _RULES_PER_FUNCTION rules, `name` itself; beyond, one function per slice, then
+    `name` calling them in turn."""
+    if len(progs) <= _RULES_PER_FUNCTION:
+        yield _rules_function_source(progs, 0, name)
+        return
+    parts = []
+    for first in range(0, len(progs), _RULES_PER_FUNCTION):
+        parts.append(f"_{name}_{first}")
+        yield _rules_function_source(progs[first:first + _RULES_PER_FUNCTION], first, parts[-1])
+    yield "\n".join([f"def {name}(frames, rb, rp):"] +
+                     [f"    {part}(frames, rb, rp)" for part in parts]) + "\n"
+
+
+def rules_counter_source(progs, name="count_rules"):
+    """Python source of the function(s) make_rules_counter builds (for debugging).
+
+    When two or more rules test the same ethertypes, the frame's ethertype is
+    loaded once and each such ethertype gets a branch holding every rule
+    specialised for it: rules that cannot match it vanish from that branch and
+    the others skip their ethertype tests.
+    """
+    return "\n".join(_rules_counter_parts(list(progs), name))
+
+
+class _RulesCount:
+    """make_rules_counter's function, with .source made when asked: kept, the text
+    would be the biggest part of a large rule set (~1 KB per rule)."""
+    __slots__ = ("count", "progs")
+
+    def __init__(self, count, progs):
+        self.count, self.progs = count, progs
+
+    def __call__(self, frames, rb, rp):
+        self.count(frames, rb, rp)
+
+    @property
+    def source(self):
+        return rules_counter_source(self.progs)
 
 
 def make_rules_counter(progs):
@@ -4407,9 +4598,13 @@ def make_rules_counter(progs):
     Equivalent to running bpf_interpret per program, but absolute loads several
     rules make are done once per frame, and the loop over a block's frames and the
     counting are in the generated code: no call and no list per frame.
-    f.source is its text.
+    f.source is its text, generated again when asked.
     """
-    return _compile_matcher(rules_counter_source(progs), "count_rules", "rules")
+    progs = tuple(progs)
+    namespace = _matcher_namespace()
+    for source in _rules_counter_parts(progs, "count_rules"):
+        exec(compile(source, "<bpf rules>", "exec"), namespace)
+    return _RulesCount(namespace["count_rules"], progs)
 
 
 ###############################################################################
@@ -5345,6 +5540,13 @@ def _expand(expr, mac, earlier, defined_at, lineno):
     """Substitute $MAC and ${id} in one left-to-right pass (substituted text is not
     rescanned); returns (text, first problem or None)."""
     problems = []
+    # A rule may use an earlier one several times, so each line could double the
+    # text: past FILTER_MAX_CHARS only the length is counted, nothing is built.
+    length = [len(expr)]
+
+    def put(m, text):
+        length[0] += len(text) - len(m.group(0))
+        return text if length[0] <= FILTER_MAX_CHARS else ""
 
     def sub(m):
         ref = m.group(1)
@@ -5352,9 +5554,9 @@ def _expand(expr, mac, earlier, defined_at, lineno):
             if mac is None:
                 problems.append("$MAC used but the interface has no MAC address")
                 return m.group(0)
-            return f"({mac})"
+            return put(m, f"({mac})")
         if ref in earlier:
-            return f"({earlier[ref]})"
+            return put(m, f"({earlier[ref]})")
         at = defined_at.get(ref)
         if at == lineno:
             problems.append(f"${{{ref}}} refers to its own rule")
@@ -5365,6 +5567,9 @@ def _expand(expr, mac, earlier, defined_at, lineno):
         return m.group(0)
 
     text = _REF.sub(sub, expr)
+    if length[0] > FILTER_MAX_CHARS:
+        return text, FilterTooLarge(f"{length[0]} characters once $MAC and ${{...}} are "
+                                    "expanded", FILTER_MAX_CHARS).reason
     return text, (problems[0] if problems else None)
 
 
@@ -5378,6 +5583,9 @@ def _compile(expr, expanded):
     where = f"expanded expression {expr!r}" if expanded else "expression"
     try:
         return compile_rule_expr(expr), None
+    except FilterTooLarge as e:
+        # Not quoted: it may be kilobytes.
+        return None, e.reason
     except FilterError as e:
         return None, f"{where} does not compile: {e}"
     except Exception as e:  # a compiler bug must not take a running daemon down on reload
@@ -5407,6 +5615,8 @@ def _parse_line(line, lineno, mac, expanded_by_id, defined_at):
         return f"duplicate identifier {rule_id!r} (first defined on line {defined_at[rule_id]})"
     if not expr:
         return f"empty expression for {rule_id!r}"
+    if len(expr) > FILTER_MAX_CHARS:        # before anything reads it: it may be megabytes
+        return FilterTooLarge(f"{len(expr)} characters", FILTER_MAX_CHARS).reason
     full, problem = _expand(expr, mac, expanded_by_id, defined_at, lineno)
     if problem:
         return problem
@@ -5427,6 +5637,9 @@ def parse_filter_text(text, source, mac):
     lines = _split_lines(text)
     defined_at = _defined_at(lines)
     rules, expanded_by_id = [], {}
+    # One object per distinct instruction: most of a rule's are also in others
+    # ('ldh [12]', 'jeq #0x800', the returns), which saves 2/3 of the programs' memory.
+    insns = {}
     for n, line in lines:
         if not line.strip() or line.strip().startswith("#"):
             continue
@@ -5435,7 +5648,7 @@ def parse_filter_text(text, source, mac):
             raise ConfigError(f"{source}:{n}: {got}")
         rule_id, expr, prog = got
         expanded_by_id[rule_id] = expr
-        rules.append(Rule(rule_id, expr, n, prog))
+        rules.append(Rule(rule_id, expr, n, tuple(insns.setdefault(i, i) for i in prog)))
     return rules
 
 

@@ -5,6 +5,7 @@
     python3 tests/bench.py --offline     # in-process only, no privileges, < 1 min
     python3 tests/bench.py --live        # namespaces + trafgen only
     python3 tests/bench.py --quick       # smaller counts: a smoke run (~1 min)
+    python3 tests/bench.py --rules-at-scale   # only the startup cost of big rule sets
 
 Prints plain tables and writes the same figures as JSON to bench/results/<UTC time>.json.
 Nothing here asserts a timing: it measures and reports.
@@ -12,7 +13,8 @@ Nothing here asserts a timing: it measures and reports.
 Offline: frames from ../shared/corpus/pcaps plus a synthetic mix go through lpd's own
 frames_to_blocks() -> Decoder.process_block() (the function the live ring loop calls),
 with 0/1/10/50 rules; the rule matcher beside lpd's plain interpreter and libpcap's C
-bpf_filter (ctypes); compile time and program length beside libpcap.
+bpf_filter (ctypes); compile time and program length beside libpcap; the startup cost
+(time, memory per rule) of 1,000 and 10,000 rules and of one long rule, beside libpcap.
 
 Live: two namespaces joined by a veth pair (tests/netns.py); trafgen sends a fixed number of
 frames at a ladder of rates; tcpdump -w /dev/null (same ring size) and lpd consume them in
@@ -56,6 +58,11 @@ RULE_FRAMES = 100_000                   # frames per rule-count run (rules cost 
 MATCHER_FRAMES = 10_000                 # frames per expression in the matcher comparison
 MATCHER_REPEAT = 3                      # best of: the box is shared, take the quietest pass
 COMPILE_REPEAT = 20
+SCALE_RULES = (1_000, 10_000)           # rule files of this many rules, startup cost
+QUICK_SCALE_RULES = (1_000,)
+SCALE_TERMS = (100, 250)                # one rule: an 'or' of this many 'host' terms
+SCALE_AS_LIMIT = 8_000_000_000          # RLIMIT_AS of the measuring child (bytes: prlimit
+                                        # crashes on its own suffixes here)
 
 # ---- live ------------------------------------------------------------------------
 GENERATOR_CPU = 0                       # trafgen -P 1 pins its worker to CPU 0 by itself
@@ -432,10 +439,97 @@ def best_time(fn, repeat):
     return best
 
 
+# The child that measures one rule file: a process of its own, so its RSS is the
+# rules' and nothing the bench built before. Prints JSON.
+_SCALE_CHILD = """
+import importlib.util, json, resource, sys, time
+spec = importlib.util.spec_from_file_location("lpd", sys.argv[1])
+lpd = importlib.util.module_from_spec(spec)
+sys.modules["lpd"] = lpd
+spec.loader.exec_module(lpd)
+def rss_kib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * (resource.getpagesize() // 1024)
+before = rss_kib()
+t0 = time.perf_counter()
+rules = lpd.parse_filter_file(sys.argv[2], None)
+t1 = time.perf_counter()
+counter = lpd.RuleCounter(rules)
+t2 = time.perf_counter()
+print(json.dumps({"parse": t1 - t0, "counter": t2 - t1, "before": before, "after": rss_kib(),
+                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def scale_rule_exprs(n):
+    """n rules of the shape a big site writes: a host each, then a port each, in turn."""
+    return [f"host 10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" if i % 2 == 0
+            else f"port {1 + i % 65000}" for i in range(n)]
+
+
+def _measure_rule_file(exprs, workdir):
+    path = os.path.join(workdir, "scale.filters")
+    with open(path, "w") as f:
+        f.writelines(f"r{i};{e}\n" for i, e in enumerate(exprs))
+    argv = [sys.executable, "-c", _SCALE_CHILD, LPD, path]
+    if subprocess.run(["prlimit", "--version"], capture_output=True).returncode == 0:
+        argv = ["prlimit", f"--as={SCALE_AS_LIMIT}"] + argv
+    cp = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    if cp.returncode:
+        raise RuntimeError(cp.stderr.strip().splitlines()[-1] if cp.stderr.strip() else cp.returncode)
+    return json.loads(cp.stdout)
+
+
+def rules_at_scale(lpd, results, quick):
+    """Startup cost of many rules (parse, compile, counting function) and of one long rule,
+    beside libpcap compiling the same expressions."""
+    t = Table("Rules at scale: what a rule file costs at startup (and on every SIGHUP)",
+              ["rules", "expression", "lpd s", "of it counter s", "libpcap s", "RSS MiB",
+               "RSS per rule KiB", "peak MiB"],
+              note="lpd s: parse_filter_file + RuleCounter in a fresh process (lpd imported "
+                   "before); counter s: the generated counting\nfunction's part; RSS: after, "
+                   "minus before; libpcap s: pcap_compile of each expression (ctypes). "
+                   f"Limits: {getattr(lpd, 'FILTER_MAX_CHARS', '-')} characters, "
+                   f"{getattr(lpd, 'FILTER_MAX_BLOCKS', '-')} blocks per expression.")
+    results["rules_at_scale"] = t.to_json()
+    try:
+        import libpcap_oracle as oracle
+    except ImportError as e:
+        oracle = None
+        t.note += f"\nlibpcap not available: {e}"
+
+    def pcap_seconds(exprs):
+        if oracle is None:
+            return None
+        t0 = time.perf_counter()
+        for e in exprs:
+            oracle.compile(e)
+        return time.perf_counter() - t0
+
+    cases = [(n, scale_rule_exprs(n), "host A / port N, in turn")
+             for n in (QUICK_SCALE_RULES if quick else SCALE_RULES)]
+    cases += [(1, [" or ".join(f"host 10.{i // 250}.{i % 250}.{i % 7 + 1}" for i in range(n))],
+               f"one 'or' of {n} hosts") for n in SCALE_TERMS]
+    with tempfile.TemporaryDirectory(prefix="lpd-bench-scale-") as workdir:
+        for n, exprs, what in cases:
+            row = t.add(rules=n, expression=what)
+            try:
+                m = _measure_rule_file(exprs, workdir)
+            except Exception as e:
+                row["lpd s"] = "error: " + one_line(e)
+                continue
+            grown = max(0, m["after"] - m["before"])
+            row.update({"lpd s": m["parse"] + m["counter"], "of it counter s": m["counter"],
+                        "libpcap s": pcap_seconds(exprs), "RSS MiB": grown / 1024,
+                        "RSS per rule KiB": grown / n, "peak MiB": m["peak"] / 1024})
+    return t
+
+
 def run_offline(lpd, results, quick):
     t0 = time.monotonic()
     offline_accounting(lpd, results, quick).show()
     offline_matchers(lpd, results, quick).show()
+    rules_at_scale(lpd, results, quick).show()
     results["offline_seconds"] = round(time.monotonic() - t0, 1)
 
 
@@ -876,6 +970,8 @@ def main(argv=None):
     ap.add_argument("--offline", action="store_true", help="only the in-process part")
     ap.add_argument("--live", action="store_true", help="only the live part (root)")
     ap.add_argument("--quick", action="store_true", help="smaller counts (smoke run)")
+    ap.add_argument("--rules-at-scale", action="store_true",
+                    help="only the 'Rules at scale' table (no privileges)")
     ap.add_argument("--lpd", default=LPD_PATH, help="lpd.py to measure (default: the repo's)")
     args = ap.parse_args(argv)
     LPD = os.path.abspath(args.lpd)
@@ -891,6 +987,9 @@ def main(argv=None):
     DEFAULT_RING = getattr(lpd, "DEFAULT_RING_BYTES", DEFAULT_RING)
     print(f"lpd {info['lpd_version']} ({LPD}) under {sys.executable}\n", flush=True)
     try:
+        if args.rules_at_scale:
+            rules_at_scale(lpd, results, args.quick).show()
+            do_offline = do_live = False
         if do_offline:
             run_offline(lpd, results, args.quick)
         if do_live:

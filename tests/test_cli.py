@@ -124,3 +124,18 @@ def test_readme_documents_the_ring_limit():
     row = [line for line in open(readme) if line.startswith("| `-b BYTES`")]
     assert len(row) == 1
     assert f"1/{lpd_module.RING_MAX_MEMORY_DIVISOR} of physical memory" in row[0], row[0]
+
+
+@pytest.mark.parametrize("expr,what,limit", [
+    ("host 10.0.0.1 or " * 4000 + "arp", "characters", "FILTER_MAX_CHARS"),
+    (" or ".join(f"port {i + 1}" for i in range(300)), "blocks of code", "FILTER_MAX_BLOCKS"),
+])
+def test_too_large_expression_is_one_line_exit_64(expr, what, limit):
+    """Refused before the work it would take: under a memory limit, promptly (the old
+    compiler took minutes and gigabytes on expressions like these)."""
+    cp = subprocess.run(["prlimit", f"--as={AS_LIMIT}", sys.executable, LPD, "-d", expr],
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 64, cp.stderr[-300:]
+    assert re.fullmatch(rf"lpd: filter: 1:1: expression too large \(\d+ {what}, "
+                        rf"at most {getattr(lpd_module, limit)}\)\n", cp.stderr), cp.stderr
+    assert cp.stdout == ""

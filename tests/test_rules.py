@@ -4,6 +4,10 @@ Counts are held to libpcap: every frame is run through pcap_offline_filter with
 the rule's expanded expression (tests/libpcap_oracle.py).
 """
 import pathlib
+import re
+import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -354,3 +358,118 @@ def test_each_load_compiles_and_resolves_again():
     a = lpd.parse_filter_text(text, "f", MAC)[0]
     b = lpd.parse_filter_text(text, "f", MAC)[0]
     assert a.prog == b.prog and a.prog is not b.prog
+
+
+# --- bounds on one expression (FILTER_MAX_CHARS, FILTER_MAX_BLOCKS) -----------------------
+
+LPD_PY = str(FILTERS.parent / "lpd.py")
+# RLIMIT_AS in bytes (util-linux's prlimit here crashes on suffixes such as 2G): one 1 MB
+# line once grew lpd to 24 GB. Far more than a failing parse needs, and a generous
+# wall-clock bound: these must fail at once, never after minutes of compiling.
+BIG_AS_LIMIT = 2_000_000_000
+BIG_TIMEOUT = 60
+
+
+def _offline_with(tmp_path, text):
+    """lpd -r (an empty pcap) -f (a file holding text) under the memory limit."""
+    rules = tmp_path / "big.filters"
+    rules.write_text(text)
+    pcap = tmp_path / "empty.pcap"
+    pcap.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+    cp = subprocess.run(["prlimit", f"--as={BIG_AS_LIMIT}", sys.executable, LPD_PY,
+                         "-r", str(pcap), "-f", str(rules), "--local-net", "10.0.0.0/8"],
+                        capture_output=True, text=True, timeout=BIG_TIMEOUT)
+    return cp, str(rules)
+
+
+def _or_of_hosts(n):
+    return " or ".join(f"host 10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}" for i in range(n))
+
+
+def test_a_one_megabyte_rule_line_fails_at_once(tmp_path):
+    line = _or_of_hosts(70000)[:1 << 20]
+    cp, path = _offline_with(tmp_path, f"a;arp\n# big\nb;{line}\n")
+    assert cp.returncode == 78, cp.stderr[-500:]
+    assert cp.stderr == (f"lpd: {path}:3: expression too large ({1 << 20} characters, "
+                         f"at most {lpd.FILTER_MAX_CHARS})\n")
+    assert cp.stdout == ""
+
+
+@pytest.mark.parametrize("terms,what", [
+    (5000, "characters"),
+    # Short enough as text, but 23 blocks of code per 'port' term: the optimiser's work
+    # is what FILTER_MAX_BLOCKS bounds.
+    (300, "blocks of code"),
+])
+def test_an_expression_of_many_terms_fails_at_once(tmp_path, terms, what):
+    expr = " or ".join(f"port {i + 1}" for i in range(terms))
+    cp, path = _offline_with(tmp_path, f"a;arp\nb;{expr}\n")
+    assert cp.returncode == 78, cp.stderr[-500:]
+    limit = lpd.FILTER_MAX_CHARS if what == "characters" else lpd.FILTER_MAX_BLOCKS
+    assert re.fullmatch(rf"lpd: {re.escape(path)}:2: expression too large "
+                        rf"\(\d+ {what}, at most {limit}\)\n", cp.stderr), cp.stderr
+
+
+def test_expression_limits_at_the_boundary():
+    pad = "ip" + " " * (lpd.FILTER_MAX_CHARS - 2)
+    assert parse(f"a;{pad}\n", mac=None) == [("a", "ip", 1)]     # trimmed, but counted whole
+    assert lpd.compile_filter(pad) == lpd.compile_filter("ip")
+    with pytest.raises(lpd.FilterTooLarge, match=rf"\({lpd.FILTER_MAX_CHARS + 1} characters"):
+        lpd.compile_filter(pad + " ")
+    # Each 'port' term is 23 blocks, the program's two returns 2 more: 178 terms are the limit.
+    ports = [f"port {i + 1}" for i in range(179)]
+    assert 23 * 178 + 2 == lpd.FILTER_MAX_BLOCKS
+    assert lpd.compile_filter(" or ".join(ports[:178]))
+    with pytest.raises(lpd.FilterTooLarge) as ei:
+        lpd.compile_filter(" or ".join(ports), kernel=True)
+    assert str(ei.value) == (f"1:1: expression too large ({23 * 179 + 2} blocks of code, "
+                             f"at most {lpd.FILTER_MAX_BLOCKS})")
+
+
+def test_references_cannot_double_an_expression_past_the_limit():
+    # Each line doubles the text of the one before: 2**40 characters by the last line,
+    # were it built.
+    lines = ["r0;ip"] + [f"r{i};${{r{i - 1}}} and ${{r{i - 1}}}" for i in range(1, 41)]
+    msg = parse_error("\n".join(lines) + "\n", mac=None)
+    length, n = len("ip"), 0
+    while length <= lpd.FILTER_MAX_CHARS:
+        length, n = 2 * length + len("() and ()"), n + 1
+    assert re.fullmatch(rf"t\.filters:{n + 1}: expression too large \({length} characters once "
+                        rf"\$MAC and \$\{{\.\.\.\}} are expanded, at most {lpd.FILTER_MAX_CHARS}\)",
+                        msg), msg
+
+
+def test_readme_states_the_expression_limits():
+    readme = (FILTERS.parent / "README.md").read_text()
+    rules = readme.split("## Rules", 1)[1].split("\n## ", 1)[0]
+    assert f"{lpd.FILTER_MAX_CHARS:,} characters" in rules
+    assert f"{lpd.FILTER_MAX_BLOCKS:,} blocks of code" in rules
+
+
+# --- rule sets at scale -------------------------------------------------------------------
+
+def test_rules_beyond_one_generated_function_count_like_one_by_one(monkeypatch):
+    """A big set is compiled a slice of rules at a time (one compile() of 10,000 rules
+    took 2 GB); every slice must count its own rules and only them."""
+    monkeypatch.setattr(lpd, "_RULES_PER_FUNCTION", 4)
+    exprs = ["arp", "udp port 53", "ip6", "tcp", "vlan 7", "host 10.0.0.1", "icmp6",
+             "ip6 protochain 17", "udp", "ether broadcast", "not ip"]
+    rc = lpd.RuleCounter(lpd.parse_filter_text(
+        "".join(f"r{i};{e}\n" for i, e in enumerate(exprs)), "f", MAC))
+    source = rc.count.source
+    assert source.count("\ndef _count_rules_") == 2 and source.startswith("def _count_rules_0(")
+    fl = frames()
+    count_all(rc, fl)
+    for i, expr in enumerate(exprs):
+        prog = oracle.Program(expr)
+        hits = [w for d, w in fl if prog.filter(d, w)]
+        assert (rc.bytes[i], rc.packets[i]) == (sum(hits), len(hits)), expr
+
+
+def test_rules_share_their_instructions():
+    """A rule set holds one object per distinct instruction, not one per rule."""
+    rules = lpd.parse_filter_text("".join(f"p{i};port {i + 1}\n" for i in range(50)), "f", MAC)
+    first = {insn: insn for insn in rules[0].prog}
+    shared = [insn for insn in rules[1].prog if insn in first]
+    assert len(shared) > len(rules[1].prog) // 2
+    assert all(first[insn] is insn for insn in shared)
