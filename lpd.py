@@ -4222,7 +4222,8 @@ class _MatchTree:
                     break
             else:
                 jfact = fact
-            insn, a_src, pc, t, f, ba, fact, keyword = jinsn, ja_src, jpc, jt, jf, jba, jfact, "elif"
+            insn, a_src, pc, t, f = jinsn, ja_src, jpc, jt, jf
+            ba, fact, keyword = jba, jfact, "elif"
         if self.leaf("0") != "pass" or not self.rejects_at_once(f):
             self.emit(depth, "else:")
             self.path(f, depth + 1, ba, bx, fact, xk=xk)
@@ -5575,9 +5576,10 @@ class _Programs:
         self.now, self.insns = {}, {}
 
     def get(self, expr):
-        prog = self.now.get(expr) or _Programs.last.get(expr)
-        if prog is not None:
-            self.now[expr] = prog = tuple(self.insns.setdefault(i, i) for i in prog)
+        prog = self.now.get(expr)
+        if prog is None and expr in _Programs.last:
+            prog = tuple(self.insns.setdefault(i, i) for i in _Programs.last[expr])
+            self.now[expr] = prog
         return prog
 
     def add(self, expr, prog):

@@ -489,7 +489,8 @@ def test_a_reload_compiles_only_what_changed_and_what_names_something(monkeypatc
     lpd.parse_filter_text(text, "f", MAC)
     compiled = []
     real = lpd.compile_filter
-    monkeypatch.setattr(lpd, "compile_filter", lambda e, *a, **k: compiled.append(e) or real(e, *a, **k))
+    monkeypatch.setattr(lpd, "compile_filter",
+                        lambda e, *a, **k: compiled.append(e) or real(e, *a, **k))
     again = lpd.parse_filter_text(text + "e;arp\n", "f", MAC)
     assert compiled == ["host localhost", "tcp port domain", "arp"]
     assert [r.prog for r in again] == [tuple(real(r.expr)) for r in again]
