@@ -1387,6 +1387,9 @@ class _Gen:
         self.no_optimize = False
         self.regused, self.curreg = [False] * BPF_MEMWORDS, 0
         self.col = 1            # where errors are reported
+        # Names looked up (hosts, networks, ports, protocols, MACs: /etc and DNS), also
+        # by alternatives attempt() rewound: one list object, which restore() keeps.
+        self.names = []
 
     def error(self, reason):
         raise FilterError(reason, self.col)
@@ -2299,6 +2302,7 @@ class _Gen:
 
     # -- names and numbers (gen_scode, gen_ncode, gen_mcode, gen_mcode6, gen_ecode) --
     def scode(self, name, q):
+        self.names.append(name)
         proto, d, addr = q
         if addr == "net":
             a = _nametonetaddr(name)
@@ -3128,16 +3132,20 @@ FILTER_MAX_CHARS = 8192
 FILTER_MAX_BLOCKS = 4096
 
 
-def compile_filter(expr, kernel=False, snaplen=SNAPLEN_FULL, optimize=True):
+def compile_filter(expr, kernel=False, snaplen=SNAPLEN_FULL, optimize=True, names=None):
     """Compile a pcap-filter expression to a classic BPF program for Ethernet.
 
     kernel=False: the frame as pcap_offline_filter sees it (VLAN tags in the data);
     kernel=True: as an AF_PACKET socket filter sees it (outer VLAN tag in metadata).
+    names: a list to append the names the expression looked up to (the program
+    depends on nothing else than its text when there are none).
     Raises FilterError for every expression libpcap 1.10 rejects, and FilterTooLarge
     beyond FILTER_MAX_CHARS or FILTER_MAX_BLOCKS."""
     if len(expr) > FILTER_MAX_CHARS:
         raise FilterTooLarge(f"{len(expr)} characters", FILTER_MAX_CHARS)
     gen = _Gen(kernel, snaplen)
+    if names is not None:
+        gen.names = names
     try:
         b = _Parser(expr, gen).parse_prog()
     except RecursionError:
@@ -4225,7 +4233,8 @@ class _MatchTree:
                     break
             else:
                 jfact = fact
-            insn, a_src, pc, t, f, ba, fact, keyword = jinsn, ja_src, jpc, jt, jf, jba, jfact, "elif"
+            insn, a_src, pc, t, f = jinsn, ja_src, jpc, jt, jf
+            ba, fact, keyword = jba, jfact, "elif"
         if self.leaf("0") != "pass" or not self.rejects_at_once(f):
             self.emit(depth, "else:")
             self.path(f, depth + 1, ba, bx, fact, xk=xk)
@@ -5573,9 +5582,10 @@ def _expand(expr, mac, earlier, defined_at, lineno):
     return text, (problems[0] if problems else None)
 
 
-def compile_rule_expr(expr):
-    """Userspace program for expr as a tuple of (code, jt, jf, k). Raises FilterError."""
-    return tuple(tuple(insn) for insn in compile_filter(expr))
+def compile_rule_expr(expr, names=None):
+    """Userspace program for expr as a tuple of (code, jt, jf, k). Raises FilterError.
+    names: see compile_filter."""
+    return tuple(tuple(insn) for insn in compile_filter(expr, names=names))
 
 
 class _Programs:
@@ -5593,18 +5603,16 @@ class _Programs:
         self.now, self.insns = {}, {}
 
     def get(self, expr):
-        prog = self.now.get(expr) or _Programs.last.get(expr)
-        if prog is not None:
-            self.now[expr] = prog = tuple(self.insns.setdefault(i, i) for i in prog)
+        prog = self.now.get(expr)
+        if prog is None and expr in _Programs.last:
+            prog = tuple(self.insns.setdefault(i, i) for i in _Programs.last[expr])
+            self.now[expr] = prog
         return prog
 
-    def add(self, expr, prog):
+    def add(self, expr, prog, names):
+        """prog, compiled from expr after looking up `names`, as this parse keeps it."""
         prog = tuple(self.insns.setdefault(i, i) for i in prog)
-        try:
-            names_nothing = all(tok.kind != "ID" for tok in tokenize(expr))
-        except FilterError:
-            names_nothing = False
-        if names_nothing:
+        if not names:
             self.now[expr] = prog
         return prog
 
@@ -5620,9 +5628,10 @@ def _compile(expr, expanded, programs=None):
         prog = programs.get(expr)
         if prog is not None:
             return prog, None
+    names = []
     try:
-        prog = compile_rule_expr(expr)
-        return (prog if programs is None else programs.add(expr, prog)), None
+        prog = compile_rule_expr(expr, names)
+        return (prog if programs is None else programs.add(expr, prog, names)), None
     except FilterTooLarge as e:
         # Not quoted: it may be kilobytes.
         return None, e.reason

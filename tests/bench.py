@@ -482,7 +482,7 @@ def _measure_rule_file(exprs, workdir):
         argv = ["prlimit", f"--as={SCALE_AS_LIMIT}"] + argv
     cp = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     if cp.returncode:
-        raise RuntimeError(cp.stderr.strip().splitlines()[-1] if cp.stderr.strip() else cp.returncode)
+        raise RuntimeError((cp.stderr.strip() or f"exit {cp.returncode}").splitlines()[-1])
     return json.loads(cp.stdout)
 
 
@@ -527,8 +527,9 @@ def rules_at_scale(lpd, results, quick):
                 continue
             grown = max(0, m["after"] - m["before"])
             row.update({"lpd s": m["parse"] + m["counter"], "of it counter s": m["counter"],
-                        "reload s": m.get("reload"), "libpcap s": pcap_seconds(exprs), "RSS MiB": grown / 1024,
-                        "RSS per rule KiB": grown / n, "peak MiB": m["peak"] / 1024})
+                        "reload s": m["reload"], "libpcap s": pcap_seconds(exprs),
+                        "RSS MiB": grown / 1024, "RSS per rule KiB": grown / n,
+                        "peak MiB": m["peak"] / 1024})
     return t
 
 

@@ -485,14 +485,15 @@ def test_rules_share_their_instructions():
 def test_a_reload_compiles_only_what_changed_and_what_names_something(monkeypatch):
     """An expression naming nothing is a function of its text: a SIGHUP reuses its
     program. One with a name is compiled, and so resolved, again."""
-    text = "a;udp port 53\nb;host localhost\nc;tcp port domain\nd;ip6\n"
+    text = "a;udp port 53\nb;host localhost\nc;tcp port domain\nd;ip6\ne;ip proto \\tcp\n"
     lpd.parse_filter_text(text, "f", MAC)
     compiled = []
     real = lpd.compile_filter
-    monkeypatch.setattr(lpd, "compile_filter", lambda e, *a, **k: compiled.append(e) or real(e, *a, **k))
-    again = lpd.parse_filter_text(text + "e;arp\n", "f", MAC)
-    assert compiled == ["host localhost", "tcp port domain", "arp"]
+    monkeypatch.setattr(lpd, "compile_filter",
+                        lambda e, *a, **k: compiled.append(e) or real(e, *a, **k))
+    again = lpd.parse_filter_text(text + "f;arp\n", "f", MAC)
+    assert compiled == ["host localhost", "tcp port domain", "ip proto \\tcp", "arp"]
     assert [r.prog for r in again] == [tuple(real(r.expr)) for r in again]
     compiled.clear()
-    lpd.parse_filter_text("a;udp port 53\ne;arp\n", "f", MAC)
+    lpd.parse_filter_text("a;udp port 53\nf;arp\n", "f", MAC)
     assert compiled == []
