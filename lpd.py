@@ -335,7 +335,6 @@ BLOCK_STATUS_OFF = _offset(BLOCK_FIELDS, "block_status")
 BLOCK_HDR_OFF = _offset(BLOCK_FIELDS, "num_pkts")
 BLOCK_HDR = _layout(BLOCK_FIELDS[3:5])          # num_pkts, offset_to_first_pkt
 BLOCK_LEN_OFF = _offset(BLOCK_FIELDS, "blk_len")
-BLOCK_HDR_LEN = U32
 BLOCK_FIRST_FRAME = _align(BLOCK.size, V3_ALIGNMENT)       # BLK_PLUS_PRIV(0)
 
 # struct tpacket3_hdr (with tpacket_hdr_variant1) then struct sockaddr_ll, as the
@@ -4966,7 +4965,7 @@ class Ring:
                 # drop the frame (a GSO type virtio_net_hdr cannot describe) leaving the
                 # slot's header unwritten: zeroed here, it reads as tp_mac 0 next time,
                 # never as a frame of an earlier pass.
-                used = BLOCK_HDR_LEN.unpack_from(view, base + BLOCK_LEN_OFF)[0]
+                used = U32.unpack_from(view, base + BLOCK_LEN_OFF)[0]
                 view[base + BLOCK_FIRST_FRAME:base + used] = self.zeros[:used - BLOCK_FIRST_FRAME]
             U32.pack_into(view, base + BLOCK_STATUS_OFF, TP_STATUS_KERNEL)
             self.next_block = (self.next_block + 1) % nr
@@ -5325,11 +5324,9 @@ def _is_local(key, prefixes):
 
 class _LocalTable:
     """One family's local addresses: counters, locality cache, and what changed."""
-    __slots__ = ("family", "hosts", "cache", "remote", "prefixes", "dirty", "prev", "active",
-                 "rows", "bps")
+    __slots__ = ("hosts", "cache", "remote", "prefixes", "dirty", "prev", "active", "rows", "bps")
 
     def __init__(self, family, nets, old=None):
-        self.family = family
         self.prefixes = _prefixes(nets, family)
         self.hosts = old.hosts if old else {}      # key -> [tx_b, tx_p, rx_b, rx_p]
         self.remote = {}                            # key -> 0: seen, not local
