@@ -28,6 +28,7 @@ import grp
 import http.client
 import ipaddress
 import json
+import math
 import mmap
 import os
 import re
@@ -127,6 +128,13 @@ RING_MIN_BYTES = 1 << 16
 # stalls inside that setsockopt() (SIGTERM waits too) until the global OOM killer takes
 # other processes. So -b may take at most this share of physical memory.
 RING_MAX_MEMORY_DIVISOR = 4                 # at most 1/4 of physical memory
+# Remote addresses tracked at most (space-saving: the table trims to this when it holds
+# twice as many), and the bytes a remote must exceed before it gets its own series
+# (ip_traffic_monitor_cli's -t default: 1 MiB).
+DEFAULT_REMOTE_MAX = 65536
+DEFAULT_EXPORT_THRESHOLD = 1 << 20
+DEFAULT_IDLE_TIMEOUT = 300.0
+OUTPUTS = ("table", "metrics", "json")
 
 
 def physical_memory():
@@ -155,6 +163,13 @@ def _positive_int(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+def _non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
     return value
 
 
@@ -209,8 +224,30 @@ def build_parser():
     p.add_argument("--local-max", type=_positive_int, metavar="N",
                    help=f"local addresses tracked at most; the least busy are evicted "
                         f"(default {DEFAULT_LOCAL_MAX}; with -r: no bound)")
-    p.add_argument("--idle-timeout", type=_positive_float, default=300.0, metavar="SECONDS",
-                   help="forget an address after this long without traffic (default 300)")
+    p.add_argument("--idle-timeout", type=_positive_float, metavar="SECONDS",
+                   help=f"forget an address after this long without traffic "
+                        f"(default {DEFAULT_IDLE_TIMEOUT:g}; with -r: never)")
+    p.add_argument("--remote", action="store_true",
+                   help="count per remote address (any address outside the local networks)")
+    p.add_argument("--remote-max", type=_positive_int, default=DEFAULT_REMOTE_MAX, metavar="N",
+                   help=f"remote addresses tracked at most; the heavy hitters are kept "
+                        f"(default {DEFAULT_REMOTE_MAX})")
+    p.add_argument("-t", "--prometheus-export-threshold", dest="export_threshold",
+                   type=_non_negative_int, default=DEFAULT_EXPORT_THRESHOLD, metavar="BYTES",
+                   help="a remote gets its own ip_traffic_* series once its tx+rx bytes exceed "
+                        "this (default %(default)s; 0: every remote)")
+    p.add_argument("-g", "--geoip-db", metavar="PATH",
+                   help="GeoLite2/GeoIP2 City or Country database: country, province and city "
+                        "labels of remotes (implies --remote; needs maxminddb)")
+    p.add_argument("--geoip-isp-db", metavar="PATH",
+                   help="GeoIP2-ISP or GeoLite2-ASN database: the isp label (implies --remote)")
+    p.add_argument("--geoip-lang", default="en", metavar="LANG",
+                   help="language of the GeoIP names, e.g. zh-CN (default en; falls back to en)")
+    p.add_argument("--duration", type=_positive_float, metavar="SECONDS",
+                   help="capture this long, print the table (see --output) and exit")
+    p.add_argument("--output", choices=OUTPUTS, default="table",
+                   help="what -r and --duration print: a table for people (default), the "
+                        "Prometheus exposition, or one JSON document")
     p.add_argument("--mapping-url", default=DEFAULT_MAPPING_URL, metavar="URL",
                    help="NIC mapping service, or 'none' (default %(default)s)")
     p.add_argument("--mapping-interval", type=_positive_float, default=10.0, metavar="SECONDS",
@@ -244,6 +281,8 @@ def parse_args(argv):
     opts.listen = parse_listen_address(opts.listen)
     if opts.mapping_url.lower() == "none":
         opts.mapping_url = None
+    if opts.geoip_db or opts.geoip_isp_db:
+        opts.remote = True
     return opts
 
 
@@ -4669,6 +4708,20 @@ class AddressSnapshot(NamedTuple):
                                self.evictions + other.evictions)
 
 
+class RemoteSnapshot(NamedTuple):
+    """Per tracked remote: ((version, raw key), tx_b, tx_p, rx_b, rx_p, error), where
+    error bounds the bytes it carried before it was (last) tracked; and the exact
+    totals of every frame between a local and a remote address, tracked or not."""
+    rows: tuple = ()
+    totals: tuple = (0, 0, 0, 0)           # TX_BYTES .. RX_PACKETS
+    evictions: int = 0
+    floor: int = 0                         # bytes an untracked remote carried at most
+
+    def merge(self, other):
+        return RemoteSnapshot(_merge_keyed(self.rows, other.rows, 1), _add(self.totals, other.totals),
+                              self.evictions + other.evictions, self.floor + other.floor)
+
+
 class RuleSnapshot(NamedTuple):
     """Per rule, in file order: (id, bytes, packets)."""
     rows: tuple = ()
@@ -5002,16 +5055,21 @@ class Ring:
 # every consumer gets the batch, once per block.
 
 WANT_RAW = "raw"    # (data, wirelen, pkttype, vlan_tci or None): frame bytes, tag re-inserted
+# (remote key, bytes, frames) of each IP frame between a local and a remote address,
+# in remote_tx (local -> remote) or remote_rx (remote -> local).
+WANT_REMOTE = "remote"
 
 
 class Batch:
     """What one block decoded into. Its lists hold views of the ring: a consumer
     copies whatever it keeps beyond consume(). `gso` holds the WANT_RAW tuples of
-    super-frames, with the bytes and frames the wire carried for each."""
-    __slots__ = ("raw", "gso", "frames", "time")
+    super-frames, with the bytes and frames the wire carried for each. `time` is the
+    block's last frame's timestamp: the packet clock."""
+    __slots__ = ("raw", "gso", "remote_tx", "remote_rx", "frames", "time")
 
     def __init__(self):
-        self.raw, self.gso, self.frames, self.time = [], [], 0, 0.0
+        self.raw, self.gso, self.remote_tx, self.remote_rx = [], [], [], []
+        self.frames, self.time = 0, 0.0
 
 
 # GSO type -> (IP versions it can carry, transport protocol, whether each frame on the
@@ -5106,6 +5164,7 @@ class Decoder:
         self.totals = [0, 0, 0, 0]                   # TX_BYTES .. RX_PACKETS
         self.malformed = dict.fromkeys(MALFORMED_REASONS, 0)
         self.gso_frames = self.gso_unsplit = 0
+        self.time = 0.0                              # the packet clock: the last block's last frame
         self.set_consumers(consumers)
 
     def set_link(self, vnet, mtu=None):
@@ -5128,6 +5187,7 @@ class Decoder:
         self.consumers = tuple(consumers)
         wants = frozenset().union(*(c.wants for c in self.consumers))
         self.want_raw = WANT_RAW in wants
+        self.want_remote = WANT_REMOTE in wants
 
     def snaplen(self):
         return max([SNAPLEN_ACCOUNTING] + [c.snaplen() for c in self.consumers])
@@ -5153,6 +5213,7 @@ class Decoder:
         self.totals[direction] += nbytes
         self.totals[direction + 1] += segments
         local = self.local
+        ends = []
         for key, at in ((src, TX_BYTES), (dst, RX_BYTES)):
             cache = local.cache4 if type(key) is int else local.cache6
             e = cache.get(key)
@@ -5161,6 +5222,10 @@ class Decoder:
             if e:
                 e[at] += nbytes
                 e[at + 1] += segments
+            ends.append(bool(e))
+        if self.want_remote and ends[0] != ends[1]:
+            (batch.remote_tx.append((dst, nbytes, segments)) if ends[0]
+             else batch.remote_rx.append((src, nbytes, segments)))
         if self.want_raw:
             if tagged:
                 tag = VLAN_TAG.pack(tpid if status & TP_STATUS_VLAN_TPID_VALID else ETH_P_8021Q, tci)
@@ -5191,6 +5256,7 @@ class Decoder:
         get4, get6, locate = local.cache4.get, local.cache6.get, local.locate
         batch = Batch()
         want_raw, raw = self.want_raw, batch.raw.append
+        want_remote, remote_tx, remote_rx = self.want_remote, batch.remote_tx.append, batch.remote_rx.append
         (_, _, _, count, first, _, _, _, _, last_sec, last_nsec) = BLOCK.unpack_from(buf, base)
         pos = base + first
         tx_b = tx_p = rx_b = rx_p = 0
@@ -5275,24 +5341,31 @@ class Decoder:
                 get = get4
             # One attribution for both families. Cached: the counter list (local),
             # 0 (remote) or None (unseen).
-            e = get(src)
-            if e:
-                e[0] += wl
-                e[1] += 1
-            elif e is None:
-                e = locate(src)
-                if e:
-                    e[0] += wl
-                    e[1] += 1
-            e = get(dst)
-            if e:
-                e[2] += wl
-                e[3] += 1
-            elif e is None:
-                e = locate(dst)
-                if e:
-                    e[2] += wl
-                    e[3] += 1
+            es = get(src)
+            if es:
+                es[0] += wl
+                es[1] += 1
+            elif es is None:
+                es = locate(src)
+                if es:
+                    es[0] += wl
+                    es[1] += 1
+            ed = get(dst)
+            if ed:
+                ed[2] += wl
+                ed[3] += 1
+            elif ed is None:
+                ed = locate(dst)
+                if ed:
+                    ed[2] += wl
+                    ed[3] += 1
+            # Exactly one end local: the frame counts for the other, a remote.
+            if want_remote:
+                if es:
+                    if not ed:
+                        remote_tx((dst, wl, 1))
+                elif ed:
+                    remote_rx((src, wl, 1))
         totals = self.totals
         totals[0] += tx_b
         totals[1] += tx_p
@@ -5300,6 +5373,8 @@ class Decoder:
         totals[3] += rx_p
         self.frames += count
         batch.frames, batch.time = count, last_sec + last_nsec * 1e-9
+        if batch.time > self.time:
+            self.time = batch.time
         for consumer in self.consumers:
             consumer.consume(batch)
 
@@ -5355,7 +5430,7 @@ class LocalAddresses(Consumer):
     """
     name = "addresses"
 
-    def __init__(self, local_nets, idle_timeout=300.0, local_max=DEFAULT_LOCAL_MAX):
+    def __init__(self, local_nets, idle_timeout=DEFAULT_IDLE_TIMEOUT, local_max=DEFAULT_LOCAL_MAX):
         self.idle_timeout, self.local_max = idle_timeout, local_max
         self.tables = {}
         self.last_tick = None
@@ -5468,6 +5543,93 @@ class LocalAddresses(Consumer):
                 t.rows[key] = self._row(version, key, t.bps.get(key, (0.0, 0.0)))
             rows += t.rows.values()
         return AddressSnapshot(tuple(rows), self.evictions)
+
+
+###############################################################################
+# Consumers: remote addresses #################################################
+###############################################################################
+
+# The table trims to --remote-max when it holds this many times as many: a sort per
+# remote_max newcomers, so a flood of spoofed sources costs O(log n) per address.
+REMOTE_TRIM_FACTOR = 2
+REMOTE_WEIGHT = 4                 # entry index: bytes inherited when it entered the table
+
+
+class RemoteAddresses(Consumer):
+    """Bytes and frames per remote address, both directions, in bounded memory.
+
+    Space-saving (Metwally, Agrawal, El Abbadi 2005), trimmed in batches: a newcomer
+    inherits `floor`, the most bytes any evicted remote had (counted plus inherited),
+    and a full table keeps the remote_max heaviest by that weight. So for every remote
+    its exported bytes (counted since it last entered) <= its true bytes <= exported +
+    its inherited `error`, and a remote that is not tracked carried at most `floor`
+    bytes: a big talker stays, a flood of one-frame sources churns below it. The
+    totals count every frame, whatever was evicted.
+
+    consume() touches the table through `cache`, the entries counted since the last
+    snapshot: a snapshot rebuilds the rows of those only.
+    """
+    name = "remotes"
+    wants = frozenset((WANT_REMOTE,))
+
+    def __init__(self, remote_max=DEFAULT_REMOTE_MAX):
+        self.remote_max = remote_max
+        self.table = {}                 # key -> [tx_b, tx_p, rx_b, rx_p, inherited bytes]
+        self.cache = {}                 # key -> entry, for keys counted since the last snapshot
+        self.rows = {}                  # key -> its snapshot row
+        self.totals = [0, 0, 0, 0]
+        self.evictions = 0
+        self.floor = 0
+
+    def consume(self, batch):
+        get, touch, totals = self.cache.get, self.touch, self.totals
+        for at, frames in ((TX_BYTES, batch.remote_tx), (RX_BYTES, batch.remote_rx)):
+            nbytes = nframes = 0
+            for key, b, n in frames:
+                e = get(key)
+                if e is None:
+                    e = touch(key)
+                e[at] += b
+                e[at + 1] += n
+                nbytes += b
+                nframes += n
+            totals[at] += nbytes
+            totals[at + 1] += nframes
+
+    def touch(self, key):
+        """The entry of a remote not counted since the last snapshot (new ones enter)."""
+        e = self.table.get(key)
+        if e is None:
+            if len(self.table) >= REMOTE_TRIM_FACTOR * self.remote_max:
+                self.trim()
+            e = self.table[key] = [0, 0, 0, 0, self.floor]
+        self.cache[key] = e
+        return e
+
+    def trim(self):
+        """Keep the remote_max heaviest; the heaviest evicted one raises the floor."""
+        def weight(item):
+            e = item[1]
+            return e[TX_BYTES] + e[RX_BYTES] + e[REMOTE_WEIGHT]
+        ranked = sorted(self.table.items(), key=weight, reverse=True)
+        evicted = ranked[self.remote_max:]
+        if evicted:
+            self.floor = max(self.floor, weight(evicted[0]))
+        for key, _ in evicted:
+            del self.table[key]
+            self.cache.pop(key, None)
+            self.rows.pop(key, None)
+        self.evictions += len(evicted)
+
+    def tracked(self):
+        return len(self.table)
+
+    def snapshot(self):
+        rows = self.rows
+        for key, e in self.cache.items():
+            rows[key] = ((family_of_key(key).version, key), *e)
+        self.cache = {}
+        return RemoteSnapshot(tuple(rows.values()), tuple(self.totals), self.evictions, self.floor)
 
 
 ###############################################################################
@@ -5785,7 +5947,7 @@ class Poller:
         self._state = None                 # last logged state: "ok" or the error's kind
 
     def fetch(self):
-        """The new value; raises OSError, ValueError or HTTPException on failure."""
+        """The new value; raises OSError, ValueError, HTTPException or LpdError on failure."""
         raise NotImplementedError
 
     def describe(self, exc):
@@ -5795,7 +5957,7 @@ class Poller:
         """One poll; True on success. A failure keeps the last good value."""
         try:
             value = self.fetch()
-        except (OSError, ValueError, http.client.HTTPException) as e:
+        except (OSError, ValueError, http.client.HTTPException, LpdError) as e:
             self._failed(type(e).__name__, f"{self.describe(e)}; keeping the last good {self.name}")
             return False
         self.current = value
@@ -5966,6 +6128,307 @@ class NicMapping(Poller):
         return lambda addr: table.get(addr, default)
 
 
+GEOIP_UNKNOWN = "Unknown"          # ip_traffic_monitor_cli's label for "no database, no entry"
+GEOIP_FALLBACK_LANG = "en"
+# How often the databases' files are checked: geoipupdate replaces them in place weekly.
+GEOIP_CHECK_PERIOD = 60.0
+GEOIP_CACHE_MAX = 1 << 18          # remotes whose labels are remembered; then it starts over
+GEOIP_INSTALL = ("needs the maxminddb module: pip install 'lpd[geoip]' "
+                 "(Debian: apt install python3-maxminddb)")
+# option -> (attribute of the options, what its database_type must contain)
+GEOIP_DATABASES = {
+    "--geoip-db": ("geoip_db", ("City", "Country", "Enterprise")),
+    "--geoip-isp-db": ("geoip_isp_db", ("ISP", "ASN")),
+}
+
+
+def open_mmdb(path, option, kinds):
+    """A maxminddb Reader of the right kind, or a ConfigError naming the file."""
+    try:
+        import maxminddb
+    except ImportError:
+        raise ConfigError(f"{option}: GeoIP {GEOIP_INSTALL}") from None
+    try:
+        reader = maxminddb.open_database(path)
+    except OSError as e:
+        raise ConfigError(f"{option} {path}: {e.strerror or e}") from None
+    except (maxminddb.InvalidDatabaseError, ValueError) as e:
+        raise ConfigError(f"{option} {path}: not a MaxMind DB file ({e})") from None
+    db_type = reader.metadata().database_type
+    if not any(k in db_type for k in kinds):
+        reader.close()
+        raise ConfigError(f"{option} {path}: a {db_type} database; {option} takes "
+                          f"{' or '.join(kinds)} databases")
+    return reader
+
+
+def _file_identity(path):
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _geo_name(record, *path, lang):
+    """record[path...]["names"][lang], falling back to English, then Unknown."""
+    for step in path:
+        if isinstance(record, list):
+            record = record[0] if record else None
+        record = record.get(step) if isinstance(record, dict) else None
+    names = record.get("names") if isinstance(record, dict) else None
+    if not isinstance(names, dict):
+        return GEOIP_UNKNOWN
+    name = names.get(lang) or names.get(GEOIP_FALLBACK_LANG)
+    return name if isinstance(name, str) and name else GEOIP_UNKNOWN
+
+
+class GeoIP(Poller):
+    """country, province (first subdivision), city and isp of remote addresses, from
+    MaxMind databases. Looked up once per address (cached), on the exporters' side:
+    never per frame, never on the capture thread. A database replaced on disk (or a
+    SIGHUP) is reopened; one that fails to reopen keeps the last good one."""
+    name = "geoip"
+
+    def __init__(self, paths, lang, log, period=GEOIP_CHECK_PERIOD):
+        super().__init__(log, period)
+        self.paths, self.lang = paths, lang          # {option: path}
+        self.current = self.fetch()                  # at start a bad database is fatal
+
+    def where(self):
+        return ", ".join(self.paths.values())
+
+    def fetch(self, force=False):
+        """(readers by option, file identities, cache): the same as now unless a file changed."""
+        now = self.current
+        identities = {}
+        for option, path in self.paths.items():
+            try:
+                identities[option] = _file_identity(path)
+            except OSError as e:
+                raise ConfigError(f"{option} {path}: {e.strerror}") from None
+        if now is not None and not force and identities == now[1]:
+            return now
+        readers = {option: open_mmdb(path, option, GEOIP_DATABASES[option][1])
+                   for option, path in self.paths.items()}
+        if now is not None:
+            self.log(LOG_INFO, f"geoip: reopened {self.where()}")
+        return readers, identities, {}
+
+    def reopen(self):
+        """SIGHUP: read the databases again even if their files look the same."""
+        try:
+            self.current = self.fetch(force=True)
+        except LpdError as e:
+            self._failed(type(e).__name__, f"{e}; keeping the last good {self.name}")
+
+    def labels(self, key):
+        """(country, province, city, isp) of a (version, raw key) remote."""
+        readers, _, cache = self.current
+        got = cache.get(key)
+        if got is None:
+            if len(cache) >= GEOIP_CACHE_MAX:
+                cache.clear()
+            got = cache[key] = self._lookup(address(key), readers)
+        return got
+
+    def _lookup(self, addr, readers):
+        found = {}
+        for option, reader in readers.items():
+            try:
+                found[option] = reader.get(addr)
+            except ValueError:              # an IPv6 address in an IPv4-only database
+                pass
+        city, isp = found.get("--geoip-db"), found.get("--geoip-isp-db")
+        if not isinstance(city, dict):
+            city = {}
+        country = _geo_name(city, "country", lang=self.lang)
+        if country == GEOIP_UNKNOWN:       # anycast and satellite ranges carry only this
+            country = _geo_name(city, "registered_country", lang=self.lang)
+        name = None
+        if isinstance(isp, dict):
+            name = isp.get("isp") or isp.get("autonomous_system_organization")
+        return (country, _geo_name(city, "subdivisions", lang=self.lang),
+                _geo_name(city, "city", lang=self.lang),
+                name if isinstance(name, str) and name else GEOIP_UNKNOWN)
+
+
+def open_geoip(opts):
+    """The GeoIP databases the options name (fatal if one is unusable), or None."""
+    paths = {option: getattr(opts, attr) for option, (attr, _) in GEOIP_DATABASES.items()
+             if getattr(opts, attr)}
+    return GeoIP(paths, opts.geoip_lang, log) if paths else None
+
+
+def remote_labeller(geo):
+    """key -> (country, province, city, isp); Unknown everywhere without databases."""
+    if geo is None:
+        unknown = (GEOIP_UNKNOWN,) * 4
+        return lambda key: unknown
+    return geo.labels
+
+
+###############################################################################
+# Exporters: documents (/api/*, --output json and table) ######################
+###############################################################################
+#
+# One JSON document per kind, built from a publication by the thread that serves it:
+# GET /api/<kind>?top=N on the metrics port, and `--output json` prints them all
+# ({kind: document}). Fields are stable: `lpd top` and dashboards read them. Rows come
+# sorted by bytes (tx + rx), biggest first.
+
+class Presentation(NamedTuple):
+    """What turns snapshots into labelled rows, beside the snapshots themselves."""
+    nic: str
+    label: Callable                    # local address -> NIC label (the mapping)
+    geo: Callable                      # remote key -> (country, province, city, isp)
+    threshold: int                     # bytes a remote exceeds to get its own series
+
+
+def _envelope(snap, how):
+    return {"nic": how.nic, "time": snap.get("time", 0.0)}
+
+
+def _io(r):
+    """The four counters of a snapshot row whose key is r[0]."""
+    return {"tx_bytes": r[1 + TX_BYTES], "tx_packets": r[1 + TX_PACKETS],
+            "rx_bytes": r[1 + RX_BYTES], "rx_packets": r[1 + RX_PACKETS]}
+
+
+def _biggest(rows, top):
+    """Rows by tx + rx bytes, then by key; the first `top` of them."""
+    ranked = sorted(rows, key=lambda r: (-(r[1 + TX_BYTES] + r[1 + RX_BYTES]), r[0]))
+    return ranked if top is None else ranked[:top]
+
+
+def interface_document(snap, how, top=None):
+    iface = snap.get("interface", InterfaceSnapshot())
+    return {**_envelope(snap, how), "up": iface.up, "frames": iface.frames, "drops": iface.drops,
+            **_io((None, *iface.totals)), "malformed": dict(iface.malformed),
+            "gso_frames": iface.gso_frames, "gso_unsplit": iface.gso_unsplit}
+
+
+def addresses_document(snap, how, top=None):
+    addresses = snap.get("addresses", AddressSnapshot())
+    rows = []
+    for r in _biggest(addresses.rows, top):
+        a = address(r[0])
+        rows.append({"address": str(a), "nic": how.label(a), **_io(r),
+                     "tx_bps": r[5], "rx_bps": r[6]})
+    return {**_envelope(snap, how), "tracked": len(addresses.rows),
+            "evictions": addresses.evictions, "addresses": rows}
+
+
+def remotes_document(snap, how, top=None):
+    remotes = snap.get("remotes")
+    if remotes is None:
+        return None
+    rows = []
+    for r in _biggest(remotes.rows, top):
+        country, province, city, isp = how.geo(r[0])
+        rows.append({"address": str(address(r[0])), "country": country, "province": province,
+                     "city": city, "isp": isp, **_io(r), "error_bytes": r[5]})
+    return {**_envelope(snap, how), "tracked": len(remotes.rows), "evictions": remotes.evictions,
+            "error_bound_bytes": remotes.floor, "threshold_bytes": how.threshold,
+            "totals": _io((None, *remotes.totals)), "remotes": rows}
+
+
+def rules_document(snap, how, top=None):
+    rules = snap.get("rules")
+    if rules is None:
+        return None
+    ranked = sorted(enumerate(rules.rows), key=lambda ir: (-ir[1][1], ir[0]))
+    rows = [{"id": r[0], "bytes": r[1], "packets": r[2]} for _, r in ranked]
+    return {**_envelope(snap, how), "rules": rows if top is None else rows[:top]}
+
+
+# /api/<kind>: a document, or None where the stage is off (404).
+DOCUMENTS = {"interface": interface_document, "addresses": addresses_document,
+             "remotes": remotes_document, "rules": rules_document}
+
+
+def api_answer(path, query, published, presentation):
+    """(HTTP status, JSON body) for GET /api/..., or None for another path."""
+    kind = path[len("/api/"):] if path.startswith("/api/") else None
+    if kind not in DOCUMENTS:
+        return None
+    top = None
+    for part in query.split("&") if query else ():
+        name, _, value = part.partition("=")
+        if name == "top":
+            if not value.isdigit():
+                return 400, json.dumps({"error": f"top must be a whole number, got {value!r}"})
+            top = int(value)
+    doc = DOCUMENTS[kind](published.latest(), presentation(), top)
+    if doc is None:
+        return 404, json.dumps({"error": f"{kind}: that stage is not enabled"})
+    return 200, json.dumps(doc, ensure_ascii=False)
+
+
+def all_documents(snap, how):
+    """--output json: every enabled stage's document, by kind."""
+    docs = {kind: make(snap, how) for kind, make in DOCUMENTS.items()}
+    return {kind: doc for kind, doc in docs.items() if doc is not None}
+
+
+BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+UNIT_STEP = 1024
+
+
+def human_bytes(n):
+    """1536 -> '1.5 KiB': for people, always beside the exact number."""
+    value, unit = float(n), 0
+    while value >= UNIT_STEP and unit < len(BINARY_UNITS) - 1:
+        value /= UNIT_STEP
+        unit += 1
+    return f"{n} B" if unit == 0 else f"{value:.1f} {BINARY_UNITS[unit]}"
+
+
+def _columns(header, rows, right):
+    """Aligned lines: `right` names the columns aligned right (numbers)."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    lines = []
+    for r in [header] + rows:
+        cells = [c.rjust(w) if h in right else c.ljust(w) for c, w, h in zip(r, widths, header)]
+        lines.append("  ".join(cells).rstrip() + "\n")
+    return lines
+
+
+def _amount(n, unit=""):
+    return f"{n}{unit} ({human_bytes(n)})" if n >= UNIT_STEP else f"{n}{unit}"
+
+
+def format_table(docs):
+    """--output table: each enabled stage as aligned columns, biggest first."""
+    out = []
+    iface = docs["interface"]
+    out.append(f"interface {iface['nic']}: {iface['frames']} frames, "
+               f"tx {_amount(iface['tx_bytes'], ' bytes')} in {iface['tx_packets']} packets, "
+               f"rx {_amount(iface['rx_bytes'], ' bytes')} in {iface['rx_packets']} packets\n")
+    counters = ("tx bytes", "tx pkts", "rx bytes", "rx pkts")
+
+    def io(d):
+        return [_amount(d["tx_bytes"]), str(d["tx_packets"]), _amount(d["rx_bytes"]),
+                str(d["rx_packets"])]
+    addresses = docs["addresses"]
+    out.append(f"\nlocal addresses: {addresses['tracked']}\n")
+    out += _columns(("local address",) + counters,
+                    [[d["address"]] + io(d) for d in addresses["addresses"]], counters)
+    remotes = docs.get("remotes")
+    if remotes is not None:
+        out.append(f"\nremote addresses: {remotes['tracked']} tracked, "
+                   f"{remotes['evictions']} evicted; all remotes: "
+                   f"tx {_amount(remotes['totals']['tx_bytes'], ' bytes')}, "
+                   f"rx {_amount(remotes['totals']['rx_bytes'], ' bytes')}\n")
+        out += _columns(("remote address", "country", "province", "city", "isp") + counters,
+                        [[d["address"], d["country"], d["province"], d["city"], d["isp"]] + io(d)
+                         for d in remotes["remotes"]], counters)
+    rules = docs.get("rules")
+    if rules is not None:
+        out.append(f"\nrules: {len(rules['rules'])}\n")
+        out += _columns(("rule", "bytes", "packets"),
+                        [[d["id"], _amount(d["bytes"]), str(d["packets"])] for d in rules["rules"]],
+                        ("bytes", "packets"))
+    return "".join(out)
+
+
 ###############################################################################
 # Exporters: Prometheus #######################################################
 ###############################################################################
@@ -5974,7 +6437,10 @@ class NicMapping(Poller):
 # never waits for a scrape.
 
 LANDING_PAGE = (b"<html><head><title>lpd</title></head><body><h1>lpd</h1>"
-                b"<p><a href=\"/metrics\">Metrics</a></p></body></html>\n")
+                b"<p><a href=\"/metrics\">Metrics</a></p>"
+                b"<p>JSON: <a href=\"/api/interface\">interface</a>, "
+                b"<a href=\"/api/addresses\">addresses</a>, <a href=\"/api/remotes\">remotes</a>, "
+                b"<a href=\"/api/rules\">rules</a></p></body></html>\n")
 
 # (name, row index, help) of the per-address and per-interface counters.
 ADDRESS_COUNTERS = (
@@ -5995,12 +6461,31 @@ RATE_GAUGES = (
      "network_ip_rx_bps_total", "Bits per second received, per NIC."))
 
 
+# ip_traffic_monitor_cli's series: (name, row index, help), labels REMOTE_LABELS.
+REMOTE_SERIES = (
+    ("ip_traffic_tx_bytes", 1 + TX_BYTES, "Total transmitted bytes per IP address"),
+    ("ip_traffic_rx_bytes", 1 + RX_BYTES, "Total received bytes per IP address"))
+REMOTE_LABELS = ["remote_ip", "country", "province", "city", "isp"]
+REMOTE_TOTALS = (
+    ("lpd_remote_transmit_bytes", TX_BYTES, "Bytes sent to remote addresses (every one, tracked or not)."),
+    ("lpd_remote_transmit_packets", TX_PACKETS, "Packets sent to remote addresses."),
+    ("lpd_remote_receive_bytes", RX_BYTES, "Bytes received from remote addresses (every one)."),
+    ("lpd_remote_receive_packets", RX_PACKETS, "Packets received from remote addresses."))
+
+
 class Collector:
     """Builds fresh metric families on every scrape from the latest publication."""
 
-    def __init__(self, published, mapping, nic, rule_socket=None):
+    def __init__(self, published, mapping, nic, rule_socket=None, geo=None,
+                 threshold=DEFAULT_EXPORT_THRESHOLD):
         self.published, self.mapping, self.nic = published, mapping, nic
         self.rule_socket = rule_socket      # its own counters, read as it counts them
+        self.geo, self.threshold = geo, threshold
+
+    def presentation(self):
+        """One consistent set of labellers for a scrape or a document."""
+        return Presentation(self.nic, self.mapping.labeller(), remote_labeller(self.geo),
+                            self.threshold)
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -6058,6 +6543,9 @@ class Collector:
         yield family(GaugeMetricFamily, "lpd_mapping_last_success_timestamp_seconds",
                      "Unix time of the last good NIC mapping (0: never).", [],
                      [((), self.mapping.last_success)])
+        remotes = snap.get("remotes")
+        if remotes is not None:
+            yield from self._remotes(remotes, family, CounterMetricFamily, GaugeMetricFamily)
         rules = snap.get("rules", RuleSnapshot()).rows
         yield family(CounterMetricFamily, "lpd_rule_packets", "Packets matching a rule.",
                      ["rule"], [((r,), p) for r, _, p in rules])
@@ -6069,6 +6557,26 @@ class Collector:
                          [((), self.rule_socket.truncated)])
         yield family(GaugeMetricFamily, "lpd_build_info", "lpd's version.", ["version"],
                      [((__version__,), 1.0)])
+
+    def _remotes(self, remotes, family, counter, gauge):
+        geo, nic = remote_labeller(self.geo), self.nic
+        exported = [(r, (str(address(r[0])), *geo(r[0]))) for r in remotes.rows
+                    if r[1 + TX_BYTES] + r[1 + RX_BYTES] > self.threshold]
+        for name, i, doc in REMOTE_SERIES:
+            yield family(counter, name, doc, REMOTE_LABELS, [(labels, r[i]) for r, labels in exported])
+        for name, i, doc in REMOTE_TOTALS:
+            yield family(counter, name, doc, ["nic"], [((nic,), remotes.totals[i])])
+        yield family(gauge, "lpd_remote_addresses", "Remote addresses tracked.", ["nic"],
+                     [((nic,), len(remotes.rows))])
+        yield family(counter, "lpd_remote_evictions",
+                     "Remote addresses dropped from the table (space-saving: the lightest).",
+                     ["nic"], [((nic,), remotes.evictions)])
+        yield family(gauge, "lpd_remote_error_bound_bytes",
+                     "Most bytes an untracked remote carried; an exported one may lack up to this.",
+                     ["nic"], [((nic,), remotes.floor)])
+        if self.geo is not None:
+            yield family(counter, "lpd_geoip_errors", "GeoIP databases that failed to reopen.",
+                         [], [((), self.geo.errors)])
 
 
 # Limits of the metrics endpoint. A scraper sends a small request at once and reads
@@ -6101,11 +6609,12 @@ def http_head_end(data, start=0):
 
 
 def http_request_line(head):
-    """(method, path without its query) of an HTTP/1.x request head; None if malformed."""
+    """(method, path, query) of an HTTP/1.x request head; None if malformed."""
     parts = head.split(b"\n", 1)[0].split()
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
         return None
-    return parts[0].decode("latin-1"), parts[1].split(b"?", 1)[0].decode("latin-1")
+    path, _, query = parts[1].decode("latin-1").partition("?")
+    return parts[0].decode("latin-1"), path, query
 
 
 def http_response(code, ctype, body, head_only=False):
@@ -6134,9 +6643,10 @@ class MetricsServer:
     round share one metrics() call. shutdown() and server_close() are socketserver's.
     """
 
-    def __init__(self, sock, metrics, metrics_type):
+    def __init__(self, sock, metrics, metrics_type, api=None):
         self.socket, self.server_address = sock, sock.getsockname()
         self._metrics, self._metrics_type = metrics, metrics_type
+        self._api = api                 # (path, query) -> (status, JSON text) or None
         self._conns = {}                # fd -> _HttpConn, oldest first
         self._accept_at = None          # while the listener rests: when it resumes
         self._accept_error = None       # logged once per run of failures
@@ -6274,16 +6784,21 @@ class MetricsServer:
         if request is None:
             self._respond(c, http_response(400, "text/plain", b"bad request\n"))
             return
-        method, path = request
+        method, path, query = request
+        head_only = method == "HEAD"
         if method not in ("GET", "HEAD"):
             self._respond(c, http_response(501, "text/plain", b"not implemented\n"))
         elif path == "/metrics":
-            scrapes.append((c, method == "HEAD"))
+            scrapes.append((c, head_only))
         elif path == "/":
-            self._respond(c, http_response(200, "text/html; charset=utf-8", LANDING_PAGE,
-                                           method == "HEAD"))
+            self._respond(c, http_response(200, "text/html; charset=utf-8", LANDING_PAGE, head_only))
         else:
-            self._respond(c, http_response(404, "text/plain", b"not found\n", method == "HEAD"))
+            answer = self._api(path, query) if self._api else None
+            if answer is None:
+                self._respond(c, http_response(404, "text/plain", b"not found\n", head_only))
+            else:
+                self._respond(c, http_response(answer[0], "application/json; charset=utf-8",
+                                               answer[1].encode() + b"\n", head_only))
 
     def _answer_scrapes(self, scrapes):
         """One exposition, made after every one of these requests arrived, answers them all."""
@@ -6355,8 +6870,9 @@ class MetricsServer:
         c.sock.close()
 
 
-def make_http_server(host, port, registry):
-    """The /metrics endpoint (and a landing page on /): a MetricsServer, not yet serving."""
+def make_http_server(host, port, registry, api=None):
+    """The /metrics endpoint (a landing page on /, JSON on /api/*): a MetricsServer,
+    not yet serving."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     try:
@@ -6375,7 +6891,8 @@ def make_http_server(host, port, registry):
             raise PortInUse(f"--web.listen-address {host}:{port}: address already in use") from None
         raise ConfigError(f"--web.listen-address {host}:{port}: {e.strerror}") from None
     try:
-        return MetricsServer(sock, functools.partial(generate_latest, registry), CONTENT_TYPE_LATEST)
+        return MetricsServer(sock, functools.partial(generate_latest, registry), CONTENT_TYPE_LATEST,
+                             api)
     except OSError as e:              # its wake-up pair: out of descriptors
         sock.close()
         raise ConfigError(f"--web.listen-address {host}:{port}: {e.strerror or e}") from None
@@ -6680,9 +7197,12 @@ class Daemon:
     """Capture loop in the main thread; HTTP, mapping poller and rule socket beside it."""
 
     def __init__(self, opts, ifname, decoder, rules, prefilter, mapping, published, http,
-                 rule_server=None):
+                 rule_server=None, remotes=None, geo=None, collector=None):
         self.opts, self.ifname = opts, ifname
         self.decoder, self.local, self.rules = decoder, decoder.local, rules
+        self.remotes, self.geo, self.collector = remotes, geo, collector
+        self.clock = 0.0                 # the packet clock (see now())
+        self.stopped_for_duration = False
         self.prefilter, self.mapping, self.published = prefilter, mapping, published
         self.http, self.rule_server = http, rule_server
         self.ring = None
@@ -6705,20 +7225,35 @@ class Daemon:
 
     # -- snapshots ------------------------------------------------------------
 
-    def publish(self, addresses=True):
-        """Every stage's snapshot; a socket dump's (addresses=False) skips the address
-        table, which can be large and which the dump does not show."""
+    def consumers(self):
+        """The decoder's stages: the remotes, and the rules when there are any."""
+        return [c for c in (self.remotes,) if c is not None] + \
+            [c for c in (self.rules,) if c is not None and len(c)]
+
+    def now(self):
+        """The packet clock: the kernel's timestamp of the last frame drained, moving on
+        with the wall clock while none comes, and never backwards."""
+        self.clock = max(self.clock, self.decoder.time, time.time())
+        return self.clock
+
+    def publish(self, tables=True):
+        """Every stage's snapshot; a socket dump's (tables=False) skips the address and
+        remote tables, which can be large and which the dump does not show."""
         ring = self.ring
         latest = self.published.latest()
-        self.published.publish({
+        snaps = {
+            "time": self.now(),
             "interface": self.decoder.snapshot(self.past_drops + (ring.drops if ring else 0),
                                                ring is not None),
-            "addresses": self.local.snapshot() if addresses or "addresses" not in latest
-            else latest["addresses"],
             "rules": self.rules.snapshot() if self.rules is not None else RuleSnapshot(),
-        })
+        }
+        for name, stage in (("addresses", self.local), ("remotes", self.remotes)):
+            if stage is not None:
+                snaps[name] = stage.snapshot() if tables or name not in latest else latest[name]
+        self.published.publish(snaps)
 
-    def tick(self, now):
+    def tick(self):
+        now = self.now()
         for stage in (self.local,) + self.decoder.consumers:
             stage.tick(now)
         self.publish()
@@ -6727,6 +7262,8 @@ class Daemon:
 
     def _compile_reload(self):
         """The reload thread: everything slow (parsing, compiling, DNS, netlink)."""
+        if self.geo is not None:
+            self.geo.reopen()
         try:
             rules = load_rules(self.opts.filter_file, self.ifname) if self.opts.filter_file else None
             nets = self.opts.local_nets or interface_local_nets(self.ifname)
@@ -6786,7 +7323,7 @@ class Daemon:
         rules.carry_counts_from(self.rules)
         old = self.decoder.snaplen()
         self.rules = rules
-        self.decoder.set_consumers([c for c in (rules,) if len(c)])
+        self.decoder.set_consumers(self.consumers())
         new = self.decoder.snaplen()
         if self.ring is not None and new < old:     # narrow last: old rules kept theirs
             self._attach(new)
@@ -6888,9 +7425,12 @@ class Daemon:
         if self.opts.mapping_url:
             threads.append(threading.Thread(target=self.mapping.run, args=(self.stop_event,),
                                             name="mapping", daemon=True))
+        if self.geo is not None:
+            threads.append(threading.Thread(target=self.geo.run, args=(self.stop_event,),
+                                            name="geoip", daemon=True))
         try:
             self.open_capture()
-            self.tick(time.monotonic())
+            self.tick()
             for t in threads:
                 t.start()
             if self.rule_server:
@@ -6919,8 +7459,14 @@ class Daemon:
         interval = self.opts.interval
         now = time.monotonic()
         next_tick, next_check = now + interval, now + INTERFACE_CHECK_PERIOD
+        end = now + self.opts.duration if self.opts.duration else None
         while not self.stop_requested:
             due = min(next_tick, next_check)
+            if end is not None:
+                if now >= end:
+                    self.finish_duration()
+                    break
+                due = min(due, end)
             if self.widening is not None:
                 due = min(due, self.widening.deadline)
             for fd, events in self.poller.poll(max(0.0, due - time.monotonic()) * 1000):
@@ -6943,16 +7489,25 @@ class Daemon:
                 next_check = now + INTERFACE_CHECK_PERIOD
             if now >= next_tick:
                 self.published.requested = False
-                self.tick(now)
+                self.tick()
                 next_tick = max(next_tick + interval, now + interval / 2)
             elif self.published.requested:
                 self.published.requested = False
-                self.publish(addresses=False)
+                self.publish(tables=False)
             if self.reload_requested:
                 self.start_reload()
             if self.status_requested:
                 self.status_requested = False
                 log(LOG_INFO, self.status_line())
+
+    def finish_duration(self):
+        """--duration ran out: drain what the ring holds, then print the output."""
+        if self.ring is not None:
+            # The block the kernel is filling retires within RING_RETIRE_MS.
+            time.sleep(2 * RING_RETIRE_MS / 1000)
+            self.ring.drain(self.process_block)
+        self.tick()
+        self.stopped_for_duration = True
 
 
 def build_daemon(opts):
@@ -6964,11 +7519,14 @@ def build_daemon(opts):
     rules = load_rules(opts.filter_file, ifname) if opts.filter_file else None
     # Compiled once, before anything is bound; only its accept length changes later.
     prefilter = compile_filter(opts.prefilter, kernel=True) if opts.prefilter else None
-    local = LocalAddresses(opts.local_nets or interface_local_nets(ifname), opts.idle_timeout,
+    local = LocalAddresses(opts.local_nets or interface_local_nets(ifname),
+                           opts.idle_timeout or DEFAULT_IDLE_TIMEOUT,
                            opts.local_max or DEFAULT_LOCAL_MAX)
     if not local.local_nets:
         log(LOG_WARNING, f"{ifname}: no addresses and no --local-net: no address is local")
-    decoder = Decoder(local, [c for c in (rules,) if c], vnet=None)   # the ring will tell
+    geo = open_geoip(opts)
+    remotes = RemoteAddresses(opts.remote_max) if opts.remote else None
+    decoder = Decoder(local, [c for c in (remotes, rules) if c], vnet=None)   # the ring will tell
     mapping = NicMapping(opts.mapping_url, ifname, log, opts.mapping_interval)
     published = Published()
     registry = CollectorRegistry(auto_describe=False)
@@ -6977,14 +7535,18 @@ def build_daemon(opts):
         path = opts.socket_path or default_socket_path(ifname)
         rule_server = RuleSocketServer(path, functools.partial(rule_rows, published),
                                        opts.socket_group)
-    registry.register(Collector(published, mapping, ifname, rule_server))
+    collector = Collector(published, mapping, ifname, rule_server, geo, opts.export_threshold)
+    registry.register(collector)
     try:
-        http = make_http_server(*opts.listen, registry)
+        http = make_http_server(*opts.listen, registry,
+                                functools.partial(api_answer, published=published,
+                                                  presentation=collector.presentation))
     except LpdError:
         if rule_server:
             rule_server.close()
         raise
-    return Daemon(opts, ifname, decoder, rules, prefilter, mapping, published, http, rule_server)
+    return Daemon(opts, ifname, decoder, rules, prefilter, mapping, published, http, rule_server,
+                  remotes, geo, collector)
 
 
 ###############################################################################
@@ -6994,30 +7556,78 @@ def build_daemon(opts):
 EVERY_ADDRESS = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
 
+def replay_local_nets(opts):
+    """A replay's local networks: --local-net, else -i's, else every address (a replay
+    prints every address: its table is the output) but with --remote, where that
+    would leave no address remote."""
+    if opts.local_nets:
+        return opts.local_nets
+    if opts.interface:
+        return interface_local_nets(opts.interface)
+    if opts.remote:
+        raise UsageError("-r with --remote needs --local-net (or -i): which addresses are local")
+    return EVERY_ADDRESS
+
+
 def replay(opts, out=sys.stdout):
-    """-r FILE: the same decode and consumers as live capture, then a table of totals."""
+    """-r FILE: the same decode, consumers and exporters as live capture, on the packet
+    clock: stages tick every --interval of the file's own time, so rates and idle
+    timeouts come out the same on every run. Then the output (--output)."""
     rules = None
     if opts.filter_file:
         # $MAC names the capture interface's address: only with -i, never a made-up one.
         mac = interface_mac(opts.interface) if opts.interface else None
         rules = RuleCounter(parse_filter_file(opts.filter_file, mac))
-    # A replay prints every address unless told otherwise: its table is the output.
-    local = LocalAddresses(opts.local_nets or EVERY_ADDRESS, local_max=opts.local_max or sys.maxsize)
-    decoder = Decoder(local, [c for c in (rules,) if c])
-    PcapSource(opts.read_file).drain(decoder.process_block)
-    rows = sorted(((address(row[0]), row[1:5]) for row in local.snapshot().rows),
-                  key=lambda r: (r[0].version, r[0]))
-    width = max([len(str(a)) for a, _ in rows] + [len("local_ip")])
-    out.write(f"{'local_ip':<{width}}  direction  {'bytes':>12}  {'packets':>9}\n")
-    for addr, e in rows:
-        out.write(f"{str(addr):<{width}}  {'tx':<9}  {e[TX_BYTES]:>12}  {e[TX_PACKETS]:>9}\n")
-        out.write(f"{str(addr):<{width}}  {'rx':<9}  {e[RX_BYTES]:>12}  {e[RX_PACKETS]:>9}\n")
+    local = LocalAddresses(replay_local_nets(opts), opts.idle_timeout or math.inf,
+                           opts.local_max or sys.maxsize)
+    remotes = RemoteAddresses(opts.remote_max) if opts.remote else None
+    geo = open_geoip(opts)
+    decoder = Decoder(local, [c for c in (remotes, rules) if c])
+    stages = (local,) + decoder.consumers
+    next_tick = None
+
+    def process(buf, base):
+        nonlocal next_tick
+        decoder.process_block(buf, base)
+        if next_tick is None or decoder.time >= next_tick:
+            for stage in stages:
+                stage.tick(decoder.time)
+            next_tick = decoder.time + opts.interval
+    PcapSource(opts.read_file).drain(process)
+    for stage in stages:                      # the end of the file closes the last interval
+        stage.tick(decoder.time)
+    published = Published()
+    snaps = {"time": decoder.time, "interface": decoder.snapshot(up=True),
+             "addresses": local.snapshot()}
     if rules is not None:
-        out.write(format_rule_lines(rules.snapshot().rows))
+        snaps["rules"] = rules.snapshot()
+    if remotes is not None:
+        snaps["remotes"] = remotes.snapshot()
+    published.publish(snaps)
+    nic = opts.interface or os.path.basename(opts.read_file)
+    collector = Collector(published, NicMapping(None, nic, log), nic, geo=geo,
+                          threshold=opts.export_threshold)
+    write_output(opts.output, published, collector, out)
     if local.evictions:
         log(LOG_WARNING, f"{opts.read_file}: {local.evictions} addresses evicted by "
                          f"--local-max {opts.local_max}: the table lacks them")
     return 0
+
+
+def write_output(kind, published, collector, out):
+    """--output of -r and --duration: the table, the exposition a scrape would get now
+    (the live collector's own code), or every /api document in one JSON object."""
+    if kind == "metrics":
+        from prometheus_client import CollectorRegistry, generate_latest
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(collector)
+        out.write(generate_latest(registry).decode())
+        return
+    docs = all_documents(published.latest(), collector.presentation())
+    if kind == "json":
+        out.write(json.dumps(docs, ensure_ascii=False, indent=1) + "\n")
+    else:
+        out.write(format_table(docs))
 
 
 def dump_filter(opts, out=sys.stdout):
@@ -7039,7 +7649,11 @@ def main(argv=None):
             return dump_filter(opts)
         if opts.read_file:
             return replay(opts)
-        return build_daemon(opts).run()
+        daemon = build_daemon(opts)
+        code = daemon.run()
+        if daemon.stopped_for_duration:
+            write_output(opts.output, daemon.published, daemon.collector, sys.stdout)
+        return code
     except FilterError as e:
         log(LOG_ERR, f"filter: {e}")
         return e.exit_code

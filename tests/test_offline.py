@@ -3,6 +3,7 @@ totals agree with an independent reading of the same files."""
 import glob
 import io
 import ipaddress
+import json
 import os
 import struct
 
@@ -52,23 +53,23 @@ def well_formed_ip(data, wirelen):
 
 
 def replay(path, *extra):
+    """The replay's JSON document (--output json), every address local."""
     out = io.StringIO()
-    opts = lpd.parse_args(["-r", path, "--local-net", "0.0.0.0/0", "--local-net", "::/0", *extra])
+    opts = lpd.parse_args(["-r", path, "--local-net", "0.0.0.0/0", "--local-net", "::/0",
+                           "--output", "json", *extra])
     assert lpd.replay(opts, out) == 0
-    return out.getvalue()
+    return json.loads(out.getvalue())
 
 
-def table_totals(text):
-    tx = rx = 0
-    for line in text.splitlines()[1:]:
-        f = line.split()
-        if len(f) == 4 and f[1] in ("tx", "rx"):
-            ipaddress.ip_address(f[0])
-            if f[1] == "tx":
-                tx += int(f[2])
-            else:
-                rx += int(f[2])
-    return tx, rx
+def address_rows(docs):
+    """{address: (tx_bytes, tx_packets, rx_bytes, rx_packets)}"""
+    return {ipaddress.ip_address(d["address"]): (d["tx_bytes"], d["tx_packets"], d["rx_bytes"],
+                                                 d["rx_packets"]) for d in docs["addresses"]["addresses"]}
+
+
+def table_totals(docs):
+    rows = address_rows(docs).values()
+    return sum(r[0] for r in rows), sum(r[2] for r in rows)
 
 
 @pytest.mark.skipif(not PCAPS, reason="corpus ../shared/corpus/pcaps absent")
@@ -102,12 +103,10 @@ def test_byte_orders_and_nanosecond_magic(tmp_path, magic, order):
     frame = udp4("10.0.0.1", "192.0.2.9")
     path = tmp_path / "x.pcap"
     write_pcap(path, [(frame, len(frame)), (frame[:40], len(frame)), (frame[:30], len(frame))], magic, order)
-    text = replay(str(path), "--local-net", "10.0.0.0/8")
-    rows = {tuple(line.split()[:2]): int(line.split()[2]) for line in text.splitlines()[1:]}
+    rows = address_rows(replay(str(path), "--local-net", "10.0.0.0/8"))
     # record 2 lost its payload to the snap length but has its IP header: counted;
     # record 3 lost part of the IP header: malformed, not attributed
-    assert rows[("10.0.0.1", "tx")] == 2 * len(frame)
-    assert text.splitlines()[0].split() == ["local_ip", "direction", "bytes", "packets"]
+    assert rows[ipaddress.ip_address("10.0.0.1")][:2] == (2 * len(frame), 2)
 
 
 @pytest.mark.parametrize("content,message", [
@@ -155,8 +154,8 @@ def test_rule_lines_on_the_corpus_equal_libpcap(tmp_path):
     rules.write_text("".join(f"r{i};{e}\n" for i, e in enumerate(RULE_EXPRS)))
     progs = [oracle.Program(e) for e in RULE_EXPRS]
     for path in PCAPS:
-        text = replay(path, "-f", str(rules))
-        got = [line for line in text.splitlines() if line.startswith("r") and line.count(":") == 2]
+        by_id = {d["id"]: d for d in replay(path, "-f", str(rules))["rules"]["rules"]}
+        got = [f"{i}:{by_id[i]['bytes']}:{by_id[i]['packets']}" for i in (f"r{n}" for n in range(len(progs)))]
         want = [0, 0] * len(progs)
         for wirelen, data in independent_records(path):
             for i, p in enumerate(progs):

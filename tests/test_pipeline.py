@@ -3,6 +3,7 @@ the decoder into the consumers, their snapshots and merges, publication, and the
 reload swap at a block boundary."""
 import io
 import ipaddress
+import json
 import struct
 import threading
 import time
@@ -542,8 +543,9 @@ def test_replay_prints_every_address_unless_bounded(tmp_path, capsys):
 
     def replay(*extra):
         out = io.StringIO()
-        assert lpd.replay(lpd.parse_args(["-r", str(path), "--local-net", "10.0.0.0/8", *extra]), out) == 0
-        return [line for line in out.getvalue().splitlines()[1:] if line.split()[1] == "tx"]
+        assert lpd.replay(lpd.parse_args(["-r", str(path), "--local-net", "10.0.0.0/8",
+                                          "--output", "json", *extra]), out) == 0
+        return json.loads(out.getvalue())["addresses"]["addresses"]
     assert len(replay()) == 20_001 and capsys.readouterr().err == ""
     assert len(replay("--local-max", "100")) <= 100
     err = capsys.readouterr().err
