@@ -27,6 +27,7 @@ import functools
 import grp
 import http.client
 import ipaddress
+import itertools
 import json
 import math
 import mmap
@@ -374,6 +375,8 @@ BLOCK_STATUS_OFF = _offset(BLOCK_FIELDS, "block_status")
 BLOCK_HDR_OFF = _offset(BLOCK_FIELDS, "num_pkts")
 BLOCK_HDR = _layout(BLOCK_FIELDS[3:5])          # num_pkts, offset_to_first_pkt
 BLOCK_LEN_OFF = _offset(BLOCK_FIELDS, "blk_len")
+BLOCK_TS_FIRST = _layout(BLOCK_FIELDS[7:9])      # first_sec, first_nsec
+BLOCK_TS_FIRST_OFF = _offset(BLOCK_FIELDS, "first_sec")
 BLOCK_FIRST_FRAME = _align(BLOCK.size, V3_ALIGNMENT)       # BLK_PLUS_PRIV(0)
 
 # struct tpacket3_hdr (with tpacket_hdr_variant1) then struct sockaddr_ll, as the
@@ -4898,18 +4901,32 @@ def _close_block(block, seq, count, length, first, last, last_frame):
 
 
 class PcapSource:
-    """A classic pcap file as ring blocks (offline replay)."""
+    """A classic pcap file as ring blocks (offline replay). With `interval`, a block
+    never spans a multiple of it on the file's clock (counted from the first frame),
+    as a live ring's blocks retire before each tick: a replay's stages tick on the
+    same grid a daemon's do."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, interval=None):
+        self.path, self.interval = path, interval
 
     def drain(self, process):
         """process(view, base) for every block of the file; returns how many."""
         records = (SynthFrame(data, wirelen, ts=ts) for ts, wirelen, data in read_pcap(self.path))
+        if self.interval is None:
+            chunks = (records,)
+        else:
+            start = []
+
+            def period(f):
+                if not start:
+                    start.append(f.ts)
+                return math.floor((f.ts - start[0]) / self.interval)
+            chunks = (chunk for _, chunk in itertools.groupby(records, period))
         blocks = 0
-        for block in frames_to_blocks(records):
-            process(memoryview(block), 0)
-            blocks += 1
+        for chunk in chunks:
+            for block in frames_to_blocks(chunk):
+                process(memoryview(block), 0)
+                blocks += 1
         return blocks
 
 
@@ -6170,9 +6187,9 @@ def _file_identity(path):
 def _geo_name(record, *path, lang):
     """record[path...]["names"][lang], falling back to English, then Unknown."""
     for step in path:
-        if isinstance(record, list):
-            record = record[0] if record else None
         record = record.get(step) if isinstance(record, dict) else None
+        if isinstance(record, list):               # subdivisions: the first is the province
+            record = record[0] if record else None
     names = record.get("names") if isinstance(record, dict) else None
     if not isinstance(names, dict):
         return GEOIP_UNKNOWN
@@ -7584,18 +7601,26 @@ def replay(opts, out=sys.stdout):
     geo = open_geoip(opts)
     decoder = Decoder(local, [c for c in (remotes, rules) if c])
     stages = (local,) + decoder.consumers
-    next_tick = None
+    grid = []                                # [start, end of the current interval]
+
+    def tick(now):
+        for stage in stages:
+            stage.tick(now)
 
     def process(buf, base):
-        nonlocal next_tick
+        first = BLOCK_TS_FIRST.unpack_from(buf, base + BLOCK_TS_FIRST_OFF)
+        first = first[0] + first[1] * 1e-9
+        if not grid:
+            grid[:] = [first, first + opts.interval]
+            tick(first)
+        elif first >= grid[1]:               # a new interval: close the ones before it
+            grid[1] = grid[0] + (math.floor((first - grid[0]) / opts.interval)) * opts.interval
+            tick(grid[1])
+            grid[1] += opts.interval
         decoder.process_block(buf, base)
-        if next_tick is None or decoder.time >= next_tick:
-            for stage in stages:
-                stage.tick(decoder.time)
-            next_tick = decoder.time + opts.interval
-    PcapSource(opts.read_file).drain(process)
-    for stage in stages:                      # the end of the file closes the last interval
-        stage.tick(decoder.time)
+    PcapSource(opts.read_file, opts.interval).drain(process)
+    if grid:
+        tick(grid[1])                         # the end of the file closes the last interval
     published = Published()
     snaps = {"time": decoder.time, "interface": decoder.snapshot(up=True),
              "addresses": local.snapshot()}

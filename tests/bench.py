@@ -15,10 +15,14 @@ frames_to_blocks() -> Decoder.process_block() (the function the live ring loop c
 with 0/1/10/50 rules; the rule matcher beside lpd's plain interpreter and libpcap's C
 bpf_filter (ctypes); compile time and program length beside libpcap; the startup cost
 (time, memory per rule) of 10,000 rules (--quick: 1,000) and of one long rule, beside libpcap.
+--remote: the synthetic mix with and without a RemoteAddresses stage; a spoofed-source flood
+of 10^6 distinct remotes plus a few heavy ones in a child process: RSS, evictions, floor,
+and whether the heavy remotes keep their exact bytes.
 
 Live: two namespaces joined by a veth pair (tests/netns.py); trafgen sends a fixed number of
 frames at a ladder of rates; tcpdump -w /dev/null (same ring size) and lpd consume them in
-turn. Capacity: the consumer is SIGSTOPped while the ring fills, then SIGCONTed and timed.
+turn. Capacity: the consumer is SIGSTOPped while the ring fills, then SIGCONTed and timed;
+the capacity series also drains lpd with only B local, without and with --remote.
 Traffic never leaves the namespaces this script creates.
 """
 import argparse
@@ -63,6 +67,23 @@ QUICK_SCALE_RULES = (1_000,)            # (10,000: ~25 s of the bench's time)
 SCALE_TERMS = (100, 250)                # one rule: an 'or' of this many 'host' terms
 SCALE_AS_LIMIT = 8_000_000_000          # RLIMIT_AS of the measuring child (bytes: prlimit
                                         # crashes on its own suffixes here)
+# --remote (issue 11): per-remote accounting beside the default path, and a flood
+REMOTE_MAX = 65536                      # lpd's default --remote-max (read from lpd.py)
+REMOTE_REPEAT = 3                       # best of, default and --remote alternating: the
+                                        # difference is the figure, so take quiet passes
+FLOOD_SOURCES = 1_000_000               # distinct spoofed remote sources, one frame each (the
+                                        # issue's figure: --quick keeps it, ~10 s a run)
+FLOOD_LONG_SOURCES = 4_000_000          # and once this long (not --quick): RSS levels off
+                                        # by ~2 million (the table fills and trims), ~40 s
+FLOOD_HEAVY = 5                         # heavy remotes (IPv4 and IPv6 in turn) ...
+FLOOD_HEAVY_SHARE = 0.20                # ... carrying this share of all frames, interleaved
+FLOOD_SIZE, FLOOD_HEAVY_SIZE = 64, 1514 # a flood is minimum-size frames, a big talker full ones
+FLOOD_LOCAL_HOSTS = 256                 # local hosts the flood and the heavy remotes talk to
+FLOOD_PPS = 1_000_000                   # the packet clock the frames carry: ticks (the daemon's
+FLOOD_INTERVAL = 1.0                    # --interval, snapshots included) every this many s of it
+FLOOD_AS_LIMIT = 3_000_000_000          # RLIMIT_AS of the flood child: a table that does not
+                                        # stay bounded fails there, not on the shared machine
+FLOOD_TIMEOUT = 300                     # s for one flood child
 
 # ---- live ------------------------------------------------------------------------
 GENERATOR_CPU = 0                       # trafgen -P 1 pins its worker to CPU 0 by itself
@@ -78,6 +99,10 @@ DRAIN_IDLE = 0.15                       # s without CPU progress = drained
 COUNT_TIMEOUT = 4.0                     # s to wait for a consumer to account a rung
 LPD_PORT = 19122                        # inside the receiving namespace only
 DEFAULT_RING = 16 << 20                 # lpd's default -b (read from lpd.py); tcpdump -B the same
+LIVE_LOCAL_NETS = ("10.199.0.0/16", "fd00:199::/64")    # both veth ends local
+# --remote: only B (lpd's end) local, so trafgen's A -> B frames are remote -> local ones
+# (two remotes, 10.199.0.1 and fd00:199::1: the frames the other drain lines see).
+LIVE_REMOTE_LOCAL_NETS = ("10.199.0.2/32", "fd00:199::2/128")
 
 RULE_EXPRS = [
     "udp port 9", "host 10.199.0.1", "net 10.199.0.0/24 and udp", "ip6 and udp",
@@ -262,9 +287,10 @@ def synthetic_frames(n, seed=199):
     return frames
 
 
-def time_accounting(lpd, blocks, rules=None, repeat=2):
+def time_accounting(lpd, blocks, rules=None, repeat=2, remote_max=None):
     """Best seconds for lpd.Decoder.process_block over every block (fresh counters each
-    time); returns (s, decoder)."""
+    time); returns (s, decoder). With `remote_max`, a RemoteAddresses stage (--remote)
+    as well, the decoder's first consumer as in the daemon."""
     import ipaddress
     best = float("inf")
     views = [memoryview(b) for b in blocks]
@@ -272,7 +298,8 @@ def time_accounting(lpd, blocks, rules=None, repeat=2):
         local = lpd.LocalAddresses([ipaddress.ip_network(n) for n in OFFLINE_LOCAL_NETS])
         if rules is not None:
             rules = lpd.RuleCounter(rules.rules)          # fresh counters, same programs
-        acct = lpd.Decoder(local, [rules] if rules else [])
+        stages = [] if remote_max is None else [lpd.RemoteAddresses(remote_max)]
+        acct = lpd.Decoder(local, stages + ([rules] if rules else []))
         t0 = time.perf_counter()
         for v in views:
             acct.process_block(v, 0)
@@ -348,6 +375,40 @@ def offline_accounting(lpd, results, quick):
             "Mframes/s": len(rule_frames) / secs / 1e6,
             "bytes ok": f"+{(secs - base) / len(rule_frames) * 1e9:.0f} ns over no rules"})
     results["offline_accounting"] = t.to_json()
+    return t
+
+
+def offline_remote(lpd, results, quick):
+    """ns/frame of the default path and of --remote on the same synthetic mix, whose
+    flows all have one local end and one remote (synth_flows)."""
+    t = Table("Offline: --remote (per-remote accounting) beside the default path, in-process",
+              ["input", "frames", "default ns/frame", "remote ns/frame", "+ns/frame",
+               "remote Mframes/s", "remotes tracked", "bytes ok"],
+              note=f"Decoder(local) against Decoder(local, [RemoteAddresses({REMOTE_MAX})]) on the "
+                   f"same blocks, best of {REMOTE_REPEAT} alternating passes;\nsynthetic mix: "
+                   f"{SYNTH_FLOWS:,} flows, each between a host in {', '.join(OFFLINE_LOCAL_NETS)} "
+                   "and a remote one (198.51.100/24, 203.0.113/24, 2001:db8::/32);\nbytes ok: "
+                   "the remotes' exact totals are every frame's bytes. Snapshots (once per "
+                   "--interval in the daemon) are not timed.")
+    results["offline_remote"] = t.to_json()
+    if not hasattr(lpd, "RemoteAddresses"):
+        t.add(input="-", frames="lpd.RemoteAddresses not available")
+        return t
+    frames = synthetic_frames(SYNTH_FRAMES // (10 if quick else 1))
+    blocks = list(lpd.frames_to_blocks(frames))
+    default = remote = float("inf")
+    for _ in range(REMOTE_REPEAT):
+        default = min(default, time_accounting(lpd, blocks, repeat=1)[0])
+        secs, acct = time_accounting(lpd, blocks, repeat=1, remote_max=REMOTE_MAX)
+        remote = min(remote, secs)
+    remotes = acct.consumers[0]
+    n = len(frames)
+    t.add(input=f"synthetic mix ({SYNTH_FLOWS:,} flows)", frames=n, **{
+        "default ns/frame": default / n * 1e9, "remote ns/frame": remote / n * 1e9,
+        "+ns/frame": (remote - default) / n * 1e9, "remote Mframes/s": n / remote / 1e6,
+        "remotes tracked": remotes.tracked(),
+        "bytes ok": remotes.totals[lpd.TX_BYTES] + remotes.totals[lpd.RX_BYTES]
+        == sum(w for _, w in frames)})
     return t
 
 
@@ -533,9 +594,192 @@ def rules_at_scale(lpd, results, quick):
     return t
 
 
+# The child that pushes one spoofed-source flood through the decoder: a process of its
+# own (under prlimit), so its RSS is the flood's and nothing the bench built before.
+# Frames are made one by one and laid into blocks as they come (a block at a time in
+# memory); only process_block is timed. Ticks and snapshots run on the frames' packet
+# clock as in the daemon, so the snapshot rows' memory is in the figures. Prints JSON.
+_FLOOD_CHILD = r"""
+import importlib.util, ipaddress, json, random, resource, struct, sys, time
+cfg = json.loads(sys.argv[1])
+spec = importlib.util.spec_from_file_location("lpd", cfg["lpd"])
+lpd = importlib.util.module_from_spec(spec)
+sys.modules["lpd"] = lpd
+spec.loader.exec_module(lpd)
+def rss_kib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * (resource.getpagesize() // 1024)
+def peak_kib():     # VmHWM, not ru_maxrss: that one keeps the forked bench's size across exec
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+SNAP = cfg["snaplen"]
+ETH = b"\x02\x00\x0a\xc7\x00\x02\x02\x00\x0a\xc7\x00\x01"
+IP4 = struct.Struct("!BBHHHBBHII").pack          # checksum 0: nothing in lpd reads it
+IP6 = struct.Struct("!IHBB16s16s").pack
+UDP = struct.Struct("!HHHH").pack
+def frame(v6, src, dst, size):
+    if v6:
+        hdr = ETH + b"\x86\xdd" + IP6(0x60000000, size - 54, 17, 64, src, dst)
+    else:
+        hdr = ETH + b"\x08\x00" + IP4(0x45, 0, size - 14, 0, 0x4000, 64, 17, 0, src, dst)
+    data = hdr + UDP(40000, 9, size - len(hdr), 0)
+    return (data + bytes(SNAP))[:min(size, SNAP)]
+
+nets = [ipaddress.ip_network(n) for n in cfg["local_nets"]]
+net4 = next(n for n in nets if n.version == 4)
+net6 = next(n for n in nets if n.version == 6)
+pref4 = [(int(n.network_address), int(n.netmask)) for n in nets if n.version == 4]
+locals4 = [int(net4.network_address) + 1 + i for i in range(cfg["local_hosts"])]
+locals6 = [(int(net6.network_address) + 1 + i).to_bytes(16, "big")
+           for i in range(cfg["local_hosts"])]
+# Heavy remotes: 198.51.100.1.. and 2001:db8::1.., IPv4 and IPv6 in turn; the flood's
+# sources: IPv4 ones scattered over the whole space (i * an odd constant mod 2**32 is a
+# bijection: distinct), skipping local and heavy ones; IPv6 ones in 2001:db8:f100::/64.
+HEAVY4, FLOOD6 = int(ipaddress.ip_address("198.51.100.0")), bytes.fromhex("20010db8f1000000")
+heavy = [(h % 2 == 1, (int(ipaddress.ip_address("2001:db8::")) + 1 + h).to_bytes(16, "big")
+          if h % 2 else HEAVY4 + 1 + h) for h in range(cfg["heavy"])]
+heavy_keys = {k for _, k in heavy}
+expected = {k: [0, 0, 0, 0] for k in heavy_keys}          # TX_BYTES .. RX_PACKETS
+sent = [0, 0, 0, 0]
+ratio = cfg["heavy_share"] / (1 - cfg["heavy_share"])      # heavy frames per flood frame
+
+def frames():
+    rng = random.Random(11)
+    heavy_frames, seq, i4 = 0, 0, 0
+    heavy_cache = {}
+    for i in range(cfg["sources"]):
+        if rng.random() < cfg["ipv6"]:
+            v6, src, dst = True, FLOOD6 + i.to_bytes(8, "big"), locals6[i % len(locals6)]
+        else:
+            while True:
+                src = i4 * 0x9E3779B1 & 0xFFFFFFFF
+                i4 += 1
+                if src not in heavy_keys and not any(src & m == n for n, m in pref4):
+                    break
+            v6, dst = False, locals4[i % len(locals4)]
+        yield lpd.SynthFrame(frame(v6, src, dst, cfg["size"]), cfg["size"], ts=seq / cfg["pps"])
+        seq += 1
+        sent[lpd.RX_BYTES] += cfg["size"]
+        sent[lpd.RX_PACKETS] += 1
+        while heavy_frames < (i + 1) * ratio:
+            h = heavy_frames % len(heavy)
+            v6, key = heavy[h]
+            tx = heavy_frames // len(heavy) % 2 == 1        # in turn: to the remote, from it
+            data = heavy_cache.get((h, tx))
+            if data is None:
+                near = (locals6 if v6 else locals4)[h]
+                ends = (near, key) if tx else (key, near)
+                data = heavy_cache[(h, tx)] = frame(v6, *ends, cfg["heavy_size"])
+            yield lpd.SynthFrame(data, cfg["heavy_size"], ts=seq / cfg["pps"])
+            seq += 1
+            at = lpd.TX_BYTES if tx else lpd.RX_BYTES
+            for counts in (expected[key], sent):
+                counts[at] += cfg["heavy_size"]
+                counts[at + 1] += 1
+            heavy_frames += 1
+
+local = lpd.LocalAddresses(nets)
+remotes = lpd.RemoteAddresses(cfg["remote_max"]) if cfg["remote"] else None
+decoder = lpd.Decoder(local, [remotes] if remotes else [])
+stages = [local] + ([remotes] if remotes else [])
+half = cfg["sources"] * (1 + ratio) // 2
+published = None
+def tick():                 # the daemon keeps the last published snapshots: so does this
+    global published
+    for stage in stages:
+        stage.tick(decoder.time)
+    published = [stage.snapshot() for stage in stages]
+before, rss_half, busy, next_tick = rss_kib(), None, 0.0, None
+for block in lpd.frames_to_blocks(frames()):
+    view = memoryview(block)
+    t0 = time.perf_counter()
+    decoder.process_block(view, 0)
+    busy += time.perf_counter() - t0
+    view.release()
+    if next_tick is None or decoder.time >= next_tick:
+        tick()
+        next_tick = decoder.time + cfg["interval"]
+    if rss_half is None and decoder.frames >= half:
+        rss_half = rss_kib()
+tick()
+out = {"frames": decoder.frames, "seconds": busy, "before": before, "half": rss_half,
+       "after": rss_kib(), "peak": peak_kib(), "bytes_ok": decoder.totals[lpd.RX_BYTES]
+       + decoder.totals[lpd.TX_BYTES] == sent[lpd.TX_BYTES] + sent[lpd.RX_BYTES]}
+if remotes:
+    out.update(tracked=remotes.tracked(), evictions=remotes.evictions, floor=remotes.floor,
+               totals_ok=list(remotes.totals) == sent, heavy=[
+                   {"exact": remotes.table.get(k, [None] * 4)[:4] == expected[k],
+                    "tracked": k in remotes.table, "bytes": sum(expected[k][0::2])}
+                   for _, k in heavy])
+print(json.dumps(out))
+"""
+
+
+def _run_flood(remote, sources):
+    """One flood through a fresh child; its JSON."""
+    cfg = {"lpd": LPD, "remote": remote, "remote_max": REMOTE_MAX, "sources": sources,
+           "heavy": FLOOD_HEAVY, "heavy_share": FLOOD_HEAVY_SHARE, "size": FLOOD_SIZE,
+           "heavy_size": FLOOD_HEAVY_SIZE, "ipv6": SYNTH_IPV6, "local_hosts": FLOOD_LOCAL_HOSTS,
+           "local_nets": list(OFFLINE_LOCAL_NETS), "snaplen": OFFLINE_SNAPLEN, "pps": FLOOD_PPS,
+           "interval": FLOOD_INTERVAL}
+    argv = [sys.executable, "-c", _FLOOD_CHILD, json.dumps(cfg)]
+    if subprocess.run(["prlimit", "--version"], capture_output=True).returncode == 0:
+        argv = ["prlimit", f"--as={FLOOD_AS_LIMIT}"] + argv
+    cp = subprocess.run(argv, capture_output=True, text=True, timeout=FLOOD_TIMEOUT)
+    if cp.returncode:
+        raise RuntimeError((cp.stderr.strip() or f"exit {cp.returncode}").splitlines()[-1])
+    return json.loads(cp.stdout)
+
+
+def remote_flood(lpd, results, quick):
+    """A spoofed-source flood of FLOOD_SOURCES distinct remotes plus a few heavy ones:
+    RSS stays bounded with --remote, and the heavy remotes keep their exact bytes."""
+    t = Table(f"Offline: spoofed-source flood, distinct remote sources + {FLOOD_HEAVY} heavy "
+              f"remotes, --remote-max {REMOTE_MAX:,}",
+              ["remote", "sources", "frames", "ns/frame", "RSS MiB", "+MiB half", "+MiB end",
+               "peak +MiB", "tracked", "evictions", "floor B", "heavy exact", "totals exact",
+               "bytes ok"],
+              note=f"One {FLOOD_SIZE}-byte frame from each spoofed source to one of "
+                   f"{FLOOD_LOCAL_HOSTS} local hosts ({SYNTH_IPV6:.0%} IPv6); the heavy remotes' "
+                   f"{FLOOD_HEAVY_SIZE}-byte frames, to and from them in turn,\nare "
+                   f"{FLOOD_HEAVY_SHARE:.0%} of all, interleaved. A fresh process each (prlimit "
+                   f"--as {FLOOD_AS_LIMIT / 1e9:g} GB); ticks and snapshots every "
+                   f"{FLOOD_INTERVAL:g} s of a {FLOOD_PPS:,} fps packet clock.\nRSS MiB: before "
+                   "the first frame; +MiB: grown since, at half the frames and at the end; peak: "
+                   "VmHWM minus that start.\n"
+                   "heavy exact: heavy remotes tracked with exactly the bytes and frames sent; "
+                   "totals exact: the remote totals are every frame's.")
+    results["remote_flood"] = t.to_json()
+    if not hasattr(lpd, "RemoteAddresses"):
+        t.add(remote="lpd.RemoteAddresses not available")
+        return t
+    runs = [(False, FLOOD_SOURCES), (True, FLOOD_SOURCES)]
+    if not quick:
+        runs.append((True, FLOOD_LONG_SOURCES))
+    for remote, sources in runs:
+        row = t.add(remote=remote, sources=sources)
+        try:
+            m = _run_flood(remote, sources)
+        except Exception as e:
+            row["frames"] = "error: " + one_line(e)
+            continue
+        row.update({"frames": m["frames"], "ns/frame": m["seconds"] / m["frames"] * 1e9,
+                    "RSS MiB": m["before"] / 1024, "+MiB half": (m["half"] - m["before"]) / 1024,
+                    "+MiB end": (m["after"] - m["before"]) / 1024,
+                    "peak +MiB": (m["peak"] - m["before"]) / 1024, "bytes ok": m["bytes_ok"]})
+        if remote:
+            row.update({"tracked": m["tracked"], "evictions": m["evictions"], "floor B": m["floor"],
+                        "heavy exact": f"{sum(h['exact'] for h in m['heavy'])}/{len(m['heavy'])}",
+                        "totals exact": m["totals_ok"], "heavy detail": m["heavy"]})
+    return t
+
+
 def run_offline(lpd, results, quick):
     t0 = time.monotonic()
     offline_accounting(lpd, results, quick).show()
+    offline_remote(lpd, results, quick).show()
+    remote_flood(lpd, results, quick).show()
     offline_matchers(lpd, results, quick).show()
     rules_at_scale(lpd, results, quick).show()
     results["offline_seconds"] = round(time.monotonic() - t0, 1)
@@ -681,15 +925,17 @@ class Tcpdump(Consumer):
 class Lpd(Consumer):
     name = "lpd"
 
-    def __init__(self, pair, cpu, ring_bytes, rules_file=None, extra=(), label=None):
+    def __init__(self, pair, cpu, ring_bytes, rules_file=None, extra=(), label=None,
+                 local_nets=LIVE_LOCAL_NETS):
         super().__init__(pair, cpu, ring_bytes)
-        self.rules_file, self.extra = rules_file, list(extra)
+        self.rules_file, self.extra, self.local_nets = rules_file, list(extra), local_nets
         self.name = label or ("lpd +10 rules" if rules_file else "lpd")
 
     def argv(self):
-        argv = [sys.executable, LPD, "-i", self.pair.if_b,
-                "--local-net", "10.199.0.0/16", "--local-net", "fd00:199::/64",
-                "--web.listen-address", f"127.0.0.1:{LPD_PORT}", "--mapping-url", "none"]
+        argv = [sys.executable, LPD, "-i", self.pair.if_b]
+        for net in self.local_nets:
+            argv += ["--local-net", net]
+        argv += ["--web.listen-address", f"127.0.0.1:{LPD_PORT}", "--mapping-url", "none"]
         if self.ring_bytes != DEFAULT_RING:
             argv += ["-b", str(self.ring_bytes)]
         if self.rules_file:
@@ -894,6 +1140,7 @@ def run_live(results, quick, workdir):
     with open(rules_file, "w") as f:
         f.writelines(f"r{i};{e}\n" for i, e in enumerate(rule_exprs(10)))
     fanout = lpd_offers("--fanout")
+    remote = lpd_offers("--remote")
     ladder = Table("Live: rate ladder (trafgen -> veth -> consumer)",
                    ["consumer", "frame", "pinning", "target pps", "sent pps", "sent", "veth rx",
                     "seen", "drops", "seen/sent", "seen/veth", "loss %", "cpu s/M",
@@ -912,8 +1159,10 @@ def run_live(results, quick, workdir):
     drain = Table("Live: capacity - ring filled while the consumer is SIGSTOPped, then drained",
                   ["consumer", "pinning", "frames", "veth rx", "seen", "drops", "drain s", "cpu s",
                    "Mfps wall", "Mfps/core"],
-                  note=f"64-byte frames; ring {DRAIN_RING >> 20} MiB for both; Mfps/core = frames "
-                       "seen / consumer CPU seconds (schedstat) after SIGCONT.")
+                  note=f"64-byte frames; ring {DRAIN_RING >> 20} MiB for all; Mfps/core = frames "
+                       "seen / consumer CPU seconds (schedstat) after SIGCONT.\nlpd, B local: "
+                       f"--local-net {' '.join(LIVE_REMOTE_LOCAL_NETS)} (trafgen's source, A, is "
+                       "remote: 2 remotes); lpd --remote: the same with --remote.")
     ratios = Table("Live: lpd / tcpdump", ["frame", "pinning", "consumer", "zero-loss pps ratio",
                                            "cpu s/M ratio", "drain Mfps/core ratio"])
     with netns.Pair() as pair:
@@ -941,8 +1190,16 @@ def run_live(results, quick, workdir):
         for pinning in ("split", "shared"):
             cpu, rps = PINNINGS[pinning]
             set_rps(pair, rps)
-            for c in (Tcpdump(pair, cpu, DRAIN_RING), Lpd(pair, cpu, DRAIN_RING),
-                      Lpd(pair, cpu, DRAIN_RING, rules_file)):
+            drainers = [Tcpdump(pair, cpu, DRAIN_RING), Lpd(pair, cpu, DRAIN_RING),
+                        Lpd(pair, cpu, DRAIN_RING, rules_file)]
+            if remote:
+                # The default line's frames, but local <-> remote: the same lpd without
+                # --remote beside it, so the difference is the remote stage alone.
+                drainers += [Lpd(pair, cpu, DRAIN_RING, local_nets=LIVE_REMOTE_LOCAL_NETS,
+                                 label="lpd, B local"),
+                             Lpd(pair, cpu, DRAIN_RING, local_nets=LIVE_REMOTE_LOCAL_NETS,
+                                 extra=["--remote"], label="lpd --remote")]
+            for c in drainers:
                 row = drain_capacity(pair, gens[64], c, drain)
                 if row:
                     row["pinning"] = pinning
@@ -957,6 +1214,12 @@ def run_live(results, quick, workdir):
             "cpu s/M ratio": ratio(s["cpu s/M"], ref["cpu s/M"]),
             "drain Mfps/core ratio": ratio(d and d.get("Mfps/core"), dref and dref.get("Mfps/core"))
             if size == 64 else None})
+    ladder_names = {name for _, _, name in sums}
+    for (pinning, name), d in drains.items():         # the drain-only lines (--remote)
+        dref = drains.get((pinning, "tcpdump"))
+        if name not in ladder_names and dref:
+            ratios.add(frame=64, pinning=pinning, consumer=name, **{
+                "drain Mfps/core ratio": ratio(d.get("Mfps/core"), dref.get("Mfps/core"))})
     for t in (ladder, summary, drain, ratios):
         for r in t.rows:
             r.pop("_cpu", None)
@@ -991,8 +1254,9 @@ def main(argv=None):
     print("lpd bench - " + ", ".join(f"{k}: {v}" for k, v in info.items()))
     lpd = import_lpd(LPD)
     info["lpd_version"] = getattr(lpd, "__version__", "?")
-    global DEFAULT_RING
+    global DEFAULT_RING, REMOTE_MAX
     DEFAULT_RING = getattr(lpd, "DEFAULT_RING_BYTES", DEFAULT_RING)
+    REMOTE_MAX = getattr(lpd, "DEFAULT_REMOTE_MAX", REMOTE_MAX)
     print(f"lpd {info['lpd_version']} ({LPD}) under {sys.executable}\n", flush=True)
     try:
         if args.rules_at_scale:
