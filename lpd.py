@@ -1,18 +1,19 @@
 #!/usr/bin/env python3
 """lpd — per-address and per-rule network accounting from an AF_PACKET ring.
 
-One module, standard library plus prometheus_client. Data flows one way:
-sources (the ring, a pcap file, synthetic blocks) -> decode (one flat loop per
-block) -> consumers (local addresses, rules) -> published snapshots (immutable;
-the capture thread is the only writer) -> exporters (Prometheus, the rule socket).
+One module, standard library plus prometheus_client (and maxminddb for GeoIP).
+Data flows one way: sources (the ring, a pcap file, synthetic blocks) -> decode
+(one flat loop per block) -> consumers (local addresses, remote addresses, rules)
+-> published snapshots (immutable; the capture thread is the only writer) ->
+exporters (Prometheus, /api documents, the rule socket, --output).
 
 Sections, in dependency order (nothing refers to a later one):
   errors and logging, options, Linux ABI, wire formats, system helpers,
   classic BPF (opcodes, formatter, interpreter, snapshot length), filter
   compiler (lexer, parser, code generators, optimiser), filter matcher,
-  snapshots, sources, decode, consumers (local addresses, rules), enrichment
-  (pollers: NIC mapping), exporters (Prometheus, rule socket), daemon, offline
-  replay and filter dumps, main().
+  snapshots, sources, decode, consumers (local addresses, remote addresses,
+  rules), enrichment (pollers: NIC mapping, GeoIP), exporters (documents,
+  Prometheus, rule socket), daemon, offline replay and filter dumps, main().
 
 Where a new stage goes: a Consumer subclass in "Consumers" (what it wants
 decoded, its snapshot length, consume/tick/snapshot), a snapshot type in
@@ -231,8 +232,8 @@ def build_parser():
     p.add_argument("--remote", action="store_true",
                    help="count per remote address (any address outside the local networks)")
     p.add_argument("--remote-max", type=_positive_int, default=DEFAULT_REMOTE_MAX, metavar="N",
-                   help=f"remote addresses tracked at most; the heavy hitters are kept "
-                        f"(default {DEFAULT_REMOTE_MAX})")
+                   help=f"remote addresses kept when the table, at twice this, is trimmed; "
+                        f"the heaviest stay (default {DEFAULT_REMOTE_MAX})")
     p.add_argument("-t", "--prometheus-export-threshold", dest="export_threshold",
                    type=_non_negative_int, default=DEFAULT_EXPORT_THRESHOLD, metavar="BYTES",
                    help="a remote gets its own ip_traffic_* series once its tx+rx bytes exceed "
@@ -7262,8 +7263,9 @@ class Daemon:
             "time": self.now(),
             "interface": self.decoder.snapshot(self.past_drops + (ring.drops if ring else 0),
                                                ring is not None),
-            "rules": self.rules.snapshot() if self.rules is not None else RuleSnapshot(),
         }
+        if self.rules is not None:            # no filter file: no rules stage (/api/rules 404s)
+            snaps["rules"] = self.rules.snapshot()
         for name, stage in (("addresses", self.local), ("remotes", self.remotes)):
             if stage is not None:
                 snaps[name] = stage.snapshot() if tables or name not in latest else latest[name]
@@ -7426,6 +7428,7 @@ class Daemon:
                 f"{iface.drops} drops, tx {iface.totals[TX_BYTES]} bytes, "
                 f"rx {iface.totals[RX_BYTES]} bytes, "
                 f"{len(snap.get('addresses', AddressSnapshot()).rows)} local addresses, "
+                f"{len(snap['remotes'].rows) if 'remotes' in snap else 'no'} remote addresses, "
                 f"{len(snap.get('rules', RuleSnapshot()).rows)} rules, "
                 f"uptime {int(time.monotonic() - self.started)} s")
 

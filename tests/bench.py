@@ -74,7 +74,7 @@ REMOTE_REPEAT = 3                       # best of, default and --remote alternat
 FLOOD_SOURCES = 1_000_000               # distinct spoofed remote sources, one frame each (the
                                         # issue's figure: --quick keeps it, ~10 s a run)
 FLOOD_LONG_SOURCES = 4_000_000          # and once this long (not --quick): RSS levels off
-                                        # by ~2 million (the table fills and trims), ~40 s
+                                        # by ~2 million (the table fills and trims), ~35 s
 FLOOD_HEAVY = 5                         # heavy remotes (IPv4 and IPv6 in turn) ...
 FLOOD_HEAVY_SHARE = 0.20                # ... carrying this share of all frames, interleaved
 FLOOD_SIZE, FLOOD_HEAVY_SIZE = 64, 1514 # a flood is minimum-size frames, a big talker full ones
@@ -748,8 +748,10 @@ def remote_flood(lpd, results, quick):
                    f"{FLOOD_INTERVAL:g} s of a {FLOOD_PPS:,} fps packet clock.\nRSS MiB: before "
                    "the first frame; +MiB: grown since, at half the frames and at the end; peak: "
                    "VmHWM minus that start.\n"
-                   "heavy exact: heavy remotes tracked with exactly the bytes and frames sent; "
-                   "totals exact: the remote totals are every frame's.")
+                   "tracked: at the end (the table trims to --remote-max when it holds twice as "
+                   "many); floor B: what an untracked remote carried at most;\nheavy exact: heavy "
+                   "remotes tracked with exactly the bytes and frames sent; totals exact: the "
+                   "remote totals are every frame's.")
     results["remote_flood"] = t.to_json()
     if not hasattr(lpd, "RemoteAddresses"):
         t.add(remote="lpd.RemoteAddresses not available")

@@ -308,7 +308,8 @@ def test_signals_stop_cleanly_and_readiness_is_notified(pair, tmp_path, sig):
 
 
 STATUS = re.compile(r"^lpd: status: (\S+) (up|down), (\d+) frames, (\d+) drops, tx (\d+) bytes, "
-                    r"rx (\d+) bytes, (\d+) local addresses, (\d+) rules, uptime (\d+) s$", re.M)
+                    r"rx (\d+) bytes, (\d+) local addresses, (\d+|no) remote addresses, "
+                    r"(\d+) rules, uptime (\d+) s$", re.M)
 
 
 def test_sigusr1_logs_status_and_sigusr2_is_ignored(pair, tmp_path):
@@ -328,8 +329,8 @@ def test_sigusr1_logs_status_and_sigusr2_is_ignored(pair, tmp_path):
     assert lpd.proc.poll() is None, lpd.stderr()
     found = STATUS.findall(lpd.stderr())
     assert len(found) == 3, lpd.stderr()
-    ifname, state, frames, drops, tx, rx, addresses, nrules, uptime = found[-1]
-    assert (ifname, state, drops, addresses, nrules) == (pair.if_b, "up", "0", "2", "2")
+    ifname, state, frames, drops, tx, rx, addresses, remotes, nrules, uptime = found[-1]
+    assert (ifname, state, drops, addresses, remotes, nrules) == (pair.if_b, "up", "0", "2", "no", "2")
     assert int(frames) >= 1 and int(rx) >= netns.frame_len(100) and int(uptime) < 60
     assert lpd.stop() == 0
     assert not sock.exists()

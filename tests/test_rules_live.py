@@ -226,6 +226,9 @@ def test_reload_resolves_host_names_again(pair, tmp_path, netns_etc):
     assert sink_rows(sock) == {"peer": (3 * one, 3)}     # same text, other address: not counted
 
 
+BURSTS_MAX = 100           # bound on the sender's bursts of datagrams
+
+
 def test_widening_reload_never_judges_a_frame_cut_short(pair, tmp_path):
     """Two rules swapped in together, both matching every datagram sent (each has a
     zero at byte 300): if any queued frame cut to the old 128 bytes reached the new
@@ -235,15 +238,28 @@ def test_widening_reload_never_judges_a_frame_cut_short(pair, tmp_path):
     sock = str(tmp_path / "lpd.sock")
     lpd = Lpd(pair, "--mapping-url", "none", "-f", str(rules), "-u", sock,
               "--local-net", "10.199.0.0/24")
-    n = 20000
-    sender = threading.Thread(target=pair.udp_send, args=(pair.ns_a, pair.ip4_a, pair.ip4_b, [400] * n))
+    # Datagrams go out in bursts until the reload has landed and some after it: a fast
+    # machine sends a fixed 20,000 before the reload thread has even started.
+    chunk, sent, stop = 2000, [], threading.Event()
+
+    def send():
+        for _ in range(BURSTS_MAX):
+            pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [400] * chunk)
+            sent.append(chunk)
+            if stop.is_set():
+                return
+    sender = threading.Thread(target=send)
     sender.start()
-    time.sleep(0.1)
+    assert wait_for(lambda: sent, 10)
     rules.write_text(f"old;udp dst port {netns.SINK_PORT}\n"
                      f"all;udp dst port {netns.SINK_PORT}\n"
                      f"big;udp dst port {netns.SINK_PORT} and ether[300] = 0\n")
     lpd.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: "reloaded" in lpd.stderr(), 10), lpd.stderr()
+    time.sleep(0.5)                                    # past the widening's drain
+    stop.set()
     sender.join(60)
+    n = sum(sent)
     one = netns.frame_len(400)
     assert wait_for(lambda: sink_rows(sock).get("old") == (n * one, n), 10, 0.2), sink_rows(sock)
     got = sink_rows(sock)
