@@ -26,6 +26,7 @@ import errno
 import fcntl
 import functools
 import grp
+import heapq
 import http.client
 import ipaddress
 import itertools
@@ -137,6 +138,10 @@ DEFAULT_REMOTE_MAX = 65536
 DEFAULT_EXPORT_THRESHOLD = 1 << 20
 DEFAULT_IDLE_TIMEOUT = 300.0
 OUTPUTS = ("table", "metrics", "json")
+# Connections tracked at most, and the idle timeouts that end them.
+DEFAULT_CONN_MAX = 262144
+DEFAULT_CONN_TIMEOUT_TCP = 300.0
+DEFAULT_CONN_TIMEOUT_UDP = 60.0
 
 
 def physical_memory():
@@ -245,6 +250,18 @@ def build_parser():
                    help="GeoIP2-ISP or GeoLite2-ASN database: the isp label (implies --remote)")
     p.add_argument("--geoip-lang", default="en", metavar="LANG",
                    help="language of the GeoIP names, e.g. zh-CN (default en; falls back to en)")
+    p.add_argument("--connections", action="store_true",
+                   help="track TCP and UDP connections (Zeek's conn_state and history)")
+    p.add_argument("--conn-log", metavar="PATH",
+                   help="one JSON line per finished connection, Zeek's conn.log fields ('-': "
+                        "stdout; reopened on SIGHUP; implies --connections)")
+    p.add_argument("--conn-max", type=_positive_int, default=DEFAULT_CONN_MAX, metavar="N",
+                   help=f"connections tracked at most; half-open ones are evicted first "
+                        f"(default {DEFAULT_CONN_MAX})")
+    p.add_argument("--conn-timeout-tcp", type=_positive_float, default=DEFAULT_CONN_TIMEOUT_TCP,
+                   metavar="SECONDS", help="idle TCP connections end (default %(default)g)")
+    p.add_argument("--conn-timeout-udp", type=_positive_float, default=DEFAULT_CONN_TIMEOUT_UDP,
+                   metavar="SECONDS", help="idle UDP flows end (default %(default)g)")
     p.add_argument("--duration", type=_positive_float, metavar="SECONDS",
                    help="capture this long, print the table (see --output) and exit")
     p.add_argument("--output", choices=OUTPUTS, default="table",
@@ -285,6 +302,8 @@ def parse_args(argv):
         opts.mapping_url = None
     if opts.geoip_db or opts.geoip_isp_db:
         opts.remote = True
+    if opts.conn_log:
+        opts.connections = True
     return opts
 
 
@@ -390,6 +409,8 @@ FRAME_FIELDS = (
     ("sll_family", "H"), ("sll_protocol", "H"), ("sll_ifindex", "i"), ("sll_hatype", "H"),
     ("sll_pkttype", "B"), ("sll_halen", "B"), ("sll_addr", "8s"))
 FRAME = _layout(FRAME_FIELDS)                    # every field: reading whole and building
+FRAME_TS = _layout(FRAME_FIELDS[1:3])            # sec, nsec: the kernel's timestamp
+FRAME_TS_OFF = _offset(FRAME_FIELDS, "sec")
 FRAME_HDR = _layout(FRAME_FIELDS, ("next_offset", "snaplen", "len", "status", "mac",
                                    "vlan_tci", "vlan_tpid", "sll_pkttype"))   # the hot loop's
 # Where tpacket_rcv() puts an Ethernet frame: the network header aligned, after the
@@ -5076,17 +5097,19 @@ WANT_RAW = "raw"    # (data, wirelen, pkttype, vlan_tci or None): frame bytes, t
 # (remote key, bytes, frames) of each IP frame between a local and a remote address,
 # in remote_tx (local -> remote) or remote_rx (remote -> local).
 WANT_REMOTE = "remote"
+# With WANT_RAW: `ts`, the kernel's timestamp of each raw frame (a float), in step with it.
+WANT_TS = "ts"
 
 
 class Batch:
     """What one block decoded into. Its lists hold views of the ring: a consumer
     copies whatever it keeps beyond consume(). `gso` holds the WANT_RAW tuples of
-    super-frames, with the bytes and frames the wire carried for each. `time` is the
-    block's last frame's timestamp: the packet clock."""
-    __slots__ = ("raw", "gso", "remote_tx", "remote_rx", "frames", "time")
+    super-frames, with the bytes and frames the wire carried for each and its timestamp.
+    `time` is the block's last frame's timestamp: the packet clock."""
+    __slots__ = ("raw", "ts", "gso", "remote_tx", "remote_rx", "frames", "time")
 
     def __init__(self):
-        self.raw, self.gso, self.remote_tx, self.remote_rx = [], [], [], []
+        self.raw, self.ts, self.gso, self.remote_tx, self.remote_rx = [], [], [], [], []
         self.frames, self.time = 0, 0.0
 
 
@@ -5204,7 +5227,8 @@ class Decoder:
         """Between blocks only (the capture thread swaps stages at a block boundary)."""
         self.consumers = tuple(consumers)
         wants = frozenset().union(*(c.wants for c in self.consumers))
-        self.want_raw = WANT_RAW in wants
+        self.want_raw = WANT_RAW in wants or WANT_TS in wants
+        self.want_ts = WANT_TS in wants
         self.want_remote = WANT_REMOTE in wants
 
     def snaplen(self):
@@ -5214,11 +5238,13 @@ class Decoder:
         return InterfaceSnapshot(self.frames, tuple(self.totals), tuple(self.malformed.items()),
                                  drops, up, self.gso_frames, self.gso_unsplit)
 
-    def super_frame(self, buf, p, caplen, wl, pkttype, status, tci, tpid, batch):
+    def super_frame(self, buf, p, caplen, wl, pkttype, status, tci, tpid, batch, frame):
         """A GSO/GRO super-frame (the hot loop's slow path): count the frames the wire
         carried, for the interface, the local addresses and the rules. False when it
         cannot be split: the hot loop then counts it as one frame."""
         _, gso_type, _, gso_size, _, _ = VIRTIO_NET_HDR.unpack_from(buf, p - VIRTIO_NET_HDR.size)
+        sec, nsec = FRAME_TS.unpack_from(buf, frame + FRAME_TS_OFF)
+        ts = sec + nsec * 1e-9
         tagged = status & TP_STATUS_VLAN_VALID or tci
         data = buf[p:p + caplen]                 # a view: kept only until consume() returns
         split = gso_split(data, wl, VLAN_TAG_LEN if tagged else 0, gso_type, gso_size)
@@ -5248,7 +5274,7 @@ class Decoder:
             if tagged:
                 tag = VLAN_TAG.pack(tpid if status & TP_STATUS_VLAN_TPID_VALID else ETH_P_8021Q, tci)
                 data = b"".join((data[:ETH_TYPE_OFF], tag, data[ETH_TYPE_OFF:]))
-            batch.gso.append((data, wl, pkttype, tci if tagged else None, nbytes, segments))
+            batch.gso.append((data, wl, pkttype, tci if tagged else None, nbytes, segments, ts))
         return True
 
     def process_block(self, buf, base):
@@ -5275,6 +5301,7 @@ class Decoder:
         batch = Batch()
         want_raw, raw = self.want_raw, batch.raw.append
         want_remote, remote_tx, remote_rx = self.want_remote, batch.remote_tx.append, batch.remote_rx.append
+        want_ts, stamp, frame_ts, ts_off = self.want_ts, batch.ts.append, FRAME_TS.unpack_from, FRAME_TS_OFF
         (_, _, _, count, first, _, _, _, _, last_sec, last_nsec) = BLOCK.unpack_from(buf, base)
         pos = base + first
         tx_b = tx_p = rx_b = rx_p = 0
@@ -5289,7 +5316,7 @@ class Decoder:
             # virtio_net_hdr.gso_type: a super-frame, counted as the frames the wire
             # carried by the slow path; one it cannot split goes on as one frame.
             if flen > gso_above and buf[p - gso_back] and \
-                    super_frame(buf, p, caplen, wl, pkttype, status, tci, tpid, batch):
+                    super_frame(buf, p, caplen, wl, pkttype, status, tci, tpid, batch, p - mac):
                 continue
             if pkttype == outgoing:
                 tx_b += wl
@@ -5303,6 +5330,9 @@ class Decoder:
                                    buf[p + 12:p + caplen])), wl, pkttype, tci))
                 else:
                     raw((buf[p:p + caplen], wl, pkttype, None))
+                if want_ts:
+                    sec, nsec = frame_ts(buf, p - mac + ts_off)
+                    stamp(sec + nsec * 1e-9)
             # The common frame, untagged IPv4 without options, is one unpack and
             # one test; everything else takes the general path below, which
             # either ends the frame (malformed, not IP) or leaves a valid header's
@@ -5648,6 +5678,633 @@ class RemoteAddresses(Consumer):
             rows[key] = ((family_of_key(key).version, key), *e)
         self.cache = {}
         return RemoteSnapshot(tuple(rows.values()), tuple(self.totals), self.evictions, self.floor)
+
+
+###############################################################################
+# Consumers: connections (Zeek's conn.log semantics) ##########################
+###############################################################################
+#
+# One entry per TCP or UDP connection, whichever way a frame travels, with Zeek's
+# endpoint state machine, history letters, payload sizes from sequence numbers,
+# orientation and timers (src/analyzer/protocol/tcp, scripts/base/protocols/conn in
+# zeek/zeek), on the packet clock. What lpd leaves out: checksums are not verified
+# (Zeek's -C), and nothing here reassembles streams, so no 'G' letters, missed
+# bytes or application-layer role flips.
+
+IPV4_L4_HDR = struct.Struct("!BxHxxHxB2x4s4s")     # version/IHL, total length, flags/fragment, protocol, src, dst
+IPV6_L4_HDR = struct.Struct("!B3xHBx16s16s")       # version, payload length, next header, src, dst
+IPV4_FRAG_MASK = 0x1FFF                             # fragment offset: a later fragment has no ports
+TCP_HDR = struct.Struct("!HHIIBBH")                 # ports, seq, ack, data offset, flags, window
+UDP_HDR = struct.Struct("!HHH")                     # ports, length
+TH_FIN, TH_SYN, TH_RST, TH_ACK = 0x01, 0x02, 0x04, 0x10
+SEQ_MOD = 1 << 32
+SEQ_HALF = 1 << 31
+SEQ_JUMP_MAX = 1 << 20          # a SYN or RST this far from the last seq, or an ACK 0, is not a step
+# Leading bytes the stage reads: Ethernet, two tags, the longest IPv4 and TCP headers.
+CONN_SNAPLEN = ETH_HLEN + 2 * VLAN_TAG_LEN + 60 + 60
+PROTO_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
+
+# TCP endpoint states (Zeek's TCP_ENDPOINT_*); UDP uses INACTIVE and ACTIVE.
+(TCP_INACTIVE, TCP_SYN_SENT, TCP_SYN_ACK_SENT, TCP_PARTIAL, TCP_ESTABLISHED, TCP_CLOSED,
+ TCP_RESET) = range(7)
+UDP_ACTIVE = TCP_ESTABLISHED
+TCP_HANDSHAKE = (TCP_INACTIVE, TCP_SYN_SENT, TCP_SYN_ACK_SENT)
+TCP_NO_SYN_ACK = (TCP_INACTIVE, TCP_PARTIAL)         # conn_state's "inactive" sides
+
+# Zeek's timers (init-bare.zeek): a closed connection lingers for late frames; an
+# unanswered SYN gives up; then the inactivity timeouts (--conn-timeout-*).
+CONN_CLOSE_DELAY = 5.0
+CONN_ATTEMPT_DELAY = 5.0
+CONN_LARGEST_KEPT = 20           # finished connections kept for the tables, biggest first
+
+# History letters (Zeek's HIST_* masks): orig's bit, resp's is 16 higher; a letter is
+# added once per side, but SYN, FIN and RST again for a new sequence number, and the
+# scaled ones (T, W) again at 10, 100, 1000 ... occurrences.
+HIST_SYN, HIST_FIN, HIST_RST, HIST_FIN_RST, HIST_DATA, HIST_ACK, HIST_MULTI = (
+    0x1, 0x2, 0x4, 0x8, 0x10, 0x20, 0x40)
+HIST_RESP_SHIFT = 16
+HIST_SCALE = 10
+
+# Zeek's likely_server_ports with the default scripts: a first frame that is not a
+# pure SYN, sent from one of these, is taken for the responder's.
+LIKELY_SERVER_PORTS = {
+    IPPROTO_TCP: frozenset((21, 22, 25, 53, 79, 80, 81, 88, 135, 139, 143, 389, 443, 445, 465, 502,
+                            514, 563, 585, 587, 614, 631, 636, 989, 990, 992, 993, 995, 1080, 1434,
+                            1883, 2811, 3128, 3268, 3306, 3389, 5222, 5223, 5269, 5432, 6379, 6666,
+                            6667, 6668, 6669, 8000, 8080, 8888, 20000)),
+    IPPROTO_UDP: frozenset((53, 67, 88, 123, 137, 161, 162, 389, 443, 514, 1812, 2123, 2152, 3389,
+                            3544, 4011, 4754, 4789, 5060, 5072, 5353, 5355, 6081, 20000)),
+}
+IPV4_BROADCAST = b"\xff\xff\xff\xff"
+RSTOS0_HISTORY = re.compile(r"\^?S[^HAFGIQ]*R.*")
+CONN_STATES = ("S0", "S1", "SF", "REJ", "S2", "S3", "RSTO", "RSTR", "RSTOS0", "RSTRH", "SH", "SHR", "OTH")
+LIVE_STATES = ("connecting", "established", "closing", "reset")
+EVICTION_REASONS = ("half_open", "oldest")
+
+
+def parse_l4(data):
+    """A frame's (proto, src, dst, sport, dport, ip_len, payload_len, flags, seq, ack,
+    window) for TCP and UDP over IPv4 or IPv6 (tags re-inserted), or None. Addresses
+    are raw bytes; the payload length comes from the IP length, not the frame (padding)."""
+    n = len(data)
+    if n < ETH_HLEN:
+        return None
+    q, et = ETH_HLEN, U16BE.unpack_from(data, ETH_TYPE_OFF)[0]
+    while et in VLAN_TPIDS and q + VLAN_TAG_LEN <= n:
+        et = U16BE.unpack_from(data, q + 2)[0]
+        q += VLAN_TAG_LEN
+    if et == ETHERTYPE_IPV4 and n >= q + 20:
+        vihl, ip_len, frag, proto, src, dst = IPV4_L4_HDR.unpack_from(data, q)
+        hl = (vihl & 15) * 4
+        if vihl >> 4 != 4 or hl < 20 or ip_len < hl or frag & IPV4_FRAG_MASK:
+            return None
+        l4, end = q + hl, ip_len - hl
+    elif et == ETHERTYPE_IPV6 and n >= q + IPV6_HDR_LEN:
+        vtc, plen, proto, src, dst = IPV6_L4_HDR.unpack_from(data, q)
+        if vtc >> 4 != 6:
+            return None
+        l4, end, ip_len = q + IPV6_HDR_LEN, plen, plen + IPV6_HDR_LEN
+    else:
+        return None
+    if proto == IPPROTO_TCP and n >= l4 + TCP_MIN_HDR_LEN:
+        sport, dport, seq, ack, off, flags, window = TCP_HDR.unpack_from(data, l4)
+        doff = (off >> 4) * 4
+        if doff < TCP_MIN_HDR_LEN or doff > end:
+            return None
+        return proto, src, dst, sport, dport, ip_len, end - doff, flags, seq, ack, window
+    if proto == IPPROTO_UDP and n >= l4 + UDP_HDR_LEN:
+        sport, dport, length = UDP_HDR.unpack_from(data, l4)
+        return proto, src, dst, sport, dport, ip_len, max(0, length - UDP_HDR_LEN), 0, 0, 0, 0
+    return None
+
+
+def _seq_delta(a, b):
+    """a - b in sequence space (signed 32-bit)."""
+    d = (a - b) % SEQ_MOD
+    return d - SEQ_MOD if d >= SEQ_HALF else d
+
+
+class _End:
+    """One side of a connection: Zeek's TCP_Endpoint (or a UDP side), and its counts."""
+    __slots__ = ("state", "prev", "start", "last", "ack", "seq_wraps", "ack_wraps", "fins",
+                 "did_close", "pkts", "ip_bytes", "wire_bytes", "udp_bytes", "last_syn",
+                 "last_fin", "last_rst", "scaled")
+
+    def __init__(self):
+        self.state = self.prev = TCP_INACTIVE
+        self.start = self.last = self.ack = 0
+        self.seq_wraps = self.ack_wraps = self.fins = 0
+        self.did_close = False
+        self.pkts = self.ip_bytes = self.wire_bytes = self.udp_bytes = 0
+        self.last_syn = self.last_fin = self.last_rst = 0
+        self.scaled = {}                            # letter -> occurrences (T, W)
+
+    def set_state(self, state):
+        if state != self.state:
+            self.prev, self.state = self.state, state
+
+    def init_seq(self, seq, syn):
+        """The first frame this side sends (Zeek's init_endpoint): a partial connection
+        pretends a SYN one below its first byte."""
+        self.start = self.ack = seq if syn else (seq - 1) % SEQ_MOD
+        self.last = seq if not syn else self.start
+
+    def move_last(self, end):
+        if end < self.last:
+            self.seq_wraps += 1
+        self.last = end
+
+    def move_ack(self, ack):
+        if ack < self.ack:
+            self.ack_wraps += 1
+        self.ack = ack
+
+    def size(self, peer):
+        """Payload bytes from sequence numbers (Zeek's TCP_Endpoint::Size)."""
+        if self.prev == TCP_SYN_SENT and self.state == TCP_RESET and peer.state == TCP_INACTIVE \
+                and _seq_delta(self.ack, self.start) > 1:
+            return 0                                # a RST injected into a half-open connection
+        size = max((self.seq_wraps << 32) + self.last, (self.ack_wraps << 32) + self.ack) - self.start
+        if size:
+            size -= 1                               # the SYN's octet
+        if self.fins and size:
+            size -= 1                               # the FIN's octet
+        return max(size, 0)
+
+
+class Connection:
+    """One connection: its originator and responder ends and its history."""
+    __slots__ = ("key", "proto", "orig_h", "orig_p", "resp_h", "resp_p", "o", "r", "history",
+                 "seen", "first", "last", "midstream", "live", "pid", "comm", "due", "half_open")
+
+    def __init__(self, key, proto, src, sport, dst, dport, ts):
+        self.key, self.proto = key, proto
+        self.orig_h, self.orig_p, self.resp_h, self.resp_p = src, sport, dst, dport
+        self.o, self.r = _End(), _End()
+        self.history, self.seen = [], 0
+        self.first = self.last = ts
+        self.midstream = False
+        self.live = "connecting"
+        self.pid = self.comm = None
+        self.due = math.inf                          # the close or attempt timer
+        self.half_open = False
+
+    def flip(self):
+        """Zeek's FlipRoles: the ends and addresses swap, the history's seen-bits do not."""
+        self.orig_h, self.orig_p, self.resp_h, self.resp_p = self.resp_h, self.resp_p, self.orig_h, self.orig_p
+        self.o, self.r = self.r, self.o
+        self.history.append("^")
+
+    def check(self, mask, letter, is_orig):
+        """Add a letter once per side; True if it was there already."""
+        bit = mask if is_orig else mask << HIST_RESP_SHIFT
+        if self.seen & bit:
+            return True
+        self.seen |= bit
+        self.history.append(letter if is_orig else letter.lower())
+        return False
+
+    def scaled(self, end, letter, is_orig):
+        """T and W: again at 10, 100, 1000 ... occurrences."""
+        n = end.scaled.get(letter, 0) + 1
+        end.scaled[letter] = n
+        while n % HIST_SCALE == 0:
+            n //= HIST_SCALE
+        if n == 1:
+            self.history.append(letter if is_orig else letter.lower())
+
+    def conn_state(self):
+        """Zeek's conn_state (base/protocols/conn/main.zeek)."""
+        o, r = self.o.state, self.r.state
+        if self.proto == IPPROTO_UDP:
+            if o == UDP_ACTIVE:
+                return "SF" if r == UDP_ACTIVE else "S0"
+            return "SHR" if r == UDP_ACTIVE else "OTH"
+        o_inactive, r_inactive = o in TCP_NO_SYN_ACK, r in TCP_NO_SYN_ACK
+        if r == TCP_RESET:
+            if o in (TCP_SYN_SENT, TCP_SYN_ACK_SENT) or \
+                    (o == TCP_RESET and self.orig_bytes() == 0 and self.resp_bytes() == 0):
+                return "REJ"
+            return "RSTRH" if o_inactive else "RSTR"
+        if o == TCP_RESET:
+            if r_inactive:
+                return "RSTOS0" if RSTOS0_HISTORY.fullmatch("".join(self.history)) else "OTH"
+            return "RSTO"
+        if o == TCP_CLOSED and r == TCP_CLOSED:
+            return "SF"
+        if o == TCP_CLOSED:
+            return "SH" if r_inactive else "S2"
+        if r == TCP_CLOSED:
+            return "SHR" if o_inactive else "S3"
+        if o == TCP_SYN_SENT and r == TCP_INACTIVE:
+            return "S0"
+        if o == TCP_ESTABLISHED and r == TCP_ESTABLISHED:
+            return "S1"
+        return "OTH"
+
+    def orig_bytes(self):
+        if self.proto == IPPROTO_UDP:
+            return self.o.udp_bytes
+        return self.o.size(self.r)
+
+    def resp_bytes(self):
+        if self.proto == IPPROTO_UDP:
+            return self.r.udp_bytes
+        return self.r.size(self.o)
+
+    def live_state(self):
+        """XNet's view: connecting, established, closing or reset."""
+        o, r = self.o.state, self.r.state
+        if self.proto == IPPROTO_UDP:
+            return "established" if o == r == UDP_ACTIVE else "connecting"
+        if TCP_RESET in (o, r):
+            return "reset"
+        if TCP_CLOSED in (o, r):
+            return "closing"
+        if (o in (TCP_SYN_SENT, TCP_SYN_ACK_SENT) or r in (TCP_SYN_SENT, TCP_SYN_ACK_SENT)) and \
+                TCP_ESTABLISHED not in (o, r):
+            return "connecting"
+        return "established"
+
+    def record(self):
+        """The conn.log line, Zeek's field names (duration and sizes only when > 0 s)."""
+        fam = FAMILIES[4 if len(self.orig_h) == 4 else 6].address
+        rec = {"ts": round(self.first, 6), "id.orig_h": str(fam(self.orig_h)), "id.orig_p": self.orig_p,
+               "id.resp_h": str(fam(self.resp_h)), "id.resp_p": self.resp_p,
+               "proto": PROTO_NAMES[self.proto]}
+        duration = self.last - self.first
+        if duration > 0:
+            rec.update({"duration": round(duration, 6), "orig_bytes": self.orig_bytes(),
+                        "resp_bytes": self.resp_bytes()})
+        rec.update({"conn_state": self.conn_state(), "history": "".join(self.history),
+                    "orig_pkts": self.o.pkts, "orig_ip_bytes": self.o.ip_bytes,
+                    "resp_pkts": self.r.pkts, "resp_ip_bytes": self.r.ip_bytes})
+        if self.pid is not None:
+            rec["pid"], rec["comm"] = self.pid, self.comm
+        return rec
+
+    def row(self):
+        """The snapshot row of an open connection."""
+        return (self.key, self.proto, self.orig_h, self.orig_p, self.resp_h, self.resp_p,
+                self.live, "".join(self.history), self.orig_bytes(), self.resp_bytes(),
+                self.o.pkts, self.r.pkts, self.o.wire_bytes, self.r.wire_bytes,
+                self.first, self.last, self.midstream, self.pid, self.comm)
+
+
+class ConnectionSnapshot(NamedTuple):
+    """Open connections (Connection.row() tuples), how many per (proto, live state),
+    finished per (proto, conn_state) and evicted per reason, and the biggest finished."""
+    rows: tuple = ()
+    live: tuple = ()                       # ((proto name, state, n), ...)
+    closed: tuple = ()                     # ((proto name, conn_state, n), ...)
+    evictions: tuple = ()                  # ((reason, n), ...)
+    largest: tuple = ()                    # conn.log records, biggest first
+
+    def merge(self, other):
+        return ConnectionSnapshot(self.rows + other.rows, _merge_keyed(self.live, other.live, 2),
+                                  _merge_keyed(self.closed, other.closed, 2),
+                                  _merge_keyed(self.evictions, other.evictions, 1),
+                                  tuple(sorted(self.largest + other.largest, key=_record_bytes,
+                                               reverse=True)[:CONN_LARGEST_KEPT]))
+
+
+def _record_bytes(rec):
+    return rec["orig_ip_bytes"] + rec["resp_ip_bytes"]
+
+
+class Connections(Consumer):
+    """The flow table: Zeek's per-packet TCP processing in the order Zeek does it
+    (orientation, reuse, sequence init, history, window, time, ACK, last seq, state
+    machine, counts), timers on the packet clock, and a bound that evicts half-open
+    connections (a SYN flood) before any other.
+
+    `finished(record)` receives every finished connection's conn.log record;
+    `wants_process(conn)` (optional) is told of each new one, for pid and comm.
+    """
+    name = "connections"
+    wants = frozenset((WANT_RAW, WANT_TS))
+
+    def __init__(self, conn_max=DEFAULT_CONN_MAX, timeout_tcp=DEFAULT_CONN_TIMEOUT_TCP,
+                 timeout_udp=DEFAULT_CONN_TIMEOUT_UDP, finished=None, wants_process=None):
+        self.conn_max = conn_max
+        self.timeouts = {IPPROTO_TCP: timeout_tcp, IPPROTO_UDP: timeout_udp}
+        self.finished, self.wants_process = finished, wants_process
+        self.table = {}
+        # proto -> OrderedDict key -> conn, least recently active first: idle expiry and
+        # the "oldest" eviction look at the front only.
+        self.activity = {p: collections.OrderedDict() for p in PROTO_NAMES}
+        self.half_open = collections.OrderedDict()   # unanswered SYNs, oldest first
+        self.timers = []                              # heap of (due, seq, conn)
+        self.timer_seq = 0
+        self.next_due = math.inf
+        self.live = {(p, s): 0 for p in PROTO_NAMES for s in LIVE_STATES}
+        self.closed = {(p, s): 0 for p in PROTO_NAMES for s in CONN_STATES}
+        self.evictions = dict.fromkeys(EVICTION_REASONS, 0)
+        self.largest = []                             # heap of (bytes, seq, record)
+        self.rows = {}
+        self.touched = set()
+        self.refreshed = collections.deque()          # conns given a pid by another thread
+        self.now = 0.0
+
+    def snaplen(self):
+        return CONN_SNAPLEN
+
+    def tracked(self):
+        return len(self.table)
+
+    # -- per frame ------------------------------------------------------------
+
+    def consume(self, batch):
+        packet = self.packet
+        for (data, wirelen, _, tci), ts in zip(batch.raw, batch.ts):
+            packet(data, ts, wirelen, 1, ETH_HLEN + (VLAN_TAG_LEN if tci is not None else 0))
+        for data, _, _, tci, nbytes, segments, ts in batch.gso:
+            packet(data, ts, nbytes, segments, ETH_HLEN + (VLAN_TAG_LEN if tci is not None else 0))
+
+    def packet(self, data, ts, wire_bytes, frames, l2_len):
+        if ts >= self.next_due:
+            self.expire(ts)
+        if ts > self.now:
+            self.now = ts
+        f = parse_l4(data)
+        if f is None:
+            return
+        proto, src, dst, sport, dport, ip_len, plen, flags, seq, ack, window = f
+        key = (proto, src, sport, dst, dport) if (src, sport) <= (dst, dport) else \
+            (proto, dst, dport, src, sport)
+        c = self.table.get(key)
+        if c is not None and proto == IPPROTO_TCP and flags & TH_SYN and self._reused(c, src, sport, flags, seq):
+            self.finish(c)
+            c = None
+        if c is None:
+            c = self._open(key, proto, src, sport, dst, dport, flags, ts)
+        is_orig = src == c.orig_h and sport == c.orig_p
+        e, p = (c.o, c.r) if is_orig else (c.r, c.o)
+        if proto == IPPROTO_TCP:
+            self._tcp(c, e, p, is_orig, flags, seq, ack, window, plen, ts)
+            if not is_orig and c.half_open:
+                c.half_open = False
+                self.half_open.pop(key, None)
+        else:
+            if e.state == TCP_INACTIVE:
+                e.set_state(UDP_ACTIVE)
+                c.check(HIST_DATA, "D", is_orig)
+            e.udp_bytes += plen
+            c.last = ts
+        # the counts follow the roles as they are after this frame (a flip moves them)
+        e = c.o if (src == c.orig_h and sport == c.orig_p) else c.r
+        e.pkts += frames
+        # IP bytes: the IP length field (a short frame's padding is not IP); a super-frame's
+        # wire frames each carry l2_len of link header
+        e.ip_bytes += ip_len if frames == 1 else wire_bytes - frames * l2_len
+        e.wire_bytes += wire_bytes
+        live = c.live_state()
+        if live != c.live:
+            self.live[proto, c.live] -= 1
+            self.live[proto, live] += 1
+            c.live = live
+        self.activity[proto].move_to_end(key)
+        self.touched.add(key)
+
+    def _open(self, key, proto, src, sport, dst, dport, flags, ts):
+        if len(self.table) >= self.conn_max:
+            self.evict()
+        c = Connection(key, proto, src, sport, dst, dport, ts)
+        pure_syn = proto == IPPROTO_TCP and flags & (TH_SYN | TH_ACK) == TH_SYN
+        if not pure_syn:
+            # Joined mid-stream (or a reply first): Zeek's port heuristic picks the server.
+            c.midstream = proto == IPPROTO_TCP and not flags & TH_SYN
+            servers = LIKELY_SERVER_PORTS[proto]
+            if sport in servers and dst != IPV4_BROADCAST:
+                if dport not in servers:
+                    c.flip()
+                elif proto == IPPROTO_TCP and flags & (TH_SYN | TH_ACK) != TH_SYN | TH_ACK and sport < dport:
+                    c.flip()
+        else:
+            c.half_open = True
+            self.half_open[key] = c
+        self.table[key] = c
+        self.activity[proto][key] = c
+        self.live[proto, c.live] += 1
+        if self.wants_process is not None:
+            self.wants_process(c)
+        return c
+
+    def _reused(self, c, src, sport, flags, seq):
+        """A SYN on a known 5-tuple that starts a new connection (Zeek's IsReuse)."""
+        o, r = c.o, c.r
+        if o.did_close or r.did_close:
+            return True
+        if not flags & TH_ACK:
+            if o.state == TCP_INACTIVE:
+                return False
+            if o.state == TCP_SYN_ACK_SENT and r.state == TCP_INACTIVE and seq == r.start:
+                return False                       # the SYN/SYN-ACK reversal
+            return seq != o.start
+        if o.state == TCP_INACTIVE and r.state != TCP_INACTIVE:
+            return seq != r.start
+        return False
+
+    def _tcp(self, c, e, p, is_orig, flags, seq, ack, window, plen, ts):
+        syn, fin, rst, has_ack = flags & TH_SYN, flags & TH_FIN, flags & TH_RST, flags & TH_ACK
+        seg_len = plen + (1 if syn else 0) + (1 if fin else 0)
+        if rst:
+            seg_len -= plen                          # a RST's data is never counted
+        if e.state == TCP_INACTIVE:
+            e.init_seq(seq, syn)
+        rel_seq = (seq - e.start) % SEQ_MOD
+        # history
+        n = (1 if syn else 0) + (1 if fin else 0) + (1 if rst else 0)
+        if n > 1:
+            c.check(HIST_FIN_RST if fin and rst else HIST_MULTI, "I" if fin and rst else "Q", is_orig)
+        elif syn:
+            if c.check(HIST_SYN, "H" if has_ack else "S", is_orig) and rel_seq != e.last_syn:
+                c.history.append(("H" if has_ack else "S") if is_orig else ("h" if has_ack else "s"))
+            e.last_syn = rel_seq
+        elif fin:
+            if c.check(HIST_FIN, "F", is_orig) and (rel_seq + plen) % SEQ_MOD != e.last_fin:
+                c.history.append("F" if is_orig else "f")
+            e.last_fin = (rel_seq + plen) % SEQ_MOD
+        elif rst:
+            if c.check(HIST_RST, "R", is_orig) and rel_seq != e.last_rst:
+                c.history.append("R" if is_orig else "r")
+            e.last_rst = rel_seq
+        elif plen or has_ack:
+            if len(c.history) == 1 and c.history[0] == "H":
+                # Opened by a SYN-ACK: its sender was the responder after all.
+                c.flip()
+                c.history[:] = ["^", "h"]
+                is_orig = not is_orig
+            c.check(HIST_DATA if plen else HIST_ACK, "D" if plen else "A", is_orig)
+        if window == 0 and not rst and p.state != TCP_CLOSED and e.state != TCP_RESET:
+            c.scaled(e, "W", is_orig)
+        if not (c.o.did_close and c.r.did_close):
+            c.last = ts
+        if has_ack:
+            if p.state == TCP_INACTIVE:
+                p.start = p.last = p.ack = (ack - 1) % SEQ_MOD
+            elif not rst and _seq_delta(ack, p.ack) > 0 and not (ack == 0 and _seq_delta(ack, p.ack) > SEQ_JUMP_MAX):
+                p.move_ack(ack)
+        end = (seq + seg_len) % SEQ_MOD
+        delta = _seq_delta(end, e.last)
+        if e.state != TCP_RESET:
+            if delta <= 0:
+                if plen and not ((syn or rst) and abs(delta) > SEQ_JUMP_MAX) and \
+                        not (fin and e.last == (e.start + 1) % SEQ_MOD):
+                    c.scaled(e, "T", is_orig)
+            elif not ((syn or rst) and delta > SEQ_JUMP_MAX):
+                e.move_last(end)
+        if fin:
+            e.fins += 1
+        self._state(c, e, p, is_orig, syn, fin, rst, has_ack, plen, ts)
+
+    def _state(self, c, e, p, is_orig, syn, fin, rst, has_ack, plen, ts):
+        """Zeek's endpoint state machine, for the sending end e (peer p)."""
+        s = e.state
+        close = False
+        if s == TCP_INACTIVE:
+            if syn:
+                if is_orig:
+                    e.set_state(TCP_SYN_ACK_SENT if has_ack else TCP_SYN_SENT)
+                    self._timer(c, ts + CONN_ATTEMPT_DELAY)
+                elif not has_ack and p.state == TCP_SYN_ACK_SENT:
+                    c.flip()                       # the SYN/SYN-ACK reversal
+                    p.set_state(TCP_ESTABLISHED)
+                    e.set_state(TCP_ESTABLISHED)
+                else:
+                    if p.state == TCP_SYN_SENT:
+                        p.set_state(TCP_ESTABLISHED)
+                    e.set_state(TCP_ESTABLISHED)
+            if fin:
+                e.set_state(TCP_CLOSED)
+                close = True
+            if rst:
+                e.set_state(TCP_RESET)
+                close = True
+            if not (syn or fin or rst):
+                if not is_orig and not plen and c.o.state == TCP_SYN_SENT:
+                    pass                           # an ACK before the SYN-ACK
+                elif has_ack and p.state == TCP_ESTABLISHED:
+                    e.set_state(TCP_ESTABLISHED)
+                else:
+                    e.set_state(TCP_PARTIAL)
+        elif s in (TCP_SYN_SENT, TCP_SYN_ACK_SENT):
+            if fin:
+                e.set_state(TCP_CLOSED)
+                close = True
+            if rst:
+                e.set_state(TCP_RESET)
+                close = True
+        elif s in (TCP_ESTABLISHED, TCP_PARTIAL):
+            if syn and not has_ack and s == TCP_PARTIAL and p.state == TCP_INACTIVE:
+                e.set_state(TCP_SYN_SENT)
+            if fin and not rst:
+                e.set_state(TCP_CLOSED)
+                if p.state == TCP_RESET and p.prev == TCP_CLOSED:
+                    p.set_state(TCP_CLOSED)
+                close = True
+            elif rst:
+                e.set_state(TCP_RESET)
+                close = True
+        elif s == TCP_CLOSED:
+            if rst and p.state != TCP_CLOSED:
+                e.set_state(TCP_RESET)
+                close = not e.did_close
+        if close:
+            e.did_close = True
+            if e.state == TCP_RESET or p.did_close or p.state == TCP_INACTIVE:
+                self._timer(c, c.last + CONN_CLOSE_DELAY)
+
+    def _timer(self, c, due):
+        c.due = due
+        self.timer_seq += 1
+        heapq.heappush(self.timers, (due, self.timer_seq, c))
+        if due < self.next_due:
+            self.next_due = due
+
+    # -- ends ----------------------------------------------------------------
+
+    def expire(self, now):
+        """Timers due by `now` (packet time): closes, unanswered SYNs, idle connections."""
+        timers = self.timers
+        while timers and timers[0][0] <= now:
+            due, _, c = heapq.heappop(timers)
+            if self.table.get(c.key) is not c or c.due != due:
+                continue                           # finished already, or re-armed
+            if c.o.did_close or c.r.did_close:
+                self.finish(c)
+            elif c.o.state in (TCP_SYN_SENT, TCP_SYN_ACK_SENT) and c.r.state == TCP_INACTIVE:
+                self.finish(c)                     # the attempt timer: no answer
+            else:
+                c.due = math.inf
+        for proto, active in self.activity.items():
+            timeout = self.timeouts[proto]
+            while active:
+                c = next(iter(active.values()))
+                if c.last + timeout > now:
+                    break
+                self.finish(c)
+        due = [timers[0][0]] if timers else []
+        for proto, active in self.activity.items():
+            if active:
+                due.append(next(iter(active.values())).last + self.timeouts[proto])
+        self.next_due = min(due, default=math.inf)
+
+    def evict(self):
+        """The table is full: the oldest half-open connection, else the least active one."""
+        if self.half_open:
+            c = next(iter(self.half_open.values()))
+            reason = "half_open"
+        else:
+            fronts = [next(iter(a.values())) for a in self.activity.values() if a]
+            c = min(fronts, key=lambda x: x.last)
+            reason = "oldest"
+        self.evictions[reason] += 1
+        self.finish(c)
+
+    def finish(self, c):
+        """A connection ends: its state counted, its record logged, its entry gone."""
+        del self.table[c.key]
+        self.activity[c.proto].pop(c.key, None)
+        self.half_open.pop(c.key, None)
+        self.rows.pop(c.key, None)
+        self.touched.discard(c.key)
+        self.live[c.proto, c.live] -= 1
+        rec = c.record()
+        self.closed[c.proto, rec["conn_state"]] += 1
+        self.timer_seq += 1
+        item = (_record_bytes(rec), self.timer_seq, rec)
+        if len(self.largest) < CONN_LARGEST_KEPT:
+            heapq.heappush(self.largest, item)
+        elif item > self.largest[0]:
+            heapq.heapreplace(self.largest, item)
+        if self.finished is not None:
+            self.finished(rec)
+
+    def finish_all(self):
+        """End of a replay (or of capture): every open connection is finished."""
+        for c in sorted(self.table.values(), key=lambda x: x.first):
+            self.finish(c)
+
+    def tick(self, now):
+        if now >= self.next_due:
+            self.expire(now)
+
+    def snapshot(self):
+        while self.refreshed:
+            c = self.refreshed.popleft()
+            if self.table.get(c.key) is c:
+                self.touched.add(c.key)
+        for key in self.touched:
+            self.rows[key] = self.table[key].row()
+        self.touched = set()
+        names = PROTO_NAMES
+        return ConnectionSnapshot(
+            tuple(self.rows.values()),
+            tuple((names[p], s, n) for (p, s), n in self.live.items()),
+            tuple((names[p], s, n) for (p, s), n in self.closed.items()),
+            tuple(self.evictions.items()),
+            tuple(rec for _, _, rec in sorted(self.largest, reverse=True)))
 
 
 ###############################################################################
@@ -6268,6 +6925,128 @@ class GeoIP(Poller):
                 name if isinstance(name, str) and name else GEOIP_UNKNOWN)
 
 
+# /proc/net tables by (protocol, IP version): local and remote "ADDR:PORT" in hex, the
+# address as the kernel's 32-bit words in host order, and the socket's inode.
+PROC_NET_TABLES = {(IPPROTO_TCP, 4): "net/tcp", (IPPROTO_TCP, 6): "net/tcp6",
+                   (IPPROTO_UDP, 4): "net/udp", (IPPROTO_UDP, 6): "net/udp6"}
+PROC_NET_LOCAL, PROC_NET_REMOTE, PROC_NET_INODE = 1, 2, 9       # columns
+PROC_POLL_PERIOD = 0.5
+# At most one scan of /proc per this many seconds, whatever the connection rate: a storm
+# of new connections waits for the next scan instead of making one each.
+PROC_REFRESH_MIN = 1.0
+PROC_PENDING_MAX = 4096            # connections waiting for a scan; beyond, the oldest go unnamed
+IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+SOCKET_LINK = re.compile(r"socket:\[(\d+)\]")
+
+
+def _proc_addr(text):
+    """'0100007F:1F90' -> (b'\\x7f\\0\\0\\x01', 8080)."""
+    addr, port = text.split(":")
+    raw = bytes.fromhex(addr)
+    return b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)), int(port, 16)
+
+
+def read_proc_sockets(root="/proc"):
+    """{(proto, local (addr, port), remote (addr, port)): inode} of this network
+    namespace's sockets; IPv4 addresses on IPv6 sockets are given as IPv4."""
+    sockets = {}
+    for (proto, _), name in PROC_NET_TABLES.items():
+        try:
+            with open(os.path.join(root, name)) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue                               # no IPv6, or no such table
+        for line in lines:
+            fields = line.split()
+            try:
+                local, remote = _proc_addr(fields[PROC_NET_LOCAL]), _proc_addr(fields[PROC_NET_REMOTE])
+                inode = int(fields[PROC_NET_INODE])
+            except (IndexError, ValueError):
+                continue
+            if not inode:
+                continue                           # TIME_WAIT: no socket any more
+            unmapped = [(a[len(IPV4_MAPPED_PREFIX):] if a.startswith(IPV4_MAPPED_PREFIX) else a, port)
+                        for a, port in (local, remote)]
+            sockets[proto, unmapped[0], unmapped[1]] = inode
+    return sockets
+
+
+def socket_owners(inodes, root="/proc"):
+    """{inode: (pid, comm)} for the sockets of `inodes` that a process holds open."""
+    owners, wanted = {}, set(inodes)
+    for pid in os.listdir(root):
+        if not pid.isdigit() or not wanted:
+            continue
+        fd_dir = os.path.join(root, pid, "fd")
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue                               # gone, or not ours to read
+        for fd in fds:
+            try:
+                m = SOCKET_LINK.fullmatch(os.readlink(os.path.join(fd_dir, fd)))
+            except OSError:
+                continue
+            if m and int(m.group(1)) in wanted:
+                inode = int(m.group(1))
+                wanted.discard(inode)
+                try:
+                    with open(os.path.join(root, pid, "comm")) as f:
+                        comm = f.read().strip()
+                except OSError:
+                    comm = ""
+                owners[inode] = (int(pid), comm)
+    return owners
+
+
+class ProcessTable(Poller):
+    """pid and command of the local socket of new connections, from /proc/net/* and
+    /proc/<pid>/fd, on a thread of its own: the capture thread only queues connections
+    (want()); each is looked up once, at the next scan, and handed back (deliver)."""
+    name = "processes"
+
+    def __init__(self, log, period=PROC_POLL_PERIOD, root="/proc"):
+        super().__init__(log, period, {})
+        self.root = root
+        self.pending = collections.deque(maxlen=PROC_PENDING_MAX)
+        self.deliver = lambda conn: None
+        self.last_scan = -math.inf
+        self.scans = 0
+
+    def want(self, conn):
+        self.pending.append(conn)
+
+    def fetch(self):
+        if not self.pending or time.monotonic() - self.last_scan < PROC_REFRESH_MIN:
+            return self.current
+        self.last_scan = time.monotonic()
+        self.scans += 1
+        conns = []
+        while self.pending:
+            conns.append(self.pending.popleft())
+        sockets = read_proc_sockets(self.root)
+        found = {}
+        for c in conns:
+            a, b = (c.orig_h, c.orig_p), (c.resp_h, c.resp_p)
+            for local, remote in ((a, b), (b, a)):
+                inode = sockets.get((c.proto, local, remote))
+                if inode is None and c.proto == IPPROTO_UDP:
+                    # an unconnected UDP socket: bound to the port, any peer
+                    wild = bytes(len(local[0]))
+                    inode = sockets.get((c.proto, local, (wild, 0))) or \
+                        sockets.get((c.proto, (wild, local[1]), (wild, 0))) or \
+                        sockets.get((c.proto, (bytes(16), local[1]), (bytes(16), 0)))
+                if inode is not None:
+                    found[c] = inode
+                    break
+        owners = socket_owners(found.values(), self.root) if found else {}
+        for c, inode in found.items():
+            if inode in owners:
+                c.pid, c.comm = owners[inode]
+                self.deliver(c)
+        return self.current
+
+
 def open_geoip(opts):
     """The GeoIP databases the options name (fatal if one is unusable), or None."""
     paths = {option: getattr(opts, attr) for option, (attr, _) in GEOIP_DATABASES.items()
@@ -6348,6 +7127,37 @@ def remotes_document(snap, how, top=None):
             "totals": _io((None, *remotes.totals)), "remotes": rows}
 
 
+def _host(raw):
+    return str(FAMILIES[4 if len(raw) == 4 else 6].address(raw))
+
+
+def connections_document(snap, how, top=None, state=None):
+    conns = snap.get("connections")
+    if conns is None:
+        return None
+    now = snap.get("time", 0.0)
+    rows = [r for r in conns.rows if state is None or r[6] == state]
+    rows.sort(key=lambda r: (-(r[12] + r[13]), r[14]))
+    out = []
+    for r in rows if top is None else rows[:top]:
+        (_, proto, oh, op, rh, rp, live, history, ob, rb, opk, rpk, owb, rwb, first, last,
+         midstream, pid, comm) = r
+        out.append({"proto": PROTO_NAMES[proto], "orig_h": _host(oh), "orig_p": op,
+                    "resp_h": _host(rh), "resp_p": rp, "state": live, "history": history,
+                    "orig_bytes": ob, "resp_bytes": rb, "orig_pkts": opk, "resp_pkts": rpk,
+                    "orig_wire_bytes": owb, "resp_wire_bytes": rwb, "start": first,
+                    "age": max(0.0, now - first), "idle": max(0.0, now - last),
+                    "midstream": midstream, "pid": pid, "comm": comm})
+    counts, closed = {}, {}
+    for proto, live, n in conns.live:
+        counts.setdefault(proto, {})[live] = n
+    for proto, cs, n in conns.closed:
+        closed.setdefault(proto, {})[cs] = n
+    return {**_envelope(snap, how), "open": len(conns.rows), "counts": counts, "closed": closed,
+            "evictions": dict(conns.evictions), "connections": out,
+            "largest_closed": list(conns.largest)}
+
+
 def rules_document(snap, how, top=None):
     rules = snap.get("rules")
     if rules is None:
@@ -6359,7 +7169,8 @@ def rules_document(snap, how, top=None):
 
 # /api/<kind>: a document, or None where the stage is off (404).
 DOCUMENTS = {"interface": interface_document, "addresses": addresses_document,
-             "remotes": remotes_document, "rules": rules_document}
+             "remotes": remotes_document, "connections": connections_document,
+             "rules": rules_document}
 
 
 def api_answer(path, query, published, presentation):
@@ -6367,14 +7178,19 @@ def api_answer(path, query, published, presentation):
     kind = path[len("/api/"):] if path.startswith("/api/") else None
     if kind not in DOCUMENTS:
         return None
-    top = None
+    top, filters = None, {}
     for part in query.split("&") if query else ():
         name, _, value = part.partition("=")
         if name == "top":
             if not value.isdigit():
                 return 400, json.dumps({"error": f"top must be a whole number, got {value!r}"})
             top = int(value)
-    doc = DOCUMENTS[kind](published.latest(), presentation(), top)
+        elif name == "state" and kind == "connections":
+            if value not in LIVE_STATES:
+                return 400, json.dumps({"error": f"state must be one of {', '.join(LIVE_STATES)}, "
+                                                 f"got {value!r}"})
+            filters["state"] = value
+    doc = DOCUMENTS[kind](published.latest(), presentation(), top, **filters)
     if doc is None:
         return 404, json.dumps({"error": f"{kind}: that stage is not enabled"})
     return 200, json.dumps(doc, ensure_ascii=False)
@@ -6413,6 +7229,44 @@ def _amount(n, unit=""):
     return f"{n}{unit} ({human_bytes(n)})" if n >= UNIT_STEP else f"{n}{unit}"
 
 
+CONN_TABLE_TOP = 20                # connections a table lists
+
+
+def _connection_lines(conns):
+    """XNet's summary: counts by state, the biggest connections with state and bytes."""
+    out = [f"\nconnections: {conns['open']} open"]
+    for proto, by_state in sorted(conns["counts"].items()):
+        live = ", ".join(f"{s} {n}" for s, n in by_state.items() if n)
+        if live:
+            out.append(f"; {proto}: {live}")
+    out.append("\n")
+    for proto, by_state in sorted(conns["closed"].items()):
+        done = ", ".join(f"{s} {n}" for s, n in by_state.items() if n)
+        if done:
+            out.append(f"finished {proto}: {done}\n")
+    evicted = ", ".join(f"{r} {n}" for r, n in conns["evictions"].items() if n)
+    if evicted:
+        out.append(f"evicted: {evicted}\n")
+    header = ("proto", "originator", "responder", "state", "history", "orig bytes", "resp bytes",
+              "orig pkts", "resp pkts")
+    numbers = header[5:]
+    rows = [[d["proto"], f"{d['orig_h']}:{d['orig_p']}", f"{d['resp_h']}:{d['resp_p']}",
+             d["state"] + (" (mid-stream)" if d["midstream"] else ""), d["history"],
+             _amount(d["orig_bytes"]), _amount(d["resp_bytes"]), str(d["orig_pkts"]),
+             str(d["resp_pkts"])] for d in conns["connections"][:CONN_TABLE_TOP]]
+    if rows:
+        out.append("open connections, biggest first:\n")
+        out += _columns(header, rows, numbers)
+    done = [[r["proto"], f"{r['id.orig_h']}:{r['id.orig_p']}", f"{r['id.resp_h']}:{r['id.resp_p']}",
+             r["conn_state"], r["history"], _amount(r.get("orig_bytes", 0)),
+             _amount(r.get("resp_bytes", 0)), str(r["orig_pkts"]), str(r["resp_pkts"])]
+            for r in conns["largest_closed"][:CONN_TABLE_TOP]]
+    if done:
+        out.append("finished connections, biggest first:\n")
+        out += _columns(header[:3] + ("conn_state",) + header[4:], done, numbers)
+    return out
+
+
 def format_table(docs):
     """--output table: each enabled stage as aligned columns, biggest first."""
     out = []
@@ -6438,6 +7292,9 @@ def format_table(docs):
         out += _columns(("remote address", "country", "province", "city", "isp") + counters,
                         [[d["address"], d["country"], d["province"], d["city"], d["isp"]] + io(d)
                          for d in remotes["remotes"]], counters)
+    conns = docs.get("connections")
+    if conns is not None:
+        out += _connection_lines(conns)
     rules = docs.get("rules")
     if rules is not None:
         out.append(f"\nrules: {len(rules['rules'])}\n")
@@ -6564,6 +7421,16 @@ class Collector:
         remotes = snap.get("remotes")
         if remotes is not None:
             yield from self._remotes(remotes, family, CounterMetricFamily, GaugeMetricFamily)
+        conns = snap.get("connections")
+        if conns is not None:
+            yield family(GaugeMetricFamily, "lpd_connections", "Open connections by live state.",
+                         ["proto", "state"], [((p, st), n) for p, st, n in conns.live])
+            yield family(CounterMetricFamily, "lpd_connections_closed",
+                         "Finished connections by Zeek conn_state.", ["proto", "conn_state"],
+                         [((p, cs), n) for p, cs, n in conns.closed])
+            yield family(CounterMetricFamily, "lpd_connection_evictions",
+                         "Connections finished early because --conn-max was reached.",
+                         ["reason"], [((r,), n) for r, n in conns.evictions])
         rules = snap.get("rules", RuleSnapshot()).rows
         yield family(CounterMetricFamily, "lpd_rule_packets", "Packets matching a rule.",
                      ["rule"], [((r,), p) for r, _, p in rules])
@@ -7160,6 +8027,63 @@ class RuleSocketServer:
 
 
 ###############################################################################
+# Exporters: the conn log #####################################################
+###############################################################################
+
+class ConnLog:
+    """--conn-log: one JSON object per finished connection and line, Zeek's field names.
+    The capture thread writes it and reopens it after a SIGHUP (logrotate); a write that
+    fails (disk full) is counted and logged once, and capture goes on."""
+
+    def __init__(self, path):
+        self.path = path
+        self.errors = 0
+        self._failing = False
+        self.file = sys.stdout if path == "-" else self._open()
+
+    def _open(self):
+        try:
+            return open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"--conn-log {self.path}: {e.strerror}") from None
+
+    def write(self, record):
+        try:
+            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._failing = False
+        except OSError as e:
+            self.errors += 1
+            if not self._failing:
+                log(LOG_ERR, f"--conn-log {self.path}: {e.strerror}; dropping records")
+            self._failing = True
+
+    def flush(self):
+        try:
+            self.file.flush()
+        except OSError:
+            self.errors += 1
+
+    def reopen(self):
+        if self.path == "-":
+            return
+        try:
+            new = self._open()
+        except ConfigError as e:
+            log(LOG_ERR, f"{e}; writing on to the old file")
+            return
+        old, self.file = self.file, new
+        try:
+            old.close()
+        except OSError:
+            self.errors += 1
+
+    def close(self):
+        self.flush()
+        if self.file is not sys.stdout:
+            self.file.close()
+
+
+###############################################################################
 # Daemon: wiring, signals, reload #############################################
 ###############################################################################
 #
@@ -7215,10 +8139,12 @@ class Daemon:
     """Capture loop in the main thread; HTTP, mapping poller and rule socket beside it."""
 
     def __init__(self, opts, ifname, decoder, rules, prefilter, mapping, published, http,
-                 rule_server=None, remotes=None, geo=None, collector=None):
+                 rule_server=None, remotes=None, geo=None, collector=None, conns=None,
+                 conn_log=None, procs=None):
         self.opts, self.ifname = opts, ifname
         self.decoder, self.local, self.rules = decoder, decoder.local, rules
         self.remotes, self.geo, self.collector = remotes, geo, collector
+        self.conns, self.conn_log, self.procs = conns, conn_log, procs
         self.clock = 0.0                 # the packet clock (see now())
         self.stopped_for_duration = False
         self.prefilter, self.mapping, self.published = prefilter, mapping, published
@@ -7245,7 +8171,7 @@ class Daemon:
 
     def consumers(self):
         """The decoder's stages: the remotes, and the rules when there are any."""
-        return [c for c in (self.remotes,) if c is not None] + \
+        return [c for c in (self.remotes, self.conns) if c is not None] + \
             [c for c in (self.rules,) if c is not None and len(c)]
 
     def now(self):
@@ -7266,7 +8192,8 @@ class Daemon:
         }
         if self.rules is not None:            # no filter file: no rules stage (/api/rules 404s)
             snaps["rules"] = self.rules.snapshot()
-        for name, stage in (("addresses", self.local), ("remotes", self.remotes)):
+        for name, stage in (("addresses", self.local), ("remotes", self.remotes),
+                            ("connections", self.conns)):
             if stage is not None:
                 snaps[name] = stage.snapshot() if tables or name not in latest else latest[name]
         self.published.publish(snaps)
@@ -7275,6 +8202,8 @@ class Daemon:
         now = self.now()
         for stage in (self.local,) + self.decoder.consumers:
             stage.tick(now)
+        if self.conn_log is not None:
+            self.conn_log.flush()
         self.publish()
 
     # -- reload ---------------------------------------------------------------
@@ -7293,11 +8222,14 @@ class Daemon:
             self.pending = (rules, nets)
         self._wake()                      # a SIGHUP that came meanwhile starts the next one
 
+    def reloader_idle(self):
+        return (self.reloader is None or not self.reloader.is_alive()) and \
+            self.pending is None and self.widening is None
+
     def start_reload(self):
         """One reload at a time: the request stays set while one is compiling, waiting
         to be applied, or widening."""
-        if (self.reloader is not None and self.reloader.is_alive()) or \
-                self.pending is not None or self.widening is not None:
+        if not self.reloader_idle():
             return False
         self.reload_requested = False
         self.reloader = threading.Thread(target=self._compile_reload, name="reload", daemon=True)
@@ -7448,6 +8380,9 @@ class Daemon:
         if self.geo is not None:
             threads.append(threading.Thread(target=self.geo.run, args=(self.stop_event,),
                                             name="geoip", daemon=True))
+        if self.procs is not None:
+            threads.append(threading.Thread(target=self.procs.run, args=(self.stop_event,),
+                                            name="processes", daemon=True))
         try:
             self.open_capture()
             self.tick()
@@ -7469,6 +8404,11 @@ class Daemon:
                 self.rule_server.close()
             if self.ring is not None:
                 self.ring.close()
+            if self.conns is not None:       # open connections end with capture, as in Zeek
+                self.conns.finish_all()
+                self.publish()
+            if self.conn_log is not None:
+                self.conn_log.close()
             signal.set_wakeup_fd(old_wakeup)
             self.published.set_waker(lambda: None)
             os.close(self._wake_r)
@@ -7515,6 +8455,8 @@ class Daemon:
                 self.published.requested = False
                 self.publish(tables=False)
             if self.reload_requested:
+                if self.conn_log is not None and self.reloader_idle():
+                    self.conn_log.reopen()
                 self.start_reload()
             if self.status_requested:
                 self.status_requested = False
@@ -7546,7 +8488,14 @@ def build_daemon(opts):
         log(LOG_WARNING, f"{ifname}: no addresses and no --local-net: no address is local")
     geo = open_geoip(opts)
     remotes = RemoteAddresses(opts.remote_max) if opts.remote else None
-    decoder = Decoder(local, [c for c in (remotes, rules) if c], vnet=None)   # the ring will tell
+    conns = conn_log = procs = None
+    if opts.connections:
+        conn_log = ConnLog(opts.conn_log) if opts.conn_log else None
+        procs = ProcessTable(log)
+        conns = Connections(opts.conn_max, opts.conn_timeout_tcp, opts.conn_timeout_udp,
+                            conn_log.write if conn_log else None, procs.want)
+        procs.deliver = conns.refreshed.append
+    decoder = Decoder(local, [c for c in (remotes, conns, rules) if c], vnet=None)   # the ring will tell
     mapping = NicMapping(opts.mapping_url, ifname, log, opts.mapping_interval)
     published = Published()
     registry = CollectorRegistry(auto_describe=False)
@@ -7566,7 +8515,7 @@ def build_daemon(opts):
             rule_server.close()
         raise
     return Daemon(opts, ifname, decoder, rules, prefilter, mapping, published, http, rule_server,
-                  remotes, geo, collector)
+                  remotes, geo, collector, conns, conn_log, procs)
 
 
 ###############################################################################
@@ -7602,7 +8551,12 @@ def replay(opts, out=sys.stdout):
                            opts.local_max or sys.maxsize)
     remotes = RemoteAddresses(opts.remote_max) if opts.remote else None
     geo = open_geoip(opts)
-    decoder = Decoder(local, [c for c in (remotes, rules) if c])
+    conns = conn_log = None
+    if opts.connections:
+        conn_log = ConnLog(opts.conn_log) if opts.conn_log else None
+        conns = Connections(opts.conn_max, opts.conn_timeout_tcp, opts.conn_timeout_udp,
+                            conn_log.write if conn_log else None)
+    decoder = Decoder(local, [c for c in (remotes, conns, rules) if c])
     stages = (local,) + decoder.consumers
     grid = []                                # [start, end of the current interval]
 
@@ -7624,6 +8578,10 @@ def replay(opts, out=sys.stdout):
     PcapSource(opts.read_file, opts.interval).drain(process)
     if grid:
         tick(grid[1])                         # the end of the file closes the last interval
+    if conns is not None:
+        conns.finish_all()                    # the end of the capture ends every connection
+    if conn_log is not None:
+        conn_log.close()
     published = Published()
     snaps = {"time": decoder.time, "interface": decoder.snapshot(up=True),
              "addresses": local.snapshot()}
@@ -7631,6 +8589,8 @@ def replay(opts, out=sys.stdout):
         snaps["rules"] = rules.snapshot()
     if remotes is not None:
         snaps["remotes"] = remotes.snapshot()
+    if conns is not None:
+        snaps["connections"] = conns.snapshot()
     published.publish(snaps)
     nic = opts.interface or os.path.basename(opts.read_file)
     collector = Collector(published, NicMapping(None, nic, log), nic, geo=geo,
