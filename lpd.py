@@ -6573,7 +6573,7 @@ class RuleCounter(Consumer):
 
     def consume(self, batch):
         self.count(batch.raw, self.bytes, self.packets)
-        for data, wirelen, pkttype, vlan_tci, nbytes, segments in batch.gso:
+        for data, wirelen, pkttype, vlan_tci, nbytes, segments, _ in batch.gso:
             # Judged once, as the frame it is; counted as the frames the wire carried.
             hit = [0] * len(self.rules)
             self.count(((data, wirelen, pkttype, vlan_tci),), [0] * len(self.rules), hit)
