@@ -3,7 +3,8 @@
 
 One module, standard library plus prometheus_client (and maxminddb for GeoIP).
 Data flows one way: sources (the ring, a pcap file, synthetic blocks) -> decode
-(one flat loop per block) -> consumers (local addresses, remote addresses, rules)
+(one flat loop per block) -> consumers (local addresses, remote addresses,
+connections, rules)
 -> published snapshots (immutable; the capture thread is the only writer) ->
 exporters (Prometheus, /api documents, the rule socket, --output).
 
@@ -12,8 +13,9 @@ Sections, in dependency order (nothing refers to a later one):
   classic BPF (opcodes, formatter, interpreter, snapshot length), filter
   compiler (lexer, parser, code generators, optimiser), filter matcher,
   snapshots, sources, decode, consumers (local addresses, remote addresses,
-  rules), enrichment (pollers: NIC mapping, GeoIP), exporters (documents,
-  Prometheus, rule socket), daemon, offline replay and filter dumps, main().
+  connections, rules), enrichment (pollers: NIC mapping, GeoIP, processes),
+  exporters (documents, Prometheus, rule socket, conn log), daemon, offline
+  replay and filter dumps, main().
 
 Where a new stage goes: a Consumer subclass in "Consumers" (what it wants
 decoded, its snapshot length, consume/tick/snapshot), a snapshot type in

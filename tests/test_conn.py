@@ -1,0 +1,175 @@
+"""Connections (issue 12) without namespaces: frame parsing, the table's bound and its
+eviction order, the process lookup against this test's own real sockets, the conn
+log's reopen, and the /api document. Zeek scenarios are in test_conn_offline.py, real
+TCP in network namespaces in test_conn_live.py."""
+import ipaddress
+import json
+import os
+import socket
+import struct
+
+import pytest
+
+import lpd
+from packets import (ETH_8021Q, ETH_IP, ETH_IP6, PROTO_TCP, PROTO_UDP, TCP_SYN, ether, ipv4, ipv6,
+                     tcp, udp, vlan_tag)
+
+A, B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
+SYN, ACK, FIN = 0x02, 0x10, 0x01
+
+
+def t4(src, dst, sport, dport, flags=SYN, seq=1, ack=0, data=b"", tags=()):
+    return ether(A, B, ETH_IP, ipv4(src, dst, PROTO_TCP, tcp(sport, dport, flags=flags, seq=seq,
+                                                              ack=ack, payload=data)), tags=tags)
+
+
+def test_parse_l4_reads_tcp_and_udp_over_both_families_and_tags():
+    f = lpd.parse_l4(t4("10.0.0.1", "10.0.0.2", 1234, 80, SYN | ACK, 7, 9, b"abc",
+                        tags=[vlan_tag(5)]))
+    assert f == (6, ipaddress.ip_address("10.0.0.1").packed, ipaddress.ip_address("10.0.0.2").packed,
+                 1234, 80, 43, 3, SYN | ACK, 7, 9, 65535)
+    f6 = lpd.parse_l4(ether(A, B, ETH_IP6, ipv6("fd00::1", "fd00::2", PROTO_UDP, udp(53, 999, b"x" * 9))))
+    assert f6[0] == 17 and f6[3:7] == (53, 999, 40 + 8 + 9, 9)
+    # Padding is not payload: a 60-byte frame carrying a bare ACK has none.
+    assert lpd.parse_l4(t4("10.0.0.1", "10.0.0.2", 1, 2, ACK))[6] == 0
+
+
+@pytest.mark.parametrize("frame", [
+    ether(A, B, ETH_IP, ipv4("10.0.0.1", "10.0.0.2", 1, b"\0" * 8)),                   # ICMP
+    ether(A, B, ETH_IP, ipv4("10.0.0.1", "10.0.0.2", PROTO_TCP, tcp(1, 2), frag_offset=8)),
+    t4("10.0.0.1", "10.0.0.2", 1, 2)[:40],                                              # cut TCP
+    ether(A, B, 0x0806, b"\0" * 28),                                                    # ARP
+])
+def test_parse_l4_refuses_what_has_no_ports(frame):
+    assert lpd.parse_l4(frame) is None
+
+
+def feed(conns, frames, t0=100.0, step=0.001):
+    dec = lpd.Decoder(lpd.LocalAddresses([]), [conns])
+    sf = [lpd.SynthFrame(d, len(d), ts=t0 + i * step) for i, d in enumerate(frames)]
+    for block in lpd.frames_to_blocks(sf):
+        dec.process_block(memoryview(block), 0)
+
+
+def handshake(client, cport, server="10.0.0.2", sport=80, seq=1000):
+    return [t4(client, server, cport, sport, SYN, seq),
+            t4(server, client, sport, cport, SYN | ACK, 5000, seq + 1),
+            t4(client, server, cport, sport, ACK, seq + 1, 5001)]
+
+
+def test_a_syn_flood_evicts_half_open_connections_never_established_ones():
+    logged = []
+    conns = lpd.Connections(conn_max=100, finished=logged.append)
+    established = handshake("10.0.0.1", 40000) + handshake("10.0.0.3", 40001)
+    flood = [t4(f"10.9.{i // 250}.{i % 250}", "10.0.0.2", 1024 + i % 60000, 80, SYN, i)
+             for i in range(5000)]
+    feed(conns, established + flood)
+    assert len(conns.table) <= 100
+    keys = {(c.orig_h, c.orig_p) for c in conns.table.values()}
+    assert (ipaddress.ip_address("10.0.0.1").packed, 40000) in keys
+    assert (ipaddress.ip_address("10.0.0.3").packed, 40001) in keys
+    assert conns.evictions == {"half_open": 5000 - 98, "oldest": 0}
+    assert len(logged) == 5000 - 98 and {r["conn_state"] for r in logged} == {"S0"}
+    snap = conns.snapshot()
+    live = {(p, s): n for p, s, n in snap.live}
+    assert live[("tcp", "established")] == 2 and live[("tcp", "connecting")] == 98
+
+
+def test_without_half_open_ones_the_least_recently_active_goes():
+    logged = []
+    conns = lpd.Connections(conn_max=3, finished=logged.append)
+    frames = []
+    for i in range(3):
+        frames += handshake("10.0.0.1", 40000 + i)
+    frames.append(t4("10.0.0.1", "10.0.0.2", 40000, 80, ACK, 1001, 5001, b"x"))   # the first stays busy
+    frames += handshake("10.0.0.1", 40003) + handshake("10.0.0.1", 50000)
+    feed(conns, frames)
+    assert conns.evictions == {"half_open": 0, "oldest": 2}
+    assert [r["id.orig_p"] for r in logged] == [40001, 40002]
+    assert {r["conn_state"] for r in logged} == {"S1"}
+
+
+def test_live_counts_follow_the_state_and_return_to_zero():
+    conns = lpd.Connections()
+    c, s = "10.0.0.1", "10.0.0.2"
+    feed(conns, handshake(c, 40000)[:1])
+    assert conns.live[6, "connecting"] == 1
+    feed(conns, handshake(c, 40000)[1:], t0=100.1)
+    assert conns.live[6, "established"] == 1 and conns.live[6, "connecting"] == 0
+    feed(conns, [t4(c, s, 40000, 80, FIN | ACK, 1001, 5001)], t0=100.2)
+    assert conns.live[6, "closing"] == 1
+    conns.finish_all()
+    assert not any(conns.live.values()) and conns.closed[6, "S2"] == 1
+
+
+def test_the_process_table_names_this_process_for_its_own_loopback_connection():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    client = socket.create_connection(server.getsockname())
+    peer, _ = server.accept()
+    try:
+        (ch, cp), (sh, sp) = client.getsockname(), server.getsockname()
+        key = (6, socket.inet_aton(ch), cp, socket.inet_aton(sh), sp)
+        conn = lpd.Connection(key, 6, socket.inet_aton(ch), cp, socket.inet_aton(sh), sp, 0.0)
+        table = lpd.ProcessTable(lambda *a: None)
+        delivered = []
+        table.deliver = delivered.append
+        table.want(conn)
+        assert table.fetch_once()
+        assert delivered == [conn] and conn.pid == os.getpid()
+        with open(f"/proc/{os.getpid()}/comm") as f:
+            assert conn.comm == f.read().strip()
+        # The rate limit: a second connection right after waits for the next scan.
+        other = lpd.Connection(key, 6, socket.inet_aton(sh), sp, socket.inet_aton(ch), cp, 0.0)
+        table.want(other)
+        table.fetch_once()
+        assert other.pid is None and table.scans == 1 and len(table.pending) == 1
+        table.last_scan -= lpd.PROC_REFRESH_MIN
+        table.fetch_once()
+        assert other.pid == os.getpid() and table.scans == 2      # seen from the other end
+    finally:
+        for s in (client, peer, server):
+            s.close()
+
+
+def test_the_conn_log_reopens_after_rotation(tmp_path):
+    path = tmp_path / "conn.json"
+    log = lpd.ConnLog(str(path))
+    log.write({"a": 1})
+    log.flush()
+    os.rename(path, tmp_path / "conn.json.1")
+    log.write({"a": 2})
+    log.reopen()
+    log.write({"a": 3})
+    log.close()
+    assert [json.loads(l) for l in (tmp_path / "conn.json.1").read_text().splitlines()] == [{"a": 1}, {"a": 2}]
+    assert [json.loads(l) for l in path.read_text().splitlines()] == [{"a": 3}]
+
+
+def test_an_unwritable_conn_log_is_a_one_line_error(tmp_path, capsys):
+    pcap = tmp_path / "x.pcap"
+    pcap.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+    assert lpd.main(["-r", str(pcap), "--conn-log", str(tmp_path / "no" / "dir.json")]) == 78
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--conn-log" in err and "No such file or directory" in err
+
+
+def test_connections_document_filters_by_state_and_sorts_by_bytes():
+    conns = lpd.Connections()
+    frames = handshake("10.0.0.1", 40000) + handshake("10.0.0.3", 40001)[:1]
+    frames.append(t4("10.0.0.1", "10.0.0.2", 40000, 80, ACK, 1001, 5001, b"x" * 500))
+    feed(conns, frames)
+    published = lpd.Published()
+    published.publish({"time": 200.0, "connections": conns.snapshot()})
+    how = lpd.Presentation("eth0", lambda a: "eth0", lambda k: ("Unknown",) * 4, 0)
+    status, body = lpd.api_answer("/api/connections", "top=1", published, lambda: how)
+    doc = json.loads(body)
+    assert status == 200 and doc["open"] == 2 and len(doc["connections"]) == 1
+    top = doc["connections"][0]
+    assert (top["orig_h"], top["orig_p"], top["state"], top["orig_bytes"]) == ("10.0.0.1", 40000, "established", 500)
+    assert top["age"] == pytest.approx(100.0, abs=0.1) and top["midstream"] is False
+    status, body = lpd.api_answer("/api/connections", "state=connecting", published, lambda: how)
+    assert [d["orig_h"] for d in json.loads(body)["connections"]] == ["10.0.0.3"]
+    assert lpd.api_answer("/api/connections", "state=bogus", published, lambda: how)[0] == 400
+    assert json.loads(body)["counts"]["tcp"] == {"connecting": 1, "established": 1, "closing": 0, "reset": 0}
