@@ -5693,9 +5693,21 @@ class RemoteAddresses(Consumer):
 # (Zeek's -C), and nothing here reassembles streams, so no 'G' letters, missed
 # bytes or application-layer role flips.
 
-IPV4_L4_HDR = struct.Struct("!BxHxxHxB2x4s4s")     # version/IHL, total length, flags/fragment, protocol, src, dst
+IPV4_L4_HDR = struct.Struct("!BxHHHxB2x4s4s")      # version/IHL, total length, id, flags/fragment, protocol, src, dst
 IPV6_L4_HDR = struct.Struct("!B3xHBx16s16s")       # version, payload length, next header, src, dst
 IPV4_FRAG_MASK = 0x1FFF                             # fragment offset: a later fragment has no ports
+IPV4_MORE_FRAGMENTS = 0x2000
+IP_FRAGMENT = -1                  # parse_l4's first field for a later IPv4 fragment
+FRAGMENTS_MAX = 4096              # datagrams whose later fragments lpd waits for; then it starts over
+IPPROTO_FRAGMENT = 44
+# IPv6 extension headers before TCP or UDP: next header -> its length from its second
+# byte (hop-by-hop, routing and destination options in 8-octet units beyond the first 8,
+# fragment fixed, AH in 4-octet units beyond the first 8).
+IPV6_EXT_LEN = {0: lambda n: (n + 1) * 8, 43: lambda n: (n + 1) * 8, 60: lambda n: (n + 1) * 8,
+                IPPROTO_FRAGMENT: lambda n: 8, 51: lambda n: (n + 2) * 4}
+IPV6_EXT_MIN = 8
+IPV6_EXT_MAX = 8                    # headers followed at most: a chain is short or hostile
+IPV6_FRAG_OFFSET = 0xFFF8
 TCP_HDR = struct.Struct("!HHIIBBH")                 # ports, seq, ack, data offset, flags, window
 UDP_HDR = struct.Struct("!HHH")                     # ports, length
 TH_FIN, TH_SYN, TH_RST, TH_ACK = 0x01, 0x02, 0x04, 0x10
@@ -5746,8 +5758,10 @@ EVICTION_REASONS = ("half_open", "oldest")
 
 def parse_l4(data):
     """A frame's (proto, src, dst, sport, dport, ip_len, payload_len, flags, seq, ack,
-    window) for TCP and UDP over IPv4 or IPv6 (tags re-inserted), or None. Addresses
-    are raw bytes; the payload length comes from the IP length, not the frame (padding)."""
+    window, fragment id) for TCP and UDP over IPv4 or IPv6 (tags re-inserted), or None.
+    Addresses are raw bytes; the payload length comes from the IP length, not the frame
+    (padding). The fragment id is set on a first IPv4 fragment; a later one is
+    (IP_FRAGMENT, src, dst, id, proto, its payload bytes)."""
     n = len(data)
     if n < ETH_HLEN:
         return None
@@ -5756,16 +5770,28 @@ def parse_l4(data):
         et = U16BE.unpack_from(data, q + 2)[0]
         q += VLAN_TAG_LEN
     if et == ETHERTYPE_IPV4 and n >= q + 20:
-        vihl, ip_len, frag, proto, src, dst = IPV4_L4_HDR.unpack_from(data, q)
+        vihl, ip_len, ident, frag, proto, src, dst = IPV4_L4_HDR.unpack_from(data, q)
         hl = (vihl & 15) * 4
-        if vihl >> 4 != 4 or hl < 20 or ip_len < hl or frag & IPV4_FRAG_MASK:
+        if vihl >> 4 != 4 or hl < 20 or ip_len < hl:
             return None
+        if frag & IPV4_FRAG_MASK:
+            return IP_FRAGMENT, src, dst, ident, proto, ip_len - hl
         l4, end = q + hl, ip_len - hl
+        frag_id = ident if frag & IPV4_MORE_FRAGMENTS else None
     elif et == ETHERTYPE_IPV6 and n >= q + IPV6_HDR_LEN:
         vtc, plen, proto, src, dst = IPV6_L4_HDR.unpack_from(data, q)
         if vtc >> 4 != 6:
             return None
-        l4, end, ip_len = q + IPV6_HDR_LEN, plen, plen + IPV6_HDR_LEN
+        l4, end, ip_len, frag_id = q + IPV6_HDR_LEN, plen, plen + IPV6_HDR_LEN, None
+        for _ in range(IPV6_EXT_MAX):
+            if proto not in IPV6_EXT_LEN or n < l4 + IPV6_EXT_MIN:
+                break
+            if proto == IPPROTO_FRAGMENT and U16BE.unpack_from(data, l4 + 2)[0] & IPV6_FRAG_OFFSET:
+                return None                        # a later fragment: no ports in it
+            size = IPV6_EXT_LEN[proto](data[l4 + 1])
+            proto, l4, end = data[l4], l4 + size, end - size
+        if end < 0:
+            return None
     else:
         return None
     if proto == IPPROTO_TCP and n >= l4 + TCP_MIN_HDR_LEN:
@@ -5773,10 +5799,11 @@ def parse_l4(data):
         doff = (off >> 4) * 4
         if doff < TCP_MIN_HDR_LEN or doff > end:
             return None
-        return proto, src, dst, sport, dport, ip_len, end - doff, flags, seq, ack, window
+        return proto, src, dst, sport, dport, ip_len, end - doff, flags, seq, ack, window, frag_id
     if proto == IPPROTO_UDP and n >= l4 + UDP_HDR_LEN:
         sport, dport, length = UDP_HDR.unpack_from(data, l4)
-        return proto, src, dst, sport, dport, ip_len, max(0, length - UDP_HDR_LEN), 0, 0, 0, 0
+        return (proto, src, dst, sport, dport, ip_len, max(0, length - UDP_HDR_LEN), 0, 0, 0, 0,
+                frag_id)
     return None
 
 
@@ -5914,6 +5941,15 @@ class Connection:
             return self.r.udp_bytes
         return self.r.size(self.o)
 
+    def closed_fully(self):
+        """Zeek's complete close: a RST, both FINs, or a FIN from one side of a peer
+        that never sent."""
+        o, r = self.o, self.r
+        if not (o.did_close or r.did_close):
+            return False
+        return TCP_RESET in (o.state, r.state) or (o.did_close and r.did_close) or \
+            (o.did_close and r.state == TCP_INACTIVE) or (r.did_close and o.state == TCP_INACTIVE)
+
     def live_state(self):
         """XNet's view: connecting, established, closing or reset."""
         o, r = self.o.state, self.r.state
@@ -6006,6 +6042,7 @@ class Connections(Consumer):
         self.rows = {}
         self.touched = set()
         self.refreshed = collections.deque()          # conns given a pid by another thread
+        self.fragments = {}                           # (src, dst, IPv4 id, proto) -> conn key
         self.now = 0.0
 
     def snaplen(self):
@@ -6031,7 +6068,10 @@ class Connections(Consumer):
         f = parse_l4(data)
         if f is None:
             return
-        proto, src, dst, sport, dport, ip_len, plen, flags, seq, ack, window = f
+        if f[0] == IP_FRAGMENT:
+            self.fragment(f, wire_bytes)
+            return
+        proto, src, dst, sport, dport, ip_len, plen, flags, seq, ack, window, frag_id = f
         key = (proto, src, sport, dst, dport) if (src, sport) <= (dst, dport) else \
             (proto, dst, dport, src, sport)
         c = self.table.get(key)
@@ -6067,6 +6107,22 @@ class Connections(Consumer):
             c.live = live
         self.activity[proto].move_to_end(key)
         self.touched.add(key)
+        if frag_id is not None:
+            if len(self.fragments) >= FRAGMENTS_MAX:
+                self.fragments.clear()
+            self.fragments[src, dst, frag_id, proto] = key
+
+    def fragment(self, f, wire_bytes):
+        """A later IPv4 fragment: its bytes join its datagram's connection, as if
+        reassembled (Zeek counts the datagram once, with its whole IP length)."""
+        _, src, dst, ident, proto, size = f
+        c = self.table.get(self.fragments.get((src, dst, ident, proto)))
+        if c is None:
+            return                                 # its first fragment was not seen
+        e = c.o if src == c.orig_h else c.r
+        e.ip_bytes += size
+        e.wire_bytes += wire_bytes
+        self.touched.add(c.key)
 
     def _open(self, key, proto, src, sport, dst, dport, flags, ts):
         if len(self.table) >= self.conn_max:
@@ -6087,6 +6143,7 @@ class Connections(Consumer):
             self.half_open[key] = c
         self.table[key] = c
         self.activity[proto][key] = c
+        self.next_due = min(self.next_due, ts + self.timeouts[proto])     # its idle deadline
         self.live[proto, c.live] += 1
         if self.wants_process is not None:
             self.wants_process(c)
@@ -6233,8 +6290,8 @@ class Connections(Consumer):
             due, _, c = heapq.heappop(timers)
             if self.table.get(c.key) is not c or c.due != due:
                 continue                           # finished already, or re-armed
-            if c.o.did_close or c.r.did_close:
-                self.finish(c)
+            if c.closed_fully():
+                self.finish(c)                     # the close delay is over
             elif c.o.state in (TCP_SYN_SENT, TCP_SYN_ACK_SENT) and c.r.state == TCP_INACTIVE:
                 self.finish(c)                     # the attempt timer: no answer
             else:
