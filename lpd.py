@@ -5730,6 +5730,7 @@ TCP_NO_SYN_ACK = (TCP_INACTIVE, TCP_PARTIAL)         # conn_state's "inactive" s
 CONN_CLOSE_DELAY = 5.0
 CONN_ATTEMPT_DELAY = 5.0
 CONN_LARGEST_KEPT = 20           # finished connections kept for the tables, biggest first
+TIMERS_SLACK = 2                 # the timer heap is cleaned when it holds this many per connection
 
 # History letters (Zeek's HIST_* masks): orig's bit, resp's is 16 higher; a letter is
 # added once per side, but SYN, FIN and RST again for a new sequence number, and the
@@ -6277,6 +6278,12 @@ class Connections(Consumer):
     def _timer(self, c, due):
         c.due = due
         self.timer_seq += 1
+        if len(self.timers) >= TIMERS_SLACK * (len(self.table) + 1):
+            # Finished or re-armed connections leave dead entries behind; drop them
+            # before they outnumber the live ones (a SYN flood evicts thousands a
+            # second, each with an armed attempt timer).
+            self.timers = [t for t in self.timers if self.table.get(t[2].key) is t[2] and t[2].due == t[0]]
+            heapq.heapify(self.timers)
         heapq.heappush(self.timers, (due, self.timer_seq, c))
         if due < self.next_due:
             self.next_due = due

@@ -18,15 +18,21 @@ bpf_filter (ctypes); compile time and program length beside libpcap; the startup
 --remote: the synthetic mix with and without a RemoteAddresses stage; a spoofed-source flood
 of 10^6 distinct remotes plus a few heavy ones in a child process: RSS, evictions, floor,
 and whether the heavy remotes keep their exact bytes.
+--connections: a seeded TCP/UDP mix (handshake, data, FIN; UDP exchanges) with and without a
+Connections stage, every flow finished with its exact sizes; a SYN flood of 10^6 spoofed
+sources plus a few established connections in a child process: RSS, evictions, and whether
+the established connections survive it.
 
 Live: two namespaces joined by a veth pair (tests/netns.py); trafgen sends a fixed number of
 frames at a ladder of rates; tcpdump -w /dev/null (same ring size) and lpd consume them in
 turn. Capacity: the consumer is SIGSTOPped while the ring fills, then SIGCONTed and timed;
-the capacity series also drains lpd with only B local, without and with --remote.
+the capacity series also drains lpd with only B local, without and with --remote, and
+lpd with --connections.
 Traffic never leaves the namespaces this script creates.
 """
 import argparse
 import datetime
+import functools
 import glob
 import json
 import os
@@ -84,6 +90,25 @@ FLOOD_INTERVAL = 1.0                    # --interval, snapshots included) every 
 FLOOD_AS_LIMIT = 3_000_000_000          # RLIMIT_AS of the flood child: a table that does not
                                         # stay bounded fails there, not on the shared machine
 FLOOD_TIMEOUT = 300                     # s for one flood child
+# --connections (issue 12): the connection stage beside the default path, and a SYN flood
+CONN_MAX = 262144                       # lpd's default --conn-max (read from lpd.py)
+CONN_SNAP = 142                         # the snaplen with --connections: lpd's CONN_SNAPLEN
+                                        # (read from lpd.py), above the accounting one
+CONN_FRAMES = 1_000_000                 # frames of the TCP/UDP mix (--quick: a tenth)
+CONN_REPEAT = 3                         # best of, default and --connections alternating
+CONN_CONCURRENT = 300                   # flows in progress at once, interleaved frame by frame
+CONN_PPS = 10_000                       # the mix's packet clock: a closed flow's 5 s linger
+                                        # (and so its timer) ends within the run, even --quick
+CONN_UDP_SHARE = 0.40                   # share of the flows that are UDP
+CONN_OUTBOUND = 0.70                    # share whose client is the local host
+CONN_MSS = 1448
+CONN_RESPONSES = (200, 600, 1448, 3000, 8000, 20000, 64000, 250000)   # bytes a request fetches
+CONN_TCP_PORTS = (443, 443, 443, 80, 80, 22, 25, 993, 8080)
+SYN_FLOOD = 1_000_000                   # spoofed SYNs, each from a random address and port
+SYN_FLOOD_QUICK = 400_000               # --quick (still past --conn-max: evictions happen);
+                                        # a run: ~15 s, 10^6 ~40 s
+SYN_FLOOD_EST = 5                       # established connections through the flood (IPv4
+SYN_FLOOD_EST_SHARE = 0.05              # and IPv6 in turn), this share of the frames
 
 # ---- live ------------------------------------------------------------------------
 GENERATOR_CPU = 0                       # trafgen -P 1 pins its worker to CPU 0 by itself
@@ -228,8 +253,8 @@ def corpus_frames(lpd):
     return frames, skipped
 
 
-def _ipv4_header(src, dst, total_len):
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total_len, 0, 0x4000, 64, 17, 0, src, dst)
+def _ipv4_header(src, dst, total_len, proto=17):
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total_len, 0, 0x4000, 64, proto, 0, src, dst)
     s = sum(struct.unpack("!10H", hdr))
     s = (s & 0xFFFF) + (s >> 16)
     s = (s & 0xFFFF) + (s >> 16)
@@ -287,10 +312,11 @@ def synthetic_frames(n, seed=199):
     return frames
 
 
-def time_accounting(lpd, blocks, rules=None, repeat=2, remote_max=None):
+def time_accounting(lpd, blocks, rules=None, repeat=2, remote_max=None, conns=None):
     """Best seconds for lpd.Decoder.process_block over every block (fresh counters each
     time); returns (s, decoder). With `remote_max`, a RemoteAddresses stage (--remote)
-    as well, the decoder's first consumer as in the daemon."""
+    as well, the decoder's first consumer as in the daemon; with `conns`, a callable
+    making a fresh Connections stage (--connections), after it and before the rules."""
     import ipaddress
     best = float("inf")
     views = [memoryview(b) for b in blocks]
@@ -299,6 +325,8 @@ def time_accounting(lpd, blocks, rules=None, repeat=2, remote_max=None):
         if rules is not None:
             rules = lpd.RuleCounter(rules.rules)          # fresh counters, same programs
         stages = [] if remote_max is None else [lpd.RemoteAddresses(remote_max)]
+        if conns is not None:
+            stages.append(conns())
         acct = lpd.Decoder(local, stages + ([rules] if rules else []))
         t0 = time.perf_counter()
         for v in views:
@@ -409,6 +437,241 @@ def offline_remote(lpd, results, quick):
         "remotes tracked": remotes.tracked(),
         "bytes ok": remotes.totals[lpd.TX_BYTES] + remotes.totals[lpd.RX_BYTES]
         == sum(w for _, w in frames)})
+    return t
+
+
+# --connections: a mix of whole TCP connections and UDP flows, made frame by frame.
+
+TH_FIN, TH_SYN, TH_PSH, TH_ACK = 0x01, 0x02, 0x08, 0x10
+SEQ_MASK = 0xFFFFFFFF
+_TCP_HDR = struct.Struct("!HHIIBBHHH")
+_TCP_OPTS = b"\x01\x01\x08\x0a" + bytes(8)                           # NOP NOP TS: doff 8
+_SYN_OPTS = b"\x02\x04\x05\xb4\x04\x02\x08\x0a" + bytes(8) + b"\x01\x03\x03\x07"   # doff 10
+
+
+def _tcp_steps(rng):
+    """One TCP connection as (from client, flags, seq, ack, payload bytes), in order: the
+    handshake, 1-3 requests each answered in MSS segments that the client ACKs every
+    second one, FINs both ways (the client's first, mostly) and the last ACK."""
+    c, s = rng.getrandbits(32), rng.getrandbits(32)         # wraps happen, and must count
+    yield True, TH_SYN, c, 0, 0
+    c = (c + 1) & SEQ_MASK
+    yield False, TH_SYN | TH_ACK, s, c, 0
+    s = (s + 1) & SEQ_MASK
+    yield True, TH_ACK, c, s, 0
+    for _ in range(rng.choice((1, 1, 1, 2, 3))):
+        req = rng.randrange(80, 900)
+        yield True, TH_PSH | TH_ACK, c, s, req
+        c = (c + req) & SEQ_MASK
+        left, segs = rng.choice(CONN_RESPONSES), 0
+        while left:
+            seg = min(CONN_MSS, left)
+            left -= seg
+            yield False, TH_ACK if left else TH_PSH | TH_ACK, s, c, seg
+            s = (s + seg) & SEQ_MASK
+            segs += 1
+            if segs % 2 == 0 or not left:
+                yield True, TH_ACK, c, s, 0
+    if rng.random() < 0.7:
+        yield True, TH_FIN | TH_ACK, c, s, 0
+        c = (c + 1) & SEQ_MASK
+        yield False, TH_FIN | TH_ACK, s, c, 0
+        s = (s + 1) & SEQ_MASK
+        yield True, TH_ACK, c, s, 0
+    else:
+        yield False, TH_FIN | TH_ACK, s, c, 0
+        s = (s + 1) & SEQ_MASK
+        yield True, TH_FIN | TH_ACK, c, s, 0
+        c = (c + 1) & SEQ_MASK
+        yield False, TH_ACK, s, c, 0
+
+
+def _udp_steps(rng, port):
+    """One UDP flow as (from client, payload bytes): a DNS or NTP exchange, or a QUIC-like
+    burst (an Initial, the server's datagrams, a few client ones); both sides send."""
+    if port == 53:
+        yield True, rng.randrange(28, 60)
+        yield False, rng.randrange(60, 480)
+    elif port == 123:
+        yield True, 48
+        yield False, 48
+    else:
+        yield True, 1200
+        for _ in range(rng.randrange(2, 40)):
+            yield False, rng.choice((1200, 1250, 1350))
+            if rng.random() < 0.3:
+                yield True, rng.randrange(30, 60)
+        yield True, rng.randrange(30, 60)
+
+
+class _MixFlow:
+    """One flow of the mix: its ends, its steps, and what Zeek's conn.log should say of
+    it: [orig_bytes, resp_bytes, orig_pkts, orig_ip_bytes, resp_pkts, resp_ip_bytes]."""
+    __slots__ = ("v6", "eth", "client", "server", "cport", "sport", "proto", "steps", "exp")
+
+    def frame(self, step, snaplen):
+        """(captured bytes, wirelen) of one step."""
+        if self.proto == 6:
+            from_client, flags, seq, ack, plen = step
+            opts = _SYN_OPTS if flags & TH_SYN else _TCP_OPTS
+            ports = (self.cport, self.sport) if from_client else (self.sport, self.cport)
+            l4 = _TCP_HDR.pack(*ports, seq, ack, (5 + len(opts) // 4) << 4, flags, 64240, 0, 0) + opts
+        else:
+            from_client, plen = step
+            ports = (self.cport, self.sport) if from_client else (self.sport, self.cport)
+            l4 = struct.pack("!HHHH", *ports, 8 + plen, 0)
+        src, dst = (self.client, self.server) if from_client else (self.server, self.client)
+        l4_len = len(l4) + plen
+        if self.v6:
+            ip = struct.pack("!IHBB16s16s", 0x60000000, l4_len, self.proto, 64, src, dst)
+        else:
+            ip = _ipv4_header(src, dst, 20 + l4_len, self.proto)
+        ip_len = len(ip) + l4_len
+        wirelen = max(60, len(self.eth) + ip_len)
+        at = 0 if from_client else 1
+        exp = self.exp
+        exp[at] += plen
+        exp[2 + 2 * at] += 1
+        exp[3 + 2 * at] += ip_len
+        return (self.eth + ip + l4 + bytes(snaplen))[:min(wirelen, snaplen)], wirelen
+
+
+class ConnMix:
+    """A seeded mix of whole TCP connections (handshake, data, FINs) and UDP flows
+    between the local nets and remote hosts, CONN_CONCURRENT of them in progress at a
+    time, each frame from one picked at random, on a CONN_PPS packet clock. New flows
+    start until `n` frames are made; those in progress then run to their end. Every
+    5-tuple is used once. frames() yields SynthFrames; once it has run, `expected`
+    holds each flow's conn.log figures by (proto, orig_h, orig_p, resp_h, resp_p)."""
+
+    def __init__(self, lpd, n, snaplen, seed=12):
+        self.lpd, self.n, self.snaplen, self.seed = lpd, n, snaplen, seed
+        self.expected, self.tcp, self.udp, self.frames_made, self.wire_bytes = {}, 0, 0, 0, 0
+
+    def _new_flow(self, rng, used):
+        import ipaddress
+        while True:
+            f = _MixFlow()
+            udp, f.v6 = rng.random() < CONN_UDP_SHARE, rng.random() < SYNTH_IPV6
+            if f.v6:
+                local = bytes.fromhex("fd000199000000000000000000") + rng.randbytes(3)
+                remote = bytes.fromhex("20010db8") + rng.randbytes(12)
+            else:
+                local = bytes([10, 199, rng.randrange(4), rng.randrange(1, 255)])
+                remote = bytes([rng.choice((198, 203)), rng.choice((51, 0)),
+                                rng.choice((100, 113)), rng.randrange(1, 255)])
+            f.client, f.server = (local, remote) if rng.random() < CONN_OUTBOUND else (remote, local)
+            # client ports above every likely server port: the first frame orients the flow
+            f.cport = rng.randrange(32768, 61000)
+            f.sport = rng.choice((53, 53, 53, 123, 443, 443) if udp else CONN_TCP_PORTS)
+            f.proto = 17 if udp else 6
+            key = (f.proto, f.client, f.cport, f.server, f.sport)
+            if key not in used:
+                used.add(key)
+                break
+        f.eth = b"\x02\x00\x0a\xc7\x00\x02\x02\x00\x0a\xc7\x00\x01"
+        if rng.random() < SYNTH_TAGGED:
+            f.eth += struct.pack("!HH", 0x8100, 100)
+        f.eth += b"\x86\xdd" if f.v6 else b"\x08\x00"
+        f.steps = _udp_steps(rng, f.sport) if udp else _tcp_steps(rng)
+        f.exp = [0] * 6
+        fam = ipaddress.IPv6Address if f.v6 else ipaddress.IPv4Address
+        self.expected[("udp" if udp else "tcp", str(fam(f.client)), f.cport,
+                       str(fam(f.server)), f.sport)] = f.exp
+        if udp:
+            self.udp += 1
+        else:
+            self.tcp += 1
+        return f
+
+    def frames(self):
+        rng, used, active, made = random.Random(self.seed), set(), [], 0
+        make = self.lpd.SynthFrame
+        while made < self.n or active:
+            while made < self.n and len(active) < CONN_CONCURRENT:
+                active.append(self._new_flow(rng, used))
+            i = rng.randrange(len(active))
+            step = next(active[i].steps, None)
+            if step is None:
+                active[i] = active[-1]
+                active.pop()
+                continue
+            data, wirelen = active[i].frame(step, self.snaplen)
+            yield make(data, wirelen, ts=made / CONN_PPS)
+            made += 1
+            self.wire_bytes += wirelen
+        self.frames_made = made
+
+    @property
+    def flows(self):
+        return self.tcp + self.udp
+
+
+def mix_records_exact(mix, records, keep=10):
+    """(how many conn.log records are SF with exactly the sizes and counts the mix sent,
+    the first `keep` others with what was expected of them)."""
+    exact, misses = 0, []
+    for rec in records:
+        exp = mix.expected.get((rec["proto"], rec["id.orig_h"], rec["id.orig_p"],
+                                rec["id.resp_h"], rec["id.resp_p"]))
+        got = [rec.get("orig_bytes"), rec.get("resp_bytes"), rec["orig_pkts"],
+               rec["orig_ip_bytes"], rec["resp_pkts"], rec["resp_ip_bytes"]]
+        if rec["conn_state"] == "SF" and got == exp:
+            exact += 1
+        elif len(misses) < keep:
+            misses.append({"record": rec, "expected": exp})
+    return exact, misses
+
+
+def offline_connections(lpd, results, quick):
+    """ns/frame of the default path and of --connections on a TCP/UDP mix of whole
+    flows; every flow is finished (by its timers during the run, the rest by
+    finish_all as at the end of a replay) with its exact sizes."""
+    t = Table("Offline: --connections (connection tracking) beside the default path, in-process",
+              ["input", "flows", "frames", "default ns/frame", "conns ns/frame", "+ns/frame",
+               "conns Mframes/s", "open at end", "finished in run", "finished",
+               "finished = flows", "records exact", "bytes ok"],
+              note=f"Decoder(local) against Decoder(local, [Connections({CONN_MAX})]) on the same "
+                   f"blocks, best of {CONN_REPEAT} alternating passes; the stage's finished() "
+                   "collects the conn.log records (as --conn-log's writer would get them);\n"
+                   f"mix: seeded, {CONN_UDP_SHARE:.0%} UDP flows (DNS, NTP, QUIC-like bursts), the "
+                   "rest TCP (handshake, 1-3 requests answered in MSS segments ACKed every second "
+                   "one,\nFINs both ways, last ACK), "
+                   f"{CONN_CONCURRENT:,} in progress at a time, interleaved, on a "
+                   f"{CONN_PPS:,} fps packet clock ({SYNTH_IPV6:.0%} IPv6, {SYNTH_TAGGED:.0%} "
+                   "tagged);\nfinished in run: by their close timers (5 s after the last FIN) "
+                   "within process_block; finished: after finish_all (untimed), as a replay "
+                   f"ends; frames carry their first {CONN_SNAP} bytes (the --connections "
+                   "snaplen);\nrecords exact: SF, and orig/resp bytes (from sequence numbers), "
+                   "packets and IP bytes equal to what the mix sent; bytes ok: interface totals.")
+    results["offline_connections"] = t.to_json()
+    if not hasattr(lpd, "Connections"):
+        t.add(input="-", flows="lpd.Connections not available")
+        return t
+    mix = ConnMix(lpd, CONN_FRAMES // (10 if quick else 1), CONN_SNAP)
+    blocks = list(lpd.frames_to_blocks(mix.frames()))
+    n = mix.frames_made
+    default = conns = float("inf")
+    for _ in range(CONN_REPEAT):
+        default = min(default, time_accounting(lpd, blocks, repeat=1)[0])
+        records = []
+        make = functools.partial(lpd.Connections, CONN_MAX, finished=records.append)
+        secs, acct = time_accounting(lpd, blocks, repeat=1, conns=make)
+        conns = min(conns, secs)
+    stage = acct.consumers[0]
+    open_end, in_run = stage.tracked(), sum(stage.closed.values())
+    stage.finish_all()
+    finished = sum(stage.closed.values())
+    states = {f"{lpd.PROTO_NAMES[p]} {s}": v for (p, s), v in stage.closed.items() if v}
+    exact, misses = mix_records_exact(mix, records)
+    t.add(input=f"TCP/UDP mix ({mix.tcp:,} TCP + {mix.udp:,} UDP)", flows=mix.flows, frames=n, **{
+        "default ns/frame": default / n * 1e9, "conns ns/frame": conns / n * 1e9,
+        "+ns/frame": (conns - default) / n * 1e9, "conns Mframes/s": n / conns / 1e6,
+        "open at end": open_end, "finished in run": in_run, "finished": finished,
+        "finished = flows": finished == mix.flows == len(records),
+        "records exact": f"{exact:,}/{mix.flows:,}",
+        "bytes ok": acct.totals[lpd.TX_BYTES] + acct.totals[lpd.RX_BYTES] == mix.wire_bytes,
+        "conn_states": states, "evictions": dict(stage.evictions), "not exact": misses})
     return t
 
 
@@ -777,11 +1040,261 @@ def remote_flood(lpd, results, quick):
     return t
 
 
+# The child that pushes a SYN flood through the decoder and, with cfg["conns"], a
+# Connections stage: a process of its own (under prlimit), so its RSS is the flood's.
+# Spoofed SYNs, each from a random address and port (seeded), to the local hosts' ports
+# 80 and 443; a few established connections (their handshake and request first, then
+# the server's data and the client's ACKs interleaved with the flood, FINs both ways at
+# the end). Frames are made one by one and laid into blocks as they come; only
+# process_block is timed. Ticks and snapshots run on the frames' packet clock as in the
+# daemon. Prints JSON.
+_SYN_FLOOD_CHILD = r"""
+import importlib.util, ipaddress, json, random, resource, struct, sys, time
+cfg = json.loads(sys.argv[1])
+spec = importlib.util.spec_from_file_location("lpd", cfg["lpd"])
+lpd = importlib.util.module_from_spec(spec)
+sys.modules["lpd"] = lpd
+spec.loader.exec_module(lpd)
+def rss_kib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * (resource.getpagesize() // 1024)
+def peak_kib():     # VmHWM, not ru_maxrss: that one keeps the forked bench's size across exec
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+SNAP, PPS = cfg["snaplen"], cfg["pps"]
+ETH = b"\x02\x00\x0a\xc7\x00\x02\x02\x00\x0a\xc7\x00\x01"
+IP4 = struct.Struct("!BBHHHBBH4s4s").pack          # checksum 0: nothing in lpd reads it
+IP6 = struct.Struct("!IHBB16s16s").pack
+TCP = struct.Struct("!HHIIBBHHH").pack
+FIN, SYN, PSH, ACK, MASK = 0x01, 0x02, 0x08, 0x10, 0xFFFFFFFF
+def frame(v6, src, dst, sport, dport, flags, seq, ack, plen=0):
+    if v6:
+        ip_len = 60 + plen
+        hdr = ETH + b"\x86\xdd" + IP6(0x60000000, 20 + plen, 6, 64, src, dst)
+    else:
+        ip_len = 40 + plen
+        hdr = ETH + b"\x08\x00" + IP4(0x45, 0, ip_len, 0, 0x4000, 64, 6, 0, src, dst)
+    wirelen = max(60, 14 + ip_len)
+    data = hdr + TCP(sport, dport, seq, ack, 0x50, flags, 65535, 0, 0)
+    return (data + bytes(SNAP))[:min(wirelen, SNAP)], wirelen, ip_len
+
+nets = [ipaddress.ip_network(n) for n in cfg["local_nets"]]
+net4 = next(n for n in nets if n.version == 4)
+net6 = next(n for n in nets if n.version == 6)
+pref4 = [(int(n.network_address), int(n.netmask)) for n in nets if n.version == 4]
+locals4 = [(int(net4.network_address) + 1 + i).to_bytes(4, "big") for i in range(cfg["local_hosts"])]
+locals6 = [(int(net6.network_address) + 1 + i).to_bytes(16, "big") for i in range(cfg["local_hosts"])]
+FLOOD6 = bytes.fromhex("20010db8f1000000")          # the flood's IPv6 sources: 2001:db8:f100::/64
+rng = random.Random(13)
+sent = [0, 0]                                        # frames, wire bytes
+
+class Est:
+    # Local client h, port 40000 + h, to 198.51.100.(1 + h) or 2001:db8::(1 + h) port 443.
+    def __init__(self, h):
+        self.v6 = h % 2 == 1
+        self.client = (locals6 if self.v6 else locals4)[h]
+        base = ipaddress.ip_address("2001:db8::" if self.v6 else "198.51.100.0")
+        self.server = (base + 1 + h).packed
+        self.cport, self.sport = 40000 + h, 443
+        self.c, self.s = rng.getrandbits(32), rng.getrandbits(32)
+        self.exp = [0] * 6      # orig_bytes, resp_bytes, orig_pkts, orig_ip_bytes, resp_pkts, resp_ip_bytes
+        self.steps, self.syn_ts = 0, None
+        a, b = (6, self.client, self.cport), (6, self.server, self.sport)
+        self.key = (6, self.client, self.cport, self.server, self.sport) if a <= b else \
+            (6, self.server, self.sport, self.client, self.cport)
+        self.id = (str(ipaddress.ip_address(self.client)), self.cport)
+    def out(self, from_client, flags, plen=0):
+        if from_client:
+            args = (self.client, self.server, self.cport, self.sport, flags, self.c, self.s, plen)
+        else:
+            args = (self.server, self.client, self.sport, self.cport, flags, self.s, self.c, plen)
+        data, wirelen, ip_len = frame(self.v6, *args)
+        step = (plen + (1 if flags & (SYN | FIN) else 0)) & MASK
+        if from_client:
+            self.c = (self.c + step) & MASK
+        else:
+            self.s = (self.s + step) & MASK
+        at = 0 if from_client else 1
+        self.exp[at] += plen
+        self.exp[2 + 2 * at] += 1
+        self.exp[3 + 2 * at] += ip_len
+        return data, wirelen
+    def opening(self):
+        return [self.out(True, SYN), self.out(False, SYN | ACK), self.out(True, ACK),
+                self.out(True, PSH | ACK, 300)]
+    def data(self):              # two full segments from the server, then the client's ACK
+        self.steps += 1
+        if self.steps % 3:
+            return self.out(False, ACK, cfg["mss"])
+        return self.out(True, ACK)
+    def closing(self):
+        return [self.out(True, FIN | ACK), self.out(False, FIN | ACK), self.out(True, ACK)]
+
+est = [Est(h) for h in range(cfg["established"])]
+ratio = cfg["est_share"] / (1 - cfg["est_share"])   # established frames per SYN
+
+def frames():
+    n = 0
+    def synth(data, wirelen):
+        nonlocal n
+        f = lpd.SynthFrame(data, wirelen, ts=n / PPS)
+        n += 1
+        sent[0] += 1
+        sent[1] += wirelen
+        return f
+    for e in est:
+        e.syn_ts = n / PPS
+        for data, wirelen in e.opening():
+            yield synth(data, wirelen)
+    est_frames = 0
+    for i in range(cfg["syns"]):
+        if rng.random() < cfg["ipv6"]:
+            v6, src, dst = True, FLOOD6 + rng.randbytes(8), locals6[i % len(locals6)]
+        else:
+            while True:
+                src = rng.getrandbits(32)
+                if not any(src & m == a for a, m in pref4) and src >> 8 != 0xC63364:   # 198.51.100/24
+                    break
+            v6, src, dst = False, src.to_bytes(4, "big"), locals4[i % len(locals4)]
+        data, wirelen, _ = frame(v6, src, dst, rng.randrange(1024, 65536), rng.choice((80, 443)),
+                                 SYN, rng.getrandbits(32), 0)
+        yield synth(data, wirelen)
+        while est and est_frames < (i + 1) * ratio:
+            yield synth(*est[est_frames % len(est)].data())
+            est_frames += 1
+    for e in est:
+        for data, wirelen in e.closing():
+            yield synth(data, wirelen)
+
+est_ids = {e.id for e in est}
+est_records = []
+def finished(rec):           # the established connections' records only: 10^6 would not fit
+    if (rec["id.orig_h"], rec["id.orig_p"]) in est_ids or (rec["id.resp_h"], rec["id.resp_p"]) in est_ids:
+        est_records.append(rec)
+
+local = lpd.LocalAddresses(nets)
+conns = lpd.Connections(cfg["conn_max"], finished=finished) if cfg["conns"] else None
+decoder = lpd.Decoder(local, [conns] if conns else [])
+stages = [local] + ([conns] if conns else [])
+half = (cfg["syns"] * (1 + ratio)) // 2
+published = None
+def tick():                 # the daemon keeps the last published snapshots: so does this
+    global published
+    for stage in stages:
+        stage.tick(decoder.time)
+    published = [stage.snapshot() for stage in stages]
+before, rss_half, busy, next_tick = rss_kib(), None, 0.0, None
+for block in lpd.frames_to_blocks(frames()):
+    view = memoryview(block)
+    t0 = time.perf_counter()
+    decoder.process_block(view, 0)
+    busy += time.perf_counter() - t0
+    view.release()
+    if next_tick is None or decoder.time >= next_tick:
+        tick()
+        next_tick = decoder.time + cfg["interval"]
+    if rss_half is None and decoder.frames >= half:
+        rss_half = rss_kib()
+tick()
+out = {"frames": decoder.frames, "seconds": busy, "before": before, "half": rss_half,
+       "after": rss_kib(), "peak": peak_kib(),
+       "bytes_ok": decoder.totals[lpd.RX_BYTES] + decoder.totals[lpd.TX_BYTES] == sent[1]}
+if conns:
+    kept = []
+    for e in est:            # the connection its SYN opened, not one re-made mid-stream
+        c = conns.table.get(e.key)
+        kept.append(c is not None and not c.midstream and abs(c.first - e.syn_ts) < 1e-3)
+    out.update(tracked=conns.tracked(), half_open=len(conns.half_open), timers=len(conns.timers),
+               evictions=dict(conns.evictions), finished=sum(conns.closed.values()))
+    conns.finish_all()
+    out["closed"] = {f"{lpd.PROTO_NAMES[p]} {s}": n for (p, s), n in conns.closed.items() if n}
+    out["established"] = []
+    for e, k in zip(est, kept):
+        recs = [r for r in est_records if e.id in ((r["id.orig_h"], r["id.orig_p"]),
+                                                    (r["id.resp_h"], r["id.resp_p"]))]
+        got = [[r.get("orig_bytes"), r.get("resp_bytes"), r["orig_pkts"], r["orig_ip_bytes"],
+                r["resp_pkts"], r["resp_ip_bytes"]] for r in recs]
+        out["established"].append({
+            "kept": k, "exact": len(recs) == 1 and recs[0]["conn_state"] == "SF" and got[0] == e.exp,
+            "records": [(r["conn_state"], r["history"]) for r in recs], "expected": e.exp})
+print(json.dumps(out))
+"""
+
+
+def _run_syn_flood(conns, syns, conn_max):
+    """One SYN flood through a fresh child; its JSON."""
+    cfg = {"lpd": LPD, "conns": conns, "conn_max": conn_max, "syns": syns,
+           "established": SYN_FLOOD_EST, "est_share": SYN_FLOOD_EST_SHARE, "mss": CONN_MSS,
+           "ipv6": SYNTH_IPV6, "local_hosts": FLOOD_LOCAL_HOSTS,
+           "local_nets": list(OFFLINE_LOCAL_NETS), "snaplen": CONN_SNAP, "pps": FLOOD_PPS,
+           "interval": FLOOD_INTERVAL}
+    argv = [sys.executable, "-c", _SYN_FLOOD_CHILD, json.dumps(cfg)]
+    if subprocess.run(["prlimit", "--version"], capture_output=True).returncode == 0:
+        argv = ["prlimit", f"--as={FLOOD_AS_LIMIT}"] + argv
+    cp = subprocess.run(argv, capture_output=True, text=True, timeout=FLOOD_TIMEOUT)
+    if cp.returncode:
+        raise RuntimeError((cp.stderr.strip() or f"exit {cp.returncode}").splitlines()[-1])
+    return json.loads(cp.stdout)
+
+
+def syn_flood(lpd, results, quick):
+    """A SYN flood from random spoofed sources plus a few established connections: RSS
+    with --connections at the default --conn-max, half-open evictions, and whether the
+    established connections come through it whole."""
+    syns = SYN_FLOOD_QUICK if quick else SYN_FLOOD
+    t = Table(f"Offline: SYN flood, spoofed sources + {SYN_FLOOD_EST} established connections, "
+              "--connections",
+              ["connections", "conn max", "SYNs", "frames", "ns/frame", "RSS MiB", "+MiB half",
+               "+MiB end", "peak +MiB", "tracked", "half_open ev", "oldest ev", "timers",
+               "established kept", "established SF exact", "bytes ok"],
+              note="One 60-byte SYN (74 IPv6) from each random source address and port "
+                   f"({SYNTH_IPV6:.0%} IPv6) to port 80 or 443 of one of {FLOOD_LOCAL_HOSTS} local "
+                   f"hosts; {SYN_FLOOD_EST} established\nconnections (handshake and request before "
+                   f"the flood, the server's {CONN_MSS}-byte segments and the client's ACKs "
+                   f"{SYN_FLOOD_EST_SHARE:.0%} of the frames, interleaved; FINs both ways after "
+                   f"it).\nA fresh process each (prlimit --as {FLOOD_AS_LIMIT / 1e9:g} GB); ticks "
+                   f"and snapshots every {FLOOD_INTERVAL:g} s of a {FLOOD_PPS:,} fps packet clock "
+                   "(the whole flood is within lpd's 5 s SYN attempt timer).\nRSS MiB: before the "
+                   "first frame; +MiB: grown since, at half the frames and at the end (before "
+                   "finish_all); peak: VmHWM minus that start.\ntracked: table size at the end; "
+                   "half_open/oldest ev: conns.evictions; timers: entries in the stage's timer "
+                   "heap at the end;\nestablished kept: still in the table as the connection "
+                   "their SYN opened; SF exact: after finish_all, one record each, SF, with "
+                   "exactly the bytes and packets sent.")
+    results["syn_flood"] = t.to_json()
+    if not hasattr(lpd, "Connections"):
+        t.add(connections="lpd.Connections not available")
+        return t
+    for conns in (False, True):
+        row = t.add(connections=conns, **{"conn max": CONN_MAX if conns else None, "SYNs": syns})
+        try:
+            m = _run_syn_flood(conns, syns, CONN_MAX)
+        except Exception as e:
+            row["frames"] = "error: " + one_line(e)
+            continue
+        row.update({"frames": m["frames"], "ns/frame": m["seconds"] / m["frames"] * 1e9,
+                    "RSS MiB": m["before"] / 1024, "+MiB half": (m["half"] - m["before"]) / 1024,
+                    "+MiB end": (m["after"] - m["before"]) / 1024,
+                    "peak +MiB": (m["peak"] - m["before"]) / 1024, "bytes ok": m["bytes_ok"]})
+        if conns:
+            est = m["established"]
+            row.update({"tracked": m["tracked"], "half_open ev": m["evictions"].get("half_open"),
+                        "oldest ev": m["evictions"].get("oldest"), "timers": m["timers"],
+                        "established kept": f"{sum(e['kept'] for e in est)}/{len(est)}",
+                        "established SF exact": f"{sum(e['exact'] for e in est)}/{len(est)}",
+                        "established detail": est, "closed": m["closed"],
+                        "finished during": m["finished"], "half_open at end": m["half_open"]})
+    return t
+
+
 def run_offline(lpd, results, quick):
     t0 = time.monotonic()
     offline_accounting(lpd, results, quick).show()
     offline_remote(lpd, results, quick).show()
     remote_flood(lpd, results, quick).show()
+    offline_connections(lpd, results, quick).show()
+    syn_flood(lpd, results, quick).show()
     offline_matchers(lpd, results, quick).show()
     rules_at_scale(lpd, results, quick).show()
     results["offline_seconds"] = round(time.monotonic() - t0, 1)
@@ -1109,6 +1622,8 @@ def drain_capacity(pair, gen, consumer, table):
             "drain s": t1 - t0, "cpu s": cpu,
             "Mfps wall": seen / (t1 - t0) / 1e6 if t1 > t0 else None,
             "Mfps/core": seen / cpu / 1e6 if cpu else None})
+        if "--connections" in getattr(consumer, "extra", ()):
+            row["conns open"] = int(consumer.metrics().get("lpd_connections", 0))
     finally:
         consumer.stop()
     return row
@@ -1143,6 +1658,7 @@ def run_live(results, quick, workdir):
         f.writelines(f"r{i};{e}\n" for i, e in enumerate(rule_exprs(10)))
     fanout = lpd_offers("--fanout")
     remote = lpd_offers("--remote")
+    connections = lpd_offers("--connections")
     ladder = Table("Live: rate ladder (trafgen -> veth -> consumer)",
                    ["consumer", "frame", "pinning", "target pps", "sent pps", "sent", "veth rx",
                     "seen", "drops", "seen/sent", "seen/veth", "loss %", "cpu s/M",
@@ -1160,11 +1676,16 @@ def run_live(results, quick, workdir):
                          "all rungs.")
     drain = Table("Live: capacity - ring filled while the consumer is SIGSTOPped, then drained",
                   ["consumer", "pinning", "frames", "veth rx", "seen", "drops", "drain s", "cpu s",
-                   "Mfps wall", "Mfps/core"],
+                   "Mfps wall", "Mfps/core", "conns open"],
                   note=f"64-byte frames; ring {DRAIN_RING >> 20} MiB for all; Mfps/core = frames "
                        "seen / consumer CPU seconds (schedstat) after SIGCONT.\nlpd, B local: "
                        f"--local-net {' '.join(LIVE_REMOTE_LOCAL_NETS)} (trafgen's source, A, is "
-                       "remote: 2 remotes); lpd --remote: the same with --remote.")
+                       "remote: 2 remotes); lpd --remote: the same with --remote.\nlpd "
+                       "--connections: the default lpd line's options with --connections. "
+                       "trafgen's frames are UDP (A -> B port 9, no answer), so the stage\n"
+                       "tracks 2 one-way UDP flows (IPv4, IPv6): its per-frame parse, lookup "
+                       "and counts, no TCP state machine; conns open: lpd_connections after "
+                       "the drain.")
     ratios = Table("Live: lpd / tcpdump", ["frame", "pinning", "consumer", "zero-loss pps ratio",
                                            "cpu s/M ratio", "drain Mfps/core ratio"])
     with netns.Pair() as pair:
@@ -1201,6 +1722,10 @@ def run_live(results, quick, workdir):
                                  label="lpd, B local"),
                              Lpd(pair, cpu, DRAIN_RING, local_nets=LIVE_REMOTE_LOCAL_NETS,
                                  extra=["--remote"], label="lpd --remote")]
+            if connections:
+                # Beside the default lpd line: the same options and frames, plus the stage.
+                drainers.append(Lpd(pair, cpu, DRAIN_RING, extra=["--connections"],
+                                    label="lpd --connections"))
             for c in drainers:
                 row = drain_capacity(pair, gens[64], c, drain)
                 if row:
@@ -1217,7 +1742,7 @@ def run_live(results, quick, workdir):
             "drain Mfps/core ratio": ratio(d and d.get("Mfps/core"), dref and dref.get("Mfps/core"))
             if size == 64 else None})
     ladder_names = {name for _, _, name in sums}
-    for (pinning, name), d in drains.items():         # the drain-only lines (--remote)
+    for (pinning, name), d in drains.items():         # the drain-only lines (--remote, ...)
         dref = drains.get((pinning, "tcpdump"))
         if name not in ladder_names and dref:
             ratios.add(frame=64, pinning=pinning, consumer=name, **{
@@ -1256,9 +1781,11 @@ def main(argv=None):
     print("lpd bench - " + ", ".join(f"{k}: {v}" for k, v in info.items()))
     lpd = import_lpd(LPD)
     info["lpd_version"] = getattr(lpd, "__version__", "?")
-    global DEFAULT_RING, REMOTE_MAX
+    global DEFAULT_RING, REMOTE_MAX, CONN_MAX, CONN_SNAP
     DEFAULT_RING = getattr(lpd, "DEFAULT_RING_BYTES", DEFAULT_RING)
     REMOTE_MAX = getattr(lpd, "DEFAULT_REMOTE_MAX", REMOTE_MAX)
+    CONN_MAX = getattr(lpd, "DEFAULT_CONN_MAX", CONN_MAX)
+    CONN_SNAP = max(OFFLINE_SNAPLEN, getattr(lpd, "CONN_SNAPLEN", CONN_SNAP))
     print(f"lpd {info['lpd_version']} ({LPD}) under {sys.executable}\n", flush=True)
     try:
         if args.rules_at_scale:
