@@ -5730,7 +5730,10 @@ TCP_NO_SYN_ACK = (TCP_INACTIVE, TCP_PARTIAL)         # conn_state's "inactive" s
 CONN_CLOSE_DELAY = 5.0
 CONN_ATTEMPT_DELAY = 5.0
 CONN_LARGEST_KEPT = 20           # finished connections kept for the tables, biggest first
-TIMERS_SLACK = 2                 # the timer heap is cleaned when it holds this many per connection
+# The timer heap is cleaned once its dead entries (finished connections, re-armed timers)
+# exceed this fraction of --conn-max: they would keep evicted connections in memory.
+TIMERS_DEAD_FRACTION = 4
+TIMERS_MIN = 64
 
 # History letters (Zeek's HIST_* masks): orig's bit, resp's is 16 higher; a letter is
 # added once per side, but SYN, FIN and RST again for a new sequence number, and the
@@ -5827,7 +5830,7 @@ class _End:
         self.did_close = False
         self.pkts = self.ip_bytes = self.wire_bytes = self.udp_bytes = 0
         self.last_syn = self.last_fin = self.last_rst = 0
-        self.scaled = {}                            # letter -> occurrences (T, W)
+        self.scaled = None                          # letter -> occurrences (T, W), once there are any
 
     def set_state(self, state):
         if state != self.state:
@@ -5896,6 +5899,8 @@ class Connection:
 
     def scaled(self, end, letter, is_orig):
         """T and W: again at 10, 100, 1000 ... occurrences."""
+        if end.scaled is None:
+            end.scaled = {}
         n = end.scaled.get(letter, 0) + 1
         end.scaled[letter] = n
         while n % HIST_SCALE == 0:
@@ -6278,7 +6283,7 @@ class Connections(Consumer):
     def _timer(self, c, due):
         c.due = due
         self.timer_seq += 1
-        if len(self.timers) >= TIMERS_SLACK * (len(self.table) + 1):
+        if len(self.timers) > len(self.table) + self.conn_max // TIMERS_DEAD_FRACTION + TIMERS_MIN:
             # Finished or re-armed connections leave dead entries behind; drop them
             # before they outnumber the live ones (a SYN flood evicts thousands a
             # second, each with an armed attempt timer).

@@ -81,7 +81,7 @@ def test_a_syn_flood_evicts_half_open_connections_never_established_ones():
     feed(conns, established + flood)
     assert len(conns.table) <= 100
     # Evicted connections are not kept alive by their armed attempt timers.
-    assert len(conns.timers) <= lpd.TIMERS_SLACK * (100 + 1) + 1
+    assert len(conns.timers) <= 100 + 100 // lpd.TIMERS_DEAD_FRACTION + lpd.TIMERS_MIN + 1
     keys = {(c.orig_h, c.orig_p) for c in conns.table.values()}
     assert (ipaddress.ip_address("10.0.0.1").packed, 40000) in keys
     assert (ipaddress.ip_address("10.0.0.3").packed, 40001) in keys
