@@ -27,6 +27,7 @@ import ctypes
 import errno
 import fcntl
 import functools
+import gc
 import grp
 import heapq
 import http.client
@@ -8701,7 +8702,16 @@ def dump_filter(opts, out=sys.stdout):
 ###############################################################################
 
 
+# CPython collects its youngest generation every 700 allocations and the oldest every
+# 100 of those, each time walking every tracked object; the flow table keeps hundreds of
+# thousands of long-lived ones, and a SYN flood allocates several per frame. Measured on
+# a 400,000-SYN flood: 18 us per frame with the defaults, 11 with these (10 with no
+# collection at all). lpd makes few reference cycles for the collector to find.
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
 def main(argv=None):
+    gc.set_threshold(*GC_THRESHOLDS)
     try:
         opts = parse_args(sys.argv[1:] if argv is None else argv)
         if opts.dump:
