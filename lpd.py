@@ -5107,7 +5107,8 @@ WANT_TS = "ts"
 class Batch:
     """What one block decoded into. Its lists hold views of the ring: a consumer
     copies whatever it keeps beyond consume(). `gso` holds the WANT_RAW tuples of
-    super-frames, with the bytes and frames the wire carried for each and its timestamp.
+    super-frames, with the bytes and frames the wire carried for each, its timestamp and
+    its place among the raw frames (how many came before it).
     `time` is the block's last frame's timestamp: the packet clock."""
     __slots__ = ("raw", "ts", "gso", "remote_tx", "remote_rx", "frames", "time")
 
@@ -5277,7 +5278,9 @@ class Decoder:
             if tagged:
                 tag = VLAN_TAG.pack(tpid if status & TP_STATUS_VLAN_TPID_VALID else ETH_P_8021Q, tci)
                 data = b"".join((data[:ETH_TYPE_OFF], tag, data[ETH_TYPE_OFF:]))
-            batch.gso.append((data, wl, pkttype, tci if tagged else None, nbytes, segments, ts))
+            # len(batch.raw): where it came among the plain frames, for stages that need order
+            batch.gso.append((data, wl, pkttype, tci if tagged else None, nbytes, segments, ts,
+                              len(batch.raw)))
         return True
 
     def process_block(self, buf, base):
@@ -6061,11 +6064,23 @@ class Connections(Consumer):
     # -- per frame ------------------------------------------------------------
 
     def consume(self, batch):
+        """Every frame in capture order: super-frames go back among the plain ones
+        where they came (a FIN must not overtake the data before it)."""
         packet = self.packet
-        for (data, wirelen, _, tci), ts in zip(batch.raw, batch.ts):
+        supers = iter(batch.gso)
+        nxt = next(supers, None)
+        for i, ((data, wirelen, _, tci), ts) in enumerate(zip(batch.raw, batch.ts)):
+            while nxt is not None and nxt[7] <= i:
+                self._super(nxt)
+                nxt = next(supers, None)
             packet(data, ts, wirelen, 1, ETH_HLEN + (VLAN_TAG_LEN if tci is not None else 0))
-        for data, _, _, tci, nbytes, segments, ts in batch.gso:
-            packet(data, ts, nbytes, segments, ETH_HLEN + (VLAN_TAG_LEN if tci is not None else 0))
+        while nxt is not None:
+            self._super(nxt)
+            nxt = next(supers, None)
+
+    def _super(self, frame):
+        data, _, _, tci, nbytes, segments, ts, _ = frame
+        self.packet(data, ts, nbytes, segments, ETH_HLEN + (VLAN_TAG_LEN if tci is not None else 0))
 
     def packet(self, data, ts, wire_bytes, frames, l2_len):
         if ts >= self.next_due:
@@ -6645,7 +6660,7 @@ class RuleCounter(Consumer):
 
     def consume(self, batch):
         self.count(batch.raw, self.bytes, self.packets)
-        for data, wirelen, pkttype, vlan_tci, nbytes, segments, _ in batch.gso:
+        for data, wirelen, pkttype, vlan_tci, nbytes, segments, _, _ in batch.gso:
             # Judged once, as the frame it is; counted as the frames the wire carried.
             hit = [0] * len(self.rules)
             self.count(((data, wirelen, pkttype, vlan_tci),), [0] * len(self.rules), hit)
