@@ -5738,6 +5738,9 @@ CONN_LARGEST_KEPT = 20           # finished connections kept for the tables, big
 # exceed this fraction of --conn-max: they would keep evicted connections in memory.
 TIMERS_DEAD_FRACTION = 4
 TIMERS_MIN = 64
+# Connections one expiry pass ends at most (each is a log record): the rest wait for the
+# next frame or tick, so a mass timeout never holds the ring for seconds.
+EXPIRE_BUDGET = 4096
 
 # History letters (Zeek's HIST_* masks): orig's bit, resp's is 16 higher; a letter is
 # added once per side, but SYN, FIN and RST again for a new sequence number, and the
@@ -5746,6 +5749,7 @@ HIST_SYN, HIST_FIN, HIST_RST, HIST_FIN_RST, HIST_DATA, HIST_ACK, HIST_MULTI = (
     0x1, 0x2, 0x4, 0x8, 0x10, 0x20, 0x40)
 HIST_RESP_SHIFT = 16
 HIST_SCALE = 10
+HISTORY_MAX = 256                 # letters kept per connection (Zeek's histories are a dozen)
 
 # Zeek's likely_server_ports with the default scripts: a first frame that is not a
 # pure SYN, sent from one of these, is taken for the responder's.
@@ -5764,12 +5768,13 @@ LIVE_STATES = ("connecting", "established", "closing", "reset")
 EVICTION_REASONS = ("half_open", "oldest")
 
 
-def parse_l4(data):
+def parse_l4(data, wirelen=None):
     """A frame's (proto, src, dst, sport, dport, ip_len, payload_len, flags, seq, ack,
     window, fragment id) for TCP and UDP over IPv4 or IPv6 (tags re-inserted), or None.
     Addresses are raw bytes; the payload length comes from the IP length, not the frame
-    (padding). The fragment id is set on a first IPv4 fragment; a later one is
-    (IP_FRAGMENT, src, dst, id, proto, its payload bytes)."""
+    (padding), and a frame whose IP length runs past its `wirelen` is refused, as the
+    decoder counts it malformed. The fragment id is set on a first IPv4 fragment; a
+    later one is (IP_FRAGMENT, src, dst, id, proto, its payload bytes)."""
     n = len(data)
     if n < ETH_HLEN:
         return None
@@ -5780,7 +5785,7 @@ def parse_l4(data):
     if et == ETHERTYPE_IPV4 and n >= q + 20:
         vihl, ip_len, ident, frag, proto, src, dst = IPV4_L4_HDR.unpack_from(data, q)
         hl = (vihl & 15) * 4
-        if vihl >> 4 != 4 or hl < 20 or ip_len < hl:
+        if vihl >> 4 != 4 or hl < 20 or ip_len < hl or (wirelen is not None and q + ip_len > wirelen):
             return None
         if frag & IPV4_FRAG_MASK:
             return IP_FRAGMENT, src, dst, ident, proto, ip_len - hl
@@ -5788,7 +5793,7 @@ def parse_l4(data):
         frag_id = ident if frag & IPV4_MORE_FRAGMENTS else None
     elif et == ETHERTYPE_IPV6 and n >= q + IPV6_HDR_LEN:
         vtc, plen, proto, src, dst = IPV6_L4_HDR.unpack_from(data, q)
-        if vtc >> 4 != 6:
+        if vtc >> 4 != 6 or (wirelen is not None and q + IPV6_HDR_LEN + plen > wirelen):
             return None
         l4, end, ip_len, frag_id = q + IPV6_HDR_LEN, plen, plen + IPV6_HDR_LEN, None
         for _ in range(IPV6_EXT_MAX):
@@ -5890,7 +5895,12 @@ class Connection:
         """Zeek's FlipRoles: the ends and addresses swap, the history's seen-bits do not."""
         self.orig_h, self.orig_p, self.resp_h, self.resp_p = self.resp_h, self.resp_p, self.orig_h, self.orig_p
         self.o, self.r = self.r, self.o
-        self.history.append("^")
+        self.add("^")
+
+    def add(self, letter):
+        """A history letter; a hostile peer repeating FINs or RSTs stops at HISTORY_MAX."""
+        if len(self.history) < HISTORY_MAX:
+            self.history.append(letter)
 
     def check(self, mask, letter, is_orig):
         """Add a letter once per side; True if it was there already."""
@@ -5898,7 +5908,7 @@ class Connection:
         if self.seen & bit:
             return True
         self.seen |= bit
-        self.history.append(letter if is_orig else letter.lower())
+        self.add(letter if is_orig else letter.lower())
         return False
 
     def scaled(self, end, letter, is_orig):
@@ -5910,7 +5920,7 @@ class Connection:
         while n % HIST_SCALE == 0:
             n //= HIST_SCALE
         if n == 1:
-            self.history.append(letter if is_orig else letter.lower())
+            self.add(letter if is_orig else letter.lower())
 
     def conn_state(self):
         """Zeek's conn_state (base/protocols/conn/main.zeek)."""
@@ -6041,7 +6051,7 @@ class Connections(Consumer):
         # proto -> OrderedDict key -> conn, least recently active first: idle expiry and
         # the "oldest" eviction look at the front only.
         self.activity = {p: collections.OrderedDict() for p in PROTO_NAMES}
-        self.half_open = collections.OrderedDict()   # unanswered SYNs, oldest first
+        self.half_open = collections.OrderedDict()   # connections no responder answered, least active first
         self.timers = []                              # heap of (due, seq, conn)
         self.timer_seq = 0
         self.next_due = math.inf
@@ -6087,7 +6097,7 @@ class Connections(Consumer):
             self.expire(ts)
         if ts > self.now:
             self.now = ts
-        f = parse_l4(data)
+        f = parse_l4(data, wire_bytes if frames == 1 else None)
         if f is None:
             return
         if f[0] == IP_FRAGMENT:
@@ -6106,9 +6116,6 @@ class Connections(Consumer):
         e, p = (c.o, c.r) if is_orig else (c.r, c.o)
         if proto == IPPROTO_TCP:
             self._tcp(c, e, p, is_orig, flags, seq, ack, window, plen, ts)
-            if not is_orig and c.half_open:
-                c.half_open = False
-                self.half_open.pop(key, None)
         else:
             if e.state == TCP_INACTIVE:
                 e.set_state(UDP_ACTIVE)
@@ -6122,6 +6129,12 @@ class Connections(Consumer):
         # wire frames each carry l2_len of link header
         e.ip_bytes += ip_len if frames == 1 else wire_bytes - frames * l2_len
         e.wire_bytes += wire_bytes
+        if c.half_open:
+            if c.r.pkts and c.o.pkts:
+                c.half_open = False                # both sides have sent: answered
+                self.half_open.pop(key, None)
+            else:
+                self.half_open.move_to_end(key)
         live = c.live_state()
         if live != c.live:
             self.live[proto, c.live] -= 1
@@ -6160,9 +6173,10 @@ class Connections(Consumer):
                     c.flip()
                 elif proto == IPPROTO_TCP and flags & (TH_SYN | TH_ACK) != TH_SYN | TH_ACK and sport < dport:
                     c.flip()
-        else:
-            c.half_open = True
-            self.half_open[key] = c
+        # Unanswered until both sides have sent: a flood of spoofed SYNs, SYN-ACK or RST
+        # backscatter or one-way datagrams is evicted before any answered connection.
+        c.half_open = True
+        self.half_open[key] = c
         self.table[key] = c
         self.activity[proto][key] = c
         self.next_due = min(self.next_due, ts + self.timeouts[proto])     # its idle deadline
@@ -6174,6 +6188,8 @@ class Connections(Consumer):
     def _reused(self, c, src, sport, flags, seq):
         """A SYN on a known 5-tuple that starts a new connection (Zeek's IsReuse)."""
         o, r = c.o, c.r
+        if flags & TH_ACK and o.state != TCP_INACTIVE:
+            return False                           # a SYN-ACK is only compared while orig is unseen
         if o.did_close or r.did_close:
             return True
         if not flags & TH_ACK:
@@ -6200,15 +6216,15 @@ class Connections(Consumer):
             c.check(HIST_FIN_RST if fin and rst else HIST_MULTI, "I" if fin and rst else "Q", is_orig)
         elif syn:
             if c.check(HIST_SYN, "H" if has_ack else "S", is_orig) and rel_seq != e.last_syn:
-                c.history.append(("H" if has_ack else "S") if is_orig else ("h" if has_ack else "s"))
+                c.add(("H" if has_ack else "S") if is_orig else ("h" if has_ack else "s"))
             e.last_syn = rel_seq
         elif fin:
             if c.check(HIST_FIN, "F", is_orig) and (rel_seq + plen) % SEQ_MOD != e.last_fin:
-                c.history.append("F" if is_orig else "f")
+                c.add("F" if is_orig else "f")
             e.last_fin = (rel_seq + plen) % SEQ_MOD
         elif rst:
             if c.check(HIST_RST, "R", is_orig) and rel_seq != e.last_rst:
-                c.history.append("R" if is_orig else "r")
+                c.add("R" if is_orig else "r")
             e.last_rst = rel_seq
         elif plen or has_ack:
             if len(c.history) == 1 and c.history[0] == "H":
@@ -6291,6 +6307,7 @@ class Connections(Consumer):
             if rst and p.state != TCP_CLOSED:
                 e.set_state(TCP_RESET)
                 close = not e.did_close
+                self._timer(c, ts + CONN_CLOSE_DELAY)     # Zeek's tcp_reset_delay
         if close:
             e.did_close = True
             if e.state == TCP_RESET or p.did_close or p.state == TCP_INACTIVE:
@@ -6313,8 +6330,9 @@ class Connections(Consumer):
 
     def expire(self, now):
         """Timers due by `now` (packet time): closes, unanswered SYNs, idle connections."""
-        timers = self.timers
-        while timers and timers[0][0] <= now:
+        timers, budget = self.timers, EXPIRE_BUDGET
+        while timers and timers[0][0] <= now and budget:
+            budget -= 1
             due, _, c = heapq.heappop(timers)
             if self.table.get(c.key) is not c or c.due != due:
                 continue                           # finished already, or re-armed
@@ -6326,11 +6344,15 @@ class Connections(Consumer):
                 c.due = math.inf
         for proto, active in self.activity.items():
             timeout = self.timeouts[proto]
-            while active:
+            while active and budget:
                 c = next(iter(active.values()))
                 if c.last + timeout > now:
                     break
+                budget -= 1
                 self.finish(c)
+        if not budget:
+            self.next_due = now                    # more are due: the next frame or tick goes on
+            return
         due = [timers[0][0]] if timers else []
         for proto, active in self.activity.items():
             if active:
@@ -6338,7 +6360,8 @@ class Connections(Consumer):
         self.next_due = min(due, default=math.inf)
 
     def evict(self):
-        """The table is full: the oldest half-open connection, else the least active one."""
+        """The table is full: the least active unanswered connection, else the least
+        active one."""
         if self.half_open:
             c = next(iter(self.half_open.values()))
             reason = "half_open"
@@ -6998,6 +7021,8 @@ class GeoIP(Poller):
                 found[option] = reader.get(addr)
             except ValueError:              # an IPv6 address in an IPv4-only database
                 pass
+            except Exception as e:          # a corrupt data section: this remote stays Unknown
+                self._failed(type(e).__name__, f"{self.paths[option]}: lookup of {addr} failed: {e}")
         city, isp = found.get("--geoip-db"), found.get("--geoip-isp-db")
         if not isinstance(city, dict):
             city = {}
@@ -7078,8 +7103,9 @@ def socket_owners(inodes, root="/proc"):
                 inode = int(m.group(1))
                 wanted.discard(inode)
                 try:
-                    with open(os.path.join(root, pid, "comm")) as f:
-                        comm = f.read().strip()
+                    with open(os.path.join(root, pid, "comm"), "rb") as f:
+                        # any process may name itself any bytes (PR_SET_NAME)
+                        comm = f.read().strip().decode("utf-8", "replace")
                 except OSError:
                     comm = ""
                 owners[inode] = (int(pid), comm)
@@ -7260,6 +7286,9 @@ DOCUMENTS = {"interface": interface_document, "addresses": addresses_document,
              "rules": rules_document}
 
 
+API_TOP = re.compile(r"[0-9]{1,9}")        # ASCII digits only: str.isdigit() takes '²'
+
+
 def api_answer(path, query, published, presentation):
     """(HTTP status, JSON body) for GET /api/..., or None for another path."""
     kind = path[len("/api/"):] if path.startswith("/api/") else None
@@ -7269,7 +7298,7 @@ def api_answer(path, query, published, presentation):
     for part in query.split("&") if query else ():
         name, _, value = part.partition("=")
         if name == "top":
-            if not value.isdigit():
+            if not API_TOP.fullmatch(value):
                 return 400, json.dumps({"error": f"top must be a whole number, got {value!r}"})
             top = int(value)
         elif name == "state" and kind == "connections":
@@ -7547,7 +7576,8 @@ class Collector:
                      "Most bytes an untracked remote carried; an exported one may lack up to this.",
                      ["nic"], [((nic,), remotes.floor)])
         if self.geo is not None:
-            yield family(counter, "lpd_geoip_errors", "GeoIP databases that failed to reopen.",
+            yield family(counter, "lpd_geoip_errors",
+                         "GeoIP failures: databases that failed to reopen, lookups that failed.",
                          [], [((), self.geo.errors)])
 
 

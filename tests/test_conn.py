@@ -190,3 +190,120 @@ def test_connections_document_filters_by_state_and_sorts_by_bytes():
     assert [d["orig_h"] for d in json.loads(body)["connections"]] == ["10.0.0.3"]
     assert lpd.api_answer("/api/connections", "state=bogus", published, lambda: how)[0] == 400
     assert json.loads(body)["counts"]["tcp"] == {"connecting": 1, "established": 1, "closing": 0, "reset": 0}
+
+
+# ---- found in review: each of these failed before its fix ---------------------------
+
+RST = 0x04
+
+
+def fed(frames, **kw):
+    """Connections fed (ts, frame) pairs directly; -> (stage, finished records)."""
+    recs = []
+    conns = lpd.Connections(finished=recs.append, **kw)
+    for ts, f in frames:
+        conns.packet(f, ts, len(f), 1, lpd.ETH_HLEN)
+    return conns, recs
+
+
+def test_an_ip_length_beyond_the_frame_is_not_counted():
+    bogus = bytearray(t4("10.0.0.1", "10.0.0.2", 1, 2, ACK, 5, 0, b"x"))
+    bogus[16:18] = (65535).to_bytes(2, "big")
+    conns, _ = fed([(1.0, bytes(bogus))])
+    assert not conns.table
+
+
+def test_a_peer_repeating_fins_cannot_grow_the_history_without_bound():
+    frames = handshake("10.0.0.1", 40000)
+    stream = [(100.0 + i * 0.001, f) for i, f in enumerate(frames)]
+    stream += [(101 + i * 0.001, t4("10.0.0.1", "10.0.0.2", 40000, 80, FIN | ACK, 2000 + i, 5001))
+               for i in range(2000)]
+    conns, _ = fed(stream)
+    (c,) = conns.table.values()
+    assert len(c.history) == lpd.HISTORY_MAX
+
+
+def test_syn_ack_backscatter_does_not_evict_an_established_connection():
+    stream = [(i * 0.001, f) for i, f in enumerate(handshake("10.0.0.1", 40000, sport=22))]
+    stream += [(2 + i * 1e-4, t4(f"10.7.{i // 250}.{i % 250}", "10.0.0.2", 80, 2000 + i, SYN | ACK, i, 7))
+               for i in range(1000)]
+    conns, recs = fed(stream, conn_max=100)
+    assert any(c.resp_p == 22 for c in conns.table.values())
+    assert conns.evictions["oldest"] == 0 and conns.evictions["half_open"] == 901
+
+
+def test_a_retransmitted_syn_ack_after_the_originators_rst_joins_its_connection():
+    c, s = "10.0.0.1", "10.0.0.2"
+    stream = [(0.0, t4(c, s, 40000, 80, SYN, 100)), (0.01, t4(s, c, 80, 40000, SYN | ACK, 500, 101)),
+              (0.02, t4(c, s, 40000, 80, RST, 101)), (1.0, t4(s, c, 80, 40000, SYN | ACK, 500, 101))]
+    conns, recs = fed(stream)
+    conns.finish_all()
+    assert [(r["history"], r["conn_state"], r["resp_pkts"]) for r in recs] == [("ShR", "RSTO", 2)]
+
+
+def test_fin_then_rst_from_one_side_ends_after_the_reset_delay():
+    c, s = "10.0.0.1", "10.0.0.2"
+    stream = [(i * 0.01, f) for i, f in enumerate(handshake(c, 40000))]
+    stream += [(10.06, t4(c, s, 40000, 80, FIN | ACK, 1001, 5001)),
+               (10.07, t4(c, s, 40000, 80, RST, 1002)),
+               (30.0, t4(s, c, 80, 40000, ACK, 5001, 1002, b"late"))]
+    conns, recs = fed(stream)
+    assert [(r["history"], r["conn_state"]) for r in recs] == [("ShAFR", "RSTO")]
+    assert len(conns.table) == 1                       # the late data is a new entry
+
+
+def test_a_mass_timeout_ends_connections_a_budget_at_a_time():
+    stream = [(i * 1e-5, ether(A, B, ETH_IP, ipv4("10.0.0.1", "10.0.0.2", PROTO_UDP,
+                                                   udp(1000 + i % 60000, 53 + i // 60000, b"q"))))
+              for i in range(lpd.EXPIRE_BUDGET + 100)]
+    conns, recs = fed(stream)
+    conns.tick(1000.0)
+    assert len(recs) == lpd.EXPIRE_BUDGET                  # bounded work per pass
+    conns.tick(1001.0)
+    assert len(recs) == lpd.EXPIRE_BUDGET + 100 and not conns.table
+
+
+def test_api_top_takes_ascii_digits_only():
+    published = lpd.Published()
+    published.publish({"connections": lpd.Connections().snapshot()})
+    how = lpd.Presentation("eth0", lambda a: "eth0", lambda k: ("Unknown",) * 4, 0)
+    assert lpd.api_answer("/api/connections", "top=\u00b2", published, lambda: how)[0] == 400
+
+
+def test_a_process_named_with_invalid_utf8_does_not_hide_the_others():
+    import subprocess
+    import sys
+    import time
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(2)
+    port = server.getsockname()[1]
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import ctypes, socket, sys, time\n"
+                              "ctypes.CDLL(None).prctl(15, b'ev\\xffil', 0, 0, 0)\n"
+                              f"s = socket.create_connection(('127.0.0.1', {port}))\n"
+                              "sys.stdin.read()\n"], stdin=subprocess.PIPE)
+    try:
+        odd, _ = server.accept()
+        mine = socket.create_connection(("127.0.0.1", port))
+        theirs, _ = server.accept()
+        deadline = time.monotonic() + 5
+        while open(f"/proc/{child.pid}/comm", "rb").read().strip() != b"ev\xffil" and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        def conn(local, remote):
+            return lpd.Connection(None, 6, socket.inet_aton(local[0]), local[1],
+                                  socket.inet_aton(remote[0]), remote[1], 0.0)
+        a, b = conn(odd.getpeername(), ("127.0.0.1", port)), conn(mine.getsockname(), ("127.0.0.1", port))
+        table = lpd.ProcessTable(lambda *x: None)
+        table.want(a)
+        table.want(b)
+        assert table.fetch_once()
+        assert (a.pid, a.comm) == (child.pid, "ev\ufffdil") and b.pid == os.getpid()
+        for s in (odd, mine, theirs):
+            s.close()
+    finally:
+        child.kill()
+        child.wait(5)
+        server.close()

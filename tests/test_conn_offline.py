@@ -1198,23 +1198,45 @@ def test_eviction_takes_half_open_connections_first(tmp_path):
 
 
 def test_eviction_without_half_open_takes_the_least_recently_active(tmp_path):
-    """--conn-max 2 and three UDP flows: the third pushes out the flow idle the longest
-    (lpd's documented "oldest" choice when no half-open connection is left), logged like
-    any other; the other two are logged whole at the end."""
+    """--conn-max 2 and three answered UDP flows: the third pushes out the flow idle the
+    longest (lpd's documented "oldest" choice when no unanswered connection is left),
+    logged like any other; the other two are logged whole at the end."""
     s = ("10.0.0.2", 9999)
     u1, u2, u3 = (("10.0.0.5", 50001 + i) for i in range(3))
     tr = Trace()
     tr.udp(0, u1, s, b"x" * 10)
+    tr.udp(0.1, s, u1, b"y" * 10)
     tr.udp(1, u2, s, b"x" * 10)
+    tr.udp(1.1, s, u2, b"y" * 10)
     tr.udp(2, u1, s, b"x" * 10)
     tr.udp(3, u3, s, b"x" * 10)
+    tr.udp(3.1, s, u3, b"y" * 10)
     log = tmp_path / "conn.json"
     rc, out, err = run_cli(tmp_path, tr, "--conn-max", "2", "--conn-log", str(log),
                            "--output", "json")
     assert rc == 0, err
     lines = log.read_text().splitlines()
-    assert norm(json.loads(lines[0])) == tr.expect(u2, s, "D", "S0")     # finished first
+    assert norm(json.loads(lines[0])) == tr.expect(u2, s, "Dd", "SF", (10, 10))   # finished first
     assert order(norm(json.loads(line)) for line in lines) == order([
-        tr.expect(u1, s, "D", "S0", (20, 0)), tr.expect(u2, s, "D", "S0"),
-        tr.expect(u3, s, "D", "S0")])
+        tr.expect(u1, s, "Dd", "SF", (20, 10)), tr.expect(u2, s, "Dd", "SF", (10, 10)),
+        tr.expect(u3, s, "Dd", "SF", (10, 10))])
     assert json.loads(out)["connections"]["evictions"] == {"half_open": 0, "oldest": 1}
+
+
+def test_eviction_takes_unanswered_flows_before_answered_ones(tmp_path):
+    """Backscatter or one-way datagrams are evicted before an answered flow, however idle:
+    the least recently active unanswered one first."""
+    s = ("10.0.0.2", 9999)
+    u1, u2, u3 = (("10.0.0.5", 50001 + i) for i in range(3))
+    tr = Trace()
+    tr.udp(0, u1, s, b"x" * 10)
+    tr.udp(0.1, s, u1, b"y" * 10)                    # answered, then idle
+    tr.udp(1, u2, s, b"x" * 10)                      # never answered
+    tr.udp(3, u3, s, b"x" * 10)
+    log = tmp_path / "conn.json"
+    rc, out, err = run_cli(tmp_path, tr, "--conn-max", "2", "--conn-log", str(log),
+                           "--output", "json")
+    assert rc == 0, err
+    first = norm(json.loads(log.read_text().splitlines()[0]))
+    assert first == tr.expect(u2, s, "D", "S0")
+    assert json.loads(out)["connections"]["evictions"] == {"half_open": 1, "oldest": 0}

@@ -490,3 +490,24 @@ def test_api_documents_with_top_and_errors(dbs):
     with api_server(snaps) as port:
         status, _, doc = get(port, "/api/remotes")
         assert status == 404 and "not enabled" in doc["error"]
+
+
+def test_a_database_with_a_corrupt_data_section_labels_unknown_and_counts(dbs, tmp_path):
+    """It opens (the header is sound), but every lookup fails: the remote stays Unknown,
+    the failure is counted, and the scrape and the replay go on (found in review: one
+    such database turned every scrape into a 500)."""
+    import maxminddb
+    data = bytearray(dbs["city"].read_bytes())
+    md = maxminddb.open_database(str(dbs["city"])).metadata()
+    start = md.record_size * 2 // 8 * md.node_count + 16       # the data section, after the tree
+    end = data.rfind(b"\xab\xcd\xefMaxMind.com")
+    data[start:end] = b"\xff" * (end - start)
+    bad = tmp_path / "bad.mmdb"
+    bad.write_bytes(bytes(data))
+    g = lpd.GeoIP({"--geoip-db": str(bad)}, "en", lambda *a: None)
+    assert g.labels(key(FAR4)) == ("Unknown",) * 4 and g.errors == 1
+    path = tmp_path / "t.pcap"
+    write_pcap(path, TRAFFIC)
+    m = samples(replay(path, "--output", "metrics", "-t", "0", "-g", str(bad)))
+    assert m[("lpd_geoip_errors_total", ())] >= 1
+    assert {dict(k[1])["country"] for k in m if k[0] == "ip_traffic_tx_bytes_total"} == {"Unknown"}
