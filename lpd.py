@@ -6114,6 +6114,7 @@ class Connections(Consumer):
             c = self._open(key, proto, src, sport, dst, dport, flags, ts)
         is_orig = src == c.orig_h and sport == c.orig_p
         e, p = (c.o, c.r) if is_orig else (c.r, c.o)
+        states = c.o.state, c.r.state
         if proto == IPPROTO_TCP:
             self._tcp(c, e, p, is_orig, flags, seq, ack, window, plen, ts)
         else:
@@ -6135,11 +6136,12 @@ class Connections(Consumer):
                 self.half_open.pop(key, None)
             else:
                 self.half_open.move_to_end(key)
-        live = c.live_state()
-        if live != c.live:
-            self.live[proto, c.live] -= 1
-            self.live[proto, live] += 1
-            c.live = live
+        if (c.o.state, c.r.state) != states:
+            live = c.live_state()
+            if live != c.live:
+                self.live[proto, c.live] -= 1
+                self.live[proto, live] += 1
+                c.live = live
         self.activity[proto].move_to_end(key)
         self.touched.add(key)
         if frag_id is not None:
@@ -6232,7 +6234,9 @@ class Connections(Consumer):
                 c.flip()
                 c.history[:] = ["^", "h"]
                 is_orig = not is_orig
-            c.check(HIST_DATA if plen else HIST_ACK, "D" if plen else "A", is_orig)
+            mask = HIST_DATA if plen else HIST_ACK
+            if not c.seen & (mask if is_orig else mask << HIST_RESP_SHIFT):   # most frames: seen
+                c.check(mask, "D" if plen else "A", is_orig)
         if window == 0 and not rst and p.state != TCP_CLOSED and e.state != TCP_RESET:
             c.scaled(e, "W", is_orig)
         if not (c.o.did_close and c.r.did_close):
@@ -6240,10 +6244,14 @@ class Connections(Consumer):
         if has_ack:
             if p.state == TCP_INACTIVE:
                 p.start = p.last = p.ack = (ack - 1) % SEQ_MOD
-            elif not rst and _seq_delta(ack, p.ack) > 0 and not (ack == 0 and _seq_delta(ack, p.ack) > SEQ_JUMP_MAX):
-                p.move_ack(ack)
+            elif not rst:
+                d = (ack - p.ack) % SEQ_MOD                  # _seq_delta, inlined: every frame
+                if 0 < d < SEQ_HALF and not (ack == 0 and d > SEQ_JUMP_MAX):
+                    p.move_ack(ack)
         end = (seq + seg_len) % SEQ_MOD
-        delta = _seq_delta(end, e.last)
+        delta = (end - e.last) % SEQ_MOD
+        if delta >= SEQ_HALF:
+            delta -= SEQ_MOD
         if e.state != TCP_RESET:
             if delta <= 0:
                 if plen and not ((syn or rst) and abs(delta) > SEQ_JUMP_MAX) and \
@@ -6253,7 +6261,8 @@ class Connections(Consumer):
                 e.move_last(end)
         if fin:
             e.fins += 1
-        self._state(c, e, p, is_orig, syn, fin, rst, has_ack, plen, ts)
+        if syn or fin or rst or e.state == TCP_INACTIVE:     # otherwise no state changes
+            self._state(c, e, p, is_orig, syn, fin, rst, has_ack, plen, ts)
 
     def _state(self, c, e, p, is_orig, syn, fin, rst, has_ack, plen, ts):
         """Zeek's endpoint state machine, for the sending end e (peer p)."""
