@@ -22,6 +22,7 @@ decoded, its snapshot length, consume/tick/snapshot), a snapshot type in
 "Snapshots", its metrics in "Exporters"; build_daemon() wires it in.
 """
 import argparse
+import bisect
 import collections
 import ctypes
 import errno
@@ -49,6 +50,7 @@ import threading
 import time
 import traceback
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Callable, NamedTuple, Optional
 
@@ -141,6 +143,8 @@ DEFAULT_REMOTE_MAX = 65536
 DEFAULT_EXPORT_THRESHOLD = 1 << 20
 DEFAULT_IDLE_TIMEOUT = 300.0
 OUTPUTS = ("table", "metrics", "json")
+# eyes-devine's plain-HTTP ports.
+DEFAULT_HTTP_PORTS = (80, 8080, 8000, 3000, 5000, 9000)
 # Connections tracked at most, and the idle timeouts that end them.
 DEFAULT_CONN_MAX = 262144
 DEFAULT_CONN_TIMEOUT_TCP = 300.0
@@ -181,6 +185,16 @@ def _non_negative_int(text):
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
     return value
+
+
+def _ports(text):
+    try:
+        ports = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected port numbers separated by commas, got {text!r}") from None
+    if not ports or not all(0 < p < 65536 for p in ports):
+        raise argparse.ArgumentTypeError(f"ports must be 1..65535, got {text!r}")
+    return ports
 
 
 def _size(text):
@@ -265,6 +279,14 @@ def build_parser():
                    metavar="SECONDS", help="idle TCP connections end (default %(default)g)")
     p.add_argument("--conn-timeout-udp", type=_positive_float, default=DEFAULT_CONN_TIMEOUT_UDP,
                    metavar="SECONDS", help="idle UDP flows end (default %(default)g)")
+    p.add_argument("--http", action="store_true",
+                   help="HTTP/1.x requests on --http-ports: latency histogram, log, /api/requests")
+    p.add_argument("--http-ports", type=_ports, default=DEFAULT_HTTP_PORTS, metavar="PORT,...",
+                   help="TCP ports whose traffic is parsed as HTTP (default "
+                        f"{','.join(map(str, DEFAULT_HTTP_PORTS))})")
+    p.add_argument("--http-log", metavar="PATH",
+                   help="one JSON line per HTTP request, Zeek's http.log names ('-': stdout; "
+                        "reopened on SIGHUP; implies --http)")
     p.add_argument("--duration", type=_positive_float, metavar="SECONDS",
                    help="capture this long, print the table (see --output) and exit")
     p.add_argument("--output", choices=OUTPUTS, default="table",
@@ -307,6 +329,8 @@ def parse_args(argv):
         opts.remote = True
     if opts.conn_log:
         opts.connections = True
+    if opts.http_log:
+        opts.http = True
     return opts
 
 
@@ -5117,6 +5141,22 @@ class Batch:
         self.frames, self.time = 0, 0.0
 
 
+def frames_in_order(batch):
+    """(data, ts, wire bytes, frames, link header length) of every frame of a batch with
+    timestamps (WANT_TS), in capture order: super-frames go back among the plain ones
+    where they came (a FIN must not overtake the data before it)."""
+    supers = iter(batch.gso)
+    nxt = next(supers, None)
+    for i, ((data, wirelen, _, tci), ts) in enumerate(zip(batch.raw, batch.ts)):
+        while nxt is not None and nxt[7] <= i:
+            yield nxt[0], nxt[6], nxt[4], nxt[5], ETH_HLEN + (VLAN_TAG_LEN if nxt[3] is not None else 0)
+            nxt = next(supers, None)
+        yield data, ts, wirelen, 1, ETH_HLEN + (VLAN_TAG_LEN if tci is not None else 0)
+    while nxt is not None:
+        yield nxt[0], nxt[6], nxt[4], nxt[5], ETH_HLEN + (VLAN_TAG_LEN if nxt[3] is not None else 0)
+        nxt = next(supers, None)
+
+
 # GSO type -> (IP versions it can carry, transport protocol, whether each frame on the
 # wire repeats the transport header: UFO's are IP fragments, which repeat only IP's).
 GSO_KINDS = {
@@ -6074,23 +6114,9 @@ class Connections(Consumer):
     # -- per frame ------------------------------------------------------------
 
     def consume(self, batch):
-        """Every frame in capture order: super-frames go back among the plain ones
-        where they came (a FIN must not overtake the data before it)."""
         packet = self.packet
-        supers = iter(batch.gso)
-        nxt = next(supers, None)
-        for i, ((data, wirelen, _, tci), ts) in enumerate(zip(batch.raw, batch.ts)):
-            while nxt is not None and nxt[7] <= i:
-                self._super(nxt)
-                nxt = next(supers, None)
-            packet(data, ts, wirelen, 1, ETH_HLEN + (VLAN_TAG_LEN if tci is not None else 0))
-        while nxt is not None:
-            self._super(nxt)
-            nxt = next(supers, None)
-
-    def _super(self, frame):
-        data, _, _, tci, nbytes, segments, ts, _ = frame
-        self.packet(data, ts, nbytes, segments, ETH_HLEN + (VLAN_TAG_LEN if tci is not None else 0))
+        for data, ts, wire_bytes, frames, l2_len in frames_in_order(batch):
+            packet(data, ts, wire_bytes, frames, l2_len)
 
     def packet(self, data, ts, wire_bytes, frames, l2_len):
         if ts >= self.next_due:
@@ -6424,6 +6450,472 @@ class Connections(Consumer):
             tuple((names[p], s, n) for (p, s), n in self.closed.items()),
             tuple(self.evictions.items()),
             tuple(rec for _, _, rec in sorted(self.largest, reverse=True)))
+
+
+###############################################################################
+# Consumers: HTTP requests (TCP reassembly, HTTP/1.x) #########################
+###############################################################################
+#
+# Per TCP connection to or from an --http-ports port: each direction's bytes in sequence
+# order (retransmissions dropped, out-of-order segments held in a bounded buffer, a gap
+# that never fills ends parsing of the connection), then HTTP/1.x framing as RFC 9112
+# section 6 has it: requests and responses matched in order (pipelining), bodies skipped
+# by length or by chunks, never buffered. Timing comes from the segments' timestamps.
+
+HTTP_MAX_HEAD = 64 << 10          # a request or response head beyond this is not HTTP we read
+HTTP_OOO_MAX = 256 << 10          # out-of-order bytes held per direction; beyond: a gap
+HTTP_STREAMS_MAX = 65536          # connections parsed at once; then the least active one goes
+HTTP_IDLE_TIMEOUT = DEFAULT_CONN_TIMEOUT_TCP
+HTTP_RECENT = 1000                # requests kept per server for /api/requests
+HTTP_ROUTES_MAX = 50              # routes per server with their own series; the rest: other
+HTTP_LATENCY_SAMPLES = 100_000    # durations kept per server for the table's percentiles
+# OpenTelemetry's http.server.request.duration buckets (seconds).
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+                          "PATCH"))
+HTTP_PARSE_ERRORS = ("gap", "head_too_large", "bad_request", "bad_response", "bad_chunk",
+                     "unmatched_response")
+HTTP_ID_SEGMENT = re.compile(r"[0-9]+|[0-9a-fA-F]{8,}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                             r"[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+HTTP_HEAD_END = re.compile(rb"\r?\n\r?\n")
+HTTP_CHUNK_LINE = re.compile(rb"\r?\n")
+HTTP_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})")
+# parser states, per direction
+(HTTP_HEAD, HTTP_BODY, HTTP_CHUNK_SIZE, HTTP_CHUNK_DATA, HTTP_CHUNK_END, HTTP_TRAILER,
+ HTTP_UNTIL_CLOSE, HTTP_STOPPED) = range(8)
+
+
+def http_route(uri):
+    """The path without query, ids (numbers, long hex, UUIDs) as :id."""
+    path = uri.split("?", 1)[0].split("#", 1)[0]
+    if "://" in path:                                  # absolute-form (a proxy request)
+        path = "/" + path.split("://", 1)[1].partition("/")[2]
+    parts = [":id" if HTTP_ID_SEGMENT.fullmatch(p) else p for p in path.split("/")]
+    return "/".join(parts) or "/"
+
+
+def _headers(block):
+    """Header fields of a head (after its first line): {lower-case name: last value}."""
+    fields = {}
+    for line in block.split(b"\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep:
+            fields[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+    return fields
+
+
+def _tcp_payload(data, plen):
+    """The TCP payload of a frame parse_l4 read: its last plen bytes before any padding."""
+    n = len(data)
+    q, et = ETH_HLEN, U16BE.unpack_from(data, ETH_TYPE_OFF)[0]
+    while et in VLAN_TPIDS:
+        et = U16BE.unpack_from(data, q + 2)[0]
+        q += VLAN_TAG_LEN
+    if et == ETHERTYPE_IPV4:
+        ip_len = U16BE.unpack_from(data, q + 2)[0]
+        end = q + ip_len
+    else:
+        end = q + IPV6_HDR_LEN + U16BE.unpack_from(data, q + 4)[0]
+    end = min(end, n)
+    return memoryview(data)[max(0, end - plen):end]
+
+
+class _HttpDir:
+    """One direction of a connection: reassembly, then the framing state."""
+    __slots__ = ("next_seq", "ooo", "ooo_bytes", "buf", "buf_ts", "state", "left", "fin")
+
+    def __init__(self):
+        self.next_seq = None
+        self.ooo = {}                       # seq -> (bytes, ts)
+        self.ooo_bytes = 0
+        self.buf = bytearray()              # bytes not yet framed
+        self.buf_ts = 0.0                   # timestamp of the first byte in buf
+        self.state, self.left, self.fin = HTTP_HEAD, 0, False
+
+
+class _HttpRequest:
+    __slots__ = ("ts", "method", "uri", "host", "depth", "req_body", "resp_body", "status",
+                 "ttfb", "end", "head", "connect")
+
+    def __init__(self, ts, method, uri, host, depth):
+        self.ts, self.method, self.uri, self.host, self.depth = ts, method, uri, host, depth
+        self.req_body = self.resp_body = self.status = 0
+        self.ttfb = self.end = None
+        self.head, self.connect = method == "HEAD", method == "CONNECT"
+
+
+class _HttpStream:
+    __slots__ = ("key", "client", "server", "to_server", "to_client", "pending", "depth",
+                 "last", "current_request", "response")
+
+    def __init__(self, key, client, server):
+        self.key, self.client, self.server = key, client, server
+        self.to_server, self.to_client = _HttpDir(), _HttpDir()
+        self.pending = collections.deque()      # requests waiting for their response
+        self.depth = 0
+        self.last = 0.0
+        self.current_request = None             # being received (its body)
+        self.response = None                    # (request, final?) being received
+
+
+class HttpSnapshot(NamedTuple):
+    """Histogram rows ((labels), bucket counts, sum, count), parse errors, the recent
+    requests per server (newest first) and per-server summaries for the table."""
+    histogram: tuple = ()
+    parse_errors: tuple = ()
+    recent: tuple = ()                     # ((server, (record, ...)), ...)
+    servers: tuple = ()                    # ((server, requests, errors, (durations...), ((route, n), ...)), ...)
+
+    def merge(self, other):
+        return HttpSnapshot(self.histogram + other.histogram,
+                            _merge_keyed(self.parse_errors, other.parse_errors, 1),
+                            self.recent + other.recent, self.servers + other.servers)
+
+
+class HttpRequests(Consumer):
+    """HTTP/1.x requests on --http-ports, from the frames: `finished(record)` gets each
+    request as an http.log record (Zeek's names where they exist)."""
+    name = "http"
+    wants = frozenset((WANT_RAW, WANT_TS))
+
+    def __init__(self, ports=DEFAULT_HTTP_PORTS, finished=None, container=None):
+        self.ports = frozenset(ports)
+        self.finished = finished
+        self.container = container or (lambda addr: "")
+        self.streams = collections.OrderedDict()
+        self.errors = dict.fromkeys(HTTP_PARSE_ERRORS, 0)
+        self.histogram = {}                      # labels -> [bucket counts..., sum, count]
+        self.recent = {}                         # server -> deque of records
+        self.routes = {}                         # server -> {route: requests}
+        self.summary = {}                        # server -> [requests, errors, durations]
+
+    def snaplen(self):
+        return SNAPLEN_FULL
+
+    def consume(self, batch):
+        for data, ts, wire_bytes, frames, l2_len in frames_in_order(batch):
+            self.packet(data, ts)
+
+    def packet(self, data, ts):
+        f = parse_l4(data)
+        if f is None or f[0] != IPPROTO_TCP:
+            return
+        _, src, dst, sport, dport, ip_len, plen, flags, seq, ack, window, _ = f
+        if dport in self.ports:
+            key, to_server = (src, sport, dst, dport), True
+        elif sport in self.ports:
+            key, to_server = (dst, dport, src, sport), False
+        else:
+            return
+        s = self.streams.get(key)
+        if s is None:
+            if flags & TH_RST or not (plen or flags & TH_SYN):
+                return
+            if len(self.streams) >= HTTP_STREAMS_MAX:
+                self.end(next(iter(self.streams.values())))
+            s = self.streams[key] = _HttpStream(key, (src, sport) if to_server else (dst, dport),
+                                                (dst, dport) if to_server else (src, sport))
+        self.streams.move_to_end(key)
+        s.last = ts
+        d = s.to_server if to_server else s.to_client
+        if flags & TH_SYN:
+            d.next_seq = (seq + 1) % SEQ_MOD
+        elif plen or flags & TH_FIN:
+            payload = _tcp_payload(data, plen)
+            if d.next_seq is None:
+                d.next_seq = seq                  # joined mid-stream
+            self._segment(s, d, to_server, seq, payload, bool(flags & TH_FIN), ts)
+        if flags & TH_RST or (s.to_server.fin and s.to_client.fin):
+            self.end(s)
+
+    def _segment(self, s, d, to_server, seq, payload, fin, ts):
+        """Reassembly: deliver what continues the stream, hold what comes early."""
+        if d.state == HTTP_STOPPED:
+            return
+        off = (seq - d.next_seq) % SEQ_MOD
+        if off >= SEQ_HALF:                      # starts before next_seq: drop what was seen
+            cut = SEQ_MOD - off
+            if cut >= len(payload) and not (fin and cut == len(payload)):
+                return
+            payload, seq = payload[cut:], d.next_seq
+            off = 0
+        if off:
+            if (seq, len(payload)) not in ((k, len(v[0])) for k, v in d.ooo.items()):
+                d.ooo[seq] = (bytes(payload), ts, fin)
+                d.ooo_bytes += len(payload)
+            if d.ooo_bytes > HTTP_OOO_MAX:
+                self._gap(s, d)
+            return
+        self._deliver(s, d, to_server, payload, fin, ts)
+        while d.ooo and d.state != HTTP_STOPPED:
+            for k in list(d.ooo):
+                o = (k - d.next_seq) % SEQ_MOD
+                if o == 0 or o >= SEQ_HALF:
+                    data, t, f = d.ooo.pop(k)
+                    d.ooo_bytes -= len(data)
+                    if o >= SEQ_HALF:
+                        data = data[SEQ_MOD - o:]
+                        if not data and not f:
+                            break
+                    self._deliver(s, d, to_server, data, f, t)
+                    break
+            else:
+                break
+
+    def _gap(self, s, d):
+        self.errors["gap"] += 1
+        d.state = HTTP_STOPPED
+        d.ooo.clear()
+        d.ooo_bytes = 0
+
+    def _deliver(self, s, d, to_server, payload, fin, ts):
+        d.next_seq = (d.next_seq + len(payload) + (1 if fin else 0)) % SEQ_MOD
+        if payload:
+            if not d.buf:
+                d.buf_ts = ts
+            d.buf += payload
+            (self._client_bytes if to_server else self._server_bytes)(s, d, ts)
+        if fin:
+            d.fin = True
+            if not to_server and d.state == HTTP_UNTIL_CLOSE and s.response:
+                self._response_done(s, ts)
+
+    # -- framing --------------------------------------------------------------
+
+    def _head(self, d):
+        """A complete head at the start of d.buf, or None (waiting, or no HTTP)."""
+        m = HTTP_HEAD_END.search(d.buf)
+        if m is None:
+            if len(d.buf) > HTTP_MAX_HEAD:
+                self.errors["head_too_large"] += 1
+                d.state = HTTP_STOPPED
+            return None
+        head = bytes(d.buf[:m.start()])
+        del d.buf[:m.end()]
+        return head
+
+    def _client_bytes(self, s, d, ts):
+        while d.buf and d.state != HTTP_STOPPED:
+            if d.state == HTTP_HEAD:
+                while d.buf[:2] == b"\r\n" or d.buf[:1] == b"\n":      # blank lines between
+                    del d.buf[:2 if d.buf[:2] == b"\r\n" else 1]
+                if not d.buf:
+                    return
+                first_ts = d.buf_ts
+                head = self._head(d)
+                if head is None:
+                    return
+                parts = head.split(b"\n", 1)[0].split()
+                if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+                    self.errors["bad_request"] += 1
+                    d.state = HTTP_STOPPED
+                    return
+                fields = _headers(head)
+                s.depth += 1
+                r = _HttpRequest(first_ts, parts[0].decode("latin-1"), parts[1].decode("latin-1"),
+                                 fields.get("host"), s.depth)
+                s.pending.append(r)
+                s.current_request = r
+                d.buf_ts = ts
+                self._frame_body(d, fields, parts[2] == b"HTTP/1.1", None)
+            else:
+                self._body_bytes(d, lambda n: setattr(s.current_request, "req_body",
+                                                      s.current_request.req_body + n))
+            if d.state == HTTP_HEAD:
+                d.buf_ts = ts
+
+    def _frame_body(self, d, fields, http11, no_body):
+        """After a head: what the body is (RFC 9112 6.3)."""
+        te = fields.get("transfer-encoding", "").lower()
+        if no_body:
+            d.state = HTTP_HEAD
+        elif te and te.rsplit(",", 1)[-1].strip() == "chunked":
+            d.state = HTTP_CHUNK_SIZE
+        elif "content-length" in fields:
+            try:
+                d.left = int(fields["content-length"].split(",")[0])
+            except ValueError:
+                d.left = -1
+            if d.left < 0:
+                self.errors["bad_request" if no_body is None else "bad_response"] += 1
+                d.state = HTTP_STOPPED
+                return
+            d.state = HTTP_BODY if d.left else HTTP_HEAD
+        elif no_body is None:
+            d.state = HTTP_HEAD                  # a request without a length has no body
+        else:
+            d.state = HTTP_UNTIL_CLOSE
+
+    def _body_bytes(self, d, add):
+        """Consume body bytes from d.buf in the current state; add(n) counts them."""
+        if d.state == HTTP_BODY:
+            n = min(d.left, len(d.buf))
+            del d.buf[:n]
+            add(n)
+            d.left -= n
+            if not d.left:
+                d.state = HTTP_HEAD
+        elif d.state == HTTP_CHUNK_SIZE:
+            m = HTTP_CHUNK_LINE.search(d.buf)
+            if m is None:
+                if len(d.buf) > HTTP_MAX_HEAD:
+                    self.errors["bad_chunk"] += 1
+                    d.state = HTTP_STOPPED
+                return
+            line = bytes(d.buf[:m.start()]).split(b";", 1)[0].strip()
+            del d.buf[:m.end()]
+            try:
+                d.left = int(line, 16)
+            except ValueError:
+                self.errors["bad_chunk"] += 1
+                d.state = HTTP_STOPPED
+                return
+            d.state = HTTP_CHUNK_DATA if d.left else HTTP_TRAILER
+        elif d.state == HTTP_CHUNK_DATA:
+            n = min(d.left, len(d.buf))
+            del d.buf[:n]
+            add(n)
+            d.left -= n
+            if not d.left:
+                d.state = HTTP_CHUNK_END
+        elif d.state == HTTP_CHUNK_END:
+            m = HTTP_CHUNK_LINE.match(d.buf)
+            if m is None:
+                if len(d.buf) >= 2:
+                    self.errors["bad_chunk"] += 1
+                    d.state = HTTP_STOPPED
+                return
+            del d.buf[:m.end()]
+            d.state = HTTP_CHUNK_SIZE
+        elif d.state == HTTP_TRAILER:
+            m = HTTP_CHUNK_LINE.search(d.buf)
+            if m is None:
+                return
+            line = d.buf[:m.start()]
+            del d.buf[:m.end()]
+            if not line.strip():
+                d.state = HTTP_HEAD              # the blank line ends the trailers
+        elif d.state == HTTP_UNTIL_CLOSE:
+            add(len(d.buf))
+            d.buf.clear()
+
+    def _server_bytes(self, s, d, ts):
+        while d.buf and d.state != HTTP_STOPPED:
+            if d.state == HTTP_HEAD:
+                first_ts = d.buf_ts
+                head = self._head(d)
+                if head is None:
+                    return
+                m = HTTP_STATUS_LINE.match(head)
+                if m is None:
+                    self.errors["bad_response"] += 1
+                    d.state = HTTP_STOPPED
+                    return
+                code = int(m.group(2))
+                if not s.pending:
+                    self.errors["unmatched_response"] += 1
+                    d.state = HTTP_STOPPED
+                    return
+                r = s.pending[0]
+                if 100 <= code < 200 and code != 101:
+                    d.buf_ts = ts
+                    continue                     # interim (100 Continue): the request goes on
+                r.status, r.ttfb = code, first_ts - r.ts
+                s.response = r
+                fields = _headers(head)
+                no_body = r.head or code in (204, 304) or code == 101 or \
+                    (r.connect and 200 <= code < 300)
+                self._frame_body(d, fields, m.group(1) == b"1", no_body)
+                if d.state == HTTP_HEAD:
+                    self._response_done(s, ts)
+                if code == 101 or (r.connect and 200 <= code < 300):
+                    d.state = s.to_server.state = HTTP_STOPPED     # a tunnel: not HTTP any more
+                    return
+            else:
+                r = s.response
+                self._body_bytes(d, lambda n: setattr(r, "resp_body", r.resp_body + n))
+                if d.state == HTTP_HEAD:
+                    self._response_done(s, ts)
+            d.buf_ts = ts
+
+    def _response_done(self, s, ts):
+        r = s.response
+        s.response = None
+        if s.pending and s.pending[0] is r:
+            s.pending.popleft()
+        r.end = ts
+        self._record(s, r)
+
+    # -- ends -----------------------------------------------------------------
+
+    def end(self, s):
+        """The connection is over: a response running to the close ends, requests left
+        unanswered finish with status 0, an unfilled gap is counted."""
+        self.streams.pop(s.key, None)
+        if s.response is not None and s.to_client.state == HTTP_UNTIL_CLOSE:
+            self._response_done(s, s.last)
+        for d in (s.to_server, s.to_client):
+            if d.ooo and d.state != HTTP_STOPPED:
+                self._gap(s, d)
+        while s.pending:
+            r = s.pending.popleft()
+            r.end = s.last
+            r.status = 0 if r.ttfb is None else r.status
+            self._record(s, r)
+
+    def finish_all(self):
+        for s in list(self.streams.values()):
+            self.end(s)
+
+    def tick(self, now):
+        while self.streams:
+            s = next(iter(self.streams.values()))
+            if s.last + HTTP_IDLE_TIMEOUT > now:
+                break
+            self.end(s)
+
+    def _record(self, s, r):
+        (ch, cp), (sh, sp) = s.client, s.server
+        server_h = _host(sh)
+        server = f"{server_h}:{sp}"
+        container = self.container(sh)
+        rec = {"ts": round(r.ts, 6), "id.orig_h": _host(ch), "id.orig_p": cp, "id.resp_h": server_h,
+               "id.resp_p": sp, "trans_depth": r.depth, "method": r.method}
+        if r.host is not None:
+            rec["host"] = r.host
+        rec.update({"uri": r.uri, "status_code": r.status, "request_body_len": r.req_body,
+                    "response_body_len": r.resp_body})
+        if r.ttfb is not None:
+            rec["ttfb"] = round(r.ttfb, 6)
+        duration = r.end - r.ts
+        rec.update({"duration": round(duration, 6), "container": container})
+        routes = self.routes.setdefault(server, {})
+        route = http_route(r.uri)
+        if route not in routes and len(routes) >= HTTP_ROUTES_MAX:
+            route = "other"
+        routes[route] = routes.get(route, 0) + 1
+        method = r.method if r.method in HTTP_METHODS else "_OTHER"
+        labels = (method, str(r.status), route, server_h, str(sp), container)
+        h = self.histogram.get(labels)
+        if h is None:        # a count per bucket and one above the last, then sum and count
+            h = self.histogram[labels] = [0] * (len(HTTP_BUCKETS) + 3)
+        h[bisect.bisect_left(HTTP_BUCKETS, duration)] += 1
+        h[-2] += duration
+        h[-1] += 1
+        self.recent.setdefault(server, collections.deque(maxlen=HTTP_RECENT)).appendleft(rec)
+        summary = self.summary.setdefault(server, [0, 0, collections.deque(maxlen=HTTP_LATENCY_SAMPLES)])
+        summary[0] += 1
+        summary[1] += r.status == 0 or r.status >= 500
+        summary[2].append(duration)
+        if self.finished is not None:
+            self.finished(rec)
+
+    def snapshot(self):
+        return HttpSnapshot(tuple((k, tuple(v[:-2]), v[-2], v[-1]) for k, v in self.histogram.items()),
+                            tuple(self.errors.items()),
+                            tuple((srv, tuple(q)) for srv, q in self.recent.items()),
+                            tuple((srv, n, e, tuple(lat), tuple(self.routes.get(srv, {}).items()))
+                                  for srv, (n, e, lat) in self.summary.items()))
 
 
 ###############################################################################
@@ -7280,6 +7772,39 @@ def connections_document(snap, how, top=None, state=None):
             "largest_closed": list(conns.largest)}
 
 
+def _percentile(sorted_values, q):
+    """The q-quantile (nearest rank) of sorted values; 0 for none."""
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
+
+
+def http_document(snap, how, top=None):
+    """--output json's "http": per server requests, errors (status 0 or 5xx), latency
+    percentiles and routes; parse errors."""
+    http = snap.get("http")
+    if http is None:
+        return None
+    servers = {}
+    for server, n, errors, durations, routes in http.servers:
+        lat = sorted(durations)
+        ranked = sorted(routes, key=lambda rn: (-rn[1], rn[0]))
+        servers[server] = {"requests": n, "errors": errors, "p50": _percentile(lat, 0.5),
+                           "p95": _percentile(lat, 0.95), "p99": _percentile(lat, 0.99),
+                           "routes": dict(ranked if top is None else ranked[:top])}
+    return {**_envelope(snap, how), "servers": servers, "parse_errors": dict(http.parse_errors)}
+
+
+def requests_document(snap, how, top=None, server=None):
+    """/api/requests: the last requests per server, newest first (`top`: at most N each)."""
+    http = snap.get("http")
+    if http is None:
+        return None
+    recent = {srv: list(recs if top is None else recs[:top]) for srv, recs in http.recent
+              if server is None or srv == server}
+    return {**_envelope(snap, how), "servers": recent}
+
+
 def rules_document(snap, how, top=None):
     rules = snap.get("rules")
     if rules is None:
@@ -7292,7 +7817,7 @@ def rules_document(snap, how, top=None):
 # /api/<kind>: a document, or None where the stage is off (404).
 DOCUMENTS = {"interface": interface_document, "addresses": addresses_document,
              "remotes": remotes_document, "connections": connections_document,
-             "rules": rules_document}
+             "http": http_document, "requests": requests_document, "rules": rules_document}
 
 
 API_TOP = re.compile(r"[0-9]{1,9}")        # ASCII digits only: str.isdigit() takes '²'
@@ -7310,6 +7835,12 @@ def api_answer(path, query, published, presentation):
             if not API_TOP.fullmatch(value):
                 return 400, json.dumps({"error": f"top must be a whole number, got {value!r}"})
             top = int(value)
+        elif name == "limit" and kind == "requests":
+            if not API_TOP.fullmatch(value):
+                return 400, json.dumps({"error": f"limit must be a whole number, got {value!r}"})
+            top = int(value)
+        elif name == "server" and kind == "requests":
+            filters["server"] = urllib.parse.unquote(value)
         elif name == "state" and kind == "connections":
             if value not in LIVE_STATES:
                 return 400, json.dumps({"error": f"state must be one of {', '.join(LIVE_STATES)}, "
@@ -7323,7 +7854,7 @@ def api_answer(path, query, published, presentation):
 
 def all_documents(snap, how):
     """--output json: every enabled stage's document, by kind."""
-    docs = {kind: make(snap, how) for kind, make in DOCUMENTS.items()}
+    docs = {kind: make(snap, how) for kind, make in DOCUMENTS.items() if kind != "requests"}
     return {kind: doc for kind, doc in docs.items() if doc is not None}
 
 
@@ -7355,6 +7886,7 @@ def _amount(n, unit=""):
 
 
 CONN_TABLE_TOP = 20                # connections a table lists
+HTTP_TABLE_ROUTES = 5              # routes a table lists per server
 
 
 def _connection_lines(conns):
@@ -7420,6 +7952,18 @@ def format_table(docs):
     conns = docs.get("connections")
     if conns is not None:
         out += _connection_lines(conns)
+    http = docs.get("http")
+    if http is not None:
+        out.append(f"\nHTTP servers: {len(http['servers'])}\n")
+        header = ("server", "requests", "error %", "p50 s", "p95 s", "p99 s", "top routes")
+        rows = [[srv, str(d["requests"]), f"{100 * d['errors'] / max(1, d['requests']):.1f}",
+                 f"{d['p50']:.4f}", f"{d['p95']:.4f}", f"{d['p99']:.4f}",
+                 ", ".join(f"{r} {n}" for r, n in list(d["routes"].items())[:HTTP_TABLE_ROUTES])]
+                for srv, d in sorted(http["servers"].items(), key=lambda kv: -kv[1]["requests"])]
+        out += _columns(header, rows, header[1:6])
+        bad = ", ".join(f"{r} {n}" for r, n in http["parse_errors"].items() if n)
+        if bad:
+            out.append(f"parse errors: {bad}\n")
     rules = docs.get("rules")
     if rules is not None:
         out.append(f"\nrules: {len(rules['rules'])}\n")
@@ -7556,6 +8100,21 @@ class Collector:
             yield family(CounterMetricFamily, "lpd_connection_evictions",
                          "Connections finished early because --conn-max was reached.",
                          ["reason"], [((r,), n) for r, n in conns.evictions])
+        http = snap.get("http")
+        if http is not None:
+            from prometheus_client.core import HistogramMetricFamily
+            fam = HistogramMetricFamily(
+                "http_server_request_duration_seconds",
+                "Duration of HTTP server requests, from packets (OpenTelemetry semantic conventions).",
+                labels=["http_request_method", "http_response_status_code", "http_route",
+                        "server_address", "server_port", "container"])
+            bounds = [f"{b:g}" for b in HTTP_BUCKETS] + ["+Inf"]
+            for labels, counts, total, n in http.histogram:
+                fam.add_metric(list(labels), list(zip(bounds, itertools.accumulate(counts))), total)
+            yield fam
+            yield family(CounterMetricFamily, "lpd_http_parse_errors",
+                         "HTTP streams lpd stopped parsing, by reason.", ["reason"],
+                         [((r,), n) for r, n in http.parse_errors])
         rules = snap.get("rules", RuleSnapshot()).rows
         yield family(CounterMetricFamily, "lpd_rule_packets", "Packets matching a rule.",
                      ["rule"], [((r,), p) for r, _, p in rules])
@@ -8153,16 +8712,16 @@ class RuleSocketServer:
 
 
 ###############################################################################
-# Exporters: the conn log #####################################################
+# Exporters: JSON logs (conn log, HTTP log) ###################################
 ###############################################################################
 
-class ConnLog:
-    """--conn-log: one JSON object per finished connection and line, Zeek's field names.
-    The capture thread writes it and reopens it after a SIGHUP (logrotate); a write that
+class JsonLog:
+    """--conn-log and --http-log: one JSON object per line, Zeek's field names. The
+    capture thread writes it and reopens it after a SIGHUP (logrotate); a write that
     fails (disk full) is counted and logged once, and capture goes on."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, option="--conn-log"):
+        self.path, self.option = path, option
         self.errors = 0
         self._failing = False
         self.file = sys.stdout if path == "-" else self._open()
@@ -8171,7 +8730,7 @@ class ConnLog:
         try:
             return open(self.path, "a", encoding="utf-8")
         except OSError as e:
-            raise ConfigError(f"--conn-log {self.path}: {e.strerror}") from None
+            raise ConfigError(f"{self.option} {self.path}: {e.strerror}") from None
 
     def write(self, record):
         try:
@@ -8180,7 +8739,7 @@ class ConnLog:
         except OSError as e:
             self.errors += 1
             if not self._failing:
-                log(LOG_ERR, f"--conn-log {self.path}: {e.strerror}; dropping records")
+                log(LOG_ERR, f"{self.option} {self.path}: {e.strerror}; dropping records")
             self._failing = True
 
     def flush(self):
@@ -8266,11 +8825,13 @@ class Daemon:
 
     def __init__(self, opts, ifname, decoder, rules, prefilter, mapping, published, http,
                  rule_server=None, remotes=None, geo=None, collector=None, conns=None,
-                 conn_log=None, procs=None):
+                 conn_log=None, procs=None, http_requests=None, http_log=None):
         self.opts, self.ifname = opts, ifname
         self.decoder, self.local, self.rules = decoder, decoder.local, rules
         self.remotes, self.geo, self.collector = remotes, geo, collector
         self.conns, self.conn_log, self.procs = conns, conn_log, procs
+        self.http_stage, self.http_log = http_requests, http_log
+        self.logs = [x for x in (conn_log, http_log) if x is not None]
         self.clock = 0.0                 # the packet clock (see now())
         self.stopped_for_duration = False
         self.prefilter, self.mapping, self.published = prefilter, mapping, published
@@ -8297,7 +8858,7 @@ class Daemon:
 
     def consumers(self):
         """The decoder's stages: the remotes, and the rules when there are any."""
-        return [c for c in (self.remotes, self.conns) if c is not None] + \
+        return [c for c in (self.remotes, self.conns, self.http_stage) if c is not None] + \
             [c for c in (self.rules,) if c is not None and len(c)]
 
     def now(self):
@@ -8319,7 +8880,7 @@ class Daemon:
         if self.rules is not None:            # no filter file: no rules stage (/api/rules 404s)
             snaps["rules"] = self.rules.snapshot()
         for name, stage in (("addresses", self.local), ("remotes", self.remotes),
-                            ("connections", self.conns)):
+                            ("connections", self.conns), ("http", self.http_stage)):
             if stage is not None:
                 snaps[name] = stage.snapshot() if tables or name not in latest else latest[name]
         self.published.publish(snaps)
@@ -8328,8 +8889,8 @@ class Daemon:
         now = self.now()
         for stage in (self.local,) + self.decoder.consumers:
             stage.tick(now)
-        if self.conn_log is not None:
-            self.conn_log.flush()
+        for log_ in self.logs:
+            log_.flush()
         self.publish()
 
     # -- reload ---------------------------------------------------------------
@@ -8530,11 +9091,13 @@ class Daemon:
                 self.rule_server.close()
             if self.ring is not None:
                 self.ring.close()
-            if self.conns is not None:       # open connections end with capture, as in Zeek
-                self.conns.finish_all()
+            for stage in (self.conns, self.http_stage):
+                if stage is not None:        # open connections end with capture, as in Zeek
+                    stage.finish_all()
+            if self.conns is not None or self.http_stage is not None:
                 self.publish()
-            if self.conn_log is not None:
-                self.conn_log.close()
+            for log_ in self.logs:
+                log_.close()
             signal.set_wakeup_fd(old_wakeup)
             self.published.set_waker(lambda: None)
             os.close(self._wake_r)
@@ -8581,8 +9144,9 @@ class Daemon:
                 self.published.requested = False
                 self.publish(tables=False)
             if self.reload_requested:
-                if self.conn_log is not None and self.reloader_idle():
-                    self.conn_log.reopen()
+                if self.reloader_idle():
+                    for log_ in self.logs:
+                        log_.reopen()
                 self.start_reload()
             if self.status_requested:
                 self.status_requested = False
@@ -8596,6 +9160,14 @@ class Daemon:
             self.ring.drain(self.process_block)
         self.tick()
         self.stopped_for_duration = True
+
+
+def open_http(opts):
+    """The HTTP stage and its log the options ask for, or (None, None)."""
+    if not opts.http:
+        return None, None
+    http_log = JsonLog(opts.http_log, "--http-log") if opts.http_log else None
+    return HttpRequests(opts.http_ports, http_log.write if http_log else None), http_log
 
 
 def build_daemon(opts):
@@ -8616,12 +9188,14 @@ def build_daemon(opts):
     remotes = RemoteAddresses(opts.remote_max) if opts.remote else None
     conns = conn_log = procs = None
     if opts.connections:
-        conn_log = ConnLog(opts.conn_log) if opts.conn_log else None
+        conn_log = JsonLog(opts.conn_log) if opts.conn_log else None
         procs = ProcessTable(log)
         conns = Connections(opts.conn_max, opts.conn_timeout_tcp, opts.conn_timeout_udp,
                             conn_log.write if conn_log else None, procs.want)
         procs.deliver = conns.refreshed.append
-    decoder = Decoder(local, [c for c in (remotes, conns, rules) if c], vnet=None)   # the ring will tell
+    http_stage, http_log = open_http(opts)
+    decoder = Decoder(local, [c for c in (remotes, conns, http_stage, rules) if c],
+                      vnet=None)                                      # the ring will tell
     mapping = NicMapping(opts.mapping_url, ifname, log, opts.mapping_interval)
     published = Published()
     registry = CollectorRegistry(auto_describe=False)
@@ -8641,7 +9215,7 @@ def build_daemon(opts):
             rule_server.close()
         raise
     return Daemon(opts, ifname, decoder, rules, prefilter, mapping, published, http, rule_server,
-                  remotes, geo, collector, conns, conn_log, procs)
+                  remotes, geo, collector, conns, conn_log, procs, http_stage, http_log)
 
 
 ###############################################################################
@@ -8679,10 +9253,11 @@ def replay(opts, out=sys.stdout):
     geo = open_geoip(opts)
     conns = conn_log = None
     if opts.connections:
-        conn_log = ConnLog(opts.conn_log) if opts.conn_log else None
+        conn_log = JsonLog(opts.conn_log) if opts.conn_log else None
         conns = Connections(opts.conn_max, opts.conn_timeout_tcp, opts.conn_timeout_udp,
                             conn_log.write if conn_log else None)
-    decoder = Decoder(local, [c for c in (remotes, conns, rules) if c])
+    http_stage, http_log = open_http(opts)
+    decoder = Decoder(local, [c for c in (remotes, conns, http_stage, rules) if c])
     stages = (local,) + decoder.consumers
     grid = []                                # [start, end of the current interval]
 
@@ -8704,10 +9279,12 @@ def replay(opts, out=sys.stdout):
     PcapSource(opts.read_file, opts.interval).drain(process)
     if grid:
         tick(grid[1])                         # the end of the file closes the last interval
-    if conns is not None:
-        conns.finish_all()                    # the end of the capture ends every connection
-    if conn_log is not None:
-        conn_log.close()
+    for stage in (conns, http_stage):
+        if stage is not None:
+            stage.finish_all()                # the end of the capture ends every connection
+    for log_ in (conn_log, http_log):
+        if log_ is not None:
+            log_.close()
     published = Published()
     snaps = {"time": decoder.time, "interface": decoder.snapshot(up=True),
              "addresses": local.snapshot()}
@@ -8717,6 +9294,8 @@ def replay(opts, out=sys.stdout):
         snaps["remotes"] = remotes.snapshot()
     if conns is not None:
         snaps["connections"] = conns.snapshot()
+    if http_stage is not None:
+        snaps["http"] = http_stage.snapshot()
     published.publish(snaps)
     nic = opts.interface or os.path.basename(opts.read_file)
     collector = Collector(published, NicMapping(None, nic, log), nic, geo=geo,

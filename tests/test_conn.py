@@ -152,7 +152,7 @@ def test_the_process_table_names_this_process_for_its_own_loopback_connection():
 
 def test_the_conn_log_reopens_after_rotation(tmp_path):
     path = tmp_path / "conn.json"
-    log = lpd.ConnLog(str(path))
+    log = lpd.JsonLog(str(path))
     log.write({"a": 1})
     log.flush()
     os.rename(path, tmp_path / "conn.json.1")
