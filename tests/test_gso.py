@@ -107,5 +107,8 @@ def test_offloads_on_and_off_count_the_same_transfer():
             <= expect + 0.002 * expect, (run, expect)
         assert run["if_rx_bytes"] >= run["rx_bytes"]
     if not off["retransmitted"] and not on["retransmitted"]:
-        # the same transfer, the same count, whichever way the kernel handed it over
-        assert abs(on["rx_packets"] - off["rx_packets"]) <= 5, (off, on)
+        # The same transfer, about the same count, whichever way the kernel handed it
+        # over. Only about: TSO cuts a send into MSS-sized segments where a sender
+        # without it may put a short segment between (a CI run saw 2768 against 2776);
+        # exactness is each run's own count against the sender's OutSegs, above.
+        assert abs(on["rx_packets"] - off["rx_packets"]) <= max(5, 0.005 * off["rx_packets"]), (off, on)
