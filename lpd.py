@@ -6590,7 +6590,9 @@ class HttpRequests(Consumer):
         self.summary = {}                        # server -> [requests, errors, durations]
 
     def snaplen(self):
-        return SNAPLEN_FULL
+        """Nothing of other frames: the kernel program returns this stage's frames whole
+        (kernel_program's `whole`), and a replay has them whole."""
+        return 0
 
     def consume(self, batch):
         for data, ts, wire_bytes, frames, l2_len in frames_in_order(batch):
@@ -8807,11 +8809,28 @@ def rule_rows(published):
     return published.fresh(SOCKET_FRESH_TIMEOUT).get("rules", RuleSnapshot()).rows
 
 
-def kernel_program(prefilter, snaplen):
-    """The socket filter: -F's program (or accept-all) returning `snaplen` bytes."""
+def whole_frames_program(ports):
+    """A kernel program accepting TCP to or from any of `ports`: the frames --http reads whole."""
+    return compile_filter(" or ".join(f"tcp port {p}" for p in ports), kernel=True)
+
+
+def kernel_program(prefilter, snaplen, whole=None):
+    """The socket filter: -F's program (or accept-all) returning `snaplen` bytes. With
+    `whole` (whole_frames_program), a frame -F accepts is then judged by it: returned
+    whole if it accepts, else cut to `snaplen` — a return value per branch, so only the
+    HTTP ports' frames are copied whole."""
+    if whole is None:
+        if prefilter is None:
+            return accept_all(snaplen)
+        return [(c, jt, jf, snaplen if c == BPF_RET | BPF_K and k else k) for c, jt, jf, k in prefilter]
+    tail = [(c, jt, jf, (SNAPLEN_FULL if k else snaplen) if c == BPF_RET | BPF_K else k)
+            for c, jt, jf, k in whole]
     if prefilter is None:
-        return accept_all(snaplen)
-    return [(c, jt, jf, snaplen if c == BPF_RET | BPF_K and k else k) for c, jt, jf, k in prefilter]
+        return tail
+    n = len(prefilter)
+    head = [(BPF_JMP | BPF_JA, 0, 0, n - i - 1) if c == BPF_RET | BPF_K and k else (c, jt, jf, k)
+            for i, (c, jt, jf, k) in enumerate(prefilter)]    # accept: on to the judge
+    return head + tail
 
 
 class _Widening(NamedTuple):
@@ -8831,6 +8850,7 @@ class Daemon:
         self.remotes, self.geo, self.collector = remotes, geo, collector
         self.conns, self.conn_log, self.procs = conns, conn_log, procs
         self.http_stage, self.http_log = http_requests, http_log
+        self.whole = whole_frames_program(http_requests.ports) if http_requests else None
         self.logs = [x for x in (conn_log, http_log) if x is not None]
         self.clock = 0.0                 # the packet clock (see now())
         self.stopped_for_duration = False
@@ -8969,7 +8989,7 @@ class Daemon:
 
     def _attach(self, snaplen):
         try:
-            self.ring.attach(kernel_program(self.prefilter, snaplen))
+            self.ring.attach(kernel_program(self.prefilter, snaplen, self.whole))
             return True
         except OSError as e:
             log(LOG_ERR, f"reload: cannot replace the kernel filter: {e.strerror}")
@@ -8986,7 +9006,8 @@ class Daemon:
 
     def open_capture(self):
         self.ring = Ring(self.ifname, self.opts.ring_bytes,
-                         kernel_program(self.prefilter, self.decoder.snaplen()), self.opts.promisc)
+                         kernel_program(self.prefilter, self.decoder.snaplen(), self.whole),
+                         self.opts.promisc)
         if not self.ring.vnet and self.decoder.vnet is not False:
             log(LOG_WARNING, f"{self.ifname}: the kernel gives no PACKET_VNET_HDR: a GSO/GRO "
                              "super-frame counts as one frame (turn offloads off for exact counts)")
@@ -9324,8 +9345,15 @@ def write_output(kind, published, collector, out):
 
 
 def dump_filter(opts, out=sys.stdout):
-    """-d/-dd/-ddd EXPR: the program in tcpdump's formats."""
-    prog = compile_filter(" ".join(opts.expression), kernel=opts.kernel)
+    """-d/-dd/-ddd EXPR: the program in tcpdump's formats (with --http: the kernel
+    program a daemon attaches)."""
+    expr = " ".join(opts.expression)
+    if opts.http:
+        # the program a daemon with --http attaches: EXPR as -F, its ports returned whole
+        prefilter = compile_filter(expr, kernel=True) if expr else None
+        prog = kernel_program(prefilter, SNAPLEN_ACCOUNTING, whole_frames_program(opts.http_ports))
+    else:
+        prog = compile_filter(expr, kernel=opts.kernel)
     out.write(format_program(prog, min(opts.dump, 3)))
     return 0
 

@@ -1,0 +1,83 @@
+"""The HTTP stage (issue 13) without namespaces: the kernel program that returns only
+the HTTP ports' frames whole, routes, percentiles and /api/requests. Request scenarios
+from crafted pcaps are in test_http_offline.py, real HTTP in namespaces in
+test_http_live.py."""
+import collections
+import io
+import json
+
+import pytest
+
+import lpd
+from packets import ETH_ARP, ETH_IP, ETH_IP6, PROTO_TCP, PROTO_UDP, ether, ipv4, ipv6, tcp, udp
+
+A, B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
+
+
+def verdict(prog, frame):
+    return lpd.bpf_interpret(prog, frame, len(frame))
+
+
+@pytest.mark.parametrize("prefilter", [None, "not arp"])
+def test_the_kernel_program_returns_http_frames_whole_and_cuts_the_rest(prefilter):
+    whole = lpd.whole_frames_program((80, 8080))
+    pre = lpd.compile_filter(prefilter, kernel=True) if prefilter else None
+    prog = lpd.kernel_program(pre, lpd.SNAPLEN_ACCOUNTING, whole)
+    web = ether(A, B, ETH_IP, ipv4("10.0.0.1", "10.0.0.2", PROTO_TCP, tcp(40000, 8080, payload=b"x" * 900)))
+    reply6 = ether(A, B, ETH_IP6, ipv6("fd00::2", "fd00::1", PROTO_TCP, tcp(80, 40000, payload=b"y")))
+    other = ether(A, B, ETH_IP, ipv4("10.0.0.1", "10.0.0.2", PROTO_TCP, tcp(40000, 22, payload=b"z" * 900)))
+    dns = ether(A, B, ETH_IP, ipv4("10.0.0.1", "10.0.0.2", PROTO_UDP, udp(5353, 80, b"q")))
+    arp = ether(A, B, ETH_ARP, bytes(28))
+    assert verdict(prog, web) == verdict(prog, reply6) == lpd.SNAPLEN_FULL
+    assert verdict(prog, other) == verdict(prog, dns) == lpd.SNAPLEN_ACCOUNTING
+    assert verdict(prog, arp) == (0 if prefilter else lpd.SNAPLEN_ACCOUNTING)
+
+
+def test_dump_shows_the_kernel_program_of_http():
+    out = io.StringIO()
+    assert lpd.dump_filter(lpd.parse_args(["-d", "--http", "--http-ports", "8080", "not arp"]), out) == 0
+    text = out.getvalue()
+    assert "ret      #262144" in text and f"ret      #{lpd.SNAPLEN_ACCOUNTING}" in text
+    assert "#0x1f90" in text and "ja" in text
+
+
+@pytest.mark.parametrize("uri,route", [
+    ("/users/123/orders?x=1", "/users/:id/orders"),
+    ("/", "/"),
+    ("/a/deadbeefcafe/b", "/a/:id/b"),
+    ("/u/123e4567-e89b-12d3-a456-426614174000", "/u/:id"),
+    ("/static/app.js", "/static/app.js"),
+    ("/v2/abc", "/v2/abc"),
+    ("http://example.com/x/42?q", "/x/:id"),
+])
+def test_routes_drop_the_query_and_ids(uri, route):
+    assert lpd.http_route(uri) == route
+
+
+def test_percentiles_are_nearest_rank():
+    values = sorted(i / 100 for i in range(1, 101))
+    assert lpd._percentile(values, 0.5) == 0.5 and lpd._percentile(values, 0.99) == 0.99
+    assert lpd._percentile([], 0.5) == 0.0
+
+
+def test_bad_http_ports_are_usage_errors():
+    for bad in ("0", "80,x", "70000", ","):
+        with pytest.raises(lpd.UsageError):
+            lpd.parse_args(["--http-ports", bad])
+    assert lpd.parse_args(["--http-log", "-"]).http
+
+
+def test_api_requests_filters_and_limits():
+    stage = lpd.HttpRequests((80,))
+    for i in range(3):
+        stage.recent.setdefault("10.0.0.2:80", collections.deque(maxlen=5)).appendleft({"n": i})
+    stage.recent.setdefault("10.0.0.3:80", collections.deque()).appendleft({"n": 9})
+    published = lpd.Published()
+    published.publish({"http": stage.snapshot()})
+    how = lpd.Presentation("eth0", lambda a: "eth0", lambda k: ("Unknown",) * 4, 0)
+    status, body = lpd.api_answer("/api/requests", "server=10.0.0.2%3A80&limit=2", published, lambda: how)
+    assert status == 200 and json.loads(body)["servers"] == {"10.0.0.2:80": [{"n": 2}, {"n": 1}]}
+    assert len(json.loads(lpd.api_answer("/api/requests", "", published, lambda: how)[1])["servers"]) == 2
+    assert lpd.api_answer("/api/requests", "limit=x", published, lambda: how)[0] == 400
+    published.publish({})
+    assert lpd.api_answer("/api/requests", "", published, lambda: how)[0] == 404
