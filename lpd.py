@@ -6479,6 +6479,7 @@ HTTP_ID_SEGMENT = re.compile(r"[0-9]+|[0-9a-fA-F]{8,}|[0-9a-fA-F]{8}-[0-9a-fA-F]
                              r"[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 HTTP_HEAD_END = re.compile(rb"\r?\n\r?\n")
 HTTP_CHUNK_LINE = re.compile(rb"\r?\n")
+HTTP_CHUNK_SIZE_RE = re.compile(rb"[0-9a-fA-F]{1,16}")
 HTTP_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})")
 # parser states, per direction
 (HTTP_HEAD, HTTP_BODY, HTTP_CHUNK_SIZE, HTTP_CHUNK_DATA, HTTP_CHUNK_END, HTTP_TRAILER,
@@ -6522,9 +6523,11 @@ def _tcp_payload(data, plen):
 
 class _HttpDir:
     """One direction of a connection: reassembly, then the framing state."""
-    __slots__ = ("next_seq", "ooo", "ooo_bytes", "buf", "buf_ts", "state", "left", "fin")
+    __slots__ = ("next_seq", "ooo", "ooo_bytes", "buf", "buf_ts", "state", "left", "fin",
+                 "last_data")
 
     def __init__(self):
+        self.last_data = 0.0                 # when the last in-order payload byte was had
         self.next_seq = None
         self.ooo = {}                       # seq -> (bytes, ts)
         self.ooo_bytes = 0
@@ -6610,6 +6613,10 @@ class HttpRequests(Consumer):
         else:
             return
         s = self.streams.get(key)
+        if s is not None and flags & (TH_SYN | TH_ACK) == TH_SYN and to_server and \
+                s.to_server.next_seq not in (None, (seq + 1) % SEQ_MOD):
+            self.end(s)                            # a new connection on the same ports
+            s = None
         if s is None:
             if flags & TH_RST or not (plen or flags & TH_SYN):
                 return
@@ -6659,7 +6666,8 @@ class HttpRequests(Consumer):
                         data = data[SEQ_MOD - o:]
                         if not data and not f:
                             break
-                    self._deliver(s, d, to_server, data, f, t)
+                    # held bytes are had now, when the gap before them filled
+                    self._deliver(s, d, to_server, data, f, max(t, ts))
                     break
             else:
                 break
@@ -6673,6 +6681,7 @@ class HttpRequests(Consumer):
     def _deliver(self, s, d, to_server, payload, fin, ts):
         d.next_seq = (d.next_seq + len(payload) + (1 if fin else 0)) % SEQ_MOD
         if payload:
+            d.last_data = ts
             if not d.buf:
                 d.buf_ts = ts
             d.buf += payload
@@ -6680,7 +6689,7 @@ class HttpRequests(Consumer):
         if fin:
             d.fin = True
             if not to_server and d.state == HTTP_UNTIL_CLOSE and s.response:
-                self._response_done(s, ts)
+                self._response_done(s, d.last_data)     # its last byte, not the FIN
 
     # -- framing --------------------------------------------------------------
 
@@ -6720,9 +6729,9 @@ class HttpRequests(Consumer):
                 s.current_request = r
                 d.buf_ts = ts
                 self._frame_body(d, fields, parts[2] == b"HTTP/1.1", None)
-            else:
-                self._body_bytes(d, lambda n: setattr(s.current_request, "req_body",
-                                                      s.current_request.req_body + n))
+            elif not self._body_bytes(d, lambda n: setattr(s.current_request, "req_body",
+                                                          s.current_request.req_body + n)):
+                return
             if d.state == HTTP_HEAD:
                 d.buf_ts = ts
 
@@ -6749,7 +6758,8 @@ class HttpRequests(Consumer):
             d.state = HTTP_UNTIL_CLOSE
 
     def _body_bytes(self, d, add):
-        """Consume body bytes from d.buf in the current state; add(n) counts them."""
+        """Consume body bytes from d.buf in the current state; add(n) counts them.
+        False when it must wait for more bytes (a size line or CRLF not complete)."""
         if d.state == HTTP_BODY:
             n = min(d.left, len(d.buf))
             del d.buf[:n]
@@ -6763,15 +6773,14 @@ class HttpRequests(Consumer):
                 if len(d.buf) > HTTP_MAX_HEAD:
                     self.errors["bad_chunk"] += 1
                     d.state = HTTP_STOPPED
-                return
+                return False
             line = bytes(d.buf[:m.start()]).split(b";", 1)[0].strip()
             del d.buf[:m.end()]
-            try:
-                d.left = int(line, 16)
-            except ValueError:
+            if not HTTP_CHUNK_SIZE_RE.fullmatch(line):      # int(x, 16) takes 0x5, +5, -5, 0_5
                 self.errors["bad_chunk"] += 1
                 d.state = HTTP_STOPPED
-                return
+                return False
+            d.left = int(line, 16)
             d.state = HTTP_CHUNK_DATA if d.left else HTTP_TRAILER
         elif d.state == HTTP_CHUNK_DATA:
             n = min(d.left, len(d.buf))
@@ -6783,16 +6792,19 @@ class HttpRequests(Consumer):
         elif d.state == HTTP_CHUNK_END:
             m = HTTP_CHUNK_LINE.match(d.buf)
             if m is None:
-                if len(d.buf) >= 2:
+                if len(d.buf) >= 2 or d.buf[:1] not in (b"\r", b"\n"):
                     self.errors["bad_chunk"] += 1
                     d.state = HTTP_STOPPED
-                return
+                return False
             del d.buf[:m.end()]
             d.state = HTTP_CHUNK_SIZE
         elif d.state == HTTP_TRAILER:
             m = HTTP_CHUNK_LINE.search(d.buf)
             if m is None:
-                return
+                if len(d.buf) > HTTP_MAX_HEAD:
+                    self.errors["head_too_large"] += 1
+                    d.state = HTTP_STOPPED
+                return False
             line = d.buf[:m.start()]
             del d.buf[:m.end()]
             if not line.strip():
@@ -6800,6 +6812,7 @@ class HttpRequests(Consumer):
         elif d.state == HTTP_UNTIL_CLOSE:
             add(len(d.buf))
             d.buf.clear()
+        return True
 
     def _server_bytes(self, s, d, ts):
         while d.buf and d.state != HTTP_STOPPED:
@@ -6835,7 +6848,8 @@ class HttpRequests(Consumer):
                     return
             else:
                 r = s.response
-                self._body_bytes(d, lambda n: setattr(r, "resp_body", r.resp_body + n))
+                if not self._body_bytes(d, lambda n: setattr(r, "resp_body", r.resp_body + n)):
+                    return
                 if d.state == HTTP_HEAD:
                     self._response_done(s, ts)
             d.buf_ts = ts
@@ -6855,7 +6869,7 @@ class HttpRequests(Consumer):
         unanswered finish with status 0, an unfilled gap is counted."""
         self.streams.pop(s.key, None)
         if s.response is not None and s.to_client.state == HTTP_UNTIL_CLOSE:
-            self._response_done(s, s.last)
+            self._response_done(s, s.to_client.last_data)
         for d in (s.to_server, s.to_client):
             if d.ooo and d.state != HTTP_STOPPED:
                 self._gap(s, d)

@@ -1,0 +1,684 @@
+"""HTTP requests from packets (--http, --http-log) on a running lpd, with real HTTP/1.x
+between the two namespaces and no Docker: servers are labelled `ip:port` and `container`
+is "".
+
+lpd runs in ns_b on veth-b as a real process. ns_a runs an HTTP/1.1 server (SERVER below,
+Python's http.server on a dual-stack socket, ports 80 and 8080) with fixed-length,
+chunked (an extension and a trailer, one write per chunk), 204, 304 (with a
+Content-Length it must not be believed), 404, HEAD, slow (0.3 s before answering),
+`Expect: 100-continue` (http.server's own interim answer), a close-delimited HTTP/1.0
+answer and a ~200 KB body. The clients are plain sockets in ns_b created from this
+process (netns.socket_in), bound to known source ports, so every byte sent is ours:
+keep-alive with sequential requests, three requests pipelined in one write, POST that
+waits for its 100 Continue before sending the body (then a chunked POST on the same
+connection), a request head in three segments, HTTP/1.0 without a Host header, IPv6
+(with the 200 KB body too), a request reset (RST) before its answer, and a scanner's 300
+random paths on the second port.
+
+The whole run happens twice (the `http_run` fixture): offloads off, as netns.Pair has
+them by default (every frame a wire frame), and on (TSO/GSO/GRO: the 200 KB answer and
+the bigger writes reach lpd as super-frames). Each test then checks its part of what the
+run logged, served on /api/requests and exported in
+http_server_request_duration_seconds. Every wait is bounded; processes are stopped by
+PID (netns.Pair's popen); without namespaces the fixture fails, it never skips.
+"""
+import collections
+import itertools
+import json
+import random
+import select
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import netns
+from test_daemon import PORT, Lpd, metrics, value, wait_for
+
+# The server. Every answer's body length is fixed here and known to the test.
+SERVER = r"""
+import http.server, socket, socketserver, sys, threading, time
+FIXED = b"x" * 1234
+BIG = bytes(range(256)) * 781 + b"b" * 64            # 200,000 bytes
+CHUNKS = (b"5;ext=1\r\nhello\r\n", b"3e8\r\n" + b"y" * 1000 + b"\r\n",
+          b"11\r\n" + b"z" * 17 + b"\r\n", b"0\r\nX-Trailer: done\r\n\r\n")   # 1022 bytes
+
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True          # one segment per write
+
+    def log_message(self, *a):
+        pass
+
+    def reply(self, code, body=b"", head=False, length=None):
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def answer(self, head):
+        path = self.path.split("?", 1)[0]
+        if path == "/chunked":
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            if not head:
+                for piece in CHUNKS:
+                    self.wfile.write(piece)
+        elif path == "/empty":
+            self.send_response(204)
+            self.end_headers()
+        elif path == "/cached":
+            self.send_response(304)
+            self.send_header("ETag", '"v1"')
+            self.send_header("Content-Length", "1234")   # the representation's: no body follows
+            self.end_headers()
+        elif path == "/big":
+            self.reply(200, BIG, head)
+        elif path == "/slow":
+            time.sleep(0.3)
+            self.reply(200, b"slow", head)
+        elif path == "/close":                           # HTTP/1.0, no length: ends at the close
+            self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n" + b"c" * 3000)
+            self.close_connection = True
+        elif path == "/missing" or path.startswith("/r/"):
+            self.reply(404, b"not found\n", head)
+        else:
+            self.reply(200, FIXED, head)
+
+    def do_GET(self):
+        self.answer(False)
+
+    def do_HEAD(self):
+        self.answer(True)
+
+    def do_POST(self):                       # http.server sent the 100 Continue already
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            got = 0
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if not size:
+                    break
+                got += len(self.rfile.read(size))
+                self.rfile.readline()
+            while self.rfile.readline().strip():         # trailers, then the blank line
+                pass
+        else:
+            got = len(self.rfile.read(int(self.headers["Content-Length"])))
+        self.reply(201, b"got %d" % got)
+
+
+class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    address_family = socket.AF_INET6
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+    def handle_error(self, request, client_address):
+        pass                                 # the reset client: EPIPE/ECONNRESET, expected
+
+
+servers = [Server(("::", int(p)), H) for p in sys.argv[1:]]
+for s in servers:
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+FIXED_LEN, BIG_LEN, CHUNKED_LEN, CLOSE_LEN, UPLOAD_LEN = 1234, 200_000, 1022, 3000, 5000
+NOT_FOUND = b"not found\n"
+SLOW = 0.3
+EXPECT_PAUSE = 0.1                     # client: after the 100 Continue, before the body
+SPLIT_PAUSE = 0.05                     # client: between the pieces of one request head
+HTTP_PORT, FLOOD_PORT = 80, 8080
+FLOOD, ROUTES_MAX = 300, 50            # lpd's HTTP_ROUTES_MAX: a server's first 50 routes
+SPORT0 = 31000                         # client source ports: below the ephemeral range
+TIMEOUT = 10.0                         # any one socket operation
+INTERVAL = 0.5                         # lpd --interval: the log is flushed at each tick
+HIST = "http_server_request_duration_seconds"
+PARSE_ERRORS = ("gap", "head_too_large", "bad_request", "bad_response", "bad_chunk",
+                "unmatched_response")
+TIMES = ("ts", "ttfb", "duration")
+
+
+def request(method, uri, host=None, version="HTTP/1.1", headers=(), body=b""):
+    lines = [f"{method} {uri} {version}"]
+    if host is not None:
+        lines.append(f"Host: {host}")
+    lines += [f"{k}: {v}" for k, v in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class Client:
+    """One TCP connection from ns_b, bytes sent as given, answers parsed here (the test's
+    own reading of HTTP/1.1 framing, to know when each answer is complete)."""
+
+    def __init__(self, run, host, port):
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = netns.socket_in(run.pair.ns_b, fam, socket.SOCK_STREAM)
+        self.sock.settimeout(TIMEOUT)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)      # one segment a write
+        self.sock.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", next(run.sports)))
+        self.sock.connect((host, port))
+        self.local = self.sock.getsockname()[:2]
+        self.server = (host, port)
+        self.depth = 0
+        self.buf = b""
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def _more(self):
+        b = self.sock.recv(65536)
+        if not b:
+            raise AssertionError(f"{self.server}: closed in the middle of an answer")
+        self.buf += b
+
+    def _take(self, n):
+        while len(self.buf) < n:
+            self._more()
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def _line(self):
+        while b"\r\n" not in self.buf:
+            self._more()
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def head(self):
+        """(status, {field: value}) of the next head, interim or final."""
+        while b"\r\n\r\n" not in self.buf:
+            self._more()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        first, *lines = head.split(b"\r\n")
+        fields = {}
+        for line in lines:
+            k, _, v = line.partition(b":")
+            fields[k.strip().lower().decode()] = v.strip().decode()
+        return int(first.split()[1]), fields
+
+    def response(self, method="GET"):
+        """(status, body) of the next answer (RFC 9112 6.3)."""
+        code, fields = self.head()
+        if method == "HEAD" or code in (204, 304):
+            return code, b""
+        if fields.get("transfer-encoding", "").lower() == "chunked":
+            body = b""
+            while True:
+                size = int(self._line().split(b";")[0], 16)
+                if not size:
+                    break
+                body += self._take(size)
+                assert self._take(2) == b"\r\n"
+            while self._line():                  # trailers, then the blank line
+                pass
+            return code, body
+        if "content-length" in fields:
+            return code, self._take(int(fields["content-length"]))
+        while True:                              # until the server closes
+            b = self.sock.recv(65536)
+            if not b:
+                break
+            self.buf += b
+        body, self.buf = self.buf, b""
+        return code, body
+
+    def close(self):
+        self.sock.close()
+
+    def abort(self):
+        """SO_LINGER 0, then close: a RST."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        self.sock.close()
+
+
+def key(rec):
+    return (rec["id.orig_h"], rec["id.orig_p"], rec["id.resp_h"], rec["id.resp_p"],
+            rec["trans_depth"])
+
+
+def strip(rec):
+    return {k: v for k, v in rec.items() if k not in TIMES}
+
+
+def read_log(path):
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return []
+    assert not text or text.endswith("\n"), "a line is written whole"
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def api(pair, path):
+    status, body = netns.http_get(pair.ns_b, "127.0.0.1", PORT, path)
+    return status, json.loads(body)
+
+
+class Run:
+    """What one run sent (the expected http.log records, in order) and saw."""
+
+    def __init__(self, pair, offloads, log_path):
+        self.pair, self.offloads, self.log_path = pair, offloads, log_path
+        self.sports = itertools.count(SPORT0)
+        self.expected = []            # (scenario, expected record without times, route)
+        self.windows = {}             # scenario -> (time.time() before, after)
+        self.log, self.views, self.metrics = [], {}, {}
+        self.words = []
+        self.exit_code, self.stderr = None, ""
+
+    def expect(self, name, client, method, uri, host, status, req_body, resp_body, route):
+        client.depth += 1
+        rec = {"id.orig_h": client.local[0], "id.orig_p": client.local[1],
+               "id.resp_h": client.server[0], "id.resp_p": client.server[1],
+               "trans_depth": client.depth, "method": method}
+        if host is not None:
+            rec["host"] = host
+        rec.update({"uri": uri, "status_code": status, "request_body_len": req_body,
+                    "response_body_len": resp_body, "container": ""})
+        self.expected.append((name, rec, route))
+
+    def records(self, name):
+        """The logged records of a scenario, in the order its requests were sent."""
+        by_key = {key(r): r for r in self.log}
+        wanted = [rec for n, rec, _ in self.expected if n == name]
+        missing = [rec for rec in wanted if key(rec) not in by_key]
+        assert not missing, f"{name}: no log line for {missing}"
+        return [by_key[key(rec)] for rec in wanted]
+
+
+# --- the scenarios (each returns after its last answer was read) ------------------------
+
+def scenario_keepalive(run, a4):
+    """Three sequential requests on one connection, then a FIN."""
+    c = Client(run, a4, HTTP_PORT)
+    for uri, host, route, length in (("/items/42", a4, "/items/:id", FIXED_LEN),
+                                     ("/chunked", "api.example", "/chunked", CHUNKED_LEN),
+                                     ("/items/7?full=1", a4, "/items/:id", FIXED_LEN)):
+        c.send(request("GET", uri, host))
+        code, body = c.response()
+        assert (code, len(body)) == (200, length), uri
+        run.expect("keepalive", c, "GET", uri, host, 200, 0, length, route)
+    c.close()
+
+
+def scenario_misc(run, a4):
+    """204, 304 (with a Content-Length), HEAD, 404, ids in the path, the 200 KB body."""
+    c = Client(run, a4, HTTP_PORT)
+    uuid = "/u/3f2a9c1b-0d4e-4f5a-8b6c-7d8e9f0a1b2c/orders/deadbeef00?x=1"
+    for method, uri, status, length, route in (
+            ("GET", "/empty", 204, 0, "/empty"),
+            ("GET", "/cached", 304, 0, "/cached"),
+            ("HEAD", "/fixed", 200, 0, "/fixed"),
+            ("GET", "/missing", 404, len(NOT_FOUND), "/missing"),
+            ("GET", "/big", 200, BIG_LEN, "/big"),
+            ("GET", uuid, 200, FIXED_LEN, "/u/:id/orders/:id")):
+        c.send(request(method, uri, "misc.example"))
+        code, body = c.response(method)
+        assert (code, len(body)) == (status, length), uri
+        run.expect("misc", c, method, uri, "misc.example", status, 0, length, route)
+    c.close()
+
+
+def scenario_pipelined(run, a4):
+    """Three requests in one write; the answers come back in order."""
+    c = Client(run, a4, HTTP_PORT)
+    reqs = (("GET", "/fixed", "a.example", 200, FIXED_LEN, "/fixed"),
+            ("HEAD", "/big", "b.example", 200, 0, "/big"),
+            ("GET", "/chunked?page=2", "c.example", 200, CHUNKED_LEN, "/chunked"))
+    c.send(b"".join(request(m, u, h) for m, u, h, *_ in reqs))
+    for method, uri, host, status, length, route in reqs:
+        code, body = c.response(method)
+        assert (code, len(body)) == (status, length), uri
+        run.expect("pipelined", c, method, uri, host, status, 0, length, route)
+    c.close()
+
+
+def scenario_expect(run, a4):
+    """POST with Expect: 100-continue: the body only EXPECT_PAUSE s after the interim 100
+    (so the final answer's first byte is that much later); then, on the same connection,
+    a POST with a chunked body (its length after the chunk framing)."""
+    c = Client(run, a4, HTTP_PORT)
+    c.send(request("POST", "/upload", a4, headers=(("Content-Type", "application/octet-stream"),
+                                                   ("Content-Length", UPLOAD_LEN),
+                                                   ("Expect", "100-continue"))))
+    code, _ = c.head()
+    assert code == 100, "the server must answer 100 Continue first"
+    time.sleep(EXPECT_PAUSE)
+    c.send(b"u" * UPLOAD_LEN)
+    code, body = c.response("POST")
+    assert (code, body) == (201, b"got %d" % UPLOAD_LEN)
+    run.expect("expect", c, "POST", "/upload", a4, 201, UPLOAD_LEN, len(body), "/upload")
+    chunks = b"64;note=1\r\n" + b"p" * 100 + b"\r\n7d0\r\n" + b"q" * 2000 + b"\r\n0\r\nX-Sum: 1\r\n\r\n"
+    c.send(request("POST", "/upload?chunked", a4, headers=(("Transfer-Encoding", "chunked"),),
+                   body=chunks))
+    code, body = c.response("POST")
+    assert (code, body) == (201, b"got 2100")
+    run.expect("expect", c, "POST", "/upload?chunked", a4, 201, 2100, len(body), "/upload")
+    c.close()
+
+
+def scenario_split(run, a4):
+    """One request head in three segments SPLIT_PAUSE s apart: the request starts at the
+    first one."""
+    c = Client(run, a4, HTTP_PORT)
+    for i, piece in enumerate((b"GET /fix", b"ed?split HTTP/1.1\r\nHost: sp", b"lit\r\n\r\n")):
+        if i:
+            time.sleep(SPLIT_PAUSE)
+        c.send(piece)
+    code, body = c.response()
+    assert (code, len(body)) == (200, FIXED_LEN)
+    run.expect("split", c, "GET", "/fixed?split", "split", 200, 0, FIXED_LEN, "/fixed")
+    c.close()
+
+
+def scenario_http10(run, a4):
+    """HTTP/1.0 without a Host header; the answer has no length and ends at the close."""
+    c = Client(run, a4, HTTP_PORT)
+    c.send(request("GET", "/close", None, version="HTTP/1.0"))
+    code, body = c.response()
+    assert (code, len(body)) == (200, CLOSE_LEN)
+    run.expect("http10", c, "GET", "/close", None, 200, 0, CLOSE_LEN, "/close")
+    c.close()
+
+
+def scenario_ipv6(run, a6):
+    c = Client(run, a6, HTTP_PORT)
+    for uri, route, length in (("/v6", "/v6", FIXED_LEN),
+                               ("/v6/items/99", "/v6/items/:id", FIXED_LEN),
+                               ("/big", "/big", BIG_LEN)):
+        c.send(request("GET", uri, f"[{a6}]"))
+        code, body = c.response()
+        assert (code, len(body)) == (200, length), uri
+        run.expect("ipv6", c, "GET", uri, f"[{a6}]", 200, 0, length, route)
+    c.close()
+
+
+def scenario_slow(run, a4):
+    c = Client(run, a4, HTTP_PORT)
+    c.send(request("GET", "/slow", a4))
+    assert c.response() == (200, b"slow")
+    run.expect("slow", c, "GET", "/slow", a4, 200, 0, 4, "/slow")
+    c.close()
+
+
+def scenario_reset(run, a4):
+    """The request, then a RST while the server still sleeps on it."""
+    c = Client(run, a4, HTTP_PORT)
+    c.send(request("GET", "/slow?reset=1", a4))
+    run.expect("reset", c, "GET", "/slow?reset=1", a4, 0, 0, 0, "/slow")
+    time.sleep(0.05)                         # the request is on the wire, the answer 0.25 s away
+    c.abort()
+
+
+def scenario_flood(run, a4):
+    """A scanner: 300 random paths (no id-like segment: letters past 'f'), pipelined 50 at
+    a time on one connection, so the order lpd sees them in is the order sent."""
+    rng = random.Random(13)
+    words = []
+    while len(words) < FLOOD:
+        w = "".join(rng.choice("ghijklmnopqrstuvwxyz") for _ in range(10))
+        if w not in words:
+            words.append(w)
+    run.words = words
+    c = Client(run, a4, FLOOD_PORT)
+    for i in range(0, FLOOD, 50):
+        batch = words[i:i + 50]
+        c.send(b"".join(request("GET", f"/r/{w}", "scan") for w in batch))
+        for j, w in enumerate(batch):
+            code, body = c.response()
+            assert (code, body) == (404, NOT_FOUND)
+            route = f"/r/{w}" if i + j < ROUTES_MAX else "other"
+            run.expect("flood", c, "GET", f"/r/{w}", "scan", 404, 0, len(NOT_FOUND), route)
+    c.close()
+
+
+SCENARIOS = {"keepalive": scenario_keepalive, "misc": scenario_misc,
+             "pipelined": scenario_pipelined, "expect": scenario_expect, "split": scenario_split,
+             "http10": scenario_http10, "ipv6": scenario_ipv6, "slow": scenario_slow,
+             "reset": scenario_reset, "flood": scenario_flood}
+
+
+def start_server(pair):
+    p = pair.popen(pair.ns_a, [sys.executable, "-c", SERVER, str(HTTP_PORT), str(FLOOD_PORT)],
+                   stdout=subprocess.PIPE, text=True)
+    if not select.select([p.stdout], [], [], 10)[0] or p.stdout.readline().strip() != "ready":
+        raise AssertionError(f"HTTP server in ns_a did not start (exit {p.poll()})")
+    return p
+
+
+VIEWS = {"all": "/api/requests",
+         "server": "/api/requests?server=10.199.0.1:80",
+         "server6": "/api/requests?server=fd00:199::1:80",
+         "flood": "/api/requests?server=10.199.0.1%3A8080&limit=3",
+         "nobody": "/api/requests?server=10.9.9.9:80",
+         "limit=2": "/api/requests?limit=2",
+         "limit=0": "/api/requests?limit=0",
+         "limit=x": "/api/requests?limit=x"}
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["offloads-off", "offloads-on"])
+def http_run(request):
+    with tempfile.TemporaryDirectory() as tmp, netns.Pair(offloads=request.param) as pair:
+        log_path = Path(tmp) / "http.json"
+        run = Run(pair, request.param, log_path)
+        lpd = Lpd(pair, "--mapping-url", "none", "--http", "--http-log", str(log_path),
+                  "--interval", str(INTERVAL))
+        start_server(pair)
+        for name, scenario in SCENARIOS.items():
+            t0 = time.time()
+            scenario(run, pair.ip6_a if name == "ipv6" else pair.ip4_a)
+            run.windows[name] = (t0, time.time())
+        # Short of a line, the tests say which (the fixture itself does not fail on it).
+        n = len(run.expected)
+        wait_for(lambda: len(read_log(log_path)) >= n, 10, 0.1)
+        time.sleep(2 * INTERVAL)                 # anything more would be written by now
+        run.log = read_log(log_path)
+        total = lambda m: sum(v for k, v in m.items() if k[0] == HIST + "_count")   # noqa: E731
+        run.metrics = wait_for(lambda: (lambda m: total(m) >= n and m)(metrics(pair)), 5, 0.2) \
+            or metrics(pair)
+        run.views = {name: api(pair, path) for name, path in VIEWS.items()}
+        run.exit_code = lpd.stop()
+        run.stderr = lpd.stderr()
+        yield run
+
+
+# --- 1. the log ----------------------------------------------------------------------------
+
+def test_one_exact_log_line_per_request(http_run):
+    run = http_run
+    assert len(run.log) == len(run.expected), \
+        (len(run.log), len(run.expected), [r for r in run.log if key(r) not in
+                                           {key(e) for _, e, _ in run.expected}][:5])
+    by_key = {key(r): r for r in run.log}
+    assert len(by_key) == len(run.log), "one line per (connection, trans_depth)"
+    for name, want, _ in run.expected:
+        got = by_key.get(key(want))
+        assert got is not None, (name, want)
+        assert strip(got) == want, (name, got, want)
+        assert list(got) == [k for k in ("ts", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p",
+                                         "trans_depth", "method", "host", "uri", "status_code",
+                                         "request_body_len", "response_body_len", "ttfb",
+                                         "duration", "container") if k in got], got
+
+
+def test_log_lines_come_in_the_order_requests_finish(http_run):
+    """Sequential scenarios: the log is in the order the requests were sent."""
+    assert [key(r) for r in http_run.log] == [key(e) for _, e, _ in http_run.expected]
+
+
+def test_the_big_answer_is_counted_exactly(http_run):
+    for name in ("misc", "ipv6"):
+        big, = [r for r in http_run.records(name) if r["uri"] == "/big"]
+        assert (big["status_code"], big["response_body_len"]) == (200, BIG_LEN), big
+    head_big, = [r for r in http_run.records("pipelined") if r["uri"] == "/big"]
+    assert (head_big["method"], head_big["response_body_len"]) == ("HEAD", 0)
+
+
+def test_times_are_plausible(http_run):
+    run = http_run
+    for name, (t0, t1) in run.windows.items():
+        for rec in run.records(name):
+            assert t0 - 0.5 <= rec["ts"] <= t1 + 0.5, (name, rec, t0, t1)
+            assert 0 <= rec["duration"] < 5, rec
+            if rec["status_code"]:
+                assert 0 <= rec["ttfb"] <= rec["duration"], rec
+                if name != "slow":
+                    assert rec["ttfb"] < 2, rec
+            else:
+                assert "ttfb" not in rec, "no answer, no time to first byte"
+    slow, = run.records("slow")
+    assert slow["ttfb"] >= SLOW and slow["duration"] >= slow["ttfb"], slow
+    expect, chunked = run.records("expect")
+    assert expect["ttfb"] >= EXPECT_PAUSE, "ttfb is to the final answer, not the 100 Continue"
+    assert expect["duration"] >= expect["ttfb"]
+    assert chunked["ts"] >= expect["ts"] + expect["duration"]
+    split, = run.records("split")
+    assert split["ttfb"] >= 2 * SPLIT_PAUSE, "the request starts at its first segment"
+    # pipelined: the three requests' first bytes are in one segment; answers in order
+    piped = run.records("pipelined")
+    assert len({r["ts"] for r in piped}) == 1, piped
+    assert [r["ttfb"] for r in piped] == sorted(r["ttfb"] for r in piped), piped
+    assert [r["duration"] for r in piped] == sorted(r["duration"] for r in piped), piped
+    # keep-alive: each request starts after the last answer
+    ka = run.records("keepalive")
+    for a, b in zip(ka, ka[1:]):
+        assert b["ts"] >= a["ts"] + a["duration"], (a, b)
+
+
+def test_a_request_reset_before_its_answer_is_status_0(http_run):
+    rec, = http_run.records("reset")
+    assert (rec["status_code"], rec["response_body_len"], rec["uri"]) == (0, 0, "/slow?reset=1")
+    assert "ttfb" not in rec
+    assert rec["duration"] < SLOW, "it ended at the RST, before the server could answer"
+
+
+# --- 2. /api/requests ----------------------------------------------------------------------
+
+def test_api_requests_newest_first_with_filters(http_run):
+    run = http_run
+    per_server = collections.defaultdict(list)
+    for rec in run.log:
+        host = rec["id.resp_h"]
+        per_server[f"{host}:{rec['id.resp_p']}"].append(rec)
+    newest_first = {srv: recs[::-1] for srv, recs in per_server.items()}
+    assert set(newest_first) == {"10.199.0.1:80", "10.199.0.1:8080", "fd00:199::1:80"}
+    status, doc = run.views["all"]
+    assert status == 200
+    assert doc["servers"] == newest_first
+    assert doc["nic"] == netns.IF_B and "time" in doc
+    status, doc = run.views["server"]
+    assert status == 200 and doc["servers"] == {"10.199.0.1:80": newest_first["10.199.0.1:80"]}
+    assert run.views["server6"][1]["servers"] == {"fd00:199::1:80": newest_first["fd00:199::1:80"]}
+    status, doc = run.views["flood"]
+    assert status == 200
+    assert doc["servers"] == {"10.199.0.1:8080": newest_first["10.199.0.1:8080"][:3]}
+    assert [r["uri"] for r in doc["servers"]["10.199.0.1:8080"]] == \
+        [f"/r/{w}" for w in run.words[::-1][:3]]
+    assert run.views["nobody"] == (200, {**run.views["nobody"][1], "servers": {}})
+    status, doc = run.views["limit=2"]
+    assert status == 200 and doc["servers"] == {s: r[:2] for s, r in newest_first.items()}
+    assert run.views["limit=0"][1]["servers"] == {s: [] for s in newest_first}
+    status, doc = run.views["limit=x"]
+    assert status == 400 and "limit" in doc["error"], doc
+
+
+# --- 3. the histogram ----------------------------------------------------------------------
+
+def hist_series(m, suffix="_count"):
+    out = {}
+    for (name, labels), v in m.items():
+        if name == HIST + suffix:
+            d = dict(labels)
+            out[(d["http_request_method"], d["http_response_status_code"], d["http_route"],
+                 d["server_address"], d["server_port"], d["container"])] = v
+    return out
+
+
+def expected_series(run):
+    want = collections.Counter()
+    for _, rec, route in run.expected:
+        want[(rec["method"], str(rec["status_code"]), route, rec["id.resp_h"],
+              str(rec["id.resp_p"]), "")] += 1
+    return want
+
+
+def labels_of(series_key):
+    return dict(zip(("http_request_method", "http_response_status_code", "http_route",
+                     "server_address", "server_port", "container"), series_key))
+
+
+def test_histogram_count_per_series_equals_requests_sent(http_run):
+    got, want = hist_series(http_run.metrics), expected_series(http_run)
+    assert got == dict(want), {"missing or different": {k: (v, got.get(k)) for k, v in want.items()
+                                                        if got.get(k) != v},
+                               "unexpected": {k: v for k, v in got.items() if k not in want}}
+    m = http_run.metrics
+    for k, n in want.items():
+        assert value(m, HIST + "_bucket", le="+Inf", **labels_of(k)) == n, k
+
+
+def test_route_normalisation(http_run):
+    routes = {k[2]: v for k, v in hist_series(http_run.metrics).items()
+              if k[3:5] == ("10.199.0.1", "80")}
+    assert routes["/items/:id"] == 2                       # /items/42 and /items/7?full=1
+    assert routes["/u/:id/orders/:id"] == 1                # a UUID and long hex
+    assert not [r for r in routes if "42" in r or "?" in r or "deadbeef" in r], routes
+    v6 = {k[2] for k in hist_series(http_run.metrics) if k[3] == "fd00:199::1"}
+    assert v6 == {"/v6", "/v6/items/:id", "/big"}
+
+
+def test_slow_request_lands_in_its_bucket(http_run):
+    m = http_run.metrics
+    labels = labels_of(("GET", "200", "/slow", "10.199.0.1", "80", ""))
+    assert value(m, HIST + "_count", **labels) == 1
+    assert value(m, HIST + "_bucket", le="0.25", **labels) == 0
+    assert value(m, HIST + "_bucket", le="0.5", **labels) == 1
+    assert SLOW <= value(m, HIST + "_sum", **labels) < 0.5
+    reset = labels_of(("GET", "0", "/slow", "10.199.0.1", "80", ""))
+    assert value(m, HIST + "_count", **reset) == 1
+
+
+# --- 5. a flood of random paths -----------------------------------------------------------
+
+def test_random_paths_keep_the_series_bounded(http_run):
+    flood = {k: v for k, v in hist_series(http_run.metrics).items()
+             if k[3:5] == ("10.199.0.1", str(FLOOD_PORT))}
+    routes = {k[2] for k in flood}
+    assert len(flood) <= ROUTES_MAX + 1 and len(routes) <= ROUTES_MAX + 1, len(flood)
+    assert routes == {f"/r/{w}" for w in http_run.words[:ROUTES_MAX]} | {"other"}
+    assert flood[("GET", "404", "other", "10.199.0.1", str(FLOOD_PORT), "")] == FLOOD - ROUTES_MAX
+    assert sum(flood.values()) == FLOOD
+    buckets = [k for k in http_run.metrics if k[0] == HIST + "_bucket"
+               and ("server_port", str(FLOOD_PORT)) in k[1]]
+    assert len(buckets) == len(flood) * 15, "15 buckets (14 bounds and +Inf) per series"
+
+
+# --- 4. offloads, and a clean run ---------------------------------------------------------
+
+def test_super_frames_arrive_with_offloads_on_only(http_run):
+    m = http_run.metrics
+    gso = value(m, "lpd_gso_frames_total", nic=netns.IF_B)
+    if http_run.offloads:
+        assert gso > 0, "the 200 KB answer must arrive as super-frames"
+        assert value(m, "lpd_gso_unsplit_total", nic=netns.IF_B) == 0
+    else:
+        assert gso == 0
+
+
+def test_no_parse_errors_no_drops_and_a_clean_exit(http_run):
+    m = http_run.metrics
+    assert {r: value(m, "lpd_http_parse_errors_total", reason=r) for r in PARSE_ERRORS} == \
+        dict.fromkeys(PARSE_ERRORS, 0)
+    assert value(m, "lpd_capture_drops_total", nic=netns.IF_B) == 0
+    assert http_run.exit_code == 0, http_run.stderr
+    assert "Traceback" not in http_run.stderr, http_run.stderr
