@@ -6480,6 +6480,7 @@ HTTP_ID_SEGMENT = re.compile(r"[0-9]+|[0-9a-fA-F]{8,}|[0-9a-fA-F]{8}-[0-9a-fA-F]
 HTTP_HEAD_END = re.compile(rb"\r?\n\r?\n")
 HTTP_CHUNK_LINE = re.compile(rb"\r?\n")
 HTTP_CHUNK_SIZE_RE = re.compile(rb"[0-9a-fA-F]{1,16}")
+HTTP_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 HTTP_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})")
 # parser states, per direction
 (HTTP_HEAD, HTTP_BODY, HTTP_CHUNK_SIZE, HTTP_CHUNK_DATA, HTTP_CHUNK_END, HTTP_TRAILER,
@@ -6743,10 +6744,10 @@ class HttpRequests(Consumer):
         elif te and te.rsplit(",", 1)[-1].strip() == "chunked":
             d.state = HTTP_CHUNK_SIZE
         elif "content-length" in fields:
-            try:
-                d.left = int(fields["content-length"].split(",")[0])
-            except ValueError:
-                d.left = -1
+            # RFC 9112 6.3: digits only; a list of one value repeated is that value
+            values = {v.strip() for v in fields["content-length"].split(",")}
+            value = values.pop() if len(values) == 1 else ""
+            d.left = int(value) if HTTP_CONTENT_LENGTH.fullmatch(value) else -1
             if d.left < 0:
                 self.errors["bad_request" if no_body is None else "bad_response"] += 1
                 d.state = HTTP_STOPPED
