@@ -22,12 +22,16 @@ and whether the heavy remotes keep their exact bytes.
 Connections stage, every flow finished with its exact sizes; a SYN flood of 10^6 spoofed
 sources plus a few established connections in a child process: RSS, evictions, and whether
 the established connections survive it.
+--http: a seeded mix of HTTP/1.1 connections to port 80 (handshake, 1-5 keep-alive GETs
+answered by Content-Length or chunked bodies in MSS segments, FINs), frames whole as the
+kernel program returns them, with and without an HttpRequests stage; every request finished
+with the status and body length it was sent with.
 
 Live: two namespaces joined by a veth pair (tests/netns.py); trafgen sends a fixed number of
 frames at a ladder of rates; tcpdump -w /dev/null (same ring size) and lpd consume them in
 turn. Capacity: the consumer is SIGSTOPped while the ring fills, then SIGCONTed and timed;
 the capacity series also drains lpd with only B local, without and with --remote, and
-lpd with --connections.
+lpd with --connections and lpd with --http.
 Traffic never leaves the namespaces this script creates.
 """
 import argparse
@@ -109,6 +113,18 @@ SYN_FLOOD_QUICK = 400_000               # --quick (still past --conn-max: evicti
                                         # a run: ~15 s, 10^6 ~40 s
 SYN_FLOOD_EST = 5                       # established connections through the flood (IPv4
 SYN_FLOOD_EST_SHARE = 0.05              # and IPv6 in turn), this share of the frames
+# --http (issue 13): the HTTP stage beside the default path, on whole frames
+HTTP_FRAMES = 300_000                   # frames of the HTTP mix (--quick: a tenth); whole
+                                        # frames (~350,000 made, ~0.5 GB of blocks)
+HTTP_REPEAT = 3                         # best of, default and --http alternating
+HTTP_CONCURRENT = 300                   # connections in progress at once, interleaved
+HTTP_PPS = 10_000                       # the mix's packet clock
+HTTP_PORT = 80
+HTTP_REQUESTS = (1, 2, 3, 4, 5)         # keep-alive requests per connection
+HTTP_BODIES = (0, 45, 180, 600, 1448, 3000, 8000, 20000, 64000, 250000)  # response body bytes
+HTTP_CHUNKED = 0.25                     # share of responses sent chunked
+HTTP_CHUNK = 4096                       # their chunk size (the last one shorter)
+HTTP_STATUSES = (200, 200, 200, 200, 200, 404, 301, 500)   # all with a body (no 204/304)
 
 # ---- live ------------------------------------------------------------------------
 GENERATOR_CPU = 0                       # trafgen -P 1 pins its worker to CPU 0 by itself
@@ -312,11 +328,13 @@ def synthetic_frames(n, seed=199):
     return frames
 
 
-def time_accounting(lpd, blocks, rules=None, repeat=2, remote_max=None, conns=None):
+def time_accounting(lpd, blocks, rules=None, repeat=2, remote_max=None, conns=None, http=None):
     """Best seconds for lpd.Decoder.process_block over every block (fresh counters each
     time); returns (s, decoder). With `remote_max`, a RemoteAddresses stage (--remote)
     as well, the decoder's first consumer as in the daemon; with `conns`, a callable
-    making a fresh Connections stage (--connections), after it and before the rules."""
+    making a fresh Connections stage (--connections), after it and before the rules;
+    with `http`, one making a fresh HttpRequests stage (--http), after those (the
+    daemon's order)."""
     import ipaddress
     best = float("inf")
     views = [memoryview(b) for b in blocks]
@@ -327,6 +345,8 @@ def time_accounting(lpd, blocks, rules=None, repeat=2, remote_max=None, conns=No
         stages = [] if remote_max is None else [lpd.RemoteAddresses(remote_max)]
         if conns is not None:
             stages.append(conns())
+        if http is not None:
+            stages.append(http())
         acct = lpd.Decoder(local, stages + ([rules] if rules else []))
         t0 = time.perf_counter()
         for v in views:
@@ -536,6 +556,18 @@ class _MixFlow:
         return (self.eth + ip + l4 + bytes(snaplen))[:min(wirelen, snaplen)], wirelen
 
 
+def _mix_endpoints(rng, v6):
+    """(client, server) raw addresses of a mix flow: a local and a remote one, either way."""
+    if v6:
+        local = bytes.fromhex("fd000199000000000000000000") + rng.randbytes(3)
+        remote = bytes.fromhex("20010db8") + rng.randbytes(12)
+    else:
+        local = bytes([10, 199, rng.randrange(4), rng.randrange(1, 255)])
+        remote = bytes([rng.choice((198, 203)), rng.choice((51, 0)),
+                        rng.choice((100, 113)), rng.randrange(1, 255)])
+    return (local, remote) if rng.random() < CONN_OUTBOUND else (remote, local)
+
+
 class ConnMix:
     """A seeded mix of whole TCP connections (handshake, data, FINs) and UDP flows
     between the local nets and remote hosts, CONN_CONCURRENT of them in progress at a
@@ -553,14 +585,7 @@ class ConnMix:
         while True:
             f = _MixFlow()
             udp, f.v6 = rng.random() < CONN_UDP_SHARE, rng.random() < SYNTH_IPV6
-            if f.v6:
-                local = bytes.fromhex("fd000199000000000000000000") + rng.randbytes(3)
-                remote = bytes.fromhex("20010db8") + rng.randbytes(12)
-            else:
-                local = bytes([10, 199, rng.randrange(4), rng.randrange(1, 255)])
-                remote = bytes([rng.choice((198, 203)), rng.choice((51, 0)),
-                                rng.choice((100, 113)), rng.randrange(1, 255)])
-            f.client, f.server = (local, remote) if rng.random() < CONN_OUTBOUND else (remote, local)
+            f.client, f.server = _mix_endpoints(rng, f.v6)
             # client ports above every likely server port: the first frame orients the flow
             f.cport = rng.randrange(32768, 61000)
             f.sport = rng.choice((53, 53, 53, 123, 443, 443) if udp else CONN_TCP_PORTS)
@@ -672,6 +697,179 @@ def offline_connections(lpd, results, quick):
         "records exact": f"{exact:,}/{mix.flows:,}",
         "bytes ok": acct.totals[lpd.TX_BYTES] + acct.totals[lpd.RX_BYTES] == mix.wire_bytes,
         "conn_states": states, "evictions": dict(stage.evictions), "not exact": misses})
+    return t
+
+
+# --http: whole HTTP/1.1 connections to port 80, their frames whole, made frame by frame.
+
+def _http_steps(rng, expected):
+    """One HTTP/1.1 connection as (from client, flags, seq, ack, payload), in order: the
+    handshake, 1-5 keep-alive GETs, each answered (Content-Length or chunked body) in
+    CONN_MSS segments that the client ACKs every second one, FINs both ways and the last
+    ACK. Appends each request's (status, response body bytes) to `expected`."""
+    c, s = rng.getrandbits(32), rng.getrandbits(32)
+    yield True, TH_SYN, c, 0, b""
+    c = (c + 1) & SEQ_MASK
+    yield False, TH_SYN | TH_ACK, s, c, b""
+    s = (s + 1) & SEQ_MASK
+    yield True, TH_ACK, c, s, b""
+    for depth in range(1, rng.choice(HTTP_REQUESTS) + 1):
+        req = (f"GET /item/{rng.randrange(10 ** 6)}?page={depth} HTTP/1.1\r\n"
+               "Host: www.example.com\r\nUser-Agent: lpd-bench/1\r\nAccept: */*\r\n\r\n").encode()
+        yield True, TH_PSH | TH_ACK, c, s, req
+        c = (c + len(req)) & SEQ_MASK
+        status, body = rng.choice(HTTP_STATUSES), rng.choice(HTTP_BODIES)
+        expected.append((status, body))
+        if rng.random() < HTTP_CHUNKED:
+            framed = b"".join(b"%x\r\n" % len(part) + part + b"\r\n" for part in
+                              (b"x" * min(HTTP_CHUNK, body - i) for i in range(0, body, HTTP_CHUNK)))
+            head, framed = "Transfer-Encoding: chunked", framed + b"0\r\n\r\n"
+        else:
+            head, framed = f"Content-Length: {body}", b"x" * body
+        stream = memoryview((f"HTTP/1.1 {status} X\r\nContent-Type: text/html\r\n{head}\r\n\r\n")
+                            .encode() + framed)
+        for segs, at in enumerate(range(0, len(stream), CONN_MSS), 1):
+            seg = stream[at:at + CONN_MSS]
+            last = at + CONN_MSS >= len(stream)
+            yield False, TH_PSH | TH_ACK if last else TH_ACK, s, c, seg
+            s = (s + len(seg)) & SEQ_MASK
+            if segs % 2 == 0 or last:
+                yield True, TH_ACK, c, s, b""
+    yield True, TH_FIN | TH_ACK, c, s, b""
+    c = (c + 1) & SEQ_MASK
+    yield False, TH_FIN | TH_ACK, s, c, b""
+    s = (s + 1) & SEQ_MASK
+    yield True, TH_ACK, c, s, b""
+
+
+class _HttpFlow(_MixFlow):
+    """One connection of the HTTP mix; its frames carry their payload, whole."""
+    __slots__ = ()
+
+    def frame(self, step, snaplen=None):
+        from_client, flags, seq, ack, payload = step
+        opts = _SYN_OPTS if flags & TH_SYN else _TCP_OPTS
+        ports = (self.cport, self.sport) if from_client else (self.sport, self.cport)
+        l4 = _TCP_HDR.pack(*ports, seq, ack, (5 + len(opts) // 4) << 4, flags, 64240, 0, 0) + opts
+        src, dst = (self.client, self.server) if from_client else (self.server, self.client)
+        l4_len = len(l4) + len(payload)
+        if self.v6:
+            ip = struct.pack("!IHBB16s16s", 0x60000000, l4_len, 6, 64, src, dst)
+        else:
+            ip = _ipv4_header(src, dst, 20 + l4_len, 6)
+        data = self.eth + ip + l4 + payload
+        wirelen = max(60, len(data))
+        return data.ljust(wirelen, b"\0"), wirelen
+
+
+class HttpMix(ConnMix):
+    """A seeded mix of whole HTTP/1.1 connections to port 80 between the local nets and
+    remote hosts, interleaved as ConnMix's (HTTP_CONCURRENT in progress, a frame from one
+    picked at random, on an HTTP_PPS packet clock), every frame whole. Once frames() has
+    run, `expected` holds each request's (status, response body bytes) by (orig_h,
+    orig_p, trans_depth)."""
+
+    def __init__(self, lpd, n, seed=13):
+        super().__init__(lpd, n, None, seed)
+        self.conns, self.requests = 0, 0
+
+    def _new_flow(self, rng, used):
+        import ipaddress
+        while True:
+            f = _HttpFlow()
+            f.v6 = rng.random() < SYNTH_IPV6
+            f.client, f.server = _mix_endpoints(rng, f.v6)
+            f.cport, f.sport, f.proto = rng.randrange(32768, 61000), HTTP_PORT, 6
+            if (f.client, f.cport) not in used:       # the key `expected` is kept by
+                used.add((f.client, f.cport))
+                break
+        f.eth = b"\x02\x00\x0a\xc7\x00\x02\x02\x00\x0a\xc7\x00\x01"
+        if rng.random() < SYNTH_TAGGED:
+            f.eth += struct.pack("!HH", 0x8100, 100)
+        f.eth += b"\x86\xdd" if f.v6 else b"\x08\x00"
+        exp = []
+        f.steps = self._steps(rng, f, exp)
+        fam = ipaddress.IPv6Address if f.v6 else ipaddress.IPv4Address
+        self.expected[(str(fam(f.client)), f.cport)] = exp
+        self.conns += 1
+        return f
+
+    def _steps(self, rng, f, exp):
+        yield from _http_steps(rng, exp)
+        self.requests += len(exp)
+
+    @property
+    def flows(self):
+        return self.conns
+
+
+def http_records_exact(mix, records, keep=10):
+    """(how many http.log records have exactly the status and response body length
+    their request was answered with, the first `keep` others with what was expected)."""
+    exact, misses = 0, []
+    for rec in records:
+        exp = mix.expected.get((rec["id.orig_h"], rec["id.orig_p"]), [])
+        want = exp[rec["trans_depth"] - 1] if 0 < rec["trans_depth"] <= len(exp) else None
+        if rec["id.resp_p"] == HTTP_PORT and want == (rec["status_code"], rec["response_body_len"]):
+            exact += 1
+        elif len(misses) < keep:
+            misses.append({"record": rec, "expected": want})
+    return exact, misses
+
+
+def offline_http(lpd, results, quick):
+    """ns/frame of the default path and of --http on a mix of whole HTTP connections;
+    every request finished (at its response's last byte during the run, the rest by
+    finish_all as at the end of a replay) with its status and body length."""
+    t = Table("Offline: --http (HTTP requests from TCP reassembly) beside the default path, "
+              "in-process",
+              ["input", "conns", "requests", "frames", "default ns/frame", "http ns/frame",
+               "+ns/frame", "http Mframes/s", "finished in run", "finished",
+               "finished = requests", "records exact", "parse errors", "bytes ok"],
+              note=f"Decoder(local) against Decoder(local, [HttpRequests(({HTTP_PORT},))]) on the "
+                   f"same blocks, best of {HTTP_REPEAT} alternating passes; the stage's finished() "
+                   "collects the http.log records (as --http-log's writer would get them);\n"
+                   f"mix: seeded HTTP/1.1 connections to port {HTTP_PORT} (handshake, "
+                   f"{HTTP_REQUESTS[0]}-{HTTP_REQUESTS[-1]} keep-alive GETs, each answered with a "
+                   f"body of {HTTP_BODIES[0]}-{HTTP_BODIES[-1]:,} bytes, {HTTP_CHUNKED:.0%} chunked "
+                   f"({HTTP_CHUNK}-byte chunks), the rest by Content-Length,\nin {CONN_MSS}-byte "
+                   "segments ACKed every second one; FINs both ways, last ACK), "
+                   f"{HTTP_CONCURRENT:,} in progress at a time, interleaved, on a {HTTP_PPS:,} fps "
+                   f"packet clock ({SYNTH_IPV6:.0%} IPv6, {SYNTH_TAGGED:.0%} tagged);\nframes are "
+                   "whole (the kernel program returns the --http ports' frames whole), for both "
+                   "paths; finished in run: records emitted within process_block;\nfinished: "
+                   "after finish_all (untimed); records exact: status_code and response_body_len "
+                   "(the body after chunked framing) equal to what was sent;\nbytes ok: "
+                   "interface totals.")
+    results["offline_http"] = t.to_json()
+    if not hasattr(lpd, "HttpRequests"):
+        t.add(input="-", conns="lpd.HttpRequests not available")
+        return t
+    mix = HttpMix(lpd, HTTP_FRAMES // (10 if quick else 1))
+    blocks = list(lpd.frames_to_blocks(mix.frames()))
+    n = mix.frames_made
+    default = http = float("inf")
+    for _ in range(HTTP_REPEAT):
+        default = min(default, time_accounting(lpd, blocks, repeat=1)[0])
+        records = []
+        make = functools.partial(lpd.HttpRequests, (HTTP_PORT,), finished=records.append)
+        secs, acct = time_accounting(lpd, blocks, repeat=1, http=make)
+        http = min(http, secs)
+    stage = acct.consumers[0]
+    in_run, open_end = len(records), len(stage.streams)
+    stage.finish_all()
+    exact, misses = http_records_exact(mix, records)
+    errors = {k: v for k, v in stage.errors.items() if v}
+    t.add(input=f"HTTP mix ({mix.conns:,} connections)", conns=mix.conns,
+          requests=mix.requests, frames=n, **{
+              "default ns/frame": default / n * 1e9, "http ns/frame": http / n * 1e9,
+              "+ns/frame": (http - default) / n * 1e9, "http Mframes/s": n / http / 1e6,
+              "finished in run": in_run, "finished": len(records),
+              "finished = requests": len(records) == mix.requests,
+              "records exact": f"{exact:,}/{mix.requests:,}",
+              "parse errors": sum(errors.values()),
+              "bytes ok": acct.totals[lpd.TX_BYTES] + acct.totals[lpd.RX_BYTES] == mix.wire_bytes,
+              "open at end": open_end, "errors": errors, "not exact": misses})
     return t
 
 
@@ -1294,6 +1492,7 @@ def run_offline(lpd, results, quick):
     offline_remote(lpd, results, quick).show()
     remote_flood(lpd, results, quick).show()
     offline_connections(lpd, results, quick).show()
+    offline_http(lpd, results, quick).show()
     syn_flood(lpd, results, quick).show()
     offline_matchers(lpd, results, quick).show()
     rules_at_scale(lpd, results, quick).show()
@@ -1624,6 +1823,9 @@ def drain_capacity(pair, gen, consumer, table):
             "Mfps/core": seen / cpu / 1e6 if cpu else None})
         if "--connections" in getattr(consumer, "extra", ()):
             row["conns open"] = int(consumer.metrics().get("lpd_connections", 0))
+        if "--http" in getattr(consumer, "extra", ()):
+            row["http reqs"] = int(consumer.metrics().get(
+                "http_server_request_duration_seconds_count", 0))
     finally:
         consumer.stop()
     return row
@@ -1659,6 +1861,7 @@ def run_live(results, quick, workdir):
     fanout = lpd_offers("--fanout")
     remote = lpd_offers("--remote")
     connections = lpd_offers("--connections")
+    http = lpd_offers("--http")
     ladder = Table("Live: rate ladder (trafgen -> veth -> consumer)",
                    ["consumer", "frame", "pinning", "target pps", "sent pps", "sent", "veth rx",
                     "seen", "drops", "seen/sent", "seen/veth", "loss %", "cpu s/M",
@@ -1676,7 +1879,7 @@ def run_live(results, quick, workdir):
                          "all rungs.")
     drain = Table("Live: capacity - ring filled while the consumer is SIGSTOPped, then drained",
                   ["consumer", "pinning", "frames", "veth rx", "seen", "drops", "drain s", "cpu s",
-                   "Mfps wall", "Mfps/core", "conns open"],
+                   "Mfps wall", "Mfps/core", "conns open", "http reqs"],
                   note=f"64-byte frames; ring {DRAIN_RING >> 20} MiB for all; Mfps/core = frames "
                        "seen / consumer CPU seconds (schedstat) after SIGCONT.\nlpd, B local: "
                        f"--local-net {' '.join(LIVE_REMOTE_LOCAL_NETS)} (trafgen's source, A, is "
@@ -1685,7 +1888,15 @@ def run_live(results, quick, workdir):
                        "trafgen's frames are UDP (A -> B port 9, no answer), so the stage\n"
                        "tracks 2 one-way UDP flows (IPv4, IPv6): its per-frame parse, lookup "
                        "and counts, no TCP state machine; conns open: lpd_connections after "
-                       "the drain.")
+                       "the drain.\nlpd --http: the default lpd line's options with --http (its "
+                       "default --http-ports). trafgen's UDP frames are not HTTP: the line measures "
+                       "the stage's\nper-frame cost on non-HTTP traffic (each frame's headers "
+                       "parsed, then skipped: no reassembly) and the kernel program's per-branch "
+                       "cut (the frames\nfail its HTTP-ports branch, so they reach the ring cut to "
+                       "the snaplen as on the default line; the program runs in the receive path "
+                       "while lpd\nis stopped, so its own cost is not in lpd's cpu s); http reqs: "
+                       "requests in http_server_request_duration_seconds after the drain (0 "
+                       "expected).")
     ratios = Table("Live: lpd / tcpdump", ["frame", "pinning", "consumer", "zero-loss pps ratio",
                                            "cpu s/M ratio", "drain Mfps/core ratio"])
     with netns.Pair() as pair:
@@ -1726,6 +1937,9 @@ def run_live(results, quick, workdir):
                 # Beside the default lpd line: the same options and frames, plus the stage.
                 drainers.append(Lpd(pair, cpu, DRAIN_RING, extra=["--connections"],
                                     label="lpd --connections"))
+            if http:
+                # Beside the default lpd line too: the same options and frames, plus --http.
+                drainers.append(Lpd(pair, cpu, DRAIN_RING, extra=["--http"], label="lpd --http"))
             for c in drainers:
                 row = drain_capacity(pair, gens[64], c, drain)
                 if row:
