@@ -6464,6 +6464,9 @@ class Connections(Consumer):
 
 HTTP_MAX_HEAD = 64 << 10          # a request or response head beyond this is not HTTP we read
 HTTP_OOO_MAX = 256 << 10          # out-of-order bytes held per direction; beyond: a gap
+HTTP_OOO_TOTAL_MAX = 64 << 20     # and over every connection: a flood of early segments is gaps
+HTTP_PENDING_MAX = 1024           # requests waiting for responses on one connection
+HTTP_SERVERS_MAX = 4096           # servers with their own series and /api/requests; the rest: other
 HTTP_STREAMS_MAX = 65536          # connections parsed at once; then the least active one goes
 HTTP_IDLE_TIMEOUT = DEFAULT_CONN_TIMEOUT_TCP
 HTTP_RECENT = 1000                # requests kept per server for /api/requests
@@ -6474,7 +6477,7 @@ HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
 HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
                           "PATCH"))
 HTTP_PARSE_ERRORS = ("gap", "head_too_large", "bad_request", "bad_response", "bad_chunk",
-                     "unmatched_response")
+                     "unmatched_response", "too_many_pending")
 HTTP_ID_SEGMENT = re.compile(r"[0-9]+|[0-9a-fA-F]{8,}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
                              r"[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 HTTP_HEAD_END = re.compile(rb"\r?\n\r?\n")
@@ -6592,6 +6595,7 @@ class HttpRequests(Consumer):
         self.recent = {}                         # server -> deque of records
         self.routes = {}                         # server -> {route: requests}
         self.summary = {}                        # server -> [requests, errors, durations]
+        self.ooo_total = 0                       # out-of-order bytes held, every connection
 
     def snaplen(self):
         """Nothing of other frames: the kernel program returns this stage's frames whole
@@ -6650,10 +6654,15 @@ class HttpRequests(Consumer):
             payload, seq = payload[cut:], d.next_seq
             off = 0
         if off:
-            if (seq, len(payload)) not in ((k, len(v[0])) for k, v in d.ooo.items()):
+            held = d.ooo.get(seq)
+            if held is None or len(held[0]) < len(payload):
+                if held is not None:
+                    d.ooo_bytes -= len(held[0])
+                    self.ooo_total -= len(held[0])
                 d.ooo[seq] = (bytes(payload), ts, fin)
                 d.ooo_bytes += len(payload)
-            if d.ooo_bytes > HTTP_OOO_MAX:
+                self.ooo_total += len(payload)
+            if d.ooo_bytes > HTTP_OOO_MAX or self.ooo_total > HTTP_OOO_TOTAL_MAX:
                 self._gap(s, d)
             return
         self._deliver(s, d, to_server, payload, fin, ts)
@@ -6663,6 +6672,7 @@ class HttpRequests(Consumer):
                 if o == 0 or o >= SEQ_HALF:
                     data, t, f = d.ooo.pop(k)
                     d.ooo_bytes -= len(data)
+                    self.ooo_total -= len(data)
                     if o >= SEQ_HALF:
                         data = data[SEQ_MOD - o:]
                         if not data and not f:
@@ -6676,8 +6686,13 @@ class HttpRequests(Consumer):
     def _gap(self, s, d):
         self.errors["gap"] += 1
         d.state = HTTP_STOPPED
+        self._drop_held(d)
+
+    def _drop_held(self, d):
+        self.ooo_total -= d.ooo_bytes
         d.ooo.clear()
         d.ooo_bytes = 0
+        d.buf.clear()
 
     def _deliver(self, s, d, to_server, payload, fin, ts):
         d.next_seq = (d.next_seq + len(payload) + (1 if fin else 0)) % SEQ_MOD
@@ -6723,6 +6738,10 @@ class HttpRequests(Consumer):
                     d.state = HTTP_STOPPED
                     return
                 fields = _headers(head)
+                if len(s.pending) >= HTTP_PENDING_MAX:
+                    self.errors["too_many_pending"] += 1
+                    d.state = HTTP_STOPPED
+                    return
                 s.depth += 1
                 r = _HttpRequest(first_ts, parts[0].decode("latin-1"), parts[1].decode("latin-1"),
                                  fields.get("host"), s.depth)
@@ -6874,6 +6893,7 @@ class HttpRequests(Consumer):
         for d in (s.to_server, s.to_client):
             if d.ooo and d.state != HTTP_STOPPED:
                 self._gap(s, d)
+            self._drop_held(d)
         while s.pending:
             r = s.pending.popleft()
             r.end = s.last
@@ -6896,6 +6916,10 @@ class HttpRequests(Consumer):
         server_h = _host(sh)
         server = f"{server_h}:{sp}"
         container = self.container(sh)
+        if server not in self.routes and len(self.routes) >= HTTP_SERVERS_MAX:
+            server_label = port_label = server = "other"      # a scan of many servers
+        else:
+            server_label, port_label = server_h, str(sp)
         rec = {"ts": round(r.ts, 6), "id.orig_h": _host(ch), "id.orig_p": cp, "id.resp_h": server_h,
                "id.resp_p": sp, "trans_depth": r.depth, "method": r.method}
         if r.host is not None:
@@ -6912,7 +6936,7 @@ class HttpRequests(Consumer):
             route = "other"
         routes[route] = routes.get(route, 0) + 1
         method = r.method if r.method in HTTP_METHODS else "_OTHER"
-        labels = (method, str(r.status), route, server_h, str(sp), container)
+        labels = (method, str(r.status), route, server_label, port_label, container)
         h = self.histogram.get(labels)
         if h is None:        # a count per bucket and one above the last, then sum and count
             h = self.histogram[labels] = [0] * (len(HTTP_BUCKETS) + 3)

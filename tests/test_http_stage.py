@@ -81,3 +81,37 @@ def test_api_requests_filters_and_limits():
     assert lpd.api_answer("/api/requests", "limit=x", published, lambda: how)[0] == 400
     published.publish({})
     assert lpd.api_answer("/api/requests", "", published, lambda: how)[0] == 404
+
+
+def seg(src, dst, sport, dport, seq, data=b"", flags=0x18):
+    return ether(A, B, ETH_IP, ipv4(src, dst, PROTO_TCP, tcp(sport, dport, flags=flags, seq=seq,
+                                                              ack=1, payload=data)))
+
+
+def test_held_early_segments_are_bounded_over_all_connections(monkeypatch):
+    monkeypatch.setattr(lpd, "HTTP_OOO_TOTAL_MAX", 10_000)
+    stage = lpd.HttpRequests((80,))
+    for i in range(50):                      # each connection: a byte, then 1000 bytes far ahead
+        stage.packet(seg("10.0.0.1", "10.0.0.2", 1000 + i, 80, 1, b"G"), 1.0)
+        stage.packet(seg("10.0.0.1", "10.0.0.2", 1000 + i, 80, 5000, b"x" * 1000), 1.0)
+    assert stage.ooo_total <= 10_000 + 1000 and stage.errors["gap"] >= 40
+
+
+def test_pipelined_requests_without_answers_are_bounded(monkeypatch):
+    monkeypatch.setattr(lpd, "HTTP_PENDING_MAX", 10)
+    stage = lpd.HttpRequests((80,))
+    req = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
+    stage.packet(seg("10.0.0.1", "10.0.0.2", 1000, 80, 1, req * 50), 1.0)
+    (s,) = stage.streams.values()
+    assert len(s.pending) == 10 and stage.errors["too_many_pending"] == 1
+
+
+def test_a_scan_of_many_servers_keeps_a_bounded_set_of_series(monkeypatch):
+    monkeypatch.setattr(lpd, "HTTP_SERVERS_MAX", 5)
+    stage = lpd.HttpRequests((80,))
+    for i in range(20):
+        server = f"10.0.1.{i + 1}"
+        stage.packet(seg("10.0.0.1", server, 1000, 80, 1, b"GET /x HTTP/1.1\r\n\r\n"), 1.0)
+        stage.packet(seg(server, "10.0.0.1", 80, 1000, 1, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), 1.1)
+    assert len(stage.recent) == 6 and "other" in stage.recent and len(stage.recent["other"]) == 15
+    assert {labels[3] for labels in stage.histogram} == {f"10.0.1.{i + 1}" for i in range(5)} | {"other"}
