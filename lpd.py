@@ -6466,6 +6466,9 @@ HTTP_MAX_HEAD = 64 << 10          # a request or response head beyond this is no
 HTTP_OOO_MAX = 256 << 10          # out-of-order bytes held per direction; beyond: a gap
 HTTP_OOO_TOTAL_MAX = 64 << 20     # and over every connection: a flood of early segments is gaps
 HTTP_PENDING_MAX = 1024           # requests waiting for responses on one connection
+HTTP_OOO_SEGMENTS = 1024          # early segments held per direction (each fill scans them)
+HTTP_TEXT_MAX = 1024              # characters of a uri or Host kept per request
+HTTP_RECENT_SERVERS = 128         # servers with /api/requests history: worst case ~256 MiB
 HTTP_SERVERS_MAX = 4096           # servers with their own series and /api/requests; the rest: other
 HTTP_STREAMS_MAX = 65536          # connections parsed at once; then the least active one goes
 HTTP_IDLE_TIMEOUT = DEFAULT_CONN_TIMEOUT_TCP
@@ -6528,10 +6531,11 @@ def _tcp_payload(data, plen):
 class _HttpDir:
     """One direction of a connection: reassembly, then the framing state."""
     __slots__ = ("next_seq", "ooo", "ooo_bytes", "buf", "buf_ts", "state", "left", "fin",
-                 "last_data")
+                 "last_data", "scanned")
 
     def __init__(self):
         self.last_data = 0.0                 # when the last in-order payload byte was had
+        self.scanned = 0                     # bytes of buf searched for a line or head end
         self.next_seq = None
         self.ooo = {}                       # seq -> (bytes, ts)
         self.ooo_bytes = 0
@@ -6604,7 +6608,8 @@ class HttpRequests(Consumer):
 
     def consume(self, batch):
         for data, ts, wire_bytes, frames, l2_len in frames_in_order(batch):
-            self.packet(data, ts)
+            if frames > 1 or len(data) >= wire_bytes:   # a frame cut short: its bytes are a gap
+                self.packet(data, ts)
 
     def packet(self, data, ts):
         f = parse_l4(data)
@@ -6655,6 +6660,9 @@ class HttpRequests(Consumer):
             off = 0
         if off:
             held = d.ooo.get(seq)
+            if held is None and len(d.ooo) >= HTTP_OOO_SEGMENTS:
+                self._gap(s, d)                    # bare FINs and slivers count too
+                return
             if held is None or len(held[0]) < len(payload):
                 if held is not None:
                     d.ooo_bytes -= len(held[0])
@@ -6667,6 +6675,13 @@ class HttpRequests(Consumer):
             return
         self._deliver(s, d, to_server, payload, fin, ts)
         while d.ooo and d.state != HTTP_STOPPED:
+            exact = d.ooo.pop(d.next_seq, None)
+            if exact is not None:                  # the common case: no scan
+                data, t, f = exact
+                d.ooo_bytes -= len(data)
+                self.ooo_total -= len(data)
+                self._deliver(s, d, to_server, data, f, max(t, ts))
+                continue
             for k in list(d.ooo):
                 o = (k - d.next_seq) % SEQ_MOD
                 if o == 0 or o >= SEQ_HALF:
@@ -6706,17 +6721,20 @@ class HttpRequests(Consumer):
             d.fin = True
             if not to_server and d.state == HTTP_UNTIL_CLOSE and s.response:
                 self._response_done(s, d.last_data)     # its last byte, not the FIN
+            d.state = HTTP_STOPPED                      # nothing comes after a FIN
 
     # -- framing --------------------------------------------------------------
 
     def _head(self, d):
         """A complete head at the start of d.buf, or None (waiting, or no HTTP)."""
-        m = HTTP_HEAD_END.search(d.buf)
+        m = HTTP_HEAD_END.search(d.buf, max(0, d.scanned - 3))   # a head trickling in: once
         if m is None:
+            d.scanned = len(d.buf)
             if len(d.buf) > HTTP_MAX_HEAD:
                 self.errors["head_too_large"] += 1
                 d.state = HTTP_STOPPED
             return None
+        d.scanned = 0
         head = bytes(d.buf[:m.start()])
         del d.buf[:m.end()]
         return head
@@ -6743,8 +6761,10 @@ class HttpRequests(Consumer):
                     d.state = HTTP_STOPPED
                     return
                 s.depth += 1
-                r = _HttpRequest(first_ts, parts[0].decode("latin-1"), parts[1].decode("latin-1"),
-                                 fields.get("host"), s.depth)
+                host = fields.get("host")
+                r = _HttpRequest(first_ts, parts[0].decode("latin-1")[:HTTP_TEXT_MAX],
+                                 parts[1].decode("latin-1")[:HTTP_TEXT_MAX],
+                                 host[:HTTP_TEXT_MAX] if host is not None else None, s.depth)
                 s.pending.append(r)
                 s.current_request = r
                 d.buf_ts = ts
@@ -6788,7 +6808,8 @@ class HttpRequests(Consumer):
             if not d.left:
                 d.state = HTTP_HEAD
         elif d.state == HTTP_CHUNK_SIZE:
-            m = HTTP_CHUNK_LINE.search(d.buf)
+            m = HTTP_CHUNK_LINE.search(d.buf, max(0, d.scanned - 1))
+            d.scanned = 0 if m else len(d.buf)
             if m is None:
                 if len(d.buf) > HTTP_MAX_HEAD:
                     self.errors["bad_chunk"] += 1
@@ -6819,7 +6840,8 @@ class HttpRequests(Consumer):
             del d.buf[:m.end()]
             d.state = HTTP_CHUNK_SIZE
         elif d.state == HTTP_TRAILER:
-            m = HTTP_CHUNK_LINE.search(d.buf)
+            m = HTTP_CHUNK_LINE.search(d.buf, max(0, d.scanned - 1))
+            d.scanned = 0 if m else len(d.buf)
             if m is None:
                 if len(d.buf) > HTTP_MAX_HEAD:
                     self.errors["head_too_large"] += 1
@@ -6868,6 +6890,9 @@ class HttpRequests(Consumer):
                     return
             else:
                 r = s.response
+                if r is None:                     # bytes after the response that ran to the close
+                    d.state = HTTP_STOPPED
+                    return
                 if not self._body_bytes(d, lambda n: setattr(r, "resp_body", r.resp_body + n)):
                     return
                 if d.state == HTTP_HEAD:
@@ -6943,7 +6968,8 @@ class HttpRequests(Consumer):
         h[bisect.bisect_left(HTTP_BUCKETS, duration)] += 1
         h[-2] += duration
         h[-1] += 1
-        self.recent.setdefault(server, collections.deque(maxlen=HTTP_RECENT)).appendleft(rec)
+        if server in self.recent or len(self.recent) < HTTP_RECENT_SERVERS:
+            self.recent.setdefault(server, collections.deque(maxlen=HTTP_RECENT)).appendleft(rec)
         summary = self.summary.setdefault(server, [0, 0, collections.deque(maxlen=HTTP_LATENCY_SAMPLES)])
         summary[0] += 1
         summary[1] += r.status == 0 or r.status >= 500

@@ -108,6 +108,7 @@ def test_pipelined_requests_without_answers_are_bounded(monkeypatch):
 
 def test_a_scan_of_many_servers_keeps_a_bounded_set_of_series(monkeypatch):
     monkeypatch.setattr(lpd, "HTTP_SERVERS_MAX", 5)
+    monkeypatch.setattr(lpd, "HTTP_RECENT_SERVERS", 100)
     stage = lpd.HttpRequests((80,))
     for i in range(20):
         server = f"10.0.1.{i + 1}"
@@ -115,3 +116,31 @@ def test_a_scan_of_many_servers_keeps_a_bounded_set_of_series(monkeypatch):
         stage.packet(seg(server, "10.0.0.1", 80, 1000, 1, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), 1.1)
     assert len(stage.recent) == 6 and "other" in stage.recent and len(stage.recent["other"]) == 15
     assert {labels[3] for labels in stage.histogram} == {f"10.0.1.{i + 1}" for i in range(5)} | {"other"}
+
+
+def test_after_a_response_that_ran_to_the_close_late_bytes_are_ignored():
+    stage = lpd.HttpRequests((80,))
+    stage.packet(seg("10.0.0.1", "10.0.0.2", 40000, 80, 1000, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), 1.0)
+    stage.packet(seg("10.0.0.2", "10.0.0.1", 80, 40000, 5000, b"HTTP/1.1 200 OK\r\n\r\nbody", 0x19), 2.0)
+    stage.packet(seg("10.0.0.2", "10.0.0.1", 80, 40000, 5024, b"late"), 3.0)    # raised before
+    stage.finish_all()
+    assert stage.recent["10.0.0.2:80"][0]["response_body_len"] == 4
+
+
+def test_a_head_trickled_a_byte_at_a_time_is_searched_once():
+    """Each delivery searches from where the last one stopped (not the whole buffer again:
+    65,536 one-byte segments took 16 s that way)."""
+    stage = lpd.HttpRequests((80,))
+    head = b"GET / HTTP/1.1\r\n" + b"X: " + b"y" * 2000
+    for i, b in enumerate(head):
+        stage.packet(seg("10.0.0.1", "10.0.0.2", 40000, 80, 1000 + i, bytes([b])), 1.0)
+        (s,) = stage.streams.values()
+        assert s.to_server.scanned == len(s.to_server.buf) == i + 1
+
+
+def test_uris_are_kept_bounded():
+    stage = lpd.HttpRequests((80,))
+    stage.packet(seg("10.0.0.1", "10.0.0.2", 40000, 80, 1000,
+                     b"GET /" + b"a" * 50000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"), 1.0)
+    stage.finish_all()
+    assert len(stage.recent["10.0.0.2:80"][0]["uri"]) == lpd.HTTP_TEXT_MAX
