@@ -6463,6 +6463,9 @@ class Connections(Consumer):
 # by length or by chunks, never buffered. Timing comes from the segments' timestamps.
 
 HTTP_MAX_HEAD = 64 << 10          # a request or response head beyond this is not HTTP we read
+TCP_PORTS = struct.Struct("!HH")
+PLAIN_TCP4_PORTS = ETH_HLEN + 20  # the ports of TCP in untagged IPv4 without options
+ETHERTYPE_IPV4_BYTES = ETHERTYPE_IPV4.to_bytes(2, "big")
 HTTP_OOO_MAX = 256 << 10          # out-of-order bytes held per direction; beyond: a gap
 HTTP_OOO_TOTAL_MAX = 64 << 20     # and over every connection: a flood of early segments is gaps
 HTTP_PENDING_MAX = 1024           # requests waiting for responses on one connection
@@ -6607,9 +6610,20 @@ class HttpRequests(Consumer):
         return 0
 
     def consume(self, batch):
+        ports, two = self.ports, TCP_PORTS.unpack_from
         for data, ts, wire_bytes, frames, l2_len in frames_in_order(batch):
-            if frames > 1 or len(data) >= wire_bytes:   # a frame cut short: its bytes are a gap
-                self.packet(data, ts)
+            if frames == 1 and len(data) < wire_bytes:
+                continue                         # a frame cut short: its bytes are a gap
+            # Most frames are not this stage's: plain IPv4 is judged at fixed offsets
+            # (measured: parsing each frame whole cost the drain two thirds of its rate).
+            if len(data) >= PLAIN_TCP4_PORTS + 4 and data[ETH_TYPE_OFF:ETH_HLEN] == ETHERTYPE_IPV4_BYTES \
+                    and data[ETH_HLEN] == IPV4_VIHL_PLAIN:
+                if data[ETH_HLEN + IPV4_PROTO_OFF] != IPPROTO_TCP:
+                    continue
+                sport, dport = two(data, PLAIN_TCP4_PORTS)
+                if sport not in ports and dport not in ports:
+                    continue
+            self.packet(data, ts)
 
     def packet(self, data, ts):
         f = parse_l4(data)
