@@ -512,6 +512,11 @@ def address(key):
     version, raw = key
     return FAMILIES[version].address(raw)
 
+
+def raw_address(raw):
+    """4 or 16 raw bytes (as parse_l4 gives them) -> the address as text."""
+    return str(ipaddress.ip_address(raw))
+
 # Why a frame was not attributed to an address: lpd_packets_malformed_total{reason}.
 MALFORMED_REASONS = (
     "truncated",   # shorter than the Ethernet/VLAN/IP header it announces
@@ -2155,7 +2160,7 @@ class _Gen:
         if proto in (DEFAULT, "link"):
             if self.linktype != EN10MB:
                 self.error("not a broadcast link")
-            return self.link_host(b"\xff" * 6, "dst")
+            return self.linkraw_address(b"\xff" * 6, "dst")
         if proto == "ip":
             # lpd, like libpcap without an interface, does not know the netmask.
             self.error("netmask not known, so 'ip broadcast' not supported")
@@ -2351,7 +2356,7 @@ class _Gen:
         gen_not(b0)
         return b0
 
-    def link_host(self, eaddr, d):
+    def linkraw_address(self, eaddr, d):
         b = self.ehostop(eaddr, d)
         tmp = self.prevlinkhdr_check()
         if tmp is not None:
@@ -2409,7 +2414,7 @@ class _Gen:
                 eaddr = _ether_hostton(name)
                 if eaddr is None:
                     self.error(f"unknown ether host '{name}'")
-                return self.link_host(eaddr, d)
+                return self.linkraw_address(eaddr, d)
             if proto == "decnet":
                 self.error(f"decnet name support not included, '{name}' cannot be translated")
             b = None
@@ -2569,7 +2574,7 @@ class _Gen:
         if q[2] in ("host", DEFAULT) and q[0] == "link":
             if self.linktype != EN10MB:
                 self.error("ethernet addresses supported only on ethernet")
-            return self.link_host(_ether_aton(s), q[1])
+            return self.linkraw_address(_ether_aton(s), q[1])
         self.error("ethernet address used in non-ether expression")
 
 
@@ -5810,7 +5815,8 @@ EVICTION_REASONS = ("half_open", "oldest")
 
 def parse_l4(data, wirelen=None):
     """A frame's (proto, src, dst, sport, dport, ip_len, payload_len, flags, seq, ack,
-    window, fragment id) for TCP and UDP over IPv4 or IPv6 (tags re-inserted), or None.
+    window, fragment id, payload offset) for TCP and UDP over IPv4 or IPv6 (tags
+    re-inserted), or None.
     Addresses are raw bytes; the payload length comes from the IP length, not the frame
     (padding), and a frame whose IP length runs past its `wirelen` is refused, as the
     decoder counts it malformed. The fragment id is set on a first IPv4 fragment; a
@@ -5852,11 +5858,12 @@ def parse_l4(data, wirelen=None):
         doff = (off >> 4) * 4
         if doff < TCP_MIN_HDR_LEN or doff > end:
             return None
-        return proto, src, dst, sport, dport, ip_len, end - doff, flags, seq, ack, window, frag_id
+        return (proto, src, dst, sport, dport, ip_len, end - doff, flags, seq, ack, window, frag_id,
+                l4 + doff)
     if proto == IPPROTO_UDP and n >= l4 + UDP_HDR_LEN:
         sport, dport, length = UDP_HDR.unpack_from(data, l4)
         return (proto, src, dst, sport, dport, ip_len, max(0, length - UDP_HDR_LEN), 0, 0, 0, 0,
-                frag_id)
+                frag_id, l4 + UDP_HDR_LEN)
     return None
 
 
@@ -6026,9 +6033,8 @@ class Connection:
 
     def record(self):
         """The conn.log line, Zeek's field names (duration and sizes only when > 0 s)."""
-        fam = FAMILIES[4 if len(self.orig_h) == 4 else 6].address
-        rec = {"ts": round(self.first, 6), "id.orig_h": str(fam(self.orig_h)), "id.orig_p": self.orig_p,
-               "id.resp_h": str(fam(self.resp_h)), "id.resp_p": self.resp_p,
+        rec = {"ts": round(self.first, 6), "id.orig_h": raw_address(self.orig_h), "id.orig_p": self.orig_p,
+               "id.resp_h": raw_address(self.resp_h), "id.resp_p": self.resp_p,
                "proto": PROTO_NAMES[self.proto]}
         duration = self.last - self.first
         if duration > 0:
@@ -6129,7 +6135,7 @@ class Connections(Consumer):
         if f[0] == IP_FRAGMENT:
             self.fragment(f, wire_bytes)
             return
-        proto, src, dst, sport, dport, ip_len, plen, flags, seq, ack, window, frag_id = f
+        proto, src, dst, sport, dport, ip_len, plen, flags, seq, ack, window, frag_id, _ = f
         key = (proto, src, sport, dst, dport) if (src, sport) <= (dst, dport) else \
             (proto, dst, dport, src, sport)
         c = self.table.get(key)
@@ -6515,22 +6521,6 @@ def _headers(block):
     return fields
 
 
-def _tcp_payload(data, plen):
-    """The TCP payload of a frame parse_l4 read: its last plen bytes before any padding."""
-    n = len(data)
-    q, et = ETH_HLEN, U16BE.unpack_from(data, ETH_TYPE_OFF)[0]
-    while et in VLAN_TPIDS:
-        et = U16BE.unpack_from(data, q + 2)[0]
-        q += VLAN_TAG_LEN
-    if et == ETHERTYPE_IPV4:
-        ip_len = U16BE.unpack_from(data, q + 2)[0]
-        end = q + ip_len
-    else:
-        end = q + IPV6_HDR_LEN + U16BE.unpack_from(data, q + 4)[0]
-    end = min(end, n)
-    return memoryview(data)[max(0, end - plen):end]
-
-
 class _HttpDir:
     """One direction of a connection: reassembly, then the framing state."""
     __slots__ = ("next_seq", "ooo", "ooo_bytes", "buf", "buf_ts", "state", "left", "fin",
@@ -6629,7 +6619,7 @@ class HttpRequests(Consumer):
         f = parse_l4(data)
         if f is None or f[0] != IPPROTO_TCP:
             return
-        _, src, dst, sport, dport, ip_len, plen, flags, seq, ack, window, _ = f
+        _, src, dst, sport, dport, ip_len, plen, flags, seq, ack, window, _, at = f
         if dport in self.ports:
             key, to_server = (src, sport, dst, dport), True
         elif sport in self.ports:
@@ -6654,7 +6644,7 @@ class HttpRequests(Consumer):
         if flags & TH_SYN:
             d.next_seq = (seq + 1) % SEQ_MOD
         elif plen or flags & TH_FIN:
-            payload = _tcp_payload(data, plen)
+            payload = memoryview(data)[at:at + plen]
             if d.next_seq is None:
                 d.next_seq = seq                  # joined mid-stream
             self._segment(s, d, to_server, seq, payload, bool(flags & TH_FIN), ts)
@@ -6952,14 +6942,14 @@ class HttpRequests(Consumer):
 
     def _record(self, s, r):
         (ch, cp), (sh, sp) = s.client, s.server
-        server_h = _host(sh)
+        server_h = raw_address(sh)
         server = f"{server_h}:{sp}"
         container = self.container(sh)
         if server not in self.routes and len(self.routes) >= HTTP_SERVERS_MAX:
             server_label = port_label = server = "other"      # a scan of many servers
         else:
             server_label, port_label = server_h, str(sp)
-        rec = {"ts": round(r.ts, 6), "id.orig_h": _host(ch), "id.orig_p": cp, "id.resp_h": server_h,
+        rec = {"ts": round(r.ts, 6), "id.orig_h": raw_address(ch), "id.orig_p": cp, "id.resp_h": server_h,
                "id.resp_p": sp, "trans_depth": r.depth, "method": r.method}
         if r.host is not None:
             rec["host"] = r.host
@@ -7822,10 +7812,6 @@ def remotes_document(snap, how, top=None):
             "totals": _io((None, *remotes.totals)), "remotes": rows}
 
 
-def _host(raw):
-    return str(FAMILIES[4 if len(raw) == 4 else 6].address(raw))
-
-
 def connections_document(snap, how, top=None, state=None):
     conns = snap.get("connections")
     if conns is None:
@@ -7837,8 +7823,8 @@ def connections_document(snap, how, top=None, state=None):
     for r in rows if top is None else rows[:top]:
         (_, proto, oh, op, rh, rp, live, history, ob, rb, opk, rpk, owb, rwb, first, last,
          midstream, pid, comm) = r
-        out.append({"proto": PROTO_NAMES[proto], "orig_h": _host(oh), "orig_p": op,
-                    "resp_h": _host(rh), "resp_p": rp, "state": live, "history": history,
+        out.append({"proto": PROTO_NAMES[proto], "orig_h": raw_address(oh), "orig_p": op,
+                    "resp_h": raw_address(rh), "resp_p": rp, "state": live, "history": history,
                     "orig_bytes": ob, "resp_bytes": rb, "orig_pkts": opk, "resp_pkts": rpk,
                     "orig_wire_bytes": owb, "resp_wire_bytes": rwb, "start": first,
                     "age": max(0.0, now - first), "idle": max(0.0, now - last),

@@ -27,7 +27,7 @@ def test_parse_l4_reads_tcp_and_udp_over_both_families_and_tags():
     f = lpd.parse_l4(t4("10.0.0.1", "10.0.0.2", 1234, 80, SYN | ACK, 7, 9, b"abc",
                         tags=[vlan_tag(5)]))
     assert f == (6, ipaddress.ip_address("10.0.0.1").packed, ipaddress.ip_address("10.0.0.2").packed,
-                 1234, 80, 43, 3, SYN | ACK, 7, 9, 65535, None)
+                 1234, 80, 43, 3, SYN | ACK, 7, 9, 65535, None, 14 + 4 + 20 + 20)
     f6 = lpd.parse_l4(ether(A, B, ETH_IP6, ipv6("fd00::1", "fd00::2", PROTO_UDP, udp(53, 999, b"x" * 9))))
     assert f6[0] == 17 and f6[3:7] == (53, 999, 40 + 8 + 9, 9)
     # Padding is not payload: a 60-byte frame carrying a bare ACK has none.
@@ -48,7 +48,7 @@ def test_parse_l4_gives_fragments_their_datagram_id():
                                      ident=9, mf=True))
     later = ether(A, B, ETH_IP, ipv4("10.0.0.1", "10.0.0.2", PROTO_UDP, b"y" * 24, ident=9,
                                      frag_offset=6))
-    assert lpd.parse_l4(first)[-1] == 9
+    assert lpd.parse_l4(first)[11] == 9
     assert lpd.parse_l4(later) == (lpd.IP_FRAGMENT, ipaddress.ip_address("10.0.0.1").packed,
                                    ipaddress.ip_address("10.0.0.2").packed, 9, PROTO_UDP, 24)
     # IPv6 behind extension headers: hop-by-hop and destination options are walked
