@@ -287,6 +287,10 @@ def build_parser():
     p.add_argument("--http-log", metavar="PATH",
                    help="one JSON line per HTTP request, Zeek's http.log names ('-': stdout; "
                         "reopened on SIGHUP; implies --http)")
+    p.add_argument("--docker-socket", metavar="PATH",
+                   help="Docker (or podman) Engine API socket: container names of HTTP servers "
+                        "and lpd_container_info (default /var/run/docker.sock while capturing "
+                        "with --http; with -r only when given; 'none': off)")
     p.add_argument("--duration", type=_positive_float, metavar="SECONDS",
                    help="capture this long, print the table (see --output) and exit")
     p.add_argument("--output", choices=OUTPUTS, default="table",
@@ -6945,6 +6949,8 @@ class HttpRequests(Consumer):
         server_h = raw_address(sh)
         server = f"{server_h}:{sp}"
         container = self.container(sh)
+        if container:
+            server = container
         if server not in self.routes and len(self.routes) >= HTTP_SERVERS_MAX:
             server_label = port_label = server = "other"      # a scan of many servers
         else:
@@ -7284,13 +7290,13 @@ def format_rule_lines(rows):
 
 
 ###############################################################################
-# Enrichment: background pollers (NIC mapping) ################################
+# Enrichment: background pollers (NIC mapping, GeoIP, processes, Docker) ######
 ###############################################################################
 #
-# Labels that come from outside (the NIC mapping service now; GeoIP and Docker
-# later) are fetched by a Poller in a thread of its own: it keeps the last good
-# answer, counts failures and logs each change of state once. Capture never waits
-# on one; exporters read `current` whole.
+# Labels that come from outside (the NIC mapping service, GeoIP databases, /proc,
+# the container engine) are fetched by a Poller in a thread of its own: it keeps the
+# last good answer, counts failures and logs each change of state once. Capture never
+# waits on one; exporters read `current` whole.
 
 class Poller:
     """Periodic fetch of one outside source. Subclasses define fetch() and describe()."""
@@ -7315,15 +7321,22 @@ class Poller:
         try:
             value = self.fetch()
         except (OSError, ValueError, http.client.HTTPException, LpdError) as e:
-            self._failed(type(e).__name__, f"{self.describe(e)}; keeping the last good {self.name}")
+            self._failed(type(e).__name__, f"{self.describe(e)}; {self.keeping}")
             return False
+        self._succeeded(value)
+        return True
+
+    def _succeeded(self, value):
         self.current = value
         self.last_success = time.time()
         if self._state != "ok":
             if self._state is not None:
                 self.log(LOG_INFO, f"{self.name}: {self.where()}: answering again")
             self._state = "ok"
-        return True
+
+    @property
+    def keeping(self):
+        return f"keeping the last good {self.name}"
 
     def where(self):
         return ""
@@ -7393,9 +7406,12 @@ class _DeadlineSocket(socket.socket):
     and body in many small recv()s; a timeout per call would let a server that
     drips a byte a second hold a fetch for ever."""
     deadline = 0.0
+    limit = MAPPING_TIMEOUT          # what the deadline was set to, for the message
 
     def _bounded(self, call, *args):
-        late = socket.timeout(f"no complete answer within {MAPPING_TIMEOUT:g} s")
+        if self.deadline is None:        # unbounded from now on (a stream)
+            return call(self, *args)
+        late = socket.timeout(f"no complete answer within {self.limit:g} s")
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise late
@@ -7732,6 +7748,286 @@ class ProcessTable(Poller):
         return self.current
 
 
+# Container names: the Docker Engine API (and podman's compatible one) on a unix socket.
+DOCKER_SOCKET = "/var/run/docker.sock"
+# Paths carry a version. Docker 29 refuses anything below 1.44; bookworm's docker.io
+# 20.10 and podman up to 5.4 speak at most 1.41 (their /_ping says so). Every field
+# lpd reads exists since 1.21.
+DOCKER_API_MAX = (1, 44)
+DOCKER_API_UNSAID = (1, 41)        # a /_ping without the header
+DOCKER_TIMEOUT = 5.0               # one whole request; the events stream has none
+DOCKER_MAX_BYTES = 64 << 20        # a container listing larger than this is garbage
+DOCKER_EVENT_MAX_BYTES = 1 << 20   # one event line
+DOCKER_PING_MAX_BYTES = 1 << 10    # "OK"
+DOCKER_REFRESH = 30.0              # full re-list even when no event came
+DOCKER_DEBOUNCE = 0.2              # events come in bursts (die, stop, network disconnect)
+DOCKER_BACKOFF = (0.5, 5.0)        # first and longest wait between reconnects
+# A stopped container's addresses keep its name this long (or until another container
+# takes them): requests it was serving still finish under its name.
+DOCKER_KEEP = 600.0
+# Actions after which addresses or names may have changed. Podman says `remove` where
+# Docker says `destroy`; its network events name the container, Docker's the network.
+DOCKER_CONTAINER_ACTIONS = frozenset(("start", "restart", "die", "stop", "kill", "destroy",
+                                      "remove", "rename", "create", "unpause"))
+DOCKER_EVENTS = "/events?filters=" + urllib.parse.quote(
+    json.dumps({"type": ["container", "network"]}, separators=(",", ":")))
+
+
+class DockerError(ValueError):
+    """The engine answered something lpd cannot use."""
+
+
+class Container(NamedTuple):
+    name: str
+    image: str
+    id: str
+
+
+def container_name(names, cid):
+    """Docker's Names hold '/web1' plus, for legacy links, '/other/alias': the one
+    with a single slash, without it."""
+    names = [n for n in names if isinstance(n, str) and n] if isinstance(names, list) else []
+    for n in names:
+        if n.count("/") == 1 and n.startswith("/"):
+            return n[1:]
+    return names[0].lstrip("/") if names else cid[:12]
+
+
+def parse_containers(body):
+    """GET /containers/json -> {raw address: Container} over every network of every
+    container (IPv4 and global IPv6; a container without an address of its own,
+    --network host or container:X, gives none)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise DockerError(f"container list: invalid JSON ({str(e)[:80]})") from None
+    if not isinstance(doc, list):
+        raise DockerError("container list: expected a JSON array")
+    table = {}
+    for c in doc:
+        if not isinstance(c, dict) or not isinstance(c.get("Id"), str):
+            raise DockerError("container list: an entry without an Id")
+        image = c.get("Image") if isinstance(c.get("Image"), str) else ""
+        entry = Container(container_name(c.get("Names"), c["Id"]), image, c["Id"])
+        networks = (c.get("NetworkSettings") or {}).get("Networks") if \
+            isinstance(c.get("NetworkSettings"), dict) else None
+        for net in (networks or {}).values() if isinstance(networks, dict) else ():
+            if not isinstance(net, dict):
+                continue
+            for field in ("IPAddress", "GlobalIPv6Address"):
+                text = net.get(field)
+                if isinstance(text, str) and text:
+                    try:
+                        table.setdefault(ipaddress.ip_address(text).packed, entry)
+                    except ValueError:
+                        raise DockerError(f"container {entry.name}: {field} {text!r} "
+                                          f"is not an address") from None
+    return table
+
+
+def docker_api_version(header):
+    """The version lpd speaks: the engine's (its /_ping's Api-Version), at most
+    DOCKER_API_MAX."""
+    if not header:
+        return DOCKER_API_UNSAID
+    m = re.fullmatch(r"\s*([0-9]{1,3})\.([0-9]{1,3})\s*", header)
+    if not m:
+        raise DockerError(f"/_ping: API version {header[:40]!r}")
+    return min((int(m[1]), int(m[2])), DOCKER_API_MAX)
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a unix stream socket; with a deadline, connect, request and
+    the whole answer share it (an engine that hangs must not hold the poller)."""
+
+    def __init__(self, socket_path, deadline=None):
+        super().__init__("localhost")          # the engine wants some Host header
+        self.socket_path, self.deadline = socket_path, deadline
+
+    def connect(self):
+        if self.deadline is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        else:
+            sock = _DeadlineSocket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.deadline, sock.limit = self.deadline, DOCKER_TIMEOUT
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def docker_get(socket_path, path, limit=DOCKER_MAX_BYTES):
+    """(body, headers) of GET path; DockerError for an answer other than 200."""
+    conn = _UnixHTTPConnection(socket_path, time.monotonic() + DOCKER_TIMEOUT)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = resp.read(limit + 1)
+        if len(body) > limit:
+            raise DockerError(f"GET {path.split('?')[0]}: answer over {limit} bytes")
+        if resp.status != http.HTTPStatus.OK:
+            try:
+                message = json.loads(body).get("message", "")
+            except (ValueError, AttributeError, RecursionError):
+                message = ""
+            raise DockerError(f"GET {path.split('?')[0]}: HTTP {resp.status} {message}"[:200])
+        return body, resp.headers
+    finally:
+        conn.close()
+
+
+class DockerEngine(Poller):
+    """Container names of local addresses, from the engine's API: listed on start,
+    re-listed after every event that can move an address (the /events stream, read
+    on a thread of its own) and every DOCKER_REFRESH s. The capture thread reads
+    `names` (address -> name), replaced whole; exporters read `current`."""
+    name = "docker"
+
+    def __init__(self, socket_path, log):
+        super().__init__(log, DOCKER_REFRESH, {})   # raw address -> Container, running only
+        self.socket_path = socket_path
+        self.names = {}                  # raw address -> name, running or lately stopped
+        self.gone = {}                   # raw address -> (Container, when it went)
+        self.api_version = None
+        self.up = False
+        self._changed = threading.Event()
+        self._stream = None
+
+    keeping = "keeping the last good names"
+
+    def where(self):
+        return self.socket_path
+
+    def describe(self, exc):
+        if isinstance(exc, FileNotFoundError):
+            return "no engine (no such socket); servers are labelled ip:port until one starts"
+        if isinstance(exc, ConnectionRefusedError):
+            return "connection refused"
+        return super().describe(exc)
+
+    def name_of(self, raw):
+        return self.names.get(raw, "")
+
+    def version_path(self, path):
+        return f"/v{self.api_version[0]}.{self.api_version[1]}{path}"
+
+    def fetch(self):
+        if self.api_version is None:
+            _, headers = docker_get(self.socket_path, "/_ping", DOCKER_PING_MAX_BYTES)
+            self.api_version = docker_api_version(headers.get("Api-Version"))
+        body, _ = docker_get(self.socket_path, self.version_path("/containers/json"))
+        return parse_containers(body)
+
+    def _succeeded(self, table):
+        now = time.monotonic()
+        for raw, c in self.current.items():          # stopped since the last list
+            if raw not in table:
+                self.gone[raw] = (c, now)
+        gone = {raw: cw for raw, cw in self.gone.items()
+                if raw not in table and cw[1] + DOCKER_KEEP > now}
+        names = {raw: c.name for raw, (c, _) in gone.items()}
+        names.update((raw, c.name) for raw, c in table.items())
+        self.gone, self.names = gone, names
+        self.up = True
+        super()._succeeded(table)
+
+    def _failed(self, kind, message):
+        self.up = False
+        self.api_version = None          # renegotiated: the engine may come back upgraded
+        # One line per outage: a dying engine resets the connection, then its socket goes.
+        super()._failed("down", message)
+
+    # -- the events stream ----------------------------------------------------
+
+    def _open_stream(self):
+        conn = _UnixHTTPConnection(self.socket_path, time.monotonic() + DOCKER_TIMEOUT)
+        conn.request("GET", self.version_path(DOCKER_EVENTS))
+        resp = conn.getresponse()
+        if resp.status != http.HTTPStatus.OK:
+            conn.close()
+            raise DockerError(f"GET /events: HTTP {resp.status}")
+        conn.sock.settimeout(None)       # a quiet engine sends nothing for hours
+        conn.sock.deadline = None
+        return conn, resp
+
+    def _follow(self, conn, resp):
+        """The stream's thread: any event that can move an address asks for a re-list;
+        the end of the stream (the engine went away) too, so the poller notices."""
+        try:
+            while True:
+                line = resp.readline(DOCKER_EVENT_MAX_BYTES)
+                if not line or not line.endswith(b"\n"):
+                    break
+                try:
+                    ev = json.loads(line)
+                    relevant = ev.get("Type") == "network" or (
+                        ev.get("Type") == "container" and ev.get("Action") in DOCKER_CONTAINER_ACTIONS)
+                except (ValueError, AttributeError, RecursionError):
+                    relevant = True                      # unreadable: look for ourselves
+                if relevant:
+                    self._changed.set()
+        except Exception:                # whatever it was, the stream is over: re-list
+            pass
+        finally:
+            conn.close()
+            if self._stream is conn:
+                self._stream = None
+                self._changed.set()
+
+    def run(self, stop):
+        wait = DOCKER_BACKOFF[0]
+        while not stop.is_set():
+            try:
+                if self._stream is None:
+                    # the stream first, then the list: nothing falls between them
+                    _, headers = docker_get(self.socket_path, "/_ping", DOCKER_PING_MAX_BYTES)
+                    self.api_version = docker_api_version(headers.get("Api-Version"))
+                    conn, resp = self._open_stream()
+                    self._stream = conn
+                    threading.Thread(target=self._follow, args=(conn, resp),
+                                     name="docker-events", daemon=True).start()
+                ok = self.fetch_once()
+            except (OSError, ValueError, http.client.HTTPException, LpdError) as e:
+                self._failed(type(e).__name__, f"{self.describe(e)}; {self.keeping}")
+                ok = False
+            except Exception as e:        # never let one odd answer end the poller
+                self._failed(type(e).__name__, f"unexpected {type(e).__name__}: {e}")
+                ok = False
+            if not ok:
+                self._drop_stream()
+                stop.wait(wait)
+                wait = min(wait * 2, DOCKER_BACKOFF[1])
+                continue
+            wait = DOCKER_BACKOFF[0]
+            if self._changed.wait(self.period) and not stop.is_set():
+                stop.wait(DOCKER_DEBOUNCE)
+            self._changed.clear()
+        self._drop_stream()
+
+    def _drop_stream(self):
+        conn, self._stream = self._stream, None
+        if conn is not None and conn.sock is not None:
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def wake(self):
+        """Stop: the poller's wait ends at once."""
+        self._changed.set()
+
+
+def open_docker(opts, replaying=False):
+    """The engine the options name: --docker-socket, else the default one while
+    capturing with --http (a replay asks only when told to). None: no names."""
+    path = opts.docker_socket
+    if path == "none" or not opts.http or (path is None and replaying):
+        return None
+    return DockerEngine(path or DOCKER_SOCKET, log)
+
+
 def open_geoip(opts):
     """The GeoIP databases the options name (fatal if one is unusable), or None."""
     paths = {option: getattr(opts, attr) for option, (attr, _) in GEOIP_DATABASES.items()
@@ -7762,6 +8058,7 @@ class Presentation(NamedTuple):
     label: Callable                    # local address -> NIC label (the mapping)
     geo: Callable                      # remote key -> (country, province, city, isp)
     threshold: int                     # bytes a remote exceeds to get its own series
+    docker: object = None              # the DockerEngine, or None: no container names
 
 
 def _envelope(snap, how):
@@ -7872,6 +8169,20 @@ def requests_document(snap, how, top=None, server=None):
     return {**_envelope(snap, how), "servers": recent}
 
 
+def containers_document(snap, how, top=None):
+    """/api/containers: the engine's state and the address of every running container."""
+    engine = how.docker
+    if engine is None:
+        return None
+    version = engine.api_version
+    rows = sorted(({"ip": raw_address(raw), "container": c.name, "image": c.image, "id": c.id}
+                   for raw, c in engine.current.items()), key=lambda r: (r["container"], r["ip"]))
+    return {**_envelope(snap, how),
+            "engine": {"socket": engine.socket_path, "up": engine.up, "errors": engine.errors,
+                       "api_version": f"{version[0]}.{version[1]}" if version else None},
+            "containers": rows if top is None else rows[:top]}
+
+
 def rules_document(snap, how, top=None):
     rules = snap.get("rules")
     if rules is None:
@@ -7884,7 +8195,8 @@ def rules_document(snap, how, top=None):
 # /api/<kind>: a document, or None where the stage is off (404).
 DOCUMENTS = {"interface": interface_document, "addresses": addresses_document,
              "remotes": remotes_document, "connections": connections_document,
-             "http": http_document, "requests": requests_document, "rules": rules_document}
+             "http": http_document, "requests": requests_document, "rules": rules_document,
+             "containers": containers_document}
 
 
 API_TOP = re.compile(r"[0-9]{1,9}")        # ASCII digits only: str.isdigit() takes '²'
@@ -8088,15 +8400,15 @@ class Collector:
     """Builds fresh metric families on every scrape from the latest publication."""
 
     def __init__(self, published, mapping, nic, rule_socket=None, geo=None,
-                 threshold=DEFAULT_EXPORT_THRESHOLD):
+                 threshold=DEFAULT_EXPORT_THRESHOLD, docker=None):
         self.published, self.mapping, self.nic = published, mapping, nic
         self.rule_socket = rule_socket      # its own counters, read as it counts them
-        self.geo, self.threshold = geo, threshold
+        self.geo, self.threshold, self.docker = geo, threshold, docker
 
     def presentation(self):
         """One consistent set of labellers for a scrape or a document."""
         return Presentation(self.nic, self.mapping.labeller(), remote_labeller(self.geo),
-                            self.threshold)
+                            self.threshold, self.docker)
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -8182,6 +8494,8 @@ class Collector:
             yield family(CounterMetricFamily, "lpd_http_parse_errors",
                          "HTTP streams lpd stopped parsing, by reason.", ["reason"],
                          [((r,), n) for r, n in http.parse_errors])
+        if self.docker is not None:
+            yield from self._docker(self.docker, family, CounterMetricFamily, GaugeMetricFamily)
         rules = snap.get("rules", RuleSnapshot()).rows
         yield family(CounterMetricFamily, "lpd_rule_packets", "Packets matching a rule.",
                      ["rule"], [((r,), p) for r, _, p in rules])
@@ -8193,6 +8507,20 @@ class Collector:
                          [((), self.rule_socket.truncated)])
         yield family(GaugeMetricFamily, "lpd_build_info", "lpd's version.", ["version"],
                      [((__version__,), 1.0)])
+
+    @staticmethod
+    def _docker(engine, family, counter, gauge):
+        containers = sorted((raw_address(raw), c.name, c.image) for raw, c in engine.current.items())
+        yield family(gauge, "lpd_container_info",
+                     "1 per address of a running container: joins local_ip to its name.",
+                     ["local_ip", "container", "image"], [(row, 1.0) for row in containers])
+        yield family(gauge, "lpd_docker_up", "1 while the container engine answers.", [],
+                     [((), 1.0 if engine.up else 0.0)])
+        yield family(counter, "lpd_docker_errors", "Failed requests to the container engine.",
+                     [], [((), engine.errors)])
+        yield family(gauge, "lpd_docker_last_success_timestamp_seconds",
+                     "Unix time of the last good container list (0: never).", [],
+                     [((), engine.last_success)])
 
     def _remotes(self, remotes, family, counter, gauge):
         geo, nic = remote_labeller(self.geo), self.nic
@@ -8909,12 +9237,12 @@ class Daemon:
 
     def __init__(self, opts, ifname, decoder, rules, prefilter, mapping, published, http,
                  rule_server=None, remotes=None, geo=None, collector=None, conns=None,
-                 conn_log=None, procs=None, http_requests=None, http_log=None):
+                 conn_log=None, procs=None, http_requests=None, http_log=None, docker=None):
         self.opts, self.ifname = opts, ifname
         self.decoder, self.local, self.rules = decoder, decoder.local, rules
         self.remotes, self.geo, self.collector = remotes, geo, collector
         self.conns, self.conn_log, self.procs = conns, conn_log, procs
-        self.http_stage, self.http_log = http_requests, http_log
+        self.http_stage, self.http_log, self.docker = http_requests, http_log, docker
         self.whole = whole_frames_program(http_requests.ports) if http_requests else None
         self.logs = [x for x in (conn_log, http_log) if x is not None]
         self.clock = 0.0                 # the packet clock (see now())
@@ -9156,6 +9484,9 @@ class Daemon:
         if self.procs is not None:
             threads.append(threading.Thread(target=self.procs.run, args=(self.stop_event,),
                                             name="processes", daemon=True))
+        if self.docker is not None:
+            threads.append(threading.Thread(target=self.docker.run, args=(self.stop_event,),
+                                            name="docker", daemon=True))
         try:
             self.open_capture()
             self.tick()
@@ -9170,6 +9501,8 @@ class Daemon:
         finally:
             sd_notify("STOPPING=1")
             self.stop_event.set()
+            if self.docker is not None:
+                self.docker.wake()
             if threads[0].is_alive():
                 self.http.shutdown()
             self.http.server_close()
@@ -9248,12 +9581,13 @@ class Daemon:
         self.stopped_for_duration = True
 
 
-def open_http(opts):
+def open_http(opts, docker=None):
     """The HTTP stage and its log the options ask for, or (None, None)."""
     if not opts.http:
         return None, None
     http_log = JsonLog(opts.http_log, "--http-log") if opts.http_log else None
-    return HttpRequests(opts.http_ports, http_log.write if http_log else None), http_log
+    return HttpRequests(opts.http_ports, http_log.write if http_log else None,
+                        docker.name_of if docker else None), http_log
 
 
 def build_daemon(opts):
@@ -9279,7 +9613,8 @@ def build_daemon(opts):
         conns = Connections(opts.conn_max, opts.conn_timeout_tcp, opts.conn_timeout_udp,
                             conn_log.write if conn_log else None, procs.want)
         procs.deliver = conns.refreshed.append
-    http_stage, http_log = open_http(opts)
+    docker = open_docker(opts)
+    http_stage, http_log = open_http(opts, docker)
     decoder = Decoder(local, [c for c in (remotes, conns, http_stage, rules) if c],
                       vnet=None)                                      # the ring will tell
     mapping = NicMapping(opts.mapping_url, ifname, log, opts.mapping_interval)
@@ -9290,7 +9625,8 @@ def build_daemon(opts):
         path = opts.socket_path or default_socket_path(ifname)
         rule_server = RuleSocketServer(path, functools.partial(rule_rows, published),
                                        opts.socket_group)
-    collector = Collector(published, mapping, ifname, rule_server, geo, opts.export_threshold)
+    collector = Collector(published, mapping, ifname, rule_server, geo, opts.export_threshold,
+                          docker)
     registry.register(collector)
     try:
         http = make_http_server(*opts.listen, registry,
@@ -9301,7 +9637,7 @@ def build_daemon(opts):
             rule_server.close()
         raise
     return Daemon(opts, ifname, decoder, rules, prefilter, mapping, published, http, rule_server,
-                  remotes, geo, collector, conns, conn_log, procs, http_stage, http_log)
+                  remotes, geo, collector, conns, conn_log, procs, http_stage, http_log, docker)
 
 
 ###############################################################################
@@ -9342,7 +9678,10 @@ def replay(opts, out=sys.stdout):
         conn_log = JsonLog(opts.conn_log) if opts.conn_log else None
         conns = Connections(opts.conn_max, opts.conn_timeout_tcp, opts.conn_timeout_udp,
                             conn_log.write if conn_log else None)
-    http_stage, http_log = open_http(opts)
+    docker = open_docker(opts, replaying=True)
+    if docker is not None:
+        docker.fetch_once()                   # the names as they are now (a warning if none)
+    http_stage, http_log = open_http(opts, docker)
     decoder = Decoder(local, [c for c in (remotes, conns, http_stage, rules) if c])
     stages = (local,) + decoder.consumers
     grid = []                                # [start, end of the current interval]
@@ -9385,7 +9724,7 @@ def replay(opts, out=sys.stdout):
     published.publish(snaps)
     nic = opts.interface or os.path.basename(opts.read_file)
     collector = Collector(published, NicMapping(None, nic, log), nic, geo=geo,
-                          threshold=opts.export_threshold)
+                          threshold=opts.export_threshold, docker=docker)
     write_output(opts.output, published, collector, out)
     if local.evictions:
         log(LOG_WARNING, f"{opts.read_file}: {local.evictions} addresses evicted by "
