@@ -2,11 +2,12 @@
 PYTHON ?= python3
 # strace, prometheus-node-exporter, busybox: tests/test_dist.py (the unit's system-call
 # filter against a traced lpd; the textfile script's output read by node_exporter itself
-# and rendered by busybox awk as on OpenWrt). docker.io, curl: tests/test_http_docker.py
-# starts an engine of its own (nothing here starts the system's).
+# and rendered by busybox awk as on OpenWrt). docker.io, podman, curl: the container tests
+# (tests/test_http_docker.py, test_http_podman.py) start engines of their own; nothing
+# here starts the system's.
 DEBIAN_PACKAGES = libpcap0.8 tcpdump netsniff-ng tcpreplay ethtool iproute2 iputils-ping \
 	netcat-openbsd systemd python3 python3-prometheus-client python3-pytest python3-hypothesis \
-	prometheus libcap2-bin procps strace prometheus-node-exporter busybox docker.io curl
+	prometheus libcap2-bin procps strace prometheus-node-exporter busybox docker.io podman curl
 .PHONY: deps test check bench wheel clean
 
 deps:            ## system and Python packages the tests and the benchmark need (root)
