@@ -9590,12 +9590,27 @@ def open_http(opts, docker=None):
                         docker.name_of if docker else None), http_log
 
 
-def build_daemon(opts):
-    """Every part of a daemon, from the options; the Daemon itself builds none."""
-    from prometheus_client import CollectorRegistry
+def capture_interface(opts):
     ifname = opts.interface or default_interface()
     if interface_index(ifname) is None:
         raise ConfigError(f"{ifname}: no such interface")
+    return ifname
+
+
+class CaptureParts(NamedTuple):
+    """What one capturing process counts with: the decoder and its stages."""
+    decoder: object
+    rules: object
+    prefilter: object
+    remotes: object
+    conns: object
+    procs: object
+    http_stage: object
+
+
+def build_capture(opts, ifname, names, conn_write, http_write):
+    """Decoder and stages from the options; records go to conn_write/http_write and
+    HTTP servers are named by names.name_of (None: no names)."""
     rules = load_rules(opts.filter_file, ifname) if opts.filter_file else None
     # Compiled once, before anything is bound; only its accept length changes later.
     prefilter = compile_filter(opts.prefilter, kernel=True) if opts.prefilter else None
@@ -9604,21 +9619,34 @@ def build_daemon(opts):
                            opts.local_max or DEFAULT_LOCAL_MAX)
     if not local.local_nets:
         log(LOG_WARNING, f"{ifname}: no addresses and no --local-net: no address is local")
-    geo = open_geoip(opts)
     remotes = RemoteAddresses(opts.remote_max) if opts.remote else None
-    conns = conn_log = procs = None
+    conns = procs = None
     if opts.connections:
-        conn_log = JsonLog(opts.conn_log) if opts.conn_log else None
         procs = ProcessTable(log)
         conns = Connections(opts.conn_max, opts.conn_timeout_tcp, opts.conn_timeout_udp,
-                            conn_log.write if conn_log else None, procs.want)
+                            conn_write, procs.want)
         procs.deliver = conns.refreshed.append
-    docker = open_docker(opts)
-    http_stage, http_log = open_http(opts, docker)
+    http_stage = HttpRequests(opts.http_ports, http_write, names.name_of if names else None) \
+        if opts.http else None
     decoder = Decoder(local, [c for c in (remotes, conns, http_stage, rules) if c],
                       vnet=None)                                      # the ring will tell
+    return CaptureParts(decoder, rules, prefilter, remotes, conns, procs, http_stage)
+
+
+class Exporters(NamedTuple):
+    """What publishes: the metrics port, the rule socket and the enrichment behind them."""
+    mapping: object
+    geo: object
+    docker: object
+    rule_server: object
+    collector: object
+    http: object
+
+
+def build_exporters(opts, ifname, published, docker):
+    from prometheus_client import CollectorRegistry
+    geo = open_geoip(opts)
     mapping = NicMapping(opts.mapping_url, ifname, log, opts.mapping_interval)
-    published = Published()
     registry = CollectorRegistry(auto_describe=False)
     rule_server = None
     if opts.filter_file or opts.socket_path:
@@ -9636,8 +9664,28 @@ def build_daemon(opts):
         if rule_server:
             rule_server.close()
         raise
-    return Daemon(opts, ifname, decoder, rules, prefilter, mapping, published, http, rule_server,
-                  remotes, geo, collector, conns, conn_log, procs, http_stage, http_log, docker)
+    return Exporters(mapping, geo, docker, rule_server, collector, http)
+
+
+def open_logs(opts):
+    """The --conn-log and --http-log files the options name (None where not)."""
+    conn_log = JsonLog(opts.conn_log) if opts.connections and opts.conn_log else None
+    http_log = JsonLog(opts.http_log, "--http-log") if opts.http and opts.http_log else None
+    return conn_log, http_log
+
+
+def build_daemon(opts):
+    """Every part of a daemon, from the options; the Daemon itself builds none."""
+    ifname = capture_interface(opts)
+    published = Published()
+    docker = open_docker(opts)
+    conn_log, http_log = open_logs(opts)
+    cap = build_capture(opts, ifname, docker, conn_log.write if conn_log else None,
+                        http_log.write if http_log else None)
+    exp = build_exporters(opts, ifname, published, docker)
+    return Daemon(opts, ifname, cap.decoder, cap.rules, cap.prefilter, exp.mapping, published,
+                  exp.http, exp.rule_server, cap.remotes, exp.geo, exp.collector, cap.conns,
+                  conn_log, cap.procs, cap.http_stage, http_log, exp.docker)
 
 
 ###############################################################################
