@@ -38,6 +38,7 @@ import json
 import math
 import mmap
 import os
+import pickle
 import re
 import select
 import selectors
@@ -45,6 +46,7 @@ import signal
 import socket
 import stat
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -94,11 +96,14 @@ class FilterError(UsageError):
 LOG_ERR, LOG_WARNING, LOG_NOTICE, LOG_INFO, LOG_DEBUG = 3, 4, 5, 6, 7     # syslog priorities
 
 
+LOG_NAME = ["lpd"]                 # a worker says which it is
+
+
 def log(priority, message):
     """One line on stderr; journald reads the <N> priority prefix."""
     prefix = f"<{priority}>" if os.environ.get("JOURNAL_STREAM") else ""
     try:
-        sys.stderr.write(f"{prefix}lpd: {message}\n")
+        sys.stderr.write(f"{prefix}{LOG_NAME[0]}: {message}\n")
         sys.stderr.flush()
     except (OSError, ValueError):
         pass
@@ -234,6 +239,27 @@ def parse_listen_address(text):
     return host or "::", int(port)
 
 
+WORKERS_MAX = 256
+
+
+def _workers(text):
+    if text == "auto":
+        return len(os.sched_getaffinity(0))
+    n = _positive_int(text)
+    if n > WORKERS_MAX:
+        raise argparse.ArgumentTypeError(f"at most {WORKERS_MAX}, got {n}")
+    return n
+
+
+def worker_argument(text):
+    """--worker-of INDEX,GROUP,CONTROL_FD,DATA_FD,PARENT_PID (the parent writes it)."""
+    try:
+        index, group, control, data, parent = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 5 numbers, got {text!r}") from None
+    return index, group, control, data, parent
+
+
 def build_parser():
     p = _ArgParser(prog="lpd", description="Per-address and per-rule network accounting "
                 "from an AF_PACKET ring, exported to Prometheus and a unix socket.")
@@ -291,6 +317,12 @@ def build_parser():
                    help="Docker (or podman) Engine API socket: container names of HTTP servers "
                         "and lpd_container_info (default /var/run/docker.sock while capturing "
                         "with --http; with -r only when given; 'none': off)")
+    p.add_argument("--workers", type=_workers, default=1, metavar="N|auto",
+                   help="capture processes behind one PACKET_FANOUT group, flows hashed to "
+                        "one each; the numbers are their sum (default 1; auto: one per CPU)")
+    p.add_argument("--workers-pin", action="store_true",
+                   help="pin worker N to the N-th CPU lpd may run on")
+    p.add_argument("--worker-of", type=worker_argument, help=argparse.SUPPRESS)
     p.add_argument("--duration", type=_positive_float, metavar="SECONDS",
                    help="capture this long, print the table (see --output) and exit")
     p.add_argument("--output", choices=OUTPUTS, default="table",
@@ -370,6 +402,11 @@ SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC = 1, 1
 PACKET_RX_RING, PACKET_STATISTICS, PACKET_AUXDATA, PACKET_VERSION = 5, 6, 8, 10
 PACKET_VNET_HDR = 15
+PACKET_FANOUT = 18
+# One flow, one ring: the kernel hashes addresses and ports (the same both ways), and
+# with DEFRAG reassembles IP fragments first, so a flow's fragments follow it.
+PACKET_FANOUT_HASH, PACKET_FANOUT_FLAG_DEFRAG = 0, 0x8000
+PACKET_FANOUT_GROUP_MASK = 0xFFFF
 TPACKET_V3 = 2
 SO_ATTACH_FILTER = 26
 ETH_P_ALL = 0x0003
@@ -4999,7 +5036,7 @@ def ring_geometry(ring_bytes):
 class Ring:
     """An AF_PACKET socket with a mapped TPACKET_V3 receive ring on one interface."""
 
-    def __init__(self, ifname, ring_bytes, prog, promisc=False):
+    def __init__(self, ifname, ring_bytes, prog, promisc=False, fanout=None):
         self.ifname = ifname
         self.ifindex = interface_index(ifname)
         if self.ifindex is None:
@@ -5028,6 +5065,8 @@ class Ring:
             if promisc:
                 self.sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, PACKET_MREQ.pack(
                     self.ifindex, PACKET_MR_PROMISC, 0, b""))
+            if fanout is not None:       # (group id, mode and flags): one ring of several
+                self.sock.setsockopt(SOL_PACKET, PACKET_FANOUT, U32.pack(fanout))
         except OSError as e:
             if hasattr(self, "view"):
                 self.view.release()
@@ -6575,9 +6614,34 @@ class HttpSnapshot(NamedTuple):
     servers: tuple = ()                    # ((server, requests, errors, (durations...), ((route, n), ...)), ...)
 
     def merge(self, other):
-        return HttpSnapshot(self.histogram + other.histogram,
-                            _merge_keyed(self.parse_errors, other.parse_errors, 1),
-                            self.recent + other.recent, self.servers + other.servers)
+        hist = {}
+        for labels, counts, total, n in self.histogram + other.histogram:
+            if labels in hist:
+                c, t, m = hist[labels]
+                hist[labels] = (_add(c, counts), t + total, m + n)
+            else:
+                hist[labels] = (counts, total, n)
+        recent = {}
+        for srv, recs in self.recent + other.recent:
+            recent[srv] = recent.get(srv, ()) + recs
+        summary = {}
+        for srv, n, errors, durations, routes in self.servers + other.servers:
+            if srv in summary:
+                n0, e0, d0, r0 = summary[srv]
+                summary[srv] = (n0 + n, e0 + errors, (d0 + durations)[-HTTP_LATENCY_SAMPLES:],
+                                _merge_keyed(r0, routes, 1))
+            else:
+                summary[srv] = (n, errors, durations, routes)
+        return HttpSnapshot(
+            tuple((k, c, t, n) for k, (c, t, n) in hist.items()),
+            _merge_keyed(self.parse_errors, other.parse_errors, 1),
+            tuple((srv, tuple(sorted(recs, key=_finished_at, reverse=True)[:HTTP_RECENT]))
+                  for srv, recs in itertools.islice(recent.items(), HTTP_RECENT_SERVERS)),
+            tuple((srv, *v) for srv, v in summary.items()))
+
+
+def _finished_at(rec):
+    return rec["ts"] + rec["duration"]
 
 
 class HttpRequests(Consumer):
@@ -8496,6 +8560,17 @@ class Collector:
                          [((r,), n) for r, n in http.parse_errors])
         if self.docker is not None:
             yield from self._docker(self.docker, family, CounterMetricFamily, GaugeMetricFamily)
+        workers = snap.get("workers")
+        if workers is not None:          # --workers N: what each captured
+            yield family(CounterMetricFamily, "lpd_worker_capture_packets",
+                         "Frames a worker read from its ring.", ["nic", "worker"],
+                         [((nic, str(i)), f) for i, f, _ in workers])
+            yield family(CounterMetricFamily, "lpd_worker_capture_drops",
+                         "Frames the kernel dropped because a worker's ring was full.",
+                         ["nic", "worker"], [((nic, str(i)), d) for i, _, d in workers])
+            yield family(CounterMetricFamily, "lpd_worker_restarts",
+                         "Workers that ended and were started again.", [],
+                         [((), snap.get("worker_restarts", 0))])
         rules = snap.get("rules", RuleSnapshot()).rows
         yield family(CounterMetricFamily, "lpd_rule_packets", "Packets matching a rule.",
                      ["rule"], [((r,), p) for r, _, p in rules])
@@ -9260,6 +9335,8 @@ class Daemon:
         self.widen_blocks = 0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         published.set_waker(self._wake)
+        self.fanout = None               # a worker's PACKET_FANOUT argument
+        self.control = {}                # fd -> handler, polled beside the ring (a worker's pipe)
 
     def _wake(self):
         try:
@@ -9400,7 +9477,7 @@ class Daemon:
     def open_capture(self):
         self.ring = Ring(self.ifname, self.opts.ring_bytes,
                          kernel_program(self.prefilter, self.decoder.snaplen(), self.whole),
-                         self.opts.promisc)
+                         self.opts.promisc, self.fanout)
         if not self.ring.vnet and self.decoder.vnet is not False:
             log(LOG_WARNING, f"{self.ifname}: the kernel gives no PACKET_VNET_HDR: a GSO/GRO "
                              "super-frame counts as one frame (turn offloads off for exact counts)")
@@ -9474,7 +9551,11 @@ class Daemon:
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         self.poller = select.poll()
         self.poller.register(self._wake_r, select.POLLIN)
-        threads = [threading.Thread(target=self.http.serve_forever, name="http", daemon=True)]
+        for fd in self.control:
+            self.poller.register(fd, select.POLLIN)
+        threads = []
+        if self.http is not None:
+            threads.append(threading.Thread(target=self.http.serve_forever, name="http", daemon=True))
         if self.opts.mapping_url:
             threads.append(threading.Thread(target=self.mapping.run, args=(self.stop_event,),
                                             name="mapping", daemon=True))
@@ -9494,8 +9575,9 @@ class Daemon:
                 t.start()
             if self.rule_server:
                 self.rule_server.start()
-            log(LOG_INFO, f"capturing on {self.ifname}; metrics on "
-                          f"http://{self.opts.listen[0]}:{self.opts.listen[1]}/metrics")
+            if self.http is not None:
+                log(LOG_INFO, f"capturing on {self.ifname}; metrics on "
+                              f"http://{self.opts.listen[0]}:{self.opts.listen[1]}/metrics")
             sd_notify("READY=1")
             self._loop()
         finally:
@@ -9503,9 +9585,10 @@ class Daemon:
             self.stop_event.set()
             if self.docker is not None:
                 self.docker.wake()
-            if threads[0].is_alive():
-                self.http.shutdown()
-            self.http.server_close()
+            if self.http is not None:
+                if threads[0].is_alive():
+                    self.http.shutdown()
+                self.http.server_close()
             if self.rule_server:
                 self.rule_server.close()
             if self.ring is not None:
@@ -9545,6 +9628,8 @@ class Daemon:
                                 break
                         except BlockingIOError:
                             break
+                elif fd in self.control:
+                    self.control[fd]()
                 elif self.ring is not None and fd == self.ring.fileno() and events & select.POLLERR:
                     err = self.ring.socket_error()
                     self.lose_capture(os.strerror(err) if err else "socket error")
@@ -9686,6 +9771,429 @@ def build_daemon(opts):
     return Daemon(opts, ifname, cap.decoder, cap.rules, cap.prefilter, exp.mapping, published,
                   exp.http, exp.rule_server, cap.remotes, exp.geo, exp.collector, cap.conns,
                   conn_log, cap.procs, cap.http_stage, http_log, exp.docker)
+
+
+###############################################################################
+# Workers: one capture process per core behind PACKET_FANOUT ##################
+###############################################################################
+#
+# --workers N: N worker processes each capture on a ring of one fanout group and run
+# the decoder and stages; the parent owns every exporter (metrics port, rule socket,
+# logs, NIC mapping, GeoIP, Docker). The kernel hashes each flow (both directions the
+# same; fragments reassembled first) to one worker, so connection tracking and HTTP
+# reassembly stay whole. A worker ships each publication (every --interval, and at
+# once when the parent asks for a socket dump) with the log records made since, as
+# one pickled message on a pipe; the parent publishes the merge (snapshots of a kind
+# add up). Pipes rather than shared memory: a publication is a few hundred bytes to
+# a few MB once per interval, pickling it costs the worker less than one interval's
+# frames, and a pipe's end tells the parent when a worker died.
+
+WORKER_MSG = struct.Struct("=I")   # length of the pickled message that follows
+WORKER_READ_BYTES = 1 << 20
+WORKER_STOP_GRACE = 10.0           # SIGTERM to SIGKILL for a worker that does not end
+WORKER_RESTART_DELAY = 1.0         # a worker that dies at once must not spin the parent
+WORKER_POLL = 0.2                  # the parent's loop period when nothing arrives
+PR_SET_PDEATHSIG = 1
+SNAPSHOT_TYPES = {"interface": InterfaceSnapshot, "addresses": AddressSnapshot,
+                  "remotes": RemoteSnapshot, "rules": RuleSnapshot,
+                  "connections": ConnectionSnapshot, "http": HttpSnapshot}
+WORKER_LOGS = ("conn", "http")
+
+
+def send_message(fd, obj):
+    """One length-prefixed pickle, written whole (the reader waits for all of it)."""
+    data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    view = memoryview(WORKER_MSG.pack(len(data)) + data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def take_messages(buf):
+    """Complete messages at the front of buf (a bytearray), removed from it."""
+    out = []
+    while len(buf) >= WORKER_MSG.size:
+        n = WORKER_MSG.unpack_from(buf)[0]
+        if len(buf) < WORKER_MSG.size + n:
+            break
+        out.append(pickle.loads(bytes(buf[WORKER_MSG.size:WORKER_MSG.size + n])))
+        del buf[:WORKER_MSG.size + n]
+    return out
+
+
+def plain_snapshots(snaps):
+    """A publication as builtins only: parent and worker may know lpd under
+    different module names (lpd, __main__)."""
+    return {k: v if k == "time" else tuple(v) for k, v in snaps.items()}
+
+
+def typed_snapshots(plain):
+    return {k: v if k == "time" else SNAPSHOT_TYPES[k](*v) for k, v in plain.items()}
+
+
+def merge_publications(pubs):
+    merged = {}
+    for pub in pubs:
+        for k, v in pub.items():
+            if k not in merged:
+                merged[k] = v
+            elif k == "time":
+                merged[k] = max(merged[k], v)
+            else:
+                merged[k] = merged[k].merge(v)
+    return merged
+
+
+def retired(pub):
+    """What stays of a dead worker's last publication: its counters. Its gauges (rates,
+    open connections) ended with it."""
+    out = dict(pub)
+    if "addresses" in out:
+        a = out["addresses"]
+        out["addresses"] = a._replace(rows=tuple(r[:1 + RX_PACKETS + 1] + (0, 0) for r in a.rows))
+    if "connections" in out:
+        out["connections"] = out["connections"]._replace(rows=(), live=())
+    if "interface" in out:
+        out["interface"] = out["interface"]._replace(up=False)
+    return out
+
+
+class ShippedLog:
+    """A worker's --conn-log / --http-log: records go to the parent with the next
+    publication; the parent writes the file."""
+
+    def __init__(self):
+        self.records = []
+
+    def write(self, record):
+        self.records.append(record)
+
+    def take(self):
+        records, self.records = self.records, []
+        return records
+
+    def flush(self):
+        pass
+
+    reopen = close = flush
+
+
+class ShippedNames:
+    """The parent's container names, for a worker's HTTP stage."""
+
+    def __init__(self):
+        self.names = {}
+
+    def name_of(self, raw):
+        return self.names.get(raw, "")
+
+
+class WorkerPublished(Published):
+    """A worker's publications, each also shipped to the parent."""
+
+    def __init__(self, fd, logs):
+        super().__init__()
+        self.fd, self.logs = fd, logs
+        self.answering = False           # the next publication answers a fresh request
+
+    def publish(self, snapshots):
+        super().publish(snapshots)
+        fresh, self.answering = self.answering, False
+        send_message(self.fd, {"snaps": plain_snapshots(snapshots), "fresh": fresh,
+                               "logs": {k: log_.take() for k, log_ in self.logs.items()
+                                        if log_ is not None}})
+
+
+def run_worker(opts):
+    """One worker: the daemon's capture loop with no exporters; publications go to the
+    parent, which it outlives by nothing (PR_SET_PDEATHSIG)."""
+    index, group, control, data, parent = opts.worker_of
+    LOG_NAME[0] = f"lpd worker {index}"
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:           # the parent died before prctl took effect
+        return 0
+    if opts.workers_pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[index % len(cpus)]})
+    ifname = capture_interface(opts)
+    logs = {"conn": ShippedLog() if opts.connections and opts.conn_log else None,
+            "http": ShippedLog() if opts.http and opts.http_log else None}
+    names = ShippedNames() if opts.http else None
+    published = WorkerPublished(data, logs)
+    cap = build_capture(opts, ifname, names, logs["conn"] and logs["conn"].write,
+                        logs["http"] and logs["http"].write)
+    opts.mapping_url = None              # the parent's
+    daemon = Daemon(opts, ifname, cap.decoder, cap.rules, cap.prefilter,
+                    NicMapping(None, ifname, log), published, None, None, cap.remotes, None,
+                    None, cap.conns, logs["conn"], cap.procs, cap.http_stage, logs["http"])
+    daemon.fanout = group | (PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG) << 16
+    buf = bytearray()
+
+    def from_parent():
+        try:
+            chunk = os.read(control, WORKER_READ_BYTES)
+        except BlockingIOError:
+            return
+        if not chunk:                    # the parent is gone
+            daemon.stop_requested = True
+            daemon.poller.unregister(control)
+            return
+        buf.extend(chunk)
+        for msg in take_messages(buf):
+            if msg.get("fresh"):
+                published.answering = published.requested = True
+            if "names" in msg and names is not None:
+                names.names = msg["names"]
+    os.set_blocking(control, False)
+    daemon.control[control] = from_parent
+    return daemon.run()
+
+
+class WorkerProc:
+    """The parent's view of one worker."""
+
+    def __init__(self, index, proc, control, data):
+        self.index, self.proc, self.control, self.data = index, proc, control, data
+        self.buf = bytearray()
+        self.latest = {}                 # its last publication (typed)
+        self.eof = False
+
+
+class Supervisor:
+    """--workers N: the parent. Spawns and restarts the workers, merges what they
+    publish, and runs the exporters on the merge."""
+
+    def __init__(self, opts, argv, ifname, published, exp, conn_log, http_log):
+        self.opts, self.argv, self.ifname = opts, argv, ifname
+        self.published, self.exp = published, exp
+        self.logs = {"conn": conn_log, "http": http_log}
+        self.workers = {}
+        self.base = {}                   # what dead workers counted
+        self.restarts = 0
+        self.respawn = {}                # index -> monotonic time to start it again
+        self.group = os.getpid() & PACKET_FANOUT_GROUP_MASK
+        self.stopping = self.stop_requested = self.reload_requested = False
+        self.fresh_pending = set()
+        self.fresh_deadline = 0.0
+        self.names_sent = None
+        self.stop_event = threading.Event()
+        self.stopped_for_duration = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        published.set_waker(self._wake)
+
+    def _wake(self):
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass
+
+    def spawn(self, index):
+        control_r, control_w = os.pipe2(os.O_CLOEXEC)
+        data_r, data_w = os.pipe2(os.O_CLOEXEC)
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        argv = [sys.executable, os.path.abspath(__file__), *self.argv, "--worker-of",
+                f"{index},{self.group},{control_r},{data_w},{os.getpid()}"]
+        try:
+            proc = subprocess.Popen(argv, pass_fds=(control_r, data_w), env=env)
+        finally:
+            os.close(control_r)
+            os.close(data_w)
+        os.set_blocking(data_r, False)
+        w = self.workers[index] = WorkerProc(index, proc, control_w, data_r)
+        self.poller.register(data_r, select.POLLIN)
+        if self.exp.docker is not None:
+            self._tell(w, {"names": self.exp.docker.names})
+
+    def _tell(self, w, msg):
+        try:
+            send_message(w.control, msg)
+        except OSError:
+            pass                         # it is dying: its pipe's end will say so
+
+    def _read(self, w):
+        while True:
+            try:
+                chunk = os.read(w.data, WORKER_READ_BYTES)
+            except BlockingIOError:
+                break
+            if not chunk:
+                w.eof = True
+                self.poller.unregister(w.data)
+                break
+            w.buf.extend(chunk)
+        for msg in take_messages(w.buf):
+            w.latest = typed_snapshots(msg["snaps"])
+            for kind, records in msg["logs"].items():
+                log_ = self.logs.get(kind)
+                for rec in records if log_ is not None else ():
+                    log_.write(rec)
+            if msg["fresh"]:
+                self.fresh_pending.discard(w.index)
+            if not self.fresh_pending:
+                self.publish()
+
+    def publish(self):
+        live = [w.latest for w in self.workers.values() if w.latest]
+        merged = merge_publications([self.base] + live if self.base else live)
+        merged["workers"] = tuple((w.index, w.latest["interface"].frames, w.latest["interface"].drops)
+                                  for w in sorted(self.workers.values(), key=lambda w: w.index)
+                                  if "interface" in w.latest)
+        merged["worker_restarts"] = self.restarts
+        self.published.publish(merged)
+        for log_ in self.logs.values():
+            if log_ is not None:
+                log_.flush()
+
+    def _reap(self, w):
+        """A worker's pipe ended: gone for good (stopping), or restarted."""
+        code = w.proc.wait()
+        os.close(w.data)
+        os.close(w.control)
+        del self.workers[w.index]
+        self.fresh_pending.discard(w.index)
+        if w.latest:
+            self.base = merge_publications([self.base, retired(w.latest)]) if self.base \
+                else retired(w.latest)
+        if self.stopping:
+            return
+        if self.opts.duration and code == 0:
+            return                       # its --duration ran out
+        self.restarts += 1
+        log(LOG_WARNING, f"worker {w.index} (pid {w.proc.pid}) ended "
+                         f"({'signal ' + str(-code) if code < 0 else 'exit ' + str(code)}); "
+                         f"its counts since its last publication are lost; restarting it")
+        self.respawn[w.index] = time.monotonic() + WORKER_RESTART_DELAY
+
+    def _on_signal(self, signum, frame):
+        if signum == signal.SIGHUP:
+            self.reload_requested = True
+        elif signum != signal.SIGUSR1:
+            self.stop_requested = True
+
+    def _signal_workers(self, sig):
+        for w in self.workers.values():
+            try:
+                w.proc.send_signal(sig)
+            except OSError:
+                pass
+
+    def run(self):
+        exp = self.exp
+        old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        self.poller = select.poll()
+        self.poller.register(self._wake_r, select.POLLIN)
+        threads = [threading.Thread(target=exp.http.serve_forever, name="http", daemon=True)]
+        for name, poller, on in (("mapping", exp.mapping, self.opts.mapping_url),
+                                 ("geoip", exp.geo, exp.geo), ("docker", exp.docker, exp.docker)):
+            if on:
+                threads.append(threading.Thread(target=poller.run, args=(self.stop_event,),
+                                                name=name, daemon=True))
+        try:
+            for i in range(self.opts.workers):
+                self.spawn(i)
+            self.publish()
+            for t in threads:
+                t.start()
+            if exp.rule_server:
+                exp.rule_server.start()
+            log(LOG_INFO, f"capturing on {self.ifname} with {self.opts.workers} workers; metrics "
+                          f"on http://{self.opts.listen[0]}:{self.opts.listen[1]}/metrics")
+            sd_notify("READY=1")
+            self._loop()
+        finally:
+            sd_notify("STOPPING=1")
+            self.stopping = True
+            self._stop_workers()
+            self.publish()
+            self.stop_event.set()
+            if exp.docker is not None:
+                exp.docker.wake()
+            if threads[0].is_alive():
+                exp.http.shutdown()
+            exp.http.server_close()
+            if exp.rule_server:
+                exp.rule_server.close()
+            for log_ in self.logs.values():
+                if log_ is not None:
+                    log_.close()
+            signal.set_wakeup_fd(old_wakeup)
+            self.published.set_waker(lambda: None)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        return 0
+
+    def _stop_workers(self):
+        self._signal_workers(signal.SIGTERM)
+        deadline = time.monotonic() + WORKER_STOP_GRACE
+        while self.workers and time.monotonic() < deadline:
+            self._poll(min(WORKER_POLL, max(0.0, deadline - time.monotonic())))
+        self._signal_workers(signal.SIGKILL)
+        for w in list(self.workers.values()):
+            self._read(w)
+            self._reap(w)
+
+    def _poll(self, timeout):
+        by_fd = {w.data: w for w in self.workers.values()}
+        for fd, _ in self.poller.poll(timeout * 1000):
+            if fd == self._wake_r:
+                try:
+                    while os.read(self._wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+            elif fd in by_fd:
+                self._read(by_fd[fd])
+        for w in list(self.workers.values()):
+            if w.eof:
+                self._reap(w)
+
+    def _loop(self):
+        while not self.stop_requested:
+            self._poll(WORKER_POLL)
+            now = time.monotonic()
+            for index, when in list(self.respawn.items()):
+                if now >= when:
+                    del self.respawn[index]
+                    self.spawn(index)
+            if self.opts.duration and not self.workers and not self.respawn:
+                self.stopped_for_duration = True
+                break
+            if self.published.requested and not self.fresh_pending:
+                self.published.requested = False
+                self.fresh_pending = set(self.workers)
+                self.fresh_deadline = now + SOCKET_FRESH_TIMEOUT / 2
+                for w in self.workers.values():
+                    self._tell(w, {"fresh": True})
+            elif self.fresh_pending and now >= self.fresh_deadline:
+                self.fresh_pending = set()   # a worker that does not answer: what we have
+                self.publish()
+            docker = self.exp.docker
+            if docker is not None and docker.names is not self.names_sent:
+                self.names_sent = docker.names
+                for w in self.workers.values():
+                    self._tell(w, {"names": docker.names})
+            if self.reload_requested:
+                self.reload_requested = False
+                for log_ in self.logs.values():
+                    if log_ is not None:
+                        log_.reopen()
+                if self.exp.geo is not None:
+                    self.exp.geo.reopen()
+                self._signal_workers(signal.SIGHUP)
+
+
+def build_supervisor(opts, argv):
+    ifname = capture_interface(opts)
+    if opts.filter_file:
+        load_rules(opts.filter_file, ifname)     # a bad file is the parent's error, once
+    published = Published()
+    docker = open_docker(opts)
+    conn_log, http_log = open_logs(opts)
+    exp = build_exporters(opts, ifname, published, docker)
+    return Supervisor(opts, argv, ifname, published, exp, conn_log, http_log)
 
 
 ###############################################################################
@@ -9831,7 +10339,12 @@ def main(argv=None):
             return dump_filter(opts)
         if opts.read_file:
             return replay(opts)
-        daemon = build_daemon(opts)
+        if opts.worker_of:
+            return run_worker(opts)
+        if opts.workers > 1:
+            daemon = build_supervisor(opts, sys.argv[1:] if argv is None else list(argv))
+        else:
+            daemon = build_daemon(opts)
         code = daemon.run()
         if daemon.stopped_for_duration:
             write_output(opts.output, daemon.published, daemon.collector, sys.stdout)
