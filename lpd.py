@@ -9793,6 +9793,7 @@ WORKER_READ_BYTES = 1 << 20
 WORKER_STOP_GRACE = 10.0           # SIGTERM to SIGKILL for a worker that does not end
 WORKER_RESTART_DELAY = 1.0         # a worker that dies at once must not spin the parent
 WORKER_POLL = 0.2                  # the parent's loop period when nothing arrives
+WORKER_START_TIMEOUT = 30.0        # for every worker's first publication (a large rule file)
 PR_SET_PDEATHSIG = 1
 SNAPSHOT_TYPES = {"interface": InterfaceSnapshot, "addresses": AddressSnapshot,
                   "remotes": RemoteSnapshot, "rules": RuleSnapshot,
@@ -10094,6 +10095,12 @@ class Supervisor:
         try:
             for i in range(self.opts.workers):
                 self.spawn(i)
+            # Ready (and scraped) once every worker captures: its first publication
+            # comes after its ring is bound.
+            deadline = time.monotonic() + WORKER_START_TIMEOUT
+            while time.monotonic() < deadline and not self.stop_requested and \
+                    not all(w.latest for w in self.workers.values()):
+                self._poll(WORKER_POLL)
             self.publish()
             for t in threads:
                 t.start()

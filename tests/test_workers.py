@@ -1,0 +1,249 @@
+"""--workers N (issue 14): N capture processes on one PACKET_FANOUT group, one view.
+The same traffic, counted by one process and by two workers, must give the same
+numbers everywhere (addresses, rules, remotes, connections, HTTP); a worker killed
+is replaced; SIGTERM leaves no process behind."""
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+import netns
+from test_daemon import Lpd, metrics, scrape, wait_for
+from test_rules_live import parse_lines, read_socket
+
+RULES = "udp;udp\ntcp;tcp\nweb;tcp port 8080\nping;icmp or icmp6\n"
+HTTP_PORT = 8080
+SERVER = r"""
+import http.server, socketserver, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def do_GET(self):
+        body = b"x" * int(self.path.strip("/") or 1)
+        self.send_response(200); self.send_header("Content-Length", str(len(body)))
+        self.end_headers(); self.wfile.write(body)
+class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+S(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
+"""
+FLOWS = 24                                      # UDP flows, several per worker
+
+
+def children(pid):
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return sorted(int(x) for x in out.stdout.split())
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+def traffic(pair):
+    """UDP flows both ways, pings, and HTTP requests of known sizes from ns_b to ns_a."""
+    for sport in range(40000, 40000 + FLOWS):
+        pair.udp_send(pair.ns_b, pair.ip4_b, pair.ip4_a, [100 + sport % 7, 300], sport=sport)
+        pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [200], sport=sport)
+    pair.ping(pair.ns_a, pair.ip4_b)
+    pair.ping(pair.ns_a, pair.ip6_b)
+    for size in (1, 10, 1000, 5000, 20000, 77):
+        status, body = netns.http_get(pair.ns_b, pair.ip4_a, HTTP_PORT, f"/{size}")
+        assert status == 200 and len(body) == size
+
+
+def comparable(m):
+    """The series that must not depend on the number of workers."""
+    keep = ("lpd_transmit_", "lpd_receive_", "lpd_interface_", "lpd_rule_", "lpd_remote_",
+            "ip_traffic_", "lpd_connections", "http_server_request_duration_seconds_count",
+            "lpd_capture_packets", "lpd_http_parse_errors")
+    return {k: v for k, v in m.items() if k[0].startswith(keep)}
+
+
+def strip_conn(rec):
+    return {k: v for k, v in rec.items() if k not in ("ts", "uid", "duration", "pid", "comm")}
+
+
+def strip_http(rec):
+    return {k: v for k, v in rec.items() if k not in ("ts", "ttfb", "duration")}
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Instance(Lpd):
+    """lpd on veth-b on a metrics port of its own, so two can watch the same traffic."""
+
+    def __init__(self, pair, port, *args):
+        self.port = port
+        super().__init__(pair, *args, "--web.listen-address", f"127.0.0.1:{port}")
+
+    def _ready(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"lpd exited {self.proc.returncode}: {self.stderr()}")
+        try:
+            return "lpd_build_info" in scrape(self.pair, port=self.port)
+        except netns.NetnsError:
+            return False
+
+
+PORTS = {1: 59123, 2: 59124}
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """One process and two workers on the same interface at the same time: the same
+    frames, so every number must be the same."""
+    with tempfile.TemporaryDirectory() as tmp, netns.Pair() as pair:
+        server = pair.popen(pair.ns_a, [sys.executable, "-c", SERVER, str(HTTP_PORT)])
+        assert wait_for(lambda: _up(pair), 10), "HTTP server did not start"
+        rules = os.path.join(tmp, "rules")
+        with open(rules, "w") as f:
+            f.write(RULES)
+        lpds, out = {}, {}
+        try:
+            for n in (1, 2):
+                lpds[n] = Instance(
+                    pair, PORTS[n], "--workers", str(n), "--mapping-url", "none",
+                    "--interval", "0.5", "-f", rules, "-u", os.path.join(tmp, f"rules{n}.sock"),
+                    "--remote", "-t", "0", "--local-net", "10.199.0.2/32",
+                    "--local-net", "fd00:199::2/128", "--conn-log", os.path.join(tmp, f"conn{n}"),
+                    "--http-log", os.path.join(tmp, f"http{n}"), "--http-ports", str(HTTP_PORT))
+            kids = {n: children(lpd.proc.pid) for n, lpd in lpds.items()}
+            assert len(kids[1]) == 0 and len(kids[2]) == 2, kids
+            time.sleep(0.5)                  # both rings bound before the first frame
+            traffic(pair)
+            time.sleep(1.5)
+            for n, lpd in lpds.items():
+                out[n] = {"socket": parse_lines(read_socket(os.path.join(tmp, f"rules{n}.sock"))),
+                          "all": metrics(pair, port=PORTS[n])}
+        finally:
+            codes = {n: lpd.stop() for n, lpd in lpds.items()}
+            netns.stop(server)
+        for n, lpd in lpds.items():
+            assert codes[n] == 0, lpd.stderr()
+            assert not [k for k in kids[n] if alive(k)], "a worker outlived SIGTERM"
+            out[n]["metrics"] = comparable(out[n]["all"])
+            out[n]["conns"] = sorted(json.dumps(strip_conn(r), sort_keys=True)
+                                     for r in read_log(os.path.join(tmp, f"conn{n}")))
+            out[n]["http"] = sorted(json.dumps(strip_http(r), sort_keys=True)
+                                    for r in read_log(os.path.join(tmp, f"http{n}")))
+        yield out
+
+
+def _up(pair):
+    try:
+        return netns.http_get(pair.ns_b, pair.ip4_a, HTTP_PORT, "/1")[0] == 200
+    except OSError:
+        return False
+
+
+def test_two_workers_count_what_one_process_counts(runs):
+    one, two = runs[1]["metrics"], runs[2]["metrics"]
+    assert one and set(one) == set(two)
+    diff = {k: (one[k], two[k]) for k in one if one[k] != two[k]}
+    assert not diff, diff
+    # and it is not nothing: every kind of series saw traffic
+    for prefix in ("lpd_receive_bytes_total", "lpd_rule_bytes_total", "ip_traffic_rx_bytes_total",
+                   "lpd_connections", "http_server_request_duration_seconds_count"):
+        assert sum(v for k, v in one.items() if k[0] == prefix) > 0, prefix
+
+
+def test_the_rule_socket_says_the_same(runs):
+    assert runs[1]["socket"] == runs[2]["socket"]
+    assert [r[0] for r in runs[2]["socket"]] == ["udp", "tcp", "web", "ping"]
+    assert all(p > 0 for _, _, p in runs[2]["socket"])
+
+
+def test_connections_and_requests_stay_whole(runs):
+    """Each flow's frames went to one worker: the conn.log and http.log of two workers
+    are those of one process (histories, sizes and states whole)."""
+    assert runs[2]["conns"] == runs[1]["conns"] and len(runs[1]["conns"]) >= FLOWS
+    assert runs[2]["http"] == runs[1]["http"] and len(runs[1]["http"]) == 6
+    assert any('"conn_state": "SF"' in c for c in runs[2]["conns"])
+
+
+def test_both_workers_took_frames(runs):
+    m = runs[2]["all"]
+    per = {dict(k[1])["worker"]: v for k, v in m.items() if k[0] == "lpd_worker_capture_packets_total"}
+    assert set(per) == {"0", "1"} and all(v > 0 for v in per.values()), per
+    assert sum(per.values()) == m[("lpd_capture_packets_total", frozenset({("nic", netns.IF_B)}))]
+    assert not [k for k in runs[1]["all"] if k[0].startswith("lpd_worker_")]
+
+
+@pytest.fixture
+def pair():
+    with netns.Pair() as p:
+        yield p
+
+
+def test_a_killed_worker_is_replaced_and_nothing_outlives_the_parent(pair):
+    lpd = Lpd(pair, "--workers", "2", "--mapping-url", "none", "--interval", "0.5")
+    try:
+        kids = children(lpd.proc.pid)
+        assert len(kids) == 2
+        pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100] * 20)
+        key = ("lpd_receive_packets_total", frozenset({("local_ip", pair.ip4_b), ("nic", pair.if_b)}))
+        assert wait_for(lambda: metrics(pair).get(key) == 20, 5)
+        os.kill(kids[0], signal.SIGKILL)
+        assert wait_for(lambda: len(children(lpd.proc.pid)) == 2 and
+                        kids[0] not in children(lpd.proc.pid), 10)
+        m = metrics(pair)
+        assert m[("lpd_worker_restarts_total", frozenset())] == 1
+        assert m[key] == 20, "counts already published were lost"
+        pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100] * 20)
+        assert wait_for(lambda: metrics(pair).get(key) == 40, 5)
+        kids = children(lpd.proc.pid)
+        assert "worker 0" in lpd.stderr() and "restarting" in lpd.stderr()
+    finally:
+        code = lpd.stop()
+    assert code == 0
+    assert not [k for k in kids if alive(k)]
+
+
+def test_workers_die_with_a_parent_killed_outright(pair):
+    lpd = Lpd(pair, "--workers", "2", "--mapping-url", "none")
+    kids = children(lpd.proc.pid)
+    assert len(kids) == 2
+    lpd.proc.kill()
+    lpd.proc.wait(5)
+    assert wait_for(lambda: not [k for k in kids if alive(k)], 10), "orphaned workers"
+
+
+def test_a_reload_reaches_every_worker(pair, tmp_path):
+    rules, sock = tmp_path / "rules", tmp_path / "r.sock"
+    rules.write_text("udp;udp\n")
+    lpd = Lpd(pair, "--workers", "2", "--mapping-url", "none", "-f", str(rules), "-u", str(sock))
+    try:
+        rules.write_text("udp;udp\nbig;udp and greater 500\n")
+        lpd.proc.send_signal(signal.SIGHUP)
+        # every worker must have the new rule before a frame of it is sent: poll with bursts
+        # until both workers' halves are counted
+        def both():
+            for sport in range(41000, 41016):
+                pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [800], sport=sport)
+            time.sleep(0.3)
+            rows = dict((r, p) for r, _, p in parse_lines(read_socket(str(sock))))
+            return rows.get("big", 0) > 0 and rows
+        rows = wait_for(both, 15, 0.5)
+        assert rows and set(rows) == {"udp", "big"}, rows
+        # from now on both workers count the new rule: 16 flows of one frame each
+        before = dict((r, p) for r, _, p in parse_lines(read_socket(str(sock))))
+        for sport in range(42000, 42016):
+            pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [800], sport=sport)
+        after = wait_for(lambda: (lambda r: r["big"] - before["big"] == 16 and r)(
+            dict((r, p) for r, _, p in parse_lines(read_socket(str(sock))))), 5)
+        assert after, "a worker did not reload"
+    finally:
+        assert lpd.stop() == 0
