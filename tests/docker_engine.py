@@ -28,10 +28,12 @@ lib64 -> usr/...) and empty directories, to run with the host's /usr mounted rea
 (`eng.usr_run_args()`), e.g. /usr/bin/python3 with a script mounted in.
 
 Teardown (`close()`, the `with` block, atexit, and for a run that was killed outright
-`cleanup_stale()` the next time): every container removed, dockerd and containerd stopped
-by their PIDs, any process still rooted in or started from our directory (shims,
-container processes) killed by PID, the mounts under the directory unmounted, the bridge
-deleted, the directory removed. Nothing here ever signals a process by name.
+`cleanup_stale()` the next time, for directories and a bridge whose owner PID, in the
+directory's name and the bridge's alias `lpd-docker-<pid>`, is dead): every container
+removed, dockerd and containerd stopped by their PIDs, any process still started from our
+directory (shims: it is in their command line) or in one of its containers (by cgroup)
+killed by PID, the mounts under the directory unmounted, the bridge deleted, the
+directory removed. Nothing here ever signals a process by name.
 
 Failure never degrades silently: without root, without dockerd/containerd, or when the
 engine does not answer `/_ping` in time, EngineError (with the tail of dockerd's log).
@@ -57,6 +59,7 @@ CONTAINERD = "containerd"
 DOCKER = "docker"                       # the CLI; DOCKER_HOST points it at our socket
 BRIDGE = "lpdd0"
 PREFIX = "/tmp/lpd-docker-"
+ALIAS = "lpd-docker-"                   # the bridge's alias: lpd-docker-<owner pid>
 CACHE = os.environ.get("LPD_TEST_CACHE", "/var/cache/lpd-tests")
 BB_IMAGE, USR_IMAGE = "lpdtest/bb:1", "lpdtest/usr:1"
 INDEX = b"hello\n"                      # /www/index.html of the busybox image
@@ -108,22 +111,34 @@ def _signal(pid, sig):
         pass
 
 
+def _container_ids(directory):
+    """Ids of the containers an engine rooted at `directory` has (running or not)."""
+    try:
+        return {n for n in os.listdir(os.path.join(directory, "data", "containers"))
+                if len(n) == 64}
+    except OSError:
+        return set()
+
+
 def _pids_of(directory):
     """PIDs of the processes started from `directory` (it is in their command line:
-    dockerd, containerd, the shims with `-address <dir>/containerd.sock`) or rooted in
-    it (container processes: their root is <dir>/data/overlay2/<id>/merged)."""
+    dockerd, containerd, the shims with `-address <dir>/containerd.sock`) and of the
+    processes of its containers (their cgroup path ends in a container id of
+    <dir>/data/containers; their root is the container's, so it says nothing)."""
     me, out = os.getpid(), []
     mark = directory.rstrip("/") + "/"
+    ids = _container_ids(directory)
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me:
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().decode(errors="replace")
-            root = os.readlink(f"/proc/{entry}/root")
+                cmdline = f.read().decode(errors="replace").replace("\0", " ")
+            with open(f"/proc/{entry}/cgroup") as f:
+                cgroups = {line.rstrip("\n").rsplit("/", 1)[-1] for line in f}
         except OSError:
             continue
-        if mark in cmdline.replace("\0", " ") + " " or (root + "/").startswith(mark):
+        if mark in cmdline + " " or cgroups & ids:
             out.append(int(entry))
     return out
 
@@ -179,28 +194,31 @@ def _link_exists(name):
 def cleanup_stale():
     """Remove what runs whose process is dead left behind: their processes (by PID), mounts,
     directories, and the bridge if no live run owns it."""
-    live_owner = False
     for directory in glob.glob(PREFIX + "*"):
         owner = directory[len(PREFIX):].split("-", 1)[0]
-        if not owner.isdigit():
-            continue
-        if int(owner) != os.getpid() and os.path.exists(f"/proc/{owner}"):
-            live_owner = True
-            continue
-        if int(owner) == os.getpid():
+        if not owner.isdigit() or int(owner) == os.getpid() or \
+                os.path.exists(f"/proc/{owner}"):
             continue
         _kill_tree_of(directory)
         try:
             _remove_dir(directory)
         except EngineError:
             pass
-    if not live_owner and _link_exists(BRIDGE) and not _ours_alive():
+    # The bridge says whose it is (its alias, set at creation): only a dead run's goes.
+    owner = _bridge_owner(BRIDGE)
+    if owner is not None and owner != os.getpid() and not os.path.exists(f"/proc/{owner}"):
         _run(["ip", "link", "del", BRIDGE], check=False)
 
 
-def _ours_alive():
-    with _engines_lock:
-        return any(e.started for e in _engines)
+def _bridge_owner(name):
+    """The PID in `name`'s alias `lpd-docker-<pid>`, or None (no such link, not ours)."""
+    try:
+        with open(f"/sys/class/net/{name}/ifalias") as f:
+            alias = f.read().strip()
+    except OSError:
+        return None
+    tail = alias[len(ALIAS):] if alias.startswith(ALIAS) else ""
+    return int(tail) if tail.isdigit() else None
 
 
 def _host_networks():
@@ -295,6 +313,7 @@ class Engine:
     def _make_bridge(self):
         b = self.bridge
         _run(["ip", "link", "add", b, "type", "bridge"])
+        _run(["ip", "link", "set", b, "alias", f"{ALIAS}{os.getpid()}"])
         # No DAD (the address is usable at once), no router solicitations from the host.
         for key, val in (("accept_dad", "0"), ("router_solicitations", "0"), ("accept_ra", "0")):
             _run(["sysctl", "-q", "-w", f"net.ipv6.conf.{b}.{key}={val}"], check=False)

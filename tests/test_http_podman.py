@@ -134,8 +134,20 @@ def read_log(path):
         return []
 
 
+FORWARD = "/proc/sys/net/ipv4/ip_forward"
+
+
+def _links():
+    return set(os.listdir("/sys/class/net"))
+
+
 @pytest.fixture(scope="module")
 def podman():
+    """The host as it was afterwards: podman's CNI turns forwarding on and leaves its
+    bridge behind."""
+    with open(FORWARD) as f:
+        forward = f.read()
+    links = _links()
     with tempfile.TemporaryDirectory(prefix="lpd-podman-") as d:
         p = Podman(d)
         try:
@@ -143,6 +155,10 @@ def podman():
             yield p
         finally:
             p.close()
+            for link in _links() - links:
+                subprocess.run(["ip", "link", "del", link], capture_output=True)
+            with open(FORWARD, "w") as f:
+                f.write(forward)
 
 
 def test_names_from_podmans_api(podman, tmp_path):
