@@ -9307,6 +9307,19 @@ class _Widening(NamedTuple):
     deadline: float
 
 
+def status_line(ifname, snap, uptime):
+    """SIGUSR1's report, from the latest publication (at most one --interval old)."""
+    iface = snap.get("interface", InterfaceSnapshot())
+    workers = f"{len(snap['workers'])} workers, " if "workers" in snap else ""
+    return (f"status: {ifname} {'up' if iface.up else 'down'}, {workers}{iface.frames} frames, "
+            f"{iface.drops} drops, tx {iface.totals[TX_BYTES]} bytes, "
+            f"rx {iface.totals[RX_BYTES]} bytes, "
+            f"{len(snap.get('addresses', AddressSnapshot()).rows)} local addresses, "
+            f"{len(snap['remotes'].rows) if 'remotes' in snap else 'no'} remote addresses, "
+            f"{len(snap.get('rules', RuleSnapshot()).rows)} rules, "
+            f"uptime {int(uptime)} s")
+
+
 class Daemon:
     """Capture loop in the main thread; HTTP, mapping poller and rule socket beside it."""
 
@@ -9531,16 +9544,7 @@ class Daemon:
             self.stop_requested = True
 
     def status_line(self):
-        """SIGUSR1's report, from the latest publication (at most one --interval old)."""
-        snap = self.published.latest()
-        iface = snap.get("interface", InterfaceSnapshot())
-        return (f"status: {self.ifname} {'up' if iface.up else 'down'}, {iface.frames} frames, "
-                f"{iface.drops} drops, tx {iface.totals[TX_BYTES]} bytes, "
-                f"rx {iface.totals[RX_BYTES]} bytes, "
-                f"{len(snap.get('addresses', AddressSnapshot()).rows)} local addresses, "
-                f"{len(snap['remotes'].rows) if 'remotes' in snap else 'no'} remote addresses, "
-                f"{len(snap.get('rules', RuleSnapshot()).rows)} rules, "
-                f"uptime {int(time.monotonic() - self.started)} s")
+        return status_line(self.ifname, self.published.latest(), time.monotonic() - self.started)
 
     def run(self):
         old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
@@ -9966,7 +9970,7 @@ class Supervisor:
 
     def __init__(self, opts, argv, ifname, published, exp, conn_log, http_log):
         self.opts, self.argv, self.ifname = opts, argv, ifname
-        self.published, self.exp = published, exp
+        self.published, self.exp, self.collector = published, exp, exp.collector
         self.logs = {"conn": conn_log, "http": http_log}
         self.workers = {}
         self.base = {}                   # what dead workers counted
@@ -9974,6 +9978,8 @@ class Supervisor:
         self.respawn = {}                # index -> monotonic time to start it again
         self.group = os.getpid() & PACKET_FANOUT_GROUP_MASK
         self.stopping = self.stop_requested = self.reload_requested = False
+        self.status_requested = False
+        self.started = time.monotonic()
         self.fresh_pending = set()
         self.fresh_deadline = 0.0
         self.names_sent = None
@@ -10052,13 +10058,13 @@ class Supervisor:
         os.close(w.control)
         del self.workers[w.index]
         self.fresh_pending.discard(w.index)
+        # stopped, or its --duration ran out: its last publication stands whole
+        ended = self.stopping or (self.opts.duration and code == 0)
         if w.latest:
-            self.base = merge_publications([self.base, retired(w.latest)]) if self.base \
-                else retired(w.latest)
-        if self.stopping:
+            kept = w.latest if ended else retired(w.latest)
+            self.base = merge_publications([self.base, kept]) if self.base else kept
+        if ended:
             return
-        if self.opts.duration and code == 0:
-            return                       # its --duration ran out
         self.restarts += 1
         log(LOG_WARNING, f"worker {w.index} (pid {w.proc.pid}) ended "
                          f"({'signal ' + str(-code) if code < 0 else 'exit ' + str(code)}); "
@@ -10068,7 +10074,9 @@ class Supervisor:
     def _on_signal(self, signum, frame):
         if signum == signal.SIGHUP:
             self.reload_requested = True
-        elif signum != signal.SIGUSR1:
+        elif signum == signal.SIGUSR1:
+            self.status_requested = True
+        else:
             self.stop_requested = True
 
     def _signal_workers(self, sig):
@@ -10190,6 +10198,10 @@ class Supervisor:
                 if self.exp.geo is not None:
                     self.exp.geo.reopen()
                 self._signal_workers(signal.SIGHUP)
+            if self.status_requested:
+                self.status_requested = False
+                log(LOG_INFO, status_line(self.ifname, self.published.latest(),
+                                          time.monotonic() - self.started))
 
 
 def build_supervisor(opts, argv):

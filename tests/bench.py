@@ -137,6 +137,8 @@ DRAIN_FRAMES = 1_000_000
 DRAIN_RING = 256 << 20                  # ring big enough to hold DRAIN_FRAMES small frames
 DRAIN_SETTLE = 1.3                      # s: tcpdump's blocks retire after 1 s
 DRAIN_IDLE = 0.15                       # s without CPU progress = drained
+WORKER_FLOWS = 32                       # flows in the workers' drain, spread by the fanout hash
+WORKER_SPORT0 = 40000
 COUNT_TIMEOUT = 4.0                     # s to wait for a consumer to account a rung
 LPD_PORT = 19122                        # inside the receiving namespace only
 DEFAULT_RING = 16 << 20                 # lpd's default -b (read from lpd.py); tcpdump -B the same
@@ -1553,7 +1555,8 @@ class Consumer:
         raise NotImplementedError
 
     def start(self):
-        self.proc = self.pair.popen(self.pair.ns_b, ["taskset", "-c", str(self.cpu)] + self.argv(),
+        pin = ["taskset", "-c", str(self.cpu)] if self.cpu is not None else []
+        self.proc = self.pair.popen(self.pair.ns_b, pin + self.argv(),
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines = []
         self.new_line = threading.Condition()
@@ -1691,12 +1694,15 @@ class Trafgen:
     9 where B's sink holds a socket), written to a config file as raw bytes.
     """
 
-    def __init__(self, pair, frame_size, workdir):
+    def __init__(self, pair, frame_size, workdir, flows=1):
         self.pair = pair
         p = pair
-        frames = [netns.udp_frame(p.mac_a, p.mac_b, p.ip4_a, p.ip4_b, frame_size),
-                  netns.udp_frame(p.mac_a, p.mac_b, p.ip6_a, p.ip6_b, frame_size)]
-        self.conf = os.path.join(workdir, f"trafgen-{frame_size}.cfg")
+        # flows > 1: that many source ports, so a fanout hash spreads them over workers
+        frames = [netns.udp_frame(p.mac_a, p.mac_b, src, dst, frame_size, sport=WORKER_SPORT0 + i)
+                  for i in range(flows) for src, dst in ((p.ip4_a, p.ip4_b), (p.ip6_a, p.ip6_b))] \
+            if flows > 1 else [netns.udp_frame(p.mac_a, p.mac_b, p.ip4_a, p.ip4_b, frame_size),
+                               netns.udp_frame(p.mac_a, p.mac_b, p.ip6_a, p.ip6_b, frame_size)]
+        self.conf = os.path.join(workdir, f"trafgen-{frame_size}-{flows}.cfg")
         with open(self.conf, "w") as f:
             for fr in frames:
                 f.write("{ " + ", ".join(f"0x{b:02x}" for b in fr) + " }\n")
@@ -1831,6 +1837,76 @@ def drain_capacity(pair, gen, consumer, table):
     return row
 
 
+class LpdWorkers(Lpd):
+    """lpd --workers N --workers-pin: a worker per CPU; N = 1 is the single process,
+    pinned like the other consumers."""
+
+    def __init__(self, pair, n, ring_bytes, rules_file=None):
+        super().__init__(pair, 1 if n == 1 else None, ring_bytes, rules_file,
+                         extra=["--workers", str(n), "--workers-pin"] if n > 1 else [],
+                         label=f"lpd{' +10 rules' if rules_file else ''}, {n} worker{'s' * (n > 1)}")
+        self.n = n
+
+    def capture_pids(self):
+        if self.n == 1:
+            return [self.proc.pid]
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)],
+                             capture_output=True, text=True).stdout.split()
+        return [int(x) for x in out]
+
+
+def drain_workers(pair, gen, consumer, table):
+    """drain_capacity for several capture processes: all stopped while the rings fill,
+    all continued at once; wall time until the last is idle, CPU summed."""
+    try:
+        consumer.start()
+        pids = consumer.capture_pids()
+        if len(pids) != consumer.n:
+            raise NotAvailable(f"{len(pids)} capture processes, wanted {consumer.n}")
+    except NotAvailable as e:
+        consumer.stop()
+        table.add(consumer=consumer.name, frames="not available: " + str(e)[:90])
+        return None
+    try:
+        c0 = consumer.counts()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        v0 = netns.link_stats(pair.ns_b, pair.if_b)
+        sent, _ = gen.send(DRAIN_FRAMES)
+        v1 = wait_link_quiet(pair)
+        time.sleep(DRAIN_SETTLE)
+        ns0, t0 = [cpu_ns(pid) for pid in pids], time.monotonic()
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        last = wait_all_idle(pids, ns0, t0)
+        t1, cpu = max(t for _, t in last), sum(n - n0 for (n, _), n0 in zip(last, ns0)) / 1e9
+        c1 = consumer.wait_counted(c0, v1["rx_packets"] - v0["rx_packets"])
+        seen, drops = c1[0] - c0[0], c1[1] - c0[1]
+        return table.add(consumer=consumer.name, frames=sent, **{
+            "veth rx": v1["rx_packets"] - v0["rx_packets"], "seen": seen, "drops": drops,
+            "drain s": t1 - t0, "cpu s": cpu,
+            "Mfps wall": seen / (t1 - t0) / 1e6 if t1 > t0 else None,
+            "Mfps/core": seen / cpu / 1e6 if cpu else None})
+    finally:
+        consumer.stop()
+
+
+def wait_all_idle(pids, ns0, t0, timeout=20.0):
+    """[(cpu ns, time of its last progress)] per pid, once every one is idle."""
+    last = [(n, t0) for n in ns0]
+    deadline = t0 + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.005)
+        t = time.monotonic()
+        for i, pid in enumerate(pids):
+            now = cpu_ns(pid)
+            if now != last[i][0]:
+                last[i] = (now, t)
+        if all(n != n0 and t - lt >= DRAIN_IDLE for (n, lt), n0 in zip(last, ns0)):
+            break
+    return last
+
+
 def wait_cpu_idle(pid, ns0, t0, timeout=20.0):
     """(cpu ns, time) of the last CPU progress after t0, once idle for DRAIN_IDLE s."""
     last_ns, last_t = ns0, t0
@@ -1862,6 +1938,16 @@ def run_live(results, quick, workdir):
     remote = lpd_offers("--remote")
     connections = lpd_offers("--connections")
     http = lpd_offers("--http")
+    workers = lpd_offers("--workers")
+    scale = Table("Live: workers - drain capacity of 1 and 2 capture processes (PACKET_FANOUT)",
+                  ["consumer", "frames", "veth rx", "seen", "drops", "drain s", "cpu s",
+                   "Mfps wall", "Mfps/core", "2 ÷ 1 wall"],
+                  note=f"64-byte frames of {WORKER_FLOWS} UDP flows x IPv4/IPv6 (the fanout hash "
+                       f"spreads flows); ring {DRAIN_RING >> 20} MiB per process; every capture "
+                       "process SIGSTOPped while the rings fill, then continued at once; drain s: "
+                       "until the last is idle;\ncpu s: summed over them. 1 worker = the single "
+                       "process on CPU 1; 2 workers: --workers 2 --workers-pin (CPUs 0 and 1). "
+                       "The parent (exporters) is not stopped and not counted.")
     ladder = Table("Live: rate ladder (trafgen -> veth -> consumer)",
                    ["consumer", "frame", "pinning", "target pps", "sent pps", "sent", "veth rx",
                     "seen", "drops", "seen/sent", "seen/veth", "loss %", "cpu s/M",
@@ -1945,6 +2031,19 @@ def run_live(results, quick, workdir):
                 if row:
                     row["pinning"] = pinning
                     drains[(pinning, c.name)] = row
+        if workers:
+            set_rps(pair, "0")
+            flows = Trafgen(pair, 64, workdir, flows=WORKER_FLOWS)
+            for rules in (None, rules_file):
+                rows = [drain_workers(pair, flows, LpdWorkers(pair, n, DRAIN_RING, rules), scale)
+                        for n in (1, 2)]
+                if all(rows) and rows[0].get("Mfps wall"):
+                    rows[1]["2 ÷ 1 wall"] = ratio(rows[1]["Mfps wall"], rows[0]["Mfps wall"])
+            ref = drains.get(("split", "tcpdump"))
+            if ref:
+                scale.add(consumer="tcpdump (the split drain above)", frames=ref["frames"], **{
+                    k: ref.get(k) for k in ("veth rx", "seen", "drops", "drain s", "cpu s",
+                                            "Mfps wall", "Mfps/core")})
     for (size, pinning, name), s in sums.items():
         ref = sums.get((size, pinning, "tcpdump"))
         if name == "tcpdump" or not ref:
@@ -1961,7 +2060,7 @@ def run_live(results, quick, workdir):
         if name not in ladder_names and dref:
             ratios.add(frame=64, pinning=pinning, consumer=name, **{
                 "drain Mfps/core ratio": ratio(d.get("Mfps/core"), dref.get("Mfps/core"))})
-    for t in (ladder, summary, drain, ratios):
+    for t in (ladder, summary, drain, ratios) + ((scale,) if workers else ()):
         for r in t.rows:
             r.pop("_cpu", None)
         t.show()

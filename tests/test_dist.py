@@ -232,7 +232,9 @@ def wait_until(predicate, timeout, step=0.1):
     return bool(predicate())
 
 
-def test_unit_syscall_filter_admits_a_live_lpd(analyze, tmp_path):
+@pytest.mark.parametrize("workers", [[], ["--workers", "2", "--workers-pin"]],
+                         ids=["one-process", "workers"])
+def test_unit_syscall_filter_admits_a_live_lpd(analyze, tmp_path, workers):
     """Run lpd under strace -f through what the unit's lpd does (notify, capture with
     a kernel filter and promiscuous mode, rules, metrics, rule socket with a group,
     SIGHUP, interface loss and return, SIGTERM) and check every system call it made
@@ -257,7 +259,7 @@ def test_unit_syscall_filter_admits_a_live_lpd(analyze, tmp_path):
             "strace", "-f", "-qq", "-o", str(trace), sys.executable, LPD,
             "-i", pair.if_b, "-f", str(rules), "-F", "ip or ip6 or arp", "--promisc",
             "-u", sock_path, "--socket-group", grp.getgrgid(os.getgid()).gr_name,
-            "--web.listen-address", f"127.0.0.1:{port}"],
+            "--web.listen-address", f"127.0.0.1:{port}", *workers],
             stderr=err, env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")})
 
         def stderr():
@@ -307,7 +309,7 @@ def test_unit_syscall_filter_admits_a_live_lpd(analyze, tmp_path):
     # The trace saw the real thing: the ring, its filter, the device, the netlink watch.
     assert {"socket", "setsockopt", "mmap", "ioctl", "bind", "sendto", "accept4"} <= made
     for needle in ("AF_PACKET", "PACKET_RX_RING", "SO_ATTACH_FILTER", "PACKET_ADD_MEMBERSHIP",
-                   "AF_NETLINK", "READY=1"):
+                   "AF_NETLINK", "READY=1") + (("PACKET_FANOUT", "sched_setaffinity") if workers else ()):
         assert needle in text, needle
     assert made & {"chown", "fchown", "fchownat", "lchown"}, "--socket-group's chown not traced"
     outside = sorted(made - allowed)

@@ -206,6 +206,8 @@ def test_a_killed_worker_is_replaced_and_nothing_outlives_the_parent(pair):
         assert wait_for(lambda: metrics(pair).get(key) == 40, 5)
         kids = children(lpd.proc.pid)
         assert "worker 0" in lpd.stderr() and "restarting" in lpd.stderr()
+        lpd.proc.send_signal(signal.SIGUSR1)         # the parent's status line: the sums
+        assert wait_for(lambda: "status: veth-b up, 2 workers, " in lpd.stderr(), 5), lpd.stderr()
     finally:
         code = lpd.stop()
     assert code == 0
@@ -247,3 +249,51 @@ def test_a_reload_reaches_every_worker(pair, tmp_path):
         assert after, "a worker did not reload"
     finally:
         assert lpd.stop() == 0
+
+
+def test_interface_lost_and_back_with_workers(pair):
+    lpd = Lpd(pair, "--workers", "2", "--mapping-url", "none", "--local-net", "10.199.0.0/24")
+    key = ("lpd_receive_packets_total", frozenset({("local_ip", pair.ip4_b), ("nic", pair.if_b)}))
+    for sport in range(43000, 43016):               # flows for both workers
+        pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100], sport=sport)
+    assert wait_for(lambda: metrics(pair).get(key) == 16, 5)
+    pair.delete_link()
+    up = ("lpd_interface_up", frozenset({("nic", pair.if_b)}))
+    assert wait_for(lambda: metrics(pair).get(up) == 0, 5)
+    assert metrics(pair).get(key) == 16
+    pair.create_link()
+    pair.settle()
+    assert wait_for(lambda: metrics(pair).get(up) == 1, 5)
+    # both workers capture again (in the same fanout group): every flow is counted
+    def counted():
+        return metrics(pair).get(key)
+    time.sleep(1.5)                                  # both rejoin (one second retries)
+    for sport in range(44000, 44032):
+        pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100], sport=sport)
+    assert wait_for(lambda: counted() == 48, 5), counted()
+    per = {dict(k[1])["worker"]: v for k, v in metrics(pair).items()
+           if k[0] == "lpd_worker_capture_packets_total"}
+    assert len(per) == 2 and all(v > 0 for v in per.values()), per
+    log = lpd.stderr()
+    assert log.count("capturing again") == 2, log
+    assert lpd.stop() == 0
+
+
+def test_duration_with_workers_prints_the_sum(pair):
+    p = pair.popen(pair.ns_b, [sys.executable, netns_lpd(), "-i", pair.if_b, "--workers", "2",
+                               "--mapping-url", "none", "--local-net", "10.199.0.2/32",
+                               "--web.listen-address", "127.0.0.1:59125", "--duration", "4",
+                               "--output", "json"],
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(2)                                    # both workers capturing
+    for sport in range(45000, 45020):
+        pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100], sport=sport)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err.decode()
+    docs = json.loads(out)
+    row = {r["address"]: r for r in docs["addresses"]["addresses"]}[pair.ip4_b]
+    assert row["rx_packets"] == 20 and row["rx_bytes"] == 20 * netns.frame_len(100), row
+
+
+def netns_lpd():
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lpd.py")
