@@ -40,6 +40,7 @@ import functools
 import glob
 import json
 import os
+import pickle
 import platform
 import random
 import re
@@ -875,6 +876,70 @@ def offline_http(lpd, results, quick):
     return t
 
 
+# (local addresses, rules, remotes) of the publications a worker ships
+WORKER_PUBLICATIONS = ((10, 10, 0), (1000, 100, 0), (10_000, 1000, 65_536))
+WORKER_SHIPS = 10
+
+
+def worker_publication(lpd, n_addr, n_rules, n_remote):
+    rows = tuple(((4, i.to_bytes(4, "big")), i, i, i, i, 0.5, 0.5) for i in range(n_addr))
+    remotes = tuple(((4, (i + (1 << 24)).to_bytes(4, "big")), i, i, i, i, 0)
+                    for i in range(n_remote))
+    return {"time": 1.0, "interface": lpd.InterfaceSnapshot(10, (1, 2, 3, 4)),
+            "addresses": lpd.AddressSnapshot(rows),
+            "rules": lpd.RuleSnapshot(tuple((f"r{i}", i, i) for i in range(n_rules))),
+            "remotes": lpd.RemoteSnapshot(remotes)}
+
+
+def offline_worker_transport(lpd, results, quick):
+    """What --workers costs per publication: a worker pickles it onto its pipe, the
+    parent reads and unpickles it, then merges the workers' latest."""
+    t = Table("Offline: --workers transport - one publication shipped over a pipe and merged",
+              ["addresses", "rules", "remotes", "KiB", "worker ms", "ship+read ms",
+               "merge of 2 ms"],
+              note=f"worker ms: plain_snapshots + pickle + write (worker CPU, once per --interval "
+                   f"per worker); ship+read ms: to the parent's typed snapshots, through a real "
+                   f"pipe read by a thread; merge of 2: merge_publications of two such; "
+                   f"mean of {WORKER_SHIPS}.")
+    results["offline_worker_transport"] = t.to_json()
+    if not hasattr(lpd, "send_message"):
+        t.add(addresses="-", rules="lpd --workers not available")
+        return t
+    for n_addr, n_rules, n_remote in WORKER_PUBLICATIONS[:2] if quick else WORKER_PUBLICATIONS:
+        pub = worker_publication(lpd, n_addr, n_rules, n_remote)
+        r, w = os.pipe()
+        got = []
+
+        def reader():
+            buf = bytearray()
+            while True:
+                chunk = os.read(r, 1 << 20)
+                if not chunk:
+                    break
+                buf.extend(chunk)
+                got.extend(lpd.typed_snapshots(m["snaps"]) for m in lpd.take_messages(buf))
+        th = threading.Thread(target=reader)
+        th.start()
+        cpu, t0 = 0.0, time.perf_counter()
+        for _ in range(WORKER_SHIPS):
+            c0 = time.thread_time()
+            lpd.send_message(w, {"snaps": lpd.plain_snapshots(pub), "fresh": False, "logs": {}})
+            cpu += time.thread_time() - c0
+        os.close(w)
+        th.join()
+        os.close(r)
+        ship = (time.perf_counter() - t0) / WORKER_SHIPS
+        size = len(pickle.dumps({"snaps": lpd.plain_snapshots(pub)}, pickle.HIGHEST_PROTOCOL))
+        t1 = time.perf_counter()
+        for _ in range(WORKER_SHIPS):
+            lpd.merge_publications([got[0], got[-1]])
+        merge = (time.perf_counter() - t1) / WORKER_SHIPS
+        t.add(addresses=n_addr, rules=n_rules, remotes=n_remote, KiB=size / 1024,
+              **{"worker ms": cpu / WORKER_SHIPS * 1e3, "ship+read ms": ship * 1e3,
+                 "merge of 2 ms": merge * 1e3})
+    return t
+
+
 def one_line(e):
     return f"{type(e).__name__}: {e}".splitlines()[0][:100]
 
@@ -1498,6 +1563,7 @@ def run_offline(lpd, results, quick):
     syn_flood(lpd, results, quick).show()
     offline_matchers(lpd, results, quick).show()
     rules_at_scale(lpd, results, quick).show()
+    offline_worker_transport(lpd, results, quick).show()
     results["offline_seconds"] = round(time.monotonic() - t0, 1)
 
 
