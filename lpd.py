@@ -8510,10 +8510,16 @@ class Collector:
                      [], [((), addresses.evictions)])
         for name, i, doc in INTERFACE_COUNTERS:
             yield family(CounterMetricFamily, name, doc, ["nic"], [((nic,), iface.totals[i])])
+        # Per capture process: one process is worker "0"; with --workers, one series each
+        # (sum by (nic) for the interface's).
+        workers = snap.get("workers") or ((0, iface.frames, iface.drops),)
         yield family(CounterMetricFamily, "lpd_capture_packets", "Frames lpd read from the ring.",
-                     ["nic"], [((nic,), iface.frames)])
+                     ["nic", "worker"], [((nic, str(i)), f) for i, f, _ in workers])
         yield family(CounterMetricFamily, "lpd_capture_drops", "Frames the kernel dropped (ring full).",
-                     ["nic"], [((nic,), iface.drops)])
+                     ["nic", "worker"], [((nic, str(i)), d) for i, _, d in workers])
+        yield family(CounterMetricFamily, "lpd_worker_restarts",
+                     "Capture workers that ended and were started again (--workers).", [],
+                     [((), snap.get("worker_restarts", 0))])
         yield family(CounterMetricFamily, "lpd_gso_frames",
                      "GSO/GRO super-frames counted as the frames the wire carried.",
                      ["nic"], [((nic,), iface.gso_frames)])
@@ -8560,17 +8566,6 @@ class Collector:
                          [((r,), n) for r, n in http.parse_errors])
         if self.docker is not None:
             yield from self._docker(self.docker, family, CounterMetricFamily, GaugeMetricFamily)
-        workers = snap.get("workers")
-        if workers is not None:          # --workers N: what each captured
-            yield family(CounterMetricFamily, "lpd_worker_capture_packets",
-                         "Frames a worker read from its ring.", ["nic", "worker"],
-                         [((nic, str(i)), f) for i, f, _ in workers])
-            yield family(CounterMetricFamily, "lpd_worker_capture_drops",
-                         "Frames the kernel dropped because a worker's ring was full.",
-                         ["nic", "worker"], [((nic, str(i)), d) for i, _, d in workers])
-            yield family(CounterMetricFamily, "lpd_worker_restarts",
-                         "Workers that ended and were started again.", [],
-                         [((), snap.get("worker_restarts", 0))])
         rules = snap.get("rules", RuleSnapshot()).rows
         yield family(CounterMetricFamily, "lpd_rule_packets", "Packets matching a rule.",
                      ["rule"], [((r,), p) for r, _, p in rules])

@@ -1059,7 +1059,7 @@ def test_syn_flood_evicts_half_open_connections_first(pair, tmp_path):
     m = wait_for(lambda: (lambda m: half_open_evictions(m) == evicted and m)(metrics(pair)), 5, 0.2)
     assert m, f"evictions {half_open_evictions(metrics(pair))}, expected {evicted}"
     assert value(m, "lpd_connection_evictions_total", reason="oldest") == 0
-    assert value(m, "lpd_capture_drops_total", nic=pair.if_b) == 0
+    assert value(m, "lpd_capture_drops_total", worker="0", nic=pair.if_b) == 0
     assert value(m, "lpd_connections", proto="tcp", state="connecting") == conn_max - 1
     assert value(m, "lpd_connections", proto="tcp", state="established") == 1
     assert rss_kib(lpd.proc.pid) < 300 * 1024
@@ -1114,7 +1114,7 @@ def test_syn_flood_memory_is_bounded_by_conn_max(pair):
     inject_all(pair, frames)
     assert time.monotonic() - t < 4, "the flood must fit in one attempt delay"
     assert wait_for(lambda: half_open_evictions(metrics(pair)) == evicted, 5, 0.2)
-    assert value(metrics(pair), "lpd_capture_drops_total", nic=pair.if_b) == 0
+    assert value(metrics(pair), "lpd_capture_drops_total", worker="0", nic=pair.if_b) == 0
     grown = rss_kib(lpd.proc.pid) - rss0
     assert grown < 24 * 1024, f"RSS grew {grown >> 10} MiB for {flood} SYNs with --conn-max {conn_max}"
     assert lpd.stop() == 0

@@ -75,7 +75,7 @@ def transfer(offloads):
                     "if_rx_bytes": value(m, "lpd_interface_receive_bytes_total", nic=pair.if_b),
                     "gso": value(m, "lpd_gso_frames_total", nic=pair.if_b),
                     "unsplit": value(m, "lpd_gso_unsplit_total", nic=pair.if_b),
-                    "frames": value(m, "lpd_capture_packets_total", nic=pair.if_b)}
+                    "frames": value(m, "lpd_capture_packets_total", worker="0", nic=pair.if_b)}
         # Published once per interval (1 s): settled when two publications agree.
         got, deadline = None, time.monotonic() + 15
         while time.monotonic() < deadline:

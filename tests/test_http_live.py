@@ -679,6 +679,6 @@ def test_no_parse_errors_no_drops_and_a_clean_exit(http_run):
     m = http_run.metrics
     assert {r: value(m, "lpd_http_parse_errors_total", reason=r) for r in PARSE_ERRORS} == \
         dict.fromkeys(PARSE_ERRORS, 0)
-    assert value(m, "lpd_capture_drops_total", nic=netns.IF_B) == 0
+    assert value(m, "lpd_capture_drops_total", worker="0", nic=netns.IF_B) == 0
     assert http_run.exit_code == 0, http_run.stderr
     assert "Traceback" not in http_run.stderr, http_run.stderr

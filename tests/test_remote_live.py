@@ -213,7 +213,7 @@ def test_per_remote_bytes_and_packets_are_exact(pair):
         for unit in ("bytes", "packets"):
             name = f"lpd_interface_{direction}_{unit}_total"
             assert value(m, name, **lbl) - value(m0, name, **lbl) == link[f"{key}_{unit}"], name
-    assert value(m, "lpd_capture_drops_total", **lbl) == 0
+    assert value(m, "lpd_capture_drops_total", worker="0", **lbl) == 0
     assert lpd.stop() == 0
 
 

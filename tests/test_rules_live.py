@@ -132,7 +132,7 @@ def test_prefilter_swap_on_reload_loses_no_packet(pair, tmp_path):
     assert wait_for(lambda: value(metrics(pair), "lpd_receive_bytes_total",
                                   local_ip=pair.ip4_b, nic=pair.if_b) == want, 10, 0.3)
     assert "reloaded" in lpd.stderr()
-    assert value(metrics(pair), "lpd_capture_drops_total", nic=pair.if_b) == 0
+    assert value(metrics(pair), "lpd_capture_drops_total", worker="0", nic=pair.if_b) == 0
 
 
 def test_kernel_prefilter_sees_vlan_tags_and_direction(pair):
@@ -148,8 +148,8 @@ def test_kernel_prefilter_sees_vlan_tags_and_direction(pair):
     pair.inject(pair.ns_a, pair.if_a, frames + [plain])
     assert pair.ping(pair.ns_a, pair.ip4_b)       # the request is inbound: only the reply passes
     lbl = {"nic": pair.if_b}
-    got = lambda: value(metrics(pair), "lpd_capture_packets_total", **lbl) - \
-        value(m0, "lpd_capture_packets_total", **lbl)
+    got = lambda: value(metrics(pair), "lpd_capture_packets_total", worker="0", **lbl) - \
+        value(m0, "lpd_capture_packets_total", worker="0", **lbl)
     assert wait_for(lambda: got() == 3, 5, 0.2), got()
     m = metrics(pair)
     assert value(m, "lpd_receive_bytes_total", local_ip=pair.ip4_b, **lbl) == 2 * 100
@@ -265,4 +265,4 @@ def test_widening_reload_never_judges_a_frame_cut_short(pair, tmp_path):
     got = sink_rows(sock)
     assert 0 < got["all"][1] < n, got                  # the reload landed mid-stream
     assert got["big"] == got["all"], got
-    assert value(metrics(pair), "lpd_capture_drops_total", nic=pair.if_b) == 0
+    assert value(metrics(pair), "lpd_capture_drops_total", worker="0", nic=pair.if_b) == 0

@@ -65,7 +65,7 @@ def comparable(m):
     """The series that must not depend on the number of workers."""
     keep = ("lpd_transmit_", "lpd_receive_", "lpd_interface_", "lpd_rule_", "lpd_remote_",
             "ip_traffic_", "lpd_connections", "http_server_request_duration_seconds_count",
-            "lpd_capture_packets", "lpd_http_parse_errors")
+            "lpd_http_parse_errors", "lpd_worker_restarts")
     return {k: v for k, v in m.items() if k[0].startswith(keep)}
 
 
@@ -174,12 +174,17 @@ def test_connections_and_requests_stay_whole(runs):
     assert any('"conn_state": "SF"' in c for c in runs[2]["conns"])
 
 
+def per_worker(m, name="lpd_capture_packets_total"):
+    return {dict(k[1])["worker"]: v for k, v in m.items() if k[0] == name}
+
+
 def test_both_workers_took_frames(runs):
-    m = runs[2]["all"]
-    per = {dict(k[1])["worker"]: v for k, v in m.items() if k[0] == "lpd_worker_capture_packets_total"}
-    assert set(per) == {"0", "1"} and all(v > 0 for v in per.values()), per
-    assert sum(per.values()) == m[("lpd_capture_packets_total", frozenset({("nic", netns.IF_B)}))]
-    assert not [k for k in runs[1]["all"] if k[0].startswith("lpd_worker_")]
+    """Frames per capture process: the single process is worker 0, two workers share
+    the same total."""
+    one, two = per_worker(runs[1]["all"]), per_worker(runs[2]["all"])
+    assert set(one) == {"0"} and set(two) == {"0", "1"}, (one, two)
+    assert all(v > 0 for v in two.values()) and sum(two.values()) == one["0"], (one, two)
+    assert set(per_worker(runs[2]["all"], "lpd_capture_drops_total")) == {"0", "1"}
 
 
 @pytest.fixture
@@ -271,8 +276,7 @@ def test_interface_lost_and_back_with_workers(pair):
     for sport in range(44000, 44032):
         pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100], sport=sport)
     assert wait_for(lambda: counted() == 48, 5), counted()
-    per = {dict(k[1])["worker"]: v for k, v in metrics(pair).items()
-           if k[0] == "lpd_worker_capture_packets_total"}
+    per = per_worker(metrics(pair))
     assert len(per) == 2 and all(v > 0 for v in per.values()), per
     log = lpd.stderr()
     assert log.count("capturing again") == 2, log
