@@ -51,6 +51,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -317,6 +318,10 @@ def build_parser():
                    help="Docker (or podman) Engine API socket: container names of HTTP servers "
                         "and lpd_container_info (default /var/run/docker.sock while capturing "
                         "with --http; with -r only when given; 'none': off)")
+    p.add_argument("--engine", choices=("auto", "cbpf", "ebpf"), default="auto",
+                   help="count in the kernel with an eBPF program lpd builds (ebpf), or copy "
+                        "frames to lpd behind a classic filter (cbpf); auto: ebpf where the "
+                        "kernel and privileges allow it and the options need no frames")
     p.add_argument("--workers", type=_workers, default=1, metavar="N|auto",
                    help="capture processes behind one PACKET_FANOUT group, flows hashed to "
                         "one each; the numbers are their sum (default 1; auto: one per CPU)")
@@ -409,6 +414,7 @@ PACKET_FANOUT_HASH, PACKET_FANOUT_FLAG_DEFRAG = 0, 0x8000
 PACKET_FANOUT_GROUP_MASK = 0xFFFF
 TPACKET_V3 = 2
 SO_ATTACH_FILTER = 26
+SO_ATTACH_BPF = 50                 # the same, for an eBPF program fd (--engine ebpf)
 ETH_P_ALL = 0x0003
 ETH_P_8021Q = 0x8100
 ETH_HLEN, ETH_ALEN, ETH_TYPE_OFF = 14, 6, 12
@@ -827,6 +833,7 @@ _JMP_NAMES = {BPF_JGT: "jgt", BPF_JGE: "jge", BPF_JEQ: "jeq", BPF_JSET: "jset"}
 
 
 def _s32(k):
+    k &= U32_MAX
     return k - (1 << 32) if k & 0x80000000 else k
 
 
@@ -5036,7 +5043,7 @@ def ring_geometry(ring_bytes):
 class Ring:
     """An AF_PACKET socket with a mapped TPACKET_V3 receive ring on one interface."""
 
-    def __init__(self, ifname, ring_bytes, prog, promisc=False, fanout=None):
+    def __init__(self, ifname, ring_bytes, prog, promisc=False, fanout=None, ebpf=None):
         self.ifname = ifname
         self.ifindex = interface_index(ifname)
         if self.ifindex is None:
@@ -5052,6 +5059,9 @@ class Ring:
             self.attach(prog)
             self.vnet = self._enable_vnet_header()
             self.mtu = interface_mtu(ifname)
+            if ebpf is not None:         # --engine ebpf: its program replaces `prog`, unbound yet
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_BPF,
+                                     struct.pack("=i", ebpf(self.vnet, self.mtu)))
             self.sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
             self.sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
             self.block_size, self.block_nr = ring_geometry(ring_bytes)
@@ -7354,6 +7364,1509 @@ def format_rule_lines(rows):
 
 
 ###############################################################################
+# eBPF engine: accounting and rules as one kernel program (--engine ebpf) #####
+###############################################################################
+#
+# The decoder and every rule, emitted as one BPF_PROG_TYPE_SOCKET_FILTER program and
+# attached with SO_ATTACH_BPF to the capture socket: it counts per local address
+# (a per-CPU hash), per rule and per interface (per-CPU arrays) and returns 0, so no
+# frame is copied unless a userspace stage needs it. The program reads the frame as
+# userspace does (a stripped VLAN tag put back in a stack copy of its first bytes)
+# and mirrors Decoder.process_block test for test; the rules are lpd's own classic
+# programs translated as the kernel's bpf_convert_filter does, with lpd's interpreter
+# semantics where the two differ. Loaded with bpf(2) through ctypes: no compiler,
+# no libbpf, no BTF.
+
+
+# struct bpf_insn { u8 code; u8 dst_reg:4, src_reg:4; s16 off; s32 imm; } (little-endian
+# bitfields on x86-64: dst in the low nibble). ld_imm64 takes two slots, the second with
+# only imm (the high 32 bits).
+BPF_INSN = struct.Struct("<BBhi")
+BPF_INSN_SIZE = BPF_INSN.size                        # 8
+
+# Classes (the classic ones keep their numbers; 6 and 7 are new)
+EBPF_LD, EBPF_LDX, EBPF_ST, EBPF_STX, EBPF_ALU, EBPF_JMP, EBPF_JMP32, EBPF_ALU64 = range(8)
+# Sizes and modes
+EBPF_W, EBPF_H, EBPF_B, EBPF_DW = 0x00, 0x08, 0x10, 0x18
+EBPF_IMM, EBPF_ABS, EBPF_IND, EBPF_MEM, EBPF_MEMSX, EBPF_ATOMIC = 0x00, 0x20, 0x40, 0x60, 0x80, 0xc0
+# ALU operations (BPF_ALU / BPF_ALU64)
+EBPF_ADD, EBPF_SUB, EBPF_MUL, EBPF_DIV, EBPF_OR, EBPF_AND, EBPF_LSH, EBPF_RSH = range(0, 0x80, 0x10)
+EBPF_NEG, EBPF_MOD, EBPF_XOR, EBPF_MOV, EBPF_ARSH, EBPF_END = 0x80, 0x90, 0xa0, 0xb0, 0xc0, 0xd0
+EBPF_K, EBPF_X = 0x00, 0x08                          # operand: imm or src_reg
+EBPF_TO_LE, EBPF_TO_BE = 0x00, 0x08                  # BPF_END's source bit
+# Jump operations (BPF_JMP: 64-bit compare, BPF_JMP32: low 32 bits)
+EBPF_JA, EBPF_JEQ, EBPF_JGT, EBPF_JGE, EBPF_JSET, EBPF_JNE = 0x00, 0x10, 0x20, 0x30, 0x40, 0x50
+EBPF_JSGT, EBPF_JSGE, EBPF_CALL, EBPF_EXIT = 0x60, 0x70, 0x80, 0x90
+EBPF_JLT, EBPF_JLE, EBPF_JSLT, EBPF_JSLE = 0xa0, 0xb0, 0xc0, 0xd0
+EBPF_FETCH = 0x01                                     # atomic: old value back in src_reg
+BPF_PSEUDO_MAP_FD = 1                                 # ld_imm64 src_reg: imm is a map fd
+BPF_PSEUDO_CALL = 1                                   # call src_reg: imm is a pc offset
+
+R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10 = range(11)
+FP = R10
+EBPF_STACK_MAX = 512
+S16_MIN, S16_MAX = -(1 << 15), (1 << 15) - 1
+
+# Helper ids (include/uapi/linux/bpf.h, __BPF_FUNC_MAPPER order; stable ABI).
+HELPERS = {
+    1: "map_lookup_elem", 2: "map_update_elem", 3: "map_delete_elem", 5: "ktime_get_ns",
+    6: "trace_printk", 7: "get_prandom_u32", 8: "get_smp_processor_id", 12: "tail_call",
+    25: "perf_event_output", 26: "skb_load_bytes", 46: "get_socket_cookie",
+    47: "get_socket_uid", 68: "skb_load_bytes_relative", 130: "ringbuf_output",
+    181: "loop",
+}
+HELPER = {name: n for n, name in HELPERS.items()}
+BPF_NOEXIST = 1                                       # map_update_elem flags
+EEXIST_NEG = -errno.EEXIST
+
+
+class Insn(tuple):
+    """One eBPF instruction before assembly: (code, dst, src, off, imm). `off` may be a
+    label name (a jump), resolved by assemble(); ld_imm64 is one Insn with a 64-bit imm."""
+    __slots__ = ()
+
+    def __new__(cls, code, dst=0, src=0, off=0, imm=0):
+        return tuple.__new__(cls, (code, dst, src, off, imm))
+
+
+class Label(str):
+    """A position in the instruction list; jumps name it."""
+    __slots__ = ()
+
+
+def is_ld_imm64(code):
+    return code == EBPF_LD | EBPF_DW | EBPF_IMM
+
+
+# Constructors: the kernel's filter.h macros, same names lowercased.
+def alu64_imm(op, dst, imm):
+    return Insn(EBPF_ALU64 | op | EBPF_K, dst, 0, 0, imm)
+
+
+def alu64_reg(op, dst, src):
+    return Insn(EBPF_ALU64 | op | EBPF_X, dst, src)
+
+
+def alu32_imm(op, dst, imm):
+    return Insn(EBPF_ALU | op | EBPF_K, dst, 0, 0, imm)
+
+
+def alu32_reg(op, dst, src):
+    return Insn(EBPF_ALU | op | EBPF_X, dst, src)
+
+
+def mov64_imm(dst, imm):
+    return alu64_imm(EBPF_MOV, dst, imm)
+
+
+def mov64_reg(dst, src):
+    return alu64_reg(EBPF_MOV, dst, src)
+
+
+def mov32_imm(dst, imm):
+    """dst = imm as u32, zero-extended (imm is taken as 32 bits, any sign)."""
+    return alu32_imm(EBPF_MOV, dst, _s32(imm))
+
+
+def mov32_reg(dst, src):
+    return alu32_reg(EBPF_MOV, dst, src)
+
+
+def endian_be(dst, bits):
+    """dst = htobe<bits>(dst): a byte swap on x86, and zero-extension to `bits`."""
+    return Insn(EBPF_ALU | EBPF_END | EBPF_TO_BE, dst, 0, 0, bits)
+
+
+def ldx(size, dst, src, off):
+    return Insn(EBPF_LDX | size | EBPF_MEM, dst, src, off)
+
+
+def stx(size, dst, src, off):
+    return Insn(EBPF_STX | size | EBPF_MEM, dst, src, off)
+
+
+def st_imm(size, dst, off, imm):
+    return Insn(EBPF_ST | size | EBPF_MEM, dst, 0, off, imm)
+
+
+def atomic_add(size, dst, src, off):
+    """*(size *)(dst + off) += src, atomically (BPF_XADD's encoding, imm = BPF_ADD)."""
+    return Insn(EBPF_STX | size | EBPF_ATOMIC, dst, src, off, EBPF_ADD)
+
+
+def jmp_imm(op, dst, imm, label, wide=True):
+    return Insn((EBPF_JMP if wide else EBPF_JMP32) | op | EBPF_K, dst, 0, label, imm)
+
+
+def jmp_reg(op, dst, src, label, wide=True):
+    return Insn((EBPF_JMP if wide else EBPF_JMP32) | op | EBPF_X, dst, src, label)
+
+
+def ja(label):
+    return Insn(EBPF_JMP | EBPF_JA, 0, 0, label)
+
+
+def call(helper):
+    return Insn(EBPF_JMP | EBPF_CALL, 0, 0, 0, HELPER[helper] if isinstance(helper, str) else helper)
+
+
+def exit_insn():
+    return Insn(EBPF_JMP | EBPF_EXIT)
+
+
+def ld_imm64(dst, imm, src=0):
+    return Insn(EBPF_LD | EBPF_DW | EBPF_IMM, dst, src, 0, imm)
+
+
+def ld_map_fd(dst, fd):
+    """dst = the map behind fd (the verifier replaces the fd by the map's address)."""
+    return ld_imm64(dst, fd, BPF_PSEUDO_MAP_FD)
+
+
+class AsmError(ValueError):
+    pass
+
+
+def _is_jump(code):
+    return _cls(code) in (EBPF_JMP, EBPF_JMP32) and code & 0xF0 not in (EBPF_CALL, EBPF_EXIT)
+
+
+def prune(items):
+    """Drop the instructions no path reaches: the verifier refuses a program with any
+    ('unreachable insn N'), and the generators emit some freely (a slow path for a load
+    that can only take it, a ja after a rule's last ret). Labels stay where they are."""
+    insns = [i for i, it in enumerate(items) if not isinstance(it, Label)]
+    where, pending = {}, []
+    for i, it in enumerate(items):                 # label -> index of the next instruction
+        if isinstance(it, Label):
+            pending.append(it)
+        else:
+            for lab in pending:
+                where[lab] = i
+            pending = []
+    nxt = {a: b for a, b in zip(insns, insns[1:])}
+    seen, todo = set(), [insns[0]] if insns else []
+    while todo:
+        i = todo.pop()
+        if i in seen or i is None:
+            continue
+        seen.add(i)
+        code, _, _, off, _ = items[i]
+        op = code & 0xF0
+        if _cls(code) in (EBPF_JMP, EBPF_JMP32) and op == EBPF_EXIT:
+            continue
+        if _is_jump(code):
+            if off in where:
+                todo.append(where[off])
+            elif isinstance(off, str):
+                raise AsmError(f"jump to undefined label {off!r}")
+            if op == EBPF_JA:
+                continue
+        todo.append(nxt.get(i))
+    return [it for i, it in enumerate(items) if isinstance(it, Label) or i in seen]
+
+
+def assemble(items):
+    """[Insn | Label, ...] -> (bytes of struct bpf_insn, {label: slot}).
+
+    Unreachable instructions are dropped first (prune). Then two passes: slots (ld_imm64
+    takes two), then each jump's `off` becomes target - (slot + 1). A conditional jump's
+    offset is s16, as is ja's here (no gotol)."""
+    items = prune(items)
+    labels, slot = {}, 0
+    for it in items:
+        if isinstance(it, Label):
+            if it in labels:
+                raise AsmError(f"label {it!r} defined twice")
+            labels[it] = slot
+        else:
+            slot += 2 if is_ld_imm64(it[0]) else 1
+    out, slot = bytearray(), 0
+    for it in items:
+        if isinstance(it, Label):
+            continue
+        code, dst, src, off, imm = it
+        if isinstance(off, str):
+            if off not in labels:
+                raise AsmError(f"jump to undefined label {off!r}")
+            off = labels[off] - (slot + 1)
+            if not S16_MIN <= off <= S16_MAX:
+                raise AsmError(f"jump to {it[3]!r} out of s16 range ({off})")
+        if is_ld_imm64(code):
+            out += BPF_INSN.pack(code, src << 4 | dst, 0, _s32(imm))
+            out += BPF_INSN.pack(0, 0, 0, _s32(imm >> 32))
+            slot += 2
+        else:
+            out += BPF_INSN.pack(code, src << 4 | dst, off, _s32(imm))
+            slot += 1
+    return bytes(out), labels
+
+
+def decode(image):
+    """bytes -> [(slot, code, dst, src, off, imm)], ld_imm64 merged (imm 64-bit)."""
+    out, n, i = [], len(image) // BPF_INSN_SIZE, 0
+    while i < n:
+        code, regs, off, imm = BPF_INSN.unpack_from(image, i * BPF_INSN_SIZE)
+        dst, src = regs & 0xF, regs >> 4
+        if is_ld_imm64(code) and i + 1 < n:
+            hi = BPF_INSN.unpack_from(image, (i + 1) * BPF_INSN_SIZE)[3]
+            out.append((i, code, dst, src, off, (imm & 0xFFFFFFFF) | (hi << 32)))
+            i += 2
+        else:
+            out.append((i, code, dst, src, off, imm))
+            i += 1
+    return out
+
+
+# Disassembly in the verifier log's own notation (kernel/bpf/disasm.c), so a `-d --engine
+# ebpf` listing reads like the log of a load that failed.
+_ALU_SYM = {EBPF_ADD: "+=", EBPF_SUB: "-=", EBPF_MUL: "*=", EBPF_DIV: "/=", EBPF_OR: "|=",
+            EBPF_AND: "&=", EBPF_LSH: "<<=", EBPF_RSH: ">>=", EBPF_MOD: "%=", EBPF_XOR: "^=",
+            EBPF_MOV: "=", EBPF_ARSH: "s>>="}
+_JMP_SYM = {EBPF_JEQ: "==", EBPF_JGT: ">", EBPF_JGE: ">=", EBPF_JSET: "&", EBPF_JNE: "!=",
+            EBPF_JSGT: "s>", EBPF_JSGE: "s>=", EBPF_JLT: "<", EBPF_JLE: "<=", EBPF_JSLT: "s<",
+            EBPF_JSLE: "s<="}
+_SIZE_C = {EBPF_W: "u32", EBPF_H: "u16", EBPF_B: "u8", EBPF_DW: "u64"}
+
+
+def _imm_text(imm):
+    return f"{imm}" if -512 <= imm <= 512 else f"{imm:#x}" if imm >= 0 else f"-{-imm:#x}"
+
+
+def disasm_one(code, dst, src, off, imm, slot=0, names=None):
+    """One instruction as text. names: {slot: label} to print jump targets by name."""
+    cls = _cls(code)
+    if cls in (EBPF_ALU, EBPF_ALU64):
+        r = "r" if cls == EBPF_ALU64 else "w"
+        op = code & 0xF0
+        if op == EBPF_END:
+            return f"r{dst} = {'be' if code & EBPF_TO_BE else 'le'}{imm} r{dst}"
+        if op == EBPF_NEG:
+            return f"{r}{dst} = -{r}{dst}"
+        operand = f"{r}{src}" if code & EBPF_X else _imm_text(imm)
+        return f"{r}{dst} {_ALU_SYM.get(op, '?=')} {operand}"
+    if cls in (EBPF_JMP, EBPF_JMP32):
+        op = code & 0xF0
+        target = slot + 1 + off
+        where = names.get(target) if names else None
+        dest = f"{where} (pc{off:+d})" if where else f"pc{off:+d}"
+        if op == EBPF_EXIT:
+            return "exit"
+        if op == EBPF_CALL:
+            if src == BPF_PSEUDO_CALL:
+                return f"call pc{imm:+d}"
+            return f"call bpf_{HELPERS.get(imm, 'unknown')}#{imm}"
+        if op == EBPF_JA:
+            return f"goto {dest}"
+        r = "r" if cls == EBPF_JMP else "w"
+        operand = f"{r}{src}" if code & EBPF_X else _imm_text(imm)
+        return f"if {r}{dst} {_JMP_SYM.get(op, '??')} {operand} goto {dest}"
+    size = _SIZE_C.get(code & 0x18, "?")
+    mode = code & 0xE0
+    if cls == EBPF_LDX and mode == EBPF_MEM:
+        return f"r{dst} = *({size} *)(r{src} {off:+d})"
+    if cls == EBPF_STX and mode == EBPF_MEM:
+        return f"*({size} *)(r{dst} {off:+d}) = r{src}"
+    if cls == EBPF_ST and mode == EBPF_MEM:
+        return f"*({size} *)(r{dst} {off:+d}) = {_imm_text(imm)}"
+    if cls == EBPF_STX and mode == EBPF_ATOMIC:
+        return f"lock *({size} *)(r{dst} {off:+d}) += r{src}" if imm == EBPF_ADD else \
+            f"atomic {imm:#x} *({size} *)(r{dst} {off:+d}), r{src}"
+    if cls == EBPF_LD and is_ld_imm64(code):
+        return f"r{dst} = map[fd:{imm}] ll" if src == BPF_PSEUDO_MAP_FD else f"r{dst} = {imm:#x} ll"
+    if cls == EBPF_LD and mode in (EBPF_ABS, EBPF_IND):
+        where = f"{imm}" if mode == EBPF_ABS else f"r{src} + {imm}"
+        return f"r0 = *({size} *)skb[{where}]"
+    return f"unknown {code:#04x}"
+
+
+def disassemble(image, labels=None):
+    """The whole program, one line per instruction, labels on lines of their own."""
+    names = {slot: name for name, slot in (labels or {}).items()}
+    lines = []
+    for slot, code, dst, src, off, imm in decode(image):
+        if slot in names:
+            lines.append(f"{names[slot]}:")
+        lines.append(f"  {slot:4d}: ({code:02x}) {disasm_one(code, dst, src, off, imm, slot, names)}")
+    return "\n".join(lines) + "\n"
+
+
+# -- bpf(2): maps, programs, test runs ---------------------------------------
+
+NR_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "i686": 357, "riscv64": 280}.get(
+    os.uname().machine, 321)
+BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 0, 1, 2, 3
+BPF_MAP_GET_NEXT_KEY, BPF_PROG_LOAD, BPF_PROG_TEST_RUN, BPF_OBJ_GET_INFO_BY_FD = 4, 5, 10, 15
+BPF_MAP_LOOKUP_BATCH, BPF_ENABLE_STATS = 24, 32
+BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY = 1, 2, 5, 6
+BPF_PROG_TYPE_SOCKET_FILTER = 1
+BPF_STATS_RUN_TIME = 0
+SO_DETACH_BPF = 27                                   # = SO_DETACH_FILTER
+BPF_OBJ_NAME_LEN = 16
+LOG_SIZE = 1 << 22                                   # verifier log: 4 MiB is plenty for lpd's programs
+LOG_LEVEL_BRANCHES = 1
+
+# union bpf_attr, one layout per command (only the fields lpd sets; the kernel wants the
+# rest zero up to the size passed, which is this struct's size).
+ATTR_MAP_CREATE = struct.Struct("=IIIIIII16s")       # type, key, value, max, flags, inner, numa, name
+ATTR_MAP_ELEM = struct.Struct("=IxxxxQQQ")           # fd, key*, value*/next_key*, flags
+ATTR_MAP_BATCH = struct.Struct("=QQQQIIQQ")          # in_batch*, out_batch*, keys*, values*, count, fd, elem_flags, flags
+ATTR_MAP_BATCH_COUNT_OFF = 32                        # where the kernel writes back `count`
+ATTR_PROG_LOAD = struct.Struct("=IIQQIIQII16s")      # type, insn_cnt, insns*, license*, log_level, log_size, log_buf*, kern_version, flags, name
+ATTR_TEST_RUN = struct.Struct("=IIIIQQIIIIQQIII4x")  # fd, retval, size_in, size_out, in*, out*, repeat, duration, ctx_in/out ...
+ATTR_TEST_RUN_RETVAL = slice(4, 8)
+ATTR_TEST_RUN_DURATION = slice(36, 40)
+ATTR_INFO = struct.Struct("=IIQ")                    # bpf_fd, info_len, info*
+ATTR_ENABLE_STATS = struct.Struct("=I")
+# struct bpf_prog_info: the fields lpd reads (offsets from include/uapi/linux/bpf.h).
+PROG_INFO_SIZE = 232
+PROG_INFO_JITED_LEN_OFF, PROG_INFO_XLATED_LEN_OFF = 16, 20      # after type, id, tag[8]
+PROG_INFO_RUN_TIME_OFF, PROG_INFO_RUN_CNT_OFF = 192, 200        # run_time_ns, run_cnt (u64)
+PROG_INFO_VERIFIED_INSNS_OFF = 216
+U64 = struct.Struct("=Q")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_syscall.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_uint)
+
+
+class BpfError(OSError):
+    """A failed bpf(2) command; `log` holds the verifier's words for a failed load."""
+
+    def __init__(self, err, what, log=""):
+        super().__init__(err, f"{what}: {os.strerror(err)}" + (f"\n{log}" if log else ""))
+        self.log = log
+
+
+def _buf(data_or_size):
+    if isinstance(data_or_size, int):
+        return ctypes.create_string_buffer(data_or_size)
+    return ctypes.create_string_buffer(bytes(data_or_size), len(data_or_size))
+
+
+def _addr(buf):
+    return ctypes.addressof(buf) if buf is not None else 0
+
+
+def bpf(cmd, attr, what):
+    """bpf(cmd, attr): the result (an fd or 0); raises BpfError. attr: a ctypes buffer,
+    written back by the kernel for the commands that answer in it."""
+    r = _syscall(NR_BPF, cmd, ctypes.addressof(attr), len(attr))
+    if r < 0:
+        raise BpfError(ctypes.get_errno(), what)
+    return r
+
+
+def possible_cpus(path="/sys/devices/system/cpu/possible"):
+    """Per-CPU map values come one per *possible* CPU (not online, not nproc): '0-3,8-11'."""
+    with open(path) as f:
+        text = f.read().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n = max(n, int(hi or lo) + 1)
+    return n
+
+
+def _round8(n):
+    return (n + 7) & ~7
+
+
+class Map:
+    """A BPF map by fd. Per-CPU maps read as a list of per-CPU values, each value
+    round_up(value_size, 8) bytes apart (kernel/bpf/syscall.c bpf_map_value_size)."""
+
+    def __init__(self, map_type, key_size, value_size, max_entries, name="", flags=0):
+        self.type, self.key_size, self.value_size = map_type, key_size, value_size
+        self.max_entries = max_entries
+        self.percpu = map_type in (BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY)
+        self.ncpus = possible_cpus() if self.percpu else 1
+        self.stride = _round8(value_size) if self.percpu else value_size
+        self.buf_size = self.stride * self.ncpus
+        attr = _buf(ATTR_MAP_CREATE.pack(map_type, key_size, value_size, max_entries, flags, 0, 0,
+                                         name.encode()[:BPF_OBJ_NAME_LEN - 1]))
+        self.fd = bpf(BPF_MAP_CREATE, attr, f"BPF_MAP_CREATE {name}")
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _elem(self, cmd, key, value_buf=None, flags=0, what="map"):
+        kbuf = _buf(key) if key is not None else None
+        attr = _buf(ATTR_MAP_ELEM.pack(self.fd, _addr(kbuf), _addr(value_buf), flags))
+        return bpf(cmd, attr, what)
+
+    def lookup(self, key):
+        """Raw value bytes (all CPUs' for a per-CPU map), or None."""
+        vbuf = _buf(self.buf_size)
+        try:
+            self._elem(BPF_MAP_LOOKUP_ELEM, key, vbuf, what="BPF_MAP_LOOKUP_ELEM")
+        except BpfError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+        return vbuf.raw
+
+    def update(self, key, value, flags=0):
+        """value: bytes of buf_size (a per-CPU map takes one value per possible CPU)."""
+        self._elem(BPF_MAP_UPDATE_ELEM, key, _buf(value), flags, "BPF_MAP_UPDATE_ELEM")
+
+    def delete(self, key):
+        self._elem(BPF_MAP_DELETE_ELEM, key, what="BPF_MAP_DELETE_ELEM")
+
+    def keys(self):
+        """Every key, by GET_NEXT_KEY (a NULL key gives the first)."""
+        out, key = [], None
+        nbuf = _buf(self.key_size)
+        while True:
+            kbuf = _buf(key) if key is not None else None
+            attr = _buf(ATTR_MAP_ELEM.pack(self.fd, _addr(kbuf), _addr(nbuf), 0))
+            try:
+                bpf(BPF_MAP_GET_NEXT_KEY, attr, "BPF_MAP_GET_NEXT_KEY")
+            except BpfError as e:
+                if e.errno == errno.ENOENT:
+                    return out
+                raise
+            key = nbuf.raw
+            out.append(key)
+
+    def items_slow(self):
+        """[(key, value bytes)] by GET_NEXT_KEY + LOOKUP_ELEM: 2 syscalls per entry, and an
+        entry deleted between the two is skipped (LOOKUP answers ENOENT)."""
+        out = []
+        for key in self.keys():
+            v = self.lookup(key)
+            if v is not None:
+                out.append((key, v))
+        return out
+
+    def items_batch(self, chunk=256):
+        """[(key, value bytes)] by BPF_MAP_LOOKUP_BATCH: one syscall per `chunk` entries.
+        Raises BpfError(EINVAL/ENOTSUPP) where the kernel or the map type lacks it."""
+        out = []
+        keys, vals = _buf(self.key_size * chunk), _buf(self.buf_size * chunk)
+        # The batch cursor is opaque, as big as a key for hash maps (u32 for arrays).
+        inb, outb = _buf(max(self.key_size, 4)), _buf(max(self.key_size, 4))
+        first = True
+        while True:
+            attr = _buf(ATTR_MAP_BATCH.pack(0 if first else _addr(inb), _addr(outb), _addr(keys),
+                                            _addr(vals), chunk, self.fd, 0, 0))
+            done = False
+            try:
+                bpf(BPF_MAP_LOOKUP_BATCH, attr, "BPF_MAP_LOOKUP_BATCH")
+            except BpfError as e:
+                if e.errno != errno.ENOENT:      # ENOENT: the last (possibly partial) batch
+                    raise
+                done = True
+            n = U32.unpack_from(attr.raw, ATTR_MAP_BATCH_COUNT_OFF)[0]
+            kr, vr = keys.raw, vals.raw
+            for i in range(n):
+                out.append((kr[i * self.key_size:(i + 1) * self.key_size],
+                            vr[i * self.buf_size:(i + 1) * self.buf_size]))
+            if done:
+                return out
+            ctypes.memmove(inb, outb, len(outb))
+            first = False
+
+    def items(self):
+        """The batch read where this kernel has it (Linux 5.6+), else the slow path."""
+        if getattr(self, "_batch_ok", True):
+            try:
+                return self.items_batch()
+            except BpfError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOTSUP, 524):   # 524: ENOTSUPP
+                    raise
+                self._batch_ok = False
+        return self.items_slow()
+
+    def sum_u64(self, value):
+        """A per-CPU value (bytes) -> the u64 fields summed over CPUs."""
+        n = self.value_size // 8
+        fmt = struct.Struct(f"={n}Q")
+        totals = [0] * n
+        for c in range(self.ncpus):
+            for i, v in enumerate(fmt.unpack_from(value, c * self.stride)):
+                totals[i] += v
+        return totals
+
+
+class Program:
+    """A loaded program: fd, the image it was loaded from, and its labels (for -d)."""
+
+    def __init__(self, image, labels=None, name="lpd", prog_type=BPF_PROG_TYPE_SOCKET_FILTER,
+                 license="GPL", log_level=0):
+        self.image, self.labels = image, labels or {}
+        self.fd = load_program(image, name, prog_type, license, log_level)
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def info(self):
+        buf = _buf(PROG_INFO_SIZE)
+        attr = _buf(ATTR_INFO.pack(self.fd, PROG_INFO_SIZE, _addr(buf)))
+        bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "BPF_OBJ_GET_INFO_BY_FD")
+        raw = buf.raw
+        return {"jited_len": U32.unpack_from(raw, PROG_INFO_JITED_LEN_OFF)[0],
+                "verified_insns": U32.unpack_from(raw, PROG_INFO_VERIFIED_INSNS_OFF)[0],
+                "xlated_len": U32.unpack_from(raw, PROG_INFO_XLATED_LEN_OFF)[0],
+                "run_time_ns": U64.unpack_from(raw, PROG_INFO_RUN_TIME_OFF)[0],
+                "run_cnt": U64.unpack_from(raw, PROG_INFO_RUN_CNT_OFF)[0]}
+
+
+def load_program(image, name="lpd", prog_type=BPF_PROG_TYPE_SOCKET_FILTER, license="GPL",
+                 log_level=0):
+    """BPF_PROG_LOAD -> fd. Loads without a log first (a log costs the verifier time and
+    a big buffer); on failure loads again with log_level 1 and raises BpfError with the
+    verifier's log, whose last lines say why."""
+    ibuf, lic = _buf(image), _buf(license.encode() + b"\0")
+    for level in ((log_level,) if log_level else (0, LOG_LEVEL_BRANCHES)):
+        log = _buf(LOG_SIZE) if level else None
+        attr = _buf(ATTR_PROG_LOAD.pack(prog_type, len(image) // BPF_INSN_SIZE, _addr(ibuf), _addr(lic),
+                                        level, LOG_SIZE if level else 0, _addr(log), 0, 0,
+                                        name.encode()[:BPF_OBJ_NAME_LEN - 1]))
+        r = _syscall(NR_BPF, BPF_PROG_LOAD, ctypes.addressof(attr), len(attr))
+        if r >= 0:
+            if log is not None and log.value and log_level:
+                Program.last_log = log.value.decode(errors="replace")
+            return r
+        err = ctypes.get_errno()
+        text = log.value.decode(errors="replace") if log is not None else ""
+        if level:
+            raise BpfError(err, "BPF_PROG_LOAD", _log_tail(text))
+    raise AssertionError("unreachable")
+
+
+def _log_tail(text, lines=40):
+    """The part of a verifier log that tells why: its last lines."""
+    t = text.rstrip("\n").split("\n")
+    return "\n".join(t[-lines:]) if len(t) > lines else text
+
+
+# BPF_PROG_TEST_RUN of a socket filter (net/bpf/test_run.c bpf_prog_test_run_skb): the skb
+# is built from data_in by eth_type_trans() on the namespace's loopback device, which pulls
+# the Ethernet header: unlike on an AF_PACKET socket, skb->data starts at the *network*
+# header. lpd's programs expect the MAC header first, so test_run() prepends a dummy
+# Ethernet header that eth_type_trans eats; its destination sets skb->pkt_type
+# (broadcast 1, multicast 2, another host 3, lo's own 00:..:00 host 0; never OUTGOING).
+TEST_RUN_ETHERTYPE = 0x88B5                          # IEEE local experimental: no IP set-up
+TEST_RUN_DST = {PACKET_HOST: b"\0" * 6, PACKET_BROADCAST: b"\xff" * 6,
+                PACKET_MULTICAST: b"\x01\x00\x5e\0\0\x01", PACKET_OTHERHOST: b"\x02\0\0\0\0\x01"}
+TEST_RUN_SRC = b"\x02\0\0\0\0\x02"
+
+
+# ctx_in: a struct __sk_buff whose few settable fields test_run copies into the skb
+# (convert___skb_to_skb: mark, priority, ifindex, cb, tstamp, wire_len, gso_segs, gso_size,
+# hwtstamp; everything else must be zero). Not pkt_type, not the VLAN fields.
+SKB_CTX_SIZE = 192                                   # sizeof(struct __sk_buff) on 6.x
+
+
+def test_run(prog_fd, frame, pkttype=PACKET_HOST, repeat=1, raw=False, gso=None):
+    """(retval, duration ns) of one run on `frame` (as an AF_PACKET program sees it unless
+    raw). gso: (gso_size, gso_segs) for the skb, through ctx_in."""
+    data = frame if raw else TEST_RUN_DST[pkttype] + TEST_RUN_SRC + \
+        TEST_RUN_ETHERTYPE.to_bytes(2, "big") + frame
+    din, dout = _buf(data), _buf(len(data) + 256)
+    cin = cout = None
+    if gso:
+        ctx = bytearray(SKB_CTX_SIZE)
+        U32.pack_into(ctx, SKB_GSO_SIZE, gso[0])
+        U32.pack_into(ctx, SKB_GSO_SEGS, gso[1])
+        cin, cout = _buf(bytes(ctx)), _buf(SKB_CTX_SIZE)
+    attr = _buf(ATTR_TEST_RUN.pack(prog_fd, 0, len(data), len(dout), _addr(din), _addr(dout),
+                                   repeat, 0, SKB_CTX_SIZE if gso else 0, SKB_CTX_SIZE if gso else 0,
+                                   _addr(cin), _addr(cout), 0, 0, 0))
+    bpf(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
+    raw_attr = attr.raw
+    return U32.unpack(raw_attr[ATTR_TEST_RUN_RETVAL])[0], U32.unpack(raw_attr[ATTR_TEST_RUN_DURATION])[0]
+
+
+def attach(sock, prog_fd):
+    """SO_ATTACH_BPF: the program replaces the socket's filter (classic or eBPF) in one
+    pointer swap (sk_attach_prog -> __sk_attach_prog: rcu_assign_pointer), so every frame
+    runs exactly one of the old and the new program."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_BPF, struct.pack("=i", prog_fd))
+
+
+def enable_stats():
+    """BPF_ENABLE_STATS(RUN_TIME): per-program run_time_ns/run_cnt while the fd is open."""
+    return bpf(BPF_ENABLE_STATS, _buf(ATTR_ENABLE_STATS.pack(BPF_STATS_RUN_TIME)), "BPF_ENABLE_STATS")
+
+
+# -- __sk_buff (include/uapi/linux/bpf.h): what a socket program reads ---------
+
+# Offsets of struct __sk_buff, the socket program's context. The verifier rewrites each
+# load into a load from the real sk_buff (bpf_convert_ctx_access); loads must be 4 bytes
+# and aligned, except the 8-byte ones (tstamp, hwtstamp). Which offsets a SOCKET_FILTER
+# may read on a kernel: `probe` below (sk_filter_is_valid_access).
+SKB_FIELDS = (
+    ("len", 0), ("pkt_type", 4), ("mark", 8), ("queue_mapping", 12), ("protocol", 16),
+    ("vlan_present", 20), ("vlan_tci", 24), ("vlan_proto", 28), ("priority", 32),
+    ("ingress_ifindex", 36), ("ifindex", 40), ("tc_index", 44), ("cb[0]", 48), ("cb[1]", 52),
+    ("cb[2]", 56), ("cb[3]", 60), ("cb[4]", 64), ("hash", 68), ("tc_classid", 72), ("data", 76),
+    ("data_end", 80), ("napi_id", 84), ("family", 88), ("remote_ip4", 92), ("local_ip4", 96),
+    ("remote_ip6[0]", 100), ("local_ip6[0]", 116), ("remote_port", 132), ("local_port", 136),
+    ("data_meta", 140), ("flow_keys", 144), ("tstamp", 152), ("wire_len", 160),
+    ("gso_segs", 164), ("sk", 168), ("gso_size", 176), ("tstamp_type", 180), ("hwtstamp", 184),
+)
+SKB = dict(SKB_FIELDS)
+SKB_LEN, SKB_PKT_TYPE, SKB_PROTOCOL = SKB["len"], SKB["pkt_type"], SKB["protocol"]
+SKB_VLAN_PRESENT, SKB_VLAN_TCI, SKB_VLAN_PROTO = SKB["vlan_present"], SKB["vlan_tci"], SKB["vlan_proto"]
+SKB_GSO_SEGS, SKB_GSO_SIZE = SKB["gso_segs"], SKB["gso_size"]
+SKB_WIDE = {"tstamp", "hwtstamp", "flow_keys", "sk"}  # 8-byte fields
+
+
+# -- the accounting program: the decoder's tests in eBPF ----------------------
+
+# What the program keeps, per CPU (read and summed by userspace on every scrape):
+#   addresses: PERCPU_HASH  key ADDR_KEY (family 4|6, 3 pad, 16 address bytes; IPv4 in
+#              the first 4, the rest zero) -> 4 x u64 (tx_bytes, tx_packets, rx_bytes,
+#              rx_packets), only for addresses inside a local network
+#   iface:     PERCPU_ARRAY [1] -> IFACE_FIELDS x u64
+#   rules:     PERCPU_ARRAY [n] -> (bytes, packets) per rule
+# Per-CPU values need no atomic instruction: a socket program runs with bottom halves
+# off (packet_rcv from the rx softirq, dev_queue_xmit_nit under rcu_read_lock_bh), so
+# nothing else runs it on the same CPU meanwhile.
+ADDR_KEY = struct.Struct("=B3x16s")
+ADDR_VALUE = struct.Struct("=4Q")
+IFACE_FIELDS = ("tx_bytes", "tx_packets", "rx_bytes", "rx_packets") + \
+    tuple("malformed_" + r for r in MALFORMED_REASONS) + ("local_full", "gso_frames", "gso_unsplit")
+IFACE = {name: 8 * i for i, name in enumerate(IFACE_FIELDS)}
+MALFORMED_OFF = {r: IFACE["malformed_" + r] for r in MALFORMED_REASONS}
+RULE_VALUE = struct.Struct("=2Q")
+ADDR_TX, ADDR_RX = 0, 16                      # value offsets: tx (source) and rx (destination)
+
+# Registers, for the whole program. The classic translation keeps the kernel converter's
+# A = r0, X = r7, CTX = r6 (r0 is also what helpers return, which is why a packet load's
+# slow path, a helper call, is free for A and costs a spill for X's loads).
+REG_A, REG_X, REG_CTX = R0, R7, R6
+REG_VLEN = R8                                  # bytes of the view (below) that hold frame data
+REG_WL = R9                                    # the frame's wire length, lpd's definition
+REG_IFACE = R7                                 # the decoder's iface counters (X is dead then)
+
+# The stack (r10-relative). M[] where the kernel's converter puts it (-(4k + 4)); the view
+# of the frame's head is what every load of the program reads.
+STACK_M = -64                                  # M[k] at -(4k + 4), k < 16
+KEY_SRC, KEY_DST = -88, -112                   # ADDR_KEY for the source and the destination
+VALUE_NEW = -144                               # an ADDR_VALUE for a new entry
+TMP = -152                                     # a map index; a slow load's bytes
+A_SAVE = -160                                  # A across a helper call (ldx msh)
+VERDICTS = -168                                # test builds: bit i = rule i matched (the retval)
+CNT_BYTES, CNT_FRAMES = -176, -184             # what this frame counts for: (wl, 1), or a
+                                               # GSO super-frame's (bytes, frames) on the wire
+VIEW_DATA = SNAPLEN_ACCOUNTING             # what lpd's userspace decoder sees of a frame
+VIEW_BYTES = VIEW_DATA + VLAN_TAG_LEN      # ... plus a stripped tag put back in
+VIEW = -(184 + _round8(VIEW_BYTES))            # view[i] at VIEW + i
+STACK_DEPTH = -VIEW
+assert STACK_DEPTH <= EBPF_STACK_MAX
+
+# The view: the first VIEW_BYTES of the frame as lpd's userspace sees it, i.e. with a VLAN
+# tag the kernel stripped into skb->vlan_tci put back after the MAC addresses (libpcap
+# does the same), so the decoder and every rule read the bytes userspace would. It is
+# copied to the stack once per frame with bpf_skb_load_bytes (socket programs have no
+# direct packet access), because:
+#   - LD_ABS/LD_IND end the *whole program* (returning 0) on a load past the end: one
+#     rule's miss would skip the others and the accounting; a helper returns an error;
+#   - the stack wants aligned multi-byte accesses ("misaligned stack access"), so the
+#     view is read byte by byte and assembled big-endian, which is what the frame's
+#     network byte order wants anyway;
+#   - a frame longer than the view is read past it with one skb_load_bytes per load
+#     (rules only: the decoder, like userspace, sees VIEW_DATA bytes).
+
+
+class Gen:
+    """Collects instructions and hands out unique labels."""
+
+    def __init__(self):
+        self.items = []
+        self.n = 0
+
+    def label(self, hint):
+        self.n += 1
+        return Label(f"{hint}_{self.n}")
+
+    def __call__(self, *insns):
+        self.items.extend(insns)
+
+    def at(self, label):
+        self.items.append(label)
+
+
+def emit_view_load_be(g, dst, ptr, off, size, tmp):
+    """dst = big-endian `size`-byte value at ptr + off, by byte loads (the stack wants
+    aligned multi-byte accesses; the view is at any offset)."""
+    g(ldx(EBPF_B, dst, ptr, off))
+    for i in range(1, size):
+        g(alu64_imm(EBPF_LSH, dst, 8), ldx(EBPF_B, tmp, ptr, off + i), alu64_reg(EBPF_OR, dst, tmp))
+
+
+def emit_prologue(g):
+    """r6 = ctx, r9 = wire length, the view on the stack, r8 = its length."""
+    g(mov64_reg(REG_CTX, R1),
+      ldx(EBPF_W, REG_WL, REG_CTX, SKB_LEN),
+      ldx(EBPF_W, R1, REG_CTX, SKB_VLAN_PRESENT))
+    untagged, short, done = g.label("untagged"), g.label("short_view"), g.label("viewed")
+    g(jmp_imm(EBPF_JEQ, R1, 0, untagged, wide=False),
+      # Tagged: [0, 12) from the frame, the tag, then the frame from its byte 12 on.
+      alu64_imm(EBPF_ADD, REG_WL, VLAN_TAG_LEN),
+      mov64_reg(REG_VLEN, REG_WL))
+    clamp = g.label("clamp")
+    g(jmp_imm(EBPF_JLE, REG_VLEN, VIEW_BYTES, clamp), mov64_imm(REG_VLEN, VIEW_BYTES))
+    g.at(clamp)
+    g(mov64_reg(R1, REG_CTX), mov64_imm(R2, 0), mov64_reg(R3, FP), alu64_imm(EBPF_ADD, R3, VIEW),
+      mov64_imm(R4, ETH_TYPE_OFF), call("skb_load_bytes"),
+      jmp_imm(EBPF_JNE, R0, 0, short),
+      # __sk_buff.vlan_proto holds skb->vlan_proto as it is, network order: stored as a
+      # host u16 it lands as the two wire bytes. vlan_tci is host order: swapped first.
+      ldx(EBPF_W, R1, REG_CTX, SKB_VLAN_PROTO), stx(EBPF_H, FP, R1, VIEW + ETH_TYPE_OFF),
+      ldx(EBPF_W, R1, REG_CTX, SKB_VLAN_TCI), endian_be(R1, 16),
+      stx(EBPF_H, FP, R1, VIEW + ETH_TYPE_OFF + 2),
+      jmp_imm(EBPF_JLE, REG_VLEN, ETH_TYPE_OFF + VLAN_TAG_LEN, short),
+      mov64_reg(R4, REG_VLEN), alu64_imm(EBPF_SUB, R4, ETH_TYPE_OFF + VLAN_TAG_LEN),
+      mov64_reg(R1, REG_CTX), mov64_imm(R2, ETH_TYPE_OFF), mov64_reg(R3, FP),
+      alu64_imm(EBPF_ADD, R3, VIEW + ETH_TYPE_OFF + VLAN_TAG_LEN),
+      call("skb_load_bytes"), ja(done))
+    g.at(untagged)
+    clamp = g.label("clamp")
+    g(mov64_reg(REG_VLEN, REG_WL),
+      jmp_imm(EBPF_JLE, REG_VLEN, VIEW_DATA, clamp), mov64_imm(REG_VLEN, VIEW_DATA))
+    g.at(clamp)
+    g(jmp_imm(EBPF_JEQ, REG_VLEN, 0, short),
+      mov64_reg(R1, REG_CTX), mov64_imm(R2, 0), mov64_reg(R3, FP), alu64_imm(EBPF_ADD, R3, VIEW),
+      mov64_reg(R4, REG_VLEN), call("skb_load_bytes"), ja(done))
+    # A frame too short for the view's loads (never on Ethernet, but the verifier asks):
+    # zeros, so that every path leaves all of the view initialised.
+    g.at(short)
+    for off in range(0, _round8(VIEW_BYTES), 8):
+        g(st_imm(EBPF_DW, FP, VIEW + off, 0))
+    g.at(done)
+
+
+def emit_normalise(g):
+    """Reload r8 and r9 from the skb: past a join the verifier then sees the same (unknown,
+    bounded) values on every path and prunes, instead of re-verifying everything after
+    the join once per distinct range the paths before it left in these registers."""
+    g(ldx(EBPF_W, REG_WL, REG_CTX, SKB_LEN), ldx(EBPF_W, R1, REG_CTX, SKB_VLAN_PRESENT),
+      alu64_imm(EBPF_AND, R1, 1), alu64_imm(EBPF_LSH, R1, 2), alu64_reg(EBPF_ADD, REG_WL, R1),
+      mov64_reg(REG_VLEN, REG_WL), alu64_imm(EBPF_ADD, R1, VIEW_DATA))
+    ok = g.label("vlen")
+    g(jmp_reg(EBPF_JLE, REG_VLEN, R1, ok), mov64_reg(REG_VLEN, R1))
+    g.at(ok)
+
+
+def emit_count(g, ptr, off):
+    """*(u64 *)(ptr + off) += bytes; *(u64 *)(ptr + off + 8) += frames (this CPU's value),
+    the frame's counts (CNT_BYTES, CNT_FRAMES: see emit_gso)."""
+    g(ldx(EBPF_DW, R1, ptr, off), ldx(EBPF_DW, R2, FP, CNT_BYTES), alu64_reg(EBPF_ADD, R1, R2),
+      stx(EBPF_DW, ptr, R1, off),
+      ldx(EBPF_DW, R1, ptr, off + 8), ldx(EBPF_DW, R2, FP, CNT_FRAMES), alu64_reg(EBPF_ADD, R1, R2),
+      stx(EBPF_DW, ptr, R1, off + 8))
+
+
+def emit_bump(g, ptr, off):
+    g(ldx(EBPF_DW, R1, ptr, off), alu64_imm(EBPF_ADD, R1, 1), stx(EBPF_DW, ptr, R1, off))
+
+
+def emit_gso(g, gso_above, iface_fd):
+    """CNT_BYTES/CNT_FRAMES for this frame: (wl, 1), or for a GSO/GRO super-frame what the
+    wire carried, as lpd's gso_split computes it from the virtio_net_hdr: each frame on
+    the wire repeats the link + IP + transport headers (hdr) and carries gso_size bytes of
+    the payload, so frames = ceil((wl - hdr) / gso_size), bytes = wl + (frames - 1) * hdr.
+
+    A socket program cannot read gso_type (not in __sk_buff), only gso_size and gso_segs:
+    the kind is taken from the IP header (TCP: TCPV4/TCPV6; UDP: UDP_L4, repeating the
+    UDP header; UFO, which does not, is gone from Linux since 4.14 but for VM taps).
+    gso_above: userspace reads the virtio_net_hdr only for frames longer than this
+    (Decoder.set_link: MTU + Ethernet + 2 tags; a shorter super-frame counts as one), and
+    the same bound keeps the numbers equal; None: no split (lpd without PACKET_VNET_HDR).
+    Uses (and at the end leaves to the iface counters) r1-r5, r0 and REG_IFACE."""
+    g(stx(EBPF_DW, FP, REG_WL, CNT_BYTES), st_imm(EBPF_DW, FP, CNT_FRAMES, 1))
+    if gso_above is None:
+        return
+    done, unsplit, bump = g.label("gso_done"), g.label("gso_unsplit"), g.label("gso_bump")
+    walk, tag, walked, ip4, ip6, l3ok, tcp, l4ok = (g.label("gso_" + n) for n in
+                                                   ("walk", "tag", "walked", "ip4", "ip6", "l3", "tcp", "l4"))
+    g(ldx(EBPF_W, R1, REG_CTX, SKB_GSO_SIZE), jmp_imm(EBPF_JEQ, R1, 0, done),
+      ldx(EBPF_W, R1, REG_CTX, SKB_LEN), jmp_imm(EBPF_JLE, R1, gso_above, done),
+      jmp_imm(EBPF_JLT, REG_VLEN, ETH_HLEN, unsplit))
+    # r1 = ethertype, r2 = q; as the decoder's walk, but a tag cut short ends the walk.
+    emit_view_load_be(g, R1, FP, VIEW + ETH_TYPE_OFF, 2, R3)
+    g(mov64_imm(R2, ETH_HLEN))
+    g.at(walk)
+    for tpid in sorted(VLAN_TPIDS):
+        g(jmp_imm(EBPF_JEQ, R1, tpid, tag))
+    g(ja(walked))
+    g.at(tag)
+    g(jmp_imm(EBPF_JGT, R2, VIEW_BYTES - VLAN_TAG_LEN, walked),
+      mov64_reg(R3, R2), alu64_imm(EBPF_ADD, R3, VLAN_TAG_LEN), jmp_reg(EBPF_JGT, R3, REG_VLEN, walked),
+      mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2))
+    emit_view_load_be(g, R1, R4, 2, 2, R3)
+    g(alu64_imm(EBPF_ADD, R2, VLAN_TAG_LEN), ja(walk))
+    g.at(walked)
+    # r5 = wire_ip (what the frame holds from the IP header on), r1 = l3, r3 = protocol
+    g(mov64_reg(R5, REG_WL), alu64_reg(EBPF_SUB, R5, R2),
+      jmp_imm(EBPF_JEQ, R1, ETHERTYPE_IPV4, ip4), jmp_imm(EBPF_JEQ, R1, ETHERTYPE_IPV6, ip6),
+      ja(unsplit))
+    g.at(ip4)
+    g(jmp_imm(EBPF_JGT, R2, VIEW_BYTES - 20, unsplit),
+      mov64_reg(R3, R2), alu64_imm(EBPF_ADD, R3, 20), jmp_reg(EBPF_JGT, R3, REG_VLEN, unsplit),
+      mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2),
+      ldx(EBPF_B, R1, R4, 0), mov64_reg(R3, R1), alu64_imm(EBPF_RSH, R3, 4),
+      jmp_imm(EBPF_JNE, R3, 4, unsplit), alu64_imm(EBPF_AND, R1, 0x0F), alu64_imm(EBPF_LSH, R1, 2),
+      jmp_imm(EBPF_JLT, R1, 20, unsplit))
+    emit_view_load_be(g, R3, R4, 2, 2, R0)
+    g(jmp_reg(EBPF_JLT, R3, R1, unsplit), jmp_reg(EBPF_JGT, R3, R5, unsplit),
+      ldx(EBPF_B, R3, R4, IPV4_PROTO_OFF), ja(l3ok))
+    g.at(ip6)
+    g(jmp_imm(EBPF_JGT, R2, VIEW_BYTES - IPV6_HDR_LEN, unsplit),
+      mov64_reg(R3, R2), alu64_imm(EBPF_ADD, R3, IPV6_HDR_LEN), jmp_reg(EBPF_JGT, R3, REG_VLEN, unsplit),
+      mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2),
+      ldx(EBPF_B, R1, R4, 0), alu64_imm(EBPF_RSH, R1, 4), jmp_imm(EBPF_JNE, R1, 6, unsplit))
+    emit_view_load_be(g, R3, R4, 4, 2, R0)
+    g(alu64_imm(EBPF_ADD, R3, IPV6_HDR_LEN), jmp_reg(EBPF_JGT, R3, R5, unsplit),
+      ldx(EBPF_B, R3, R4, IPV6_NEXT_OFF), mov64_imm(R1, IPV6_HDR_LEN))
+    g.at(l3ok)
+    # r2 = q + l3 (the transport header); r1 = its length
+    g(alu64_reg(EBPF_ADD, R2, R1), jmp_imm(EBPF_JEQ, R3, IPPROTO_TCP, tcp),
+      jmp_imm(EBPF_JNE, R3, IPPROTO_UDP, unsplit), mov64_imm(R1, UDP_HDR_LEN), ja(l4ok))
+    g.at(tcp)
+    # userspace: len(data) > q + l3 + 12, else cut before the TCP header: not split
+    g(jmp_imm(EBPF_JGT, R2, VIEW_BYTES - TCP_DOFF_OFF - 1, unsplit),
+      mov64_reg(R3, R2), alu64_imm(EBPF_ADD, R3, TCP_DOFF_OFF), jmp_reg(EBPF_JGE, R3, REG_VLEN, unsplit),
+      mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2),
+      ldx(EBPF_B, R1, R4, TCP_DOFF_OFF), alu64_imm(EBPF_RSH, R1, 4), alu64_imm(EBPF_LSH, R1, 2),
+      jmp_imm(EBPF_JLT, R1, TCP_MIN_HDR_LEN, unsplit))
+    g.at(l4ok)
+    # r2 = hdr, r3 = payload, r4 = gso_size, r3 = frames
+    g(alu64_reg(EBPF_ADD, R2, R1), mov64_reg(R3, REG_WL), alu64_reg(EBPF_SUB, R3, R2),
+      jmp_imm(EBPF_JSLE, R3, 0, unsplit),
+      ldx(EBPF_W, R4, REG_CTX, SKB_GSO_SIZE), alu64_reg(EBPF_ADD, R3, R4), alu64_imm(EBPF_SUB, R3, 1),
+      alu64_reg(EBPF_DIV, R3, R4), jmp_imm(EBPF_JGT, R3, GSO_MAX_SEGS, unsplit),
+      stx(EBPF_DW, FP, R3, CNT_FRAMES), alu64_imm(EBPF_SUB, R3, 1), alu64_reg(EBPF_MUL, R3, R2),
+      alu64_reg(EBPF_ADD, R3, REG_WL), stx(EBPF_DW, FP, R3, CNT_BYTES),
+      mov64_imm(R1, IFACE["gso_frames"]), ja(bump))
+    g.at(unsplit)
+    g(mov64_imm(R1, IFACE["gso_unsplit"]))
+    g.at(bump)
+    # iface[r1] += 1 (r1: the field's offset, kept on the stack across the lookup)
+    g(stx(EBPF_DW, FP, R1, A_SAVE), st_imm(EBPF_W, FP, TMP, 0), ld_map_fd(R1, iface_fd),
+      mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, TMP), call("map_lookup_elem"),
+      jmp_imm(EBPF_JEQ, R0, 0, done), ldx(EBPF_DW, R1, FP, A_SAVE), alu64_reg(EBPF_ADD, R0, R1))
+    emit_bump(g, R0, 0)
+    g.at(done)
+
+
+def _prefix_words(net):
+    """An IPv4/IPv6 network as [(word index, mask, value)] over its big-endian u32 words,
+    only the words its prefix covers."""
+    nwords = net.max_prefixlen // 32
+    value, plen = int(net.network_address), net.prefixlen
+    out = []
+    for i in range(nwords):
+        bits = max(0, min(32, plen - 32 * i))
+        if bits:
+            mask = (0xFFFFFFFF << (32 - bits)) & 0xFFFFFFFF
+            word = (value >> (32 * (nwords - 1 - i))) & 0xFFFFFFFF
+            out.append((i, mask, word & mask))
+    return out
+
+
+def emit_address(g, hdr, off, nwords, key, nets):
+    """Copy the address at hdr + off (nwords big-endian u32) into key's address and set
+    key's family byte to the version if it is inside one of `nets`, else to 0.
+
+    Word i of the address is kept in WORD_REGS[i] while the prefixes are tested: each
+    prefix is a few compares of a masked word (3 instructions per word)."""
+    regs = (R1, R2, R3, R5)[:nwords]
+    for i, r in enumerate(regs):
+        emit_view_load_be(g, r, hdr, off + 4 * i, 4, R0)
+    yes, done = g.label("local"), g.label("addr_done")
+    for net in nets:
+        nxt = g.label("next_net")
+        for i, mask, word in _prefix_words(net):
+            if mask == 0xFFFFFFFF:
+                g(jmp_imm(EBPF_JNE, regs[i], _s32(word), nxt, wide=False))
+            else:
+                g(mov64_reg(R0, regs[i]), alu32_imm(EBPF_AND, R0, _s32(mask)),
+                  jmp_imm(EBPF_JNE, R0, _s32(word), nxt, wide=False))
+        g(ja(yes))
+        g.at(nxt)
+    g(st_imm(EBPF_B, FP, key, 0), ja(done))
+    g.at(yes)
+    g(st_imm(EBPF_B, FP, key, 4 if nwords == 1 else 6))
+    g.at(done)
+    for i, r in enumerate(regs):
+        g(endian_be(r, 32), stx(EBPF_W, FP, r, key + 4 + 4 * i))
+
+
+def emit_attribute(g, addrs_fd, key, slot):
+    """The frame's wire length and 1 to the (tx or rx) counters of the address in `key`,
+    if its family byte says it is local: lookup, else insert with BPF_NOEXIST, else (a
+    CPU inserted it meanwhile) lookup again. A full map counts in iface.local_full."""
+    skip, add, insert, full = g.label("attr_skip"), g.label("attr_add"), g.label("attr_ins"), g.label("attr_full")
+    g(ldx(EBPF_B, R1, FP, key), jmp_imm(EBPF_JEQ, R1, 0, skip),
+      ld_map_fd(R1, addrs_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, key),
+      call("map_lookup_elem"), jmp_imm(EBPF_JEQ, R0, 0, insert))
+    g.at(add)
+    emit_count(g, R0, slot)
+    g(ja(skip))
+    g.at(insert)
+    for off in range(0, ADDR_VALUE.size, 8):
+        g(st_imm(EBPF_DW, FP, VALUE_NEW + off, 0))
+    g(ldx(EBPF_DW, R1, FP, CNT_BYTES), stx(EBPF_DW, FP, R1, VALUE_NEW + slot),
+      ldx(EBPF_DW, R1, FP, CNT_FRAMES), stx(EBPF_DW, FP, R1, VALUE_NEW + slot + 8),
+      ld_map_fd(R1, addrs_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, key),
+      mov64_reg(R3, FP), alu64_imm(EBPF_ADD, R3, VALUE_NEW), mov64_imm(R4, BPF_NOEXIST),
+      call("map_update_elem"), jmp_imm(EBPF_JEQ, R0, 0, skip),
+      jmp_imm(EBPF_JNE, R0, EEXIST_NEG, full),
+      ld_map_fd(R1, addrs_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, key),
+      call("map_lookup_elem"), jmp_imm(EBPF_JNE, R0, 0, add))
+    g.at(full)
+    emit_bump(g, REG_IFACE, IFACE["local_full"])
+    g.at(skip)
+
+
+def emit_decoder(g, maps, nets, done):
+    """lpd's Decoder.process_block for one frame: interface totals by packet type, then
+    the Ethernet/VLAN/IP headers, malformed reasons, and the local addresses' counters.
+    Mirrors the userspace hot loop's general path, test for test (see the spec)."""
+    nets4 = [n for n in nets if n.version == 4]
+    nets6 = [n for n in nets if n.version == 6]
+    g(st_imm(EBPF_W, FP, TMP, 0), ld_map_fd(R1, maps["iface"].fd), mov64_reg(R2, FP),
+      alu64_imm(EBPF_ADD, R2, TMP), call("map_lookup_elem"), jmp_imm(EBPF_JEQ, R0, 0, done),
+      mov64_reg(REG_IFACE, R0),
+      ldx(EBPF_W, R1, REG_CTX, SKB_PKT_TYPE))
+    tx, decode = g.label("tx"), g.label("decode")
+    g(jmp_imm(EBPF_JEQ, R1, PACKET_OUTGOING, tx, wide=False))
+    emit_count(g, REG_IFACE, IFACE["rx_bytes"])
+    g(ja(decode))
+    g.at(tx)
+    emit_count(g, REG_IFACE, IFACE["tx_bytes"])
+    g.at(decode)
+    bad = {r: g.label("m_" + r) for r in MALFORMED_REASONS}
+    walk, tag, walked, ip4, ip6, attribute = (g.label(n) for n in
+                                              ("walk", "tag", "walked", "ip4", "ip6", "attribute"))
+    # r1 = ethertype, r2 = q (the offset of what follows it); both kept until the IP header.
+    g(jmp_imm(EBPF_JLT, REG_VLEN, ETH_HLEN, bad["truncated"]))
+    emit_view_load_be(g, R1, FP, VIEW + ETH_TYPE_OFF, 2, R3)
+    g(mov64_imm(R2, ETH_HLEN))
+    g.at(walk)
+    for tpid in sorted(VLAN_TPIDS):
+        g(jmp_imm(EBPF_JEQ, R1, tpid, tag))
+    g(ja(walked))
+    g.at(tag)
+    # userspace: q + 4 > end -> truncated. The constant bound is the verifier's, implied
+    # by the first (r8 <= VIEW_BYTES).
+    g(jmp_imm(EBPF_JGT, R2, VIEW_BYTES - VLAN_TAG_LEN, bad["truncated"]),
+      mov64_reg(R3, R2), alu64_imm(EBPF_ADD, R3, VLAN_TAG_LEN),
+      jmp_reg(EBPF_JGT, R3, REG_VLEN, bad["truncated"]),
+      mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2))
+    emit_view_load_be(g, R1, R4, 2, 2, R3)
+    g(alu64_imm(EBPF_ADD, R2, VLAN_TAG_LEN), ja(walk))
+    g.at(walked)
+    g(jmp_imm(EBPF_JEQ, R1, ETHERTYPE_IPV4, ip4), jmp_imm(EBPF_JEQ, R1, ETHERTYPE_IPV6, ip6),
+      ja(done))                                      # not IP: counted in the totals only
+    # IPv4: header inside the view; version; IHL >= 5; IHL*4 <= total length; the total
+    # length inside the wire length (q + tlen > wl -> 'length', as userspace's
+    # q - p + tlen > flen with the stripped tag counted on both sides).
+    g.at(ip4)
+    g(jmp_imm(EBPF_JGT, R2, VIEW_BYTES - 20, bad["truncated"]),
+      mov64_reg(R3, R2), alu64_imm(EBPF_ADD, R3, 20), jmp_reg(EBPF_JGT, R3, REG_VLEN, bad["truncated"]),
+      mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2),
+      ldx(EBPF_B, R1, R4, 0), mov64_reg(R3, R1), alu64_imm(EBPF_RSH, R3, 4),
+      jmp_imm(EBPF_JNE, R3, 4, bad["version"]),
+      alu64_imm(EBPF_AND, R1, 0x0F), jmp_imm(EBPF_JLT, R1, 5, bad["ihl"]), alu64_imm(EBPF_LSH, R1, 2))
+    emit_view_load_be(g, R3, R4, 2, 2, R5)
+    g(jmp_reg(EBPF_JLT, R3, R1, bad["length"]), alu64_reg(EBPF_ADD, R3, R2),
+      jmp_reg(EBPF_JGT, R3, REG_WL, bad["length"]))
+    for key in (KEY_SRC, KEY_DST):
+        for off in range(0, 24, 8):
+            g(st_imm(EBPF_DW, FP, key + off, 0))
+    g(mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2))
+    # r4 (the header) survives emit_address: it uses r0-r3, r5.
+    emit_address(g, R4, IPV4_SRC_OFF, 1, KEY_SRC, nets4)
+    emit_address(g, R4, IPV4_SRC_OFF + 4, 1, KEY_DST, nets4)
+    g(ja(attribute))
+    # IPv6: the fixed header inside the view; version; 40 + payload length inside the wire
+    # length. No extension header is walked (userspace does not either).
+    g.at(ip6)
+    g(jmp_imm(EBPF_JGT, R2, VIEW_BYTES - IPV6_HDR_LEN, bad["truncated"]),
+      mov64_reg(R3, R2), alu64_imm(EBPF_ADD, R3, IPV6_HDR_LEN),
+      jmp_reg(EBPF_JGT, R3, REG_VLEN, bad["truncated"]),
+      mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2),
+      ldx(EBPF_B, R1, R4, 0), alu64_imm(EBPF_RSH, R1, 4), jmp_imm(EBPF_JNE, R1, 6, bad["version"]))
+    emit_view_load_be(g, R3, R4, 4, 2, R5)
+    g(alu64_imm(EBPF_ADD, R3, IPV6_HDR_LEN), alu64_reg(EBPF_ADD, R3, R2),
+      jmp_reg(EBPF_JGT, R3, REG_WL, bad["length"]))
+    for key in (KEY_SRC, KEY_DST):
+        for off in range(0, 24, 8):
+            g(st_imm(EBPF_DW, FP, key + off, 0))
+    g(mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2))
+    emit_address(g, R4, IPV6_SRC_OFF, 4, KEY_SRC, nets6)
+    emit_address(g, R4, IPV6_SRC_OFF + 16, 4, KEY_DST, nets6)
+    g.at(attribute)
+    emit_attribute(g, maps["addresses"].fd, KEY_SRC, ADDR_TX)
+    emit_attribute(g, maps["addresses"].fd, KEY_DST, ADDR_RX)
+    g(ja(done))
+    for reason, label in bad.items():
+        g.at(label)
+        emit_bump(g, REG_IFACE, MALFORMED_OFF[reason])
+        g(ja(done))
+
+
+# -- classic BPF -> eBPF, one rule inlined after another ----------------------
+
+# bpf_convert_filter (net/core/filter.c) maps A to r0, X to r7, M[k] to the stack at
+# -(4k + 4), classic ALU to 32-bit eBPF ALU, jumps to jumps (jf == 0: one jump; jt == 0:
+# the inverted jump; else a jump and a ja), RET to exit. What differs here, and why:
+#   - RET does not exit: the rule's verdict jumps to its counting (nonzero) or past it,
+#     and the next rule starts with A = X = 0 and the M[] cells it reads zeroed (lpd's
+#     interpreter starts M at 0; the kernel's checker forbids reading an unwritten cell);
+#   - packet loads read the view (see above) and, past it, bpf_skb_load_bytes; a load past
+#     the frame is the rule's reject, not the program's return 0 as the kernel's LD_ABS;
+#   - lpd's semantics where libpcap's and the kernel's differ: a shift by X >= 32 gives 0
+#     (x86 would shift by X & 31), division by X == 0 rejects (eBPF would give 0);
+#     ancillary loads are lpd's (pkttype, vlan_tci, vlan present, protocol as
+#     eth_type_trans would derive it from the frame with the tag put back); others reject;
+#   - compares use JMP32 with the 32-bit k (the kernel instead moves a k >= 2^31 into a
+#     register, from before JMP32 existed);
+#   - backward ja (libpcap's protochain) is refused: Untranslatable, the rule stays in
+#     userspace.
+
+class Untranslatable(ValueError):
+    pass
+
+
+_JMP_INVERSE = {BPF_JEQ: EBPF_JNE, BPF_JGT: EBPF_JLE, BPF_JGE: EBPF_JLT}
+_JMP_OP = {BPF_JEQ: EBPF_JEQ, BPF_JGT: EBPF_JGT, BPF_JGE: EBPF_JGE, BPF_JSET: EBPF_JSET}
+# Classic ALU ops that map to the eBPF op of the same number, 32-bit.
+_ALU_PLAIN = {BPF_ADD, BPF_SUB, BPF_MUL, BPF_OR, BPF_AND, BPF_XOR}
+_LOAD_SIZE = {BPF_W: 4, BPF_H: 2, BPF_B: 1}
+_EBPF_SIZE = {4: EBPF_W, 2: EBPF_H, 1: EBPF_B}
+FRAME_MAX = (1 << 31) - 1          # no frame is longer: a load beyond is a static reject
+
+
+def emit_slow_load(g, dst, off_reg, size, reject, save_a):
+    """dst = the `size` bytes at view offset off_reg (beyond the view) by skb_load_bytes:
+    reject unless off + size <= wl; the frame's offset is off - (wl - skb->len), the tag
+    put back (offsets that far are past it). Clobbers r1-r5 and r0 (A: spilled if save_a)."""
+    g(mov64_reg(R2, off_reg), alu64_imm(EBPF_ADD, R2, size), jmp_reg(EBPF_JGT, R2, REG_WL, reject),
+      ldx(EBPF_W, R3, REG_CTX, SKB_LEN), mov64_reg(R2, off_reg), alu64_reg(EBPF_ADD, R2, R3),
+      alu64_reg(EBPF_SUB, R2, REG_WL))
+    if save_a:
+        g(stx(EBPF_DW, FP, REG_A, A_SAVE))
+    g(mov64_reg(R1, REG_CTX), mov64_reg(R3, FP), alu64_imm(EBPF_ADD, R3, TMP), mov64_imm(R4, size),
+      call("skb_load_bytes"))
+    if save_a:
+        g(mov64_reg(R1, R0), ldx(EBPF_DW, REG_A, FP, A_SAVE))
+        g(jmp_imm(EBPF_JNE, R1, 0, reject))
+    else:
+        g(jmp_imm(EBPF_JNE, R0, 0, reject))
+    g(ldx(_EBPF_SIZE[size], dst, FP, TMP))
+    if size > 1:
+        g(endian_be(dst, 8 * size))
+
+
+def emit_packet_load(g, dst, size, k, indirect, reject, save_a=False):
+    """dst = the big-endian `size` bytes at k (or X + k) of the frame as userspace sees it,
+    or jump to reject when they are past its end (lpd's _load_packet)."""
+    if k + size > FRAME_MAX:
+        g(ja(reject))
+        return
+    slow, done = g.label("slow"), g.label("loaded")
+    if not indirect:
+        if k + size <= VIEW_DATA:
+            # r8 = min(wl, VIEW_DATA + tag) < k + size <= VIEW_DATA: the frame is shorter.
+            g(jmp_imm(EBPF_JLT, REG_VLEN, k + size, reject))
+            emit_view_load_be(g, dst, FP, VIEW + k, size, R1)
+            return
+        if k + size <= VIEW_BYTES:
+            g(jmp_imm(EBPF_JLT, REG_VLEN, k + size, slow))
+            emit_view_load_be(g, dst, FP, VIEW + k, size, R1)
+            g(ja(done))
+        g.at(slow)
+        g(mov64_imm(R5, k))
+        emit_slow_load(g, dst, R5, size, reject, save_a)
+        g.at(done)
+        return
+    # X + k in 64 bits: X is a zero-extended u32 and k < 2^31, so it cannot wrap.
+    g(mov64_reg(R5, REG_X), alu64_imm(EBPF_ADD, R5, k),
+      jmp_imm(EBPF_JGT, R5, VIEW_BYTES - size, slow),        # the verifier's bound
+      mov64_reg(R2, R5), alu64_imm(EBPF_ADD, R2, size), jmp_reg(EBPF_JGT, R2, REG_VLEN, slow),
+      mov64_reg(R3, FP), alu64_imm(EBPF_ADD, R3, VIEW), alu64_reg(EBPF_ADD, R3, R5))
+    emit_view_load_be(g, dst, R3, 0, size, R4)
+    g(ja(done))
+    g.at(slow)
+    emit_slow_load(g, dst, R5, size, reject, save_a)
+    g.at(done)
+
+
+def emit_protocol(g, dst):
+    """lpd's _skb_protocol: what eth_type_trans() leaves in skb->protocol, from the view."""
+    done = g.label("proto_done")
+    g(mov32_imm(dst, 0), jmp_imm(EBPF_JLT, REG_VLEN, ETH_HLEN, done))
+    emit_view_load_be(g, dst, FP, VIEW + ETH_TYPE_OFF, 2, R1)
+    g(jmp_imm(EBPF_JGE, dst, 0x0600, done), mov32_imm(dst, 0x0004),      # ETH_P_802_2
+      jmp_imm(EBPF_JLT, REG_VLEN, 16, done))
+    emit_view_load_be(g, R1, FP, VIEW + ETH_HLEN, 2, R2)
+    g(jmp_imm(EBPF_JNE, R1, 0xFFFF, done), mov32_imm(dst, 0x0001))      # ETH_P_802_3
+    g.at(done)
+
+
+def emit_ancillary(g, dst, k, reject):
+    off = k - SKF_AD_OFF
+    if off == SKF_AD_PKTTYPE:
+        g(ldx(EBPF_W, dst, REG_CTX, SKB_PKT_TYPE), alu32_imm(EBPF_AND, dst, _PKT_TYPE_MAX))
+    elif off == SKF_AD_VLAN_TAG:
+        g(ldx(EBPF_W, dst, REG_CTX, SKB_VLAN_TCI), alu32_imm(EBPF_AND, dst, 0xFFFF))
+    elif off == SKF_AD_VLAN_TAG_PRESENT:
+        g(ldx(EBPF_W, dst, REG_CTX, SKB_VLAN_PRESENT), alu32_imm(EBPF_AND, dst, 1))
+    elif off == SKF_AD_PROTOCOL:
+        emit_protocol(g, dst)
+    else:
+        g(ja(reject))
+
+
+def _reads_memory(prog):
+    return sorted({k for code, _, _, k in prog
+                   if code in (BPF_LD | BPF_MEM, BPF_LDX | BPF_W | BPF_MEM)
+                   and k < BPF_MEMWORDS})
+
+
+def emit_rule(g, prog, index, rules_fd, mark=False):
+    """One rule: its classic program translated; a nonzero verdict adds (wl, 1) to
+    rules[index] (and with `mark` sets bit index of VERDICTS, for the differential test).
+    Labels are per rule, so rules follow each other in one program."""
+    n = len(prog)
+    pcs = [g.label(f"r{index}_pc{pc}") for pc in range(n)]
+    no, yes, end = g.label(f"r{index}_no"), g.label(f"r{index}_yes"), g.label(f"r{index}_end")
+    a, x = REG_A, REG_X
+
+    def target(pc):
+        return pcs[pc] if 0 <= pc < n else no     # out of the program: lpd rejects
+
+    g(mov32_imm(a, 0), mov32_imm(x, 0))
+    for k in _reads_memory(prog):
+        g(st_imm(EBPF_W, FP, -(4 * k + 4), 0))
+    for pc, (code, jt, jf, k) in enumerate(prog):
+        g.at(pcs[pc])
+        cls, mode, size = code & 0x07, code & BPF_MODE_MASK, code & BPF_SIZE_MASK
+        op = code & BPF_OP_MASK
+        if code > 0xFF:
+            g(ja(no))
+        elif cls == BPF_RET:
+            if code == BPF_RET | BPF_K:
+                g(ja(yes if k else no))
+            elif code == BPF_RET | BPF_A:
+                g(jmp_imm(EBPF_JEQ, a, 0, no, wide=False), ja(yes))
+            else:
+                g(ja(no))
+        elif cls == BPF_LD:
+            if mode == BPF_ABS and size in _LOAD_SIZE:
+                if k >= SKF_AD_OFF:
+                    emit_ancillary(g, a, k, no)
+                else:
+                    emit_packet_load(g, a, _LOAD_SIZE[size], k, False, no)
+            elif mode == BPF_IND and size in _LOAD_SIZE:
+                emit_packet_load(g, a, _LOAD_SIZE[size], k, True, no)
+            elif code == BPF_LD | BPF_IMM:
+                g(mov32_imm(a, k))
+            elif code == BPF_LD | BPF_W | BPF_LEN:
+                g(mov32_reg(a, REG_WL))
+            elif code == BPF_LD | BPF_MEM and k < BPF_MEMWORDS:
+                g(ldx(EBPF_W, a, FP, -(4 * k + 4)))
+            else:
+                g(ja(no))
+        elif cls == BPF_LDX:
+            if code == BPF_LDX | BPF_W | BPF_IMM:
+                g(mov32_imm(x, k))
+            elif code == BPF_LDX | BPF_W | BPF_LEN:
+                g(mov32_reg(x, REG_WL))
+            elif code == BPF_LDX | BPF_W | BPF_MEM and k < BPF_MEMWORDS:
+                g(ldx(EBPF_W, x, FP, -(4 * k + 4)))
+            elif code == BPF_LDX | BPF_B | BPF_MSH:
+                # X = 4 * (P[k] & 0xf); A is spilled around the slow path's helper call.
+                emit_packet_load(g, x, 1, k, False, no, save_a=True)
+                g(alu32_imm(EBPF_AND, x, 0x0F), alu32_imm(EBPF_LSH, x, 2))
+            else:
+                g(ja(no))
+        elif cls in (BPF_ST, BPF_STX):
+            if code & ~BPF_CLASS_MASK or k >= BPF_MEMWORDS:
+                g(ja(no))
+            else:
+                g(stx(EBPF_W, FP, a if cls == BPF_ST else x, -(4 * k + 4)))
+        elif cls == BPF_ALU:
+            by_x = code & BPF_X
+            if code == BPF_ALU | BPF_NEG:
+                g(alu32_imm(EBPF_NEG, a, 0))
+            elif op in _ALU_PLAIN:
+                g(alu32_reg(op, a, x) if by_x else alu32_imm(op, a, _s32(k)))
+            elif op in (BPF_DIV, BPF_MOD):
+                if by_x:
+                    g(jmp_imm(EBPF_JEQ, x, 0, no, wide=False), alu32_reg(op, a, x))
+                elif k == 0:
+                    g(ja(no))
+                else:
+                    g(alu32_imm(op, a, _s32(k)))
+            elif op in (BPF_LSH, BPF_RSH):
+                if by_x:
+                    big, done = g.label("shift_big"), g.label("shifted")
+                    g(jmp_imm(EBPF_JGE, x, 32, big, wide=False), alu32_reg(op, a, x), ja(done))
+                    g.at(big)
+                    g(mov32_imm(a, 0))
+                    g.at(done)
+                elif k >= 32:
+                    g(mov32_imm(a, 0))
+                else:
+                    g(alu32_imm(op, a, k))
+            else:
+                g(ja(no))
+        elif cls == BPF_JMP:
+            if code == BPF_JMP | BPF_JA:
+                off = _s32(k)
+                if off < 0:
+                    raise Untranslatable(f"backward ja at {pc} (protochain)")
+                g(ja(target(pc + 1 + off)))
+            elif op in _JMP_OP:
+                by_x = code & BPF_X
+                t, f = target(pc + 1 + jt), target(pc + 1 + jf)
+
+                def j(eop, label):
+                    return jmp_reg(eop, a, x, label, wide=False) if by_x else \
+                        jmp_imm(eop, a, _s32(k), label, wide=False)
+                if jf == 0:
+                    g(j(_JMP_OP[op], t))
+                elif jt == 0 and op in _JMP_INVERSE:
+                    g(j(_JMP_INVERSE[op], f))
+                else:
+                    g(j(_JMP_OP[op], t), ja(f))
+            else:
+                g(ja(no))
+        elif code == BPF_MISC | BPF_TAX:
+            g(mov32_reg(x, a))
+        elif code == BPF_MISC | BPF_TXA:
+            g(mov32_reg(a, x))
+        else:
+            g(ja(no))
+    g(ja(no))                                       # falling off the end: lpd rejects
+    g.at(yes)
+    if mark:
+        g(ldx(EBPF_W, R1, FP, VERDICTS), alu32_imm(EBPF_OR, R1, 1 << index), stx(EBPF_W, FP, R1, VERDICTS))
+    g(st_imm(EBPF_W, FP, TMP, index), ld_map_fd(R1, rules_fd), mov64_reg(R2, FP),
+      alu64_imm(EBPF_ADD, R2, TMP), call("map_lookup_elem"), jmp_imm(EBPF_JEQ, R0, 0, end))
+    emit_count(g, R0, 0)
+    g.at(no)
+    g.at(end)
+
+
+def make_maps(nrules, local_max=DEFAULT_LOCAL_MAX):
+    return {"addresses": Map(BPF_MAP_TYPE_PERCPU_HASH, ADDR_KEY.size, ADDR_VALUE.size, local_max,
+                             "lpd_addresses"),
+            "iface": Map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8 * len(IFACE_FIELDS), 1, "lpd_iface"),
+            "rules": Map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, RULE_VALUE.size, max(1, nrules), "lpd_rules")}
+
+
+VERDICT_MASK = "mask"
+
+
+def build_program(maps, nets=(), rules=(), decoder=True, verdict=0, gso_above=None):
+    """The whole socket program: (image, labels). rules: classic programs (lpd's
+    compile_filter output, kernel=False: they see the frame as userspace does).
+    gso_above: split GSO super-frames longer than this (see emit_gso); None: never.
+    verdict: what it returns: 0 (no frame copied to userspace), a snapshot length, or
+    VERDICT_MASK (test builds, at most 32 rules: bit i set when rule i matched)."""
+    g = Gen()
+    done = Label("done")
+    mark = verdict == VERDICT_MASK
+    if mark and len(rules) > 32:
+        raise ValueError("VERDICT_MASK: at most 32 rules")
+    emit_prologue(g)
+    emit_gso(g, gso_above, maps["iface"].fd)
+    if mark:
+        g(st_imm(EBPF_W, FP, VERDICTS, 0))
+    for i, prog in enumerate(rules):
+        # Per rule, not once: a rule's compares narrow r8/r9 differently on each of its
+        # paths, and without the reload the verifier walks each following rule once per
+        # such narrowing (measured: 100 rules exceed the 1M-instruction limit; with it,
+        # 100 rules take 29k, 400 rules 117k).
+        emit_normalise(g)
+        emit_rule(g, prog, i, maps["rules"].fd, mark)
+    emit_normalise(g)                  # after the GSO block's or the last rule's narrowing
+    if decoder:
+        emit_decoder(g, maps, list(nets), done)
+    g.at(done)
+    if mark:
+        g(ldx(EBPF_W, R0, FP, VERDICTS))
+    else:
+        g(mov32_imm(R0, verdict))
+    g(exit_insn())
+    return assemble(g.items)
+
+
+def read_counters(maps, nrules=0):
+    """(iface {field: n}, {(family, address text): [tx_b, tx_p, rx_b, rx_p]}, [(bytes, pkts)])"""
+    iface_map = maps["iface"]
+    iface = dict(zip(IFACE_FIELDS, iface_map.sum_u64(iface_map.lookup(U32.pack(0)))))
+    addrs = {}
+    m = maps["addresses"]
+    for key, value in m.items():
+        fam, raw = ADDR_KEY.unpack(key)
+        addr = ipaddress.ip_address(raw[:4] if fam == 4 else raw)
+        addrs[(fam, str(addr))] = m.sum_u64(value)
+    rules = []
+    rm = maps["rules"]
+    for i in range(nrules):
+        rules.append(tuple(rm.sum_u64(rm.lookup(U32.pack(i)))))
+    return iface, addrs, rules
+
+
+ENGINES = ("auto", "cbpf", "ebpf")
+# How long the old program of a reload may still be running on another CPU after
+# SO_ATTACH_BPF returned (an RCU grace period is milliseconds): its rules map is read
+# for the last time at the first tick after this.
+EBPF_RETIRE_AFTER = 0.2
+
+
+def ebpf_available():
+    """None if this process can load socket programs and make maps, else why not."""
+    try:
+        m = Map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 1, "lpd_probe")
+    except OSError as e:
+        return f"cannot create a BPF map ({os.strerror(e.errno) if e.errno else e})"
+    try:
+        image, _ = assemble([mov32_imm(R0, 0), exit_insn()])
+        os.close(load_program(image, "lpd_probe"))
+    except OSError as e:
+        return f"cannot load a socket program ({os.strerror(e.errno) if e.errno else e})"
+    finally:
+        m.close()
+    return None
+
+
+class KernelAccounting:
+    """--engine ebpf: the program and its maps, standing in for the decoder's counting.
+    At every tick the kernel's counters are copied into LocalAddresses, which keeps its
+    rates, idle expiry and snapshots as for the userspace path; an address it forgets
+    leaves the kernel map too. Rules: one per-CPU array slot each; a reload loads a new
+    program with a new rules map (the address and interface maps stay), swaps it in one
+    SO_ATTACH_BPF, and carries the old counts by (id, expression) as RuleCounter does."""
+
+    def __init__(self, local, rules, verdict=0):
+        self.local, self.rules, self.verdict = local, rules, verdict
+        self.maps = make_maps(len(rules) if rules else 0, local.local_max)
+        self.base = [(0, 0)] * (len(rules) if rules else 0)   # carried from older programs
+        self.carried = []              # (old rules map, [(new i, old j, old base)], retire at)
+        self.gso_above = None
+        self.program = None
+        self.last_addresses = {}
+
+    def program_for(self, vnet, mtu):
+        """The program for a socket: built (again) when the link's GSO threshold changed."""
+        gso_above = (mtu + ETH_HLEN + 2 * VLAN_TAG_LEN if mtu else 0) if vnet else None
+        if self.program is None or gso_above != self.gso_above:
+            self.gso_above = gso_above
+            self._load(self.local.local_nets, self.rules, self.maps)
+        return self.program.fd
+
+    def _load(self, nets, rules, maps):
+        image, labels = build_program(maps, nets, rules.progs if rules else (), True,
+                                      self.verdict, self.gso_above)
+        old, self.program = self.program, Program(image, labels)
+        if old is not None:
+            old.close()
+
+    def reload(self, sock, rules, nets):
+        """New rules and networks, swapped in one attach; the old rules map is read one
+        last time after EBPF_RETIRE_AFTER."""
+        old_rules, old_map, old_base = self.rules, self.maps["rules"], self.base
+        maps = dict(self.maps, rules=Map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, RULE_VALUE.size,
+                                         max(1, len(rules) if rules else 0), "lpd_rules"))
+        prev = {(r.id, r.expr): j for j, r in enumerate(old_rules.rules)} if old_rules else {}
+        pairs = [(i, prev[(r.id, r.expr)]) for i, r in enumerate(rules.rules)
+                 if (r.id, r.expr) in prev] if rules else []
+        self._load(nets, rules, maps)
+        if sock is not None:
+            attach(sock, self.program.fd)
+        self.maps, self.rules = maps, rules
+        self.base = [(0, 0)] * (len(rules) if rules else 0)
+        for i, j in pairs:
+            self.base[i] = old_base[j]
+        self.carried.append((old_map, pairs, time.monotonic() + EBPF_RETIRE_AFTER))
+
+    def _rule_counts(self, m, n):
+        return [tuple(m.sum_u64(m.lookup(U32.pack(i)))) for i in range(n)]
+
+    def sync(self):
+        """Copy the kernel's counters into the stages' tables (the capture thread, before
+        a tick or a publication)."""
+        now = time.monotonic()
+        for entry in list(self.carried):
+            old_map, pairs, at = entry
+            if now >= at:
+                counts = self._rule_counts(old_map, max([j + 1 for _, j in pairs] + [0]))
+                for i, j in pairs:
+                    self.base[i] = _add(self.base[i], counts[j])
+                old_map.close()
+                self.carried.remove(entry)
+        tables = self.local.tables
+        seen = {}
+        for key, value in self.maps["addresses"].items():
+            fam, raw = ADDR_KEY.unpack(key)
+            hkey = int.from_bytes(raw[:4], "big") if fam == 4 else raw
+            counts = self.maps["addresses"].sum_u64(value)
+            seen[(fam, hkey)] = key
+            t = tables[fam]
+            entry = t.hosts.get(hkey)
+            if entry is None:
+                entry = t.hosts[hkey] = [0, 0, 0, 0]
+            if entry != counts:
+                entry[:] = counts
+                t.dirty.add(hkey)
+        self.last_addresses = seen
+
+    def expire(self):
+        """After LocalAddresses' tick: what it forgot (idle) leaves the kernel map, so a
+        returning address starts from 0 as it does in userspace."""
+        for (fam, hkey), key in self.last_addresses.items():
+            if hkey not in self.local.tables[fam].hosts:
+                try:
+                    self.maps["addresses"].delete(key)
+                except OSError:
+                    pass
+
+    def interface(self):
+        m = self.maps["iface"]
+        return dict(zip(IFACE_FIELDS, m.sum_u64(m.lookup(U32.pack(0)))))
+
+    def interface_snapshot(self, drops, up):
+        c = self.interface()
+        totals = tuple(c[f] for f in IFACE_FIELDS[:4])
+        return InterfaceSnapshot(totals[TX_PACKETS] + totals[RX_PACKETS], totals,
+                                 tuple((r, c["malformed_" + r]) for r in MALFORMED_REASONS),
+                                 drops, up, c["gso_frames"], c["gso_unsplit"])
+
+    def rule_snapshot(self):
+        if self.rules is None:
+            return RuleSnapshot()
+        counts = self._rule_counts(self.maps["rules"], len(self.rules))
+        for old_map, pairs, _ in self.carried:      # not yet retired: their live counts
+            old = self._rule_counts(old_map, max([j + 1 for _, j in pairs] + [0]))
+            for i, j in pairs:
+                counts[i] = _add(counts[i], old[j])
+        return RuleSnapshot(tuple((rid, b0 + b, p0 + p) for rid, (b0, p0), (b, p)
+                                  in zip(self.rules.ids, self.base, counts)))
+
+    def close(self):
+        for m in list(self.maps.values()) + [c[0] for c in self.carried]:
+            m.close()
+        if self.program is not None:
+            self.program.close()
+
+
+###############################################################################
 # Enrichment: background pollers (NIC mapping, GeoIP, processes, Docker) ######
 ###############################################################################
 #
@@ -8468,6 +9981,7 @@ class Collector:
         self.published, self.mapping, self.nic = published, mapping, nic
         self.rule_socket = rule_socket      # its own counters, read as it counts them
         self.geo, self.threshold, self.docker = geo, threshold, docker
+        self.engine = "cbpf"                # what counts: set by build_daemon
 
     def presentation(self):
         """One consistent set of labellers for a scrape or a document."""
@@ -8575,8 +10089,8 @@ class Collector:
             yield family(CounterMetricFamily, "lpd_rule_socket_truncated",
                          "Rule socket dumps cut off: the client did not read them in time.", [],
                          [((), self.rule_socket.truncated)])
-        yield family(GaugeMetricFamily, "lpd_build_info", "lpd's version.", ["version"],
-                     [((__version__,), 1.0)])
+        yield family(GaugeMetricFamily, "lpd_build_info", "lpd's version and counting engine.",
+                     ["version", "engine"], [((__version__, self.engine), 1.0)])
 
     @staticmethod
     def _docker(engine, family, counter, gauge):
@@ -9344,6 +10858,7 @@ class Daemon:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         published.set_waker(self._wake)
         self.fanout = None               # a worker's PACKET_FANOUT argument
+        self.kernel = None               # --engine ebpf: the KernelAccounting
         self.control = {}                # fd -> handler, polled beside the ring (a worker's pipe)
 
     def _wake(self):
@@ -9357,7 +10872,7 @@ class Daemon:
     def consumers(self):
         """The decoder's stages: the remotes, and the rules when there are any."""
         return [c for c in (self.remotes, self.conns, self.http_stage) if c is not None] + \
-            [c for c in (self.rules,) if c is not None and len(c)]
+            [c for c in (self.rules,) if c is not None and len(c) and self.kernel is None]
 
     def now(self):
         """The packet clock: the kernel's timestamp of the last frame drained, moving on
@@ -9368,15 +10883,16 @@ class Daemon:
     def publish(self, tables=True):
         """Every stage's snapshot; a socket dump's (tables=False) skips the address and
         remote tables, which can be large and which the dump does not show."""
-        ring = self.ring
+        ring, kernel = self.ring, self.kernel
         latest = self.published.latest()
+        drops = self.past_drops + (ring.drops if ring else 0)
         snaps = {
             "time": self.now(),
-            "interface": self.decoder.snapshot(self.past_drops + (ring.drops if ring else 0),
-                                               ring is not None),
+            "interface": kernel.interface_snapshot(drops, ring is not None) if kernel
+            else self.decoder.snapshot(drops, ring is not None),
         }
         if self.rules is not None:            # no filter file: no rules stage (/api/rules 404s)
-            snaps["rules"] = self.rules.snapshot()
+            snaps["rules"] = kernel.rule_snapshot() if kernel else self.rules.snapshot()
         for name, stage in (("addresses", self.local), ("remotes", self.remotes),
                             ("connections", self.conns), ("http", self.http_stage)):
             if stage is not None:
@@ -9385,8 +10901,12 @@ class Daemon:
 
     def tick(self):
         now = self.now()
+        if self.kernel is not None:
+            self.kernel.sync()
         for stage in (self.local,) + self.decoder.consumers:
             stage.tick(now)
+        if self.kernel is not None:
+            self.kernel.expire()
         for log_ in self.logs:
             log_.flush()
         self.publish()
@@ -9428,6 +10948,16 @@ class Daemon:
         if nets and nets != self.local.local_nets:
             self.local.set_local_nets(nets)
         log(LOG_INFO, f"reloaded: {len(rules) if rules else 0} rules, {len(nets)} local networks")
+        if self.kernel is not None:      # one program holds rules and networks: swap it whole
+            try:
+                self.kernel.reload(self.ring.sock if self.ring else None, rules,
+                                   self.local.local_nets)
+            except (OSError, Untranslatable) as e:
+                log(LOG_ERR, f"reload: eBPF program: {e}; keeping the running rules")
+                return
+            self.rules = rules
+            self.publish()
+            return
         if rules is None:
             return
         new = max(SNAPLEN_ACCOUNTING, rules.snaplen())
@@ -9485,7 +11015,8 @@ class Daemon:
     def open_capture(self):
         self.ring = Ring(self.ifname, self.opts.ring_bytes,
                          kernel_program(self.prefilter, self.decoder.snaplen(), self.whole),
-                         self.opts.promisc, self.fanout)
+                         self.opts.promisc, self.fanout,
+                         self.kernel.program_for if self.kernel else None)
         if not self.ring.vnet and self.decoder.vnet is not False:
             log(LOG_WARNING, f"{self.ifname}: the kernel gives no PACKET_VNET_HDR: a GSO/GRO "
                              "super-frame counts as one frame (turn offloads off for exact counts)")
@@ -9690,6 +11221,7 @@ class CaptureParts(NamedTuple):
     conns: object
     procs: object
     http_stage: object
+    kernel: object                     # KernelAccounting (--engine ebpf), or None
 
 
 def build_capture(opts, ifname, names, conn_write, http_write):
@@ -9712,9 +11244,44 @@ def build_capture(opts, ifname, names, conn_write, http_write):
         procs.deliver = conns.refreshed.append
     http_stage = HttpRequests(opts.http_ports, http_write, names.name_of if names else None) \
         if opts.http else None
-    decoder = Decoder(local, [c for c in (remotes, conns, http_stage, rules) if c],
-                      vnet=None)                                      # the ring will tell
-    return CaptureParts(decoder, rules, prefilter, remotes, conns, procs, http_stage)
+    kernel = choose_engine(opts, local, rules, remotes or conns)
+    decoder = Decoder(local, [c for c in (remotes, conns, http_stage, rules if kernel is None else None)
+                              if c], vnet=None)                      # the ring will tell
+    return CaptureParts(decoder, rules, prefilter, remotes, conns, procs, http_stage, kernel)
+
+
+def ebpf_unsuitable(opts):
+    """Why the options need the classic path, or None."""
+    if opts.http:
+        return "--http reads whole frames in userspace"
+    if opts.prefilter:
+        return "-F is not translated yet"
+    return None
+
+
+def choose_engine(opts, local, rules, copies):
+    """The KernelAccounting for --engine ebpf (or auto where it can), else None (cbpf);
+    says which in the log. copies: a userspace stage still reads every frame's headers."""
+    why = ebpf_unsuitable(opts) if opts.engine != "cbpf" else "--engine cbpf"
+    if why is None:
+        why = ebpf_available()
+    kernel = None
+    if why is None:
+        kernel = KernelAccounting(local, rules, SNAPLEN_ACCOUNTING if copies else 0)
+        try:
+            kernel.program_for(False, None)          # verified now, not at the first bind
+        except Untranslatable as e:
+            why = f"a rule uses what the eBPF translation lacks ({e})"
+        except OSError as e:
+            why = f"the kernel refused the program: {e}"
+        if why is not None:
+            kernel.close()
+            kernel = None
+    if kernel is None and opts.engine == "ebpf":
+        raise ConfigError(f"--engine ebpf: {why}")
+    if opts.engine != "cbpf":
+        log(LOG_INFO, "engine: ebpf (counting in the kernel)" if kernel else f"engine: cbpf ({why})")
+    return kernel
 
 
 class Exporters(NamedTuple):
@@ -9767,9 +11334,12 @@ def build_daemon(opts):
     cap = build_capture(opts, ifname, docker, conn_log.write if conn_log else None,
                         http_log.write if http_log else None)
     exp = build_exporters(opts, ifname, published, docker)
-    return Daemon(opts, ifname, cap.decoder, cap.rules, cap.prefilter, exp.mapping, published,
-                  exp.http, exp.rule_server, cap.remotes, exp.geo, exp.collector, cap.conns,
-                  conn_log, cap.procs, cap.http_stage, http_log, exp.docker)
+    daemon = Daemon(opts, ifname, cap.decoder, cap.rules, cap.prefilter, exp.mapping, published,
+                    exp.http, exp.rule_server, cap.remotes, exp.geo, exp.collector, cap.conns,
+                    conn_log, cap.procs, cap.http_stage, http_log, exp.docker)
+    daemon.kernel = cap.kernel
+    exp.collector.engine = "ebpf" if cap.kernel else "cbpf"
+    return daemon
 
 
 ###############################################################################
@@ -9926,6 +11496,7 @@ def run_worker(opts):
     daemon = Daemon(opts, ifname, cap.decoder, cap.rules, cap.prefilter,
                     NicMapping(None, ifname, log), published, None, None, cap.remotes, None,
                     None, cap.conns, logs["conn"], cap.procs, cap.http_stage, logs["http"])
+    daemon.kernel = cap.kernel
     daemon.fanout = group | (PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG) << 16
     buf = bytearray()
 
@@ -10207,6 +11778,9 @@ def build_supervisor(opts, argv):
     docker = open_docker(opts)
     conn_log, http_log = open_logs(opts)
     exp = build_exporters(opts, ifname, published, docker)
+    # what the workers will choose (each says so in the log)
+    exp.collector.engine = "cbpf" if opts.engine == "cbpf" or ebpf_unsuitable(opts) or \
+        ebpf_available() else "ebpf"
     return Supervisor(opts, argv, ifname, published, exp, conn_log, http_log)
 
 
@@ -10322,6 +11896,14 @@ def dump_filter(opts, out=sys.stdout):
     """-d/-dd/-ddd EXPR: the program in tcpdump's formats (with --http: the kernel
     program a daemon attaches)."""
     expr = " ".join(opts.expression)
+    if opts.engine == "ebpf":
+        # the socket program a daemon attaches, with EXPR as its one rule (map fds as 0:
+        # nothing is loaded to print it)
+        maps = {k: types.SimpleNamespace(fd=0) for k in ("addresses", "iface", "rules")}
+        rules = [compile_filter(expr)] if expr else []
+        image, labels = build_program(maps, opts.local_nets or (), rules, True, 0, None)
+        out.write(disassemble(image, labels))
+        return 0
     if opts.http:
         # the program a daemon with --http attaches: EXPR as -F, its ports returned whole
         prefilter = compile_filter(expr, kernel=True) if expr else None
