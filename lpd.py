@@ -8841,10 +8841,12 @@ class KernelAccounting:
         m = self.maps["iface"]
         return dict(zip(IFACE_FIELDS, m.sum_u64(m.lookup(U32.pack(0)))))
 
-    def interface_snapshot(self, drops, up):
+    def interface_snapshot(self, frames, drops, up):
+        """frames: what the ring handed to userspace (0 unless a userspace stage needs
+        frames: lpd_capture_packets_total says how much was copied)."""
         c = self.interface()
         totals = tuple(c[f] for f in IFACE_FIELDS[:4])
-        return InterfaceSnapshot(totals[TX_PACKETS] + totals[RX_PACKETS], totals,
+        return InterfaceSnapshot(frames, totals,
                                  tuple((r, c["malformed_" + r]) for r in MALFORMED_REASONS),
                                  drops, up, c["gso_frames"], c["gso_unsplit"])
 
@@ -10820,7 +10822,8 @@ def status_line(ifname, snap, uptime):
     """SIGUSR1's report, from the latest publication (at most one --interval old)."""
     iface = snap.get("interface", InterfaceSnapshot())
     workers = f"{len(snap['workers'])} workers, " if "workers" in snap else ""
-    return (f"status: {ifname} {'up' if iface.up else 'down'}, {workers}{iface.frames} frames, "
+    frames = iface.totals[TX_PACKETS] + iface.totals[RX_PACKETS]    # as the wire carried them
+    return (f"status: {ifname} {'up' if iface.up else 'down'}, {workers}{frames} frames, "
             f"{iface.drops} drops, tx {iface.totals[TX_BYTES]} bytes, "
             f"rx {iface.totals[RX_BYTES]} bytes, "
             f"{len(snap.get('addresses', AddressSnapshot()).rows)} local addresses, "
@@ -10859,6 +10862,7 @@ class Daemon:
         published.set_waker(self._wake)
         self.fanout = None               # a worker's PACKET_FANOUT argument
         self.kernel = None               # --engine ebpf: the KernelAccounting
+        self.engine = "engine cbpf"      # which counts, and why (the start-up line)
         self.control = {}                # fd -> handler, polled beside the ring (a worker's pipe)
 
     def _wake(self):
@@ -10888,7 +10892,8 @@ class Daemon:
         drops = self.past_drops + (ring.drops if ring else 0)
         snaps = {
             "time": self.now(),
-            "interface": kernel.interface_snapshot(drops, ring is not None) if kernel
+            "interface": kernel.interface_snapshot(self.decoder.frames, drops, ring is not None)
+            if kernel
             else self.decoder.snapshot(drops, ring is not None),
         }
         if self.rules is not None:            # no filter file: no rules stage (/api/rules 404s)
@@ -11051,6 +11056,12 @@ class Daemon:
                     # Addresses may come back after the link: keep the old nets till then.
                     if nets and nets != self.local.local_nets:
                         self.local.set_local_nets(nets)
+                        if self.kernel is not None:      # the networks are in its program
+                            try:
+                                self.kernel.reload(None, self.rules, nets)
+                            except (OSError, Untranslatable) as e:
+                                log(LOG_ERR, f"{self.ifname}: eBPF program for the new "
+                                             f"networks: {e}; keeping the old ones")
                 self.open_capture()
                 log(LOG_NOTICE, f"{self.ifname}: capturing again")
                 self.publish()
@@ -11106,8 +11117,10 @@ class Daemon:
             if self.rule_server:
                 self.rule_server.start()
             if self.http is not None:
-                log(LOG_INFO, f"capturing on {self.ifname}; metrics on "
+                log(LOG_INFO, f"capturing on {self.ifname} ({self.engine}); metrics on "
                               f"http://{self.opts.listen[0]}:{self.opts.listen[1]}/metrics")
+            else:
+                log(LOG_DEBUG, f"capturing on {self.ifname} ({self.engine})")
             sd_notify("READY=1")
             self._loop()
         finally:
@@ -11222,6 +11235,7 @@ class CaptureParts(NamedTuple):
     procs: object
     http_stage: object
     kernel: object                     # KernelAccounting (--engine ebpf), or None
+    engine: str                        # which engine counts, and why, for the log
 
 
 def build_capture(opts, ifname, names, conn_write, http_write):
@@ -11244,10 +11258,11 @@ def build_capture(opts, ifname, names, conn_write, http_write):
         procs.deliver = conns.refreshed.append
     http_stage = HttpRequests(opts.http_ports, http_write, names.name_of if names else None) \
         if opts.http else None
-    kernel = choose_engine(opts, local, rules, remotes or conns)
+    kernel, engine = choose_engine(opts, local, rules, remotes or conns)
     decoder = Decoder(local, [c for c in (remotes, conns, http_stage, rules if kernel is None else None)
                               if c], vnet=None)                      # the ring will tell
-    return CaptureParts(decoder, rules, prefilter, remotes, conns, procs, http_stage, kernel)
+    return CaptureParts(decoder, rules, prefilter, remotes, conns, procs, http_stage, kernel,
+                        engine)
 
 
 def ebpf_unsuitable(opts):
@@ -11279,9 +11294,7 @@ def choose_engine(opts, local, rules, copies):
             kernel = None
     if kernel is None and opts.engine == "ebpf":
         raise ConfigError(f"--engine ebpf: {why}")
-    if opts.engine != "cbpf":
-        log(LOG_INFO, "engine: ebpf (counting in the kernel)" if kernel else f"engine: cbpf ({why})")
-    return kernel
+    return kernel, "engine ebpf" if kernel else f"engine cbpf: {why}"
 
 
 class Exporters(NamedTuple):
@@ -11337,7 +11350,7 @@ def build_daemon(opts):
     daemon = Daemon(opts, ifname, cap.decoder, cap.rules, cap.prefilter, exp.mapping, published,
                     exp.http, exp.rule_server, cap.remotes, exp.geo, exp.collector, cap.conns,
                     conn_log, cap.procs, cap.http_stage, http_log, exp.docker)
-    daemon.kernel = cap.kernel
+    daemon.kernel, daemon.engine = cap.kernel, cap.engine
     exp.collector.engine = "ebpf" if cap.kernel else "cbpf"
     return daemon
 
@@ -11496,7 +11509,7 @@ def run_worker(opts):
     daemon = Daemon(opts, ifname, cap.decoder, cap.rules, cap.prefilter,
                     NicMapping(None, ifname, log), published, None, None, cap.remotes, None,
                     None, cap.conns, logs["conn"], cap.procs, cap.http_stage, logs["http"])
-    daemon.kernel = cap.kernel
+    daemon.kernel, daemon.engine = cap.kernel, cap.engine
     daemon.fanout = group | (PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG) << 16
     buf = bytearray()
 

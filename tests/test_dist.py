@@ -117,8 +117,9 @@ def test_unit_contract():
     assert set(svc["RestartPreventExitStatus"][0].split()) == {"78", "64"}
     assert lpd.ConfigError.exit_code == 78 and lpd.UsageError.exit_code == 64
     assert svc["DynamicUser"] == ["yes"]
-    assert svc["AmbientCapabilities"] == ["CAP_NET_RAW"]
-    assert svc["CapabilityBoundingSet"] == ["CAP_NET_RAW"]
+    # CAP_BPF: the eBPF engine (--engine auto), which falls back to cbpf without it
+    assert svc["AmbientCapabilities"] == ["CAP_NET_RAW CAP_BPF"]
+    assert svc["CapabilityBoundingSet"] == ["CAP_NET_RAW CAP_BPF"]
     assert unit["After"] == ["network.target"]
     assert svc["EnvironmentFile"] == ["-/etc/default/lpd", "-/etc/lpd/%I.env"]
     assert svc["Environment"] == ['"LPD_FILTER_ARGS=-f /etc/lpd/%I.filters"']
