@@ -7773,6 +7773,9 @@ def _round8(n):
     return (n + 7) & ~7
 
 
+ENOTSUPP = 524                     # the kernel's internal "not supported" (no errno name)
+
+
 class Map:
     """A BPF map by fd. Per-CPU maps read as a list of per-CPU values, each value
     round_up(value_size, 8) bytes apart (kernel/bpf/syscall.c bpf_map_value_size)."""
@@ -7876,7 +7879,7 @@ class Map:
             try:
                 return self.items_batch()
             except BpfError as e:
-                if e.errno not in (errno.EINVAL, errno.ENOTSUP, 524):   # 524: ENOTSUPP
+                if e.errno not in (errno.EINVAL, errno.ENOTSUP, ENOTSUPP):
                     raise
                 self._batch_ok = False
         return self.items_slow()

@@ -138,6 +138,10 @@ DRAIN_FRAMES = 1_000_000
 DRAIN_RING = 256 << 20                  # ring big enough to hold DRAIN_FRAMES small frames
 DRAIN_SETTLE = 1.3                      # s: tcpdump's blocks retire after 1 s
 DRAIN_IDLE = 0.15                       # s without CPU progress = drained
+SYSCPU_FRAMES = 1_000_000               # per run of the system-wide CPU series
+SYSCPU_REPEAT = 3
+SYSCPU_WARMUP = 20_000
+SYSCPU_COUNT_TIMEOUT = 20.0             # s for a slow consumer to account for a run's frames
 WORKER_FLOWS = 32                       # flows in the workers' drain, spread by the fanout hash
 WORKER_SPORT0 = 40000
 COUNT_TIMEOUT = 4.0                     # s to wait for a consumer to account a rung
@@ -1973,6 +1977,58 @@ def wait_all_idle(pids, ns0, t0, timeout=20.0):
     return last
 
 
+def busy_jiffies():
+    """Every CPU's non-idle time (user nice system irq softirq steal, not idle iowait)
+    from /proc/stat's first line, in USER_HZ ticks."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return sum(v) - v[3] - v[4]
+
+
+def counted_rx(consumer):
+    """Frames a consumer has accounted for: lpd's interface counters (the eBPF engine
+    copies nothing, so its ring counters stay 0), tcpdump's own."""
+    if isinstance(consumer, Lpd):
+        m = consumer.metrics()
+        return int(m.get("lpd_interface_receive_packets_total", 0))
+    return consumer.counts()[0]
+
+
+def system_cpu(pair, gen, consumer, table, label):
+    """System-wide CPU while SYSCPU_FRAMES frames are sent and accounted for, best of
+    SYSCPU_REPEAT: the generator, the veth and the sink cost the same with any consumer,
+    so the 'no capture' line is the floor the others are read against."""
+    if consumer is not None:
+        try:
+            consumer.start()
+        except NotAvailable as e:
+            consumer.stop()
+            table.add(consumer=label, frames="not available: " + str(e)[:90])
+            return None
+    try:
+        gen.send(SYSCPU_WARMUP)
+        runs = []
+        for _ in range(SYSCPU_REPEAT):
+            wait_link_quiet(pair)
+            v0 = netns.link_stats(pair.ns_b, pair.if_b)
+            c0 = counted_rx(consumer) if consumer else 0
+            b0 = busy_jiffies()
+            sent, _ = gen.send(SYSCPU_FRAMES)
+            v1 = wait_link_quiet(pair)
+            rx = v1["rx_packets"] - v0["rx_packets"]
+            deadline = time.monotonic() + SYSCPU_COUNT_TIMEOUT
+            while consumer and counted_rx(consumer) - c0 < rx and time.monotonic() < deadline:
+                time.sleep(0.05)
+            b1 = busy_jiffies()
+            runs.append(((b1 - b0) / CLK_TCK, rx, (counted_rx(consumer) - c0) if consumer else rx))
+        busy, rx, seen = min(runs)
+        return table.add(consumer=label, frames=rx, counted=seen, **{
+            "busy s": busy, "ns/frame": busy / rx * 1e9 if rx else None})
+    finally:
+        if consumer is not None:
+            consumer.stop()
+
+
 def wait_cpu_idle(pid, ns0, t0, timeout=20.0):
     """(cpu ns, time) of the last CPU progress after t0, once idle for DRAIN_IDLE s."""
     last_ns, last_t = ns0, t0
@@ -2005,6 +2061,18 @@ def run_live(results, quick, workdir):
     connections = lpd_offers("--connections")
     http = lpd_offers("--http")
     workers = lpd_offers("--workers")
+    engines = lpd_offers("--engine")
+    syscpu = Table("Live: system-wide CPU per frame (/proc/stat), cbpf and ebpf engines beside tcpdump",
+                   ["consumer", "frames", "counted", "busy s", "ns/frame", "above floor",
+                    "÷ tcpdump"],
+                   note=f"trafgen A -> B at top speed, 64-byte UDP (IPv4+IPv6); busy s: every CPU's "
+                        f"user+nice+system+irq+softirq+steal ticks from /proc/stat while "
+                        f"{SYSCPU_FRAMES:,} frames are sent and the consumer has accounted for "
+                        f"them,\nbest of {SYSCPU_REPEAT}; above floor: ns/frame minus the 'no "
+                        "capture' line (generator, veth, sink); ÷ tcpdump: that against tcpdump's. "
+                        "counted: the consumer's receive count (lpd's interface counters:\nthe "
+                        "ebpf engine copies no frame to its ring). 10 rules: the drain series' "
+                        "rules file.")
     scale = Table("Live: workers - drain capacity of 1 and 2 capture processes (PACKET_FANOUT)",
                   ["consumer", "frames", "veth rx", "seen", "drops", "drain s", "cpu s",
                    "Mfps wall", "Mfps/core", "2 ÷ 1 wall"],
@@ -2097,6 +2165,32 @@ def run_live(results, quick, workdir):
                 if row:
                     row["pinning"] = pinning
                     drains[(pinning, c.name)] = row
+        if engines:
+            set_rps(pair, "0")
+            rows = {}
+            for label, c in (
+                    ("no capture", None),
+                    ("tcpdump -w /dev/null", Tcpdump(pair, None, DEFAULT_RING)),
+                    ("lpd --engine cbpf", Lpd(pair, None, DEFAULT_RING, extra=["--engine", "cbpf"])),
+                    ("lpd --engine cbpf +10 rules", Lpd(pair, None, DEFAULT_RING, rules_file,
+                                                        extra=["--engine", "cbpf"])),
+                    ("lpd --engine ebpf", Lpd(pair, None, DEFAULT_RING, extra=["--engine", "ebpf"])),
+                    ("lpd --engine ebpf +10 rules", Lpd(pair, None, DEFAULT_RING, rules_file,
+                                                        extra=["--engine", "ebpf"])),
+                    # remote addresses in userspace: what the copy of headers costs each engine
+                    ("lpd --engine cbpf --remote", Lpd(pair, None, DEFAULT_RING,
+                                                       local_nets=LIVE_REMOTE_LOCAL_NETS,
+                                                       extra=["--engine", "cbpf", "--remote"])),
+                    ("lpd --engine ebpf --remote", Lpd(pair, None, DEFAULT_RING,
+                                                       local_nets=LIVE_REMOTE_LOCAL_NETS,
+                                                       extra=["--engine", "ebpf", "--remote"]))):
+                rows[label] = system_cpu(pair, gens[64], c, syscpu, label)
+            floor, ref = rows.get("no capture"), rows.get("tcpdump -w /dev/null")
+            for label, row in rows.items():
+                if row and floor and row is not floor and row.get("ns/frame"):
+                    row["above floor"] = row["ns/frame"] - floor["ns/frame"]
+                    if ref and ref.get("above floor") and row is not ref:
+                        row["÷ tcpdump"] = row["above floor"] / ref["above floor"]
         if workers:
             set_rps(pair, "0")
             flows = Trafgen(pair, 64, workdir, flows=WORKER_FLOWS)
@@ -2126,7 +2220,8 @@ def run_live(results, quick, workdir):
         if name not in ladder_names and dref:
             ratios.add(frame=64, pinning=pinning, consumer=name, **{
                 "drain Mfps/core ratio": ratio(d.get("Mfps/core"), dref.get("Mfps/core"))})
-    for t in (ladder, summary, drain, ratios) + ((scale,) if workers else ()):
+    for t in (ladder, summary, drain, ratios) + ((scale,) if workers else ()) + \
+            ((syscpu,) if engines else ()):
         for r in t.rows:
             r.pop("_cpu", None)
         t.show()
