@@ -56,11 +56,26 @@ def wait_for(predicate, timeout=10.0, step=0.1):
     return predicate()
 
 
+# Set by the `engine` fixture of test modules that run under both engines: the
+# engine every Lpd() of the test gets unless it names one itself.
+ENGINE_VAR = "LPD_TEST_ENGINE"
+
+
+def both_engines(request, monkeypatch):
+    """The body of a module's autouse fixture: each of its tests runs with --engine cbpf
+    and with auto (ebpf where the kernel and the options allow it, as a user gets)."""
+    monkeypatch.setenv(ENGINE_VAR, request.param)
+    return request.param
+
+
 class Lpd:
     """lpd started in ns_b on veth-b, stopped by PID at the end."""
 
     def __init__(self, pair, *args, env=None, python=sys.executable):
         self.pair = pair
+        engine = os.environ.get(ENGINE_VAR)
+        if engine and "--engine" not in args:
+            args = (*args, "--engine", engine)
         self.err = tempfile.TemporaryFile()
         self.proc = pair.popen(pair.ns_b, [python, LPD, "-i", pair.if_b,
                                            "--web.listen-address", f"127.0.0.1:{PORT}", *args],
@@ -83,6 +98,11 @@ class Lpd:
     def stop(self, sig=signal.SIGTERM):
         self.proc.send_signal(sig)
         return self.proc.wait(10)
+
+
+@pytest.fixture(autouse=True, params=["cbpf", "auto"])   # auto: ebpf where it can
+def engine(request, monkeypatch):
+    return both_engines(request, monkeypatch)
 
 
 @pytest.fixture

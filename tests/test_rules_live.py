@@ -10,7 +10,7 @@ import time
 import pytest
 
 import netns
-from test_daemon import Lpd, metrics, value, wait_for
+from test_daemon import Lpd, both_engines, metrics, value, wait_for
 
 
 def read_socket(path, timeout=5):
@@ -32,6 +32,11 @@ def parse_lines(text):
         rid, b, p = line.rsplit(":", 2)
         rows.append((rid, int(b), int(p)))
     return rows
+
+
+@pytest.fixture(autouse=True, params=["cbpf", "auto"])   # auto: ebpf where it can
+def engine(request, monkeypatch):
+    return both_engines(request, monkeypatch)
 
 
 @pytest.fixture
