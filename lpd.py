@@ -42,6 +42,7 @@ import pickle
 import re
 import select
 import selectors
+import shutil
 import signal
 import socket
 import stat
@@ -11931,6 +11932,292 @@ def dump_filter(opts, out=sys.stdout):
 
 
 ###############################################################################
+# Operator view: lpd top ######################################################
+###############################################################################
+#
+# A terminal view of a running lpd, built on its /api/* documents only: no capture,
+# no privileges, any number of them beside the daemon. Rates of cumulative counters
+# (remotes, rules, HTTP requests) come from the difference of two fetches; the local
+# addresses carry the daemon's own per-interval rates. curses draws what frame()
+# returns: plain lines, so --once prints exactly what the screen would show.
+
+TOP_URL = "http://localhost:59122"
+TOP_REFRESH = 1.0                  # s between fetches
+TOP_TIMEOUT = 2.0                  # s for one document
+TOP_HISTORY = 20                   # samples behind each address's bar
+TOP_BAR = " .:-=+*#%@"             # ASCII levels: a bar that any terminal shows
+TOP_KINDS = ("interface", "addresses", "remotes", "rules", "connections", "http")
+TOP_PANES = ("addresses", "remotes", "rules", "connections", "http")
+TOP_SORTS = ("rate", "total", "name")
+TOP_KEYS = "1-5/tab pane  s sort  p pause  q quit"
+TOP_PANE_HEAD = 2                  # a pane's title and column lines
+TOP_ONCE_ROWS = 10                 # --once: the biggest rows of each pane
+SI_STEP = 1000
+BIT_UNITS = ("bit/s", "kbit/s", "Mbit/s", "Gbit/s", "Tbit/s")
+
+
+class TopError(LpdError):
+    """The daemon is not there (or answers something else than lpd's API)."""
+    exit_code = 1
+
+
+def human_bits(bps):
+    """1234567 -> '1.23 Mbit/s' (SI, as link speeds are said)."""
+    value, unit = float(bps), 0
+    while value >= SI_STEP and unit < len(BIT_UNITS) - 1:
+        value /= SI_STEP
+        unit += 1
+    return f"{value:.0f} {BIT_UNITS[unit]}" if unit == 0 else f"{value:.2f} {BIT_UNITS[unit]}"
+
+
+def top_fetch(url):
+    """{kind: document or None (that stage is off)}; TopError when nothing answers."""
+    docs = {}
+    for kind in TOP_KINDS:
+        try:
+            with urllib.request.urlopen(f"{url}/api/{kind}", timeout=TOP_TIMEOUT) as resp:
+                docs[kind] = json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            if e.code != http.HTTPStatus.NOT_FOUND:
+                raise TopError(f"{url}: /api/{kind}: HTTP {e.code}") from None
+            docs[kind] = None
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            reason = getattr(e, "reason", None) or e
+            raise TopError(f"{url}: not answering ({reason})") from None
+    if not isinstance(docs.get("interface"), dict):
+        raise TopError(f"{url}: not an lpd (/api/interface)")
+    return docs
+
+
+def _width(title, cells):
+    """A column as wide as its widest cell (an IPv6 address: 39), at least its title."""
+    return max([len(title)] + [len(c) for c in cells])
+
+
+def _bar(values, top):
+    if not top:
+        return " " * len(values)
+    return "".join(TOP_BAR[min(len(TOP_BAR) - 1, int(v / top * (len(TOP_BAR) - 1) + 0.5))]
+                   for v in values)
+
+
+class TopView:
+    """What the screen shows, from successive fetches (pure: no terminal here)."""
+
+    def __init__(self):
+        self.docs, self.prev, self.t, self.prev_t = None, None, 0.0, 0.0
+        self.history = {}                # address -> deque of tx+rx bit rates
+        self.pane, self.sort = TOP_PANES[0], TOP_SORTS[0]
+        self.paused = False
+        self.error = None
+
+    def update(self, docs, now):
+        self.prev, self.prev_t = self.docs, self.t
+        self.docs, self.t, self.error = docs, now, None
+        for a in docs["addresses"]["addresses"] if docs.get("addresses") else ():
+            h = self.history.setdefault(a["address"], collections.deque(maxlen=TOP_HISTORY))
+            h.append(a["tx_bps"] + a["rx_bps"])
+
+    def rate(self, kind, key, field, value):
+        """Per-second rate of a cumulative field between the last two fetches."""
+        if self.prev is None or not self.prev.get(kind) or self.t <= self.prev_t:
+            return 0.0
+        old = self.prev[kind].get("_index", {}).get(key)
+        if old is None:
+            return 0.0
+        return max(0.0, (value - old.get(field, 0)) / (self.t - self.prev_t))
+
+    def key(self, ch):
+        """One key press; False to quit."""
+        if ch in ("q", "Q"):
+            return False
+        if ch in "12345" and ch:
+            self.pane = TOP_PANES[int(ch) - 1]
+        elif ch == "\t":
+            self.pane = TOP_PANES[(TOP_PANES.index(self.pane) + 1) % len(TOP_PANES)]
+        elif ch == "s":
+            self.sort = TOP_SORTS[(TOP_SORTS.index(self.sort) + 1) % len(TOP_SORTS)]
+        elif ch == "p":
+            self.paused = not self.paused
+        return True
+
+    # -- the panes --------------------------------------------------------------
+
+    def _sorted(self, rows, rate, total, name):
+        if self.sort == "name":
+            return sorted(rows, key=name)
+        return sorted(rows, key=lambda r: -(rate(r) if self.sort == "rate" else total(r)))
+
+    def addresses(self):
+        doc = self.docs.get("addresses")
+        rows = self._sorted(doc["addresses"], lambda a: a["tx_bps"] + a["rx_bps"],
+                            lambda a: a["tx_bytes"] + a["rx_bytes"], lambda a: a["address"])
+        peak = max([max(h) for h in self.history.values() if h] + [0])
+        w = _width("local address", (a["address"] for a in rows))
+        head = f"{'local address':<{w}} {'tx':>13} {'rx':>13}  history"
+        return [f"local addresses: {doc['tracked']}", head] + [
+            f"{a['address']:<{w}} {human_bits(a['tx_bps']):>13} {human_bits(a['rx_bps']):>13}  "
+            f"{_bar(self.history.get(a['address'], ()), peak)}" for a in rows]
+
+    def remotes(self):
+        doc = self.docs.get("remotes")
+        if doc is None:
+            return ["remote addresses: off (lpd --remote)"]
+        rate = lambda r: self.rate("remotes", r["address"], "bytes", r["tx_bytes"] + r["rx_bytes"]) * 8  # noqa: E731
+        rows = self._sorted(doc["remotes"], rate, lambda r: r["tx_bytes"] + r["rx_bytes"],
+                            lambda r: r["address"])
+        w = _width("remote address", (r["address"] for r in rows))
+        return [f"remote addresses: {doc['tracked']} tracked",
+                f"{'remote address':<{w}} {'rate':>13} {'total':>10} {'country':<14} isp"] + [
+            f"{r['address']:<{w}} {human_bits(rate(r)):>13} "
+            f"{human_bytes(r['tx_bytes'] + r['rx_bytes']):>10} {r['country'][:14]:<14} {r['isp']}"
+            for r in rows]
+
+    def rules(self):
+        doc = self.docs.get("rules")
+        if doc is None:
+            return ["rules: none (lpd -f FILTERFILE)"]
+        rate = lambda r: self.rate("rules", r["id"], "bytes", r["bytes"]) * 8  # noqa: E731
+        rows = self._sorted(doc["rules"], rate, lambda r: r["bytes"], lambda r: r["id"])
+        return [f"rules: {len(doc['rules'])}", f"{'rule':<32} {'rate':>13} {'packets':>12} {'bytes':>12}"] + [
+            f"{r['id'][:32]:<32} {human_bits(rate(r)):>13} {r['packets']:>12} {r['bytes']:>12}"
+            for r in rows]
+
+    def connections(self):
+        doc = self.docs.get("connections")
+        if doc is None:
+            return ["connections: off (lpd --connections)"]
+        counts = ", ".join(f"{proto} {state} {n}" for proto, states in sorted(doc["counts"].items())
+                           for state, n in sorted(states.items()) if n)
+        rows = self._sorted(doc["connections"],
+                            lambda c: c["orig_wire_bytes"] + c["resp_wire_bytes"],
+                            lambda c: c["orig_wire_bytes"] + c["resp_wire_bytes"],
+                            lambda c: (c["orig_h"], c["orig_p"]))
+        return [f"connections: {doc['open']} open ({counts or 'none'})",
+                f"{'proto':<5} {'originator':<24} {'responder':<24} {'state':<11} "
+                f"{'bytes':>10} process"] + [
+            f"{c['proto']:<5} {c['orig_h'] + ':' + str(c['orig_p']):<24} "
+            f"{c['resp_h'] + ':' + str(c['resp_p']):<24} {c['state']:<11} "
+            f"{human_bytes(c['orig_wire_bytes'] + c['resp_wire_bytes']):>10} "
+            f"{(c['comm'] or '') + ('[' + str(c['pid']) + ']' if c['pid'] else '')}"
+            for c in rows]
+
+    def http(self):
+        doc = self.docs.get("http")
+        if doc is None:
+            return ["HTTP: off (lpd --http)"]
+        servers = doc["servers"]
+        rate = lambda s: self.rate("http", s, "requests", servers[s]["requests"])  # noqa: E731
+        names = self._sorted(list(servers), rate, lambda s: servers[s]["requests"], lambda s: s)
+        return [f"HTTP servers: {len(servers)}",
+                f"{'server':<30} {'req/s':>8} {'requests':>9} {'errors':>7} {'p50':>9} {'p95':>9}"] + [
+            f"{s[:30]:<30} {rate(s):>8.1f} {servers[s]['requests']:>9} "
+            f"{servers[s]['errors'] / servers[s]['requests'] if servers[s]['requests'] else 0:>7.1%} "
+            f"{servers[s]['p50'] * 1e3:>7.1f}ms {servers[s]['p95'] * 1e3:>7.1f}ms" for s in names]
+
+    def header(self, url):
+        if self.docs is None:
+            return [f"lpd top - {url}", self.error or "connecting..."]
+        i = self.docs["interface"]
+        state = "up" if i["up"] else "DOWN"
+        head = (f"lpd top - {url} - {i['nic']} {state} - tx {human_bytes(i['tx_bytes'])} "
+                f"rx {human_bytes(i['rx_bytes'])} - drops {i['drops']}")
+        status = self.error or ("paused" if self.paused else f"pane {self.pane}, sort {self.sort}")
+        return [head, status]
+
+    def frame(self, url, width, height=None, panes=None, rows=None):
+        """The screen's lines, each at most `width` characters; `height` cuts the pane's
+        rows (the header and the key line stay); `rows`: at most that many per pane."""
+        lines = self.header(url)
+        body = []
+        if self.docs is not None:
+            for pane in panes or (self.pane,):
+                part = getattr(self, pane)()
+                body += [""] + (part if rows is None else part[:TOP_PANE_HEAD + rows])
+        if height is not None:
+            body = body[:max(0, height - len(lines) - 1)]
+        lines += body + [TOP_KEYS]
+        return [line[:width] for line in lines]
+
+
+def _index_docs(docs):
+    """Each cumulative document keyed for rate(): remotes and rules by name, HTTP by server."""
+    if docs.get("remotes"):
+        docs["remotes"]["_index"] = {r["address"]: {"bytes": r["tx_bytes"] + r["rx_bytes"]}
+                                     for r in docs["remotes"]["remotes"]}
+    if docs.get("rules"):
+        docs["rules"]["_index"] = {r["id"]: {"bytes": r["bytes"]} for r in docs["rules"]["rules"]}
+    if docs.get("http"):
+        docs["http"]["_index"] = {s: {"requests": v["requests"]} for s, v in docs["http"]["servers"].items()}
+    return docs
+
+
+def top_parser():
+    p = _ArgParser(prog="lpd top", description="A live view of a running lpd (its /api/*).")
+    p.add_argument("--url", default=TOP_URL, help=f"the daemon's metrics address (default {TOP_URL})")
+    p.add_argument("--once", action="store_true",
+                   help="print one frame (every pane) as plain text and exit; no line wider than $COLUMNS")
+    p.add_argument("--refresh", type=_positive_float, default=TOP_REFRESH, metavar="SECONDS",
+                   help="seconds between fetches (default 1)")
+    return p
+
+
+def top_once(opts, out):
+    """Two fetches a refresh apart (rates need two), then every pane."""
+    view = TopView()
+    url = opts.url.rstrip("/")
+    view.update(_index_docs(top_fetch(url)), time.monotonic())
+    time.sleep(opts.refresh)
+    view.update(_index_docs(top_fetch(url)), time.monotonic())
+    width = shutil.get_terminal_size((80, 24)).columns
+    out.write("\n".join(view.frame(url, width, panes=TOP_PANES, rows=TOP_ONCE_ROWS)) + "\n")
+    return 0
+
+
+def top_screen(opts):
+    import curses
+    url = opts.url.rstrip("/")
+    view = TopView()
+
+    def loop(scr):
+        curses.curs_set(0)
+        scr.timeout(int(TOP_REFRESH_POLL * 1000))
+        next_fetch = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_fetch and not view.paused:
+                try:
+                    view.update(_index_docs(top_fetch(url)), now)
+                except TopError as e:         # down or restarting: say so, try again
+                    view.error = f"{e}; retrying every {opts.refresh:g} s"
+                next_fetch = now + opts.refresh
+            height, width = scr.getmaxyx()
+            scr.erase()
+            for y, line in enumerate(view.frame(url, max(1, width - 1), height)[:height]):
+                scr.addnstr(y, 0, line, max(1, width - 1), curses.A_BOLD if y == 0 else 0)
+            scr.refresh()
+            try:
+                ch = scr.get_wch()
+            except curses.error:
+                continue                       # no key within the poll
+            if ch == curses.KEY_RESIZE:
+                continue
+            if isinstance(ch, str) and not view.key(ch):
+                return 0
+    return curses.wrapper(loop)
+
+
+TOP_REFRESH_POLL = 0.1             # s: how often keys are read between fetches
+
+
+def top_main(argv):
+    opts = top_parser().parse_args(argv)
+    if opts.once:
+        return top_once(opts, sys.stdout)
+    return top_screen(opts)
+
+
+###############################################################################
 # main ########################################################################
 ###############################################################################
 
@@ -11945,8 +12232,11 @@ GC_THRESHOLDS = (50_000, 20, 100)
 
 def main(argv=None):
     gc.set_threshold(*GC_THRESHOLDS)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        opts = parse_args(sys.argv[1:] if argv is None else argv)
+        if argv[:1] == ["top"]:
+            return top_main(argv[1:])
+        opts = parse_args(argv)
         if opts.dump:
             return dump_filter(opts)
         if opts.read_file:
@@ -11954,7 +12244,7 @@ def main(argv=None):
         if opts.worker_of:
             return run_worker(opts)
         if opts.workers > 1:
-            daemon = build_supervisor(opts, sys.argv[1:] if argv is None else list(argv))
+            daemon = build_supervisor(opts, argv)
         else:
             daemon = build_daemon(opts)
         code = daemon.run()
