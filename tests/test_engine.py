@@ -304,12 +304,22 @@ def test_engine_choice_is_said(tmp_path):
     with netns.Pair() as pair:
         http = Instance(pair, 59152, "--mapping-url", "none", "--http")
         auto = Instance(pair, 59153, "--mapping-url", "none")
+        remote = Instance(pair, 59154, "--mapping-url", "none", "--remote",
+                          "--local-net", "10.199.0.2/32")
+        forced = Instance(pair, 59155, "--mapping-url", "none", "--remote", "--engine", "ebpf",
+                          "--local-net", "10.199.0.2/32")
         try:
             assert "(engine cbpf: --http reads whole frames" in http.stderr()
             assert "(engine ebpf)" in auto.stderr()
+            assert "(engine cbpf: --remote/--connections" in remote.stderr()
+            # asked for, ebpf counts and still hands the remote stage every frame's headers
+            pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100] * 3)
+            key = ("lpd_remote_receive_packets_total", frozenset({("nic", pair.if_b)}))
+            assert wait_for(lambda: metrics(pair, port=59155).get(key) == 3, 5)
+            assert wait_for(lambda: metrics(pair, port=59154).get(key) == 3, 5)
         finally:
-            http.stop()
-            auto.stop()
+            for x in (http, auto, remote, forced):
+                x.stop()
         p = pair.popen(pair.ns_b, [sys.executable, LPD, "-i", pair.if_b, "--engine", "ebpf",
                                    "--http", "--mapping-url", "none"],
                        stderr=subprocess.PIPE, text=True)
