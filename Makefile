@@ -4,10 +4,12 @@ PYTHON ?= python3
 # filter against a traced lpd; the textfile script's output read by node_exporter itself
 # and rendered by busybox awk as on OpenWrt). docker.io, podman, curl: the container tests
 # (tests/test_http_docker.py, test_http_podman.py) start engines of their own; nothing
-# here starts the system's.
+# here starts the system's. tmux: tests/test_top.py drives `lpd top` in one. prometheus
+# (with promtool): tests/test_dashboard.py runs every dashboard query and the rules on it.
 DEBIAN_PACKAGES = libpcap0.8 tcpdump netsniff-ng tcpreplay ethtool iproute2 iputils-ping \
 	netcat-openbsd systemd python3 python3-prometheus-client python3-pytest python3-hypothesis \
-	prometheus libcap2-bin procps strace prometheus-node-exporter busybox docker.io podman curl
+	prometheus libcap2-bin procps strace prometheus-node-exporter busybox docker.io podman curl \
+	tmux
 .PHONY: deps test check bench wheel clean
 
 deps:            ## system and Python packages the tests and the benchmark need (root)

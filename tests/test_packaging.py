@@ -48,7 +48,8 @@ def test_installed_command_runs(tmp_path):
 
 # What the sdist must carry beside lpd.py: the service files, the example rules and the
 # expressions the filter compiler is checked against.
-SDIST_EXTRAS = ([f"dist/{n}" for n in os.listdir(os.path.join(ROOT, "dist"))]
+SDIST_EXTRAS = ([os.path.relpath(os.path.join(d, n), ROOT)
+                 for d, _, names in os.walk(os.path.join(ROOT, "dist")) for n in names]
                 + [f"filters/{n}" for n in os.listdir(os.path.join(ROOT, "filters"))]
                 + ["tests/filter_expressions.txt"])
 
@@ -69,7 +70,8 @@ def build_sdist(tmp_path):
 
 
 def test_sdist_ships_dist_filters_and_expressions(tmp_path):
-    assert {"dist/lpd@.service", "dist/lpd-textfile.sh", "dist/README"} <= set(SDIST_EXTRAS)
+    assert {"dist/lpd@.service", "dist/lpd-textfile.sh", "dist/README", "dist/grafana/lpd.json",
+            "dist/prometheus/prometheus.yml", "dist/prometheus/lpd.rules.yml"} <= set(SDIST_EXTRAS)
     assert any(n.startswith("filters/") and n.endswith(".filters") for n in SDIST_EXTRAS)
     sdist = build_sdist(tmp_path)
     with tarfile.open(sdist) as tar:
