@@ -5656,11 +5656,15 @@ class LocalAddresses(Consumer):
     def _row(self, version, key, bps):
         return ((version, key), *self.tables[version].hosts[key], *bps)
 
-    def tick(self, now):
+    def tick(self, now, covered=None):
         """Close an interval: bits per second over it, and idle expiry (an address
-        that goes quiet reads 0, then disappears)."""
-        elapsed = None if self.last_tick is None else now - self.last_tick
-        self.last_tick = now
+        that goes quiet reads 0, then disappears). `covered`, when the caller knows it,
+        is when the counts end: a ring's last retired block, up to RING_RETIRE_MS before
+        `now`; the rates divide by the time the counts cover, so an interval holding 12
+        of the blocks and the next 13 both read the stream's rate."""
+        end = now if covered is None else covered
+        elapsed = None if self.last_tick is None else end - self.last_tick
+        self.last_tick = end
         work = 0
         for version, t in self.tables.items():
             moving = {}
@@ -5673,7 +5677,8 @@ class LocalAddresses(Consumer):
                 t.active[key] = now
                 t.active.move_to_end(key)
                 moving[key] = ((e[TX_BYTES] - tx0) * 8 / elapsed,
-                               (e[RX_BYTES] - rx0) * 8 / elapsed) if elapsed else (0.0, 0.0)
+                               (e[RX_BYTES] - rx0) * 8 / elapsed) if elapsed and elapsed > 0 \
+                    else (0.0, 0.0)
                 t.rows[key] = self._row(version, key, moving[key])
             for key in t.bps.keys() - moving.keys():         # moved last time, not now
                 t.rows[key] = self._row(version, key, (0.0, 0.0))
@@ -10850,6 +10855,7 @@ class Daemon:
         self.whole = whole_frames_program(http_requests.ports) if http_requests else None
         self.logs = [x for x in (conn_log, http_log) if x is not None]
         self.clock = 0.0                 # the packet clock (see now())
+        self.covered = None              # when the ring last handed over blocks, since the tick
         self.stopped_for_duration = False
         self.prefilter, self.mapping, self.published = prefilter, mapping, published
         self.http, self.rule_server = http, rule_server
@@ -10912,7 +10918,9 @@ class Daemon:
         now = self.now()
         if self.kernel is not None:
             self.kernel.sync()
-        for stage in (self.local,) + self.decoder.consumers:
+        covered, self.covered = self.covered, None
+        self.local.tick(now, None if covered is None else min(covered, now))
+        for stage in self.decoder.consumers:
             stage.tick(now)
         if self.kernel is not None:
             self.kernel.expire()
@@ -11180,8 +11188,10 @@ class Daemon:
                 elif self.ring is not None and fd == self.ring.fileno() and events & select.POLLERR:
                     err = self.ring.socket_error()
                     self.lose_capture(os.strerror(err) if err else "socket error")
-            if self.ring is not None:
-                self.ring.drain(self.process_block)
+            # The kernel's own counts (--engine ebpf) are current at the tick: only
+            # counts from the ring end at its last retired block.
+            if self.ring is not None and self.ring.drain(self.process_block) and self.kernel is None:
+                self.covered = time.time()
             now = time.monotonic()
             self.advance_reload(now)
             if now >= next_check:
