@@ -5662,7 +5662,7 @@ class LocalAddresses(Consumer):
         is when the counts end: a ring's last retired block, up to RING_RETIRE_MS before
         `now`; the rates divide by the time the counts cover, so an interval holding 12
         of the blocks and the next 13 both read the stream's rate."""
-        end = now if covered is None else covered
+        end = now if covered is None else min(covered, now)
         elapsed = None if self.last_tick is None else end - self.last_tick
         self.last_tick = end
         work = 0
@@ -10919,7 +10919,7 @@ class Daemon:
         if self.kernel is not None:
             self.kernel.sync()
         covered, self.covered = self.covered, None
-        self.local.tick(now, None if covered is None else min(covered, now))
+        self.local.tick(now, covered)
         for stage in self.decoder.consumers:
             stage.tick(now)
         if self.kernel is not None:

@@ -29,11 +29,10 @@ import sys
 import time
 import urllib.parse
 
-import pytest
-
 import geoip_db
 import netns
-from test_daemon import PORT, Lpd, metrics, wait_for
+from test_daemon import MAPPING_SERVER, PORT, Lpd, metrics, pair, wait_for  # noqa: F401 (pair: fixture)
+from test_remote_live import add_remotes
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "dist" / "grafana" / "lpd.json"
@@ -121,21 +120,6 @@ while time.monotonic() - start < seconds:
 print(json.dumps(codes), flush=True)
 """
 
-MAPPING_SERVER = r"""
-import http.server, sys
-body = sys.argv[2].encode()
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-srv = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H)
-print("ready", flush=True)
-srv.serve_forever()
-"""
 MAPPING_PORT = 32598
 
 
@@ -405,10 +389,11 @@ def start_server(pair, ns, code, *args):
     return p
 
 
-def add_remote(pair, addr):
-    pair.run(pair.ns_a, ["ip", "addr", "add", f"{addr}/32", "dev", pair.if_a])
-    pair.run(pair.ns_b, ["ip", "route", "add", f"{addr}/32", "via", pair.ip4_a, "dev", pair.if_b])
-    pair.settle()
+def mapping_answers(pair):
+    try:
+        return netns.http_get(pair.ns_b, "127.0.0.1", MAPPING_PORT, "/status")[0] == 200
+    except OSError:
+        return False
 
 
 def check(title, ref, result, expectation):
@@ -421,21 +406,21 @@ def check(title, ref, result, expectation):
         # Prometheus drops a label whose value is "": labels.get(k, "") below.
         labels, values = s["metric"], [float(v) for _, v in s["values"]]
         assert values and not any(math.isnan(v) for v in values), (title, ref, labels, values)
-        mean = statistics.median(values)            # a point of a starved sender is not the rate
+        level = statistics.median(values)            # a point of a starved sender is not the rate
         if isinstance(expectation, str):            # "every reason, 0"
-            assert mean == 0, (title, ref, labels, mean)
+            assert level == 0, (title, ref, labels, level)
             seen.append(labels.get("reason"))
             continue
         match = [i for i, (want, _) in enumerate(expectation)
                  if all(labels.get(k, "") == v for k, v in want.items())]
-        assert match, f"{title} {ref}: a series the traffic does not explain: {labels} = {mean}"
+        assert match, f"{title} {ref}: a series the traffic does not explain: {labels} = {level}"
         seen.append(match[0])
         kind, *bounds = expectation[match[0]][1]
         if kind == "near":
-            assert abs(mean - bounds[0]) <= TOLERANCE * bounds[0], \
-                f"{title} {ref} {labels}: {mean:.6g}, sent {bounds[0]:.6g} ({mean / bounds[0] - 1:+.1%})"
+            assert abs(level - bounds[0]) <= TOLERANCE * bounds[0], \
+                f"{title} {ref} {labels}: {level:.6g}, sent {bounds[0]:.6g} ({level / bounds[0] - 1:+.1%})"
         else:
-            assert bounds[0] <= mean <= bounds[1], f"{title} {ref} {labels}: {mean:.6g} not in {bounds}"
+            assert bounds[0] <= level <= bounds[1], f"{title} {ref} {labels}: {level:.6g} not in {bounds}"
     if isinstance(expectation, str):
         assert len(seen) == len(set(seen)) and None not in seen, (title, ref, seen)
     else:
@@ -443,19 +428,15 @@ def check(title, ref, result, expectation):
         assert not missing, f"{title} {ref}: no series for {missing}"
 
 
-@pytest.fixture
-def pair():
-    with netns.Pair() as p:
-        yield p
-
-
 def test_every_dashboard_query_on_a_real_prometheus(pair, tmp_path):
     dash = dashboard()
     city = geoip_db.write_city(tmp_path / "city.mmdb")
     isp = geoip_db.write_isp(tmp_path / "isp.mmdb")
-    add_remote(pair, REMOTE)
+    add_remotes(pair, [REMOTE])
     (tmp_path / "rules").write_text("udp;udp\nhttp;tcp port 8080\n")
-    start_server(pair, pair.ns_b, MAPPING_SERVER, MAPPING_PORT, json.dumps(MAPPING))
+    (tmp_path / "status.json").write_text(json.dumps(MAPPING))
+    pair.popen(pair.ns_b, [sys.executable, "-c", MAPPING_SERVER % MAPPING_PORT, str(tmp_path / "status.json")])
+    assert wait_for(lambda: mapping_answers(pair), 10), "the mapping service did not start"
     start_server(pair, pair.ns_a, HTTP_SERVER, pair.ip6_a, HTTP_PORT, HTTP_DELAY)
     lpd = Lpd(pair, "--mapping-url", f"http://127.0.0.1:{MAPPING_PORT}/status",
               "--mapping-interval", "1", "--local-net", f"{B4}/32", "--local-net", f"{B6}/128",
@@ -524,7 +505,7 @@ def test_the_rate_gauges_agree_at_any_interval(pair):
     last block the kernel retired, so the rate divides by the time they cover; divided by
     the wall clock's interval, one scrape phase read 4 % high for a whole run, another 4 %
     low."""
-    add_remote(pair, REMOTE)
+    add_remotes(pair, [REMOTE])
     lpd = Lpd(pair, "--mapping-url", "none", "--local-net", f"{B4}/32", "--interval", "0.25",
               "--connections", "--http", "--http-ports", str(HTTP_PORT), "--docker-socket", "none")
     udp = pair.popen(pair.ns_a, [sys.executable, "-c", UDP_SENDER, REMOTE, B4, str(netns.SINK_PORT),
