@@ -31,14 +31,14 @@ TEXTFILE = DIST / "lpd-textfile.sh"
 def instantiate(unit_text, tmp_path, instance="eth0"):
     """The unit written as tmp_path/lpd@<instance>.service, for systemd-analyze.
 
-    `lpd` is not installed where the test runs, so ExecStart's bare `lpd` is pointed at
-    a stand-in executable (only that word changes).
+    lpd is not installed where the test runs, so ExecStart's /usr/sbin/lpd is pointed
+    at a stand-in executable (only that word changes, as `make install` changes it).
     """
     fake = tmp_path / "bin" / "lpd"
     fake.parent.mkdir(exist_ok=True)
     fake.write_text("#!/bin/sh\nexit 0\n")
     fake.chmod(0o755)
-    text = re.sub(r"(?m)^ExecStart=lpd ", f"ExecStart={fake} ", unit_text)
+    text = re.sub(r"(?m)^ExecStart=/usr/sbin/lpd ", f"ExecStart={fake} ", unit_text)
     path = tmp_path / f"lpd@{instance}.service"
     path.write_text(text)
     return path
@@ -48,11 +48,16 @@ def verify(unit_text, tmp_path, instance="eth0"):
     """systemd-analyze verify on the unit instantiated as lpd@<instance>.service.
 
     Returns the problems reported: verify exits 0 on unknown keys, so anything it
-    prints counts as a problem.
+    prints counts as a problem. It also runs `man` on Documentation=man:lpd(8): the
+    repository's page, as installed, is the one it finds.
     """
     path = instantiate(unit_text, tmp_path, instance)
+    man8 = tmp_path / "man" / "man8"
+    man8.mkdir(parents=True, exist_ok=True)
+    shutil.copy(DIST / "lpd.8", man8 / "lpd.8")
     r = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True,
-                       text=True, timeout=60, env={**os.environ, "SYSTEMD_LOG_COLOR": "0"})
+                       text=True, timeout=60, env={**os.environ, "SYSTEMD_LOG_COLOR": "0",
+                                                   "MANPATH": str(man8.parent)})
     problems = (r.stdout + r.stderr).strip()
     if r.returncode != 0 and not problems:
         problems = f"exit {r.returncode}"
@@ -92,7 +97,8 @@ def test_unit_verifies_for_an_escaped_interface_name(analyze, tmp_path):
 BREAKAGES = [
     ("unknown key", lambda t: t.replace("Type=notify", "Type=notify\nCapabilitySet=CAP_NET_RAW")),
     ("bad value", lambda t: t.replace("Type=notify", "Type=notifyy")),
-    ("missing executable", lambda t: t.replace("ExecStart=lpd ", "ExecStart=/nonexistent/lpd ")),
+    ("missing executable", lambda t: t.replace("ExecStart=/usr/sbin/lpd ", "ExecStart=/nonexistent/lpd ")),
+    ("missing man page", lambda t: t.replace("man:lpd(8)", "man:lpd-nonexistent(8)")),
     ("relative path in EnvironmentFile",
      lambda t: t.replace("EnvironmentFile=-/etc/default/lpd", "EnvironmentFile=etc/default/lpd")),
     ("unknown system call group",
@@ -122,10 +128,13 @@ def test_unit_contract():
     assert svc["CapabilityBoundingSet"] == ["CAP_NET_RAW CAP_BPF"]
     assert unit["After"] == ["network.target"]
     assert svc["EnvironmentFile"] == ["-/etc/default/lpd", "-/etc/lpd/%I.env"]
-    assert svc["Environment"] == ['"LPD_FILTER_ARGS=-f /etc/lpd/%I.filters"']
+    assert unit["Documentation"] == ["man:lpd(8)"]
+    # An absolute path (`make install` writes its own PREFIX there); the interface may
+    # come later and the filter file may be missing: both are waited for, not exit 78.
     exec_start = svc["ExecStart"][0].split()
-    assert exec_start[:3] == ["lpd", "-i", "%I"]
-    assert "$LPD_FILTER_ARGS" in exec_start and "$LPD_ARGS" in exec_start
+    assert exec_start == ["/usr/sbin/lpd", "-i", "%I", "--wait-interface",
+                          "-f", "/etc/lpd/%I.filters", "--filter-file-optional", "$LPD_ARGS"]
+    assert "Environment" not in svc
     # One instance stopping must not delete the shared /run/lpd with the others' sockets.
     assert svc["RuntimeDirectory"] == ["lpd"]
     assert svc["RuntimeDirectoryPreserve"] == ["yes"]
@@ -178,7 +187,9 @@ def exposure(unit_text, tmp_path):
 
 def test_unit_security_exposure(analyze, tmp_path):
     score, report = exposure(UNIT.read_text(), tmp_path)
-    assert score <= 3.6, report              # never worse than before the syscall filter
+    # Issue 23 asks for 3.0 at most; measured 1.9 (systemd 252) with ProtectProc=,
+    # PrivateMounts= and MemoryDenyWriteExecute=: a setting lost shows here.
+    assert score <= 2.0, report
     assert "does not filter system calls" not in report, report
     # The filter is worth something only if the score sees it: without it, worse.
     without = "\n".join(line for line in UNIT.read_text().splitlines()
