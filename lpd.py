@@ -59,6 +59,8 @@ import urllib.request
 from typing import Callable, NamedTuple, Optional
 
 __version__ = "0.1.0"
+# The name on PyPI: "lpd" there is an unrelated project.
+DISTRIBUTION = "lpd-netacct"
 
 
 ###############################################################################
@@ -232,6 +234,14 @@ def _network(text):
         raise argparse.ArgumentTypeError(f"{text} has host bits set (the network is {net})") from None
 
 
+def _mac(text):
+    """A MAC address as $MAC in filter files writes it: six hex bytes, lower case."""
+    parts = text.replace("-", ":").split(":")
+    if len(parts) != 6 or not all(re.fullmatch(r"[0-9a-fA-F]{1,2}", p) for p in parts):
+        raise argparse.ArgumentTypeError(f"expected a MAC address like 02:00:00:00:00:01, got {text!r}")
+    return ":".join(f"{int(p, 16):02x}" for p in parts)
+
+
 def parse_listen_address(text):
     """'HOST:PORT', ':PORT' (all addresses) or '[v6]:PORT' -> (host, port)."""
     host, sep, port = text.rpartition(":")
@@ -267,10 +277,14 @@ def build_parser():
                 "from an AF_PACKET ring, exported to Prometheus and a unix socket.")
     p.add_argument("-i", dest="interface", metavar="IFACE",
                    help="capture interface (default: the default route's, else the first up one)")
+    p.add_argument("--wait-interface", action="store_true",
+                   help="an -i interface that does not exist yet is waited for (counting starts "
+                        "when it appears) instead of an error")
     p.add_argument("--local-net", dest="local_nets", metavar="CIDR", action="append", type=_network,
                    help="a local network (repeatable; default: the interface's own networks)")
-    p.add_argument("--web.listen-address", dest="listen", metavar="HOST:PORT", default=DEFAULT_LISTEN,
-                   help=f"Prometheus endpoint (default {DEFAULT_LISTEN})")
+    p.add_argument("--web.listen-address", dest="listen", metavar="HOST:PORT",
+                   help=f"Prometheus endpoint (default {DEFAULT_LISTEN}; with --duration: "
+                        "none unless given)")
     p.add_argument("--interval", type=_positive_float, default=1.0, metavar="SECONDS",
                    help="period of the *_bps gauges (default 1)")
     p.add_argument("--local-max", type=_positive_int, metavar="N",
@@ -334,8 +348,9 @@ def build_parser():
     p.add_argument("--output", choices=OUTPUTS, default="table",
                    help="what -r and --duration print: a table for people (default), the "
                         "Prometheus exposition, or one JSON document")
-    p.add_argument("--mapping-url", default=DEFAULT_MAPPING_URL, metavar="URL",
-                   help="NIC mapping service, or 'none' (default %(default)s)")
+    p.add_argument("--mapping-url", metavar="URL",
+                   help=f"NIC mapping service, or 'none' (default {DEFAULT_MAPPING_URL}, asked "
+                        "quietly until it answers once)")
     p.add_argument("--mapping-interval", type=_positive_float, default=10.0, metavar="SECONDS",
                    help="how often to fetch the mapping (default 10)")
     p.add_argument("-b", dest="ring_bytes", type=_size, default=DEFAULT_RING_BYTES, metavar="BYTES",
@@ -343,6 +358,10 @@ def build_parser():
     p.add_argument("--promisc", action="store_true", help="put the interface in promiscuous mode")
     p.add_argument("-f", dest="filter_file", metavar="FILTERFILE",
                    help="rules: lines of '<identifier>;<bpf expression>'")
+    p.add_argument("--filter-file-optional", action="store_true",
+                   help="a missing -f file means no rules yet (SIGHUP loads it once it exists)")
+    p.add_argument("--mac", type=_mac, metavar="MAC",
+                   help="$MAC of the filter file (default: -i's address; -r has none)")
     p.add_argument("-F", dest="prefilter", metavar="EXPR",
                    help="kernel prefilter: only matching packets reach lpd")
     p.add_argument("-u", dest="socket_path", metavar="SOCKETPATH",
@@ -364,7 +383,18 @@ def parse_args(argv):
         raise UsageError(f"unexpected argument {opts.expression[0]!r} (a filter expression goes with -d or -F)")
     if opts.kernel and not opts.dump:
         raise UsageError("--kernel goes with -d")
-    opts.listen = parse_listen_address(opts.listen)
+    if opts.filter_file_optional and not opts.filter_file:
+        raise UsageError("--filter-file-optional goes with -f")
+    if opts.wait_interface and not opts.interface:
+        raise UsageError("--wait-interface goes with -i")
+    # A one-shot --duration run beside the service must not take its port: it listens
+    # only when asked to.
+    opts.serve = opts.listen is not None or not opts.duration
+    opts.listen = parse_listen_address(opts.listen or DEFAULT_LISTEN)
+    # localpacketdump's service at its default address is used where it answers, but a
+    # first run must not warn about a service nobody set up.
+    opts.mapping_configured = opts.mapping_url is not None
+    opts.mapping_url = opts.mapping_url or DEFAULT_MAPPING_URL
     if opts.mapping_url.lower() == "none":
         opts.mapping_url = None
     if opts.geoip_db or opts.geoip_isp_db:
@@ -680,6 +710,25 @@ def interface_networks(ifindex):
             if net not in nets:
                 nets.append(net)
     return nets
+
+
+# RFC 6761 6.3: "localhost" and names under ".localhost" are loopback by definition, and
+# a minimal root file system (debootstrap minbase, many containers) has no /etc/hosts,
+# where asking the resolver fails ("Temporary failure in name resolution") or asks DNS.
+LOOPBACK_ADDRESSES = ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"))
+
+
+def is_localhost(host):
+    host = host.lower().rstrip(".")
+    return host == "localhost" or host.endswith(".localhost")
+
+
+def stream_addresses(host, port):
+    """[(family, sockaddr)] to connect or bind a TCP socket to HOST:PORT, IPv4 loopback
+    first for localhost (never resolved); socket.gaierror for a name that does not resolve."""
+    if is_localhost(host):
+        return [(family, (address, port)) for family, address in LOOPBACK_ADDRESSES]
+    return [(ai[0], ai[4]) for ai in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
 
 
 def default_socket_path(iface):
@@ -7163,7 +7212,8 @@ def _expand(expr, mac, earlier, defined_at, lineno):
         ref = m.group(1)
         if ref is None:
             if mac is None:
-                problems.append("$MAC used but the interface has no MAC address")
+                problems.append("$MAC used but no MAC address is known: give -i IFACE "
+                                "(its address) or --mac MAC")
                 return m.group(0)
             return put(m, f"({mac})")
         if ref in earlier:
@@ -9029,9 +9079,8 @@ class _DeadlineHTTPConnection(http.client.HTTPConnection):
 
     def connect(self):
         error = OSError(f"{self.host}: no address")
-        for family, type_, proto, _, addr in socket.getaddrinfo(self.host, self.port,
-                                                                type=socket.SOCK_STREAM):
-            sock = _DeadlineSocket(family, type_, proto)
+        for family, addr in stream_addresses(self.host, self.port):
+            sock = _DeadlineSocket(family, socket.SOCK_STREAM)
             sock.deadline = self.deadline
             try:
                 sock.connect(addr)
@@ -9059,9 +9108,21 @@ class NicMapping(Poller):
     """The NIC label of each local address, from the mapping service."""
     name = "mapping"
 
-    def __init__(self, url, fallback_nic, log, period=10.0):
+    def __init__(self, url, fallback_nic, log, period=10.0, configured=True):
         super().__init__(log, period, ({}, None))   # (table, default nic)
         self.url, self.fallback = url, fallback_nic
+        # The default URL, not given: failures count only once it has answered.
+        self.configured = configured
+
+    def _failed(self, kind, message):
+        if self.configured or self.last_success:
+            super()._failed(kind, message)
+
+    def _succeeded(self, value):
+        if not self.configured and not self.last_success:
+            self.log(LOG_INFO, f"{self.name}: {self.url} answered: NIC labels follow it "
+                               "(--mapping-url none turns it off)")
+        super()._succeeded(value)
 
     def where(self):
         return self.url
@@ -9094,8 +9155,8 @@ GEOIP_FALLBACK_LANG = "en"
 # How often the databases' files are checked: geoipupdate replaces them in place weekly.
 GEOIP_CHECK_PERIOD = 60.0
 GEOIP_CACHE_MAX = 1 << 18          # remotes whose labels are remembered; then it starts over
-GEOIP_INSTALL = ("needs the maxminddb module: pip install 'lpd[geoip]' "
-                 "(Debian: apt install python3-maxminddb)")
+GEOIP_INSTALL = ("needs the maxminddb module: apt install python3-maxminddb (Debian, Ubuntu), "
+                 f"or pip install '{DISTRIBUTION}[geoip]'")
 # option -> (attribute of the options, what its database_type must contain)
 GEOIP_DATABASES = {
     "--geoip-db": ("geoip_db", ("City", "Country", "Enterprise")),
@@ -9895,9 +9956,12 @@ def format_table(docs):
     """--output table: each enabled stage as aligned columns, biggest first."""
     out = []
     iface = docs["interface"]
-    out.append(f"interface {iface['nic']}: {iface['frames']} frames, "
+    # frames: what reached lpd itself (lpd_capture_packets_total), which the eBPF engine,
+    # counting in the kernel, keeps near 0: the packets are what the interface carried.
+    out.append(f"interface {iface['nic']}: "
                f"tx {_amount(iface['tx_bytes'], ' bytes')} in {iface['tx_packets']} packets, "
-               f"rx {_amount(iface['rx_bytes'], ' bytes')} in {iface['rx_packets']} packets\n")
+               f"rx {_amount(iface['rx_bytes'], ' bytes')} in {iface['rx_packets']} packets; "
+               f"{iface['frames']} frames copied to lpd\n")
     counters = ("tx bytes", "tx pkts", "rx bytes", "rx pkts")
 
     def io(d):
@@ -10436,20 +10500,25 @@ def make_http_server(host, port, registry, api=None):
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        addresses = stream_addresses(host, port)
     except socket.gaierror as e:
         raise ConfigError(f"--web.listen-address {host}:{port}: {e.strerror}") from None
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        # A restart must not fail on the last run's connections still in TIME_WAIT.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(HTTP_BACKLOG)
-    except OSError as e:
-        sock.close()
-        if e.errno == errno.EADDRINUSE:
-            raise PortInUse(f"--web.listen-address {host}:{port}: address already in use") from None
-        raise ConfigError(f"--web.listen-address {host}:{port}: {e.strerror}") from None
+    for i, (family, address) in enumerate(addresses):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            # A restart must not fail on the last run's connections still in TIME_WAIT.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(HTTP_BACKLOG)
+            break
+        except OSError as e:
+            sock.close()
+            if e.errno == errno.EADDRINUSE:
+                raise PortInUse(f"--web.listen-address {host}:{port}: address already in use") from None
+            # A host without IPv4 (or IPv6) on loopback: its other address still serves.
+            if e.errno == errno.EADDRNOTAVAIL and i + 1 < len(addresses):
+                continue
+            raise ConfigError(f"--web.listen-address {host}:{port}: {e.strerror}") from None
     try:
         return MetricsServer(sock, functools.partial(generate_latest, registry), CONTENT_TYPE_LATEST,
                              api)
@@ -10787,9 +10856,26 @@ def interface_local_nets(ifname):
         raise ConfigError(f"{ifname}: cannot read its addresses: {e.strerror}") from None
 
 
-def load_rules(path, ifname):
-    """Parse and compile a filter file (slow: never on the capture thread)."""
-    return RuleCounter(parse_filter_file(path, interface_mac(ifname)))
+# $MAC while the interface does not exist yet (--wait-interface): the file is checked and
+# the engine chosen with it; the rules are compiled again with the real address before
+# the first frame is read.
+MAC_NOT_YET = "00:00:00:00:00:00"
+
+
+def load_rules(opts, ifname):
+    """The filter file's rules, parsed and compiled (slow: never on the capture thread);
+    None without -f, or with --filter-file-optional while the file does not exist."""
+    if not opts.filter_file:
+        return None
+    if opts.filter_file_optional and not os.path.exists(opts.filter_file):
+        return None
+    if opts.mac:
+        mac = opts.mac
+    elif ifname is None:
+        mac = None                    # -r without -i: $MAC is an error
+    else:
+        mac = interface_mac(ifname) if interface_index(ifname) is not None else MAC_NOT_YET
+    return RuleCounter(parse_filter_file(opts.filter_file, mac))
 
 
 def rule_rows(published):
@@ -10874,6 +10960,9 @@ class Daemon:
         self.kernel = None               # --engine ebpf: the KernelAccounting
         self.engine = "engine cbpf"      # which counts, and why (the start-up line)
         self.control = {}                # fd -> handler, polled beside the ring (a worker's pipe)
+        # --wait-interface and the interface is not there yet: nothing read from it so far
+        self.awaiting = interface_index(ifname) is None
+        self.captured = False            # a ring was open once: a new one is "capturing again"
 
     def _wake(self):
         try:
@@ -10935,7 +11024,7 @@ class Daemon:
         if self.geo is not None:
             self.geo.reopen()
         try:
-            rules = load_rules(self.opts.filter_file, self.ifname) if self.opts.filter_file else None
+            rules = load_rules(self.opts, self.ifname)
             nets = self.opts.local_nets or interface_local_nets(self.ifname)
         except Exception as e:            # whatever went wrong, the running rules stay
             reason = str(e) if isinstance(e, LpdError) else f"{type(e).__name__}: {e}"
@@ -10958,13 +11047,13 @@ class Daemon:
         self.reloader.start()
         return True
 
-    def apply_reload(self):
+    def apply_reload(self, done="reloaded"):
         """Capture thread, between blocks: adopt what the reload thread compiled."""
         rules, nets = self.pending
         self.pending = None
         if nets and nets != self.local.local_nets:
             self.local.set_local_nets(nets)
-        log(LOG_INFO, f"reloaded: {len(rules) if rules else 0} rules, {len(nets)} local networks")
+        log(LOG_INFO, f"{done}: {len(rules) if rules else 0} rules, {len(nets)} local networks")
         if self.kernel is not None:      # one program holds rules and networks: swap it whole
             try:
                 self.kernel.reload(self.ring.sock if self.ring else None, rules,
@@ -11003,7 +11092,8 @@ class Daemon:
         """Counts carried over and the stage swapped between two blocks: no frame is
         counted by the old set after its counts were copied."""
         self.widening = None
-        rules.carry_counts_from(self.rules)
+        if self.rules is not None:          # else the first rules (-f --filter-file-optional)
+            rules.carry_counts_from(self.rules)
         old = self.decoder.snaplen()
         self.rules = rules
         self.decoder.set_consumers(self.consumers())
@@ -11039,6 +11129,7 @@ class Daemon:
                              "super-frame counts as one frame (turn offloads off for exact counts)")
         self.decoder.set_link(self.ring.vnet, self.ring.mtu)
         self.poller.register(self.ring.fileno(), select.POLLIN | select.POLLERR)
+        self.captured = True
 
     def lose_capture(self, why):
         log(LOG_WARNING, f"{self.ifname}: {why}; counters kept, retrying every second")
@@ -11052,9 +11143,27 @@ class Daemon:
             self.swap_rules(self.widening.rules)
         self.publish()
 
+    def interface_appeared(self):
+        """--wait-interface: what start-up would have read from the interface (its
+        networks, its address as $MAC) read now, before its first frame."""
+        nets = self.opts.local_nets or interface_local_nets(self.ifname)
+        try:
+            rules = load_rules(self.opts, self.ifname)
+        except LpdError as e:
+            log(LOG_ERR, f"{e}; no rules until a SIGHUP loads a good file")
+            rules = None
+        self.awaiting = False
+        self.pending = (rules, nets)
+        self.apply_reload(f"{self.ifname} appeared")
+
     def check_interface(self):
         index, flags = interface_index(self.ifname), interface_flags(self.ifname)
         present = index is not None and flags is not None and flags & IFF_UP
+        if self.awaiting and index is not None:
+            try:
+                self.interface_appeared()
+            except LpdError as e:             # gone again at once: the next check retries
+                log(LOG_DEBUG, f"{self.ifname}: not yet: {e}")
         if self.ring is not None:
             self.ring.read_stats()
             if not present:
@@ -11063,22 +11172,35 @@ class Daemon:
                 self.lose_capture("interface was replaced")
         if self.ring is None and present:
             try:
-                if not self.opts.local_nets:
-                    nets = interface_local_nets(self.ifname)
-                    # Addresses may come back after the link: keep the old nets till then.
-                    if nets and nets != self.local.local_nets:
-                        self.local.set_local_nets(nets)
-                        if self.kernel is not None:      # the networks are in its program
-                            try:
-                                self.kernel.reload(None, self.rules, nets)
-                            except (OSError, Untranslatable) as e:
-                                log(LOG_ERR, f"{self.ifname}: eBPF program for the new "
-                                             f"networks: {e}; keeping the old ones")
+                self.refresh_nets()
+                again = " again" if self.captured else ""
                 self.open_capture()
-                log(LOG_NOTICE, f"{self.ifname}: capturing again")
+                log(LOG_NOTICE, f"{self.ifname}: capturing{again}")
                 self.publish()
             except LpdError as e:
                 log(LOG_DEBUG, f"{self.ifname}: not yet: {e}")
+        elif present and not self.local.local_nets:
+            # An interface that came up before its addresses (DHCP on a new link):
+            # no address is local until they are read.
+            try:
+                self.refresh_nets()
+            except LpdError as e:
+                log(LOG_DEBUG, f"{self.ifname}: no addresses yet: {e}")
+
+    def refresh_nets(self):
+        """The interface's networks read again (without --local-net); addresses may come
+        back after the link, so an interface without any keeps the old ones."""
+        if self.opts.local_nets:
+            return
+        nets = interface_local_nets(self.ifname)
+        if nets and nets != self.local.local_nets:
+            self.local.set_local_nets(nets)
+            if self.kernel is not None:      # the networks are in its program
+                try:
+                    self.kernel.reload(self.ring.sock if self.ring else None, self.rules, nets)
+                except (OSError, Untranslatable) as e:
+                    log(LOG_ERR, f"{self.ifname}: eBPF program for the new "
+                                 f"networks: {e}; keeping the old ones")
 
     # -- main loop ------------------------------------------------------------
 
@@ -11122,7 +11244,11 @@ class Daemon:
             threads.append(threading.Thread(target=self.docker.run, args=(self.stop_event,),
                                             name="docker", daemon=True))
         try:
-            self.open_capture()
+            if self.awaiting:
+                log(LOG_WARNING, f"{self.ifname}: no such interface yet; waiting for it "
+                                 "(counting starts when it appears)")
+            else:
+                self.open_capture()
             self.tick()
             for t in threads:
                 t.start()
@@ -11234,8 +11360,8 @@ def open_http(opts, docker=None):
 
 def capture_interface(opts):
     ifname = opts.interface or default_interface()
-    if interface_index(ifname) is None:
-        raise ConfigError(f"{ifname}: no such interface")
+    if interface_index(ifname) is None and not opts.wait_interface:
+        raise ConfigError(f"{ifname}: no such interface (--wait-interface waits for it)")
     return ifname
 
 
@@ -11255,13 +11381,14 @@ class CaptureParts(NamedTuple):
 def build_capture(opts, ifname, names, conn_write, http_write):
     """Decoder and stages from the options; records go to conn_write/http_write and
     HTTP servers are named by names.name_of (None: no names)."""
-    rules = load_rules(opts.filter_file, ifname) if opts.filter_file else None
+    rules = load_rules(opts, ifname)
     # Compiled once, before anything is bound; only its accept length changes later.
     prefilter = compile_filter(opts.prefilter, kernel=True) if opts.prefilter else None
-    local = LocalAddresses(opts.local_nets or interface_local_nets(ifname),
+    present = interface_index(ifname) is not None      # else --wait-interface: read them later
+    local = LocalAddresses(opts.local_nets or (interface_local_nets(ifname) if present else []),
                            opts.idle_timeout or DEFAULT_IDLE_TIMEOUT,
                            opts.local_max or DEFAULT_LOCAL_MAX)
-    if not local.local_nets:
+    if not local.local_nets and present:
         log(LOG_WARNING, f"{ifname}: no addresses and no --local-net: no address is local")
     remotes = RemoteAddresses(opts.remote_max) if opts.remote else None
     conns = procs = None
@@ -11329,10 +11456,12 @@ class Exporters(NamedTuple):
 def build_exporters(opts, ifname, published, docker):
     from prometheus_client import CollectorRegistry
     geo = open_geoip(opts)
-    mapping = NicMapping(opts.mapping_url, ifname, log, opts.mapping_interval)
+    mapping = NicMapping(opts.mapping_url, ifname, log, opts.mapping_interval,
+                         opts.mapping_configured)
     registry = CollectorRegistry(auto_describe=False)
     rule_server = None
-    if opts.filter_file or opts.socket_path:
+    # --duration: a one-shot run beside the service makes no socket unless -u asks.
+    if opts.socket_path or (opts.filter_file and not opts.duration):
         path = opts.socket_path or default_socket_path(ifname)
         rule_server = RuleSocketServer(path, functools.partial(rule_rows, published),
                                        opts.socket_group)
@@ -11342,7 +11471,8 @@ def build_exporters(opts, ifname, published, docker):
     try:
         http = make_http_server(*opts.listen, registry,
                                 functools.partial(api_answer, published=published,
-                                                  presentation=collector.presentation))
+                                                  presentation=collector.presentation)) \
+            if opts.serve else None
     except LpdError:
         if rule_server:
             rule_server.close()
@@ -11692,7 +11822,8 @@ class Supervisor:
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         self.poller = select.poll()
         self.poller.register(self._wake_r, select.POLLIN)
-        threads = [threading.Thread(target=exp.http.serve_forever, name="http", daemon=True)]
+        threads = [threading.Thread(target=exp.http.serve_forever, name="http", daemon=True)] \
+            if exp.http else []
         for name, poller, on in (("mapping", exp.mapping, self.opts.mapping_url),
                                  ("geoip", exp.geo, exp.geo), ("docker", exp.docker, exp.docker)):
             if on:
@@ -11712,8 +11843,9 @@ class Supervisor:
                 t.start()
             if exp.rule_server:
                 exp.rule_server.start()
-            log(LOG_INFO, f"capturing on {self.ifname} with {self.opts.workers} workers; metrics "
-                          f"on http://{self.opts.listen[0]}:{self.opts.listen[1]}/metrics")
+            serving = f"; metrics on http://{self.opts.listen[0]}:{self.opts.listen[1]}/metrics" \
+                if exp.http else ""
+            log(LOG_INFO, f"capturing on {self.ifname} with {self.opts.workers} workers{serving}")
             sd_notify("READY=1")
             self._loop()
         finally:
@@ -11724,9 +11856,10 @@ class Supervisor:
             self.stop_event.set()
             if exp.docker is not None:
                 exp.docker.wake()
-            if threads[0].is_alive():
-                exp.http.shutdown()
-            exp.http.server_close()
+            if exp.http is not None:
+                if threads[0].is_alive():
+                    exp.http.shutdown()
+                exp.http.server_close()
             if exp.rule_server:
                 exp.rule_server.close()
             for log_ in self.logs.values():
@@ -11804,8 +11937,7 @@ class Supervisor:
 
 def build_supervisor(opts, argv):
     ifname = capture_interface(opts)
-    if opts.filter_file:
-        load_rules(opts.filter_file, ifname)     # a bad file is the parent's error, once
+    load_rules(opts, ifname)                 # a bad file is the parent's error, once
     published = Published()
     docker = open_docker(opts)
     conn_log, http_log = open_logs(opts)
@@ -11840,11 +11972,8 @@ def replay(opts, out=sys.stdout):
     """-r FILE: the same decode, consumers and exporters as live capture, on the packet
     clock: stages tick every --interval of the file's own time, so rates and idle
     timeouts come out the same on every run. Then the output (--output)."""
-    rules = None
-    if opts.filter_file:
-        # $MAC names the capture interface's address: only with -i, never a made-up one.
-        mac = interface_mac(opts.interface) if opts.interface else None
-        rules = RuleCounter(parse_filter_file(opts.filter_file, mac))
+    # $MAC names the capture interface's address (or --mac): never a made-up one.
+    rules = load_rules(opts, opts.interface)
     local = LocalAddresses(replay_local_nets(opts), opts.idle_timeout or math.inf,
                            opts.local_max or sys.maxsize)
     remotes = RemoteAddresses(opts.remote_max) if opts.remote else None
@@ -12272,6 +12401,12 @@ def main(argv=None):
     except LpdError as e:
         log(LOG_ERR, str(e))
         return e.exit_code
+    except ModuleNotFoundError as e:
+        if e.name != "prometheus_client":
+            raise
+        log(LOG_ERR, "needs the prometheus_client module: apt install python3-prometheus-client "
+                     f"(Debian, Ubuntu), or pip install {DISTRIBUTION}")
+        return ConfigError.exit_code
     except KeyboardInterrupt:
         return 0
     except BrokenPipeError:
