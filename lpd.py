@@ -89,6 +89,13 @@ class PortInUse(LpdError):
     exit_code = 69      # EX_UNAVAILABLE
 
 
+def os_failure(e, text):
+    """The error for what the system refused: no permission (exit 77) or any other
+    reason, a configuration that cannot work here (78)."""
+    kind = NoPermission if e.errno in (errno.EPERM, errno.EACCES) else ConfigError
+    return kind(f"{text}: {os.strerror(e.errno) if e.errno else e}")
+
+
 class FilterError(UsageError):
     """A filter expression that does not compile; str() is 'line:col: reason'."""
 
@@ -272,9 +279,21 @@ def worker_argument(text):
     return index, group, control, data, parent
 
 
+HELP_EPILOG = f"""\
+lpd top [--url HOST:PORT] [--once]   watch a running lpd in the terminal
+
+signals: TERM, INT stop (exit 0); HUP re-reads the filter file, the interface's
+networks, the GeoIP databases and reopens the logs; USR1 logs a status line.
+exit codes: 0 stopped, 64 usage, 69 metrics port in use, 77 no permission,
+78 bad configuration; every error is one line.
+more: man 8 lpd, and README.md (in /usr/share/doc/lpd/ from the .deb; on PyPI as
+{DISTRIBUTION})."""
+
+
 def build_parser():
     p = _ArgParser(prog="lpd", description="Per-address and per-rule network accounting "
-                "from an AF_PACKET ring, exported to Prometheus and a unix socket.")
+                   "from an AF_PACKET ring, exported to Prometheus and a unix socket.",
+                   epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", dest="interface", metavar="IFACE",
                    help="capture interface (default: the default route's, else the first up one)")
     p.add_argument("--wait-interface", action="store_true",
@@ -820,7 +839,7 @@ def _bind_unix_socket(path, mode, gid):
     except OSError as e:
         s.close()
         what = "set socket group" if e.errno == errno.EPERM and gid is not None else "create socket"
-        raise ConfigError(f"{path}: cannot {what}: {e.strerror or e}") from None
+        raise os_failure(e, f"{path}: cannot {what}") from None
     return s
 
 
@@ -8790,16 +8809,17 @@ EBPF_RETIRE_AFTER = 0.2
 
 
 def ebpf_available():
-    """None if this process can load socket programs and make maps, else why not."""
+    """None if this process can load socket programs and make maps, else why not (an
+    LpdError: NoPermission without CAP_BPF)."""
     try:
         m = Map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 1, "lpd_probe")
     except OSError as e:
-        return f"cannot create a BPF map ({os.strerror(e.errno) if e.errno else e})"
+        return os_failure(e, "cannot create a BPF map")
     try:
         image, _ = assemble([mov32_imm(R0, 0), exit_insn()])
         os.close(load_program(image, "lpd_probe"))
     except OSError as e:
-        return f"cannot load a socket program ({os.strerror(e.errno) if e.errno else e})"
+        return os_failure(e, "cannot load a socket program")
     finally:
         m.close()
     return None
@@ -10571,7 +10591,7 @@ class RuleSocketServer:
         try:
             os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
         except OSError as e:
-            raise ConfigError(f"{path}: cannot create directory: {e.strerror or e}") from None
+            raise os_failure(e, f"{path}: cannot create directory") from None
         _clear_stale_socket(path)
         self._sock = _bind_unix_socket(path, mode, gid)
         self._sock.setblocking(False)
@@ -11439,7 +11459,7 @@ def choose_engine(opts, local, rules, copies):
             kernel.close()
             kernel = None
     if kernel is None and opts.engine == "ebpf":
-        raise ConfigError(f"--engine ebpf: {why}")
+        raise (type(why) if isinstance(why, LpdError) else ConfigError)(f"--engine ebpf: {why}")
     return kernel, "engine ebpf" if kernel else f"engine cbpf: {why}"
 
 

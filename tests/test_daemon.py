@@ -494,6 +494,26 @@ def test_no_permission_exits_77(pair):
                                      "(run as root or grant the capability)")
 
 
+@pytest.mark.parametrize("args,what", [
+    (["--engine", "ebpf"], "--engine ebpf: cannot create a BPF map: Operation not permitted"),
+    (["--engine", "cbpf", "-u", "/run/lpd-test-root-only/rules.sock"],
+     "/run/lpd-test-root-only/rules.sock: cannot create directory: Permission denied"),
+    (["--engine", "cbpf", "-u", "/run/rules.sock"],
+     "/run/rules.sock: cannot create socket: Permission denied"),
+])
+def test_every_permission_failure_exits_77(pair, args, what):
+    """Capture allowed (CAP_NET_RAW), but not what an option needs besides: the eBPF
+    engine's maps (CAP_BPF), a socket where the user may not write."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = readable_copy(tmp)
+        cp = pair.run(pair.ns_b, [
+            "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            "--inh-caps=-all,+net_raw", "--ambient-caps=-all,+net_raw", "--bounding-set=-all,+net_raw",
+            "/usr/bin/python3", copy, "-i", pair.if_b, "--mapping-url", "none",
+            "--web.listen-address", f"127.0.0.1:{PORT}", *args], check=False)
+    assert (cp.returncode, cp.stderr) == (77, f"lpd: {what}\n")
+
+
 def test_runs_unprivileged_with_only_cap_net_raw(pair):
     """What the systemd unit does (DynamicUser, CAP_NET_RAW only), done with setpriv."""
     with tempfile.TemporaryDirectory() as tmp:
