@@ -386,8 +386,8 @@ def build_parser():
     p.add_argument("-u", dest="socket_path", metavar="SOCKETPATH",
                    help="rule counters socket (default /run/lpd/<iface>.sock)")
     p.add_argument("--socket-group", metavar="GROUP", help="group owning the rule socket")
-    p.add_argument("-r", dest="read_file", metavar="FILE.pcap",
-                   help="read a pcap file, print the totals and exit")
+    p.add_argument("-r", dest="read_file", metavar="FILE",
+                   help="read a pcap or pcapng file, print the totals and exit")
     p.add_argument("-d", dest="dump", action="count", default=0,
                    help="print the compiled EXPR like tcpdump -d (-dd, -ddd) and exit")
     p.add_argument("--kernel", action="store_true", help="with -d: the kernel-target program")
@@ -4953,50 +4953,225 @@ PCAP_MAGICS = {
     0xA1B2C3D4: ("<", 1_000_000), 0xD4C3B2A1: (">", 1_000_000),
     0xA1B23C4D: ("<", 1_000_000_000), 0x4D3CB2A1: (">", 1_000_000_000),
 }
-PCAPNG_MAGIC = 0x0A0D0D0A
-PCAP_FILE_HDR_LEN, PCAP_LINKTYPE_OFF, PCAP_RECORD_HDR_LEN = 24, 20, 16
+PCAP_MAGIC_LEN, PCAP_FILE_HDR_LEN, PCAP_LINKTYPE_OFF, PCAP_RECORD_HDR_LEN = 4, 24, 20, 16
 LINKTYPE_ETHERNET = 1
 LINKTYPE_MASK = 0xFFFF                      # LT_LINKTYPE(): the upper bits are FCS flags
 
+# pcapng (IETF draft-ietf-opsawg-pcapng): a file is blocks of (type, total length, body,
+# total length again), in sections that each begin with a Section Header Block whose
+# byte-order magic says how that section's numbers read. The SHB's type is the file's
+# magic, a palindrome, so it reads the same in either order.
+PCAPNG_MAGIC = PCAPNG_SHB = 0x0A0D0D0A
+PCAPNG_IDB, PCAPNG_PB, PCAPNG_SPB, PCAPNG_EPB = 1, 2, 3, 6     # PB: the obsolete Packet Block
+PCAPNG_BYTE_ORDER_MAGIC = 0x1A2B3C4D
+PCAPNG_BYTE_ORDERS = {struct.pack(o + "I", PCAPNG_BYTE_ORDER_MAGIC): o for o in "<>"}
+PCAPNG_VERSION_MAJOR = 1
+# Enough of every block to know its type, its length and (in an SHB) the byte order;
+# no block is shorter (type, length, trailer).
+PCAPNG_HEAD_LEN = 12
+PCAPNG_BODY_OFF, PCAPNG_TRAILER_LEN = 8, 4
+# Each block type's fixed fields, after type and length: the SHB's byte-order magic,
+# version and section length; the IDB's link type, reserved and snap length; a packet
+# block's interface, timestamp (high, low word), captured and original length (the PB
+# has a 16-bit interface and a drop count); the SPB's original length.
+PCAPNG_FIXED = {PCAPNG_SHB: "IHHq", PCAPNG_IDB: "HHI", PCAPNG_EPB: "IIIII", PCAPNG_PB: "HHIIII",
+                PCAPNG_SPB: "I"}
+PCAPNG_OPTION = "HH"                        # code, length; the value padded to 4 bytes
+PCAPNG_ALIGNMENT = 4
+# libpcap's bound on any block (INITIAL_MAX_BLOCKSIZE): a longer length field is
+# corrupt, and no read of a hostile file allocates more than this.
+PCAPNG_BLOCK_MAX = 16 * 1024 * 1024
+PCAPNG_OPT_ENDOFOPT, PCAPNG_IF_TSRESOL, PCAPNG_IF_TSOFFSET = 0, 9, 14
+PCAPNG_TSRESOL_BASE2 = 0x80                 # if_tsresol's high bit: a power of 2, not of 10
+PCAPNG_TSRESOL_DEFAULT = 6                  # no if_tsresol: microseconds
+PCAPNG_TSOFFSET = "q"                       # if_tsoffset's value: seconds to add, signed
+
+
+class CaptureCut(Exception):
+    """The file ends inside a record: a capture still being written, or cut short."""
+
+    def __init__(self, what, offset, got, want, records):
+        super().__init__(f"{what} at byte {offset} is cut short ({got} of {want} bytes); "
+                         f"read the {records} packets before it")
+
 
 def read_pcap(path):
-    """Yield (timestamp, wirelen, data) for each record of a classic pcap file.
-
-    Both byte orders, micro- and nanosecond magic; Ethernet link type only.
-    """
+    """Yield (timestamp, wirelen, data) for each packet of a classic pcap or pcapng file,
+    Ethernet only. A file ending inside a record yields what came before and warns once,
+    as tcpdump does ("truncated dump file"): it may well be still being written."""
     try:
         f = open(path, "rb")
     except OSError as e:
         raise ConfigError(f"{path}: {e.strerror}") from None
     with f:
-        head = f.read(PCAP_FILE_HDR_LEN)
-        if len(head) < PCAP_FILE_HDR_LEN:
-            raise ConfigError(f"{path}: not a pcap file (only {len(head)} header bytes)")
-        magic = struct.unpack_from("<I", head)[0]
+        head = f.read(PCAP_MAGIC_LEN)
+        magic = struct.unpack("<I", head)[0] if len(head) == PCAP_MAGIC_LEN else None
         if magic == PCAPNG_MAGIC:
-            raise ConfigError(f"{path}: pcapng is not supported; convert with 'editcap -F pcap'")
-        if magic not in PCAP_MAGICS:
+            packets = read_pcapng_packets(path, f, head)
+        elif magic in PCAP_MAGICS or magic is None:
+            packets = read_pcap_records(path, f, head)
+        else:
             raise ConfigError(f"{path}: not a pcap file (magic 0x{magic:08x})")
-        order, div = PCAP_MAGICS[magic]
-        linktype = struct.unpack_from(order + "I", head, PCAP_LINKTYPE_OFF)[0] & LINKTYPE_MASK
-        if linktype != LINKTYPE_ETHERNET:
-            raise ConfigError(f"{path}: link type {linktype} is not Ethernet (DLT_EN10MB)")
-        rec = struct.Struct(order + "IIII")
-        n = 0
-        while True:
-            h = f.read(PCAP_RECORD_HDR_LEN)
-            if not h:
-                return
-            n += 1
-            if len(h) < PCAP_RECORD_HDR_LEN:
-                raise ConfigError(f"{path}: record {n}: truncated record header")
-            sec, frac, caplen, wirelen = rec.unpack(h)
+        try:
+            yield from packets
+        except CaptureCut as e:
+            log(LOG_WARNING, f"{path}: truncated dump file: {e}")
+
+
+def read_pcap_records(path, f, head):
+    """read_pcap() of a classic pcap file, whose first bytes `head` are read already."""
+    head += f.read(PCAP_FILE_HDR_LEN - len(head))
+    if len(head) < PCAP_FILE_HDR_LEN:
+        raise ConfigError(f"{path}: not a pcap file (only {len(head)} header bytes)")
+    order, div = PCAP_MAGICS[struct.unpack_from("<I", head)[0]]
+    linktype = struct.unpack_from(order + "I", head, PCAP_LINKTYPE_OFF)[0] & LINKTYPE_MASK
+    if linktype != LINKTYPE_ETHERNET:
+        raise ConfigError(f"{path}: link type {linktype} is not Ethernet (DLT_EN10MB)")
+    rec = struct.Struct(order + "IIII")
+    off, n = PCAP_FILE_HDR_LEN, 0
+    while True:
+        h = f.read(PCAP_RECORD_HDR_LEN)
+        if not h:
+            return
+        if len(h) < PCAP_RECORD_HDR_LEN:
+            raise CaptureCut(f"record {n + 1}", off, len(h), PCAP_RECORD_HDR_LEN, n)
+        sec, frac, caplen, wirelen = rec.unpack(h)
+        if caplen > SNAPLEN_FULL:           # before reading: the length may be any 32 bits
+            raise ConfigError(f"{path}: byte {off}: record {n + 1}: capture length {caplen} "
+                              f"is corrupt (more than {SNAPLEN_FULL})")
+        data = f.read(caplen)
+        if len(data) < caplen:
+            raise CaptureCut(f"record {n + 1}", off, PCAP_RECORD_HDR_LEN + len(data),
+                             PCAP_RECORD_HDR_LEN + caplen, n)
+        off += PCAP_RECORD_HDR_LEN + caplen
+        n += 1
+        yield sec + frac / div, wirelen, data
+
+
+def pcapng_options(block, pos, end, order):
+    """{code: value} of the options in block[pos:end]; ValueError if one overruns it."""
+    opt = struct.Struct(order + PCAPNG_OPTION)
+    options = {}
+    while pos + opt.size <= end:
+        code, length = opt.unpack_from(block, pos)
+        if code == PCAPNG_OPT_ENDOFOPT:
+            break
+        pos += opt.size
+        if pos + length > end:
+            raise ValueError(f"option {code} of {length} bytes overruns its block")
+        options[code] = block[pos:pos + length]
+        pos += _align(length, PCAPNG_ALIGNMENT)
+    return options
+
+
+def pcapng_clock(options, order):
+    """(units per second, seconds to add) of an interface's timestamps, from its options."""
+    shift = struct.Struct(order + PCAPNG_TSOFFSET)
+    resol = options.get(PCAPNG_IF_TSRESOL, bytes([PCAPNG_TSRESOL_DEFAULT]))
+    offset = options.get(PCAPNG_IF_TSOFFSET, bytes(shift.size))
+    if len(resol) != 1 or len(offset) != shift.size:
+        raise ValueError("if_tsresol or if_tsoffset of the wrong length")
+    exp = resol[0] & ~PCAPNG_TSRESOL_BASE2
+    units = 2 ** exp if resol[0] & PCAPNG_TSRESOL_BASE2 else 10 ** exp
+    return units, shift.unpack(offset)[0]
+
+
+def pcapng_length_error(blen, least):
+    """Why a block's length field is corrupt, or None."""
+    if blen % PCAPNG_ALIGNMENT:
+        return f"length {blen} is not a multiple of {PCAPNG_ALIGNMENT}"
+    if blen < least:
+        return f"length {blen} is shorter than its header ({least})"
+    if blen > PCAPNG_BLOCK_MAX:
+        return f"length {blen} is more than {PCAPNG_BLOCK_MAX}"
+    return None
+
+
+def pcapng_cut(path, off, got, want, packets):
+    """What to raise when a pcapng file ends `got` bytes into a block of `want` at `off`."""
+    if not off:             # as a classic file's header: without its SHB it is no capture
+        return ConfigError(f"{path}: section header cut short ({got} of {want} bytes)")
+    return CaptureCut("block", off, got, want, packets)
+
+
+def read_pcapng_packets(path, f, head):
+    """read_pcap() of a pcapng file, whose first bytes `head` (the SHB's type) are read.
+
+    Packets are Enhanced, Simple and obsolete Packet Blocks; Interface Description
+    Blocks give their interfaces' clocks and snap lengths; any other block is skipped.
+    An SPB has no timestamp: it takes the one before it, so the packet clock that
+    paces intervals and connection timeouts never jumps back to 1970.
+    """
+    order, fields, ifaces, off, n, ts = "<", {}, [], 0, 0, 0.0
+    head += f.read(PCAPNG_HEAD_LEN - len(head))
+    while head:
+        if len(head) < PCAPNG_HEAD_LEN:
+            raise pcapng_cut(path, off, len(head), PCAPNG_HEAD_LEN, n)
+        btype = struct.unpack_from(order + "I", head)[0]
+        if btype == PCAPNG_SHB:
+            order = PCAPNG_BYTE_ORDERS.get(head[PCAPNG_BODY_OFF:])
+            if order is None:
+                raise ConfigError(f"{path}: byte {off}: not pcapng (byte-order magic "
+                                  f"0x{head[PCAPNG_BODY_OFF:].hex()})")
+            fields = {t: struct.Struct(order + v) for t, v in PCAPNG_FIXED.items()}
+            ifaces = []
+        fixed = PCAPNG_BODY_OFF + (fields[btype].size if btype in fields else 0)
+        blen = struct.unpack_from(order + "I", head, U32.size)[0]
+        error = pcapng_length_error(blen, fixed + PCAPNG_TRAILER_LEN)
+        if error:
+            raise ConfigError(f"{path}: byte {off}: block of type 0x{btype:x}: {error}")
+        block = head + f.read(blen - PCAPNG_HEAD_LEN)
+        if len(block) < blen:
+            raise pcapng_cut(path, off, len(block), blen, n)
+        end = blen - PCAPNG_TRAILER_LEN
+        if block[end:] != block[U32.size:PCAPNG_BODY_OFF]:
+            raise ConfigError(f"{path}: byte {off}: block of type 0x{btype:x}: its two "
+                              "lengths differ")
+        data = None
+        if btype == PCAPNG_EPB or btype == PCAPNG_PB:
+            # A PB has its drop count between interface and timestamp.
+            iface, *_, hi, lo, caplen, wirelen = fields[btype].unpack_from(block, PCAPNG_BODY_OFF)
+            if iface >= len(ifaces):
+                raise ConfigError(f"{path}: byte {off}: a packet of interface {iface}, but "
+                                  f"the section describes {len(ifaces)}")
+            if caplen > min(SNAPLEN_FULL, end - fixed):
+                raise ConfigError(f"{path}: byte {off}: capture length {caplen} is corrupt "
+                                  f"(more than {min(SNAPLEN_FULL, end - fixed)})")
+            units, shift, _ = ifaces[iface]
+            sec, frac = divmod(hi << 32 | lo, units)
+            ts = sec + shift + frac / units      # as read_pcap_records: the same float
+            data = block[fixed:fixed + caplen]
+        elif btype == PCAPNG_SPB:
+            if not ifaces:
+                raise ConfigError(f"{path}: byte {off}: a simple packet block before any "
+                                  "interface description")
+            wirelen = fields[btype].unpack_from(block, PCAPNG_BODY_OFF)[0]
+            snaplen = ifaces[0][2]          # an SPB's interface is the section's first
+            caplen = min(wirelen, end - fixed, snaplen or wirelen)
             if caplen > SNAPLEN_FULL:
-                raise ConfigError(f"{path}: record {n}: capture length {caplen} is corrupt")
-            data = f.read(caplen)
-            if len(data) < caplen:
-                raise ConfigError(f"{path}: record {n}: truncated record data")
-            yield sec + frac / div, wirelen, data
+                raise ConfigError(f"{path}: byte {off}: capture length {caplen} is corrupt "
+                                  f"(more than {SNAPLEN_FULL})")
+            data = block[fixed:fixed + caplen]
+        elif btype == PCAPNG_SHB:
+            major, minor = fields[btype].unpack_from(block, PCAPNG_BODY_OFF)[1:3]
+            if major != PCAPNG_VERSION_MAJOR:
+                raise ConfigError(f"{path}: byte {off}: pcapng version {major}.{minor}, "
+                                  f"not {PCAPNG_VERSION_MAJOR}.x")
+        elif btype == PCAPNG_IDB:
+            linktype, _, snaplen = fields[btype].unpack_from(block, PCAPNG_BODY_OFF)
+            if linktype != LINKTYPE_ETHERNET:
+                raise ConfigError(f"{path}: interface {len(ifaces)} (byte {off}): link type "
+                                  f"{linktype} is not Ethernet (DLT_EN10MB)")
+            try:
+                clock = pcapng_clock(pcapng_options(block, fixed, end, order), order)
+            except ValueError as e:
+                raise ConfigError(f"{path}: byte {off}: interface {len(ifaces)}: {e}") from None
+            ifaces.append(clock + (snaplen,))       # (units per second, shift, snaplen)
+        off += blen
+        if data is not None:
+            n += 1
+            yield ts, wirelen, data
+        head = f.read(PCAPNG_HEAD_LEN)
 
 
 class SynthFrame(NamedTuple):
@@ -5072,7 +5247,7 @@ def _close_block(block, seq, count, length, first, last, last_frame):
 
 
 class PcapSource:
-    """A classic pcap file as ring blocks (offline replay). With `interval`, a block
+    """A pcap or pcapng file as ring blocks (offline replay). With `interval`, a block
     never spans a multiple of it on the file's clock (counted from the first frame),
     as a live ring's blocks retire before each tick: a replay's stages tick on the
     same grid a daemon's do."""
