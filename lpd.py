@@ -11449,11 +11449,12 @@ class Daemon:
                 t.start()
             if self.rule_server:
                 self.rule_server.start()
+            doing = "waiting for" if self.awaiting else "capturing on"
             if self.http is not None:
-                log(LOG_INFO, f"capturing on {self.ifname} ({self.engine}); metrics on "
+                log(LOG_INFO, f"{doing} {self.ifname} ({self.engine}); metrics on "
                               f"http://{self.opts.listen[0]}:{self.opts.listen[1]}/metrics")
             else:
-                log(LOG_DEBUG, f"capturing on {self.ifname} ({self.engine})")
+                log(LOG_DEBUG, f"{doing} {self.ifname} ({self.engine})")
             sd_notify("READY=1")
             self._loop()
         finally:
