@@ -59,6 +59,8 @@ import urllib.request
 from typing import Callable, NamedTuple, Optional
 
 __version__ = "0.1.0"
+# The name on PyPI: "lpd" there is an unrelated project.
+DISTRIBUTION = "lpd-netacct"
 
 
 ###############################################################################
@@ -85,6 +87,13 @@ class NoPermission(LpdError):
 
 class PortInUse(LpdError):
     exit_code = 69      # EX_UNAVAILABLE
+
+
+def os_failure(e, text):
+    """The error for what the system refused: no permission (exit 77) or any other
+    reason, a configuration that cannot work here (78)."""
+    kind = NoPermission if e.errno in (errno.EPERM, errno.EACCES) else ConfigError
+    return kind(f"{text}: {os.strerror(e.errno) if e.errno else e}")
 
 
 class FilterError(UsageError):
@@ -232,6 +241,14 @@ def _network(text):
         raise argparse.ArgumentTypeError(f"{text} has host bits set (the network is {net})") from None
 
 
+def _mac(text):
+    """A MAC address as $MAC in filter files writes it: six hex bytes, lower case."""
+    parts = text.replace("-", ":").split(":")
+    if len(parts) != 6 or not all(re.fullmatch(r"[0-9a-fA-F]{1,2}", p) for p in parts):
+        raise argparse.ArgumentTypeError(f"expected a MAC address like 02:00:00:00:00:01, got {text!r}")
+    return ":".join(f"{int(p, 16):02x}" for p in parts)
+
+
 def parse_listen_address(text):
     """'HOST:PORT', ':PORT' (all addresses) or '[v6]:PORT' -> (host, port)."""
     host, sep, port = text.rpartition(":")
@@ -262,15 +279,31 @@ def worker_argument(text):
     return index, group, control, data, parent
 
 
+HELP_EPILOG = f"""\
+lpd top [--url HOST:PORT] [--once]   watch a running lpd in the terminal
+
+signals: TERM, INT stop (exit 0); HUP re-reads the filter file, the interface's
+networks, the GeoIP databases and reopens the logs; USR1 logs a status line.
+exit codes: 0 stopped, 64 usage, 69 metrics port in use, 77 no permission,
+78 bad configuration; every error is one line.
+more: man 8 lpd, and README.md (in /usr/share/doc/lpd/ from the .deb; on PyPI as
+{DISTRIBUTION})."""
+
+
 def build_parser():
     p = _ArgParser(prog="lpd", description="Per-address and per-rule network accounting "
-                "from an AF_PACKET ring, exported to Prometheus and a unix socket.")
+                   "from an AF_PACKET ring, exported to Prometheus and a unix socket.",
+                   epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", dest="interface", metavar="IFACE",
                    help="capture interface (default: the default route's, else the first up one)")
+    p.add_argument("--wait-interface", action="store_true",
+                   help="an -i interface that does not exist yet is waited for (counting starts "
+                        "when it appears) instead of an error")
     p.add_argument("--local-net", dest="local_nets", metavar="CIDR", action="append", type=_network,
                    help="a local network (repeatable; default: the interface's own networks)")
-    p.add_argument("--web.listen-address", dest="listen", metavar="HOST:PORT", default=DEFAULT_LISTEN,
-                   help=f"Prometheus endpoint (default {DEFAULT_LISTEN})")
+    p.add_argument("--web.listen-address", dest="listen", metavar="HOST:PORT",
+                   help=f"Prometheus endpoint (default {DEFAULT_LISTEN}; with --duration: "
+                        "none unless given)")
     p.add_argument("--interval", type=_positive_float, default=1.0, metavar="SECONDS",
                    help="period of the *_bps gauges (default 1)")
     p.add_argument("--local-max", type=_positive_int, metavar="N",
@@ -334,8 +367,9 @@ def build_parser():
     p.add_argument("--output", choices=OUTPUTS, default="table",
                    help="what -r and --duration print: a table for people (default), the "
                         "Prometheus exposition, or one JSON document")
-    p.add_argument("--mapping-url", default=DEFAULT_MAPPING_URL, metavar="URL",
-                   help="NIC mapping service, or 'none' (default %(default)s)")
+    p.add_argument("--mapping-url", metavar="URL",
+                   help=f"NIC mapping service, or 'none' (default {DEFAULT_MAPPING_URL}, asked "
+                        "quietly until it answers once)")
     p.add_argument("--mapping-interval", type=_positive_float, default=10.0, metavar="SECONDS",
                    help="how often to fetch the mapping (default 10)")
     p.add_argument("-b", dest="ring_bytes", type=_size, default=DEFAULT_RING_BYTES, metavar="BYTES",
@@ -343,13 +377,17 @@ def build_parser():
     p.add_argument("--promisc", action="store_true", help="put the interface in promiscuous mode")
     p.add_argument("-f", dest="filter_file", metavar="FILTERFILE",
                    help="rules: lines of '<identifier>;<bpf expression>'")
+    p.add_argument("--filter-file-optional", action="store_true",
+                   help="a missing -f file means no rules yet (SIGHUP loads it once it exists)")
+    p.add_argument("--mac", type=_mac, metavar="MAC",
+                   help="$MAC of the filter file (default: -i's address; -r has none)")
     p.add_argument("-F", dest="prefilter", metavar="EXPR",
                    help="kernel prefilter: only matching packets reach lpd")
     p.add_argument("-u", dest="socket_path", metavar="SOCKETPATH",
                    help="rule counters socket (default /run/lpd/<iface>.sock)")
     p.add_argument("--socket-group", metavar="GROUP", help="group owning the rule socket")
-    p.add_argument("-r", dest="read_file", metavar="FILE.pcap",
-                   help="read a pcap file, print the totals and exit")
+    p.add_argument("-r", dest="read_file", metavar="FILE",
+                   help="read a pcap or pcapng file, print the totals and exit")
     p.add_argument("-d", dest="dump", action="count", default=0,
                    help="print the compiled EXPR like tcpdump -d (-dd, -ddd) and exit")
     p.add_argument("--kernel", action="store_true", help="with -d: the kernel-target program")
@@ -364,7 +402,18 @@ def parse_args(argv):
         raise UsageError(f"unexpected argument {opts.expression[0]!r} (a filter expression goes with -d or -F)")
     if opts.kernel and not opts.dump:
         raise UsageError("--kernel goes with -d")
-    opts.listen = parse_listen_address(opts.listen)
+    if opts.filter_file_optional and not opts.filter_file:
+        raise UsageError("--filter-file-optional goes with -f")
+    if opts.wait_interface and not opts.interface:
+        raise UsageError("--wait-interface goes with -i")
+    # A one-shot --duration run beside the service must not take its port: it listens
+    # only when asked to.
+    opts.serve = opts.listen is not None or not opts.duration
+    opts.listen = parse_listen_address(opts.listen or DEFAULT_LISTEN)
+    # localpacketdump's service at its default address is used where it answers, but a
+    # first run must not warn about a service nobody set up.
+    opts.mapping_configured = opts.mapping_url is not None
+    opts.mapping_url = opts.mapping_url or DEFAULT_MAPPING_URL
     if opts.mapping_url.lower() == "none":
         opts.mapping_url = None
     if opts.geoip_db or opts.geoip_isp_db:
@@ -682,6 +731,25 @@ def interface_networks(ifindex):
     return nets
 
 
+# RFC 6761 6.3: "localhost" and names under ".localhost" are loopback by definition, and
+# a minimal root file system (debootstrap minbase, many containers) has no /etc/hosts,
+# where asking the resolver fails ("Temporary failure in name resolution") or asks DNS.
+LOOPBACK_ADDRESSES = ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"))
+
+
+def is_localhost(host):
+    host = host.lower().rstrip(".")
+    return host == "localhost" or host.endswith(".localhost")
+
+
+def stream_addresses(host, port):
+    """[(family, sockaddr)] to connect or bind a TCP socket to HOST:PORT, IPv4 loopback
+    first for localhost (never resolved); socket.gaierror for a name that does not resolve."""
+    if is_localhost(host):
+        return [(family, (address, port)) for family, address in LOOPBACK_ADDRESSES]
+    return [(ai[0], ai[4]) for ai in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+
+
 def default_socket_path(iface):
     """Where the rule socket lives unless -u says otherwise."""
     return f"/run/lpd/{iface}.sock"
@@ -771,7 +839,7 @@ def _bind_unix_socket(path, mode, gid):
     except OSError as e:
         s.close()
         what = "set socket group" if e.errno == errno.EPERM and gid is not None else "create socket"
-        raise ConfigError(f"{path}: cannot {what}: {e.strerror or e}") from None
+        raise os_failure(e, f"{path}: cannot {what}") from None
     return s
 
 
@@ -4885,50 +4953,225 @@ PCAP_MAGICS = {
     0xA1B2C3D4: ("<", 1_000_000), 0xD4C3B2A1: (">", 1_000_000),
     0xA1B23C4D: ("<", 1_000_000_000), 0x4D3CB2A1: (">", 1_000_000_000),
 }
-PCAPNG_MAGIC = 0x0A0D0D0A
-PCAP_FILE_HDR_LEN, PCAP_LINKTYPE_OFF, PCAP_RECORD_HDR_LEN = 24, 20, 16
+PCAP_MAGIC_LEN, PCAP_FILE_HDR_LEN, PCAP_LINKTYPE_OFF, PCAP_RECORD_HDR_LEN = 4, 24, 20, 16
 LINKTYPE_ETHERNET = 1
 LINKTYPE_MASK = 0xFFFF                      # LT_LINKTYPE(): the upper bits are FCS flags
 
+# pcapng (IETF draft-ietf-opsawg-pcapng): a file is blocks of (type, total length, body,
+# total length again), in sections that each begin with a Section Header Block whose
+# byte-order magic says how that section's numbers read. The SHB's type is the file's
+# magic, a palindrome, so it reads the same in either order.
+PCAPNG_MAGIC = PCAPNG_SHB = 0x0A0D0D0A
+PCAPNG_IDB, PCAPNG_PB, PCAPNG_SPB, PCAPNG_EPB = 1, 2, 3, 6     # PB: the obsolete Packet Block
+PCAPNG_BYTE_ORDER_MAGIC = 0x1A2B3C4D
+PCAPNG_BYTE_ORDERS = {struct.pack(o + "I", PCAPNG_BYTE_ORDER_MAGIC): o for o in "<>"}
+PCAPNG_VERSION_MAJOR = 1
+# Enough of every block to know its type, its length and (in an SHB) the byte order;
+# no block is shorter (type, length, trailer).
+PCAPNG_HEAD_LEN = 12
+PCAPNG_BODY_OFF, PCAPNG_TRAILER_LEN = 8, 4
+# Each block type's fixed fields, after type and length: the SHB's byte-order magic,
+# version and section length; the IDB's link type, reserved and snap length; a packet
+# block's interface, timestamp (high, low word), captured and original length (the PB
+# has a 16-bit interface and a drop count); the SPB's original length.
+PCAPNG_FIXED = {PCAPNG_SHB: "IHHq", PCAPNG_IDB: "HHI", PCAPNG_EPB: "IIIII", PCAPNG_PB: "HHIIII",
+                PCAPNG_SPB: "I"}
+PCAPNG_OPTION = "HH"                        # code, length; the value padded to 4 bytes
+PCAPNG_ALIGNMENT = 4
+# libpcap's bound on any block (INITIAL_MAX_BLOCKSIZE): a longer length field is
+# corrupt, and no read of a hostile file allocates more than this.
+PCAPNG_BLOCK_MAX = 16 * 1024 * 1024
+PCAPNG_OPT_ENDOFOPT, PCAPNG_IF_TSRESOL, PCAPNG_IF_TSOFFSET = 0, 9, 14
+PCAPNG_TSRESOL_BASE2 = 0x80                 # if_tsresol's high bit: a power of 2, not of 10
+PCAPNG_TSRESOL_DEFAULT = 6                  # no if_tsresol: microseconds
+PCAPNG_TSOFFSET = "q"                       # if_tsoffset's value: seconds to add, signed
+
+
+class CaptureCut(Exception):
+    """The file ends inside a record: a capture still being written, or cut short."""
+
+    def __init__(self, what, offset, got, want, records):
+        super().__init__(f"{what} at byte {offset} is cut short ({got} of {want} bytes); "
+                         f"read the {records} packets before it")
+
 
 def read_pcap(path):
-    """Yield (timestamp, wirelen, data) for each record of a classic pcap file.
-
-    Both byte orders, micro- and nanosecond magic; Ethernet link type only.
-    """
+    """Yield (timestamp, wirelen, data) for each packet of a classic pcap or pcapng file,
+    Ethernet only. A file ending inside a record yields what came before and warns once,
+    as tcpdump does ("truncated dump file"): it may well be still being written."""
     try:
         f = open(path, "rb")
     except OSError as e:
         raise ConfigError(f"{path}: {e.strerror}") from None
     with f:
-        head = f.read(PCAP_FILE_HDR_LEN)
-        if len(head) < PCAP_FILE_HDR_LEN:
-            raise ConfigError(f"{path}: not a pcap file (only {len(head)} header bytes)")
-        magic = struct.unpack_from("<I", head)[0]
+        head = f.read(PCAP_MAGIC_LEN)
+        magic = struct.unpack("<I", head)[0] if len(head) == PCAP_MAGIC_LEN else None
         if magic == PCAPNG_MAGIC:
-            raise ConfigError(f"{path}: pcapng is not supported; convert with 'editcap -F pcap'")
-        if magic not in PCAP_MAGICS:
+            packets = read_pcapng_packets(path, f, head)
+        elif magic in PCAP_MAGICS or magic is None:
+            packets = read_pcap_records(path, f, head)
+        else:
             raise ConfigError(f"{path}: not a pcap file (magic 0x{magic:08x})")
-        order, div = PCAP_MAGICS[magic]
-        linktype = struct.unpack_from(order + "I", head, PCAP_LINKTYPE_OFF)[0] & LINKTYPE_MASK
-        if linktype != LINKTYPE_ETHERNET:
-            raise ConfigError(f"{path}: link type {linktype} is not Ethernet (DLT_EN10MB)")
-        rec = struct.Struct(order + "IIII")
-        n = 0
-        while True:
-            h = f.read(PCAP_RECORD_HDR_LEN)
-            if not h:
-                return
-            n += 1
-            if len(h) < PCAP_RECORD_HDR_LEN:
-                raise ConfigError(f"{path}: record {n}: truncated record header")
-            sec, frac, caplen, wirelen = rec.unpack(h)
+        try:
+            yield from packets
+        except CaptureCut as e:
+            log(LOG_WARNING, f"{path}: truncated dump file: {e}")
+
+
+def read_pcap_records(path, f, head):
+    """read_pcap() of a classic pcap file, whose first bytes `head` are read already."""
+    head += f.read(PCAP_FILE_HDR_LEN - len(head))
+    if len(head) < PCAP_FILE_HDR_LEN:
+        raise ConfigError(f"{path}: not a pcap file (only {len(head)} header bytes)")
+    order, div = PCAP_MAGICS[struct.unpack_from("<I", head)[0]]
+    linktype = struct.unpack_from(order + "I", head, PCAP_LINKTYPE_OFF)[0] & LINKTYPE_MASK
+    if linktype != LINKTYPE_ETHERNET:
+        raise ConfigError(f"{path}: link type {linktype} is not Ethernet (DLT_EN10MB)")
+    rec = struct.Struct(order + "IIII")
+    off, n = PCAP_FILE_HDR_LEN, 0
+    while True:
+        h = f.read(PCAP_RECORD_HDR_LEN)
+        if not h:
+            return
+        if len(h) < PCAP_RECORD_HDR_LEN:
+            raise CaptureCut(f"record {n + 1}", off, len(h), PCAP_RECORD_HDR_LEN, n)
+        sec, frac, caplen, wirelen = rec.unpack(h)
+        if caplen > SNAPLEN_FULL:           # before reading: the length may be any 32 bits
+            raise ConfigError(f"{path}: byte {off}: record {n + 1}: capture length {caplen} "
+                              f"is corrupt (more than {SNAPLEN_FULL})")
+        data = f.read(caplen)
+        if len(data) < caplen:
+            raise CaptureCut(f"record {n + 1}", off, PCAP_RECORD_HDR_LEN + len(data),
+                             PCAP_RECORD_HDR_LEN + caplen, n)
+        off += PCAP_RECORD_HDR_LEN + caplen
+        n += 1
+        yield sec + frac / div, wirelen, data
+
+
+def pcapng_options(block, pos, end, order):
+    """{code: value} of the options in block[pos:end]; ValueError if one overruns it."""
+    opt = struct.Struct(order + PCAPNG_OPTION)
+    options = {}
+    while pos + opt.size <= end:
+        code, length = opt.unpack_from(block, pos)
+        if code == PCAPNG_OPT_ENDOFOPT:
+            break
+        pos += opt.size
+        if pos + length > end:
+            raise ValueError(f"option {code} of {length} bytes overruns its block")
+        options[code] = block[pos:pos + length]
+        pos += _align(length, PCAPNG_ALIGNMENT)
+    return options
+
+
+def pcapng_clock(options, order):
+    """(units per second, seconds to add) of an interface's timestamps, from its options."""
+    shift = struct.Struct(order + PCAPNG_TSOFFSET)
+    resol = options.get(PCAPNG_IF_TSRESOL, bytes([PCAPNG_TSRESOL_DEFAULT]))
+    offset = options.get(PCAPNG_IF_TSOFFSET, bytes(shift.size))
+    if len(resol) != 1 or len(offset) != shift.size:
+        raise ValueError("if_tsresol or if_tsoffset of the wrong length")
+    exp = resol[0] & ~PCAPNG_TSRESOL_BASE2
+    units = 2 ** exp if resol[0] & PCAPNG_TSRESOL_BASE2 else 10 ** exp
+    return units, shift.unpack(offset)[0]
+
+
+def pcapng_length_error(blen, least):
+    """Why a block's length field is corrupt, or None."""
+    if blen % PCAPNG_ALIGNMENT:
+        return f"length {blen} is not a multiple of {PCAPNG_ALIGNMENT}"
+    if blen < least:
+        return f"length {blen} is shorter than its header ({least})"
+    if blen > PCAPNG_BLOCK_MAX:
+        return f"length {blen} is more than {PCAPNG_BLOCK_MAX}"
+    return None
+
+
+def pcapng_cut(path, off, got, want, packets):
+    """What to raise when a pcapng file ends `got` bytes into a block of `want` at `off`."""
+    if not off:             # as a classic file's header: without its SHB it is no capture
+        return ConfigError(f"{path}: section header cut short ({got} of {want} bytes)")
+    return CaptureCut("block", off, got, want, packets)
+
+
+def read_pcapng_packets(path, f, head):
+    """read_pcap() of a pcapng file, whose first bytes `head` (the SHB's type) are read.
+
+    Packets are Enhanced, Simple and obsolete Packet Blocks; Interface Description
+    Blocks give their interfaces' clocks and snap lengths; any other block is skipped.
+    An SPB has no timestamp: it takes the one before it, so the packet clock that
+    paces intervals and connection timeouts never jumps back to 1970.
+    """
+    order, fields, ifaces, off, n, ts = "<", {}, [], 0, 0, 0.0
+    head += f.read(PCAPNG_HEAD_LEN - len(head))
+    while head:
+        if len(head) < PCAPNG_HEAD_LEN:
+            raise pcapng_cut(path, off, len(head), PCAPNG_HEAD_LEN, n)
+        btype = struct.unpack_from(order + "I", head)[0]
+        if btype == PCAPNG_SHB:
+            order = PCAPNG_BYTE_ORDERS.get(head[PCAPNG_BODY_OFF:])
+            if order is None:
+                raise ConfigError(f"{path}: byte {off}: not pcapng (byte-order magic "
+                                  f"0x{head[PCAPNG_BODY_OFF:].hex()})")
+            fields = {t: struct.Struct(order + v) for t, v in PCAPNG_FIXED.items()}
+            ifaces = []
+        fixed = PCAPNG_BODY_OFF + (fields[btype].size if btype in fields else 0)
+        blen = struct.unpack_from(order + "I", head, U32.size)[0]
+        error = pcapng_length_error(blen, fixed + PCAPNG_TRAILER_LEN)
+        if error:
+            raise ConfigError(f"{path}: byte {off}: block of type 0x{btype:x}: {error}")
+        block = head + f.read(blen - PCAPNG_HEAD_LEN)
+        if len(block) < blen:
+            raise pcapng_cut(path, off, len(block), blen, n)
+        end = blen - PCAPNG_TRAILER_LEN
+        if block[end:] != block[U32.size:PCAPNG_BODY_OFF]:
+            raise ConfigError(f"{path}: byte {off}: block of type 0x{btype:x}: its two "
+                              "lengths differ")
+        data = None
+        if btype == PCAPNG_EPB or btype == PCAPNG_PB:
+            # A PB has its drop count between interface and timestamp.
+            iface, *_, hi, lo, caplen, wirelen = fields[btype].unpack_from(block, PCAPNG_BODY_OFF)
+            if iface >= len(ifaces):
+                raise ConfigError(f"{path}: byte {off}: a packet of interface {iface}, but "
+                                  f"the section describes {len(ifaces)}")
+            if caplen > min(SNAPLEN_FULL, end - fixed):
+                raise ConfigError(f"{path}: byte {off}: capture length {caplen} is corrupt "
+                                  f"(more than {min(SNAPLEN_FULL, end - fixed)})")
+            units, shift, _ = ifaces[iface]
+            sec, frac = divmod(hi << 32 | lo, units)
+            ts = sec + shift + frac / units      # as read_pcap_records: the same float
+            data = block[fixed:fixed + caplen]
+        elif btype == PCAPNG_SPB:
+            if not ifaces:
+                raise ConfigError(f"{path}: byte {off}: a simple packet block before any "
+                                  "interface description")
+            wirelen = fields[btype].unpack_from(block, PCAPNG_BODY_OFF)[0]
+            snaplen = ifaces[0][2]          # an SPB's interface is the section's first
+            caplen = min(wirelen, end - fixed, snaplen or wirelen)
             if caplen > SNAPLEN_FULL:
-                raise ConfigError(f"{path}: record {n}: capture length {caplen} is corrupt")
-            data = f.read(caplen)
-            if len(data) < caplen:
-                raise ConfigError(f"{path}: record {n}: truncated record data")
-            yield sec + frac / div, wirelen, data
+                raise ConfigError(f"{path}: byte {off}: capture length {caplen} is corrupt "
+                                  f"(more than {SNAPLEN_FULL})")
+            data = block[fixed:fixed + caplen]
+        elif btype == PCAPNG_SHB:
+            major, minor = fields[btype].unpack_from(block, PCAPNG_BODY_OFF)[1:3]
+            if major != PCAPNG_VERSION_MAJOR:
+                raise ConfigError(f"{path}: byte {off}: pcapng version {major}.{minor}, "
+                                  f"not {PCAPNG_VERSION_MAJOR}.x")
+        elif btype == PCAPNG_IDB:
+            linktype, _, snaplen = fields[btype].unpack_from(block, PCAPNG_BODY_OFF)
+            if linktype != LINKTYPE_ETHERNET:
+                raise ConfigError(f"{path}: interface {len(ifaces)} (byte {off}): link type "
+                                  f"{linktype} is not Ethernet (DLT_EN10MB)")
+            try:
+                clock = pcapng_clock(pcapng_options(block, fixed, end, order), order)
+            except ValueError as e:
+                raise ConfigError(f"{path}: byte {off}: interface {len(ifaces)}: {e}") from None
+            ifaces.append(clock + (snaplen,))       # (units per second, shift, snaplen)
+        off += blen
+        if data is not None:
+            n += 1
+            yield ts, wirelen, data
+        head = f.read(PCAPNG_HEAD_LEN)
 
 
 class SynthFrame(NamedTuple):
@@ -5004,7 +5247,7 @@ def _close_block(block, seq, count, length, first, last, last_frame):
 
 
 class PcapSource:
-    """A classic pcap file as ring blocks (offline replay). With `interval`, a block
+    """A pcap or pcapng file as ring blocks (offline replay). With `interval`, a block
     never spans a multiple of it on the file's clock (counted from the first frame),
     as a live ring's blocks retire before each tick: a replay's stages tick on the
     same grid a daemon's do."""
@@ -7163,7 +7406,8 @@ def _expand(expr, mac, earlier, defined_at, lineno):
         ref = m.group(1)
         if ref is None:
             if mac is None:
-                problems.append("$MAC used but the interface has no MAC address")
+                problems.append("$MAC used but no MAC address is known: give -i IFACE "
+                                "(its address) or --mac MAC")
                 return m.group(0)
             return put(m, f"({mac})")
         if ref in earlier:
@@ -8740,16 +8984,17 @@ EBPF_RETIRE_AFTER = 0.2
 
 
 def ebpf_available():
-    """None if this process can load socket programs and make maps, else why not."""
+    """None if this process can load socket programs and make maps, else why not (an
+    LpdError: NoPermission without CAP_BPF)."""
     try:
         m = Map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 1, "lpd_probe")
     except OSError as e:
-        return f"cannot create a BPF map ({os.strerror(e.errno) if e.errno else e})"
+        return os_failure(e, "cannot create a BPF map")
     try:
         image, _ = assemble([mov32_imm(R0, 0), exit_insn()])
         os.close(load_program(image, "lpd_probe"))
     except OSError as e:
-        return f"cannot load a socket program ({os.strerror(e.errno) if e.errno else e})"
+        return os_failure(e, "cannot load a socket program")
     finally:
         m.close()
     return None
@@ -9029,9 +9274,8 @@ class _DeadlineHTTPConnection(http.client.HTTPConnection):
 
     def connect(self):
         error = OSError(f"{self.host}: no address")
-        for family, type_, proto, _, addr in socket.getaddrinfo(self.host, self.port,
-                                                                type=socket.SOCK_STREAM):
-            sock = _DeadlineSocket(family, type_, proto)
+        for family, addr in stream_addresses(self.host, self.port):
+            sock = _DeadlineSocket(family, socket.SOCK_STREAM)
             sock.deadline = self.deadline
             try:
                 sock.connect(addr)
@@ -9059,9 +9303,21 @@ class NicMapping(Poller):
     """The NIC label of each local address, from the mapping service."""
     name = "mapping"
 
-    def __init__(self, url, fallback_nic, log, period=10.0):
+    def __init__(self, url, fallback_nic, log, period=10.0, configured=True):
         super().__init__(log, period, ({}, None))   # (table, default nic)
         self.url, self.fallback = url, fallback_nic
+        # The default URL, not given: failures count only once it has answered.
+        self.configured = configured
+
+    def _failed(self, kind, message):
+        if self.configured or self.last_success:
+            super()._failed(kind, message)
+
+    def _succeeded(self, value):
+        if not self.configured and not self.last_success:
+            self.log(LOG_INFO, f"{self.name}: {self.url} answered: NIC labels follow it "
+                               "(--mapping-url none turns it off)")
+        super()._succeeded(value)
 
     def where(self):
         return self.url
@@ -9094,8 +9350,8 @@ GEOIP_FALLBACK_LANG = "en"
 # How often the databases' files are checked: geoipupdate replaces them in place weekly.
 GEOIP_CHECK_PERIOD = 60.0
 GEOIP_CACHE_MAX = 1 << 18          # remotes whose labels are remembered; then it starts over
-GEOIP_INSTALL = ("needs the maxminddb module: pip install 'lpd[geoip]' "
-                 "(Debian: apt install python3-maxminddb)")
+GEOIP_INSTALL = ("needs the maxminddb module: apt install python3-maxminddb (Debian, Ubuntu), "
+                 f"or pip install '{DISTRIBUTION}[geoip]'")
 # option -> (attribute of the options, what its database_type must contain)
 GEOIP_DATABASES = {
     "--geoip-db": ("geoip_db", ("City", "Country", "Enterprise")),
@@ -9895,9 +10151,12 @@ def format_table(docs):
     """--output table: each enabled stage as aligned columns, biggest first."""
     out = []
     iface = docs["interface"]
-    out.append(f"interface {iface['nic']}: {iface['frames']} frames, "
+    # frames: what reached lpd itself (lpd_capture_packets_total), which the eBPF engine,
+    # counting in the kernel, keeps near 0: the packets are what the interface carried.
+    out.append(f"interface {iface['nic']}: "
                f"tx {_amount(iface['tx_bytes'], ' bytes')} in {iface['tx_packets']} packets, "
-               f"rx {_amount(iface['rx_bytes'], ' bytes')} in {iface['rx_packets']} packets\n")
+               f"rx {_amount(iface['rx_bytes'], ' bytes')} in {iface['rx_packets']} packets; "
+               f"{iface['frames']} frames copied to lpd\n")
     counters = ("tx bytes", "tx pkts", "rx bytes", "rx pkts")
 
     def io(d):
@@ -10436,20 +10695,25 @@ def make_http_server(host, port, registry, api=None):
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        addresses = stream_addresses(host, port)
     except socket.gaierror as e:
         raise ConfigError(f"--web.listen-address {host}:{port}: {e.strerror}") from None
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        # A restart must not fail on the last run's connections still in TIME_WAIT.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(HTTP_BACKLOG)
-    except OSError as e:
-        sock.close()
-        if e.errno == errno.EADDRINUSE:
-            raise PortInUse(f"--web.listen-address {host}:{port}: address already in use") from None
-        raise ConfigError(f"--web.listen-address {host}:{port}: {e.strerror}") from None
+    for i, (family, address) in enumerate(addresses):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            # A restart must not fail on the last run's connections still in TIME_WAIT.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(HTTP_BACKLOG)
+            break
+        except OSError as e:
+            sock.close()
+            if e.errno == errno.EADDRINUSE:
+                raise PortInUse(f"--web.listen-address {host}:{port}: address already in use") from None
+            # A host without IPv4 (or IPv6) on loopback: its other address still serves.
+            if e.errno == errno.EADDRNOTAVAIL and i + 1 < len(addresses):
+                continue
+            raise ConfigError(f"--web.listen-address {host}:{port}: {e.strerror}") from None
     try:
         return MetricsServer(sock, functools.partial(generate_latest, registry), CONTENT_TYPE_LATEST,
                              api)
@@ -10502,7 +10766,7 @@ class RuleSocketServer:
         try:
             os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
         except OSError as e:
-            raise ConfigError(f"{path}: cannot create directory: {e.strerror or e}") from None
+            raise os_failure(e, f"{path}: cannot create directory") from None
         _clear_stale_socket(path)
         self._sock = _bind_unix_socket(path, mode, gid)
         self._sock.setblocking(False)
@@ -10787,9 +11051,26 @@ def interface_local_nets(ifname):
         raise ConfigError(f"{ifname}: cannot read its addresses: {e.strerror}") from None
 
 
-def load_rules(path, ifname):
-    """Parse and compile a filter file (slow: never on the capture thread)."""
-    return RuleCounter(parse_filter_file(path, interface_mac(ifname)))
+# $MAC while the interface does not exist yet (--wait-interface): the file is checked and
+# the engine chosen with it; the rules are compiled again with the real address before
+# the first frame is read.
+MAC_NOT_YET = "00:00:00:00:00:00"
+
+
+def load_rules(opts, ifname):
+    """The filter file's rules, parsed and compiled (slow: never on the capture thread);
+    None without -f, or with --filter-file-optional while the file does not exist."""
+    if not opts.filter_file:
+        return None
+    if opts.filter_file_optional and not os.path.exists(opts.filter_file):
+        return None
+    if opts.mac:
+        mac = opts.mac
+    elif ifname is None:
+        mac = None                    # -r without -i: $MAC is an error
+    else:
+        mac = interface_mac(ifname) if interface_index(ifname) is not None else MAC_NOT_YET
+    return RuleCounter(parse_filter_file(opts.filter_file, mac))
 
 
 def rule_rows(published):
@@ -10874,6 +11155,9 @@ class Daemon:
         self.kernel = None               # --engine ebpf: the KernelAccounting
         self.engine = "engine cbpf"      # which counts, and why (the start-up line)
         self.control = {}                # fd -> handler, polled beside the ring (a worker's pipe)
+        # --wait-interface and the interface is not there yet: nothing read from it so far
+        self.awaiting = interface_index(ifname) is None
+        self.captured = False            # a ring was open once: a new one is "capturing again"
 
     def _wake(self):
         try:
@@ -10935,7 +11219,7 @@ class Daemon:
         if self.geo is not None:
             self.geo.reopen()
         try:
-            rules = load_rules(self.opts.filter_file, self.ifname) if self.opts.filter_file else None
+            rules = load_rules(self.opts, self.ifname)
             nets = self.opts.local_nets or interface_local_nets(self.ifname)
         except Exception as e:            # whatever went wrong, the running rules stay
             reason = str(e) if isinstance(e, LpdError) else f"{type(e).__name__}: {e}"
@@ -10958,13 +11242,13 @@ class Daemon:
         self.reloader.start()
         return True
 
-    def apply_reload(self):
+    def apply_reload(self, done="reloaded"):
         """Capture thread, between blocks: adopt what the reload thread compiled."""
         rules, nets = self.pending
         self.pending = None
         if nets and nets != self.local.local_nets:
             self.local.set_local_nets(nets)
-        log(LOG_INFO, f"reloaded: {len(rules) if rules else 0} rules, {len(nets)} local networks")
+        log(LOG_INFO, f"{done}: {len(rules) if rules else 0} rules, {len(nets)} local networks")
         if self.kernel is not None:      # one program holds rules and networks: swap it whole
             try:
                 self.kernel.reload(self.ring.sock if self.ring else None, rules,
@@ -11003,7 +11287,8 @@ class Daemon:
         """Counts carried over and the stage swapped between two blocks: no frame is
         counted by the old set after its counts were copied."""
         self.widening = None
-        rules.carry_counts_from(self.rules)
+        if self.rules is not None:          # else the first rules (-f --filter-file-optional)
+            rules.carry_counts_from(self.rules)
         old = self.decoder.snaplen()
         self.rules = rules
         self.decoder.set_consumers(self.consumers())
@@ -11039,6 +11324,7 @@ class Daemon:
                              "super-frame counts as one frame (turn offloads off for exact counts)")
         self.decoder.set_link(self.ring.vnet, self.ring.mtu)
         self.poller.register(self.ring.fileno(), select.POLLIN | select.POLLERR)
+        self.captured = True
 
     def lose_capture(self, why):
         log(LOG_WARNING, f"{self.ifname}: {why}; counters kept, retrying every second")
@@ -11052,9 +11338,27 @@ class Daemon:
             self.swap_rules(self.widening.rules)
         self.publish()
 
+    def interface_appeared(self):
+        """--wait-interface: what start-up would have read from the interface (its
+        networks, its address as $MAC) read now, before its first frame."""
+        nets = self.opts.local_nets or interface_local_nets(self.ifname)
+        try:
+            rules = load_rules(self.opts, self.ifname)
+        except LpdError as e:
+            log(LOG_ERR, f"{e}; no rules until a SIGHUP loads a good file")
+            rules = None
+        self.awaiting = False
+        self.pending = (rules, nets)
+        self.apply_reload(f"{self.ifname} appeared")
+
     def check_interface(self):
         index, flags = interface_index(self.ifname), interface_flags(self.ifname)
         present = index is not None and flags is not None and flags & IFF_UP
+        if self.awaiting and index is not None:
+            try:
+                self.interface_appeared()
+            except LpdError as e:             # gone again at once: the next check retries
+                log(LOG_DEBUG, f"{self.ifname}: not yet: {e}")
         if self.ring is not None:
             self.ring.read_stats()
             if not present:
@@ -11063,22 +11367,35 @@ class Daemon:
                 self.lose_capture("interface was replaced")
         if self.ring is None and present:
             try:
-                if not self.opts.local_nets:
-                    nets = interface_local_nets(self.ifname)
-                    # Addresses may come back after the link: keep the old nets till then.
-                    if nets and nets != self.local.local_nets:
-                        self.local.set_local_nets(nets)
-                        if self.kernel is not None:      # the networks are in its program
-                            try:
-                                self.kernel.reload(None, self.rules, nets)
-                            except (OSError, Untranslatable) as e:
-                                log(LOG_ERR, f"{self.ifname}: eBPF program for the new "
-                                             f"networks: {e}; keeping the old ones")
+                self.refresh_nets()
+                again = " again" if self.captured else ""
                 self.open_capture()
-                log(LOG_NOTICE, f"{self.ifname}: capturing again")
+                log(LOG_NOTICE, f"{self.ifname}: capturing{again}")
                 self.publish()
             except LpdError as e:
                 log(LOG_DEBUG, f"{self.ifname}: not yet: {e}")
+        elif present and not self.local.local_nets:
+            # An interface that came up before its addresses (DHCP on a new link):
+            # no address is local until they are read.
+            try:
+                self.refresh_nets()
+            except LpdError as e:
+                log(LOG_DEBUG, f"{self.ifname}: no addresses yet: {e}")
+
+    def refresh_nets(self):
+        """The interface's networks read again (without --local-net); addresses may come
+        back after the link, so an interface without any keeps the old ones."""
+        if self.opts.local_nets:
+            return
+        nets = interface_local_nets(self.ifname)
+        if nets and nets != self.local.local_nets:
+            self.local.set_local_nets(nets)
+            if self.kernel is not None:      # the networks are in its program
+                try:
+                    self.kernel.reload(self.ring.sock if self.ring else None, self.rules, nets)
+                except (OSError, Untranslatable) as e:
+                    log(LOG_ERR, f"{self.ifname}: eBPF program for the new "
+                                 f"networks: {e}; keeping the old ones")
 
     # -- main loop ------------------------------------------------------------
 
@@ -11122,17 +11439,22 @@ class Daemon:
             threads.append(threading.Thread(target=self.docker.run, args=(self.stop_event,),
                                             name="docker", daemon=True))
         try:
-            self.open_capture()
+            if self.awaiting:
+                log(LOG_WARNING, f"{self.ifname}: no such interface yet; waiting for it "
+                                 "(counting starts when it appears)")
+            else:
+                self.open_capture()
             self.tick()
             for t in threads:
                 t.start()
             if self.rule_server:
                 self.rule_server.start()
+            doing = "waiting for" if self.awaiting else "capturing on"
             if self.http is not None:
-                log(LOG_INFO, f"capturing on {self.ifname} ({self.engine}); metrics on "
+                log(LOG_INFO, f"{doing} {self.ifname} ({self.engine}); metrics on "
                               f"http://{self.opts.listen[0]}:{self.opts.listen[1]}/metrics")
             else:
-                log(LOG_DEBUG, f"capturing on {self.ifname} ({self.engine})")
+                log(LOG_DEBUG, f"{doing} {self.ifname} ({self.engine})")
             sd_notify("READY=1")
             self._loop()
         finally:
@@ -11234,8 +11556,8 @@ def open_http(opts, docker=None):
 
 def capture_interface(opts):
     ifname = opts.interface or default_interface()
-    if interface_index(ifname) is None:
-        raise ConfigError(f"{ifname}: no such interface")
+    if interface_index(ifname) is None and not opts.wait_interface:
+        raise ConfigError(f"{ifname}: no such interface (--wait-interface waits for it)")
     return ifname
 
 
@@ -11255,13 +11577,14 @@ class CaptureParts(NamedTuple):
 def build_capture(opts, ifname, names, conn_write, http_write):
     """Decoder and stages from the options; records go to conn_write/http_write and
     HTTP servers are named by names.name_of (None: no names)."""
-    rules = load_rules(opts.filter_file, ifname) if opts.filter_file else None
+    rules = load_rules(opts, ifname)
     # Compiled once, before anything is bound; only its accept length changes later.
     prefilter = compile_filter(opts.prefilter, kernel=True) if opts.prefilter else None
-    local = LocalAddresses(opts.local_nets or interface_local_nets(ifname),
+    present = interface_index(ifname) is not None      # else --wait-interface: read them later
+    local = LocalAddresses(opts.local_nets or (interface_local_nets(ifname) if present else []),
                            opts.idle_timeout or DEFAULT_IDLE_TIMEOUT,
                            opts.local_max or DEFAULT_LOCAL_MAX)
-    if not local.local_nets:
+    if not local.local_nets and present:
         log(LOG_WARNING, f"{ifname}: no addresses and no --local-net: no address is local")
     remotes = RemoteAddresses(opts.remote_max) if opts.remote else None
     conns = procs = None
@@ -11312,7 +11635,7 @@ def choose_engine(opts, local, rules, copies):
             kernel.close()
             kernel = None
     if kernel is None and opts.engine == "ebpf":
-        raise ConfigError(f"--engine ebpf: {why}")
+        raise (type(why) if isinstance(why, LpdError) else ConfigError)(f"--engine ebpf: {why}")
     return kernel, "engine ebpf" if kernel else f"engine cbpf: {why}"
 
 
@@ -11329,10 +11652,12 @@ class Exporters(NamedTuple):
 def build_exporters(opts, ifname, published, docker):
     from prometheus_client import CollectorRegistry
     geo = open_geoip(opts)
-    mapping = NicMapping(opts.mapping_url, ifname, log, opts.mapping_interval)
+    mapping = NicMapping(opts.mapping_url, ifname, log, opts.mapping_interval,
+                         opts.mapping_configured)
     registry = CollectorRegistry(auto_describe=False)
     rule_server = None
-    if opts.filter_file or opts.socket_path:
+    # --duration: a one-shot run beside the service makes no socket unless -u asks.
+    if opts.socket_path or (opts.filter_file and not opts.duration):
         path = opts.socket_path or default_socket_path(ifname)
         rule_server = RuleSocketServer(path, functools.partial(rule_rows, published),
                                        opts.socket_group)
@@ -11342,7 +11667,8 @@ def build_exporters(opts, ifname, published, docker):
     try:
         http = make_http_server(*opts.listen, registry,
                                 functools.partial(api_answer, published=published,
-                                                  presentation=collector.presentation))
+                                                  presentation=collector.presentation)) \
+            if opts.serve else None
     except LpdError:
         if rule_server:
             rule_server.close()
@@ -11692,7 +12018,8 @@ class Supervisor:
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         self.poller = select.poll()
         self.poller.register(self._wake_r, select.POLLIN)
-        threads = [threading.Thread(target=exp.http.serve_forever, name="http", daemon=True)]
+        threads = [threading.Thread(target=exp.http.serve_forever, name="http", daemon=True)] \
+            if exp.http else []
         for name, poller, on in (("mapping", exp.mapping, self.opts.mapping_url),
                                  ("geoip", exp.geo, exp.geo), ("docker", exp.docker, exp.docker)):
             if on:
@@ -11712,8 +12039,9 @@ class Supervisor:
                 t.start()
             if exp.rule_server:
                 exp.rule_server.start()
-            log(LOG_INFO, f"capturing on {self.ifname} with {self.opts.workers} workers; metrics "
-                          f"on http://{self.opts.listen[0]}:{self.opts.listen[1]}/metrics")
+            serving = f"; metrics on http://{self.opts.listen[0]}:{self.opts.listen[1]}/metrics" \
+                if exp.http else ""
+            log(LOG_INFO, f"capturing on {self.ifname} with {self.opts.workers} workers{serving}")
             sd_notify("READY=1")
             self._loop()
         finally:
@@ -11724,9 +12052,10 @@ class Supervisor:
             self.stop_event.set()
             if exp.docker is not None:
                 exp.docker.wake()
-            if threads[0].is_alive():
-                exp.http.shutdown()
-            exp.http.server_close()
+            if exp.http is not None:
+                if threads[0].is_alive():
+                    exp.http.shutdown()
+                exp.http.server_close()
             if exp.rule_server:
                 exp.rule_server.close()
             for log_ in self.logs.values():
@@ -11804,8 +12133,7 @@ class Supervisor:
 
 def build_supervisor(opts, argv):
     ifname = capture_interface(opts)
-    if opts.filter_file:
-        load_rules(opts.filter_file, ifname)     # a bad file is the parent's error, once
+    load_rules(opts, ifname)                 # a bad file is the parent's error, once
     published = Published()
     docker = open_docker(opts)
     conn_log, http_log = open_logs(opts)
@@ -11840,11 +12168,8 @@ def replay(opts, out=sys.stdout):
     """-r FILE: the same decode, consumers and exporters as live capture, on the packet
     clock: stages tick every --interval of the file's own time, so rates and idle
     timeouts come out the same on every run. Then the output (--output)."""
-    rules = None
-    if opts.filter_file:
-        # $MAC names the capture interface's address: only with -i, never a made-up one.
-        mac = interface_mac(opts.interface) if opts.interface else None
-        rules = RuleCounter(parse_filter_file(opts.filter_file, mac))
+    # $MAC names the capture interface's address (or --mac): never a made-up one.
+    rules = load_rules(opts, opts.interface)
     local = LocalAddresses(replay_local_nets(opts), opts.idle_timeout or math.inf,
                            opts.local_max or sys.maxsize)
     remotes = RemoteAddresses(opts.remote_max) if opts.remote else None
@@ -12272,6 +12597,12 @@ def main(argv=None):
     except LpdError as e:
         log(LOG_ERR, str(e))
         return e.exit_code
+    except ModuleNotFoundError as e:
+        if e.name != "prometheus_client":
+            raise
+        log(LOG_ERR, "needs the prometheus_client module: apt install python3-prometheus-client "
+                     f"(Debian, Ubuntu), or pip install {DISTRIBUTION}")
+        return ConfigError.exit_code
     except KeyboardInterrupt:
         return 0
     except BrokenPipeError:

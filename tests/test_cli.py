@@ -1,4 +1,5 @@
 """The command line as an operator meets it: filter dumps beside tcpdump's, usage errors."""
+import json
 import os
 import re
 import subprocess
@@ -8,6 +9,8 @@ import time
 import pytest
 
 import lpd as lpd_module
+
+from conftest import CORPUS
 
 LPD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lpd.py")
 
@@ -139,3 +142,46 @@ def test_too_large_expression_is_one_line_exit_64(expr, what, limit):
     assert re.fullmatch(rf"lpd: filter: 1:1: expression too large \(\d+ {what}, "
                         rf"at most {getattr(lpd_module, limit)}\)\n", cp.stderr), cp.stderr
     assert cp.stdout == ""
+
+
+def test_help_names_top_signals_exit_codes_and_the_manual():
+    cp = lpd("--help")
+    assert cp.returncode == 0
+    for needle in ("lpd top", "HUP", "USR1", "64 usage", "69 metrics port in use",
+                   "77 no permission", "78 bad configuration", "man 8 lpd", "README.md",
+                   "--wait-interface", "--filter-file-optional", "--mac"):
+        assert needle in cp.stdout, needle
+
+
+def test_missing_prometheus_client_is_one_line():
+    """python3 -S: no site-packages, so no prometheus_client, as on a box where only
+    lpd.py was copied."""
+    cp = subprocess.run([sys.executable, "-S", LPD, "-i", "lo", "--duration", "1",
+                         "--engine", "cbpf"], capture_output=True, text=True, timeout=60)
+    assert (cp.returncode, cp.stderr) == (78, (
+        "lpd: needs the prometheus_client module: apt install python3-prometheus-client "
+        "(Debian, Ubuntu), or pip install lpd-netacct\n"))
+
+
+def test_mac_names_dollar_mac_offline(tmp_path):
+    """-r has no interface to take $MAC from: the error says what to give, and --mac
+    gives it (matching what a frame to that address carries)."""
+    rules = tmp_path / "r.filters"
+    rules.write_text("to-me;ether dst $MAC\n")
+    pcap = os.path.join(CORPUS, "DTP.pcap")
+    missing = lpd("-r", pcap, "-f", str(rules))
+    assert (missing.returncode, missing.stderr) == (78, (
+        f"lpd: {rules}:1: $MAC used but no MAC address is known: give -i IFACE (its address) "
+        "or --mac MAC\n"))
+    bad = lpd("-r", pcap, "-f", str(rules), "--mac", "02:00:00")
+    assert bad.returncode == 64 and "expected a MAC address" in bad.stderr
+    with open(pcap, "rb") as f:
+        dst = f.read(24 + 16 + 6)[-6:]           # the first record's destination MAC
+    mac = ":".join(f"{b:02x}" for b in dst)
+    out = lpd("-r", pcap, "-f", str(rules), "--mac", mac.upper().replace(":", "-"),
+              "--output", "json")
+    assert out.returncode == 0, out.stderr
+    counts = {r["id"]: r["packets"] for r in json.loads(out.stdout)["rules"]["rules"]}
+    oracle = subprocess.run(["tcpdump", "-nn", "-q", "-r", pcap, f"ether dst {mac}"],
+                            capture_output=True, text=True, timeout=60).stdout
+    assert counts["to-me"] == len(oracle.splitlines()) > 0

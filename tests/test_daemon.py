@@ -281,6 +281,78 @@ def test_interface_deleted_and_recreated(pair):
     assert lpd.proc.poll() is None
 
 
+def read_socket(path, timeout=5):
+    """The rule socket's whole answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                return b"".join(chunks).decode()
+            chunks.append(data)
+
+
+def test_wait_interface_counts_from_when_it_appears(pair, tmp_path):
+    """A unit for wg0 or a USB NIC starts before its interface exists: lpd is ready at
+    once, says so in one line, shows the interface down, and when it appears reads
+    its networks and its address ($MAC) as a start would have, and counts exactly."""
+    rules, sock = tmp_path / "r.filters", tmp_path / "rules.sock"
+    rules.write_text("to-me;ether dst $MAC and udp\nudp;udp\n")
+    notify = tmp_path / "notify.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(notify))
+    server.settimeout(15)
+    pair.delete_link()
+    lpd = Lpd(pair, "--mapping-url", "none", "--wait-interface", "-f", str(rules), "-u", str(sock),
+              env=dict(os.environ, NOTIFY_SOCKET=str(notify)))
+    assert server.recv(100) == b"READY=1"
+    m = metrics(pair)
+    assert value(m, "lpd_interface_up", nic=pair.if_b) == 0
+    assert read_socket(sock) == "to-me:0:0\nudp:0:0\n"
+    pair.create_link()
+    pair.settle()
+    assert wait_for(lambda: value(metrics(pair), "lpd_interface_up", nic=pair.if_b) == 1, 5)
+    sizes = [100, 700, 1400]
+    pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, sizes)
+    pair.udp_send(pair.ns_a, pair.ip6_a, pair.ip6_b, sizes[:1])
+    want4 = sum(netns.frame_len(n) for n in sizes)
+    want6 = netns.frame_len(sizes[0], ipv6=True)
+    assert settle_counts(pair, "lpd_receive_bytes_total", want4, local_ip=pair.ip4_b, nic=pair.if_b)
+    assert settle_counts(pair, "lpd_receive_bytes_total", want6, local_ip=pair.ip6_b, nic=pair.if_b)
+    assert read_socket(sock) == f"to-me:{want4 + want6}:4\nudp:{want4 + want6}:4\n"
+    log = lpd.stderr()
+    assert log.count("no such interface yet") == 1 and "capturing again" not in log, log
+    assert f"{pair.if_b}: capturing" in log, log
+    assert lpd.stop() == 0
+
+
+def test_optional_filter_file_is_loaded_once_it_exists(pair, tmp_path):
+    """The unit's -f /etc/lpd/IFACE.filters: no file is no rules (the socket answers,
+    empty), and a SIGHUP after the file appears counts from then."""
+    rules, sock = tmp_path / "r.filters", tmp_path / "rules.sock"
+    lpd = Lpd(pair, "--mapping-url", "none", "--local-net", pair.net4, "-f", str(rules),
+              "--filter-file-optional", "-u", str(sock))
+    assert read_socket(sock) == ""
+    assert not any(k[0] == "lpd_rule_bytes_total" for k in metrics(pair))
+    pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100])       # before the rules: not counted
+    assert settle_counts(pair, "lpd_receive_bytes_total", netns.frame_len(100),
+                         local_ip=pair.ip4_b, nic=pair.if_b)
+    rules.write_text("udp;udp\n")
+    lpd.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: read_socket(sock) == "udp:0:0\n", 5), lpd.stderr()
+    pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [200, 300])
+    want = netns.frame_len(200) + netns.frame_len(300)
+    assert wait_for(lambda: read_socket(sock) == f"udp:{want}:2\n", 5), read_socket(sock)
+    assert value(metrics(pair), "lpd_rule_bytes_total", rule="udp") == want
+    assert lpd.stop() == 0
+    # Without --filter-file-optional a missing file stays a configuration error.
+    cp = pair.run(pair.ns_b, [sys.executable, LPD, "-i", pair.if_b, "-f", str(tmp_path / "none")],
+                  check=False)
+    assert cp.returncode == 78 and "cannot read filter file" in cp.stderr
+
+
 def test_link_down_and_up(pair):
     Lpd(pair, "--mapping-url", "none", "--local-net", "10.199.0.0/24")
     pair.set_up(pair.ns_b, pair.if_b, False)
@@ -371,7 +443,7 @@ def test_startup_errors_exit_codes(pair):
         return cp.returncode, cp.stderr.strip()
 
     code, err = run("-i", "nosuchif0")
-    assert code == 78 and err == "lpd: nosuchif0: no such interface"
+    assert code == 78 and err == "lpd: nosuchif0: no such interface (--wait-interface waits for it)"
     code, err = run("--bogus")
     assert code == 64 and err.count("\n") == 0
     code, err = run("--interval", "0")
@@ -422,6 +494,26 @@ def test_no_permission_exits_77(pair):
                                      "(run as root or grant the capability)")
 
 
+@pytest.mark.parametrize("args,what", [
+    (["--engine", "ebpf"], "--engine ebpf: cannot create a BPF map: Operation not permitted"),
+    (["--engine", "cbpf", "-u", "/run/lpd-test-root-only/rules.sock"],
+     "/run/lpd-test-root-only/rules.sock: cannot create directory: Permission denied"),
+    (["--engine", "cbpf", "-u", "/run/rules.sock"],
+     "/run/rules.sock: cannot create socket: Permission denied"),
+])
+def test_every_permission_failure_exits_77(pair, args, what):
+    """Capture allowed (CAP_NET_RAW), but not what an option needs besides: the eBPF
+    engine's maps (CAP_BPF), a socket where the user may not write."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = readable_copy(tmp)
+        cp = pair.run(pair.ns_b, [
+            "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            "--inh-caps=-all,+net_raw", "--ambient-caps=-all,+net_raw", "--bounding-set=-all,+net_raw",
+            "/usr/bin/python3", copy, "-i", pair.if_b, "--mapping-url", "none",
+            "--web.listen-address", f"127.0.0.1:{PORT}", *args], check=False)
+    assert (cp.returncode, cp.stderr) == (77, f"lpd: {what}\n")
+
+
 def test_runs_unprivileged_with_only_cap_net_raw(pair):
     """What the systemd unit does (DynamicUser, CAP_NET_RAW only), done with setpriv."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -447,3 +539,69 @@ def test_runs_unprivileged_with_only_cap_net_raw(pair):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
         assert not os.path.exists(sock)
+
+
+def test_starts_where_there_is_no_etc_hosts(pair):
+    """A minimal root file system (debootstrap minbase, many containers) has no
+    /etc/hosts: the default listen address and the default mapping URL name localhost,
+    which is loopback by definition (RFC 6761) and never asked of a resolver."""
+    doc = os.path.join(tempfile.mkdtemp(), "status.json")
+    with open(doc, "w") as f:
+        json.dump({"config": {"wan0": "wan-from-service"}, "mappings": {}}, f)
+    pair.popen(pair.ns_b, [sys.executable, "-c", MAPPING_SERVER % MAPPING_PORT, doc])
+    hide = ("mount --bind /dev/null /etc/hosts && mount --bind /dev/null /etc/resolv.conf && "
+            'exec "$@"')
+    err = tempfile.TemporaryFile()
+    proc = subprocess.Popen(["unshare", "-m", "sh", "-c", hide, "sh",
+                             *netns.ns_argv(pair.ns_b, [sys.executable, "-c",
+                                                        "import socket; socket.getaddrinfo('localhost', 1)"])],
+                            stderr=subprocess.PIPE, text=True)
+    _, resolver = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and "name resolution" in resolver, "the resolver must fail here"
+    proc = subprocess.Popen(["unshare", "-m", "sh", "-c", hide, "sh",
+                             *netns.ns_argv(pair.ns_b, [sys.executable, LPD, "-i", pair.if_b,
+                                                        "--local-net", pair.net4,
+                                                        "--mapping-interval", "0.5"])],
+                            stderr=err)
+    def answering():
+        assert proc.poll() is None, "lpd exited"
+        try:
+            return metrics(pair)
+        except netns.NetnsError:             # not listening yet
+            return None
+
+    try:
+        assert wait_for(answering, 15, 0.2)
+        pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100])
+        assert wait_for(lambda: value(answering(), "lpd_receive_bytes_total", local_ip=pair.ip4_b,
+                                      nic="wan-from-service") == netns.frame_len(100), 15, 0.3)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    err.seek(0)
+    log = err.read().decode()
+    assert "resolution" not in log and "answered: NIC labels follow it" in log, log
+
+
+def test_duration_runs_beside_the_service(pair, tmp_path):
+    """A one-shot --duration measurement takes neither the service's metrics port nor
+    its rule socket; given --web.listen-address or -u it serves them."""
+    rules, sock = tmp_path / "r.filters", tmp_path / "rules.sock"
+    rules.write_text("udp;udp\n")
+    service = Lpd(pair, "--mapping-url", "none", "-f", str(rules), "-u", str(sock))
+    shot = pair.popen(pair.ns_b, [sys.executable, LPD, "-i", pair.if_b, "--mapping-url", "none",
+                                  "--duration", "2", "-f", str(rules),
+                                  "--local-net", pair.net4], stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100])
+    out, err = shot.communicate(timeout=30)
+    assert shot.returncode == 0, err
+    assert f"{pair.ip4_b}" in out and "udp" in out, out
+    assert not os.path.exists(f"/run/lpd/{pair.if_b}.sock")
+    assert service.proc.poll() is None and os.path.exists(sock)
+    busy = pair.run(pair.ns_b, [sys.executable, LPD, "-i", pair.if_b, "--mapping-url", "none",
+                                "--duration", "1", "--web.listen-address", f"127.0.0.1:{PORT}"],
+                    check=False)
+    assert busy.returncode == 69 and "address already in use" in busy.stderr
+    assert service.stop() == 0

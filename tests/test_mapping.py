@@ -239,3 +239,30 @@ def test_a_deeply_nested_answer_is_counted_and_logged_once(service):
     assert m.labeller()(ipaddress.ip_address("10.40.0.3")) == "eth1"      # the last good one
     assert lines == [f"mapping: {service.url}: invalid JSON: nested too deeply; "
                      "keeping the last good mapping"], lines
+
+
+def test_the_default_service_is_asked_quietly_until_it_answers(service):
+    """No --mapping-url: localpacketdump's default address is polled, but a first run on a
+    host without that service neither warns nor counts errors (nor fires the
+    LpdMappingFailing alert); once it has answered it is the service, failures and all."""
+    lines = []
+    m = lpd.NicMapping(service.url, "cap0", lambda prio, msg: lines.append(msg), configured=False)
+    service.body = b"garbage"
+    assert not m.fetch_once()
+    service.status = 404
+    assert not m.fetch_once()
+    assert (m.errors, lines) == (0, [])
+    service.body, service.status = json.dumps(GOOD).encode(), 200
+    assert m.fetch_once()
+    assert len(lines) == 1 and "answered: NIC labels follow it" in lines[0], lines
+    service.body = b"garbage"
+    assert not m.fetch_once()
+    assert m.errors == 1 and "keeping the last good mapping" in lines[-1]
+    assert m.labeller()(ipaddress.ip_address("10.40.0.3")) == "eth1"
+
+
+def test_only_an_explicit_mapping_url_is_configured():
+    assert not lpd.parse_args([]).mapping_configured
+    opts = lpd.parse_args(["--mapping-url", lpd.DEFAULT_MAPPING_URL])
+    assert opts.mapping_configured and opts.mapping_url == lpd.DEFAULT_MAPPING_URL
+    assert lpd.parse_args(["--mapping-url", "none"]).mapping_url is None

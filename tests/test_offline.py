@@ -110,7 +110,7 @@ def test_byte_orders_and_nanosecond_magic(tmp_path, magic, order):
 
 
 @pytest.mark.parametrize("content,message", [
-    (b"\x0a\x0d\x0d\x0a" + bytes(40), "pcapng is not supported"),
+    (b"\x0a\x0d\x0d\x0a" + bytes(40), "byte 0: not pcapng (byte-order magic 0x00000000)"),
     (b"GIF89a" + bytes(30), "not a pcap file (magic 0x"),
     (b"\xd4\xc3\xb2\xa1", "not a pcap file (only 4 header bytes)"),
 ])
@@ -122,13 +122,16 @@ def test_bad_files_are_one_line_errors(tmp_path, capsys, content, message):
     assert err.count("\n") == 1 and str(path) in err and message in err
 
 
-def test_truncated_record_is_an_error_naming_the_record(tmp_path, capsys):
+def test_truncated_record_is_read_up_to_the_cut_with_one_warning(tmp_path, capsys):
+    """A capture still being written, or cut short: the records before the cut count."""
     path = tmp_path / "cut.pcap"
     frame = udp4("10.0.0.1", "10.0.0.2")
     write_pcap(path, [(frame, len(frame))] * 3)
     path.write_bytes(path.read_bytes()[:-5])
-    assert lpd.main(["-r", str(path)]) == 78
-    assert f"lpd: {path}: record 3: truncated record data" in capsys.readouterr().err
+    assert lpd.main(["-r", str(path)]) == 0
+    assert capsys.readouterr().err == (f"lpd: {path}: truncated dump file: record 3 at byte {24 + 2 * (16 + len(frame))} "
+                   f"is cut short ({16 + len(frame) - 5} of {16 + len(frame)} bytes); read the 2 "
+                   "packets before it\n")
 
 
 def test_non_ethernet_link_type_is_refused(tmp_path, capsys):

@@ -1,6 +1,7 @@
-"""pip install . gives an `lpd` command; the wheel carries lpd.py only (setuptools would
+"""pip install . gives an `lpd` command from the distribution lpd-netacct ("lpd" on PyPI
+is another project); the wheel carries lpd.py and the LICENSE only (setuptools would
 otherwise take filters/ for the package) and the build writes nothing into dist/; the
-sdist carries dist/, filters/ and tests/filter_expressions.txt beside it."""
+sdist carries dist/, filters/, LICENSE and tests/filter_expressions.txt beside it."""
 import os
 import shutil
 import subprocess
@@ -15,8 +16,12 @@ def wheel_names(wheel):
     """The wheel's members, checked to be lpd.py and its own .dist-info only."""
     names = zipfile.ZipFile(wheel).namelist()
     dist_info = {n.split("/", 1)[0] for n in names if ".dist-info/" in n}
-    assert len(dist_info) == 1 and dist_info.pop().startswith("lpd-"), names
+    assert len(dist_info) == 1 and dist_info.pop().startswith("lpd_netacct-"), names
     assert sorted(n for n in names if ".dist-info/" not in n) == ["lpd.py"], names
+    license_ = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+    assert len(license_) == 1, names
+    with open(os.path.join(ROOT, "LICENSE"), "rb") as f:
+        assert zipfile.ZipFile(wheel).read(license_[0]) == f.read()
     return names
 
 
@@ -24,7 +29,7 @@ def test_wheel_contains_the_module_and_dist_is_untouched(tmp_path):
     before = sorted(os.listdir(os.path.join(ROOT, "dist")))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", 
                     "-q", "-w", str(tmp_path), ROOT], check=True, timeout=300)
-    wheels = list(tmp_path.glob("lpd-*.whl"))
+    wheels = list(tmp_path.glob("lpd_netacct-*.whl"))
     assert len(wheels) == 1
     names = wheel_names(wheels[0])
     entry = [n for n in names if n.endswith("entry_points.txt")]
@@ -55,18 +60,19 @@ SDIST_EXTRAS = ([os.path.relpath(os.path.join(d, n), ROOT)
 
 
 def build_sdist(tmp_path):
-    """Build the sdist with setuptools' PEP 517 backend in a copy of the tree (the build
-    writes lpd.egg-info next to pyproject.toml); returns the .tar.gz path."""
+    """Build the sdist with `python -m build` (PEP 517, in an isolated environment with
+    the setuptools pyproject.toml asks for) from a copy of the tree (the build writes
+    lpd_netacct.egg-info next to pyproject.toml); returns the .tar.gz path."""
     src, out = tmp_path / "src", tmp_path / "out"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
         ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "bench"))
     out.mkdir()
-    r = subprocess.run([sys.executable, "-c",
-                        "import sys; from setuptools import build_meta as b; "
-                        "print(b.build_sdist(sys.argv[1]))", str(out)],
-                       cwd=src, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "build", "--sdist", "--outdir", str(out), str(src)],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    return out / r.stdout.split()[-1]
+    sdists = list(out.glob("lpd_netacct-*.tar.gz"))
+    assert len(sdists) == 1, r.stdout
+    return sdists[0]
 
 
 def test_sdist_ships_dist_filters_and_expressions(tmp_path):
@@ -77,7 +83,7 @@ def test_sdist_ships_dist_filters_and_expressions(tmp_path):
     with tarfile.open(sdist) as tar:
         top = tar.getnames()[0].split("/")[0]
         members = {m.name.split("/", 1)[1]: m for m in tar.getmembers() if "/" in m.name}
-        for name in SDIST_EXTRAS + ["lpd.py", "pyproject.toml", "README.md"]:
+        for name in SDIST_EXTRAS + ["lpd.py", "pyproject.toml", "README.md", "LICENSE"]:
             assert name in members, f"{name} missing from {sdist.name}: {sorted(members)}"
             with open(os.path.join(ROOT, name), "rb") as f:
                 assert tar.extractfile(members[name]).read() == f.read(), name
@@ -87,6 +93,6 @@ def test_sdist_ships_dist_filters_and_expressions(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
                     "-q", "-w", str(tmp_path / "wheel"), str(tmp_path / "unpacked" / top)],
                    check=True, timeout=300)
-    wheels = list((tmp_path / "wheel").glob("lpd-*.whl"))
+    wheels = list((tmp_path / "wheel").glob("lpd_netacct-*.whl"))
     assert len(wheels) == 1
     wheel_names(wheels[0])
