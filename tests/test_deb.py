@@ -574,14 +574,35 @@ def test_instance_without_filter_file_counts_then_loads_it(debian):
         lbl = {"local_ip": pair.ip4_b, "nic": pair.if_b}
         assert wait_until(lambda: value(scrape(debian, 59122), "lpd_receive_bytes_total", **lbl)
                           == counts(SIZES)[0], 10), debian.journal(unit)
-        # The file appears: a reload loads it.
+        # The socket answers from the start, with no rules; the file appears: a reload
+        # loads it (frames count for the rules from the moment they are listed).
+        assert rule_lines(debian, "/run/lpd/veth-b.sock") == {}
         debian.write("/etc/lpd/veth-b.filters", RULES)
         debian.run("systemctl", "reload", unit)
-        assert wait_until(lambda: debian.run("test", "-S", "/run/lpd/veth-b.sock",
-                                             check=False).returncode == 0, 20), debian.journal(unit)
+        assert wait_until(lambda: "udp" in rule_lines(debian, "/run/lpd/veth-b.sock"), 20), \
+            debian.journal(unit)
         pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [200])
         assert wait_until(lambda: rule_lines(debian, "/run/lpd/veth-b.sock").get("udp")
-                          == counts([200]), 10), debian.journal(unit)
+                          == counts([200]), 10), \
+            (rule_lines(debian, "/run/lpd/veth-b.sock"), debian.journal(unit))
+
+
+def test_a_broken_filter_file_fails_the_start_for_good(debian):
+    # Optional means "may be missing", not "may be wrong": exit 78, which the unit does
+    # not restart (RestartPreventExitStatus=).
+    unit = unit_name("veth-b")
+    debian.write("/etc/lpd/veth-b.filters", "udp;udp and and\n")
+    try:
+        r = debian.run("systemctl", "start", unit, check=False, timeout=90)
+        assert r.returncode != 0
+        time.sleep(6)                                   # past RestartSec=5s
+        props = debian.show(unit, "ActiveState", "NRestarts", "ExecMainStatus")
+        assert props == {"ActiveState": "failed", "NRestarts": "0", "ExecMainStatus": "78"}, \
+            (props, debian.journal(unit))
+        assert "veth-b.filters:1:" in debian.journal(unit)
+    finally:
+        debian.remove("/etc/lpd/veth-b.filters")
+        debian.run("systemctl", "reset-failed", unit, check=False)
 
 
 def add_veth(pair, name, peer, net):
