@@ -63,7 +63,8 @@ bench:           ## speed, cost and loss beside tcpdump and libpcap (root for th
 	$(PYTHON) tests/bench.py
 
 wheel:           ## build output goes to build/, never to dist/ (our unit files live there)
-	$(PYTHON) -m pip wheel --no-deps -w build/wheel .
+	@[ -x $(VENV)/bin/python ] || $(MAKE) --no-print-directory venv
+	$(VENV)/bin/python -m pip wheel --no-deps -w build/wheel .
 
 install:         ## lpd, its unit, man page and examples under $(DESTDIR)$(PREFIX); /etc/lpd
 	install -d -m 755 $(DESTDIR)$(SBINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(MAN8DIR) \
