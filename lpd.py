@@ -11629,8 +11629,8 @@ def choose_engine(opts, local, rules, copies):
             kernel.program_for(False, None)          # verified now, not at the first bind
         except Untranslatable as e:
             why = f"a rule uses what the eBPF translation lacks ({e})"
-        except OSError as e:
-            why = f"the kernel refused the program: {e}"
+        except OSError as e:             # the verifier's log follows its first line
+            why = f"the kernel refused the program: {str(e).splitlines()[0]}"
         if why is not None:
             kernel.close()
             kernel = None
