@@ -12317,10 +12317,7 @@ TOP_SORT_LABELS = {
 TOP_KEYS = "keys: 1-5/Tab pane  s sort  p pause  q quit"
 TOP_ONCE_ROWS = 10                 # --once: the biggest rows of each pane
 TOP_CLOCK = "%H:%M:%S"             # local time on screen
-# "localhost" is loopback by definition (RFC 6761) and never asked of a resolver (a
-# minimal root has no /etc/hosts): tried in this order, as is a listen-on-all address,
-# which names this machine.
-TOP_LOOPBACKS = ("127.0.0.1", "::1")
+# A listen-on-all address names this machine: reached on loopback, as localhost is.
 TOP_UNSPECIFIED = ("", "::", "0.0.0.0")
 TOP_HOST = re.compile(r"[A-Za-z0-9._:%-]*")   # what may go into a Host header as it is
 TOP_HTTP_PORT = 80
@@ -12377,9 +12374,8 @@ class TopTarget(NamedTuple):
 def top_hosts(host):
     """The addresses to try for a host of --url: loopback for localhost (RFC 6761: no
     resolver asked) and for a listen-on-all address; anything else as it is."""
-    name = host.lower().rstrip(".")
-    if name == "localhost" or name.endswith(".localhost") or name in TOP_UNSPECIFIED:
-        return TOP_LOOPBACKS
+    if is_localhost(host) or host in TOP_UNSPECIFIED:
+        return tuple(address for _, address in LOOPBACK_ADDRESSES)
     return (host,)
 
 
