@@ -11629,8 +11629,8 @@ def choose_engine(opts, local, rules, copies):
             kernel.program_for(False, None)          # verified now, not at the first bind
         except Untranslatable as e:
             why = f"a rule uses what the eBPF translation lacks ({e})"
-        except OSError as e:
-            why = f"the kernel refused the program: {e}"
+        except OSError as e:             # the verifier's log follows its first line
+            why = f"the kernel refused the program: {str(e).splitlines()[0]}"
         if why is not None:
             kernel.close()
             kernel = None
@@ -12277,28 +12277,79 @@ def dump_filter(opts, out=sys.stdout):
 #
 # A terminal view of a running lpd, built on its /api/* documents only: no capture,
 # no privileges, any number of them beside the daemon. Rates of cumulative counters
-# (remotes, rules, HTTP requests) come from the difference of two fetches; the local
-# addresses carry the daemon's own per-interval rates. curses draws what frame()
-# returns: plain lines, so --once prints exactly what the screen would show.
+# (remotes, rules, connections, HTTP requests) come from the difference of two fetches;
+# the local addresses carry the daemon's own per-interval rates. curses draws what
+# frame() returns: plain lines, so --once prints exactly what the screen would show.
+#
+# Whatever answers on --url is untrusted: each answer is read under a size cap and one
+# deadline per fetch, decoded with bounded nesting and numbers, and checked against
+# TOP_SCHEMA before a pane looks at it. What fails becomes one short reason on screen
+# ("lpd answered garbage: ..." or "stopped answering"), never a traceback, and the
+# panes keep the last good answer, dimmed.
 
 TOP_URL = "http://localhost:59122"
 TOP_REFRESH = 1.0                  # s between fetches
-TOP_TIMEOUT = 2.0                  # s for one document
+TOP_REFRESH_POLL = 0.1             # s: how often keys are read between fetches
+TOP_TIMEOUT = 3.0                  # s for one fetch: every document, connect to last byte
+TOP_MAX_ANSWER = 4 << 20           # bytes of one answer (head and body) read at most
+TOP_READ_CHUNK = 64 << 10          # bytes asked of one recv()
+# Rows asked of each document (?top=N): more than a screen holds, and what keeps a
+# daemon with 262144 connections from answering 100 MB. Sorting by rate or name then
+# orders the N biggest by bytes (the daemon ranks by bytes).
+TOP_FETCH_ROWS = 200
+TOP_INT_DIGITS = 24                # a longer integer is no counter (2**64 has 20 digits)
+TOP_REASON_MAX = 120               # characters of a failure's reason kept
+TOP_VALUE_SHOWN = 30               # characters of a wrong value a reason quotes
 TOP_HISTORY = 20                   # samples behind each address's bar
 TOP_BAR = " .:-=+*#%@"             # ASCII levels: a bar that any terminal shows
 TOP_KINDS = ("interface", "addresses", "remotes", "rules", "connections", "http")
+TOP_REQUIRED = ("interface", "addresses")   # every lpd serves these; the rest may be off (404)
 TOP_PANES = ("addresses", "remotes", "rules", "connections", "http")
 TOP_SORTS = ("rate", "total", "name")
-TOP_KEYS = "1-5/tab pane  s sort  p pause  q quit"
-TOP_PANE_HEAD = 2                  # a pane's title and column lines
+# What each sort orders a pane by, as its title says.
+TOP_SORT_LABELS = {
+    "addresses": {"rate": "tx+rx bit/s", "total": "tx+rx bytes", "name": "address"},
+    "remotes": {"rate": "bit/s", "total": "bytes", "name": "address"},
+    "rules": {"rate": "bit/s", "total": "bytes", "name": "rule"},
+    "connections": {"rate": "bit/s", "total": "bytes", "name": "originator"},
+    "http": {"rate": "req/s", "total": "requests", "name": "server"},
+}
+TOP_KEYS = "keys: 1-5/Tab pane  s sort  p pause  q quit"
 TOP_ONCE_ROWS = 10                 # --once: the biggest rows of each pane
+TOP_CLOCK = "%H:%M:%S"             # local time on screen
+# A listen-on-all address names this machine: reached on loopback, as localhost is.
+TOP_UNSPECIFIED = ("", "::", "0.0.0.0")
+TOP_HOST = re.compile(r"[A-Za-z0-9._:%-]*")   # what may go into a Host header as it is
+TOP_HTTP_PORT = 80
 SI_STEP = 1000
 BIT_UNITS = ("bit/s", "kbit/s", "Mbit/s", "Gbit/s", "Tbit/s")
 
+# frame()'s line roles; the screen gives each its attributes.
+TOP_ALERT, TOP_TITLE, TOP_STATUS, TOP_PANE, TOP_KEYLINE = "alert", "title", "status", "pane", "keys"
+TOP_ATTRS = {TOP_ALERT: ("A_BOLD", "A_REVERSE"), TOP_TITLE: ("A_BOLD",), TOP_KEYLINE: ("A_REVERSE",)}
+
 
 class TopError(LpdError):
-    """The daemon is not there (or answers something else than lpd's API)."""
+    """The daemon cannot be shown; `reason` is short enough for one screen line."""
     exit_code = 1
+
+    def __init__(self, reason):
+        self.reason = str(reason)[:TOP_REASON_MAX]
+        super().__init__(self.reason)
+
+
+class TopDown(TopError):
+    """Nothing answers at --url: refused, reset, or no whole answer in time."""
+
+    def __str__(self):
+        return f"not answering ({self.reason})"
+
+
+class TopGarbage(TopError):
+    """Something answers at --url, but not with lpd's documents."""
+
+    def __str__(self):
+        return f"lpd answered garbage: {self.reason}"
 
 
 def human_bits(bps):
@@ -12310,24 +12361,302 @@ def human_bits(bps):
     return f"{value:.0f} {BIT_UNITS[unit]}" if unit == 0 else f"{value:.2f} {BIT_UNITS[unit]}"
 
 
-def top_fetch(url):
-    """{kind: document or None (that stage is off)}; TopError when nothing answers."""
+# -- where the daemon is ------------------------------------------------------------
+
+class TopTarget(NamedTuple):
+    hosts: tuple                       # addresses (or one name) tried in turn
+    port: int
+    host_header: str
+    prefix: str                        # path before /api/ (a daemon behind a proxy)
+    label: str                         # --url as the operator wrote it
+
+
+def top_hosts(host):
+    """The addresses to try for a host of --url: loopback for localhost (RFC 6761: no
+    resolver asked) and for a listen-on-all address; anything else as it is."""
+    if is_localhost(host) or host in TOP_UNSPECIFIED:
+        return tuple(address for _, address in LOOPBACK_ADDRESSES)
+    return (host,)
+
+
+def top_target(text):
+    """--url: 'http://HOST:PORT[/prefix]', or HOST:PORT as --web.listen-address takes it
+    ('localhost:59122', ':59122', '[::1]:59122')."""
+    if "://" in text:
+        parts = urllib.parse.urlsplit(text)
+        try:
+            port = parts.port or TOP_HTTP_PORT
+        except ValueError:
+            raise UsageError(f"--url: bad port in {text!r}") from None
+        if parts.scheme != "http" or not parts.hostname:
+            raise UsageError(f"--url: expected http://HOST:PORT (lpd serves plain HTTP), got {text!r}")
+        host, prefix = parts.hostname, urllib.parse.quote(parts.path.rstrip("/"), safe="/%")
+    else:
+        try:
+            host, port = parse_listen_address(text)
+        except UsageError:
+            raise UsageError(f"--url: expected HOST:PORT or http://HOST:PORT, got {text!r}") from None
+        prefix = ""
+    if not TOP_HOST.fullmatch(host):
+        raise UsageError(f"--url: bad host {host!r}")
+    shown = "localhost" if host in TOP_UNSPECIFIED else f"[{host}]" if ":" in host else host
+    return TopTarget(top_hosts(host), port, f"{shown}:{port}", prefix, text.rstrip("/"))
+
+
+# -- one bounded GET -----------------------------------------------------------------
+
+def _connect(host, port, timeout):
+    """A connected socket; an address literal goes straight to connect(), a name through
+    the resolver."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return socket.create_connection((host, port), timeout=timeout)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _left(deadline):
+    """Seconds until `deadline`; socket.timeout once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("deadline")
+    return left
+
+
+def top_connect(target, deadline):
+    """A socket to the first of the target's hosts that accepts (localhost: 127.0.0.1, or
+    ::1 where only that listens). socket.timeout past the deadline, TopDown when none accepts."""
+    errors = {}                          # reason -> the hosts that gave it
+    for host in target.hosts:
+        try:
+            return _connect(host, target.port, _left(deadline))
+        except socket.timeout:
+            raise
+        except OSError as e:
+            errors.setdefault(e.strerror or str(e), []).append(host)
+    raise TopDown("; ".join(f"{', '.join(hosts)}: {reason}" for reason, hosts in errors.items()))
+
+
+def top_read(sock, deadline, cap):
+    """Everything the peer sends until it closes: at most `cap` bytes (TopGarbage past it),
+    each recv() waiting only as long as the deadline leaves (socket.timeout past it)."""
+    parts, size = [], 0
+    while True:
+        sock.settimeout(_left(deadline))
+        data = sock.recv(TOP_READ_CHUNK)
+        if not data:
+            return b"".join(parts)
+        size += len(data)
+        if size > cap:
+            raise TopGarbage(f"an answer larger than {human_bytes(cap)}")
+        parts.append(data)
+
+
+class _Received:
+    """A whole answer, as http.client reads one from a socket."""
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def makefile(self, *args, **kwargs):
+        import io
+        return io.BytesIO(self.raw)
+
+
+def top_parse_answer(raw):
+    """(status, body) of one whole HTTP answer."""
+    if not raw:
+        raise TopDown("connection closed without an answer")
+    resp = http.client.HTTPResponse(_Received(raw))
+    try:
+        resp.begin()
+        return resp.status, resp.read()
+    except (http.client.HTTPException, ValueError) as e:
+        raise TopGarbage(f"not HTTP ({type(e).__name__})") from None
+
+
+def top_get(target, path, deadline, cap=TOP_MAX_ANSWER):
+    """(status, body) of GET `path`: TopDown when nothing answers, socket.timeout when
+    the answer is not whole by the deadline, TopGarbage for one past `cap` or no HTTP."""
+    with top_connect(target, deadline) as sock:
+        request = (f"GET {path} HTTP/1.1\r\nHost: {target.host_header}\r\n"
+                   f"Accept: application/json\r\nConnection: close\r\n\r\n")
+        try:
+            sock.settimeout(_left(deadline))
+            sock.sendall(request.encode("ascii"))
+            raw = top_read(sock, deadline, cap)
+        except socket.timeout:
+            raise
+        except OSError as e:                  # reset: the daemon died while answering
+            raise TopDown(e.strerror or e) from None
+    return top_parse_answer(raw)
+
+
+# -- what an answer must be ----------------------------------------------------------
+
+class TopKind(NamedTuple):
+    """A leaf of TOP_SCHEMA: what it is called in a reason, and its test."""
+    what: str
+    test: Callable
+
+
+class TopMap(NamedTuple):
+    """An object of any keys whose every value is `value` (HTTP servers, states)."""
+    value: object
+
+
+def _count(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _rate(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+TOP_COUNT = TopKind("a whole number >= 0", _count)
+TOP_RATE = TopKind("a finite number >= 0", _rate)
+TOP_TEXT = TopKind("a string", lambda v: isinstance(v, str))
+TOP_FLAG = TopKind("true or false", lambda v: isinstance(v, bool))
+TOP_MAYBE_TEXT = TopKind("a string or null", lambda v: v is None or isinstance(v, str))
+TOP_MAYBE_COUNT = TopKind("a whole number or null", lambda v: v is None or _count(v))
+
+# The fields the panes read, per document: {field: spec} is an object with at least
+# these fields, [spec] an array of spec. Other fields are not looked at (a newer lpd
+# may add some).
+TOP_SCHEMA = {
+    "interface": {"nic": TOP_TEXT, "up": TOP_FLAG, "tx_bytes": TOP_COUNT, "rx_bytes": TOP_COUNT,
+                  "drops": TOP_COUNT},
+    "addresses": {"tracked": TOP_COUNT, "addresses": [
+        {"address": TOP_TEXT, "tx_bytes": TOP_COUNT, "rx_bytes": TOP_COUNT, "tx_bps": TOP_RATE,
+         "rx_bps": TOP_RATE}]},
+    "remotes": {"tracked": TOP_COUNT, "remotes": [
+        {"address": TOP_TEXT, "tx_bytes": TOP_COUNT, "rx_bytes": TOP_COUNT, "country": TOP_TEXT,
+         "isp": TOP_TEXT}]},
+    "rules": {"rules": [{"id": TOP_TEXT, "bytes": TOP_COUNT, "packets": TOP_COUNT}]},
+    "connections": {"open": TOP_COUNT, "counts": TopMap(TopMap(TOP_COUNT)), "connections": [
+        {"proto": TOP_TEXT, "orig_h": TOP_TEXT, "orig_p": TOP_COUNT, "resp_h": TOP_TEXT,
+         "resp_p": TOP_COUNT, "state": TOP_TEXT, "orig_wire_bytes": TOP_COUNT,
+         "resp_wire_bytes": TOP_COUNT, "pid": TOP_MAYBE_COUNT, "comm": TOP_MAYBE_TEXT}]},
+    "http": {"servers": TopMap({"requests": TOP_COUNT, "errors": TOP_COUNT, "p50": TOP_RATE,
+                                "p95": TOP_RATE})},
+}
+
+
+def _json_type(v):
+    """How a reason names a value: its JSON type, and a scalar's text."""
+    if isinstance(v, (dict, list)):
+        return f"{'an object' if isinstance(v, dict) else 'an array'} of {len(v)}"
+    if v is None or isinstance(v, bool):
+        return json.dumps(v)
+    kind = "a string" if isinstance(v, str) else "a number"
+    text = repr(v)
+    return f"{kind} {text if len(text) <= TOP_VALUE_SHOWN else text[:TOP_VALUE_SHOWN] + '...'}"
+
+
+def top_shape_error(value, spec, where):
+    """Where `value` departs from `spec`, as 'where: expected ..., got ...'; None where it
+    does not. Recurses as deep as the schema, never as deep as the value."""
+    if isinstance(spec, TopKind):
+        return None if spec.test(value) else f"{where}: expected {spec.what}, got {_json_type(value)}"
+    want = list if isinstance(spec, list) else dict
+    if not isinstance(value, want):
+        return f"{where}: expected {'an array' if want is list else 'an object'}, got {_json_type(value)}"
+    if isinstance(spec, list):
+        items = ((f"{where}[{i}]", v, spec[0]) for i, v in enumerate(value))
+    elif isinstance(spec, TopMap):
+        items = ((f"{where}[{k!r}]", v, spec.value) for k, v in value.items())
+    else:
+        missing = [name for name in spec if name not in value]
+        if missing:
+            return f"{where}.{missing[0]}: missing"
+        items = ((f"{where}.{name}", value[name], sub) for name, sub in spec.items())
+    return next((e for e in (top_shape_error(v, sub, w) for w, v, sub in items) if e), None)
+
+
+def _bounded_int(text):
+    # int() of a megabyte of digits takes minutes on Python 3.9 (3.11 refuses it)
+    if len(text) > TOP_INT_DIGITS:
+        raise ValueError(f"a {len(text)}-digit number")
+    return int(text)
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is no JSON number")
+
+
+def top_decode(body):
+    """JSON, with NaN, Infinity and huge integers refused; TopGarbage for anything else."""
+    try:
+        return json.loads(body, parse_int=_bounded_int, parse_constant=_no_constant)
+    except RecursionError:            # json's own limit on nesting ([[[[...]]]])
+        raise TopGarbage("JSON nested too deep") from None
+    except ValueError as e:           # JSONDecodeError, UnicodeDecodeError, the hooks'
+        raise TopGarbage(f"not JSON ({e})") from None
+
+
+def top_document(kind, status, body):
+    """A document the panes can read, or None for a stage that is off (404)."""
+    if status == http.HTTPStatus.NOT_FOUND and kind not in TOP_REQUIRED:
+        return None
+    if status != http.HTTPStatus.OK:
+        raise TopGarbage(f"/api/{kind}: HTTP {status}")
+    try:
+        doc = top_decode(body)
+    except TopGarbage as e:
+        raise TopGarbage(f"/api/{kind}: {e.reason}") from None
+    error = top_shape_error(doc, TOP_SCHEMA[kind], kind)
+    if error:
+        raise TopGarbage(f"/api/{kind}: {error}")
+    return doc
+
+
+def top_fetch(target, timeout=TOP_TIMEOUT, cap=TOP_MAX_ANSWER):
+    """{kind: checked document or None (that stage is off)}, all within `timeout`;
+    TopDown or TopGarbage otherwise."""
+    deadline = time.monotonic() + timeout
     docs = {}
     for kind in TOP_KINDS:
         try:
-            with urllib.request.urlopen(f"{url}/api/{kind}", timeout=TOP_TIMEOUT) as resp:
-                docs[kind] = json.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            if e.code != http.HTTPStatus.NOT_FOUND:
-                raise TopError(f"{url}: /api/{kind}: HTTP {e.code}") from None
-            docs[kind] = None
-        except (OSError, ValueError, http.client.HTTPException) as e:
-            reason = getattr(e, "reason", None) or e
-            raise TopError(f"{url}: not answering ({reason})") from None
-    if not isinstance(docs.get("interface"), dict):
-        raise TopError(f"{url}: not an lpd (/api/interface)")
+            status, body = top_get(target, f"{target.prefix}/api/{kind}?top={TOP_FETCH_ROWS}",
+                                   deadline, cap)
+        except socket.timeout:
+            raise TopDown(f"no whole answer within {timeout:g} s") from None
+        docs[kind] = top_document(kind, status, body)
     return docs
 
+
+def _conn_key(c):
+    return c["proto"], c["orig_h"], c["orig_p"], c["resp_h"], c["resp_p"]
+
+
+def _conn_bytes(c):
+    return c["orig_wire_bytes"] + c["resp_wire_bytes"]
+
+
+def _index_docs(docs):
+    """Each cumulative document keyed for rate(): remotes and rules by name, connections
+    by their five-tuple, HTTP by server."""
+    if docs.get("remotes"):
+        docs["remotes"]["_index"] = {r["address"]: {"bytes": r["tx_bytes"] + r["rx_bytes"]}
+                                     for r in docs["remotes"]["remotes"]}
+    if docs.get("rules"):
+        docs["rules"]["_index"] = {r["id"]: {"bytes": r["bytes"]} for r in docs["rules"]["rules"]}
+    if docs.get("connections"):
+        docs["connections"]["_index"] = {_conn_key(c): {"bytes": _conn_bytes(c)}
+                                         for c in docs["connections"]["connections"]}
+    if docs.get("http"):
+        docs["http"]["_index"] = {s: {"requests": v["requests"]} for s, v in docs["http"]["servers"].items()}
+    return docs
+
+
+# -- the screen ----------------------------------------------------------------------
 
 def _width(title, cells):
     """A column as wide as its widest cell (an IPv6 address: 39), at least its title."""
@@ -12341,22 +12670,55 @@ def _bar(values, top):
                    for v in values)
 
 
+def _printable(text):
+    """A daemon's strings on a terminal: control characters (escapes) as '?'."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _clock(wall):
+    return time.strftime(TOP_CLOCK, time.localtime(wall))
+
+
+class TopFailure(NamedTuple):
+    kind: type                         # TopDown or TopGarbage
+    reason: str
+    since: float                       # wall clock of the first failed fetch in a row
+
+
 class TopView:
     """What the screen shows, from successive fetches (pure: no terminal here)."""
 
-    def __init__(self):
+    def __init__(self, label, refresh=TOP_REFRESH):
+        self.label, self.refresh = label, refresh
         self.docs, self.prev, self.t, self.prev_t = None, None, 0.0, 0.0
         self.history = {}                # address -> deque of tx+rx bit rates
         self.pane, self.sort = TOP_PANES[0], TOP_SORTS[0]
         self.paused = False
-        self.error = None
+        self.failure = None              # a TopFailure while fetches fail
+        self.last_good = None            # wall clock of the last good answer
+        self.stale_shown = "dimmed below"    # what the screen does with an old answer
 
-    def update(self, docs, now):
+    def update(self, docs, now, wall):
+        """A good fetch: `now` (monotonic) times rates, `wall` is shown."""
         self.prev, self.prev_t = self.docs, self.t
-        self.docs, self.t, self.error = docs, now, None
-        for a in docs["addresses"]["addresses"] if docs.get("addresses") else ():
-            h = self.history.setdefault(a["address"], collections.deque(maxlen=TOP_HISTORY))
-            h.append(a["tx_bps"] + a["rx_bps"])
+        self.docs, self.t = docs, now
+        self.failure, self.last_good = None, wall
+        rows = docs["addresses"]["addresses"]
+        # only the addresses in the answer keep a bar: the table stays as big as a document
+        self.history = {a["address"]: self.history.get(a["address"]) or
+                        collections.deque(maxlen=TOP_HISTORY) for a in rows}
+        for a in rows:
+            self.history[a["address"]].append(a["tx_bps"] + a["rx_bps"])
+
+    def fail(self, error, wall):
+        """A failed fetch; the banner keeps the time of the first of a row of the same kind."""
+        same = self.failure is not None and self.failure.kind is type(error)
+        self.failure = TopFailure(type(error), error.reason, self.failure.since if same else wall)
+
+    @property
+    def stale(self):
+        """The panes show an older answer than the last fetch's."""
+        return self.failure is not None
 
     def rate(self, kind, key, field, value):
         """Per-second rate of a cumulative field between the last two fetches."""
@@ -12371,7 +12733,7 @@ class TopView:
         """One key press; False to quit."""
         if ch in ("q", "Q"):
             return False
-        if ch in "12345" and ch:
+        if ch and ch in "12345":
             self.pane = TOP_PANES[int(ch) - 1]
         elif ch == "\t":
             self.pane = TOP_PANES[(TOP_PANES.index(self.pane) + 1) % len(TOP_PANES)]
@@ -12381,34 +12743,40 @@ class TopView:
             self.paused = not self.paused
         return True
 
-    # -- the panes --------------------------------------------------------------
+    # -- the panes: each (heading lines, rows) ---------------------------------------
 
     def _sorted(self, rows, rate, total, name):
         if self.sort == "name":
             return sorted(rows, key=name)
         return sorted(rows, key=lambda r: -(rate(r) if self.sort == "rate" else total(r)))
 
+    def _title(self, pane, text):
+        return f"{text} - sorted by: {TOP_SORT_LABELS[pane][self.sort]}"
+
     def addresses(self):
-        doc = self.docs.get("addresses")
+        doc = self.docs["addresses"]
         rows = self._sorted(doc["addresses"], lambda a: a["tx_bps"] + a["rx_bps"],
                             lambda a: a["tx_bytes"] + a["rx_bytes"], lambda a: a["address"])
         peak = max([max(h) for h in self.history.values() if h] + [0])
         w = _width("local address", (a["address"] for a in rows))
+        # one char per good fetch: a refresh apart, unless fetches failed or were paused
+        legend = (f"history: 1 char = {self.refresh:g} s, last {TOP_HISTORY * self.refresh:g} s, "
+                  f"newest right; {TOP_BAR[1:]} up to {human_bits(peak)}")
         head = f"{'local address':<{w}} {'tx':>13} {'rx':>13}  history"
-        return [f"local addresses: {doc['tracked']}", head] + [
+        return [self._title("addresses", f"local addresses: {doc['tracked']}"), legend, head], [
             f"{a['address']:<{w}} {human_bits(a['tx_bps']):>13} {human_bits(a['rx_bps']):>13}  "
             f"{_bar(self.history.get(a['address'], ()), peak)}" for a in rows]
 
     def remotes(self):
         doc = self.docs.get("remotes")
         if doc is None:
-            return ["remote addresses: off (lpd --remote)"]
+            return ["remote addresses: off (lpd --remote)"], []
         rate = lambda r: self.rate("remotes", r["address"], "bytes", r["tx_bytes"] + r["rx_bytes"]) * 8  # noqa: E731
         rows = self._sorted(doc["remotes"], rate, lambda r: r["tx_bytes"] + r["rx_bytes"],
                             lambda r: r["address"])
         w = _width("remote address", (r["address"] for r in rows))
-        return [f"remote addresses: {doc['tracked']} tracked",
-                f"{'remote address':<{w}} {'rate':>13} {'total':>10} {'country':<14} isp"] + [
+        return [self._title("remotes", f"remote addresses: {doc['tracked']} tracked"),
+                f"{'remote address':<{w}} {'rate':>13} {'total':>10} {'country':<14} isp"], [
             f"{r['address']:<{w}} {human_bits(rate(r)):>13} "
             f"{human_bytes(r['tx_bytes'] + r['rx_bytes']):>10} {r['country'][:14]:<14} {r['isp']}"
             for r in rows]
@@ -12416,85 +12784,99 @@ class TopView:
     def rules(self):
         doc = self.docs.get("rules")
         if doc is None:
-            return ["rules: none (lpd -f FILTERFILE)"]
+            return ["rules: none (lpd -f FILTERFILE)"], []
         rate = lambda r: self.rate("rules", r["id"], "bytes", r["bytes"]) * 8  # noqa: E731
         rows = self._sorted(doc["rules"], rate, lambda r: r["bytes"], lambda r: r["id"])
-        return [f"rules: {len(doc['rules'])}", f"{'rule':<32} {'rate':>13} {'packets':>12} {'bytes':>12}"] + [
+        return [self._title("rules", f"rules: {len(doc['rules'])}"),
+                f"{'rule':<32} {'rate':>13} {'packets':>12} {'bytes':>12}"], [
             f"{r['id'][:32]:<32} {human_bits(rate(r)):>13} {r['packets']:>12} {r['bytes']:>12}"
             for r in rows]
 
     def connections(self):
         doc = self.docs.get("connections")
         if doc is None:
-            return ["connections: off (lpd --connections)"]
+            return ["connections: off (lpd --connections)"], []
         counts = ", ".join(f"{proto} {state} {n}" for proto, states in sorted(doc["counts"].items())
                            for state, n in sorted(states.items()) if n)
-        rows = self._sorted(doc["connections"],
-                            lambda c: c["orig_wire_bytes"] + c["resp_wire_bytes"],
-                            lambda c: c["orig_wire_bytes"] + c["resp_wire_bytes"],
-                            lambda c: (c["orig_h"], c["orig_p"]))
-        return [f"connections: {doc['open']} open ({counts or 'none'})",
-                f"{'proto':<5} {'originator':<24} {'responder':<24} {'state':<11} "
-                f"{'bytes':>10} process"] + [
-            f"{c['proto']:<5} {c['orig_h'] + ':' + str(c['orig_p']):<24} "
-            f"{c['resp_h'] + ':' + str(c['resp_p']):<24} {c['state']:<11} "
-            f"{human_bytes(c['orig_wire_bytes'] + c['resp_wire_bytes']):>10} "
+        rate = lambda c: self.rate("connections", _conn_key(c), "bytes", _conn_bytes(c)) * 8  # noqa: E731
+        rows = self._sorted(doc["connections"], rate, _conn_bytes, lambda c: (c["orig_h"], c["orig_p"]))
+        orig = [f"{c['orig_h']}:{c['orig_p']}" for c in rows]
+        resp = [f"{c['resp_h']}:{c['resp_p']}" for c in rows]
+        wo, wr = _width("originator", orig), _width("responder", resp)
+        return [self._title("connections", f"connections: {doc['open']} open ({counts or 'none'})"),
+                f"{'proto':<5} {'originator':<{wo}} {'responder':<{wr}} {'state':<11} "
+                f"{'rate':>13} {'bytes':>10} process"], [
+            f"{c['proto']:<5} {o:<{wo}} {r:<{wr}} {c['state']:<11} {human_bits(rate(c)):>13} "
+            f"{human_bytes(_conn_bytes(c)):>10} "
             f"{(c['comm'] or '') + ('[' + str(c['pid']) + ']' if c['pid'] else '')}"
-            for c in rows]
+            for c, o, r in zip(rows, orig, resp)]
 
     def http(self):
         doc = self.docs.get("http")
         if doc is None:
-            return ["HTTP: off (lpd --http)"]
+            return ["HTTP: off (lpd --http)"], []
         servers = doc["servers"]
         rate = lambda s: self.rate("http", s, "requests", servers[s]["requests"])  # noqa: E731
         names = self._sorted(list(servers), rate, lambda s: servers[s]["requests"], lambda s: s)
-        return [f"HTTP servers: {len(servers)}",
-                f"{'server':<30} {'req/s':>8} {'requests':>9} {'errors':>7} {'p50':>9} {'p95':>9}"] + [
+        return [self._title("http", f"HTTP servers: {len(servers)}"),
+                f"{'server':<30} {'req/s':>8} {'requests':>9} {'errors':>7} {'p50':>9} {'p95':>9}"], [
             f"{s[:30]:<30} {rate(s):>8.1f} {servers[s]['requests']:>9} "
             f"{servers[s]['errors'] / servers[s]['requests'] if servers[s]['requests'] else 0:>7.1%} "
             f"{servers[s]['p50'] * 1e3:>7.1f}ms {servers[s]['p95'] * 1e3:>7.1f}ms" for s in names]
 
-    def header(self, url):
+    # -- the whole screen -------------------------------------------------------------
+
+    def header(self):
+        """The two top lines: what is shown and how fresh, or why it is stale."""
+        f = self.failure
+        if f is not None:                     # the alert first, then what the panes are
+            last = (f"last answer {_clock(self.last_good)}, {self.stale_shown}" if self.last_good
+                    else "no answer yet")
+            then = f"{last}; retrying every {self.refresh:g} s - {self.label}"
+            if f.kind is TopGarbage:          # the reason first: it is what a line has room for
+                return [(TOP_ALERT, f"lpd answered garbage: {f.reason}"),
+                        (TOP_STATUS, f"since {_clock(f.since)}; {then}")]
+            # "at": the time of the first failed fetch; the last good one is on the next line
+            return [(TOP_ALERT, f"lpd stopped answering at {_clock(f.since)}: {f.reason}"),
+                    (TOP_STATUS, then)]
         if self.docs is None:
-            return [f"lpd top - {url}", self.error or "connecting..."]
+            return [(TOP_TITLE, f"lpd top - {self.label}"), (TOP_STATUS, "connecting...")]
         i = self.docs["interface"]
         state = "up" if i["up"] else "DOWN"
-        head = (f"lpd top - {url} - {i['nic']} {state} - tx {human_bytes(i['tx_bytes'])} "
+        head = (f"lpd top - {self.label} - {i['nic']} {state} - tx {human_bytes(i['tx_bytes'])} "
                 f"rx {human_bytes(i['rx_bytes'])} - drops {i['drops']}")
-        status = self.error or ("paused" if self.paused else f"pane {self.pane}, sort {self.sort}")
-        return [head, status]
+        if self.paused:
+            status = f"paused, showing {_clock(self.last_good)} (p resumes)"
+        else:
+            status = (f"pane {TOP_PANES.index(self.pane) + 1}/{len(TOP_PANES)} {self.pane} - "
+                      f"updated {_clock(self.last_good)}, every {self.refresh:g} s")
+        return [(TOP_TITLE, head), (TOP_STATUS, status)]
 
-    def frame(self, url, width, height=None, panes=None, rows=None):
-        """The screen's lines, each at most `width` characters; `height` cuts the pane's
-        rows (the header and the key line stay); `rows`: at most that many per pane."""
-        lines = self.header(url)
+    def frame(self, width, height=None, panes=None, rows=None, keys=True):
+        """The screen as (role, text) lines, each at most `width` characters: the header,
+        the panes (`rows`: at most that many rows each; `height`: cut to fit), then the
+        key line."""
+        lines = self.header()
         body = []
         if self.docs is not None:
             for pane in panes or (self.pane,):
-                part = getattr(self, pane)()
-                body += [""] + (part if rows is None else part[:TOP_PANE_HEAD + rows])
+                head, part = getattr(self, pane)()
+                body += [""] + head + (part if rows is None else part[:rows])
         if height is not None:
-            body = body[:max(0, height - len(lines) - 1)]
-        lines += body + [TOP_KEYS]
-        return [line[:width] for line in lines]
+            body = body[:max(0, height - len(lines) - keys)]
+        lines += [(TOP_PANE, text) for text in body]
+        if keys:
+            lines.append((TOP_KEYLINE, TOP_KEYS))
+        return [(role, _printable(text[:width])) for role, text in lines]
 
 
-def _index_docs(docs):
-    """Each cumulative document keyed for rate(): remotes and rules by name, HTTP by server."""
-    if docs.get("remotes"):
-        docs["remotes"]["_index"] = {r["address"]: {"bytes": r["tx_bytes"] + r["rx_bytes"]}
-                                     for r in docs["remotes"]["remotes"]}
-    if docs.get("rules"):
-        docs["rules"]["_index"] = {r["id"]: {"bytes": r["bytes"]} for r in docs["rules"]["rules"]}
-    if docs.get("http"):
-        docs["http"]["_index"] = {s: {"requests": v["requests"]} for s, v in docs["http"]["servers"].items()}
-    return docs
-
+# -- running it ----------------------------------------------------------------------
 
 def top_parser():
     p = _ArgParser(prog="lpd top", description="A live view of a running lpd (its /api/*).")
-    p.add_argument("--url", default=TOP_URL, help=f"the daemon's metrics address (default {TOP_URL})")
+    p.add_argument("--url", default=TOP_URL, metavar="URL",
+                   help=f"the daemon's metrics address: http://HOST:PORT or HOST:PORT as "
+                        f"--web.listen-address takes it (default {TOP_URL})")
     p.add_argument("--once", action="store_true",
                    help="print one frame (every pane) as plain text and exit; no line wider than $COLUMNS")
     p.add_argument("--refresh", type=_positive_float, default=TOP_REFRESH, metavar="SECONDS",
@@ -12502,59 +12884,110 @@ def top_parser():
     return p
 
 
-def top_once(opts, out):
+def top_once(opts, target, out):
     """Two fetches a refresh apart (rates need two), then every pane."""
-    view = TopView()
-    url = opts.url.rstrip("/")
-    view.update(_index_docs(top_fetch(url)), time.monotonic())
-    time.sleep(opts.refresh)
-    view.update(_index_docs(top_fetch(url)), time.monotonic())
+    view = TopView(target.label, opts.refresh)
+    try:
+        view.update(_index_docs(top_fetch(target)), time.monotonic(), time.time())
+        time.sleep(opts.refresh)
+        view.update(_index_docs(top_fetch(target)), time.monotonic(), time.time())
+    except TopError as e:             # one line, and exit 1
+        raise LpdError(f"top: {target.label}: {e}") from None
     width = shutil.get_terminal_size((80, 24)).columns
-    out.write("\n".join(view.frame(url, width, panes=TOP_PANES, rows=TOP_ONCE_ROWS)) + "\n")
+    lines = view.frame(width, panes=TOP_PANES, rows=TOP_ONCE_ROWS, keys=False)
+    out.write("\n".join(text for _, text in lines) + "\n")
     return 0
 
 
-def top_screen(opts):
+def top_terminal_problem():
+    """Why curses cannot draw here, in a few words; None where it can."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return "not a terminal"
+    try:
+        import curses
+    except ImportError:
+        return "this Python has no curses"
+    term = os.environ.get("TERM", "")
+    try:
+        curses.setupterm(term or "unknown", sys.stdout.fileno())
+    except curses.error:
+        return f"TERM={term!r} is not a terminal this system knows"
+    if not curses.tigetstr("cup"):           # "dumb" and its kind cannot place text
+        return f"TERM={term!r} cannot move the cursor"
+    return None
+
+
+def _put(scr, curses, y, text, width, attr):
+    try:
+        scr.addnstr(y, 0, text, width, attr)
+    except curses.error:                 # the terminal shrank since getmaxyx()
+        pass
+
+
+def _top_draw(scr, curses, view):
+    height, width = scr.getmaxyx()
+    if height < 1 or width < 2:
+        return
+    usable = width - 1                   # curses fails writing the bottom-right cell
+    can_dim = bool(curses.termattrs() & curses.A_DIM)
+    view.stale_shown = "dimmed below" if can_dim else "hidden"
+    lines = view.frame(usable, height)
+    keyline = lines.pop()
+    attrs = {role: functools.reduce(lambda a, name: a | getattr(curses, name), names, 0)
+             for role, names in TOP_ATTRS.items()}
+    scr.erase()
+    for y, (role, text) in enumerate(lines[:height - 1]):
+        if role == TOP_PANE and view.stale and not can_dim:
+            continue                     # an old answer must not pass for a live one
+        attr = curses.A_DIM if role == TOP_PANE and view.stale else attrs.get(role, 0)
+        _put(scr, curses, y, text, usable, attr)
+    if height > 1:
+        _put(scr, curses, height - 1, keyline[1], usable, attrs[TOP_KEYLINE])
+    scr.refresh()
+
+
+def top_screen(opts, target):
     import curses
-    url = opts.url.rstrip("/")
-    view = TopView()
+    view = TopView(target.label, opts.refresh)
 
     def loop(scr):
-        curses.curs_set(0)
+        try:
+            curses.curs_set(0)
+        except curses.error:                   # a terminal that cannot hide its cursor
+            pass
         scr.timeout(int(TOP_REFRESH_POLL * 1000))
         next_fetch = 0.0
         while True:
-            now = time.monotonic()
-            if now >= next_fetch and not view.paused:
+            if time.monotonic() >= next_fetch and not view.paused:
                 try:
-                    view.update(_index_docs(top_fetch(url)), now)
-                except TopError as e:         # down or restarting: say so, try again
-                    view.error = f"{e}; retrying every {opts.refresh:g} s"
-                next_fetch = now + opts.refresh
-            height, width = scr.getmaxyx()
-            scr.erase()
-            for y, line in enumerate(view.frame(url, max(1, width - 1), height)[:height]):
-                scr.addnstr(y, 0, line, max(1, width - 1), curses.A_BOLD if y == 0 else 0)
-            scr.refresh()
+                    view.update(_index_docs(top_fetch(target)), time.monotonic(), time.time())
+                except TopError as e:         # down, restarting or garbage: shown, tried again
+                    view.fail(e, time.time())
+                next_fetch = time.monotonic() + opts.refresh
+            _top_draw(scr, curses, view)
             try:
                 ch = scr.get_wch()
             except curses.error:
                 continue                       # no key within the poll
             if ch == curses.KEY_RESIZE:
-                continue
-            if isinstance(ch, str) and not view.key(ch):
+                # a terminal that grows brings back lines of its scrollback (tmux, xterm):
+                # repaint all, not only what curses believes changed
+                scr.clear()
+            elif isinstance(ch, str) and not view.key(ch):
                 return 0
     return curses.wrapper(loop)
 
 
-TOP_REFRESH_POLL = 0.1             # s: how often keys are read between fetches
-
-
 def top_main(argv):
     opts = top_parser().parse_args(argv)
+    target = top_target(opts.url)
     if opts.once:
-        return top_once(opts, sys.stdout)
-    return top_screen(opts)
+        return top_once(opts, target, sys.stdout)
+    problem = top_terminal_problem()
+    if problem:
+        log(LOG_NOTICE, f"top: {problem}: printing one frame as --once does")
+        return top_once(opts, target, sys.stdout)
+    return top_screen(opts, target)
 
 
 ###############################################################################

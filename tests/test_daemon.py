@@ -514,6 +514,22 @@ def test_every_permission_failure_exits_77(pair, args, what):
     assert (cp.returncode, cp.stderr) == (77, f"lpd: {what}\n")
 
 
+@pytest.mark.parametrize("caps,says", [("net_raw,+bpf,+perfmon", "engine ebpf"),
+                                       ("net_raw,+bpf", "engine cbpf: the kernel refused")])
+def test_the_readme_recipe_without_root(pair, caps, says):
+    """README's setpriv line: the eBPF engine needs CAP_BPF and CAP_PERFMON; with one
+    missing lpd counts on the classic path and says why, in one line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = readable_copy(tmp)
+        cp = pair.run(pair.ns_b, [
+            "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            f"--inh-caps=+{caps}", f"--ambient-caps=+{caps}",
+            "/usr/bin/python3", copy, "-i", pair.if_b, "--mapping-url", "none", "--duration", "1"],
+            check=False)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stderr.count("\n") == 1 and f"lpd: capturing on {pair.if_b} ({says}" in cp.stderr
+
+
 def test_runs_unprivileged_with_only_cap_net_raw(pair):
     """What the systemd unit does (DynamicUser, CAP_NET_RAW only), done with setpriv."""
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,22 +1,35 @@
-"""`lpd top` (issue 16): the live view of a running lpd, driven in a real tmux against
-a live lpd in a network namespace with known traffic; and --once as plain text.
-tmux runs on a private socket of this test (-L) and its server is killed at the end."""
+"""`lpd top` (issues 16 and 23): the live view of a running lpd, driven in a real tmux
+against a live lpd in a network namespace with known traffic; --once as plain text; and
+what it makes of answers that are not lpd's documents, from a small HTTP server of this
+test on 127.0.0.1 (port 0). tmux runs on a private socket of this test (-L) and its
+server is killed at the end."""
+import http.server
+import itertools
+import json
 import os
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 import pytest
 
+import lpd as lpdmod
 import netns
 from test_daemon import LPD, Lpd, wait_for
 
 URL = "http://127.0.0.1:59122"
+HOST_PORT = "127.0.0.1:59122"                  # --url as --web.listen-address takes it
 RULES = "udp;udp\nping;icmp or icmp6\n"
 RATE_FRAMES, RATE_PAYLOAD = 20, 1000           # a burst every RATE_PERIOD s
 RATE_PERIOD = 0.05
+CLOCK = r"\d\d:\d\d:\d\d"
+DIM = "\x1b[2m"                                  # SGR 2, as tmux writes A_DIM back
 
 
 class Sender:
@@ -48,10 +61,10 @@ def start_lpd(pair, tmp):
                "-u", str(tmp / "r.sock"))
 
 
-def top_once(pair, columns=80):
+def top_once(ns, url=HOST_PORT, columns=80, *more):
     env = {**os.environ, "COLUMNS": str(columns)}
-    return subprocess.run(netns.ns_argv(pair.ns_b, [sys.executable, LPD, "top", "--once",
-                                                    "--url", URL]),
+    return subprocess.run(netns.ns_argv(ns, [sys.executable, LPD, "top", "--once", "--url", url,
+                                             *more]),
                           capture_output=True, text=True, timeout=30, env=env)
 
 
@@ -66,7 +79,7 @@ def test_once_shows_the_traffic_and_fits_the_width(pair, tmp_path):
     sender = Sender(pair)
     try:
         time.sleep(2.5)                              # two intervals of steady traffic
-        out = top_once(pair, columns=60)
+        out = top_once(pair.ns_b, columns=60)
     finally:
         sender.stop()
         lpd.stop()
@@ -76,6 +89,7 @@ def test_once_shows_the_traffic_and_fits_the_width(pair, tmp_path):
     text = out.stdout
     for heading in ("local addresses: 1", "remote addresses:", "rules: 2", "connections:", "HTTP: off"):
         assert heading in text, (heading, text)
+    assert "sorted by: tx+rx bit/s" in text and "history: 1 char = 1 s, last 20 s" in text, text
     row = next(line for line in lines if line.startswith(pair.ip4_b))
     # rx of B: RATE_FRAMES frames of frame_len(RATE_PAYLOAD) bytes per period (less the
     # sender's own overhead: it is a lower bound on the period) -> at most this rate
@@ -88,28 +102,34 @@ def test_once_shows_the_traffic_and_fits_the_width(pair, tmp_path):
 
 
 def test_once_without_a_daemon_is_one_line_and_fails(pair):
-    out = top_once(pair)
-    assert out.returncode != 0 and out.stdout == ""
-    assert out.stderr.count("\n") == 1 and "not answering" in out.stderr, out.stderr
+    for url in (URL, HOST_PORT, "localhost:59122", ":59122"):
+        out = top_once(pair.ns_b, url)
+        assert out.returncode == 1 and out.stdout == "", (url, out)
+        assert out.stderr.count("\n") == 1 and "not answering" in out.stderr, (url, out.stderr)
+
+
+TMUX_SERVERS = itertools.count()
 
 
 class Tmux:
-    """A tmux server of this test's own, one 80x24 session running lpd top in ns_b."""
+    """A tmux server of this test's own, one session (80x24) running lpd top (in `ns`)."""
 
-    def __init__(self, ns, width=80, height=24):
+    def __init__(self, ns, url, width=80, height=24, term="screen"):
         if shutil.which("tmux") is None:
             raise AssertionError("tmux is required (apt-get install tmux)")
-        self.sock = f"lpdtest-{os.getpid()}"
-        cmd = " ".join(netns.ns_argv(ns, [sys.executable, LPD, "top", "--url", URL]))
-        self.tmux("new-session", "-d", "-s", "top", "-x", str(width), "-y", str(height),
-                  f"TERM=screen {cmd}; sleep 30")
+        # a server of its own each: a killed one may still hold its socket a moment
+        self.sock = f"lpdtest-{os.getpid()}-{next(TMUX_SERVERS)}"
+        cmd = " ".join(netns.ns_argv(ns, [sys.executable, LPD, "top", "--url", url]))
+        started = self.tmux("new-session", "-d", "-s", "top", "-x", str(width), "-y", str(height),
+                            f"TERM={term} {cmd}; sleep 30")
+        assert started.returncode == 0, started.stderr
 
     def tmux(self, *args):
         return subprocess.run(["tmux", "-L", self.sock, *args], capture_output=True, text=True,
                               timeout=10)
 
-    def screen(self):
-        return self.tmux("capture-pane", "-p", "-t", "top").stdout
+    def screen(self, escapes=False):
+        return self.tmux("capture-pane", "-p", *(["-e"] if escapes else []), "-t", "top").stdout
 
     def keys(self, *keys):
         self.tmux("send-keys", "-t", "top", *keys)
@@ -117,49 +137,500 @@ class Tmux:
     def shows(self, text, timeout=8):
         return wait_for(lambda: text in self.screen(), timeout, 0.1)
 
+    def matches(self, pattern, timeout=8):
+        return wait_for(lambda: re.search(pattern, self.screen()), timeout, 0.1)
+
     def close(self):
         self.tmux("kill-server")
+
+
+def dimmed(screen, text):
+    """The line of a screen captured with escapes that holds `text` is drawn dim."""
+    line = next((line for line in screen.splitlines() if text in line), "")
+    return DIM in line.split(text)[0]
 
 
 def test_keys_panes_pause_resize_and_a_killed_daemon(pair, tmp_path):
     lpd = start_lpd(pair, tmp_path)
     sender = Sender(pair)
-    tmux = Tmux(pair.ns_b)
+    tmux = Tmux(pair.ns_b, "localhost:59122")        # HOST:PORT; localhost never resolved
     try:
         assert tmux.shows(pair.ip4_b), tmux.screen()
         assert tmux.shows("bit/s") and "local addresses: 1" in tmux.screen()
-        assert "q quit" in tmux.screen()                      # the keys are on screen
-        screen = tmux.screen().splitlines()
-        assert len(screen) <= 24 and all(len(line) <= 80 for line in screen)
+        screen = tmux.screen()
+        assert screen.rstrip().splitlines()[-1] == lpdmod.TOP_KEYS, screen     # the key line, last
+        assert re.search(r"history: 1 char = 1 s, last 20 s, newest right; \.:-=\+\*#%@ up to "
+                         r"[0-9.]+ [kM]bit/s", screen), screen
+        assert "sorted by: tx+rx bit/s" in screen, screen
+        lines = screen.splitlines()
+        assert len(lines) <= 24 and all(len(line) <= 80 for line in lines)
+        for label in ("tx+rx bytes", "address", "tx+rx bit/s"):                 # s cycles the sort
+            tmux.keys("s")
+            assert tmux.shows(f"sorted by: {label}"), tmux.screen()
         tmux.keys("2")
         assert tmux.shows("remote addresses:"), tmux.screen()
-        assert pair.ip4_a in tmux.screen()
+        assert pair.ip4_a in tmux.screen() and "sorted by: bit/s" in tmux.screen()
         tmux.keys("3")
-        assert tmux.shows("rules: 2"), tmux.screen()
+        assert tmux.shows("rules: 2 - sorted by: bit/s"), tmux.screen()
         tmux.keys("4")
         assert tmux.shows("connections:"), tmux.screen()
         tmux.keys("Tab")
         assert tmux.shows("HTTP: off"), tmux.screen()
-        tmux.keys("1", "s")
-        assert tmux.shows("sort total"), tmux.screen()
+        tmux.keys("1")
+        assert tmux.shows("pane 1/5 addresses"), tmux.screen()
         tmux.keys("p")
         assert tmux.shows("paused"), tmux.screen()
         tmux.keys("p")
-        assert tmux.shows("pane addresses"), tmux.screen()
+        assert tmux.shows("pane 1/5 addresses"), tmux.screen()
         tmux.tmux("resize-window", "-t", "top", "-x", "60", "-y", "15")
         assert wait_for(lambda: max(map(len, tmux.screen().splitlines() or [""])) <= 60 and
                         "q quit" in tmux.screen(), 5), tmux.screen()
-        # the daemon goes away: said on screen, no traceback; it comes back: reconnected
+        tmux.tmux("resize-window", "-t", "top", "-x", "80", "-y", "24")
+        assert wait_for(lambda: tmux.screen().splitlines()[-1:] == [lpdmod.TOP_KEYS] and
+                        len(tmux.screen().splitlines()) == 24, 5), tmux.screen()
+        # the daemon dies (SIGKILL, by its PID): a banner with the time of the first failed
+        # fetch, its last answer dimmed; it comes back: the normal view again
         sender.stop()
-        lpd.stop()
-        assert tmux.shows("not answering"), tmux.screen()
-        assert "Traceback" not in tmux.screen()
+        before = time.strftime("%H:%M:%S")
+        lpd.stop(signal.SIGKILL)
+        assert tmux.matches(f"lpd stopped answering at {CLOCK}"), tmux.screen()
+        screen = tmux.screen()
+        when = re.search(f"lpd stopped answering at ({CLOCK})", screen).group(1)
+        assert when >= before or before > "23:59:50", (when, before)           # not the last answer's
+        assert re.search(f"at {CLOCK}: 127\\.0\\.0\\.1[^\n]*Connection refused\n"
+                         f"last answer {CLOCK}, dimmed below; retrying every 1 s - localhost:59122",
+                         screen), screen
+        assert "Traceback" not in screen and screen.rstrip().splitlines()[-1] == lpdmod.TOP_KEYS
+        assert dimmed(tmux.screen(escapes=True), pair.ip4_b), tmux.screen(escapes=True)
         lpd = start_lpd(pair, tmp_path)
         pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100] * 5)
-        assert tmux.shows(pair.ip4_b, 10) and tmux.shows("pane addresses"), tmux.screen()
+        assert tmux.shows("pane 1/5 addresses", 10), tmux.screen()
+        assert "stopped answering" not in tmux.screen()
+        assert tmux.shows(pair.ip4_b) and not dimmed(tmux.screen(escapes=True), pair.ip4_b)
         tmux.keys("q")
         assert wait_for(lambda: "lpd top" not in tmux.screen(), 5), tmux.screen()
     finally:
         tmux.close()
         sender.stop()
         lpd.stop()
+
+
+###############################################################################
+# Answers that are not lpd's documents ########################################
+###############################################################################
+
+def _document(kind):
+    """A small well-formed document of each kind, as lpd serves it (http: off)."""
+    envelope = {"nic": "veth-b", "time": 1.0}
+    io = {"tx_bytes": 1000, "tx_packets": 10, "rx_bytes": 2000, "rx_packets": 20}
+    return {
+        "interface": {**envelope, "up": True, "frames": 30, "drops": 0, **io, "malformed": {},
+                      "gso_frames": 0, "gso_unsplit": 0},
+        "addresses": {**envelope, "tracked": 1, "evictions": 0, "addresses": [
+            {"address": "10.199.0.2", "nic": "veth-b", **io, "tx_bps": 8000.0, "rx_bps": 16000}]},
+        "remotes": {**envelope, "tracked": 1, "evictions": 0, "error_bound_bytes": 0,
+                    "threshold_bytes": 0, "totals": io, "remotes": [
+                        {"address": "10.199.0.1", "country": "Unknown", "province": "Unknown",
+                         "city": "Unknown", "isp": "Unknown", **io, "error_bytes": 0}]},
+        "rules": {**envelope, "rules": [{"id": "udp", "bytes": 3000, "packets": 30}]},
+        "connections": {**envelope, "open": 1, "counts": {"udp": {"established": 1}},
+                        "closed": {}, "evictions": {}, "largest_closed": [], "connections": [
+                            {"proto": "udp", "orig_h": "10.199.0.1", "orig_p": 40000,
+                             "resp_h": "10.199.0.2", "resp_p": 9, "state": "established",
+                             "history": "D", "orig_bytes": 900, "resp_bytes": 0, "orig_pkts": 9,
+                             "resp_pkts": 0, "orig_wire_bytes": 1000, "resp_wire_bytes": 0,
+                             "start": 0.0, "age": 1.0, "idle": 0.0, "midstream": False,
+                             "pid": None, "comm": None}]},
+    }.get(kind)
+
+
+def _changed(kind, path, value):
+    """_document(kind) with the field at `path` (keys and indexes) set to `value`."""
+    doc = _document(kind)
+    node = doc
+    for step in path[:-1]:
+        node = node[step]
+    node[path[-1]] = value
+    return doc
+
+
+def _json(doc):
+    return json.dumps(doc).encode()
+
+
+BIG_CHUNK = 1 << 20
+BIG_BYTES = 50 * BIG_CHUNK             # an answer far past top's cap
+HANG_LIMIT = 30.0                      # s a hanging answer waits at most (the test ends it)
+TRICKLE_STEP = 0.05                    # s between the bytes of a trickling answer
+TRICKLE_BYTES = 1000                   # at most
+DEEP = 10**5                           # [[[[...]]]] levels
+
+# case -> {kind: (status, body)}: the kinds not named answer as _document() does.
+# Each case's documents sit under /<case>/api/<kind>, so --url http://HOST:PORT/<case>.
+ANSWERS = {
+    "good": {},
+    "deep": {"interface": (200, b"[" * DEEP + b"]" * DEEP)},
+    "deep-inside": {"addresses": (200, b'{"tracked": 1, "addresses": ' + b"[" * DEEP + b"]" * DEEP
+                                  + b"}")},
+    "string-for-number": {"interface": (200, _json(_changed("interface", ["tx_bytes"], "12")))},
+    "list-for-object": {"addresses": (200, _json([]))},
+    "object-for-list": {"remotes": (200, _json(_changed("remotes", ["remotes"], {})))},
+    "null": {"remotes": (200, _json(_changed("remotes", ["remotes", 0, "country"], None)))},
+    "bool-for-count": {"interface": (200, _json(_changed("interface", ["drops"], True)))},
+    "negative": {"rules": (200, _json(_changed("rules", ["rules", 0, "bytes"], -1)))},
+    "nan": {"addresses": (200, _json(_changed("addresses", ["addresses", 0, "tx_bps"], float("nan"))))},
+    "infinity": {"addresses": (200, _json(_changed("addresses", ["addresses", 0, "rx_bps"], 7.0))
+                               .replace(b"7.0", b"1e999"))},
+    "huge-int": {"rules": (200, _json(_changed("rules", ["rules", 0, "packets"], 10**40)))},
+    "missing": {"rules": (200, _json({"rules": [{"id": "udp", "packets": 1}]}))},
+    "not-json": {"interface": (200, b"<html><body>hello</body></html>")},
+    "not-utf8": {"interface": (200, b'{"nic": "\xff\xfe"}')},
+    "http-500": {"remotes": (500, b"oops")},
+    "no-interface": {"interface": (404, b"{}")},
+    "map-of-wrong": {"connections": (200, _json(_changed("connections", ["counts", "udp"], [1])))},
+}
+# what each garbage case must say (the reason on screen and after --once)
+GARBAGE = {
+    "deep": "/api/interface: JSON nested too deep",
+    "deep-inside": "/api/addresses: JSON nested too deep",
+    "string-for-number": "/api/interface: interface.tx_bytes: expected a whole number >= 0, "
+                         "got a string '12'",
+    "list-for-object": "/api/addresses: addresses: expected an object, got an array of 0",
+    "object-for-list": "/api/remotes: remotes.remotes: expected an array, got an object of 0",
+    "null": "/api/remotes: remotes.remotes[0].country: expected a string, got null",
+    "bool-for-count": "/api/interface: interface.drops: expected a whole number >= 0, got true",
+    "negative": "/api/rules: rules.rules[0].bytes: expected a whole number >= 0, got a number -1",
+    "nan": "/api/addresses: not JSON (NaN is no JSON number",
+    "infinity": "/api/addresses: addresses.addresses[0].rx_bps: expected a finite number >= 0, "
+                "got a number inf",
+    "huge-int": "/api/rules: not JSON (a 41-digit number",
+    "missing": "/api/rules: rules.rules[0].bytes: missing",
+    "not-json": "/api/interface: not JSON (Expecting value",
+    "not-utf8": "/api/interface: not JSON (",
+    "http-500": "/api/remotes: HTTP 500",
+    "no-interface": "/api/interface: HTTP 404",
+    "map-of-wrong": "/api/connections: connections.counts['udp']: expected an object, got an array of 1",
+    "big": "an answer larger than 4.0 MiB",
+    "not-http": "not HTTP (BadStatusLine)",
+}
+
+
+class FakeLpd:
+    """An HTTP server on 127.0.0.1 (an ephemeral port) in this process, answering
+    /<case>/api/<kind> as ANSWERS says, and the cases that are about the transport:
+    big (50 MB), hang, trickle (a byte at a time), close (no answer), not-http. `live`
+    is a case the test switches (self.live)."""
+
+    def __init__(self, host="127.0.0.1"):
+        fake = self
+        self.live = "good"
+        self.ended = threading.Event()           # ends hanging and trickling answers
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                case, _, rest = self.path.lstrip("/").partition("/")
+                case = "good" if case == "api" else case         # --url HOST:PORT: no prefix
+                kind = rest.split("?")[0].rpartition("/")[2]
+                try:
+                    fake.answer(self, fake.live if case == "live" else case, kind)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass                         # top stopped reading: as it should
+
+            def log_message(self, *args):
+                pass
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server_class = type("Server", (http.server.ThreadingHTTPServer,), {"address_family": family})
+        self.server = server_class((host, 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, case):
+        return f"http://127.0.0.1:{self.port}/{case}"
+
+    def answer(self, h, case, kind):
+        if case == "big":                      # [0,0,...,0]: 25 million numbers, once parsed
+            chunk = b"0," * (BIG_CHUNK // 2)
+            h.send_response(200)
+            h.send_header("Content-Length", str(len(b"[") + BIG_BYTES + len(b"0]")))
+            h.end_headers()
+            h.wfile.write(b"[")
+            for _ in range(BIG_BYTES // BIG_CHUNK):
+                h.wfile.write(chunk)
+            h.wfile.write(b"0]")
+        elif case == "hang":
+            self.ended.wait(HANG_LIMIT)
+        elif case == "trickle":
+            h.send_response(200)
+            h.end_headers()
+            for _ in range(TRICKLE_BYTES):
+                if self.ended.wait(TRICKLE_STEP):
+                    break
+                h.wfile.write(b" ")
+                h.wfile.flush()
+        elif case == "close":
+            h.close_connection = True
+        elif case == "not-http":
+            h.wfile.write(b"hello, this is not HTTP\r\n\r\n")
+        else:
+            status, body = ANSWERS[case].get(kind) or (200, _json(_document(kind)))
+            if _document(kind) is None and kind not in ANSWERS[case]:
+                status, body = 404, b'{"error": "that stage is not enabled"}'
+            h.send_response(status)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            h.wfile.write(body)
+
+    def close(self):
+        self.ended.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def fake():
+    server = FakeLpd()
+    yield server
+    server.close()
+
+
+def test_good_documents_pass_and_a_stage_that_is_off_is_none(fake):
+    docs = lpdmod.top_fetch(lpdmod.top_target(fake.url("good")))
+    assert docs["http"] is None and docs["interface"]["nic"] == "veth-b"
+    assert docs["connections"]["connections"][0]["resp_p"] == 9
+
+
+@pytest.mark.parametrize("case", sorted(GARBAGE))
+def test_garbage_is_one_short_reason(fake, case):
+    started = time.monotonic()
+    with pytest.raises(lpdmod.TopGarbage) as e:
+        lpdmod.top_fetch(lpdmod.top_target(fake.url(case)))
+    assert GARBAGE[case] in e.value.reason, e.value.reason
+    assert str(e.value) == f"lpd answered garbage: {e.value.reason}"
+    assert len(e.value.reason) <= lpdmod.TOP_REASON_MAX
+    assert time.monotonic() - started < lpdmod.TOP_TIMEOUT
+
+
+@pytest.mark.parametrize("case, reason", [("hang", "no whole answer within 0.5 s"),
+                                          ("trickle", "no whole answer within 0.5 s"),
+                                          ("close", "connection closed without an answer")])
+def test_no_whole_answer_in_time_is_not_answering(fake, case, reason):
+    started = time.monotonic()
+    with pytest.raises(lpdmod.TopDown) as e:
+        lpdmod.top_fetch(lpdmod.top_target(fake.url(case)), timeout=0.5)
+    assert e.value.reason == reason
+    assert time.monotonic() - started < 0.5 + 0.4       # one deadline for the whole fetch
+
+
+def test_shape_errors_without_a_socket():
+    check = lpdmod.top_document
+    good = _document("addresses")
+    assert check("addresses", 200, _json(good)) == good
+    assert check("remotes", 404, b"") is None
+    for body, reason in [
+            (b"null", "addresses: expected an object, got null"),
+            (b'{"tracked": 1}', "addresses.addresses: missing"),
+            (b'{"tracked": 1, "addresses": [7]}',
+             "addresses.addresses[0]: expected an object, got a number 7"),
+            (b'{"tracked": 1.5, "addresses": []}',
+             "addresses.tracked: expected a whole number >= 0, got a number 1.5"),
+            (b'{"tracked": 1, "addresses": [], "x": -Infinity}', "not JSON (-Infinity is no JSON number"),
+            (b"[" * DEEP, "JSON nested too deep")]:
+        with pytest.raises(lpdmod.TopGarbage) as e:
+            check("addresses", 200, body)
+        assert e.value.reason.startswith(f"/api/addresses: {reason}"), e.value.reason
+    long = _json(_changed("addresses", ["addresses", 0, "tx_bps"], "x" * 10**6))
+    with pytest.raises(lpdmod.TopGarbage) as e:
+        check("addresses", 200, long)
+    assert len(e.value.reason) <= lpdmod.TOP_REASON_MAX and "got a string 'xxx" in e.value.reason
+
+
+def _docs(**changes):
+    docs = {kind: _document(kind) for kind in lpdmod.TOP_KINDS}
+    docs.update(changes)
+    return lpdmod._index_docs(docs)
+
+
+def test_the_view_without_a_terminal():
+    """frame() alone: the sort in each pane's title, the legend, the key line last, and
+    the banners of a daemon that stops answering or answers garbage, then comes back."""
+    view = lpdmod.TopView("localhost:59122", refresh=0.5)
+    view.update(_docs(), 10.0, 1000.0)
+    view.update(_docs(), 10.5, 1000.5)
+    text = [t for _, t in view.frame(80)]
+    assert all(len(t) <= 80 for t in text) and text[-1] == lpdmod.TOP_KEYS
+    assert "local addresses: 1 - sorted by: tx+rx bit/s" in text
+    assert any(t.startswith("history: 1 char = 0.5 s, last 10 s, newest right; .:-=+*#%@ up to 24.00 kbit/s")
+               for t in text), text
+    for pane, labels in (("1", ("tx+rx bytes", "address", "tx+rx bit/s")),
+                         ("4", ("bytes", "originator", "bit/s"))):
+        view.key(pane)
+        for label in labels:                     # s cycles one sort for every pane
+            view.key("s")
+            assert any(f"- sorted by: {label}" in t for _, t in view.frame(80)), (pane, label)
+    view.key("1")
+    roles = dict(view.frame(80)[:2])
+    assert lpdmod.TOP_TITLE in roles and not view.stale
+    down = lpdmod.TopDown("127.0.0.1, ::1: Connection refused")
+    view.fail(down, 1001.0)
+    view.fail(down, 1002.0)                      # the time of the first failure stays
+    (r0, t0), (r1, t1) = view.frame(80)[:2]
+    when = lambda wall: time.strftime("%H:%M:%S", time.localtime(wall))  # noqa: E731
+    assert (r0, t0) == (lpdmod.TOP_ALERT, f"lpd stopped answering at {when(1001.0)}: "
+                                          "127.0.0.1, ::1: Connection refused")
+    assert t1 == f"last answer {when(1000.5)}, dimmed below; retrying every 0.5 s - localhost:59122"
+    assert view.stale and any(t.startswith("10.199.0.2") for _, t in view.frame(80))
+    view.fail(lpdmod.TopGarbage("/api/rules: HTTP 500"), 1003.0)
+    (r0, t0), (_, t1) = view.frame(80)[:2]
+    assert (r0, t0) == (lpdmod.TOP_ALERT, "lpd answered garbage: /api/rules: HTTP 500")
+    assert t1.startswith(f"since {when(1003.0)}; last answer {when(1000.5)}")
+    view.update(_docs(), 14.0, 1004.0)
+    assert view.frame(80)[0][0] == lpdmod.TOP_TITLE and not view.stale
+    # a daemon's strings cannot drive the terminal
+    evil = _changed("addresses", ["addresses", 0, "address"], "\x1b]0;owned\x07\x1b[2J")
+    view.update(_docs(addresses=evil), 14.5, 1004.5)
+    assert not any("\x1b" in t or "\x07" in t for _, t in view.frame(80))
+
+
+def test_the_url_forms():
+    t = lpdmod.top_target
+    loop = ("127.0.0.1", "::1")
+    assert t("localhost:59122")[:4] == (loop, 59122, "localhost:59122", "")
+    assert t(":59122")[:4] == (loop, 59122, "localhost:59122", "")
+    assert t("[::1]:59122")[:4] == (("::1",), 59122, "[::1]:59122", "")
+    assert t("10.0.0.1:80")[:3] == (("10.0.0.1",), 80, "10.0.0.1:80")
+    assert t("http://LocalHost:59122/")[:4] == (loop, 59122, "localhost:59122", "")
+    assert t("http://[::1]:1234/lpd/")[:4] == (("::1",), 1234, "[::1]:1234", "/lpd")
+    assert t("http://example.org")[:3] == (("example.org",), 80, "example.org:80")
+    for bad in ("https://localhost:59122", "localhost", "localhost:0", "http://x:99999",
+                "http://a b:1", "ftp://localhost:21", "http://:80"):
+        with pytest.raises(lpdmod.UsageError):
+            t(bad)
+
+
+def test_localhost_is_never_resolved(fake, monkeypatch):
+    """RFC 6761: top maps localhost to 127.0.0.1, then ::1, itself. A server on ::1
+    only is found too."""
+    asked = []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        asked.append(host)
+        return real(host, *args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    assert lpdmod.top_fetch(lpdmod.top_target(f"http://localhost:{fake.port}/good"))
+    v6 = FakeLpd("::1")
+    try:
+        for url in (f"http://localhost:{v6.port}/good", f"localhost:{v6.port}", f"[::1]:{v6.port}",
+                    f":{v6.port}"):
+            assert lpdmod.top_fetch(lpdmod.top_target(url))["interface"]["nic"] == "veth-b", url
+    finally:
+        v6.close()
+    assert "localhost" not in [str(host).lower() for host in asked], asked
+
+
+# A process's peak RSS counts the memory of the one that forked it (until its exec), so
+# a small Python in between starts lpd top and writes its children's peak (KiB) to a file;
+# it stops lpd top at the timeout.
+PEAK = ("import resource, subprocess, sys\n"
+        "code = subprocess.call(sys.argv[3:], timeout=float(sys.argv[2]))\n"
+        "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n"
+        "sys.exit(code)\n")
+
+
+def run_top(*args, timeout=30, prefix=()):
+    """lpd top ARGS as a process without a terminal: (exit code, stdout, stderr, its peak
+    RSS in KiB)."""
+    with tempfile.NamedTemporaryFile() as peak:
+        out = subprocess.run([sys.executable, "-c", PEAK, peak.name, str(timeout), *prefix,
+                              sys.executable, LPD, "top", *args], stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True, timeout=timeout + 10)
+        return out.returncode, out.stdout, out.stderr, int(open(peak.name).read() or 0)
+
+
+ADDRESS_SPACE = 400_000_000            # bytes: prlimit --as; 50 MB read and parsed whole take more
+TOP_RSS_KIB = 100_000                  # top's peak on any answer (60 MB of it: lpd.py compiled)
+
+
+@pytest.mark.parametrize("case", ["big", "deep", "nan", "string-for-number", "http-500",
+                                  "not-json", "not-http"])
+def test_once_says_garbage_in_one_line_within_bounded_memory(fake, case):
+    if shutil.which("prlimit") is None:
+        raise AssertionError("prlimit is required (util-linux)")
+    code, out, err, rss = run_top("--once", "--url", fake.url(case),
+                                  prefix=("prlimit", f"--as={ADDRESS_SPACE}"))
+    assert code == 1 and out == "", (code, out, err)
+    assert err.startswith(f"lpd: top: {fake.url(case)}: lpd answered garbage: {GARBAGE[case]}"), err
+    assert err.count("\n") == 1 and "Traceback" not in err and GARBAGE[case] in err, err
+    assert rss < TOP_RSS_KIB, rss
+
+
+def test_once_of_a_hanging_daemon_is_not_answering(fake):
+    started = time.monotonic()
+    code, out, err, _ = run_top("--once", "--url", fake.url("hang"))
+    assert code == 1 and out == "" and err.count("\n") == 1, (code, out, err)
+    assert f"not answering (no whole answer within {lpdmod.TOP_TIMEOUT:g} s)" in err, err
+    assert time.monotonic() - started < lpdmod.TOP_TIMEOUT + 5
+
+
+def test_without_a_terminal_it_prints_one_frame(fake):
+    code, out, err, _ = run_top("--url", fake.url("good"), "--refresh", "0.1")
+    assert code == 0, (code, out, err)
+    assert err == "lpd: top: not a terminal: printing one frame as --once does\n", err
+    assert "local addresses: 1 - sorted by: tx+rx bit/s" in out and "10.199.0.2" in out, out
+    assert "HTTP: off" in out and "Traceback" not in out + err
+
+
+def test_an_unknown_terminal_prints_one_frame(fake):
+    tmux = Tmux(None, fake.url("good"), term="lpd-no-such-terminal")
+    try:
+        assert tmux.shows("local addresses: 1"), tmux.screen()
+        screen = tmux.screen()
+        assert "TERM='lpd-no-such-terminal' is not a terminal this system knows" in screen, screen
+        assert "Traceback" not in screen
+    finally:
+        tmux.close()
+
+
+def test_garbage_on_screen_and_back(fake):
+    """The screen says what is wrong with an answer, dims the last good one, and returns to
+    the normal view with the next good answer."""
+    fake.live = "good"
+    tmux = Tmux(None, fake.url("live"))
+    try:
+        assert tmux.shows("local addresses: 1"), tmux.screen()
+        for case in ("nan", "deep", "http-500", "string-for-number", "not-http"):
+            fake.live = case
+            assert tmux.shows(f"lpd answered garbage: {GARBAGE[case]}"[:79]), (case, tmux.screen())
+            screen = tmux.screen()
+            assert re.search(f"since {CLOCK}; last answer {CLOCK}, dimmed below; retrying", screen), screen
+            assert "Traceback" not in screen, screen
+            assert dimmed(tmux.screen(escapes=True), "10.199.0.2"), tmux.screen(escapes=True)
+        fake.live = "good"
+        assert tmux.shows("pane 1/5 addresses"), tmux.screen()
+        assert "garbage" not in tmux.screen()
+        assert not dimmed(tmux.screen(escapes=True), "10.199.0.2")
+    finally:
+        fake.live = "good"
+        tmux.close()
+
+
+def test_a_terminal_that_cannot_dim_hides_an_old_answer(fake):
+    """vt100 has no dim (A_DIM): the last answer is blanked instead, and said so."""
+    fake.live = "good"
+    tmux = Tmux(None, fake.url("live"), term="vt100")
+    try:
+        assert tmux.shows("10.199.0.2"), tmux.screen()
+        fake.live = "http-500"
+        assert tmux.shows(f"lpd answered garbage: {GARBAGE['http-500']}"), tmux.screen()
+        screen = tmux.screen()
+        assert re.search(f"last answer {CLOCK}, hidden; retrying", screen), screen
+        assert "10.199.0.2" not in screen and screen.rstrip().splitlines()[-1] == lpdmod.TOP_KEYS
+        fake.live = "good"
+        assert tmux.shows("10.199.0.2"), tmux.screen()
+    finally:
+        fake.live = "good"
+        tmux.close()
