@@ -31,9 +31,9 @@ import tarfile
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import netns
+from test_daemon import metrics, value, wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DIST = ROOT / "dist"
@@ -53,16 +53,6 @@ def require(*tools):
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         pytest.fail(f"{', '.join(missing)} required (make deps installs them)")
-
-
-def wait_until(predicate, timeout, step=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(step)
-    return predicate()
 
 
 # --- the .deb and make install ---------------------------------------------------------
@@ -304,7 +294,7 @@ class Debian:
              "--capability=CAP_BPF,CAP_PERFMON", "--system-call-filter=bpf", "-D", str(self.dir)],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
         try:
-            self.leader = wait_until(self._find_leader, 30)
+            self.leader = wait_for(self._find_leader, 30)
             assert self.leader, f"no systemd in the container: {self.boot_log()}"
             # Until PID 1's bus is up, systemctl says nothing (it cannot connect): ask again.
             deadline = time.monotonic() + BOOT_TIMEOUT
@@ -428,20 +418,6 @@ def fake_package(workdir, name, field):
     return str(d) + ".deb"
 
 
-def scrape(debian, port):
-    status, body = netns.http_get(debian.ns, "127.0.0.1", port, "/metrics")
-    assert status == 200
-    out = {}
-    for fam in text_string_to_metric_families(body.decode()):
-        for s in fam.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def value(m, name, **labels):
-    return m.get((name, frozenset(labels.items())))
-
-
 def api(debian, port, kind):
     status, body = netns.http_get(debian.ns, "127.0.0.1", port, f"/api/{kind}")
     assert status == 200, (kind, status, body[:200])
@@ -538,16 +514,16 @@ def test_counts_rules_reload_stop(debian, engine):
     pair = debian.pair
     sock = "/run/lpd/veth-b.sock"
     with instance(debian, "veth-b", RULES, f"--engine {engine}") as unit:
-        m = scrape(debian, 59122)
+        m = metrics(debian.pair, port=59122)
         assert value(m, "lpd_build_info", version=VERSION, engine=engine) == 1, \
             [k for k in m if k[0] == "lpd_build_info"]
         pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, SIZES)
         pair.udp_send(pair.ns_b, pair.ip4_b, pair.ip4_a, SIZES[:2])
         rx, tx = counts(SIZES), counts(SIZES[:2])
         lbl = {"local_ip": pair.ip4_b, "nic": pair.if_b}
-        assert wait_until(lambda: value(scrape(debian, 59122), "lpd_receive_bytes_total", **lbl)
-                          == rx[0], 10), scrape(debian, 59122)
-        m = scrape(debian, 59122)
+        assert wait_for(lambda: value(metrics(debian.pair, port=59122), "lpd_receive_bytes_total", **lbl)
+                          == rx[0], 10), metrics(debian.pair, port=59122)
+        m = metrics(debian.pair, port=59122)
         assert value(m, "lpd_receive_packets_total", **lbl) == rx[1]
         assert value(m, "lpd_transmit_bytes_total", **lbl) == tx[0]
         assert value(m, "lpd_transmit_packets_total", **lbl) == tx[1]
@@ -560,7 +536,7 @@ def test_counts_rules_reload_stop(debian, engine):
         # systemctl reload: SIGHUP re-reads the rules; unchanged ones keep their counts.
         debian.write("/etc/lpd/veth-b.filters", RULES + "tcp;tcp\n")
         debian.run("systemctl", "reload", unit)
-        assert wait_until(lambda: "tcp" in rule_lines(debian, sock), 20), debian.journal(unit)
+        assert wait_for(lambda: "tcp" in rule_lines(debian, sock), 20), debian.journal(unit)
         lines = rule_lines(debian, sock)
         assert lines["tcp"] == (0, 0) and lines["udp"] == (rx[0] + tx[0], rx[1] + tx[1])
         props = debian.show(unit, "ActiveState", "NRestarts")
@@ -573,17 +549,17 @@ def test_instance_without_filter_file_counts_then_loads_it(debian):
         assert not (debian.dir / "etc/lpd/veth-b.filters").exists()
         pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, SIZES)
         lbl = {"local_ip": pair.ip4_b, "nic": pair.if_b}
-        assert wait_until(lambda: value(scrape(debian, 59122), "lpd_receive_bytes_total", **lbl)
+        assert wait_for(lambda: value(metrics(debian.pair, port=59122), "lpd_receive_bytes_total", **lbl)
                           == counts(SIZES)[0], 10), debian.journal(unit)
         # The socket answers from the start, with no rules; the file appears: a reload
         # loads it (frames count for the rules from the moment they are listed).
         assert rule_lines(debian, "/run/lpd/veth-b.sock") == {}
         debian.write("/etc/lpd/veth-b.filters", RULES)
         debian.run("systemctl", "reload", unit)
-        assert wait_until(lambda: "udp" in rule_lines(debian, "/run/lpd/veth-b.sock"), 20), \
+        assert wait_for(lambda: "udp" in rule_lines(debian, "/run/lpd/veth-b.sock"), 20), \
             debian.journal(unit)
         pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [200])
-        assert wait_until(lambda: rule_lines(debian, "/run/lpd/veth-b.sock").get("udp")
+        assert wait_for(lambda: rule_lines(debian, "/run/lpd/veth-b.sock").get("udp")
                           == counts([200]), 10), \
             (rule_lines(debian, "/run/lpd/veth-b.sock"), debian.journal(unit))
 
@@ -631,16 +607,16 @@ def test_waits_for_an_interface_that_does_not_exist_yet(debian, engine):
                   port=port) as unit:
         props = debian.show(unit, "ActiveState", "SubState")
         assert props == {"ActiveState": "active", "SubState": "running"}, props
-        assert value(scrape(debian, port), "lpd_interface_up", nic="wait0") == 0
+        assert value(metrics(debian.pair, port=port), "lpd_interface_up", nic="wait0") == 0
         try:
             add_veth(pair, "wait0", "wait1", net)
-            assert wait_until(lambda: value(scrape(debian, port), "lpd_interface_up",
+            assert wait_for(lambda: value(metrics(debian.pair, port=port), "lpd_interface_up",
                                             nic="wait0") == 1, 20), debian.journal(unit)
             pair.udp_send(pair.ns_a, f"{net}.1", f"{net}.2", SIZES)
             lbl = {"local_ip": f"{net}.2", "nic": "wait0"}
-            assert wait_until(lambda: value(scrape(debian, port), "lpd_receive_bytes_total",
+            assert wait_for(lambda: value(metrics(debian.pair, port=port), "lpd_receive_bytes_total",
                                             **lbl) == counts(SIZES)[0], 10), debian.journal(unit)
-            assert value(scrape(debian, port), "lpd_receive_packets_total", **lbl) == len(SIZES)
+            assert value(metrics(debian.pair, port=port), "lpd_receive_packets_total", **lbl) == len(SIZES)
         finally:
             netns.run(pair.ns_a, ["ip", "link", "del", "wait1"], check=False)
 
@@ -650,10 +626,10 @@ def test_restarts_after_kill(debian):
     with instance(debian, "veth-b", allow=allow) as unit:
         pid = debian.show(unit, "MainPID")["MainPID"]
         debian.run("systemctl", "kill", "-s", "KILL", unit)
-        assert wait_until(lambda: debian.show(unit, "NRestarts", "ActiveState") ==
+        assert wait_for(lambda: debian.show(unit, "NRestarts", "ActiveState") ==
                           {"NRestarts": "1", "ActiveState": "active"}, 30), debian.journal(unit)
         assert debian.show(unit, "MainPID")["MainPID"] != pid
-        assert value(scrape(debian, 59122), "lpd_interface_up", nic="veth-b") == 1
+        assert value(metrics(debian.pair, port=59122), "lpd_interface_up", nic="veth-b") == 1
 
 
 HTTP_SERVER = r"""
@@ -715,13 +691,13 @@ def test_every_stage_under_the_system_call_filter(debian, engine):
             return (sum(len(v) for v in reqs.values()) == 3 and remote in remotes
                     and sum(n for s in conns["closed"].values() for n in s.values()) +
                     conns["open"] >= 3)
-        assert wait_until(seen, 20), debian.journal(unit)
+        assert wait_for(seen, 20), debian.journal(unit)
         remotes = {r["address"]: r for r in api(debian, 59122, "remotes")["remotes"]}
         assert remotes[remote]["rx_bytes"] == 600 and remotes[remote]["rx_packets"] == 2
-        m = scrape(debian, 59122)
+        m = metrics(debian.pair, port=59122)
         assert value(m, "lpd_worker_restarts_total") == 0
         assert value(m, "lpd_build_info", version=VERSION, engine=engine) == 1
         # SIGUSR1's line, with both workers.
-        assert wait_until(lambda: "status: veth-b up, 2 workers" in debian.journal(unit), 10)
+        assert wait_for(lambda: "status: veth-b up, 2 workers" in debian.journal(unit), 10)
         props = debian.show(unit, "ActiveState", "NRestarts")
         assert props == {"ActiveState": "active", "NRestarts": "0"}, props
