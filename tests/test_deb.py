@@ -514,16 +514,16 @@ def test_counts_rules_reload_stop(debian, engine):
     pair = debian.pair
     sock = "/run/lpd/veth-b.sock"
     with instance(debian, "veth-b", RULES, f"--engine {engine}") as unit:
-        m = metrics(debian.pair, port=59122)
+        m = metrics(debian.pair)
         assert value(m, "lpd_build_info", version=VERSION, engine=engine) == 1, \
             [k for k in m if k[0] == "lpd_build_info"]
         pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, SIZES)
         pair.udp_send(pair.ns_b, pair.ip4_b, pair.ip4_a, SIZES[:2])
         rx, tx = counts(SIZES), counts(SIZES[:2])
         lbl = {"local_ip": pair.ip4_b, "nic": pair.if_b}
-        assert wait_for(lambda: value(metrics(debian.pair, port=59122), "lpd_receive_bytes_total", **lbl)
-                          == rx[0], 10), metrics(debian.pair, port=59122)
-        m = metrics(debian.pair, port=59122)
+        assert wait_for(lambda: value(metrics(debian.pair), "lpd_receive_bytes_total", **lbl)
+                          == rx[0], 10), metrics(debian.pair)
+        m = metrics(debian.pair)
         assert value(m, "lpd_receive_packets_total", **lbl) == rx[1]
         assert value(m, "lpd_transmit_bytes_total", **lbl) == tx[0]
         assert value(m, "lpd_transmit_packets_total", **lbl) == tx[1]
@@ -549,7 +549,7 @@ def test_instance_without_filter_file_counts_then_loads_it(debian):
         assert not (debian.dir / "etc/lpd/veth-b.filters").exists()
         pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, SIZES)
         lbl = {"local_ip": pair.ip4_b, "nic": pair.if_b}
-        assert wait_for(lambda: value(metrics(debian.pair, port=59122), "lpd_receive_bytes_total", **lbl)
+        assert wait_for(lambda: value(metrics(debian.pair), "lpd_receive_bytes_total", **lbl)
                           == counts(SIZES)[0], 10), debian.journal(unit)
         # The socket answers from the start, with no rules; the file appears: a reload
         # loads it (frames count for the rules from the moment they are listed).
@@ -607,16 +607,18 @@ def test_waits_for_an_interface_that_does_not_exist_yet(debian, engine):
                   port=port) as unit:
         props = debian.show(unit, "ActiveState", "SubState")
         assert props == {"ActiveState": "active", "SubState": "running"}, props
-        assert value(metrics(debian.pair, port=port), "lpd_interface_up", nic="wait0") == 0
+        def get(name, **labels):
+            return value(metrics(pair, port=port), name, **labels)
+        assert get("lpd_interface_up", nic="wait0") == 0
         try:
             add_veth(pair, "wait0", "wait1", net)
-            assert wait_for(lambda: value(metrics(debian.pair, port=port), "lpd_interface_up",
-                                            nic="wait0") == 1, 20), debian.journal(unit)
+            assert wait_for(lambda: get("lpd_interface_up", nic="wait0") == 1, 20), \
+                debian.journal(unit)
             pair.udp_send(pair.ns_a, f"{net}.1", f"{net}.2", SIZES)
             lbl = {"local_ip": f"{net}.2", "nic": "wait0"}
-            assert wait_for(lambda: value(metrics(debian.pair, port=port), "lpd_receive_bytes_total",
-                                            **lbl) == counts(SIZES)[0], 10), debian.journal(unit)
-            assert value(metrics(debian.pair, port=port), "lpd_receive_packets_total", **lbl) == len(SIZES)
+            assert wait_for(lambda: get("lpd_receive_bytes_total", **lbl) == counts(SIZES)[0],
+                            10), debian.journal(unit)
+            assert get("lpd_receive_packets_total", **lbl) == len(SIZES)
         finally:
             netns.run(pair.ns_a, ["ip", "link", "del", "wait1"], check=False)
 
@@ -629,7 +631,7 @@ def test_restarts_after_kill(debian):
         assert wait_for(lambda: debian.show(unit, "NRestarts", "ActiveState") ==
                           {"NRestarts": "1", "ActiveState": "active"}, 30), debian.journal(unit)
         assert debian.show(unit, "MainPID")["MainPID"] != pid
-        assert value(metrics(debian.pair, port=59122), "lpd_interface_up", nic="veth-b") == 1
+        assert value(metrics(debian.pair), "lpd_interface_up", nic="veth-b") == 1
 
 
 HTTP_SERVER = r"""
@@ -694,7 +696,7 @@ def test_every_stage_under_the_system_call_filter(debian, engine):
         assert wait_for(seen, 20), debian.journal(unit)
         remotes = {r["address"]: r for r in api(debian, 59122, "remotes")["remotes"]}
         assert remotes[remote]["rx_bytes"] == 600 and remotes[remote]["rx_packets"] == 2
-        m = metrics(debian.pair, port=59122)
+        m = metrics(debian.pair)
         assert value(m, "lpd_worker_restarts_total") == 0
         assert value(m, "lpd_build_info", version=VERSION, engine=engine) == 1
         # SIGUSR1's line, with both workers.

@@ -97,7 +97,8 @@ def test_unit_verifies_for_an_escaped_interface_name(analyze, tmp_path):
 BREAKAGES = [
     ("unknown key", lambda t: t.replace("Type=notify", "Type=notify\nCapabilitySet=CAP_NET_RAW")),
     ("bad value", lambda t: t.replace("Type=notify", "Type=notifyy")),
-    ("missing executable", lambda t: t.replace("ExecStart=/usr/sbin/lpd ", "ExecStart=/nonexistent/lpd ")),
+    ("missing executable",
+     lambda t: t.replace("ExecStart=/usr/sbin/lpd ", "ExecStart=/nonexistent/lpd ")),
     ("missing man page", lambda t: t.replace("man:lpd(8)", "man:lpd-nonexistent(8)")),
     ("relative path in EnvironmentFile",
      lambda t: t.replace("EnvironmentFile=-/etc/default/lpd", "EnvironmentFile=etc/default/lpd")),
