@@ -309,7 +309,7 @@ def test_geoip_errors_are_one_line_and_exit_78(dbs, tmp_path, case):
     empty.write_bytes(b"")
     args, env_code, want = {
         "no module": (["-g", str(dbs["city"])], "sys.modules['maxminddb'] = None",
-                      "pip install 'lpd[geoip]'"),
+                      "python3-maxminddb (Debian, Ubuntu), or pip install 'lpd-netacct[geoip]'"),
         "missing": (["-g", str(tmp_path / "nope.mmdb")], "pass", "No such file or directory"),
         "garbage": (["-g", str(garbage)], "pass", "not a MaxMind DB file"),
         "empty": (["--geoip-isp-db", str(empty)], "pass", "not a MaxMind DB file"),
