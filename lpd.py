@@ -11818,15 +11818,16 @@ class ShippedNames:
 class WorkerPublished(Published):
     """A worker's publications, each also shipped to the parent."""
 
-    def __init__(self, fd, logs):
+    def __init__(self, fd, logs, engine):
         super().__init__()
-        self.fd, self.logs = fd, logs
+        self.fd, self.logs, self.engine = fd, logs, engine
         self.answering = False           # the next publication answers a fresh request
 
     def publish(self, snapshots):
         super().publish(snapshots)
         fresh, self.answering = self.answering, False
         send_message(self.fd, {"snaps": plain_snapshots(snapshots), "fresh": fresh,
+                               "engine": self.engine,
                                "logs": {k: log_.take() for k, log_ in self.logs.items()
                                         if log_ is not None}})
 
@@ -11847,9 +11848,9 @@ def run_worker(opts):
     logs = {"conn": ShippedLog() if opts.connections and opts.conn_log else None,
             "http": ShippedLog() if opts.http and opts.http_log else None}
     names = ShippedNames() if opts.http else None
-    published = WorkerPublished(data, logs)
     cap = build_capture(opts, ifname, names, logs["conn"] and logs["conn"].write,
                         logs["http"] and logs["http"].write)
+    published = WorkerPublished(data, logs, "ebpf" if cap.kernel else "cbpf")
     opts.mapping_url = None              # the parent's
     daemon = Daemon(opts, ifname, cap.decoder, cap.rules, cap.prefilter,
                     NicMapping(None, ifname, log), published, None, None, cap.remotes, None,
@@ -11954,6 +11955,8 @@ class Supervisor:
             w.buf.extend(chunk)
         for msg in take_messages(w.buf):
             w.latest = typed_snapshots(msg["snaps"])
+            # what the worker chose (the same options give every worker the same)
+            self.exp.collector.engine = msg["engine"]
             for kind, records in msg["logs"].items():
                 log_ = self.logs.get(kind)
                 for rec in records if log_ is not None else ():
@@ -12138,9 +12141,6 @@ def build_supervisor(opts, argv):
     docker = open_docker(opts)
     conn_log, http_log = open_logs(opts)
     exp = build_exporters(opts, ifname, published, docker)
-    # what the workers will choose (each says so in the log)
-    exp.collector.engine = "cbpf" if opts.engine == "cbpf" or ebpf_unsuitable(opts) or \
-        ebpf_available() else "ebpf"
     return Supervisor(opts, argv, ifname, published, exp, conn_log, http_log)
 
 

@@ -303,3 +303,19 @@ def test_duration_with_workers_prints_the_sum(pair):
 
 def netns_lpd():
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lpd.py")
+
+
+@pytest.mark.parametrize("rules,engine", [("udp;udp\n", "ebpf"),
+                                          # protochain loops backwards: no eBPF translation
+                                          ("chain;ip6 protochain 17\n", "cbpf")])
+def test_build_info_names_the_engine_the_workers_chose(pair, tmp_path, rules, engine):
+    """The parent publishes what its workers report, not a guess of its own (which
+    missed a rule the eBPF translation refuses)."""
+    path = tmp_path / "r.filters"
+    path.write_text(rules)
+    lpd = Lpd(pair, "--workers", "2", "--engine", "auto", "--mapping-url", "none",
+              "-f", str(path), "-u", str(tmp_path / "r.sock"))
+    info = [dict(k[1]) for k in metrics(pair) if k[0] == "lpd_build_info"]
+    assert [i["engine"] for i in info] == [engine], info
+    assert lpd.stderr().count(f"(engine {engine}") == 2, lpd.stderr()
+    assert lpd.stop() == 0
