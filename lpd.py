@@ -10297,8 +10297,9 @@ class Collector:
         # Per capture process: one process is worker "0"; with --workers, one series each
         # (sum by (nic) for the interface's).
         workers = snap.get("workers") or ((0, iface.frames, iface.drops),)
-        yield family(CounterMetricFamily, "lpd_capture_packets", "Frames lpd read from the ring.",
-                     ["nic", "worker"], [((nic, str(i)), f) for i, f, _ in workers])
+        yield family(CounterMetricFamily, "lpd_capture_packets",
+                     "Frames copied to lpd through the ring (not those the eBPF engine "
+                     "counted in the kernel).", ["nic", "worker"], [((nic, str(i)), f) for i, f, _ in workers])
         yield family(CounterMetricFamily, "lpd_capture_drops", "Frames the kernel dropped (ring full).",
                      ["nic", "worker"], [((nic, str(i)), d) for i, _, d in workers])
         yield family(CounterMetricFamily, "lpd_worker_restarts",
