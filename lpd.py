@@ -11083,17 +11083,36 @@ def whole_frames_program(ports):
     return compile_filter(" or ".join(f"tcp port {p}" for p in ports), kernel=True)
 
 
+def judge_guard(whole):
+    """The instructions before `whole` that keep it from dropping a frame.
+
+    `whole` only chooses between "whole" and "cut to snaplen", but a classic-BPF load
+    past the end of a frame ends the program with 0, i.e. drops it: an IPv4 header cut
+    short or a 16-byte IPv6 stub would never reach the accounting. A frame shorter than
+    the last byte `whole` may load (program_snaplen bounds its loads, [X + k] included)
+    skips it and is copied whole: that costs at most those few bytes, and whatever the
+    judge would have said, neither the accounting nor the HTTP stage misses one."""
+    needed = program_snaplen(whole)
+    if needed == 0:
+        return []
+    return [(BPF_LD | BPF_W | BPF_LEN, 0, 0, 0),            # A = the frame's length
+            (_jmp(BPF_JGE), 1, 0, needed),                   # long enough: on to the judge
+            (BPF_RET | BPF_K, 0, 0, SNAPLEN_FULL)]           # too short to judge: whole
+
+
 def kernel_program(prefilter, snaplen, whole=None):
     """The socket filter: -F's program (or accept-all) returning `snaplen` bytes. With
     `whole` (whole_frames_program), a frame -F accepts is then judged by it: returned
     whole if it accepts, else cut to `snaplen` — a return value per branch, so only the
-    HTTP ports' frames are copied whole."""
+    HTTP ports' frames are copied whole. Only -F drops frames (as libpcap would, a load
+    past the end included): the judge's rejects return `snaplen`, and judge_guard keeps
+    a frame too short for its loads from reaching it."""
     if whole is None:
         if prefilter is None:
             return accept_all(snaplen)
         return [(c, jt, jf, snaplen if c == BPF_RET | BPF_K and k else k) for c, jt, jf, k in prefilter]
-    tail = [(c, jt, jf, (SNAPLEN_FULL if k else snaplen) if c == BPF_RET | BPF_K else k)
-            for c, jt, jf, k in whole]
+    tail = judge_guard(whole) + \
+        [(c, jt, jf, (SNAPLEN_FULL if k else snaplen) if c == BPF_RET | BPF_K else k) for c, jt, jf, k in whole]
     if prefilter is None:
         return tail
     n = len(prefilter)
