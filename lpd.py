@@ -5526,6 +5526,10 @@ class Consumer:
     method but snapshot()'s result, which is immutable."""
     name = ""
     wants = frozenset()            # WANT_* lists this stage reads
+    # Its last tick() ran out of budget with work still due: the capture loop gives it
+    # another pass as soon as the ring is drained, not one tick later (a backlog of
+    # 10^5 timeouts would otherwise take 25 ticks at 4096 a pass).
+    behind = False
 
     def snaplen(self):
         """Leading bytes of each frame this stage reads; the kernel copies the maximum."""
@@ -6081,12 +6085,15 @@ TCP_NO_SYN_ACK = (TCP_INACTIVE, TCP_PARTIAL)         # conn_state's "inactive" s
 CONN_CLOSE_DELAY = 5.0
 CONN_ATTEMPT_DELAY = 5.0
 CONN_LARGEST_KEPT = 20           # finished connections kept for the tables, biggest first
-# The timer heap is cleaned once its dead entries (finished connections, re-armed timers)
-# exceed this fraction of --conn-max: they would keep evicted connections in memory.
+# A timer's heap entry dies when its connection ends, is re-armed or is answered (an
+# attempt timer): it stays in the heap until popped, at no cost to the expiry budget, and
+# the heap is swept once the dead exceed this fraction of it (and TIMERS_MIN). So a flood
+# leaves at most a quarter of dead entries for a pass to skip, nothing keeps an evicted
+# connection in memory, and a sweep's O(n) is paid for by the n/4 deaths before it.
 TIMERS_DEAD_FRACTION = 4
 TIMERS_MIN = 64
-# Connections one expiry pass ends at most (each is a log record): the rest wait for the
-# next frame or tick, so a mass timeout never holds the ring for seconds.
+# Live timers one expiry pass handles at most (most end a connection: a log record): the
+# rest wait for the next pass, so a mass timeout never holds the ring for seconds.
 EXPIRE_BUDGET = 4096
 
 # History letters (Zeek's HIST_* masks): orig's bit, resp's is 16 higher; a letter is
@@ -6226,7 +6233,8 @@ class _End:
 class Connection:
     """One connection: its originator and responder ends and its history."""
     __slots__ = ("key", "proto", "orig_h", "orig_p", "resp_h", "resp_p", "o", "r", "history",
-                 "seen", "first", "last", "midstream", "live", "pid", "comm", "due", "half_open")
+                 "seen", "first", "last", "midstream", "live", "pid", "comm", "timer", "attempt",
+                 "half_open")
 
     def __init__(self, key, proto, src, sport, dst, dport, ts):
         self.key, self.proto = key, proto
@@ -6237,7 +6245,8 @@ class Connection:
         self.midstream = False
         self.live = "connecting"
         self.pid = self.comm = None
-        self.due = math.inf                          # the close or attempt timer
+        self.timer = 0                               # the seq of its armed heap entry; 0: none
+        self.attempt = False                         # that entry is the attempt timer
         self.half_open = False
 
     def flip(self):
@@ -6401,6 +6410,7 @@ class Connections(Consumer):
         self.activity = {p: collections.OrderedDict() for p in PROTO_NAMES}
         self.half_open = collections.OrderedDict()   # connections no responder answered, least active first
         self.timers = []                              # heap of (due, seq, conn)
+        self.timers_dead = 0                          # entries whose seq is not their conn's timer
         self.timer_seq = 0
         self.next_due = math.inf
         self.live = {(p, s): 0 for p in PROTO_NAMES for s in LIVE_STATES}
@@ -6606,7 +6616,7 @@ class Connections(Consumer):
             if syn:
                 if is_orig:
                     e.set_state(TCP_SYN_ACK_SENT if has_ack else TCP_SYN_SENT)
-                    self._timer(c, ts + CONN_ATTEMPT_DELAY)
+                    self._timer(c, ts + CONN_ATTEMPT_DELAY, attempt=True)
                 elif not has_ack and p.state == TCP_SYN_ACK_SENT:
                     c.flip()                       # the SYN/SYN-ACK reversal
                     p.set_state(TCP_ESTABLISHED)
@@ -6655,19 +6665,32 @@ class Connections(Consumer):
             e.did_close = True
             if e.state == TCP_RESET or p.did_close or p.state == TCP_INACTIVE:
                 self._timer(c, c.last + CONN_CLOSE_DELAY)
+        if c.attempt and c.timer and c.r.state != TCP_INACTIVE and not c.closed_fully():
+            # Answered: the attempt timer can only disarm when it pops (a responder never
+            # goes back to INACTIVE, and a close arms a timer of its own), so it dies now
+            # rather than cost a pass its budget; a flood answered by SYN-ACKs (SYN
+            # cookies) would otherwise hold every close behind it.
+            self._disarm(c)
 
-    def _timer(self, c, due):
-        c.due = due
+    def _timer(self, c, due, attempt=False):
+        self._disarm(c)
         self.timer_seq += 1
-        if len(self.timers) > len(self.table) + self.conn_max // TIMERS_DEAD_FRACTION + TIMERS_MIN:
-            # Finished or re-armed connections leave dead entries behind; drop them
-            # before they outnumber the live ones (a SYN flood evicts thousands a
-            # second, each with an armed attempt timer).
-            self.timers = [t for t in self.timers if self.table.get(t[2].key) is t[2] and t[2].due == t[0]]
-            heapq.heapify(self.timers)
+        c.timer, c.attempt = self.timer_seq, attempt
         heapq.heappush(self.timers, (due, self.timer_seq, c))
         if due < self.next_due:
             self.next_due = due
+
+    def _disarm(self, c):
+        """c's armed timer, if any, is dead from now on."""
+        if not c.timer:
+            return
+        c.timer, c.attempt = 0, False
+        self.timers_dead += 1
+        timers = self.timers
+        if self.timers_dead > max(TIMERS_MIN, len(timers) // TIMERS_DEAD_FRACTION):
+            timers[:] = [t for t in timers if t[2].timer == t[1]]    # in place: expire() holds it
+            heapq.heapify(timers)
+            self.timers_dead = 0
 
     # -- ends ----------------------------------------------------------------
 
@@ -6675,16 +6698,16 @@ class Connections(Consumer):
         """Timers due by `now` (packet time): closes, unanswered SYNs, idle connections."""
         timers, budget = self.timers, EXPIRE_BUDGET
         while timers and timers[0][0] <= now and budget:
+            _, seq, c = heapq.heappop(timers)
+            if c.timer != seq:
+                self.timers_dead -= 1              # ended, re-armed or answered: no work
+                continue
             budget -= 1
-            due, _, c = heapq.heappop(timers)
-            if self.table.get(c.key) is not c or c.due != due:
-                continue                           # finished already, or re-armed
+            c.timer, c.attempt = 0, False
             if c.closed_fully():
                 self.finish(c)                     # the close delay is over
             elif c.o.state in (TCP_SYN_SENT, TCP_SYN_ACK_SENT) and c.r.state == TCP_INACTIVE:
                 self.finish(c)                     # the attempt timer: no answer
-            else:
-                c.due = math.inf
         for proto, active in self.activity.items():
             timeout = self.timeouts[proto]
             while active and budget:
@@ -6693,8 +6716,9 @@ class Connections(Consumer):
                     break
                 budget -= 1
                 self.finish(c)
+        self.behind = not budget
         if not budget:
-            self.next_due = now                    # more are due: the next frame or tick goes on
+            self.next_due = now                    # more are due: the next frame or pass goes on
             return
         due = [timers[0][0]] if timers else []
         for proto, active in self.activity.items():
@@ -6717,6 +6741,7 @@ class Connections(Consumer):
 
     def finish(self, c):
         """A connection ends: its state counted, its record logged, its entry gone."""
+        self._disarm(c)
         del self.table[c.key]
         self.activity[c.proto].pop(c.key, None)
         self.half_open.pop(c.key, None)
@@ -11516,6 +11541,9 @@ class Daemon:
                 due = min(due, end)
             if self.widening is not None:
                 due = min(due, self.widening.deadline)
+            behind = [stage for stage in self.decoder.consumers if stage.behind]
+            if behind:
+                due = now                 # drain the ring, then their next pass
             for fd, events in self.poller.poll(max(0.0, due - time.monotonic()) * 1000):
                 if fd == self._wake_r:
                     while True:
@@ -11542,9 +11570,14 @@ class Daemon:
                 self.published.requested = False
                 self.tick()
                 next_tick = max(next_tick + interval, now + interval / 2)
-            elif self.published.requested:
-                self.published.requested = False
-                self.publish(tables=False)
+            else:
+                if behind:
+                    clock = self.now()
+                    for stage in behind:
+                        stage.tick(clock)
+                if self.published.requested:
+                    self.published.requested = False
+                    self.publish(tables=False)
             if self.reload_requested:
                 if self.reloader_idle():
                     for log_ in self.logs:

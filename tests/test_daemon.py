@@ -71,13 +71,14 @@ def both_engines(request, monkeypatch):
 class Lpd:
     """lpd started in ns_b on veth-b, stopped by PID at the end."""
 
-    def __init__(self, pair, *args, env=None, python=sys.executable):
+    def __init__(self, pair, *args, env=None, python=sys.executable, prefix=()):
+        """prefix: a command that execs lpd (prlimit --as=...), so proc.pid stays lpd's."""
         self.pair = pair
         engine = os.environ.get(ENGINE_VAR)
         if engine and "--engine" not in args:
             args = (*args, "--engine", engine)
         self.err = tempfile.TemporaryFile()
-        self.proc = pair.popen(pair.ns_b, [python, LPD, "-i", pair.if_b,
+        self.proc = pair.popen(pair.ns_b, [*prefix, python, LPD, "-i", pair.if_b,
                                            "--web.listen-address", f"127.0.0.1:{PORT}", *args],
                                stderr=self.err, env=env)
         if not wait_for(self._ready, 15):
