@@ -9920,6 +9920,16 @@ def remote_labeller(geo):
 # GET /api/<kind>?top=N on the metrics port, and `--output json` prints them all
 # ({kind: document}). Fields are stable: `lpd top` and dashboards read them. Rows come
 # sorted by bytes (tx + rx), biggest first.
+#
+# An answer is bounded whatever the tables hold: with 163k open connections an uncut
+# /api/connections was 62 MB and 184 MiB of the server thread's memory. A document's rows
+# are its first `top`, API_ROWS_DEFAULT when not asked, never more than API_ROWS_MAX; it
+# says how many there were ("total") and whether some were left out ("truncated").
+# `--output json` stays whole: the one answer a replay is run for, printed once by a
+# process that holds those tables anyway, with no server to keep responsive.
+
+API_ROWS_DEFAULT = 1000            # rows of an /api document without ?top=N
+API_ROWS_MAX = 10000               # rows of any /api document, whatever ?top=N asks
 
 class Presentation(NamedTuple):
     """What turns snapshots into labelled rows, beside the snapshots themselves."""
@@ -9940,10 +9950,20 @@ def _io(r):
             "rx_bytes": r[1 + RX_BYTES], "rx_packets": r[1 + RX_PACKETS]}
 
 
+def _first(rows, top, key):
+    """The first `top` of rows ordered by key (all of them: top None), without sorting
+    what is left out: 1000 of 163k connections cost a heap of 1000."""
+    return sorted(rows, key=key) if top is None else heapq.nsmallest(top, rows, key=key)
+
+
+def _cut(kept, total):
+    """The fields that say whether a document's rows are all of them."""
+    return {"total": total, "truncated": len(kept) < total}
+
+
 def _biggest(rows, top):
     """Rows by tx + rx bytes, then by key; the first `top` of them."""
-    ranked = sorted(rows, key=lambda r: (-(r[1 + TX_BYTES] + r[1 + RX_BYTES]), r[0]))
-    return ranked if top is None else ranked[:top]
+    return _first(rows, top, lambda r: (-(r[1 + TX_BYTES] + r[1 + RX_BYTES]), r[0]))
 
 
 def interface_document(snap, how, top=None):
@@ -9961,7 +9981,7 @@ def addresses_document(snap, how, top=None):
         rows.append({"address": str(a), "nic": how.label(a), **_io(r),
                      "tx_bps": r[5], "rx_bps": r[6]})
     return {**_envelope(snap, how), "tracked": len(addresses.rows),
-            "evictions": addresses.evictions, "addresses": rows}
+            "evictions": addresses.evictions, "addresses": rows, **_cut(rows, len(addresses.rows))}
 
 
 def remotes_document(snap, how, top=None):
@@ -9975,7 +9995,7 @@ def remotes_document(snap, how, top=None):
                      "city": city, "isp": isp, **_io(r), "error_bytes": r[5]})
     return {**_envelope(snap, how), "tracked": len(remotes.rows), "evictions": remotes.evictions,
             "error_bound_bytes": remotes.floor, "threshold_bytes": how.threshold,
-            "totals": _io((None, *remotes.totals)), "remotes": rows}
+            "totals": _io((None, *remotes.totals)), "remotes": rows, **_cut(rows, len(remotes.rows))}
 
 
 def connections_document(snap, how, top=None, state=None):
@@ -9984,9 +10004,8 @@ def connections_document(snap, how, top=None, state=None):
         return None
     now = snap.get("time", 0.0)
     rows = [r for r in conns.rows if state is None or r[6] == state]
-    rows.sort(key=lambda r: (-(r[12] + r[13]), r[14]))
     out = []
-    for r in rows if top is None else rows[:top]:
+    for r in _first(rows, top, lambda r: (-(r[12] + r[13]), r[14])):
         (_, proto, oh, op, rh, rp, live, history, ob, rb, opk, rpk, owb, rwb, first, last,
          midstream, pid, comm) = r
         out.append({"proto": PROTO_NAMES[proto], "orig_h": raw_address(oh), "orig_p": op,
@@ -10002,7 +10021,7 @@ def connections_document(snap, how, top=None, state=None):
         closed.setdefault(proto, {})[cs] = n
     return {**_envelope(snap, how), "open": len(conns.rows), "counts": counts, "closed": closed,
             "evictions": dict(conns.evictions), "connections": out,
-            "largest_closed": list(conns.largest)}
+            "largest_closed": list(conns.largest), **_cut(out, len(rows))}
 
 
 def _percentile(sorted_values, q):
@@ -10014,28 +10033,37 @@ def _percentile(sorted_values, q):
 
 def http_document(snap, how, top=None):
     """--output json's "http": per server requests, errors (status 0 or 5xx), latency
-    percentiles and routes; parse errors."""
+    percentiles and routes; parse errors. `top`: the busiest servers, and routes each."""
     http = snap.get("http")
     if http is None:
         return None
     servers = {}
-    for server, n, errors, durations, routes in http.servers:
+    for server, n, errors, durations, routes in _first(http.servers, top, lambda s: (-s[1], s[0])):
         lat = sorted(durations)
         ranked = sorted(routes, key=lambda rn: (-rn[1], rn[0]))
         servers[server] = {"requests": n, "errors": errors, "p50": _percentile(lat, 0.5),
                            "p95": _percentile(lat, 0.95), "p99": _percentile(lat, 0.99),
                            "routes": dict(ranked if top is None else ranked[:top])}
-    return {**_envelope(snap, how), "servers": servers, "parse_errors": dict(http.parse_errors)}
+    return {**_envelope(snap, how), "servers": servers, "parse_errors": dict(http.parse_errors),
+            **_cut(servers, len(http.servers))}
 
 
-def requests_document(snap, how, top=None, server=None):
-    """/api/requests: the last requests per server, newest first (`top`: at most N each)."""
+def requests_document(snap, how, top=None, server=None, rows=None):
+    """/api/requests: the last requests per server, newest first (`top`: at most N each);
+    `rows`: at most that many in all, servers in the order lpd first saw them."""
     http = snap.get("http")
     if http is None:
         return None
-    recent = {srv: list(recs if top is None else recs[:top]) for srv, recs in http.recent
-              if server is None or srv == server}
-    return {**_envelope(snap, how), "servers": recent}
+    recent, kept, total = {}, 0, 0
+    for srv, recs in http.recent:
+        if server is not None and srv != server:
+            continue
+        n = len(recs) if top is None else min(top, len(recs))
+        if rows is not None:
+            n = min(n, rows - kept)
+        recent[srv] = list(recs[:n])
+        kept, total = kept + n, total + len(recs)
+    return {**_envelope(snap, how), "servers": recent, "total": total, "truncated": kept < total}
 
 
 def containers_document(snap, how, top=None):
@@ -10046,19 +10074,20 @@ def containers_document(snap, how, top=None):
     version = engine.api_version
     rows = sorted(({"ip": raw_address(raw), "container": c.name, "image": c.image, "id": c.id}
                    for raw, c in engine.current.items()), key=lambda r: (r["container"], r["ip"]))
+    kept = rows if top is None else rows[:top]
     return {**_envelope(snap, how),
             "engine": {"socket": engine.socket_path, "up": engine.up, "errors": engine.errors,
                        "api_version": f"{version[0]}.{version[1]}" if version else None},
-            "containers": rows if top is None else rows[:top]}
+            "containers": kept, **_cut(kept, len(rows))}
 
 
 def rules_document(snap, how, top=None):
     rules = snap.get("rules")
     if rules is None:
         return None
-    ranked = sorted(enumerate(rules.rows), key=lambda ir: (-ir[1][1], ir[0]))
+    ranked = _first(enumerate(rules.rows), top, lambda ir: (-ir[1][1], ir[0]))
     rows = [{"id": r[0], "bytes": r[1], "packets": r[2]} for _, r in ranked]
-    return {**_envelope(snap, how), "rules": rows if top is None else rows[:top]}
+    return {**_envelope(snap, how), "rules": rows, **_cut(rows, len(rules.rows))}
 
 
 # /api/<kind>: a document, or None where the stage is off (404).
@@ -10077,16 +10106,17 @@ def api_answer(path, query, published, presentation):
     if kind not in DOCUMENTS:
         return None
     top, filters = None, {}
+    asked = False
     for part in query.split("&") if query else ():
         name, _, value = part.partition("=")
         if name == "top":
             if not API_TOP.fullmatch(value):
                 return 400, json.dumps({"error": f"top must be a whole number, got {value!r}"})
-            top = int(value)
+            top, asked = int(value), True
         elif name == "limit" and kind == "requests":
             if not API_TOP.fullmatch(value):
                 return 400, json.dumps({"error": f"limit must be a whole number, got {value!r}"})
-            top = int(value)
+            top, asked = int(value), True
         elif name == "server" and kind == "requests":
             filters["server"] = urllib.parse.unquote(value)
         elif name == "state" and kind == "connections":
@@ -10094,6 +10124,11 @@ def api_answer(path, query, published, presentation):
                 return 400, json.dumps({"error": f"state must be one of {', '.join(LIVE_STATES)}, "
                                                  f"got {value!r}"})
             filters["state"] = value
+    rows = API_ROWS_MAX if asked else API_ROWS_DEFAULT
+    if kind == "requests":
+        filters["rows"] = rows            # `limit` is per server; the document's bound is this
+    else:
+        top = min(rows, API_ROWS_DEFAULT if top is None else top)
     doc = DOCUMENTS[kind](published.latest(), presentation(), top, **filters)
     if doc is None:
         return 404, json.dumps({"error": f"{kind}: that stage is not enabled"})
@@ -12688,6 +12723,13 @@ def _conn_key(c):
     return c["proto"], c["orig_h"], c["orig_p"], c["resp_h"], c["resp_p"]
 
 
+def _top_total(doc, rows):
+    """How many rows a document had before ?top=N cut them: its "total", where it has a
+    valid one (an older lpd sends none), else the rows it sent."""
+    total = doc.get("total")
+    return total if _count(total) else len(rows)
+
+
 def _conn_bytes(c):
     return c["orig_wire_bytes"] + c["resp_wire_bytes"]
 
@@ -12839,7 +12881,7 @@ class TopView:
             return ["rules: none (lpd -f FILTERFILE)"], []
         rate = lambda r: self.rate("rules", r["id"], "bytes", r["bytes"]) * 8  # noqa: E731
         rows = self._sorted(doc["rules"], rate, lambda r: r["bytes"], lambda r: r["id"])
-        return [self._title("rules", f"rules: {len(doc['rules'])}"),
+        return [self._title("rules", f"rules: {_top_total(doc, doc['rules'])}"),
                 f"{'rule':<32} {'rate':>13} {'packets':>12} {'bytes':>12}"], [
             f"{r['id'][:32]:<32} {human_bits(rate(r)):>13} {r['packets']:>12} {r['bytes']:>12}"
             for r in rows]
@@ -12870,7 +12912,7 @@ class TopView:
         servers = doc["servers"]
         rate = lambda s: self.rate("http", s, "requests", servers[s]["requests"])  # noqa: E731
         names = self._sorted(list(servers), rate, lambda s: servers[s]["requests"], lambda s: s)
-        return [self._title("http", f"HTTP servers: {len(servers)}"),
+        return [self._title("http", f"HTTP servers: {_top_total(doc, servers)}"),
                 f"{'server':<30} {'req/s':>8} {'requests':>9} {'errors':>7} {'p50':>9} {'p95':>9}"], [
             f"{s[:30]:<30} {rate(s):>8.1f} {servers[s]['requests']:>9} "
             f"{servers[s]['errors'] / servers[s]['requests'] if servers[s]['requests'] else 0:>7.1%} "
