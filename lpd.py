@@ -10465,8 +10465,11 @@ class Collector:
 # second or more (the kernel caps this at net.core.somaxconn).
 HTTP_BACKLOG = socket.SOMAXCONN
 # Open connections, one descriptor each: with the rule socket's 512 it stays under
-# systemd's default soft limit of 1024. Beyond it the oldest connection is closed.
+# systemd's default soft limit of 1024. Beyond it one connection is refused (http_victim).
 HTTP_MAX_CONNECTIONS = 256
+# Seconds a refused client is asked to wait (Retry-After of its 503): a burst is over by
+# then, and a scraper retries at its next interval anyway.
+HTTP_RETRY_AFTER = 1
 HTTP_HEAD_TIMEOUT = 5.0     # seconds to receive a whole request head, however it trickles in
 # Seconds to send an answer: three times Prometheus's default scrape_timeout, so only a
 # client that stopped reading runs into it.
@@ -10496,16 +10499,58 @@ def http_request_line(head):
     return parts[0].decode("latin-1"), path, query
 
 
-def http_response(code, ctype, body, head_only=False):
+def http_response(code, ctype, body, head_only=False, headers=()):
     """A whole HTTP/1.0 answer; the connection closes after it."""
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
     head = (f"HTTP/1.0 {code} {http.HTTPStatus(code).phrase}\r\nContent-Type: {ctype}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("latin-1")
+            f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n").encode("latin-1")
     return head if head_only else head + body
 
 
+# What a connection refused for room gets instead of a silent close: one small write.
+HTTP_BUSY = http_response(503, "text/plain", b"too many connections; retry\n",
+                          headers=(("Retry-After", HTTP_RETRY_AFTER),))
+
+
+def http_victim(conns):
+    """The table is full and a connection comes: (the connection to give up or None for
+    the newcomer, whether it gets HTTP_BUSY). `conns` oldest first. One answered and
+    waiting for its client to hang up goes silently; else the oldest still sending its
+    request is refused, so idle or slow clients never lock scrapes out; if every slot
+    is sending an answer, the newcomer is refused rather than one cut mid-answer."""
+    reading = None
+    for c in conns:
+        if c.head is None and c.out is None:
+            return c, False
+        if reading is None and c.head is not None:
+            reading = c
+    return reading, True
+
+
+def http_refuse(sock):
+    """HTTP_BUSY and close, in non-blocking steps: what the client sent is read first
+    (closing on unread input would reset the connection, and could lose the answer),
+    then the answer (it fits any fresh socket's buffer) and our end."""
+    try:
+        sock.recv(HTTP_MAX_HEAD_BYTES)
+    except OSError:
+        pass                        # nothing there yet (EAGAIN), or the client has gone
+    try:
+        sock.send(HTTP_BUSY, socket.MSG_NOSIGNAL)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    sock.close()
+
+
+# The answer of a connection whose /metrics request waits for this round's collection:
+# not None, so it is not taken for answered (http_victim).
+HTTP_ANSWER_PENDING = memoryview(b"")
+
+
 class _HttpConn:
-    """One connection: its socket, the request head so far, then the answer left to send.
-    Both None: answered (or about to be), waiting for the client to close."""
+    """One connection: its socket, the request head so far, then the answer left to send
+    (HTTP_ANSWER_PENDING until made). Both None: answered, waiting for the client to close."""
     __slots__ = ("sock", "fd", "head", "out", "deadline")
 
     def __init__(self, sock, deadline):
@@ -10626,17 +10671,16 @@ class MetricsServer:
                 self._accept_at = time.monotonic() + HTTP_ACCEPT_PAUSE
                 return
             self._accept_error = None
-            if len(self._conns) >= HTTP_MAX_CONNECTIONS:
-                self._close(self._oldest())
             sock.setblocking(False)
+            if len(self._conns) >= HTTP_MAX_CONNECTIONS:
+                victim, busy = http_victim(self._conns.values())
+                if victim is None:
+                    http_refuse(sock)
+                    continue
+                self._close(victim, refuse=busy)
             c = _HttpConn(sock, time.monotonic() + HTTP_HEAD_TIMEOUT)
             self._conns[c.fd] = c
             self._sel.register(sock, selectors.EVENT_READ, c)
-
-    def _oldest(self):
-        """The connection to give up for a new one: the oldest not receiving an answer."""
-        conns = self._conns.values()
-        return next((c for c in conns if c.out is None), None) or next(iter(conns))
 
     def _read(self, c, scrapes):
         """Take what the client sent; route the request once its head is complete."""
@@ -10668,6 +10712,7 @@ class MetricsServer:
         if method not in ("GET", "HEAD"):
             self._respond(c, http_response(501, "text/plain", b"not implemented\n"))
         elif path == "/metrics":
+            c.out = HTTP_ANSWER_PENDING
             scrapes.append((c, head_only))
         elif path == "/":
             self._respond(c, http_response(200, "text/html; charset=utf-8", LANDING_PAGE, head_only))
@@ -10734,13 +10779,17 @@ class MetricsServer:
             pass
         self._close(c)
 
-    def _close(self, c, abort=False):
+    def _close(self, c, abort=False, refuse=False):
         """Forget and close a connection; `abort` resets it, so the kernel drops what a
-        stalled reader never took instead of keeping it queued."""
+        stalled reader never took instead of keeping it queued; `refuse` answers
+        HTTP_BUSY first (http_refuse)."""
         if self._conns.get(c.fd) is not c:
             return                  # closed already; its descriptor may be another's now
         del self._conns[c.fd]
         self._sel.unregister(c.sock)
+        if refuse:
+            http_refuse(c.sock)
+            return
         if abort:
             try:
                 c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
