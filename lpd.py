@@ -5526,6 +5526,10 @@ class Consumer:
     method but snapshot()'s result, which is immutable."""
     name = ""
     wants = frozenset()            # WANT_* lists this stage reads
+    # Its last tick() ran out of budget with work still due: the capture loop gives it
+    # another pass as soon as the ring is drained, not one tick later (a backlog of
+    # 10^5 timeouts would otherwise take 25 ticks at 4096 a pass).
+    behind = False
 
     def snaplen(self):
         """Leading bytes of each frame this stage reads; the kernel copies the maximum."""
@@ -6081,12 +6085,15 @@ TCP_NO_SYN_ACK = (TCP_INACTIVE, TCP_PARTIAL)         # conn_state's "inactive" s
 CONN_CLOSE_DELAY = 5.0
 CONN_ATTEMPT_DELAY = 5.0
 CONN_LARGEST_KEPT = 20           # finished connections kept for the tables, biggest first
-# The timer heap is cleaned once its dead entries (finished connections, re-armed timers)
-# exceed this fraction of --conn-max: they would keep evicted connections in memory.
+# A timer's heap entry dies when its connection ends, is re-armed or is answered (an
+# attempt timer): it stays in the heap until popped, at no cost to the expiry budget, and
+# the heap is swept once the dead exceed this fraction of it (and TIMERS_MIN). So a flood
+# leaves at most a quarter of dead entries for a pass to skip, nothing keeps an evicted
+# connection in memory, and a sweep's O(n) is paid for by the n/4 deaths before it.
 TIMERS_DEAD_FRACTION = 4
 TIMERS_MIN = 64
-# Connections one expiry pass ends at most (each is a log record): the rest wait for the
-# next frame or tick, so a mass timeout never holds the ring for seconds.
+# Live timers one expiry pass handles at most (most end a connection: a log record): the
+# rest wait for the next pass, so a mass timeout never holds the ring for seconds.
 EXPIRE_BUDGET = 4096
 
 # History letters (Zeek's HIST_* masks): orig's bit, resp's is 16 higher; a letter is
@@ -6226,7 +6233,8 @@ class _End:
 class Connection:
     """One connection: its originator and responder ends and its history."""
     __slots__ = ("key", "proto", "orig_h", "orig_p", "resp_h", "resp_p", "o", "r", "history",
-                 "seen", "first", "last", "midstream", "live", "pid", "comm", "due", "half_open")
+                 "seen", "first", "last", "midstream", "live", "pid", "comm", "timer", "attempt",
+                 "half_open")
 
     def __init__(self, key, proto, src, sport, dst, dport, ts):
         self.key, self.proto = key, proto
@@ -6237,7 +6245,8 @@ class Connection:
         self.midstream = False
         self.live = "connecting"
         self.pid = self.comm = None
-        self.due = math.inf                          # the close or attempt timer
+        self.timer = 0                               # the seq of its armed heap entry; 0: none
+        self.attempt = False                         # that entry is the attempt timer
         self.half_open = False
 
     def flip(self):
@@ -6401,6 +6410,7 @@ class Connections(Consumer):
         self.activity = {p: collections.OrderedDict() for p in PROTO_NAMES}
         self.half_open = collections.OrderedDict()   # connections no responder answered, least active first
         self.timers = []                              # heap of (due, seq, conn)
+        self.timers_dead = 0                          # entries whose seq is not their conn's timer
         self.timer_seq = 0
         self.next_due = math.inf
         self.live = {(p, s): 0 for p in PROTO_NAMES for s in LIVE_STATES}
@@ -6606,7 +6616,7 @@ class Connections(Consumer):
             if syn:
                 if is_orig:
                     e.set_state(TCP_SYN_ACK_SENT if has_ack else TCP_SYN_SENT)
-                    self._timer(c, ts + CONN_ATTEMPT_DELAY)
+                    self._timer(c, ts + CONN_ATTEMPT_DELAY, attempt=True)
                 elif not has_ack and p.state == TCP_SYN_ACK_SENT:
                     c.flip()                       # the SYN/SYN-ACK reversal
                     p.set_state(TCP_ESTABLISHED)
@@ -6655,19 +6665,32 @@ class Connections(Consumer):
             e.did_close = True
             if e.state == TCP_RESET or p.did_close or p.state == TCP_INACTIVE:
                 self._timer(c, c.last + CONN_CLOSE_DELAY)
+        if c.attempt and c.timer and c.r.state != TCP_INACTIVE and not c.closed_fully():
+            # Answered: the attempt timer can only disarm when it pops (a responder never
+            # goes back to INACTIVE, and a close arms a timer of its own), so it dies now
+            # rather than cost a pass its budget; a flood answered by SYN-ACKs (SYN
+            # cookies) would otherwise hold every close behind it.
+            self._disarm(c)
 
-    def _timer(self, c, due):
-        c.due = due
+    def _timer(self, c, due, attempt=False):
+        self._disarm(c)
         self.timer_seq += 1
-        if len(self.timers) > len(self.table) + self.conn_max // TIMERS_DEAD_FRACTION + TIMERS_MIN:
-            # Finished or re-armed connections leave dead entries behind; drop them
-            # before they outnumber the live ones (a SYN flood evicts thousands a
-            # second, each with an armed attempt timer).
-            self.timers = [t for t in self.timers if self.table.get(t[2].key) is t[2] and t[2].due == t[0]]
-            heapq.heapify(self.timers)
+        c.timer, c.attempt = self.timer_seq, attempt
         heapq.heappush(self.timers, (due, self.timer_seq, c))
         if due < self.next_due:
             self.next_due = due
+
+    def _disarm(self, c):
+        """c's armed timer, if any, is dead from now on."""
+        if not c.timer:
+            return
+        c.timer, c.attempt = 0, False
+        self.timers_dead += 1
+        timers = self.timers
+        if self.timers_dead > max(TIMERS_MIN, len(timers) // TIMERS_DEAD_FRACTION):
+            timers[:] = [t for t in timers if t[2].timer == t[1]]    # in place: expire() holds it
+            heapq.heapify(timers)
+            self.timers_dead = 0
 
     # -- ends ----------------------------------------------------------------
 
@@ -6675,16 +6698,16 @@ class Connections(Consumer):
         """Timers due by `now` (packet time): closes, unanswered SYNs, idle connections."""
         timers, budget = self.timers, EXPIRE_BUDGET
         while timers and timers[0][0] <= now and budget:
+            _, seq, c = heapq.heappop(timers)
+            if c.timer != seq:
+                self.timers_dead -= 1              # ended, re-armed or answered: no work
+                continue
             budget -= 1
-            due, _, c = heapq.heappop(timers)
-            if self.table.get(c.key) is not c or c.due != due:
-                continue                           # finished already, or re-armed
+            c.timer, c.attempt = 0, False
             if c.closed_fully():
                 self.finish(c)                     # the close delay is over
             elif c.o.state in (TCP_SYN_SENT, TCP_SYN_ACK_SENT) and c.r.state == TCP_INACTIVE:
                 self.finish(c)                     # the attempt timer: no answer
-            else:
-                c.due = math.inf
         for proto, active in self.activity.items():
             timeout = self.timeouts[proto]
             while active and budget:
@@ -6693,8 +6716,9 @@ class Connections(Consumer):
                     break
                 budget -= 1
                 self.finish(c)
+        self.behind = not budget
         if not budget:
-            self.next_due = now                    # more are due: the next frame or tick goes on
+            self.next_due = now                    # more are due: the next frame or pass goes on
             return
         due = [timers[0][0]] if timers else []
         for proto, active in self.activity.items():
@@ -6717,6 +6741,7 @@ class Connections(Consumer):
 
     def finish(self, c):
         """A connection ends: its state counted, its record logged, its entry gone."""
+        self._disarm(c)
         del self.table[c.key]
         self.activity[c.proto].pop(c.key, None)
         self.half_open.pop(c.key, None)
@@ -9895,6 +9920,16 @@ def remote_labeller(geo):
 # GET /api/<kind>?top=N on the metrics port, and `--output json` prints them all
 # ({kind: document}). Fields are stable: `lpd top` and dashboards read them. Rows come
 # sorted by bytes (tx + rx), biggest first.
+#
+# An answer is bounded whatever the tables hold: with 163k open connections an uncut
+# /api/connections was 62 MB and 184 MiB of the server thread's memory. A document's rows
+# are its first `top`, API_ROWS_DEFAULT when not asked, never more than API_ROWS_MAX; it
+# says how many there were ("total") and whether some were left out ("truncated").
+# `--output json` stays whole: the one answer a replay is run for, printed once by a
+# process that holds those tables anyway, with no server to keep responsive.
+
+API_ROWS_DEFAULT = 1000            # rows of an /api document without ?top=N
+API_ROWS_MAX = 10000               # rows of any /api document, whatever ?top=N asks
 
 class Presentation(NamedTuple):
     """What turns snapshots into labelled rows, beside the snapshots themselves."""
@@ -9915,10 +9950,20 @@ def _io(r):
             "rx_bytes": r[1 + RX_BYTES], "rx_packets": r[1 + RX_PACKETS]}
 
 
+def _first(rows, top, key):
+    """The first `top` of rows ordered by key (all of them: top None), without sorting
+    what is left out: 1000 of 163k connections cost a heap of 1000."""
+    return sorted(rows, key=key) if top is None else heapq.nsmallest(top, rows, key=key)
+
+
+def _cut(kept, total):
+    """The fields that say whether a document's rows are all of them."""
+    return {"total": total, "truncated": len(kept) < total}
+
+
 def _biggest(rows, top):
     """Rows by tx + rx bytes, then by key; the first `top` of them."""
-    ranked = sorted(rows, key=lambda r: (-(r[1 + TX_BYTES] + r[1 + RX_BYTES]), r[0]))
-    return ranked if top is None else ranked[:top]
+    return _first(rows, top, lambda r: (-(r[1 + TX_BYTES] + r[1 + RX_BYTES]), r[0]))
 
 
 def interface_document(snap, how, top=None):
@@ -9936,7 +9981,7 @@ def addresses_document(snap, how, top=None):
         rows.append({"address": str(a), "nic": how.label(a), **_io(r),
                      "tx_bps": r[5], "rx_bps": r[6]})
     return {**_envelope(snap, how), "tracked": len(addresses.rows),
-            "evictions": addresses.evictions, "addresses": rows}
+            "evictions": addresses.evictions, "addresses": rows, **_cut(rows, len(addresses.rows))}
 
 
 def remotes_document(snap, how, top=None):
@@ -9950,7 +9995,7 @@ def remotes_document(snap, how, top=None):
                      "city": city, "isp": isp, **_io(r), "error_bytes": r[5]})
     return {**_envelope(snap, how), "tracked": len(remotes.rows), "evictions": remotes.evictions,
             "error_bound_bytes": remotes.floor, "threshold_bytes": how.threshold,
-            "totals": _io((None, *remotes.totals)), "remotes": rows}
+            "totals": _io((None, *remotes.totals)), "remotes": rows, **_cut(rows, len(remotes.rows))}
 
 
 def connections_document(snap, how, top=None, state=None):
@@ -9959,9 +10004,8 @@ def connections_document(snap, how, top=None, state=None):
         return None
     now = snap.get("time", 0.0)
     rows = [r for r in conns.rows if state is None or r[6] == state]
-    rows.sort(key=lambda r: (-(r[12] + r[13]), r[14]))
     out = []
-    for r in rows if top is None else rows[:top]:
+    for r in _first(rows, top, lambda r: (-(r[12] + r[13]), r[14])):
         (_, proto, oh, op, rh, rp, live, history, ob, rb, opk, rpk, owb, rwb, first, last,
          midstream, pid, comm) = r
         out.append({"proto": PROTO_NAMES[proto], "orig_h": raw_address(oh), "orig_p": op,
@@ -9977,7 +10021,7 @@ def connections_document(snap, how, top=None, state=None):
         closed.setdefault(proto, {})[cs] = n
     return {**_envelope(snap, how), "open": len(conns.rows), "counts": counts, "closed": closed,
             "evictions": dict(conns.evictions), "connections": out,
-            "largest_closed": list(conns.largest)}
+            "largest_closed": list(conns.largest), **_cut(out, len(rows))}
 
 
 def _percentile(sorted_values, q):
@@ -9989,28 +10033,37 @@ def _percentile(sorted_values, q):
 
 def http_document(snap, how, top=None):
     """--output json's "http": per server requests, errors (status 0 or 5xx), latency
-    percentiles and routes; parse errors."""
+    percentiles and routes; parse errors. `top`: the busiest servers, and routes each."""
     http = snap.get("http")
     if http is None:
         return None
     servers = {}
-    for server, n, errors, durations, routes in http.servers:
+    for server, n, errors, durations, routes in _first(http.servers, top, lambda s: (-s[1], s[0])):
         lat = sorted(durations)
         ranked = sorted(routes, key=lambda rn: (-rn[1], rn[0]))
         servers[server] = {"requests": n, "errors": errors, "p50": _percentile(lat, 0.5),
                            "p95": _percentile(lat, 0.95), "p99": _percentile(lat, 0.99),
                            "routes": dict(ranked if top is None else ranked[:top])}
-    return {**_envelope(snap, how), "servers": servers, "parse_errors": dict(http.parse_errors)}
+    return {**_envelope(snap, how), "servers": servers, "parse_errors": dict(http.parse_errors),
+            **_cut(servers, len(http.servers))}
 
 
-def requests_document(snap, how, top=None, server=None):
-    """/api/requests: the last requests per server, newest first (`top`: at most N each)."""
+def requests_document(snap, how, top=None, server=None, rows=None):
+    """/api/requests: the last requests per server, newest first (`top`: at most N each);
+    `rows`: at most that many in all, servers in the order lpd first saw them."""
     http = snap.get("http")
     if http is None:
         return None
-    recent = {srv: list(recs if top is None else recs[:top]) for srv, recs in http.recent
-              if server is None or srv == server}
-    return {**_envelope(snap, how), "servers": recent}
+    recent, kept, total = {}, 0, 0
+    for srv, recs in http.recent:
+        if server is not None and srv != server:
+            continue
+        n = len(recs) if top is None else min(top, len(recs))
+        if rows is not None:
+            n = min(n, rows - kept)
+        recent[srv] = list(recs[:n])
+        kept, total = kept + n, total + len(recs)
+    return {**_envelope(snap, how), "servers": recent, "total": total, "truncated": kept < total}
 
 
 def containers_document(snap, how, top=None):
@@ -10021,19 +10074,20 @@ def containers_document(snap, how, top=None):
     version = engine.api_version
     rows = sorted(({"ip": raw_address(raw), "container": c.name, "image": c.image, "id": c.id}
                    for raw, c in engine.current.items()), key=lambda r: (r["container"], r["ip"]))
+    kept = rows if top is None else rows[:top]
     return {**_envelope(snap, how),
             "engine": {"socket": engine.socket_path, "up": engine.up, "errors": engine.errors,
                        "api_version": f"{version[0]}.{version[1]}" if version else None},
-            "containers": rows if top is None else rows[:top]}
+            "containers": kept, **_cut(kept, len(rows))}
 
 
 def rules_document(snap, how, top=None):
     rules = snap.get("rules")
     if rules is None:
         return None
-    ranked = sorted(enumerate(rules.rows), key=lambda ir: (-ir[1][1], ir[0]))
+    ranked = _first(enumerate(rules.rows), top, lambda ir: (-ir[1][1], ir[0]))
     rows = [{"id": r[0], "bytes": r[1], "packets": r[2]} for _, r in ranked]
-    return {**_envelope(snap, how), "rules": rows if top is None else rows[:top]}
+    return {**_envelope(snap, how), "rules": rows, **_cut(rows, len(rules.rows))}
 
 
 # /api/<kind>: a document, or None where the stage is off (404).
@@ -10052,16 +10106,17 @@ def api_answer(path, query, published, presentation):
     if kind not in DOCUMENTS:
         return None
     top, filters = None, {}
+    asked = False
     for part in query.split("&") if query else ():
         name, _, value = part.partition("=")
         if name == "top":
             if not API_TOP.fullmatch(value):
                 return 400, json.dumps({"error": f"top must be a whole number, got {value!r}"})
-            top = int(value)
+            top, asked = int(value), True
         elif name == "limit" and kind == "requests":
             if not API_TOP.fullmatch(value):
                 return 400, json.dumps({"error": f"limit must be a whole number, got {value!r}"})
-            top = int(value)
+            top, asked = int(value), True
         elif name == "server" and kind == "requests":
             filters["server"] = urllib.parse.unquote(value)
         elif name == "state" and kind == "connections":
@@ -10069,6 +10124,11 @@ def api_answer(path, query, published, presentation):
                 return 400, json.dumps({"error": f"state must be one of {', '.join(LIVE_STATES)}, "
                                                  f"got {value!r}"})
             filters["state"] = value
+    rows = API_ROWS_MAX if asked else API_ROWS_DEFAULT
+    if kind == "requests":
+        filters["rows"] = rows            # `limit` is per server; the document's bound is this
+    else:
+        top = min(rows, API_ROWS_DEFAULT if top is None else top)
     doc = DOCUMENTS[kind](published.latest(), presentation(), top, **filters)
     if doc is None:
         return 404, json.dumps({"error": f"{kind}: that stage is not enabled"})
@@ -10406,8 +10466,11 @@ class Collector:
 # second or more (the kernel caps this at net.core.somaxconn).
 HTTP_BACKLOG = socket.SOMAXCONN
 # Open connections, one descriptor each: with the rule socket's 512 it stays under
-# systemd's default soft limit of 1024. Beyond it the oldest connection is closed.
+# systemd's default soft limit of 1024. Beyond it one connection is refused (http_victim).
 HTTP_MAX_CONNECTIONS = 256
+# Seconds a refused client is asked to wait (Retry-After of its 503): a burst is over by
+# then, and a scraper retries at its next interval anyway.
+HTTP_RETRY_AFTER = 1
 HTTP_HEAD_TIMEOUT = 5.0     # seconds to receive a whole request head, however it trickles in
 # Seconds to send an answer: three times Prometheus's default scrape_timeout, so only a
 # client that stopped reading runs into it.
@@ -10437,16 +10500,58 @@ def http_request_line(head):
     return parts[0].decode("latin-1"), path, query
 
 
-def http_response(code, ctype, body, head_only=False):
+def http_response(code, ctype, body, head_only=False, headers=()):
     """A whole HTTP/1.0 answer; the connection closes after it."""
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
     head = (f"HTTP/1.0 {code} {http.HTTPStatus(code).phrase}\r\nContent-Type: {ctype}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("latin-1")
+            f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n").encode("latin-1")
     return head if head_only else head + body
 
 
+# What a connection refused for room gets instead of a silent close: one small write.
+HTTP_BUSY = http_response(503, "text/plain", b"too many connections; retry\n",
+                          headers=(("Retry-After", HTTP_RETRY_AFTER),))
+
+
+def http_victim(conns):
+    """The table is full and a connection comes: (the connection to give up or None for
+    the newcomer, whether it gets HTTP_BUSY). `conns` oldest first. One answered and
+    waiting for its client to hang up goes silently; else the oldest still sending its
+    request is refused, so idle or slow clients never lock scrapes out; if every slot
+    is sending an answer, the newcomer is refused rather than one cut mid-answer."""
+    reading = None
+    for c in conns:
+        if c.head is None and c.out is None:
+            return c, False
+        if reading is None and c.head is not None:
+            reading = c
+    return reading, True
+
+
+def http_refuse(sock):
+    """HTTP_BUSY and close, in non-blocking steps: what the client sent is read first
+    (closing on unread input would reset the connection, and could lose the answer),
+    then the answer (it fits any fresh socket's buffer) and our end."""
+    try:
+        sock.recv(HTTP_MAX_HEAD_BYTES)
+    except OSError:
+        pass                        # nothing there yet (EAGAIN), or the client has gone
+    try:
+        sock.send(HTTP_BUSY, socket.MSG_NOSIGNAL)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    sock.close()
+
+
+# The answer of a connection whose /metrics request waits for this round's collection:
+# not None, so it is not taken for answered (http_victim).
+HTTP_ANSWER_PENDING = memoryview(b"")
+
+
 class _HttpConn:
-    """One connection: its socket, the request head so far, then the answer left to send.
-    Both None: answered (or about to be), waiting for the client to close."""
+    """One connection: its socket, the request head so far, then the answer left to send
+    (HTTP_ANSWER_PENDING until made). Both None: answered, waiting for the client to close."""
     __slots__ = ("sock", "fd", "head", "out", "deadline")
 
     def __init__(self, sock, deadline):
@@ -10567,17 +10672,16 @@ class MetricsServer:
                 self._accept_at = time.monotonic() + HTTP_ACCEPT_PAUSE
                 return
             self._accept_error = None
-            if len(self._conns) >= HTTP_MAX_CONNECTIONS:
-                self._close(self._oldest())
             sock.setblocking(False)
+            if len(self._conns) >= HTTP_MAX_CONNECTIONS:
+                victim, busy = http_victim(self._conns.values())
+                if victim is None:
+                    http_refuse(sock)
+                    continue
+                self._close(victim, refuse=busy)
             c = _HttpConn(sock, time.monotonic() + HTTP_HEAD_TIMEOUT)
             self._conns[c.fd] = c
             self._sel.register(sock, selectors.EVENT_READ, c)
-
-    def _oldest(self):
-        """The connection to give up for a new one: the oldest not receiving an answer."""
-        conns = self._conns.values()
-        return next((c for c in conns if c.out is None), None) or next(iter(conns))
 
     def _read(self, c, scrapes):
         """Take what the client sent; route the request once its head is complete."""
@@ -10609,6 +10713,7 @@ class MetricsServer:
         if method not in ("GET", "HEAD"):
             self._respond(c, http_response(501, "text/plain", b"not implemented\n"))
         elif path == "/metrics":
+            c.out = HTTP_ANSWER_PENDING
             scrapes.append((c, head_only))
         elif path == "/":
             self._respond(c, http_response(200, "text/html; charset=utf-8", LANDING_PAGE, head_only))
@@ -10675,13 +10780,17 @@ class MetricsServer:
             pass
         self._close(c)
 
-    def _close(self, c, abort=False):
+    def _close(self, c, abort=False, refuse=False):
         """Forget and close a connection; `abort` resets it, so the kernel drops what a
-        stalled reader never took instead of keeping it queued."""
+        stalled reader never took instead of keeping it queued; `refuse` answers
+        HTTP_BUSY first (http_refuse)."""
         if self._conns.get(c.fd) is not c:
             return                  # closed already; its descriptor may be another's now
         del self._conns[c.fd]
         self._sel.unregister(c.sock)
+        if refuse:
+            http_refuse(c.sock)
+            return
         if abort:
             try:
                 c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -11084,17 +11193,36 @@ def whole_frames_program(ports):
     return compile_filter(" or ".join(f"tcp port {p}" for p in ports), kernel=True)
 
 
+def judge_guard(whole):
+    """The instructions before `whole` that keep it from dropping a frame.
+
+    `whole` only chooses between "whole" and "cut to snaplen", but a classic-BPF load
+    past the end of a frame ends the program with 0, i.e. drops it: an IPv4 header cut
+    short or a 16-byte IPv6 stub would never reach the accounting. A frame shorter than
+    the last byte `whole` may load (program_snaplen bounds its loads, [X + k] included)
+    skips it and is copied whole: that costs at most those few bytes, and whatever the
+    judge would have said, neither the accounting nor the HTTP stage misses one."""
+    needed = program_snaplen(whole)
+    if needed == 0:
+        return []
+    return [(BPF_LD | BPF_W | BPF_LEN, 0, 0, 0),            # A = the frame's length
+            (_jmp(BPF_JGE), 1, 0, needed),                   # long enough: on to the judge
+            (BPF_RET | BPF_K, 0, 0, SNAPLEN_FULL)]           # too short to judge: whole
+
+
 def kernel_program(prefilter, snaplen, whole=None):
     """The socket filter: -F's program (or accept-all) returning `snaplen` bytes. With
     `whole` (whole_frames_program), a frame -F accepts is then judged by it: returned
     whole if it accepts, else cut to `snaplen` — a return value per branch, so only the
-    HTTP ports' frames are copied whole."""
+    HTTP ports' frames are copied whole. Only -F drops frames (as libpcap would, a load
+    past the end included): the judge's rejects return `snaplen`, and judge_guard keeps
+    a frame too short for its loads from reaching it."""
     if whole is None:
         if prefilter is None:
             return accept_all(snaplen)
         return [(c, jt, jf, snaplen if c == BPF_RET | BPF_K and k else k) for c, jt, jf, k in prefilter]
-    tail = [(c, jt, jf, (SNAPLEN_FULL if k else snaplen) if c == BPF_RET | BPF_K else k)
-            for c, jt, jf, k in whole]
+    tail = judge_guard(whole) + \
+        [(c, jt, jf, (SNAPLEN_FULL if k else snaplen) if c == BPF_RET | BPF_K else k) for c, jt, jf, k in whole]
     if prefilter is None:
         return tail
     n = len(prefilter)
@@ -11498,6 +11626,9 @@ class Daemon:
                 due = min(due, end)
             if self.widening is not None:
                 due = min(due, self.widening.deadline)
+            behind = [stage for stage in self.decoder.consumers if stage.behind]
+            if behind:
+                due = now                 # drain the ring, then their next pass
             for fd, events in self.poller.poll(max(0.0, due - time.monotonic()) * 1000):
                 if fd == self._wake_r:
                     while True:
@@ -11524,9 +11655,14 @@ class Daemon:
                 self.published.requested = False
                 self.tick()
                 next_tick = max(next_tick + interval, now + interval / 2)
-            elif self.published.requested:
-                self.published.requested = False
-                self.publish(tables=False)
+            else:
+                if behind:
+                    clock = self.now()
+                    for stage in behind:
+                        stage.tick(clock)
+                if self.published.requested:
+                    self.published.requested = False
+                    self.publish(tables=False)
             if self.reload_requested:
                 if self.reloader_idle():
                     for log_ in self.logs:
@@ -12637,6 +12773,13 @@ def _conn_key(c):
     return c["proto"], c["orig_h"], c["orig_p"], c["resp_h"], c["resp_p"]
 
 
+def _top_total(doc, rows):
+    """How many rows a document had before ?top=N cut them: its "total", where it has a
+    valid one (an older lpd sends none), else the rows it sent."""
+    total = doc.get("total")
+    return total if _count(total) else len(rows)
+
+
 def _conn_bytes(c):
     return c["orig_wire_bytes"] + c["resp_wire_bytes"]
 
@@ -12788,7 +12931,7 @@ class TopView:
             return ["rules: none (lpd -f FILTERFILE)"], []
         rate = lambda r: self.rate("rules", r["id"], "bytes", r["bytes"]) * 8  # noqa: E731
         rows = self._sorted(doc["rules"], rate, lambda r: r["bytes"], lambda r: r["id"])
-        return [self._title("rules", f"rules: {len(doc['rules'])}"),
+        return [self._title("rules", f"rules: {_top_total(doc, doc['rules'])}"),
                 f"{'rule':<32} {'rate':>13} {'packets':>12} {'bytes':>12}"], [
             f"{r['id'][:32]:<32} {human_bits(rate(r)):>13} {r['packets']:>12} {r['bytes']:>12}"
             for r in rows]
@@ -12819,7 +12962,7 @@ class TopView:
         servers = doc["servers"]
         rate = lambda s: self.rate("http", s, "requests", servers[s]["requests"])  # noqa: E731
         names = self._sorted(list(servers), rate, lambda s: servers[s]["requests"], lambda s: s)
-        return [self._title("http", f"HTTP servers: {len(servers)}"),
+        return [self._title("http", f"HTTP servers: {_top_total(doc, servers)}"),
                 f"{'server':<30} {'req/s':>8} {'requests':>9} {'errors':>7} {'p50':>9} {'p95':>9}"], [
             f"{s[:30]:<30} {rate(s):>8.1f} {servers[s]['requests']:>9} "
             f"{servers[s]['errors'] / servers[s]['requests'] if servers[s]['requests'] else 0:>7.1%} "

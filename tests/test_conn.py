@@ -263,6 +263,39 @@ def test_a_mass_timeout_ends_connections_a_budget_at_a_time():
     assert len(recs) == lpd.EXPIRE_BUDGET + 100 and not conns.table
 
 
+
+FLOOD_PASSES = 4            # a flood this many budgets long: more than one pass could skip
+
+
+@pytest.mark.parametrize("flood", ["answered", "evicted"])
+def test_dead_timer_entries_cost_an_expiry_pass_nothing(flood):
+    """After a SYN flood, a connection closed by FINs ends in the first pass after its
+    close delay (issue 24: it came ~20 s late). Answered by SYN-ACKs (SYN cookies), every
+    flood SYN leaves an attempt timer with nothing to do; through a small table, every
+    evicted one leaves a dead entry. Neither may take the pass's budget."""
+    n = FLOOD_PASSES * lpd.EXPIRE_BUDGET
+    conn_max = lpd.EXPIRE_BUDGET - 96 if flood == "evicted" else lpd.DEFAULT_CONN_MAX
+    stream = []
+    for i in range(n):
+        src, port = f"10.{8 + i // 65536}.{i // 256 % 256}.{i % 256}", 1024 + i % 60000
+        stream.append((100 + i * 1e-6, t4(src, "10.0.0.2", port, 80, SYN, i)))
+        if flood == "answered":
+            stream.append((100 + i * 1e-6, t4("10.0.0.2", src, 80, port, SYN | ACK, 7, i + 1)))
+    c, s = "10.0.0.1", "10.0.0.2"
+    stream += [(101 + i * 0.01, f) for i, f in enumerate(handshake(c, 40000))]
+    stream += [(101.03, t4(c, s, 40000, 80, FIN | ACK, 1001, 5001)),
+               (101.04, t4(s, c, 80, 40000, FIN | ACK, 5001, 1002)),
+               (101.05, t4(c, s, 40000, 80, ACK, 1002, 5002))]
+    conns, recs = fed(stream, conn_max=conn_max)
+    logged = len(recs)
+    conns.tick(101.05 + lpd.CONN_CLOSE_DELAY)
+    ours = [r for r in recs[logged:] if r["id.orig_h"] == c]
+    assert [(r["history"], r["conn_state"]) for r in ours] == [("ShAFf", "SF")]
+    if flood == "answered":                          # answered: they live on, unlogged
+        assert len(recs) == 1 and len(conns.table) == n
+    assert conns.timers_dead <= max(lpd.TIMERS_MIN, len(conns.timers) // lpd.TIMERS_DEAD_FRACTION)
+
+
 def test_api_top_takes_ascii_digits_only():
     published = lpd.Published()
     published.publish({"connections": lpd.Connections().snapshot()})

@@ -37,7 +37,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import netns
 import packets
-from test_daemon import LPD, PORT, Lpd, metrics, pair, value, wait_for  # noqa: F401 (pair: fixture)
+import lpd as lpd_module
+from test_daemon import (ENGINE_VAR, LPD, PORT, Lpd, metrics, pair, value,  # noqa: F401 (pair: fixture)
+                         wait_for)
 
 OTHER_MAC = "02:00:0a:c7:00:99"     # neither end's: frames to it reach lpd, not B's stack
 CLOSE_WAIT = 12.0                   # a closed TCP connection lingers 5 s, timers run at 1 s ticks
@@ -1117,4 +1119,50 @@ def test_syn_flood_memory_is_bounded_by_conn_max(pair):
     assert value(metrics(pair), "lpd_capture_drops_total", worker="0", nic=pair.if_b) == 0
     grown = rss_kib(lpd.proc.pid) - rss0
     assert grown < 24 * 1024, f"RSS grew {grown >> 10} MiB for {flood} SYNs with --conn-max {conn_max}"
+    assert lpd.stop() == 0
+
+
+# A backlog of this many passes' worth of attempt timeouts, due just before a close.
+BACKLOG_PASSES = 12
+CATCH_UP_SLACK = 2.0                # s beyond the close delay and one tick (the log's flush)
+CATCH_UP_AS_LIMIT = 2_000_000_000   # RLIMIT_AS of that lpd: ~50,000 connections, ~100 MiB
+
+
+@pytest.mark.parametrize("engine", ["cbpf", "auto"])   # auto: ebpf where it can
+def test_a_close_after_a_flood_is_logged_after_its_close_delay(pair, tmp_path, monkeypatch, engine):
+    """Issue 24: after a flood of spoofed SYNs, a connection closed by FINs was logged
+    ~20 s after its close: the flood's attempt timeouts, due first, were ended 4096 a
+    tick. The budget bounds one pass, not the rate: passes follow each other between
+    ring drains until the backlog is gone, so the close is logged one close delay (and
+    at most a tick, the log's flush) after it."""
+    monkeypatch.setenv(ENGINE_VAR, engine)
+    flood = BACKLOG_PASSES * lpd_module.EXPIRE_BUDGET
+    log_path = tmp_path / "conn.json"
+    lpd = Lpd(pair, "--mapping-url", "none", "--conn-log", str(log_path), "--interval", "1",
+              prefix=("prlimit", f"--as={CATCH_UP_AS_LIMIT}"))
+    srv = listen(pair, pair.ns_a, pair.ip4_a, 7101)
+    cli = connect(pair, pair.ns_b, pair.ip4_a, 7101)
+    exchange(cli, srv, 100, 200)
+    est = conn_id("tcp", cli.local, (pair.ip4_a, 7101))
+    frames, _ = spoofed_syns(pair, flood, 15)
+    inject_all(pair, frames)
+    connecting = lambda: value(metrics(pair), "lpd_connections", proto="tcp", state="connecting")
+    assert wait_for(lambda: connecting() == flood, 10, 0.2), connecting()
+    close_both(cli, srv)
+    closed = time.monotonic()
+    port = f'"id.orig_p": {cli.local[1]}'
+
+    def ours():
+        with open(log_path) as f:
+            return [r for r in map(json.loads, (line for line in f if port in line)) if rec_id(r) == est]
+    deadline = lpd_module.CONN_CLOSE_DELAY + 1 + CATCH_UP_SLACK
+    rec = wait_for(ours, 3 * deadline, 0.2)
+    took = time.monotonic() - closed
+    assert rec and rec[0]["conn_state"] == "SF", rec
+    assert took <= deadline, f"logged {took:.1f} s after its close"
+    assert wait_for(lambda: value(metrics(pair), "lpd_connections_closed_total", proto="tcp",
+                                  conn_state="S0") == flood, 10, 0.3)
+    assert value(metrics(pair), "lpd_capture_drops_total", worker="0", nic=pair.if_b) == 0
+    cli.end()
+    srv.end()
     assert lpd.stop() == 0

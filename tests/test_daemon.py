@@ -71,13 +71,14 @@ def both_engines(request, monkeypatch):
 class Lpd:
     """lpd started in ns_b on veth-b, stopped by PID at the end."""
 
-    def __init__(self, pair, *args, env=None, python=sys.executable):
+    def __init__(self, pair, *args, env=None, python=sys.executable, prefix=()):
+        """prefix: a command that execs lpd (prlimit --as=...), so proc.pid stays lpd's."""
         self.pair = pair
         engine = os.environ.get(ENGINE_VAR)
         if engine and "--engine" not in args:
             args = (*args, "--engine", engine)
         self.err = tempfile.TemporaryFile()
-        self.proc = pair.popen(pair.ns_b, [python, LPD, "-i", pair.if_b,
+        self.proc = pair.popen(pair.ns_b, [*prefix, python, LPD, "-i", pair.if_b,
                                            "--web.listen-address", f"127.0.0.1:{PORT}", *args],
                                stderr=self.err, env=env)
         if not wait_for(self._ready, 15):
@@ -621,3 +622,81 @@ def test_duration_runs_beside_the_service(pair, tmp_path):
                     check=False)
     assert busy.returncode == 69 and "address already in use" in busy.stderr
     assert service.stop() == 0
+
+
+# --- the metrics endpoint beyond its connection cap (issue 24) ----------------------------
+
+BURST_CLIENTS = 500                 # concurrent scrapes: about twice the endpoint's 256 slots
+BURST_LIMIT = 30.0                  # s for the whole burst, connects to last byte
+BURST_AS_LIMIT = 1_000_000_000      # RLIMIT_AS (bytes) of lpd and of the client process
+BURST_NOFILE = 4096                 # descriptors of the client process: a socket per scrape
+
+# The burst: every client connects at once, sends its GET as soon as it is connected and
+# reads to the end; prints [status or null, Retry-After or null, how it ended] per client.
+BURST_CLIENT = r"""
+import json, select, socket, sys, time
+port, n, limit = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+req = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+conns = {}
+for _ in range(n):
+    s = socket.socket()
+    s.setblocking(False)
+    s.connect_ex(("127.0.0.1", port))
+    conns[s.fileno()] = {"sock": s, "data": b"", "sent": False, "end": "timeout"}
+poller = select.poll()
+for fd in conns:
+    poller.register(fd, select.POLLOUT)
+deadline, left = time.monotonic() + limit, set(conns)
+while left and time.monotonic() < deadline:
+    for fd, ev in poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+        c = conns[fd]
+        try:
+            if not c["sent"]:
+                c["sock"].send(req)
+                c["sent"] = True
+                poller.modify(fd, select.POLLIN)
+                continue
+            b = c["sock"].recv(65536)
+        except BlockingIOError:
+            continue
+        except OSError as e:
+            b, c["end"] = b"", f"error {e.errno}"
+        if b:
+            c["data"] += b
+            continue
+        if c["end"] == "timeout":
+            c["end"] = "eof"
+        poller.unregister(fd)
+        left.discard(fd)
+out = []
+for c in conns.values():
+    head, _, body = c["data"].partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1]) if lines[0].startswith("HTTP/") else None
+    headers = {k.strip().lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:])}
+    whole = status == 200 and b"lpd_build_info" in body
+    out.append([status, headers.get("retry-after"), c["end"], whole])
+    c["sock"].close()
+json.dump(out, sys.stdout)
+"""
+
+
+def test_a_burst_beyond_the_connection_cap_gets_200_or_503_never_a_bare_close(pair):
+    """500 concurrent scrapes against the endpoint's 256 connections: each one gets its
+    metrics or a 503 Service Unavailable with Retry-After; none is closed without a
+    status (244 of 500 were, issue 24)."""
+    lpd = Lpd(pair, "--mapping-url", "none", prefix=("prlimit", f"--as={BURST_AS_LIMIT}"))
+    cp = pair.run(pair.ns_b, ["prlimit", f"--as={BURST_AS_LIMIT}", f"--nofile={BURST_NOFILE}",
+                              sys.executable, "-c", BURST_CLIENT, str(PORT), str(BURST_CLIENTS),
+                              str(BURST_LIMIT)], timeout=BURST_LIMIT + 10)
+    results = json.loads(cp.stdout)
+    assert len(results) == BURST_CLIENTS
+    bare = [r for r in results if r[0] is None]
+    assert not bare, f"{len(bare)} of {BURST_CLIENTS} closed without a status, e.g. {bare[0]}"
+    ok = [r for r in results if r[0] == 200]
+    busy = [r for r in results if r[0] == 503]
+    assert len(ok) + len(busy) == BURST_CLIENTS, {r[0] for r in results}
+    assert ok and all(r[3] for r in ok), "a 200 carries the whole page"
+    assert all(r[1] is not None and r[1].isdigit() and int(r[1]) > 0 for r in busy), busy[:3]
+    assert "lpd_build_info" in scrape(pair), "the endpoint serves on after the burst"
+    assert lpd.stop() == 0

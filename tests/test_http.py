@@ -279,3 +279,19 @@ def test_port_in_use_is_port_in_use(registry):
         with pytest.raises(lpd.PortInUse) as e:
             lpd.make_http_server("127.0.0.1", blocker.getsockname()[1], registry)
     assert e.value.exit_code == 69 and "address already in use" in str(e.value)
+
+
+def test_a_full_table_gives_up_the_answered_then_the_oldest_reader_never_an_answer():
+    """Who makes room for a new connection (issue 24): one already answered, silently;
+    else the oldest still sending its request, with a 503; never one being answered or
+    waiting for this round's collection: then the newcomer gets the 503."""
+    from types import SimpleNamespace as C
+    reading = lambda: C(head=bytearray(b"GET /me"), out=None)          # noqa: E731
+    answered, sending = C(head=None, out=None), C(head=None, out=memoryview(b"HTTP/1.0 200"))
+    pending = C(head=None, out=lpd.HTTP_ANSWER_PENDING)
+    first, second = reading(), reading()
+    assert lpd.http_victim([sending, first, answered, second]) == (answered, False)
+    assert lpd.http_victim([sending, pending, first, second]) == (first, True)
+    assert lpd.http_victim([sending, pending]) == (None, True)
+    assert lpd.HTTP_BUSY.startswith(b"HTTP/1.0 503 Service Unavailable\r\n")
+    assert f"\r\nRetry-After: {lpd.HTTP_RETRY_AFTER}\r\n".encode() in lpd.HTTP_BUSY

@@ -3,6 +3,7 @@ by real clients (Python and `nc -U`), reload with SIGHUP, and the kernel prefilt
 import os
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -271,3 +272,73 @@ def test_widening_reload_never_judges_a_frame_cut_short(pair, tmp_path):
     assert 0 < got["all"][1] < n, got                  # the reload landed mid-stream
     assert got["big"] == got["all"], got
     assert value(metrics(pair), "lpd_capture_drops_total", worker="0", nic=pair.if_b) == 0
+
+
+# --- --http never costs the accounting a frame (issue 24) -------------------------------
+
+SHORT_REPEAT = 40          # copies of each short frame: a loss of one kind shows as 40
+
+
+def _short_frames(pair):
+    """Frames shorter than the loads of --http's kernel program (which reads the TCP
+    ports at up to byte 78), each with what lpd makes of it: (frame, malformed reason or
+    the local address it is attributed to)."""
+    mac_b, mac_a = netns.mac_bytes(pair.mac_b), netns.mac_bytes(pair.mac_a)
+    eth4, eth6 = mac_b + mac_a + b"\x08\x00", mac_b + mac_a + b"\x86\xdd"
+    ip4_b, ip4_a = socket.inet_pton(socket.AF_INET, pair.ip4_b), socket.inet_pton(socket.AF_INET, pair.ip4_a)
+    ip6_b, ip6_a = socket.inet_pton(socket.AF_INET6, pair.ip6_b), socket.inet_pton(socket.AF_INET6, pair.ip6_a)
+    sport = (40000).to_bytes(2, "big")
+    # A TCP segment of which only the source port made it: a whole IPv4 header saying so.
+    hdr4 = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(sport), 0, 0, 64, socket.IPPROTO_TCP, 0,
+                       ip4_a, ip4_b)
+    hdr4 = hdr4[:10] + netns.checksum(hdr4).to_bytes(2, "big") + hdr4[12:]
+    hdr6 = struct.pack("!IHBB16s16s", 0x60000000, len(sport), socket.IPPROTO_TCP, 64, ip6_a, ip6_b)
+    return [
+        (eth4, "truncated"),                            # an Ethernet header, nothing after
+        (eth4 + hdr4[:10], "truncated"),                # an IPv4 header cut short
+        (eth6 + b"\x60\x00", "truncated"),              # a 16-byte IPv6 stub
+        (eth4 + hdr4 + sport, pair.ip4_b),              # 36 bytes: the judge reads byte 36
+        (eth6 + hdr6 + sport, pair.ip6_b),              # 56 bytes: the judge reads byte 56
+    ]
+
+
+def test_http_never_drops_a_frame_too_short_for_its_kernel_program(pair, tmp_path):
+    """With --http the kernel program judges which frames are copied whole; a frame
+    shorter than the bytes it loads used to end it with 0 (drop), so rules, interface
+    totals and malformed counts all missed it. Every count must be as without --http:
+    the interface's equal to the veth's own counters, the rules' exact."""
+    rules = tmp_path / "veth.filters"
+    rules.write_text("in;inbound\nme;ether dst $MAC\n")
+    lpd = Lpd(pair, "--mapping-url", "none", "--http", "--docker-socket", "none", "-f", str(rules))
+    pair.settle()
+    kinds = _short_frames(pair)
+    normal = netns.udp_frame(pair.mac_a, pair.mac_b, pair.ip4_a, pair.ip4_b, 200)
+    frames = [f for f, _ in kinds] * SHORT_REPEAT + [normal] * SHORT_REPEAT
+    lbl = {"nic": pair.if_b}
+    before, m0 = pair.link_stats(pair.ns_b, pair.if_b), metrics(pair)
+
+    def delta(m, name, **labels):
+        return (value(m, name, **labels) or 0) - (value(m0, name, **labels) or 0)
+
+    assert pair.inject(pair.ns_a, pair.if_a, frames) == [len(f) for f in frames]
+    veth = netns.stats_delta(pair.link_stats(pair.ns_b, pair.if_b), before)
+    assert veth["rx_packets"] == len(frames), veth      # nothing else crossed the link
+    counted = lambda: delta(metrics(pair), "lpd_interface_receive_packets_total", **lbl)
+    assert wait_for(lambda: counted() >= len(frames), 5, 0.2), f"{counted()} of {len(frames)} frames"
+    time.sleep(0.3)                                       # a frame too many would show now
+    m = metrics(pair)
+    assert delta(m, "lpd_interface_receive_packets_total", **lbl) == veth["rx_packets"]
+    assert delta(m, "lpd_interface_receive_bytes_total", **lbl) == veth["rx_bytes"]
+    assert delta(m, "lpd_interface_transmit_packets_total", **lbl) == veth["tx_packets"]
+    for reason in ("truncated", "version", "ihl", "length"):
+        want = SHORT_REPEAT * sum(1 for _, what in kinds if what == reason)
+        assert delta(m, "lpd_packets_malformed_total", reason=reason) == want, reason
+    rx4 = SHORT_REPEAT * (len(normal) + sum(len(f) for f, what in kinds if what == pair.ip4_b))
+    rx6 = SHORT_REPEAT * sum(len(f) for f, what in kinds if what == pair.ip6_b)
+    assert delta(m, "lpd_receive_bytes_total", local_ip=pair.ip4_b, **lbl) == rx4
+    assert delta(m, "lpd_receive_bytes_total", local_ip=pair.ip6_b, **lbl) == rx6
+    for rule in ("in", "me"):
+        assert delta(m, "lpd_rule_packets_total", rule=rule) == len(frames), rule
+        assert delta(m, "lpd_rule_bytes_total", rule=rule) == sum(map(len, frames)), rule
+    assert value(m, "lpd_capture_drops_total", worker="0", **lbl) == 0
+    assert lpd.stop() == 0

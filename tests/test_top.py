@@ -634,3 +634,19 @@ def test_a_terminal_that_cannot_dim_hides_an_old_answer(fake):
     finally:
         fake.live = "good"
         tmux.close()
+
+
+def test_titles_count_what_the_daemon_has_not_what_top_fetched():
+    """?top=N cuts a document to N rows and says how many there were ("total", issue 24):
+    the titles count those; an lpd that sends no (or no valid) total, the rows sent."""
+    rules = _document("rules")
+    http_doc = {"nic": "veth-b", "time": 1.0, "servers": {"10.199.0.1:80": {
+        "requests": 3, "errors": 0, "p50": 0.001, "p95": 0.002}}, "total": 4000, "truncated": True}
+    view = lpdmod.TopView("localhost:59122", refresh=0.5)
+    for total, shown in ((250, 250), (None, 1), ("250", 1), (-1, 1)):
+        docs = _docs(rules={**rules, "total": total, "truncated": True}, http=http_doc)
+        view.update(docs, 10.0, 1000.0)
+        view.key("3")
+        assert any(t.startswith(f"rules: {shown} - sorted by") for _, t in view.frame(80)), total
+    view.key("5")
+    assert any(t.startswith("HTTP servers: 4000 - sorted by") for _, t in view.frame(80))
