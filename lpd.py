@@ -485,6 +485,18 @@ SOCK_FPROG = struct.Struct("=HxxxxxxQ")     # struct sock_fprog { u16 len; sock_
 SOCK_FILTER = struct.Struct("=HBBI")
 U32 = struct.Struct("=I")
 
+# membarrier(2) (linux/membarrier.h). MEMBARRIER_CMD_GLOBAL is synchronize_rcu(): it
+# returns once every CPU has left the RCU read-side sections it was in, and a socket
+# program runs inside one (sk_filter_trim_cap, dev_queue_xmit_nit): every program run
+# that began before the call has returned. The eBPF engine's grace period.
+NR_MEMBARRIER = {"x86_64": 324, "aarch64": 283, "armv7l": 389, "i686": 375, "riscv64": 283}.get(
+    os.uname().machine, 324)
+MEMBARRIER_CMD_GLOBAL = 1
+
+# bpf(2) batch commands (Linux 5.6+) on top of those of the eBPF chapter: one syscall
+# writes or deletes many map entries (union bpf_attr's batch layout, ATTR_MAP_BATCH).
+BPF_MAP_UPDATE_BATCH, BPF_MAP_DELETE_BATCH = 26, 27
+
 
 def _layout(fields, keep=None):
     """A Struct over `fields` ((name, code) in order, '=' byte order). With `keep`,
@@ -4863,13 +4875,17 @@ class InterfaceSnapshot(NamedTuple):
     up: bool = False
     gso_frames: int = 0                    # super-frames counted as the frames the wire carried
     gso_unsplit: int = 0                   # super-frames whose headers did not allow that
+    # (bytes, packets) of local addresses' traffic the eBPF engine's tables had no room
+    # for: counted in the totals, not per address (a frame counts once per local end)
+    unattributed: tuple = (0, 0)
 
     def merge(self, other):
         return InterfaceSnapshot(self.frames + other.frames, _add(self.totals, other.totals),
                                  _merge_keyed(self.malformed, other.malformed, 1),
                                  self.drops + other.drops, self.up or other.up,
                                  self.gso_frames + other.gso_frames,
-                                 self.gso_unsplit + other.gso_unsplit)
+                                 self.gso_unsplit + other.gso_unsplit,
+                                 _add(self.unattributed, other.unattributed))
 
 
 class AddressSnapshot(NamedTuple):
@@ -5865,7 +5881,8 @@ class LocalAddresses(Consumer):
     def locate(self, key):
         """Slow path of the hot loop: an address not in the cache (first sight, or
         first frame since the last tick)."""
-        t = self.tables[family_of_key(key).version]
+        version = family_of_key(key).version
+        t = self.tables[version]
         if not _is_local(key, t.prefixes):
             if len(t.remote) >= LOCALITY_CACHE_MAX:
                 # Forget the remote addresses seen so far; local ones come back on
@@ -5876,11 +5893,17 @@ class LocalAddresses(Consumer):
             return 0
         entry = t.hosts.get(key)
         if entry is None:
-            if self.tracked() >= self.local_max:
-                self.evict()
-            entry = t.hosts[key] = [0, 0, 0, 0]
+            entry = self.admit(version, key)
         t.dirty.add(key)
         t.cache[key] = entry
+        return entry
+
+    def admit(self, version, key):
+        """A new address's counter list: the decoder's, or the eBPF engine's when the
+        kernel counted it. A full table evicts first."""
+        if self.tracked() >= self.local_max:
+            self.evict()
+        entry = self.tables[version].hosts[key] = [0, 0, 0, 0]
         return entry
 
     def evict(self):
@@ -8159,6 +8182,38 @@ class Map:
                 self._batch_ok = False
         return self.items_slow()
 
+    def write_batch(self, cmd, keys, value=None, chunk=256):
+        """BPF_MAP_UPDATE_BATCH every key to `value` (bytes of buf_size: all CPUs' for a
+        per-CPU map), or BPF_MAP_DELETE_BATCH them: one syscall per `chunk` keys. Key by
+        key where the kernel lacks the batch commands, or for the rest of a chunk the
+        kernel stopped in (a key already gone: deleting it is done)."""
+        for at in range(0, len(keys), chunk):
+            part = keys[at:at + chunk]
+            done = 0
+            if getattr(self, "_write_batch_ok", True):
+                kbuf = _buf(b"".join(part))
+                vbuf = _buf(value * len(part)) if value is not None else None
+                attr = _buf(ATTR_MAP_BATCH.pack(0, 0, _addr(kbuf), _addr(vbuf), len(part),
+                                                self.fd, 0, 0))
+                try:
+                    bpf(cmd, attr, "BPF_MAP_UPDATE_BATCH" if value is not None
+                        else "BPF_MAP_DELETE_BATCH")
+                    continue
+                except BpfError as e:
+                    if e.errno in (errno.EINVAL, errno.ENOTSUP, ENOTSUPP):
+                        self._write_batch_ok = False          # refused whole: nothing done
+                    else:                                     # stopped at a key: the rest
+                        done = U32.unpack_from(attr.raw, ATTR_MAP_BATCH_COUNT_OFF)[0]
+            for key in part[done:]:
+                try:
+                    if value is None:
+                        self.delete(key)
+                    else:
+                        self.update(key, value)
+                except BpfError as e:
+                    if e.errno != errno.ENOENT:
+                        raise
+
     def sum_u64(self, value):
         """A per-CPU value (bytes) -> the u64 fields summed over CPUs."""
         n = self.value_size // 8
@@ -8299,23 +8354,62 @@ SKB_WIDE = {"tstamp", "hwtstamp", "flow_keys", "sk"}  # 8-byte fields
 
 # -- the accounting program: the decoder's tests in eBPF ----------------------
 
-# What the program keeps, per CPU (read and summed by userspace on every scrape):
-#   addresses: PERCPU_HASH  key ADDR_KEY (family 4|6, 3 pad, 16 address bytes; IPv4 in
-#              the first 4, the rest zero) -> 4 x u64 (tx_bytes, tx_packets, rx_bytes,
-#              rx_packets), only for addresses inside a local network
-#   iface:     PERCPU_ARRAY [1] -> IFACE_FIELDS x u64
-#   rules:     PERCPU_ARRAY [n] -> (bytes, packets) per rule
+# What the program keeps (userspace reads it at every tick: KernelAccounting.sync):
+#   known0, known1:   PERCPU_HASH key ADDR_KEY (family 4|6, 3 pad, 16 address bytes; IPv4
+#                     in the first 4, the rest zero) -> ADDR_VALUE, 4 x u64 (tx_bytes,
+#                     tx_packets, rx_bytes, rx_packets): the addresses LocalAddresses
+#                     tracks. Only userspace adds and removes keys; the program counts.
+#   newcomers0, newcomers1: HASH, the same keys and values: a local address not in
+#                     known, inserted by the program. Shared by the CPUs (atomic adds):
+#                     an address stays at most one interval, and a flood fills it whole,
+#                     which per CPU would cost the table's size times the CPUs.
+#   overflow0, overflow1: PERCPU_ARRAY [overflow_slots(local_max)] -> OVERFLOW_VALUE
+#                     (an ADDR_KEY padded to 8 bytes, a weight in bytes): the addresses
+#                     that found no room in newcomers, one per slot by a keyed hash of
+#                     the address, the heaviest holding its slot (Boyer-Moore's majority
+#                     vote, by bytes): userspace lets them in at the next tick
+#   generation:       ARRAY [1] -> u32: which set (known, newcomers, overflow) the
+#                     program counts in
+#   iface:            PERCPU_ARRAY [1] -> IFACE_FIELDS x u64; an address that finds no
+#                     room in newcomers counts in its unattributed_{bytes,packets}
+#   rules:            PERCPU_ARRAY [n] -> (bytes, packets) per rule
 # Per-CPU values need no atomic instruction: a socket program runs with bottom halves
 # off (packet_rcv from the rx softirq, dev_queue_xmit_nit under rcu_read_lock_bh), so
 # nothing else runs it on the same CPU meanwhile.
 ADDR_KEY = struct.Struct("=B3x16s")
 ADDR_VALUE = struct.Struct("=4Q")
 IFACE_FIELDS = ("tx_bytes", "tx_packets", "rx_bytes", "rx_packets") + \
-    tuple("malformed_" + r for r in MALFORMED_REASONS) + ("local_full", "gso_frames", "gso_unsplit")
+    tuple("malformed_" + r for r in MALFORMED_REASONS) + \
+    ("unattributed_bytes", "unattributed_packets", "gso_frames", "gso_unsplit")
 IFACE = {name: 8 * i for i, name in enumerate(IFACE_FIELDS)}
 MALFORMED_OFF = {r: IFACE["malformed_" + r] for r in MALFORMED_REASONS}
 RULE_VALUE = struct.Struct("=2Q")
 ADDR_TX, ADDR_RX = 0, 16                      # value offsets: tx (source) and rx (destination)
+GENERATIONS = 2
+ADDRESS_MAPS = tuple(f"{table}{gen}" for table in ("known", "newcomers")
+                     for gen in range(GENERATIONS))
+OVERFLOW_MAPS = tuple(f"overflow{gen}" for gen in range(GENERATIONS))
+MAP_NAMES = ("generation", "iface", "rules") + ADDRESS_MAPS + OVERFLOW_MAPS
+# An overflow slot: the address as the stack holds it (an ADDR_KEY in whole u64 words,
+# the padding zero), then its weight.
+OVERFLOW_KEY_SIZE = _round8(ADDR_KEY.size)
+OVERFLOW_VALUE = struct.Struct(f"={OVERFLOW_KEY_SIZE}sQ")
+OVERFLOW_WEIGHT = OVERFLOW_KEY_SIZE            # the weight's offset
+# The sample's multiplier where nothing draws one (tests, -d): odd, the golden ratio's
+# (Knuth's multiplicative hashing).
+SAMPLE_HASH = 0x9E3779B1
+U32_BITS = 32
+
+
+OVERFLOW_MIN_BITS = 4                          # 16 slots, whatever the table's size
+
+
+def overflow_slots(local_max):
+    """Slots of the overflow sample: a power of two (the hash's top bits), about the room
+    one eviction makes (the most a tick lets in from it)."""
+    room = max(1, local_max // LOCAL_EVICT_FRACTION)
+    return 1 << max(OVERFLOW_MIN_BITS, (room - 1).bit_length())
+
 
 # Registers, for the whole program. The classic translation keeps the kernel converter's
 # A = r0, X = r7, CTX = r6 (r0 is also what helpers return, which is why a packet load's
@@ -8442,6 +8536,12 @@ def emit_count(g, ptr, off):
       stx(EBPF_DW, ptr, R1, off),
       ldx(EBPF_DW, R1, ptr, off + 8), ldx(EBPF_DW, R2, FP, CNT_FRAMES), alu64_reg(EBPF_ADD, R1, R2),
       stx(EBPF_DW, ptr, R1, off + 8))
+
+
+def emit_count_shared(g, ptr, off):
+    """emit_count for a value every CPU writes (a newcomer): atomic adds."""
+    g(ldx(EBPF_DW, R1, FP, CNT_BYTES), atomic_add(EBPF_DW, ptr, R1, off),
+      ldx(EBPF_DW, R1, FP, CNT_FRAMES), atomic_add(EBPF_DW, ptr, R1, off + 8))
 
 
 def emit_bump(g, ptr, off):
@@ -8580,34 +8680,92 @@ def emit_address(g, hdr, off, nwords, key, nets):
         g(endian_be(r, 32), stx(EBPF_W, FP, r, key + 4 + 4 * i))
 
 
-def emit_attribute(g, addrs_fd, key, slot):
-    """The frame's wire length and 1 to the (tx or rx) counters of the address in `key`,
-    if its family byte says it is local: lookup, else insert with BPF_NOEXIST, else (a
-    CPU inserted it meanwhile) lookup again. A full map counts in iface.local_full."""
-    skip, add, insert, full = g.label("attr_skip"), g.label("attr_add"), g.label("attr_ins"), g.label("attr_full")
+def emit_overflow_sample(g, overflow, key, sample_hash, done):
+    """The address in `key` found no room: its bytes to its slot of this CPU's overflow
+    sample. Slot: the top bits of (the address's u32 words xored) * sample_hash, an odd
+    multiplier drawn at start (multiply-shift hashing: which addresses share a slot is
+    not known outside). Boyer-Moore's majority vote weighted by bytes: the holder gains
+    its own bytes and loses everyone else's, and whoever brings more than it has left
+    takes the slot, so an address with more than half of a slot's bytes holds it."""
+    other, weaken = g.label("sample_other"), g.label("sample_weaken")
+    bits = overflow.max_entries.bit_length() - 1
+    g(ldx(EBPF_W, R1, FP, key + 4))
+    for word in range(1, 4):
+        g(ldx(EBPF_W, R2, FP, key + 4 + 4 * word), alu64_reg(EBPF_XOR, R1, R2))
+    g(alu32_imm(EBPF_MUL, R1, _s32(sample_hash)), alu32_imm(EBPF_RSH, R1, U32_BITS - bits),
+      stx(EBPF_W, FP, R1, TMP), ld_map_fd(R1, overflow.fd), mov64_reg(R2, FP),
+      alu64_imm(EBPF_ADD, R2, TMP), call("map_lookup_elem"), jmp_imm(EBPF_JEQ, R0, 0, done))
+    for off in range(0, OVERFLOW_KEY_SIZE, 8):
+        g(ldx(EBPF_DW, R1, R0, off), ldx(EBPF_DW, R2, FP, key + off),
+          jmp_reg(EBPF_JNE, R1, R2, other))
+    g(ldx(EBPF_DW, R1, R0, OVERFLOW_WEIGHT), ldx(EBPF_DW, R2, FP, CNT_BYTES),
+      alu64_reg(EBPF_ADD, R1, R2), stx(EBPF_DW, R0, R1, OVERFLOW_WEIGHT), ja(done))
+    g.at(other)
+    g(ldx(EBPF_DW, R1, R0, OVERFLOW_WEIGHT), ldx(EBPF_DW, R2, FP, CNT_BYTES),
+      jmp_reg(EBPF_JGT, R1, R2, weaken),
+      alu64_reg(EBPF_SUB, R2, R1), stx(EBPF_DW, R0, R2, OVERFLOW_WEIGHT))
+    for off in range(0, OVERFLOW_KEY_SIZE, 8):
+        g(ldx(EBPF_DW, R1, FP, key + off), stx(EBPF_DW, R0, R1, off))
+    g(ja(done))
+    g.at(weaken)
+    g(alu64_reg(EBPF_SUB, R1, R2), stx(EBPF_DW, R0, R1, OVERFLOW_WEIGHT))
+
+
+def emit_attribute(g, known_fd, newcomers_fd, overflow, sample_hash, key, slot):
+    """The frame's counts (CNT_BYTES, CNT_FRAMES) to the tx or rx half of the address in
+    `key`, if its family byte says it is local: in known if it is there, else in
+    newcomers (found, or inserted with BPF_NOEXIST, or found after another CPU inserted
+    it meanwhile); where newcomers is full, in iface's unattributed_{bytes,packets} and
+    the overflow sample."""
+    skip, newcomer, shared, unattributed = (g.label("attr_" + n) for n in
+                                            ("skip", "new", "shared", "unattributed"))
     g(ldx(EBPF_B, R1, FP, key), jmp_imm(EBPF_JEQ, R1, 0, skip),
-      ld_map_fd(R1, addrs_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, key),
-      call("map_lookup_elem"), jmp_imm(EBPF_JEQ, R0, 0, insert))
-    g.at(add)
+      ld_map_fd(R1, known_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, key),
+      call("map_lookup_elem"), jmp_imm(EBPF_JEQ, R0, 0, newcomer))
     emit_count(g, R0, slot)
     g(ja(skip))
-    g.at(insert)
+    g.at(newcomer)
+    g(ld_map_fd(R1, newcomers_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, key),
+      call("map_lookup_elem"), jmp_imm(EBPF_JNE, R0, 0, shared))
     for off in range(0, ADDR_VALUE.size, 8):
         g(st_imm(EBPF_DW, FP, VALUE_NEW + off, 0))
     g(ldx(EBPF_DW, R1, FP, CNT_BYTES), stx(EBPF_DW, FP, R1, VALUE_NEW + slot),
       ldx(EBPF_DW, R1, FP, CNT_FRAMES), stx(EBPF_DW, FP, R1, VALUE_NEW + slot + 8),
-      ld_map_fd(R1, addrs_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, key),
+      ld_map_fd(R1, newcomers_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, key),
       mov64_reg(R3, FP), alu64_imm(EBPF_ADD, R3, VALUE_NEW), mov64_imm(R4, BPF_NOEXIST),
       call("map_update_elem"), jmp_imm(EBPF_JEQ, R0, 0, skip),
-      jmp_imm(EBPF_JNE, R0, EEXIST_NEG, full),
-      ld_map_fd(R1, addrs_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, key),
-      call("map_lookup_elem"), jmp_imm(EBPF_JNE, R0, 0, add))
-    g.at(full)
-    emit_bump(g, REG_IFACE, IFACE["local_full"])
+      jmp_imm(EBPF_JNE, R0, EEXIST_NEG, unattributed),
+      ld_map_fd(R1, newcomers_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, key),
+      call("map_lookup_elem"), jmp_imm(EBPF_JEQ, R0, 0, unattributed))
+    g.at(shared)
+    emit_count_shared(g, R0, slot)
+    g(ja(skip))
+    g.at(unattributed)
+    emit_count(g, REG_IFACE, IFACE["unattributed_bytes"])
+    emit_overflow_sample(g, overflow, key, sample_hash, skip)
     g.at(skip)
 
 
-def emit_decoder(g, maps, nets, done):
+def emit_attribution(g, maps, sample_hash, done):
+    """Both ends of the frame (KEY_SRC, KEY_DST) into the generation userspace selected:
+    read once, so a frame counts in one pair of tables whatever a flip does meanwhile.
+    Each generation gets its own copy of the code, so each lookup names one map (the
+    verifier inlines a lookup only when every path to it passes the same map)."""
+    gens = [g.label(f"generation{gen}") for gen in range(GENERATIONS)]
+    g(st_imm(EBPF_W, FP, TMP, 0), ld_map_fd(R1, maps["generation"].fd), mov64_reg(R2, FP),
+      alu64_imm(EBPF_ADD, R2, TMP), call("map_lookup_elem"), jmp_imm(EBPF_JEQ, R0, 0, gens[0]),
+      ldx(EBPF_W, R1, R0, 0))
+    for gen in range(1, GENERATIONS):
+        g(jmp_imm(EBPF_JEQ, R1, gen, gens[gen]))
+    for gen, label in enumerate(gens):
+        g.at(label)
+        for key, slot in ((KEY_SRC, ADDR_TX), (KEY_DST, ADDR_RX)):
+            emit_attribute(g, maps[f"known{gen}"].fd, maps[f"newcomers{gen}"].fd,
+                           maps[f"overflow{gen}"], sample_hash, key, slot)
+        g(ja(done))
+
+
+def emit_decoder(g, maps, nets, sample_hash, done):
     """lpd's Decoder.process_block for one frame: interface totals by packet type, then
     the Ethernet/VLAN/IP headers, malformed reasons, and the local addresses' counters.
     Mirrors the userspace hot loop's general path, test for test (see the spec)."""
@@ -8686,9 +8844,7 @@ def emit_decoder(g, maps, nets, done):
     emit_address(g, R4, IPV6_SRC_OFF, 4, KEY_SRC, nets6)
     emit_address(g, R4, IPV6_SRC_OFF + 16, 4, KEY_DST, nets6)
     g.at(attribute)
-    emit_attribute(g, maps["addresses"].fd, KEY_SRC, ADDR_TX)
-    emit_attribute(g, maps["addresses"].fd, KEY_DST, ADDR_RX)
-    g(ja(done))
+    emit_attribution(g, maps, sample_hash, done)
     for reason, label in bad.items():
         g.at(label)
         emit_bump(g, REG_IFACE, MALFORMED_OFF[reason])
@@ -8941,19 +9097,30 @@ def emit_rule(g, prog, index, rules_fd, mark=False):
 
 
 def make_maps(nrules, local_max=DEFAULT_LOCAL_MAX):
-    return {"addresses": Map(BPF_MAP_TYPE_PERCPU_HASH, ADDR_KEY.size, ADDR_VALUE.size, local_max,
-                             "lpd_addresses"),
+    """The program's maps (see above). known holds what LocalAddresses holds, at most
+    local_max; newcomers takes as many, the most a tick can admit to the table."""
+    maps = {"generation": Map(BPF_MAP_TYPE_ARRAY, 4, 4, 1, "lpd_generation"),
             "iface": Map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8 * len(IFACE_FIELDS), 1, "lpd_iface"),
             "rules": Map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, RULE_VALUE.size, max(1, nrules), "lpd_rules")}
+    for gen in range(GENERATIONS):
+        maps[f"known{gen}"] = Map(BPF_MAP_TYPE_PERCPU_HASH, ADDR_KEY.size, ADDR_VALUE.size,
+                                  local_max, f"lpd_known{gen}")
+        maps[f"newcomers{gen}"] = Map(BPF_MAP_TYPE_HASH, ADDR_KEY.size, ADDR_VALUE.size,
+                                      local_max, f"lpd_newcomers{gen}")
+        maps[f"overflow{gen}"] = Map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, OVERFLOW_VALUE.size,
+                                     overflow_slots(local_max), f"lpd_overflow{gen}")
+    return maps
 
 
 VERDICT_MASK = "mask"
 
 
-def build_program(maps, nets=(), rules=(), decoder=True, verdict=0, gso_above=None):
+def build_program(maps, nets=(), rules=(), decoder=True, verdict=0, gso_above=None,
+                  sample_hash=SAMPLE_HASH):
     """The whole socket program: (image, labels). rules: classic programs (lpd's
     compile_filter output, kernel=False: they see the frame as userspace does).
     gso_above: split GSO super-frames longer than this (see emit_gso); None: never.
+    sample_hash: the overflow sample's multiplier (emit_overflow_sample).
     verdict: what it returns: 0 (no frame copied to userspace), a snapshot length, or
     VERDICT_MASK (test builds, at most 32 rules: bit i set when rule i matched)."""
     g = Gen()
@@ -8974,7 +9141,7 @@ def build_program(maps, nets=(), rules=(), decoder=True, verdict=0, gso_above=No
         emit_rule(g, prog, i, maps["rules"].fd, mark)
     emit_normalise(g)                  # after the GSO block's or the last rule's narrowing
     if decoder:
-        emit_decoder(g, maps, list(nets), done)
+        emit_decoder(g, maps, list(nets), sample_hash, done)
     g.at(done)
     if mark:
         g(ldx(EBPF_W, R0, FP, VERDICTS))
@@ -8989,11 +9156,12 @@ def read_counters(maps, nrules=0):
     iface_map = maps["iface"]
     iface = dict(zip(IFACE_FIELDS, iface_map.sum_u64(iface_map.lookup(U32.pack(0)))))
     addrs = {}
-    m = maps["addresses"]
-    for key, value in m.items():
-        fam, raw = ADDR_KEY.unpack(key)
-        addr = ipaddress.ip_address(raw[:4] if fam == 4 else raw)
-        addrs[(fam, str(addr))] = m.sum_u64(value)
+    for m in (maps[name] for name in ADDRESS_MAPS):
+        for key, value in m.items():
+            fam, raw = ADDR_KEY.unpack(key)
+            addr = ipaddress.ip_address(raw[:4] if fam == 4 else raw)
+            addrs[(fam, str(addr))] = [a + b for a, b in zip(addrs.get((fam, str(addr)), [0] * 4),
+                                                            m.sum_u64(value))]
     rules = []
     rm = maps["rules"]
     for i in range(nrules):
@@ -9025,13 +9193,55 @@ def ebpf_available():
     return None
 
 
+def grace_period():
+    """Return once no socket program still counts in a generation it read before this
+    call: membarrier(MEMBARRIER_CMD_GLOBAL) (see the Linux ABI). Where that is refused
+    (nohz_full CPUs, a seccomp filter), a wait of EBPF_RETIRE_AFTER, the bound a reload
+    trusts for the same question."""
+    if _syscall(NR_MEMBARRIER, MEMBARRIER_CMD_GLOBAL, None, 0) < 0:
+        time.sleep(EBPF_RETIRE_AFTER)
+
+
+def pack_address(version, key):
+    """LocalAddresses' key of an address -> the program's ADDR_KEY."""
+    return ADDR_KEY.pack(version, key.to_bytes(4, "big") if version == 4 else key)
+
+
+def unpack_address(packed):
+    """The program's ADDR_KEY -> (version, LocalAddresses' key)."""
+    version, raw = ADDR_KEY.unpack(packed)
+    return version, int.from_bytes(raw[:4], "big") if version == 4 else raw
+
+
 class KernelAccounting:
     """--engine ebpf: the program and its maps, standing in for the decoder's counting.
-    At every tick the kernel's counters are copied into LocalAddresses, which keeps its
-    rates, idle expiry and snapshots as for the userspace path; an address it forgets
-    leaves the kernel map too. Rules: one per-CPU array slot each; a reload loads a new
-    program with a new rules map (the address and interface maps stay), swaps it in one
-    SO_ATTACH_BPF, and carries the old counts by (id, expression) as RuleCounter does."""
+
+    Local addresses, exact and bounded whatever a flood does. The program counts an
+    address in `known` if LocalAddresses tracks it, else in `newcomers` while there is
+    room, else in the interface's unattributed counters and the `overflow` sample; in
+    the generation (of two) that `generation` names. At every tick, sync():
+      1. the active generation's newcomers, read live, join LocalAddresses with what
+         they counted so far (a full table evicts its least busy eighth, as on the
+         classic path);
+      2. the idle generation's known gets LocalAddresses' keys (evicted and idle ones
+         deleted, new ones inserted at zero): from the flip on, every tracked address
+         counts in known, where only userspace inserts, so a flood cannot take its room;
+      3. the heaviest addresses of the active overflow sample go into the idle
+         newcomers at zero, where the flood's first-come inserts cannot beat them;
+      4. flip, then a grace period (grace_period): no program counts in the old
+         generation any more;
+      5. the old generation is drained exactly: known's values are added to the table
+         and zeroed, not deleted (its keys serve its next turn); newcomers' (less what
+         step 1 took) are added and its entries deleted, which empties it for its next
+         turn; the sample is zeroed. A newcomer that came after step 1 goes into the
+         active known at once.
+    So a tracked address is counted exactly throughout, a new one from its first frame
+    if newcomers had room, else from the next tick if it held its sample slot.
+    LocalAddresses keeps the rates, idle expiry and snapshots as on the classic path;
+    what it forgets leaves known at the next two ticks. No LRU map: its evictions would
+    lose counts. Rules: one per-CPU array slot each; a reload loads a new program with
+    a new rules map (the other maps stay), swaps it in one SO_ATTACH_BPF, and carries
+    the old counts by (id, expression) as RuleCounter does."""
 
     def __init__(self, local, rules, verdict=0):
         self.local, self.rules, self.verdict = local, rules, verdict
@@ -9040,7 +9250,15 @@ class KernelAccounting:
         self.carried = []              # (old rules map, [(new i, old j, old base)], retire at)
         self.gso_above = None
         self.program = None
-        self.last_addresses = {}
+        self.active = 0                # the generation the program counts in
+        # What the kernel counted per tracked address, drained: LocalAddresses' lists
+        # are set from these, so what the decoder adds to them (a userspace stage
+        # copies frames) never counts twice. {version: {key: [tx_b, tx_p, rx_b, rx_p]}}
+        self.totals = {version: {} for version in FAMILIES}
+        # The keys each generation's known holds: {version: set of keys}, per generation.
+        self.known = [{version: set() for version in FAMILIES} for _ in range(GENERATIONS)]
+        self.sample_hash = int.from_bytes(os.urandom(4), "little") | 1
+        self.sampled_at = 0            # unattributed packets when the sample was last read
 
     def program_for(self, vnet, mtu):
         """The program for a socket: built (again) when the link's GSO threshold changed."""
@@ -9052,7 +9270,7 @@ class KernelAccounting:
 
     def _load(self, nets, rules, maps):
         image, labels = build_program(maps, nets, rules.progs if rules else (), True,
-                                      self.verdict, self.gso_above)
+                                      self.verdict, self.gso_above, self.sample_hash)
         old, self.program = self.program, Program(image, labels)
         if old is not None:
             old.close()
@@ -9090,31 +9308,139 @@ class KernelAccounting:
                     self.base[i] = _add(self.base[i], counts[j])
                 old_map.close()
                 self.carried.remove(entry)
-        tables = self.local.tables
-        seen = {}
-        for key, value in self.maps["addresses"].items():
-            fam, raw = ADDR_KEY.unpack(key)
-            hkey = int.from_bytes(raw[:4], "big") if fam == 4 else raw
-            counts = self.maps["addresses"].sum_u64(value)
-            seen[(fam, hkey)] = key
-            t = tables[fam]
-            entry = t.hosts.get(hkey)
+        self.sync_addresses()
+
+    def sync_addresses(self):
+        """Steps 1 to 5 of the class's description: LocalAddresses gets everything the
+        kernel counted up to the flip."""
+        old, idle = self.active, (self.active + 1) % GENERATIONS
+        newcomers = self.maps[f"newcomers{old}"]
+        taken = {}                     # what step 1 credited: value bytes by key
+        for key, value in newcomers.items():
+            taken[key] = value
+            self._credit(key, newcomers.sum_u64(value))
+        self._mirror(idle)
+        sampled = self._let_in_overflow(old, idle)
+        self.maps["generation"].update(U32.pack(0), U32.pack(idle))
+        grace_period()
+        self.active = idle
+        if sampled:
+            overflow = self.maps[f"overflow{old}"]
+            overflow.write_batch(BPF_MAP_UPDATE_BATCH,
+                                 [U32.pack(i) for i in range(overflow.max_entries)],
+                                 bytes(overflow.buf_size))
+        known = self.maps[f"known{old}"]
+        zero, moved = bytes(known.buf_size), []
+        for key, value in known.items():
+            if value != zero:                   # most of the table is quiet in a tick
+                self._credit(key, known.sum_u64(value))
+                moved.append(key)
+        known.write_batch(BPF_MAP_UPDATE_BATCH, moved, zero)
+        drained, late = newcomers.items(), []
+        for key, value in drained:
+            before = taken.get(key)
+            if before is None:
+                late.append(key)
+                self._credit(key, newcomers.sum_u64(value))
+            elif value != before:       # counted again since step 1: the rest
+                self._credit(key, [n - b for n, b in zip(newcomers.sum_u64(value),
+                                                          newcomers.sum_u64(before))])
+        newcomers.write_batch(BPF_MAP_DELETE_BATCH, [key for key, _ in drained])
+        self._insert_known(self.active, late)
+
+    def _let_in_overflow(self, old, idle):
+        """Step 3: the addresses the old generation's overflow sample holds (read live:
+        a slot torn by a write meanwhile gives an address that counts nothing) go into
+        the idle generation's newcomers at zero, the heaviest first, as many as one
+        eviction makes room for: counted from the flip on, where the kernel's first-come
+        inserts could lose them to a flood again. True if there was a sample to read
+        (something went unattributed since the last tick)."""
+        unattributed = self.interface()["unattributed_packets"]
+        if unattributed == self.sampled_at:
+            return False
+        self.sampled_at = unattributed
+        overflow = self.maps[f"overflow{old}"]
+        weights = {}
+        for _, value in overflow.items():
+            for cpu in range(overflow.ncpus):
+                key, weight = OVERFLOW_VALUE.unpack_from(value, cpu * overflow.stride)
+                if weight:
+                    packed = key[:ADDR_KEY.size]
+                    weights[packed] = weights.get(packed, 0) + weight
+        room = max(1, self.local.local_max // LOCAL_EVICT_FRACTION)
+        newcomers = self.maps[f"newcomers{idle}"]
+        zero = bytes(newcomers.buf_size)
+        for packed in heapq.nlargest(room, weights, key=weights.get):
+            version, key = unpack_address(packed)
+            if version not in FAMILIES or key in self.local.tables[version].hosts:
+                continue
+            try:
+                newcomers.update(packed, zero, BPF_NOEXIST)
+            except BpfError as e:
+                if e.errno not in (errno.E2BIG, errno.EEXIST):
+                    raise
+        return True
+
+    def _credit(self, packed, counts):
+        """Add what the kernel counted for an address to its totals and its list in
+        LocalAddresses; an address the table does not hold (new, or forgotten since)
+        enters it from zero."""
+        if not any(counts):
+            return
+        version, key = unpack_address(packed)
+        t = self.local.tables[version]
+        totals = self.totals[version]
+        entry, total = t.hosts.get(key), totals.get(key)
+        if entry is None or total is None:
             if entry is None:
-                entry = t.hosts[hkey] = [0, 0, 0, 0]
-            if entry != counts:
-                entry[:] = counts
-                t.dirty.add(hkey)
-        self.last_addresses = seen
+                entry = self.local.admit(version, key)
+            total = totals[key] = [0, 0, 0, 0]
+        for i, n in enumerate(counts):
+            total[i] += n
+        entry[:] = total
+        t.dirty.add(key)
+
+    def _mirror(self, gen):
+        """known{gen} := the keys LocalAddresses holds (gen is idle: no program reads it).
+        Deletions first: the table holds at most local_max, known's size."""
+        m, held = self.maps[f"known{gen}"], self.known[gen]
+        want = {version: t.hosts.keys() for version, t in self.local.tables.items()}
+        for version, keys in held.items():
+            gone = keys - want[version]
+            m.write_batch(BPF_MAP_DELETE_BATCH, [pack_address(version, k) for k in gone])
+            keys -= gone
+        for version, keys in held.items():
+            new = want[version] - keys
+            m.write_batch(BPF_MAP_UPDATE_BATCH, [pack_address(version, k) for k in new],
+                          bytes(m.buf_size))
+            keys |= new
+
+    def _insert_known(self, gen, packed_keys):
+        """Tracked addresses into the active known, at zero, while programs count in it:
+        safe, as only userspace inserts there. Where it is full (it still holds what
+        the table evicted since its last turn) they stay newcomers until the next tick."""
+        m, held = self.maps[f"known{gen}"], self.known[gen]
+        zero = bytes(m.buf_size)
+        for packed in packed_keys:
+            version, key = unpack_address(packed)
+            if key not in self.local.tables[version].hosts or key in held[version]:
+                continue
+            try:
+                m.update(packed, zero, BPF_NOEXIST)
+            except BpfError as e:
+                if e.errno not in (errno.E2BIG, errno.EEXIST):
+                    raise
+                continue
+            held[version].add(key)
 
     def expire(self):
-        """After LocalAddresses' tick: what it forgot (idle) leaves the kernel map, so a
-        returning address starts from 0 as it does in userspace."""
-        for (fam, hkey), key in self.last_addresses.items():
-            if hkey not in self.local.tables[fam].hosts:
-                try:
-                    self.maps["addresses"].delete(key)
-                except OSError:
-                    pass
+        """After LocalAddresses' tick: the totals of what it forgot (idle or evicted) go,
+        so a returning address starts from 0 as on the classic path; its known entries
+        go at the next two ticks (_mirror)."""
+        for version, t in self.local.tables.items():
+            totals = self.totals[version]
+            for key in totals.keys() - t.hosts.keys():
+                del totals[key]
 
     def interface(self):
         m = self.maps["iface"]
@@ -9127,7 +9453,8 @@ class KernelAccounting:
         totals = tuple(c[f] for f in IFACE_FIELDS[:4])
         return InterfaceSnapshot(frames, totals,
                                  tuple((r, c["malformed_" + r]) for r in MALFORMED_REASONS),
-                                 drops, up, c["gso_frames"], c["gso_unsplit"])
+                                 drops, up, c["gso_frames"], c["gso_unsplit"],
+                                 (c["unattributed_bytes"], c["unattributed_packets"]))
 
     def rule_snapshot(self):
         if self.rules is None:
@@ -10352,6 +10679,10 @@ class Collector:
         yield family(CounterMetricFamily, "lpd_local_evictions",
                      "Local addresses dropped, least traffic first, because --local-max was reached.",
                      [], [((), addresses.evictions)])
+        for unit, n in zip(("bytes", "packets"), iface.unattributed):
+            yield family(CounterMetricFamily, f"lpd_local_unattributed_{unit}",
+                         f"The {unit} of local addresses the eBPF engine's tables had no room "
+                         "for (in the interface totals, not per address).", ["nic"], [((nic,), n)])
         for name, i, doc in INTERFACE_COUNTERS:
             yield family(CounterMetricFamily, name, doc, ["nic"], [((nic,), iface.totals[i])])
         # Per capture process: one process is worker "0"; with --workers, one series each
@@ -12393,7 +12724,8 @@ def dump_filter(opts, out=sys.stdout):
     if opts.engine == "ebpf":
         # the socket program a daemon attaches, with EXPR as its one rule (map fds as 0:
         # nothing is loaded to print it)
-        maps = {k: types.SimpleNamespace(fd=0) for k in ("addresses", "iface", "rules")}
+        slots = overflow_slots(opts.local_max or DEFAULT_LOCAL_MAX)
+        maps = {k: types.SimpleNamespace(fd=0, max_entries=slots) for k in MAP_NAMES}
         rules = [compile_filter(expr)] if expr else []
         image, labels = build_program(maps, opts.local_nets or (), rules, True, 0, None)
         out.write(disassemble(image, labels))

@@ -145,6 +145,121 @@ def test_translated_rules_and_decoder_match_userspace_on_the_corpus(seed):
             m.close()
 
 
+# --- the address tables under a flood, offline: BPF_PROG_TEST_RUN and sync() ticks ----
+
+FLOOD_NETS = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "fd00::/8")]
+FLOOD_LOCAL_MAX = 64
+FLOOD_PER_TICK = 400          # new spoofed sources an interval: several times the table
+FLOOD_TICKS = 4
+SPOOF_SIZE, BUSY_SIZE, NEW_SIZE = 64, 200, 300
+BUSY = ("10.9.0.1", "fd00::9")
+NEWCOMER_DURING, NEWCOMER_AFTER = "10.200.0.1", "fd00::200"
+# An interval, each newcomer: 3,000 bytes, more than all the flood's bytes its sample
+# slot gets (the flood's unattributed ~340 frames over 16 slots, ~21 each: 1,350 bytes)
+NEWCOMER_FRAMES = 10
+
+
+def frame_from(src, size, dst="192.0.2.1"):
+    """A frame from a local address to a remote one (one local end: one attribution)."""
+    return netns.udp_frame(netns.MAC_A, netns.MAC_B, src, "2001:db8::1" if ":" in src else dst,
+                           size)
+
+
+class Engines:
+    """The same frames through the kernel program (KernelAccounting, frames by
+    BPF_PROG_TEST_RUN) and the classic path's Decoder, each ticking its own table of
+    FLOOD_LOCAL_MAX addresses at the same points."""
+
+    def __init__(self):
+        self.klocal = lpd.LocalAddresses(FLOOD_NETS, local_max=FLOOD_LOCAL_MAX)
+        self.kernel = lpd.KernelAccounting(self.klocal, None)
+        self.kernel.sample_hash = lpd.SAMPLE_HASH      # the same slots at every run
+        self.fd = self.kernel.program_for(False, None)
+        self.ulocal = lpd.LocalAddresses(FLOOD_NETS, local_max=FLOOD_LOCAL_MAX)
+        self.decoder = lpd.Decoder(self.ulocal, [])
+        self.now = 0.0
+
+    def interval(self, frames):
+        for f in frames:
+            lpd.test_run(self.fd, f)
+        for block in lpd.frames_to_blocks([lpd.SynthFrame(f, len(f)) for f in frames]):
+            self.decoder.process_block(block, 0)
+        self.now += 1.0
+        self.kernel.sync()
+        for local in (self.klocal, self.ulocal):
+            local.tick(self.now)
+        self.kernel.expire()
+
+    @staticmethod
+    def counts(local, ip):
+        a = ipaddress.ip_address(ip)
+        return local.tables[a.version].hosts.get(int(a) if a.version == 4 else a.packed)
+
+    def spoofed_held(self, local, spoofed):
+        """Spoofed addresses the table held at some point: tracked now, or evicted."""
+        tracked = sum(1 for v, t in local.tables.items() for k in t.hosts
+                      if str(lpd.address((v, k))) in spoofed)
+        return local.evictions + tracked
+
+    def close(self):
+        self.kernel.close()
+
+
+def test_kernel_tables_keep_busy_hosts_exact_and_let_newcomers_in_under_a_flood():
+    """A sustained flood of spoofed local sources, several tables' worth an interval:
+    the busy hosts keep every frame (as on the classic path), a host that starts
+    during the flood is counted exactly from the next tick (the overflow sample lets
+    it in), one that starts after it from its first frame; what went unattributed is
+    exactly what no table held, and the interface totals are every frame."""
+    rng = random.Random(7)
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})    # one CPU's values, one CPU's sample slots
+    e = Engines()
+    try:
+        busy_sent = dict.fromkeys(BUSY, 0)
+        e.interval([frame_from(ip, BUSY_SIZE) for ip in BUSY])
+        for ip in BUSY:
+            busy_sent[ip] += BUSY_SIZE
+        spoofed, sent, newcomer_after_tick = [], [], 0
+        for tick in range(FLOOD_TICKS):
+            sources = [f"10.1.{(len(spoofed) + i) // 250}.{(len(spoofed) + i) % 250 + 1}"
+                       if i % 2 else f"fd00::1:{len(spoofed) + i:x}" for i in range(FLOOD_PER_TICK)]
+            spoofed += sources
+            frames = [frame_from(ip, SPOOF_SIZE) for ip in sources]
+            # The newcomer's frames all come once newcomers is full: only the sample sees it
+            for _ in range(NEWCOMER_FRAMES):
+                frames.insert(rng.randrange(2 * FLOOD_LOCAL_MAX, len(frames)),
+                              frame_from(NEWCOMER_DURING, NEW_SIZE))
+            for ip in BUSY:
+                for _ in range(3):
+                    frames.insert(rng.randrange(len(frames)), frame_from(ip, BUSY_SIZE))
+                    busy_sent[ip] += BUSY_SIZE
+            sent += frames
+            e.interval(frames)
+            if tick:
+                newcomer_after_tick += NEWCOMER_FRAMES * NEW_SIZE
+        for ip in BUSY:
+            assert e.counts(e.klocal, ip)[lpd.TX_BYTES] == busy_sent[ip]
+            assert e.counts(e.ulocal, ip)[lpd.TX_BYTES] == busy_sent[ip]
+        assert e.counts(e.klocal, NEWCOMER_DURING)[lpd.TX_BYTES] == newcomer_after_tick
+        assert e.klocal.tracked() <= FLOOD_LOCAL_MAX
+        iface = e.kernel.interface()
+        spoofed = set(spoofed)
+        lost_newcomer = NEWCOMER_FRAMES                 # its first interval, before the sample
+        assert iface["unattributed_packets"] == \
+            len(spoofed) - e.spoofed_held(e.klocal, spoofed) + lost_newcomer
+        assert iface["unattributed_bytes"] == (iface["unattributed_packets"] - lost_newcomer) * \
+            SPOOF_SIZE + lost_newcomer * NEW_SIZE
+        assert [iface[f] for f in lpd.IFACE_FIELDS[:4]] == e.decoder.totals
+        # After the flood: a new host is counted from its first frame
+        e.interval([frame_from(NEWCOMER_AFTER, NEW_SIZE)] * NEWCOMER_FRAMES)
+        assert e.counts(e.klocal, NEWCOMER_AFTER)[lpd.TX_BYTES] == NEWCOMER_FRAMES * NEW_SIZE
+        assert e.kernel.interface()["unattributed_packets"] == iface["unattributed_packets"]
+    finally:
+        e.close()
+        os.sched_setaffinity(0, cpus)
+
+
 def test_protochain_is_refused_not_mistranslated():
     with pytest.raises(lpd.Untranslatable):
         lpd.emit_rule(lpd.Gen(), lpd.compile_filter("ip protochain 6"), 0, 0)
@@ -351,5 +466,26 @@ def test_map_reads_batch_and_one_by_one_agree():
         assert m.sum_u64(batch[keys[7]]) == [7 * m.ncpus, m.ncpus, 14 * m.ncpus, 2 * m.ncpus]
         m.delete(keys[7])
         assert keys[7] not in dict(m.items())
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "key-by-key"])
+def test_map_writes_batch_and_one_by_one_agree(batch):
+    """write_batch: BPF_MAP_UPDATE_BATCH / DELETE_BATCH where the kernel has them, one
+    key at a time otherwise; a key already gone stops the kernel's batch, and the rest
+    is still deleted."""
+    m = lpd.Map(lpd.BPF_MAP_TYPE_PERCPU_HASH, lpd.ADDR_KEY.size, lpd.ADDR_VALUE.size, 4096, "lpd_t")
+    try:
+        m._write_batch_ok = batch
+        keys = [lpd.ADDR_KEY.pack(4, i.to_bytes(4, "big") + bytes(12)) for i in range(1000)]
+        m.write_batch(lpd.BPF_MAP_UPDATE_BATCH, keys, lpd.ADDR_VALUE.pack(1, 2, 3, 4) * m.ncpus,
+                      chunk=64)
+        assert {k: m.sum_u64(v) for k, v in m.items()} == \
+            {k: [m.ncpus, 2 * m.ncpus, 3 * m.ncpus, 4 * m.ncpus] for k in keys}
+        m.write_batch(lpd.BPF_MAP_UPDATE_BATCH, keys[:500], bytes(m.buf_size), chunk=64)
+        m.delete(keys[700])
+        m.write_batch(lpd.BPF_MAP_DELETE_BATCH, keys[500:], chunk=64)
+        assert {k: m.sum_u64(v) for k, v in m.items()} == {k: [0, 0, 0, 0] for k in keys[:500]}
     finally:
         m.close()
