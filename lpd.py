@@ -10297,7 +10297,9 @@ def interface_document(snap, how, top=None):
     iface = snap.get("interface", InterfaceSnapshot())
     return {**_envelope(snap, how), "up": iface.up, "frames": iface.frames, "drops": iface.drops,
             **_io((None, *iface.totals)), "malformed": dict(iface.malformed),
-            "gso_frames": iface.gso_frames, "gso_unsplit": iface.gso_unsplit}
+            "gso_frames": iface.gso_frames, "gso_unsplit": iface.gso_unsplit,
+            "unattributed_bytes": iface.unattributed[0],
+            "unattributed_packets": iface.unattributed[1]}
 
 
 def addresses_document(snap, how, top=None):

@@ -3,6 +3,7 @@ the table stays bounded, the hosts it tracked keep their exact counts during and
 it, a host that starts after it is counted exactly, the interface totals equal the
 veth's own counters, every frame the table could not hold is in the unattributed
 counters, and lpd keeps answering within a bounded address space."""
+import json
 import os
 import stat
 import sys
@@ -128,6 +129,9 @@ def test_spoofed_flood_inside_a_local_net(pair, tmp_path):
     m = metrics(pair)
     assert value(m, "lpd_receive_bytes_total", **b) == sent_ab + want
     assert value(m, "lpd_local_unattributed_packets_total", **lbl) == unattributed
+    doc = json.loads(scrape(pair, path="/api/interface"))
+    assert (doc["unattributed_packets"], doc["unattributed_bytes"]) == \
+        (unattributed, unattributed * SPOOFED_FRAME)
     assert len(scrape(pair)) < 2 * 1024 * 1024              # the page stays small
     assert rss_kib(lpd.proc.pid) < 200 * 1024, rss_kib(lpd.proc.pid)
     assert value(m, "lpd_capture_drops_total", worker="0", **lbl) == 0
