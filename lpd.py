@@ -8114,6 +8114,17 @@ class Map:
         """value: bytes of buf_size (a per-CPU map takes one value per possible CPU)."""
         self._elem(BPF_MAP_UPDATE_ELEM, key, _buf(value), flags, "BPF_MAP_UPDATE_ELEM")
 
+    def insert(self, key, value):
+        """Add a key that is absent, where there is room: False when it is there already
+        or the map is full, the two answers a bounded table expects."""
+        try:
+            self.update(key, value, BPF_NOEXIST)
+        except BpfError as e:
+            if e.errno not in (errno.E2BIG, errno.EEXIST):
+                raise
+            return False
+        return True
+
     def delete(self, key):
         self._elem(BPF_MAP_DELETE_ELEM, key, what="BPF_MAP_DELETE_ELEM")
 
@@ -9372,13 +9383,8 @@ class KernelAccounting:
         zero = bytes(newcomers.buf_size)
         for packed in heapq.nlargest(room, weights, key=weights.get):
             version, key = unpack_address(packed)
-            if version not in FAMILIES or key in self.local.tables[version].hosts:
-                continue
-            try:
-                newcomers.update(packed, zero, BPF_NOEXIST)
-            except BpfError as e:
-                if e.errno not in (errno.E2BIG, errno.EEXIST):
-                    raise
+            if version in FAMILIES and key not in self.local.tables[version].hosts:
+                newcomers.insert(packed, zero)
         return True
 
     def _credit(self, packed, counts):
@@ -9423,15 +9429,9 @@ class KernelAccounting:
         zero = bytes(m.buf_size)
         for packed in packed_keys:
             version, key = unpack_address(packed)
-            if key not in self.local.tables[version].hosts or key in held[version]:
-                continue
-            try:
-                m.update(packed, zero, BPF_NOEXIST)
-            except BpfError as e:
-                if e.errno not in (errno.E2BIG, errno.EEXIST):
-                    raise
-                continue
-            held[version].add(key)
+            if key in self.local.tables[version].hosts and key not in held[version] and \
+                    m.insert(packed, zero):
+                held[version].add(key)
 
     def expire(self):
         """After LocalAddresses' tick: the totals of what it forgot (idle or evicted) go,
