@@ -2129,7 +2129,8 @@ class FloodTrafgen(Trafgen):
                 f"sa[2]=dinc({lo}, {lo + SPOOF_V4_SPAN - 1}), sa[3]=dinc(1, {SPOOF_V4_FOURTH})), "
                 f"{udp}, fill(0, {SPOOF_FRAME - netns.frame_len(0)}) }}")
         self.cycle = len(packets)
-        self.sources = SPOOF_V4_DEFS * SPOOF_V4_SPAN * SPOOF_V4_FOURTH + SPOOF_V6_DEFS * SPOOF_V6_SPAN
+        self.sources = (SPOOF_V4_DEFS * SPOOF_V4_SPAN * SPOOF_V4_FOURTH
+                        + SPOOF_V6_DEFS * SPOOF_V6_SPAN)
         # frames that send every IPv4 source once (and every IPv6 one at least once)
         self.one_pass = self.cycle * max(SPOOF_V4_SPAN * SPOOF_V4_FOURTH, SPOOF_V6_SPAN)
         self.write(packets)
@@ -2721,8 +2722,8 @@ def live_workers(pair, workdir, rules_file, ratios_in):
     for rules in (None, rules_file):
         # ebpf's workers copy nothing with or without rules: its n/a lines once
         for engine in ENGINES if rules is None else ("cbpf",):
-            rows = [drain_workers(pair, flows, LpdWorkers(pair, n, DRAIN_RING, rules, engine), scale)
-                    for n in (1, 2)]
+            rows = [drain_workers(pair, flows, LpdWorkers(pair, n, DRAIN_RING, rules, engine),
+                                  scale) for n in (1, 2)]
             if all(r and r.get("Mfps wall") for r in rows):
                 rows[1]["2 ÷ 1 wall"] = ratio(rows[1]["Mfps wall"], rows[0]["Mfps wall"])
     ref = ratios_in.get("drain", {}).get(("split", "tcpdump"))
