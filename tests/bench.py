@@ -4,7 +4,8 @@
     python3 tests/bench.py               # offline, then live (live needs root + netns)
     python3 tests/bench.py --offline     # in-process only, no privileges, < 1 min
     python3 tests/bench.py --live        # namespaces + trafgen only
-    python3 tests/bench.py --quick       # smaller counts: a smoke run (~1 min)
+    python3 tests/bench.py --quick       # smaller counts: a smoke run
+    python3 tests/bench.py --quick --series mix,flood   # live series by name (root)
     python3 tests/bench.py --rules-at-scale   # only the startup cost of big rule sets
 
 Prints plain tables and writes the same figures as JSON to bench/results/<UTC time>.json.
@@ -27,14 +28,25 @@ answered by Content-Length or chunked bodies in MSS segments, FINs), frames whol
 kernel program returns them, with and without an HttpRequests stage; every request finished
 with the status and body length it was sent with.
 
-Live: two namespaces joined by a veth pair (tests/netns.py); trafgen sends a fixed number of
-frames at a ladder of rates; tcpdump -w /dev/null (same ring size) and lpd consume them in
-turn. Capacity: the consumer is SIGSTOPped while the ring fills, then SIGCONTed and timed;
-the capacity series also drains lpd with only B local, without and with --remote, and
-lpd with --connections and lpd with --http.
+Live: two namespaces joined by a veth pair (tests/netns.py); every lpd line runs with
+--engine ebpf and with --engine cbpf, beside tcpdump -w /dev/null. An lpd counting with
+ebpf copies no frame to userspace: it is measured by its interface counters against the
+veth's own and by system-wide CPU (/proc/stat) above a no-capture floor. Series (--series):
+  ladder   trafgen sends a fixed number of frames at a ladder of rates; no capture, tcpdump
+           (same ring size) and lpd consume them in turn: loss, CPU, RSS.
+  drain    capacity: the consumer is SIGSTOPped while the ring fills, then SIGCONTed and
+           timed (lpd also with only B local, --remote, --connections, --http); an lpd whose
+           program copies nothing has no ring to drain (n/a).
+  workers  the drain with 1 and 2 capture processes (--workers, PACKET_FANOUT).
+  syscpu   system-wide CPU per frame of each engine (0/10 rules, --remote).
+  mix      system-wide CPU per frame with every stage on (-f, --remote, --connections,
+           --http) on a mix where 5 % of frames are HTTP, against issue 24's targets.
+  flood    the ladder under tests/test_flood.py's spoofed flood with legitimate frames: the
+           zero-loss rate at which those hosts' counts stay exact.
 Traffic never leaves the namespaces this script creates.
 """
 import argparse
+import collections
 import datetime
 import functools
 import glob
@@ -129,28 +141,85 @@ HTTP_STATUSES = (200, 200, 200, 200, 200, 404, 301, 500)   # all with a body (no
 
 # ---- live ------------------------------------------------------------------------
 GENERATOR_CPU = 0                       # trafgen -P 1 pins its worker to CPU 0 by itself
-LADDER_PPS = (50_000, 100_000, 200_000, None)      # None: as fast as trafgen goes
+# The rate ladder. No 50 kpps rung: every consumer was loss-free at 100 kpps in every
+# pinning (README, Performance), and its 4 s a series paid for the second engine's lines.
+LADDER_PPS = (100_000, 200_000, None)   # None: as fast as trafgen goes
 RUNG_FRAMES = 200_000                   # >= the highest paced rate: trafgen -b bursts when -n < rate
-QUICK_LADDER_PPS, QUICK_RUNG_FRAMES = (50_000, None), 60_000
+QUICK_LADDER_PPS, QUICK_RUNG_FRAMES = (100_000, None), 100_000
 FRAME_SIZES = (64, 1400)
 LOSS_OK = 0.001                         # "zero loss": below 0.1 %
 DRAIN_FRAMES = 1_000_000
 DRAIN_RING = 256 << 20                  # ring big enough to hold DRAIN_FRAMES small frames
 DRAIN_SETTLE = 1.3                      # s: tcpdump's blocks retire after 1 s
+LPD_RETIRE_MS = 20                      # lpd's ring blocks retire after this (RING_RETIRE_MS,
+LPD_SETTLE_RETIRES = 5                  # read from lpd.py): its drain waits this many of them
 DRAIN_IDLE = 0.15                       # s without CPU progress = drained
-SYSCPU_FRAMES = 1_000_000               # per run of the system-wide CPU series
+IDLE_POLL = 0.01                        # s between reads of a consumer's CPU time then (each
+                                        # read costs the bench CPU that lands in sys figures)
+DRAIN_PROBE_FRAMES = 20_000             # sent to an ebpf lpd first: a ring it leaves empty
+                                        # has nothing to drain (it counted in the kernel)
+SYSCPU_FRAMES = 500_000                 # per run of the system-wide CPU series (0.5 s or
+                                        # more of busy CPU: 50+ of /proc/stat's 10 ms ticks)
 SYSCPU_REPEAT = 3
 SYSCPU_WARMUP = 20_000
 SYSCPU_COUNT_TIMEOUT = 20.0             # s for a slow consumer to account for a run's frames
+SYSCPU_RING = DRAIN_RING                # every consumer's ring in the system-wide CPU series:
+                                        # a run fits, so each works on every frame (a line
+                                        # that dropped frames would show too low a cost)
+SYSCPU_STALL = 2.5                      # s without a new count (over 2 publications): it lost
+                                        # the rest (ring drops), stop waiting for them
+SYSCPU_POLL = 0.2                       # s between reads of a consumer's count: each read
+                                        # costs CPU that lands in the figure being measured
 WORKER_FLOWS = 32                       # flows in the workers' drain, spread by the fanout hash
 WORKER_SPORT0 = 40000
 COUNT_TIMEOUT = 4.0                     # s to wait for a consumer to account a rung
+COUNT_POLL = 0.1                        # s between its reads then
 LPD_PORT = 19122                        # inside the receiving namespace only
 DEFAULT_RING = 16 << 20                 # lpd's default -b (read from lpd.py); tcpdump -B the same
 LIVE_LOCAL_NETS = ("10.199.0.0/16", "fd00:199::/64")    # both veth ends local
 # --remote: only B (lpd's end) local, so trafgen's A -> B frames are remote -> local ones
 # (two remotes, 10.199.0.1 and fd00:199::1: the frames the other drain lines see).
 LIVE_REMOTE_LOCAL_NETS = ("10.199.0.2/32", "fd00:199::2/128")
+LPD_AS_LIMIT = 2_000_000_000            # RLIMIT_AS of every lpd started here (bytes; a
+                                        # 256 MiB ring, Python, thread stacks and arenas fit)
+# Engines (issue 24): every lpd line runs once per engine, named explicitly; what
+# `--engine auto` picks is recorded at the start of the live part.
+ENGINES = ("ebpf", "cbpf")
+# Every stage on, on a mix where 5 % of frames are HTTP: per cycle, one whole HTTP/1.1
+# connection (the 9 frames of mix_http_steps, one every MIX_SPACING frames) between a
+# local client and a remote server, the rest the default line's 64-byte UDP frames A -> B.
+MIX_SPACING = 20                        # 1 HTTP frame in 20: 5 %
+MIX_HTTP_BODY = 1000                    # response body bytes (one segment, frame < 1514)
+MIX_CLIENT_ISN, MIX_SERVER_ISN = 1000, 5000
+MIX_CLIENT_PORTS = (32768, 60999)       # one port per connection, dinc()'d each cycle (a
+                                        # run of MIX_FRAMES has MIX_FRAMES / 180 of them)
+MIX_FRAMES = 500_000                    # per run (--quick: a fifth)
+HTTP_CLIENT_NET = "10.199.200.0/21"     # local clients, a new one for each trafgen run
+HTTP_SERVER = "198.51.100.80"           # remote (documentation range), port 80
+# B and the clients local: every frame of the mix has a remote end (A for the UDP frames)
+MIX_LOCAL_NETS = LIVE_REMOTE_LOCAL_NETS + (HTTP_CLIENT_NET,)
+EVERY_STAGE = ("--remote", "--connections", "--http", "--docker-socket", "none")
+# (line, at most this many times tcpdump's CPU above the floor): printed, not asserted
+MIX_TARGETS = {"lpd ebpf +10 rules --remote": 1.0, "lpd ebpf, every stage": 2.0}
+# The spoofed flood of tests/test_flood.py, interleaved with legitimate frames A -> B, on
+# the rate ladder: 64-byte UDP frames from spoofed sources inside the local networks to a
+# remote address. IPv4: SPOOF_V4_DEFS trafgen packets whose third address byte dinc()s
+# through its own SPOOF_V4_SPAN values and the fourth through 1..SPOOF_V4_FOURTH (coprime
+# spans: every pair once per SPAN x FOURTH frames of it); IPv6: SPOOF_V6_DEFS packets whose
+# last 32 bits dinc() through SPOOF_V6_SPAN values each.
+SPOOF_V4_DEFS, SPOOF_V4_SPAN, SPOOF_V4_FOURTH = 6, 16, 249     # 23,904 IPv4 sources
+SPOOF_V6_DEFS, SPOOF_V6_SPAN = 2, 3000                          # 6,000 IPv6 sources
+SPOOF_FRAME = 64
+SPOOF_LEGIT_PAYLOAD = 200               # test_flood's LEGIT datagrams, one per cycle
+SPOOF_LOCAL_NETS = ("10.199.0.0/16", "fd00:199:1::/64")   # test_flood's (off B's own /64)
+SPOOF_LOCAL_MAX = 2000                  # test_flood's LOCAL_MAX
+SPOOF_INTERVAL = 0.5                    # lpd --interval (test_flood's)
+SPOOF_WARMUP = 20_000                   # flood + legit frames before the first rung: the
+                                        # legitimate hosts appear after the flood filled
+                                        # the table (the attack issue 24 describes) ...
+SPOOF_NEWCOMER_WAIT = 3 * SPOOF_INTERVAL  # ... and get at most one --interval to be counted
+SPOOF_STABLE = 3 * SPOOF_INTERVAL       # s a count must stay put to be final (not exact)
+SPOOF_SETTLE_TIMEOUT = 10.0             # s for a rung's counts to settle at most
 
 RULE_EXPRS = [
     "udp port 9", "host 10.199.0.1", "net 10.199.0.0/24 and udp", "ip6 and udp",
@@ -166,7 +235,7 @@ RULE_EXPRS = [
 # Output ######################################################################
 ###############################################################################
 
-MAX_CELL = 64
+MAX_CELL = 64                           # a row's message (Table.say) is printed whole
 
 
 def fmt(v):
@@ -197,15 +266,32 @@ class Table:
         self.rows.append(row)
         return row
 
+    def say(self, first, message, **row):
+        """A row that is one sentence after its leading columns (why a line has no
+        figures: 'not available: <lpd's error>', 'n/a: ...'), printed whole, not cut to a
+        cell; the leading columns are the first one and those after it the row has."""
+        return self.add(**{self.columns[0]: first, "message": message}, **row)
+
+    def _leading(self, r):
+        """How many leading columns a message row shows."""
+        n = 1
+        while n < len(self.columns) and r.get(self.columns[n]) is not None:
+            n += 1
+        return n
+
     def render(self):
         cells = [[fmt(r.get(c))[:MAX_CELL] for c in self.columns] for r in self.rows]
-        widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(self.columns)]
+        widths = [max([len(c)] + [len(row[i]) for row, r in zip(cells, self.rows)
+                                  if "message" not in r or i < self._leading(r)])
+                  for i, c in enumerate(self.columns)]
         lines = [f"== {self.title}"]
         if self.note:
             lines += [f"   {line}" for line in self.note.splitlines()]
         lines.append("  ".join(c.rjust(w) for c, w in zip(self.columns, widths)))
-        for row in cells:
-            lines.append("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+        for row, r in zip(cells, self.rows):
+            n = self._leading(r) if "message" in r else len(row)
+            line = "  ".join(v.rjust(w) for v, w in zip(row[:n], widths))
+            lines.append(line + f"  {r['message']}" if "message" in r else line)
         return "\n".join(lines)
 
     def show(self):
@@ -1605,8 +1691,67 @@ def peak_rss_kib(pid):
     return None
 
 
+def busy_jiffies():
+    """Every CPU's non-idle time (user nice system irq softirq steal, not idle iowait)
+    from /proc/stat's first line, in USER_HZ ticks."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return sum(v) - v[3] - v[4]
+
+
+def busy_until_idle(pids, timeout=COUNT_TIMEOUT):
+    """busy_jiffies() as of the last CPU progress of `pids`, once none has made any for
+    DRAIN_IDLE s (now, without pids): the end of a consumer's work on the frames sent,
+    without the wait for its next publication (an idle time other processes may fill)."""
+    last_b = busy_jiffies()
+    if not pids:
+        return last_b
+    last, last_t = [cpu_ns(p) for p in pids], time.monotonic()
+    deadline = last_t + timeout
+    while time.monotonic() < deadline:
+        time.sleep(IDLE_POLL)
+        now, t, b = [cpu_ns(p) for p in pids], time.monotonic(), busy_jiffies()
+        if now != last:
+            last, last_t, last_b = now, t, b
+        elif t - last_t >= DRAIN_IDLE:
+            break
+    return last_b
+
+
+@functools.lru_cache(maxsize=None)
+def prlimit_argv(limit):
+    """['prlimit', '--as=LIMIT'] to put before a command (it execs it: the PID stays the
+    command's), or [] where prlimit is missing."""
+    try:
+        ok = subprocess.run(["prlimit", "--version"], capture_output=True).returncode == 0
+    except OSError:
+        ok = False
+    return ["prlimit", f"--as={limit}"] if ok else []
+
+
 class NotAvailable(Exception):
     """The consumer could not run (lpd lacks the feature yet): reported as a row."""
+
+
+_SAMPLE = re.compile(r"^([A-Za-z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text):
+    """[(name, {label: value}, value)] of a Prometheus text exposition."""
+    out = []
+    for line in text.splitlines():
+        m = _SAMPLE.match(line) if line and not line.startswith("#") else None
+        if m:
+            out.append((m.group(1), dict(_LABEL.findall(m.group(2) or "")), float(m.group(3))))
+    return out
+
+
+# What a consumer has accounted for. seen: tcpdump's captured frames; lpd cbpf's frames
+# copied to its ring; lpd ebpf's frames counted by its program (the interface receive
+# counter: it copies none without a userspace stage). drops: ring drops. rx_bytes: lpd's
+# interface receive bytes (None for the others). copied: frames that reached the ring.
+Counts = collections.namedtuple("Counts", "seen drops rx_bytes copied")
 
 
 ###############################################################################
@@ -1614,8 +1759,10 @@ class NotAvailable(Exception):
 ###############################################################################
 
 class Consumer:
-    """A capture process in the receiving namespace; counts() -> (seen, drops, rx bytes)."""
+    """A capture process in the receiving namespace; counts() -> Counts."""
     name = "?"
+    counting = None             # lpd: the engine it counts with (lpd_build_info)
+    settle = DRAIN_SETTLE       # s after a fill until every frame is in a retired block
 
     def __init__(self, pair, cpu, ring_bytes):
         self.pair, self.cpu, self.ring_bytes = pair, cpu, ring_bytes
@@ -1672,14 +1819,45 @@ class Consumer:
         """(precise CPU s from schedstat, utime+stime s from /proc/<pid>/stat)."""
         return cpu_ns(self.proc.pid) / 1e9, cpu_seconds(self.proc.pid)
 
-    def wait_counted(self, before, expected, timeout=COUNT_TIMEOUT):
-        """Poll counts() until seen+drops since `before` reach `expected`; the last counts."""
+    def pids(self):
+        """The processes whose CPU shows when its work on the frames is done."""
+        return [self.proc.pid]
+
+    def wait_counted(self, before, expected, timeout=COUNT_TIMEOUT, field="seen"):
+        """Poll counts() until `field` + drops since `before` reach `expected`; the last
+        counts. field 'copied': what reached the ring (a drain), not what was counted."""
         deadline = time.monotonic() + timeout
         while True:
             now = self.counts()
-            if now[0] + now[1] - before[0] - before[1] >= expected or time.monotonic() > deadline:
+            got = getattr(now, field) - getattr(before, field) + now.drops - before.drops
+            if got >= expected or time.monotonic() > deadline:
                 return now
-            time.sleep(0.1)
+            time.sleep(COUNT_POLL)
+
+
+class NoCapture(Consumer):
+    """No consumer at all: the generator, the veth and the sink alone, the floor every
+    system-wide CPU figure is read against. 'seen' is what the veth delivered."""
+    name = "no capture (floor)"
+
+    def __init__(self, pair):
+        super().__init__(pair, None, 0)
+
+    def start(self):
+        return self
+
+    def stop(self):
+        return None
+
+    def cpu_time(self):
+        return 0.0, 0.0
+
+    def pids(self):
+        return []
+
+    def counts(self):
+        rx = netns.link_stats(self.pair.ns_b, self.pair.if_b)["rx_packets"]
+        return Counts(rx, 0, None, 0)
 
 
 class Tcpdump(Consumer):
@@ -1706,20 +1884,31 @@ class Tcpdump(Consumer):
         with self.new_line:
             text = "".join(self.lines[start:])
         m = self.STATS.findall(text)[-1]
-        return int(m[0]), int(m[2]), None
+        return Counts(int(m[0]), int(m[2]), None, int(m[0]))
 
 
 class Lpd(Consumer):
+    """lpd in the receiving namespace, under prlimit --as. engine: its --engine (None:
+    lpd's default, auto); the name is 'lpd ENGINE' + `what` (default: ' +10 rules'
+    with a rules file) unless `label` gives it whole."""
     name = "lpd"
 
+    @property
+    def settle(self):
+        return LPD_RETIRE_MS * LPD_SETTLE_RETIRES / 1000
+
     def __init__(self, pair, cpu, ring_bytes, rules_file=None, extra=(), label=None,
-                 local_nets=LIVE_LOCAL_NETS):
+                 local_nets=LIVE_LOCAL_NETS, engine=None, what=None):
         super().__init__(pair, cpu, ring_bytes)
-        self.rules_file, self.extra, self.local_nets = rules_file, list(extra), local_nets
-        self.name = label or ("lpd +10 rules" if rules_file else "lpd")
+        self.rules_file, self.local_nets, self.engine = rules_file, local_nets, engine
+        self.extra = (["--engine", engine] if engine else []) + list(extra)
+        if label is None:
+            what = (" +10 rules" if rules_file else "") if what is None else what
+            label = f"lpd {engine}{what}" if engine else f"lpd{what}"
+        self.name = label
 
     def argv(self):
-        argv = [sys.executable, LPD, "-i", self.pair.if_b]
+        argv = prlimit_argv(LPD_AS_LIMIT) + [sys.executable, LPD, "-i", self.pair.if_b]
         for net in self.local_nets:
             argv += ["--local-net", net]
         argv += ["--web.listen-address", f"127.0.0.1:{LPD_PORT}", "--mapping-url", "none"]
@@ -1732,30 +1921,63 @@ class Lpd(Consumer):
     def wait_ready(self):
         if self.wait_line("capturing on", timeout=20) is None:
             self.proc.poll()
-            raise NotAvailable(f"lpd did not start (exit {self.proc.returncode}): "
-                               + "".join(self.lines[-2:]).strip())
+            said = [line.strip() for line in self.lines if line.strip()]
+            # lpd's errors are one line: the last it wrote
+            raise NotAvailable(said[-1] if said else f"lpd exited {self.proc.returncode}")
+        info = [labels for name, labels, _ in self.samples() if name == "lpd_build_info"]
+        self.counting = info[0].get("engine") if info else None
+
+    def samples(self):
+        status, body = netns.http_get(self.pair.ns_b, "127.0.0.1", LPD_PORT, "/metrics")
+        return parse_metrics(body.decode())
 
     def metrics(self):
-        status, body = netns.http_get(self.pair.ns_b, "127.0.0.1", LPD_PORT, "/metrics")
+        """Every series' value summed over its labels, by name."""
         values = {}
-        for line in body.decode().splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                values[name.split("{", 1)[0]] = values.get(name.split("{", 1)[0], 0) + float(value)
+        for name, _, value in self.samples():
+            values[name] = values.get(name, 0) + value
         return values
 
     def counts(self):
         m = self.metrics()
-        return (int(m.get("lpd_capture_packets_total", 0)), int(m.get("lpd_capture_drops_total", 0)),
-                int(m.get("lpd_interface_receive_bytes_total", 0)))
+        copied = int(m.get("lpd_capture_packets_total", 0))
+        seen = int(m.get("lpd_interface_receive_packets_total", 0)) \
+            if self.counting == "ebpf" else copied
+        return Counts(seen, int(m.get("lpd_capture_drops_total", 0)),
+                      int(m.get("lpd_interface_receive_bytes_total", 0)), copied)
+
+    def accounted(self):
+        """(frames received that lpd accounted for, ring drops): its interface receive
+        counter, whichever engine counts."""
+        m = self.metrics()
+        return (int(m.get("lpd_interface_receive_packets_total", 0)),
+                int(m.get("lpd_capture_drops_total", 0)))
 
 
 LPD = LPD_PATH
 
 
+def auto_engine(pair, extra=(), local_nets=LIVE_LOCAL_NETS, rules_file=None):
+    """What lpd's default, --engine auto, picks for these options: its start-up line's
+    '(engine ...)' part."""
+    c = Lpd(pair, None, DEFAULT_RING, rules_file, extra=extra, local_nets=local_nets)
+    try:
+        c.start()
+        m = re.search(r"\((engine [^)]*)\)", "".join(c.lines))
+        return m.group(1) if m else f"engine {c.counting}"
+    except NotAvailable as e:
+        return f"not available: {e}"
+    finally:
+        c.stop()
+
+
 ###############################################################################
-# Live: generator #############################################################
+# Live: generators ############################################################
 ###############################################################################
+
+def trafgen_bytes(data):
+    return ", ".join(f"0x{b:02x}" for b in data)
+
 
 class Trafgen:
     """trafgen (netsniff-ng) in namespace A sending UDP frames of one size to B.
@@ -1773,9 +1995,11 @@ class Trafgen:
             if flows > 1 else [netns.udp_frame(p.mac_a, p.mac_b, p.ip4_a, p.ip4_b, frame_size),
                                netns.udp_frame(p.mac_a, p.mac_b, p.ip6_a, p.ip6_b, frame_size)]
         self.conf = os.path.join(workdir, f"trafgen-{frame_size}-{flows}.cfg")
+        self.write(["{ " + trafgen_bytes(fr) + " }" for fr in frames])
+
+    def write(self, packets):
         with open(self.conf, "w") as f:
-            for fr in frames:
-                f.write("{ " + ", ".join(f"0x{b:02x}" for b in fr) + " }\n")
+            f.writelines(p + "\n" for p in packets)
 
     def send(self, count, pps=None):
         """Send `count` frames at `pps` (None: top speed); (frames sent, seconds)."""
@@ -1792,6 +2016,128 @@ class Trafgen:
         if t:
             secs = int(t.group(1)) + int(t.group(2)) / 1e6
         return (int(m.group(1)) if m else count), secs
+
+
+def mix_http_steps():
+    """The frames of one HTTP/1.1 connection of the mix, client first: (from client,
+    trafgen TCP flags, seq, ack, payload): handshake, one GET, its answer (headers and a
+    MIX_HTTP_BODY-byte body by Content-Length, one segment), the client's ACK, FINs both
+    ways, the last ACK."""
+    req = (f"GET /bench/item HTTP/1.1\r\nHost: {HTTP_SERVER}\r\nUser-Agent: lpd-bench/1\r\n"
+           "Accept: */*\r\n\r\n").encode()
+    resp = (f"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {MIX_HTTP_BODY}"
+            "\r\n\r\n").encode() + b"x" * MIX_HTTP_BODY
+    c, s = MIX_CLIENT_ISN, MIX_SERVER_ISN
+    c1, s1 = c + 1 + len(req), s + 1 + len(resp)         # after the request / the answer
+    return [(True, "syn", c, 0, b""), (False, "syn, ack", s, c + 1, b""),
+            (True, "ack", c + 1, s + 1, b""), (True, "psh, ack", c + 1, s + 1, req),
+            (False, "psh, ack", s + 1, c1, resp), (True, "ack", c1, s1, b""),
+            (True, "fin, ack", c1, s1, b""), (False, "fin, ack", s1, c1 + 1, b""),
+            (True, "ack", c1 + 1, s1 + 1, b"")]
+
+
+class MixTrafgen(Trafgen):
+    """trafgen sending the every-stage mix: cycles of MIX_CYCLE frames, each one whole
+    HTTP/1.1 connection (mix_http_steps, IPv4) between a client in HTTP_CLIENT_NET and
+    HTTP_SERVER port 80, one frame every MIX_SPACING, between the default line's 64-byte
+    UDP frames A -> B (IPv4 and IPv6 in turn). trafgen sends a config's packets in order,
+    so the dinc() of the client port in every HTTP packet moves in step: each cycle is a
+    new connection. Both directions come from A to B's MAC; B's kernel drops them (the
+    addresses are not its own, it does not forward), so no answer of its own (a reset
+    from a closed port 80) disturbs the connections. Each send() writes the config with a
+    new client address: no connection repeats within one consumer's runs."""
+
+    def __init__(self, pair, workdir):
+        self.pair, self.runs, self.requests = pair, 0, 0
+        self.conf = os.path.join(workdir, "trafgen-mix.cfg")
+        self.steps = mix_http_steps()
+        self.cycle = len(self.steps) * MIX_SPACING
+        p = pair
+        self.udp = ["{ " + trafgen_bytes(netns.udp_frame(p.mac_a, p.mac_b, src, dst, 64)) + " }"
+                    for src, dst in ((p.ip4_a, p.ip4_b), (p.ip6_a, p.ip6_b))]
+        import ipaddress
+        self.clients = ipaddress.ip_network(HTTP_CLIENT_NET)
+        # the answer is the step the HTTP stage finishes a request at
+        self.answer = next(i for i, st in enumerate(self.steps) if not st[0] and st[4])
+
+    def http_packet(self, client, step):
+        from_client, flags, seq, ack, payload = step
+        port = f"dinc({MIX_CLIENT_PORTS[0]}, {MIX_CLIENT_PORTS[1]})"
+        src, dst, sp, dp = (client, HTTP_SERVER, port, 80) if from_client else \
+            (HTTP_SERVER, client, 80, port)
+        mac_src, mac_dst = self.pair.mac_a, self.pair.mac_b
+        body = (", " + trafgen_bytes(payload)) if payload else ""
+        return (f"{{ eth(da={mac_dst}, sa={mac_src}), ipv4(sa={src}, da={dst}, ttl=64, df), "
+                f"tcp(sp={sp}, dp={dp}, {flags}, seq={seq}, aseq={ack}, win=64240){body} }}")
+
+    def send(self, count, pps=None):
+        if count // self.cycle + 1 > MIX_CLIENT_PORTS[1] - MIX_CLIENT_PORTS[0]:
+            raise ValueError(f"{count} frames: more connections than client ports")
+        client = self.clients[1 + self.runs % (self.clients.num_addresses - 2)]
+        self.runs += 1
+        packets, udp = [], 0
+        for step in self.steps:
+            packets.append(self.http_packet(client, step))
+            for _ in range(MIX_SPACING - 1):
+                packets.append(self.udp[udp % len(self.udp)])
+                udp += 1
+        self.write(packets)
+        sent, secs = super().send(count, pps)
+        self.requests += self.answered(sent)
+        return sent, secs
+
+    def answered(self, sent):
+        """Requests whose answer is among the first `sent` frames."""
+        at = self.answer * MIX_SPACING
+        return (sent - at - 1) // self.cycle + 1 if sent > at else 0
+
+
+class FloodTrafgen(Trafgen):
+    """trafgen sending tests/test_flood.py's flood (the SPOOF_* constants): 64-byte UDP
+    frames from spoofed sources inside SPOOF_LOCAL_NETS to a remote address, the
+    sources moved on by dinc() in each packet. With legit=True each cycle starts with one
+    legitimate frame A -> B (a SPOOF_LEGIT_PAYLOAD-byte datagram to B's sink)."""
+
+    def __init__(self, pair, workdir, legit):
+        import math
+        if math.gcd(SPOOF_V4_SPAN, SPOOF_V4_FOURTH) != 1:
+            raise ValueError("SPOOF_V4_SPAN and SPOOF_V4_FOURTH must be coprime")
+        self.pair, self.legit = pair, legit
+        self.conf = os.path.join(workdir, f"trafgen-flood-{int(legit)}.cfg")
+        p = pair
+        eth = f"eth(da={p.mac_b}, sa={p.mac_a})"
+        udp = "udp(sp=40000, dp=9)"
+        packets = []
+        self.legit_size = netns.frame_len(SPOOF_LEGIT_PAYLOAD)
+        if legit:
+            packets.append("{ " + trafgen_bytes(netns.udp_frame(p.mac_a, p.mac_b, p.ip4_a, p.ip4_b,
+                                                                 self.legit_size)) + " }")
+        # IPv6 packets before the IPv4 ones: trafgen 0.6.8 fails ('xfree: NULL pointer
+        # given as argument') on an ipv6() packet after two ipv4() ones
+        net6 = SPOOF_LOCAL_NETS[1].split("::")[0]             # fd00:199:1
+        for j in range(SPOOF_V6_DEFS):
+            lo = (j << 16) + 1                                 # the last 32 bits
+            packets.append(
+                f"{{ {eth}, ipv6(sa={net6}::{j:x}:1, da=2001:db8::1, hl=64, "
+                f"sa=dinc({lo}, {lo + SPOOF_V6_SPAN - 1})), "
+                f"{udp}, fill(0, {SPOOF_FRAME - netns.frame_len(0, ipv6=True)}) }}")
+        net4 = SPOOF_LOCAL_NETS[0].split(".")[:2]            # 10.199
+        for j in range(SPOOF_V4_DEFS):
+            lo = 1 + j * SPOOF_V4_SPAN
+            packets.append(
+                f"{{ {eth}, ipv4(sa={'.'.join(net4)}.{lo}.1, da=192.0.2.1, ttl=64, df, "
+                f"sa[2]=dinc({lo}, {lo + SPOOF_V4_SPAN - 1}), sa[3]=dinc(1, {SPOOF_V4_FOURTH})), "
+                f"{udp}, fill(0, {SPOOF_FRAME - netns.frame_len(0)}) }}")
+        self.cycle = len(packets)
+        self.sources = (SPOOF_V4_DEFS * SPOOF_V4_SPAN * SPOOF_V4_FOURTH
+                        + SPOOF_V6_DEFS * SPOOF_V6_SPAN)
+        # frames that send every IPv4 source once (and every IPv6 one at least once)
+        self.one_pass = self.cycle * max(SPOOF_V4_SPAN * SPOOF_V4_FOURTH, SPOOF_V6_SPAN)
+        self.write(packets)
+
+    def legit_frames(self, sent):
+        """Legitimate frames among the first `sent` (each cycle's first)."""
+        return -(-sent // self.cycle) if self.legit else 0
 
 
 ###############################################################################
@@ -1823,35 +2169,47 @@ def wait_link_quiet(pair, quiet=0.05, timeout=3.0):
     return last
 
 
+def start_or_say(consumer, table, label=None):
+    """Start `consumer`; False (and a 'not available: <why>' row) if it cannot run."""
+    try:
+        consumer.start()
+        return True
+    except NotAvailable as e:
+        consumer.stop()
+        table.say(label or consumer.name, f"not available: {e}")
+        return False
+
+
 def run_rung(pair, gen, consumer, pps, frames):
     v0 = netns.link_stats(pair.ns_b, pair.if_b)
     c0 = consumer.counts()
     cpu0 = consumer.cpu_time()
+    b0 = busy_jiffies()
     sent, secs = gen.send(frames, pps)
     v1 = wait_link_quiet(pair)
+    busy = (busy_until_idle(consumer.pids()) - b0) / CLK_TCK
     veth = v1["rx_packets"] - v0["rx_packets"]
     c1 = consumer.wait_counted(c0, veth)
     cpu1 = consumer.cpu_time()
     cpu, cpu_ticks = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
-    seen, drops = c1[0] - c0[0], c1[1] - c0[1]
+    seen, drops = c1.seen - c0.seen, c1.drops - c0.drops
     row = {"consumer": consumer.name, "target pps": pps or "top", "sent pps": sent / secs,
            "sent": sent, "veth rx": veth, "seen": seen, "drops": drops,
            "seen/sent": seen / sent if sent else None, "seen/veth": seen / veth if veth else None,
            "loss %": 100.0 * (1 - seen / sent) if sent else None,
            "cpu s/M": cpu / seen * 1e6 if seen else None, "_cpu": cpu,
-           "cpu s/M (stat)": cpu_ticks / seen * 1e6 if seen else None}
-    if c1[2] is not None:
-        row["bytes = veth"] = (c1[2] - c0[2]) == v1["rx_bytes"] - v0["rx_bytes"]
+           "cpu s/M (stat)": cpu_ticks / seen * 1e6 if seen else None,
+           "sys ns/frame": busy / sent * 1e9 if sent else None, "_busy": busy}
+    if consumer.counting:
+        row["engine"] = consumer.counting
+    if c1.rx_bytes is not None:
+        row["bytes = veth"] = (c1.rx_bytes - c0.rx_bytes) == v1["rx_bytes"] - v0["rx_bytes"]
     return row
 
 
 def run_series(pair, gen, consumer, table, frames):
     """One consumer over the whole ladder; appends rows, returns the series summary."""
-    try:
-        consumer.start()
-    except NotAvailable as e:
-        consumer.stop()
-        table.add(consumer=consumer.name, **{"target pps": "not available: " + str(e)[:90]})
+    if not start_or_say(consumer, table):
         return None
     rows = []
     try:
@@ -1860,43 +2218,76 @@ def run_series(pair, gen, consumer, table, frames):
     finally:
         rss = consumer.stop()
     ok = [r for r in rows if r["loss %"] is not None and r["loss %"] < LOSS_OK * 100]
-    seen = sum(r["seen"] for r in rows)
+    seen, sent = sum(r["seen"] for r in rows), sum(r["sent"] for r in rows)
     summary = {"consumer": consumer.name, "zero-loss pps": max((r["sent pps"] for r in ok), default=0),
                "cpu s/M": sum(r["_cpu"] for r in rows) / seen * 1e6 if seen else None,
+               "sys ns/frame": sum(r["_busy"] for r in rows) / sent * 1e9 if sent else None,
                "peak RSS MiB": rss / 1024 if rss else None,
                "bytes = veth": all(r["bytes = veth"] for r in ok)
-               if ok and "bytes = veth" in ok[0] else None}
+               if ok and "bytes = veth" in ok[0] else None, "_rows": rows}
     for r in rows:
         r["peak RSS MiB"] = summary["peak RSS MiB"]
     return summary
 
 
+def above_floor(rows, floor_rows, key="target pps"):
+    """Each row's 'above floor': its sys ns/frame minus the floor row's of the same rung."""
+    floor = {r[key]: r.get("sys ns/frame") for r in floor_rows}
+    for r in rows:
+        f = floor.get(r[key])
+        if f is not None and r.get("sys ns/frame") is not None:
+            r["above floor"] = r["sys ns/frame"] - f
+
+
+def ring_left_empty(pair, gen, consumer):
+    """For an lpd counting with ebpf: send DRAIN_PROBE_FRAMES; (frames it counted, veth rx)
+    when none of them reached its ring (nothing there to drain), else None."""
+    if consumer.counting != "ebpf":
+        return None
+    c0, v0 = consumer.counts(), netns.link_stats(pair.ns_b, pair.if_b)
+    gen.send(DRAIN_PROBE_FRAMES)
+    rx = wait_link_quiet(pair)["rx_packets"] - v0["rx_packets"]
+    c1 = consumer.wait_counted(c0, rx)
+    if c1.copied != c0.copied or c1.drops != c0.drops:
+        return None
+    return c1.seen - c0.seen, rx
+
+
+def say_nothing_to_drain(table, consumer, probe, **row):
+    counted, rx = probe
+    return table.say(consumer.name, f"n/a: its ebpf program counted {counted:,} of {rx:,} probe "
+                                    "frames in the kernel and copied none to the ring: nothing "
+                                    "to drain (its cost: system-wide CPU tables)", **row)
+
+
 def drain_capacity(pair, gen, consumer, table):
-    """Fill the ring while `consumer` is stopped, then time how fast it empties it."""
-    try:
-        consumer.start()
-    except NotAvailable as e:
-        consumer.stop()
-        table.add(consumer=consumer.name, frames="not available: " + str(e)[:90])
+    """Fill the ring while `consumer` is stopped, then time how fast it empties it. An
+    lpd whose ebpf program copies nothing gets an n/a row instead."""
+    if not start_or_say(consumer, table):
         return None
     try:
+        probe = ring_left_empty(pair, gen, consumer)
+        if probe:
+            return say_nothing_to_drain(table, consumer, probe)
         c0 = consumer.counts()
         os.kill(consumer.proc.pid, signal.SIGSTOP)
         v0 = netns.link_stats(pair.ns_b, pair.if_b)
         sent, secs = gen.send(DRAIN_FRAMES)
         v1 = wait_link_quiet(pair)
-        time.sleep(DRAIN_SETTLE)
+        time.sleep(consumer.settle)
         ns0, t0 = cpu_ns(consumer.proc.pid), time.monotonic()
         os.kill(consumer.proc.pid, signal.SIGCONT)
         ns1, t1 = wait_cpu_idle(consumer.proc.pid, ns0, t0)
-        c1 = consumer.wait_counted(c0, v1["rx_packets"] - v0["rx_packets"])
-        seen, drops = c1[0] - c0[0], c1[1] - c0[1]
+        c1 = consumer.wait_counted(c0, v1["rx_packets"] - v0["rx_packets"], field="copied")
+        seen, drops = c1.copied - c0.copied, c1.drops - c0.drops
         cpu = (ns1 - ns0) / 1e9
         row = table.add(consumer=consumer.name, frames=sent, **{
             "veth rx": v1["rx_packets"] - v0["rx_packets"], "seen": seen, "drops": drops,
             "drain s": t1 - t0, "cpu s": cpu,
             "Mfps wall": seen / (t1 - t0) / 1e6 if t1 > t0 else None,
             "Mfps/core": seen / cpu / 1e6 if cpu else None})
+        if consumer.counting:
+            row["engine"] = consumer.counting
         if "--connections" in getattr(consumer, "extra", ()):
             row["conns open"] = int(consumer.metrics().get("lpd_connections", 0))
         if "--http" in getattr(consumer, "extra", ()):
@@ -1911,10 +2302,11 @@ class LpdWorkers(Lpd):
     """lpd --workers N --workers-pin: a worker per CPU; N = 1 is the single process,
     pinned like the other consumers."""
 
-    def __init__(self, pair, n, ring_bytes, rules_file=None):
+    def __init__(self, pair, n, ring_bytes, rules_file=None, engine=None):
         super().__init__(pair, 1 if n == 1 else None, ring_bytes, rules_file,
                          extra=["--workers", str(n), "--workers-pin"] if n > 1 else [],
-                         label=f"lpd{' +10 rules' if rules_file else ''}, {n} worker{'s' * (n > 1)}")
+                         engine=engine,
+                         what=f"{' +10 rules' if rules_file else ''}, {n} worker{'s' * (n > 1)}")
         self.n = n
 
     def capture_pids(self):
@@ -1935,24 +2327,27 @@ def drain_workers(pair, gen, consumer, table):
             raise NotAvailable(f"{len(pids)} capture processes, wanted {consumer.n}")
     except NotAvailable as e:
         consumer.stop()
-        table.add(consumer=consumer.name, frames="not available: " + str(e)[:90])
+        table.say(consumer.name, f"not available: {e}")
         return None
     try:
+        probe = ring_left_empty(pair, gen, consumer)
+        if probe:
+            return say_nothing_to_drain(table, consumer, probe)
         c0 = consumer.counts()
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
         v0 = netns.link_stats(pair.ns_b, pair.if_b)
         sent, _ = gen.send(DRAIN_FRAMES)
         v1 = wait_link_quiet(pair)
-        time.sleep(DRAIN_SETTLE)
+        time.sleep(consumer.settle)
         ns0, t0 = [cpu_ns(pid) for pid in pids], time.monotonic()
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
         last = wait_all_idle(pids, ns0, t0)
         t1, cpu = max(t for _, t in last), sum(n - n0 for (n, _), n0 in zip(last, ns0)) / 1e9
-        c1 = consumer.wait_counted(c0, v1["rx_packets"] - v0["rx_packets"])
-        seen, drops = c1[0] - c0[0], c1[1] - c0[1]
-        return table.add(consumer=consumer.name, frames=sent, **{
+        c1 = consumer.wait_counted(c0, v1["rx_packets"] - v0["rx_packets"], field="copied")
+        seen, drops = c1.copied - c0.copied, c1.drops - c0.drops
+        return table.add(consumer=consumer.name, frames=sent, engine=consumer.counting, **{
             "veth rx": v1["rx_packets"] - v0["rx_packets"], "seen": seen, "drops": drops,
             "drain s": t1 - t0, "cpu s": cpu,
             "Mfps wall": seen / (t1 - t0) / 1e6 if t1 > t0 else None,
@@ -1977,56 +2372,94 @@ def wait_all_idle(pids, ns0, t0, timeout=20.0):
     return last
 
 
-def busy_jiffies():
-    """Every CPU's non-idle time (user nice system irq softirq steal, not idle iowait)
-    from /proc/stat's first line, in USER_HZ ticks."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:9]]
-    return sum(v) - v[3] - v[4]
-
-
-def counted_rx(consumer):
-    """Frames a consumer has accounted for: lpd's interface counters (the eBPF engine
-    copies nothing, so its ring counters stay 0), tcpdump's own."""
+def accounted(consumer):
+    """(frames received a consumer has accounted for, frames it lost): lpd's interface
+    counters (either engine) and ring drops, tcpdump's captured and dropped."""
+    if consumer is None:
+        return 0, 0
     if isinstance(consumer, Lpd):
-        m = consumer.metrics()
-        return int(m.get("lpd_interface_receive_packets_total", 0))
-    return consumer.counts()[0]
+        return consumer.accounted()
+    c = consumer.counts()
+    return c.seen, c.drops
 
 
-def system_cpu(pair, gen, consumer, table, label):
-    """System-wide CPU while SYSCPU_FRAMES frames are sent and accounted for, best of
-    SYSCPU_REPEAT: the generator, the veth and the sink cost the same with any consumer,
-    so the 'no capture' line is the floor the others are read against."""
-    if consumer is not None:
-        try:
-            consumer.start()
-        except NotAvailable as e:
-            consumer.stop()
-            table.add(consumer=label, frames="not available: " + str(e)[:90])
-            return None
+def wait_accounted(consumer, before, rx):
+    """Poll accounted() until the consumer has accounted for or lost `rx` frames since
+    `before`, or its count stops moving for SYSCPU_STALL s, or SYSCPU_COUNT_TIMEOUT."""
+    deadline = time.monotonic() + SYSCPU_COUNT_TIMEOUT
+    last, since = None, time.monotonic()
+    while consumer is not None:
+        now = accounted(consumer)
+        t = time.monotonic()
+        if now[0] + now[1] - before[0] - before[1] >= rx or t > deadline:
+            return now
+        if now != last:
+            last, since = now, t
+        elif t - since >= SYSCPU_STALL:
+            return now
+        time.sleep(SYSCPU_POLL)
+    return before
+
+
+def http_requests(consumer):
+    return int(consumer.metrics().get("http_server_request_duration_seconds_count", 0))
+
+
+def system_cpu(pair, gen, consumer, table, label, frames=None):
+    """System-wide CPU while `frames` (default SYSCPU_FRAMES) frames are sent and the
+    consumer works on them (until its CPU is idle), best of SYSCPU_REPEAT runs: the
+    generator, the veth and the sink cost the same with any consumer, so the 'no capture'
+    line (consumer None) is the floor the others are read against. Whether it accounted
+    for them is read once, after the last run (over the warm-up and every run: waiting
+    for a publication between runs would only add time). With --http on a MixTrafgen:
+    the requests lpd finished against those sent."""
+    frames = frames or SYSCPU_FRAMES
+    if consumer is not None and not start_or_say(consumer, table, label):
+        return None
+    pids = consumer.pids() if consumer is not None else []
+    http = isinstance(gen, MixTrafgen) and "--http" in getattr(consumer, "extra", ())
     try:
+        base_rx, base = netns.link_stats(pair.ns_b, pair.if_b)["rx_packets"], accounted(consumer)
+        asked0, done0 = (gen.requests, http_requests(consumer)) if http else (0, 0)
         gen.send(SYSCPU_WARMUP)
+        wait_link_quiet(pair)
+        busy_until_idle(pids, SYSCPU_COUNT_TIMEOUT)
         runs = []
         for _ in range(SYSCPU_REPEAT):
-            wait_link_quiet(pair)
             v0 = netns.link_stats(pair.ns_b, pair.if_b)
-            c0 = counted_rx(consumer) if consumer else 0
             b0 = busy_jiffies()
-            sent, _ = gen.send(SYSCPU_FRAMES)
+            gen.send(frames)
             v1 = wait_link_quiet(pair)
-            rx = v1["rx_packets"] - v0["rx_packets"]
-            deadline = time.monotonic() + SYSCPU_COUNT_TIMEOUT
-            while consumer and counted_rx(consumer) - c0 < rx and time.monotonic() < deadline:
-                time.sleep(0.05)
-            b1 = busy_jiffies()
-            runs.append(((b1 - b0) / CLK_TCK, rx, (counted_rx(consumer) - c0) if consumer else rx))
-        busy, rx, seen = min(runs)
-        return table.add(consumer=label, frames=rx, counted=seen, **{
+            b1 = busy_until_idle(pids, SYSCPU_COUNT_TIMEOUT)
+            runs.append(((b1 - b0) / CLK_TCK, v1["rx_packets"] - v0["rx_packets"]))
+        received = v1["rx_packets"] - base_rx
+        c1 = wait_accounted(consumer, base, received)
+        busy, rx = min(runs)
+        row = table.add(consumer=label, frames=rx, received=received, **{
+            "counted": c1[0] - base[0] if consumer else received, "lost": c1[1] - base[1],
             "busy s": busy, "ns/frame": busy / rx * 1e9 if rx else None})
+        if http:        # finished at the answer's last byte, published each --interval
+            asked = gen.requests - asked0
+            deadline = time.monotonic() + COUNT_TIMEOUT
+            while http_requests(consumer) - done0 < asked and time.monotonic() < deadline:
+                time.sleep(SYSCPU_POLL)
+            row["http reqs"] = f"{http_requests(consumer) - done0:,}/{asked:,}"
+        if consumer is not None and consumer.counting:
+            row["engine"] = consumer.counting
+        return row
     finally:
         if consumer is not None:
             consumer.stop()
+
+
+def read_against_floor(rows, floor_label="no capture", ref_label="tcpdump -w /dev/null"):
+    """'above floor' and '÷ tcpdump' of each row of a system-wide CPU series."""
+    floor, ref = rows.get(floor_label), rows.get(ref_label)
+    for label, row in rows.items():
+        if row and floor and row is not floor and row.get("ns/frame"):
+            row["above floor"] = row["ns/frame"] - floor["ns/frame"]
+            if ref and (ref.get("above floor") or 0) > 0 and row is not ref:
+                row["÷ tcpdump"] = row["above floor"] / ref["above floor"]
 
 
 def wait_cpu_idle(pid, ns0, t0, timeout=20.0):
@@ -2044,35 +2477,234 @@ def wait_cpu_idle(pid, ns0, t0, timeout=20.0):
     return last_ns, last_t
 
 
+# --- the spoofed flood on the ladder ---------------------------------------------
+
+def flood_view(consumer, pair):
+    """The figures a flood rung compares, cumulative: lpd's per-address counters of the
+    legitimate hosts (B's receive, A's transmit), its interface totals, table figures
+    and ring drops."""
+    v = collections.Counter()
+    for name, labels, value in consumer.samples():
+        ip = labels.get("local_ip")
+        if ip == pair.ip4_b and name in ("lpd_receive_packets_total", "lpd_receive_bytes_total"):
+            v["B " + name[4:-6]] += value
+        elif ip == pair.ip4_a and name in ("lpd_transmit_packets_total",
+                                           "lpd_transmit_bytes_total"):
+            v["A " + name[4:-6]] += value
+        elif name.startswith("lpd_interface_") and name.endswith("_total"):
+            v[name[14:-6].replace("_", " ").replace("receive", "rx").replace("transmit", "tx")] \
+                += value
+        elif name in ("lpd_local_addresses", "lpd_local_evictions_total",
+                      "lpd_local_unattributed_packets_total", "lpd_capture_drops_total"):
+            v[name] += value
+    return dict(v)
+
+
+def flood_rung(pair, gen, consumer, pps, frames):
+    """One rung of flood + legitimate frames: are the legitimate hosts' counts exact and
+    the interface totals the veth's? Waits until they are, or stop moving."""
+    v0, f0 = netns.link_stats(pair.ns_b, pair.if_b), flood_view(consumer, pair)
+    sent, secs = gen.send(frames, pps)
+    v1 = wait_link_quiet(pair)
+    veth = {k: v1[k] - v0[k] for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes")}
+    legit = gen.legit_frames(sent)
+    iface = {"rx packets": veth["rx_packets"], "rx bytes": veth["rx_bytes"],
+             "tx packets": veth["tx_packets"], "tx bytes": veth["tx_bytes"]}
+    hosts = {"B receive_packets": legit, "B receive_bytes": legit * gen.legit_size,
+             "A transmit_packets": legit, "A transmit_bytes": legit * gen.legit_size}
+    want = {**iface, **hosts}
+
+    def delta():
+        now = flood_view(consumer, pair)
+        return {k: now.get(k, 0) - f0.get(k, 0) for k in set(now) | set(f0)}
+
+    def exact(d):
+        return all(d.get(k, 0) == v for k, v in want.items())
+    d = settle(delta, exact)
+    return {"consumer": consumer.name, "engine": consumer.counting, "target pps": pps or "top",
+            "sent pps": sent / secs, "sent": sent, "veth rx": veth["rx_packets"],
+            "legit sent": legit, "legit counted": int(d.get("B receive_packets", 0)),
+            "legit exact": all(d.get(k, 0) == v for k, v in hosts.items()),
+            "iface = veth": all(d.get(k, 0) == v for k, v in iface.items()),
+            "unattributed": d.get("lpd_local_unattributed_packets_total"),
+            "local addrs": int(flood_view(consumer, pair).get("lpd_local_addresses", 0)),
+            "evictions": int(d.get("lpd_local_evictions_total", 0)),
+            "drops": int(d.get("lpd_capture_drops_total", 0)), "exact": exact(d)}
+
+
+def settle(read, done, timeout=SPOOF_SETTLE_TIMEOUT, stable=SPOOF_STABLE,
+           poll=SPOOF_INTERVAL / 2):
+    """read() until done(value), or until it has not changed for `stable` s (final, not
+    done), or `timeout` s; the last value."""
+    deadline = time.monotonic() + timeout
+    last, since = None, time.monotonic()
+    while True:
+        value = read()
+        t = time.monotonic()
+        if done(value) or t > deadline:
+            return value
+        if value != last:
+            last, since = value, t
+        elif t - since >= stable:
+            return value
+        time.sleep(poll)
+
+
+def flood_series(pair, workdir, consumer, table):
+    """The ladder under tests/test_flood.py's flood, for one consumer: the flood alone
+    first (it fills lpd's address table), then flood + legitimate frames (the legitimate
+    hosts appear after the flood), SPOOF_NEWCOMER_WAIT, then the rungs. Returns the
+    series summary."""
+    if not start_or_say(consumer, table):
+        return None
+    flood, mixed = FloodTrafgen(pair, workdir, legit=False), FloodTrafgen(pair, workdir, legit=True)
+    rows = []
+    try:
+        flood.send(flood.one_pass)
+        wait_link_quiet(pair)
+        mixed.send(SPOOF_WARMUP)
+        time.sleep(SPOOF_NEWCOMER_WAIT)
+        for pps in LADDER_PPS:
+            rows.append(table.add(**flood_rung(pair, mixed, consumer, pps, RUNG_FRAMES)))
+    finally:
+        rss = consumer.stop()
+    ok = [r for r in rows if r["exact"]]
+    return {"consumer": consumer.name, "engine": consumer.counting,
+            "zero-loss pps": max((r["sent pps"] for r in ok), default=0),
+            "rungs exact": f"{len(ok)}/{len(rows)}", "peak RSS MiB": rss / 1024 if rss else None}
+
+
 def lpd_offers(flag):
     cp = subprocess.run([sys.executable, LPD, "-h"], capture_output=True, text=True, timeout=30)
     return flag in cp.stdout
 
 
-def run_live(results, quick, workdir):
-    global RUNG_FRAMES, DRAIN_FRAMES, LADDER_PPS
-    if quick:
-        RUNG_FRAMES, DRAIN_FRAMES, LADDER_PPS = QUICK_RUNG_FRAMES, DRAIN_FRAMES // 4, QUICK_LADDER_PPS
-    rules_file = os.path.join(workdir, "rules.txt")
-    with open(rules_file, "w") as f:
-        f.writelines(f"r{i};{e}\n" for i, e in enumerate(rule_exprs(10)))
-    fanout = lpd_offers("--fanout")
-    remote = lpd_offers("--remote")
-    connections = lpd_offers("--connections")
-    http = lpd_offers("--http")
-    workers = lpd_offers("--workers")
-    engines = lpd_offers("--engine")
-    syscpu = Table("Live: system-wide CPU per frame (/proc/stat), cbpf and ebpf engines beside tcpdump",
-                   ["consumer", "frames", "counted", "busy s", "ns/frame", "above floor",
-                    "÷ tcpdump"],
-                   note=f"trafgen A -> B at top speed, 64-byte UDP (IPv4+IPv6); busy s: every CPU's "
-                        f"user+nice+system+irq+softirq+steal ticks from /proc/stat while "
-                        f"{SYSCPU_FRAMES:,} frames are sent and the consumer has accounted for "
-                        f"them,\nbest of {SYSCPU_REPEAT}; above floor: ns/frame minus the 'no "
-                        "capture' line (generator, veth, sink); ÷ tcpdump: that against tcpdump's. "
-                        "counted: the consumer's receive count (lpd's interface counters:\nthe "
-                        "ebpf engine copies no frame to its ring). 10 rules: the drain series' "
-                        "rules file.")
+###############################################################################
+# Live: the tables ############################################################
+###############################################################################
+
+LIVE_SERIES = ("ladder", "drain", "workers", "syscpu", "mix", "flood")
+ENGINE_NOTE = ("lpd ebpf / lpd cbpf: --engine ebpf / cbpf (lpd's default, auto, picks: see the "
+               "line above the tables); lpd ebpf counts in the kernel and copies no frame to\n"
+               "its ring, so its 'seen' is its interface receive counter (what its program "
+               "counted) and its cost is the receive path's: sys ns/frame, not cpu s/M.")
+
+
+def live_ladder(pair, workdir, rules_file, ratios_in):
+    ladder = Table("Live: rate ladder (trafgen -> veth -> consumer)",
+                   ["consumer", "frame", "pinning", "target pps", "sent pps", "sent", "veth rx",
+                    "seen", "drops", "loss %", "cpu s/M", "sys ns/frame", "above floor",
+                    "peak RSS MiB", "bytes = veth"],
+                   note=f"{RUNG_FRAMES:,} frames per rung (IPv4+IPv6 UDP, round robin); "
+                        f"ring {DEFAULT_RING >> 20} MiB for each (tcpdump -B {DEFAULT_RING >> 10});\n"
+                        "pinning split: trafgen CPU 0, consumer CPU 1; shared: all on CPU 0 with RPS "
+                        "onto it.\ncpu s/M: consumer CPU seconds per million frames seen, all threads "
+                        "(schedstat run time: the utime+stime of /proc/<pid>/stat\nwithout its 10 ms "
+                        "ticks; the tick-based figure is in the JSON); sys ns/frame: every CPU's busy "
+                        "time (/proc/stat user+nice+system+irq+softirq+steal)\nper frame sent, from "
+                        "the rung's start until the consumer's CPU is idle (its work on the frames "
+                        f"done; idle: no progress for {DRAIN_IDLE:g} s); above floor: minus the\n"
+                        "no-capture line's at the same rung (trafgen, veth, sink; a paced rung "
+                        "lasts longer, so other load on the machine weighs more); bytes = veth: "
+                        "lpd's\ninterface receive bytes equal the veth's rx_bytes.\n" + ENGINE_NOTE)
+    summary = Table("Live: summary per series", ["consumer", "frame", "pinning", "zero-loss pps",
+                                                  "cpu s/M", "sys ns/frame", "above floor",
+                                                  "peak RSS MiB", "bytes = veth"],
+                    note=f"zero-loss pps: highest rung with < {LOSS_OK * 100:g} % loss (lpd ebpf: "
+                         "counted by its program against sent); cpu s/M and sys ns/frame over "
+                         "all rungs.")
+    gens = {size: Trafgen(pair, size, workdir) for size in FRAME_SIZES}
+    sums = {}
+    for size, pinning in [(64, "split"), (64, "shared"), (1400, "split")]:
+        cpu, rps = PINNINGS[pinning]
+        set_rps(pair, rps)
+        consumers = [NoCapture(pair), Tcpdump(pair, cpu, DEFAULT_RING)]
+        consumers += [Lpd(pair, cpu, DEFAULT_RING, engine=e) for e in ENGINES]
+        consumers += [Lpd(pair, cpu, DEFAULT_RING, rules_file, engine=e) for e in ENGINES]
+        plan = {}
+        for c in consumers:
+            start = len(ladder.rows)
+            s = run_series(pair, gens[size], c, ladder, RUNG_FRAMES)
+            for r in ladder.rows[start:]:
+                r.update(frame=size, pinning=pinning)
+            if s:
+                plan[c.name] = s
+        floor = plan.get(NoCapture.name)
+        for name, s in plan.items():
+            if floor and s is not floor:
+                above_floor(s["_rows"], floor["_rows"])
+                if s["sys ns/frame"] is not None and floor["sys ns/frame"] is not None:
+                    s["above floor"] = s["sys ns/frame"] - floor["sys ns/frame"]
+            summary.add(frame=size, pinning=pinning, **{k: v for k, v in s.items() if k != "_rows"})
+            sums[(size, pinning, name)] = s
+        print(f"   ... {size}-byte frames, {pinning}: done", file=sys.stderr, flush=True)
+    ratios_in["ladder"] = sums
+    return ladder, summary
+
+
+def live_drain(pair, workdir, rules_file, flags, ratios_in):
+    drain = Table("Live: capacity - ring filled while the consumer is SIGSTOPped, then drained",
+                  ["consumer", "pinning", "frames", "veth rx", "seen", "drops", "drain s", "cpu s",
+                   "Mfps wall", "Mfps/core", "conns open", "http reqs"],
+                  note=f"64-byte frames; ring {DRAIN_RING >> 20} MiB for all; seen: frames that "
+                       "reached the ring; Mfps/core = seen / consumer CPU seconds (schedstat) after "
+                       "SIGCONT.\nA ring consumer only: an lpd ebpf that copies none of "
+                       f"{DRAIN_PROBE_FRAMES:,} probe frames to its ring (it counts in the kernel) "
+                       "has nothing to drain and gets an n/a line;\nwith a userspace stage "
+                       "(--remote, --connections) its program copies the headers of every frame and "
+                       "it drains those like cbpf.\nlpd, B local: --local-net "
+                       f"{' '.join(LIVE_REMOTE_LOCAL_NETS)} (trafgen's source, A, is remote: 2 "
+                       "remotes); lpd --remote: the same with --remote.\nlpd --connections: the "
+                       "default lpd line's options with --connections. trafgen's frames are UDP (A "
+                       "-> B port 9, no answer), so the stage\ntracks 2 one-way UDP flows (IPv4, "
+                       "IPv6): its per-frame parse, lookup and counts, no TCP state machine; conns "
+                       "open: lpd_connections after the drain.\nlpd --http: the default lpd line's "
+                       "options with --http (its default --http-ports). trafgen's UDP frames are "
+                       "not HTTP: the line measures the stage's\nper-frame cost on non-HTTP traffic "
+                       "(each frame's headers parsed, then skipped: no reassembly) and the kernel "
+                       "program's per-branch cut (the frames\nfail its HTTP-ports branch, so they "
+                       "reach the ring cut to the snaplen as on the default line; the program runs "
+                       "in the receive path while lpd\nis stopped, so its own cost is not in lpd's "
+                       "cpu s); http reqs: requests in http_server_request_duration_seconds after "
+                       "the drain (0 expected). Pinning shared: the default and +10 rules lines "
+                       "only (a drain runs after the generator stopped: the pinning only moves the "
+                       "consumer to CPU 0).\n" + ENGINE_NOTE)
+    gen = Trafgen(pair, 64, workdir)
+    drains = {}
+    for pinning in ("split", "shared"):
+        cpu, rps = PINNINGS[pinning]
+        set_rps(pair, rps)
+        drainers = [Tcpdump(pair, cpu, DRAIN_RING)]
+        drainers += [Lpd(pair, cpu, DRAIN_RING, engine=e) for e in ENGINES]
+        drainers += [Lpd(pair, cpu, DRAIN_RING, rules_file, engine=e) for e in ENGINES]
+        # The stage lines split only: a drain runs after the generator stopped, so the
+        # pinning changes little (it only moves the consumer to the other core).
+        if flags["--remote"] and pinning == "split":
+            # The default line's frames, but local <-> remote: the same lpd without
+            # --remote beside it, so the difference is the remote stage alone (cbpf's:
+            # ebpf without a stage has nothing to drain, as its line above shows).
+            drainers.append(Lpd(pair, cpu, DRAIN_RING, local_nets=LIVE_REMOTE_LOCAL_NETS,
+                                engine="cbpf", what=", B local"))
+            drainers += [Lpd(pair, cpu, DRAIN_RING, local_nets=LIVE_REMOTE_LOCAL_NETS,
+                             extra=["--remote"], engine=e, what=" --remote") for e in ENGINES]
+        for stage in ("--connections", "--http"):
+            if flags[stage] and pinning == "split":
+                # Beside the default lpd line: the same options and frames, plus the stage.
+                drainers += [Lpd(pair, cpu, DRAIN_RING, extra=[stage], engine=e, what=" " + stage)
+                             for e in ENGINES]
+        for c in drainers:
+            before = len(drain.rows)
+            row = drain_capacity(pair, gen, c, drain)
+            for r in drain.rows[before:]:           # its row: figures, n/a or not available
+                r["pinning"] = pinning
+            if row:
+                drains[(pinning, c.name)] = row
+        print(f"   ... drain, {pinning}: done", file=sys.stderr, flush=True)
+    ratios_in["drain"] = drains
+    return (drain,)
+
+
+def live_workers(pair, workdir, rules_file, ratios_in):
     scale = Table("Live: workers - drain capacity of 1 and 2 capture processes (PACKET_FANOUT)",
                   ["consumer", "frames", "veth rx", "seen", "drops", "drain s", "cpu s",
                    "Mfps wall", "Mfps/core", "2 ÷ 1 wall"],
@@ -2081,155 +2713,231 @@ def run_live(results, quick, workdir):
                        "process SIGSTOPped while the rings fill, then continued at once; drain s: "
                        "until the last is idle;\ncpu s: summed over them. 1 worker = the single "
                        "process on CPU 1; 2 workers: --workers 2 --workers-pin (CPUs 0 and 1). "
-                       "The parent (exporters) is not stopped and not counted.")
-    ladder = Table("Live: rate ladder (trafgen -> veth -> consumer)",
-                   ["consumer", "frame", "pinning", "target pps", "sent pps", "sent", "veth rx",
-                    "seen", "drops", "seen/sent", "seen/veth", "loss %", "cpu s/M",
-                    "peak RSS MiB", "bytes = veth"],
-                   note=f"{RUNG_FRAMES:,} frames per rung (IPv4+IPv6 UDP, round robin); "
-                        f"ring {DEFAULT_RING >> 20} MiB for both (tcpdump -B {DEFAULT_RING >> 10});\n"
-                        "pinning split: trafgen CPU 0, consumer CPU 1; shared: all on CPU 0 with RPS "
-                        "onto it.\ncpu s/M: consumer CPU seconds per million frames seen, all threads "
-                        "(schedstat run time: the utime+stime of /proc/<pid>/stat\nwithout its 10 ms "
-                        "ticks; the tick-based figure is in the JSON); bytes = veth: lpd's interface "
-                        "receive bytes equal the veth's rx_bytes.")
-    summary = Table("Live: summary per series", ["consumer", "frame", "pinning", "zero-loss pps",
-                                                  "cpu s/M", "peak RSS MiB", "bytes = veth"],
-                    note=f"zero-loss pps: highest rung with < {LOSS_OK * 100:g} % loss; cpu s/M over "
-                         "all rungs.")
-    drain = Table("Live: capacity - ring filled while the consumer is SIGSTOPped, then drained",
-                  ["consumer", "pinning", "frames", "veth rx", "seen", "drops", "drain s", "cpu s",
-                   "Mfps wall", "Mfps/core", "conns open", "http reqs"],
-                  note=f"64-byte frames; ring {DRAIN_RING >> 20} MiB for all; Mfps/core = frames "
-                       "seen / consumer CPU seconds (schedstat) after SIGCONT.\nlpd, B local: "
-                       f"--local-net {' '.join(LIVE_REMOTE_LOCAL_NETS)} (trafgen's source, A, is "
-                       "remote: 2 remotes); lpd --remote: the same with --remote.\nlpd "
-                       "--connections: the default lpd line's options with --connections. "
-                       "trafgen's frames are UDP (A -> B port 9, no answer), so the stage\n"
-                       "tracks 2 one-way UDP flows (IPv4, IPv6): its per-frame parse, lookup "
-                       "and counts, no TCP state machine; conns open: lpd_connections after "
-                       "the drain.\nlpd --http: the default lpd line's options with --http (its "
-                       "default --http-ports). trafgen's UDP frames are not HTTP: the line measures "
-                       "the stage's\nper-frame cost on non-HTTP traffic (each frame's headers "
-                       "parsed, then skipped: no reassembly) and the kernel program's per-branch "
-                       "cut (the frames\nfail its HTTP-ports branch, so they reach the ring cut to "
-                       "the snaplen as on the default line; the program runs in the receive path "
-                       "while lpd\nis stopped, so its own cost is not in lpd's cpu s); http reqs: "
-                       "requests in http_server_request_duration_seconds after the drain (0 "
-                       "expected).")
+                       "The parent (exporters) is not stopped and not counted.\nlpd ebpf: each "
+                       "worker's socket runs the program, which copies nothing without a userspace "
+                       f"stage: checked with {DRAIN_PROBE_FRAMES:,} probe frames (n/a: nothing to "
+                       "drain; rules change nothing there, so once, without).\n" + ENGINE_NOTE)
+    set_rps(pair, "0")
+    flows = Trafgen(pair, 64, workdir, flows=WORKER_FLOWS)
+    for rules in (None, rules_file):
+        # ebpf's workers copy nothing with or without rules: its n/a lines once
+        for engine in ENGINES if rules is None else ("cbpf",):
+            rows = [drain_workers(pair, flows, LpdWorkers(pair, n, DRAIN_RING, rules, engine),
+                                  scale) for n in (1, 2)]
+            if all(r and r.get("Mfps wall") for r in rows):
+                rows[1]["2 ÷ 1 wall"] = ratio(rows[1]["Mfps wall"], rows[0]["Mfps wall"])
+    ref = ratios_in.get("drain", {}).get(("split", "tcpdump"))
+    if ref:
+        scale.add(consumer="tcpdump (the split drain above)", frames=ref["frames"], **{
+            k: ref.get(k) for k in ("veth rx", "seen", "drops", "drain s", "cpu s",
+                                    "Mfps wall", "Mfps/core")})
+    else:               # this run has no drain series: tcpdump's own, on these flows
+        set_rps(pair, PINNINGS["split"][1])
+        drain_capacity(pair, flows, Tcpdump(pair, PINNINGS["split"][0], DRAIN_RING), scale)
+    return (scale,)
+
+
+def live_syscpu(pair, workdir, rules_file, flags):
+    syscpu = Table("Live: system-wide CPU per frame (/proc/stat), cbpf and ebpf engines beside "
+                   "tcpdump",
+                   ["consumer", "frames", "received", "counted", "lost", "busy s", "ns/frame",
+                    "above floor", "÷ tcpdump"],
+                   note=f"trafgen A -> B at top speed, 64-byte UDP (IPv4+IPv6), {SYSCPU_FRAMES:,} "
+                        f"frames a run, best of {SYSCPU_REPEAT}; ring {SYSCPU_RING >> 20} MiB for "
+                        "every consumer (a run fits: each works on every frame).\nbusy s: every "
+                        "CPU's user+nice+system+irq+softirq+steal time from /proc/stat, from the "
+                        "run's start until the consumer's CPU is idle (its work on the frames "
+                        f"done;\nidle: no progress for {DRAIN_IDLE:g} s); above floor: ns/frame "
+                        "minus the 'no capture' line (generator, veth, sink); ÷ tcpdump: that "
+                        "against tcpdump's.\nreceived: the veth's frames over the warm-up and "
+                        "every run; counted: the consumer's receive count over them (lpd's "
+                        "interface counters: the ebpf engine\ncopies no frame to its ring); lost: "
+                        "its ring drops (lpd ebpf --remote: copies for the remote stage that did "
+                        "not fit). 10 rules: the drain series' rules file.")
+    gen = Trafgen(pair, 64, workdir)
+    set_rps(pair, "0")
+    lines = [("no capture", None), ("tcpdump -w /dev/null", Tcpdump(pair, None, SYSCPU_RING))]
+    lines += [(c.name, c) for e in ENGINES for c in (Lpd(pair, None, SYSCPU_RING, engine=e),
+                                                     Lpd(pair, None, SYSCPU_RING, rules_file,
+                                                         engine=e))]
+    if flags["--remote"]:
+        # remote addresses in userspace: what the copy of headers costs each engine
+        lines += [(c.name, c) for c in (Lpd(pair, None, SYSCPU_RING, engine=e, what=" --remote",
+                                            local_nets=LIVE_REMOTE_LOCAL_NETS, extra=["--remote"])
+                                        for e in ENGINES)]
+    rows = {label: system_cpu(pair, gen, c, syscpu, label) for label, c in lines}
+    read_against_floor(rows)
+    return (syscpu,)
+
+
+def live_mix(pair, workdir, rules_file, flags, auto):
+    gen = MixTrafgen(pair, workdir)
+    mix = Table("Live: system-wide CPU per frame, every stage on, 5 % HTTP (/proc/stat)",
+                ["consumer", "frames", "received", "counted", "lost", "http reqs", "busy s",
+                 "ns/frame", "above floor", "÷ tcpdump", "target", "met"],
+                note=f"trafgen A -> B at top speed, {MIX_FRAMES:,} frames a run, best of "
+                     f"{SYSCPU_REPEAT}: cycles of {gen.cycle} frames, one whole HTTP/1.1 "
+                     f"connection in every {MIX_SPACING}th frame ({len(gen.steps)} frames: "
+                     "handshake, GET, 200 with a\n"
+                     f"{MIX_HTTP_BODY}-byte body, ACK, FINs, ACK; IPv4; a client in "
+                     f"{HTTP_CLIENT_NET}, server {HTTP_SERVER}:80), the rest 64-byte UDP A -> B "
+                     f"(IPv4+IPv6). Local: {', '.join(MIX_LOCAL_NETS)}\n(every frame has a "
+                     f"remote end). Ring {SYSCPU_RING >> 20} MiB for every consumer. +10 rules: "
+                     "the drain series' rules file; every stage: -f (those 10 rules) "
+                     f"{' '.join(EVERY_STAGE)}.\nbusy s, above floor, ÷ tcpdump, received, "
+                     "counted, lost: as in the table above; http reqs: requests lpd finished "
+                     "(http_server_request_duration_seconds_count) / sent.\ntarget: issue "
+                     "24's, against tcpdump's figure above the floor in this run (printed, "
+                     "not asserted).\n"
+                     f"--engine auto with every stage on picks: {auto.get('every stage on', '?')}. "
+                     "A line lpd refuses says why (its one-line error).")
+    set_rps(pair, "0")
+    lines = [("no capture", None), ("tcpdump -w /dev/null", Tcpdump(pair, None, SYSCPU_RING))]
+    if flags["--remote"]:
+        lines += [(f"lpd {e} +10 rules --remote",
+                   Lpd(pair, None, SYSCPU_RING, rules_file, extra=["--remote"],
+                       local_nets=MIX_LOCAL_NETS, engine=e)) for e in ENGINES]
+    if all(flags[f] for f in ("--remote", "--connections", "--http")):
+        lines += [(f"lpd {e}, every stage",
+                   Lpd(pair, None, SYSCPU_RING, rules_file, extra=EVERY_STAGE,
+                       local_nets=MIX_LOCAL_NETS, engine=e)) for e in ENGINES]
+    rows = {label: system_cpu(pair, gen, c, mix, label, MIX_FRAMES) for label, c in lines}
+    read_against_floor(rows)
+    for label, at_most in MIX_TARGETS.items():
+        row = rows.get(label)
+        if row is not None:
+            row["target"] = f"<= {at_most:g}x tcpdump"
+            if row.get("÷ tcpdump") is not None:
+                row["met"] = row["÷ tcpdump"] <= at_most
+    return (mix,)
+
+
+def live_flood(pair, workdir):
+    gen = FloodTrafgen(pair, workdir, legit=True)
+    flood = Table("Live: rate ladder under a spoofed flood (tests/test_flood.py's) with "
+                  "legitimate frames",
+                  ["consumer", "target pps", "sent pps", "sent", "veth rx", "legit sent",
+                   "legit counted", "legit exact", "iface = veth", "unattributed", "local addrs",
+                   "evictions", "drops", "exact"],
+                  note=f"Cycles of {gen.cycle} frames: one legitimate {gen.legit_size}-byte frame "
+                       f"A -> B (10.199.0.1 -> .2), then {SPOOF_FRAME}-byte UDP frames from "
+                       f"{gen.sources:,} spoofed sources inside the local networks\n"
+                       f"({SPOOF_V4_DEFS * SPOOF_V4_SPAN * SPOOF_V4_FOURTH:,} in 10.199.1-"
+                       f"{SPOOF_V4_DEFS * SPOOF_V4_SPAN}.x, {SPOOF_V6_DEFS * SPOOF_V6_SPAN:,} in "
+                       f"{SPOOF_LOCAL_NETS[1]}) to a remote address; lpd --local-net "
+                       f"{' --local-net '.join(SPOOF_LOCAL_NETS)} --local-max {SPOOF_LOCAL_MAX} "
+                       f"--interval {SPOOF_INTERVAL:g}.\nPer consumer: the flood alone first "
+                       f"({gen.one_pass:,} frames: it fills the address table), then "
+                       f"{SPOOF_WARMUP:,} frames of this mix (the legitimate hosts appear after "
+                       f"the flood),\n{SPOOF_NEWCOMER_WAIT:g} s, then the rungs ({RUNG_FRAMES:,} "
+                       "frames each). legit counted: B's lpd_receive_packets_total over the rung; "
+                       "legit exact: B's receive and A's transmit\npackets and bytes equal what "
+                       "was sent; iface = veth: lpd's interface receive and transmit packets and "
+                       "bytes equal the veth's; unattributed: lpd_local_unattributed_packets_total"
+                       "\n(where lpd has it); local addrs: lpd_local_addresses after the rung; "
+                       "exact: both. A rung's figures are read once they are right or stop moving "
+                       f"for {SPOOF_STABLE:g} s. Split pinning (trafgen CPU 0, lpd CPU 1).")
+    summary = Table("Live: zero-loss rate under a spoofed flood",
+                    ["consumer", "engine", "zero-loss pps", "rungs exact", "peak RSS MiB"],
+                    note="zero-loss pps: the highest rung of the ladder above at which the "
+                         "legitimate hosts' counts are exact and the interface totals equal the "
+                         "veth's; 0: no rung.")
+    set_rps(pair, PINNINGS["split"][1])
+    cpu = PINNINGS["split"][0]
+    # No tcpdump line: it has no per-host counts, and the ladder gives the generator's
+    # ceiling at the same rates.
+    consumers = [Lpd(pair, cpu, DEFAULT_RING, engine=e, local_nets=SPOOF_LOCAL_NETS,
+                     extra=["--local-max", str(SPOOF_LOCAL_MAX), "--interval", str(SPOOF_INTERVAL)])
+                 for e in ENGINES]
+    for c in consumers:
+        s = flood_series(pair, workdir, c, flood)
+        if s:
+            summary.add(**s)
+        else:
+            summary.say(c.name, "not available (the ladder table says why)")
+    return flood, summary
+
+
+def live_ratios(ratios_in):
+    """lpd ÷ tcpdump from the ladder and drain series of this run."""
     ratios = Table("Live: lpd / tcpdump", ["frame", "pinning", "consumer", "zero-loss pps ratio",
-                                           "cpu s/M ratio", "drain Mfps/core ratio"])
-    with netns.Pair() as pair:
-        gens = {size: Trafgen(pair, size, workdir) for size in FRAME_SIZES}
-        plan = [(64, "split"), (64, "shared"), (1400, "split")]
-        sums = {}
-        for size, pinning in plan:
-            cpu, rps = PINNINGS[pinning]
-            set_rps(pair, rps)
-            consumers = [Tcpdump(pair, cpu, DEFAULT_RING), Lpd(pair, cpu, DEFAULT_RING),
-                         Lpd(pair, cpu, DEFAULT_RING, rules_file)]
-            if fanout:
-                consumers.append(Lpd(pair, cpu, DEFAULT_RING, extra=["--fanout", "2"],
-                                     label="lpd fanout 2"))
-            for c in consumers:
-                start = len(ladder.rows)
-                s = run_series(pair, gens[size], c, ladder, RUNG_FRAMES)
-                for r in ladder.rows[start:]:
-                    r.update(frame=size, pinning=pinning)
-                if s:
-                    summary.add(frame=size, pinning=pinning, **s)
-                    sums[(size, pinning, c.name)] = s
-            print(f"   ... {size}-byte frames, {pinning}: done", file=sys.stderr, flush=True)
-        drains = {}
-        for pinning in ("split", "shared"):
-            cpu, rps = PINNINGS[pinning]
-            set_rps(pair, rps)
-            drainers = [Tcpdump(pair, cpu, DRAIN_RING), Lpd(pair, cpu, DRAIN_RING),
-                        Lpd(pair, cpu, DRAIN_RING, rules_file)]
-            if remote:
-                # The default line's frames, but local <-> remote: the same lpd without
-                # --remote beside it, so the difference is the remote stage alone.
-                drainers += [Lpd(pair, cpu, DRAIN_RING, local_nets=LIVE_REMOTE_LOCAL_NETS,
-                                 label="lpd, B local"),
-                             Lpd(pair, cpu, DRAIN_RING, local_nets=LIVE_REMOTE_LOCAL_NETS,
-                                 extra=["--remote"], label="lpd --remote")]
-            if connections:
-                # Beside the default lpd line: the same options and frames, plus the stage.
-                drainers.append(Lpd(pair, cpu, DRAIN_RING, extra=["--connections"],
-                                    label="lpd --connections"))
-            if http:
-                # Beside the default lpd line too: the same options and frames, plus --http.
-                drainers.append(Lpd(pair, cpu, DRAIN_RING, extra=["--http"], label="lpd --http"))
-            for c in drainers:
-                row = drain_capacity(pair, gens[64], c, drain)
-                if row:
-                    row["pinning"] = pinning
-                    drains[(pinning, c.name)] = row
-        if engines:
-            set_rps(pair, "0")
-            rows = {}
-            for label, c in (
-                    ("no capture", None),
-                    ("tcpdump -w /dev/null", Tcpdump(pair, None, DEFAULT_RING)),
-                    ("lpd --engine cbpf", Lpd(pair, None, DEFAULT_RING, extra=["--engine", "cbpf"])),
-                    ("lpd --engine cbpf +10 rules", Lpd(pair, None, DEFAULT_RING, rules_file,
-                                                        extra=["--engine", "cbpf"])),
-                    ("lpd --engine ebpf", Lpd(pair, None, DEFAULT_RING, extra=["--engine", "ebpf"])),
-                    ("lpd --engine ebpf +10 rules", Lpd(pair, None, DEFAULT_RING, rules_file,
-                                                        extra=["--engine", "ebpf"])),
-                    # remote addresses in userspace: what the copy of headers costs each engine
-                    ("lpd --engine cbpf --remote", Lpd(pair, None, DEFAULT_RING,
-                                                       local_nets=LIVE_REMOTE_LOCAL_NETS,
-                                                       extra=["--engine", "cbpf", "--remote"])),
-                    ("lpd --engine ebpf --remote", Lpd(pair, None, DEFAULT_RING,
-                                                       local_nets=LIVE_REMOTE_LOCAL_NETS,
-                                                       extra=["--engine", "ebpf", "--remote"]))):
-                rows[label] = system_cpu(pair, gens[64], c, syscpu, label)
-            floor, ref = rows.get("no capture"), rows.get("tcpdump -w /dev/null")
-            for label, row in rows.items():
-                if row and floor and row is not floor and row.get("ns/frame"):
-                    row["above floor"] = row["ns/frame"] - floor["ns/frame"]
-                    if ref and ref.get("above floor") and row is not ref:
-                        row["÷ tcpdump"] = row["above floor"] / ref["above floor"]
-        if workers:
-            set_rps(pair, "0")
-            flows = Trafgen(pair, 64, workdir, flows=WORKER_FLOWS)
-            for rules in (None, rules_file):
-                rows = [drain_workers(pair, flows, LpdWorkers(pair, n, DRAIN_RING, rules), scale)
-                        for n in (1, 2)]
-                if all(rows) and rows[0].get("Mfps wall"):
-                    rows[1]["2 ÷ 1 wall"] = ratio(rows[1]["Mfps wall"], rows[0]["Mfps wall"])
-            ref = drains.get(("split", "tcpdump"))
-            if ref:
-                scale.add(consumer="tcpdump (the split drain above)", frames=ref["frames"], **{
-                    k: ref.get(k) for k in ("veth rx", "seen", "drops", "drain s", "cpu s",
-                                            "Mfps wall", "Mfps/core")})
+                                           "cpu s/M ratio", "sys CPU ratio",
+                                           "drain Mfps/core ratio"],
+                   note="sys CPU ratio: sys ns/frame above the floor against tcpdump's (the "
+                        "measure for lpd ebpf, whose work is in the kernel); drain: '-' where lpd "
+                        "ebpf had nothing to drain.")
+    sums, drains = ratios_in.get("ladder", {}), ratios_in.get("drain", {})
     for (size, pinning, name), s in sums.items():
         ref = sums.get((size, pinning, "tcpdump"))
-        if name == "tcpdump" or not ref:
+        if name in ("tcpdump", NoCapture.name) or not ref:
             continue
         d, dref = drains.get((pinning, name)), drains.get((pinning, "tcpdump"))
         ratios.add(frame=size, pinning=pinning, consumer=name, **{
             "zero-loss pps ratio": ratio(s["zero-loss pps"], ref["zero-loss pps"]),
             "cpu s/M ratio": ratio(s["cpu s/M"], ref["cpu s/M"]),
+            "sys CPU ratio": ratio(s.get("above floor"), ref.get("above floor")),
             "drain Mfps/core ratio": ratio(d and d.get("Mfps/core"), dref and dref.get("Mfps/core"))
             if size == 64 else None})
     ladder_names = {name for _, _, name in sums}
     for (pinning, name), d in drains.items():         # the drain-only lines (--remote, ...)
         dref = drains.get((pinning, "tcpdump"))
-        if name not in ladder_names and dref:
+        if name not in ladder_names and name != "tcpdump" and dref:
             ratios.add(frame=64, pinning=pinning, consumer=name, **{
                 "drain Mfps/core ratio": ratio(d.get("Mfps/core"), dref.get("Mfps/core"))})
-    for t in (ladder, summary, drain, ratios) + ((scale,) if workers else ()) + \
-            ((syscpu,) if engines else ()):
+    return ratios
+
+
+def show_live(results, tables):
+    for t in tables:
         for r in t.rows:
-            r.pop("_cpu", None)
+            for k in [k for k in r if k.startswith("_")]:
+                r.pop(k)
         t.show()
         results.setdefault("live", []).append(t.to_json())
 
 
+def run_live(results, quick, workdir, series=LIVE_SERIES):
+    global RUNG_FRAMES, DRAIN_FRAMES, LADDER_PPS, SYSCPU_FRAMES, SYSCPU_REPEAT, MIX_FRAMES
+    if quick:
+        RUNG_FRAMES, DRAIN_FRAMES, LADDER_PPS = QUICK_RUNG_FRAMES, DRAIN_FRAMES // 4, QUICK_LADDER_PPS
+        SYSCPU_FRAMES, SYSCPU_REPEAT, MIX_FRAMES = SYSCPU_FRAMES // 5, 1, MIX_FRAMES // 5
+    rules_file = os.path.join(workdir, "rules.txt")
+    with open(rules_file, "w") as f:
+        f.writelines(f"r{i};{e}\n" for i, e in enumerate(rule_exprs(10)))
+    flags = {flag: lpd_offers(flag) for flag in ("--remote", "--connections", "--http",
+                                                 "--workers", "--engine")}
+    timing = results.setdefault("live_seconds", {})
+    ratios_in = {}
+    with netns.Pair() as pair:
+        auto = {"default options": auto_engine(pair)}
+        if all(flags[f] for f in ("--remote", "--connections", "--http")):
+            auto["every stage on"] = auto_engine(pair, EVERY_STAGE, MIX_LOCAL_NETS, rules_file)
+        results["auto_engine"] = auto
+        print("lpd --engine auto picks: " + "; ".join(f"{k}: {v}" for k, v in auto.items()) + "\n",
+              flush=True)
+        steps = {"ladder": lambda: live_ladder(pair, workdir, rules_file, ratios_in),
+                 "drain": lambda: live_drain(pair, workdir, rules_file, flags, ratios_in),
+                 "workers": lambda: live_workers(pair, workdir, rules_file, ratios_in)
+                 if flags["--workers"] else (),
+                 "syscpu": lambda: live_syscpu(pair, workdir, rules_file, flags)
+                 if flags["--engine"] else (),
+                 "mix": lambda: live_mix(pair, workdir, rules_file, flags, auto)
+                 if flags["--engine"] else (),
+                 "flood": lambda: live_flood(pair, workdir)}
+        for name in LIVE_SERIES:
+            if name in series:
+                t0 = time.monotonic()
+                tables = steps[name]()
+                timing[name] = round(time.monotonic() - t0, 1)
+                show_live(results, tables)
+                print(f"   ... {name}: {timing[name]} s", file=sys.stderr, flush=True)
+    if "ladder" in series or "drain" in series:
+        show_live(results, [live_ratios(ratios_in)])
+
+
 def ratio(a, b):
-    return a / b if a and b else None
+    """a / b of two positive figures (a figure above a floor can be noise below it)."""
+    return a / b if a and b and a > 0 and b > 0 else None
 
 
 ###############################################################################
@@ -2244,19 +2952,30 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="smaller counts (smoke run)")
     ap.add_argument("--rules-at-scale", action="store_true",
                     help="only the 'Rules at scale' table (no privileges)")
+    ap.add_argument("--series", default=",".join(LIVE_SERIES), metavar="NAME,...",
+                    help="live series to run (implies --live unless --offline is given too; "
+                         f"default all: {','.join(LIVE_SERIES)})")
     ap.add_argument("--lpd", default=LPD_PATH, help="lpd.py to measure (default: the repo's)")
     args = ap.parse_args(argv)
     LPD = os.path.abspath(args.lpd)
+    series = [s for s in args.series.split(",") if s]
+    unknown = set(series) - set(LIVE_SERIES)
+    if unknown:
+        ap.error(f"--series: no such series: {', '.join(sorted(unknown))} "
+                 f"(there are {', '.join(LIVE_SERIES)})")
+    if set(series) != set(LIVE_SERIES) and not args.offline:
+        args.live = True
     do_offline, do_live = not args.live or args.offline, not args.offline or args.live
     netns.exit_on_signals()
     started = time.monotonic()
     info = machine_info()
-    results = {"machine": info, "lpd": LPD, "quick": args.quick}
+    results = {"machine": info, "lpd": LPD, "quick": args.quick, "series": series}
     print("lpd bench - " + ", ".join(f"{k}: {v}" for k, v in info.items()))
     lpd = import_lpd(LPD)
     info["lpd_version"] = getattr(lpd, "__version__", "?")
-    global DEFAULT_RING, REMOTE_MAX, CONN_MAX, CONN_SNAP
+    global DEFAULT_RING, REMOTE_MAX, CONN_MAX, CONN_SNAP, LPD_RETIRE_MS
     DEFAULT_RING = getattr(lpd, "DEFAULT_RING_BYTES", DEFAULT_RING)
+    LPD_RETIRE_MS = getattr(lpd, "RING_RETIRE_MS", LPD_RETIRE_MS)
     REMOTE_MAX = getattr(lpd, "DEFAULT_REMOTE_MAX", REMOTE_MAX)
     CONN_MAX = getattr(lpd, "DEFAULT_CONN_MAX", CONN_MAX)
     CONN_SNAP = max(OFFLINE_SNAPLEN, getattr(lpd, "CONN_SNAPLEN", CONN_SNAP))
@@ -2273,7 +2992,7 @@ def main(argv=None):
                                  "run with --offline for the rest")
             with tempfile.TemporaryDirectory(prefix="lpd-bench-") as workdir:
                 os.chmod(workdir, 0o755)
-                run_live(results, args.quick, workdir)
+                run_live(results, args.quick, workdir, series)
     finally:
         results["seconds"] = round(time.monotonic() - started, 1)
         path = save_json(results)
