@@ -4,6 +4,7 @@ interface loss and return, signals and readiness."""
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -607,13 +608,16 @@ def test_duration_runs_beside_the_service(pair, tmp_path):
     rules.write_text("udp;udp\n")
     service = Lpd(pair, "--mapping-url", "none", "-f", str(rules), "-u", str(sock))
     shot = pair.popen(pair.ns_b, [sys.executable, LPD, "-i", pair.if_b, "--mapping-url", "none",
-                                  "--duration", "2", "-f", str(rules),
+                                  "--duration", "3", "-f", str(rules),
                                   "--local-net", pair.net4], stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)
+    # Its first line says it captures (a loaded machine may take a while to get there).
+    ready, _, _ = select.select([shot.stderr], [], [], 20)
+    first = shot.stderr.readline() if ready else ""
+    assert "capturing on" in first, first
     pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100])
     out, err = shot.communicate(timeout=30)
-    assert shot.returncode == 0, err
+    assert shot.returncode == 0, first + err
     assert f"{pair.ip4_b}" in out and "udp" in out, out
     assert not os.path.exists(f"/run/lpd/{pair.if_b}.sock")
     assert service.proc.poll() is None and os.path.exists(sock)
