@@ -805,7 +805,7 @@ def _clear_stale_socket(path):
     try:
         live = _probe_unix_socket(path)
     except OSError as e:
-        raise ConfigError(f"{path}: cannot probe existing socket: {e.strerror or e}") from None
+        raise os_failure(e, f"{path}: cannot probe existing socket") from None
     if live:
         raise ConfigError(f"{path}: another lpd is serving this socket")
     try:
@@ -813,7 +813,7 @@ def _clear_stale_socket(path):
     except FileNotFoundError:
         pass
     except OSError as e:
-        raise ConfigError(f"{path}: cannot remove stale socket: {e.strerror or e}") from None
+        raise os_failure(e, f"{path}: cannot remove stale socket") from None
 
 
 def _bind_unix_socket(path, mode, gid):
@@ -5018,7 +5018,7 @@ def read_pcap(path):
     try:
         f = open(path, "rb")
     except OSError as e:
-        raise ConfigError(f"{path}: {e.strerror}") from None
+        raise os_failure(e, path) from None
     with f:
         head = f.read(PCAP_MAGIC_LEN)
         magic = struct.unpack("<I", head)[0] if len(head) == PCAP_MAGIC_LEN else None
@@ -7600,7 +7600,7 @@ def parse_filter_file(path, mac):
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read filter file: {e.strerror or e}") from None
+        raise os_failure(e, f"{path}: cannot read filter file") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -9720,7 +9720,7 @@ def open_mmdb(path, option, kinds):
     try:
         reader = maxminddb.open_database(path)
     except OSError as e:
-        raise ConfigError(f"{option} {path}: {e.strerror or e}") from None
+        raise os_failure(e, f"{option} {path}") from None
     except (maxminddb.InvalidDatabaseError, ValueError) as e:
         raise ConfigError(f"{option} {path}: not a MaxMind DB file ({e})") from None
     db_type = reader.metadata().database_type
@@ -11156,7 +11156,7 @@ def make_http_server(host, port, registry, api=None):
             # A host without IPv4 (or IPv6) on loopback: its other address still serves.
             if e.errno == errno.EADDRNOTAVAIL and i + 1 < len(addresses):
                 continue
-            raise ConfigError(f"--web.listen-address {host}:{port}: {e.strerror}") from None
+            raise os_failure(e, f"--web.listen-address {host}:{port}") from None
     try:
         return MetricsServer(sock, functools.partial(generate_latest, registry), CONTENT_TYPE_LATEST,
                              api)
@@ -11427,7 +11427,7 @@ class JsonLog:
         try:
             return open(self.path, "a", encoding="utf-8")
         except OSError as e:
-            raise ConfigError(f"{self.option} {self.path}: {e.strerror}") from None
+            raise os_failure(e, f"{self.option} {self.path}") from None
 
     def write(self, record):
         try:
@@ -11476,6 +11476,7 @@ class JsonLog:
 # `pending`, a reference the reload thread sets and the capture thread takes.
 
 INTERFACE_CHECK_PERIOD = 1.0
+WAITING_LINE = "no such interface yet; waiting for it (counting starts when it appears)"
 SOCKET_FRESH_TIMEOUT = 1.0          # how long a socket dump waits for a fresh publication
 # After widening the kernel snapshot, frames the old program cut short may still sit
 # in the block the kernel is filling; it retires within RING_RETIRE_MS of its first
@@ -11500,9 +11501,10 @@ def interface_local_nets(ifname):
 MAC_NOT_YET = "00:00:00:00:00:00"
 
 
-def load_rules(opts, ifname):
-    """The filter file's rules, parsed and compiled (slow: never on the capture thread);
-    None without -f, or with --filter-file-optional while the file does not exist."""
+def load_rules(opts, ifname, awaiting=False):
+    """The filter file's rules, parsed and compiled (slow: not on a capture thread that
+    reads frames); None without -f, or with --filter-file-optional while the file does
+    not exist. `awaiting`: the interface is not there yet (--wait-interface)."""
     if not opts.filter_file:
         return None
     if opts.filter_file_optional and not os.path.exists(opts.filter_file):
@@ -11512,7 +11514,7 @@ def load_rules(opts, ifname):
     elif ifname is None:
         mac = None                    # -r without -i: $MAC is an error
     else:
-        mac = interface_mac(ifname) if interface_index(ifname) is not None else MAC_NOT_YET
+        mac = MAC_NOT_YET if awaiting else interface_mac(ifname)
     return RuleCounter(parse_filter_file(opts.filter_file, mac))
 
 
@@ -11617,8 +11619,9 @@ class Daemon:
         self.kernel = None               # --engine ebpf: the KernelAccounting
         self.engine = "engine cbpf"      # which counts, and why (the start-up line)
         self.control = {}                # fd -> handler, polled beside the ring (a worker's pipe)
-        # --wait-interface and the interface is not there yet: nothing read from it so far
-        self.awaiting = interface_index(ifname) is None
+        # --wait-interface and the interface was not there at start: nothing read from it
+        # yet (set by whoever built the parts, from capture_interface())
+        self.awaiting = False
         self.captured = False            # a ring was open once: a new one is "capturing again"
 
     def _wake(self):
@@ -11677,17 +11680,25 @@ class Daemon:
     # -- reload ---------------------------------------------------------------
 
     def _compile_reload(self):
-        """The reload thread: everything slow (parsing, compiling, DNS, netlink)."""
+        """The reload thread: everything slow (parsing, compiling, DNS, netlink). While
+        the interface is awaited its networks stay as they are and $MAC is a stand-in:
+        interface_appeared() reads both when it comes."""
         if self.geo is not None:
             self.geo.reopen()
+        awaiting = self.awaiting
         try:
-            rules = load_rules(self.opts, self.ifname)
-            nets = self.opts.local_nets or interface_local_nets(self.ifname)
+            rules = load_rules(self.opts, self.ifname, awaiting)
+            nets = self.opts.local_nets or \
+                (self.local.local_nets if awaiting else interface_local_nets(self.ifname))
         except Exception as e:            # whatever went wrong, the running rules stay
             reason = str(e) if isinstance(e, LpdError) else f"{type(e).__name__}: {e}"
             log(LOG_ERR, f"reload failed, keeping the running configuration: {reason}")
         else:
-            self.pending = (rules, nets)
+            if awaiting and not self.awaiting:
+                # The interface appeared meanwhile: these rules have the stand-in $MAC.
+                self.reload_requested = True
+            else:
+                self.pending = (rules, nets)
         self._wake()                      # a SIGHUP that came meanwhile starts the next one
 
     def reloader_idle(self):
@@ -11901,9 +11912,8 @@ class Daemon:
             threads.append(threading.Thread(target=self.docker.run, args=(self.stop_event,),
                                             name="docker", daemon=True))
         try:
-            if self.awaiting:
-                log(LOG_WARNING, f"{self.ifname}: no such interface yet; waiting for it "
-                                 "(counting starts when it appears)")
+            if self.awaiting and not self.opts.worker_of:   # the parent says it, once
+                log(LOG_WARNING, f"{self.ifname}: {WAITING_LINE}")
             else:
                 self.open_capture()
             self.tick()
@@ -12025,10 +12035,14 @@ def open_http(opts, docker=None):
 
 
 def capture_interface(opts):
+    """(the capture interface, whether it is to be awaited): decided once, so the parts
+    built from it agree even if it appears meanwhile."""
     ifname = opts.interface or default_interface()
-    if interface_index(ifname) is None and not opts.wait_interface:
+    if interface_index(ifname) is not None:
+        return ifname, False
+    if not opts.wait_interface:
         raise ConfigError(f"{ifname}: no such interface (--wait-interface waits for it)")
-    return ifname
+    return ifname, True
 
 
 class CaptureParts(NamedTuple):
@@ -12044,17 +12058,17 @@ class CaptureParts(NamedTuple):
     engine: str                        # which engine counts, and why, for the log
 
 
-def build_capture(opts, ifname, names, conn_write, http_write):
+def build_capture(opts, ifname, awaiting, names, conn_write, http_write):
     """Decoder and stages from the options; records go to conn_write/http_write and
-    HTTP servers are named by names.name_of (None: no names)."""
-    rules = load_rules(opts, ifname)
+    HTTP servers are named by names.name_of (None: no names). `awaiting`: the interface
+    is not there yet, and what is read from it (networks, $MAC) is read when it comes."""
+    rules = load_rules(opts, ifname, awaiting)
     # Compiled once, before anything is bound; only its accept length changes later.
     prefilter = compile_filter(opts.prefilter, kernel=True) if opts.prefilter else None
-    present = interface_index(ifname) is not None      # else --wait-interface: read them later
-    local = LocalAddresses(opts.local_nets or (interface_local_nets(ifname) if present else []),
+    local = LocalAddresses(opts.local_nets or ([] if awaiting else interface_local_nets(ifname)),
                            opts.idle_timeout or DEFAULT_IDLE_TIMEOUT,
                            opts.local_max or DEFAULT_LOCAL_MAX)
-    if not local.local_nets and present:
+    if not local.local_nets and not awaiting:
         log(LOG_WARNING, f"{ifname}: no addresses and no --local-net: no address is local")
     remotes = RemoteAddresses(opts.remote_max) if opts.remote else None
     conns = procs = None
@@ -12155,17 +12169,17 @@ def open_logs(opts):
 
 def build_daemon(opts):
     """Every part of a daemon, from the options; the Daemon itself builds none."""
-    ifname = capture_interface(opts)
+    ifname, awaiting = capture_interface(opts)
     published = Published()
     docker = open_docker(opts)
     conn_log, http_log = open_logs(opts)
-    cap = build_capture(opts, ifname, docker, conn_log.write if conn_log else None,
+    cap = build_capture(opts, ifname, awaiting, docker, conn_log.write if conn_log else None,
                         http_log.write if http_log else None)
     exp = build_exporters(opts, ifname, published, docker)
     daemon = Daemon(opts, ifname, cap.decoder, cap.rules, cap.prefilter, exp.mapping, published,
                     exp.http, exp.rule_server, cap.remotes, exp.geo, exp.collector, cap.conns,
                     conn_log, cap.procs, cap.http_stage, http_log, exp.docker)
-    daemon.kernel, daemon.engine = cap.kernel, cap.engine
+    daemon.kernel, daemon.engine, daemon.awaiting = cap.kernel, cap.engine, awaiting
     exp.collector.engine = "ebpf" if cap.kernel else "cbpf"
     return daemon
 
@@ -12314,18 +12328,18 @@ def run_worker(opts):
     if opts.workers_pin:
         cpus = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpus[index % len(cpus)]})
-    ifname = capture_interface(opts)
+    ifname, awaiting = capture_interface(opts)
     logs = {"conn": ShippedLog() if opts.connections and opts.conn_log else None,
             "http": ShippedLog() if opts.http and opts.http_log else None}
     names = ShippedNames() if opts.http else None
-    cap = build_capture(opts, ifname, names, logs["conn"] and logs["conn"].write,
+    cap = build_capture(opts, ifname, awaiting, names, logs["conn"] and logs["conn"].write,
                         logs["http"] and logs["http"].write)
     published = WorkerPublished(data, logs, "ebpf" if cap.kernel else "cbpf")
     opts.mapping_url = None              # the parent's
     daemon = Daemon(opts, ifname, cap.decoder, cap.rules, cap.prefilter,
                     NicMapping(None, ifname, log), published, None, None, cap.remotes, None,
                     None, cap.conns, logs["conn"], cap.procs, cap.http_stage, logs["http"])
-    daemon.kernel, daemon.engine = cap.kernel, cap.engine
+    daemon.kernel, daemon.engine, daemon.awaiting = cap.kernel, cap.engine, awaiting
     daemon.fanout = group | (PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG) << 16
     buf = bytearray()
 
@@ -12380,6 +12394,8 @@ class Supervisor:
         self.names_sent = None
         self.stop_event = threading.Event()
         self.stopped_for_duration = False
+        self.awaiting = False            # the interface is not there yet (build_supervisor)
+        self.engines = {}                # worker index -> the engine it counts with
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         published.set_waker(self._wake)
 
@@ -12412,6 +12428,15 @@ class Supervisor:
         except OSError:
             pass                         # it is dying: its pipe's end will say so
 
+    def engine_chosen(self, index, engine):
+        """lpd_build_info{engine} is what the workers count with; the same options give
+        them the same, unless one fell back (it says why in its own line)."""
+        self.engines[index] = engine
+        chosen = set(self.engines.values())
+        if len(chosen) > 1:
+            log(LOG_WARNING, f"workers count with different engines: {', '.join(sorted(chosen))}")
+        self.exp.collector.engine = "+".join(sorted(chosen))
+
     def _read(self, w):
         while True:
             try:
@@ -12425,8 +12450,8 @@ class Supervisor:
             w.buf.extend(chunk)
         for msg in take_messages(w.buf):
             w.latest = typed_snapshots(msg["snaps"])
-            # what the worker chose (the same options give every worker the same)
-            self.exp.collector.engine = msg["engine"]
+            if self.engines.get(w.index) != msg["engine"]:
+                self.engine_chosen(w.index, msg["engine"])
             for kind, records in msg["logs"].items():
                 log_ = self.logs.get(kind)
                 for rec in records if log_ is not None else ():
@@ -12514,7 +12539,10 @@ class Supervisor:
                 exp.rule_server.start()
             serving = f"; metrics on http://{self.opts.listen[0]}:{self.opts.listen[1]}/metrics" \
                 if exp.http else ""
-            log(LOG_INFO, f"capturing on {self.ifname} with {self.opts.workers} workers{serving}")
+            if self.awaiting:
+                log(LOG_WARNING, f"{self.ifname}: {WAITING_LINE}")
+            doing = "waiting for" if self.awaiting else "capturing on"
+            log(LOG_INFO, f"{doing} {self.ifname} with {self.opts.workers} workers{serving}")
             sd_notify("READY=1")
             self._loop()
         finally:
@@ -12605,13 +12633,15 @@ class Supervisor:
 
 
 def build_supervisor(opts, argv):
-    ifname = capture_interface(opts)
-    load_rules(opts, ifname)                 # a bad file is the parent's error, once
+    ifname, awaiting = capture_interface(opts)
+    load_rules(opts, ifname, awaiting)       # a bad file is the parent's error, once
     published = Published()
     docker = open_docker(opts)
     conn_log, http_log = open_logs(opts)
     exp = build_exporters(opts, ifname, published, docker)
-    return Supervisor(opts, argv, ifname, published, exp, conn_log, http_log)
+    supervisor = Supervisor(opts, argv, ifname, published, exp, conn_log, http_log)
+    supervisor.awaiting = awaiting
+    return supervisor
 
 
 ###############################################################################
@@ -12758,7 +12788,6 @@ def dump_filter(opts, out=sys.stdout):
 # ("lpd answered garbage: ..." or "stopped answering"), never a traceback, and the
 # panes keep the last good answer, dimmed.
 
-TOP_URL = "http://localhost:59122"
 TOP_REFRESH = 1.0                  # s between fetches
 TOP_REFRESH_POLL = 0.1             # s: how often keys are read between fetches
 TOP_TIMEOUT = 3.0                  # s for one fetch: every document, connect to last byte
@@ -12802,7 +12831,6 @@ TOP_ATTRS = {TOP_ALERT: ("A_BOLD", "A_REVERSE"), TOP_TITLE: ("A_BOLD",), TOP_KEY
 
 class TopError(LpdError):
     """The daemon cannot be shown; `reason` is short enough for one screen line."""
-    exit_code = 1
 
     def __init__(self, reason):
         self.reason = str(reason)[:TOP_REASON_MAX]
@@ -13352,9 +13380,9 @@ class TopView:
 
 def top_parser():
     p = _ArgParser(prog="lpd top", description="A live view of a running lpd (its /api/*).")
-    p.add_argument("--url", default=TOP_URL, metavar="URL",
+    p.add_argument("--url", default=DEFAULT_LISTEN, metavar="URL",
                    help=f"the daemon's metrics address: http://HOST:PORT or HOST:PORT as "
-                        f"--web.listen-address takes it (default {TOP_URL})")
+                        f"--web.listen-address takes it (default {DEFAULT_LISTEN})")
     p.add_argument("--once", action="store_true",
                    help="print one frame (every pane) as plain text and exit; no line wider than $COLUMNS")
     p.add_argument("--refresh", type=_positive_float, default=TOP_REFRESH, metavar="SECONDS",

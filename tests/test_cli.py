@@ -185,3 +185,14 @@ def test_mac_names_dollar_mac_offline(tmp_path):
     oracle = subprocess.run(["tcpdump", "-nn", "-q", "-r", pcap, f"ether dst {mac}"],
                             capture_output=True, text=True, timeout=60).stdout
     assert counts["to-me"] == len(oracle.splitlines()) > 0
+
+
+def test_dollar_mac_offline_from_an_interface_that_is_not_there(tmp_path):
+    """-r -i IFACE takes $MAC from IFACE: one that does not exist is an error, never a
+    stand-in address (that is --wait-interface's, for a live lpd only)."""
+    rules = tmp_path / "r.filters"
+    rules.write_text("to-me;ether dst $MAC\n")
+    cp = lpd("-r", os.path.join(CORPUS, "DTP.pcap"), "-i", "nosuch0", "--local-net", "10.0.0.0/8",
+             "-f", str(rules))
+    assert cp.returncode == 78 and cp.stderr.startswith("lpd: nosuch0: cannot read the MAC address"), \
+        cp.stderr

@@ -502,18 +502,32 @@ def test_no_permission_exits_77(pair):
      "/run/lpd-test-root-only/rules.sock: cannot create directory: Permission denied"),
     (["--engine", "cbpf", "-u", "/run/rules.sock"],
      "/run/rules.sock: cannot create socket: Permission denied"),
+    (["--engine", "cbpf", "-f", "{secret}/r.filters"],
+     "{secret}/r.filters: cannot read filter file: Permission denied"),
+    (["-r", "{secret}/x.pcap"], "{secret}/x.pcap: Permission denied"),
+    (["--engine", "cbpf", "--conn-log", "{secret}/conn.log"],
+     "--conn-log {secret}/conn.log: Permission denied"),
+    (["--engine", "cbpf", "--web.listen-address", "127.0.0.1:80"],
+     "--web.listen-address 127.0.0.1:80: Permission denied"),
 ])
 def test_every_permission_failure_exits_77(pair, args, what):
     """Capture allowed (CAP_NET_RAW), but not what an option needs besides: the eBPF
-    engine's maps (CAP_BPF), a socket where the user may not write."""
-    with tempfile.TemporaryDirectory() as tmp:
+    engine's maps (CAP_BPF), a socket where the user may not write, files only root
+    may read or write, a port below 1024."""
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as secret:
         copy = readable_copy(tmp)
+        for name in ("r.filters", "x.pcap"):          # root's, mode 0600
+            with open(os.path.join(secret, name), "w") as f:
+                f.write("udp;udp\n")
+            os.chmod(os.path.join(secret, name), 0o600)
+        os.chmod(secret, 0o711)                      # its files reachable, not readable
+        args = [a.replace("{secret}", secret) for a in args]
         cp = pair.run(pair.ns_b, [
             "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
             "--inh-caps=-all,+net_raw", "--ambient-caps=-all,+net_raw", "--bounding-set=-all,+net_raw",
             "/usr/bin/python3", copy, "-i", pair.if_b, "--mapping-url", "none",
             "--web.listen-address", f"127.0.0.1:{PORT}", *args], check=False)
-    assert (cp.returncode, cp.stderr) == (77, f"lpd: {what}\n")
+        assert (cp.returncode, cp.stderr) == (77, f"lpd: {what.replace('{secret}', secret)}\n")
 
 
 @pytest.mark.parametrize("caps,says", [("net_raw,+bpf,+perfmon", "engine ebpf"),

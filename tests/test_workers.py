@@ -319,3 +319,28 @@ def test_build_info_names_the_engine_the_workers_chose(pair, tmp_path, rules, en
     assert [i["engine"] for i in info] == [engine], info
     assert lpd.stderr().count(f"(engine {engine}") == 2, lpd.stderr()
     assert lpd.stop() == 0
+
+
+def test_workers_wait_for_an_interface_and_say_so_once(pair, tmp_path):
+    """--wait-interface with workers: one line from the parent (not one per worker), and
+    every worker reads the interface's networks and address ($MAC) when it appears."""
+    rules = tmp_path / "r.filters"
+    rules.write_text("to-me;ether dst $MAC and udp\n")
+    pair.delete_link()
+    lpd = Lpd(pair, "--workers", "2", "--wait-interface", "--mapping-url", "none",
+              "-f", str(rules), "-u", str(tmp_path / "r.sock"))
+    pair.create_link()
+    pair.settle()
+    up = ("lpd_interface_up", frozenset({("nic", pair.if_b)}))
+    assert wait_for(lambda: metrics(pair).get(up) == 1, 5)
+    time.sleep(1.5)                                  # both workers capture (one-second checks)
+    for sport in range(46000, 46016):                # flows for both workers
+        pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100], sport=sport)
+    want = 16 * netns.frame_len(100)
+    rule = ("lpd_rule_bytes_total", frozenset({("rule", "to-me")}))
+    addr = ("lpd_receive_bytes_total", frozenset({("local_ip", pair.ip4_b), ("nic", pair.if_b)}))
+    assert wait_for(lambda: (metrics(pair).get(rule), metrics(pair).get(addr)) == (want, want), 5), \
+        (metrics(pair).get(rule), metrics(pair).get(addr))
+    log = lpd.stderr()
+    assert log.count("no such interface yet") == 1 and "waiting for" in log, log
+    assert lpd.stop() == 0
