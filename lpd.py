@@ -11623,6 +11623,7 @@ class Daemon:
         # yet (set by whoever built the parts, from capture_interface())
         self.awaiting = False
         self.captured = False            # a ring was open once: a new one is "capturing again"
+        self.mac = None                  # the interface's address when capture last opened
 
     def _wake(self):
         try:
@@ -11788,6 +11789,13 @@ class Daemon:
                 self.swap_rules(self.widening.rules)
 
     def open_capture(self):
+        mac = interface_mac(self.ifname)
+        if self.mac is not None and mac != self.mac and self.opts.filter_file and not self.opts.mac:
+            # The interface came back as another device (a new USB NIC, a re-created
+            # wg0): rules written with $MAC must name the new address.
+            log(LOG_NOTICE, f"{self.ifname}: its address is now {mac}: reloading the rules")
+            self.reload_requested = True
+        self.mac = mac
         self.ring = Ring(self.ifname, self.opts.ring_bytes,
                          kernel_program(self.prefilter, self.decoder.snaplen(), self.whole),
                          self.opts.promisc, self.fanout,

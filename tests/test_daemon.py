@@ -355,6 +355,30 @@ def test_optional_filter_file_is_loaded_once_it_exists(pair, tmp_path):
     assert cp.returncode == 78 and "cannot read filter file" in cp.stderr
 
 
+def test_an_interface_back_with_another_address_reloads_dollar_mac(pair, tmp_path):
+    """A USB NIC swapped, a wg0 re-created: the same name, a new device and address.
+    Rules written with $MAC follow the new address."""
+    rules, sock = tmp_path / "r.filters", tmp_path / "rules.sock"
+    rules.write_text("to-me;ether dst $MAC and udp\n")
+    lpd = Lpd(pair, "--mapping-url", "none", "--local-net", pair.net4, "-f", str(rules),
+              "-u", str(sock))
+    pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100])
+    first = netns.frame_len(100)
+    assert wait_for(lambda: read_socket(sock) == f"to-me:{first}:1\n", 5), read_socket(sock)
+    pair.delete_link()
+    pair.mac_b = "02:00:00:00:0b:0b"                  # the new device's address
+    pair.create_link()
+    pair.settle()
+    assert wait_for(lambda: "reloaded" in lpd.stderr(), 10), lpd.stderr()
+    pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [200, 300])
+    # A rule whose expansion changed is a new rule: it counts from the reload, as after
+    # any edit of its line.
+    want = netns.frame_len(200) + netns.frame_len(300)
+    assert wait_for(lambda: read_socket(sock) == f"to-me:{want}:2\n", 5), read_socket(sock)
+    assert "its address is now 02:00:00:00:0b:0b" in lpd.stderr()
+    assert lpd.stop() == 0
+
+
 def test_link_down_and_up(pair):
     Lpd(pair, "--mapping-url", "none", "--local-net", "10.199.0.0/24")
     pair.set_up(pair.ns_b, pair.if_b, False)
