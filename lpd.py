@@ -489,8 +489,9 @@ U32 = struct.Struct("=I")
 # returns once every CPU has left the RCU read-side sections it was in, and a socket
 # program runs inside one (sk_filter_trim_cap, dev_queue_xmit_nit): every program run
 # that began before the call has returned. The eBPF engine's grace period.
+# None on a machine not listed: no guessed number (another machine's is another call).
 NR_MEMBARRIER = {"x86_64": 324, "aarch64": 283, "armv7l": 389, "i686": 375, "riscv64": 283}.get(
-    os.uname().machine, 324)
+    os.uname().machine)
 MEMBARRIER_CMD_GLOBAL = 1
 
 # bpf(2) batch commands (Linux 5.6+) on top of those of the eBPF chapter: one syscall
@@ -9209,7 +9210,7 @@ def grace_period():
     call: membarrier(MEMBARRIER_CMD_GLOBAL) (see the Linux ABI). Where that is refused
     (nohz_full CPUs, a seccomp filter), a wait of EBPF_RETIRE_AFTER, the bound a reload
     trusts for the same question."""
-    if _syscall(NR_MEMBARRIER, MEMBARRIER_CMD_GLOBAL, None, 0) < 0:
+    if NR_MEMBARRIER is None or _syscall(NR_MEMBARRIER, MEMBARRIER_CMD_GLOBAL, None, 0) < 0:
         time.sleep(EBPF_RETIRE_AFTER)
 
 
