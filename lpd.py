@@ -5564,8 +5564,12 @@ class Consumer:
 class Decoder:
     """Interface totals, malformed frames and the local-address counters, per block."""
 
-    def __init__(self, local, consumers=(), vnet=False, mtu=None):
+    def __init__(self, local, consumers=(), vnet=False, mtu=None, counted=False):
+        """counted: the kernel has counted every frame (--engine ebpf), so the frames
+        copied for the stages are only read: the local addresses are told apart from
+        the remote ones (--remote) by LocalityOnly, which neither admits nor counts."""
         self.local = local
+        self.attribution = LocalityOnly(local) if counted else local
         self.set_link(vnet, mtu)
         self.frames = 0
         self.totals = [0, 0, 0, 0]                   # TX_BYTES .. RX_PACKETS
@@ -5622,7 +5626,7 @@ class Decoder:
         direction = TX_BYTES if pkttype == PACKET_OUTGOING else RX_BYTES
         self.totals[direction] += nbytes
         self.totals[direction + 1] += segments
-        local = self.local
+        local = self.attribution
         ends = []
         for key, at in ((src, TX_BYTES), (dst, RX_BYTES)):
             cache = local.cache4 if type(key) is int else local.cache6
@@ -5664,7 +5668,7 @@ class Decoder:
         et_ip4, et_ip6, plain4, dot1q = ETHERTYPE_IPV4, ETHERTYPE_IPV6, IPV4_VIHL_PLAIN, ETH_P_8021Q
         gso_above = self.gso_above
         gso_back, super_frame = VIRTIO_GSO_TYPE_BACK, self.super_frame
-        local = self.local
+        local = self.attribution
         get4, get6, locate = local.cache4.get, local.cache6.get, local.locate
         batch = Batch()
         want_raw, raw = self.want_raw, batch.raw.append
@@ -5793,6 +5797,46 @@ class Decoder:
             self.time = batch.time
         for consumer in self.consumers:
             consumer.consume(batch)
+
+
+class LocalityOnly:
+    """The decoder's attribution where the kernel counted the frame (--engine ebpf with
+    frames copied for a stage): the hot loop's caches and locate() as LocalAddresses
+    has them, by the same prefixes, but a local address gets a scratch list, so the
+    decoder's increments go nowhere and no address is admitted (the kernel's tables
+    decide that, flood-proof; LocalAddresses takes their counts at each tick)."""
+
+    def __init__(self, local):
+        self.local = local
+        self._cache4, self._cache6 = {}, {}
+        self.scratch = [0, 0, 0, 0]
+        self.nets = local.local_nets
+
+    def _current(self):
+        """Forget what the caches say once a reload changed the networks (the hot loop
+        reads the caches once per block, so this costs a block, not a frame)."""
+        if self.nets is not self.local.local_nets:
+            self.nets = self.local.local_nets
+            self._cache4.clear()
+            self._cache6.clear()
+
+    @property
+    def cache4(self):
+        self._current()
+        return self._cache4
+
+    @property
+    def cache6(self):
+        self._current()
+        return self._cache6
+
+    def locate(self, key):
+        cache = self._cache4 if type(key) is int else self._cache6
+        if len(cache) >= LOCALITY_CACHE_MAX:
+            cache.clear()
+        local = _is_local(key, self.local.tables[family_of_key(key).version].prefixes)
+        cache[key] = self.scratch if local else 0
+        return cache[key]
 
 
 ###############################################################################
@@ -8429,9 +8473,10 @@ A_SAVE = -160                                  # A across a helper call (ldx msh
 VERDICTS = -168                                # test builds: bit i = rule i matched (the retval)
 CNT_BYTES, CNT_FRAMES = -176, -184             # what this frame counts for: (wl, 1), or a
                                                # GSO super-frame's (bytes, frames) on the wire
+COPY = -192                                    # how much of the frame userspace gets (CopyPlan)
 VIEW_DATA = SNAPLEN_ACCOUNTING             # what lpd's userspace decoder sees of a frame
 VIEW_BYTES = VIEW_DATA + VLAN_TAG_LEN      # ... plus a stripped tag put back in
-VIEW = -(184 + _round8(VIEW_BYTES))            # view[i] at VIEW + i
+VIEW = -(192 + _round8(VIEW_BYTES))            # view[i] at VIEW + i
 STACK_DEPTH = -VIEW
 assert STACK_DEPTH <= EBPF_STACK_MAX
 
@@ -9115,16 +9160,152 @@ def make_maps(nrules, local_max=DEFAULT_LOCAL_MAX):
 VERDICT_MASK = "mask"
 
 
+class CopyPlan(NamedTuple):
+    """What the userspace stages read of each frame under --engine ebpf, so that the
+    program copies each frame only as far as some stage reads it (the classic path's
+    kernel_program does the same per branch): `every` bytes of every frame (--remote,
+    until remote addresses are counted in the kernel), `l4` bytes of the frames
+    connection tracking may parse (IPv4 TCP and UDP; IPv6 TCP, UDP and extension
+    headers, which parse_l4 walks), and TCP to or from `ports` whole (--http).
+    A frame the view is too short to judge (stacked tags, a header cut short) gets the
+    most any stage reads, as judge_guard gives it on the classic path: no stage misses
+    a frame it would have read."""
+    every: int = 0
+    l4: int = 0
+    ports: tuple = ()
+
+    def constant(self):
+        """The copy length if every frame gets the same, else None."""
+        return None if self.l4 or self.ports else self.every
+
+    def l4_len(self):
+        return max(self.every, self.l4)
+
+    def most(self):
+        return SNAPLEN_FULL if self.ports else self.l4_len()
+
+
+def copy_length(plan, view):
+    """What the program's copy decision (emit_copy_length) returns for a frame whose
+    view (its first VIEW_DATA bytes as userspace sees them, a stripped tag put back) is
+    `view`: its reference, for tests."""
+    n, u16 = len(view), U16BE.unpack_from
+    if n < ETH_HLEN:
+        return plan.most()
+    q, et = ETH_HLEN, u16(view, ETH_TYPE_OFF)[0]
+    while et in VLAN_TPIDS:
+        if q + VLAN_TAG_LEN > n:
+            return plan.most()
+        et = u16(view, q + 2)[0]
+        q += VLAN_TAG_LEN
+    if et == ETHERTYPE_IPV4:
+        if q + 20 > n:
+            return plan.most()
+        proto = view[q + IPV4_PROTO_OFF]
+        if proto not in (IPPROTO_TCP, IPPROTO_UDP):
+            return plan.every
+        if not plan.ports or proto != IPPROTO_TCP or u16(view, q + 6)[0] & IPV4_FRAG_MASK:
+            return plan.l4_len()
+        at = q + (view[q] & 0x0F) * 4
+    elif et == ETHERTYPE_IPV6:
+        if q + IPV6_HDR_LEN > n:
+            return plan.most()
+        nh = view[q + IPV6_NEXT_OFF]
+        if nh not in (IPPROTO_TCP, IPPROTO_UDP) and nh not in IPV6_EXT_LEN:
+            return plan.every
+        if plan.ports and nh in IPV6_EXT_LEN:
+            return SNAPLEN_FULL
+        if not plan.ports or nh != IPPROTO_TCP:
+            return plan.l4_len()
+        at = q + IPV6_HDR_LEN
+    else:
+        return plan.every
+    if at + 4 > n:
+        return plan.most()
+    sport, dport = TCP_PORTS.unpack_from(view, at)
+    return SNAPLEN_FULL if sport in plan.ports or dport in plan.ports else plan.l4_len()
+
+
+def emit_copy_length(g, plan):
+    """COPY := copy_length(plan, the view), test for test the same walk (tags, the IP
+    header's protocol, a TCP header's ports) on the view; uses r1-r5."""
+    undecided, every, l4, whole, decided = (g.label(n) for n in
+                                            ("c_most", "c_every", "c_l4", "c_whole", "c_done"))
+    walk, tag, walked, ip4, ip6, ports = (g.label(n) for n in
+                                          ("c_walk", "c_tag", "c_walked", "c_ip4", "c_ip6", "c_ports"))
+    g(jmp_imm(EBPF_JLT, REG_VLEN, ETH_HLEN, undecided))
+    emit_view_load_be(g, R1, FP, VIEW + ETH_TYPE_OFF, 2, R3)
+    g(mov64_imm(R2, ETH_HLEN))
+    g.at(walk)
+    for tpid in sorted(VLAN_TPIDS):
+        g(jmp_imm(EBPF_JEQ, R1, tpid, tag))
+    g(ja(walked))
+
+    def header(size):
+        """r4 = the view at offset r2, `size` bytes of it inside the view and the frame."""
+        g(jmp_imm(EBPF_JGT, R2, VIEW_BYTES - size, undecided),
+          mov64_reg(R3, R2), alu64_imm(EBPF_ADD, R3, size),
+          jmp_reg(EBPF_JGT, R3, REG_VLEN, undecided),
+          mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2))
+
+    g.at(tag)
+    header(VLAN_TAG_LEN)
+    emit_view_load_be(g, R1, R4, 2, 2, R3)
+    g(alu64_imm(EBPF_ADD, R2, VLAN_TAG_LEN), ja(walk))
+    g.at(walked)
+    g(jmp_imm(EBPF_JEQ, R1, ETHERTYPE_IPV4, ip4), jmp_imm(EBPF_JEQ, R1, ETHERTYPE_IPV6, ip6),
+      ja(every))
+    g.at(ip4)
+    header(20)
+    g(ldx(EBPF_B, R1, R4, IPV4_PROTO_OFF))
+    if plan.ports:
+        tcp4 = g.label("c_tcp4")
+        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_TCP, tcp4), jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, l4), ja(every))
+        g.at(tcp4)
+        emit_view_load_be(g, R3, R4, 6, 2, R5)
+        g(alu64_imm(EBPF_AND, R3, IPV4_FRAG_MASK), jmp_imm(EBPF_JNE, R3, 0, l4),
+          ldx(EBPF_B, R3, R4, 0), alu64_imm(EBPF_AND, R3, 0x0F), alu64_imm(EBPF_LSH, R3, 2),
+          alu64_reg(EBPF_ADD, R2, R3), ja(ports))
+    else:
+        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_TCP, l4), jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, l4), ja(every))
+    g.at(ip6)
+    header(IPV6_HDR_LEN)
+    g(ldx(EBPF_B, R1, R4, IPV6_NEXT_OFF))
+    for nh in sorted(IPV6_EXT_LEN):
+        g(jmp_imm(EBPF_JEQ, R1, nh, whole if plan.ports else l4))
+    if plan.ports:
+        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, l4), jmp_imm(EBPF_JNE, R1, IPPROTO_TCP, every),
+          alu64_imm(EBPF_ADD, R2, IPV6_HDR_LEN))
+        g.at(ports)
+        header(4)                      # the TCP ports
+        emit_view_load_be(g, R1, R4, 0, 2, R5)
+        emit_view_load_be(g, R3, R4, 2, 2, R5)
+        for port in plan.ports:
+            g(jmp_imm(EBPF_JEQ, R1, port, whole), jmp_imm(EBPF_JEQ, R3, port, whole))
+        g(ja(l4))
+    else:
+        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_TCP, l4), jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, l4), ja(every))
+    for label, value in ((undecided, plan.most()), (every, plan.every), (l4, plan.l4_len()),
+                         (whole, SNAPLEN_FULL)):
+        g.at(label)
+        g(st_imm(EBPF_W, FP, COPY, value), ja(decided))
+    g.at(decided)
+
+
 def build_program(maps, nets=(), rules=(), decoder=True, verdict=0, gso_above=None,
                   sample_hash=SAMPLE_HASH):
     """The whole socket program: (image, labels). rules: classic programs (lpd's
     compile_filter output, kernel=False: they see the frame as userspace does).
     gso_above: split GSO super-frames longer than this (see emit_gso); None: never.
     sample_hash: the overflow sample's multiplier (emit_overflow_sample).
-    verdict: what it returns: 0 (no frame copied to userspace), a snapshot length, or
-    VERDICT_MASK (test builds, at most 32 rules: bit i set when rule i matched)."""
+    verdict: what it returns: 0 (no frame copied to userspace), a snapshot length, a
+    CopyPlan (each frame copied as far as the userspace stages read it), or VERDICT_MASK
+    (test builds, at most 32 rules: bit i set when rule i matched)."""
     g = Gen()
     done = Label("done")
+    if isinstance(verdict, CopyPlan) and verdict.constant() is not None:
+        verdict = verdict.constant()
+    plan = verdict if isinstance(verdict, CopyPlan) else None
     mark = verdict == VERDICT_MASK
     if mark and len(rules) > 32:
         raise ValueError("VERDICT_MASK: at most 32 rules")
@@ -9140,11 +9321,16 @@ def build_program(maps, nets=(), rules=(), decoder=True, verdict=0, gso_above=No
         emit_normalise(g)
         emit_rule(g, prog, i, maps["rules"].fd, mark)
     emit_normalise(g)                  # after the GSO block's or the last rule's narrowing
+    if plan is not None:
+        emit_copy_length(g, plan)
+        emit_normalise(g)
     if decoder:
         emit_decoder(g, maps, list(nets), sample_hash, done)
     g.at(done)
     if mark:
         g(ldx(EBPF_W, R0, FP, VERDICTS))
+    elif plan is not None:
+        g(ldx(EBPF_W, R0, FP, COPY))
     else:
         g(mov32_imm(R0, verdict))
     g(exit_insn())
@@ -12065,36 +12251,36 @@ def build_capture(opts, ifname, names, conn_write, http_write):
         procs.deliver = conns.refreshed.append
     http_stage = HttpRequests(opts.http_ports, http_write, names.name_of if names else None) \
         if opts.http else None
-    kernel, engine = choose_engine(opts, local, rules, remotes or conns)
+    kernel, engine = choose_engine(opts, local, rules, copy_plan(remotes, conns, http_stage))
     decoder = Decoder(local, [c for c in (remotes, conns, http_stage, rules if kernel is None else None)
-                              if c], vnet=None)                      # the ring will tell
+                              if c], vnet=None, counted=kernel is not None)   # the ring will tell
     return CaptureParts(decoder, rules, prefilter, remotes, conns, procs, http_stage, kernel,
                         engine)
 
 
+def copy_plan(remotes, conns, http_stage):
+    """What --engine ebpf copies of each frame for these stages (see CopyPlan)."""
+    return CopyPlan(max(SNAPLEN_ACCOUNTING, remotes.snaplen()) if remotes else 0,
+                    max(SNAPLEN_ACCOUNTING, conns.snaplen()) if conns else 0,
+                    tuple(http_stage.ports) if http_stage else ())
+
+
 def ebpf_unsuitable(opts):
     """Why the options need the classic path, or None."""
-    if opts.http:
-        return "--http reads whole frames in userspace"
     if opts.prefilter:
         return "-F is not translated yet"
     return None
 
 
-def choose_engine(opts, local, rules, copies):
+def choose_engine(opts, local, rules, plan=CopyPlan()):
     """The KernelAccounting for --engine ebpf (or auto where it can), else None (cbpf);
-    says which in the log. copies: a userspace stage still reads every frame's headers."""
+    says which in the log. plan: what the userspace stages read of each frame."""
     why = ebpf_unsuitable(opts) if opts.engine != "cbpf" else "--engine cbpf"
-    if why is None and copies and opts.engine == "auto":
-        # Measured (make bench, system-wide CPU): with the headers of every frame copied
-        # for a userspace stage anyway, the program only adds its own cost (--remote:
-        # 870 ns/frame against the classic path's 650).
-        why = "--remote/--connections read every frame in userspace: cheaper on the classic path"
     if why is None:
         why = ebpf_available()
     kernel = None
     if why is None:
-        kernel = KernelAccounting(local, rules, SNAPLEN_ACCOUNTING if copies else 0)
+        kernel = KernelAccounting(local, rules, plan)
         try:
             kernel.program_for(False, None)          # verified now, not at the first bind
         except Untranslatable as e:

@@ -424,28 +424,180 @@ def test_interface_loss_keeps_the_kernel_counts(both):
     assert delta["ebpf"][key] == netns.frame_len(300)
 
 
+# --- every stage on: the same numbers from both engines ------------------------------
+
+STAGE_PORTS = {"cbpf": 59156, "auto": 59157}
+
+
+@pytest.fixture(scope="module")
+def staged():
+    """A cbpf lpd and an auto (ebpf) lpd with every stage on (-f, --remote, --connections,
+    --http) on the same veth at once: the same frames, so every number, conn.log and
+    http.log record must be the same."""
+    import tempfile
+    import test_workers as tw
+    with tempfile.TemporaryDirectory() as tmp, netns.Pair() as pair:
+        server = pair.popen(pair.ns_a, [sys.executable, "-c", tw.SERVER, str(tw.HTTP_PORT)])
+        assert wait_for(lambda: tw._up(pair), 10), "HTTP server did not start"
+        rules = os.path.join(tmp, "rules")
+        with open(rules, "w") as f:
+            f.write(tw.RULES)
+        lpds, out = {}, {}
+        try:
+            for e, port in STAGE_PORTS.items():
+                lpds[e] = Instance(
+                    pair, port, "--engine", e, "--mapping-url", "none", "--interval", "0.5",
+                    "-f", rules, "-u", os.path.join(tmp, f"rules-{e}.sock"), "--remote", "-t", "0",
+                    "--local-net", "10.199.0.2/32", "--local-net", "fd00:199::2/128",
+                    "--conn-log", os.path.join(tmp, f"conn-{e}"),
+                    "--http-log", os.path.join(tmp, f"http-{e}"), "--http-ports", str(tw.HTTP_PORT))
+            time.sleep(0.5)                  # both rings bound before the first frame
+            tw.traffic(pair)
+            inject_odd_frames(pair)
+            time.sleep(1.5)
+            for e, x in lpds.items():
+                out[e] = {"socket": parse_lines(read_socket(os.path.join(tmp, f"rules-{e}.sock"))),
+                          "all": metrics(pair, port=STAGE_PORTS[e]), "stderr": x.stderr()}
+        finally:
+            codes = {e: x.stop() for e, x in lpds.items()}
+            netns.stop(server)
+        for e, x in lpds.items():
+            assert codes[e] == 0, x.stderr()
+            out[e]["metrics"] = tw.comparable(out[e]["all"])
+            out[e]["conns"] = sorted(json.dumps(tw.strip_conn(r), sort_keys=True)
+                                     for r in tw.read_log(os.path.join(tmp, f"conn-{e}")))
+            out[e]["http"] = sorted(json.dumps(tw.strip_http(r), sort_keys=True)
+                                    for r in tw.read_log(os.path.join(tmp, f"http-{e}")))
+        yield out
+
+
+def test_every_stage_on_ebpf_counts_what_cbpf_counts(staged):
+    """`lpd --http --remote --connections -f rules` runs on ebpf under auto, with the
+    numbers, the conn.log and the http.log of the classic path."""
+    assert "(engine ebpf)" in staged["auto"]["stderr"], staged["auto"]["stderr"]
+    engines = {e: [dict(k[1])["engine"] for k in staged[e]["all"] if k[0] == "lpd_build_info"]
+               for e in staged}
+    assert engines == {"cbpf": ["cbpf"], "auto": ["ebpf"]}
+    one, two = staged["cbpf"]["metrics"], staged["auto"]["metrics"]
+    assert one and set(one) == set(two)
+    diff = {k: (one[k], two[k]) for k in one if one[k] != two[k]}
+    assert not diff, diff
+    for prefix in ("lpd_receive_bytes_total", "lpd_rule_bytes_total", "lpd_remote_",
+                   "lpd_connections", "http_server_request_duration_seconds_count"):
+        assert sum(v for k, v in one.items() if k[0].startswith(prefix)) > 0, prefix
+    assert staged["cbpf"]["socket"] == staged["auto"]["socket"]
+    assert staged["cbpf"]["conns"] == staged["auto"]["conns"] and len(staged["cbpf"]["conns"]) > 20
+    assert any('"conn_state": "SF"' in c for c in staged["auto"]["conns"])
+    assert staged["cbpf"]["http"] == staged["auto"]["http"] and len(staged["cbpf"]["http"]) == 6
+
+
+def test_ebpf_copies_each_frame_as_far_as_a_stage_reads_it():
+    """The program's copy length per frame (BPF_PROG_TEST_RUN on the corpus and the edge
+    frames) is copy_length()'s, and it serves the stages: every frame parse_l4 reads
+    gets at least the connection stage's snapshot, every TCP frame of an HTTP port
+    comes whole, and frames no stage reads are not copied."""
+    rng = random.Random(24)
+    frames = corpus_frames() + edge_frames(rng)
+    maps = lpd.make_maps(0)
+    conn_len = lpd.Connections().snaplen()
+    ports = (80, 8080)
+    try:
+        for plan in (lpd.CopyPlan(0, conn_len, ()), lpd.CopyPlan(0, 0, ports),
+                     lpd.CopyPlan(lpd.SNAPLEN_ACCOUNTING, conn_len, ports)):
+            image, labels = lpd.build_program(maps, DIFF_NETS, [], verdict=plan)
+            prog = lpd.Program(image, labels, name="lpd_copy")
+            seen = {}
+            for data in frames:
+                got, _ = lpd.test_run(prog.fd, data)
+                assert got == lpd.copy_length(plan, data[:lpd.VIEW_DATA]), (plan, data.hex())
+                seen[got] = seen.get(got, 0) + 1
+                f = lpd.parse_l4(data)
+                if f is not None and f[0] == lpd.IP_FRAGMENT and \
+                        f[4] not in (lpd.IPPROTO_TCP, lpd.IPPROTO_UDP):
+                    f = None                 # no connection has it (Connections.fragment)
+                if plan.l4 and f is not None:
+                    assert got >= conn_len, data.hex()
+                if plan.ports and f is not None and f[0] == lpd.IPPROTO_TCP and \
+                        (f[3] in ports or f[4] in ports):
+                    assert got == lpd.SNAPLEN_FULL, data.hex()
+            prog.close()
+            assert seen.get(plan.every, 0) > 1000, seen          # most frames: not (or less) copied
+            assert len(seen) >= 2, seen
+    finally:
+        for m in maps.values():
+            m.close()
+
+
+class Remotes(lpd.Consumer):
+    """What the decoder hands the remote stage."""
+    wants = frozenset((lpd.WANT_REMOTE,))
+
+    def __init__(self):
+        self.tx, self.rx = [], []
+
+    def consume(self, batch):
+        self.tx += batch.remote_tx
+        self.rx += batch.remote_rx
+
+
+def test_frames_the_kernel_counted_are_read_not_counted_again():
+    """Decoder(counted=True), the ebpf engine's decoder of copied frames: the remote
+    stage gets what the classic decoder gives it, and neither the local addresses nor
+    their table change (the kernel counted them; a flood's addresses are not admitted
+    by the back door)."""
+    rng = random.Random(5)
+    frames = [(d, rng.choice(PKTTYPES)) for d in corpus_frames() + edge_frames(rng)]
+    blocks = list(lpd.frames_to_blocks([lpd.SynthFrame(d[:lpd.SNAPLEN_ACCOUNTING], len(d), pt)
+                                        for d, pt in frames]))
+    out = {}
+    for counted in (False, True):
+        local, remotes = lpd.LocalAddresses(DIFF_NETS), Remotes()
+        dec = lpd.Decoder(local, [remotes], counted=counted)
+        for block in blocks:
+            dec.process_block(block, 0)
+        out[counted] = (local, remotes)
+    (classic, want), (kernel, got) = out[False], out[True]
+    assert classic.tracked() > 50 and len(want.tx) + len(want.rx) > 500
+    assert (got.tx, got.rx) == (want.tx, want.rx)
+    assert kernel.tracked() == 0
+    # A reload's networks: what was local is remote from the next frame on, and back
+    frame = netns.udp_frame(netns.MAC_A, netns.MAC_B, "10.1.1.1", "192.168.1.1", 100)
+    block = next(lpd.frames_to_blocks([lpd.SynthFrame(frame, len(frame))]))
+    local = lpd.LocalAddresses(DIFF_NETS[:1])
+    dec = lpd.Decoder(local, [], counted=True)
+    for nets, src, dst in ((DIFF_NETS[:1], [], ["192.168.1.1"]),
+                           (DIFF_NETS[1:2], ["10.1.1.1"], []), (DIFF_NETS[:1], [], ["192.168.1.1"])):
+        local.set_local_nets(nets)
+        dec.set_consumers([got := Remotes()])
+        dec.process_block(block, 0)
+        assert [str(ipaddress.ip_address(k)) for k, _, _ in got.rx] == src
+        assert [str(ipaddress.ip_address(k)) for k, _, _ in got.tx] == dst
+    assert local.tracked() == 0
+
+
 def test_engine_choice_is_said(tmp_path):
     with netns.Pair() as pair:
-        http = Instance(pair, 59152, "--mapping-url", "none", "--http")
+        http = Instance(pair, 59152, "--mapping-url", "none", "--http", "--connections")
         auto = Instance(pair, 59153, "--mapping-url", "none")
         remote = Instance(pair, 59154, "--mapping-url", "none", "--remote",
                           "--local-net", "10.199.0.2/32")
-        forced = Instance(pair, 59155, "--mapping-url", "none", "--remote", "--engine", "ebpf",
-                          "--local-net", "10.199.0.2/32")
+        cbpf = Instance(pair, 59155, "--mapping-url", "none", "--remote", "--engine", "cbpf",
+                        "--local-net", "10.199.0.2/32")
         try:
-            assert "(engine cbpf: --http reads whole frames" in http.stderr()
+            # auto takes ebpf whatever stages are on: they get their frames copied
+            assert "(engine ebpf)" in http.stderr()
             assert "(engine ebpf)" in auto.stderr()
-            assert "(engine cbpf: --remote/--connections" in remote.stderr()
-            # asked for, ebpf counts and still hands the remote stage every frame's headers
+            assert "(engine ebpf)" in remote.stderr()
+            assert "(engine cbpf: --engine cbpf)" in cbpf.stderr()
             pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100] * 3)
             key = ("lpd_remote_receive_packets_total", frozenset({("nic", pair.if_b)}))
             assert wait_for(lambda: metrics(pair, port=59155).get(key) == 3, 5)
             assert wait_for(lambda: metrics(pair, port=59154).get(key) == 3, 5)
         finally:
-            for x in (http, auto, remote, forced):
+            for x in (http, auto, remote, cbpf):
                 x.stop()
         p = pair.popen(pair.ns_b, [sys.executable, LPD, "-i", pair.if_b, "--engine", "ebpf",
-                                   "--http", "--mapping-url", "none"],
+                                   "-F", "udp", "--mapping-url", "none"],
                        stderr=subprocess.PIPE, text=True)
         _, err = p.communicate(timeout=30)
         assert p.returncode == 78 and err.count("\n") == 1 and "--engine ebpf" in err, err
