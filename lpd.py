@@ -8983,6 +8983,41 @@ def emit_packet_load(g, dst, size, k, indirect, reject, save_a=False):
     g.at(done)
 
 
+def emit_raw_load(g, dst, size, k, indirect, reject, save_a=False):
+    """emit_packet_load for -F's kernel program: the `size` bytes at k (or X + k) of the
+    skb's data as the kernel's classic filter reads them (an outer tag the kernel
+    stripped is not in it), by skb_load_bytes; past its end, reject (the classic
+    filter's load past the end returns 0: the frame is dropped)."""
+    if k + size > FRAME_MAX:
+        g(ja(reject))
+        return
+    g(mov64_imm(R5, k) if not indirect else mov64_reg(R5, REG_X))
+    if indirect:                   # X + k in 64 bits: X is a zero-extended u32, k < 2^31
+        g(alu64_imm(EBPF_ADD, R5, k))
+    g(mov64_reg(R2, R5), alu64_imm(EBPF_ADD, R2, size), ldx(EBPF_W, R3, REG_CTX, SKB_LEN),
+      jmp_reg(EBPF_JGT, R2, R3, reject))
+    if save_a:
+        g(stx(EBPF_DW, FP, REG_A, A_SAVE))
+    g(mov64_reg(R1, REG_CTX), mov64_reg(R2, R5), mov64_reg(R3, FP), alu64_imm(EBPF_ADD, R3, TMP),
+      mov64_imm(R4, size), call("skb_load_bytes"))
+    if save_a:
+        g(mov64_reg(R1, R0), ldx(EBPF_DW, REG_A, FP, A_SAVE), jmp_imm(EBPF_JNE, R1, 0, reject))
+    else:
+        g(jmp_imm(EBPF_JNE, R0, 0, reject))
+    g(ldx(_EBPF_SIZE[size], dst, FP, TMP))
+    if size > 1:
+        g(endian_be(dst, 8 * size))
+
+
+def emit_raw_ancillary(g, dst, k, reject):
+    """emit_ancillary for -F's kernel program: skb->protocol as the kernel has it (read,
+    not derived from the view: the kernel's classic filter reads the field)."""
+    if k - SKF_AD_OFF == SKF_AD_PROTOCOL:
+        g(ldx(EBPF_W, dst, REG_CTX, SKB_PROTOCOL), endian_be(dst, 16))
+    else:
+        emit_ancillary(g, dst, k, reject)
+
+
 def emit_protocol(g, dst):
     """lpd's _skb_protocol: what eth_type_trans() leaves in skb->protocol, from the view."""
     done = g.label("proto_done")
@@ -9015,14 +9050,30 @@ def _reads_memory(prog):
                    and k < BPF_MEMWORDS})
 
 
-def emit_rule(g, prog, index, rules_fd, mark=False):
+def emit_rule(g, prog, index, rules_fd, mark=False, gate=None):
     """One rule: its classic program translated; a nonzero verdict adds (wl, 1) to
     rules[index] (and with `mark` sets bit index of VERDICTS, for the differential test).
-    Labels are per rule, so rules follow each other in one program."""
+    Labels are per rule, so rules follow each other in one program.
+    gate: a label; then `prog` is -F's kernel program (compile_filter kernel=True), run
+    on the frame as the kernel's classic filter would (emit_raw_load), and a frame it
+    rejects jumps to gate, one it accepts goes on."""
     n = len(prog)
     pcs = [g.label(f"r{index}_pc{pc}") for pc in range(n)]
     no, yes, end = g.label(f"r{index}_no"), g.label(f"r{index}_yes"), g.label(f"r{index}_end")
+    raw = gate is not None
+    if raw:
+        no = gate
     a, x = REG_A, REG_X
+    if raw:
+        def emit_packet_load(g, dst, size, k, indirect, reject, save_a=False):
+            emit_raw_load(g, dst, size, k, indirect, reject, save_a)
+
+        def emit_ancillary(g, dst, k, reject):
+            emit_raw_ancillary(g, dst, k, reject)
+    else:
+        emit_packet_load, emit_ancillary = globals()["emit_packet_load"], globals()["emit_ancillary"]
+    length = (lambda dst: ldx(EBPF_W, dst, REG_CTX, SKB_LEN)) if raw else \
+        (lambda dst: mov32_reg(dst, REG_WL))
 
     def target(pc):
         return pcs[pc] if 0 <= pc < n else no     # out of the program: lpd rejects
@@ -9054,7 +9105,7 @@ def emit_rule(g, prog, index, rules_fd, mark=False):
             elif code == BPF_LD | BPF_IMM:
                 g(mov32_imm(a, k))
             elif code == BPF_LD | BPF_W | BPF_LEN:
-                g(mov32_reg(a, REG_WL))
+                g(length(a))
             elif code == BPF_LD | BPF_MEM and k < BPF_MEMWORDS:
                 g(ldx(EBPF_W, a, FP, -(4 * k + 4)))
             else:
@@ -9063,7 +9114,7 @@ def emit_rule(g, prog, index, rules_fd, mark=False):
             if code == BPF_LDX | BPF_W | BPF_IMM:
                 g(mov32_imm(x, k))
             elif code == BPF_LDX | BPF_W | BPF_LEN:
-                g(mov32_reg(x, REG_WL))
+                g(length(x))
             elif code == BPF_LDX | BPF_W | BPF_MEM and k < BPF_MEMWORDS:
                 g(ldx(EBPF_W, x, FP, -(4 * k + 4)))
             elif code == BPF_LDX | BPF_B | BPF_MSH:
@@ -9132,6 +9183,8 @@ def emit_rule(g, prog, index, rules_fd, mark=False):
             g(ja(no))
     g(ja(no))                                       # falling off the end: lpd rejects
     g.at(yes)
+    if raw:
+        return
     if mark:
         g(ldx(EBPF_W, R1, FP, VERDICTS), alu32_imm(EBPF_OR, R1, 1 << index), stx(EBPF_W, FP, R1, VERDICTS))
     g(st_imm(EBPF_W, FP, TMP, index), ld_map_fd(R1, rules_fd), mov64_reg(R2, FP),
@@ -9293,9 +9346,12 @@ def emit_copy_length(g, plan):
 
 
 def build_program(maps, nets=(), rules=(), decoder=True, verdict=0, gso_above=None,
-                  sample_hash=SAMPLE_HASH):
+                  sample_hash=SAMPLE_HASH, prefilter=None):
     """The whole socket program: (image, labels). rules: classic programs (lpd's
     compile_filter output, kernel=False: they see the frame as userspace does).
+    prefilter: -F's kernel program (kernel=True), a gate before everything: a frame it
+    rejects is neither counted nor copied, as on the classic path, where it never
+    reaches lpd.
     gso_above: split GSO super-frames longer than this (see emit_gso); None: never.
     sample_hash: the overflow sample's multiplier (emit_overflow_sample).
     verdict: what it returns: 0 (no frame copied to userspace), a snapshot length, a
@@ -9309,6 +9365,11 @@ def build_program(maps, nets=(), rules=(), decoder=True, verdict=0, gso_above=No
     mark = verdict == VERDICT_MASK
     if mark and len(rules) > 32:
         raise ValueError("VERDICT_MASK: at most 32 rules")
+    dropped = Label("dropped")
+    if prefilter is not None:          # first: a frame it drops costs no view
+        g(mov64_reg(REG_CTX, R1))
+        emit_rule(g, prefilter, "F", 0, gate=dropped)
+        g(mov64_reg(R1, REG_CTX))      # what the prologue expects, as at the entry
     emit_prologue(g)
     emit_gso(g, gso_above, maps["iface"].fd)
     if mark:
@@ -9334,6 +9395,9 @@ def build_program(maps, nets=(), rules=(), decoder=True, verdict=0, gso_above=No
     else:
         g(mov32_imm(R0, verdict))
     g(exit_insn())
+    if prefilter is not None:
+        g.at(dropped)
+        g(mov32_imm(R0, 0), exit_insn())
     return assemble(g.items)
 
 
@@ -9429,8 +9493,9 @@ class KernelAccounting:
     a new rules map (the other maps stay), swaps it in one SO_ATTACH_BPF, and carries
     the old counts by (id, expression) as RuleCounter does."""
 
-    def __init__(self, local, rules, verdict=0):
+    def __init__(self, local, rules, verdict=0, prefilter=None):
         self.local, self.rules, self.verdict = local, rules, verdict
+        self.prefilter = prefilter     # -F's kernel program: the program's gate
         self.maps = make_maps(len(rules) if rules else 0, local.local_max)
         self.base = [(0, 0)] * (len(rules) if rules else 0)   # carried from older programs
         self.carried = []              # (old rules map, [(new i, old j, old base)], retire at)
@@ -9456,7 +9521,8 @@ class KernelAccounting:
 
     def _load(self, nets, rules, maps):
         image, labels = build_program(maps, nets, rules.progs if rules else (), True,
-                                      self.verdict, self.gso_above, self.sample_hash)
+                                      self.verdict, self.gso_above, self.sample_hash,
+                                      self.prefilter)
         old, self.program = self.program, Program(image, labels)
         if old is not None:
             old.close()
@@ -12251,7 +12317,8 @@ def build_capture(opts, ifname, names, conn_write, http_write):
         procs.deliver = conns.refreshed.append
     http_stage = HttpRequests(opts.http_ports, http_write, names.name_of if names else None) \
         if opts.http else None
-    kernel, engine = choose_engine(opts, local, rules, copy_plan(remotes, conns, http_stage))
+    kernel, engine = choose_engine(opts, local, rules, copy_plan(remotes, conns, http_stage),
+                                   prefilter)
     decoder = Decoder(local, [c for c in (remotes, conns, http_stage, rules if kernel is None else None)
                               if c], vnet=None, counted=kernel is not None)   # the ring will tell
     return CaptureParts(decoder, rules, prefilter, remotes, conns, procs, http_stage, kernel,
@@ -12265,22 +12332,26 @@ def copy_plan(remotes, conns, http_stage):
                     tuple(http_stage.ports) if http_stage else ())
 
 
-def ebpf_unsuitable(opts):
-    """Why the options need the classic path, or None."""
-    if opts.prefilter:
-        return "-F is not translated yet"
+def ebpf_unsuitable(prefilter):
+    """Why the options need the classic path, or None. prefilter: -F's kernel program."""
+    if prefilter is not None:
+        try:
+            emit_rule(Gen(), prefilter, "F", 0, gate=Label("dropped"))
+        except Untranslatable as e:
+            return f"-F uses what the eBPF translation lacks ({e})"
     return None
 
 
-def choose_engine(opts, local, rules, plan=CopyPlan()):
+def choose_engine(opts, local, rules, plan=CopyPlan(), prefilter=None):
     """The KernelAccounting for --engine ebpf (or auto where it can), else None (cbpf);
-    says which in the log. plan: what the userspace stages read of each frame."""
-    why = ebpf_unsuitable(opts) if opts.engine != "cbpf" else "--engine cbpf"
+    says which in the log. plan: what the userspace stages read of each frame;
+    prefilter: -F's kernel program."""
+    why = ebpf_unsuitable(prefilter) if opts.engine != "cbpf" else "--engine cbpf"
     if why is None:
         why = ebpf_available()
     kernel = None
     if why is None:
-        kernel = KernelAccounting(local, rules, plan)
+        kernel = KernelAccounting(local, rules, plan, prefilter)
         try:
             kernel.program_for(False, None)          # verified now, not at the first bind
         except Untranslatable as e:

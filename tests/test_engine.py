@@ -528,6 +528,56 @@ def test_ebpf_copies_each_frame_as_far_as_a_stage_reads_it():
             m.close()
 
 
+PREFILTERS = ("udp", "tcp port 80 or arp", "vlan and udp", "ip6 and len > 100",
+              "ip[9] = 17 and ip[6:2] & 0x1fff = 0", "tcp[tcpflags] & tcp-syn != 0",
+              "ether broadcast or ether multicast", "ip[200] = 0 or icmp6", "greater 1400")
+
+
+@pytest.mark.parametrize("expr", PREFILTERS)
+def test_the_prefilter_gates_the_program_as_the_classic_filter_gates_the_ring(expr):
+    """-F under ebpf: its kernel program (compile_filter kernel=True) translated as the
+    program's gate. On every corpus and edge frame (BPF_PROG_TEST_RUN) the program
+    copies nothing of a frame -F rejects and counts only what it accepts: the
+    interface totals are the Decoder's on the frames the classic filter lets through."""
+    rng = random.Random(expr)
+    frames = [(d, rng.choice(PKTTYPES)) for d in corpus_frames() + edge_frames(rng)]
+    prefilter = lpd.compile_filter(expr, kernel=True)
+    maps = lpd.make_maps(0)
+    try:
+        image, labels = lpd.build_program(maps, DIFF_NETS, [], verdict=lpd.SNAPLEN_ACCOUNTING,
+                                          prefilter=prefilter)
+        prog = lpd.Program(image, labels, name="lpd_gate")
+        passed, wrong = [], []
+        for data, pt in frames:
+            want = lpd.bpf_interpret(prefilter, data, len(data), pt) != 0
+            got, _ = lpd.test_run(prog.fd, data, pt)
+            if (got == lpd.SNAPLEN_ACCOUNTING) != want or got not in (0, lpd.SNAPLEN_ACCOUNTING):
+                wrong.append((len(data), pt, want, got))
+            if want:
+                passed.append((data, pt))
+        prog.close()
+        assert not wrong, wrong[:10]
+        assert 0 < len(passed) < len(frames)
+        iface, addrs, _ = lpd.read_counters(maps)
+        totals, malformed, uaddrs = userspace(passed, DIFF_NETS)
+        assert [iface[f] for f in lpd.IFACE_FIELDS[:4]] == totals
+        assert {r: iface["malformed_" + r] for r in lpd.MALFORMED_REASONS} == malformed
+        assert addrs == uaddrs
+    finally:
+        for m in maps.values():
+            m.close()
+
+
+def test_an_untranslatable_prefilter_keeps_the_classic_path():
+    """A kernel program has no backward jump (the compiler refuses protochain for the
+    kernel), but a program the translation refuses would fall back with one line: a
+    userspace protochain program stands in for one."""
+    assert lpd.ebpf_unsuitable(None) is None
+    assert lpd.ebpf_unsuitable(lpd.compile_filter("udp", kernel=True)) is None
+    why = lpd.ebpf_unsuitable(lpd.compile_filter("ip6 protochain 17"))
+    assert why.startswith("-F uses what the eBPF translation lacks") and "\n" not in why
+
+
 class Remotes(lpd.Consumer):
     """What the decoder hands the remote stage."""
     wants = frozenset((lpd.WANT_REMOTE,))
@@ -575,6 +625,37 @@ def test_frames_the_kernel_counted_are_read_not_counted_again():
     assert local.tracked() == 0
 
 
+def test_prefilter_on_ebpf_counts_what_cbpf_lets_through(tmp_path):
+    """-F under auto: ebpf, its gate dropping what the classic filter drops (tagged and
+    malformed frames, pings and IPv6 included in the traffic): the same series."""
+    rules = tmp_path / "rules"
+    rules.write_text(RULES + "icmp4;icmp\n")
+    with netns.Pair() as pair:
+        lpds = {}
+        try:
+            for engine, port in (("cbpf", 59158), ("auto", 59159)):
+                lpds[engine] = Instance(pair, port, "--engine", engine, "--mapping-url", "none",
+                                        "--interval", "0.5", "-f", str(rules),
+                                        "-u", str(tmp_path / f"{engine}.sock"),
+                                        "-F", "udp or arp or ip6")
+            time.sleep(0.5)
+            assert "(engine ebpf)" in lpds["auto"].stderr(), lpds["auto"].stderr()
+            traffic(pair)
+            time.sleep(1.5)
+            m = {e: metrics(pair, port=p) for e, p in (("cbpf", 59158), ("auto", 59159))}
+        finally:
+            for x in lpds.values():
+                x.stop()
+    one, two = same_part(m["cbpf"]), same_part(m["auto"])
+    assert set(one) == set(two)
+    diff = {k: (one[k], two[k]) for k in one if one[k] != two[k]}
+    assert not diff, diff
+    rules = {dict(k[1])["rule"]: v for k, v in two.items() if k[0] == "lpd_rule_packets_total"}
+    assert rules["udp"] > 0 and rules["v6"] > 0 and rules["arp"] > 0, rules
+    assert rules["icmp4"] == 0 and rules["ping"] > 0, rules          # -F dropped IPv4's pings
+    assert sum(v for k, v in m["auto"].items() if k[0] == "lpd_capture_packets_total") == 0
+
+
 def test_engine_choice_is_said(tmp_path):
     with netns.Pair() as pair:
         http = Instance(pair, 59152, "--mapping-url", "none", "--http", "--connections")
@@ -596,8 +677,11 @@ def test_engine_choice_is_said(tmp_path):
         finally:
             for x in (http, auto, remote, cbpf):
                 x.stop()
+        chain = tmp_path / "chain.filters"
+        chain.write_text("chain;ip6 protochain 17\n")          # loops backwards: untranslatable
         p = pair.popen(pair.ns_b, [sys.executable, LPD, "-i", pair.if_b, "--engine", "ebpf",
-                                   "-F", "udp", "--mapping-url", "none"],
+                                   "-f", str(chain), "-u", str(tmp_path / "chain.sock"),
+                                   "--mapping-url", "none"],
                        stderr=subprocess.PIPE, text=True)
         _, err = p.communicate(timeout=30)
         assert p.returncode == 78 and err.count("\n") == 1 and "--engine ebpf" in err, err
