@@ -9463,6 +9463,15 @@ def unpack_address(packed):
     return version, int.from_bytes(raw[:4], "big") if version == 4 else raw
 
 
+class _Prepared(NamedTuple):
+    """A reload's program, loaded by the reload thread (KernelAccounting.prepare)."""
+    rules: object
+    nets: list
+    maps: dict
+    program: object
+    gso_above: object
+
+
 class KernelAccounting:
     """--engine ebpf: the program and its maps, standing in for the decoder's counting.
 
@@ -9520,26 +9529,64 @@ class KernelAccounting:
         return self.program.fd
 
     def _load(self, nets, rules, maps):
-        image, labels = build_program(maps, nets, rules.progs if rules else (), True,
-                                      self.verdict, self.gso_above, self.sample_hash,
-                                      self.prefilter)
-        old, self.program = self.program, Program(image, labels)
+        old, self.program = self.program, self._build(nets, rules, maps, self.gso_above)
         if old is not None:
             old.close()
 
+    def _build(self, nets, rules, maps, gso_above):
+        """The program, loaded (the verifier runs here): any thread."""
+        image, labels = build_program(maps, nets, rules.progs if rules else (), True,
+                                      self.verdict, gso_above, self.sample_hash, self.prefilter)
+        return Program(image, labels)
+
     def reload(self, sock, rules, nets):
-        """New rules and networks, swapped in one attach; the old rules map is read one
-        last time after EBPF_RETIRE_AFTER."""
-        old_rules, old_map, old_base = self.rules, self.maps["rules"], self.base
+        """New rules and networks, swapped in one attach, all on the calling thread."""
+        self.swap(sock, self.prepare(rules, nets))
+
+    def prepare(self, rules, nets):
+        """The slow half of a reload, for the reload thread: the new rules map and the
+        program built, loaded and verified (milliseconds to seconds with many rules).
+        Nothing the capture thread reads changes; swap() or discard() takes the result."""
         maps = dict(self.maps, rules=Map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, RULE_VALUE.size,
                                          max(1, len(rules) if rules else 0), "lpd_rules"))
+        gso_above = self.gso_above
+        try:
+            program = self._build(nets, rules, maps, gso_above)
+        except BaseException:
+            maps["rules"].close()
+            raise
+        return _Prepared(rules, list(nets), maps, program, gso_above)
+
+    def discard(self, prepared):
+        prepared.program.close()
+        prepared.maps["rules"].close()
+
+    def swap(self, sock, prepared):
+        """The capture thread's half: one SO_ATTACH_BPF, then the counts carried by
+        (id, expression); the old rules map is read one last time after
+        EBPF_RETIRE_AFTER. A failed attach leaves everything as it was (OSError)."""
+        program = prepared.program
+        if prepared.gso_above != self.gso_above:
+            # the link changed its GSO threshold since prepare() (program_for): rare,
+            # so built again here rather than swapping in a program that splits wrong
+            program.close()
+            program = self._build(prepared.nets, prepared.rules, prepared.maps, self.gso_above)
+        if sock is not None:
+            try:
+                attach(sock, program.fd)
+            except OSError:
+                program.close()
+                prepared.maps["rules"].close()
+                raise
+        old_rules, old_map, old_base = self.rules, self.maps["rules"], self.base
+        rules = prepared.rules
         prev = {(r.id, r.expr): j for j, r in enumerate(old_rules.rules)} if old_rules else {}
         pairs = [(i, prev[(r.id, r.expr)]) for i, r in enumerate(rules.rules)
                  if (r.id, r.expr) in prev] if rules else []
-        self._load(nets, rules, maps)
-        if sock is not None:
-            attach(sock, self.program.fd)
-        self.maps, self.rules = maps, rules
+        old, self.program = self.program, program
+        if old is not None:
+            old.close()
+        self.maps, self.rules = prepared.maps, rules
         self.base = [(0, 0)] * (len(rules) if rules else 0)
         for i, j in pairs:
             self.base[i] = old_base[j]
@@ -11859,7 +11906,8 @@ class Daemon:
         self.stop_requested = self.reload_requested = self.status_requested = False
         self.started = time.monotonic()
         self.stop_event = threading.Event()
-        self.pending = None              # (rules, nets) compiled by the reload thread
+        # (rules, nets, the eBPF program loaded for them or None) from the reload thread
+        self.pending = None
         self.reloader = None
         self.widening = None
         self.widen_blocks = 0
@@ -11939,7 +11987,16 @@ class Daemon:
             reason = str(e) if isinstance(e, LpdError) else f"{type(e).__name__}: {e}"
             log(LOG_ERR, f"reload failed, keeping the running configuration: {reason}")
         else:
-            self.pending = (rules, nets)
+            prepared = None
+            if self.kernel is not None:
+                # Built, loaded and verified here: the capture thread only attaches it.
+                try:
+                    prepared = self.kernel.prepare(rules, nets or self.local.local_nets)
+                except (OSError, Untranslatable) as e:
+                    log(LOG_ERR, f"reload: eBPF program: {e}; keeping the running rules")
+                    self._wake()
+                    return
+            self.pending = (rules, nets, prepared)
         self._wake()                      # a SIGHUP that came meanwhile starts the next one
 
     def reloader_idle(self):
@@ -11958,15 +12015,20 @@ class Daemon:
 
     def apply_reload(self, done="reloaded"):
         """Capture thread, between blocks: adopt what the reload thread compiled."""
-        rules, nets = self.pending
+        rules, nets, prepared = self.pending
         self.pending = None
+        if self.kernel is not None and prepared is None:   # not from the reload thread
+            try:
+                prepared = self.kernel.prepare(rules, nets or self.local.local_nets)
+            except (OSError, Untranslatable) as e:
+                log(LOG_ERR, f"reload: eBPF program: {e}; keeping the running rules")
+                return
         if nets and nets != self.local.local_nets:
             self.local.set_local_nets(nets)
         log(LOG_INFO, f"{done}: {len(rules) if rules else 0} rules, {len(nets)} local networks")
         if self.kernel is not None:      # one program holds rules and networks: swap it whole
             try:
-                self.kernel.reload(self.ring.sock if self.ring else None, rules,
-                                   self.local.local_nets)
+                self.kernel.swap(self.ring.sock if self.ring else None, prepared)
             except (OSError, Untranslatable) as e:
                 log(LOG_ERR, f"reload: eBPF program: {e}; keeping the running rules")
                 return
@@ -12062,7 +12124,7 @@ class Daemon:
             log(LOG_ERR, f"{e}; no rules until a SIGHUP loads a good file")
             rules = None
         self.awaiting = False
-        self.pending = (rules, nets)
+        self.pending = (rules, nets, None)
         self.apply_reload(f"{self.ifname} appeared")
 
     def check_interface(self):

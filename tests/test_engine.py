@@ -260,6 +260,53 @@ def test_kernel_tables_keep_busy_hosts_exact_and_let_newcomers_in_under_a_flood(
         os.sched_setaffinity(0, cpus)
 
 
+def test_a_reload_builds_and_verifies_off_the_capture_thread(monkeypatch):
+    """KernelAccounting.prepare (the reload thread) builds, loads and verifies the new
+    program; swap (the capture thread) only attaches it and carries the counts: no
+    build_program or BPF_PROG_LOAD on the capture thread. The reload thread's
+    Daemon._compile_reload hands it over in `pending`."""
+    import threading
+    import types
+    local = lpd.LocalAddresses(FLOOD_NETS)
+    rules = lpd.RuleCounter(lpd.parse_filter_text("udp;udp\nbig;greater 150\n", "t", None))
+    kernel = lpd.KernelAccounting(local, rules)
+    try:
+        fd = kernel.program_for(False, None)
+        frame = frame_from("10.0.0.1", 200)
+        lpd.test_run(fd, frame)
+        new = lpd.RuleCounter(lpd.parse_filter_text("big;greater 150\nsmall;less 100\n", "t", None))
+        where = []
+        real_build = lpd.build_program
+
+        def build(*args, **kw):
+            where.append(threading.current_thread().name)
+            return real_build(*args, **kw)
+        monkeypatch.setattr(lpd, "build_program", build)
+        daemon = types.SimpleNamespace(geo=None, opts=types.SimpleNamespace(local_nets=FLOOD_NETS),
+                                       ifname="x", kernel=kernel, local=local, pending=None,
+                                       _wake=lambda: None)
+        monkeypatch.setattr(lpd, "load_rules", lambda opts, ifname: new)
+        t = threading.Thread(target=lpd.Daemon._compile_reload, args=(daemon,), name="reload")
+        t.start()
+        t.join(60)
+        assert where == ["reload"]
+        got_rules, nets, prepared = daemon.pending
+        assert got_rules is new and prepared.program.fd > 0
+        assert kernel.program.fd == fd                      # nothing swapped yet
+        lpd.test_run(fd, frame)                             # still the old program's
+        monkeypatch.setattr(lpd, "build_program", None)     # the capture thread cannot build
+        monkeypatch.setattr(lpd, "load_program", None)
+        kernel.swap(None, prepared)
+        assert kernel.program is prepared.program and kernel.rules is new
+        lpd.test_run(kernel.program.fd, frame)
+        time.sleep(lpd.EBPF_RETIRE_AFTER)
+        kernel.sync()
+        size = len(frame)
+        assert kernel.rule_snapshot().rows == (("big", 3 * size, 3), ("small", 0, 0))
+    finally:
+        kernel.close()
+
+
 def test_protochain_is_refused_not_mistranslated():
     with pytest.raises(lpd.Untranslatable):
         lpd.emit_rule(lpd.Gen(), lpd.compile_filter("ip protochain 6"), 0, 0)
