@@ -5565,10 +5565,10 @@ class Decoder:
     """Interface totals, malformed frames and the local-address counters, per block."""
 
     def __init__(self, local, consumers=(), vnet=False, mtu=None, counted=False):
-        """counted: the kernel has counted every frame (--engine ebpf), so the frames
-        copied for the stages are only read: the local addresses are told apart from
-        the remote ones (--remote) by LocalityOnly, which neither admits nor counts."""
-        self.local = local
+        """counted: the kernel has counted every frame (--engine ebpf): addresses and
+        remotes included, so the frames copied for the stages are only read
+        (LocalityOnly neither admits nor counts, and no remote is handed on)."""
+        self.local, self.counted = local, counted
         self.attribution = LocalityOnly(local) if counted else local
         self.set_link(vnet, mtu)
         self.frames = 0
@@ -5599,7 +5599,8 @@ class Decoder:
         wants = frozenset().union(*(c.wants for c in self.consumers))
         self.want_raw = WANT_RAW in wants or WANT_TS in wants
         self.want_ts = WANT_TS in wants
-        self.want_remote = WANT_REMOTE in wants
+        # counted: the kernel counts the remotes too (KernelAccounting._drain_remotes)
+        self.want_remote = WANT_REMOTE in wants and not self.counted
 
     def snaplen(self):
         return max([SNAPLEN_ACCOUNTING] + [c.snaplen() for c in self.consumers])
@@ -5802,41 +5803,22 @@ class Decoder:
 class LocalityOnly:
     """The decoder's attribution where the kernel counted the frame (--engine ebpf with
     frames copied for a stage): the hot loop's caches and locate() as LocalAddresses
-    has them, by the same prefixes, but a local address gets a scratch list, so the
-    decoder's increments go nowhere and no address is admitted (the kernel's tables
-    decide that, flood-proof; LocalAddresses takes their counts at each tick)."""
+    has them, but every address gets one scratch list, so the decoder's increments go
+    nowhere and no address is admitted (the kernel's tables decide that, flood-proof;
+    LocalAddresses takes their counts at each tick). Nothing tells local from remote
+    here: the kernel counts the remote addresses too (emit_remote)."""
 
     def __init__(self, local):
         self.local = local
-        self._cache4, self._cache6 = {}, {}
+        self.cache4, self.cache6 = {}, {}
         self.scratch = [0, 0, 0, 0]
-        self.nets = local.local_nets
-
-    def _current(self):
-        """Forget what the caches say once a reload changed the networks (the hot loop
-        reads the caches once per block, so this costs a block, not a frame)."""
-        if self.nets is not self.local.local_nets:
-            self.nets = self.local.local_nets
-            self._cache4.clear()
-            self._cache6.clear()
-
-    @property
-    def cache4(self):
-        self._current()
-        return self._cache4
-
-    @property
-    def cache6(self):
-        self._current()
-        return self._cache6
 
     def locate(self, key):
-        cache = self._cache4 if type(key) is int else self._cache6
+        cache = self.cache4 if type(key) is int else self.cache6
         if len(cache) >= LOCALITY_CACHE_MAX:
             cache.clear()
-        local = _is_local(key, self.local.tables[family_of_key(key).version].prefixes)
-        cache[key] = self.scratch if local else 0
-        return cache[key]
+        cache[key] = self.scratch
+        return self.scratch
 
 
 ###############################################################################
@@ -8422,9 +8404,11 @@ SKB_WIDE = {"tstamp", "hwtstamp", "flow_keys", "sk"}  # 8-byte fields
 # nothing else runs it on the same CPU meanwhile.
 ADDR_KEY = struct.Struct("=B3x16s")
 ADDR_VALUE = struct.Struct("=4Q")
+REMOTE_FIELDS = ("remote_tx_bytes", "remote_tx_packets", "remote_rx_bytes", "remote_rx_packets")
 IFACE_FIELDS = ("tx_bytes", "tx_packets", "rx_bytes", "rx_packets") + \
     tuple("malformed_" + r for r in MALFORMED_REASONS) + \
-    ("unattributed_bytes", "unattributed_packets", "gso_frames", "gso_unsplit")
+    ("unattributed_bytes", "unattributed_packets", "gso_frames", "gso_unsplit") + \
+    REMOTE_FIELDS + ("remote_unfitted_bytes",)
 IFACE = {name: 8 * i for i, name in enumerate(IFACE_FIELDS)}
 MALFORMED_OFF = {r: IFACE["malformed_" + r] for r in MALFORMED_REASONS}
 RULE_VALUE = struct.Struct("=2Q")
@@ -8433,6 +8417,11 @@ GENERATIONS = 2
 ADDRESS_MAPS = tuple(f"{table}{gen}" for table in ("known", "newcomers")
                      for gen in range(GENERATIONS))
 OVERFLOW_MAPS = tuple(f"overflow{gen}" for gen in range(GENERATIONS))
+REMOTE_MAPS = tuple(f"remotes{gen}" for gen in range(GENERATIONS))
+# The kernel's remotes map holds an interval's distinct remotes: --remote-max of them,
+# and at least this many, so that a small table's bounds stay those of the classic path
+# unless an interval brings more remotes than this (preallocated: ~100 bytes an entry).
+REMOTE_MAP_MIN = 4096
 MAP_NAMES = ("generation", "iface", "rules") + ADDRESS_MAPS + OVERFLOW_MAPS
 # An overflow slot: the address as the stack holds it (an ADDR_KEY in whole u64 words,
 # the padding zero), then its weight.
@@ -8474,9 +8463,10 @@ VERDICTS = -168                                # test builds: bit i = rule i mat
 CNT_BYTES, CNT_FRAMES = -176, -184             # what this frame counts for: (wl, 1), or a
                                                # GSO super-frame's (bytes, frames) on the wire
 COPY = -192                                    # how much of the frame userspace gets (CopyPlan)
+REMOTE_KEY = -224                              # ADDR_KEY of the frame's remote end (--remote)
 VIEW_DATA = SNAPLEN_ACCOUNTING             # what lpd's userspace decoder sees of a frame
 VIEW_BYTES = VIEW_DATA + VLAN_TAG_LEN      # ... plus a stripped tag put back in
-VIEW = -(192 + _round8(VIEW_BYTES))            # view[i] at VIEW + i
+VIEW = -(224 + _round8(VIEW_BYTES))            # view[i] at VIEW + i
 STACK_DEPTH = -VIEW
 assert STACK_DEPTH <= EBPF_STACK_MAX
 
@@ -8791,6 +8781,47 @@ def emit_attribute(g, known_fd, newcomers_fd, overflow, sample_hash, key, slot):
     g.at(skip)
 
 
+def emit_remote(g, remotes_fd):
+    """--remote: a frame with exactly one local end counts for the other, a remote, in
+    iface's remote_{tx,rx} totals (exact) and in `remotes` (found, or inserted with
+    BPF_NOEXIST, or found after another CPU inserted it); where remotes is full, in the
+    totals only. tx: the local end sent (the remote is the destination). The remote's
+    key takes the family byte of the local end (the same frame, the same family)."""
+    skip, unfitted, src_remote = g.label("rem_skip"), g.label("rem_unfitted"), g.label("rem_src")
+    g(ldx(EBPF_B, R1, FP, KEY_SRC), ldx(EBPF_B, R2, FP, KEY_DST),
+      jmp_imm(EBPF_JEQ, R1, 0, src_remote), jmp_imm(EBPF_JNE, R2, 0, skip))
+    for remote, family, slot, field in ((KEY_DST, R1, ADDR_TX, "remote_tx_bytes"),
+                                        (KEY_SRC, R2, ADDR_RX, "remote_rx_bytes")):
+        if remote == KEY_SRC:
+            g.at(src_remote)
+            g(jmp_imm(EBPF_JEQ, R2, 0, skip))
+        new, shared = g.label("rem_new"), g.label("rem_shared")
+        for off in range(0, _round8(ADDR_KEY.size), 8):
+            g(ldx(EBPF_DW, R3, FP, remote + off), stx(EBPF_DW, FP, R3, REMOTE_KEY + off))
+        g(stx(EBPF_B, FP, family, REMOTE_KEY))
+        emit_count(g, REG_IFACE, IFACE[field])
+        g(ld_map_fd(R1, remotes_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, REMOTE_KEY),
+          call("map_lookup_elem"), jmp_imm(EBPF_JNE, R0, 0, shared))
+        g.at(new)
+        for off in range(0, ADDR_VALUE.size, 8):
+            g(st_imm(EBPF_DW, FP, VALUE_NEW + off, 0))
+        g(ldx(EBPF_DW, R1, FP, CNT_BYTES), stx(EBPF_DW, FP, R1, VALUE_NEW + slot),
+          ldx(EBPF_DW, R1, FP, CNT_FRAMES), stx(EBPF_DW, FP, R1, VALUE_NEW + slot + 8),
+          ld_map_fd(R1, remotes_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, REMOTE_KEY),
+          mov64_reg(R3, FP), alu64_imm(EBPF_ADD, R3, VALUE_NEW), mov64_imm(R4, BPF_NOEXIST),
+          call("map_update_elem"), jmp_imm(EBPF_JEQ, R0, 0, skip),
+          jmp_imm(EBPF_JNE, R0, EEXIST_NEG, unfitted),        # full: in the totals only
+          ld_map_fd(R1, remotes_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, REMOTE_KEY),
+          call("map_lookup_elem"), jmp_imm(EBPF_JEQ, R0, 0, unfitted))
+        g.at(shared)
+        emit_count_shared(g, R0, slot)
+        g(ja(skip))
+    g.at(unfitted)
+    g(ldx(EBPF_DW, R1, REG_IFACE, IFACE["remote_unfitted_bytes"]), ldx(EBPF_DW, R2, FP, CNT_BYTES),
+      alu64_reg(EBPF_ADD, R1, R2), stx(EBPF_DW, REG_IFACE, R1, IFACE["remote_unfitted_bytes"]))
+    g.at(skip)
+
+
 def emit_attribution(g, maps, sample_hash, done):
     """Both ends of the frame (KEY_SRC, KEY_DST) into the generation userspace selected:
     read once, so a frame counts in one pair of tables whatever a flip does meanwhile.
@@ -8807,6 +8838,8 @@ def emit_attribution(g, maps, sample_hash, done):
         for key, slot in ((KEY_SRC, ADDR_TX), (KEY_DST, ADDR_RX)):
             emit_attribute(g, maps[f"known{gen}"].fd, maps[f"newcomers{gen}"].fd,
                            maps[f"overflow{gen}"], sample_hash, key, slot)
+        if f"remotes{gen}" in maps:
+            emit_remote(g, maps[f"remotes{gen}"].fd)
         g(ja(done))
 
 
@@ -9194,7 +9227,7 @@ def emit_rule(g, prog, index, rules_fd, mark=False, gate=None):
     g.at(end)
 
 
-def make_maps(nrules, local_max=DEFAULT_LOCAL_MAX):
+def make_maps(nrules, local_max=DEFAULT_LOCAL_MAX, remote_max=0):
     """The program's maps (see above). known holds what LocalAddresses holds, at most
     local_max; newcomers takes as many, the most a tick can admit to the table."""
     maps = {"generation": Map(BPF_MAP_TYPE_ARRAY, 4, 4, 1, "lpd_generation"),
@@ -9207,6 +9240,10 @@ def make_maps(nrules, local_max=DEFAULT_LOCAL_MAX):
                                       local_max, f"lpd_newcomers{gen}")
         maps[f"overflow{gen}"] = Map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, OVERFLOW_VALUE.size,
                                      overflow_slots(local_max), f"lpd_overflow{gen}")
+        if remote_max:
+            # Shared, as newcomers: a remote stays one interval, and a flood fills it whole
+            maps[f"remotes{gen}"] = Map(BPF_MAP_TYPE_HASH, ADDR_KEY.size, ADDR_VALUE.size,
+                                        remote_max, f"lpd_remotes{gen}")
     return maps
 
 
@@ -9502,10 +9539,12 @@ class KernelAccounting:
     a new rules map (the other maps stay), swaps it in one SO_ATTACH_BPF, and carries
     the old counts by (id, expression) as RuleCounter does."""
 
-    def __init__(self, local, rules, verdict=0, prefilter=None):
+    def __init__(self, local, rules, verdict=0, prefilter=None, remotes=None):
         self.local, self.rules, self.verdict = local, rules, verdict
         self.prefilter = prefilter     # -F's kernel program: the program's gate
-        self.maps = make_maps(len(rules) if rules else 0, local.local_max)
+        self.remotes = remotes         # --remote: RemoteAddresses, fed from the remotes maps
+        self.maps = make_maps(len(rules) if rules else 0, local.local_max,
+                              max(remotes.remote_max, REMOTE_MAP_MIN) if remotes else 0)
         self.base = [(0, 0)] * (len(rules) if rules else 0)   # carried from older programs
         self.carried = []              # (old rules map, [(new i, old j, old base)], retire at)
         self.gso_above = None
@@ -9519,6 +9558,7 @@ class KernelAccounting:
         self.known = [{version: set() for version in FAMILIES} for _ in range(GENERATIONS)]
         self.sample_hash = int.from_bytes(os.urandom(4), "little") | 1
         self.sampled_at = 0            # unattributed packets when the sample was last read
+        self.remote_unfitted = 0       # remote_unfitted_bytes already in RemoteAddresses' bounds
 
     def program_for(self, vnet, mtu):
         """The program for a socket: built (again) when the link's GSO threshold changed."""
@@ -9646,6 +9686,45 @@ class KernelAccounting:
                                                           newcomers.sum_u64(before))])
         newcomers.write_batch(BPF_MAP_DELETE_BATCH, [key for key, _ in drained])
         self._insert_known(self.active, late)
+        if self.remotes is not None:
+            self._drain_remotes(old)
+
+    def _drain_remotes(self, old):
+        """--remote: the old generation's remotes (idle since the grace period) into
+        RemoteAddresses as one weighted update each (space-saving takes weights as they
+        come), and deleted. Its totals are the kernel's exact ones. What found no room
+        in the map (remote_unfitted_bytes) is in no entry, so it widens every bound:
+        each entry's error and the floor grow by those bytes, which keeps "exported <=
+        true <= exported + error" for every remote (only a flood of more remotes an
+        interval than --remote-max makes any)."""
+        m = self.maps[f"remotes{old}"]
+        drained = m.items()
+        batch = Batch()
+        for packed, value in drained:
+            _, key = unpack_address(packed)
+            tx_b, tx_p, rx_b, rx_p = m.sum_u64(value)
+            if tx_p:
+                batch.remote_tx.append((key, tx_b, tx_p))
+            if rx_p:
+                batch.remote_rx.append((key, rx_b, rx_p))
+        m.write_batch(BPF_MAP_DELETE_BATCH, [packed for packed, _ in drained])
+        # Heaviest first: the map's order is its hash's, and a table that fills during
+        # the update would otherwise let a light remote in before a heavy one, which
+        # would then enter with an inherited error the classic path (frames in order,
+        # the heavy one's first) never gives it.
+        for frames in (batch.remote_tx, batch.remote_rx):
+            frames.sort(key=lambda e: e[1], reverse=True)
+        r = self.remotes
+        r.consume(batch)
+        c = self.interface()
+        lost = c["remote_unfitted_bytes"] - self.remote_unfitted
+        if lost:
+            self.remote_unfitted += lost
+            r.floor += lost
+            for e in r.table.values():
+                e[REMOTE_WEIGHT] += lost
+            r.cache.update(r.table)            # every row's error changed
+        r.totals[:] = [c[f] for f in REMOTE_FIELDS]
 
     def _let_in_overflow(self, old, idle):
         """Step 3: the addresses the old generation's overflow sample holds (read live:
@@ -12379,18 +12458,18 @@ def build_capture(opts, ifname, names, conn_write, http_write):
         procs.deliver = conns.refreshed.append
     http_stage = HttpRequests(opts.http_ports, http_write, names.name_of if names else None) \
         if opts.http else None
-    kernel, engine = choose_engine(opts, local, rules, copy_plan(remotes, conns, http_stage),
-                                   prefilter)
+    kernel, engine = choose_engine(opts, local, rules, copy_plan(conns, http_stage),
+                                   prefilter, remotes)
     decoder = Decoder(local, [c for c in (remotes, conns, http_stage, rules if kernel is None else None)
                               if c], vnet=None, counted=kernel is not None)   # the ring will tell
     return CaptureParts(decoder, rules, prefilter, remotes, conns, procs, http_stage, kernel,
                         engine)
 
 
-def copy_plan(remotes, conns, http_stage):
-    """What --engine ebpf copies of each frame for these stages (see CopyPlan)."""
-    return CopyPlan(max(SNAPLEN_ACCOUNTING, remotes.snaplen()) if remotes else 0,
-                    max(SNAPLEN_ACCOUNTING, conns.snaplen()) if conns else 0,
+def copy_plan(conns, http_stage):
+    """What --engine ebpf copies of each frame for these stages (see CopyPlan); the
+    remote addresses are counted in the kernel (emit_remote): nothing copied for them."""
+    return CopyPlan(0, max(SNAPLEN_ACCOUNTING, conns.snaplen()) if conns else 0,
                     tuple(http_stage.ports) if http_stage else ())
 
 
@@ -12404,16 +12483,16 @@ def ebpf_unsuitable(prefilter):
     return None
 
 
-def choose_engine(opts, local, rules, plan=CopyPlan(), prefilter=None):
+def choose_engine(opts, local, rules, plan=CopyPlan(), prefilter=None, remotes=None):
     """The KernelAccounting for --engine ebpf (or auto where it can), else None (cbpf);
     says which in the log. plan: what the userspace stages read of each frame;
-    prefilter: -F's kernel program."""
+    prefilter: -F's kernel program; remotes: --remote's table, fed by the kernel."""
     why = ebpf_unsuitable(prefilter) if opts.engine != "cbpf" else "--engine cbpf"
     if why is None:
         why = ebpf_available()
     kernel = None
     if why is None:
-        kernel = KernelAccounting(local, rules, plan, prefilter)
+        kernel = KernelAccounting(local, rules, plan, prefilter, remotes)
         try:
             kernel.program_for(False, None)          # verified now, not at the first bind
         except Untranslatable as e:

@@ -307,6 +307,92 @@ def test_a_reload_builds_and_verifies_off_the_capture_thread(monkeypatch):
         kernel.close()
 
 
+REMOTE_MAX = 32
+
+
+def remote_engines(frames_per_tick):
+    """The same frames, tick by tick, through the kernel program (BPF_PROG_TEST_RUN,
+    KernelAccounting feeding RemoteAddresses) and the classic Decoder's RemoteAddresses:
+    (kernel remotes, classic remotes, true bytes per remote key)."""
+    klocal = lpd.LocalAddresses(FLOOD_NETS)
+    kremotes = lpd.RemoteAddresses(REMOTE_MAX)
+    kernel = lpd.KernelAccounting(klocal, None, remotes=kremotes)
+    fd = kernel.program_for(False, None)
+    ulocal = lpd.LocalAddresses(FLOOD_NETS)
+    uremotes = lpd.RemoteAddresses(REMOTE_MAX)
+    dec = lpd.Decoder(ulocal, [uremotes])
+    true = {}
+    try:
+        for now, frames in enumerate(frames_per_tick):
+            for f in frames:
+                lpd.test_run(fd, f)
+            for block in lpd.frames_to_blocks([lpd.SynthFrame(f, len(f)) for f in frames]):
+                dec.process_block(block, 0)
+            kernel.sync()
+            for local, remotes in ((klocal, kremotes), (ulocal, uremotes)):
+                local.tick(float(now))
+                remotes.tick(float(now))
+            kernel.expire()
+        for block in lpd.frames_to_blocks([lpd.SynthFrame(f, len(f))
+                                           for frames in frames_per_tick for f in frames]):
+            counter = lpd.RemoteAddresses(1 << 20)          # big enough: exact per remote
+            lpd.Decoder(lpd.LocalAddresses(FLOOD_NETS), [counter]).process_block(block, 0)
+            for key, e in counter.table.items():
+                true[key] = true.get(key, 0) + e[lpd.TX_BYTES] + e[lpd.RX_BYTES]
+        return kremotes.snapshot(), uremotes.snapshot(), true
+    finally:
+        kernel.close()
+
+
+def to_remote(src, size, dst):
+    return netns.udp_frame(netns.MAC_A, netns.MAC_B, src, dst, size)
+
+
+def test_kernel_remotes_equal_the_classic_table_while_they_fit():
+    """--remote under ebpf: the program counts the remote end of every frame with one
+    local end in its map; drained at each tick into RemoteAddresses they give the
+    classic path's rows and exact totals (both directions, both families)."""
+    ticks = []
+    for t in range(3):
+        frames = []
+        for i in range(REMOTE_MAX // 2):
+            frames.append(to_remote("10.0.0.1", 100 + i + t, f"192.0.2.{i + 1}"))
+            frames.append(to_remote(f"192.0.2.{i + 1}", 300, "10.0.0.2"))
+        frames += [to_remote("fd00::1", 500, "2001:db8::7"), to_remote("10.0.0.1", 80, "10.0.0.9"),
+                   to_remote("192.0.2.1", 90, "198.51.100.1")]          # local-local, remote-remote
+        ticks.append(frames)
+    k, u, _ = remote_engines(ticks)
+    assert k.totals == u.totals and k.totals[lpd.TX_PACKETS] == 3 * (REMOTE_MAX // 2 + 1)
+    assert sorted(k.rows) == sorted(u.rows) and len(k.rows) == REMOTE_MAX // 2 + 1
+    assert k.floor == u.floor == 0
+
+
+def test_kernel_remotes_keep_exact_totals_and_true_bounds_under_a_flood(monkeypatch):
+    """More remotes an interval than the map holds: the totals stay exact, what found no
+    room widens every bound instead of vanishing (exported <= true <= exported + error
+    for every tracked remote, true <= floor for every other), and a heavy remote stays."""
+    monkeypatch.setattr(lpd, "REMOTE_MAP_MIN", 0)          # a map of REMOTE_MAX entries
+    heavy = "198.51.100.77"
+    ticks = []
+    for t in range(3):
+        frames = [to_remote("10.0.0.1", 1400, heavy) for _ in range(3)]      # first in the map
+        frames += [to_remote(f"203.0.{t}.{i}", 64, "10.0.0.2") for i in range(1, 4 * REMOTE_MAX)]
+        ticks.append(frames)
+    k, u, true = remote_engines(ticks)
+    assert k.totals == u.totals
+    rows = {key: row for (_, key), *row in k.rows}
+    assert len(rows) <= lpd.REMOTE_TRIM_FACTOR * REMOTE_MAX and k.floor > 0
+    for key, bytes_ in true.items():
+        row = rows.get(key)
+        if row is None:
+            assert bytes_ <= k.floor, key
+        else:
+            exported = row[lpd.TX_BYTES] + row[lpd.RX_BYTES]
+            assert exported <= bytes_ <= exported + row[lpd.REMOTE_WEIGHT], (key, row, bytes_)
+    h = int(ipaddress.ip_address(heavy))
+    assert rows[h][lpd.TX_BYTES] == 3 * 3 * 1400
+
+
 def test_protochain_is_refused_not_mistranslated():
     with pytest.raises(lpd.Untranslatable):
         lpd.emit_rule(lpd.Gen(), lpd.compile_filter("ip protochain 6"), 0, 0)
@@ -638,69 +724,26 @@ class Remotes(lpd.Consumer):
 
 
 def test_frames_the_kernel_counted_are_read_not_counted_again():
-    """Decoder(counted=True), the ebpf engine's decoder of copied frames: the remote
-    stage gets what the classic decoder gives it, and neither the local addresses nor
-    their table change (the kernel counted them; a flood's addresses are not admitted
-    by the back door)."""
+    """Decoder(counted=True), the ebpf engine's decoder of copied frames: the classic
+    decoder hands the remote stage its remotes and admits the local addresses; this
+    one neither (the kernel counted both; a flood's addresses are not admitted by the
+    back door), and its stages still get the frames."""
     rng = random.Random(5)
     frames = [(d, rng.choice(PKTTYPES)) for d in corpus_frames() + edge_frames(rng)]
     blocks = list(lpd.frames_to_blocks([lpd.SynthFrame(d[:lpd.SNAPLEN_ACCOUNTING], len(d), pt)
                                         for d, pt in frames]))
     out = {}
     for counted in (False, True):
-        local, remotes = lpd.LocalAddresses(DIFF_NETS), Remotes()
-        dec = lpd.Decoder(local, [remotes], counted=counted)
+        local, remotes, rules = lpd.LocalAddresses(DIFF_NETS), Remotes(), \
+            lpd.RuleCounter(lpd.parse_filter_text("udp;udp\n", "t", None))
+        dec = lpd.Decoder(local, [remotes, rules], counted=counted)
         for block in blocks:
             dec.process_block(block, 0)
-        out[counted] = (local, remotes)
-    (classic, want), (kernel, got) = out[False], out[True]
+        out[counted] = (local, remotes, rules.snapshot().rows)
+    (classic, want, urules), (kernel, got, krules) = out[False], out[True]
     assert classic.tracked() > 50 and len(want.tx) + len(want.rx) > 500
-    assert (got.tx, got.rx) == (want.tx, want.rx)
-    assert kernel.tracked() == 0
-    # A reload's networks: what was local is remote from the next frame on, and back
-    frame = netns.udp_frame(netns.MAC_A, netns.MAC_B, "10.1.1.1", "192.168.1.1", 100)
-    block = next(lpd.frames_to_blocks([lpd.SynthFrame(frame, len(frame))]))
-    local = lpd.LocalAddresses(DIFF_NETS[:1])
-    dec = lpd.Decoder(local, [], counted=True)
-    for nets, src, dst in ((DIFF_NETS[:1], [], ["192.168.1.1"]),
-                           (DIFF_NETS[1:2], ["10.1.1.1"], []), (DIFF_NETS[:1], [], ["192.168.1.1"])):
-        local.set_local_nets(nets)
-        dec.set_consumers([got := Remotes()])
-        dec.process_block(block, 0)
-        assert [str(ipaddress.ip_address(k)) for k, _, _ in got.rx] == src
-        assert [str(ipaddress.ip_address(k)) for k, _, _ in got.tx] == dst
-    assert local.tracked() == 0
-
-
-def test_prefilter_on_ebpf_counts_what_cbpf_lets_through(tmp_path):
-    """-F under auto: ebpf, its gate dropping what the classic filter drops (tagged and
-    malformed frames, pings and IPv6 included in the traffic): the same series."""
-    rules = tmp_path / "rules"
-    rules.write_text(RULES + "icmp4;icmp\n")
-    with netns.Pair() as pair:
-        lpds = {}
-        try:
-            for engine, port in (("cbpf", 59158), ("auto", 59159)):
-                lpds[engine] = Instance(pair, port, "--engine", engine, "--mapping-url", "none",
-                                        "--interval", "0.5", "-f", str(rules),
-                                        "-u", str(tmp_path / f"{engine}.sock"),
-                                        "-F", "udp or arp or ip6")
-            time.sleep(0.5)
-            assert "(engine ebpf)" in lpds["auto"].stderr(), lpds["auto"].stderr()
-            traffic(pair)
-            time.sleep(1.5)
-            m = {e: metrics(pair, port=p) for e, p in (("cbpf", 59158), ("auto", 59159))}
-        finally:
-            for x in lpds.values():
-                x.stop()
-    one, two = same_part(m["cbpf"]), same_part(m["auto"])
-    assert set(one) == set(two)
-    diff = {k: (one[k], two[k]) for k in one if one[k] != two[k]}
-    assert not diff, diff
-    rules = {dict(k[1])["rule"]: v for k, v in two.items() if k[0] == "lpd_rule_packets_total"}
-    assert rules["udp"] > 0 and rules["v6"] > 0 and rules["arp"] > 0, rules
-    assert rules["icmp4"] == 0 and rules["ping"] > 0, rules          # -F dropped IPv4's pings
-    assert sum(v for k, v in m["auto"].items() if k[0] == "lpd_capture_packets_total") == 0
+    assert got.tx == got.rx == [] and kernel.tracked() == 0
+    assert urules == krules and urules[0][2] > 100
 
 
 def test_engine_choice_is_said(tmp_path):
