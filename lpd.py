@@ -5565,8 +5565,12 @@ class Consumer:
 class Decoder:
     """Interface totals, malformed frames and the local-address counters, per block."""
 
-    def __init__(self, local, consumers=(), vnet=False, mtu=None):
-        self.local = local
+    def __init__(self, local, consumers=(), vnet=False, mtu=None, counted=False):
+        """counted: the kernel has counted every frame (--engine ebpf): addresses and
+        remotes included, so the frames copied for the stages are only read
+        (LocalityOnly neither admits nor counts, and no remote is handed on)."""
+        self.local, self.counted = local, counted
+        self.attribution = LocalityOnly(local) if counted else local
         self.set_link(vnet, mtu)
         self.frames = 0
         self.totals = [0, 0, 0, 0]                   # TX_BYTES .. RX_PACKETS
@@ -5596,7 +5600,8 @@ class Decoder:
         wants = frozenset().union(*(c.wants for c in self.consumers))
         self.want_raw = WANT_RAW in wants or WANT_TS in wants
         self.want_ts = WANT_TS in wants
-        self.want_remote = WANT_REMOTE in wants
+        # counted: the kernel counts the remotes too (KernelAccounting._drain_remotes)
+        self.want_remote = WANT_REMOTE in wants and not self.counted
 
     def snaplen(self):
         return max([SNAPLEN_ACCOUNTING] + [c.snaplen() for c in self.consumers])
@@ -5623,7 +5628,7 @@ class Decoder:
         direction = TX_BYTES if pkttype == PACKET_OUTGOING else RX_BYTES
         self.totals[direction] += nbytes
         self.totals[direction + 1] += segments
-        local = self.local
+        local = self.attribution
         ends = []
         for key, at in ((src, TX_BYTES), (dst, RX_BYTES)):
             cache = local.cache4 if type(key) is int else local.cache6
@@ -5665,7 +5670,7 @@ class Decoder:
         et_ip4, et_ip6, plain4, dot1q = ETHERTYPE_IPV4, ETHERTYPE_IPV6, IPV4_VIHL_PLAIN, ETH_P_8021Q
         gso_above = self.gso_above
         gso_back, super_frame = VIRTIO_GSO_TYPE_BACK, self.super_frame
-        local = self.local
+        local = self.attribution
         get4, get6, locate = local.cache4.get, local.cache6.get, local.locate
         batch = Batch()
         want_raw, raw = self.want_raw, batch.raw.append
@@ -5794,6 +5799,27 @@ class Decoder:
             self.time = batch.time
         for consumer in self.consumers:
             consumer.consume(batch)
+
+
+class LocalityOnly:
+    """The decoder's attribution where the kernel counted the frame (--engine ebpf with
+    frames copied for a stage): the hot loop's caches and locate() as LocalAddresses
+    has them, but every address gets one scratch list, so the decoder's increments go
+    nowhere and no address is admitted (the kernel's tables decide that, flood-proof;
+    LocalAddresses takes their counts at each tick). Nothing tells local from remote
+    here: the kernel counts the remote addresses too (emit_remote)."""
+
+    def __init__(self, local):
+        self.local = local
+        self.cache4, self.cache6 = {}, {}
+        self.scratch = [0, 0, 0, 0]
+
+    def locate(self, key):
+        cache = self.cache4 if type(key) is int else self.cache6
+        if len(cache) >= LOCALITY_CACHE_MAX:
+            cache.clear()
+        cache[key] = self.scratch
+        return self.scratch
 
 
 ###############################################################################
@@ -8390,9 +8416,11 @@ SKB_WIDE = {"tstamp", "hwtstamp", "flow_keys", "sk"}  # 8-byte fields
 # nothing else runs it on the same CPU meanwhile.
 ADDR_KEY = struct.Struct("=B3x16s")
 ADDR_VALUE = struct.Struct("=4Q")
+REMOTE_FIELDS = ("remote_tx_bytes", "remote_tx_packets", "remote_rx_bytes", "remote_rx_packets")
 IFACE_FIELDS = ("tx_bytes", "tx_packets", "rx_bytes", "rx_packets") + \
     tuple("malformed_" + r for r in MALFORMED_REASONS) + \
-    ("unattributed_bytes", "unattributed_packets", "gso_frames", "gso_unsplit")
+    ("unattributed_bytes", "unattributed_packets", "gso_frames", "gso_unsplit") + \
+    REMOTE_FIELDS + ("remote_unfitted_bytes",)
 IFACE = {name: 8 * i for i, name in enumerate(IFACE_FIELDS)}
 MALFORMED_OFF = {r: IFACE["malformed_" + r] for r in MALFORMED_REASONS}
 RULE_VALUE = struct.Struct("=2Q")
@@ -8401,6 +8429,11 @@ GENERATIONS = 2
 ADDRESS_MAPS = tuple(f"{table}{gen}" for table in ("known", "newcomers")
                      for gen in range(GENERATIONS))
 OVERFLOW_MAPS = tuple(f"overflow{gen}" for gen in range(GENERATIONS))
+REMOTE_MAPS = tuple(f"remotes{gen}" for gen in range(GENERATIONS))
+# The kernel's remotes map holds an interval's distinct remotes: --remote-max of them,
+# and at least this many, so that a small table's bounds stay those of the classic path
+# unless an interval brings more remotes than this (preallocated: ~100 bytes an entry).
+REMOTE_MAP_MIN = 4096
 MAP_NAMES = ("generation", "iface", "rules") + ADDRESS_MAPS + OVERFLOW_MAPS
 # An overflow slot: the address as the stack holds it (an ADDR_KEY in whole u64 words,
 # the padding zero), then its weight.
@@ -8441,9 +8474,11 @@ A_SAVE = -160                                  # A across a helper call (ldx msh
 VERDICTS = -168                                # test builds: bit i = rule i matched (the retval)
 CNT_BYTES, CNT_FRAMES = -176, -184             # what this frame counts for: (wl, 1), or a
                                                # GSO super-frame's (bytes, frames) on the wire
+COPY = -192                                    # how much of the frame userspace gets (CopyPlan)
+REMOTE_KEY = -224                              # ADDR_KEY of the frame's remote end (--remote)
 VIEW_DATA = SNAPLEN_ACCOUNTING             # what lpd's userspace decoder sees of a frame
 VIEW_BYTES = VIEW_DATA + VLAN_TAG_LEN      # ... plus a stripped tag put back in
-VIEW = -(184 + _round8(VIEW_BYTES))            # view[i] at VIEW + i
+VIEW = -(224 + _round8(VIEW_BYTES))            # view[i] at VIEW + i
 STACK_DEPTH = -VIEW
 assert STACK_DEPTH <= EBPF_STACK_MAX
 
@@ -8758,6 +8793,47 @@ def emit_attribute(g, known_fd, newcomers_fd, overflow, sample_hash, key, slot):
     g.at(skip)
 
 
+def emit_remote(g, remotes_fd):
+    """--remote: a frame with exactly one local end counts for the other, a remote, in
+    iface's remote_{tx,rx} totals (exact) and in `remotes` (found, or inserted with
+    BPF_NOEXIST, or found after another CPU inserted it); where remotes is full, in the
+    totals only. tx: the local end sent (the remote is the destination). The remote's
+    key takes the family byte of the local end (the same frame, the same family)."""
+    skip, unfitted, src_remote = g.label("rem_skip"), g.label("rem_unfitted"), g.label("rem_src")
+    g(ldx(EBPF_B, R1, FP, KEY_SRC), ldx(EBPF_B, R2, FP, KEY_DST),
+      jmp_imm(EBPF_JEQ, R1, 0, src_remote), jmp_imm(EBPF_JNE, R2, 0, skip))
+    for remote, family, slot, field in ((KEY_DST, R1, ADDR_TX, "remote_tx_bytes"),
+                                        (KEY_SRC, R2, ADDR_RX, "remote_rx_bytes")):
+        if remote == KEY_SRC:
+            g.at(src_remote)
+            g(jmp_imm(EBPF_JEQ, R2, 0, skip))
+        new, shared = g.label("rem_new"), g.label("rem_shared")
+        for off in range(0, _round8(ADDR_KEY.size), 8):
+            g(ldx(EBPF_DW, R3, FP, remote + off), stx(EBPF_DW, FP, R3, REMOTE_KEY + off))
+        g(stx(EBPF_B, FP, family, REMOTE_KEY))
+        emit_count(g, REG_IFACE, IFACE[field])
+        g(ld_map_fd(R1, remotes_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, REMOTE_KEY),
+          call("map_lookup_elem"), jmp_imm(EBPF_JNE, R0, 0, shared))
+        g.at(new)
+        for off in range(0, ADDR_VALUE.size, 8):
+            g(st_imm(EBPF_DW, FP, VALUE_NEW + off, 0))
+        g(ldx(EBPF_DW, R1, FP, CNT_BYTES), stx(EBPF_DW, FP, R1, VALUE_NEW + slot),
+          ldx(EBPF_DW, R1, FP, CNT_FRAMES), stx(EBPF_DW, FP, R1, VALUE_NEW + slot + 8),
+          ld_map_fd(R1, remotes_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, REMOTE_KEY),
+          mov64_reg(R3, FP), alu64_imm(EBPF_ADD, R3, VALUE_NEW), mov64_imm(R4, BPF_NOEXIST),
+          call("map_update_elem"), jmp_imm(EBPF_JEQ, R0, 0, skip),
+          jmp_imm(EBPF_JNE, R0, EEXIST_NEG, unfitted),        # full: in the totals only
+          ld_map_fd(R1, remotes_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, REMOTE_KEY),
+          call("map_lookup_elem"), jmp_imm(EBPF_JEQ, R0, 0, unfitted))
+        g.at(shared)
+        emit_count_shared(g, R0, slot)
+        g(ja(skip))
+    g.at(unfitted)
+    g(ldx(EBPF_DW, R1, REG_IFACE, IFACE["remote_unfitted_bytes"]), ldx(EBPF_DW, R2, FP, CNT_BYTES),
+      alu64_reg(EBPF_ADD, R1, R2), stx(EBPF_DW, REG_IFACE, R1, IFACE["remote_unfitted_bytes"]))
+    g.at(skip)
+
+
 def emit_attribution(g, maps, sample_hash, done):
     """Both ends of the frame (KEY_SRC, KEY_DST) into the generation userspace selected:
     read once, so a frame counts in one pair of tables whatever a flip does meanwhile.
@@ -8774,6 +8850,8 @@ def emit_attribution(g, maps, sample_hash, done):
         for key, slot in ((KEY_SRC, ADDR_TX), (KEY_DST, ADDR_RX)):
             emit_attribute(g, maps[f"known{gen}"].fd, maps[f"newcomers{gen}"].fd,
                            maps[f"overflow{gen}"], sample_hash, key, slot)
+        if f"remotes{gen}" in maps:
+            emit_remote(g, maps[f"remotes{gen}"].fd)
         g(ja(done))
 
 
@@ -8950,6 +9028,41 @@ def emit_packet_load(g, dst, size, k, indirect, reject, save_a=False):
     g.at(done)
 
 
+def emit_raw_load(g, dst, size, k, indirect, reject, save_a=False):
+    """emit_packet_load for -F's kernel program: the `size` bytes at k (or X + k) of the
+    skb's data as the kernel's classic filter reads them (an outer tag the kernel
+    stripped is not in it), by skb_load_bytes; past its end, reject (the classic
+    filter's load past the end returns 0: the frame is dropped)."""
+    if k + size > FRAME_MAX:
+        g(ja(reject))
+        return
+    g(mov64_imm(R5, k) if not indirect else mov64_reg(R5, REG_X))
+    if indirect:                   # X + k in 64 bits: X is a zero-extended u32, k < 2^31
+        g(alu64_imm(EBPF_ADD, R5, k))
+    g(mov64_reg(R2, R5), alu64_imm(EBPF_ADD, R2, size), ldx(EBPF_W, R3, REG_CTX, SKB_LEN),
+      jmp_reg(EBPF_JGT, R2, R3, reject))
+    if save_a:
+        g(stx(EBPF_DW, FP, REG_A, A_SAVE))
+    g(mov64_reg(R1, REG_CTX), mov64_reg(R2, R5), mov64_reg(R3, FP), alu64_imm(EBPF_ADD, R3, TMP),
+      mov64_imm(R4, size), call("skb_load_bytes"))
+    if save_a:
+        g(mov64_reg(R1, R0), ldx(EBPF_DW, REG_A, FP, A_SAVE), jmp_imm(EBPF_JNE, R1, 0, reject))
+    else:
+        g(jmp_imm(EBPF_JNE, R0, 0, reject))
+    g(ldx(_EBPF_SIZE[size], dst, FP, TMP))
+    if size > 1:
+        g(endian_be(dst, 8 * size))
+
+
+def emit_raw_ancillary(g, dst, k, reject):
+    """emit_ancillary for -F's kernel program: skb->protocol as the kernel has it (read,
+    not derived from the view: the kernel's classic filter reads the field)."""
+    if k - SKF_AD_OFF == SKF_AD_PROTOCOL:
+        g(ldx(EBPF_W, dst, REG_CTX, SKB_PROTOCOL), endian_be(dst, 16))
+    else:
+        emit_ancillary(g, dst, k, reject)
+
+
 def emit_protocol(g, dst):
     """lpd's _skb_protocol: what eth_type_trans() leaves in skb->protocol, from the view."""
     done = g.label("proto_done")
@@ -8982,14 +9095,30 @@ def _reads_memory(prog):
                    and k < BPF_MEMWORDS})
 
 
-def emit_rule(g, prog, index, rules_fd, mark=False):
+def emit_rule(g, prog, index, rules_fd, mark=False, gate=None):
     """One rule: its classic program translated; a nonzero verdict adds (wl, 1) to
     rules[index] (and with `mark` sets bit index of VERDICTS, for the differential test).
-    Labels are per rule, so rules follow each other in one program."""
+    Labels are per rule, so rules follow each other in one program.
+    gate: a label; then `prog` is -F's kernel program (compile_filter kernel=True), run
+    on the frame as the kernel's classic filter would (emit_raw_load), and a frame it
+    rejects jumps to gate, one it accepts goes on."""
     n = len(prog)
     pcs = [g.label(f"r{index}_pc{pc}") for pc in range(n)]
     no, yes, end = g.label(f"r{index}_no"), g.label(f"r{index}_yes"), g.label(f"r{index}_end")
+    raw = gate is not None
+    if raw:
+        no = gate
     a, x = REG_A, REG_X
+    if raw:
+        def emit_packet_load(g, dst, size, k, indirect, reject, save_a=False):
+            emit_raw_load(g, dst, size, k, indirect, reject, save_a)
+
+        def emit_ancillary(g, dst, k, reject):
+            emit_raw_ancillary(g, dst, k, reject)
+    else:
+        emit_packet_load, emit_ancillary = globals()["emit_packet_load"], globals()["emit_ancillary"]
+    length = (lambda dst: ldx(EBPF_W, dst, REG_CTX, SKB_LEN)) if raw else \
+        (lambda dst: mov32_reg(dst, REG_WL))
 
     def target(pc):
         return pcs[pc] if 0 <= pc < n else no     # out of the program: lpd rejects
@@ -9021,7 +9150,7 @@ def emit_rule(g, prog, index, rules_fd, mark=False):
             elif code == BPF_LD | BPF_IMM:
                 g(mov32_imm(a, k))
             elif code == BPF_LD | BPF_W | BPF_LEN:
-                g(mov32_reg(a, REG_WL))
+                g(length(a))
             elif code == BPF_LD | BPF_MEM and k < BPF_MEMWORDS:
                 g(ldx(EBPF_W, a, FP, -(4 * k + 4)))
             else:
@@ -9030,7 +9159,7 @@ def emit_rule(g, prog, index, rules_fd, mark=False):
             if code == BPF_LDX | BPF_W | BPF_IMM:
                 g(mov32_imm(x, k))
             elif code == BPF_LDX | BPF_W | BPF_LEN:
-                g(mov32_reg(x, REG_WL))
+                g(length(x))
             elif code == BPF_LDX | BPF_W | BPF_MEM and k < BPF_MEMWORDS:
                 g(ldx(EBPF_W, x, FP, -(4 * k + 4)))
             elif code == BPF_LDX | BPF_B | BPF_MSH:
@@ -9099,6 +9228,8 @@ def emit_rule(g, prog, index, rules_fd, mark=False):
             g(ja(no))
     g(ja(no))                                       # falling off the end: lpd rejects
     g.at(yes)
+    if raw:
+        return
     if mark:
         g(ldx(EBPF_W, R1, FP, VERDICTS), alu32_imm(EBPF_OR, R1, 1 << index), stx(EBPF_W, FP, R1, VERDICTS))
     g(st_imm(EBPF_W, FP, TMP, index), ld_map_fd(R1, rules_fd), mov64_reg(R2, FP),
@@ -9108,7 +9239,7 @@ def emit_rule(g, prog, index, rules_fd, mark=False):
     g.at(end)
 
 
-def make_maps(nrules, local_max=DEFAULT_LOCAL_MAX):
+def make_maps(nrules, local_max=DEFAULT_LOCAL_MAX, remote_max=0):
     """The program's maps (see above). known holds what LocalAddresses holds, at most
     local_max; newcomers takes as many, the most a tick can admit to the table."""
     maps = {"generation": Map(BPF_MAP_TYPE_ARRAY, 4, 4, 1, "lpd_generation"),
@@ -9121,25 +9252,173 @@ def make_maps(nrules, local_max=DEFAULT_LOCAL_MAX):
                                       local_max, f"lpd_newcomers{gen}")
         maps[f"overflow{gen}"] = Map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, OVERFLOW_VALUE.size,
                                      overflow_slots(local_max), f"lpd_overflow{gen}")
+        if remote_max:
+            # Shared, as newcomers: a remote stays one interval, and a flood fills it whole
+            maps[f"remotes{gen}"] = Map(BPF_MAP_TYPE_HASH, ADDR_KEY.size, ADDR_VALUE.size,
+                                        remote_max, f"lpd_remotes{gen}")
     return maps
 
 
 VERDICT_MASK = "mask"
 
 
+class CopyPlan(NamedTuple):
+    """What the userspace stages read of each frame under --engine ebpf, so that the
+    program copies each frame only as far as some stage reads it (the classic path's
+    kernel_program does the same per branch): `every` bytes of every frame (--remote,
+    until remote addresses are counted in the kernel), `l4` bytes of the frames
+    connection tracking may parse (IPv4 TCP and UDP; IPv6 TCP, UDP and extension
+    headers, which parse_l4 walks), and TCP to or from `ports` whole (--http).
+    A frame the view is too short to judge (stacked tags, a header cut short) gets the
+    most any stage reads, as judge_guard gives it on the classic path: no stage misses
+    a frame it would have read."""
+    every: int = 0
+    l4: int = 0
+    ports: tuple = ()
+
+    def constant(self):
+        """The copy length if every frame gets the same, else None."""
+        return None if self.l4 or self.ports else self.every
+
+    def l4_len(self):
+        return max(self.every, self.l4)
+
+    def most(self):
+        return SNAPLEN_FULL if self.ports else self.l4_len()
+
+
+def copy_length(plan, view):
+    """What the program's copy decision (emit_copy_length) returns for a frame whose
+    view (its first VIEW_DATA bytes as userspace sees them, a stripped tag put back) is
+    `view`: its reference, for tests."""
+    n, u16 = len(view), U16BE.unpack_from
+    if n < ETH_HLEN:
+        return plan.most()
+    q, et = ETH_HLEN, u16(view, ETH_TYPE_OFF)[0]
+    while et in VLAN_TPIDS:
+        if q + VLAN_TAG_LEN > n:
+            return plan.most()
+        et = u16(view, q + 2)[0]
+        q += VLAN_TAG_LEN
+    if et == ETHERTYPE_IPV4:
+        if q + 20 > n:
+            return plan.most()
+        proto = view[q + IPV4_PROTO_OFF]
+        if proto not in (IPPROTO_TCP, IPPROTO_UDP):
+            return plan.every
+        if not plan.ports or proto != IPPROTO_TCP or u16(view, q + 6)[0] & IPV4_FRAG_MASK:
+            return plan.l4_len()
+        at = q + (view[q] & 0x0F) * 4
+    elif et == ETHERTYPE_IPV6:
+        if q + IPV6_HDR_LEN > n:
+            return plan.most()
+        nh = view[q + IPV6_NEXT_OFF]
+        if nh not in (IPPROTO_TCP, IPPROTO_UDP) and nh not in IPV6_EXT_LEN:
+            return plan.every
+        if plan.ports and nh in IPV6_EXT_LEN:
+            return SNAPLEN_FULL
+        if not plan.ports or nh != IPPROTO_TCP:
+            return plan.l4_len()
+        at = q + IPV6_HDR_LEN
+    else:
+        return plan.every
+    if at + 4 > n:
+        return plan.most()
+    sport, dport = TCP_PORTS.unpack_from(view, at)
+    return SNAPLEN_FULL if sport in plan.ports or dport in plan.ports else plan.l4_len()
+
+
+def emit_copy_length(g, plan):
+    """COPY := copy_length(plan, the view), test for test the same walk (tags, the IP
+    header's protocol, a TCP header's ports) on the view; uses r1-r5."""
+    undecided, every, l4, whole, decided = (g.label(n) for n in
+                                            ("c_most", "c_every", "c_l4", "c_whole", "c_done"))
+    walk, tag, walked, ip4, ip6, ports = (g.label(n) for n in
+                                          ("c_walk", "c_tag", "c_walked", "c_ip4", "c_ip6", "c_ports"))
+    g(jmp_imm(EBPF_JLT, REG_VLEN, ETH_HLEN, undecided))
+    emit_view_load_be(g, R1, FP, VIEW + ETH_TYPE_OFF, 2, R3)
+    g(mov64_imm(R2, ETH_HLEN))
+    g.at(walk)
+    for tpid in sorted(VLAN_TPIDS):
+        g(jmp_imm(EBPF_JEQ, R1, tpid, tag))
+    g(ja(walked))
+
+    def header(size):
+        """r4 = the view at offset r2, `size` bytes of it inside the view and the frame."""
+        g(jmp_imm(EBPF_JGT, R2, VIEW_BYTES - size, undecided),
+          mov64_reg(R3, R2), alu64_imm(EBPF_ADD, R3, size),
+          jmp_reg(EBPF_JGT, R3, REG_VLEN, undecided),
+          mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2))
+
+    g.at(tag)
+    header(VLAN_TAG_LEN)
+    emit_view_load_be(g, R1, R4, 2, 2, R3)
+    g(alu64_imm(EBPF_ADD, R2, VLAN_TAG_LEN), ja(walk))
+    g.at(walked)
+    g(jmp_imm(EBPF_JEQ, R1, ETHERTYPE_IPV4, ip4), jmp_imm(EBPF_JEQ, R1, ETHERTYPE_IPV6, ip6),
+      ja(every))
+    g.at(ip4)
+    header(20)
+    g(ldx(EBPF_B, R1, R4, IPV4_PROTO_OFF))
+    if plan.ports:
+        tcp4 = g.label("c_tcp4")
+        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_TCP, tcp4), jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, l4), ja(every))
+        g.at(tcp4)
+        emit_view_load_be(g, R3, R4, 6, 2, R5)
+        g(alu64_imm(EBPF_AND, R3, IPV4_FRAG_MASK), jmp_imm(EBPF_JNE, R3, 0, l4),
+          ldx(EBPF_B, R3, R4, 0), alu64_imm(EBPF_AND, R3, 0x0F), alu64_imm(EBPF_LSH, R3, 2),
+          alu64_reg(EBPF_ADD, R2, R3), ja(ports))
+    else:
+        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_TCP, l4), jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, l4), ja(every))
+    g.at(ip6)
+    header(IPV6_HDR_LEN)
+    g(ldx(EBPF_B, R1, R4, IPV6_NEXT_OFF))
+    for nh in sorted(IPV6_EXT_LEN):
+        g(jmp_imm(EBPF_JEQ, R1, nh, whole if plan.ports else l4))
+    if plan.ports:
+        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, l4), jmp_imm(EBPF_JNE, R1, IPPROTO_TCP, every),
+          alu64_imm(EBPF_ADD, R2, IPV6_HDR_LEN))
+        g.at(ports)
+        header(4)                      # the TCP ports
+        emit_view_load_be(g, R1, R4, 0, 2, R5)
+        emit_view_load_be(g, R3, R4, 2, 2, R5)
+        for port in plan.ports:
+            g(jmp_imm(EBPF_JEQ, R1, port, whole), jmp_imm(EBPF_JEQ, R3, port, whole))
+        g(ja(l4))
+    else:
+        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_TCP, l4), jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, l4), ja(every))
+    for label, value in ((undecided, plan.most()), (every, plan.every), (l4, plan.l4_len()),
+                         (whole, SNAPLEN_FULL)):
+        g.at(label)
+        g(st_imm(EBPF_W, FP, COPY, value), ja(decided))
+    g.at(decided)
+
+
 def build_program(maps, nets=(), rules=(), decoder=True, verdict=0, gso_above=None,
-                  sample_hash=SAMPLE_HASH):
+                  sample_hash=SAMPLE_HASH, prefilter=None):
     """The whole socket program: (image, labels). rules: classic programs (lpd's
     compile_filter output, kernel=False: they see the frame as userspace does).
+    prefilter: -F's kernel program (kernel=True), a gate before everything: a frame it
+    rejects is neither counted nor copied, as on the classic path, where it never
+    reaches lpd.
     gso_above: split GSO super-frames longer than this (see emit_gso); None: never.
     sample_hash: the overflow sample's multiplier (emit_overflow_sample).
-    verdict: what it returns: 0 (no frame copied to userspace), a snapshot length, or
-    VERDICT_MASK (test builds, at most 32 rules: bit i set when rule i matched)."""
+    verdict: what it returns: 0 (no frame copied to userspace), a snapshot length, a
+    CopyPlan (each frame copied as far as the userspace stages read it), or VERDICT_MASK
+    (test builds, at most 32 rules: bit i set when rule i matched)."""
     g = Gen()
     done = Label("done")
+    if isinstance(verdict, CopyPlan) and verdict.constant() is not None:
+        verdict = verdict.constant()
+    plan = verdict if isinstance(verdict, CopyPlan) else None
     mark = verdict == VERDICT_MASK
     if mark and len(rules) > 32:
         raise ValueError("VERDICT_MASK: at most 32 rules")
+    dropped = Label("dropped")
+    if prefilter is not None:          # first: a frame it drops costs no view
+        g(mov64_reg(REG_CTX, R1))
+        emit_rule(g, prefilter, "F", 0, gate=dropped)
+        g(mov64_reg(R1, REG_CTX))      # what the prologue expects, as at the entry
     emit_prologue(g)
     emit_gso(g, gso_above, maps["iface"].fd)
     if mark:
@@ -9152,14 +9431,22 @@ def build_program(maps, nets=(), rules=(), decoder=True, verdict=0, gso_above=No
         emit_normalise(g)
         emit_rule(g, prog, i, maps["rules"].fd, mark)
     emit_normalise(g)                  # after the GSO block's or the last rule's narrowing
+    if plan is not None:
+        emit_copy_length(g, plan)
+        emit_normalise(g)
     if decoder:
         emit_decoder(g, maps, list(nets), sample_hash, done)
     g.at(done)
     if mark:
         g(ldx(EBPF_W, R0, FP, VERDICTS))
+    elif plan is not None:
+        g(ldx(EBPF_W, R0, FP, COPY))
     else:
         g(mov32_imm(R0, verdict))
     g(exit_insn())
+    if prefilter is not None:
+        g.at(dropped)
+        g(mov32_imm(R0, 0), exit_insn())
     return assemble(g.items)
 
 
@@ -9225,6 +9512,15 @@ def unpack_address(packed):
     return version, int.from_bytes(raw[:4], "big") if version == 4 else raw
 
 
+class _Prepared(NamedTuple):
+    """A reload's program, loaded by the reload thread (KernelAccounting.prepare)."""
+    rules: object
+    nets: list
+    maps: dict
+    program: object
+    gso_above: object
+
+
 class KernelAccounting:
     """--engine ebpf: the program and its maps, standing in for the decoder's counting.
 
@@ -9255,9 +9551,12 @@ class KernelAccounting:
     a new rules map (the other maps stay), swaps it in one SO_ATTACH_BPF, and carries
     the old counts by (id, expression) as RuleCounter does."""
 
-    def __init__(self, local, rules, verdict=0):
+    def __init__(self, local, rules, verdict=0, prefilter=None, remotes=None):
         self.local, self.rules, self.verdict = local, rules, verdict
-        self.maps = make_maps(len(rules) if rules else 0, local.local_max)
+        self.prefilter = prefilter     # -F's kernel program: the program's gate
+        self.remotes = remotes         # --remote: RemoteAddresses, fed from the remotes maps
+        self.maps = make_maps(len(rules) if rules else 0, local.local_max,
+                              max(remotes.remote_max, REMOTE_MAP_MIN) if remotes else 0)
         self.base = [(0, 0)] * (len(rules) if rules else 0)   # carried from older programs
         self.carried = []              # (old rules map, [(new i, old j, old base)], retire at)
         self.gso_above = None
@@ -9271,6 +9570,7 @@ class KernelAccounting:
         self.known = [{version: set() for version in FAMILIES} for _ in range(GENERATIONS)]
         self.sample_hash = int.from_bytes(os.urandom(4), "little") | 1
         self.sampled_at = 0            # unattributed packets when the sample was last read
+        self.remote_unfitted = 0       # remote_unfitted_bytes already in RemoteAddresses' bounds
 
     def program_for(self, vnet, mtu):
         """The program for a socket: built (again) when the link's GSO threshold changed."""
@@ -9281,25 +9581,64 @@ class KernelAccounting:
         return self.program.fd
 
     def _load(self, nets, rules, maps):
-        image, labels = build_program(maps, nets, rules.progs if rules else (), True,
-                                      self.verdict, self.gso_above, self.sample_hash)
-        old, self.program = self.program, Program(image, labels)
+        old, self.program = self.program, self._build(nets, rules, maps, self.gso_above)
         if old is not None:
             old.close()
 
+    def _build(self, nets, rules, maps, gso_above):
+        """The program, loaded (the verifier runs here): any thread."""
+        image, labels = build_program(maps, nets, rules.progs if rules else (), True,
+                                      self.verdict, gso_above, self.sample_hash, self.prefilter)
+        return Program(image, labels)
+
     def reload(self, sock, rules, nets):
-        """New rules and networks, swapped in one attach; the old rules map is read one
-        last time after EBPF_RETIRE_AFTER."""
-        old_rules, old_map, old_base = self.rules, self.maps["rules"], self.base
+        """New rules and networks, swapped in one attach, all on the calling thread."""
+        self.swap(sock, self.prepare(rules, nets))
+
+    def prepare(self, rules, nets):
+        """The slow half of a reload, for the reload thread: the new rules map and the
+        program built, loaded and verified (milliseconds to seconds with many rules).
+        Nothing the capture thread reads changes; swap() or discard() takes the result."""
         maps = dict(self.maps, rules=Map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, RULE_VALUE.size,
                                          max(1, len(rules) if rules else 0), "lpd_rules"))
+        gso_above = self.gso_above
+        try:
+            program = self._build(nets, rules, maps, gso_above)
+        except BaseException:
+            maps["rules"].close()
+            raise
+        return _Prepared(rules, list(nets), maps, program, gso_above)
+
+    def discard(self, prepared):
+        prepared.program.close()
+        prepared.maps["rules"].close()
+
+    def swap(self, sock, prepared):
+        """The capture thread's half: one SO_ATTACH_BPF, then the counts carried by
+        (id, expression); the old rules map is read one last time after
+        EBPF_RETIRE_AFTER. A failed attach leaves everything as it was (OSError)."""
+        program = prepared.program
+        if prepared.gso_above != self.gso_above:
+            # the link changed its GSO threshold since prepare() (program_for): rare,
+            # so built again here rather than swapping in a program that splits wrong
+            program.close()
+            program = self._build(prepared.nets, prepared.rules, prepared.maps, self.gso_above)
+        if sock is not None:
+            try:
+                attach(sock, program.fd)
+            except OSError:
+                program.close()
+                prepared.maps["rules"].close()
+                raise
+        old_rules, old_map, old_base = self.rules, self.maps["rules"], self.base
+        rules = prepared.rules
         prev = {(r.id, r.expr): j for j, r in enumerate(old_rules.rules)} if old_rules else {}
         pairs = [(i, prev[(r.id, r.expr)]) for i, r in enumerate(rules.rules)
                  if (r.id, r.expr) in prev] if rules else []
-        self._load(nets, rules, maps)
-        if sock is not None:
-            attach(sock, self.program.fd)
-        self.maps, self.rules = maps, rules
+        old, self.program = self.program, program
+        if old is not None:
+            old.close()
+        self.maps, self.rules = prepared.maps, rules
         self.base = [(0, 0)] * (len(rules) if rules else 0)
         for i, j in pairs:
             self.base[i] = old_base[j]
@@ -9359,6 +9698,45 @@ class KernelAccounting:
                                                           newcomers.sum_u64(before))])
         newcomers.write_batch(BPF_MAP_DELETE_BATCH, [key for key, _ in drained])
         self._insert_known(self.active, late)
+        if self.remotes is not None:
+            self._drain_remotes(old)
+
+    def _drain_remotes(self, old):
+        """--remote: the old generation's remotes (idle since the grace period) into
+        RemoteAddresses as one weighted update each (space-saving takes weights as they
+        come), and deleted. Its totals are the kernel's exact ones. What found no room
+        in the map (remote_unfitted_bytes) is in no entry, so it widens every bound:
+        each entry's error and the floor grow by those bytes, which keeps "exported <=
+        true <= exported + error" for every remote (only a flood of more remotes an
+        interval than --remote-max makes any)."""
+        m = self.maps[f"remotes{old}"]
+        drained = m.items()
+        batch = Batch()
+        for packed, value in drained:
+            _, key = unpack_address(packed)
+            tx_b, tx_p, rx_b, rx_p = m.sum_u64(value)
+            if tx_p:
+                batch.remote_tx.append((key, tx_b, tx_p))
+            if rx_p:
+                batch.remote_rx.append((key, rx_b, rx_p))
+        m.write_batch(BPF_MAP_DELETE_BATCH, [packed for packed, _ in drained])
+        # Heaviest first: the map's order is its hash's, and a table that fills during
+        # the update would otherwise let a light remote in before a heavy one, which
+        # would then enter with an inherited error the classic path (frames in order,
+        # the heavy one's first) never gives it.
+        for frames in (batch.remote_tx, batch.remote_rx):
+            frames.sort(key=lambda e: e[1], reverse=True)
+        r = self.remotes
+        r.consume(batch)
+        c = self.interface()
+        lost = c["remote_unfitted_bytes"] - self.remote_unfitted
+        if lost:
+            self.remote_unfitted += lost
+            r.floor += lost
+            for e in r.table.values():
+                e[REMOTE_WEIGHT] += lost
+            r.cache.update(r.table)            # every row's error changed
+        r.totals[:] = [c[f] for f in REMOTE_FIELDS]
 
     def _let_in_overflow(self, old, idle):
         """Step 3: the addresses the old generation's overflow sample holds (read live:
@@ -11610,7 +11988,8 @@ class Daemon:
         self.stop_requested = self.reload_requested = self.status_requested = False
         self.started = time.monotonic()
         self.stop_event = threading.Event()
-        self.pending = None              # (rules, nets) compiled by the reload thread
+        # (rules, nets, the eBPF program loaded for them or None) from the reload thread
+        self.pending = None
         self.reloader = None
         self.widening = None
         self.widen_blocks = 0
@@ -11699,8 +12078,18 @@ class Daemon:
             if awaiting and not self.awaiting:
                 # The interface appeared meanwhile: these rules have the stand-in $MAC.
                 self.reload_requested = True
-            else:
-                self.pending = (rules, nets)
+                self._wake()
+                return
+            prepared = None
+            if self.kernel is not None:
+                # Built, loaded and verified here: the capture thread only attaches it.
+                try:
+                    prepared = self.kernel.prepare(rules, nets or self.local.local_nets)
+                except (OSError, Untranslatable) as e:
+                    log(LOG_ERR, f"reload: eBPF program: {e}; keeping the running rules")
+                    self._wake()
+                    return
+            self.pending = (rules, nets, prepared)
         self._wake()                      # a SIGHUP that came meanwhile starts the next one
 
     def reloader_idle(self):
@@ -11719,15 +12108,20 @@ class Daemon:
 
     def apply_reload(self, done="reloaded"):
         """Capture thread, between blocks: adopt what the reload thread compiled."""
-        rules, nets = self.pending
+        rules, nets, prepared = self.pending
         self.pending = None
+        if self.kernel is not None and prepared is None:   # not from the reload thread
+            try:
+                prepared = self.kernel.prepare(rules, nets or self.local.local_nets)
+            except (OSError, Untranslatable) as e:
+                log(LOG_ERR, f"reload: eBPF program: {e}; keeping the running rules")
+                return
         if nets and nets != self.local.local_nets:
             self.local.set_local_nets(nets)
         log(LOG_INFO, f"{done}: {len(rules) if rules else 0} rules, {len(nets)} local networks")
         if self.kernel is not None:      # one program holds rules and networks: swap it whole
             try:
-                self.kernel.reload(self.ring.sock if self.ring else None, rules,
-                                   self.local.local_nets)
+                self.kernel.swap(self.ring.sock if self.ring else None, prepared)
             except (OSError, Untranslatable) as e:
                 log(LOG_ERR, f"reload: eBPF program: {e}; keeping the running rules")
                 return
@@ -11830,7 +12224,7 @@ class Daemon:
             log(LOG_ERR, f"{e}; no rules until a SIGHUP loads a good file")
             rules = None
         self.awaiting = False
-        self.pending = (rules, nets)
+        self.pending = (rules, nets, None)
         self.apply_reload(f"{self.ifname} appeared")
 
     def check_interface(self):
@@ -12088,36 +12482,41 @@ def build_capture(opts, ifname, awaiting, names, conn_write, http_write):
         procs.deliver = conns.refreshed.append
     http_stage = HttpRequests(opts.http_ports, http_write, names.name_of if names else None) \
         if opts.http else None
-    kernel, engine = choose_engine(opts, local, rules, remotes or conns)
+    kernel, engine = choose_engine(opts, local, rules, copy_plan(conns, http_stage),
+                                   prefilter, remotes)
     decoder = Decoder(local, [c for c in (remotes, conns, http_stage, rules if kernel is None else None)
-                              if c], vnet=None)                      # the ring will tell
+                              if c], vnet=None, counted=kernel is not None)   # the ring will tell
     return CaptureParts(decoder, rules, prefilter, remotes, conns, procs, http_stage, kernel,
                         engine)
 
 
-def ebpf_unsuitable(opts):
-    """Why the options need the classic path, or None."""
-    if opts.http:
-        return "--http reads whole frames in userspace"
-    if opts.prefilter:
-        return "-F is not translated yet"
+def copy_plan(conns, http_stage):
+    """What --engine ebpf copies of each frame for these stages (see CopyPlan); the
+    remote addresses are counted in the kernel (emit_remote): nothing copied for them."""
+    return CopyPlan(0, max(SNAPLEN_ACCOUNTING, conns.snaplen()) if conns else 0,
+                    tuple(http_stage.ports) if http_stage else ())
+
+
+def ebpf_unsuitable(prefilter):
+    """Why the options need the classic path, or None. prefilter: -F's kernel program."""
+    if prefilter is not None:
+        try:
+            emit_rule(Gen(), prefilter, "F", 0, gate=Label("dropped"))
+        except Untranslatable as e:
+            return f"-F uses what the eBPF translation lacks ({e})"
     return None
 
 
-def choose_engine(opts, local, rules, copies):
+def choose_engine(opts, local, rules, plan=CopyPlan(), prefilter=None, remotes=None):
     """The KernelAccounting for --engine ebpf (or auto where it can), else None (cbpf);
-    says which in the log. copies: a userspace stage still reads every frame's headers."""
-    why = ebpf_unsuitable(opts) if opts.engine != "cbpf" else "--engine cbpf"
-    if why is None and copies and opts.engine == "auto":
-        # Measured (make bench, system-wide CPU): with the headers of every frame copied
-        # for a userspace stage anyway, the program only adds its own cost (--remote:
-        # 870 ns/frame against the classic path's 650).
-        why = "--remote/--connections read every frame in userspace: cheaper on the classic path"
+    says which in the log. plan: what the userspace stages read of each frame;
+    prefilter: -F's kernel program; remotes: --remote's table, fed by the kernel."""
+    why = ebpf_unsuitable(prefilter) if opts.engine != "cbpf" else "--engine cbpf"
     if why is None:
         why = ebpf_available()
     kernel = None
     if why is None:
-        kernel = KernelAccounting(local, rules, SNAPLEN_ACCOUNTING if copies else 0)
+        kernel = KernelAccounting(local, rules, plan, prefilter, remotes)
         try:
             kernel.program_for(False, None)          # verified now, not at the first bind
         except Untranslatable as e:

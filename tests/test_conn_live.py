@@ -616,15 +616,15 @@ def open_phase(run, pair):
     return peers
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
+@pytest.fixture(scope="module", params=["cbpf", "auto"])   # auto: ebpf where it can
+def live(tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("conn")
     with netns.Pair() as pair:
         run = Run(pair, None, tmp / "conn.json", tmp / "veth-b.pcap")
         mid = midstream_start(run, pair)
         time.sleep(0.3)                              # every ACK sent: nothing in flight
         run.lpd = Lpd(pair, "--mapping-url", "none", "--interval", "1", "--conn-log",
-                      str(run.log_path), "--conn-timeout-udp", "2")
+                      str(run.log_path), "--conn-timeout-udp", "2", "--engine", request.param)
         dump = netns.start_tcpdump(pair.ns_b, pair.if_b, ["-U", "-w", str(run.pcap),
                                                           "--time-stamp-precision", "nano"])
         try:
@@ -975,10 +975,11 @@ def wire_flows(frames):
     return out
 
 
-def test_offloads_on_super_frames_count_as_wire_frames(tmp_path):
+@pytest.mark.parametrize("engine", ["cbpf", "auto"])   # auto: ebpf where it can
+def test_offloads_on_super_frames_count_as_wire_frames(tmp_path, engine):
     log_path, pcap = tmp_path / "conn.json", tmp_path / "gso.pcap"
     with netns.Pair(offloads=True) as pair:
-        lpd = Lpd(pair, "--mapping-url", "none", "--conn-log", str(log_path))
+        lpd = Lpd(pair, "--mapping-url", "none", "--conn-log", str(log_path), "--engine", engine)
         # 64 KB super-frames at full speed: a buffer that holds the whole transfer
         dump = netns.start_tcpdump(pair.ns_b, pair.if_b, ["-U", "-B", "65536", "-w", str(pcap)])
         srv = listen(pair, pair.ns_a, pair.ip4_a, 7200)

@@ -652,8 +652,8 @@ HTTP_GET = ("import sys, urllib.request;"
             "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())")
 
 
-# Every stage each engine takes (ebpf refuses --http: it reads whole frames).
-STAGES = {"ebpf": "--remote -t 0 --connections",
+# Every stage, under each engine.
+STAGES = {"ebpf": "--remote -t 0 --connections --http",
           "cbpf": "--remote -t 0 --connections --http"}
 
 

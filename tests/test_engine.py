@@ -260,6 +260,139 @@ def test_kernel_tables_keep_busy_hosts_exact_and_let_newcomers_in_under_a_flood(
         os.sched_setaffinity(0, cpus)
 
 
+def test_a_reload_builds_and_verifies_off_the_capture_thread(monkeypatch):
+    """KernelAccounting.prepare (the reload thread) builds, loads and verifies the new
+    program; swap (the capture thread) only attaches it and carries the counts: no
+    build_program or BPF_PROG_LOAD on the capture thread. The reload thread's
+    Daemon._compile_reload hands it over in `pending`."""
+    import threading
+    import types
+    local = lpd.LocalAddresses(FLOOD_NETS)
+    rules = lpd.RuleCounter(lpd.parse_filter_text("udp;udp\nbig;greater 150\n", "t", None))
+    kernel = lpd.KernelAccounting(local, rules)
+    try:
+        fd = kernel.program_for(False, None)
+        frame = frame_from("10.0.0.1", 200)
+        lpd.test_run(fd, frame)
+        new = lpd.RuleCounter(lpd.parse_filter_text("big;greater 150\nsmall;less 100\n", "t", None))
+        where = []
+        real_build = lpd.build_program
+
+        def build(*args, **kw):
+            where.append(threading.current_thread().name)
+            return real_build(*args, **kw)
+        monkeypatch.setattr(lpd, "build_program", build)
+        daemon = types.SimpleNamespace(geo=None, opts=types.SimpleNamespace(local_nets=FLOOD_NETS),
+                                       ifname="x", kernel=kernel, local=local, pending=None,
+                                       _wake=lambda: None)
+        monkeypatch.setattr(lpd, "load_rules", lambda opts, ifname: new)
+        t = threading.Thread(target=lpd.Daemon._compile_reload, args=(daemon,), name="reload")
+        t.start()
+        t.join(60)
+        assert where == ["reload"]
+        got_rules, nets, prepared = daemon.pending
+        assert got_rules is new and prepared.program.fd > 0
+        assert kernel.program.fd == fd                      # nothing swapped yet
+        lpd.test_run(fd, frame)                             # still the old program's
+        monkeypatch.setattr(lpd, "build_program", None)     # the capture thread cannot build
+        monkeypatch.setattr(lpd, "load_program", None)
+        kernel.swap(None, prepared)
+        assert kernel.program is prepared.program and kernel.rules is new
+        lpd.test_run(kernel.program.fd, frame)
+        time.sleep(lpd.EBPF_RETIRE_AFTER)
+        kernel.sync()
+        size = len(frame)
+        assert kernel.rule_snapshot().rows == (("big", 3 * size, 3), ("small", 0, 0))
+    finally:
+        kernel.close()
+
+
+REMOTE_MAX = 32
+
+
+def remote_engines(frames_per_tick):
+    """The same frames, tick by tick, through the kernel program (BPF_PROG_TEST_RUN,
+    KernelAccounting feeding RemoteAddresses) and the classic Decoder's RemoteAddresses:
+    (kernel remotes, classic remotes, true bytes per remote key)."""
+    klocal = lpd.LocalAddresses(FLOOD_NETS)
+    kremotes = lpd.RemoteAddresses(REMOTE_MAX)
+    kernel = lpd.KernelAccounting(klocal, None, remotes=kremotes)
+    fd = kernel.program_for(False, None)
+    ulocal = lpd.LocalAddresses(FLOOD_NETS)
+    uremotes = lpd.RemoteAddresses(REMOTE_MAX)
+    dec = lpd.Decoder(ulocal, [uremotes])
+    true = {}
+    try:
+        for now, frames in enumerate(frames_per_tick):
+            for f in frames:
+                lpd.test_run(fd, f)
+            for block in lpd.frames_to_blocks([lpd.SynthFrame(f, len(f)) for f in frames]):
+                dec.process_block(block, 0)
+            kernel.sync()
+            for local, remotes in ((klocal, kremotes), (ulocal, uremotes)):
+                local.tick(float(now))
+                remotes.tick(float(now))
+            kernel.expire()
+        for block in lpd.frames_to_blocks([lpd.SynthFrame(f, len(f))
+                                           for frames in frames_per_tick for f in frames]):
+            counter = lpd.RemoteAddresses(1 << 20)          # big enough: exact per remote
+            lpd.Decoder(lpd.LocalAddresses(FLOOD_NETS), [counter]).process_block(block, 0)
+            for key, e in counter.table.items():
+                true[key] = true.get(key, 0) + e[lpd.TX_BYTES] + e[lpd.RX_BYTES]
+        return kremotes.snapshot(), uremotes.snapshot(), true
+    finally:
+        kernel.close()
+
+
+def to_remote(src, size, dst):
+    return netns.udp_frame(netns.MAC_A, netns.MAC_B, src, dst, size)
+
+
+def test_kernel_remotes_equal_the_classic_table_while_they_fit():
+    """--remote under ebpf: the program counts the remote end of every frame with one
+    local end in its map; drained at each tick into RemoteAddresses they give the
+    classic path's rows and exact totals (both directions, both families)."""
+    ticks = []
+    for t in range(3):
+        frames = []
+        for i in range(REMOTE_MAX // 2):
+            frames.append(to_remote("10.0.0.1", 100 + i + t, f"192.0.2.{i + 1}"))
+            frames.append(to_remote(f"192.0.2.{i + 1}", 300, "10.0.0.2"))
+        frames += [to_remote("fd00::1", 500, "2001:db8::7"), to_remote("10.0.0.1", 80, "10.0.0.9"),
+                   to_remote("192.0.2.1", 90, "198.51.100.1")]          # local-local, remote-remote
+        ticks.append(frames)
+    k, u, _ = remote_engines(ticks)
+    assert k.totals == u.totals and k.totals[lpd.TX_PACKETS] == 3 * (REMOTE_MAX // 2 + 1)
+    assert sorted(k.rows) == sorted(u.rows) and len(k.rows) == REMOTE_MAX // 2 + 1
+    assert k.floor == u.floor == 0
+
+
+def test_kernel_remotes_keep_exact_totals_and_true_bounds_under_a_flood(monkeypatch):
+    """More remotes an interval than the map holds: the totals stay exact, what found no
+    room widens every bound instead of vanishing (exported <= true <= exported + error
+    for every tracked remote, true <= floor for every other), and a heavy remote stays."""
+    monkeypatch.setattr(lpd, "REMOTE_MAP_MIN", 0)          # a map of REMOTE_MAX entries
+    heavy = "198.51.100.77"
+    ticks = []
+    for t in range(3):
+        frames = [to_remote("10.0.0.1", 1400, heavy) for _ in range(3)]      # first in the map
+        frames += [to_remote(f"203.0.{t}.{i}", 64, "10.0.0.2") for i in range(1, 4 * REMOTE_MAX)]
+        ticks.append(frames)
+    k, u, true = remote_engines(ticks)
+    assert k.totals == u.totals
+    rows = {key: row for (_, key), *row in k.rows}
+    assert len(rows) <= lpd.REMOTE_TRIM_FACTOR * REMOTE_MAX and k.floor > 0
+    for key, bytes_ in true.items():
+        row = rows.get(key)
+        if row is None:
+            assert bytes_ <= k.floor, key
+        else:
+            exported = row[lpd.TX_BYTES] + row[lpd.RX_BYTES]
+            assert exported <= bytes_ <= exported + row[lpd.REMOTE_WEIGHT], (key, row, bytes_)
+    h = int(ipaddress.ip_address(heavy))
+    assert rows[h][lpd.TX_BYTES] == 3 * 3 * 1400
+
+
 def test_protochain_is_refused_not_mistranslated():
     with pytest.raises(lpd.Untranslatable):
         lpd.emit_rule(lpd.Gen(), lpd.compile_filter("ip protochain 6"), 0, 0)
@@ -424,28 +557,221 @@ def test_interface_loss_keeps_the_kernel_counts(both):
     assert delta["ebpf"][key] == netns.frame_len(300)
 
 
+# --- every stage on: the same numbers from both engines ------------------------------
+
+STAGE_PORTS = {"cbpf": 59156, "auto": 59157}
+
+
+@pytest.fixture(scope="module")
+def staged():
+    """A cbpf lpd and an auto (ebpf) lpd with every stage on (-f, --remote, --connections,
+    --http) on the same veth at once: the same frames, so every number, conn.log and
+    http.log record must be the same."""
+    import tempfile
+    import test_workers as tw
+    with tempfile.TemporaryDirectory() as tmp, netns.Pair() as pair:
+        server = pair.popen(pair.ns_a, [sys.executable, "-c", tw.SERVER, str(tw.HTTP_PORT)])
+        assert wait_for(lambda: tw._up(pair), 10), "HTTP server did not start"
+        rules = os.path.join(tmp, "rules")
+        with open(rules, "w") as f:
+            f.write(tw.RULES)
+        lpds, out = {}, {}
+        try:
+            for e, port in STAGE_PORTS.items():
+                lpds[e] = Instance(
+                    pair, port, "--engine", e, "--mapping-url", "none", "--interval", "0.5",
+                    "-f", rules, "-u", os.path.join(tmp, f"rules-{e}.sock"), "--remote", "-t", "0",
+                    "--local-net", "10.199.0.2/32", "--local-net", "fd00:199::2/128",
+                    "--conn-log", os.path.join(tmp, f"conn-{e}"),
+                    "--http-log", os.path.join(tmp, f"http-{e}"), "--http-ports", str(tw.HTTP_PORT))
+            time.sleep(0.5)                  # both rings bound before the first frame
+            tw.traffic(pair)
+            inject_odd_frames(pair)
+            time.sleep(1.5)
+            for e, x in lpds.items():
+                out[e] = {"socket": parse_lines(read_socket(os.path.join(tmp, f"rules-{e}.sock"))),
+                          "all": metrics(pair, port=STAGE_PORTS[e]), "stderr": x.stderr()}
+        finally:
+            codes = {e: x.stop() for e, x in lpds.items()}
+            netns.stop(server)
+        for e, x in lpds.items():
+            assert codes[e] == 0, x.stderr()
+            out[e]["metrics"] = tw.comparable(out[e]["all"])
+            out[e]["conns"] = sorted(json.dumps(tw.strip_conn(r), sort_keys=True)
+                                     for r in tw.read_log(os.path.join(tmp, f"conn-{e}")))
+            out[e]["http"] = sorted(json.dumps(tw.strip_http(r), sort_keys=True)
+                                    for r in tw.read_log(os.path.join(tmp, f"http-{e}")))
+        yield out
+
+
+def test_every_stage_on_ebpf_counts_what_cbpf_counts(staged):
+    """`lpd --http --remote --connections -f rules` runs on ebpf under auto, with the
+    numbers, the conn.log and the http.log of the classic path."""
+    assert "(engine ebpf)" in staged["auto"]["stderr"], staged["auto"]["stderr"]
+    engines = {e: [dict(k[1])["engine"] for k in staged[e]["all"] if k[0] == "lpd_build_info"]
+               for e in staged}
+    assert engines == {"cbpf": ["cbpf"], "auto": ["ebpf"]}
+    one, two = staged["cbpf"]["metrics"], staged["auto"]["metrics"]
+    assert one and set(one) == set(two)
+    diff = {k: (one[k], two[k]) for k in one if one[k] != two[k]}
+    assert not diff, diff
+    for prefix in ("lpd_receive_bytes_total", "lpd_rule_bytes_total", "lpd_remote_",
+                   "lpd_connections", "http_server_request_duration_seconds_count"):
+        assert sum(v for k, v in one.items() if k[0].startswith(prefix)) > 0, prefix
+    assert staged["cbpf"]["socket"] == staged["auto"]["socket"]
+    assert staged["cbpf"]["conns"] == staged["auto"]["conns"] and len(staged["cbpf"]["conns"]) > 20
+    assert any('"conn_state": "SF"' in c for c in staged["auto"]["conns"])
+    assert staged["cbpf"]["http"] == staged["auto"]["http"] and len(staged["cbpf"]["http"]) == 6
+
+
+def test_ebpf_copies_each_frame_as_far_as_a_stage_reads_it():
+    """The program's copy length per frame (BPF_PROG_TEST_RUN on the corpus and the edge
+    frames) is copy_length()'s, and it serves the stages: every frame parse_l4 reads
+    gets at least the connection stage's snapshot, every TCP frame of an HTTP port
+    comes whole, and frames no stage reads are not copied."""
+    rng = random.Random(24)
+    frames = corpus_frames() + edge_frames(rng)
+    maps = lpd.make_maps(0)
+    conn_len = lpd.Connections().snaplen()
+    ports = (80, 8080)
+    try:
+        for plan in (lpd.CopyPlan(0, conn_len, ()), lpd.CopyPlan(0, 0, ports),
+                     lpd.CopyPlan(lpd.SNAPLEN_ACCOUNTING, conn_len, ports)):
+            image, labels = lpd.build_program(maps, DIFF_NETS, [], verdict=plan)
+            prog = lpd.Program(image, labels, name="lpd_copy")
+            seen = {}
+            for data in frames:
+                got, _ = lpd.test_run(prog.fd, data)
+                assert got == lpd.copy_length(plan, data[:lpd.VIEW_DATA]), (plan, data.hex())
+                seen[got] = seen.get(got, 0) + 1
+                f = lpd.parse_l4(data)
+                if f is not None and f[0] == lpd.IP_FRAGMENT and \
+                        f[4] not in (lpd.IPPROTO_TCP, lpd.IPPROTO_UDP):
+                    f = None                 # no connection has it (Connections.fragment)
+                if plan.l4 and f is not None:
+                    assert got >= conn_len, data.hex()
+                if plan.ports and f is not None and f[0] == lpd.IPPROTO_TCP and \
+                        (f[3] in ports or f[4] in ports):
+                    assert got == lpd.SNAPLEN_FULL, data.hex()
+            prog.close()
+            assert seen.get(plan.every, 0) > 1000, seen          # most frames: not (or less) copied
+            assert len(seen) >= 2, seen
+    finally:
+        for m in maps.values():
+            m.close()
+
+
+PREFILTERS = ("udp", "tcp port 80 or arp", "vlan and udp", "ip6 and len > 100",
+              "ip[9] = 17 and ip[6:2] & 0x1fff = 0", "tcp[tcpflags] & tcp-syn != 0",
+              "ether broadcast or ether multicast", "ip[200] = 0 or icmp6", "greater 1400")
+
+
+@pytest.mark.parametrize("expr", PREFILTERS)
+def test_the_prefilter_gates_the_program_as_the_classic_filter_gates_the_ring(expr):
+    """-F under ebpf: its kernel program (compile_filter kernel=True) translated as the
+    program's gate. On every corpus and edge frame (BPF_PROG_TEST_RUN) the program
+    copies nothing of a frame -F rejects and counts only what it accepts: the
+    interface totals are the Decoder's on the frames the classic filter lets through."""
+    rng = random.Random(expr)
+    frames = [(d, rng.choice(PKTTYPES)) for d in corpus_frames() + edge_frames(rng)]
+    prefilter = lpd.compile_filter(expr, kernel=True)
+    maps = lpd.make_maps(0)
+    try:
+        image, labels = lpd.build_program(maps, DIFF_NETS, [], verdict=lpd.SNAPLEN_ACCOUNTING,
+                                          prefilter=prefilter)
+        prog = lpd.Program(image, labels, name="lpd_gate")
+        passed, wrong = [], []
+        for data, pt in frames:
+            want = lpd.bpf_interpret(prefilter, data, len(data), pt) != 0
+            got, _ = lpd.test_run(prog.fd, data, pt)
+            if (got == lpd.SNAPLEN_ACCOUNTING) != want or got not in (0, lpd.SNAPLEN_ACCOUNTING):
+                wrong.append((len(data), pt, want, got))
+            if want:
+                passed.append((data, pt))
+        prog.close()
+        assert not wrong, wrong[:10]
+        assert 0 < len(passed) < len(frames)
+        iface, addrs, _ = lpd.read_counters(maps)
+        totals, malformed, uaddrs = userspace(passed, DIFF_NETS)
+        assert [iface[f] for f in lpd.IFACE_FIELDS[:4]] == totals
+        assert {r: iface["malformed_" + r] for r in lpd.MALFORMED_REASONS} == malformed
+        assert addrs == uaddrs
+    finally:
+        for m in maps.values():
+            m.close()
+
+
+def test_an_untranslatable_prefilter_keeps_the_classic_path():
+    """A kernel program has no backward jump (the compiler refuses protochain for the
+    kernel), but a program the translation refuses would fall back with one line: a
+    userspace protochain program stands in for one."""
+    assert lpd.ebpf_unsuitable(None) is None
+    assert lpd.ebpf_unsuitable(lpd.compile_filter("udp", kernel=True)) is None
+    why = lpd.ebpf_unsuitable(lpd.compile_filter("ip6 protochain 17"))
+    assert why.startswith("-F uses what the eBPF translation lacks") and "\n" not in why
+
+
+class Remotes(lpd.Consumer):
+    """What the decoder hands the remote stage."""
+    wants = frozenset((lpd.WANT_REMOTE,))
+
+    def __init__(self):
+        self.tx, self.rx = [], []
+
+    def consume(self, batch):
+        self.tx += batch.remote_tx
+        self.rx += batch.remote_rx
+
+
+def test_frames_the_kernel_counted_are_read_not_counted_again():
+    """Decoder(counted=True), the ebpf engine's decoder of copied frames: the classic
+    decoder hands the remote stage its remotes and admits the local addresses; this
+    one neither (the kernel counted both; a flood's addresses are not admitted by the
+    back door), and its stages still get the frames."""
+    rng = random.Random(5)
+    frames = [(d, rng.choice(PKTTYPES)) for d in corpus_frames() + edge_frames(rng)]
+    blocks = list(lpd.frames_to_blocks([lpd.SynthFrame(d[:lpd.SNAPLEN_ACCOUNTING], len(d), pt)
+                                        for d, pt in frames]))
+    out = {}
+    for counted in (False, True):
+        local, remotes, rules = lpd.LocalAddresses(DIFF_NETS), Remotes(), \
+            lpd.RuleCounter(lpd.parse_filter_text("udp;udp\n", "t", None))
+        dec = lpd.Decoder(local, [remotes, rules], counted=counted)
+        for block in blocks:
+            dec.process_block(block, 0)
+        out[counted] = (local, remotes, rules.snapshot().rows)
+    (classic, want, urules), (kernel, got, krules) = out[False], out[True]
+    assert classic.tracked() > 50 and len(want.tx) + len(want.rx) > 500
+    assert got.tx == got.rx == [] and kernel.tracked() == 0
+    assert urules == krules and urules[0][2] > 100
+
+
 def test_engine_choice_is_said(tmp_path):
     with netns.Pair() as pair:
-        http = Instance(pair, 59152, "--mapping-url", "none", "--http")
+        http = Instance(pair, 59152, "--mapping-url", "none", "--http", "--connections")
         auto = Instance(pair, 59153, "--mapping-url", "none")
         remote = Instance(pair, 59154, "--mapping-url", "none", "--remote",
                           "--local-net", "10.199.0.2/32")
-        forced = Instance(pair, 59155, "--mapping-url", "none", "--remote", "--engine", "ebpf",
-                          "--local-net", "10.199.0.2/32")
+        cbpf = Instance(pair, 59155, "--mapping-url", "none", "--remote", "--engine", "cbpf",
+                        "--local-net", "10.199.0.2/32")
         try:
-            assert "(engine cbpf: --http reads whole frames" in http.stderr()
+            # auto takes ebpf whatever stages are on: they get their frames copied
+            assert "(engine ebpf)" in http.stderr()
             assert "(engine ebpf)" in auto.stderr()
-            assert "(engine cbpf: --remote/--connections" in remote.stderr()
-            # asked for, ebpf counts and still hands the remote stage every frame's headers
+            assert "(engine ebpf)" in remote.stderr()
+            assert "(engine cbpf: --engine cbpf)" in cbpf.stderr()
             pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [100] * 3)
             key = ("lpd_remote_receive_packets_total", frozenset({("nic", pair.if_b)}))
             assert wait_for(lambda: metrics(pair, port=59155).get(key) == 3, 5)
             assert wait_for(lambda: metrics(pair, port=59154).get(key) == 3, 5)
         finally:
-            for x in (http, auto, remote, forced):
+            for x in (http, auto, remote, cbpf):
                 x.stop()
+        chain = tmp_path / "chain.filters"
+        chain.write_text("chain;ip6 protochain 17\n")          # loops backwards: untranslatable
         p = pair.popen(pair.ns_b, [sys.executable, LPD, "-i", pair.if_b, "--engine", "ebpf",
-                                   "--http", "--mapping-url", "none"],
+                                   "-f", str(chain), "-u", str(tmp_path / "chain.sock"),
+                                   "--mapping-url", "none"],
                        stderr=subprocess.PIPE, text=True)
         _, err = p.communicate(timeout=30)
         assert p.returncode == 78 and err.count("\n") == 1 and "--engine ebpf" in err, err

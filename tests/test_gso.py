@@ -55,11 +55,14 @@ def tcp_stats(pair, ns):
     return dict(zip(lines[0][1:], map(int, lines[1][1:])))
 
 
-def transfer(offloads):
-    """One TCP transfer A -> B with lpd on B: what lpd counted, and what A's TCP sent."""
+def transfer(offloads, engine):
+    """One TCP transfer A -> B with lpd on B: what lpd counted, and what A's TCP sent.
+    --connections: the ring then gets every TCP frame under either engine, which the
+    super-frame check reads (lpd_capture_packets_total)."""
     with netns.Pair(offloads=offloads) as pair:
-        # cbpf: this test reads what the ring handed over (test_engine compares the engines)
-        lpd = Lpd(pair, "--engine", "cbpf", "--mapping-url", "none", "--local-net", f"{pair.ip4_b}/32")
+        lpd = Lpd(pair, "--engine", engine, "--mapping-url", "none", "--local-net", f"{pair.ip4_b}/32",
+                  "--connections")
+        assert f"(engine {'cbpf' if engine == 'cbpf' else 'ebpf'}" in lpd.stderr(), lpd.stderr()
         pair.settle()
         before = tcp_stats(pair, pair.ns_a)
         server = pair.popen(pair.ns_b, [sys.executable, "-c", SERVER, pair.ip4_b, str(PORT)],
@@ -92,8 +95,9 @@ def transfer(offloads):
         return got
 
 
-def test_offloads_on_and_off_count_the_same_transfer():
-    off, on = transfer(False), transfer(True)
+@pytest.mark.parametrize("engine", ["cbpf", "auto"])   # auto: ebpf where it can
+def test_offloads_on_and_off_count_the_same_transfer(engine):
+    off, on = transfer(False, engine), transfer(True, engine)
     assert off["gso"] == 0 and on["gso"] > 0 and on["unsplit"] == 0, (off, on)
     assert on["frames"] < off["frames"] / 5, (off, on)       # super-frames did arrive
     for run in (off, on):

@@ -466,13 +466,16 @@ VIEWS = {"all": "/api/requests",
          "limit=x": "/api/requests?limit=x"}
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["offloads-off", "offloads-on"])
+# auto: ebpf where it can (its program copies the HTTP ports' frames whole)
+@pytest.fixture(scope="module", params=[(False, "cbpf"), (True, "cbpf"), (False, "auto"), (True, "auto")],
+                ids=["offloads-off-cbpf", "offloads-on-cbpf", "offloads-off-auto", "offloads-on-auto"])
 def http_run(request):
-    with tempfile.TemporaryDirectory() as tmp, netns.Pair(offloads=request.param) as pair:
+    offloads, engine = request.param
+    with tempfile.TemporaryDirectory() as tmp, netns.Pair(offloads=offloads) as pair:
         log_path = Path(tmp) / "http.json"
-        run = Run(pair, request.param, log_path)
+        run = Run(pair, offloads, log_path)
         lpd = Lpd(pair, "--mapping-url", "none", "--http", "--http-log", str(log_path),
-                  "--interval", str(INTERVAL))
+                  "--interval", str(INTERVAL), "--engine", engine)
         start_server(pair)
         for name, scenario in SCENARIOS.items():
             t0 = time.time()

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import geoip_db
 import netns
-from test_daemon import LPD, PORT, Lpd, metrics, pair, value, wait_for  # noqa: F401 (pair: fixture)
+from test_daemon import LPD, PORT, Lpd, both_engines, metrics, pair, value, wait_for  # noqa: F401 (pair: fixture)
 
 # Remote addresses: documentation ranges, configured only inside the test namespaces.
 R4 = "198.51.100.7"         # United States / California / Mountain View; Example Transit, AS64500
@@ -36,6 +36,11 @@ DURATION_PORT = PORT + 5     # lpd --duration's own metrics port (inside the nam
 PING4_FRAME = 14 + 20 + 8 + 56      # ping's default 56 data bytes
 PING6_FRAME = 14 + 40 + 8 + 56
 OTHER_MAC = "02:00:0a:c7:00:99"     # neither end's
+
+
+@pytest.fixture(autouse=True, params=["cbpf", "auto"])   # auto: ebpf where it can
+def engine(request, monkeypatch):
+    return both_engines(request, monkeypatch)
 
 
 def add_remotes(pair, addrs):
