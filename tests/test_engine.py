@@ -284,8 +284,8 @@ def test_a_reload_builds_and_verifies_off_the_capture_thread(monkeypatch):
         monkeypatch.setattr(lpd, "build_program", build)
         daemon = types.SimpleNamespace(geo=None, opts=types.SimpleNamespace(local_nets=FLOOD_NETS),
                                        ifname="x", kernel=kernel, local=local, pending=None,
-                                       _wake=lambda: None)
-        monkeypatch.setattr(lpd, "load_rules", lambda opts, ifname: new)
+                                       awaiting=False, _wake=lambda: None)
+        monkeypatch.setattr(lpd, "load_rules", lambda opts, ifname, awaiting=False: new)
         t = threading.Thread(target=lpd.Daemon._compile_reload, args=(daemon,), name="reload")
         t.start()
         t.join(60)

@@ -278,7 +278,7 @@ def test_widening_reload_lets_frames_cut_short_drain_through_the_old_rules():
     whole = udp4("10.0.0.1", "10.0.0.2", b"\x42" * 400)
     cut = whole[:d.decoder.snaplen()]               # what the old kernel program copied
     new = rules("all;ip\nbig;ether[300] = 0x42\n")
-    d.pending = (new, [NET])
+    d.pending = (new, [NET], None)
     d.apply_reload()
     assert ring.programs == [lpd.kernel_program(None, new.snaplen())] and new.snaplen() >= 301
     assert d.rules is old and d.widening is not None        # widened, not yet swapped
@@ -296,7 +296,7 @@ def test_narrowing_reload_swaps_first_then_narrows_the_kernel_program():
     d = daemon(old)
     ring = d.ring = FakeRing(queued=3)
     wide = d.decoder.snaplen()
-    d.pending = (rules("all;ip\n"), [NET])
+    d.pending = (rules("all;ip\n"), [NET], None)
     d.apply_reload()
     assert d.widening is None and d.rules.ids == ("all",)
     assert ring.programs == [lpd.kernel_program(None, lpd.SNAPLEN_ACCOUNTING)]
@@ -306,7 +306,7 @@ def test_narrowing_reload_swaps_first_then_narrows_the_kernel_program():
 def test_widening_ends_by_deadline_when_the_kernel_block_stays_empty():
     d = daemon(rules("all;ip\n"))
     d.ring = FakeRing(queued=1)                    # nothing queued, the kernel's block empty
-    d.pending = (rules("big;ether[300] = 1\n"), [NET])
+    d.pending = (rules("big;ether[300] = 1\n"), [NET], None)
     d.apply_reload()
     assert d.widening is not None and d.widen_blocks == 1
     time.sleep(lpd.WIDEN_DRAIN_SECONDS + 0.01)
@@ -320,7 +320,7 @@ def test_reload_compiles_off_the_capture_thread(monkeypatch, tmp_path):
     started, release = threading.Event(), threading.Event()
     slow = rules("all;ip\n")
 
-    def load(path, ifname):
+    def load(opts, ifname, awaiting=False):
         started.set()
         release.wait(5)
         return slow
@@ -348,12 +348,12 @@ def test_a_widening_the_kernel_refuses_keeps_the_running_rules():
     def refuse(prog):
         raise OSError(12, "Cannot allocate memory")
     ring.attach = refuse
-    d.pending = (rules("big;ether[300] = 1\n"), [NET])
+    d.pending = (rules("big;ether[300] = 1\n"), [NET], None)
     d.apply_reload()
     assert d.rules is old and d.widening is None
     assert d.decoder.snaplen() == lpd.SNAPLEN_ACCOUNTING     # still what the kernel copies
     ring.attach = ring.programs.append                       # the next reload tries again
-    d.pending = (rules("big;ether[300] = 1\n"), [NET])
+    d.pending = (rules("big;ether[300] = 1\n"), [NET], None)
     d.apply_reload()
     assert d.widening is not None and len(ring.programs) == 1
 
