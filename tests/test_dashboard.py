@@ -29,6 +29,8 @@ import sys
 import time
 import urllib.parse
 
+import pytest
+
 import geoip_db
 import netns
 from test_daemon import MAPPING_SERVER, PORT, Lpd, metrics, pair, wait_for  # noqa: F401 (pair: fixture)
@@ -248,7 +250,7 @@ EXPECT = {
     ("Drop share", "A"): rows(({"nic": IF_B}, ZERO)),
     ("Local addresses", "A"): rows(({}, between(2, 2))),
     ("Mapping age", "A"): rows(({}, between(0, 5))),
-    ("Version and engine", "A"): rows(({"engine": "cbpf"}, between(1, 1))),
+    ("Version and engine", "A"): rows(({"engine": "ebpf"}, between(1, 1))),   # auto's choice
     ("Received per address", "A"): rows(({"local_ip": B4, "nic": "eth1"}, near(UDP_BPS)),
                                         ({"local_ip": B6, "nic": "eth0"}, small(UDP_BPS))),
     ("Sent per address", "A"): rows(({"local_ip": B4}, ZERO), ({"local_ip": B6}, small(UDP_BPS))),
@@ -428,8 +430,12 @@ def check(title, ref, result, expectation):
         assert not missing, f"{title} {ref}: no series for {missing}"
 
 
-def test_every_dashboard_query_on_a_real_prometheus(pair, tmp_path):
+@pytest.mark.parametrize("engine", ["cbpf", "auto"])      # auto: ebpf, every stage on
+def test_every_dashboard_query_on_a_real_prometheus(pair, tmp_path, engine):
     dash = dashboard()
+    expect = dict(EXPECT)
+    expect[("Version and engine", "A")] = rows(
+        ({"engine": "cbpf" if engine == "cbpf" else "ebpf"}, between(1, 1)))
     city = geoip_db.write_city(tmp_path / "city.mmdb")
     isp = geoip_db.write_isp(tmp_path / "isp.mmdb")
     add_remotes(pair, [REMOTE])
@@ -442,7 +448,7 @@ def test_every_dashboard_query_on_a_real_prometheus(pair, tmp_path):
               "--mapping-interval", "1", "--local-net", f"{B4}/32", "--local-net", f"{B6}/128",
               "-g", str(city), "--geoip-isp-db", str(isp), "-t", "0", "--connections",
               "--http", "--http-ports", str(HTTP_PORT), "-f", str(tmp_path / "rules"),
-              "--interval", LPD_INTERVAL, "--docker-socket", "none")
+              "--interval", LPD_INTERVAL, "--docker-socket", "none", "--engine", engine)
     prom = Prometheus(pair, tmp_path)
     assert wait_for(lambda: prom.api("query", query=f'up{{instance="{INSTANCE}"}}')["result"], 20, 0.5), \
         f"no scrape of lpd: {prom.output()}"
@@ -474,7 +480,7 @@ def test_every_dashboard_query_on_a_real_prometheus(pair, tmp_path):
         data = prom.api("query_range", query=substitute(expr, variables), start=f"{start:.3f}",
                         end=f"{end:.3f}", step="1")
         try:
-            check(title, ref, data["result"], EXPECT[(title, ref)])
+            check(title, ref, data["result"], expect[(title, ref)])
         except AssertionError as e:
             failures.append(str(e))
 
