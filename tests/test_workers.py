@@ -211,8 +211,12 @@ def test_a_killed_worker_is_replaced_and_nothing_outlives_the_parent(pair):
         assert wait_for(lambda: metrics(pair).get(key) == 40, 5)
         kids = children(lpd.proc.pid)
         assert "worker 0" in lpd.stderr() and "restarting" in lpd.stderr()
-        lpd.proc.send_signal(signal.SIGUSR1)         # the parent's status line: the sums
-        assert wait_for(lambda: "status: veth-b up, 2 workers, " in lpd.stderr(), 5), lpd.stderr()
+        # The parent's status line, the sums: asked until the new worker's first
+        # publication is in it (an eBPF worker takes a moment to build its program).
+        def status_of_both():
+            lpd.proc.send_signal(signal.SIGUSR1)
+            return wait_for(lambda: "status: veth-b up, 2 workers, " in lpd.stderr(), 0.5)
+        assert wait_for(status_of_both, 10), lpd.stderr()
     finally:
         code = lpd.stop()
     assert code == 0
