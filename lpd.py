@@ -6280,11 +6280,15 @@ class _End:
         return max(size, 0)
 
 
+# Connection.offloaded: which of its directions the kernel counts (FlowOffload).
+OFFLOAD_ORIG, OFFLOAD_RESP = 1, 2
+
+
 class Connection:
     """One connection: its originator and responder ends and its history."""
     __slots__ = ("key", "proto", "orig_h", "orig_p", "resp_h", "resp_p", "o", "r", "history",
                  "seen", "first", "last", "midstream", "live", "pid", "comm", "timer", "attempt",
-                 "half_open")
+                 "half_open", "offloaded")
 
     def __init__(self, key, proto, src, sport, dst, dport, ts):
         self.key, self.proto = key, proto
@@ -6298,6 +6302,7 @@ class Connection:
         self.timer = 0                               # the seq of its armed heap entry; 0: none
         self.attempt = False                         # that entry is the attempt timer
         self.half_open = False
+        self.offloaded = 0                           # OFFLOAD_ORIG | OFFLOAD_RESP: counted in the kernel
 
     def flip(self):
         """Zeek's FlipRoles: the ends and addresses swap, the history's seen-bits do not."""
@@ -6445,6 +6450,11 @@ class Connections(Consumer):
 
     `finished(record)` receives every finished connection's conn.log record;
     `wants_process(conn)` (optional) is told of each new one, for pid and comm.
+    `offload` (set by the eBPF engine: FlowOffload) takes a UDP direction on its second
+    frame, to count it in the kernel from then on: take(c, is_orig, src, dst, sport,
+    dport), refresh(c) (True when the kernel counted more since), release(c) (the
+    kernel's last counts, before c's record); it reports what it counted through
+    credited(c).
     """
     name = "connections"
     wants = frozenset((WANT_RAW, WANT_TS))
@@ -6472,6 +6482,7 @@ class Connections(Consumer):
         self.refreshed = collections.deque()          # conns given a pid by another thread
         self.fragments = {}                           # (src, dst, IPv4 id, proto) -> conn key
         self.now = 0.0
+        self.offload = None
 
     def snaplen(self):
         return CONN_SNAPLEN
@@ -6515,6 +6526,9 @@ class Connections(Consumer):
             if e.state == TCP_INACTIVE:
                 e.set_state(UDP_ACTIVE)
                 c.check(HIST_DATA, "D", is_orig)
+            elif self.offload is not None and \
+                    not c.offloaded & (OFFLOAD_ORIG if is_orig else OFFLOAD_RESP):
+                self.offload.take(c, is_orig, src, dst, sport, dport)
             e.udp_bytes += plen
             c.last = ts
         # the counts follow the roles as they are after this frame (a flip moves them)
@@ -6765,6 +6779,9 @@ class Connections(Consumer):
                 if c.last + timeout > now:
                     break
                 budget -= 1
+                if c.offloaded and self.offload.refresh(c) and c.last + timeout > now:
+                    self.credited(c)               # the kernel counted it since the tick
+                    continue
                 self.finish(c)
         self.behind = not budget
         if not budget:
@@ -6789,8 +6806,23 @@ class Connections(Consumer):
         self.evictions[reason] += 1
         self.finish(c)
 
+    def credited(self, c):
+        """The offload counted frames of c: what packet() does for a frame besides the
+        counts (its place among the active, answered or not, a row to publish)."""
+        key = c.key
+        if c.half_open:
+            if c.r.pkts and c.o.pkts:
+                c.half_open = False
+                self.half_open.pop(key, None)
+            else:
+                self.half_open.move_to_end(key)
+        self.activity[c.proto].move_to_end(key)
+        self.touched.add(key)
+
     def finish(self, c):
         """A connection ends: its state counted, its record logged, its entry gone."""
+        if c.offloaded:
+            self.offload.release(c)
         self._disarm(c)
         del self.table[c.key]
         self.activity[c.proto].pop(c.key, None)
@@ -8022,7 +8054,7 @@ NR_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "i686": 357, "riscv64": 
     os.uname().machine, 321)
 BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 0, 1, 2, 3
 BPF_MAP_GET_NEXT_KEY, BPF_PROG_LOAD, BPF_PROG_TEST_RUN, BPF_OBJ_GET_INFO_BY_FD = 4, 5, 10, 15
-BPF_MAP_LOOKUP_BATCH, BPF_ENABLE_STATS = 24, 32
+BPF_MAP_LOOKUP_AND_DELETE_ELEM, BPF_MAP_LOOKUP_BATCH, BPF_ENABLE_STATS = 21, 24, 32
 BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY = 1, 2, 5, 6
 BPF_PROG_TYPE_SOCKET_FILTER = 1
 BPF_STATS_RUN_TIME = 0
@@ -8154,6 +8186,27 @@ class Map:
 
     def delete(self, key):
         self._elem(BPF_MAP_DELETE_ELEM, key, what="BPF_MAP_DELETE_ELEM")
+
+    def pop(self, key):
+        """The value as it was when the key went (one syscall, Linux 5.14+ for hash
+        maps: a program's add lands before or in what it returns), or None if absent.
+        Lookup then delete where the kernel lacks it."""
+        if getattr(self, "_pop_ok", True):
+            vbuf = _buf(self.buf_size)
+            try:
+                self._elem(BPF_MAP_LOOKUP_AND_DELETE_ELEM, key, vbuf,
+                           what="BPF_MAP_LOOKUP_AND_DELETE_ELEM")
+                return vbuf.raw
+            except BpfError as e:
+                if e.errno == errno.ENOENT:
+                    return None
+                if e.errno not in (errno.EINVAL, errno.ENOTSUP, ENOTSUPP):
+                    raise
+                self._pop_ok = False
+        value = self.lookup(key)
+        if value is not None:
+            self.delete(key)
+        return value
 
     def keys(self):
         """Every key, by GET_NEXT_KEY (a NULL key gives the first)."""
@@ -8411,6 +8464,13 @@ SKB_WIDE = {"tstamp", "hwtstamp", "flow_keys", "sk"}  # 8-byte fields
 #   iface:            PERCPU_ARRAY [1] -> IFACE_FIELDS x u64; an address that finds no
 #                     room in newcomers counts in its unattributed_{bytes,packets}
 #   rules:            PERCPU_ARRAY [n] -> (bytes, packets) per rule
+#   flows:            PERCPU_HASH key FLOW_KEY (family, IP protocol, 2 pad, source and
+#                     destination address as ADDR_KEY holds them, source and destination
+#                     port as the wire has them) -> FLOW_VALUE (packets, IP bytes, wire
+#                     bytes, payload bytes, the last frame's CLOCK_MONOTONIC ns): one
+#                     direction of a UDP conversation that --connections handed to the
+#                     kernel (FlowOffload). Only userspace adds and removes keys; a frame
+#                     the program counts there is not copied for connection tracking.
 # Per-CPU values need no atomic instruction: a socket program runs with bottom halves
 # off (packet_rcv from the rx softirq, dev_queue_xmit_nit under rcu_read_lock_bh), so
 # nothing else runs it on the same CPU meanwhile.
@@ -8424,6 +8484,16 @@ IFACE_FIELDS = ("tx_bytes", "tx_packets", "rx_bytes", "rx_packets") + \
 IFACE = {name: 8 * i for i, name in enumerate(IFACE_FIELDS)}
 MALFORMED_OFF = {r: IFACE["malformed_" + r] for r in MALFORMED_REASONS}
 RULE_VALUE = struct.Struct("=2Q")
+FLOW_KEY = struct.Struct("=BB2x16s16s2s2s")
+FLOW_VALUE = struct.Struct("=5Q")
+FLOW_SUMS = 4                                  # the value's fields that add up (the last one is a time)
+NS_PER_S = 1_000_000_000                       # the kernel's clocks count ns
+FLOW_PKTS, FLOW_IP_BYTES, FLOW_WIRE_BYTES, FLOW_PAYLOAD, FLOW_LAST = range(0, FLOW_VALUE.size, 8)
+FLOW_SRC_OFF, FLOW_DST_OFF, FLOW_PORTS_OFF = 4, 20, 36
+# Directions of UDP conversations counted in the kernel at most: the map is read whole
+# at every tick (BPF_MAP_LOOKUP_BATCH), which bounds that read; a direction that finds
+# no room stays with userspace, counted as exactly, at the classic path's cost.
+FLOW_MAP_MAX = 16384
 ADDR_TX, ADDR_RX = 0, 16                      # value offsets: tx (source) and rx (destination)
 GENERATIONS = 2
 ADDRESS_MAPS = tuple(f"{table}{gen}" for table in ("known", "newcomers")
@@ -8479,7 +8549,9 @@ REMOTE_KEY = -224                              # ADDR_KEY of the frame's remote 
 VIEW_DATA = SNAPLEN_ACCOUNTING             # what lpd's userspace decoder sees of a frame
 VIEW_BYTES = VIEW_DATA + VLAN_TAG_LEN      # ... plus a stripped tag put back in
 VIEW = -(224 + _round8(VIEW_BYTES))            # view[i] at VIEW + i
-STACK_DEPTH = -VIEW
+FLOW_AT = VIEW - FLOW_KEY.size                 # FLOW_KEY of the frame (UDP, with --connections)
+FLOW_IP_LEN, FLOW_PAYLOAD_LEN = FLOW_AT - 8, FLOW_AT - 16   # what it counts for there
+STACK_DEPTH = -FLOW_PAYLOAD_LEN
 assert STACK_DEPTH <= EBPF_STACK_MAX
 
 # The view: the first VIEW_BYTES of the frame as lpd's userspace sees it, i.e. with a VLAN
@@ -9239,9 +9311,10 @@ def emit_rule(g, prog, index, rules_fd, mark=False, gate=None):
     g.at(end)
 
 
-def make_maps(nrules, local_max=DEFAULT_LOCAL_MAX, remote_max=0):
+def make_maps(nrules, local_max=DEFAULT_LOCAL_MAX, remote_max=0, flow_max=0):
     """The program's maps (see above). known holds what LocalAddresses holds, at most
-    local_max; newcomers takes as many, the most a tick can admit to the table."""
+    local_max; newcomers takes as many, the most a tick can admit to the table.
+    flow_max: room in flows (0: no flows map, no connection tracking)."""
     maps = {"generation": Map(BPF_MAP_TYPE_ARRAY, 4, 4, 1, "lpd_generation"),
             "iface": Map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8 * len(IFACE_FIELDS), 1, "lpd_iface"),
             "rules": Map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, RULE_VALUE.size, max(1, nrules), "lpd_rules")}
@@ -9256,6 +9329,9 @@ def make_maps(nrules, local_max=DEFAULT_LOCAL_MAX, remote_max=0):
             # Shared, as newcomers: a remote stays one interval, and a flood fills it whole
             maps[f"remotes{gen}"] = Map(BPF_MAP_TYPE_HASH, ADDR_KEY.size, ADDR_VALUE.size,
                                         remote_max, f"lpd_remotes{gen}")
+    if flow_max:
+        maps["flows"] = Map(BPF_MAP_TYPE_PERCPU_HASH, FLOW_KEY.size, FLOW_VALUE.size, flow_max,
+                            "lpd_flows")
     return maps
 
 
@@ -9328,11 +9404,16 @@ def copy_length(plan, view):
     return SNAPLEN_FULL if sport in plan.ports or dport in plan.ports else plan.l4_len()
 
 
-def emit_copy_length(g, plan):
+def emit_copy_length(g, plan, flows_fd=None):
     """COPY := copy_length(plan, the view), test for test the same walk (tags, the IP
-    header's protocol, a TCP header's ports) on the view; uses r1-r5."""
+    header's protocol, a TCP header's ports) on the view; uses r0-r5 and r7.
+    flows_fd: the flows map; a UDP frame whose direction it holds is counted there and
+    copied as far as `every` (emit_flow)."""
     undecided, every, l4, whole, decided = (g.label(n) for n in
                                             ("c_most", "c_every", "c_l4", "c_whole", "c_done"))
+    udp4 = udp6 = l4
+    if flows_fd is not None:
+        udp4, udp6 = g.label("c_udp4"), g.label("c_udp6")
     walk, tag, walked, ip4, ip6, ports = (g.label(n) for n in
                                           ("c_walk", "c_tag", "c_walked", "c_ip4", "c_ip6", "c_ports"))
     g(jmp_imm(EBPF_JLT, REG_VLEN, ETH_HLEN, undecided))
@@ -9362,21 +9443,21 @@ def emit_copy_length(g, plan):
     g(ldx(EBPF_B, R1, R4, IPV4_PROTO_OFF))
     if plan.ports:
         tcp4 = g.label("c_tcp4")
-        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_TCP, tcp4), jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, l4), ja(every))
+        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_TCP, tcp4), jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp4), ja(every))
         g.at(tcp4)
         emit_view_load_be(g, R3, R4, 6, 2, R5)
         g(alu64_imm(EBPF_AND, R3, IPV4_FRAG_MASK), jmp_imm(EBPF_JNE, R3, 0, l4),
           ldx(EBPF_B, R3, R4, 0), alu64_imm(EBPF_AND, R3, 0x0F), alu64_imm(EBPF_LSH, R3, 2),
           alu64_reg(EBPF_ADD, R2, R3), ja(ports))
     else:
-        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_TCP, l4), jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, l4), ja(every))
+        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_TCP, l4), jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp4), ja(every))
     g.at(ip6)
     header(IPV6_HDR_LEN)
     g(ldx(EBPF_B, R1, R4, IPV6_NEXT_OFF))
     for nh in sorted(IPV6_EXT_LEN):
         g(jmp_imm(EBPF_JEQ, R1, nh, whole if plan.ports else l4))
     if plan.ports:
-        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, l4), jmp_imm(EBPF_JNE, R1, IPPROTO_TCP, every),
+        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp6), jmp_imm(EBPF_JNE, R1, IPPROTO_TCP, every),
           alu64_imm(EBPF_ADD, R2, IPV6_HDR_LEN))
         g.at(ports)
         header(4)                      # the TCP ports
@@ -9386,12 +9467,83 @@ def emit_copy_length(g, plan):
             g(jmp_imm(EBPF_JEQ, R1, port, whole), jmp_imm(EBPF_JEQ, R3, port, whole))
         g(ja(l4))
     else:
-        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_TCP, l4), jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, l4), ja(every))
+        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_TCP, l4), jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp6), ja(every))
+    if flows_fd is not None:
+        emit_flow(g, flows_fd, udp4, udp6, l4, every)
     for label, value in ((undecided, plan.most()), (every, plan.every), (l4, plan.l4_len()),
                          (whole, SNAPLEN_FULL)):
         g.at(label)
         g(st_imm(EBPF_W, FP, COPY, value), ja(decided))
     g.at(decided)
+
+
+def emit_flow_key_bytes(g, src, src_off, dst_off, n):
+    """n bytes from src + src_off to the stack at dst_off, byte by byte (the view is at
+    any offset, the stack wants aligned wider stores)."""
+    for i in range(n):
+        g(ldx(EBPF_B, R5, src, src_off + i), stx(EBPF_B, FP, R5, dst_off + i))
+
+
+def emit_flow(g, flows_fd, udp4, udp6, copy, counted):
+    """At udp4/udp6 (r2 = q, r4 = the view at the IP header, which the walk found to hold
+    a whole IPv4 or IPv6 header): a UDP frame parse_l4 would take whole, as one frame on
+    the wire, whose direction the flows map holds, counts there and goes to `counted`;
+    any other goes to `copy`, to be tracked in userspace. The tests are parse_l4's, so
+    the kernel counts a frame only where userspace would have counted the same: the IP
+    length within the frame, no fragment, no IPv6 extension header (the walk sends
+    those elsewhere), the UDP header inside the view."""
+    key = g.label("f_key")
+    g.at(udp4)
+    g(ldx(EBPF_DW, R1, FP, CNT_FRAMES), jmp_imm(EBPF_JNE, R1, 1, copy),
+      ldx(EBPF_B, R1, R4, 0), mov64_reg(R3, R1), alu64_imm(EBPF_RSH, R3, 4),
+      jmp_imm(EBPF_JNE, R3, 4, copy), alu64_imm(EBPF_AND, R1, 0x0F), alu64_imm(EBPF_LSH, R1, 2),
+      jmp_imm(EBPF_JLT, R1, 20, copy))
+    emit_view_load_be(g, R3, R4, 2, 2, R5)               # the IP length
+    g(jmp_reg(EBPF_JLT, R3, R1, copy),
+      mov64_reg(R5, R2), alu64_reg(EBPF_ADD, R5, R3), jmp_reg(EBPF_JGT, R5, REG_WL, copy),
+      stx(EBPF_DW, FP, R3, FLOW_IP_LEN))
+    emit_view_load_be(g, R3, R4, 6, 2, R5)
+    g(alu64_imm(EBPF_AND, R3, IPV4_MORE_FRAGMENTS | IPV4_FRAG_MASK), jmp_imm(EBPF_JNE, R3, 0, copy))
+    for off in range(0, FLOW_KEY.size, 8):
+        g(st_imm(EBPF_DW, FP, FLOW_AT + off, 0))
+    g(st_imm(EBPF_B, FP, FLOW_AT, 4))
+    emit_flow_key_bytes(g, R4, IPV4_SRC_OFF, FLOW_AT + FLOW_SRC_OFF, 4)
+    emit_flow_key_bytes(g, R4, IPV4_SRC_OFF + 4, FLOW_AT + FLOW_DST_OFF, 4)
+    g(alu64_reg(EBPF_ADD, R2, R1), ja(key))
+    g.at(udp6)
+    g(ldx(EBPF_DW, R1, FP, CNT_FRAMES), jmp_imm(EBPF_JNE, R1, 1, copy),
+      ldx(EBPF_B, R1, R4, 0), alu64_imm(EBPF_RSH, R1, 4), jmp_imm(EBPF_JNE, R1, 6, copy))
+    emit_view_load_be(g, R3, R4, 4, 2, R5)               # the payload length
+    g(alu64_imm(EBPF_ADD, R3, IPV6_HDR_LEN),
+      mov64_reg(R5, R2), alu64_reg(EBPF_ADD, R5, R3), jmp_reg(EBPF_JGT, R5, REG_WL, copy),
+      stx(EBPF_DW, FP, R3, FLOW_IP_LEN))
+    for off in range(0, FLOW_KEY.size, 8):
+        g(st_imm(EBPF_DW, FP, FLOW_AT + off, 0))
+    g(st_imm(EBPF_B, FP, FLOW_AT, 6))
+    emit_flow_key_bytes(g, R4, IPV6_SRC_OFF, FLOW_AT + FLOW_SRC_OFF, 16)
+    emit_flow_key_bytes(g, R4, IPV6_SRC_OFF + 16, FLOW_AT + FLOW_DST_OFF, 16)
+    g(alu64_imm(EBPF_ADD, R2, IPV6_HDR_LEN))
+    g.at(key)
+    # r2 = the UDP header's offset in the view
+    g(st_imm(EBPF_B, FP, FLOW_AT + 1, IPPROTO_UDP),
+      jmp_imm(EBPF_JGT, R2, VIEW_BYTES - UDP_HDR_LEN, copy),
+      mov64_reg(R3, R2), alu64_imm(EBPF_ADD, R3, UDP_HDR_LEN), jmp_reg(EBPF_JGT, R3, REG_VLEN, copy),
+      mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2))
+    emit_flow_key_bytes(g, R4, 0, FLOW_AT + FLOW_PORTS_OFF, 4)
+    emit_view_load_be(g, R3, R4, 4, 2, R5)               # the UDP length
+    positive = g.label("f_plen")
+    g(alu64_imm(EBPF_SUB, R3, UDP_HDR_LEN), jmp_imm(EBPF_JSGE, R3, 0, positive), mov64_imm(R3, 0))
+    g.at(positive)
+    g(stx(EBPF_DW, FP, R3, FLOW_PAYLOAD_LEN),
+      ld_map_fd(R1, flows_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, FLOW_AT),
+      call("map_lookup_elem"), jmp_imm(EBPF_JEQ, R0, 0, copy),
+      mov64_reg(R7, R0), call("ktime_get_ns"), stx(EBPF_DW, R7, R0, FLOW_LAST))
+    emit_bump(g, R7, FLOW_PKTS)
+    for field, slot in ((FLOW_IP_BYTES, FLOW_IP_LEN), (FLOW_PAYLOAD, FLOW_PAYLOAD_LEN)):
+        g(ldx(EBPF_DW, R1, R7, field), ldx(EBPF_DW, R2, FP, slot), alu64_reg(EBPF_ADD, R1, R2),
+          stx(EBPF_DW, R7, R1, field))
+    g(ldx(EBPF_DW, R1, R7, FLOW_WIRE_BYTES), alu64_reg(EBPF_ADD, R1, REG_WL),
+      stx(EBPF_DW, R7, R1, FLOW_WIRE_BYTES), ja(counted))
 
 
 def build_program(maps, nets=(), rules=(), decoder=True, verdict=0, gso_above=None,
@@ -9432,7 +9584,7 @@ def build_program(maps, nets=(), rules=(), decoder=True, verdict=0, gso_above=No
         emit_rule(g, prog, i, maps["rules"].fd, mark)
     emit_normalise(g)                  # after the GSO block's or the last rule's narrowing
     if plan is not None:
-        emit_copy_length(g, plan)
+        emit_copy_length(g, plan, maps["flows"].fd if "flows" in maps else None)
         emit_normalise(g)
     if decoder:
         emit_decoder(g, maps, list(nets), sample_hash, done)
@@ -9512,6 +9664,129 @@ def unpack_address(packed):
     return version, int.from_bytes(raw[:4], "big") if version == 4 else raw
 
 
+# A direction the kernel counted nothing for in this many ticks goes back to userspace,
+# which makes room for busier ones (a quiet flow costs userspace little).
+FLOW_IDLE_TICKS = 2
+
+
+class _Flow:
+    """One direction of a connection in the flows map: what has been read of it."""
+    __slots__ = ("conn", "bit", "seen", "idle")
+
+    def __init__(self, conn, bit):
+        self.conn, self.bit = conn, bit
+        self.seen = (0,) * FLOW_SUMS       # packets, IP bytes, wire bytes, payload bytes
+        self.idle = 0
+
+
+class FlowOffload:
+    """--connections under --engine ebpf: UDP directions counted in the kernel (the flows
+    map, emit_flow), so that connection tracking costs userspace the frames that can
+    change a connection's state, not every frame.
+
+    Connections hands a direction over at its second frame (take): from then on the
+    program counts it and copies it no further than other stages read. Its counters
+    only grow, and userspace keeps what it read of them, so a read is never racing a
+    reset: at every tick (drain) each direction's growth is added to its connection's
+    end, its last frame's time becomes the connection's last activity and Connections
+    orders it among the active as packet() would (credited). A direction that counted
+    nothing for FLOW_IDLE_TICKS ticks leaves the map (Map.pop: its last counts come with
+    it) and its next frame is tracked in userspace again; so does every direction of a
+    connection that ends (release, before its record is made). Idle expiry asks the
+    kernel first (refresh): a connection is idle only if the kernel saw nothing either.
+    Bounds: FLOW_MAP_MAX directions (beyond it a direction stays in userspace); the
+    kernel's clock is CLOCK_MONOTONIC, turned into the ring's wall clock at each read."""
+
+    def __init__(self, flows, conns):
+        self.map, self.conns = flows, conns
+        self.entries = {}                  # packed key -> _Flow
+        self.by_conn = {}                  # connection key -> [packed key, ...]
+        self.zero = bytes(flows.buf_size)
+
+    def take(self, c, is_orig, src, dst, sport, dport):
+        if len(self.entries) >= self.map.max_entries:
+            return
+        key = FLOW_KEY.pack(4 if len(src) == 4 else 6, c.proto, src, dst,
+                            sport.to_bytes(2, "big"), dport.to_bytes(2, "big"))
+        bit = OFFLOAD_ORIG if is_orig else OFFLOAD_RESP
+        if key in self.entries or not self.map.insert(key, self.zero):
+            return
+        self.entries[key] = _Flow(c, bit)
+        self.by_conn.setdefault(c.key, []).append(key)
+        c.offloaded |= bit
+
+    def _credit(self, flow, value, clock):
+        """What the kernel counted for flow since the last read, added to its end; True
+        if anything. clock: the wall clock minus CLOCK_MONOTONIC, in seconds."""
+        m = self.map
+        sums, last = [0] * FLOW_SUMS, 0
+        for cpu in range(m.ncpus):
+            v = FLOW_VALUE.unpack_from(value, cpu * m.stride)
+            for i in range(FLOW_SUMS):
+                sums[i] += v[i]
+            last = max(last, v[FLOW_SUMS])
+        seen = flow.seen
+        if sums[0] == seen[0]:
+            return False
+        c = flow.conn
+        e = c.o if flow.bit == OFFLOAD_ORIG else c.r
+        e.pkts += sums[0] - seen[0]
+        e.ip_bytes += sums[1] - seen[1]
+        e.wire_bytes += sums[2] - seen[2]
+        e.udp_bytes += sums[3] - seen[3]
+        flow.seen = tuple(sums)
+        c.last = max(c.last, last / NS_PER_S + clock)
+        return True
+
+    def drain(self):
+        """The tick's read of the whole map (KernelAccounting.sync)."""
+        clock = time.time() - time.monotonic()
+        moved, idle = {}, []
+        for key, value in self.map.items():
+            flow = self.entries.get(key)
+            if flow is None:
+                continue
+            if self._credit(flow, value, clock):
+                flow.idle = 0
+                moved[id(flow.conn)] = flow.conn
+            else:
+                flow.idle += 1
+                if flow.idle >= FLOW_IDLE_TICKS:
+                    idle.append(key)
+        for c in sorted(moved.values(), key=lambda x: x.last):
+            self.conns.credited(c)
+        for key in idle:
+            c = self.entries[key].conn
+            if self._remove(key, clock):
+                self.conns.credited(c)
+
+    def _remove(self, key, clock):
+        """The direction leaves the map with its last counts; True if they were new."""
+        flow = self.entries.pop(key)
+        c = flow.conn
+        keys = self.by_conn[c.key]
+        keys.remove(key)
+        if not keys:
+            del self.by_conn[c.key]
+        c.offloaded &= ~flow.bit
+        value = self.map.pop(key)
+        return value is not None and self._credit(flow, value, clock)
+
+    def refresh(self, c):
+        clock = time.time() - time.monotonic()
+        changed = False
+        for key in self.by_conn.get(c.key, ()):
+            value = self.map.lookup(key)
+            if value is not None and self._credit(self.entries[key], value, clock):
+                changed = True
+        return changed
+
+    def release(self, c):
+        clock = time.time() - time.monotonic()
+        for key in list(self.by_conn.get(c.key, ())):
+            self._remove(key, clock)
+
+
 class _Prepared(NamedTuple):
     """A reload's program, loaded by the reload thread (KernelAccounting.prepare)."""
     rules: object
@@ -9556,7 +9831,9 @@ class KernelAccounting:
         self.prefilter = prefilter     # -F's kernel program: the program's gate
         self.remotes = remotes         # --remote: RemoteAddresses, fed from the remotes maps
         self.maps = make_maps(len(rules) if rules else 0, local.local_max,
-                              max(remotes.remote_max, REMOTE_MAP_MIN) if remotes else 0)
+                              max(remotes.remote_max, REMOTE_MAP_MIN) if remotes else 0,
+                              FLOW_MAP_MAX if isinstance(verdict, CopyPlan) and verdict.l4 else 0)
+        self.flows = None              # --connections: FlowOffload, once track() is called
         self.base = [(0, 0)] * (len(rules) if rules else 0)   # carried from older programs
         self.carried = []              # (old rules map, [(new i, old j, old base)], retire at)
         self.gso_above = None
@@ -9571,6 +9848,10 @@ class KernelAccounting:
         self.sample_hash = int.from_bytes(os.urandom(4), "little") | 1
         self.sampled_at = 0            # unattributed packets when the sample was last read
         self.remote_unfitted = 0       # remote_unfitted_bytes already in RemoteAddresses' bounds
+
+    def track(self, conns):
+        """--connections: UDP directions counted in the flows map (FlowOffload)."""
+        self.flows = conns.offload = FlowOffload(self.maps["flows"], conns)
 
     def program_for(self, vnet, mtu):
         """The program for a socket: built (again) when the link's GSO threshold changed."""
@@ -9660,6 +9941,8 @@ class KernelAccounting:
                 old_map.close()
                 self.carried.remove(entry)
         self.sync_addresses()
+        if self.flows is not None:
+            self.flows.drain()
 
     def sync_addresses(self):
         """Steps 1 to 5 of the class's description: LocalAddresses gets everything the
@@ -12484,6 +12767,8 @@ def build_capture(opts, ifname, awaiting, names, conn_write, http_write):
         if opts.http else None
     kernel, engine = choose_engine(opts, local, rules, copy_plan(conns, http_stage),
                                    prefilter, remotes)
+    if kernel is not None and conns is not None:
+        kernel.track(conns)
     decoder = Decoder(local, [c for c in (remotes, conns, http_stage, rules if kernel is None else None)
                               if c], vnet=None, counted=kernel is not None)   # the ring will tell
     return CaptureParts(decoder, rules, prefilter, remotes, conns, procs, http_stage, kernel,

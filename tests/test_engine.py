@@ -661,6 +661,71 @@ def test_ebpf_copies_each_frame_as_far_as_a_stage_reads_it():
             m.close()
 
 
+def flow_key(f):
+    """The flows map's key for parse_l4's tuple f: the frame's own direction."""
+    _, src, dst, sport, dport = f[:5]
+    return lpd.FLOW_KEY.pack(4 if len(src) == 4 else 6, f[0], src, dst, sport.to_bytes(2, "big"),
+                             dport.to_bytes(2, "big"))
+
+
+def kernel_may_count(data):
+    """What emit_flow promises to count: a UDP frame parse_l4 takes whole (its IP length
+    inside the frame), not a fragment, no IPv6 extension header, its UDP header in the
+    view."""
+    f = lpd.parse_l4(data, len(data))
+    if f is None or f[0] != lpd.IPPROTO_UDP or f[11] is not None:
+        return None
+    udp_at = f[12] - lpd.UDP_HDR_LEN
+    q, et = lpd.ETH_HLEN, int.from_bytes(data[12:14], "big")
+    while et in lpd.VLAN_TPIDS:
+        et, q = int.from_bytes(data[q + 2:q + 4], "big"), q + lpd.VLAN_TAG_LEN
+    if et == lpd.ETHERTYPE_IPV6 and data[q + lpd.IPV6_NEXT_OFF] != lpd.IPPROTO_UDP:
+        return None
+    if udp_at + lpd.UDP_HDR_LEN > lpd.VIEW_DATA:
+        return None
+    return f
+
+
+def test_the_kernel_counts_the_udp_directions_connection_tracking_hands_it():
+    """--connections under ebpf: a UDP frame whose direction is in the flows map is
+    counted there (packets, IP length, wire length, UDP payload as parse_l4 reads them)
+    and not copied; every other frame is copied as copy_length() says. On every corpus
+    and edge frame, with every frame's own direction in the map (BPF_PROG_TEST_RUN)."""
+    rng = random.Random(26)
+    frames = corpus_frames() + edge_frames(rng)
+    maps = lpd.make_maps(0, flow_max=1 << 16)
+    plan = lpd.CopyPlan(0, lpd.Connections().snaplen(), (80, 8080))
+    flows = maps["flows"]
+    zero = bytes(flows.buf_size)
+    try:
+        image, labels = lpd.build_program(maps, DIFF_NETS, [], verdict=plan)
+        prog = lpd.Program(image, labels, name="lpd_flows")
+        counted = copied = 0
+        for data in frames:
+            f = lpd.parse_l4(data, len(data))
+            key = flow_key(f) if f is not None and f[0] == lpd.IPPROTO_UDP else None
+            if key is not None:
+                flows.insert(key, zero)
+            before = flows.sum_u64(flows.lookup(key))[:lpd.FLOW_SUMS] if key else None
+            got, _ = lpd.test_run(prog.fd, data)
+            after = flows.sum_u64(flows.lookup(key))[:lpd.FLOW_SUMS] if key else None
+            want = kernel_may_count(data)
+            if want is not None:
+                counted += 1
+                assert got == plan.every, data.hex()
+                assert [a - b for a, b in zip(after, before)] == \
+                    [1, want[5], len(data), want[6]], data.hex()
+            else:
+                copied += 1
+                assert before == after, data.hex()
+                assert got == lpd.copy_length(plan, data[:lpd.VIEW_DATA]), data.hex()
+        prog.close()
+        assert counted > 100 and copied > 1000, (counted, copied)
+    finally:
+        for m in maps.values():
+            m.close()
+
+
 PREFILTERS = ("udp", "tcp port 80 or arp", "vlan and udp", "ip6 and len > 100",
               "ip[9] = 17 and ip[6:2] & 0x1fff = 0", "tcp[tcpflags] & tcp-syn != 0",
               "ether broadcast or ether multicast", "ip[200] = 0 or icmp6", "greater 1400")
