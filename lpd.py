@@ -159,6 +159,7 @@ DEFAULT_REMOTE_MAX = 65536
 DEFAULT_EXPORT_THRESHOLD = 1 << 20
 DEFAULT_IDLE_TIMEOUT = 300.0
 OUTPUTS = ("table", "metrics", "json")
+ENGINES = ("auto", "cbpf", "ebpf")
 # eyes-devine's plain-HTTP ports.
 DEFAULT_HTTP_PORTS = (80, 8080, 8000, 3000, 5000, 9000)
 # Connections tracked at most, and the idle timeouts that end them.
@@ -352,7 +353,7 @@ def build_parser():
                    help="Docker (or podman) Engine API socket: container names of HTTP servers "
                         "and lpd_container_info (default /var/run/docker.sock while capturing "
                         "with --http; with -r only when given; 'none': off)")
-    p.add_argument("--engine", choices=("auto", "cbpf", "ebpf"), default="auto",
+    p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="count in the kernel with an eBPF program lpd builds (ebpf), or copy "
                         "frames to lpd behind a classic filter (cbpf); auto: ebpf where the "
                         "kernel and privileges allow it and the options need no frames")
@@ -3343,50 +3344,6 @@ def _linearize(root):
 
 
 ###############################################################################
-# Entry points
-
-# Bounds on one expression, checked before the work they bound (README, Rules). The
-# optimiser's passes are quadratic in the blocks (dominator bitsets, libpcap's chain
-# walks), so the blocks parsing generates bound its time and memory: at the limit,
-# about a second on a 2-core VM (tests/bench.py, "Rules at scale"). The text is
-# checked before it is even lexed; a limit in characters is one an operator can
-# check by eye, and with ~12 blocks per 'host' term (IPv4, ARP and RARP, each
-# source and destination) the block limit binds first for the common 'or' lists:
-# ~340 'host' terms or ~180 'port' terms (23 blocks: TCP/UDP/SCTP over IPv4/IPv6).
-FILTER_MAX_CHARS = 8192
-FILTER_MAX_BLOCKS = 4096
-
-
-def compile_filter(expr, kernel=False, snaplen=SNAPLEN_FULL, optimize=True, names=None):
-    """Compile a pcap-filter expression to a classic BPF program for Ethernet.
-
-    kernel=False: the frame as pcap_offline_filter sees it (VLAN tags in the data);
-    kernel=True: as an AF_PACKET socket filter sees it (outer VLAN tag in metadata).
-    names: a list to append the names the expression looked up to (the program
-    depends on nothing else than its text when there are none).
-    Raises FilterError for every expression libpcap 1.10 rejects, and FilterTooLarge
-    beyond FILTER_MAX_CHARS or FILTER_MAX_BLOCKS."""
-    if len(expr) > FILTER_MAX_CHARS:
-        raise FilterTooLarge(f"{len(expr)} characters", FILTER_MAX_CHARS)
-    gen = _Gen(kernel, snaplen)
-    if names is not None:
-        gen.names = names
-    try:
-        b = _Parser(expr, gen).parse_prog()
-    except RecursionError:
-        raise FilterError("expression nested too deeply", 1) from None
-    root = gen.retblk(snaplen) if b is None else gen.finish(b)
-    blocks = _reachable(root)
-    if len(blocks) > FILTER_MAX_BLOCKS:
-        raise FilterTooLarge(f"{len(blocks)} blocks of code", FILTER_MAX_BLOCKS)
-    if optimize and not gen.no_optimize:
-        root = _Optimizer(root, blocks).run()
-        if root.s.code == BPF_RET | BPF_K and root.s.k == 0:
-            raise FilterError("expression rejects all packets", 1)
-    return _linearize(root)
-
-
-###############################################################################
 # Optimiser (optimize.c): value numbering within blocks, constant folding,
 # dead-store elimination and branch threading over edge dominators, repeated to
 # a fixed point; then identical blocks are merged.  It is part of the semantics:
@@ -4082,6 +4039,50 @@ class _Optimizer:
         if _cls(b.s.code) == BPF_RET:
             b.stmts = []
         return b
+
+
+###############################################################################
+# Entry points
+
+# Bounds on one expression, checked before the work they bound (README, Rules). The
+# optimiser's passes are quadratic in the blocks (dominator bitsets, libpcap's chain
+# walks), so the blocks parsing generates bound its time and memory: at the limit,
+# about a second on a 2-core VM (tests/bench.py, "Rules at scale"). The text is
+# checked before it is even lexed; a limit in characters is one an operator can
+# check by eye, and with ~12 blocks per 'host' term (IPv4, ARP and RARP, each
+# source and destination) the block limit binds first for the common 'or' lists:
+# ~340 'host' terms or ~180 'port' terms (23 blocks: TCP/UDP/SCTP over IPv4/IPv6).
+FILTER_MAX_CHARS = 8192
+FILTER_MAX_BLOCKS = 4096
+
+
+def compile_filter(expr, kernel=False, snaplen=SNAPLEN_FULL, optimize=True, names=None):
+    """Compile a pcap-filter expression to a classic BPF program for Ethernet.
+
+    kernel=False: the frame as pcap_offline_filter sees it (VLAN tags in the data);
+    kernel=True: as an AF_PACKET socket filter sees it (outer VLAN tag in metadata).
+    names: a list to append the names the expression looked up to (the program
+    depends on nothing else than its text when there are none).
+    Raises FilterError for every expression libpcap 1.10 rejects, and FilterTooLarge
+    beyond FILTER_MAX_CHARS or FILTER_MAX_BLOCKS."""
+    if len(expr) > FILTER_MAX_CHARS:
+        raise FilterTooLarge(f"{len(expr)} characters", FILTER_MAX_CHARS)
+    gen = _Gen(kernel, snaplen)
+    if names is not None:
+        gen.names = names
+    try:
+        b = _Parser(expr, gen).parse_prog()
+    except RecursionError:
+        raise FilterError("expression nested too deeply", 1) from None
+    root = gen.retblk(snaplen) if b is None else gen.finish(b)
+    blocks = _reachable(root)
+    if len(blocks) > FILTER_MAX_BLOCKS:
+        raise FilterTooLarge(f"{len(blocks)} blocks of code", FILTER_MAX_BLOCKS)
+    if optimize and not gen.no_optimize:
+        root = _Optimizer(root, blocks).run()
+        if root.s.code == BPF_RET | BPF_K and root.s.k == 0:
+            raise FilterError("expression rejects all packets", 1)
+    return _linearize(root)
 
 
 ###############################################################################
@@ -5801,6 +5802,9 @@ class Decoder:
             consumer.consume(batch)
 
 
+LOCALITY_CACHE_MAX = 1 << 16      # remote addresses remembered as "not local"
+
+
 class LocalityOnly:
     """The decoder's attribution where the kernel counted the frame (--engine ebpf with
     frames copied for a stage): the hot loop's caches and locate() as LocalAddresses
@@ -5826,7 +5830,6 @@ class LocalityOnly:
 # Consumers: local addresses ##################################################
 ###############################################################################
 
-LOCALITY_CACHE_MAX = 1 << 16      # remote addresses remembered as "not local"
 LOCAL_EVICT_FRACTION = 8          # a full table evicts this fraction of itself at once
 
 
@@ -6127,7 +6130,6 @@ PROTO_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
 (TCP_INACTIVE, TCP_SYN_SENT, TCP_SYN_ACK_SENT, TCP_PARTIAL, TCP_ESTABLISHED, TCP_CLOSED,
  TCP_RESET) = range(7)
 UDP_ACTIVE = TCP_ESTABLISHED
-TCP_HANDSHAKE = (TCP_INACTIVE, TCP_SYN_SENT, TCP_SYN_ACK_SENT)
 TCP_NO_SYN_ACK = (TCP_INACTIVE, TCP_PARTIAL)         # conn_state's "inactive" sides
 
 # Zeek's timers (init-bare.zeek): a closed connection lingers for late frames; an
@@ -8022,11 +8024,9 @@ NR_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "i686": 357, "riscv64": 
     os.uname().machine, 321)
 BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 0, 1, 2, 3
 BPF_MAP_GET_NEXT_KEY, BPF_PROG_LOAD, BPF_PROG_TEST_RUN, BPF_OBJ_GET_INFO_BY_FD = 4, 5, 10, 15
-BPF_MAP_LOOKUP_BATCH, BPF_ENABLE_STATS = 24, 32
+BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY = 1, 2, 5, 6
 BPF_PROG_TYPE_SOCKET_FILTER = 1
-BPF_STATS_RUN_TIME = 0
-SO_DETACH_BPF = 27                                   # = SO_DETACH_FILTER
 BPF_OBJ_NAME_LEN = 16
 LOG_SIZE = 1 << 22                                   # verifier log: 4 MiB is plenty for lpd's programs
 LOG_LEVEL_BRANCHES = 1
@@ -8042,7 +8042,6 @@ ATTR_TEST_RUN = struct.Struct("=IIIIQQIIIIQQIII4x")  # fd, retval, size_in, size
 ATTR_TEST_RUN_RETVAL = slice(4, 8)
 ATTR_TEST_RUN_DURATION = slice(36, 40)
 ATTR_INFO = struct.Struct("=IIQ")                    # bpf_fd, info_len, info*
-ATTR_ENABLE_STATS = struct.Struct("=I")
 # struct bpf_prog_info: the fields lpd reads (offsets from include/uapi/linux/bpf.h).
 PROG_INFO_SIZE = 232
 PROG_INFO_JITED_LEN_OFF, PROG_INFO_XLATED_LEN_OFF = 16, 20      # after type, id, tag[8]
@@ -8362,11 +8361,6 @@ def attach(sock, prog_fd):
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_BPF, struct.pack("=i", prog_fd))
 
 
-def enable_stats():
-    """BPF_ENABLE_STATS(RUN_TIME): per-program run_time_ns/run_cnt while the fd is open."""
-    return bpf(BPF_ENABLE_STATS, _buf(ATTR_ENABLE_STATS.pack(BPF_STATS_RUN_TIME)), "BPF_ENABLE_STATS")
-
-
 # -- __sk_buff (include/uapi/linux/bpf.h): what a socket program reads ---------
 
 # Offsets of struct __sk_buff, the socket program's context. The verifier rewrites each
@@ -8387,7 +8381,6 @@ SKB = dict(SKB_FIELDS)
 SKB_LEN, SKB_PKT_TYPE, SKB_PROTOCOL = SKB["len"], SKB["pkt_type"], SKB["protocol"]
 SKB_VLAN_PRESENT, SKB_VLAN_TCI, SKB_VLAN_PROTO = SKB["vlan_present"], SKB["vlan_tci"], SKB["vlan_proto"]
 SKB_GSO_SEGS, SKB_GSO_SIZE = SKB["gso_segs"], SKB["gso_size"]
-SKB_WIDE = {"tstamp", "hwtstamp", "flow_keys", "sk"}  # 8-byte fields
 
 
 # -- the accounting program: the decoder's tests in eBPF ----------------------
@@ -8429,7 +8422,6 @@ GENERATIONS = 2
 ADDRESS_MAPS = tuple(f"{table}{gen}" for table in ("known", "newcomers")
                      for gen in range(GENERATIONS))
 OVERFLOW_MAPS = tuple(f"overflow{gen}" for gen in range(GENERATIONS))
-REMOTE_MAPS = tuple(f"remotes{gen}" for gen in range(GENERATIONS))
 # The kernel's remotes map holds an interval's distinct remotes: --remote-max of them,
 # and at least this many, so that a small table's bounds stay those of the classic path
 # unless an interval brings more remotes than this (preallocated: ~100 bytes an entry).
@@ -8466,7 +8458,7 @@ REG_IFACE = R7                                 # the decoder's iface counters (X
 
 # The stack (r10-relative). M[] where the kernel's converter puts it (-(4k + 4)); the view
 # of the frame's head is what every load of the program reads.
-STACK_M = -64                                  # M[k] at -(4k + 4), k < 16
+# M[k] at -(4k + 4), k < 16: the 64 bytes below the frame pointer
 KEY_SRC, KEY_DST = -88, -112                   # ADDR_KEY for the source and the destination
 VALUE_NEW = -144                               # an ADDR_VALUE for a new entry
 TMP = -152                                     # a map index; a slow load's bytes
@@ -9468,7 +9460,6 @@ def read_counters(maps, nrules=0):
     return iface, addrs, rules
 
 
-ENGINES = ("auto", "cbpf", "ebpf")
 # How long the old program of a reload may still be running on another CPU after
 # SO_ATTACH_BPF returned (an RCU grace period is milliseconds): its rules map is read
 # for the last time at the first tick after this.
@@ -12617,7 +12608,6 @@ PR_SET_PDEATHSIG = 1
 SNAPSHOT_TYPES = {"interface": InterfaceSnapshot, "addresses": AddressSnapshot,
                   "remotes": RemoteSnapshot, "rules": RuleSnapshot,
                   "connections": ConnectionSnapshot, "http": HttpSnapshot}
-WORKER_LOGS = ("conn", "http")
 
 
 def send_message(fd, obj):
