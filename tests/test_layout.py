@@ -1,6 +1,6 @@
 """lpd.py's layout as a contract: numbered chapters in dependency order, each saying what
 it provides, none past its size budget, no dead names. Reads lpd.py's text and parses it
-with `ast`; imports nothing from it, needs no root and takes well under a second.
+with `ast`; imports nothing from it, needs no root and takes about a second.
 
 The rules, as the checks below apply them:
 
