@@ -4,22 +4,58 @@
 One module, standard library plus prometheus_client (and maxminddb for GeoIP).
 Data flows one way: sources (the ring, a pcap file, synthetic blocks) -> decode
 (one flat loop per block) -> consumers (local addresses, remote addresses,
-connections, rules)
+connections, HTTP requests, rules; or the eBPF engine counting in the kernel)
 -> published snapshots (immutable; the capture thread is the only writer) ->
 exporters (Prometheus, /api documents, the rule socket, --output).
 
-Sections, in dependency order (nothing refers to a later one):
-  errors and logging, options, Linux ABI, wire formats, system helpers,
-  classic BPF (opcodes, formatter, interpreter, snapshot length), filter
-  compiler (lexer, parser, code generators, optimiser), filter matcher,
-  snapshots, sources, decode, consumers (local addresses, remote addresses,
-  connections, rules), enrichment (pollers: NIC mapping, GeoIP, processes),
-  exporters (documents, Prometheus, rule socket, conn log), daemon, offline
-  replay and filter dumps, main().
+Chapters, in dependency order: no chapter uses a name a later one defines, and
+each banner's "provides:" line says what later chapters take from it
+(tests/test_layout.py checks both, and that this index is the banners):
+  1 Errors and logging
+  2 Options
+  3 Linux ABI: kernel constants and structures
+  4 Wire formats: Ethernet, VLAN, IPv4, IPv6
+  5 System helpers: interfaces, unix sockets
+  6 Classic BPF: opcodes, formatter, interpreter, snapshot length
+  7 Filter compiler
+    7.1 Protocol knowledge
+    7.2 Lexer
+    7.3 Intermediate code
+    7.4 Code generator
+    7.5 Parser
+    7.6 Linearizer
+    7.7 Optimiser
+    7.8 Entry points
+  8 Filter matcher: classic BPF translated to Python
+  9 Snapshots: what the capture thread publishes
+  10 Sources: where ring blocks come from
+  11 Decode: one flat loop per block
+  12 Consumers
+    12.1 Local addresses
+    12.2 Remote addresses
+    12.3 Connections (Zeek's conn.log semantics)
+    12.4 HTTP requests (TCP reassembly, HTTP/1.x)
+    12.5 Rules (bpfcountd-compatible filter files)
+  13 eBPF engine: accounting and rules as one kernel program (--engine ebpf)
+    13.1 Assembler
+    13.2 Syscalls: bpf(2), maps, programs, test runs
+    13.3 Programs: the decoder and the rules in eBPF
+    13.4 Accounting: the kernel tables behind the stages
+  14 Enrichment: background pollers (NIC mapping, GeoIP, processes, Docker)
+  15 Exporters
+    15.1 Documents (/api/*, --output json and table)
+    15.2 Prometheus
+    15.3 The rule socket (bpfcountd's unix socket)
+    15.4 JSON logs (conn log, HTTP log)
+  16 Daemon: wiring, signals, reload
+  17 Workers: one capture process per core behind PACKET_FANOUT
+  18 Offline replay and filter dumps
+  19 Operator view: lpd top
+  20 main
 
-Where a new stage goes: a Consumer subclass in "Consumers" (what it wants
+Where a new stage goes: a Consumer subclass in 12 "Consumers" (what it wants
 decoded, its snapshot length, consume/tick/snapshot), a snapshot type in
-"Snapshots", its metrics in "Exporters"; build_daemon() wires it in.
+9 "Snapshots", its metrics in 15 "Exporters"; build_daemon() wires it in.
 """
 import argparse
 import bisect
@@ -64,8 +100,10 @@ DISTRIBUTION = "lpd-netacct"
 
 
 ###############################################################################
-# Errors and logging ##########################################################
+# 1 Errors and logging ########################################################
 ###############################################################################
+# provides: ConfigError, FilterError, log, LOG_*, LpdError, NoPermission, os_failure, PortInUse,
+#   sd_notify, UsageError
 
 
 class LpdError(Exception):
@@ -136,8 +174,9 @@ def sd_notify(state):
 
 
 ###############################################################################
-# Options #####################################################################
+# 2 Options ###################################################################
 ###############################################################################
+# provides: _ArgParser, DEFAULT_*, parse_args, parse_listen_address, _positive_float
 
 DEFAULT_LISTEN = "localhost:59122"
 DEFAULT_MAPPING_URL = "http://localhost:32599/status"
@@ -159,6 +198,7 @@ DEFAULT_REMOTE_MAX = 65536
 DEFAULT_EXPORT_THRESHOLD = 1 << 20
 DEFAULT_IDLE_TIMEOUT = 300.0
 OUTPUTS = ("table", "metrics", "json")
+ENGINES = ("auto", "cbpf", "ebpf")
 # eyes-devine's plain-HTTP ports.
 DEFAULT_HTTP_PORTS = (80, 8080, 8000, 3000, 5000, 9000)
 # Connections tracked at most, and the idle timeouts that end them.
@@ -352,7 +392,7 @@ def build_parser():
                    help="Docker (or podman) Engine API socket: container names of HTTP servers "
                         "and lpd_container_info (default /var/run/docker.sock while capturing "
                         "with --http; with -r only when given; 'none': off)")
-    p.add_argument("--engine", choices=("auto", "cbpf", "ebpf"), default="auto",
+    p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="count in the kernel with an eBPF program lpd builds (ebpf), or copy "
                         "frames to lpd behind a classic filter (cbpf); auto: ebpf where the "
                         "kernel and privileges allow it and the options need no frames")
@@ -426,8 +466,19 @@ def parse_args(argv):
 
 
 ###############################################################################
-# Linux ABI: every kernel constant and structure lpd speaks, declared once ####
+# 3 Linux ABI: kernel constants and structures ################################
 ###############################################################################
+# provides: _align, ARPHRD_ETHER, BLOCK, BLOCK_*, BPF_MAP_DELETE_BATCH, BPF_MAP_UPDATE_BATCH,
+#   ETH_*, FRAME, FRAME_*, GSO_MAX_SEGS, GSO_NEVER, IFA_ADDRESS, IFA_LOCAL, IFADDRMSG,
+#   IFF_LOOPBACK, IFF_UP, IFREQ, IFREQ_HWADDR, IFREQ_INT, MEMBARRIER_CMD_GLOBAL, NETLINK_ROUTE,
+#   NLM_F_DUMP, NLM_F_REQUEST, NLMSG_*, NLMSGERR, NLMSGHDR, NR_MEMBARRIER, PACKET_*,
+#   RING_BLOCK_BYTES, RING_RETIRE_MS, RTA_ALIGNTO, RTATTR, RTM_GETADDR, RTM_NEWADDR, SIOCGIFFLAGS,
+#   SIOCGIFHWADDR, SIOCGIFMTU, SLL_ADDR_LEN, SNAPLEN_ACCOUNTING, SNAPLEN_FULL, SO_ATTACH_BPF,
+#   SO_ATTACH_FILTER, SOCK_FILTER, SOCK_FPROG, SOL_PACKET, TP_*, TPACKET_*, U32, V3_ALIGNMENT,
+#   VIRTIO_*
+#
+# The eBPF engine still declares its own (the instruction set, bpf(2)'s commands
+# and attributes, struct __sk_buff) in 13.1 and 13.2.
 
 # Interfaces (linux/sockios.h, linux/if.h).
 SIOCGIFFLAGS = 0x8913
@@ -580,8 +631,11 @@ SNAPLEN_FULL = 262144                      # libpcap's maximum
 
 
 ###############################################################################
-# Wire formats: Ethernet, VLAN, IPv4, IPv6 ####################################
+# 4 Wire formats: Ethernet, VLAN, IPv4, IPv6 ##################################
 ###############################################################################
+# provides: address, ETH_IPV4_HDR, ETHERTYPE_IPV4, ETHERTYPE_IPV6, FAMILIES, family_of_key,
+#   IPPROTO_TCP, IPPROTO_UDP, IPV4_*, IPV6_*, MALFORMED_REASONS, raw_address, TCP_DOFF_OFF,
+#   TCP_MIN_HDR_LEN, U16BE, UDP_HDR_LEN, VLAN_*
 
 VLAN_TPIDS = frozenset((0x8100, 0x88A8, 0x9100))    # 802.1Q, 802.1ad, old QinQ
 VLAN_TAG = struct.Struct("!HH")
@@ -637,8 +691,11 @@ MALFORMED_REASONS = (
 
 
 ###############################################################################
-# System helpers: interfaces, unix sockets ####################################
+# 5 System helpers: interfaces, unix sockets ##################################
 ###############################################################################
+# provides: _bind_unix_socket, _clear_stale_socket, default_interface, default_socket_path,
+#   interface_flags, interface_index, interface_mac, interface_mtu, interface_networks,
+#   is_localhost, LOOPBACK_ADDRESSES, resolve_group, stream_addresses
 
 
 def _ifreq(ifname, request):
@@ -857,10 +914,11 @@ def _bind_unix_socket(path, mode, gid):
 
 
 ###############################################################################
-# Classic BPF: opcodes, formatter, interpreter, snapshot length ###############
+# 6 Classic BPF: opcodes, formatter, interpreter, snapshot length #############
 ###############################################################################
-
-###############################################################################
+# provides: accept_all, _alu_bound, _ALU_NAMES, BPF_*, _cls, format_program, _image, _jmp,
+#   _jump_taken, _LOAD_SIZES, _MAX_BACKWARD_JUMPS, pack_filter, _PKT_TYPE_MAX, program_snaplen,
+#   _s32, _skb_protocol, SKF_*, U32_MAX, _UNPACK_H, _UNPACK_W
 
 # Classic BPF, as struct sock_filter / struct bpf_insn spell it. A program is a
 # list of (code, jt, jf, k) tuples.
@@ -1250,8 +1308,9 @@ def program_snaplen(prog, limit=SNAPLEN_FULL):
 
 
 ###############################################################################
-# Filter compiler #############################################################
+# 7 Filter compiler ###########################################################
 ###############################################################################
+# provides: compile_filter, FILTER_MAX_CHARS, FilterTooLarge, _Syntax
 
 class _Syntax(FilterError):
     """A parse failure; the parser may still try another production."""
@@ -1265,7 +1324,9 @@ class FilterTooLarge(FilterError):
 
 
 ###############################################################################
-# Protocol knowledge
+# 7.1 Protocol knowledge ######################################################
+# provides: ETHER_PROTO_NAMES, ETHERMTU, ETHERTYPE, IPPROTO, ISIS_PDU, ISO_PROTO, KEYWORDS, LLC_*,
+#   LLCSAP, NAMED_NUMBERS, PNAMES, PPP_MPLS_UCAST, PPP_OF_ETHERTYPE
 
 ETHERMTU = 1500
 ETHERTYPE = dict(ip=0x0800, arp=0x0806, rarp=0x8035, ip6=0x86dd, atalk=0x809b, aarp=0x80f3,
@@ -1348,7 +1409,10 @@ NAMED_NUMBERS = dict(
        "tcp-ece": 0x40, "tcp-cwr": 0x80})
 
 ###############################################################################
-# Lexer: flex semantics, i.e. the longest match wins and ties go to the earlier rule.
+# 7.2 Lexer ###################################################################
+# provides: Token, tokenize
+#
+# Flex semantics, i.e. the longest match wins and ties go to the earlier rule.
 
 _W = r"[0-9A-Fa-f]{1,4}"
 _N = r"(?:0[xX][0-9A-Fa-f]+|[0-9]+)"
@@ -1483,7 +1547,11 @@ def tokenize(expr):
             toks.append(Token(best_kind, text, text, col))
 
 ###############################################################################
-# Intermediate code: gencode.c's blocks of statements ending in a branch or return.
+# 7.3 Intermediate code #######################################################
+# provides: _Arth, _backpatch, _Block, DEFAULT, EN10MB, gen_and, gen_not, gen_or, NOP, _Offset,
+#   PPP, QERR, _Stmt
+#
+# gencode.c's blocks of statements ending in a branch or return.
 
 NOP = -1
 
@@ -1592,7 +1660,10 @@ QERR = ("undef", "undef", "undef")     # qualifiers: (proto, dir, addr)
 EN10MB, PPP = "Ethernet", "PPP"
 
 ###############################################################################
-# Code generation (gencode.c): small generators returning blocks to combine.
+# 7.4 Code generator ##########################################################
+# provides: _Gen
+#
+# gencode.c: small generators returning blocks to combine.
 
 class _Gen:
     """The compiler state for one expression: link layer and header offsets, which
@@ -2825,7 +2896,10 @@ def _nametoportrange(name):
     return pa[0], pb[0], (pa[1] if pa[1] == pb[1] else None)
 
 ###############################################################################
-# Parser: recursive descent over grammar.y's productions, generating code as
+# 7.5 Parser ##################################################################
+# provides: _Parser
+#
+# Recursive descent over grammar.y's productions, generating code as
 # yacc's actions do, in the same order.  A bare id after and/or inherits the
 # qualifiers (q) of what precedes it.
 
@@ -3252,6 +3326,9 @@ class _Parser:
         self.fail("a primitive such as 'host', 'port', 'tcp' or 'ip[0] = 1'")
 
 ###############################################################################
+# 7.6 Linearizer ##############################################################
+# provides: _linearize, _postorder, _reachable
+#
 # From blocks to instructions (optimize.c's icode_to_fcode).
 
 def _reachable(root):
@@ -3343,51 +3420,10 @@ def _linearize(root):
 
 
 ###############################################################################
-# Entry points
-
-# Bounds on one expression, checked before the work they bound (README, Rules). The
-# optimiser's passes are quadratic in the blocks (dominator bitsets, libpcap's chain
-# walks), so the blocks parsing generates bound its time and memory: at the limit,
-# about a second on a 2-core VM (tests/bench.py, "Rules at scale"). The text is
-# checked before it is even lexed; a limit in characters is one an operator can
-# check by eye, and with ~12 blocks per 'host' term (IPv4, ARP and RARP, each
-# source and destination) the block limit binds first for the common 'or' lists:
-# ~340 'host' terms or ~180 'port' terms (23 blocks: TCP/UDP/SCTP over IPv4/IPv6).
-FILTER_MAX_CHARS = 8192
-FILTER_MAX_BLOCKS = 4096
-
-
-def compile_filter(expr, kernel=False, snaplen=SNAPLEN_FULL, optimize=True, names=None):
-    """Compile a pcap-filter expression to a classic BPF program for Ethernet.
-
-    kernel=False: the frame as pcap_offline_filter sees it (VLAN tags in the data);
-    kernel=True: as an AF_PACKET socket filter sees it (outer VLAN tag in metadata).
-    names: a list to append the names the expression looked up to (the program
-    depends on nothing else than its text when there are none).
-    Raises FilterError for every expression libpcap 1.10 rejects, and FilterTooLarge
-    beyond FILTER_MAX_CHARS or FILTER_MAX_BLOCKS."""
-    if len(expr) > FILTER_MAX_CHARS:
-        raise FilterTooLarge(f"{len(expr)} characters", FILTER_MAX_CHARS)
-    gen = _Gen(kernel, snaplen)
-    if names is not None:
-        gen.names = names
-    try:
-        b = _Parser(expr, gen).parse_prog()
-    except RecursionError:
-        raise FilterError("expression nested too deeply", 1) from None
-    root = gen.retblk(snaplen) if b is None else gen.finish(b)
-    blocks = _reachable(root)
-    if len(blocks) > FILTER_MAX_BLOCKS:
-        raise FilterTooLarge(f"{len(blocks)} blocks of code", FILTER_MAX_BLOCKS)
-    if optimize and not gen.no_optimize:
-        root = _Optimizer(root, blocks).run()
-        if root.s.code == BPF_RET | BPF_K and root.s.k == 0:
-            raise FilterError("expression rejects all packets", 1)
-    return _linearize(root)
-
-
-###############################################################################
-# Optimiser (optimize.c): value numbering within blocks, constant folding,
+# 7.7 Optimiser ###############################################################
+# provides: _Optimizer
+#
+# optimize.c: value numbering within blocks, constant folding,
 # dead-store elimination and branch threading over edge dominators, repeated to
 # a fixed point; then identical blocks are merged.  It is part of the semantics:
 # a load whose result no longer matters is dropped, so a frame too short for it
@@ -4085,8 +4121,54 @@ class _Optimizer:
 
 
 ###############################################################################
-# Filter matcher: classic BPF translated to Python ############################
+# 7.8 Entry points ############################################################
+# provides: compile_filter, FILTER_MAX_CHARS
+
+# Bounds on one expression, checked before the work they bound (README, Rules). The
+# optimiser's passes are quadratic in the blocks (dominator bitsets, libpcap's chain
+# walks), so the blocks parsing generates bound its time and memory: at the limit,
+# about a second on a 2-core VM (tests/bench.py, "Rules at scale"). The text is
+# checked before it is even lexed; a limit in characters is one an operator can
+# check by eye, and with ~12 blocks per 'host' term (IPv4, ARP and RARP, each
+# source and destination) the block limit binds first for the common 'or' lists:
+# ~340 'host' terms or ~180 'port' terms (23 blocks: TCP/UDP/SCTP over IPv4/IPv6).
+FILTER_MAX_CHARS = 8192
+FILTER_MAX_BLOCKS = 4096
+
+
+def compile_filter(expr, kernel=False, snaplen=SNAPLEN_FULL, optimize=True, names=None):
+    """Compile a pcap-filter expression to a classic BPF program for Ethernet.
+
+    kernel=False: the frame as pcap_offline_filter sees it (VLAN tags in the data);
+    kernel=True: as an AF_PACKET socket filter sees it (outer VLAN tag in metadata).
+    names: a list to append the names the expression looked up to (the program
+    depends on nothing else than its text when there are none).
+    Raises FilterError for every expression libpcap 1.10 rejects, and FilterTooLarge
+    beyond FILTER_MAX_CHARS or FILTER_MAX_BLOCKS."""
+    if len(expr) > FILTER_MAX_CHARS:
+        raise FilterTooLarge(f"{len(expr)} characters", FILTER_MAX_CHARS)
+    gen = _Gen(kernel, snaplen)
+    if names is not None:
+        gen.names = names
+    try:
+        b = _Parser(expr, gen).parse_prog()
+    except RecursionError:
+        raise FilterError("expression nested too deeply", 1) from None
+    root = gen.retblk(snaplen) if b is None else gen.finish(b)
+    blocks = _reachable(root)
+    if len(blocks) > FILTER_MAX_BLOCKS:
+        raise FilterTooLarge(f"{len(blocks)} blocks of code", FILTER_MAX_BLOCKS)
+    if optimize and not gen.no_optimize:
+        root = _Optimizer(root, blocks).run()
+        if root.s.code == BPF_RET | BPF_K and root.s.k == 0:
+            raise FilterError("expression rejects all packets", 1)
+    return _linearize(root)
+
+
 ###############################################################################
+# 8 Filter matcher: classic BPF translated to Python ##########################
+###############################################################################
+# provides: make_rules_counter
 ###############################################################################
 # Translation to Python
 #
@@ -4842,8 +4924,10 @@ def make_rules_counter(progs):
 
 
 ###############################################################################
-# Snapshots: what the capture thread publishes ################################
+# 9 Snapshots: what the capture thread publishes ##############################
 ###############################################################################
+# provides: _add, AddressSnapshot, InterfaceSnapshot, _merge_keyed, Published, RemoteSnapshot,
+#   RuleSnapshot, RX_BYTES, RX_PACKETS, TX_BYTES, TX_PACKETS
 #
 # Every stage turns its counters into an immutable snapshot; the capture thread
 # (the only writer of any counter) publishes them together once per --interval,
@@ -4958,8 +5042,9 @@ class Published:
 
 
 ###############################################################################
-# Sources: where ring blocks come from ########################################
+# 10 Sources: where ring blocks come from #####################################
 ###############################################################################
+# provides: PcapSource, Ring
 #
 # Every source hands TPACKET_V3 blocks to process(buf, base): the live ring, a pcap
 # file laid out as blocks, or synthetic blocks built from the same FRAME layout the
@@ -5430,8 +5515,9 @@ class Ring:
 
 
 ###############################################################################
-# Decode: one flat loop per block #############################################
+# 11 Decode: one flat loop per block ##########################################
 ###############################################################################
+# provides: Batch, Consumer, Decoder, frames_in_order, LOCALITY_CACHE_MAX, WANT_*
 #
 # Decoder.process_block walks a block once. It counts the interface totals and the
 # local addresses inline (measured: a call or a tuple per frame for them would cost
@@ -5801,6 +5887,9 @@ class Decoder:
             consumer.consume(batch)
 
 
+LOCALITY_CACHE_MAX = 1 << 16      # remote addresses remembered as "not local"
+
+
 class LocalityOnly:
     """The decoder's attribution where the kernel counted the frame (--engine ebpf with
     frames copied for a stage): the hot loop's caches and locate() as LocalAddresses
@@ -5823,10 +5912,18 @@ class LocalityOnly:
 
 
 ###############################################################################
-# Consumers: local addresses ##################################################
+# 12 Consumers ################################################################
 ###############################################################################
+# provides: Connections, ConnectionSnapshot, format_rule_lines, HTTP_BUCKETS, HttpRequests,
+#   HttpSnapshot, IPV4_FRAG_MASK, IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, LIVE_STATES,
+#   LOCAL_EVICT_FRACTION, LocalAddresses, OFFLOAD_*, parse_filter_file, PROTO_NAMES,
+#   REMOTE_WEIGHT, RemoteAddresses, RuleCounter, TCP_PORTS
 
-LOCALITY_CACHE_MAX = 1 << 16      # remote addresses remembered as "not local"
+
+###############################################################################
+# 12.1 Local addresses ########################################################
+# provides: LOCAL_EVICT_FRACTION, LocalAddresses
+
 LOCAL_EVICT_FRACTION = 8          # a full table evicts this fraction of itself at once
 
 
@@ -6001,8 +6098,8 @@ class LocalAddresses(Consumer):
 
 
 ###############################################################################
-# Consumers: remote addresses #################################################
-###############################################################################
+# 12.2 Remote addresses #######################################################
+# provides: REMOTE_WEIGHT, RemoteAddresses
 
 # The table trims to --remote-max when it holds this many times as many: a sort per
 # remote_max newcomers, so a flood of spoofed sources costs O(log n) per address.
@@ -6088,8 +6185,9 @@ class RemoteAddresses(Consumer):
 
 
 ###############################################################################
-# Consumers: connections (Zeek's conn.log semantics) ##########################
-###############################################################################
+# 12.3 Connections (Zeek's conn.log semantics) ################################
+# provides: Connections, ConnectionSnapshot, IPV4_FRAG_MASK, IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN,
+#   LIVE_STATES, OFFLOAD_*, parse_l4, PROTO_NAMES, SEQ_HALF, SEQ_MOD, TH_*
 #
 # One entry per TCP or UDP connection, whichever way a frame travels, with Zeek's
 # endpoint state machine, history letters, payload sizes from sequence numbers,
@@ -6127,7 +6225,6 @@ PROTO_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
 (TCP_INACTIVE, TCP_SYN_SENT, TCP_SYN_ACK_SENT, TCP_PARTIAL, TCP_ESTABLISHED, TCP_CLOSED,
  TCP_RESET) = range(7)
 UDP_ACTIVE = TCP_ESTABLISHED
-TCP_HANDSHAKE = (TCP_INACTIVE, TCP_SYN_SENT, TCP_SYN_ACK_SENT)
 TCP_NO_SYN_ACK = (TCP_INACTIVE, TCP_PARTIAL)         # conn_state's "inactive" sides
 
 # Zeek's timers (init-bare.zeek): a closed connection lingers for late frames; an
@@ -6868,8 +6965,8 @@ class Connections(Consumer):
 
 
 ###############################################################################
-# Consumers: HTTP requests (TCP reassembly, HTTP/1.x) #########################
-###############################################################################
+# 12.4 HTTP requests (TCP reassembly, HTTP/1.x) ###############################
+# provides: HTTP_BUCKETS, HttpRequests, HttpSnapshot, TCP_PORTS
 #
 # Per TCP connection to or from an --http-ports port: each direction's bytes in sequence
 # order (retransmissions dropped, out-of-order segments held in a bounded buffer, a gap
@@ -7426,8 +7523,8 @@ class HttpRequests(Consumer):
 
 
 ###############################################################################
-# Consumers: rules (bpfcountd-compatible filter files) ########################
-###############################################################################
+# 12.5 Rules (bpfcountd-compatible filter files) ##############################
+# provides: format_rule_lines, parse_filter_file, RuleCounter
 #
 # A filter file is bpfcountd's `<id>;<bpf expression>` per line, minus its bugs
 # (see parse_filter_text). Every rule that matches a frame counts it.
@@ -7721,8 +7818,10 @@ def format_rule_lines(rows):
 
 
 ###############################################################################
-# eBPF engine: accounting and rules as one kernel program (--engine ebpf) #####
+# 13 eBPF engine: accounting and rules as one kernel program (--engine ebpf) ####
 ###############################################################################
+# provides: build_program, CopyPlan, disassemble, ebpf_available, emit_rule, Gen, KernelAccounting,
+#   Label, MAP_NAMES, overflow_slots, Untranslatable
 #
 # The decoder and every rule, emitted as one BPF_PROG_TYPE_SOCKET_FILTER program and
 # attached with SO_ATTACH_BPF to the capture socket: it counts per local address
@@ -7734,6 +7833,13 @@ def format_rule_lines(rows):
 # semantics where the two differ. Loaded with bpf(2) through ctypes: no compiler,
 # no libbpf, no BTF.
 
+
+###############################################################################
+# 13.1 Assembler ##############################################################
+# provides: alu32_imm, alu32_reg, alu64_imm, alu64_reg, assemble, atomic_add, BPF_INSN_SIZE,
+#   BPF_NOEXIST, call, disassemble, EBPF_*, EEXIST_NEG, endian_be, exit_insn, FP, ja, jmp_imm,
+#   jmp_reg, Label, ld_map_fd, ldx, mov32_imm, mov32_reg, mov64_imm, mov64_reg, R0, R1, R2, R3, R4,
+#   R5, R6, R7, R8, R9, st_imm, stx
 
 # struct bpf_insn { u8 code; u8 dst_reg:4, src_reg:4; s16 off; s32 imm; } (little-endian
 # bitfields on x86-64: dst in the low nibble). ld_imm64 takes two slots, the second with
@@ -8048,17 +8154,17 @@ def disassemble(image, labels=None):
     return "\n".join(lines) + "\n"
 
 
-# -- bpf(2): maps, programs, test runs ---------------------------------------
+###############################################################################
+# 13.2 Syscalls: bpf(2), maps, programs, test runs ############################
+# provides: attach, BPF_*, load_program, Map, Program, _round8, SKB_*, _syscall
 
 NR_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "i686": 357, "riscv64": 280}.get(
     os.uname().machine, 321)
 BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 0, 1, 2, 3
 BPF_MAP_GET_NEXT_KEY, BPF_PROG_LOAD, BPF_PROG_TEST_RUN, BPF_OBJ_GET_INFO_BY_FD = 4, 5, 10, 15
-BPF_MAP_LOOKUP_AND_DELETE_ELEM, BPF_MAP_LOOKUP_BATCH, BPF_ENABLE_STATS = 21, 24, 32
+BPF_MAP_LOOKUP_AND_DELETE_ELEM, BPF_MAP_LOOKUP_BATCH = 21, 24
 BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY = 1, 2, 5, 6
 BPF_PROG_TYPE_SOCKET_FILTER = 1
-BPF_STATS_RUN_TIME = 0
-SO_DETACH_BPF = 27                                   # = SO_DETACH_FILTER
 BPF_OBJ_NAME_LEN = 16
 LOG_SIZE = 1 << 22                                   # verifier log: 4 MiB is plenty for lpd's programs
 LOG_LEVEL_BRANCHES = 1
@@ -8074,7 +8180,6 @@ ATTR_TEST_RUN = struct.Struct("=IIIIQQIIIIQQIII4x")  # fd, retval, size_in, size
 ATTR_TEST_RUN_RETVAL = slice(4, 8)
 ATTR_TEST_RUN_DURATION = slice(36, 40)
 ATTR_INFO = struct.Struct("=IIQ")                    # bpf_fd, info_len, info*
-ATTR_ENABLE_STATS = struct.Struct("=I")
 # struct bpf_prog_info: the fields lpd reads (offsets from include/uapi/linux/bpf.h).
 PROG_INFO_SIZE = 232
 PROG_INFO_JITED_LEN_OFF, PROG_INFO_XLATED_LEN_OFF = 16, 20      # after type, id, tag[8]
@@ -8415,11 +8520,6 @@ def attach(sock, prog_fd):
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_BPF, struct.pack("=i", prog_fd))
 
 
-def enable_stats():
-    """BPF_ENABLE_STATS(RUN_TIME): per-program run_time_ns/run_cnt while the fd is open."""
-    return bpf(BPF_ENABLE_STATS, _buf(ATTR_ENABLE_STATS.pack(BPF_STATS_RUN_TIME)), "BPF_ENABLE_STATS")
-
-
 # -- __sk_buff (include/uapi/linux/bpf.h): what a socket program reads ---------
 
 # Offsets of struct __sk_buff, the socket program's context. The verifier rewrites each
@@ -8440,8 +8540,13 @@ SKB = dict(SKB_FIELDS)
 SKB_LEN, SKB_PKT_TYPE, SKB_PROTOCOL = SKB["len"], SKB["pkt_type"], SKB["protocol"]
 SKB_VLAN_PRESENT, SKB_VLAN_TCI, SKB_VLAN_PROTO = SKB["vlan_present"], SKB["vlan_tci"], SKB["vlan_proto"]
 SKB_GSO_SEGS, SKB_GSO_SIZE = SKB["gso_segs"], SKB["gso_size"]
-SKB_WIDE = {"tstamp", "hwtstamp", "flow_keys", "sk"}  # 8-byte fields
 
+
+###############################################################################
+# 13.3 Programs: the decoder and the rules in eBPF ############################
+# provides: ADDR_KEY, build_program, CopyPlan, emit_rule, FLOW_KEY, FLOW_MAP_MAX, FLOW_SUMS,
+#   FLOW_VALUE, Gen, GENERATIONS, IFACE_FIELDS, make_maps, MAP_NAMES, NS_PER_S, overflow_slots,
+#   OVERFLOW_VALUE, REMOTE_FIELDS, REMOTE_MAP_MIN, RULE_VALUE, Untranslatable
 
 # -- the accounting program: the decoder's tests in eBPF ----------------------
 
@@ -8499,7 +8604,6 @@ GENERATIONS = 2
 ADDRESS_MAPS = tuple(f"{table}{gen}" for table in ("known", "newcomers")
                      for gen in range(GENERATIONS))
 OVERFLOW_MAPS = tuple(f"overflow{gen}" for gen in range(GENERATIONS))
-REMOTE_MAPS = tuple(f"remotes{gen}" for gen in range(GENERATIONS))
 # The kernel's remotes map holds an interval's distinct remotes: --remote-max of them,
 # and at least this many, so that a small table's bounds stay those of the classic path
 # unless an interval brings more remotes than this (preallocated: ~100 bytes an entry).
@@ -8536,7 +8640,7 @@ REG_IFACE = R7                                 # the decoder's iface counters (X
 
 # The stack (r10-relative). M[] where the kernel's converter puts it (-(4k + 4)); the view
 # of the frame's head is what every load of the program reads.
-STACK_M = -64                                  # M[k] at -(4k + 4), k < 16
+# M[k] at -(4k + 4), k < 16: the 64 bytes below the frame pointer
 KEY_SRC, KEY_DST = -88, -112                   # ADDR_KEY for the source and the destination
 VALUE_NEW = -144                               # an ADDR_VALUE for a new entry
 TMP = -152                                     # a map index; a slow load's bytes
@@ -9620,7 +9724,10 @@ def read_counters(maps, nrules=0):
     return iface, addrs, rules
 
 
-ENGINES = ("auto", "cbpf", "ebpf")
+###############################################################################
+# 13.4 Accounting: the kernel tables behind the stages ########################
+# provides: ebpf_available, KernelAccounting
+
 # How long the old program of a reload may still be running on another CPU after
 # SO_ATTACH_BPF returned (an RCU grace period is milliseconds): its rules map is read
 # for the last time at the first tick after this.
@@ -10137,8 +10244,9 @@ class KernelAccounting:
 
 
 ###############################################################################
-# Enrichment: background pollers (NIC mapping, GeoIP, processes, Docker) ######
+# 14 Enrichment: background pollers (NIC mapping, GeoIP, processes, Docker) ####
 ###############################################################################
+# provides: NicMapping, open_docker, open_geoip, ProcessTable, remote_labeller
 #
 # Labels that come from outside (the NIC mapping service, GeoIP databases, /proc,
 # the container engine) are fetched by a Poller in a thread of its own: it keeps the
@@ -10902,8 +11010,15 @@ def remote_labeller(geo):
 
 
 ###############################################################################
-# Exporters: documents (/api/*, --output json and table) ######################
+# 15 Exporters ################################################################
 ###############################################################################
+# provides: all_documents, api_answer, Collector, format_table, human_bytes, JsonLog,
+#   make_http_server, RuleSocketServer
+
+
+###############################################################################
+# 15.1 Documents (/api/*, --output json and table) ############################
+# provides: all_documents, api_answer, format_table, human_bytes, Presentation
 #
 # One JSON document per kind, built from a publication by the thread that serves it:
 # GET /api/<kind>?top=N on the metrics port, and `--output json` prints them all
@@ -11251,8 +11366,8 @@ def format_table(docs):
 
 
 ###############################################################################
-# Exporters: Prometheus #######################################################
-###############################################################################
+# 15.2 Prometheus #############################################################
+# provides: Collector, make_http_server
 #
 # Exporters read Published.latest(): a scrape never waits for capture, and capture
 # never waits for a scrape.
@@ -11829,8 +11944,8 @@ def make_http_server(host, port, registry, api=None):
 
 
 ###############################################################################
-# Exporters: the rule socket (bpfcountd's unix socket) ########################
-###############################################################################
+# 15.3 The rule socket (bpfcountd's unix socket) ##############################
+# provides: RuleSocketServer
 
 class _Client:
     """One connection being served: its socket, unsent bytes and deadline."""
@@ -12071,8 +12186,8 @@ class RuleSocketServer:
 
 
 ###############################################################################
-# Exporters: JSON logs (conn log, HTTP log) ###################################
-###############################################################################
+# 15.4 JSON logs (conn log, HTTP log) #########################################
+# provides: JsonLog
 
 class JsonLog:
     """--conn-log and --http-log: one JSON object per line, Zeek's field names. The
@@ -12128,8 +12243,11 @@ class JsonLog:
 
 
 ###############################################################################
-# Daemon: wiring, signals, reload #############################################
+# 16 Daemon: wiring, signals, reload ##########################################
 ###############################################################################
+# provides: build_capture, build_daemon, build_exporters, capture_interface, Daemon,
+#   interface_local_nets, kernel_program, load_rules, open_http, open_logs, SOCKET_FRESH_TIMEOUT,
+#   status_line, WAITING_LINE, whole_frames_program
 #
 # The capture thread (the main one) drains the ring, runs the decoder and the
 # consumers, and is the only writer of every counter. Beside it: the HTTP server,
@@ -12878,8 +12996,9 @@ def build_daemon(opts):
 
 
 ###############################################################################
-# Workers: one capture process per core behind PACKET_FANOUT ##################
+# 17 Workers: one capture process per core behind PACKET_FANOUT ###############
 ###############################################################################
+# provides: build_supervisor, run_worker
 #
 # --workers N: N worker processes each capture on a ring of one fanout group and run
 # the decoder and stages; the parent owns every exporter (metrics port, rule socket,
@@ -12902,7 +13021,6 @@ PR_SET_PDEATHSIG = 1
 SNAPSHOT_TYPES = {"interface": InterfaceSnapshot, "addresses": AddressSnapshot,
                   "remotes": RemoteSnapshot, "rules": RuleSnapshot,
                   "connections": ConnectionSnapshot, "http": HttpSnapshot}
-WORKER_LOGS = ("conn", "http")
 
 
 def send_message(fd, obj):
@@ -13338,8 +13456,9 @@ def build_supervisor(opts, argv):
 
 
 ###############################################################################
-# Offline replay and filter dumps #############################################
+# 18 Offline replay and filter dumps ##########################################
 ###############################################################################
+# provides: dump_filter, replay, write_output
 
 EVERY_ADDRESS = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
@@ -13466,8 +13585,9 @@ def dump_filter(opts, out=sys.stdout):
 
 
 ###############################################################################
-# Operator view: lpd top ######################################################
+# 19 Operator view: lpd top ###################################################
 ###############################################################################
+# provides: top_main
 #
 # A terminal view of a running lpd, built on its /api/* documents only: no capture,
 # no privileges, any number of them beside the daemon. Rates of cumulative counters
@@ -14190,8 +14310,9 @@ def top_main(argv):
 
 
 ###############################################################################
-# main ########################################################################
+# 20 main #####################################################################
 ###############################################################################
+# provides: -
 
 
 # CPython collects its youngest generation every 700 allocations and the oldest every
