@@ -8934,35 +8934,42 @@ def emit_overflow_sample(g, overflow, key, sample_hash, done):
     g(alu64_reg(EBPF_SUB, R1, R2), stx(EBPF_DW, R0, R1, OVERFLOW_WEIGHT))
 
 
+def emit_find_or_insert(g, fd, key, slot, counted, full):
+    """The frame's counts (CNT_BYTES, CNT_FRAMES) to the half at `slot` of the entry the
+    key at FP + key has in the hash map fd, which every CPU writes (atomic adds): found,
+    or inserted with BPF_NOEXIST, or found after another CPU inserted it meanwhile; then
+    on to `counted`, or to `full` where the map has no room for it."""
+    shared = g.label("fi_shared")
+    g(ld_map_fd(R1, fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, key),
+      call("map_lookup_elem"), jmp_imm(EBPF_JNE, R0, 0, shared))
+    for off in range(0, ADDR_VALUE.size, 8):
+        g(st_imm(EBPF_DW, FP, VALUE_NEW + off, 0))
+    g(ldx(EBPF_DW, R1, FP, CNT_BYTES), stx(EBPF_DW, FP, R1, VALUE_NEW + slot),
+      ldx(EBPF_DW, R1, FP, CNT_FRAMES), stx(EBPF_DW, FP, R1, VALUE_NEW + slot + 8),
+      ld_map_fd(R1, fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, key),
+      mov64_reg(R3, FP), alu64_imm(EBPF_ADD, R3, VALUE_NEW), mov64_imm(R4, BPF_NOEXIST),
+      call("map_update_elem"), jmp_imm(EBPF_JEQ, R0, 0, counted),
+      jmp_imm(EBPF_JNE, R0, EEXIST_NEG, full),
+      ld_map_fd(R1, fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, key),
+      call("map_lookup_elem"), jmp_imm(EBPF_JEQ, R0, 0, full))
+    g.at(shared)
+    emit_count_shared(g, R0, slot)
+    g(ja(counted))
+
+
 def emit_attribute(g, known_fd, newcomers_fd, overflow, sample_hash, key, slot):
     """The frame's counts (CNT_BYTES, CNT_FRAMES) to the tx or rx half of the address in
     `key`, if its family byte says it is local: in known if it is there, else in
-    newcomers (found, or inserted with BPF_NOEXIST, or found after another CPU inserted
-    it meanwhile); where newcomers is full, in iface's unattributed_{bytes,packets} and
-    the overflow sample."""
-    skip, newcomer, shared, unattributed = (g.label("attr_" + n) for n in
-                                            ("skip", "new", "shared", "unattributed"))
+    newcomers (emit_find_or_insert); where newcomers is full, in iface's
+    unattributed_{bytes,packets} and the overflow sample."""
+    skip, newcomer, unattributed = (g.label("attr_" + n) for n in ("skip", "new", "unattributed"))
     g(ldx(EBPF_B, R1, FP, key), jmp_imm(EBPF_JEQ, R1, 0, skip),
       ld_map_fd(R1, known_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, key),
       call("map_lookup_elem"), jmp_imm(EBPF_JEQ, R0, 0, newcomer))
     emit_count(g, R0, slot)
     g(ja(skip))
     g.at(newcomer)
-    g(ld_map_fd(R1, newcomers_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, key),
-      call("map_lookup_elem"), jmp_imm(EBPF_JNE, R0, 0, shared))
-    for off in range(0, ADDR_VALUE.size, 8):
-        g(st_imm(EBPF_DW, FP, VALUE_NEW + off, 0))
-    g(ldx(EBPF_DW, R1, FP, CNT_BYTES), stx(EBPF_DW, FP, R1, VALUE_NEW + slot),
-      ldx(EBPF_DW, R1, FP, CNT_FRAMES), stx(EBPF_DW, FP, R1, VALUE_NEW + slot + 8),
-      ld_map_fd(R1, newcomers_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, key),
-      mov64_reg(R3, FP), alu64_imm(EBPF_ADD, R3, VALUE_NEW), mov64_imm(R4, BPF_NOEXIST),
-      call("map_update_elem"), jmp_imm(EBPF_JEQ, R0, 0, skip),
-      jmp_imm(EBPF_JNE, R0, EEXIST_NEG, unattributed),
-      ld_map_fd(R1, newcomers_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, key),
-      call("map_lookup_elem"), jmp_imm(EBPF_JEQ, R0, 0, unattributed))
-    g.at(shared)
-    emit_count_shared(g, R0, slot)
-    g(ja(skip))
+    emit_find_or_insert(g, newcomers_fd, key, slot, skip, unattributed)
     g.at(unattributed)
     emit_count(g, REG_IFACE, IFACE["unattributed_bytes"])
     emit_overflow_sample(g, overflow, key, sample_hash, skip)
@@ -8971,10 +8978,10 @@ def emit_attribute(g, known_fd, newcomers_fd, overflow, sample_hash, key, slot):
 
 def emit_remote(g, remotes_fd):
     """--remote: a frame with exactly one local end counts for the other, a remote, in
-    iface's remote_{tx,rx} totals (exact) and in `remotes` (found, or inserted with
-    BPF_NOEXIST, or found after another CPU inserted it); where remotes is full, in the
-    totals only. tx: the local end sent (the remote is the destination). The remote's
-    key takes the family byte of the local end (the same frame, the same family)."""
+    iface's remote_{tx,rx} totals (exact) and in `remotes` (emit_find_or_insert); where
+    remotes is full, in the totals only. tx: the local end sent (the remote is the
+    destination). The remote's key takes the family byte of the local end (the same
+    frame, the same family)."""
     skip, unfitted, src_remote = g.label("rem_skip"), g.label("rem_unfitted"), g.label("rem_src")
     g(ldx(EBPF_B, R1, FP, KEY_SRC), ldx(EBPF_B, R2, FP, KEY_DST),
       jmp_imm(EBPF_JEQ, R1, 0, src_remote), jmp_imm(EBPF_JNE, R2, 0, skip))
@@ -8983,27 +8990,11 @@ def emit_remote(g, remotes_fd):
         if remote == KEY_SRC:
             g.at(src_remote)
             g(jmp_imm(EBPF_JEQ, R2, 0, skip))
-        new, shared = g.label("rem_new"), g.label("rem_shared")
         for off in range(0, _round8(ADDR_KEY.size), 8):
             g(ldx(EBPF_DW, R3, FP, remote + off), stx(EBPF_DW, FP, R3, REMOTE_KEY + off))
         g(stx(EBPF_B, FP, family, REMOTE_KEY))
         emit_count(g, REG_IFACE, IFACE[field])
-        g(ld_map_fd(R1, remotes_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, REMOTE_KEY),
-          call("map_lookup_elem"), jmp_imm(EBPF_JNE, R0, 0, shared))
-        g.at(new)
-        for off in range(0, ADDR_VALUE.size, 8):
-            g(st_imm(EBPF_DW, FP, VALUE_NEW + off, 0))
-        g(ldx(EBPF_DW, R1, FP, CNT_BYTES), stx(EBPF_DW, FP, R1, VALUE_NEW + slot),
-          ldx(EBPF_DW, R1, FP, CNT_FRAMES), stx(EBPF_DW, FP, R1, VALUE_NEW + slot + 8),
-          ld_map_fd(R1, remotes_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, REMOTE_KEY),
-          mov64_reg(R3, FP), alu64_imm(EBPF_ADD, R3, VALUE_NEW), mov64_imm(R4, BPF_NOEXIST),
-          call("map_update_elem"), jmp_imm(EBPF_JEQ, R0, 0, skip),
-          jmp_imm(EBPF_JNE, R0, EEXIST_NEG, unfitted),        # full: in the totals only
-          ld_map_fd(R1, remotes_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, REMOTE_KEY),
-          call("map_lookup_elem"), jmp_imm(EBPF_JEQ, R0, 0, unfitted))
-        g.at(shared)
-        emit_count_shared(g, R0, slot)
-        g(ja(skip))
+        emit_find_or_insert(g, remotes_fd, REMOTE_KEY, slot, skip, unfitted)  # full: totals only
     g.at(unfitted)
     g(ldx(EBPF_DW, R1, REG_IFACE, IFACE["remote_unfitted_bytes"]), ldx(EBPF_DW, R2, FP, CNT_BYTES),
       alu64_reg(EBPF_ADD, R1, R2), stx(EBPF_DW, REG_IFACE, R1, IFACE["remote_unfitted_bytes"]))
