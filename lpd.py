@@ -9970,10 +9970,6 @@ class KernelAccounting:
                                       self.verdict, gso_above, self.sample_hash, self.prefilter)
         return Program(image, labels)
 
-    def reload(self, sock, rules, nets):
-        """New rules and networks, swapped in one attach, all on the calling thread."""
-        self.swap(sock, self.prepare(rules, nets))
-
     def prepare(self, rules, nets):
         """The slow half of a reload, for the reload thread: the new rules map and the
         program built, loaded and verified (milliseconds to seconds with many rules).
@@ -12380,8 +12376,10 @@ class Daemon:
         self.stop_requested = self.reload_requested = self.status_requested = False
         self.started = time.monotonic()
         self.stop_event = threading.Event()
-        # (rules, nets, the eBPF program loaded for them or None) from the reload thread
+        # (rules, nets, the eBPF program loaded for them or None) from the reload thread,
+        # and what apply_reload() logs when it adopts them
         self.pending = None
+        self.pending_done = "reloaded"
         self.reloader = None
         self.widening = None
         self.widen_blocks = 0
@@ -12498,10 +12496,10 @@ class Daemon:
         self.reloader.start()
         return True
 
-    def apply_reload(self, done="reloaded"):
+    def apply_reload(self, done=None):
         """Capture thread, between blocks: adopt what the reload thread compiled."""
         rules, nets, prepared = self.pending
-        self.pending = None
+        done, self.pending, self.pending_done = done or self.pending_done, None, "reloaded"
         if self.kernel is not None and prepared is None:   # not from the reload thread
             try:
                 prepared = self.kernel.prepare(rules, nets or self.local.local_nets)
@@ -12656,14 +12654,29 @@ class Daemon:
         if self.opts.local_nets:
             return
         nets = interface_local_nets(self.ifname)
-        if nets and nets != self.local.local_nets:
+        if not nets or nets == self.local.local_nets:
+            return
+        if self.kernel is None:
             self.local.set_local_nets(nets)
-            if self.kernel is not None:      # the networks are in its program
-                try:
-                    self.kernel.reload(self.ring.sock if self.ring else None, self.rules, nets)
-                except (OSError, Untranslatable) as e:
-                    log(LOG_ERR, f"{self.ifname}: eBPF program for the new "
-                                 f"networks: {e}; keeping the old ones")
+        elif self.reloader_idle():
+            # The networks are in the kernel's program: built on a thread of its own as
+            # a reload's is, adopted between blocks (apply_reload). Behind a running
+            # reload, the next check (a second later) asks again.
+            self.reloader = threading.Thread(target=self._prepare_nets, args=(self.rules, nets),
+                                             name="reload", daemon=True)
+            self.reloader.start()
+
+    def _prepare_nets(self, rules, nets):
+        """The reload thread, for new interface networks under --engine ebpf."""
+        try:
+            prepared = self.kernel.prepare(rules, nets)
+        except (OSError, Untranslatable) as e:
+            log(LOG_ERR, f"{self.ifname}: eBPF program for the new networks: {e}; "
+                         "keeping the old ones")
+        else:
+            self.pending_done = f"{self.ifname}: new networks"
+            self.pending = (rules, nets, prepared)
+        self._wake()
 
     # -- main loop ------------------------------------------------------------
 

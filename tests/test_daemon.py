@@ -742,3 +742,24 @@ def test_a_burst_beyond_the_connection_cap_gets_200_or_503_never_a_bare_close(pa
     assert all(r[1] is not None and r[1].isdigit() and int(r[1]) > 0 for r in busy), busy[:3]
     assert "lpd_build_info" in scrape(pair), "the endpoint serves on after the burst"
     assert lpd.stop() == 0
+
+
+def test_an_interface_back_with_new_networks_counts_them(pair):
+    """Without --local-net, the networks are the interface's: down, given a wider prefix,
+    up again, lpd reads them when capture reopens (under ebpf the program that holds
+    them is built on the reload thread and swapped in) and an address only the new
+    prefix covers counts as local."""
+    Lpd(pair, "--mapping-url", "none", "--interval", "0.5")
+    outside = "10.199.77.9"                            # in 10.199.0.0/16, not in B's /24
+    frame = netns.udp_frame(pair.mac_a, pair.mac_b, outside, pair.ip4_b, 100)
+    pair.set_up(pair.ns_b, pair.if_b, False)
+    assert wait_for(lambda: value(metrics(pair), "lpd_interface_up", nic=pair.if_b) == 0, 5)
+    pair.run(pair.ns_b, ["ip", "addr", "del", f"{pair.ip4_b}/24", "dev", pair.if_b])
+    pair.run(pair.ns_b, ["ip", "addr", "add", f"{pair.ip4_b}/16", "dev", pair.if_b])
+    pair.set_up(pair.ns_b, pair.if_b, True)
+    pair.settle()
+
+    def counted():
+        netns.inject(pair.ns_a, pair.if_a, [frame])
+        return value(metrics(pair), "lpd_transmit_bytes_total", local_ip=outside, nic=pair.if_b)
+    assert wait_for(counted, 8, 0.5), sorted(k for k in metrics(pair) if "transmit" in k[0])
