@@ -468,17 +468,16 @@ def parse_args(argv):
 ###############################################################################
 # 3 Linux ABI: kernel constants and structures ################################
 ###############################################################################
-# provides: _align, ARPHRD_ETHER, BLOCK, BLOCK_*, BPF_MAP_DELETE_BATCH, BPF_MAP_UPDATE_BATCH,
-#   ETH_*, FRAME, FRAME_*, GSO_MAX_SEGS, GSO_NEVER, IFA_ADDRESS, IFA_LOCAL, IFADDRMSG,
+# provides: _align, ARPHRD_ETHER, ATTR_*, BLOCK, BLOCK_*, BPF_*, EBPF_*, EEXIST_NEG, ENOTSUPP,
+#   ETH_*, FP, FRAME, FRAME_*, GSO_MAX_SEGS, GSO_NEVER, HELPER, HELPERS, IFA_ADDRESS, IFA_LOCAL,
+#   IFADDRMSG,
 #   IFF_LOOPBACK, IFF_UP, IFREQ, IFREQ_HWADDR, IFREQ_INT, MEMBARRIER_CMD_GLOBAL, NETLINK_ROUTE,
-#   NLM_F_DUMP, NLM_F_REQUEST, NLMSG_*, NLMSGERR, NLMSGHDR, NR_MEMBARRIER, PACKET_*,
-#   RING_BLOCK_BYTES, RING_RETIRE_MS, RTA_ALIGNTO, RTATTR, RTM_GETADDR, RTM_NEWADDR, SIOCGIFFLAGS,
-#   SIOCGIFHWADDR, SIOCGIFMTU, SLL_ADDR_LEN, SNAPLEN_ACCOUNTING, SNAPLEN_FULL, SO_ATTACH_BPF,
+#   NLM_F_DUMP, NLM_F_REQUEST, NLMSG_*, NLMSGERR, NLMSGHDR, NR_BPF, NR_MEMBARRIER, PACKET_*,
+#   PROG_INFO_*, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, RING_BLOCK_BYTES, RING_RETIRE_MS,
+#   RTA_ALIGNTO, RTATTR, RTM_GETADDR, RTM_NEWADDR, S16_MAX, S16_MIN, SIOCGIFFLAGS, SIOCGIFHWADDR,
+#   SIOCGIFMTU, SKB_*, SLL_ADDR_LEN, SNAPLEN_ACCOUNTING, SNAPLEN_FULL, SO_ATTACH_BPF,
 #   SO_ATTACH_FILTER, SOCK_FILTER, SOCK_FPROG, SOL_PACKET, TP_*, TPACKET_*, U32, V3_ALIGNMENT,
 #   VIRTIO_*
-#
-# The eBPF engine still declares its own (the instruction set, bpf(2)'s commands
-# and attributes, struct __sk_buff) in 13.1 and 13.2.
 
 # Interfaces (linux/sockios.h, linux/if.h).
 SIOCGIFFLAGS = 0x8913
@@ -545,9 +544,98 @@ NR_MEMBARRIER = {"x86_64": 324, "aarch64": 283, "armv7l": 389, "i686": 375, "ris
     os.uname().machine)
 MEMBARRIER_CMD_GLOBAL = 1
 
-# bpf(2) batch commands (Linux 5.6+) on top of those of the eBPF chapter: one syscall
-# writes or deletes many map entries (union bpf_attr's batch layout, ATTR_MAP_BATCH).
+# eBPF (include/uapi/linux/bpf.h): the instruction set, helper ids, bpf(2)'s commands
+# and attributes, struct __sk_buff. Batch commands (Linux 5.6+): one syscall writes or
+# deletes many map entries.
+
+# struct bpf_insn { u8 code; u8 dst_reg:4, src_reg:4; s16 off; s32 imm; } (little-endian
+# bitfields on x86-64: dst in the low nibble). ld_imm64 takes two slots, the second with
+# only imm (the high 32 bits).
+BPF_INSN = struct.Struct("<BBhi")
+BPF_INSN_SIZE = BPF_INSN.size                        # 8
+
+# Classes (the classic ones keep their numbers; 6 and 7 are new)
+EBPF_LD, EBPF_LDX, EBPF_ST, EBPF_STX, EBPF_ALU, EBPF_JMP, EBPF_JMP32, EBPF_ALU64 = range(8)
+# Sizes and modes
+EBPF_W, EBPF_H, EBPF_B, EBPF_DW = 0x00, 0x08, 0x10, 0x18
+EBPF_IMM, EBPF_ABS, EBPF_IND, EBPF_MEM, EBPF_MEMSX, EBPF_ATOMIC = 0x00, 0x20, 0x40, 0x60, 0x80, 0xc0
+# ALU operations (BPF_ALU / BPF_ALU64)
+EBPF_ADD, EBPF_SUB, EBPF_MUL, EBPF_DIV, EBPF_OR, EBPF_AND, EBPF_LSH, EBPF_RSH = range(0, 0x80, 0x10)
+EBPF_NEG, EBPF_MOD, EBPF_XOR, EBPF_MOV, EBPF_ARSH, EBPF_END = 0x80, 0x90, 0xa0, 0xb0, 0xc0, 0xd0
+EBPF_K, EBPF_X = 0x00, 0x08                          # operand: imm or src_reg
+EBPF_TO_LE, EBPF_TO_BE = 0x00, 0x08                  # BPF_END's source bit
+# Jump operations (BPF_JMP: 64-bit compare, BPF_JMP32: low 32 bits)
+EBPF_JA, EBPF_JEQ, EBPF_JGT, EBPF_JGE, EBPF_JSET, EBPF_JNE = 0x00, 0x10, 0x20, 0x30, 0x40, 0x50
+EBPF_JSGT, EBPF_JSGE, EBPF_CALL, EBPF_EXIT = 0x60, 0x70, 0x80, 0x90
+EBPF_JLT, EBPF_JLE, EBPF_JSLT, EBPF_JSLE = 0xa0, 0xb0, 0xc0, 0xd0
+EBPF_FETCH = 0x01                                     # atomic: old value back in src_reg
+BPF_PSEUDO_MAP_FD = 1                                 # ld_imm64 src_reg: imm is a map fd
+BPF_PSEUDO_CALL = 1                                   # call src_reg: imm is a pc offset
+
+R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10 = range(11)
+FP = R10
+EBPF_STACK_MAX = 512
+S16_MIN, S16_MAX = -(1 << 15), (1 << 15) - 1
+
+# Helper ids (include/uapi/linux/bpf.h, __BPF_FUNC_MAPPER order; stable ABI).
+HELPERS = {
+    1: "map_lookup_elem", 2: "map_update_elem", 3: "map_delete_elem", 5: "ktime_get_ns",
+    6: "trace_printk", 7: "get_prandom_u32", 8: "get_smp_processor_id", 12: "tail_call",
+    25: "perf_event_output", 26: "skb_load_bytes", 46: "get_socket_cookie",
+    47: "get_socket_uid", 68: "skb_load_bytes_relative", 130: "ringbuf_output",
+    181: "loop",
+}
+HELPER = {name: n for n, name in HELPERS.items()}
+BPF_NOEXIST = 1                                       # map_update_elem flags
+EEXIST_NEG = -errno.EEXIST
+
+NR_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "i686": 357, "riscv64": 280}.get(
+    os.uname().machine, 321)
+BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 0, 1, 2, 3
+BPF_MAP_GET_NEXT_KEY, BPF_PROG_LOAD, BPF_PROG_TEST_RUN, BPF_OBJ_GET_INFO_BY_FD = 4, 5, 10, 15
+BPF_MAP_LOOKUP_AND_DELETE_ELEM, BPF_MAP_LOOKUP_BATCH = 21, 24
+BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY = 1, 2, 5, 6
+BPF_PROG_TYPE_SOCKET_FILTER = 1
+BPF_OBJ_NAME_LEN = 16
 BPF_MAP_UPDATE_BATCH, BPF_MAP_DELETE_BATCH = 26, 27
+ENOTSUPP = 524                     # the kernel's internal "not supported" (no errno name)
+
+# union bpf_attr, one layout per command (only the fields lpd sets; the kernel wants the
+# rest zero up to the size passed, which is this struct's size).
+ATTR_MAP_CREATE = struct.Struct("=IIIIIII16s")       # type, key, value, max, flags, inner, numa, name
+ATTR_MAP_ELEM = struct.Struct("=IxxxxQQQ")           # fd, key*, value*/next_key*, flags
+ATTR_MAP_BATCH = struct.Struct("=QQQQIIQQ")          # in_batch*, out_batch*, keys*, values*, count, fd, elem_flags, flags
+ATTR_MAP_BATCH_COUNT_OFF = 32                        # where the kernel writes back `count`
+ATTR_PROG_LOAD = struct.Struct("=IIQQIIQII16s")      # type, insn_cnt, insns*, license*, log_level, log_size, log_buf*, kern_version, flags, name
+ATTR_TEST_RUN = struct.Struct("=IIIIQQIIIIQQIII4x")  # fd, retval, size_in, size_out, in*, out*, repeat, duration, ctx_in/out ...
+ATTR_TEST_RUN_RETVAL = slice(4, 8)
+ATTR_TEST_RUN_DURATION = slice(36, 40)
+ATTR_INFO = struct.Struct("=IIQ")                    # bpf_fd, info_len, info*
+# struct bpf_prog_info: the fields lpd reads (offsets from include/uapi/linux/bpf.h).
+PROG_INFO_SIZE = 232
+PROG_INFO_JITED_LEN_OFF, PROG_INFO_XLATED_LEN_OFF = 16, 20      # after type, id, tag[8]
+PROG_INFO_RUN_TIME_OFF, PROG_INFO_RUN_CNT_OFF = 192, 200        # run_time_ns, run_cnt (u64)
+PROG_INFO_VERIFIED_INSNS_OFF = 216
+
+# __sk_buff (include/uapi/linux/bpf.h): what a socket program reads.
+# Offsets of struct __sk_buff, the socket program's context. The verifier rewrites each
+# load into a load from the real sk_buff (bpf_convert_ctx_access); loads must be 4 bytes
+# and aligned, except the 8-byte ones (tstamp, hwtstamp). Which offsets a SOCKET_FILTER
+# may read on a kernel: the eBPF chapter's `probe` (sk_filter_is_valid_access).
+SKB_FIELDS = (
+    ("len", 0), ("pkt_type", 4), ("mark", 8), ("queue_mapping", 12), ("protocol", 16),
+    ("vlan_present", 20), ("vlan_tci", 24), ("vlan_proto", 28), ("priority", 32),
+    ("ingress_ifindex", 36), ("ifindex", 40), ("tc_index", 44), ("cb[0]", 48), ("cb[1]", 52),
+    ("cb[2]", 56), ("cb[3]", 60), ("cb[4]", 64), ("hash", 68), ("tc_classid", 72), ("data", 76),
+    ("data_end", 80), ("napi_id", 84), ("family", 88), ("remote_ip4", 92), ("local_ip4", 96),
+    ("remote_ip6[0]", 100), ("local_ip6[0]", 116), ("remote_port", 132), ("local_port", 136),
+    ("data_meta", 140), ("flow_keys", 144), ("tstamp", 152), ("wire_len", 160),
+    ("gso_segs", 164), ("sk", 168), ("gso_size", 176), ("tstamp_type", 180), ("hwtstamp", 184),
+)
+SKB = dict(SKB_FIELDS)
+SKB_LEN, SKB_PKT_TYPE, SKB_PROTOCOL = SKB["len"], SKB["pkt_type"], SKB["protocol"]
+SKB_VLAN_PRESENT, SKB_VLAN_TCI, SKB_VLAN_PROTO = SKB["vlan_present"], SKB["vlan_tci"], SKB["vlan_proto"]
+SKB_GSO_SEGS, SKB_GSO_SIZE = SKB["gso_segs"], SKB["gso_size"]
 
 
 def _layout(fields, keep=None):
@@ -7836,51 +7924,10 @@ def format_rule_lines(rows):
 
 ###############################################################################
 # 13.1 Assembler ##############################################################
-# provides: alu32_imm, alu32_reg, alu64_imm, alu64_reg, assemble, atomic_add, BPF_INSN_SIZE,
-#   BPF_NOEXIST, call, disassemble, EBPF_*, EEXIST_NEG, endian_be, exit_insn, FP, ja, jmp_imm,
-#   jmp_reg, Label, ld_map_fd, ldx, mov32_imm, mov32_reg, mov64_imm, mov64_reg, R0, R1, R2, R3, R4,
-#   R5, R6, R7, R8, R9, st_imm, stx
+# provides: alu32_imm, alu32_reg, alu64_imm, alu64_reg, assemble, atomic_add, call, disassemble,
+#   endian_be, exit_insn, ja, jmp_imm, jmp_reg, Label, ld_map_fd, ldx, mov32_imm, mov32_reg,
+#   mov64_imm, mov64_reg, st_imm, stx
 
-# struct bpf_insn { u8 code; u8 dst_reg:4, src_reg:4; s16 off; s32 imm; } (little-endian
-# bitfields on x86-64: dst in the low nibble). ld_imm64 takes two slots, the second with
-# only imm (the high 32 bits).
-BPF_INSN = struct.Struct("<BBhi")
-BPF_INSN_SIZE = BPF_INSN.size                        # 8
-
-# Classes (the classic ones keep their numbers; 6 and 7 are new)
-EBPF_LD, EBPF_LDX, EBPF_ST, EBPF_STX, EBPF_ALU, EBPF_JMP, EBPF_JMP32, EBPF_ALU64 = range(8)
-# Sizes and modes
-EBPF_W, EBPF_H, EBPF_B, EBPF_DW = 0x00, 0x08, 0x10, 0x18
-EBPF_IMM, EBPF_ABS, EBPF_IND, EBPF_MEM, EBPF_MEMSX, EBPF_ATOMIC = 0x00, 0x20, 0x40, 0x60, 0x80, 0xc0
-# ALU operations (BPF_ALU / BPF_ALU64)
-EBPF_ADD, EBPF_SUB, EBPF_MUL, EBPF_DIV, EBPF_OR, EBPF_AND, EBPF_LSH, EBPF_RSH = range(0, 0x80, 0x10)
-EBPF_NEG, EBPF_MOD, EBPF_XOR, EBPF_MOV, EBPF_ARSH, EBPF_END = 0x80, 0x90, 0xa0, 0xb0, 0xc0, 0xd0
-EBPF_K, EBPF_X = 0x00, 0x08                          # operand: imm or src_reg
-EBPF_TO_LE, EBPF_TO_BE = 0x00, 0x08                  # BPF_END's source bit
-# Jump operations (BPF_JMP: 64-bit compare, BPF_JMP32: low 32 bits)
-EBPF_JA, EBPF_JEQ, EBPF_JGT, EBPF_JGE, EBPF_JSET, EBPF_JNE = 0x00, 0x10, 0x20, 0x30, 0x40, 0x50
-EBPF_JSGT, EBPF_JSGE, EBPF_CALL, EBPF_EXIT = 0x60, 0x70, 0x80, 0x90
-EBPF_JLT, EBPF_JLE, EBPF_JSLT, EBPF_JSLE = 0xa0, 0xb0, 0xc0, 0xd0
-EBPF_FETCH = 0x01                                     # atomic: old value back in src_reg
-BPF_PSEUDO_MAP_FD = 1                                 # ld_imm64 src_reg: imm is a map fd
-BPF_PSEUDO_CALL = 1                                   # call src_reg: imm is a pc offset
-
-R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10 = range(11)
-FP = R10
-EBPF_STACK_MAX = 512
-S16_MIN, S16_MAX = -(1 << 15), (1 << 15) - 1
-
-# Helper ids (include/uapi/linux/bpf.h, __BPF_FUNC_MAPPER order; stable ABI).
-HELPERS = {
-    1: "map_lookup_elem", 2: "map_update_elem", 3: "map_delete_elem", 5: "ktime_get_ns",
-    6: "trace_printk", 7: "get_prandom_u32", 8: "get_smp_processor_id", 12: "tail_call",
-    25: "perf_event_output", 26: "skb_load_bytes", 46: "get_socket_cookie",
-    47: "get_socket_uid", 68: "skb_load_bytes_relative", 130: "ringbuf_output",
-    181: "loop",
-}
-HELPER = {name: n for n, name in HELPERS.items()}
-BPF_NOEXIST = 1                                       # map_update_elem flags
-EEXIST_NEG = -errno.EEXIST
 
 
 class Insn(tuple):
@@ -8156,35 +8203,11 @@ def disassemble(image, labels=None):
 
 ###############################################################################
 # 13.2 Syscalls: bpf(2), maps, programs, test runs ############################
-# provides: attach, BPF_*, load_program, Map, Program, _round8, SKB_*, _syscall
+# provides: attach, load_program, Map, Program, _round8, _syscall
 
-NR_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "i686": 357, "riscv64": 280}.get(
-    os.uname().machine, 321)
-BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 0, 1, 2, 3
-BPF_MAP_GET_NEXT_KEY, BPF_PROG_LOAD, BPF_PROG_TEST_RUN, BPF_OBJ_GET_INFO_BY_FD = 4, 5, 10, 15
-BPF_MAP_LOOKUP_AND_DELETE_ELEM, BPF_MAP_LOOKUP_BATCH = 21, 24
-BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY = 1, 2, 5, 6
-BPF_PROG_TYPE_SOCKET_FILTER = 1
-BPF_OBJ_NAME_LEN = 16
 LOG_SIZE = 1 << 22                                   # verifier log: 4 MiB is plenty for lpd's programs
 LOG_LEVEL_BRANCHES = 1
 
-# union bpf_attr, one layout per command (only the fields lpd sets; the kernel wants the
-# rest zero up to the size passed, which is this struct's size).
-ATTR_MAP_CREATE = struct.Struct("=IIIIIII16s")       # type, key, value, max, flags, inner, numa, name
-ATTR_MAP_ELEM = struct.Struct("=IxxxxQQQ")           # fd, key*, value*/next_key*, flags
-ATTR_MAP_BATCH = struct.Struct("=QQQQIIQQ")          # in_batch*, out_batch*, keys*, values*, count, fd, elem_flags, flags
-ATTR_MAP_BATCH_COUNT_OFF = 32                        # where the kernel writes back `count`
-ATTR_PROG_LOAD = struct.Struct("=IIQQIIQII16s")      # type, insn_cnt, insns*, license*, log_level, log_size, log_buf*, kern_version, flags, name
-ATTR_TEST_RUN = struct.Struct("=IIIIQQIIIIQQIII4x")  # fd, retval, size_in, size_out, in*, out*, repeat, duration, ctx_in/out ...
-ATTR_TEST_RUN_RETVAL = slice(4, 8)
-ATTR_TEST_RUN_DURATION = slice(36, 40)
-ATTR_INFO = struct.Struct("=IIQ")                    # bpf_fd, info_len, info*
-# struct bpf_prog_info: the fields lpd reads (offsets from include/uapi/linux/bpf.h).
-PROG_INFO_SIZE = 232
-PROG_INFO_JITED_LEN_OFF, PROG_INFO_XLATED_LEN_OFF = 16, 20      # after type, id, tag[8]
-PROG_INFO_RUN_TIME_OFF, PROG_INFO_RUN_CNT_OFF = 192, 200        # run_time_ns, run_cnt (u64)
-PROG_INFO_VERIFIED_INSNS_OFF = 216
 U64 = struct.Struct("=Q")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -8235,7 +8258,6 @@ def _round8(n):
     return (n + 7) & ~7
 
 
-ENOTSUPP = 524                     # the kernel's internal "not supported" (no errno name)
 
 
 class Map:
@@ -8520,26 +8542,6 @@ def attach(sock, prog_fd):
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_BPF, struct.pack("=i", prog_fd))
 
 
-# -- __sk_buff (include/uapi/linux/bpf.h): what a socket program reads ---------
-
-# Offsets of struct __sk_buff, the socket program's context. The verifier rewrites each
-# load into a load from the real sk_buff (bpf_convert_ctx_access); loads must be 4 bytes
-# and aligned, except the 8-byte ones (tstamp, hwtstamp). Which offsets a SOCKET_FILTER
-# may read on a kernel: `probe` below (sk_filter_is_valid_access).
-SKB_FIELDS = (
-    ("len", 0), ("pkt_type", 4), ("mark", 8), ("queue_mapping", 12), ("protocol", 16),
-    ("vlan_present", 20), ("vlan_tci", 24), ("vlan_proto", 28), ("priority", 32),
-    ("ingress_ifindex", 36), ("ifindex", 40), ("tc_index", 44), ("cb[0]", 48), ("cb[1]", 52),
-    ("cb[2]", 56), ("cb[3]", 60), ("cb[4]", 64), ("hash", 68), ("tc_classid", 72), ("data", 76),
-    ("data_end", 80), ("napi_id", 84), ("family", 88), ("remote_ip4", 92), ("local_ip4", 96),
-    ("remote_ip6[0]", 100), ("local_ip6[0]", 116), ("remote_port", 132), ("local_port", 136),
-    ("data_meta", 140), ("flow_keys", 144), ("tstamp", 152), ("wire_len", 160),
-    ("gso_segs", 164), ("sk", 168), ("gso_size", 176), ("tstamp_type", 180), ("hwtstamp", 184),
-)
-SKB = dict(SKB_FIELDS)
-SKB_LEN, SKB_PKT_TYPE, SKB_PROTOCOL = SKB["len"], SKB["pkt_type"], SKB["protocol"]
-SKB_VLAN_PRESENT, SKB_VLAN_TCI, SKB_VLAN_PROTO = SKB["vlan_present"], SKB["vlan_tci"], SKB["vlan_proto"]
-SKB_GSO_SEGS, SKB_GSO_SIZE = SKB["gso_segs"], SKB["gso_size"]
 
 
 ###############################################################################
