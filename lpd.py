@@ -12660,10 +12660,20 @@ class Daemon:
             return
         if self.kernel is None:
             self.local.set_local_nets(nets)
+        elif self.ring is None:
+            # About to open a ring (no frame waits for this thread meanwhile), which must
+            # count by these networks from its first frame: built here.
+            try:
+                self.kernel.swap(None, self.kernel.prepare(self.rules, nets))
+            except (OSError, Untranslatable) as e:
+                log(LOG_ERR, f"{self.ifname}: eBPF program for the new networks: {e}; "
+                             "keeping the old ones")
+                return
+            self.local.set_local_nets(nets)
         elif self.reloader_idle():
-            # The networks are in the kernel's program: built on a thread of its own as
-            # a reload's is, adopted between blocks (apply_reload). Behind a running
-            # reload, the next check (a second later) asks again.
+            # Capturing: the program is built on a thread of its own as a reload's is,
+            # and adopted between blocks (apply_reload). Behind a running reload, the
+            # next check (a second later) asks again.
             self.reloader = threading.Thread(target=self._prepare_nets, args=(self.rules, nets),
                                              name="reload", daemon=True)
             self.reloader.start()
