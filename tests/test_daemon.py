@@ -763,3 +763,19 @@ def test_an_interface_back_with_new_networks_counts_them(pair):
         netns.inject(pair.ns_a, pair.if_a, [frame])
         return value(metrics(pair), "lpd_transmit_bytes_total", local_ip=outside, nic=pair.if_b)
     assert wait_for(counted, 8, 0.5), sorted(k for k in metrics(pair) if "transmit" in k[0])
+
+
+def test_an_interface_up_before_its_addresses_counts_them_once_they_come(pair):
+    """DHCP on a new link: capture starts with no networks, the addresses come while it
+    captures; the next interface check reads them (under ebpf its program is built on
+    the reload thread and swapped in between blocks) and B's address counts."""
+    for family in ("-4", "-6"):
+        pair.run(pair.ns_b, ["ip", family, "addr", "flush", "dev", pair.if_b])
+    Lpd(pair, "--mapping-url", "none", "--interval", "0.5")
+    pair.run(pair.ns_b, ["ip", "addr", "add", f"{pair.ip4_b}/24", "dev", pair.if_b])
+    pair.settle()
+
+    def counted():
+        pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [64])
+        return value(metrics(pair), "lpd_receive_bytes_total", local_ip=pair.ip4_b, nic=pair.if_b)
+    assert wait_for(counted, 8, 0.5)
