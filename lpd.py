@@ -47,15 +47,17 @@ each banner's "provides:" line says what later chapters take from it
     15.2 Prometheus
     15.3 The rule socket (bpfcountd's unix socket)
     15.4 JSON logs (conn log, HTTP log)
+    15.5 Stages: one table, one row per stage
   16 Daemon: wiring, signals, reload
   17 Workers: one capture process per core behind PACKET_FANOUT
   18 Offline replay and filter dumps
   19 Operator view: lpd top
   20 main
 
-Where a new stage goes: a Consumer subclass in 12 "Consumers" (what it wants
-decoded, its snapshot length, consume/tick/snapshot), a snapshot type in
-9 "Snapshots", its metrics in 15 "Exporters"; build_daemon() wires it in.
+Where a new stage goes: a sub-chapter of 12 "Consumers" (a Consumer subclass with its
+name, snapshot_type, what it wants decoded, consume/tick/snapshot/finish), its document
+in 15.1, its metric families in 15.2, and one row of STAGES in 15.5 (how the options
+build it); the daemon, the workers, -r, /api, --output and /metrics take it from there.
 """
 import argparse
 import bisect
@@ -5060,6 +5062,10 @@ class InterfaceSnapshot(NamedTuple):
                                  self.gso_unsplit + other.gso_unsplit,
                                  _add(self.unattributed, other.unattributed))
 
+    def retired(self):
+        """What stays of a dead worker's: its counts, not its interface up."""
+        return self._replace(up=False)
+
 
 class AddressSnapshot(NamedTuple):
     """Per local address: ((version, raw key), tx_b, tx_p, rx_b, rx_p, tx_bps, rx_bps)."""
@@ -5069,6 +5075,10 @@ class AddressSnapshot(NamedTuple):
     def merge(self, other):
         return AddressSnapshot(_merge_keyed(self.rows, other.rows, 1),
                                self.evictions + other.evictions)
+
+    def retired(self):
+        """What stays of a dead worker's: its counters, not its rates."""
+        return self._replace(rows=tuple(r[:1 + RX_PACKETS + 1] + (0, 0) for r in self.rows))
 
 
 class RemoteSnapshot(NamedTuple):
@@ -5714,8 +5724,10 @@ def gso_split(data, wirelen, tag_len, gso_type, gso_size):
 
 class Consumer:
     """A stage fed by the decoder. The capture thread is the only caller of every
-    method but snapshot()'s result, which is immutable."""
+    method but snapshot()'s result, which is immutable. Its name keys its snapshot in a
+    publication, its log and a worker's messages (STAGES lists the stages)."""
     name = ""
+    snapshot_type = None           # the NamedTuple snapshot() returns
     wants = frozenset()            # WANT_* lists this stage reads
     # Its last tick() ran out of budget with work still due: the capture loop gives it
     # another pass as soon as the ring is drained, not one tick later (a backlog of
@@ -5734,6 +5746,11 @@ class Consumer:
 
     def snapshot(self):
         raise NotImplementedError
+
+    def finish(self):
+        """The end of capture: what is still open ends (as in Zeek). True when the
+        snapshot may have changed, so the daemon publishes once more."""
+        return False
 
 
 class Decoder:
@@ -6002,10 +6019,10 @@ class LocalityOnly:
 ###############################################################################
 # 12 Consumers ################################################################
 ###############################################################################
-# provides: Connections, ConnectionSnapshot, format_rule_lines, HTTP_BUCKETS, HttpRequests,
-#   HttpSnapshot, IPV4_FRAG_MASK, IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, LIVE_STATES,
-#   LOCAL_EVICT_FRACTION, LocalAddresses, OFFLOAD_*, parse_filter_file, PROTO_NAMES,
-#   REMOTE_WEIGHT, RemoteAddresses, RuleCounter, TCP_PORTS
+# provides: Connections, format_rule_lines, HTTP_BUCKETS, HttpRequests, IPV4_FRAG_MASK,
+#   IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, LIVE_STATES, LOCAL_EVICT_FRACTION, LocalAddresses,
+#   OFFLOAD_*, parse_filter_file, PROTO_NAMES, REMOTE_WEIGHT, RemoteAddresses, RuleCounter,
+#   TCP_PORTS
 
 
 ###############################################################################
@@ -6057,6 +6074,7 @@ class LocalAddresses(Consumer):
     tick works on the addresses that changed since the last one, not on the table.
     """
     name = "addresses"
+    snapshot_type = AddressSnapshot
 
     def __init__(self, local_nets, idle_timeout=DEFAULT_IDLE_TIMEOUT, local_max=DEFAULT_LOCAL_MAX):
         self.idle_timeout, self.local_max = idle_timeout, local_max
@@ -6210,6 +6228,7 @@ class RemoteAddresses(Consumer):
     snapshot: a snapshot rebuilds the rows of those only.
     """
     name = "remotes"
+    snapshot_type = RemoteSnapshot
     wants = frozenset((WANT_REMOTE,))
 
     def __init__(self, remote_max=DEFAULT_REMOTE_MAX):
@@ -6274,8 +6293,8 @@ class RemoteAddresses(Consumer):
 
 ###############################################################################
 # 12.3 Connections (Zeek's conn.log semantics) ################################
-# provides: Connections, ConnectionSnapshot, IPV4_FRAG_MASK, IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN,
-#   LIVE_STATES, OFFLOAD_*, parse_l4, PROTO_NAMES, SEQ_HALF, SEQ_MOD, TH_*
+# provides: Connections, IPV4_FRAG_MASK, IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, LIVE_STATES,
+#   OFFLOAD_*, parse_l4, PROTO_NAMES, SEQ_HALF, SEQ_MOD, TH_*
 #
 # One entry per TCP or UDP connection, whichever way a frame travels, with Zeek's
 # endpoint state machine, history letters, payload sizes from sequence numbers,
@@ -6622,6 +6641,10 @@ class ConnectionSnapshot(NamedTuple):
                                   tuple(sorted(self.largest + other.largest, key=_record_bytes,
                                                reverse=True)[:CONN_LARGEST_KEPT]))
 
+    def retired(self):
+        """What stays of a dead worker's: its finished connections, not its open ones."""
+        return self._replace(rows=(), live=())
+
 
 def _record_bytes(rec):
     return rec["orig_ip_bytes"] + rec["resp_ip_bytes"]
@@ -6642,6 +6665,7 @@ class Connections(Consumer):
     credited(c).
     """
     name = "connections"
+    snapshot_type = ConnectionSnapshot
     wants = frozenset((WANT_RAW, WANT_TS))
 
     def __init__(self, conn_max=DEFAULT_CONN_MAX, timeout_tcp=DEFAULT_CONN_TIMEOUT_TCP,
@@ -6698,7 +6722,7 @@ class Connections(Consumer):
             (proto, dst, dport, src, sport)
         c = self.table.get(key)
         if c is not None and proto == IPPROTO_TCP and flags & TH_SYN and self._reused(c, src, sport, flags, seq):
-            self.finish(c)
+            self.end(c)
             c = None
         if c is None:
             c = self._open(key, proto, src, sport, dst, dport, flags, ts)
@@ -6954,9 +6978,9 @@ class Connections(Consumer):
             budget -= 1
             c.timer, c.attempt = 0, False
             if c.closed_fully():
-                self.finish(c)                     # the close delay is over
+                self.end(c)                        # the close delay is over
             elif c.o.state in (TCP_SYN_SENT, TCP_SYN_ACK_SENT) and c.r.state == TCP_INACTIVE:
-                self.finish(c)                     # the attempt timer: no answer
+                self.end(c)                        # the attempt timer: no answer
         for proto, active in self.activity.items():
             timeout = self.timeouts[proto]
             while active and budget:
@@ -6967,7 +6991,7 @@ class Connections(Consumer):
                 if c.offloaded and self.offload.refresh(c) and c.last + timeout > now:
                     self.credited(c)               # the kernel counted it since the tick
                     continue
-                self.finish(c)
+                self.end(c)
         self.behind = not budget
         if not budget:
             self.next_due = now                    # more are due: the next frame or pass goes on
@@ -6989,7 +7013,7 @@ class Connections(Consumer):
             c = min(fronts, key=lambda x: x.last)
             reason = "oldest"
         self.evictions[reason] += 1
-        self.finish(c)
+        self.end(c)
 
     def credited(self, c):
         """The offload counted frames of c: what packet() does for a frame besides the
@@ -7004,7 +7028,7 @@ class Connections(Consumer):
         self.activity[c.proto].move_to_end(key)
         self.touched.add(key)
 
-    def finish(self, c):
+    def end(self, c):
         """A connection ends: its state counted, its record logged, its entry gone."""
         if c.offloaded:
             self.offload.release(c)
@@ -7026,10 +7050,11 @@ class Connections(Consumer):
         if self.finished is not None:
             self.finished(rec)
 
-    def finish_all(self):
+    def finish(self):
         """End of a replay (or of capture): every open connection is finished."""
         for c in sorted(self.table.values(), key=lambda x: x.first):
-            self.finish(c)
+            self.end(c)
+        return True
 
     def tick(self, now):
         if now >= self.next_due:
@@ -7054,7 +7079,7 @@ class Connections(Consumer):
 
 ###############################################################################
 # 12.4 HTTP requests (TCP reassembly, HTTP/1.x) ###############################
-# provides: HTTP_BUCKETS, HttpRequests, HttpSnapshot, TCP_PORTS
+# provides: HTTP_BUCKETS, HttpRequests, TCP_PORTS
 #
 # Per TCP connection to or from an --http-ports port: each direction's bytes in sequence
 # order (retransmissions dropped, out-of-order segments held in a bounded buffer, a gap
@@ -7198,7 +7223,8 @@ def _finished_at(rec):
 class HttpRequests(Consumer):
     """HTTP/1.x requests on --http-ports, from the frames: `finished(record)` gets each
     request as an http.log record (Zeek's names where they exist)."""
-    name = "http"
+    name = "requests"
+    snapshot_type = HttpSnapshot
     wants = frozenset((WANT_RAW, WANT_TS))
 
     def __init__(self, ports=DEFAULT_HTTP_PORTS, finished=None, container=None):
@@ -7548,9 +7574,11 @@ class HttpRequests(Consumer):
             r.status = 0 if r.ttfb is None else r.status
             self._record(s, r)
 
-    def finish_all(self):
+    def finish(self):
+        """End of a replay (or of capture): every stream's pending requests are recorded."""
         for s in list(self.streams.values()):
             self.end(s)
+        return True
 
     def tick(self, now):
         while self.streams:
@@ -7857,6 +7885,7 @@ def parse_filter_file(path, mac):
 class RuleCounter(Consumer):
     """Compiled rules, their combined counting function and per-rule counters."""
     name = "rules"
+    snapshot_type = RuleSnapshot
     wants = frozenset((WANT_RAW,))
 
     def __init__(self, rules=()):
@@ -11001,13 +11030,15 @@ def remote_labeller(geo):
 ###############################################################################
 # 15 Exporters ################################################################
 ###############################################################################
-# provides: all_documents, api_answer, Collector, format_table, human_bytes, JsonLog,
-#   make_http_server, RuleSocketServer
+# provides: all_documents, api_answer, choose_stages, Collector, decoder_stages, format_table,
+#   human_bytes, make_http_server, open_logs, RuleSocketServer, STAGES, Wiring
 
 
 ###############################################################################
 # 15.1 Documents (/api/*, --output json and table) ############################
-# provides: all_documents, api_answer, format_table, human_bytes, Presentation
+# provides: addresses_document, API_ROWS_DEFAULT, API_ROWS_MAX, connections_document,
+#   containers_document, format_table, http_document, human_bytes, interface_document,
+#   Presentation, remotes_document, requests_document, rules_document
 #
 # One JSON document per kind, built from a publication by the thread that serves it:
 # GET /api/<kind>?top=N on the metrics port, and `--output json` prints them all
@@ -11129,7 +11160,7 @@ def _percentile(sorted_values, q):
 def http_document(snap, how, top=None):
     """--output json's "http": per server requests, errors (status 0 or 5xx), latency
     percentiles and routes; parse errors. `top`: the busiest servers, and routes each."""
-    http = snap.get("http")
+    http = snap.get("requests")
     if http is None:
         return None
     servers = {}
@@ -11146,7 +11177,7 @@ def http_document(snap, how, top=None):
 def requests_document(snap, how, top=None, server=None, rows=None):
     """/api/requests: the last requests per server, newest first (`top`: at most N each);
     `rows`: at most that many in all, servers in the order lpd first saw them."""
-    http = snap.get("http")
+    http = snap.get("requests")
     if http is None:
         return None
     recent, kept, total = {}, 0, 0
@@ -11183,57 +11214,6 @@ def rules_document(snap, how, top=None):
     ranked = _first(enumerate(rules.rows), top, lambda ir: (-ir[1][1], ir[0]))
     rows = [{"id": r[0], "bytes": r[1], "packets": r[2]} for _, r in ranked]
     return {**_envelope(snap, how), "rules": rows, **_cut(rows, len(rules.rows))}
-
-
-# /api/<kind>: a document, or None where the stage is off (404).
-DOCUMENTS = {"interface": interface_document, "addresses": addresses_document,
-             "remotes": remotes_document, "connections": connections_document,
-             "http": http_document, "requests": requests_document, "rules": rules_document,
-             "containers": containers_document}
-
-
-API_TOP = re.compile(r"[0-9]{1,9}")        # ASCII digits only: str.isdigit() takes '²'
-
-
-def api_answer(path, query, published, presentation):
-    """(HTTP status, JSON body) for GET /api/..., or None for another path."""
-    kind = path[len("/api/"):] if path.startswith("/api/") else None
-    if kind not in DOCUMENTS:
-        return None
-    top, filters = None, {}
-    asked = False
-    for part in query.split("&") if query else ():
-        name, _, value = part.partition("=")
-        if name == "top":
-            if not API_TOP.fullmatch(value):
-                return 400, json.dumps({"error": f"top must be a whole number, got {value!r}"})
-            top, asked = int(value), True
-        elif name == "limit" and kind == "requests":
-            if not API_TOP.fullmatch(value):
-                return 400, json.dumps({"error": f"limit must be a whole number, got {value!r}"})
-            top, asked = int(value), True
-        elif name == "server" and kind == "requests":
-            filters["server"] = urllib.parse.unquote(value)
-        elif name == "state" and kind == "connections":
-            if value not in LIVE_STATES:
-                return 400, json.dumps({"error": f"state must be one of {', '.join(LIVE_STATES)}, "
-                                                 f"got {value!r}"})
-            filters["state"] = value
-    rows = API_ROWS_MAX if asked else API_ROWS_DEFAULT
-    if kind == "requests":
-        filters["rows"] = rows            # `limit` is per server; the document's bound is this
-    else:
-        top = min(rows, API_ROWS_DEFAULT if top is None else top)
-    doc = DOCUMENTS[kind](published.latest(), presentation(), top, **filters)
-    if doc is None:
-        return 404, json.dumps({"error": f"{kind}: that stage is not enabled"})
-    return 200, json.dumps(doc, ensure_ascii=False)
-
-
-def all_documents(snap, how):
-    """--output json: every enabled stage's document, by kind."""
-    docs = {kind: make(snap, how) for kind, make in DOCUMENTS.items() if kind != "requests"}
-    return {kind: doc for kind, doc in docs.items() if doc is not None}
 
 
 BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
@@ -11356,7 +11336,8 @@ def format_table(docs):
 
 ###############################################################################
 # 15.2 Prometheus #############################################################
-# provides: Collector, make_http_server
+# provides: addresses_metrics, capture_metrics, connections_metrics, docker_metrics,
+#   make_http_server, metric_family, remotes_metrics, requests_metrics, rules_metrics
 #
 # Exporters read Published.latest(): a scrape never waits for capture, and capture
 # never waits for a scrape.
@@ -11398,164 +11379,175 @@ REMOTE_TOTALS = (
     ("lpd_remote_receive_packets", RX_PACKETS, "Packets received from remote addresses."))
 
 
-class Collector:
-    """Builds fresh metric families on every scrape from the latest publication."""
+def metric_family(cls, name, doc, labels, rows):
+    """A family of cls (CounterMetricFamily, ...): rows of (label values, value)."""
+    fam = cls(name, doc, labels=labels)
+    for values, v in rows:
+        fam.add_metric(values, v)
+    return fam
 
-    def __init__(self, published, mapping, nic, rule_socket=None, geo=None,
-                 threshold=DEFAULT_EXPORT_THRESHOLD, docker=None):
-        self.published, self.mapping, self.nic = published, mapping, nic
-        self.rule_socket = rule_socket      # its own counters, read as it counts them
-        self.geo, self.threshold, self.docker = geo, threshold, docker
-        self.engine = "cbpf"                # what counts: set by build_daemon
 
-    def presentation(self):
-        """One consistent set of labellers for a scrape or a document."""
-        return Presentation(self.nic, self.mapping.labeller(), remote_labeller(self.geo),
-                            self.threshold, self.docker)
+def capture_metrics(c, snap):
+    """The interface's and the capture processes' families, and the NIC mapping's. c: the
+    Collector (its nic, mapping); snap: the publication."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    family, nic = metric_family, c.nic
+    iface = snap.get("interface", InterfaceSnapshot())
+    for name, i, doc in INTERFACE_COUNTERS:
+        yield family(CounterMetricFamily, name, doc, ["nic"], [((nic,), iface.totals[i])])
+    # Per capture process: one process is worker "0"; with --workers, one series each
+    # (sum by (nic) for the interface's).
+    workers = snap.get("workers") or ((0, iface.frames, iface.drops),)
+    yield family(CounterMetricFamily, "lpd_capture_packets",
+                 "Frames copied to lpd through the ring (not those the eBPF engine "
+                 "counted in the kernel).", ["nic", "worker"], [((nic, str(i)), f) for i, f, _ in workers])
+    yield family(CounterMetricFamily, "lpd_capture_drops", "Frames the kernel dropped (ring full).",
+                 ["nic", "worker"], [((nic, str(i)), d) for i, _, d in workers])
+    yield family(CounterMetricFamily, "lpd_worker_restarts",
+                 "Capture workers that ended and were started again (--workers).", [],
+                 [((), snap.get("worker_restarts", 0))])
+    yield family(CounterMetricFamily, "lpd_gso_frames",
+                 "GSO/GRO super-frames counted as the frames the wire carried.",
+                 ["nic"], [((nic,), iface.gso_frames)])
+    yield family(CounterMetricFamily, "lpd_gso_unsplit",
+                 "GSO/GRO super-frames counted as one frame (headers not splittable).",
+                 ["nic"], [((nic,), iface.gso_unsplit)])
+    malformed = dict(iface.malformed)
+    yield family(CounterMetricFamily, "lpd_packets_malformed", "Frames not attributed: malformed.",
+                 ["reason"], [((r,), malformed.get(r, 0)) for r in MALFORMED_REASONS])
+    yield family(GaugeMetricFamily, "lpd_interface_up", "1 while lpd captures on the interface.",
+                 ["nic"], [((nic,), 1.0 if iface.up else 0.0)])
+    yield family(CounterMetricFamily, "lpd_mapping_errors", "Failed NIC mapping fetches.",
+                 [], [((), c.mapping.errors)])
+    yield family(GaugeMetricFamily, "lpd_mapping_last_success_timestamp_seconds",
+                 "Unix time of the last good NIC mapping (0: never).", [],
+                 [((), c.mapping.last_success)])
 
-    def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        def family(cls, name, doc, labels, rows):
-            fam = cls(name, doc, labels=labels)
-            for values, v in rows:
-                fam.add_metric(values, v)
-            return fam
+def addresses_metrics(c, snap):
+    """The local addresses' families (a row of STAGES): localpacketdump's rates, lpd's
+    counters, and what the eBPF engine could not attribute."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    family = metric_family
+    label = c.mapping.labeller()
+    addresses = snap.get("addresses", AddressSnapshot())
+    hosts = []
+    for row in addresses.rows:
+        a = address(row[0])
+        hosts.append((str(a), label(a), row[1:]))
+    for name, i, doc, total_name, total_doc in RATE_GAUGES:
+        yield family(GaugeMetricFamily, name, doc, ["local_ip", "nic"],
+                     [((a, n), r[4 + i]) for a, n, r in hosts])
+        per_nic = {}
+        for _, n, r in hosts:
+            per_nic[n] = per_nic.get(n, 0.0) + r[4 + i]
+        yield family(GaugeMetricFamily, total_name, total_doc, ["nic"],
+                     [((n,), v) for n, v in per_nic.items()])
+    for name, i, doc in ADDRESS_COUNTERS:
+        yield family(CounterMetricFamily, name, doc, ["local_ip", "nic"],
+                     [((a, n), r[i]) for a, n, r in hosts])
+    yield family(GaugeMetricFamily, "lpd_local_addresses", "Local addresses tracked.",
+                 [], [((), len(addresses.rows))])
+    yield family(CounterMetricFamily, "lpd_local_evictions",
+                 "Local addresses dropped, least traffic first, because --local-max was reached.",
+                 [], [((), addresses.evictions)])
+    iface = snap.get("interface", InterfaceSnapshot())
+    for unit, n in zip(("bytes", "packets"), iface.unattributed):
+        yield family(CounterMetricFamily, f"lpd_local_unattributed_{unit}",
+                     f"The {unit} of local addresses the eBPF engine's tables had no room "
+                     "for (in the interface totals, not per address).", ["nic"], [((c.nic,), n)])
 
-        snap = self.published.latest()
-        iface = snap.get("interface", InterfaceSnapshot())
-        label = self.mapping.labeller()
-        nic = self.nic
-        hosts = []
-        for row in snap.get("addresses", AddressSnapshot()).rows:
-            a = address(row[0])
-            hosts.append((str(a), label(a), row[1:]))
-        for name, i, doc, total_name, total_doc in RATE_GAUGES:
-            yield family(GaugeMetricFamily, name, doc, ["local_ip", "nic"],
-                         [((a, n), r[4 + i]) for a, n, r in hosts])
-            per_nic = {}
-            for _, n, r in hosts:
-                per_nic[n] = per_nic.get(n, 0.0) + r[4 + i]
-            yield family(GaugeMetricFamily, total_name, total_doc, ["nic"],
-                         [((n,), v) for n, v in per_nic.items()])
-        for name, i, doc in ADDRESS_COUNTERS:
-            yield family(CounterMetricFamily, name, doc, ["local_ip", "nic"],
-                         [((a, n), r[i]) for a, n, r in hosts])
-        addresses = snap.get("addresses", AddressSnapshot())
-        yield family(GaugeMetricFamily, "lpd_local_addresses", "Local addresses tracked.",
-                     [], [((), len(addresses.rows))])
-        yield family(CounterMetricFamily, "lpd_local_evictions",
-                     "Local addresses dropped, least traffic first, because --local-max was reached.",
-                     [], [((), addresses.evictions)])
-        for unit, n in zip(("bytes", "packets"), iface.unattributed):
-            yield family(CounterMetricFamily, f"lpd_local_unattributed_{unit}",
-                         f"The {unit} of local addresses the eBPF engine's tables had no room "
-                         "for (in the interface totals, not per address).", ["nic"], [((nic,), n)])
-        for name, i, doc in INTERFACE_COUNTERS:
-            yield family(CounterMetricFamily, name, doc, ["nic"], [((nic,), iface.totals[i])])
-        # Per capture process: one process is worker "0"; with --workers, one series each
-        # (sum by (nic) for the interface's).
-        workers = snap.get("workers") or ((0, iface.frames, iface.drops),)
-        yield family(CounterMetricFamily, "lpd_capture_packets",
-                     "Frames copied to lpd through the ring (not those the eBPF engine "
-                     "counted in the kernel).", ["nic", "worker"], [((nic, str(i)), f) for i, f, _ in workers])
-        yield family(CounterMetricFamily, "lpd_capture_drops", "Frames the kernel dropped (ring full).",
-                     ["nic", "worker"], [((nic, str(i)), d) for i, _, d in workers])
-        yield family(CounterMetricFamily, "lpd_worker_restarts",
-                     "Capture workers that ended and were started again (--workers).", [],
-                     [((), snap.get("worker_restarts", 0))])
-        yield family(CounterMetricFamily, "lpd_gso_frames",
-                     "GSO/GRO super-frames counted as the frames the wire carried.",
-                     ["nic"], [((nic,), iface.gso_frames)])
-        yield family(CounterMetricFamily, "lpd_gso_unsplit",
-                     "GSO/GRO super-frames counted as one frame (headers not splittable).",
-                     ["nic"], [((nic,), iface.gso_unsplit)])
-        malformed = dict(iface.malformed)
-        yield family(CounterMetricFamily, "lpd_packets_malformed", "Frames not attributed: malformed.",
-                     ["reason"], [((r,), malformed.get(r, 0)) for r in MALFORMED_REASONS])
-        yield family(GaugeMetricFamily, "lpd_interface_up", "1 while lpd captures on the interface.",
-                     ["nic"], [((nic,), 1.0 if iface.up else 0.0)])
-        yield family(CounterMetricFamily, "lpd_mapping_errors", "Failed NIC mapping fetches.",
-                     [], [((), self.mapping.errors)])
-        yield family(GaugeMetricFamily, "lpd_mapping_last_success_timestamp_seconds",
-                     "Unix time of the last good NIC mapping (0: never).", [],
-                     [((), self.mapping.last_success)])
-        remotes = snap.get("remotes")
-        if remotes is not None:
-            yield from self._remotes(remotes, family, CounterMetricFamily, GaugeMetricFamily)
-        conns = snap.get("connections")
-        if conns is not None:
-            yield family(GaugeMetricFamily, "lpd_connections", "Open connections by live state.",
-                         ["proto", "state"], [((p, st), n) for p, st, n in conns.live])
-            yield family(CounterMetricFamily, "lpd_connections_closed",
-                         "Finished connections by Zeek conn_state.", ["proto", "conn_state"],
-                         [((p, cs), n) for p, cs, n in conns.closed])
-            yield family(CounterMetricFamily, "lpd_connection_evictions",
-                         "Connections finished early because --conn-max was reached.",
-                         ["reason"], [((r,), n) for r, n in conns.evictions])
-        http = snap.get("http")
-        if http is not None:
-            from prometheus_client.core import HistogramMetricFamily
-            fam = HistogramMetricFamily(
-                "http_server_request_duration_seconds",
-                "Duration of HTTP server requests, from packets (OpenTelemetry semantic conventions).",
-                labels=["http_request_method", "http_response_status_code", "http_route",
-                        "server_address", "server_port", "container"])
-            bounds = [f"{b:g}" for b in HTTP_BUCKETS] + ["+Inf"]
-            for labels, counts, total, n in http.histogram:
-                fam.add_metric(list(labels), list(zip(bounds, itertools.accumulate(counts))), total)
-            yield fam
-            yield family(CounterMetricFamily, "lpd_http_parse_errors",
-                         "HTTP streams lpd stopped parsing, by reason.", ["reason"],
-                         [((r,), n) for r, n in http.parse_errors])
-        if self.docker is not None:
-            yield from self._docker(self.docker, family, CounterMetricFamily, GaugeMetricFamily)
-        rules = snap.get("rules", RuleSnapshot()).rows
-        yield family(CounterMetricFamily, "lpd_rule_packets", "Packets matching a rule.",
-                     ["rule"], [((r,), p) for r, _, p in rules])
-        yield family(CounterMetricFamily, "lpd_rule_bytes", "Bytes of packets matching a rule.",
-                     ["rule"], [((r,), b) for r, b, _ in rules])
-        if self.rule_socket is not None:
-            yield family(CounterMetricFamily, "lpd_rule_socket_truncated",
-                         "Rule socket dumps cut off: the client did not read them in time.", [],
-                         [((), self.rule_socket.truncated)])
-        yield family(GaugeMetricFamily, "lpd_build_info", "lpd's version and counting engine.",
-                     ["version", "engine"], [((__version__, self.engine), 1.0)])
 
-    @staticmethod
-    def _docker(engine, family, counter, gauge):
-        containers = sorted((raw_address(raw), c.name, c.image) for raw, c in engine.current.items())
-        yield family(gauge, "lpd_container_info",
-                     "1 per address of a running container: joins local_ip to its name.",
-                     ["local_ip", "container", "image"], [(row, 1.0) for row in containers])
-        yield family(gauge, "lpd_docker_up", "1 while the container engine answers.", [],
-                     [((), 1.0 if engine.up else 0.0)])
-        yield family(counter, "lpd_docker_errors", "Failed requests to the container engine.",
-                     [], [((), engine.errors)])
-        yield family(gauge, "lpd_docker_last_success_timestamp_seconds",
-                     "Unix time of the last good container list (0: never).", [],
-                     [((), engine.last_success)])
+def remotes_metrics(c, snap):
+    """The remote addresses' families (a row of STAGES): ip_traffic_monitor_cli's series
+    of the remotes past the threshold, lpd's totals; none without --remote."""
+    from prometheus_client.core import CounterMetricFamily as counter, GaugeMetricFamily as gauge
+    remotes = snap.get("remotes")
+    if remotes is None:
+        return
+    family, geo, nic = metric_family, remote_labeller(c.geo), c.nic
+    exported = [(r, (str(address(r[0])), *geo(r[0]))) for r in remotes.rows
+                if r[1 + TX_BYTES] + r[1 + RX_BYTES] > c.threshold]
+    for name, i, doc in REMOTE_SERIES:
+        yield family(counter, name, doc, REMOTE_LABELS, [(labels, r[i]) for r, labels in exported])
+    for name, i, doc in REMOTE_TOTALS:
+        yield family(counter, name, doc, ["nic"], [((nic,), remotes.totals[i])])
+    yield family(gauge, "lpd_remote_addresses", "Remote addresses tracked.", ["nic"],
+                 [((nic,), len(remotes.rows))])
+    yield family(counter, "lpd_remote_evictions",
+                 "Remote addresses dropped from the table (space-saving: the lightest).",
+                 ["nic"], [((nic,), remotes.evictions)])
+    yield family(gauge, "lpd_remote_error_bound_bytes",
+                 "Most bytes an untracked remote carried; an exported one may lack up to this.",
+                 ["nic"], [((nic,), remotes.floor)])
+    if c.geo is not None:
+        yield family(counter, "lpd_geoip_errors",
+                     "GeoIP failures: databases that failed to reopen, lookups that failed.",
+                     [], [((), c.geo.errors)])
 
-    def _remotes(self, remotes, family, counter, gauge):
-        geo, nic = remote_labeller(self.geo), self.nic
-        exported = [(r, (str(address(r[0])), *geo(r[0]))) for r in remotes.rows
-                    if r[1 + TX_BYTES] + r[1 + RX_BYTES] > self.threshold]
-        for name, i, doc in REMOTE_SERIES:
-            yield family(counter, name, doc, REMOTE_LABELS, [(labels, r[i]) for r, labels in exported])
-        for name, i, doc in REMOTE_TOTALS:
-            yield family(counter, name, doc, ["nic"], [((nic,), remotes.totals[i])])
-        yield family(gauge, "lpd_remote_addresses", "Remote addresses tracked.", ["nic"],
-                     [((nic,), len(remotes.rows))])
-        yield family(counter, "lpd_remote_evictions",
-                     "Remote addresses dropped from the table (space-saving: the lightest).",
-                     ["nic"], [((nic,), remotes.evictions)])
-        yield family(gauge, "lpd_remote_error_bound_bytes",
-                     "Most bytes an untracked remote carried; an exported one may lack up to this.",
-                     ["nic"], [((nic,), remotes.floor)])
-        if self.geo is not None:
-            yield family(counter, "lpd_geoip_errors",
-                         "GeoIP failures: databases that failed to reopen, lookups that failed.",
-                         [], [((), self.geo.errors)])
+
+def connections_metrics(c, snap):
+    """The connections' families (a row of STAGES); none without --connections."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    conns, family = snap.get("connections"), metric_family
+    if conns is None:
+        return
+    yield family(GaugeMetricFamily, "lpd_connections", "Open connections by live state.",
+                 ["proto", "state"], [((p, st), n) for p, st, n in conns.live])
+    yield family(CounterMetricFamily, "lpd_connections_closed",
+                 "Finished connections by Zeek conn_state.", ["proto", "conn_state"],
+                 [((p, cs), n) for p, cs, n in conns.closed])
+    yield family(CounterMetricFamily, "lpd_connection_evictions",
+                 "Connections finished early because --conn-max was reached.",
+                 ["reason"], [((r,), n) for r, n in conns.evictions])
+
+
+def requests_metrics(c, snap):
+    """The HTTP requests' families (a row of STAGES): OpenTelemetry's duration
+    histogram, parse errors; none without --http."""
+    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+    http = snap.get("requests")
+    if http is None:
+        return
+    fam = HistogramMetricFamily(
+        "http_server_request_duration_seconds",
+        "Duration of HTTP server requests, from packets (OpenTelemetry semantic conventions).",
+        labels=["http_request_method", "http_response_status_code", "http_route",
+                "server_address", "server_port", "container"])
+    bounds = [f"{b:g}" for b in HTTP_BUCKETS] + ["+Inf"]
+    for labels, counts, total, n in http.histogram:
+        fam.add_metric(list(labels), list(zip(bounds, itertools.accumulate(counts))), total)
+    yield fam
+    yield metric_family(CounterMetricFamily, "lpd_http_parse_errors",
+                        "HTTP streams lpd stopped parsing, by reason.", ["reason"],
+                        [((r,), n) for r, n in http.parse_errors])
+
+
+def rules_metrics(c, snap):
+    """The rules' families (a row of STAGES), without samples when there are none."""
+    from prometheus_client.core import CounterMetricFamily
+    rules = snap.get("rules", RuleSnapshot()).rows
+    yield metric_family(CounterMetricFamily, "lpd_rule_packets", "Packets matching a rule.",
+                        ["rule"], [((r,), p) for r, _, p in rules])
+    yield metric_family(CounterMetricFamily, "lpd_rule_bytes", "Bytes of packets matching a rule.",
+                        ["rule"], [((r,), b) for r, b, _ in rules])
+
+
+def docker_metrics(engine):
+    """The container engine's families (--docker-socket)."""
+    from prometheus_client.core import CounterMetricFamily as counter, GaugeMetricFamily as gauge
+    family = metric_family
+    containers = sorted((raw_address(raw), c.name, c.image) for raw, c in engine.current.items())
+    yield family(gauge, "lpd_container_info",
+                 "1 per address of a running container: joins local_ip to its name.",
+                 ["local_ip", "container", "image"], [(row, 1.0) for row in containers])
+    yield family(gauge, "lpd_docker_up", "1 while the container engine answers.", [],
+                 [((), 1.0 if engine.up else 0.0)])
+    yield family(counter, "lpd_docker_errors", "Failed requests to the container engine.",
+                 [], [((), engine.errors)])
+    yield family(gauge, "lpd_docker_last_success_timestamp_seconds",
+                 "Unix time of the last good container list (0: never).", [],
+                 [((), engine.last_success)])
 
 
 # Limits of the metrics endpoint. A scraper sends a small request at once and reads
@@ -12232,11 +12224,209 @@ class JsonLog:
 
 
 ###############################################################################
+# 15.5 Stages: one table, one row per stage ###################################
+# provides: all_documents, api_answer, choose_stages, Collector, decoder_stages, open_logs,
+#   STAGES, Wiring
+#
+# A stage is a Consumer subclass (12) and one row of STAGES. Its class's name keys its
+# snapshot in a publication, its JSON log and what a worker ships; the row says how the
+# options build it and which documents and metric families show it. Everything that
+# handles stages iterates the table: choose_stages() (the daemon, each worker and -r),
+# publishing and finishing (16), the workers' pipes and their merge (17), DOCUMENTS and
+# the Collector below.
+
+
+class Stage(NamedTuple):
+    """One row of STAGES."""
+    consumer: type                 # the Consumer subclass: its name, its snapshot_type
+    build: Callable                # (opts, Wiring) -> an instance, or None: the options leave it off
+    documents: tuple               # ((kind, document function), ...): /api/<kind>, --output's keys
+    metrics: Callable              # (Collector, publication) -> its metric families
+    log: str = ""                  # the option naming its JSON log, "" for none
+
+    @property
+    def name(self):
+        return self.consumer.name
+
+    def log_path(self, opts):
+        """The path its log option names (--conn-log: opts.conn_log), or None."""
+        return getattr(opts, self.log[2:].replace("-", "_")) if self.log else None
+
+
+class Wiring(NamedTuple):
+    """What the stages are built with beside the options (choose_stages)."""
+    local_nets: list               # the interface's networks, --local-net's or a replay's
+    idle_timeout: float            # the local addresses' bounds (a replay keeps every one)
+    local_max: int
+    rules: object                  # load_rules()'s RuleCounter, or None (no -f)
+    logs: dict                     # stage name -> its log (open_logs; a worker's ShippedLog)
+    names: object = None           # .name_of(raw address): HTTP servers' container names
+    pollers: list = None           # a stage's background Pollers are added here; None: none (-r)
+
+
+def _local_addresses(opts, w):
+    return LocalAddresses(w.local_nets, w.idle_timeout, w.local_max)
+
+
+def _remote_addresses(opts, w):
+    return RemoteAddresses(opts.remote_max) if opts.remote else None
+
+
+def _connections(opts, w):
+    """--connections, with the processes behind local sockets where a Poller may run."""
+    if not opts.connections:
+        return None
+    log_ = w.logs.get(Connections.name)
+    procs = ProcessTable(log) if w.pollers is not None else None
+    conns = Connections(opts.conn_max, opts.conn_timeout_tcp, opts.conn_timeout_udp,
+                        log_.write if log_ is not None else None,
+                        procs.want if procs is not None else None)
+    if procs is not None:
+        procs.deliver = conns.refreshed.append
+        w.pollers.append(procs)
+    return conns
+
+
+def _http_requests(opts, w):
+    if not opts.http:
+        return None
+    log_ = w.logs.get(HttpRequests.name)
+    return HttpRequests(opts.http_ports, log_.write if log_ is not None else None,
+                        w.names.name_of if w.names else None)
+
+
+def _rules(opts, w):
+    """-f's rules, loaded by the caller: a reload loads them again (load_rules)."""
+    return w.rules
+
+
+# Every stage, in the order they are built, fed, published and shown. The local
+# addresses come first: the decoder counts them inline, every other stage it feeds.
+STAGES = (
+    Stage(LocalAddresses, _local_addresses, (("addresses", addresses_document),),
+          addresses_metrics),
+    Stage(RemoteAddresses, _remote_addresses, (("remotes", remotes_document),), remotes_metrics),
+    Stage(Connections, _connections, (("connections", connections_document),),
+          connections_metrics, "--conn-log"),
+    Stage(HttpRequests, _http_requests, (("http", http_document), ("requests", requests_document)),
+          requests_metrics, "--http-log"),
+    Stage(RuleCounter, _rules, (("rules", rules_document),), rules_metrics),
+)
+
+
+def choose_stages(opts, wiring):
+    """The stages the options ask for, by name in STAGES' order: the one place that
+    decides, for the daemon, each worker and -r."""
+    stages = {}
+    for row in STAGES:
+        stage = row.build(opts, wiring)
+        if stage is not None:
+            stages[row.name] = stage
+    return stages
+
+
+def decoder_stages(stages, kernel=None):
+    """What the decoder feeds, in STAGES' order: not the local addresses (it counts them
+    inline), nor rules when there are none or the kernel counts them (--engine ebpf)."""
+    return [s for s in stages.values() if s.name != LocalAddresses.name and
+            (s.name != RuleCounter.name or (len(s) and kernel is None))]
+
+
+def open_logs(opts):
+    """The JSON logs the options name (--conn-log, --http-log), by stage name."""
+    return {row.name: JsonLog(row.log_path(opts), row.log) for row in STAGES
+            if row.log_path(opts)}
+
+
+# /api/<kind>: a document, or None where the stage is off (404): the interface's, every
+# stage's, the container engine's.
+DOCUMENTS = {"interface": interface_document,
+             **{kind: make for row in STAGES for kind, make in row.documents},
+             "containers": containers_document}
+
+
+API_TOP = re.compile(r"[0-9]{1,9}")        # ASCII digits only: str.isdigit() takes '²'
+
+
+def api_answer(path, query, published, presentation):
+    """(HTTP status, JSON body) for GET /api/..., or None for another path."""
+    kind = path[len("/api/"):] if path.startswith("/api/") else None
+    if kind not in DOCUMENTS:
+        return None
+    top, filters = None, {}
+    asked = False
+    for part in query.split("&") if query else ():
+        name, _, value = part.partition("=")
+        if name == "top":
+            if not API_TOP.fullmatch(value):
+                return 400, json.dumps({"error": f"top must be a whole number, got {value!r}"})
+            top, asked = int(value), True
+        elif name == "limit" and kind == "requests":
+            if not API_TOP.fullmatch(value):
+                return 400, json.dumps({"error": f"limit must be a whole number, got {value!r}"})
+            top, asked = int(value), True
+        elif name == "server" and kind == "requests":
+            filters["server"] = urllib.parse.unquote(value)
+        elif name == "state" and kind == "connections":
+            if value not in LIVE_STATES:
+                return 400, json.dumps({"error": f"state must be one of {', '.join(LIVE_STATES)}, "
+                                                 f"got {value!r}"})
+            filters["state"] = value
+    rows = API_ROWS_MAX if asked else API_ROWS_DEFAULT
+    if kind == "requests":
+        filters["rows"] = rows            # `limit` is per server; the document's bound is this
+    else:
+        top = min(rows, API_ROWS_DEFAULT if top is None else top)
+    doc = DOCUMENTS[kind](published.latest(), presentation(), top, **filters)
+    if doc is None:
+        return 404, json.dumps({"error": f"{kind}: that stage is not enabled"})
+    return 200, json.dumps(doc, ensure_ascii=False)
+
+
+def all_documents(snap, how):
+    """--output json: every enabled stage's document, by kind."""
+    docs = {kind: make(snap, how) for kind, make in DOCUMENTS.items() if kind != "requests"}
+    return {kind: doc for kind, doc in docs.items() if doc is not None}
+
+
+class Collector:
+    """Builds fresh metric families on every scrape from the latest publication: the
+    capture's, every stage's (STAGES), the container engine's and lpd's own."""
+
+    def __init__(self, published, mapping, nic, rule_socket=None, geo=None,
+                 threshold=DEFAULT_EXPORT_THRESHOLD, docker=None):
+        self.published, self.mapping, self.nic = published, mapping, nic
+        self.rule_socket = rule_socket      # its own counters, read as it counts them
+        self.geo, self.threshold, self.docker = geo, threshold, docker
+        self.engine = "cbpf"                # what counts: set by build_daemon
+
+    def presentation(self):
+        """One consistent set of labellers for a scrape or a document."""
+        return Presentation(self.nic, self.mapping.labeller(), remote_labeller(self.geo),
+                            self.threshold, self.docker)
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        snap = self.published.latest()
+        yield from capture_metrics(self, snap)
+        for row in STAGES:
+            yield from row.metrics(self, snap)
+        if self.docker is not None:
+            yield from docker_metrics(self.docker)
+        if self.rule_socket is not None:
+            yield metric_family(CounterMetricFamily, "lpd_rule_socket_truncated",
+                                "Rule socket dumps cut off: the client did not read them in time.",
+                                [], [((), self.rule_socket.truncated)])
+        yield metric_family(GaugeMetricFamily, "lpd_build_info", "lpd's version and counting engine.",
+                            ["version", "engine"], [((__version__, self.engine), 1.0)])
+
+
+###############################################################################
 # 16 Daemon: wiring, signals, reload ##########################################
 ###############################################################################
 # provides: build_capture, build_daemon, build_exporters, capture_interface, Daemon,
-#   interface_local_nets, kernel_program, load_rules, open_http, open_logs, SOCKET_FRESH_TIMEOUT,
-#   status_line, WAITING_LINE, whole_frames_program
+#   interface_local_nets, kernel_program, load_rules, SOCKET_FRESH_TIMEOUT, status_line,
+#   WAITING_LINE, whole_frames_program
 #
 # The capture thread (the main one) drains the ring, runs the decoder and the
 # consumers, and is the only writer of every counter. Beside it: the HTTP server,
@@ -12358,21 +12548,25 @@ def status_line(ifname, snap, uptime):
 class Daemon:
     """Capture loop in the main thread; HTTP, mapping poller and rule socket beside it."""
 
-    def __init__(self, opts, ifname, decoder, rules, prefilter, mapping, published, http,
-                 rule_server=None, remotes=None, geo=None, collector=None, conns=None,
-                 conn_log=None, procs=None, http_requests=None, http_log=None, docker=None):
+    def __init__(self, opts, ifname, capture, published, exporters=None, logs=None,
+                 awaiting=False):
+        """capture: build_capture()'s parts; exporters: build_exporters()'s, or None (a
+        worker's: its parent serves); logs: the stages' JSON logs by name (open_logs);
+        awaiting: --wait-interface and the interface is not there yet."""
         self.opts, self.ifname = opts, ifname
-        self.decoder, self.local, self.rules = decoder, decoder.local, rules
-        self.remotes, self.geo, self.collector = remotes, geo, collector
-        self.conns, self.conn_log, self.procs = conns, conn_log, procs
-        self.http_stage, self.http_log, self.docker = http_requests, http_log, docker
-        self.whole = whole_frames_program(http_requests.ports) if http_requests else None
-        self.logs = [x for x in (conn_log, http_log) if x is not None]
+        self.decoder, self.local = capture.decoder, capture.decoder.local
+        self.stages = dict(capture.stages)   # name -> stage, in STAGES' order (rules: see below)
+        self.pollers = capture.pollers       # the stages' own threads (the process table)
+        exp = exporters if exporters is not None else Exporters(*(None,) * len(Exporters._fields))
+        self.mapping, self.geo, self.docker = exp.mapping, exp.geo, exp.docker
+        self.rule_server, self.collector, self.metrics = exp.rule_server, exp.collector, exp.metrics
+        requests = self.stages.get(HttpRequests.name)
+        self.whole = whole_frames_program(requests.ports) if requests else None
+        self.logs = list((logs or {}).values())
         self.clock = 0.0                 # the packet clock (see now())
         self.covered = None              # when the ring last handed over blocks, since the tick
         self.stopped_for_duration = False
-        self.prefilter, self.mapping, self.published = prefilter, mapping, published
-        self.http, self.rule_server = http, rule_server
+        self.prefilter, self.published = capture.prefilter, published
         self.ring = None
         self.past_drops = 0              # from rings closed when the interface went away
         self.stop_requested = self.reload_requested = self.status_requested = False
@@ -12388,12 +12582,12 @@ class Daemon:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         published.set_waker(self._wake)
         self.fanout = None               # a worker's PACKET_FANOUT argument
-        self.kernel = None               # --engine ebpf: the KernelAccounting
-        self.engine = "engine cbpf"      # which counts, and why (the start-up line)
+        self.kernel = capture.kernel     # --engine ebpf: the KernelAccounting
+        self.engine = capture.engine     # which counts, and why (the start-up line)
         self.control = {}                # fd -> handler, polled beside the ring (a worker's pipe)
         # --wait-interface and the interface was not there at start: nothing read from it
-        # yet (set by whoever built the parts, from capture_interface())
-        self.awaiting = False
+        # yet (whoever built the parts says so, from capture_interface())
+        self.awaiting = awaiting
         self.captured = False            # a ring was open once: a new one is "capturing again"
         self.mac = None                  # the interface's address when capture last opened
 
@@ -12405,10 +12599,21 @@ class Daemon:
 
     # -- snapshots ------------------------------------------------------------
 
+    @property
+    def rules(self):
+        """The rules stage as it is now (a reload swaps it), or None."""
+        return self.stages.get(RuleCounter.name)
+
+    @rules.setter
+    def rules(self, rules):
+        stages = dict(self.stages)
+        stages[RuleCounter.name] = rules
+        self.stages = {row.name: stages[row.name] for row in STAGES
+                       if stages.get(row.name) is not None}
+
     def consumers(self):
-        """The decoder's stages: the remotes, and the rules when there are any."""
-        return [c for c in (self.remotes, self.conns, self.http_stage) if c is not None] + \
-            [c for c in (self.rules,) if c is not None and len(c) and self.kernel is None]
+        """The decoder's stages (decoder_stages), with the rules as they are now."""
+        return decoder_stages(self.stages, self.kernel)
 
     def now(self):
         """The packet clock: the kernel's timestamp of the last frame drained, moving on
@@ -12428,12 +12633,15 @@ class Daemon:
             if kernel
             else self.decoder.snapshot(drops, ring is not None),
         }
-        if self.rules is not None:            # no filter file: no rules stage (/api/rules 404s)
-            snaps["rules"] = kernel.rule_snapshot() if kernel else self.rules.snapshot()
-        for name, stage in (("addresses", self.local), ("remotes", self.remotes),
-                            ("connections", self.conns), ("http", self.http_stage)):
-            if stage is not None:
-                snaps[name] = stage.snapshot() if tables or name not in latest else latest[name]
+        # No filter file: no rules stage (/api/rules 404s). The rules are always fresh
+        # (the dump is theirs), and counted by the kernel where it counts.
+        for name, stage in self.stages.items():
+            if stage is self.rules and kernel:
+                snaps[name] = kernel.rule_snapshot()
+            elif tables or stage is self.rules or name not in latest:
+                snaps[name] = stage.snapshot()
+            else:
+                snaps[name] = latest[name]
         self.published.publish(snaps)
 
     def tick(self):
@@ -12717,17 +12925,18 @@ class Daemon:
         for fd in self.control:
             self.poller.register(fd, select.POLLIN)
         threads = []
-        if self.http is not None:
-            threads.append(threading.Thread(target=self.http.serve_forever, name="http", daemon=True))
+        if self.metrics is not None:
+            threads.append(threading.Thread(target=self.metrics.serve_forever, name="metrics",
+                                            daemon=True))
         if self.opts.mapping_url:
             threads.append(threading.Thread(target=self.mapping.run, args=(self.stop_event,),
                                             name="mapping", daemon=True))
         if self.geo is not None:
             threads.append(threading.Thread(target=self.geo.run, args=(self.stop_event,),
                                             name="geoip", daemon=True))
-        if self.procs is not None:
-            threads.append(threading.Thread(target=self.procs.run, args=(self.stop_event,),
-                                            name="processes", daemon=True))
+        for poller in self.pollers:
+            threads.append(threading.Thread(target=poller.run, args=(self.stop_event,),
+                                            name=poller.name, daemon=True))
         if self.docker is not None:
             threads.append(threading.Thread(target=self.docker.run, args=(self.stop_event,),
                                             name="docker", daemon=True))
@@ -12742,7 +12951,7 @@ class Daemon:
             if self.rule_server:
                 self.rule_server.start()
             doing = "waiting for" if self.awaiting else "capturing on"
-            if self.http is not None:
+            if self.metrics is not None:
                 log(LOG_INFO, f"{doing} {self.ifname} ({self.engine}); metrics on "
                               f"http://{self.opts.listen[0]}:{self.opts.listen[1]}/metrics")
             else:
@@ -12754,18 +12963,17 @@ class Daemon:
             self.stop_event.set()
             if self.docker is not None:
                 self.docker.wake()
-            if self.http is not None:
+            if self.metrics is not None:
                 if threads[0].is_alive():
-                    self.http.shutdown()
-                self.http.server_close()
+                    self.metrics.shutdown()
+                self.metrics.server_close()
             if self.rule_server:
                 self.rule_server.close()
             if self.ring is not None:
                 self.ring.close()
-            for stage in (self.conns, self.http_stage):
-                if stage is not None:        # open connections end with capture, as in Zeek
-                    stage.finish_all()
-            if self.conns is not None or self.http_stage is not None:
+            # Open connections end with capture, as in Zeek (every stage finishes: a
+            # list, not any()'s short cut); a stage that ended some publishes them.
+            if any([stage.finish() for stage in self.stages.values()]):
                 self.publish()
             for log_ in self.logs:
                 log_.close()
@@ -12845,15 +13053,6 @@ class Daemon:
         self.stopped_for_duration = True
 
 
-def open_http(opts, docker=None):
-    """The HTTP stage and its log the options ask for, or (None, None)."""
-    if not opts.http:
-        return None, None
-    http_log = JsonLog(opts.http_log, "--http-log") if opts.http_log else None
-    return HttpRequests(opts.http_ports, http_log.write if http_log else None,
-                        docker.name_of if docker else None), http_log
-
-
 def capture_interface(opts):
     """(the capture interface, whether it is to be awaited): decided once, so the parts
     built from it agree even if it appears meanwhile."""
@@ -12866,54 +13065,45 @@ def capture_interface(opts):
 
 
 class CaptureParts(NamedTuple):
-    """What one capturing process counts with: the decoder and its stages."""
+    """What one capturing process counts with: the decoder and the stages it feeds."""
     decoder: object
-    rules: object
-    prefilter: object
-    remotes: object
-    conns: object
-    procs: object
-    http_stage: object
-    kernel: object                     # KernelAccounting (--engine ebpf), or None
-    engine: str                        # which engine counts, and why, for the log
+    stages: dict                       # name -> stage, in STAGES' order (choose_stages)
+    prefilter: object = None           # -F's kernel program, or None
+    kernel: object = None              # KernelAccounting (--engine ebpf), or None
+    engine: str = "engine cbpf"        # which engine counts, and why, for the log
+    pollers: tuple = ()                # the stages' background Pollers (the process table)
 
 
-def build_capture(opts, ifname, awaiting, names, conn_write, http_write):
-    """Decoder and stages from the options; records go to conn_write/http_write and
+def build_capture(opts, ifname, awaiting, names, logs):
+    """Decoder and stages from the options; stage records go to logs (by stage name) and
     HTTP servers are named by names.name_of (None: no names). `awaiting`: the interface
     is not there yet, and what is read from it (networks, $MAC) is read when it comes."""
     rules = load_rules(opts, ifname, awaiting)
     # Compiled once, before anything is bound; only its accept length changes later.
     prefilter = compile_filter(opts.prefilter, kernel=True) if opts.prefilter else None
-    local = LocalAddresses(opts.local_nets or ([] if awaiting else interface_local_nets(ifname)),
-                           opts.idle_timeout or DEFAULT_IDLE_TIMEOUT,
-                           opts.local_max or DEFAULT_LOCAL_MAX)
-    if not local.local_nets and not awaiting:
+    nets = opts.local_nets or ([] if awaiting else interface_local_nets(ifname))
+    if not nets and not awaiting:
         log(LOG_WARNING, f"{ifname}: no addresses and no --local-net: no address is local")
-    remotes = RemoteAddresses(opts.remote_max) if opts.remote else None
-    conns = procs = None
-    if opts.connections:
-        procs = ProcessTable(log)
-        conns = Connections(opts.conn_max, opts.conn_timeout_tcp, opts.conn_timeout_udp,
-                            conn_write, procs.want)
-        procs.deliver = conns.refreshed.append
-    http_stage = HttpRequests(opts.http_ports, http_write, names.name_of if names else None) \
-        if opts.http else None
-    kernel, engine = choose_engine(opts, local, rules, copy_plan(conns, http_stage),
-                                   prefilter, remotes)
+    pollers = []
+    stages = choose_stages(opts, Wiring(nets, opts.idle_timeout or DEFAULT_IDLE_TIMEOUT,
+                                        opts.local_max or DEFAULT_LOCAL_MAX, rules, logs, names,
+                                        pollers))
+    local, conns = stages[LocalAddresses.name], stages.get(Connections.name)
+    kernel, engine = choose_engine(opts, local, rules,
+                                   copy_plan(conns, stages.get(HttpRequests.name)), prefilter,
+                                   stages.get(RemoteAddresses.name))
     if kernel is not None and conns is not None:
         kernel.track(conns)
-    decoder = Decoder(local, [c for c in (remotes, conns, http_stage, rules if kernel is None else None)
-                              if c], vnet=None, counted=kernel is not None)   # the ring will tell
-    return CaptureParts(decoder, rules, prefilter, remotes, conns, procs, http_stage, kernel,
-                        engine)
+    decoder = Decoder(local, decoder_stages(stages, kernel),
+                      vnet=None, counted=kernel is not None)   # the ring will tell
+    return CaptureParts(decoder, stages, prefilter, kernel, engine, tuple(pollers))
 
 
-def copy_plan(conns, http_stage):
+def copy_plan(conns, requests):
     """What --engine ebpf copies of each frame for these stages (see CopyPlan); the
     remote addresses are counted in the kernel (emit_remote): nothing copied for them."""
     return CopyPlan(0, max(SNAPLEN_ACCOUNTING, conns.snaplen()) if conns else 0,
-                    tuple(http_stage.ports) if http_stage else ())
+                    tuple(requests.ports) if requests else ())
 
 
 def ebpf_unsuitable(prefilter):
@@ -12957,7 +13147,7 @@ class Exporters(NamedTuple):
     docker: object
     rule_server: object
     collector: object
-    http: object
+    metrics: object                    # the metrics endpoint (MetricsServer), or None
 
 
 def build_exporters(opts, ifname, published, docker):
@@ -12976,22 +13166,15 @@ def build_exporters(opts, ifname, published, docker):
                           docker)
     registry.register(collector)
     try:
-        http = make_http_server(*opts.listen, registry,
-                                functools.partial(api_answer, published=published,
-                                                  presentation=collector.presentation)) \
+        metrics = make_http_server(*opts.listen, registry,
+                                   functools.partial(api_answer, published=published,
+                                                     presentation=collector.presentation)) \
             if opts.serve else None
     except LpdError:
         if rule_server:
             rule_server.close()
         raise
-    return Exporters(mapping, geo, docker, rule_server, collector, http)
-
-
-def open_logs(opts):
-    """The --conn-log and --http-log files the options name (None where not)."""
-    conn_log = JsonLog(opts.conn_log) if opts.connections and opts.conn_log else None
-    http_log = JsonLog(opts.http_log, "--http-log") if opts.http and opts.http_log else None
-    return conn_log, http_log
+    return Exporters(mapping, geo, docker, rule_server, collector, metrics)
 
 
 def build_daemon(opts):
@@ -12999,14 +13182,10 @@ def build_daemon(opts):
     ifname, awaiting = capture_interface(opts)
     published = Published()
     docker = open_docker(opts)
-    conn_log, http_log = open_logs(opts)
-    cap = build_capture(opts, ifname, awaiting, docker, conn_log.write if conn_log else None,
-                        http_log.write if http_log else None)
+    logs = open_logs(opts)
+    cap = build_capture(opts, ifname, awaiting, docker, logs)
     exp = build_exporters(opts, ifname, published, docker)
-    daemon = Daemon(opts, ifname, cap.decoder, cap.rules, cap.prefilter, exp.mapping, published,
-                    exp.http, exp.rule_server, cap.remotes, exp.geo, exp.collector, cap.conns,
-                    conn_log, cap.procs, cap.http_stage, http_log, exp.docker)
-    daemon.kernel, daemon.engine, daemon.awaiting = cap.kernel, cap.engine, awaiting
+    daemon = Daemon(opts, ifname, cap, published, exp, logs, awaiting)
     exp.collector.engine = "ebpf" if cap.kernel else "cbpf"
     return daemon
 
@@ -13034,9 +13213,8 @@ WORKER_RESTART_DELAY = 1.0         # a worker that dies at once must not spin th
 WORKER_POLL = 0.2                  # the parent's loop period when nothing arrives
 WORKER_START_TIMEOUT = 30.0        # for every worker's first publication (a large rule file)
 PR_SET_PDEATHSIG = 1
-SNAPSHOT_TYPES = {"interface": InterfaceSnapshot, "addresses": AddressSnapshot,
-                  "remotes": RemoteSnapshot, "rules": RuleSnapshot,
-                  "connections": ConnectionSnapshot, "http": HttpSnapshot}
+SNAPSHOT_TYPES = {"interface": InterfaceSnapshot,
+                  **{row.name: row.consumer.snapshot_type for row in STAGES}}
 
 
 def send_message(fd, obj):
@@ -13084,16 +13262,8 @@ def merge_publications(pubs):
 
 def retired(pub):
     """What stays of a dead worker's last publication: its counters. Its gauges (rates,
-    open connections) ended with it."""
-    out = dict(pub)
-    if "addresses" in out:
-        a = out["addresses"]
-        out["addresses"] = a._replace(rows=tuple(r[:1 + RX_PACKETS + 1] + (0, 0) for r in a.rows))
-    if "connections" in out:
-        out["connections"] = out["connections"]._replace(rows=(), live=())
-    if "interface" in out:
-        out["interface"] = out["interface"]._replace(up=False)
-    return out
+    open connections) ended with it: a snapshot that has any says what stays (retired())."""
+    return {k: v.retired() if hasattr(v, "retired") else v for k, v in pub.items()}
 
 
 class ShippedLog:
@@ -13139,8 +13309,7 @@ class WorkerPublished(Published):
         fresh, self.answering = self.answering, False
         send_message(self.fd, {"snaps": plain_snapshots(snapshots), "fresh": fresh,
                                "engine": self.engine,
-                               "logs": {k: log_.take() for k, log_ in self.logs.items()
-                                        if log_ is not None}})
+                               "logs": {k: log_.take() for k, log_ in self.logs.items()}})
 
 
 def run_worker(opts):
@@ -13156,17 +13325,12 @@ def run_worker(opts):
         cpus = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpus[index % len(cpus)]})
     ifname, awaiting = capture_interface(opts)
-    logs = {"conn": ShippedLog() if opts.connections and opts.conn_log else None,
-            "http": ShippedLog() if opts.http and opts.http_log else None}
-    names = ShippedNames() if opts.http else None
-    cap = build_capture(opts, ifname, awaiting, names, logs["conn"] and logs["conn"].write,
-                        logs["http"] and logs["http"].write)
+    logs = {row.name: ShippedLog() for row in STAGES if row.log_path(opts)}
+    names = ShippedNames()
+    cap = build_capture(opts, ifname, awaiting, names, logs)
     published = WorkerPublished(data, logs, "ebpf" if cap.kernel else "cbpf")
     opts.mapping_url = None              # the parent's
-    daemon = Daemon(opts, ifname, cap.decoder, cap.rules, cap.prefilter,
-                    NicMapping(None, ifname, log), published, None, None, cap.remotes, None,
-                    None, cap.conns, logs["conn"], cap.procs, cap.http_stage, logs["http"])
-    daemon.kernel, daemon.engine, daemon.awaiting = cap.kernel, cap.engine, awaiting
+    daemon = Daemon(opts, ifname, cap, published, None, logs, awaiting)
     daemon.fanout = group | (PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG) << 16
     buf = bytearray()
 
@@ -13183,7 +13347,7 @@ def run_worker(opts):
         for msg in take_messages(buf):
             if msg.get("fresh"):
                 published.answering = published.requested = True
-            if "names" in msg and names is not None:
+            if "names" in msg:
                 names.names = msg["names"]
     os.set_blocking(control, False)
     daemon.control[control] = from_parent
@@ -13204,10 +13368,10 @@ class Supervisor:
     """--workers N: the parent. Spawns and restarts the workers, merges what they
     publish, and runs the exporters on the merge."""
 
-    def __init__(self, opts, argv, ifname, published, exp, conn_log, http_log):
+    def __init__(self, opts, argv, ifname, published, exp, logs):
         self.opts, self.argv, self.ifname = opts, argv, ifname
         self.published, self.exp, self.collector = published, exp, exp.collector
-        self.logs = {"conn": conn_log, "http": http_log}
+        self.logs = logs                 # stage name -> its JSON log (open_logs)
         self.workers = {}
         self.base = {}                   # what dead workers counted
         self.restarts = 0
@@ -13279,8 +13443,8 @@ class Supervisor:
             w.latest = typed_snapshots(msg["snaps"])
             if self.engines.get(w.index) != msg["engine"]:
                 self.engine_chosen(w.index, msg["engine"])
-            for kind, records in msg["logs"].items():
-                log_ = self.logs.get(kind)
+            for name, records in msg["logs"].items():
+                log_ = self.logs.get(name)
                 for rec in records if log_ is not None else ():
                     log_.write(rec)
             if msg["fresh"]:
@@ -13297,8 +13461,7 @@ class Supervisor:
         merged["worker_restarts"] = self.restarts
         self.published.publish(merged)
         for log_ in self.logs.values():
-            if log_ is not None:
-                log_.flush()
+            log_.flush()
 
     def _reap(self, w):
         """A worker's pipe ended: gone for good (stopping), or restarted."""
@@ -13343,8 +13506,8 @@ class Supervisor:
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         self.poller = select.poll()
         self.poller.register(self._wake_r, select.POLLIN)
-        threads = [threading.Thread(target=exp.http.serve_forever, name="http", daemon=True)] \
-            if exp.http else []
+        threads = [threading.Thread(target=exp.metrics.serve_forever, name="metrics", daemon=True)] \
+            if exp.metrics else []
         for name, poller, on in (("mapping", exp.mapping, self.opts.mapping_url),
                                  ("geoip", exp.geo, exp.geo), ("docker", exp.docker, exp.docker)):
             if on:
@@ -13365,7 +13528,7 @@ class Supervisor:
             if exp.rule_server:
                 exp.rule_server.start()
             serving = f"; metrics on http://{self.opts.listen[0]}:{self.opts.listen[1]}/metrics" \
-                if exp.http else ""
+                if exp.metrics else ""
             if self.awaiting:
                 log(LOG_WARNING, f"{self.ifname}: {WAITING_LINE}")
             doing = "waiting for" if self.awaiting else "capturing on"
@@ -13380,15 +13543,14 @@ class Supervisor:
             self.stop_event.set()
             if exp.docker is not None:
                 exp.docker.wake()
-            if exp.http is not None:
+            if exp.metrics is not None:
                 if threads[0].is_alive():
-                    exp.http.shutdown()
-                exp.http.server_close()
+                    exp.metrics.shutdown()
+                exp.metrics.server_close()
             if exp.rule_server:
                 exp.rule_server.close()
             for log_ in self.logs.values():
-                if log_ is not None:
-                    log_.close()
+                log_.close()
             signal.set_wakeup_fd(old_wakeup)
             self.published.set_waker(lambda: None)
             os.close(self._wake_r)
@@ -13448,8 +13610,7 @@ class Supervisor:
             if self.reload_requested:
                 self.reload_requested = False
                 for log_ in self.logs.values():
-                    if log_ is not None:
-                        log_.reopen()
+                    log_.reopen()
                 if self.exp.geo is not None:
                     self.exp.geo.reopen()
                 self._signal_workers(signal.SIGHUP)
@@ -13464,9 +13625,9 @@ def build_supervisor(opts, argv):
     load_rules(opts, ifname, awaiting)       # a bad file is the parent's error, once
     published = Published()
     docker = open_docker(opts)
-    conn_log, http_log = open_logs(opts)
+    logs = open_logs(opts)
     exp = build_exporters(opts, ifname, published, docker)
-    supervisor = Supervisor(opts, argv, ifname, published, exp, conn_log, http_log)
+    supervisor = Supervisor(opts, argv, ifname, published, exp, logs)
     supervisor.awaiting = awaiting
     return supervisor
 
@@ -13498,25 +13659,23 @@ def replay(opts, out=sys.stdout):
     timeouts come out the same on every run. Then the output (--output)."""
     # $MAC names the capture interface's address (or --mac): never a made-up one.
     rules = load_rules(opts, opts.interface)
-    local = LocalAddresses(replay_local_nets(opts), opts.idle_timeout or math.inf,
-                           opts.local_max or sys.maxsize)
-    remotes = RemoteAddresses(opts.remote_max) if opts.remote else None
+    nets = replay_local_nets(opts)
     geo = open_geoip(opts)
-    conns = conn_log = None
-    if opts.connections:
-        conn_log = JsonLog(opts.conn_log) if opts.conn_log else None
-        conns = Connections(opts.conn_max, opts.conn_timeout_tcp, opts.conn_timeout_udp,
-                            conn_log.write if conn_log else None)
+    logs = open_logs(opts)
     docker = open_docker(opts, replaying=True)
     if docker is not None:
         docker.fetch_once()                   # the names as they are now (a warning if none)
-    http_stage, http_log = open_http(opts, docker)
-    decoder = Decoder(local, [c for c in (remotes, conns, http_stage, rules) if c])
-    stages = (local,) + decoder.consumers
+    # Every address kept, never idle: the table is the output. No process table: the
+    # sockets of a recorded capture are gone.
+    stages = choose_stages(opts, Wiring(nets, opts.idle_timeout or math.inf,
+                                        opts.local_max or sys.maxsize, rules, logs, docker))
+    local = stages[LocalAddresses.name]
+    decoder = Decoder(local, decoder_stages(stages))
+    ticking = (local,) + decoder.consumers
     grid = []                                # [start, end of the current interval]
 
     def tick(now):
-        for stage in stages:
+        for stage in ticking:
             stage.tick(now)
 
     def process(buf, base):
@@ -13533,24 +13692,13 @@ def replay(opts, out=sys.stdout):
     PcapSource(opts.read_file, opts.interval).drain(process)
     if grid:
         tick(grid[1])                         # the end of the file closes the last interval
-    for stage in (conns, http_stage):
-        if stage is not None:
-            stage.finish_all()                # the end of the capture ends every connection
-    for log_ in (conn_log, http_log):
-        if log_ is not None:
-            log_.close()
+    for stage in stages.values():
+        stage.finish()                        # the end of the capture ends every connection
+    for log_ in logs.values():
+        log_.close()
     published = Published()
-    snaps = {"time": decoder.time, "interface": decoder.snapshot(up=True),
-             "addresses": local.snapshot()}
-    if rules is not None:
-        snaps["rules"] = rules.snapshot()
-    if remotes is not None:
-        snaps["remotes"] = remotes.snapshot()
-    if conns is not None:
-        snaps["connections"] = conns.snapshot()
-    if http_stage is not None:
-        snaps["http"] = http_stage.snapshot()
-    published.publish(snaps)
+    published.publish({"time": decoder.time, "interface": decoder.snapshot(up=True),
+                       **{name: stage.snapshot() for name, stage in stages.items()}})
     nic = opts.interface or os.path.basename(opts.read_file)
     collector = Collector(published, NicMapping(None, nic, log), nic, geo=geo,
                           threshold=opts.export_threshold, docker=docker)

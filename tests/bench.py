@@ -744,7 +744,7 @@ def mix_records_exact(mix, records, keep=10):
 def offline_connections(lpd, results, quick):
     """ns/frame of the default path and of --connections on a TCP/UDP mix of whole
     flows; every flow is finished (by its timers during the run, the rest by
-    finish_all as at the end of a replay) with its exact sizes."""
+    finish() as at the end of a replay) with its exact sizes."""
     t = Table("Offline: --connections (connection tracking) beside the default path, in-process",
               ["input", "flows", "frames", "default ns/frame", "conns ns/frame", "+ns/frame",
                "conns Mframes/s", "open at end", "finished in run", "finished",
@@ -758,7 +758,7 @@ def offline_connections(lpd, results, quick):
                    f"{CONN_CONCURRENT:,} in progress at a time, interleaved, on a "
                    f"{CONN_PPS:,} fps packet clock ({SYNTH_IPV6:.0%} IPv6, {SYNTH_TAGGED:.0%} "
                    "tagged);\nfinished in run: by their close timers (5 s after the last FIN) "
-                   "within process_block; finished: after finish_all (untimed), as a replay "
+                   "within process_block; finished: after finish() (untimed), as a replay "
                    f"ends; frames carry their first {CONN_SNAP} bytes (the --connections "
                    "snaplen);\nrecords exact: SF, and orig/resp bytes (from sequence numbers), "
                    "packets and IP bytes equal to what the mix sent; bytes ok: interface totals.")
@@ -778,7 +778,7 @@ def offline_connections(lpd, results, quick):
         conns = min(conns, secs)
     stage = acct.consumers[0]
     open_end, in_run = stage.tracked(), sum(stage.closed.values())
-    stage.finish_all()
+    stage.finish()
     finished = sum(stage.closed.values())
     states = {f"{lpd.PROTO_NAMES[p]} {s}": v for (p, s), v in stage.closed.items() if v}
     exact, misses = mix_records_exact(mix, records)
@@ -913,7 +913,7 @@ def http_records_exact(mix, records, keep=10):
 def offline_http(lpd, results, quick):
     """ns/frame of the default path and of --http on a mix of whole HTTP connections;
     every request finished (at its response's last byte during the run, the rest by
-    finish_all as at the end of a replay) with its status and body length."""
+    finish() as at the end of a replay) with its status and body length."""
     t = Table("Offline: --http (HTTP requests from TCP reassembly) beside the default path, "
               "in-process",
               ["input", "conns", "requests", "frames", "default ns/frame", "http ns/frame",
@@ -931,7 +931,7 @@ def offline_http(lpd, results, quick):
                    f"packet clock ({SYNTH_IPV6:.0%} IPv6, {SYNTH_TAGGED:.0%} tagged);\nframes are "
                    "whole (the kernel program returns the --http ports' frames whole), for both "
                    "paths; finished in run: records emitted within process_block;\nfinished: "
-                   "after finish_all (untimed); records exact: status_code and response_body_len "
+                   "after finish() (untimed); records exact: status_code and response_body_len "
                    "(the body after chunked framing) equal to what was sent;\nbytes ok: "
                    "interface totals.")
     results["offline_http"] = t.to_json()
@@ -950,7 +950,7 @@ def offline_http(lpd, results, quick):
         http = min(http, secs)
     stage = acct.consumers[0]
     in_run, open_end = len(records), len(stage.streams)
-    stage.finish_all()
+    stage.finish()
     exact, misses = http_records_exact(mix, records)
     errors = {k: v for k, v in stage.errors.items() if v}
     t.add(input=f"HTTP mix ({mix.conns:,} connections)", conns=mix.conns,
@@ -1562,7 +1562,7 @@ if conns:
         kept.append(c is not None and not c.midstream and abs(c.first - e.syn_ts) < 1e-3)
     out.update(tracked=conns.tracked(), half_open=len(conns.half_open), timers=len(conns.timers),
                evictions=dict(conns.evictions), finished=sum(conns.closed.values()))
-    conns.finish_all()
+    conns.finish()
     out["closed"] = {f"{lpd.PROTO_NAMES[p]} {s}": n for (p, s), n in conns.closed.items() if n}
     out["established"] = []
     for e, k in zip(est, kept):
@@ -1612,10 +1612,10 @@ def syn_flood(lpd, results, quick):
                    f"and snapshots every {FLOOD_INTERVAL:g} s of a {FLOOD_PPS:,} fps packet clock "
                    "(the whole flood is within lpd's 5 s SYN attempt timer).\nRSS MiB: before the "
                    "first frame; +MiB: grown since, at half the frames and at the end (before "
-                   "finish_all); peak: VmHWM minus that start.\ntracked: table size at the end; "
+                   "finish()); peak: VmHWM minus that start.\ntracked: table size at the end; "
                    "half_open/oldest ev: conns.evictions; timers: entries in the stage's timer "
                    "heap at the end;\nestablished kept: still in the table as the connection "
-                   "their SYN opened; SF exact: after finish_all, one record each, SF, with "
+                   "their SYN opened; SF exact: after finish(), one record each, SF, with "
                    "exactly the bytes and packets sent.")
     results["syn_flood"] = t.to_json()
     if not hasattr(lpd, "Connections"):

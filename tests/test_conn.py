@@ -115,7 +115,7 @@ def test_live_counts_follow_the_state_and_return_to_zero():
     assert conns.live[6, "established"] == 1 and conns.live[6, "connecting"] == 0
     feed(conns, [t4(c, s, 40000, 80, FIN | ACK, 1001, 5001)], t0=100.2)
     assert conns.live[6, "closing"] == 1
-    conns.finish_all()
+    conns.finish()
     assert not any(conns.live.values()) and conns.closed[6, "S2"] == 1
 
 
@@ -237,7 +237,7 @@ def test_a_retransmitted_syn_ack_after_the_originators_rst_joins_its_connection(
     stream = [(0.0, t4(c, s, 40000, 80, SYN, 100)), (0.01, t4(s, c, 80, 40000, SYN | ACK, 500, 101)),
               (0.02, t4(c, s, 40000, 80, RST, 101)), (1.0, t4(s, c, 80, 40000, SYN | ACK, 500, 101))]
     conns, recs = fed(stream)
-    conns.finish_all()
+    conns.finish()
     assert [(r["history"], r["conn_state"], r["resp_pkts"]) for r in recs] == [("ShR", "RSTO", 2)]
 
 

@@ -425,7 +425,7 @@ def test_the_http_stage_names_servers_by_container():
     for server in ("10.199.0.1", "10.199.0.2"):
         exchange(stage, "10.199.0.9", server, b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n",
                  b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-    stage.finish_all()
+    stage.finish()
     assert [(r["id.resp_h"], r["container"]) for r in records] == \
         [("10.199.0.1", "web1"), ("10.199.0.2", "")]
     assert sorted(srv for srv, _ in stage.snapshot().recent) == ["10.199.0.2:80", "web1"]

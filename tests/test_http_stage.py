@@ -115,7 +115,7 @@ def test_api_requests_filters_and_limits():
         stage.recent.setdefault("10.0.0.2:80", collections.deque(maxlen=5)).appendleft({"n": i})
     stage.recent.setdefault("10.0.0.3:80", collections.deque()).appendleft({"n": 9})
     published = lpd.Published()
-    published.publish({"http": stage.snapshot()})
+    published.publish({"requests": stage.snapshot()})
     how = lpd.Presentation("eth0", lambda a: "eth0", lambda k: ("Unknown",) * 4, 0)
     status, body = lpd.api_answer("/api/requests", "server=10.0.0.2%3A80&limit=2", published, lambda: how)
     assert status == 200 and json.loads(body)["servers"] == {"10.0.0.2:80": [{"n": 2}, {"n": 1}]}
@@ -165,7 +165,7 @@ def test_after_a_response_that_ran_to_the_close_late_bytes_are_ignored():
     stage.packet(seg("10.0.0.1", "10.0.0.2", 40000, 80, 1000, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), 1.0)
     stage.packet(seg("10.0.0.2", "10.0.0.1", 80, 40000, 5000, b"HTTP/1.1 200 OK\r\n\r\nbody", 0x19), 2.0)
     stage.packet(seg("10.0.0.2", "10.0.0.1", 80, 40000, 5024, b"late"), 3.0)    # raised before
-    stage.finish_all()
+    stage.finish()
     assert stage.recent["10.0.0.2:80"][0]["response_body_len"] == 4
 
 
@@ -184,5 +184,5 @@ def test_uris_are_kept_bounded():
     stage = lpd.HttpRequests((80,))
     stage.packet(seg("10.0.0.1", "10.0.0.2", 40000, 80, 1000,
                      b"GET /" + b"a" * 50000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"), 1.0)
-    stage.finish_all()
+    stage.finish()
     assert len(stage.recent["10.0.0.2:80"][0]["uri"]) == lpd.HTTP_TEXT_MAX

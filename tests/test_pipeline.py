@@ -263,7 +263,8 @@ class FakeRing:
 def daemon(rule_counter):
     opts = lpd.parse_args(["--mapping-url", "none"])
     dec = lpd.Decoder(lpd.LocalAddresses([NET]), [rule_counter])
-    return lpd.Daemon(opts, "lo", dec, rule_counter, None, None, lpd.Published(), None)
+    stages = {"addresses": dec.local, "rules": rule_counter}
+    return lpd.Daemon(opts, "lo", lpd.CaptureParts(dec, stages), lpd.Published())
 
 
 def feed(d, frames):
