@@ -12425,8 +12425,8 @@ class Collector:
 # 16 Daemon: wiring, signals, reload ##########################################
 ###############################################################################
 # provides: build_capture, build_daemon, build_exporters, capture_interface, Daemon,
-#   interface_local_nets, kernel_program, load_rules, SOCKET_FRESH_TIMEOUT, status_line,
-#   WAITING_LINE, whole_frames_program
+#   interface_local_nets, kernel_program, Lifecycle, load_rules, SOCKET_FRESH_TIMEOUT,
+#   status_line, WAITING_LINE, whole_frames_program
 #
 # The capture thread (the main one) drains the ring, runs the decoder and the
 # consumers, and is the only writer of every counter. Beside it: the HTTP server,
@@ -12545,7 +12545,100 @@ def status_line(ifname, snap, uptime):
             f"uptime {int(uptime)} s")
 
 
-class Daemon:
+class Lifecycle:
+    """What the daemon and the workers' parent share: signals turned into flags that the
+    loop acts on, a wake pipe it polls beside its own sources, and the exporters (the
+    metrics endpoint, the enrichment pollers, the rule socket) started once capture is
+    up and stopped in one order. A subclass provides _start() (before the exporters:
+    open capture, or spawn workers), _ready() (the start-up line), _loop(), _stop()
+    (first on the way out: the workers) and _stopped() (last: the ring, the stages,
+    the logs). exp: build_exporters()'s, or None (a worker's: its parent serves)."""
+
+    def __init__(self, opts, published, exp):
+        self.opts, self.published = opts, published
+        self.exp = exp if exp is not None else Exporters(*(None,) * len(Exporters._fields))
+        self.pollers = []                # the stages' own threads (the process table)
+        self.stop_requested = self.reload_requested = self.status_requested = False
+        self.started = time.monotonic()
+        self.stop_event = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        published.set_waker(self._wake)
+
+    def _wake(self):
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass                         # already awake (full), or stopped (closed)
+
+    def _on_signal(self, signum, frame):
+        # Only flags: the loop acts on them. Logging here could re-enter a write to
+        # stderr the main thread was in the middle of.
+        if signum == signal.SIGHUP:
+            self.reload_requested = True
+        elif signum == signal.SIGUSR1:
+            self.status_requested = True
+        else:
+            self.stop_requested = True
+
+    def _threads(self):
+        exp = self.exp
+        threads = [threading.Thread(target=exp.metrics.serve_forever, name="metrics", daemon=True)] \
+            if exp.metrics is not None else []
+        for name, poller, on in (("mapping", exp.mapping, self.opts.mapping_url),
+                                 ("geoip", exp.geo, True),
+                                 *((p.name, p, True) for p in self.pollers),
+                                 ("docker", exp.docker, True)):
+            if poller is not None and on:
+                threads.append(threading.Thread(target=poller.run, args=(self.stop_event,),
+                                                name=name, daemon=True))
+        return threads
+
+    def run(self):
+        old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+        # Its default action kills lpd without cleanup (the socket file stays): a stray
+        # kill -USR2, or a log rotator's, must not take the daemon down.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        self.poller = select.poll()
+        self.poller.register(self._wake_r, select.POLLIN)
+        exp, threads = self.exp, self._threads()
+        try:
+            self._start()
+            for t in threads:
+                t.start()
+            if exp.rule_server:
+                exp.rule_server.start()
+            self._ready()
+            sd_notify("READY=1")
+            self._loop()
+        finally:
+            sd_notify("STOPPING=1")
+            self._stop()
+            self.stop_event.set()
+            if exp.docker is not None:
+                exp.docker.wake()
+            if exp.metrics is not None:
+                if threads[0].is_alive():
+                    exp.metrics.shutdown()
+                exp.metrics.server_close()
+            if exp.rule_server:
+                exp.rule_server.close()
+            self._stopped()
+            signal.set_wakeup_fd(old_wakeup)
+            self.published.set_waker(lambda: None)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        return 0
+
+    def _stop(self):
+        """On the way out, before the exporters stop."""
+
+    def _stopped(self):
+        """On the way out, after the exporters stopped."""
+
+
+class Daemon(Lifecycle):
     """Capture loop in the main thread; HTTP, mapping poller and rule socket beside it."""
 
     def __init__(self, opts, ifname, capture, published, exporters=None, logs=None,
@@ -12553,11 +12646,12 @@ class Daemon:
         """capture: build_capture()'s parts; exporters: build_exporters()'s, or None (a
         worker's: its parent serves); logs: the stages' JSON logs by name (open_logs);
         awaiting: --wait-interface and the interface is not there yet."""
-        self.opts, self.ifname = opts, ifname
+        super().__init__(opts, published, exporters)
+        self.ifname = ifname
         self.decoder, self.local = capture.decoder, capture.decoder.local
         self.stages = dict(capture.stages)   # name -> stage, in STAGES' order (rules: see below)
-        self.pollers = capture.pollers       # the stages' own threads (the process table)
-        exp = exporters if exporters is not None else Exporters(*(None,) * len(Exporters._fields))
+        self.pollers = capture.pollers
+        exp = self.exp
         self.mapping, self.geo, self.docker = exp.mapping, exp.geo, exp.docker
         self.rule_server, self.collector, self.metrics = exp.rule_server, exp.collector, exp.metrics
         requests = self.stages.get(HttpRequests.name)
@@ -12566,12 +12660,9 @@ class Daemon:
         self.clock = 0.0                 # the packet clock (see now())
         self.covered = None              # when the ring last handed over blocks, since the tick
         self.stopped_for_duration = False
-        self.prefilter, self.published = capture.prefilter, published
+        self.prefilter = capture.prefilter
         self.ring = None
         self.past_drops = 0              # from rings closed when the interface went away
-        self.stop_requested = self.reload_requested = self.status_requested = False
-        self.started = time.monotonic()
-        self.stop_event = threading.Event()
         # (rules, nets, the eBPF program loaded for them or None) from the reload thread,
         # and what apply_reload() logs when it adopts them
         self.pending = None
@@ -12579,8 +12670,6 @@ class Daemon:
         self.reloader = None
         self.widening = None
         self.widen_blocks = 0
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        published.set_waker(self._wake)
         self.fanout = None               # a worker's PACKET_FANOUT argument
         self.kernel = capture.kernel     # --engine ebpf: the KernelAccounting
         self.engine = capture.engine     # which counts, and why (the start-up line)
@@ -12590,12 +12679,6 @@ class Daemon:
         self.awaiting = awaiting
         self.captured = False            # a ring was open once: a new one is "capturing again"
         self.mac = None                  # the interface's address when capture last opened
-
-    def _wake(self):
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:
-            pass                         # already awake (full), or stopped (closed)
 
     # -- snapshots ------------------------------------------------------------
 
@@ -12900,88 +12983,35 @@ class Daemon:
 
     # -- main loop ------------------------------------------------------------
 
-    def _on_signal(self, signum, frame):
-        # Only flags: the loop acts on them. Logging here could re-enter a write to
-        # stderr the main thread was in the middle of.
-        if signum == signal.SIGHUP:
-            self.reload_requested = True
-        elif signum == signal.SIGUSR1:
-            self.status_requested = True
-        else:
-            self.stop_requested = True
-
     def status_line(self):
         return status_line(self.ifname, self.published.latest(), time.monotonic() - self.started)
 
-    def run(self):
-        old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
-        # Its default action kills lpd without cleanup (the socket file stays): a stray
-        # kill -USR2, or a log rotator's, must not take the daemon down.
-        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-        self.poller = select.poll()
-        self.poller.register(self._wake_r, select.POLLIN)
+    def _start(self):
         for fd in self.control:
             self.poller.register(fd, select.POLLIN)
-        threads = []
+        if self.awaiting and not self.opts.worker_of:   # the parent says it, once
+            log(LOG_WARNING, f"{self.ifname}: {WAITING_LINE}")
+        else:
+            self.open_capture()
+        self.tick()
+
+    def _ready(self):
+        doing = "waiting for" if self.awaiting else "capturing on"
         if self.metrics is not None:
-            threads.append(threading.Thread(target=self.metrics.serve_forever, name="metrics",
-                                            daemon=True))
-        if self.opts.mapping_url:
-            threads.append(threading.Thread(target=self.mapping.run, args=(self.stop_event,),
-                                            name="mapping", daemon=True))
-        if self.geo is not None:
-            threads.append(threading.Thread(target=self.geo.run, args=(self.stop_event,),
-                                            name="geoip", daemon=True))
-        for poller in self.pollers:
-            threads.append(threading.Thread(target=poller.run, args=(self.stop_event,),
-                                            name=poller.name, daemon=True))
-        if self.docker is not None:
-            threads.append(threading.Thread(target=self.docker.run, args=(self.stop_event,),
-                                            name="docker", daemon=True))
-        try:
-            if self.awaiting and not self.opts.worker_of:   # the parent says it, once
-                log(LOG_WARNING, f"{self.ifname}: {WAITING_LINE}")
-            else:
-                self.open_capture()
-            self.tick()
-            for t in threads:
-                t.start()
-            if self.rule_server:
-                self.rule_server.start()
-            doing = "waiting for" if self.awaiting else "capturing on"
-            if self.metrics is not None:
-                log(LOG_INFO, f"{doing} {self.ifname} ({self.engine}); metrics on "
-                              f"http://{self.opts.listen[0]}:{self.opts.listen[1]}/metrics")
-            else:
-                log(LOG_DEBUG, f"{doing} {self.ifname} ({self.engine})")
-            sd_notify("READY=1")
-            self._loop()
-        finally:
-            sd_notify("STOPPING=1")
-            self.stop_event.set()
-            if self.docker is not None:
-                self.docker.wake()
-            if self.metrics is not None:
-                if threads[0].is_alive():
-                    self.metrics.shutdown()
-                self.metrics.server_close()
-            if self.rule_server:
-                self.rule_server.close()
-            if self.ring is not None:
-                self.ring.close()
-            # Open connections end with capture, as in Zeek (every stage finishes: a
-            # list, not any()'s short cut); a stage that ended some publishes them.
-            if any([stage.finish() for stage in self.stages.values()]):
-                self.publish()
-            for log_ in self.logs:
-                log_.close()
-            signal.set_wakeup_fd(old_wakeup)
-            self.published.set_waker(lambda: None)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-        return 0
+            log(LOG_INFO, f"{doing} {self.ifname} ({self.engine}); metrics on "
+                          f"http://{self.opts.listen[0]}:{self.opts.listen[1]}/metrics")
+        else:
+            log(LOG_DEBUG, f"{doing} {self.ifname} ({self.engine})")
+
+    def _stopped(self):
+        if self.ring is not None:
+            self.ring.close()
+        # Open connections end with capture, as in Zeek (every stage finishes: a
+        # list, not any()'s short cut); a stage that ended some publishes them.
+        if any([stage.finish() for stage in self.stages.values()]):
+            self.publish()
+        for log_ in self.logs:
+            log_.close()
 
     def _loop(self):
         interval = self.opts.interval
@@ -13364,37 +13394,27 @@ class WorkerProc:
         self.eof = False
 
 
-class Supervisor:
+class Supervisor(Lifecycle):
     """--workers N: the parent. Spawns and restarts the workers, merges what they
     publish, and runs the exporters on the merge."""
 
     def __init__(self, opts, argv, ifname, published, exp, logs):
-        self.opts, self.argv, self.ifname = opts, argv, ifname
-        self.published, self.exp, self.collector = published, exp, exp.collector
+        super().__init__(opts, published, exp)
+        self.argv, self.ifname = argv, ifname
+        self.collector = exp.collector
         self.logs = logs                 # stage name -> its JSON log (open_logs)
         self.workers = {}
         self.base = {}                   # what dead workers counted
         self.restarts = 0
         self.respawn = {}                # index -> monotonic time to start it again
         self.group = os.getpid() & PACKET_FANOUT_GROUP_MASK
-        self.stopping = self.stop_requested = self.reload_requested = False
-        self.status_requested = False
-        self.started = time.monotonic()
+        self.stopping = False
         self.fresh_pending = set()
         self.fresh_deadline = 0.0
         self.names_sent = None
-        self.stop_event = threading.Event()
         self.stopped_for_duration = False
         self.awaiting = False            # the interface is not there yet (build_supervisor)
         self.engines = {}                # worker index -> the engine it counts with
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        published.set_waker(self._wake)
-
-    def _wake(self):
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:
-            pass
 
     def spawn(self, index):
         control_r, control_w = os.pipe2(os.O_CLOEXEC)
@@ -13483,14 +13503,6 @@ class Supervisor:
                          f"its counts since its last publication are lost; restarting it")
         self.respawn[w.index] = time.monotonic() + WORKER_RESTART_DELAY
 
-    def _on_signal(self, signum, frame):
-        if signum == signal.SIGHUP:
-            self.reload_requested = True
-        elif signum == signal.SIGUSR1:
-            self.status_requested = True
-        else:
-            self.stop_requested = True
-
     def _signal_workers(self, sig):
         for w in self.workers.values():
             try:
@@ -13498,64 +13510,33 @@ class Supervisor:
             except OSError:
                 pass
 
-    def run(self):
-        exp = self.exp
-        old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
-        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-        self.poller = select.poll()
-        self.poller.register(self._wake_r, select.POLLIN)
-        threads = [threading.Thread(target=exp.metrics.serve_forever, name="metrics", daemon=True)] \
-            if exp.metrics else []
-        for name, poller, on in (("mapping", exp.mapping, self.opts.mapping_url),
-                                 ("geoip", exp.geo, exp.geo), ("docker", exp.docker, exp.docker)):
-            if on:
-                threads.append(threading.Thread(target=poller.run, args=(self.stop_event,),
-                                                name=name, daemon=True))
-        try:
-            for i in range(self.opts.workers):
-                self.spawn(i)
-            # Ready (and scraped) once every worker captures: its first publication
-            # comes after its ring is bound.
-            deadline = time.monotonic() + WORKER_START_TIMEOUT
-            while time.monotonic() < deadline and not self.stop_requested and \
-                    not all(w.latest for w in self.workers.values()):
-                self._poll(WORKER_POLL)
-            self.publish()
-            for t in threads:
-                t.start()
-            if exp.rule_server:
-                exp.rule_server.start()
-            serving = f"; metrics on http://{self.opts.listen[0]}:{self.opts.listen[1]}/metrics" \
-                if exp.metrics else ""
-            if self.awaiting:
-                log(LOG_WARNING, f"{self.ifname}: {WAITING_LINE}")
-            doing = "waiting for" if self.awaiting else "capturing on"
-            log(LOG_INFO, f"{doing} {self.ifname} with {self.opts.workers} workers{serving}")
-            sd_notify("READY=1")
-            self._loop()
-        finally:
-            sd_notify("STOPPING=1")
-            self.stopping = True
-            self._stop_workers()
-            self.publish()
-            self.stop_event.set()
-            if exp.docker is not None:
-                exp.docker.wake()
-            if exp.metrics is not None:
-                if threads[0].is_alive():
-                    exp.metrics.shutdown()
-                exp.metrics.server_close()
-            if exp.rule_server:
-                exp.rule_server.close()
-            for log_ in self.logs.values():
-                log_.close()
-            signal.set_wakeup_fd(old_wakeup)
-            self.published.set_waker(lambda: None)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-        return 0
+    def _start(self):
+        for i in range(self.opts.workers):
+            self.spawn(i)
+        # Ready (and scraped) once every worker captures: its first publication
+        # comes after its ring is bound.
+        deadline = time.monotonic() + WORKER_START_TIMEOUT
+        while time.monotonic() < deadline and not self.stop_requested and \
+                not all(w.latest for w in self.workers.values()):
+            self._poll(WORKER_POLL)
+        self.publish()
+
+    def _ready(self):
+        serving = f"; metrics on http://{self.opts.listen[0]}:{self.opts.listen[1]}/metrics" \
+            if self.exp.metrics else ""
+        if self.awaiting:
+            log(LOG_WARNING, f"{self.ifname}: {WAITING_LINE}")
+        doing = "waiting for" if self.awaiting else "capturing on"
+        log(LOG_INFO, f"{doing} {self.ifname} with {self.opts.workers} workers{serving}")
+
+    def _stop(self):
+        self.stopping = True
+        self._stop_workers()
+        self.publish()
+
+    def _stopped(self):
+        for log_ in self.logs.values():
+            log_.close()
 
     def _stop_workers(self):
         self._signal_workers(signal.SIGTERM)
