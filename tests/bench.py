@@ -1118,11 +1118,13 @@ def best_time(fn, repeat):
     return best
 
 
-# The child that measures one rule file: a process of its own, so its RSS is the
-# rules' and nothing the bench built before. Prints JSON.
-_SCALE_CHILD = """
-import importlib.util, json, resource, sys, time
-spec = importlib.util.spec_from_file_location("lpd", sys.argv[1])
+# The first lines of every child script below (python -c): its JSON configuration from
+# argv[1], lpd loaded from cfg["lpd"] (the file under test, not an installed copy), and
+# its own memory figures in KiB.
+_CHILD_PRELUDE = r"""
+import importlib.util, ipaddress, json, random, resource, struct, sys, time
+cfg = json.loads(sys.argv[1])
+spec = importlib.util.spec_from_file_location("lpd", cfg["lpd"])
 lpd = importlib.util.module_from_spec(spec)
 sys.modules["lpd"] = lpd
 spec.loader.exec_module(lpd)
@@ -1132,14 +1134,20 @@ def rss_kib():
 def peak_kib():     # VmHWM, not ru_maxrss: that one keeps the forked bench's size across exec
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+"""
+
+
+# The child that measures one rule file: a process of its own, so its RSS is the
+# rules' and nothing the bench built before. Prints JSON.
+_SCALE_CHILD = _CHILD_PRELUDE + """
 before = rss_kib()
 t0 = time.perf_counter()
-rules = lpd.parse_filter_file(sys.argv[2], None)
+rules = lpd.parse_filter_file(cfg["rules"], None)
 t1 = time.perf_counter()
 counter = lpd.RuleCounter(rules)
 t2 = time.perf_counter()
 after = rss_kib()
-lpd.RuleCounter(lpd.parse_filter_file(sys.argv[2], None))       # SIGHUP, the file unchanged
+lpd.RuleCounter(lpd.parse_filter_file(cfg["rules"], None))       # SIGHUP, the file unchanged
 t3 = time.perf_counter()
 print(json.dumps({"parse": t1 - t0, "counter": t2 - t1, "reload": t3 - t2, "before": before,
                   "after": after, "peak": peak_kib()}))
@@ -1156,7 +1164,7 @@ def _measure_rule_file(exprs, workdir):
     path = os.path.join(workdir, "scale.filters")
     with open(path, "w") as f:
         f.writelines(f"r{i};{e}\n" for i, e in enumerate(exprs))
-    argv = [sys.executable, "-c", _SCALE_CHILD, LPD, path]
+    argv = [sys.executable, "-c", _SCALE_CHILD, json.dumps({"lpd": LPD, "rules": path})]
     if subprocess.run(["prlimit", "--version"], capture_output=True).returncode == 0:
         argv = ["prlimit", f"--as={SCALE_AS_LIMIT}"] + argv
     cp = subprocess.run(argv, capture_output=True, text=True, timeout=600)
@@ -1217,20 +1225,7 @@ def rules_at_scale(lpd, results, quick):
 # Frames are made one by one and laid into blocks as they come (a block at a time in
 # memory); only process_block is timed. Ticks and snapshots run on the frames' packet
 # clock as in the daemon, so the snapshot rows' memory is in the figures. Prints JSON.
-_FLOOD_CHILD = r"""
-import importlib.util, ipaddress, json, random, resource, struct, sys, time
-cfg = json.loads(sys.argv[1])
-spec = importlib.util.spec_from_file_location("lpd", cfg["lpd"])
-lpd = importlib.util.module_from_spec(spec)
-sys.modules["lpd"] = lpd
-spec.loader.exec_module(lpd)
-def rss_kib():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * (resource.getpagesize() // 1024)
-def peak_kib():     # VmHWM, not ru_maxrss: that one keeps the forked bench's size across exec
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-
+_FLOOD_CHILD = _CHILD_PRELUDE + r"""
 SNAP = cfg["snaplen"]
 ETH = b"\x02\x00\x0a\xc7\x00\x02\x02\x00\x0a\xc7\x00\x01"
 IP4 = struct.Struct("!BBHHHBBHII").pack          # checksum 0: nothing in lpd reads it
@@ -1403,20 +1398,7 @@ def remote_flood(lpd, results, quick):
 # the end). Frames are made one by one and laid into blocks as they come; only
 # process_block is timed. Ticks and snapshots run on the frames' packet clock as in the
 # daemon. Prints JSON.
-_SYN_FLOOD_CHILD = r"""
-import importlib.util, ipaddress, json, random, resource, struct, sys, time
-cfg = json.loads(sys.argv[1])
-spec = importlib.util.spec_from_file_location("lpd", cfg["lpd"])
-lpd = importlib.util.module_from_spec(spec)
-sys.modules["lpd"] = lpd
-spec.loader.exec_module(lpd)
-def rss_kib():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * (resource.getpagesize() // 1024)
-def peak_kib():     # VmHWM, not ru_maxrss: that one keeps the forked bench's size across exec
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-
+_SYN_FLOOD_CHILD = _CHILD_PRELUDE + r"""
 SNAP, PPS = cfg["snaplen"], cfg["pps"]
 ETH = b"\x02\x00\x0a\xc7\x00\x02\x02\x00\x0a\xc7\x00\x01"
 IP4 = struct.Struct("!BBHHHBBH4s4s").pack          # checksum 0: nothing in lpd reads it

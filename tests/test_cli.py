@@ -11,8 +11,7 @@ import pytest
 import lpd as lpd_module
 
 from conftest import CORPUS
-
-LPD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lpd.py")
+from harness import LPD
 
 
 def lpd(*args):
@@ -27,6 +26,7 @@ def tcpdump(flag, expr):
     return cp.stdout
 
 
+@pytest.mark.offline
 @pytest.mark.parametrize("flag", ["-d", "-dd", "-ddd"])
 @pytest.mark.parametrize("expr", ["tcp port 80", "vlan 10 and udp", "icmp6 or arp",
                                   "ip[6:2] & 0x1fff = 0 and tcp[tcpflags] & tcp-syn != 0"])
@@ -36,6 +36,7 @@ def test_dump_equals_tcpdump(flag, expr):
     assert cp.stdout == tcpdump(flag, expr)
 
 
+@pytest.mark.offline
 def test_bad_expression_is_one_line_exit_64():
     cp = lpd("-d", "tcp port foo")
     assert cp.returncode == 64
@@ -43,6 +44,7 @@ def test_bad_expression_is_one_line_exit_64():
     assert cp.stdout == ""
 
 
+@pytest.mark.offline
 def test_kernel_target_uses_ancillary_vlan_loads():
     cp = lpd("-d", "--kernel", "vlan 7")
     assert cp.returncode == 0
@@ -69,12 +71,14 @@ def test_kernel_target_uses_ancillary_vlan_loads():
     (["-r", "/nonexistent.pcap", "--local-net", "10.0.0.0/33"], 64, "argument --local-net: "),
     (["-r", "/nonexistent.pcap"], 78, "/nonexistent.pcap: No such file or directory"),
 ])
+@pytest.mark.offline
 def test_usage_errors(args, code, text):
     cp = lpd(*args)
     assert cp.returncode == code, cp.stderr
     assert text in cp.stderr and cp.stderr.count("\n") == 1 and cp.stderr.startswith("lpd: ")
 
 
+@pytest.mark.offline
 def test_version_and_help():
     assert lpd("--version").stdout.startswith("lpd ")
     out = lpd("-h").stdout
@@ -94,6 +98,7 @@ def physical_memory():
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+@pytest.mark.live
 def test_ring_beyond_the_memory_limit_is_refused_at_once():
     """-b 100g once stalled 52 s in the kernel, then the OOM killer took other processes."""
     sizes = [f"{(physical_memory() >> 30) + 1}g"]
@@ -114,6 +119,7 @@ def test_ring_beyond_the_memory_limit_is_refused_at_once():
         assert cp.stderr.count("\n") == 1
 
 
+@pytest.mark.offline
 def test_ring_limit_boundary():
     limit = physical_memory() // lpd_module.RING_MAX_MEMORY_DIVISOR
     # With -r on a missing file, a size that passes fails on the file (78), capturing nothing.
@@ -122,6 +128,7 @@ def test_ring_limit_boundary():
     assert cp.returncode == 64 and "of physical memory" in cp.stderr
 
 
+@pytest.mark.offline
 def test_readme_documents_the_ring_limit():
     readme = os.path.join(os.path.dirname(LPD), "README.md")
     row = [line for line in open(readme) if line.startswith("| `-b BYTES`")]
@@ -133,6 +140,7 @@ def test_readme_documents_the_ring_limit():
     ("host 10.0.0.1 or " * 4000 + "arp", "characters", "FILTER_MAX_CHARS"),
     (" or ".join(f"port {i + 1}" for i in range(300)), "blocks of code", "FILTER_MAX_BLOCKS"),
 ])
+@pytest.mark.offline
 def test_too_large_expression_is_one_line_exit_64(expr, what, limit):
     """Refused before the work it would take: under a memory limit, promptly (the old
     compiler took minutes and gigabytes on expressions like these)."""
@@ -144,6 +152,7 @@ def test_too_large_expression_is_one_line_exit_64(expr, what, limit):
     assert cp.stdout == ""
 
 
+@pytest.mark.offline
 def test_help_names_top_signals_exit_codes_and_the_manual():
     cp = lpd("--help")
     assert cp.returncode == 0
@@ -153,6 +162,7 @@ def test_help_names_top_signals_exit_codes_and_the_manual():
         assert needle in cp.stdout, needle
 
 
+@pytest.mark.offline
 def test_missing_prometheus_client_is_one_line():
     """python3 -S: no site-packages, so no prometheus_client, as on a box where only
     lpd.py was copied."""
@@ -163,6 +173,7 @@ def test_missing_prometheus_client_is_one_line():
         "(Debian, Ubuntu), or pip install lpd-netacct\n"))
 
 
+@pytest.mark.offline
 def test_mac_names_dollar_mac_offline(tmp_path):
     """-r has no interface to take $MAC from: the error says what to give, and --mac
     gives it (matching what a frame to that address carries)."""
@@ -187,6 +198,7 @@ def test_mac_names_dollar_mac_offline(tmp_path):
     assert counts["to-me"] == len(oracle.splitlines()) > 0
 
 
+@pytest.mark.offline
 def test_dollar_mac_offline_from_an_interface_that_is_not_there(tmp_path):
     """-r -i IFACE takes $MAC from IFACE: one that does not exist is an error, never a
     stand-in address (that is --wait-interface's, for a live lpd only)."""

@@ -6,13 +6,15 @@ import ipaddress
 import json
 import os
 import socket
-import struct
 
 import pytest
 
 import lpd
+from harness import write_pcap
 from packets import (ETH_8021Q, ETH_IP, ETH_IP6, PROTO_TCP, PROTO_UDP, TCP_SYN, ether, ipv4, ipv6,
                      tcp, udp, vlan_tag)
+
+pytestmark = pytest.mark.offline
 
 A, B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
 SYN, ACK, FIN = 0x02, 0x10, 0x01
@@ -166,7 +168,7 @@ def test_the_conn_log_reopens_after_rotation(tmp_path):
 
 def test_an_unwritable_conn_log_is_a_one_line_error(tmp_path, capsys):
     pcap = tmp_path / "x.pcap"
-    pcap.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+    write_pcap(pcap, [])
     assert lpd.main(["-r", str(pcap), "--conn-log", str(tmp_path / "no" / "dir.json")]) == 78
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--conn-log" in err and "No such file or directory" in err

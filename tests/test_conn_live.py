@@ -38,8 +38,9 @@ from prometheus_client.parser import text_string_to_metric_families
 import netns
 import packets
 import lpd as lpd_module
-from test_daemon import (ENGINE_VAR, LPD, PORT, Lpd, metrics, pair, value,  # noqa: F401 (pair: fixture)
-                         wait_for)
+from harness import LPD, PORT, Lpd, api, metrics, read_log, rss_kib, timed_frames, value, wait_for
+
+pytestmark = pytest.mark.live
 
 OTHER_MAC = "02:00:0a:c7:00:99"     # neither end's: frames to it reach lpd, not B's stack
 CLOSE_WAIT = 12.0                   # a closed TCP connection lingers 5 s, timers run at 1 s ticks
@@ -225,35 +226,12 @@ def row_id(row):
     return (row["proto"], row["orig_h"], row["orig_p"], row["resp_h"], row["resp_p"])
 
 
-def read_log(path):
-    try:
-        with open(path) as f:
-            text = f.read()
-    except FileNotFoundError:
-        return []
-    assert not text or text.endswith("\n"), "a line is written whole"
-    return [json.loads(line) for line in text.splitlines()]
-
-
-def api(pair, path):
-    status, body = netns.http_get(pair.ns_b, "127.0.0.1", PORT, path)
-    return status, json.loads(body)
-
-
 def fast_metrics(pair):
     """metrics(), read from this process (no helper process: a quick look)."""
     status, body = netns.http_get(pair.ns_b, "127.0.0.1", PORT, "/metrics")
     assert status == 200
     return {(s.name, frozenset(s.labels.items())): s.value
             for fam in text_string_to_metric_families(body.decode()) for s in fam.samples}
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 # --- tc: a drop filter in the peer namespace (classic BPF, direct action) ---------------
@@ -292,21 +270,6 @@ def tcp_frame(src, dst, sport, dport, flags, seq, ack, payload=b"", dst_mac=OTHE
 
 
 # --- tcpdump's capture as the oracle of packet counts -------------------------------------
-
-def read_pcap(path):
-    """[(ts, frame)] of a classic pcap (either byte order, µs or ns)."""
-    data = open(path, "rb").read()
-    magic = data[:4]
-    order = "<" if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
-    nano = magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
-    out, off = [], 24
-    while off + 16 <= len(data):
-        sec, frac, incl, _ = struct.unpack_from(order + "IIII", data, off)
-        off += 16
-        out.append((sec + frac / (1e9 if nano else 1e6), data[off:off + incl]))
-        off += incl
-    return out
-
 
 def flows(frames):
     """{(proto, src, sport, dst, dport): [packets, IP bytes, payload bytes]} per direction."""
@@ -666,7 +629,7 @@ def live(tmp_path_factory, request):
         finally:
             netns.stop(dump)
         run.log = read_log(run.log_path)
-        run.flow = flows(read_pcap(run.pcap))
+        run.flow = flows(timed_frames(run.pcap))
         yield run
 
 
@@ -995,7 +958,7 @@ def test_offloads_on_super_frames_count_as_wire_frames(tmp_path, engine):
         assert lpd.stop() == 0
     assert found, "no line for the transfer"
     rec, = found
-    frames = read_pcap(pcap)
+    frames = timed_frames(pcap)
     big = [f for _, f in frames if len(f) > 1514]
     assert big and value(m, "lpd_gso_frames_total", nic=pair.if_b) > 0, "super-frames did arrive"
     assert value(m, "lpd_gso_unsplit_total", nic=pair.if_b) == 0
@@ -1129,14 +1092,12 @@ CATCH_UP_SLACK = 2.0                # s beyond the close delay and one tick (the
 CATCH_UP_AS_LIMIT = 2_000_000_000   # RLIMIT_AS of that lpd: ~50,000 connections, ~100 MiB
 
 
-@pytest.mark.parametrize("engine", ["cbpf", "auto"])   # auto: ebpf where it can
-def test_a_close_after_a_flood_is_logged_after_its_close_delay(pair, tmp_path, monkeypatch, engine):
+def test_a_close_after_a_flood_is_logged_after_its_close_delay(pair, tmp_path, engine):
     """Issue 24: after a flood of spoofed SYNs, a connection closed by FINs was logged
     ~20 s after its close: the flood's attempt timeouts, due first, were ended 4096 a
     tick. The budget bounds one pass, not the rate: passes follow each other between
     ring drains until the backlog is gone, so the close is logged one close delay (and
     at most a tick, the log's flush) after it."""
-    monkeypatch.setenv(ENGINE_VAR, engine)
     flood = BACKLOG_PASSES * lpd_module.EXPIRE_BUDGET
     log_path = tmp_path / "conn.json"
     lpd = Lpd(pair, "--mapping-url", "none", "--conn-log", str(log_path), "--interval", "1",

@@ -14,21 +14,19 @@ Timestamps are whole microseconds after T0 and the pcaps use nanosecond resoluti
 """
 import collections
 import json
-import os
-import struct
-import subprocess
-import sys
 
 import pytest
 
 import lpd
+from harness import PCAP_NS, json_values, run_cli, write_pcap
 from packets import (ETH_IP, ETH_IP6, PROTO_DSTOPTS, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN,
                      TCP_PUSH, TCP_RST, TCP_SYN, ether, ipv4, ipv6, ipv6_ext, tcp, udp)
 
-LPD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lpd.py")
 MAC_A, MAC_B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
 T0 = 1_700_000_000                  # an epoch-like base time, as a real capture has
 W32 = 2 ** 32
+
+pytestmark = pytest.mark.offline
 
 SYN, ACK, FIN, RST, PSH = TCP_SYN, TCP_ACK, TCP_FIN, TCP_RST, TCP_PUSH
 SA, PA, FA, RA = SYN | ACK, PSH | ACK, FIN | ACK, RST | ACK
@@ -100,12 +98,9 @@ class Trace:
         self.tcp(t + 0.01, s, c, SA, si, ci + 1, options=options)
         self.tcp(t + 0.02, c, s, ACK, ci + 1, si + 1)
 
-    def write(self, path):
-        with open(path, "wb") as f:     # nanosecond pcap, little-endian, Ethernet
-            f.write(struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 65535, 1))
-            for at, _, _, frame in self.pkts:
-                f.write(struct.pack("<IIII", at // 1_000_000, at % 1_000_000 * 1000,
-                                    len(frame), len(frame)) + frame)
+    def write(self, path):              # nanosecond pcap, little-endian, Ethernet
+        write_pcap(path, [(at // 1_000_000, at % 1_000_000 * 1000, frame)
+                          for at, _, _, frame in self.pkts], PCAP_NS)
 
     def expect(self, orig, resp, history, state, bytes=None, proto=None, since=None, until=None,
                last=None):
@@ -173,27 +168,6 @@ def one(tmp_path, trace, *args):
     recs = conns(tmp_path, trace, *args)
     assert len(recs) == 1, recs
     return recs[0]
-
-
-def run_cli(tmp_path, trace, *args):
-    """python3 lpd.py -r ... as a process: (exit code, stdout, stderr)."""
-    pcap = tmp_path / "t.pcap"
-    trace.write(pcap)
-    p = subprocess.run([sys.executable, LPD, "-r", str(pcap), *args], capture_output=True,
-                       text=True, timeout=120)
-    return p.returncode, p.stdout, p.stderr
-
-
-def json_values(text):
-    """Every JSON value in a stream (log lines and an indented document, in any order)."""
-    dec, i, out = json.JSONDecoder(), 0, []
-    while True:
-        while i < len(text) and text[i].isspace():
-            i += 1
-        if i == len(text):
-            return out
-        value, i = dec.raw_decode(text, i)
-        out.append(value)
 
 
 def closed_counts(recs):

@@ -13,104 +13,12 @@ import tempfile
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import netns
+from harness import (LPD, MAPPING_PORT, MAPPING_SERVER, PORT, Lpd, metrics, read_socket, scrape,
+                     series, value, wait_for)
 
-LPD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lpd.py")
-PORT = 59122
-MAPPING_PORT = 32599
-
-
-def scrape(pair, ns=None, port=PORT, path="/metrics"):
-    """GET a page of lpd's HTTP server from inside its namespace."""
-    code = ("import sys, urllib.request;"
-            f"sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:{port}{path}', timeout=5)"
-            ".read().decode())")
-    return pair.run(ns or pair.ns_b, [sys.executable, "-c", code]).stdout
-
-
-def metrics(pair, ns=None, port=PORT):
-    """{(name, frozenset(labels)): value} from lpd's /metrics, parsed by prometheus_client."""
-    out = {}
-    for fam in text_string_to_metric_families(scrape(pair, ns, port)):
-        for s in fam.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def value(m, name, **labels):
-    return m.get((name, frozenset(labels.items())))
-
-
-def series(m, name):
-    return {dict(k[1]).get("local_ip"): v for k, v in m.items() if k[0] == name}
-
-
-def wait_for(predicate, timeout=10.0, step=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(step)
-    return predicate()
-
-
-# Set by the `engine` fixture of test modules that run under both engines: the
-# engine every Lpd() of the test gets unless it names one itself.
-ENGINE_VAR = "LPD_TEST_ENGINE"
-
-
-def both_engines(request, monkeypatch):
-    """The body of a module's autouse fixture: each of its tests runs with --engine cbpf
-    and with auto (ebpf where the kernel and the options allow it, as a user gets)."""
-    monkeypatch.setenv(ENGINE_VAR, request.param)
-    return request.param
-
-
-class Lpd:
-    """lpd started in ns_b on veth-b, stopped by PID at the end."""
-
-    def __init__(self, pair, *args, env=None, python=sys.executable, prefix=()):
-        """prefix: a command that execs lpd (prlimit --as=...), so proc.pid stays lpd's."""
-        self.pair = pair
-        engine = os.environ.get(ENGINE_VAR)
-        if engine and "--engine" not in args:
-            args = (*args, "--engine", engine)
-        self.err = tempfile.TemporaryFile()
-        self.proc = pair.popen(pair.ns_b, [*prefix, python, LPD, "-i", pair.if_b,
-                                           "--web.listen-address", f"127.0.0.1:{PORT}", *args],
-                               stderr=self.err, env=env)
-        if not wait_for(self._ready, 15):
-            raise AssertionError(f"lpd did not start: {self.stderr()}")
-
-    def _ready(self):
-        if self.proc.poll() is not None:
-            raise AssertionError(f"lpd exited {self.proc.returncode}: {self.stderr()}")
-        try:
-            return "lpd_build_info" in scrape(self.pair)
-        except netns.NetnsError:
-            return False
-
-    def stderr(self):
-        self.err.seek(0)
-        return self.err.read().decode(errors="replace")
-
-    def stop(self, sig=signal.SIGTERM):
-        self.proc.send_signal(sig)
-        return self.proc.wait(10)
-
-
-@pytest.fixture(autouse=True, params=["cbpf", "auto"])   # auto: ebpf where it can
-def engine(request, monkeypatch):
-    return both_engines(request, monkeypatch)
-
-
-@pytest.fixture
-def pair():
-    with netns.Pair() as p:
-        yield p
+pytestmark = [pytest.mark.live, pytest.mark.usefixtures("engine")]   # cbpf, auto (ebpf)
 
 
 def settle_counts(pair, name, expect, **labels):
@@ -193,29 +101,6 @@ def test_landing_page_and_legacy_gauges_go_quiet_then_expire(pair):
     assert pair.ip4_b not in series(metrics(pair), "lpd_receive_bytes_total")
 
 
-# A real HTTP server for the mapping service, run inside ns_b where lpd looks for it.
-MAPPING_SERVER = r"""
-import http.server, os, sys, time
-path = sys.argv[1]
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        try:
-            body = open(path, 'rb').read()
-        except OSError:
-            body = b''
-        if body.startswith(b'SLOW'):
-            time.sleep(4)
-        if body.startswith(b'HTTP500'):
-            self.send_response(500); self.end_headers(); return
-        self.send_response(200)
-        self.send_header('Content-Length', str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a): pass
-http.server.ThreadingHTTPServer(('127.0.0.1', %d), H).serve_forever()
-"""
-
-
 def test_nic_mapping_follows_a_real_service(pair, tmp_path):
     doc = tmp_path / "status.json"
 
@@ -281,19 +166,6 @@ def test_interface_deleted_and_recreated(pair):
     log = lpd.stderr()
     assert log.count("counters kept") == 1 and "capturing again" in log, log
     assert lpd.proc.poll() is None
-
-
-def read_socket(path, timeout=5):
-    """The rule socket's whole answer."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(str(path))
-        chunks = []
-        while True:
-            data = s.recv(65536)
-            if not data:
-                return b"".join(chunks).decode()
-            chunks.append(data)
 
 
 def test_wait_interface_counts_from_when_it_appears(pair, tmp_path):

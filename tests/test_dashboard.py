@@ -33,8 +33,9 @@ import pytest
 
 import geoip_db
 import netns
-from test_daemon import MAPPING_SERVER, PORT, Lpd, metrics, pair, wait_for  # noqa: F401 (pair: fixture)
-from test_remote_live import add_remotes
+from harness import MAPPING_SERVER, PORT, Lpd, add_remotes, metrics, wait_for
+
+pytestmark = pytest.mark.live
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "dist" / "grafana" / "lpd.json"

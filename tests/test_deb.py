@@ -33,7 +33,9 @@ import time
 import pytest
 
 import netns
-from test_daemon import metrics, value, wait_for
+from harness import metrics, value, wait_for
+
+pytestmark = pytest.mark.live
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DIST = ROOT / "dist"

@@ -15,19 +15,16 @@ import time
 
 import pytest
 
+import harness
 import lpd
+
+pytestmark = pytest.mark.unit
 
 WAIT = 10.0                  # seconds any one expectation may take
 
 
-def wait_for(cond, timeout=WAIT, step=0.02):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(step)
-    return cond()
+def wait_for(cond, timeout=WAIT):
+    return harness.wait_for(cond, timeout, 0.02)
 
 
 def summary(name, ips, image="lpdtest/bb:1", cid=None, names=None):

@@ -9,6 +9,8 @@ import pytest
 import lpd
 from packets import ETH_IP, PROTO_UDP, ether, ipv4, udp
 
+pytestmark = pytest.mark.unit
+
 A, B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
 HOW = lpd.Presentation("eth0", lambda a: "eth0", lambda k: ("Unknown",) * 4, 0)
 MORE = 7                    # rows beyond a bound: enough to be cut, few to build

@@ -7,7 +7,6 @@ those of lpd's classic interpreter and Decoder. Live: a cbpf and an ebpf lpd on 
 same veth at the same time must publish the same numbers; reload and interface loss
 keep every count; nothing is copied to userspace."""
 import ipaddress
-import json
 import os
 import random
 import signal
@@ -20,9 +19,9 @@ import pytest
 import lpd
 import netns
 from conftest import CORPUS
-from test_daemon import LPD, metrics, wait_for
-from test_rules_live import parse_lines, read_socket
-from test_workers import Instance
+from harness import LPD, Instance, metrics, parse_lines, read_socket, twin_run, wait_for
+
+pytestmark = pytest.mark.live
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXPRESSIONS = os.path.join(HERE, "filter_expressions.txt")
@@ -567,41 +566,8 @@ def staged():
     """A cbpf lpd and an auto (ebpf) lpd with every stage on (-f, --remote, --connections,
     --http) on the same veth at once: the same frames, so every number, conn.log and
     http.log record must be the same."""
-    import tempfile
-    import test_workers as tw
-    with tempfile.TemporaryDirectory() as tmp, netns.Pair() as pair:
-        server = pair.popen(pair.ns_a, [sys.executable, "-c", tw.SERVER, str(tw.HTTP_PORT)])
-        assert wait_for(lambda: tw._up(pair), 10), "HTTP server did not start"
-        rules = os.path.join(tmp, "rules")
-        with open(rules, "w") as f:
-            f.write(tw.RULES)
-        lpds, out = {}, {}
-        try:
-            for e, port in STAGE_PORTS.items():
-                lpds[e] = Instance(
-                    pair, port, "--engine", e, "--mapping-url", "none", "--interval", "0.5",
-                    "-f", rules, "-u", os.path.join(tmp, f"rules-{e}.sock"), "--remote", "-t", "0",
-                    "--local-net", "10.199.0.2/32", "--local-net", "fd00:199::2/128",
-                    "--conn-log", os.path.join(tmp, f"conn-{e}"),
-                    "--http-log", os.path.join(tmp, f"http-{e}"), "--http-ports", str(tw.HTTP_PORT))
-            time.sleep(0.5)                  # both rings bound before the first frame
-            tw.traffic(pair)
-            inject_odd_frames(pair)
-            time.sleep(1.5)
-            for e, x in lpds.items():
-                out[e] = {"socket": parse_lines(read_socket(os.path.join(tmp, f"rules-{e}.sock"))),
-                          "all": metrics(pair, port=STAGE_PORTS[e]), "stderr": x.stderr()}
-        finally:
-            codes = {e: x.stop() for e, x in lpds.items()}
-            netns.stop(server)
-        for e, x in lpds.items():
-            assert codes[e] == 0, x.stderr()
-            out[e]["metrics"] = tw.comparable(out[e]["all"])
-            out[e]["conns"] = sorted(json.dumps(tw.strip_conn(r), sort_keys=True)
-                                     for r in tw.read_log(os.path.join(tmp, f"conn-{e}")))
-            out[e]["http"] = sorted(json.dumps(tw.strip_http(r), sort_keys=True)
-                                    for r in tw.read_log(os.path.join(tmp, f"http-{e}")))
-        yield out
+    return twin_run({e: (port, ("--engine", e)) for e, port in STAGE_PORTS.items()},
+                    extra_traffic=inject_odd_frames)
 
 
 def test_every_stage_on_ebpf_counts_what_cbpf_counts(staged):

@@ -117,6 +117,7 @@ def assert_same_verdicts(expr, mine, theirs, frame_list):
                              f"{data[:64].hex()} (caplen {len(data)}, wirelen {wirelen})")
 
 
+@pytest.mark.offline
 @pytest.mark.parametrize("expr", EXPRESSIONS)
 def test_agrees_with_libpcap(expr):
     if expr in UNSUPPORTED:
@@ -131,6 +132,7 @@ def test_agrees_with_libpcap(expr):
     assert_same_verdicts(expr, mine, theirs, frames())
 
 
+@pytest.mark.offline
 @pytest.mark.parametrize("expr", EXPRESSIONS[::4])
 def test_unoptimised_agrees_with_libpcap(expr):
     if expr in UNSUPPORTED:
@@ -156,6 +158,7 @@ def _accepted():
 _ACCEPTED = []
 
 
+@pytest.mark.offline
 @settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
 @given(frame=packets.frames(), pick=st.integers(min_value=0))
 def test_hypothesis_frames(frame, pick):
@@ -191,6 +194,7 @@ def _random_expressions(n, seed):
     return [expr() for _ in range(n)]
 
 
+@pytest.mark.offline
 def test_random_combinations_agree_with_libpcap():
     some = frames()[::5]
     for expr in _random_expressions(1500, seed=11):
@@ -209,29 +213,34 @@ def test_random_combinations_agree_with_libpcap():
     "ether[200] & 0 = 0", "ip6[100] | 0 = ip6[100] or ip", "not (ether[3000] = 1 and 1 = 0)",
     "ether[90] = 1 and ether[90] = 2 or arp",
 ])
+@pytest.mark.offline
 def test_optimiser_semantics_on_short_frames(expr):
     mine, theirs = both(expr)
     short = [(bytes(range(n)), n) for n in range(0, 120)] + frames()[::13]
     assert_same_verdicts(expr, mine, theirs, short)
 
 
+@pytest.mark.offline
 def test_rejects_all_is_an_error():
     for expr in ("1 = 2", "ip and not ip", "tcp and udp", "ip and arp", "ip and icmp6"):
         with pytest.raises(lpd.FilterError, match="rejects all packets"):
             lpd.compile_filter(expr)
 
 
+@pytest.mark.offline
 def test_empty_expression_accepts_all():
     assert lpd.compile_filter("") == [RET_SNAP]
     assert lpd.compile_filter("  ") == [RET_SNAP]
 
 
+@pytest.mark.offline
 def test_snaplen_is_the_accept_length():
     prog = lpd.compile_filter("ip", snaplen=96)
     assert (lpd.BPF_RET | lpd.BPF_K, 0, 0, 96) in prog
     assert prog == oracle.compile("ip", snaplen=96)
 
 
+@pytest.mark.offline
 def test_inbound_outbound_use_the_packet_type():
     for expr, verdict_out in (("inbound", 0), ("outbound", 262144)):
         prog = lpd.compile_filter(expr)
@@ -240,6 +249,7 @@ def test_inbound_outbound_use_the_packet_type():
         assert prog == lpd.compile_filter(expr, kernel=True)
 
 
+@pytest.mark.offline
 def test_names_resolve_locally():
     assert lpd.compile_filter("host localhost") == oracle.compile("host localhost")
     assert lpd.compile_filter("port domain") == oracle.compile("port domain")
@@ -266,6 +276,7 @@ def test_names_resolve_locally():
     ("1 = 2", 1, "expression rejects all packets"),
     ("ip[9] = 08", 9, "number 08 contains non-octal digit"),
 ])
+@pytest.mark.offline
 def test_error_column_and_reason(expr, col, reason):
     with pytest.raises(lpd.FilterError) as info:
         lpd.compile_filter(expr)
@@ -275,6 +286,7 @@ def test_error_column_and_reason(expr, col, reason):
     assert isinstance(e, lpd.UsageError)
 
 
+@pytest.mark.offline
 def test_error_line_number():
     assert str(lpd.FilterError("bad", 3, line=7)) == "7:3: bad"
 
@@ -284,6 +296,7 @@ def test_error_line_number():
 needs_tcpdump = pytest.mark.skipif(shutil.which("tcpdump") is None, reason="tcpdump not installed")
 
 
+@pytest.mark.offline
 @needs_tcpdump
 @pytest.mark.parametrize("level, flag", [(1, "-d"), (2, "-dd"), (3, "-ddd")])
 def test_format_program_matches_tcpdump(level, flag):
@@ -300,6 +313,7 @@ def test_format_program_matches_tcpdump(level, flag):
     assert checked > 50
 
 
+@pytest.mark.offline
 def test_format_program_instruction_forms():
     prog = [(0x06, 0, 0, 0xffffffff), (0x16, 0, 0, 0), (0x20, 0, 0, lpd.SKF_AD_OFF + 44),
             (0x48, 0, 0, 2), (0xb1, 0, 0, 14), (0x87, 0, 0, 0), (0x05, 0, 0, 0xfffffff0),
@@ -324,6 +338,7 @@ def _tcpdump_live_program(expr):
     return [tuple(map(int, line.split())) for line in r.stdout.splitlines()[1:] if line.strip()]
 
 
+@pytest.mark.live
 @needs_tcpdump
 @pytest.mark.skipif(os.geteuid() != 0, reason="opening lo for capture needs CAP_NET_RAW")
 def test_kernel_target_matches_libpcap_live_capture():
@@ -345,6 +360,7 @@ def test_kernel_target_matches_libpcap_live_capture():
         assert mine == theirs, expr
 
 
+@pytest.mark.offline
 def test_kernel_vlan_uses_ancillary_data():
     prog = lpd.compile_filter("vlan 5", kernel=True)
     ks = {k for _, _, _, k in prog}

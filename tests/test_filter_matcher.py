@@ -17,6 +17,8 @@ import libpcap_oracle as oracle
 import lpd
 import packets
 
+pytestmark = pytest.mark.offline
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "..", "..", "shared", "corpus", "pcaps")
 SKF_AD_OFF = 0xFFFFF000

@@ -12,8 +12,9 @@ import threading
 import pytest
 
 import netns
-from test_daemon import (Lpd, both_engines, metrics, pair, scrape, series,  # noqa: F401 (pair)
-                         value, wait_for)
+from harness import Lpd, metrics, rss_kib, scrape, series, value, wait_for
+
+pytestmark = [pytest.mark.live, pytest.mark.usefixtures("engine")]   # cbpf, auto (ebpf)
 
 # Local to lpd, off the pair's own subnets: B's kernel neither asks for their link
 # addresses nor counts as a new host itself (answering them).
@@ -29,11 +30,6 @@ NEWCOMER, NEWCOMER_FRAMES, NEWCOMER_SIZE = "10.199.250.1", 100, 300
 # ~220 MB on 2 CPUs; the rest is room for malloc's per-thread arenas on bigger machines.
 AS_LIMIT = 1_000_000_000
 SETTLE = 20                        # s for the counters to catch up with the veth
-
-
-@pytest.fixture(autouse=True, params=["cbpf", "auto"])   # auto: ebpf where it can
-def engine(request, monkeypatch):
-    return both_engines(request, monkeypatch)
 
 
 
@@ -56,11 +52,6 @@ def limited_python(tmp_path):
     path.write_text(f"#!/bin/sh\nexec prlimit --as={AS_LIMIT} {sys.executable} \"$@\"\n")
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return str(path)
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 def test_spoofed_flood_inside_a_local_net(pair, tmp_path):

@@ -7,7 +7,9 @@ import time
 import pytest
 
 import netns
-from test_daemon import Lpd, metrics, value
+from harness import Lpd, metrics, value
+
+pytestmark = pytest.mark.live
 
 TRANSFER = 4_000_000
 PORT = 5001

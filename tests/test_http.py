@@ -17,6 +17,8 @@ from prometheus_client.core import GaugeMetricFamily
 
 import lpd
 
+pytestmark = pytest.mark.unit
+
 GET = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 SAMPLE = b"lpd_test_scrapes_total 3.0\n"
 SLACK = 1.0     # scheduling noise allowed around a server deadline, seconds

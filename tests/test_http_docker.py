@@ -56,10 +56,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import docker_engine
 import netns
-from test_daemon import LPD, wait_for
-from test_http_live import (CHUNKED_LEN, CLOSE_LEN, FIXED_LEN, HIST, NOT_FOUND, SERVER,
-                            UPLOAD_LEN, Client, hist_series, key, labels_of, read_log,
-                            request, strip)
+from harness import (CHUNKED_LEN, CLOSE_LEN, FIXED_LEN, HIST, HTTP_SERVER, LPD, NOT_FOUND, TIMES,
+                     PCAP_NS, PCAP_US, UPLOAD_LEN, Client, hist_series, key, labels_of, read_log,
+                     free_port, read_pcap, request, strip, wait_for, write_pcap)
+
+pytestmark = pytest.mark.docker
 
 INTERVAL = 0.5              # lpd --interval: the log is flushed at each tick
 WAIT = 10.0                 # seconds any one expectation may take
@@ -70,7 +71,6 @@ BB_INDEX = docker_engine.INDEX
 FIELDS = ("ts", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "trans_depth", "method",
           "host", "uri", "status_code", "request_body_len", "response_body_len", "ttfb",
           "duration", "container")
-TIMES = ("ts", "ttfb", "duration")
 # Live and replayed times of one request: lpd's ring and tcpdump's are two packet sockets,
 # and a frame the kernel left without a timestamp (one that crossed a veth from a
 # container's namespace) is stamped once per socket. Seen here: `ts` equal, `ttfb` and
@@ -80,15 +80,6 @@ IFF_PROMISC = 0x100
 
 
 # --- lpd on the bridge ----------------------------------------------------------------
-
-def free_port(host="127.0.0.1"):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
-
 
 def host_port_free(port):
     """True when `port` can be bound on 0.0.0.0 and [::] (what docker-proxy binds)."""
@@ -287,7 +278,7 @@ def engine():
         eng.bb = eng.busybox_image()
         eng.usr = eng.usr_image()
         eng.srv = os.path.join(eng.dir, "srv.py")
-        Path(eng.srv).write_text(SERVER)
+        Path(eng.srv).write_text(HTTP_SERVER)
         yield eng
 
 
@@ -871,43 +862,6 @@ def test_without_docker_names_are_empty_and_servers_are_ip_port(engine, containe
 
 # 9. ------------------------------------------------------------------------------------
 
-def read_pcap(path):
-    """(header bytes, byte order, nanosecond?, [(sec, frac, caplen, wirelen, data)])."""
-    data = Path(path).read_bytes()
-    magic = data[:4]
-    for order in ("<", ">"):
-        m, = struct.unpack(order + "I", magic)
-        if m in (0xA1B2C3D4, 0xA1B23C4D):
-            break
-    else:
-        raise AssertionError(f"{path}: not a pcap ({magic.hex()})")
-    linktype, = struct.unpack(order + "I", data[20:24])
-    assert linktype == 1, f"{path}: link type {linktype}, not Ethernet"
-    recs, off = [], 24
-    while off + 16 <= len(data):
-        sec, frac, caplen, wirelen = struct.unpack(order + "IIII", data[off:off + 16])
-        recs.append((sec, frac, caplen, wirelen, data[off + 16:off + 16 + caplen]))
-        off += 16 + caplen
-    assert off == len(data), f"{path}: trailing bytes"
-    return data[:24], order, recs
-
-
-def write_pcap(path, header, order, recs):
-    with open(path, "wb") as f:
-        f.write(header)
-        for sec, frac, _, wirelen, frame in recs:
-            f.write(struct.pack(order + "IIII", sec, frac, len(frame), wirelen) + frame)
-
-
-def _csum(data):
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
 def split_segment(frame):
     """A TCP data segment (no SYN or RST) cut in three at its payload's thirds: the
     pieces (with recomputed lengths and checksums; a FIN on the last piece only) as
@@ -944,12 +898,12 @@ def split_segment(frame):
         if i < 2:
             tcp[13] &= ~0x01                         # a FIN rides on the last piece only
         tcp[16:18] = b"\0\0"
-        tcp[16:18] = struct.pack("!H", _csum(pseudo(len(tcp)) + bytes(tcp)))
+        tcp[16:18] = struct.pack("!H", netns.checksum(pseudo(len(tcp)) + bytes(tcp)))
         hdr = bytearray(l3)
         if frame[12:14] == b"\x08\x00":
             hdr[2:4] = struct.pack("!H", len(hdr) + len(tcp))
             hdr[10:12] = b"\0\0"
-            hdr[10:12] = struct.pack("!H", _csum(bytes(hdr)))
+            hdr[10:12] = struct.pack("!H", netns.checksum(bytes(hdr)))
         else:
             hdr[4:6] = struct.pack("!H", len(tcp))
         pieces.append(frame[:14] + bytes(hdr) + bytes(tcp))
@@ -959,17 +913,18 @@ def split_segment(frame):
 def shuffle_capture(src, dst):
     """Every TCP data segment of `src` as three pieces out of order plus a duplicate of
     the whole, all at the segment's own timestamp; other frames as they are."""
-    header, order, recs = read_pcap(src)
+    cap = read_pcap(src, strict=True)
     out, split = [], 0
-    for sec, frac, caplen, wirelen, frame in recs:
-        pieces = split_segment(frame) if caplen == wirelen else None
+    for sec, frac, wirelen, frame in cap["records"]:
+        pieces = split_segment(frame) if len(frame) == wirelen else None
         if pieces is None:
-            out.append((sec, frac, caplen, wirelen, frame))
+            out.append((sec, frac, frame, wirelen))
             continue
         split += 1
-        out += [(sec, frac, len(p), len(p), p) for p in pieces]
-    write_pcap(dst, header, order, out)
-    return len(recs), split
+        out += [(sec, frac, p) for p in pieces]
+    write_pcap(dst, out, PCAP_NS if cap["nano"] else PCAP_US, cap["order"], cap["linktype"],
+               cap["snaplen"])
+    return len(cap["records"]), split
 
 
 def replay(pcap, out):

@@ -2,7 +2,7 @@
 between the two namespaces and no Docker: servers are labelled `ip:port` and `container`
 is "".
 
-lpd runs in ns_b on veth-b as a real process. ns_a runs an HTTP/1.1 server (SERVER below,
+lpd runs in ns_b on veth-b as a real process. ns_a runs an HTTP/1.1 server (harness.HTTP_SERVER,
 Python's http.server on a dual-stack socket, ports 80 and 8080) with fixed-length,
 chunked (an extension and a trailer, one write per chunk), 204, 304 (with a
 Content-Length it must not be believed), 404, HEAD, slow (0.3 s before answering),
@@ -24,10 +24,8 @@ PID (netns.Pair's popen); without namespaces the fixture fails, it never skips.
 """
 import collections
 import itertools
-import json
 import random
 import select
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,231 +35,21 @@ from pathlib import Path
 import pytest
 
 import netns
-from test_daemon import PORT, Lpd, metrics, value, wait_for
+from harness import (BIG_LEN, CHUNKED_LEN, CLOSE_LEN, FIXED_LEN, HIST, HTTP_SERVER, NOT_FOUND,
+                     UPLOAD_LEN, Client, Lpd, api, hist_series, key, labels_of, metrics, read_log, request,
+                     strip, value, wait_for)
 
-# The server. Every answer's body length is fixed here and known to the test.
-SERVER = r"""
-import http.server, socket, socketserver, sys, threading, time
-FIXED = b"x" * 1234
-BIG = bytes(range(256)) * 781 + b"b" * 64            # 200,000 bytes
-CHUNKS = (b"5;ext=1\r\nhello\r\n", b"3e8\r\n" + b"y" * 1000 + b"\r\n",
-          b"11\r\n" + b"z" * 17 + b"\r\n", b"0\r\nX-Trailer: done\r\n\r\n")   # 1022 bytes
+pytestmark = pytest.mark.live
 
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True          # one segment per write
-
-    def log_message(self, *a):
-        pass
-
-    def reply(self, code, body=b"", head=False, length=None):
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body) if length is None else length))
-        self.end_headers()
-        if not head:
-            self.wfile.write(body)
-
-    def answer(self, head):
-        path = self.path.split("?", 1)[0]
-        if path == "/chunked":
-            self.send_response(200)
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            if not head:
-                for piece in CHUNKS:
-                    self.wfile.write(piece)
-        elif path == "/empty":
-            self.send_response(204)
-            self.end_headers()
-        elif path == "/cached":
-            self.send_response(304)
-            self.send_header("ETag", '"v1"')
-            self.send_header("Content-Length", "1234")   # the representation's: no body follows
-            self.end_headers()
-        elif path == "/big":
-            self.reply(200, BIG, head)
-        elif path == "/slow":
-            time.sleep(0.3)
-            self.reply(200, b"slow", head)
-        elif path == "/close":                           # HTTP/1.0, no length: ends at the close
-            self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n" + b"c" * 3000)
-            self.close_connection = True
-        elif path == "/missing" or path.startswith("/r/"):
-            self.reply(404, b"not found\n", head)
-        else:
-            self.reply(200, FIXED, head)
-
-    def do_GET(self):
-        self.answer(False)
-
-    def do_HEAD(self):
-        self.answer(True)
-
-    def do_POST(self):                       # http.server sent the 100 Continue already
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            got = 0
-            while True:
-                size = int(self.rfile.readline().split(b";")[0], 16)
-                if not size:
-                    break
-                got += len(self.rfile.read(size))
-                self.rfile.readline()
-            while self.rfile.readline().strip():         # trailers, then the blank line
-                pass
-        else:
-            got = len(self.rfile.read(int(self.headers["Content-Length"])))
-        self.reply(201, b"got %d" % got)
-
-
-class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    address_family = socket.AF_INET6
-    allow_reuse_address = True
-    daemon_threads = True
-
-    def server_bind(self):
-        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        super().server_bind()
-
-    def handle_error(self, request, client_address):
-        pass                                 # the reset client: EPIPE/ECONNRESET, expected
-
-
-servers = [Server(("::", int(p)), H) for p in sys.argv[1:]]
-for s in servers:
-    threading.Thread(target=s.serve_forever, daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait()
-"""
-
-FIXED_LEN, BIG_LEN, CHUNKED_LEN, CLOSE_LEN, UPLOAD_LEN = 1234, 200_000, 1022, 3000, 5000
-NOT_FOUND = b"not found\n"
 SLOW = 0.3
 EXPECT_PAUSE = 0.1                     # client: after the 100 Continue, before the body
 SPLIT_PAUSE = 0.05                     # client: between the pieces of one request head
 HTTP_PORT, FLOOD_PORT = 80, 8080
 FLOOD, ROUTES_MAX = 300, 50            # lpd's HTTP_ROUTES_MAX: a server's first 50 routes
 SPORT0 = 31000                         # client source ports: below the ephemeral range
-TIMEOUT = 10.0                         # any one socket operation
 INTERVAL = 0.5                         # lpd --interval: the log is flushed at each tick
-HIST = "http_server_request_duration_seconds"
 PARSE_ERRORS = ("gap", "head_too_large", "bad_request", "bad_response", "bad_chunk",
                 "unmatched_response")
-TIMES = ("ts", "ttfb", "duration")
-
-
-def request(method, uri, host=None, version="HTTP/1.1", headers=(), body=b""):
-    lines = [f"{method} {uri} {version}"]
-    if host is not None:
-        lines.append(f"Host: {host}")
-    lines += [f"{k}: {v}" for k, v in headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-
-
-class Client:
-    """One TCP connection from ns_b, bytes sent as given, answers parsed here (the test's
-    own reading of HTTP/1.1 framing, to know when each answer is complete)."""
-
-    def __init__(self, run, host, port):
-        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = netns.socket_in(run.pair.ns_b, fam, socket.SOCK_STREAM)
-        self.sock.settimeout(TIMEOUT)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)      # one segment a write
-        self.sock.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", next(run.sports)))
-        self.sock.connect((host, port))
-        self.local = self.sock.getsockname()[:2]
-        self.server = (host, port)
-        self.depth = 0
-        self.buf = b""
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def _more(self):
-        b = self.sock.recv(65536)
-        if not b:
-            raise AssertionError(f"{self.server}: closed in the middle of an answer")
-        self.buf += b
-
-    def _take(self, n):
-        while len(self.buf) < n:
-            self._more()
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def _line(self):
-        while b"\r\n" not in self.buf:
-            self._more()
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
-
-    def head(self):
-        """(status, {field: value}) of the next head, interim or final."""
-        while b"\r\n\r\n" not in self.buf:
-            self._more()
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        first, *lines = head.split(b"\r\n")
-        fields = {}
-        for line in lines:
-            k, _, v = line.partition(b":")
-            fields[k.strip().lower().decode()] = v.strip().decode()
-        return int(first.split()[1]), fields
-
-    def response(self, method="GET"):
-        """(status, body) of the next answer (RFC 9112 6.3)."""
-        code, fields = self.head()
-        if method == "HEAD" or code in (204, 304):
-            return code, b""
-        if fields.get("transfer-encoding", "").lower() == "chunked":
-            body = b""
-            while True:
-                size = int(self._line().split(b";")[0], 16)
-                if not size:
-                    break
-                body += self._take(size)
-                assert self._take(2) == b"\r\n"
-            while self._line():                  # trailers, then the blank line
-                pass
-            return code, body
-        if "content-length" in fields:
-            return code, self._take(int(fields["content-length"]))
-        while True:                              # until the server closes
-            b = self.sock.recv(65536)
-            if not b:
-                break
-            self.buf += b
-        body, self.buf = self.buf, b""
-        return code, body
-
-    def close(self):
-        self.sock.close()
-
-    def abort(self):
-        """SO_LINGER 0, then close: a RST."""
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-        self.sock.close()
-
-
-def key(rec):
-    return (rec["id.orig_h"], rec["id.orig_p"], rec["id.resp_h"], rec["id.resp_p"],
-            rec["trans_depth"])
-
-
-def strip(rec):
-    return {k: v for k, v in rec.items() if k not in TIMES}
-
-
-def read_log(path):
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        return []
-    assert not text or text.endswith("\n"), "a line is written whole"
-    return [json.loads(line) for line in text.splitlines()]
-
-
-def api(pair, path):
-    status, body = netns.http_get(pair.ns_b, "127.0.0.1", PORT, path)
-    return status, json.loads(body)
 
 
 class Run:
@@ -449,7 +237,7 @@ SCENARIOS = {"keepalive": scenario_keepalive, "misc": scenario_misc,
 
 
 def start_server(pair):
-    p = pair.popen(pair.ns_a, [sys.executable, "-c", SERVER, str(HTTP_PORT), str(FLOOD_PORT)],
+    p = pair.popen(pair.ns_a, [sys.executable, "-c", HTTP_SERVER, str(HTTP_PORT), str(FLOOD_PORT)],
                    stdout=subprocess.PIPE, text=True)
     if not select.select([p.stdout], [], [], 10)[0] or p.stdout.readline().strip() != "ready":
         raise AssertionError(f"HTTP server in ns_a did not start (exit {p.poll()})")
@@ -597,27 +385,12 @@ def test_api_requests_newest_first_with_filters(http_run):
 
 # --- 3. the histogram ----------------------------------------------------------------------
 
-def hist_series(m, suffix="_count"):
-    out = {}
-    for (name, labels), v in m.items():
-        if name == HIST + suffix:
-            d = dict(labels)
-            out[(d["http_request_method"], d["http_response_status_code"], d["http_route"],
-                 d["server_address"], d["server_port"], d["container"])] = v
-    return out
-
-
 def expected_series(run):
     want = collections.Counter()
     for _, rec, route in run.expected:
         want[(rec["method"], str(rec["status_code"]), route, rec["id.resp_h"],
               str(rec["id.resp_p"]), "")] += 1
     return want
-
-
-def labels_of(series_key):
-    return dict(zip(("http_request_method", "http_response_status_code", "http_route",
-                     "server_address", "server_port", "container"), series_key))
 
 
 def test_histogram_count_per_series_equals_requests_sent(http_run):

@@ -15,18 +15,18 @@ request without a response: the connection's last packet).
 """
 import collections
 import json
-import os
-import struct
 import subprocess
 import sys
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness import LPD, PCAP_NS, json_values, run_cli, write_pcap
 from packets import ETH_IP, ETH_IP6, PROTO_DSTOPTS, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_PUSH, \
     TCP_RST, TCP_SYN, ether, ipv4, ipv6, ipv6_ext, tcp, vlan_tag
 
-LPD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lpd.py")
+pytestmark = pytest.mark.offline
+
 MAC_A, MAC_B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
 T0 = 1_700_000_000                  # an epoch-like base time, as a real capture has
 W32 = 2 ** 32
@@ -84,12 +84,9 @@ class Trace:
         seg = tcp(src[1], dst[1], flags, seq % W32, ack % W32, window, options, payload)
         self.add(t, _ip(src[0], dst[0], PROTO_TCP, seg, self.exts, self.tags))
 
-    def write(self, path):
-        with open(path, "wb") as f:     # nanosecond pcap, little-endian, Ethernet
-            f.write(struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 65535, 1))
-            for at, frame in self.pkts:
-                f.write(struct.pack("<IIII", at // 1_000_000, at % 1_000_000 * 1000,
-                                    len(frame), len(frame)) + frame)
+    def write(self, path):              # nanosecond pcap, little-endian, Ethernet
+        write_pcap(path, [(at // 1_000_000, at % 1_000_000 * 1000, frame)
+                          for at, frame in self.pkts], PCAP_NS)
 
 
 class Conn:
@@ -240,27 +237,6 @@ def http_log(tmp_path, trace, *args):
 
 def http_doc(out):
     return json.loads(out)["http"]
-
-
-def run_cli(tmp_path, trace, *args):
-    """python3 lpd.py -r ... as a process: (exit code, stdout, stderr)."""
-    pcap = tmp_path / "t.pcap"
-    trace.write(pcap)
-    p = subprocess.run([sys.executable, LPD, "-r", str(pcap), *args], capture_output=True,
-                       text=True, timeout=120)
-    return p.returncode, p.stdout, p.stderr
-
-
-def json_values(text):
-    """Every JSON value in a stream (log lines and an indented document, in any order)."""
-    dec, i, out = json.JSONDecoder(), 0, []
-    while True:
-        while i < len(text) and text[i].isspace():
-            i += 1
-        if i == len(text):
-            return out
-        value, i = dec.raw_decode(text, i)
-        out.append(value)
 
 
 def histogram(text):

@@ -20,6 +20,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import docker_engine
+from harness import free_port, read_log, wait_for
+
+pytestmark = pytest.mark.docker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LPD = os.path.join(ROOT, "lpd.py")
@@ -30,22 +33,6 @@ NAME1, NAME2 = "lpdp-web1", "lpdp-web2"
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 WAIT = 15.0
 HIST = "http_server_request_duration_seconds"
-
-
-def wait_for(cond, timeout=WAIT, step=0.1):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(step)
-    return cond()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Podman:
@@ -126,14 +113,6 @@ def containers(port):
         return None
 
 
-def read_log(path):
-    try:
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except FileNotFoundError:
-        return []
-
-
 FORWARD = "/proc/sys/net/ipv4/ip_forward"
 
 
@@ -170,14 +149,15 @@ def test_names_from_podmans_api(podman, tmp_path):
                             "--web.listen-address", f"127.0.0.1:{port}", "--interval", "0.5"],
                            stderr=subprocess.PIPE, text=True)
     try:
-        seen = wait_for(lambda: (containers(port) or {}).get(NAME1))
+        seen = wait_for(lambda: (containers(port) or {}).get(NAME1), WAIT)
         assert seen and seen["ip"] == ip1 and seen["image"] == IMAGE, containers(port)
         engine = json.loads(get(port, "/api/containers"))["engine"]
         assert engine["up"] and engine["api_version"] == "1.41" and engine["socket"] == podman.socket
 
         out = subprocess.run(["curl", "-s", "-m", "5", f"http://{ip1}/"], capture_output=True)
         assert out.stdout == docker_engine.INDEX
-        rec = wait_for(lambda: [r for r in read_log(log_path) if r["id.resp_h"] == ip1])
+        rec = wait_for(lambda: [r for r in read_log(log_path, whole=False)
+                                if r["id.resp_h"] == ip1], WAIT)
         assert rec and rec[0]["container"] == NAME1 and rec[0]["status_code"] == 200, rec
         samples = [s for fam in text_string_to_metric_families(get(port, "/metrics"))
                    for s in fam.samples]

@@ -11,6 +11,8 @@ import pytest
 import lpd
 from packets import ETH_ARP, ETH_IP, ETH_IP6, PROTO_TCP, PROTO_UDP, ether, ipv4, ipv6, tcp, udp
 
+pytestmark = pytest.mark.unit
+
 A, B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
 
 

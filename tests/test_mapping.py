@@ -10,6 +10,8 @@ import pytest
 
 import lpd
 
+pytestmark = pytest.mark.unit
+
 GOOD = {"config": {"lan": "eth2", "wan0": "eth0", "wan1": "eth1"},
         "mappings": {"10.40.0.3": "wan1", "2001:DB8::0:1": "wan1"}}
 

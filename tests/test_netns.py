@@ -10,15 +10,15 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 import netns  # noqa: E402
 
 PROBE_ETHERTYPE = 0x88B5        # IEEE "local experimental": nothing else sends it
 
 
-@pytest.fixture(scope="module")
-def pair():
-    with netns.Pair() as p:
-        yield p
+pytestmark = pytest.mark.live
+# One pair for the module's tests.
+pair = pytest.fixture(harness.veth_pair, scope="module", name="pair")
 
 
 def namespaces():

@@ -5,7 +5,6 @@ import io
 import ipaddress
 import json
 import os
-import struct
 
 import pytest
 from hypothesis import given, settings
@@ -14,19 +13,11 @@ from hypothesis import strategies as st
 import lpd
 import packets
 from conftest import CORPUS
+from harness import PCAP_NS, PCAP_US, bare_udp4, independent_records, write_pcap
+
+pytestmark = pytest.mark.offline
 
 PCAPS = sorted(glob.glob(os.path.join(CORPUS, "*.pcap")))
-
-
-def independent_records(path):
-    """(wirelen, data) per record, parsed here without lpd."""
-    raw = open(path, "rb").read()
-    order = "<" if raw[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
-    off = 24
-    while off + 16 <= len(raw):
-        _, _, incl, orig = struct.unpack_from(order + "IIII", raw, off)
-        yield orig, raw[off + 16:off + 16 + incl]
-        off += 16 + incl
 
 
 def well_formed_ip(data, wirelen):
@@ -84,25 +75,12 @@ def test_every_corpus_pcap_replays_with_exact_totals():
     assert checked == len(PCAPS) >= 400
 
 
-def write_pcap(path, frames, magic=0xA1B2C3D4, order="<", linktype=1):
-    with open(path, "wb") as f:
-        f.write(struct.pack(order + "IHHiIII", magic, 2, 4, 0, 0, 65535, linktype))
-        for i, (data, wirelen) in enumerate(frames):
-            f.write(struct.pack(order + "IIII", i, 5, len(data), wirelen) + data)
-
-
-def udp4(src, dst, payload=b"x" * 10):
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28 + len(payload), 0, 0, 64, 17, 0,
-                     ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed)
-    return b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ip + struct.pack("!HHHH", 1, 2, 8 + len(payload), 0) + payload
-
-
-@pytest.mark.parametrize("magic,order", [(0xA1B2C3D4, "<"), (0xA1B2C3D4, ">"),
-                                         (0xA1B23C4D, "<"), (0xA1B23C4D, ">")])
+@pytest.mark.parametrize("magic,order", [(PCAP_US, "<"), (PCAP_US, ">"), (PCAP_NS, "<"), (PCAP_NS, ">")])
 def test_byte_orders_and_nanosecond_magic(tmp_path, magic, order):
-    frame = udp4("10.0.0.1", "192.0.2.9")
+    frame = bare_udp4("10.0.0.1", "192.0.2.9")
     path = tmp_path / "x.pcap"
-    write_pcap(path, [(frame, len(frame)), (frame[:40], len(frame)), (frame[:30], len(frame))], magic, order)
+    write_pcap(path, [(0, 5, frame), (1, 5, frame[:40], len(frame)), (2, 5, frame[:30], len(frame))],
+               magic, order)
     rows = address_rows(replay(str(path), "--local-net", "10.0.0.0/8"))
     # record 2 lost its payload to the snap length but has its IP header: counted;
     # record 3 lost part of the IP header: malformed, not attributed
@@ -125,8 +103,8 @@ def test_bad_files_are_one_line_errors(tmp_path, capsys, content, message):
 def test_truncated_record_is_read_up_to_the_cut_with_one_warning(tmp_path, capsys):
     """A capture still being written, or cut short: the records before the cut count."""
     path = tmp_path / "cut.pcap"
-    frame = udp4("10.0.0.1", "10.0.0.2")
-    write_pcap(path, [(frame, len(frame))] * 3)
+    frame = bare_udp4("10.0.0.1", "10.0.0.2")
+    write_pcap(path, [(i, 5, frame) for i in range(3)])
     path.write_bytes(path.read_bytes()[:-5])
     assert lpd.main(["-r", str(path)]) == 0
     assert capsys.readouterr().err == (f"lpd: {path}: truncated dump file: record 3 at byte {24 + 2 * (16 + len(frame))} "
@@ -188,7 +166,7 @@ def test_any_frame_is_counted_and_never_raises(frames):
 def test_new_local_nets_never_drop_counters():
     """An interface coming back before its addresses, or a reload while it is gone,
     must not wipe what was counted (issue 3: every counter kept)."""
-    frame = udp4("10.0.0.1", "192.0.2.9")
+    frame = bare_udp4("10.0.0.1", "192.0.2.9")
     local = lpd.LocalAddresses([ipaddress.ip_network("10.0.0.0/8")])
     dec = lpd.Decoder(local)
 

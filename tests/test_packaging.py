@@ -9,6 +9,10 @@ import sys
 import tarfile
 import zipfile
 
+import pytest
+
+pytestmark = pytest.mark.offline
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

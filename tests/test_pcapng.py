@@ -17,12 +17,12 @@ import pytest
 
 import lpd
 from conftest import CORPUS
-from test_offline import independent_records, udp4, write_pcap
+from harness import LPD, bare_udp4, independent_records, write_pcap
 
-LPD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lpd.py")
+pytestmark = pytest.mark.offline
+
 PCAPS = sorted(glob.glob(os.path.join(CORPUS, "*.pcap")))
 WIRESHARK = ("editcap", "mergecap", "tshark", "capinfos")
-
 
 
 def test_the_oracles_are_here():
@@ -200,7 +200,7 @@ def test_merged_captures_with_several_interfaces(tmp_path, a, b):
 
 # ---- hand-built pcapng, read by tshark too ------------------------------------------
 
-FRAMES = [udp4("10.0.0.1", "192.0.2.9", b"x" * n) for n in (10, 100, 300, 70)]
+FRAMES = [bare_udp4("10.0.0.1", "192.0.2.9", b"x" * n) for n in (10, 100, 300, 70)]
 T0 = 1_700_000_000
 
 
@@ -358,7 +358,7 @@ def test_cut_capture_from_the_command_line(tmp_path):
 
 def test_a_capture_cut_at_a_record_boundary_is_whole(tmp_path, capsys):
     path = tmp_path / "x.pcap"
-    write_pcap(path, [(FRAMES[0], len(FRAMES[0]))] * 2)
+    write_pcap(path, [(i, 5, FRAMES[0]) for i in range(2)])
     assert lpd.main(["-r", str(path)]) == 0
     assert capsys.readouterr().err == ""
     ng = tmp_path / "x.pcapng"

@@ -4,7 +4,6 @@ reload swap at a block boundary."""
 import io
 import ipaddress
 import json
-import struct
 import threading
 import time
 
@@ -12,6 +11,9 @@ import pytest
 
 import lpd
 import packets
+from harness import write_pcap
+
+pytestmark = pytest.mark.offline
 
 NET = ipaddress.ip_network("10.0.0.0/8")
 NET6 = ipaddress.ip_network("2001:db8::/32")
@@ -536,11 +538,8 @@ def test_a_slot_the_kernel_abandoned_is_skipped_and_a_vnet_ring_is_zeroed_when_d
 
 def test_replay_prints_every_address_unless_bounded(tmp_path, capsys):
     path = tmp_path / "many.pcap"
-    with open(path, "wb") as f:
-        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
-        for i in range(20_001):
-            data = udp4(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", "192.0.2.1")
-            f.write(struct.pack("<IIII", 0, 0, len(data), len(data)) + data)
+    write_pcap(path, ((0, 0, udp4(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", "192.0.2.1"))
+                      for i in range(20_001)))
 
     def replay(*extra):
         out = io.StringIO()

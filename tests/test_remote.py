@@ -8,7 +8,6 @@ import ipaddress
 import json
 import os
 import random
-import struct
 import subprocess
 import sys
 import threading
@@ -21,9 +20,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import geoip_db
 import lpd
+from harness import LPD, write_pcap
 from packets import ETH_IP, ETH_IP6, PROTO_UDP, ether, ipv4, ipv6, udp
 
-LPD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lpd.py")
+pytestmark = pytest.mark.offline
+
 NETS = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8")]
 A, B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
 LOCAL4, LOCAL4_2, LOCAL6 = "10.0.0.1", "10.0.0.2", "fd00::1"
@@ -171,20 +172,21 @@ def write_flood(path):
     frames = {h: (udp4(LOCAL4, h, 1200) if ":" not in h else udp6(LOCAL6, h, 1200)) for h in FLOOD_HEAVY}
     template = bytearray(udp4("0.0.0.0", LOCAL4, 10))
     rx = tx = 0
-    with open(path, "wb") as f:
-        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
-        rec = struct.Struct("<IIII")
+
+    def records():
+        nonlocal rx, tx
         for i in range(FLOOD_SPOOFED):
             if i % FLOOD_HEAVY_EVERY == 0:
                 h = FLOOD_HEAVY[i // FLOOD_HEAVY_EVERY % len(FLOOD_HEAVY)]
                 data = frames[h]
                 heavy[h] = heavy.get(h, 0) + len(data)
                 tx += len(data)
-                f.write(rec.pack(i // 1000, i % 1000, len(data), len(data)) + data)
+                yield i // 1000, i % 1000, data
             # distinct sources outside 10/8: 100.0.0.0 + i (never repeats)
             template[26:30] = (0x64000000 + i).to_bytes(4, "big")
             rx += len(template)
-            f.write(rec.pack(i // 1000, i % 1000, len(template), len(template)) + template)
+            yield i // 1000, i % 1000, template
+    write_pcap(path, records())
     del rng
     return heavy, rx, tx
 
@@ -219,10 +221,7 @@ def test_spoofed_flood_keeps_memory_bounded_heavies_exported_and_totals_exact(tm
     out, rss = run_replay(path, *args)
     small = tmp_path / "small.pcap"
     lpd_frames = [udp4(LOCAL4, FAR4)]
-    with open(small, "wb") as f:
-        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
-        for d in lpd_frames:
-            f.write(struct.pack("<IIII", 0, 0, len(d), len(d)) + d)
+    write_pcap(small, [(0, 0, d) for d in lpd_frames])
     _, baseline = run_replay(small, *args)
     m = samples(out)
     nic = (("nic", "flood.pcap"),)
@@ -302,7 +301,7 @@ def run_lpd(*args, env_code="pass"):
 @pytest.mark.parametrize("case", ["no module", "missing", "garbage", "empty", "wrong type", "wrong isp type"])
 def test_geoip_errors_are_one_line_and_exit_78(dbs, tmp_path, case):
     pcap = tmp_path / "x.pcap"
-    pcap.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+    write_pcap(pcap, [])
     garbage = tmp_path / "garbage.mmdb"
     garbage.write_bytes(b"\x89PNG not a database at all" * 10)
     empty = tmp_path / "empty.mmdb"
@@ -326,12 +325,10 @@ def test_geoip_errors_are_one_line_and_exit_78(dbs, tmp_path, case):
 
 # ---- outputs ----------------------------------------------------------------------
 
-def write_pcap(path, frames, step=0.1):
-    with open(path, "wb") as f:
-        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
-        for i, d in enumerate(frames):
-            t = 1_700_000_000 + i * step
-            f.write(struct.pack("<IIII", int(t), round((t % 1) * 1e6) % 1_000_000, len(d), len(d)) + d)
+def write_paced(path, frames, step=0.1):
+    """A pcap of `frames`, one every `step` s from 1_700_000_000."""
+    times = [1_700_000_000 + i * step for i in range(len(frames))]
+    write_pcap(path, [(int(t), round((t % 1) * 1e6) % 1_000_000, d) for t, d in zip(times, frames)])
 
 
 # Frame lengths: 1000, 142, 562 and 60 (the smallest frame is padded to Ethernet's minimum).
@@ -349,7 +346,7 @@ def replay(path, *extra):
 
 def test_metrics_output_is_the_live_collectors_exposition_with_the_seed_labels(tmp_path, dbs):
     path = tmp_path / "t.pcap"
-    write_pcap(path, TRAFFIC)
+    write_paced(path, TRAFFIC)
     text = replay(path, "--output", "metrics", "-t", "1000", "-g", str(dbs["city"]),
                   "--geoip-isp-db", str(dbs["isp"]), "--geoip-lang", "zh-CN")
     m = samples(text)
@@ -379,7 +376,7 @@ def test_seed_series_declare_the_seeds_label_order():
 
 def test_threshold_means_exceed_and_zero_exports_every_remote(tmp_path):
     path = tmp_path / "t.pcap"
-    write_pcap(path, TRAFFIC)
+    write_paced(path, TRAFFIC)
 
     def exported(t):
         return sorted({dict(k[1])["remote_ip"] for k in samples(replay(path, "--output", "metrics", "-t", t))
@@ -391,7 +388,7 @@ def test_threshold_means_exceed_and_zero_exports_every_remote(tmp_path):
 
 def test_json_output_is_every_api_document_and_the_same_on_every_run(tmp_path):
     path = tmp_path / "t.pcap"
-    write_pcap(path, TRAFFIC)
+    write_paced(path, TRAFFIC)
     first, second = replay(path, "--output", "json"), replay(path, "--output", "json")
     assert first == second
     docs = json.loads(first)
@@ -409,7 +406,7 @@ def test_json_output_is_every_api_document_and_the_same_on_every_run(tmp_path):
 
 def test_rates_in_a_replay_come_from_the_files_clock(tmp_path):
     path = tmp_path / "rate.pcap"
-    write_pcap(path, [udp4(LOCAL4, FAR4, 958)] * 50)                # 10 frames of 1000 B per s
+    write_paced(path, [udp4(LOCAL4, FAR4, 958)] * 50)                # 10 frames of 1000 B per s
     docs = json.loads(replay(path, "--output", "json"))
     row = docs["addresses"]["addresses"][0]
     assert row["tx_bps"] == pytest.approx(80_000)
@@ -419,7 +416,7 @@ def test_rates_in_a_replay_come_from_the_files_clock(tmp_path):
 
 def test_table_output_is_aligned_sorted_and_shows_exact_and_human_bytes(tmp_path):
     path = tmp_path / "t.pcap"
-    write_pcap(path, TRAFFIC)
+    write_paced(path, TRAFFIC)
     rules = tmp_path / "r.filters"
     rules.write_text("v6;ip6\nudp;udp\n")
     text = replay(path, "-f", str(rules))
@@ -435,7 +432,7 @@ def test_table_output_is_aligned_sorted_and_shows_exact_and_human_bytes(tmp_path
 
 def test_remote_replay_needs_local_networks(tmp_path):
     path = tmp_path / "t.pcap"
-    write_pcap(path, TRAFFIC)
+    write_paced(path, TRAFFIC)
     assert lpd.main(["-r", str(path), "--remote"]) == 64
 
 
@@ -507,7 +504,7 @@ def test_a_database_with_a_corrupt_data_section_labels_unknown_and_counts(dbs, t
     g = lpd.GeoIP({"--geoip-db": str(bad)}, "en", lambda *a: None)
     assert g.labels(key(FAR4)) == ("Unknown",) * 4 and g.errors == 1
     path = tmp_path / "t.pcap"
-    write_pcap(path, TRAFFIC)
+    write_paced(path, TRAFFIC)
     m = samples(replay(path, "--output", "metrics", "-t", "0", "-g", str(bad)))
     assert m[("lpd_geoip_errors_total", ())] >= 1
     assert {dict(k[1])["country"] for k in m if k[0] == "ip_traffic_tx_bytes_total"} == {"Unknown"}

@@ -18,7 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import geoip_db
 import netns
-from test_daemon import LPD, PORT, Lpd, both_engines, metrics, pair, value, wait_for  # noqa: F401 (pair: fixture)
+from harness import LPD, PORT, Lpd, add_remotes, metrics, value, wait_for
+
+pytestmark = [pytest.mark.live, pytest.mark.usefixtures("engine")]   # cbpf, auto (ebpf)
 
 # Remote addresses: documentation ranges, configured only inside the test namespaces.
 R4 = "198.51.100.7"         # United States / California / Mountain View; Example Transit, AS64500
@@ -36,26 +38,6 @@ DURATION_PORT = PORT + 5     # lpd --duration's own metrics port (inside the nam
 PING4_FRAME = 14 + 20 + 8 + 56      # ping's default 56 data bytes
 PING6_FRAME = 14 + 40 + 8 + 56
 OTHER_MAC = "02:00:0a:c7:00:99"     # neither end's
-
-
-@pytest.fixture(autouse=True, params=["cbpf", "auto"])   # auto: ebpf where it can
-def engine(request, monkeypatch):
-    return both_engines(request, monkeypatch)
-
-
-def add_remotes(pair, addrs):
-    """Give the peer (ns_a) each remote address, and ns_b a host route to it through the
-    peer's veth address (whose neighbour entry is permanent: no ARP or ND)."""
-    for a in addrs:
-        if ":" in a:
-            pair.run(pair.ns_a, ["ip", "-6", "addr", "add", f"{a}/128", "dev", pair.if_a, "nodad"])
-            pair.run(pair.ns_b, ["ip", "-6", "route", "add", f"{a}/128", "via", pair.ip6_a,
-                                 "dev", pair.if_b])
-        else:
-            pair.run(pair.ns_a, ["ip", "addr", "add", f"{a}/32", "dev", pair.if_a])
-            pair.run(pair.ns_b, ["ip", "route", "add", f"{a}/32", "via", pair.ip4_a,
-                                 "dev", pair.if_b])
-    pair.settle()           # the MLD reports of the new addresses' groups, before lpd starts
 
 
 def zero():

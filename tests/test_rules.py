@@ -5,7 +5,6 @@ the rule's expanded expression (tests/libpcap_oracle.py).
 """
 import pathlib
 import re
-import struct
 import subprocess
 import sys
 import threading
@@ -14,9 +13,12 @@ import time
 import pytest
 
 import lpd
+from harness import write_pcap
 import libpcap_oracle as oracle
 from packets import (ETH_ARP, ETH_IP, ETH_IP6, PROTO_ICMP6, PROTO_TCP, PROTO_UDP,
                      arp, ether, icmp6, ipv4, ipv6, tcp, udp, vlan_tag)
+
+pytestmark = pytest.mark.offline
 
 FILTERS = pathlib.Path(__file__).resolve().parent.parent / "filters"
 MAC = "02:00:00:00:00:01"
@@ -375,7 +377,7 @@ def _offline_with(tmp_path, text):
     rules = tmp_path / "big.filters"
     rules.write_text(text)
     pcap = tmp_path / "empty.pcap"
-    pcap.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+    write_pcap(pcap, [])
     cp = subprocess.run(["prlimit", f"--as={BIG_AS_LIMIT}", sys.executable, LPD_PY,
                          "-r", str(pcap), "-f", str(rules), "--local-net", "10.0.0.0/8"],
                         capture_output=True, text=True, timeout=BIG_TIMEOUT)

@@ -11,39 +11,9 @@ import time
 import pytest
 
 import netns
-from test_daemon import Lpd, both_engines, metrics, value, wait_for
+from harness import Lpd, metrics, parse_lines, read_socket, value, wait_for
 
-
-def read_socket(path, timeout=5):
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        chunks = []
-        while True:
-            data = s.recv(65536)
-            if not data:
-                break
-            chunks.append(data)
-    return b"".join(chunks).decode()
-
-
-def parse_lines(text):
-    rows = []
-    for line in text.splitlines():
-        rid, b, p = line.rsplit(":", 2)
-        rows.append((rid, int(b), int(p)))
-    return rows
-
-
-@pytest.fixture(autouse=True, params=["cbpf", "auto"])   # auto: ebpf where it can
-def engine(request, monkeypatch):
-    return both_engines(request, monkeypatch)
-
-
-@pytest.fixture
-def pair():
-    with netns.Pair() as p:
-        yield p
+pytestmark = [pytest.mark.live, pytest.mark.usefixtures("engine")]   # cbpf, auto (ebpf)
 
 
 RULES = """\

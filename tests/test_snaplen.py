@@ -5,10 +5,14 @@ import glob
 import os
 import random
 
+import pytest
+
 import libpcap_oracle as oracle
 import lpd
 import packets
 from conftest import CORPUS
+
+pytestmark = pytest.mark.offline
 
 EXPRESSIONS = os.path.join(os.path.dirname(__file__), "filter_expressions.txt")
 

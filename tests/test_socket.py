@@ -15,6 +15,7 @@ import time
 import pytest
 
 import lpd
+from harness import wait_for
 
 
 def rules(n, width=20):
@@ -44,15 +45,6 @@ def read_all(path, timeout=10.0):
         s.close()
 
 
-def wait_for(cond, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture
 def sockpath(tmp_path):
     return str(tmp_path / "run" / "lpd" / "eth0.sock")
@@ -73,6 +65,7 @@ def serve(sockpath):
         s.close()
 
 
+@pytest.mark.unit
 def test_python_client_gets_exact_lines_in_file_order(serve, sockpath):
     snap = [("arp-req", 450, 10), ("icmp6", 100, 4), ('type="arp",who="me"', 120, 30)]
     serve(snap)
@@ -80,6 +73,7 @@ def test_python_client_gets_exact_lines_in_file_order(serve, sockpath):
     assert read_all(sockpath) == expected(snap)          # every connection gets a dump
 
 
+@pytest.mark.unit
 def test_nc_client(serve, sockpath):
     snap = rules(50)
     serve(snap)
@@ -89,11 +83,13 @@ def test_nc_client(serve, sockpath):
     assert out.stdout == expected(snap)
 
 
+@pytest.mark.unit
 def test_no_rules_means_empty_dump(serve, sockpath):
     serve([])
     assert read_all(sockpath) == b""
 
 
+@pytest.mark.unit
 def test_socket_mode_group_and_parent_dir(serve, sockpath):
     gid = os.getgid()
     serve([], group=grp.getgrgid(gid).gr_name)
@@ -105,18 +101,21 @@ def test_socket_mode_group_and_parent_dir(serve, sockpath):
     assert os.listdir(os.path.dirname(sockpath)) == ["eth0.sock"]
 
 
+@pytest.mark.live
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to a foreign gid needs root")
 def test_numeric_socket_group(serve, sockpath):
     serve([], group="4242")
     assert os.stat(sockpath).st_gid == 4242
 
 
+@pytest.mark.unit
 def test_unknown_group_is_a_config_error(sockpath):
     with pytest.raises(lpd.ConfigError, match="no such group"):
         lpd.RuleSocketServer(sockpath, list, group="no-such-group-lpd-test")
     assert not os.path.exists(sockpath)
 
 
+@pytest.mark.unit
 def test_stale_socket_file_is_replaced(serve, sockpath):
     os.makedirs(os.path.dirname(sockpath))
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -128,6 +127,7 @@ def test_stale_socket_file_is_replaced(serve, sockpath):
     assert stat.S_IMODE(os.stat(sockpath).st_mode) == 0o660     # ours, not the leftover
 
 
+@pytest.mark.unit
 def test_live_socket_is_an_error(serve, sockpath):
     first = serve([("a", 1, 1)])
     with pytest.raises(lpd.ConfigError, match="another lpd is serving this socket"):
@@ -137,6 +137,7 @@ def test_live_socket_is_an_error(serve, sockpath):
     assert not os.path.exists(sockpath)
 
 
+@pytest.mark.unit
 def test_a_regular_file_is_never_replaced(sockpath):
     os.makedirs(os.path.dirname(sockpath))
     with open(sockpath, "w") as f:
@@ -146,6 +147,7 @@ def test_a_regular_file_is_never_replaced(sockpath):
     assert open(sockpath).read() == "precious"
 
 
+@pytest.mark.unit
 def test_close_removes_the_file_only_if_it_is_still_ours(sockpath):
     srv = lpd.RuleSocketServer(sockpath, list).start()
     assert os.path.exists(sockpath)
@@ -163,6 +165,7 @@ def test_close_removes_the_file_only_if_it_is_still_ours(sockpath):
         other.close()
 
 
+@pytest.mark.unit
 def test_never_reading_client_does_not_stall_others(serve, sockpath):
     snap = rules(20000)                       # ~700 kB: far more than a socket buffer
     srv = serve(snap, client_timeout=2.0)
@@ -174,7 +177,7 @@ def test_never_reading_client_does_not_stall_others(serve, sockpath):
             assert read_all(sockpath, timeout=5) == expected(snap)
         assert time.monotonic() - t0 < 2.0, "other clients waited for the stuck one"
         # After its deadline the stuck client is dropped: EOF (or reset) after a partial dump.
-        wait_for(lambda: not srv._clients, timeout=6, what="stuck client dropped")
+        wait_for(lambda: not srv._clients, timeout=6, what="stuck client dropped", step=0.01)
         got = b""
         stuck.settimeout(5)
         try:
@@ -192,6 +195,7 @@ def test_never_reading_client_does_not_stall_others(serve, sockpath):
     assert read_all(sockpath) == expected(snap)
 
 
+@pytest.mark.unit
 def test_slow_reader_gets_a_complete_dump(serve, sockpath):
     snap = rules(6000)                        # ~200 kB
     serve(snap)
@@ -213,6 +217,7 @@ def test_slow_reader_gets_a_complete_dump(serve, sockpath):
     assert fast == [expected(snap)]
 
 
+@pytest.mark.unit
 def test_clients_vanishing_mid_dump(serve, sockpath):
     snap = rules(20000)
     srv = serve(snap)
@@ -226,10 +231,11 @@ def test_clients_vanishing_mid_dump(serve, sockpath):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
         s.close()
     assert read_all(sockpath) == expected(snap)
-    wait_for(lambda: not srv._clients, timeout=5, what="vanished clients forgotten")
+    wait_for(lambda: not srv._clients, timeout=5, what="vanished clients forgotten", step=0.01)
     assert srv._thread.is_alive()
 
 
+@pytest.mark.unit
 def test_hundred_concurrent_clients_get_complete_dumps(serve, sockpath):
     snap = rules(3000)                        # ~100 kB each
     serve(snap)
@@ -265,6 +271,7 @@ def test_hundred_concurrent_clients_get_complete_dumps(serve, sockpath):
     assert sum(r == want for r in results) == 100, [type(r) for r in results if r != want][:5]
 
 
+@pytest.mark.unit
 def test_hundred_nc_clients_at_once(serve, sockpath):
     snap = rules(500)
     serve(snap)
@@ -282,6 +289,7 @@ def test_hundred_nc_clients_at_once(serve, sockpath):
     assert all(o == expected(snap) for o in outs)
 
 
+@pytest.mark.unit
 def test_each_dump_is_one_consistent_snapshot(serve, sockpath):
     """Counters move between and during dumps; each dump shows one instant."""
     rs_bytes, rs_packets = [0, 0, 0], [0, 0, 0]
@@ -313,6 +321,7 @@ def test_each_dump_is_one_consistent_snapshot(serve, sockpath):
         t.join(5)
 
 
+@pytest.mark.unit
 def test_snapshot_failure_closes_client_and_keeps_serving(serve, sockpath):
     calls = []
 
@@ -334,10 +343,11 @@ def connect_stuck(srv, sockpath, n):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(sockpath)
         stuck.append(s)
-    wait_for(lambda: len(srv._clients) == n, timeout=5, what="clients accepted")
+    wait_for(lambda: len(srv._clients) == n, timeout=5, what="clients accepted", step=0.01)
     return stuck
 
 
+@pytest.mark.unit
 def test_close_is_prompt_with_stuck_clients(sockpath):
     srv = lpd.RuleSocketServer(sockpath, lambda: rules(20000)).start()
     stuck = connect_stuck(srv, sockpath, 5)
@@ -350,16 +360,19 @@ def test_close_is_prompt_with_stuck_clients(sockpath):
         s.close()
 
 
+@pytest.mark.unit
 def test_socket_path_too_long(tmp_path):
     path = str(tmp_path / ("x" * 120) / "eth0.sock")
     with pytest.raises(lpd.ConfigError, match="longer than 107 bytes"):
         lpd.RuleSocketServer(path, list)
 
 
+@pytest.mark.unit
 def test_default_socket_path():
     assert lpd.default_socket_path("eth0") == "/run/lpd/eth0.sock"
 
 
+@pytest.mark.unit
 def test_client_limit_queues_instead_of_refusing(serve, sockpath):
     snap = rules(20000)
     srv = serve(snap, client_timeout=1.0, max_clients=3)
@@ -424,6 +437,7 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@pytest.mark.unit
 def test_out_of_descriptors_the_accept_loop_rests_and_logs_once(sockpath):
     os.makedirs(os.path.dirname(sockpath))
     proc = subprocess.Popen(["prlimit", f"--nofile={NOFILE}", sys.executable, "-c", SERVER,
@@ -460,7 +474,7 @@ def test_out_of_descriptors_the_accept_loop_rests_and_logs_once(sockpath):
             s.close()
         clients = []
         assert read_all(sockpath, timeout=10) == expected(rules(20000))
-        wait_for(lambda: err.lines == 2, timeout=5, what="the 'accepting again' line")
+        wait_for(lambda: err.lines == 2, timeout=5, what="the 'accepting again' line", step=0.01)
         lines = err.text().splitlines()
         assert lines[0].startswith("lpd: rule socket: accept failed: Too many open files; ")
         assert lines[1] == "lpd: rule socket: accepting connections again", lines
@@ -477,6 +491,7 @@ def test_out_of_descriptors_the_accept_loop_rests_and_logs_once(sockpath):
     assert proc.returncode == 0, err.text()
 
 
+@pytest.mark.unit
 def test_never_reading_clients_are_counted_and_logged_once_per_period(serve, sockpath, capsys,
                                                                       monkeypatch):
     period = 3.0                              # room for the second cut-off on a busy machine
@@ -491,29 +506,31 @@ def test_never_reading_clients_are_counted_and_logged_once_per_period(serve, soc
 
     def stuck_until_cut_off(n):
         stuck = connect_stuck(srv, sockpath, n)
-        wait_for(lambda: not srv._clients, timeout=5, what="stuck clients cut off")
+        wait_for(lambda: not srv._clients, timeout=5, what="stuck clients cut off", step=0.01)
         for s in stuck:
             s.close()
 
     assert read_all(sockpath) == expected(snap)              # a complete dump is not counted
     stuck_until_cut_off(1)
     assert srv.truncated == 1
-    wait_for(lambda: len(report_lines()) == 1, timeout=5, what="the first report")
+    wait_for(lambda: len(report_lines()) == 1, timeout=5, what="the first report", step=0.01)
     assert logged[0] == "lpd: rule socket: 1 dump cut off, not read within 0.3 s (1 in all)"
     stuck_until_cut_off(2)                                   # within the period: counted, not logged
     assert srv.truncated == 3 and len(report_lines()) == 1
     # Reported when the period is over, with no further event to trigger it.
-    wait_for(lambda: len(report_lines()) == 2, timeout=period + 5, what="the second report")
+    wait_for(lambda: len(report_lines()) == 2, timeout=period + 5, what="the second report",
+             step=0.01)
     assert logged[1] == "lpd: rule socket: 2 dumps cut off, not read within 0.3 s (3 in all)"
     time.sleep(period + 0.2)
     assert len(report_lines()) == 2                          # nothing new: no line
 
 
+@pytest.mark.unit
 def test_truncated_dumps_are_a_metric(serve, sockpath):
     from prometheus_client import CollectorRegistry, generate_latest
     srv = serve(rules(20000), client_timeout=0.3)
     stuck = connect_stuck(srv, sockpath, 1)
-    wait_for(lambda: not srv._clients, timeout=5, what="stuck client cut off")
+    wait_for(lambda: not srv._clients, timeout=5, what="stuck client cut off", step=0.01)
     stuck[0].close()
     registry = CollectorRegistry(auto_describe=False)
     mapping = lpd.NicMapping(None, "eth0", lambda *a: None)

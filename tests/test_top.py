@@ -21,7 +21,9 @@ import pytest
 
 import lpd as lpdmod
 import netns
-from test_daemon import LPD, Lpd, wait_for
+from harness import LPD, Lpd, wait_for
+
+pytestmark = pytest.mark.live
 
 URL = "http://127.0.0.1:59122"
 HOST_PORT = "127.0.0.1:59122"                  # --url as --web.listen-address takes it
@@ -66,12 +68,6 @@ def top_once(ns, url=HOST_PORT, columns=80, *more):
     return subprocess.run(netns.ns_argv(ns, [sys.executable, LPD, "top", "--once", "--url", url,
                                              *more]),
                           capture_output=True, text=True, timeout=30, env=env)
-
-
-@pytest.fixture
-def pair():
-    with netns.Pair() as p:
-        yield p
 
 
 def test_once_shows_the_traffic_and_fits_the_width(pair, tmp_path):

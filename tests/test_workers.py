@@ -8,95 +8,15 @@ import select
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 
 import netns
-from test_daemon import Lpd, metrics, scrape, wait_for
-from test_rules_live import parse_lines, read_socket
+from harness import TWIN_FLOWS as FLOWS
+from harness import Lpd, alive, children, metrics, parse_lines, read_socket, twin_run, wait_for
 
-RULES = "udp;udp\ntcp;tcp\nweb;tcp port 8080\nping;icmp or icmp6\n"
-HTTP_PORT = 8080
-SERVER = r"""
-import http.server, socketserver, sys
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *a): pass
-    def do_GET(self):
-        body = b"x" * int(self.path.strip("/") or 1)
-        self.send_response(200); self.send_header("Content-Length", str(len(body)))
-        self.end_headers(); self.wfile.write(body)
-class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
-S(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
-"""
-FLOWS = 24                                      # UDP flows, several per worker
-
-
-def children(pid):
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
-    return sorted(int(x) for x in out.stdout.split())
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
-
-
-def traffic(pair):
-    """UDP flows both ways, pings, and HTTP requests of known sizes from ns_b to ns_a."""
-    for sport in range(40000, 40000 + FLOWS):
-        pair.udp_send(pair.ns_b, pair.ip4_b, pair.ip4_a, [100 + sport % 7, 300], sport=sport)
-        pair.udp_send(pair.ns_a, pair.ip4_a, pair.ip4_b, [200], sport=sport)
-    pair.ping(pair.ns_a, pair.ip4_b)
-    pair.ping(pair.ns_a, pair.ip6_b)
-    for size in (1, 10, 1000, 5000, 20000, 77):
-        status, body = netns.http_get(pair.ns_b, pair.ip4_a, HTTP_PORT, f"/{size}")
-        assert status == 200 and len(body) == size
-
-
-def comparable(m):
-    """The series that must not depend on the number of workers."""
-    keep = ("lpd_transmit_", "lpd_receive_", "lpd_interface_", "lpd_rule_", "lpd_remote_",
-            "ip_traffic_", "lpd_connections", "http_server_request_duration_seconds_count",
-            "lpd_http_parse_errors", "lpd_worker_restarts")
-    return {k: v for k, v in m.items() if k[0].startswith(keep)}
-
-
-def strip_conn(rec):
-    return {k: v for k, v in rec.items() if k not in ("ts", "uid", "duration", "pid", "comm")}
-
-
-def strip_http(rec):
-    return {k: v for k, v in rec.items() if k not in ("ts", "ttfb", "duration")}
-
-
-def read_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-class Instance(Lpd):
-    """lpd on veth-b on a metrics port of its own, so two can watch the same traffic."""
-
-    def __init__(self, pair, port, *args):
-        self.port = port
-        super().__init__(pair, *args, "--web.listen-address", f"127.0.0.1:{port}")
-
-    def _ready(self):
-        if self.proc.poll() is not None:
-            raise AssertionError(f"lpd exited {self.proc.returncode}: {self.stderr()}")
-        try:
-            return "lpd_build_info" in scrape(self.pair, port=self.port)
-        except netns.NetnsError:
-            return False
-
+pytestmark = pytest.mark.live
 
 PORTS = {1: 59123, 2: 59124}
 
@@ -105,48 +25,10 @@ PORTS = {1: 59123, 2: 59124}
 def runs():
     """One process and two workers on the same interface at the same time: the same
     frames, so every number must be the same."""
-    with tempfile.TemporaryDirectory() as tmp, netns.Pair() as pair:
-        server = pair.popen(pair.ns_a, [sys.executable, "-c", SERVER, str(HTTP_PORT)])
-        assert wait_for(lambda: _up(pair), 10), "HTTP server did not start"
-        rules = os.path.join(tmp, "rules")
-        with open(rules, "w") as f:
-            f.write(RULES)
-        lpds, out = {}, {}
-        try:
-            for n in (1, 2):
-                lpds[n] = Instance(
-                    pair, PORTS[n], "--workers", str(n), "--mapping-url", "none",
-                    "--interval", "0.5", "-f", rules, "-u", os.path.join(tmp, f"rules{n}.sock"),
-                    "--remote", "-t", "0", "--local-net", "10.199.0.2/32",
-                    "--local-net", "fd00:199::2/128", "--conn-log", os.path.join(tmp, f"conn{n}"),
-                    "--http-log", os.path.join(tmp, f"http{n}"), "--http-ports", str(HTTP_PORT))
-            kids = {n: children(lpd.proc.pid) for n, lpd in lpds.items()}
-            assert len(kids[1]) == 0 and len(kids[2]) == 2, kids
-            time.sleep(0.5)                  # both rings bound before the first frame
-            traffic(pair)
-            time.sleep(1.5)
-            for n, lpd in lpds.items():
-                out[n] = {"socket": parse_lines(read_socket(os.path.join(tmp, f"rules{n}.sock"))),
-                          "all": metrics(pair, port=PORTS[n])}
-        finally:
-            codes = {n: lpd.stop() for n, lpd in lpds.items()}
-            netns.stop(server)
-        for n, lpd in lpds.items():
-            assert codes[n] == 0, lpd.stderr()
-            assert not [k for k in kids[n] if alive(k)], "a worker outlived SIGTERM"
-            out[n]["metrics"] = comparable(out[n]["all"])
-            out[n]["conns"] = sorted(json.dumps(strip_conn(r), sort_keys=True)
-                                     for r in read_log(os.path.join(tmp, f"conn{n}")))
-            out[n]["http"] = sorted(json.dumps(strip_http(r), sort_keys=True)
-                                    for r in read_log(os.path.join(tmp, f"http{n}")))
-        yield out
-
-
-def _up(pair):
-    try:
-        return netns.http_get(pair.ns_b, pair.ip4_a, HTTP_PORT, "/1")[0] == 200
-    except OSError:
-        return False
+    out = twin_run({n: (PORTS[n], ("--workers", str(n))) for n in (1, 2)})
+    assert len(out[1]["children"]) == 0 and len(out[2]["children"]) == 2, \
+        {n: out[n]["children"] for n in out}
+    return out
 
 
 def test_two_workers_count_what_one_process_counts(runs):
@@ -185,12 +67,6 @@ def test_both_workers_took_frames(runs):
     assert set(one) == {"0"} and set(two) == {"0", "1"}, (one, two)
     assert all(v > 0 for v in two.values()) and sum(two.values()) == one["0"], (one, two)
     assert set(per_worker(runs[2]["all"], "lpd_capture_drops_total")) == {"0", "1"}
-
-
-@pytest.fixture
-def pair():
-    with netns.Pair() as p:
-        yield p
 
 
 def test_a_killed_worker_is_replaced_and_nothing_outlives_the_parent(pair):
