@@ -53,6 +53,8 @@ import re
 
 import pytest
 
+pytestmark = pytest.mark.unit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LPD = os.path.join(ROOT, "lpd.py")
 TESTS = os.path.join(ROOT, "tests")
