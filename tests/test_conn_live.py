@@ -1151,8 +1151,10 @@ print(json.dumps(got), flush=True)
 """
 
 # A's side: datagrams of the given sizes from (src, sport) to (dst, dport), `gap` seconds
-# apart, each reply awaited (2 s at most); a pause of a second after the first few, so
-# that the rest comes after lpd has seen those (a ring block reaches lpd when it retires).
+# apart, each reply awaited (2 s at most); a pause after the first few, so that the rest
+# comes after lpd has seen those (a ring block reaches lpd when it retires, within 20 ms),
+# shorter than the test's --interval: a direction idle for FLOW_IDLE_TICKS ticks would
+# leave the kernel again.
 _CLIENT = r"""
 import json, socket, sys, time
 src, sport, dst, dport, gap, sizes = json.loads(sys.argv[1])
@@ -1163,7 +1165,7 @@ replies = []
 for i, n in enumerate(sizes):
     s.sendto(b"q" * n, (dst, dport))
     replies.append(len(s.recv(65535)))
-    time.sleep(1.0 if i == 2 else gap)
+    time.sleep(0.4 if i == 2 else gap)
 print(json.dumps(replies), flush=True)
 """
 
