@@ -2368,19 +2368,11 @@ def accounted(consumer):
 def wait_accounted(consumer, before, rx):
     """Poll accounted() until the consumer has accounted for or lost `rx` frames since
     `before`, or its count stops moving for SYSCPU_STALL s, or SYSCPU_COUNT_TIMEOUT."""
-    deadline = time.monotonic() + SYSCPU_COUNT_TIMEOUT
-    last, since = None, time.monotonic()
-    while consumer is not None:
-        now = accounted(consumer)
-        t = time.monotonic()
-        if now[0] + now[1] - before[0] - before[1] >= rx or t > deadline:
-            return now
-        if now != last:
-            last, since = now, t
-        elif t - since >= SYSCPU_STALL:
-            return now
-        time.sleep(SYSCPU_POLL)
-    return before
+    if consumer is None:
+        return before
+    return settle(lambda: accounted(consumer),
+                  lambda now: now[0] + now[1] - before[0] - before[1] >= rx,
+                  SYSCPU_COUNT_TIMEOUT, SYSCPU_STALL, SYSCPU_POLL)
 
 
 def http_requests(consumer):
@@ -2753,6 +2745,7 @@ def live_syscpu(pair, workdir, rules_file, flags):
         lines += [(c.name, c) for c in (Lpd(pair, None, SYSCPU_RING, engine=e, what=" --remote",
                                             local_nets=LIVE_REMOTE_LOCAL_NETS, extra=["--remote"])
                                         for e in ENGINES)]
+    lines.append((FLOOR_AGAIN, None))
     rows = {label: system_cpu(pair, gen, c, syscpu, label) for label, c in lines}
     read_against_floor(rows)
     return (syscpu,)
