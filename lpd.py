@@ -30,34 +30,32 @@ each banner's "provides:" line says what later chapters take from it
   9 Snapshots: what the capture thread publishes
   10 Sources: where ring blocks come from
   11 Decode: one flat loop per block
-  12 Consumers
-    12.1 Local addresses
-    12.2 Remote addresses
-    12.3 Connections (Zeek's conn.log semantics)
-    12.4 HTTP requests (TCP reassembly, HTTP/1.x)
-    12.5 Rules (bpfcountd-compatible filter files)
-  13 eBPF engine: accounting and rules as one kernel program (--engine ebpf)
-    13.1 Assembler
-    13.2 Syscalls: bpf(2), maps, programs, test runs
-    13.3 Programs: the decoder and the rules in eBPF
-    13.4 Accounting: the kernel tables behind the stages
-  14 Enrichment: background pollers (NIC mapping, GeoIP, processes, Docker)
-  15 Exporters
-    15.1 Documents (/api/*, --output json and table)
-    15.2 Prometheus
-    15.3 The rule socket (bpfcountd's unix socket)
-    15.4 JSON logs (conn log, HTTP log)
-    15.5 Stages: one table, one row per stage
-  16 Daemon: wiring, signals, reload
-  17 Workers: one capture process per core behind PACKET_FANOUT
-  18 Offline replay and filter dumps
-  19 Operator view: lpd top
-  20 main
+  12 Enrichment: background pollers (NIC mapping, GeoIP, processes, Docker)
+  13 Presentation: documents, metric families, logs, the stage row
+  14 Stages
+    14.1 Local addresses
+    14.2 Remote addresses
+    14.3 Connections (Zeek's conn.log semantics)
+    14.4 HTTP requests (TCP reassembly, HTTP/1.x)
+    14.5 Rules (bpfcountd-compatible filter files)
+  15 eBPF engine: accounting and rules as one kernel program (--engine ebpf)
+    15.1 Assembler
+    15.2 Syscalls: bpf(2), maps, programs, test runs
+    15.3 Programs: the decoder and the rules in eBPF
+    15.4 Accounting: the kernel tables behind the stages
+  16 Exporters
+    16.1 The stage table at work
+    16.2 The metrics endpoint
+    16.3 The rule socket (bpfcountd's unix socket)
+  17 Daemon: wiring, signals, reload
+  18 Workers: one capture process per core behind PACKET_FANOUT
+  19 Offline replay and filter dumps
+  20 Operator view: lpd top
+  21 main
 
-Where a new stage goes: a sub-chapter of 12 "Consumers" (a Consumer subclass with its
-name, snapshot_type, what it wants decoded, consume/tick/snapshot/finish), its document
-in 15.1, its metric families in 15.2, and one row of STAGES in 15.5 (how the options
-build it); the daemon, the workers, -r, /api, --output and /metrics take it from there.
+Where a new stage goes: one sub-chapter of 14 "Stages" — its Consumer, documents, metric
+families, table lines, how the options build it, and last its row, STAGES.append(Stage(...));
+the daemon, the workers, -r, /api, --output and /metrics take it from there (16.1).
 """
 import argparse
 import bisect
@@ -6016,17 +6014,1074 @@ class LocalityOnly:
         return self.scratch
 
 
+
 ###############################################################################
-# 12 Consumers ################################################################
+# 12 Enrichment: background pollers (NIC mapping, GeoIP, processes, Docker) ####
 ###############################################################################
-# provides: Connections, format_rule_lines, HTTP_BUCKETS, HttpRequests, IPV4_FRAG_MASK,
+# provides: NicMapping, open_docker, open_geoip, ProcessTable, remote_labeller
+#
+# Labels that come from outside (the NIC mapping service, GeoIP databases, /proc,
+# the container engine) are fetched by a Poller in a thread of its own: it keeps the
+# last good answer, counts failures and logs each change of state once. Capture never
+# waits on one; exporters read `current` whole.
+
+class Poller:
+    """Periodic fetch of one outside source. Subclasses define fetch() and describe()."""
+    name = "poller"
+
+    def __init__(self, log, period, initial=None):
+        self.log, self.period = log, period
+        self.current = initial             # replaced whole on success, read whole
+        self.errors = 0
+        self.last_success = 0.0
+        self._state = None                 # last logged state: "ok" or the error's kind
+
+    def fetch(self):
+        """The new value; raises OSError, ValueError, HTTPException or LpdError on failure."""
+        raise NotImplementedError
+
+    def describe(self, exc):
+        return str(exc) or type(exc).__name__
+
+    def fetch_once(self):
+        """One poll; True on success. A failure keeps the last good value."""
+        try:
+            value = self.fetch()
+        except (OSError, ValueError, http.client.HTTPException, LpdError) as e:
+            self._failed(type(e).__name__, f"{self.describe(e)}; {self.keeping}")
+            return False
+        self._succeeded(value)
+        return True
+
+    def _succeeded(self, value):
+        self.current = value
+        self.last_success = time.time()
+        if self._state != "ok":
+            if self._state is not None:
+                self.log(LOG_INFO, f"{self.name}: {self.where()}: answering again")
+            self._state = "ok"
+
+    @property
+    def keeping(self):
+        return f"keeping the last good {self.name}"
+
+    def where(self):
+        return ""
+
+    def _failed(self, kind, message):
+        self.errors += 1
+        if self._state != kind:
+            self._state = kind
+            self.log(LOG_WARNING, f"{self.name}: {self.where()}: {message}")
+
+    def run(self, stop):
+        while not stop.is_set():
+            try:
+                self.fetch_once()
+            except Exception as e:        # never let one odd answer end the poller
+                self._failed(type(e).__name__, f"unexpected {type(e).__name__}: {e}")
+            stop.wait(self.period)
+
+
+MAPPING_TIMEOUT = 2.0
+MAPPING_MAX_BYTES = 1 << 20
+
+
+class MappingError(ValueError):
+    """The mapping service answered something lpd cannot use."""
+
+
+def parse_mapping(body):
+    """The /status document -> ({canonical address: nic}, default nic).
+
+    {"config": {"lan": "eth2", "wan0": "eth0", "wan1": "eth1"},
+     "mappings": {"10.40.0.3": "wan1"}}: a mapped address is labelled with the
+    device its wan names; every other address with config["wan0"]'s.
+    """
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MappingError(f"invalid JSON: {e}") from None
+    except RecursionError:
+        # json's decoder recurses per nesting level; '[' * 100000 exhausts the stack.
+        raise MappingError("invalid JSON: nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise MappingError("expected a JSON object")
+    config, mappings = doc.get("config"), doc.get("mappings", {})
+    if not isinstance(config, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in config.items()):
+        raise MappingError("'config' must be an object of strings")
+    if "wan0" not in config:
+        raise MappingError("'config' has no 'wan0'")
+    if not isinstance(mappings, dict):
+        raise MappingError("'mappings' must be an object")
+    table = {}
+    for addr, wan in mappings.items():
+        if wan not in config:
+            raise MappingError(f"mapping of {addr} names unknown wan {wan!r}")
+        try:
+            table[ipaddress.ip_address(addr)] = config[wan]
+        except ValueError:
+            raise MappingError(f"mapping key {addr!r} is not an IP address") from None
+    return table, config["wan0"]
+
+
+
+
+class _DeadlineSocket(socket.socket):
+    """A TCP socket whose every wait ends at one deadline. http.client reads headers
+    and body in many small recv()s; a timeout per call would let a server that
+    drips a byte a second hold a fetch for ever."""
+    deadline = 0.0
+    limit = MAPPING_TIMEOUT          # what the deadline was set to, for the message
+
+    def _bounded(self, call, *args):
+        if self.deadline is None:        # unbounded from now on (a stream)
+            return call(self, *args)
+        late = socket.timeout(f"no complete answer within {self.limit:g} s")
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise late
+        self.settimeout(left)
+        try:
+            return call(self, *args)
+        except socket.timeout:
+            raise late from None
+
+    def connect(self, address):
+        return self._bounded(socket.socket.connect, address)
+
+    def sendall(self, data, flags=0):
+        return self._bounded(socket.socket.sendall, data, flags)
+
+    def recv_into(self, buffer, nbytes=0, flags=0):
+        return self._bounded(socket.socket.recv_into, buffer, nbytes, flags)
+
+
+class _DeadlineHTTPConnection(http.client.HTTPConnection):
+    """HTTPConnection on a _DeadlineSocket: connect, request and the whole answer share
+    one deadline. (Name resolution is not under it: the C resolver cannot be bounded.)"""
+
+    def __init__(self, host, deadline, **kw):
+        super().__init__(host, **kw)
+        self.deadline = deadline
+
+    def connect(self):
+        error = OSError(f"{self.host}: no address")
+        for family, addr in stream_addresses(self.host, self.port):
+            sock = _DeadlineSocket(family, socket.SOCK_STREAM)
+            sock.deadline = self.deadline
+            try:
+                sock.connect(addr)
+            except OSError as e:
+                sock.close()
+                error = e
+                continue
+            self.sock = sock
+            return
+        raise error
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    """urllib's http:// handler (redirects, proxies, HTTPError) on _DeadlineHTTPConnection."""
+
+    def __init__(self, deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req):
+        return self.do_open(functools.partial(_DeadlineHTTPConnection, deadline=self.deadline), req)
+
+
+class NicMapping(Poller):
+    """The NIC label of each local address, from the mapping service."""
+    name = "mapping"
+
+    def __init__(self, url, fallback_nic, log, period=10.0, configured=True):
+        super().__init__(log, period, ({}, None))   # (table, default nic)
+        self.url, self.fallback = url, fallback_nic
+        # The default URL, not given: failures count only once it has answered.
+        self.configured = configured
+
+    def _failed(self, kind, message):
+        if self.configured or self.last_success:
+            super()._failed(kind, message)
+
+    def _succeeded(self, value):
+        if not self.configured and not self.last_success:
+            self.log(LOG_INFO, f"{self.name}: {self.url} answered: NIC labels follow it "
+                               "(--mapping-url none turns it off)")
+        super()._succeeded(value)
+
+    def where(self):
+        return self.url
+
+    def fetch(self):
+        # MAPPING_TIMEOUT bounds the whole fetch (connect, request, every byte of the
+        # answer) for http://; other schemes keep urllib's timeout per blocking call.
+        opener = urllib.request.build_opener(
+            _DeadlineHTTPHandler(time.monotonic() + MAPPING_TIMEOUT))
+        with opener.open(self.url, timeout=MAPPING_TIMEOUT) as resp:
+            return parse_mapping(resp.read(MAPPING_MAX_BYTES))
+
+    def describe(self, exc):
+        if isinstance(exc, urllib.error.HTTPError):
+            return f"HTTP {exc.code}"
+        if isinstance(exc, urllib.error.URLError):
+            return str(exc.reason)
+        return super().describe(exc)
+
+    def labeller(self):
+        """A consistent (table, default) pair for one scrape."""
+        table, default = self.current
+        if default is None:
+            return lambda addr: self.fallback
+        return lambda addr: table.get(addr, default)
+
+
+GEOIP_UNKNOWN = "Unknown"          # ip_traffic_monitor_cli's label for "no database, no entry"
+GEOIP_FALLBACK_LANG = "en"
+# How often the databases' files are checked: geoipupdate replaces them in place weekly.
+GEOIP_CHECK_PERIOD = 60.0
+GEOIP_CACHE_MAX = 1 << 18          # remotes whose labels are remembered; then it starts over
+GEOIP_INSTALL = ("needs the maxminddb module: apt install python3-maxminddb (Debian, Ubuntu), "
+                 f"or pip install '{DISTRIBUTION}[geoip]'")
+# option -> (attribute of the options, what its database_type must contain)
+GEOIP_DATABASES = {
+    "--geoip-db": ("geoip_db", ("City", "Country", "Enterprise")),
+    "--geoip-isp-db": ("geoip_isp_db", ("ISP", "ASN")),
+}
+
+
+def open_mmdb(path, option, kinds):
+    """A maxminddb Reader of the right kind, or a ConfigError naming the file."""
+    try:
+        import maxminddb
+    except ImportError:
+        raise ConfigError(f"{option}: GeoIP {GEOIP_INSTALL}") from None
+    try:
+        reader = maxminddb.open_database(path)
+    except OSError as e:
+        raise os_failure(e, f"{option} {path}") from None
+    except (maxminddb.InvalidDatabaseError, ValueError) as e:
+        raise ConfigError(f"{option} {path}: not a MaxMind DB file ({e})") from None
+    db_type = reader.metadata().database_type
+    if not any(k in db_type for k in kinds):
+        reader.close()
+        raise ConfigError(f"{option} {path}: a {db_type} database; {option} takes "
+                          f"{' or '.join(kinds)} databases")
+    return reader
+
+
+def _file_identity(path):
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _geo_name(record, *path, lang):
+    """record[path...]["names"][lang], falling back to English, then Unknown."""
+    for step in path:
+        record = record.get(step) if isinstance(record, dict) else None
+        if isinstance(record, list):               # subdivisions: the first is the province
+            record = record[0] if record else None
+    names = record.get("names") if isinstance(record, dict) else None
+    if not isinstance(names, dict):
+        return GEOIP_UNKNOWN
+    name = names.get(lang) or names.get(GEOIP_FALLBACK_LANG)
+    return name if isinstance(name, str) and name else GEOIP_UNKNOWN
+
+
+class GeoIP(Poller):
+    """country, province (first subdivision), city and isp of remote addresses, from
+    MaxMind databases. Looked up once per address (cached), on the exporters' side:
+    never per frame, never on the capture thread. A database replaced on disk (or a
+    SIGHUP) is reopened; one that fails to reopen keeps the last good one."""
+    name = "geoip"
+
+    def __init__(self, paths, lang, log, period=GEOIP_CHECK_PERIOD):
+        super().__init__(log, period)
+        self.paths, self.lang = paths, lang          # {option: path}
+        self.current = self.fetch()                  # at start a bad database is fatal
+
+    def where(self):
+        return ", ".join(self.paths.values())
+
+    def fetch(self, force=False):
+        """(readers by option, file identities, cache): the same as now unless a file changed."""
+        now = self.current
+        identities = {}
+        for option, path in self.paths.items():
+            try:
+                identities[option] = _file_identity(path)
+            except OSError as e:
+                raise ConfigError(f"{option} {path}: {e.strerror}") from None
+        if now is not None and not force and identities == now[1]:
+            return now
+        readers = {option: open_mmdb(path, option, GEOIP_DATABASES[option][1])
+                   for option, path in self.paths.items()}
+        if now is not None:
+            self.log(LOG_INFO, f"geoip: reopened {self.where()}")
+        return readers, identities, {}
+
+    def reopen(self):
+        """SIGHUP: read the databases again even if their files look the same."""
+        try:
+            self.current = self.fetch(force=True)
+        except LpdError as e:
+            self._failed(type(e).__name__, f"{e}; keeping the last good {self.name}")
+
+    def labels(self, key):
+        """(country, province, city, isp) of a (version, raw key) remote."""
+        readers, _, cache = self.current
+        got = cache.get(key)
+        if got is None:
+            if len(cache) >= GEOIP_CACHE_MAX:
+                cache.clear()
+            got = cache[key] = self._lookup(address(key), readers)
+        return got
+
+    def _lookup(self, addr, readers):
+        found = {}
+        for option, reader in readers.items():
+            try:
+                found[option] = reader.get(addr)
+            except ValueError:              # an IPv6 address in an IPv4-only database
+                pass
+            except Exception as e:          # a corrupt data section: this remote stays Unknown
+                self._failed(type(e).__name__, f"{self.paths[option]}: lookup of {addr} failed: {e}")
+        city, isp = found.get("--geoip-db"), found.get("--geoip-isp-db")
+        if not isinstance(city, dict):
+            city = {}
+        country = _geo_name(city, "country", lang=self.lang)
+        if country == GEOIP_UNKNOWN:       # anycast and satellite ranges carry only this
+            country = _geo_name(city, "registered_country", lang=self.lang)
+        name = None
+        if isinstance(isp, dict):
+            name = isp.get("isp") or isp.get("autonomous_system_organization")
+        return (country, _geo_name(city, "subdivisions", lang=self.lang),
+                _geo_name(city, "city", lang=self.lang),
+                name if isinstance(name, str) and name else GEOIP_UNKNOWN)
+
+
+# /proc/net tables by (protocol, IP version): local and remote "ADDR:PORT" in hex, the
+# address as the kernel's 32-bit words in host order, and the socket's inode.
+PROC_NET_TABLES = {(IPPROTO_TCP, 4): "net/tcp", (IPPROTO_TCP, 6): "net/tcp6",
+                   (IPPROTO_UDP, 4): "net/udp", (IPPROTO_UDP, 6): "net/udp6"}
+PROC_NET_LOCAL, PROC_NET_REMOTE, PROC_NET_INODE = 1, 2, 9       # columns
+PROC_POLL_PERIOD = 0.5
+# At most one scan of /proc per this many seconds, whatever the connection rate: a storm
+# of new connections waits for the next scan instead of making one each.
+PROC_REFRESH_MIN = 1.0
+PROC_PENDING_MAX = 4096            # connections waiting for a scan; beyond, the oldest go unnamed
+IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+SOCKET_LINK = re.compile(r"socket:\[(\d+)\]")
+
+
+def _proc_addr(text):
+    """'0100007F:1F90' -> (b'\\x7f\\0\\0\\x01', 8080)."""
+    addr, port = text.split(":")
+    raw = bytes.fromhex(addr)
+    return b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)), int(port, 16)
+
+
+def read_proc_sockets(root="/proc"):
+    """{(proto, local (addr, port), remote (addr, port)): inode} of this network
+    namespace's sockets; IPv4 addresses on IPv6 sockets are given as IPv4."""
+    sockets = {}
+    for (proto, _), name in PROC_NET_TABLES.items():
+        try:
+            with open(os.path.join(root, name)) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue                               # no IPv6, or no such table
+        for line in lines:
+            fields = line.split()
+            try:
+                local, remote = _proc_addr(fields[PROC_NET_LOCAL]), _proc_addr(fields[PROC_NET_REMOTE])
+                inode = int(fields[PROC_NET_INODE])
+            except (IndexError, ValueError):
+                continue
+            if not inode:
+                continue                           # TIME_WAIT: no socket any more
+            unmapped = [(a[len(IPV4_MAPPED_PREFIX):] if a.startswith(IPV4_MAPPED_PREFIX) else a, port)
+                        for a, port in (local, remote)]
+            sockets[proto, unmapped[0], unmapped[1]] = inode
+    return sockets
+
+
+def socket_owners(inodes, root="/proc"):
+    """{inode: (pid, comm)} for the sockets of `inodes` that a process holds open."""
+    owners, wanted = {}, set(inodes)
+    for pid in os.listdir(root):
+        if not pid.isdigit() or not wanted:
+            continue
+        fd_dir = os.path.join(root, pid, "fd")
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue                               # gone, or not ours to read
+        for fd in fds:
+            try:
+                m = SOCKET_LINK.fullmatch(os.readlink(os.path.join(fd_dir, fd)))
+            except OSError:
+                continue
+            if m and int(m.group(1)) in wanted:
+                inode = int(m.group(1))
+                wanted.discard(inode)
+                try:
+                    with open(os.path.join(root, pid, "comm"), "rb") as f:
+                        # any process may name itself any bytes (PR_SET_NAME)
+                        comm = f.read().strip().decode("utf-8", "replace")
+                except OSError:
+                    comm = ""
+                owners[inode] = (int(pid), comm)
+    return owners
+
+
+class ProcessTable(Poller):
+    """pid and command of the local socket of new connections, from /proc/net/* and
+    /proc/<pid>/fd, on a thread of its own: the capture thread only queues connections
+    (want()); each is looked up once, at the next scan, and handed back (deliver)."""
+    name = "processes"
+
+    def __init__(self, log, period=PROC_POLL_PERIOD, root="/proc"):
+        super().__init__(log, period, {})
+        self.root = root
+        self.pending = collections.deque(maxlen=PROC_PENDING_MAX)
+        self.deliver = lambda conn: None
+        self.last_scan = -math.inf
+        self.scans = 0
+
+    def want(self, conn):
+        self.pending.append(conn)
+
+    def fetch(self):
+        if not self.pending or time.monotonic() - self.last_scan < PROC_REFRESH_MIN:
+            return self.current
+        self.last_scan = time.monotonic()
+        self.scans += 1
+        conns = []
+        while self.pending:
+            conns.append(self.pending.popleft())
+        sockets = read_proc_sockets(self.root)
+        found = {}
+        for c in conns:
+            a, b = (c.orig_h, c.orig_p), (c.resp_h, c.resp_p)
+            for local, remote in ((a, b), (b, a)):
+                inode = sockets.get((c.proto, local, remote))
+                if inode is None and c.proto == IPPROTO_UDP:
+                    # an unconnected UDP socket: bound to the port, any peer
+                    wild = bytes(len(local[0]))
+                    inode = sockets.get((c.proto, local, (wild, 0))) or \
+                        sockets.get((c.proto, (wild, local[1]), (wild, 0))) or \
+                        sockets.get((c.proto, (bytes(16), local[1]), (bytes(16), 0)))
+                if inode is not None:
+                    found[c] = inode
+                    break
+        owners = socket_owners(found.values(), self.root) if found else {}
+        for c, inode in found.items():
+            if inode in owners:
+                c.pid, c.comm = owners[inode]
+                self.deliver(c)
+        return self.current
+
+
+# Container names: the Docker Engine API (and podman's compatible one) on a unix socket.
+DOCKER_SOCKET = "/var/run/docker.sock"
+# Paths carry a version. Docker 29 refuses anything below 1.44; bookworm's docker.io
+# 20.10 and podman up to 5.4 speak at most 1.41 (their /_ping says so). Every field
+# lpd reads exists since 1.21.
+DOCKER_API_MAX = (1, 44)
+DOCKER_API_UNSAID = (1, 41)        # a /_ping without the header
+DOCKER_TIMEOUT = 5.0               # one whole request; the events stream has none
+DOCKER_MAX_BYTES = 64 << 20        # a container listing larger than this is garbage
+DOCKER_EVENT_MAX_BYTES = 1 << 20   # one event line
+DOCKER_PING_MAX_BYTES = 1 << 10    # "OK"
+DOCKER_REFRESH = 30.0              # full re-list even when no event came
+DOCKER_DEBOUNCE = 0.2              # events come in bursts (die, stop, network disconnect)
+DOCKER_BACKOFF = (0.5, 5.0)        # first and longest wait between reconnects
+# A stopped container's addresses keep its name this long (or until another container
+# takes them): requests it was serving still finish under its name.
+DOCKER_KEEP = 600.0
+# Actions after which addresses or names may have changed. Podman says `remove` where
+# Docker says `destroy`; its network events name the container, Docker's the network.
+DOCKER_CONTAINER_ACTIONS = frozenset(("start", "restart", "die", "stop", "kill", "destroy",
+                                      "remove", "rename", "create", "unpause"))
+DOCKER_EVENTS = "/events?filters=" + urllib.parse.quote(
+    json.dumps({"type": ["container", "network"]}, separators=(",", ":")))
+
+
+class DockerError(ValueError):
+    """The engine answered something lpd cannot use."""
+
+
+class Container(NamedTuple):
+    name: str
+    image: str
+    id: str
+
+
+def container_name(names, cid):
+    """Docker's Names hold '/web1' plus, for legacy links, '/other/alias': the one
+    with a single slash, without it."""
+    names = [n for n in names if isinstance(n, str) and n] if isinstance(names, list) else []
+    for n in names:
+        if n.count("/") == 1 and n.startswith("/"):
+            return n[1:]
+    return names[0].lstrip("/") if names else cid[:12]
+
+
+def parse_containers(body):
+    """GET /containers/json -> {raw address: Container} over every network of every
+    container (IPv4 and global IPv6; a container without an address of its own,
+    --network host or container:X, gives none)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise DockerError(f"container list: invalid JSON ({str(e)[:80]})") from None
+    if not isinstance(doc, list):
+        raise DockerError("container list: expected a JSON array")
+    table = {}
+    for c in doc:
+        if not isinstance(c, dict) or not isinstance(c.get("Id"), str):
+            raise DockerError("container list: an entry without an Id")
+        image = c.get("Image") if isinstance(c.get("Image"), str) else ""
+        entry = Container(container_name(c.get("Names"), c["Id"]), image, c["Id"])
+        networks = (c.get("NetworkSettings") or {}).get("Networks") if \
+            isinstance(c.get("NetworkSettings"), dict) else None
+        for net in (networks or {}).values() if isinstance(networks, dict) else ():
+            if not isinstance(net, dict):
+                continue
+            for field in ("IPAddress", "GlobalIPv6Address"):
+                text = net.get(field)
+                if isinstance(text, str) and text:
+                    try:
+                        table.setdefault(ipaddress.ip_address(text).packed, entry)
+                    except ValueError:
+                        raise DockerError(f"container {entry.name}: {field} {text!r} "
+                                          f"is not an address") from None
+    return table
+
+
+def docker_api_version(header):
+    """The version lpd speaks: the engine's (its /_ping's Api-Version), at most
+    DOCKER_API_MAX."""
+    if not header:
+        return DOCKER_API_UNSAID
+    m = re.fullmatch(r"\s*([0-9]{1,3})\.([0-9]{1,3})\s*", header)
+    if not m:
+        raise DockerError(f"/_ping: API version {header[:40]!r}")
+    return min((int(m[1]), int(m[2])), DOCKER_API_MAX)
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a unix stream socket; with a deadline, connect, request and
+    the whole answer share it (an engine that hangs must not hold the poller)."""
+
+    def __init__(self, socket_path, deadline=None):
+        super().__init__("localhost")          # the engine wants some Host header
+        self.socket_path, self.deadline = socket_path, deadline
+
+    def connect(self):
+        if self.deadline is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        else:
+            sock = _DeadlineSocket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.deadline, sock.limit = self.deadline, DOCKER_TIMEOUT
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def docker_get(socket_path, path, limit=DOCKER_MAX_BYTES):
+    """(body, headers) of GET path; DockerError for an answer other than 200."""
+    conn = _UnixHTTPConnection(socket_path, time.monotonic() + DOCKER_TIMEOUT)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = resp.read(limit + 1)
+        if len(body) > limit:
+            raise DockerError(f"GET {path.split('?')[0]}: answer over {limit} bytes")
+        if resp.status != http.HTTPStatus.OK:
+            try:
+                message = json.loads(body).get("message", "")
+            except (ValueError, AttributeError, RecursionError):
+                message = ""
+            raise DockerError(f"GET {path.split('?')[0]}: HTTP {resp.status} {message}"[:200])
+        return body, resp.headers
+    finally:
+        conn.close()
+
+
+class DockerEngine(Poller):
+    """Container names of local addresses, from the engine's API: listed on start,
+    re-listed after every event that can move an address (the /events stream, read
+    on a thread of its own) and every DOCKER_REFRESH s. The capture thread reads
+    `names` (address -> name), replaced whole; exporters read `current`."""
+    name = "docker"
+
+    def __init__(self, socket_path, log):
+        super().__init__(log, DOCKER_REFRESH, {})   # raw address -> Container, running only
+        self.socket_path = socket_path
+        self.names = {}                  # raw address -> name, running or lately stopped
+        self.gone = {}                   # raw address -> (Container, when it went)
+        self.api_version = None
+        self.up = False
+        self._changed = threading.Event()
+        self._stream = None
+
+    keeping = "keeping the last good names"
+
+    def where(self):
+        return self.socket_path
+
+    def describe(self, exc):
+        if isinstance(exc, FileNotFoundError):
+            return "no engine (no such socket); servers are labelled ip:port until one starts"
+        if isinstance(exc, ConnectionRefusedError):
+            return "connection refused"
+        return super().describe(exc)
+
+    def name_of(self, raw):
+        return self.names.get(raw, "")
+
+    def version_path(self, path):
+        return f"/v{self.api_version[0]}.{self.api_version[1]}{path}"
+
+    def fetch(self):
+        if self.api_version is None:
+            _, headers = docker_get(self.socket_path, "/_ping", DOCKER_PING_MAX_BYTES)
+            self.api_version = docker_api_version(headers.get("Api-Version"))
+        body, _ = docker_get(self.socket_path, self.version_path("/containers/json"))
+        return parse_containers(body)
+
+    def _succeeded(self, table):
+        now = time.monotonic()
+        for raw, c in self.current.items():          # stopped since the last list
+            if raw not in table:
+                self.gone[raw] = (c, now)
+        gone = {raw: cw for raw, cw in self.gone.items()
+                if raw not in table and cw[1] + DOCKER_KEEP > now}
+        names = {raw: c.name for raw, (c, _) in gone.items()}
+        names.update((raw, c.name) for raw, c in table.items())
+        self.gone, self.names = gone, names
+        self.up = True
+        super()._succeeded(table)
+
+    def _failed(self, kind, message):
+        self.up = False
+        self.api_version = None          # renegotiated: the engine may come back upgraded
+        # One line per outage: a dying engine resets the connection, then its socket goes.
+        super()._failed("down", message)
+
+    # -- the events stream ----------------------------------------------------
+
+    def _open_stream(self):
+        conn = _UnixHTTPConnection(self.socket_path, time.monotonic() + DOCKER_TIMEOUT)
+        conn.request("GET", self.version_path(DOCKER_EVENTS))
+        resp = conn.getresponse()
+        if resp.status != http.HTTPStatus.OK:
+            conn.close()
+            raise DockerError(f"GET /events: HTTP {resp.status}")
+        conn.sock.settimeout(None)       # a quiet engine sends nothing for hours
+        conn.sock.deadline = None
+        return conn, resp
+
+    def _follow(self, conn, resp):
+        """The stream's thread: any event that can move an address asks for a re-list;
+        the end of the stream (the engine went away) too, so the poller notices."""
+        try:
+            while True:
+                line = resp.readline(DOCKER_EVENT_MAX_BYTES)
+                if not line or not line.endswith(b"\n"):
+                    break
+                try:
+                    ev = json.loads(line)
+                    relevant = ev.get("Type") == "network" or (
+                        ev.get("Type") == "container" and ev.get("Action") in DOCKER_CONTAINER_ACTIONS)
+                except (ValueError, AttributeError, RecursionError):
+                    relevant = True                      # unreadable: look for ourselves
+                if relevant:
+                    self._changed.set()
+        except Exception:                # whatever it was, the stream is over: re-list
+            pass
+        finally:
+            conn.close()
+            if self._stream is conn:
+                self._stream = None
+                self._changed.set()
+
+    def run(self, stop):
+        wait = DOCKER_BACKOFF[0]
+        while not stop.is_set():
+            try:
+                if self._stream is None:
+                    # the stream first, then the list: nothing falls between them
+                    _, headers = docker_get(self.socket_path, "/_ping", DOCKER_PING_MAX_BYTES)
+                    self.api_version = docker_api_version(headers.get("Api-Version"))
+                    conn, resp = self._open_stream()
+                    self._stream = conn
+                    threading.Thread(target=self._follow, args=(conn, resp),
+                                     name="docker-events", daemon=True).start()
+                ok = self.fetch_once()
+            except (OSError, ValueError, http.client.HTTPException, LpdError) as e:
+                self._failed(type(e).__name__, f"{self.describe(e)}; {self.keeping}")
+                ok = False
+            except Exception as e:        # never let one odd answer end the poller
+                self._failed(type(e).__name__, f"unexpected {type(e).__name__}: {e}")
+                ok = False
+            if not ok:
+                self._drop_stream()
+                stop.wait(wait)
+                wait = min(wait * 2, DOCKER_BACKOFF[1])
+                continue
+            wait = DOCKER_BACKOFF[0]
+            if self._changed.wait(self.period) and not stop.is_set():
+                stop.wait(DOCKER_DEBOUNCE)
+            self._changed.clear()
+        self._drop_stream()
+
+    def _drop_stream(self):
+        conn, self._stream = self._stream, None
+        if conn is not None and conn.sock is not None:
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def wake(self):
+        """Stop: the poller's wait ends at once."""
+        self._changed.set()
+
+
+def open_docker(opts, replaying=False):
+    """The engine the options name: --docker-socket, else the default one while
+    capturing with --http (a replay asks only when told to). None: no names."""
+    path = opts.docker_socket
+    if path == "none" or not opts.http or (path is None and replaying):
+        return None
+    return DockerEngine(path or DOCKER_SOCKET, log)
+
+
+def open_geoip(opts):
+    """The GeoIP databases the options name (fatal if one is unusable), or None."""
+    paths = {option: getattr(opts, attr) for option, (attr, _) in GEOIP_DATABASES.items()
+             if getattr(opts, attr)}
+    return GeoIP(paths, opts.geoip_lang, log) if paths else None
+
+
+def remote_labeller(geo):
+    """key -> (country, province, city, isp); Unknown everywhere without databases."""
+    if geo is None:
+        unknown = (GEOIP_UNKNOWN,) * 4
+        return lambda key: unknown
+    return geo.labels
+
+
+###############################################################################
+# 13 Presentation: documents, metric families, logs, the stage row ############
+###############################################################################
+# provides: _amount, API_ROWS_DEFAULT, API_ROWS_MAX, _biggest, capture_metrics, _columns,
+#   containers_document, _cut, docker_metrics, _envelope, _first, human_bytes,
+#   interface_document, _io, _io_cells, IO_COLUMNS, JsonLog, metric_family, Presentation,
+#   Stage, STAGES, Wiring
+#
+# The common parts of what every stage shows: one JSON document per kind, built from a
+# publication by the thread that serves it (GET /api/<kind>?top=N on the metrics port;
+# `--output json` prints them all as {kind: document}; `--output table` as columns);
+# Prometheus families built afresh on every scrape; JSON logs; and the row each stage
+# adds to STAGES (chapter 14) to say how the options build it and what shows it.
+# Document fields are stable: `lpd top` and dashboards read them. Rows come sorted by
+# bytes (tx + rx), biggest first.
+#
+# An answer is bounded whatever the tables hold: with 163k open connections an uncut
+# /api/connections was 62 MB and 184 MiB of the server thread's memory. A document's rows
+# are its first `top`, API_ROWS_DEFAULT when not asked, never more than API_ROWS_MAX; it
+# says how many there were ("total") and whether some were left out ("truncated").
+# `--output json` stays whole: the one answer a replay is run for, printed once by a
+# process that holds those tables anyway, with no server to keep responsive.
+
+API_ROWS_DEFAULT = 1000            # rows of an /api document without ?top=N
+
+
+API_ROWS_MAX = 10000               # rows of any /api document, whatever ?top=N asks
+
+
+class Presentation(NamedTuple):
+    """What turns snapshots into labelled rows, beside the snapshots themselves."""
+    nic: str
+    label: Callable                    # local address -> NIC label (the mapping)
+    geo: Callable                      # remote key -> (country, province, city, isp)
+    threshold: int                     # bytes a remote exceeds to get its own series
+    docker: object = None              # the DockerEngine, or None: no container names
+
+
+def _envelope(snap, how):
+    return {"nic": how.nic, "time": snap.get("time", 0.0)}
+
+
+def _io(r):
+    """The four counters of a snapshot row whose key is r[0]."""
+    return {"tx_bytes": r[1 + TX_BYTES], "tx_packets": r[1 + TX_PACKETS],
+            "rx_bytes": r[1 + RX_BYTES], "rx_packets": r[1 + RX_PACKETS]}
+
+
+def _first(rows, top, key):
+    """The first `top` of rows ordered by key (all of them: top None), without sorting
+    what is left out: 1000 of 163k connections cost a heap of 1000."""
+    return sorted(rows, key=key) if top is None else heapq.nsmallest(top, rows, key=key)
+
+
+def _cut(kept, total):
+    """The fields that say whether a document's rows are all of them."""
+    return {"total": total, "truncated": len(kept) < total}
+
+
+def _biggest(rows, top):
+    """Rows by tx + rx bytes, then by key; the first `top` of them."""
+    return _first(rows, top, lambda r: (-(r[1 + TX_BYTES] + r[1 + RX_BYTES]), r[0]))
+
+
+def interface_document(snap, how, top=None):
+    iface = snap.get("interface", InterfaceSnapshot())
+    return {**_envelope(snap, how), "up": iface.up, "frames": iface.frames, "drops": iface.drops,
+            **_io((None, *iface.totals)), "malformed": dict(iface.malformed),
+            "gso_frames": iface.gso_frames, "gso_unsplit": iface.gso_unsplit,
+            "unattributed_bytes": iface.unattributed[0],
+            "unattributed_packets": iface.unattributed[1]}
+
+
+def containers_document(snap, how, top=None):
+    """/api/containers: the engine's state and the address of every running container."""
+    engine = how.docker
+    if engine is None:
+        return None
+    version = engine.api_version
+    rows = sorted(({"ip": raw_address(raw), "container": c.name, "image": c.image, "id": c.id}
+                   for raw, c in engine.current.items()), key=lambda r: (r["container"], r["ip"]))
+    kept = rows if top is None else rows[:top]
+    return {**_envelope(snap, how),
+            "engine": {"socket": engine.socket_path, "up": engine.up, "errors": engine.errors,
+                       "api_version": f"{version[0]}.{version[1]}" if version else None},
+            "containers": kept, **_cut(kept, len(rows))}
+
+
+BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+
+
+UNIT_STEP = 1024
+
+
+def human_bytes(n):
+    """1536 -> '1.5 KiB': for people, always beside the exact number."""
+    value, unit = float(n), 0
+    while value >= UNIT_STEP and unit < len(BINARY_UNITS) - 1:
+        value /= UNIT_STEP
+        unit += 1
+    return f"{n} B" if unit == 0 else f"{value:.1f} {BINARY_UNITS[unit]}"
+
+
+def _columns(header, rows, right):
+    """Aligned lines: `right` names the columns aligned right (numbers)."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    lines = []
+    for r in [header] + rows:
+        cells = [c.rjust(w) if h in right else c.ljust(w) for c, w, h in zip(r, widths, header)]
+        lines.append("  ".join(cells).rstrip() + "\n")
+    return lines
+
+
+def _amount(n, unit=""):
+    return f"{n}{unit} ({human_bytes(n)})" if n >= UNIT_STEP else f"{n}{unit}"
+
+
+IO_COLUMNS = ("tx bytes", "tx pkts", "rx bytes", "rx pkts")   # a table's counter columns
+
+
+def _io_cells(d):
+    """A document row's four counters as table cells (IO_COLUMNS)."""
+    return [_amount(d["tx_bytes"]), str(d["tx_packets"]), _amount(d["rx_bytes"]),
+            str(d["rx_packets"])]
+
+
+INTERFACE_COUNTERS = (
+    ("lpd_interface_transmit_bytes", TX_BYTES, "Bytes of frames the interface sent."),
+    ("lpd_interface_transmit_packets", TX_PACKETS, "Frames the interface sent."),
+    ("lpd_interface_receive_bytes", RX_BYTES, "Bytes of frames the interface received."),
+    ("lpd_interface_receive_packets", RX_PACKETS, "Frames the interface received."))
+
+
+def metric_family(cls, name, doc, labels, rows):
+    """A family of cls (CounterMetricFamily, ...): rows of (label values, value)."""
+    fam = cls(name, doc, labels=labels)
+    for values, v in rows:
+        fam.add_metric(values, v)
+    return fam
+
+
+def capture_metrics(c, snap):
+    """The interface's and the capture processes' families, and the NIC mapping's. c: the
+    Collector (its nic, mapping); snap: the publication."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    family, nic = metric_family, c.nic
+    iface = snap.get("interface", InterfaceSnapshot())
+    for name, i, doc in INTERFACE_COUNTERS:
+        yield family(CounterMetricFamily, name, doc, ["nic"], [((nic,), iface.totals[i])])
+    # Per capture process: one process is worker "0"; with --workers, one series each
+    # (sum by (nic) for the interface's).
+    workers = snap.get("workers") or ((0, iface.frames, iface.drops),)
+    yield family(CounterMetricFamily, "lpd_capture_packets",
+                 "Frames copied to lpd through the ring (not those the eBPF engine "
+                 "counted in the kernel).", ["nic", "worker"], [((nic, str(i)), f) for i, f, _ in workers])
+    yield family(CounterMetricFamily, "lpd_capture_drops", "Frames the kernel dropped (ring full).",
+                 ["nic", "worker"], [((nic, str(i)), d) for i, _, d in workers])
+    yield family(CounterMetricFamily, "lpd_worker_restarts",
+                 "Capture workers that ended and were started again (--workers).", [],
+                 [((), snap.get("worker_restarts", 0))])
+    yield family(CounterMetricFamily, "lpd_gso_frames",
+                 "GSO/GRO super-frames counted as the frames the wire carried.",
+                 ["nic"], [((nic,), iface.gso_frames)])
+    yield family(CounterMetricFamily, "lpd_gso_unsplit",
+                 "GSO/GRO super-frames counted as one frame (headers not splittable).",
+                 ["nic"], [((nic,), iface.gso_unsplit)])
+    malformed = dict(iface.malformed)
+    yield family(CounterMetricFamily, "lpd_packets_malformed", "Frames not attributed: malformed.",
+                 ["reason"], [((r,), malformed.get(r, 0)) for r in MALFORMED_REASONS])
+    yield family(GaugeMetricFamily, "lpd_interface_up", "1 while lpd captures on the interface.",
+                 ["nic"], [((nic,), 1.0 if iface.up else 0.0)])
+    yield family(CounterMetricFamily, "lpd_mapping_errors", "Failed NIC mapping fetches.",
+                 [], [((), c.mapping.errors)])
+    yield family(GaugeMetricFamily, "lpd_mapping_last_success_timestamp_seconds",
+                 "Unix time of the last good NIC mapping (0: never).", [],
+                 [((), c.mapping.last_success)])
+
+
+def docker_metrics(engine):
+    """The container engine's families (--docker-socket)."""
+    from prometheus_client.core import CounterMetricFamily as counter, GaugeMetricFamily as gauge
+    family = metric_family
+    containers = sorted((raw_address(raw), c.name, c.image) for raw, c in engine.current.items())
+    yield family(gauge, "lpd_container_info",
+                 "1 per address of a running container: joins local_ip to its name.",
+                 ["local_ip", "container", "image"], [(row, 1.0) for row in containers])
+    yield family(gauge, "lpd_docker_up", "1 while the container engine answers.", [],
+                 [((), 1.0 if engine.up else 0.0)])
+    yield family(counter, "lpd_docker_errors", "Failed requests to the container engine.",
+                 [], [((), engine.errors)])
+    yield family(gauge, "lpd_docker_last_success_timestamp_seconds",
+                 "Unix time of the last good container list (0: never).", [],
+                 [((), engine.last_success)])
+
+
+class JsonLog:
+    """--conn-log and --http-log: one JSON object per line, Zeek's field names. The
+    capture thread writes it and reopens it after a SIGHUP (logrotate); a write that
+    fails (disk full) is counted and logged once, and capture goes on."""
+
+    def __init__(self, path, option="--conn-log"):
+        self.path, self.option = path, option
+        self.errors = 0
+        self._failing = False
+        self.file = sys.stdout if path == "-" else self._open()
+
+    def _open(self):
+        try:
+            return open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            raise os_failure(e, f"{self.option} {self.path}") from None
+
+    def write(self, record):
+        try:
+            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._failing = False
+        except OSError as e:
+            self.errors += 1
+            if not self._failing:
+                log(LOG_ERR, f"{self.option} {self.path}: {e.strerror}; dropping records")
+            self._failing = True
+
+    def flush(self):
+        try:
+            self.file.flush()
+        except OSError:
+            self.errors += 1
+
+    def reopen(self):
+        if self.path == "-":
+            return
+        try:
+            new = self._open()
+        except ConfigError as e:
+            log(LOG_ERR, f"{e}; writing on to the old file")
+            return
+        old, self.file = self.file, new
+        try:
+            old.close()
+        except OSError:
+            self.errors += 1
+
+    def close(self):
+        self.flush()
+        if self.file is not sys.stdout:
+            self.file.close()
+
+
+class Stage(NamedTuple):
+    """One row of STAGES."""
+    consumer: type                 # the Consumer subclass: its name, its snapshot_type
+    build: Callable                # (opts, Wiring) -> an instance, or None: the options leave it off
+    documents: tuple               # ((kind, document function), ...): /api/<kind>, --output json's
+    metrics: Callable              # (Collector, publication) -> its metric families
+    table: Callable                # its document -> --output table's lines
+    log: str = ""                  # the option naming its JSON log, "" for none
+    live_documents: tuple = ()     # /api only: what is worth asking a running daemon
+
+    @property
+    def name(self):
+        return self.consumer.name
+
+    def log_path(self, opts):
+        """The path its log option names (--conn-log: opts.conn_log), or None."""
+        return getattr(opts, self.log[2:].replace("-", "_")) if self.log else None
+
+
+class Wiring(NamedTuple):
+    """What the stages are built with beside the options (choose_stages)."""
+    local_nets: list               # the interface's networks, --local-net's or a replay's
+    idle_timeout: float            # the local addresses' bounds (a replay keeps every one)
+    local_max: int
+    rules: object                  # load_rules()'s RuleCounter, or None (no -f)
+    logs: dict                     # stage name -> its log (open_logs; a worker's ShippedLog)
+    names: object = None           # .name_of(raw address): HTTP servers' container names
+    pollers: list = None           # a stage's background Pollers are added here; None: none (-r)
+
+
+# Every stage, in the order they are built, fed, published and shown: each sub-chapter
+# of 14 appends its row. The local addresses come first: the decoder counts them inline,
+# every other stage it feeds.
+STAGES = []
+
+
+###############################################################################
+# 14 Stages ###################################################################
+###############################################################################
+# provides: Connections, format_rule_lines, HttpRequests, IPV4_FRAG_MASK,
 #   IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, LIVE_STATES, LOCAL_EVICT_FRACTION, LocalAddresses,
-#   OFFLOAD_*, parse_filter_file, PROTO_NAMES, REMOTE_WEIGHT, RemoteAddresses, RuleCounter,
-#   TCP_PORTS
+#   OFFLOAD_*, parse_filter_file, REMOTE_WEIGHT, RemoteAddresses, RuleCounter, TCP_PORTS
+#
+# Where a new stage goes: one sub-chapter here. It holds the Consumer subclass (11) with
+# its name (the key of its snapshot, document, log and worker pipe) and snapshot_type,
+# what it wants decoded, consume/tick/snapshot/finish; then its documents, its metric
+# families, its lines of the table, the function that builds it from the options, and
+# last its row, STAGES.append(Stage(...)). The daemon, the workers, -r, /api, --output
+# and /metrics take it from there (16.1).
 
 
 ###############################################################################
-# 12.1 Local addresses ########################################################
+# 14.1 Local addresses ########################################################
 # provides: LOCAL_EVICT_FRACTION, LocalAddresses
 
 LOCAL_EVICT_FRACTION = 8          # a full table evicts this fraction of itself at once
@@ -6203,8 +7258,84 @@ class LocalAddresses(Consumer):
         return AddressSnapshot(tuple(rows), self.evictions)
 
 
+def addresses_document(snap, how, top=None):
+    addresses = snap.get("addresses", AddressSnapshot())
+    rows = []
+    for r in _biggest(addresses.rows, top):
+        a = address(r[0])
+        rows.append({"address": str(a), "nic": how.label(a), **_io(r),
+                     "tx_bps": r[5], "rx_bps": r[6]})
+    return {**_envelope(snap, how), "tracked": len(addresses.rows),
+            "evictions": addresses.evictions, "addresses": rows, **_cut(rows, len(addresses.rows))}
+
+
+# (name, row index, help) of the per-address and per-interface counters.
+ADDRESS_COUNTERS = (
+    ("lpd_transmit_bytes", TX_BYTES, "Bytes sent by a local address."),
+    ("lpd_transmit_packets", TX_PACKETS, "Packets sent by a local address."),
+    ("lpd_receive_bytes", RX_BYTES, "Bytes received by a local address."),
+    ("lpd_receive_packets", RX_PACKETS, "Packets received by a local address."))
+
+
+# (name, index into (tx_bps, rx_bps), help) of localpacketdump's gauges.
+RATE_GAUGES = (
+    ("network_ip_tx_bps", 0, "Bits per second sent by a local address.",
+     "network_ip_tx_bps_total", "Bits per second sent, per NIC."),
+    ("network_ip_rx_bps", 1, "Bits per second received by a local address.",
+     "network_ip_rx_bps_total", "Bits per second received, per NIC."))
+
+
+def addresses_metrics(c, snap):
+    """The local addresses' families (a row of STAGES): localpacketdump's rates, lpd's
+    counters, and what the eBPF engine could not attribute."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    family = metric_family
+    label = c.mapping.labeller()
+    addresses = snap.get("addresses", AddressSnapshot())
+    hosts = []
+    for row in addresses.rows:
+        a = address(row[0])
+        hosts.append((str(a), label(a), row[1:]))
+    for name, i, doc, total_name, total_doc in RATE_GAUGES:
+        yield family(GaugeMetricFamily, name, doc, ["local_ip", "nic"],
+                     [((a, n), r[4 + i]) for a, n, r in hosts])
+        per_nic = {}
+        for _, n, r in hosts:
+            per_nic[n] = per_nic.get(n, 0.0) + r[4 + i]
+        yield family(GaugeMetricFamily, total_name, total_doc, ["nic"],
+                     [((n,), v) for n, v in per_nic.items()])
+    for name, i, doc in ADDRESS_COUNTERS:
+        yield family(CounterMetricFamily, name, doc, ["local_ip", "nic"],
+                     [((a, n), r[i]) for a, n, r in hosts])
+    yield family(GaugeMetricFamily, "lpd_local_addresses", "Local addresses tracked.",
+                 [], [((), len(addresses.rows))])
+    yield family(CounterMetricFamily, "lpd_local_evictions",
+                 "Local addresses dropped, least traffic first, because --local-max was reached.",
+                 [], [((), addresses.evictions)])
+    iface = snap.get("interface", InterfaceSnapshot())
+    for unit, n in zip(("bytes", "packets"), iface.unattributed):
+        yield family(CounterMetricFamily, f"lpd_local_unattributed_{unit}",
+                     f"The {unit} of local addresses the eBPF engine's tables had no room "
+                     "for (in the interface totals, not per address).", ["nic"], [((c.nic,), n)])
+
+
+def addresses_table(doc):
+    """--output table's local addresses."""
+    return ([f"\nlocal addresses: {doc['tracked']}\n"] +
+            _columns(("local address",) + IO_COLUMNS,
+                     [[d["address"]] + _io_cells(d) for d in doc["addresses"]], IO_COLUMNS))
+
+
+def _local_addresses(opts, w):
+    return LocalAddresses(w.local_nets, w.idle_timeout, w.local_max)
+
+
+STAGES.append(Stage(LocalAddresses, _local_addresses, (("addresses", addresses_document),),
+                    addresses_metrics, addresses_table))
+
+
 ###############################################################################
-# 12.2 Remote addresses #######################################################
+# 14.2 Remote addresses #######################################################
 # provides: REMOTE_WEIGHT, RemoteAddresses
 
 # The table trims to --remote-max when it holds this many times as many: a sort per
@@ -6291,10 +7422,87 @@ class RemoteAddresses(Consumer):
         return RemoteSnapshot(tuple(rows.values()), tuple(self.totals), self.evictions, self.floor)
 
 
+def remotes_document(snap, how, top=None):
+    remotes = snap.get("remotes")
+    if remotes is None:
+        return None
+    rows = []
+    for r in _biggest(remotes.rows, top):
+        country, province, city, isp = how.geo(r[0])
+        rows.append({"address": str(address(r[0])), "country": country, "province": province,
+                     "city": city, "isp": isp, **_io(r), "error_bytes": r[5]})
+    return {**_envelope(snap, how), "tracked": len(remotes.rows), "evictions": remotes.evictions,
+            "error_bound_bytes": remotes.floor, "threshold_bytes": how.threshold,
+            "totals": _io((None, *remotes.totals)), "remotes": rows, **_cut(rows, len(remotes.rows))}
+
+
+# ip_traffic_monitor_cli's series: (name, row index, help), labels REMOTE_LABELS.
+REMOTE_SERIES = (
+    ("ip_traffic_tx_bytes", 1 + TX_BYTES, "Total transmitted bytes per IP address"),
+    ("ip_traffic_rx_bytes", 1 + RX_BYTES, "Total received bytes per IP address"))
+
+
+REMOTE_LABELS = ["remote_ip", "country", "province", "city", "isp"]
+
+
+REMOTE_TOTALS = (
+    ("lpd_remote_transmit_bytes", TX_BYTES, "Bytes sent to remote addresses (every one, tracked or not)."),
+    ("lpd_remote_transmit_packets", TX_PACKETS, "Packets sent to remote addresses."),
+    ("lpd_remote_receive_bytes", RX_BYTES, "Bytes received from remote addresses (every one)."),
+    ("lpd_remote_receive_packets", RX_PACKETS, "Packets received from remote addresses."))
+
+
+def remotes_metrics(c, snap):
+    """The remote addresses' families (a row of STAGES): ip_traffic_monitor_cli's series
+    of the remotes past the threshold, lpd's totals; none without --remote."""
+    from prometheus_client.core import CounterMetricFamily as counter, GaugeMetricFamily as gauge
+    remotes = snap.get("remotes")
+    if remotes is None:
+        return
+    family, geo, nic = metric_family, remote_labeller(c.geo), c.nic
+    exported = [(r, (str(address(r[0])), *geo(r[0]))) for r in remotes.rows
+                if r[1 + TX_BYTES] + r[1 + RX_BYTES] > c.threshold]
+    for name, i, doc in REMOTE_SERIES:
+        yield family(counter, name, doc, REMOTE_LABELS, [(labels, r[i]) for r, labels in exported])
+    for name, i, doc in REMOTE_TOTALS:
+        yield family(counter, name, doc, ["nic"], [((nic,), remotes.totals[i])])
+    yield family(gauge, "lpd_remote_addresses", "Remote addresses tracked.", ["nic"],
+                 [((nic,), len(remotes.rows))])
+    yield family(counter, "lpd_remote_evictions",
+                 "Remote addresses dropped from the table (space-saving: the lightest).",
+                 ["nic"], [((nic,), remotes.evictions)])
+    yield family(gauge, "lpd_remote_error_bound_bytes",
+                 "Most bytes an untracked remote carried; an exported one may lack up to this.",
+                 ["nic"], [((nic,), remotes.floor)])
+    if c.geo is not None:
+        yield family(counter, "lpd_geoip_errors",
+                     "GeoIP failures: databases that failed to reopen, lookups that failed.",
+                     [], [((), c.geo.errors)])
+
+
+def remotes_table(doc):
+    """--output table's remote addresses, with their GeoIP labels."""
+    return ([f"\nremote addresses: {doc['tracked']} tracked, "
+             f"{doc['evictions']} evicted; all remotes: "
+             f"tx {_amount(doc['totals']['tx_bytes'], ' bytes')}, "
+             f"rx {_amount(doc['totals']['rx_bytes'], ' bytes')}\n"] +
+            _columns(("remote address", "country", "province", "city", "isp") + IO_COLUMNS,
+                     [[d["address"], d["country"], d["province"], d["city"], d["isp"]] +
+                      _io_cells(d) for d in doc["remotes"]], IO_COLUMNS))
+
+
+def _remote_addresses(opts, w):
+    return RemoteAddresses(opts.remote_max) if opts.remote else None
+
+
+STAGES.append(Stage(RemoteAddresses, _remote_addresses, (("remotes", remotes_document),),
+                    remotes_metrics, remotes_table))
+
+
 ###############################################################################
-# 12.3 Connections (Zeek's conn.log semantics) ################################
+# 14.3 Connections (Zeek's conn.log semantics) ################################
 # provides: Connections, IPV4_FRAG_MASK, IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, LIVE_STATES,
-#   OFFLOAD_*, parse_l4, PROTO_NAMES, SEQ_HALF, SEQ_MOD, TH_*
+#   OFFLOAD_*, parse_l4, SEQ_HALF, SEQ_MOD, TH_*
 #
 # One entry per TCP or UDP connection, whichever way a frame travels, with Zeek's
 # endpoint state machine, history letters, payload sizes from sequence numbers,
@@ -7077,9 +8285,108 @@ class Connections(Consumer):
             tuple(rec for _, _, rec in sorted(self.largest, reverse=True)))
 
 
+def connections_document(snap, how, top=None, state=None):
+    conns = snap.get("connections")
+    if conns is None:
+        return None
+    now = snap.get("time", 0.0)
+    rows = [r for r in conns.rows if state is None or r[6] == state]
+    out = []
+    for r in _first(rows, top, lambda r: (-(r[12] + r[13]), r[14])):
+        (_, proto, oh, op, rh, rp, live, history, ob, rb, opk, rpk, owb, rwb, first, last,
+         midstream, pid, comm) = r
+        out.append({"proto": PROTO_NAMES[proto], "orig_h": raw_address(oh), "orig_p": op,
+                    "resp_h": raw_address(rh), "resp_p": rp, "state": live, "history": history,
+                    "orig_bytes": ob, "resp_bytes": rb, "orig_pkts": opk, "resp_pkts": rpk,
+                    "orig_wire_bytes": owb, "resp_wire_bytes": rwb, "start": first,
+                    "age": max(0.0, now - first), "idle": max(0.0, now - last),
+                    "midstream": midstream, "pid": pid, "comm": comm})
+    counts, closed = {}, {}
+    for proto, live, n in conns.live:
+        counts.setdefault(proto, {})[live] = n
+    for proto, cs, n in conns.closed:
+        closed.setdefault(proto, {})[cs] = n
+    return {**_envelope(snap, how), "open": len(conns.rows), "counts": counts, "closed": closed,
+            "evictions": dict(conns.evictions), "connections": out,
+            "largest_closed": list(conns.largest), **_cut(out, len(rows))}
+
+
+def connections_metrics(c, snap):
+    """The connections' families (a row of STAGES); none without --connections."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    conns, family = snap.get("connections"), metric_family
+    if conns is None:
+        return
+    yield family(GaugeMetricFamily, "lpd_connections", "Open connections by live state.",
+                 ["proto", "state"], [((p, st), n) for p, st, n in conns.live])
+    yield family(CounterMetricFamily, "lpd_connections_closed",
+                 "Finished connections by Zeek conn_state.", ["proto", "conn_state"],
+                 [((p, cs), n) for p, cs, n in conns.closed])
+    yield family(CounterMetricFamily, "lpd_connection_evictions",
+                 "Connections finished early because --conn-max was reached.",
+                 ["reason"], [((r,), n) for r, n in conns.evictions])
+
+
+CONN_TABLE_TOP = 20                # connections a table lists
+
+
+def connections_table(conns):
+    """XNet's summary: counts by state, the biggest connections with state and bytes."""
+    out = [f"\nconnections: {conns['open']} open"]
+    for proto, by_state in sorted(conns["counts"].items()):
+        live = ", ".join(f"{s} {n}" for s, n in by_state.items() if n)
+        if live:
+            out.append(f"; {proto}: {live}")
+    out.append("\n")
+    for proto, by_state in sorted(conns["closed"].items()):
+        done = ", ".join(f"{s} {n}" for s, n in by_state.items() if n)
+        if done:
+            out.append(f"finished {proto}: {done}\n")
+    evicted = ", ".join(f"{r} {n}" for r, n in conns["evictions"].items() if n)
+    if evicted:
+        out.append(f"evicted: {evicted}\n")
+    header = ("proto", "originator", "responder", "state", "history", "orig bytes", "resp bytes",
+              "orig pkts", "resp pkts")
+    numbers = header[5:]
+    rows = [[d["proto"], f"{d['orig_h']}:{d['orig_p']}", f"{d['resp_h']}:{d['resp_p']}",
+             d["state"] + (" (mid-stream)" if d["midstream"] else ""), d["history"],
+             _amount(d["orig_bytes"]), _amount(d["resp_bytes"]), str(d["orig_pkts"]),
+             str(d["resp_pkts"])] for d in conns["connections"][:CONN_TABLE_TOP]]
+    if rows:
+        out.append("open connections, biggest first:\n")
+        out += _columns(header, rows, numbers)
+    done = [[r["proto"], f"{r['id.orig_h']}:{r['id.orig_p']}", f"{r['id.resp_h']}:{r['id.resp_p']}",
+             r["conn_state"], r["history"], _amount(r.get("orig_bytes", 0)),
+             _amount(r.get("resp_bytes", 0)), str(r["orig_pkts"]), str(r["resp_pkts"])]
+            for r in conns["largest_closed"][:CONN_TABLE_TOP]]
+    if done:
+        out.append("finished connections, biggest first:\n")
+        out += _columns(header[:3] + ("conn_state",) + header[4:], done, numbers)
+    return out
+
+
+def _connections(opts, w):
+    """--connections, with the processes behind local sockets where a Poller may run."""
+    if not opts.connections:
+        return None
+    log_ = w.logs.get(Connections.name)
+    procs = ProcessTable(log) if w.pollers is not None else None
+    conns = Connections(opts.conn_max, opts.conn_timeout_tcp, opts.conn_timeout_udp,
+                        log_.write if log_ is not None else None,
+                        procs.want if procs is not None else None)
+    if procs is not None:
+        procs.deliver = conns.refreshed.append
+        w.pollers.append(procs)
+    return conns
+
+
+STAGES.append(Stage(Connections, _connections, (("connections", connections_document),),
+                    connections_metrics, connections_table, log="--conn-log"))
+
+
 ###############################################################################
-# 12.4 HTTP requests (TCP reassembly, HTTP/1.x) ###############################
-# provides: HTTP_BUCKETS, HttpRequests, TCP_PORTS
+# 14.4 HTTP requests (TCP reassembly, HTTP/1.x) ###############################
+# provides: HttpRequests, TCP_PORTS
 #
 # Per TCP connection to or from an --http-ports port: each direction's bytes in sequence
 # order (retransmissions dropped, out-of-order segments held in a bounded buffer, a gap
@@ -7223,7 +8530,7 @@ def _finished_at(rec):
 class HttpRequests(Consumer):
     """HTTP/1.x requests on --http-ports, from the frames: `finished(record)` gets each
     request as an http.log record (Zeek's names where they exist)."""
-    name = "requests"
+    name = "http"
     snapshot_type = HttpSnapshot
     wants = frozenset((WANT_RAW, WANT_TS))
 
@@ -7638,8 +8945,101 @@ class HttpRequests(Consumer):
                                   for srv, (n, e, lat) in self.summary.items()))
 
 
+def _percentile(sorted_values, q):
+    """The q-quantile (nearest rank) of sorted values; 0 for none."""
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
+
+
+def http_document(snap, how, top=None):
+    """--output json's "http": per server requests, errors (status 0 or 5xx), latency
+    percentiles and routes; parse errors. `top`: the busiest servers, and routes each."""
+    http = snap.get("http")
+    if http is None:
+        return None
+    servers = {}
+    for server, n, errors, durations, routes in _first(http.servers, top, lambda s: (-s[1], s[0])):
+        lat = sorted(durations)
+        ranked = sorted(routes, key=lambda rn: (-rn[1], rn[0]))
+        servers[server] = {"requests": n, "errors": errors, "p50": _percentile(lat, 0.5),
+                           "p95": _percentile(lat, 0.95), "p99": _percentile(lat, 0.99),
+                           "routes": dict(ranked if top is None else ranked[:top])}
+    return {**_envelope(snap, how), "servers": servers, "parse_errors": dict(http.parse_errors),
+            **_cut(servers, len(http.servers))}
+
+
+def requests_document(snap, how, top=None, server=None, rows=None):
+    """/api/requests: the last requests per server, newest first (`top`: at most N each);
+    `rows`: at most that many in all, servers in the order lpd first saw them."""
+    http = snap.get("http")
+    if http is None:
+        return None
+    recent, kept, total = {}, 0, 0
+    for srv, recs in http.recent:
+        if server is not None and srv != server:
+            continue
+        n = len(recs) if top is None else min(top, len(recs))
+        if rows is not None:
+            n = min(n, rows - kept)
+        recent[srv] = list(recs[:n])
+        kept, total = kept + n, total + len(recs)
+    return {**_envelope(snap, how), "servers": recent, "total": total, "truncated": kept < total}
+
+
+def http_metrics(c, snap):
+    """The HTTP requests' families (a row of STAGES): OpenTelemetry's duration
+    histogram, parse errors; none without --http."""
+    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+    http = snap.get("http")
+    if http is None:
+        return
+    fam = HistogramMetricFamily(
+        "http_server_request_duration_seconds",
+        "Duration of HTTP server requests, from packets (OpenTelemetry semantic conventions).",
+        labels=["http_request_method", "http_response_status_code", "http_route",
+                "server_address", "server_port", "container"])
+    bounds = [f"{b:g}" for b in HTTP_BUCKETS] + ["+Inf"]
+    for labels, counts, total, n in http.histogram:
+        fam.add_metric(list(labels), list(zip(bounds, itertools.accumulate(counts))), total)
+    yield fam
+    yield metric_family(CounterMetricFamily, "lpd_http_parse_errors",
+                        "HTTP streams lpd stopped parsing, by reason.", ["reason"],
+                        [((r,), n) for r, n in http.parse_errors])
+
+
+HTTP_TABLE_ROUTES = 5              # routes a table lists per server
+
+
+def http_table(doc):
+    """--output table's HTTP servers: requests, errors, latency, the busiest routes."""
+    out = [f"\nHTTP servers: {len(doc['servers'])}\n"]
+    header = ("server", "requests", "error %", "p50 s", "p95 s", "p99 s", "top routes")
+    rows = [[srv, str(d["requests"]), f"{100 * d['errors'] / max(1, d['requests']):.1f}",
+             f"{d['p50']:.4f}", f"{d['p95']:.4f}", f"{d['p99']:.4f}",
+             ", ".join(f"{r} {n}" for r, n in list(d["routes"].items())[:HTTP_TABLE_ROUTES])]
+            for srv, d in sorted(doc["servers"].items(), key=lambda kv: -kv[1]["requests"])]
+    out += _columns(header, rows, header[1:6])
+    bad = ", ".join(f"{r} {n}" for r, n in doc["parse_errors"].items() if n)
+    if bad:
+        out.append(f"parse errors: {bad}\n")
+    return out
+
+
+def _http_requests(opts, w):
+    if not opts.http:
+        return None
+    log_ = w.logs.get(HttpRequests.name)
+    return HttpRequests(opts.http_ports, log_.write if log_ is not None else None,
+                        w.names.name_of if w.names else None)
+
+
+STAGES.append(Stage(HttpRequests, _http_requests, (("http", http_document),), http_metrics,
+                    http_table, log="--http-log", live_documents=(("requests", requests_document),)))
+
+
 ###############################################################################
-# 12.5 Rules (bpfcountd-compatible filter files) ##############################
+# 14.5 Rules (bpfcountd-compatible filter files) ##############################
 # provides: format_rule_lines, parse_filter_file, RuleCounter
 #
 # A filter file is bpfcountd's `<id>;<bpf expression>` per line, minus its bugs
@@ -7934,8 +9334,44 @@ def format_rule_lines(rows):
     return "".join(f"{rid}:{b}:{p}\n" for rid, b, p in rows)
 
 
+def rules_document(snap, how, top=None):
+    rules = snap.get("rules")
+    if rules is None:
+        return None
+    ranked = _first(enumerate(rules.rows), top, lambda ir: (-ir[1][1], ir[0]))
+    rows = [{"id": r[0], "bytes": r[1], "packets": r[2]} for _, r in ranked]
+    return {**_envelope(snap, how), "rules": rows, **_cut(rows, len(rules.rows))}
+
+
+def rules_metrics(c, snap):
+    """The rules' families (a row of STAGES), without samples when there are none."""
+    from prometheus_client.core import CounterMetricFamily
+    rules = snap.get("rules", RuleSnapshot()).rows
+    yield metric_family(CounterMetricFamily, "lpd_rule_packets", "Packets matching a rule.",
+                        ["rule"], [((r,), p) for r, _, p in rules])
+    yield metric_family(CounterMetricFamily, "lpd_rule_bytes", "Bytes of packets matching a rule.",
+                        ["rule"], [((r,), b) for r, b, _ in rules])
+
+
+def rules_table(doc):
+    """--output table's rules, in the file's order of counting."""
+    return ([f"\nrules: {len(doc['rules'])}\n"] +
+            _columns(("rule", "bytes", "packets"),
+                     [[d["id"], _amount(d["bytes"]), str(d["packets"])] for d in doc["rules"]],
+                     ("bytes", "packets")))
+
+
+def _rules(opts, w):
+    """-f's rules, loaded by the caller: a reload loads them again (load_rules)."""
+    return w.rules
+
+
+STAGES.append(Stage(RuleCounter, _rules, (("rules", rules_document),), rules_metrics,
+                    rules_table))
+
+
 ###############################################################################
-# 13 eBPF engine: accounting and rules as one kernel program (--engine ebpf) ####
+# 15 eBPF engine: accounting and rules as one kernel program (--engine ebpf) ####
 ###############################################################################
 # provides: build_program, CopyPlan, disassemble, ebpf_available, emit_rule, Gen, KernelAccounting,
 #   Label, MAP_NAMES, overflow_slots, Untranslatable
@@ -7952,7 +9388,7 @@ def format_rule_lines(rows):
 
 
 ###############################################################################
-# 13.1 Assembler ##############################################################
+# 15.1 Assembler ##############################################################
 # provides: alu32_imm, alu32_reg, alu64_imm, alu64_reg, assemble, atomic_add, call, disassemble,
 #   endian_be, exit_insn, ja, jmp_imm, jmp_reg, Label, ld_map_fd, ldx, mov32_imm, mov32_reg,
 #   mov64_imm, mov64_reg, st_imm, stx
@@ -8231,7 +9667,7 @@ def disassemble(image, labels=None):
 
 
 ###############################################################################
-# 13.2 Syscalls: bpf(2), maps, programs, test runs ############################
+# 15.2 Syscalls: bpf(2), maps, programs, test runs ############################
 # provides: attach, load_program, Map, Program, _round8, _syscall
 
 LOG_SIZE = 1 << 22                                   # verifier log: 4 MiB is plenty for lpd's programs
@@ -8574,7 +10010,7 @@ def attach(sock, prog_fd):
 
 
 ###############################################################################
-# 13.3 Programs: the decoder and the rules in eBPF ############################
+# 15.3 Programs: the decoder and the rules in eBPF ############################
 # provides: ADDR_KEY, build_program, CopyPlan, emit_rule, FLOW_KEY, FLOW_MAP_MAX, FLOW_SUMS,
 #   FLOW_VALUE, Gen, GENERATIONS, IFACE_FIELDS, make_maps, MAP_NAMES, NS_PER_S, overflow_slots,
 #   OVERFLOW_VALUE, REMOTE_FIELDS, REMOTE_MAP_MIN, RULE_VALUE, Untranslatable
@@ -9747,7 +11183,7 @@ def read_counters(maps, nrules=0):
 
 
 ###############################################################################
-# 13.4 Accounting: the kernel tables behind the stages ########################
+# 15.4 Accounting: the kernel tables behind the stages ########################
 # provides: ebpf_available, KernelAccounting
 
 # How long the old program of a reload may still be running on another CPU after
@@ -10261,1083 +11697,154 @@ class KernelAccounting:
             self.program.close()
 
 
+
+
 ###############################################################################
-# 14 Enrichment: background pollers (NIC mapping, GeoIP, processes, Docker) ####
+# 16 Exporters ################################################################
 ###############################################################################
-# provides: NicMapping, open_docker, open_geoip, ProcessTable, remote_labeller
+# provides: all_documents, api_answer, choose_stages, Collector,
+#   decoder_stages, format_table, make_http_server, open_logs, RuleSocketServer
+
+
+
+###############################################################################
+# 16.1 The stage table at work ################################################
+# provides: all_documents, api_answer, choose_stages,
+#   Collector, decoder_stages, format_table, open_logs
 #
-# Labels that come from outside (the NIC mapping service, GeoIP databases, /proc,
-# the container engine) are fetched by a Poller in a thread of its own: it keeps the
-# last good answer, counts failures and logs each change of state once. Capture never
-# waits on one; exporters read `current` whole.
+# Everything that handles stages iterates STAGES: choose_stages() (the daemon, each
+# worker and -r), publishing and finishing (17), the workers' pipes and their merge
+# (18), the documents, the table and the Collector below.
 
-class Poller:
-    """Periodic fetch of one outside source. Subclasses define fetch() and describe()."""
-    name = "poller"
+def choose_stages(opts, wiring):
+    """The stages the options ask for, by name in STAGES' order: the one place that
+    decides, for the daemon, each worker and -r."""
+    stages = {}
+    for row in STAGES:
+        stage = row.build(opts, wiring)
+        if stage is not None:
+            stages[row.name] = stage
+    return stages
 
-    def __init__(self, log, period, initial=None):
-        self.log, self.period = log, period
-        self.current = initial             # replaced whole on success, read whole
-        self.errors = 0
-        self.last_success = 0.0
-        self._state = None                 # last logged state: "ok" or the error's kind
 
-    def fetch(self):
-        """The new value; raises OSError, ValueError, HTTPException or LpdError on failure."""
-        raise NotImplementedError
+def decoder_stages(stages, kernel=None):
+    """What the decoder feeds, in STAGES' order: not the local addresses (it counts them
+    inline), nor rules when there are none or the kernel counts them (--engine ebpf)."""
+    return [s for s in stages.values() if s.name != LocalAddresses.name and
+            (s.name != RuleCounter.name or (len(s) and kernel is None))]
 
-    def describe(self, exc):
-        return str(exc) or type(exc).__name__
 
-    def fetch_once(self):
-        """One poll; True on success. A failure keeps the last good value."""
-        try:
-            value = self.fetch()
-        except (OSError, ValueError, http.client.HTTPException, LpdError) as e:
-            self._failed(type(e).__name__, f"{self.describe(e)}; {self.keeping}")
-            return False
-        self._succeeded(value)
-        return True
+def open_logs(opts):
+    """The JSON logs the options name (--conn-log, --http-log), by stage name."""
+    return {row.name: JsonLog(row.log_path(opts), row.log) for row in STAGES
+            if row.log_path(opts)}
 
-    def _succeeded(self, value):
-        self.current = value
-        self.last_success = time.time()
-        if self._state != "ok":
-            if self._state is not None:
-                self.log(LOG_INFO, f"{self.name}: {self.where()}: answering again")
-            self._state = "ok"
 
-    @property
-    def keeping(self):
-        return f"keeping the last good {self.name}"
+# /api/<kind>: a document, or None where the stage is off (404): the interface's, every
+# stage's, the container engine's.
+DOCUMENTS = {"interface": interface_document,
+             **{kind: make for row in STAGES for kind, make in row.documents + row.live_documents},
+             "containers": containers_document}
+LIVE_DOCUMENTS = {kind for row in STAGES for kind, _ in row.live_documents}
 
-    def where(self):
-        return ""
 
-    def _failed(self, kind, message):
-        self.errors += 1
-        if self._state != kind:
-            self._state = kind
-            self.log(LOG_WARNING, f"{self.name}: {self.where()}: {message}")
+API_TOP = re.compile(r"[0-9]{1,9}")        # ASCII digits only: str.isdigit() takes '²'
 
-    def run(self, stop):
-        while not stop.is_set():
-            try:
-                self.fetch_once()
-            except Exception as e:        # never let one odd answer end the poller
-                self._failed(type(e).__name__, f"unexpected {type(e).__name__}: {e}")
-            stop.wait(self.period)
 
-
-MAPPING_TIMEOUT = 2.0
-MAPPING_MAX_BYTES = 1 << 20
-
-
-class MappingError(ValueError):
-    """The mapping service answered something lpd cannot use."""
-
-
-def parse_mapping(body):
-    """The /status document -> ({canonical address: nic}, default nic).
-
-    {"config": {"lan": "eth2", "wan0": "eth0", "wan1": "eth1"},
-     "mappings": {"10.40.0.3": "wan1"}}: a mapped address is labelled with the
-    device its wan names; every other address with config["wan0"]'s.
-    """
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise MappingError(f"invalid JSON: {e}") from None
-    except RecursionError:
-        # json's decoder recurses per nesting level; '[' * 100000 exhausts the stack.
-        raise MappingError("invalid JSON: nested too deeply") from None
-    if not isinstance(doc, dict):
-        raise MappingError("expected a JSON object")
-    config, mappings = doc.get("config"), doc.get("mappings", {})
-    if not isinstance(config, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in config.items()):
-        raise MappingError("'config' must be an object of strings")
-    if "wan0" not in config:
-        raise MappingError("'config' has no 'wan0'")
-    if not isinstance(mappings, dict):
-        raise MappingError("'mappings' must be an object")
-    table = {}
-    for addr, wan in mappings.items():
-        if wan not in config:
-            raise MappingError(f"mapping of {addr} names unknown wan {wan!r}")
-        try:
-            table[ipaddress.ip_address(addr)] = config[wan]
-        except ValueError:
-            raise MappingError(f"mapping key {addr!r} is not an IP address") from None
-    return table, config["wan0"]
-
-
-
-
-class _DeadlineSocket(socket.socket):
-    """A TCP socket whose every wait ends at one deadline. http.client reads headers
-    and body in many small recv()s; a timeout per call would let a server that
-    drips a byte a second hold a fetch for ever."""
-    deadline = 0.0
-    limit = MAPPING_TIMEOUT          # what the deadline was set to, for the message
-
-    def _bounded(self, call, *args):
-        if self.deadline is None:        # unbounded from now on (a stream)
-            return call(self, *args)
-        late = socket.timeout(f"no complete answer within {self.limit:g} s")
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise late
-        self.settimeout(left)
-        try:
-            return call(self, *args)
-        except socket.timeout:
-            raise late from None
-
-    def connect(self, address):
-        return self._bounded(socket.socket.connect, address)
-
-    def sendall(self, data, flags=0):
-        return self._bounded(socket.socket.sendall, data, flags)
-
-    def recv_into(self, buffer, nbytes=0, flags=0):
-        return self._bounded(socket.socket.recv_into, buffer, nbytes, flags)
-
-
-class _DeadlineHTTPConnection(http.client.HTTPConnection):
-    """HTTPConnection on a _DeadlineSocket: connect, request and the whole answer share
-    one deadline. (Name resolution is not under it: the C resolver cannot be bounded.)"""
-
-    def __init__(self, host, deadline, **kw):
-        super().__init__(host, **kw)
-        self.deadline = deadline
-
-    def connect(self):
-        error = OSError(f"{self.host}: no address")
-        for family, addr in stream_addresses(self.host, self.port):
-            sock = _DeadlineSocket(family, socket.SOCK_STREAM)
-            sock.deadline = self.deadline
-            try:
-                sock.connect(addr)
-            except OSError as e:
-                sock.close()
-                error = e
-                continue
-            self.sock = sock
-            return
-        raise error
-
-
-class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
-    """urllib's http:// handler (redirects, proxies, HTTPError) on _DeadlineHTTPConnection."""
-
-    def __init__(self, deadline):
-        super().__init__()
-        self.deadline = deadline
-
-    def http_open(self, req):
-        return self.do_open(functools.partial(_DeadlineHTTPConnection, deadline=self.deadline), req)
-
-
-class NicMapping(Poller):
-    """The NIC label of each local address, from the mapping service."""
-    name = "mapping"
-
-    def __init__(self, url, fallback_nic, log, period=10.0, configured=True):
-        super().__init__(log, period, ({}, None))   # (table, default nic)
-        self.url, self.fallback = url, fallback_nic
-        # The default URL, not given: failures count only once it has answered.
-        self.configured = configured
-
-    def _failed(self, kind, message):
-        if self.configured or self.last_success:
-            super()._failed(kind, message)
-
-    def _succeeded(self, value):
-        if not self.configured and not self.last_success:
-            self.log(LOG_INFO, f"{self.name}: {self.url} answered: NIC labels follow it "
-                               "(--mapping-url none turns it off)")
-        super()._succeeded(value)
-
-    def where(self):
-        return self.url
-
-    def fetch(self):
-        # MAPPING_TIMEOUT bounds the whole fetch (connect, request, every byte of the
-        # answer) for http://; other schemes keep urllib's timeout per blocking call.
-        opener = urllib.request.build_opener(
-            _DeadlineHTTPHandler(time.monotonic() + MAPPING_TIMEOUT))
-        with opener.open(self.url, timeout=MAPPING_TIMEOUT) as resp:
-            return parse_mapping(resp.read(MAPPING_MAX_BYTES))
-
-    def describe(self, exc):
-        if isinstance(exc, urllib.error.HTTPError):
-            return f"HTTP {exc.code}"
-        if isinstance(exc, urllib.error.URLError):
-            return str(exc.reason)
-        return super().describe(exc)
-
-    def labeller(self):
-        """A consistent (table, default) pair for one scrape."""
-        table, default = self.current
-        if default is None:
-            return lambda addr: self.fallback
-        return lambda addr: table.get(addr, default)
-
-
-GEOIP_UNKNOWN = "Unknown"          # ip_traffic_monitor_cli's label for "no database, no entry"
-GEOIP_FALLBACK_LANG = "en"
-# How often the databases' files are checked: geoipupdate replaces them in place weekly.
-GEOIP_CHECK_PERIOD = 60.0
-GEOIP_CACHE_MAX = 1 << 18          # remotes whose labels are remembered; then it starts over
-GEOIP_INSTALL = ("needs the maxminddb module: apt install python3-maxminddb (Debian, Ubuntu), "
-                 f"or pip install '{DISTRIBUTION}[geoip]'")
-# option -> (attribute of the options, what its database_type must contain)
-GEOIP_DATABASES = {
-    "--geoip-db": ("geoip_db", ("City", "Country", "Enterprise")),
-    "--geoip-isp-db": ("geoip_isp_db", ("ISP", "ASN")),
-}
-
-
-def open_mmdb(path, option, kinds):
-    """A maxminddb Reader of the right kind, or a ConfigError naming the file."""
-    try:
-        import maxminddb
-    except ImportError:
-        raise ConfigError(f"{option}: GeoIP {GEOIP_INSTALL}") from None
-    try:
-        reader = maxminddb.open_database(path)
-    except OSError as e:
-        raise os_failure(e, f"{option} {path}") from None
-    except (maxminddb.InvalidDatabaseError, ValueError) as e:
-        raise ConfigError(f"{option} {path}: not a MaxMind DB file ({e})") from None
-    db_type = reader.metadata().database_type
-    if not any(k in db_type for k in kinds):
-        reader.close()
-        raise ConfigError(f"{option} {path}: a {db_type} database; {option} takes "
-                          f"{' or '.join(kinds)} databases")
-    return reader
-
-
-def _file_identity(path):
-    st = os.stat(path)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def _geo_name(record, *path, lang):
-    """record[path...]["names"][lang], falling back to English, then Unknown."""
-    for step in path:
-        record = record.get(step) if isinstance(record, dict) else None
-        if isinstance(record, list):               # subdivisions: the first is the province
-            record = record[0] if record else None
-    names = record.get("names") if isinstance(record, dict) else None
-    if not isinstance(names, dict):
-        return GEOIP_UNKNOWN
-    name = names.get(lang) or names.get(GEOIP_FALLBACK_LANG)
-    return name if isinstance(name, str) and name else GEOIP_UNKNOWN
-
-
-class GeoIP(Poller):
-    """country, province (first subdivision), city and isp of remote addresses, from
-    MaxMind databases. Looked up once per address (cached), on the exporters' side:
-    never per frame, never on the capture thread. A database replaced on disk (or a
-    SIGHUP) is reopened; one that fails to reopen keeps the last good one."""
-    name = "geoip"
-
-    def __init__(self, paths, lang, log, period=GEOIP_CHECK_PERIOD):
-        super().__init__(log, period)
-        self.paths, self.lang = paths, lang          # {option: path}
-        self.current = self.fetch()                  # at start a bad database is fatal
-
-    def where(self):
-        return ", ".join(self.paths.values())
-
-    def fetch(self, force=False):
-        """(readers by option, file identities, cache): the same as now unless a file changed."""
-        now = self.current
-        identities = {}
-        for option, path in self.paths.items():
-            try:
-                identities[option] = _file_identity(path)
-            except OSError as e:
-                raise ConfigError(f"{option} {path}: {e.strerror}") from None
-        if now is not None and not force and identities == now[1]:
-            return now
-        readers = {option: open_mmdb(path, option, GEOIP_DATABASES[option][1])
-                   for option, path in self.paths.items()}
-        if now is not None:
-            self.log(LOG_INFO, f"geoip: reopened {self.where()}")
-        return readers, identities, {}
-
-    def reopen(self):
-        """SIGHUP: read the databases again even if their files look the same."""
-        try:
-            self.current = self.fetch(force=True)
-        except LpdError as e:
-            self._failed(type(e).__name__, f"{e}; keeping the last good {self.name}")
-
-    def labels(self, key):
-        """(country, province, city, isp) of a (version, raw key) remote."""
-        readers, _, cache = self.current
-        got = cache.get(key)
-        if got is None:
-            if len(cache) >= GEOIP_CACHE_MAX:
-                cache.clear()
-            got = cache[key] = self._lookup(address(key), readers)
-        return got
-
-    def _lookup(self, addr, readers):
-        found = {}
-        for option, reader in readers.items():
-            try:
-                found[option] = reader.get(addr)
-            except ValueError:              # an IPv6 address in an IPv4-only database
-                pass
-            except Exception as e:          # a corrupt data section: this remote stays Unknown
-                self._failed(type(e).__name__, f"{self.paths[option]}: lookup of {addr} failed: {e}")
-        city, isp = found.get("--geoip-db"), found.get("--geoip-isp-db")
-        if not isinstance(city, dict):
-            city = {}
-        country = _geo_name(city, "country", lang=self.lang)
-        if country == GEOIP_UNKNOWN:       # anycast and satellite ranges carry only this
-            country = _geo_name(city, "registered_country", lang=self.lang)
-        name = None
-        if isinstance(isp, dict):
-            name = isp.get("isp") or isp.get("autonomous_system_organization")
-        return (country, _geo_name(city, "subdivisions", lang=self.lang),
-                _geo_name(city, "city", lang=self.lang),
-                name if isinstance(name, str) and name else GEOIP_UNKNOWN)
-
-
-# /proc/net tables by (protocol, IP version): local and remote "ADDR:PORT" in hex, the
-# address as the kernel's 32-bit words in host order, and the socket's inode.
-PROC_NET_TABLES = {(IPPROTO_TCP, 4): "net/tcp", (IPPROTO_TCP, 6): "net/tcp6",
-                   (IPPROTO_UDP, 4): "net/udp", (IPPROTO_UDP, 6): "net/udp6"}
-PROC_NET_LOCAL, PROC_NET_REMOTE, PROC_NET_INODE = 1, 2, 9       # columns
-PROC_POLL_PERIOD = 0.5
-# At most one scan of /proc per this many seconds, whatever the connection rate: a storm
-# of new connections waits for the next scan instead of making one each.
-PROC_REFRESH_MIN = 1.0
-PROC_PENDING_MAX = 4096            # connections waiting for a scan; beyond, the oldest go unnamed
-IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
-SOCKET_LINK = re.compile(r"socket:\[(\d+)\]")
-
-
-def _proc_addr(text):
-    """'0100007F:1F90' -> (b'\\x7f\\0\\0\\x01', 8080)."""
-    addr, port = text.split(":")
-    raw = bytes.fromhex(addr)
-    return b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)), int(port, 16)
-
-
-def read_proc_sockets(root="/proc"):
-    """{(proto, local (addr, port), remote (addr, port)): inode} of this network
-    namespace's sockets; IPv4 addresses on IPv6 sockets are given as IPv4."""
-    sockets = {}
-    for (proto, _), name in PROC_NET_TABLES.items():
-        try:
-            with open(os.path.join(root, name)) as f:
-                lines = f.read().splitlines()[1:]
-        except OSError:
-            continue                               # no IPv6, or no such table
-        for line in lines:
-            fields = line.split()
-            try:
-                local, remote = _proc_addr(fields[PROC_NET_LOCAL]), _proc_addr(fields[PROC_NET_REMOTE])
-                inode = int(fields[PROC_NET_INODE])
-            except (IndexError, ValueError):
-                continue
-            if not inode:
-                continue                           # TIME_WAIT: no socket any more
-            unmapped = [(a[len(IPV4_MAPPED_PREFIX):] if a.startswith(IPV4_MAPPED_PREFIX) else a, port)
-                        for a, port in (local, remote)]
-            sockets[proto, unmapped[0], unmapped[1]] = inode
-    return sockets
-
-
-def socket_owners(inodes, root="/proc"):
-    """{inode: (pid, comm)} for the sockets of `inodes` that a process holds open."""
-    owners, wanted = {}, set(inodes)
-    for pid in os.listdir(root):
-        if not pid.isdigit() or not wanted:
-            continue
-        fd_dir = os.path.join(root, pid, "fd")
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue                               # gone, or not ours to read
-        for fd in fds:
-            try:
-                m = SOCKET_LINK.fullmatch(os.readlink(os.path.join(fd_dir, fd)))
-            except OSError:
-                continue
-            if m and int(m.group(1)) in wanted:
-                inode = int(m.group(1))
-                wanted.discard(inode)
-                try:
-                    with open(os.path.join(root, pid, "comm"), "rb") as f:
-                        # any process may name itself any bytes (PR_SET_NAME)
-                        comm = f.read().strip().decode("utf-8", "replace")
-                except OSError:
-                    comm = ""
-                owners[inode] = (int(pid), comm)
-    return owners
-
-
-class ProcessTable(Poller):
-    """pid and command of the local socket of new connections, from /proc/net/* and
-    /proc/<pid>/fd, on a thread of its own: the capture thread only queues connections
-    (want()); each is looked up once, at the next scan, and handed back (deliver)."""
-    name = "processes"
-
-    def __init__(self, log, period=PROC_POLL_PERIOD, root="/proc"):
-        super().__init__(log, period, {})
-        self.root = root
-        self.pending = collections.deque(maxlen=PROC_PENDING_MAX)
-        self.deliver = lambda conn: None
-        self.last_scan = -math.inf
-        self.scans = 0
-
-    def want(self, conn):
-        self.pending.append(conn)
-
-    def fetch(self):
-        if not self.pending or time.monotonic() - self.last_scan < PROC_REFRESH_MIN:
-            return self.current
-        self.last_scan = time.monotonic()
-        self.scans += 1
-        conns = []
-        while self.pending:
-            conns.append(self.pending.popleft())
-        sockets = read_proc_sockets(self.root)
-        found = {}
-        for c in conns:
-            a, b = (c.orig_h, c.orig_p), (c.resp_h, c.resp_p)
-            for local, remote in ((a, b), (b, a)):
-                inode = sockets.get((c.proto, local, remote))
-                if inode is None and c.proto == IPPROTO_UDP:
-                    # an unconnected UDP socket: bound to the port, any peer
-                    wild = bytes(len(local[0]))
-                    inode = sockets.get((c.proto, local, (wild, 0))) or \
-                        sockets.get((c.proto, (wild, local[1]), (wild, 0))) or \
-                        sockets.get((c.proto, (bytes(16), local[1]), (bytes(16), 0)))
-                if inode is not None:
-                    found[c] = inode
-                    break
-        owners = socket_owners(found.values(), self.root) if found else {}
-        for c, inode in found.items():
-            if inode in owners:
-                c.pid, c.comm = owners[inode]
-                self.deliver(c)
-        return self.current
-
-
-# Container names: the Docker Engine API (and podman's compatible one) on a unix socket.
-DOCKER_SOCKET = "/var/run/docker.sock"
-# Paths carry a version. Docker 29 refuses anything below 1.44; bookworm's docker.io
-# 20.10 and podman up to 5.4 speak at most 1.41 (their /_ping says so). Every field
-# lpd reads exists since 1.21.
-DOCKER_API_MAX = (1, 44)
-DOCKER_API_UNSAID = (1, 41)        # a /_ping without the header
-DOCKER_TIMEOUT = 5.0               # one whole request; the events stream has none
-DOCKER_MAX_BYTES = 64 << 20        # a container listing larger than this is garbage
-DOCKER_EVENT_MAX_BYTES = 1 << 20   # one event line
-DOCKER_PING_MAX_BYTES = 1 << 10    # "OK"
-DOCKER_REFRESH = 30.0              # full re-list even when no event came
-DOCKER_DEBOUNCE = 0.2              # events come in bursts (die, stop, network disconnect)
-DOCKER_BACKOFF = (0.5, 5.0)        # first and longest wait between reconnects
-# A stopped container's addresses keep its name this long (or until another container
-# takes them): requests it was serving still finish under its name.
-DOCKER_KEEP = 600.0
-# Actions after which addresses or names may have changed. Podman says `remove` where
-# Docker says `destroy`; its network events name the container, Docker's the network.
-DOCKER_CONTAINER_ACTIONS = frozenset(("start", "restart", "die", "stop", "kill", "destroy",
-                                      "remove", "rename", "create", "unpause"))
-DOCKER_EVENTS = "/events?filters=" + urllib.parse.quote(
-    json.dumps({"type": ["container", "network"]}, separators=(",", ":")))
-
-
-class DockerError(ValueError):
-    """The engine answered something lpd cannot use."""
-
-
-class Container(NamedTuple):
-    name: str
-    image: str
-    id: str
-
-
-def container_name(names, cid):
-    """Docker's Names hold '/web1' plus, for legacy links, '/other/alias': the one
-    with a single slash, without it."""
-    names = [n for n in names if isinstance(n, str) and n] if isinstance(names, list) else []
-    for n in names:
-        if n.count("/") == 1 and n.startswith("/"):
-            return n[1:]
-    return names[0].lstrip("/") if names else cid[:12]
-
-
-def parse_containers(body):
-    """GET /containers/json -> {raw address: Container} over every network of every
-    container (IPv4 and global IPv6; a container without an address of its own,
-    --network host or container:X, gives none)."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise DockerError(f"container list: invalid JSON ({str(e)[:80]})") from None
-    if not isinstance(doc, list):
-        raise DockerError("container list: expected a JSON array")
-    table = {}
-    for c in doc:
-        if not isinstance(c, dict) or not isinstance(c.get("Id"), str):
-            raise DockerError("container list: an entry without an Id")
-        image = c.get("Image") if isinstance(c.get("Image"), str) else ""
-        entry = Container(container_name(c.get("Names"), c["Id"]), image, c["Id"])
-        networks = (c.get("NetworkSettings") or {}).get("Networks") if \
-            isinstance(c.get("NetworkSettings"), dict) else None
-        for net in (networks or {}).values() if isinstance(networks, dict) else ():
-            if not isinstance(net, dict):
-                continue
-            for field in ("IPAddress", "GlobalIPv6Address"):
-                text = net.get(field)
-                if isinstance(text, str) and text:
-                    try:
-                        table.setdefault(ipaddress.ip_address(text).packed, entry)
-                    except ValueError:
-                        raise DockerError(f"container {entry.name}: {field} {text!r} "
-                                          f"is not an address") from None
-    return table
-
-
-def docker_api_version(header):
-    """The version lpd speaks: the engine's (its /_ping's Api-Version), at most
-    DOCKER_API_MAX."""
-    if not header:
-        return DOCKER_API_UNSAID
-    m = re.fullmatch(r"\s*([0-9]{1,3})\.([0-9]{1,3})\s*", header)
-    if not m:
-        raise DockerError(f"/_ping: API version {header[:40]!r}")
-    return min((int(m[1]), int(m[2])), DOCKER_API_MAX)
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over a unix stream socket; with a deadline, connect, request and
-    the whole answer share it (an engine that hangs must not hold the poller)."""
-
-    def __init__(self, socket_path, deadline=None):
-        super().__init__("localhost")          # the engine wants some Host header
-        self.socket_path, self.deadline = socket_path, deadline
-
-    def connect(self):
-        if self.deadline is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        else:
-            sock = _DeadlineSocket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.deadline, sock.limit = self.deadline, DOCKER_TIMEOUT
-        try:
-            sock.connect(self.socket_path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-def docker_get(socket_path, path, limit=DOCKER_MAX_BYTES):
-    """(body, headers) of GET path; DockerError for an answer other than 200."""
-    conn = _UnixHTTPConnection(socket_path, time.monotonic() + DOCKER_TIMEOUT)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        body = resp.read(limit + 1)
-        if len(body) > limit:
-            raise DockerError(f"GET {path.split('?')[0]}: answer over {limit} bytes")
-        if resp.status != http.HTTPStatus.OK:
-            try:
-                message = json.loads(body).get("message", "")
-            except (ValueError, AttributeError, RecursionError):
-                message = ""
-            raise DockerError(f"GET {path.split('?')[0]}: HTTP {resp.status} {message}"[:200])
-        return body, resp.headers
-    finally:
-        conn.close()
-
-
-class DockerEngine(Poller):
-    """Container names of local addresses, from the engine's API: listed on start,
-    re-listed after every event that can move an address (the /events stream, read
-    on a thread of its own) and every DOCKER_REFRESH s. The capture thread reads
-    `names` (address -> name), replaced whole; exporters read `current`."""
-    name = "docker"
-
-    def __init__(self, socket_path, log):
-        super().__init__(log, DOCKER_REFRESH, {})   # raw address -> Container, running only
-        self.socket_path = socket_path
-        self.names = {}                  # raw address -> name, running or lately stopped
-        self.gone = {}                   # raw address -> (Container, when it went)
-        self.api_version = None
-        self.up = False
-        self._changed = threading.Event()
-        self._stream = None
-
-    keeping = "keeping the last good names"
-
-    def where(self):
-        return self.socket_path
-
-    def describe(self, exc):
-        if isinstance(exc, FileNotFoundError):
-            return "no engine (no such socket); servers are labelled ip:port until one starts"
-        if isinstance(exc, ConnectionRefusedError):
-            return "connection refused"
-        return super().describe(exc)
-
-    def name_of(self, raw):
-        return self.names.get(raw, "")
-
-    def version_path(self, path):
-        return f"/v{self.api_version[0]}.{self.api_version[1]}{path}"
-
-    def fetch(self):
-        if self.api_version is None:
-            _, headers = docker_get(self.socket_path, "/_ping", DOCKER_PING_MAX_BYTES)
-            self.api_version = docker_api_version(headers.get("Api-Version"))
-        body, _ = docker_get(self.socket_path, self.version_path("/containers/json"))
-        return parse_containers(body)
-
-    def _succeeded(self, table):
-        now = time.monotonic()
-        for raw, c in self.current.items():          # stopped since the last list
-            if raw not in table:
-                self.gone[raw] = (c, now)
-        gone = {raw: cw for raw, cw in self.gone.items()
-                if raw not in table and cw[1] + DOCKER_KEEP > now}
-        names = {raw: c.name for raw, (c, _) in gone.items()}
-        names.update((raw, c.name) for raw, c in table.items())
-        self.gone, self.names = gone, names
-        self.up = True
-        super()._succeeded(table)
-
-    def _failed(self, kind, message):
-        self.up = False
-        self.api_version = None          # renegotiated: the engine may come back upgraded
-        # One line per outage: a dying engine resets the connection, then its socket goes.
-        super()._failed("down", message)
-
-    # -- the events stream ----------------------------------------------------
-
-    def _open_stream(self):
-        conn = _UnixHTTPConnection(self.socket_path, time.monotonic() + DOCKER_TIMEOUT)
-        conn.request("GET", self.version_path(DOCKER_EVENTS))
-        resp = conn.getresponse()
-        if resp.status != http.HTTPStatus.OK:
-            conn.close()
-            raise DockerError(f"GET /events: HTTP {resp.status}")
-        conn.sock.settimeout(None)       # a quiet engine sends nothing for hours
-        conn.sock.deadline = None
-        return conn, resp
-
-    def _follow(self, conn, resp):
-        """The stream's thread: any event that can move an address asks for a re-list;
-        the end of the stream (the engine went away) too, so the poller notices."""
-        try:
-            while True:
-                line = resp.readline(DOCKER_EVENT_MAX_BYTES)
-                if not line or not line.endswith(b"\n"):
-                    break
-                try:
-                    ev = json.loads(line)
-                    relevant = ev.get("Type") == "network" or (
-                        ev.get("Type") == "container" and ev.get("Action") in DOCKER_CONTAINER_ACTIONS)
-                except (ValueError, AttributeError, RecursionError):
-                    relevant = True                      # unreadable: look for ourselves
-                if relevant:
-                    self._changed.set()
-        except Exception:                # whatever it was, the stream is over: re-list
-            pass
-        finally:
-            conn.close()
-            if self._stream is conn:
-                self._stream = None
-                self._changed.set()
-
-    def run(self, stop):
-        wait = DOCKER_BACKOFF[0]
-        while not stop.is_set():
-            try:
-                if self._stream is None:
-                    # the stream first, then the list: nothing falls between them
-                    _, headers = docker_get(self.socket_path, "/_ping", DOCKER_PING_MAX_BYTES)
-                    self.api_version = docker_api_version(headers.get("Api-Version"))
-                    conn, resp = self._open_stream()
-                    self._stream = conn
-                    threading.Thread(target=self._follow, args=(conn, resp),
-                                     name="docker-events", daemon=True).start()
-                ok = self.fetch_once()
-            except (OSError, ValueError, http.client.HTTPException, LpdError) as e:
-                self._failed(type(e).__name__, f"{self.describe(e)}; {self.keeping}")
-                ok = False
-            except Exception as e:        # never let one odd answer end the poller
-                self._failed(type(e).__name__, f"unexpected {type(e).__name__}: {e}")
-                ok = False
-            if not ok:
-                self._drop_stream()
-                stop.wait(wait)
-                wait = min(wait * 2, DOCKER_BACKOFF[1])
-                continue
-            wait = DOCKER_BACKOFF[0]
-            if self._changed.wait(self.period) and not stop.is_set():
-                stop.wait(DOCKER_DEBOUNCE)
-            self._changed.clear()
-        self._drop_stream()
-
-    def _drop_stream(self):
-        conn, self._stream = self._stream, None
-        if conn is not None and conn.sock is not None:
-            try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def wake(self):
-        """Stop: the poller's wait ends at once."""
-        self._changed.set()
-
-
-def open_docker(opts, replaying=False):
-    """The engine the options name: --docker-socket, else the default one while
-    capturing with --http (a replay asks only when told to). None: no names."""
-    path = opts.docker_socket
-    if path == "none" or not opts.http or (path is None and replaying):
+def api_answer(path, query, published, presentation):
+    """(HTTP status, JSON body) for GET /api/..., or None for another path."""
+    kind = path[len("/api/"):] if path.startswith("/api/") else None
+    if kind not in DOCUMENTS:
         return None
-    return DockerEngine(path or DOCKER_SOCKET, log)
+    top, filters = None, {}
+    asked = False
+    for part in query.split("&") if query else ():
+        name, _, value = part.partition("=")
+        if name == "top":
+            if not API_TOP.fullmatch(value):
+                return 400, json.dumps({"error": f"top must be a whole number, got {value!r}"})
+            top, asked = int(value), True
+        elif name == "limit" and kind == "requests":
+            if not API_TOP.fullmatch(value):
+                return 400, json.dumps({"error": f"limit must be a whole number, got {value!r}"})
+            top, asked = int(value), True
+        elif name == "server" and kind == "requests":
+            filters["server"] = urllib.parse.unquote(value)
+        elif name == "state" and kind == "connections":
+            if value not in LIVE_STATES:
+                return 400, json.dumps({"error": f"state must be one of {', '.join(LIVE_STATES)}, "
+                                                 f"got {value!r}"})
+            filters["state"] = value
+    rows = API_ROWS_MAX if asked else API_ROWS_DEFAULT
+    if kind == "requests":
+        filters["rows"] = rows            # `limit` is per server; the document's bound is this
+    else:
+        top = min(rows, API_ROWS_DEFAULT if top is None else top)
+    doc = DOCUMENTS[kind](published.latest(), presentation(), top, **filters)
+    if doc is None:
+        return 404, json.dumps({"error": f"{kind}: that stage is not enabled"})
+    return 200, json.dumps(doc, ensure_ascii=False)
 
 
-def open_geoip(opts):
-    """The GeoIP databases the options name (fatal if one is unusable), or None."""
-    paths = {option: getattr(opts, attr) for option, (attr, _) in GEOIP_DATABASES.items()
-             if getattr(opts, attr)}
-    return GeoIP(paths, opts.geoip_lang, log) if paths else None
-
-
-def remote_labeller(geo):
-    """key -> (country, province, city, isp); Unknown everywhere without databases."""
-    if geo is None:
-        unknown = (GEOIP_UNKNOWN,) * 4
-        return lambda key: unknown
-    return geo.labels
-
-
-###############################################################################
-# 15 Exporters ################################################################
-###############################################################################
-# provides: all_documents, api_answer, choose_stages, Collector, decoder_stages, format_table,
-#   human_bytes, make_http_server, open_logs, RuleSocketServer, STAGES, Wiring
-
-
-###############################################################################
-# 15.1 Documents (/api/*, --output json and table) ############################
-# provides: addresses_document, API_ROWS_DEFAULT, API_ROWS_MAX, connections_document,
-#   containers_document, format_table, http_document, human_bytes, interface_document,
-#   Presentation, remotes_document, requests_document, rules_document
-#
-# One JSON document per kind, built from a publication by the thread that serves it:
-# GET /api/<kind>?top=N on the metrics port, and `--output json` prints them all
-# ({kind: document}). Fields are stable: `lpd top` and dashboards read them. Rows come
-# sorted by bytes (tx + rx), biggest first.
-#
-# An answer is bounded whatever the tables hold: with 163k open connections an uncut
-# /api/connections was 62 MB and 184 MiB of the server thread's memory. A document's rows
-# are its first `top`, API_ROWS_DEFAULT when not asked, never more than API_ROWS_MAX; it
-# says how many there were ("total") and whether some were left out ("truncated").
-# `--output json` stays whole: the one answer a replay is run for, printed once by a
-# process that holds those tables anyway, with no server to keep responsive.
-
-API_ROWS_DEFAULT = 1000            # rows of an /api document without ?top=N
-API_ROWS_MAX = 10000               # rows of any /api document, whatever ?top=N asks
-
-class Presentation(NamedTuple):
-    """What turns snapshots into labelled rows, beside the snapshots themselves."""
-    nic: str
-    label: Callable                    # local address -> NIC label (the mapping)
-    geo: Callable                      # remote key -> (country, province, city, isp)
-    threshold: int                     # bytes a remote exceeds to get its own series
-    docker: object = None              # the DockerEngine, or None: no container names
-
-
-def _envelope(snap, how):
-    return {"nic": how.nic, "time": snap.get("time", 0.0)}
-
-
-def _io(r):
-    """The four counters of a snapshot row whose key is r[0]."""
-    return {"tx_bytes": r[1 + TX_BYTES], "tx_packets": r[1 + TX_PACKETS],
-            "rx_bytes": r[1 + RX_BYTES], "rx_packets": r[1 + RX_PACKETS]}
-
-
-def _first(rows, top, key):
-    """The first `top` of rows ordered by key (all of them: top None), without sorting
-    what is left out: 1000 of 163k connections cost a heap of 1000."""
-    return sorted(rows, key=key) if top is None else heapq.nsmallest(top, rows, key=key)
-
-
-def _cut(kept, total):
-    """The fields that say whether a document's rows are all of them."""
-    return {"total": total, "truncated": len(kept) < total}
-
-
-def _biggest(rows, top):
-    """Rows by tx + rx bytes, then by key; the first `top` of them."""
-    return _first(rows, top, lambda r: (-(r[1 + TX_BYTES] + r[1 + RX_BYTES]), r[0]))
-
-
-def interface_document(snap, how, top=None):
-    iface = snap.get("interface", InterfaceSnapshot())
-    return {**_envelope(snap, how), "up": iface.up, "frames": iface.frames, "drops": iface.drops,
-            **_io((None, *iface.totals)), "malformed": dict(iface.malformed),
-            "gso_frames": iface.gso_frames, "gso_unsplit": iface.gso_unsplit,
-            "unattributed_bytes": iface.unattributed[0],
-            "unattributed_packets": iface.unattributed[1]}
-
-
-def addresses_document(snap, how, top=None):
-    addresses = snap.get("addresses", AddressSnapshot())
-    rows = []
-    for r in _biggest(addresses.rows, top):
-        a = address(r[0])
-        rows.append({"address": str(a), "nic": how.label(a), **_io(r),
-                     "tx_bps": r[5], "rx_bps": r[6]})
-    return {**_envelope(snap, how), "tracked": len(addresses.rows),
-            "evictions": addresses.evictions, "addresses": rows, **_cut(rows, len(addresses.rows))}
-
-
-def remotes_document(snap, how, top=None):
-    remotes = snap.get("remotes")
-    if remotes is None:
-        return None
-    rows = []
-    for r in _biggest(remotes.rows, top):
-        country, province, city, isp = how.geo(r[0])
-        rows.append({"address": str(address(r[0])), "country": country, "province": province,
-                     "city": city, "isp": isp, **_io(r), "error_bytes": r[5]})
-    return {**_envelope(snap, how), "tracked": len(remotes.rows), "evictions": remotes.evictions,
-            "error_bound_bytes": remotes.floor, "threshold_bytes": how.threshold,
-            "totals": _io((None, *remotes.totals)), "remotes": rows, **_cut(rows, len(remotes.rows))}
-
-
-def connections_document(snap, how, top=None, state=None):
-    conns = snap.get("connections")
-    if conns is None:
-        return None
-    now = snap.get("time", 0.0)
-    rows = [r for r in conns.rows if state is None or r[6] == state]
-    out = []
-    for r in _first(rows, top, lambda r: (-(r[12] + r[13]), r[14])):
-        (_, proto, oh, op, rh, rp, live, history, ob, rb, opk, rpk, owb, rwb, first, last,
-         midstream, pid, comm) = r
-        out.append({"proto": PROTO_NAMES[proto], "orig_h": raw_address(oh), "orig_p": op,
-                    "resp_h": raw_address(rh), "resp_p": rp, "state": live, "history": history,
-                    "orig_bytes": ob, "resp_bytes": rb, "orig_pkts": opk, "resp_pkts": rpk,
-                    "orig_wire_bytes": owb, "resp_wire_bytes": rwb, "start": first,
-                    "age": max(0.0, now - first), "idle": max(0.0, now - last),
-                    "midstream": midstream, "pid": pid, "comm": comm})
-    counts, closed = {}, {}
-    for proto, live, n in conns.live:
-        counts.setdefault(proto, {})[live] = n
-    for proto, cs, n in conns.closed:
-        closed.setdefault(proto, {})[cs] = n
-    return {**_envelope(snap, how), "open": len(conns.rows), "counts": counts, "closed": closed,
-            "evictions": dict(conns.evictions), "connections": out,
-            "largest_closed": list(conns.largest), **_cut(out, len(rows))}
-
-
-def _percentile(sorted_values, q):
-    """The q-quantile (nearest rank) of sorted values; 0 for none."""
-    if not sorted_values:
-        return 0.0
-    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
-
-
-def http_document(snap, how, top=None):
-    """--output json's "http": per server requests, errors (status 0 or 5xx), latency
-    percentiles and routes; parse errors. `top`: the busiest servers, and routes each."""
-    http = snap.get("requests")
-    if http is None:
-        return None
-    servers = {}
-    for server, n, errors, durations, routes in _first(http.servers, top, lambda s: (-s[1], s[0])):
-        lat = sorted(durations)
-        ranked = sorted(routes, key=lambda rn: (-rn[1], rn[0]))
-        servers[server] = {"requests": n, "errors": errors, "p50": _percentile(lat, 0.5),
-                           "p95": _percentile(lat, 0.95), "p99": _percentile(lat, 0.99),
-                           "routes": dict(ranked if top is None else ranked[:top])}
-    return {**_envelope(snap, how), "servers": servers, "parse_errors": dict(http.parse_errors),
-            **_cut(servers, len(http.servers))}
-
-
-def requests_document(snap, how, top=None, server=None, rows=None):
-    """/api/requests: the last requests per server, newest first (`top`: at most N each);
-    `rows`: at most that many in all, servers in the order lpd first saw them."""
-    http = snap.get("requests")
-    if http is None:
-        return None
-    recent, kept, total = {}, 0, 0
-    for srv, recs in http.recent:
-        if server is not None and srv != server:
-            continue
-        n = len(recs) if top is None else min(top, len(recs))
-        if rows is not None:
-            n = min(n, rows - kept)
-        recent[srv] = list(recs[:n])
-        kept, total = kept + n, total + len(recs)
-    return {**_envelope(snap, how), "servers": recent, "total": total, "truncated": kept < total}
-
-
-def containers_document(snap, how, top=None):
-    """/api/containers: the engine's state and the address of every running container."""
-    engine = how.docker
-    if engine is None:
-        return None
-    version = engine.api_version
-    rows = sorted(({"ip": raw_address(raw), "container": c.name, "image": c.image, "id": c.id}
-                   for raw, c in engine.current.items()), key=lambda r: (r["container"], r["ip"]))
-    kept = rows if top is None else rows[:top]
-    return {**_envelope(snap, how),
-            "engine": {"socket": engine.socket_path, "up": engine.up, "errors": engine.errors,
-                       "api_version": f"{version[0]}.{version[1]}" if version else None},
-            "containers": kept, **_cut(kept, len(rows))}
-
-
-def rules_document(snap, how, top=None):
-    rules = snap.get("rules")
-    if rules is None:
-        return None
-    ranked = _first(enumerate(rules.rows), top, lambda ir: (-ir[1][1], ir[0]))
-    rows = [{"id": r[0], "bytes": r[1], "packets": r[2]} for _, r in ranked]
-    return {**_envelope(snap, how), "rules": rows, **_cut(rows, len(rules.rows))}
-
-
-BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
-UNIT_STEP = 1024
-
-
-def human_bytes(n):
-    """1536 -> '1.5 KiB': for people, always beside the exact number."""
-    value, unit = float(n), 0
-    while value >= UNIT_STEP and unit < len(BINARY_UNITS) - 1:
-        value /= UNIT_STEP
-        unit += 1
-    return f"{n} B" if unit == 0 else f"{value:.1f} {BINARY_UNITS[unit]}"
-
-
-def _columns(header, rows, right):
-    """Aligned lines: `right` names the columns aligned right (numbers)."""
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
-    lines = []
-    for r in [header] + rows:
-        cells = [c.rjust(w) if h in right else c.ljust(w) for c, w, h in zip(r, widths, header)]
-        lines.append("  ".join(cells).rstrip() + "\n")
-    return lines
-
-
-def _amount(n, unit=""):
-    return f"{n}{unit} ({human_bytes(n)})" if n >= UNIT_STEP else f"{n}{unit}"
-
-
-CONN_TABLE_TOP = 20                # connections a table lists
-HTTP_TABLE_ROUTES = 5              # routes a table lists per server
-
-
-def _connection_lines(conns):
-    """XNet's summary: counts by state, the biggest connections with state and bytes."""
-    out = [f"\nconnections: {conns['open']} open"]
-    for proto, by_state in sorted(conns["counts"].items()):
-        live = ", ".join(f"{s} {n}" for s, n in by_state.items() if n)
-        if live:
-            out.append(f"; {proto}: {live}")
-    out.append("\n")
-    for proto, by_state in sorted(conns["closed"].items()):
-        done = ", ".join(f"{s} {n}" for s, n in by_state.items() if n)
-        if done:
-            out.append(f"finished {proto}: {done}\n")
-    evicted = ", ".join(f"{r} {n}" for r, n in conns["evictions"].items() if n)
-    if evicted:
-        out.append(f"evicted: {evicted}\n")
-    header = ("proto", "originator", "responder", "state", "history", "orig bytes", "resp bytes",
-              "orig pkts", "resp pkts")
-    numbers = header[5:]
-    rows = [[d["proto"], f"{d['orig_h']}:{d['orig_p']}", f"{d['resp_h']}:{d['resp_p']}",
-             d["state"] + (" (mid-stream)" if d["midstream"] else ""), d["history"],
-             _amount(d["orig_bytes"]), _amount(d["resp_bytes"]), str(d["orig_pkts"]),
-             str(d["resp_pkts"])] for d in conns["connections"][:CONN_TABLE_TOP]]
-    if rows:
-        out.append("open connections, biggest first:\n")
-        out += _columns(header, rows, numbers)
-    done = [[r["proto"], f"{r['id.orig_h']}:{r['id.orig_p']}", f"{r['id.resp_h']}:{r['id.resp_p']}",
-             r["conn_state"], r["history"], _amount(r.get("orig_bytes", 0)),
-             _amount(r.get("resp_bytes", 0)), str(r["orig_pkts"]), str(r["resp_pkts"])]
-            for r in conns["largest_closed"][:CONN_TABLE_TOP]]
-    if done:
-        out.append("finished connections, biggest first:\n")
-        out += _columns(header[:3] + ("conn_state",) + header[4:], done, numbers)
-    return out
+def all_documents(snap, how):
+    """--output json: every enabled stage's document, by kind."""
+    docs = {kind: make(snap, how) for kind, make in DOCUMENTS.items() if kind not in LIVE_DOCUMENTS}
+    return {kind: doc for kind, doc in docs.items() if doc is not None}
 
 
 def format_table(docs):
-    """--output table: each enabled stage as aligned columns, biggest first."""
-    out = []
+    """--output table: the interface, then each enabled stage's lines (STAGES' order)."""
     iface = docs["interface"]
     # frames: what reached lpd itself (lpd_capture_packets_total), which the eBPF engine,
     # counting in the kernel, keeps near 0: the packets are what the interface carried.
-    out.append(f"interface {iface['nic']}: "
-               f"tx {_amount(iface['tx_bytes'], ' bytes')} in {iface['tx_packets']} packets, "
-               f"rx {_amount(iface['rx_bytes'], ' bytes')} in {iface['rx_packets']} packets; "
-               f"{iface['frames']} frames copied to lpd\n")
-    counters = ("tx bytes", "tx pkts", "rx bytes", "rx pkts")
-
-    def io(d):
-        return [_amount(d["tx_bytes"]), str(d["tx_packets"]), _amount(d["rx_bytes"]),
-                str(d["rx_packets"])]
-    addresses = docs["addresses"]
-    out.append(f"\nlocal addresses: {addresses['tracked']}\n")
-    out += _columns(("local address",) + counters,
-                    [[d["address"]] + io(d) for d in addresses["addresses"]], counters)
-    remotes = docs.get("remotes")
-    if remotes is not None:
-        out.append(f"\nremote addresses: {remotes['tracked']} tracked, "
-                   f"{remotes['evictions']} evicted; all remotes: "
-                   f"tx {_amount(remotes['totals']['tx_bytes'], ' bytes')}, "
-                   f"rx {_amount(remotes['totals']['rx_bytes'], ' bytes')}\n")
-        out += _columns(("remote address", "country", "province", "city", "isp") + counters,
-                        [[d["address"], d["country"], d["province"], d["city"], d["isp"]] + io(d)
-                         for d in remotes["remotes"]], counters)
-    conns = docs.get("connections")
-    if conns is not None:
-        out += _connection_lines(conns)
-    http = docs.get("http")
-    if http is not None:
-        out.append(f"\nHTTP servers: {len(http['servers'])}\n")
-        header = ("server", "requests", "error %", "p50 s", "p95 s", "p99 s", "top routes")
-        rows = [[srv, str(d["requests"]), f"{100 * d['errors'] / max(1, d['requests']):.1f}",
-                 f"{d['p50']:.4f}", f"{d['p95']:.4f}", f"{d['p99']:.4f}",
-                 ", ".join(f"{r} {n}" for r, n in list(d["routes"].items())[:HTTP_TABLE_ROUTES])]
-                for srv, d in sorted(http["servers"].items(), key=lambda kv: -kv[1]["requests"])]
-        out += _columns(header, rows, header[1:6])
-        bad = ", ".join(f"{r} {n}" for r, n in http["parse_errors"].items() if n)
-        if bad:
-            out.append(f"parse errors: {bad}\n")
-    rules = docs.get("rules")
-    if rules is not None:
-        out.append(f"\nrules: {len(rules['rules'])}\n")
-        out += _columns(("rule", "bytes", "packets"),
-                        [[d["id"], _amount(d["bytes"]), str(d["packets"])] for d in rules["rules"]],
-                        ("bytes", "packets"))
+    out = [f"interface {iface['nic']}: "
+           f"tx {_amount(iface['tx_bytes'], ' bytes')} in {iface['tx_packets']} packets, "
+           f"rx {_amount(iface['rx_bytes'], ' bytes')} in {iface['rx_packets']} packets; "
+           f"{iface['frames']} frames copied to lpd\n"]
+    for stage in STAGES:
+        doc = docs.get(stage.name)
+        if doc is not None:
+            out += stage.table(doc)
     return "".join(out)
 
 
+class Collector:
+    """Builds fresh metric families on every scrape from the latest publication: the
+    capture's, every stage's (STAGES), the container engine's and lpd's own."""
+
+    def __init__(self, published, mapping, nic, rule_socket=None, geo=None,
+                 threshold=DEFAULT_EXPORT_THRESHOLD, docker=None):
+        self.published, self.mapping, self.nic = published, mapping, nic
+        self.rule_socket = rule_socket      # its own counters, read as it counts them
+        self.geo, self.threshold, self.docker = geo, threshold, docker
+        self.engine = "cbpf"                # what counts: set by build_daemon
+
+    def presentation(self):
+        """One consistent set of labellers for a scrape or a document."""
+        return Presentation(self.nic, self.mapping.labeller(), remote_labeller(self.geo),
+                            self.threshold, self.docker)
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        snap = self.published.latest()
+        yield from capture_metrics(self, snap)
+        for row in STAGES:
+            yield from row.metrics(self, snap)
+        if self.docker is not None:
+            yield from docker_metrics(self.docker)
+        if self.rule_socket is not None:
+            yield metric_family(CounterMetricFamily, "lpd_rule_socket_truncated",
+                                "Rule socket dumps cut off: the client did not read them in time.",
+                                [], [((), self.rule_socket.truncated)])
+        yield metric_family(GaugeMetricFamily, "lpd_build_info", "lpd's version and counting engine.",
+                            ["version", "engine"], [((__version__, self.engine), 1.0)])
+
+
+
+
 ###############################################################################
-# 15.2 Prometheus #############################################################
-# provides: addresses_metrics, capture_metrics, connections_metrics, docker_metrics,
-#   make_http_server, metric_family, remotes_metrics, requests_metrics, rules_metrics
+# 16.2 The metrics endpoint ###################################################
+# provides: make_http_server
 #
 # Exporters read Published.latest(): a scrape never waits for capture, and capture
 # never waits for a scrape.
@@ -11347,207 +11854,6 @@ LANDING_PAGE = (b"<html><head><title>lpd</title></head><body><h1>lpd</h1>"
                 b"<p>JSON: <a href=\"/api/interface\">interface</a>, "
                 b"<a href=\"/api/addresses\">addresses</a>, <a href=\"/api/remotes\">remotes</a>, "
                 b"<a href=\"/api/rules\">rules</a></p></body></html>\n")
-
-# (name, row index, help) of the per-address and per-interface counters.
-ADDRESS_COUNTERS = (
-    ("lpd_transmit_bytes", TX_BYTES, "Bytes sent by a local address."),
-    ("lpd_transmit_packets", TX_PACKETS, "Packets sent by a local address."),
-    ("lpd_receive_bytes", RX_BYTES, "Bytes received by a local address."),
-    ("lpd_receive_packets", RX_PACKETS, "Packets received by a local address."))
-INTERFACE_COUNTERS = (
-    ("lpd_interface_transmit_bytes", TX_BYTES, "Bytes of frames the interface sent."),
-    ("lpd_interface_transmit_packets", TX_PACKETS, "Frames the interface sent."),
-    ("lpd_interface_receive_bytes", RX_BYTES, "Bytes of frames the interface received."),
-    ("lpd_interface_receive_packets", RX_PACKETS, "Frames the interface received."))
-# (name, index into (tx_bps, rx_bps), help) of localpacketdump's gauges.
-RATE_GAUGES = (
-    ("network_ip_tx_bps", 0, "Bits per second sent by a local address.",
-     "network_ip_tx_bps_total", "Bits per second sent, per NIC."),
-    ("network_ip_rx_bps", 1, "Bits per second received by a local address.",
-     "network_ip_rx_bps_total", "Bits per second received, per NIC."))
-
-
-# ip_traffic_monitor_cli's series: (name, row index, help), labels REMOTE_LABELS.
-REMOTE_SERIES = (
-    ("ip_traffic_tx_bytes", 1 + TX_BYTES, "Total transmitted bytes per IP address"),
-    ("ip_traffic_rx_bytes", 1 + RX_BYTES, "Total received bytes per IP address"))
-REMOTE_LABELS = ["remote_ip", "country", "province", "city", "isp"]
-REMOTE_TOTALS = (
-    ("lpd_remote_transmit_bytes", TX_BYTES, "Bytes sent to remote addresses (every one, tracked or not)."),
-    ("lpd_remote_transmit_packets", TX_PACKETS, "Packets sent to remote addresses."),
-    ("lpd_remote_receive_bytes", RX_BYTES, "Bytes received from remote addresses (every one)."),
-    ("lpd_remote_receive_packets", RX_PACKETS, "Packets received from remote addresses."))
-
-
-def metric_family(cls, name, doc, labels, rows):
-    """A family of cls (CounterMetricFamily, ...): rows of (label values, value)."""
-    fam = cls(name, doc, labels=labels)
-    for values, v in rows:
-        fam.add_metric(values, v)
-    return fam
-
-
-def capture_metrics(c, snap):
-    """The interface's and the capture processes' families, and the NIC mapping's. c: the
-    Collector (its nic, mapping); snap: the publication."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-    family, nic = metric_family, c.nic
-    iface = snap.get("interface", InterfaceSnapshot())
-    for name, i, doc in INTERFACE_COUNTERS:
-        yield family(CounterMetricFamily, name, doc, ["nic"], [((nic,), iface.totals[i])])
-    # Per capture process: one process is worker "0"; with --workers, one series each
-    # (sum by (nic) for the interface's).
-    workers = snap.get("workers") or ((0, iface.frames, iface.drops),)
-    yield family(CounterMetricFamily, "lpd_capture_packets",
-                 "Frames copied to lpd through the ring (not those the eBPF engine "
-                 "counted in the kernel).", ["nic", "worker"], [((nic, str(i)), f) for i, f, _ in workers])
-    yield family(CounterMetricFamily, "lpd_capture_drops", "Frames the kernel dropped (ring full).",
-                 ["nic", "worker"], [((nic, str(i)), d) for i, _, d in workers])
-    yield family(CounterMetricFamily, "lpd_worker_restarts",
-                 "Capture workers that ended and were started again (--workers).", [],
-                 [((), snap.get("worker_restarts", 0))])
-    yield family(CounterMetricFamily, "lpd_gso_frames",
-                 "GSO/GRO super-frames counted as the frames the wire carried.",
-                 ["nic"], [((nic,), iface.gso_frames)])
-    yield family(CounterMetricFamily, "lpd_gso_unsplit",
-                 "GSO/GRO super-frames counted as one frame (headers not splittable).",
-                 ["nic"], [((nic,), iface.gso_unsplit)])
-    malformed = dict(iface.malformed)
-    yield family(CounterMetricFamily, "lpd_packets_malformed", "Frames not attributed: malformed.",
-                 ["reason"], [((r,), malformed.get(r, 0)) for r in MALFORMED_REASONS])
-    yield family(GaugeMetricFamily, "lpd_interface_up", "1 while lpd captures on the interface.",
-                 ["nic"], [((nic,), 1.0 if iface.up else 0.0)])
-    yield family(CounterMetricFamily, "lpd_mapping_errors", "Failed NIC mapping fetches.",
-                 [], [((), c.mapping.errors)])
-    yield family(GaugeMetricFamily, "lpd_mapping_last_success_timestamp_seconds",
-                 "Unix time of the last good NIC mapping (0: never).", [],
-                 [((), c.mapping.last_success)])
-
-
-def addresses_metrics(c, snap):
-    """The local addresses' families (a row of STAGES): localpacketdump's rates, lpd's
-    counters, and what the eBPF engine could not attribute."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-    family = metric_family
-    label = c.mapping.labeller()
-    addresses = snap.get("addresses", AddressSnapshot())
-    hosts = []
-    for row in addresses.rows:
-        a = address(row[0])
-        hosts.append((str(a), label(a), row[1:]))
-    for name, i, doc, total_name, total_doc in RATE_GAUGES:
-        yield family(GaugeMetricFamily, name, doc, ["local_ip", "nic"],
-                     [((a, n), r[4 + i]) for a, n, r in hosts])
-        per_nic = {}
-        for _, n, r in hosts:
-            per_nic[n] = per_nic.get(n, 0.0) + r[4 + i]
-        yield family(GaugeMetricFamily, total_name, total_doc, ["nic"],
-                     [((n,), v) for n, v in per_nic.items()])
-    for name, i, doc in ADDRESS_COUNTERS:
-        yield family(CounterMetricFamily, name, doc, ["local_ip", "nic"],
-                     [((a, n), r[i]) for a, n, r in hosts])
-    yield family(GaugeMetricFamily, "lpd_local_addresses", "Local addresses tracked.",
-                 [], [((), len(addresses.rows))])
-    yield family(CounterMetricFamily, "lpd_local_evictions",
-                 "Local addresses dropped, least traffic first, because --local-max was reached.",
-                 [], [((), addresses.evictions)])
-    iface = snap.get("interface", InterfaceSnapshot())
-    for unit, n in zip(("bytes", "packets"), iface.unattributed):
-        yield family(CounterMetricFamily, f"lpd_local_unattributed_{unit}",
-                     f"The {unit} of local addresses the eBPF engine's tables had no room "
-                     "for (in the interface totals, not per address).", ["nic"], [((c.nic,), n)])
-
-
-def remotes_metrics(c, snap):
-    """The remote addresses' families (a row of STAGES): ip_traffic_monitor_cli's series
-    of the remotes past the threshold, lpd's totals; none without --remote."""
-    from prometheus_client.core import CounterMetricFamily as counter, GaugeMetricFamily as gauge
-    remotes = snap.get("remotes")
-    if remotes is None:
-        return
-    family, geo, nic = metric_family, remote_labeller(c.geo), c.nic
-    exported = [(r, (str(address(r[0])), *geo(r[0]))) for r in remotes.rows
-                if r[1 + TX_BYTES] + r[1 + RX_BYTES] > c.threshold]
-    for name, i, doc in REMOTE_SERIES:
-        yield family(counter, name, doc, REMOTE_LABELS, [(labels, r[i]) for r, labels in exported])
-    for name, i, doc in REMOTE_TOTALS:
-        yield family(counter, name, doc, ["nic"], [((nic,), remotes.totals[i])])
-    yield family(gauge, "lpd_remote_addresses", "Remote addresses tracked.", ["nic"],
-                 [((nic,), len(remotes.rows))])
-    yield family(counter, "lpd_remote_evictions",
-                 "Remote addresses dropped from the table (space-saving: the lightest).",
-                 ["nic"], [((nic,), remotes.evictions)])
-    yield family(gauge, "lpd_remote_error_bound_bytes",
-                 "Most bytes an untracked remote carried; an exported one may lack up to this.",
-                 ["nic"], [((nic,), remotes.floor)])
-    if c.geo is not None:
-        yield family(counter, "lpd_geoip_errors",
-                     "GeoIP failures: databases that failed to reopen, lookups that failed.",
-                     [], [((), c.geo.errors)])
-
-
-def connections_metrics(c, snap):
-    """The connections' families (a row of STAGES); none without --connections."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-    conns, family = snap.get("connections"), metric_family
-    if conns is None:
-        return
-    yield family(GaugeMetricFamily, "lpd_connections", "Open connections by live state.",
-                 ["proto", "state"], [((p, st), n) for p, st, n in conns.live])
-    yield family(CounterMetricFamily, "lpd_connections_closed",
-                 "Finished connections by Zeek conn_state.", ["proto", "conn_state"],
-                 [((p, cs), n) for p, cs, n in conns.closed])
-    yield family(CounterMetricFamily, "lpd_connection_evictions",
-                 "Connections finished early because --conn-max was reached.",
-                 ["reason"], [((r,), n) for r, n in conns.evictions])
-
-
-def requests_metrics(c, snap):
-    """The HTTP requests' families (a row of STAGES): OpenTelemetry's duration
-    histogram, parse errors; none without --http."""
-    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
-    http = snap.get("requests")
-    if http is None:
-        return
-    fam = HistogramMetricFamily(
-        "http_server_request_duration_seconds",
-        "Duration of HTTP server requests, from packets (OpenTelemetry semantic conventions).",
-        labels=["http_request_method", "http_response_status_code", "http_route",
-                "server_address", "server_port", "container"])
-    bounds = [f"{b:g}" for b in HTTP_BUCKETS] + ["+Inf"]
-    for labels, counts, total, n in http.histogram:
-        fam.add_metric(list(labels), list(zip(bounds, itertools.accumulate(counts))), total)
-    yield fam
-    yield metric_family(CounterMetricFamily, "lpd_http_parse_errors",
-                        "HTTP streams lpd stopped parsing, by reason.", ["reason"],
-                        [((r,), n) for r, n in http.parse_errors])
-
-
-def rules_metrics(c, snap):
-    """The rules' families (a row of STAGES), without samples when there are none."""
-    from prometheus_client.core import CounterMetricFamily
-    rules = snap.get("rules", RuleSnapshot()).rows
-    yield metric_family(CounterMetricFamily, "lpd_rule_packets", "Packets matching a rule.",
-                        ["rule"], [((r,), p) for r, _, p in rules])
-    yield metric_family(CounterMetricFamily, "lpd_rule_bytes", "Bytes of packets matching a rule.",
-                        ["rule"], [((r,), b) for r, b, _ in rules])
-
-
-def docker_metrics(engine):
-    """The container engine's families (--docker-socket)."""
-    from prometheus_client.core import CounterMetricFamily as counter, GaugeMetricFamily as gauge
-    family = metric_family
-    containers = sorted((raw_address(raw), c.name, c.image) for raw, c in engine.current.items())
-    yield family(gauge, "lpd_container_info",
-                 "1 per address of a running container: joins local_ip to its name.",
-                 ["local_ip", "container", "image"], [(row, 1.0) for row in containers])
-    yield family(gauge, "lpd_docker_up", "1 while the container engine answers.", [],
-                 [((), 1.0 if engine.up else 0.0)])
-    yield family(counter, "lpd_docker_errors", "Failed requests to the container engine.",
-                 [], [((), engine.errors)])
-    yield family(gauge, "lpd_docker_last_success_timestamp_seconds",
-                 "Unix time of the last good container list (0: never).", [],
-                 [((), engine.last_success)])
 
 
 # Limits of the metrics endpoint. A scraper sends a small request at once and reads
@@ -11923,9 +12229,8 @@ def make_http_server(host, port, registry, api=None):
         raise ConfigError(f"--web.listen-address {host}:{port}: {e.strerror or e}") from None
 
 
-
 ###############################################################################
-# 15.3 The rule socket (bpfcountd's unix socket) ##############################
+# 16.3 The rule socket (bpfcountd's unix socket) ##############################
 # provides: RuleSocketServer
 
 class _Client:
@@ -12167,262 +12472,7 @@ class RuleSocketServer:
 
 
 ###############################################################################
-# 15.4 JSON logs (conn log, HTTP log) #########################################
-# provides: JsonLog
-
-class JsonLog:
-    """--conn-log and --http-log: one JSON object per line, Zeek's field names. The
-    capture thread writes it and reopens it after a SIGHUP (logrotate); a write that
-    fails (disk full) is counted and logged once, and capture goes on."""
-
-    def __init__(self, path, option="--conn-log"):
-        self.path, self.option = path, option
-        self.errors = 0
-        self._failing = False
-        self.file = sys.stdout if path == "-" else self._open()
-
-    def _open(self):
-        try:
-            return open(self.path, "a", encoding="utf-8")
-        except OSError as e:
-            raise os_failure(e, f"{self.option} {self.path}") from None
-
-    def write(self, record):
-        try:
-            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
-            self._failing = False
-        except OSError as e:
-            self.errors += 1
-            if not self._failing:
-                log(LOG_ERR, f"{self.option} {self.path}: {e.strerror}; dropping records")
-            self._failing = True
-
-    def flush(self):
-        try:
-            self.file.flush()
-        except OSError:
-            self.errors += 1
-
-    def reopen(self):
-        if self.path == "-":
-            return
-        try:
-            new = self._open()
-        except ConfigError as e:
-            log(LOG_ERR, f"{e}; writing on to the old file")
-            return
-        old, self.file = self.file, new
-        try:
-            old.close()
-        except OSError:
-            self.errors += 1
-
-    def close(self):
-        self.flush()
-        if self.file is not sys.stdout:
-            self.file.close()
-
-
-###############################################################################
-# 15.5 Stages: one table, one row per stage ###################################
-# provides: all_documents, api_answer, choose_stages, Collector, decoder_stages, open_logs,
-#   STAGES, Wiring
-#
-# A stage is a Consumer subclass (12) and one row of STAGES. Its class's name keys its
-# snapshot in a publication, its JSON log and what a worker ships; the row says how the
-# options build it and which documents and metric families show it. Everything that
-# handles stages iterates the table: choose_stages() (the daemon, each worker and -r),
-# publishing and finishing (16), the workers' pipes and their merge (17), DOCUMENTS and
-# the Collector below.
-
-
-class Stage(NamedTuple):
-    """One row of STAGES."""
-    consumer: type                 # the Consumer subclass: its name, its snapshot_type
-    build: Callable                # (opts, Wiring) -> an instance, or None: the options leave it off
-    documents: tuple               # ((kind, document function), ...): /api/<kind>, --output's keys
-    metrics: Callable              # (Collector, publication) -> its metric families
-    log: str = ""                  # the option naming its JSON log, "" for none
-
-    @property
-    def name(self):
-        return self.consumer.name
-
-    def log_path(self, opts):
-        """The path its log option names (--conn-log: opts.conn_log), or None."""
-        return getattr(opts, self.log[2:].replace("-", "_")) if self.log else None
-
-
-class Wiring(NamedTuple):
-    """What the stages are built with beside the options (choose_stages)."""
-    local_nets: list               # the interface's networks, --local-net's or a replay's
-    idle_timeout: float            # the local addresses' bounds (a replay keeps every one)
-    local_max: int
-    rules: object                  # load_rules()'s RuleCounter, or None (no -f)
-    logs: dict                     # stage name -> its log (open_logs; a worker's ShippedLog)
-    names: object = None           # .name_of(raw address): HTTP servers' container names
-    pollers: list = None           # a stage's background Pollers are added here; None: none (-r)
-
-
-def _local_addresses(opts, w):
-    return LocalAddresses(w.local_nets, w.idle_timeout, w.local_max)
-
-
-def _remote_addresses(opts, w):
-    return RemoteAddresses(opts.remote_max) if opts.remote else None
-
-
-def _connections(opts, w):
-    """--connections, with the processes behind local sockets where a Poller may run."""
-    if not opts.connections:
-        return None
-    log_ = w.logs.get(Connections.name)
-    procs = ProcessTable(log) if w.pollers is not None else None
-    conns = Connections(opts.conn_max, opts.conn_timeout_tcp, opts.conn_timeout_udp,
-                        log_.write if log_ is not None else None,
-                        procs.want if procs is not None else None)
-    if procs is not None:
-        procs.deliver = conns.refreshed.append
-        w.pollers.append(procs)
-    return conns
-
-
-def _http_requests(opts, w):
-    if not opts.http:
-        return None
-    log_ = w.logs.get(HttpRequests.name)
-    return HttpRequests(opts.http_ports, log_.write if log_ is not None else None,
-                        w.names.name_of if w.names else None)
-
-
-def _rules(opts, w):
-    """-f's rules, loaded by the caller: a reload loads them again (load_rules)."""
-    return w.rules
-
-
-# Every stage, in the order they are built, fed, published and shown. The local
-# addresses come first: the decoder counts them inline, every other stage it feeds.
-STAGES = (
-    Stage(LocalAddresses, _local_addresses, (("addresses", addresses_document),),
-          addresses_metrics),
-    Stage(RemoteAddresses, _remote_addresses, (("remotes", remotes_document),), remotes_metrics),
-    Stage(Connections, _connections, (("connections", connections_document),),
-          connections_metrics, "--conn-log"),
-    Stage(HttpRequests, _http_requests, (("http", http_document), ("requests", requests_document)),
-          requests_metrics, "--http-log"),
-    Stage(RuleCounter, _rules, (("rules", rules_document),), rules_metrics),
-)
-
-
-def choose_stages(opts, wiring):
-    """The stages the options ask for, by name in STAGES' order: the one place that
-    decides, for the daemon, each worker and -r."""
-    stages = {}
-    for row in STAGES:
-        stage = row.build(opts, wiring)
-        if stage is not None:
-            stages[row.name] = stage
-    return stages
-
-
-def decoder_stages(stages, kernel=None):
-    """What the decoder feeds, in STAGES' order: not the local addresses (it counts them
-    inline), nor rules when there are none or the kernel counts them (--engine ebpf)."""
-    return [s for s in stages.values() if s.name != LocalAddresses.name and
-            (s.name != RuleCounter.name or (len(s) and kernel is None))]
-
-
-def open_logs(opts):
-    """The JSON logs the options name (--conn-log, --http-log), by stage name."""
-    return {row.name: JsonLog(row.log_path(opts), row.log) for row in STAGES
-            if row.log_path(opts)}
-
-
-# /api/<kind>: a document, or None where the stage is off (404): the interface's, every
-# stage's, the container engine's.
-DOCUMENTS = {"interface": interface_document,
-             **{kind: make for row in STAGES for kind, make in row.documents},
-             "containers": containers_document}
-
-
-API_TOP = re.compile(r"[0-9]{1,9}")        # ASCII digits only: str.isdigit() takes '²'
-
-
-def api_answer(path, query, published, presentation):
-    """(HTTP status, JSON body) for GET /api/..., or None for another path."""
-    kind = path[len("/api/"):] if path.startswith("/api/") else None
-    if kind not in DOCUMENTS:
-        return None
-    top, filters = None, {}
-    asked = False
-    for part in query.split("&") if query else ():
-        name, _, value = part.partition("=")
-        if name == "top":
-            if not API_TOP.fullmatch(value):
-                return 400, json.dumps({"error": f"top must be a whole number, got {value!r}"})
-            top, asked = int(value), True
-        elif name == "limit" and kind == "requests":
-            if not API_TOP.fullmatch(value):
-                return 400, json.dumps({"error": f"limit must be a whole number, got {value!r}"})
-            top, asked = int(value), True
-        elif name == "server" and kind == "requests":
-            filters["server"] = urllib.parse.unquote(value)
-        elif name == "state" and kind == "connections":
-            if value not in LIVE_STATES:
-                return 400, json.dumps({"error": f"state must be one of {', '.join(LIVE_STATES)}, "
-                                                 f"got {value!r}"})
-            filters["state"] = value
-    rows = API_ROWS_MAX if asked else API_ROWS_DEFAULT
-    if kind == "requests":
-        filters["rows"] = rows            # `limit` is per server; the document's bound is this
-    else:
-        top = min(rows, API_ROWS_DEFAULT if top is None else top)
-    doc = DOCUMENTS[kind](published.latest(), presentation(), top, **filters)
-    if doc is None:
-        return 404, json.dumps({"error": f"{kind}: that stage is not enabled"})
-    return 200, json.dumps(doc, ensure_ascii=False)
-
-
-def all_documents(snap, how):
-    """--output json: every enabled stage's document, by kind."""
-    docs = {kind: make(snap, how) for kind, make in DOCUMENTS.items() if kind != "requests"}
-    return {kind: doc for kind, doc in docs.items() if doc is not None}
-
-
-class Collector:
-    """Builds fresh metric families on every scrape from the latest publication: the
-    capture's, every stage's (STAGES), the container engine's and lpd's own."""
-
-    def __init__(self, published, mapping, nic, rule_socket=None, geo=None,
-                 threshold=DEFAULT_EXPORT_THRESHOLD, docker=None):
-        self.published, self.mapping, self.nic = published, mapping, nic
-        self.rule_socket = rule_socket      # its own counters, read as it counts them
-        self.geo, self.threshold, self.docker = geo, threshold, docker
-        self.engine = "cbpf"                # what counts: set by build_daemon
-
-    def presentation(self):
-        """One consistent set of labellers for a scrape or a document."""
-        return Presentation(self.nic, self.mapping.labeller(), remote_labeller(self.geo),
-                            self.threshold, self.docker)
-
-    def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-        snap = self.published.latest()
-        yield from capture_metrics(self, snap)
-        for row in STAGES:
-            yield from row.metrics(self, snap)
-        if self.docker is not None:
-            yield from docker_metrics(self.docker)
-        if self.rule_socket is not None:
-            yield metric_family(CounterMetricFamily, "lpd_rule_socket_truncated",
-                                "Rule socket dumps cut off: the client did not read them in time.",
-                                [], [((), self.rule_socket.truncated)])
-        yield metric_family(GaugeMetricFamily, "lpd_build_info", "lpd's version and counting engine.",
-                            ["version", "engine"], [((__version__, self.engine), 1.0)])
-
-
-###############################################################################
-# 16 Daemon: wiring, signals, reload ##########################################
+# 17 Daemon: wiring, signals, reload ##########################################
 ###############################################################################
 # provides: build_capture, build_daemon, build_exporters, capture_interface, Daemon,
 #   interface_local_nets, kernel_program, Lifecycle, load_rules, SOCKET_FRESH_TIMEOUT,
@@ -13221,7 +13271,7 @@ def build_daemon(opts):
 
 
 ###############################################################################
-# 17 Workers: one capture process per core behind PACKET_FANOUT ###############
+# 18 Workers: one capture process per core behind PACKET_FANOUT ###############
 ###############################################################################
 # provides: build_supervisor, run_worker
 #
@@ -13614,7 +13664,7 @@ def build_supervisor(opts, argv):
 
 
 ###############################################################################
-# 18 Offline replay and filter dumps ##########################################
+# 19 Offline replay and filter dumps ##########################################
 ###############################################################################
 # provides: dump_filter, replay, write_output
 
@@ -13730,7 +13780,7 @@ def dump_filter(opts, out=sys.stdout):
 
 
 ###############################################################################
-# 19 Operator view: lpd top ###################################################
+# 20 Operator view: lpd top ###################################################
 ###############################################################################
 # provides: top_main
 #
@@ -14455,7 +14505,7 @@ def top_main(argv):
 
 
 ###############################################################################
-# 20 main #####################################################################
+# 21 main #####################################################################
 ###############################################################################
 # provides: -
 

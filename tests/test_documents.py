@@ -36,7 +36,7 @@ def snapshots(n):
             "remotes": lpd.RemoteSnapshot(_io_rows(n, (0,))),
             "rules": lpd.RuleSnapshot(tuple((f"r{i}", i, 1) for i in range(n))),
             "connections": conns.snapshot(),
-            "requests": lpd.HttpSnapshot(recent=recent, servers=servers)}
+            "http": lpd.HttpSnapshot(recent=recent, servers=servers)}
 
 
 # kind -> the document's rows
