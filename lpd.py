@@ -38,6 +38,7 @@ each banner's "provides:" line says what later chapters take from it
     14.3 Connections (Zeek's conn.log semantics)
     14.4 HTTP requests (TCP reassembly, HTTP/1.x)
     14.5 Rules (bpfcountd-compatible filter files)
+    14.6 Flow export (IPFIX)
   15 eBPF engine: accounting and rules as one kernel program (--engine ebpf)
     15.1 Assembler
     15.2 Syscalls: bpf(2), maps, programs, test runs
@@ -92,6 +93,7 @@ import types
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from typing import Callable, NamedTuple, Optional
 
 __version__ = "0.1.0"
@@ -176,7 +178,8 @@ def sd_notify(state):
 ###############################################################################
 # 2 Options ###################################################################
 ###############################################################################
-# provides: _ArgParser, DEFAULT_*, parse_args, parse_listen_address, _positive_float
+# provides: _ArgParser, DEFAULT_*, IPFIX_TEMPLATE_EVERY, parse_args, parse_listen_address,
+#   _positive_float
 
 DEFAULT_LISTEN = "localhost:59122"
 DEFAULT_MAPPING_URL = "http://localhost:32599/status"
@@ -205,6 +208,12 @@ DEFAULT_HTTP_PORTS = (80, 8080, 8000, 3000, 5000, 9000)
 DEFAULT_CONN_MAX = 262144
 DEFAULT_CONN_TIMEOUT_TCP = 300.0
 DEFAULT_CONN_TIMEOUT_UDP = 60.0
+DEFAULT_FLOW_ACTIVE_TIMEOUT = 60.0
+# Over UDP a collector that starts late, or restarts, can decode nothing until the
+# templates come again: RFC 6728 allows 600 s; this, and every IPFIX_TEMPLATE_EVERY
+# messages, whichever comes first (softflowd: every 16).
+DEFAULT_IPFIX_TEMPLATE_INTERVAL = 60.0
+IPFIX_TEMPLATE_EVERY = 16
 
 
 def physical_memory():
@@ -298,6 +307,29 @@ def parse_listen_address(text):
     return host or "::", int(port)
 
 
+IPFIX_TRANSPORTS = ("udp", "tcp")
+
+
+def ipfix_collector(text):
+    """--ipfix [udp://|tcp://]HOST:PORT ('[v6]:PORT' too) -> (transport, host, port)."""
+    transport, sep, rest = text.partition("://")
+    if not sep:
+        transport, rest = IPFIX_TRANSPORTS[0], text
+    host, sep, port = rest.rpartition(":")
+    host = host.strip("[]")
+    if transport not in IPFIX_TRANSPORTS or not sep or not host or not port.isdigit() or \
+            not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected [udp://|tcp://]HOST:PORT, got {text!r}")
+    return transport, host, int(port)
+
+
+def _domain_id(text):
+    n = _non_negative_int(text)
+    if n >= 1 << 32:
+        raise argparse.ArgumentTypeError(f"an observation domain id is 32 bits, got {n}")
+    return n
+
+
 WORKERS_MAX = 256
 
 
@@ -380,6 +412,23 @@ def build_parser():
                    metavar="SECONDS", help="idle TCP connections end (default %(default)g)")
     p.add_argument("--conn-timeout-udp", type=_positive_float, default=DEFAULT_CONN_TIMEOUT_UDP,
                    metavar="SECONDS", help="idle UDP flows end (default %(default)g)")
+    p.add_argument("--ipfix", type=ipfix_collector, action="append", default=[],
+                   metavar="[tcp://]HOST:PORT",
+                   help="send every flow as IPFIX records to this collector (nfcapd, nfacctd, "
+                        "goflow2; UDP unless tcp://; repeatable; implies --connections)")
+    p.add_argument("--ipfix-domain", type=_domain_id, metavar="N",
+                   help="IPFIX observation domain id (default: one of this host and interface; "
+                        "worker K adds K)")
+    p.add_argument("--ipfix-biflow", action="store_true",
+                   help="one RFC 5103 biflow record per connection instead of one per direction")
+    p.add_argument("--ipfix-template-interval", type=_positive_float,
+                   default=DEFAULT_IPFIX_TEMPLATE_INTERVAL, metavar="SECONDS",
+                   help="resend the templates over UDP at least this often (default %(default)g; "
+                        f"also every {IPFIX_TEMPLATE_EVERY} messages)")
+    p.add_argument("--flow-active-timeout", type=_positive_float,
+                   default=DEFAULT_FLOW_ACTIVE_TIMEOUT, metavar="SECONDS",
+                   help="a flow still going is reported at least this often, as what it "
+                        "counted since (default %(default)g)")
     p.add_argument("--http", action="store_true",
                    help="HTTP/1.x requests on --http-ports: latency histogram, log, /api/requests")
     p.add_argument("--http-ports", type=_ports, default=DEFAULT_HTTP_PORTS, metavar="PORT,...",
@@ -458,7 +507,7 @@ def parse_args(argv):
         opts.mapping_url = None
     if opts.geoip_db or opts.geoip_isp_db:
         opts.remote = True
-    if opts.conn_log:
+    if opts.conn_log or opts.ipfix:
         opts.connections = True
     if opts.http_log:
         opts.http = True
@@ -722,20 +771,22 @@ SNAPLEN_FULL = 262144                      # libpcap's maximum
 # 4 Wire formats: Ethernet, VLAN, IPv4, IPv6 ##################################
 ###############################################################################
 # provides: address, ETH_IPV4_HDR, ETHERTYPE_IPV4, ETHERTYPE_IPV6, FAMILIES, family_of_key,
-#   IPPROTO_TCP, IPPROTO_UDP, IPV4_*, IPV6_*, MALFORMED_REASONS, raw_address, TCP_DOFF_OFF,
+#   IP_TOS_MASK, IPPROTO_*, IPV4_*, IPV6_*, MALFORMED_REASONS, raw_address, TCP_DOFF_OFF,
 #   TCP_MIN_HDR_LEN, U16BE, UDP_HDR_LEN, VLAN_*
 
 VLAN_TPIDS = frozenset((0x8100, 0x88A8, 0x9100))    # 802.1Q, 802.1ad, old QinQ
 VLAN_TAG = struct.Struct("!HH")
 VLAN_TAG_LEN = VLAN_TAG.size
+VLAN_VID_MASK = 0x0FFF                              # a tag's VLAN id, below its priority and DEI bits
 U16BE = struct.Struct("!H")
 ETHERTYPE_IPV4, ETHERTYPE_IPV6 = 0x0800, 0x86DD
 IPV4_HDR = struct.Struct("!BxH8xII")                 # version/IHL, total length, src, dst
 IPV6_HDR = struct.Struct("!B3xH2x16s16s")            # version, payload length, src, dst
 ETH_IPV4_HDR = struct.Struct("!12xHBxH8xII")         # ethertype, then IPV4_HDR
 IPV4_VIHL_PLAIN = 0x45                              # version 4, no options
-IPPROTO_TCP, IPPROTO_UDP = 6, 17
+IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6 = 1, 6, 17, 58
 IPV4_PROTO_OFF, IPV4_SRC_OFF, IPV6_NEXT_OFF, IPV6_SRC_OFF = 9, 12, 6, 8
+IPV4_TOS_OFF, IPV6_TCLASS_SHIFT, IP_TOS_MASK = 1, 4, 0xFF   # IPv6's class: bits 4-11 of its first 16
 IPV6_HDR_LEN, UDP_HDR_LEN, TCP_DOFF_OFF, TCP_MIN_HDR_LEN = 40, 8, 12, 20
 
 
@@ -7032,7 +7083,8 @@ class JsonLog:
 class Stage(NamedTuple):
     """One row of STAGES."""
     consumer: type                 # the Consumer subclass: its name, its snapshot_type
-    build: Callable                # (opts, Wiring) -> an instance, or None: the options leave it off
+    build: Callable                # (opts, Wiring, the stages built before it by name) ->
+                                   # an instance, or None: the options leave it off
     documents: tuple               # ((kind, document function), ...): /api/<kind>, --output json's
     metrics: Callable              # (Collector, publication) -> its metric families
     table: Callable                # its document -> --output table's lines
@@ -7326,7 +7378,7 @@ def addresses_table(doc):
                      [[d["address"]] + _io_cells(d) for d in doc["addresses"]], IO_COLUMNS))
 
 
-def _local_addresses(opts, w):
+def _local_addresses(opts, w, built):
     return LocalAddresses(w.local_nets, w.idle_timeout, w.local_max)
 
 
@@ -7491,7 +7543,7 @@ def remotes_table(doc):
                       _io_cells(d) for d in doc["remotes"]], IO_COLUMNS))
 
 
-def _remote_addresses(opts, w):
+def _remote_addresses(opts, w, built):
     return RemoteAddresses(opts.remote_max) if opts.remote else None
 
 
@@ -7515,7 +7567,7 @@ IPV4_L4_HDR = struct.Struct("!BxHHHxB2x4s4s")      # version/IHL, total length, 
 IPV6_L4_HDR = struct.Struct("!B3xHBx16s16s")       # version, payload length, next header, src, dst
 IPV4_FRAG_MASK = 0x1FFF                             # fragment offset: a later fragment has no ports
 IPV4_MORE_FRAGMENTS = 0x2000
-IP_FRAGMENT = -1                  # parse_l4's first field for a later IPv4 fragment
+IP_FRAGMENT = -1                  # parse_l4's first field for a later fragment
 FRAGMENTS_MAX = 4096              # datagrams whose later fragments lpd waits for; then it starts over
 IPPROTO_FRAGMENT = 44
 # IPv6 extension headers before TCP or UDP: next header -> its length from its second
@@ -7526,6 +7578,8 @@ IPV6_EXT_LEN = {0: lambda n: (n + 1) * 8, 43: lambda n: (n + 1) * 8, 60: lambda 
 IPV6_EXT_MIN = 8
 IPV6_EXT_MAX = 8                    # headers followed at most: a chain is short or hostile
 IPV6_FRAG_OFFSET = 0xFFF8
+IPV6_MORE_FRAGMENTS = 0x0001
+IPV6_FRAG_HDR = struct.Struct("!HI")                # offset and flags, identification
 TCP_HDR = struct.Struct("!HHIIBBH")                 # ports, seq, ack, data offset, flags, window
 UDP_HDR = struct.Struct("!HHH")                     # ports, length
 TH_FIN, TH_SYN, TH_RST, TH_ACK = 0x01, 0x02, 0x04, 0x10
@@ -7534,7 +7588,32 @@ SEQ_HALF = 1 << 31
 SEQ_JUMP_MAX = 1 << 20          # a SYN or RST this far from the last seq, or an ACK 0, is not a step
 # Leading bytes the stage reads: Ethernet, two tags, the longest IPv4 and TCP headers.
 CONN_SNAPLEN = ETH_HLEN + 2 * VLAN_TAG_LEN + 60 + 60
-PROTO_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
+# Every IP protocol has connections (flows: addresses and protocol); TCP, UDP and ICMP
+# (both families, Zeek's one "icmp") are Zeek's transports, with ports, states and
+# conn.log lines. A connection's transport keys its timeout, its place among the active
+# and its counts; any other protocol is TRANSPORT_OTHER, outside the 8-bit protocol range.
+TRANSPORT_OTHER = 256
+TRANSPORTS = {IPPROTO_TCP: IPPROTO_TCP, IPPROTO_UDP: IPPROTO_UDP, IPPROTO_ICMP: IPPROTO_ICMP,
+              IPPROTO_ICMPV6: IPPROTO_ICMP}
+PROTO_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp", IPPROTO_ICMP: "icmp",
+               TRANSPORT_OTHER: "other"}
+
+
+def proto_name(proto):
+    """Zeek's name of a protocol's transport (tcp, udp, icmp), else its number."""
+    transport = TRANSPORTS.get(proto)
+    return PROTO_NAMES[transport] if transport else str(proto)
+
+
+ICMP_HDR_LEN = 8                  # type, code, checksum and the 4 bytes each type defines
+# Zeek's ICMP{4,6}_counterpart: a request's type pairs with its reply's, so that both
+# share one connection (orig_p the type, resp_p its counterpart); a one-way message has
+# its code as resp_p.
+ICMP_COUNTERPARTS = {
+    IPPROTO_ICMP: {0: 8, 8: 0, 9: 10, 10: 9, 13: 14, 14: 13, 15: 16, 16: 15, 17: 18, 18: 17},
+    IPPROTO_ICMPV6: {128: 129, 129: 128, 130: 131, 131: 130, 133: 134, 134: 133, 135: 136,
+                     136: 135, 139: 140, 140: 139, 144: 145, 145: 144},
+}
 
 # TCP endpoint states (Zeek's TCP_ENDPOINT_*); UDP uses INACTIVE and ACTIVE.
 (TCP_INACTIVE, TCP_SYN_SENT, TCP_SYN_ACK_SENT, TCP_PARTIAL, TCP_ESTABLISHED, TCP_CLOSED,
@@ -7582,30 +7661,50 @@ RSTOS0_HISTORY = re.compile(r"\^?S[^HAFGIQ]*R.*")
 CONN_STATES = ("S0", "S1", "SF", "REJ", "S2", "S3", "RSTO", "RSTR", "RSTOS0", "RSTRH", "SH", "SHR", "OTH")
 LIVE_STATES = ("connecting", "established", "closing", "reset")
 EVICTION_REASONS = ("half_open", "oldest")
+# Why a connection's flow report is made: RFC 5102's flowEndReason values (IPFIX's 136).
+END_IDLE, END_ACTIVE, END_DETECTED, END_FORCED, END_EVICTED = 1, 2, 3, 4, 5
+
+
+def past_tags(data):
+    """(where the network header starts, its ethertype, the outermost VLAN id or 0) of
+    a frame of at least ETH_HLEN bytes, past every VLAN tag (tags re-inserted)."""
+    n, q, et, vlan = len(data), ETH_HLEN, U16BE.unpack_from(data, ETH_TYPE_OFF)[0], 0
+    while et in VLAN_TPIDS and q + VLAN_TAG_LEN <= n:
+        tci, et = VLAN_TAG.unpack_from(data, q)
+        vlan = vlan or tci & VLAN_VID_MASK
+        q += VLAN_TAG_LEN
+    return q, et, vlan
+
+
+def ip_tos_vlan(data):
+    """A frame's IP class of service (IPv4 TOS, IPv6 traffic class) and outermost VLAN
+    id, for its flow's record (a frame parse_l4 read)."""
+    q, et, vlan = past_tags(data)
+    if et == ETHERTYPE_IPV4:
+        return data[q + IPV4_TOS_OFF], vlan
+    return U16BE.unpack_from(data, q)[0] >> IPV6_TCLASS_SHIFT & IP_TOS_MASK, vlan
 
 
 def parse_l4(data, wirelen=None):
     """A frame's (proto, src, dst, sport, dport, ip_len, payload_len, flags, seq, ack,
-    window, fragment id, payload offset) for TCP and UDP over IPv4 or IPv6 (tags
-    re-inserted), or None.
+    window, fragment id, payload offset) for any IP packet over IPv4 or IPv6 (tags
+    re-inserted), or None: ICMP's ports are its type and counterpart (ICMP_COUNTERPARTS),
+    another protocol's 0 and 0, and its payload all that follows the IP headers.
     Addresses are raw bytes; the payload length comes from the IP length, not the frame
     (padding), and a frame whose IP length runs past its `wirelen` is refused, as the
-    decoder counts it malformed. The fragment id is set on a first IPv4 fragment; a
-    later one is (IP_FRAGMENT, src, dst, id, proto, its payload bytes)."""
+    decoder counts it malformed. The fragment id is set on a first fragment (IPv4 or IPv6); a
+    later one is (IP_FRAGMENT, src, dst, id, proto, its payload bytes, its IP length)."""
     n = len(data)
     if n < ETH_HLEN:
         return None
-    q, et = ETH_HLEN, U16BE.unpack_from(data, ETH_TYPE_OFF)[0]
-    while et in VLAN_TPIDS and q + VLAN_TAG_LEN <= n:
-        et = U16BE.unpack_from(data, q + 2)[0]
-        q += VLAN_TAG_LEN
+    q, et, _ = past_tags(data)
     if et == ETHERTYPE_IPV4 and n >= q + 20:
         vihl, ip_len, ident, frag, proto, src, dst = IPV4_L4_HDR.unpack_from(data, q)
         hl = (vihl & 15) * 4
         if vihl >> 4 != 4 or hl < 20 or ip_len < hl or (wirelen is not None and q + ip_len > wirelen):
             return None
         if frag & IPV4_FRAG_MASK:
-            return IP_FRAGMENT, src, dst, ident, proto, ip_len - hl
+            return IP_FRAGMENT, src, dst, ident, proto, ip_len - hl, ip_len
         l4, end = q + hl, ip_len - hl
         frag_id = ident if frag & IPV4_MORE_FRAGMENTS else None
     elif et == ETHERTYPE_IPV6 and n >= q + IPV6_HDR_LEN:
@@ -7616,8 +7715,13 @@ def parse_l4(data, wirelen=None):
         for _ in range(IPV6_EXT_MAX):
             if proto not in IPV6_EXT_LEN or n < l4 + IPV6_EXT_MIN:
                 break
-            if proto == IPPROTO_FRAGMENT and U16BE.unpack_from(data, l4 + 2)[0] & IPV6_FRAG_OFFSET:
-                return None                        # a later fragment: no ports in it
+            if proto == IPPROTO_FRAGMENT:
+                offset, ident = IPV6_FRAG_HDR.unpack_from(data, l4 + 2)
+                if offset & IPV6_FRAG_OFFSET:      # a later fragment: no ports in it
+                    return (IP_FRAGMENT, src, dst, ident, data[l4], end - IPV6_EXT_MIN,
+                            ip_len)
+                if offset & IPV6_MORE_FRAGMENTS:
+                    frag_id = ident
             size = IPV6_EXT_LEN[proto](data[l4 + 1])
             proto, l4, end = data[l4], l4 + size, end - size
         if end < 0:
@@ -7635,7 +7739,15 @@ def parse_l4(data, wirelen=None):
         sport, dport, length = UDP_HDR.unpack_from(data, l4)
         return (proto, src, dst, sport, dport, ip_len, max(0, length - UDP_HDR_LEN), 0, 0, 0, 0,
                 frag_id, l4 + UDP_HDR_LEN)
-    return None
+    if proto in ICMP_COUNTERPARTS:
+        if n < l4 + 2 or end < ICMP_HDR_LEN:
+            return None
+        kind, code = data[l4], data[l4 + 1]
+        return (proto, src, dst, kind, ICMP_COUNTERPARTS[proto].get(kind, code), ip_len,
+                end - ICMP_HDR_LEN, 0, 0, 0, 0, frag_id, l4 + ICMP_HDR_LEN)
+    if proto in (IPPROTO_TCP, IPPROTO_UDP):
+        return None                                # its header cut short
+    return proto, src, dst, 0, 0, ip_len, end, 0, 0, 0, 0, frag_id, l4
 
 
 def _seq_delta(a, b):
@@ -7645,19 +7757,32 @@ def _seq_delta(a, b):
 
 
 class _End:
-    """One side of a connection: Zeek's TCP_Endpoint (or a UDP side), and its counts."""
+    """One side of a connection: Zeek's TCP_Endpoint (or a UDP side), and its counts.
+    Besides Zeek's counts (pkts and ip_bytes count a fragmented datagram once, whole), a
+    flow's (RFC 7012: every packet, its IP length) and what the last flow report took."""
     __slots__ = ("state", "prev", "start", "last", "ack", "seq_wraps", "ack_wraps", "fins",
-                 "did_close", "pkts", "ip_bytes", "wire_bytes", "udp_bytes", "last_syn",
-                 "last_fin", "last_rst", "scaled")
+                 "did_close", "pkts", "ip_bytes", "wire_bytes", "payload_bytes", "last_syn",
+                 "last_fin", "last_rst", "scaled", "frag_pkts", "frag_hdr_bytes", "since",
+                 "until", "flags", "tos", "vlan", "icmp", "reported_pkts", "reported_bytes")
 
     def __init__(self):
         self.state = self.prev = TCP_INACTIVE
         self.start = self.last = self.ack = 0
         self.seq_wraps = self.ack_wraps = self.fins = 0
         self.did_close = False
-        self.pkts = self.ip_bytes = self.wire_bytes = self.udp_bytes = 0
+        self.pkts = self.ip_bytes = self.wire_bytes = self.payload_bytes = 0
         self.last_syn = self.last_fin = self.last_rst = 0
         self.scaled = None                          # letter -> occurrences (T, W), once there are any
+        self.frag_pkts = self.frag_hdr_bytes = 0    # later fragments: packets, IP headers
+        self.since = None                           # first frame since the last report, or None
+        self.until = 0.0                            # last frame
+        self.flags = 0                              # TCP flags since the last report
+        self.tos = self.vlan = self.icmp = 0        # of its first frame (ICMP: type << 8 | code)
+        self.reported_pkts = self.reported_bytes = 0
+
+    def flow_counts(self):
+        """(packets, octets) as a flow counts them: every packet, its whole IP length."""
+        return self.pkts + self.frag_pkts, self.ip_bytes + self.frag_hdr_bytes
 
     def set_state(self, state):
         if state != self.state:
@@ -7698,12 +7823,14 @@ OFFLOAD_ORIG, OFFLOAD_RESP = 1, 2
 
 class Connection:
     """One connection: its originator and responder ends and its history."""
-    __slots__ = ("key", "proto", "orig_h", "orig_p", "resp_h", "resp_p", "o", "r", "history",
-                 "seen", "first", "last", "midstream", "live", "pid", "comm", "timer", "attempt",
-                 "half_open", "offloaded")
+    __slots__ = ("key", "proto", "transport", "orig_h", "orig_p", "resp_h", "resp_p", "o", "r",
+                 "history", "seen", "first", "last", "midstream", "live", "pid", "comm", "timer",
+                 "attempt", "half_open", "offloaded", "since")
 
     def __init__(self, key, proto, src, sport, dst, dport, ts):
         self.key, self.proto = key, proto
+        self.transport = TRANSPORTS.get(proto, TRANSPORT_OTHER)
+        self.since = ts                              # the current flow report's start
         self.orig_h, self.orig_p, self.resp_h, self.resp_p = src, sport, dst, dport
         self.o, self.r = _End(), _End()
         self.history, self.seen = [], 0
@@ -7754,6 +7881,8 @@ class Connection:
             if o == UDP_ACTIVE:
                 return "SF" if r == UDP_ACTIVE else "S0"
             return "SHR" if r == UDP_ACTIVE else "OTH"
+        if self.proto != IPPROTO_TCP:
+            return "OTH"
         o_inactive, r_inactive = o in TCP_NO_SYN_ACK, r in TCP_NO_SYN_ACK
         if r == TCP_RESET:
             if o in (TCP_SYN_SENT, TCP_SYN_ACK_SENT) or \
@@ -7777,13 +7906,13 @@ class Connection:
         return "OTH"
 
     def orig_bytes(self):
-        if self.proto == IPPROTO_UDP:
-            return self.o.udp_bytes
+        if self.proto != IPPROTO_TCP:
+            return self.o.payload_bytes
         return self.o.size(self.r)
 
     def resp_bytes(self):
-        if self.proto == IPPROTO_UDP:
-            return self.r.udp_bytes
+        if self.proto != IPPROTO_TCP:
+            return self.r.payload_bytes
         return self.r.size(self.o)
 
     def closed_fully(self):
@@ -7798,7 +7927,7 @@ class Connection:
     def live_state(self):
         """XNet's view: connecting, established, closing or reset."""
         o, r = self.o.state, self.r.state
-        if self.proto == IPPROTO_UDP:
+        if self.proto != IPPROTO_TCP:
             return "established" if o == r == UDP_ACTIVE else "connecting"
         if TCP_RESET in (o, r):
             return "reset"
@@ -7813,7 +7942,7 @@ class Connection:
         """The conn.log line, Zeek's field names (duration and sizes only when > 0 s)."""
         rec = {"ts": round(self.first, 6), "id.orig_h": raw_address(self.orig_h), "id.orig_p": self.orig_p,
                "id.resp_h": raw_address(self.resp_h), "id.resp_p": self.resp_p,
-               "proto": PROTO_NAMES[self.proto]}
+               "proto": PROTO_NAMES[self.transport]}
         duration = self.last - self.first
         if duration > 0:
             rec.update({"duration": round(duration, 6), "orig_bytes": self.orig_bytes(),
@@ -7864,8 +7993,12 @@ class Connections(Consumer):
     machine, counts), timers on the packet clock, and a bound that evicts half-open
     connections (a SYN flood) before any other.
 
-    `finished(record)` receives every finished connection's conn.log record;
-    `wants_process(conn)` (optional) is told of each new one, for pid and comm.
+    `finished(record)` receives every finished connection's conn.log record (TCP, UDP
+    and ICMP: Zeek's scope; another protocol's connection has none);
+    `wants_process(conn)` (optional) is told of each new one, for pid and comm;
+    `report(conn, reason)` (optional: flow export) is told what a connection counted
+    since its last report, once `active_timeout` seconds of it have gone by (before
+    the frame that crosses it is counted) and when it ends (reason: END_*).
     `offload` (set by the eBPF engine: FlowOffload) takes a UDP direction on its second
     frame, to count it in the kernel from then on: take(c, is_orig, src, dst, sport,
     dport), refresh(c) (True when the kernel counted more since), release(c) (the
@@ -7879,8 +8012,14 @@ class Connections(Consumer):
     def __init__(self, conn_max=DEFAULT_CONN_MAX, timeout_tcp=DEFAULT_CONN_TIMEOUT_TCP,
                  timeout_udp=DEFAULT_CONN_TIMEOUT_UDP, finished=None, wants_process=None):
         self.conn_max = conn_max
-        self.timeouts = {IPPROTO_TCP: timeout_tcp, IPPROTO_UDP: timeout_udp}
+        # Zeek's: ICMP's inactivity timeout is UDP's; so is any other protocol's here.
+        self.timeouts = {IPPROTO_TCP: timeout_tcp, IPPROTO_UDP: timeout_udp,
+                         IPPROTO_ICMP: timeout_udp, TRANSPORT_OTHER: timeout_udp}
         self.finished, self.wants_process = finished, wants_process
+        self.report, self.active_timeout = None, math.inf
+        # conns by the start of their current report, oldest first (flow export only):
+        # a quiet one is reported by tick(), a busy one by its next frame
+        self.reporting = collections.OrderedDict()
         self.table = {}
         # proto -> OrderedDict key -> conn, least recently active first: idle expiry and
         # the "oldest" eviction look at the front only.
@@ -7929,9 +8068,12 @@ class Connections(Consumer):
         key = (proto, src, sport, dst, dport) if (src, sport) <= (dst, dport) else \
             (proto, dst, dport, src, sport)
         c = self.table.get(key)
-        if c is not None and proto == IPPROTO_TCP and flags & TH_SYN and self._reused(c, src, sport, flags, seq):
-            self.end(c)
-            c = None
+        if c is not None:
+            if proto == IPPROTO_TCP and flags & TH_SYN and self._reused(c, src, sport, flags, seq):
+                self.end(c, END_DETECTED)
+                c = None
+            elif ts - c.since >= self.active_timeout:
+                self.report_active(c, ts)
         if c is None:
             c = self._open(key, proto, src, sport, dst, dport, flags, ts)
         is_orig = src == c.orig_h and sport == c.orig_p
@@ -7942,14 +8084,22 @@ class Connections(Consumer):
         else:
             if e.state == TCP_INACTIVE:
                 e.set_state(UDP_ACTIVE)
-                c.check(HIST_DATA, "D", is_orig)
-            elif self.offload is not None and \
+                if proto == IPPROTO_UDP:
+                    c.check(HIST_DATA, "D", is_orig)
+            elif self.offload is not None and proto == IPPROTO_UDP and \
                     not c.offloaded & (OFFLOAD_ORIG if is_orig else OFFLOAD_RESP):
                 self.offload.take(c, is_orig, src, dst, sport, dport)
-            e.udp_bytes += plen
+            e.payload_bytes += plen
             c.last = ts
         # the counts follow the roles as they are after this frame (a flip moves them)
         e = c.o if (src == c.orig_h and sport == c.orig_p) else c.r
+        if e.since is None:
+            e.since = ts
+            e.tos, e.vlan = ip_tos_vlan(data)
+            if c.transport == IPPROTO_ICMP:
+                e.icmp = sport << 8 | (dport if sport not in ICMP_COUNTERPARTS[proto] else 0)
+        e.until = ts
+        e.flags |= flags
         e.pkts += frames
         # IP bytes: the IP length field (a short frame's padding is not IP); a super-frame's
         # wire frames each carry l2_len of link header
@@ -7964,10 +8114,10 @@ class Connections(Consumer):
         if (c.o.state, c.r.state) != states:
             live = c.live_state()
             if live != c.live:
-                self.live[proto, c.live] -= 1
-                self.live[proto, live] += 1
+                self.live[c.transport, c.live] -= 1
+                self.live[c.transport, live] += 1
                 c.live = live
-        self.activity[proto].move_to_end(key)
+        self.activity[c.transport].move_to_end(key)
         self.touched.add(key)
         if frag_id is not None:
             if len(self.fragments) >= FRAGMENTS_MAX:
@@ -7977,12 +8127,14 @@ class Connections(Consumer):
     def fragment(self, f, wire_bytes):
         """A later IPv4 fragment: its bytes join its datagram's connection, as if
         reassembled (Zeek counts the datagram once, with its whole IP length)."""
-        _, src, dst, ident, proto, size = f
+        _, src, dst, ident, proto, size, ip_len = f
         c = self.table.get(self.fragments.get((src, dst, ident, proto)))
         if c is None:
             return                                 # its first fragment was not seen
         e = c.o if src == c.orig_h else c.r
         e.ip_bytes += size
+        e.frag_pkts += 1
+        e.frag_hdr_bytes += ip_len - size
         e.wire_bytes += wire_bytes
         self.touched.add(c.key)
 
@@ -7990,8 +8142,9 @@ class Connections(Consumer):
         if len(self.table) >= self.conn_max:
             self.evict()
         c = Connection(key, proto, src, sport, dst, dport, ts)
+        transport = c.transport
         pure_syn = proto == IPPROTO_TCP and flags & (TH_SYN | TH_ACK) == TH_SYN
-        if not pure_syn:
+        if not pure_syn and proto in LIKELY_SERVER_PORTS:
             # Joined mid-stream (or a reply first): Zeek's port heuristic picks the server.
             c.midstream = proto == IPPROTO_TCP and not flags & TH_SYN
             servers = LIKELY_SERVER_PORTS[proto]
@@ -8005,9 +8158,11 @@ class Connections(Consumer):
         c.half_open = True
         self.half_open[key] = c
         self.table[key] = c
-        self.activity[proto][key] = c
-        self.next_due = min(self.next_due, ts + self.timeouts[proto])     # its idle deadline
-        self.live[proto, c.live] += 1
+        self.activity[transport][key] = c
+        if self.report is not None:
+            self.reporting[key] = c
+        self.next_due = min(self.next_due, ts + self.timeouts[transport])  # its idle deadline
+        self.live[transport, c.live] += 1
         if self.wants_process is not None:
             self.wants_process(c)
         return c
@@ -8186,11 +8341,11 @@ class Connections(Consumer):
             budget -= 1
             c.timer, c.attempt = 0, False
             if c.closed_fully():
-                self.end(c)                        # the close delay is over
+                self.end(c, END_DETECTED)          # the close delay is over
             elif c.o.state in (TCP_SYN_SENT, TCP_SYN_ACK_SENT) and c.r.state == TCP_INACTIVE:
-                self.end(c)                        # the attempt timer: no answer
-        for proto, active in self.activity.items():
-            timeout = self.timeouts[proto]
+                self.end(c, END_IDLE)              # the attempt timer: no answer
+        for transport, active in self.activity.items():
+            timeout = self.timeouts[transport]
             while active and budget:
                 c = next(iter(active.values()))
                 if c.last + timeout > now:
@@ -8199,15 +8354,15 @@ class Connections(Consumer):
                 if c.offloaded and self.offload.refresh(c) and c.last + timeout > now:
                     self.credited(c)               # the kernel counted it since the tick
                     continue
-                self.end(c)
+                self.end(c, END_IDLE)
         self.behind = not budget
         if not budget:
             self.next_due = now                    # more are due: the next frame or pass goes on
             return
         due = [timers[0][0]] if timers else []
-        for proto, active in self.activity.items():
+        for transport, active in self.activity.items():
             if active:
-                due.append(next(iter(active.values())).last + self.timeouts[proto])
+                due.append(next(iter(active.values())).last + self.timeouts[transport])
         self.next_due = min(due, default=math.inf)
 
     def evict(self):
@@ -8221,7 +8376,7 @@ class Connections(Consumer):
             c = min(fronts, key=lambda x: x.last)
             reason = "oldest"
         self.evictions[reason] += 1
-        self.end(c)
+        self.end(c, END_EVICTED)
 
     def credited(self, c):
         """The offload counted frames of c: what packet() does for a frame besides the
@@ -8233,29 +8388,41 @@ class Connections(Consumer):
                 self.half_open.pop(key, None)
             else:
                 self.half_open.move_to_end(key)
-        self.activity[c.proto].move_to_end(key)
+        self.activity[c.transport].move_to_end(key)
         self.touched.add(key)
 
-    def end(self, c):
-        """A connection ends: its state counted, its record logged, its entry gone."""
+    def report_active(self, c, now):
+        """c's flow report is due (--flow-active-timeout): what it counted since the last."""
+        if c.offloaded:
+            self.offload.refresh(c)
+        self.report(c, END_ACTIVE)
+        c.since = now
+        self.reporting.move_to_end(c.key)
+
+    def end(self, c, reason=END_FORCED):
+        """A connection ends: its state counted, its record logged, its last flow report
+        made (reason: END_*), its entry gone."""
         if c.offloaded:
             self.offload.release(c)
         self._disarm(c)
         del self.table[c.key]
-        self.activity[c.proto].pop(c.key, None)
+        self.activity[c.transport].pop(c.key, None)
         self.half_open.pop(c.key, None)
         self.rows.pop(c.key, None)
         self.touched.discard(c.key)
-        self.live[c.proto, c.live] -= 1
+        self.live[c.transport, c.live] -= 1
+        if self.report is not None:
+            self.report(c, reason)
+            self.reporting.pop(c.key, None)
         rec = c.record()
-        self.closed[c.proto, rec["conn_state"]] += 1
+        self.closed[c.transport, rec["conn_state"]] += 1
         self.timer_seq += 1
         item = (_record_bytes(rec), self.timer_seq, rec)
         if len(self.largest) < CONN_LARGEST_KEPT:
             heapq.heappush(self.largest, item)
         elif item > self.largest[0]:
             heapq.heapreplace(self.largest, item)
-        if self.finished is not None:
+        if self.finished is not None and c.transport != TRANSPORT_OTHER:
             self.finished(rec)
 
     def finish(self):
@@ -8267,6 +8434,12 @@ class Connections(Consumer):
     def tick(self, now):
         if now >= self.next_due:
             self.expire(now)
+        reporting = self.reporting
+        while reporting:
+            c = next(iter(reporting.values()))
+            if now - c.since < self.active_timeout:
+                break
+            self.report_active(c, now)
 
     def snapshot(self):
         while self.refreshed:
@@ -8295,7 +8468,7 @@ def connections_document(snap, how, top=None, state=None):
     for r in _first(rows, top, lambda r: (-(r[12] + r[13]), r[14])):
         (_, proto, oh, op, rh, rp, live, history, ob, rb, opk, rpk, owb, rwb, first, last,
          midstream, pid, comm) = r
-        out.append({"proto": PROTO_NAMES[proto], "orig_h": raw_address(oh), "orig_p": op,
+        out.append({"proto": proto_name(proto), "orig_h": raw_address(oh), "orig_p": op,
                     "resp_h": raw_address(rh), "resp_p": rp, "state": live, "history": history,
                     "orig_bytes": ob, "resp_bytes": rb, "orig_pkts": opk, "resp_pkts": rpk,
                     "orig_wire_bytes": owb, "resp_wire_bytes": rwb, "start": first,
@@ -8365,7 +8538,7 @@ def connections_table(conns):
     return out
 
 
-def _connections(opts, w):
+def _connections(opts, w, built):
     """--connections, with the processes behind local sockets where a Poller may run."""
     if not opts.connections:
         return None
@@ -9026,7 +9199,7 @@ def http_table(doc):
     return out
 
 
-def _http_requests(opts, w):
+def _http_requests(opts, w, built):
     if not opts.http:
         return None
     log_ = w.logs.get(HttpRequests.name)
@@ -9361,13 +9534,430 @@ def rules_table(doc):
                      ("bytes", "packets")))
 
 
-def _rules(opts, w):
+def _rules(opts, w, built):
     """-f's rules, loaded by the caller: a reload loads them again (load_rules)."""
     return w.rules
 
 
 STAGES.append(Stage(RuleCounter, _rules, (("rules", rules_document),), rules_metrics,
                     rules_table))
+
+
+###############################################################################
+# 14.6 Flow export (IPFIX) ####################################################
+# provides: -
+#
+# The connection table (14.3) as IPFIX (RFC 7011) for the collectors fleets run
+# (nfdump's nfcapd, pmacct's nfacctd, goflow2): one record per direction a connection
+# carried (uniflow), or one per connection with RFC 5103's reverse elements
+# (--ipfix-biflow), made when --flow-active-timeout has gone by and when it ends, each
+# with what it counted since its last: octets and packets as RFC 7012 counts them
+# (every packet's IP length, a later fragment's too), absolute millisecond times (152,
+# 153: relative SysUpTime fields break goflow2 and older nfacctd), flowEndReason.
+#
+# Sending never waits: a UDP datagram goes or is counted as an error (a collector that
+# is down answers with ICMP port unreachable, which the next send reports); a TCP
+# collector's bytes wait in a bounded buffer while it connects or reads slowly, and
+# one that goes away is dialled again after a back-off. Records wait between ticks in a
+# bounded list; beyond it a flow is dropped and counted, never stored.
+#
+# Sequence numbers (RFC 7011 3.1): per collector, the data records sent to it before
+# this message; a TCP reconnection is a new transport session: 0 again, templates first.
+
+IPFIX_VERSION = 10
+IPFIX_HEADER = struct.Struct("!HHIII")        # version, length, export time, sequence, domain
+IPFIX_SET = struct.Struct("!HH")              # set id, length
+IPFIX_FIELD = struct.Struct("!HH")            # element id, length (the template's, per field)
+IPFIX_PEN = struct.Struct("!I")               # an enterprise element's number
+IPFIX_TEMPLATE_SET_ID = 2
+IPFIX_ENTERPRISE_BIT = 0x8000
+IPFIX_REVERSE_PEN = 29305                     # RFC 5103: the reverse of an element, same id
+IPFIX_MESSAGE_MAX = 1472                      # a 1500-byte Ethernet frame's UDP payload
+IPFIX_MESSAGE_MIN = 512
+IPFIX_PENDING_MAX = 65536                     # records waiting for a tick (~4 MiB)
+IPFIX_FLUSH_RECORDS = 1024                    # records that are sent without waiting for one
+IPFIX_TCP_BUFFER = 4 << 20                    # bytes a TCP collector may be behind
+IPFIX_RETRY_MIN, IPFIX_RETRY_MAX = 1.0, 60.0  # seconds between TCP connection attempts
+IPFIX_FINISH_WAIT = 2.0                       # seconds the end waits for TCP collectors to read
+IP_MTU, IPV6_MTU = 14, 24                     # getsockopt: a connected socket's path MTU
+IP_UDP_OVERHEAD = {socket.AF_INET: 20 + UDP_HDR_LEN, socket.AF_INET6: IPV6_HDR_LEN + UDP_HDR_LEN}
+MS_PER_S = 1000
+
+# IANA's Information Elements lpd sends: name -> (element id, its struct format).
+IPFIX_ELEMENTS = {
+    "octetDeltaCount": (1, "Q"), "packetDeltaCount": (2, "Q"), "protocolIdentifier": (4, "B"),
+    "ipClassOfService": (5, "B"), "tcpControlBits": (6, "H"), "sourceTransportPort": (7, "H"),
+    "sourceIPv4Address": (8, "4s"), "ingressInterface": (10, "I"),
+    "destinationTransportPort": (11, "H"), "destinationIPv4Address": (12, "4s"),
+    "sourceIPv6Address": (27, "16s"), "destinationIPv6Address": (28, "16s"),
+    "icmpTypeCodeIPv4": (32, "H"), "vlanId": (58, "H"), "flowEndReason": (136, "B"),
+    "icmpTypeCodeIPv6": (139, "H"), "flowStartMilliseconds": (152, "Q"),
+    "flowEndMilliseconds": (153, "Q"),
+}
+# What a direction counted, the part a biflow record repeats in reverse.
+IPFIX_COUNTS = ("flowStartMilliseconds", "flowEndMilliseconds", "octetDeltaCount",
+                "packetDeltaCount", "tcpControlBits", "ipClassOfService")
+
+
+class Template(NamedTuple):
+    """One record layout: its id (never another layout's), its fields, how a record packs."""
+    id: int
+    fields: tuple                  # (element name, RFC 5103's reverse of it?)
+    record: struct.Struct
+
+    def spec(self):
+        """The template record: id, field count, each field's id and length."""
+        out = [IPFIX_FIELD.pack(self.id, len(self.fields))]
+        for name, reverse in self.fields:
+            element, fmt = IPFIX_ELEMENTS[name]
+            out.append(IPFIX_FIELD.pack(element | (IPFIX_ENTERPRISE_BIT if reverse else 0),
+                                        struct.calcsize("!" + fmt)))
+            if reverse:
+                out.append(IPFIX_PEN.pack(IPFIX_REVERSE_PEN))
+        return b"".join(out)
+
+
+def _template(tid, family, biflow):
+    v = "IPv4" if family == 4 else "IPv6"
+    names = (IPFIX_COUNTS[:4] + (f"source{v}Address", f"destination{v}Address",
+                                 "sourceTransportPort", "destinationTransportPort",
+                                 "protocolIdentifier") + IPFIX_COUNTS[4:] +
+             (f"icmpTypeCode{v}", "flowEndReason", "ingressInterface", "vlanId"))
+    fields = tuple((n, False) for n in names) + \
+        (tuple((n, True) for n in IPFIX_COUNTS) if biflow else ())
+    return Template(tid, fields, struct.Struct("!" + "".join(IPFIX_ELEMENTS[n][1] for n, _ in fields)))
+
+
+# (family, biflow) -> its template: one id per layout, for good.
+TEMPLATES = {(4, False): _template(256, 4, False), (6, False): _template(257, 6, False),
+             (4, True): _template(258, 4, True), (6, True): _template(259, 6, True)}
+
+
+def _direction(e):
+    """What end e counted since its last report, as IPFIX_COUNTS, and marks it reported;
+    None when nothing."""
+    pkts, octets = e.flow_counts()
+    if pkts == e.reported_pkts or e.since is None:
+        return None
+    counts = (round(e.since * MS_PER_S), round(e.until * MS_PER_S), octets - e.reported_bytes,
+              pkts - e.reported_pkts, e.flags, e.tos)
+    e.reported_pkts, e.reported_bytes = pkts, octets
+    e.since, e.flags = None, 0
+    return counts
+
+
+def flow_records(c, reason, biflow, ifindex):
+    """c's records since its last report: [(template, packed record)]."""
+    family = 4 if len(c.orig_h) == 4 else 6
+    icmp = c.transport == IPPROTO_ICMP
+    ported = c.transport in (IPPROTO_TCP, IPPROTO_UDP)
+    out = []
+    ends = ((c.o, c.orig_h, c.resp_h, c.orig_p, c.resp_p), (c.r, c.resp_h, c.orig_h, c.resp_p, c.orig_p))
+    if biflow:
+        forward, reverse = _direction(c.o), _direction(c.r)
+        if forward is None and reverse is None:
+            return out
+        t = TEMPLATES[family, True]
+        fwd = forward or (0,) * len(IPFIX_COUNTS)
+        out.append((t, t.record.pack(
+            *fwd[:4], c.orig_h, c.resp_h, c.orig_p if ported else 0, c.resp_p if ported else 0,
+            c.proto, *fwd[4:], c.o.icmp if icmp else 0, reason, ifindex, c.o.vlan or c.r.vlan,
+            *(reverse or (0,) * len(IPFIX_COUNTS)))))
+        return out
+    t = TEMPLATES[family, False]
+    for e, src, dst, sport, dport in ends:
+        counts = _direction(e)
+        if counts is not None:
+            out.append((t, t.record.pack(*counts[:4], src, dst, sport if ported else 0,
+                                         dport if ported else 0, c.proto, *counts[4:],
+                                         e.icmp if icmp else 0, reason, ifindex, e.vlan)))
+    return out
+
+
+class _Collector:
+    """One collector: its socket, the sequence of its transport session, when it last
+    had the templates, and its counters. UDP unless `transport` is "tcp"."""
+
+    def __init__(self, transport, host, port):
+        self.transport, self.name = transport, f"{transport}://{host}:{port}"
+        kind = socket.SOCK_STREAM if transport == "tcp" else socket.SOCK_DGRAM
+        try:
+            self.family, _, _, _, self.address = socket.getaddrinfo(host, port, type=kind)[0]
+        except (OSError, UnicodeError) as e:
+            raise ConfigError(f"--ipfix {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+        self.sock = None
+        self.size = IPFIX_MESSAGE_MAX
+        self.sequence = 0
+        self.sent_templates, self.templates_at = None, -math.inf   # messages since, when
+        self.buffer = bytearray()                  # TCP: bytes not yet taken by the kernel
+        self.connected = False
+        self.retry_at, self.retry = 0.0, IPFIX_RETRY_MIN
+        self.messages = self.records = self.errors = 0
+        if transport == "udp":
+            self._open_udp()
+
+    def _open_udp(self):
+        self.sock = socket.socket(self.family, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.sock.connect(self.address)            # connected: ICMP errors come back to it
+        level, option = (socket.IPPROTO_IP, IP_MTU) if self.family == socket.AF_INET else \
+            (socket.IPPROTO_IPV6, IPV6_MTU)
+        try:
+            mtu = self.sock.getsockopt(level, option)
+            self.size = max(IPFIX_MESSAGE_MIN, min(IPFIX_MESSAGE_MAX, mtu - IP_UDP_OVERHEAD[self.family]))
+        except OSError:
+            pass
+        self.connected = True
+
+    def ready(self, now):
+        """True when messages can be queued: UDP always; TCP once connected (dialled
+        here, without waiting, after the back-off)."""
+        if self.transport == "udp" or self.connected:
+            return True
+        if self.sock is None:
+            if now < self.retry_at:
+                return False
+            self.sock = socket.socket(self.family, socket.SOCK_STREAM)
+            self.sock.setblocking(False)
+            err = self.sock.connect_ex(self.address)
+            if err not in (0, errno.EINPROGRESS):
+                self._broken(now, err)
+                return False
+        if not select.select([], [self.sock], [], 0)[1]:
+            return False                           # still connecting
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._broken(now, err)
+            return False
+        self.connected, self.retry = True, IPFIX_RETRY_MIN
+        self.sequence, self.sent_templates = 0, None   # a new transport session
+        log(LOG_INFO, f"--ipfix {self.name}: connected")
+        return True
+
+    def _broken(self, now, err):
+        if self.connected or self.retry == IPFIX_RETRY_MIN:
+            log(LOG_WARNING, f"--ipfix {self.name}: {os.strerror(err)}; "
+                             f"trying again in {self.retry:g} s")
+        self.errors += 1
+        if self.sock is not None:
+            self.sock.close()
+        self.sock, self.connected, self.buffer = None, False, bytearray()
+        self.retry_at = now + self.retry
+        self.retry = min(self.retry * 2, IPFIX_RETRY_MAX)
+
+    def templates_due(self, now, interval):
+        if self.sent_templates is None:
+            return True
+        return self.transport == "udp" and (self.sent_templates >= IPFIX_TEMPLATE_EVERY or
+                                            now - self.templates_at >= interval)
+
+    def send(self, message, records, now):
+        """One message; False if it was not taken (counted)."""
+        if self.transport == "udp":
+            try:
+                self.sock.send(message)
+            except OSError:                        # refused (ICMP), no buffer, no route
+                self.errors += 1
+                return False
+        else:
+            if len(self.buffer) + len(message) > IPFIX_TCP_BUFFER:
+                self.errors += 1
+                return False
+            self.buffer += message
+            self.pump(now)
+        self.messages += 1
+        self.records += records
+        self.sequence = (self.sequence + records) % (1 << 32)
+        return True
+
+    def pump(self, now):
+        """TCP: what the kernel takes of the buffer now."""
+        while self.buffer and self.connected:
+            try:
+                n = self.sock.send(self.buffer)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self._broken(now, e.errno)
+                return
+            del self.buffer[:n]
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class IpfixSnapshot(NamedTuple):
+    collectors: tuple = ()         # (name, messages, records, send errors)
+    dropped: int = 0               # flows no room was left for
+    domain: int = 0
+
+    def merge(self, other):
+        """Workers' sums: each sends to the same collectors under its own domain."""
+        mine = {name: row for name, *row in self.collectors}
+        for name, *row in other.collectors:
+            mine[name] = [a + b for a, b in zip(mine.get(name, (0, 0, 0)), row)]
+        return IpfixSnapshot(tuple((name, *row) for name, row in mine.items()),
+                             self.dropped + other.dropped, self.domain)
+
+
+class FlowExport(Consumer):
+    """--ipfix: Connections.report hands it each connection's flow report; tick() and
+    finish() send what waits, in messages no larger than each collector's path MTU."""
+    name = "ipfix"
+    snapshot_type = IpfixSnapshot
+
+    def __init__(self, collectors, domain, biflow=False, template_interval=DEFAULT_IPFIX_TEMPLATE_INTERVAL,
+                 ifindex=0):
+        self.collectors = [_Collector(*c) for c in collectors]
+        self.domain, self.biflow, self.ifindex = domain, biflow, ifindex
+        self.template_interval = template_interval
+        self.pending = collections.defaultdict(list)  # template -> packed records
+        self.waiting = 0
+        self.dropped = 0
+        self.now = 0.0
+        self.templates = b"".join(
+            IPFIX_SET.pack(IPFIX_TEMPLATE_SET_ID, IPFIX_SET.size + sum(len(t.spec()) for t in ts))
+            + b"".join(t.spec() for t in ts)
+            for ts in [[t for (_, bi), t in TEMPLATES.items() if bi == biflow]])
+
+    def report(self, c, reason):
+        """Connections.report: c's records since its last report wait for the next send."""
+        records = flow_records(c, reason, self.biflow, self.ifindex)
+        if c.last > self.now:
+            self.now = c.last
+        for template, record in records:
+            if self.waiting >= IPFIX_PENDING_MAX:
+                self.dropped += 1
+                continue
+            self.pending[template].append(record)
+            self.waiting += 1
+        if self.waiting >= IPFIX_FLUSH_RECORDS:
+            self.send(self.now)
+
+    def send(self, now):
+        """Every waiting record to every collector that can take it."""
+        pending, self.pending, self.waiting = self.pending, collections.defaultdict(list), 0
+        for col in self.collectors:
+            if col.ready(now):
+                self._messages(col, pending, now)
+            col.pump(now)
+
+    def _messages(self, col, pending, now):
+        templates = col.templates_due(now, self.template_interval)
+        if not pending and not templates:
+            return
+        body, size, count = [], IPFIX_HEADER.size, 0
+
+        def emit():
+            nonlocal body, size, count
+            message = IPFIX_HEADER.pack(IPFIX_VERSION, size, int(now), col.sequence,
+                                        self.domain) + b"".join(body)
+            col.send(message, count, now)
+            if col.sent_templates is not None:
+                col.sent_templates += 1
+            body, size, count = [], IPFIX_HEADER.size, 0
+
+        if templates:
+            body.append(self.templates)
+            size += len(self.templates)
+            col.sent_templates, col.templates_at = 0, now
+        for template, records in pending.items():
+            step = template.record.size
+            i = 0
+            while i < len(records):
+                room = (col.size - size - IPFIX_SET.size) // step
+                if room <= 0:
+                    emit()
+                    continue
+                chunk = records[i:i + room]
+                body.append(IPFIX_SET.pack(template.id, IPFIX_SET.size + step * len(chunk)))
+                body.extend(chunk)
+                size += IPFIX_SET.size + step * len(chunk)
+                count += len(chunk)
+                i += len(chunk)
+        if body:
+            emit()
+
+    def tick(self, now):
+        if now > self.now:
+            self.now = now
+        self.send(self.now)
+
+    def finish(self):
+        """The end: what waits is sent; TCP collectors get IPFIX_FINISH_WAIT to read it."""
+        self.send(self.now)
+        deadline = time.monotonic() + IPFIX_FINISH_WAIT
+        for col in self.collectors:
+            while col.buffer and col.connected and time.monotonic() < deadline:
+                select.select([], [col.sock], [], max(0.0, deadline - time.monotonic()))
+                col.pump(self.now)
+        return True
+
+    def snapshot(self):
+        return IpfixSnapshot(tuple((c.name, c.messages, c.records, c.errors) for c in self.collectors),
+                             self.dropped, self.domain)
+
+
+def ipfix_document(snap, how, top=None):
+    ipfix = snap.get("ipfix")
+    if ipfix is None:
+        return None
+    return {**_envelope(snap, how), "domain": ipfix.domain, "flows_dropped": ipfix.dropped,
+            "collectors": [{"collector": name, "messages": m, "records": r, "send_errors": e}
+                           for name, m, r, e in ipfix.collectors]}
+
+
+def ipfix_metrics(c, snap):
+    """The flow export's families (a row of STAGES); none without --ipfix."""
+    from prometheus_client.core import CounterMetricFamily
+    ipfix = snap.get("ipfix")
+    if ipfix is None:
+        return
+    for i, (name, doc) in enumerate((("messages", "IPFIX messages sent."),
+                                     ("records", "IPFIX data records sent."),
+                                     ("send_errors", "IPFIX messages a collector did not take "
+                                                     "(refused, unreachable, buffer full)."))):
+        yield metric_family(CounterMetricFamily, f"lpd_ipfix_{name}", doc, ["collector"],
+                            [((row[0],), row[1 + i]) for row in ipfix.collectors])
+    yield metric_family(CounterMetricFamily, "lpd_ipfix_flows_dropped",
+                        "Flow records dropped: no room left among those waiting to be sent.",
+                        [], [((), ipfix.dropped)])
+
+
+def ipfix_table(doc):
+    """--output table's flow export: per collector, what went."""
+    return ([f"\nIPFIX (observation domain {doc['domain']}): {doc['flows_dropped']} flows dropped\n"] +
+            _columns(("collector", "messages", "records", "send errors"),
+                     [[d["collector"], str(d["messages"]), str(d["records"]), str(d["send_errors"])]
+                      for d in doc["collectors"]], ("messages", "records", "send errors")))
+
+
+def default_domain(interface, worker=0):
+    """A stable observation domain of this host and interface (one per worker)."""
+    return (zlib.crc32(f"{socket.gethostname()}/{interface or ''}".encode()) + worker) % (1 << 31)
+
+
+def _flow_export(opts, w, built):
+    """--ipfix: reports of the connections stage (built before it) go to the collectors."""
+    if not opts.ipfix:
+        return None
+    worker = opts.worker_of[0] if opts.worker_of else 0
+    domain = default_domain(opts.interface) if opts.ipfix_domain is None else opts.ipfix_domain
+    try:
+        ifindex = socket.if_nametoindex(opts.interface) if opts.interface and not opts.read_file else 0
+    except OSError:
+        ifindex = 0                                # not there yet (--wait-interface)
+    export = FlowExport(opts.ipfix, (domain + worker) % (1 << 32), opts.ipfix_biflow,
+                        opts.ipfix_template_interval, ifindex)
+    conns = built[Connections.name]
+    conns.report, conns.active_timeout = export.report, opts.flow_active_timeout
+    return export
+
+
+STAGES.append(Stage(FlowExport, _flow_export, (("ipfix", ipfix_document),), ipfix_metrics,
+                    ipfix_table))
 
 
 ###############################################################################
@@ -11298,7 +11888,7 @@ class FlowOffload:
         e.pkts += sums[0] - seen[0]
         e.ip_bytes += sums[1] - seen[1]
         e.wire_bytes += sums[2] - seen[2]
-        e.udp_bytes += sums[3] - seen[3]
+        e.payload_bytes += sums[3] - seen[3]
         flow.seen = tuple(sums)
         c.last = max(c.last, last / NS_PER_S + clock)
         return True
@@ -11721,7 +12311,7 @@ def choose_stages(opts, wiring):
     decides, for the daemon, each worker and -r."""
     stages = {}
     for row in STAGES:
-        stage = row.build(opts, wiring)
+        stage = row.build(opts, wiring, stages)
         if stage is not None:
             stages[row.name] = stage
     return stages
@@ -11729,8 +12319,9 @@ def choose_stages(opts, wiring):
 
 def decoder_stages(stages, kernel=None):
     """What the decoder feeds, in STAGES' order: not the local addresses (it counts them
-    inline), nor rules when there are none or the kernel counts them (--engine ebpf)."""
-    return [s for s in stages.values() if s.name != LocalAddresses.name and
+    inline), nor rules when there are none or the kernel counts them (--engine ebpf), nor
+    a stage that reads no frame (flow export)."""
+    return [s for s in stages.values() if s.wants and s.name != LocalAddresses.name and
             (s.name != RuleCounter.name or (len(s) and kernel is None))]
 
 
@@ -12783,8 +13374,9 @@ class Daemon(Lifecycle):
             self.kernel.sync()
         covered, self.covered = self.covered, None
         self.local.tick(now, covered)
-        for stage in self.decoder.consumers:
-            stage.tick(now)
+        for stage in self.stages.values():
+            if stage is not self.local:
+                stage.tick(now)
         if self.kernel is not None:
             self.kernel.expire()
         for log_ in self.logs:
@@ -13702,7 +14294,7 @@ def replay(opts, out=sys.stdout):
                                         opts.local_max or sys.maxsize, rules, logs, docker))
     local = stages[LocalAddresses.name]
     decoder = Decoder(local, decoder_stages(stages))
-    ticking = (local,) + decoder.consumers
+    ticking = tuple(stages.values())
     grid = []                                # [start, end of the current interval]
 
     def tick(now):

@@ -11,8 +11,8 @@ import pytest
 
 import lpd
 from harness import write_pcap
-from packets import (ETH_8021Q, ETH_IP, ETH_IP6, PROTO_TCP, PROTO_UDP, TCP_SYN, ether, ipv4, ipv6,
-                     tcp, udp, vlan_tag)
+from packets import (ETH_8021Q, ETH_IP, ETH_IP6, PROTO_TCP, PROTO_UDP, TCP_SYN, ether, fragment6,
+                     icmp, icmp6, ipv4, ipv6, tcp, udp, vlan_tag)
 
 pytestmark = pytest.mark.offline
 
@@ -37,12 +37,29 @@ def test_parse_l4_reads_tcp_and_udp_over_both_families_and_tags():
 
 
 @pytest.mark.parametrize("frame", [
-    ether(A, B, ETH_IP, ipv4("10.0.0.1", "10.0.0.2", 1, b"\0" * 8)),                   # ICMP
+    ether(A, B, ETH_IP, ipv4("10.0.0.1", "10.0.0.2", 1, b"\0" * 4)),                   # cut ICMP
     t4("10.0.0.1", "10.0.0.2", 1, 2)[:40],                                              # cut TCP
     ether(A, B, 0x0806, b"\0" * 28),                                                    # ARP
 ])
-def test_parse_l4_refuses_what_has_no_ports(frame):
+def test_parse_l4_refuses_what_is_not_a_whole_ip_packet(frame):
     assert lpd.parse_l4(frame) is None
+
+
+def test_parse_l4_gives_icmp_its_type_and_counterpart_and_other_protocols_no_ports():
+    ip = lambda a: ipaddress.ip_address(a).packed                        # noqa: E731
+    # an echo request pairs with its reply (Zeek's counterpart), a one-way message's
+    # code stands in for the responder's port
+    echo = ether(A, B, ETH_IP, ipv4("10.0.0.1", "10.0.0.2", 1, icmp(8, 0, b"\0" * 60)))
+    assert lpd.parse_l4(echo)[:7] == (1, ip("10.0.0.1"), ip("10.0.0.2"), 8, 0, 20 + 64, 56)
+    unreach = ether(A, B, ETH_IP, ipv4("10.0.0.2", "10.0.0.1", 1, icmp(3, 3, b"\0" * 32)))
+    assert lpd.parse_l4(unreach)[3:5] == (3, 3)
+    reply6 = ether(A, B, ETH_IP6, ipv6("fd00::2", "fd00::1", 58, icmp6(129, 0, b"\0" * 12)))
+    assert lpd.parse_l4(reply6)[:7] == (58, ip("fd00::2"), ip("fd00::1"), 129, 128, 40 + 16, 8)
+    gre = ether(A, B, ETH_IP, ipv4("10.0.0.1", "10.0.0.2", 47, b"\0" * 24), tags=[vlan_tag(7)])
+    assert lpd.parse_l4(gre)[:7] == (47, ip("10.0.0.1"), ip("10.0.0.2"), 0, 0, 44, 24)
+    assert lpd.ip_tos_vlan(gre) == (0, 7)
+    ef = ether(A, B, ETH_IP6, ipv6("fd00::1", "fd00::2", 47, b"\0" * 8, tclass=0xB8))
+    assert lpd.ip_tos_vlan(ef) == (0xB8, 0)
 
 
 def test_parse_l4_gives_fragments_their_datagram_id():
@@ -52,7 +69,17 @@ def test_parse_l4_gives_fragments_their_datagram_id():
                                      frag_offset=6))
     assert lpd.parse_l4(first)[11] == 9
     assert lpd.parse_l4(later) == (lpd.IP_FRAGMENT, ipaddress.ip_address("10.0.0.1").packed,
-                                   ipaddress.ip_address("10.0.0.2").packed, 9, PROTO_UDP, 24)
+                                   ipaddress.ip_address("10.0.0.2").packed, 9, PROTO_UDP, 24, 44)
+    # IPv6: the fragment header's identification; a later fragment's payload is what
+    # follows that header
+    first6 = ether(A, B, ETH_IP6, ipv6("fd00::1", "fd00::2", PROTO_UDP, udp(1, 2, b"x" * 40),
+                                       exts=[fragment6(0, True, 77)]))
+    assert lpd.parse_l4(first6)[11] == 77
+    later6 = ether(A, B, ETH_IP6, ipv6("fd00::1", "fd00::2", PROTO_UDP, b"y" * 24,
+                                       exts=[fragment6(6, False, 77)]))
+    assert lpd.parse_l4(later6) == (lpd.IP_FRAGMENT, ipaddress.ip_address("fd00::1").packed,
+                                    ipaddress.ip_address("fd00::2").packed, 77, PROTO_UDP, 24,
+                                    40 + 8 + 24)
     # IPv6 behind extension headers: hop-by-hop and destination options are walked
     hop = bytes([60, 0]) + bytes(6)
     dst = bytes([PROTO_UDP, 0]) + bytes(6)
