@@ -1883,23 +1883,13 @@ class _Gen:
     def bcmp(self, offrel, offset, data):
         """Compare a byte string, in words then halfwords then a byte, last part first."""
         b, size = None, len(data)
-        while size >= 4:
-            tmp = self.cmp(offrel, offset + size - 4, BPF_W,
-                           int.from_bytes(data[size - 4:size], "big"))
-            if b is not None:
-                gen_and(b, tmp)
-            b, size = tmp, size - 4
-        while size >= 2:
-            tmp = self.cmp(offrel, offset + size - 2, BPF_H,
-                           int.from_bytes(data[size - 2:size], "big"))
-            if b is not None:
-                gen_and(b, tmp)
-            b, size = tmp, size - 2
-        if size > 0:
-            tmp = self.cmp(offrel, offset, BPF_B, data[0])
-            if b is not None:
-                gen_and(b, tmp)
-            b = tmp
+        for width, load in ((4, BPF_W), (2, BPF_H), (1, BPF_B)):
+            while size >= width:
+                tmp = self.cmp(offrel, offset + size - width, load,
+                               int.from_bytes(data[size - width:size], "big"))
+                if b is not None:
+                    gen_and(b, tmp)
+                b, size = tmp, size - width
         return b
 
     def uncond(self, rsense):
