@@ -1068,20 +1068,24 @@ def _s32(k):
 
 
 def _image_table():
-    t = {BPF_RET | BPF_K: ("ret", "#d"), BPF_RET | BPF_A: ("ret", ""),
-         BPF_LD | BPF_W | BPF_LEN: ("ld", "#pktlen"), BPF_LD | BPF_IMM: ("ld", "#x"),
-         BPF_LDX | BPF_IMM: ("ldx", "#x"), BPF_LDX | BPF_MSH | BPF_B: ("ldxb", "msh"),
-         BPF_LD | BPF_MEM: ("ld", "M"), BPF_LDX | BPF_MEM: ("ldx", "M"), BPF_ST: ("st", "M"),
-         BPF_STX: ("stx", "M"), BPF_JMP | BPF_JA: ("ja", "ja"), BPF_ALU | BPF_NEG: ("neg", ""),
-         BPF_MISC | BPF_TAX: ("tax", ""), BPF_MISC | BPF_TXA: ("txa", "")}
+    """{code: (name, operand)}, as libpcap's bpf_image() spells them: the operand a
+    str.format template over k (signed), u (k unsigned), ad (an ancillary load's name,
+    else k signed), ja (a ja's target) and code."""
+    t = {BPF_RET | BPF_K: ("ret", "#{k}"), BPF_RET | BPF_A: ("ret", ""),
+         BPF_LD | BPF_W | BPF_LEN: ("ld", "#pktlen"), BPF_LD | BPF_IMM: ("ld", "#0x{u:x}"),
+         BPF_LDX | BPF_IMM: ("ldx", "#0x{u:x}"), BPF_LDX | BPF_MSH | BPF_B: ("ldxb", "4*([{k}]&0xf)"),
+         BPF_LD | BPF_MEM: ("ld", "M[{k}]"), BPF_LDX | BPF_MEM: ("ldx", "M[{k}]"),
+         BPF_ST: ("st", "M[{k}]"), BPF_STX: ("stx", "M[{k}]"), BPF_JMP | BPF_JA: ("ja", "{ja}"),
+         BPF_ALU | BPF_NEG: ("neg", ""), BPF_MISC | BPF_TAX: ("tax", ""),
+         BPF_MISC | BPF_TXA: ("txa", "")}
     for size, name in ((BPF_W, "ld"), (BPF_H, "ldh"), (BPF_B, "ldb")):
-        t[BPF_LD | size | BPF_ABS] = (name, "abs")
-        t[BPF_LD | size | BPF_IND] = (name, "ind")
+        t[BPF_LD | size | BPF_ABS] = (name, "[{ad}]")
+        t[BPF_LD | size | BPF_IND] = (name, "[x + {k}]")
     for op, name in _JMP_NAMES.items():
-        t[BPF_JMP | op | BPF_K], t[BPF_JMP | op | BPF_X] = (name, "#x"), (name, "x")
+        t[BPF_JMP | op | BPF_K], t[BPF_JMP | op | BPF_X] = (name, "#0x{u:x}"), (name, "x")
     for op, name in _ALU_NAMES.items():
-        hexa = op in (BPF_AND, BPF_OR, BPF_XOR)
-        t[BPF_ALU | op | BPF_K], t[BPF_ALU | op | BPF_X] = (name, "#x" if hexa else "#d"), (name, "x")
+        imm = "#0x{u:x}" if op in (BPF_AND, BPF_OR, BPF_XOR) else "#{k}"
+        t[BPF_ALU | op | BPF_K], t[BPF_ALU | op | BPF_X] = (name, imm), (name, "x")
     return t
 
 
@@ -1091,26 +1095,10 @@ _IMAGE = _image_table()
 def _image(insn, n):
     """One line of 'tcpdump -d' (libpcap's bpf_image())."""
     code, jt, jf, k = insn
-    opname, form = _IMAGE.get(code, ("unimp", None))
-    if form is None:
-        operand = f"0x{code:x}"
-    elif form == "#d":
-        operand = f"#{_s32(k)}"
-    elif form == "#x":
-        operand = f"#0x{k:x}"
-    elif form == "abs":
-        ad = _AD_NAMES.get(k - SKF_AD_OFF) if k >= SKF_AD_OFF else None
-        operand = f"[{ad}]" if ad else f"[{_s32(k)}]"
-    elif form == "ind":
-        operand = f"[x + {_s32(k)}]"
-    elif form == "msh":
-        operand = f"4*([{_s32(k)}]&0xf)"
-    elif form == "M":
-        operand = f"M[{_s32(k)}]"
-    elif form == "ja":
-        operand = f"{_s32((n + 1 + k) & U32_MAX)}"
-    else:
-        operand = form
+    opname, operand = _IMAGE.get(code, ("unimp", "0x{code:x}"))
+    ad = _AD_NAMES.get(k - SKF_AD_OFF) if k >= SKF_AD_OFF else None
+    operand = operand.format(k=_s32(k), u=k, ad=ad or _s32(k), ja=_s32((n + 1 + k) & U32_MAX),
+                             code=code)
     if _cls(code) == BPF_JMP and code & BPF_OP_MASK != BPF_JA:
         return f"({n:03d}) {opname:<8} {operand:<16} jt {n + 1 + jt}\tjf {n + 1 + jf}"
     return f"({n:03d}) {opname:<8} {operand}"
