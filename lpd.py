@@ -13719,6 +13719,13 @@ TOP_SORT_LABELS = {
     "connections": {"rate": "bit/s", "total": "bytes", "name": "originator"},
     "http": {"rate": "req/s", "total": "requests", "name": "server"},
 }
+# What a pane whose document the daemon does not serve (404: the stage is off) shows.
+TOP_OFF = {
+    "remotes": "remote addresses: off (lpd --remote)",
+    "rules": "rules: none (lpd -f FILTERFILE)",
+    "connections": "connections: off (lpd --connections)",
+    "http": "HTTP: off (lpd --http)",
+}
 TOP_KEYS = "keys: 1-5/Tab pane  s sort  p pause  q quit"
 TOP_ONCE_ROWS = 10                 # --once: the biggest rows of each pane
 TOP_CLOCK = "%H:%M:%S"             # local time on screen
@@ -14154,7 +14161,7 @@ class TopView:
             self.paused = not self.paused
         return True
 
-    # -- the panes: each (heading lines, rows) ---------------------------------------
+    # -- the panes: each (heading lines, rows) of its document -----------------------
 
     def _sorted(self, rows, rate, total, name):
         if self.sort == "name":
@@ -14164,8 +14171,7 @@ class TopView:
     def _title(self, pane, text):
         return f"{text} - sorted by: {TOP_SORT_LABELS[pane][self.sort]}"
 
-    def addresses(self):
-        doc = self.docs["addresses"]
+    def addresses(self, doc):
         rows = self._sorted(doc["addresses"], lambda a: a["tx_bps"] + a["rx_bps"],
                             lambda a: a["tx_bytes"] + a["rx_bytes"], lambda a: a["address"])
         peak = max([max(h) for h in self.history.values() if h] + [0])
@@ -14178,10 +14184,7 @@ class TopView:
             f"{a['address']:<{w}} {human_bits(a['tx_bps']):>13} {human_bits(a['rx_bps']):>13}  "
             f"{_bar(self.history.get(a['address'], ()), peak)}" for a in rows]
 
-    def remotes(self):
-        doc = self.docs.get("remotes")
-        if doc is None:
-            return ["remote addresses: off (lpd --remote)"], []
+    def remotes(self, doc):
         rate = lambda r: self.rate("remotes", r["address"], "bytes", r["tx_bytes"] + r["rx_bytes"]) * 8  # noqa: E731
         rows = self._sorted(doc["remotes"], rate, lambda r: r["tx_bytes"] + r["rx_bytes"],
                             lambda r: r["address"])
@@ -14192,10 +14195,7 @@ class TopView:
             f"{human_bytes(r['tx_bytes'] + r['rx_bytes']):>10} {r['country'][:14]:<14} {r['isp']}"
             for r in rows]
 
-    def rules(self):
-        doc = self.docs.get("rules")
-        if doc is None:
-            return ["rules: none (lpd -f FILTERFILE)"], []
+    def rules(self, doc):
         rate = lambda r: self.rate("rules", r["id"], "bytes", r["bytes"]) * 8  # noqa: E731
         rows = self._sorted(doc["rules"], rate, lambda r: r["bytes"], lambda r: r["id"])
         return [self._title("rules", f"rules: {_top_total(doc, doc['rules'])}"),
@@ -14203,10 +14203,7 @@ class TopView:
             f"{r['id'][:32]:<32} {human_bits(rate(r)):>13} {r['packets']:>12} {r['bytes']:>12}"
             for r in rows]
 
-    def connections(self):
-        doc = self.docs.get("connections")
-        if doc is None:
-            return ["connections: off (lpd --connections)"], []
+    def connections(self, doc):
         counts = ", ".join(f"{proto} {state} {n}" for proto, states in sorted(doc["counts"].items())
                            for state, n in sorted(states.items()) if n)
         rate = lambda c: self.rate("connections", _conn_key(c), "bytes", _conn_bytes(c)) * 8  # noqa: E731
@@ -14222,10 +14219,7 @@ class TopView:
             f"{(c['comm'] or '') + ('[' + str(c['pid']) + ']' if c['pid'] else '')}"
             for c, o, r in zip(rows, orig, resp)]
 
-    def http(self):
-        doc = self.docs.get("http")
-        if doc is None:
-            return ["HTTP: off (lpd --http)"], []
+    def http(self, doc):
         servers = doc["servers"]
         rate = lambda s: self.rate("http", s, "requests", servers[s]["requests"])  # noqa: E731
         names = self._sorted(list(servers), rate, lambda s: servers[s]["requests"], lambda s: s)
@@ -14271,7 +14265,8 @@ class TopView:
         body = []
         if self.docs is not None:
             for pane in panes or (self.pane,):
-                head, part = getattr(self, pane)()
+                doc = self.docs.get(pane)
+                head, part = ([TOP_OFF[pane]], []) if doc is None else getattr(self, pane)(doc)
                 body += [""] + head + (part if rows is None else part[:rows])
         if height is not None:
             body = body[:max(0, height - len(lines) - keys)]
