@@ -1117,20 +1117,24 @@ def _s32(k):
 
 
 def _image_table():
-    t = {BPF_RET | BPF_K: ("ret", "#d"), BPF_RET | BPF_A: ("ret", ""),
-         BPF_LD | BPF_W | BPF_LEN: ("ld", "#pktlen"), BPF_LD | BPF_IMM: ("ld", "#x"),
-         BPF_LDX | BPF_IMM: ("ldx", "#x"), BPF_LDX | BPF_MSH | BPF_B: ("ldxb", "msh"),
-         BPF_LD | BPF_MEM: ("ld", "M"), BPF_LDX | BPF_MEM: ("ldx", "M"), BPF_ST: ("st", "M"),
-         BPF_STX: ("stx", "M"), BPF_JMP | BPF_JA: ("ja", "ja"), BPF_ALU | BPF_NEG: ("neg", ""),
-         BPF_MISC | BPF_TAX: ("tax", ""), BPF_MISC | BPF_TXA: ("txa", "")}
+    """{code: (name, operand)}, as libpcap's bpf_image() spells them: the operand a
+    str.format template over k (signed), u (k unsigned), ad (an ancillary load's name,
+    else k signed), ja (a ja's target) and code."""
+    t = {BPF_RET | BPF_K: ("ret", "#{k}"), BPF_RET | BPF_A: ("ret", ""),
+         BPF_LD | BPF_W | BPF_LEN: ("ld", "#pktlen"), BPF_LD | BPF_IMM: ("ld", "#0x{u:x}"),
+         BPF_LDX | BPF_IMM: ("ldx", "#0x{u:x}"), BPF_LDX | BPF_MSH | BPF_B: ("ldxb", "4*([{k}]&0xf)"),
+         BPF_LD | BPF_MEM: ("ld", "M[{k}]"), BPF_LDX | BPF_MEM: ("ldx", "M[{k}]"),
+         BPF_ST: ("st", "M[{k}]"), BPF_STX: ("stx", "M[{k}]"), BPF_JMP | BPF_JA: ("ja", "{ja}"),
+         BPF_ALU | BPF_NEG: ("neg", ""), BPF_MISC | BPF_TAX: ("tax", ""),
+         BPF_MISC | BPF_TXA: ("txa", "")}
     for size, name in ((BPF_W, "ld"), (BPF_H, "ldh"), (BPF_B, "ldb")):
-        t[BPF_LD | size | BPF_ABS] = (name, "abs")
-        t[BPF_LD | size | BPF_IND] = (name, "ind")
+        t[BPF_LD | size | BPF_ABS] = (name, "[{ad}]")
+        t[BPF_LD | size | BPF_IND] = (name, "[x + {k}]")
     for op, name in _JMP_NAMES.items():
-        t[BPF_JMP | op | BPF_K], t[BPF_JMP | op | BPF_X] = (name, "#x"), (name, "x")
+        t[BPF_JMP | op | BPF_K], t[BPF_JMP | op | BPF_X] = (name, "#0x{u:x}"), (name, "x")
     for op, name in _ALU_NAMES.items():
-        hexa = op in (BPF_AND, BPF_OR, BPF_XOR)
-        t[BPF_ALU | op | BPF_K], t[BPF_ALU | op | BPF_X] = (name, "#x" if hexa else "#d"), (name, "x")
+        imm = "#0x{u:x}" if op in (BPF_AND, BPF_OR, BPF_XOR) else "#{k}"
+        t[BPF_ALU | op | BPF_K], t[BPF_ALU | op | BPF_X] = (name, imm), (name, "x")
     return t
 
 
@@ -1140,26 +1144,10 @@ _IMAGE = _image_table()
 def _image(insn, n):
     """One line of 'tcpdump -d' (libpcap's bpf_image())."""
     code, jt, jf, k = insn
-    opname, form = _IMAGE.get(code, ("unimp", None))
-    if form is None:
-        operand = f"0x{code:x}"
-    elif form == "#d":
-        operand = f"#{_s32(k)}"
-    elif form == "#x":
-        operand = f"#0x{k:x}"
-    elif form == "abs":
-        ad = _AD_NAMES.get(k - SKF_AD_OFF) if k >= SKF_AD_OFF else None
-        operand = f"[{ad}]" if ad else f"[{_s32(k)}]"
-    elif form == "ind":
-        operand = f"[x + {_s32(k)}]"
-    elif form == "msh":
-        operand = f"4*([{_s32(k)}]&0xf)"
-    elif form == "M":
-        operand = f"M[{_s32(k)}]"
-    elif form == "ja":
-        operand = f"{_s32((n + 1 + k) & U32_MAX)}"
-    else:
-        operand = form
+    opname, operand = _IMAGE.get(code, ("unimp", "0x{code:x}"))
+    ad = _AD_NAMES.get(k - SKF_AD_OFF) if k >= SKF_AD_OFF else None
+    operand = operand.format(k=_s32(k), u=k, ad=ad or _s32(k), ja=_s32((n + 1 + k) & U32_MAX),
+                             code=code)
     if _cls(code) == BPF_JMP and code & BPF_OP_MASK != BPF_JA:
         return f"({n:03d}) {opname:<8} {operand:<16} jt {n + 1 + jt}\tjf {n + 1 + jf}"
     return f"({n:03d}) {opname:<8} {operand}"
@@ -1932,23 +1920,13 @@ class _Gen:
     def bcmp(self, offrel, offset, data):
         """Compare a byte string, in words then halfwords then a byte, last part first."""
         b, size = None, len(data)
-        while size >= 4:
-            tmp = self.cmp(offrel, offset + size - 4, BPF_W,
-                           int.from_bytes(data[size - 4:size], "big"))
-            if b is not None:
-                gen_and(b, tmp)
-            b, size = tmp, size - 4
-        while size >= 2:
-            tmp = self.cmp(offrel, offset + size - 2, BPF_H,
-                           int.from_bytes(data[size - 2:size], "big"))
-            if b is not None:
-                gen_and(b, tmp)
-            b, size = tmp, size - 2
-        if size > 0:
-            tmp = self.cmp(offrel, offset, BPF_B, data[0])
-            if b is not None:
-                gen_and(b, tmp)
-            b = tmp
+        for width, load in ((4, BPF_W), (2, BPF_H), (1, BPF_B)):
+            while size >= width:
+                tmp = self.cmp(offrel, offset + size - width, load,
+                               int.from_bytes(data[size - width:size], "big"))
+                if b is not None:
+                    gen_and(b, tmp)
+                b, size = tmp, size - width
         return b
 
     def uncond(self, rsense):
@@ -10755,6 +10733,36 @@ def emit_view_load_be(g, dst, ptr, off, size, tmp):
         g(alu64_imm(EBPF_LSH, dst, 8), ldx(EBPF_B, tmp, ptr, off + i), alu64_reg(EBPF_OR, dst, tmp))
 
 
+def emit_view_header(g, size, short):
+    """r4 = the view at offset r2 (a header's start), if `size` bytes from there on are
+    inside the view and the frame (userspace: q + size > end), else to `short`. The
+    first, constant bound is the verifier's: the second implies it (r8 <= VIEW_BYTES).
+    Uses r3."""
+    g(jmp_imm(EBPF_JGT, R2, VIEW_BYTES - size, short),
+      mov64_reg(R3, R2), alu64_imm(EBPF_ADD, R3, size), jmp_reg(EBPF_JGT, R3, REG_VLEN, short),
+      mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2))
+
+
+def emit_tag_walk(g, short, cut=None):
+    """The userspace decoder's walk over the VLAN tags, on the view: r1 = the ethertype
+    after them, r2 = q (the offset of what follows it). A view shorter than an Ethernet
+    header goes to `short`; a tag cut short to `cut`, or with None ends the walk there
+    (r1 the tag's TPID, r2 its offset). Uses r3, r4."""
+    walk, tag, walked = g.label("walk"), g.label("tag"), g.label("walked")
+    g(jmp_imm(EBPF_JLT, REG_VLEN, ETH_HLEN, short))
+    emit_view_load_be(g, R1, FP, VIEW + ETH_TYPE_OFF, 2, R3)
+    g(mov64_imm(R2, ETH_HLEN))
+    g.at(walk)
+    for tpid in sorted(VLAN_TPIDS):
+        g(jmp_imm(EBPF_JEQ, R1, tpid, tag))
+    g(ja(walked))
+    g.at(tag)
+    emit_view_header(g, VLAN_TAG_LEN, walked if cut is None else cut)
+    emit_view_load_be(g, R1, R4, 2, 2, R3)
+    g(alu64_imm(EBPF_ADD, R2, VLAN_TAG_LEN), ja(walk))
+    g.at(walked)
+
+
 def emit_prologue(g):
     """r6 = ctx, r9 = wire length, the view on the stack, r8 = its length."""
     g(mov64_reg(REG_CTX, R1),
@@ -10845,44 +10853,26 @@ def emit_gso(g, gso_above, iface_fd):
     if gso_above is None:
         return
     done, unsplit, bump = g.label("gso_done"), g.label("gso_unsplit"), g.label("gso_bump")
-    walk, tag, walked, ip4, ip6, l3ok, tcp, l4ok = (g.label("gso_" + n) for n in
-                                                   ("walk", "tag", "walked", "ip4", "ip6", "l3", "tcp", "l4"))
+    ip4, ip6, l3ok, tcp, l4ok = (g.label("gso_" + n) for n in ("ip4", "ip6", "l3", "tcp", "l4"))
     g(ldx(EBPF_W, R1, REG_CTX, SKB_GSO_SIZE), jmp_imm(EBPF_JEQ, R1, 0, done),
-      ldx(EBPF_W, R1, REG_CTX, SKB_LEN), jmp_imm(EBPF_JLE, R1, gso_above, done),
-      jmp_imm(EBPF_JLT, REG_VLEN, ETH_HLEN, unsplit))
-    # r1 = ethertype, r2 = q; as the decoder's walk, but a tag cut short ends the walk.
-    emit_view_load_be(g, R1, FP, VIEW + ETH_TYPE_OFF, 2, R3)
-    g(mov64_imm(R2, ETH_HLEN))
-    g.at(walk)
-    for tpid in sorted(VLAN_TPIDS):
-        g(jmp_imm(EBPF_JEQ, R1, tpid, tag))
-    g(ja(walked))
-    g.at(tag)
-    g(jmp_imm(EBPF_JGT, R2, VIEW_BYTES - VLAN_TAG_LEN, walked),
-      mov64_reg(R3, R2), alu64_imm(EBPF_ADD, R3, VLAN_TAG_LEN), jmp_reg(EBPF_JGT, R3, REG_VLEN, walked),
-      mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2))
-    emit_view_load_be(g, R1, R4, 2, 2, R3)
-    g(alu64_imm(EBPF_ADD, R2, VLAN_TAG_LEN), ja(walk))
-    g.at(walked)
+      ldx(EBPF_W, R1, REG_CTX, SKB_LEN), jmp_imm(EBPF_JLE, R1, gso_above, done))
+    # as the decoder's walk, but a tag cut short ends the walk
+    emit_tag_walk(g, unsplit)
     # r5 = wire_ip (what the frame holds from the IP header on), r1 = l3, r3 = protocol
     g(mov64_reg(R5, REG_WL), alu64_reg(EBPF_SUB, R5, R2),
       jmp_imm(EBPF_JEQ, R1, ETHERTYPE_IPV4, ip4), jmp_imm(EBPF_JEQ, R1, ETHERTYPE_IPV6, ip6),
       ja(unsplit))
     g.at(ip4)
-    g(jmp_imm(EBPF_JGT, R2, VIEW_BYTES - 20, unsplit),
-      mov64_reg(R3, R2), alu64_imm(EBPF_ADD, R3, 20), jmp_reg(EBPF_JGT, R3, REG_VLEN, unsplit),
-      mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2),
-      ldx(EBPF_B, R1, R4, 0), mov64_reg(R3, R1), alu64_imm(EBPF_RSH, R3, 4),
+    emit_view_header(g, 20, unsplit)
+    g(ldx(EBPF_B, R1, R4, 0), mov64_reg(R3, R1), alu64_imm(EBPF_RSH, R3, 4),
       jmp_imm(EBPF_JNE, R3, 4, unsplit), alu64_imm(EBPF_AND, R1, 0x0F), alu64_imm(EBPF_LSH, R1, 2),
       jmp_imm(EBPF_JLT, R1, 20, unsplit))
     emit_view_load_be(g, R3, R4, 2, 2, R0)
     g(jmp_reg(EBPF_JLT, R3, R1, unsplit), jmp_reg(EBPF_JGT, R3, R5, unsplit),
       ldx(EBPF_B, R3, R4, IPV4_PROTO_OFF), ja(l3ok))
     g.at(ip6)
-    g(jmp_imm(EBPF_JGT, R2, VIEW_BYTES - IPV6_HDR_LEN, unsplit),
-      mov64_reg(R3, R2), alu64_imm(EBPF_ADD, R3, IPV6_HDR_LEN), jmp_reg(EBPF_JGT, R3, REG_VLEN, unsplit),
-      mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2),
-      ldx(EBPF_B, R1, R4, 0), alu64_imm(EBPF_RSH, R1, 4), jmp_imm(EBPF_JNE, R1, 6, unsplit))
+    emit_view_header(g, IPV6_HDR_LEN, unsplit)
+    g(ldx(EBPF_B, R1, R4, 0), alu64_imm(EBPF_RSH, R1, 4), jmp_imm(EBPF_JNE, R1, 6, unsplit))
     emit_view_load_be(g, R3, R4, 4, 2, R0)
     g(alu64_imm(EBPF_ADD, R3, IPV6_HDR_LEN), jmp_reg(EBPF_JGT, R3, R5, unsplit),
       ldx(EBPF_B, R3, R4, IPV6_NEXT_OFF), mov64_imm(R1, IPV6_HDR_LEN))
@@ -10958,6 +10948,18 @@ def emit_address(g, hdr, off, nwords, key, nets):
     g.at(done)
     for i, r in enumerate(regs):
         g(endian_be(r, 32), stx(EBPF_W, FP, r, key + 4 + 4 * i))
+
+
+def emit_addresses(g, src_off, nwords, nets):
+    """KEY_SRC and KEY_DST from the IP header at view offset r2, whose source address
+    (nwords u32) is at src_off and the destination right after it (emit_address)."""
+    for key in (KEY_SRC, KEY_DST):
+        for off in range(0, _round8(ADDR_KEY.size), 8):
+            g(st_imm(EBPF_DW, FP, key + off, 0))
+    g(mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2))
+    # r4 (the header) survives emit_address: it uses r0-r3, r5.
+    emit_address(g, R4, src_off, nwords, KEY_SRC, nets)
+    emit_address(g, R4, src_off + 4 * nwords, nwords, KEY_DST, nets)
 
 
 def emit_overflow_sample(g, overflow, key, sample_hash, done):
@@ -11097,66 +11099,33 @@ def emit_decoder(g, maps, nets, sample_hash, done):
     emit_count(g, REG_IFACE, IFACE["tx_bytes"])
     g.at(decode)
     bad = {r: g.label("m_" + r) for r in MALFORMED_REASONS}
-    walk, tag, walked, ip4, ip6, attribute = (g.label(n) for n in
-                                              ("walk", "tag", "walked", "ip4", "ip6", "attribute"))
-    # r1 = ethertype, r2 = q (the offset of what follows it); both kept until the IP header.
-    g(jmp_imm(EBPF_JLT, REG_VLEN, ETH_HLEN, bad["truncated"]))
-    emit_view_load_be(g, R1, FP, VIEW + ETH_TYPE_OFF, 2, R3)
-    g(mov64_imm(R2, ETH_HLEN))
-    g.at(walk)
-    for tpid in sorted(VLAN_TPIDS):
-        g(jmp_imm(EBPF_JEQ, R1, tpid, tag))
-    g(ja(walked))
-    g.at(tag)
-    # userspace: q + 4 > end -> truncated. The constant bound is the verifier's, implied
-    # by the first (r8 <= VIEW_BYTES).
-    g(jmp_imm(EBPF_JGT, R2, VIEW_BYTES - VLAN_TAG_LEN, bad["truncated"]),
-      mov64_reg(R3, R2), alu64_imm(EBPF_ADD, R3, VLAN_TAG_LEN),
-      jmp_reg(EBPF_JGT, R3, REG_VLEN, bad["truncated"]),
-      mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2))
-    emit_view_load_be(g, R1, R4, 2, 2, R3)
-    g(alu64_imm(EBPF_ADD, R2, VLAN_TAG_LEN), ja(walk))
-    g.at(walked)
+    ip4, ip6, attribute = g.label("ip4"), g.label("ip6"), g.label("attribute")
+    # r1 = ethertype, r2 = q, both kept until the IP header; a tag cut short: truncated
+    emit_tag_walk(g, bad["truncated"], bad["truncated"])
     g(jmp_imm(EBPF_JEQ, R1, ETHERTYPE_IPV4, ip4), jmp_imm(EBPF_JEQ, R1, ETHERTYPE_IPV6, ip6),
       ja(done))                                      # not IP: counted in the totals only
     # IPv4: header inside the view; version; IHL >= 5; IHL*4 <= total length; the total
     # length inside the wire length (q + tlen > wl -> 'length', as userspace's
     # q - p + tlen > flen with the stripped tag counted on both sides).
     g.at(ip4)
-    g(jmp_imm(EBPF_JGT, R2, VIEW_BYTES - 20, bad["truncated"]),
-      mov64_reg(R3, R2), alu64_imm(EBPF_ADD, R3, 20), jmp_reg(EBPF_JGT, R3, REG_VLEN, bad["truncated"]),
-      mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2),
-      ldx(EBPF_B, R1, R4, 0), mov64_reg(R3, R1), alu64_imm(EBPF_RSH, R3, 4),
+    emit_view_header(g, 20, bad["truncated"])
+    g(ldx(EBPF_B, R1, R4, 0), mov64_reg(R3, R1), alu64_imm(EBPF_RSH, R3, 4),
       jmp_imm(EBPF_JNE, R3, 4, bad["version"]),
       alu64_imm(EBPF_AND, R1, 0x0F), jmp_imm(EBPF_JLT, R1, 5, bad["ihl"]), alu64_imm(EBPF_LSH, R1, 2))
     emit_view_load_be(g, R3, R4, 2, 2, R5)
     g(jmp_reg(EBPF_JLT, R3, R1, bad["length"]), alu64_reg(EBPF_ADD, R3, R2),
       jmp_reg(EBPF_JGT, R3, REG_WL, bad["length"]))
-    for key in (KEY_SRC, KEY_DST):
-        for off in range(0, 24, 8):
-            g(st_imm(EBPF_DW, FP, key + off, 0))
-    g(mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2))
-    # r4 (the header) survives emit_address: it uses r0-r3, r5.
-    emit_address(g, R4, IPV4_SRC_OFF, 1, KEY_SRC, nets4)
-    emit_address(g, R4, IPV4_SRC_OFF + 4, 1, KEY_DST, nets4)
+    emit_addresses(g, IPV4_SRC_OFF, 1, nets4)
     g(ja(attribute))
     # IPv6: the fixed header inside the view; version; 40 + payload length inside the wire
     # length. No extension header is walked (userspace does not either).
     g.at(ip6)
-    g(jmp_imm(EBPF_JGT, R2, VIEW_BYTES - IPV6_HDR_LEN, bad["truncated"]),
-      mov64_reg(R3, R2), alu64_imm(EBPF_ADD, R3, IPV6_HDR_LEN),
-      jmp_reg(EBPF_JGT, R3, REG_VLEN, bad["truncated"]),
-      mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2),
-      ldx(EBPF_B, R1, R4, 0), alu64_imm(EBPF_RSH, R1, 4), jmp_imm(EBPF_JNE, R1, 6, bad["version"]))
+    emit_view_header(g, IPV6_HDR_LEN, bad["truncated"])
+    g(ldx(EBPF_B, R1, R4, 0), alu64_imm(EBPF_RSH, R1, 4), jmp_imm(EBPF_JNE, R1, 6, bad["version"]))
     emit_view_load_be(g, R3, R4, 4, 2, R5)
     g(alu64_imm(EBPF_ADD, R3, IPV6_HDR_LEN), alu64_reg(EBPF_ADD, R3, R2),
       jmp_reg(EBPF_JGT, R3, REG_WL, bad["length"]))
-    for key in (KEY_SRC, KEY_DST):
-        for off in range(0, 24, 8):
-            g(st_imm(EBPF_DW, FP, key + off, 0))
-    g(mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2))
-    emit_address(g, R4, IPV6_SRC_OFF, 4, KEY_SRC, nets6)
-    emit_address(g, R4, IPV6_SRC_OFF + 16, 4, KEY_DST, nets6)
+    emit_addresses(g, IPV6_SRC_OFF, 4, nets6)
     g.at(attribute)
     emit_attribution(g, maps, sample_hash, done)
     for reason, label in bad.items():
@@ -11566,32 +11535,12 @@ def emit_copy_length(g, plan, flows_fd=None):
     udp4 = udp6 = l4
     if flows_fd is not None:
         udp4, udp6 = g.label("c_udp4"), g.label("c_udp6")
-    walk, tag, walked, ip4, ip6, ports = (g.label(n) for n in
-                                          ("c_walk", "c_tag", "c_walked", "c_ip4", "c_ip6", "c_ports"))
-    g(jmp_imm(EBPF_JLT, REG_VLEN, ETH_HLEN, undecided))
-    emit_view_load_be(g, R1, FP, VIEW + ETH_TYPE_OFF, 2, R3)
-    g(mov64_imm(R2, ETH_HLEN))
-    g.at(walk)
-    for tpid in sorted(VLAN_TPIDS):
-        g(jmp_imm(EBPF_JEQ, R1, tpid, tag))
-    g(ja(walked))
-
-    def header(size):
-        """r4 = the view at offset r2, `size` bytes of it inside the view and the frame."""
-        g(jmp_imm(EBPF_JGT, R2, VIEW_BYTES - size, undecided),
-          mov64_reg(R3, R2), alu64_imm(EBPF_ADD, R3, size),
-          jmp_reg(EBPF_JGT, R3, REG_VLEN, undecided),
-          mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2))
-
-    g.at(tag)
-    header(VLAN_TAG_LEN)
-    emit_view_load_be(g, R1, R4, 2, 2, R3)
-    g(alu64_imm(EBPF_ADD, R2, VLAN_TAG_LEN), ja(walk))
-    g.at(walked)
+    ip4, ip6, ports = g.label("c_ip4"), g.label("c_ip6"), g.label("c_ports")
+    emit_tag_walk(g, undecided, undecided)
     g(jmp_imm(EBPF_JEQ, R1, ETHERTYPE_IPV4, ip4), jmp_imm(EBPF_JEQ, R1, ETHERTYPE_IPV6, ip6),
       ja(every))
     g.at(ip4)
-    header(20)
+    emit_view_header(g, 20, undecided)
     g(ldx(EBPF_B, R1, R4, IPV4_PROTO_OFF))
     if plan.ports:
         tcp4 = g.label("c_tcp4")
@@ -11604,7 +11553,7 @@ def emit_copy_length(g, plan, flows_fd=None):
     else:
         g(jmp_imm(EBPF_JEQ, R1, IPPROTO_TCP, l4), jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp4), ja(every))
     g.at(ip6)
-    header(IPV6_HDR_LEN)
+    emit_view_header(g, IPV6_HDR_LEN, undecided)
     g(ldx(EBPF_B, R1, R4, IPV6_NEXT_OFF))
     for nh in sorted(IPV6_EXT_LEN):
         g(jmp_imm(EBPF_JEQ, R1, nh, whole if plan.ports else l4))
@@ -11612,7 +11561,7 @@ def emit_copy_length(g, plan, flows_fd=None):
         g(jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp6), jmp_imm(EBPF_JNE, R1, IPPROTO_TCP, every),
           alu64_imm(EBPF_ADD, R2, IPV6_HDR_LEN))
         g.at(ports)
-        header(4)                      # the TCP ports
+        emit_view_header(g, 4, undecided)      # the TCP ports
         emit_view_load_be(g, R1, R4, 0, 2, R5)
         emit_view_load_be(g, R3, R4, 2, 2, R5)
         for port in plan.ports:
@@ -11677,10 +11626,8 @@ def emit_flow(g, flows_fd, udp4, udp6, copy, counted):
     g(alu64_imm(EBPF_ADD, R2, IPV6_HDR_LEN))
     g.at(key)
     # r2 = the UDP header's offset in the view
-    g(st_imm(EBPF_B, FP, FLOW_AT + 1, IPPROTO_UDP),
-      jmp_imm(EBPF_JGT, R2, VIEW_BYTES - UDP_HDR_LEN, copy),
-      mov64_reg(R3, R2), alu64_imm(EBPF_ADD, R3, UDP_HDR_LEN), jmp_reg(EBPF_JGT, R3, REG_VLEN, copy),
-      mov64_reg(R4, FP), alu64_imm(EBPF_ADD, R4, VIEW), alu64_reg(EBPF_ADD, R4, R2))
+    g(st_imm(EBPF_B, FP, FLOW_AT + 1, IPPROTO_UDP))
+    emit_view_header(g, UDP_HDR_LEN, copy)
     emit_flow_key_bytes(g, R4, 0, FLOW_AT + FLOW_PORTS_OFF, 4)
     emit_view_load_be(g, R3, R4, 4, 2, R5)               # the UDP length
     positive = g.label("f_plen")
@@ -14414,6 +14361,13 @@ TOP_SORT_LABELS = {
     "connections": {"rate": "bit/s", "total": "bytes", "name": "originator"},
     "http": {"rate": "req/s", "total": "requests", "name": "server"},
 }
+# What a pane whose document the daemon does not serve (404: the stage is off) shows.
+TOP_OFF = {
+    "remotes": "remote addresses: off (lpd --remote)",
+    "rules": "rules: none (lpd -f FILTERFILE)",
+    "connections": "connections: off (lpd --connections)",
+    "http": "HTTP: off (lpd --http)",
+}
 TOP_KEYS = "keys: 1-5/Tab pane  s sort  p pause  q quit"
 TOP_ONCE_ROWS = 10                 # --once: the biggest rows of each pane
 TOP_CLOCK = "%H:%M:%S"             # local time on screen
@@ -14849,7 +14803,7 @@ class TopView:
             self.paused = not self.paused
         return True
 
-    # -- the panes: each (heading lines, rows) ---------------------------------------
+    # -- the panes: each (heading lines, rows) of its document -----------------------
 
     def _sorted(self, rows, rate, total, name):
         if self.sort == "name":
@@ -14859,8 +14813,7 @@ class TopView:
     def _title(self, pane, text):
         return f"{text} - sorted by: {TOP_SORT_LABELS[pane][self.sort]}"
 
-    def addresses(self):
-        doc = self.docs["addresses"]
+    def addresses(self, doc):
         rows = self._sorted(doc["addresses"], lambda a: a["tx_bps"] + a["rx_bps"],
                             lambda a: a["tx_bytes"] + a["rx_bytes"], lambda a: a["address"])
         peak = max([max(h) for h in self.history.values() if h] + [0])
@@ -14873,10 +14826,7 @@ class TopView:
             f"{a['address']:<{w}} {human_bits(a['tx_bps']):>13} {human_bits(a['rx_bps']):>13}  "
             f"{_bar(self.history.get(a['address'], ()), peak)}" for a in rows]
 
-    def remotes(self):
-        doc = self.docs.get("remotes")
-        if doc is None:
-            return ["remote addresses: off (lpd --remote)"], []
+    def remotes(self, doc):
         rate = lambda r: self.rate("remotes", r["address"], "bytes", r["tx_bytes"] + r["rx_bytes"]) * 8  # noqa: E731
         rows = self._sorted(doc["remotes"], rate, lambda r: r["tx_bytes"] + r["rx_bytes"],
                             lambda r: r["address"])
@@ -14887,10 +14837,7 @@ class TopView:
             f"{human_bytes(r['tx_bytes'] + r['rx_bytes']):>10} {r['country'][:14]:<14} {r['isp']}"
             for r in rows]
 
-    def rules(self):
-        doc = self.docs.get("rules")
-        if doc is None:
-            return ["rules: none (lpd -f FILTERFILE)"], []
+    def rules(self, doc):
         rate = lambda r: self.rate("rules", r["id"], "bytes", r["bytes"]) * 8  # noqa: E731
         rows = self._sorted(doc["rules"], rate, lambda r: r["bytes"], lambda r: r["id"])
         return [self._title("rules", f"rules: {_top_total(doc, doc['rules'])}"),
@@ -14898,10 +14845,7 @@ class TopView:
             f"{r['id'][:32]:<32} {human_bits(rate(r)):>13} {r['packets']:>12} {r['bytes']:>12}"
             for r in rows]
 
-    def connections(self):
-        doc = self.docs.get("connections")
-        if doc is None:
-            return ["connections: off (lpd --connections)"], []
+    def connections(self, doc):
         counts = ", ".join(f"{proto} {state} {n}" for proto, states in sorted(doc["counts"].items())
                            for state, n in sorted(states.items()) if n)
         rate = lambda c: self.rate("connections", _conn_key(c), "bytes", _conn_bytes(c)) * 8  # noqa: E731
@@ -14917,10 +14861,7 @@ class TopView:
             f"{(c['comm'] or '') + ('[' + str(c['pid']) + ']' if c['pid'] else '')}"
             for c, o, r in zip(rows, orig, resp)]
 
-    def http(self):
-        doc = self.docs.get("http")
-        if doc is None:
-            return ["HTTP: off (lpd --http)"], []
+    def http(self, doc):
         servers = doc["servers"]
         rate = lambda s: self.rate("http", s, "requests", servers[s]["requests"])  # noqa: E731
         names = self._sorted(list(servers), rate, lambda s: servers[s]["requests"], lambda s: s)
@@ -14966,7 +14907,8 @@ class TopView:
         body = []
         if self.docs is not None:
             for pane in panes or (self.pane,):
-                head, part = getattr(self, pane)()
+                doc = self.docs.get(pane)
+                head, part = ([TOP_OFF[pane]], []) if doc is None else getattr(self, pane)(doc)
                 body += [""] + head + (part if rows is None else part[:rows])
         if height is not None:
             body = body[:max(0, height - len(lines) - keys)]
