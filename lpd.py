@@ -6815,7 +6815,7 @@ def remote_labeller(geo):
 ###############################################################################
 # provides: _amount, API_ROWS_DEFAULT, API_ROWS_MAX, _biggest, capture_metrics, _columns,
 #   containers_document, _cut, docker_metrics, _envelope, _first, human_bytes,
-#   interface_document, _io, _io_cells, IO_COLUMNS, JsonLog, metric_family, Presentation,
+#   interface_document, _io, _io_cells, IO_COLUMNS, JsonLog, metric_family, Presentation, scaled,
 #   Stage, STAGES, Wiring
 #
 # The common parts of what every stage shows: one JSON document per kind, built from a
@@ -6899,17 +6899,21 @@ def containers_document(snap, how, top=None):
 
 
 BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
-
-
 UNIT_STEP = 1024
+
+
+def scaled(value, step, units):
+    """(value in the largest unit it reaches, that unit's index): 1536, 1024 -> (1.5, 1)."""
+    value, unit = float(value), 0
+    while value >= step and unit < len(units) - 1:
+        value /= step
+        unit += 1
+    return value, unit
 
 
 def human_bytes(n):
     """1536 -> '1.5 KiB': for people, always beside the exact number."""
-    value, unit = float(n), 0
-    while value >= UNIT_STEP and unit < len(BINARY_UNITS) - 1:
-        value /= UNIT_STEP
-        unit += 1
+    value, unit = scaled(n, UNIT_STEP, BINARY_UNITS)
     return f"{n} B" if unit == 0 else f"{value:.1f} {BINARY_UNITS[unit]}"
 
 
@@ -14407,10 +14411,7 @@ class TopGarbage(TopError):
 
 def human_bits(bps):
     """1234567 -> '1.23 Mbit/s' (SI, as link speeds are said)."""
-    value, unit = float(bps), 0
-    while value >= SI_STEP and unit < len(BIT_UNITS) - 1:
-        value /= SI_STEP
-        unit += 1
+    value, unit = scaled(bps, SI_STEP, BIT_UNITS)
     return f"{value:.0f} {BIT_UNITS[unit]}" if unit == 0 else f"{value:.2f} {BIT_UNITS[unit]}"
 
 
