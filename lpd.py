@@ -11467,9 +11467,9 @@ class CopyPlan(NamedTuple):
     """What the userspace stages read of each frame under --engine ebpf, so that the
     program copies each frame only as far as some stage reads it (the classic path's
     kernel_program does the same per branch): `every` bytes of every frame (--remote,
-    until remote addresses are counted in the kernel), `l4` bytes of the frames
-    connection tracking may parse (IPv4 TCP and UDP; IPv6 TCP, UDP and extension
-    headers, which parse_l4 walks), and TCP to or from `ports` whole (--http).
+    until remote addresses are counted in the kernel), `l4` bytes of every IPv4 and
+    IPv6 frame (connection tracking parses them all: its flows are every IP packet's),
+    and TCP to or from `ports` whole (--http).
     A frame the view is too short to judge (stacked tags, a header cut short) gets the
     most any stage reads, as judge_guard gives it on the classic path: no stage misses
     a frame it would have read."""
@@ -11505,8 +11505,6 @@ def copy_length(plan, view):
         if q + 20 > n:
             return plan.most()
         proto = view[q + IPV4_PROTO_OFF]
-        if proto not in (IPPROTO_TCP, IPPROTO_UDP):
-            return plan.every
         if not plan.ports or proto != IPPROTO_TCP or u16(view, q + 6)[0] & IPV4_FRAG_MASK:
             return plan.l4_len()
         at = q + (view[q] & 0x0F) * 4
@@ -11514,8 +11512,6 @@ def copy_length(plan, view):
         if q + IPV6_HDR_LEN > n:
             return plan.most()
         nh = view[q + IPV6_NEXT_OFF]
-        if nh not in (IPPROTO_TCP, IPPROTO_UDP) and nh not in IPV6_EXT_LEN:
-            return plan.every
         if plan.ports and nh in IPV6_EXT_LEN:
             return SNAPLEN_FULL
         if not plan.ports or nh != IPPROTO_TCP:
@@ -11548,21 +11544,21 @@ def emit_copy_length(g, plan, flows_fd=None):
     g(ldx(EBPF_B, R1, R4, IPV4_PROTO_OFF))
     if plan.ports:
         tcp4 = g.label("c_tcp4")
-        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_TCP, tcp4), jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp4), ja(every))
+        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_TCP, tcp4), jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp4), ja(l4))
         g.at(tcp4)
         emit_view_load_be(g, R3, R4, 6, 2, R5)
         g(alu64_imm(EBPF_AND, R3, IPV4_FRAG_MASK), jmp_imm(EBPF_JNE, R3, 0, l4),
           ldx(EBPF_B, R3, R4, 0), alu64_imm(EBPF_AND, R3, 0x0F), alu64_imm(EBPF_LSH, R3, 2),
           alu64_reg(EBPF_ADD, R2, R3), ja(ports))
     else:
-        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_TCP, l4), jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp4), ja(every))
+        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp4), ja(l4))
     g.at(ip6)
     emit_view_header(g, IPV6_HDR_LEN, undecided)
     g(ldx(EBPF_B, R1, R4, IPV6_NEXT_OFF))
     for nh in sorted(IPV6_EXT_LEN):
         g(jmp_imm(EBPF_JEQ, R1, nh, whole if plan.ports else l4))
     if plan.ports:
-        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp6), jmp_imm(EBPF_JNE, R1, IPPROTO_TCP, every),
+        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp6), jmp_imm(EBPF_JNE, R1, IPPROTO_TCP, l4),
           alu64_imm(EBPF_ADD, R2, IPV6_HDR_LEN))
         g.at(ports)
         emit_view_header(g, 4, undecided)      # the TCP ports
@@ -11572,7 +11568,7 @@ def emit_copy_length(g, plan, flows_fd=None):
             g(jmp_imm(EBPF_JEQ, R1, port, whole), jmp_imm(EBPF_JEQ, R3, port, whole))
         g(ja(l4))
     else:
-        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_TCP, l4), jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp6), ja(every))
+        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp6), ja(l4))
     if flows_fd is not None:
         emit_flow(g, flows_fd, udp4, udp6, l4, every)
     for label, value in ((undecided, plan.most()), (every, plan.every), (l4, plan.l4_len()),
