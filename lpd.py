@@ -46,8 +46,9 @@ each banner's "provides:" line says what later chapters take from it
     15.4 Accounting: the kernel tables behind the stages
   16 Exporters
     16.1 The stage table at work
-    16.2 The metrics endpoint
-    16.3 The rule socket (bpfcountd's unix socket)
+    16.2 One selector server (the metrics endpoint, the rule socket)
+    16.3 The metrics endpoint
+    16.4 The rule socket (bpfcountd's unix socket)
   17 Daemon: wiring, signals, reload
   18 Workers: one capture process per core behind PACKET_FANOUT
   19 Offline replay and filter dumps
@@ -12381,7 +12382,247 @@ class Collector:
 
 
 ###############################################################################
-# 16.2 The metrics endpoint ###################################################
+# 16.2 One selector server (the metrics endpoint, the rule socket) ############
+# provides: _Client, SelectorServer
+
+# When accept() fails (EMFILE, ENFILE, ENOBUFS, ...) the connection stays queued and the
+# listener stays readable: polling it again at once spins a core and floods the log.
+# The listener rests this long instead, then accept() is tried again. One policy for
+# both servers (the metrics endpoint rested 1 s, the rule socket 0.5 s): the shorter
+# one, because a rest costs one failed accept() at its end, nothing, while a client
+# queued behind it waits up to a whole rest after a descriptor has come free.
+ACCEPT_BACKOFF_SECONDS = 0.5
+# Seconds shutdown() waits for the serving thread: one held up in a collection or a
+# snapshot must not hold lpd's exit hostage (it is a daemon thread; it ends with lpd).
+SERVER_STOP_SECONDS = 5.0
+
+
+class _Client:
+    """One connection being served: its socket and descriptor, the answer left to send
+    (None while there is none) and the time it is cut off."""
+    __slots__ = ("sock", "fd", "out", "deadline")
+
+    def __init__(self, sock, deadline):
+        self.sock, self.fd, self.deadline = sock, sock.fileno(), deadline
+        self.out = None
+
+
+class SelectorServer:
+    """One thread, one selector over a listening socket and non-blocking clients, each
+    with its own answer to send and its own deadline: a client that never reads, reads
+    slowly, vanishes or breaks costs one slot for a bounded time, never a thread of its
+    own nor the server.
+
+    It accepts (resting ACCEPT_BACKOFF_SECONDS when accept() fails), keeps the table of
+    clients, sends, cuts off what is past its deadline, guards each client, and stops by
+    its wake pair. A subclass says what a client is: _admit() takes what was accepted,
+    _readable() reads, _sent() follows an answer sent, _expire() cuts one off; _room(),
+    _due() and _events_handled() shape the round. serve_forever(), shutdown() and
+    server_close() are socketserver's.
+    """
+
+    def __init__(self, sock, name, max_clients):
+        self.socket, self._name, self._max_clients = sock, name, max_clients
+        self._clients = {}              # fd -> _Client, oldest first
+        self._accept_at = None          # while the listener rests: when it resumes
+        self._accept_failing = False    # logged once per run of failures
+        self._listening = True          # the listener is in the selector
+        self._stop = False
+        self._thread = None             # the one in serve_forever()
+        sock.setblocking(False)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(sock, selectors.EVENT_READ, "listen")
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+
+    def serve_forever(self):
+        """Serve until shutdown()."""
+        self._thread = threading.current_thread()
+        while not self._stop:
+            self._round()
+
+    def shutdown(self):
+        """Make serve_forever() return, and wait until it has (SERVER_STOP_SECONDS at most)."""
+        self._stop = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass                        # awake already (full), or closed
+        if self._thread is not None:
+            self._thread.join(SERVER_STOP_SECONDS)
+
+    def server_close(self):
+        """Close the listener and every client."""
+        for c in list(self._clients.values()):
+            self._close(c)
+        self._sel.close()
+        for s in (self.socket, self._wake_r, self._wake_w):
+            s.close()
+
+    # -- the serving thread --------------------------------------------------
+
+    def _round(self):
+        """One select(): accept, read, send; then the subclass's end of the events, the
+        clients past their deadline cut off, the listener polled again if it may be."""
+        for key, mask in self._sel.select(self._wait()):
+            c = key.data
+            if c == "wake":
+                return
+            try:
+                if c == "listen":
+                    self._accept()
+                elif self._clients.get(c.fd) is c:      # else closed earlier this round
+                    self._ready(c, mask)
+            except Exception:
+                # Never let one client end the thread: the listener would stay bound but
+                # silent until restart.
+                log(LOG_WARNING, f"{self._name}: unexpected error: "
+                                 f"{traceback.format_exc(limit=-1).strip()!r}")
+                if c != "listen":
+                    self._close(c)
+        self._events_handled()
+        now = time.monotonic()
+        for c in [c for c in self._clients.values() if c.deadline <= now]:
+            self._expire(c)
+        if self._accept_at is not None and self._accept_at <= now:
+            self._accept_at = None
+        self._poll_listener()
+
+    def _wait(self):
+        """Seconds select() may sleep: until the first deadline, the end of the listener's
+        rest or the subclass's next timed work."""
+        due = [c.deadline for c in self._clients.values()]
+        due += [at for at in (self._accept_at, self._due()) if at is not None]
+        return max(0.0, min(due) - time.monotonic()) if due else None
+
+    def _accept(self):
+        """Accept what _room() allows, then hand the batch to _admit(): a round takes a
+        table's worth at most, so its reads are not starved."""
+        accepted = []
+        for _ in range(self._room()):
+            try:
+                sock, _ = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionAbortedError:
+                continue                # that client gave up while queued: not our failure
+            except OSError as e:
+                self._accept_failed(e)
+                break
+            if self._accept_failing:
+                self._accept_failing = False
+                log(LOG_NOTICE, f"{self._name}: accepting connections again")
+            sock.setblocking(False)
+            accepted.append(sock)
+        if accepted:
+            self._admit(accepted)
+
+    def _accept_failed(self, e):
+        """EMFILE and friends: the rest stay queued in the backlog while the listener rests;
+        one line when the failures start, one (in _accept) when they end."""
+        self._accept_at = time.monotonic() + ACCEPT_BACKOFF_SECONDS
+        if not self._accept_failing:
+            self._accept_failing = True
+            log(LOG_WARNING, f"{self._name}: accept failed: {e.strerror or e}; clients wait "
+                             f"in the backlog, retrying every {ACCEPT_BACKOFF_SECONDS:g} s")
+
+    def _poll_listener(self):
+        """Poll the listener unless it rests or there is no room (the backlog waits)."""
+        on = self._accept_at is None and self._room() > 0
+        if on != self._listening:
+            self._listening = on
+            if on:
+                self._sel.register(self.socket, selectors.EVENT_READ, "listen")
+            else:
+                self._sel.unregister(self.socket)
+
+    def _add(self, c, events):
+        """Serve c, polled for events."""
+        self._clients[c.fd] = c
+        self._sel.register(c.sock, events, c)
+
+    def _ready(self, c, mask):
+        if mask & selectors.EVENT_WRITE:
+            if self._send(c):
+                self._sent(c)
+        else:
+            self._readable(c)
+
+    def _respond(self, c, answer):
+        """Send what the socket takes now, the rest as it drains."""
+        c.out = memoryview(answer)
+        if self._send(c):
+            self._sent(c)
+        else:
+            self._sel.modify(c.sock, selectors.EVENT_WRITE, c)
+
+    def _send(self, c):
+        """True when the answer is sent or the client is gone."""
+        try:
+            while c.out:
+                c.out = c.out[c.sock.send(c.out, socket.MSG_NOSIGNAL):]
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            pass            # EPIPE / ECONNRESET: the client left; nothing to report
+        return True
+
+    def _forget(self, c):
+        """Take c out of the table and the selector; False if it was out already (its
+        descriptor may be another client's now)."""
+        if self._clients.get(c.fd) is not c:
+            return False
+        del self._clients[c.fd]
+        self._sel.unregister(c.sock)
+        return True
+
+    def _close(self, c, abort=False):
+        """Forget and close a client; `abort` resets it, so the kernel drops what a stalled
+        reader never took instead of keeping it queued."""
+        if not self._forget(c):
+            return
+        if abort:
+            try:
+                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass                # reset by the client already
+        c.sock.close()
+
+    # -- what a subclass says ------------------------------------------------
+
+    def _room(self):
+        """How many connections the next round may accept; at none the listener is not
+        polled and newcomers wait in the kernel's backlog."""
+        return self._max_clients - len(self._clients)
+
+    def _admit(self, socks):
+        """Serve these accepted, non-blocking sockets (or close them)."""
+        raise NotImplementedError
+
+    def _readable(self, c):
+        """c sent something; only a client polled for reading gets here."""
+        raise NotImplementedError
+
+    def _sent(self, c):
+        """c's answer is sent, or c is gone."""
+        self._close(c)
+
+    def _expire(self, c):
+        """c is past its deadline."""
+        self._close(c, abort=c.out is not None)
+
+    def _due(self):
+        """Monotonic time of the subclass's next timed work, or None."""
+        return None
+
+    def _events_handled(self):
+        """Every event of this round is handled."""
+
+
+###############################################################################
+# 16.3 The metrics endpoint ###################################################
 # provides: make_http_server
 #
 # Exporters read Published.latest(): a scrape never waits for capture, and capture
@@ -12411,7 +12652,6 @@ HTTP_HEAD_TIMEOUT = 5.0     # seconds to receive a whole request head, however i
 # client that stopped reading runs into it.
 HTTP_SEND_TIMEOUT = 30.0
 HTTP_MAX_HEAD_BYTES = 8192  # request line and headers; a scrape's are a few hundred bytes
-HTTP_ACCEPT_PAUSE = 1.0     # seconds the listener rests after accept() fails (EMFILE): no spinning
 # Seconds an answered connection waits for the client to close, dropping what it still
 # sends: closing on unread input would reset the connection and lose the answer.
 HTTP_LINGER_TIMEOUT = 2.0
@@ -12479,146 +12719,68 @@ def http_refuse(sock):
     sock.close()
 
 
-# The answer of a connection whose /metrics request waits for this round's collection:
+# The answer of a client whose /metrics request waits for this round's collection:
 # not None, so it is not taken for answered (http_victim).
 HTTP_ANSWER_PENDING = memoryview(b"")
 
 
-class _HttpConn:
-    """One connection: its socket, the request head so far, then the answer left to send
-    (HTTP_ANSWER_PENDING until made). Both None: answered, waiting for the client to close."""
-    __slots__ = ("sock", "fd", "head", "out", "deadline")
+class _HttpClient(_Client):
+    """An HTTP connection: also its request head so far, None once complete. Its answer is
+    HTTP_ANSWER_PENDING until made; head and answer both None: answered, waiting for the
+    client to close."""
+    __slots__ = ("head",)
 
     def __init__(self, sock, deadline):
-        self.sock, self.fd, self.deadline = sock, sock.fileno(), deadline
-        self.head, self.out = bytearray(), None
+        super().__init__(sock, deadline)
+        self.head = bytearray()
 
 
-class MetricsServer:
-    """The metrics endpoint: one thread, one selector, at most HTTP_MAX_CONNECTIONS.
+class MetricsServer(SelectorServer):
+    """The metrics endpoint: a SelectorServer of at most HTTP_MAX_CONNECTIONS.
 
-    serve_forever() accepts non-blocking connections and reads each request head within
-    HTTP_HEAD_TIMEOUT in total; only a complete request is answered, within
-    HTTP_SEND_TIMEOUT, then the connection closes. The /metrics requests completed in one
-    round share one metrics() call. shutdown() and server_close() are socketserver's.
+    Each request head is read within HTTP_HEAD_TIMEOUT in total; only a complete request
+    is answered, within HTTP_SEND_TIMEOUT, then the connection closes. The /metrics
+    requests completed in one round share one metrics() call.
     """
 
     def __init__(self, sock, metrics, metrics_type, api=None):
-        self.socket, self.server_address = sock, sock.getsockname()
+        super().__init__(sock, "metrics", HTTP_MAX_CONNECTIONS)
+        self.server_address = sock.getsockname()
         self._metrics, self._metrics_type = metrics, metrics_type
         self._api = api                 # (path, query) -> (status, JSON text) or None
-        self._conns = {}                # fd -> _HttpConn, oldest first
-        self._accept_at = None          # while the listener rests: when it resumes
-        self._accept_error = None       # logged once per run of failures
-        self._stop = False
-        self._idle = threading.Event()
-        self._idle.set()
-        sock.setblocking(False)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(sock, selectors.EVENT_READ, "listen")
-        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-
-    def serve_forever(self):
-        """Serve until shutdown()."""
-        self._idle.clear()
-        try:
-            while not self._stop:
-                self._round()
-        finally:
-            self._idle.set()
-
-    def shutdown(self):
-        """Make serve_forever() return, and wait until it has."""
-        self._stop = True
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
-        self._idle.wait()
-
-    def server_close(self):
-        """Close the listener and every connection."""
-        for c in list(self._conns.values()):
-            self._close(c)
-        self._sel.close()
-        for s in (self.socket, self._wake_r, self._wake_w):
-            s.close()
+        self._scrapes = []              # this round's (client, head_only) for /metrics
 
     # -- the serving thread --------------------------------------------------
 
-    def _round(self):
-        """One select(): accept, read, answer, send; then close what is past its deadline."""
-        now = time.monotonic()
-        deadlines = [c.deadline for c in self._conns.values()]
-        if self._accept_at is not None:
-            deadlines.append(self._accept_at)
-        events = self._sel.select(max(0.0, min(deadlines) - now) if deadlines else None)
-        scrapes = []
-        for key, _ in events:
-            if key.data == "wake":
-                return
-            if key.data == "listen":
-                self._accept()
-                continue
-            c = key.data
-            if self._conns.get(c.fd) is not c:
-                continue                # closed earlier in this round
-            try:
-                if c.head is not None:
-                    self._read(c, scrapes)
-                elif c.out is not None:
-                    if self._send(c):
-                        self._linger(c)
-                else:
-                    self._discard(c)
-            except Exception:
-                # Never let one connection end the thread: the port would stay bound
-                # but silent until restart.
-                log(LOG_WARNING, f"metrics: unexpected error: "
-                                 f"{traceback.format_exc(limit=-1).strip()!r}")
-                self._close(c)
-        if scrapes:
-            self._answer_scrapes(scrapes)
-        now = time.monotonic()
-        for c in [c for c in self._conns.values() if c.deadline <= now]:
-            self._close(c, abort=c.out is not None)
-        if self._accept_at is not None and self._accept_at <= now:
-            self._accept_at = None
-            self._sel.register(self.socket, selectors.EVENT_READ, "listen")
+    def _room(self):
+        """A table's worth every round: a full table makes room itself (http_victim)."""
+        return self._max_clients
 
-    def _accept(self):
-        """Accept a table's worth at most, so this round's reads are not starved."""
-        for _ in range(HTTP_MAX_CONNECTIONS):
-            try:
-                sock, _ = self.socket.accept()
-            except (BlockingIOError, InterruptedError):
-                break
-            except ConnectionAbortedError:
-                continue
-            except OSError as e:
-                # The listener stays readable: rest it instead of spinning on the error.
-                if e.errno != self._accept_error:
-                    log(LOG_WARNING, f"metrics: cannot accept: {e.strerror or e}")
-                self._accept_error = e.errno
-                self._sel.unregister(self.socket)
-                self._accept_at = time.monotonic() + HTTP_ACCEPT_PAUSE
-                return
-            self._accept_error = None
-            sock.setblocking(False)
-            if len(self._conns) >= HTTP_MAX_CONNECTIONS:
-                victim, busy = http_victim(self._conns.values())
+    def _admit(self, socks):
+        for sock in socks:
+            if len(self._clients) >= self._max_clients:
+                victim, busy = http_victim(self._clients.values())
                 if victim is None:
                     http_refuse(sock)
                     continue
-                self._close(victim, refuse=busy)
-            c = _HttpConn(sock, time.monotonic() + HTTP_HEAD_TIMEOUT)
-            self._conns[c.fd] = c
-            self._sel.register(sock, selectors.EVENT_READ, c)
+                if busy:
+                    self._refuse(victim)
+                else:
+                    self._close(victim)
+            self._add(_HttpClient(sock, time.monotonic() + HTTP_HEAD_TIMEOUT), selectors.EVENT_READ)
 
-    def _read(self, c, scrapes):
+    def _refuse(self, c):
+        """Forget c and answer it HTTP_BUSY (http_refuse)."""
+        if self._forget(c):
+            http_refuse(c.sock)
+
+    def _readable(self, c):
+        if c.head is not None:
+            self._read(c)
+        else:
+            self._discard(c)
+
+    def _read(self, c):
         """Take what the client sent; route the request once its head is complete."""
         seen = len(c.head)
         try:
@@ -12633,11 +12795,11 @@ class MetricsServer:
         c.head += data
         end = http_head_end(c.head, seen - 2)
         if 0 <= end <= HTTP_MAX_HEAD_BYTES:
-            self._route(c, bytes(c.head[:end]), scrapes)
+            self._route(c, bytes(c.head[:end]))
         elif len(c.head) > HTTP_MAX_HEAD_BYTES:
             self._respond(c, http_response(431, "text/plain", b"request head too large\n"))
 
-    def _route(self, c, head, scrapes):
+    def _route(self, c, head):
         request = http_request_line(head)
         c.head = None               # no longer reading: not the first to give up
         if request is None:
@@ -12649,7 +12811,7 @@ class MetricsServer:
             self._respond(c, http_response(501, "text/plain", b"not implemented\n"))
         elif path == "/metrics":
             c.out = HTTP_ANSWER_PENDING
-            scrapes.append((c, head_only))
+            self._scrapes.append((c, head_only))
         elif path == "/":
             self._respond(c, http_response(200, "text/html; charset=utf-8", LANDING_PAGE, head_only))
         else:
@@ -12660,8 +12822,12 @@ class MetricsServer:
                 self._respond(c, http_response(answer[0], "application/json; charset=utf-8",
                                                answer[1].encode() + b"\n", head_only))
 
-    def _answer_scrapes(self, scrapes):
-        """One exposition, made after every one of these requests arrived, answers them all."""
+    def _events_handled(self):
+        """One exposition, made after every one of this round's requests arrived, answers
+        them all."""
+        scrapes, self._scrapes = self._scrapes, []
+        if not scrapes:
+            return
         try:
             page = 200, self._metrics_type, self._metrics()
         except Exception:
@@ -12670,30 +12836,15 @@ class MetricsServer:
             page = 500, "text/plain", b"collecting the metrics failed\n"
         answers = http_response(*page), http_response(*page, head_only=True)
         for c, head_only in scrapes:
-            if self._conns.get(c.fd) is c:
+            if self._clients.get(c.fd) is c:
                 self._respond(c, answers[head_only])
 
     def _respond(self, c, answer):
-        """Send what the socket takes now; the rest as it drains, by HTTP_SEND_TIMEOUT."""
-        c.head, c.out = None, memoryview(answer)
-        c.deadline = time.monotonic() + HTTP_SEND_TIMEOUT
-        if self._send(c):
-            self._linger(c)
-        else:
-            self._sel.modify(c.sock, selectors.EVENT_WRITE, c)
+        """The answer, by HTTP_SEND_TIMEOUT."""
+        c.head, c.deadline = None, time.monotonic() + HTTP_SEND_TIMEOUT
+        super()._respond(c, answer)
 
-    def _send(self, c):
-        """True when the answer is sent or the client is gone."""
-        try:
-            while c.out:
-                c.out = c.out[c.sock.send(c.out, socket.MSG_NOSIGNAL):]
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            pass            # EPIPE / ECONNRESET: the client left
-        return True
-
-    def _linger(self, c):
+    def _sent(self, c):
         """The answer is sent: end our side, then wait (bounded) for the client's end."""
         c.out = None
         try:
@@ -12714,24 +12865,6 @@ class MetricsServer:
         except OSError:
             pass
         self._close(c)
-
-    def _close(self, c, abort=False, refuse=False):
-        """Forget and close a connection; `abort` resets it, so the kernel drops what a
-        stalled reader never took instead of keeping it queued; `refuse` answers
-        HTTP_BUSY first (http_refuse)."""
-        if self._conns.get(c.fd) is not c:
-            return                  # closed already; its descriptor may be another's now
-        del self._conns[c.fd]
-        self._sel.unregister(c.sock)
-        if refuse:
-            http_refuse(c.sock)
-            return
-        if abort:
-            try:
-                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass                # reset by the client already
-        c.sock.close()
 
 
 def make_http_server(host, port, registry, api=None):
@@ -12768,70 +12901,46 @@ def make_http_server(host, port, registry, api=None):
 
 
 ###############################################################################
-# 16.3 The rule socket (bpfcountd's unix socket) ##############################
+# 16.4 The rule socket (bpfcountd's unix socket) ##############################
 # provides: RuleSocketServer
 
-class _Client:
-    """One connection being served: its socket, unsent bytes and deadline."""
-    __slots__ = ("sock", "buf", "deadline")
-
-    def __init__(self, sock, payload, deadline):
-        self.sock, self.buf, self.deadline = sock, memoryview(payload), deadline
-
-
-# When accept() fails (EMFILE, ENFILE, ENOBUFS, ...) the connection stays queued and the
-# listener stays readable: polling it again at once spins a core and floods the log.
-# The listener rests this long instead, then accept() is tried again.
-ACCEPT_BACKOFF_SECONDS = 0.5
 # Dumps cut off at a client's deadline are logged at most this often, as a count.
 TRUNCATED_REPORT_SECONDS = 60.0
 
 
-class RuleSocketServer:
+class RuleSocketServer(SelectorServer):
     """bpfcountd's unix socket: each client gets the rule lines of one snapshot, then EOF.
 
-    One background thread runs a selector over the listening socket and non-blocking
-    clients with their own write buffers, so a client that never reads, reads slowly
-    or vanishes costs only its own deadline; capture never waits on it. `snapshot` is a
-    callable returning [(id, bytes, packets)]; the daemon's asks the capture thread for a
-    fresh publication, waiting a bounded time.
+    A SelectorServer in a background thread of its own: a client that never reads, reads
+    slowly or vanishes costs only its own deadline, and capture never waits on it. At
+    max_clients, newcomers wait in the backlog. `snapshot` is a callable returning
+    [(id, bytes, packets)]; the daemon's asks the capture thread for a fresh publication,
+    waiting a bounded time.
     """
 
     def __init__(self, path, snapshot, group=None, mode=0o660, client_timeout=10.0,
                  max_clients=512):
-        self.path = path
-        self._snapshot = snapshot
-        self._timeout = client_timeout
-        self._max_clients = max_clients
-        self._clients = {}
-        self._thread = None
-        self._closed = False
         gid = resolve_group(group)
         try:
             os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
         except OSError as e:
             raise os_failure(e, f"{path}: cannot create directory") from None
         _clear_stale_socket(path)
-        self._sock = _bind_unix_socket(path, mode, gid)
-        self._sock.setblocking(False)
+        sock = _bind_unix_socket(path, mode, gid)
         st = os.stat(path)
-        self._identity = (st.st_dev, st.st_ino)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(self._sock, selectors.EVENT_READ, "listen")
-        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self._accepting = True
-        self._backoff_until = None          # while accept() fails: when to try again
-        self._accept_error = None           # the failure last logged, None while accepting
+        super().__init__(sock, "rule socket", max_clients)
+        self.path, self._identity = path, (st.st_dev, st.st_ino)
+        self._snapshot = snapshot
+        self._timeout = client_timeout
+        self._closed = False
         self.truncated = 0                  # dumps cut off at the deadline (a counter)
         self._truncated_reported = 0
         self._truncated_report_at = None    # monotonic time of the last report line
 
     def start(self):
         """Serve in a daemon thread; returns self."""
-        self._thread = threading.Thread(target=self._run, name="lpd-rule-socket", daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, name="lpd-rule-socket",
+                                        daemon=True)
         self._thread.start()
         return self
 
@@ -12846,17 +12955,8 @@ class RuleSocketServer:
         if self._closed:
             return
         self._closed = True
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
-        if self._thread is not None:
-            self._thread.join(5.0)
-        for c in list(self._clients.values()):
-            self._drop(c)
-        self._sel.close()
-        for s in (self._sock, self._wake_r, self._wake_w):
-            s.close()
+        self.shutdown()
+        self.server_close()
         try:
             st = os.stat(self.path)
             # Another lpd may have replaced a socket we thought stale; leave theirs.
@@ -12867,43 +12967,6 @@ class RuleSocketServer:
 
     # -- the serving thread --------------------------------------------------
 
-    def _run(self):
-        """Selector loop: accept, write, expire, until close()."""
-        while not self._closed:
-            due = [c.deadline for c in self._clients.values()]
-            if self._backoff_until is not None:
-                due.append(self._backoff_until)
-            if self.truncated > self._truncated_reported and self._truncated_report_at is not None:
-                due.append(self._truncated_report_at + TRUNCATED_REPORT_SECONDS)
-            timeout = max(0.0, min(due) - time.monotonic()) if due else None
-            try:
-                events = self._sel.select(timeout)
-            except OSError:
-                if self._closed:
-                    return
-                raise
-            for key, mask in events:
-                if key.data == "wake":
-                    return
-                try:
-                    if key.data == "listen":
-                        self._accept_all()
-                    else:
-                        self._write(key.data)
-                except Exception:
-                    # Never let one bad connection end the thread: the socket would
-                    # then stay bound but silent until restart.
-                    log(LOG_WARNING, f"rule socket: unexpected error: "
-                               f"{traceback.format_exc(limit=-1).strip()!r}")
-                    if key.data not in ("listen", "wake"):
-                        self._drop(key.data)
-            self._expire()
-            now = time.monotonic()
-            if self._backoff_until is not None and now >= self._backoff_until:
-                self._backoff_until = None
-                self._set_accepting(len(self._clients) < self._max_clients)
-            self._report_truncated(now)
-
     def _payload(self):
         """Encoded rule lines of one fresh snapshot (None if the snapshot failed)."""
         try:
@@ -12912,94 +12975,35 @@ class RuleSocketServer:
             log(LOG_WARNING, f"rule socket: snapshot failed: {traceback.format_exc(limit=-1).strip()!r}")
             return None
 
-    def _accept_all(self):
-        """Accept every pending connection; one snapshot serves the whole batch."""
-        payload = None
-        while len(self._clients) < self._max_clients:
-            try:
-                conn, _ = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:
-                # EMFILE and friends: leave the rest queued in the backlog and rest.
-                self._accept_failed(e)
-                return
-            if self._accept_error is not None:
-                self._accept_error = None
-                log(LOG_NOTICE, "rule socket: accepting connections again")
-            conn.setblocking(False)
+    def _admit(self, socks):
+        """One snapshot serves the whole batch; a failed one closes it (EOF, no lines)."""
+        payload = self._payload()
+        for sock in socks:
             if payload is None:
-                payload = self._payload()
-            if payload is None:
-                conn.close()
+                sock.close()
                 continue
-            c = _Client(conn, payload, time.monotonic() + self._timeout)
-            if self._send(c):
-                conn.close()
-            else:
-                self._clients[conn.fileno()] = c
-                self._sel.register(conn, selectors.EVENT_WRITE, c)
-        self._set_accepting(len(self._clients) < self._max_clients)
+            c = _Client(sock, time.monotonic() + self._timeout)
+            self._add(c, selectors.EVENT_WRITE)
+            self._respond(c, payload)
 
-    def _accept_failed(self, e):
-        """Stop polling the listener for ACCEPT_BACKOFF_SECONDS; log only the change."""
-        self._backoff_until = time.monotonic() + ACCEPT_BACKOFF_SECONDS
-        self._set_accepting(False)
-        if self._accept_error is None:
-            self._accept_error = e.errno
-            log(LOG_WARNING, f"rule socket: accept failed: {e.strerror or e}; clients wait "
-                             f"in the backlog, retrying every {ACCEPT_BACKOFF_SECONDS:g} s")
+    def _expire(self, c):
+        """A dump cut off at the deadline (never-reading or stalled readers): counted."""
+        self.truncated += 1
+        super()._expire(c)
 
-    def _set_accepting(self, on):
-        """Stop polling the listener while at max_clients or backing off after a failed
-        accept (the kernel backlog waits)."""
-        on = on and self._backoff_until is None
-        if on != self._accepting:
-            self._accepting = on
-            if on:
-                self._sel.register(self._sock, selectors.EVENT_READ, "listen")
-            else:
-                self._sel.unregister(self._sock)
+    def _due(self):
+        """The next report of cut-off dumps: at once for the first, else one
+        TRUNCATED_REPORT_SECONDS after the last line; None with nothing to report."""
+        if self.truncated == self._truncated_reported:
+            return None
+        if self._truncated_report_at is None:
+            return time.monotonic()
+        return self._truncated_report_at + TRUNCATED_REPORT_SECONDS
 
-    def _send(self, c):
-        """Send what the socket takes; True when the client is finished (done or gone)."""
-        try:
-            while c.buf:
-                c.buf = c.buf[c.sock.send(c.buf, socket.MSG_NOSIGNAL):]
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            pass      # EPIPE / ECONNRESET: the client left; nothing to report
-        return True
-
-    def _write(self, c):
-        """The client became writable: continue its dump, finish it when done."""
-        if self._send(c):
-            self._drop(c)
-            self._set_accepting(True)
-
-    def _drop(self, c):
-        """Forget a client and close it."""
-        self._clients.pop(c.sock.fileno(), None)
-        try:
-            self._sel.unregister(c.sock)
-        except (KeyError, ValueError):
-            pass
-        c.sock.close()
-
-    def _expire(self):
-        """Drop clients past their deadline (never-reading or stalled readers)."""
-        now = time.monotonic()
-        expired = [c for c in self._clients.values() if c.deadline <= now]
-        for c in expired:
-            self._drop(c)
-        if expired:
-            self.truncated += len(expired)
-            self._set_accepting(True)
-
-    def _report_truncated(self, now):
+    def _events_handled(self):
         """One line per TRUNCATED_REPORT_SECONDS at most, counting the dumps cut off
         since the last line: a client that never reads must not flood the log either."""
+        now = time.monotonic()
         new = self.truncated - self._truncated_reported
         if not new or (self._truncated_report_at is not None and
                        now < self._truncated_report_at + TRUNCATED_REPORT_SECONDS):
