@@ -12241,7 +12241,7 @@ class KernelAccounting:
 # 16 Exporters ################################################################
 ###############################################################################
 # provides: all_documents, api_answer, choose_stages, Collector,
-#   decoder_stages, format_table, make_http_server, open_logs, RuleSocketServer
+#   decoder_stages, format_table, make_metrics_server, open_logs, RuleSocketServer
 
 
 
@@ -12623,7 +12623,7 @@ class SelectorServer:
 
 ###############################################################################
 # 16.3 The metrics endpoint ###################################################
-# provides: make_http_server
+# provides: make_metrics_server
 #
 # Exporters read Published.latest(): a scrape never waits for capture, and capture
 # never waits for a scrape.
@@ -12640,21 +12640,21 @@ LANDING_PAGE = (b"<html><head><title>lpd</title></head><body><h1>lpd</h1>"
 # cost one slot of a fixed table for a bounded time, never a thread of its own.
 # A burst of scrapes waits in the kernel's accept queue instead of in SYN retries of a
 # second or more (the kernel caps this at net.core.somaxconn).
-HTTP_BACKLOG = socket.SOMAXCONN
+ENDPOINT_BACKLOG = socket.SOMAXCONN
 # Open connections, one descriptor each: with the rule socket's 512 it stays under
-# systemd's default soft limit of 1024. Beyond it one connection is refused (http_victim).
-HTTP_MAX_CONNECTIONS = 256
+# systemd's default soft limit of 1024. Beyond it one connection is refused (endpoint_victim).
+ENDPOINT_MAX_CONNECTIONS = 256
 # Seconds a refused client is asked to wait (Retry-After of its 503): a burst is over by
 # then, and a scraper retries at its next interval anyway.
-HTTP_RETRY_AFTER = 1
-HTTP_HEAD_TIMEOUT = 5.0     # seconds to receive a whole request head, however it trickles in
+ENDPOINT_RETRY_AFTER = 1
+ENDPOINT_HEAD_TIMEOUT = 5.0     # seconds to receive a whole request head, however it trickles in
 # Seconds to send an answer: three times Prometheus's default scrape_timeout, so only a
 # client that stopped reading runs into it.
-HTTP_SEND_TIMEOUT = 30.0
-HTTP_MAX_HEAD_BYTES = 8192  # request line and headers; a scrape's are a few hundred bytes
+ENDPOINT_SEND_TIMEOUT = 30.0
+ENDPOINT_MAX_HEAD_BYTES = 8192  # request line and headers; a scrape's are a few hundred bytes
 # Seconds an answered connection waits for the client to close, dropping what it still
 # sends: closing on unread input would reset the connection and lose the answer.
-HTTP_LINGER_TIMEOUT = 2.0
+ENDPOINT_LINGER_TIMEOUT = 2.0
 
 _HTTP_HEAD_END = re.compile(rb"\n\r?\n")
 
@@ -12684,13 +12684,13 @@ def http_response(code, ctype, body, head_only=False, headers=()):
 
 
 # What a connection refused for room gets instead of a silent close: one small write.
-HTTP_BUSY = http_response(503, "text/plain", b"too many connections; retry\n",
-                          headers=(("Retry-After", HTTP_RETRY_AFTER),))
+ENDPOINT_BUSY = http_response(503, "text/plain", b"too many connections; retry\n",
+                          headers=(("Retry-After", ENDPOINT_RETRY_AFTER),))
 
 
-def http_victim(conns):
+def endpoint_victim(conns):
     """The table is full and a connection comes: (the connection to give up or None for
-    the newcomer, whether it gets HTTP_BUSY). `conns` oldest first. One answered and
+    the newcomer, whether it gets ENDPOINT_BUSY). `conns` oldest first. One answered and
     waiting for its client to hang up goes silently; else the oldest still sending its
     request is refused, so idle or slow clients never lock scrapes out; if every slot
     is sending an answer, the newcomer is refused rather than one cut mid-answer."""
@@ -12703,16 +12703,16 @@ def http_victim(conns):
     return reading, True
 
 
-def http_refuse(sock):
-    """HTTP_BUSY and close, in non-blocking steps: what the client sent is read first
+def endpoint_refuse(sock):
+    """ENDPOINT_BUSY and close, in non-blocking steps: what the client sent is read first
     (closing on unread input would reset the connection, and could lose the answer),
     then the answer (it fits any fresh socket's buffer) and our end."""
     try:
-        sock.recv(HTTP_MAX_HEAD_BYTES)
+        sock.recv(ENDPOINT_MAX_HEAD_BYTES)
     except OSError:
         pass                        # nothing there yet (EAGAIN), or the client has gone
     try:
-        sock.send(HTTP_BUSY, socket.MSG_NOSIGNAL)
+        sock.send(ENDPOINT_BUSY, socket.MSG_NOSIGNAL)
         sock.shutdown(socket.SHUT_WR)
     except OSError:
         pass
@@ -12720,13 +12720,13 @@ def http_refuse(sock):
 
 
 # The answer of a client whose /metrics request waits for this round's collection:
-# not None, so it is not taken for answered (http_victim).
-HTTP_ANSWER_PENDING = memoryview(b"")
+# not None, so it is not taken for answered (endpoint_victim).
+ENDPOINT_ANSWER_PENDING = memoryview(b"")
 
 
-class _HttpClient(_Client):
+class _EndpointClient(_Client):
     """An HTTP connection: also its request head so far, None once complete. Its answer is
-    HTTP_ANSWER_PENDING until made; head and answer both None: answered, waiting for the
+    ENDPOINT_ANSWER_PENDING until made; head and answer both None: answered, waiting for the
     client to close."""
     __slots__ = ("head",)
 
@@ -12736,15 +12736,15 @@ class _HttpClient(_Client):
 
 
 class MetricsServer(SelectorServer):
-    """The metrics endpoint: a SelectorServer of at most HTTP_MAX_CONNECTIONS.
+    """The metrics endpoint: a SelectorServer of at most ENDPOINT_MAX_CONNECTIONS.
 
-    Each request head is read within HTTP_HEAD_TIMEOUT in total; only a complete request
-    is answered, within HTTP_SEND_TIMEOUT, then the connection closes. The /metrics
+    Each request head is read within ENDPOINT_HEAD_TIMEOUT in total; only a complete request
+    is answered, within ENDPOINT_SEND_TIMEOUT, then the connection closes. The /metrics
     requests completed in one round share one metrics() call.
     """
 
     def __init__(self, sock, metrics, metrics_type, api=None):
-        super().__init__(sock, "metrics", HTTP_MAX_CONNECTIONS)
+        super().__init__(sock, "metrics", ENDPOINT_MAX_CONNECTIONS)
         self.server_address = sock.getsockname()
         self._metrics, self._metrics_type = metrics, metrics_type
         self._api = api                 # (path, query) -> (status, JSON text) or None
@@ -12753,26 +12753,26 @@ class MetricsServer(SelectorServer):
     # -- the serving thread --------------------------------------------------
 
     def _room(self):
-        """A table's worth every round: a full table makes room itself (http_victim)."""
+        """A table's worth every round: a full table makes room itself (endpoint_victim)."""
         return self._max_clients
 
     def _admit(self, socks):
         for sock in socks:
             if len(self._clients) >= self._max_clients:
-                victim, busy = http_victim(self._clients.values())
+                victim, busy = endpoint_victim(self._clients.values())
                 if victim is None:
-                    http_refuse(sock)
+                    endpoint_refuse(sock)
                     continue
                 if busy:
                     self._refuse(victim)
                 else:
                     self._close(victim)
-            self._add(_HttpClient(sock, time.monotonic() + HTTP_HEAD_TIMEOUT), selectors.EVENT_READ)
+            self._add(_EndpointClient(sock, time.monotonic() + ENDPOINT_HEAD_TIMEOUT), selectors.EVENT_READ)
 
     def _refuse(self, c):
-        """Forget c and answer it HTTP_BUSY (http_refuse)."""
+        """Forget c and answer it ENDPOINT_BUSY (endpoint_refuse)."""
         if self._forget(c):
-            http_refuse(c.sock)
+            endpoint_refuse(c.sock)
 
     def _readable(self, c):
         if c.head is not None:
@@ -12784,7 +12784,7 @@ class MetricsServer(SelectorServer):
         """Take what the client sent; route the request once its head is complete."""
         seen = len(c.head)
         try:
-            data = c.sock.recv(HTTP_MAX_HEAD_BYTES + 1 - seen)
+            data = c.sock.recv(ENDPOINT_MAX_HEAD_BYTES + 1 - seen)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -12794,9 +12794,9 @@ class MetricsServer(SelectorServer):
             return
         c.head += data
         end = http_head_end(c.head, seen - 2)
-        if 0 <= end <= HTTP_MAX_HEAD_BYTES:
+        if 0 <= end <= ENDPOINT_MAX_HEAD_BYTES:
             self._route(c, bytes(c.head[:end]))
-        elif len(c.head) > HTTP_MAX_HEAD_BYTES:
+        elif len(c.head) > ENDPOINT_MAX_HEAD_BYTES:
             self._respond(c, http_response(431, "text/plain", b"request head too large\n"))
 
     def _route(self, c, head):
@@ -12810,7 +12810,7 @@ class MetricsServer(SelectorServer):
         if method not in ("GET", "HEAD"):
             self._respond(c, http_response(501, "text/plain", b"not implemented\n"))
         elif path == "/metrics":
-            c.out = HTTP_ANSWER_PENDING
+            c.out = ENDPOINT_ANSWER_PENDING
             self._scrapes.append((c, head_only))
         elif path == "/":
             self._respond(c, http_response(200, "text/html; charset=utf-8", LANDING_PAGE, head_only))
@@ -12840,8 +12840,8 @@ class MetricsServer(SelectorServer):
                 self._respond(c, answers[head_only])
 
     def _respond(self, c, answer):
-        """The answer, by HTTP_SEND_TIMEOUT."""
-        c.head, c.deadline = None, time.monotonic() + HTTP_SEND_TIMEOUT
+        """The answer, by ENDPOINT_SEND_TIMEOUT."""
+        c.head, c.deadline = None, time.monotonic() + ENDPOINT_SEND_TIMEOUT
         super()._respond(c, answer)
 
     def _sent(self, c):
@@ -12852,13 +12852,13 @@ class MetricsServer(SelectorServer):
         except OSError:
             self._close(c)          # the client is gone already
             return
-        c.deadline = time.monotonic() + HTTP_LINGER_TIMEOUT
+        c.deadline = time.monotonic() + ENDPOINT_LINGER_TIMEOUT
         self._sel.modify(c.sock, selectors.EVENT_READ, c)
 
     def _discard(self, c):
         """Drop what an answered client still sends; close at its end."""
         try:
-            if c.sock.recv(HTTP_MAX_HEAD_BYTES):
+            if c.sock.recv(ENDPOINT_MAX_HEAD_BYTES):
                 return
         except (BlockingIOError, InterruptedError):
             return
@@ -12867,7 +12867,7 @@ class MetricsServer(SelectorServer):
         self._close(c)
 
 
-def make_http_server(host, port, registry, api=None):
+def make_metrics_server(host, port, registry, api=None):
     """The /metrics endpoint (a landing page on /, JSON on /api/*): a MetricsServer,
     not yet serving."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -12882,7 +12882,7 @@ def make_http_server(host, port, registry, api=None):
             # A restart must not fail on the last run's connections still in TIME_WAIT.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(address)
-            sock.listen(HTTP_BACKLOG)
+            sock.listen(ENDPOINT_BACKLOG)
             break
         except OSError as e:
             sock.close()
@@ -13789,7 +13789,7 @@ def build_exporters(opts, ifname, published, docker):
                           docker)
     registry.register(collector)
     try:
-        metrics = make_http_server(*opts.listen, registry,
+        metrics = make_metrics_server(*opts.listen, registry,
                                    functools.partial(api_answer, published=published,
                                                      presentation=collector.presentation)) \
             if opts.serve else None

@@ -445,7 +445,7 @@ def api_server(snaps, geo=None):
     collector = lpd.Collector(published, lpd.NicMapping(None, "eth9", lambda *a: None), "eth9", geo=geo)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    srv = lpd.make_http_server("127.0.0.1", 0, registry,
+    srv = lpd.make_metrics_server("127.0.0.1", 0, registry,
                                lambda path, query: lpd.api_answer(path, query, published,
                                                                   collector.presentation))
     t = threading.Thread(target=srv.serve_forever, daemon=True)

@@ -139,8 +139,8 @@ if kind == "rule socket":
     srv.close()
 else:
     from prometheus_client import CollectorRegistry
-    lpd.HTTP_HEAD_TIMEOUT = timeout
-    srv = lpd.make_http_server("127.0.0.1", 0, CollectorRegistry())
+    lpd.ENDPOINT_HEAD_TIMEOUT = timeout
+    srv = lpd.make_metrics_server("127.0.0.1", 0, CollectorRegistry())
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     print("ready", srv.server_address[1], flush=True)

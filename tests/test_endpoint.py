@@ -1,5 +1,5 @@
 """The Prometheus endpoint under abuse: real sockets on 127.0.0.1 against the real
-server from make_http_server, served from a thread.
+server from make_metrics_server, served from a thread.
 
 Every wait is bounded in time and count, and every socket is closed, so a server
 that hangs or leaks fails the test instead of hanging the suite.
@@ -33,7 +33,7 @@ def registry():
 
 @contextlib.contextmanager
 def serving(registry):
-    srv = lpd.make_http_server("127.0.0.1", 0, registry)
+    srv = lpd.make_metrics_server("127.0.0.1", 0, registry)
     thread = threading.Thread(target=srv.serve_forever, name="test-http", daemon=True)
     thread.start()
     try:
@@ -105,7 +105,7 @@ def descriptors():
     """Room for 1000 clients and the server's own connections in this one process,
     whatever the soft limit the test runner inherited (often 1024)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = IDLE_CLIENTS + lpd.HTTP_MAX_CONNECTIONS + 256          # and the runner's own
+    want = IDLE_CLIENTS + lpd.ENDPOINT_MAX_CONNECTIONS + 256          # and the runner's own
     for limit in (want, hard):                   # root may raise the hard limit; else up to it
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, limit), max(hard, limit)))
@@ -113,7 +113,7 @@ def descriptors():
         except (ValueError, OSError):
             continue
     yield min(IDLE_CLIENTS, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-              - lpd.HTTP_MAX_CONNECTIONS - 256)
+              - lpd.ENDPOINT_MAX_CONNECTIONS - 256)
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
@@ -141,7 +141,7 @@ def test_idle_connections_cost_no_thread_block_no_scrape_and_expire(server, desc
             s.setblocking(False)
             poller.register(s, select.POLLIN)
             open_[s.fileno()] = s
-        deadline = opened + lpd.HTTP_HEAD_TIMEOUT + SLACK
+        deadline = opened + lpd.ENDPOINT_HEAD_TIMEOUT + SLACK
         while open_ and time.monotonic() < deadline:
             for fd, _ in poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
                 if fd in open_ and closed_by_peer(open_[fd]):
@@ -156,7 +156,7 @@ def test_idle_connections_cost_no_thread_block_no_scrape_and_expire(server, desc
 def test_slowloris_is_cut_off_at_the_head_deadline(server):
     # One byte every 0.5 s: each byte is progress, only a total deadline ends it.
     head = b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"a" * 200
-    budget = lpd.HTTP_HEAD_TIMEOUT + 2 * SLACK
+    budget = lpd.ENDPOINT_HEAD_TIMEOUT + 2 * SLACK
     with socket.create_connection(("127.0.0.1", port_of(server)), timeout=2) as s:
         t0 = time.monotonic()
         cut = None
@@ -173,12 +173,12 @@ def test_slowloris_is_cut_off_at_the_head_deadline(server):
                 cut = time.monotonic() - t0
                 break
     assert cut is not None, "a slowloris client was kept past the deadline"
-    assert lpd.HTTP_HEAD_TIMEOUT - SLACK <= cut <= lpd.HTTP_HEAD_TIMEOUT + SLACK
+    assert lpd.ENDPOINT_HEAD_TIMEOUT - SLACK <= cut <= lpd.ENDPOINT_HEAD_TIMEOUT + SLACK
 
 
 def test_a_burst_fits_the_listen_backlog(registry):
     # Not serving: only the kernel's accept queue holds these connections.
-    srv = lpd.make_http_server("127.0.0.1", 0, registry)
+    srv = lpd.make_metrics_server("127.0.0.1", 0, registry)
     socks = []
     try:
         for _ in range(128):
@@ -232,7 +232,7 @@ class Big:
 
 
 def test_a_client_that_stops_reading_is_cut_off(monkeypatch):
-    monkeypatch.setattr(lpd, "HTTP_SEND_TIMEOUT", 1.0)
+    monkeypatch.setattr(lpd, "ENDPOINT_SEND_TIMEOUT", 1.0)
     reg = CollectorRegistry()
     reg.register(Big())
     with serving(reg) as srv, socket.socket() as s:
@@ -240,7 +240,7 @@ def test_a_client_that_stops_reading_is_cut_off(monkeypatch):
         s.settimeout(5)
         s.connect(srv.server_address)
         s.sendall(GET)
-        time.sleep(lpd.HTTP_SEND_TIMEOUT + 2 * SLACK)             # reads nothing meanwhile
+        time.sleep(lpd.ENDPOINT_SEND_TIMEOUT + 2 * SLACK)             # reads nothing meanwhile
         got, ended = 0, None
         deadline = time.monotonic() + 10
         while ended is None and time.monotonic() < deadline:
@@ -267,7 +267,7 @@ def test_head_answers_like_get_without_a_body(server):
 
 def test_an_oversized_head_is_refused(server):
     port = port_of(server)
-    filler = b"".join(b"X-Fill-%d: %s\r\n" % (i, b"a" * 100) for i in range(lpd.HTTP_MAX_HEAD_BYTES // 100))
+    filler = b"".join(b"X-Fill-%d: %s\r\n" % (i, b"a" * 100) for i in range(lpd.ENDPOINT_MAX_HEAD_BYTES // 100))
     status, _, _ = exchange(port, b"GET /metrics HTTP/1.1\r\n" + filler + b"\r\n")
     assert status == 431
     status, _, body = exchange(port, GET)         # and the server carries on
@@ -279,7 +279,7 @@ def test_port_in_use_is_port_in_use(registry):
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
         with pytest.raises(lpd.PortInUse) as e:
-            lpd.make_http_server("127.0.0.1", blocker.getsockname()[1], registry)
+            lpd.make_metrics_server("127.0.0.1", blocker.getsockname()[1], registry)
     assert e.value.exit_code == 69 and "address already in use" in str(e.value)
 
 
@@ -290,10 +290,10 @@ def test_a_full_table_gives_up_the_answered_then_the_oldest_reader_never_an_answ
     from types import SimpleNamespace as C
     reading = lambda: C(head=bytearray(b"GET /me"), out=None)          # noqa: E731
     answered, sending = C(head=None, out=None), C(head=None, out=memoryview(b"HTTP/1.0 200"))
-    pending = C(head=None, out=lpd.HTTP_ANSWER_PENDING)
+    pending = C(head=None, out=lpd.ENDPOINT_ANSWER_PENDING)
     first, second = reading(), reading()
-    assert lpd.http_victim([sending, first, answered, second]) == (answered, False)
-    assert lpd.http_victim([sending, pending, first, second]) == (first, True)
-    assert lpd.http_victim([sending, pending]) == (None, True)
-    assert lpd.HTTP_BUSY.startswith(b"HTTP/1.0 503 Service Unavailable\r\n")
-    assert f"\r\nRetry-After: {lpd.HTTP_RETRY_AFTER}\r\n".encode() in lpd.HTTP_BUSY
+    assert lpd.endpoint_victim([sending, first, answered, second]) == (answered, False)
+    assert lpd.endpoint_victim([sending, pending, first, second]) == (first, True)
+    assert lpd.endpoint_victim([sending, pending]) == (None, True)
+    assert lpd.ENDPOINT_BUSY.startswith(b"HTTP/1.0 503 Service Unavailable\r\n")
+    assert f"\r\nRetry-After: {lpd.ENDPOINT_RETRY_AFTER}\r\n".encode() in lpd.ENDPOINT_BUSY
