@@ -448,6 +448,19 @@ def time_accounting(lpd, blocks, rules=None, repeat=2, remote_max=None, conns=No
     return best, acct
 
 
+def time_beside_default(lpd, blocks, repeat, **stage):
+    """time_accounting of the default path and of one with a stage (its `remote_max`,
+    `conns` or `http`), `repeat` passes of each, alternating: on a shared box the
+    difference is the figure, so both come from quiet passes. Returns (default s, stage s,
+    the stage's decoder of the last pass)."""
+    default = staged = float("inf")
+    for _ in range(repeat):
+        default = min(default, time_accounting(lpd, blocks, repeat=1)[0])
+        secs, acct = time_accounting(lpd, blocks, repeat=1, **stage)
+        staged = min(staged, secs)
+    return default, staged, acct
+
+
 def time_bare_walk(lpd, blocks):
     """The floor of any Python ring loop: walk every frame header of every block, nothing
     else (lpd's own FRAME_HDR/BLOCK_HDR layouts)."""
@@ -537,11 +550,7 @@ def offline_remote(lpd, results, quick):
         return t
     frames = synthetic_frames(SYNTH_FRAMES // (10 if quick else 1))
     blocks = list(lpd.frames_to_blocks(frames))
-    default = remote = float("inf")
-    for _ in range(REMOTE_REPEAT):
-        default = min(default, time_accounting(lpd, blocks, repeat=1)[0])
-        secs, acct = time_accounting(lpd, blocks, repeat=1, remote_max=REMOTE_MAX)
-        remote = min(remote, secs)
+    default, remote, acct = time_beside_default(lpd, blocks, REMOTE_REPEAT, remote_max=REMOTE_MAX)
     remotes = acct.consumers[0]
     n = len(frames)
     t.add(input=f"synthetic mix ({SYNTH_FLOWS:,} flows)", frames=n, **{
@@ -769,13 +778,13 @@ def offline_connections(lpd, results, quick):
     mix = ConnMix(lpd, CONN_FRAMES // (10 if quick else 1), CONN_SNAP)
     blocks = list(lpd.frames_to_blocks(mix.frames()))
     n = mix.frames_made
-    default = conns = float("inf")
-    for _ in range(CONN_REPEAT):
-        default = min(default, time_accounting(lpd, blocks, repeat=1)[0])
-        records = []
-        make = functools.partial(lpd.Connections, CONN_MAX, finished=records.append)
-        secs, acct = time_accounting(lpd, blocks, repeat=1, conns=make)
-        conns = min(conns, secs)
+    records = []
+
+    def make():             # a fresh stage each pass: `records` are the last pass's
+        records.clear()
+        return lpd.Connections(CONN_MAX, finished=records.append)
+
+    default, conns, acct = time_beside_default(lpd, blocks, CONN_REPEAT, conns=make)
     stage = acct.consumers[0]
     open_end, in_run = stage.tracked(), sum(stage.closed.values())
     stage.finish()
@@ -941,13 +950,13 @@ def offline_http(lpd, results, quick):
     mix = HttpMix(lpd, HTTP_FRAMES // (10 if quick else 1))
     blocks = list(lpd.frames_to_blocks(mix.frames()))
     n = mix.frames_made
-    default = http = float("inf")
-    for _ in range(HTTP_REPEAT):
-        default = min(default, time_accounting(lpd, blocks, repeat=1)[0])
-        records = []
-        make = functools.partial(lpd.HttpRequests, (HTTP_PORT,), finished=records.append)
-        secs, acct = time_accounting(lpd, blocks, repeat=1, http=make)
-        http = min(http, secs)
+    records = []
+
+    def make():             # a fresh stage each pass: `records` are the last pass's
+        records.clear()
+        return lpd.HttpRequests((HTTP_PORT,), finished=records.append)
+
+    default, http, acct = time_beside_default(lpd, blocks, HTTP_REPEAT, http=make)
     stage = acct.consumers[0]
     in_run, open_end = len(records), len(stage.streams)
     stage.finish()
@@ -1160,17 +1169,22 @@ def scale_rule_exprs(n):
             else f"port {1 + i % 65000}" for i in range(n)]
 
 
+def run_child(script, cfg, as_limit, timeout):
+    """One child script (python -c) with its JSON configuration, under prlimit --as
+    `as_limit` where prlimit is there; the JSON it prints. RuntimeError with the last line
+    of its stderr when it fails."""
+    argv = prlimit_argv(as_limit) + [sys.executable, "-c", script, json.dumps(cfg)]
+    cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if cp.returncode:
+        raise RuntimeError((cp.stderr.strip() or f"exit {cp.returncode}").splitlines()[-1])
+    return json.loads(cp.stdout)
+
+
 def _measure_rule_file(exprs, workdir):
     path = os.path.join(workdir, "scale.filters")
     with open(path, "w") as f:
         f.writelines(f"r{i};{e}\n" for i, e in enumerate(exprs))
-    argv = [sys.executable, "-c", _SCALE_CHILD, json.dumps({"lpd": LPD, "rules": path})]
-    if subprocess.run(["prlimit", "--version"], capture_output=True).returncode == 0:
-        argv = ["prlimit", f"--as={SCALE_AS_LIMIT}"] + argv
-    cp = subprocess.run(argv, capture_output=True, text=True, timeout=600)
-    if cp.returncode:
-        raise RuntimeError((cp.stderr.strip() or f"exit {cp.returncode}").splitlines()[-1])
-    return json.loads(cp.stdout)
+    return run_child(_SCALE_CHILD, {"lpd": LPD, "rules": path}, SCALE_AS_LIMIT, 600)
 
 
 def rules_at_scale(lpd, results, quick):
@@ -1220,12 +1234,41 @@ def rules_at_scale(lpd, results, quick):
     return t
 
 
+# The flood children's timed run, after the prelude: `frames` laid into blocks as they
+# come (a block at a time in memory), only process_block timed; ticks and snapshots on
+# the frames' packet clock every cfg["interval"] s as in the daemon, which keeps the last
+# published snapshots (so does this: their memory is in the figures). Returns its figures:
+# frames, seconds, RSS KiB before, at `half` the frames and after, and the peak.
+_FLOOD_PRELUDE = _CHILD_PRELUDE + r"""
+def timed_run(decoder, stages, frames, half):
+    published = None        # the last snapshots, kept as the daemon keeps them
+    def tick():
+        nonlocal published
+        for stage in stages:
+            stage.tick(decoder.time)
+        published = [stage.snapshot() for stage in stages]
+    before, rss_half, busy, next_tick = rss_kib(), None, 0.0, None
+    for block in lpd.frames_to_blocks(frames):
+        view = memoryview(block)
+        t0 = time.perf_counter()
+        decoder.process_block(view, 0)
+        busy += time.perf_counter() - t0
+        view.release()
+        if next_tick is None or decoder.time >= next_tick:
+            tick()
+            next_tick = decoder.time + cfg["interval"]
+        if rss_half is None and decoder.frames >= half:
+            rss_half = rss_kib()
+    tick()
+    return {"frames": decoder.frames, "seconds": busy, "before": before, "half": rss_half,
+            "after": rss_kib(), "peak": peak_kib()}
+"""
+
+
 # The child that pushes one spoofed-source flood through the decoder: a process of its
 # own (under prlimit), so its RSS is the flood's and nothing the bench built before.
-# Frames are made one by one and laid into blocks as they come (a block at a time in
-# memory); only process_block is timed. Ticks and snapshots run on the frames' packet
-# clock as in the daemon, so the snapshot rows' memory is in the figures. Prints JSON.
-_FLOOD_CHILD = _CHILD_PRELUDE + r"""
+# Frames are made one by one as timed_run takes them. Prints JSON.
+_FLOOD_CHILD = _FLOOD_PRELUDE + r"""
 SNAP = cfg["snaplen"]
 ETH = b"\x02\x00\x0a\xc7\x00\x02\x02\x00\x0a\xc7\x00\x01"
 IP4 = struct.Struct("!BBHHHBBHII").pack          # checksum 0: nothing in lpd reads it
@@ -1296,29 +1339,9 @@ local = lpd.LocalAddresses(nets)
 remotes = lpd.RemoteAddresses(cfg["remote_max"]) if cfg["remote"] else None
 decoder = lpd.Decoder(local, [remotes] if remotes else [])
 stages = [local] + ([remotes] if remotes else [])
-half = cfg["sources"] * (1 + ratio) // 2
-published = None
-def tick():                 # the daemon keeps the last published snapshots: so does this
-    global published
-    for stage in stages:
-        stage.tick(decoder.time)
-    published = [stage.snapshot() for stage in stages]
-before, rss_half, busy, next_tick = rss_kib(), None, 0.0, None
-for block in lpd.frames_to_blocks(frames()):
-    view = memoryview(block)
-    t0 = time.perf_counter()
-    decoder.process_block(view, 0)
-    busy += time.perf_counter() - t0
-    view.release()
-    if next_tick is None or decoder.time >= next_tick:
-        tick()
-        next_tick = decoder.time + cfg["interval"]
-    if rss_half is None and decoder.frames >= half:
-        rss_half = rss_kib()
-tick()
-out = {"frames": decoder.frames, "seconds": busy, "before": before, "half": rss_half,
-       "after": rss_kib(), "peak": peak_kib(), "bytes_ok": decoder.totals[lpd.RX_BYTES]
-       + decoder.totals[lpd.TX_BYTES] == sent[lpd.TX_BYTES] + sent[lpd.RX_BYTES]}
+out = timed_run(decoder, stages, frames(), cfg["sources"] * (1 + ratio) // 2)
+out["bytes_ok"] = decoder.totals[lpd.RX_BYTES] + decoder.totals[lpd.TX_BYTES] == \
+    sent[lpd.TX_BYTES] + sent[lpd.RX_BYTES]
 if remotes:
     out.update(tracked=remotes.tracked(), evictions=remotes.evictions, floor=remotes.floor,
                totals_ok=list(remotes.totals) == sent, heavy=[
@@ -1336,13 +1359,15 @@ def _run_flood(remote, sources):
            "heavy_size": FLOOD_HEAVY_SIZE, "ipv6": SYNTH_IPV6, "local_hosts": FLOOD_LOCAL_HOSTS,
            "local_nets": list(OFFLINE_LOCAL_NETS), "snaplen": OFFLINE_SNAPLEN, "pps": FLOOD_PPS,
            "interval": FLOOD_INTERVAL}
-    argv = [sys.executable, "-c", _FLOOD_CHILD, json.dumps(cfg)]
-    if subprocess.run(["prlimit", "--version"], capture_output=True).returncode == 0:
-        argv = ["prlimit", f"--as={FLOOD_AS_LIMIT}"] + argv
-    cp = subprocess.run(argv, capture_output=True, text=True, timeout=FLOOD_TIMEOUT)
-    if cp.returncode:
-        raise RuntimeError((cp.stderr.strip() or f"exit {cp.returncode}").splitlines()[-1])
-    return json.loads(cp.stdout)
+    return run_child(_FLOOD_CHILD, cfg, FLOOD_AS_LIMIT, FLOOD_TIMEOUT)
+
+
+def flood_cells(m):
+    """A flood child's figures as its table's cells: time per frame, memory in MiB."""
+    return {"frames": m["frames"], "ns/frame": m["seconds"] / m["frames"] * 1e9,
+            "RSS MiB": m["before"] / 1024, "+MiB half": (m["half"] - m["before"]) / 1024,
+            "+MiB end": (m["after"] - m["before"]) / 1024,
+            "peak +MiB": (m["peak"] - m["before"]) / 1024, "bytes ok": m["bytes_ok"]}
 
 
 def remote_flood(lpd, results, quick):
@@ -1379,10 +1404,7 @@ def remote_flood(lpd, results, quick):
         except Exception as e:
             row["frames"] = "error: " + one_line(e)
             continue
-        row.update({"frames": m["frames"], "ns/frame": m["seconds"] / m["frames"] * 1e9,
-                    "RSS MiB": m["before"] / 1024, "+MiB half": (m["half"] - m["before"]) / 1024,
-                    "+MiB end": (m["after"] - m["before"]) / 1024,
-                    "peak +MiB": (m["peak"] - m["before"]) / 1024, "bytes ok": m["bytes_ok"]})
+        row.update(flood_cells(m))
         if remote:
             row.update({"tracked": m["tracked"], "evictions": m["evictions"], "floor B": m["floor"],
                         "heavy exact": f"{sum(h['exact'] for h in m['heavy'])}/{len(m['heavy'])}",
@@ -1395,10 +1417,8 @@ def remote_flood(lpd, results, quick):
 # Spoofed SYNs, each from a random address and port (seeded), to the local hosts' ports
 # 80 and 443; a few established connections (their handshake and request first, then
 # the server's data and the client's ACKs interleaved with the flood, FINs both ways at
-# the end). Frames are made one by one and laid into blocks as they come; only
-# process_block is timed. Ticks and snapshots run on the frames' packet clock as in the
-# daemon. Prints JSON.
-_SYN_FLOOD_CHILD = _CHILD_PRELUDE + r"""
+# the end). Frames are made one by one as timed_run takes them. Prints JSON.
+_SYN_FLOOD_CHILD = _FLOOD_PRELUDE + r"""
 SNAP, PPS = cfg["snaplen"], cfg["pps"]
 ETH = b"\x02\x00\x0a\xc7\x00\x02\x02\x00\x0a\xc7\x00\x01"
 IP4 = struct.Struct("!BBHHHBBH4s4s").pack          # checksum 0: nothing in lpd reads it
@@ -1514,29 +1534,8 @@ local = lpd.LocalAddresses(nets)
 conns = lpd.Connections(cfg["conn_max"], finished=finished) if cfg["conns"] else None
 decoder = lpd.Decoder(local, [conns] if conns else [])
 stages = [local] + ([conns] if conns else [])
-half = (cfg["syns"] * (1 + ratio)) // 2
-published = None
-def tick():                 # the daemon keeps the last published snapshots: so does this
-    global published
-    for stage in stages:
-        stage.tick(decoder.time)
-    published = [stage.snapshot() for stage in stages]
-before, rss_half, busy, next_tick = rss_kib(), None, 0.0, None
-for block in lpd.frames_to_blocks(frames()):
-    view = memoryview(block)
-    t0 = time.perf_counter()
-    decoder.process_block(view, 0)
-    busy += time.perf_counter() - t0
-    view.release()
-    if next_tick is None or decoder.time >= next_tick:
-        tick()
-        next_tick = decoder.time + cfg["interval"]
-    if rss_half is None and decoder.frames >= half:
-        rss_half = rss_kib()
-tick()
-out = {"frames": decoder.frames, "seconds": busy, "before": before, "half": rss_half,
-       "after": rss_kib(), "peak": peak_kib(),
-       "bytes_ok": decoder.totals[lpd.RX_BYTES] + decoder.totals[lpd.TX_BYTES] == sent[1]}
+out = timed_run(decoder, stages, frames(), (cfg["syns"] * (1 + ratio)) // 2)
+out["bytes_ok"] = decoder.totals[lpd.RX_BYTES] + decoder.totals[lpd.TX_BYTES] == sent[1]
 if conns:
     kept = []
     for e in est:            # the connection its SYN opened, not one re-made mid-stream
@@ -1566,13 +1565,7 @@ def _run_syn_flood(conns, syns, conn_max):
            "ipv6": SYNTH_IPV6, "local_hosts": FLOOD_LOCAL_HOSTS,
            "local_nets": list(OFFLINE_LOCAL_NETS), "snaplen": CONN_SNAP, "pps": FLOOD_PPS,
            "interval": FLOOD_INTERVAL}
-    argv = [sys.executable, "-c", _SYN_FLOOD_CHILD, json.dumps(cfg)]
-    if subprocess.run(["prlimit", "--version"], capture_output=True).returncode == 0:
-        argv = ["prlimit", f"--as={FLOOD_AS_LIMIT}"] + argv
-    cp = subprocess.run(argv, capture_output=True, text=True, timeout=FLOOD_TIMEOUT)
-    if cp.returncode:
-        raise RuntimeError((cp.stderr.strip() or f"exit {cp.returncode}").splitlines()[-1])
-    return json.loads(cp.stdout)
+    return run_child(_SYN_FLOOD_CHILD, cfg, FLOOD_AS_LIMIT, FLOOD_TIMEOUT)
 
 
 def syn_flood(lpd, results, quick):
@@ -1610,10 +1603,7 @@ def syn_flood(lpd, results, quick):
         except Exception as e:
             row["frames"] = "error: " + one_line(e)
             continue
-        row.update({"frames": m["frames"], "ns/frame": m["seconds"] / m["frames"] * 1e9,
-                    "RSS MiB": m["before"] / 1024, "+MiB half": (m["half"] - m["before"]) / 1024,
-                    "+MiB end": (m["after"] - m["before"]) / 1024,
-                    "peak +MiB": (m["peak"] - m["before"]) / 1024, "bytes ok": m["bytes_ok"]})
+        row.update(flood_cells(m))
         if conns:
             est = m["established"]
             row.update({"tracked": m["tracked"], "half_open ev": m["evictions"].get("half_open"),
@@ -1803,6 +1793,10 @@ class Consumer:
 
     def pids(self):
         """The processes whose CPU shows when its work on the frames is done."""
+        return [self.proc.pid]
+
+    def capture_pids(self):
+        """The processes that read its ring(s): what a drain stops and continues."""
         return [self.proc.pid]
 
     def wait_counted(self, before, expected, timeout=COUNT_TIMEOUT, field="seen"):
@@ -2243,26 +2237,31 @@ def say_nothing_to_drain(table, consumer, probe, **row):
 
 
 def drain_capacity(pair, gen, consumer, table):
-    """Fill the ring while `consumer` is stopped, then time how fast it empties it. An
-    lpd whose ebpf program copies nothing gets an n/a row instead."""
+    """Fill the ring while `consumer` is stopped, then time how fast it empties it: every
+    capture process (several with --workers) stopped while the rings fill, all continued
+    at once; wall time until the last is idle, CPU summed. An lpd whose ebpf program
+    copies nothing gets an n/a row instead."""
     if not start_or_say(consumer, table):
         return None
     try:
+        pids = consumer.capture_pids()
         probe = ring_left_empty(pair, gen, consumer)
         if probe:
             return say_nothing_to_drain(table, consumer, probe)
         c0 = consumer.counts()
-        os.kill(consumer.proc.pid, signal.SIGSTOP)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
         v0 = netns.link_stats(pair.ns_b, pair.if_b)
-        sent, secs = gen.send(DRAIN_FRAMES)
+        sent, _ = gen.send(DRAIN_FRAMES)
         v1 = wait_link_quiet(pair)
         time.sleep(consumer.settle)
-        ns0, t0 = cpu_ns(consumer.proc.pid), time.monotonic()
-        os.kill(consumer.proc.pid, signal.SIGCONT)
-        ns1, t1 = wait_cpu_idle(consumer.proc.pid, ns0, t0)
+        ns0, t0 = [cpu_ns(pid) for pid in pids], time.monotonic()
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        last = wait_all_idle(pids, ns0, t0)
+        t1, cpu = max(t for _, t in last), sum(n - n0 for (n, _), n0 in zip(last, ns0)) / 1e9
         c1 = consumer.wait_counted(c0, v1["rx_packets"] - v0["rx_packets"], field="copied")
         seen, drops = c1.copied - c0.copied, c1.drops - c0.drops
-        cpu = (ns1 - ns0) / 1e9
         row = table.add(consumer=consumer.name, frames=sent, **{
             "veth rx": v1["rx_packets"] - v0["rx_packets"], "seen": seen, "drops": drops,
             "drain s": t1 - t0, "cpu s": cpu,
@@ -2298,44 +2297,11 @@ class LpdWorkers(Lpd):
                              capture_output=True, text=True).stdout.split()
         return [int(x) for x in out]
 
-
-def drain_workers(pair, gen, consumer, table):
-    """drain_capacity for several capture processes: all stopped while the rings fill,
-    all continued at once; wall time until the last is idle, CPU summed."""
-    try:
-        consumer.start()
-        pids = consumer.capture_pids()
-        if len(pids) != consumer.n:
-            raise NotAvailable(f"{len(pids)} capture processes, wanted {consumer.n}")
-    except NotAvailable as e:
-        consumer.stop()
-        table.say(consumer.name, f"not available: {e}")
-        return None
-    try:
-        probe = ring_left_empty(pair, gen, consumer)
-        if probe:
-            return say_nothing_to_drain(table, consumer, probe)
-        c0 = consumer.counts()
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-        v0 = netns.link_stats(pair.ns_b, pair.if_b)
-        sent, _ = gen.send(DRAIN_FRAMES)
-        v1 = wait_link_quiet(pair)
-        time.sleep(consumer.settle)
-        ns0, t0 = [cpu_ns(pid) for pid in pids], time.monotonic()
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
-        last = wait_all_idle(pids, ns0, t0)
-        t1, cpu = max(t for _, t in last), sum(n - n0 for (n, _), n0 in zip(last, ns0)) / 1e9
-        c1 = consumer.wait_counted(c0, v1["rx_packets"] - v0["rx_packets"], field="copied")
-        seen, drops = c1.copied - c0.copied, c1.drops - c0.drops
-        return table.add(consumer=consumer.name, frames=sent, engine=consumer.counting, **{
-            "veth rx": v1["rx_packets"] - v0["rx_packets"], "seen": seen, "drops": drops,
-            "drain s": t1 - t0, "cpu s": cpu,
-            "Mfps wall": seen / (t1 - t0) / 1e6 if t1 > t0 else None,
-            "Mfps/core": seen / cpu / 1e6 if cpu else None})
-    finally:
-        consumer.stop()
+    def wait_ready(self):
+        super().wait_ready()
+        pids = self.capture_pids()
+        if len(pids) != self.n:
+            raise NotAvailable(f"{len(pids)} capture processes, wanted {self.n}")
 
 
 def wait_all_idle(pids, ns0, t0, timeout=20.0):
@@ -2440,21 +2406,6 @@ def read_against_floor(rows, floor_label="no capture", ref_label="tcpdump -w /de
             row["above floor"] = row["ns/frame"] - floor["ns/frame"]
             if ref and (ref.get("above floor") or 0) > 0 and row is not ref:
                 row["÷ tcpdump"] = row["above floor"] / ref["above floor"]
-
-
-def wait_cpu_idle(pid, ns0, t0, timeout=20.0):
-    """(cpu ns, time) of the last CPU progress after t0, once idle for DRAIN_IDLE s."""
-    last_ns, last_t = ns0, t0
-    deadline = t0 + timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.005)
-        now = cpu_ns(pid)
-        t = time.monotonic()
-        if now != last_ns:
-            last_ns, last_t = now, t
-        elif t - last_t >= DRAIN_IDLE and last_ns != ns0:
-            break
-    return last_ns, last_t
 
 
 # --- the spoofed flood on the ladder ---------------------------------------------
@@ -2702,8 +2653,8 @@ def live_workers(pair, workdir, rules_file, ratios_in):
     for rules in (None, rules_file):
         # ebpf's workers copy nothing with or without rules: its n/a lines once
         for engine in ENGINES if rules is None else ("cbpf",):
-            rows = [drain_workers(pair, flows, LpdWorkers(pair, n, DRAIN_RING, rules, engine),
-                                  scale) for n in (1, 2)]
+            rows = [drain_capacity(pair, flows, LpdWorkers(pair, n, DRAIN_RING, rules, engine),
+                                   scale) for n in (1, 2)]
             if all(r and r.get("Mfps wall") for r in rows):
                 rows[1]["2 ÷ 1 wall"] = ratio(rows[1]["Mfps wall"], rows[0]["Mfps wall"])
     ref = ratios_in.get("drain", {}).get(("split", "tcpdump"))

@@ -111,6 +111,16 @@ def _signal(pid, sig):
         pass
 
 
+def _stop(proc, sig=signal.SIGTERM, grace=STOP_GRACE):
+    """Signal one of our Popens by its PID; SIGKILL if it is still there `grace` s later."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace)
+
+
 def _container_ids(directory):
     """Ids of the containers an engine rooted at `directory` has (running or not)."""
     try:
@@ -389,12 +399,7 @@ class Engine:
         p = self.dockerd
         if p is None or p.poll() is not None:
             raise EngineError("dockerd is not running")
-        p.send_signal(sig)
-        try:
-            p.wait(STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(STOP_GRACE)
+        _stop(p, sig)
 
     def dockerd_pid(self):
         return self.dockerd.pid if self.dockerd is not None else None
@@ -573,12 +578,7 @@ class Engine:
         try:
             if self.dockerd is not None and self.dockerd.poll() is None:
                 self.remove_all()
-                self.dockerd.send_signal(signal.SIGTERM)
-                try:
-                    self.dockerd.wait(STOP_GRACE)
-                except subprocess.TimeoutExpired:
-                    self.dockerd.kill()
-                    self.dockerd.wait(STOP_GRACE)
+                _stop(self.dockerd)
             # With live-restore (or a dockerd that was killed) containers may still run:
             # their shims and processes are ours, found by our directory.
             pids = [p for p in _pids_of(self.dir)
@@ -587,12 +587,7 @@ class Engine:
                 _signal(pid, signal.SIGKILL)
             _wait_gone(pids, STOP_GRACE)
             if self.containerd is not None and self.containerd.poll() is None:
-                self.containerd.send_signal(signal.SIGTERM)
-                try:
-                    self.containerd.wait(STOP_GRACE)
-                except subprocess.TimeoutExpired:
-                    self.containerd.kill()
-                    self.containerd.wait(STOP_GRACE)
+                _stop(self.containerd)
             _kill_tree_of(self.dir)
         finally:
             for log in self._logs:

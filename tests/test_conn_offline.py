@@ -98,6 +98,20 @@ class Trace:
         self.tcp(t + 0.01, s, c, SA, si, ci + 1, options=options)
         self.tcp(t + 0.02, c, s, ACK, ci + 1, si + 1)
 
+    def data(self, t, c, s, ci, si):
+        """100 bytes c -> s at seq ci, s's ACK of them, 300 bytes back at seq si, at t,
+        t+10 ms, t+20 ms: 'Dad' (the next sequence numbers: ci + 100 and si + 300)."""
+        self.tcp(t, c, s, PA, ci, si, b"q" * 100)
+        self.tcp(t + 0.01, s, c, ACK, si, ci + 100)
+        self.tcp(t + 0.02, s, c, PA, si, ci + 100, b"r" * 300)
+
+    def close(self, t, c, s, ci, si):
+        """FIN c -> s at seq ci, s's FIN at seq si, c's last ACK, at t, t+10 ms, t+20 ms:
+        'Ff', both closed at t+10 ms (where `duration` ends, §0 step 7)."""
+        self.tcp(t, c, s, FA, ci, si)
+        self.tcp(t + 0.01, s, c, FA, si, ci + 1)
+        self.tcp(t + 0.02, c, s, ACK, ci + 1, si + 1)
+
     def write(self, path):              # nanosecond pcap, little-endian, Ethernet
         write_pcap(path, [(at // 1_000_000, at % 1_000_000 * 1000, frame)
                           for at, _, _, frame in self.pkts], PCAP_NS)
@@ -130,6 +144,15 @@ class Trace:
         else:
             assert bytes in (None, (0, 0))
         return rec
+
+    def expect_apart(self, orig, resp, history, state, bytes, gap, entries):
+        """The records of a flow orig -> resp of one packet at 0 and one `gap` s later: one
+        record with `bytes` (entries 1), or two of one packet each (entries 2: the flow
+        ended between them)."""
+        if entries == 1:
+            return [self.expect(orig, resp, history, state, bytes)]
+        return [self.expect(orig, resp, history, state, until=0),
+                self.expect(orig, resp, history, state, since=gap)]
 
 
 # --- running lpd -------------------------------------------------------------------------
@@ -170,6 +193,11 @@ def one(tmp_path, trace, *args):
     return recs[0]
 
 
+def pkts_ip_bytes(rec):
+    """orig_pkts, orig_ip_bytes, resp_pkts, resp_ip_bytes: a baseline's `1/52 1/40`."""
+    return rec["orig_pkts"], rec["orig_ip_bytes"], rec["resp_pkts"], rec["resp_ip_bytes"]
+
+
 def closed_counts(recs):
     counts = collections.defaultdict(collections.Counter)
     for r in recs:
@@ -188,9 +216,7 @@ def sf_trace(c=C, s=S, ci=1000, si=5000, t=0.0):
     """Handshake, 100 bytes orig->resp, 300 bytes back, FIN each way, last ACK 0.5 s later."""
     tr = Trace()
     tr.handshake(t, c, s, ci, si)
-    tr.tcp(t + 0.03, c, s, PA, ci + 1, si + 1, b"q" * 100)       # D
-    tr.tcp(t + 0.04, s, c, ACK, si + 1, ci + 101)                # a
-    tr.tcp(t + 0.05, s, c, PA, si + 1, ci + 101, b"r" * 300)     # d
+    tr.data(t + 0.03, c, s, ci + 1, si + 1)                      # D a d
     tr.tcp(t + 0.06, c, s, ACK, ci + 101, si + 301)
     tr.tcp(t + 0.07, c, s, FA, ci + 101, si + 301)               # F
     tr.tcp(t + 0.08, s, c, FA, si + 301, ci + 102)               # f: both closed now
@@ -207,8 +233,7 @@ def test_sf_handshake_data_and_fin_both_ways(tmp_path):
     assert rec == tr.expect(C, S, "ShADadFf", "SF", (100, 300), last=0.08)
     assert rec["ts"] == round(T0, 6) and rec["duration"] == 0.08
     # 6 orig packets: SYN(44) ACK data(140) ACK FIN ACK; 4 resp: SYN-ACK(44) ACK data(340) FIN
-    assert (rec["orig_pkts"], rec["orig_ip_bytes"], rec["resp_pkts"], rec["resp_ip_bytes"]) == \
-        (6, 44 + 40 + 140 + 40 + 40 + 40, 4, 44 + 40 + 340 + 40)
+    assert pkts_ip_bytes(rec) == (6, 44 + 40 + 140 + 40 + 40 + 40, 4, 44 + 40 + 340 + 40)
 
 
 def test_retransmitted_data_adds_T_and_t_and_is_not_counted_twice(tmp_path):
@@ -222,9 +247,7 @@ def test_retransmitted_data_adds_T_and_t_and_is_not_counted_twice(tmp_path):
     tr.tcp(0.25, S, C, PA, 5001, 1101, b"r" * 300)      # d
     tr.tcp(0.45, S, C, PA, 5001, 1101, b"r" * 300)      # t
     tr.tcp(0.46, C, S, ACK, 1101, 5301)
-    tr.tcp(0.47, C, S, FA, 1101, 5301)                  # F
-    tr.tcp(0.48, S, C, FA, 5301, 1102)                  # f
-    tr.tcp(0.49, C, S, ACK, 1102, 5302)
+    tr.close(0.47, C, S, 1101, 5301)                    # F f
     assert one(tmp_path, tr) == tr.expect(C, S, "ShADTadtFf", "SF", (100, 300), last=0.48)
 
 
@@ -282,9 +305,7 @@ def test_zero_window_adds_scaled_w(tmp_path):
 def test_s1_established_never_closed(tmp_path):
     tr = Trace()
     tr.handshake(0, C, S, 1000, 5000)
-    tr.tcp(0.03, C, S, PA, 1001, 5001, b"q" * 100)
-    tr.tcp(0.04, S, C, ACK, 5001, 1101)
-    tr.tcp(0.05, S, C, PA, 5001, 1101, b"r" * 300)
+    tr.data(0.03, C, S, 1001, 5001)
     assert one(tmp_path, tr) == tr.expect(C, S, "ShADad", "S1", (100, 300))
 
 
@@ -393,8 +414,7 @@ def test_rej_baseline(tmp_path):
     tr.tcp(0.050692, s, c, RA, 0, 3_000_000_001)
     rec = one(tmp_path, tr)
     assert rec == tr.expect(c, s, "Sr", "REJ", (0, 0))
-    assert (rec["orig_pkts"], rec["orig_ip_bytes"], rec["resp_pkts"], rec["resp_ip_bytes"]) == \
-        (1, 52, 1, 40)
+    assert pkts_ip_bytes(rec) == (1, 52, 1, 40)
 
 
 def test_rsto_after_data(tmp_path):
@@ -416,16 +436,13 @@ def test_rsto_baseline_shr(tmp_path):
     tr.tcp(0.117322, c, s, RST, 7001)
     rec = one(tmp_path, tr)
     assert rec == tr.expect(c, s, "ShR", "RSTO", (0, 0))
-    assert (rec["orig_pkts"], rec["orig_ip_bytes"], rec["resp_pkts"], rec["resp_ip_bytes"]) == \
-        (2, 80, 1, 44)
+    assert pkts_ip_bytes(rec) == (2, 80, 1, 44)
 
 
 def test_rstr_after_data(tmp_path):
     tr = Trace()
     tr.handshake(0, C, S, 1000, 5000)
-    tr.tcp(0.03, C, S, PA, 1001, 5001, b"q" * 100)
-    tr.tcp(0.04, S, C, ACK, 5001, 1101)
-    tr.tcp(0.05, S, C, PA, 5001, 1101, b"r" * 300)
+    tr.data(0.03, C, S, 1001, 5001)
     tr.tcp(0.06, S, C, RA, 5301, 1101)
     assert one(tmp_path, tr) == tr.expect(C, S, "ShADadr", "RSTR", (100, 300))
 
@@ -434,9 +451,7 @@ def test_orig_fin_then_resp_rst_is_rstr(tmp_path):
     """`ShADadFr RSTR` (ssh.basic): orig CLOSED, resp RESET."""
     tr = Trace()
     tr.handshake(0, C, S, 1000, 5000)
-    tr.tcp(0.03, C, S, PA, 1001, 5001, b"q" * 100)
-    tr.tcp(0.04, S, C, ACK, 5001, 1101)
-    tr.tcp(0.05, S, C, PA, 5001, 1101, b"r" * 300)
+    tr.data(0.03, C, S, 1001, 5001)
     tr.tcp(0.06, C, S, FA, 1101, 5301)
     tr.tcp(0.07, S, C, RA, 5301, 1102)
     assert one(tmp_path, tr) == tr.expect(C, S, "ShADadFr", "RSTR", (100, 300))
@@ -447,9 +462,7 @@ def test_orig_fin_then_orig_rst_is_rsto(tmp_path):
     CLOSED turns CLOSED into RESET (§1 CLOSED row)."""
     tr = Trace()
     tr.handshake(0, C, S, 1000, 5000)
-    tr.tcp(0.03, C, S, PA, 1001, 5001, b"q" * 100)
-    tr.tcp(0.04, S, C, ACK, 5001, 1101)
-    tr.tcp(0.05, S, C, PA, 5001, 1101, b"r" * 300)
+    tr.data(0.03, C, S, 1001, 5001)
     tr.tcp(0.06, C, S, FA, 1101, 5301)
     tr.tcp(0.07, C, S, RST, 1102)
     assert one(tmp_path, tr) == tr.expect(C, S, "ShADadFR", "RSTO", (100, 300))
@@ -460,9 +473,7 @@ def test_fin_rst_then_peer_fin_is_sf(tmp_path):
     turns the RESET whose prev_state was CLOSED back into CLOSED (§1 ESTABLISHED row)."""
     tr = Trace()
     tr.handshake(0, C, S, 1000, 5000)
-    tr.tcp(0.03, C, S, PA, 1001, 5001, b"q" * 100)
-    tr.tcp(0.04, S, C, ACK, 5001, 1101)
-    tr.tcp(0.05, S, C, PA, 5001, 1101, b"r" * 300)
+    tr.data(0.03, C, S, 1001, 5001)
     tr.tcp(0.06, C, S, FA, 1101, 5301)
     tr.tcp(0.07, C, S, RST, 1102)
     tr.tcp(0.08, S, C, FA, 5301, 1102)
@@ -666,8 +677,7 @@ def test_midstream_dda_baseline(tmp_path):
     tr.tcp(0.061329, c, s, ACK, 464, 351, options=TSOPT)
     rec = one(tmp_path, tr)
     assert rec == tr.expect(c, s, "DdA", "OTH", (463, 350))
-    assert (rec["orig_pkts"], rec["orig_ip_bytes"], rec["resp_pkts"], rec["resp_ip_bytes"]) == \
-        (2, 567, 1, 402)
+    assert pkts_ip_bytes(rec) == (2, 567, 1, 402)
 
 
 @pytest.mark.parametrize("sport,dport,flip", [
@@ -717,12 +727,8 @@ def test_syn_ack_first_flips_to_caret_h_on_the_first_ack(tmp_path, server, clien
     tr = Trace()
     tr.tcp(0, server, client, SA, 5000, 1001, options=MSS)    # H
     tr.tcp(0.01, client, server, ACK, 1001, 5001)            # ^h + A
-    tr.tcp(0.02, client, server, PA, 1001, 5001, b"q" * 100)  # D
-    tr.tcp(0.03, server, client, ACK, 5001, 1101)            # a
-    tr.tcp(0.04, server, client, PA, 5001, 1101, b"r" * 300)  # d
-    tr.tcp(0.05, client, server, FA, 1101, 5301)             # F
-    tr.tcp(0.06, server, client, FA, 5301, 1102)             # f
-    tr.tcp(0.07, client, server, ACK, 1102, 5302)
+    tr.data(0.02, client, server, 1001, 5001)                # D a d
+    tr.close(0.05, client, server, 1101, 5301)               # F f
     assert one(tmp_path, tr) == tr.expect(client, server, "^hADadFf", "SF", (100, 300),
                                           last=0.06)
 
@@ -736,12 +742,8 @@ def test_syn_syn_ack_reversal(tmp_path):
     tr.tcp(0, S_ODD, C, SA, 5000, 1001, options=MSS)        # H
     tr.tcp(0.01, C, S_ODD, SYN, 1000, options=MSS)          # s^
     tr.tcp(0.02, C, S_ODD, ACK, 1001, 5001)                 # A
-    tr.tcp(0.03, C, S_ODD, PA, 1001, 5001, b"q" * 100)      # D
-    tr.tcp(0.04, S_ODD, C, ACK, 5001, 1101)                 # a
-    tr.tcp(0.05, S_ODD, C, PA, 5001, 1101, b"r" * 300)      # d
-    tr.tcp(0.06, C, S_ODD, FA, 1101, 5301)                  # F
-    tr.tcp(0.07, S_ODD, C, FA, 5301, 1102)                  # f
-    tr.tcp(0.08, C, S_ODD, ACK, 1102, 5302)
+    tr.data(0.03, C, S_ODD, 1001, 5001)                     # D a d
+    tr.close(0.06, C, S_ODD, 1101, 5301)                    # F f
     assert one(tmp_path, tr) == tr.expect(C, S_ODD, "Hs^ADadFf", "SF", (100, 300), last=0.07)
 
 
@@ -770,11 +772,7 @@ def test_attempt_timer_and_syn_reuse(tmp_path, gap, isn2, entries):
     tr = Trace()
     tr.tcp(0, C, S, SYN, 1000)
     tr.tcp(gap, C, S, SYN, isn2)
-    if entries == 1:
-        want = [tr.expect(C, S, "S", "S0", (0, 0))]
-    else:
-        want = [tr.expect(C, S, "S", "S0", until=0), tr.expect(C, S, "S", "S0", since=gap)]
-    assert conns(tmp_path, tr) == want
+    assert conns(tmp_path, tr) == tr.expect_apart(C, S, "S", "S0", (0, 0), gap, entries)
 
 
 def test_syn_after_rej_starts_a_new_connection(tmp_path):
@@ -796,9 +794,7 @@ def test_port_reuse_with_a_new_isn_starts_a_new_connection(tmp_path, closed):
     tr = Trace()
     tr.handshake(0, C, S, 1000, 5000)
     if closed:
-        tr.tcp(0.03, C, S, FA, 1001, 5001)
-        tr.tcp(0.04, S, C, FA, 5001, 1002)
-        tr.tcp(0.05, C, S, ACK, 1002, 5002)
+        tr.close(0.03, C, S, 1001, 5001)
         first = tr.expect(C, S, "ShAFf", "SF", (0, 0), until=0.05, last=0.04)
     else:
         first = tr.expect(C, S, "ShA", "S1", (0, 0), until=0.02)
@@ -831,9 +827,7 @@ def test_close_delay_late_rst_joins_later_packet_is_new(tmp_path):
     later is a new connection ('A', OTH)."""
     tr = Trace()
     tr.handshake(0, C, S, 1000, 5000)
-    tr.tcp(0.03, C, S, PA, 1001, 5001, b"q" * 100)
-    tr.tcp(0.04, S, C, ACK, 5001, 1101)
-    tr.tcp(0.05, S, C, PA, 5001, 1101, b"r" * 300)
+    tr.data(0.03, C, S, 1001, 5001)
     tr.tcp(0.06, S, C, FA, 5301, 1101)             # f
     tr.tcp(0.07, C, S, FA, 1101, 5302)             # F: both closed, last_time 0.07
     tr.tcp(0.08, S, C, ACK, 5302, 1102)
@@ -869,11 +863,7 @@ def test_tcp_idle_timeout_without_any_handshake(tmp_path, gap, entries):
     tr = Trace()
     tr.tcp(0, C, S_ODD, PA, 1000, 7000, b"q" * 10)
     tr.tcp(gap, C, S_ODD, PA, 1010, 7000, b"q" * 10)
-    if entries == 1:
-        want = [tr.expect(C, S_ODD, "D", "OTH", (20, 0))]
-    else:
-        want = [tr.expect(C, S_ODD, "D", "OTH", until=0), tr.expect(C, S_ODD, "D", "OTH", since=gap)]
-    assert conns(tmp_path, tr) == want
+    assert conns(tmp_path, tr) == tr.expect_apart(C, S_ODD, "D", "OTH", (20, 0), gap, entries)
 
 
 def test_udp_idle_timeout_after_other_traffic_ended(tmp_path):
@@ -904,9 +894,7 @@ def test_sequence_numbers_wrapping_past_2_32(tmp_path):
     tr.tcp(0.06, S, C, ACK, si + 1, ci + 301)
     tr.tcp(0.07, S, C, PA, si + 1, ci + 301, b"d" * 50)     # crosses 2^32
     tr.tcp(0.08, C, S, ACK, ci + 301, si + 51)
-    tr.tcp(0.09, C, S, FA, ci + 301, si + 51)
-    tr.tcp(0.10, S, C, FA, si + 51, ci + 302)
-    tr.tcp(0.11, C, S, ACK, ci + 302, si + 52)
+    tr.close(0.09, C, S, ci + 301, si + 51)
     assert one(tmp_path, tr) == tr.expect(C, S, "ShADTadFf", "SF", (300, 50), last=0.10)
 
 
@@ -1011,15 +999,11 @@ def test_udp_first_packet_orientation(tmp_path, sport, dport, dst, flip):
     (11, ("--conn-timeout-udp", "10"), 2), (9, ("--conn-timeout-udp", "10"), 1),
 ])
 def test_udp_idle_timeout_on_the_pcap_clock(tmp_path, gap, args, entries):
-    tr = Trace()
-    tr.udp(0, C, ("10.0.0.2", 9999), b"x" * 10)
-    tr.udp(gap, C, ("10.0.0.2", 9999), b"x" * 10)
     s = ("10.0.0.2", 9999)
-    if entries == 1:
-        want = [tr.expect(C, s, "D", "S0", (20, 0))]
-    else:
-        want = [tr.expect(C, s, "D", "S0", until=0), tr.expect(C, s, "D", "S0", since=gap)]
-    assert conns(tmp_path, tr, *args) == want
+    tr = Trace()
+    tr.udp(0, C, s, b"x" * 10)
+    tr.udp(gap, C, s, b"x" * 10)
+    assert conns(tmp_path, tr, *args) == tr.expect_apart(C, s, "D", "S0", (20, 0), gap, entries)
 
 
 def test_same_timestamp_leaves_duration_and_bytes_out(tmp_path):

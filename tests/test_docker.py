@@ -2,6 +2,7 @@
 server on a real unix socket speaking the Docker Engine API's shapes (and podman's
 variants), so that down, slow, garbage and restarted engines can be staged at will.
 The real Docker engine is in test_http_docker.py."""
+import contextlib
 import http.server
 import ipaddress
 import json
@@ -39,10 +40,16 @@ def summary(name, ips, image="lpdtest/bb:1", cid=None, names=None):
 
 class Engine:
     """A unix-socket engine. `containers` is what it lists; `events` queues stream lines;
-    `mode` makes it misbehave: 'ok', 'garbage', '500', 'drip', 'huge'."""
+    `mode` makes it misbehave: 'ok', 'garbage', '500', 'drip', 'huge'. stop(), then
+    start(): the engine gone, then back on the same socket."""
 
     def __init__(self, path, version_header=("Api-Version", "1.41")):
-        self.path, self.version_header = path, version_header
+        self.path = path
+        self.start(version_header)
+
+    def start(self, version_header=("Api-Version", "1.41")):
+        """Listen on the socket (again, after stop(): a fresh engine, nothing listed yet)."""
+        self.version_header = version_header
         self.containers, self.mode = [], "ok"
         self.requests = []
         self.streams = []                         # queues of open event streams
@@ -109,7 +116,7 @@ class Engine:
         class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             daemon_threads = True
 
-        self.server = Server(path, Handler)
+        self.server = Server(self.path, Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -154,6 +161,20 @@ class Watched:
 def sock_dir():
     with tempfile.TemporaryDirectory() as d:
         yield d
+
+
+@contextlib.contextmanager
+def watching(sock_dir, *containers, sock="docker.sock", version_header=("Api-Version", "1.41")):
+    """An Engine on sock_dir/sock listing `containers` and a Watched client of it: (engine,
+    client); the client closed, then the engine stopped, however the block ends."""
+    eng = Engine(os.path.join(sock_dir, sock), version_header)
+    eng.containers = list(containers)
+    w = Watched(eng.path)
+    try:
+        yield eng, w
+    finally:
+        w.close()
+        eng.stop()
 
 
 # --- pure parts ---------------------------------------------------------------------------
@@ -207,11 +228,7 @@ def test_a_garbage_version_is_an_error():
 # --- against an engine on a unix socket ----------------------------------------------------
 
 def test_names_follow_events_and_stopped_ones_linger(sock_dir):
-    path = os.path.join(sock_dir, "docker.sock")
-    eng = Engine(path)
-    eng.containers = [summary("web1", ["172.17.0.2"])]
-    w = Watched(path)
-    try:
+    with watching(sock_dir, summary("web1", ["172.17.0.2"])) as (eng, w):
         assert wait_for(lambda: w.name("172.17.0.2") == "web1")
         assert w.engine.up and w.engine.api_version == (1, 41)
         assert any("/events?filters=" in r and r.startswith("/v1.41/") for r in eng.requests)
@@ -237,19 +254,12 @@ def test_names_follow_events_and_stopped_ones_linger(sock_dir):
         eng.event("image", "pull")
         time.sleep(0.6)
         assert sum(r.endswith("/containers/json") for r in eng.requests) == n
-    finally:
-        w.close()
-        eng.stop()
     assert w.lines == []
 
 
 def test_a_lingering_name_expires(sock_dir, monkeypatch):
     monkeypatch.setattr(lpd, "DOCKER_KEEP", 0.5)
-    path = os.path.join(sock_dir, "docker.sock")
-    eng = Engine(path)
-    eng.containers = [summary("web1", ["172.17.0.2"])]
-    w = Watched(path)
-    try:
+    with watching(sock_dir, summary("web1", ["172.17.0.2"])) as (eng, w):
         assert wait_for(lambda: w.name("172.17.0.2") == "web1")
         eng.containers = []
         eng.event("container", "destroy")
@@ -257,27 +267,20 @@ def test_a_lingering_name_expires(sock_dir, monkeypatch):
         time.sleep(0.7)
         eng.event("container", "destroy")           # the next list drops the old name
         assert wait_for(lambda: w.name("172.17.0.2") == "", 3)
-    finally:
-        w.close()
-        eng.stop()
 
 
 def test_engine_down_keeps_names_logs_once_and_recovers(sock_dir):
-    path = os.path.join(sock_dir, "docker.sock")
-    eng = Engine(path)
-    eng.containers = [summary("web1", ["172.17.0.2"])]
-    w = Watched(path)
-    try:
+    with watching(sock_dir, summary("web1", ["172.17.0.2"])) as (eng, w):
         assert wait_for(lambda: w.name("172.17.0.2") == "web1")
         eng.stop()                                   # the engine dies: its stream ends
         assert wait_for(lambda: not w.engine.up, 3)
         errors = w.engine.errors
         assert wait_for(lambda: w.engine.errors >= errors + 2, 8), "no retries while down"
         assert w.name("172.17.0.2") == "web1"        # the last good names stay
-        warnings = [m for m in w.lines if path in m]
+        warnings = [m for m in w.lines if eng.path in m]
         assert len(warnings) == 1 and "keeping the last good names" in warnings[0], w.lines
         # the engine comes back (upgraded: it speaks 1.43 now), with a change made meanwhile
-        eng = Engine(path, ("Api-Version", "1.43"))
+        eng.start(("Api-Version", "1.43"))
         eng.containers = [summary("web1", ["172.17.0.9"])]
         assert wait_for(lambda: w.name("172.17.0.9") == "web1", 8)
         assert w.engine.up and w.engine.api_version == (1, 43)
@@ -287,9 +290,6 @@ def test_engine_down_keeps_names_logs_once_and_recovers(sock_dir):
         eng.containers.append(summary("web2", ["172.17.0.10"]))
         eng.event("container", "start")
         assert wait_for(lambda: w.name("172.17.0.10") == "web2", 3)
-    finally:
-        w.close()
-        eng.stop()
 
 
 def test_no_engine_is_one_line_and_no_names(sock_dir):
@@ -310,11 +310,7 @@ def test_no_engine_is_one_line_and_no_names(sock_dir):
 @pytest.mark.parametrize("mode, reason", [("garbage", "invalid JSON"), ("500", "engine on fire"),
                                           ("huge", "answer over"), ("drip", "within 5 s")])
 def test_a_misbehaving_engine_keeps_the_last_good_names(sock_dir, mode, reason):
-    path = os.path.join(sock_dir, "docker.sock")
-    eng = Engine(path)
-    eng.containers = [summary("web1", ["172.17.0.2"])]
-    w = Watched(path)
-    try:
+    with watching(sock_dir, summary("web1", ["172.17.0.2"])) as (eng, w):
         assert wait_for(lambda: w.name("172.17.0.2") == "web1")
         eng.mode = mode
         eng.containers = [summary("other", ["172.17.0.2"])]
@@ -325,34 +321,21 @@ def test_a_misbehaving_engine_keeps_the_last_good_names(sock_dir, mode, reason):
         eng.mode = "ok"
         assert wait_for(lambda: w.name("172.17.0.2") == "other", 10)
         assert w.engine.up
-    finally:
-        w.close()
-        eng.stop()
 
 
 def test_podman_spelling(sock_dir):
     """podman says API-Version, removes with `remove`, and names the container in
     network events; the same client works."""
-    path = os.path.join(sock_dir, "podman.sock")
-    eng = Engine(path, ("API-Version", "1.41"))
-    eng.containers = [summary("pod1", ["10.88.0.2"])]
-    w = Watched(path)
-    try:
+    with watching(sock_dir, summary("pod1", ["10.88.0.2"]), sock="podman.sock",
+                  version_header=("API-Version", "1.41")) as (eng, w):
         assert wait_for(lambda: w.name("10.88.0.2") == "pod1")
         eng.containers = []
         eng.event("container", "remove")
         assert wait_for(lambda: not w.engine.current, 3)
-    finally:
-        w.close()
-        eng.stop()
 
 
 def test_a_hostile_event_stream_is_survived(sock_dir):
-    path = os.path.join(sock_dir, "docker.sock")
-    eng = Engine(path)
-    eng.containers = [summary("web1", ["172.17.0.2"])]
-    w = Watched(path)
-    try:
+    with watching(sock_dir, summary("web1", ["172.17.0.2"])) as (eng, w):
         assert wait_for(lambda: w.name("172.17.0.2") == "web1")
         eng.containers = [summary("web2", ["172.17.0.2"])]
         for q in eng.streams:
@@ -363,18 +346,11 @@ def test_a_hostile_event_stream_is_survived(sock_dir):
             q.put(b"x" * (lpd.DOCKER_EVENT_MAX_BYTES + 10))
         assert wait_for(lambda: w.name("172.17.0.2") == "web3", 5)
         assert w.engine.up
-    finally:
-        w.close()
-        eng.stop()
 
 
 def test_metrics_and_api_document(sock_dir):
-    path = os.path.join(sock_dir, "docker.sock")
-    eng = Engine(path)
-    eng.containers = [summary("web1", ["172.17.0.2", "fd00:1::2"]), summary("db", ["172.17.0.3"],
-                                                                           image="pg:16")]
-    w = Watched(path)
-    try:
+    with watching(sock_dir, summary("web1", ["172.17.0.2", "fd00:1::2"]),
+                  summary("db", ["172.17.0.3"], image="pg:16")) as (eng, w):
         assert wait_for(lambda: len(w.engine.current) == 3)
         published = lpd.Published()
         published.publish({"time": 1.0})
@@ -388,13 +364,11 @@ def test_metrics_and_api_document(sock_dir):
         assert fams["lpd_docker_up"].samples[0].value == 1
         assert fams["lpd_docker_last_success_timestamp_seconds"].samples[0].value > 0
         doc = lpd.containers_document(published.latest(), c.presentation())
-        assert doc["engine"] == {"socket": path, "up": True, "errors": 0, "api_version": "1.41"}
+        assert doc["engine"] == {"socket": eng.path, "up": True, "errors": 0,
+                                 "api_version": "1.41"}
         assert [r["container"] for r in doc["containers"]] == ["db", "web1", "web1"]
         assert doc["containers"][0] == {"ip": "172.17.0.3", "container": "db", "image": "pg:16",
                                         "id": summary("db", [])["Id"]}
-    finally:
-        w.close()
-        eng.stop()
     assert lpd.containers_document({}, lpd.Presentation("eth0", None, None, 0)) is None
 
 

@@ -174,6 +174,10 @@ def response(status=200, body=b"", headers=(), version="1.1", length=True, reaso
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
+# A 200 whose body follows chunked (in the same segment or in the next ones).
+CHUNKED_200 = response(200, headers=["Transfer-Encoding: chunked"], length=False)
+
+
 def rec(depth, method, uri, status, t, first=None, last=None, host=HOST, qlen=0, rlen=0,
         c=C, s=S):
     """The http.log record expected: request's first byte at offset t, final response's first
@@ -188,6 +192,14 @@ def rec(depth, method, uri, status, t, first=None, last=None, host=HOST, qlen=0,
     if first is not None:
         r["ttfb"] = (us(first) - us(t)) / 1e6
     return r
+
+
+def next_request(cn, depth, t=0.2):
+    """GET /after at t, answered `ok` 10 ms later: parsed, and so logged, only when the
+    message before it ended exactly where its framing says. Its record, at `depth`."""
+    cn.q(t, request(uri="/after"))
+    cn.r(t + 0.01, response(200, b"ok"))
+    return rec(depth, "GET", "/after", 200, t, t + 0.01, t + 0.01, rlen=2)
 
 
 # --- running lpd -------------------------------------------------------------------------
@@ -429,7 +441,7 @@ def test_chunked_response_with_extension_and_trailer(tmp_path):
     tr = Trace()
     cn = Conn(tr)
     cn.q(0.03, request(uri="/chunked"))
-    cn.r(0.05, response(200, headers=["Transfer-Encoding: chunked"], length=False))
+    cn.r(0.05, CHUNKED_200)
     body = CHUNKED_BODY
     cut1 = body.index(b"1A") + 1                       # between "1" and "A"
     cut2 = body.index(b"0\r\nX-") + 3
@@ -437,12 +449,11 @@ def test_chunked_response_with_extension_and_trailer(tmp_path):
     cn.r(0.07, body[cut1:cut2])
     cn.r(0.08, body[cut2:-2])
     cn.r(0.09, body[-2:])
-    cn.q(0.2, request(uri="/after"))
-    cn.r(0.21, response(200, b"ok"))
+    after = next_request(cn, 2)
     cn.close(0.3)
     check(http_log(tmp_path, tr),
           [rec(1, "GET", "/chunked", 200, 0.03, 0.05, 0.09, rlen=31),
-           rec(2, "GET", "/after", 200, 0.2, 0.21, 0.21, rlen=2)])
+           after])
 
 
 def test_chunked_response_in_one_segment_with_uppercase_and_leading_zeros(tmp_path):
@@ -450,7 +461,7 @@ def test_chunked_response_in_one_segment_with_uppercase_and_leading_zeros(tmp_pa
     cn = Conn(tr)
     cn.q(0.03, request(uri="/c"))
     body = b"00A\r\n" + b"a" * 10 + b"\r\n" + b"1f\r\n" + b"b" * 31 + b"\r\n000\r\n\r\n"
-    cn.r(0.05, response(200, headers=["Transfer-Encoding: chunked"], length=False) + body)
+    cn.r(0.05, CHUNKED_200 + body)
     cn.q(0.1, request(uri="/d"))
     cn.r(0.12, response(200, b"xyz"))
     cn.close(0.2)
@@ -474,15 +485,14 @@ def test_chunked_response_split_anywhere(tmp_path, where):
     tr = Trace()
     cn = Conn(tr)
     cn.q(0.03, request(uri="/chunked"))
-    cn.r(0.05, response(200, headers=["Transfer-Encoding: chunked"], length=False))
+    cn.r(0.05, CHUNKED_200)
     cn.r(0.06, CHUNK_SPLITS[where][0])
     cn.r(0.07, CHUNK_SPLITS[where][1])
-    cn.q(0.2, request(uri="/after"))
-    cn.r(0.21, response(200, b"ok"))
+    after = next_request(cn, 2)
     cn.close(0.3)
     check(http_log(tmp_path, tr),
           [rec(1, "GET", "/chunked", 200, 0.03, 0.05, 0.07, rlen=31),
-           rec(2, "GET", "/after", 200, 0.2, 0.21, 0.21, rlen=2)])
+           after])
 
 
 @pytest.mark.parametrize("where", list(CHUNK_SPLITS))
@@ -493,12 +503,11 @@ def test_chunked_request_split_anywhere(tmp_path, where):
     cn.q(0.04, CHUNK_SPLITS[where][0])
     cn.q(0.05, CHUNK_SPLITS[where][1])
     cn.r(0.07, response(200, b"ok"))
-    cn.q(0.2, request(uri="/after"))
-    cn.r(0.21, response(200, b"ok"))
+    after = next_request(cn, 2)
     cn.close(0.3)
     check(http_log(tmp_path, tr),
           [rec(1, "POST", "/up", 200, 0.03, 0.07, 0.07, qlen=31, rlen=2),
-           rec(2, "GET", "/after", 200, 0.2, 0.21, 0.21, rlen=2)])
+           after])
 
 
 @pytest.mark.parametrize("size", [b"-5", b"0x5", b"+5", b"0_5"])
@@ -509,10 +518,8 @@ def test_invalid_chunk_size_is_a_parse_error(tmp_path, size):
     tr = Trace()
     cn = Conn(tr)
     cn.q(0.03, request(uri="/chunked"))
-    cn.r(0.05, response(200, headers=["Transfer-Encoding: chunked"], length=False)
-         + size + b"\r\nhello\r\n0\r\n\r\n")
-    cn.q(0.2, request(uri="/after"))
-    cn.r(0.21, response(200, b"ok"))
+    cn.r(0.05, CHUNKED_200 + size + b"\r\nhello\r\n0\r\n\r\n")
+    next_request(cn, 2)
     cn.close(0.3)
     recs, out = replay(tmp_path, tr)
     assert all(r["response_body_len"] >= 0 and r["request_body_len"] >= 0 for r in recs), recs
@@ -647,8 +654,7 @@ def test_invalid_content_length_is_a_parse_error(tmp_path, cl):
     cn = Conn(tr)
     cn.q(0.03, request(uri="/a"))
     cn.r(0.05, f"HTTP/1.1 200 OK\r\nContent-Length: {cl}\r\n\r\nhello".encode())
-    cn.q(0.2, request(uri="/after"))
-    cn.r(0.21, response(200, b"ok"))
+    next_request(cn, 2)
     cn.close(0.3)
     recs, out = replay(tmp_path, tr)
     assert [r["status_code"] for r in recs if r["uri"] == "/after"] in ([], [0]), recs
@@ -663,13 +669,12 @@ def test_content_length_list_of_identical_values(tmp_path):
     cn.r(0.05, b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello")
     cn.q(0.1, request(uri="/b"))
     cn.r(0.12, b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc")
-    cn.q(0.2, request(uri="/after"))
-    cn.r(0.21, response(200, b"ok"))
+    after = next_request(cn, 3)
     cn.close(0.3)
     check(http_log(tmp_path, tr),
           [rec(1, "GET", "/a", 200, 0.03, 0.05, 0.05, rlen=5),
            rec(2, "GET", "/b", 200, 0.1, 0.12, 0.12, rlen=3),
-           rec(3, "GET", "/after", 200, 0.2, 0.21, 0.21, rlen=2)])
+           after])
 
 
 def test_transfer_encoding_overrides_content_length(tmp_path):
@@ -872,8 +877,7 @@ def test_shuffled_and_duplicated_capture_gives_the_same_log(tmp_path):
     after it: the same log."""
     msgs = [
         (C, split(request(uri="/a?b=c", headers=["Accept: */*"]), 3)),
-        (S, split(response(200, headers=["Transfer-Encoding: chunked"], length=False)
-                  + CHUNKED_BODY, 5)),
+        (S, split(CHUNKED_200 + CHUNKED_BODY, 5)),
         (C, split(request("POST", "/p", body=b"p" * 300), 4)),
         (S, split(response(201, b"c" * 77), 3)),
         (C, [request(uri="/z")]),

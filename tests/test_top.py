@@ -166,18 +166,14 @@ def test_keys_panes_pause_resize_and_a_killed_daemon(pair, tmp_path):
         tmux.keys("2")
         assert tmux.shows("remote addresses:"), tmux.screen()
         assert pair.ip4_a in tmux.screen() and "sorted by: bit/s" in tmux.screen()
-        tmux.keys("3")
-        assert tmux.shows("rules: 2 - sorted by: bit/s"), tmux.screen()
-        tmux.keys("4")
-        assert tmux.shows("connections:"), tmux.screen()
-        tmux.keys("Tab")
-        assert tmux.shows("HTTP: off"), tmux.screen()
-        tmux.keys("1")
-        assert tmux.shows("pane 1/5 addresses"), tmux.screen()
-        tmux.keys("p")
-        assert tmux.shows("paused"), tmux.screen()
-        tmux.keys("p")
-        assert tmux.shows("pane 1/5 addresses"), tmux.screen()
+        for key, shown in (("3", "rules: 2 - sorted by: bit/s"),          # a key, what it shows
+                           ("4", "connections:"),
+                           ("Tab", "HTTP: off"),
+                           ("1", "pane 1/5 addresses"),
+                           ("p", "paused"),
+                           ("p", "pane 1/5 addresses")):                  # p again: resumed
+            tmux.keys(key)
+            assert tmux.shows(shown), (key, tmux.screen())
         tmux.tmux("resize-window", "-t", "top", "-x", "60", "-y", "15")
         assert wait_for(lambda: max(map(len, tmux.screen().splitlines() or [""])) <= 60 and
                         "q quit" in tmux.screen(), 5), tmux.screen()
