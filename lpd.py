@@ -9207,7 +9207,7 @@ STAGES.append(Stage(HttpRequests, _http_requests, (("http", http_document),), ht
 # mutable counters CPython has.
 #
 # Reload: a new RuleCounter is compiled off the capture thread; the capture thread
-# carries the counts over and swaps it in between two blocks (Daemon.apply_reload),
+# carries the counts over and swaps it in between two blocks (Reloader.swap_rules),
 # so no frame is counted by the old set after its counts were copied.
 #
 # The unix socket: bpfcountd wrote its lines in reverse file order (it prepended
@@ -13022,9 +13022,12 @@ class RuleSocketServer(SelectorServer):
 #
 # The capture thread (the main one) drains the ring, runs the decoder and the
 # consumers, and is the only writer of every counter. Beside it: the HTTP server,
-# the mapping poller, the rule socket and, during a SIGHUP, the thread compiling
+# the mapping poller, the rule socket and, during a reload, the thread compiling
 # the new rules. They meet the capture thread only through Published and through
-# `pending`, a reference the reload thread sets and the capture thread takes.
+# the Reloader's `pending`, a reference the reload thread sets and the capture
+# thread takes. The Daemon wires the parts and runs the loop; the Reloader (the
+# reload state machine) and the InterfaceWatch (the interface lost and back) act
+# on its parts from that loop.
 
 INTERFACE_CHECK_PERIOD = 1.0
 WAITING_LINE = "no such interface yet; waiting for it (counting starts when it appears)"
@@ -13115,12 +13118,6 @@ def kernel_program(prefilter, snaplen, whole=None):
     head = [(BPF_JMP | BPF_JA, 0, 0, n - i - 1) if c == BPF_RET | BPF_K and k else (c, jt, jf, k)
             for i, (c, jt, jf, k) in enumerate(prefilter)]    # accept: on to the judge
     return head + tail
-
-
-class _Widening(NamedTuple):
-    """New rules waiting for the frames the old snapshot length cut to drain."""
-    rules: object
-    deadline: float
 
 
 def status_line(ifname, snap, uptime):
@@ -13230,8 +13227,347 @@ class Lifecycle:
         """On the way out, after the exporters stopped."""
 
 
+class Adoption(NamedTuple):
+    """What the capture thread adopts between two blocks: rules and local networks, the
+    eBPF program built for them on the reload thread (None: the classic path, or not
+    built yet), and the start of the line logged when they are adopted."""
+    rules: object                      # a RuleCounter, or None (no rules)
+    nets: list                         # the local networks (empty: the running ones stay)
+    prepared: object = None            # KernelAccounting.prepare()'s, or None
+    done: str = "reloaded"
+
+
+class _Widening(NamedTuple):
+    """New rules waiting for the frames the old snapshot length cut to drain."""
+    rules: object
+    deadline: float
+
+
+class Reloader:
+    """The reload state machine: new rules (a SIGHUP, or the interface back with another
+    $MAC) or new interface networks, made ready on a thread of their own and adopted by
+    the capture thread between two blocks. One at a time, in these states:
+
+      idle       nothing under way.
+      compiling  the reload thread runs a job (compile_rules, or InterfaceWatch.
+                 prepare_nets): parsing, compiling, DNS, netlink, the eBPF program's
+                 build and verification. A job that fails logs why and ends in idle:
+                 the running configuration stays.
+      pending    the job's Adoption waits in `pending`; advance() adopts it.
+      widening   adopted rules that need a longer snapshot than the running ones: the
+                 kernel program copies more already, and the frames it cut short (the
+                 blocks queued then, or WIDEN_DRAIN_SECONDS with the kernel's block not
+                 retired) drain through the old rules before the new ones count.
+
+    `requested`: a reload is owed. start() begins one from idle only, so a request made
+    in any other state runs once more afterwards, with the file as it is then.
+
+    Threads: the reload thread runs only the job; its one write is `pending` (or
+    `requested`, to run again), then it wakes the loop. Every other method is the
+    capture thread's, which alone changes what counts and what is published (the rules
+    stage, the kernel program, the local networks)."""
+
+    def __init__(self, daemon, wake, compile_step=None):
+        """daemon: the Daemon whose capture it changes; wake: wakes its loop (called on
+        the reload thread); compile_step: the job a request runs, returning an Adoption
+        or None (compile_rules; a test's fake)."""
+        self.daemon, self.wake = daemon, wake
+        self.compile_step = compile_step or self.compile_rules
+        self.requested = False
+        self.thread = None               # the reload thread, running or done
+        self.pending = None              # an Adoption from the reload thread
+        self.widening = None             # a _Widening while old frames drain
+        self.widen_blocks = 0            # blocks queued at the widening, not yet read
+
+    def idle(self):
+        return (self.thread is None or not self.thread.is_alive()) and \
+            self.pending is None and self.widening is None
+
+    # -- the reload thread ------------------------------------------------------
+
+    def compile_rules(self):
+        """Everything slow (parsing, compiling, DNS, netlink). While the interface is
+        awaited its networks stay as they are and $MAC is a stand-in:
+        InterfaceWatch.appeared() reads both when it comes."""
+        d = self.daemon
+        if d.geo is not None:
+            d.geo.reopen()
+        awaiting = d.watch.awaiting
+        try:
+            rules = load_rules(d.opts, d.ifname, awaiting)
+            nets = d.opts.local_nets or \
+                (d.local.local_nets if awaiting else interface_local_nets(d.ifname))
+        except Exception as e:            # whatever went wrong, the running rules stay
+            reason = str(e) if isinstance(e, LpdError) else f"{type(e).__name__}: {e}"
+            log(LOG_ERR, f"reload failed, keeping the running configuration: {reason}")
+            return None
+        if awaiting and not d.watch.awaiting:
+            # The interface appeared meanwhile: these rules have the stand-in $MAC.
+            self.requested = True
+            return None
+        prepared = None
+        if d.kernel is not None:
+            # Built, loaded and verified here: the capture thread only attaches it.
+            try:
+                prepared = d.kernel.prepare(rules, nets or d.local.local_nets)
+            except (OSError, Untranslatable) as e:
+                log(LOG_ERR, f"reload: eBPF program: {e}; keeping the running rules")
+                return None
+        return Adoption(rules, nets, prepared)
+
+    def _run(self, job, *args):
+        adoption = job(*args)
+        if adoption is not None:
+            self.pending = adoption
+        self.wake()                       # a request that came meanwhile starts the next one
+
+    # -- the capture thread -----------------------------------------------------
+
+    def start(self):
+        """A requested reload begins, from idle only (see `requested`)."""
+        if not self.idle():
+            return False
+        self.requested = False
+        self.run(self.compile_step)
+        return True
+
+    def run(self, job, *args):
+        """job(*args) on the reload thread (the caller found idle()); its Adoption, if
+        any, goes to `pending`."""
+        self.thread = threading.Thread(target=self._run, args=(job, *args), name="reload",
+                                       daemon=True)
+        self.thread.start()
+
+    def advance(self, now):
+        """Between blocks: finish a widening whose old frames have drained, then adopt
+        what is pending."""
+        w, ring = self.widening, self.daemon.ring
+        if w is not None and self.widen_blocks <= 1 and now >= w.deadline and \
+                (ring is None or not ring.ready()):
+            self.swap_rules(w.rules)      # the kernel's block holds no frame cut short
+        if self.pending is not None and self.widening is None:
+            self.adopt(self.pending)
+
+    def adopt(self, adoption):
+        """Between blocks: adopt `adoption`, in place of any pending one."""
+        d = self.daemon
+        kernel, local = d.kernel, d.local
+        rules, nets, prepared, done = adoption
+        self.pending = None
+        if kernel is not None and prepared is None:   # not from the reload thread
+            try:
+                prepared = kernel.prepare(rules, nets or local.local_nets)
+            except (OSError, Untranslatable) as e:
+                log(LOG_ERR, f"reload: eBPF program: {e}; keeping the running rules")
+                return
+        if nets and nets != local.local_nets:
+            local.set_local_nets(nets)
+        log(LOG_INFO, f"{done}: {len(rules) if rules else 0} rules, {len(nets)} local networks")
+        if kernel is not None:           # one program holds rules and networks: swap it whole
+            try:
+                kernel.swap(d.ring.sock if d.ring else None, prepared)
+            except (OSError, Untranslatable) as e:
+                log(LOG_ERR, f"reload: eBPF program: {e}; keeping the running rules")
+                return
+            d.rules = rules
+            d.publish()
+            return
+        if rules is None:
+            return
+        new = max(SNAPLEN_ACCOUNTING, rules.snaplen())
+        if d.ring is not None and new > d.decoder.snaplen():
+            # Widen first, and let the frames already cut to the old length drain
+            # through the old rules: a new rule must never judge a frame cut short.
+            if not self._attach(new):
+                log(LOG_ERR, "reload: keeping the running rules")
+                return
+            self.widen_blocks = d.ring.queued_blocks()
+            self.widening = _Widening(rules, time.monotonic() + WIDEN_DRAIN_SECONDS)
+            return
+        self.swap_rules(rules)
+
+    def block_read(self):
+        """After each block read while widening."""
+        self.widen_blocks -= 1
+        if self.widen_blocks <= 0:
+            self.swap_rules(self.widening.rules)
+
+    def capture_lost(self):
+        """The ring is closed, drained: no frame cut short is left."""
+        if self.widening is not None:
+            self.swap_rules(self.widening.rules)
+
+    def swap_rules(self, rules):
+        """Counts carried over and the stage swapped between two blocks: no frame is
+        counted by the old set after its counts were copied."""
+        d = self.daemon
+        self.widening = None
+        if d.rules is not None:          # else the first rules (-f --filter-file-optional)
+            rules.carry_counts_from(d.rules)
+        old = d.decoder.snaplen()
+        d.rules = rules
+        d.decoder.set_consumers(d.consumers())
+        new = d.decoder.snaplen()
+        if d.ring is not None and new < old:      # narrow last: old rules kept theirs
+            self._attach(new)
+        d.publish()
+
+    def _attach(self, snaplen):
+        d = self.daemon
+        try:
+            d.ring.attach(kernel_program(d.prefilter, snaplen, d.whole))
+            return True
+        except OSError as e:
+            log(LOG_ERR, f"reload: cannot replace the kernel filter: {e.strerror}")
+            return False
+
+
+class InterfaceWatch:
+    """The capture interface coming and going, checked once a second (check()): a ring
+    is opened on it while it is there and up, closed when it goes (the counters stay),
+    and opened again when it is back; its networks are read again when they change.
+    States:
+
+      awaiting   --wait-interface, and it was not there at start: no ring, $MAC a
+                 stand-in, the networks unread. When it appears (appeared()) both are
+                 read and the rules compiled again, before its first frame.
+      capturing  a ring is open on it (Daemon.ring).
+      lost       it went away, went down or was replaced, or the socket failed: the
+                 ring was drained and closed, its drops kept in past_drops. A new ring
+                 opens once it is back and up ("capturing again"); back with another
+                 address, rules written with $MAC are reloaded.
+
+    New networks under --engine ebpf need a new program: built by check() itself while
+    no ring is open (no frame waits), else by prepare_nets on the reload thread and
+    adopted between blocks, through the Reloader.
+
+    Threads: prepare_nets runs on the reload thread; everything else on the capture
+    thread."""
+
+    def __init__(self, daemon, awaiting):
+        """awaiting: --wait-interface and the interface was not there at start (whoever
+        built the daemon's parts says so, from capture_interface())."""
+        self.daemon = daemon
+        self.awaiting = awaiting
+        self.captured = False            # a ring was open once: a new one is "capturing again"
+        self.mac = None                  # the interface's address when capture last opened
+        self.past_drops = 0              # from rings closed when the interface went away
+
+    def open(self):
+        """A ring on the interface: at start-up, or once it is back."""
+        d = self.daemon
+        mac = interface_mac(d.ifname)
+        if self.mac is not None and mac != self.mac and d.opts.filter_file and not d.opts.mac:
+            # The interface came back as another device (a new USB NIC, a re-created
+            # wg0): rules written with $MAC must name the new address.
+            log(LOG_NOTICE, f"{d.ifname}: its address is now {mac}: reloading the rules")
+            d.reloader.requested = True
+        self.mac = mac
+        d.open_ring()
+        self.captured = True
+
+    def lose(self, why):
+        d = self.daemon
+        log(LOG_WARNING, f"{d.ifname}: {why}; counters kept, retrying every second")
+        ring = d.ring
+        d.poller.unregister(ring.fileno())
+        ring.drain(d.process_block)
+        ring.close()                      # reads the kernel's last drop count
+        self.past_drops += ring.drops     # one step for scrapes: the drop counter never dips
+        d.ring = None
+        d.reloader.capture_lost()
+        d.publish()
+
+    def appeared(self):
+        """--wait-interface: what start-up would have read from the interface (its
+        networks, its address as $MAC) read now, before its first frame."""
+        d = self.daemon
+        nets = d.opts.local_nets or interface_local_nets(d.ifname)
+        try:
+            rules = load_rules(d.opts, d.ifname)
+        except LpdError as e:
+            log(LOG_ERR, f"{e}; no rules until a SIGHUP loads a good file")
+            rules = None
+        self.awaiting = False
+        d.reloader.adopt(Adoption(rules, nets, None, f"{d.ifname} appeared"))
+
+    def check(self):
+        d = self.daemon
+        index, flags = interface_index(d.ifname), interface_flags(d.ifname)
+        present = index is not None and flags is not None and flags & IFF_UP
+        if self.awaiting and index is not None:
+            try:
+                self.appeared()
+            except LpdError as e:             # gone again at once: the next check retries
+                log(LOG_DEBUG, f"{d.ifname}: not yet: {e}")
+        if d.ring is not None:
+            d.ring.read_stats()
+            if not present:
+                self.lose("interface is gone or down")
+            elif index != d.ring.ifindex:
+                self.lose("interface was replaced")
+        if d.ring is None and present:
+            try:
+                self.refresh_nets()
+                again = " again" if self.captured else ""
+                self.open()
+                log(LOG_NOTICE, f"{d.ifname}: capturing{again}")
+                d.publish()
+            except LpdError as e:
+                log(LOG_DEBUG, f"{d.ifname}: not yet: {e}")
+        elif present and not d.local.local_nets:
+            # An interface that came up before its addresses (DHCP on a new link):
+            # no address is local until they are read.
+            try:
+                self.refresh_nets()
+            except LpdError as e:
+                log(LOG_DEBUG, f"{d.ifname}: no addresses yet: {e}")
+
+    def refresh_nets(self):
+        """The interface's networks read again (without --local-net); addresses may come
+        back after the link, so an interface without any keeps the old ones."""
+        d = self.daemon
+        if d.opts.local_nets:
+            return
+        nets = interface_local_nets(d.ifname)
+        if not nets or nets == d.local.local_nets:
+            return
+        if d.kernel is None:
+            d.local.set_local_nets(nets)
+        elif d.ring is None:
+            # About to open a ring (no frame waits for this thread meanwhile), which must
+            # count by these networks from its first frame: built here.
+            try:
+                d.kernel.swap(None, d.kernel.prepare(d.rules, nets))
+            except (OSError, Untranslatable) as e:
+                log(LOG_ERR, f"{d.ifname}: eBPF program for the new networks: {e}; "
+                             "keeping the old ones")
+                return
+            d.local.set_local_nets(nets)
+        elif d.reloader.idle():
+            # Capturing: the program is built on the reload thread as a reload's is,
+            # and adopted between blocks. Behind a running reload, the next check (a
+            # second later) asks again.
+            d.reloader.run(self.prepare_nets, d.rules, nets)
+
+    def prepare_nets(self, rules, nets):
+        """The reload thread, for new interface networks under --engine ebpf."""
+        d = self.daemon
+        try:
+            prepared = d.kernel.prepare(rules, nets)
+        except (OSError, Untranslatable) as e:
+            log(LOG_ERR, f"{d.ifname}: eBPF program for the new networks: {e}; "
+                         "keeping the old ones")
+            return None
+        return Adoption(rules, nets, prepared, f"{d.ifname}: new networks")
+
+
 class Daemon(Lifecycle):
-    """Capture loop in the main thread; HTTP, mapping poller and rule socket beside it."""
+    """The capture loop in the main thread, wired from build_capture()'s and
+    build_exporters()'s parts; HTTP, the pollers and the rule socket beside it. Reloads
+    are the Reloader's (self.reloader), the interface's comings and goings the
+    InterfaceWatch's (self.watch): both change the parts held here (the ring, the rules
+    stage, the kernel program) from the loop, between blocks."""
 
     def __init__(self, opts, ifname, capture, published, exporters=None, logs=None,
                  awaiting=False):
@@ -13253,24 +13589,13 @@ class Daemon(Lifecycle):
         self.covered = None              # when the ring last handed over blocks, since the tick
         self.stopped_for_duration = False
         self.prefilter = capture.prefilter
-        self.ring = None
-        self.past_drops = 0              # from rings closed when the interface went away
-        # (rules, nets, the eBPF program loaded for them or None) from the reload thread,
-        # and what apply_reload() logs when it adopts them
-        self.pending = None
-        self.pending_done = "reloaded"
-        self.reloader = None
-        self.widening = None
-        self.widen_blocks = 0
+        self.ring = None                 # open while capturing (InterfaceWatch)
         self.fanout = None               # a worker's PACKET_FANOUT argument
         self.kernel = capture.kernel     # --engine ebpf: the KernelAccounting
         self.engine = capture.engine     # which counts, and why (the start-up line)
         self.control = {}                # fd -> handler, polled beside the ring (a worker's pipe)
-        # --wait-interface and the interface was not there at start: nothing read from it
-        # yet (whoever built the parts says so, from capture_interface())
-        self.awaiting = awaiting
-        self.captured = False            # a ring was open once: a new one is "capturing again"
-        self.mac = None                  # the interface's address when capture last opened
+        self.reloader = Reloader(self, self._wake)
+        self.watch = InterfaceWatch(self, awaiting)
 
     # -- snapshots ------------------------------------------------------------
 
@@ -13301,7 +13626,7 @@ class Daemon(Lifecycle):
         remote tables, which can be large and which the dump does not show."""
         ring, kernel = self.ring, self.kernel
         latest = self.published.latest()
-        drops = self.past_drops + (ring.drops if ring else 0)
+        drops = self.watch.past_drops + (ring.drops if ring else 0)
         snaps = {
             "time": self.now(),
             "interface": kernel.interface_snapshot(self.decoder.frames, drops, ring is not None)
@@ -13334,139 +13659,15 @@ class Daemon(Lifecycle):
             log_.flush()
         self.publish()
 
-    # -- reload ---------------------------------------------------------------
-
-    def _compile_reload(self):
-        """The reload thread: everything slow (parsing, compiling, DNS, netlink). While
-        the interface is awaited its networks stay as they are and $MAC is a stand-in:
-        interface_appeared() reads both when it comes."""
-        if self.geo is not None:
-            self.geo.reopen()
-        awaiting = self.awaiting
-        try:
-            rules = load_rules(self.opts, self.ifname, awaiting)
-            nets = self.opts.local_nets or \
-                (self.local.local_nets if awaiting else interface_local_nets(self.ifname))
-        except Exception as e:            # whatever went wrong, the running rules stay
-            reason = str(e) if isinstance(e, LpdError) else f"{type(e).__name__}: {e}"
-            log(LOG_ERR, f"reload failed, keeping the running configuration: {reason}")
-        else:
-            if awaiting and not self.awaiting:
-                # The interface appeared meanwhile: these rules have the stand-in $MAC.
-                self.reload_requested = True
-                self._wake()
-                return
-            prepared = None
-            if self.kernel is not None:
-                # Built, loaded and verified here: the capture thread only attaches it.
-                try:
-                    prepared = self.kernel.prepare(rules, nets or self.local.local_nets)
-                except (OSError, Untranslatable) as e:
-                    log(LOG_ERR, f"reload: eBPF program: {e}; keeping the running rules")
-                    self._wake()
-                    return
-            self.pending = (rules, nets, prepared)
-        self._wake()                      # a SIGHUP that came meanwhile starts the next one
-
-    def reloader_idle(self):
-        return (self.reloader is None or not self.reloader.is_alive()) and \
-            self.pending is None and self.widening is None
-
-    def start_reload(self):
-        """One reload at a time: the request stays set while one is compiling, waiting
-        to be applied, or widening."""
-        if not self.reloader_idle():
-            return False
-        self.reload_requested = False
-        self.reloader = threading.Thread(target=self._compile_reload, name="reload", daemon=True)
-        self.reloader.start()
-        return True
-
-    def apply_reload(self, done=None):
-        """Capture thread, between blocks: adopt what the reload thread compiled."""
-        rules, nets, prepared = self.pending
-        done, self.pending, self.pending_done = done or self.pending_done, None, "reloaded"
-        if self.kernel is not None and prepared is None:   # not from the reload thread
-            try:
-                prepared = self.kernel.prepare(rules, nets or self.local.local_nets)
-            except (OSError, Untranslatable) as e:
-                log(LOG_ERR, f"reload: eBPF program: {e}; keeping the running rules")
-                return
-        if nets and nets != self.local.local_nets:
-            self.local.set_local_nets(nets)
-        log(LOG_INFO, f"{done}: {len(rules) if rules else 0} rules, {len(nets)} local networks")
-        if self.kernel is not None:      # one program holds rules and networks: swap it whole
-            try:
-                self.kernel.swap(self.ring.sock if self.ring else None, prepared)
-            except (OSError, Untranslatable) as e:
-                log(LOG_ERR, f"reload: eBPF program: {e}; keeping the running rules")
-                return
-            self.rules = rules
-            self.publish()
-            return
-        if rules is None:
-            return
-        new = max(SNAPLEN_ACCOUNTING, rules.snaplen())
-        if self.ring is not None and new > self.decoder.snaplen():
-            # Widen first, and let the frames already cut to the old length drain
-            # through the old rules: a new rule must never judge a frame cut short.
-            if not self._attach(new):
-                log(LOG_ERR, "reload: keeping the running rules")
-                return
-            self.widen_blocks = self.ring.queued_blocks()
-            self.widening = _Widening(rules, time.monotonic() + WIDEN_DRAIN_SECONDS)
-            return
-        self.swap_rules(rules)
-
-    def advance_reload(self, now):
-        """Capture thread, between blocks: finish a widening whose old frames have
-        drained, then adopt a compiled reload."""
-        w = self.widening
-        if w is not None and self.widen_blocks <= 1 and now >= w.deadline and \
-                (self.ring is None or not self.ring.ready()):
-            self.swap_rules(w.rules)      # the kernel's block holds no frame cut short
-        if self.pending is not None and self.widening is None:
-            self.apply_reload()
-
-    def swap_rules(self, rules):
-        """Counts carried over and the stage swapped between two blocks: no frame is
-        counted by the old set after its counts were copied."""
-        self.widening = None
-        if self.rules is not None:          # else the first rules (-f --filter-file-optional)
-            rules.carry_counts_from(self.rules)
-        old = self.decoder.snaplen()
-        self.rules = rules
-        self.decoder.set_consumers(self.consumers())
-        new = self.decoder.snaplen()
-        if self.ring is not None and new < old:     # narrow last: old rules kept theirs
-            self._attach(new)
-        self.publish()
-
-    def _attach(self, snaplen):
-        try:
-            self.ring.attach(kernel_program(self.prefilter, snaplen, self.whole))
-            return True
-        except OSError as e:
-            log(LOG_ERR, f"reload: cannot replace the kernel filter: {e.strerror}")
-            return False
-
     # -- capture --------------------------------------------------------------
 
     def process_block(self, buf, base):
         self.decoder.process_block(buf, base)
-        if self.widening is not None:
-            self.widen_blocks -= 1
-            if self.widen_blocks <= 0:
-                self.swap_rules(self.widening.rules)
+        if self.reloader.widening is not None:
+            self.reloader.block_read()
 
-    def open_capture(self):
-        mac = interface_mac(self.ifname)
-        if self.mac is not None and mac != self.mac and self.opts.filter_file and not self.opts.mac:
-            # The interface came back as another device (a new USB NIC, a re-created
-            # wg0): rules written with $MAC must name the new address.
-            log(LOG_NOTICE, f"{self.ifname}: its address is now {mac}: reloading the rules")
-            self.reload_requested = True
-        self.mac = mac
+    def open_ring(self):
+        """A ring on the interface, with the kernel program for what counts now."""
         self.ring = Ring(self.ifname, self.opts.ring_bytes,
                          kernel_program(self.prefilter, self.decoder.snaplen(), self.whole),
                          self.opts.promisc, self.fanout,
@@ -13476,103 +13677,6 @@ class Daemon(Lifecycle):
                              "super-frame counts as one frame (turn offloads off for exact counts)")
         self.decoder.set_link(self.ring.vnet, self.ring.mtu)
         self.poller.register(self.ring.fileno(), select.POLLIN | select.POLLERR)
-        self.captured = True
-
-    def lose_capture(self, why):
-        log(LOG_WARNING, f"{self.ifname}: {why}; counters kept, retrying every second")
-        ring = self.ring
-        self.poller.unregister(ring.fileno())
-        ring.drain(self.process_block)
-        ring.close()                      # reads the kernel's last drop count
-        self.past_drops += ring.drops     # one step for scrapes: the drop counter never dips
-        self.ring = None
-        if self.widening is not None:
-            self.swap_rules(self.widening.rules)
-        self.publish()
-
-    def interface_appeared(self):
-        """--wait-interface: what start-up would have read from the interface (its
-        networks, its address as $MAC) read now, before its first frame."""
-        nets = self.opts.local_nets or interface_local_nets(self.ifname)
-        try:
-            rules = load_rules(self.opts, self.ifname)
-        except LpdError as e:
-            log(LOG_ERR, f"{e}; no rules until a SIGHUP loads a good file")
-            rules = None
-        self.awaiting = False
-        self.pending = (rules, nets, None)
-        self.apply_reload(f"{self.ifname} appeared")
-
-    def check_interface(self):
-        index, flags = interface_index(self.ifname), interface_flags(self.ifname)
-        present = index is not None and flags is not None and flags & IFF_UP
-        if self.awaiting and index is not None:
-            try:
-                self.interface_appeared()
-            except LpdError as e:             # gone again at once: the next check retries
-                log(LOG_DEBUG, f"{self.ifname}: not yet: {e}")
-        if self.ring is not None:
-            self.ring.read_stats()
-            if not present:
-                self.lose_capture("interface is gone or down")
-            elif index != self.ring.ifindex:
-                self.lose_capture("interface was replaced")
-        if self.ring is None and present:
-            try:
-                self.refresh_nets()
-                again = " again" if self.captured else ""
-                self.open_capture()
-                log(LOG_NOTICE, f"{self.ifname}: capturing{again}")
-                self.publish()
-            except LpdError as e:
-                log(LOG_DEBUG, f"{self.ifname}: not yet: {e}")
-        elif present and not self.local.local_nets:
-            # An interface that came up before its addresses (DHCP on a new link):
-            # no address is local until they are read.
-            try:
-                self.refresh_nets()
-            except LpdError as e:
-                log(LOG_DEBUG, f"{self.ifname}: no addresses yet: {e}")
-
-    def refresh_nets(self):
-        """The interface's networks read again (without --local-net); addresses may come
-        back after the link, so an interface without any keeps the old ones."""
-        if self.opts.local_nets:
-            return
-        nets = interface_local_nets(self.ifname)
-        if not nets or nets == self.local.local_nets:
-            return
-        if self.kernel is None:
-            self.local.set_local_nets(nets)
-        elif self.ring is None:
-            # About to open a ring (no frame waits for this thread meanwhile), which must
-            # count by these networks from its first frame: built here.
-            try:
-                self.kernel.swap(None, self.kernel.prepare(self.rules, nets))
-            except (OSError, Untranslatable) as e:
-                log(LOG_ERR, f"{self.ifname}: eBPF program for the new networks: {e}; "
-                             "keeping the old ones")
-                return
-            self.local.set_local_nets(nets)
-        elif self.reloader_idle():
-            # Capturing: the program is built on a thread of its own as a reload's is,
-            # and adopted between blocks (apply_reload). Behind a running reload, the
-            # next check (a second later) asks again.
-            self.reloader = threading.Thread(target=self._prepare_nets, args=(self.rules, nets),
-                                             name="reload", daemon=True)
-            self.reloader.start()
-
-    def _prepare_nets(self, rules, nets):
-        """The reload thread, for new interface networks under --engine ebpf."""
-        try:
-            prepared = self.kernel.prepare(rules, nets)
-        except (OSError, Untranslatable) as e:
-            log(LOG_ERR, f"{self.ifname}: eBPF program for the new networks: {e}; "
-                         "keeping the old ones")
-        else:
-            self.pending_done = f"{self.ifname}: new networks"
-            self.pending = (rules, nets, prepared)
-        self._wake()
 
     # -- main loop ------------------------------------------------------------
 
@@ -13582,14 +13686,14 @@ class Daemon(Lifecycle):
     def _start(self):
         for fd in self.control:
             self.poller.register(fd, select.POLLIN)
-        if self.awaiting and not self.opts.worker_of:   # the parent says it, once
+        if self.watch.awaiting and not self.opts.worker_of:   # the parent says it, once
             log(LOG_WARNING, f"{self.ifname}: {WAITING_LINE}")
         else:
-            self.open_capture()
+            self.watch.open()
         self.tick()
 
     def _ready(self):
-        doing = "waiting for" if self.awaiting else "capturing on"
+        doing = "waiting for" if self.watch.awaiting else "capturing on"
         if self.metrics is not None:
             log(LOG_INFO, f"{doing} {self.ifname} ({self.engine}); metrics on "
                           f"http://{self.opts.listen[0]}:{self.opts.listen[1]}/metrics")
@@ -13618,8 +13722,8 @@ class Daemon(Lifecycle):
                     self.finish_duration()
                     break
                 due = min(due, end)
-            if self.widening is not None:
-                due = min(due, self.widening.deadline)
+            if self.reloader.widening is not None:
+                due = min(due, self.reloader.widening.deadline)
             behind = [stage for stage in self.decoder.consumers if stage.behind]
             if behind:
                 due = now                 # drain the ring, then their next pass
@@ -13635,15 +13739,15 @@ class Daemon(Lifecycle):
                     self.control[fd]()
                 elif self.ring is not None and fd == self.ring.fileno() and events & select.POLLERR:
                     err = self.ring.socket_error()
-                    self.lose_capture(os.strerror(err) if err else "socket error")
+                    self.watch.lose(os.strerror(err) if err else "socket error")
             # The kernel's own counts (--engine ebpf) are current at the tick: only
             # counts from the ring end at its last retired block.
             if self.ring is not None and self.ring.drain(self.process_block) and self.kernel is None:
                 self.covered = time.time()
             now = time.monotonic()
-            self.advance_reload(now)
+            self.reloader.advance(now)
             if now >= next_check:
-                self.check_interface()
+                self.watch.check()
                 next_check = now + INTERFACE_CHECK_PERIOD
             if now >= next_tick:
                 self.published.requested = False
@@ -13657,11 +13761,12 @@ class Daemon(Lifecycle):
                 if self.published.requested:
                     self.published.requested = False
                     self.publish(tables=False)
-            if self.reload_requested:
-                if self.reloader_idle():
-                    for log_ in self.logs:
-                        log_.reopen()
-                self.start_reload()
+            if self.reload_requested:         # SIGHUP: a reload is owed
+                self.reload_requested, self.reloader.requested = False, True
+            if self.reloader.requested and self.reloader.idle():
+                for log_ in self.logs:
+                    log_.reopen()
+                self.reloader.start()
             if self.status_requested:
                 self.status_requested = False
                 log(LOG_INFO, self.status_line())

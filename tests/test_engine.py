@@ -263,7 +263,7 @@ def test_a_reload_builds_and_verifies_off_the_capture_thread(monkeypatch):
     """KernelAccounting.prepare (the reload thread) builds, loads and verifies the new
     program; swap (the capture thread) only attaches it and carries the counts: no
     build_program or BPF_PROG_LOAD on the capture thread. The reload thread's
-    Daemon._compile_reload hands it over in `pending`."""
+    Reloader.compile_rules hands it over in `pending`."""
     import threading
     import types
     local = lpd.LocalAddresses(FLOOD_NETS)
@@ -282,14 +282,14 @@ def test_a_reload_builds_and_verifies_off_the_capture_thread(monkeypatch):
             return real_build(*args, **kw)
         monkeypatch.setattr(lpd, "build_program", build)
         daemon = types.SimpleNamespace(geo=None, opts=types.SimpleNamespace(local_nets=FLOOD_NETS),
-                                       ifname="x", kernel=kernel, local=local, pending=None,
-                                       awaiting=False, _wake=lambda: None)
+                                       ifname="x", kernel=kernel, local=local,
+                                       watch=types.SimpleNamespace(awaiting=False))
         monkeypatch.setattr(lpd, "load_rules", lambda opts, ifname, awaiting=False: new)
-        t = threading.Thread(target=lpd.Daemon._compile_reload, args=(daemon,), name="reload")
-        t.start()
-        t.join(60)
+        reloader = lpd.Reloader(daemon, lambda: None)
+        assert reloader.start()
+        reloader.thread.join(60)
         assert where == ["reload"]
-        got_rules, nets, prepared = daemon.pending
+        got_rules, nets, prepared, _ = reloader.pending
         assert got_rules is new and prepared.program.fd > 0
         assert kernel.program.fd == fd                      # nothing swapped yet
         lpd.test_run(fd, frame)                             # still the old program's

@@ -1,6 +1,6 @@
 """The pipeline without a socket: synthetic ring blocks (every header field set) through
-the decoder into the consumers, their snapshots and merges, publication, and the
-reload swap at a block boundary."""
+the decoder into the consumers, their snapshots and merges, and publication (the reload
+swap at a block boundary: test_reload)."""
 import io
 import ipaddress
 import json
@@ -240,125 +240,6 @@ def test_fresh_waits_for_a_publication_made_after_the_call():
     t0 = time.monotonic()
     assert pub.fresh(0.2) == {"n": 1}               # nobody publishes: bounded, the latest
     assert 0.15 < time.monotonic() - t0 < 2
-
-
-# --- reload: swapped at a block boundary, widened first -----------------------------------
-
-class FakeRing:
-    """The parts of Ring the swap logic uses: the kernel program and the queue."""
-
-    drops = 0
-
-    def __init__(self, queued):
-        self.programs, self.queued = [], queued
-
-    def attach(self, prog):
-        self.programs.append(prog)
-
-    def queued_blocks(self):
-        return self.queued
-
-    def ready(self):
-        return False                                # the kernel's block has not retired
-
-
-def daemon(rule_counter):
-    opts = lpd.parse_args(["--mapping-url", "none"])
-    dec = lpd.Decoder(lpd.LocalAddresses([NET]), [rule_counter])
-    stages = {"addresses": dec.local, "rules": rule_counter}
-    return lpd.Daemon(opts, "lo", lpd.CaptureParts(dec, stages), lpd.Published())
-
-
-def feed(d, frames):
-    for block in lpd.frames_to_blocks(frames):
-        d.process_block(memoryview(block), 0)
-
-
-def test_widening_reload_lets_frames_cut_short_drain_through_the_old_rules():
-    old = rules("all;ip\n")
-    d = daemon(old)
-    ring = d.ring = FakeRing(queued=2)
-    whole = udp4("10.0.0.1", "10.0.0.2", b"\x42" * 400)
-    cut = whole[:d.decoder.snaplen()]               # what the old kernel program copied
-    new = rules("all;ip\nbig;ether[300] = 0x42\n")
-    d.pending = (new, [NET], None)
-    d.apply_reload()
-    assert ring.programs == [lpd.kernel_program(None, new.snaplen())] and new.snaplen() >= 301
-    assert d.rules is old and d.widening is not None        # widened, not yet swapped
-    feed(d, [(cut, len(whole))] * 3)                          # queued before the widening
-    assert d.rules is old
-    feed(d, [(cut, len(whole))] * 2)                          # the kernel's half-full block
-    assert d.rules is new and d.widening is None
-    assert new.snapshot().rows == (("all", 5 * len(whole), 5), ("big", 0, 0))
-    feed(d, [(whole, len(whole))] * 4)                        # after: whole frames
-    assert new.snapshot().rows == (("all", 9 * len(whole), 9), ("big", 4 * len(whole), 4))
-
-
-def test_narrowing_reload_swaps_first_then_narrows_the_kernel_program():
-    old = rules("big;ether[300] = 0x42\n")
-    d = daemon(old)
-    ring = d.ring = FakeRing(queued=3)
-    wide = d.decoder.snaplen()
-    d.pending = (rules("all;ip\n"), [NET], None)
-    d.apply_reload()
-    assert d.widening is None and d.rules.ids == ("all",)
-    assert ring.programs == [lpd.kernel_program(None, lpd.SNAPLEN_ACCOUNTING)]
-    assert wide > lpd.SNAPLEN_ACCOUNTING
-
-
-def test_widening_ends_by_deadline_when_the_kernel_block_stays_empty():
-    d = daemon(rules("all;ip\n"))
-    d.ring = FakeRing(queued=1)                    # nothing queued, the kernel's block empty
-    d.pending = (rules("big;ether[300] = 1\n"), [NET], None)
-    d.apply_reload()
-    assert d.widening is not None and d.widen_blocks == 1
-    time.sleep(lpd.WIDEN_DRAIN_SECONDS + 0.01)
-    d.advance_reload(time.monotonic())
-    assert d.widening is None and d.rules.ids == ("big",)
-
-
-def test_reload_compiles_off_the_capture_thread(monkeypatch, tmp_path):
-    """The capture thread never waits for a compile (nor for DNS): the slow part runs in
-    the reload thread and only a finished result is handed over."""
-    started, release = threading.Event(), threading.Event()
-    slow = rules("all;ip\n")
-
-    def load(opts, ifname, awaiting=False):
-        started.set()
-        release.wait(5)
-        return slow
-
-    monkeypatch.setattr(lpd, "load_rules", load)
-    d = daemon(rules("old;ip\n"))
-    d.opts.filter_file, d.opts.local_nets = str(tmp_path / "f"), [NET]
-    assert d.start_reload()
-    assert started.wait(5)
-    frame = udp4("10.0.0.1", "10.0.0.2")
-    feed(d, [(frame, len(frame))] * 3)              # capture goes on meanwhile
-    assert d.pending is None and d.rules.snapshot().rows == (("old", 3 * len(frame), 3),)
-    release.set()
-    d.reloader.join(5)
-    assert d.pending is not None
-    d.apply_reload()
-    assert d.rules is slow
-
-
-def test_a_widening_the_kernel_refuses_keeps_the_running_rules():
-    old = rules("all;ip\n")
-    d = daemon(old)
-    ring = d.ring = FakeRing(queued=1)
-
-    def refuse(prog):
-        raise OSError(12, "Cannot allocate memory")
-    ring.attach = refuse
-    d.pending = (rules("big;ether[300] = 1\n"), [NET], None)
-    d.apply_reload()
-    assert d.rules is old and d.widening is None
-    assert d.decoder.snaplen() == lpd.SNAPLEN_ACCOUNTING     # still what the kernel copies
-    ring.attach = ring.programs.append                       # the next reload tries again
-    d.pending = (rules("big;ether[300] = 1\n"), [NET], None)
-    d.apply_reload()
-    assert d.widening is not None and len(ring.programs) == 1
 
 
 # --- GSO/GRO super-frames: counted as what the wire carried -------------------------------
