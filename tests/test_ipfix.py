@@ -14,6 +14,7 @@ import collections
 import json
 import os
 import random
+import re
 import signal
 import socket
 import struct
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 
@@ -302,6 +304,36 @@ def nfacctd_port(tmp_path):
 
 
 @pytest.mark.offline
+def test_the_dist_example_for_nfacctd_collects_lpds_flows(tmp_path):
+    """dist/nfacctd.conf as shipped (its port, output file and refresh changed for the
+    test): nfacctd accepts it and prints every flow with the exporting box's address."""
+    port = free_port()
+    conf = (Path(LPD).parent / "dist" / "nfacctd.conf").read_text()
+    out = tmp_path / "flows.json"
+    conf = conf.replace("nfacctd_port: 4739", f"nfacctd_port: {port}\nnfacctd_ip: 127.0.0.1")
+    conf = re.sub(r"print_output_file: .*", f"print_output_file: {out}", conf)
+    conf = conf.replace("print_refresh_time: 60", "print_refresh_time: 1")
+    (tmp_path / "dist.conf").write_text(conf)
+    log = open(tmp_path / "dist.log", "wb")
+    proc = subprocess.Popen(["nfacctd", "-f", str(tmp_path / "dist.conf")], stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        assert wait_for(lambda: b"waiting for NetFlow/IPFIX data" in (tmp_path / "dist.log").read_bytes(),
+                        COLLECTOR_START), (tmp_path / "dist.log").read_text()
+        pcap = tmp_path / "mixed.pcap"
+        write_frames(pcap, mixed_frames())
+        assert replay(pcap, "--ipfix", f"127.0.0.1:{port}").returncode == 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+        log.close()
+    rows = [json.loads(line) for f in tmp_path.glob("flows.json*") for line in f.read_text().splitlines()
+            if line.strip()]
+    assert {r["peer_ip_src"] for r in rows} == {"127.0.0.1"}
+    assert sum(r["bytes"] for r in rows) == sum(x.octets for x in ip_packets(pcap))
+
+
+@pytest.mark.offline
 def test_biflow_records_carry_both_directions(tmp_path):
     pcap = tmp_path / "mixed.pcap"
     write_frames(pcap, mixed_frames())
@@ -509,14 +541,16 @@ while time.time() < end:
 
 @pytest.mark.live
 @pytest.mark.usefixtures("engine")
-def test_live_export_equals_the_interfaces_ip_bytes(pair, tmp_path):
-    """lpd on veth-b, both engines: what nfcapd decodes is, per address pair, exactly
-    the IP packets tcpdump captured on the same interface."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_live_export_equals_the_interfaces_ip_bytes(pair, tmp_path, workers):
+    """lpd on veth-b, both engines, one process or two workers (each its own observation
+    domain): what nfcapd decodes is, per address pair, exactly the IP packets tcpdump
+    captured on the same interface."""
     port = free_port()
     nfcapd = Nfcapd(tmp_path, port, pair, pair.ns_b)
     cap = tmp_path / "veth-b.pcap"
     dump = netns.start_tcpdump(pair.ns_b, pair.if_b, ["-U", "-w", str(cap)])
-    run = Lpd(pair, "--ipfix", f"127.0.0.1:{port}", "--interval", "0.5")
+    run = Lpd(pair, "--ipfix", f"127.0.0.1:{port}", "--interval", "0.5", "--workers", str(workers))
     try:
         traffic(pair)
         pair.settle()
@@ -528,6 +562,8 @@ def test_live_export_equals_the_interfaces_ip_bytes(pair, tmp_path):
     oracle = ip_packets(cap)
     assert oracle and by_pair(nfdump_rows(flows)) == by_pair((x.src, x.dst, x.octets, 1) for x in oracle)
     assert {f["proto"] for f in flows} >= {1, 17, 58}
+    domains = [line for line in nfcapd.log_path.read_text().splitlines() if "New ipfix exporter" in line]
+    assert len(domains) == workers, domains
 
 
 @pytest.mark.live
