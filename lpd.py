@@ -9540,9 +9540,10 @@ STAGES.append(Stage(RuleCounter, _rules, (("rules", rules_document),), rules_met
 #
 # Sending never waits: a UDP datagram goes or is counted as an error (a collector that
 # is down answers with ICMP port unreachable, which the next send reports); a TCP
-# collector's bytes wait in a bounded buffer while it connects or reads slowly, and
-# one that goes away is dialled again after a back-off. Records wait between ticks in a
-# bounded list; beyond it a flow is dropped and counted, never stored.
+# collector's bytes wait in a bounded buffer while it reads slowly, and one that goes
+# away is dialled again after a back-off. Records wait for the next tick, or until
+# IPFIX_FLUSH_RECORDS have gathered; a collector that cannot take them (not connected,
+# its buffer full, a send refused) loses them, counted per collector, never stored.
 #
 # Sequence numbers (RFC 7011 3.1): per collector, the data records sent to it before
 # this message; a TCP reconnection is a new transport session: 0 again, templates first.
@@ -9557,8 +9558,7 @@ IPFIX_ENTERPRISE_BIT = 0x8000
 IPFIX_REVERSE_PEN = 29305                     # RFC 5103: the reverse of an element, same id
 IPFIX_MESSAGE_MAX = 1472                      # a 1500-byte Ethernet frame's UDP payload
 IPFIX_MESSAGE_MIN = 512
-IPFIX_PENDING_MAX = 65536                     # records waiting for a tick (~4 MiB)
-IPFIX_FLUSH_RECORDS = 1024                    # records that are sent without waiting for one
+IPFIX_FLUSH_RECORDS = 1024                    # records that are sent without waiting for a tick
 IPFIX_TCP_BUFFER = 4 << 20                    # bytes a TCP collector may be behind
 IPFIX_RETRY_MIN, IPFIX_RETRY_MAX = 1.0, 60.0  # seconds between TCP connection attempts
 IPFIX_FINISH_WAIT = 2.0                       # seconds the end waits for TCP collectors to read
@@ -9675,7 +9675,7 @@ class _Collector:
         self.buffer = bytearray()                  # TCP: bytes not yet taken by the kernel
         self.connected = False
         self.retry_at, self.retry = 0.0, IPFIX_RETRY_MIN
-        self.messages = self.records = self.errors = 0
+        self.messages = self.records = self.errors = self.dropped = 0
         if transport == "udp":
             self._open_udp()
 
@@ -9735,16 +9735,18 @@ class _Collector:
                                             now - self.templates_at >= interval)
 
     def send(self, message, records, now):
-        """One message; False if it was not taken (counted)."""
+        """One message; False if it was not taken (counted, its records dropped)."""
         if self.transport == "udp":
             try:
                 self.sock.send(message)
             except OSError:                        # refused (ICMP), no buffer, no route
                 self.errors += 1
+                self.dropped += records
                 return False
         else:
             if len(self.buffer) + len(message) > IPFIX_TCP_BUFFER:
                 self.errors += 1
+                self.dropped += records
                 return False
             self.buffer += message
             self.pump(now)
@@ -9772,17 +9774,15 @@ class _Collector:
 
 
 class IpfixSnapshot(NamedTuple):
-    collectors: tuple = ()         # (name, messages, records, send errors)
-    dropped: int = 0               # flows no room was left for
+    collectors: tuple = ()         # (name, messages, records, send errors, records dropped)
     domain: int = 0
 
     def merge(self, other):
         """Workers' sums: each sends to the same collectors under its own domain."""
         mine = {name: row for name, *row in self.collectors}
         for name, *row in other.collectors:
-            mine[name] = [a + b for a, b in zip(mine.get(name, (0, 0, 0)), row)]
-        return IpfixSnapshot(tuple((name, *row) for name, row in mine.items()),
-                             self.dropped + other.dropped, self.domain)
+            mine[name] = [a + b for a, b in zip(mine.get(name, (0,) * len(row)), row)]
+        return IpfixSnapshot(tuple((name, *row) for name, row in mine.items()), self.domain)
 
 
 class FlowExport(Consumer):
@@ -9798,7 +9798,6 @@ class FlowExport(Consumer):
         self.template_interval = template_interval
         self.pending = collections.defaultdict(list)  # template -> packed records
         self.waiting = 0
-        self.dropped = 0
         self.now = 0.0
         self.templates = b"".join(
             IPFIX_SET.pack(IPFIX_TEMPLATE_SET_ID, IPFIX_SET.size + sum(len(t.spec()) for t in ts))
@@ -9811,20 +9810,20 @@ class FlowExport(Consumer):
         if c.last > self.now:
             self.now = c.last
         for template, record in records:
-            if self.waiting >= IPFIX_PENDING_MAX:
-                self.dropped += 1
-                continue
             self.pending[template].append(record)
-            self.waiting += 1
+        self.waiting += len(records)
         if self.waiting >= IPFIX_FLUSH_RECORDS:
             self.send(self.now)
 
     def send(self, now):
         """Every waiting record to every collector that can take it."""
-        pending, self.pending, self.waiting = self.pending, collections.defaultdict(list), 0
+        pending, waiting = self.pending, self.waiting
+        self.pending, self.waiting = collections.defaultdict(list), 0
         for col in self.collectors:
             if col.ready(now):
                 self._messages(col, pending, now)
+            else:
+                col.dropped += waiting
             col.pump(now)
 
     def _messages(self, col, pending, now):
@@ -9879,17 +9878,17 @@ class FlowExport(Consumer):
         return True
 
     def snapshot(self):
-        return IpfixSnapshot(tuple((c.name, c.messages, c.records, c.errors) for c in self.collectors),
-                             self.dropped, self.domain)
+        return IpfixSnapshot(tuple((c.name, c.messages, c.records, c.errors, c.dropped)
+                                   for c in self.collectors), self.domain)
 
 
 def ipfix_document(snap, how, top=None):
     ipfix = snap.get("ipfix")
     if ipfix is None:
         return None
-    return {**_envelope(snap, how), "domain": ipfix.domain, "flows_dropped": ipfix.dropped,
-            "collectors": [{"collector": name, "messages": m, "records": r, "send_errors": e}
-                           for name, m, r, e in ipfix.collectors]}
+    return {**_envelope(snap, how), "domain": ipfix.domain,
+            "collectors": [{"collector": name, "messages": m, "records": r, "send_errors": e,
+                            "flows_dropped": d} for name, m, r, e, d in ipfix.collectors]}
 
 
 def ipfix_metrics(c, snap):
@@ -9898,23 +9897,24 @@ def ipfix_metrics(c, snap):
     ipfix = snap.get("ipfix")
     if ipfix is None:
         return
-    for i, (name, doc) in enumerate((("messages", "IPFIX messages sent."),
-                                     ("records", "IPFIX data records sent."),
-                                     ("send_errors", "IPFIX messages a collector did not take "
-                                                     "(refused, unreachable, buffer full)."))):
+    for i, (name, doc) in enumerate((
+            ("messages", "IPFIX messages sent."),
+            ("records", "IPFIX data records sent."),
+            ("send_errors", "IPFIX messages a collector did not take (refused, unreachable, "
+                            "its buffer full) and failed TCP connections."),
+            ("flows_dropped", "Flow records a collector lost: not connected, its buffer full, "
+                              "a send refused."))):
         yield metric_family(CounterMetricFamily, f"lpd_ipfix_{name}", doc, ["collector"],
                             [((row[0],), row[1 + i]) for row in ipfix.collectors])
-    yield metric_family(CounterMetricFamily, "lpd_ipfix_flows_dropped",
-                        "Flow records dropped: no room left among those waiting to be sent.",
-                        [], [((), ipfix.dropped)])
 
 
 def ipfix_table(doc):
     """--output table's flow export: per collector, what went."""
-    return ([f"\nIPFIX (observation domain {doc['domain']}): {doc['flows_dropped']} flows dropped\n"] +
-            _columns(("collector", "messages", "records", "send errors"),
-                     [[d["collector"], str(d["messages"]), str(d["records"]), str(d["send_errors"])]
-                      for d in doc["collectors"]], ("messages", "records", "send errors")))
+    header = ("collector", "messages", "records", "send errors", "flows dropped")
+    return ([f"\nIPFIX, observation domain {doc['domain']}:\n"] +
+            _columns(header, [[d["collector"], str(d["messages"]), str(d["records"]),
+                               str(d["send_errors"]), str(d["flows_dropped"])]
+                              for d in doc["collectors"]], header[1:]))
 
 
 def default_domain(interface, worker=0):
