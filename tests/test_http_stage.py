@@ -117,7 +117,7 @@ def test_api_requests_filters_and_limits():
         stage.recent.setdefault("10.0.0.2:80", collections.deque(maxlen=5)).appendleft({"n": i})
     stage.recent.setdefault("10.0.0.3:80", collections.deque()).appendleft({"n": 9})
     published = lpd.Published()
-    published.publish({"requests": stage.snapshot()})
+    published.publish({"http": stage.snapshot()})
     how = lpd.Presentation("eth0", lambda a: "eth0", lambda k: ("Unknown",) * 4, 0)
     status, body = lpd.api_answer("/api/requests", "server=10.0.0.2%3A80&limit=2", published, lambda: how)
     assert status == 200 and json.loads(body)["servers"] == {"10.0.0.2:80": [{"n": 2}, {"n": 1}]}
