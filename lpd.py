@@ -7322,7 +7322,8 @@ RATE_GAUGES = (
 
 def addresses_metrics(c, snap):
     """The local addresses' families (a row of STAGES): localpacketdump's rates, lpd's
-    counters, and what the eBPF engine could not attribute."""
+    counters, what the eBPF engine could not attribute; then the interface's and the
+    capture's, which the decoder counts inline with them (capture_metrics)."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
     family = metric_family
     label = c.mapping.labeller()
@@ -7352,6 +7353,7 @@ def addresses_metrics(c, snap):
         yield family(CounterMetricFamily, f"lpd_local_unattributed_{unit}",
                      f"The {unit} of local addresses the eBPF engine's tables had no room "
                      "for (in the interface totals, not per address).", ["nic"], [((c.nic,), n)])
+    yield from capture_metrics(c, snap)
 
 
 def addresses_table(doc):
@@ -12348,8 +12350,9 @@ def format_table(docs):
 
 
 class Collector:
-    """Builds fresh metric families on every scrape from the latest publication: the
-    capture's, every stage's (STAGES), the container engine's and lpd's own."""
+    """Builds fresh metric families on every scrape from the latest publication: every
+    stage's (STAGES; the local addresses' row brings the interface's and the capture's,
+    which the decoder counts inline with them), the container engine's and lpd's own."""
 
     def __init__(self, published, mapping, nic, rule_socket=None, geo=None,
                  threshold=DEFAULT_EXPORT_THRESHOLD, docker=None):
@@ -12366,7 +12369,6 @@ class Collector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         snap = self.published.latest()
-        yield from capture_metrics(self, snap)
         for row in STAGES:
             yield from row.metrics(self, snap)
         if self.docker is not None:
