@@ -335,6 +335,35 @@ def test_the_dist_example_for_nfacctd_collects_lpds_flows(tmp_path):
 
 
 @pytest.mark.offline
+def test_two_boxes_one_collector_top_talkers_byte_exact(tmp_path):
+    """The issue's "done when": two lpds (two observation domains, as two hosts have)
+    export to one nfcapd configured with nothing but its port, and `nfdump -R dir -s
+    ip/bytes` gives every address's bytes as the two captures carry them."""
+    one, two = tmp_path / "one.pcap", tmp_path / "two.pcap"
+    write_frames(one, mixed_frames())
+    write_frames(two, [(i * 0.01, ether(B, A, ETH_IP, ipv4("10.1.0.1", f"10.9.0.{i % 20 + 1}", PROTO_UDP,
+                                                         udp(3000 + i, 443, b"w" * (i * 7 % 900)))))
+                       for i in range(400)], t0=T0 + 5)
+    port = free_port()
+    nfcapd = Nfcapd(tmp_path, port)
+    for pcap, domain in ((one, "1"), (two, "2")):
+        assert replay(pcap, "--ipfix", f"127.0.0.1:{port}", "--ipfix-domain", domain).returncode == 0
+    nfcapd.stop()
+    assert nfcapd.sequence_errors() == 0
+    out = subprocess.run(["nfdump", "-R", str(nfcapd.dir), "-s", "ip/bytes", "-n", "0", "-o", "csv"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    lines = out.split("\n\n")[0].splitlines()
+    header = lines[0].split(",")
+    top = {row[header.index("val")]: int(row[header.index("byt")])
+           for row in (line.split(",") for line in lines[1:])}
+    want = collections.Counter()
+    for x in ip_packets(one) + ip_packets(two):
+        want[x.src] += x.octets
+        want[x.dst] += x.octets
+    assert top == dict(want)
+
+
+@pytest.mark.offline
 def test_biflow_records_carry_both_directions(tmp_path):
     pcap = tmp_path / "mixed.pcap"
     write_frames(pcap, mixed_frames())
