@@ -13237,6 +13237,7 @@ class Adoption(NamedTuple):
     nets: list                         # the local networks (empty: the running ones stay)
     prepared: object = None            # KernelAccounting.prepare()'s, or None
     done: str = "reloaded"
+    awaiting: bool = False             # compiled while the interface was awaited
 
 
 class _Widening(NamedTuple):
@@ -13315,7 +13316,7 @@ class Reloader:
             except (OSError, Untranslatable) as e:
                 log(LOG_ERR, f"reload: eBPF program: {e}; keeping the running rules")
                 return None
-        return Adoption(rules, nets, prepared)
+        return Adoption(rules, nets, prepared, awaiting=awaiting)
 
     def _run(self, job, *args):
         adoption = job(*args)
@@ -13354,8 +13355,16 @@ class Reloader:
         """Between blocks: adopt `adoption`, in place of any pending one."""
         d = self.daemon
         kernel, local = d.kernel, d.local
-        rules, nets, prepared, done = adoption
+        rules, nets, prepared, done, awaiting = adoption
         self.pending = None
+        if awaiting and not d.watch.awaiting:
+            # The interface appeared after compile_rules() looked (during a slow eBPF
+            # prepare, say): these rules have the stand-in $MAC and no networks, and
+            # appearing has installed the real ones. Compiled again, with them.
+            if prepared is not None:
+                kernel.discard(prepared)
+            self.requested = True
+            return
         if kernel is not None and prepared is None:   # not from the reload thread
             try:
                 prepared = kernel.prepare(rules, nets or local.local_nets)

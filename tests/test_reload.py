@@ -244,6 +244,23 @@ def test_a_compile_begun_while_awaiting_the_interface_runs_again_once_it_appeare
     assert d.rules.snapshot().rows == (("me", len(frame), 1),)    # $MAC: the real address
 
 
+def test_a_result_compiled_while_awaiting_is_dropped_if_the_interface_appeared_before_adoption(
+        monkeypatch, tmp_path):
+    """The window after compile_rules() looked (a slow eBPF prepare): the interface
+    appears, then the stale result comes; the capture thread drops it and compiles
+    again instead of adopting rules with the stand-in $MAC over the real ones."""
+    path = tmp_path / "rules"
+    path.write_text("me;ether src $MAC\n")
+    Link(monkeypatch, index=7, mac=MAC)
+    d = daemon(None, awaiting=True)
+    d.opts.filter_file, d.opts.local_nets = str(path), [NET]
+    stale = lpd.Adoption(rules("stale;ip\n"), [NET], awaiting=True)
+    d.watch.appeared()
+    appeared = d.rules
+    d.reloader.adopt(stale)
+    assert d.rules is appeared and d.reloader.requested
+
+
 def test_widening_reload_lets_frames_cut_short_drain_through_the_old_rules():
     old = rules("all;ip\n")
     d = daemon(old)
