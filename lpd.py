@@ -8911,39 +8911,41 @@ class HttpRequests(Consumer):
         else:
             d.state = HTTP_UNTIL_CLOSE
 
+    def _line(self, d, error):
+        """The next CRLF-ended line of d.buf, taken from it; None while incomplete (or
+        when it grew past HTTP_MAX_HEAD: counted as `error`, the stream stopped)."""
+        m = HTTP_CHUNK_LINE.search(d.buf, max(0, d.scanned - 1))
+        d.scanned = 0 if m else len(d.buf)
+        if m is None:
+            if len(d.buf) > HTTP_MAX_HEAD:
+                self.errors[error] += 1
+                d.state = HTTP_STOPPED
+            return None
+        line = bytes(d.buf[:m.start()])
+        del d.buf[:m.end()]
+        return line
+
     def _body_bytes(self, d, add):
         """Consume body bytes from d.buf in the current state; add(n) counts them.
         False when it must wait for more bytes (a size line or CRLF not complete)."""
-        if d.state == HTTP_BODY:
+        if d.state in (HTTP_BODY, HTTP_CHUNK_DATA):
             n = min(d.left, len(d.buf))
             del d.buf[:n]
             add(n)
             d.left -= n
             if not d.left:
-                d.state = HTTP_HEAD
+                d.state = HTTP_HEAD if d.state == HTTP_BODY else HTTP_CHUNK_END
         elif d.state == HTTP_CHUNK_SIZE:
-            m = HTTP_CHUNK_LINE.search(d.buf, max(0, d.scanned - 1))
-            d.scanned = 0 if m else len(d.buf)
-            if m is None:
-                if len(d.buf) > HTTP_MAX_HEAD:
-                    self.errors["bad_chunk"] += 1
-                    d.state = HTTP_STOPPED
+            line = self._line(d, "bad_chunk")
+            if line is None:
                 return False
-            line = bytes(d.buf[:m.start()]).split(b";", 1)[0].strip()
-            del d.buf[:m.end()]
+            line = line.split(b";", 1)[0].strip()
             if not HTTP_CHUNK_SIZE_RE.fullmatch(line):      # int(x, 16) takes 0x5, +5, -5, 0_5
                 self.errors["bad_chunk"] += 1
                 d.state = HTTP_STOPPED
                 return False
             d.left = int(line, 16)
             d.state = HTTP_CHUNK_DATA if d.left else HTTP_TRAILER
-        elif d.state == HTTP_CHUNK_DATA:
-            n = min(d.left, len(d.buf))
-            del d.buf[:n]
-            add(n)
-            d.left -= n
-            if not d.left:
-                d.state = HTTP_CHUNK_END
         elif d.state == HTTP_CHUNK_END:
             m = HTTP_CHUNK_LINE.match(d.buf)
             if m is None:
@@ -8954,15 +8956,9 @@ class HttpRequests(Consumer):
             del d.buf[:m.end()]
             d.state = HTTP_CHUNK_SIZE
         elif d.state == HTTP_TRAILER:
-            m = HTTP_CHUNK_LINE.search(d.buf, max(0, d.scanned - 1))
-            d.scanned = 0 if m else len(d.buf)
-            if m is None:
-                if len(d.buf) > HTTP_MAX_HEAD:
-                    self.errors["head_too_large"] += 1
-                    d.state = HTTP_STOPPED
+            line = self._line(d, "head_too_large")
+            if line is None:
                 return False
-            line = d.buf[:m.start()]
-            del d.buf[:m.end()]
             if not line.strip():
                 d.state = HTTP_HEAD              # the blank line ends the trailers
         elif d.state == HTTP_UNTIL_CLOSE:
