@@ -56,8 +56,9 @@ each banner's "provides:" line says what later chapters take from it
   21 main
 
 Where a new stage goes: one sub-chapter of 14 "Stages" — its Consumer, documents, metric
-families, table lines, how the options build it, and last its row, STAGES.append(Stage(...));
-the daemon, the workers, -r, /api, --output and /metrics take it from there (16.1).
+families, table lines, how the options (2) build it, and last its row,
+STAGES.append(Stage(...)); the daemon, the workers, -r, /api, --output and /metrics take
+it from there (16.1). 14.6, flow export, was added so.
 """
 import argparse
 import bisect
