@@ -7259,7 +7259,9 @@ class LocalAddresses(Consumer):
         work = 0
         for version, t in self.tables.items():
             moving = {}
-            for key in t.dirty:
+            # In key order: a row's place in the tables is where it was first counted,
+            # the same on every run (a set's order of bytes keys is the hash seed's).
+            for key in sorted(t.dirty):
                 e = t.hosts[key]
                 tx0, rx0 = t.prev.get(key, (0, 0))
                 if e[TX_BYTES] == tx0 and e[RX_BYTES] == rx0:
@@ -7288,7 +7290,7 @@ class LocalAddresses(Consumer):
     def snapshot(self):
         rows = []
         for version, t in self.tables.items():
-            for key in t.dirty:                 # counted since the tick: the counts now
+            for key in sorted(t.dirty):         # counted since the tick: the counts now
                 t.rows[key] = self._row(version, key, t.bps.get(key, (0.0, 0.0)))
             rows += t.rows.values()
         return AddressSnapshot(tuple(rows), self.evictions)
