@@ -3,10 +3,11 @@
 
 One module, standard library plus prometheus_client (and maxminddb for GeoIP).
 Data flows one way: sources (the ring, a pcap file, synthetic blocks) -> decode
-(one flat loop per block) -> consumers (local addresses, remote addresses,
-connections, HTTP requests, rules; or the eBPF engine counting in the kernel)
--> published snapshots (immutable; the capture thread is the only writer) ->
-exporters (Prometheus, /api documents, the rule socket, --output).
+(one flat loop per block) -> stages (local addresses, remote addresses,
+connections, HTTP requests, rules, flow export; or the eBPF engine counting in the
+kernel) -> published snapshots (immutable; the capture thread is the only writer) ->
+exporters (Prometheus, /api documents, the rule socket, --output; IPFIX records go
+out from the flow export stage itself, on the capture thread, never waiting).
 
 Chapters, in dependency order: no chapter uses a name a later one defines, and
 each banner's "provides:" line says what later chapters take from it
