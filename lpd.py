@@ -9664,7 +9664,8 @@ class _Collector:
     had the templates, and its counters. UDP unless `transport` is "tcp"."""
 
     def __init__(self, transport, host, port):
-        self.transport, self.name = transport, f"{transport}://{host}:{port}"
+        bracketed = f"[{host}]" if ":" in host else host
+        self.transport, self.name = transport, f"{transport}://{bracketed}:{port}"
         kind = socket.SOCK_STREAM if transport == "tcp" else socket.SOCK_DGRAM
         try:
             self.family, _, _, _, self.address = socket.getaddrinfo(host, port, type=kind)[0]
