@@ -40,6 +40,7 @@ each banner's "provides:" line says what later chapters take from it
     14.4 HTTP requests (TCP reassembly, HTTP/1.x)
     14.5 Rules (bpfcountd-compatible filter files)
     14.6 Flow export (IPFIX)
+    14.7 DNS messages (passive DNS, issue 27: its parser)
   15 eBPF engine: accounting and rules as one kernel program (--engine ebpf)
     15.1 Assembler
     15.2 Syscalls: bpf(2), maps, programs, test runs
@@ -9944,6 +9945,130 @@ def _flow_export(opts, w, built):
 
 STAGES.append(Stage(FlowExport, _flow_export, (("ipfix", ipfix_document),), ipfix_metrics,
                     ipfix_table))
+
+
+###############################################################################
+# 14.7 DNS messages (passive DNS, issue 27: its parser) #######################
+# provides: -
+#
+# RFC 1035 messages as a resolver's answers carry them, read from bytes lpd did not
+# write: every length checked against what is there, a name's compression pointers
+# followed only backwards (each to an offset before the one it left: a loop or a
+# forward chain cannot run, whatever the bytes), a name at most 255 octets, a label 63.
+# What does not hold stops the reading with its reason (the message's `error`, for its
+# caller to count), never an exception of another kind; what was read before it stays.
+# The names stage (--names) is still to come on this parser.
+
+DNS_HEADER = struct.Struct("!HHHHHH")       # id, flags, questions, answers, authority, additional
+DNS_QUESTION = struct.Struct("!HH")         # type, class
+DNS_RR = struct.Struct("!HHIH")             # type, class, TTL, data length
+DNS_POINTER = 0xC0                          # a length byte with both top bits: a pointer
+DNS_POINTER_MASK = 0x3FFF
+DNS_NAME_MAX = 255                          # octets of a name, its length bytes included
+DNS_RCODE_MASK = 0xF
+DNS_RECORDS_MAX = 256                       # records read per message (a reply holds a few)
+DNS_A, DNS_CNAME, DNS_AAAA = 1, 5, 28
+DNS_ADDRESS_LEN = {DNS_A: 4, DNS_AAAA: 16}
+
+
+class DnsError(ValueError):
+    """A message that is not one: its reason (truncated, label, name_too_long, pointer)."""
+
+
+class DnsRecord(NamedTuple):
+    name: str
+    type: int
+    ttl: int
+    value: object                  # A/AAAA: raw address bytes; CNAME: the name; else None
+
+
+class DnsMessage(NamedTuple):
+    id: int
+    flags: int
+    question: tuple                # (name, type, class), or () for none
+    answers: tuple                 # DnsRecords of the answer section
+    others: tuple                  # and of the authority and additional sections
+    error: str = None              # why reading stopped early (DnsError's reasons), or None
+
+    @property
+    def rcode(self):
+        return self.flags & DNS_RCODE_MASK
+
+
+def dns_name(buf, off):
+    """(the name at off as text, the offset after it where it sits): labels in ASCII
+    lower case, escaped as Zeek prints them (a byte outside printable ASCII, a dot in a
+    label: \\xHH), "" for the root."""
+    labels, size, end, floor = [], 0, None, off
+    while True:
+        if off >= len(buf):
+            raise DnsError("truncated")
+        n = buf[off]
+        if n & DNS_POINTER == DNS_POINTER:
+            if off + 2 > len(buf):
+                raise DnsError("truncated")
+            target = (n << 8 | buf[off + 1]) & DNS_POINTER_MASK
+            if target >= floor:
+                raise DnsError("pointer")          # forwards or onto itself: a loop
+            if end is None:
+                end = off + 2
+            off = floor = target
+            continue
+        if n & DNS_POINTER:
+            raise DnsError("label")               # 0x40 and 0x80: extended labels, unused
+        if n == 0:
+            return ".".join(labels), off + 1 if end is None else end
+        if off + 1 + n > len(buf):
+            raise DnsError("truncated")
+        size += n + 1
+        if size > DNS_NAME_MAX:
+            raise DnsError("name_too_long")
+        labels.append("".join(chr(b).lower() if 0x20 < b < 0x7F and b != 0x2E else f"\\x{b:02x}"
+                              for b in buf[off + 1:off + 1 + n]))
+        off += 1 + n
+
+
+def parse_dns(buf):
+    """A DNS message (UDP payload, or a TCP message without its length prefix): its
+    header, first question and records (DNS_RECORDS_MAX at most) up to the first thing
+    that does not hold, whose reason is its `error` (a capture cut short still gives the
+    answers before the cut). DnsError when not even the header is there."""
+    if len(buf) < DNS_HEADER.size:
+        raise DnsError("truncated")
+    ident, flags, qd, an, ns, ar = DNS_HEADER.unpack_from(buf)
+    question, records, error = (), [], None
+    try:
+        off = DNS_HEADER.size
+        for i in range(qd):
+            name, off = dns_name(buf, off)
+            if off + DNS_QUESTION.size > len(buf):
+                raise DnsError("truncated")
+            qtype, qclass = DNS_QUESTION.unpack_from(buf, off)
+            off += DNS_QUESTION.size
+            if i == 0:
+                question = (name, qtype, qclass)
+        for _ in range(min(an + ns + ar, DNS_RECORDS_MAX)):
+            name, off = dns_name(buf, off)
+            if off + DNS_RR.size > len(buf):
+                raise DnsError("truncated")
+            rtype, _, ttl, size = DNS_RR.unpack_from(buf, off)
+            off += DNS_RR.size
+            if off + size > len(buf):
+                raise DnsError("truncated")
+            value = None
+            if rtype in DNS_ADDRESS_LEN:
+                if size != DNS_ADDRESS_LEN[rtype]:
+                    raise DnsError("rdata")
+                value = bytes(buf[off:off + size])
+            elif rtype == DNS_CNAME:
+                value, after = dns_name(buf, off)
+                if after > off + size:
+                    raise DnsError("rdata")
+            records.append(DnsRecord(name, rtype, ttl, value))
+            off += size
+    except DnsError as e:
+        error = str(e)
+    return DnsMessage(ident, flags, question, tuple(records[:an]), tuple(records[an:]), error)
 
 
 ###############################################################################
