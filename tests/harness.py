@@ -2,7 +2,8 @@
 import these. Here: waiting, lpd's logs and rule socket, classic pcap files (one writer,
 one reader), `lpd -r` as a process, lpd on a veth pair (netns.Pair) and its metrics, the
 HTTP server and client of the live HTTP tests, and the run of two lpds on one traffic
-(test_workers, test_engine). Frames are built by packets.py and netns.py; fixtures
+(test_workers, test_engine), nfdump's collector nfcapd as a process (test_ipfix and the
+bench's flow export series). Frames are built by packets.py and netns.py; fixtures
 (`pair`, `engine`) are in conftest.py."""
 import json
 import os
@@ -196,6 +197,80 @@ def json_values(text):
             return out
         value, i = dec.raw_decode(text, i)
         out.append(value)
+
+
+# --- nfdump's collector ---------------------------------------------------------------------
+
+COLLECTOR_START = 10.0              # seconds a collector may take to bind
+COLLECTOR_DRAIN = 10.0              # seconds nfcapd may take to read what is queued for it
+
+
+class Nfcapd:
+    """nfcapd on 127.0.0.1:port (in namespace `ns` when given), stopped by PID."""
+
+    def __init__(self, tmp_path, port, pair=None, ns=None, name="nfcapd"):
+        self.port = port
+        self.dir = tmp_path / f"{name}-{port}"
+        self.dir.mkdir()
+        self.log_path = tmp_path / f"{name}-{port}.log"
+        self.log = open(self.log_path, "wb")
+        cmd = ["nfcapd", "-w", str(self.dir), "-p", str(port), "-b", "127.0.0.1", "-B", "8000000"]
+        self.proc = pair.popen(ns, cmd, stdout=self.log, stderr=subprocess.STDOUT) if pair else \
+            subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        if not wait_for(lambda: b"Bound to" in self.log_path.read_bytes(), COLLECTOR_START):
+            self.end()
+            raise AssertionError(self.log_path.read_text())
+
+    def queued(self):
+        """Bytes waiting in its socket's receive queue (/proc/<pid>/net/udp: its
+        namespace's), 0 once it is gone."""
+        try:
+            with open(f"/proc/{self.proc.pid}/net/udp") as f:
+                rows = [line.split() for line in f.readlines()[1:]]
+        except OSError:
+            return 0
+        local = f"0100007F:{self.port:04X}"
+        return sum(int(r[4].split(":")[1], 16) for r in rows if r[1] == local)
+
+    def end(self):
+        """SIGTERM once it has read what was sent to it (nfcapd writes its file and its
+        statistics line); killed if it has not ended 10 s later."""
+        wait_for(lambda: self.queued() == 0, COLLECTOR_DRAIN, 0.02)
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        finally:
+            self.log.close()
+
+    def stop(self):
+        """end(), then its flows."""
+        self.end()
+        return nfdump(self.dir)
+
+    def sequence_errors(self):
+        stats = [line for line in self.log_path.read_text().splitlines() if "Sequence Errors" in line]
+        assert stats, self.log_path.read_text()
+        return sum(int(line.split("Sequence Errors:")[1].split(",")[0]) for line in stats)
+
+
+def nfdump(directory):
+    """nfdump's own decoding of what nfcapd stored: its JSON records, times in UTC."""
+    out = subprocess.run(["nfdump", "-R", str(directory), "-o", "json"], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "TZ": "UTC"}, check=True)
+    return json.loads(out.stdout) if out.stdout.strip() else []
+
+
+def nfdump_totals(directory, timeout=120):
+    """(records, octets, packets) of nfdump's decoding of what nfcapd stored, one line a
+    record (for many records: nfdump's JSON is ~600 bytes each)."""
+    out = subprocess.run(["nfdump", "-N", "-q", "-R", str(directory), "-o", "fmt:%ibyt %ipkt"],
+                         capture_output=True, text=True, timeout=timeout, check=True).stdout
+    rows = [line.split() for line in out.splitlines() if line.strip()]
+    return len(rows), sum(int(r[0]) for r in rows), sum(int(r[1]) for r in rows)
 
 
 # --- lpd on a veth pair --------------------------------------------------------------------

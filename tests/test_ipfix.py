@@ -12,7 +12,6 @@ engines against tcpdump's capture of the same interface, and a collector that st
 late and restarts."""
 import collections
 import json
-import os
 import random
 import re
 import signal
@@ -28,52 +27,18 @@ import pytest
 
 import lpd
 import netns
-from harness import LPD, Lpd, free_port, metrics, value, wait_for, write_pcap
+from harness import (COLLECTOR_START, LPD, Lpd, Nfcapd, free_port, metrics, value, wait_for,
+                     write_pcap)
 from packets import (ETH_IP, ETH_IP6, PROTO_TCP, PROTO_UDP, ether, fragment6, icmp, icmp6, ipv4,
                      ipv6, tcp, udp, vlan_tag)
 
 A, B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
 SYN, ACK, FIN, PSH = 0x02, 0x10, 0x01, 0x08
 T0 = 1_700_000_000
-COLLECTOR_START = 10.0              # seconds a collector may take to bind
 MS = 0.001
 
 
-# --- the collectors, as processes ------------------------------------------------------------
-
-class Nfcapd:
-    """nfcapd on 127.0.0.1:port (in namespace `ns` when given), stopped by PID."""
-
-    def __init__(self, tmp_path, port, pair=None, ns=None, name="nfcapd"):
-        self.dir = tmp_path / f"{name}-{port}"
-        self.dir.mkdir()
-        self.log_path = tmp_path / f"{name}-{port}.log"
-        self.log = open(self.log_path, "wb")
-        cmd = ["nfcapd", "-w", str(self.dir), "-p", str(port), "-b", "127.0.0.1", "-B", "8000000"]
-        self.proc = pair.popen(ns, cmd, stdout=self.log, stderr=subprocess.STDOUT) if pair else \
-            subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        assert wait_for(lambda: b"Bound to" in self.log_path.read_bytes(), COLLECTOR_START), \
-            self.log_path.read_text()
-
-    def stop(self):
-        """SIGTERM (nfcapd writes its file and its statistics line), then its flows."""
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(10)
-        self.log.close()
-        return nfdump(self.dir)
-
-    def sequence_errors(self):
-        stats = [line for line in self.log_path.read_text().splitlines() if "Sequence Errors" in line]
-        assert stats, self.log_path.read_text()
-        return sum(int(line.split("Sequence Errors:")[1].split(",")[0]) for line in stats)
-
-
-def nfdump(directory):
-    """nfdump's own decoding of what nfcapd stored: its JSON records, times in UTC."""
-    out = subprocess.run(["nfdump", "-R", str(directory), "-o", "json"], capture_output=True,
-                         text=True, timeout=60, env={**os.environ, "TZ": "UTC"}, check=True)
-    return json.loads(out.stdout) if out.stdout.strip() else []
-
+# --- pmacct's collector, as a process (nfcapd's is in harness.py) ----------------------------
 
 class Nfacctd:
     """pmacct's nfacctd with its print plugin writing JSON lines, stopped by PID."""
