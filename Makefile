@@ -58,8 +58,9 @@ test:            ## the whole suite; needs root (network namespaces) and libpcap
 
 check: deps test
 
-bench:           ## speed, cost and loss beside tcpdump and libpcap (root for the live part)
+bench:           ## speed, cost and loss beside tcpdump, libpcap and softflowd (root: live part)
 	@command -v trafgen >/dev/null && command -v tcpdump >/dev/null && \
+		command -v nfcapd >/dev/null && command -v softflowd >/dev/null && \
 		$(PYTHON) -c 'import prometheus_client, ctypes; ctypes.CDLL("libpcap.so.0.8")' 2>/dev/null \
 		|| $(MAKE) deps
 	$(PYTHON) tests/bench.py

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""`make bench`: lpd's speed, cost and loss, measured beside tcpdump and libpcap in one run.
+"""`make bench`: lpd's speed, cost and loss beside tcpdump, libpcap and softflowd, in one run.
 
     python3 tests/bench.py               # offline, then live (live needs root + netns)
-    python3 tests/bench.py --offline     # in-process only, no privileges, < 1 min
+    python3 tests/bench.py --offline     # the offline part only, no privileges, ~8 min
     python3 tests/bench.py --live        # namespaces + trafgen only
     python3 tests/bench.py --quick       # smaller counts: a smoke run
     python3 tests/bench.py --quick --series mix,flood   # live series by name (root)
+    python3 tests/bench.py --series ipfix               # an offline series by name
     python3 tests/bench.py --rules-at-scale   # only the startup cost of big rule sets
 
 Prints plain tables and writes the same figures as JSON to bench/results/<UTC time>.json.
@@ -27,6 +28,13 @@ the established connections survive it.
 answered by Content-Length or chunked bodies in MSS segments, FINs), frames whole as the
 kernel program returns them, with and without an HttpRequests stage; every request finished
 with the status and body length it was sent with.
+--ipfix: captures written here (10^4 and 10^5 short TCP/UDP flows, a few long ones) turned
+into IPFIX by lpd -r --connections --ipfix and by softflowd -r (libpcap, C), each into a
+fresh nfcapd on 127.0.0.1, beside lpd -r --connections alone: wall and CPU time, records
+nfdump decodes, nfcapd's sequence errors, octets against the capture's IP bytes, and lpd's
+export cost per flow and per frame.
+Offline series by name (--series): accounting, remote, remote-flood, connections, http,
+syn-flood, matchers, rules-at-scale, worker-transport, ipfix.
 
 Live: two namespaces joined by a veth pair (tests/netns.py); every lpd line runs with
 --engine ebpf and with --engine cbpf, beside tcpdump -w /dev/null. An lpd counting with
@@ -52,10 +60,13 @@ import functools
 import glob
 import json
 import os
+import pathlib
 import pickle
 import platform
 import random
 import re
+import resource
+import shutil
 import signal
 import struct
 import subprocess
@@ -121,6 +132,7 @@ CONN_OUTBOUND = 0.70                    # share whose client is the local host
 CONN_MSS = 1448
 CONN_RESPONSES = (200, 600, 1448, 3000, 8000, 20000, 64000, 250000)   # bytes a request fetches
 CONN_TCP_PORTS = (443, 443, 443, 80, 80, 22, 25, 993, 8080)
+CONN_UDP_PORTS = (53, 53, 53, 123, 443, 443)   # DNS, NTP: one exchange; 443: a QUIC-like burst
 SYN_FLOOD = 1_000_000                   # spoofed SYNs, each from a random address and port
 SYN_FLOOD_QUICK = 400_000               # --quick (still past --conn-max: evictions happen);
                                         # a run: ~15 s, 10^6 ~40 s
@@ -138,6 +150,18 @@ HTTP_BODIES = (0, 45, 180, 600, 1448, 3000, 8000, 20000, 64000, 250000)  # respo
 HTTP_CHUNKED = 0.25                     # share of responses sent chunked
 HTTP_CHUNK = 4096                       # their chunk size (the last one shorter)
 HTTP_STATUSES = (200, 200, 200, 200, 200, 404, 301, 500)   # all with a body (no 204/304)
+# --ipfix (issue 26): flow export's cost, lpd -r beside softflowd -r on the same captures
+IPFIX_FLOWS = (10_000, 100_000)         # captures of this many short flows (--quick: the first)
+IPFIX_UDP_PORTS = (53, 53, 53, 123)     # their UDP flows: one DNS or NTP exchange, 2 packets
+IPFIX_RESPONSES = (200, 600, 1448, 2896)  # their TCP requests fetch 1 or 2 segments
+IPFIX_PLAIN_SHARE = 0.5                 # TCP flows without timestamps: IPv4 ACKs padded to 60
+IPFIX_LONG_FLOWS = 8                    # the capture of few long flows: TCP connections whose
+IPFIX_LONG_BYTES = 24 << 20             # 1-3 responses are this long (--quick: a quarter)
+IPFIX_T0 = 1_700_000_000                # the captures' first timestamp (s)
+IPFIX_REPEAT = 3                        # best of (--quick: 1), the three lines in turn
+IPFIX_AS_LIMIT = 3_000_000_000          # RLIMIT_AS of every exporter run (bytes)
+IPFIX_TIMEOUT = 300                     # s for one exporter run
+SOFTFLOWD = "softflowd"                 # Debian's /usr/sbin/softflowd (1.1.0)
 
 # ---- live ------------------------------------------------------------------------
 GENERATOR_CPU = 0                       # trafgen -P 1 pins its worker to CPU 0 by itself
@@ -571,10 +595,11 @@ _TCP_OPTS = b"\x01\x01\x08\x0a" + bytes(8)                           # NOP NOP T
 _SYN_OPTS = b"\x02\x04\x05\xb4\x04\x02\x08\x0a" + bytes(8) + b"\x01\x03\x03\x07"   # doff 10
 
 
-def _tcp_steps(rng):
+def _tcp_steps(rng, responses=CONN_RESPONSES):
     """One TCP connection as (from client, flags, seq, ack, payload bytes), in order: the
-    handshake, 1-3 requests each answered in MSS segments that the client ACKs every
-    second one, FINs both ways (the client's first, mostly) and the last ACK."""
+    handshake, 1-3 requests each answered (bytes: one of `responses`) in MSS segments
+    that the client ACKs every second one, FINs both ways (the client's first, mostly)
+    and the last ACK."""
     c, s = rng.getrandbits(32), rng.getrandbits(32)         # wraps happen, and must count
     yield True, TH_SYN, c, 0, 0
     c = (c + 1) & SEQ_MASK
@@ -585,7 +610,7 @@ def _tcp_steps(rng):
         req = rng.randrange(80, 900)
         yield True, TH_PSH | TH_ACK, c, s, req
         c = (c + req) & SEQ_MASK
-        left, segs = rng.choice(CONN_RESPONSES), 0
+        left, segs = rng.choice(responses), 0
         while left:
             seg = min(CONN_MSS, left)
             left -= seg
@@ -629,13 +654,14 @@ def _udp_steps(rng, port):
 class _MixFlow:
     """One flow of the mix: its ends, its steps, and what Zeek's conn.log should say of
     it: [orig_bytes, resp_bytes, orig_pkts, orig_ip_bytes, resp_pkts, resp_ip_bytes]."""
-    __slots__ = ("v6", "eth", "client", "server", "cport", "sport", "proto", "steps", "exp")
+    __slots__ = ("v6", "eth", "client", "server", "cport", "sport", "proto", "steps", "exp",
+                 "opts")
 
     def frame(self, step, snaplen):
         """(captured bytes, wirelen) of one step."""
         if self.proto == 6:
             from_client, flags, seq, ack, plen = step
-            opts = _SYN_OPTS if flags & TH_SYN else _TCP_OPTS
+            opts = _SYN_OPTS if flags & TH_SYN else self.opts
             ports = (self.cport, self.sport) if from_client else (self.sport, self.cport)
             l4 = _TCP_HDR.pack(*ports, seq, ack, (5 + len(opts) // 4) << 4, flags, 64240, 0, 0) + opts
         else:
@@ -674,23 +700,30 @@ class ConnMix:
     """A seeded mix of whole TCP connections (handshake, data, FINs) and UDP flows
     between the local nets and remote hosts, CONN_CONCURRENT of them in progress at a
     time, each frame from one picked at random, on a CONN_PPS packet clock. New flows
-    start until `n` frames are made; those in progress then run to their end. Every
-    5-tuple is used once. frames() yields SynthFrames; once it has run, `expected`
-    holds each flow's conn.log figures by (proto, orig_h, orig_p, resp_h, resp_p)."""
+    start until `n` frames are made or `flows` flows have started (None: no bound); those
+    in progress then run to their end. Every 5-tuple is used once. frames() yields
+    SynthFrames; once it has run, `expected` holds each flow's conn.log figures by (proto,
+    orig_h, orig_p, resp_h, resp_p). The flows' shape (the --connections series' unless
+    given): the share of UDP flows and their server ports (_udp_steps), the bytes a TCP
+    request fetches (_tcp_steps), and the share of TCP flows without timestamp options
+    (their IPv4 ACKs are 54 bytes, padded to 60 on the wire)."""
 
-    def __init__(self, lpd, n, snaplen, seed=12):
+    def __init__(self, lpd, n, snaplen, seed=12, flows=None, udp_share=CONN_UDP_SHARE,
+                 udp_ports=CONN_UDP_PORTS, responses=CONN_RESPONSES, plain_share=0.0):
         self.lpd, self.n, self.snaplen, self.seed = lpd, n, snaplen, seed
+        self.max_flows, self.udp_share, self.udp_ports = flows, udp_share, udp_ports
+        self.responses, self.plain_share = responses, plain_share
         self.expected, self.tcp, self.udp, self.frames_made, self.wire_bytes = {}, 0, 0, 0, 0
 
     def _new_flow(self, rng, used):
         import ipaddress
         while True:
             f = _MixFlow()
-            udp, f.v6 = rng.random() < CONN_UDP_SHARE, rng.random() < SYNTH_IPV6
+            udp, f.v6 = rng.random() < self.udp_share, rng.random() < SYNTH_IPV6
             f.client, f.server = _mix_endpoints(rng, f.v6)
             # client ports above every likely server port: the first frame orients the flow
             f.cport = rng.randrange(32768, 61000)
-            f.sport = rng.choice((53, 53, 53, 123, 443, 443) if udp else CONN_TCP_PORTS)
+            f.sport = rng.choice(self.udp_ports if udp else CONN_TCP_PORTS)
             f.proto = 17 if udp else 6
             key = (f.proto, f.client, f.cport, f.server, f.sport)
             if key not in used:
@@ -700,7 +733,9 @@ class ConnMix:
         if rng.random() < SYNTH_TAGGED:
             f.eth += struct.pack("!HH", 0x8100, 100)
         f.eth += b"\x86\xdd" if f.v6 else b"\x08\x00"
-        f.steps = _udp_steps(rng, f.sport) if udp else _tcp_steps(rng)
+        f.steps = _udp_steps(rng, f.sport) if udp else _tcp_steps(rng, self.responses)
+        # (no draw without plain flows: the --connections series' mix stays as it was)
+        f.opts = b"" if self.plain_share and rng.random() < self.plain_share else _TCP_OPTS
         f.exp = [0] * 6
         fam = ipaddress.IPv6Address if f.v6 else ipaddress.IPv4Address
         self.expected[("udp" if udp else "tcp", str(fam(f.client)), f.cport,
@@ -714,8 +749,13 @@ class ConnMix:
     def frames(self):
         rng, used, active, made = random.Random(self.seed), set(), [], 0
         make = self.lpd.SynthFrame
-        while made < self.n or active:
-            while made < self.n and len(active) < CONN_CONCURRENT:
+
+        def more():         # a new flow may start
+            return (self.n is None or made < self.n) and \
+                (self.max_flows is None or self.flows < self.max_flows)
+
+        while more() or active:
+            while more() and len(active) < CONN_CONCURRENT:
                 active.append(self._new_flow(rng, used))
             i = rng.randrange(len(active))
             step = next(active[i].steps, None)
@@ -1169,12 +1209,21 @@ def scale_rule_exprs(n):
             else f"port {1 + i % 65000}" for i in range(n)]
 
 
+def run_limited(argv, as_limit, timeout):
+    """argv under prlimit --as `as_limit` where prlimit is there (it execs the command),
+    killed by its PID after `timeout` s (subprocess.TimeoutExpired): (CompletedProcess,
+    wall s, CPU s: its user + sys, the RUSAGE_CHILDREN delta of waiting for it)."""
+    before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
+    cp = subprocess.run(prlimit_argv(as_limit) + argv, capture_output=True, text=True,
+                        timeout=timeout)
+    wall, after = time.monotonic() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    return cp, wall, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+
 def run_child(script, cfg, as_limit, timeout):
-    """One child script (python -c) with its JSON configuration, under prlimit --as
-    `as_limit` where prlimit is there; the JSON it prints. RuntimeError with the last line
-    of its stderr when it fails."""
-    argv = prlimit_argv(as_limit) + [sys.executable, "-c", script, json.dumps(cfg)]
-    cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    """One child script (python -c) with its JSON configuration, run_limited(); the JSON
+    it prints. RuntimeError with the last line of its stderr when it fails."""
+    cp = run_limited([sys.executable, "-c", script, json.dumps(cfg)], as_limit, timeout)[0]
     if cp.returncode:
         raise RuntimeError((cp.stderr.strip() or f"exit {cp.returncode}").splitlines()[-1])
     return json.loads(cp.stdout)
@@ -1615,17 +1664,191 @@ def syn_flood(lpd, results, quick):
     return t
 
 
-def run_offline(lpd, results, quick):
+# --ipfix (issue 26): lpd -r turning a capture into IPFIX records beside softflowd -r
+# (libpcap, in C) on the same file, each into a fresh nfcapd on 127.0.0.1.
+
+def write_mix_pcap(path, mix):
+    """mix's frames as a classic pcap (harness.write_pcap), times from IPFIX_T0 on, each
+    cut to CONN_SNAP bytes (lpd's --connections snaplen; wirelen kept). Returns what the
+    file carries by each frame's own headers: frames, the IP packets' octets (IPv4 total
+    length, IPv6 40 + payload length: what a flow record counts), and the Ethernet
+    padding past them (bytes, frames)."""
+    import harness
+    seen = collections.Counter()
+
+    def records():
+        for f in mix.frames():
+            data = f.data
+            ip = 18 if data[12:14] == b"\x81\x00" else 14
+            octets = 40 + int.from_bytes(data[ip + 4:ip + 6], "big") \
+                if data[ip - 2:ip] == b"\x86\xdd" else int.from_bytes(data[ip + 2:ip + 4], "big")
+            padding = f.wirelen - ip - octets
+            seen.update(frames=1, octets=octets, padding=padding, padded=padding > 0)
+            sec, usec = divmod(round(f.ts * 1e6), 1_000_000)
+            yield IPFIX_T0 + sec, usec, data, f.wirelen
+
+    harness.write_pcap(path, records(), snaplen=CONN_SNAP)
+    return seen
+
+
+def export_run(argv, workdir, name, collect):
+    """One exporter run, `argv(port)` through run_limited(); with `collect`, into a fresh
+    nfcapd on 127.0.0.1:port, stopped by its PID once it has read what came. Returns
+    wall and CPU s, the exporter's stdout and, with `collect`, what nfdump decoded of
+    what nfcapd stored (records, octets, packets) and nfcapd's sequence errors."""
+    import harness
+    nfcapd = harness.Nfcapd(pathlib.Path(workdir), harness.free_port(), name=name) \
+        if collect else None
+    try:
+        cp, wall, cpu = run_limited(argv(nfcapd and nfcapd.port), IPFIX_AS_LIMIT, IPFIX_TIMEOUT)
+    finally:
+        if nfcapd:
+            nfcapd.end()
+    if cp.returncode:
+        raise RuntimeError((cp.stderr.strip() or f"exit {cp.returncode}").splitlines()[-1])
+    out = {"wall s": wall, "CPU s": cpu, "stdout": cp.stdout}
+    if nfcapd:
+        out["records decoded"], out["octets"], out["packets"] = harness.nfdump_totals(nfcapd.dir)
+        out["seq errors"] = nfcapd.sequence_errors()
+        shutil.rmtree(nfcapd.dir)
+    return out
+
+
+def records_sent(label, stdout):
+    """(records the exporter says it sent, its other figures) from its own report: lpd's
+    JSON document (--output json), softflowd's statistics (-r prints them)."""
+    if label.startswith("lpd"):
+        col = json.loads(stdout)["ipfix"]["collectors"][0]
+        return col["records"], {k: col[k] for k in ("messages", "send_errors", "flows_dropped")}
+    m = re.search(r"Flows exported: \d+ \((\d+) records\) in (\d+) packets \((\d+) failures\)",
+                  stdout)
+    forced = re.search(r"Flows expired: \d+ \((\d+) forced\)", stdout)
+    return (int(m.group(1)) if m else None,
+            {"messages": m and int(m.group(2)), "failures": m and int(m.group(3)),
+             "forced expiries": forced and int(forced.group(1))})
+
+
+def offline_ipfix(lpd, results, quick):
+    """lpd -r --connections with and without --ipfix, and softflowd -r, on the same
+    captures (short flows, few long ones): time and CPU of each, what nfcapd decoded
+    of each exporter, and lpd's export cost per flow and per frame."""
+    softflowd = shutil.which(SOFTFLOWD) or shutil.which(SOFTFLOWD, path="/usr/sbin:/sbin")
+    long_bytes = IPFIX_LONG_BYTES // (4 if quick else 1)
+    repeat = 1 if quick else IPFIX_REPEAT
+    t = Table("Offline: flow export (--ipfix) beside softflowd, lpd -r and softflowd -r on the "
+              "same captures",
+              ["capture", "flows", "frames", "line", "wall s", "CPU s", "records sent",
+               "records decoded", "seq errors", "octets - IP", "exact", "CPU µs/flow",
+               "CPU ns/frame", "export µs/flow", "export ns/frame", "÷ softflowd"],
+              note="Captures written here (classic pcap, frames cut to the --connections snaplen "
+                   f"of {CONN_SNAP} bytes, wirelen kept) from the --connections series' mix: "
+                   f"short flows, {CONN_UDP_SHARE:.0%} UDP\n(one DNS or NTP exchange), the rest "
+                   "TCP (handshake, 1-3 requests each answered in 1-2 MSS segments, FINs), "
+                   f"{IPFIX_PLAIN_SHARE:.0%} of them without timestamp options (their IPv4 ACKs "
+                   f"padded to 60 bytes);\nlong flows: {IPFIX_LONG_FLOWS} TCP connections of 1-3 "
+                   f"responses of {long_bytes >> 20} MiB. {CONN_CONCURRENT} flows in progress at "
+                   f"a time, on a {CONN_PPS:,} fps packet clock; {SYNTH_IPV6:.0%} IPv6, "
+                   f"{SYNTH_TAGGED:.0%} tagged.\nLines: lpd -r FILE --connections --output json "
+                   "(the baseline); the same with --ipfix 127.0.0.1:P; softflowd -r FILE -n "
+                   "127.0.0.1:P -v 10 (IPFIX; its defaults,\n-m 8192 flows). Each exporter into "
+                   "a fresh nfcapd -B 8000000 on 127.0.0.1, stopped (SIGTERM, by PID) once its "
+                   "socket queue is read. Every run under prlimit\n"
+                   f"--as {IPFIX_AS_LIMIT / 1e9:g} GB, killed after {IPFIX_TIMEOUT} s; best of "
+                   f"{repeat} (the three lines in turn): wall and CPU (user + sys of the "
+                   "child: RUSAGE_CHILDREN).\nrecords sent: the exporter's own count; decoded: "
+                   "nfdump -R of nfcapd's files (uniflow: a record per direction); seq errors: "
+                   "nfcapd's; octets - IP: octets decoded\nminus the capture's IP octets (each "
+                   "packet's IP length); exact: octets and packets decoded = the capture's "
+                   "(collector figures: the worst run).\nCPU µs/flow, ns/frame: the line's CPU "
+                   "over the capture's flows (connections) or frames; export: the --ipfix "
+                   "line's CPU minus the baseline's;\n÷ softflowd: the --ipfix line's CPU "
+                   "against softflowd's.")
+    results["offline_ipfix"] = t.to_json()
+    if not lpd_offers("--ipfix"):
+        t.say("-", "lpd has no --ipfix")
+        return t
+    lines = [("lpd -r --connections", False,
+              lambda pcap, port: [sys.executable, LPD, "-r", pcap, "--connections",
+                                  "--output", "json"]),
+             ("lpd -r --connections --ipfix", True,
+              lambda pcap, port: [sys.executable, LPD, "-r", pcap, "--connections",
+                                  "--output", "json", "--ipfix", f"127.0.0.1:{port}"]),
+             ("softflowd -r -v 10", True,
+              lambda pcap, port: [softflowd, "-r", pcap, "-n", f"127.0.0.1:{port}", "-v", "10"])]
+    if softflowd is None or shutil.which("nfcapd") is None:
+        t.note += "\nnot installed: " + " ".join(n for n, w in (("softflowd", softflowd),
+                                                                ("nfcapd", shutil.which("nfcapd")))
+                                                 if w is None)
+        lines = lines[:1 if shutil.which("nfcapd") is None else 2]
+    captures = [(f"{n:,} short flows", dict(flows=n, udp_ports=IPFIX_UDP_PORTS,
+                                            responses=IPFIX_RESPONSES, seed=26))
+                for n in IPFIX_FLOWS[:1 if quick else None]]
+    captures.append((f"{IPFIX_LONG_FLOWS} long flows",
+                     dict(flows=IPFIX_LONG_FLOWS, udp_share=0.0, responses=(long_bytes,), seed=27)))
+    with tempfile.TemporaryDirectory(prefix="lpd-bench-ipfix-") as workdir:
+        for name, shape in captures:
+            mix = ConnMix(lpd, None, CONN_SNAP, plain_share=IPFIX_PLAIN_SHARE, **shape)
+            pcap = os.path.join(workdir, "capture.pcap")
+            t0 = time.monotonic()
+            seen = write_mix_pcap(pcap, mix)
+            flows, frames = mix.flows, seen["frames"]
+            t.say(name, f"{frames:,} frames, {seen['octets']:,} IP octets, "
+                        f"{seen['padding']:,} bytes of Ethernet padding in {seen['padded']:,} "
+                        f"frames ({os.path.getsize(pcap) >> 20} MiB, written in "
+                        f"{time.monotonic() - t0:.0f} s)", flows=flows, frames=frames)
+            runs = {label: [] for label, _, _ in lines}
+            for r in range(repeat):
+                for i, (label, collect, argv) in enumerate(lines):
+                    try:
+                        runs[label].append(export_run(functools.partial(argv, pcap), workdir,
+                                                      f"{len(t.rows)}.{r}.{i}", collect))
+                    except subprocess.TimeoutExpired:
+                        runs[label].append(f"killed after {IPFIX_TIMEOUT} s")
+                    except Exception as e:
+                        runs[label].append("error: " + one_line(e))
+            os.unlink(pcap)
+            rows = {}
+            for label, collect, _ in lines:
+                done = [m for m in runs[label] if isinstance(m, dict)]
+                if len(done) < len(runs[label]):
+                    t.say(name, next(m for m in runs[label] if isinstance(m, str)), flows=flows,
+                          frames=frames, line=label)
+                    continue
+                cpu = min(m["CPU s"] for m in done)
+                row = rows[label] = t.add(capture=name, flows=flows, frames=frames, line=label, **{
+                    "wall s": min(m["wall s"] for m in done), "CPU s": cpu,
+                    "CPU µs/flow": cpu / flows * 1e6, "CPU ns/frame": cpu / frames * 1e9})
+                if collect:
+                    for m in done:
+                        m["exact"] = (m["octets"], m["packets"]) == (seen["octets"], frames)
+                    worst = min(done, key=lambda m: (m["exact"], m["records decoded"],
+                                                     -m["seq errors"]))
+                    sent, detail = records_sent(label, worst["stdout"])
+                    row.update({k: worst[k] for k in ("records decoded", "seq errors", "exact")})
+                    row.update({"records sent": sent, "exporter": detail,
+                                "octets - IP": worst["octets"] - seen["octets"]})
+            base, ipfix = rows.get(lines[0][0]), rows.get(lines[1][0] if len(lines) > 1 else None)
+            soft = rows.get(lines[2][0] if len(lines) > 2 else None)
+            if base and ipfix:
+                ipfix["export µs/flow"] = (ipfix["CPU s"] - base["CPU s"]) / flows * 1e6
+                ipfix["export ns/frame"] = (ipfix["CPU s"] - base["CPU s"]) / frames * 1e9
+            if ipfix and soft:
+                ipfix["÷ softflowd"] = ratio(ipfix["CPU s"], soft["CPU s"])
+    return t
+
+
+OFFLINE_SERIES = {"accounting": offline_accounting, "remote": offline_remote,
+                  "remote-flood": remote_flood, "connections": offline_connections,
+                  "http": offline_http, "syn-flood": syn_flood, "matchers": offline_matchers,
+                  "rules-at-scale": rules_at_scale, "worker-transport": offline_worker_transport,
+                  "ipfix": offline_ipfix}
+
+
+def run_offline(lpd, results, quick, series=tuple(OFFLINE_SERIES)):
     t0 = time.monotonic()
-    offline_accounting(lpd, results, quick).show()
-    offline_remote(lpd, results, quick).show()
-    remote_flood(lpd, results, quick).show()
-    offline_connections(lpd, results, quick).show()
-    offline_http(lpd, results, quick).show()
-    syn_flood(lpd, results, quick).show()
-    offline_matchers(lpd, results, quick).show()
-    rules_at_scale(lpd, results, quick).show()
-    offline_worker_transport(lpd, results, quick).show()
+    for name, table in OFFLINE_SERIES.items():
+        if name in series:
+            table(lpd, results, quick).show()
     results["offline_seconds"] = round(time.monotonic() - t0, 1)
 
 
@@ -2885,19 +3108,22 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="smaller counts (smoke run)")
     ap.add_argument("--rules-at-scale", action="store_true",
                     help="only the 'Rules at scale' table (no privileges)")
-    ap.add_argument("--series", default=",".join(LIVE_SERIES), metavar="NAME,...",
-                    help="live series to run (implies --live unless --offline is given too; "
-                         f"default all: {','.join(LIVE_SERIES)})")
+    ap.add_argument("--series", metavar="NAME,...",
+                    help="only these series (default all); offline: "
+                         f"{','.join(OFFLINE_SERIES)}; live (root): {','.join(LIVE_SERIES)}. "
+                         "Only offline names: no live part, only live names: no offline part")
     ap.add_argument("--lpd", default=LPD_PATH, help="lpd.py to measure (default: the repo's)")
     args = ap.parse_args(argv)
     LPD = os.path.abspath(args.lpd)
-    series = [s for s in args.series.split(",") if s]
-    unknown = set(series) - set(LIVE_SERIES)
+    series = [*OFFLINE_SERIES, *LIVE_SERIES] if args.series is None else \
+        [s for s in args.series.split(",") if s]
+    unknown = set(series) - set(OFFLINE_SERIES) - set(LIVE_SERIES)
     if unknown:
         ap.error(f"--series: no such series: {', '.join(sorted(unknown))} "
-                 f"(there are {', '.join(LIVE_SERIES)})")
-    if set(series) != set(LIVE_SERIES) and not args.offline:
-        args.live = True
+                 f"(there are {', '.join([*OFFLINE_SERIES, *LIVE_SERIES])})")
+    if args.series is not None and not (args.offline or args.live):
+        args.offline = not any(s in LIVE_SERIES for s in series)
+        args.live = not any(s in OFFLINE_SERIES for s in series)
     do_offline, do_live = not args.live or args.offline, not args.offline or args.live
     netns.exit_on_signals()
     started = time.monotonic()
@@ -2918,7 +3144,7 @@ def main(argv=None):
             rules_at_scale(lpd, results, args.quick).show()
             do_offline = do_live = False
         if do_offline:
-            run_offline(lpd, results, args.quick)
+            run_offline(lpd, results, args.quick, series)
         if do_live:
             if os.geteuid() != 0:
                 raise SystemExit("the live part needs root (network namespaces); "
