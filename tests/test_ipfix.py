@@ -27,8 +27,8 @@ import pytest
 
 import lpd
 import netns
-from harness import (COLLECTOR_START, LPD, Lpd, Nfcapd, free_port, metrics, value, wait_for,
-                     write_pcap)
+from harness import (COLLECTOR_START, LPD, Lpd, Nfcapd, children, free_port, metrics, value,
+                     wait_for, write_pcap)
 from packets import (ETH_IP, ETH_IP6, PROTO_TCP, PROTO_UDP, ether, fragment6, icmp, icmp6, ipv4,
                      ipv6, tcp, udp, vlan_tag)
 
@@ -65,12 +65,28 @@ aggregate: src_host, dst_host, src_port, dst_port, proto, tos, timestamp_start, 
 
     def stop(self):
         """Its records: SIGINT is pmacct's "purge the caches and exit"."""
-        self.proc.send_signal(signal.SIGINT)
-        self.proc.wait(10)
+        stop_nfacctd(self.proc)
         self.log.close()
         if not self.out.exists():
             return []
         return [json.loads(line) for line in self.out.read_text().splitlines() if line.strip()]
+
+
+def stop_nfacctd(proc):
+    """SIGINT (pmacct's "purge the caches and exit"); one that does not end in 10 s is
+    killed with its plugin processes, by PID, and the test fails."""
+    plugins = children(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        for pid in (proc.pid, *plugins):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(5)
+        raise AssertionError("nfacctd did not stop on SIGINT") from None
 
 
 # --- the oracle: tshark's reading of the capture ---------------------------------------------
@@ -290,8 +306,7 @@ def test_the_dist_example_for_nfacctd_collects_lpds_flows(tmp_path):
         write_frames(pcap, mixed_frames())
         assert replay(pcap, "--ipfix", f"127.0.0.1:{port}").returncode == 0
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(10)
+        stop_nfacctd(proc)
         log.close()
     rows = [json.loads(line) for f in tmp_path.glob("flows.json*") for line in f.read_text().splitlines()
             if line.strip()]
