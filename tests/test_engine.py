@@ -289,7 +289,7 @@ def test_a_reload_builds_and_verifies_off_the_capture_thread(monkeypatch):
         assert reloader.start()
         reloader.thread.join(60)
         assert where == ["reload"]
-        got_rules, nets, prepared, _ = reloader.pending
+        got_rules, prepared = reloader.pending.rules, reloader.pending.prepared
         assert got_rules is new and prepared.program.fd > 0
         assert kernel.program.fd == fd                      # nothing swapped yet
         lpd.test_run(fd, frame)                             # still the old program's
