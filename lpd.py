@@ -14701,21 +14701,50 @@ def top_target(text):
 
 # -- one bounded GET -----------------------------------------------------------------
 
+def resolve_within(host, port, timeout):
+    """getaddrinfo's addresses for a name within `timeout`: the resolver has no timeout of
+    its own (a dead DNS server holds it 5 s a try), so it asks on a daemon thread left
+    behind if it has not answered (socket.timeout)."""
+    answer = []
+
+    def ask():
+        try:
+            answer.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as e:
+            answer.append(e)
+    asking = threading.Thread(target=ask, name="resolve", daemon=True)
+    asking.start()
+    asking.join(timeout)
+    if not answer:
+        raise socket.timeout(f"{host}: the resolver did not answer in time")
+    if isinstance(answer[0], OSError):
+        raise answer[0]
+    return [(family, address) for family, _, _, _, address in answer[0]]
+
+
 def _connect(host, port, timeout):
-    """A connected socket; an address literal goes straight to connect(), a name through
-    the resolver."""
+    """A connected socket, within `timeout` whatever the resolver does: an address
+    literal goes straight to connect(), a name through resolve_within()."""
+    deadline = time.monotonic() + timeout
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        addresses = [(family, (host, port))]
     except ValueError:
-        return socket.create_connection((host, port), timeout=timeout)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        sock.connect((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
+        addresses = resolve_within(host, port, timeout)
+    error = OSError(f"{host}: no address")
+    for family, address in addresses:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(_left(deadline))
+            sock.connect(address)
+            return sock
+        except socket.timeout:
+            sock.close()
+            raise
+        except OSError as e:
+            sock.close()
+            error = e
+    raise error
 
 
 def _left(deadline):

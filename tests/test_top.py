@@ -524,6 +524,24 @@ def test_localhost_is_never_resolved(fake, monkeypatch):
     assert "localhost" not in [str(host).lower() for host in asked], asked
 
 
+def test_a_resolver_that_does_not_answer_costs_no_more_than_the_deadline(monkeypatch):
+    """A name goes through the resolver, which has no timeout of its own (a dead DNS
+    server holds it 5 s a try): top still answers within its deadline, one line."""
+    release = threading.Event()
+
+    def getaddrinfo(host, *args, **kwargs):
+        release.wait(30)                         # a resolver that hangs
+        raise socket.gaierror(-2, "Name or service not known")
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    start = time.monotonic()
+    try:
+        with pytest.raises(lpdmod.TopDown, match="within 0.5 s"):
+            lpdmod.top_fetch(lpdmod.top_target("http://lpd.example:59122/"), timeout=0.5)
+        assert time.monotonic() - start < 2.0
+    finally:
+        release.set()
+
+
 # A process's peak RSS counts the memory of the one that forked it (until its exec), so
 # a small Python in between starts lpd top and writes its children's peak (KiB) to a file;
 # it stops lpd top at the timeout.
