@@ -4,7 +4,7 @@
 One module, standard library plus prometheus_client (and maxminddb for GeoIP).
 Data flows one way: sources (the ring, a pcap file, synthetic blocks) -> decode
 (one flat loop per block) -> stages (local addresses, remote addresses,
-connections, HTTP requests, rules, flow export; or the eBPF engine counting in the
+connections, HTTP requests, rules, flow export, names; or the eBPF engine counting in the
 kernel) -> published snapshots (immutable; the capture thread is the only writer) ->
 exporters (Prometheus, /api documents, the rule socket, --output; IPFIX records go
 out from the flow export stage itself, on the capture thread, never waiting).
@@ -40,27 +40,29 @@ each banner's "provides:" line says what later chapters take from it
     14.4 HTTP requests (TCP reassembly, HTTP/1.x)
     14.5 Rules (bpfcountd-compatible filter files)
     14.6 Flow export (IPFIX)
-    14.7 DNS messages (passive DNS, issue 27: its parser)
-  15 eBPF engine: accounting and rules as one kernel program (--engine ebpf)
-    15.1 Assembler
-    15.2 Syscalls: bpf(2), maps, programs, test runs
-    15.3 Programs: the decoder and the rules in eBPF
-    15.4 Accounting: the kernel tables behind the stages
-  16 Exporters
-    16.1 The stage table at work
-    16.2 One selector server (the metrics endpoint, the rule socket)
-    16.3 The metrics endpoint
-    16.4 The rule socket (bpfcountd's unix socket)
-  17 Daemon: wiring, signals, reload
-  18 Workers: one capture process per core behind PACKET_FANOUT
-  19 Offline replay and filter dumps
-  20 Operator view: lpd top
-  21 main
+  15 Names: passive DNS
+    15.1 DNS messages (RFC 1035, read from bytes lpd did not write)
+    15.2 Names (--names)
+  16 eBPF engine: accounting and rules as one kernel program (--engine ebpf)
+    16.1 Assembler
+    16.2 Syscalls: bpf(2), maps, programs, test runs
+    16.3 Programs: the decoder and the rules in eBPF
+    16.4 Accounting: the kernel tables behind the stages
+  17 Exporters
+    17.1 The stage table at work
+    17.2 One selector server (the metrics endpoint, the rule socket)
+    17.3 The metrics endpoint
+    17.4 The rule socket (bpfcountd's unix socket)
+  18 Daemon: wiring, signals, reload
+  19 Workers: one capture process per core behind PACKET_FANOUT
+  20 Offline replay and filter dumps
+  21 Operator view: lpd top
+  22 main
 
 Where a new stage goes: one sub-chapter of 14 "Stages" — its Consumer, documents, metric
 families, table lines, how the options (2) build it, and last its row,
 STAGES.append(Stage(...)); the daemon, the workers, -r, /api, --output and /metrics take
-it from there (16.1). 14.6, flow export, was added so.
+it from there (17.1). 14.6, flow export, was added so.
 """
 import argparse
 import bisect
@@ -71,6 +73,7 @@ import fcntl
 import functools
 import gc
 import grp
+import hashlib
 import heapq
 import http.client
 import ipaddress
@@ -210,6 +213,7 @@ ENGINES = ("auto", "cbpf", "ebpf")
 DEFAULT_HTTP_PORTS = (80, 8080, 8000, 3000, 5000, 9000)
 # Connections tracked at most, and the idle timeouts that end them.
 DEFAULT_CONN_MAX = 262144
+DEFAULT_NAMES_MAX = 65536           # remote addresses with a name (--names-max)
 DEFAULT_CONN_TIMEOUT_TCP = 300.0
 DEFAULT_CONN_TIMEOUT_UDP = 60.0
 DEFAULT_FLOW_ACTIVE_TIMEOUT = 60.0
@@ -441,6 +445,17 @@ def build_parser():
     p.add_argument("--http-log", metavar="PATH",
                    help="one JSON line per HTTP request, Zeek's http.log names ('-': stdout; "
                         "reopened on SIGHUP; implies --http)")
+    p.add_argument("--names", action="store_true",
+                   help="passive DNS: each remote address gets the name a local host looked "
+                        "up for it, from the DNS answers on UDP port 53")
+    p.add_argument("--names-mdns", action="store_true",
+                   help="with --names: multicast DNS answers (UDP port 5353) too")
+    p.add_argument("--names-max", type=_positive_int, default=DEFAULT_NAMES_MAX, metavar="N",
+                   help="addresses with a name at most (default %(default)s); new names "
+                        "cannot push out those whose address carried traffic")
+    p.add_argument("--dns-log", metavar="PATH",
+                   help="one JSON line per DNS query, Zeek's dns.log fields ('-': stdout; "
+                        "reopened on SIGHUP; implies --names)")
     p.add_argument("--docker-socket", metavar="PATH",
                    help="Docker (or podman) Engine API socket: container names of HTTP servers "
                         "and lpd_container_info (default /var/run/docker.sock while capturing "
@@ -515,6 +530,8 @@ def parse_args(argv):
         opts.connections = True
     if opts.http_log:
         opts.http = True
+    if opts.dns_log or opts.names_mdns:
+        opts.names = True
     return opts
 
 
@@ -5769,6 +5786,10 @@ class Consumer:
         """Leading bytes of each frame this stage reads; the kernel copies the maximum."""
         return 0
 
+    def whole_ports(self):
+        """(TCP ports, UDP ports) whose frames this stage reads whole, whatever snaplen()."""
+        return (), ()
+
     def consume(self, batch):
         """One block's frames."""
 
@@ -7106,16 +7127,17 @@ STAGES = []
 ###############################################################################
 # 14 Stages ###################################################################
 ###############################################################################
-# provides: Connections, format_rule_lines, HttpRequests, IPV4_FRAG_MASK,
+# provides: Connections, format_rule_lines, IPV4_FRAG_MASK,
 #   IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, LIVE_STATES, LOCAL_EVICT_FRACTION, LocalAddresses,
-#   OFFLOAD_*, parse_filter_file, REMOTE_WEIGHT, RemoteAddresses, RuleCounter, TCP_PORTS
+#   L4_PORTS, not_on_ports, OFFLOAD_*, parse_filter_file, parse_l4, REMOTE_WEIGHT, RemoteAddresses,
+#   RuleCounter
 #
 # Where a new stage goes: one sub-chapter here. It holds the Consumer subclass (11) with
 # its name (the key of its snapshot, document, log and worker pipe) and snapshot_type,
 # what it wants decoded, consume/tick/snapshot/finish; then its documents, its metric
 # families, its lines of the table, the function that builds it from the options, and
 # last its row, STAGES.append(Stage(...)). The daemon, the workers, -r, /api, --output
-# and /metrics take it from there (16.1).
+# and /metrics take it from there (17.1).
 
 
 ###############################################################################
@@ -7468,10 +7490,14 @@ def remotes_document(snap, how, top=None):
     remotes = snap.get("remotes")
     if remotes is None:
         return None
+    names = snap.get("names")               # --names (15.2): the name each was looked up by
+    named = names.by_key() if names is not None else None
     rows = []
     for r in _biggest(remotes.rows, top):
         country, province, city, isp = how.geo(r[0])
-        rows.append({"address": str(address(r[0])), "country": country, "province": province,
+        rows.append({"address": str(address(r[0])),
+                     **({"name": named.get(r[0], "")} if named is not None else {}),
+                     "country": country, "province": province,
                      "city": city, "isp": isp, **_io(r), "error_bytes": r[5]})
     return {**_envelope(snap, how), "tracked": len(remotes.rows), "evictions": remotes.evictions,
             "error_bound_bytes": remotes.floor, "threshold_bytes": how.threshold,
@@ -7523,13 +7549,17 @@ def remotes_metrics(c, snap):
 
 
 def remotes_table(doc):
-    """--output table's remote addresses, with their GeoIP labels."""
+    """--output table's remote addresses, with their GeoIP labels (and names, where
+    --names gave any)."""
+    named = any(d.get("name") for d in doc["remotes"])
     return ([f"\nremote addresses: {doc['tracked']} tracked, "
              f"{doc['evictions']} evicted; all remotes: "
              f"tx {_amount(doc['totals']['tx_bytes'], ' bytes')}, "
              f"rx {_amount(doc['totals']['rx_bytes'], ' bytes')}\n"] +
-            _columns(("remote address", "country", "province", "city", "isp") + IO_COLUMNS,
-                     [[d["address"], d["country"], d["province"], d["city"], d["isp"]] +
+            _columns(("remote address",) + ("name",) * named + ("country", "province", "city", "isp")
+                     + IO_COLUMNS,
+                     [[d["address"]] + [d.get("name", "")] * named + [d["country"], d["province"], d["city"],
+                                                              d["isp"]] +
                       _io_cells(d) for d in doc["remotes"]], IO_COLUMNS))
 
 
@@ -7543,8 +7573,8 @@ STAGES.append(Stage(RemoteAddresses, _remote_addresses, (("remotes", remotes_doc
 
 ###############################################################################
 # 14.3 Connections (Zeek's conn.log semantics) ################################
-# provides: Connections, IPV4_FRAG_MASK, IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, LIVE_STATES,
-#   OFFLOAD_*, parse_l4, SEQ_HALF, SEQ_MOD, TH_*
+# provides: Connections, IPV4_FRAG_MASK, IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, L4_PORTS,
+#   LIVE_STATES, not_on_ports, OFFLOAD_*, parse_l4, SEQ_HALF, SEQ_MOD, TH_*
 #
 # One entry per TCP or UDP connection, whichever way a frame travels, with Zeek's
 # endpoint state machine, history letters, payload sizes from sequence numbers,
@@ -7738,6 +7768,25 @@ def parse_l4(data, wirelen=None):
     if proto in (IPPROTO_TCP, IPPROTO_UDP):
         return None                                # its header cut short
     return proto, src, dst, 0, 0, ip_len, end, 0, 0, 0, 0, frag_id, l4
+
+
+L4_PORTS = struct.Struct("!HH")     # source and destination port, in TCP's header as UDP's
+PLAIN_IPV4_PORTS = ETH_HLEN + 20    # where they are in untagged IPv4 without options
+ETHERTYPE_IPV4_BYTES = ETHERTYPE_IPV4.to_bytes(2, "big")
+
+
+def not_on_ports(data, proto, ports):
+    """True when a frame is judged at fixed offsets not to be `proto` to or from any of
+    `ports`: plain IPv4 (untagged, no options), most of the frames a stage is handed that
+    are not its own (measured: parsing each frame whole cost the drain two thirds of its
+    rate); False: it may be, parse_l4 says."""
+    if len(data) < PLAIN_IPV4_PORTS + L4_PORTS.size or data[ETH_TYPE_OFF:ETH_HLEN] != ETHERTYPE_IPV4_BYTES \
+            or data[ETH_HLEN] != IPV4_VIHL_PLAIN:
+        return False
+    if data[ETH_HLEN + IPV4_PROTO_OFF] != proto:
+        return True
+    sport, dport = L4_PORTS.unpack_from(data, PLAIN_IPV4_PORTS)
+    return sport not in ports and dport not in ports
 
 
 def _seq_delta(a, b):
@@ -8549,7 +8598,7 @@ STAGES.append(Stage(Connections, _connections, (("connections", connections_docu
 
 ###############################################################################
 # 14.4 HTTP requests (TCP reassembly, HTTP/1.x) ###############################
-# provides: HttpRequests, TCP_PORTS
+# provides: -
 #
 # Per TCP connection to or from an --http-ports port: each direction's bytes in sequence
 # order (retransmissions dropped, out-of-order segments held in a bounded buffer, a gap
@@ -8558,9 +8607,6 @@ STAGES.append(Stage(Connections, _connections, (("connections", connections_docu
 # by length or by chunks, never buffered. Timing comes from the segments' timestamps.
 
 HTTP_MAX_HEAD = 64 << 10          # a request or response head beyond this is not HTTP we read
-TCP_PORTS = struct.Struct("!HH")
-PLAIN_TCP4_PORTS = ETH_HLEN + 20  # the ports of TCP in untagged IPv4 without options
-ETHERTYPE_IPV4_BYTES = ETHERTYPE_IPV4.to_bytes(2, "big")
 HTTP_OOO_MAX = 256 << 10          # out-of-order bytes held per direction; beyond: a gap
 HTTP_OOO_TOTAL_MAX = 64 << 20     # and over every connection: a flood of early segments is gaps
 HTTP_PENDING_MAX = 1024           # requests waiting for responses on one connection
@@ -8714,21 +8760,16 @@ class HttpRequests(Consumer):
         (kernel_program's `whole`), and a replay has them whole."""
         return 0
 
+    def whole_ports(self):
+        return tuple(sorted(self.ports)), ()
+
     def consume(self, batch):
-        ports, two = self.ports, TCP_PORTS.unpack_from
+        ports = self.ports
         for data, ts, wire_bytes, frames, l2_len in frames_in_order(batch):
             if frames == 1 and len(data) < wire_bytes:
                 continue                         # a frame cut short: its bytes are a gap
-            # Most frames are not this stage's: plain IPv4 is judged at fixed offsets
-            # (measured: parsing each frame whole cost the drain two thirds of its rate).
-            if len(data) >= PLAIN_TCP4_PORTS + 4 and data[ETH_TYPE_OFF:ETH_HLEN] == ETHERTYPE_IPV4_BYTES \
-                    and data[ETH_HLEN] == IPV4_VIHL_PLAIN:
-                if data[ETH_HLEN + IPV4_PROTO_OFF] != IPPROTO_TCP:
-                    continue
-                sport, dport = two(data, PLAIN_TCP4_PORTS)
-                if sport not in ports and dport not in ports:
-                    continue
-            self.packet(data, ts)
+            if not not_on_ports(data, IPPROTO_TCP, ports):
+                self.packet(data, ts)
 
     def packet(self, data, ts):
         f = parse_l4(data)
@@ -9948,8 +9989,18 @@ STAGES.append(Stage(FlowExport, _flow_export, (("ipfix", ipfix_document),), ipfi
 
 
 ###############################################################################
-# 14.7 DNS messages (passive DNS, issue 27: its parser) #######################
-# provides: -
+# 15 Names: passive DNS ######################################################
+###############################################################################
+# provides: names_ports
+#
+# Who the remotes are, from the DNS answers the local hosts receive (issue 27): the
+# messages (15.1), then the stage that names remote addresses and writes dns.log (15.2).
+# A stage like those of 14 (its row in STAGES), a chapter of its own because 14 is full.
+
+
+###############################################################################
+# 15.1 DNS messages (RFC 1035, read from bytes lpd did not write) ############
+# provides: DNS_ADDRESS_LEN, DnsError, parse_dns
 #
 # RFC 1035 messages as a resolver's answers carry them, read from bytes lpd did not
 # write: every length checked against what is there, a name's compression pointers
@@ -9957,7 +10008,6 @@ STAGES.append(Stage(FlowExport, _flow_export, (("ipfix", ipfix_document),), ipfi
 # forward chain cannot run, whatever the bytes), a name at most 255 octets, a label 63.
 # What does not hold stops the reading with its reason (the message's `error`, for its
 # caller to count), never an exception of another kind; what was read before it stays.
-# The names stage (--names) is still to come on this parser.
 
 DNS_HEADER = struct.Struct("!HHHHHH")       # id, flags, questions, answers, authority, additional
 DNS_QUESTION = struct.Struct("!HH")         # type, class
@@ -10072,7 +10122,367 @@ def parse_dns(buf):
 
 
 ###############################################################################
-# 15 eBPF engine: accounting and rules as one kernel program (--engine ebpf) ####
+# 15.2 Names (--names) ########################################################
+# provides: names_ports
+#
+# The DNS answers the hosts receive on UDP port 53 (5353 with --names-mdns), read with
+# parse_dns (15.1): each answer is matched to its query (client and server address and
+# port, transaction id) for Zeek's dns.log (--dns-log) and its rtt, and each A/AAAA
+# answer names its address: the query name the host looked up, and the CNAME chain's end
+# (the owner of the address record). A name lasts its TTL plus DNS_NAME_GRACE: a host
+# connects after its resolver's answer, and keeps a connection past the TTL.
+#
+# The names table is bounded (--names-max) and segmented (SLRU): a new name enters the
+# probationary segment; it is promoted to the protected one (at most
+# NAMES_PROTECTED_FRACTION of the table) when a local host sends to its address or
+# looks it up again in a matched answer. A new name only ever evicts the probationary
+# segment's least recent one, and a protected name leaves only by expiry or when other
+# promotions push it back to probation: a flood of answers, unmatched or of addresses
+# no local host then talks to, churns the probationary segment and cannot touch the
+# names of the remotes in use. len(table) <= --names-max always.
+#
+# Limits of this first part: UDP only (a message over TCP is not read), the --engine
+# ebpf program does not yet copy port-53 frames whole (auto picks the classic engine
+# under --names; --engine ebpf with --names is refused), and under the classic engine
+# only: a local host's traffic to an address promotes its name (the kernel counts it
+# under ebpf).
+
+DNS_PORT, MDNS_PORT = 53, 5353
+DNS_QR = 0x8000                             # the header's flags: a response
+DNS_AA, DNS_TC, DNS_RD, DNS_RA = 0x0400, 0x0200, 0x0100, 0x0080
+DNS_Z_SHIFT, DNS_Z_MASK = 4, 0x7
+DNS_NAME_GRACE = 300.0                      # seconds a name outlives its TTL
+DNS_PENDING_MAX = 4096                      # queries waiting for their answer; the oldest goes
+DNS_QUERY_TIMEOUT = 30.0                    # a query unanswered this long is logged without one
+DNS_TICK_WORK = 4096                        # timed-out queries logged per tick
+NAMES_PROTECTED_FRACTION = 0.8
+DNS_PARSE_ERRORS = ("truncated", "label", "name_too_long", "pointer", "rdata")
+# Zeek's names (base/protocols/dns/consts.zeek); others print as Zeek does: query-N, ...
+DNS_QTYPE_NAMES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 13: "HINFO", 15: "MX",
+                   16: "TXT", 28: "AAAA", 33: "SRV", 35: "NAPTR", 39: "DNAME", 41: "OPT",
+                   43: "DS", 46: "RRSIG", 47: "NSEC", 48: "DNSKEY", 50: "NSEC3", 64: "SVCB",
+                   65: "HTTPS", 99: "SPF", 251: "IXFR", 252: "AXFR", 255: "*", 257: "CAA"}
+DNS_QCLASS_NAMES = {1: "C_INTERNET", 3: "C_CHAOS", 4: "C_HESIOD", 254: "C_NONE", 255: "C_ANY"}
+DNS_RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",
+                   5: "REFUSED", 6: "YXDOMAIN", 7: "YXRRSET", 8: "NXRRSET", 9: "NOTAUTH",
+                   10: "NOTZONE"}
+# dns.log's fields in Zeek's order; a record has those it knows (no rtt without an answer)
+DNS_LOG_FIELDS = ("ts", "uid", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "proto",
+                  "trans_id", "rtt", "query", "qclass", "qclass_name", "qtype", "qtype_name",
+                  "rcode", "rcode_name", "AA", "TC", "RD", "RA", "Z", "answers", "TTLs", "rejected")
+UID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+UID_BITS = 96                               # Zeek's uid: "C" and 96 random bits in base 62
+
+
+def connection_uid(salt, proto, orig_h, orig_p, resp_h, resp_p):
+    """Zeek's uid format ("C" + base 62) for a 5-tuple: the same all process long, so
+    logs written apart name the same flow alike; salted so that it reveals nothing."""
+    digest = hashlib.blake2b(b"%b%d|%b|%d|%b|%d" % (salt, proto, orig_h, orig_p, resp_h, resp_p),
+                             digest_size=UID_BITS // 8).digest()
+    n, out = int.from_bytes(digest, "big"), []
+    while n:
+        n, d = divmod(n, len(UID_ALPHABET))
+        out.append(UID_ALPHABET[d])
+    return "C" + "".join(reversed(out))
+
+
+def hot_key(raw):
+    """4 or 16 raw address bytes -> the decoder's key (an int for IPv4, bytes for IPv6)."""
+    return int.from_bytes(raw, "big") if len(raw) == 4 else bytes(raw)
+
+
+class NameTable:
+    """address key -> [query name, CNAME target or "", expiry]: the SLRU of the
+    chapter's head, len() <= size."""
+
+    def __init__(self, size):
+        self.size = size
+        self.protected_max = min(size - 1, int(size * NAMES_PROTECTED_FRACTION))
+        self.probation = collections.OrderedDict()
+        self.protected = collections.OrderedDict()
+        self.evictions = 0
+        self.changed = True
+
+    def __len__(self):
+        return len(self.probation) + len(self.protected)
+
+    def get(self, key):
+        e = self.protected.get(key)
+        return self.probation.get(key) if e is None else e
+
+    def answer(self, key, query, target, expires, promote):
+        """An address record's name; promote: a matched answer (a local host asked)."""
+        self.changed = True
+        e = self.protected.get(key)
+        if e is not None:
+            e[:] = query, target, max(e[2], expires)
+            self.protected.move_to_end(key)
+            return
+        e = self.probation.pop(key, None)
+        if e is not None:
+            e[:] = query, target, max(e[2], expires)
+            if promote:
+                self._protect(key, e)
+            else:
+                self.probation[key] = e
+            return
+        if len(self) >= self.size:
+            self.probation.popitem(last=False)       # never empty: protected_max < size
+            self.evictions += 1
+        self.probation[key] = [query, target, expires]
+
+    def used(self, key, until):
+        """A local host sent to key: its name, if any, is protected and lasts until then."""
+        e = self.protected.get(key)
+        if e is not None:
+            self.protected.move_to_end(key)
+        else:
+            e = self.probation.pop(key, None)
+            if e is None:
+                return
+            self._protect(key, e)
+        if until > e[2]:
+            e[2] = until
+            self.changed = True
+
+    def _protect(self, key, e):
+        self.changed = True
+        self.protected[key] = e
+        if len(self.protected) > self.protected_max:
+            old, oe = self.protected.popitem(last=False)
+            self.probation[old] = oe                  # back to probation, its most recent
+
+    def expire(self, now):
+        for seg in (self.probation, self.protected):
+            dead = [k for k, e in seg.items() if e[2] <= now]
+            for k in dead:
+                del seg[k]
+            if dead:
+                self.changed = True
+
+
+class NamesSnapshot(NamedTuple):
+    names: tuple = ()              # ((version, key), query, target, expiry), protected first
+    parse_errors: tuple = ()       # (reason, count)
+    evictions: int = 0
+    pending_evictions: int = 0     # queries dropped unanswered to keep DNS_PENDING_MAX
+    unmatched: int = 0             # responses to no query lpd saw
+    queries: int = 0
+    responses: int = 0
+
+    def merge(self, other):
+        """Workers' union: each saw its own flows' answers."""
+        errors = dict(self.parse_errors)
+        for r, n in other.parse_errors:
+            errors[r] = errors.get(r, 0) + n
+        return NamesSnapshot(self.names + other.names, tuple(errors.items()),
+                             self.evictions + other.evictions,
+                             self.pending_evictions + other.pending_evictions,
+                             self.unmatched + other.unmatched, self.queries + other.queries,
+                             self.responses + other.responses)
+
+    def by_key(self):
+        """(version, key) -> the name the remote was looked up by."""
+        return {k: q for k, q, _, _ in self.names}
+
+
+class Names(Consumer):
+    """--names: DNS queries and answers on `ports` (UDP), a NameTable of the answered
+    addresses, `logged(record)` per query as a dns.log record."""
+    name = "names"
+    snapshot_type = NamesSnapshot
+    wants = frozenset((WANT_RAW, WANT_TS, WANT_REMOTE))
+
+    def __init__(self, ports=(DNS_PORT,), size=DEFAULT_NAMES_MAX, logged=None, uid=None):
+        self.ports = frozenset(ports)
+        self.table = NameTable(size)
+        self.logged = logged
+        self.salt = os.urandom(UID_BITS // 8)
+        self.uid = uid or (lambda *t: connection_uid(self.salt, *t))
+        self.pending = collections.OrderedDict()  # (client, cport, server, sport, id) -> record
+        self.errors = dict.fromkeys(DNS_PARSE_ERRORS, 0)
+        self.pending_evictions = self.unmatched = self.queries = self.responses = 0
+        self.now = 0.0
+        self.rows = ()
+
+    def whole_ports(self):
+        return (), tuple(sorted(self.ports))
+
+    def consume(self, batch):
+        ports = self.ports
+        for data, ts, _, frames, _ in frames_in_order(batch):
+            # a super-frame holds TCP or UDP segments, none a whole DNS message
+            if frames == 1 and not not_on_ports(data, IPPROTO_UDP, ports):
+                self.packet(data, ts)
+        until = self.now + DNS_NAME_GRACE
+        if batch.remote_tx:
+            used = self.table.used
+            for key, _, _ in batch.remote_tx:
+                used(key, until)
+
+    def packet(self, data, ts):
+        f = parse_l4(data)
+        if f is None or f[0] != IPPROTO_UDP or not (f[3] in self.ports or f[4] in self.ports):
+            return
+        _, src, dst, sport, dport, _, plen, *_, at = f
+        if ts > self.now:
+            self.now = ts
+        try:
+            msg = parse_dns(memoryview(data)[at:at + plen])
+        except DnsError as e:
+            self.errors[str(e)] += 1
+            return
+        if msg.error:
+            self.errors[msg.error] += 1
+        if msg.flags & DNS_QR:
+            self.response(msg, ts, src, sport, dst, dport)
+        else:
+            self.query(msg, ts, src, sport, dst, dport)
+
+    def _record(self, msg, ts, ch, cp, sh, sp):
+        name, qtype, qclass = msg.question or ("", None, None)
+        rec = {"ts": round(ts, 6), "uid": self.uid(IPPROTO_UDP, ch, cp, sh, sp),
+               "id.orig_h": raw_address(ch), "id.orig_p": cp, "id.resp_h": raw_address(sh),
+               "id.resp_p": sp, "proto": "udp", "trans_id": msg.id}
+        if msg.question:
+            rec.update({"query": name, "qclass": qclass,
+                        "qclass_name": DNS_QCLASS_NAMES.get(qclass, f"qclass-{qclass}"),
+                        "qtype": qtype, "qtype_name": DNS_QTYPE_NAMES.get(qtype, f"query-{qtype}")})
+        # as Zeek: the query's flags until the answer says its own (RD stays the query's)
+        flags = msg.flags
+        rec.update({"AA": False, "TC": bool(flags & DNS_TC), "RD": bool(flags & DNS_RD), "RA": False,
+                    "Z": flags >> DNS_Z_SHIFT & DNS_Z_MASK, "rejected": False})
+        return rec
+
+    def query(self, msg, ts, src, sport, dst, dport):
+        self.queries += 1
+        key = (bytes(src), sport, bytes(dst), dport, msg.id)
+        if key in self.pending:
+            self.finish_query(self.pending.pop(key))   # a retry: Zeek logs each query
+        elif len(self.pending) >= DNS_PENDING_MAX:
+            self.pending_evictions += 1
+            self.finish_query(self.pending.popitem(last=False)[1])
+        self.pending[key] = self._record(msg, ts, src, sport, dst, dport)
+
+    def response(self, msg, ts, src, sport, dst, dport):
+        self.responses += 1
+        rec = self.pending.pop((bytes(dst), dport, bytes(src), sport, msg.id), None)
+        matched = rec is not None
+        if matched:
+            rec["rtt"] = round(ts - rec["ts"], 6)
+        else:
+            self.unmatched += 1
+            rec = self._record(msg, ts, dst, dport, src, sport)
+        flags = msg.flags
+        rec.update({"rcode": msg.rcode, "rcode_name": DNS_RCODE_NAMES.get(msg.rcode, f"rcode-{msg.rcode}"),
+                    "AA": bool(flags & DNS_AA), "TC": bool(flags & DNS_TC), "RA": bool(flags & DNS_RA),
+                    # Zeek's dns_rejected: a reply without a record in any section
+                    "rejected": not msg.answers and not msg.others})
+        answers = [r for r in msg.answers if r.value is not None]
+        if answers:
+            rec["answers"] = [raw_address(r.value) if r.type in DNS_ADDRESS_LEN else r.value
+                              for r in answers]
+            rec["TTLs"] = [float(r.ttl) for r in answers]
+        query = msg.question[0] if msg.question else ""
+        for r in answers:
+            if r.type in DNS_ADDRESS_LEN:
+                self.table.answer(hot_key(r.value), query or r.name,
+                                  r.name if r.name != query else "", ts + r.ttl + DNS_NAME_GRACE,
+                                  matched)
+        self.finish_query(rec)
+
+    def finish_query(self, rec):
+        if self.logged is not None:
+            self.logged({k: rec[k] for k in DNS_LOG_FIELDS if k in rec})
+
+    def tick(self, now):
+        if now > self.now:
+            self.now = now
+        for _ in range(DNS_TICK_WORK):
+            if not self.pending:
+                break
+            rec = next(iter(self.pending.values()))
+            if rec["ts"] > self.now - DNS_QUERY_TIMEOUT:
+                break
+            self.finish_query(self.pending.popitem(last=False)[1])
+
+    def finish(self):
+        while self.pending:
+            self.finish_query(self.pending.popitem(last=False)[1])
+        return False
+
+    def snapshot(self):
+        t = self.table
+        t.expire(self.now)
+        if t.changed:
+            self.rows = tuple(((family_of_key(k).version, k), *e)
+                              for seg in (t.protected, t.probation) for k, e in seg.items())
+            t.changed = False
+        return NamesSnapshot(self.rows, tuple(self.errors.items()), t.evictions,
+                             self.pending_evictions, self.unmatched, self.queries, self.responses)
+
+
+def names_document(snap, how, top=None):
+    names = snap.get("names")
+    if names is None:
+        return None
+    rows = [{"address": str(address(k)), "name": q, "cname": t, "expires": round(x, 3)}
+            for k, q, t, x in _first(names.names, top, lambda r: (r[1], r[0][0], r[0][1]))]
+    return {**_envelope(snap, how), "names": rows, "evictions": names.evictions,
+            "queries": names.queries, "responses": names.responses, "unmatched": names.unmatched,
+            "pending_evictions": names.pending_evictions, "parse_errors": dict(names.parse_errors),
+            **_cut(rows, len(names.names))}
+
+
+def names_metrics(c, snap):
+    """The names' families (a row of STAGES); none without --names."""
+    from prometheus_client.core import CounterMetricFamily as counter, GaugeMetricFamily as gauge
+    names = snap.get("names")
+    if names is None:
+        return
+    yield metric_family(gauge, "lpd_names", "Remote addresses with a name from DNS answers.",
+                        [], [((), len(names.names))])
+    yield metric_family(counter, "lpd_name_evictions",
+                        "Names dropped for room (probationary ones: see --names-max).",
+                        [], [((), names.evictions)])
+    yield metric_family(counter, "lpd_dns_parse_errors",
+                        "DNS messages read only in part or not at all, by reason.", ["reason"],
+                        [((r,), n) for r, n in names.parse_errors])
+    yield metric_family(counter, "lpd_dns_pending_evictions",
+                        "DNS queries given up unanswered to bound the pending ones.", [],
+                        [((), names.pending_evictions)])
+    yield metric_family(counter, "lpd_dns_unmatched_responses",
+                        "DNS responses to no query lpd saw.", [], [((), names.unmatched)])
+
+
+def names_table(doc):
+    """--output table's names: address, the name looked up, the CNAME chain's end."""
+    bad = ", ".join(f"{r} {n}" for r, n in doc["parse_errors"].items() if n)
+    return ([f"\nnames: {len(doc['names'])}, {doc['evictions']} evicted; DNS queries "
+             f"{doc['queries']}, responses {doc['responses']} ({doc['unmatched']} unmatched)"
+             f"{'; parse errors: ' + bad if bad else ''}\n"] +
+            _columns(("address", "name", "cname"),
+                     [[d["address"], d["name"], d["cname"]] for d in doc["names"]], ()))
+
+
+def names_ports(opts):
+    """The UDP ports --names reads."""
+    return (DNS_PORT, MDNS_PORT) if opts.names_mdns else (DNS_PORT,)
+
+
+def _names(opts, w, built):
+    if not opts.names:
+        return None
+    log_ = w.logs.get(Names.name)
+    return Names(names_ports(opts), opts.names_max, log_.write if log_ is not None else None)
+
+
+STAGES.append(Stage(Names, _names, (("names", names_document),), names_metrics, names_table,
+                    log="--dns-log"))
+
+
+###############################################################################
+# 16 eBPF engine: accounting and rules as one kernel program (--engine ebpf) ####
 ###############################################################################
 # provides: build_program, CopyPlan, disassemble, ebpf_available, emit_rule, Gen, KernelAccounting,
 #   Label, MAP_NAMES, overflow_slots, Untranslatable
@@ -10089,7 +10499,7 @@ def parse_dns(buf):
 
 
 ###############################################################################
-# 15.1 Assembler ##############################################################
+# 16.1 Assembler ##############################################################
 # provides: alu32_imm, alu32_reg, alu64_imm, alu64_reg, assemble, atomic_add, call, disassemble,
 #   endian_be, exit_insn, ja, jmp_imm, jmp_reg, Label, ld_map_fd, ldx, mov32_imm, mov32_reg,
 #   mov64_imm, mov64_reg, st_imm, stx
@@ -10368,7 +10778,7 @@ def disassemble(image, labels=None):
 
 
 ###############################################################################
-# 15.2 Syscalls: bpf(2), maps, programs, test runs ############################
+# 16.2 Syscalls: bpf(2), maps, programs, test runs ############################
 # provides: attach, load_program, Map, Program, _round8, _syscall
 
 LOG_SIZE = 1 << 22                                   # verifier log: 4 MiB is plenty for lpd's programs
@@ -10711,7 +11121,7 @@ def attach(sock, prog_fd):
 
 
 ###############################################################################
-# 15.3 Programs: the decoder and the rules in eBPF ############################
+# 16.3 Programs: the decoder and the rules in eBPF ############################
 # provides: ADDR_KEY, build_program, CopyPlan, emit_rule, FLOW_KEY, FLOW_MAP_MAX, FLOW_SUMS,
 #   FLOW_VALUE, Gen, GENERATIONS, IFACE_FIELDS, make_maps, MAP_NAMES, NS_PER_S, overflow_slots,
 #   OVERFLOW_VALUE, REMOTE_FIELDS, REMOTE_MAP_MIN, RULE_VALUE, Untranslatable
@@ -11598,23 +12008,28 @@ class CopyPlan(NamedTuple):
     kernel_program does the same per branch): `every` bytes of every frame (--remote,
     until remote addresses are counted in the kernel), `l4` bytes of every IPv4 and
     IPv6 frame (connection tracking parses them all: its flows are every IP packet's),
-    and TCP to or from `ports` whole (--http).
+    TCP to or from `ports` whole (--http), UDP to or from `udp_ports` whole (--names).
     A frame the view is too short to judge (stacked tags, a header cut short) gets the
     most any stage reads, as judge_guard gives it on the classic path: no stage misses
     a frame it would have read."""
     every: int = 0
     l4: int = 0
     ports: tuple = ()
+    udp_ports: tuple = ()
 
     def constant(self):
         """The copy length if every frame gets the same, else None."""
-        return None if self.l4 or self.ports else self.every
+        return None if self.l4 or self.ports or self.udp_ports else self.every
 
     def l4_len(self):
         return max(self.every, self.l4)
 
     def most(self):
-        return SNAPLEN_FULL if self.ports else self.l4_len()
+        return SNAPLEN_FULL if self.ports or self.udp_ports else self.l4_len()
+
+    def ports_of(self, proto):
+        """The ports whose frames of this transport protocol come whole."""
+        return self.ports if proto == IPPROTO_TCP else self.udp_ports if proto == IPPROTO_UDP else ()
 
 
 def copy_length(plan, view):
@@ -11633,25 +12048,26 @@ def copy_length(plan, view):
     if et == ETHERTYPE_IPV4:
         if q + 20 > n:
             return plan.most()
-        proto = view[q + IPV4_PROTO_OFF]
-        if not plan.ports or proto != IPPROTO_TCP or u16(view, q + 6)[0] & IPV4_FRAG_MASK:
+        ports = plan.ports_of(view[q + IPV4_PROTO_OFF])
+        if not ports or u16(view, q + 6)[0] & IPV4_FRAG_MASK:
             return plan.l4_len()
         at = q + (view[q] & 0x0F) * 4
     elif et == ETHERTYPE_IPV6:
         if q + IPV6_HDR_LEN > n:
             return plan.most()
         nh = view[q + IPV6_NEXT_OFF]
-        if plan.ports and nh in IPV6_EXT_LEN:
+        if (plan.ports or plan.udp_ports) and nh in IPV6_EXT_LEN:
             return SNAPLEN_FULL
-        if not plan.ports or nh != IPPROTO_TCP:
+        ports = plan.ports_of(nh)
+        if not ports:
             return plan.l4_len()
         at = q + IPV6_HDR_LEN
     else:
         return plan.every
     if at + 4 > n:
         return plan.most()
-    sport, dport = TCP_PORTS.unpack_from(view, at)
-    return SNAPLEN_FULL if sport in plan.ports or dport in plan.ports else plan.l4_len()
+    sport, dport = L4_PORTS.unpack_from(view, at)
+    return SNAPLEN_FULL if sport in ports or dport in ports else plan.l4_len()
 
 
 def emit_copy_length(g, plan, flows_fd=None):
@@ -11664,6 +12080,10 @@ def emit_copy_length(g, plan, flows_fd=None):
     udp4 = udp6 = l4
     if flows_fd is not None:
         udp4, udp6 = g.label("c_udp4"), g.label("c_udp6")
+    # UDP to or from udp_ports: judged first, whole; any other UDP goes on as before
+    # (to the flows map or `l4`), r2 and r4 as the walk left them
+    udp4_in, udp6_in = (g.label("c_udp4_ports"), g.label("c_udp6_ports")) if plan.udp_ports \
+        else (udp4, udp6)
     ip4, ip6, ports = g.label("c_ip4"), g.label("c_ip6"), g.label("c_ports")
     emit_tag_walk(g, undecided, undecided)
     g(jmp_imm(EBPF_JEQ, R1, ETHERTYPE_IPV4, ip4), jmp_imm(EBPF_JEQ, R1, ETHERTYPE_IPV6, ip6),
@@ -11673,21 +12093,21 @@ def emit_copy_length(g, plan, flows_fd=None):
     g(ldx(EBPF_B, R1, R4, IPV4_PROTO_OFF))
     if plan.ports:
         tcp4 = g.label("c_tcp4")
-        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_TCP, tcp4), jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp4), ja(l4))
+        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_TCP, tcp4), jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp4_in), ja(l4))
         g.at(tcp4)
         emit_view_load_be(g, R3, R4, 6, 2, R5)
         g(alu64_imm(EBPF_AND, R3, IPV4_FRAG_MASK), jmp_imm(EBPF_JNE, R3, 0, l4),
           ldx(EBPF_B, R3, R4, 0), alu64_imm(EBPF_AND, R3, 0x0F), alu64_imm(EBPF_LSH, R3, 2),
           alu64_reg(EBPF_ADD, R2, R3), ja(ports))
     else:
-        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp4), ja(l4))
+        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp4_in), ja(l4))
     g.at(ip6)
     emit_view_header(g, IPV6_HDR_LEN, undecided)
     g(ldx(EBPF_B, R1, R4, IPV6_NEXT_OFF))
     for nh in sorted(IPV6_EXT_LEN):
-        g(jmp_imm(EBPF_JEQ, R1, nh, whole if plan.ports else l4))
+        g(jmp_imm(EBPF_JEQ, R1, nh, whole if plan.ports or plan.udp_ports else l4))
     if plan.ports:
-        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp6), jmp_imm(EBPF_JNE, R1, IPPROTO_TCP, l4),
+        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp6_in), jmp_imm(EBPF_JNE, R1, IPPROTO_TCP, l4),
           alu64_imm(EBPF_ADD, R2, IPV6_HDR_LEN))
         g.at(ports)
         emit_view_header(g, 4, undecided)      # the TCP ports
@@ -11697,7 +12117,16 @@ def emit_copy_length(g, plan, flows_fd=None):
             g(jmp_imm(EBPF_JEQ, R1, port, whole), jmp_imm(EBPF_JEQ, R3, port, whole))
         g(ja(l4))
     else:
-        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp6), ja(l4))
+        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp6_in), ja(l4))
+    if plan.udp_ports:
+        g.at(udp4_in)
+        emit_view_load_be(g, R3, R4, 6, 2, R5)
+        g(alu64_imm(EBPF_AND, R3, IPV4_FRAG_MASK), jmp_imm(EBPF_JNE, R3, 0, udp4),
+          ldx(EBPF_B, R3, R4, 0), alu64_imm(EBPF_AND, R3, 0x0F), alu64_imm(EBPF_LSH, R3, 2))
+        emit_udp_ports(g, plan.udp_ports, R3, 20, udp4, undecided, whole)
+        g.at(udp6_in)
+        g(mov64_imm(R3, IPV6_HDR_LEN))
+        emit_udp_ports(g, plan.udp_ports, R3, IPV6_HDR_LEN, udp6, undecided, whole)
     if flows_fd is not None:
         emit_flow(g, flows_fd, udp4, udp6, l4, every)
     for label, value in ((undecided, plan.most()), (every, plan.every), (l4, plan.l4_len()),
@@ -11705,6 +12134,22 @@ def emit_copy_length(g, plan, flows_fd=None):
         g.at(label)
         g(st_imm(EBPF_W, FP, COPY, value), ja(decided))
     g.at(decided)
+
+
+def emit_udp_ports(g, ports, hlen, ip_len, other, short, whole):
+    """r2 = q, r4 = the view at the IP header (ip_len bytes of it there), hlen (a
+    register) the IP header's length: to `whole` if the UDP header's ports hold one of
+    `ports`, to `short` if the view ends before them, else to `other` with r2 and r4 as
+    they came. r0 keeps q meanwhile (nothing before emit_flow holds anything in it)."""
+    g(mov64_reg(R0, R2), alu64_reg(EBPF_ADD, R2, hlen))
+    emit_view_header(g, 4, short)
+    emit_view_load_be(g, R1, R4, 0, 2, R5)
+    emit_view_load_be(g, R3, R4, 2, 2, R5)
+    for port in ports:
+        g(jmp_imm(EBPF_JEQ, R1, port, whole), jmp_imm(EBPF_JEQ, R3, port, whole))
+    g(mov64_reg(R2, R0))
+    emit_view_header(g, ip_len, short)               # passed before: r4 back at the IP header
+    g(ja(other))
 
 
 def emit_flow_key_bytes(g, src, src_off, dst_off, n):
@@ -11849,7 +12294,7 @@ def read_counters(maps, nrules=0):
 
 
 ###############################################################################
-# 15.4 Accounting: the kernel tables behind the stages ########################
+# 16.4 Accounting: the kernel tables behind the stages ########################
 # provides: ebpf_available, KernelAccounting
 
 # How long the old program of a reload may still be running on another CPU after
@@ -12366,7 +12811,7 @@ class KernelAccounting:
 
 
 ###############################################################################
-# 16 Exporters ################################################################
+# 17 Exporters ################################################################
 ###############################################################################
 # provides: all_documents, api_answer, choose_stages, Collector,
 #   decoder_stages, format_table, make_metrics_server, open_logs, RuleSocketServer
@@ -12374,13 +12819,13 @@ class KernelAccounting:
 
 
 ###############################################################################
-# 16.1 The stage table at work ################################################
+# 17.1 The stage table at work ################################################
 # provides: all_documents, api_answer, choose_stages,
 #   Collector, decoder_stages, format_table, open_logs
 #
 # Everything that handles stages iterates STAGES: choose_stages() (the daemon, each
-# worker and -r), publishing and finishing (17), the workers' pipes and their merge
-# (18), the documents, the table and the Collector below.
+# worker and -r), publishing and finishing (18), the workers' pipes and their merge
+# (19), the documents, the table and the Collector below.
 
 def choose_stages(opts, wiring):
     """The stages the options ask for, by name in STAGES' order: the one place that
@@ -12510,7 +12955,7 @@ class Collector:
 
 
 ###############################################################################
-# 16.2 One selector server (the metrics endpoint, the rule socket) ############
+# 17.2 One selector server (the metrics endpoint, the rule socket) ############
 # provides: _Client, SelectorServer
 
 # When accept() fails (EMFILE, ENFILE, ENOBUFS, ...) the connection stays queued and the
@@ -12750,7 +13195,7 @@ class SelectorServer:
 
 
 ###############################################################################
-# 16.3 The metrics endpoint ###################################################
+# 17.3 The metrics endpoint ###################################################
 # provides: make_metrics_server
 #
 # Exporters read Published.latest(): a scrape never waits for capture, and capture
@@ -13029,7 +13474,7 @@ def make_metrics_server(host, port, registry, api=None):
 
 
 ###############################################################################
-# 16.4 The rule socket (bpfcountd's unix socket) ##############################
+# 17.4 The rule socket (bpfcountd's unix socket) ##############################
 # provides: RuleSocketServer
 
 # Dumps cut off at a client's deadline are logged at most this often, as a count.
@@ -13142,7 +13587,7 @@ class RuleSocketServer(SelectorServer):
 
 
 ###############################################################################
-# 17 Daemon: wiring, signals, reload ##########################################
+# 18 Daemon: wiring, signals, reload ##########################################
 ###############################################################################
 # provides: build_capture, build_daemon, build_exporters, capture_interface, Daemon,
 #   interface_local_nets, kernel_program, Lifecycle, load_rules, SOCKET_FRESH_TIMEOUT,
@@ -13205,9 +13650,21 @@ def rule_rows(published):
     return published.fresh(SOCKET_FRESH_TIMEOUT).get("rules", RuleSnapshot()).rows
 
 
-def whole_frames_program(ports):
-    """A kernel program accepting TCP to or from any of `ports`: the frames --http reads whole."""
-    return compile_filter(" or ".join(f"tcp port {p}" for p in ports), kernel=True)
+def whole_frames_program(ports, udp_ports=()):
+    """A kernel program accepting TCP to or from any of `ports` and UDP to or from any of
+    `udp_ports`: the frames --http and --names read whole."""
+    return compile_filter(" or ".join([f"tcp port {p}" for p in ports] +
+                                      [f"udp port {p}" for p in udp_ports]), kernel=True)
+
+
+def whole_ports(stages):
+    """(TCP ports, UDP ports) whose frames some stage reads whole (Consumer.whole_ports)."""
+    tcp, udp = set(), set()
+    for stage in stages:
+        t, u = stage.whole_ports()
+        tcp.update(t)
+        udp.update(u)
+    return tuple(sorted(tcp)), tuple(sorted(udp))
 
 
 def judge_guard(whole):
@@ -13719,8 +14176,8 @@ class Daemon(Lifecycle):
         exp = self.exp
         self.mapping, self.geo, self.docker = exp.mapping, exp.geo, exp.docker
         self.rule_server, self.collector, self.metrics = exp.rule_server, exp.collector, exp.metrics
-        requests = self.stages.get(HttpRequests.name)
-        self.whole = whole_frames_program(requests.ports) if requests else None
+        tcp, udp = whole_ports(self.stages.values())
+        self.whole = whole_frames_program(tcp, udp) if tcp or udp else None
         self.logs = list((logs or {}).values())
         self.clock = 0.0                 # the packet clock (see now())
         self.covered = None              # when the ring last handed over blocks, since the tick
@@ -13955,7 +14412,7 @@ def build_capture(opts, ifname, awaiting, names, logs):
                                         pollers))
     local, conns = stages[LocalAddresses.name], stages.get(Connections.name)
     kernel, engine = choose_engine(opts, local, rules,
-                                   copy_plan(conns, stages.get(HttpRequests.name)), prefilter,
+                                   copy_plan(conns, stages.values()), prefilter,
                                    stages.get(RemoteAddresses.name))
     if kernel is not None and conns is not None:
         kernel.track(conns)
@@ -13964,11 +14421,10 @@ def build_capture(opts, ifname, awaiting, names, logs):
     return CaptureParts(decoder, stages, prefilter, kernel, engine, tuple(pollers))
 
 
-def copy_plan(conns, requests):
+def copy_plan(conns, stages):
     """What --engine ebpf copies of each frame for these stages (see CopyPlan); the
     remote addresses are counted in the kernel (emit_remote): nothing copied for them."""
-    return CopyPlan(0, max(SNAPLEN_ACCOUNTING, conns.snaplen()) if conns else 0,
-                    tuple(requests.ports) if requests else ())
+    return CopyPlan(0, max(SNAPLEN_ACCOUNTING, conns.snaplen()) if conns else 0, *whole_ports(stages))
 
 
 def ebpf_unsuitable(prefilter):
@@ -14056,7 +14512,7 @@ def build_daemon(opts):
 
 
 ###############################################################################
-# 18 Workers: one capture process per core behind PACKET_FANOUT ###############
+# 19 Workers: one capture process per core behind PACKET_FANOUT ###############
 ###############################################################################
 # provides: build_supervisor, run_worker
 #
@@ -14449,7 +14905,7 @@ def build_supervisor(opts, argv):
 
 
 ###############################################################################
-# 19 Offline replay and filter dumps ##########################################
+# 20 Offline replay and filter dumps ##########################################
 ###############################################################################
 # provides: dump_filter, replay, write_output
 
@@ -14554,10 +15010,13 @@ def dump_filter(opts, out=sys.stdout):
         image, labels = build_program(maps, opts.local_nets or (), rules, True, 0, None)
         out.write(disassemble(image, labels))
         return 0
-    if opts.http:
-        # the program a daemon with --http attaches: EXPR as -F, its ports returned whole
+    if opts.http or opts.names:
+        # the program a daemon with --http or --names attaches: EXPR as -F, their ports
+        # returned whole
         prefilter = compile_filter(expr, kernel=True) if expr else None
-        prog = kernel_program(prefilter, SNAPLEN_ACCOUNTING, whole_frames_program(opts.http_ports))
+        prog = kernel_program(prefilter, SNAPLEN_ACCOUNTING,
+                              whole_frames_program(opts.http_ports if opts.http else (),
+                                                   names_ports(opts) if opts.names else ()))
     else:
         prog = compile_filter(expr, kernel=opts.kernel)
     out.write(format_program(prog, min(opts.dump, 3)))
@@ -14565,7 +15024,7 @@ def dump_filter(opts, out=sys.stdout):
 
 
 ###############################################################################
-# 20 Operator view: lpd top ###################################################
+# 21 Operator view: lpd top ###################################################
 ###############################################################################
 # provides: top_main
 #
@@ -15311,7 +15770,7 @@ def top_main(argv):
 
 
 ###############################################################################
-# 21 main #####################################################################
+# 22 main #####################################################################
 ###############################################################################
 # provides: -
 

@@ -593,16 +593,20 @@ def test_every_stage_on_ebpf_counts_what_cbpf_counts(staged):
 def test_ebpf_copies_each_frame_as_far_as_a_stage_reads_it():
     """The program's copy length per frame (BPF_PROG_TEST_RUN on the corpus and the edge
     frames) is copy_length()'s, and it serves the stages: every frame parse_l4 reads
-    gets at least the connection stage's snapshot, every TCP frame of an HTTP port
-    comes whole, and frames no stage reads are not copied."""
+    gets at least the connection stage's snapshot, every TCP frame of an HTTP port and
+    every UDP frame of a DNS port (--names) comes whole, and frames no stage reads are
+    not copied."""
     rng = random.Random(24)
     frames = corpus_frames() + edge_frames(rng)
     maps = lpd.make_maps(0)
     conn_len = lpd.Connections().snaplen()
+    whole_udp = {}
     ports = (80, 8080)
+    dns = (lpd.DNS_PORT, lpd.MDNS_PORT)
     try:
         for plan in (lpd.CopyPlan(0, conn_len, ()), lpd.CopyPlan(0, 0, ports),
-                     lpd.CopyPlan(lpd.SNAPLEN_ACCOUNTING, conn_len, ports)):
+                     lpd.CopyPlan(lpd.SNAPLEN_ACCOUNTING, conn_len, ports),
+                     lpd.CopyPlan(0, 0, (), dns), lpd.CopyPlan(0, conn_len, ports, dns)):
             image, labels = lpd.build_program(maps, DIFF_NETS, [], verdict=plan)
             prog = lpd.Program(image, labels, name="lpd_copy")
             seen = {}
@@ -619,12 +623,18 @@ def test_ebpf_copies_each_frame_as_far_as_a_stage_reads_it():
                 if plan.ports and f is not None and f[0] == lpd.IPPROTO_TCP and \
                         (f[3] in ports or f[4] in ports):
                     assert got == lpd.SNAPLEN_FULL, data.hex()
+                if f is not None and f[0] == lpd.IPPROTO_UDP and (f[3] in plan.udp_ports or
+                                                                  f[4] in plan.udp_ports):
+                    whole_udp[plan] = whole_udp.get(plan, 0) + 1
+                    assert got == lpd.SNAPLEN_FULL, data.hex()
             prog.close()
             assert seen.get(plan.every, 0) > 1000, seen          # most frames: not (or less) copied
             assert len(seen) >= 2, seen
     finally:
         for m in maps.values():
             m.close()
+    assert all(whole_udp.get(p, 0) > 50 for p in (lpd.CopyPlan(0, 0, (), dns),
+                                                   lpd.CopyPlan(0, conn_len, ports, dns))), whole_udp
 
 
 def flow_key(f):
@@ -634,12 +644,13 @@ def flow_key(f):
                              dport.to_bytes(2, "big"))
 
 
-def kernel_may_count(data):
+def kernel_may_count(data, whole_ports=()):
     """What emit_flow promises to count: a UDP frame parse_l4 takes whole (its IP length
     inside the frame), not a fragment, no IPv6 extension header, its UDP header in the
-    view."""
+    view, not to or from whole_ports (a stage reads those frames: copied whole)."""
     f = lpd.parse_l4(data, len(data))
-    if f is None or f[0] != lpd.IPPROTO_UDP or f[11] is not None:
+    if f is None or f[0] != lpd.IPPROTO_UDP or f[11] is not None or \
+            f[3] in whole_ports or f[4] in whole_ports:
         return None
     udp_at = f[12] - lpd.UDP_HDR_LEN
     q, et = lpd.ETH_HLEN, int.from_bytes(data[12:14], "big")
@@ -660,7 +671,7 @@ def test_the_kernel_counts_the_udp_directions_connection_tracking_hands_it():
     rng = random.Random(26)
     frames = corpus_frames() + edge_frames(rng)
     maps = lpd.make_maps(0, flow_max=1 << 16)
-    plan = lpd.CopyPlan(0, lpd.Connections().snaplen(), (80, 8080))
+    plan = lpd.CopyPlan(0, lpd.Connections().snaplen(), (80, 8080), (lpd.DNS_PORT,))
     flows = maps["flows"]
     zero = bytes(flows.buf_size)
     try:
@@ -675,7 +686,7 @@ def test_the_kernel_counts_the_udp_directions_connection_tracking_hands_it():
             before = flows.sum_u64(flows.lookup(key))[:lpd.FLOW_SUMS] if key else None
             got, _ = lpd.test_run(prog.fd, data)
             after = flows.sum_u64(flows.lookup(key))[:lpd.FLOW_SUMS] if key else None
-            want = kernel_may_count(data)
+            want = kernel_may_count(data, plan.udp_ports)
             if want is not None:
                 counted += 1
                 assert got == plan.every, data.hex()

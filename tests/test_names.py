@@ -1,0 +1,243 @@
+"""Names from passive DNS (issue 27, --names): the dns.log records of every corpus DNS
+capture against tshark's dissection of the same frames (ids, query names, rcodes, the
+answer section's addresses, CNAME targets and TTLs); a hand-built trace whose answered
+addresses then carry traffic shows their names in the remotes document; the names
+table's bound and its policy under a flood of answers."""
+import ipaddress
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+
+import lpd
+from conftest import CORPUS
+from harness import LPD, json_values, write_pcap
+from packets import ETH_IP, ETH_IP6, PROTO_UDP, ether, ipv4, ipv6, udp
+
+DNS_PCAPS = ("dns_udp.pcap", "dns_udp_2.pcap", "dns_fwdptr.pcap", "dnssec.pcap", "edns-opts.pcap",
+             "dns-uri.pcap", "dns-badlabel.pcap", "dns-badvers.pcap")
+# Their responses are ones tshark too reads in part only (a forward pointer, a bad label).
+UNREADABLE = ("dns_fwdptr.pcap", "dns-badlabel.pcap")
+T0 = 1_700_000_000
+MAC_C, MAC_R = "02:00:00:00:00:0c", "02:00:00:00:00:0d"
+CLIENT, RESOLVER = "10.1.0.2", "10.1.0.1"
+CLIENT6, RESOLVER6 = "fd00::2", "fd00::1"
+
+
+# --- DNS messages, built here (not with lpd) ----------------------------------------------
+
+def qname(name):
+    return b"".join(bytes([len(p)]) + p.encode() for p in name.split(".") if p) + b"\0"
+
+
+def message(ident, flags, question, answers=(), rcode=0):
+    """A DNS message: `question` (name, type), answers (owner, type, ttl, rdata bytes); the
+    owner is a pointer to the question name when it is that name."""
+    name, qtype = question
+    out = struct.pack("!HHHHHH", ident, flags | rcode, 1, len(answers), 0, 0) + qname(name) + \
+        struct.pack("!HH", qtype, 1)
+    for owner, rtype, ttl, rdata in answers:
+        out += (b"\xc0\x0c" if owner == name else qname(owner)) + \
+            struct.pack("!HHIH", rtype, 1, ttl, len(rdata)) + rdata
+    return out
+
+
+def frame(src, dst, sport, dport, payload):
+    if ":" in src:
+        return ether(MAC_R, MAC_C, ETH_IP6, ipv6(src, dst, PROTO_UDP, udp(sport, dport, payload)))
+    return ether(MAC_R, MAC_C, ETH_IP, ipv4(src, dst, PROTO_UDP, udp(sport, dport, payload)))
+
+
+QUERY, RESPONSE = 0x0100, 0x8180            # RD; QR RD RA
+
+
+def run(tmp_path, records, *args):
+    pcap = tmp_path / "t.pcap"
+    write_pcap(pcap, records)
+    log = tmp_path / "dns.log"
+    p = subprocess.run([sys.executable, LPD, "-r", str(pcap), "--names", "--dns-log", str(log),
+                        "--output", "json", *args], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    doc = json_values(p.stdout)[-1]
+    return doc, [json.loads(line) for line in log.read_text().splitlines()]
+
+
+# --- against tshark ------------------------------------------------------------------------
+
+def tshark_messages(pcap):
+    """[(frame number, its DNS layer as (key, value) pairs)] of UDP DNS frames."""
+    out = subprocess.run(["tshark", "-r", pcap, "-n", "-Y", "dns && udp", "-T", "json",
+                          "-J", "frame dns"], capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    rows = json.loads(out, object_pairs_hook=lambda pairs: pairs)
+    result = []
+    for row in rows:
+        layers = dict(dict(dict(row)["_source"])["layers"])
+        num = int(dict(layers["frame"])["frame.number"])
+        dns = layers["dns"]
+        result.append((num, dict(dns) if not isinstance(dns, list) or
+                       all(isinstance(p, tuple) for p in dns) else {}))
+    return result
+
+
+def tshark_answers(dns):
+    """The answer section as dns.log lists it: A/AAAA addresses and CNAME targets, TTLs."""
+    answers, ttls = [], []
+    for _, rr in dns.get("Answers", ()):
+        rr = dict(rr)
+        for field in ("dns.a", "dns.aaaa", "dns.cname"):
+            if field in rr:
+                answers.append(rr[field].lower() if field == "dns.cname" else rr[field])
+                ttls.append(float(rr["dns.resp.ttl"]))
+    return answers, ttls
+
+
+@pytest.mark.offline
+@pytest.mark.parametrize("name", DNS_PCAPS)
+def test_dns_log_says_what_tshark_reads(name, tmp_path):
+    """Every response's record: trans_id, query, rcode, QR's flags, and answers and TTLs
+    of the answer section, as tshark dissects the frame (a response tshark finds
+    malformed is skipped: lpd keeps what it read before the fault, tshark shows less)."""
+    pcap = os.path.join(CORPUS, name)
+    log = tmp_path / "dns.log"
+    p = subprocess.run([sys.executable, LPD, "-r", pcap, "--names", "--dns-log", str(log)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    answered = {(r["trans_id"], r.get("query", "")): r for r in records if "rcode" in r}
+    compared = 0
+    for _, dns in tshark_messages(pcap):
+        flags = dict(dns.get("dns.flags_tree", ()))
+        if not dns or flags.get("dns.flags.response") != "1" or "_ws.malformed" in dns:
+            continue
+        queries = [dict(q) for _, q in dns.get("Queries", ())]
+        query = queries[0]["dns.qry.name"].lower() if queries else ""
+        if query == "<root>":
+            query = ""
+        elif query.startswith("<"):
+            continue                  # tshark could not read it either ("<name too long>")
+        rec = answered.get((int(dns["dns.id"], 16), query))
+        assert rec is not None, (dns["dns.id"], query, list(answered))
+        answers, ttls = tshark_answers(dns)
+        assert rec.get("answers", []) == answers
+        assert rec.get("TTLs", []) == ttls
+        assert rec["rcode"] == int(flags["dns.flags.rcode"])
+        for field, flag in (("AA", "authoritative"), ("TC", "truncated"), ("RA", "recavail")):
+            assert rec[field] == (flags[f"dns.flags.{flag}"] == "1"), field
+        compared += 1
+    assert compared or name in UNREADABLE, name
+
+
+# --- names in the remotes document ---------------------------------------------------------
+
+A_RR, AAAA_RR, CNAME_RR = 1, 28, 5
+
+
+def lookup_trace():
+    """A client looks up www.example.test (a CNAME to edge.cdn.test, an IPv4 and an IPv6
+    address) and nx.example.test (NXDOMAIN), then talks to both addresses."""
+    www = ("www.example.test", A_RR)
+    www6 = ("www.example.test", AAAA_RR)
+    chain = [("www.example.test", CNAME_RR, 300, qname("edge.cdn.test"))]
+    recs = [
+        (T0, 0, frame(CLIENT, RESOLVER, 40000, 53, message(7, QUERY, www))),
+        (T0, 2500, frame(RESOLVER, CLIENT, 53, 40000, message(7, RESPONSE, www, chain + [
+            ("edge.cdn.test", A_RR, 60, ipaddress.ip_address("192.0.2.80").packed)]))),
+        (T0, 3000, frame(CLIENT, RESOLVER, 40001, 53, message(8, QUERY, www6))),
+        (T0, 4000, frame(RESOLVER, CLIENT, 53, 40001, message(8, RESPONSE, www6, chain + [
+            ("edge.cdn.test", AAAA_RR, 60, ipaddress.ip_address("2001:db8::80").packed)]))),
+        (T0, 5000, frame(CLIENT, RESOLVER, 40002, 53, message(9, QUERY, ("nx.example.test", A_RR)))),
+        (T0, 6000, frame(RESOLVER, CLIENT, 53, 40002, message(9, RESPONSE, ("nx.example.test", A_RR),
+                                                            rcode=3))),
+        (T0 + 1, 0, frame(CLIENT, "192.0.2.80", 50000, 443, b"x" * 100)),
+        (T0 + 1, 10, frame(CLIENT6, "2001:db8::80", 50001, 443, b"y" * 100)),
+        # a response cut short: counted, never raised
+        (T0 + 1, 20, frame(RESOLVER, CLIENT, 53, 40003, message(10, RESPONSE, www)[:20])),
+    ]
+    return recs
+
+
+@pytest.mark.offline
+def test_answered_addresses_carry_their_names(tmp_path):
+    doc, log = run(tmp_path, lookup_trace(), "--remote", "--local-net", "10.1.0.0/24",
+                   "--local-net", "fd00::/64")
+    names = {r["address"]: r["name"] for r in doc["remotes"]["remotes"]}
+    assert names["192.0.2.80"] == names["2001:db8::80"] == "www.example.test"
+    table = {r["address"]: (r["name"], r["cname"]) for r in doc["names"]["names"]}
+    assert table == {"192.0.2.80": ("www.example.test", "edge.cdn.test"),
+                     "2001:db8::80": ("www.example.test", "edge.cdn.test")}
+    assert doc["names"]["parse_errors"]["truncated"] == 1
+    by_id = {r["trans_id"]: r for r in log}
+    assert by_id[7]["answers"] == ["edge.cdn.test", "192.0.2.80"] and by_id[7]["TTLs"] == [300.0, 60.0]
+    assert by_id[7]["rtt"] == pytest.approx(0.0025, abs=1e-6) and by_id[7]["ts"] == pytest.approx(T0)
+    assert by_id[8]["answers"] == ["edge.cdn.test", "2001:db8::80"] and by_id[8]["qtype_name"] == "AAAA"
+    assert (by_id[9]["rcode_name"], by_id[9]["rejected"], "answers" in by_id[9]) == \
+        ("NXDOMAIN", True, False)
+    assert by_id[10]["rcode_name"] == "NOERROR" and "query" not in by_id[10] and "rtt" not in by_id[10]
+    assert {r["uid"][0] for r in log} == {"C"} and len({r["uid"] for r in log}) == len(log)
+    assert set(log[0]) == set(lpd.DNS_LOG_FIELDS)
+
+
+@pytest.mark.offline
+def test_table_shows_the_names(tmp_path):
+    pcap = tmp_path / "t.pcap"
+    write_pcap(pcap, lookup_trace())
+    p = subprocess.run([sys.executable, LPD, "-r", str(pcap), "--names", "--remote",
+                        "--local-net", "10.1.0.0/24", "--local-net", "fd00::/64"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["remote", "address"])
+    assert lines[header].split()[2] == "name"
+    assert any(line.startswith("192.0.2.80") and "www.example.test" in line for line in lines[header:])
+
+
+# --- the bound and the policy --------------------------------------------------------------
+
+@pytest.mark.unit
+def test_a_flood_of_answers_cannot_push_out_busy_names():
+    """Busy remotes (a local host sent to each after the answer) keep their names through
+    a flood of ten tables' worth of answers for random addresses, matched or not; the
+    table never holds more than its size, and the flood is what gets evicted."""
+    size = 1000
+    names = lpd.Names(size=size)
+    table = names.table
+    busy = [lpd.hot_key(ipaddress.ip_address(f"198.51.100.{i}").packed) for i in range(1, 201)]
+    for i, key in enumerate(busy):
+        table.answer(key, f"busy{i}.test", "", T0 + 3600, False)
+        table.used(key, T0 + 3600)
+    for n in range(10 * size):
+        raw = (0x0A000000 + n).to_bytes(4, "big")
+        table.answer(lpd.hot_key(raw), f"flood{n}.test", "", T0 + 3600, n % 2 == 0)
+        assert len(table) <= size
+    assert [table.get(k)[0] for k in busy] == [f"busy{i}.test" for i in range(200)]
+    assert table.evictions == 200 + 10 * size - size
+    rows = names.snapshot().names
+    assert len(rows) == size and sum(r[1].startswith("busy") for r in rows) == 200
+
+
+@pytest.mark.unit
+def test_names_expire_after_their_ttl_and_the_grace():
+    names = lpd.Names(size=10)
+    key = lpd.hot_key(bytes([192, 0, 2, 1]))
+    names.table.answer(key, "a.test", "", T0 + 60 + lpd.DNS_NAME_GRACE, False)
+    names.now = T0 + 59 + lpd.DNS_NAME_GRACE
+    assert len(names.snapshot().names) == 1
+    names.now = T0 + 61 + lpd.DNS_NAME_GRACE
+    assert names.snapshot().names == ()
+
+
+@pytest.mark.unit
+def test_pending_queries_are_bounded():
+    logged = []
+    names = lpd.Names(logged=logged.append)
+    for i in range(lpd.DNS_PENDING_MAX + 10):
+        msg = message(i & 0xFFFF, QUERY, ("q.test", A_RR))
+        names.packet(frame(CLIENT, RESOLVER, 1024 + i % 60000, 53, msg), T0 + i * 1e-3)
+    assert len(names.pending) == lpd.DNS_PENDING_MAX and names.pending_evictions == 10
+    assert len(logged) == 10 and all("rtt" not in r for r in logged)
+    names.finish()
+    assert len(logged) == lpd.DNS_PENDING_MAX + 10 and not names.pending
