@@ -16,11 +16,12 @@ VENV = build/venv
 # python3-venv: $(VENV) on Debian's python3. tshark: pcapng captures in the tests, and
 # the oracle of flow octets. nfdump (nfcapd), pmacct (nfacctd): tests/test_ipfix.py
 # sends lpd's IPFIX to both collectors; softflowd beside lpd in make bench.
+# dnsmasq-base (the binary, no service): tests/test_names_live.py's resolver.
 DEBIAN_PACKAGES = libpcap0.8 tcpdump netsniff-ng tcpreplay ethtool iproute2 iputils-ping \
 	netcat-openbsd systemd python3 python3-prometheus-client python3-pytest python3-hypothesis \
 	python3-maxminddb python3-venv prometheus libcap2-bin procps strace \
 	prometheus-node-exporter busybox docker.io podman curl tmux debootstrap systemd-container \
-	lintian man-db tshark nfdump pmacct softflowd
+	lintian man-db tshark nfdump pmacct softflowd dnsmasq-base
 
 # make install: lpd as $(PREFIX)/sbin/lpd on the system's /usr/bin/python3, its unit
 # where systemd looks ($(PREFIX)/lib/systemd/system: /usr/local/lib/systemd/system for

@@ -10141,11 +10141,11 @@ def parse_dns(buf):
 # no local host then talks to, churns the probationary segment and cannot touch the
 # names of the remotes in use. len(table) <= --names-max always.
 #
-# Limits of this first part: UDP only (a message over TCP is not read), the --engine
-# ebpf program does not yet copy port-53 frames whole (auto picks the classic engine
-# under --names; --engine ebpf with --names is refused), and under the classic engine
-# only: a local host's traffic to an address promotes its name (the kernel counts it
-# under ebpf).
+# Both engines hand this stage its ports' frames whole (whole_ports: the classic
+# kernel program's judge, the eBPF CopyPlan's udp_ports). Limits of this first part:
+# UDP only (a message over TCP is not read), and only the classic engine hands it the
+# remotes a local host sends to (the eBPF engine counts them in the kernel), so under
+# ebpf a name is promoted by a matched re-lookup only.
 
 DNS_PORT, MDNS_PORT = 53, 5353
 DNS_QR = 0x8000                             # the header's flags: a response

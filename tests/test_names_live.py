@@ -1,0 +1,108 @@
+"""Names from passive DNS (--names) on a running lpd, with a real resolver: dnsmasq in
+ns_a serves a local zone (a host record with an IPv4 and an IPv6 address, a CNAME to it,
+NXDOMAIN for the rest of the zone); in ns_b, where lpd watches veth-b, glibc's
+getaddrinfo looks the names up (ns_b's resolv.conf names dnsmasq: `ip netns exec`
+mounts /etc/netns/NS/resolv.conf), then the client sends to the answered addresses
+(ns_a holds them, ns_b routes them there). lpd shows the looked-up name for those
+remotes in /api/remotes, and dns.log says what was asked and answered; under both
+engines (the `engine` fixture: the eBPF program must copy port-53 frames whole).
+Every wait is bounded; processes are stopped by PID (netns.Pair's popen)."""
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+
+import pytest
+
+import netns
+from harness import Lpd, api, wait_for
+
+pytestmark = [pytest.mark.live, pytest.mark.usefixtures("engine")]
+
+DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
+ZONE = "zone.test"
+HOST, ALIAS, MISSING = f"app.{ZONE}", f"www.{ZONE}", f"nx.{ZONE}"
+SERVED4, SERVED6 = "198.51.100.80", "2001:db8:80::80"
+SINK = 9                              # discard: what the client sends needs no listener
+INTERVAL = 0.3
+WAIT = 15.0
+
+
+def lookup(pair, name):
+    """getaddrinfo in ns_b: the addresses, or the error's name (EAI_NONAME for NXDOMAIN)."""
+    code = ("import socket, sys\n"
+            "try:\n"
+            f"    print(sorted({{a[4][0] for a in socket.getaddrinfo({name + '.'!r}, {SINK}, "
+            "type=socket.SOCK_DGRAM)}))\n"
+            "except socket.gaierror as e:\n"
+            "    print(repr(e.args[0]))\n")
+    return pair.run(pair.ns_b, [sys.executable, "-c", code]).stdout.strip()
+
+
+def send_to(pair, addr, n=5):
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    s = netns.socket_in(pair.ns_b, family, socket.SOCK_DGRAM)
+    try:
+        for _ in range(n):
+            s.sendto(b"x" * 100, (addr, SINK))
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def resolver(pair):
+    """dnsmasq on ns_a's addresses; ns_b resolves through it and routes the zone's
+    addresses to ns_a, which holds them."""
+    for cmd in (["ip", "addr", "add", f"{SERVED4}/32", "dev", "lo"],
+                ["ip", "-6", "addr", "add", f"{SERVED6}/128", "dev", "lo"]):
+        pair.run(pair.ns_a, cmd)
+    for cmd in (["ip", "route", "add", f"{SERVED4}/32", "via", pair.ip4_a],
+                ["ip", "-6", "route", "add", f"{SERVED6}/128", "via", pair.ip6_a]):
+        pair.run(pair.ns_b, cmd)
+    etc = f"/etc/netns/{pair.ns_b}"
+    os.makedirs(etc)
+    try:
+        with open(f"{etc}/resolv.conf", "w") as f:
+            f.write(f"nameserver {pair.ip4_a}\noptions timeout:2 attempts:2\n")
+        proc = pair.popen(pair.ns_a, [
+            DNSMASQ, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll",
+            "--bind-interfaces", f"--listen-address={pair.ip4_a}", "--except-interface=lo",
+            "--pid-file=", "--user=root", f"--local=/{ZONE}/",
+            f"--host-record={HOST},{SERVED4},{SERVED6},600", f"--cname={ALIAS},{HOST},600"],
+            stderr=tempfile.TemporaryFile())
+        assert wait_for(lambda: lookup(pair, HOST) != "-3", 10), "dnsmasq did not answer"
+        yield proc
+    finally:
+        shutil.rmtree(etc, ignore_errors=True)
+
+
+def test_a_remote_is_named_by_what_the_host_looked_up(pair, resolver, engine, tmp_path):
+    log = tmp_path / "dns.log"
+    lpd = Lpd(pair, "--names", "--remote", "--dns-log", str(log), "--interval", str(INTERVAL))
+    if engine == "auto":
+        assert "(engine ebpf)" in lpd.stderr(), lpd.stderr()
+    assert lookup(pair, ALIAS) == repr(sorted([SERVED4, SERVED6]))
+    assert lookup(pair, MISSING) == repr(socket.EAI_NONAME)
+    send_to(pair, SERVED4)
+    send_to(pair, SERVED6)
+
+    def named():
+        _, doc = api(pair, "/api/remotes")
+        rows = {r["address"]: r.get("name") for r in doc["remotes"]}
+        return rows if rows.get(SERVED4) and rows.get(SERVED6) else None
+    assert wait_for(named, WAIT), api(pair, "/api/remotes")
+    assert named()[SERVED4] == named()[SERVED6] == ALIAS
+    _, names = api(pair, "/api/names")
+    table = {r["address"]: (r["name"], r["cname"]) for r in names["names"]}
+    assert table[SERVED4] == table[SERVED6] == (ALIAS, HOST)
+    assert lpd.stop() == 0, lpd.stderr()
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    answered = {(r["query"], r["qtype_name"]): r for r in records if "rcode" in r}
+    a, aaaa = answered[(ALIAS, "A")], answered[(ALIAS, "AAAA")]
+    assert (a["answers"], aaaa["answers"]) == ([HOST, SERVED4], [HOST, SERVED6])
+    assert a["id.orig_h"] == pair.ip4_b and a["id.resp_h"] == pair.ip4_a and a["id.resp_p"] == 53
+    assert 0 <= a["rtt"] < WAIT and a["RD"] and a["RA"] and a["AA"] and a["rcode_name"] == "NOERROR"
+    nx = [r for (q, _), r in answered.items() if q == MISSING]
+    assert nx and {r["rcode_name"] for r in nx} == {"NXDOMAIN"}
