@@ -7127,7 +7127,7 @@ STAGES = []
 ###############################################################################
 # 14 Stages ###################################################################
 ###############################################################################
-# provides: Connections, format_rule_lines, IPV4_FRAG_MASK,
+# provides: connection_uid, Connections, conn_key, format_rule_lines, IPV4_FRAG_MASK,
 #   IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, LIVE_STATES, LOCAL_EVICT_FRACTION, LocalAddresses,
 #   L4_PORTS, not_on_ports, OFFLOAD_*, parse_filter_file, parse_l4, REMOTE_WEIGHT, RemoteAddresses,
 #   RuleCounter
@@ -7573,8 +7573,9 @@ STAGES.append(Stage(RemoteAddresses, _remote_addresses, (("remotes", remotes_doc
 
 ###############################################################################
 # 14.3 Connections (Zeek's conn.log semantics) ################################
-# provides: Connections, IPV4_FRAG_MASK, IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, L4_PORTS,
-#   LIVE_STATES, not_on_ports, OFFLOAD_*, parse_l4, SEQ_HALF, SEQ_MOD, TH_*
+# provides: connection_uid, Connections, conn_key, IPV4_FRAG_MASK, IPV4_MORE_FRAGMENTS,
+#   IPV6_EXT_LEN, L4_PORTS, LIVE_STATES, not_on_ports, OFFLOAD_*, parse_l4, SEQ_HALF, SEQ_MOD,
+#   TH_*
 #
 # One entry per TCP or UDP connection, whichever way a frame travels, with Zeek's
 # endpoint state machine, history letters, payload sizes from sequence numbers,
@@ -7789,6 +7790,32 @@ def not_on_ports(data, proto, ports):
     return sport not in ports and dport not in ports
 
 
+UID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+UID_BITS = 96                       # Zeek's uid: "C" and 96 random bits in base 62
+# Per process (a worker's flows are its own): a uid says nothing of the addresses.
+UID_SALT = os.urandom(UID_BITS // 8)
+
+
+def connection_uid(key, first):
+    """Zeek's uid ("C" + base 62) of the connection with table key `key` that began at
+    `first`: computed, not stored, the same wherever it is asked for (conn.log, dns.log,
+    /api/connections), so the logs join on it as Zeek's do. first None: the key's alone
+    (a stage that sees a flow without --connections)."""
+    digest = hashlib.blake2b(repr((key, first)).encode(), key=UID_SALT,
+                             digest_size=UID_BITS // 8).digest()
+    n, out = int.from_bytes(digest, "big"), []
+    while n:
+        n, d = divmod(n, len(UID_ALPHABET))
+        out.append(UID_ALPHABET[d])
+    return "C" + "".join(reversed(out))
+
+
+def conn_key(proto, src, sport, dst, dport):
+    """The connection table's key of a packet: the same both ways."""
+    return (proto, src, sport, dst, dport) if (src, sport) <= (dst, dport) else \
+        (proto, dst, dport, src, sport)
+
+
 def _seq_delta(a, b):
     """a - b in sequence space (signed 32-bit)."""
     d = (a - b) % SEQ_MOD
@@ -7979,7 +8006,8 @@ class Connection:
 
     def record(self):
         """The conn.log line, Zeek's field names (duration and sizes only when > 0 s)."""
-        rec = {"ts": round(self.first, 6), "id.orig_h": raw_address(self.orig_h), "id.orig_p": self.orig_p,
+        rec = {"ts": round(self.first, 6), "uid": connection_uid(self.key, self.first),
+               "id.orig_h": raw_address(self.orig_h), "id.orig_p": self.orig_p,
                "id.resp_h": raw_address(self.resp_h), "id.resp_p": self.resp_p,
                "proto": PROTO_NAMES[self.transport]}
         duration = self.last - self.first
@@ -8104,8 +8132,7 @@ class Connections(Consumer):
             self.fragment(f, wire_bytes)
             return
         proto, src, dst, sport, dport, ip_len, plen, flags, seq, ack, window, frag_id, _ = f
-        key = (proto, src, sport, dst, dport) if (src, sport) <= (dst, dport) else \
-            (proto, dst, dport, src, sport)
+        key = conn_key(proto, src, sport, dst, dport)
         c = self.table.get(key)
         if c is not None:
             if proto == IPPROTO_TCP and flags & TH_SYN and self._reused(c, src, sport, flags, seq):
@@ -8505,9 +8532,10 @@ def connections_document(snap, how, top=None, state=None):
     rows = [r for r in conns.rows if state is None or r[6] == state]
     out = []
     for r in _first(rows, top, lambda r: (-(r[12] + r[13]), r[14])):
-        (_, proto, oh, op, rh, rp, live, history, ob, rb, opk, rpk, owb, rwb, first, last,
+        (key, proto, oh, op, rh, rp, live, history, ob, rb, opk, rpk, owb, rwb, first, last,
          midstream, pid, comm) = r
-        out.append({"proto": proto_name(proto), "orig_h": raw_address(oh), "orig_p": op,
+        out.append({"uid": connection_uid(key, first), "proto": proto_name(proto),
+                    "orig_h": raw_address(oh), "orig_p": op,
                     "resp_h": raw_address(rh), "resp_p": rp, "state": live, "history": history,
                     "orig_bytes": ob, "resp_bytes": rb, "orig_pkts": opk, "resp_pkts": rpk,
                     "orig_wire_bytes": owb, "resp_wire_bytes": rwb, "start": first,
@@ -10170,22 +10198,6 @@ DNS_RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: 
 DNS_LOG_FIELDS = ("ts", "uid", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "proto",
                   "trans_id", "rtt", "query", "qclass", "qclass_name", "qtype", "qtype_name",
                   "rcode", "rcode_name", "AA", "TC", "RD", "RA", "Z", "answers", "TTLs", "rejected")
-UID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-UID_BITS = 96                               # Zeek's uid: "C" and 96 random bits in base 62
-
-
-def connection_uid(salt, proto, orig_h, orig_p, resp_h, resp_p):
-    """Zeek's uid format ("C" + base 62) for a 5-tuple: the same all process long, so
-    logs written apart name the same flow alike; salted so that it reveals nothing."""
-    digest = hashlib.blake2b(b"%b%d|%b|%d|%b|%d" % (salt, proto, orig_h, orig_p, resp_h, resp_p),
-                             digest_size=UID_BITS // 8).digest()
-    n, out = int.from_bytes(digest, "big"), []
-    while n:
-        n, d = divmod(n, len(UID_ALPHABET))
-        out.append(UID_ALPHABET[d])
-    return "C" + "".join(reversed(out))
-
-
 def hot_key(raw):
     """4 or 16 raw address bytes -> the decoder's key (an int for IPv4, bytes for IPv6)."""
     return int.from_bytes(raw, "big") if len(raw) == 4 else bytes(raw)
@@ -10293,12 +10305,12 @@ class Names(Consumer):
     snapshot_type = NamesSnapshot
     wants = frozenset((WANT_RAW, WANT_TS, WANT_REMOTE))
 
-    def __init__(self, ports=(DNS_PORT,), size=DEFAULT_NAMES_MAX, logged=None, uid=None):
+    def __init__(self, ports=(DNS_PORT,), size=DEFAULT_NAMES_MAX, logged=None, conns=None):
+        """conns: the Connections stage (--connections), whose uids the records take."""
         self.ports = frozenset(ports)
         self.table = NameTable(size)
         self.logged = logged
-        self.salt = os.urandom(UID_BITS // 8)
-        self.uid = uid or (lambda *t: connection_uid(self.salt, *t))
+        self.conns = conns
         self.pending = collections.OrderedDict()  # (client, cport, server, sport, id) -> record
         self.errors = dict.fromkeys(DNS_PARSE_ERRORS, 0)
         self.pending_evictions = self.unmatched = self.queries = self.responses = 0
@@ -10341,7 +10353,7 @@ class Names(Consumer):
 
     def _record(self, msg, ts, ch, cp, sh, sp):
         name, qtype, qclass = msg.question or ("", None, None)
-        rec = {"ts": round(ts, 6), "uid": self.uid(IPPROTO_UDP, ch, cp, sh, sp),
+        rec = {"ts": round(ts, 6), "uid": self.uid(conn_key(IPPROTO_UDP, ch, cp, sh, sp)),
                "id.orig_h": raw_address(ch), "id.orig_p": cp, "id.resp_h": raw_address(sh),
                "id.resp_p": sp, "proto": "udp", "trans_id": msg.id}
         if msg.question:
@@ -10353,6 +10365,12 @@ class Names(Consumer):
         rec.update({"AA": False, "TC": bool(flags & DNS_TC), "RD": bool(flags & DNS_RD), "RA": False,
                     "Z": flags >> DNS_Z_SHIFT & DNS_Z_MASK, "rejected": False})
         return rec
+
+    def uid(self, key):
+        """The uid conn.log gives the flow (its connection is tracked before this stage
+        reads the frame), else one of the 5-tuple's alone."""
+        c = self.conns.table.get(key) if self.conns is not None else None
+        return connection_uid(key, c.first if c is not None else None)
 
     def query(self, msg, ts, src, sport, dst, dport):
         self.queries += 1
@@ -10474,7 +10492,8 @@ def _names(opts, w, built):
     if not opts.names:
         return None
     log_ = w.logs.get(Names.name)
-    return Names(names_ports(opts), opts.names_max, log_.write if log_ is not None else None)
+    return Names(names_ports(opts), opts.names_max, log_.write if log_ is not None else None,
+                 built.get(Connections.name))
 
 
 STAGES.append(Stage(Names, _names, (("names", names_document),), names_metrics, names_table,

@@ -14,6 +14,7 @@ Timestamps are whole microseconds after T0 and the pcaps use nanosecond resoluti
 """
 import collections
 import json
+import re
 
 import pytest
 
@@ -1061,11 +1062,13 @@ def test_fragmented_udp_datagram_counts_once_reassembled(tmp_path):
 
 def test_exact_fields_and_types(tmp_path):
     """Zeek's names and nothing else in a replay (no pid/comm: no process is known); the
-    three duration fields only when duration > 0."""
+    three duration fields only when duration > 0; a uid per connection in Zeek's form."""
     tr = sf_trace()
     tr.tcp(1.0, ("10.0.0.3", 41000), S, SYN, 1)
     recs = order(raw_log(tmp_path, tr))
-    assert [set(r) for r in recs] == [set(FIELDS), set(FIELDS) - set(DUR)]
+    assert [set(r) for r in recs] == [set(FIELDS) | {"uid"}, (set(FIELDS) | {"uid"}) - set(DUR)]
+    assert all(re.fullmatch("C[0-9A-Za-z]{10,17}", r["uid"]) for r in recs)
+    assert len({r["uid"] for r in recs}) == len(recs)
     for r in recs:
         assert isinstance(r["ts"], float) and r["proto"] == "tcp"
         for k in ("id.orig_p", "id.resp_p", "orig_pkts", "orig_ip_bytes", "resp_pkts",

@@ -182,6 +182,21 @@ def test_answered_addresses_carry_their_names(tmp_path):
 
 
 @pytest.mark.offline
+def test_dns_log_joins_conn_log_on_uid(tmp_path):
+    """With --connections, a DNS record's uid is its flow's conn.log uid (Zeek's join);
+    /api/connections rows carry the same uid."""
+    conn_log = tmp_path / "conn.log"
+    doc, log = run(tmp_path, lookup_trace(), "--conn-log", str(conn_log), "--local-net", "10.1.0.0/24",
+                   "--local-net", "fd00::/64")
+    conns = [json.loads(line) for line in conn_log.read_text().splitlines()]
+    by_flow = {(c["id.orig_h"], c["id.orig_p"], c["id.resp_h"], c["id.resp_p"]): c["uid"] for c in conns}
+    assert len(set(by_flow.values())) == len(conns)
+    for r in log:
+        assert r["uid"] == by_flow[r["id.orig_h"], r["id.orig_p"], r["id.resp_h"], r["id.resp_p"]], r
+    assert {c["uid"] for c in doc["connections"]["connections"]} <= set(by_flow.values())
+
+
+@pytest.mark.offline
 def test_table_shows_the_names(tmp_path):
     pcap = tmp_path / "t.pcap"
     write_pcap(pcap, lookup_trace())

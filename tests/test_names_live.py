@@ -4,7 +4,8 @@ NXDOMAIN for the rest of the zone); in ns_b, where lpd watches veth-b, glibc's
 getaddrinfo looks the names up (ns_b's resolv.conf names dnsmasq: `ip netns exec`
 mounts /etc/netns/NS/resolv.conf), then the client sends to the answered addresses
 (ns_a holds them, ns_b routes them there). lpd shows the looked-up name for those
-remotes in /api/remotes, and dns.log says what was asked and answered; under both
+remotes in /api/remotes, dns.log says what was asked and answered and joins conn.log on
+uid; under both
 engines (the `engine` fixture: the eBPF program must copy port-53 frames whole).
 Every wait is bounded; processes are stopped by PID (netns.Pair's popen)."""
 import json
@@ -79,8 +80,9 @@ def resolver(pair):
 
 
 def test_a_remote_is_named_by_what_the_host_looked_up(pair, resolver, engine, tmp_path):
-    log = tmp_path / "dns.log"
-    lpd = Lpd(pair, "--names", "--remote", "--dns-log", str(log), "--interval", str(INTERVAL))
+    log, conn_log = tmp_path / "dns.log", tmp_path / "conn.log"
+    lpd = Lpd(pair, "--names", "--remote", "--dns-log", str(log), "--conn-log", str(conn_log),
+              "--interval", str(INTERVAL))
     if engine == "auto":
         assert "(engine ebpf)" in lpd.stderr(), lpd.stderr()
     assert lookup(pair, ALIAS) == repr(sorted([SERVED4, SERVED6]))
@@ -106,3 +108,8 @@ def test_a_remote_is_named_by_what_the_host_looked_up(pair, resolver, engine, tm
     assert 0 <= a["rtt"] < WAIT and a["RD"] and a["RA"] and a["AA"] and a["rcode_name"] == "NOERROR"
     nx = [r for (q, _), r in answered.items() if q == MISSING]
     assert nx and {r["rcode_name"] for r in nx} == {"NXDOMAIN"}
+    # dns.log joins conn.log on uid, as Zeek's do
+    conns = {(c["id.orig_h"], c["id.orig_p"], c["id.resp_h"], c["id.resp_p"]): c["uid"]
+             for c in map(json.loads, conn_log.read_text().splitlines())}
+    assert all(conns[r["id.orig_h"], r["id.orig_p"], r["id.resp_h"], r["id.resp_p"]] == r["uid"]
+               for r in records)
