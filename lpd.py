@@ -7127,10 +7127,10 @@ STAGES = []
 ###############################################################################
 # 14 Stages ###################################################################
 ###############################################################################
-# provides: connection_uid, Connections, conn_key, format_rule_lines, IPV4_FRAG_MASK,
-#   IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, LIVE_STATES, LOCAL_EVICT_FRACTION, LocalAddresses,
-#   L4_PORTS, not_on_ports, OFFLOAD_*, parse_filter_file, parse_l4, REMOTE_WEIGHT, RemoteAddresses,
-#   RuleCounter
+# provides: connection_uid, Connections, conn_key, format_rule_lines, IP_FRAGMENT,
+#   IPV4_FRAG_MASK, IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, L4_PORTS, LIVE_STATES,
+#   LOCAL_EVICT_FRACTION, LocalAddresses, not_on_ports, OFFLOAD_*, parse_filter_file, parse_l4,
+#   proto_name, REMOTE_WEIGHT, RemoteAddresses, RuleCounter, SEQ_HALF, SEQ_MOD, TH_*
 #
 # Where a new stage goes: one sub-chapter here. It holds the Consumer subclass (11) with
 # its name (the key of its snapshot, document, log and worker pipe) and snapshot_type,
@@ -7573,9 +7573,9 @@ STAGES.append(Stage(RemoteAddresses, _remote_addresses, (("remotes", remotes_doc
 
 ###############################################################################
 # 14.3 Connections (Zeek's conn.log semantics) ################################
-# provides: connection_uid, Connections, conn_key, IPV4_FRAG_MASK, IPV4_MORE_FRAGMENTS,
-#   IPV6_EXT_LEN, L4_PORTS, LIVE_STATES, not_on_ports, OFFLOAD_*, parse_l4, SEQ_HALF, SEQ_MOD,
-#   TH_*
+# provides: connection_uid, Connections, conn_key, IP_FRAGMENT, IPV4_FRAG_MASK,
+#   IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, L4_PORTS, LIVE_STATES, not_on_ports, OFFLOAD_*, parse_l4,
+#   proto_name, SEQ_HALF, SEQ_MOD, TH_*
 #
 # One entry per TCP or UDP connection, whichever way a frame travels, with Zeek's
 # endpoint state machine, history letters, payload sizes from sequence numbers,
@@ -10153,9 +10153,9 @@ def parse_dns(buf):
 # 15.2 Names (--names) ########################################################
 # provides: names_ports
 #
-# The DNS answers the hosts receive on UDP port 53 (5353 with --names-mdns), read with
-# parse_dns (15.1): each answer is matched to its query (client and server address and
-# port, transaction id) for Zeek's dns.log (--dns-log) and its rtt, and each A/AAAA
+# The DNS answers the hosts receive on port 53, UDP and TCP (UDP 5353 with --names-mdns),
+# read with parse_dns (15.1): each answer is matched to its query (client and server
+# address and port, transaction id) for Zeek's dns.log (--dns-log) and its rtt, each A/AAAA
 # answer names its address: the query name the host looked up, and the CNAME chain's end
 # (the owner of the address record). A name lasts its TTL plus DNS_NAME_GRACE: a host
 # connects after its resolver's answer, and keeps a connection past the TTL.
@@ -10170,9 +10170,11 @@ def parse_dns(buf):
 # names of the remotes in use. len(table) <= --names-max always.
 #
 # Both engines hand this stage its ports' frames whole (whole_ports: the classic
-# kernel program's judge, the eBPF CopyPlan's udp_ports). Limits of this first part:
-# UDP only (a message over TCP is not read), and only the classic engine hands it the
-# remotes a local host sends to (the eBPF engine counts them in the kernel), so under
+# kernel program's judge, the eBPF CopyPlan's ports and udp_ports). Over TCP each
+# direction's bytes are read in sequence order, a resent segment's new bytes only; an
+# early segment (a hole) ends the reading of that stream, counted as a gap, as does a
+# stream pushed out by DNS_TCP_STREAMS_MAX newer ones. Only the classic engine hands it
+# the remotes a local host sends to (the eBPF engine counts them in the kernel), so under
 # ebpf a name is promoted by a matched re-lookup only.
 
 DNS_PORT, MDNS_PORT = 53, 5353
@@ -10184,7 +10186,12 @@ DNS_PENDING_MAX = 4096                      # queries waiting for their answer; 
 DNS_QUERY_TIMEOUT = 30.0                    # a query unanswered this long is logged without one
 DNS_TICK_WORK = 4096                        # timed-out queries logged per tick
 NAMES_PROTECTED_FRACTION = 0.8
-DNS_PARSE_ERRORS = ("truncated", "label", "name_too_long", "pointer", "rdata")
+# 14.7's reasons; then a TCP stream's: bytes missing (its messages are skipped until it
+# ends), dropped for room (DNS_TCP_STREAMS_MAX)
+DNS_PARSE_ERRORS = ("truncated", "label", "name_too_long", "pointer", "rdata", "gap", "evicted")
+DNS_TCP_LENGTH = struct.Struct("!H")        # RFC 1035 4.2.2: each message over TCP after its length
+# TCP streams read at once, each holding at most one message in part (64 KiB): 16 MiB
+DNS_TCP_STREAMS_MAX = 256
 # Zeek's names (base/protocols/dns/consts.zeek); others print as Zeek does: query-N, ...
 DNS_QTYPE_NAMES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 13: "HINFO", 15: "MX",
                    16: "TXT", 28: "AAAA", 33: "SRV", 35: "NAPTR", 39: "DNAME", 41: "OPT",
@@ -10299,8 +10306,9 @@ class NamesSnapshot(NamedTuple):
 
 
 class Names(Consumer):
-    """--names: DNS queries and answers on `ports` (UDP), a NameTable of the answered
-    addresses, `logged(record)` per query as a dns.log record."""
+    """--names: DNS queries and answers on `ports` (UDP; TCP too for port 53: each
+    direction's bytes in sequence order, a gap ends the reading of a stream), a NameTable
+    of the answered addresses, `logged(record)` per query as a dns.log record."""
     name = "names"
     snapshot_type = NamesSnapshot
     wants = frozenset((WANT_RAW, WANT_TS, WANT_REMOTE))
@@ -10308,54 +10316,105 @@ class Names(Consumer):
     def __init__(self, ports=(DNS_PORT,), size=DEFAULT_NAMES_MAX, logged=None, conns=None):
         """conns: the Connections stage (--connections), whose uids the records take."""
         self.ports = frozenset(ports)
+        self.tcp_ports = self.ports & {DNS_PORT}   # mDNS is UDP only
+        self.streams = collections.OrderedDict()   # (src, sport, dst, dport) -> [next seq, bytes]
         self.table = NameTable(size)
         self.logged = logged
         self.conns = conns
-        self.pending = collections.OrderedDict()  # (client, cport, server, sport, id) -> record
+        self.pending = collections.OrderedDict()  # (proto, client, cport, server, sport, id) -> record
         self.errors = dict.fromkeys(DNS_PARSE_ERRORS, 0)
         self.pending_evictions = self.unmatched = self.queries = self.responses = 0
         self.now = 0.0
         self.rows = ()
 
     def whole_ports(self):
-        return (), tuple(sorted(self.ports))
+        return tuple(sorted(self.tcp_ports)), tuple(sorted(self.ports))
 
     def consume(self, batch):
-        ports = self.ports
+        ports, tcp = self.ports, self.tcp_ports
         for data, ts, _, frames, _ in frames_in_order(batch):
-            # a super-frame holds TCP or UDP segments, none a whole DNS message
-            if frames == 1 and not not_on_ports(data, IPPROTO_UDP, ports):
-                self.packet(data, ts)
+            if not (not_on_ports(data, IPPROTO_UDP, ports) and not_on_ports(data, IPPROTO_TCP, tcp)):
+                self.packet(data, ts, frames)
         until = self.now + DNS_NAME_GRACE
         if batch.remote_tx:
             used = self.table.used
             for key, _, _ in batch.remote_tx:
                 used(key, until)
 
-    def packet(self, data, ts):
+    def packet(self, data, ts, frames=1):
+        """frames: how many the wire carried (a super-frame's UDP is segments, not a message)."""
         f = parse_l4(data)
-        if f is None or f[0] != IPPROTO_UDP or not (f[3] in self.ports or f[4] in self.ports):
+        if f is None or f[0] == IP_FRAGMENT:       # a later fragment: no ports, no message
             return
-        _, src, dst, sport, dport, _, plen, *_, at = f
+        proto, src, dst, sport, dport, _, plen, flags, seq, *_, at = f
         if ts > self.now:
             self.now = ts
+        if proto == IPPROTO_UDP and frames == 1 and (sport in self.ports or dport in self.ports):
+            self.message(data[at:at + plen], ts, proto, src, sport, dst, dport)
+        elif proto == IPPROTO_TCP and (sport in self.tcp_ports or dport in self.tcp_ports):
+            payload = memoryview(data)[at:at + plen]
+            if len(payload) < plen:
+                payload = None                    # cut short: a gap
+            self.segment(ts, src, sport, dst, dport, flags, seq, payload)
+
+    def segment(self, ts, src, sport, dst, dport, flags, seq, payload):
+        """One direction of a TCP stream: its bytes in order, then each whole message."""
+        key = (src, sport, dst, dport)
+        s = self.streams.get(key)
+        if flags & TH_SYN:
+            s = None
+            self.streams.pop(key, None)
+            seq = (seq + 1) % SEQ_MOD
+        if s is None:
+            if not (payload or flags & TH_SYN) or flags & TH_RST:
+                return
+            if len(self.streams) >= DNS_TCP_STREAMS_MAX:
+                self.streams.popitem(last=False)
+                self.errors["evicted"] += 1
+            s = self.streams[key] = [seq, bytearray()]  # joined mid-stream: at a message, hopefully
+        self.streams.move_to_end(key)
+        if payload is None:
+            self.errors["gap"] += 1
+            del self.streams[key]
+            return
+        off = (seq - s[0]) % SEQ_MOD
+        if off >= SEQ_HALF:                        # starts before what was read: its rest only
+            payload = payload[SEQ_MOD - off:]
+            off = 0
+        if off:
+            self.errors["gap"] += 1                # an early segment: DNS streams are short, not held
+            del self.streams[key]
+            return
+        buf = s[1]
+        buf += payload
+        s[0] = (s[0] + len(payload)) % SEQ_MOD
+        while len(buf) >= DNS_TCP_LENGTH.size:
+            end = DNS_TCP_LENGTH.size + DNS_TCP_LENGTH.unpack_from(buf)[0]
+            if len(buf) < end:
+                break
+            self.message(bytes(buf[DNS_TCP_LENGTH.size:end]), ts, IPPROTO_TCP, src, sport, dst, dport)
+            del buf[:end]
+        if flags & (TH_FIN | TH_RST):
+            del self.streams[key]
+
+    def message(self, payload, ts, proto, src, sport, dst, dport):
         try:
-            msg = parse_dns(memoryview(data)[at:at + plen])
+            msg = parse_dns(payload)
         except DnsError as e:
             self.errors[str(e)] += 1
             return
         if msg.error:
             self.errors[msg.error] += 1
         if msg.flags & DNS_QR:
-            self.response(msg, ts, src, sport, dst, dport)
+            self.response(msg, ts, proto, src, sport, dst, dport)
         else:
-            self.query(msg, ts, src, sport, dst, dport)
+            self.query(msg, ts, proto, src, sport, dst, dport)
 
-    def _record(self, msg, ts, ch, cp, sh, sp):
+    def _record(self, msg, ts, proto, ch, cp, sh, sp):
         name, qtype, qclass = msg.question or ("", None, None)
-        rec = {"ts": round(ts, 6), "uid": self.uid(conn_key(IPPROTO_UDP, ch, cp, sh, sp)),
+        rec = {"ts": round(ts, 6), "uid": self.uid(conn_key(proto, ch, cp, sh, sp)),
                "id.orig_h": raw_address(ch), "id.orig_p": cp, "id.resp_h": raw_address(sh),
-               "id.resp_p": sp, "proto": "udp", "trans_id": msg.id}
+               "id.resp_p": sp, "proto": proto_name(proto), "trans_id": msg.id}
         if msg.question:
             rec.update({"query": name, "qclass": qclass,
                         "qclass_name": DNS_QCLASS_NAMES.get(qclass, f"qclass-{qclass}"),
@@ -10372,25 +10431,25 @@ class Names(Consumer):
         c = self.conns.table.get(key) if self.conns is not None else None
         return connection_uid(key, c.first if c is not None else None)
 
-    def query(self, msg, ts, src, sport, dst, dport):
+    def query(self, msg, ts, proto, src, sport, dst, dport):
         self.queries += 1
-        key = (bytes(src), sport, bytes(dst), dport, msg.id)
+        key = (proto, src, sport, dst, dport, msg.id)
         if key in self.pending:
             self.finish_query(self.pending.pop(key))   # a retry: Zeek logs each query
         elif len(self.pending) >= DNS_PENDING_MAX:
             self.pending_evictions += 1
             self.finish_query(self.pending.popitem(last=False)[1])
-        self.pending[key] = self._record(msg, ts, src, sport, dst, dport)
+        self.pending[key] = self._record(msg, ts, proto, src, sport, dst, dport)
 
-    def response(self, msg, ts, src, sport, dst, dport):
+    def response(self, msg, ts, proto, src, sport, dst, dport):
         self.responses += 1
-        rec = self.pending.pop((bytes(dst), dport, bytes(src), sport, msg.id), None)
+        rec = self.pending.pop((proto, dst, dport, src, sport, msg.id), None)
         matched = rec is not None
         if matched:
             rec["rtt"] = round(ts - rec["ts"], 6)
         else:
             self.unmatched += 1
-            rec = self._record(msg, ts, dst, dport, src, sport)
+            rec = self._record(msg, ts, proto, dst, dport, src, sport)
         flags = msg.flags
         rec.update({"rcode": msg.rcode, "rcode_name": DNS_RCODE_NAMES.get(msg.rcode, f"rcode-{msg.rcode}"),
                     "AA": bool(flags & DNS_AA), "TC": bool(flags & DNS_TC), "RA": bool(flags & DNS_RA),

@@ -15,10 +15,11 @@ import pytest
 import lpd
 from conftest import CORPUS
 from harness import LPD, json_values, write_pcap
-from packets import ETH_IP, ETH_IP6, PROTO_UDP, ether, ipv4, ipv6, udp
+from packets import ETH_IP, ETH_IP6, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_PUSH, TCP_SYN, \
+    ether, ipv4, ipv6, tcp, udp
 
 DNS_PCAPS = ("dns_udp.pcap", "dns_udp_2.pcap", "dns_fwdptr.pcap", "dnssec.pcap", "edns-opts.pcap",
-             "dns-uri.pcap", "dns-badlabel.pcap", "dns-badvers.pcap")
+             "dns-uri.pcap", "dns-badlabel.pcap", "dns-badvers.pcap", "dns_tcp.pcap")
 # Their responses are ones tshark too reads in part only (a forward pointer, a bad label).
 UNREADABLE = ("dns_fwdptr.pcap", "dns-badlabel.pcap")
 T0 = 1_700_000_000
@@ -68,8 +69,9 @@ def run(tmp_path, records, *args):
 # --- against tshark ------------------------------------------------------------------------
 
 def tshark_messages(pcap):
-    """[(frame number, its DNS layer as (key, value) pairs)] of UDP DNS frames."""
-    out = subprocess.run(["tshark", "-r", pcap, "-n", "-Y", "dns && udp", "-T", "json",
+    """[(frame number, its DNS layer as (key, value) pairs)] of DNS frames on port 53."""
+    out = subprocess.run(["tshark", "-r", pcap, "-n", "-Y", "dns && (udp.port == 53 || tcp.port == 53)",
+                          "-T", "json",
                           "-J", "frame dns"], capture_output=True, text=True, timeout=60,
                          check=True).stdout
     rows = json.loads(out, object_pairs_hook=lambda pairs: pairs)
@@ -194,6 +196,50 @@ def test_dns_log_joins_conn_log_on_uid(tmp_path):
     for r in log:
         assert r["uid"] == by_flow[r["id.orig_h"], r["id.orig_p"], r["id.resp_h"], r["id.resp_p"]], r
     assert {c["uid"] for c in doc["connections"]["connections"]} <= set(by_flow.values())
+
+
+def tcp_frame(src, dst, sport, dport, flags, seq, payload=b""):
+    return ether(MAC_R, MAC_C, ETH_IP, ipv4(src, dst, PROTO_TCP, tcp(sport, dport, flags, seq,
+                                                                     payload=payload)))
+
+
+@pytest.mark.offline
+def test_dns_over_tcp_is_read_across_segments(tmp_path):
+    """Port 53 over TCP: a response split in three segments (one resent), two queries in
+    one segment, and a stream with a hole, whose messages after the hole are not read and
+    which is counted as a gap."""
+    q1 = message(21, QUERY, ("a.tcp.test", A_RR))
+    q2 = message(22, QUERY, ("b.tcp.test", A_RR))
+    r1 = message(21, RESPONSE, ("a.tcp.test", A_RR),
+                 [("a.tcp.test", A_RR, 30, bytes([192, 0, 2, 21]))])
+    r2 = message(22, RESPONSE, ("b.tcp.test", A_RR),
+                 [("b.tcp.test", A_RR, 30, bytes([192, 0, 2, 22]))])
+    framed = [struct.pack("!H", len(m)) + m for m in (q1, q2, r1, r2)]
+    c, cs, s, ss = CLIENT, 41000, RESOLVER, 53
+    cseq, sseq = 1000, 5000
+    resp = framed[2] + framed[3]
+    cuts = (5, 40)
+    recs = [(T0, 0, tcp_frame(c, s, cs, ss, TCP_SYN, cseq - 1)),
+            (T0, 100, tcp_frame(s, c, ss, cs, TCP_SYN | TCP_ACK, sseq - 1)),
+            (T0, 200, tcp_frame(c, s, cs, ss, TCP_PUSH | TCP_ACK, cseq, framed[0] + framed[1])),
+            (T0, 300, tcp_frame(s, c, ss, cs, TCP_ACK, sseq, resp[:cuts[0]])),
+            (T0, 400, tcp_frame(s, c, ss, cs, TCP_ACK, sseq, resp[:cuts[0]])),      # resent
+            (T0, 500, tcp_frame(s, c, ss, cs, TCP_ACK, sseq + cuts[0], resp[cuts[0]:cuts[1]])),
+            (T0, 600, tcp_frame(s, c, ss, cs, TCP_PUSH | TCP_FIN | TCP_ACK, sseq + cuts[1], resp[cuts[1]:])),
+            # another stream: its response's first bytes never seen
+            (T0, 700, tcp_frame(c, s, cs + 1, ss, TCP_SYN, cseq - 1)),
+            (T0, 800, tcp_frame(c, s, cs + 1, ss, TCP_PUSH | TCP_ACK, cseq, framed[0])),
+            (T0, 900, tcp_frame(s, c, ss, cs + 1, TCP_SYN | TCP_ACK, sseq - 1)),
+            (T0, 950, tcp_frame(s, c, ss, cs + 1, TCP_ACK, sseq + 3, framed[2][3:]))]
+    doc, log = run(tmp_path, recs)
+    done = {(r["id.orig_p"], r["trans_id"]): r for r in log}
+    assert done[cs, 21]["answers"] == ["192.0.2.21"] and done[cs, 22]["answers"] == ["192.0.2.22"]
+    assert {r["proto"] for r in log} == {"tcp"}
+    # from the query's segment to the one that completes the answer (as Zeek: once reassembled)
+    assert done[cs, 21]["rtt"] == pytest.approx(400e-6, abs=1e-6)
+    assert "rcode" not in done[cs + 1, 21]                  # its answer was in the hole
+    assert doc["names"]["parse_errors"]["gap"] == 1
+    assert {r["address"] for r in doc["names"]["names"]} == {"192.0.2.21", "192.0.2.22"}
 
 
 @pytest.mark.offline

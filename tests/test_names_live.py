@@ -1,7 +1,7 @@
 """Names from passive DNS (--names) on a running lpd, with a real resolver: dnsmasq in
 ns_a serves a local zone (a host record with an IPv4 and an IPv6 address, a CNAME to it,
 NXDOMAIN for the rest of the zone); in ns_b, where lpd watches veth-b, glibc's
-getaddrinfo looks the names up (ns_b's resolv.conf names dnsmasq: `ip netns exec`
+getaddrinfo looks the names up (over UDP, and once over TCP) (ns_b's resolv.conf names dnsmasq: `ip netns exec`
 mounts /etc/netns/NS/resolv.conf), then the client sends to the answered addresses
 (ns_a holds them, ns_b routes them there). lpd shows the looked-up name for those
 remotes in /api/remotes, dns.log says what was asked and answered and joins conn.log on
@@ -31,15 +31,17 @@ INTERVAL = 0.3
 WAIT = 15.0
 
 
-def lookup(pair, name):
-    """getaddrinfo in ns_b: the addresses, or the error's name (EAI_NONAME for NXDOMAIN)."""
+def lookup(pair, name, tcp=False):
+    """getaddrinfo in ns_b: the addresses, or the error's name (EAI_NONAME for NXDOMAIN);
+    tcp: glibc asks over TCP (RES_OPTIONS=use-vc)."""
     code = ("import socket, sys\n"
             "try:\n"
             f"    print(sorted({{a[4][0] for a in socket.getaddrinfo({name + '.'!r}, {SINK}, "
             "type=socket.SOCK_DGRAM)}))\n"
             "except socket.gaierror as e:\n"
             "    print(repr(e.args[0]))\n")
-    return pair.run(pair.ns_b, [sys.executable, "-c", code]).stdout.strip()
+    env = ["env", "RES_OPTIONS=use-vc"] if tcp else []
+    return pair.run(pair.ns_b, [*env, sys.executable, "-c", code]).stdout.strip()
 
 
 def send_to(pair, addr, n=5):
@@ -85,6 +87,8 @@ def test_a_remote_is_named_by_what_the_host_looked_up(pair, resolver, engine, tm
               "--interval", str(INTERVAL))
     if engine == "auto":
         assert "(engine ebpf)" in lpd.stderr(), lpd.stderr()
+    # the last answer for an address names it: the CNAME's, over UDP, comes last
+    assert lookup(pair, HOST, tcp=True) == repr(sorted([SERVED4, SERVED6]))
     assert lookup(pair, ALIAS) == repr(sorted([SERVED4, SERVED6]))
     assert lookup(pair, MISSING) == repr(socket.EAI_NONAME)
     send_to(pair, SERVED4)
@@ -106,6 +110,8 @@ def test_a_remote_is_named_by_what_the_host_looked_up(pair, resolver, engine, tm
     assert (a["answers"], aaaa["answers"]) == ([HOST, SERVED4], [HOST, SERVED6])
     assert a["id.orig_h"] == pair.ip4_b and a["id.resp_h"] == pair.ip4_a and a["id.resp_p"] == 53
     assert 0 <= a["rtt"] < WAIT and a["RD"] and a["RA"] and a["AA"] and a["rcode_name"] == "NOERROR"
+    assert {r["proto"] for r in records if r.get("query") == HOST} == {"tcp"}
+    assert answered[(HOST, "A")]["answers"] == [SERVED4] and answered[(HOST, "A")]["rtt"] >= 0
     nx = [r for (q, _), r in answered.items() if q == MISSING]
     assert nx and {r["rcode_name"] for r in nx} == {"NXDOMAIN"}
     # dns.log joins conn.log on uid, as Zeek's do
