@@ -10162,12 +10162,14 @@ def parse_dns(buf):
 #
 # The names table is bounded (--names-max) and segmented (SLRU): a new name enters the
 # probationary segment; it is promoted to the protected one (at most
-# NAMES_PROTECTED_FRACTION of the table) when a local host sends to its address or
-# looks it up again in a matched answer. A new name only ever evicts the probationary
-# segment's least recent one, and a protected name leaves only by expiry or when other
-# promotions push it back to probation: a flood of answers, unmatched or of addresses
-# no local host then talks to, churns the probationary segment and cannot touch the
-# names of the remotes in use. len(table) <= --names-max always.
+# NAMES_PROTECTED_FRACTION of the table) when a local host sends to its address (in the
+# interval before the answer, or while the name is still on probation) or looks it up
+# again in a matched answer. A new name only ever evicts the probationary segment's least
+# recent one, and a protected name leaves only by expiry or when other promotions push
+# it back to probation: a flood of answers, unmatched or of addresses no local host then
+# talks to, churns the probationary segment and cannot touch the names of the remotes in
+# use. len(table) <= --names-max always. What the flood can take: a name whose address
+# is first used only after more newer answers than probation holds.
 #
 # Both engines hand this stage its ports' frames whole (whole_ports: the classic
 # kernel program's judge, the eBPF CopyPlan's ports and udp_ports). Over TCP each
@@ -10193,10 +10195,16 @@ DNS_TCP_LENGTH = struct.Struct("!H")        # RFC 1035 4.2.2: each message over 
 # TCP streams read at once, each holding at most one message in part (64 KiB): 16 MiB
 DNS_TCP_STREAMS_MAX = 256
 # Zeek's names (base/protocols/dns/consts.zeek); others print as Zeek does: query-N, ...
-DNS_QTYPE_NAMES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 13: "HINFO", 15: "MX",
-                   16: "TXT", 28: "AAAA", 33: "SRV", 35: "NAPTR", 39: "DNAME", 41: "OPT",
-                   43: "DS", 46: "RRSIG", 47: "NSEC", 48: "DNSKEY", 50: "NSEC3", 64: "SVCB",
-                   65: "HTTPS", 99: "SPF", 251: "IXFR", 252: "AXFR", 255: "*", 257: "CAA"}
+DNS_QTYPE_NAMES = {1: "A", 2: "NS", 3: "MD", 4: "MF", 5: "CNAME", 6: "SOA", 7: "MB", 8: "MG",
+                   9: "MR", 10: "NULL", 11: "WKS", 12: "PTR", 13: "HINFO", 14: "MINFO", 15: "MX",
+                   16: "TXT", 17: "RP", 18: "AFSDB", 24: "SIG", 25: "KEY", 28: "AAAA", 29: "LOC",
+                   33: "SRV", 35: "NAPTR", 36: "KX", 37: "CERT", 38: "A6", 39: "DNAME", 41: "OPT",
+                   42: "APL", 43: "DS", 44: "SSHFP", 45: "IPSECKEY", 46: "RRSIG", 47: "NSEC",
+                   48: "DNSKEY", 49: "DHCID", 50: "NSEC3", 51: "NSEC3PARAM", 52: "TLSA",
+                   53: "SMIMEA", 55: "HIP", 59: "CDS", 60: "CDNSKEY", 61: "OPENPGPKEY",
+                   64: "SVCB", 65: "HTTPS", 99: "SPF", 249: "TKEY", 250: "TSIG", 251: "IXFR",
+                   252: "AXFR", 253: "MAILB", 254: "MAILA", 255: "*", 256: "URI", 257: "CAA",
+                   32768: "TA", 32769: "DLV"}
 DNS_QCLASS_NAMES = {1: "C_INTERNET", 3: "C_CHAOS", 4: "C_HESIOD", 254: "C_NONE", 255: "C_ANY"}
 DNS_RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",
                    5: "REFUSED", 6: "YXDOMAIN", 7: "YXRRSET", 8: "NXRRSET", 9: "NOTAUTH",
@@ -10205,6 +10213,8 @@ DNS_RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: 
 DNS_LOG_FIELDS = ("ts", "uid", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "proto",
                   "trans_id", "rtt", "query", "qclass", "qclass_name", "qtype", "qtype_name",
                   "rcode", "rcode_name", "AA", "TC", "RD", "RA", "Z", "answers", "TTLs", "rejected")
+
+
 def hot_key(raw):
     """4 or 16 raw address bytes -> the decoder's key (an int for IPv4, bytes for IPv6)."""
     return int.from_bytes(raw, "big") if len(raw) == 4 else bytes(raw)
@@ -10229,8 +10239,10 @@ class NameTable:
         e = self.protected.get(key)
         return self.probation.get(key) if e is None else e
 
-    def answer(self, key, query, target, expires, promote):
-        """An address record's name; promote: a matched answer (a local host asked)."""
+    def answer(self, key, query, target, expires, promote, used=False):
+        """An address record's name; promote: a matched answer (a local host asked),
+        which protects a name already there; used: a local host has just sent to the
+        address, which protects it at once."""
         self.changed = True
         e = self.protected.get(key)
         if e is not None:
@@ -10248,7 +10260,11 @@ class NameTable:
         if len(self) >= self.size:
             self.probation.popitem(last=False)       # never empty: protected_max < size
             self.evictions += 1
-        self.probation[key] = [query, target, expires]
+        e = [query, target, expires]
+        if used:
+            self._protect(key, e)
+        else:
+            self.probation[key] = e
 
     def used(self, key, until):
         """A local host sent to key: its name, if any, is protected and lasts until then."""
@@ -10324,6 +10340,10 @@ class Names(Consumer):
         self.pending = collections.OrderedDict()  # (proto, client, cport, server, sport, id) -> record
         self.errors = dict.fromkeys(DNS_PARSE_ERRORS, 0)
         self.pending_evictions = self.unmatched = self.queries = self.responses = 0
+        # Remotes local hosts sent to this interval and the last (each set at most the
+        # table's size): an answer for one is protected at once, whichever of the answer
+        # and the traffic the batch's lists hand over first.
+        self.sent, self.sent_before = set(), set()
         self.now = 0.0
         self.rows = ()
 
@@ -10331,15 +10351,18 @@ class Names(Consumer):
         return tuple(sorted(self.tcp_ports)), tuple(sorted(self.ports))
 
     def consume(self, batch):
+        if batch.remote_tx:
+            used, sent, until = self.table.used, self.sent, batch.time + DNS_NAME_GRACE
+            for key, _, _ in batch.remote_tx:
+                used(key, until)
+                if len(sent) >= self.table.size:
+                    self.sent_before, self.sent = sent, set()
+                    sent = self.sent
+                sent.add(key)
         ports, tcp = self.ports, self.tcp_ports
         for data, ts, _, frames, _ in frames_in_order(batch):
             if not (not_on_ports(data, IPPROTO_UDP, ports) and not_on_ports(data, IPPROTO_TCP, tcp)):
                 self.packet(data, ts, frames)
-        until = self.now + DNS_NAME_GRACE
-        if batch.remote_tx:
-            used = self.table.used
-            for key, _, _ in batch.remote_tx:
-                used(key, until)
 
     def packet(self, data, ts, frames=1):
         """frames: how many the wire carried (a super-frame's UDP is segments, not a message)."""
@@ -10463,9 +10486,10 @@ class Names(Consumer):
         query = msg.question[0] if msg.question else ""
         for r in answers:
             if r.type in DNS_ADDRESS_LEN:
-                self.table.answer(hot_key(r.value), query or r.name,
-                                  r.name if r.name != query else "", ts + r.ttl + DNS_NAME_GRACE,
-                                  matched)
+                key = hot_key(r.value)
+                self.table.answer(key, query or r.name, r.name if r.name != query else "",
+                                  ts + r.ttl + DNS_NAME_GRACE, matched,
+                                  key in self.sent or key in self.sent_before)
         self.finish_query(rec)
 
     def finish_query(self, rec):
@@ -10475,6 +10499,9 @@ class Names(Consumer):
     def tick(self, now):
         if now > self.now:
             self.now = now
+        if not self.behind:                        # an interval's end, not an extra pass
+            self.sent_before, self.sent = self.sent, set()
+        self.behind = False
         for _ in range(DNS_TICK_WORK):
             if not self.pending:
                 break
@@ -10482,6 +10509,8 @@ class Names(Consumer):
             if rec["ts"] > self.now - DNS_QUERY_TIMEOUT:
                 break
             self.finish_query(self.pending.popitem(last=False)[1])
+        else:
+            self.behind = bool(self.pending)
 
     def finish(self):
         while self.pending:

@@ -280,6 +280,55 @@ def test_a_flood_of_answers_cannot_push_out_busy_names():
     assert len(rows) == size and sum(r[1].startswith("busy") for r in rows) == 200
 
 
+FLOOD_NAMES_MAX = 1000
+FLOOD_ANSWERS = 50 * FLOOD_NAMES_MAX
+BUSY = 100
+AS_LIMIT = 1 << 30                  # RLIMIT_AS of the lpd under flood: a leak fails the run
+
+
+@pytest.mark.offline
+def test_a_replayed_flood_keeps_the_busy_names_in_bounded_memory(tmp_path):
+    """End to end under prlimit: a client looks up BUSY names and sends to each answer
+    (the decoder hands the stage those remotes: promoted), then 50 tables' worth of
+    answers for addresses nobody talks to arrive, half of them to queries the client
+    did send. The table ends at --names-max with every busy name in it, and the remotes
+    document names the busy remotes."""
+    recs, t = [], [T0, 0]
+
+    def at():
+        t[1] += 10
+        return t[0] + t[1] // 1_000_000, t[1] % 1_000_000
+    busy = [f"198.51.100.{i + 1}" for i in range(BUSY)]
+    for i, addr in enumerate(busy):
+        q = (f"busy{i}.test", A_RR)
+        recs.append((*at(), frame(CLIENT, RESOLVER, 20000 + i, 53, message(i, QUERY, q))))
+        recs.append((*at(), frame(RESOLVER, CLIENT, 53, 20000 + i, message(
+            i, RESPONSE, q, [(q[0], A_RR, 3600, ipaddress.ip_address(addr).packed)]))))
+        recs.append((*at(), frame(CLIENT, addr, 40000, 443, b"x" * 100)))
+    for n in range(FLOOD_ANSWERS):
+        q = (f"flood{n}.test", A_RR)
+        ident, port = n & 0xFFFF, 30000 + n % 20000
+        if n % 2:
+            recs.append((*at(), frame(CLIENT, RESOLVER, port, 53, message(ident, QUERY, q))))
+        addr = ipaddress.ip_address(ipaddress.ip_address("100.64.0.0") + n).packed
+        recs.append((*at(), frame(RESOLVER, CLIENT, 53, port, message(
+            ident, RESPONSE, q, [(q[0], A_RR, 3600, addr)]))))
+    pcap = tmp_path / "flood.pcap"
+    write_pcap(pcap, recs)
+    p = subprocess.run(["prlimit", f"--as={AS_LIMIT}", sys.executable, LPD, "-r", str(pcap),
+                        "--names", "--names-max", str(FLOOD_NAMES_MAX), "--remote",
+                        "--local-net", "10.1.0.0/24", "--output", "json"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    doc = json_values(p.stdout)[-1]
+    names = {r["address"]: r["name"] for r in doc["names"]["names"]}
+    assert len(names) == FLOOD_NAMES_MAX
+    assert doc["names"]["evictions"] == BUSY + FLOOD_ANSWERS - FLOOD_NAMES_MAX
+    assert all(names[a] == f"busy{i}.test" for i, a in enumerate(busy))
+    remotes = {r["address"]: r["name"] for r in doc["remotes"]["remotes"]}
+    assert all(remotes[a] == f"busy{i}.test" for i, a in enumerate(busy))
+
+
 @pytest.mark.unit
 def test_names_expire_after_their_ttl_and_the_grace():
     names = lpd.Names(size=10)
