@@ -10221,7 +10221,7 @@ def hot_key(raw):
 
 
 class NameTable:
-    """address key -> [query name, CNAME target or "", expiry]: the SLRU of the
+    """address key -> [query name, CNAME target or "", expiry, answer time]: the SLRU of the
     chapter's head, len() <= size."""
 
     def __init__(self, size):
@@ -10239,19 +10239,19 @@ class NameTable:
         e = self.protected.get(key)
         return self.probation.get(key) if e is None else e
 
-    def answer(self, key, query, target, expires, promote, used=False):
-        """An address record's name; promote: a matched answer (a local host asked),
-        which protects a name already there; used: a local host has just sent to the
-        address, which protects it at once."""
+    def answer(self, key, query, target, expires, promote, used=False, seen=0.0):
+        """An address record's name, answered at `seen`; promote: a matched answer (a
+        local host asked), which protects a name already there; used: a local host has
+        just sent to the address, which protects it at once."""
         self.changed = True
         e = self.protected.get(key)
         if e is not None:
-            e[:] = query, target, max(e[2], expires)
+            e[:] = query, target, max(e[2], expires), seen
             self.protected.move_to_end(key)
             return
         e = self.probation.pop(key, None)
         if e is not None:
-            e[:] = query, target, max(e[2], expires)
+            e[:] = query, target, max(e[2], expires), seen
             if promote:
                 self._protect(key, e)
             else:
@@ -10260,7 +10260,7 @@ class NameTable:
         if len(self) >= self.size:
             self.probation.popitem(last=False)       # never empty: protected_max < size
             self.evictions += 1
-        e = [query, target, expires]
+        e = [query, target, expires, seen]
         if used:
             self._protect(key, e)
         else:
@@ -10297,7 +10297,7 @@ class NameTable:
 
 
 class NamesSnapshot(NamedTuple):
-    names: tuple = ()              # ((version, key), query, target, expiry), protected first
+    names: tuple = ()              # ((version, key), query, target, expiry, answered), protected first
     parse_errors: tuple = ()       # (reason, count)
     evictions: int = 0
     pending_evictions: int = 0     # queries dropped unanswered to keep DNS_PENDING_MAX
@@ -10317,8 +10317,13 @@ class NamesSnapshot(NamedTuple):
                              self.responses + other.responses)
 
     def by_key(self):
-        """(version, key) -> the name the remote was looked up by."""
-        return {k: q for k, q, _, _ in self.names}
+        """(version, key) -> the name the remote was last looked up by (workers' tables
+        may both hold one: the later answer's)."""
+        latest = {}
+        for k, q, _, _, seen in self.names:
+            if k not in latest or seen >= latest[k][1]:
+                latest[k] = q, seen
+        return {k: q for k, (q, _) in latest.items()}
 
 
 class Names(Consumer):
@@ -10489,7 +10494,7 @@ class Names(Consumer):
                 key = hot_key(r.value)
                 self.table.answer(key, query or r.name, r.name if r.name != query else "",
                                   ts + r.ttl + DNS_NAME_GRACE, matched,
-                                  key in self.sent or key in self.sent_before)
+                                  key in self.sent or key in self.sent_before, ts)
         self.finish_query(rec)
 
     def finish_query(self, rec):
@@ -10533,7 +10538,7 @@ def names_document(snap, how, top=None):
     if names is None:
         return None
     rows = [{"address": str(address(k)), "name": q, "cname": t, "expires": round(x, 3)}
-            for k, q, t, x in _first(names.names, top, lambda r: (r[1], r[0][0], r[0][1]))]
+            for k, q, t, x, _ in _first(names.names, top, lambda r: (r[1], r[0][0], r[0][1]))]
     return {**_envelope(snap, how), "names": rows, "evictions": names.evictions,
             "queries": names.queries, "responses": names.responses, "unmatched": names.unmatched,
             "pending_evictions": names.pending_evictions, "parse_errors": dict(names.parse_errors),

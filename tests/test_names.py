@@ -351,3 +351,13 @@ def test_pending_queries_are_bounded():
     assert len(logged) == 10 and all("rtt" not in r for r in logged)
     names.finish()
     assert len(logged) == lpd.DNS_PENDING_MAX + 10 and not names.pending
+
+
+@pytest.mark.unit
+def test_workers_tables_merge_to_the_later_answer():
+    """Two workers may each name an address (their flows' answers): the union names it
+    by the later answer, whichever worker's snapshot comes first."""
+    key = (4, lpd.hot_key(bytes([192, 0, 2, 7])))
+    early = lpd.NamesSnapshot(names=((key, "old.test", "", T0 + 900, T0),))
+    late = lpd.NamesSnapshot(names=((key, "new.test", "", T0 + 900, T0 + 5),))
+    assert early.merge(late).by_key() == late.merge(early).by_key() == {key: "new.test"}

@@ -24,8 +24,8 @@ pytestmark = [pytest.mark.live, pytest.mark.usefixtures("engine")]
 
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 ZONE = "zone.test"
-HOST, ALIAS, MISSING = f"app.{ZONE}", f"www.{ZONE}", f"nx.{ZONE}"
-SERVED4, SERVED6 = "198.51.100.80", "2001:db8:80::80"
+HOST, ALIAS, MISSING, BY_TCP = f"app.{ZONE}", f"www.{ZONE}", f"nx.{ZONE}", f"tcp.{ZONE}"
+SERVED4, SERVED6, SERVED_TCP = "198.51.100.80", "2001:db8:80::80", "198.51.100.53"
 SINK = 9                              # discard: what the client sends needs no listener
 INTERVAL = 0.3
 WAIT = 15.0
@@ -59,9 +59,11 @@ def resolver(pair):
     """dnsmasq on ns_a's addresses; ns_b resolves through it and routes the zone's
     addresses to ns_a, which holds them."""
     for cmd in (["ip", "addr", "add", f"{SERVED4}/32", "dev", "lo"],
+                ["ip", "addr", "add", f"{SERVED_TCP}/32", "dev", "lo"],
                 ["ip", "-6", "addr", "add", f"{SERVED6}/128", "dev", "lo"]):
         pair.run(pair.ns_a, cmd)
     for cmd in (["ip", "route", "add", f"{SERVED4}/32", "via", pair.ip4_a],
+                ["ip", "route", "add", f"{SERVED_TCP}/32", "via", pair.ip4_a],
                 ["ip", "-6", "route", "add", f"{SERVED6}/128", "via", pair.ip6_a]):
         pair.run(pair.ns_b, cmd)
     etc = f"/etc/netns/{pair.ns_b}"
@@ -73,7 +75,8 @@ def resolver(pair):
             DNSMASQ, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll",
             "--bind-interfaces", f"--listen-address={pair.ip4_a}", "--except-interface=lo",
             "--pid-file=", "--user=root", f"--local=/{ZONE}/",
-            f"--host-record={HOST},{SERVED4},{SERVED6},600", f"--cname={ALIAS},{HOST},600"],
+            f"--host-record={HOST},{SERVED4},{SERVED6},600", f"--cname={ALIAS},{HOST},600",
+            f"--host-record={BY_TCP},{SERVED_TCP},600"],
             stderr=tempfile.TemporaryFile())
         assert wait_for(lambda: lookup(pair, HOST) != "-3", 10), "dnsmasq did not answer"
         yield proc
@@ -81,25 +84,28 @@ def resolver(pair):
         shutil.rmtree(etc, ignore_errors=True)
 
 
-def test_a_remote_is_named_by_what_the_host_looked_up(pair, resolver, engine, tmp_path):
+@pytest.mark.parametrize("workers", (1, 2))
+def test_a_remote_is_named_by_what_the_host_looked_up(pair, resolver, engine, workers, tmp_path):
+    """workers 2: each worker names what its flows answered, the parent shows the union
+    (and each worker's dns.log records carry its own conn.log uids)."""
     log, conn_log = tmp_path / "dns.log", tmp_path / "conn.log"
     lpd = Lpd(pair, "--names", "--remote", "--dns-log", str(log), "--conn-log", str(conn_log),
-              "--interval", str(INTERVAL))
+              "--interval", str(INTERVAL), "--workers", str(workers))
     if engine == "auto":
         assert "(engine ebpf)" in lpd.stderr(), lpd.stderr()
-    # the last answer for an address names it: the CNAME's, over UDP, comes last
-    assert lookup(pair, HOST, tcp=True) == repr(sorted([SERVED4, SERVED6]))
     assert lookup(pair, ALIAS) == repr(sorted([SERVED4, SERVED6]))
+    assert lookup(pair, BY_TCP, tcp=True) == repr([SERVED_TCP])
     assert lookup(pair, MISSING) == repr(socket.EAI_NONAME)
     send_to(pair, SERVED4)
     send_to(pair, SERVED6)
+    send_to(pair, SERVED_TCP)
 
     def named():
         _, doc = api(pair, "/api/remotes")
         rows = {r["address"]: r.get("name") for r in doc["remotes"]}
-        return rows if rows.get(SERVED4) and rows.get(SERVED6) else None
+        return rows if all(rows.get(a) for a in (SERVED4, SERVED6, SERVED_TCP)) else None
     assert wait_for(named, WAIT), api(pair, "/api/remotes")
-    assert named()[SERVED4] == named()[SERVED6] == ALIAS
+    assert named()[SERVED4] == named()[SERVED6] == ALIAS and named()[SERVED_TCP] == BY_TCP
     _, names = api(pair, "/api/names")
     table = {r["address"]: (r["name"], r["cname"]) for r in names["names"]}
     assert table[SERVED4] == table[SERVED6] == (ALIAS, HOST)
@@ -110,8 +116,8 @@ def test_a_remote_is_named_by_what_the_host_looked_up(pair, resolver, engine, tm
     assert (a["answers"], aaaa["answers"]) == ([HOST, SERVED4], [HOST, SERVED6])
     assert a["id.orig_h"] == pair.ip4_b and a["id.resp_h"] == pair.ip4_a and a["id.resp_p"] == 53
     assert 0 <= a["rtt"] < WAIT and a["RD"] and a["RA"] and a["AA"] and a["rcode_name"] == "NOERROR"
-    assert {r["proto"] for r in records if r.get("query") == HOST} == {"tcp"}
-    assert answered[(HOST, "A")]["answers"] == [SERVED4] and answered[(HOST, "A")]["rtt"] >= 0
+    assert {r["proto"] for r in records if r.get("query") == BY_TCP} == {"tcp"}
+    assert answered[(BY_TCP, "A")]["answers"] == [SERVED_TCP] and answered[(BY_TCP, "A")]["rtt"] >= 0
     nx = [r for (q, _), r in answered.items() if q == MISSING]
     assert nx and {r["rcode_name"] for r in nx} == {"NXDOMAIN"}
     # dns.log joins conn.log on uid, as Zeek's do
