@@ -361,3 +361,24 @@ def test_workers_tables_merge_to_the_later_answer():
     early = lpd.NamesSnapshot(names=((key, "old.test", "", T0 + 900, T0),))
     late = lpd.NamesSnapshot(names=((key, "new.test", "", T0 + 900, T0 + 5),))
     assert early.merge(late).by_key() == late.merge(early).by_key() == {key: "new.test"}
+
+
+@pytest.mark.offline
+def test_mdns_answers_name_their_owners_with_names_mdns(tmp_path):
+    """An mDNS announcement (no question, the answer's owner is the name) names its
+    address with --names-mdns only; the metrics say how many names there are."""
+    announce = struct.pack("!HHHHHH", 0, 0x8400, 0, 1, 0, 0) + qname("printer.local") + \
+        struct.pack("!HHIH", A_RR, 0x8001, 120, 4) + bytes([10, 1, 0, 5])
+    recs = [(T0, 0, frame("10.1.0.5", "224.0.0.251", lpd.MDNS_PORT, lpd.MDNS_PORT, announce))]
+    doc, _ = run(tmp_path, recs, "--names-mdns")
+    assert [(r["address"], r["name"]) for r in doc["names"]["names"]] == [("10.1.0.5", "printer.local")]
+    doc, _ = run(tmp_path, recs)
+    assert doc["names"]["names"] == []
+    pcap = tmp_path / "t.pcap"
+    p = subprocess.run([sys.executable, LPD, "-r", str(pcap), "--names-mdns", "--output", "metrics"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in p.stdout.splitlines()
+               if line.startswith(("lpd_names ", "lpd_name_evictions_total", "lpd_dns_parse_errors_total"))}
+    assert samples["lpd_names"] == 1 and samples["lpd_name_evictions_total"] == 0
+    assert samples['lpd_dns_parse_errors_total{reason="truncated"}'] == 0
