@@ -62,7 +62,8 @@ each banner's "provides:" line says what later chapters take from it
 Where a new stage goes: one sub-chapter of 14 "Stages" — its Consumer, documents, metric
 families, table lines, how the options (2) build it, and last its row,
 STAGES.append(Stage(...)); the daemon, the workers, -r, /api, --output and /metrics take
-it from there (17.1). 14.6, flow export, was added so.
+it from there (17.1). 14.6, flow export, was added so; 15.2, the names, too, in a
+chapter of its own once 14 had reached its size budget.
 """
 import argparse
 import bisect
