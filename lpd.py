@@ -7793,8 +7793,9 @@ def not_on_ports(data, proto, ports):
 
 UID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 UID_BITS = 96                       # Zeek's uid: "C" and 96 random bits in base 62
-# Per process (a worker's flows are its own): a uid says nothing of the addresses.
-UID_SALT = os.urandom(UID_BITS // 8)
+# Fixed, so that a capture replayed gives the same uids on every run (-r's output is
+# reproducible, as its counts are); a uid shows nothing its log line does not.
+UID_SALT = b"lpd connection uid"
 
 
 def connection_uid(key, first):

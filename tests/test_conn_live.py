@@ -865,8 +865,9 @@ TIMES = ("ts", "duration")
 
 
 def strip(rec):
-    """A line without what a replay cannot know (pid, comm) and without its times."""
-    return {k: v for k, v in rec.items() if k not in ("pid", "comm") + TIMES}
+    """A line without what a replay cannot know (pid, comm) and without its times (nor
+    the uid, which its start time is part of)."""
+    return {k: v for k, v in rec.items() if k not in ("pid", "comm", "uid") + TIMES}
 
 
 def test_replay_of_the_capture_gives_the_same_log(live, tmp_path):

@@ -70,7 +70,8 @@ class FakePoller:
 def daemon(rule_counter, awaiting=False, kernel=None, compile_step=None):
     opts = lpd.parse_args(["--mapping-url", "none"])
     dec = lpd.Decoder(lpd.LocalAddresses([NET]), [rule_counter] if rule_counter else [])
-    stages = {"addresses": dec.local, "rules": rule_counter}
+    # as choose_stages() builds them: a stage the options leave off is not there
+    stages = {"addresses": dec.local, **({"rules": rule_counter} if rule_counter else {})}
     d = lpd.Daemon(opts, "lo", lpd.CaptureParts(dec, stages, kernel=kernel), lpd.Published(),
                    awaiting=awaiting)
     if compile_step is not None:
