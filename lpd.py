@@ -9708,26 +9708,25 @@ def flow_records(c, reason, biflow, ifindex):
     family = 4 if len(c.orig_h) == 4 else 6
     icmp = c.transport == IPPROTO_ICMP
     ported = c.transport in (IPPROTO_TCP, IPPROTO_UDP)
-    out = []
-    ends = ((c.o, c.orig_h, c.resp_h, c.orig_p, c.resp_p), (c.r, c.resp_h, c.orig_h, c.resp_p, c.orig_p))
+
+    def fields(e, src, dst, sport, dport, counts, vlan):
+        """One direction's fields, in the templates' order (their reverse part aside)."""
+        return (*counts[:4], src, dst, sport if ported else 0, dport if ported else 0, c.proto,
+                *counts[4:], e.icmp if icmp else 0, reason, ifindex, vlan)
     if biflow:
         forward, reverse = _direction(c.o), _direction(c.r)
         if forward is None and reverse is None:
-            return out
-        t = TEMPLATES[family, True]
-        fwd = forward or (0,) * len(IPFIX_COUNTS)
-        out.append((t, t.record.pack(
-            *fwd[:4], c.orig_h, c.resp_h, c.orig_p if ported else 0, c.resp_p if ported else 0,
-            c.proto, *fwd[4:], c.o.icmp if icmp else 0, reason, ifindex, c.o.vlan or c.r.vlan,
-            *(reverse or (0,) * len(IPFIX_COUNTS)))))
-        return out
-    t = TEMPLATES[family, False]
-    for e, src, dst, sport, dport in ends:
+            return []
+        t, nothing = TEMPLATES[family, True], (0,) * len(IPFIX_COUNTS)
+        return [(t, t.record.pack(*fields(c.o, c.orig_h, c.resp_h, c.orig_p, c.resp_p,
+                                          forward or nothing, c.o.vlan or c.r.vlan),
+                                  *(reverse or nothing)))]
+    t, out = TEMPLATES[family, False], []
+    for e, src, dst, sport, dport in ((c.o, c.orig_h, c.resp_h, c.orig_p, c.resp_p),
+                                      (c.r, c.resp_h, c.orig_h, c.resp_p, c.orig_p)):
         counts = _direction(e)
         if counts is not None:
-            out.append((t, t.record.pack(*counts[:4], src, dst, sport if ported else 0,
-                                         dport if ported else 0, c.proto, *counts[4:],
-                                         e.icmp if icmp else 0, reason, ifindex, e.vlan)))
+            out.append((t, t.record.pack(*fields(e, src, dst, sport, dport, counts, e.vlan))))
     return out
 
 
@@ -9874,10 +9873,9 @@ class FlowExport(Consumer):
         self.pending = collections.defaultdict(list)  # template -> packed records
         self.waiting = 0
         self.now = 0.0
-        self.templates = b"".join(
-            IPFIX_SET.pack(IPFIX_TEMPLATE_SET_ID, IPFIX_SET.size + sum(len(t.spec()) for t in ts))
-            + b"".join(t.spec() for t in ts)
-            for ts in [[t for (_, bi), t in TEMPLATES.items() if bi == biflow]])
+        # one template set: both families' layouts of the record kind sent
+        specs = b"".join(t.spec() for (_, bi), t in TEMPLATES.items() if bi == biflow)
+        self.templates = IPFIX_SET.pack(IPFIX_TEMPLATE_SET_ID, IPFIX_SET.size + len(specs)) + specs
 
     def report(self, c, reason):
         """Connections.report: c's records since its last report wait for the next send."""
