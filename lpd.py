@@ -457,6 +457,9 @@ def build_parser():
     p.add_argument("--dns-log", metavar="PATH",
                    help="one JSON line per DNS query, Zeek's dns.log fields ('-': stdout; "
                         "reopened on SIGHUP; implies --names)")
+    p.add_argument("--ssl-log", metavar="PATH",
+                   help="one JSON line per TLS ClientHello, Zeek's ssl.log fields and its JA4 "
+                        "('-': stdout; reopened on SIGHUP; implies --names)")
     p.add_argument("--docker-socket", metavar="PATH",
                    help="Docker (or podman) Engine API socket: container names of HTTP servers "
                         "and lpd_container_info (default /var/run/docker.sock while capturing "
@@ -531,7 +534,7 @@ def parse_args(argv):
         opts.connections = True
     if opts.http_log:
         opts.http = True
-    if opts.dns_log or opts.names_mdns:
+    if opts.dns_log or opts.ssl_log or opts.names_mdns:
         opts.names = True
     return opts
 
@@ -657,7 +660,7 @@ HELPERS = {
     181: "loop",
 }
 HELPER = {name: n for n, name in HELPERS.items()}
-BPF_NOEXIST = 1                                       # map_update_elem flags
+BPF_ANY, BPF_NOEXIST = 0, 1                           # map_update_elem flags
 EEXIST_NEG = -errno.EEXIST
 
 NR_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "i686": 357, "riscv64": 280}.get(
@@ -666,6 +669,7 @@ BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 
 BPF_MAP_GET_NEXT_KEY, BPF_PROG_LOAD, BPF_PROG_TEST_RUN, BPF_OBJ_GET_INFO_BY_FD = 4, 5, 10, 15
 BPF_MAP_LOOKUP_AND_DELETE_ELEM, BPF_MAP_LOOKUP_BATCH = 21, 24
 BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY = 1, 2, 5, 6
+BPF_MAP_TYPE_LRU_HASH = 9
 BPF_PROG_TYPE_SOCKET_FILTER = 1
 BPF_OBJ_NAME_LEN = 16
 BPF_MAP_UPDATE_BATCH, BPF_MAP_DELETE_BATCH = 26, 27
@@ -794,7 +798,7 @@ SNAPLEN_FULL = 262144                      # libpcap's maximum
 ###############################################################################
 # provides: address, ETH_IPV4_HDR, ETHERTYPE_IPV4, ETHERTYPE_IPV6, FAMILIES, family_of_key,
 #   IP_TOS_MASK, IPPROTO_*, IPV4_*, IPV6_*, MALFORMED_REASONS, raw_address, TCP_DOFF_OFF,
-#   TCP_MIN_HDR_LEN, U16BE, UDP_HDR_LEN, VLAN_*
+#   TCP_MIN_HDR_LEN, TCP_SEQ_OFF, U16BE, UDP_HDR_LEN, VLAN_*
 
 VLAN_TPIDS = frozenset((0x8100, 0x88A8, 0x9100))    # 802.1Q, 802.1ad, old QinQ
 VLAN_TAG = struct.Struct("!HH")
@@ -810,6 +814,7 @@ IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6 = 1, 6, 17, 58
 IPV4_PROTO_OFF, IPV4_SRC_OFF, IPV6_NEXT_OFF, IPV6_SRC_OFF = 9, 12, 6, 8
 IPV4_TOS_OFF, IPV6_TCLASS_SHIFT, IP_TOS_MASK = 1, 4, 0xFF   # IPv6's class: bits 4-11 of its first 16
 IPV6_HDR_LEN, UDP_HDR_LEN, TCP_DOFF_OFF, TCP_MIN_HDR_LEN = 40, 8, 12, 20
+TCP_SEQ_OFF = 4
 
 
 class Family(NamedTuple):
@@ -5787,6 +5792,10 @@ class Consumer:
         """Leading bytes of each frame this stage reads; the kernel copies the maximum."""
         return 0
 
+    # Whether it reads whole, whatever snaplen(), every TCP segment (any port) whose
+    # payload begins a TLS handshake record (whole_frames_program, CopyPlan)
+    whole_handshakes = False
+
     def whole_ports(self):
         """(TCP ports, UDP ports) whose frames this stage reads whole, whatever snaplen()."""
         return (), ()
@@ -10593,6 +10602,259 @@ STAGES.append(Stage(Names, _names, (("names", names_document),), names_metrics, 
                     log="--dns-log"))
 
 
+# 15.4 TLS hellos (--names, --ssl-log) #######################################
+# provides: TLS_HANDSHAKE_START, TlsSessions
+#
+# Most traffic is encrypted, but a TLS ClientHello names its server in clear text (SNI),
+# and says what the client offers (versions, ciphers, ALPN: its JA4); the ServerHello
+# says what was chosen. lpd reads them on every TCP port, recognised by the record
+# header (TLS_HANDSHAKE_START), not the port: both engines copy whole every segment
+# whose payload begins one (HANDSHAKE_EXPRESSION, CopyPlan.handshakes), so the stage
+# sees the hellos and none of the bulk. A hello longer than its first segment (today's
+# browsers' ~1.8 KB with a post-quantum key share) is read from the segments that
+# follow: under ebpf the program keeps the direction in its hellos map (LRU,
+# TLS_HELLOS_MAX) until the record's end and copies those whole too (one map lookup
+# per TCP data segment: measured +28 ns in the kernel program, 78 -> 106 ns); the
+# classic program has no state, so there a later segment is cut and ends the hello,
+# counted as "cut", unless the receiving NIC or GRO merged the segments into one
+# super-frame (the usual case on a router, and on a host's own outgoing hellos).
+#
+# Each hello's bytes are kept per direction until read_tls_hello (15.2) has the whole
+# handshake message: TLS_HELLOS_MAX directions at once, each at most TLS_HELLO_MAX
+# bytes (a direction that would hold more, or is pushed out for room, is counted and
+# dropped): 4096 * 16 KiB, 64 MiB at worst, a few KiB in practice. A ClientHello waits
+# for its ServerHello in a session (TLS_SESSIONS_MAX, TLS_SESSION_TIMEOUT) and is then
+# one ssl.log record (--ssl-log), Zeek's fields; the server name names the server's
+# address in the names table (15.3) as a DNS answer would, used at once (a local host
+# is talking to it) and lasting TLS_NAME_LIFETIME past the hello.
+
+TLS_HANDSHAKE_START = b"\x16\x03"       # content type 22 (handshake), major version 3
+TLS_RECORD_HDR_LEN, TLS_RECORD_LEN_OFF = 5, 3   # type, version, length (RFC 8446 5.1)
+TLS_HELLOS_MAX = 4096                    # directions with a hello in part, read at once
+TLS_SESSIONS_MAX = 16384                 # ClientHellos waiting for their ServerHello
+TLS_SESSION_TIMEOUT = 30.0               # ... this long at most: then logged without it
+TLS_READ_MAX = 2 * TLS_SESSIONS_MAX     # directions remembered as read (both of a session)
+TLS_TICK_WORK = 4096                     # sessions logged per tick
+TLS_NAME_LIFETIME = 3600.0               # a server name's life past its hello (no TTL says)
+# read_tls_hello's reasons, then the stream's: bytes missing (an early segment), a
+# segment the kernel copied in part, pushed out for room
+TLS_STREAM_ERRORS = ("gap", "cut", "evicted")
+# ssl.log's fields in Zeek's order (ja4: FoxIO's Zeek package's field)
+SSL_LOG_FIELDS = ("ts", "uid", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "version",
+                  "cipher", "server_name", "next_protocol", "established", "ja4")
+PLAIN_IPV4_TCP_HLEN = PLAIN_IPV4_PORTS + TCP_DOFF_OFF  # untagged IPv4 without options: its TCP's
+
+
+def not_handshake(data):
+    """True when a frame is judged at fixed offsets (plain IPv4) not to be a TCP
+    segment beginning TLS_HANDSHAKE_START: most frames; False: it may be, parse_l4 says."""
+    if len(data) <= PLAIN_IPV4_TCP_HLEN or data[ETH_TYPE_OFF:ETH_HLEN] != ETHERTYPE_IPV4_BYTES \
+            or data[ETH_HLEN] != IPV4_VIHL_PLAIN:
+        return False
+    if data[ETH_HLEN + IPV4_PROTO_OFF] != IPPROTO_TCP:
+        return True
+    at = PLAIN_IPV4_PORTS + (data[PLAIN_IPV4_TCP_HLEN] >> 4) * 4
+    return data[at:at + len(TLS_HANDSHAKE_START)] != TLS_HANDSHAKE_START
+
+
+class TlsSnapshot(NamedTuple):
+    client_hellos: int = 0
+    server_hellos: int = 0
+    parse_errors: tuple = ()       # (reason, count)
+    session_evictions: int = 0     # ClientHellos logged early to keep TLS_SESSIONS_MAX
+
+    def merge(self, other):
+        errors = dict(self.parse_errors)
+        for r, n in other.parse_errors:
+            errors[r] = errors.get(r, 0) + n
+        return TlsSnapshot(self.client_hellos + other.client_hellos,
+                           self.server_hellos + other.server_hellos, tuple(errors.items()),
+                           self.session_evictions + other.session_evictions)
+
+
+class TlsSessions(Consumer):
+    """The hellos of every TCP port, reassembled per direction (bounded); a ClientHello
+    names its server in `names` (the Names stage's table) and waits for the
+    ServerHello to be one ssl.log record, `logged(record)`."""
+    name = "tls"
+    snapshot_type = TlsSnapshot
+    wants = frozenset((WANT_RAW, WANT_TS))
+    whole_handshakes = True
+
+    def __init__(self, names, logged=None, conns=None):
+        """names: the Names stage; conns: the Connections stage (--connections), whose
+        uids the records take."""
+        self.names = names
+        self.logged = logged
+        self.conns = conns
+        self.streams = collections.OrderedDict()   # (src, sport, dst, dport) -> [next seq, bytes, ts]
+        self.sessions = collections.OrderedDict()  # (client, cport, server, sport) -> record
+        # Directions whose first handshake message was read: their later handshake records
+        # (a certificate, TLS 1.2's key exchange and encrypted Finished) are not hellos
+        self.read = collections.OrderedDict()
+        self.errors = dict.fromkeys(TLS_PARSE_ERRORS + TLS_STREAM_ERRORS, 0)
+        self.client_hellos = self.server_hellos = self.session_evictions = 0
+        self.now = 0.0
+
+    def consume(self, batch):
+        for data, ts, _, _, _ in frames_in_order(batch):
+            if self.streams or not not_handshake(data):
+                self.packet(data, ts)
+
+    def packet(self, data, ts):
+        f = parse_l4(data)
+        if f is None or f[0] != IPPROTO_TCP:
+            return
+        _, src, dst, sport, dport, _, plen, flags, seq, *_, at = f
+        if ts > self.now:
+            self.now = ts
+        key = (src, sport, dst, dport)
+        if flags & TH_SYN:
+            self.read.pop(key, None)                 # the 4-tuple's new connection
+        elif key in self.read:
+            return
+        payload = memoryview(data)[at:at + plen]
+        s = self.streams.get(key)
+        if s is None:
+            if len(payload) < len(TLS_HANDSHAKE_START) or payload[:len(TLS_HANDSHAKE_START)] != TLS_HANDSHAKE_START:
+                return
+            if len(self.streams) >= TLS_HELLOS_MAX:
+                self.streams.popitem(last=False)
+                self.errors["evicted"] += 1
+            s = self.streams[key] = [seq, bytearray(), ts]
+        if flags & TH_RST or not plen:
+            if flags & (TH_RST | TH_FIN):
+                del self.streams[key]
+            return
+        off = (seq - s[0]) % SEQ_MOD
+        if off >= SEQ_HALF:                        # starts before what was read: its rest only
+            payload = payload[SEQ_MOD - off:]
+            plen -= SEQ_MOD - off
+            off = 0
+        reason = "gap" if off else "cut" if len(payload) < plen else None
+        if reason is None and len(s[1]) + len(payload) > TLS_HELLO_MAX:
+            reason = "too_long"
+        if reason is not None:
+            self.errors[reason] += 1
+            del self.streams[key]
+            return
+        s[1] += payload
+        s[0] = (s[0] + len(payload)) % SEQ_MOD
+        hello, more = read_tls_hello(s[1])
+        if hello is not None or not isinstance(more, int):
+            del self.streams[key]
+            self.read[key] = None
+            if len(self.read) > TLS_READ_MAX:
+                self.read.popitem(last=False)
+            if hello is None:
+                if more != TLS_NOT_HELLO:            # another handshake message: not ours
+                    self.errors[more] += 1
+            elif hello.kind == TLS_CLIENT_HELLO:
+                self.client_hello(hello, s[2], src, sport, dst, dport)
+            else:
+                self.server_hello(hello, dst, dport, src, sport)
+
+    def client_hello(self, hello, ts, src, sport, dst, dport):
+        self.client_hellos += 1
+        if hello.server_name:
+            k = hot_key(dst)
+            until = ts + TLS_NAME_LIFETIME
+            self.names.table.answer(k, hello.server_name, "", until, True, True, ts)
+        key = (src, sport, dst, dport)
+        old = self.sessions.pop(key, None)
+        if old is not None:
+            self.finish_session(old)                 # a second ClientHello (HelloRetryRequest)
+        elif len(self.sessions) >= TLS_SESSIONS_MAX:
+            self.session_evictions += 1
+            self.finish_session(self.sessions.popitem(last=False)[1])
+        c = self.conns.table.get(conn_key(IPPROTO_TCP, src, sport, dst, dport)) \
+            if self.conns is not None else None
+        uid = connection_uid(conn_key(IPPROTO_TCP, src, sport, dst, dport),
+                             c.first if c is not None else None)
+        self.sessions[key] = {
+            "ts": round(ts, 6), "uid": uid, "id.orig_h": raw_address(src), "id.orig_p": sport,
+            "id.resp_h": raw_address(dst), "id.resp_p": dport, "version": None, "cipher": None,
+            "server_name": hello.server_name or None, "next_protocol": None,
+            "established": False, "ja4": ja4(hello)}
+
+    def server_hello(self, hello, client, cport, server, sport):
+        self.server_hellos += 1
+        rec = self.sessions.pop((client, cport, server, sport), None)
+        if rec is None:
+            return                                   # its ClientHello was not seen: no record
+        rec["version"] = tls_version_name(tls_version(hello))
+        rec["cipher"] = tls_cipher_name(hello.ciphers[0]) if hello.ciphers else None
+        rec["next_protocol"] = hello.alpn[0] if hello.alpn else None
+        rec["established"] = True
+        self.finish_session(rec)
+
+    def finish_session(self, rec):
+        if self.logged is not None:
+            self.logged({k: rec[k] for k in SSL_LOG_FIELDS if rec.get(k) is not None})
+
+    def tick(self, now):
+        if now > self.now:
+            self.now = now
+        self.behind = False
+        for _ in range(TLS_TICK_WORK):
+            if not self.sessions:
+                return
+            rec = next(iter(self.sessions.values()))
+            if rec["ts"] > self.now - TLS_SESSION_TIMEOUT:
+                return
+            self.finish_session(self.sessions.popitem(last=False)[1])
+        self.behind = bool(self.sessions)
+
+    def finish(self):
+        while self.sessions:
+            self.finish_session(self.sessions.popitem(last=False)[1])
+        return False
+
+    def snapshot(self):
+        return TlsSnapshot(self.client_hellos, self.server_hellos, tuple(self.errors.items()),
+                           self.session_evictions)
+
+
+def tls_document(snap, how, top=None):
+    tls = snap.get("tls")
+    if tls is None:
+        return None
+    return {**_envelope(snap, how), "client_hellos": tls.client_hellos,
+            "server_hellos": tls.server_hellos, "session_evictions": tls.session_evictions,
+            "parse_errors": dict(tls.parse_errors)}
+
+
+def tls_metrics(c, snap):
+    """The TLS hellos' families (a row of STAGES); none without --names."""
+    from prometheus_client.core import CounterMetricFamily as counter
+    tls = snap.get("tls")
+    if tls is None:
+        return
+    yield metric_family(counter, "lpd_tls_hellos", "TLS hellos read whole, by kind.", ["kind"],
+                        [(("client",), tls.client_hellos), (("server",), tls.server_hellos)])
+    yield metric_family(counter, "lpd_tls_parse_errors",
+                        "TLS hellos read in part or not at all, by reason.", ["reason"],
+                        [((r,), n) for r, n in tls.parse_errors])
+
+
+def tls_table(doc):
+    bad = ", ".join(f"{r} {n}" for r, n in doc["parse_errors"].items() if n)
+    return [f"\nTLS: {doc['client_hellos']} ClientHellos, {doc['server_hellos']} ServerHellos"
+            f"{'; parse errors: ' + bad if bad else ''}\n"]
+
+
+def _tls(opts, w, built):
+    names = built.get(Names.name)
+    if names is None:
+        return None
+    log_ = w.logs.get(TlsSessions.name)
+    return TlsSessions(names, log_.write if log_ is not None else None, built.get(Connections.name))
+
+
+STAGES.append(Stage(TlsSessions, _tls, (("tls", tls_document),), tls_metrics, tls_table,
+                    log="--ssl-log"))
+
+
 ###############################################################################
 # 16 eBPF engine: accounting and rules as one kernel program (--engine ebpf) ####
 ###############################################################################
@@ -11281,6 +11543,7 @@ MALFORMED_OFF = {r: IFACE["malformed_" + r] for r in MALFORMED_REASONS}
 RULE_VALUE = struct.Struct("=2Q")
 FLOW_KEY = struct.Struct("=BB2x16s16s2s2s")
 FLOW_VALUE = struct.Struct("=5Q")
+HELLO_VALUE = struct.Struct("=Q")              # the hellos map's: where a hello's record ends (seq)
 FLOW_SUMS = 4                                  # the value's fields that add up (the last one is a time)
 NS_PER_S = 1_000_000_000                       # the kernel's clocks count ns
 FLOW_PKTS, FLOW_IP_BYTES, FLOW_WIRE_BYTES, FLOW_PAYLOAD, FLOW_LAST = range(0, FLOW_VALUE.size, 8)
@@ -11345,6 +11608,7 @@ VIEW_BYTES = VIEW_DATA + VLAN_TAG_LEN      # ... plus a stripped tag put back in
 VIEW = -(224 + _round8(VIEW_BYTES))            # view[i] at VIEW + i
 FLOW_AT = VIEW - FLOW_KEY.size                 # FLOW_KEY of the frame (UDP, with --connections)
 FLOW_IP_LEN, FLOW_PAYLOAD_LEN = FLOW_AT - 8, FLOW_AT - 16   # what it counts for there
+HELLO_SEQ = FLOW_IP_LEN                        # a TCP frame's sequence number (hellos map)
 STACK_DEPTH = -FLOW_PAYLOAD_LEN
 assert STACK_DEPTH <= EBPF_STACK_MAX
 
@@ -12087,10 +12351,11 @@ def emit_rule(g, prog, index, rules_fd, mark=False, gate=None):
     g.at(end)
 
 
-def make_maps(nrules, local_max=DEFAULT_LOCAL_MAX, remote_max=0, flow_max=0):
+def make_maps(nrules, local_max=DEFAULT_LOCAL_MAX, remote_max=0, flow_max=0, hellos=False):
     """The program's maps (see above). known holds what LocalAddresses holds, at most
     local_max; newcomers takes as many, the most a tick can admit to the table.
-    flow_max: room in flows (0: no flows map, no connection tracking)."""
+    flow_max: room in flows (0: no flows map, no connection tracking).
+    hellos: the TLS hellos whose later segments are copied whole (CopyPlan.handshakes)."""
     maps = {"generation": Map(BPF_MAP_TYPE_ARRAY, 4, 4, 1, "lpd_generation"),
             "iface": Map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8 * len(IFACE_FIELDS), 1, "lpd_iface"),
             "rules": Map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, RULE_VALUE.size, max(1, nrules), "lpd_rules")}
@@ -12108,6 +12373,10 @@ def make_maps(nrules, local_max=DEFAULT_LOCAL_MAX, remote_max=0, flow_max=0):
     if flow_max:
         maps["flows"] = Map(BPF_MAP_TYPE_PERCPU_HASH, FLOW_KEY.size, FLOW_VALUE.size, flow_max,
                             "lpd_flows")
+    if hellos:
+        # LRU: a hello whose segments never all come leaves when newer ones need room
+        maps["hellos"] = Map(BPF_MAP_TYPE_LRU_HASH, FLOW_KEY.size, HELLO_VALUE.size,
+                             TLS_HELLOS_MAX, "lpd_hellos")
     return maps
 
 
@@ -12120,7 +12389,9 @@ class CopyPlan(NamedTuple):
     kernel_program does the same per branch): `every` bytes of every frame (--remote,
     until remote addresses are counted in the kernel), `l4` bytes of every IPv4 and
     IPv6 frame (connection tracking parses them all: its flows are every IP packet's),
-    TCP to or from `ports` whole (--http), UDP to or from `udp_ports` whole (--names).
+    TCP to or from `ports` whole (--http), UDP to or from `udp_ports` whole (--names),
+    with `handshakes` any TCP segment whose payload begins a TLS handshake record
+    (TLS_HANDSHAKE_START: --names reads ClientHellos on every port) whole.
     A frame the view is too short to judge (stacked tags, a header cut short) gets the
     most any stage reads, as judge_guard gives it on the classic path: no stage misses
     a frame it would have read."""
@@ -12128,26 +12399,33 @@ class CopyPlan(NamedTuple):
     l4: int = 0
     ports: tuple = ()
     udp_ports: tuple = ()
+    handshakes: bool = False
 
     def constant(self):
         """The copy length if every frame gets the same, else None."""
-        return None if self.l4 or self.ports or self.udp_ports else self.every
+        return None if self.l4 or self.wholes() else self.every
+
+    def wholes(self):
+        """Whether some frames come whole."""
+        return bool(self.ports or self.udp_ports or self.handshakes)
 
     def l4_len(self):
         return max(self.every, self.l4)
 
     def most(self):
-        return SNAPLEN_FULL if self.ports or self.udp_ports else self.l4_len()
+        return SNAPLEN_FULL if self.wholes() else self.l4_len()
 
     def ports_of(self, proto):
         """The ports whose frames of this transport protocol come whole."""
         return self.ports if proto == IPPROTO_TCP else self.udp_ports if proto == IPPROTO_UDP else ()
 
 
-def copy_length(plan, view):
+def copy_length(plan, view, hellos=None):
     """What the program's copy decision (emit_copy_length) returns for a frame whose
     view (its first VIEW_DATA bytes as userspace sees them, a stripped tag put back) is
-    `view`: its reference, for tests."""
+    `view`: its reference, for tests. hellos: a dict standing for the hellos map (the
+    frames of one run in order: a hello's record running past its segment makes its
+    direction's segments up to the record's end come whole)."""
     n, u16 = len(view), U16BE.unpack_from
     if n < ETH_HLEN:
         return plan.most()
@@ -12160,33 +12438,65 @@ def copy_length(plan, view):
     if et == ETHERTYPE_IPV4:
         if q + 20 > n:
             return plan.most()
-        ports = plan.ports_of(view[q + IPV4_PROTO_OFF])
-        if not ports or u16(view, q + 6)[0] & IPV4_FRAG_MASK:
+        proto = view[q + IPV4_PROTO_OFF]
+        ports, hs = plan.ports_of(proto), plan.handshakes and proto == IPPROTO_TCP
+        if not (ports or hs) or u16(view, q + 6)[0] & IPV4_FRAG_MASK:
             return plan.l4_len()
         at = q + (view[q] & 0x0F) * 4
+        l4_len = u16(view, q + 2)[0] - (at - q)
     elif et == ETHERTYPE_IPV6:
         if q + IPV6_HDR_LEN > n:
             return plan.most()
         nh = view[q + IPV6_NEXT_OFF]
-        if (plan.ports or plan.udp_ports) and nh in IPV6_EXT_LEN:
+        if plan.wholes() and nh in IPV6_EXT_LEN:
             return SNAPLEN_FULL
-        ports = plan.ports_of(nh)
-        if not ports:
+        ports, hs = plan.ports_of(nh), plan.handshakes and nh == IPPROTO_TCP
+        if not (ports or hs):
             return plan.l4_len()
-        at = q + IPV6_HDR_LEN
+        at, l4_len = q + IPV6_HDR_LEN, u16(view, q + 4)[0]
     else:
         return plan.every
     if at + 4 > n:
         return plan.most()
     sport, dport = L4_PORTS.unpack_from(view, at)
-    return SNAPLEN_FULL if sport in ports or dport in ports else plan.l4_len()
+    if sport in ports or dport in ports:
+        return SNAPLEN_FULL
+    if not hs:
+        return plan.l4_len()
+    # a TLS handshake record's first bytes (the IP length says whether the payload has them)
+    if at + TCP_DOFF_OFF + 1 > n:
+        return plan.most()
+    hlen = (view[at + TCP_DOFF_OFF] >> 4) * 4
+    if l4_len - hlen < len(TLS_HANDSHAKE_START):
+        return plan.l4_len()
+    p = at + hlen
+    if p + len(TLS_HANDSHAKE_START) > n:
+        return plan.most()
+    if hellos is None:
+        return SNAPLEN_FULL if view[p:p + len(TLS_HANDSHAKE_START)] == TLS_HANDSHAKE_START \
+            else plan.l4_len()
+    # the key as emit_hello_key builds it: by the IP header's version field
+    version = view[q] >> 4
+    src, size = (IPV4_SRC_OFF, 4) if version == 4 else (IPV6_SRC_OFF, 16)
+    key = None if q + (20 if version == 4 else IPV6_HDR_LEN) > n else \
+        (version == 4, bytes(view[q + src:q + src + 2 * size]), sport, dport)
+    seq = int.from_bytes(view[at + TCP_SEQ_OFF:at + TCP_SEQ_OFF + 4], "big")
+    if view[p:p + len(TLS_HANDSHAKE_START)] == TLS_HANDSHAKE_START:
+        if p + TLS_RECORD_HDR_LEN <= n and key is not None:
+            end = u16(view, p + TLS_RECORD_LEN_OFF)[0] + TLS_RECORD_HDR_LEN
+            if end > l4_len - hlen:
+                hellos[key] = (seq + end) % SEQ_MOD
+        return SNAPLEN_FULL
+    return SNAPLEN_FULL if key in hellos and (seq - hellos[key]) % SEQ_MOD >= SEQ_HALF \
+        else plan.l4_len()
 
 
-def emit_copy_length(g, plan, flows_fd=None):
+def emit_copy_length(g, plan, flows_fd=None, hellos_fd=None):
     """COPY := copy_length(plan, the view), test for test the same walk (tags, the IP
     header's protocol, a TCP header's ports) on the view; uses r0-r5 and r7.
     flows_fd: the flows map; a UDP frame whose direction it holds is counted there and
-    copied as far as `every` (emit_flow)."""
+    copied as far as `every` (emit_flow). hellos_fd: the hellos map (plan.handshakes):
+    copy_length's `hellos`."""
     undecided, every, l4, whole, decided = (g.label(n) for n in
                                             ("c_most", "c_every", "c_l4", "c_whole", "c_done"))
     udp4 = udp6 = l4
@@ -12203,31 +12513,38 @@ def emit_copy_length(g, plan, flows_fd=None):
     g.at(ip4)
     emit_view_header(g, 20, undecided)
     g(ldx(EBPF_B, R1, R4, IPV4_PROTO_OFF))
-    if plan.ports:
+    tcp_whole = plan.ports or plan.handshakes
+    if tcp_whole:
+        # r0 := the IP payload's length (the TCP segment's), for the handshake test
         tcp4 = g.label("c_tcp4")
         g(jmp_imm(EBPF_JEQ, R1, IPPROTO_TCP, tcp4), jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp4_in), ja(l4))
         g.at(tcp4)
         emit_view_load_be(g, R3, R4, 6, 2, R5)
-        g(alu64_imm(EBPF_AND, R3, IPV4_FRAG_MASK), jmp_imm(EBPF_JNE, R3, 0, l4),
-          ldx(EBPF_B, R3, R4, 0), alu64_imm(EBPF_AND, R3, 0x0F), alu64_imm(EBPF_LSH, R3, 2),
-          alu64_reg(EBPF_ADD, R2, R3), ja(ports))
+        g(alu64_imm(EBPF_AND, R3, IPV4_FRAG_MASK), jmp_imm(EBPF_JNE, R3, 0, l4))
+        emit_view_load_be(g, R0, R4, 2, 2, R5)
+        g(ldx(EBPF_B, R3, R4, 0), alu64_imm(EBPF_AND, R3, 0x0F), alu64_imm(EBPF_LSH, R3, 2),
+          mov64_reg(R7, R2), alu64_reg(EBPF_SUB, R0, R3), alu64_reg(EBPF_ADD, R2, R3), ja(ports))
     else:
         g(jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp4_in), ja(l4))
     g.at(ip6)
     emit_view_header(g, IPV6_HDR_LEN, undecided)
     g(ldx(EBPF_B, R1, R4, IPV6_NEXT_OFF))
     for nh in sorted(IPV6_EXT_LEN):
-        g(jmp_imm(EBPF_JEQ, R1, nh, whole if plan.ports or plan.udp_ports else l4))
-    if plan.ports:
-        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp6_in), jmp_imm(EBPF_JNE, R1, IPPROTO_TCP, l4),
-          alu64_imm(EBPF_ADD, R2, IPV6_HDR_LEN))
+        g(jmp_imm(EBPF_JEQ, R1, nh, whole if plan.wholes() else l4))
+    if tcp_whole:
+        g(jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp6_in), jmp_imm(EBPF_JNE, R1, IPPROTO_TCP, l4))
+        emit_view_load_be(g, R0, R4, 4, 2, R5)
+        g(mov64_reg(R7, R2), alu64_imm(EBPF_ADD, R2, IPV6_HDR_LEN))
         g.at(ports)
         emit_view_header(g, 4, undecided)      # the TCP ports
         emit_view_load_be(g, R1, R4, 0, 2, R5)
         emit_view_load_be(g, R3, R4, 2, 2, R5)
         for port in plan.ports:
             g(jmp_imm(EBPF_JEQ, R1, port, whole), jmp_imm(EBPF_JEQ, R3, port, whole))
-        g(ja(l4))
+        if plan.handshakes:
+            emit_handshake_test(g, undecided, l4, whole, hellos_fd)
+        else:
+            g(ja(l4))
     else:
         g(jmp_imm(EBPF_JEQ, R1, IPPROTO_UDP, udp6_in), ja(l4))
     if plan.udp_ports:
@@ -12246,6 +12563,73 @@ def emit_copy_length(g, plan, flows_fd=None):
         g.at(label)
         g(st_imm(EBPF_W, FP, COPY, value), ja(decided))
     g.at(decided)
+
+
+def emit_handshake_test(g, short, other, whole, hellos_fd=None):
+    """r7 = the IP header's offset in the view, r2 = the TCP header's, r0 = the
+    segment's length (IP's say): to `whole` if its payload begins TLS_HANDSHAKE_START,
+    or (hellos_fd) continues a hello the hellos map holds; to `other` if neither or if
+    it has fewer bytes than that; to `short` if the view ends before them (copy_length's
+    test). The length is signed: an IP length shorter than the headers is no payload."""
+    emit_view_header(g, TCP_DOFF_OFF + 1, short)
+    if hellos_fd is not None:
+        # the direction's key (addresses later: emit_hello_key) and its sequence number
+        for off in range(0, FLOW_KEY.size, 8):
+            g(st_imm(EBPF_DW, FP, FLOW_AT + off, 0))
+        g(st_imm(EBPF_B, FP, FLOW_AT + 1, IPPROTO_TCP))
+        emit_flow_key_bytes(g, R4, 0, FLOW_AT + FLOW_PORTS_OFF, 4)
+        emit_view_load_be(g, R1, R4, TCP_SEQ_OFF, 4, R5)
+        g(stx(EBPF_DW, FP, R1, HELLO_SEQ))
+    g(ldx(EBPF_B, R3, R4, TCP_DOFF_OFF), alu64_imm(EBPF_RSH, R3, 4), alu64_imm(EBPF_LSH, R3, 2),
+      alu64_reg(EBPF_SUB, R0, R3), jmp_imm(EBPF_JSLT, R0, len(TLS_HANDSHAKE_START), other),
+      alu64_reg(EBPF_ADD, R2, R3))
+    emit_view_header(g, len(TLS_HANDSHAKE_START), short)
+    later = g.label("h_later") if hellos_fd is not None else other
+    for i, byte in enumerate(TLS_HANDSHAKE_START):
+        g(ldx(EBPF_B, R1, R4, i), jmp_imm(EBPF_JNE, R1, byte, later))
+    if hellos_fd is None:
+        g(ja(whole))
+        return
+    # A record running past this segment: its direction's later segments, up to the
+    # record's end, come whole too (the map's value: that end's sequence number)
+    emit_view_header(g, TLS_RECORD_HDR_LEN, whole)
+    emit_view_load_be(g, R1, R4, TLS_RECORD_LEN_OFF, 2, R5)
+    g(alu64_imm(EBPF_ADD, R1, TLS_RECORD_HDR_LEN), jmp_reg(EBPF_JLE, R1, R0, whole),
+      ldx(EBPF_DW, R3, FP, HELLO_SEQ), alu64_reg(EBPF_ADD, R3, R1), mov32_reg(R3, R3),
+      stx(EBPF_DW, FP, R3, HELLO_SEQ))
+    emit_hello_key(g, whole)
+    g(ld_map_fd(R1, hellos_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, FLOW_AT),
+      mov64_reg(R3, FP), alu64_imm(EBPF_ADD, R3, HELLO_SEQ), mov64_imm(R4, BPF_ANY),
+      call("map_update_elem"), ja(whole))
+    # Any other segment with a payload: whole while it begins before the end of a hello
+    # its direction started (sequence space: signed 32-bit difference)
+    g.at(later)
+    emit_hello_key(g, other)
+    g(ld_map_fd(R1, hellos_fd), mov64_reg(R2, FP), alu64_imm(EBPF_ADD, R2, FLOW_AT),
+      call("map_lookup_elem"), jmp_imm(EBPF_JEQ, R0, 0, other),
+      ldx(EBPF_W, R1, R0, 0), ldx(EBPF_DW, R3, FP, HELLO_SEQ), alu64_reg(EBPF_SUB, R3, R1),
+      alu64_imm(EBPF_LSH, R3, 32), alu64_imm(EBPF_ARSH, R3, 32),
+      jmp_imm(EBPF_JSLT, R3, 0, whole), ja(other))
+
+
+def emit_hello_key(g, short):
+    """The addresses of the FLOW_KEY at FLOW_AT (its ports and protocol are there),
+    from the IP header at r7 in the view; to `short` if the view does not hold it."""
+    v6 = g.label("hk_v6")
+    done = g.label("hk_done")
+    g(mov64_reg(R2, R7))
+    emit_view_header(g, 20, short)
+    g(ldx(EBPF_B, R1, R4, 0), alu64_imm(EBPF_RSH, R1, 4), jmp_imm(EBPF_JNE, R1, 4, v6),
+      st_imm(EBPF_B, FP, FLOW_AT, 4))
+    emit_flow_key_bytes(g, R4, IPV4_SRC_OFF, FLOW_AT + FLOW_SRC_OFF, 4)
+    emit_flow_key_bytes(g, R4, IPV4_SRC_OFF + 4, FLOW_AT + FLOW_DST_OFF, 4)
+    g(ja(done))
+    g.at(v6)
+    emit_view_header(g, IPV6_HDR_LEN, short)
+    g(st_imm(EBPF_B, FP, FLOW_AT, 6))
+    emit_flow_key_bytes(g, R4, IPV6_SRC_OFF, FLOW_AT + FLOW_SRC_OFF, 16)
+    emit_flow_key_bytes(g, R4, IPV6_SRC_OFF + 16, FLOW_AT + FLOW_DST_OFF, 16)
+    g.at(done)
 
 
 def emit_udp_ports(g, ports, hlen, ip_len, other, short, whole):
@@ -12369,7 +12753,8 @@ def build_program(maps, nets=(), rules=(), decoder=True, verdict=0, gso_above=No
         emit_rule(g, prog, i, maps["rules"].fd, mark)
     emit_normalise(g)                  # after the GSO block's or the last rule's narrowing
     if plan is not None:
-        emit_copy_length(g, plan, maps["flows"].fd if "flows" in maps else None)
+        emit_copy_length(g, plan, maps["flows"].fd if "flows" in maps else None,
+                         maps["hellos"].fd if "hellos" in maps else None)
         emit_normalise(g)
     if decoder:
         emit_decoder(g, maps, list(nets), sample_hash, done)
@@ -12620,7 +13005,8 @@ class KernelAccounting:
         self.remotes = remotes         # --remote: RemoteAddresses, fed from the remotes maps
         self.maps = make_maps(len(rules) if rules else 0, local.local_max,
                               max(remotes.remote_max, REMOTE_MAP_MIN) if remotes else 0,
-                              FLOW_MAP_MAX if isinstance(verdict, CopyPlan) and verdict.l4 else 0)
+                              FLOW_MAP_MAX if isinstance(verdict, CopyPlan) and verdict.l4 else 0,
+                              isinstance(verdict, CopyPlan) and verdict.handshakes)
         self.flows = None              # --connections: FlowOffload, once track() is called
         self.base = [(0, 0)] * (len(rules) if rules else 0)   # carried from older programs
         self.carried = []              # (old rules map, [(new i, old j, old base)], retire at)
@@ -13762,21 +14148,34 @@ def rule_rows(published):
     return published.fresh(SOCKET_FRESH_TIMEOUT).get("rules", RuleSnapshot()).rows
 
 
-def whole_frames_program(ports, udp_ports=()):
-    """A kernel program accepting TCP to or from any of `ports` and UDP to or from any of
-    `udp_ports`: the frames --http and --names read whole."""
+# A TCP segment whose payload begins TLS_HANDSHAKE_START, in tcpdump's syntax: libpcap
+# indexes tcp[] in IPv4 only, so IPv6's (no extension header, as the eBPF CopyPlan's
+# test) is written with ip6[] from the fixed header's end.
+HANDSHAKE_EXPRESSION = (
+    "(tcp[((tcp[12:1] & 0xf0) >> 2):2] = {start}) or "
+    "(ip6[6] = 6 and ip6[(40 + ((ip6[52:1] & 0xf0) >> 2)):2] = {start})").format(
+        start=f"0x{TLS_HANDSHAKE_START.hex()}")
+
+
+def whole_frames_program(ports, udp_ports=(), handshakes=False):
+    """A kernel program accepting TCP to or from any of `ports`, UDP to or from any of
+    `udp_ports` and, with `handshakes`, a TCP segment beginning a TLS handshake record
+    on any port: the frames --http and --names read whole."""
     return compile_filter(" or ".join([f"tcp port {p}" for p in ports] +
-                                      [f"udp port {p}" for p in udp_ports]), kernel=True)
+                                      [f"udp port {p}" for p in udp_ports] +
+                                      [HANDSHAKE_EXPRESSION] * handshakes), kernel=True)
 
 
-def whole_ports(stages):
-    """(TCP ports, UDP ports) whose frames some stage reads whole (Consumer.whole_ports)."""
+def whole_frames(stages):
+    """(TCP ports, UDP ports, handshakes) whose frames some stage reads whole
+    (Consumer.whole_ports, Consumer.whole_handshakes): whole_frames_program's and
+    CopyPlan's arguments."""
     tcp, udp = set(), set()
     for stage in stages:
         t, u = stage.whole_ports()
         tcp.update(t)
         udp.update(u)
-    return tuple(sorted(tcp)), tuple(sorted(udp))
+    return tuple(sorted(tcp)), tuple(sorted(udp)), any(s.whole_handshakes for s in stages)
 
 
 def judge_guard(whole):
@@ -14288,8 +14687,8 @@ class Daemon(Lifecycle):
         exp = self.exp
         self.mapping, self.geo, self.docker = exp.mapping, exp.geo, exp.docker
         self.rule_server, self.collector, self.metrics = exp.rule_server, exp.collector, exp.metrics
-        tcp, udp = whole_ports(self.stages.values())
-        self.whole = whole_frames_program(tcp, udp) if tcp or udp else None
+        tcp, udp, handshakes = whole_frames(self.stages.values())
+        self.whole = whole_frames_program(tcp, udp, handshakes) if tcp or udp or handshakes else None
         self.logs = list((logs or {}).values())
         self.clock = 0.0                 # the packet clock (see now())
         self.covered = None              # when the ring last handed over blocks, since the tick
@@ -14536,7 +14935,7 @@ def build_capture(opts, ifname, awaiting, names, logs):
 def copy_plan(conns, stages):
     """What --engine ebpf copies of each frame for these stages (see CopyPlan); the
     remote addresses are counted in the kernel (emit_remote): nothing copied for them."""
-    return CopyPlan(0, max(SNAPLEN_ACCOUNTING, conns.snaplen()) if conns else 0, *whole_ports(stages))
+    return CopyPlan(0, max(SNAPLEN_ACCOUNTING, conns.snaplen()) if conns else 0, *whole_frames(stages))
 
 
 def ebpf_unsuitable(prefilter):
@@ -15127,8 +15526,10 @@ def dump_filter(opts, out=sys.stdout):
         # returned whole
         prefilter = compile_filter(expr, kernel=True) if expr else None
         prog = kernel_program(prefilter, SNAPLEN_ACCOUNTING,
-                              whole_frames_program(opts.http_ports if opts.http else (),
-                                                   names_ports(opts) if opts.names else ()))
+                              whole_frames_program(
+                                  tuple(opts.http_ports if opts.http else ()) +
+                                  ((DNS_PORT,) if opts.names else ()),
+                                  names_ports(opts) if opts.names else (), opts.names))
     else:
         prog = compile_filter(expr, kernel=opts.kernel)
     out.write(format_program(prog, min(opts.dump, 3)))

@@ -637,6 +637,82 @@ def test_ebpf_copies_each_frame_as_far_as_a_stage_reads_it():
                                                    lpd.CopyPlan(0, conn_len, ports, dns))), whole_udp
 
 
+def hello_frames(rng):
+    """TCP conversations whose ClientHello record runs over several segments (IPv4, IPv6,
+    a VLAN tag, one resent, one after the sequence number wraps), beside bulk data of
+    other connections and random bytes after a record header: frames in order."""
+    from packets import ETH_IP, ETH_IP6, PROTO_TCP, TCP_ACK, TCP_PUSH, ether, ipv4, ipv6, tcp, \
+        vlan_tag
+    out = []
+    for i, (src, dst, seq, tags) in enumerate((
+            ("10.1.0.2", "203.0.113.7", 1000, ()), ("fd00::2", "2001:db8::7", 5000, ()),
+            ("10.1.0.3", "203.0.113.8", 2 ** 32 - 700, ()),
+            ("10.1.0.4", "203.0.113.9", 77, (vlan_tag(7),)))):
+        record = b"\x16\x03\x01" + (1700).to_bytes(2, "big") + rng.randbytes(1700)
+        chunks = [record[j:j + 600] for j in range(0, len(record), 600)]
+        if i == 1:
+            chunks.insert(2, chunks[1])                         # resent
+        off = 0
+        for j, c in enumerate(chunks):
+            at = record.index(c) if j != 2 or i != 1 else 600
+            seg = tcp(40000 + i, 443 + i, TCP_ACK | TCP_PUSH, seq=(seq + at) % 2 ** 32, payload=c)
+            l3 = ipv6(src, dst, PROTO_TCP, seg) if ":" in src else ipv4(src, dst, PROTO_TCP, seg)
+            out.append(ether("02:00:00:00:00:01", "02:00:00:00:00:02",
+                             ETH_IP6 if ":" in src else ETH_IP, l3, tags=tags))
+            # the server's answer and another connection's data between the segments
+            out.append(ether("02:00:00:00:00:02", "02:00:00:00:00:01", ETH_IP,
+                             ipv4("203.0.113.50", "10.1.0.9", PROTO_TCP,
+                                  tcp(9000, 50000, TCP_ACK, seq=j * 1000, payload=rng.randbytes(900)))))
+            off += len(c)
+        # past the record's end: the direction's next data is not copied whole
+        seg = tcp(40000 + i, 443 + i, TCP_ACK | TCP_PUSH, seq=(seq + len(record)) % 2 ** 32,
+                  payload=b"\x17\x03\x03" + rng.randbytes(300))
+        l3 = ipv6(src, dst, PROTO_TCP, seg) if ":" in src else ipv4(src, dst, PROTO_TCP, seg)
+        out.append(ether("02:00:00:00:00:01", "02:00:00:00:00:02",
+                         ETH_IP6 if ":" in src else ETH_IP, l3, tags=tags))
+    for _ in range(200):
+        junk = b"\x16\x03" + rng.randbytes(rng.randrange(0, 40))
+        out.append(ether("02:00:00:00:00:01", "02:00:00:00:00:02", ETH_IP,
+                         ipv4("10.1.0.5", "203.0.113.10", PROTO_TCP,
+                              tcp(rng.randrange(1, 65536), 443, TCP_ACK, seq=rng.getrandbits(32),
+                                  payload=junk))))
+    return out
+
+
+def test_ebpf_copies_hellos_whole_and_the_segments_that_finish_them():
+    """CopyPlan.handshakes (--names): a TCP segment beginning a TLS handshake record comes
+    whole on any port, and when its record runs past it, the direction's later
+    segments up to the record's end (the hellos map) — copy_length(plan, view, hellos)
+    frame for frame over the corpus, the edge frames and hand-built hellos; bulk data
+    is not copied."""
+    rng = random.Random(27)
+    tls = hello_frames(rng)
+    frames = corpus_frames() + edge_frames(rng) + tls
+    for plan in (lpd.CopyPlan(0, 0, (), (lpd.DNS_PORT,), True),
+                 lpd.CopyPlan(0, lpd.Connections().snaplen(), (80,), (lpd.DNS_PORT,), True)):
+        maps = lpd.make_maps(0, hellos=True)
+        try:
+            image, labels = lpd.build_program(maps, DIFF_NETS, [], verdict=plan)
+            prog = lpd.Program(image, labels, name="lpd_hellos")
+            hellos, whole = {}, 0
+            for data in frames:
+                got, _ = lpd.test_run(prog.fd, data)
+                assert got == lpd.copy_length(plan, data[:lpd.VIEW_DATA], hellos), (plan, data.hex())
+                whole += got == lpd.SNAPLEN_FULL
+            got = [lpd.test_run(prog.fd, d)[0] for d in tls]
+            prog.close()
+        finally:
+            for m in maps.values():
+                m.close()
+        assert {k[2] for k in hellos} >= set(range(40000, 40004)), hellos
+        # each hello's segments whole (the resent one too), the answers' bulk and the
+        # data past the record's end not
+        hello_segments = [g for g, d in zip(got, tls) if b"\x02\x00\x00\x00\x00\x01" == d[:6]]
+        assert hello_segments[:4] == [lpd.SNAPLEN_FULL] * 3 + [plan.l4_len()], got[:8]
+        assert all(g != lpd.SNAPLEN_FULL for g, d in zip(got, tls) if d[:6] == b"\x02\0\0\0\0\x02")
+        assert whole > 200, whole
+
+
 def flow_key(f):
     """The flows map's key for parse_l4's tuple f: the frame's own direction."""
     _, src, dst, sport, dport = f[:5]
