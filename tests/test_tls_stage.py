@@ -214,3 +214,45 @@ def test_a_flood_of_hellos_is_bounded_and_busy_names_stay(certificate, tmp_path)
                for x in log.read_text().splitlines())
     names = {n["address"]: n["name"] for n in doc["names"]["names"]}
     assert names.get(SERVER) == "app.tls.test" and len(names) <= 256
+
+
+def test_the_classic_program_copies_whole_the_segments_beginning_a_handshake():
+    """The classic kernel program with --names' judge (HANDSHAKE_EXPRESSION, which the
+    libpcap differential tests compile: it is in filter_expressions.txt) copies whole
+    the frames the eBPF program's stateless test does (copy_length without hellos), on
+    every corpus frame and hand-built hellos, but for IPv6 frames with an extension
+    header, which the eBPF program copies whole unjudged (as for --http's ports: lpd's
+    userspace walks extension headers, libpcap's `tcp[]`/`ip6[6]` do not); a frame
+    shorter than the judge's loads is copied whole unjudged (judge_guard), so those
+    are left out."""
+    from conftest import CORPUS
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "filter_expressions.txt")) as f:
+        assert lpd.HANDSHAKE_EXPRESSION in f.read().splitlines()
+    whole = lpd.whole_frames_program((), (), True)
+    prog = lpd.kernel_program(None, lpd.SNAPLEN_ACCOUNTING, whole)
+    guard = lpd.program_snaplen(whole)
+    plan = lpd.CopyPlan(0, 0, (), (), True)
+    frames = []
+    for name in sorted(os.listdir(CORPUS)):
+        if name.endswith(".pcap"):
+            try:
+                frames += [bytes(d) for _, _, d in lpd.read_pcap(os.path.join(CORPUS, name))]
+            except lpd.LpdError:
+                continue
+    tls = [frame(CLIENT, SERVER, 40000, PORT, b"\x16\x03\x01\x02\x00" + bytes(600), 1),
+           frame(CLIENT6, SERVER6, 40000, PORT, b"\x16\x03\x03\x00\x40" + bytes(600), 1),
+           frame(CLIENT, SERVER, 40000, PORT, b"\x17\x03\x03\x00\x40" + bytes(600), 1)]
+    judged = whole_n = 0
+    for data in frames + tls:
+        if len(data) <= guard:
+            continue
+        judged += 1
+        classic = min(lpd.bpf_interpret(prog, data, len(data)), len(data)) == len(data)
+        ebpf = lpd.copy_length(plan, data[:lpd.VIEW_DATA]) == lpd.SNAPLEN_FULL
+        if classic != ebpf:
+            q = lpd.past_tags(data)[0]
+            assert ebpf and data[12:14] == b"\x86\xdd" and \
+                data[q + lpd.IPV6_NEXT_OFF] in lpd.IPV6_EXT_LEN, data.hex()
+        whole_n += classic
+    assert judged > 500 and whole_n >= 2, (judged, whole_n)
