@@ -10633,28 +10633,38 @@ TLS_RECORD_HDR_LEN, TLS_RECORD_LEN_OFF = 5, 3   # type, version, length (RFC 844
 TLS_HELLOS_MAX = 4096                    # directions with a hello in part, read at once
 TLS_SESSIONS_MAX = 16384                 # ClientHellos waiting for their ServerHello
 TLS_SESSION_TIMEOUT = 30.0               # ... this long at most: then logged without it
+TLS_HELLO_TIMEOUT = 10.0                 # a hello in part waits this long for its segments
 TLS_READ_MAX = 2 * TLS_SESSIONS_MAX     # directions remembered as read (both of a session)
 TLS_TICK_WORK = 4096                     # sessions logged per tick
 TLS_NAME_LIFETIME = 3600.0               # a server name's life past its hello (no TTL says)
 # read_tls_hello's reasons, then the stream's: bytes missing (an early segment), a
 # segment the kernel copied in part, pushed out for room
-TLS_STREAM_ERRORS = ("gap", "cut", "evicted")
+TLS_STREAM_ERRORS = ("gap", "cut", "evicted", "timeout")
 # ssl.log's fields in Zeek's order (ja4: FoxIO's Zeek package's field)
 SSL_LOG_FIELDS = ("ts", "uid", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "version",
                   "cipher", "server_name", "next_protocol", "established", "ja4")
-PLAIN_IPV4_TCP_HLEN = PLAIN_IPV4_PORTS + TCP_DOFF_OFF  # untagged IPv4 without options: its TCP's
+# untagged IPv4 without options: where its addresses and its TCP header's length are
+PLAIN_IPV4_SRC, PLAIN_IPV4_DST = ETH_HLEN + IPV4_SRC_OFF, ETH_HLEN + IPV4_SRC_OFF + 4
+PLAIN_IPV4_TCP_HLEN = PLAIN_IPV4_PORTS + TCP_DOFF_OFF
 
 
-def not_handshake(data):
-    """True when a frame is judged at fixed offsets (plain IPv4) not to be a TCP
-    segment beginning TLS_HANDSHAKE_START: most frames; False: it may be, parse_l4 says."""
+def not_handshake(data, streams):
+    """True when a frame is judged at fixed offsets (plain IPv4) to be neither a TCP
+    segment beginning TLS_HANDSHAKE_START nor one of `streams`' directions (keyed as
+    TlsSessions keys them): most frames; False: it may be, parse_l4 says."""
     if len(data) <= PLAIN_IPV4_TCP_HLEN or data[ETH_TYPE_OFF:ETH_HLEN] != ETHERTYPE_IPV4_BYTES \
             or data[ETH_HLEN] != IPV4_VIHL_PLAIN:
         return False
     if data[ETH_HLEN + IPV4_PROTO_OFF] != IPPROTO_TCP:
         return True
     at = PLAIN_IPV4_PORTS + (data[PLAIN_IPV4_TCP_HLEN] >> 4) * 4
-    return data[at:at + len(TLS_HANDSHAKE_START)] != TLS_HANDSHAKE_START
+    if data[at:at + len(TLS_HANDSHAKE_START)] == TLS_HANDSHAKE_START:
+        return False
+    if not streams:
+        return True
+    sport, dport = L4_PORTS.unpack_from(data, PLAIN_IPV4_PORTS)
+    return (bytes(data[PLAIN_IPV4_SRC:PLAIN_IPV4_DST]), sport,
+            bytes(data[PLAIN_IPV4_DST:PLAIN_IPV4_PORTS]), dport) not in streams
 
 
 class TlsSnapshot(NamedTuple):
@@ -10697,8 +10707,9 @@ class TlsSessions(Consumer):
         self.now = 0.0
 
     def consume(self, batch):
+        streams = self.streams
         for data, ts, _, _, _ in frames_in_order(batch):
-            if self.streams or not not_handshake(data):
+            if not not_handshake(data, streams):
                 self.packet(data, ts)
 
     def packet(self, data, ts):
@@ -10795,6 +10806,13 @@ class TlsSessions(Consumer):
     def tick(self, now):
         if now > self.now:
             self.now = now
+        # hellos in part, oldest first (streams keep their start order)
+        streams = self.streams
+        for _ in range(TLS_TICK_WORK):
+            if not streams or next(iter(streams.values()))[2] > self.now - TLS_HELLO_TIMEOUT:
+                break
+            streams.popitem(last=False)
+            self.errors["timeout"] += 1
         self.behind = False
         for _ in range(TLS_TICK_WORK):
             if not self.sessions:
