@@ -21,9 +21,11 @@ write, and the JA4 client fingerprint.
 import hashlib
 import os
 import signal
+import socket
 import ssl
 import struct
 import subprocess
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -602,7 +604,8 @@ def test_pythons_ssl_gives_foxios_python_fingerprint():
 # --- Live: openssl s_client and s_server on loopback ----------------------------------
 
 def streams(pcap):
-    """{(sport, dport): the direction's TCP payload bytes from its SYN on, in order}."""
+    """{(sport, dport): (the direction's TCP payload from its SYN on, in order, and the
+    lengths of the segments it came in)}."""
     segments, isn = {}, {}
     for _, frame in harness.timed_frames(pcap):
         f = lpd.parse_l4(frame)
@@ -615,20 +618,53 @@ def streams(pcap):
             segments.setdefault(key, {})[seq] = bytes(frame[f[12]:f[12] + f[6]])
     out = {}
     for key, parts in segments.items():
-        data, at = b"", isn[key]
+        data, sizes, at = b"", [], isn[key]
         for _ in range(len(parts)):
             if at not in parts:
                 break
             data += parts[at]
+            sizes.append(len(parts[at]))
             at = (at + len(parts[at])) & 0xFFFFFFFF
-        out[key] = data
+        out[key] = data, sizes
     return out
 
 
+MANY_ALPN = ",".join(f"proto-{i:02d}-of-many" for i in range(30)) + ",h2"   # one the server has
+# s_client's options; the server offers h2 and http/1.1 and key shares for X25519 or P-256
 CLIENTS = [("-servername", "lpd.test", "-alpn", "h2,http/1.1"),
            ("-servername", "www.lpd.test", "-alpn", "http/1.1", "-no_tls1_3"),
            ("-noservername", "-no_tls1_3"),
-           ("-noservername", "-alpn", "h2")]
+           ("-noservername", "-alpn", "h2"),
+           # a key share the server has no group for: its first answer is a HelloRetryRequest
+           ("-servername", "retry.lpd.test", "-groups", "P-384:X25519"),
+           # records of 512 bytes at most: the ClientHello spans two
+           ("-servername", "records.lpd.test", "-max_send_frag", "512", "-alpn", MANY_ALPN)]
+SEGMENT = 200                           # bytes a send: the ClientHello spans three segments
+
+
+def small_segment_client(port):
+    """A handshake (Python's ssl, OpenSSL beneath) whose bytes go SEGMENT at a time, each
+    its own segment (TCP_NODELAY, a pause between)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="segments.lpd.test")
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(10):                             # a handshake takes two round trips
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                data = outgoing.read()
+                for i in range(0, len(data), SEGMENT):
+                    sock.sendall(data[i:i + SEGMENT])
+                    time.sleep(0.02)
+                got = sock.recv(1 << 16)
+                if not got:
+                    break
+                incoming.write(got)
+        sock.sendall(outgoing.read())
 
 
 @pytest.mark.live
@@ -636,14 +672,13 @@ def test_openssl_s_client_hellos_on_loopback(certificate, tmp_path):
     port = harness.free_port()
     pcap = str(tmp_path / "lo.pcap")
     dump = subprocess.Popen(["tcpdump", "-i", "lo", "--immediate-mode", "-U", "-w", pcap, "-s", "0",
-                             f"tcp port {port}"],
-                            stderr=subprocess.PIPE, text=True)
+                             f"tcp port {port}"], stderr=subprocess.PIPE, text=True)
     server = None
     try:
         assert "listening on" in dump.stderr.readline()
         server = subprocess.Popen(["openssl", "s_server", "-accept", str(port), "-cert", certificate[0],
-                                   "-key", certificate[1], "-alpn", "h2,http/1.1", "-naccept",
-                                   str(len(CLIENTS)), "-quiet"],
+                                   "-key", certificate[1], "-alpn", "h2,http/1.1", "-groups",
+                                   "X25519:P-256", "-naccept", str(len(CLIENTS) + 1), "-quiet"],
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         harness.wait_for(lambda: subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True,
@@ -651,26 +686,40 @@ def test_openssl_s_client_hellos_on_loopback(certificate, tmp_path):
         for args in CLIENTS:
             subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", *args],
                            stdin=subprocess.DEVNULL, capture_output=True, timeout=20)
+        small_segment_client(port)
         server.wait(timeout=20)
         # each connection's two directions written (tcpdump -U writes each packet as it comes)
-        harness.wait_for(lambda: len(streams(pcap)) >= 2 * len(CLIENTS), timeout=10, what="tcpdump")
+        harness.wait_for(lambda: len(streams(pcap)) >= 2 * (len(CLIENTS) + 1), timeout=10,
+                         what="tcpdump")
     finally:
         for proc in (server, dump):
             if proc and proc.poll() is None:
                 proc.send_signal(signal.SIGINT if proc is dump else signal.SIGTERM)
                 proc.wait(timeout=10)
-    rows = {(int(r["tcp.srcport"]), int(r["tcp.dstport"])): r
-            for r in tshark(pcap, "-d", f"tcp.port=={port},tls")}
-    clients = servers = 0
-    for key, data in streams(pcap).items():
+    rows, client_hellos = {}, {}
+    for r in tshark(pcap, "-d", f"tcp.port=={port},tls"):
+        key = int(r["tcp.srcport"]), int(r["tcp.dstport"])
+        rows.setdefault(key, r)                         # a direction's first hello
+        client_hellos[key] = client_hellos.get(key, 0) + ("1" in r["tls.handshake.type"].split(";"))
+    hellos = {}
+    for key, (data, sizes) in streams(pcap).items():
         hello, why = lpd.read_tls_hello(data)
         assert why is None, (key, why)
         compare_with_tshark(hello, rows[key])
-        if key[1] == port:
-            clients += 1
-        else:
-            servers += 1
-    assert clients == servers == len(CLIENTS)
-    hellos = [lpd.read_tls_hello(d)[0] for k, d in sorted(streams(pcap).items()) if k[1] == port]
-    assert {h.server_name for h in hellos} == {"lpd.test", "www.lpd.test", ""}
-    assert {lpd.ja4(h)[1:3] for h in hellos} == {"12", "13"}
+        hellos[key] = hello, data, sizes
+    clients = {k: v for k, v in hellos.items() if k[1] == port}
+    servers = {k: v for k, v in hellos.items() if k[0] == port}
+    assert len(clients) == len(servers) == len(CLIENTS) + 1
+    by_name = {h.server_name: (k, h, d, sizes) for k, (h, d, sizes) in clients.items()}
+    assert set(by_name) == {"lpd.test", "www.lpd.test", "", "retry.lpd.test", "records.lpd.test",
+                            "segments.lpd.test"}
+    assert {lpd.ja4(h)[1:3] for h, *_ in clients.values()} == {"12", "13"}
+    # the hello of two records, the one of three segments, the retried one
+    key, hello, data, _ = by_name["records.lpd.test"]
+    assert len(hello.alpn) == 31 and struct.unpack_from("!H", data, 3)[0] == 512
+    _, hello, data, sizes = by_name["segments.lpd.test"]
+    assert sum(sizes[:2]) < hello_end(data) <= len(data)
+    key = by_name["retry.lpd.test"][0]
+    assert client_hellos[key] == 2
+    retry = servers[key[::-1]][0]
+    assert retry.kind == lpd.TLS_SERVER_HELLO and lpd.tls_version(retry) == 0x0304
