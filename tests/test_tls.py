@@ -12,9 +12,11 @@ write, and the JA4 client fingerprint.
   by tshark; the JA4 computed from tshark's fields by JA4.md's rules. tcpdump's corpus has
   no TLS handshake (tshark finds none in its 447 captures), so from it only: every TCP
   payload reads without raising.
+- Zeek's version and cipher names (consts.zeek); the cipher names also equal tshark's.
 - Live: openssl s_client against openssl s_server on loopback (TLS 1.2 and 1.3, ALPN,
-  SNI or none), captured with tcpdump, each direction's stream read from its first byte
-  and compared with tshark's dissection.
+  SNI or none, a HelloRetryRequest, a ClientHello in two records, one in three TCP
+  segments), captured with tcpdump, each direction's stream read from its first byte and
+  compared with tshark's dissection.
 - Hostile bytes (hypothesis) and every truncation and record split of real hellos: never
   an exception, a need-more count never past what is needed, never a bogus hello.
 """
@@ -253,6 +255,19 @@ def test_version_and_cipher_names_are_zeeks():
     assert lpd.tls_cipher_name(0xAAAA) == "grease_0xAAAA"
     assert lpd.tls_cipher_name(0x0A0B) == "unknown-2571"
     assert all(n.startswith("TLS_") and n.isupper() for n in lpd.TLS_CIPHER_NAMES.values())
+
+
+@pytest.mark.offline
+def test_cipher_names_are_tsharks_too():
+    """Zeek's names are IANA's, as tshark's are: every suite lpd names, tshark names alike."""
+    out = subprocess.run(["tshark", "-G", "values"], capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    theirs = {}
+    for line in out.splitlines():
+        parts = line.split("\t")
+        if parts[:2] == ["V", "tls.handshake.ciphersuite"]:
+            theirs[int(parts[2], 0)] = parts[3]
+    assert {c: theirs.get(c) for c in lpd.TLS_CIPHER_NAMES} == lpd.TLS_CIPHER_NAMES
 
 
 @pytest.mark.unit
