@@ -152,7 +152,10 @@ def test_ja4_is_foxios(source, frame, expected, data):
     hello = hello_of(data)
     assert hello.kind == lpd.TLS_CLIENT_HELLO
     assert lpd.ja4(hello) == expected
-    assert lpd.tls_record_start(bytes.fromhex(data))
+    raw = bytes.fromhex(data)
+    assert lpd.tls_record_start(raw)
+    # a memoryview into a larger buffer, or a bytearray, reads the same
+    assert lpd.read_tls_hello(memoryview(b"xx" + raw)[2:]) == lpd.read_tls_hello(bytearray(raw)) == (hello, None)
 
 
 @pytest.mark.unit
