@@ -40,9 +40,11 @@ each banner's "provides:" line says what later chapters take from it
     14.4 HTTP requests (TCP reassembly, HTTP/1.x)
     14.5 Rules (bpfcountd-compatible filter files)
     14.6 Flow export (IPFIX)
-  15 Names: passive DNS
+  15 Names: passive DNS and TLS
     15.1 DNS messages (RFC 1035, read from bytes lpd did not write)
-    15.2 Names (--names)
+    15.2 TLS handshakes (ClientHello, ServerHello, JA4)
+    15.3 Names (--names)
+    15.4 TLS hellos (--names, --ssl-log)
   16 eBPF engine: accounting and rules as one kernel program (--engine ebpf)
     16.1 Assembler
     16.2 Syscalls: bpf(2), maps, programs, test runs
@@ -62,7 +64,7 @@ each banner's "provides:" line says what later chapters take from it
 Where a new stage goes: one sub-chapter of 14 "Stages" — its Consumer, documents, metric
 families, table lines, how the options (2) build it, and last its row,
 STAGES.append(Stage(...)); the daemon, the workers, -r, /api, --output and /metrics take
-it from there (17.1). 14.6, flow export, was added so; 15.2, the names, too, in a
+it from there (17.1). 14.6, flow export, was added so; 15.3, the names, too, in a
 chapter of its own once 14 had reached its size budget.
 """
 import argparse
@@ -7137,10 +7139,11 @@ STAGES = []
 ###############################################################################
 # 14 Stages ###################################################################
 ###############################################################################
-# provides: connection_uid, Connections, conn_key, format_rule_lines, IP_FRAGMENT,
-#   IPV4_FRAG_MASK, IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, L4_PORTS, LIVE_STATES,
+# provides: connection_uid, Connections, conn_key, ETHERTYPE_IPV4_BYTES, format_rule_lines,
+#   IP_FRAGMENT, IPV4_FRAG_MASK, IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, L4_PORTS, LIVE_STATES,
 #   LOCAL_EVICT_FRACTION, LocalAddresses, not_on_ports, OFFLOAD_*, parse_filter_file, parse_l4,
-#   proto_name, REMOTE_WEIGHT, RemoteAddresses, RuleCounter, SEQ_HALF, SEQ_MOD, TH_*
+#   PLAIN_IPV4_PORTS, proto_name, REMOTE_WEIGHT, RemoteAddresses, RuleCounter, SEQ_HALF,
+#   SEQ_MOD, TH_*
 #
 # Where a new stage goes: one sub-chapter here. It holds the Consumer subclass (11) with
 # its name (the key of its snapshot, document, log and worker pipe) and snapshot_type,
@@ -7500,7 +7503,7 @@ def remotes_document(snap, how, top=None):
     remotes = snap.get("remotes")
     if remotes is None:
         return None
-    names = snap.get("names")               # --names (15.2): the name each was looked up by
+    names = snap.get("names")               # --names (15.3): the name each was looked up by
     named = names.by_key() if names is not None else None
     rows = []
     for r in _biggest(remotes.rows, top):
@@ -7583,9 +7586,9 @@ STAGES.append(Stage(RemoteAddresses, _remote_addresses, (("remotes", remotes_doc
 
 ###############################################################################
 # 14.3 Connections (Zeek's conn.log semantics) ################################
-# provides: connection_uid, Connections, conn_key, IP_FRAGMENT, IPV4_FRAG_MASK,
-#   IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, L4_PORTS, LIVE_STATES, not_on_ports, OFFLOAD_*, parse_l4,
-#   proto_name, SEQ_HALF, SEQ_MOD, TH_*
+# provides: connection_uid, Connections, conn_key, ETHERTYPE_IPV4_BYTES, IP_FRAGMENT,
+#   IPV4_FRAG_MASK, IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, L4_PORTS, LIVE_STATES, not_on_ports,
+#   OFFLOAD_*, parse_l4, PLAIN_IPV4_PORTS, proto_name, SEQ_HALF, SEQ_MOD, TH_*
 #
 # One entry per TCP or UDP connection, whichever way a frame travels, with Zeek's
 # endpoint state machine, history letters, payload sizes from sequence numbers,
@@ -10026,12 +10029,15 @@ STAGES.append(Stage(FlowExport, _flow_export, (("ipfix", ipfix_document),), ipfi
 
 
 ###############################################################################
-# 15 Names: passive DNS ######################################################
+# 15 Names: passive DNS and TLS ###############################################
 ###############################################################################
-# provides: names_ports
+# provides: DNS_PORT, names_ports, TLS_HANDSHAKE_START, TLS_HELLOS_MAX, TLS_RECORD,
+#   TLS_RECORD_LEN_OFF
 #
-# Who the remotes are, from the DNS answers the local hosts receive (issue 27): the
-# messages (15.1), then the stage that names remote addresses and writes dns.log (15.2).
+# Who the remotes are, from the DNS answers the local hosts receive and the TLS hellos
+# that name a connection's server (issue 27): the DNS messages (15.1), the hellos (15.2),
+# the stage that names remote addresses and writes dns.log (15.3), and the one that
+# reads the hellos on every TCP port, names their servers and writes ssl.log (15.4).
 # A stage like those of 14 (its row in STAGES), a chapter of its own because 14 is full.
 
 
@@ -10159,8 +10165,361 @@ def parse_dns(buf):
 
 
 ###############################################################################
-# 15.2 Names (--names) ########################################################
-# provides: names_ports
+# 15.2 TLS handshakes (ClientHello, ServerHello, JA4) #########################
+# provides: ja4, read_tls_hello, tls_cipher_name, TLS_CLIENT_HELLO, TLS_HANDSHAKE_START,
+#   TLS_HELLO_MAX, TLS_NOT_HELLO, TLS_PARSE_ERRORS, TLS_RECORD, TLS_RECORD_LEN_OFF,
+#   tls_version, tls_version_name
+#
+# The first handshake message of each direction of a TLS connection, read from bytes
+# lpd did not write: the ClientHello (RFC 8446 4.1.2; RFC 5246 7.4.1.2 before it) and
+# the ServerHello (4.1.3), with what names a connection (SNI, ALPN), what Zeek's ssl.log
+# prints (version, cipher) and the JA4 client fingerprint (FoxIO's technical_details/
+# JA4.md). A direction's stream is handed over from its first byte: the message may span
+# several records and a record several segments, so the reading answers the number of
+# bytes it needs when they are not all there yet, and never looks at more than
+# TLS_HELLO_MAX. Every length is checked against what is there and against what holds
+# it; what does not fit is a reason (TLS_PARSE_ERRORS), never an exception.
+
+TLS_RECORD = struct.Struct("!BBBH")         # content type, version major, minor, length
+TLS_RECORD_LEN_OFF = 3                      # ... the length's offset in it
+TLS_HANDSHAKE_HEADER = struct.Struct("!I")  # the type in the top byte, then a 24-bit length
+TLS_U16 = struct.Struct("!H")
+TLS_CONTENT_HANDSHAKE = 22
+TLS_MAJOR = 3                               # SSL 3.0 ... TLS 1.3 records all say 3.x
+TLS_MINOR_MAX = 4                           # no stack sends a record version past 3.4
+TLS_HANDSHAKE_START = bytes((TLS_CONTENT_HANDSHAKE, TLS_MAJOR))   # how every handshake record begins
+# RFC 5246 6.2.3: a record's fragment is at most 2^14 bytes, 2^14 + 2048 once protected.
+# A hello's record should keep to 2^14; the record layer's own bound is the one checked,
+# so that no stack's record is taken for something else.
+TLS_RECORD_MAX = (1 << 14) + 2048
+TLS_CLIENT_HELLO, TLS_SERVER_HELLO = 1, 2
+TLS_LENGTH_MASK = 0xFFFFFF
+TLS_HELLOS = (TLS_CLIENT_HELLO, TLS_SERVER_HELLO)
+# A hello past 2^14 bytes (one plaintext record's worth) is no client's or server's: the
+# largest real ones, a ClientHello with a post-quantum key share (X25519MLKEM768: 1,216
+# bytes) and padding, are under 2 KiB. A hello split into more than TLS_HELLO_RECORDS
+# records is refused too (stacks use one or two), so TLS_HELLO_MAX, the most of a
+# direction's stream kept waiting for the whole message, is that message and the headers
+# of its records: 16,464 bytes.
+TLS_HELLO_BODY_MAX = 1 << 14
+TLS_HELLO_RECORDS = 16
+TLS_HELLO_MAX = TLS_HELLO_BODY_MAX + TLS_HELLO_RECORDS * TLS_RECORD.size
+# not a handshake record or not a hello; lengths that do not agree; past TLS_HELLO_MAX
+TLS_NOT_HELLO = "not_hello"
+TLS_PARSE_ERRORS = (TLS_NOT_HELLO, "malformed", "too_long")
+TLS_RANDOM_LEN = 32
+TLS_SESSION_ID_MAX = 32
+TLS_BYTE = 1                                # SNI's name type; a ServerHello's compression method
+TLS_LEN8, TLS_LEN16 = 1, 2                  # a vector's length prefix: <..2^8-1>, <..2^16-1>
+TLS_EXT_SERVER_NAME, TLS_EXT_ALPN, TLS_EXT_SIGNATURE_ALGORITHMS = 0, 16, 13
+TLS_EXT_SUPPORTED_VERSIONS = 43
+TLS_SNI_HOST_NAME = 0                       # RFC 6066 3: the only name type defined
+TLS_SERVER_NAME_MAX = 255                   # a DNS name's octets: a longer SNI is cut there
+# RFC 8701: GREASE values are 0x?A?A with both bytes equal; ignored wherever JA4 counts
+TLS_GREASE_MASK, TLS_GREASE_BITS = 0x0F0F, 0x0A0A
+TLS_BYTE_BITS = 8
+TLS_BYTE_MASK = 0xFF
+# Zeek's ssl.log names (base/protocols/ssl/consts.zeek, version_strings); TLS 1.3's
+# drafts (0x7Fnn) and the rest print as Zeek prints them
+TLS_VERSION_NAMES = {0x0002: "SSLv2", 0x0300: "SSLv3", 0x0301: "TLSv10", 0x0302: "TLSv11",
+                     0x0303: "TLSv12", 0x0304: "TLSv13", 0xFEFF: "DTLSv10", 0xFEFD: "DTLSv12",
+                     0xFEFC: "DTLSv13"}
+TLS_DRAFT_DIVISOR, TLS_DRAFT_QUOTIENT, TLS_DRAFT_MODULUS = 0xFF, 0x7F, 0x7F
+# Zeek's cipher_desc names (IANA's) of the suites clients and servers send today, and the
+# two signalling values; any other prints as Zeek prints it
+TLS_CIPHER_NAMES = {
+    0x0004: "TLS_RSA_WITH_RC4_128_MD5", 0x0005: "TLS_RSA_WITH_RC4_128_SHA",
+    0x000A: "TLS_RSA_WITH_3DES_EDE_CBC_SHA", 0x0013: "TLS_DHE_DSS_WITH_3DES_EDE_CBC_SHA",
+    0x0016: "TLS_DHE_RSA_WITH_3DES_EDE_CBC_SHA", 0x002F: "TLS_RSA_WITH_AES_128_CBC_SHA",
+    0x0032: "TLS_DHE_DSS_WITH_AES_128_CBC_SHA", 0x0033: "TLS_DHE_RSA_WITH_AES_128_CBC_SHA",
+    0x0035: "TLS_RSA_WITH_AES_256_CBC_SHA", 0x0038: "TLS_DHE_DSS_WITH_AES_256_CBC_SHA",
+    0x0039: "TLS_DHE_RSA_WITH_AES_256_CBC_SHA", 0x003C: "TLS_RSA_WITH_AES_128_CBC_SHA256",
+    0x003D: "TLS_RSA_WITH_AES_256_CBC_SHA256", 0x0040: "TLS_DHE_DSS_WITH_AES_128_CBC_SHA256",
+    0x0066: "TLS_DHE_DSS_WITH_RC4_128_SHA", 0x0067: "TLS_DHE_RSA_WITH_AES_128_CBC_SHA256",
+    0x006A: "TLS_DHE_DSS_WITH_AES_256_CBC_SHA256", 0x006B: "TLS_DHE_RSA_WITH_AES_256_CBC_SHA256",
+    0x009C: "TLS_RSA_WITH_AES_128_GCM_SHA256", 0x009D: "TLS_RSA_WITH_AES_256_GCM_SHA384",
+    0x009E: "TLS_DHE_RSA_WITH_AES_128_GCM_SHA256", 0x009F: "TLS_DHE_RSA_WITH_AES_256_GCM_SHA384",
+    0x00A2: "TLS_DHE_DSS_WITH_AES_128_GCM_SHA256", 0x00A3: "TLS_DHE_DSS_WITH_AES_256_GCM_SHA384",
+    0x00FF: "TLS_EMPTY_RENEGOTIATION_INFO_SCSV",
+    0x1301: "TLS_AES_128_GCM_SHA256", 0x1302: "TLS_AES_256_GCM_SHA384",
+    0x1303: "TLS_CHACHA20_POLY1305_SHA256", 0x1304: "TLS_AES_128_CCM_SHA256",
+    0x1305: "TLS_AES_128_CCM_8_SHA256", 0x5600: "TLS_FALLBACK_SCSV",
+    0xC007: "TLS_ECDHE_ECDSA_WITH_RC4_128_SHA", 0xC008: "TLS_ECDHE_ECDSA_WITH_3DES_EDE_CBC_SHA",
+    0xC009: "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA", 0xC00A: "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA",
+    0xC011: "TLS_ECDHE_RSA_WITH_RC4_128_SHA", 0xC012: "TLS_ECDHE_RSA_WITH_3DES_EDE_CBC_SHA",
+    0xC013: "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA", 0xC014: "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA",
+    0xC023: "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256",
+    0xC024: "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA384",
+    0xC027: "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256",
+    0xC028: "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA384",
+    0xC02B: "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    0xC02C: "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+    0xC02F: "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+    0xC030: "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+    0xCCA8: "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+    0xCCA9: "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+    0xCCAA: "TLS_DHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+}
+# JA4.md "TLS and DTLS Version": two characters per version, "00" for any other
+TLS_JA4_VERSIONS = {0x0304: "13", 0x0303: "12", 0x0302: "11", 0x0301: "10", 0x0300: "s3",
+                    0x0002: "s2", 0xFEFF: "d1", 0xFEFD: "d2", 0xFEFC: "d3"}
+TLS_JA4_COUNT_MAX = 99                      # a count past two digits prints as 99
+TLS_JA4_HASH_LEN = 12                       # hex digits of sha256 kept
+TLS_JA4_EMPTY = "0" * TLS_JA4_HASH_LEN      # the hash of an empty list, JA4.md says
+TLS_JA4_NO_ALPN = TLS_JA4_NO_VERSION = "00"
+TLS_JA4_LEFT_OUT = (TLS_EXT_SERVER_NAME, TLS_EXT_ALPN)   # in JA4_a already, not in JA4_c
+
+
+class TlsError(ValueError):
+    """Inside the reading of a hello: its reason, one of TLS_PARSE_ERRORS."""
+
+
+class TlsHello(NamedTuple):
+    kind: int                      # TLS_CLIENT_HELLO or TLS_SERVER_HELLO
+    legacy_version: int
+    versions: tuple                # supported_versions: a client's as on the wire, a server's pick
+    ciphers: tuple                 # a client's suites as on the wire (GREASE too), a server's one
+    extensions: tuple              # extension types in wire order
+    server_name: str               # SNI's first host_name, "" for none
+    alpn: tuple                    # ALPN protocol names as text
+    signature_algorithms: tuple    # wire order
+    alpn_first: bytes              # the first ALPN name's bytes, as JA4 reads them
+
+
+def tls_record_start(payload):
+    """Whether a segment's payload begins with a TLS handshake record's header: cheap,
+    for every candidate frame."""
+    return (len(payload) >= TLS_RECORD.size and payload[0] == TLS_CONTENT_HANDSHAKE
+            and payload[1] == TLS_MAJOR and payload[2] <= TLS_MINOR_MAX
+            and 0 < (payload[3] << TLS_BYTE_BITS | payload[4]) <= TLS_RECORD_MAX)
+
+
+def tls_grease(value):
+    return (value & TLS_GREASE_MASK == TLS_GREASE_BITS
+            and value >> TLS_BYTE_BITS == value & TLS_BYTE_MASK)
+
+
+def tls_vector(buf, off, end, width):
+    """(start, stop) of the vector at off whose length takes `width` bytes (TLS_LEN8 or
+    TLS_LEN16), which must end by `end`."""
+    if off + width > end:
+        raise TlsError("malformed")
+    n = buf[off] if width == TLS_LEN8 else TLS_U16.unpack_from(buf, off)[0]
+    if off + width + n > end:
+        raise TlsError("malformed")
+    return off + width, off + width + n
+
+
+def tls_u16s(buf, start, stop):
+    if (stop - start) % TLS_U16.size:
+        raise TlsError("malformed")
+    return tuple(TLS_U16.unpack_from(buf, i)[0] for i in range(start, stop, TLS_U16.size))
+
+
+def tls_text(raw):
+    """Untrusted bytes as text: ASCII, anything else replaced."""
+    return bytes(raw).decode("ascii", errors="replace")
+
+
+def tls_server_name(buf, start, stop):
+    """RFC 6066 3: the first host_name of server_name's list, cut to TLS_SERVER_NAME_MAX."""
+    off, end = tls_vector(buf, start, stop, TLS_LEN16)
+    if end != stop:
+        raise TlsError("malformed")
+    while off < end:                        # each entry takes 3 bytes at least
+        kind = buf[off]
+        name_start, name_stop = tls_vector(buf, off + TLS_BYTE, end, TLS_LEN16)
+        if kind == TLS_SNI_HOST_NAME:
+            return tls_text(buf[name_start:min(name_stop, name_start + TLS_SERVER_NAME_MAX)])
+        off = name_stop
+    return ""
+
+
+def tls_alpn(buf, start, stop):
+    """RFC 7301 3.1: the protocol names' bytes, in order."""
+    off, end = tls_vector(buf, start, stop, TLS_LEN16)
+    if end != stop:
+        raise TlsError("malformed")
+    names = []
+    while off < end:                        # each name takes 1 byte at least
+        name_start, off = tls_vector(buf, off, end, TLS_LEN8)
+        names.append(bytes(buf[name_start:off]))
+    return names
+
+
+def tls_extensions(buf, off, end, kind):
+    """The extensions block from off to end: (types, their fields as TlsHello's)."""
+    types, fields = [], {}
+    if off == end:
+        return types, fields                # none at all: a pre-TLS 1.2 hello may end here
+    off, stop = tls_vector(buf, off, end, TLS_LEN16)
+    if stop != end:
+        raise TlsError("malformed")
+    while off < end:                        # each extension takes 4 bytes at least
+        if off + 2 * TLS_U16.size > end:
+            raise TlsError("malformed")
+        ext = TLS_U16.unpack_from(buf, off)[0]
+        start, off = tls_vector(buf, off + TLS_U16.size, end, TLS_LEN16)
+        types.append(ext)
+        # a repeat (RFC 8446 4.2 forbids it: the first counts); a server's SNI is empty
+        if ext in fields or ext == TLS_EXT_SERVER_NAME and kind == TLS_SERVER_HELLO:
+            continue
+        if ext == TLS_EXT_SERVER_NAME:
+            fields[ext] = tls_server_name(buf, start, off)
+        elif ext == TLS_EXT_ALPN:
+            fields[ext] = tls_alpn(buf, start, off)
+        elif ext == TLS_EXT_SIGNATURE_ALGORITHMS:
+            inner, after = tls_vector(buf, start, off, TLS_LEN16)
+            if after != off:
+                raise TlsError("malformed")
+            fields[ext] = tls_u16s(buf, inner, after)
+        elif ext == TLS_EXT_SUPPORTED_VERSIONS:
+            if kind == TLS_CLIENT_HELLO:
+                start, after = tls_vector(buf, start, off, TLS_LEN8)
+                if after != off or after == start:
+                    raise TlsError("malformed")
+            fields[ext] = tls_u16s(buf, start, off)
+    return types, fields
+
+
+def tls_hello(buf, kind):
+    """The hello message body buf (its handshake header taken off) as a TlsHello."""
+    end = len(buf)
+    if end < TLS_U16.size + TLS_RANDOM_LEN:
+        raise TlsError("malformed")
+    legacy_version = TLS_U16.unpack_from(buf, 0)[0]
+    start, off = tls_vector(buf, TLS_U16.size + TLS_RANDOM_LEN, end, TLS_LEN8)
+    if off - start > TLS_SESSION_ID_MAX:
+        raise TlsError("malformed")
+    if kind == TLS_CLIENT_HELLO:
+        start, off = tls_vector(buf, off, end, TLS_LEN16)
+        ciphers = tls_u16s(buf, start, off)
+        start, off = tls_vector(buf, off, end, TLS_LEN8)       # compression methods
+        if not ciphers or off == start:
+            raise TlsError("malformed")
+    else:
+        if off + TLS_U16.size + TLS_BYTE > end:
+            raise TlsError("malformed")
+        ciphers = (TLS_U16.unpack_from(buf, off)[0],)
+        off += TLS_U16.size + TLS_BYTE                  # the suite, the compression method
+    types, fields = tls_extensions(buf, off, end, kind)
+    alpn = fields.get(TLS_EXT_ALPN, ())
+    versions = fields.get(TLS_EXT_SUPPORTED_VERSIONS, ())
+    if kind == TLS_SERVER_HELLO and TLS_EXT_SUPPORTED_VERSIONS in fields and len(versions) != 1:
+        raise TlsError("malformed")                     # a server selects one
+    return TlsHello(kind, legacy_version, versions, ciphers, tuple(types),
+                    fields.get(TLS_EXT_SERVER_NAME, ""), tuple(tls_text(a) for a in alpn),
+                    fields.get(TLS_EXT_SIGNATURE_ALGORITHMS, ()), alpn[0] if alpn else b"")
+
+
+def read_tls_hello(buf):
+    """A direction's stream from its first byte: (TlsHello, None) when its first handshake
+    message is there whole; (None, n) when it is not yet, n > len(buf) the bytes it
+    needs at least (exactly, when the rest comes in one record); (None, reason) when it
+    is no hello or not one that holds. Reads TLS_HELLO_MAX bytes at most."""
+    try:
+        hello, need = tls_records(buf)
+    except TlsError as e:
+        return None, str(e)
+    if hello is None and need > TLS_HELLO_MAX:
+        return None, "too_long"
+    return hello, need
+
+
+def tls_records(buf):
+    """read_tls_hello's answer, the records walked one by one; raises TlsError."""
+    message, off, need = bytearray(), 0, None
+    for _ in range(TLS_HELLO_RECORDS):
+        # the message bytes still missing: all its own once its header is read, else
+        # (a lower bound) the rest of that header
+        missing = (need or TLS_HANDSHAKE_HEADER.size) - len(message)
+        if off + TLS_RECORD.size > len(buf):
+            return None, off + TLS_RECORD.size + missing
+        ctype, major, minor, size = TLS_RECORD.unpack_from(buf, off)
+        if ctype != TLS_CONTENT_HANDSHAKE or major != TLS_MAJOR or minor > TLS_MINOR_MAX:
+            # RFC 8446 5.1: no other record inside a handshake message
+            raise TlsError(TLS_NOT_HELLO if off == 0 else "malformed")
+        if size == 0 or size > TLS_RECORD_MAX:
+            raise TlsError("malformed")
+        off += TLS_RECORD.size
+        message += buf[off:min(off + size, len(buf))]
+        if message and message[0] not in TLS_HELLOS:
+            raise TlsError(TLS_NOT_HELLO)
+        if need is None and len(message) >= TLS_HANDSHAKE_HEADER.size:
+            word = TLS_HANDSHAKE_HEADER.unpack_from(message)[0]
+            need = TLS_HANDSHAKE_HEADER.size + (word & TLS_LENGTH_MASK)
+            if need > TLS_HELLO_BODY_MAX:
+                raise TlsError("too_long")
+        if need is not None and len(message) >= need:
+            body = memoryview(message)[TLS_HANDSHAKE_HEADER.size:need]
+            return tls_hello(body, message[0]), None
+        if off + size > len(buf):           # this record is cut: the rest of it, then more
+            missing = (need or TLS_HANDSHAKE_HEADER.size) - len(message)
+            cut = off + size - len(buf)
+            if missing <= cut:
+                return None, len(buf) + missing
+            return None, off + size + TLS_RECORD.size + missing - cut
+        off += size
+    raise TlsError("too_long")
+
+
+def tls_version(hello):
+    """The version RFC 8446 4.2.1 makes it: a server's supported_versions choice, a
+    client's highest offer (GREASE aside), else the hello's legacy_version."""
+    offered = [v for v in hello.versions if not tls_grease(v)]
+    return max(offered) if offered else hello.legacy_version
+
+
+def tls_version_name(version):
+    if version in TLS_VERSION_NAMES:
+        return TLS_VERSION_NAMES[version]
+    if version // TLS_DRAFT_DIVISOR == TLS_DRAFT_QUOTIENT:
+        return f"TLSv13-draft{version % TLS_DRAFT_MODULUS}"
+    return f"unknown-{version}"
+
+
+def tls_cipher_name(cipher):
+    if cipher in TLS_CIPHER_NAMES:
+        return TLS_CIPHER_NAMES[cipher]
+    return f"grease_0x{cipher:04X}" if tls_grease(cipher) else f"unknown-{cipher}"
+
+
+def ja4_hash(text):
+    """JA4.md: sha256 of the list's text, its first 12 hex digits; twelve 0s for an
+    empty list."""
+    if not text:
+        return TLS_JA4_EMPTY
+    return hashlib.sha256(text.encode()).hexdigest()[:TLS_JA4_HASH_LEN]
+
+
+def ja4_alpn(name):
+    """JA4.md "ALPN Extension Value": the first and last characters of the first ALPN
+    name when both are ASCII letters or digits, else the first and last of its hex."""
+    if not name:
+        return TLS_JA4_NO_ALPN
+    ends = bytes((name[0], name[-1]))
+    return ends.decode() if ends.isalnum() else name.hex()[0] + name.hex()[-1]   # ASCII only
+
+
+def ja4(hello, transport="t"):
+    """A ClientHello's JA4 (FoxIO's technical_details/JA4.md): transport "t" (TCP), "q"
+    (QUIC) or "d" (DTLS); GREASE ignored everywhere."""
+    ciphers = [f"{c:04x}" for c in hello.ciphers if not tls_grease(c)]
+    extensions = [e for e in hello.extensions if not tls_grease(e)]
+    version = TLS_JA4_VERSIONS.get(tls_version(hello), TLS_JA4_NO_VERSION)
+    a = (f"{transport}{version}{'d' if TLS_EXT_SERVER_NAME in extensions else 'i'}"
+         f"{min(len(ciphers), TLS_JA4_COUNT_MAX):02d}{min(len(extensions), TLS_JA4_COUNT_MAX):02d}"
+         f"{ja4_alpn(hello.alpn_first)}")
+    kept = ",".join(sorted(f"{e:04x}" for e in extensions if e not in TLS_JA4_LEFT_OUT))
+    algorithms = ",".join(f"{s:04x}" for s in hello.signature_algorithms if not tls_grease(s))
+    if algorithms:                          # none: the list ends without the "_"
+        kept += "_" + algorithms
+    return f"{a}_{ja4_hash(','.join(sorted(ciphers)))}_{ja4_hash(kept)}"
+
+
+###############################################################################
+# 15.3 Names (--names) ########################################################
+# provides: DNS_PORT, hot_key, Names, names_ports
 #
 # The DNS answers the hosts receive on port 53, UDP and TCP (UDP 5353 with --names-mdns),
 # read with parse_dns (15.1): each answer is matched to its query (client and server
@@ -10602,8 +10961,8 @@ STAGES.append(Stage(Names, _names, (("names", names_document),), names_metrics, 
                     log="--dns-log"))
 
 
-# 15.4 TLS hellos (--names, --ssl-log) #######################################
-# provides: TLS_HANDSHAKE_START, TlsSessions
+# 15.4 TLS hellos (--names, --ssl-log) ########################################
+# provides: TLS_HELLOS_MAX
 #
 # Most traffic is encrypted, but a TLS ClientHello names its server in clear text (SNI),
 # and says what the client offers (versions, ciphers, ALPN: its JA4); the ServerHello
@@ -10628,8 +10987,6 @@ STAGES.append(Stage(Names, _names, (("names", names_document),), names_metrics, 
 # address in the names table (15.3) as a DNS answer would, used at once (a local host
 # is talking to it) and lasting TLS_NAME_LIFETIME past the hello.
 
-TLS_HANDSHAKE_START = b"\x16\x03"       # content type 22 (handshake), major version 3
-TLS_RECORD_HDR_LEN, TLS_RECORD_LEN_OFF = 5, 3   # type, version, length (RFC 8446 5.1)
 TLS_HELLOS_MAX = 4096                    # directions with a hello in part, read at once
 TLS_SESSIONS_MAX = 16384                 # ClientHellos waiting for their ServerHello
 TLS_SESSION_TIMEOUT = 30.0               # ... this long at most: then logged without it
@@ -12500,8 +12857,8 @@ def copy_length(plan, view, hellos=None):
         (version == 4, bytes(view[q + src:q + src + 2 * size]), sport, dport)
     seq = int.from_bytes(view[at + TCP_SEQ_OFF:at + TCP_SEQ_OFF + 4], "big")
     if view[p:p + len(TLS_HANDSHAKE_START)] == TLS_HANDSHAKE_START:
-        if p + TLS_RECORD_HDR_LEN <= n and key is not None:
-            end = u16(view, p + TLS_RECORD_LEN_OFF)[0] + TLS_RECORD_HDR_LEN
+        if p + TLS_RECORD.size <= n and key is not None:
+            end = u16(view, p + TLS_RECORD_LEN_OFF)[0] + TLS_RECORD.size
             if end > l4_len - hlen:
                 hellos[key] = (seq + end) % SEQ_MOD
         return SNAPLEN_FULL
@@ -12610,9 +12967,9 @@ def emit_handshake_test(g, short, other, whole, hellos_fd=None):
         return
     # A record running past this segment: its direction's later segments, up to the
     # record's end, come whole too (the map's value: that end's sequence number)
-    emit_view_header(g, TLS_RECORD_HDR_LEN, whole)
+    emit_view_header(g, TLS_RECORD.size, whole)
     emit_view_load_be(g, R1, R4, TLS_RECORD_LEN_OFF, 2, R5)
-    g(alu64_imm(EBPF_ADD, R1, TLS_RECORD_HDR_LEN), jmp_reg(EBPF_JLE, R1, R0, whole),
+    g(alu64_imm(EBPF_ADD, R1, TLS_RECORD.size), jmp_reg(EBPF_JLE, R1, R0, whole),
       ldx(EBPF_DW, R3, FP, HELLO_SEQ), alu64_reg(EBPF_ADD, R3, R1), mov32_reg(R3, R3),
       stx(EBPF_DW, FP, R3, HELLO_SEQ))
     emit_hello_key(g, whole)
