@@ -10519,7 +10519,7 @@ def ja4(hello, transport="t"):
 
 ###############################################################################
 # 15.3 Names (--names) ########################################################
-# provides: DNS_PORT, hot_key, Names, names_ports
+# provides: DNS_PORT, finish_expired, hot_key, Names, names_ports
 #
 # The DNS answers the hosts receive on port 53, UDP and TCP (UDP 5353 with --names-mdns),
 # read with parse_dns (15.1): each answer is matched to its query (client and server
@@ -10692,6 +10692,16 @@ class NamesSnapshot(NamedTuple):
             if k not in latest or seen >= latest[k][1]:
                 latest[k] = q, seen
         return {k: q for k, (q, _) in latest.items()}
+
+
+def finish_expired(pending, before, finish, work):
+    """finish(record) for the records of `pending` (an OrderedDict, oldest first) whose
+    "ts" is before `before`, at most `work` of them; True when work ran out first."""
+    for _ in range(work):
+        if not pending or next(iter(pending.values()))["ts"] > before:
+            return False
+        finish(pending.popitem(last=False)[1])
+    return bool(pending)
 
 
 class Names(Consumer):
@@ -10874,16 +10884,8 @@ class Names(Consumer):
             self.now = now
         if not self.behind:                        # an interval's end, not an extra pass
             self.sent_before, self.sent = self.sent, set()
-        self.behind = False
-        for _ in range(DNS_TICK_WORK):
-            if not self.pending:
-                break
-            rec = next(iter(self.pending.values()))
-            if rec["ts"] > self.now - DNS_QUERY_TIMEOUT:
-                break
-            self.finish_query(self.pending.popitem(last=False)[1])
-        else:
-            self.behind = bool(self.pending)
+        self.behind = finish_expired(self.pending, self.now - DNS_QUERY_TIMEOUT,
+                                     self.finish_query, DNS_TICK_WORK)
 
     def finish(self):
         while self.pending:
@@ -11170,15 +11172,8 @@ class TlsSessions(Consumer):
                 break
             streams.popitem(last=False)
             self.errors["timeout"] += 1
-        self.behind = False
-        for _ in range(TLS_TICK_WORK):
-            if not self.sessions:
-                return
-            rec = next(iter(self.sessions.values()))
-            if rec["ts"] > self.now - TLS_SESSION_TIMEOUT:
-                return
-            self.finish_session(self.sessions.popitem(last=False)[1])
-        self.behind = bool(self.sessions)
+        self.behind = finish_expired(self.sessions, self.now - TLS_SESSION_TIMEOUT,
+                                     self.finish_session, TLS_TICK_WORK)
 
     def finish(self):
         while self.sessions:

@@ -3,8 +3,9 @@ import these. Here: waiting, lpd's logs and rule socket, classic pcap files (one
 one reader), `lpd -r` as a process, lpd on a veth pair (netns.Pair) and its metrics, the
 HTTP server and client of the live HTTP tests, and the run of two lpds on one traffic
 (test_workers, test_engine), nfdump's collector nfcapd as a process (test_ipfix and the
-bench's flow export series). Frames are built by packets.py and netns.py; fixtures
-(`pair`, `engine`) are in conftest.py."""
+bench's flow export series), TLS certificates and handshakes made in memory (the TLS
+tests). Frames are built by packets.py and netns.py; fixtures (`pair`, `engine`) are in
+conftest.py."""
 import json
 import os
 import signal
@@ -719,3 +720,35 @@ def hist_series(m, suffix="_count"):
 def labels_of(series_key):
     return dict(zip(("http_request_method", "http_response_status_code", "http_route",
                      "server_address", "server_port", "container"), series_key))
+
+
+# --- TLS ---------------------------------------------------------------------------------
+
+def self_signed(directory, cn="tls.test", san=None):
+    """(certificate, key) paths: a P-256 certificate for cn (and subjectAltName san)."""
+    key, cert = os.path.join(directory, "key.pem"), os.path.join(directory, "cert.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", key, "-out", cert, "-days",
+                    "2", "-subj", f"/CN={cn}", *(["-addext", f"subjectAltName={san}"] if san else [])],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def memory_handshake(client, server, sni):
+    """(the ClientHello's bytes, the server's first flight) as OpenSSL writes them for the
+    ssl.SSLContexts `client` and `server` (its certificate loaded), over memory BIOs."""
+    import ssl
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    c = client.wrap_bio(c_in, c_out, server_hostname=sni)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    try:
+        c.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    first = c_out.read()
+    s_in.write(first)
+    try:
+        s.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return first, s_out.read()

@@ -513,12 +513,7 @@ def compare_with_tshark(hello, row):
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tls")
-    key, cert = str(d / "key.pem"), str(d / "cert.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                    "-nodes", "-keyout", key, "-out", cert, "-subj", "/CN=lpd.test", "-days", "2"],
-                   check=True, capture_output=True, timeout=60)
-    return cert, key
+    return harness.self_signed(str(tmp_path_factory.mktemp("tls")), "lpd.test")
 
 
 # (name, SNI, ALPN offered, lowest and highest version, OpenSSL cipher list for TLS <= 1.2)
@@ -548,18 +543,7 @@ def handshake(certificate, sni, offered, low, high, ciphers):
     if offered:
         client.set_alpn_protocols(offered)
         server.set_alpn_protocols(["h2", "http/1.1"])
-    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-    c = client.wrap_bio(c_in, c_out, server_hostname=sni)
-    s = server.wrap_bio(s_in, s_out, server_side=True)
-    with pytest.raises(ssl.SSLWantReadError):
-        c.do_handshake()
-    first = c_out.read()
-    s_in.write(first)
-    try:
-        s.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    return first, s_out.read()
+    return harness.memory_handshake(client, server, sni)
 
 
 def tcp_frame(sport, dport, seq, payload):

@@ -19,7 +19,7 @@ import tempfile
 import pytest
 
 import netns
-from harness import LPD, Lpd, api, wait_for
+from harness import LPD, Lpd, api, self_signed, wait_for
 
 pytestmark = [pytest.mark.live, pytest.mark.usefixtures("engine")]
 
@@ -38,12 +38,7 @@ VERSIONS = {"0x0303": "TLSv12", "0x0304": "TLSv13"}
 def servers(pair, tmp_path):
     """s_server on ns_a's IPv4 and IPv6 addresses (port 8443), ALPN http/1.1 and h2;
     ns_b routes the served addresses to ns_a, which holds them."""
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", f"/CN={CERT_NAME}", "-addext",
-                    f"subjectAltName=DNS:*.{CERT_NAME}"], check=True, capture_output=True,
-                   timeout=20)
+    cert, key = self_signed(str(tmp_path), CERT_NAME, f"DNS:*.{CERT_NAME}")
     for addr in (SERVED_A, SERVED_B, SERVED_NOSNI):
         pair.run(pair.ns_a, ["ip", "addr", "add", f"{addr}/32", "dev", "lo"])
         pair.run(pair.ns_b, ["ip", "route", "add", f"{addr}/32", "via", pair.ip4_a])
@@ -174,11 +169,7 @@ def test_a_hello_longer_than_a_segment(engine, tmp_path):
             pair.run(pair.ns_a, ["ip", "addr", "add", f"{SERVED_A}/32", "dev", "lo"])
             pair.run(pair.ns_b, ["ip", "route", "add", f"{SERVED_A}/32", "via", pair.ip4_a])
             log = tmp_path / f"ssl-{offloads}.log"
-            key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                            "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key),
-                            "-out", str(cert), "-days", "1", "-subj", f"/CN={CERT_NAME}"],
-                           check=True, capture_output=True, timeout=20)
+            cert, key = self_signed(str(tmp_path), CERT_NAME)
             pair.popen(pair.ns_a, ["openssl", "s_server", "-4", "-accept", str(PORT), "-cert",
                                    str(cert), "-key", str(key), "-www", "-quiet"],
                        stdout=subprocess.DEVNULL, stderr=tempfile.TemporaryFile())

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 import lpd
-from harness import LPD, write_pcap
+from harness import LPD, memory_handshake, self_signed, write_pcap
 from packets import ETH_IP, ETH_IP6, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_PUSH, TCP_SYN, \
     ether, ipv4, ipv6, tcp, udp
 
@@ -32,13 +32,7 @@ RECORD_MAX = 1 << 14           # a TLS record's most plaintext bytes
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cert")
-    key, cert = d / "key.pem", d / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=tls.test"], check=True,
-                   capture_output=True, timeout=20)
-    return str(cert), str(key)
+    return self_signed(str(tmp_path_factory.mktemp("cert")))
 
 
 def hellos(certificate, name="app.tls.test", alpn=("h2", "http/1.1"), tls12=False):
@@ -52,16 +46,7 @@ def hellos(certificate, name="app.tls.test", alpn=("h2", "http/1.1"), tls12=Fals
     sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     sctx.load_cert_chain(*certificate)
     sctx.set_alpn_protocols(["http/1.1"])
-    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-    client = cctx.wrap_bio(c_in, c_out, server_hostname=name)
-    server = sctx.wrap_bio(s_in, s_out, server_side=True)
-    with pytest.raises(ssl.SSLWantReadError):
-        client.do_handshake()
-    hello = c_out.read()
-    s_in.write(hello)
-    with pytest.raises(ssl.SSLWantReadError):
-        server.do_handshake()
-    return hello, s_out.read()
+    return memory_handshake(cctx, sctx, name)
 
 
 def segments(src, dst, sport, dport, data, seq, mss=MSS, flags=TCP_ACK | TCP_PUSH):
