@@ -10047,6 +10047,16 @@ DNS_RCODE_MASK = 0xF
 DNS_RECORDS_MAX = 256                       # records read per message (a reply holds a few)
 DNS_A, DNS_CNAME, DNS_AAAA = 1, 5, 28
 DNS_ADDRESS_LEN = {DNS_A: 4, DNS_AAAA: 16}
+# The fixed fields before what dns.log writes of a record (RFC 1035, 2782, 3403, 4034,
+# 4255, 1876): MX's preference, SRV's priority, weight and port, then the ones read
+DNS_MX_SKIP, DNS_SRV_SKIP = 2, 6
+DNS_NAPTR_HEAD = struct.Struct("!HH")       # order, preference
+DNS_RRSIG_HEAD = struct.Struct("!HBBIIIH")  # type covered, algorithm, labels, TTL, times, key tag
+DNS_DNSKEY_HEAD = struct.Struct("!HBB")     # flags, protocol, algorithm
+DNS_DS_HEAD = struct.Struct("!HBB")         # key tag, algorithm, digest type
+DNS_SSHFP_HEAD = struct.Struct("!BB")       # algorithm, fingerprint type
+DNS_LOC_HEAD = struct.Struct("!BBBB")       # version, size, horizontal and vertical precision
+DNS_ROOT_SIGNER = "<Root>"                  # Zeek's RRSIG signer when it is the root
 
 
 class DnsError(ValueError):
@@ -10057,7 +10067,7 @@ class DnsRecord(NamedTuple):
     name: str
     type: int
     ttl: int
-    value: object                  # A/AAAA: raw address bytes; CNAME: the name; else None
+    value: object                  # A/AAAA: raw address bytes; an answer's dns.log text ("": none)
 
 
 class DnsMessage(NamedTuple):
@@ -10106,6 +10116,103 @@ def dns_name(buf, off):
         off += 1 + n
 
 
+def _rdata_name(buf, off, end, skip=0):
+    """The name `skip` octets into a record's data, which must hold it."""
+    if off + skip > end:
+        raise DnsError("rdata")
+    name, after = dns_name(buf, off + skip)
+    if after > end:
+        raise DnsError("rdata")
+    return name
+
+
+def _rdata_fixed(buf, off, end, layout):
+    """The fixed fields (a struct.Struct) a record's data starts with."""
+    if off + layout.size > end:
+        raise DnsError("rdata")
+    return layout.unpack_from(buf, off)
+
+
+def _rdata_string(buf, off, end):
+    """(one character-string (RFC 1035 3.3: a length octet, the bytes) as Zeek's JSON
+    writer prints bytes: printable ASCII as is, others \\xHH; the offset after it)."""
+    if off >= end or off + 1 + buf[off] > end:
+        raise DnsError("rdata")
+    n = buf[off]
+    return "".join(chr(b) if 0x20 <= b < 0x7F else f"\\x{b:02x}"
+                   for b in buf[off + 1:off + 1 + n]), off + 1 + n
+
+
+def _rdata_txt(buf, off, end, kind):
+    """TXT and SPF: each string as "KIND <length> <string>", one space between."""
+    out = []
+    while off < end:
+        text, after = _rdata_string(buf, off, end)
+        out.append(f"{kind} {buf[off]} {text}")
+        off = after
+    return " ".join(out)
+
+
+def _rdata_naptr(buf, off, end):
+    """RFC 3403 as Zeek's dns_NAPTR_reply joins it: "NAPTR order preference flags service
+    regexp replacement" (regexp and replacement each only when not empty)."""
+    order, preference = _rdata_fixed(buf, off, end, DNS_NAPTR_HEAD)
+    off += DNS_NAPTR_HEAD.size
+    strings = []
+    for _ in range(3):                     # flags, service, regexp
+        text, off = _rdata_string(buf, off, end)
+        strings.append(text)
+    flags, service, regexp = strings
+    tail = " ".join(t for t in (regexp, _rdata_name(buf, off, end)) if t)
+    return f"NAPTR {order} {preference} {flags} {service} {tail}"
+
+
+def _rdata_rrsig(buf, off, end, owner):
+    covered = _rdata_fixed(buf, off, end, DNS_RRSIG_HEAD)[0]
+    return f"RRSIG {covered} {_rdata_name(buf, off, end, DNS_RRSIG_HEAD.size) or DNS_ROOT_SIGNER}"
+
+
+def _rdata_sshfp(buf, off, end, owner):
+    _rdata_fixed(buf, off, end, DNS_SSHFP_HEAD)
+    return f"SSHFP: {bytes(buf[off + DNS_SSHFP_HEAD.size:end]).hex()}"
+
+
+# dns.log's `answers` text of each record type as Zeek's base/protocols/dns/main.zeek
+# writes it (its dns_*_reply handlers): fn(buf, rdata offset, rdata end, owner name).
+# A type Zeek's analyzer parses without a handler that writes text is DNS_RDATA_SILENT;
+# one it does not know at all is "<unknown type=N>" (dns_unknown_reply).
+DNS_RDATA_TEXT = {
+    2: lambda b, o, e, n: _rdata_name(b, o, e),                     # NS
+    DNS_CNAME: lambda b, o, e, n: _rdata_name(b, o, e),
+    12: lambda b, o, e, n: _rdata_name(b, o, e),                    # PTR
+    6: lambda b, o, e, n: _rdata_name(b, o, e),                     # SOA: its mname
+    15: lambda b, o, e, n: _rdata_name(b, o, e, DNS_MX_SKIP),       # MX: the exchange only
+    33: lambda b, o, e, n: _rdata_name(b, o, e, DNS_SRV_SKIP),      # SRV: the target only
+    16: lambda b, o, e, n: _rdata_txt(b, o, e, "TXT"),
+    99: lambda b, o, e, n: _rdata_txt(b, o, e, "SPF"),
+    35: lambda b, o, e, n: _rdata_naptr(b, o, e),
+    46: _rdata_rrsig,
+    48: lambda b, o, e, n: f"DNSKEY {_rdata_fixed(b, o, e, DNS_DNSKEY_HEAD)[2]}",
+    47: lambda b, o, e, n: f"NSEC {n} {_rdata_name(b, o, e)}",
+    50: lambda b, o, e, n: "NSEC3",
+    51: lambda b, o, e, n: "NSEC3PARAM",
+    43: lambda b, o, e, n: "DS {1} {2}".format(*_rdata_fixed(b, o, e, DNS_DS_HEAD)),
+    65534: lambda b, o, e, n: "BIND9 signing signal",
+    44: _rdata_sshfp,
+    29: lambda b, o, e, n: "LOC:  {1} {2} {3}".format(*_rdata_fixed(b, o, e, DNS_LOC_HEAD)),
+}
+# WKS, HINFO, NetBIOS NBSTAT, OPT, A6, TKEY, TSIG, SVCB, HTTPS, CAA: parsed, not written
+DNS_RDATA_SILENT = frozenset((11, 13, 32, 38, 41, 249, 250, 64, 65, 257))
+
+
+def dns_rdata_text(buf, off, end, rtype, owner):
+    """A record's data as dns.log's `answers` writes it, "" for none (DNS_RDATA_TEXT)."""
+    if rtype in DNS_RDATA_SILENT:
+        return ""
+    text = DNS_RDATA_TEXT.get(rtype)
+    return text(buf, off, end, owner) if text is not None else f"<unknown type={rtype}>"
+
+
 def parse_dns(buf):
     """A DNS message (UDP payload, or a TCP message without its length prefix): its
     header, first question and records (DNS_RECORDS_MAX at most) up to the first thing
@@ -10125,7 +10232,7 @@ def parse_dns(buf):
             off += DNS_QUESTION.size
             if i == 0:
                 question = (name, qtype, qclass)
-        for _ in range(min(an + ns + ar, DNS_RECORDS_MAX)):
+        for i in range(min(an + ns + ar, DNS_RECORDS_MAX)):
             name, off = dns_name(buf, off)
             if off + DNS_RR.size > len(buf):
                 raise DnsError("truncated")
@@ -10133,15 +10240,14 @@ def parse_dns(buf):
             off += DNS_RR.size
             if off + size > len(buf):
                 raise DnsError("truncated")
-            value = None
             if rtype in DNS_ADDRESS_LEN:
                 if size != DNS_ADDRESS_LEN[rtype]:
                     raise DnsError("rdata")
                 value = bytes(buf[off:off + size])
-            elif rtype == DNS_CNAME:
-                value, after = dns_name(buf, off)
-                if after > off + size:
-                    raise DnsError("rdata")
+            elif i < an:                  # the answer section's: dns.log writes those only
+                value = dns_rdata_text(buf, off, off + size, rtype, name)
+            else:
+                value = None
             records.append(DnsRecord(name, rtype, ttl, value))
             off += size
     except DnsError as e:
@@ -10483,7 +10589,7 @@ class Names(Consumer):
                     "AA": bool(flags & DNS_AA), "TC": bool(flags & DNS_TC), "RA": bool(flags & DNS_RA),
                     # Zeek's dns_rejected: a reply without a record in any section
                     "rejected": not msg.answers and not msg.others})
-        answers = [r for r in msg.answers if r.value is not None]
+        answers = [r for r in msg.answers if r.value]    # as Zeek: a record without text is not written
         if answers:
             rec["answers"] = [raw_address(r.value) if r.type in DNS_ADDRESS_LEN else r.value
                               for r in answers]
