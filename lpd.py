@@ -7131,7 +7131,8 @@ STAGES = []
 # provides: connection_uid, Connections, conn_key, format_rule_lines, IP_FRAGMENT,
 #   IPV4_FRAG_MASK, IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, L4_PORTS, LIVE_STATES,
 #   LOCAL_EVICT_FRACTION, LocalAddresses, not_on_ports, OFFLOAD_*, parse_filter_file, parse_l4,
-#   proto_name, REMOTE_WEIGHT, RemoteAddresses, RuleCounter, SEQ_HALF, SEQ_MOD, TH_*
+#   proto_name, REMOTE_TRIM_FACTOR, REMOTE_WEIGHT, RemoteAddresses, RuleCounter, SEQ_HALF,
+#   SEQ_MOD, TH_*
 #
 # Where a new stage goes: one sub-chapter here. It holds the Consumer subclass (11) with
 # its name (the key of its snapshot, document, log and worker pipe) and snapshot_type,
@@ -7401,7 +7402,7 @@ STAGES.append(Stage(LocalAddresses, _local_addresses, (("addresses", addresses_d
 
 ###############################################################################
 # 14.2 Remote addresses #######################################################
-# provides: REMOTE_WEIGHT, RemoteAddresses
+# provides: REMOTE_TRIM_FACTOR, REMOTE_WEIGHT, RemoteAddresses
 
 # The table trims to --remote-max when it holds this many times as many: a sort per
 # remote_max newcomers, so a flood of spoofed sources costs O(log n) per address.
@@ -7421,7 +7422,9 @@ class RemoteAddresses(Consumer):
     totals count every frame, whatever was evicted.
 
     consume() touches the table through `cache`, the entries counted since the last
-    snapshot: a snapshot rebuilds the rows of those only.
+    snapshot: a snapshot rebuilds the rows of those only. A follower (--names, 15.2,
+    calls follow()) takes at its tick the entries counted since it last took them
+    (take_counted()): `cache`, and `counted`, where each snapshot leaves its cache.
     """
     name = "remotes"
     snapshot_type = RemoteSnapshot
@@ -7435,6 +7438,17 @@ class RemoteAddresses(Consumer):
         self.totals = [0, 0, 0, 0]
         self.evictions = 0
         self.floor = 0
+        self.counted = None             # key -> entry counted since take_counted(), with a follower
+
+    def follow(self):
+        self.counted = {}
+
+    def take_counted(self):
+        """key -> entry of (at least) every remote counted since the last call, which
+        may have evicted some since: a follower compares the entry with the table's."""
+        counted, self.counted = self.counted, {}
+        counted.update(self.cache)
+        return counted
 
     def consume(self, batch):
         get, touch, totals = self.cache.get, self.touch, self.totals
@@ -7474,6 +7488,8 @@ class RemoteAddresses(Consumer):
             del self.table[key]
             self.cache.pop(key, None)
             self.rows.pop(key, None)
+            if self.counted is not None:
+                self.counted.pop(key, None)
         self.evictions += len(evicted)
 
     def tracked(self):
@@ -7483,6 +7499,8 @@ class RemoteAddresses(Consumer):
         rows = self.rows
         for key, e in self.cache.items():
             rows[key] = ((family_of_key(key).version, key), *e)
+        if self.counted is not None:
+            self.counted.update(self.cache)
         self.cache = {}
         return RemoteSnapshot(tuple(rows.values()), tuple(self.totals), self.evictions, self.floor)
 
@@ -10281,9 +10299,11 @@ def parse_dns(buf):
 # kernel program's judge, the eBPF CopyPlan's ports and udp_ports). Over TCP each
 # direction's bytes are read in sequence order, a resent segment's new bytes only; an
 # early segment (a hole) ends the reading of that stream, counted as a gap, as does a
-# stream pushed out by DNS_TCP_STREAMS_MAX newer ones. Only the classic engine hands it
-# the remotes a local host sends to (the eBPF engine counts them in the kernel), so under
-# ebpf a name is promoted by a matched re-lookup only.
+# stream pushed out by DNS_TCP_STREAMS_MAX newer ones. The classic engine hands it the
+# remotes a local host sends to in each batch; the eBPF engine counts them in the kernel,
+# so with --remote the stage also reads, at each tick, the bytes the remote stage counted
+# per remote in the interval (RemoteDeltas, either engine): one sent to is in use. Under
+# ebpf without --remote a name is promoted by a matched re-lookup only.
 
 DNS_PORT, MDNS_PORT = 53, 5353
 DNS_QR = 0x8000                             # the header's flags: a response
@@ -10402,6 +10422,38 @@ class NameTable:
                 self.changed = True
 
 
+class RemoteDeltas:
+    """The bytes each remote carried since the last take(), from the remote stage's
+    table (14.2) whichever engine counted them: the classic decoder's batches or the
+    kernel's maps, drained into it at the tick (16.4). One pass over the remotes
+    counted in the interval, nothing per frame. An entry evicted and entered again
+    counts from zero: what it carried between the last take and its eviction is lost
+    with it, as in the remote table (within its error bound)."""
+
+    def __init__(self, remotes):
+        self.remotes = remotes
+        remotes.follow()
+        self.seen = {}                  # key -> (entry, tx bytes, rx bytes) at the last take
+
+    def take(self):
+        """[(key, tx bytes, rx bytes)] of the remotes that carried any since the last call."""
+        out, seen = [], self.seen
+        for key, e in self.remotes.take_counted().items():
+            tx, rx = e[TX_BYTES], e[RX_BYTES]
+            last = seen.get(key)
+            if last is not None and last[0] is e:
+                dtx, drx = tx - last[1], rx - last[2]
+            else:
+                dtx, drx = tx, rx
+            seen[key] = (e, tx, rx)
+            if dtx or drx:
+                out.append((key, dtx, drx))
+        if len(seen) > REMOTE_TRIM_FACTOR * len(self.remotes.table) + self.remotes.remote_max:
+            table = self.remotes.table      # amortised: entries evicted since are forgotten
+            self.seen = {k: v for k, v in seen.items() if table.get(k) is v[0]}
+        return out
+
+
 class NamesSnapshot(NamedTuple):
     names: tuple = ()              # ((version, key), query, target, expiry, answered), protected first
     parse_errors: tuple = ()       # (reason, count)
@@ -10440,8 +10492,11 @@ class Names(Consumer):
     snapshot_type = NamesSnapshot
     wants = frozenset((WANT_RAW, WANT_TS, WANT_REMOTE))
 
-    def __init__(self, ports=(DNS_PORT,), size=DEFAULT_NAMES_MAX, logged=None, conns=None):
-        """conns: the Connections stage (--connections), whose uids the records take."""
+    def __init__(self, ports=(DNS_PORT,), size=DEFAULT_NAMES_MAX, logged=None, conns=None,
+                 remotes=None):
+        """conns: the Connections stage (--connections), whose uids the records take;
+        remotes: the RemoteAddresses stage (--remote), whose bytes per tick protect the
+        names in use under either engine (RemoteDeltas)."""
         self.ports = frozenset(ports)
         self.tcp_ports = self.ports & {DNS_PORT}   # mDNS is UDP only
         self.streams = collections.OrderedDict()   # (src, sport, dst, dport) -> [next seq, bytes]
@@ -10457,6 +10512,7 @@ class Names(Consumer):
         self.sent, self.sent_before = set(), set()
         self.now = 0.0
         self.rows = ()
+        self.deltas = RemoteDeltas(remotes) if remotes is not None else None
 
     def whole_ports(self):
         return tuple(sorted(self.tcp_ports)), tuple(sorted(self.ports))
@@ -10611,6 +10667,8 @@ class Names(Consumer):
         if now > self.now:
             self.now = now
         if not self.behind:                        # an interval's end, not an extra pass
+            if self.deltas is not None:
+                self.interval_bytes(self.deltas.take())
             self.sent_before, self.sent = self.sent, set()
         self.behind = False
         for _ in range(DNS_TICK_WORK):
@@ -10622,6 +10680,16 @@ class Names(Consumer):
             self.finish_query(self.pending.popitem(last=False)[1])
         else:
             self.behind = bool(self.pending)
+
+    def interval_bytes(self, deltas):
+        """The remote stage's bytes of the interval, per remote: one that received from
+        a local host is in use (under ebpf the only way this stage learns it)."""
+        used, sent, until = self.table.used, self.sent, self.now + DNS_NAME_GRACE
+        for key, tx, _ in deltas:
+            if tx:
+                used(key, until)
+                if len(sent) < self.table.size:
+                    sent.add(key)
 
     def finish(self):
         while self.pending:
@@ -10692,7 +10760,7 @@ def _names(opts, w, built):
         return None
     log_ = w.logs.get(Names.name)
     return Names(names_ports(opts), opts.names_max, log_.write if log_ is not None else None,
-                 built.get(Connections.name))
+                 built.get(Connections.name), built.get(RemoteAddresses.name))
 
 
 STAGES.append(Stage(Names, _names, (("names", names_document),), names_metrics, names_table,

@@ -487,3 +487,36 @@ def test_mdns_answers_name_their_owners_with_names_mdns(tmp_path):
                if line.startswith(("lpd_names ", "lpd_name_evictions_total", "lpd_dns_parse_errors_total"))}
     assert samples["lpd_names"] == 1 and samples["lpd_name_evictions_total"] == 0
     assert samples['lpd_dns_parse_errors_total{reason="truncated"}'] == 0
+
+
+@pytest.mark.unit
+def test_remote_deltas_are_each_interval_bytes_whatever_the_snapshots():
+    """RemoteDeltas: per take, the bytes each remote carried since the last one, whether
+    or not snapshots ran in between; an evicted remote that comes back counts from zero;
+    a remote sent to marks its name used (the engines' common path, issue 27)."""
+    remotes = lpd.RemoteAddresses(remote_max=2)
+    names = lpd.Names(remotes=remotes)
+    deltas = names.deltas
+
+    def batch(tx=(), rx=()):
+        b = lpd.Batch()
+        b.remote_tx.extend(tx)
+        b.remote_rx.extend(rx)
+        remotes.consume(b)
+    batch(tx=[(1, 100, 1)], rx=[(2, 50, 1)])
+    assert sorted(deltas.take()) == [(1, 100, 0), (2, 0, 50)]
+    batch(tx=[(1, 10, 1)])
+    remotes.snapshot()                      # the cache is gone; the follower still sees it
+    batch(rx=[(1, 5, 1)])
+    assert deltas.take() == [(1, 10, 5)]
+    assert deltas.take() == []
+    for key in range(3, 9):                 # a flood trims the table: 1 and 2 are light
+        batch(tx=[(key, 1000, 1)])
+    deltas.take()
+    assert 2 not in remotes.table
+    batch(rx=[(2, 7, 1)])
+    assert deltas.take() == [(2, 0, 7)]     # counted since it entered again
+    names.table.answer(9, "busy.test", "", 10.0, False, seen=0.0)
+    batch(tx=[(9, 1, 1)])
+    names.tick(20.0)
+    assert 9 in names.table.protected and names.table.get(9)[2] == 20.0 + lpd.DNS_NAME_GRACE
