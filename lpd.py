@@ -7128,8 +7128,8 @@ STAGES = []
 ###############################################################################
 # 14 Stages ###################################################################
 ###############################################################################
-# provides: connection_uid, Connections, conn_key, format_rule_lines, IP_FRAGMENT,
-#   IPV4_FRAG_MASK, IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, L4_PORTS, LIVE_STATES,
+# provides: connection_uid, Connections, conn_key, exported_remotes, format_rule_lines,
+#   IP_FRAGMENT, IPV4_FRAG_MASK, IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, L4_PORTS, LIVE_STATES,
 #   LOCAL_EVICT_FRACTION, LocalAddresses, not_on_ports, OFFLOAD_*, parse_filter_file, parse_l4,
 #   proto_name, REMOTE_TRIM_FACTOR, REMOTE_WEIGHT, RemoteAddresses, RuleCounter, SEQ_HALF,
 #   SEQ_MOD, TH_*
@@ -7402,7 +7402,7 @@ STAGES.append(Stage(LocalAddresses, _local_addresses, (("addresses", addresses_d
 
 ###############################################################################
 # 14.2 Remote addresses #######################################################
-# provides: REMOTE_TRIM_FACTOR, REMOTE_WEIGHT, RemoteAddresses
+# provides: exported_remotes, REMOTE_TRIM_FACTOR, REMOTE_WEIGHT, RemoteAddresses
 
 # The table trims to --remote-max when it holds this many times as many: a sort per
 # remote_max newcomers, so a flood of spoofed sources costs O(log n) per address.
@@ -7539,6 +7539,11 @@ REMOTE_TOTALS = (
     ("lpd_remote_receive_packets", RX_PACKETS, "Packets received from remote addresses."))
 
 
+def exported_remotes(c, remotes):
+    """The rows of the remotes with their own ip_traffic_* series (past -t)."""
+    return [r for r in remotes.rows if r[1 + TX_BYTES] + r[1 + RX_BYTES] > c.threshold]
+
+
 def remotes_metrics(c, snap):
     """The remote addresses' families (a row of STAGES): ip_traffic_monitor_cli's series
     of the remotes past the threshold, lpd's totals; none without --remote."""
@@ -7547,8 +7552,7 @@ def remotes_metrics(c, snap):
     if remotes is None:
         return
     family, geo, nic = metric_family, remote_labeller(c.geo), c.nic
-    exported = [(r, (str(address(r[0])), *geo(r[0]))) for r in remotes.rows
-                if r[1 + TX_BYTES] + r[1 + RX_BYTES] > c.threshold]
+    exported = [(r, (str(address(r[0])), *geo(r[0]))) for r in exported_remotes(c, remotes)]
     for name, i, doc in REMOTE_SERIES:
         yield family(counter, name, doc, REMOTE_LABELS, [(labels, r[i]) for r, labels in exported])
     for name, i, doc in REMOTE_TOTALS:
@@ -10738,6 +10742,22 @@ def names_metrics(c, snap):
                         [((), names.pending_evictions)])
     yield metric_family(counter, "lpd_dns_unmatched_responses",
                         "DNS responses to no query lpd saw.", [], [((), names.unmatched)])
+    remotes = snap.get("remotes")
+    if remotes is not None:
+        yield remote_info_family(c, remotes, names)
+
+
+def remote_info_family(c, remotes, names):
+    """lpd_remote_info: a join, not a dimension: a series only for a remote that has its
+    own ip_traffic_* ones (exported_remotes), labelled with its name, so the series
+    stay as many as the remote table exports; joined in PromQL on remote_ip."""
+    from prometheus_client.core import GaugeMetricFamily as gauge
+    named = names.by_key()
+    rows = [((str(address(r[0])), named[r[0]]), 1) for r in exported_remotes(c, remotes)
+            if named.get(r[0])]
+    return metric_family(gauge, "lpd_remote_info",
+                         "A remote address's name from DNS answers (--names): always 1.",
+                         ["remote_ip", "name"], rows)
 
 
 def names_table(doc):

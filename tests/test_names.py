@@ -489,6 +489,40 @@ def test_mdns_answers_name_their_owners_with_names_mdns(tmp_path):
     assert samples['lpd_dns_parse_errors_total{reason="truncated"}'] == 0
 
 
+def metrics(tmp_path, records, *args):
+    """`-r --output metrics` of a trace: {(family, labels text): value}, and the text."""
+    pcap = tmp_path / "m.pcap"
+    write_pcap(pcap, records)
+    p = subprocess.run([sys.executable, LPD, "-r", str(pcap), "--output", "metrics", *args],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    samples = {}
+    for line in p.stdout.splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            name, _, labels = series.partition("{")
+            samples[name, labels.rstrip("}")] = float(value)
+    return samples
+
+
+@pytest.mark.offline
+def test_remote_info_joins_the_exported_remotes_only(tmp_path):
+    """lpd_remote_info{remote_ip,name} 1 for a named remote with its own ip_traffic_*
+    series, none for one below -t (its frame is 142 bytes, the IPv6 one's 162): the
+    series are as many as ip_traffic_tx_bytes' named ones, never more."""
+    samples = metrics(tmp_path, lookup_trace(), "--names", "--remote", "-t", "150",
+                      "--local-net", "10.1.0.0/24", "--local-net", "fd00::/64")
+    info = {labels: v for (name, labels), v in samples.items() if name == "lpd_remote_info"}
+    assert info == {'name="www.example.test",remote_ip="2001:db8::80"': 1.0}
+    traffic = {labels for name, labels in samples if name == "ip_traffic_tx_bytes_total"}
+    assert len(traffic) == 1 and 'remote_ip="2001:db8::80"' in next(iter(traffic))
+    samples = metrics(tmp_path, lookup_trace(), "--names", "--remote", "-t", "0",
+                      "--local-net", "10.1.0.0/24", "--local-net", "fd00::/64")
+    assert len([1 for name, _ in samples if name == "lpd_remote_info"]) == 2
+    samples = metrics(tmp_path, lookup_trace(), "--names", "--local-net", "10.1.0.0/24")
+    assert not [1 for name, _ in samples if name == "lpd_remote_info"]     # no --remote: no join
+
+
 @pytest.mark.unit
 def test_remote_deltas_are_each_interval_bytes_whatever_the_snapshots():
     """RemoteDeltas: per take, the bytes each remote carried since the last one, whether
