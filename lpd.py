@@ -215,6 +215,10 @@ DEFAULT_HTTP_PORTS = (80, 8080, 8000, 3000, 5000, 9000)
 # Connections tracked at most, and the idle timeouts that end them.
 DEFAULT_CONN_MAX = 262144
 DEFAULT_NAMES_MAX = 65536           # remote addresses with a name (--names-max)
+# Registered domains with their own traffic counters (--names-domains): a dashboard's
+# "top services" at 2 series each; on a home router a few services (video, updates,
+# cloud storage) carry most bytes, and the rest is `other`.
+DEFAULT_NAMES_DOMAINS = 20
 DEFAULT_CONN_TIMEOUT_TCP = 300.0
 DEFAULT_CONN_TIMEOUT_UDP = 60.0
 DEFAULT_FLOW_ACTIVE_TIMEOUT = 60.0
@@ -454,6 +458,10 @@ def build_parser():
     p.add_argument("--names-max", type=_positive_int, default=DEFAULT_NAMES_MAX, metavar="N",
                    help="addresses with a name at most (default %(default)s); new names "
                         "cannot push out those whose address carried traffic")
+    p.add_argument("--names-domains", type=_non_negative_int, default=DEFAULT_NAMES_DOMAINS,
+                   metavar="K", help="with --names and --remote: transmit and receive bytes of "
+                   "the K busiest registered domains (Public Suffix List), the rest as 'other' "
+                   "(default %(default)s; 0: off)")
     p.add_argument("--dns-log", metavar="PATH",
                    help="one JSON line per DNS query, Zeek's dns.log fields ('-': stdout; "
                         "reopened on SIGHUP; implies --names)")
@@ -10458,6 +10466,17 @@ class RemoteDeltas:
         return out
 
 
+def merge_domains(a, b):
+    """Workers' domain rows summed by domain (each worker has its K: at most K per worker)."""
+    sums = {}
+    for domain, tx, rx in a + b:
+        e = sums.setdefault(domain, [0, 0])
+        e[0] += tx
+        e[1] += rx
+    other = sums.pop(DOMAIN_OTHER, None)
+    return tuple((d, *e) for d, e in sums.items()) + (((DOMAIN_OTHER, *other),) if other else ())
+
+
 class NamesSnapshot(NamedTuple):
     names: tuple = ()              # ((version, key), query, target, expiry, answered), protected first
     parse_errors: tuple = ()       # (reason, count)
@@ -10466,6 +10485,7 @@ class NamesSnapshot(NamedTuple):
     unmatched: int = 0             # responses to no query lpd saw
     queries: int = 0
     responses: int = 0
+    domains: tuple = ()            # (domain, tx bytes, rx bytes), DOMAIN_OTHER's last (DomainTraffic)
 
     def merge(self, other):
         """Workers' union: each saw its own flows' answers."""
@@ -10476,7 +10496,8 @@ class NamesSnapshot(NamedTuple):
                              self.evictions + other.evictions,
                              self.pending_evictions + other.pending_evictions,
                              self.unmatched + other.unmatched, self.queries + other.queries,
-                             self.responses + other.responses)
+                             self.responses + other.responses,
+                             merge_domains(self.domains, other.domains))
 
     def by_key(self):
         """(version, key) -> the name the remote was last looked up by (workers' tables
@@ -10488,6 +10509,187 @@ class NamesSnapshot(NamedTuple):
         return {k: q for k, (q, _) in latest.items()}
 
 
+# Registered domains (eTLD+1) by the Public Suffix List (publicsuffix.org/list), read
+# from Debian's `publicsuffix` package when it is installed: once, at the first name,
+# its ICANN section only. The PRIVATE section lists hosting platforms' customer zones
+# (cloudfront.net, github.io, s3.amazonaws.com ...): counted by it, one platform's bytes
+# would split over as many domains as it has customers, each wanting a slot of K; by the
+# ICANN section they count under the platform, the service the operator asks about.
+# Without the file, the last two labels (a ccTLD's second level, example.co.uk, then
+# counts as co.uk). A name with no label left of its public suffix has no domain: its
+# bytes count as `other`.
+PUBLIC_SUFFIX_LIST = "/usr/share/publicsuffix/public_suffix_list.dat"
+PSL_PRIVATE_MARK = "===BEGIN PRIVATE DOMAINS==="
+FALLBACK_DOMAIN_LABELS = 2
+DOMAIN_CACHE = 4096                         # names whose domain is remembered (an LRU)
+
+
+class PublicSuffixList:
+    """The PSL's rules (normal, *. wildcard, ! exception) and its algorithm: the
+    prevailing rule is an exception if one matches, else the matching rule of most
+    labels, else "*"; an exception's suffix is itself less its leftmost label."""
+
+    def __init__(self, lines, private=False):
+        self.exact, self.wild, self.exceptions = set(), set(), set()
+        for line in lines:
+            if PSL_PRIVATE_MARK in line and not private:
+                break
+            words = line.split()            # a rule ends at the first white space
+            if not words or words[0].startswith("//"):
+                continue
+            rule = psl_ascii(words[0])
+            if rule.startswith("!"):
+                self.exceptions.add(rule[1:])
+            elif rule.startswith("*."):
+                self.wild.add(rule[2:])
+            else:
+                self.exact.add(rule)
+
+    def public_suffix_labels(self, labels):
+        """How many of the labels (a name split at its dots) its public suffix has."""
+        n = len(labels)
+        for i in range(n):
+            suffix = ".".join(labels[i:])
+            if suffix in self.exceptions:
+                return n - i - 1
+            if suffix in self.exact or (i + 1 < n and ".".join(labels[i + 1:]) in self.wild):
+                return n - i
+        return 1                            # the default rule, "*"
+
+    def registered(self, name):
+        """name's registered domain (its public suffix and one label more), or None."""
+        if not name or name.startswith(".") or name.endswith(".."):
+            return None
+        labels = name.lower().rstrip(".").split(".")
+        if "" in labels:
+            return None
+        k = self.public_suffix_labels(labels)
+        return ".".join(labels[-k - 1:]) if len(labels) > k else None
+
+
+def psl_ascii(rule):
+    """A rule as names are on the wire: its Unicode labels in punycode (IDNA), lower case."""
+    try:
+        return rule.encode("idna").decode("ascii").lower()
+    except UnicodeError:                   # a label IDNA 2003 refuses: never on the wire as is
+        return rule.lower()
+
+
+_psl = []                                   # [the list, or None without the file]: read once
+
+
+def public_suffix_list():
+    if not _psl:
+        try:
+            with open(PUBLIC_SUFFIX_LIST, encoding="utf-8") as f:
+                _psl.append(PublicSuffixList(f))
+        except OSError:
+            _psl.append(None)
+    return _psl[0]
+
+
+@functools.lru_cache(maxsize=DOMAIN_CACHE)
+def registered_domain(name):
+    """The domain a name's traffic counts under (the PSL's, else its last two labels), or
+    None (no label left of the suffix)."""
+    psl = public_suffix_list()
+    if psl is not None:
+        return psl.registered(name)
+    labels = [p for p in name.lower().split(".") if p]
+    return ".".join(labels[-FALLBACK_DOMAIN_LABELS:]) if len(labels) >= FALLBACK_DOMAIN_LABELS else None
+
+
+# Per-domain traffic (--names-domains K): the bytes of each named remote, per tick, under
+# its name's registered domain. K domains have their own counters, `other` the rest. A
+# domain keeps its counter while it carries bytes, so none decreases; one that carried
+# nothing for DOMAIN_SLOT_IDLE frees its slot and its series disappears; admitted again
+# within as long, it resumes its counts; later (an hour past Prometheus' 5-minute
+# staleness) it is a new series from zero. A slot frees at most once per DOMAIN_SLOT_IDLE,
+# so at most K freed domains are remembered.
+# The domains without a slot are candidates, at most DOMAIN_CANDIDATES_MAX (trimmed to
+# the heaviest when twice as many, as 14.2's table); at each tick a free slot goes to
+# the candidate with the most bytes (this tick's counted in), which counts from that
+# tick on (what it carried in earlier ticks stays in `other`). A candidate that carried
+# nothing for DOMAIN_SLOT_IDLE is dropped.
+# Memory: 2 K + 2 DOMAIN_CANDIDATES_MAX domains; series: 2 (K + 1) per capture process.
+DOMAIN_SLOT_IDLE = 3600.0                   # seconds without bytes before a slot frees
+DOMAIN_CANDIDATES_MAX = 1024
+DOMAIN_OTHER = "other"
+
+
+class DomainTraffic:
+    """The K domains' counters ([tx bytes, rx bytes, last bytes at]) and `other`'s."""
+
+    def __init__(self, k):
+        self.k = k
+        self.slots = {}                     # domain -> [tx, rx, last time it carried bytes]
+        self.other = [0, 0]
+        self.candidates = {}                # domain -> [bytes while without a slot, last time]
+        self.retired = {}                   # domain -> (tx, rx, freed at): ~K (see above)
+
+    def count(self, now, traffic):
+        """traffic: (name, tx bytes, rx bytes) of the tick's named remotes. The tick's
+        domains are candidates before the free slots are given, so a domain admitted
+        now counts this tick's bytes; one admitted later counts from then on."""
+        tick = {}                          # domain -> [tx, rx] of this tick
+        for name, tx, rx in traffic:
+            e = tick.setdefault(registered_domain(name), [0, 0])
+            e[0] += tx
+            e[1] += rx
+        self.release(now, tick)
+        self.nominate(now, tick)
+        self.admit(now)
+        other = self.other
+        for domain, (tx, rx) in tick.items():
+            e = self.slots.get(domain)
+            if e is None:
+                other[0] += tx
+                other[1] += rx
+            else:
+                e[0] += tx
+                e[1] += rx
+                e[2] = now
+
+    def nominate(self, now, tick):
+        """The tick's domains without a slot join the candidates (bounded: the heaviest)."""
+        slots, candidates = self.slots, self.candidates
+        for domain, (tx, rx) in tick.items():
+            if domain is not None and domain not in slots:
+                c = candidates.setdefault(domain, [0, now])
+                c[0] += tx + rx
+                c[1] = now
+        if len(candidates) > REMOTE_TRIM_FACTOR * DOMAIN_CANDIDATES_MAX:
+            self.candidates = dict(heapq.nlargest(DOMAIN_CANDIDATES_MAX, candidates.items(),
+                                                  key=lambda item: item[1][0]))
+
+    def release(self, now, busy):
+        """Slots and candidates idle for DOMAIN_SLOT_IDLE (and without bytes in this
+        tick, `busy`) go; a freed slot's counts are kept as long again (`retired`), so
+        a domain back within that time resumes them."""
+        for domain in [d for d, e in self.slots.items()
+                       if now - e[2] >= DOMAIN_SLOT_IDLE and d not in busy]:
+            tx, rx, _ = self.slots.pop(domain)
+            self.retired[domain] = (tx, rx, now)
+        for table, at in ((self.candidates, 1), (self.retired, 2)):
+            for domain in [d for d, e in table.items() if now - e[at] >= DOMAIN_SLOT_IDLE]:
+                del table[domain]
+
+    def admit(self, now):
+        """Free slots to the heaviest candidates, from zero or from their retired counts."""
+        room = self.k - len(self.slots)
+        if room <= 0 or not self.candidates:
+            return
+        for domain, _ in heapq.nlargest(room, self.candidates.items(), key=lambda item: item[1][0]):
+            del self.candidates[domain]
+            tx, rx, _ = self.retired.pop(domain, (0, 0, now))
+            self.slots[domain] = [tx, rx, now]
+
+    def rows(self):
+        """((domain, tx, rx) of each slot, then `other`'s)."""
+        return tuple((d, e[0], e[1]) for d, e in self.slots.items()) + \
+            ((DOMAIN_OTHER, *self.other),)
+
+
 class Names(Consumer):
     """--names: DNS queries and answers on `ports` (UDP; TCP too for port 53: each
     direction's bytes in sequence order, a gap ends the reading of a stream), a NameTable
@@ -10497,10 +10699,11 @@ class Names(Consumer):
     wants = frozenset((WANT_RAW, WANT_TS, WANT_REMOTE))
 
     def __init__(self, ports=(DNS_PORT,), size=DEFAULT_NAMES_MAX, logged=None, conns=None,
-                 remotes=None):
+                 remotes=None, domains=0):
         """conns: the Connections stage (--connections), whose uids the records take;
         remotes: the RemoteAddresses stage (--remote), whose bytes per tick protect the
-        names in use under either engine (RemoteDeltas)."""
+        names in use under either engine (RemoteDeltas) and count under their domains,
+        `domains` of them with their own counters (DomainTraffic; 0: none)."""
         self.ports = frozenset(ports)
         self.tcp_ports = self.ports & {DNS_PORT}   # mDNS is UDP only
         self.streams = collections.OrderedDict()   # (src, sport, dst, dport) -> [next seq, bytes]
@@ -10517,6 +10720,7 @@ class Names(Consumer):
         self.now = 0.0
         self.rows = ()
         self.deltas = RemoteDeltas(remotes) if remotes is not None else None
+        self.domains = DomainTraffic(domains) if domains and remotes is not None else None
 
     def whole_ports(self):
         return tuple(sorted(self.tcp_ports)), tuple(sorted(self.ports))
@@ -10687,13 +10891,21 @@ class Names(Consumer):
 
     def interval_bytes(self, deltas):
         """The remote stage's bytes of the interval, per remote: one that received from
-        a local host is in use (under ebpf the only way this stage learns it)."""
+        a local host is in use (under ebpf the only way this stage learns it); each
+        named one's bytes count under its name's domain."""
         used, sent, until = self.table.used, self.sent, self.now + DNS_NAME_GRACE
         for key, tx, _ in deltas:
             if tx:
                 used(key, until)
                 if len(sent) < self.table.size:
                     sent.add(key)
+        if self.domains is not None:
+            get, named = self.table.get, []
+            for key, tx, rx in deltas:
+                e = get(key)
+                if e is not None:
+                    named.append((e[0], tx, rx))
+            self.domains.count(self.now, named)
 
     def finish(self):
         while self.pending:
@@ -10708,7 +10920,8 @@ class Names(Consumer):
                               for seg in (t.protected, t.probation) for k, e in seg.items())
             t.changed = False
         return NamesSnapshot(self.rows, tuple(self.errors.items()), t.evictions,
-                             self.pending_evictions, self.unmatched, self.queries, self.responses)
+                             self.pending_evictions, self.unmatched, self.queries, self.responses,
+                             self.domains.rows() if self.domains is not None else ())
 
 
 def names_document(snap, how, top=None):
@@ -10720,6 +10933,7 @@ def names_document(snap, how, top=None):
     return {**_envelope(snap, how), "names": rows, "evictions": names.evictions,
             "queries": names.queries, "responses": names.responses, "unmatched": names.unmatched,
             "pending_evictions": names.pending_evictions, "parse_errors": dict(names.parse_errors),
+            "domains": [{"domain": d, "tx_bytes": tx, "rx_bytes": rx} for d, tx, rx in names.domains],
             **_cut(rows, len(names.names))}
 
 
@@ -10745,6 +10959,16 @@ def names_metrics(c, snap):
     remotes = snap.get("remotes")
     if remotes is not None:
         yield remote_info_family(c, remotes, names)
+    if names.domains:
+        for name, i, doc in DOMAIN_SERIES:
+            yield metric_family(counter, name, doc, ["domain"], [((r[0],), r[i]) for r in names.domains])
+
+
+# (name, index in a domain row, help): --names-domains' families
+DOMAIN_SERIES = (
+    ("lpd_domain_transmit_bytes", 1, "Bytes sent to the named remotes of a registered domain "
+                                     "(the K busiest; 'other': the rest)."),
+    ("lpd_domain_receive_bytes", 2, "Bytes received from the named remotes of a registered domain."))
 
 
 def remote_info_family(c, remotes, names):
@@ -10767,7 +10991,19 @@ def names_table(doc):
              f"{doc['queries']}, responses {doc['responses']} ({doc['unmatched']} unmatched)"
              f"{'; parse errors: ' + bad if bad else ''}\n"] +
             _columns(("address", "name", "cname"),
-                     [[d["address"], d["name"], d["cname"]] for d in doc["names"]], ()))
+                     [[d["address"], d["name"], d["cname"]] for d in doc["names"]], ()) +
+            domains_table(doc["domains"]))
+
+
+def domains_table(domains):
+    """--names-domains' counters, the busiest first (`other` last), when there are any."""
+    if not domains:
+        return []
+    ranked = sorted(domains[:-1], key=lambda d: d["tx_bytes"] + d["rx_bytes"], reverse=True)
+    return ["\ntraffic by domain (named remotes)\n"] + _columns(
+        ("domain", "tx bytes", "rx bytes"),
+        [[d["domain"], str(d["tx_bytes"]), str(d["rx_bytes"])] for d in ranked + domains[-1:]],
+        ("tx bytes", "rx bytes"))
 
 
 def names_ports(opts):
@@ -10780,7 +11016,7 @@ def _names(opts, w, built):
         return None
     log_ = w.logs.get(Names.name)
     return Names(names_ports(opts), opts.names_max, log_.write if log_ is not None else None,
-                 built.get(Connections.name), built.get(RemoteAddresses.name))
+                 built.get(Connections.name), built.get(RemoteAddresses.name), opts.names_domains)
 
 
 STAGES.append(Stage(Names, _names, (("names", names_document),), names_metrics, names_table,

@@ -554,3 +554,217 @@ def test_remote_deltas_are_each_interval_bytes_whatever_the_snapshots():
     batch(tx=[(9, 1, 1)])
     names.tick(20.0)
     assert 9 in names.table.protected and names.table.get(9)[2] == 20.0 + lpd.DNS_NAME_GRACE
+
+
+# --- registered domains and per-domain traffic (--names-domains) ---------------------------
+
+# A selection of the Public Suffix List's own test vectors, tests/test_psl.txt of
+# github.com/publicsuffix/list at e8c9a2b2b2856b6449999dd0ec0d118f364ed0cd (dedicated to
+# the public domain, CC0 1.0): (name, registered domain or None). Unicode names are
+# given to lpd as the wire carries them, in punycode (the file lists both forms).
+PSL_VECTORS = (
+    ("COM", None), ("example.COM", "example.com"), ("WwW.example.COM", "example.com"),
+    (".com", None), (".example", None), (".example.com", None), (".example.example", None),
+    ("example", None), ("example.example", "example.example"),
+    ("b.example.example", "example.example"), ("a.b.example.example", "example.example"),
+    ("biz", None), ("domain.biz", "domain.biz"), ("b.domain.biz", "domain.biz"),
+    ("a.b.domain.biz", "domain.biz"), ("com", None), ("example.com", "example.com"),
+    ("b.example.com", "example.com"), ("a.b.example.com", "example.com"), ("uk.com", None),
+    ("example.uk.com", "example.uk.com"), ("b.example.uk.com", "example.uk.com"),
+    ("a.b.example.uk.com", "example.uk.com"), ("test.ac", "test.ac"),
+    ("mm", None), ("c.mm", None), ("b.c.mm", "b.c.mm"), ("a.b.c.mm", "b.c.mm"),
+    ("jp", None), ("test.jp", "test.jp"), ("www.test.jp", "test.jp"), ("ac.jp", None),
+    ("test.ac.jp", "test.ac.jp"), ("www.test.ac.jp", "test.ac.jp"), ("kyoto.jp", None),
+    ("test.kyoto.jp", "test.kyoto.jp"), ("ide.kyoto.jp", None),
+    ("b.ide.kyoto.jp", "b.ide.kyoto.jp"), ("a.b.ide.kyoto.jp", "b.ide.kyoto.jp"),
+    ("c.kobe.jp", None), ("b.c.kobe.jp", "b.c.kobe.jp"), ("a.b.c.kobe.jp", "b.c.kobe.jp"),
+    ("city.kobe.jp", "city.kobe.jp"), ("www.city.kobe.jp", "city.kobe.jp"),
+    ("ck", None), ("test.ck", None), ("b.test.ck", "b.test.ck"), ("a.b.test.ck", "b.test.ck"),
+    ("www.ck", "www.ck"), ("www.www.ck", "www.ck"),
+    ("us", None), ("test.us", "test.us"), ("www.test.us", "test.us"), ("ak.us", None),
+    ("test.ak.us", "test.ak.us"), ("www.test.ak.us", "test.ak.us"), ("k12.ak.us", None),
+    ("test.k12.ak.us", "test.k12.ak.us"), ("www.test.k12.ak.us", "test.k12.ak.us"),
+    ("食狮.com.cn", "食狮.com.cn"), ("食狮.公司.cn", "食狮.公司.cn"),
+    ("www.食狮.公司.cn", "食狮.公司.cn"), ("shishi.公司.cn", "shishi.公司.cn"), ("公司.cn", None),
+    ("食狮.中国", "食狮.中国"), ("www.食狮.中国", "食狮.中国"), ("shishi.中国", "shishi.中国"),
+    ("中国", None),
+    ("xn--85x722f.com.cn", "xn--85x722f.com.cn"),
+    ("xn--85x722f.xn--55qx5d.cn", "xn--85x722f.xn--55qx5d.cn"),
+    ("www.xn--85x722f.xn--55qx5d.cn", "xn--85x722f.xn--55qx5d.cn"),
+    ("shishi.xn--55qx5d.cn", "shishi.xn--55qx5d.cn"), ("xn--55qx5d.cn", None),
+    ("xn--85x722f.xn--fiqs8s", "xn--85x722f.xn--fiqs8s"),
+    ("www.xn--85x722f.xn--fiqs8s", "xn--85x722f.xn--fiqs8s"),
+    ("shishi.xn--fiqs8s", "shishi.xn--fiqs8s"), ("xn--fiqs8s", None),
+)
+# The rules those vectors need, as the list writes them (uk.com is a PRIVATE one).
+PSL_RULES = """// ===BEGIN ICANN DOMAINS===
+com
+biz
+ac
+*.mm
+jp
+ac.jp
+kyoto.jp
+ide.kyoto.jp
+*.kobe.jp
+!city.kobe.jp
+*.ck
+!www.ck
+us
+ak.us
+k12.ak.us
+cn
+com.cn
+公司.cn
+中国
+// ===END ICANN DOMAINS===
+// ===BEGIN PRIVATE DOMAINS===
+uk.com
+// ===END PRIVATE DOMAINS===
+"""
+
+
+def wire(name):
+    """A name as DNS carries it: each Unicode label in punycode."""
+    return name if name.isascii() else name.encode("idna").decode()
+
+
+def check_psl(psl):
+    for name, expected in PSL_VECTORS:
+        got = psl.registered(wire(name))
+        assert got == (wire(expected) if expected else None), (name, got, expected)
+
+
+@pytest.mark.unit
+def test_public_suffix_list_algorithm_meets_the_lists_own_test_vectors():
+    """The PSL algorithm (normal, wildcard and exception rules, the default "*") on its
+    test vectors, with both sections as the vectors assume; lpd reads the ICANN section
+    only, under which uk.com is no suffix (its customers count as uk.com)."""
+    check_psl(lpd.PublicSuffixList(PSL_RULES.splitlines(), private=True))
+    icann = lpd.PublicSuffixList(PSL_RULES.splitlines())
+    assert icann.registered("a.b.example.uk.com") == "uk.com"
+    assert icann.registered("www.city.kobe.jp") == "city.kobe.jp"
+
+
+@pytest.mark.unit
+def test_without_the_list_a_domain_is_the_last_two_labels(monkeypatch):
+    monkeypatch.setattr(lpd, "_psl", [None])
+    lpd.registered_domain.cache_clear()
+    try:
+        assert [lpd.registered_domain(n) for n in ("a.b.example.co.uk", "example.com.", "com")] == \
+            ["co.uk", "example.com", None]
+    finally:
+        lpd.registered_domain.cache_clear()
+
+
+@pytest.mark.unit
+@pytest.mark.skipif(not os.path.exists(lpd.PUBLIC_SUFFIX_LIST), reason="Debian's publicsuffix")
+def test_debians_public_suffix_list_meets_the_test_vectors():
+    with open(lpd.PUBLIC_SUFFIX_LIST, encoding="utf-8") as f:
+        check_psl(lpd.PublicSuffixList(f, private=True))
+    assert lpd.registered_domain("a.b.example.co.uk") == "example.co.uk"
+    assert lpd.registered_domain("d1.cloudfront.net") == "cloudfront.net"   # ICANN section only
+
+
+def domain_trace():
+    """Answers for four names (two under example.com), then traffic in both directions
+    over three intervals of 1 s to those addresses and to an unnamed one. Returns the
+    records and the bytes by (name, direction) from the records' own lengths."""
+    answers = (("v1.video.example.com", "192.0.2.1"), ("v2.video.example.com", "192.0.2.2"),
+               ("www.example.co.uk", "192.0.2.3"), ("api.service.test", "192.0.2.4"))
+    recs, sums = [], {}
+    for i, (name, addr) in enumerate(answers):
+        q = (name, A_RR)
+        recs += [(T0, 10 * i, frame(CLIENT, RESOLVER, 43000 + i, 53, message(200 + i, QUERY, q))),
+                 (T0, 10 * i + 5, frame(RESOLVER, CLIENT, 53, 43000 + i, message(
+                     200 + i, RESPONSE, q, [(name, A_RR, 600, ipaddress.ip_address(addr).packed)])))]
+    sizes = {"192.0.2.1": 1200, "192.0.2.2": 900, "192.0.2.3": 60, "192.0.2.4": 400, "192.0.2.9": 700}
+    names = {addr: name for name, addr in answers}
+    for second in range(1, 4):
+        for j, (addr, size) in enumerate(sizes.items()):
+            for k, (src, dst, way) in enumerate(((CLIENT, addr, "tx"), (addr, CLIENT, "rx"))):
+                data = frame(src, dst, 50000 + j, 443, b"p" * (size + second * 7 + k))
+                recs.append((T0 + second, 100 * j + k, data))
+                key = (names.get(addr), way)
+                sums[key] = sums.get(key, 0) + len(data)
+    return recs, sums
+
+
+def domains_of(doc):
+    return {d["domain"]: (d["tx_bytes"], d["rx_bytes"]) for d in doc["names"]["domains"]}
+
+
+@pytest.mark.offline
+def test_named_traffic_counts_under_its_registered_domain(tmp_path):
+    """-r of domain_trace: each domain's bytes are exactly its names' frames (both
+    example.com names under one), the unnamed remote's are in none; with K 2 the two
+    busiest domains have counters, the third is `other`; the metrics say the same."""
+    recs, sums = domain_trace()
+    uk = "example.co.uk" if lpd.public_suffix_list() is not None else "co.uk"
+    want = {"example.com": tuple(sums["v1.video.example.com", w] + sums["v2.video.example.com", w]
+                                 for w in ("tx", "rx")),
+            uk: (sums["www.example.co.uk", "tx"], sums["www.example.co.uk", "rx"]),
+            "service.test": (sums["api.service.test", "tx"], sums["api.service.test", "rx"])}
+    args = ("--remote", "-t", "0", "--local-net", "10.1.0.0/24")
+    doc, _ = run(tmp_path, recs, *args)
+    assert domains_of(doc) == {**want, "other": (0, 0)}
+    doc, _ = run(tmp_path, recs, *args, "--names-domains", "2")
+    assert domains_of(doc) == {"example.com": want["example.com"],
+                               "service.test": want["service.test"], "other": want[uk]}
+    samples = metrics(tmp_path, recs, "--names", *args, "--names-domains", "2")
+    for way, family in (("tx", "lpd_domain_transmit_bytes_total"), ("rx", "lpd_domain_receive_bytes_total")):
+        got = {labels: v for (name, labels), v in samples.items() if name == family}
+        i = ("tx", "rx").index(way)
+        assert got == {'domain="example.com"': want["example.com"][i],
+                       'domain="service.test"': want["service.test"][i], 'domain="other"': want[uk][i]}
+    doc, _ = run(tmp_path, recs, *args, "--names-domains", "0")
+    assert doc["names"]["domains"] == []
+
+
+@pytest.mark.unit
+def test_domain_counters_are_bounded_and_never_decrease():
+    """Many domains over many ticks (a new one every tick, a few busy ones throughout,
+    some coming back after idling): never more than K slots, nor more candidates than the
+    bound; no exported counter decreases while exported, nor `other`; every byte is in a
+    slot, in `other` or in a freed slot's last counts; a slot idle for DOMAIN_SLOT_IDLE
+    frees and goes to the busiest candidate; one back within as long resumes its counts."""
+    k, tick = 4, 60.0
+    d = lpd.DomainTraffic(k)
+    fed, freed_total, last, now = 0, 0, {}, 0.0
+    for step in range(400):
+        now = step * tick
+        traffic = [(f"h{step}.flood{step}.test", 10, 10)]                 # a new domain each tick
+        traffic += [(f"www.busy{b}.test", 1000, 500) for b in range(2)]
+        if step < 50 or step > 150:                                       # idles past the bound
+            traffic.append(("cdn.returning.test", 300, 300))
+        traffic += [(f"x.many{(step * 37 + j) % 5000}.test", 1, 2) for j in range(30)]
+        fed += sum(tx + rx for _, tx, rx in traffic)
+        d.count(now, traffic)
+        rows = {dom: (tx, rx) for dom, tx, rx in d.rows()}
+        assert len(rows) <= k + 1 and len(d.candidates) <= 2 * lpd.DOMAIN_CANDIDATES_MAX
+        for dom, (tx, rx) in rows.items():
+            if dom in last:
+                assert tx >= last[dom][0] and rx >= last[dom][1], (step, dom)
+        freed_total += sum(sum(v) for dom, v in last.items() if dom not in rows)
+        last = rows
+        # (no freed domain gets a slot back while its counts are remembered, here)
+        assert fed == sum(map(sum, rows.values())) + freed_total
+        assert len(d.retired) <= k
+    assert {"busy0.test", "busy1.test", "returning.test"} <= set(last)
+    d.count(now + tick, [(f"a.burst{i}.test", 1, 1) for i in range(3 * lpd.DOMAIN_CANDIDATES_MAX)])
+    assert len(d.candidates) <= lpd.DOMAIN_CANDIDATES_MAX and len(d.slots) <= k
+
+
+@pytest.mark.unit
+def test_a_domain_back_soon_after_its_slot_freed_resumes_its_counts():
+    idle = lpd.DOMAIN_SLOT_IDLE
+    d = lpd.DomainTraffic(2)
+    d.count(0.0, [("a.one.test", 100, 1), ("b.two.test", 100, 1)])
+    d.count(idle, [("b.two.test", 10, 0)])                      # one.test idle: freed
+    assert [r[0] for r in d.rows()] == ["two.test", "other"]
+    d.count(idle + 1, [("a.one.test", 5, 0)])
+    assert dict((r[0], r[1:]) for r in d.rows())["one.test"] == (105, 1)
+    d.count(3 * idle, [("b.two.test", 1, 0)])                   # one.test freed, forgotten an idle later
+    d.count(4 * idle + 1, [("c.three.test", 1, 0)])
+    d.count(4 * idle + 2, [("a.one.test", 7, 0)])
+    assert dict((r[0], r[1:]) for r in d.rows())["one.test"] == (7, 0)

@@ -136,7 +136,8 @@ def test_traffic_to_a_remote_keeps_its_name(pair, resolver, engine, tmp_path):
     """A local host sending to an answered address keeps its name in use: the name is
     protected and lasts DNS_NAME_GRACE past the traffic, not past the answer. Under ebpf
     the kernel counts the remotes: the names stage learns them from the remote stage's
-    bytes at its tick (issue 27), so both engines must move `expires` on."""
+    bytes at its tick (issue 27), so both engines must move `expires` on; those bytes
+    count under the name's domain."""
     lpd = Lpd(pair, "--names", "--remote", "--interval", str(INTERVAL))
     if engine == "auto":
         assert "(engine ebpf)" in lpd.stderr(), lpd.stderr()
@@ -149,4 +150,8 @@ def test_traffic_to_a_remote_keeps_its_name(pair, resolver, engine, tmp_path):
     answered = expires()
     sent = wait_for(lambda: (send_to(pair, SERVED_BUSY), expires() > answered + BUSY_TTL)[1], WAIT)
     assert sent, (answered, expires())
+    # the same bytes, per tick, count under the name's domain (--names-domains)
+    _, doc = api(pair, "/api/names")
+    domains = {d["domain"]: d["tx_bytes"] for d in doc["domains"]}
+    assert domains.get(ZONE, 0) > 0 and domains["other"] == 0, doc["domains"]
     assert lpd.stop() == 0, lpd.stderr()
