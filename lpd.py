@@ -15617,6 +15617,11 @@ TOP_OFF = {
 }
 TOP_KEYS = "keys: 1-5/Tab pane  s sort  p pause  q quit"
 TOP_ONCE_ROWS = 10                 # --once: the biggest rows of each pane
+# A remote's name (--names) is cut to this many characters, its left end first: the
+# registered domain is at the right, and the pane keeps room for an IPv6 address (39),
+# rate, total, country and ISP on a 132-column terminal.
+TOP_NAME_WIDTH = 32
+TOP_NAME_CUT = ".."                # what stands for the left end cut off (ASCII)
 TOP_CLOCK = "%H:%M:%S"             # local time on screen
 # A listen-on-all address names this machine: reached on loopback, as localhost is.
 TOP_UNSPECIFIED = ("", "::", "0.0.0.0")
@@ -15833,6 +15838,12 @@ class TopKind(NamedTuple):
     test: Callable
 
 
+class TopOptional(NamedTuple):
+    """A field that may be absent (a stage option the daemon runs without: `name` needs
+    --names), and is `spec` when there."""
+    spec: object
+
+
 class TopMap(NamedTuple):
     """An object of any keys whose every value is `value` (HTTP servers, states)."""
     value: object
@@ -15864,7 +15875,7 @@ TOP_SCHEMA = {
          "rx_bps": TOP_RATE}]},
     "remotes": {"tracked": TOP_COUNT, "remotes": [
         {"address": TOP_TEXT, "tx_bytes": TOP_COUNT, "rx_bytes": TOP_COUNT, "country": TOP_TEXT,
-         "isp": TOP_TEXT}]},
+         "isp": TOP_TEXT, "name": TopOptional(TOP_TEXT)}]},
     "rules": {"rules": [{"id": TOP_TEXT, "bytes": TOP_COUNT, "packets": TOP_COUNT}]},
     "connections": {"open": TOP_COUNT, "counts": TopMap(TopMap(TOP_COUNT)), "connections": [
         {"proto": TOP_TEXT, "orig_h": TOP_TEXT, "orig_p": TOP_COUNT, "resp_h": TOP_TEXT,
@@ -15899,10 +15910,12 @@ def top_shape_error(value, spec, where):
     elif isinstance(spec, TopMap):
         items = ((f"{where}[{k!r}]", v, spec.value) for k, v in value.items())
     else:
-        missing = [name for name in spec if name not in value]
+        missing = [name for name, sub in spec.items()
+                   if name not in value and not isinstance(sub, TopOptional)]
         if missing:
             return f"{where}.{missing[0]}: missing"
-        items = ((f"{where}.{name}", value[name], sub) for name, sub in spec.items())
+        items = ((f"{where}.{name}", value[name], sub.spec if isinstance(sub, TopOptional) else sub)
+                 for name, sub in spec.items() if name in value)
     return next((e for e in (top_shape_error(v, sub, w) for w, v, sub in items) if e), None)
 
 
@@ -15990,6 +16003,13 @@ def _index_docs(docs):
 
 
 # -- the screen ----------------------------------------------------------------------
+
+def _top_name(name):
+    """A remote's name in at most TOP_NAME_WIDTH characters, cut at the left."""
+    if len(name) <= TOP_NAME_WIDTH:
+        return name
+    return TOP_NAME_CUT + name[len(name) - TOP_NAME_WIDTH + len(TOP_NAME_CUT):]
+
 
 def _width(title, cells):
     """A column as wide as its widest cell (an IPv6 address: 39), at least its title."""
@@ -16104,11 +16124,15 @@ class TopView:
         rows = self._sorted(doc["remotes"], rate, lambda r: r["tx_bytes"] + r["rx_bytes"],
                             lambda r: r["address"])
         w = _width("remote address", (r["address"] for r in rows))
+        names = [_top_name(r.get("name", "")) for r in rows]
+        # a name column only where the daemon names remotes (--names) and some are named
+        wn = _width("name", names) + 1 if any(names) else 0
         return [self._title("remotes", f"remote addresses: {doc['tracked']} tracked"),
-                f"{'remote address':<{w}} {'rate':>13} {'total':>10} {'country':<14} isp"], [
-            f"{r['address']:<{w}} {human_bits(rate(r)):>13} "
+                f"{'remote address':<{w}} {'name ' if wn else '':<{wn}}{'rate':>13} {'total':>10} "
+                f"{'country':<14} isp"], [
+            f"{r['address']:<{w}} {name + ' ' if wn else '':<{wn}}{human_bits(rate(r)):>13} "
             f"{human_bytes(r['tx_bytes'] + r['rx_bytes']):>10} {r['country'][:14]:<14} {r['isp']}"
-            for r in rows]
+            for r, name in zip(rows, names)]
 
     def rules(self, doc):
         rate = lambda r: self.rate("rules", r["id"], "bytes", r["bytes"]) * 8  # noqa: E731
