@@ -10521,7 +10521,7 @@ class NamesSnapshot(NamedTuple):
 PUBLIC_SUFFIX_LIST = "/usr/share/publicsuffix/public_suffix_list.dat"
 PSL_PRIVATE_MARK = "===BEGIN PRIVATE DOMAINS==="
 FALLBACK_DOMAIN_LABELS = 2
-DOMAIN_CACHE = 4096                         # names whose domain is remembered (an LRU)
+DOMAIN_CACHE = 16384                        # names whose domain is remembered (an LRU)
 
 
 class PublicSuffixList:
@@ -10531,6 +10531,7 @@ class PublicSuffixList:
 
     def __init__(self, lines, private=False):
         self.exact, self.wild, self.exceptions = set(), set(), set()
+        self.nodes = set()                  # every suffix of every rule: where a walk goes on
         for line in lines:
             if PSL_PRIVATE_MARK in line and not private:
                 break
@@ -10539,22 +10540,32 @@ class PublicSuffixList:
                 continue
             rule = psl_ascii(words[0])
             if rule.startswith("!"):
-                self.exceptions.add(rule[1:])
+                rule = rule[1:]
+                self.exceptions.add(rule)
             elif rule.startswith("*."):
-                self.wild.add(rule[2:])
+                rule = rule[2:]
+                self.wild.add(rule)
             else:
                 self.exact.add(rule)
+            parts = rule.split(".")
+            self.nodes.update(".".join(parts[i:]) for i in range(len(parts)))
 
     def public_suffix_labels(self, labels):
-        """How many of the labels (a name split at its dots) its public suffix has."""
-        n = len(labels)
-        for i in range(n):
-            suffix = ".".join(labels[i:])
+        """How many of the labels (a name split at its dots) its public suffix has: the
+        walk goes from the top label down while a rule lies below (`nodes`), so a
+        name costs a lookup or three, not one per label."""
+        n, best = len(labels), 1            # the default rule, "*"
+        for j in range(1, n + 1):           # the suffix of the last j labels
+            suffix = ".".join(labels[n - j:])
             if suffix in self.exceptions:
-                return n - i - 1
-            if suffix in self.exact or (i + 1 < n and ".".join(labels[i + 1:]) in self.wild):
-                return n - i
-        return 1                            # the default rule, "*"
+                return j - 1
+            if suffix in self.exact:
+                best = j
+            if j < n and suffix in self.wild:
+                best = j + 1                # *.suffix: one label more
+            if suffix not in self.nodes:
+                break
+        return best
 
     def registered(self, name):
         """name's registered domain (its public suffix and one label more), or None."""
