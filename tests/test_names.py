@@ -768,3 +768,13 @@ def test_a_domain_back_soon_after_its_slot_freed_resumes_its_counts():
     d.count(4 * idle + 1, [("c.three.test", 1, 0)])
     d.count(4 * idle + 2, [("a.one.test", 7, 0)])
     assert dict((r[0], r[1:]) for r in d.rows())["one.test"] == (7, 0)
+
+
+@pytest.mark.unit
+def test_workers_domain_counters_sum_by_domain():
+    """Each worker has its own K: the parent's rows are their sums by domain, `other` last."""
+    a = lpd.NamesSnapshot(domains=(("one.test", 10, 1), ("two.test", 5, 0), ("other", 3, 3)))
+    b = lpd.NamesSnapshot(domains=(("two.test", 1, 1), ("three.test", 2, 2), ("other", 1, 0)))
+    assert a.merge(b).domains == (("one.test", 10, 1), ("two.test", 6, 1), ("three.test", 2, 2),
+                                  ("other", 4, 3))
+    assert lpd.NamesSnapshot().merge(lpd.NamesSnapshot()).domains == ()
