@@ -217,6 +217,10 @@ DEFAULT_HTTP_PORTS = (80, 8080, 8000, 3000, 5000, 9000)
 # Connections tracked at most, and the idle timeouts that end them.
 DEFAULT_CONN_MAX = 262144
 DEFAULT_NAMES_MAX = 65536           # remote addresses with a name (--names-max)
+# Registered domains with their own traffic counters (--names-domains): a dashboard's
+# "top services" at 2 series each; on a home router a few services (video, updates,
+# cloud storage) carry most bytes, and the rest is `other`.
+DEFAULT_NAMES_DOMAINS = 20
 DEFAULT_CONN_TIMEOUT_TCP = 300.0
 DEFAULT_CONN_TIMEOUT_UDP = 60.0
 DEFAULT_FLOW_ACTIVE_TIMEOUT = 60.0
@@ -456,6 +460,10 @@ def build_parser():
     p.add_argument("--names-max", type=_positive_int, default=DEFAULT_NAMES_MAX, metavar="N",
                    help="addresses with a name at most (default %(default)s); new names "
                         "cannot push out those whose address carried traffic")
+    p.add_argument("--names-domains", type=_non_negative_int, default=DEFAULT_NAMES_DOMAINS,
+                   metavar="K", help="with --names and --remote: transmit and receive bytes of "
+                   "the K busiest registered domains (Public Suffix List), the rest as 'other' "
+                   "(default %(default)s; 0: off)")
     p.add_argument("--dns-log", metavar="PATH",
                    help="one JSON line per DNS query, Zeek's dns.log fields ('-': stdout; "
                         "reopened on SIGHUP; implies --names)")
@@ -7139,10 +7147,11 @@ STAGES = []
 ###############################################################################
 # 14 Stages ###################################################################
 ###############################################################################
-# provides: connection_uid, Connections, conn_key, ETHERTYPE_IPV4_BYTES, format_rule_lines,
-#   IP_FRAGMENT, IPV4_FRAG_MASK, IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, L4_PORTS, LIVE_STATES,
-#   LOCAL_EVICT_FRACTION, LocalAddresses, not_on_ports, OFFLOAD_*, parse_filter_file, parse_l4,
-#   PLAIN_IPV4_PORTS, proto_name, REMOTE_WEIGHT, RemoteAddresses, RuleCounter, SEQ_HALF,
+# provides: connection_uid, Connections, conn_key, ETHERTYPE_IPV4_BYTES, exported_remotes,
+#   format_rule_lines, IP_FRAGMENT, IPV4_FRAG_MASK, IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, L4_PORTS,
+#   LIVE_STATES, LOCAL_EVICT_FRACTION, LocalAddresses, not_on_ports, OFFLOAD_*,
+#   parse_filter_file, parse_l4, PLAIN_IPV4_PORTS, proto_name, REMOTE_TRIM_FACTOR, REMOTE_WEIGHT,
+#   RemoteAddresses, RuleCounter, SEQ_HALF,
 #   SEQ_MOD, TH_*
 #
 # Where a new stage goes: one sub-chapter here. It holds the Consumer subclass (11) with
@@ -7413,7 +7422,7 @@ STAGES.append(Stage(LocalAddresses, _local_addresses, (("addresses", addresses_d
 
 ###############################################################################
 # 14.2 Remote addresses #######################################################
-# provides: REMOTE_WEIGHT, RemoteAddresses
+# provides: exported_remotes, REMOTE_TRIM_FACTOR, REMOTE_WEIGHT, RemoteAddresses
 
 # The table trims to --remote-max when it holds this many times as many: a sort per
 # remote_max newcomers, so a flood of spoofed sources costs O(log n) per address.
@@ -7433,7 +7442,9 @@ class RemoteAddresses(Consumer):
     totals count every frame, whatever was evicted.
 
     consume() touches the table through `cache`, the entries counted since the last
-    snapshot: a snapshot rebuilds the rows of those only.
+    snapshot: a snapshot rebuilds the rows of those only. A follower (--names, 15.2,
+    calls follow()) takes at its tick the entries counted since it last took them
+    (take_counted()): `cache`, and `counted`, where each snapshot leaves its cache.
     """
     name = "remotes"
     snapshot_type = RemoteSnapshot
@@ -7447,6 +7458,17 @@ class RemoteAddresses(Consumer):
         self.totals = [0, 0, 0, 0]
         self.evictions = 0
         self.floor = 0
+        self.counted = None             # key -> entry counted since take_counted(), with a follower
+
+    def follow(self):
+        self.counted = {}
+
+    def take_counted(self):
+        """key -> entry of (at least) every remote counted since the last call, which
+        may have evicted some since: a follower compares the entry with the table's."""
+        counted, self.counted = self.counted, {}
+        counted.update(self.cache)
+        return counted
 
     def consume(self, batch):
         get, touch, totals = self.cache.get, self.touch, self.totals
@@ -7486,6 +7508,8 @@ class RemoteAddresses(Consumer):
             del self.table[key]
             self.cache.pop(key, None)
             self.rows.pop(key, None)
+            if self.counted is not None:
+                self.counted.pop(key, None)
         self.evictions += len(evicted)
 
     def tracked(self):
@@ -7495,6 +7519,8 @@ class RemoteAddresses(Consumer):
         rows = self.rows
         for key, e in self.cache.items():
             rows[key] = ((family_of_key(key).version, key), *e)
+        if self.counted is not None:
+            self.counted.update(self.cache)
         self.cache = {}
         return RemoteSnapshot(tuple(rows.values()), tuple(self.totals), self.evictions, self.floor)
 
@@ -7533,6 +7559,11 @@ REMOTE_TOTALS = (
     ("lpd_remote_receive_packets", RX_PACKETS, "Packets received from remote addresses."))
 
 
+def exported_remotes(c, remotes):
+    """The rows of the remotes with their own ip_traffic_* series (past -t)."""
+    return [r for r in remotes.rows if r[1 + TX_BYTES] + r[1 + RX_BYTES] > c.threshold]
+
+
 def remotes_metrics(c, snap):
     """The remote addresses' families (a row of STAGES): ip_traffic_monitor_cli's series
     of the remotes past the threshold, lpd's totals; none without --remote."""
@@ -7541,8 +7572,7 @@ def remotes_metrics(c, snap):
     if remotes is None:
         return
     family, geo, nic = metric_family, remote_labeller(c.geo), c.nic
-    exported = [(r, (str(address(r[0])), *geo(r[0]))) for r in remotes.rows
-                if r[1 + TX_BYTES] + r[1 + RX_BYTES] > c.threshold]
+    exported = [(r, (str(address(r[0])), *geo(r[0]))) for r in exported_remotes(c, remotes)]
     for name, i, doc in REMOTE_SERIES:
         yield family(counter, name, doc, REMOTE_LABELS, [(labels, r[i]) for r, labels in exported])
     for name, i, doc in REMOTE_TOTALS:
@@ -10062,6 +10092,16 @@ DNS_RCODE_MASK = 0xF
 DNS_RECORDS_MAX = 256                       # records read per message (a reply holds a few)
 DNS_A, DNS_CNAME, DNS_AAAA = 1, 5, 28
 DNS_ADDRESS_LEN = {DNS_A: 4, DNS_AAAA: 16}
+# The fixed fields before what dns.log writes of a record (RFC 1035, 2782, 3403, 4034,
+# 4255, 1876): MX's preference, SRV's priority, weight and port, then the ones read
+DNS_MX_SKIP, DNS_SRV_SKIP = 2, 6
+DNS_NAPTR_HEAD = struct.Struct("!HH")       # order, preference
+DNS_RRSIG_HEAD = struct.Struct("!HBBIIIH")  # type covered, algorithm, labels, TTL, times, key tag
+DNS_DNSKEY_HEAD = struct.Struct("!HBB")     # flags, protocol, algorithm
+DNS_DS_HEAD = struct.Struct("!HBB")         # key tag, algorithm, digest type
+DNS_SSHFP_HEAD = struct.Struct("!BB")       # algorithm, fingerprint type
+DNS_LOC_HEAD = struct.Struct("!BBBB")       # version, size, horizontal and vertical precision
+DNS_ROOT_SIGNER = "<Root>"                  # Zeek's RRSIG signer when it is the root
 
 
 class DnsError(ValueError):
@@ -10072,7 +10112,7 @@ class DnsRecord(NamedTuple):
     name: str
     type: int
     ttl: int
-    value: object                  # A/AAAA: raw address bytes; CNAME: the name; else None
+    value: object                  # A/AAAA: raw address bytes; an answer's dns.log text ("": none)
 
 
 class DnsMessage(NamedTuple):
@@ -10121,6 +10161,103 @@ def dns_name(buf, off):
         off += 1 + n
 
 
+def _rdata_name(buf, off, end, skip=0):
+    """The name `skip` octets into a record's data, which must hold it."""
+    if off + skip > end:
+        raise DnsError("rdata")
+    name, after = dns_name(buf, off + skip)
+    if after > end:
+        raise DnsError("rdata")
+    return name
+
+
+def _rdata_fixed(buf, off, end, layout):
+    """The fixed fields (a struct.Struct) a record's data starts with."""
+    if off + layout.size > end:
+        raise DnsError("rdata")
+    return layout.unpack_from(buf, off)
+
+
+def _rdata_string(buf, off, end):
+    """(one character-string (RFC 1035 3.3: a length octet, the bytes) as Zeek's JSON
+    writer prints bytes: printable ASCII as is, others \\xHH; the offset after it)."""
+    if off >= end or off + 1 + buf[off] > end:
+        raise DnsError("rdata")
+    n = buf[off]
+    return "".join(chr(b) if 0x20 <= b < 0x7F else f"\\x{b:02x}"
+                   for b in buf[off + 1:off + 1 + n]), off + 1 + n
+
+
+def _rdata_txt(buf, off, end, kind):
+    """TXT and SPF: each string as "KIND <length> <string>", one space between."""
+    out = []
+    while off < end:
+        text, after = _rdata_string(buf, off, end)
+        out.append(f"{kind} {buf[off]} {text}")
+        off = after
+    return " ".join(out)
+
+
+def _rdata_naptr(buf, off, end):
+    """RFC 3403 as Zeek's dns_NAPTR_reply joins it: "NAPTR order preference flags service
+    regexp replacement" (regexp and replacement each only when not empty)."""
+    order, preference = _rdata_fixed(buf, off, end, DNS_NAPTR_HEAD)
+    off += DNS_NAPTR_HEAD.size
+    strings = []
+    for _ in range(3):                     # flags, service, regexp
+        text, off = _rdata_string(buf, off, end)
+        strings.append(text)
+    flags, service, regexp = strings
+    tail = " ".join(t for t in (regexp, _rdata_name(buf, off, end)) if t)
+    return f"NAPTR {order} {preference} {flags} {service} {tail}"
+
+
+def _rdata_rrsig(buf, off, end, owner):
+    covered = _rdata_fixed(buf, off, end, DNS_RRSIG_HEAD)[0]
+    return f"RRSIG {covered} {_rdata_name(buf, off, end, DNS_RRSIG_HEAD.size) or DNS_ROOT_SIGNER}"
+
+
+def _rdata_sshfp(buf, off, end, owner):
+    _rdata_fixed(buf, off, end, DNS_SSHFP_HEAD)
+    return f"SSHFP: {bytes(buf[off + DNS_SSHFP_HEAD.size:end]).hex()}"
+
+
+# dns.log's `answers` text of each record type as Zeek's base/protocols/dns/main.zeek
+# writes it (its dns_*_reply handlers): fn(buf, rdata offset, rdata end, owner name).
+# A type Zeek's analyzer parses without a handler that writes text is DNS_RDATA_SILENT;
+# one it does not know at all is "<unknown type=N>" (dns_unknown_reply).
+DNS_RDATA_TEXT = {
+    2: lambda b, o, e, n: _rdata_name(b, o, e),                     # NS
+    DNS_CNAME: lambda b, o, e, n: _rdata_name(b, o, e),
+    12: lambda b, o, e, n: _rdata_name(b, o, e),                    # PTR
+    6: lambda b, o, e, n: _rdata_name(b, o, e),                     # SOA: its mname
+    15: lambda b, o, e, n: _rdata_name(b, o, e, DNS_MX_SKIP),       # MX: the exchange only
+    33: lambda b, o, e, n: _rdata_name(b, o, e, DNS_SRV_SKIP),      # SRV: the target only
+    16: lambda b, o, e, n: _rdata_txt(b, o, e, "TXT"),
+    99: lambda b, o, e, n: _rdata_txt(b, o, e, "SPF"),
+    35: lambda b, o, e, n: _rdata_naptr(b, o, e),
+    46: _rdata_rrsig,
+    48: lambda b, o, e, n: f"DNSKEY {_rdata_fixed(b, o, e, DNS_DNSKEY_HEAD)[2]}",
+    47: lambda b, o, e, n: f"NSEC {n} {_rdata_name(b, o, e)}",
+    50: lambda b, o, e, n: "NSEC3",
+    51: lambda b, o, e, n: "NSEC3PARAM",
+    43: lambda b, o, e, n: "DS {1} {2}".format(*_rdata_fixed(b, o, e, DNS_DS_HEAD)),
+    65534: lambda b, o, e, n: "BIND9 signing signal",
+    44: _rdata_sshfp,
+    29: lambda b, o, e, n: "LOC:  {1} {2} {3}".format(*_rdata_fixed(b, o, e, DNS_LOC_HEAD)),
+}
+# WKS, HINFO, NetBIOS NBSTAT, OPT, A6, TKEY, TSIG, SVCB, HTTPS, CAA: parsed, not written
+DNS_RDATA_SILENT = frozenset((11, 13, 32, 38, 41, 249, 250, 64, 65, 257))
+
+
+def dns_rdata_text(buf, off, end, rtype, owner):
+    """A record's data as dns.log's `answers` writes it, "" for none (DNS_RDATA_TEXT)."""
+    if rtype in DNS_RDATA_SILENT:
+        return ""
+    text = DNS_RDATA_TEXT.get(rtype)
+    return text(buf, off, end, owner) if text is not None else f"<unknown type={rtype}>"
+
+
 def parse_dns(buf):
     """A DNS message (UDP payload, or a TCP message without its length prefix): its
     header, first question and records (DNS_RECORDS_MAX at most) up to the first thing
@@ -10140,7 +10277,7 @@ def parse_dns(buf):
             off += DNS_QUESTION.size
             if i == 0:
                 question = (name, qtype, qclass)
-        for _ in range(min(an + ns + ar, DNS_RECORDS_MAX)):
+        for i in range(min(an + ns + ar, DNS_RECORDS_MAX)):
             name, off = dns_name(buf, off)
             if off + DNS_RR.size > len(buf):
                 raise DnsError("truncated")
@@ -10148,15 +10285,14 @@ def parse_dns(buf):
             off += DNS_RR.size
             if off + size > len(buf):
                 raise DnsError("truncated")
-            value = None
             if rtype in DNS_ADDRESS_LEN:
                 if size != DNS_ADDRESS_LEN[rtype]:
                     raise DnsError("rdata")
                 value = bytes(buf[off:off + size])
-            elif rtype == DNS_CNAME:
-                value, after = dns_name(buf, off)
-                if after > off + size:
-                    raise DnsError("rdata")
+            elif i < an:                  # the answer section's: dns.log writes those only
+                value = dns_rdata_text(buf, off, off + size, rtype, name)
+            else:
+                value = None
             records.append(DnsRecord(name, rtype, ttl, value))
             off += size
     except DnsError as e:
@@ -10543,9 +10679,11 @@ def ja4(hello, transport="t"):
 # kernel program's judge, the eBPF CopyPlan's ports and udp_ports). Over TCP each
 # direction's bytes are read in sequence order, a resent segment's new bytes only; an
 # early segment (a hole) ends the reading of that stream, counted as a gap, as does a
-# stream pushed out by DNS_TCP_STREAMS_MAX newer ones. Only the classic engine hands it
-# the remotes a local host sends to (the eBPF engine counts them in the kernel), so under
-# ebpf a name is promoted by a matched re-lookup only.
+# stream pushed out by DNS_TCP_STREAMS_MAX newer ones. The classic engine hands it the
+# remotes a local host sends to in each batch; the eBPF engine counts them in the kernel,
+# so with --remote the stage also reads, at each tick, the bytes the remote stage counted
+# per remote in the interval (RemoteDeltas, either engine): one sent to is in use. Under
+# ebpf without --remote a name is promoted by a matched re-lookup only.
 
 DNS_PORT, MDNS_PORT = 53, 5353
 DNS_QR = 0x8000                             # the header's flags: a response
@@ -10664,6 +10802,49 @@ class NameTable:
                 self.changed = True
 
 
+class RemoteDeltas:
+    """The bytes each remote carried since the last take(), from the remote stage's
+    table (14.2) whichever engine counted them: the classic decoder's batches or the
+    kernel's maps, drained into it at the tick (16.4). One pass over the remotes
+    counted in the interval, nothing per frame. An entry evicted and entered again
+    counts from zero: what it carried between the last take and its eviction is lost
+    with it, as in the remote table (within its error bound)."""
+
+    def __init__(self, remotes):
+        self.remotes = remotes
+        remotes.follow()
+        self.seen = {}                  # key -> (entry, tx bytes, rx bytes) at the last take
+
+    def take(self):
+        """[(key, tx bytes, rx bytes)] of the remotes that carried any since the last call."""
+        out, seen = [], self.seen
+        for key, e in self.remotes.take_counted().items():
+            tx, rx = e[TX_BYTES], e[RX_BYTES]
+            last = seen.get(key)
+            if last is not None and last[0] is e:
+                dtx, drx = tx - last[1], rx - last[2]
+            else:
+                dtx, drx = tx, rx
+            seen[key] = (e, tx, rx)
+            if dtx or drx:
+                out.append((key, dtx, drx))
+        if len(seen) > REMOTE_TRIM_FACTOR * len(self.remotes.table) + self.remotes.remote_max:
+            table = self.remotes.table      # amortised: entries evicted since are forgotten
+            self.seen = {k: v for k, v in seen.items() if table.get(k) is v[0]}
+        return out
+
+
+def merge_domains(a, b):
+    """Workers' domain rows summed by domain (each worker has its K: at most K per worker)."""
+    sums = {}
+    for domain, tx, rx in a + b:
+        e = sums.setdefault(domain, [0, 0])
+        e[0] += tx
+        e[1] += rx
+    other = sums.pop(DOMAIN_OTHER, None)
+    return tuple((d, *e) for d, e in sums.items()) + (((DOMAIN_OTHER, *other),) if other else ())
+
+
 class NamesSnapshot(NamedTuple):
     names: tuple = ()              # ((version, key), query, target, expiry, answered), protected first
     parse_errors: tuple = ()       # (reason, count)
@@ -10672,6 +10853,7 @@ class NamesSnapshot(NamedTuple):
     unmatched: int = 0             # responses to no query lpd saw
     queries: int = 0
     responses: int = 0
+    domains: tuple = ()            # (domain, tx bytes, rx bytes), DOMAIN_OTHER's last (DomainTraffic)
 
     def merge(self, other):
         """Workers' union: each saw its own flows' answers."""
@@ -10682,7 +10864,8 @@ class NamesSnapshot(NamedTuple):
                              self.evictions + other.evictions,
                              self.pending_evictions + other.pending_evictions,
                              self.unmatched + other.unmatched, self.queries + other.queries,
-                             self.responses + other.responses)
+                             self.responses + other.responses,
+                             merge_domains(self.domains, other.domains))
 
     def by_key(self):
         """(version, key) -> the name the remote was last looked up by (workers' tables
@@ -10704,6 +10887,207 @@ def finish_expired(pending, before, finish, work):
     return bool(pending)
 
 
+# Registered domains (eTLD+1) by the Public Suffix List (publicsuffix.org/list), read
+# from Debian's `publicsuffix` package when it is installed: once, at the first name,
+# its ICANN section only. The PRIVATE section lists hosting platforms' customer zones
+# (cloudfront.net, github.io, s3.amazonaws.com ...): counted by it, one platform's bytes
+# would split over as many domains as it has customers, each wanting a slot of K; by the
+# ICANN section they count under the platform, the service the operator asks about.
+# Without the file, the last two labels (a ccTLD's second level, example.co.uk, then
+# counts as co.uk). A name with no label left of its public suffix has no domain: its
+# bytes count as `other`.
+PUBLIC_SUFFIX_LIST = "/usr/share/publicsuffix/public_suffix_list.dat"
+PSL_PRIVATE_MARK = "===BEGIN PRIVATE DOMAINS==="
+FALLBACK_DOMAIN_LABELS = 2
+
+
+class PublicSuffixList:
+    """The PSL's rules (normal, *. wildcard, ! exception) and its algorithm: the
+    prevailing rule is an exception if one matches, else the matching rule of most
+    labels, else "*"; an exception's suffix is itself less its leftmost label."""
+
+    def __init__(self, lines, private=False):
+        self.exact, self.wild, self.exceptions = set(), set(), set()
+        self.nodes = set()                  # every suffix of every rule: where a walk goes on
+        for line in lines:
+            if PSL_PRIVATE_MARK in line and not private:
+                break
+            words = line.split()            # a rule ends at the first white space
+            if not words or words[0].startswith("//"):
+                continue
+            rule = psl_ascii(words[0])
+            if rule.startswith("!"):
+                rule = rule[1:]
+                self.exceptions.add(rule)
+            elif rule.startswith("*."):
+                rule = rule[2:]
+                self.wild.add(rule)
+            else:
+                self.exact.add(rule)
+            parts = rule.split(".")
+            self.nodes.update(".".join(parts[i:]) for i in range(len(parts)))
+
+    def public_suffix_labels(self, labels):
+        """How many of the labels (a name split at its dots) its public suffix has: the
+        walk goes from the top label down while a rule lies below (`nodes`), so a
+        name costs a lookup or three, not one per label."""
+        n, best = len(labels), 1            # the default rule, "*"
+        for j in range(1, n + 1):           # the suffix of the last j labels
+            suffix = ".".join(labels[n - j:])
+            if suffix in self.exceptions:
+                return j - 1
+            if suffix in self.exact:
+                best = j
+            if j < n and suffix in self.wild:
+                best = j + 1                # *.suffix: one label more
+            if suffix not in self.nodes:
+                break
+        return best
+
+    def registered(self, name):
+        """name's registered domain (its public suffix and one label more), or None."""
+        if not name or name.startswith(".") or name.endswith(".."):
+            return None
+        labels = name.lower().rstrip(".").split(".")
+        if "" in labels:
+            return None
+        k = self.public_suffix_labels(labels)
+        return ".".join(labels[-k - 1:]) if len(labels) > k else None
+
+
+def psl_ascii(rule):
+    """A rule as names are on the wire: its Unicode labels in punycode (IDNA), lower case."""
+    try:
+        return rule.encode("idna").decode("ascii").lower()
+    except UnicodeError:                   # a label IDNA 2003 refuses: never on the wire as is
+        return rule.lower()
+
+
+_psl = []                                   # [the list, or None without the file]: read once
+
+
+def public_suffix_list():
+    if not _psl:
+        try:
+            with open(PUBLIC_SUFFIX_LIST, encoding="utf-8") as f:
+                _psl.append(PublicSuffixList(f))
+        except OSError:
+            _psl.append(None)
+    return _psl[0]
+
+
+def registered_domain(name):
+    """The domain a name's traffic counts under (the PSL's, else its last two labels), or
+    None (no label left of the suffix)."""
+    psl = public_suffix_list()
+    if psl is not None:
+        return psl.registered(name)
+    labels = [p for p in name.lower().split(".") if p]
+    return ".".join(labels[-FALLBACK_DOMAIN_LABELS:]) if len(labels) >= FALLBACK_DOMAIN_LABELS else None
+
+
+# Per-domain traffic (--names-domains K): the bytes of each named remote, per tick, under
+# its name's registered domain. K domains have their own counters, `other` the rest. A
+# domain keeps its counter while it carries bytes, so none decreases; one that carried
+# nothing for DOMAIN_SLOT_IDLE frees its slot and its series disappears; admitted again
+# within as long, it resumes its counts; later (an hour past Prometheus' 5-minute
+# staleness) it is a new series from zero. A slot frees at most once per DOMAIN_SLOT_IDLE,
+# so at most K freed domains are remembered.
+# The domains without a slot are candidates, at most DOMAIN_CANDIDATES_MAX (trimmed to
+# the heaviest when twice as many, as 14.2's table); at each tick a free slot goes to
+# the candidate with the most bytes (this tick's counted in), which counts from that
+# tick on (what it carried in earlier ticks stays in `other`). A candidate that carried
+# nothing for DOMAIN_SLOT_IDLE is dropped.
+# Memory: 2 K + 2 DOMAIN_CANDIDATES_MAX domains; series: 2 (K + 1) per capture process.
+DOMAIN_SLOT_IDLE = 3600.0                   # seconds without bytes before a slot frees
+DOMAIN_CANDIDATES_MAX = 1024
+DOMAIN_OTHER = "other"
+
+
+class DomainTraffic:
+    """The K domains' counters ([tx bytes, rx bytes, last bytes at]) and `other`'s."""
+
+    def __init__(self, k, names_max):
+        """names_max: the names table's size, the most distinct names a tick brings:
+        their domains are remembered (a PSL walk per name and tick cost 0.4 s at 65536)."""
+        self.k = k
+        self.domain_of = {}                 # name -> its domain, at most names_max
+        self.names_max = names_max
+        self.slots = {}                     # domain -> [tx, rx, last time it carried bytes]
+        self.other = [0, 0]
+        self.candidates = {}                # domain -> [bytes while without a slot, last time]
+        self.retired = {}                   # domain -> (tx, rx, freed at): ~K (see above)
+
+    def count(self, now, traffic):
+        """traffic: (name, tx bytes, rx bytes) of the tick's named remotes. The tick's
+        domains are candidates before the free slots are given, so a domain admitted
+        now counts this tick's bytes; one admitted later counts from then on."""
+        tick = {}                          # domain -> [tx, rx] of this tick
+        domain_of = self.domain_of
+        for name, tx, rx in traffic:
+            if name in domain_of:
+                domain = domain_of[name]
+            else:
+                if len(domain_of) >= self.names_max:
+                    domain_of.clear()      # names that left the table go with the rest
+                domain = domain_of[name] = registered_domain(name)
+            e = tick.setdefault(domain, [0, 0])
+            e[0] += tx
+            e[1] += rx
+        self.release(now, tick)
+        self.nominate(now, tick)
+        self.admit(now)
+        other = self.other
+        for domain, (tx, rx) in tick.items():
+            e = self.slots.get(domain)
+            if e is None:
+                other[0] += tx
+                other[1] += rx
+            else:
+                e[0] += tx
+                e[1] += rx
+                e[2] = now
+
+    def nominate(self, now, tick):
+        """The tick's domains without a slot join the candidates (bounded: the heaviest)."""
+        slots, candidates = self.slots, self.candidates
+        for domain, (tx, rx) in tick.items():
+            if domain is not None and domain not in slots:
+                c = candidates.setdefault(domain, [0, now])
+                c[0] += tx + rx
+                c[1] = now
+        if len(candidates) > REMOTE_TRIM_FACTOR * DOMAIN_CANDIDATES_MAX:
+            self.candidates = dict(heapq.nlargest(DOMAIN_CANDIDATES_MAX, candidates.items(),
+                                                  key=lambda item: item[1][0]))
+
+    def release(self, now, busy):
+        """Slots and candidates idle for DOMAIN_SLOT_IDLE (and without bytes in this
+        tick, `busy`) go; a freed slot's counts are kept as long again (`retired`), so
+        a domain back within that time resumes them."""
+        for domain in [d for d, e in self.slots.items()
+                       if now - e[2] >= DOMAIN_SLOT_IDLE and d not in busy]:
+            tx, rx, _ = self.slots.pop(domain)
+            self.retired[domain] = (tx, rx, now)
+        for table, at in ((self.candidates, 1), (self.retired, 2)):
+            for domain in [d for d, e in table.items() if now - e[at] >= DOMAIN_SLOT_IDLE]:
+                del table[domain]
+
+    def admit(self, now):
+        """Free slots to the heaviest candidates, from zero or from their retired counts."""
+        room = self.k - len(self.slots)
+        if room <= 0 or not self.candidates:
+            return
+        for domain, _ in heapq.nlargest(room, self.candidates.items(), key=lambda item: item[1][0]):
+            del self.candidates[domain]
+            tx, rx, _ = self.retired.pop(domain, (0, 0, now))
+            self.slots[domain] = [tx, rx, now]
+
+    def rows(self):
+        """((domain, tx, rx) of each slot, then `other`'s)."""
+        return tuple((d, e[0], e[1]) for d, e in self.slots.items()) + \
+            ((DOMAIN_OTHER, *self.other),)
+
+
 class Names(Consumer):
     """--names: DNS queries and answers on `ports` (UDP; TCP too for port 53: each
     direction's bytes in sequence order, a gap ends the reading of a stream), a NameTable
@@ -10712,8 +11096,12 @@ class Names(Consumer):
     snapshot_type = NamesSnapshot
     wants = frozenset((WANT_RAW, WANT_TS, WANT_REMOTE))
 
-    def __init__(self, ports=(DNS_PORT,), size=DEFAULT_NAMES_MAX, logged=None, conns=None):
-        """conns: the Connections stage (--connections), whose uids the records take."""
+    def __init__(self, ports=(DNS_PORT,), size=DEFAULT_NAMES_MAX, logged=None, conns=None,
+                 remotes=None, domains=0):
+        """conns: the Connections stage (--connections), whose uids the records take;
+        remotes: the RemoteAddresses stage (--remote), whose bytes per tick protect the
+        names in use under either engine (RemoteDeltas) and count under their domains,
+        `domains` of them with their own counters (DomainTraffic; 0: none)."""
         self.ports = frozenset(ports)
         self.tcp_ports = self.ports & {DNS_PORT}   # mDNS is UDP only
         self.streams = collections.OrderedDict()   # (src, sport, dst, dport) -> [next seq, bytes]
@@ -10729,6 +11117,8 @@ class Names(Consumer):
         self.sent, self.sent_before = set(), set()
         self.now = 0.0
         self.rows = ()
+        self.deltas = RemoteDeltas(remotes) if remotes is not None else None
+        self.domains = DomainTraffic(domains, size) if domains and remotes is not None else None
 
     def whole_ports(self):
         return tuple(sorted(self.tcp_ports)), tuple(sorted(self.ports))
@@ -10861,7 +11251,7 @@ class Names(Consumer):
                     "AA": bool(flags & DNS_AA), "TC": bool(flags & DNS_TC), "RA": bool(flags & DNS_RA),
                     # Zeek's dns_rejected: a reply without a record in any section
                     "rejected": not msg.answers and not msg.others})
-        answers = [r for r in msg.answers if r.value is not None]
+        answers = [r for r in msg.answers if r.value]    # as Zeek: a record without text is not written
         if answers:
             rec["answers"] = [raw_address(r.value) if r.type in DNS_ADDRESS_LEN else r.value
                               for r in answers]
@@ -10883,9 +11273,29 @@ class Names(Consumer):
         if now > self.now:
             self.now = now
         if not self.behind:                        # an interval's end, not an extra pass
+            if self.deltas is not None:
+                self.interval_bytes(self.deltas.take())
             self.sent_before, self.sent = self.sent, set()
         self.behind = finish_expired(self.pending, self.now - DNS_QUERY_TIMEOUT,
                                      self.finish_query, DNS_TICK_WORK)
+
+    def interval_bytes(self, deltas):
+        """The remote stage's bytes of the interval, per remote: one that received from
+        a local host is in use (under ebpf the only way this stage learns it); each
+        named one's bytes count under its name's domain."""
+        used, sent, until = self.table.used, self.sent, self.now + DNS_NAME_GRACE
+        for key, tx, _ in deltas:
+            if tx:
+                used(key, until)
+                if len(sent) < self.table.size:
+                    sent.add(key)
+        if self.domains is not None:
+            get, named = self.table.get, []
+            for key, tx, rx in deltas:
+                e = get(key)
+                if e is not None:
+                    named.append((e[0], tx, rx))
+            self.domains.count(self.now, named)
 
     def finish(self):
         while self.pending:
@@ -10900,7 +11310,8 @@ class Names(Consumer):
                               for seg in (t.protected, t.probation) for k, e in seg.items())
             t.changed = False
         return NamesSnapshot(self.rows, tuple(self.errors.items()), t.evictions,
-                             self.pending_evictions, self.unmatched, self.queries, self.responses)
+                             self.pending_evictions, self.unmatched, self.queries, self.responses,
+                             self.domains.rows() if self.domains is not None else ())
 
 
 def names_document(snap, how, top=None):
@@ -10912,6 +11323,7 @@ def names_document(snap, how, top=None):
     return {**_envelope(snap, how), "names": rows, "evictions": names.evictions,
             "queries": names.queries, "responses": names.responses, "unmatched": names.unmatched,
             "pending_evictions": names.pending_evictions, "parse_errors": dict(names.parse_errors),
+            "domains": [{"domain": d, "tx_bytes": tx, "rx_bytes": rx} for d, tx, rx in names.domains],
             **_cut(rows, len(names.names))}
 
 
@@ -10934,6 +11346,32 @@ def names_metrics(c, snap):
                         [((), names.pending_evictions)])
     yield metric_family(counter, "lpd_dns_unmatched_responses",
                         "DNS responses to no query lpd saw.", [], [((), names.unmatched)])
+    remotes = snap.get("remotes")
+    if remotes is not None:
+        yield remote_info_family(c, remotes, names)
+    if names.domains:
+        for name, i, doc in DOMAIN_SERIES:
+            yield metric_family(counter, name, doc, ["domain"], [((r[0],), r[i]) for r in names.domains])
+
+
+# (name, index in a domain row, help): --names-domains' families
+DOMAIN_SERIES = (
+    ("lpd_domain_transmit_bytes", 1, "Bytes sent to the named remotes of a registered domain "
+                                     "(the K busiest; 'other': the rest)."),
+    ("lpd_domain_receive_bytes", 2, "Bytes received from the named remotes of a registered domain."))
+
+
+def remote_info_family(c, remotes, names):
+    """lpd_remote_info: a join, not a dimension: a series only for a remote that has its
+    own ip_traffic_* ones (exported_remotes), labelled with its name, so the series
+    stay as many as the remote table exports; joined in PromQL on remote_ip."""
+    from prometheus_client.core import GaugeMetricFamily as gauge
+    named = names.by_key()
+    rows = [((str(address(r[0])), named[r[0]]), 1) for r in exported_remotes(c, remotes)
+            if named.get(r[0])]
+    return metric_family(gauge, "lpd_remote_info",
+                         "A remote address's name from DNS answers (--names): always 1.",
+                         ["remote_ip", "name"], rows)
 
 
 def names_table(doc):
@@ -10943,7 +11381,19 @@ def names_table(doc):
              f"{doc['queries']}, responses {doc['responses']} ({doc['unmatched']} unmatched)"
              f"{'; parse errors: ' + bad if bad else ''}\n"] +
             _columns(("address", "name", "cname"),
-                     [[d["address"], d["name"], d["cname"]] for d in doc["names"]], ()))
+                     [[d["address"], d["name"], d["cname"]] for d in doc["names"]], ()) +
+            domains_table(doc["domains"]))
+
+
+def domains_table(domains):
+    """--names-domains' counters, the busiest first (`other` last), when there are any."""
+    if not domains:
+        return []
+    ranked = sorted(domains[:-1], key=lambda d: d["tx_bytes"] + d["rx_bytes"], reverse=True)
+    return ["\ntraffic by domain (named remotes)\n"] + _columns(
+        ("domain", "tx bytes", "rx bytes"),
+        [[d["domain"], str(d["tx_bytes"]), str(d["rx_bytes"])] for d in ranked + domains[-1:]],
+        ("tx bytes", "rx bytes"))
 
 
 def names_ports(opts):
@@ -10956,7 +11406,7 @@ def _names(opts, w, built):
         return None
     log_ = w.logs.get(Names.name)
     return Names(names_ports(opts), opts.names_max, log_.write if log_ is not None else None,
-                 built.get(Connections.name))
+                 built.get(Connections.name), built.get(RemoteAddresses.name), opts.names_domains)
 
 
 STAGES.append(Stage(Names, _names, (("names", names_document),), names_metrics, names_table,
@@ -15958,6 +16408,11 @@ TOP_OFF = {
 }
 TOP_KEYS = "keys: 1-5/Tab pane  s sort  p pause  q quit"
 TOP_ONCE_ROWS = 10                 # --once: the biggest rows of each pane
+# A remote's name (--names) is cut to this many characters, its left end first: the
+# registered domain is at the right, and the pane keeps room for an IPv6 address (39),
+# rate, total, country and ISP on a 132-column terminal.
+TOP_NAME_WIDTH = 32
+TOP_NAME_CUT = ".."                # what stands for the left end cut off (ASCII)
 TOP_CLOCK = "%H:%M:%S"             # local time on screen
 # A listen-on-all address names this machine: reached on loopback, as localhost is.
 TOP_UNSPECIFIED = ("", "::", "0.0.0.0")
@@ -16174,6 +16629,12 @@ class TopKind(NamedTuple):
     test: Callable
 
 
+class TopOptional(NamedTuple):
+    """A field that may be absent (a stage option the daemon runs without: `name` needs
+    --names), and is `spec` when there."""
+    spec: object
+
+
 class TopMap(NamedTuple):
     """An object of any keys whose every value is `value` (HTTP servers, states)."""
     value: object
@@ -16205,7 +16666,7 @@ TOP_SCHEMA = {
          "rx_bps": TOP_RATE}]},
     "remotes": {"tracked": TOP_COUNT, "remotes": [
         {"address": TOP_TEXT, "tx_bytes": TOP_COUNT, "rx_bytes": TOP_COUNT, "country": TOP_TEXT,
-         "isp": TOP_TEXT}]},
+         "isp": TOP_TEXT, "name": TopOptional(TOP_TEXT)}]},
     "rules": {"rules": [{"id": TOP_TEXT, "bytes": TOP_COUNT, "packets": TOP_COUNT}]},
     "connections": {"open": TOP_COUNT, "counts": TopMap(TopMap(TOP_COUNT)), "connections": [
         {"proto": TOP_TEXT, "orig_h": TOP_TEXT, "orig_p": TOP_COUNT, "resp_h": TOP_TEXT,
@@ -16240,10 +16701,12 @@ def top_shape_error(value, spec, where):
     elif isinstance(spec, TopMap):
         items = ((f"{where}[{k!r}]", v, spec.value) for k, v in value.items())
     else:
-        missing = [name for name in spec if name not in value]
+        missing = [name for name, sub in spec.items()
+                   if name not in value and not isinstance(sub, TopOptional)]
         if missing:
             return f"{where}.{missing[0]}: missing"
-        items = ((f"{where}.{name}", value[name], sub) for name, sub in spec.items())
+        items = ((f"{where}.{name}", value[name], sub.spec if isinstance(sub, TopOptional) else sub)
+                 for name, sub in spec.items() if name in value)
     return next((e for e in (top_shape_error(v, sub, w) for w, v, sub in items) if e), None)
 
 
@@ -16331,6 +16794,13 @@ def _index_docs(docs):
 
 
 # -- the screen ----------------------------------------------------------------------
+
+def _top_name(name):
+    """A remote's name in at most TOP_NAME_WIDTH characters, cut at the left."""
+    if len(name) <= TOP_NAME_WIDTH:
+        return name
+    return TOP_NAME_CUT + name[len(name) - TOP_NAME_WIDTH + len(TOP_NAME_CUT):]
+
 
 def _width(title, cells):
     """A column as wide as its widest cell (an IPv6 address: 39), at least its title."""
@@ -16445,11 +16915,15 @@ class TopView:
         rows = self._sorted(doc["remotes"], rate, lambda r: r["tx_bytes"] + r["rx_bytes"],
                             lambda r: r["address"])
         w = _width("remote address", (r["address"] for r in rows))
+        names = [_top_name(r.get("name", "")) for r in rows]
+        # a name column only where the daemon names remotes (--names) and some are named
+        wn = _width("name", names) + 1 if any(names) else 0
         return [self._title("remotes", f"remote addresses: {doc['tracked']} tracked"),
-                f"{'remote address':<{w}} {'rate':>13} {'total':>10} {'country':<14} isp"], [
-            f"{r['address']:<{w}} {human_bits(rate(r)):>13} "
+                f"{'remote address':<{w}} {'name ' if wn else '':<{wn}}{'rate':>13} {'total':>10} "
+                f"{'country':<14} isp"], [
+            f"{r['address']:<{w}} {name + ' ' if wn else '':<{wn}}{human_bits(rate(r)):>13} "
             f"{human_bytes(r['tx_bytes'] + r['rx_bytes']):>10} {r['country'][:14]:<14} {r['isp']}"
-            for r in rows]
+            for r, name in zip(rows, names)]
 
     def rules(self, doc):
         rate = lambda r: self.rate("rules", r["id"], "bytes", r["bytes"]) * 8  # noqa: E731

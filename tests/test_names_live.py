@@ -26,6 +26,8 @@ DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 ZONE = "zone.test"
 HOST, ALIAS, MISSING, BY_TCP = f"app.{ZONE}", f"www.{ZONE}", f"nx.{ZONE}", f"tcp.{ZONE}"
 SERVED4, SERVED6, SERVED_TCP = "198.51.100.80", "2001:db8:80::80", "198.51.100.53"
+# a name whose TTL runs out at once: only traffic to its address keeps it past the grace
+BUSY, SERVED_BUSY, BUSY_TTL = f"busy.{ZONE}", "198.51.100.81", 1
 SINK = 9                              # discard: what the client sends needs no listener
 INTERVAL = 0.3
 WAIT = 15.0
@@ -60,10 +62,12 @@ def resolver(pair):
     addresses to ns_a, which holds them."""
     for cmd in (["ip", "addr", "add", f"{SERVED4}/32", "dev", "lo"],
                 ["ip", "addr", "add", f"{SERVED_TCP}/32", "dev", "lo"],
+                ["ip", "addr", "add", f"{SERVED_BUSY}/32", "dev", "lo"],
                 ["ip", "-6", "addr", "add", f"{SERVED6}/128", "dev", "lo"]):
         pair.run(pair.ns_a, cmd)
     for cmd in (["ip", "route", "add", f"{SERVED4}/32", "via", pair.ip4_a],
                 ["ip", "route", "add", f"{SERVED_TCP}/32", "via", pair.ip4_a],
+                ["ip", "route", "add", f"{SERVED_BUSY}/32", "via", pair.ip4_a],
                 ["ip", "-6", "route", "add", f"{SERVED6}/128", "via", pair.ip6_a]):
         pair.run(pair.ns_b, cmd)
     etc = f"/etc/netns/{pair.ns_b}"
@@ -76,7 +80,8 @@ def resolver(pair):
             "--bind-interfaces", f"--listen-address={pair.ip4_a}", "--except-interface=lo",
             "--pid-file=", "--user=root", f"--local=/{ZONE}/",
             f"--host-record={HOST},{SERVED4},{SERVED6},600", f"--cname={ALIAS},{HOST},600",
-            f"--host-record={BY_TCP},{SERVED_TCP},600"],
+            f"--host-record={BY_TCP},{SERVED_TCP},600",
+            f"--host-record={BUSY},{SERVED_BUSY},{BUSY_TTL}"],
             stderr=tempfile.TemporaryFile())
         assert wait_for(lambda: lookup(pair, HOST) != "-3", 10), "dnsmasq did not answer"
         yield proc
@@ -125,3 +130,28 @@ def test_a_remote_is_named_by_what_the_host_looked_up(pair, resolver, engine, wo
              for c in map(json.loads, conn_log.read_text().splitlines())}
     assert all(conns[r["id.orig_h"], r["id.orig_p"], r["id.resp_h"], r["id.resp_p"]] == r["uid"]
                for r in records)
+
+
+def test_traffic_to_a_remote_keeps_its_name(pair, resolver, engine, tmp_path):
+    """A local host sending to an answered address keeps its name in use: the name is
+    protected and lasts DNS_NAME_GRACE past the traffic, not past the answer. Under ebpf
+    the kernel counts the remotes: the names stage learns them from the remote stage's
+    bytes at its tick (issue 27), so both engines must move `expires` on; those bytes
+    count under the name's domain."""
+    lpd = Lpd(pair, "--names", "--remote", "--interval", str(INTERVAL))
+    if engine == "auto":
+        assert "(engine ebpf)" in lpd.stderr(), lpd.stderr()
+    assert lookup(pair, BUSY) == repr([SERVED_BUSY])
+
+    def expires():
+        _, doc = api(pair, "/api/names")
+        return {r["address"]: r["expires"] for r in doc["names"]}.get(SERVED_BUSY)
+    assert wait_for(expires, WAIT), api(pair, "/api/names")
+    answered = expires()
+    sent = wait_for(lambda: (send_to(pair, SERVED_BUSY), expires() > answered + BUSY_TTL)[1], WAIT)
+    assert sent, (answered, expires())
+    # the same bytes, per tick, count under the name's domain (--names-domains)
+    _, doc = api(pair, "/api/names")
+    domains = {d["domain"]: d["tx_bytes"] for d in doc["domains"]}
+    assert domains.get(ZONE, 0) > 0 and domains["other"] == 0, doc["domains"]
+    assert lpd.stop() == 0, lpd.stderr()

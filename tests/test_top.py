@@ -487,6 +487,38 @@ def test_the_view_without_a_terminal():
     assert not any("\x1b" in t or "\x07" in t for _, t in view.frame(80))
 
 
+def test_the_remotes_pane_shows_each_remotes_name():
+    """With --names, /api/remotes gives each remote its name: a column beside the address,
+    a long name cut at its left end (the registered domain stays), an unnamed remote's
+    cell blank; without any name, no column. A name of the wrong type is garbage."""
+    view = lpdmod.TopView("localhost:59122", refresh=0.5)
+    view.key("2")
+    view.update(_docs(), 10.0, 1000.0)
+    head = next(t for _, t in view.frame(132) if t.startswith("remote address "))
+    assert head.split()[:3] == ["remote", "address", "rate"]
+    long = "r3---sn-4g5e6nze." + "x" * 40 + ".googlevideo.com"
+    remotes = _document("remotes")
+    row = remotes["remotes"][0]
+    remotes["remotes"] = [{**row, "name": long},
+                          {**row, "address": "2001:db8::1", "name": "www.example.test", "tx_bytes": 10},
+                          {**row, "address": "192.0.2.9", "name": "", "tx_bytes": 5}]
+    view.update(_docs(remotes=remotes), 10.5, 1000.5)
+    text = [t for _, t in view.frame(132)]
+    head = next(t for t in text if t.startswith("remote address "))
+    assert head.split()[:4] == ["remote", "address", "name", "rate"]
+    rows = {t.split()[0]: t for t in text if t.startswith(("10.199.0.1", "2001:db8::1", "192.0.2.9"))}
+    cut = rows["10.199.0.1"].split()[1]
+    assert len(cut) == lpdmod.TOP_NAME_WIDTH and cut.startswith("..") and cut.endswith(".googlevideo.com")
+    assert rows["2001:db8::1"].split()[1] == "www.example.test"
+    assert rows["192.0.2.9"].split()[1] == "0"                   # no name: the rate comes next
+    column = head.index("name")
+    assert all(r.index(r.split()[1]) == column for a, r in rows.items() if a != "192.0.2.9")
+    bad = _json(_changed("remotes", ["remotes", 0, "name"], 7))
+    with pytest.raises(lpdmod.TopGarbage) as e:
+        lpdmod.top_document("remotes", 200, bad)
+    assert e.value.reason == "/api/remotes: remotes.remotes[0].name: expected a string, got a number 7"
+
+
 def test_the_url_forms():
     t = lpdmod.top_target
     loop = ("127.0.0.1", "::1")
