@@ -45,26 +45,28 @@ each banner's "provides:" line says what later chapters take from it
     15.2 TLS handshakes (ClientHello, ServerHello, JA4)
     15.3 Names (--names)
     15.4 TLS hellos (--names, --ssl-log)
-  16 eBPF engine: accounting and rules as one kernel program (--engine ebpf)
-    16.1 Assembler
-    16.2 Syscalls: bpf(2), maps, programs, test runs
-    16.3 Programs: the decoder and the rules in eBPF
-    16.4 Accounting: the kernel tables behind the stages
-  17 Exporters
-    17.1 The stage table at work
-    17.2 One selector server (the metrics endpoint, the rule socket)
-    17.3 The metrics endpoint
-    17.4 The rule socket (bpfcountd's unix socket)
-  18 Daemon: wiring, signals, reload
-  19 Workers: one capture process per core behind PACKET_FANOUT
-  20 Offline replay and filter dumps
-  21 Operator view: lpd top
-  22 main
+  16 HTTP/2 and gRPC
+    16.1 HPACK (RFC 7541, header compression)
+  17 eBPF engine: accounting and rules as one kernel program (--engine ebpf)
+    17.1 Assembler
+    17.2 Syscalls: bpf(2), maps, programs, test runs
+    17.3 Programs: the decoder and the rules in eBPF
+    17.4 Accounting: the kernel tables behind the stages
+  18 Exporters
+    18.1 The stage table at work
+    18.2 One selector server (the metrics endpoint, the rule socket)
+    18.3 The metrics endpoint
+    18.4 The rule socket (bpfcountd's unix socket)
+  19 Daemon: wiring, signals, reload
+  20 Workers: one capture process per core behind PACKET_FANOUT
+  21 Offline replay and filter dumps
+  22 Operator view: lpd top
+  23 main
 
 Where a new stage goes: one sub-chapter of 14 "Stages" — its Consumer, documents, metric
 families, table lines, how the options (2) build it, and last its row,
 STAGES.append(Stage(...)); the daemon, the workers, -r, /api, --output and /metrics take
-it from there (17.1). 14.6, flow export, was added so; 15.3, the names, too, in a
+it from there (18.1). 14.6, flow export, was added so; 15.3, the names, too, in a
 chapter of its own once 14 had reached its size budget.
 """
 import argparse
@@ -7159,7 +7161,7 @@ STAGES = []
 # what it wants decoded, consume/tick/snapshot/finish; then its documents, its metric
 # families, its lines of the table, the function that builds it from the options, and
 # last its row, STAGES.append(Stage(...)). The daemon, the workers, -r, /api, --output
-# and /metrics take it from there (17.1).
+# and /metrics take it from there (18.1).
 
 
 ###############################################################################
@@ -10805,7 +10807,7 @@ class NameTable:
 class RemoteDeltas:
     """The bytes each remote carried since the last take(), from the remote stage's
     table (14.2) whichever engine counted them: the classic decoder's batches or the
-    kernel's maps, drained into it at the tick (16.4). One pass over the remotes
+    kernel's maps, drained into it at the tick (17.4). One pass over the remotes
     counted in the interval, nothing per frame. An entry evicted and entered again
     counts from zero: what it carried between the last take and its eviction is lost
     with it, as in the remote table (within its error bound)."""
@@ -11676,7 +11678,400 @@ STAGES.append(Stage(TlsSessions, _tls, (("tls", tls_document),), tls_metrics, tl
 
 
 ###############################################################################
-# 16 eBPF engine: accounting and rules as one kernel program (--engine ebpf) ####
+# 16 HTTP/2 and gRPC ##########################################################
+###############################################################################
+# provides: -
+#
+# HTTP/2 in clear text (h2c, RFC 9113) and gRPC over it, read from packets. The chapter
+# grows in the order its parts depend on each other: first HPACK (16.1), the header
+# compression every HEADERS and CONTINUATION block goes through, which is a state per
+# direction of a connection that a capture may join late; then (next) the frame layer
+# (the preface, frame headers, SETTINGS' table size, CONTINUATION bounds, streams), the
+# h2 stage beside the HTTP/1 one (14.4), whose reassembly it shares, and gRPC's calls
+# (content-type, :path, grpc-status from the trailers or RST_STREAM).
+
+
+# 16.1 HPACK (RFC 7541, header compression) ###################################
+# provides: -
+#
+# A header block's decoder (RFC 7541), from bytes lpd did not write: integers with a
+# bound on their bytes (5.1), string literals plain or Huffman-coded (5.2, Appendix B),
+# the static table (Appendix A), the dynamic table with its size accounting, eviction and
+# size updates (4, 6.3) bounded by the SETTINGS_HEADER_TABLE_SIZE lpd assumes, and the
+# field representations (6.1, 6.2). Each representation consumes at least one byte and
+# a Huffman string costs a few steps per byte, so a block costs work in proportion to its
+# length whatever it holds; fields past HPACK_HEADER_LIST_MAX bytes (counted as
+# SETTINGS_MAX_HEADER_LIST_SIZE counts them) or HPACK_FIELDS_MAX are not returned. What
+# does not hold raises HpackError with one of HPACK_ERRORS for the caller to count, never
+# an exception of another kind.
+#
+# Names and values are str, decoded latin-1: one character per byte, so no byte sequence
+# can fail to decode and none is lost (bytes(value, "latin-1") gives the wire's bytes
+# back), while what lpd compares and labels (pseudo-headers, content-type, gRPC's ASCII
+# metadata: binary "-bin" metadata is base64 on the wire) is text like the HTTP/1 stage's.
+#
+# Capture joined mid-connection (the usual case for long-lived gRPC channels): the
+# dynamic table then holds entries inserted before lpd saw anything. The decoder keeps
+# the entries inserted since it began (newest first) and, behind them, an unknown tail
+# of which it knows only a bound on the size. Whatever the encoder did, its table is the
+# newest part of that list: an insertion puts an entry in front and eviction removes the
+# oldest, so the unknown entries go first. An index into the known part is therefore
+# exact (a conforming encoder refers to entries its table holds); one past it, while the
+# tail may still hold entries, is HPACK_UNKNOWN (the caller shows _OTHER); the tail's
+# bound shrinks with every insertion and size update (the whole table fits the maximum
+# size), and once it is below one entry's size (32) the decoder knows the table again
+# and an index past it is an error. A name taken from an unknown entry is unknown and
+# its length too, so that entry's size counts as a lower bound: the bounds stay sound
+# (an entry is dropped only when the table certainly no longer holds it), never a guess.
+# The real maximum size, unknown mid-connection until a size update says it, is taken at
+# its bound, the SETTINGS value: the known part may then keep entries the encoder already
+# evicted, which it never refers to. A block that cannot be read to its end (an error,
+# or one lost by the capture: lost()) leaves insertions unseen, so the decoder starts
+# over as if capture began after it.
+
+HPACK_ERRORS = ("integer", "huffman", "index", "table_size", "truncated", "too_long",
+                "too_many")
+HPACK_UNKNOWN = None            # a name or value in an entry inserted before capture began
+HPACK_TABLE_SIZE = 4096         # SETTINGS_HEADER_TABLE_SIZE's initial value (RFC 9113 6.5.2)
+HPACK_ENTRY_OVERHEAD = 32       # an entry's size: its name's and value's octets plus 32 (4.1)
+HPACK_HEADER_LIST_MAX = 65536   # the fields returned per block, counted as above (a
+                                # SETTINGS_MAX_HEADER_LIST_SIZE of 64 KiB)
+HPACK_FIELDS_MAX = 1024         # and their number (a request carries tens)
+# 5.1: an integer's continuation bytes carry 7 bits each; 4 of them reach 2^28 past the
+# prefix, more than any index, string length or table size lpd accepts, and a fifth is
+# an error rather than a loop over 0xff 0xff ...
+HPACK_INT_BYTES_MAX = 4
+HPACK_INT_MORE = 0x80           # a continuation byte's flag; its low 7 bits are the value
+HPACK_HUFFMAN_FLAG = 0x80       # a string literal's first bit: Huffman-coded (5.2)
+# 6.1-6.3: a field's first byte says its representation by its top bits, and the width
+# of the integer prefix that follows them.
+HPACK_INDEXED, HPACK_INDEXED_PREFIX = 0x80, 7
+HPACK_INCREMENTAL, HPACK_INCREMENTAL_PREFIX = 0x40, 6
+HPACK_SIZE_UPDATE, HPACK_SIZE_UPDATE_PREFIX = 0x20, 5
+HPACK_LITERAL_PREFIX = 4        # without indexing (0000) and never indexed (0001)
+HPACK_STRING_PREFIX = 7
+
+HPACK_STATIC_TABLE = (          # Appendix A: index 1 is the first
+    (":authority", ""), (":method", "GET"), (":method", "POST"), (":path", "/"),
+    (":path", "/index.html"), (":scheme", "http"), (":scheme", "https"), (":status", "200"),
+    (":status", "204"), (":status", "206"), (":status", "304"), (":status", "400"),
+    (":status", "404"), (":status", "500"), ("accept-charset", ""),
+    ("accept-encoding", "gzip, deflate"), ("accept-language", ""), ("accept-ranges", ""),
+    ("accept", ""), ("access-control-allow-origin", ""), ("age", ""), ("allow", ""),
+    ("authorization", ""), ("cache-control", ""), ("content-disposition", ""),
+    ("content-encoding", ""), ("content-language", ""), ("content-length", ""),
+    ("content-location", ""), ("content-range", ""), ("content-type", ""), ("cookie", ""),
+    ("date", ""), ("etag", ""), ("expect", ""), ("expires", ""), ("from", ""), ("host", ""),
+    ("if-match", ""), ("if-modified-since", ""), ("if-none-match", ""), ("if-range", ""),
+    ("if-unmodified-since", ""), ("last-modified", ""), ("link", ""), ("location", ""),
+    ("max-forwards", ""), ("proxy-authenticate", ""), ("proxy-authorization", ""),
+    ("range", ""), ("referer", ""), ("refresh", ""), ("retry-after", ""), ("server", ""),
+    ("set-cookie", ""), ("strict-transport-security", ""), ("transfer-encoding", ""),
+    ("user-agent", ""), ("vary", ""), ("via", ""), ("www-authenticate", ""),
+)
+HPACK_STATIC_LEN = len(HPACK_STATIC_TABLE)
+
+HPACK_HUFFMAN_CODES = (    # (code, length in bits) of symbols 0-255, then EOS
+    (0x1ff8, 13), (0x7fffd8, 23), (0xfffffe2, 28), (0xfffffe3, 28),                 # 0-3
+    (0xfffffe4, 28), (0xfffffe5, 28), (0xfffffe6, 28), (0xfffffe7, 28),             # 4-7
+    (0xfffffe8, 28), (0xffffea, 24), (0x3ffffffc, 30), (0xfffffe9, 28),             # 8-11
+    (0xfffffea, 28), (0x3ffffffd, 30), (0xfffffeb, 28), (0xfffffec, 28),            # 12-15
+    (0xfffffed, 28), (0xfffffee, 28), (0xfffffef, 28), (0xffffff0, 28),             # 16-19
+    (0xffffff1, 28), (0xffffff2, 28), (0x3ffffffe, 30), (0xffffff3, 28),            # 20-23
+    (0xffffff4, 28), (0xffffff5, 28), (0xffffff6, 28), (0xffffff7, 28),             # 24-27
+    (0xffffff8, 28), (0xffffff9, 28), (0xffffffa, 28), (0xffffffb, 28),             # 28-31
+    (0x14, 6), (0x3f8, 10), (0x3f9, 10), (0xffa, 12),                               # 32-35
+    (0x1ff9, 13), (0x15, 6), (0xf8, 8), (0x7fa, 11),                                # 36-39
+    (0x3fa, 10), (0x3fb, 10), (0xf9, 8), (0x7fb, 11),                               # 40-43
+    (0xfa, 8), (0x16, 6), (0x17, 6), (0x18, 6),                                     # 44-47
+    (0x0, 5), (0x1, 5), (0x2, 5), (0x19, 6),                                        # 48-51
+    (0x1a, 6), (0x1b, 6), (0x1c, 6), (0x1d, 6),                                     # 52-55
+    (0x1e, 6), (0x1f, 6), (0x5c, 7), (0xfb, 8),                                     # 56-59
+    (0x7ffc, 15), (0x20, 6), (0xffb, 12), (0x3fc, 10),                              # 60-63
+    (0x1ffa, 13), (0x21, 6), (0x5d, 7), (0x5e, 7),                                  # 64-67
+    (0x5f, 7), (0x60, 7), (0x61, 7), (0x62, 7),                                     # 68-71
+    (0x63, 7), (0x64, 7), (0x65, 7), (0x66, 7),                                     # 72-75
+    (0x67, 7), (0x68, 7), (0x69, 7), (0x6a, 7),                                     # 76-79
+    (0x6b, 7), (0x6c, 7), (0x6d, 7), (0x6e, 7),                                     # 80-83
+    (0x6f, 7), (0x70, 7), (0x71, 7), (0x72, 7),                                     # 84-87
+    (0xfc, 8), (0x73, 7), (0xfd, 8), (0x1ffb, 13),                                  # 88-91
+    (0x7fff0, 19), (0x1ffc, 13), (0x3ffc, 14), (0x22, 6),                           # 92-95
+    (0x7ffd, 15), (0x3, 5), (0x23, 6), (0x4, 5),                                    # 96-99
+    (0x24, 6), (0x5, 5), (0x25, 6), (0x26, 6),                                      # 100-103
+    (0x27, 6), (0x6, 5), (0x74, 7), (0x75, 7),                                      # 104-107
+    (0x28, 6), (0x29, 6), (0x2a, 6), (0x7, 5),                                      # 108-111
+    (0x2b, 6), (0x76, 7), (0x2c, 6), (0x8, 5),                                      # 112-115
+    (0x9, 5), (0x2d, 6), (0x77, 7), (0x78, 7),                                      # 116-119
+    (0x79, 7), (0x7a, 7), (0x7b, 7), (0x7ffe, 15),                                  # 120-123
+    (0x7fc, 11), (0x3ffd, 14), (0x1ffd, 13), (0xffffffc, 28),                       # 124-127
+    (0xfffe6, 20), (0x3fffd2, 22), (0xfffe7, 20), (0xfffe8, 20),                    # 128-131
+    (0x3fffd3, 22), (0x3fffd4, 22), (0x3fffd5, 22), (0x7fffd9, 23),                 # 132-135
+    (0x3fffd6, 22), (0x7fffda, 23), (0x7fffdb, 23), (0x7fffdc, 23),                 # 136-139
+    (0x7fffdd, 23), (0x7fffde, 23), (0xffffeb, 24), (0x7fffdf, 23),                 # 140-143
+    (0xffffec, 24), (0xffffed, 24), (0x3fffd7, 22), (0x7fffe0, 23),                 # 144-147
+    (0xffffee, 24), (0x7fffe1, 23), (0x7fffe2, 23), (0x7fffe3, 23),                 # 148-151
+    (0x7fffe4, 23), (0x1fffdc, 21), (0x3fffd8, 22), (0x7fffe5, 23),                 # 152-155
+    (0x3fffd9, 22), (0x7fffe6, 23), (0x7fffe7, 23), (0xffffef, 24),                 # 156-159
+    (0x3fffda, 22), (0x1fffdd, 21), (0xfffe9, 20), (0x3fffdb, 22),                  # 160-163
+    (0x3fffdc, 22), (0x7fffe8, 23), (0x7fffe9, 23), (0x1fffde, 21),                 # 164-167
+    (0x7fffea, 23), (0x3fffdd, 22), (0x3fffde, 22), (0xfffff0, 24),                 # 168-171
+    (0x1fffdf, 21), (0x3fffdf, 22), (0x7fffeb, 23), (0x7fffec, 23),                 # 172-175
+    (0x1fffe0, 21), (0x1fffe1, 21), (0x3fffe0, 22), (0x1fffe2, 21),                 # 176-179
+    (0x7fffed, 23), (0x3fffe1, 22), (0x7fffee, 23), (0x7fffef, 23),                 # 180-183
+    (0xfffea, 20), (0x3fffe2, 22), (0x3fffe3, 22), (0x3fffe4, 22),                  # 184-187
+    (0x7ffff0, 23), (0x3fffe5, 22), (0x3fffe6, 22), (0x7ffff1, 23),                 # 188-191
+    (0x3ffffe0, 26), (0x3ffffe1, 26), (0xfffeb, 20), (0x7fff1, 19),                 # 192-195
+    (0x3fffe7, 22), (0x7ffff2, 23), (0x3fffe8, 22), (0x1ffffec, 25),                # 196-199
+    (0x3ffffe2, 26), (0x3ffffe3, 26), (0x3ffffe4, 26), (0x7ffffde, 27),             # 200-203
+    (0x7ffffdf, 27), (0x3ffffe5, 26), (0xfffff1, 24), (0x1ffffed, 25),              # 204-207
+    (0x7fff2, 19), (0x1fffe3, 21), (0x3ffffe6, 26), (0x7ffffe0, 27),                # 208-211
+    (0x7ffffe1, 27), (0x3ffffe7, 26), (0x7ffffe2, 27), (0xfffff2, 24),              # 212-215
+    (0x1fffe4, 21), (0x1fffe5, 21), (0x3ffffe8, 26), (0x3ffffe9, 26),               # 216-219
+    (0xffffffd, 28), (0x7ffffe3, 27), (0x7ffffe4, 27), (0x7ffffe5, 27),             # 220-223
+    (0xfffec, 20), (0xfffff3, 24), (0xfffed, 20), (0x1fffe6, 21),                   # 224-227
+    (0x3fffe9, 22), (0x1fffe7, 21), (0x1fffe8, 21), (0x7ffff3, 23),                 # 228-231
+    (0x3fffea, 22), (0x3fffeb, 22), (0x1ffffee, 25), (0x1ffffef, 25),               # 232-235
+    (0xfffff4, 24), (0xfffff5, 24), (0x3ffffea, 26), (0x7ffff4, 23),                # 236-239
+    (0x3ffffeb, 26), (0x7ffffe6, 27), (0x3ffffec, 26), (0x3ffffed, 26),             # 240-243
+    (0x7ffffe7, 27), (0x7ffffe8, 27), (0x7ffffe9, 27), (0x7ffffea, 27),             # 244-247
+    (0x7ffffeb, 27), (0xffffffe, 28), (0x7ffffec, 27), (0x7ffffed, 27),             # 248-251
+    (0x7ffffee, 27), (0x7ffffef, 27), (0x7fffff0, 27), (0x3ffffee, 26),             # 252-255
+    (0x3fffffff, 30),                                                               # 256: EOS
+)
+
+HPACK_HUFFMAN_BITS = 30         # the longest code, EOS's
+HPACK_HUFFMAN_EOS = 256         # a symbol the decoder must never produce (5.2)
+HPACK_PADDING_MAX = 7           # bits of EOS's prefix that may end a string (5.2)
+
+
+def _huffman_intervals():
+    """Every code left-justified to HPACK_HUFFMAN_BITS, sorted: (starts, lengths, symbols).
+    The code is prefix-free and complete, so the 30-bit values a code begins are one
+    interval, the intervals tile 0 .. 2^30 - 1, and the symbol a bit string begins with is
+    the one whose interval holds its first 30 bits: one bisect per symbol, in C."""
+    rows = sorted((code << (HPACK_HUFFMAN_BITS - bits), bits, symbol)
+                  for symbol, (code, bits) in enumerate(HPACK_HUFFMAN_CODES))
+    return tuple(r[0] for r in rows), tuple(r[1] for r in rows), tuple(r[2] for r in rows)
+
+
+HPACK_HUFFMAN_STARTS, HPACK_HUFFMAN_LENGTHS, HPACK_HUFFMAN_SYMBOLS = _huffman_intervals()
+
+
+class HpackError(ValueError):
+    """A header block that cannot be read: its reason, one of HPACK_ERRORS."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def hpack_huffman(data):
+    """The octets a Huffman-coded string literal stands for (5.2, Appendix B). EOS in
+    it, or a padding that is longer than 7 bits or not EOS's first bits (all 1s), is an
+    error. Bits are taken a byte at a time and decoded while 30 of them are there (the
+    longest code), so each byte costs a bisect or two whatever the data."""
+    starts, lengths, symbols = HPACK_HUFFMAN_STARTS, HPACK_HUFFMAN_LENGTHS, HPACK_HUFFMAN_SYMBOLS
+    top, out, acc, nbits = HPACK_HUFFMAN_BITS, bytearray(), 0, 0
+    for byte in data:
+        acc = acc << 8 | byte
+        nbits += 8
+        while nbits >= top:
+            i = bisect.bisect_right(starts, acc >> (nbits - top)) - 1
+            if symbols[i] == HPACK_HUFFMAN_EOS:
+                raise HpackError("huffman")
+            out.append(symbols[i])
+            nbits -= lengths[i]
+            acc &= (1 << nbits) - 1
+    while nbits:                    # fewer bits than the longest code are left: as if 0s followed
+        i = bisect.bisect_right(starts, acc << (top - nbits)) - 1
+        if lengths[i] > nbits:      # (EOS among them: 30 bits)
+            break
+        out.append(symbols[i])
+        nbits -= lengths[i]
+        acc &= (1 << nbits) - 1
+    if nbits > HPACK_PADDING_MAX or acc != (1 << nbits) - 1:
+        raise HpackError("huffman")
+    return bytes(out)
+
+
+def hpack_integer(block, pos, prefix):
+    """(the integer at block[pos] with a `prefix`-bit prefix (5.1), the offset after it).
+    At most HPACK_INT_BYTES_MAX continuation bytes: past them, "integer"."""
+    if pos >= len(block):
+        raise HpackError("truncated")
+    mask = (1 << prefix) - 1
+    value = block[pos] & mask
+    pos += 1
+    if value < mask:
+        return value, pos
+    for shift in range(0, 7 * HPACK_INT_BYTES_MAX, 7):
+        if pos >= len(block):
+            raise HpackError("truncated")
+        byte = block[pos]
+        pos += 1
+        value += (byte & ~HPACK_INT_MORE) << shift
+        if not byte & HPACK_INT_MORE:
+            return value, pos
+    raise HpackError("integer")
+
+
+def hpack_string(block, pos):
+    """(the string literal at block[pos] (5.2) as text, decoded latin-1, the offset after
+    it)."""
+    length, start = hpack_integer(block, pos, HPACK_STRING_PREFIX)
+    end = start + length
+    if end > len(block):
+        raise HpackError("truncated")
+    octets = block[start:end]
+    if block[pos] & HPACK_HUFFMAN_FLAG:
+        octets = hpack_huffman(octets)
+    return octets.decode("latin-1"), end
+
+
+class HpackDecoder:
+    """One direction's decoding context (2.2): the dynamic table its header blocks build,
+    fed every block in the order the encoder sent them. max_table_size: the
+    SETTINGS_HEADER_TABLE_SIZE the decoder's side announced (no size update may exceed
+    it). mid_stream: capture began after the connection did (see above); unknown_fields
+    counts the fields returned with a name or value HPACK_UNKNOWN."""
+
+    def __init__(self, max_table_size=HPACK_TABLE_SIZE, mid_stream=False):
+        self.settings = max_table_size
+        self.unknown_fields = 0
+        self._entries = collections.deque()     # (name, value, size), the newest first
+        self._size = 0              # their sizes' sum: a lower bound where a name is unknown
+        self._max = max_table_size  # the table's maximum size; mid-stream, its bound until an update
+        self._tail = 0              # the unknown entries behind them take at most this size
+        if mid_stream:
+            self.lost()
+
+    @property
+    def complete(self):
+        """Whether every entry of the table is known (no unknown tail is left)."""
+        return not self._tail
+
+    @property
+    def table(self):
+        """The known entries as (name, value), the newest (index 62) first."""
+        return [entry[:2] for entry in self._entries]
+
+    @property
+    def size(self):
+        return self._size
+
+    def lost(self):
+        """A header block went by unread (a gap in the capture, or a block that could not
+        be read to its end): what it inserted and resized is unknown, so the table is, as
+        when capture begins mid-connection, an unknown tail of at most the SETTINGS
+        size."""
+        self._entries.clear()
+        self._size = 0
+        self._max = self._tail = self.settings
+        self._shrink()
+
+    def decode(self, block):
+        """The (name, value) fields of one header block (a HEADERS or PUSH_PROMISE frame's
+        fragment and its CONTINUATIONs, joined), in order. Raises HpackError: "too_long"
+        and "too_many" after reading the block to its end (the table stays right: they are
+        lpd's bounds, not the encoder's fault), any other reason as soon as it is found
+        (the decoder then starts over as lost() says)."""
+        try:
+            fields, over = self._fields(bytes(block))
+        except HpackError:
+            self.lost()
+            raise
+        if over:
+            raise HpackError(over)
+        return fields
+
+    def _fields(self, block):
+        fields, listed, over = [], 0, None
+        entry, literal = self._entry, self._literal
+        pos, end = 0, len(block)
+        while pos < end:
+            first = block[pos]
+            if first & HPACK_INDEXED:                               # 6.1
+                index, pos = hpack_integer(block, pos, HPACK_INDEXED_PREFIX)
+                name, value = entry(index)
+            elif first & HPACK_INCREMENTAL:                         # 6.2.1
+                name, value, pos = literal(block, pos, HPACK_INCREMENTAL_PREFIX)
+                self._insert(name, value)
+            elif first & HPACK_SIZE_UPDATE:                         # 6.3
+                if listed:                  # only before a block's first field (4.2)
+                    raise HpackError("table_size")
+                size, pos = hpack_integer(block, pos, HPACK_SIZE_UPDATE_PREFIX)
+                self._resize(size)
+                continue
+            else:                                                   # 6.2.2, 6.2.3
+                name, value, pos = literal(block, pos, HPACK_LITERAL_PREFIX)
+            if name is HPACK_UNKNOWN or value is HPACK_UNKNOWN:
+                self.unknown_fields += 1
+                listed += HPACK_ENTRY_OVERHEAD + len(name or "") + len(value or "")
+            else:
+                listed += HPACK_ENTRY_OVERHEAD + len(name) + len(value)
+            if over is None:
+                if listed > HPACK_HEADER_LIST_MAX:
+                    over = "too_long"
+                elif len(fields) == HPACK_FIELDS_MAX:
+                    over = "too_many"
+                else:
+                    fields.append((name, value))
+        return fields, over
+
+    def _entry(self, index):
+        """(name, value) at an index of the static and dynamic tables (2.3.3)."""
+        if 0 < index <= HPACK_STATIC_LEN:
+            return HPACK_STATIC_TABLE[index - 1]
+        known = index - HPACK_STATIC_LEN - 1
+        if 0 <= known < len(self._entries):
+            name, value, _ = self._entries[known]
+            return name, value
+        if index and known - len(self._entries) < self._tail // HPACK_ENTRY_OVERHEAD:
+            return HPACK_UNKNOWN, HPACK_UNKNOWN
+        raise HpackError("index")
+
+    def _literal(self, block, pos, prefix):
+        """(name, value, the offset after them) of a literal field (6.2): its name by
+        index, or a string when the index is 0."""
+        index, pos = hpack_integer(block, pos, prefix)
+        if index:
+            name = self._entry(index)[0]
+        else:
+            name, pos = hpack_string(block, pos)
+        value, pos = hpack_string(block, pos)
+        return name, value, pos
+
+    def _insert(self, name, value):
+        size = HPACK_ENTRY_OVERHEAD + len(value)    # a lower bound when the name is unknown
+        if name is not HPACK_UNKNOWN:
+            size += len(name)
+        if size > self._max:        # 4.4: the table empties and takes nothing (and no tail)
+            self._entries.clear()
+            self._size = self._tail = 0
+            return
+        self._entries.appendleft((name, value, size))
+        self._size += size
+        self._shrink()
+
+    def _resize(self, size):
+        if size > self.settings:    # 6.3: above the SETTINGS value is an error
+            raise HpackError("table_size")
+        self._max = size
+        self._shrink()
+
+    def _shrink(self):
+        """Evict the oldest known entries while the table is over its size (4.3, 4.4), and
+        bound the unknown tail by the room left: the whole table fits its maximum size,
+        and the tail's entries, the oldest, go first."""
+        while self._size > self._max:
+            self._size -= self._entries.pop()[2]
+        self._tail = min(self._tail, self._max - self._size)
+        if self._tail < HPACK_ENTRY_OVERHEAD:
+            self._tail = 0
+
+
+###############################################################################
+# 17 eBPF engine: accounting and rules as one kernel program (--engine ebpf) ####
 ###############################################################################
 # provides: build_program, CopyPlan, disassemble, ebpf_available, emit_rule, Gen, KernelAccounting,
 #   Label, MAP_NAMES, overflow_slots, Untranslatable
@@ -11693,7 +12088,7 @@ STAGES.append(Stage(TlsSessions, _tls, (("tls", tls_document),), tls_metrics, tl
 
 
 ###############################################################################
-# 16.1 Assembler ##############################################################
+# 17.1 Assembler ##############################################################
 # provides: alu32_imm, alu32_reg, alu64_imm, alu64_reg, assemble, atomic_add, call, disassemble,
 #   endian_be, exit_insn, ja, jmp_imm, jmp_reg, Label, ld_map_fd, ldx, mov32_imm, mov32_reg,
 #   mov64_imm, mov64_reg, st_imm, stx
@@ -11972,7 +12367,7 @@ def disassemble(image, labels=None):
 
 
 ###############################################################################
-# 16.2 Syscalls: bpf(2), maps, programs, test runs ############################
+# 17.2 Syscalls: bpf(2), maps, programs, test runs ############################
 # provides: attach, load_program, Map, Program, _round8, _syscall
 
 LOG_SIZE = 1 << 22                                   # verifier log: 4 MiB is plenty for lpd's programs
@@ -12315,7 +12710,7 @@ def attach(sock, prog_fd):
 
 
 ###############################################################################
-# 16.3 Programs: the decoder and the rules in eBPF ############################
+# 17.3 Programs: the decoder and the rules in eBPF ############################
 # provides: ADDR_KEY, build_program, CopyPlan, emit_rule, FLOW_KEY, FLOW_MAP_MAX, FLOW_SUMS,
 #   FLOW_VALUE, Gen, GENERATIONS, IFACE_FIELDS, make_maps, MAP_NAMES, NS_PER_S, overflow_slots,
 #   OVERFLOW_VALUE, REMOTE_FIELDS, REMOTE_MAP_MIN, RULE_VALUE, Untranslatable
@@ -13611,7 +14006,7 @@ def read_counters(maps, nrules=0):
 
 
 ###############################################################################
-# 16.4 Accounting: the kernel tables behind the stages ########################
+# 17.4 Accounting: the kernel tables behind the stages ########################
 # provides: ebpf_available, KernelAccounting
 
 # How long the old program of a reload may still be running on another CPU after
@@ -14129,7 +14524,7 @@ class KernelAccounting:
 
 
 ###############################################################################
-# 17 Exporters ################################################################
+# 18 Exporters ################################################################
 ###############################################################################
 # provides: all_documents, api_answer, choose_stages, Collector,
 #   decoder_stages, format_table, make_metrics_server, open_logs, RuleSocketServer
@@ -14137,13 +14532,13 @@ class KernelAccounting:
 
 
 ###############################################################################
-# 17.1 The stage table at work ################################################
+# 18.1 The stage table at work ################################################
 # provides: all_documents, api_answer, choose_stages,
 #   Collector, decoder_stages, format_table, open_logs
 #
 # Everything that handles stages iterates STAGES: choose_stages() (the daemon, each
-# worker and -r), publishing and finishing (18), the workers' pipes and their merge
-# (19), the documents, the table and the Collector below.
+# worker and -r), publishing and finishing (19), the workers' pipes and their merge
+# (20), the documents, the table and the Collector below.
 
 def choose_stages(opts, wiring):
     """The stages the options ask for, by name in STAGES' order: the one place that
@@ -14273,7 +14668,7 @@ class Collector:
 
 
 ###############################################################################
-# 17.2 One selector server (the metrics endpoint, the rule socket) ############
+# 18.2 One selector server (the metrics endpoint, the rule socket) ############
 # provides: _Client, SelectorServer
 
 # When accept() fails (EMFILE, ENFILE, ENOBUFS, ...) the connection stays queued and the
@@ -14513,7 +14908,7 @@ class SelectorServer:
 
 
 ###############################################################################
-# 17.3 The metrics endpoint ###################################################
+# 18.3 The metrics endpoint ###################################################
 # provides: make_metrics_server
 #
 # Exporters read Published.latest(): a scrape never waits for capture, and capture
@@ -14792,7 +15187,7 @@ def make_metrics_server(host, port, registry, api=None):
 
 
 ###############################################################################
-# 17.4 The rule socket (bpfcountd's unix socket) ##############################
+# 18.4 The rule socket (bpfcountd's unix socket) ##############################
 # provides: RuleSocketServer
 
 # Dumps cut off at a client's deadline are logged at most this often, as a count.
@@ -14905,7 +15300,7 @@ class RuleSocketServer(SelectorServer):
 
 
 ###############################################################################
-# 18 Daemon: wiring, signals, reload ##########################################
+# 19 Daemon: wiring, signals, reload ##########################################
 ###############################################################################
 # provides: build_capture, build_daemon, build_exporters, capture_interface, Daemon,
 #   interface_local_nets, kernel_program, Lifecycle, load_rules, SOCKET_FRESH_TIMEOUT,
@@ -15843,7 +16238,7 @@ def build_daemon(opts):
 
 
 ###############################################################################
-# 19 Workers: one capture process per core behind PACKET_FANOUT ###############
+# 20 Workers: one capture process per core behind PACKET_FANOUT ###############
 ###############################################################################
 # provides: build_supervisor, run_worker
 #
@@ -16236,7 +16631,7 @@ def build_supervisor(opts, argv):
 
 
 ###############################################################################
-# 20 Offline replay and filter dumps ##########################################
+# 21 Offline replay and filter dumps ##########################################
 ###############################################################################
 # provides: dump_filter, replay, write_output
 
@@ -16357,7 +16752,7 @@ def dump_filter(opts, out=sys.stdout):
 
 
 ###############################################################################
-# 21 Operator view: lpd top ###################################################
+# 22 Operator view: lpd top ###################################################
 ###############################################################################
 # provides: top_main
 #
@@ -17127,7 +17522,7 @@ def top_main(argv):
 
 
 ###############################################################################
-# 22 main #####################################################################
+# 23 main #####################################################################
 ###############################################################################
 # provides: -
 
