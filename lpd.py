@@ -11708,7 +11708,8 @@ STAGES.append(Stage(TlsSessions, _tls, (("tls", tls_document),), tls_metrics, tl
 # Names and values are str, decoded latin-1: one character per byte, so no byte sequence
 # can fail to decode and none is lost (bytes(value, "latin-1") gives the wire's bytes
 # back), while what lpd compares and labels (pseudo-headers, content-type, gRPC's ASCII
-# metadata: binary "-bin" metadata is base64 on the wire) is text like the HTTP/1 stage's.
+# metadata: binary "-bin" metadata is base64 on the wire) is text, as the HTTP/1 stage
+# (14.4) decodes its heads.
 #
 # Capture joined mid-connection (the usual case for long-lived gRPC channels): the
 # dynamic table then holds entries inserted before lpd saw anything. The decoder keeps
@@ -11725,9 +11726,11 @@ STAGES.append(Stage(TlsSessions, _tls, (("tls", tls_document),), tls_metrics, tl
 # (an entry is dropped only when the table certainly no longer holds it), never a guess.
 # The real maximum size, unknown mid-connection until a size update says it, is taken at
 # its bound, the SETTINGS value: the known part may then keep entries the encoder already
-# evicted, which it never refers to. A block that cannot be read to its end (an error,
-# or one lost by the capture: lost()) leaves insertions unseen, so the decoder starts
-# over as if capture began after it.
+# evicted, which it never refers to. Should the peer have announced a larger SETTINGS
+# value than the decoder was given, the table outgrows the bound: that shows as errors
+# (an index past the table, a size update above it), never as a wrong field. A block
+# that cannot be read to its end (an error, or one lost by the capture: lost()) leaves
+# insertions unseen, so the decoder starts over as if capture began after it.
 
 HPACK_ERRORS = ("integer", "huffman", "index", "table_size", "truncated", "too_long",
                 "too_many")

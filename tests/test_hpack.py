@@ -186,6 +186,18 @@ def test_oracle_evicts_across_a_long_connection():
 
 # -- Huffman -------------------------------------------------------------------------------
 
+def test_huffman_table_is_hpacks_and_its_intervals_tile_30_bits():
+    # The bisect decoder's premise: each code, left-justified, begins an interval of
+    # 2^(30 - length) values, and the intervals follow each other from 0 to 2^30.
+    assert lpd.HPACK_HUFFMAN_CODES == tuple(zip(REQUEST_CODES, REQUEST_CODES_LENGTH))
+    end = 0
+    for start, length in zip(lpd.HPACK_HUFFMAN_STARTS, lpd.HPACK_HUFFMAN_LENGTHS):
+        assert start == end
+        end = start + (1 << (lpd.HPACK_HUFFMAN_BITS - length))
+    assert end == 1 << lpd.HPACK_HUFFMAN_BITS
+    assert lpd.HPACK_HUFFMAN_SYMBOLS[-1] == lpd.HPACK_HUFFMAN_EOS      # all 1s: the last
+
+
 def test_huffman_every_byte_round_trips():
     for b in range(256):
         one = bytes((b,))
