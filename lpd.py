@@ -11858,6 +11858,23 @@ def _huffman_intervals():
 
 
 HPACK_HUFFMAN_STARTS, HPACK_HUFFMAN_LENGTHS, HPACK_HUFFMAN_SYMBOLS = _huffman_intervals()
+HPACK_HUFFMAN_SHORT_BITS = 8
+
+
+def _huffman_short():
+    """By the first 8 bits of a bit string: length << 8 | symbol of the code it begins
+    with when that code is at most 8 bits long (the letters, digits and common punctuation:
+    most of what headers hold), 0 when it is longer and the bisect decides."""
+    short, shift = [], HPACK_HUFFMAN_BITS - HPACK_HUFFMAN_SHORT_BITS
+    for byte in range(1 << HPACK_HUFFMAN_SHORT_BITS):
+        i = bisect.bisect_right(HPACK_HUFFMAN_STARTS, byte << shift) - 1
+        length = HPACK_HUFFMAN_LENGTHS[i]
+        fits = length <= HPACK_HUFFMAN_SHORT_BITS
+        short.append(length << 8 | HPACK_HUFFMAN_SYMBOLS[i] if fits else 0)
+    return tuple(short)
+
+
+HPACK_HUFFMAN_SHORT = _huffman_short()
 
 
 class HpackError(ValueError):
@@ -11872,18 +11889,24 @@ def hpack_huffman(data):
     """The octets a Huffman-coded string literal stands for (5.2, Appendix B). EOS in
     it, or a padding that is longer than 7 bits or not EOS's first bits (all 1s), is an
     error. Bits are taken a byte at a time and decoded while 30 of them are there (the
-    longest code), so each byte costs a bisect or two whatever the data."""
+    longest code): a code of 8 bits or fewer by a lookup of its first byte, a longer one
+    by a bisect, so each byte costs a step or two whatever the data."""
     starts, lengths, symbols = HPACK_HUFFMAN_STARTS, HPACK_HUFFMAN_LENGTHS, HPACK_HUFFMAN_SYMBOLS
+    short, short_shift = HPACK_HUFFMAN_SHORT, HPACK_HUFFMAN_BITS - HPACK_HUFFMAN_SHORT_BITS
     top, out, acc, nbits = HPACK_HUFFMAN_BITS, bytearray(), 0, 0
     for byte in data:
         acc = acc << 8 | byte
         nbits += 8
         while nbits >= top:
-            i = bisect.bisect_right(starts, acc >> (nbits - top)) - 1
-            if symbols[i] == HPACK_HUFFMAN_EOS:
-                raise HpackError("huffman")
-            out.append(symbols[i])
-            nbits -= lengths[i]
+            peek = acc >> (nbits - top)
+            code = short[peek >> short_shift]
+            if not code:
+                i = bisect.bisect_right(starts, peek) - 1
+                if symbols[i] == HPACK_HUFFMAN_EOS:
+                    raise HpackError("huffman")
+                code = lengths[i] << 8 | symbols[i]
+            out.append(code & 0xFF)
+            nbits -= code >> 8
             acc &= (1 << nbits) - 1
     while nbits:                    # fewer bits than the longest code are left: as if 0s followed
         i = bisect.bisect_right(starts, acc << (top - nbits)) - 1
@@ -11943,7 +11966,7 @@ class HpackDecoder:
         self.unknown_fields = 0
         self._entries = collections.deque()     # (name, value, size), the newest first
         self._size = 0              # their sizes' sum: a lower bound where a name is unknown
-        self._max = max_table_size  # the table's maximum size; mid-stream, its bound until an update
+        self._max = max_table_size  # the maximum size (mid-stream: its bound until an update)
         self._tail = 0              # the unknown entries behind them take at most this size
         if mid_stream:
             self.lost()

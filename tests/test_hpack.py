@@ -196,6 +196,13 @@ def test_huffman_table_is_hpacks_and_its_intervals_tile_30_bits():
         end = start + (1 << (lpd.HPACK_HUFFMAN_BITS - length))
     assert end == 1 << lpd.HPACK_HUFFMAN_BITS
     assert lpd.HPACK_HUFFMAN_SYMBOLS[-1] == lpd.HPACK_HUFFMAN_EOS      # all 1s: the last
+    # The first-byte lookup: every code of 8 bits or fewer, under each byte it begins.
+    for byte, entry in enumerate(lpd.HPACK_HUFFMAN_SHORT):
+        if entry:
+            code, length = lpd.HPACK_HUFFMAN_CODES[entry & 0xFF]
+            assert length == entry >> 8 and code == byte >> (8 - length)
+    assert sum(1 for e in lpd.HPACK_HUFFMAN_SHORT if e) == \
+        sum(1 << (8 - n) for _, n in lpd.HPACK_HUFFMAN_CODES if n <= 8)  # each under 2^(8-n) bytes
 
 
 def test_huffman_every_byte_round_trips():
