@@ -11973,7 +11973,8 @@ class HpackDecoder:
 
     @property
     def complete(self):
-        """Whether every entry of the table is known (no unknown tail is left)."""
+        """Whether the decoder knows every entry the table holds: no unknown tail is left
+        (a name an entry took from the tail stays unknown in it)."""
         return not self._tail
 
     @property
@@ -11983,6 +11984,7 @@ class HpackDecoder:
 
     @property
     def size(self):
+        """The known entries' size (4.1): a lower bound where a name is unknown."""
         return self._size
 
     def lost(self):
