@@ -1962,19 +1962,11 @@ def _dns_message(ident, flags, name, qtype, answers=()):
     return out
 
 
-def _tls_certificate(workdir):
-    key, cert = os.path.join(workdir, "key.pem"), os.path.join(workdir, "cert.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", cert,
-                    "-days", "1", "-subj", "/CN=bench.test"], check=True, capture_output=True,
-                   timeout=30)
-    return cert, key
-
-
 def tls_hellos(certificate, name, tls12=False):
     """(ClientHello bytes, the server's first flight) of one in-memory handshake by
     Python's ssl module (OpenSSL), as tests/test_tls_stage.py's hellos() makes them."""
     import ssl
+    import harness
     cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     cctx.check_hostname, cctx.verify_mode = False, ssl.CERT_NONE
     cctx.set_alpn_protocols(["h2", "http/1.1"])
@@ -1983,20 +1975,7 @@ def tls_hellos(certificate, name, tls12=False):
     sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     sctx.load_cert_chain(*certificate)
     sctx.set_alpn_protocols(["http/1.1"])
-    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-    client = cctx.wrap_bio(c_in, c_out, server_hostname=name)
-    server = sctx.wrap_bio(s_in, s_out, server_side=True)
-    try:
-        client.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    hello = c_out.read()
-    s_in.write(hello)
-    try:
-        server.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    return hello, s_out.read()
+    return harness.memory_handshake(cctx, sctx, name)
 
 
 class NamesMix:
@@ -2287,7 +2266,8 @@ def offline_names(lpd, results, quick):
         return t
     with tempfile.TemporaryDirectory(prefix="lpd-bench-names-") as workdir:
         t0 = time.monotonic()
-        cert = _tls_certificate(workdir)
+        import harness
+        cert = harness.self_signed(workdir, "bench.test")
         mix = NamesMix(frames_n, cert)
         pcap, empty = os.path.join(workdir, "mix.pcap"), os.path.join(workdir, "empty.pcap")
         n = write_names_pcap(pcap, mix.frames())
