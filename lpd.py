@@ -11425,10 +11425,10 @@ STAGES.append(Stage(Names, _names, (("names", names_document),), names_metrics, 
 # browsers' ~1.8 KB with a post-quantum key share) is read from the segments that
 # follow: under ebpf the program keeps the direction in its hellos map (LRU,
 # TLS_HELLOS_MAX) until the record's end and copies those whole too (one map lookup
-# per TCP data segment: 30-40 ns more in the kernel program, the bench's names series); the
-# classic program has no state, so there a later segment is cut and ends the hello,
-# counted as "cut", unless the receiving NIC or GRO merged the segments into one
-# super-frame (the usual case on a router, and on a host's own outgoing hellos).
+# per TCP data segment: 30-40 ns more in the kernel program, the bench's names
+# series); the classic program has no state, so there a later segment is cut and ends
+# the hello, counted as "cut", unless the receiving NIC or GRO merged the segments into
+# one super-frame (the usual case on a router, and on a host's own outgoing hellos).
 #
 # Each hello's bytes are kept per direction until read_tls_hello (15.2) has the whole
 # handshake message: TLS_HELLOS_MAX directions at once, each at most TLS_HELLO_MAX
