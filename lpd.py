@@ -7608,8 +7608,6 @@ TH_FIN, TH_SYN, TH_RST, TH_ACK = 0x01, 0x02, 0x04, 0x10
 SEQ_MOD = 1 << 32
 SEQ_HALF = 1 << 31
 SEQ_JUMP_MAX = 1 << 20          # a SYN or RST this far from the last seq, or an ACK 0, is not a step
-# Leading bytes the stage reads: Ethernet, two tags, the longest IPv4 and TCP headers.
-CONN_SNAPLEN = ETH_HLEN + 2 * VLAN_TAG_LEN + 60 + 60
 # Every IP protocol has connections (flows: addresses and protocol); TCP, UDP and ICMP
 # (both families, Zeek's one "icmp") are Zeek's transports, with ports, states and
 # conn.log lines. A connection's transport keys its timeout, its place among the active
@@ -7685,6 +7683,91 @@ LIVE_STATES = ("connecting", "established", "closing", "reset")
 EVICTION_REASONS = ("half_open", "oldest")
 # Why a connection's flow report is made: RFC 5102's flowEndReason values (IPFIX's 136).
 END_IDLE, END_ACTIVE, END_DETECTED, END_FORCED, END_EVICTED = 1, 2, 3, 4, 5
+
+# Services (Zeek's conn.log `service`): the protocols a connection's payload shows, as
+# Zeek's dynamic protocol detection names them (base/frameworks/dpd, each protocol's
+# dpd.sig), not its ports. Zeek matches a direction's reassembled stream and its analyzer
+# parses on to confirm; here each direction's first payload-bearing packet is looked at,
+# once (its first SERVICE_BYTES), so a connection that opens with something else
+# (STARTTLS, a proxy's CONNECT) shows only that. Zeek's port-registered UDP analyzers
+# become structural checks of the first datagram, on their ports where the payload alone
+# cannot tell (NTP's 48 bytes: a DNS query passes; DHCP: its cookie at 236 is past the copy).
+#
+# SERVICE_BYTES, and so what --connections copies past the headers: the most a check
+# reads, TLS's ServerHello behind an alert (Zeek's dpd_ssl_server: 7 bytes of alert, then
+# record header, handshake type and length, version: 11); the longest HTTP method and its
+# space take 17, DNS 13, QUIC 6. NTP's and DHCP's lengths are the datagram's, not the copy's.
+SERVICE_BYTES = 18
+_HTTP_METHODS = (b"OPTIONS|GET|HEAD|POST|PUT|DELETE|ACL|BASELINE-CONTROL|BIND|CHECKIN|CHECKOUT|CONNECT|"
+                 b"COPY|LABEL|LINK|LOCK|MERGE|MKACTIVITY|MKCALENDAR|MKCOL|MKREDIRECTREF|MOVE|ORDERPATCH|"
+                 b"PATCH|PROPFIND|PROPPATCH|REBIND|REPORT|SEARCH|TRACE|UNBIND|UNCHECKOUT|UNLINK|UNLOCK|"
+                 b"UPDATE|VERSION-CONTROL|BCOPY|BDELETE|BMOVE|BPROPFIND|BPROPPATCH|NOTIFY|POLL|"
+                 b"SUBSCRIBE|UNSUBSCRIBE|X-MS-ENUMATTS|MKWORKSPACE|RPC_IN_DATA|RPC_OUT_DATA")
+SERVICE_DNS_HDR = struct.Struct("!HHHHHH")   # id, flags, questions, answers, authority, additional
+DNS_OPCODES = frozenset((0, 1, 2, 4, 5))     # query, inverse, status, notify, update
+DNS_QUERY_CLEAR = 0x804F                     # flags a query has clear: QR, Z, RCODE
+DNS_LABEL = re.compile(rb"[-_0-9A-Za-z]*")   # a label's bytes in a host or service name
+NTP_MIN, DHCP_MIN = 48, 240                  # an NTP time packet; BOOTP's fixed part and cookie
+NTP_MODE_MIN = {6: 12, 7: 8}                 # control and private messages: their headers' lengths
+DHCP_STARTS = (b"\x01\x01\x06", b"\x02\x01\x06")   # op 1 or 2, Ethernet, 6-byte addresses
+
+
+def _starts(pattern):
+    """A check that a direction's first bytes match a dpd.sig payload regex (Zeek's
+    [[:space:]] is \\s) from their start."""
+    match = re.compile(pattern, re.DOTALL).match
+    return lambda head, size: match(head) is not None
+
+
+def _dns_query(head, size):
+    """A DNS query (Zeek's DNS analyzer confirms by parsing): QR, Z and RCODE clear, a
+    known opcode, one question, under 256 records in each other section, a name that is
+    the root or starts with a label of a host name's characters (as far as the copy goes)."""
+    if len(head) <= SERVICE_DNS_HDR.size:
+        return False
+    _, flags, qd, an, ns, ar = SERVICE_DNS_HDR.unpack_from(head)
+    n, at = head[SERVICE_DNS_HDR.size], SERVICE_DNS_HDR.size + 1
+    return not flags & DNS_QUERY_CLEAR and flags >> 11 & 15 in DNS_OPCODES and qd == 1 and \
+        (an | ns | ar) < 256 and n < 64 and DNS_LABEL.fullmatch(head[at:at + n]) is not None
+
+
+def _ntp(head, size):
+    """NTP versions 1-4: a time packet (modes 1-5, 48 bytes or more, stratum at most 16),
+    or a control or private message (modes 6, 7) as long as its header."""
+    mode = head[0] & 7 if len(head) > 1 and 1 <= head[0] >> 3 & 7 <= 4 else 0
+    return size >= NTP_MODE_MIN[mode] if mode in NTP_MODE_MIN else \
+        mode != 0 and size >= NTP_MIN and head[1] <= 16
+
+
+def _dhcp(head, size):
+    return size >= DHCP_MIN and head[:3] in DHCP_STARTS
+
+
+# service -> transport, ports (None: any; else one end's must be one), checks of the
+# originator's and the responder's first payloads (None: not looked at; a check takes its
+# first SERVICE_BYTES and the payload's length), whether both must pass (Zeek's
+# requires-reverse-signature) or either will do.
+SERVICES = (
+    ("ssh", IPPROTO_TCP, None, _starts(rb"[sS][sS][hH]-"), _starts(rb"[sS][sS][hH]-"), True),
+    ("http", IPPROTO_TCP, None, _starts(rb"\s*(" + _HTTP_METHODS + rb") "),
+     _starts(rb"[hH][tT][tT][pP]/[0-9]"), False),
+    ("ssl", IPPROTO_TCP, None,
+     _starts(rb"\x16\x03[\x00-\x03]..\x01...\x03[\x00-\x03]|...?\x01[\x00\x03][\x00-\x03]"),
+     _starts(rb"(\x15\x03[\x00-\x03]....)?\x16\x03[\x00-\x03]..\x02...\x03[\x00-\x03]|...?\x04..\x00\x02"),
+     True),
+    ("smtp", IPPROTO_TCP, None, _starts(rb"\s*([hH][eE][lL][oO]|[eE][hH][lL][oO])"),
+     _starts(rb"\s*220[\s-]"), True),
+    ("ftp", IPPROTO_TCP, None, _starts(rb" *[uU][sS][eE][rR] "),
+     _starts(rb"[\n\r ]*(120|220)[^0-9]"), True),
+    ("dns", IPPROTO_UDP, None, _dns_query, None, False),
+    ("ntp", IPPROTO_UDP, frozenset((123,)), _ntp, _ntp, False),
+    ("dhcp", IPPROTO_UDP, frozenset((67, 68)), _dhcp, _dhcp, False),
+    # QUIC v1: a client's Initial (long header, type 0, DCID <= 20 bytes), a long header back
+    ("quic", IPPROTO_UDP, None, _starts(rb"[\xc0-\xcf]\x00\x00\x00\x01[\x00-\x14]"),
+     _starts(rb"[\xc0-\xff]\x00\x00\x00\x01"), True),
+)
+# What the stage reads: Ethernet, two tags, the longest IPv4 and TCP headers, SERVICE_BYTES.
+CONN_SNAPLEN = ETH_HLEN + 2 * VLAN_TAG_LEN + 60 + 60 + SERVICE_BYTES
 
 
 def past_tags(data):
@@ -7831,7 +7914,8 @@ class _End:
     __slots__ = ("state", "prev", "start", "last", "ack", "seq_wraps", "ack_wraps", "fins",
                  "did_close", "pkts", "ip_bytes", "wire_bytes", "payload_bytes", "last_syn",
                  "last_fin", "last_rst", "scaled", "frag_pkts", "frag_hdr_bytes", "since",
-                 "until", "flags", "tos", "vlan", "icmp", "reported_pkts", "reported_bytes")
+                 "until", "flags", "tos", "vlan", "icmp", "reported_pkts", "reported_bytes",
+                 "head")
 
     def __init__(self):
         self.state = self.prev = TCP_INACTIVE
@@ -7847,6 +7931,7 @@ class _End:
         self.flags = 0                              # TCP flags since the last report
         self.tos = self.vlan = self.icmp = 0        # of its first frame (ICMP: type << 8 | code)
         self.reported_pkts = self.reported_bytes = 0
+        self.head = None                            # its first payload: (SERVICE_BYTES of it, length)
 
     def flow_counts(self):
         """(packets, octets) as a flow counts them: every packet, its whole IP length."""
@@ -7885,6 +7970,18 @@ class _End:
         return max(size, 0)
 
 
+def connection_services(c):
+    """The services (SERVICES) c's first payloads confirm, comma-joined as Zeek's conn.log
+    writes them, or None; asked once per direction, when its first payload comes."""
+    o, r, found = c.o.head, c.r.head, []
+    for name, transport, ports, orig, resp, both in SERVICES:
+        if transport == c.proto and not (ports and c.orig_p not in ports and c.resp_p not in ports):
+            ok_o, ok_r = o is not None and orig(*o), r is not None and resp is not None and resp(*r)
+            if (ok_o and ok_r) if both else (ok_o or ok_r):
+                found.append(name)
+    return ",".join(found) or None
+
+
 # Connection.offloaded: which of its directions the kernel counts (FlowOffload).
 OFFLOAD_ORIG, OFFLOAD_RESP = 1, 2
 
@@ -7893,7 +7990,7 @@ class Connection:
     """One connection: its originator and responder ends and its history."""
     __slots__ = ("key", "proto", "transport", "orig_h", "orig_p", "resp_h", "resp_p", "o", "r",
                  "history", "seen", "first", "last", "midstream", "live", "pid", "comm", "timer",
-                 "attempt", "half_open", "offloaded", "since")
+                 "attempt", "half_open", "offloaded", "since", "service")
 
     def __init__(self, key, proto, src, sport, dst, dport, ts):
         self.key, self.proto = key, proto
@@ -7910,6 +8007,7 @@ class Connection:
         self.attempt = False                         # that entry is the attempt timer
         self.half_open = False
         self.offloaded = 0                           # OFFLOAD_ORIG | OFFLOAD_RESP: counted in the kernel
+        self.service = None                          # "ssl", "dns,..." once confirmed (SERVICES)
 
     def flip(self):
         """Zeek's FlipRoles: the ends and addresses swap, the history's seen-bits do not."""
@@ -8007,11 +8105,14 @@ class Connection:
         return "established"
 
     def record(self):
-        """The conn.log line, Zeek's field names (duration and sizes only when > 0 s)."""
+        """The conn.log line, Zeek's field names (duration and sizes only when > 0 s,
+        service when one was confirmed)."""
         rec = {"ts": round(self.first, 6), "uid": connection_uid(self.key, self.first),
                "id.orig_h": raw_address(self.orig_h), "id.orig_p": self.orig_p,
                "id.resp_h": raw_address(self.resp_h), "id.resp_p": self.resp_p,
                "proto": PROTO_NAMES[self.transport]}
+        if self.service:
+            rec["service"] = self.service
         duration = self.last - self.first
         if duration > 0:
             rec.update({"duration": round(duration, 6), "orig_bytes": self.orig_bytes(),
@@ -8028,7 +8129,7 @@ class Connection:
         return (self.key, self.proto, self.orig_h, self.orig_p, self.resp_h, self.resp_p,
                 self.live, "".join(self.history), self.orig_bytes(), self.resp_bytes(),
                 self.o.pkts, self.r.pkts, self.o.wire_bytes, self.r.wire_bytes,
-                self.first, self.last, self.midstream, self.pid, self.comm)
+                self.first, self.last, self.midstream, self.pid, self.comm, self.service)
 
 
 class ConnectionSnapshot(NamedTuple):
@@ -8133,7 +8234,7 @@ class Connections(Consumer):
         if f[0] == IP_FRAGMENT:
             self.fragment(f, wire_bytes)
             return
-        proto, src, dst, sport, dport, ip_len, plen, flags, seq, ack, window, frag_id, _ = f
+        proto, src, dst, sport, dport, ip_len, plen, flags, seq, ack, window, frag_id, at = f
         key = conn_key(proto, src, sport, dst, dport)
         c = self.table.get(key)
         if c is not None:
@@ -8161,6 +8262,9 @@ class Connections(Consumer):
             c.last = ts
         # the counts follow the roles as they are after this frame (a flip moves them)
         e = c.o if (src == c.orig_h and sport == c.orig_p) else c.r
+        if plen and e.head is None:                # once per direction: its first payload
+            e.head = data[at:at + min(plen, SERVICE_BYTES)], plen
+            c.service = connection_services(c)
         if e.since is None:
             e.since = ts
             e.tos, e.vlan = ip_tos_vlan(data)
@@ -8535,10 +8639,11 @@ def connections_document(snap, how, top=None, state=None):
     out = []
     for r in _first(rows, top, lambda r: (-(r[12] + r[13]), r[14])):
         (key, proto, oh, op, rh, rp, live, history, ob, rb, opk, rpk, owb, rwb, first, last,
-         midstream, pid, comm) = r
+         midstream, pid, comm, service) = r
         out.append({"uid": connection_uid(key, first), "proto": proto_name(proto),
                     "orig_h": raw_address(oh), "orig_p": op,
-                    "resp_h": raw_address(rh), "resp_p": rp, "state": live, "history": history,
+                    "resp_h": raw_address(rh), "resp_p": rp, "service": service,
+                    "state": live, "history": history,
                     "orig_bytes": ob, "resp_bytes": rb, "orig_pkts": opk, "resp_pkts": rpk,
                     "orig_wire_bytes": owb, "resp_wire_bytes": rwb, "start": first,
                     "age": max(0.0, now - first), "idle": max(0.0, now - last),
@@ -8587,23 +8692,23 @@ def connections_table(conns):
     evicted = ", ".join(f"{r} {n}" for r, n in conns["evictions"].items() if n)
     if evicted:
         out.append(f"evicted: {evicted}\n")
-    header = ("proto", "originator", "responder", "state", "history", "orig bytes", "resp bytes",
-              "orig pkts", "resp pkts")
-    numbers = header[5:]
+    header = ("proto", "originator", "responder", "service", "state", "history", "orig bytes",
+              "resp bytes", "orig pkts", "resp pkts")
+    numbers = header[6:]
     rows = [[d["proto"], f"{d['orig_h']}:{d['orig_p']}", f"{d['resp_h']}:{d['resp_p']}",
-             d["state"] + (" (mid-stream)" if d["midstream"] else ""), d["history"],
-             _amount(d["orig_bytes"]), _amount(d["resp_bytes"]), str(d["orig_pkts"]),
+             d.get("service") or "-", d["state"] + (" (mid-stream)" if d["midstream"] else ""),
+             d["history"], _amount(d["orig_bytes"]), _amount(d["resp_bytes"]), str(d["orig_pkts"]),
              str(d["resp_pkts"])] for d in conns["connections"][:CONN_TABLE_TOP]]
     if rows:
         out.append("open connections, biggest first:\n")
         out += _columns(header, rows, numbers)
     done = [[r["proto"], f"{r['id.orig_h']}:{r['id.orig_p']}", f"{r['id.resp_h']}:{r['id.resp_p']}",
-             r["conn_state"], r["history"], _amount(r.get("orig_bytes", 0)),
+             r.get("service", "-"), r["conn_state"], r["history"], _amount(r.get("orig_bytes", 0)),
              _amount(r.get("resp_bytes", 0)), str(r["orig_pkts"]), str(r["resp_pkts"])]
             for r in conns["largest_closed"][:CONN_TABLE_TOP]]
     if done:
         out.append("finished connections, biggest first:\n")
-        out += _columns(header[:3] + ("conn_state",) + header[4:], done, numbers)
+        out += _columns(header[:4] + ("conn_state",) + header[5:], done, numbers)
     return out
 
 
