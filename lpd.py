@@ -7685,18 +7685,16 @@ EVICTION_REASONS = ("half_open", "oldest")
 END_IDLE, END_ACTIVE, END_DETECTED, END_FORCED, END_EVICTED = 1, 2, 3, 4, 5
 
 # Services (Zeek's conn.log `service`): the protocols a connection's payload shows, as
-# Zeek's dynamic protocol detection names them (base/frameworks/dpd, each protocol's
-# dpd.sig), not its ports. Zeek matches a direction's reassembled stream and its analyzer
-# parses on to confirm; here each direction's first payload-bearing packet is looked at,
-# once (its first SERVICE_BYTES), so a connection that opens with something else
-# (STARTTLS, a proxy's CONNECT) shows only that. Zeek's port-registered UDP analyzers
-# become structural checks of the first datagram, on their ports where the payload alone
-# cannot tell (NTP's 48 bytes: a DNS query passes; DHCP: its cookie at 236 is past the copy).
-#
-# SERVICE_BYTES, and so what --connections copies past the headers: the most a check
-# reads, TLS's ServerHello behind an alert (Zeek's dpd_ssl_server: 7 bytes of alert, then
-# record header, handshake type and length, version: 11); the longest HTTP method and its
-# space take 17, DNS 13, QUIC 6. NTP's and DHCP's lengths are the datagram's, not the copy's.
+# Zeek's dynamic protocol detection (base/frameworks/dpd, each protocol's dpd.sig) names
+# them, not its ports. Zeek matches a direction's reassembled stream, its analyzer parses
+# on to confirm; here each direction's first payload-bearing packet is looked at, once (its
+# first SERVICE_BYTES): a connection that opens with something else (STARTTLS, a proxy's
+# CONNECT) shows only that. Zeek's port-registered UDP analyzers become structural checks
+# of the first datagram, on their ports where the payload cannot tell (NTP's 48 bytes: a
+# DNS query passes; DHCP: its cookie at 236 is past the copy). SERVICE_BYTES, and so what
+# --connections copies past the headers: the most a check reads, TLS's ServerHello behind
+# an alert (Zeek's dpd_ssl_server: 7 bytes of alert, then record header, handshake type and
+# length, version: 11); the longest HTTP method and its space take 17, DNS 13, QUIC 6.
 SERVICE_BYTES = 18
 _HTTP_METHODS = (b"OPTIONS|GET|HEAD|POST|PUT|DELETE|ACL|BASELINE-CONTROL|BIND|CHECKIN|CHECKOUT|CONNECT|"
                  b"COPY|LABEL|LINK|LOCK|MERGE|MKACTIVITY|MKCALENDAR|MKCOL|MKREDIRECTREF|MOVE|ORDERPATCH|"
@@ -7931,7 +7929,7 @@ class _End:
         self.flags = 0                              # TCP flags since the last report
         self.tos = self.vlan = self.icmp = 0        # of its first frame (ICMP: type << 8 | code)
         self.reported_pkts = self.reported_bytes = 0
-        self.head = None                            # its first payload: (SERVICE_BYTES of it, length)
+        self.head = None                            # (first SERVICE_BYTES of payload, length); () judged
 
     def flow_counts(self):
         """(packets, octets) as a flow counts them: every packet, its whole IP length."""
@@ -7975,10 +7973,12 @@ def connection_services(c):
     writes them, or None; asked once per direction, when its first payload comes."""
     o, r, found = c.o.head, c.r.head, []
     for name, transport, ports, orig, resp, both in SERVICES:
-        if transport == c.proto and not (ports and c.orig_p not in ports and c.resp_p not in ports):
-            ok_o, ok_r = o is not None and orig(*o), r is not None and resp is not None and resp(*r)
-            if (ok_o and ok_r) if both else (ok_o or ok_r):
-                found.append(name)
+        if transport != c.proto or both and (o is None or r is None) or \
+                ports and c.orig_p not in ports and c.resp_p not in ports:
+            continue                               # another transport, a side to wait for, other ports
+        ok_o = o is not None and orig(*o)
+        if (ok_o and resp(*r)) if both else (ok_o or resp is not None and r is not None and resp(*r)):
+            found.append(name)
     return ",".join(found) or None
 
 
@@ -8263,8 +8263,10 @@ class Connections(Consumer):
         # the counts follow the roles as they are after this frame (a flip moves them)
         e = c.o if (src == c.orig_h and sport == c.orig_p) else c.r
         if plen and e.head is None:                # once per direction: its first payload
-            e.head = data[at:at + min(plen, SERVICE_BYTES)], plen
+            e.head = bytes(data[at:at + min(plen, SERVICE_BYTES)]), plen   # a copy: data is the ring's
             c.service = connection_services(c)
+            if c.o.head is not None and c.r.head is not None:
+                c.o.head = c.r.head = ()           # both judged: their bytes are not needed again
         if e.since is None:
             e.since = ts
             e.tos, e.vlan = ip_tos_vlan(data)

@@ -6,12 +6,12 @@ dhcp, quic), never its ports.
   length that --connections asks of both engines (it reaches SERVICE_BYTES of payload).
 - offline: hand-built traces replayed with -r --conn-log, one per service, the same
   protocols on unusual ports (ssh on 8022, plain http on 443), a port-53 flow that is not
-  DNS and a TLS port that carries something else (no service); the -r table and
-  /api/connections show it too.
+  DNS and a TLS port that carries something else (no service); each direction judged once;
+  the -r table and JSON show it too.
 - offline: corpus captures against tshark's dissection (see CORPUS below).
 - live: real clients in network namespaces under both engines (the `engine` fixture): an
   SSH banner exchange on 8022, curl against python's http.server on 443, DNS lookups
-  against dnsmasq.
+  against dnsmasq, in conn.log and (ssh, while open) /api/connections.
 """
 import collections
 import json
@@ -33,8 +33,9 @@ MAC_A, MAC_B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
 T0 = 1_700_000_000
 C, S = "10.0.0.1", "10.0.0.2"
 
-# What real peers send first (recorded from OpenSSH, curl, python's http.server, OpenSSL's
-# s_client/s_server, Postfix, vsftpd, glibc's resolver, chrony, ISC dhclient, quiche).
+# First payloads in the form real peers send them (written here after OpenSSH's, curl's,
+# python's http.server's, Postfix's and vsftpd's greetings and commands; TLS, DNS, NTP,
+# DHCP and QUIC headers with their fixed fields as the RFCs give them, the rest zero).
 SSH_CLIENT = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n"
 SSH_SERVER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n"
 HTTP_REQUEST = b"GET / HTTP/1.1\r\nHost: 10.0.0.2\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n"
@@ -53,12 +54,12 @@ QUIC_SERVER = b"\xc1\x00\x00\x00\x01\x00\x08" + bytes(8) + bytes(100)
 NOT_DNS = b"hello, this is not a DNS message at all\n"
 
 # Corpus captures (../shared/corpus/pcaps, from tcpdump's tests) whose connections tshark
-# dissects from their payload as one of SERVICES' protocols, each on its registered port:
-# tshark's port table and lpd's payload checks then judge the same bytes, and where tshark
-# names the protocol of a connection whose first payloads lpd's checks see, they agree.
-# Chosen so: each has whole first payloads (the corpus has many truncated captures, where
-# tshark dissects from a fragment lpd never reads), the same protocol both sides (not DHCPv6
-# or DNS over TCP, which lpd does not name) and tshark names no protocol as "malformed".
+# dissects as one of SERVICES' protocols. tshark picks a dissector by port, then parses the
+# payload (a frame it cannot parse is "_ws.malformed"): on these captures its dissection
+# says the payload is the protocol, and lpd, from the payload alone, must say the same of
+# every connection (and nothing of the others). Chosen so: the protocol's first payloads
+# are in the capture (not joined mid-stream), it is one lpd names (not DHCPv6, DNS over TCP)
+# and tshark finds nothing malformed; dns_udp_8053 is DNS off its port.
 CORPUS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__)))), "shared", "corpus", "pcaps")
 # Over the whole corpus (365 TCP and UDP connections, 2026-12) the two agree on 353; the rest
@@ -177,23 +178,45 @@ def test_checks(proto, orig, resp, ports, want):
 
 @pytest.mark.unit
 def test_the_checks_decide_within_service_bytes():
-    """Every check gives the same verdict on the first SERVICE_BYTES as on the whole
-    payload for these real first payloads (the constant is long enough), and one byte less
-    changes a verdict (it is no longer than it needs to be)."""
+    """On these first payloads (the longest each check reads) every check gives the same
+    verdict on the first SERVICE_BYTES as on the whole payload (the constant is long
+    enough), and one byte less changes a verdict (it is no longer than it needs to be)."""
     cases = [(PROTO_TCP, SSH_CLIENT, SSH_SERVER), (PROTO_TCP, HTTP_REQUEST, HTTP_REPLY),
              (PROTO_TCP, b"BASELINE-CONTROL /x HTTP/1.1\r\n", None),
              (PROTO_TCP, TLS_CLIENT_HELLO, b"\x15\x03\x03\x00\x02\x02\x28" + TLS_SERVER_HELLO),
              (PROTO_UDP, DNS_QUERY, DNS_REPLY), (PROTO_UDP, QUIC_INITIAL, QUIC_SERVER)]
-    shorter = False
-    for proto, orig, resp in cases:
-        assert services_of(proto, orig, resp) is not None
-        c = lpd.Connection(None, proto, b"a", 1, b"b", 2, 0.0)
-        n = lpd.SERVICE_BYTES - 1
+
+    def verdict(proto, orig, resp, n):
+        c = lpd.Connection(None, proto, b"a", 40000, b"b", 40001, 0.0)
         c.o.head = orig[:n], len(orig)
         if resp is not None:
             c.r.head = resp[:n], len(resp)
-        shorter |= lpd.connection_services(c) is None
-    assert shorter
+        return lpd.connection_services(c)
+    shorter = []
+    for proto, orig, resp in cases:
+        whole = verdict(proto, orig, resp, None)
+        assert whole is not None and verdict(proto, orig, resp, lpd.SERVICE_BYTES) == whole
+        shorter.append(verdict(proto, orig, resp, lpd.SERVICE_BYTES - 1) != whole)
+    assert any(shorter)
+
+
+@pytest.mark.unit
+def test_the_first_bytes_are_kept_only_until_both_sides_are_judged():
+    """A one-way flow keeps its first bytes (the answer may come), a copy: a frame is a
+    view of the ring, which must not stay exported (its close would fail) nor be read
+    after the kernel reuses it. Once both sides have sent, the connection holds none."""
+    conns = lpd.Connections()
+
+    def frame(src, dst, sport, dport, payload):
+        return ether(MAC_A, MAC_B, ETH_IP, ipv4(src, dst, PROTO_UDP, udp(sport, dport, payload)))
+    for i, f in enumerate([frame(C, S, 40000, 53, DNS_QUERY), frame(S, C, 53, 40000, DNS_REPLY),
+                           frame(C, S, 40001, 53, DNS_QUERY)]):
+        conns.packet(memoryview(f), T0 + i, len(f), 1, lpd.ETH_HLEN)
+    answered, one_way = sorted(conns.table.values(), key=lambda c: c.orig_p)
+    assert (answered.o.head, answered.r.head, answered.service) == ((), (), "dns")
+    assert one_way.o.head == (DNS_QUERY[:lpd.SERVICE_BYTES], len(DNS_QUERY)) and one_way.r.head is None
+    assert type(one_way.o.head[0]) is bytes
+    assert one_way.service == "dns"
 
 
 @pytest.mark.unit
