@@ -5681,7 +5681,9 @@ class Ring:
 ###############################################################################
 # 11 Decode: one flat loop per block ##########################################
 ###############################################################################
-# provides: Batch, Consumer, Decoder, frames_in_order, LOCALITY_CACHE_MAX, WANT_*
+# provides: Batch, Consumer, Decoder, ETHERTYPE_IPV4_BYTES, frames_in_order, ICMP_COUNTERPARTS,
+#   IP_FRAGMENT, ip_tos_vlan, IPV4_FRAG_MASK, IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, L4_PORTS,
+#   LOCALITY_CACHE_MAX, not_on_ports, parse_l4, PLAIN_IPV4_PORTS, WANT_*
 #
 # Decoder.process_block walks a block once. It counts the interface totals and the
 # local addresses inline (measured: a call or a tuple per frame for them would cost
@@ -6090,6 +6092,142 @@ class LocalityOnly:
         return self.scratch
 
 
+
+# The transport header a stage reads of a frame (parse_l4), past tags and IPv6 extension
+# headers: the connections, HTTP, names and TLS stages each read it of the frames they
+# take, and not_on_ports spares most of the others that parse at fixed offsets.
+
+IPV4_L4_HDR = struct.Struct("!BxHHHxB2x4s4s")      # version/IHL, total length, id, flags/fragment, protocol, src, dst
+IPV6_L4_HDR = struct.Struct("!B3xHBx16s16s")       # version, payload length, next header, src, dst
+IPV4_FRAG_MASK = 0x1FFF                             # fragment offset: a later fragment has no ports
+IPV4_MORE_FRAGMENTS = 0x2000
+IP_FRAGMENT = -1                  # parse_l4's first field for a later fragment
+IPPROTO_FRAGMENT = 44
+# IPv6 extension headers before TCP or UDP: next header -> its length from its second
+# byte (hop-by-hop, routing and destination options in 8-octet units beyond the first 8,
+# fragment fixed, AH in 4-octet units beyond the first 8).
+IPV6_EXT_LEN = {0: lambda n: (n + 1) * 8, 43: lambda n: (n + 1) * 8, 60: lambda n: (n + 1) * 8,
+                IPPROTO_FRAGMENT: lambda n: 8, 51: lambda n: (n + 2) * 4}
+IPV6_EXT_MIN = 8
+IPV6_EXT_MAX = 8                    # headers followed at most: a chain is short or hostile
+IPV6_FRAG_OFFSET = 0xFFF8
+IPV6_MORE_FRAGMENTS = 0x0001
+IPV6_FRAG_HDR = struct.Struct("!HI")                # offset and flags, identification
+TCP_HDR = struct.Struct("!HHIIBBH")                 # ports, seq, ack, data offset, flags, window
+UDP_HDR = struct.Struct("!HHH")                     # ports, length
+ICMP_HDR_LEN = 8                  # type, code, checksum and the 4 bytes each type defines
+# Zeek's ICMP{4,6}_counterpart: a request's type pairs with its reply's, so that both
+# share one connection (orig_p the type, resp_p its counterpart); a one-way message has
+# its code as resp_p.
+ICMP_COUNTERPARTS = {
+    IPPROTO_ICMP: {0: 8, 8: 0, 9: 10, 10: 9, 13: 14, 14: 13, 15: 16, 16: 15, 17: 18, 18: 17},
+    IPPROTO_ICMPV6: {128: 129, 129: 128, 130: 131, 131: 130, 133: 134, 134: 133, 135: 136,
+                     136: 135, 139: 140, 140: 139, 144: 145, 145: 144},
+}
+
+
+def past_tags(data):
+    """(where the network header starts, its ethertype, the outermost VLAN id or 0) of
+    a frame of at least ETH_HLEN bytes, past every VLAN tag (tags re-inserted)."""
+    n, q, et, vlan = len(data), ETH_HLEN, U16BE.unpack_from(data, ETH_TYPE_OFF)[0], 0
+    while et in VLAN_TPIDS and q + VLAN_TAG_LEN <= n:
+        tci, et = VLAN_TAG.unpack_from(data, q)
+        vlan = vlan or tci & VLAN_VID_MASK
+        q += VLAN_TAG_LEN
+    return q, et, vlan
+
+
+def ip_tos_vlan(data):
+    """A frame's IP class of service (IPv4 TOS, IPv6 traffic class) and outermost VLAN
+    id, for its flow's record (a frame parse_l4 read)."""
+    q, et, vlan = past_tags(data)
+    if et == ETHERTYPE_IPV4:
+        return data[q + IPV4_TOS_OFF], vlan
+    return U16BE.unpack_from(data, q)[0] >> IPV6_TCLASS_SHIFT & IP_TOS_MASK, vlan
+
+
+def parse_l4(data, wirelen=None):
+    """A frame's (proto, src, dst, sport, dport, ip_len, payload_len, flags, seq, ack,
+    window, fragment id, payload offset) for any IP packet over IPv4 or IPv6 (tags
+    re-inserted), or None: ICMP's ports are its type and counterpart (ICMP_COUNTERPARTS),
+    another protocol's 0 and 0, and its payload all that follows the IP headers.
+    Addresses are raw bytes; the payload length comes from the IP length, not the frame
+    (padding), and a frame whose IP length runs past its `wirelen` is refused, as the
+    decoder counts it malformed. The fragment id is set on a first fragment (IPv4 or IPv6); a
+    later one is (IP_FRAGMENT, src, dst, id, proto, its payload bytes, its IP length)."""
+    n = len(data)
+    if n < ETH_HLEN:
+        return None
+    q, et, _ = past_tags(data)
+    if et == ETHERTYPE_IPV4 and n >= q + 20:
+        vihl, ip_len, ident, frag, proto, src, dst = IPV4_L4_HDR.unpack_from(data, q)
+        hl = (vihl & 15) * 4
+        if vihl >> 4 != 4 or hl < 20 or ip_len < hl or (wirelen is not None and q + ip_len > wirelen):
+            return None
+        if frag & IPV4_FRAG_MASK:
+            return IP_FRAGMENT, src, dst, ident, proto, ip_len - hl, ip_len
+        l4, end = q + hl, ip_len - hl
+        frag_id = ident if frag & IPV4_MORE_FRAGMENTS else None
+    elif et == ETHERTYPE_IPV6 and n >= q + IPV6_HDR_LEN:
+        vtc, plen, proto, src, dst = IPV6_L4_HDR.unpack_from(data, q)
+        if vtc >> 4 != 6 or (wirelen is not None and q + IPV6_HDR_LEN + plen > wirelen):
+            return None
+        l4, end, ip_len, frag_id = q + IPV6_HDR_LEN, plen, plen + IPV6_HDR_LEN, None
+        for _ in range(IPV6_EXT_MAX):
+            if proto not in IPV6_EXT_LEN or n < l4 + IPV6_EXT_MIN:
+                break
+            if proto == IPPROTO_FRAGMENT:
+                offset, ident = IPV6_FRAG_HDR.unpack_from(data, l4 + 2)
+                if offset & IPV6_FRAG_OFFSET:      # a later fragment: no ports in it
+                    return (IP_FRAGMENT, src, dst, ident, data[l4], end - IPV6_EXT_MIN,
+                            ip_len)
+                if offset & IPV6_MORE_FRAGMENTS:
+                    frag_id = ident
+            size = IPV6_EXT_LEN[proto](data[l4 + 1])
+            proto, l4, end = data[l4], l4 + size, end - size
+        if end < 0:
+            return None
+    else:
+        return None
+    if proto == IPPROTO_TCP and n >= l4 + TCP_MIN_HDR_LEN:
+        sport, dport, seq, ack, off, flags, window = TCP_HDR.unpack_from(data, l4)
+        doff = (off >> 4) * 4
+        if doff < TCP_MIN_HDR_LEN or doff > end:
+            return None
+        return (proto, src, dst, sport, dport, ip_len, end - doff, flags, seq, ack, window, frag_id,
+                l4 + doff)
+    if proto == IPPROTO_UDP and n >= l4 + UDP_HDR_LEN:
+        sport, dport, length = UDP_HDR.unpack_from(data, l4)
+        return (proto, src, dst, sport, dport, ip_len, max(0, length - UDP_HDR_LEN), 0, 0, 0, 0,
+                frag_id, l4 + UDP_HDR_LEN)
+    if proto in ICMP_COUNTERPARTS:
+        if n < l4 + 2 or end < ICMP_HDR_LEN:
+            return None
+        kind, code = data[l4], data[l4 + 1]
+        return (proto, src, dst, kind, ICMP_COUNTERPARTS[proto].get(kind, code), ip_len,
+                end - ICMP_HDR_LEN, 0, 0, 0, 0, frag_id, l4 + ICMP_HDR_LEN)
+    if proto in (IPPROTO_TCP, IPPROTO_UDP):
+        return None                                # its header cut short
+    return proto, src, dst, 0, 0, ip_len, end, 0, 0, 0, 0, frag_id, l4
+
+
+L4_PORTS = struct.Struct("!HH")     # source and destination port, in TCP's header as UDP's
+PLAIN_IPV4_PORTS = ETH_HLEN + 20    # where they are in untagged IPv4 without options
+ETHERTYPE_IPV4_BYTES = ETHERTYPE_IPV4.to_bytes(2, "big")
+
+
+def not_on_ports(data, proto, ports):
+    """True when a frame is judged at fixed offsets not to be `proto` to or from any of
+    `ports`: plain IPv4 (untagged, no options), most of the frames a stage is handed that
+    are not its own (measured: parsing each frame whole cost the drain two thirds of its
+    rate); False: it may be, parse_l4 says."""
+    if len(data) < PLAIN_IPV4_PORTS + L4_PORTS.size or data[ETH_TYPE_OFF:ETH_HLEN] != ETHERTYPE_IPV4_BYTES \
+            or data[ETH_HLEN] != IPV4_VIHL_PLAIN:
+        return False
+    if data[ETH_HLEN + IPV4_PROTO_OFF] != proto:
+        return True
+    sport, dport = L4_PORTS.unpack_from(data, PLAIN_IPV4_PORTS)
+    return sport not in ports and dport not in ports
 
 ###############################################################################
 # 12 Enrichment: background pollers (NIC mapping, GeoIP, processes, Docker) ####
@@ -7149,11 +7287,9 @@ STAGES = []
 ###############################################################################
 # 14 Stages ###################################################################
 ###############################################################################
-# provides: connection_uid, Connections, conn_key, ETHERTYPE_IPV4_BYTES, exported_remotes,
-#   format_rule_lines, IP_FRAGMENT, IPV4_FRAG_MASK, IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, L4_PORTS,
-#   LIVE_STATES, LOCAL_EVICT_FRACTION, LocalAddresses, not_on_ports, OFFLOAD_*,
-#   parse_filter_file, parse_l4, PLAIN_IPV4_PORTS, proto_name, REMOTE_TRIM_FACTOR, REMOTE_WEIGHT,
-#   RemoteAddresses, RuleCounter, SEQ_HALF,
+# provides: connection_uid, Connections, conn_key, exported_remotes, format_rule_lines,
+#   LIVE_STATES, LOCAL_EVICT_FRACTION, LocalAddresses, OFFLOAD_*, parse_filter_file,
+#   proto_name, REMOTE_TRIM_FACTOR, REMOTE_WEIGHT, RemoteAddresses, RuleCounter, SEQ_HALF,
 #   SEQ_MOD, TH_*
 #
 # Where a new stage goes: one sub-chapter here. It holds the Consumer subclass (11) with
@@ -7618,9 +7754,8 @@ STAGES.append(Stage(RemoteAddresses, _remote_addresses, (("remotes", remotes_doc
 
 ###############################################################################
 # 14.3 Connections (Zeek's conn.log semantics) ################################
-# provides: connection_uid, Connections, conn_key, ETHERTYPE_IPV4_BYTES, IP_FRAGMENT,
-#   IPV4_FRAG_MASK, IPV4_MORE_FRAGMENTS, IPV6_EXT_LEN, L4_PORTS, LIVE_STATES, not_on_ports,
-#   OFFLOAD_*, parse_l4, PLAIN_IPV4_PORTS, proto_name, SEQ_HALF, SEQ_MOD, TH_*
+# provides: connection_uid, Connections, conn_key, LIVE_STATES, OFFLOAD_*, proto_name,
+#   SEQ_HALF, SEQ_MOD, TH_*
 #
 # One entry per TCP or UDP connection, whichever way a frame travels, with Zeek's
 # endpoint state machine, history letters, payload sizes from sequence numbers,
@@ -7629,31 +7764,11 @@ STAGES.append(Stage(RemoteAddresses, _remote_addresses, (("remotes", remotes_doc
 # (Zeek's -C), and nothing here reassembles streams, so no 'G' letters, missed
 # bytes or application-layer role flips.
 
-IPV4_L4_HDR = struct.Struct("!BxHHHxB2x4s4s")      # version/IHL, total length, id, flags/fragment, protocol, src, dst
-IPV6_L4_HDR = struct.Struct("!B3xHBx16s16s")       # version, payload length, next header, src, dst
-IPV4_FRAG_MASK = 0x1FFF                             # fragment offset: a later fragment has no ports
-IPV4_MORE_FRAGMENTS = 0x2000
-IP_FRAGMENT = -1                  # parse_l4's first field for a later fragment
 FRAGMENTS_MAX = 4096              # datagrams whose later fragments lpd waits for; then it starts over
-IPPROTO_FRAGMENT = 44
-# IPv6 extension headers before TCP or UDP: next header -> its length from its second
-# byte (hop-by-hop, routing and destination options in 8-octet units beyond the first 8,
-# fragment fixed, AH in 4-octet units beyond the first 8).
-IPV6_EXT_LEN = {0: lambda n: (n + 1) * 8, 43: lambda n: (n + 1) * 8, 60: lambda n: (n + 1) * 8,
-                IPPROTO_FRAGMENT: lambda n: 8, 51: lambda n: (n + 2) * 4}
-IPV6_EXT_MIN = 8
-IPV6_EXT_MAX = 8                    # headers followed at most: a chain is short or hostile
-IPV6_FRAG_OFFSET = 0xFFF8
-IPV6_MORE_FRAGMENTS = 0x0001
-IPV6_FRAG_HDR = struct.Struct("!HI")                # offset and flags, identification
-TCP_HDR = struct.Struct("!HHIIBBH")                 # ports, seq, ack, data offset, flags, window
-UDP_HDR = struct.Struct("!HHH")                     # ports, length
 TH_FIN, TH_SYN, TH_RST, TH_ACK = 0x01, 0x02, 0x04, 0x10
 SEQ_MOD = 1 << 32
 SEQ_HALF = 1 << 31
 SEQ_JUMP_MAX = 1 << 20          # a SYN or RST this far from the last seq, or an ACK 0, is not a step
-# Leading bytes the stage reads: Ethernet, two tags, the longest IPv4 and TCP headers.
-CONN_SNAPLEN = ETH_HLEN + 2 * VLAN_TAG_LEN + 60 + 60
 # Every IP protocol has connections (flows: addresses and protocol); TCP, UDP and ICMP
 # (both families, Zeek's one "icmp") are Zeek's transports, with ports, states and
 # conn.log lines. A connection's transport keys its timeout, its place among the active
@@ -7670,16 +7785,6 @@ def proto_name(proto):
     transport = TRANSPORTS.get(proto)
     return PROTO_NAMES[transport] if transport else str(proto)
 
-
-ICMP_HDR_LEN = 8                  # type, code, checksum and the 4 bytes each type defines
-# Zeek's ICMP{4,6}_counterpart: a request's type pairs with its reply's, so that both
-# share one connection (orig_p the type, resp_p its counterpart); a one-way message has
-# its code as resp_p.
-ICMP_COUNTERPARTS = {
-    IPPROTO_ICMP: {0: 8, 8: 0, 9: 10, 10: 9, 13: 14, 14: 13, 15: 16, 16: 15, 17: 18, 18: 17},
-    IPPROTO_ICMPV6: {128: 129, 129: 128, 130: 131, 131: 130, 133: 134, 134: 133, 135: 136,
-                     136: 135, 139: 140, 140: 139, 144: 145, 145: 144},
-}
 
 # TCP endpoint states (Zeek's TCP_ENDPOINT_*); UDP uses INACTIVE and ACTIVE.
 (TCP_INACTIVE, TCP_SYN_SENT, TCP_SYN_ACK_SENT, TCP_PARTIAL, TCP_ESTABLISHED, TCP_CLOSED,
@@ -7730,109 +7835,88 @@ EVICTION_REASONS = ("half_open", "oldest")
 # Why a connection's flow report is made: RFC 5102's flowEndReason values (IPFIX's 136).
 END_IDLE, END_ACTIVE, END_DETECTED, END_FORCED, END_EVICTED = 1, 2, 3, 4, 5
 
-
-def past_tags(data):
-    """(where the network header starts, its ethertype, the outermost VLAN id or 0) of
-    a frame of at least ETH_HLEN bytes, past every VLAN tag (tags re-inserted)."""
-    n, q, et, vlan = len(data), ETH_HLEN, U16BE.unpack_from(data, ETH_TYPE_OFF)[0], 0
-    while et in VLAN_TPIDS and q + VLAN_TAG_LEN <= n:
-        tci, et = VLAN_TAG.unpack_from(data, q)
-        vlan = vlan or tci & VLAN_VID_MASK
-        q += VLAN_TAG_LEN
-    return q, et, vlan
-
-
-def ip_tos_vlan(data):
-    """A frame's IP class of service (IPv4 TOS, IPv6 traffic class) and outermost VLAN
-    id, for its flow's record (a frame parse_l4 read)."""
-    q, et, vlan = past_tags(data)
-    if et == ETHERTYPE_IPV4:
-        return data[q + IPV4_TOS_OFF], vlan
-    return U16BE.unpack_from(data, q)[0] >> IPV6_TCLASS_SHIFT & IP_TOS_MASK, vlan
-
-
-def parse_l4(data, wirelen=None):
-    """A frame's (proto, src, dst, sport, dport, ip_len, payload_len, flags, seq, ack,
-    window, fragment id, payload offset) for any IP packet over IPv4 or IPv6 (tags
-    re-inserted), or None: ICMP's ports are its type and counterpart (ICMP_COUNTERPARTS),
-    another protocol's 0 and 0, and its payload all that follows the IP headers.
-    Addresses are raw bytes; the payload length comes from the IP length, not the frame
-    (padding), and a frame whose IP length runs past its `wirelen` is refused, as the
-    decoder counts it malformed. The fragment id is set on a first fragment (IPv4 or IPv6); a
-    later one is (IP_FRAGMENT, src, dst, id, proto, its payload bytes, its IP length)."""
-    n = len(data)
-    if n < ETH_HLEN:
-        return None
-    q, et, _ = past_tags(data)
-    if et == ETHERTYPE_IPV4 and n >= q + 20:
-        vihl, ip_len, ident, frag, proto, src, dst = IPV4_L4_HDR.unpack_from(data, q)
-        hl = (vihl & 15) * 4
-        if vihl >> 4 != 4 or hl < 20 or ip_len < hl or (wirelen is not None and q + ip_len > wirelen):
-            return None
-        if frag & IPV4_FRAG_MASK:
-            return IP_FRAGMENT, src, dst, ident, proto, ip_len - hl, ip_len
-        l4, end = q + hl, ip_len - hl
-        frag_id = ident if frag & IPV4_MORE_FRAGMENTS else None
-    elif et == ETHERTYPE_IPV6 and n >= q + IPV6_HDR_LEN:
-        vtc, plen, proto, src, dst = IPV6_L4_HDR.unpack_from(data, q)
-        if vtc >> 4 != 6 or (wirelen is not None and q + IPV6_HDR_LEN + plen > wirelen):
-            return None
-        l4, end, ip_len, frag_id = q + IPV6_HDR_LEN, plen, plen + IPV6_HDR_LEN, None
-        for _ in range(IPV6_EXT_MAX):
-            if proto not in IPV6_EXT_LEN or n < l4 + IPV6_EXT_MIN:
-                break
-            if proto == IPPROTO_FRAGMENT:
-                offset, ident = IPV6_FRAG_HDR.unpack_from(data, l4 + 2)
-                if offset & IPV6_FRAG_OFFSET:      # a later fragment: no ports in it
-                    return (IP_FRAGMENT, src, dst, ident, data[l4], end - IPV6_EXT_MIN,
-                            ip_len)
-                if offset & IPV6_MORE_FRAGMENTS:
-                    frag_id = ident
-            size = IPV6_EXT_LEN[proto](data[l4 + 1])
-            proto, l4, end = data[l4], l4 + size, end - size
-        if end < 0:
-            return None
-    else:
-        return None
-    if proto == IPPROTO_TCP and n >= l4 + TCP_MIN_HDR_LEN:
-        sport, dport, seq, ack, off, flags, window = TCP_HDR.unpack_from(data, l4)
-        doff = (off >> 4) * 4
-        if doff < TCP_MIN_HDR_LEN or doff > end:
-            return None
-        return (proto, src, dst, sport, dport, ip_len, end - doff, flags, seq, ack, window, frag_id,
-                l4 + doff)
-    if proto == IPPROTO_UDP and n >= l4 + UDP_HDR_LEN:
-        sport, dport, length = UDP_HDR.unpack_from(data, l4)
-        return (proto, src, dst, sport, dport, ip_len, max(0, length - UDP_HDR_LEN), 0, 0, 0, 0,
-                frag_id, l4 + UDP_HDR_LEN)
-    if proto in ICMP_COUNTERPARTS:
-        if n < l4 + 2 or end < ICMP_HDR_LEN:
-            return None
-        kind, code = data[l4], data[l4 + 1]
-        return (proto, src, dst, kind, ICMP_COUNTERPARTS[proto].get(kind, code), ip_len,
-                end - ICMP_HDR_LEN, 0, 0, 0, 0, frag_id, l4 + ICMP_HDR_LEN)
-    if proto in (IPPROTO_TCP, IPPROTO_UDP):
-        return None                                # its header cut short
-    return proto, src, dst, 0, 0, ip_len, end, 0, 0, 0, 0, frag_id, l4
+# Services (Zeek's conn.log `service`): the protocols a connection's payload shows, as
+# Zeek's dynamic protocol detection (base/frameworks/dpd, each protocol's dpd.sig) names
+# them, not its ports. Zeek matches a direction's reassembled stream, its analyzer parses
+# on to confirm; here each direction's first payload-bearing packet is looked at, once (its
+# first SERVICE_BYTES): a connection that opens with something else (STARTTLS, a proxy's
+# CONNECT) shows only that. Zeek's port-registered UDP analyzers become structural checks
+# of the first datagram, on their ports where the payload cannot tell (NTP's 48 bytes: a
+# DNS query passes; DHCP: its cookie at 236 is past the copy). SERVICE_BYTES, and so what
+# --connections copies past the headers: the most a check reads, TLS's ServerHello behind
+# an alert (Zeek's dpd_ssl_server: 7 bytes of alert, then record header, handshake type and
+# length, version: 11); the longest HTTP method and its space take 17, DNS 13, QUIC 6.
+SERVICE_BYTES = 18
+_HTTP_METHODS = (b"OPTIONS|GET|HEAD|POST|PUT|DELETE|ACL|BASELINE-CONTROL|BIND|CHECKIN|CHECKOUT|CONNECT|"
+                 b"COPY|LABEL|LINK|LOCK|MERGE|MKACTIVITY|MKCALENDAR|MKCOL|MKREDIRECTREF|MOVE|ORDERPATCH|"
+                 b"PATCH|PROPFIND|PROPPATCH|REBIND|REPORT|SEARCH|TRACE|UNBIND|UNCHECKOUT|UNLINK|UNLOCK|"
+                 b"UPDATE|VERSION-CONTROL|BCOPY|BDELETE|BMOVE|BPROPFIND|BPROPPATCH|NOTIFY|POLL|"
+                 b"SUBSCRIBE|UNSUBSCRIBE|X-MS-ENUMATTS|MKWORKSPACE|RPC_IN_DATA|RPC_OUT_DATA")
+SERVICE_DNS_HDR = struct.Struct("!HHHHHH")   # id, flags, questions, answers, authority, additional
+DNS_OPCODES = frozenset((0, 1, 2, 4, 5))     # query, inverse, status, notify, update
+DNS_QUERY_CLEAR = 0x804F                     # flags a query has clear: QR, Z, RCODE
+DNS_LABEL = re.compile(rb"[-_0-9A-Za-z]*")   # a label's bytes in a host or service name
+NTP_MIN, DHCP_MIN = 48, 240                  # an NTP time packet; BOOTP's fixed part and cookie
+NTP_MODE_MIN = {6: 12, 7: 8}                 # control and private messages: their headers' lengths
+DHCP_STARTS = (b"\x01\x01\x06", b"\x02\x01\x06")   # op 1 or 2, Ethernet, 6-byte addresses
 
 
-L4_PORTS = struct.Struct("!HH")     # source and destination port, in TCP's header as UDP's
-PLAIN_IPV4_PORTS = ETH_HLEN + 20    # where they are in untagged IPv4 without options
-ETHERTYPE_IPV4_BYTES = ETHERTYPE_IPV4.to_bytes(2, "big")
+def _starts(pattern):
+    """A check that a direction's first bytes match a dpd.sig payload regex (Zeek's
+    [[:space:]] is \\s) from their start."""
+    match = re.compile(pattern, re.DOTALL).match
+    return lambda head, size: match(head) is not None
 
 
-def not_on_ports(data, proto, ports):
-    """True when a frame is judged at fixed offsets not to be `proto` to or from any of
-    `ports`: plain IPv4 (untagged, no options), most of the frames a stage is handed that
-    are not its own (measured: parsing each frame whole cost the drain two thirds of its
-    rate); False: it may be, parse_l4 says."""
-    if len(data) < PLAIN_IPV4_PORTS + L4_PORTS.size or data[ETH_TYPE_OFF:ETH_HLEN] != ETHERTYPE_IPV4_BYTES \
-            or data[ETH_HLEN] != IPV4_VIHL_PLAIN:
+def _dns_query(head, size):
+    """A DNS query (Zeek's DNS analyzer confirms by parsing): QR, Z and RCODE clear, a
+    known opcode, one question, under 256 records in each other section, a name that is
+    the root or starts with a label of a host name's characters (as far as the copy goes)."""
+    if len(head) <= SERVICE_DNS_HDR.size:
         return False
-    if data[ETH_HLEN + IPV4_PROTO_OFF] != proto:
-        return True
-    sport, dport = L4_PORTS.unpack_from(data, PLAIN_IPV4_PORTS)
-    return sport not in ports and dport not in ports
+    _, flags, qd, an, ns, ar = SERVICE_DNS_HDR.unpack_from(head)
+    n, at = head[SERVICE_DNS_HDR.size], SERVICE_DNS_HDR.size + 1
+    return not flags & DNS_QUERY_CLEAR and flags >> 11 & 15 in DNS_OPCODES and qd == 1 and \
+        (an | ns | ar) < 256 and n < 64 and DNS_LABEL.fullmatch(head[at:at + n]) is not None
+
+
+def _ntp(head, size):
+    """NTP versions 1-4: a time packet (modes 1-5, 48 bytes or more, stratum at most 16),
+    or a control or private message (modes 6, 7) as long as its header."""
+    mode = head[0] & 7 if len(head) > 1 and 1 <= head[0] >> 3 & 7 <= 4 else 0
+    return size >= NTP_MODE_MIN[mode] if mode in NTP_MODE_MIN else \
+        mode != 0 and size >= NTP_MIN and head[1] <= 16
+
+
+def _dhcp(head, size):
+    return size >= DHCP_MIN and head[:3] in DHCP_STARTS
+
+
+# service -> transport, ports (None: any; else one end's must be one), checks of the
+# originator's and the responder's first payloads (None: not looked at; a check takes its
+# first SERVICE_BYTES and the payload's length), whether both must pass (Zeek's
+# requires-reverse-signature) or either will do.
+SERVICES = (
+    ("ssh", IPPROTO_TCP, None, _starts(rb"[sS][sS][hH]-"), _starts(rb"[sS][sS][hH]-"), True),
+    ("http", IPPROTO_TCP, None, _starts(rb"\s*(" + _HTTP_METHODS + rb") "),
+     _starts(rb"[hH][tT][tT][pP]/[0-9]"), False),
+    ("ssl", IPPROTO_TCP, None,
+     _starts(rb"\x16\x03[\x00-\x03]..\x01...\x03[\x00-\x03]|...?\x01[\x00\x03][\x00-\x03]"),
+     _starts(rb"(\x15\x03[\x00-\x03]....)?\x16\x03[\x00-\x03]..\x02...\x03[\x00-\x03]|...?\x04..\x00\x02"),
+     True),
+    ("smtp", IPPROTO_TCP, None, _starts(rb"\s*([hH][eE][lL][oO]|[eE][hH][lL][oO])"),
+     _starts(rb"\s*220[\s-]"), True),
+    ("ftp", IPPROTO_TCP, None, _starts(rb" *[uU][sS][eE][rR] "),
+     _starts(rb"[\n\r ]*(120|220)[^0-9]"), True),
+    ("dns", IPPROTO_UDP, None, _dns_query, None, False),
+    ("ntp", IPPROTO_UDP, frozenset((123,)), _ntp, _ntp, False),
+    ("dhcp", IPPROTO_UDP, frozenset((67, 68)), _dhcp, _dhcp, False),
+    # QUIC v1: a client's Initial (long header, type 0, DCID <= 20 bytes), a long header back
+    ("quic", IPPROTO_UDP, None, _starts(rb"[\xc0-\xcf]\x00\x00\x00\x01[\x00-\x14]"),
+     _starts(rb"[\xc0-\xff]\x00\x00\x00\x01"), True),
+)
+# What the stage reads: Ethernet, two tags, the longest IPv4 and TCP headers, SERVICE_BYTES.
+CONN_SNAPLEN = ETH_HLEN + 2 * VLAN_TAG_LEN + 60 + 60 + SERVICE_BYTES
 
 
 UID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -7875,7 +7959,8 @@ class _End:
     __slots__ = ("state", "prev", "start", "last", "ack", "seq_wraps", "ack_wraps", "fins",
                  "did_close", "pkts", "ip_bytes", "wire_bytes", "payload_bytes", "last_syn",
                  "last_fin", "last_rst", "scaled", "frag_pkts", "frag_hdr_bytes", "since",
-                 "until", "flags", "tos", "vlan", "icmp", "reported_pkts", "reported_bytes")
+                 "until", "flags", "tos", "vlan", "icmp", "reported_pkts", "reported_bytes",
+                 "head")
 
     def __init__(self):
         self.state = self.prev = TCP_INACTIVE
@@ -7891,6 +7976,7 @@ class _End:
         self.flags = 0                              # TCP flags since the last report
         self.tos = self.vlan = self.icmp = 0        # of its first frame (ICMP: type << 8 | code)
         self.reported_pkts = self.reported_bytes = 0
+        self.head = None                            # (first SERVICE_BYTES of payload, length); () judged
 
     def flow_counts(self):
         """(packets, octets) as a flow counts them: every packet, its whole IP length."""
@@ -7929,6 +8015,20 @@ class _End:
         return max(size, 0)
 
 
+def connection_services(c):
+    """The services (SERVICES) c's first payloads confirm, comma-joined as Zeek's conn.log
+    writes them, or None; asked once per direction, when its first payload comes."""
+    o, r, found = c.o.head, c.r.head, []
+    for name, transport, ports, orig, resp, both in SERVICES:
+        if transport != c.proto or both and (o is None or r is None) or \
+                ports and c.orig_p not in ports and c.resp_p not in ports:
+            continue                               # another transport, a side to wait for, other ports
+        ok_o = o is not None and orig(*o)
+        if (ok_o and resp(*r)) if both else (ok_o or resp is not None and r is not None and resp(*r)):
+            found.append(name)
+    return ",".join(found) or None
+
+
 # Connection.offloaded: which of its directions the kernel counts (FlowOffload).
 OFFLOAD_ORIG, OFFLOAD_RESP = 1, 2
 
@@ -7937,7 +8037,7 @@ class Connection:
     """One connection: its originator and responder ends and its history."""
     __slots__ = ("key", "proto", "transport", "orig_h", "orig_p", "resp_h", "resp_p", "o", "r",
                  "history", "seen", "first", "last", "midstream", "live", "pid", "comm", "timer",
-                 "attempt", "half_open", "offloaded", "since")
+                 "attempt", "half_open", "offloaded", "since", "service")
 
     def __init__(self, key, proto, src, sport, dst, dport, ts):
         self.key, self.proto = key, proto
@@ -7954,6 +8054,7 @@ class Connection:
         self.attempt = False                         # that entry is the attempt timer
         self.half_open = False
         self.offloaded = 0                           # OFFLOAD_ORIG | OFFLOAD_RESP: counted in the kernel
+        self.service = None                          # "ssl", "dns,..." once confirmed (SERVICES)
 
     def flip(self):
         """Zeek's FlipRoles: the ends and addresses swap, the history's seen-bits do not."""
@@ -8051,11 +8152,14 @@ class Connection:
         return "established"
 
     def record(self):
-        """The conn.log line, Zeek's field names (duration and sizes only when > 0 s)."""
+        """The conn.log line, Zeek's field names (duration and sizes only when > 0 s,
+        service when one was confirmed)."""
         rec = {"ts": round(self.first, 6), "uid": connection_uid(self.key, self.first),
                "id.orig_h": raw_address(self.orig_h), "id.orig_p": self.orig_p,
                "id.resp_h": raw_address(self.resp_h), "id.resp_p": self.resp_p,
                "proto": PROTO_NAMES[self.transport]}
+        if self.service:
+            rec["service"] = self.service
         duration = self.last - self.first
         if duration > 0:
             rec.update({"duration": round(duration, 6), "orig_bytes": self.orig_bytes(),
@@ -8072,7 +8176,7 @@ class Connection:
         return (self.key, self.proto, self.orig_h, self.orig_p, self.resp_h, self.resp_p,
                 self.live, "".join(self.history), self.orig_bytes(), self.resp_bytes(),
                 self.o.pkts, self.r.pkts, self.o.wire_bytes, self.r.wire_bytes,
-                self.first, self.last, self.midstream, self.pid, self.comm)
+                self.first, self.last, self.midstream, self.pid, self.comm, self.service)
 
 
 class ConnectionSnapshot(NamedTuple):
@@ -8177,7 +8281,7 @@ class Connections(Consumer):
         if f[0] == IP_FRAGMENT:
             self.fragment(f, wire_bytes)
             return
-        proto, src, dst, sport, dport, ip_len, plen, flags, seq, ack, window, frag_id, _ = f
+        proto, src, dst, sport, dport, ip_len, plen, flags, seq, ack, window, frag_id, at = f
         key = conn_key(proto, src, sport, dst, dport)
         c = self.table.get(key)
         if c is not None:
@@ -8205,6 +8309,11 @@ class Connections(Consumer):
             c.last = ts
         # the counts follow the roles as they are after this frame (a flip moves them)
         e = c.o if (src == c.orig_h and sport == c.orig_p) else c.r
+        if plen and e.head is None:                # once per direction: its first payload
+            e.head = bytes(data[at:at + min(plen, SERVICE_BYTES)]), plen   # a copy: data is the ring's
+            c.service = connection_services(c)
+            if c.o.head is not None and c.r.head is not None:
+                c.o.head = c.r.head = ()           # both judged: their bytes are not needed again
         if e.since is None:
             e.since = ts
             e.tos, e.vlan = ip_tos_vlan(data)
@@ -8579,10 +8688,11 @@ def connections_document(snap, how, top=None, state=None):
     out = []
     for r in _first(rows, top, lambda r: (-(r[12] + r[13]), r[14])):
         (key, proto, oh, op, rh, rp, live, history, ob, rb, opk, rpk, owb, rwb, first, last,
-         midstream, pid, comm) = r
+         midstream, pid, comm, service) = r
         out.append({"uid": connection_uid(key, first), "proto": proto_name(proto),
                     "orig_h": raw_address(oh), "orig_p": op,
-                    "resp_h": raw_address(rh), "resp_p": rp, "state": live, "history": history,
+                    "resp_h": raw_address(rh), "resp_p": rp, "service": service,
+                    "state": live, "history": history,
                     "orig_bytes": ob, "resp_bytes": rb, "orig_pkts": opk, "resp_pkts": rpk,
                     "orig_wire_bytes": owb, "resp_wire_bytes": rwb, "start": first,
                     "age": max(0.0, now - first), "idle": max(0.0, now - last),
@@ -8631,23 +8741,23 @@ def connections_table(conns):
     evicted = ", ".join(f"{r} {n}" for r, n in conns["evictions"].items() if n)
     if evicted:
         out.append(f"evicted: {evicted}\n")
-    header = ("proto", "originator", "responder", "state", "history", "orig bytes", "resp bytes",
-              "orig pkts", "resp pkts")
-    numbers = header[5:]
+    header = ("proto", "originator", "responder", "service", "state", "history", "orig bytes",
+              "resp bytes", "orig pkts", "resp pkts")
+    numbers = header[6:]
     rows = [[d["proto"], f"{d['orig_h']}:{d['orig_p']}", f"{d['resp_h']}:{d['resp_p']}",
-             d["state"] + (" (mid-stream)" if d["midstream"] else ""), d["history"],
-             _amount(d["orig_bytes"]), _amount(d["resp_bytes"]), str(d["orig_pkts"]),
+             d.get("service") or "-", d["state"] + (" (mid-stream)" if d["midstream"] else ""),
+             d["history"], _amount(d["orig_bytes"]), _amount(d["resp_bytes"]), str(d["orig_pkts"]),
              str(d["resp_pkts"])] for d in conns["connections"][:CONN_TABLE_TOP]]
     if rows:
         out.append("open connections, biggest first:\n")
         out += _columns(header, rows, numbers)
     done = [[r["proto"], f"{r['id.orig_h']}:{r['id.orig_p']}", f"{r['id.resp_h']}:{r['id.resp_p']}",
-             r["conn_state"], r["history"], _amount(r.get("orig_bytes", 0)),
+             r.get("service", "-"), r["conn_state"], r["history"], _amount(r.get("orig_bytes", 0)),
              _amount(r.get("resp_bytes", 0)), str(r["orig_pkts"]), str(r["resp_pkts"])]
             for r in conns["largest_closed"][:CONN_TABLE_TOP]]
     if done:
         out.append("finished connections, biggest first:\n")
-        out += _columns(header[:3] + ("conn_state",) + header[4:], done, numbers)
+        out += _columns(header[:4] + ("conn_state",) + header[5:], done, numbers)
     return out
 
 
@@ -11427,10 +11537,10 @@ STAGES.append(Stage(Names, _names, (("names", names_document),), names_metrics, 
 # browsers' ~1.8 KB with a post-quantum key share) is read from the segments that
 # follow: under ebpf the program keeps the direction in its hellos map (LRU,
 # TLS_HELLOS_MAX) until the record's end and copies those whole too (one map lookup
-# per TCP data segment: measured +28 ns in the kernel program, 78 -> 106 ns); the
-# classic program has no state, so there a later segment is cut and ends the hello,
-# counted as "cut", unless the receiving NIC or GRO merged the segments into one
-# super-frame (the usual case on a router, and on a host's own outgoing hellos).
+# per TCP data segment: 30-40 ns more in the kernel program, the bench's names
+# series); the classic program has no state, so there a later segment is cut and ends
+# the hello, counted as "cut", unless the receiving NIC or GRO merged the segments into
+# one super-frame (the usual case on a router, and on a host's own outgoing hellos).
 #
 # Each hello's bytes are kept per direction until read_tls_hello (15.2) has the whole
 # handshake message: TLS_HELLOS_MAX directions at once, each at most TLS_HELLO_MAX

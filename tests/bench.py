@@ -33,8 +33,16 @@ into IPFIX by lpd -r --connections --ipfix and by softflowd -r (libpcap, C), eac
 fresh nfcapd on 127.0.0.1, beside lpd -r --connections alone: wall and CPU time, records
 nfdump decodes, nfcapd's sequence errors, octets against the capture's IP bytes, and lpd's
 export cost per flow and per frame.
+--names (issue 27): a trace written here (DNS queries and answers, TLS conversations whose
+real hellos Python's ssl module makes over memory BIOs, some ClientHellos in 2-3 segments,
+and mostly bulk data and ACKs) through lpd -r with and without --names --ssl-log, beside
+tshark -T fields decoding the same fields (query names, A answers, server names): CPU per
+frame, the stage's per frame and per message, every count checked against the trace; peak
+RSS under prlimit on the mix, on 10^5 DNS answers (--names-max 65536, the table full) and
+on 10^5 ClientHellos that never finish, beside TLS_HELLOS_MAX x TLS_HELLO_MAX; the kernel
+program's cost of copying handshakes whole (BPF_PROG_TEST_RUN, root, skipped without BPF).
 Offline series by name (--series): accounting, remote, remote-flood, connections, http,
-syn-flood, matchers, rules-at-scale, worker-transport, ipfix.
+syn-flood, matchers, rules-at-scale, worker-transport, ipfix, names.
 
 Live: two namespaces joined by a veth pair (tests/netns.py); every lpd line runs with
 --engine ebpf and with --engine cbpf, beside tcpdump -w /dev/null. An lpd counting with
@@ -1837,11 +1845,614 @@ def offline_ipfix(lpd, results, quick):
     return t
 
 
+# --names (issue 27): the names stages' CPU per frame and memory bounds, lpd -r beside
+# tshark decoding the same fields; the kernel program's cost of copying handshakes whole.
+
+NAMES_FRAMES = 150_000                  # frames of the mix (--quick: a fifth)
+NAMES_DNS_SHARE = 0.04                  # of them DNS (a query and its answer each)
+NAMES_TLS_SHARE = 0.004                 # TLS conversations per frame (150,000: 600)
+NAMES_TLS12 = 0.2                       # share of them TLS 1.2 (the rest 1.3)
+NAMES_SPLIT = 0.3                       # share of ClientHellos in 2-3 segments
+NAMES_PLAIN_CONNS = 200                 # bulk connections on ports no stage reads
+NAMES_CONCURRENT = 50                   # conversations in progress at once, interleaved
+NAMES_STEP_US = 100                     # the mix's packet clock (10,000 fps)
+NAMES_MSS = 1460
+NAMES_IPV6 = 0.3
+NAMES_FLOOD = 100_000                   # DNS answers / ClientHello first segments per flood
+NAMES_FLOOD_MAX = 65536                 # --names-max of the DNS answer flood
+NAMES_REPEAT = 3                        # best of, the lines in turn (--quick too)
+NAMES_CAP = 4_000_000_000               # RLIMIT_AS of the runs the limits are taken from
+NAMES_SLACK = 32 << 20                  # each limit: the baseline's VmPeak + the bound + this
+NAMES_ENTRY_BUDGET = 2048               # bytes of address space a names table entry may take
+NAMES_HELLO_SLACK = 1.25                # the pending hellos' bound times this (bytearrays,
+                                        # their dict and lists)
+NAMES_TIMEOUT = 300                     # s for one run
+NAMES_TEST_RUNS = 1_000_000             # BPF_PROG_TEST_RUN repeat (best of NAMES_TEST_BEST)
+NAMES_TEST_BEST = 5
+NAMES_HELLO_PORT = 443
+NAMES_WORDS = ("alpha", "bravo", "cdn", "edge", "api", "img", "static", "mail", "auth", "push",
+               "eu", "us", "west", "east", "node", "svc", "app", "media", "data", "www")
+
+NAMES_POLL = 0.005                      # s between reads of a run's /proc/<pid>/status
+
+
+def _vm_status(pid):
+    """(VmPeak, VmHWM) KiB of a live process, or None."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            v = dict(line.split(":", 1) for line in f if line.startswith(("VmPeak", "VmHWM")))
+        return int(v["VmPeak"].split()[0]), int(v["VmHWM"].split()[0])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def run_lpd_measured(args, as_limit, timeout=NAMES_TIMEOUT):
+    """`python lpd.py ARGS` under prlimit --as=as_limit (it execs lpd: the PID is lpd's),
+    as every run here: {wall s, CPU s (user + sys, os.wait4), VmPeak KiB, peak RSS KiB
+    (VmHWM), stdout}. The peaks are read from /proc/<pid>/status every NAMES_POLL s
+    while it runs (both only grow: the last read is its peak but for its last few ms;
+    wait4's ru_maxrss would count the forked bench before the exec). Killed by its PID
+    after `timeout` s; RuntimeError with stderr's last line when it fails."""
+    argv = prlimit_argv(as_limit) + [sys.executable, LPD, *args]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.monotonic()
+        p = subprocess.Popen(argv, stdout=out, stderr=err)
+        vm = None
+        try:
+            while True:
+                pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.monotonic() - t0 > timeout:
+                    raise subprocess.TimeoutExpired(argv, timeout)
+                if _runs_lpd(p.pid):                   # after the exec: lpd's own image
+                    vm = _vm_status(p.pid) or vm
+                time.sleep(NAMES_POLL)
+        except BaseException:
+            p.kill()
+            p.wait()
+            raise
+        p.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.monotonic() - t0
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    if p.returncode:
+        last = stderr.strip().splitlines()
+        raise RuntimeError((last[-1] if last else f"exit {p.returncode}")
+                           + f" (exit {p.returncode}, prlimit --as={as_limit})")
+    return {"wall s": wall, "CPU s": ru.ru_utime + ru.ru_stime, "stdout": stdout,
+            "VmPeak KiB": vm and vm[0], "peak RSS KiB": vm and vm[1]}
+
+
+def _runs_lpd(pid):
+    """Whether pid has exec'd `python lpd.py` (not yet: the forked bench, or prlimit)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return len(argv) > 1 and argv[1] == LPD.encode()
+
+
+def _names_frame(src, dst, payload, proto, sport, dport, flags=0, seq=0, ack=0):
+    import packets as P
+    l4 = P.udp(sport, dport, payload) if proto == 17 else \
+        P.tcp(sport, dport, flags, seq=seq & SEQ_MASK, ack=ack & SEQ_MASK, payload=payload)
+    if ":" in src:
+        return P.ether("02:00:00:00:00:02", "02:00:00:00:00:01", P.ETH_IP6,
+                       P.ipv6(src, dst, proto, l4))
+    return P.ether("02:00:00:00:00:02", "02:00:00:00:00:01", P.ETH_IP, P.ipv4(src, dst, proto, l4))
+
+
+def _dns_name(rng):
+    return ".".join(rng.choice(NAMES_WORDS) + str(rng.randrange(1000))
+                    for _ in range(rng.randrange(1, 4))) + rng.choice((".example", ".test", ".invalid"))
+
+
+def _dns_message(ident, flags, name, qtype, answers=()):
+    """A DNS message: one question, answers (owner, type, rdata), TTL 3600."""
+    def qn(n):
+        return b"".join(bytes([len(p)]) + p.encode() for p in n.split(".")) + b"\0"
+    out = struct.pack("!HHHHHH", ident, flags, 1, len(answers), 0, 0) + qn(name) + \
+        struct.pack("!HH", qtype, 1)
+    for owner, rtype, rdata in answers:
+        out += (b"\xc0\x0c" if owner == name else qn(owner)) + \
+            struct.pack("!HHIH", rtype, 1, 3600, len(rdata)) + rdata
+    return out
+
+
+def tls_hellos(certificate, name, tls12=False):
+    """(ClientHello bytes, the server's first flight) of one in-memory handshake by
+    Python's ssl module (OpenSSL), as tests/test_tls_stage.py's hellos() makes them."""
+    import ssl
+    import harness
+    cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    cctx.check_hostname, cctx.verify_mode = False, ssl.CERT_NONE
+    cctx.set_alpn_protocols(["h2", "http/1.1"])
+    if tls12:
+        cctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(*certificate)
+    sctx.set_alpn_protocols(["http/1.1"])
+    return harness.memory_handshake(cctx, sctx, name)
+
+
+class NamesMix:
+    """The --names mix: DNS exchanges (A, AAAA, a CNAME then an A; random names, every
+    answered address distinct), TLS conversations on port 443 (SYN, SYN-ACK, the
+    ClientHello in 1 segment or, NAMES_SPLIT of them, 2-3, the server's flight, then
+    bulk data and ACKs) and bulk connections on port 22; NAMES_CONCURRENT at a time,
+    interleaved frame by frame. self.dns, self.tls: what it holds, for the checks."""
+
+    def __init__(self, frames, certificate, seed=27):
+        rng = self.rng = random.Random(seed)
+        self.exchanges = int(frames * NAMES_DNS_SHARE / 2)
+        self.conversations = max(1, int(frames * NAMES_TLS_SHARE))
+        self.split = 0
+        self.addresses = set()
+        self._tls_state = []
+        self.bulk = set()                   # id() of every bulk frame (data and its ACKs)
+        streams = [self._dns(i) for i in range(self.exchanges)]
+        tls = [self._tls(i, certificate) for i in range(self.conversations)]
+        hs_frames = sum(len(s) for s in tls)
+        bulk = max(0, frames - 2 * self.exchanges - hs_frames)
+        owners = list(range(self.conversations + NAMES_PLAIN_CONNS))
+        share = collections.Counter(rng.choice(owners) for _ in range(bulk))
+        plain = []
+        for i in range(NAMES_PLAIN_CONNS):
+            plain.append(self._bulk([], i, 22, share[self.conversations + i], rng.randrange(1 << 32),
+                                    rng.randrange(1 << 32)))
+        for i, (s, st) in enumerate(zip(tls, self._tls_state)):
+            self._bulk(s, i, NAMES_HELLO_PORT, share[i], *st)
+        streams += tls + plain
+        rng.shuffle(streams)
+        self.streams = streams
+
+    def _ends(self, i):
+        v6 = self.rng.random() < NAMES_IPV6
+        if v6:
+            return f"fd00:199::{i % 60000 + 2:x}", f"2001:db8:{i >> 16:x}:{i & 0xFFFF:x}::1"
+        return f"10.199.{i // 250 % 250}.{i % 250 + 2}", f"203.0.{113 + i // 250 % 8}.{i % 250 + 1}"
+
+    def _dns(self, i):
+        rng = self.rng
+        v6 = rng.random() < NAMES_IPV6
+        client, resolver = ("fd00:199::53", "fd00:199::1") if v6 else ("10.199.0.53", "10.199.0.1")
+        name, kind, port = _dns_name(rng), rng.random(), 1024 + rng.randrange(60000)
+        n = len(self.addresses)
+        if kind < 0.25:
+            qtype, addr = 28, bytes.fromhex("20010db8ffff") + n.to_bytes(10, "big")
+        else:
+            qtype, addr = 1, (0xC6120000 + n).to_bytes(4, "big")     # 198.18.0.0/15
+        self.addresses.add(addr)
+        answers = [(name, qtype, addr)]
+        if kind > 0.85:
+            target = "cname." + _dns_name(rng)
+            answers = [(name, 5, b"".join(bytes([len(p)]) + p.encode()
+                                          for p in target.split(".")) + b"\0"), (target, 1, addr)]
+        return [_names_frame(client, resolver, _dns_message(i & 0xFFFF, 0x0100, name, qtype), 17,
+                             port, 53),
+                _names_frame(resolver, client, _dns_message(i & 0xFFFF, 0x8180, name, qtype,
+                                                            answers), 17, 53, port)]
+
+    def _tls(self, i, certificate):
+        rng = self.rng
+        client, server = self._ends(i)
+        cport, cseq, sseq = 1024 + i % 60000, rng.randrange(1 << 32), rng.randrange(1 << 32)
+        hello, flight = tls_hellos(certificate, _dns_name(rng).replace(".invalid", ".example"),
+                                   rng.random() < NAMES_TLS12)
+        out = _Frames([_names_frame(client, server, b"", 6, cport, NAMES_HELLO_PORT, 0x02, cseq),
+               _names_frame(server, client, b"", 6, NAMES_HELLO_PORT, cport, 0x12, sseq, cseq + 1),
+               _names_frame(client, server, b"", 6, cport, NAMES_HELLO_PORT, 0x10, cseq + 1, sseq + 1)])
+        cseq, sseq = cseq + 1, sseq + 1
+        parts = 1 if rng.random() >= NAMES_SPLIT else rng.choice((2, 3))
+        self.split += parts > 1
+        size = -(-len(hello) // parts)
+        for off in range(0, len(hello), size):
+            out.append(_names_frame(client, server, hello[off:off + size], 6, cport,
+                                    NAMES_HELLO_PORT, 0x18, cseq + off, sseq))
+        cseq += len(hello)
+        for off in range(0, len(flight), NAMES_MSS):
+            out.append(_names_frame(server, client, flight[off:off + NAMES_MSS], 6,
+                                    NAMES_HELLO_PORT, cport, 0x18, sseq + off, cseq))
+        sseq += len(flight)
+        self._tls_state.append((cseq, sseq))
+        out.append(_names_frame(client, server, b"", 6, cport, NAMES_HELLO_PORT, 0x10, cseq, sseq))
+        out.ends = (client, server, cport)
+        return out
+
+    def _bulk(self, out, i, port, n, cseq, sseq):
+        """n frames of server data (MSS, a TLS application data record's bytes or
+        random) and the client's ACKs (one for two segments) appended to out."""
+        rng = self.rng
+        if port == NAMES_HELLO_PORT:
+            client, server, cport = out.ends
+        else:
+            client, server = self._ends(10_000 + i)
+            cport = 30000 + i
+        payload = b"\x17\x03\x03" + rng.randbytes(NAMES_MSS - 3)
+        k = 0
+        while k < n:
+            out.append(_names_frame(server, client, payload, 6, port, cport, 0x10, sseq, cseq))
+            self.bulk.add(id(out[-1]))
+            sseq += NAMES_MSS
+            k += 1
+            if k < n and k % 3 == 2:
+                out.append(_names_frame(client, server, b"", 6, cport, port, 0x10, cseq, sseq))
+                self.bulk.add(id(out[-1]))
+                k += 1
+        return out
+
+    def frames(self):
+        """Every frame, NAMES_CONCURRENT streams interleaved (each in its order)."""
+        rng, pending, active = self.rng, iter(self.streams), []
+        for s in pending:
+            active.append(iter(s))
+            if len(active) == NAMES_CONCURRENT:
+                break
+        while active:
+            j = rng.randrange(len(active))
+            f = next(active[j], None)
+            if f is None:
+                nxt = next(pending, None)
+                if nxt is None:
+                    active[j] = active[-1]
+                    active.pop()
+                else:
+                    active[j] = iter(nxt)
+                continue
+            yield f
+
+
+class _Frames(list):
+    """A stream's frames, with its ends (a list cannot take attributes)."""
+
+
+def write_names_pcap(path, frames, step_us=NAMES_STEP_US):
+    """frames as a classic pcap (harness.write_pcap), step_us apart from IPFIX_T0;
+    returns how many."""
+    import harness
+    n = [0]
+
+    def records():
+        for f in frames:
+            sec, usec = divmod(n[0] * step_us, 1_000_000)
+            n[0] += 1
+            yield IPFIX_T0 + sec, usec, f
+    harness.write_pcap(path, records())
+    return n[0]
+
+
+def answer_flood(n):
+    """n DNS answers (A), each for a new address and name, none asked for."""
+    for i in range(n):
+        name = f"f{i}.flood.test"
+        addr = (0x64400000 + i).to_bytes(4, "big")                     # 100.64.0.0/10
+        yield _names_frame("10.199.0.1", "10.199.0.53",
+                           _dns_message(i & 0xFFFF, 0x8180, name, 1, [(name, 1, addr)]), 17, 53,
+                           1024 + i % 60000)
+
+
+def hello_flood(n, hello, server="203.0.113.7"):
+    """n ClientHello first segments, each of its own direction, none ever finished: a
+    full MSS of the real `hello`'s message under a record and message header that say
+    2^14 bytes (the most a hello may be), so each waits for more."""
+    first = (b"\x16\x03\x01" + (1 << 14).to_bytes(2, "big") + b"\x01" +
+             ((1 << 14) - 4).to_bytes(3, "big") + hello[9:] + bytes(NAMES_MSS))[:NAMES_MSS]
+    for i in range(n):
+        src = f"10.{200 + i // 62500 % 50}.{i // 250 % 250}.{i % 250 + 1}"
+        yield _names_frame(src, server, first, 6, 1024 + i % 60000, NAMES_HELLO_PORT, 0x18, 1000)
+
+
+def hello_fill(hello_max, directions, server="203.0.113.8"):
+    """The designed worst case: `directions` hellos in part each holding as much as it
+    may (a ClientHello whose record says 2^14 bytes, sent in MSS segments up to just
+    under hello_max), all in part at once."""
+    body = (1 << 14) - 4
+    head = b"\x16\x03\x01" + (1 << 14).to_bytes(2, "big") + b"\x01" + body.to_bytes(3, "big")
+    stream = head + bytes(hello_max)
+    segs = (hello_max - NAMES_MSS) // NAMES_MSS
+    for k in range(segs):
+        for i in range(directions):
+            src = f"10.{210 + i // 62500}.{i // 250 % 250}.{i % 250 + 1}"
+            yield _names_frame(src, server, stream[k * NAMES_MSS:(k + 1) * NAMES_MSS], 6,
+                               1024 + i, NAMES_HELLO_PORT, 0x18, 1000 + k * NAMES_MSS)
+
+
+def tshark_names(pcap):
+    """tshark -T fields of the same fields: (CPU s, rows with a query name, rows with an
+    A answer, rows with a server name)."""
+    cp, _, cpu = run_limited(["tshark", "-r", pcap, "-T", "fields", "-e", "dns.qry.name", "-e",
+                              "dns.a", "-e", "tls.handshake.extensions_server_name"],
+                             NAMES_CAP, NAMES_TIMEOUT)
+    if cp.returncode:
+        raise RuntimeError((cp.stderr.strip() or f"exit {cp.returncode}").splitlines()[-1])
+    rows = [line.split("\t") for line in cp.stdout.splitlines()]
+    return cpu, sum(bool(r[0]) for r in rows), sum(len(r) > 1 and bool(r[1]) for r in rows), \
+        sum(len(r) > 2 and bool(r[2]) for r in rows)
+
+
+def kernel_handshake_cost(lpd, t):
+    """ns per BPF_PROG_TEST_RUN of a bulk TCP data frame, a pure ACK and a ClientHello's
+    first segment: the copy plan without handshakes, with them but no hellos map, with it."""
+    import ipaddress
+    why = lpd.ebpf_available() if hasattr(lpd, "ebpf_available") else "lpd has no eBPF engine"
+    if why is not None:
+        t.say("kernel", f"skipped: {why}")
+        return
+    hello = b"\x16\x03\x01" + (1 << 14).to_bytes(2, "big") + b"\x01" + ((1 << 14) - 4).to_bytes(3, "big")
+    rng = random.Random(5)
+    frames = {"bulk TCP data (1514)": _names_frame("203.0.113.9", "10.199.0.9", b"\x17\x03\x03" +
+                                                   rng.randbytes(NAMES_MSS - 3), 6, 443, 40000,
+                                                   0x10, 1, 1),
+              "pure ACK (60)": _names_frame("10.199.0.9", "203.0.113.9", b"", 6, 40000, 443, 0x10, 1, 1),
+              "ClientHello 1st segment": _names_frame("10.199.0.9", "203.0.113.9",
+                                                      (hello + rng.randbytes(NAMES_MSS))[:NAMES_MSS],
+                                                      6, 40001, 443, 0x18, 1, 1)}
+    nets = [ipaddress.ip_network(n) for n in OFFLINE_LOCAL_NETS]
+    for label, handshakes, hellos in (("plan without handshakes", False, False),
+                                      ("handshakes, no hellos map", True, False),
+                                      ("handshakes + hellos map", True, True)):
+        maps = prog = None
+        try:
+            maps = lpd.make_maps(0, hellos=hellos)
+            image, labels = lpd.build_program(maps, nets, [], verdict=lpd.CopyPlan(
+                0, 0, (53,), (53,), handshakes))
+            prog = lpd.Program(image, labels, name="lpd_bench")
+            for kind, data in frames.items():
+                runs = [lpd.test_run(prog.fd, data, repeat=NAMES_TEST_RUNS)
+                        for _ in range(NAMES_TEST_BEST)]
+                t.add(part="kernel", line=label, trace=kind, frames=NAMES_TEST_RUNS,
+                      **{"ns/frame": min(d for _, d in runs), "copy bytes": runs[0][0]})
+        except Exception as e:
+            t.say("kernel", "error: " + one_line(e), line=label)
+        finally:
+            if prog is not None:
+                prog.close()
+            for m in (maps or {}).values():
+                m.close()
+
+
+def _best(runs):
+    return min(runs, key=lambda r: r["CPU s"])
+
+
+def offline_names(lpd, results, quick):
+    """--names on a trace of DNS, TLS hellos and bulk: CPU per frame and per message
+    beside tshark decoding the same fields; peak RSS on the mix and under two floods
+    against the designed bounds, each run under prlimit; the kernel program's cost of
+    copying handshakes whole."""
+    frames_n = NAMES_FRAMES // (5 if quick else 1)
+    repeat = NAMES_REPEAT                   # --quick too: its runs are short, its trace noisy
+    hellos_max = getattr(lpd, "TLS_HELLOS_MAX", 4096)
+    hello_max = getattr(lpd, "TLS_HELLO_MAX", 16464)
+    bound = hellos_max * hello_max
+    hello_budget = int(bound * NAMES_HELLO_SLACK)
+    t = Table("Offline: names (--names: passive DNS, TLS hellos) - lpd -r beside tshark; "
+              "memory bounds; kernel copy cost",
+              ["part", "line", "trace", "frames", "CPU s", "ns/frame", "stage ns/frame",
+               "stage µs/msg", "peak RSS MiB", "+RSS MiB", "bound MiB", "AS limit MiB",
+               "copy bytes", "checks"],
+              note=f"cpu: a synthetic trace (classic pcap, whole frames, {NAMES_STEP_US} µs "
+                   f"apart): DNS exchanges ({NAMES_DNS_SHARE:.0%} of frames: A, AAAA, CNAME+A, "
+                   "random names, every address new), TLS conversations\n"
+                   f"on port {NAMES_HELLO_PORT} (real hellos by Python's ssl over memory BIOs, "
+                   f"{NAMES_TLS12:.0%} TLS 1.2; {NAMES_SPLIT:.0%} of ClientHellos in 2-3 "
+                   "segments) and bulk (MSS data, an ACK per two; most frames),\n"
+                   f"{NAMES_CONCURRENT} streams interleaved, {NAMES_IPV6:.0%} IPv6. Lines: lpd -r "
+                   "FILE --output json (baseline); lpd -r FILE --names --ssl-log F --output json; "
+                   f"best of {repeat}, in turn.\nCPU: the child's user+sys (wait4); ns/frame: "
+                   "minus the same line's CPU on an empty trace (startup), per frame. stage: "
+                   "--names minus baseline, per frame;\nper message (DNS messages + hellos "
+                   "read) on the mix's messages alone (its frames but the bulk data and ACKs). "
+                   "tshark (reference; the same file, the same\nstartup subtraction): -T fields "
+                   "-e dns.qry.name -e dns.a -e tls.handshake.extensions_server_name; its check: "
+                   "rows with a query name / a server name =\nthe messages in the trace. memory: "
+                   "peak RSS (VmHWM, read while it runs) of lpd -r under prlimit --as = the same "
+                   "trace's baseline VmPeak + the --names run's\nown fixed address space "
+                   f"(measured on the empty trace) + the bound + {NAMES_SLACK >> 20} MiB; names: "
+                   f"a budget of {NAMES_ENTRY_BUDGET} B an entry; hellos in part:\nTLS_HELLOS_MAX "
+                   f"{hellos_max:,} x TLS_HELLO_MAX {hello_max:,} = {bound / 2**20:.1f} MiB, "
+                   f"times {NAMES_HELLO_SLACK:g}. +RSS: minus the baseline's on the same trace. "
+                   "Floods: frames 10 µs apart.\nEach run's peak includes its --output json "
+                   "document, written at its end with every row (the DNS flood's: "
+                   f"{NAMES_FLOOD_MAX:,} names).\nkernel: BPF_PROG_TEST_RUN, ns per run (best of "
+                   f"{NAMES_TEST_BEST} x {NAMES_TEST_RUNS:,}); copy bytes: its verdict (0: not "
+                   "copied).")
+    results["offline_names"] = t.to_json()
+    if not lpd_offers("--names"):
+        t.say("-", "lpd has no --names")
+        return t
+    with tempfile.TemporaryDirectory(prefix="lpd-bench-names-") as workdir:
+        t0 = time.monotonic()
+        import harness
+        cert = harness.self_signed(workdir, "bench.test")
+        mix = NamesMix(frames_n, cert)
+        pcap, empty = os.path.join(workdir, "mix.pcap"), os.path.join(workdir, "empty.pcap")
+        n = write_names_pcap(pcap, mix.frames())
+        write_names_pcap(empty, ())
+        bulk = os.path.join(workdir, "bulk.pcap")
+        bulk_n = write_names_pcap(bulk, (f for f in mix.frames() if id(f) in mix.bulk))
+        only = os.path.join(workdir, "messages.pcap")
+        only_n = write_names_pcap(only, (f for f in mix.frames() if id(f) not in mix.bulk))
+        t.say("cpu", f"mix: {n:,} frames, {mix.exchanges:,} DNS exchanges, {mix.conversations:,} "
+                     f"TLS conversations ({mix.split} ClientHellos split), "
+                     f"{os.path.getsize(pcap) >> 20} MiB, made in {time.monotonic() - t0:.0f} s",
+              frames=n)
+        ssl_log = os.path.join(workdir, "ssl.log")
+
+        def base(trace):
+            return ["-r", trace, "--output", "json"]
+
+        def names(trace, *extra, log=ssl_log):
+            if os.path.exists(log):
+                os.unlink(log)
+            return ["-r", trace, "--names", "--ssl-log", log, *extra, "--output", "json"]
+        try:
+            e_base = _best([run_lpd_measured(base(empty), NAMES_CAP) for _ in range(repeat)])
+            e_names = _best([run_lpd_measured(names(empty), NAMES_CAP) for _ in range(repeat)])
+        except Exception as e:
+            t.say("cpu", "lpd on an empty trace failed: " + one_line(e))
+            return t
+        fixed = max(0, e_names["VmPeak KiB"] - e_base["VmPeak KiB"]) * 1024
+        t.add(part="cpu", line="lpd -r / --names (startup)", trace="empty", frames=0,
+              **{"CPU s": e_base["CPU s"], "peak RSS MiB": e_base["peak RSS KiB"] / 1024,
+                 "+RSS MiB": (e_names["peak RSS KiB"] - e_base["peak RSS KiB"]) / 1024},
+              detail={"--names CPU s": e_names["CPU s"], "VmPeak KiB": e_base["VmPeak KiB"],
+                      "--names VmPeak KiB": e_names["VmPeak KiB"]})
+        runs = {"base": [], "names": [], "bulk base": [], "bulk names": [], "only base": [],
+                "only names": []}
+        only_log = os.path.join(workdir, "only-ssl.log")
+        limit = None
+        try:
+            for _ in range(repeat):
+                runs["base"].append(run_lpd_measured(base(pcap), limit or NAMES_CAP))
+                if limit is None:
+                    limit = runs["base"][0]["VmPeak KiB"] * 1024 + fixed + hello_budget + \
+                        (len(mix.addresses) + mix.conversations) * NAMES_ENTRY_BUDGET + NAMES_SLACK
+                runs["names"].append(run_lpd_measured(names(pcap), limit))
+                runs["bulk base"].append(run_lpd_measured(base(bulk), limit))
+                runs["bulk names"].append(run_lpd_measured(
+                    names(bulk, log=os.path.join(workdir, "bulk-ssl.log")), limit))
+                runs["only base"].append(run_lpd_measured(base(only), limit))
+                runs["only names"].append(run_lpd_measured(names(only, log=only_log), limit))
+        except Exception as e:
+            t.say("cpu", "error: " + one_line(e))
+            return t
+        b, best = _best(runs["base"]), _best(runs["names"])
+        bb, bn = _best(runs["bulk base"]), _best(runs["bulk names"])
+        skip = ((bn["CPU s"] - e_names["CPU s"]) - (bb["CPU s"] - e_base["CPU s"])) / bulk_n
+        bulk_doc = json.loads(bn["stdout"])
+        bulk_ok = not (bulk_doc.get("names") or {}).get("total") and \
+            not (bulk_doc.get("tls") or {}).get("client_hellos")
+        t.add(part="cpu", line="lpd -r (baseline)", trace="the mix's bulk alone", frames=bulk_n,
+              **{"CPU s": bb["CPU s"], "ns/frame": (bb["CPU s"] - e_base["CPU s"]) / bulk_n * 1e9,
+                 "peak RSS MiB": bb["peak RSS KiB"] / 1024})
+        t.add(part="cpu", line="lpd -r --names --ssl-log", trace="the mix's bulk alone",
+              frames=bulk_n, checks=bulk_ok, **{
+                  "CPU s": bn["CPU s"], "ns/frame": (bn["CPU s"] - e_names["CPU s"]) / bulk_n * 1e9,
+                  "stage ns/frame": skip * 1e9, "peak RSS MiB": bn["peak RSS KiB"] / 1024})
+        os.unlink(bulk)
+
+        def read_all(run, log):
+            """(every count as the mix has it, the counts, messages read) of a run."""
+            doc = json.loads(run["stdout"])
+            dns, tls = doc.get("names") or {}, doc.get("tls") or {}
+            with open(log) as f:
+                ssl_records = [json.loads(x) for x in f if x.strip()]
+            msgs = dns.get("queries", 0) + dns.get("responses", 0) + \
+                tls.get("client_hellos", 0) + tls.get("server_hellos", 0)
+            errors = sum((dns.get("parse_errors") or {}).values()) + \
+                sum((tls.get("parse_errors") or {}).values())
+            checks = {"queries": dns.get("queries"), "responses": dns.get("responses"),
+                      "client_hellos": tls.get("client_hellos"),
+                      "server_hellos": tls.get("server_hellos"),
+                      "ssl.log records": len(ssl_records), "names": dns.get("total"),
+                      "parse errors": errors}
+            ok = (dns.get("queries"), dns.get("responses")) == (mix.exchanges, mix.exchanges) \
+                and (tls.get("client_hellos"), tls.get("server_hellos"), len(ssl_records)) == \
+                (mix.conversations,) * 3 and errors == 0 and \
+                dns.get("total") == len(mix.addresses) + mix.conversations
+            return ok, checks, msgs
+        ob, on = _best(runs["only base"]), _best(runs["only names"])
+        ok, checks, msgs = read_all(on, only_log)
+        only_stage = (on["CPU s"] - e_names["CPU s"]) - (ob["CPU s"] - e_base["CPU s"])
+        t.add(part="cpu", line="lpd -r (baseline)", trace="the mix's messages alone",
+              frames=only_n, **{"CPU s": ob["CPU s"],
+                                "ns/frame": (ob["CPU s"] - e_base["CPU s"]) / only_n * 1e9,
+                                "peak RSS MiB": ob["peak RSS KiB"] / 1024})
+        t.add(part="cpu", line="lpd -r --names --ssl-log", trace="the mix's messages alone",
+              frames=only_n, checks=ok, detail=checks, **{
+                  "CPU s": on["CPU s"], "ns/frame": (on["CPU s"] - e_names["CPU s"]) / only_n * 1e9,
+                  "stage ns/frame": only_stage / only_n * 1e9,
+                  "stage µs/msg": only_stage / msgs * 1e6 if msgs else None,
+                  "peak RSS MiB": on["peak RSS KiB"] / 1024})
+        os.unlink(only)
+        ok, checks, msgs = read_all(best, ssl_log)
+        base_ns = (b["CPU s"] - e_base["CPU s"]) / n * 1e9
+        names_ns = (best["CPU s"] - e_names["CPU s"]) / n * 1e9
+        stage = (best["CPU s"] - e_names["CPU s"]) - (b["CPU s"] - e_base["CPU s"])
+        t.add(part="cpu", line="lpd -r (baseline)", trace="mix", frames=n, **{
+            "CPU s": b["CPU s"], "ns/frame": base_ns, "peak RSS MiB": b["peak RSS KiB"] / 1024})
+        t.add(part="cpu", line="lpd -r --names --ssl-log", trace="mix", frames=n, checks=ok,
+              detail=checks, **{
+                  "CPU s": best["CPU s"], "ns/frame": names_ns, "stage ns/frame": stage / n * 1e9,
+                  "peak RSS MiB": best["peak RSS KiB"] / 1024,
+                  "+RSS MiB": (best["peak RSS KiB"] - b["peak RSS KiB"]) / 1024,
+                  "AS limit MiB": limit / 2**20})
+        if shutil.which("tshark"):
+            try:
+                e_cpu = min(tshark_names(empty)[0] for _ in range(repeat))
+                cpu, qrows, arows, snis = min((tshark_names(pcap) for _ in range(repeat)),
+                                              key=lambda r: r[0])
+                t.add(part="cpu", line="tshark -T fields (reference)", trace="mix", frames=n,
+                      checks=(qrows, snis) == (2 * mix.exchanges, mix.conversations),
+                      detail={"rows with dns.qry.name": qrows, "rows with dns.a": arows,
+                              "rows with a server name": snis, "startup CPU s": e_cpu},
+                      **{"CPU s": cpu, "ns/frame": (cpu - e_cpu) / n * 1e9,
+                         "÷ lpd --names": ratio((cpu - e_cpu) / n * 1e9, names_ns)})
+            except Exception as e:
+                t.say("cpu", "tshark: " + one_line(e))
+        else:
+            t.say("cpu", "tshark not installed")
+        os.unlink(pcap)
+
+        # memory: the floods, each beside its own baseline
+        hello, _ = tls_hellos(cert, "flood.tls.test")
+        floods = [("DNS answers", answer_flood(NAMES_FLOOD), ["--names-max", str(NAMES_FLOOD_MAX)],
+                   NAMES_FLOOD_MAX * NAMES_ENTRY_BUDGET, None),
+                  ("ClientHello 1st segments", hello_flood(NAMES_FLOOD, hello), [],
+                   hello_budget, bound),
+                  ("hellos filled", hello_fill(hello_max, hellos_max), [], hello_budget, bound)]
+        for label, gen, extra, budget, shown_bound in floods:
+            path = os.path.join(workdir, "flood.pcap")
+            fn = write_names_pcap(path, gen, step_us=10)
+            trace = f"{hellos_max:,} {label}" if label == "hellos filled" else f"{fn:,} {label}"
+            line = "lpd -r --names" + (" " + " ".join(extra) if extra else "")
+            try:
+                fb = run_lpd_measured(base(path), NAMES_CAP)
+                limit = fb["VmPeak KiB"] * 1024 + fixed + budget + NAMES_SLACK
+                r = run_lpd_measured(names(path, *extra), limit)
+            except Exception as e:
+                t.say("memory", "error: " + one_line(e), line=line, trace=trace)
+                continue
+            finally:
+                os.unlink(path)
+            doc = json.loads(r["stdout"])
+            dns, tls = doc.get("names") or {}, doc.get("tls") or {}
+            errs = tls.get("parse_errors") or {}
+            if label == "DNS answers":
+                detail = {"names": dns.get("total"), "evictions": dns.get("evictions"),
+                          "responses": dns.get("responses"), "unmatched": dns.get("unmatched")}
+                ok = dns.get("total") == NAMES_FLOOD_MAX and \
+                    dns.get("evictions") == NAMES_FLOOD - NAMES_FLOOD_MAX and \
+                    dns.get("responses") == NAMES_FLOOD
+                shown = NAMES_FLOOD_MAX * NAMES_ENTRY_BUDGET
+            else:
+                detail = {"client_hellos": tls.get("client_hellos"),
+                          **{k: v for k, v in errs.items() if v}}
+                waiting = fn if label.startswith("ClientHello") else hellos_max
+                # every direction but the last TLS_HELLOS_MAX pushed out, none read
+                ok = tls.get("client_hellos") == 0 and \
+                    errs.get("evicted", 0) == max(0, waiting - hellos_max) and \
+                    sum(errs.values()) == errs.get("evicted", 0)
+                shown = shown_bound
+            t.add(part="memory", line=line, trace=trace, frames=fn, checks=ok, detail=detail, **{
+                "CPU s": r["CPU s"], "ns/frame": (r["CPU s"] - e_names["CPU s"]) / fn * 1e9,
+                "peak RSS MiB": r["peak RSS KiB"] / 1024,
+                "+RSS MiB": (r["peak RSS KiB"] - fb["peak RSS KiB"]) / 1024,
+                "bound MiB": shown / 2**20, "AS limit MiB": limit / 2**20,
+                "baseline peak RSS MiB": fb["peak RSS KiB"] / 1024})
+    kernel_handshake_cost(lpd, t)
+    return t
+
+
 OFFLINE_SERIES = {"accounting": offline_accounting, "remote": offline_remote,
                   "remote-flood": remote_flood, "connections": offline_connections,
                   "http": offline_http, "syn-flood": syn_flood, "matchers": offline_matchers,
                   "rules-at-scale": rules_at_scale, "worker-transport": offline_worker_transport,
-                  "ipfix": offline_ipfix}
+                  "ipfix": offline_ipfix, "names": offline_names}
 
 
 def run_offline(lpd, results, quick, series=tuple(OFFLINE_SERIES)):

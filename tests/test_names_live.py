@@ -28,6 +28,10 @@ HOST, ALIAS, MISSING, BY_TCP = f"app.{ZONE}", f"www.{ZONE}", f"nx.{ZONE}", f"tcp
 SERVED4, SERVED6, SERVED_TCP = "198.51.100.80", "2001:db8:80::80", "198.51.100.53"
 # a name whose TTL runs out at once: only traffic to its address keeps it past the grace
 BUSY, SERVED_BUSY, BUSY_TTL = f"busy.{ZONE}", "198.51.100.81", 1
+# A CNAME chain of long names: its answer (~700 bytes) does not fit the 512 bytes of a
+# UDP answer without EDNS, so dnsmasq sets TC and glibc asks again over TCP
+CHAIN = [f"c{i}-{'x' * 50}.{ZONE}" for i in range(10)]
+SERVED_LONG = "198.51.100.82"
 SINK = 9                              # discard: what the client sends needs no listener
 INTERVAL = 0.3
 WAIT = 15.0
@@ -63,11 +67,13 @@ def resolver(pair):
     for cmd in (["ip", "addr", "add", f"{SERVED4}/32", "dev", "lo"],
                 ["ip", "addr", "add", f"{SERVED_TCP}/32", "dev", "lo"],
                 ["ip", "addr", "add", f"{SERVED_BUSY}/32", "dev", "lo"],
+                ["ip", "addr", "add", f"{SERVED_LONG}/32", "dev", "lo"],
                 ["ip", "-6", "addr", "add", f"{SERVED6}/128", "dev", "lo"]):
         pair.run(pair.ns_a, cmd)
     for cmd in (["ip", "route", "add", f"{SERVED4}/32", "via", pair.ip4_a],
                 ["ip", "route", "add", f"{SERVED_TCP}/32", "via", pair.ip4_a],
                 ["ip", "route", "add", f"{SERVED_BUSY}/32", "via", pair.ip4_a],
+                ["ip", "route", "add", f"{SERVED_LONG}/32", "via", pair.ip4_a],
                 ["ip", "-6", "route", "add", f"{SERVED6}/128", "via", pair.ip6_a]):
         pair.run(pair.ns_b, cmd)
     etc = f"/etc/netns/{pair.ns_b}"
@@ -81,7 +87,9 @@ def resolver(pair):
             "--pid-file=", "--user=root", f"--local=/{ZONE}/",
             f"--host-record={HOST},{SERVED4},{SERVED6},600", f"--cname={ALIAS},{HOST},600",
             f"--host-record={BY_TCP},{SERVED_TCP},600",
-            f"--host-record={BUSY},{SERVED_BUSY},{BUSY_TTL}"],
+            f"--host-record={BUSY},{SERVED_BUSY},{BUSY_TTL}",
+            f"--host-record={CHAIN[-1]},{SERVED_LONG},600",
+            *(f"--cname={a},{b},600" for a, b in zip(CHAIN, CHAIN[1:]))],
             stderr=tempfile.TemporaryFile())
         assert wait_for(lambda: lookup(pair, HOST) != "-3", 10), "dnsmasq did not answer"
         yield proc
@@ -155,3 +163,27 @@ def test_traffic_to_a_remote_keeps_its_name(pair, resolver, engine, tmp_path):
     domains = {d["domain"]: d["tx_bytes"] for d in doc["domains"]}
     assert domains.get(ZONE, 0) > 0 and domains["other"] == 0, doc["domains"]
     assert lpd.stop() == 0, lpd.stderr()
+
+
+def test_a_truncated_answer_is_asked_again_over_tcp_and_names_the_remote(pair, resolver, engine,
+                                                                        tmp_path):
+    """The chain's answer is truncated over UDP (TC: dns.log says so, and no name comes
+    of it) and whole over TCP, where glibc asks again: the chain's end names the
+    address, by the name the host asked for."""
+    log = tmp_path / "dns.log"
+    lpd = Lpd(pair, "--names", "--remote", "--dns-log", str(log), "--interval", str(INTERVAL))
+    assert lookup(pair, CHAIN[0]) == repr([SERVED_LONG])
+    send_to(pair, SERVED_LONG)
+
+    def named():
+        _, doc = api(pair, "/api/names")
+        return {r["address"]: (r["name"], r["cname"]) for r in doc["names"]}.get(SERVED_LONG)
+    assert wait_for(named, WAIT), api(pair, "/api/names")
+    assert named() == (CHAIN[0], CHAIN[-1])
+    assert lpd.stop() == 0, lpd.stderr()
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    asked = [r for r in records if r.get("query") == CHAIN[0] and r.get("qtype_name") == "A"]
+    udp = [r for r in asked if r["proto"] == "udp"]
+    tcp = [r for r in asked if r["proto"] == "tcp"]
+    assert udp and all(r["TC"] for r in udp), asked
+    assert tcp and tcp[0]["answers"] == CHAIN[1:] + [SERVED_LONG] and not tcp[0]["TC"], asked
