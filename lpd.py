@@ -11693,7 +11693,7 @@ class TlsSessions(Consumer):
         key = (src, sport, dst, dport)
         old = self.sessions.pop(key, None)
         if old is not None:
-            self.finish_session(old)                 # a second ClientHello (HelloRetryRequest)
+            self.finish_session(old)                 # the 4-tuple again, its hello unanswered
         elif len(self.sessions) >= TLS_SESSIONS_MAX:
             self.session_evictions += 1
             self.finish_session(self.sessions.popitem(last=False)[1])
