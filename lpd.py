@@ -8929,7 +8929,6 @@ class HttpRequests(Consumer):
 
     def __init__(self, ports=DEFAULT_HTTP_PORTS, finished=None, container=None):
         self.ports = frozenset(ports)
-        self.judged = {IPPROTO_TCP: self.ports}      # not_on_ports'
         self.finished = finished
         self.container = container or (lambda addr: "")
         self.streams = collections.OrderedDict()
@@ -8949,7 +8948,7 @@ class HttpRequests(Consumer):
         return tuple(sorted(self.ports)), ()
 
     def consume(self, batch):
-        ports = self.judged
+        ports = {IPPROTO_TCP: self.ports}
         for data, ts, wire_bytes, frames, l2_len in frames_in_order(batch):
             if frames == 1 and len(data) < wire_bytes:
                 continue                         # a frame cut short: its bytes are a gap
@@ -11217,7 +11216,6 @@ class Names(Consumer):
         `domains` of them with their own counters (DomainTraffic; 0: none)."""
         self.ports = frozenset(ports)
         self.tcp_ports = self.ports & {DNS_PORT}   # mDNS is UDP only
-        self.judged = {IPPROTO_UDP: self.ports, IPPROTO_TCP: self.tcp_ports}   # not_on_ports'
         self.streams = collections.OrderedDict()   # (src, sport, dst, dport) -> [next seq, bytes]
         self.table = NameTable(size)
         self.logged = logged
@@ -11246,7 +11244,7 @@ class Names(Consumer):
                     self.sent_before, self.sent = sent, set()
                     sent = self.sent
                 sent.add(key)
-        ports = self.judged
+        ports = {IPPROTO_UDP: self.ports, IPPROTO_TCP: self.tcp_ports}
         for data, ts, _, frames, _ in frames_in_order(batch):
             if not not_on_ports(data, ports):
                 self.packet(data, ts, frames)
@@ -11614,11 +11612,12 @@ class TlsSessions(Consumer):
     wants = frozenset((WANT_RAW, WANT_TS))
     whole_handshakes = True
 
-    def __init__(self, names, logged=None):
-        """names: the Names stage, whose table the server names go to and whose uids
-        (conn.log's, with --connections) the records take."""
+    def __init__(self, names, logged=None, conns=None):
+        """names: the Names stage; conns: the Connections stage (--connections), whose
+        uids the records take."""
         self.names = names
         self.logged = logged
+        self.conns = conns
         self.streams = collections.OrderedDict()   # (src, sport, dst, dport) -> [next seq, bytes, ts]
         self.sessions = collections.OrderedDict()  # (client, cport, server, sport) -> record
         # Directions whose first handshake message was read: their later handshake records
@@ -11700,7 +11699,10 @@ class TlsSessions(Consumer):
         elif len(self.sessions) >= TLS_SESSIONS_MAX:
             self.session_evictions += 1
             self.finish_session(self.sessions.popitem(last=False)[1])
-        uid = self.names.uid(conn_key(IPPROTO_TCP, src, sport, dst, dport))
+        c = self.conns.table.get(conn_key(IPPROTO_TCP, src, sport, dst, dport)) \
+            if self.conns is not None else None
+        uid = connection_uid(conn_key(IPPROTO_TCP, src, sport, dst, dport),
+                             c.first if c is not None else None)
         self.sessions[key] = {
             "ts": round(ts, 6), "uid": uid, "id.orig_h": raw_address(src), "id.orig_p": sport,
             "id.resp_h": raw_address(dst), "id.resp_p": dport, "version": None, "cipher": None,
@@ -11778,7 +11780,7 @@ def _tls(opts, w, built):
     if names is None:
         return None
     log_ = w.logs.get(TlsSessions.name)
-    return TlsSessions(names, log_.write if log_ is not None else None)
+    return TlsSessions(names, log_.write if log_ is not None else None, built.get(Connections.name))
 
 
 STAGES.append(Stage(TlsSessions, _tls, (("tls", tls_document),), tls_metrics, tls_table,
