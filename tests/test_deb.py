@@ -91,7 +91,7 @@ def test_deb_control(deb):
     assert deb_field(deb, "Version") == VERSION
     assert deb_field(deb, "Architecture") == "all"
     assert deb_field(deb, "Depends") == "python3 (>= 3.9), python3-prometheus-client"
-    assert deb_field(deb, "Suggests") == "python3-maxminddb"
+    assert deb_field(deb, "Suggests") == "python3-maxminddb, publicsuffix"
     # lpr and lprng ship /usr/sbin/lpd and lpd(8). lpr is versioned so that it names the
     # real package only: cups-bsd (and lprng) Provide lpr unversioned, and cups-bsd has
     # neither file (tested live below).
