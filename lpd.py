@@ -17592,6 +17592,7 @@ TOP_SORT_LABELS = {
     "rules": {"rate": "bit/s", "total": "bytes", "name": "rule"},
     "connections": {"rate": "bit/s", "total": "bytes", "name": "originator"},
     "http": {"rate": "req/s", "total": "requests", "name": "server"},
+    "rpc": {"rate": "calls/s", "total": "calls", "name": "server"},
 }
 # What a pane whose document the daemon does not serve (404: the stage is off) shows.
 TOP_OFF = {
@@ -17602,6 +17603,11 @@ TOP_OFF = {
 }
 TOP_KEYS = "keys: 1-5/Tab pane  s sort  p pause  q quit"
 TOP_ONCE_ROWS = 10                 # --once: the biggest rows of each pane
+# gRPC servers (the HTTP pane, below the HTTP servers): each server's row, then a line of
+# its statuses other than OK and a line of its busiest methods (at most this many; the
+# screen's width cuts the line as it cuts any).
+TOP_RPC_METHODS = 5
+TOP_RPC_OK = "OK"                  # the one gRPC status that is no error (code 0)
 # A remote's name (--names) is cut to this many characters, its left end first: the
 # registered domain is at the right, and the pane keeps room for an IPv6 address (39),
 # rate, total, country and ISP on a 132-column terminal.
@@ -17867,7 +17873,12 @@ TOP_SCHEMA = {
          "resp_p": TOP_COUNT, "state": TOP_TEXT, "orig_wire_bytes": TOP_COUNT,
          "resp_wire_bytes": TOP_COUNT, "pid": TOP_MAYBE_COUNT, "comm": TOP_MAYBE_TEXT}]},
     "http": {"servers": TopMap({"requests": TOP_COUNT, "errors": TOP_COUNT, "p50": TOP_RATE,
-                                "p95": TOP_RATE})},
+                                "p95": TOP_RATE}),
+             # gRPC calls per server (an lpd before HTTP/2 sends no "rpc")
+             "rpc": TopOptional(TopMap({"calls": TOP_COUNT, "errors": TOP_COUNT,
+                                        "statuses": TopMap(TOP_COUNT), "p50": TOP_RATE,
+                                        "p95": TOP_RATE, "p99": TOP_RATE,
+                                        "methods": TopMap(TOP_COUNT)}))},
 }
 
 
@@ -17973,7 +17984,7 @@ def _conn_bytes(c):
 
 def _index_docs(docs):
     """Each cumulative document keyed for rate(): remotes and rules by name, connections
-    by their five-tuple, HTTP by server."""
+    by their five-tuple, HTTP by server (a gRPC server by ("rpc", server))."""
     if docs.get("remotes"):
         docs["remotes"]["_index"] = {r["address"]: {"bytes": r["tx_bytes"] + r["rx_bytes"]}
                                      for r in docs["remotes"]["remotes"]}
@@ -17984,6 +17995,8 @@ def _index_docs(docs):
                                          for c in docs["connections"]["connections"]}
     if docs.get("http"):
         docs["http"]["_index"] = {s: {"requests": v["requests"]} for s, v in docs["http"]["servers"].items()}
+        docs["http"]["_index"].update((("rpc", s), {"calls": v["calls"]})
+                                      for s, v in docs["http"].get("rpc", {}).items())
     return docs
 
 
@@ -18153,6 +18166,36 @@ class TopView:
             f"{servers[s]['errors'] / servers[s]['requests'] if servers[s]['requests'] else 0:>7.1%} "
             f"{servers[s]['p50'] * 1e3:>7.1f}ms {servers[s]['p95'] * 1e3:>7.1f}ms" for s in names]
 
+    def rpc(self, doc):
+        """The gRPC servers of the HTTP document (below its HTTP servers): a row each of
+        calls, error share and latency, then its statuses other than OK and its busiest
+        methods, one line each (a row of three lines: --once cuts whole rows)."""
+        servers = doc.get("rpc") or {}
+        rate = lambda s: self.rate("http", ("rpc", s), "calls", servers[s]["calls"])  # noqa: E731
+        names = self._sorted(list(servers), rate, lambda s: servers[s]["calls"], lambda s: s)
+        rows = []
+        for s in names:
+            d = servers[s]
+            errors = ", ".join(f"{st} {n}" for st, n in sorted(
+                d["statuses"].items(), key=lambda sn: (-sn[1], sn[0])) if st != TOP_RPC_OK and n)
+            methods = ", ".join(f"{m} {n}" for m, n in sorted(
+                d["methods"].items(), key=lambda mn: (-mn[1], mn[0]))[:TOP_RPC_METHODS])
+            rows.append((f"{s[:24]:<24} {rate(s):>8.1f} {d['calls']:>8} "
+                         f"{d['errors'] / d['calls'] if d['calls'] else 0:>7.1%} "
+                         f"{d['p50'] * 1e3:>7.1f}ms {d['p95'] * 1e3:>7.1f}ms {d['p99'] * 1e3:>7.1f}ms",
+                         f"  errors: {errors or 'none'}", f"  methods: {methods or 'none'}"))
+        return [self._title("rpc", f"gRPC servers: {len(servers)}"),
+                f"{'server':<24} {'calls/s':>8} {'calls':>8} {'errors':>7} {'p50':>9} {'p95':>9} "
+                f"{'p99':>9}"], rows
+
+    def sections(self, pane, doc):
+        """A pane's parts, each (heading lines, rows); a row is a line or a tuple of lines
+        kept together. The HTTP pane has its gRPC servers below, where there are some."""
+        parts = [getattr(self, pane)(doc)]
+        if pane == "http" and doc.get("rpc"):
+            parts.append(self.rpc(doc))
+        return parts
+
     # -- the whole screen -------------------------------------------------------------
 
     def header(self):
@@ -18190,8 +18233,10 @@ class TopView:
         if self.docs is not None:
             for pane in panes or (self.pane,):
                 doc = self.docs.get(pane)
-                head, part = ([TOP_OFF[pane]], []) if doc is None else getattr(self, pane)(doc)
-                body += [""] + head + (part if rows is None else part[:rows])
+                for head, part in ([([TOP_OFF[pane]], [])] if doc is None
+                                   else self.sections(pane, doc)):
+                    for row in [""] + head + (part if rows is None else part[:rows]):
+                        body += [row] if isinstance(row, str) else list(row)
         if height is not None:
             body = body[:max(0, height - len(lines) - keys)]
         lines += [(TOP_PANE, text) for text in body]
