@@ -11633,6 +11633,8 @@ H2_FRAME_RULES = {
 H2_PARSE_ERRORS = ("h2_protocol", "h2_header_block_too_large", "h2_too_many_streams",
                    "hpack_unknown")
 H2_UNDECIDED = "undecided"                  # take(): more bytes are needed to tell
+# How an HTTP/1 request line (a method token and a space) or status line begins.
+H2_HTTP1_START = re.compile(rb"HTTP/1\.|[-!#$%&'*+.^_`|~0-9A-Za-z]+ ")
 H2_UNKNOWN_TEXT = "_OTHER"                  # a method, path or status HPACK cannot know
 
 GRPC_CONTENT_TYPE = "application/grpc"      # and "application/grpc+proto" and the like
@@ -11826,17 +11828,23 @@ class Http2Connection:
     @classmethod
     def take(cls, stage, s, to_server, d):
         """An HTTP/2 reader for the connection, from the first bytes of one direction:
-        the client's preface, or (joined late) frames; H2_UNDECIDED while too few bytes
-        say; None when it is not HTTP/2."""
+        the client's preface, or (joined late) frames; H2_UNDECIDED while the bytes do
+        not tell yet (a connection joined late whose segment starts inside a message:
+        they are let go, and the next segment's start decides); None for HTTP/1."""
         buf = d.buf
         if to_server and H2_PREFACE.startswith(bytes(buf[:len(H2_PREFACE)])):
             if len(buf) < len(H2_PREFACE):
                 return H2_UNDECIDED
             del buf[:len(H2_PREFACE)]
             return cls(stage, s, False)
-        if not s.joined or buf[0]:
+        if not s.joined or H2_HTTP1_START.match(buf):
             return None
-        return cls(stage, s, True)
+        holds = h2_frames_hold(buf)
+        if holds:
+            return cls(stage, s, True)
+        if holds is False:
+            buf.clear()
+        return H2_UNDECIDED
 
     def data(self, to_server, d, ts):
         """Read the frames of d.buf (one direction's bytes in order). False: this
