@@ -11633,8 +11633,10 @@ H2_FRAME_RULES = {
 H2_PARSE_ERRORS = ("h2_protocol", "h2_header_block_too_large", "h2_too_many_streams",
                    "hpack_unknown")
 H2_UNDECIDED = "undecided"                  # take(): more bytes are needed to tell
-# How an HTTP/1 request line (a method token and a space) or status line begins.
-H2_HTTP1_START = re.compile(rb"HTTP/1\.|[-!#$%&'*+.^_`|~0-9A-Za-z]+ ")
+# How an HTTP/1 request line (a method token and a space) or status line begins, or
+# the part of one a segment may end in: a joined connection's bytes that match are HTTP/1's.
+H2_HTTP1_START = re.compile(rb"HTTP/1\.|[-!#$%&'*+.^_`|~0-9A-Za-z]{1,20}(?: |\Z)|"
+                            rb"H(?:T(?:T(?:P(?:/1?)?)?)?)?\Z")
 H2_UNKNOWN_TEXT = "_OTHER"                  # a method, path or status HPACK cannot know
 
 GRPC_CONTENT_TYPE = "application/grpc"      # and "application/grpc+proto" and the like
