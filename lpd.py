@@ -67,8 +67,9 @@ each banner's "provides:" line says what later chapters take from it
 Where a new stage goes: one sub-chapter of 14 "Stages" — its Consumer, documents, metric
 families, table lines, how the options (2) build it, and last its row,
 STAGES.append(Stage(...)); the daemon, the workers, -r, /api, --output and /metrics take
-it from there (18.1). 14.6, flow export, was added so; 15.3, the names, too, in a
-chapter of its own once 14 had reached its size budget.
+it from there (18.1). 14.5, flow export, was added so; 15.3, the names, too, in a
+chapter of its own once 14 had reached its size budget; and 16.3, HTTP, moved after the
+HTTP/2 parsers it hands connections to.
 """
 import argparse
 import bisect
@@ -448,7 +449,8 @@ def build_parser():
                    help="a flow still going is reported at least this often, as what it "
                         "counted since (default %(default)g)")
     p.add_argument("--http", action="store_true",
-                   help="HTTP/1.x requests on --http-ports: latency histogram, log, /api/requests")
+                   help="HTTP/1.x, HTTP/2 (h2c) and gRPC on --http-ports: latency histograms, "
+                        "log, /api/requests")
     p.add_argument("--http-ports", type=_ports, default=DEFAULT_HTTP_PORTS, metavar="PORT,...",
                    help="TCP ports whose traffic is parsed as HTTP (default "
                         f"{','.join(map(str, DEFAULT_HTTP_PORTS))})")
@@ -10167,7 +10169,7 @@ DNS_PENDING_MAX = 4096                      # queries waiting for their answer; 
 DNS_QUERY_TIMEOUT = 30.0                    # a query unanswered this long is logged without one
 DNS_TICK_WORK = 4096                        # timed-out queries logged per tick
 NAMES_PROTECTED_FRACTION = 0.8
-# 14.7's reasons; then a TCP stream's: bytes missing (its messages are skipped until it
+# 15.1's reasons; then a TCP stream's: bytes missing (its messages are skipped until it
 # ends), dropped for room (DNS_TCP_STREAMS_MAX)
 DNS_PARSE_ERRORS = ("truncated", "label", "name_too_long", "pointer", "rdata", "gap", "evicted")
 DNS_TCP_LENGTH = struct.Struct("!H")        # RFC 1035 4.2.2: each message over TCP after its length
