@@ -67,8 +67,9 @@ each banner's "provides:" line says what later chapters take from it
 Where a new stage goes: one sub-chapter of 14 "Stages" — its Consumer, documents, metric
 families, table lines, how the options (2) build it, and last its row,
 STAGES.append(Stage(...)); the daemon, the workers, -r, /api, --output and /metrics take
-it from there (18.1). 14.6, flow export, was added so; 15.3, the names, too, in a
-chapter of its own once 14 had reached its size budget.
+it from there (18.1). 14.5, flow export, was added so; 15.3, the names, too, in a
+chapter of its own once 14 had reached its size budget; and 16.3, HTTP, moved after the
+HTTP/2 parsers it hands connections to.
 """
 import argparse
 import bisect
@@ -448,7 +449,8 @@ def build_parser():
                    help="a flow still going is reported at least this often, as what it "
                         "counted since (default %(default)g)")
     p.add_argument("--http", action="store_true",
-                   help="HTTP/1.x requests on --http-ports: latency histogram, log, /api/requests")
+                   help="HTTP/1.x, HTTP/2 (h2c) and gRPC on --http-ports: latency histograms, "
+                        "log, /api/requests")
     p.add_argument("--http-ports", type=_ports, default=DEFAULT_HTTP_PORTS, metavar="PORT,...",
                    help="TCP ports whose traffic is parsed as HTTP (default "
                         f"{','.join(map(str, DEFAULT_HTTP_PORTS))})")
@@ -10167,7 +10169,7 @@ DNS_PENDING_MAX = 4096                      # queries waiting for their answer; 
 DNS_QUERY_TIMEOUT = 30.0                    # a query unanswered this long is logged without one
 DNS_TICK_WORK = 4096                        # timed-out queries logged per tick
 NAMES_PROTECTED_FRACTION = 0.8
-# 14.7's reasons; then a TCP stream's: bytes missing (its messages are skipped until it
+# 15.1's reasons; then a TCP stream's: bytes missing (its messages are skipped until it
 # ends), dropped for room (DNS_TCP_STREAMS_MAX)
 DNS_PARSE_ERRORS = ("truncated", "label", "name_too_long", "pointer", "rdata", "gap", "evicted")
 DNS_TCP_LENGTH = struct.Struct("!H")        # RFC 1035 4.2.2: each message over TCP after its length
@@ -11633,6 +11635,10 @@ H2_FRAME_RULES = {
 H2_PARSE_ERRORS = ("h2_protocol", "h2_header_block_too_large", "h2_too_many_streams",
                    "hpack_unknown")
 H2_UNDECIDED = "undecided"                  # take(): more bytes are needed to tell
+# How an HTTP/1 request line (a method token and a space) or status line begins, or
+# the part of one a segment may end in: a joined connection's bytes that match are HTTP/1's.
+H2_HTTP1_START = re.compile(rb"HTTP/1\.|[-!#$%&'*+.^_`|~0-9A-Za-z]{1,20}(?: |\Z)|"
+                            rb"H(?:T(?:T(?:P(?:/1?)?)?)?)?\Z")
 H2_UNKNOWN_TEXT = "_OTHER"                  # a method, path or status HPACK cannot know
 
 GRPC_CONTENT_TYPE = "application/grpc"      # and "application/grpc+proto" and the like
@@ -11826,17 +11832,23 @@ class Http2Connection:
     @classmethod
     def take(cls, stage, s, to_server, d):
         """An HTTP/2 reader for the connection, from the first bytes of one direction:
-        the client's preface, or (joined late) frames; H2_UNDECIDED while too few bytes
-        say; None when it is not HTTP/2."""
+        the client's preface, or (joined late) frames; H2_UNDECIDED while the bytes do
+        not tell yet (a connection joined late whose segment starts inside a message:
+        they are let go, and the next segment's start decides); None for HTTP/1."""
         buf = d.buf
         if to_server and H2_PREFACE.startswith(bytes(buf[:len(H2_PREFACE)])):
             if len(buf) < len(H2_PREFACE):
                 return H2_UNDECIDED
             del buf[:len(H2_PREFACE)]
             return cls(stage, s, False)
-        if not s.joined or buf[0]:
+        if not s.joined or H2_HTTP1_START.match(buf):
             return None
-        return cls(stage, s, True)
+        holds = h2_frames_hold(buf)
+        if holds:
+            return cls(stage, s, True)
+        if holds is False:
+            buf.clear()
+        return H2_UNDECIDED
 
     def data(self, to_server, d, ts):
         """Read the frames of d.buf (one direction's bytes in order). False: this
