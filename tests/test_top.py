@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -791,3 +792,78 @@ def test_once_shows_grpc_servers_from_the_daemon(fake):
     assert row[2:] == ["150", "2.0%", "12.5ms", "37.5ms", "62.5ms"], row
     assert "  errors: NOT_FOUND 2, UNAVAILABLE 1" in lines, out
     assert any(line.startswith("  methods: helloworld.Greeter/SayHello 143,") for line in lines), out
+
+
+GRPC_PORT, GRPC_DELAY = 50051, 0.02
+GRPC_SERVER = r"""
+import sys, time
+from concurrent import futures
+import grpc
+def answer(code):
+    def method(request, context):
+        time.sleep(float(sys.argv[3]))
+        if code is not None:
+            context.abort(code, "not here")
+        return b"r" * 50
+    return grpc.unary_unary_rpc_method_handler(method)      # bytes in, bytes out
+srv = grpc.server(futures.ThreadPoolExecutor(4), options=[("grpc.so_reuseport", 0)])
+srv.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("lpd.test.Echo", {
+    "Ok": answer(None), "Missing": answer(grpc.StatusCode.NOT_FOUND)})])
+srv.add_insecure_port(f"{sys.argv[1]}:{sys.argv[2]}")
+srv.start()
+print("ready", flush=True)
+srv.wait_for_termination()
+"""
+GRPC_CLIENT = r"""
+import json, sys
+import grpc
+channel = grpc.insecure_channel(f"{sys.argv[1]}:{sys.argv[2]}", options=[("grpc.enable_http_proxy", 0)])
+codes = {}
+for method in json.loads(sys.argv[3]):
+    try:
+        channel.unary_unary(f"/lpd.test.Echo/{method}")(b"q" * 20, timeout=5)
+        code = "OK"
+    except grpc.RpcError as e:
+        code = e.code().name
+    codes[code] = codes.get(code, 0) + 1
+channel.close()
+print(json.dumps(codes), flush=True)
+"""
+
+
+def test_once_shows_a_live_daemons_grpc_calls(pair):
+    """A live lpd --http sees real gRPC calls (grpcio, h2c) from B to a server on A: top's
+    HTTP pane has the server's row with the calls, error share, latency above the server's
+    think time, the statuses that are errors and the methods, as the calls were made."""
+    server = pair.popen(pair.ns_a, [sys.executable, "-c", GRPC_SERVER, pair.ip4_a, str(GRPC_PORT),
+                                    str(GRPC_DELAY)], stdout=subprocess.PIPE, text=True)
+    assert select.select([server.stdout], [], [], 10)[0] and \
+        server.stdout.readline().strip() == "ready", f"no gRPC server (exit {server.poll()})"
+    lpd = Lpd(pair, "--mapping-url", "none", "--local-net", f"{pair.ip4_b}/32", "--http",
+              "--http-ports", str(GRPC_PORT), "--docker-socket", "none")
+    try:
+        calls = ["Ok", "Missing", "Ok", "Ok"] * 3              # 9 OK, 3 NOT_FOUND
+        client = subprocess.run(netns.ns_argv(pair.ns_b, [
+            sys.executable, "-c", GRPC_CLIENT, pair.ip4_a, str(GRPC_PORT), json.dumps(calls)]),
+            capture_output=True, text=True, timeout=60)
+        assert json.loads(client.stdout) == {"OK": 9, "NOT_FOUND": 3}, client.stdout + client.stderr
+
+        def calls_seen():
+            doc = json.loads(netns.http_get(pair.ns_b, "127.0.0.1", 59122, "/api/http")[1])
+            return sum(s["calls"] for s in doc.get("rpc", {}).values()) == len(calls)
+        assert wait_for(calls_seen, 10), "lpd did not count the calls"
+        out = top_once(pair.ns_b, HOST_PORT, 80)
+    finally:
+        lpd.stop()
+        netns.stop(server)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
+    assert "HTTP servers: 0 - sorted by: req/s" in lines, out.stdout     # gRPC is not HTTP's
+    at = lines.index("gRPC servers: 1 - sorted by: calls/s")
+    row = lines[at + 2].split()
+    assert row[0] == f"{pair.ip4_a}:{GRPC_PORT}" and row[2:4] == ["12", "25.0%"], lines[at:]
+    p50, p95, p99 = (float(v[:-2]) / 1e3 for v in row[4:7])
+    assert GRPC_DELAY <= p50 <= p95 <= p99 < 1.0, row
+    assert lines[at + 3:at + 5] == ["  errors: NOT_FOUND 3",
+                                    "  methods: lpd.test.Echo/Ok 9, lpd.test.Echo/Missing 3"], lines[at:]
