@@ -1,0 +1,724 @@
+"""HTTP/2 in clear text (h2c) on a running lpd (issue 28, the contract in the lead's
+h2-spec): real servers and clients between the two namespaces of a netns.Pair, lpd in ns_b
+on veth-b (`--http --http-ports 8080,8081,8082 --http-log`), under prlimit --as.
+
+Servers in ns_a, started here and stopped by PID:
+- nginx (Debian's, its own prefix and config in a temp dir, one process): port 8080
+  `listen ... http2` (h2c with prior knowledge only), port 8081 plain HTTP/1.1, one server
+  block; static files /empty (0 B), /five (5 B), /big (100,000 B: many DATA frames and
+  segments), a 404 with a 13-byte page, and PUT /upload/note (WebDAV: nginx reads the
+  whole 20,000-byte request body before it answers 201).
+- a small Python server on the `h2` library, port 8082: HTTP/1.1 with `Upgrade: h2c`
+  answered 101, the upgraded request answered on stream 1, then more streams.
+
+Clients in ns_b: nghttp (prior knowledge, four requests on one connection: streams after
+nghttp's PRIORITY frames for idle streams), curl --http2-prior-knowledge (one request,
+and the PUT; curl 7.88.1 cannot reuse a prior-knowledge connection to nginx 1.22: "Error
+in the HTTP2 framing layer", so multi-stream prior knowledge is nghttp's), curl --http2
+(h2c Upgrade, two URLs: stream 1 then stream 3), nghttp -u (Upgrade, then stream 13),
+curl HTTP/1.1 on 8081 with and without an Upgrade header nginx ignores (still "1.1"),
+h2load -n 200 -c 2 -m 10 (two connections, ten streams at a time, /five and /missing);
+then the 2024 CONTINUATION flood (our own socket: the preface, SETTINGS, a HEADERS
+without END_HEADERS and FLOOD_FRAMES CONTINUATION frames, ~16 MB, which nginx reads and
+discards) and one more curl request on a new connection.
+
+Checked, for each run (offloads off/on x engine cbpf/auto, as test_http_live):
+- every request is logged once, with version "2" (or "1.1" on 8081), method, host, uri,
+  status_code, request/response_body_len (= the file sizes, the PUT body), stream_id and
+  trans_depth (the ordinal of its HEADERS on the connection);
+- the oracle: tcpdump captures the same traffic on veth-b and tshark's http2 (and http)
+  dissector gives (connection, ordinal, stream, method, path, authority, status,
+  version); lpd's records equal it exactly (the flood connection aside);
+- `lpd -r CAPTURE` with the same options logs the same records (times within TIME_SLACK);
+- http_server_request_duration_seconds counts every request under its
+  network_protocol_version, h2load's 200 among them with their status;
+- the flood: lpd stays up under prlimit, its RSS grows by less than FLOOD_RSS_MAX_KIB,
+  lpd_http_parse_errors_total{reason="h2_header_block_too_large"} counts it, no other
+  parse error is counted on the run, the request after it is logged; lpd exits 0.
+Every wait is bounded; a missing tool or namespace fails the fixture (no skips).
+"""
+import collections
+import itertools
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import netns
+from harness import LPD, Lpd, metrics, read_log, strip, value, wait_for
+
+pytestmark = pytest.mark.live
+
+H2_PORT, H1_PORT, UP_PORT = 8080, 8081, 8082          # nginx h2c, nginx HTTP/1.1, h2 Upgrade
+PORTS = f"{H2_PORT},{H1_PORT},{UP_PORT}"
+FILES = {"/empty": 0, "/five": 5, "/big": 100_000}
+NOT_FOUND = b"no such file\n"                          # both servers' 404 page (13 bytes)
+PUT_LEN = 20_000
+SPORT0 = 31000                                         # curl's and the flood's source ports
+INTERVAL = 0.5
+H2LOAD_N, H2LOAD_C, H2LOAD_M = 200, 2, 10
+FLOOD_FRAMES = 18_000                                  # CONTINUATION frames of ~904 B: ~16 MB
+FLOOD_RSS_MAX_KIB = 4096                               # lpd's RSS growth over the flood
+AS_LIMIT = 2_000_000_000                               # prlimit --as for lpd (bytes)
+TIME_SLACK = 0.01                                      # s: live vs replayed ts/ttfb/duration
+TOOL_TIMEOUT = 30
+HIST = "http_server_request_duration_seconds"
+KEEP = os.environ.get("LPD_H2_KEEP")                   # a directory: keep captures and logs
+
+NGINX_CONF = """
+daemon off;
+master_process off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log info;
+events {{ worker_connections 256; }}
+http {{
+    access_log {tmp}/access.log;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    default_type text/plain;
+    server {{
+        listen {ip}:{h2} http2;
+        listen {ip}:{h1};
+        root {tmp}/www;
+        error_page 404 /err404.txt;
+        location = /err404.txt {{ internal; }}
+        location /upload/ {{ dav_methods PUT; client_max_body_size 1m; }}
+    }}
+}}
+"""
+
+# HTTP/1.1 with Upgrade: h2c -> 101, the request answered on stream 1, then HTTP/2.
+UPGRADE_SERVER = r"""
+import socket, sys, threading
+import h2.config, h2.connection, h2.events
+BODIES = {"/empty": b"", "/five": b"hello", "/big": b"b" * 100_000}
+NOT_FOUND = b"no such file\n"
+
+class Conn:
+    def __init__(self, sock):
+        self.sock, self.pending = sock, {}
+
+    def answer(self, sid, path):
+        body = BODIES.get(path)
+        status = "200" if body is not None else "404"
+        body = NOT_FOUND if body is None else body
+        self.h2.send_headers(sid, [(":status", status), ("content-length", str(len(body))),
+                                   ("content-type", "text/plain")], end_stream=not body)
+        if body:
+            self.pending[sid] = body
+        self.pump()
+
+    def pump(self):
+        for sid, body in list(self.pending.items()):
+            while body:
+                n = min(len(body), self.h2.local_flow_control_window(sid),
+                        self.h2.max_outbound_frame_size)
+                if n <= 0:
+                    break
+                self.h2.send_data(sid, body[:n], end_stream=n == len(body))
+                body = body[n:]
+            if body:
+                self.pending[sid] = body
+            else:
+                del self.pending[sid]
+        self.sock.sendall(self.h2.data_to_send())
+
+    def run(self):
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            d = self.sock.recv(65536)
+            if not d:
+                return
+            buf += d
+        head, rest = buf.split(b"\r\n\r\n", 1)
+        line, *fields = head.decode("latin-1").split("\r\n")
+        method, path, _ = line.split(" ")
+        hdr = {k.strip().lower(): v.strip() for k, v in (f.split(":", 1) for f in fields)}
+        if hdr.get("upgrade", "").lower() != "h2c" or "http2-settings" not in hdr:
+            body = BODIES.get(path, NOT_FOUND)
+            code = b"200 OK" if path in BODIES else b"404 Not Found"
+            self.sock.sendall(b"HTTP/1.1 " + code + b"\r\nContent-Length: %d\r\n"
+                              b"Connection: close\r\n\r\n" % len(body) + body)
+            return
+        self.sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                          b"Upgrade: h2c\r\n\r\n")
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        self.h2.initiate_upgrade_connection(hdr["http2-settings"])
+        self.answer(1, path)
+        data = rest
+        while True:
+            for ev in self.h2.receive_data(data) if data else ():
+                if isinstance(ev, h2.events.RequestReceived):
+                    h = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
+                         for k, v in ev.headers}
+                    self.answer(ev.stream_id, h[":path"])
+                elif isinstance(ev, h2.events.DataReceived):
+                    self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, h2.events.ConnectionTerminated):
+                    self.sock.sendall(self.h2.data_to_send())
+                    return
+            self.pump()
+            data = self.sock.recv(65536)
+            if not data:
+                return
+
+def serve(sock):
+    try:
+        Conn(sock).run()
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], int(sys.argv[2])))
+srv.listen(16)
+print("ready", flush=True)
+while True:
+    s, _ = srv.accept()
+    threading.Thread(target=serve, args=(s,), daemon=True).start()
+"""
+
+
+def size(uri):
+    return FILES.get(uri, len(NOT_FOUND))
+
+
+def status_of(uri):
+    return 200 if uri in FILES else 404
+
+
+def record(sport, dport, depth, method, host, uri, status, req_len, resp_len, version,
+           stream_id=None):
+    rec = {"id.orig_h": netns.IP4_B, "id.orig_p": sport, "id.resp_h": netns.IP4_A,
+           "id.resp_p": dport, "trans_depth": depth, "method": method, "host": host, "uri": uri,
+           "status_code": status, "request_body_len": req_len, "response_body_len": resp_len,
+           "container": "", "version": version}
+    if stream_id is not None:
+        rec["stream_id"] = stream_id
+    return rec
+
+
+def conn_key(rec):
+    return (rec["id.orig_p"], rec["id.resp_p"])
+
+
+def rec_key(rec):
+    return (rec["id.orig_p"], rec["id.resp_p"], rec["trans_depth"])
+
+
+class Run:
+    def __init__(self, pair, offloads, engine, tmp):
+        self.pair, self.offloads, self.engine, self.tmp = pair, offloads, engine, tmp
+        self.sports = itertools.count(SPORT0)
+        self.expected = []            # (scenario, record without times) for known source ports
+        self.by_uri = {}              # scenario -> (server port, a uri only it asked for)
+        self.log, self.replayed, self.oracle, self.metrics = [], [], [], {}
+        self.h2load_out = ""
+        self.flood_sport = None
+        self.flood_bytes = 0          # CONTINUATION bytes the flood client handed the kernel
+        self.flood_wire = 0           # TCP payload bytes of the flood connection in the capture
+        self.rss = {}                 # "before"/"after" the flood: (VmRSS, VmHWM) KiB
+        self.alive_after_flood = None
+        self.tcpdump_err = ""
+        self.exit_code, self.stderr = None, ""
+
+    def records(self, sport):
+        return [r for r in self.log if r["id.orig_p"] == sport]
+
+
+# --- servers and clients ----------------------------------------------------------------
+
+def start_nginx(pair, tmp):
+    www = tmp / "www"
+    (www / "upload").mkdir(parents=True)
+    for uri, n in FILES.items():
+        (www / uri[1:]).write_bytes(b"x" * n if uri != "/five" else b"hello")
+    (www / "err404.txt").write_bytes(NOT_FOUND)
+    conf = tmp / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(tmp=tmp, ip=pair.ip4_a, h2=H2_PORT, h1=H1_PORT))
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    p = pair.popen(pair.ns_a, [nginx, "-p", str(tmp), "-c", str(conf)],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_port(pair, H2_PORT, p, "nginx")
+    wait_port(pair, H1_PORT, p, "nginx")
+    return p
+
+
+def start_upgrade_server(pair):
+    p = pair.popen(pair.ns_a, [sys.executable, "-c", UPGRADE_SERVER, pair.ip4_a, str(UP_PORT)],
+                   stdout=subprocess.PIPE, text=True)
+    wait_port(pair, UP_PORT, p, "the h2c Upgrade server")
+    return p
+
+
+def wait_port(pair, port, proc, what, timeout=10):
+    def up():
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited {proc.returncode}")
+        s = netns.socket_in(pair.ns_b, socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(1)
+        try:
+            s.connect((pair.ip4_a, port))
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+    wait_for(up, timeout, 0.05, what=f"{what} on port {port}")
+
+
+def tool(pair, argv, timeout=TOOL_TIMEOUT):
+    """A client in ns_b: its stdout; a non-zero exit fails the run with its stderr."""
+    return pair.run(pair.ns_b, argv, timeout=timeout).stdout
+
+
+def url(port, path):
+    return f"http://{netns.IP4_A}:{port}{path}"
+
+
+CURL_W = "%{http_version} %{http_code} %{size_download}\\n"
+
+
+def curl(run, args, urls):
+    """curl from a known source port: [(version, status, body bytes)] per URL."""
+    sport = next(run.sports)
+    argv = ["curl", "-sS", "--max-time", "10", "--local-port", str(sport), "-w", CURL_W]
+    for u in urls:
+        argv += ["-o", "/dev/null", u]
+    out = tool(run.pair, argv[:1] + list(args) + argv[1:])
+    rows = [line.split() for line in out.splitlines()]
+    return sport, [(v, int(c), int(n)) for v, c, n in rows]
+
+
+# --- the scenarios ------------------------------------------------------------------------
+
+def scenario_nghttp(run):
+    """Prior knowledge, four requests on one connection (nghttp: source port unknown, its
+    stream ids after PRIORITY frames on idle streams; found in the log by /big on 8080)."""
+    out = tool(run.pair, ["nghttp", "-n", "-s", "-t", "10"]
+               + [url(H2_PORT, u) for u in ("/five", "/big", "/empty", "/missing")])
+    rows = [line.split() for line in out.splitlines()]
+    got = sorted((int(t[4]), t[-1]) for t in rows if len(t) == 7 and t[0].isdigit())
+    assert got == sorted((status_of(u), u) for u in ("/five", "/big", "/empty", "/missing")), out
+    run.by_uri["nghttp"] = (H2_PORT, "/big", ("/five", "/big", "/empty", "/missing"))
+
+
+def scenario_single(run):
+    sport, got = curl(run, ["--http2-prior-knowledge"], [url(H2_PORT, "/five")])
+    assert got == [("2", 200, 5)], got
+    run.expected.append(("single", record(sport, H2_PORT, 1, "GET", f"{netns.IP4_A}:{H2_PORT}",
+                                          "/five", 200, 0, 5, "2", 1)))
+
+
+def scenario_put(run):
+    body = run.tmp / "put.bin"
+    body.write_bytes(bytes(range(256)) * (PUT_LEN // 256) + b"p" * (PUT_LEN % 256))
+    sport, got = curl(run, ["--http2-prior-knowledge", "-X", "PUT", "--data-binary", f"@{body}"],
+                      [url(H2_PORT, "/upload/note")])
+    assert [(v, c) for v, c, _ in got] == [("2", 201)], got
+    run.expected.append(("put", record(sport, H2_PORT, 1, "PUT", f"{netns.IP4_A}:{H2_PORT}",
+                                       "/upload/note", 201, PUT_LEN, got[0][2], "2", 1)))
+
+
+def scenario_upgrade(run):
+    """curl --http2: GET /five with Upgrade: h2c (stream 1 after the 101), then /big on
+    stream 3 of the same connection."""
+    sport, got = curl(run, ["--http2"], [url(UP_PORT, "/five"), url(UP_PORT, "/big")])
+    assert got == [("2", 200, 5), ("2", 200, FILES["/big"])], got
+    host = f"{netns.IP4_A}:{UP_PORT}"
+    run.expected += [("upgrade", record(sport, UP_PORT, 1, "GET", host, "/five", 200, 0, 5, "2", 1)),
+                     ("upgrade", record(sport, UP_PORT, 2, "GET", host, "/big", 200, 0,
+                                        FILES["/big"], "2", 3))]
+
+
+def scenario_nghttp_upgrade(run):
+    out = tool(run.pair, ["nghttp", "-u", "-n", "-s", "-t", "10", url(UP_PORT, "/empty"),
+                          url(UP_PORT, "/nope")])
+    assert " 404 " in out and "/nope" in out and "/empty" in out, out
+    run.by_uri["nghttp-u"] = (UP_PORT, "/nope", ("/empty", "/nope"))
+
+
+def scenario_http11(run):
+    """nginx's HTTP/1.1 port: plain, then with an Upgrade: h2c nginx ignores (no 101)."""
+    host = f"{netns.IP4_A}:{H1_PORT}"
+    for name, args, uris in (("http11", ["--http1.1"], ("/five", "/big")),
+                             ("http11-upgrade-ignored", ["--http2"], ("/empty", "/missing"))):
+        sport, got = curl(run, args, [url(H1_PORT, u) for u in uris])
+        assert got == [("1.1", status_of(u), size(u)) for u in uris], (name, got)
+        run.expected += [(name, record(sport, H1_PORT, i, "GET", host, u, status_of(u), 0, size(u),
+                                       "1.1")) for i, u in enumerate(uris, 1)]
+
+
+def scenario_h2load(run):
+    out = tool(run.pair, ["h2load", "-n", str(H2LOAD_N), "-c", str(H2LOAD_C), "-m", str(H2LOAD_M),
+                          url(H2_PORT, "/five"), url(H2_PORT, "/missing")], timeout=60)
+    run.h2load_out = out
+    assert f"{H2LOAD_N} done" in out, out
+    assert f"status codes: {H2LOAD_N // 2} 2xx, 0 3xx, {H2LOAD_N // 2} 4xx, 0 5xx" in out, out
+
+
+def frame(ftype, flags, sid, payload):
+    return struct.pack("!I", len(payload))[1:] + bytes([ftype, flags]) + struct.pack("!I", sid) + payload
+
+
+def scenario_flood(run, lpd):
+    """The CONTINUATION flood on one connection to nginx, then lpd must have counted it."""
+    run.rss["before"] = mem(lpd.proc.pid)
+    sport = run.flood_sport = next(run.sports)
+    s = netns.socket_in(run.pair.ns_b, socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.bind(("0.0.0.0", sport))
+    s.connect((run.pair.ip4_a, H2_PORT))
+    head = (b"\x82\x86\x44\x06/flood\x41\x05flood")   # :method GET, :scheme http, :path, :authority
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"")
+              + frame(1, 0x1, 1, head))             # END_STREAM, no END_HEADERS
+    try:
+        for i in range(FLOOD_FRAMES):
+            name, val = b"x-pad-%05d" % i, b"v" * 100
+            field = b"\x00" + bytes([len(name)]) + name + bytes([len(val)]) + val
+            payload = field * 8
+            s.sendall(frame(9, 0, 1, payload))          # CONTINUATION, no END_HEADERS
+            run.flood_bytes += 9 + len(payload)
+    except OSError:
+        pass                                            # nginx may reset; the capture says how much went
+    finally:
+        s.close()
+    def counted():
+        if lpd.proc.poll() is not None:
+            return True
+        try:
+            m = metrics(run.pair)
+        except netns.NetnsError:
+            return False
+        return (value(m, "lpd_http_parse_errors_total", reason="h2_header_block_too_large") or 0) >= 1
+    wait_for(counted, 15, 0.2)
+    run.alive_after_flood = lpd.proc.poll() is None
+    run.rss["after"] = mem(lpd.proc.pid) if run.alive_after_flood else None
+    assert run.alive_after_flood, f"lpd exited {lpd.proc.returncode} during the flood"
+
+
+def scenario_after(run):
+    sport, got = curl(run, ["--http2-prior-knowledge"], [url(H2_PORT, "/empty")])
+    assert got == [("2", 200, 0)], got
+    run.expected.append(("after", record(sport, H2_PORT, 1, "GET", f"{netns.IP4_A}:{H2_PORT}",
+                                         "/empty", 200, 0, 0, "2", 1)))
+
+
+def mem(pid):
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "VmHWM"):
+                fields[k] = int(v.split()[0])
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+# --- the oracle: tshark's http2/http dissectors on the capture ----------------------------
+
+TSHARK_FIELDS = ("tcp.srcport", "tcp.dstport", "tcp.len", "http2.type", "http2.streamid",
+                 "http2.headers.method", "http2.headers.path", "http2.headers.authority",
+                 "http2.headers.status", "http.request.method", "http.request.uri", "http.host",
+                 "http.response.code")
+
+
+def tshark_oracle(cap, flood_sport):
+    """([(orig_p, resp_p, ordinal, stream_id or None, method, uri, host, status, version)] from
+    the capture: the requests of each connection in the order their heads were sent; HTTP/2
+    requests with their response HEADERS' :status by stream, HTTP/1 answers in order (1xx
+    aside); an HTTP/1 request answered 101 is stream 1 of the HTTP/2 that follows), and the TCP
+    payload bytes the flood's connection sent (that connection is not in the list)."""
+    argv = ["tshark", "-r", str(cap), "-o", "tcp.desegment_tcp_streams:TRUE",
+            "-d", f"tcp.port=={H2_PORT},http2", "-d", f"tcp.port=={H1_PORT},http",
+            "-d", f"tcp.port=={UP_PORT},http",
+            "-Y", f"http2.type==1 || http.request || http.response || tcp.srcport=={flood_sport}",
+            "-T", "fields",
+            "-E", "separator=\t", "-E", "occurrence=a", "-E", "aggregator=,"]
+    for f in TSHARK_FIELDS:
+        argv += ["-e", f]
+    cp = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert cp.returncode == 0, cp.stderr
+    servers = {H2_PORT, H1_PORT, UP_PORT}
+    conns = collections.defaultdict(lambda: {"reqs": [], "h2": {}, "status": {}, "h1_status": [],
+                                             "upgraded": False})
+    flood_wire = 0
+    for line in cp.stdout.splitlines():
+        sp, dp, tcp_len, types, sids, meth, path, auth, st, hmeth, huri, hhost, hcode = \
+            (line.split("\t") + [""] * 13)[:13]
+        sp, dp = int(sp), int(dp)
+        to_server = dp in servers
+        if sp == flood_sport:
+            flood_wire += int(tcp_len)
+        if flood_sport in (sp, dp):
+            continue
+        c = conns[(sp, dp) if to_server else (dp, sp)]
+        headers = [int(s) for t, s in zip(types.split(","), sids.split(",")) if t == "1"] \
+            if types else []
+        if to_server:
+            if hmeth:
+                for m, u, h in zip(hmeth.split(","), huri.split(","), hhost.split(",")):
+                    c["reqs"].append([None, m, u, h])
+            if headers:
+                ms, ps, aus = meth.split(","), path.split(","), auth.split(",")
+                assert len(ms) == len(ps) == len(aus) == len(headers), ("tshark fields", line)
+                for sid, m, u, h in zip(headers, ms, ps, aus):
+                    c["reqs"].append([sid, m, u, h])
+        else:
+            for code in (hcode.split(",") if hcode else []):
+                if code == "101":
+                    c["upgraded"] = True
+                    c["reqs"][0][0] = 1               # the upgraded request is stream 1
+                elif not code.startswith("1"):
+                    c["h1_status"].append(int(code))
+            if headers:
+                sts = st.split(",") if st else []
+                assert len(sts) == len(headers), ("tshark fields", line)
+                for sid, code in zip(headers, sts):
+                    c["status"].setdefault(sid, int(code))
+    out = []
+    for (sport, dport), c in sorted(conns.items()):
+        h1 = iter(c["h1_status"])
+        for i, (sid, m, u, h) in enumerate(c["reqs"], 1):
+            if sid is None:
+                status, version = next(h1, 0), "1.1"
+            else:
+                status, version = c["status"].get(sid, 0), "2"
+            out.append((sport, dport, i, sid, m, u, h, status, version))
+    return out, flood_wire
+
+
+def as_oracle(rec):
+    return (rec["id.orig_p"], rec["id.resp_p"], rec["trans_depth"], rec.get("stream_id"),
+            rec["method"], rec["uri"], rec.get("host"), rec["status_code"], rec.get("version"))
+
+
+def hist(m):
+    """{(method, status, route, version, port): count} of the HTTP histogram."""
+    out = {}
+    for (name, labels), v in m.items():
+        if name == HIST + "_count":
+            d = dict(labels)
+            out[(d["http_request_method"], d["http_response_status_code"], d["http_route"],
+                 d.get("network_protocol_version"), d["server_port"])] = v
+    return out
+
+
+# --- the run ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=[(False, "cbpf"), (True, "cbpf"), (False, "auto"), (True, "auto")],
+                ids=["offloads-off-cbpf", "offloads-on-cbpf", "offloads-off-auto", "offloads-on-auto"])
+def h2_run(request):
+    offloads, engine = request.param
+    for t in ("nginx", "curl", "nghttp", "h2load", "tshark", "tcpdump", "prlimit"):
+        assert shutil.which(t) or Path("/usr/sbin", t).exists(), f"{t} is not installed"
+    with tempfile.TemporaryDirectory() as tmpdir, netns.Pair(offloads=offloads) as pair:
+        tmp = Path(tmpdir)
+        run = Run(pair, offloads, engine, tmp)
+        log, cap, replay_log = tmp / "http.json", tmp / "cap.pcap", tmp / "replay.json"
+        start_nginx(pair, tmp / "nginx")
+        start_upgrade_server(pair)
+        lpd = Lpd(pair, "--mapping-url", "none", "--http", "--http-ports", PORTS,
+                  "--http-log", str(log), "--interval", str(INTERVAL), "--engine", engine,
+                  prefix=("prlimit", f"--as={AS_LIMIT}"))
+        dump = netns.start_tcpdump(pair.ns_b, pair.if_b, ["-U", "-s", "0", "-w", str(cap), "tcp"])
+        try:
+            for scenario in (scenario_nghttp, scenario_single, scenario_put, scenario_upgrade,
+                             scenario_nghttp_upgrade, scenario_http11, scenario_h2load):
+                scenario(run)
+            scenario_flood(run, lpd)
+            scenario_after(run)
+            n = len(run.expected) + 4 + 2 + H2LOAD_N
+            wait_for(lambda: len(read_log(log)) >= n and any(
+                r["id.orig_p"] == run.expected[-1][1]["id.orig_p"] for r in read_log(log)), 10, 0.1)
+            time.sleep(2 * INTERVAL)
+            run.log = read_log(log)
+            run.metrics = metrics(pair)
+        finally:
+            time.sleep(0.2)
+            netns.stop(dump)
+            run.tcpdump_err = dump.stderr.read()
+            run.exit_code = lpd.stop()
+            run.stderr = lpd.stderr()
+        run.oracle, run.flood_wire = tshark_oracle(cap, run.flood_sport)
+        cp = subprocess.run(["prlimit", f"--as={AS_LIMIT}", sys.executable, LPD, "-r", str(cap),
+                             "--mapping-url", "none", "--http", "--http-ports", PORTS,
+                             "--http-log", str(replay_log), "--output", "json"],
+                            capture_output=True, text=True, timeout=120)
+        assert cp.returncode == 0, cp.stderr
+        run.replayed = read_log(replay_log)
+        if KEEP:
+            dest = Path(KEEP) / request.node.callspec.id if hasattr(request.node, "callspec") \
+                else Path(KEEP) / f"{'on' if offloads else 'off'}-{engine}"
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in (cap, log, replay_log):
+                if f.exists():
+                    shutil.copy(f, dest / f.name)
+        yield run
+
+
+# --- 1. the log ---------------------------------------------------------------------------
+
+def found(run, name):
+    """The records of a connection found by a uri only it asked for (nghttp's)."""
+    port, marker, _ = run.by_uri[name]
+    sports = {r["id.orig_p"] for r in run.log if r["id.resp_p"] == port and r["uri"] == marker}
+    assert len(sports) == 1, (name, sports)
+    return [r for r in run.log if r["id.orig_p"] in sports and r["id.resp_p"] == port]
+
+
+def test_known_connections_logged_exactly(h2_run):
+    """curl's connections (known source ports): one record per request, every field."""
+    run = h2_run
+    by_key = collections.defaultdict(list)
+    for r in run.log:
+        by_key[rec_key(r)].append(r)
+    for name, want in run.expected:
+        got = by_key.get(rec_key(want), [])
+        assert len(got) == 1, (name, want, got)
+        assert strip(got[0]) == want, (name, got[0], want)
+    sports = {w["id.orig_p"] for _, w in run.expected}
+    extra = [r for r in run.log if r["id.orig_p"] in sports
+             and rec_key(r) not in {rec_key(w) for _, w in run.expected}]
+    assert not extra, extra
+
+
+def test_nghttp_connections(h2_run):
+    """nghttp's prior-knowledge connection and its Upgrade one: stream ids and depths as
+    the capture has them, sizes as served."""
+    run = h2_run
+    oracle = {(o[0], o[1], o[2]): o for o in run.oracle}
+    for name in ("nghttp", "nghttp-u"):
+        port, _, uris = run.by_uri[name]
+        recs = sorted(found(run, name), key=lambda r: r["trans_depth"])
+        assert [r["uri"] for r in recs] == list(uris), (name, recs)
+        for r in recs:
+            o = oracle.get(rec_key(r))
+            assert o is not None, (name, r)
+            want = record(r["id.orig_p"], port, o[2], "GET", f"{netns.IP4_A}:{port}", r["uri"],
+                          status_of(r["uri"]), 0, size(r["uri"]), "2", o[3])
+            assert strip(r) == want, (name, r, want)
+        if name == "nghttp-u":
+            assert recs[0]["stream_id"] == 1, "the upgraded request is stream 1"
+
+
+def test_h2load_requests(h2_run):
+    run = h2_run
+    h2load = [r for r in run.log if r["id.resp_p"] == H2_PORT and r["uri"] in ("/five", "/missing")
+              and r["id.orig_p"] not in {w["id.orig_p"] for _, w in run.expected}
+              and r["id.orig_p"] not in {x["id.orig_p"] for x in found(run, "nghttp")}]
+    assert len(h2load) == H2LOAD_N, (len(h2load), run.h2load_out)
+    conns = collections.Counter(r["id.orig_p"] for r in h2load)
+    assert len(conns) == H2LOAD_C and set(conns.values()) == {H2LOAD_N // H2LOAD_C}, conns
+    for r in h2load:
+        assert r["version"] == "2" and r["method"] == "GET", r
+        assert (r["status_code"], r["response_body_len"], r["request_body_len"]) == \
+            (status_of(r["uri"]), size(r["uri"]), 0), r
+        assert r["stream_id"] % 2 == 1 and r["trans_depth"] == (r["stream_id"] + 1) // 2, r
+        assert r["host"] == f"{netns.IP4_A}:{H2_PORT}", r
+    assert collections.Counter(r["uri"] for r in h2load) == {"/five": H2LOAD_N // 2,
+                                                             "/missing": H2LOAD_N // 2}
+
+
+def test_one_record_per_request_in_all(h2_run):
+    """Nothing logged twice; the total is every request sent (the flood's aside)."""
+    run = h2_run
+    log = [r for r in run.log if r["id.orig_p"] != run.flood_sport]
+    keys = [rec_key(r) for r in log]
+    assert len(keys) == len(set(keys)), [k for k, n in collections.Counter(keys).items() if n > 1]
+    h2_keys = [(r["id.orig_p"], r["id.resp_p"], r["stream_id"]) for r in log if "stream_id" in r]
+    assert len(h2_keys) == len(set(h2_keys))
+    assert len(log) == len(run.expected) + 4 + 2 + H2LOAD_N, len(log)
+    assert all(r["version"] == ("1.1" if r["id.resp_p"] == H1_PORT else "2") for r in log), \
+        [r for r in log if r.get("version") != ("1.1" if r["id.resp_p"] == H1_PORT else "2")][:5]
+
+
+def test_times_are_plausible(h2_run):
+    for r in h2_run.log:
+        assert 0 <= r["duration"] < 5, r
+        if r["status_code"]:
+            assert 0 <= r["ttfb"] <= r["duration"], r
+
+
+# --- 2. the oracle: tshark on the same traffic ----------------------------------------------
+
+def test_records_equal_tsharks_reading_of_the_capture(h2_run):
+    run = h2_run
+    assert "0 packets dropped by kernel" in run.tcpdump_err, run.tcpdump_err
+    got = collections.Counter(as_oracle(r) for r in run.log if r["id.orig_p"] != run.flood_sport)
+    want = collections.Counter(run.oracle)
+    assert len(want) >= len(run.expected) + 4 + 2 + H2LOAD_N, "the oracle saw every request"
+    assert got == want, {"lpd only": sorted((got - want).elements())[:10],
+                         "tshark only": sorted((want - got).elements())[:10]}
+
+
+def test_replay_of_the_capture_logs_the_same(h2_run):
+    run = h2_run
+    live = sorted(run.log, key=rec_key)
+    replayed = sorted(run.replayed, key=rec_key)
+    assert [strip(r) for r in replayed] == [strip(r) for r in live], \
+        {"replay only": [strip(r) for r in replayed if rec_key(r) not in {rec_key(x) for x in live}][:5],
+         "live only": [strip(r) for r in live if rec_key(r) not in {rec_key(x) for x in replayed}][:5],
+         "counts": (len(replayed), len(live))}
+    for a, b in zip(live, replayed):
+        for k in ("ts", "ttfb", "duration"):
+            assert (k in a) == (k in b), (k, a, b)
+            if k in a:
+                assert abs(a[k] - b[k]) <= TIME_SLACK, (k, a, b)
+
+
+# --- 3. the histogram ---------------------------------------------------------------------
+
+def test_histogram_counts_every_request_with_its_version(h2_run):
+    run = h2_run
+    want = collections.Counter()
+    counted = [r for r in run.log if r["id.orig_p"] == run.flood_sport]   # whatever lpd logged of the flood
+    for o in run.oracle:
+        want[(o[4], str(o[7]), o[5].split("?")[0], o[8], str(o[1]))] += 1
+    for r in counted:
+        want[(r["method"], str(r["status_code"]), r["uri"].split("?")[0], r["version"],
+              str(r["id.resp_p"]))] += 1
+    got = hist(run.metrics)
+    assert got == dict(want), {"different": {k: (v, got.get(k)) for k, v in want.items() if got.get(k) != v},
+                               "unexpected": {k: v for k, v in got.items() if k not in want}}
+    # h2load's 200 among them: /five and /missing on 8080 over HTTP/2
+    others = sum(1 for _, w in run.expected if w["id.resp_p"] == H2_PORT and w["uri"] == "/five") + 1
+    assert got[("GET", "200", "/five", "2", str(H2_PORT))] == H2LOAD_N // 2 + others
+    assert got[("GET", "404", "/missing", "2", str(H2_PORT))] == H2LOAD_N // 2 + 1
+    assert got[("GET", "200", "/five", "1.1", str(H1_PORT))] == 1
+
+
+# --- 4. the flood -------------------------------------------------------------------------
+
+def test_continuation_flood(h2_run):
+    run = h2_run
+    assert run.flood_wire >= 8_000_000, ("the flood reached the wire", run.flood_wire, run.flood_bytes)
+    assert run.alive_after_flood
+    m = run.metrics
+    assert (value(m, "lpd_http_parse_errors_total", reason="h2_header_block_too_large") or 0) >= 1
+    (rss0, hwm0), (rss1, hwm1) = run.rss["before"], run.rss["after"]
+    assert rss1 - rss0 < FLOOD_RSS_MAX_KIB, (run.rss, run.flood_wire)
+    assert hwm1 - hwm0 < FLOOD_RSS_MAX_KIB, (run.rss, run.flood_wire)
+    after = [w for n, w in run.expected if n == "after"]
+    assert after and [strip(r) for r in run.records(after[0]["id.orig_p"])] == after
+
+
+def test_no_other_parse_errors_and_a_clean_exit(h2_run):
+    m = h2_run.metrics
+    errors = {dict(k[1]).get("reason"): v for k, v in m.items()
+              if k[0] == "lpd_http_parse_errors_total" and v}
+    assert set(errors) <= {"h2_header_block_too_large"}, errors
+    assert h2_run.exit_code == 0, h2_run.stderr
+    assert "Traceback" not in h2_run.stderr, h2_run.stderr
