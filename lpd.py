@@ -67,8 +67,9 @@ each banner's "provides:" line says what later chapters take from it
 Where a new stage goes: one sub-chapter of 14 "Stages" — its Consumer, documents, metric
 families, table lines, how the options (2) build it, and last its row,
 STAGES.append(Stage(...)); the daemon, the workers, -r, /api, --output and /metrics take
-it from there (18.1). 14.6, flow export, was added so; 15.3, the names, too, in a
-chapter of its own once 14 had reached its size budget.
+it from there (18.1). 14.5, flow export, was added so; 15.3, the names, too, in a
+chapter of its own once 14 had reached its size budget; and 16.3, HTTP, moved after the
+HTTP/2 parsers it hands connections to.
 """
 import argparse
 import bisect
@@ -448,7 +449,8 @@ def build_parser():
                    help="a flow still going is reported at least this often, as what it "
                         "counted since (default %(default)g)")
     p.add_argument("--http", action="store_true",
-                   help="HTTP/1.x requests on --http-ports: latency histogram, log, /api/requests")
+                   help="HTTP/1.x, HTTP/2 (h2c) and gRPC on --http-ports: latency histograms, "
+                        "log, /api/requests")
     p.add_argument("--http-ports", type=_ports, default=DEFAULT_HTTP_PORTS, metavar="PORT,...",
                    help="TCP ports whose traffic is parsed as HTTP (default "
                         f"{','.join(map(str, DEFAULT_HTTP_PORTS))})")
@@ -7197,26 +7199,50 @@ def docker_metrics(engine):
                  [((), engine.last_success)])
 
 
+JSON_LOG_BUFFER = 1 << 16     # bytes of whole lines gathered before one write(2)
+
+
 class JsonLog:
     """--conn-log and --http-log: one JSON object per line, Zeek's field names. The
     capture thread writes it and reopens it after a SIGHUP (logrotate); a write that
-    fails (disk full) is counted and logged once, and capture goes on."""
+    fails (disk full) is counted and logged once, and capture goes on. Lines are gathered
+    and written whole with one write(2) on an O_APPEND descriptor at each flush (and when
+    JSON_LOG_BUFFER is reached): a reader polling the file never finds half a line, as it
+    could behind a buffered file object that writes out whenever its buffer fills."""
 
     def __init__(self, path, option="--conn-log"):
         self.path, self.option = path, option
         self.errors = 0
         self._failing = False
-        self.file = sys.stdout if path == "-" else self._open()
+        self.pending, self.pending_bytes = [], 0
+        self.fd = None if path == "-" else self._open()
 
     def _open(self):
         try:
-            return open(self.path, "a", encoding="utf-8")
+            return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                           0o644)
         except OSError as e:
             raise os_failure(e, f"{self.option} {self.path}") from None
 
     def write(self, record):
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        self.pending.append(line)
+        self.pending_bytes += len(line)
+        if self.pending_bytes >= JSON_LOG_BUFFER:
+            self.flush()
+
+    def flush(self):
+        if not self.pending:
+            return
+        data = memoryview(b"".join(self.pending))
+        self.pending, self.pending_bytes = [], 0
         try:
-            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            if self.fd is None:             # beside --output's text: through sys.stdout
+                sys.stdout.write(bytes(data).decode())
+                sys.stdout.flush()
+                return
+            while data:
+                data = data[os.write(self.fd, data):]
             self._failing = False
         except OSError as e:
             self.errors += 1
@@ -7224,30 +7250,26 @@ class JsonLog:
                 log(LOG_ERR, f"{self.option} {self.path}: {e.strerror}; dropping records")
             self._failing = True
 
-    def flush(self):
-        try:
-            self.file.flush()
-        except OSError:
-            self.errors += 1
-
     def reopen(self):
-        if self.path == "-":
+        if self.fd is None:
             return
+        self.flush()                    # what was written before the rotation stays there
         try:
             new = self._open()
         except ConfigError as e:
             log(LOG_ERR, f"{e}; writing on to the old file")
             return
-        old, self.file = self.file, new
+        old, self.fd = self.fd, new
         try:
-            old.close()
+            os.close(old)
         except OSError:
             self.errors += 1
 
     def close(self):
         self.flush()
-        if self.file is not sys.stdout:
-            self.file.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class Stage(NamedTuple):
@@ -10167,7 +10189,7 @@ DNS_PENDING_MAX = 4096                      # queries waiting for their answer; 
 DNS_QUERY_TIMEOUT = 30.0                    # a query unanswered this long is logged without one
 DNS_TICK_WORK = 4096                        # timed-out queries logged per tick
 NAMES_PROTECTED_FRACTION = 0.8
-# 14.7's reasons; then a TCP stream's: bytes missing (its messages are skipped until it
+# 15.1's reasons; then a TCP stream's: bytes missing (its messages are skipped until it
 # ends), dropped for room (DNS_TCP_STREAMS_MAX)
 DNS_PARSE_ERRORS = ("truncated", "label", "name_too_long", "pointer", "rdata", "gap", "evicted")
 DNS_TCP_LENGTH = struct.Struct("!H")        # RFC 1035 4.2.2: each message over TCP after its length
@@ -10577,6 +10599,7 @@ class Names(Consumer):
         `domains` of them with their own counters (DomainTraffic; 0: none)."""
         self.ports = frozenset(ports)
         self.tcp_ports = self.ports & {DNS_PORT}   # mDNS is UDP only
+        self.judged = {IPPROTO_UDP: self.ports, IPPROTO_TCP: self.tcp_ports}   # not_on_ports'
         self.streams = collections.OrderedDict()   # (src, sport, dst, dport) -> [next seq, bytes]
         self.table = NameTable(size)
         self.logged = logged
@@ -10605,7 +10628,7 @@ class Names(Consumer):
                     self.sent_before, self.sent = sent, set()
                     sent = self.sent
                 sent.add(key)
-        ports = {IPPROTO_UDP: self.ports, IPPROTO_TCP: self.tcp_ports}
+        ports = self.judged
         for data, ts, _, frames, _ in frames_in_order(batch):
             if not not_on_ports(data, ports):
                 self.packet(data, ts, frames)
@@ -10973,12 +10996,11 @@ class TlsSessions(Consumer):
     wants = frozenset((WANT_RAW, WANT_TS))
     whole_handshakes = True
 
-    def __init__(self, names, logged=None, conns=None):
-        """names: the Names stage; conns: the Connections stage (--connections), whose
-        uids the records take."""
+    def __init__(self, names, logged=None):
+        """names: the Names stage, whose table the server names go to and whose uids
+        (conn.log's, with --connections) the records take."""
         self.names = names
         self.logged = logged
-        self.conns = conns
         self.streams = collections.OrderedDict()   # (src, sport, dst, dport) -> [next seq, bytes, ts]
         self.sessions = collections.OrderedDict()  # (client, cport, server, sport) -> record
         # Directions whose first handshake message was read: their later handshake records
@@ -11060,10 +11082,7 @@ class TlsSessions(Consumer):
         elif len(self.sessions) >= TLS_SESSIONS_MAX:
             self.session_evictions += 1
             self.finish_session(self.sessions.popitem(last=False)[1])
-        c = self.conns.table.get(conn_key(IPPROTO_TCP, src, sport, dst, dport)) \
-            if self.conns is not None else None
-        uid = connection_uid(conn_key(IPPROTO_TCP, src, sport, dst, dport),
-                             c.first if c is not None else None)
+        uid = self.names.uid(conn_key(IPPROTO_TCP, src, sport, dst, dport))
         self.sessions[key] = {
             "ts": round(ts, 6), "uid": uid, "id.orig_h": raw_address(src), "id.orig_p": sport,
             "id.resp_h": raw_address(dst), "id.resp_p": dport, "version": None, "cipher": None,
@@ -11141,7 +11160,7 @@ def _tls(opts, w, built):
     if names is None:
         return None
     log_ = w.logs.get(TlsSessions.name)
-    return TlsSessions(names, log_.write if log_ is not None else None, built.get(Connections.name))
+    return TlsSessions(names, log_.write if log_ is not None else None)
 
 
 STAGES.append(Stage(TlsSessions, _tls, (("tls", tls_document),), tls_metrics, tls_table,
@@ -11633,8 +11652,10 @@ H2_FRAME_RULES = {
 H2_PARSE_ERRORS = ("h2_protocol", "h2_header_block_too_large", "h2_too_many_streams",
                    "hpack_unknown")
 H2_UNDECIDED = "undecided"                  # take(): more bytes are needed to tell
-# How an HTTP/1 request line (a method token and a space) or status line begins.
-H2_HTTP1_START = re.compile(rb"HTTP/1\.|[-!#$%&'*+.^_`|~0-9A-Za-z]+ ")
+# How an HTTP/1 request line (a method token and a space) or status line begins, or
+# the part of one a segment may end in: a joined connection's bytes that match are HTTP/1's.
+H2_HTTP1_START = re.compile(rb"HTTP/1\.|[-!#$%&'*+.^_`|~0-9A-Za-z]{1,20}(?: |\Z)|"
+                            rb"H(?:T(?:T(?:P(?:/1?)?)?)?)?\Z")
 H2_UNKNOWN_TEXT = "_OTHER"                  # a method, path or status HPACK cannot know
 
 GRPC_CONTENT_TYPE = "application/grpc"      # and "application/grpc+proto" and the like
@@ -12288,6 +12309,7 @@ class HttpRequests(Consumer):
 
     def __init__(self, ports=DEFAULT_HTTP_PORTS, finished=None, container=None):
         self.ports = frozenset(ports)
+        self.judged = {IPPROTO_TCP: self.ports}      # not_on_ports'
         self.finished = finished
         self.container = container or (lambda addr: "")
         self.streams = collections.OrderedDict()
@@ -12313,7 +12335,7 @@ class HttpRequests(Consumer):
         return tuple(sorted(self.ports)), ()
 
     def consume(self, batch):
-        ports = {IPPROTO_TCP: self.ports}
+        ports = self.judged
         for data, ts, wire_bytes, frames, l2_len in frames_in_order(batch):
             if frames == 1 and len(data) < wire_bytes:
                 continue                         # a frame cut short: its bytes are a gap
