@@ -1,8 +1,9 @@
 """HTTP/2 in clear text (h2c) on a running lpd (issue 28, the contract in the lead's
 h2-spec): real servers and clients between the two namespaces of a netns.Pair, lpd in ns_b
-on veth-b (`--http --http-ports 8080,8081,8082 --http-log`), under prlimit --as.
+on veth-b (`--http --http-ports 8080,8081,8082,50051
+--http-log`), under prlimit --as.
 
-Servers in ns_a, started here and stopped by PID:
+Servers in ns_a, started here and stopped by PID (netns.Pair.popen):
 - nginx (Debian's, its own prefix and config in a temp dir, one process): port 8080
   `listen ... http2` (h2c with prior knowledge only), port 8081 plain HTTP/1.1, one server
   block; static files /empty (0 B), /five (5 B), /big (100,000 B: many DATA frames and
@@ -18,7 +19,9 @@ second URL, whatever the server: exit 16, "Error in the HTTP2 framing layer" bef
 the second request; so multi-stream prior knowledge is nghttp's), curl --http2
 (h2c Upgrade, two URLs: stream 1 then stream 3), nghttp -u (Upgrade, then stream 13),
 curl HTTP/1.1 on 8081 with and without an Upgrade header nginx ignores (still "1.1"),
-h2load -n 200 -c 2 -m 10 (two connections, ten streams at a time, /five and /missing);
+h2load -n 200 -c 2 -m 10 (two connections, ten streams at a time, /five and /missing),
+grpcio's client and server (port 50051, one channel: two unary calls, one aborted
+NOT_FOUND with a message that needs percent-encoding, one server-streaming call);
 then the 2024 CONTINUATION flood (our own socket: the preface, SETTINGS, a HEADERS
 without END_HEADERS and FLOOD_FRAMES CONTINUATION frames, ~16 MB, which nginx reads and
 discards) and one more curl request on a new connection.
@@ -29,7 +32,10 @@ Checked, for each run (offloads off/on x engine cbpf/auto, as test_http_live):
   trans_depth (the ordinal of its HEADERS on the connection);
 - the oracle: tcpdump captures the same traffic on veth-b (the flood's connection aside)
   and tshark's http2 (and http) dissector gives (connection, ordinal, stream, method, path,
-  authority, status, version); lpd's records equal it exactly (the flood connection aside);
+  authority, status, version, grpc-status, grpc-message); lpd's records equal it exactly;
+- gRPC: rpc_method, grpc_status, grpc_message (decoded), request/response_messages and
+  the bodies' bytes (5-byte prefixes included) per call; rpc_server_call_duration_seconds by
+  method and status name, lpd_rpc_messages_total each way, none in the HTTP histogram;
 - `lpd -r CAPTURE` with the same options logs the same records (times within TIME_SLACK);
 - http_server_request_duration_seconds counts every request under its
   network_protocol_version, h2load's 200 among them with their status;
@@ -50,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -60,7 +67,8 @@ from harness import LPD, Lpd, metrics, read_log, strip, value, wait_for
 pytestmark = pytest.mark.live
 
 H2_PORT, H1_PORT, UP_PORT = 8080, 8081, 8082          # nginx h2c, nginx HTTP/1.1, h2 Upgrade
-PORTS = f"{H2_PORT},{H1_PORT},{UP_PORT}"
+GRPC_PORT = 50051                                      # grpcio's server
+PORTS = f"{H2_PORT},{H1_PORT},{UP_PORT},{GRPC_PORT}"
 FILES = {"/empty": 0, "/five": 5, "/big": 100_000}
 NOT_FOUND = b"no such file\n"                          # both servers' 404 page (13 bytes)
 PUT_LEN = 20_000
@@ -196,6 +204,58 @@ while True:
     s, _ = srv.accept()
     threading.Thread(target=serve, args=(s,), daemon=True).start()
 """
+
+# grpcio's server: a generic handler, bytes in and out (no generated code).
+GRPC_SERVER = r"""
+import sys
+from concurrent import futures
+import grpc
+def say(req, ctx):
+    return req[::-1]
+def fail(req, ctx):
+    ctx.abort(grpc.StatusCode.NOT_FOUND, "no such thing: \u00fc 100%")
+def stream(req, ctx):
+    for i in range(3):
+        yield req + bytes([i])
+same = lambda b: b
+handler = grpc.method_handlers_generic_handler("lpd.test.Echo", {
+    "Say": grpc.unary_unary_rpc_method_handler(say, same, same),
+    "Fail": grpc.unary_unary_rpc_method_handler(fail, same, same),
+    "Stream": grpc.unary_stream_rpc_method_handler(stream, same, same)})
+server = grpc.server(futures.ThreadPoolExecutor(4))
+server.add_generic_rpc_handlers((handler,))
+server.add_insecure_port(f"{sys.argv[1]}:{sys.argv[2]}")
+server.start()
+print("ready", flush=True)
+server.wait_for_termination()
+"""
+
+# One channel (one connection), four calls in turn: what each returned, as JSON.
+GRPC_CLIENT = r"""
+import json, sys
+import grpc
+out = []
+with grpc.insecure_channel(f"{sys.argv[1]}:{sys.argv[2]}") as ch:
+    say = ch.unary_unary("/lpd.test.Echo/Say")
+    fail = ch.unary_unary("/lpd.test.Echo/Fail")
+    stream = ch.unary_stream("/lpd.test.Echo/Stream")
+    out.append(["Say", len(say(b"hello", timeout=5))])
+    out.append(["Say", len(say(b"x" * 3000, timeout=5))])
+    try:
+        fail(b"?", timeout=5)
+        out.append(["Fail", "OK"])
+    except grpc.RpcError as e:
+        out.append(["Fail", e.code().name, e.details()])
+    out.append(["Stream", [len(m) for m in stream(b"ab", timeout=5)]])
+print(json.dumps(out))
+"""
+GRPC_MESSAGE = "no such thing: \u00fc 100%"          # percent-encoded on the wire
+# (rpc method, request payload, response payloads, grpc status, grpc message) per call
+GRPC_CALLS = (("lpd.test.Echo/Say", 5, (5,), 0, None),
+              ("lpd.test.Echo/Say", 3000, (3000,), 0, None),
+              ("lpd.test.Echo/Fail", 1, (), 5, GRPC_MESSAGE),
+              ("lpd.test.Echo/Stream", 2, (3, 3, 3), 0, None))
+GRPC_PREFIX = 5                                        # a message's flag and length
 
 
 def size(uri):
@@ -378,6 +438,14 @@ def scenario_http11(run):
                                        "1.1")) for i, u in enumerate(uris, 1)]
 
 
+def scenario_grpc(run):
+    """grpcio's client and server on one connection (source port unknown: found in the log
+    by its Fail call)."""
+    out = tool(run.pair, [sys.executable, "-c", GRPC_CLIENT, run.pair.ip4_a, str(GRPC_PORT)])
+    assert json.loads(out) == [["Say", 5], ["Say", 3000], ["Fail", "NOT_FOUND", GRPC_MESSAGE],
+                               ["Stream", [3, 3, 3]]], out
+
+
 def scenario_h2load(run):
     out = tool(run.pair, ["h2load", "-n", str(H2LOAD_N), "-c", str(H2LOAD_C), "-m", str(H2LOAD_M),
                           url(H2_PORT, "/five"), url(H2_PORT, "/missing")], timeout=60)
@@ -452,65 +520,77 @@ def mem(pid):
 
 # --- the oracle: tshark's http2/http dissectors on the capture ----------------------------
 
-TSHARK_FIELDS = ("tcp.srcport", "tcp.dstport", "http2.type", "http2.streamid",
-                 "http2.headers.method", "http2.headers.path", "http2.headers.authority",
-                 "http2.headers.status", "http.request.method", "http.request.uri", "http.host",
-                 "http.response.code")
+TSHARK_FIELDS = ("tcp.srcport", "tcp.dstport", "http2.type", "http2.streamid", "http2.header.count",
+                 "http2.header_table_size_update.header_table_size", "http2.header.name",
+                 "http2.header.value", "http.request.method",
+                 "http.request.uri", "http.host", "http.response.code")
+AGGREGATOR = "\x1e"             # between a field's occurrences (header values hold commas)
 
 
 def tshark_oracle(cap):
-    """([(orig_p, resp_p, ordinal, stream_id or None, method, uri, host, status, version)] from
-    the capture: the requests of each connection in the order their heads were sent; HTTP/2
-    requests with their response HEADERS' :status by stream, HTTP/1 answers in order (1xx
-    aside); an HTTP/1 request answered 101 is stream 1 of the HTTP/2 that follows), and the
-    lines whose HEADERS tshark could not read whole (HPACK lost its way: a frame missing).
+    """([(orig_p, resp_p, ordinal, stream_id or None, method, uri, host, status, version,
+    grpc_status, grpc_message)], problems) from the capture: each connection's requests in
+    the order their heads were sent; an HTTP/2 request with its stream's first final :status
+    and its grpc-status/grpc-message (trailers or trailers-only; None without), HTTP/1
+    answers in order (1xx aside); an HTTP/1 request answered 101 is stream 1 of the HTTP/2
+    that follows. Each HEADERS frame's fields are split off the flattened lists by
+    http2.header.count; problems: the lines where the counts do not add up or a block has
+    neither :method, :status nor grpc-status (tshark's HPACK lost its way: a frame missing).
     The flood's connection is not in the capture."""
     argv = ["tshark", "-r", str(cap), "-o", "tcp.desegment_tcp_streams:TRUE",
-            "-d", f"tcp.port=={H2_PORT},http2", "-d", f"tcp.port=={H1_PORT},http",
-            "-d", f"tcp.port=={UP_PORT},http",
+            "-d", f"tcp.port=={H2_PORT},http2", "-d", f"tcp.port=={GRPC_PORT},http2",
+            "-d", f"tcp.port=={H1_PORT},http", "-d", f"tcp.port=={UP_PORT},http",
             "-Y", "http2.type==1 || http.request || http.response", "-T", "fields",
-            "-E", "separator=\t", "-E", "occurrence=a", "-E", "aggregator=,"]
+            "-E", "separator=\t", "-E", "occurrence=a", "-E", f"aggregator={AGGREGATOR}"]
     for f in TSHARK_FIELDS:
         argv += ["-e", f]
     cp = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert cp.returncode == 0, cp.stderr
-    servers = {H2_PORT, H1_PORT, UP_PORT}
-    conns = collections.defaultdict(lambda: {"reqs": [], "h2": {}, "status": {}, "h1_status": [],
-                                             "upgraded": False})
+    servers = {H2_PORT, H1_PORT, UP_PORT, GRPC_PORT}
+    conns = collections.defaultdict(lambda: {"reqs": [], "status": {}, "grpc": {},
+                                             "h1_status": []})
+    split = lambda v: v.split(AGGREGATOR) if v else []          # noqa: E731
     problems = []
-    for line in cp.stdout.splitlines():
-        sp, dp, types, sids, meth, path, auth, st, hmeth, huri, hhost, hcode = \
+    for line in filter(None, cp.stdout.split("\n")):     # not splitlines(): it splits at \x1e
+        sp, dp, types, sids, counts, updates, names, values, hmeth, huri, hhost, hcode = \
             (line.split("\t") + [""] * 12)[:12]
         sp, dp = int(sp), int(dp)
         to_server = dp in servers
         c = conns[(sp, dp) if to_server else (dp, sp)]
-        headers = [int(s) for t, s in zip(types.split(","), sids.split(",")) if t == "1"] \
-            if types else []
+        heads = [int(sid) for t, sid in zip(split(types), split(sids)) if t == "1"]
+        counts, names, values = [int(n) for n in split(counts)], split(names), split(values)
+        # header.count counts a block's dynamic table size updates too (they have no name):
+        # they open a block, so they are taken from the first block of the line
+        for k in range(len(counts)):
+            if sum(counts) > len(names):
+                counts[k] -= min(counts[k], sum(counts) - len(names), len(split(updates)))
+        fields, at = [], 0
+        for n in counts:
+            fields.append(dict(zip(names[at:at + n], values[at:at + n])))
+            at += n
+        if len(counts) != len(heads) or sum(counts) != len(names) or len(names) != len(values) \
+                or not all(f and (":method" in f or ":status" in f or "grpc-status" in f)
+                           for f in fields):
+            problems.append(line)
+            continue
         if to_server:
-            if hmeth:
-                for m, u, h in zip(hmeth.split(","), huri.split(","), hhost.split(",")):
-                    c["reqs"].append([None, m, u, h])
-            if headers:
-                ms, ps, aus = meth.split(","), path.split(","), auth.split(",")
-                if not len(ms) == len(ps) == len(aus) == len(headers):
-                    problems.append(line)
-                    continue
-                for sid, m, u, h in zip(headers, ms, ps, aus):
-                    c["reqs"].append([sid, m, u, h])
+            for m, u, h in zip(split(hmeth), split(huri), split(hhost)):
+                c["reqs"].append([None, m, u, h])
+            for sid, f in zip(heads, fields):
+                if ":method" in f:                          # not a request's trailers
+                    c["reqs"].append([sid, f[":method"], f.get(":path"), f.get(":authority")])
         else:
-            for code in (hcode.split(",") if hcode else []):
+            for code in split(hcode):
                 if code == "101":
-                    c["upgraded"] = True
-                    c["reqs"][0][0] = 1               # the upgraded request is stream 1
+                    c["reqs"][0][0] = 1                     # the upgraded request is stream 1
                 elif not code.startswith("1"):
                     c["h1_status"].append(int(code))
-            if headers:
-                sts = st.split(",") if st else []
-                if len(sts) != len(headers):
-                    problems.append(line)
-                    continue
-                for sid, code in zip(headers, sts):
-                    c["status"].setdefault(sid, int(code))
+            for sid, f in zip(heads, fields):
+                if ":status" in f and not f[":status"].startswith("1"):
+                    c["status"].setdefault(sid, int(f[":status"]))
+                if "grpc-status" in f:
+                    c["grpc"][sid] = (int(f["grpc-status"]),
+                                      urllib.parse.unquote(f.get("grpc-message", "")) or None)
     out = []
     for (sport, dport), c in sorted(conns.items()):
         h1 = iter(c["h1_status"])
@@ -519,13 +599,15 @@ def tshark_oracle(cap):
                 status, version = next(h1, 0), "1.1"
             else:
                 status, version = c["status"].get(sid, 0), "2"
-            out.append((sport, dport, i, sid, m, u, h, status, version))
+            out.append((sport, dport, i, sid, m, u, h, status, version,
+                        *c["grpc"].get(sid, (None, None))))
     return out, problems
 
 
 def as_oracle(rec):
     return (rec["id.orig_p"], rec["id.resp_p"], rec["trans_depth"], rec.get("stream_id"),
-            rec["method"], rec["uri"], rec.get("host"), rec["status_code"], rec.get("version"))
+            rec["method"], rec["uri"], rec.get("host"), rec["status_code"], rec.get("version"),
+            rec.get("grpc_status"), rec.get("grpc_message") or None)
 
 
 def hist(m):
@@ -553,6 +635,9 @@ def h2_run(request):
         log, cap, replay_log = tmp / "http.json", tmp / "cap.pcap", tmp / "replay.json"
         start_nginx(pair, tmp / "nginx")
         start_upgrade_server(pair)
+        grpc_server = pair.popen(pair.ns_a, [sys.executable, "-c", GRPC_SERVER, pair.ip4_a,
+                                             str(GRPC_PORT)], stdout=subprocess.PIPE, text=True)
+        wait_port(pair, GRPC_PORT, grpc_server, "the gRPC server")
         lpd = Lpd(pair, "--mapping-url", "none", "--http", "--http-ports", PORTS,
                   "--http-log", str(log), "--interval", str(INTERVAL), "--engine", engine,
                   prefix=("prlimit", f"--as={AS_LIMIT}"))
@@ -561,11 +646,12 @@ def h2_run(request):
                                     f"tcp and not port {FLOOD_SPORT}"])
         try:
             for scenario in (scenario_nghttp, scenario_single, scenario_put, scenario_upgrade,
-                             scenario_nghttp_upgrade, scenario_http11, scenario_h2load):
+                             scenario_nghttp_upgrade, scenario_http11, scenario_grpc,
+                             scenario_h2load):
                 scenario(run)
             scenario_flood(run, lpd)
             scenario_after(run)
-            n = len(run.expected) + 4 + 2 + H2LOAD_N
+            n = len(run.expected) + 4 + 2 + len(GRPC_CALLS) + H2LOAD_N
             last = run.expected[-1][1]["id.orig_p"]
             wait_for(lambda: (lambda recs: len(recs) >= n and any(r["id.orig_p"] == last for r in recs))(
                 read_log(log, whole=False)), 10, 0.1)
@@ -669,7 +755,7 @@ def test_one_record_per_request_in_all(h2_run):
     assert len(keys) == len(set(keys)), [k for k, n in collections.Counter(keys).items() if n > 1]
     h2_keys = [(r["id.orig_p"], r["id.resp_p"], r["stream_id"]) for r in log if "stream_id" in r]
     assert len(h2_keys) == len(set(h2_keys))
-    assert len(log) == len(run.expected) + 4 + 2 + H2LOAD_N, len(log)
+    assert len(log) == len(run.expected) + 4 + 2 + len(GRPC_CALLS) + H2LOAD_N, len(log)
     assert all(r["version"] == ("1.1" if r["id.resp_p"] == H1_PORT else "2") for r in log), \
         [r for r in log if r.get("version") != ("1.1" if r["id.resp_p"] == H1_PORT else "2")][:5]
 
@@ -689,7 +775,8 @@ def test_records_equal_tsharks_reading_of_the_capture(h2_run):
     assert not run.oracle_problems, run.oracle_problems[:3]
     got = collections.Counter(as_oracle(r) for r in run.log if r["id.orig_p"] != run.flood_sport)
     want = collections.Counter(run.oracle)
-    assert len(want) >= len(run.expected) + 4 + 2 + H2LOAD_N, "the oracle saw every request"
+    assert sum(want.values()) == len(run.expected) + 4 + 2 + len(GRPC_CALLS) + H2LOAD_N, \
+        "the oracle saw every request"
     assert got == want, {"lpd only": sorted((got - want).elements())[:10],
                          "tshark only": sorted((want - got).elements())[:10]}
 
@@ -708,6 +795,54 @@ def test_replay_of_the_capture_logs_the_same(h2_run):
             assert (k in a) == (k in b), (k, a, b)
             if k in a:
                 assert abs(a[k] - b[k]) <= TIME_SLACK, (k, a, b)
+
+
+# --- 2b. gRPC ------------------------------------------------------------------------------
+
+def grpc_records(run):
+    sports = {r["id.orig_p"] for r in run.log if r["id.resp_p"] == GRPC_PORT
+              and r["uri"] == "/lpd.test.Echo/Fail"}
+    assert len(sports) == 1, sports
+    return sorted((r for r in run.log if r["id.orig_p"] in sports), key=lambda r: r["trans_depth"])
+
+
+def test_grpc_calls_logged(h2_run):
+    run = h2_run
+    recs = grpc_records(run)
+    oracle = {(o[0], o[1], o[2]): o for o in run.oracle}
+    assert len(recs) == len(GRPC_CALLS), recs
+    for r, (method, req, resps, status, message) in zip(recs, GRPC_CALLS):
+        o = oracle.get(rec_key(r))
+        assert o is not None, r
+        want = record(r["id.orig_p"], GRPC_PORT, o[2], "POST", f"{netns.IP4_A}:{GRPC_PORT}",
+                      "/" + method, 200, GRPC_PREFIX + req,
+                      sum(GRPC_PREFIX + n for n in resps), "2", o[3])
+        want.update({"rpc_method": method, "grpc_status": status,
+                     "request_messages": 1, "response_messages": len(resps)})
+        if message is not None:
+            want["grpc_message"] = message
+        got = strip(r)
+        if message is None and got.get("grpc_message") == "":
+            del got["grpc_message"]         # an empty grpc-message (grpcio sends one): either way
+        assert got == want, (got, want)
+
+
+def test_grpc_metrics(h2_run):
+    """rpc_server_call_duration_seconds per method and status NAME; the messages each way;
+    gRPC calls are not in the HTTP histogram (test_histogram_counts_every_request...)."""
+    m = h2_run.metrics
+    where = {"server_address": netns.IP4_A, "server_port": str(GRPC_PORT), "container": ""}
+    calls = {(d["rpc_method"], d["rpc_response_status_code"]): v for d, v in
+             ((dict(k[1]), v) for k, v in m.items() if k[0] == "rpc_server_call_duration_seconds_count")
+             if d.get("rpc_system_name") == "grpc" and all(d.get(a) == b for a, b in where.items())}
+    assert calls == {("lpd.test.Echo/Say", "OK"): 2, ("lpd.test.Echo/Fail", "NOT_FOUND"): 1,
+                     ("lpd.test.Echo/Stream", "OK"): 1}, calls
+    msgs = {(d["rpc_method"], d["direction"]): v for d, v in
+            ((dict(k[1]), v) for k, v in m.items() if k[0] == "lpd_rpc_messages_total")
+            if v and all(d.get(a) == b for a, b in where.items())}
+    assert msgs == {("lpd.test.Echo/Say", "request"): 2, ("lpd.test.Echo/Say", "response"): 2,
+                    ("lpd.test.Echo/Fail", "request"): 1, ("lpd.test.Echo/Stream", "request"): 1,
+                    ("lpd.test.Echo/Stream", "response"): 3}, msgs
 
 
 # --- 3. the histogram ---------------------------------------------------------------------
