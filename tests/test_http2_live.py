@@ -26,6 +26,9 @@ then the 2024 CONTINUATION flood (our own socket: the preface, SETTINGS, a HEADE
 without END_HEADERS and FLOOD_FRAMES CONTINUATION frames, ~16 MB, which nginx reads and
 discards) and one more curl request on a new connection.
 
+Before lpd starts, an h2-library client opens a prior-knowledge connection to nginx and
+makes MID_BEFORE's request; after, MID_AFTER's on the same connection (lpd joins it).
+
 Checked, for each run (offloads off/on x engine cbpf/auto, as test_http_live):
 - every request is logged once, with version "2" (or "1.1" on 8081), method, host, uri,
   status_code, request/response_body_len (= the file sizes, the PUT body), stream_id and
@@ -36,13 +39,17 @@ Checked, for each run (offloads off/on x engine cbpf/auto, as test_http_live):
 - gRPC: rpc_method, grpc_status, grpc_message (decoded), request/response_messages and
   the bodies' bytes (5-byte prefixes included) per call; rpc_server_call_duration_seconds by
   method and status name, lpd_rpc_messages_total each way, none in the HTTP histogram;
+- the joined connection: stream ids, statuses, sizes; "_OTHER" for a path sent as a
+  reference to an HPACK entry made before lpd joined, the others read; hpack_unknown;
 - `lpd -r CAPTURE` with the same options logs the same records (times within TIME_SLACK);
+  the joined connection whole, as tshark;
 - http_server_request_duration_seconds counts every request under its
   network_protocol_version, h2load's 200 among them with their status;
 - the flood: lpd stays up under prlimit, its RSS and peak RSS (VmHWM) grow by less than
   FLOOD_RSS_MAX_KIB (it reaches the wire: veth-b's tx_bytes),
   lpd_http_parse_errors_total{reason="h2_header_block_too_large"} counts it, no other
-  parse error is counted on the run, the request after it is logged; lpd exits 0.
+  parse error is counted on the run (but the joined connection's hpack_unknown), the
+  request after it is logged; lpd exits 0.
 Every wait is bounded; a missing tool or namespace fails the fixture (no skips).
 """
 import collections
@@ -80,7 +87,9 @@ FLOOD_RSS_MAX_KIB = 4096                               # lpd's RSS growth over t
 AS_LIMIT = 1_000_000_000                               # prlimit --as for lpd (bytes; VmPeak ~300 MB)
 TIME_SLACK = 0.01                                      # s: live vs replayed ts/ttfb/duration
 TOOL_TIMEOUT = 30
-TCPDUMP_BUFFER_KIB = 32768                             # h2load's bursts; the flood is not captured
+TCPDUMP_BUFFER_KIB = 131072                            # h2load's bursts; the flood is not captured
+MID_SPORT = 31900                                      # the connection lpd joins mid-way
+MID_BEFORE, MID_AFTER = ("/five",), ("/big", "/five", "/missing")   # before / after lpd starts
 FLOOD_SPORT = 31999                                    # the flood's source port (not captured)
 FLOOD_WIRE_MIN = 8_000_000                             # bytes veth-b must have sent during the flood
 HIST = "http_server_request_duration_seconds"
@@ -300,6 +309,7 @@ class Run:
         self.flood_wire = 0           # veth-b's tx_bytes over the flood (the kernel's count)
         self.rss = {}                 # "before"/"after" the flood: (VmRSS, VmHWM) KiB
         self.alive_after_flood = None
+        self.mid, self.mid_sent = None, []     # the joined connection: (stream id, path) sent
         self.drops_before_flood = None    # lpd's capture drops then (the flood may overrun the ring)
         self.tcpdump_err = ""
         self.exit_code, self.stderr = None, ""
@@ -501,6 +511,66 @@ def scenario_flood(run, lpd):
     assert run.alive_after_flood, f"lpd exited {lpd.proc.returncode} during the flood"
 
 
+class H2Client:
+    """One prior-knowledge connection from ns_b on the h2 library (its HPACK indexes every
+    field: a value sent again is a dynamic-table reference), requests one at a time."""
+
+    def __init__(self, pair, sport, port):
+        import h2.config
+        import h2.connection
+        self.sock = netns.socket_in(pair.ns_b, socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.bind(("0.0.0.0", sport))
+        self.sock.connect((pair.ip4_a, port))
+        self.authority = f"{pair.ip4_a}:{port}"
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.h2.initiate_connection()
+        self.sock.sendall(self.h2.data_to_send())
+
+    def get(self, path):
+        """(stream id, :status, body bytes) of one GET."""
+        import h2.events
+        sid = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(sid, [(":method", "GET"), (":scheme", "http"), (":path", path),
+                                   (":authority", self.authority)], end_stream=True)
+        self.sock.sendall(self.h2.data_to_send())
+        status, body = None, 0
+        while True:
+            data = self.sock.recv(65536)
+            assert data, "the server closed the connection"
+            for ev in self.h2.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
+                    status = int(dict(ev.headers)[b":status"])
+                elif isinstance(ev, h2.events.DataReceived):
+                    body += len(ev.data)
+                    self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid:
+                    self.sock.sendall(self.h2.data_to_send())
+                    return sid, status, body
+            self.sock.sendall(self.h2.data_to_send())
+
+    def close(self):
+        self.h2.close_connection()
+        self.sock.sendall(self.h2.data_to_send())
+        self.sock.close()
+
+
+def scenario_mid_before(run):
+    """Before lpd starts: the connection, its preface and SETTINGS, and its first request."""
+    run.mid = H2Client(run.pair, MID_SPORT, H2_PORT)
+    for path in MID_BEFORE:
+        assert run.mid.get(path)[1:] == (status_of(path), size(path))
+
+
+def scenario_mid_after(run):
+    """lpd joins: the next requests on the same connection."""
+    for path in MID_AFTER:
+        sid, status, body = run.mid.get(path)
+        assert (status, body) == (status_of(path), size(path)), path
+        run.mid_sent.append((sid, path))
+    run.mid.close()
+
+
 def scenario_after(run):
     sport, got = curl(run, ["--http2-prior-knowledge"], [url(H2_PORT, "/empty")])
     assert got == [("2", 200, 0)], got
@@ -638,20 +708,21 @@ def h2_run(request):
         grpc_server = pair.popen(pair.ns_a, [sys.executable, "-c", GRPC_SERVER, pair.ip4_a,
                                              str(GRPC_PORT)], stdout=subprocess.PIPE, text=True)
         wait_port(pair, GRPC_PORT, grpc_server, "the gRPC server")
-        lpd = Lpd(pair, "--mapping-url", "none", "--http", "--http-ports", PORTS,
-                  "--http-log", str(log), "--interval", str(INTERVAL), "--engine", engine,
-                  prefix=("prlimit", f"--as={AS_LIMIT}"))
         dump = netns.start_tcpdump(pair.ns_b, pair.if_b,
                                    ["-s", "0", "-B", str(TCPDUMP_BUFFER_KIB), "-w", str(cap),
                                     f"tcp and not port {FLOOD_SPORT}"])
+        scenario_mid_before(run)
+        lpd = Lpd(pair, "--mapping-url", "none", "--http", "--http-ports", PORTS,
+                  "--http-log", str(log), "--interval", str(INTERVAL), "--engine", engine,
+                  prefix=("prlimit", f"--as={AS_LIMIT}"))
         try:
-            for scenario in (scenario_nghttp, scenario_single, scenario_put, scenario_upgrade,
-                             scenario_nghttp_upgrade, scenario_http11, scenario_grpc,
+            for scenario in (scenario_mid_after, scenario_nghttp, scenario_single, scenario_put,
+                             scenario_upgrade, scenario_nghttp_upgrade, scenario_http11, scenario_grpc,
                              scenario_h2load):
                 scenario(run)
             scenario_flood(run, lpd)
             scenario_after(run)
-            n = len(run.expected) + 4 + 2 + len(GRPC_CALLS) + H2LOAD_N
+            n = len(run.expected) + 4 + 2 + len(GRPC_CALLS) + H2LOAD_N + len(MID_AFTER)
             last = run.expected[-1][1]["id.orig_p"]
             wait_for(lambda: (lambda recs: len(recs) >= n and any(r["id.orig_p"] == last for r in recs))(
                 read_log(log, whole=False)), 10, 0.1)
@@ -689,7 +760,8 @@ def h2_run(request):
 def found(run, name):
     """The records of a connection found by a uri only it asked for (nghttp's)."""
     port, marker, _ = run.by_uri[name]
-    sports = {r["id.orig_p"] for r in run.log if r["id.resp_p"] == port and r["uri"] == marker}
+    sports = {r["id.orig_p"] for r in run.log if r["id.resp_p"] == port and r["uri"] == marker
+              and r["id.orig_p"] != MID_SPORT}
     assert len(sports) == 1, (name, sports)
     return [r for r in run.log if r["id.orig_p"] in sports and r["id.resp_p"] == port]
 
@@ -733,7 +805,8 @@ def test_h2load_requests(h2_run):
     run = h2_run
     h2load = [r for r in run.log if r["id.resp_p"] == H2_PORT and r["uri"] in ("/five", "/missing")
               and r["id.orig_p"] not in {w["id.orig_p"] for _, w in run.expected}
-              and r["id.orig_p"] not in {x["id.orig_p"] for x in found(run, "nghttp")}]
+              and r["id.orig_p"] not in {x["id.orig_p"] for x in found(run, "nghttp")}
+              and r["id.orig_p"] != MID_SPORT]
     assert len(h2load) == H2LOAD_N, (len(h2load), run.h2load_out)
     conns = collections.Counter(r["id.orig_p"] for r in h2load)
     assert len(conns) == H2LOAD_C and set(conns.values()) == {H2LOAD_N // H2LOAD_C}, conns
@@ -755,7 +828,8 @@ def test_one_record_per_request_in_all(h2_run):
     assert len(keys) == len(set(keys)), [k for k, n in collections.Counter(keys).items() if n > 1]
     h2_keys = [(r["id.orig_p"], r["id.resp_p"], r["stream_id"]) for r in log if "stream_id" in r]
     assert len(h2_keys) == len(set(h2_keys))
-    assert len(log) == len(run.expected) + 4 + 2 + len(GRPC_CALLS) + H2LOAD_N, len(log)
+    assert len(log) == len(run.expected) + 4 + 2 + len(GRPC_CALLS) + H2LOAD_N + len(MID_AFTER), \
+        len(log)
     assert all(r["version"] == ("1.1" if r["id.resp_p"] == H1_PORT else "2") for r in log), \
         [r for r in log if r.get("version") != ("1.1" if r["id.resp_p"] == H1_PORT else "2")][:5]
 
@@ -770,11 +844,13 @@ def test_times_are_plausible(h2_run):
 # --- 2. the oracle: tshark on the same traffic ----------------------------------------------
 
 def test_records_equal_tsharks_reading_of_the_capture(h2_run):
+    """Every connection lpd saw from its start (the joined one: test_joined_mid_connection)."""
     run = h2_run
     assert "0 packets dropped by kernel" in run.tcpdump_err, run.tcpdump_err
     assert not run.oracle_problems, run.oracle_problems[:3]
-    got = collections.Counter(as_oracle(r) for r in run.log if r["id.orig_p"] != run.flood_sport)
-    want = collections.Counter(run.oracle)
+    got = collections.Counter(as_oracle(r) for r in run.log
+                              if r["id.orig_p"] not in (run.flood_sport, MID_SPORT))
+    want = collections.Counter(o for o in run.oracle if o[0] != MID_SPORT)
     assert sum(want.values()) == len(run.expected) + 4 + 2 + len(GRPC_CALLS) + H2LOAD_N, \
         "the oracle saw every request"
     assert got == want, {"lpd only": sorted((got - want).elements())[:10],
@@ -782,10 +858,12 @@ def test_records_equal_tsharks_reading_of_the_capture(h2_run):
 
 
 def test_replay_of_the_capture_logs_the_same(h2_run):
+    """The same records, but for the joined connection (the capture has its start: the
+    replay reads it whole, test_joined_mid_connection)."""
     run = h2_run
     assert "0 packets dropped by kernel" in run.tcpdump_err, run.tcpdump_err
-    live = sorted(run.log, key=rec_key)
-    replayed = sorted(run.replayed, key=rec_key)
+    live = sorted((r for r in run.log if r["id.orig_p"] != MID_SPORT), key=rec_key)
+    replayed = sorted((r for r in run.replayed if r["id.orig_p"] != MID_SPORT), key=rec_key)
     assert [strip(r) for r in replayed] == [strip(r) for r in live], \
         {"replay only": [strip(r) for r in replayed if rec_key(r) not in {rec_key(x) for x in live}][:5],
          "live only": [strip(r) for r in live if rec_key(r) not in {rec_key(x) for x in replayed}][:5],
@@ -795,6 +873,28 @@ def test_replay_of_the_capture_logs_the_same(h2_run):
             assert (k in a) == (k in b), (k, a, b)
             if k in a:
                 assert abs(a[k] - b[k]) <= TIME_SLACK, (k, a, b)
+
+
+def test_joined_mid_connection(h2_run):
+    """A connection open (preface, SETTINGS, MID_BEFORE's requests) before lpd started: lpd
+    syncs on frame headers and logs the requests after it started with their stream ids;
+    a field the client's HPACK sent as a reference to an entry made before lpd joined is
+    "_OTHER" (h2's encoder indexes every field: MID_BEFORE's paths), the others are read;
+    hpack_unknown counts the references. The replay reads the whole connection, as tshark."""
+    run = h2_run
+    recs = sorted(run.records(MID_SPORT), key=lambda r: r["stream_id"])
+    assert [r["stream_id"] for r in recs] == [sid for sid, _ in run.mid_sent], recs
+    for r, (sid, path) in zip(recs, run.mid_sent):
+        uri = "_OTHER" if path in MID_BEFORE else path
+        assert (r["method"], r["uri"], r["status_code"], r["response_body_len"],
+                r["request_body_len"], r["version"]) == \
+            ("GET", uri, status_of(path), size(path), 0, "2"), (r, path)
+    assert (value(run.metrics, "lpd_http_parse_errors_total", reason="hpack_unknown") or 0) >= 1
+    oracle = [o for o in run.oracle if o[0] == MID_SPORT]
+    assert [o[3] for o in oracle] == [1 + 2 * i for i in range(len(MID_BEFORE))] + \
+        [sid for sid, _ in run.mid_sent], oracle
+    assert [as_oracle(r) for r in sorted((r for r in run.replayed if r["id.orig_p"] == MID_SPORT),
+                                         key=rec_key)] == oracle
 
 
 # --- 2b. gRPC ------------------------------------------------------------------------------
@@ -853,17 +953,17 @@ def test_histogram_counts_every_request_with_its_version(h2_run):
     for _, w in run.expected:
         want[(w["method"], str(w["status_code"]), w["uri"].split("?")[0], w["version"],
               str(w["id.resp_p"]))] += 1
-    for r in run.records(run.flood_sport):             # whatever lpd logged of the flood
+    for r in run.records(run.flood_sport) + run.records(MID_SPORT):   # flood: whatever lpd
+        # logged of it; the joined connection: its uris as lpd could read them
         want[(r["method"], str(r["status_code"]), r["uri"].split("?")[0], r["version"],
               str(r["id.resp_p"]))] += 1
     got = hist(run.metrics)
     assert got == dict(want), {"different": {k: (v, got.get(k)) for k, v in want.items()
                                              if got.get(k) != v},
                                "unexpected": {k: v for k, v in got.items() if k not in want}}
-    # h2load's 200 among them: /five and /missing on 8080 over HTTP/2
-    others = sum(1 for _, w in run.expected if w["id.resp_p"] == H2_PORT and w["uri"] == "/five") + 1
-    assert got[("GET", "200", "/five", "2", str(H2_PORT))] == H2LOAD_N // 2 + others
-    assert got[("GET", "404", "/missing", "2", str(H2_PORT))] == H2LOAD_N // 2 + 1
+    # h2load's 200 among them (the equality above has them): /five and /missing on 8080
+    assert got[("GET", "200", "/five", "2", str(H2_PORT))] > H2LOAD_N // 2
+    assert got[("GET", "404", "/missing", "2", str(H2_PORT))] > H2LOAD_N // 2
     assert got[("GET", "200", "/five", "1.1", str(H1_PORT))] == 1
 
 
@@ -898,6 +998,6 @@ def test_no_other_parse_errors_no_drops_and_a_clean_exit(h2_run):
     assert h2_run.drops_before_flood == 0
     errors = {dict(k[1]).get("reason"): v for k, v in m.items()
               if k[0] == "lpd_http_parse_errors_total" and v}
-    assert set(errors) <= {"h2_header_block_too_large"}, errors
+    assert set(errors) <= {"h2_header_block_too_large", "hpack_unknown"}, errors
     assert h2_run.exit_code == 0, h2_run.stderr
     assert "Traceback" not in h2_run.stderr, h2_run.stderr
