@@ -1,7 +1,7 @@
-"""HTTP/2 in clear text (h2c) on a running lpd (issue 28, the contract in the lead's
-h2-spec): real servers and clients between the two namespaces of a netns.Pair, lpd in ns_b
-on veth-b (`--http --http-ports 8080,8081,8082,50051
---http-log`), under prlimit --as.
+"""HTTP/2 in clear text (h2c) and gRPC on a running lpd (issue 28; the contract: README's
+HTTP/2 and gRPC section): real servers and clients between the two namespaces of a
+netns.Pair, lpd in ns_b on veth-b (`--http --http-ports 8080,8081,8082,50051 --http-log`),
+under prlimit --as.
 
 Servers in ns_a, started here and stopped by PID (netns.Pair.popen):
 - nginx (Debian's, its own prefix and config in a temp dir, one process): port 8080
@@ -79,7 +79,7 @@ PORTS = f"{H2_PORT},{H1_PORT},{UP_PORT},{GRPC_PORT}"
 FILES = {"/empty": 0, "/five": 5, "/big": 100_000}
 NOT_FOUND = b"no such file\n"                          # both servers' 404 page (13 bytes)
 PUT_LEN = 20_000
-SPORT0 = 31000                                         # curl's and the flood's source ports
+SPORT0 = 31000                                         # curl's source ports
 INTERVAL = 0.5
 H2LOAD_N, H2LOAD_C, H2LOAD_M = 200, 2, 10
 FLOOD_FRAMES = 18_000                                  # CONTINUATION frames of ~904 B: ~16 MB
@@ -286,10 +286,6 @@ def record(sport, dport, depth, method, host, uri, status, req_len, resp_len, ve
     return rec
 
 
-def conn_key(rec):
-    return (rec["id.orig_p"], rec["id.resp_p"])
-
-
 def rec_key(rec):
     return (rec["id.orig_p"], rec["id.resp_p"], rec["trans_depth"])
 
@@ -493,10 +489,9 @@ def scenario_flood(run, lpd):
             s.sendall(frame(9, 0, 1, payload))          # CONTINUATION, no END_HEADERS
             run.flood_bytes += 9 + len(payload)
     except OSError:
-        pass                                            # nginx may reset; the capture says how much went
+        pass                                            # nginx may reset: veth-b says how much went
     finally:
         s.close()
-    run.flood_wire = run.pair.link_stats(run.pair.ns_b, run.pair.if_b)["tx_bytes"] - tx0
     def counted():
         if lpd.proc.poll() is not None:
             return True
@@ -506,6 +501,7 @@ def scenario_flood(run, lpd):
             return False
         return (value(m, "lpd_http_parse_errors_total", reason="h2_header_block_too_large") or 0) >= 1
     wait_for(counted, 15, 0.2)
+    run.flood_wire = run.pair.link_stats(run.pair.ns_b, run.pair.if_b)["tx_bytes"] - tx0
     run.alive_after_flood = lpd.proc.poll() is None
     run.rss["after"] = mem(lpd.proc.pid) if run.alive_after_flood else None
     assert run.alive_after_flood, f"lpd exited {lpd.proc.returncode} during the flood"
@@ -729,6 +725,7 @@ def h2_run(request):
             time.sleep(2 * INTERVAL)
             run.log = read_log(log)
             run.metrics = metrics(pair)
+            run.rss["end"] = mem(lpd.proc.pid)      # VmHWM: the flood's peak, however late
         finally:
             time.sleep(0.2)
             netns.stop(dump)
@@ -743,8 +740,7 @@ def h2_run(request):
         assert cp.returncode == 0, cp.stderr
         run.replayed = read_log(replay_log)
         if KEEP:
-            dest = Path(KEEP) / request.node.callspec.id if hasattr(request.node, "callspec") \
-                else Path(KEEP) / f"{'on' if offloads else 'off'}-{engine}"
+            dest = Path(KEEP) / f"{'on' if offloads else 'off'}-{engine}"
             dest.mkdir(parents=True, exist_ok=True)
             for f in (cap, log, replay_log):
                 if f.exists():
@@ -972,7 +968,7 @@ def test_histogram_counts_every_request_with_its_version(h2_run):
 def test_continuation_flood(h2_run):
     """Every part checked, the failures reported together."""
     run = h2_run
-    (rss0, hwm0), (rss1, hwm1) = run.rss["before"], run.rss["after"] or (None, None)
+    (rss0, hwm0), (rss1, hwm1) = run.rss["before"], run.rss.get("end") or (None, None)
     counted = value(run.metrics, "lpd_http_parse_errors_total", reason="h2_header_block_too_large")
     after = [w for n, w in run.expected if n == "after"]
     wrong = {
