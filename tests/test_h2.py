@@ -511,3 +511,15 @@ def test_joined_anywhere_a_field_is_exact_or_unknown_never_wrong(calls, muted):
             assert status is not None, ("not a gRPC call", r)
             assert r["rpc_method"] in (path[1:], "_OTHER") and r["grpc_status"] in (status, None), r
             assert r["request_messages"] == r["response_messages"] == 1
+
+
+def test_worker_snapshots_merge_calls_messages_and_servers():
+    """--workers: each worker's snapshot of the same calls, merged, counts them twice."""
+    w, want = grpc_calls()
+    one = w.stage.snapshot()
+    both = one.merge(one)
+    assert {k: n for k, _, _, n in both.rpc_histogram} == {k: 2 * n for k, _, _, n in one.rpc_histogram}
+    assert [row[5:] for row in both.rpc_messages] == [(2 * a, 2 * b) for *_, a, b in one.rpc_messages]
+    (server, calls, statuses, durations, methods), = both.rpc_servers
+    assert calls == 2 * len(want) and dict(statuses)["OK"] == 8 and len(durations) == 2 * len(want)
+    assert lpd.HttpSnapshot().merge(one) == one.merge(lpd.HttpSnapshot())
