@@ -11744,7 +11744,7 @@ class H2Request:
     """One stream as a request, with the fields the HTTP stage records (16.3's
     _HttpRequest's, plus the stream and the gRPC call when it is one)."""
     __slots__ = ("ts", "method", "uri", "host", "depth", "req_body", "resp_body", "status",
-                 "ttfb", "end", "stream", "rpc", "rst")
+                 "ttfb", "end", "stream", "rpc", "rst", "unsure")
     version = "2"
 
     def __init__(self, ts, stream, depth):
@@ -11752,6 +11752,7 @@ class H2Request:
         self.method = self.uri = H2_UNKNOWN_TEXT
         self.host = self.ttfb = self.end = self.rpc = self.rst = None
         self.req_body = self.resp_body = self.status = 0
+        self.unsure = False                 # a response field's name was not known
 
     def request_fields(self, fields):
         for name, value in fields:
@@ -11774,7 +11775,9 @@ class H2Request:
         """A response's HEADERS (or its trailers): False for an interim (1xx) one."""
         status = None
         for name, value in fields:
-            if name == ":status":
+            if name is HPACK_UNKNOWN:
+                self.unsure = True          # it may have been grpc-status
+            elif name == ":status":
                 status = value
             elif name == "content-type":
                 self._content_type(value)
@@ -11796,16 +11799,20 @@ class H2Request:
             self.status, self.ttfb = code, ts - self.ts
         return True
 
-    def finish(self, ts):
-        """The stream is over: its end, and a gRPC status the trailers did not give."""
+    def finish(self, ts, seen):
+        """The stream is over: its end, and a gRPC status the trailers did not give.
+        seen: its end was on the wire (END_STREAM, RST_STREAM), not the connection's
+        end or the capture's, after which the status is not known."""
         self.end = ts
         rpc = self.rpc
-        if rpc is None or rpc.said:
+        if rpc is None or rpc.said or self.unsure:
             return
         if self.rst is not None:
             rpc.status = GRPC_FROM_RST.get(self.rst, GRPC_INTERNAL)
         elif self.status and self.status != HTTP_OK:
             rpc.status = GRPC_FROM_HTTP.get(self.status, GRPC_UNKNOWN)
+        elif seen and self.status == HTTP_OK:
+            rpc.status = GRPC_INTERNAL      # ended without trailers, as gRPC's clients say
 
 
 class _H2Side:
@@ -11968,6 +11975,8 @@ class Http2Connection:
         """One whole frame other than DATA. False: the direction cannot be read further."""
         if side.block is not None and (kind != H2_CONTINUATION or stream != side.block_stream):
             return self._error("h2_protocol")          # 6.10: nothing between fragments
+        if kind == H2_PUSH_PROMISE and to_server:
+            return self._error("h2_protocol")          # 8.4: only servers push
         if kind in (H2_HEADERS, H2_PUSH_PROMISE):
             pad = 0
             if flags & H2_PADDED:
@@ -11984,8 +11993,10 @@ class Http2Connection:
             side.block_end, side.block_over = bool(flags & H2_END_STREAM), False
             self._fragment(side, payload[skip:len(payload) - pad])
         elif kind == H2_CONTINUATION:
-            if side.block is None:
-                return self._error("h2_protocol")
+            if side.block is None:          # its block began before capture (or never)
+                self.stage.errors["h2_protocol"] += 1
+                side.hpack.lost()
+                side.block, side.block_stream, side.block_over = bytearray(), stream, True
             self._fragment(side, payload)
         elif kind == H2_SETTINGS:
             if flags & H2_ACK:
@@ -12093,9 +12104,9 @@ class Http2Connection:
         del self.streams[stream]
         self.stage.h2_streams -= 1
 
-    def _close(self, request, ts):
+    def _close(self, request, ts, seen=True):
         self._drop(request.stream)
-        request.finish(ts)
+        request.finish(ts, seen)
         self.stage.record(self.conn, request)
 
     def _error(self, reason):
@@ -12110,7 +12121,7 @@ class Http2Connection:
                 self.stage.h2_blocks -= len(side.block)
                 side.block = None
         for request in list(self.streams.values()):
-            self._close(request, ts)
+            self._close(request, ts, False)
 
 
 ###############################################################################
