@@ -20,7 +20,7 @@ removed; the engine is gone at the end. A missing piece (root, dockerd, tcpdump,
 python3-grpcio) fails the fixture: nothing is skipped.
 
 One module run (fixture `run`), two lpds one after the other:
-  mid-connection: `grpc-cli-hold` opens its channel and makes 3 calls (Unary twice,
+  mid-connection: `grpc-cli-hold` opens its channel (IPv6) and makes 3 calls (Unary twice,
       ServerStream) before lpd starts; then lpd starts and it makes 5 more on the same
       HTTP/2 connection: Unary, BidiStream (new :path), NotFound (new), ServerStream,
       Unary. That lpd is stopped, then:
@@ -51,15 +51,23 @@ What is checked:
     from its SYN): for every stream of the connection, (stream id, :method, :authority,
     :path, :status, grpc-status, grpc-message, DATA bytes and gRPC messages each way) equal
     to lpd's record, and lpd has a record for every stream tshark saw.
- 6. mid-connection: lpd logs exactly the 5 calls made after it started, with the stream
-    ids the capture shows (7, 9, ..., 15); BidiStream and NotFound (never sent before:
-    their :path is a literal) with their exact rpc_method and uri; Unary and ServerStream
-    (sent before: HPACK may index them from a table lpd never saw) exact or "_OTHER", never
-    another value; every other field right or "unknown" as the contract spells it (method
-    POST or _OTHER, status_code 200 or 0, grpc_status right or null), messages each way
-    exact; the histogram counts the 5 calls with the labels the log has;
-    lpd_http_parse_errors_total{reason="hpack_unknown"} > 0 when any _OTHER appeared.
+ 6. mid-connection (the held client talks to grpc-srv's IPv6 address): lpd logs exactly
+    the 5 calls made after it started, with the stream ids the capture shows (7, 9, ...,
+    15); every field is the wire's value, or "unknown" as the contract spells it where the
+    wire used the HPACK dynamic table (per tshark, which saw the connection from its start:
+    uri/rpc_method "_OTHER", method "_OTHER", host absent or "_OTHER", status_code 0,
+    grpc_status null), never another value; messages and body bytes each way exact;
+    every call counted once, in the histogram its record says (gRPC or HTTP);
+    lpd_http_parse_errors_total{reason="hpack_unknown"} > 0 when anything was unknown.
+    And, as the brief asks: all 5 are gRPC calls in the log and in
+    rpc_server_call_duration_seconds, BidiStream and NotFound (never sent before: their
+    :path is a literal) with their exact rpc_method, NotFound with grpc_status 5 and its
+    grpc_message (both literals on the wire). grpc-core sends content-type
+    HPACK-indexed on every call but a connection's first, both ways.
  7. both lpds exit 0, no Traceback.
+ 8. lpd -r on the capture (it has both connections from their SYN): every call of both
+    clients exact against tshark (container ""), and --output json's "rpc" document
+    (calls, errors, statuses, methods per "ip:port").
 """
 import collections
 import json
@@ -321,9 +329,10 @@ class Run:
 
 
 def start_client(eng, name, srv_ip, *args, detach=False):
+    host = f"[{srv_ip}]" if ":" in srv_ip else srv_ip
     argv = ["run", "--name", name, *eng.usr_run_args(), "-v", f"{eng.app}:/grpc_app.py:ro",
             "-v", f"{eng.share}:/share", eng.usr, "/usr/bin/prlimit", f"--as={APP_AS}",
-            docker_engine.PYTHON, "/grpc_app.py", "client", f"{srv_ip}:{PORT}", *args]
+            docker_engine.PYTHON, "/grpc_app.py", "client", f"{host}:{PORT}", *args]
     if detach:
         return eng.docker(argv[0], "-d", *argv[1:])
     return eng.docker(*argv, timeout=CLIENT_TIMEOUT)
@@ -364,13 +373,14 @@ def run():
                        "-v", f"{eng.app}:/grpc_app.py:ro", eng.usr, "/usr/bin/prlimit",
                        f"--as={APP_AS}", docker_engine.PYTHON, "/grpc_app.py", "serve")
             r.srv_ip, r.srv_ip6 = eng.addresses(SRV)
-            eng.wait_http(r.srv_ip, PORT, timeout=WAIT)    # before tcpdump and lpd
+            for ip in (r.srv_ip, r.srv_ip6):
+                eng.wait_http(ip, PORT, timeout=WAIT)      # before tcpdump and lpd
             r.pcap = Path(tmp.name) / "bridge.pcap"
             dump = netns.start_tcpdump(None, eng.bridge, ["-s", "0", "-U", "-w", str(r.pcap),
                                                           f"tcp port {PORT}"])
 
             # mid-connection: the channel is open and has been used before lpd starts
-            start_client(eng, HOLD, r.srv_ip, "--script", "hold", "--hold", "/share",
+            start_client(eng, HOLD, r.srv_ip6, "--script", "hold", "--hold", "/share",
                          "--out", "/share/hold.json", detach=True)
             assert wait_for(lambda: (share / "held").exists(), CLIENT_TIMEOUT, 0.05), \
                 eng.docker("logs", HOLD, check=False)
@@ -412,6 +422,14 @@ def run():
             dump = None
             assert 0 < r.pcap.stat().st_size < PCAP_MAX, r.pcap.stat().st_size
             r.oracle = h2_oracle(r.pcap)
+            r.replay_log = Path(tmp.name) / "replay.json"
+            cp = subprocess.run(["prlimit", f"--as={LPD_AS}", sys.executable, LPD, "-r",
+                                 str(r.pcap), "--http", "--http-log", str(r.replay_log),
+                                 "--docker-socket", "none", "--output", "json"],
+                                capture_output=True, text=True, timeout=120)
+            r.replay_exit, r.replay_stderr = cp.returncode, cp.stderr
+            r.replay_doc = json.loads(cp.stdout) if cp.returncode == 0 else None
+            r.replay_records = read_log(r.replay_log)
             yield r
         finally:
             if lpd is not None:
@@ -443,15 +461,20 @@ def connection(run, client):
     return cport, conn["streams"]
 
 
-def wire_record(run, client, cport, st, depth):
+def server_of(client):
+    """The server address a client's summary says it called."""
+    return client["target"].rpartition(":")[0].strip("[]")
+
+
+def wire_record(run, client, cport, st, depth, container=SRV):
     """The record the contract asks of a call, from the capture's stream `st`."""
     status = st.field("response", ":status")
-    rec = {"id.orig_h": client["local_ip"], "id.orig_p": cport, "id.resp_h": run.srv_ip,
+    rec = {"id.orig_h": client["local_ip"], "id.orig_p": cport, "id.resp_h": server_of(client),
            "id.resp_p": PORT, "trans_depth": depth, "method": st.field("request", ":method"),
            "host": st.field("request", ":authority"), "uri": st.field("request", ":path"),
            "status_code": int(status) if status is not None else 0,
            "request_body_len": len(st.data["request"]),
-           "response_body_len": len(st.data["response"]), "container": SRV,
+           "response_body_len": len(st.data["response"]), "container": container,
            "version": "2", "stream_id": st.sid,
            "rpc_method": st.field("request", ":path")[1:], "grpc_status": oracle_status(st),
            "request_messages": st.messages("request"),
@@ -632,60 +655,110 @@ def test_api_requests_and_http_document(run):
 
 # --- 6. mid-connection -------------------------------------------------------------------------
 
+RPC_FIELDS = ("rpc_method", "grpc_status", "grpc_message", "request_messages",
+              "response_messages")
+
+
 def _allowed(value, dynamic, unknown="_OTHER"):
     """What lpd may say for a field the wire sent as `value`: the value, or `unknown` when
     the representation used the dynamic table (entries lpd never saw)."""
     return {value, unknown} if dynamic else {value}
 
 
-def test_mid_connection_calls_are_logged_right_or_unknown(run):
+def hold_calls(run):
+    """[(client call, Stream, lpd record)] of the calls made after lpd started."""
     cport, streams = connection(run, run.hold)
     sids = sorted(streams)
     assert sids == [2 * i + 1 for i in range(HOLD_BEFORE + HOLD_AFTER)], sids
     after = [streams[s] for s in sids[HOLD_BEFORE:]]
     recs = run.hold_records
     assert [r.get("stream_id") for r in recs] == [st.sid for st in after], recs
-    depths = []
-    for call, st, rec in zip(run.hold["phases"][1], after, recs):
+    for call, st in zip(run.hold["phases"][1], after):
         assert "/" + call["method"] == st.field("request", ":path")
+        assert st.is_grpc(), "precondition: the wire says application/grpc"
+        if call["method"] in NEW_IN_HOLD:
+            assert not st.field_rep("request", ":path")[1], \
+                "precondition: a :path never sent before is a literal"
+    return cport, list(zip(run.hold["phases"][1], after, recs))
+
+
+def test_mid_connection_records_are_right_or_unknown(run):
+    """Every field of the 5 records is the wire's value, or the contract's "unknown" where
+    the wire used the HPACK dynamic table; gRPC fields, when lpd gives them, likewise."""
+    cport, calls = hold_calls(run)
+    depths = []
+    for call, st, rec in calls:
         path, path_dyn = st.field_rep("request", ":path")
         meth, meth_dyn = st.field_rep("request", ":method")
         auth, auth_dyn = st.field_rep("request", ":authority")
         status, status_dyn = st.field_rep("response", ":status")
         gstat, gstat_dyn = st.field_rep("response", "grpc-status")
+        msg = st.field("response", "grpc-message")
         assert (rec["id.orig_h"], rec["id.orig_p"], rec["id.resp_h"], rec["id.resp_p"]) == \
-            (run.hold["local_ip"], cport, run.srv_ip, PORT), rec
+            (run.hold["local_ip"], cport, run.srv_ip6, PORT), rec
         assert (rec["version"], rec["container"]) == ("2", SRV), rec
-        if call["method"] in NEW_IN_HOLD:
-            assert not path_dyn, "precondition: a new :path is a literal"
         assert rec["uri"] in _allowed(path, path_dyn), (rec, path)
-        assert rec.get("rpc_method") in _allowed(path[1:], path_dyn), (rec, path)
-        assert (rec["uri"] == "_OTHER") == (rec["rpc_method"] == "_OTHER"), rec
         assert rec["method"] in _allowed(meth, meth_dyn), (rec, meth)
         assert rec.get("host") in _allowed(auth, auth_dyn) | ({None} if auth_dyn else set()), \
             (rec, auth)
         assert rec["status_code"] in {int(x) if x != "_OTHER" else 0
                                       for x in _allowed(status, status_dyn)}, (rec, status)
-        assert gstat is not None, "precondition: every call in phase 2 ends with trailers"
-        assert rec["grpc_status"] in _allowed(int(gstat), gstat_dyn, None), (rec, gstat)
-        msg = st.field("response", "grpc-message")
-        assert rec.get("grpc_message") == (urllib.parse.unquote(msg) if msg else None), rec
-        assert (rec["request_messages"], rec["response_messages"]) == \
-            (call["sent"], call["received"]), (rec, call)
         assert (rec["request_body_len"], rec["response_body_len"]) == \
             (len(st.data["request"]), len(st.data["response"])), rec
+        if "rpc_method" in rec:
+            assert rec["rpc_method"] in _allowed(path[1:], path_dyn), (rec, path)
+            assert (rec["uri"] == "_OTHER") == (rec["rpc_method"] == "_OTHER"), rec
+            assert gstat is not None, "precondition: every call in phase 2 ends with trailers"
+            assert rec["grpc_status"] in _allowed(int(gstat), gstat_dyn, None), (rec, gstat)
+            assert rec.get("grpc_message") == (urllib.parse.unquote(msg) if msg else None), rec
+            assert (rec["request_messages"], rec["response_messages"]) == \
+                (call["sent"], call["received"]), (rec, call)
+        else:
+            assert not set(RPC_FIELDS) & set(rec), ("gRPC fields without rpc_method", rec)
         depths.append(rec["trans_depth"])
-    assert len(recs) == HOLD_AFTER
+    assert len(calls) == HOLD_AFTER
     assert depths == sorted(depths) and len(set(depths)) == len(depths), depths
 
 
-def test_mid_connection_histogram_counts_every_call_as_logged(run):
-    want = collections.Counter(
+def test_mid_connection_every_call_counted_once_as_logged(run):
+    """The 5 calls are counted once each, in the histogram their record says: gRPC calls
+    (rpc_method) in rpc_server_call_duration_seconds, others in the HTTP one."""
+    _, calls = hold_calls(run)
+    want_rpc = collections.Counter(
         (r["rpc_method"], STATUS[r["grpc_status"]] if r["grpc_status"] is not None
-         else "_OTHER") for r in run.hold_records)
+         else "_OTHER") for _, _, r in calls if "rpc_method" in r)
+    want_http = collections.Counter((r["method"], str(r["status_code"]))
+                                    for _, _, r in calls if "rpc_method" not in r)
+    got_rpc = rpc_counts(run.hold_metrics)
+    got_http = collections.Counter()
+    for labels, v in series(run.hold_metrics, HTTP_HIST + "_count").items():
+        d = dict(labels)
+        if d["server_port"] == str(PORT):
+            assert (d["server_address"], d["container"], d["network_protocol_version"]) == \
+                (run.srv_ip6, SRV, "2"), d
+            got_http[(d["http_request_method"], d["http_response_status_code"])] += v
+    assert (got_rpc, got_http) == (want_rpc, want_http)
+    assert sum(got_rpc.values()) + sum(got_http.values()) == HOLD_AFTER
+
+
+def test_mid_connection_grpc_calls_are_counted_as_grpc(run):
+    """The brief's expectation: every call after lpd started is a gRPC call in the log and
+    in rpc_server_call_duration_seconds (rpc_method exact for the methods whose :path was
+    a literal, "_OTHER" or exact for the others), NotFound's status (a literal grpc-status
+    5 and grpc-message on the wire) exact."""
+    _, calls = hold_calls(run)
+    for call, st, rec in calls:
+        assert "rpc_method" in rec, ("a gRPC call (application/grpc on the wire, sent "
+                                     "HPACK-indexed) logged as plain HTTP/2", rec)
+        if call["method"] in NEW_IN_HOLD:
+            assert rec["rpc_method"] == call["method"], rec
+        if call["method"].endswith("/NotFound"):
+            gstat, gstat_dyn = st.field_rep("response", "grpc-status")
+            assert (gstat, gstat_dyn) == ("5", False), "precondition: a literal grpc-status"
+            assert (rec["grpc_status"], rec.get("grpc_message")) == \
+                (5, urllib.parse.unquote(st.field("response", "grpc-message"))), rec
     got = rpc_counts(run.hold_metrics)
     assert sum(got.values()) == HOLD_AFTER, got
-    assert got == want, (got, want)
     allowed = {(m, s) for m in NEW_IN_HOLD | OLD_IN_HOLD | {"_OTHER"}
                for s in ("OK", "NOT_FOUND", "_OTHER")}
     assert set(got) <= allowed, got
@@ -697,7 +770,7 @@ def test_mid_connection_histogram_counts_every_call_as_logged(run):
 def test_mid_connection_unknown_fields_are_counted(run):
     others = [r for r in run.hold_records
               if "_OTHER" in (r.get("uri"), r.get("rpc_method"), r.get("method"), r.get("host"))
-              or r.get("grpc_status", 0) is None]
+              or ("rpc_method" in r and r.get("grpc_status") is None)]
     others += [k for k in rpc_counts(run.hold_metrics) if "_OTHER" in k]
     unknown = sum(v for labels, v in series(run.hold_metrics, "lpd_http_parse_errors_total")
                   .items() if dict(labels).get("reason") == "hpack_unknown")
@@ -707,6 +780,45 @@ def test_mid_connection_unknown_fields_are_counted(run):
            series(run.hold_metrics, "lpd_http_parse_errors_total").items()
            if v and dict(k).get("reason") != "hpack_unknown"}
     assert bad == {}, bad
+
+
+# --- offline: the same capture through lpd -r -----------------------------------------------
+
+def test_replay_of_the_capture_logs_every_call_exactly(run):
+    """lpd -r on the bridge's capture sees both connections from their SYN: every call of
+    both clients (the held one's 8, the full one's 11) exact against tshark, container ""."""
+    assert r_ok(run)
+    want = []
+    for client in (run.hold, run.full):
+        cport, streams = connection(run, client)
+        for depth, sid in enumerate(sorted(streams), 1):
+            want.append(wire_record(run, client, cport, streams[sid], depth, container=""))
+    assert len(want) == HOLD_BEFORE + HOLD_AFTER + FULL_CALLS
+    key = lambda r: (r["id.orig_h"], r["id.orig_p"], r["stream_id"])    # noqa: E731
+    got = sorted(map(strip, run.replay_records), key=key)
+    assert got == sorted(want, key=key)
+
+
+def test_replay_rpc_document(run):
+    assert r_ok(run)
+    rpc = run.replay_doc["http"]["rpc"]
+    want = {}
+    for client in (run.hold, run.full):
+        cport, streams = connection(run, client)
+        sts = [streams[s] for s in sorted(streams)]
+        statuses = collections.Counter(STATUS[oracle_status(st)] for st in sts)
+        want[f"{server_of(client)}:{PORT}"] = {
+            "calls": len(sts), "errors": len(sts) - statuses["OK"], "statuses": dict(statuses),
+            "methods": dict(collections.Counter(st.field("request", ":path")[1:]
+                                                for st in sts))}
+    assert {srv: {k: doc.get(k) for k in ("calls", "errors", "statuses", "methods")}
+            for srv, doc in rpc.items()} == want
+
+
+def r_ok(run):
+    assert run.replay_exit == 0, run.replay_stderr
+    assert "Traceback" not in run.replay_stderr, run.replay_stderr
+    return True
 
 
 # --- 7. ----------------------------------------------------------------------------------------
