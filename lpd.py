@@ -37,16 +37,17 @@ each banner's "provides:" line says what later chapters take from it
     14.1 Local addresses
     14.2 Remote addresses
     14.3 Connections (Zeek's conn.log semantics)
-    14.4 HTTP requests (TCP reassembly, HTTP/1.x)
-    14.5 Rules (bpfcountd-compatible filter files)
-    14.6 Flow export (IPFIX)
+    14.4 Rules (bpfcountd-compatible filter files)
+    14.5 Flow export (IPFIX)
   15 Names: passive DNS and TLS
     15.1 DNS messages (RFC 1035, read from bytes lpd did not write)
     15.2 TLS handshakes (ClientHello, ServerHello, JA4)
     15.3 Names (--names)
     15.4 TLS hellos (--names, --ssl-log)
-  16 HTTP/2 and gRPC
+  16 HTTP: requests, HTTP/2 and gRPC
     16.1 HPACK (RFC 7541, header compression)
+    16.2 HTTP/2 connections (frames, streams, gRPC calls)
+    16.3 HTTP requests (TCP reassembly, HTTP/1.x, the stage)
   17 eBPF engine: accounting and rules as one kernel program (--engine ebpf)
     17.1 Assembler
     17.2 Syscalls: bpf(2), maps, programs, test runs
@@ -66,8 +67,9 @@ each banner's "provides:" line says what later chapters take from it
 Where a new stage goes: one sub-chapter of 14 "Stages" — its Consumer, documents, metric
 families, table lines, how the options (2) build it, and last its row,
 STAGES.append(Stage(...)); the daemon, the workers, -r, /api, --output and /metrics take
-it from there (18.1). 14.6, flow export, was added so; 15.3, the names, too, in a
-chapter of its own once 14 had reached its size budget.
+it from there (18.1). 14.5, flow export, was added so; 15.3, the names, too, in a
+chapter of its own once 14 had reached its size budget; and 16.3, HTTP, moved after the
+HTTP/2 parsers it hands connections to.
 """
 import argparse
 import bisect
@@ -215,7 +217,7 @@ DEFAULT_IDLE_TIMEOUT = 300.0
 OUTPUTS = ("table", "metrics", "json")
 ENGINES = ("auto", "cbpf", "ebpf")
 # eyes-devine's plain-HTTP ports.
-DEFAULT_HTTP_PORTS = (80, 8080, 8000, 3000, 5000, 9000)
+DEFAULT_HTTP_PORTS = (80, 8080, 8000, 3000, 5000, 9000, 50051)   # 50051: gRPC's
 # Connections tracked at most, and the idle timeouts that end them.
 DEFAULT_CONN_MAX = 262144
 DEFAULT_NAMES_MAX = 65536           # remote addresses with a name (--names-max)
@@ -447,7 +449,8 @@ def build_parser():
                    help="a flow still going is reported at least this often, as what it "
                         "counted since (default %(default)g)")
     p.add_argument("--http", action="store_true",
-                   help="HTTP/1.x requests on --http-ports: latency histogram, log, /api/requests")
+                   help="HTTP/1.x, HTTP/2 (h2c) and gRPC on --http-ports: latency histograms, "
+                        "log, /api/requests")
     p.add_argument("--http-ports", type=_ports, default=DEFAULT_HTTP_PORTS, metavar="PORT,...",
                    help="TCP ports whose traffic is parsed as HTTP (default "
                         f"{','.join(map(str, DEFAULT_HTTP_PORTS))})")
@@ -8783,649 +8786,7 @@ STAGES.append(Stage(Connections, _connections, (("connections", connections_docu
 
 
 ###############################################################################
-# 14.4 HTTP requests (TCP reassembly, HTTP/1.x) ###############################
-# provides: -
-#
-# Per TCP connection to or from an --http-ports port: each direction's bytes in sequence
-# order (retransmissions dropped, out-of-order segments held in a bounded buffer, a gap
-# that never fills ends parsing of the connection), then HTTP/1.x framing as RFC 9112
-# section 6 has it: requests and responses matched in order (pipelining), bodies skipped
-# by length or by chunks, never buffered. Timing comes from the segments' timestamps.
-
-HTTP_MAX_HEAD = 64 << 10          # a request or response head beyond this is not HTTP we read
-HTTP_OOO_MAX = 256 << 10          # out-of-order bytes held per direction; beyond: a gap
-HTTP_OOO_TOTAL_MAX = 64 << 20     # and over every connection: a flood of early segments is gaps
-HTTP_PENDING_MAX = 1024           # requests waiting for responses on one connection
-HTTP_OOO_SEGMENTS = 1024          # early segments held per direction (each fill scans them)
-HTTP_TEXT_MAX = 1024              # characters of a uri or Host kept per request
-HTTP_RECENT_SERVERS = 128         # servers with /api/requests history: worst case ~256 MiB
-HTTP_SERVERS_MAX = 4096           # servers with their own series and /api/requests; the rest: other
-HTTP_STREAMS_MAX = 65536          # connections parsed at once; then the least active one goes
-HTTP_IDLE_TIMEOUT = DEFAULT_CONN_TIMEOUT_TCP
-HTTP_RECENT = 1000                # requests kept per server for /api/requests
-HTTP_ROUTES_MAX = 50              # routes per server with their own series; the rest: other
-HTTP_LATENCY_SAMPLES = 100_000    # durations kept per server for the table's percentiles
-# OpenTelemetry's http.server.request.duration buckets (seconds).
-HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
-HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
-                          "PATCH"))
-HTTP_PARSE_ERRORS = ("gap", "head_too_large", "bad_request", "bad_response", "bad_chunk",
-                     "unmatched_response", "too_many_pending")
-HTTP_ID_SEGMENT = re.compile(r"[0-9]+|[0-9a-fA-F]{8,}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
-                             r"[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-HTTP_HEAD_END = re.compile(rb"\r?\n\r?\n")
-HTTP_CHUNK_LINE = re.compile(rb"\r?\n")
-HTTP_CHUNK_SIZE_RE = re.compile(rb"[0-9a-fA-F]{1,16}")
-HTTP_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
-HTTP_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})")
-# parser states, per direction
-(HTTP_HEAD, HTTP_BODY, HTTP_CHUNK_SIZE, HTTP_CHUNK_DATA, HTTP_CHUNK_END, HTTP_TRAILER,
- HTTP_UNTIL_CLOSE, HTTP_STOPPED) = range(8)
-
-
-def http_route(uri):
-    """The path without query, ids (numbers, long hex, UUIDs) as :id."""
-    path = uri.split("?", 1)[0].split("#", 1)[0]
-    if "://" in path:                                  # absolute-form (a proxy request)
-        path = "/" + path.split("://", 1)[1].partition("/")[2]
-    parts = [":id" if HTTP_ID_SEGMENT.fullmatch(p) else p for p in path.split("/")]
-    return "/".join(parts) or "/"
-
-
-def _headers(block):
-    """Header fields of a head (after its first line): {lower-case name: last value}."""
-    fields = {}
-    for line in block.split(b"\n")[1:]:
-        name, sep, value = line.partition(b":")
-        if sep:
-            fields[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
-    return fields
-
-
-class _HttpDir:
-    """One direction of a connection: reassembly, then the framing state."""
-    __slots__ = ("next_seq", "ooo", "ooo_bytes", "buf", "buf_ts", "state", "left", "fin",
-                 "last_data", "scanned")
-
-    def __init__(self):
-        self.last_data = 0.0                 # when the last in-order payload byte was had
-        self.scanned = 0                     # bytes of buf searched for a line or head end
-        self.next_seq = None
-        self.ooo = {}                       # seq -> (bytes, ts)
-        self.ooo_bytes = 0
-        self.buf = bytearray()              # bytes not yet framed
-        self.buf_ts = 0.0                   # timestamp of the first byte in buf
-        self.state, self.left, self.fin = HTTP_HEAD, 0, False
-
-
-class _HttpRequest:
-    __slots__ = ("ts", "method", "uri", "host", "depth", "req_body", "resp_body", "status",
-                 "ttfb", "end", "head", "connect")
-
-    def __init__(self, ts, method, uri, host, depth):
-        self.ts, self.method, self.uri, self.host, self.depth = ts, method, uri, host, depth
-        self.req_body = self.resp_body = self.status = 0
-        self.ttfb = self.end = None
-        self.head, self.connect = method == "HEAD", method == "CONNECT"
-
-
-class _HttpStream:
-    __slots__ = ("key", "client", "server", "to_server", "to_client", "pending", "depth",
-                 "last", "current_request", "response")
-
-    def __init__(self, key, client, server):
-        self.key, self.client, self.server = key, client, server
-        self.to_server, self.to_client = _HttpDir(), _HttpDir()
-        self.pending = collections.deque()      # requests waiting for their response
-        self.depth = 0
-        self.last = 0.0
-        self.current_request = None             # being received (its body)
-        self.response = None                    # (request, final?) being received
-
-
-class HttpSnapshot(NamedTuple):
-    """Histogram rows ((labels), bucket counts, sum, count), parse errors, the recent
-    requests per server (newest first) and per-server summaries for the table."""
-    histogram: tuple = ()
-    parse_errors: tuple = ()
-    recent: tuple = ()                     # ((server, (record, ...)), ...)
-    servers: tuple = ()                    # ((server, requests, errors, (durations...), ((route, n), ...)), ...)
-
-    def merge(self, other):
-        hist = {}
-        for labels, counts, total, n in self.histogram + other.histogram:
-            if labels in hist:
-                c, t, m = hist[labels]
-                hist[labels] = (_add(c, counts), t + total, m + n)
-            else:
-                hist[labels] = (counts, total, n)
-        recent = {}
-        for srv, recs in self.recent + other.recent:
-            recent[srv] = recent.get(srv, ()) + recs
-        summary = {}
-        for srv, n, errors, durations, routes in self.servers + other.servers:
-            if srv in summary:
-                n0, e0, d0, r0 = summary[srv]
-                summary[srv] = (n0 + n, e0 + errors, (d0 + durations)[-HTTP_LATENCY_SAMPLES:],
-                                _merge_keyed(r0, routes, 1))
-            else:
-                summary[srv] = (n, errors, durations, routes)
-        return HttpSnapshot(
-            tuple((k, c, t, n) for k, (c, t, n) in hist.items()),
-            _merge_keyed(self.parse_errors, other.parse_errors, 1),
-            tuple((srv, tuple(sorted(recs, key=_finished_at, reverse=True)[:HTTP_RECENT]))
-                  for srv, recs in itertools.islice(recent.items(), HTTP_RECENT_SERVERS)),
-            tuple((srv, *v) for srv, v in summary.items()))
-
-
-def _finished_at(rec):
-    return rec["ts"] + rec["duration"]
-
-
-class HttpRequests(Consumer):
-    """HTTP/1.x requests on --http-ports, from the frames: `finished(record)` gets each
-    request as an http.log record (Zeek's names where they exist)."""
-    name = "http"
-    snapshot_type = HttpSnapshot
-    wants = frozenset((WANT_RAW, WANT_TS))
-
-    def __init__(self, ports=DEFAULT_HTTP_PORTS, finished=None, container=None):
-        self.ports = frozenset(ports)
-        self.finished = finished
-        self.container = container or (lambda addr: "")
-        self.streams = collections.OrderedDict()
-        self.errors = dict.fromkeys(HTTP_PARSE_ERRORS, 0)
-        self.histogram = {}                      # labels -> [bucket counts..., sum, count]
-        self.recent = {}                         # server -> deque of records
-        self.routes = {}                         # server -> {route: requests}
-        self.summary = {}                        # server -> [requests, errors, durations]
-        self.ooo_total = 0                       # out-of-order bytes held, every connection
-
-    def snaplen(self):
-        """Nothing of other frames: the kernel program returns this stage's frames whole
-        (kernel_program's `whole`), and a replay has them whole."""
-        return 0
-
-    def whole_ports(self):
-        return tuple(sorted(self.ports)), ()
-
-    def consume(self, batch):
-        ports = {IPPROTO_TCP: self.ports}
-        for data, ts, wire_bytes, frames, l2_len in frames_in_order(batch):
-            if frames == 1 and len(data) < wire_bytes:
-                continue                         # a frame cut short: its bytes are a gap
-            if not not_on_ports(data, ports):
-                self.packet(data, ts)
-
-    def packet(self, data, ts):
-        f = parse_l4(data)
-        if f is None or f[0] != IPPROTO_TCP:
-            return
-        _, src, dst, sport, dport, ip_len, plen, flags, seq, ack, window, _, at = f
-        if dport in self.ports:
-            key, to_server = (src, sport, dst, dport), True
-        elif sport in self.ports:
-            key, to_server = (dst, dport, src, sport), False
-        else:
-            return
-        s = self.streams.get(key)
-        if s is not None and flags & (TH_SYN | TH_ACK) == TH_SYN and to_server and \
-                s.to_server.next_seq not in (None, (seq + 1) % SEQ_MOD):
-            self.end(s)                            # a new connection on the same ports
-            s = None
-        if s is None:
-            if flags & TH_RST or not (plen or flags & TH_SYN):
-                return
-            if len(self.streams) >= HTTP_STREAMS_MAX:
-                self.end(next(iter(self.streams.values())))
-            s = self.streams[key] = _HttpStream(key, (src, sport) if to_server else (dst, dport),
-                                                (dst, dport) if to_server else (src, sport))
-        self.streams.move_to_end(key)
-        s.last = ts
-        d = s.to_server if to_server else s.to_client
-        if flags & TH_SYN:
-            d.next_seq = (seq + 1) % SEQ_MOD
-        elif plen or flags & TH_FIN:
-            payload = memoryview(data)[at:at + plen]
-            if d.next_seq is None:
-                d.next_seq = seq                  # joined mid-stream
-            self._segment(s, d, to_server, seq, payload, bool(flags & TH_FIN), ts)
-        if flags & TH_RST or (s.to_server.fin and s.to_client.fin):
-            self.end(s)
-
-    def _segment(self, s, d, to_server, seq, payload, fin, ts):
-        """Reassembly: deliver what continues the stream, hold what comes early."""
-        if d.state == HTTP_STOPPED:
-            return
-        off = (seq - d.next_seq) % SEQ_MOD
-        if off >= SEQ_HALF:                      # starts before next_seq: drop what was seen
-            cut = SEQ_MOD - off
-            if cut >= len(payload) and not (fin and cut == len(payload)):
-                return
-            payload, seq = payload[cut:], d.next_seq
-            off = 0
-        if off:
-            held = d.ooo.get(seq)
-            if held is None and len(d.ooo) >= HTTP_OOO_SEGMENTS:
-                self._gap(s, d)                    # bare FINs and slivers count too
-                return
-            if held is None or len(held[0]) < len(payload):
-                if held is not None:
-                    d.ooo_bytes -= len(held[0])
-                    self.ooo_total -= len(held[0])
-                d.ooo[seq] = (bytes(payload), ts, fin)
-                d.ooo_bytes += len(payload)
-                self.ooo_total += len(payload)
-            if d.ooo_bytes > HTTP_OOO_MAX or self.ooo_total > HTTP_OOO_TOTAL_MAX:
-                self._gap(s, d)
-            return
-        self._deliver(s, d, to_server, payload, fin, ts)
-        while d.ooo and d.state != HTTP_STOPPED:
-            exact = d.ooo.pop(d.next_seq, None)
-            if exact is not None:                  # the common case: no scan
-                data, t, f = exact
-                d.ooo_bytes -= len(data)
-                self.ooo_total -= len(data)
-                self._deliver(s, d, to_server, data, f, max(t, ts))
-                continue
-            for k in list(d.ooo):
-                o = (k - d.next_seq) % SEQ_MOD
-                if o == 0 or o >= SEQ_HALF:
-                    data, t, f = d.ooo.pop(k)
-                    d.ooo_bytes -= len(data)
-                    self.ooo_total -= len(data)
-                    if o >= SEQ_HALF:
-                        data = data[SEQ_MOD - o:]
-                        if not data and not f:
-                            break
-                    # held bytes are had now, when the gap before them filled
-                    self._deliver(s, d, to_server, data, f, max(t, ts))
-                    break
-            else:
-                break
-
-    def _gap(self, s, d):
-        self.errors["gap"] += 1
-        d.state = HTTP_STOPPED
-        self._drop_held(d)
-
-    def _drop_held(self, d):
-        self.ooo_total -= d.ooo_bytes
-        d.ooo.clear()
-        d.ooo_bytes = 0
-        d.buf.clear()
-
-    def _deliver(self, s, d, to_server, payload, fin, ts):
-        d.next_seq = (d.next_seq + len(payload) + (1 if fin else 0)) % SEQ_MOD
-        if payload:
-            d.last_data = ts
-            if not d.buf:
-                d.buf_ts = ts
-            d.buf += payload
-            (self._client_bytes if to_server else self._server_bytes)(s, d, ts)
-        if fin:
-            d.fin = True
-            if not to_server and d.state == HTTP_UNTIL_CLOSE and s.response:
-                self._response_done(s, d.last_data)     # its last byte, not the FIN
-            d.state = HTTP_STOPPED                      # nothing comes after a FIN
-
-    # -- framing --------------------------------------------------------------
-
-    def _head(self, d):
-        """A complete head at the start of d.buf, or None (waiting, or no HTTP)."""
-        m = HTTP_HEAD_END.search(d.buf, max(0, d.scanned - 3))   # a head trickling in: once
-        if m is None:
-            d.scanned = len(d.buf)
-            if len(d.buf) > HTTP_MAX_HEAD:
-                self.errors["head_too_large"] += 1
-                d.state = HTTP_STOPPED
-            return None
-        d.scanned = 0
-        head = bytes(d.buf[:m.start()])
-        del d.buf[:m.end()]
-        return head
-
-    def _client_bytes(self, s, d, ts):
-        while d.buf and d.state != HTTP_STOPPED:
-            if d.state == HTTP_HEAD:
-                while d.buf[:2] == b"\r\n" or d.buf[:1] == b"\n":      # blank lines between
-                    del d.buf[:2 if d.buf[:2] == b"\r\n" else 1]
-                if not d.buf:
-                    return
-                first_ts = d.buf_ts
-                head = self._head(d)
-                if head is None:
-                    return
-                parts = head.split(b"\n", 1)[0].split()
-                if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-                    self.errors["bad_request"] += 1
-                    d.state = HTTP_STOPPED
-                    return
-                fields = _headers(head)
-                if len(s.pending) >= HTTP_PENDING_MAX:
-                    self.errors["too_many_pending"] += 1
-                    d.state = HTTP_STOPPED
-                    return
-                s.depth += 1
-                host = fields.get("host")
-                r = _HttpRequest(first_ts, parts[0].decode("latin-1")[:HTTP_TEXT_MAX],
-                                 parts[1].decode("latin-1")[:HTTP_TEXT_MAX],
-                                 host[:HTTP_TEXT_MAX] if host is not None else None, s.depth)
-                s.pending.append(r)
-                s.current_request = r
-                d.buf_ts = ts
-                self._frame_body(d, fields, parts[2] == b"HTTP/1.1", None)
-            elif not self._body_bytes(d, lambda n: setattr(s.current_request, "req_body",
-                                                          s.current_request.req_body + n)):
-                return
-            if d.state == HTTP_HEAD:
-                d.buf_ts = ts
-
-    def _frame_body(self, d, fields, http11, no_body):
-        """After a head: what the body is (RFC 9112 6.3)."""
-        te = fields.get("transfer-encoding", "").lower()
-        if no_body:
-            d.state = HTTP_HEAD
-        elif te and te.rsplit(",", 1)[-1].strip() == "chunked":
-            d.state = HTTP_CHUNK_SIZE
-        elif "content-length" in fields:
-            # RFC 9112 6.3: digits only; a list of one value repeated is that value
-            values = {v.strip() for v in fields["content-length"].split(",")}
-            value = values.pop() if len(values) == 1 else ""
-            d.left = int(value) if HTTP_CONTENT_LENGTH.fullmatch(value) else -1
-            if d.left < 0:
-                self.errors["bad_request" if no_body is None else "bad_response"] += 1
-                d.state = HTTP_STOPPED
-                return
-            d.state = HTTP_BODY if d.left else HTTP_HEAD
-        elif no_body is None:
-            d.state = HTTP_HEAD                  # a request without a length has no body
-        else:
-            d.state = HTTP_UNTIL_CLOSE
-
-    def _line(self, d, error):
-        """The next CRLF-ended line of d.buf, taken from it; None while incomplete (or
-        when it grew past HTTP_MAX_HEAD: counted as `error`, the stream stopped)."""
-        m = HTTP_CHUNK_LINE.search(d.buf, max(0, d.scanned - 1))
-        d.scanned = 0 if m else len(d.buf)
-        if m is None:
-            if len(d.buf) > HTTP_MAX_HEAD:
-                self.errors[error] += 1
-                d.state = HTTP_STOPPED
-            return None
-        line = bytes(d.buf[:m.start()])
-        del d.buf[:m.end()]
-        return line
-
-    def _body_bytes(self, d, add):
-        """Consume body bytes from d.buf in the current state; add(n) counts them.
-        False when it must wait for more bytes (a size line or CRLF not complete)."""
-        if d.state in (HTTP_BODY, HTTP_CHUNK_DATA):
-            n = min(d.left, len(d.buf))
-            del d.buf[:n]
-            add(n)
-            d.left -= n
-            if not d.left:
-                d.state = HTTP_HEAD if d.state == HTTP_BODY else HTTP_CHUNK_END
-        elif d.state == HTTP_CHUNK_SIZE:
-            line = self._line(d, "bad_chunk")
-            if line is None:
-                return False
-            line = line.split(b";", 1)[0].strip()
-            if not HTTP_CHUNK_SIZE_RE.fullmatch(line):      # int(x, 16) takes 0x5, +5, -5, 0_5
-                self.errors["bad_chunk"] += 1
-                d.state = HTTP_STOPPED
-                return False
-            d.left = int(line, 16)
-            d.state = HTTP_CHUNK_DATA if d.left else HTTP_TRAILER
-        elif d.state == HTTP_CHUNK_END:
-            m = HTTP_CHUNK_LINE.match(d.buf)
-            if m is None:
-                if len(d.buf) >= 2 or d.buf[:1] not in (b"\r", b"\n"):
-                    self.errors["bad_chunk"] += 1
-                    d.state = HTTP_STOPPED
-                return False
-            del d.buf[:m.end()]
-            d.state = HTTP_CHUNK_SIZE
-        elif d.state == HTTP_TRAILER:
-            line = self._line(d, "head_too_large")
-            if line is None:
-                return False
-            if not line.strip():
-                d.state = HTTP_HEAD              # the blank line ends the trailers
-        elif d.state == HTTP_UNTIL_CLOSE:
-            add(len(d.buf))
-            d.buf.clear()
-        return True
-
-    def _server_bytes(self, s, d, ts):
-        while d.buf and d.state != HTTP_STOPPED:
-            if d.state == HTTP_HEAD:
-                first_ts = d.buf_ts
-                head = self._head(d)
-                if head is None:
-                    return
-                m = HTTP_STATUS_LINE.match(head)
-                if m is None:
-                    self.errors["bad_response"] += 1
-                    d.state = HTTP_STOPPED
-                    return
-                code = int(m.group(2))
-                if not s.pending:
-                    self.errors["unmatched_response"] += 1
-                    d.state = HTTP_STOPPED
-                    return
-                r = s.pending[0]
-                if 100 <= code < 200 and code != 101:
-                    d.buf_ts = ts
-                    continue                     # interim (100 Continue): the request goes on
-                r.status, r.ttfb = code, first_ts - r.ts
-                s.response = r
-                fields = _headers(head)
-                no_body = r.head or code in (204, 304) or code == 101 or \
-                    (r.connect and 200 <= code < 300)
-                self._frame_body(d, fields, m.group(1) == b"1", no_body)
-                if d.state == HTTP_HEAD:
-                    self._response_done(s, ts)
-                if code == 101 or (r.connect and 200 <= code < 300):
-                    d.state = s.to_server.state = HTTP_STOPPED     # a tunnel: not HTTP any more
-                    return
-            else:
-                r = s.response
-                if r is None:                     # bytes after the response that ran to the close
-                    d.state = HTTP_STOPPED
-                    return
-                if not self._body_bytes(d, lambda n: setattr(r, "resp_body", r.resp_body + n)):
-                    return
-                if d.state == HTTP_HEAD:
-                    self._response_done(s, ts)
-            d.buf_ts = ts
-
-    def _response_done(self, s, ts):
-        r = s.response
-        s.response = None
-        if s.pending and s.pending[0] is r:
-            s.pending.popleft()
-        r.end = ts
-        self._record(s, r)
-
-    # -- ends -----------------------------------------------------------------
-
-    def end(self, s):
-        """The connection is over: a response running to the close ends, requests left
-        unanswered finish with status 0, an unfilled gap is counted."""
-        self.streams.pop(s.key, None)
-        if s.response is not None and s.to_client.state == HTTP_UNTIL_CLOSE:
-            self._response_done(s, s.to_client.last_data)
-        for d in (s.to_server, s.to_client):
-            if d.ooo and d.state != HTTP_STOPPED:
-                self._gap(s, d)
-            self._drop_held(d)
-        while s.pending:
-            r = s.pending.popleft()
-            r.end = s.last
-            r.status = 0 if r.ttfb is None else r.status
-            self._record(s, r)
-
-    def finish(self):
-        """End of a replay (or of capture): every stream's pending requests are recorded."""
-        for s in list(self.streams.values()):
-            self.end(s)
-        return True
-
-    def tick(self, now):
-        while self.streams:
-            s = next(iter(self.streams.values()))
-            if s.last + HTTP_IDLE_TIMEOUT > now:
-                break
-            self.end(s)
-
-    def _record(self, s, r):
-        (ch, cp), (sh, sp) = s.client, s.server
-        server_h = raw_address(sh)
-        server = f"{server_h}:{sp}"
-        container = self.container(sh)
-        if container:
-            server = container
-        if server not in self.routes and len(self.routes) >= HTTP_SERVERS_MAX:
-            server_label = port_label = server = "other"      # a scan of many servers
-        else:
-            server_label, port_label = server_h, str(sp)
-        rec = {"ts": round(r.ts, 6), "id.orig_h": raw_address(ch), "id.orig_p": cp, "id.resp_h": server_h,
-               "id.resp_p": sp, "trans_depth": r.depth, "method": r.method}
-        if r.host is not None:
-            rec["host"] = r.host
-        rec.update({"uri": r.uri, "status_code": r.status, "request_body_len": r.req_body,
-                    "response_body_len": r.resp_body})
-        if r.ttfb is not None:
-            rec["ttfb"] = round(r.ttfb, 6)
-        duration = r.end - r.ts
-        rec.update({"duration": round(duration, 6), "container": container})
-        routes = self.routes.setdefault(server, {})
-        route = http_route(r.uri)
-        if route not in routes and len(routes) >= HTTP_ROUTES_MAX:
-            route = "other"
-        routes[route] = routes.get(route, 0) + 1
-        method = r.method if r.method in HTTP_METHODS else "_OTHER"
-        labels = (method, str(r.status), route, server_label, port_label, container)
-        h = self.histogram.get(labels)
-        if h is None:        # a count per bucket and one above the last, then sum and count
-            h = self.histogram[labels] = [0] * (len(HTTP_BUCKETS) + 3)
-        h[bisect.bisect_left(HTTP_BUCKETS, duration)] += 1
-        h[-2] += duration
-        h[-1] += 1
-        if server in self.recent or len(self.recent) < HTTP_RECENT_SERVERS:
-            self.recent.setdefault(server, collections.deque(maxlen=HTTP_RECENT)).appendleft(rec)
-        summary = self.summary.setdefault(server, [0, 0, collections.deque(maxlen=HTTP_LATENCY_SAMPLES)])
-        summary[0] += 1
-        summary[1] += r.status == 0 or r.status >= 500
-        summary[2].append(duration)
-        if self.finished is not None:
-            self.finished(rec)
-
-    def snapshot(self):
-        return HttpSnapshot(tuple((k, tuple(v[:-2]), v[-2], v[-1]) for k, v in self.histogram.items()),
-                            tuple(self.errors.items()),
-                            tuple((srv, tuple(q)) for srv, q in self.recent.items()),
-                            tuple((srv, n, e, tuple(lat), tuple(self.routes.get(srv, {}).items()))
-                                  for srv, (n, e, lat) in self.summary.items()))
-
-
-def _percentile(sorted_values, q):
-    """The q-quantile (nearest rank) of sorted values; 0 for none."""
-    if not sorted_values:
-        return 0.0
-    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
-
-
-def http_document(snap, how, top=None):
-    """--output json's "http": per server requests, errors (status 0 or 5xx), latency
-    percentiles and routes; parse errors. `top`: the busiest servers, and routes each."""
-    http = snap.get("http")
-    if http is None:
-        return None
-    servers = {}
-    for server, n, errors, durations, routes in _first(http.servers, top, lambda s: (-s[1], s[0])):
-        lat = sorted(durations)
-        ranked = sorted(routes, key=lambda rn: (-rn[1], rn[0]))
-        servers[server] = {"requests": n, "errors": errors, "p50": _percentile(lat, 0.5),
-                           "p95": _percentile(lat, 0.95), "p99": _percentile(lat, 0.99),
-                           "routes": dict(ranked if top is None else ranked[:top])}
-    return {**_envelope(snap, how), "servers": servers, "parse_errors": dict(http.parse_errors),
-            **_cut(servers, len(http.servers))}
-
-
-def requests_document(snap, how, top=None, server=None, rows=None):
-    """/api/requests: the last requests per server, newest first (`top`: at most N each);
-    `rows`: at most that many in all, servers in the order lpd first saw them."""
-    http = snap.get("http")
-    if http is None:
-        return None
-    recent, kept, total = {}, 0, 0
-    for srv, recs in http.recent:
-        if server is not None and srv != server:
-            continue
-        n = len(recs) if top is None else min(top, len(recs))
-        if rows is not None:
-            n = min(n, rows - kept)
-        recent[srv] = list(recs[:n])
-        kept, total = kept + n, total + len(recs)
-    return {**_envelope(snap, how), "servers": recent, "total": total, "truncated": kept < total}
-
-
-def http_metrics(c, snap):
-    """The HTTP requests' families (a row of STAGES): OpenTelemetry's duration
-    histogram, parse errors; none without --http."""
-    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
-    http = snap.get("http")
-    if http is None:
-        return
-    fam = HistogramMetricFamily(
-        "http_server_request_duration_seconds",
-        "Duration of HTTP server requests, from packets (OpenTelemetry semantic conventions).",
-        labels=["http_request_method", "http_response_status_code", "http_route",
-                "server_address", "server_port", "container"])
-    bounds = [f"{b:g}" for b in HTTP_BUCKETS] + ["+Inf"]
-    for labels, counts, total, n in http.histogram:
-        fam.add_metric(list(labels), list(zip(bounds, itertools.accumulate(counts))), total)
-    yield fam
-    yield metric_family(CounterMetricFamily, "lpd_http_parse_errors",
-                        "HTTP streams lpd stopped parsing, by reason.", ["reason"],
-                        [((r,), n) for r, n in http.parse_errors])
-
-
-HTTP_TABLE_ROUTES = 5              # routes a table lists per server
-
-
-def http_table(doc):
-    """--output table's HTTP servers: requests, errors, latency, the busiest routes."""
-    out = [f"\nHTTP servers: {len(doc['servers'])}\n"]
-    header = ("server", "requests", "error %", "p50 s", "p95 s", "p99 s", "top routes")
-    rows = [[srv, str(d["requests"]), f"{100 * d['errors'] / max(1, d['requests']):.1f}",
-             f"{d['p50']:.4f}", f"{d['p95']:.4f}", f"{d['p99']:.4f}",
-             ", ".join(f"{r} {n}" for r, n in list(d["routes"].items())[:HTTP_TABLE_ROUTES])]
-            for srv, d in sorted(doc["servers"].items(), key=lambda kv: -kv[1]["requests"])]
-    out += _columns(header, rows, header[1:6])
-    bad = ", ".join(f"{r} {n}" for r, n in doc["parse_errors"].items() if n)
-    if bad:
-        out.append(f"parse errors: {bad}\n")
-    return out
-
-
-def _http_requests(opts, w, built):
-    if not opts.http:
-        return None
-    log_ = w.logs.get(HttpRequests.name)
-    return HttpRequests(opts.http_ports, log_.write if log_ is not None else None,
-                        w.names.name_of if w.names else None)
-
-
-STAGES.append(Stage(HttpRequests, _http_requests, (("http", http_document),), http_metrics,
-                    http_table, log="--http-log", live_documents=(("requests", requests_document),)))
-
-
-###############################################################################
-# 14.5 Rules (bpfcountd-compatible filter files) ##############################
+# 14.4 Rules (bpfcountd-compatible filter files) ##############################
 # provides: format_rule_lines, parse_filter_file, RuleCounter
 #
 # A filter file is bpfcountd's `<id>;<bpf expression>` per line, minus its bugs
@@ -9757,7 +9118,7 @@ STAGES.append(Stage(RuleCounter, _rules, (("rules", rules_document),), rules_met
 
 
 ###############################################################################
-# 14.6 Flow export (IPFIX) ####################################################
+# 14.5 Flow export (IPFIX) ####################################################
 # provides: -
 #
 # The connection table (14.3) as IPFIX (RFC 7011) for the collectors fleets run
@@ -10808,7 +10169,7 @@ DNS_PENDING_MAX = 4096                      # queries waiting for their answer; 
 DNS_QUERY_TIMEOUT = 30.0                    # a query unanswered this long is logged without one
 DNS_TICK_WORK = 4096                        # timed-out queries logged per tick
 NAMES_PROTECTED_FRACTION = 0.8
-# 14.7's reasons; then a TCP stream's: bytes missing (its messages are skipped until it
+# 15.1's reasons; then a TCP stream's: bytes missing (its messages are skipped until it
 # ends), dropped for room (DNS_TCP_STREAMS_MAX)
 DNS_PARSE_ERRORS = ("truncated", "label", "name_too_long", "pointer", "rdata", "gap", "evicted")
 DNS_TCP_LENGTH = struct.Struct("!H")        # RFC 1035 4.2.2: each message over TCP after its length
@@ -11790,21 +11151,21 @@ STAGES.append(Stage(TlsSessions, _tls, (("tls", tls_document),), tls_metrics, tl
 
 
 ###############################################################################
-# 16 HTTP/2 and gRPC ##########################################################
+# 16 HTTP: requests, HTTP/2 and gRPC ##########################################
 ###############################################################################
 # provides: -
 #
-# HTTP/2 in clear text (h2c, RFC 9113) and gRPC over it, read from packets. The chapter
-# grows in the order its parts depend on each other: first HPACK (16.1), the header
-# compression every HEADERS and CONTINUATION block goes through, which is a state per
-# direction of a connection that a capture may join late; then (next) the frame layer
-# (the preface, frame headers, SETTINGS' table size, CONTINUATION bounds, streams), the
-# h2 stage beside the HTTP/1 one (14.4), whose reassembly it shares, and gRPC's calls
-# (content-type, :path, grpc-status from the trailers or RST_STREAM).
+# HTTP read from packets: HTTP/1.x, HTTP/2 in clear text (h2c, RFC 9113) and gRPC over it,
+# on the same ports and connections. The parts in the order they depend on each other:
+# HPACK (16.1), the header compression every HTTP/2 header block goes through, a state
+# per direction of a connection that a capture may join late; HTTP/2 connections (16.2):
+# frames, streams as requests, gRPC's calls; and last the HTTP stage (16.3), whose TCP
+# reassembly feeds both HTTP/1 framing and, once a connection turns out to speak it,
+# HTTP/2.
 
 
 # 16.1 HPACK (RFC 7541, header compression) ###################################
-# provides: -
+# provides: HPACK_ERRORS, HPACK_UNKNOWN, HpackDecoder, HpackError
 #
 # A header block's decoder (RFC 7541), from bytes lpd did not write: integers with a
 # bound on their bytes (5.1), string literals plain or Huffman-coded (5.2, Appendix B),
@@ -12208,6 +11569,1316 @@ class HpackDecoder:
         self._tail = min(self._tail, self._max - self._size)
         if self._tail < HPACK_ENTRY_OVERHEAD:
             self._tail = 0
+
+
+###############################################################################
+# 16.2 HTTP/2 connections (frames, streams, gRPC calls) #######################
+# provides: GRPC_STATUS_NAMES, H2_PARSE_ERRORS, H2_UNDECIDED, H2_UNKNOWN_TEXT, HTTP_TEXT_MAX,
+#   Http2Connection
+#
+# A connection the HTTP stage (16.3) hands over once it speaks HTTP/2: the client's
+# preface (prior knowledge), a 101 answer to `Upgrade: h2c` (the upgraded request is
+# stream 1), or, on a connection open before capture began, frame headers that hold up
+# where a segment starts (any frame shorter than 64 KiB begins with a 0 byte, which
+# HTTP/1 text never does, so the two cannot be confused). Each direction's bytes come in
+# order from the stage's reassembly and are cut into frames (RFC 9113 4.1). DATA is
+# counted as it streams by, never held. A header block (HEADERS or PUSH_PROMISE and its
+# CONTINUATIONs) is held up to H2_HEADER_BLOCK_MAX and then read by that direction's
+# HPACK context; a longer one (a CONTINUATION flood) is dropped as it comes and the
+# context starts over (lost()): what it would have said is unknown, never guessed.
+# SETTINGS carries the table size the peer's encoder may use; the other frames are
+# checked for their size and passed over. A request is a stream: it starts with the
+# client's HEADERS (or the server's PUSH_PROMISE) and ends with the server's END_STREAM
+# or a RST_STREAM from either side; streams are bounded per connection and over all.
+# gRPC (content-type application/grpc...): the method from :path, the status from the
+# trailers' grpc-status, or, without trailers, from the :status or the RST_STREAM code as
+# gRPC's PROTOCOL-HTTP2.md and http-grpc-status-mapping.md map them; the length-prefixed
+# messages counted each way.
+
+HTTP_TEXT_MAX = 1024              # characters of a uri, Host or message kept per request
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_FRAME_HEADER = struct.Struct("!HBBBI")   # length (24 bits: 16 + 8), type, flags, stream
+H2_STREAM_MASK = 0x7FFFFFFF                 # the stream identifier's reserved bit cleared
+(H2_DATA, H2_HEADERS, H2_PRIORITY, H2_RST_STREAM, H2_SETTINGS, H2_PUSH_PROMISE, H2_PING,
+ H2_GOAWAY, H2_WINDOW_UPDATE, H2_CONTINUATION) = range(10)
+H2_END_STREAM = H2_ACK = 0x1
+H2_END_HEADERS, H2_PADDED, H2_PRIORITY_FLAG = 0x4, 0x8, 0x20
+H2_PRIORITY_LEN = 5                         # a HEADERS frame's priority fields (6.2)
+H2_PROMISED_LEN = 4                         # PUSH_PROMISE's promised stream (6.6)
+H2_GOAWAY_LEN = 8                           # last stream and error code (6.8)
+H2_SETTING = struct.Struct("!HI")           # one setting: identifier, value (6.5.1)
+H2_SETTINGS_HEADER_TABLE_SIZE = 1
+# Frames lpd reads whole: every peer accepts frames this long (SETTINGS_MAX_FRAME_SIZE's
+# initial value, 6.5.2) and HEADERS, SETTINGS and the like are not sent longer in practice;
+# a longer control frame is passed over unread, a longer header fragment ends its block.
+H2_FRAME_READ_MAX = 16384
+H2_HEADER_BLOCK_MAX = 64 << 10              # a header block held (HPACK_HEADER_LIST_MAX's 64 KiB)
+H2_BLOCKS_TOTAL_MAX = 64 << 20              # and over every connection at once
+H2_STREAMS_MAX = 1024                       # open streams per connection (servers allow ~100)
+H2_STREAMS_TOTAL_MAX = 65536                # and over every connection
+H2_SETTINGS_PENDING_MAX = 16                # SETTINGS a side sent that wait for the peer's ACK
+H2_SYNC_SEGMENTS = 64                       # segments looked at for a frame boundary, joined late
+# (type: (flags it defines, whether its stream is 0 (True), not 0 (False) or either (None),
+#  its length when fixed)): what a frame header must hold to be taken for one, joined late
+H2_FRAME_RULES = {
+    H2_DATA: (H2_END_STREAM | H2_PADDED, False, None),
+    H2_HEADERS: (H2_END_STREAM | H2_END_HEADERS | H2_PADDED | H2_PRIORITY_FLAG, False, None),
+    H2_PRIORITY: (0, False, H2_PRIORITY_LEN),
+    H2_RST_STREAM: (0, False, 4),
+    H2_SETTINGS: (H2_ACK, True, None),
+    H2_PUSH_PROMISE: (H2_END_HEADERS | H2_PADDED, False, None),
+    H2_PING: (H2_ACK, True, 8),
+    H2_GOAWAY: (0, True, None),
+    H2_WINDOW_UPDATE: (0, None, 4),
+    H2_CONTINUATION: (H2_END_HEADERS, False, None),
+}
+H2_PARSE_ERRORS = ("h2_protocol", "h2_header_block_too_large", "h2_too_many_streams",
+                   "hpack_unknown")
+H2_UNDECIDED = "undecided"                  # take(): more bytes are needed to tell
+# How an HTTP/1 request line (a method token and a space) or status line begins, or
+# the part of one a segment may end in: a joined connection's bytes that match are HTTP/1's.
+H2_HTTP1_START = re.compile(rb"HTTP/1\.|[-!#$%&'*+.^_`|~0-9A-Za-z]{1,20}(?: |\Z)|"
+                            rb"H(?:T(?:T(?:P(?:/1?)?)?)?)?\Z")
+H2_UNKNOWN_TEXT = "_OTHER"                  # a method, path or status HPACK cannot know
+
+GRPC_CONTENT_TYPE = "application/grpc"      # and "application/grpc+proto" and the like
+GRPC_PREFIX = 5                             # a message's compressed flag and 4-byte length
+GRPC_STATUS_NAMES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
+                     "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+                     "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
+                     "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED")
+(GRPC_CANCELLED, GRPC_UNKNOWN, GRPC_PERMISSION_DENIED, GRPC_RESOURCE_EXHAUSTED,
+ GRPC_UNIMPLEMENTED, GRPC_INTERNAL, GRPC_UNAVAILABLE, GRPC_UNAUTHENTICATED) = (
+    GRPC_STATUS_NAMES.index(n) for n in (
+        "CANCELLED", "UNKNOWN", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNIMPLEMENTED",
+        "INTERNAL", "UNAVAILABLE", "UNAUTHENTICATED"))
+# PROTOCOL-HTTP2.md, "Errors": a RST_STREAM's code as the call's status; any other code
+# (NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, ...) is INTERNAL.
+GRPC_FROM_RST = {0x7: GRPC_UNAVAILABLE,          # REFUSED_STREAM
+                 0x8: GRPC_CANCELLED,            # CANCEL
+                 0xB: GRPC_RESOURCE_EXHAUSTED,   # ENHANCE_YOUR_CALM
+                 0xC: GRPC_PERMISSION_DENIED}    # INADEQUATE_SECURITY
+# http-grpc-status-mapping.md: a response without grpc-status, by its :status.
+GRPC_FROM_HTTP = {400: GRPC_INTERNAL, 401: GRPC_UNAUTHENTICATED, 403: GRPC_PERMISSION_DENIED,
+                  404: GRPC_UNIMPLEMENTED, 429: GRPC_UNAVAILABLE, 502: GRPC_UNAVAILABLE,
+                  503: GRPC_UNAVAILABLE, 504: GRPC_UNAVAILABLE}
+HTTP_OK = 200
+
+
+def h2_frames_hold(buf):
+    """Whether buf, taken to begin at a frame boundary, reads as frames: every frame
+    header in it keeps H2_FRAME_RULES. None while not even the first frame is complete
+    (more bytes decide); the last frame may run on past buf's end."""
+    pos, end, frames = 0, len(buf), 0
+    while end - pos >= H2_FRAME_HEADER.size:
+        high, low, kind, flags, stream = H2_FRAME_HEADER.unpack_from(buf, pos)
+        length = high << 8 | low
+        rules = H2_FRAME_RULES.get(kind)
+        if rules is None or length > H2_FRAME_READ_MAX or stream > H2_STREAM_MASK:
+            return False
+        defined, zero, fixed = rules
+        if flags & ~defined or (zero is not None and zero != (stream == 0)) or \
+                (fixed is not None and length != fixed):
+            return False
+        pos += H2_FRAME_HEADER.size + length
+        frames += 1
+        if pos > end:
+            return True if frames > 1 else None
+    return True if frames else None
+
+
+class GrpcCall:
+    """What a stream says as a gRPC call: its method, status (None: not known), message
+    and the length-prefixed messages each way (index 0: the request's, 1: the response's)."""
+    __slots__ = ("method", "status", "said", "message", "messages", "message_bytes", "prefix",
+                 "left")
+
+    def __init__(self, method):
+        self.method = method
+        self.status = self.message = None
+        self.said = False                       # a grpc-status field came (known or not)
+        self.messages, self.message_bytes = [0, 0], [0, 0]
+        self.prefix = [b"", b""]                # a message prefix read in part, each way
+        self.left = [0, 0]                      # bytes of the current message still to come
+
+    def data(self, way, chunk):
+        """Count the messages a DATA payload's bytes begin (5.1 of PROTOCOL-HTTP2.md)."""
+        pos, end = 0, len(chunk)
+        while pos < end:
+            left = self.left[way]
+            if left:
+                step = min(left, end - pos)
+                self.left[way] = left - step
+                pos += step
+                continue
+            prefix = self.prefix[way] + bytes(chunk[pos:pos + GRPC_PREFIX - len(self.prefix[way])])
+            pos += len(prefix) - len(self.prefix[way])
+            if len(prefix) < GRPC_PREFIX:
+                self.prefix[way] = prefix
+                break
+            self.prefix[way] = b""
+            length = int.from_bytes(prefix[1:], "big")
+            self.messages[way] += 1
+            self.message_bytes[way] += length
+            self.left[way] = length
+
+
+class H2Request:
+    """One stream as a request, with the fields the HTTP stage records (16.3's
+    _HttpRequest's, plus the stream and the gRPC call when it is one)."""
+    __slots__ = ("ts", "method", "uri", "host", "depth", "req_body", "resp_body", "status",
+                 "ttfb", "end", "stream", "rpc", "rst")
+    version = "2"
+
+    def __init__(self, ts, stream, depth):
+        self.ts, self.stream, self.depth = ts, stream, depth
+        self.method = self.uri = H2_UNKNOWN_TEXT
+        self.host = self.ttfb = self.end = self.rpc = self.rst = None
+        self.req_body = self.resp_body = self.status = 0
+
+    def request_fields(self, fields):
+        for name, value in fields:
+            if name == ":method":
+                self.method = H2_UNKNOWN_TEXT if value is HPACK_UNKNOWN else value
+            elif name == ":path":
+                self.uri = H2_UNKNOWN_TEXT if value is HPACK_UNKNOWN else value
+            elif name == ":authority" and value is not HPACK_UNKNOWN:
+                self.host = value
+            elif name == "content-type":
+                self._content_type(value)
+
+    def _content_type(self, value):
+        if value is not HPACK_UNKNOWN and value.startswith(GRPC_CONTENT_TYPE) and self.rpc is None:
+            path = self.uri
+            self.rpc = GrpcCall(path[1:] if path.startswith("/") and path != H2_UNKNOWN_TEXT
+                                else H2_UNKNOWN_TEXT)
+
+    def response_fields(self, fields, ts):
+        """A response's HEADERS (or its trailers): False for an interim (1xx) one."""
+        status = None
+        for name, value in fields:
+            if name == ":status":
+                status = value
+            elif name == "content-type":
+                self._content_type(value)
+            elif name == "grpc-status" and self.rpc is not None:
+                self.rpc.status = int(value) if value is not HPACK_UNKNOWN and \
+                    value.isdigit() and int(value) < len(GRPC_STATUS_NAMES) else None
+                self.rpc.said = True
+            elif name == "grpc-message" and self.rpc is not None and value is not HPACK_UNKNOWN:
+                self.rpc.message = urllib.parse.unquote(value[:HTTP_TEXT_MAX])
+        if status is None:
+            return True                     # trailers
+        if status is HPACK_UNKNOWN or not (status.isdigit() and len(status) == 3):
+            code = 0
+        else:
+            code = int(status)
+            if 100 <= code < 200:
+                return False
+        if self.ttfb is None:
+            self.status, self.ttfb = code, ts - self.ts
+        return True
+
+    def finish(self, ts):
+        """The stream is over: its end, and a gRPC status the trailers did not give."""
+        self.end = ts
+        rpc = self.rpc
+        if rpc is None or rpc.said:
+            return
+        if self.rst is not None:
+            rpc.status = GRPC_FROM_RST.get(self.rst, GRPC_INTERNAL)
+        elif self.status and self.status != HTTP_OK:
+            rpc.status = GRPC_FROM_HTTP.get(self.status, GRPC_UNKNOWN)
+
+
+class _H2Side:
+    """One direction of an HTTP/2 connection: its HPACK context, the frame being read and
+    the header block being gathered."""
+    __slots__ = ("hpack", "synced", "tries", "left", "pad", "target", "flags", "data_stream",
+                 "block", "block_stream", "block_end", "block_promised", "block_over", "pending")
+
+    def __init__(self, mid_stream):
+        self.hpack = HpackDecoder(mid_stream=mid_stream)
+        self.synced = not mid_stream        # at a frame boundary
+        self.tries = 0
+        self.left = self.pad = 0            # a DATA payload's bytes to count, then padding
+        self.target = None                  # the request a DATA payload is counted into
+        self.flags = self.data_stream = 0   # the DATA frame's (0 for a frame passed over)
+        self.block = None                   # a header block's fragments, joined
+        self.block_stream = self.block_promised = 0
+        self.block_end = self.block_over = False
+        self.pending = collections.deque(maxlen=H2_SETTINGS_PENDING_MAX)   # table sizes sent
+
+
+class Http2Connection:
+    """The HTTP/2 side of one of the HTTP stage's connections (its _HttpStream `s`):
+    data() reads each direction's bytes, the stage's record() gets each request when it
+    ends, end() finishes what is left."""
+
+    def __init__(self, stage, s, mid_stream, upgraded=None):
+        self.stage, self.conn = stage, s
+        self.client, self.server = _H2Side(mid_stream), _H2Side(mid_stream)
+        self.client_preface = upgraded is not None      # the client's comes after the 101
+        self.streams = {}                   # stream id -> H2Request
+        self.last_stream = 0                # the client's highest: a lower one is over
+        self.depth = s.depth
+        if upgraded is not None:            # RFC 9113 3.2 (7540's): the request is stream 1
+            request = H2Request(upgraded.ts, 1, upgraded.depth)
+            request.method, request.uri, request.host = upgraded.method, upgraded.uri, upgraded.host
+            request.req_body = upgraded.req_body
+            self._open(request)
+            self.last_stream = 1
+
+    @classmethod
+    def take(cls, stage, s, to_server, d):
+        """An HTTP/2 reader for the connection, from the first bytes of one direction:
+        the client's preface, or (joined late) frames; H2_UNDECIDED while the bytes do
+        not tell yet (a connection joined late whose segment starts inside a message:
+        they are let go, and the next segment's start decides); None for HTTP/1."""
+        buf = d.buf
+        if to_server and H2_PREFACE.startswith(bytes(buf[:len(H2_PREFACE)])):
+            if len(buf) < len(H2_PREFACE):
+                return H2_UNDECIDED
+            del buf[:len(H2_PREFACE)]
+            return cls(stage, s, False)
+        if not s.joined or H2_HTTP1_START.match(buf):
+            return None
+        holds = h2_frames_hold(buf)
+        if holds:
+            return cls(stage, s, True)
+        if holds is False:
+            buf.clear()
+        return H2_UNDECIDED
+
+    def data(self, to_server, d, ts):
+        """Read the frames of d.buf (one direction's bytes in order). False: this
+        direction cannot be read further (counted)."""
+        side = self.client if to_server else self.server
+        buf = d.buf
+        if to_server and self.client_preface:
+            if len(buf) < len(H2_PREFACE):
+                return H2_PREFACE.startswith(bytes(buf)) or self._error("h2_protocol")
+            if buf[:len(H2_PREFACE)] != H2_PREFACE:
+                return self._error("h2_protocol")
+            del buf[:len(H2_PREFACE)]
+            self.client_preface = False
+        if not side.synced:
+            holds = h2_frames_hold(buf)
+            if holds is None:
+                return True
+            if not holds:
+                buf.clear()                 # wait for a segment that starts with a frame
+                side.tries += 1
+                return side.tries < H2_SYNC_SEGMENTS or self._error("h2_protocol")
+            side.synced = True
+        pos, end = 0, len(buf)
+        try:
+            while pos < end:
+                if side.left or side.pad:
+                    pos = self._payload(side, to_server, buf, pos, end, ts)
+                    continue
+                if end - pos < H2_FRAME_HEADER.size:
+                    break
+                high, low, kind, flags, stream = H2_FRAME_HEADER.unpack_from(buf, pos)
+                length, stream = high << 8 | low, stream & H2_STREAM_MASK
+                if kind == H2_DATA:
+                    if flags & H2_PADDED:
+                        if end - pos < H2_FRAME_HEADER.size + 1:
+                            break
+                        side.pad = buf[pos + H2_FRAME_HEADER.size]
+                        if side.pad >= length:
+                            return self._error("h2_protocol")
+                        length -= 1 + side.pad
+                        pos += 1
+                    if side.block is not None:
+                        return self._error("h2_protocol")
+                    pos += H2_FRAME_HEADER.size
+                    side.left, side.flags, side.data_stream = length, flags, stream
+                    side.target = self.streams.get(stream)
+                    if not length and not side.pad:
+                        self._data_end(side, to_server, ts)
+                    continue
+                if length > H2_FRAME_READ_MAX:  # passed over; a header block ends unread
+                    if kind in (H2_HEADERS, H2_PUSH_PROMISE, H2_CONTINUATION):
+                        self._block_over(side)
+                        side.block_stream = stream
+                        if flags & H2_END_HEADERS:
+                            side.block, side.block_over = None, False
+                    pos += H2_FRAME_HEADER.size
+                    side.left, side.target, side.flags, side.data_stream = length, None, 0, 0
+                    continue
+                if end - pos < H2_FRAME_HEADER.size + length:
+                    break
+                start = pos + H2_FRAME_HEADER.size
+                pos = start + length
+                if not self._frame(side, to_server, kind, flags, stream,
+                                   memoryview(buf)[start:pos], ts):
+                    return False
+        finally:
+            del buf[:pos]
+        return True
+
+    def _payload(self, side, to_server, buf, pos, end, ts):
+        """A DATA frame's bytes (or a frame passed over), counted as they come."""
+        if side.left:
+            step = min(side.left, end - pos)
+            target = side.target
+            if target is not None:
+                if to_server:
+                    target.req_body += step
+                else:
+                    target.resp_body += step
+                if target.rpc is not None:
+                    target.rpc.data(0 if to_server else 1, memoryview(buf)[pos:pos + step])
+            side.left -= step
+            pos += step
+        if not side.left:
+            step = min(side.pad, end - pos)
+            side.pad -= step
+            pos += step
+            if not side.pad and side.data_stream:
+                self._data_end(side, to_server, ts)
+        return pos
+
+    def _data_end(self, side, to_server, ts):
+        stream, side.data_stream = side.data_stream, 0
+        if side.flags & H2_END_STREAM and not to_server:
+            request = self.streams.get(stream)
+            if request is not None:
+                self._close(request, ts)
+
+    def _frame(self, side, to_server, kind, flags, stream, payload, ts):
+        """One whole frame other than DATA. False: the direction cannot be read further."""
+        if side.block is not None and (kind != H2_CONTINUATION or stream != side.block_stream):
+            return self._error("h2_protocol")          # 6.10: nothing between fragments
+        if kind in (H2_HEADERS, H2_PUSH_PROMISE):
+            pad = 0
+            if flags & H2_PADDED:
+                if not payload:
+                    return self._error("h2_protocol")
+                pad, payload = payload[0], payload[1:]
+            skip = H2_PROMISED_LEN if kind == H2_PUSH_PROMISE else \
+                H2_PRIORITY_LEN if flags & H2_PRIORITY_FLAG else 0
+            if pad + skip > len(payload) or stream == 0:
+                return self._error("h2_protocol")
+            promised = int.from_bytes(payload[:skip], "big") & H2_STREAM_MASK \
+                if kind == H2_PUSH_PROMISE else 0
+            side.block, side.block_stream, side.block_promised = bytearray(), stream, promised
+            side.block_end, side.block_over = bool(flags & H2_END_STREAM), False
+            self._fragment(side, payload[skip:len(payload) - pad])
+        elif kind == H2_CONTINUATION:
+            if side.block is None:
+                return self._error("h2_protocol")
+            self._fragment(side, payload)
+        elif kind == H2_SETTINGS:
+            if flags & H2_ACK:
+                other = self.server if to_server else self.client
+                if other.pending:               # the peer's sizes apply once acknowledged
+                    size = other.pending.popleft()
+                    if size is not None:
+                        side.hpack.settings = size
+                return True
+            if len(payload) % H2_SETTING.size:
+                return self._error("h2_protocol")
+            size = None
+            for at in range(0, len(payload), H2_SETTING.size):
+                ident, value = H2_SETTING.unpack_from(payload, at)
+                if ident == H2_SETTINGS_HEADER_TABLE_SIZE:
+                    size = value
+            other = self.server if to_server else self.client
+            side.pending.append(size)
+            if size is not None and size > other.hpack.settings:
+                other.hpack.settings = size         # a larger one may be used at once
+            return True
+        elif kind == H2_RST_STREAM:
+            request = self.streams.get(stream)
+            if request is not None and len(payload) == 4:
+                request.rst = int.from_bytes(payload, "big")
+                self._close(request, ts)
+            return True
+        elif kind == H2_GOAWAY:
+            if len(payload) >= H2_GOAWAY_LEN and not to_server:
+                last = int.from_bytes(payload[:4], "big") & H2_STREAM_MASK
+                for sid in [sid for sid, r in self.streams.items() if sid > last and r.ttfb is None]:
+                    self._drop(sid)         # never processed: the client asks again elsewhere
+            return True
+        else:
+            return True                     # PRIORITY, PING, WINDOW_UPDATE, extensions
+        if flags & H2_END_HEADERS:
+            self._block_done(side, to_server, ts)
+        return True
+
+    def _fragment(self, side, fragment):
+        if side.block_over:
+            return
+        if len(side.block) + len(fragment) > H2_HEADER_BLOCK_MAX or \
+                self.stage.h2_blocks + len(fragment) > H2_BLOCKS_TOTAL_MAX:
+            self._block_over(side)
+            return
+        side.block += fragment
+        self.stage.h2_blocks += len(fragment)
+
+    def _block_over(self, side):
+        """A header block past the bounds: dropped, and the HPACK context with it."""
+        if not side.block_over:
+            self.stage.errors["h2_header_block_too_large"] += 1
+            side.hpack.lost()
+        self.stage.h2_blocks -= len(side.block or b"")
+        side.block, side.block_over = bytearray(), True
+
+    def _block_done(self, side, to_server, ts):
+        block, over, stream = side.block, side.block_over, side.block_stream
+        self.stage.h2_blocks -= len(block)
+        side.block, side.block_over = None, False
+        if over:
+            return
+        unknown = side.hpack.unknown_fields
+        try:
+            fields = side.hpack.decode(block)
+        except HpackError as e:
+            self.stage.errors["hpack_" + e.reason] += 1
+            if e.reason not in ("too_long", "too_many"):
+                return
+            fields = ()
+        if side.hpack.unknown_fields != unknown:
+            self.stage.errors["hpack_unknown"] += side.hpack.unknown_fields - unknown
+        if side.block_promised:             # a pushed request (8.4): its response follows
+            request = self._new(side.block_promised, ts)
+            if request is not None:
+                request.request_fields(fields)
+            return
+        request = self.streams.get(stream)
+        if to_server:
+            if request is None and stream > self.last_stream:
+                self.last_stream = stream
+                request = self._new(stream, ts)
+                if request is not None:
+                    request.request_fields(fields)
+        elif request is not None:
+            if request.response_fields(fields, ts) and side.block_end:
+                self._close(request, ts)
+
+    def _new(self, stream, ts):
+        stage = self.stage
+        if len(self.streams) >= H2_STREAMS_MAX or stage.h2_streams >= H2_STREAMS_TOTAL_MAX:
+            stage.errors["h2_too_many_streams"] += 1
+            return None
+        self.depth += 1
+        request = H2Request(ts, stream, self.depth)
+        self._open(request)
+        return request
+
+    def _open(self, request):
+        self.streams[request.stream] = request
+        self.stage.h2_streams += 1
+
+    def _drop(self, stream):
+        del self.streams[stream]
+        self.stage.h2_streams -= 1
+
+    def _close(self, request, ts):
+        self._drop(request.stream)
+        request.finish(ts)
+        self.stage.record(self.conn, request)
+
+    def _error(self, reason):
+        self.stage.errors[reason] += 1
+        return False
+
+    def end(self, ts):
+        """The connection is over: streams left are recorded unanswered (or as far as they
+        went), a block being gathered is let go."""
+        for side in (self.client, self.server):
+            if side.block is not None:
+                self.stage.h2_blocks -= len(side.block)
+                side.block = None
+        for request in list(self.streams.values()):
+            self._close(request, ts)
+
+
+###############################################################################
+# 16.3 HTTP requests (TCP reassembly, HTTP/1.x, the stage) ####################
+# provides: -
+#
+# Per TCP connection to or from an --http-ports port: each direction's bytes in sequence
+# order (retransmissions dropped, out-of-order segments held in a bounded buffer, a gap
+# that never fills ends parsing of the connection), then HTTP/1.x framing as RFC 9112
+# section 6 has it: requests and responses matched in order (pipelining), bodies skipped
+# by length or by chunks, never buffered. Timing comes from the segments' timestamps.
+# Before its first HTTP/1 request a connection may show it speaks HTTP/2 (16.2's take():
+# the preface, or frames where capture joined it late), or switch to it by a 101 answer
+# to `Upgrade: h2c`: from then on its bytes go to its Http2Connection. HTTP/2 requests
+# and gRPC calls are recorded here as HTTP/1's are: the log, /api/requests, OpenTelemetry's
+# histograms (gRPC calls in rpc_server_call_duration_seconds, semantic conventions
+# v1.40.0, not in the HTTP one), and their messages counted.
+
+HTTP_MAX_HEAD = 64 << 10          # a request or response head beyond this is not HTTP we read
+HTTP_OOO_MAX = 256 << 10          # out-of-order bytes held per direction; beyond: a gap
+HTTP_OOO_TOTAL_MAX = 64 << 20     # and over every connection: a flood of early segments is gaps
+HTTP_PENDING_MAX = 1024           # requests waiting for responses on one connection
+HTTP_OOO_SEGMENTS = 1024          # early segments held per direction (each fill scans them)
+HTTP_RECENT_SERVERS = 128         # servers with /api/requests history: worst case ~256 MiB
+HTTP_SERVERS_MAX = 4096           # servers with their own series and /api/requests; the rest: other
+HTTP_STREAMS_MAX = 65536          # connections parsed at once; then the least active one goes
+HTTP_IDLE_TIMEOUT = DEFAULT_CONN_TIMEOUT_TCP
+HTTP_RECENT = 1000                # requests kept per server for /api/requests
+HTTP_ROUTES_MAX = 50              # routes per server with their own series; the rest: other
+HTTP_LATENCY_SAMPLES = 100_000    # durations kept per server for the table's percentiles
+# OpenTelemetry's http.server.request.duration buckets (seconds).
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+                          "PATCH"))
+HTTP_PARSE_ERRORS = ("gap", "head_too_large", "bad_request", "bad_response", "bad_chunk",
+                     "unmatched_response", "too_many_pending") + H2_PARSE_ERRORS + \
+    tuple("hpack_" + reason for reason in HPACK_ERRORS)
+HTTP_H2C = "h2c"                  # the Upgrade token of HTTP/2 in clear text (RFC 7540 3.2)
+RPC_SYSTEM = "grpc"               # rpc.system.name
+HTTP_ID_SEGMENT = re.compile(r"[0-9]+|[0-9a-fA-F]{8,}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                             r"[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+HTTP_HEAD_END = re.compile(rb"\r?\n\r?\n")
+HTTP_CHUNK_LINE = re.compile(rb"\r?\n")
+HTTP_CHUNK_SIZE_RE = re.compile(rb"[0-9a-fA-F]{1,16}")
+HTTP_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+HTTP_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})")
+# parser states, per direction
+(HTTP_HEAD, HTTP_BODY, HTTP_CHUNK_SIZE, HTTP_CHUNK_DATA, HTTP_CHUNK_END, HTTP_TRAILER,
+ HTTP_UNTIL_CLOSE, HTTP_STOPPED) = range(8)
+
+
+def http_route(uri):
+    """The path without query, ids (numbers, long hex, UUIDs) as :id."""
+    path = uri.split("?", 1)[0].split("#", 1)[0]
+    if "://" in path:                                  # absolute-form (a proxy request)
+        path = "/" + path.split("://", 1)[1].partition("/")[2]
+    parts = [":id" if HTTP_ID_SEGMENT.fullmatch(p) else p for p in path.split("/")]
+    return "/".join(parts) or "/"
+
+
+def _headers(block):
+    """Header fields of a head (after its first line): {lower-case name: last value}."""
+    fields = {}
+    for line in block.split(b"\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep:
+            fields[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+    return fields
+
+
+class _HttpDir:
+    """One direction of a connection: reassembly, then the framing state."""
+    __slots__ = ("next_seq", "ooo", "ooo_bytes", "buf", "buf_ts", "state", "left", "fin",
+                 "last_data", "scanned")
+
+    def __init__(self):
+        self.last_data = 0.0                 # when the last in-order payload byte was had
+        self.scanned = 0                     # bytes of buf searched for a line or head end
+        self.next_seq = None
+        self.ooo = {}                       # seq -> (bytes, ts)
+        self.ooo_bytes = 0
+        self.buf = bytearray()              # bytes not yet framed
+        self.buf_ts = 0.0                   # timestamp of the first byte in buf
+        self.state, self.left, self.fin = HTTP_HEAD, 0, False
+
+
+class _HttpRequest:
+    __slots__ = ("ts", "method", "uri", "host", "depth", "req_body", "resp_body", "status",
+                 "ttfb", "end", "head", "connect", "version", "upgrade")
+    stream = rpc = None                         # an HTTP/2 request's (16.2's H2Request)
+
+    def __init__(self, ts, method, uri, host, depth, version, upgrade):
+        self.ts, self.method, self.uri, self.host, self.depth = ts, method, uri, host, depth
+        self.version, self.upgrade = version, upgrade
+        self.req_body = self.resp_body = self.status = 0
+        self.ttfb = self.end = None
+        self.head, self.connect = method == "HEAD", method == "CONNECT"
+
+
+class _HttpStream:
+    __slots__ = ("key", "client", "server", "to_server", "to_client", "pending", "depth",
+                 "last", "current_request", "response", "joined", "h2")
+
+    def __init__(self, key, client, server, joined):
+        self.key, self.client, self.server = key, client, server
+        self.joined = joined                    # capture began after the connection did
+        self.h2 = None                          # its Http2Connection once it speaks HTTP/2
+        self.to_server, self.to_client = _HttpDir(), _HttpDir()
+        self.pending = collections.deque()      # requests waiting for their response
+        self.depth = 0
+        self.last = 0.0
+        self.current_request = None             # being received (its body)
+        self.response = None                    # (request, final?) being received
+
+
+class HttpSnapshot(NamedTuple):
+    """Histogram rows ((labels), bucket counts, sum, count), parse errors, the recent
+    requests per server (newest first) and per-server summaries for the table; the same
+    for gRPC calls, and their messages."""
+    histogram: tuple = ()
+    parse_errors: tuple = ()
+    recent: tuple = ()                     # ((server, (record, ...)), ...)
+    servers: tuple = ()                    # ((server, requests, errors, (durations...), ((route, n), ...)), ...)
+    rpc_histogram: tuple = ()
+    rpc_messages: tuple = ()               # ((method, direction, server, port, container), messages, bytes)
+    rpc_servers: tuple = ()                # ((server, calls, ((status, n), ...), (durations...), ((method, n), ...)), ...)
+
+    def merge(self, other):
+        recent = {}
+        for srv, recs in self.recent + other.recent:
+            recent[srv] = recent.get(srv, ()) + recs
+        summary = {}
+        for srv, n, errors, durations, routes in self.servers + other.servers:
+            if srv in summary:
+                n0, e0, d0, r0 = summary[srv]
+                summary[srv] = (n0 + n, e0 + errors, (d0 + durations)[-HTTP_LATENCY_SAMPLES:],
+                                _merge_keyed(r0, routes, 1))
+            else:
+                summary[srv] = (n, errors, durations, routes)
+        calls = {}
+        for srv, n, statuses, durations, methods in self.rpc_servers + other.rpc_servers:
+            if srv in calls:
+                n0, s0, d0, m0 = calls[srv]
+                calls[srv] = (n0 + n, _merge_keyed(s0, statuses, 1),
+                              (d0 + durations)[-HTTP_LATENCY_SAMPLES:], _merge_keyed(m0, methods, 1))
+            else:
+                calls[srv] = (n, statuses, durations, methods)
+        return HttpSnapshot(
+            _merge_histograms(self.histogram, other.histogram),
+            _merge_keyed(self.parse_errors, other.parse_errors, 1),
+            tuple((srv, tuple(sorted(recs, key=_finished_at, reverse=True)[:HTTP_RECENT]))
+                  for srv, recs in itertools.islice(recent.items(), HTTP_RECENT_SERVERS)),
+            tuple((srv, *v) for srv, v in summary.items()),
+            _merge_histograms(self.rpc_histogram, other.rpc_histogram),
+            _merge_keyed(self.rpc_messages, other.rpc_messages, 5),
+            tuple((srv, *v) for srv, v in calls.items()))
+
+
+def _finished_at(rec):
+    return rec["ts"] + rec["duration"]
+
+
+def _observe(histogram, labels, value):
+    """One observation into {labels: [a count per HTTP_BUCKETS bucket and one above the
+    last, sum, count]}."""
+    h = histogram.get(labels)
+    if h is None:
+        h = histogram[labels] = [0] * (len(HTTP_BUCKETS) + 3)
+    h[bisect.bisect_left(HTTP_BUCKETS, value)] += 1
+    h[-2] += value
+    h[-1] += 1
+
+
+def _histogram_rows(histogram):
+    return tuple((k, tuple(v[:-2]), v[-2], v[-1]) for k, v in histogram.items())
+
+
+def _merge_histograms(a, b):
+    """Histogram rows ((labels), bucket counts, sum, count) of two snapshots, summed."""
+    hist = {}
+    for labels, counts, total, n in a + b:
+        if labels in hist:
+            c, t, m = hist[labels]
+            hist[labels] = (_add(c, counts), t + total, m + n)
+        else:
+            hist[labels] = (counts, total, n)
+    return tuple((k, c, t, n) for k, (c, t, n) in hist.items())
+
+
+class HttpRequests(Consumer):
+    """HTTP/1.x requests on --http-ports, from the frames: `finished(record)` gets each
+    request as an http.log record (Zeek's names where they exist)."""
+    name = "http"
+    snapshot_type = HttpSnapshot
+    wants = frozenset((WANT_RAW, WANT_TS))
+
+    def __init__(self, ports=DEFAULT_HTTP_PORTS, finished=None, container=None):
+        self.ports = frozenset(ports)
+        self.finished = finished
+        self.container = container or (lambda addr: "")
+        self.streams = collections.OrderedDict()
+        self.errors = dict.fromkeys(HTTP_PARSE_ERRORS, 0)
+        self.histogram = {}                      # labels -> [bucket counts..., sum, count]
+        self.recent = {}                         # server -> deque of records
+        self.routes = {}                         # server -> {route: requests}
+        self.summary = {}                        # server -> [requests, errors, durations]
+        self.ooo_total = 0                       # out-of-order bytes held, every connection
+        self.rpc_histogram = {}                  # as histogram, for gRPC calls
+        self.rpc_methods = {}                    # server -> {method: calls}
+        self.rpc_messages = {}                   # (method, direction, server, port, container) -> [n, bytes]
+        self.rpc_summary = {}                    # server -> [calls, {status: n}, durations]
+        self.h2_blocks = 0                       # HTTP/2 header block bytes held, every connection
+        self.h2_streams = 0                      # and HTTP/2 streams open
+
+    def snaplen(self):
+        """Nothing of other frames: the kernel program returns this stage's frames whole
+        (kernel_program's `whole`), and a replay has them whole."""
+        return 0
+
+    def whole_ports(self):
+        return tuple(sorted(self.ports)), ()
+
+    def consume(self, batch):
+        ports = {IPPROTO_TCP: self.ports}
+        for data, ts, wire_bytes, frames, l2_len in frames_in_order(batch):
+            if frames == 1 and len(data) < wire_bytes:
+                continue                         # a frame cut short: its bytes are a gap
+            if not not_on_ports(data, ports):
+                self.packet(data, ts)
+
+    def packet(self, data, ts):
+        f = parse_l4(data)
+        if f is None or f[0] != IPPROTO_TCP:
+            return
+        _, src, dst, sport, dport, ip_len, plen, flags, seq, ack, window, _, at = f
+        if dport in self.ports:
+            key, to_server = (src, sport, dst, dport), True
+        elif sport in self.ports:
+            key, to_server = (dst, dport, src, sport), False
+        else:
+            return
+        s = self.streams.get(key)
+        if s is not None and flags & (TH_SYN | TH_ACK) == TH_SYN and to_server and \
+                s.to_server.next_seq not in (None, (seq + 1) % SEQ_MOD):
+            self.end(s)                            # a new connection on the same ports
+            s = None
+        if s is None:
+            if flags & TH_RST or not (plen or flags & TH_SYN):
+                return
+            if len(self.streams) >= HTTP_STREAMS_MAX:
+                self.end(next(iter(self.streams.values())))
+            s = self.streams[key] = _HttpStream(key, (src, sport) if to_server else (dst, dport),
+                                                (dst, dport) if to_server else (src, sport),
+                                                not flags & TH_SYN)
+        self.streams.move_to_end(key)
+        s.last = ts
+        d = s.to_server if to_server else s.to_client
+        if flags & TH_SYN:
+            d.next_seq = (seq + 1) % SEQ_MOD
+        elif plen or flags & TH_FIN:
+            payload = memoryview(data)[at:at + plen]
+            if d.next_seq is None:
+                d.next_seq = seq                  # joined mid-stream
+            self._segment(s, d, to_server, seq, payload, bool(flags & TH_FIN), ts)
+        if flags & TH_RST or (s.to_server.fin and s.to_client.fin):
+            self.end(s)
+
+    def _segment(self, s, d, to_server, seq, payload, fin, ts):
+        """Reassembly: deliver what continues the stream, hold what comes early."""
+        if d.state == HTTP_STOPPED:
+            return
+        off = (seq - d.next_seq) % SEQ_MOD
+        if off >= SEQ_HALF:                      # starts before next_seq: drop what was seen
+            cut = SEQ_MOD - off
+            if cut >= len(payload) and not (fin and cut == len(payload)):
+                return
+            payload, seq = payload[cut:], d.next_seq
+            off = 0
+        if off:
+            held = d.ooo.get(seq)
+            if held is None and len(d.ooo) >= HTTP_OOO_SEGMENTS:
+                self._gap(s, d)                    # bare FINs and slivers count too
+                return
+            if held is None or len(held[0]) < len(payload):
+                if held is not None:
+                    d.ooo_bytes -= len(held[0])
+                    self.ooo_total -= len(held[0])
+                d.ooo[seq] = (bytes(payload), ts, fin)
+                d.ooo_bytes += len(payload)
+                self.ooo_total += len(payload)
+            if d.ooo_bytes > HTTP_OOO_MAX or self.ooo_total > HTTP_OOO_TOTAL_MAX:
+                self._gap(s, d)
+            return
+        self._deliver(s, d, to_server, payload, fin, ts)
+        while d.ooo and d.state != HTTP_STOPPED:
+            exact = d.ooo.pop(d.next_seq, None)
+            if exact is not None:                  # the common case: no scan
+                data, t, f = exact
+                d.ooo_bytes -= len(data)
+                self.ooo_total -= len(data)
+                self._deliver(s, d, to_server, data, f, max(t, ts))
+                continue
+            for k in list(d.ooo):
+                o = (k - d.next_seq) % SEQ_MOD
+                if o == 0 or o >= SEQ_HALF:
+                    data, t, f = d.ooo.pop(k)
+                    d.ooo_bytes -= len(data)
+                    self.ooo_total -= len(data)
+                    if o >= SEQ_HALF:
+                        data = data[SEQ_MOD - o:]
+                        if not data and not f:
+                            break
+                    # held bytes are had now, when the gap before them filled
+                    self._deliver(s, d, to_server, data, f, max(t, ts))
+                    break
+            else:
+                break
+
+    def _gap(self, s, d):
+        self.errors["gap"] += 1
+        d.state = HTTP_STOPPED
+        self._drop_held(d)
+
+    def _drop_held(self, d):
+        self.ooo_total -= d.ooo_bytes
+        d.ooo.clear()
+        d.ooo_bytes = 0
+        d.buf.clear()
+
+    def _deliver(self, s, d, to_server, payload, fin, ts):
+        d.next_seq = (d.next_seq + len(payload) + (1 if fin else 0)) % SEQ_MOD
+        if payload:
+            d.last_data = ts
+            if not d.buf:
+                d.buf_ts = ts
+            d.buf += payload
+            if s.h2 is None and not s.depth:
+                h2 = Http2Connection.take(self, s, to_server, d)
+                if h2 is H2_UNDECIDED:
+                    return
+                s.h2 = h2
+            if s.h2 is None:
+                (self._client_bytes if to_server else self._server_bytes)(s, d, ts)
+            elif not s.h2.data(to_server, d, ts):
+                d.state = HTTP_STOPPED
+                d.buf.clear()
+        if fin:
+            d.fin = True
+            if not to_server and d.state == HTTP_UNTIL_CLOSE and s.response:
+                self._response_done(s, d.last_data)     # its last byte, not the FIN
+            d.state = HTTP_STOPPED                      # nothing comes after a FIN
+
+    # -- framing --------------------------------------------------------------
+
+    def _head(self, d):
+        """A complete head at the start of d.buf, or None (waiting, or no HTTP)."""
+        m = HTTP_HEAD_END.search(d.buf, max(0, d.scanned - 3))   # a head trickling in: once
+        if m is None:
+            d.scanned = len(d.buf)
+            if len(d.buf) > HTTP_MAX_HEAD:
+                self.errors["head_too_large"] += 1
+                d.state = HTTP_STOPPED
+            return None
+        d.scanned = 0
+        head = bytes(d.buf[:m.start()])
+        del d.buf[:m.end()]
+        return head
+
+    def _client_bytes(self, s, d, ts):
+        while d.buf and d.state != HTTP_STOPPED:
+            if d.state == HTTP_HEAD:
+                while d.buf[:2] == b"\r\n" or d.buf[:1] == b"\n":      # blank lines between
+                    del d.buf[:2 if d.buf[:2] == b"\r\n" else 1]
+                if not d.buf:
+                    return
+                first_ts = d.buf_ts
+                head = self._head(d)
+                if head is None:
+                    return
+                parts = head.split(b"\n", 1)[0].split()
+                if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+                    self.errors["bad_request"] += 1
+                    d.state = HTTP_STOPPED
+                    return
+                fields = _headers(head)
+                if len(s.pending) >= HTTP_PENDING_MAX:
+                    self.errors["too_many_pending"] += 1
+                    d.state = HTTP_STOPPED
+                    return
+                s.depth += 1
+                host = fields.get("host")
+                r = _HttpRequest(first_ts, parts[0].decode("latin-1")[:HTTP_TEXT_MAX],
+                                 parts[1].decode("latin-1")[:HTTP_TEXT_MAX],
+                                 host[:HTTP_TEXT_MAX] if host is not None else None, s.depth,
+                                 parts[2][len(b"HTTP/"):].decode("latin-1"),
+                                 fields.get("upgrade", "").lower() == HTTP_H2C)
+                s.pending.append(r)
+                s.current_request = r
+                d.buf_ts = ts
+                self._frame_body(d, fields, parts[2] == b"HTTP/1.1", None)
+            elif not self._body_bytes(d, lambda n: setattr(s.current_request, "req_body",
+                                                          s.current_request.req_body + n)):
+                return
+            if d.state == HTTP_HEAD:
+                d.buf_ts = ts
+
+    def _frame_body(self, d, fields, http11, no_body):
+        """After a head: what the body is (RFC 9112 6.3)."""
+        te = fields.get("transfer-encoding", "").lower()
+        if no_body:
+            d.state = HTTP_HEAD
+        elif te and te.rsplit(",", 1)[-1].strip() == "chunked":
+            d.state = HTTP_CHUNK_SIZE
+        elif "content-length" in fields:
+            # RFC 9112 6.3: digits only; a list of one value repeated is that value
+            values = {v.strip() for v in fields["content-length"].split(",")}
+            value = values.pop() if len(values) == 1 else ""
+            d.left = int(value) if HTTP_CONTENT_LENGTH.fullmatch(value) else -1
+            if d.left < 0:
+                self.errors["bad_request" if no_body is None else "bad_response"] += 1
+                d.state = HTTP_STOPPED
+                return
+            d.state = HTTP_BODY if d.left else HTTP_HEAD
+        elif no_body is None:
+            d.state = HTTP_HEAD                  # a request without a length has no body
+        else:
+            d.state = HTTP_UNTIL_CLOSE
+
+    def _line(self, d, error):
+        """The next CRLF-ended line of d.buf, taken from it; None while incomplete (or
+        when it grew past HTTP_MAX_HEAD: counted as `error`, the stream stopped)."""
+        m = HTTP_CHUNK_LINE.search(d.buf, max(0, d.scanned - 1))
+        d.scanned = 0 if m else len(d.buf)
+        if m is None:
+            if len(d.buf) > HTTP_MAX_HEAD:
+                self.errors[error] += 1
+                d.state = HTTP_STOPPED
+            return None
+        line = bytes(d.buf[:m.start()])
+        del d.buf[:m.end()]
+        return line
+
+    def _body_bytes(self, d, add):
+        """Consume body bytes from d.buf in the current state; add(n) counts them.
+        False when it must wait for more bytes (a size line or CRLF not complete)."""
+        if d.state in (HTTP_BODY, HTTP_CHUNK_DATA):
+            n = min(d.left, len(d.buf))
+            del d.buf[:n]
+            add(n)
+            d.left -= n
+            if not d.left:
+                d.state = HTTP_HEAD if d.state == HTTP_BODY else HTTP_CHUNK_END
+        elif d.state == HTTP_CHUNK_SIZE:
+            line = self._line(d, "bad_chunk")
+            if line is None:
+                return False
+            line = line.split(b";", 1)[0].strip()
+            if not HTTP_CHUNK_SIZE_RE.fullmatch(line):      # int(x, 16) takes 0x5, +5, -5, 0_5
+                self.errors["bad_chunk"] += 1
+                d.state = HTTP_STOPPED
+                return False
+            d.left = int(line, 16)
+            d.state = HTTP_CHUNK_DATA if d.left else HTTP_TRAILER
+        elif d.state == HTTP_CHUNK_END:
+            m = HTTP_CHUNK_LINE.match(d.buf)
+            if m is None:
+                if len(d.buf) >= 2 or d.buf[:1] not in (b"\r", b"\n"):
+                    self.errors["bad_chunk"] += 1
+                    d.state = HTTP_STOPPED
+                return False
+            del d.buf[:m.end()]
+            d.state = HTTP_CHUNK_SIZE
+        elif d.state == HTTP_TRAILER:
+            line = self._line(d, "head_too_large")
+            if line is None:
+                return False
+            if not line.strip():
+                d.state = HTTP_HEAD              # the blank line ends the trailers
+        elif d.state == HTTP_UNTIL_CLOSE:
+            add(len(d.buf))
+            d.buf.clear()
+        return True
+
+    def _server_bytes(self, s, d, ts):
+        while d.buf and d.state != HTTP_STOPPED:
+            if d.state == HTTP_HEAD:
+                first_ts = d.buf_ts
+                head = self._head(d)
+                if head is None:
+                    return
+                m = HTTP_STATUS_LINE.match(head)
+                if m is None:
+                    self.errors["bad_response"] += 1
+                    d.state = HTTP_STOPPED
+                    return
+                code = int(m.group(2))
+                if not s.pending:
+                    self.errors["unmatched_response"] += 1
+                    d.state = HTTP_STOPPED
+                    return
+                r = s.pending[0]
+                if 100 <= code < 200 and code != 101:
+                    d.buf_ts = ts
+                    continue                     # interim (100 Continue): the request goes on
+                if code == 101 and r.upgrade and len(s.pending) == 1:
+                    s.pending.popleft()          # HTTP/2 from here; the request is stream 1
+                    s.current_request = None
+                    s.h2 = Http2Connection(self, s, False, r)
+                    if not s.h2.data(False, d, ts):
+                        d.state = HTTP_STOPPED
+                    if s.to_server.buf and not s.h2.data(True, s.to_server, ts):
+                        s.to_server.state = HTTP_STOPPED
+                    return
+                r.status, r.ttfb = code, first_ts - r.ts
+                s.response = r
+                fields = _headers(head)
+                no_body = r.head or code in (204, 304) or code == 101 or \
+                    (r.connect and 200 <= code < 300)
+                self._frame_body(d, fields, m.group(1) == b"1", no_body)
+                if d.state == HTTP_HEAD:
+                    self._response_done(s, ts)
+                if code == 101 or (r.connect and 200 <= code < 300):
+                    d.state = s.to_server.state = HTTP_STOPPED     # a tunnel: not HTTP any more
+                    return
+            else:
+                r = s.response
+                if r is None:                     # bytes after the response that ran to the close
+                    d.state = HTTP_STOPPED
+                    return
+                if not self._body_bytes(d, lambda n: setattr(r, "resp_body", r.resp_body + n)):
+                    return
+                if d.state == HTTP_HEAD:
+                    self._response_done(s, ts)
+            d.buf_ts = ts
+
+    def _response_done(self, s, ts):
+        r = s.response
+        s.response = None
+        if s.pending and s.pending[0] is r:
+            s.pending.popleft()
+        r.end = ts
+        self.record(s, r)
+
+    # -- ends -----------------------------------------------------------------
+
+    def end(self, s):
+        """The connection is over: a response running to the close ends, requests left
+        unanswered finish with status 0, an unfilled gap is counted."""
+        self.streams.pop(s.key, None)
+        if s.h2 is not None:
+            s.h2.end(s.last)
+        if s.response is not None and s.to_client.state == HTTP_UNTIL_CLOSE:
+            self._response_done(s, s.to_client.last_data)
+        for d in (s.to_server, s.to_client):
+            if d.ooo and d.state != HTTP_STOPPED:
+                self._gap(s, d)
+            self._drop_held(d)
+        while s.pending:
+            r = s.pending.popleft()
+            r.end = s.last
+            r.status = 0 if r.ttfb is None else r.status
+            self.record(s, r)
+
+    def finish(self):
+        """End of a replay (or of capture): every stream's pending requests are recorded."""
+        for s in list(self.streams.values()):
+            self.end(s)
+        return True
+
+    def tick(self, now):
+        while self.streams:
+            s = next(iter(self.streams.values()))
+            if s.last + HTTP_IDLE_TIMEOUT > now:
+                break
+            self.end(s)
+
+    def record(self, s, r):
+        (ch, cp), (sh, sp) = s.client, s.server
+        server_h = raw_address(sh)
+        server = f"{server_h}:{sp}"
+        container = self.container(sh)
+        if container:
+            server = container
+        if server not in self.routes and len(self.routes) >= HTTP_SERVERS_MAX:
+            server_label = port_label = server = "other"      # a scan of many servers
+        else:
+            server_label, port_label = server_h, str(sp)
+        rec = {"ts": round(r.ts, 6), "id.orig_h": raw_address(ch), "id.orig_p": cp, "id.resp_h": server_h,
+               "id.resp_p": sp, "trans_depth": r.depth, "method": r.method}
+        if r.host is not None:
+            rec["host"] = r.host
+        rec.update({"uri": r.uri, "version": r.version, "status_code": r.status,
+                    "request_body_len": r.req_body, "response_body_len": r.resp_body})
+        if r.stream is not None:
+            rec["stream_id"] = r.stream
+        if r.ttfb is not None:
+            rec["ttfb"] = round(r.ttfb, 6)
+        duration = r.end - r.ts
+        rec.update({"duration": round(duration, 6), "container": container})
+        rpc = r.rpc
+        if rpc is not None:
+            rec.update({"rpc_method": rpc.method, "grpc_status": rpc.status})
+            if rpc.message is not None:
+                rec["grpc_message"] = rpc.message
+            rec.update({"request_messages": rpc.messages[0],
+                        "response_messages": rpc.messages[1]})
+            self._call(server, rpc, duration, (server_label, port_label, container))
+        else:
+            self._request(server, r, duration, (server_label, port_label, container))
+        if server in self.recent or len(self.recent) < HTTP_RECENT_SERVERS:
+            self.recent.setdefault(server, collections.deque(maxlen=HTTP_RECENT)).appendleft(rec)
+        if self.finished is not None:
+            self.finished(rec)
+
+    def _request(self, server, r, duration, where):
+        routes = self.routes.setdefault(server, {})
+        route = http_route(r.uri)
+        if route not in routes and len(routes) >= HTTP_ROUTES_MAX:
+            route = "other"
+        routes[route] = routes.get(route, 0) + 1
+        method = r.method if r.method in HTTP_METHODS else "_OTHER"
+        _observe(self.histogram, (method, str(r.status), route, r.version) + where, duration)
+        summary = self.summary.setdefault(server, [0, 0, collections.deque(maxlen=HTTP_LATENCY_SAMPLES)])
+        summary[0] += 1
+        summary[1] += r.status == 0 or r.status >= 500
+        summary[2].append(duration)
+
+    def _call(self, server, rpc, duration, where):
+        """A gRPC call: its histogram (methods bounded per server as routes are), its
+        messages, the server's summary by status."""
+        methods = self.rpc_methods.setdefault(server, {})
+        method = rpc.method
+        if method not in methods and len(methods) >= HTTP_ROUTES_MAX:
+            method = "other"
+        methods[method] = methods.get(method, 0) + 1
+        status = H2_UNKNOWN_TEXT if rpc.status is None else GRPC_STATUS_NAMES[rpc.status]
+        _observe(self.rpc_histogram, (RPC_SYSTEM, method, status) + where, duration)
+        for way, direction in enumerate(("request", "response")):
+            key = (method, direction) + where
+            counts = self.rpc_messages.setdefault(key, [0, 0])
+            counts[0] += rpc.messages[way]
+            counts[1] += rpc.message_bytes[way]
+        summary = self.rpc_summary.setdefault(
+            server, [0, {}, collections.deque(maxlen=HTTP_LATENCY_SAMPLES)])
+        summary[0] += 1
+        summary[1][status] = summary[1].get(status, 0) + 1
+        summary[2].append(duration)
+
+    def snapshot(self):
+        return HttpSnapshot(_histogram_rows(self.histogram),
+                            tuple(self.errors.items()),
+                            tuple((srv, tuple(q)) for srv, q in self.recent.items()),
+                            tuple((srv, n, e, tuple(lat), tuple(self.routes.get(srv, {}).items()))
+                                  for srv, (n, e, lat) in self.summary.items()),
+                            _histogram_rows(self.rpc_histogram),
+                            tuple(k + tuple(v) for k, v in self.rpc_messages.items()),
+                            tuple((srv, n, tuple(st.items()), tuple(lat),
+                                   tuple(self.rpc_methods.get(srv, {}).items()))
+                                  for srv, (n, st, lat) in self.rpc_summary.items()))
+
+
+def _percentile(sorted_values, q):
+    """The q-quantile (nearest rank) of sorted values; 0 for none."""
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
+
+
+def http_document(snap, how, top=None):
+    """--output json's "http": per server requests, errors (status 0 or 5xx), latency
+    percentiles and routes; parse errors. `top`: the busiest servers, and routes each."""
+    http = snap.get("http")
+    if http is None:
+        return None
+    servers = {}
+    for server, n, errors, durations, routes in _first(http.servers, top, lambda s: (-s[1], s[0])):
+        lat = sorted(durations)
+        ranked = sorted(routes, key=lambda rn: (-rn[1], rn[0]))
+        servers[server] = {"requests": n, "errors": errors, "p50": _percentile(lat, 0.5),
+                           "p95": _percentile(lat, 0.95), "p99": _percentile(lat, 0.99),
+                           "routes": dict(ranked if top is None else ranked[:top])}
+    rpc = {}
+    for server, n, statuses, durations, methods in _first(http.rpc_servers, top,
+                                                           lambda s: (-s[1], s[0])):
+        lat = sorted(durations)
+        ranked = sorted(methods, key=lambda mn: (-mn[1], mn[0]))
+        rpc[server] = {"calls": n, "errors": n - dict(statuses).get(GRPC_STATUS_NAMES[0], 0),
+                       "statuses": dict(sorted(statuses, key=lambda sn: (-sn[1], sn[0]))),
+                       "p50": _percentile(lat, 0.5), "p95": _percentile(lat, 0.95),
+                       "p99": _percentile(lat, 0.99),
+                       "methods": dict(ranked if top is None else ranked[:top])}
+    return {**_envelope(snap, how), "servers": servers, "rpc": rpc,
+            "parse_errors": dict(http.parse_errors), **_cut(servers, len(http.servers))}
+
+
+def requests_document(snap, how, top=None, server=None, rows=None):
+    """/api/requests: the last requests per server, newest first (`top`: at most N each);
+    `rows`: at most that many in all, servers in the order lpd first saw them."""
+    http = snap.get("http")
+    if http is None:
+        return None
+    recent, kept, total = {}, 0, 0
+    for srv, recs in http.recent:
+        if server is not None and srv != server:
+            continue
+        n = len(recs) if top is None else min(top, len(recs))
+        if rows is not None:
+            n = min(n, rows - kept)
+        recent[srv] = list(recs[:n])
+        kept, total = kept + n, total + len(recs)
+    return {**_envelope(snap, how), "servers": recent, "total": total, "truncated": kept < total}
+
+
+def http_metrics(c, snap):
+    """The HTTP requests' families (a row of STAGES): OpenTelemetry's duration
+    histogram, parse errors; none without --http."""
+    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+    http = snap.get("http")
+    if http is None:
+        return
+    bounds = [f"{b:g}" for b in HTTP_BUCKETS] + ["+Inf"]
+    for name, doc, labels, rows in (
+            ("http_server_request_duration_seconds",
+             "Duration of HTTP server requests, from packets (OpenTelemetry semantic "
+             "conventions).", ["http_request_method", "http_response_status_code",
+                               "http_route", "network_protocol_version"], http.histogram),
+            ("rpc_server_call_duration_seconds",
+             "Duration of gRPC calls a server answered, from packets (OpenTelemetry "
+             "semantic conventions v1.40.0).",
+             ["rpc_system_name", "rpc_method", "rpc_response_status_code"], http.rpc_histogram)):
+        fam = HistogramMetricFamily(name, doc, labels=labels + ["server_address", "server_port",
+                                                                "container"])
+        for values, counts, total, n in rows:
+            fam.add_metric(list(values), list(zip(bounds, itertools.accumulate(counts))), total)
+        yield fam
+    labels = ["rpc_method", "direction", "server_address", "server_port", "container"]
+    yield metric_family(CounterMetricFamily, "lpd_rpc_messages",
+                        "gRPC messages (length-prefixed) of the calls, by direction.", labels,
+                        [(row[:5], row[5]) for row in http.rpc_messages])
+    yield metric_family(CounterMetricFamily, "lpd_rpc_message_bytes",
+                        "Bytes of gRPC messages (without their 5-byte prefixes), by direction.",
+                        labels, [(row[:5], row[6]) for row in http.rpc_messages])
+    yield metric_family(CounterMetricFamily, "lpd_http_parse_errors",
+                        "HTTP streams lpd stopped parsing, by reason.", ["reason"],
+                        [((r,), n) for r, n in http.parse_errors])
+
+
+HTTP_TABLE_ROUTES = 5              # routes a table lists per server
+
+
+def http_table(doc):
+    """--output table's HTTP servers: requests, errors, latency, the busiest routes."""
+    out = [f"\nHTTP servers: {len(doc['servers'])}\n"]
+    header = ("server", "requests", "error %", "p50 s", "p95 s", "p99 s", "top routes")
+    rows = [[srv, str(d["requests"]), f"{100 * d['errors'] / max(1, d['requests']):.1f}",
+             f"{d['p50']:.4f}", f"{d['p95']:.4f}", f"{d['p99']:.4f}",
+             ", ".join(f"{r} {n}" for r, n in list(d["routes"].items())[:HTTP_TABLE_ROUTES])]
+            for srv, d in sorted(doc["servers"].items(), key=lambda kv: -kv[1]["requests"])]
+    out += _columns(header, rows, header[1:6])
+    if doc["rpc"]:
+        out.append(f"\ngRPC servers: {len(doc['rpc'])}\n")
+        header = ("server", "calls", "error %", "p50 s", "p95 s", "p99 s", "statuses",
+                  "top methods")
+        rows = [[srv, str(d["calls"]), f"{100 * d['errors'] / max(1, d['calls']):.1f}",
+                 f"{d['p50']:.4f}", f"{d['p95']:.4f}", f"{d['p99']:.4f}",
+                 ", ".join(f"{st} {n}" for st, n in d["statuses"].items()),
+                 ", ".join(f"{m} {n}" for m, n in list(d["methods"].items())[:HTTP_TABLE_ROUTES])]
+                for srv, d in sorted(doc["rpc"].items(), key=lambda kv: -kv[1]["calls"])]
+        out += _columns(header, rows, header[1:6])
+    bad = ", ".join(f"{r} {n}" for r, n in doc["parse_errors"].items() if n)
+    if bad:
+        out.append(f"parse errors: {bad}\n")
+    return out
+
+
+def _http_requests(opts, w, built):
+    if not opts.http:
+        return None
+    log_ = w.logs.get(HttpRequests.name)
+    return HttpRequests(opts.http_ports, log_.write if log_ is not None else None,
+                        w.names.name_of if w.names else None)
+
+
+STAGES.append(Stage(HttpRequests, _http_requests, (("http", http_document),), http_metrics,
+                    http_table, log="--http-log", live_documents=(("requests", requests_document),)))
 
 
 ###############################################################################

@@ -708,12 +708,14 @@ def strip(rec):
 
 
 def hist_series(m, suffix="_count"):
+    """The histogram's series without network_protocol_version (summed over it)."""
     out = {}
     for (name, labels), v in m.items():
         if name == HIST + suffix:
             d = dict(labels)
-            out[(d["http_request_method"], d["http_response_status_code"], d["http_route"],
-                 d["server_address"], d["server_port"], d["container"])] = v
+            k = (d["http_request_method"], d["http_response_status_code"], d["http_route"],
+                 d["server_address"], d["server_port"], d["container"])
+            out[k] = out.get(k, 0) + v
     return out
 
 

@@ -69,7 +69,7 @@ TIMEOUT = 10.0              # any one socket operation
 CURL_TIMEOUT = 15
 BB_INDEX = docker_engine.INDEX
 FIELDS = ("ts", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "trans_depth", "method",
-          "host", "uri", "status_code", "request_body_len", "response_body_len", "ttfb",
+          "host", "uri", "version", "status_code", "request_body_len", "response_body_len", "ttfb",
           "duration", "container")
 # Live and replayed times of one request: lpd's ring and tcpdump's are two packet sockets,
 # and a frame the kernel left without a timestamp (one that crossed a veth from a
@@ -242,12 +242,13 @@ def curl(*args):
     return out
 
 
-def record(orig, server, depth, method, uri, host, status, qlen, rlen, container):
+def record(orig, server, depth, method, uri, host, status, qlen, rlen, container,
+           version="1.1"):
     rec = {"id.orig_h": orig[0], "id.orig_p": orig[1], "id.resp_h": server[0],
            "id.resp_p": server[1], "trans_depth": depth, "method": method}
     if host is not None:
         rec["host"] = host
-    rec.update({"uri": uri, "status_code": status, "request_body_len": qlen,
+    rec.update({"uri": uri, "version": version, "status_code": status, "request_body_len": qlen,
                 "response_body_len": rlen, "container": container})
     return rec
 
@@ -304,9 +305,9 @@ class Live:
         self.t0 = self.t1 = None
 
     def expect(self, name, orig, server, depth, method, uri, host, status, qlen, rlen,
-               container, route):
+               container, route, version="1.1"):
         self.expected.append((name, record(orig, server, depth, method, uri, host, status,
-                                           qlen, rlen, container), route))
+                                           qlen, rlen, container, version), route))
 
     def records(self, name):
         got = by_key(self.log)
@@ -381,7 +382,7 @@ def scenario_http10(live):
         (code, size, lip, lport, _), = curl("-0", "-o", "/dev/null", f"http://{ip}{uri}")
         assert (code, size) == (200, length), uri
         live.expect("http10", (lip, lport), (ip, 80), 1, "GET", uri, ip, 200, 0, length, "py1",
-                    uri.split("?")[0])
+                    uri.split("?")[0], "1.0")
 
 
 def scenario_ipv6(live):
@@ -435,7 +436,8 @@ def scenario_busybox(live):
                 "web1", "/form")
     c, code, fields, rest = one("GET", "/", None, version="HTTP/1.0")
     assert (code, rest) == (200, BB_INDEX)
-    live.expect("busybox", c.local, srv, 1, "GET", "/", None, 200, 0, len(BB_INDEX), "web1", "/")
+    live.expect("busybox", c.local, srv, 1, "GET", "/", None, 200, 0, len(BB_INDEX), "web1", "/",
+                "1.0")
     # two pipelined: busybox answers the first and closes; the second gets no answer
     c = HostClient(ip)
     c.send(request("GET", "/", "p1.example") + request("GET", "/again", "p2.example"))
