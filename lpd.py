@@ -7199,26 +7199,50 @@ def docker_metrics(engine):
                  [((), engine.last_success)])
 
 
+JSON_LOG_BUFFER = 1 << 16     # bytes of whole lines gathered before one write(2)
+
+
 class JsonLog:
     """--conn-log and --http-log: one JSON object per line, Zeek's field names. The
     capture thread writes it and reopens it after a SIGHUP (logrotate); a write that
-    fails (disk full) is counted and logged once, and capture goes on."""
+    fails (disk full) is counted and logged once, and capture goes on. Lines are gathered
+    and written whole with one write(2) on an O_APPEND descriptor at each flush (and when
+    JSON_LOG_BUFFER is reached): a reader polling the file never finds half a line, as it
+    could behind a buffered file object that writes out whenever its buffer fills."""
 
     def __init__(self, path, option="--conn-log"):
         self.path, self.option = path, option
         self.errors = 0
         self._failing = False
-        self.file = sys.stdout if path == "-" else self._open()
+        self.pending, self.pending_bytes = [], 0
+        self.fd = None if path == "-" else self._open()
 
     def _open(self):
         try:
-            return open(self.path, "a", encoding="utf-8")
+            return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                           0o644)
         except OSError as e:
             raise os_failure(e, f"{self.option} {self.path}") from None
 
     def write(self, record):
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        self.pending.append(line)
+        self.pending_bytes += len(line)
+        if self.pending_bytes >= JSON_LOG_BUFFER:
+            self.flush()
+
+    def flush(self):
+        if not self.pending:
+            return
+        data = memoryview(b"".join(self.pending))
+        self.pending, self.pending_bytes = [], 0
         try:
-            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            if self.fd is None:             # beside --output's text: through sys.stdout
+                sys.stdout.write(bytes(data).decode())
+                sys.stdout.flush()
+                return
+            while data:
+                data = data[os.write(self.fd, data):]
             self._failing = False
         except OSError as e:
             self.errors += 1
@@ -7226,30 +7250,26 @@ class JsonLog:
                 log(LOG_ERR, f"{self.option} {self.path}: {e.strerror}; dropping records")
             self._failing = True
 
-    def flush(self):
-        try:
-            self.file.flush()
-        except OSError:
-            self.errors += 1
-
     def reopen(self):
-        if self.path == "-":
+        if self.fd is None:
             return
+        self.flush()                    # what was written before the rotation stays there
         try:
             new = self._open()
         except ConfigError as e:
             log(LOG_ERR, f"{e}; writing on to the old file")
             return
-        old, self.file = self.file, new
+        old, self.fd = self.fd, new
         try:
-            old.close()
+            os.close(old)
         except OSError:
             self.errors += 1
 
     def close(self):
         self.flush()
-        if self.file is not sys.stdout:
-            self.file.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class Stage(NamedTuple):
@@ -10579,6 +10599,7 @@ class Names(Consumer):
         `domains` of them with their own counters (DomainTraffic; 0: none)."""
         self.ports = frozenset(ports)
         self.tcp_ports = self.ports & {DNS_PORT}   # mDNS is UDP only
+        self.judged = {IPPROTO_UDP: self.ports, IPPROTO_TCP: self.tcp_ports}   # not_on_ports'
         self.streams = collections.OrderedDict()   # (src, sport, dst, dport) -> [next seq, bytes]
         self.table = NameTable(size)
         self.logged = logged
@@ -10607,7 +10628,7 @@ class Names(Consumer):
                     self.sent_before, self.sent = sent, set()
                     sent = self.sent
                 sent.add(key)
-        ports = {IPPROTO_UDP: self.ports, IPPROTO_TCP: self.tcp_ports}
+        ports = self.judged
         for data, ts, _, frames, _ in frames_in_order(batch):
             if not not_on_ports(data, ports):
                 self.packet(data, ts, frames)
@@ -10975,12 +10996,11 @@ class TlsSessions(Consumer):
     wants = frozenset((WANT_RAW, WANT_TS))
     whole_handshakes = True
 
-    def __init__(self, names, logged=None, conns=None):
-        """names: the Names stage; conns: the Connections stage (--connections), whose
-        uids the records take."""
+    def __init__(self, names, logged=None):
+        """names: the Names stage, whose table the server names go to and whose uids
+        (conn.log's, with --connections) the records take."""
         self.names = names
         self.logged = logged
-        self.conns = conns
         self.streams = collections.OrderedDict()   # (src, sport, dst, dport) -> [next seq, bytes, ts]
         self.sessions = collections.OrderedDict()  # (client, cport, server, sport) -> record
         # Directions whose first handshake message was read: their later handshake records
@@ -11062,10 +11082,7 @@ class TlsSessions(Consumer):
         elif len(self.sessions) >= TLS_SESSIONS_MAX:
             self.session_evictions += 1
             self.finish_session(self.sessions.popitem(last=False)[1])
-        c = self.conns.table.get(conn_key(IPPROTO_TCP, src, sport, dst, dport)) \
-            if self.conns is not None else None
-        uid = connection_uid(conn_key(IPPROTO_TCP, src, sport, dst, dport),
-                             c.first if c is not None else None)
+        uid = self.names.uid(conn_key(IPPROTO_TCP, src, sport, dst, dport))
         self.sessions[key] = {
             "ts": round(ts, 6), "uid": uid, "id.orig_h": raw_address(src), "id.orig_p": sport,
             "id.resp_h": raw_address(dst), "id.resp_p": dport, "version": None, "cipher": None,
@@ -11143,7 +11160,7 @@ def _tls(opts, w, built):
     if names is None:
         return None
     log_ = w.logs.get(TlsSessions.name)
-    return TlsSessions(names, log_.write if log_ is not None else None, built.get(Connections.name))
+    return TlsSessions(names, log_.write if log_ is not None else None)
 
 
 STAGES.append(Stage(TlsSessions, _tls, (("tls", tls_document),), tls_metrics, tls_table,
@@ -11727,7 +11744,7 @@ class H2Request:
     """One stream as a request, with the fields the HTTP stage records (16.3's
     _HttpRequest's, plus the stream and the gRPC call when it is one)."""
     __slots__ = ("ts", "method", "uri", "host", "depth", "req_body", "resp_body", "status",
-                 "ttfb", "end", "stream", "rpc", "rst")
+                 "ttfb", "end", "stream", "rpc", "rst", "unsure")
     version = "2"
 
     def __init__(self, ts, stream, depth):
@@ -11735,6 +11752,7 @@ class H2Request:
         self.method = self.uri = H2_UNKNOWN_TEXT
         self.host = self.ttfb = self.end = self.rpc = self.rst = None
         self.req_body = self.resp_body = self.status = 0
+        self.unsure = False                 # a response field's name was not known
 
     def request_fields(self, fields):
         for name, value in fields:
@@ -11757,7 +11775,9 @@ class H2Request:
         """A response's HEADERS (or its trailers): False for an interim (1xx) one."""
         status = None
         for name, value in fields:
-            if name == ":status":
+            if name is HPACK_UNKNOWN:
+                self.unsure = True          # it may have been grpc-status
+            elif name == ":status":
                 status = value
             elif name == "content-type":
                 self._content_type(value)
@@ -11779,16 +11799,20 @@ class H2Request:
             self.status, self.ttfb = code, ts - self.ts
         return True
 
-    def finish(self, ts):
-        """The stream is over: its end, and a gRPC status the trailers did not give."""
+    def finish(self, ts, seen):
+        """The stream is over: its end, and a gRPC status the trailers did not give.
+        seen: its end was on the wire (END_STREAM, RST_STREAM), not the connection's
+        end or the capture's, after which the status is not known."""
         self.end = ts
         rpc = self.rpc
-        if rpc is None or rpc.said:
+        if rpc is None or rpc.said or self.unsure:
             return
         if self.rst is not None:
             rpc.status = GRPC_FROM_RST.get(self.rst, GRPC_INTERNAL)
         elif self.status and self.status != HTTP_OK:
             rpc.status = GRPC_FROM_HTTP.get(self.status, GRPC_UNKNOWN)
+        elif seen and self.status == HTTP_OK:
+            rpc.status = GRPC_INTERNAL      # ended without trailers, as gRPC's clients say
 
 
 class _H2Side:
@@ -11951,6 +11975,8 @@ class Http2Connection:
         """One whole frame other than DATA. False: the direction cannot be read further."""
         if side.block is not None and (kind != H2_CONTINUATION or stream != side.block_stream):
             return self._error("h2_protocol")          # 6.10: nothing between fragments
+        if kind == H2_PUSH_PROMISE and to_server:
+            return self._error("h2_protocol")          # 8.4: only servers push
         if kind in (H2_HEADERS, H2_PUSH_PROMISE):
             pad = 0
             if flags & H2_PADDED:
@@ -11967,8 +11993,10 @@ class Http2Connection:
             side.block_end, side.block_over = bool(flags & H2_END_STREAM), False
             self._fragment(side, payload[skip:len(payload) - pad])
         elif kind == H2_CONTINUATION:
-            if side.block is None:
-                return self._error("h2_protocol")
+            if side.block is None:          # its block began before capture (or never)
+                self.stage.errors["h2_protocol"] += 1
+                side.hpack.lost()
+                side.block, side.block_stream, side.block_over = bytearray(), stream, True
             self._fragment(side, payload)
         elif kind == H2_SETTINGS:
             if flags & H2_ACK:
@@ -12076,9 +12104,9 @@ class Http2Connection:
         del self.streams[stream]
         self.stage.h2_streams -= 1
 
-    def _close(self, request, ts):
+    def _close(self, request, ts, seen=True):
         self._drop(request.stream)
-        request.finish(ts)
+        request.finish(ts, seen)
         self.stage.record(self.conn, request)
 
     def _error(self, reason):
@@ -12093,7 +12121,7 @@ class Http2Connection:
                 self.stage.h2_blocks -= len(side.block)
                 side.block = None
         for request in list(self.streams.values()):
-            self._close(request, ts)
+            self._close(request, ts, False)
 
 
 ###############################################################################
@@ -12292,6 +12320,7 @@ class HttpRequests(Consumer):
 
     def __init__(self, ports=DEFAULT_HTTP_PORTS, finished=None, container=None):
         self.ports = frozenset(ports)
+        self.judged = {IPPROTO_TCP: self.ports}      # not_on_ports'
         self.finished = finished
         self.container = container or (lambda addr: "")
         self.streams = collections.OrderedDict()
@@ -12317,7 +12346,7 @@ class HttpRequests(Consumer):
         return tuple(sorted(self.ports)), ()
 
     def consume(self, batch):
-        ports = {IPPROTO_TCP: self.ports}
+        ports = self.judged
         for data, ts, wire_bytes, frames, l2_len in frames_in_order(batch):
             if frames == 1 and len(data) < wire_bytes:
                 continue                         # a frame cut short: its bytes are a gap

@@ -719,9 +719,11 @@ def hist_series(m, suffix="_count"):
     return out
 
 
-def labels_of(series_key):
+def labels_of(series_key, version="1.1"):
+    """The labels of a hist_series key, of the series of one HTTP version."""
     return dict(zip(("http_request_method", "http_response_status_code", "http_route",
-                     "server_address", "server_port", "container"), series_key))
+                     "server_address", "server_port", "container"), series_key),
+                network_protocol_version=version)
 
 
 # --- TLS ---------------------------------------------------------------------------------

@@ -449,3 +449,77 @@ def test_a_pcap_of_the_frames_replayed_gives_the_same_log(tmp_path):
     assert [strip(r) for r in got] == [strip(r) for r in w.records]
     out = json.loads(p.stdout)
     assert out["http"]["rpc"]["10.0.0.2:50051"]["calls"] == len(w.records)
+
+
+def test_grpc_without_trailers_is_internal_and_unended_is_unknown():
+    w = Wire(port=50051)
+    p = Peers(w)
+    sid = p.request(grpc("/s.S/NoTrailers"), grpc_message(b"q"))
+    p.respond(sid, OK_HEAD, grpc_message(b"r"))          # END_STREAM on DATA, no trailers
+    p.request(grpc("/s.S/Hanging"), grpc_message(b"q"))
+    w.close()                                            # the connection ends mid-call
+    assert [(r["rpc_method"], r["grpc_status"], r["status_code"]) for r in w.records] == \
+        [("s.S/NoTrailers", 13, 200), ("s.S/Hanging", None, 0)]
+    text = lpd_exposition(w.stage)
+    assert 'rpc_response_status_code="_OTHER"' in text and 'rpc_response_status_code="INTERNAL"' in text
+
+
+def test_a_continuation_whose_block_began_before_capture_is_let_go():
+    w = Wire(handshake=False)
+    w.send(True, frame(lpd.H2_CONTINUATION, lpd.H2_END_HEADERS, 1, b"\x40\x01a\x01b"))
+    w.send(True, frame(lpd.H2_HEADERS, lpd.H2_END_HEADERS | lpd.H2_END_STREAM, 3,
+                       b"\x82\x04\x02/x\x86"))
+    w.send(False, frame(lpd.H2_HEADERS, lpd.H2_END_HEADERS | lpd.H2_END_STREAM, 3, b"\x88"))
+    w.close()
+    assert [fields(r, "stream_id", "method", "uri", "status_code") for r in w.records] == \
+        [(3, "GET", "/x", 200)]
+    assert w.stage.errors["h2_protocol"] == 1
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["/a.S/One", "/a.S/Two", "/b.T/Three", "/web/page"]),
+                          st.sampled_from(["0", "5", "14"]),
+                          st.sampled_from(["application/grpc", "application/grpc+proto", None]),
+                          st.binary(max_size=40)),
+                min_size=1, max_size=25),
+       st.integers(min_value=0, max_value=25))
+def test_joined_anywhere_a_field_is_exact_or_unknown_never_wrong(calls, muted):
+    """Capture begins after `muted` calls: every later call is recorded once, and each of
+    its fields is the truth or says it is not known."""
+    w = Wire(port=50051, handshake=False)
+    w.muted = True
+    p = Peers(w)
+    truth = {}
+    for i, (path, status, ctype, payload) in enumerate(calls):
+        if i == muted:
+            w.muted = False
+        head = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "a")]
+        if ctype:
+            head.append(("content-type", ctype))
+        sid = p.request(head, grpc_message(payload))
+        resp = [(":status", "200")] + ([("content-type", ctype)] if ctype else [])
+        p.respond(sid, resp, grpc_message(payload[::-1]), [("grpc-status", status)])
+        if not w.muted:
+            truth[sid] = (path, int(status) if ctype else None)
+    w.close()
+    assert sorted(r["stream_id"] for r in w.records) == sorted(truth)
+    for r in w.records:
+        path, status = truth[r["stream_id"]]
+        assert r["method"] in ("POST", "_OTHER") and r["uri"] in (path, "_OTHER"), r
+        assert r["status_code"] in (200, 0), r
+        if "rpc_method" in r:
+            assert status is not None, ("not a gRPC call", r)
+            assert r["rpc_method"] in (path[1:], "_OTHER") and r["grpc_status"] in (status, None), r
+            assert r["request_messages"] == r["response_messages"] == 1
+
+
+def test_worker_snapshots_merge_calls_messages_and_servers():
+    """--workers: each worker's snapshot of the same calls, merged, counts them twice."""
+    w, want = grpc_calls()
+    one = w.stage.snapshot()
+    both = one.merge(one)
+    assert {k: n for k, _, _, n in both.rpc_histogram} == {k: 2 * n for k, _, _, n in one.rpc_histogram}
+    assert [row[5:] for row in both.rpc_messages] == [(2 * a, 2 * b) for *_, a, b in one.rpc_messages]
+    (server, calls, statuses, durations, methods), = both.rpc_servers
+    assert calls == 2 * len(want) and dict(statuses)["OK"] == 8 and len(durations) == 2 * len(want)
+    assert lpd.HttpSnapshot().merge(one) == one.merge(lpd.HttpSnapshot())
