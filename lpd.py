@@ -11170,7 +11170,7 @@ STAGES.append(Stage(TlsSessions, _tls, (("tls", tls_document),), tls_metrics, tl
 ###############################################################################
 # 16 HTTP: requests, HTTP/2 and gRPC ##########################################
 ###############################################################################
-# provides: -
+# provides: GRPC_OK
 #
 # HTTP read from packets: HTTP/1.x, HTTP/2 in clear text (h2c, RFC 9113) and gRPC over it,
 # on the same ports and connections. The parts in the order they depend on each other:
@@ -11590,7 +11590,7 @@ class HpackDecoder:
 
 ###############################################################################
 # 16.2 HTTP/2 connections (frames, streams, gRPC calls) #######################
-# provides: GRPC_STATUS_NAMES, H2_PARSE_ERRORS, H2_UNDECIDED, H2_UNKNOWN_TEXT, HTTP_TEXT_MAX,
+# provides: GRPC_OK, GRPC_STATUS_NAMES, H2_PARSE_ERRORS, H2_UNDECIDED, H2_UNKNOWN_TEXT, HTTP_TEXT_MAX,
 #   Http2Connection
 #
 # A connection the HTTP stage (16.3) hands over once it speaks HTTP/2: the client's
@@ -11664,6 +11664,7 @@ GRPC_STATUS_NAMES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE
                      "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
                      "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
                      "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED")
+GRPC_OK = GRPC_STATUS_NAMES[0]              # the one status that is no error
 (GRPC_CANCELLED, GRPC_UNKNOWN, GRPC_PERMISSION_DENIED, GRPC_RESOURCE_EXHAUSTED,
  GRPC_UNIMPLEMENTED, GRPC_INTERNAL, GRPC_UNAVAILABLE, GRPC_UNAUTHENTICATED) = (
     GRPC_STATUS_NAMES.index(n) for n in (
@@ -12809,13 +12810,14 @@ def http_document(snap, how, top=None):
                                                            lambda s: (-s[1], s[0])):
         lat = sorted(durations)
         ranked = sorted(methods, key=lambda mn: (-mn[1], mn[0]))
-        rpc[server] = {"calls": n, "errors": n - dict(statuses).get(GRPC_STATUS_NAMES[0], 0),
+        rpc[server] = {"calls": n, "errors": n - dict(statuses).get(GRPC_OK, 0),
                        "statuses": dict(sorted(statuses, key=lambda sn: (-sn[1], sn[0]))),
                        "p50": _percentile(lat, 0.5), "p95": _percentile(lat, 0.95),
                        "p99": _percentile(lat, 0.99),
                        "methods": dict(ranked if top is None else ranked[:top])}
     return {**_envelope(snap, how), "servers": servers, "rpc": rpc,
-            "parse_errors": dict(http.parse_errors), **_cut(servers, len(http.servers))}
+            "rpc_total": len(http.rpc_servers), "parse_errors": dict(http.parse_errors),
+            **_cut(servers, len(http.servers))}
 
 
 def requests_document(snap, how, top=None, server=None, rows=None):
@@ -12883,7 +12885,7 @@ def http_table(doc):
             for srv, d in sorted(doc["servers"].items(), key=lambda kv: -kv[1]["requests"])]
     out += _columns(header, rows, header[1:6])
     if doc["rpc"]:
-        out.append(f"\ngRPC servers: {len(doc['rpc'])}\n")
+        out.append(f"\ngRPC servers: {doc['rpc_total']}\n")
         header = ("server", "calls", "error %", "p50 s", "p95 s", "p99 s", "statuses",
                   "top methods")
         rows = [[srv, str(d["calls"]), f"{100 * d['errors'] / max(1, d['calls']):.1f}",
@@ -17648,7 +17650,6 @@ TOP_ONCE_ROWS = 10                 # --once: the biggest rows of each pane
 # its statuses other than OK and a line of its busiest methods (at most this many; the
 # screen's width cuts the line as it cuts any).
 TOP_RPC_METHODS = 5
-TOP_RPC_OK = "OK"                  # the one gRPC status that is no error (code 0)
 # A remote's name (--names) is cut to this many characters, its left end first: the
 # registered domain is at the right, and the pane keeps room for an IPv6 address (39),
 # rate, total, country and ISP on a 132-column terminal.
@@ -18218,14 +18219,15 @@ class TopView:
         for s in names:
             d = servers[s]
             errors = ", ".join(f"{st} {n}" for st, n in sorted(
-                d["statuses"].items(), key=lambda sn: (-sn[1], sn[0])) if st != TOP_RPC_OK and n)
+                d["statuses"].items(), key=lambda sn: (-sn[1], sn[0])) if st != GRPC_OK and n)
             methods = ", ".join(f"{m} {n}" for m, n in sorted(
                 d["methods"].items(), key=lambda mn: (-mn[1], mn[0]))[:TOP_RPC_METHODS])
             rows.append((f"{s[:24]:<24} {rate(s):>8.1f} {d['calls']:>8} "
                          f"{d['errors'] / d['calls'] if d['calls'] else 0:>7.1%} "
                          f"{d['p50'] * 1e3:>7.1f}ms {d['p95'] * 1e3:>7.1f}ms {d['p99'] * 1e3:>7.1f}ms",
                          f"  errors: {errors or 'none'}", f"  methods: {methods or 'none'}"))
-        return [self._title("rpc", f"gRPC servers: {len(servers)}"),
+        total = doc.get("rpc_total")
+        return [self._title("rpc", f"gRPC servers: {total if _count(total) else len(servers)}"),
                 f"{'server':<24} {'calls/s':>8} {'calls':>8} {'errors':>7} {'p50':>9} {'p95':>9} "
                 f"{'p99':>9}"], rows
 
