@@ -2734,9 +2734,9 @@ def offline_http2(lpd, results, quick):
         trace = H2Trace(conns)
         calls = trace.grpc + trace.gets
         paths = {}
-        for name, h2 in (("h2", True), ("h1", False)):
+        for name, as_h2 in (("h2", True), ("h1", False)):
             paths[name] = os.path.join(workdir, f"{name}.pcap")
-            n = write_names_pcap(paths[name], trace.frames(h2), step_us=H2_STEP_US)
+            n = write_names_pcap(paths[name], trace.frames(as_h2), step_us=H2_STEP_US)
             paths[name + " frames"] = n
         empty = os.path.join(workdir, "empty.pcap")
         write_names_pcap(empty, ())

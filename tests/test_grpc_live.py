@@ -82,22 +82,18 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import docker_engine
 import netns
-from harness import LPD, free_port, read_log, wait_for
+from harness import LPD, HostLpd, read_log, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -128,62 +124,13 @@ FULL_CALLS = 11
 HOLD_BEFORE, HOLD_AFTER = 3, 5
 NEW_IN_HOLD = {f"{SERVICE}/BidiStream", f"{SERVICE}/NotFound"}    # first sent after lpd started
 OLD_IN_HOLD = {f"{SERVICE}/Unary", f"{SERVICE}/ServerStream"}     # sent before, and after
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 # --- lpd on the bridge ----------------------------------------------------------------
 
-class Lpd:
-    """lpd in the host's namespace on the engine's bridge under prlimit --as, its web
-    port on loopback; stopped by PID (netns.popen also stops it at exit)."""
-
-    def __init__(self, iface, *args):
-        self.port = free_port()
-        self.err = tempfile.TemporaryFile()
-        self.proc = netns.popen(None, ["prlimit", f"--as={LPD_AS}", sys.executable, LPD,
-                                       "-i", iface, "--web.listen-address",
-                                       f"127.0.0.1:{self.port}", "--mapping-url", "none",
-                                       *args], stderr=self.err)
-        if not wait_for(self._ready, 20, 0.05):
-            self.stop()
-            raise AssertionError(f"lpd did not start: {self.stderr()}")
-
-    def _ready(self):
-        if self.proc.poll() is not None:
-            raise AssertionError(f"lpd exited {self.proc.returncode}: {self.stderr()}")
-        try:
-            return "lpd_build_info" in self.get("/metrics")[1]
-        except OSError:
-            return False
-
-    def get(self, path):
-        try:
-            with NO_PROXY.open(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-
-    def json(self, path):
-        status, body = self.get(path)
-        return status, json.loads(body)
-
-    def metrics(self):
-        out = {}
-        for fam in text_string_to_metric_families(self.get("/metrics")[1]):
-            for s in fam.samples:
-                out[(s.name, frozenset(s.labels.items()))] = s.value
-        return out
-
-    def containers(self):
-        status, doc = self.json("/api/containers")
-        return {c["container"] for c in doc.get("containers", [])} if status == 200 else set()
-
-    def stderr(self):
-        self.err.seek(0)
-        return self.err.read().decode(errors="replace")
-
-    def stop(self):
-        return netns.stop(self.proc, signal.SIGTERM, grace=10)
+def Lpd(iface, *args):
+    """lpd in the host's namespace on the engine's bridge under prlimit --as."""
+    return HostLpd(iface, *args, limit=LPD_AS, start=20)
 
 
 def series(m, name):

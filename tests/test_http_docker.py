@@ -38,7 +38,6 @@ What is checked (the issue's list):
    and duplicated: identical logs, equal to the live one but for `container`.
 """
 import collections
-import json
 import os
 import signal
 import socket
@@ -47,14 +46,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import docker_engine
+import harness
 import netns
 from harness import (CHUNKED_LEN, CLOSE_LEN, FIXED_LEN, HIST, HTTP_SERVER, LPD, NOT_FOUND, TIMES,
                      PCAP_NS, PCAP_US, UPLOAD_LEN, Client, hist_series, key, labels_of, read_log,
@@ -99,64 +96,15 @@ def host_port_free(port):
             s.close()
 
 
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-class HostLpd:
-    """lpd in the host's namespace on the engine's bridge, web port on loopback, stopped
-    by PID (netns.popen also stops it at exit)."""
-
-    def __init__(self, iface, *args):
-        self.port = free_port()
-        self.err = tempfile.TemporaryFile()
-        self.proc = netns.popen(None, [sys.executable, LPD, "-i", iface,
-                                       "--web.listen-address", f"127.0.0.1:{self.port}",
-                                       "--mapping-url", "none", *args], stderr=self.err)
-        if not wait_for(self._ready, 15, 0.05):
-            self.stop()
-            raise AssertionError(f"lpd did not start: {self.stderr()}")
-
-    def _ready(self):
-        if self.proc.poll() is not None:
-            raise AssertionError(f"lpd exited {self.proc.returncode}: {self.stderr()}")
-        try:
-            return "lpd_build_info" in self.get("/metrics")[1]
-        except OSError:
-            return False
-
-    def get(self, path):
-        """(status, body text) of one GET on lpd's web port."""
-        try:
-            with NO_PROXY.open(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-
-    def json(self, path):
-        status, body = self.get(path)
-        return status, json.loads(body)
-
-    def metrics(self):
-        out = {}
-        for fam in text_string_to_metric_families(self.get("/metrics")[1]):
-            for s in fam.samples:
-                out[(s.name, frozenset(s.labels.items()))] = s.value
-        return out
-
-    def value(self, name, **labels):
-        return self.metrics().get((name, frozenset(labels.items())))
+class HostLpd(harness.HostLpd):
+    """harness.HostLpd, and the container names it publishes."""
 
     def container_info(self, m=None):
         """{(local_ip, container, image)} of lpd_container_info series equal to 1."""
         m = self.metrics() if m is None else m
         return container_info(m)
-
-    def stderr(self):
-        self.err.seek(0)
-        return self.err.read().decode(errors="replace")
-
-    def stop(self, sig=signal.SIGTERM):
-        return netns.stop(self.proc, sig, grace=10)
 
 
 def container_info(m):
