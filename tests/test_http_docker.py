@@ -490,7 +490,7 @@ def test_published_port_request_is_named_in_log_api_and_histogram(live):
     assert status == 200 and set(doc["servers"]) == {"web1"} and rec in doc["servers"]["web1"]
     labels = labels_of(("GET", "200", "/", rec["id.resp_h"], "80", "web1"))
     n = sum(1 for r in live.log if r["id.resp_h"] == rec["id.resp_h"] and r["uri"] == "/"
-            and r["status_code"] == 200 and r["method"] == "GET")
+            and r["status_code"] == 200 and r["method"] == "GET" and r["version"] == "1.1")
     assert live.metrics.get((HIST + "_count", frozenset(labels.items()))) == n, \
         hist_series(live.metrics)
 
