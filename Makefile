@@ -19,11 +19,16 @@ VENV = build/venv
 # dnsmasq-base (the binary, no service): tests/test_names_live.py's resolver.
 # publicsuffix: the Public Suffix List --names-domains reads when it is there (the last
 # two labels of a name otherwise); tests/test_names.py runs the list's test vectors on it.
+# python3-hpack: the oracle of lpd's HPACK decoder (tests/test_hpack.py). python3-h2: HTTP/2
+# byte streams the frame layer is fed (tests/test_h2.py). python3-grpcio: the gRPC server and
+# client in the containers (host /usr mounted; tests/test_grpc_live.py). nginx-light (its
+# `http2` in clear text), nghttp2-client (h2load): tests/test_http2_live.py.
 DEBIAN_PACKAGES = libpcap0.8 tcpdump netsniff-ng tcpreplay ethtool iproute2 iputils-ping \
 	netcat-openbsd systemd python3 python3-prometheus-client python3-pytest python3-hypothesis \
 	python3-maxminddb python3-venv prometheus libcap2-bin procps strace \
 	prometheus-node-exporter busybox docker.io podman curl tmux debootstrap systemd-container \
-	lintian man-db tshark nfdump pmacct softflowd dnsmasq-base publicsuffix
+	lintian man-db tshark nfdump pmacct softflowd dnsmasq-base publicsuffix \
+	python3-hpack python3-h2 python3-grpcio nginx-light nghttp2-client
 
 # make install: lpd as $(PREFIX)/sbin/lpd on the system's /usr/bin/python3, its unit
 # where systemd looks ($(PREFIX)/lib/systemd/system: /usr/local/lib/systemd/system for

@@ -37,35 +37,39 @@ each banner's "provides:" line says what later chapters take from it
     14.1 Local addresses
     14.2 Remote addresses
     14.3 Connections (Zeek's conn.log semantics)
-    14.4 HTTP requests (TCP reassembly, HTTP/1.x)
-    14.5 Rules (bpfcountd-compatible filter files)
-    14.6 Flow export (IPFIX)
+    14.4 Rules (bpfcountd-compatible filter files)
+    14.5 Flow export (IPFIX)
   15 Names: passive DNS and TLS
     15.1 DNS messages (RFC 1035, read from bytes lpd did not write)
     15.2 TLS handshakes (ClientHello, ServerHello, JA4)
     15.3 Names (--names)
     15.4 TLS hellos (--names, --ssl-log)
-  16 eBPF engine: accounting and rules as one kernel program (--engine ebpf)
-    16.1 Assembler
-    16.2 Syscalls: bpf(2), maps, programs, test runs
-    16.3 Programs: the decoder and the rules in eBPF
-    16.4 Accounting: the kernel tables behind the stages
-  17 Exporters
-    17.1 The stage table at work
-    17.2 One selector server (the metrics endpoint, the rule socket)
-    17.3 The metrics endpoint
-    17.4 The rule socket (bpfcountd's unix socket)
-  18 Daemon: wiring, signals, reload
-  19 Workers: one capture process per core behind PACKET_FANOUT
-  20 Offline replay and filter dumps
-  21 Operator view: lpd top
-  22 main
+  16 HTTP: requests, HTTP/2 and gRPC
+    16.1 HPACK (RFC 7541, header compression)
+    16.2 HTTP/2 connections (frames, streams, gRPC calls)
+    16.3 HTTP requests (TCP reassembly, HTTP/1.x, the stage)
+  17 eBPF engine: accounting and rules as one kernel program (--engine ebpf)
+    17.1 Assembler
+    17.2 Syscalls: bpf(2), maps, programs, test runs
+    17.3 Programs: the decoder and the rules in eBPF
+    17.4 Accounting: the kernel tables behind the stages
+  18 Exporters
+    18.1 The stage table at work
+    18.2 One selector server (the metrics endpoint, the rule socket)
+    18.3 The metrics endpoint
+    18.4 The rule socket (bpfcountd's unix socket)
+  19 Daemon: wiring, signals, reload
+  20 Workers: one capture process per core behind PACKET_FANOUT
+  21 Offline replay and filter dumps
+  22 Operator view: lpd top
+  23 main
 
 Where a new stage goes: one sub-chapter of 14 "Stages" — its Consumer, documents, metric
 families, table lines, how the options (2) build it, and last its row,
 STAGES.append(Stage(...)); the daemon, the workers, -r, /api, --output and /metrics take
-it from there (17.1). 14.6, flow export, was added so; 15.3, the names, too, in a
-chapter of its own once 14 had reached its size budget.
+it from there (18.1). 14.5, flow export, was added so; 15.3, the names, too, in a
+chapter of its own once 14 had reached its size budget; and 16.3, HTTP, moved after the
+HTTP/2 parsers it hands connections to.
 """
 import argparse
 import bisect
@@ -213,7 +217,7 @@ DEFAULT_IDLE_TIMEOUT = 300.0
 OUTPUTS = ("table", "metrics", "json")
 ENGINES = ("auto", "cbpf", "ebpf")
 # eyes-devine's plain-HTTP ports.
-DEFAULT_HTTP_PORTS = (80, 8080, 8000, 3000, 5000, 9000)
+DEFAULT_HTTP_PORTS = (80, 8080, 8000, 3000, 5000, 9000, 50051)   # 50051: gRPC's
 # Connections tracked at most, and the idle timeouts that end them.
 DEFAULT_CONN_MAX = 262144
 DEFAULT_NAMES_MAX = 65536           # remote addresses with a name (--names-max)
@@ -445,7 +449,8 @@ def build_parser():
                    help="a flow still going is reported at least this often, as what it "
                         "counted since (default %(default)g)")
     p.add_argument("--http", action="store_true",
-                   help="HTTP/1.x requests on --http-ports: latency histogram, log, /api/requests")
+                   help="HTTP/1.x, HTTP/2 (h2c) and gRPC on --http-ports: latency histograms, "
+                        "log, /api/requests")
     p.add_argument("--http-ports", type=_ports, default=DEFAULT_HTTP_PORTS, metavar="PORT,...",
                    help="TCP ports whose traffic is parsed as HTTP (default "
                         f"{','.join(map(str, DEFAULT_HTTP_PORTS))})")
@@ -7194,26 +7199,50 @@ def docker_metrics(engine):
                  [((), engine.last_success)])
 
 
+JSON_LOG_BUFFER = 1 << 16     # bytes of whole lines gathered before one write(2)
+
+
 class JsonLog:
     """--conn-log and --http-log: one JSON object per line, Zeek's field names. The
     capture thread writes it and reopens it after a SIGHUP (logrotate); a write that
-    fails (disk full) is counted and logged once, and capture goes on."""
+    fails (disk full) is counted and logged once, and capture goes on. Lines are gathered
+    and written whole with one write(2) on an O_APPEND descriptor at each flush (and when
+    JSON_LOG_BUFFER is reached): a reader polling the file never finds half a line, as it
+    could behind a buffered file object that writes out whenever its buffer fills."""
 
     def __init__(self, path, option="--conn-log"):
         self.path, self.option = path, option
         self.errors = 0
         self._failing = False
-        self.file = sys.stdout if path == "-" else self._open()
+        self.pending, self.pending_bytes = [], 0
+        self.fd = None if path == "-" else self._open()
 
     def _open(self):
         try:
-            return open(self.path, "a", encoding="utf-8")
+            return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                           0o644)
         except OSError as e:
             raise os_failure(e, f"{self.option} {self.path}") from None
 
     def write(self, record):
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        self.pending.append(line)
+        self.pending_bytes += len(line)
+        if self.pending_bytes >= JSON_LOG_BUFFER:
+            self.flush()
+
+    def flush(self):
+        if not self.pending:
+            return
+        data = memoryview(b"".join(self.pending))
+        self.pending, self.pending_bytes = [], 0
         try:
-            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            if self.fd is None:             # beside --output's text: through sys.stdout
+                sys.stdout.write(bytes(data).decode())
+                sys.stdout.flush()
+                return
+            while data:
+                data = data[os.write(self.fd, data):]
             self._failing = False
         except OSError as e:
             self.errors += 1
@@ -7221,30 +7250,26 @@ class JsonLog:
                 log(LOG_ERR, f"{self.option} {self.path}: {e.strerror}; dropping records")
             self._failing = True
 
-    def flush(self):
-        try:
-            self.file.flush()
-        except OSError:
-            self.errors += 1
-
     def reopen(self):
-        if self.path == "-":
+        if self.fd is None:
             return
+        self.flush()                    # what was written before the rotation stays there
         try:
             new = self._open()
         except ConfigError as e:
             log(LOG_ERR, f"{e}; writing on to the old file")
             return
-        old, self.file = self.file, new
+        old, self.fd = self.fd, new
         try:
-            old.close()
+            os.close(old)
         except OSError:
             self.errors += 1
 
     def close(self):
         self.flush()
-        if self.file is not sys.stdout:
-            self.file.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class Stage(NamedTuple):
@@ -7297,7 +7322,7 @@ STAGES = []
 # what it wants decoded, consume/tick/snapshot/finish; then its documents, its metric
 # families, its lines of the table, the function that builds it from the options, and
 # last its row, STAGES.append(Stage(...)). The daemon, the workers, -r, /api, --output
-# and /metrics take it from there (17.1).
+# and /metrics take it from there (18.1).
 
 
 ###############################################################################
@@ -8781,649 +8806,7 @@ STAGES.append(Stage(Connections, _connections, (("connections", connections_docu
 
 
 ###############################################################################
-# 14.4 HTTP requests (TCP reassembly, HTTP/1.x) ###############################
-# provides: -
-#
-# Per TCP connection to or from an --http-ports port: each direction's bytes in sequence
-# order (retransmissions dropped, out-of-order segments held in a bounded buffer, a gap
-# that never fills ends parsing of the connection), then HTTP/1.x framing as RFC 9112
-# section 6 has it: requests and responses matched in order (pipelining), bodies skipped
-# by length or by chunks, never buffered. Timing comes from the segments' timestamps.
-
-HTTP_MAX_HEAD = 64 << 10          # a request or response head beyond this is not HTTP we read
-HTTP_OOO_MAX = 256 << 10          # out-of-order bytes held per direction; beyond: a gap
-HTTP_OOO_TOTAL_MAX = 64 << 20     # and over every connection: a flood of early segments is gaps
-HTTP_PENDING_MAX = 1024           # requests waiting for responses on one connection
-HTTP_OOO_SEGMENTS = 1024          # early segments held per direction (each fill scans them)
-HTTP_TEXT_MAX = 1024              # characters of a uri or Host kept per request
-HTTP_RECENT_SERVERS = 128         # servers with /api/requests history: worst case ~256 MiB
-HTTP_SERVERS_MAX = 4096           # servers with their own series and /api/requests; the rest: other
-HTTP_STREAMS_MAX = 65536          # connections parsed at once; then the least active one goes
-HTTP_IDLE_TIMEOUT = DEFAULT_CONN_TIMEOUT_TCP
-HTTP_RECENT = 1000                # requests kept per server for /api/requests
-HTTP_ROUTES_MAX = 50              # routes per server with their own series; the rest: other
-HTTP_LATENCY_SAMPLES = 100_000    # durations kept per server for the table's percentiles
-# OpenTelemetry's http.server.request.duration buckets (seconds).
-HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
-HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
-                          "PATCH"))
-HTTP_PARSE_ERRORS = ("gap", "head_too_large", "bad_request", "bad_response", "bad_chunk",
-                     "unmatched_response", "too_many_pending")
-HTTP_ID_SEGMENT = re.compile(r"[0-9]+|[0-9a-fA-F]{8,}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
-                             r"[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-HTTP_HEAD_END = re.compile(rb"\r?\n\r?\n")
-HTTP_CHUNK_LINE = re.compile(rb"\r?\n")
-HTTP_CHUNK_SIZE_RE = re.compile(rb"[0-9a-fA-F]{1,16}")
-HTTP_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
-HTTP_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})")
-# parser states, per direction
-(HTTP_HEAD, HTTP_BODY, HTTP_CHUNK_SIZE, HTTP_CHUNK_DATA, HTTP_CHUNK_END, HTTP_TRAILER,
- HTTP_UNTIL_CLOSE, HTTP_STOPPED) = range(8)
-
-
-def http_route(uri):
-    """The path without query, ids (numbers, long hex, UUIDs) as :id."""
-    path = uri.split("?", 1)[0].split("#", 1)[0]
-    if "://" in path:                                  # absolute-form (a proxy request)
-        path = "/" + path.split("://", 1)[1].partition("/")[2]
-    parts = [":id" if HTTP_ID_SEGMENT.fullmatch(p) else p for p in path.split("/")]
-    return "/".join(parts) or "/"
-
-
-def _headers(block):
-    """Header fields of a head (after its first line): {lower-case name: last value}."""
-    fields = {}
-    for line in block.split(b"\n")[1:]:
-        name, sep, value = line.partition(b":")
-        if sep:
-            fields[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
-    return fields
-
-
-class _HttpDir:
-    """One direction of a connection: reassembly, then the framing state."""
-    __slots__ = ("next_seq", "ooo", "ooo_bytes", "buf", "buf_ts", "state", "left", "fin",
-                 "last_data", "scanned")
-
-    def __init__(self):
-        self.last_data = 0.0                 # when the last in-order payload byte was had
-        self.scanned = 0                     # bytes of buf searched for a line or head end
-        self.next_seq = None
-        self.ooo = {}                       # seq -> (bytes, ts)
-        self.ooo_bytes = 0
-        self.buf = bytearray()              # bytes not yet framed
-        self.buf_ts = 0.0                   # timestamp of the first byte in buf
-        self.state, self.left, self.fin = HTTP_HEAD, 0, False
-
-
-class _HttpRequest:
-    __slots__ = ("ts", "method", "uri", "host", "depth", "req_body", "resp_body", "status",
-                 "ttfb", "end", "head", "connect")
-
-    def __init__(self, ts, method, uri, host, depth):
-        self.ts, self.method, self.uri, self.host, self.depth = ts, method, uri, host, depth
-        self.req_body = self.resp_body = self.status = 0
-        self.ttfb = self.end = None
-        self.head, self.connect = method == "HEAD", method == "CONNECT"
-
-
-class _HttpStream:
-    __slots__ = ("key", "client", "server", "to_server", "to_client", "pending", "depth",
-                 "last", "current_request", "response")
-
-    def __init__(self, key, client, server):
-        self.key, self.client, self.server = key, client, server
-        self.to_server, self.to_client = _HttpDir(), _HttpDir()
-        self.pending = collections.deque()      # requests waiting for their response
-        self.depth = 0
-        self.last = 0.0
-        self.current_request = None             # being received (its body)
-        self.response = None                    # (request, final?) being received
-
-
-class HttpSnapshot(NamedTuple):
-    """Histogram rows ((labels), bucket counts, sum, count), parse errors, the recent
-    requests per server (newest first) and per-server summaries for the table."""
-    histogram: tuple = ()
-    parse_errors: tuple = ()
-    recent: tuple = ()                     # ((server, (record, ...)), ...)
-    servers: tuple = ()                    # ((server, requests, errors, (durations...), ((route, n), ...)), ...)
-
-    def merge(self, other):
-        hist = {}
-        for labels, counts, total, n in self.histogram + other.histogram:
-            if labels in hist:
-                c, t, m = hist[labels]
-                hist[labels] = (_add(c, counts), t + total, m + n)
-            else:
-                hist[labels] = (counts, total, n)
-        recent = {}
-        for srv, recs in self.recent + other.recent:
-            recent[srv] = recent.get(srv, ()) + recs
-        summary = {}
-        for srv, n, errors, durations, routes in self.servers + other.servers:
-            if srv in summary:
-                n0, e0, d0, r0 = summary[srv]
-                summary[srv] = (n0 + n, e0 + errors, (d0 + durations)[-HTTP_LATENCY_SAMPLES:],
-                                _merge_keyed(r0, routes, 1))
-            else:
-                summary[srv] = (n, errors, durations, routes)
-        return HttpSnapshot(
-            tuple((k, c, t, n) for k, (c, t, n) in hist.items()),
-            _merge_keyed(self.parse_errors, other.parse_errors, 1),
-            tuple((srv, tuple(sorted(recs, key=_finished_at, reverse=True)[:HTTP_RECENT]))
-                  for srv, recs in itertools.islice(recent.items(), HTTP_RECENT_SERVERS)),
-            tuple((srv, *v) for srv, v in summary.items()))
-
-
-def _finished_at(rec):
-    return rec["ts"] + rec["duration"]
-
-
-class HttpRequests(Consumer):
-    """HTTP/1.x requests on --http-ports, from the frames: `finished(record)` gets each
-    request as an http.log record (Zeek's names where they exist)."""
-    name = "http"
-    snapshot_type = HttpSnapshot
-    wants = frozenset((WANT_RAW, WANT_TS))
-
-    def __init__(self, ports=DEFAULT_HTTP_PORTS, finished=None, container=None):
-        self.ports = frozenset(ports)
-        self.finished = finished
-        self.container = container or (lambda addr: "")
-        self.streams = collections.OrderedDict()
-        self.errors = dict.fromkeys(HTTP_PARSE_ERRORS, 0)
-        self.histogram = {}                      # labels -> [bucket counts..., sum, count]
-        self.recent = {}                         # server -> deque of records
-        self.routes = {}                         # server -> {route: requests}
-        self.summary = {}                        # server -> [requests, errors, durations]
-        self.ooo_total = 0                       # out-of-order bytes held, every connection
-
-    def snaplen(self):
-        """Nothing of other frames: the kernel program returns this stage's frames whole
-        (kernel_program's `whole`), and a replay has them whole."""
-        return 0
-
-    def whole_ports(self):
-        return tuple(sorted(self.ports)), ()
-
-    def consume(self, batch):
-        ports = {IPPROTO_TCP: self.ports}
-        for data, ts, wire_bytes, frames, l2_len in frames_in_order(batch):
-            if frames == 1 and len(data) < wire_bytes:
-                continue                         # a frame cut short: its bytes are a gap
-            if not not_on_ports(data, ports):
-                self.packet(data, ts)
-
-    def packet(self, data, ts):
-        f = parse_l4(data)
-        if f is None or f[0] != IPPROTO_TCP:
-            return
-        _, src, dst, sport, dport, ip_len, plen, flags, seq, ack, window, _, at = f
-        if dport in self.ports:
-            key, to_server = (src, sport, dst, dport), True
-        elif sport in self.ports:
-            key, to_server = (dst, dport, src, sport), False
-        else:
-            return
-        s = self.streams.get(key)
-        if s is not None and flags & (TH_SYN | TH_ACK) == TH_SYN and to_server and \
-                s.to_server.next_seq not in (None, (seq + 1) % SEQ_MOD):
-            self.end(s)                            # a new connection on the same ports
-            s = None
-        if s is None:
-            if flags & TH_RST or not (plen or flags & TH_SYN):
-                return
-            if len(self.streams) >= HTTP_STREAMS_MAX:
-                self.end(next(iter(self.streams.values())))
-            s = self.streams[key] = _HttpStream(key, (src, sport) if to_server else (dst, dport),
-                                                (dst, dport) if to_server else (src, sport))
-        self.streams.move_to_end(key)
-        s.last = ts
-        d = s.to_server if to_server else s.to_client
-        if flags & TH_SYN:
-            d.next_seq = (seq + 1) % SEQ_MOD
-        elif plen or flags & TH_FIN:
-            payload = memoryview(data)[at:at + plen]
-            if d.next_seq is None:
-                d.next_seq = seq                  # joined mid-stream
-            self._segment(s, d, to_server, seq, payload, bool(flags & TH_FIN), ts)
-        if flags & TH_RST or (s.to_server.fin and s.to_client.fin):
-            self.end(s)
-
-    def _segment(self, s, d, to_server, seq, payload, fin, ts):
-        """Reassembly: deliver what continues the stream, hold what comes early."""
-        if d.state == HTTP_STOPPED:
-            return
-        off = (seq - d.next_seq) % SEQ_MOD
-        if off >= SEQ_HALF:                      # starts before next_seq: drop what was seen
-            cut = SEQ_MOD - off
-            if cut >= len(payload) and not (fin and cut == len(payload)):
-                return
-            payload, seq = payload[cut:], d.next_seq
-            off = 0
-        if off:
-            held = d.ooo.get(seq)
-            if held is None and len(d.ooo) >= HTTP_OOO_SEGMENTS:
-                self._gap(s, d)                    # bare FINs and slivers count too
-                return
-            if held is None or len(held[0]) < len(payload):
-                if held is not None:
-                    d.ooo_bytes -= len(held[0])
-                    self.ooo_total -= len(held[0])
-                d.ooo[seq] = (bytes(payload), ts, fin)
-                d.ooo_bytes += len(payload)
-                self.ooo_total += len(payload)
-            if d.ooo_bytes > HTTP_OOO_MAX or self.ooo_total > HTTP_OOO_TOTAL_MAX:
-                self._gap(s, d)
-            return
-        self._deliver(s, d, to_server, payload, fin, ts)
-        while d.ooo and d.state != HTTP_STOPPED:
-            exact = d.ooo.pop(d.next_seq, None)
-            if exact is not None:                  # the common case: no scan
-                data, t, f = exact
-                d.ooo_bytes -= len(data)
-                self.ooo_total -= len(data)
-                self._deliver(s, d, to_server, data, f, max(t, ts))
-                continue
-            for k in list(d.ooo):
-                o = (k - d.next_seq) % SEQ_MOD
-                if o == 0 or o >= SEQ_HALF:
-                    data, t, f = d.ooo.pop(k)
-                    d.ooo_bytes -= len(data)
-                    self.ooo_total -= len(data)
-                    if o >= SEQ_HALF:
-                        data = data[SEQ_MOD - o:]
-                        if not data and not f:
-                            break
-                    # held bytes are had now, when the gap before them filled
-                    self._deliver(s, d, to_server, data, f, max(t, ts))
-                    break
-            else:
-                break
-
-    def _gap(self, s, d):
-        self.errors["gap"] += 1
-        d.state = HTTP_STOPPED
-        self._drop_held(d)
-
-    def _drop_held(self, d):
-        self.ooo_total -= d.ooo_bytes
-        d.ooo.clear()
-        d.ooo_bytes = 0
-        d.buf.clear()
-
-    def _deliver(self, s, d, to_server, payload, fin, ts):
-        d.next_seq = (d.next_seq + len(payload) + (1 if fin else 0)) % SEQ_MOD
-        if payload:
-            d.last_data = ts
-            if not d.buf:
-                d.buf_ts = ts
-            d.buf += payload
-            (self._client_bytes if to_server else self._server_bytes)(s, d, ts)
-        if fin:
-            d.fin = True
-            if not to_server and d.state == HTTP_UNTIL_CLOSE and s.response:
-                self._response_done(s, d.last_data)     # its last byte, not the FIN
-            d.state = HTTP_STOPPED                      # nothing comes after a FIN
-
-    # -- framing --------------------------------------------------------------
-
-    def _head(self, d):
-        """A complete head at the start of d.buf, or None (waiting, or no HTTP)."""
-        m = HTTP_HEAD_END.search(d.buf, max(0, d.scanned - 3))   # a head trickling in: once
-        if m is None:
-            d.scanned = len(d.buf)
-            if len(d.buf) > HTTP_MAX_HEAD:
-                self.errors["head_too_large"] += 1
-                d.state = HTTP_STOPPED
-            return None
-        d.scanned = 0
-        head = bytes(d.buf[:m.start()])
-        del d.buf[:m.end()]
-        return head
-
-    def _client_bytes(self, s, d, ts):
-        while d.buf and d.state != HTTP_STOPPED:
-            if d.state == HTTP_HEAD:
-                while d.buf[:2] == b"\r\n" or d.buf[:1] == b"\n":      # blank lines between
-                    del d.buf[:2 if d.buf[:2] == b"\r\n" else 1]
-                if not d.buf:
-                    return
-                first_ts = d.buf_ts
-                head = self._head(d)
-                if head is None:
-                    return
-                parts = head.split(b"\n", 1)[0].split()
-                if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-                    self.errors["bad_request"] += 1
-                    d.state = HTTP_STOPPED
-                    return
-                fields = _headers(head)
-                if len(s.pending) >= HTTP_PENDING_MAX:
-                    self.errors["too_many_pending"] += 1
-                    d.state = HTTP_STOPPED
-                    return
-                s.depth += 1
-                host = fields.get("host")
-                r = _HttpRequest(first_ts, parts[0].decode("latin-1")[:HTTP_TEXT_MAX],
-                                 parts[1].decode("latin-1")[:HTTP_TEXT_MAX],
-                                 host[:HTTP_TEXT_MAX] if host is not None else None, s.depth)
-                s.pending.append(r)
-                s.current_request = r
-                d.buf_ts = ts
-                self._frame_body(d, fields, parts[2] == b"HTTP/1.1", None)
-            elif not self._body_bytes(d, lambda n: setattr(s.current_request, "req_body",
-                                                          s.current_request.req_body + n)):
-                return
-            if d.state == HTTP_HEAD:
-                d.buf_ts = ts
-
-    def _frame_body(self, d, fields, http11, no_body):
-        """After a head: what the body is (RFC 9112 6.3)."""
-        te = fields.get("transfer-encoding", "").lower()
-        if no_body:
-            d.state = HTTP_HEAD
-        elif te and te.rsplit(",", 1)[-1].strip() == "chunked":
-            d.state = HTTP_CHUNK_SIZE
-        elif "content-length" in fields:
-            # RFC 9112 6.3: digits only; a list of one value repeated is that value
-            values = {v.strip() for v in fields["content-length"].split(",")}
-            value = values.pop() if len(values) == 1 else ""
-            d.left = int(value) if HTTP_CONTENT_LENGTH.fullmatch(value) else -1
-            if d.left < 0:
-                self.errors["bad_request" if no_body is None else "bad_response"] += 1
-                d.state = HTTP_STOPPED
-                return
-            d.state = HTTP_BODY if d.left else HTTP_HEAD
-        elif no_body is None:
-            d.state = HTTP_HEAD                  # a request without a length has no body
-        else:
-            d.state = HTTP_UNTIL_CLOSE
-
-    def _line(self, d, error):
-        """The next CRLF-ended line of d.buf, taken from it; None while incomplete (or
-        when it grew past HTTP_MAX_HEAD: counted as `error`, the stream stopped)."""
-        m = HTTP_CHUNK_LINE.search(d.buf, max(0, d.scanned - 1))
-        d.scanned = 0 if m else len(d.buf)
-        if m is None:
-            if len(d.buf) > HTTP_MAX_HEAD:
-                self.errors[error] += 1
-                d.state = HTTP_STOPPED
-            return None
-        line = bytes(d.buf[:m.start()])
-        del d.buf[:m.end()]
-        return line
-
-    def _body_bytes(self, d, add):
-        """Consume body bytes from d.buf in the current state; add(n) counts them.
-        False when it must wait for more bytes (a size line or CRLF not complete)."""
-        if d.state in (HTTP_BODY, HTTP_CHUNK_DATA):
-            n = min(d.left, len(d.buf))
-            del d.buf[:n]
-            add(n)
-            d.left -= n
-            if not d.left:
-                d.state = HTTP_HEAD if d.state == HTTP_BODY else HTTP_CHUNK_END
-        elif d.state == HTTP_CHUNK_SIZE:
-            line = self._line(d, "bad_chunk")
-            if line is None:
-                return False
-            line = line.split(b";", 1)[0].strip()
-            if not HTTP_CHUNK_SIZE_RE.fullmatch(line):      # int(x, 16) takes 0x5, +5, -5, 0_5
-                self.errors["bad_chunk"] += 1
-                d.state = HTTP_STOPPED
-                return False
-            d.left = int(line, 16)
-            d.state = HTTP_CHUNK_DATA if d.left else HTTP_TRAILER
-        elif d.state == HTTP_CHUNK_END:
-            m = HTTP_CHUNK_LINE.match(d.buf)
-            if m is None:
-                if len(d.buf) >= 2 or d.buf[:1] not in (b"\r", b"\n"):
-                    self.errors["bad_chunk"] += 1
-                    d.state = HTTP_STOPPED
-                return False
-            del d.buf[:m.end()]
-            d.state = HTTP_CHUNK_SIZE
-        elif d.state == HTTP_TRAILER:
-            line = self._line(d, "head_too_large")
-            if line is None:
-                return False
-            if not line.strip():
-                d.state = HTTP_HEAD              # the blank line ends the trailers
-        elif d.state == HTTP_UNTIL_CLOSE:
-            add(len(d.buf))
-            d.buf.clear()
-        return True
-
-    def _server_bytes(self, s, d, ts):
-        while d.buf and d.state != HTTP_STOPPED:
-            if d.state == HTTP_HEAD:
-                first_ts = d.buf_ts
-                head = self._head(d)
-                if head is None:
-                    return
-                m = HTTP_STATUS_LINE.match(head)
-                if m is None:
-                    self.errors["bad_response"] += 1
-                    d.state = HTTP_STOPPED
-                    return
-                code = int(m.group(2))
-                if not s.pending:
-                    self.errors["unmatched_response"] += 1
-                    d.state = HTTP_STOPPED
-                    return
-                r = s.pending[0]
-                if 100 <= code < 200 and code != 101:
-                    d.buf_ts = ts
-                    continue                     # interim (100 Continue): the request goes on
-                r.status, r.ttfb = code, first_ts - r.ts
-                s.response = r
-                fields = _headers(head)
-                no_body = r.head or code in (204, 304) or code == 101 or \
-                    (r.connect and 200 <= code < 300)
-                self._frame_body(d, fields, m.group(1) == b"1", no_body)
-                if d.state == HTTP_HEAD:
-                    self._response_done(s, ts)
-                if code == 101 or (r.connect and 200 <= code < 300):
-                    d.state = s.to_server.state = HTTP_STOPPED     # a tunnel: not HTTP any more
-                    return
-            else:
-                r = s.response
-                if r is None:                     # bytes after the response that ran to the close
-                    d.state = HTTP_STOPPED
-                    return
-                if not self._body_bytes(d, lambda n: setattr(r, "resp_body", r.resp_body + n)):
-                    return
-                if d.state == HTTP_HEAD:
-                    self._response_done(s, ts)
-            d.buf_ts = ts
-
-    def _response_done(self, s, ts):
-        r = s.response
-        s.response = None
-        if s.pending and s.pending[0] is r:
-            s.pending.popleft()
-        r.end = ts
-        self._record(s, r)
-
-    # -- ends -----------------------------------------------------------------
-
-    def end(self, s):
-        """The connection is over: a response running to the close ends, requests left
-        unanswered finish with status 0, an unfilled gap is counted."""
-        self.streams.pop(s.key, None)
-        if s.response is not None and s.to_client.state == HTTP_UNTIL_CLOSE:
-            self._response_done(s, s.to_client.last_data)
-        for d in (s.to_server, s.to_client):
-            if d.ooo and d.state != HTTP_STOPPED:
-                self._gap(s, d)
-            self._drop_held(d)
-        while s.pending:
-            r = s.pending.popleft()
-            r.end = s.last
-            r.status = 0 if r.ttfb is None else r.status
-            self._record(s, r)
-
-    def finish(self):
-        """End of a replay (or of capture): every stream's pending requests are recorded."""
-        for s in list(self.streams.values()):
-            self.end(s)
-        return True
-
-    def tick(self, now):
-        while self.streams:
-            s = next(iter(self.streams.values()))
-            if s.last + HTTP_IDLE_TIMEOUT > now:
-                break
-            self.end(s)
-
-    def _record(self, s, r):
-        (ch, cp), (sh, sp) = s.client, s.server
-        server_h = raw_address(sh)
-        server = f"{server_h}:{sp}"
-        container = self.container(sh)
-        if container:
-            server = container
-        if server not in self.routes and len(self.routes) >= HTTP_SERVERS_MAX:
-            server_label = port_label = server = "other"      # a scan of many servers
-        else:
-            server_label, port_label = server_h, str(sp)
-        rec = {"ts": round(r.ts, 6), "id.orig_h": raw_address(ch), "id.orig_p": cp, "id.resp_h": server_h,
-               "id.resp_p": sp, "trans_depth": r.depth, "method": r.method}
-        if r.host is not None:
-            rec["host"] = r.host
-        rec.update({"uri": r.uri, "status_code": r.status, "request_body_len": r.req_body,
-                    "response_body_len": r.resp_body})
-        if r.ttfb is not None:
-            rec["ttfb"] = round(r.ttfb, 6)
-        duration = r.end - r.ts
-        rec.update({"duration": round(duration, 6), "container": container})
-        routes = self.routes.setdefault(server, {})
-        route = http_route(r.uri)
-        if route not in routes and len(routes) >= HTTP_ROUTES_MAX:
-            route = "other"
-        routes[route] = routes.get(route, 0) + 1
-        method = r.method if r.method in HTTP_METHODS else "_OTHER"
-        labels = (method, str(r.status), route, server_label, port_label, container)
-        h = self.histogram.get(labels)
-        if h is None:        # a count per bucket and one above the last, then sum and count
-            h = self.histogram[labels] = [0] * (len(HTTP_BUCKETS) + 3)
-        h[bisect.bisect_left(HTTP_BUCKETS, duration)] += 1
-        h[-2] += duration
-        h[-1] += 1
-        if server in self.recent or len(self.recent) < HTTP_RECENT_SERVERS:
-            self.recent.setdefault(server, collections.deque(maxlen=HTTP_RECENT)).appendleft(rec)
-        summary = self.summary.setdefault(server, [0, 0, collections.deque(maxlen=HTTP_LATENCY_SAMPLES)])
-        summary[0] += 1
-        summary[1] += r.status == 0 or r.status >= 500
-        summary[2].append(duration)
-        if self.finished is not None:
-            self.finished(rec)
-
-    def snapshot(self):
-        return HttpSnapshot(tuple((k, tuple(v[:-2]), v[-2], v[-1]) for k, v in self.histogram.items()),
-                            tuple(self.errors.items()),
-                            tuple((srv, tuple(q)) for srv, q in self.recent.items()),
-                            tuple((srv, n, e, tuple(lat), tuple(self.routes.get(srv, {}).items()))
-                                  for srv, (n, e, lat) in self.summary.items()))
-
-
-def _percentile(sorted_values, q):
-    """The q-quantile (nearest rank) of sorted values; 0 for none."""
-    if not sorted_values:
-        return 0.0
-    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
-
-
-def http_document(snap, how, top=None):
-    """--output json's "http": per server requests, errors (status 0 or 5xx), latency
-    percentiles and routes; parse errors. `top`: the busiest servers, and routes each."""
-    http = snap.get("http")
-    if http is None:
-        return None
-    servers = {}
-    for server, n, errors, durations, routes in _first(http.servers, top, lambda s: (-s[1], s[0])):
-        lat = sorted(durations)
-        ranked = sorted(routes, key=lambda rn: (-rn[1], rn[0]))
-        servers[server] = {"requests": n, "errors": errors, "p50": _percentile(lat, 0.5),
-                           "p95": _percentile(lat, 0.95), "p99": _percentile(lat, 0.99),
-                           "routes": dict(ranked if top is None else ranked[:top])}
-    return {**_envelope(snap, how), "servers": servers, "parse_errors": dict(http.parse_errors),
-            **_cut(servers, len(http.servers))}
-
-
-def requests_document(snap, how, top=None, server=None, rows=None):
-    """/api/requests: the last requests per server, newest first (`top`: at most N each);
-    `rows`: at most that many in all, servers in the order lpd first saw them."""
-    http = snap.get("http")
-    if http is None:
-        return None
-    recent, kept, total = {}, 0, 0
-    for srv, recs in http.recent:
-        if server is not None and srv != server:
-            continue
-        n = len(recs) if top is None else min(top, len(recs))
-        if rows is not None:
-            n = min(n, rows - kept)
-        recent[srv] = list(recs[:n])
-        kept, total = kept + n, total + len(recs)
-    return {**_envelope(snap, how), "servers": recent, "total": total, "truncated": kept < total}
-
-
-def http_metrics(c, snap):
-    """The HTTP requests' families (a row of STAGES): OpenTelemetry's duration
-    histogram, parse errors; none without --http."""
-    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
-    http = snap.get("http")
-    if http is None:
-        return
-    fam = HistogramMetricFamily(
-        "http_server_request_duration_seconds",
-        "Duration of HTTP server requests, from packets (OpenTelemetry semantic conventions).",
-        labels=["http_request_method", "http_response_status_code", "http_route",
-                "server_address", "server_port", "container"])
-    bounds = [f"{b:g}" for b in HTTP_BUCKETS] + ["+Inf"]
-    for labels, counts, total, n in http.histogram:
-        fam.add_metric(list(labels), list(zip(bounds, itertools.accumulate(counts))), total)
-    yield fam
-    yield metric_family(CounterMetricFamily, "lpd_http_parse_errors",
-                        "HTTP streams lpd stopped parsing, by reason.", ["reason"],
-                        [((r,), n) for r, n in http.parse_errors])
-
-
-HTTP_TABLE_ROUTES = 5              # routes a table lists per server
-
-
-def http_table(doc):
-    """--output table's HTTP servers: requests, errors, latency, the busiest routes."""
-    out = [f"\nHTTP servers: {len(doc['servers'])}\n"]
-    header = ("server", "requests", "error %", "p50 s", "p95 s", "p99 s", "top routes")
-    rows = [[srv, str(d["requests"]), f"{100 * d['errors'] / max(1, d['requests']):.1f}",
-             f"{d['p50']:.4f}", f"{d['p95']:.4f}", f"{d['p99']:.4f}",
-             ", ".join(f"{r} {n}" for r, n in list(d["routes"].items())[:HTTP_TABLE_ROUTES])]
-            for srv, d in sorted(doc["servers"].items(), key=lambda kv: -kv[1]["requests"])]
-    out += _columns(header, rows, header[1:6])
-    bad = ", ".join(f"{r} {n}" for r, n in doc["parse_errors"].items() if n)
-    if bad:
-        out.append(f"parse errors: {bad}\n")
-    return out
-
-
-def _http_requests(opts, w, built):
-    if not opts.http:
-        return None
-    log_ = w.logs.get(HttpRequests.name)
-    return HttpRequests(opts.http_ports, log_.write if log_ is not None else None,
-                        w.names.name_of if w.names else None)
-
-
-STAGES.append(Stage(HttpRequests, _http_requests, (("http", http_document),), http_metrics,
-                    http_table, log="--http-log", live_documents=(("requests", requests_document),)))
-
-
-###############################################################################
-# 14.5 Rules (bpfcountd-compatible filter files) ##############################
+# 14.4 Rules (bpfcountd-compatible filter files) ##############################
 # provides: format_rule_lines, parse_filter_file, RuleCounter
 #
 # A filter file is bpfcountd's `<id>;<bpf expression>` per line, minus its bugs
@@ -9755,7 +9138,7 @@ STAGES.append(Stage(RuleCounter, _rules, (("rules", rules_document),), rules_met
 
 
 ###############################################################################
-# 14.6 Flow export (IPFIX) ####################################################
+# 14.5 Flow export (IPFIX) ####################################################
 # provides: -
 #
 # The connection table (14.3) as IPFIX (RFC 7011) for the collectors fleets run
@@ -10806,7 +10189,7 @@ DNS_PENDING_MAX = 4096                      # queries waiting for their answer; 
 DNS_QUERY_TIMEOUT = 30.0                    # a query unanswered this long is logged without one
 DNS_TICK_WORK = 4096                        # timed-out queries logged per tick
 NAMES_PROTECTED_FRACTION = 0.8
-# 14.7's reasons; then a TCP stream's: bytes missing (its messages are skipped until it
+# 15.1's reasons; then a TCP stream's: bytes missing (its messages are skipped until it
 # ends), dropped for room (DNS_TCP_STREAMS_MAX)
 DNS_PARSE_ERRORS = ("truncated", "label", "name_too_long", "pointer", "rdata", "gap", "evicted")
 DNS_TCP_LENGTH = struct.Struct("!H")        # RFC 1035 4.2.2: each message over TCP after its length
@@ -10917,7 +10300,7 @@ class NameTable:
 class RemoteDeltas:
     """The bytes each remote carried since the last take(), from the remote stage's
     table (14.2) whichever engine counted them: the classic decoder's batches or the
-    kernel's maps, drained into it at the tick (16.4). One pass over the remotes
+    kernel's maps, drained into it at the tick (17.4). One pass over the remotes
     counted in the interval, nothing per frame. An entry evicted and entered again
     counts from zero: what it carried between the last take and its eviction is lost
     with it, as in the remote table (within its error bound)."""
@@ -11216,6 +10599,7 @@ class Names(Consumer):
         `domains` of them with their own counters (DomainTraffic; 0: none)."""
         self.ports = frozenset(ports)
         self.tcp_ports = self.ports & {DNS_PORT}   # mDNS is UDP only
+        self.judged = {IPPROTO_UDP: self.ports, IPPROTO_TCP: self.tcp_ports}   # not_on_ports'
         self.streams = collections.OrderedDict()   # (src, sport, dst, dport) -> [next seq, bytes]
         self.table = NameTable(size)
         self.logged = logged
@@ -11244,7 +10628,7 @@ class Names(Consumer):
                     self.sent_before, self.sent = sent, set()
                     sent = self.sent
                 sent.add(key)
-        ports = {IPPROTO_UDP: self.ports, IPPROTO_TCP: self.tcp_ports}
+        ports = self.judged
         for data, ts, _, frames, _ in frames_in_order(batch):
             if not not_on_ports(data, ports):
                 self.packet(data, ts, frames)
@@ -11612,12 +10996,11 @@ class TlsSessions(Consumer):
     wants = frozenset((WANT_RAW, WANT_TS))
     whole_handshakes = True
 
-    def __init__(self, names, logged=None, conns=None):
-        """names: the Names stage; conns: the Connections stage (--connections), whose
-        uids the records take."""
+    def __init__(self, names, logged=None):
+        """names: the Names stage, whose table the server names go to and whose uids
+        (conn.log's, with --connections) the records take."""
         self.names = names
         self.logged = logged
-        self.conns = conns
         self.streams = collections.OrderedDict()   # (src, sport, dst, dport) -> [next seq, bytes, ts]
         self.sessions = collections.OrderedDict()  # (client, cport, server, sport) -> record
         # Directions whose first handshake message was read: their later handshake records
@@ -11699,10 +11082,7 @@ class TlsSessions(Consumer):
         elif len(self.sessions) >= TLS_SESSIONS_MAX:
             self.session_evictions += 1
             self.finish_session(self.sessions.popitem(last=False)[1])
-        c = self.conns.table.get(conn_key(IPPROTO_TCP, src, sport, dst, dport)) \
-            if self.conns is not None else None
-        uid = connection_uid(conn_key(IPPROTO_TCP, src, sport, dst, dport),
-                             c.first if c is not None else None)
+        uid = self.names.uid(conn_key(IPPROTO_TCP, src, sport, dst, dport))
         self.sessions[key] = {
             "ts": round(ts, 6), "uid": uid, "id.orig_h": raw_address(src), "id.orig_p": sport,
             "id.resp_h": raw_address(dst), "id.resp_p": dport, "version": None, "cipher": None,
@@ -11780,7 +11160,7 @@ def _tls(opts, w, built):
     if names is None:
         return None
     log_ = w.logs.get(TlsSessions.name)
-    return TlsSessions(names, log_.write if log_ is not None else None, built.get(Connections.name))
+    return TlsSessions(names, log_.write if log_ is not None else None)
 
 
 STAGES.append(Stage(TlsSessions, _tls, (("tls", tls_document),), tls_metrics, tls_table,
@@ -11788,7 +11168,1752 @@ STAGES.append(Stage(TlsSessions, _tls, (("tls", tls_document),), tls_metrics, tl
 
 
 ###############################################################################
-# 16 eBPF engine: accounting and rules as one kernel program (--engine ebpf) ####
+# 16 HTTP: requests, HTTP/2 and gRPC ##########################################
+###############################################################################
+# provides: GRPC_OK
+#
+# HTTP read from packets: HTTP/1.x, HTTP/2 in clear text (h2c, RFC 9113) and gRPC over it,
+# on the same ports and connections. The parts in the order they depend on each other:
+# HPACK (16.1), the header compression every HTTP/2 header block goes through, a state
+# per direction of a connection that a capture may join late; HTTP/2 connections (16.2):
+# frames, streams as requests, gRPC's calls; and last the HTTP stage (16.3), whose TCP
+# reassembly feeds both HTTP/1 framing and, once a connection turns out to speak it,
+# HTTP/2.
+
+
+# 16.1 HPACK (RFC 7541, header compression) ###################################
+# provides: HPACK_ERRORS, HPACK_UNKNOWN, HpackDecoder, HpackError
+#
+# A header block's decoder (RFC 7541), from bytes lpd did not write: integers with a
+# bound on their bytes (5.1), string literals plain or Huffman-coded (5.2, Appendix B),
+# the static table (Appendix A), the dynamic table with its size accounting, eviction and
+# size updates (4, 6.3) bounded by the SETTINGS_HEADER_TABLE_SIZE lpd assumes, and the
+# field representations (6.1, 6.2). Each representation consumes at least one byte and
+# a Huffman string costs a few steps per byte, so a block costs work in proportion to its
+# length whatever it holds; fields past HPACK_HEADER_LIST_MAX bytes (counted as
+# SETTINGS_MAX_HEADER_LIST_SIZE counts them) or HPACK_FIELDS_MAX are not returned. What
+# does not hold raises HpackError with one of HPACK_ERRORS for the caller to count, never
+# an exception of another kind.
+#
+# Names and values are str, decoded latin-1: one character per byte, so no byte sequence
+# can fail to decode and none is lost (bytes(value, "latin-1") gives the wire's bytes
+# back), while what lpd compares and labels (pseudo-headers, content-type, gRPC's ASCII
+# metadata: binary "-bin" metadata is base64 on the wire) is text, as the HTTP/1 stage
+# (14.4) decodes its heads.
+#
+# Capture joined mid-connection (the usual case for long-lived gRPC channels): the
+# dynamic table then holds entries inserted before lpd saw anything. The decoder keeps
+# the entries inserted since it began (newest first) and, behind them, an unknown tail
+# of which it knows only a bound on the size. Whatever the encoder did, its table is the
+# newest part of that list: an insertion puts an entry in front and eviction removes the
+# oldest, so the unknown entries go first. An index into the known part is therefore
+# exact (a conforming encoder refers to entries its table holds); one past it, while the
+# tail may still hold entries, is HPACK_UNKNOWN (the caller shows _OTHER); the tail's
+# bound shrinks with every insertion and size update (the whole table fits the maximum
+# size), and once it is below one entry's size (32) the decoder knows the table again
+# and an index past it is an error. A name taken from an unknown entry is unknown and
+# its length too, so that entry's size counts as a lower bound: the bounds stay sound
+# (an entry is dropped only when the table certainly no longer holds it), never a guess.
+# The real maximum size, unknown mid-connection until a size update says it, is taken at
+# its bound, the SETTINGS value: the known part may then keep entries the encoder already
+# evicted, which it never refers to. Should the peer have announced a larger SETTINGS
+# value than the decoder was given, the table outgrows the bound: that shows as errors
+# (an index past the table, a size update above it), never as a wrong field. A block
+# that cannot be read to its end (an error, or one lost by the capture: lost()) leaves
+# insertions unseen, so the decoder starts over as if capture began after it.
+
+HPACK_ERRORS = ("integer", "huffman", "index", "table_size", "truncated", "too_long",
+                "too_many")
+HPACK_UNKNOWN = None            # a name or value in an entry inserted before capture began
+HPACK_TABLE_SIZE = 4096         # SETTINGS_HEADER_TABLE_SIZE's initial value (RFC 9113 6.5.2)
+HPACK_ENTRY_OVERHEAD = 32       # an entry's size: its name's and value's octets plus 32 (4.1)
+HPACK_HEADER_LIST_MAX = 65536   # the fields returned per block, counted as above (a
+                                # SETTINGS_MAX_HEADER_LIST_SIZE of 64 KiB)
+HPACK_FIELDS_MAX = 1024         # and their number (a request carries tens)
+# 5.1: an integer's continuation bytes carry 7 bits each; 4 of them reach 2^28 past the
+# prefix, more than any index, string length or table size lpd accepts, and a fifth is
+# an error rather than a loop over 0xff 0xff ...
+HPACK_INT_BYTES_MAX = 4
+HPACK_INT_MORE = 0x80           # a continuation byte's flag; its low 7 bits are the value
+HPACK_HUFFMAN_FLAG = 0x80       # a string literal's first bit: Huffman-coded (5.2)
+# 6.1-6.3: a field's first byte says its representation by its top bits, and the width
+# of the integer prefix that follows them.
+HPACK_INDEXED, HPACK_INDEXED_PREFIX = 0x80, 7
+HPACK_INCREMENTAL, HPACK_INCREMENTAL_PREFIX = 0x40, 6
+HPACK_SIZE_UPDATE, HPACK_SIZE_UPDATE_PREFIX = 0x20, 5
+HPACK_LITERAL_PREFIX = 4        # without indexing (0000) and never indexed (0001)
+HPACK_STRING_PREFIX = 7
+
+HPACK_STATIC_TABLE = (          # Appendix A: index 1 is the first
+    (":authority", ""), (":method", "GET"), (":method", "POST"), (":path", "/"),
+    (":path", "/index.html"), (":scheme", "http"), (":scheme", "https"), (":status", "200"),
+    (":status", "204"), (":status", "206"), (":status", "304"), (":status", "400"),
+    (":status", "404"), (":status", "500"), ("accept-charset", ""),
+    ("accept-encoding", "gzip, deflate"), ("accept-language", ""), ("accept-ranges", ""),
+    ("accept", ""), ("access-control-allow-origin", ""), ("age", ""), ("allow", ""),
+    ("authorization", ""), ("cache-control", ""), ("content-disposition", ""),
+    ("content-encoding", ""), ("content-language", ""), ("content-length", ""),
+    ("content-location", ""), ("content-range", ""), ("content-type", ""), ("cookie", ""),
+    ("date", ""), ("etag", ""), ("expect", ""), ("expires", ""), ("from", ""), ("host", ""),
+    ("if-match", ""), ("if-modified-since", ""), ("if-none-match", ""), ("if-range", ""),
+    ("if-unmodified-since", ""), ("last-modified", ""), ("link", ""), ("location", ""),
+    ("max-forwards", ""), ("proxy-authenticate", ""), ("proxy-authorization", ""),
+    ("range", ""), ("referer", ""), ("refresh", ""), ("retry-after", ""), ("server", ""),
+    ("set-cookie", ""), ("strict-transport-security", ""), ("transfer-encoding", ""),
+    ("user-agent", ""), ("vary", ""), ("via", ""), ("www-authenticate", ""),
+)
+HPACK_STATIC_LEN = len(HPACK_STATIC_TABLE)
+
+HPACK_HUFFMAN_CODES = (    # (code, length in bits) of symbols 0-255, then EOS
+    (0x1ff8, 13), (0x7fffd8, 23), (0xfffffe2, 28), (0xfffffe3, 28),                 # 0-3
+    (0xfffffe4, 28), (0xfffffe5, 28), (0xfffffe6, 28), (0xfffffe7, 28),             # 4-7
+    (0xfffffe8, 28), (0xffffea, 24), (0x3ffffffc, 30), (0xfffffe9, 28),             # 8-11
+    (0xfffffea, 28), (0x3ffffffd, 30), (0xfffffeb, 28), (0xfffffec, 28),            # 12-15
+    (0xfffffed, 28), (0xfffffee, 28), (0xfffffef, 28), (0xffffff0, 28),             # 16-19
+    (0xffffff1, 28), (0xffffff2, 28), (0x3ffffffe, 30), (0xffffff3, 28),            # 20-23
+    (0xffffff4, 28), (0xffffff5, 28), (0xffffff6, 28), (0xffffff7, 28),             # 24-27
+    (0xffffff8, 28), (0xffffff9, 28), (0xffffffa, 28), (0xffffffb, 28),             # 28-31
+    (0x14, 6), (0x3f8, 10), (0x3f9, 10), (0xffa, 12),                               # 32-35
+    (0x1ff9, 13), (0x15, 6), (0xf8, 8), (0x7fa, 11),                                # 36-39
+    (0x3fa, 10), (0x3fb, 10), (0xf9, 8), (0x7fb, 11),                               # 40-43
+    (0xfa, 8), (0x16, 6), (0x17, 6), (0x18, 6),                                     # 44-47
+    (0x0, 5), (0x1, 5), (0x2, 5), (0x19, 6),                                        # 48-51
+    (0x1a, 6), (0x1b, 6), (0x1c, 6), (0x1d, 6),                                     # 52-55
+    (0x1e, 6), (0x1f, 6), (0x5c, 7), (0xfb, 8),                                     # 56-59
+    (0x7ffc, 15), (0x20, 6), (0xffb, 12), (0x3fc, 10),                              # 60-63
+    (0x1ffa, 13), (0x21, 6), (0x5d, 7), (0x5e, 7),                                  # 64-67
+    (0x5f, 7), (0x60, 7), (0x61, 7), (0x62, 7),                                     # 68-71
+    (0x63, 7), (0x64, 7), (0x65, 7), (0x66, 7),                                     # 72-75
+    (0x67, 7), (0x68, 7), (0x69, 7), (0x6a, 7),                                     # 76-79
+    (0x6b, 7), (0x6c, 7), (0x6d, 7), (0x6e, 7),                                     # 80-83
+    (0x6f, 7), (0x70, 7), (0x71, 7), (0x72, 7),                                     # 84-87
+    (0xfc, 8), (0x73, 7), (0xfd, 8), (0x1ffb, 13),                                  # 88-91
+    (0x7fff0, 19), (0x1ffc, 13), (0x3ffc, 14), (0x22, 6),                           # 92-95
+    (0x7ffd, 15), (0x3, 5), (0x23, 6), (0x4, 5),                                    # 96-99
+    (0x24, 6), (0x5, 5), (0x25, 6), (0x26, 6),                                      # 100-103
+    (0x27, 6), (0x6, 5), (0x74, 7), (0x75, 7),                                      # 104-107
+    (0x28, 6), (0x29, 6), (0x2a, 6), (0x7, 5),                                      # 108-111
+    (0x2b, 6), (0x76, 7), (0x2c, 6), (0x8, 5),                                      # 112-115
+    (0x9, 5), (0x2d, 6), (0x77, 7), (0x78, 7),                                      # 116-119
+    (0x79, 7), (0x7a, 7), (0x7b, 7), (0x7ffe, 15),                                  # 120-123
+    (0x7fc, 11), (0x3ffd, 14), (0x1ffd, 13), (0xffffffc, 28),                       # 124-127
+    (0xfffe6, 20), (0x3fffd2, 22), (0xfffe7, 20), (0xfffe8, 20),                    # 128-131
+    (0x3fffd3, 22), (0x3fffd4, 22), (0x3fffd5, 22), (0x7fffd9, 23),                 # 132-135
+    (0x3fffd6, 22), (0x7fffda, 23), (0x7fffdb, 23), (0x7fffdc, 23),                 # 136-139
+    (0x7fffdd, 23), (0x7fffde, 23), (0xffffeb, 24), (0x7fffdf, 23),                 # 140-143
+    (0xffffec, 24), (0xffffed, 24), (0x3fffd7, 22), (0x7fffe0, 23),                 # 144-147
+    (0xffffee, 24), (0x7fffe1, 23), (0x7fffe2, 23), (0x7fffe3, 23),                 # 148-151
+    (0x7fffe4, 23), (0x1fffdc, 21), (0x3fffd8, 22), (0x7fffe5, 23),                 # 152-155
+    (0x3fffd9, 22), (0x7fffe6, 23), (0x7fffe7, 23), (0xffffef, 24),                 # 156-159
+    (0x3fffda, 22), (0x1fffdd, 21), (0xfffe9, 20), (0x3fffdb, 22),                  # 160-163
+    (0x3fffdc, 22), (0x7fffe8, 23), (0x7fffe9, 23), (0x1fffde, 21),                 # 164-167
+    (0x7fffea, 23), (0x3fffdd, 22), (0x3fffde, 22), (0xfffff0, 24),                 # 168-171
+    (0x1fffdf, 21), (0x3fffdf, 22), (0x7fffeb, 23), (0x7fffec, 23),                 # 172-175
+    (0x1fffe0, 21), (0x1fffe1, 21), (0x3fffe0, 22), (0x1fffe2, 21),                 # 176-179
+    (0x7fffed, 23), (0x3fffe1, 22), (0x7fffee, 23), (0x7fffef, 23),                 # 180-183
+    (0xfffea, 20), (0x3fffe2, 22), (0x3fffe3, 22), (0x3fffe4, 22),                  # 184-187
+    (0x7ffff0, 23), (0x3fffe5, 22), (0x3fffe6, 22), (0x7ffff1, 23),                 # 188-191
+    (0x3ffffe0, 26), (0x3ffffe1, 26), (0xfffeb, 20), (0x7fff1, 19),                 # 192-195
+    (0x3fffe7, 22), (0x7ffff2, 23), (0x3fffe8, 22), (0x1ffffec, 25),                # 196-199
+    (0x3ffffe2, 26), (0x3ffffe3, 26), (0x3ffffe4, 26), (0x7ffffde, 27),             # 200-203
+    (0x7ffffdf, 27), (0x3ffffe5, 26), (0xfffff1, 24), (0x1ffffed, 25),              # 204-207
+    (0x7fff2, 19), (0x1fffe3, 21), (0x3ffffe6, 26), (0x7ffffe0, 27),                # 208-211
+    (0x7ffffe1, 27), (0x3ffffe7, 26), (0x7ffffe2, 27), (0xfffff2, 24),              # 212-215
+    (0x1fffe4, 21), (0x1fffe5, 21), (0x3ffffe8, 26), (0x3ffffe9, 26),               # 216-219
+    (0xffffffd, 28), (0x7ffffe3, 27), (0x7ffffe4, 27), (0x7ffffe5, 27),             # 220-223
+    (0xfffec, 20), (0xfffff3, 24), (0xfffed, 20), (0x1fffe6, 21),                   # 224-227
+    (0x3fffe9, 22), (0x1fffe7, 21), (0x1fffe8, 21), (0x7ffff3, 23),                 # 228-231
+    (0x3fffea, 22), (0x3fffeb, 22), (0x1ffffee, 25), (0x1ffffef, 25),               # 232-235
+    (0xfffff4, 24), (0xfffff5, 24), (0x3ffffea, 26), (0x7ffff4, 23),                # 236-239
+    (0x3ffffeb, 26), (0x7ffffe6, 27), (0x3ffffec, 26), (0x3ffffed, 26),             # 240-243
+    (0x7ffffe7, 27), (0x7ffffe8, 27), (0x7ffffe9, 27), (0x7ffffea, 27),             # 244-247
+    (0x7ffffeb, 27), (0xffffffe, 28), (0x7ffffec, 27), (0x7ffffed, 27),             # 248-251
+    (0x7ffffee, 27), (0x7ffffef, 27), (0x7fffff0, 27), (0x3ffffee, 26),             # 252-255
+    (0x3fffffff, 30),                                                               # 256: EOS
+)
+
+HPACK_HUFFMAN_BITS = 30         # the longest code, EOS's
+HPACK_HUFFMAN_EOS = 256         # a symbol the decoder must never produce (5.2)
+HPACK_PADDING_MAX = 7           # bits of EOS's prefix that may end a string (5.2)
+
+
+def _huffman_intervals():
+    """Every code left-justified to HPACK_HUFFMAN_BITS, sorted: (starts, lengths, symbols).
+    The code is prefix-free and complete, so the 30-bit values a code begins are one
+    interval, the intervals tile 0 .. 2^30 - 1, and the symbol a bit string begins with is
+    the one whose interval holds its first 30 bits: one bisect per symbol, in C."""
+    rows = sorted((code << (HPACK_HUFFMAN_BITS - bits), bits, symbol)
+                  for symbol, (code, bits) in enumerate(HPACK_HUFFMAN_CODES))
+    return tuple(r[0] for r in rows), tuple(r[1] for r in rows), tuple(r[2] for r in rows)
+
+
+HPACK_HUFFMAN_STARTS, HPACK_HUFFMAN_LENGTHS, HPACK_HUFFMAN_SYMBOLS = _huffman_intervals()
+HPACK_HUFFMAN_SHORT_BITS = 8
+
+
+def _huffman_short():
+    """By the first 8 bits of a bit string: length << 8 | symbol of the code it begins
+    with when that code is at most 8 bits long (the letters, digits and common punctuation:
+    most of what headers hold), 0 when it is longer and the bisect decides."""
+    short, shift = [], HPACK_HUFFMAN_BITS - HPACK_HUFFMAN_SHORT_BITS
+    for byte in range(1 << HPACK_HUFFMAN_SHORT_BITS):
+        i = bisect.bisect_right(HPACK_HUFFMAN_STARTS, byte << shift) - 1
+        length = HPACK_HUFFMAN_LENGTHS[i]
+        fits = length <= HPACK_HUFFMAN_SHORT_BITS
+        short.append(length << 8 | HPACK_HUFFMAN_SYMBOLS[i] if fits else 0)
+    return tuple(short)
+
+
+HPACK_HUFFMAN_SHORT = _huffman_short()
+
+
+class HpackError(ValueError):
+    """A header block that cannot be read: its reason, one of HPACK_ERRORS."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def hpack_huffman(data):
+    """The octets a Huffman-coded string literal stands for (5.2, Appendix B). EOS in
+    it, or a padding that is longer than 7 bits or not EOS's first bits (all 1s), is an
+    error. Bits are taken a byte at a time and decoded while 30 of them are there (the
+    longest code): a code of 8 bits or fewer by a lookup of its first byte, a longer one
+    by a bisect, so each byte costs a step or two whatever the data."""
+    starts, lengths, symbols = HPACK_HUFFMAN_STARTS, HPACK_HUFFMAN_LENGTHS, HPACK_HUFFMAN_SYMBOLS
+    short, short_shift = HPACK_HUFFMAN_SHORT, HPACK_HUFFMAN_BITS - HPACK_HUFFMAN_SHORT_BITS
+    top, out, acc, nbits = HPACK_HUFFMAN_BITS, bytearray(), 0, 0
+    for byte in data:
+        acc = acc << 8 | byte
+        nbits += 8
+        while nbits >= top:
+            peek = acc >> (nbits - top)
+            code = short[peek >> short_shift]
+            if not code:
+                i = bisect.bisect_right(starts, peek) - 1
+                if symbols[i] == HPACK_HUFFMAN_EOS:
+                    raise HpackError("huffman")
+                code = lengths[i] << 8 | symbols[i]
+            out.append(code & 0xFF)
+            nbits -= code >> 8
+            acc &= (1 << nbits) - 1
+    while nbits:                    # fewer bits than the longest code are left: as if 0s followed
+        i = bisect.bisect_right(starts, acc << (top - nbits)) - 1
+        if lengths[i] > nbits:      # (EOS among them: 30 bits)
+            break
+        out.append(symbols[i])
+        nbits -= lengths[i]
+        acc &= (1 << nbits) - 1
+    if nbits > HPACK_PADDING_MAX or acc != (1 << nbits) - 1:
+        raise HpackError("huffman")
+    return bytes(out)
+
+
+def hpack_integer(block, pos, prefix):
+    """(the integer at block[pos] with a `prefix`-bit prefix (5.1), the offset after it).
+    At most HPACK_INT_BYTES_MAX continuation bytes: past them, "integer"."""
+    if pos >= len(block):
+        raise HpackError("truncated")
+    mask = (1 << prefix) - 1
+    value = block[pos] & mask
+    pos += 1
+    if value < mask:
+        return value, pos
+    for shift in range(0, 7 * HPACK_INT_BYTES_MAX, 7):
+        if pos >= len(block):
+            raise HpackError("truncated")
+        byte = block[pos]
+        pos += 1
+        value += (byte & ~HPACK_INT_MORE) << shift
+        if not byte & HPACK_INT_MORE:
+            return value, pos
+    raise HpackError("integer")
+
+
+def hpack_string(block, pos):
+    """(the string literal at block[pos] (5.2) as text, decoded latin-1, the offset after
+    it)."""
+    length, start = hpack_integer(block, pos, HPACK_STRING_PREFIX)
+    end = start + length
+    if end > len(block):
+        raise HpackError("truncated")
+    octets = block[start:end]
+    if block[pos] & HPACK_HUFFMAN_FLAG:
+        octets = hpack_huffman(octets)
+    return octets.decode("latin-1"), end
+
+
+class HpackDecoder:
+    """One direction's decoding context (2.2): the dynamic table its header blocks build,
+    fed every block in the order the encoder sent them. max_table_size: the
+    SETTINGS_HEADER_TABLE_SIZE the decoder's side announced (no size update may exceed
+    it). mid_stream: capture began after the connection did (see above); unknown_fields
+    counts the fields returned with a name or value HPACK_UNKNOWN."""
+
+    def __init__(self, max_table_size=HPACK_TABLE_SIZE, mid_stream=False):
+        self.settings = max_table_size
+        self.unknown_fields = 0
+        self._entries = collections.deque()     # (name, value, size), the newest first
+        self._size = 0              # their sizes' sum: a lower bound where a name is unknown
+        self._max = max_table_size  # the maximum size (mid-stream: its bound until an update)
+        self._tail = 0              # the unknown entries behind them take at most this size
+        if mid_stream:
+            self.lost()
+
+    @property
+    def complete(self):
+        """Whether the decoder knows every entry the table holds: no unknown tail is left
+        (a name an entry took from the tail stays unknown in it)."""
+        return not self._tail
+
+    @property
+    def table(self):
+        """The known entries as (name, value), the newest (index 62) first."""
+        return [entry[:2] for entry in self._entries]
+
+    @property
+    def size(self):
+        """The known entries' size (4.1): a lower bound where a name is unknown."""
+        return self._size
+
+    def lost(self):
+        """A header block went by unread (a gap in the capture, or a block that could not
+        be read to its end): what it inserted and resized is unknown, so the table is, as
+        when capture begins mid-connection, an unknown tail of at most the SETTINGS
+        size."""
+        self._entries.clear()
+        self._size = 0
+        self._max = self._tail = self.settings
+        self._shrink()
+
+    def decode(self, block):
+        """The (name, value) fields of one header block (a HEADERS or PUSH_PROMISE frame's
+        fragment and its CONTINUATIONs, joined), in order. Raises HpackError: "too_long"
+        and "too_many" after reading the block to its end (the table stays right: they are
+        lpd's bounds, not the encoder's fault), any other reason as soon as it is found
+        (the decoder then starts over as lost() says)."""
+        try:
+            fields, over = self._fields(bytes(block))
+        except HpackError:
+            self.lost()
+            raise
+        if over:
+            raise HpackError(over)
+        return fields
+
+    def _fields(self, block):
+        fields, listed, over = [], 0, None
+        entry, literal = self._entry, self._literal
+        pos, end = 0, len(block)
+        while pos < end:
+            first = block[pos]
+            if first & HPACK_INDEXED:                               # 6.1
+                index, pos = hpack_integer(block, pos, HPACK_INDEXED_PREFIX)
+                name, value = entry(index)
+            elif first & HPACK_INCREMENTAL:                         # 6.2.1
+                name, value, pos = literal(block, pos, HPACK_INCREMENTAL_PREFIX)
+                self._insert(name, value)
+            elif first & HPACK_SIZE_UPDATE:                         # 6.3
+                if listed:                  # only before a block's first field (4.2)
+                    raise HpackError("table_size")
+                size, pos = hpack_integer(block, pos, HPACK_SIZE_UPDATE_PREFIX)
+                self._resize(size)
+                continue
+            else:                                                   # 6.2.2, 6.2.3
+                name, value, pos = literal(block, pos, HPACK_LITERAL_PREFIX)
+            if name is HPACK_UNKNOWN or value is HPACK_UNKNOWN:
+                self.unknown_fields += 1
+                listed += HPACK_ENTRY_OVERHEAD + len(name or "") + len(value or "")
+            else:
+                listed += HPACK_ENTRY_OVERHEAD + len(name) + len(value)
+            if over is None:
+                if listed > HPACK_HEADER_LIST_MAX:
+                    over = "too_long"
+                elif len(fields) == HPACK_FIELDS_MAX:
+                    over = "too_many"
+                else:
+                    fields.append((name, value))
+        return fields, over
+
+    def _entry(self, index):
+        """(name, value) at an index of the static and dynamic tables (2.3.3)."""
+        if 0 < index <= HPACK_STATIC_LEN:
+            return HPACK_STATIC_TABLE[index - 1]
+        known = index - HPACK_STATIC_LEN - 1
+        if 0 <= known < len(self._entries):
+            name, value, _ = self._entries[known]
+            return name, value
+        if index and known - len(self._entries) < self._tail // HPACK_ENTRY_OVERHEAD:
+            return HPACK_UNKNOWN, HPACK_UNKNOWN
+        raise HpackError("index")
+
+    def _literal(self, block, pos, prefix):
+        """(name, value, the offset after them) of a literal field (6.2): its name by
+        index, or a string when the index is 0."""
+        index, pos = hpack_integer(block, pos, prefix)
+        if index:
+            name = self._entry(index)[0]
+        else:
+            name, pos = hpack_string(block, pos)
+        value, pos = hpack_string(block, pos)
+        return name, value, pos
+
+    def _insert(self, name, value):
+        size = HPACK_ENTRY_OVERHEAD + len(value)    # a lower bound when the name is unknown
+        if name is not HPACK_UNKNOWN:
+            size += len(name)
+        if size > self._max:        # 4.4: the table empties and takes nothing (and no tail)
+            self._entries.clear()
+            self._size = self._tail = 0
+            return
+        self._entries.appendleft((name, value, size))
+        self._size += size
+        self._shrink()
+
+    def _resize(self, size):
+        if size > self.settings:    # 6.3: above the SETTINGS value is an error
+            raise HpackError("table_size")
+        self._max = size
+        self._shrink()
+
+    def _shrink(self):
+        """Evict the oldest known entries while the table is over its size (4.3, 4.4), and
+        bound the unknown tail by the room left: the whole table fits its maximum size,
+        and the tail's entries, the oldest, go first."""
+        while self._size > self._max:
+            self._size -= self._entries.pop()[2]
+        self._tail = min(self._tail, self._max - self._size)
+        if self._tail < HPACK_ENTRY_OVERHEAD:
+            self._tail = 0
+
+
+###############################################################################
+# 16.2 HTTP/2 connections (frames, streams, gRPC calls) #######################
+# provides: GRPC_OK, GRPC_STATUS_NAMES, H2_PARSE_ERRORS, H2_UNDECIDED, H2_UNKNOWN_TEXT, HTTP_TEXT_MAX,
+#   Http2Connection
+#
+# A connection the HTTP stage (16.3) hands over once it speaks HTTP/2: the client's
+# preface (prior knowledge), a 101 answer to `Upgrade: h2c` (the upgraded request is
+# stream 1), or, on a connection open before capture began, frame headers that hold up
+# where a segment starts (any frame shorter than 64 KiB begins with a 0 byte, which
+# HTTP/1 text never does, so the two cannot be confused). Each direction's bytes come in
+# order from the stage's reassembly and are cut into frames (RFC 9113 4.1). DATA is
+# counted as it streams by, never held. A header block (HEADERS or PUSH_PROMISE and its
+# CONTINUATIONs) is held up to H2_HEADER_BLOCK_MAX and then read by that direction's
+# HPACK context; a longer one (a CONTINUATION flood) is dropped as it comes and the
+# context starts over (lost()): what it would have said is unknown, never guessed.
+# SETTINGS carries the table size the peer's encoder may use; the other frames are
+# checked for their size and passed over. A request is a stream: it starts with the
+# client's HEADERS (or the server's PUSH_PROMISE) and ends with the server's END_STREAM
+# or a RST_STREAM from either side; streams are bounded per connection and over all.
+# gRPC (content-type application/grpc...): the method from :path, the status from the
+# trailers' grpc-status, or, without trailers, from the :status or the RST_STREAM code as
+# gRPC's PROTOCOL-HTTP2.md and http-grpc-status-mapping.md map them; the length-prefixed
+# messages counted each way.
+
+HTTP_TEXT_MAX = 1024              # characters of a uri, Host or message kept per request
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_FRAME_HEADER = struct.Struct("!HBBBI")   # length (24 bits: 16 + 8), type, flags, stream
+H2_STREAM_MASK = 0x7FFFFFFF                 # the stream identifier's reserved bit cleared
+(H2_DATA, H2_HEADERS, H2_PRIORITY, H2_RST_STREAM, H2_SETTINGS, H2_PUSH_PROMISE, H2_PING,
+ H2_GOAWAY, H2_WINDOW_UPDATE, H2_CONTINUATION) = range(10)
+H2_END_STREAM = H2_ACK = 0x1
+H2_END_HEADERS, H2_PADDED, H2_PRIORITY_FLAG = 0x4, 0x8, 0x20
+H2_PRIORITY_LEN = 5                         # a HEADERS frame's priority fields (6.2)
+H2_PROMISED_LEN = 4                         # PUSH_PROMISE's promised stream (6.6)
+H2_GOAWAY_LEN = 8                           # last stream and error code (6.8)
+H2_SETTING = struct.Struct("!HI")           # one setting: identifier, value (6.5.1)
+H2_SETTINGS_HEADER_TABLE_SIZE = 1
+# Frames lpd reads whole: every peer accepts frames this long (SETTINGS_MAX_FRAME_SIZE's
+# initial value, 6.5.2) and HEADERS, SETTINGS and the like are not sent longer in practice;
+# a longer control frame is passed over unread, a longer header fragment ends its block.
+H2_FRAME_READ_MAX = 16384
+H2_HEADER_BLOCK_MAX = 64 << 10              # a header block held (HPACK_HEADER_LIST_MAX's 64 KiB)
+H2_BLOCKS_TOTAL_MAX = 64 << 20              # and over every connection at once
+H2_STREAMS_MAX = 1024                       # open streams per connection (servers allow ~100)
+H2_STREAMS_TOTAL_MAX = 65536                # and over every connection
+H2_SETTINGS_PENDING_MAX = 16                # SETTINGS a side sent that wait for the peer's ACK
+H2_SYNC_SEGMENTS = 64                       # segments looked at for a frame boundary, joined late
+# (type: (flags it defines, whether its stream is 0 (True), not 0 (False) or either (None),
+#  its length when fixed)): what a frame header must hold to be taken for one, joined late
+H2_FRAME_RULES = {
+    H2_DATA: (H2_END_STREAM | H2_PADDED, False, None),
+    H2_HEADERS: (H2_END_STREAM | H2_END_HEADERS | H2_PADDED | H2_PRIORITY_FLAG, False, None),
+    H2_PRIORITY: (0, False, H2_PRIORITY_LEN),
+    H2_RST_STREAM: (0, False, 4),
+    H2_SETTINGS: (H2_ACK, True, None),
+    H2_PUSH_PROMISE: (H2_END_HEADERS | H2_PADDED, False, None),
+    H2_PING: (H2_ACK, True, 8),
+    H2_GOAWAY: (0, True, None),
+    H2_WINDOW_UPDATE: (0, None, 4),
+    H2_CONTINUATION: (H2_END_HEADERS, False, None),
+}
+H2_PARSE_ERRORS = ("h2_protocol", "h2_header_block_too_large", "h2_too_many_streams",
+                   "hpack_unknown")
+H2_UNDECIDED = "undecided"                  # take(): more bytes are needed to tell
+# How an HTTP/1 request line (a method token and a space) or status line begins, or
+# the part of one a segment may end in: a joined connection's bytes that match are HTTP/1's.
+H2_HTTP1_START = re.compile(rb"HTTP/1\.|[-!#$%&'*+.^_`|~0-9A-Za-z]{1,20}(?: |\Z)|"
+                            rb"H(?:T(?:T(?:P(?:/1?)?)?)?)?\Z")
+H2_UNKNOWN_TEXT = "_OTHER"                  # a method, path or status HPACK cannot know
+
+GRPC_CONTENT_TYPE = "application/grpc"      # and "application/grpc+proto" and the like
+GRPC_PREFIX = 5                             # a message's compressed flag and 4-byte length
+GRPC_STATUS_NAMES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
+                     "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+                     "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
+                     "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED")
+GRPC_OK = GRPC_STATUS_NAMES[0]              # the one status that is no error
+(GRPC_CANCELLED, GRPC_UNKNOWN, GRPC_PERMISSION_DENIED, GRPC_RESOURCE_EXHAUSTED,
+ GRPC_UNIMPLEMENTED, GRPC_INTERNAL, GRPC_UNAVAILABLE, GRPC_UNAUTHENTICATED) = (
+    GRPC_STATUS_NAMES.index(n) for n in (
+        "CANCELLED", "UNKNOWN", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNIMPLEMENTED",
+        "INTERNAL", "UNAVAILABLE", "UNAUTHENTICATED"))
+# PROTOCOL-HTTP2.md, "Errors": a RST_STREAM's code as the call's status; any other code
+# (NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, ...) is INTERNAL.
+GRPC_FROM_RST = {0x7: GRPC_UNAVAILABLE,          # REFUSED_STREAM
+                 0x8: GRPC_CANCELLED,            # CANCEL
+                 0xB: GRPC_RESOURCE_EXHAUSTED,   # ENHANCE_YOUR_CALM
+                 0xC: GRPC_PERMISSION_DENIED}    # INADEQUATE_SECURITY
+# http-grpc-status-mapping.md: a response without grpc-status, by its :status.
+GRPC_FROM_HTTP = {400: GRPC_INTERNAL, 401: GRPC_UNAUTHENTICATED, 403: GRPC_PERMISSION_DENIED,
+                  404: GRPC_UNIMPLEMENTED, 429: GRPC_UNAVAILABLE, 502: GRPC_UNAVAILABLE,
+                  503: GRPC_UNAVAILABLE, 504: GRPC_UNAVAILABLE}
+HTTP_OK = 200
+
+
+def h2_frames_hold(buf):
+    """Whether buf, taken to begin at a frame boundary, reads as frames: every frame
+    header in it keeps H2_FRAME_RULES. None while not even the first frame is complete
+    (more bytes decide); the last frame may run on past buf's end."""
+    pos, end, frames = 0, len(buf), 0
+    while end - pos >= H2_FRAME_HEADER.size:
+        high, low, kind, flags, stream = H2_FRAME_HEADER.unpack_from(buf, pos)
+        length = high << 8 | low
+        rules = H2_FRAME_RULES.get(kind)
+        if rules is None or length > H2_FRAME_READ_MAX or stream > H2_STREAM_MASK:
+            return False
+        defined, zero, fixed = rules
+        if flags & ~defined or (zero is not None and zero != (stream == 0)) or \
+                (fixed is not None and length != fixed):
+            return False
+        pos += H2_FRAME_HEADER.size + length
+        frames += 1
+        if pos > end:
+            return True if frames > 1 else None
+    return True if frames else None
+
+
+class GrpcCall:
+    """What a stream says as a gRPC call: its method, status (None: not known), message
+    and the length-prefixed messages each way (index 0: the request's, 1: the response's)."""
+    __slots__ = ("method", "status", "said", "message", "messages", "message_bytes", "prefix",
+                 "left")
+
+    def __init__(self, method):
+        self.method = method
+        self.status = self.message = None
+        self.said = False                       # a grpc-status field came (known or not)
+        self.messages, self.message_bytes = [0, 0], [0, 0]
+        self.prefix = [b"", b""]                # a message prefix read in part, each way
+        self.left = [0, 0]                      # bytes of the current message still to come
+
+    def data(self, way, chunk):
+        """Count the messages a DATA payload's bytes begin (5.1 of PROTOCOL-HTTP2.md)."""
+        pos, end = 0, len(chunk)
+        while pos < end:
+            left = self.left[way]
+            if left:
+                step = min(left, end - pos)
+                self.left[way] = left - step
+                pos += step
+                continue
+            prefix = self.prefix[way] + bytes(chunk[pos:pos + GRPC_PREFIX - len(self.prefix[way])])
+            pos += len(prefix) - len(self.prefix[way])
+            if len(prefix) < GRPC_PREFIX:
+                self.prefix[way] = prefix
+                break
+            self.prefix[way] = b""
+            length = int.from_bytes(prefix[1:], "big")
+            self.messages[way] += 1
+            self.message_bytes[way] += length
+            self.left[way] = length
+
+
+class H2Request:
+    """One stream as a request, with the fields the HTTP stage records (16.3's
+    _HttpRequest's, plus the stream and the gRPC call when it is one)."""
+    __slots__ = ("ts", "method", "uri", "host", "depth", "req_body", "resp_body", "status",
+                 "ttfb", "end", "stream", "rpc", "rst", "unsure")
+    version = "2"
+
+    def __init__(self, ts, stream, depth):
+        self.ts, self.stream, self.depth = ts, stream, depth
+        self.method = self.uri = H2_UNKNOWN_TEXT
+        self.host = self.ttfb = self.end = self.rpc = self.rst = None
+        self.req_body = self.resp_body = self.status = 0
+        self.unsure = False                 # a response field's name was not known
+
+    def request_fields(self, fields):
+        for name, value in fields:
+            if name == ":method":
+                self.method = H2_UNKNOWN_TEXT if value is HPACK_UNKNOWN else value
+            elif name == ":path":
+                self.uri = H2_UNKNOWN_TEXT if value is HPACK_UNKNOWN else value
+            elif name == ":authority" and value is not HPACK_UNKNOWN:
+                self.host = value
+            elif name == "content-type":
+                self._content_type(value)
+
+    def _content_type(self, value):
+        if value is not HPACK_UNKNOWN and value.startswith(GRPC_CONTENT_TYPE) and self.rpc is None:
+            path = self.uri
+            self.rpc = GrpcCall(path[1:] if path.startswith("/") and path != H2_UNKNOWN_TEXT
+                                else H2_UNKNOWN_TEXT)
+
+    def response_fields(self, fields, ts):
+        """A response's HEADERS (or its trailers): False for an interim (1xx) one."""
+        status = None
+        for name, value in fields:
+            if name is HPACK_UNKNOWN:
+                self.unsure = True          # it may have been grpc-status
+            elif name == ":status":
+                status = value
+            elif name == "content-type":
+                self._content_type(value)
+            elif name == "grpc-status" and self.rpc is not None:
+                self.rpc.status = int(value) if value is not HPACK_UNKNOWN and \
+                    value.isdigit() and int(value) < len(GRPC_STATUS_NAMES) else None
+                self.rpc.said = True
+            elif name == "grpc-message" and self.rpc is not None and value is not HPACK_UNKNOWN:
+                self.rpc.message = urllib.parse.unquote(value[:HTTP_TEXT_MAX])
+        if status is None:
+            return True                     # trailers
+        if status is HPACK_UNKNOWN or not (status.isdigit() and len(status) == 3):
+            code = 0
+        else:
+            code = int(status)
+            if 100 <= code < 200:
+                return False
+        if self.ttfb is None:
+            self.status, self.ttfb = code, ts - self.ts
+        return True
+
+    def finish(self, ts, seen):
+        """The stream is over: its end, and a gRPC status the trailers did not give.
+        seen: its end was on the wire (END_STREAM, RST_STREAM), not the connection's
+        end or the capture's, after which the status is not known."""
+        self.end = ts
+        rpc = self.rpc
+        if rpc is None or rpc.said or self.unsure:
+            return
+        if self.rst is not None:
+            rpc.status = GRPC_FROM_RST.get(self.rst, GRPC_INTERNAL)
+        elif self.status and self.status != HTTP_OK:
+            rpc.status = GRPC_FROM_HTTP.get(self.status, GRPC_UNKNOWN)
+        elif seen and self.status == HTTP_OK:
+            rpc.status = GRPC_INTERNAL      # ended without trailers, as gRPC's clients say
+
+
+class _H2Side:
+    """One direction of an HTTP/2 connection: its HPACK context, the frame being read and
+    the header block being gathered."""
+    __slots__ = ("hpack", "synced", "tries", "left", "pad", "target", "flags", "data_stream",
+                 "block", "block_stream", "block_end", "block_promised", "block_over", "pending")
+
+    def __init__(self, mid_stream):
+        self.hpack = HpackDecoder(mid_stream=mid_stream)
+        self.synced = not mid_stream        # at a frame boundary
+        self.tries = 0
+        self.left = self.pad = 0            # a DATA payload's bytes to count, then padding
+        self.target = None                  # the request a DATA payload is counted into
+        self.flags = self.data_stream = 0   # the DATA frame's (0 for a frame passed over)
+        self.block = None                   # a header block's fragments, joined
+        self.block_stream = self.block_promised = 0
+        self.block_end = self.block_over = False
+        self.pending = collections.deque(maxlen=H2_SETTINGS_PENDING_MAX)   # table sizes sent
+
+
+class Http2Connection:
+    """The HTTP/2 side of one of the HTTP stage's connections (its _HttpStream `s`):
+    data() reads each direction's bytes, the stage's record() gets each request when it
+    ends, end() finishes what is left."""
+
+    def __init__(self, stage, s, mid_stream, upgraded=None):
+        self.stage, self.conn = stage, s
+        self.client, self.server = _H2Side(mid_stream), _H2Side(mid_stream)
+        self.client_preface = upgraded is not None      # the client's comes after the 101
+        self.streams = {}                   # stream id -> H2Request
+        self.last_stream = 0                # the client's highest: a lower one is over
+        self.depth = s.depth
+        if upgraded is not None:            # RFC 9113 3.2 (7540's): the request is stream 1
+            request = H2Request(upgraded.ts, 1, upgraded.depth)
+            request.method, request.uri, request.host = upgraded.method, upgraded.uri, upgraded.host
+            request.req_body = upgraded.req_body
+            self._open(request)
+            self.last_stream = 1
+
+    @classmethod
+    def take(cls, stage, s, to_server, d):
+        """An HTTP/2 reader for the connection, from the first bytes of one direction:
+        the client's preface, or (joined late) frames; H2_UNDECIDED while the bytes do
+        not tell yet (a connection joined late whose segment starts inside a message:
+        they are let go, and the next segment's start decides); None for HTTP/1."""
+        buf = d.buf
+        if to_server and H2_PREFACE.startswith(bytes(buf[:len(H2_PREFACE)])):
+            if len(buf) < len(H2_PREFACE):
+                return H2_UNDECIDED
+            del buf[:len(H2_PREFACE)]
+            return cls(stage, s, False)
+        if not s.joined or H2_HTTP1_START.match(buf):
+            return None
+        holds = h2_frames_hold(buf)
+        if holds:
+            return cls(stage, s, True)
+        if holds is False:
+            buf.clear()
+        return H2_UNDECIDED
+
+    def data(self, to_server, d, ts):
+        """Read the frames of d.buf (one direction's bytes in order). False: this
+        direction cannot be read further (counted)."""
+        side = self.client if to_server else self.server
+        buf = d.buf
+        if to_server and self.client_preface:
+            if len(buf) < len(H2_PREFACE):
+                return H2_PREFACE.startswith(bytes(buf)) or self._error("h2_protocol")
+            if buf[:len(H2_PREFACE)] != H2_PREFACE:
+                return self._error("h2_protocol")
+            del buf[:len(H2_PREFACE)]
+            self.client_preface = False
+        if not side.synced:
+            holds = h2_frames_hold(buf)
+            if holds is None:
+                return True
+            if not holds:
+                buf.clear()                 # wait for a segment that starts with a frame
+                side.tries += 1
+                return side.tries < H2_SYNC_SEGMENTS or self._error("h2_protocol")
+            side.synced = True
+        pos, end = 0, len(buf)
+        try:
+            while pos < end:
+                if side.left or side.pad:
+                    pos = self._payload(side, to_server, buf, pos, end, ts)
+                    continue
+                if end - pos < H2_FRAME_HEADER.size:
+                    break
+                high, low, kind, flags, stream = H2_FRAME_HEADER.unpack_from(buf, pos)
+                length, stream = high << 8 | low, stream & H2_STREAM_MASK
+                if kind == H2_DATA:
+                    if flags & H2_PADDED:
+                        if end - pos < H2_FRAME_HEADER.size + 1:
+                            break
+                        side.pad = buf[pos + H2_FRAME_HEADER.size]
+                        if side.pad >= length:
+                            return self._error("h2_protocol")
+                        length -= 1 + side.pad
+                        pos += 1
+                    if side.block is not None:
+                        return self._error("h2_protocol")
+                    pos += H2_FRAME_HEADER.size
+                    side.left, side.flags, side.data_stream = length, flags, stream
+                    side.target = self.streams.get(stream)
+                    if not length and not side.pad:
+                        self._data_end(side, to_server, ts)
+                    continue
+                if length > H2_FRAME_READ_MAX:  # passed over; a header block ends unread
+                    if kind in (H2_HEADERS, H2_PUSH_PROMISE, H2_CONTINUATION):
+                        self._block_over(side)
+                        side.block_stream = stream
+                        if flags & H2_END_HEADERS:
+                            side.block, side.block_over = None, False
+                    pos += H2_FRAME_HEADER.size
+                    side.left, side.target, side.flags, side.data_stream = length, None, 0, 0
+                    continue
+                if end - pos < H2_FRAME_HEADER.size + length:
+                    break
+                start = pos + H2_FRAME_HEADER.size
+                pos = start + length
+                if not self._frame(side, to_server, kind, flags, stream,
+                                   memoryview(buf)[start:pos], ts):
+                    return False
+        finally:
+            del buf[:pos]
+        return True
+
+    def _payload(self, side, to_server, buf, pos, end, ts):
+        """A DATA frame's bytes (or a frame passed over), counted as they come."""
+        if side.left:
+            step = min(side.left, end - pos)
+            target = side.target
+            if target is not None:
+                if to_server:
+                    target.req_body += step
+                else:
+                    target.resp_body += step
+                if target.rpc is not None:
+                    target.rpc.data(0 if to_server else 1, memoryview(buf)[pos:pos + step])
+            side.left -= step
+            pos += step
+        if not side.left:
+            step = min(side.pad, end - pos)
+            side.pad -= step
+            pos += step
+            if not side.pad and side.data_stream:
+                self._data_end(side, to_server, ts)
+        return pos
+
+    def _data_end(self, side, to_server, ts):
+        stream, side.data_stream = side.data_stream, 0
+        if side.flags & H2_END_STREAM and not to_server:
+            request = self.streams.get(stream)
+            if request is not None:
+                self._close(request, ts)
+
+    def _frame(self, side, to_server, kind, flags, stream, payload, ts):
+        """One whole frame other than DATA. False: the direction cannot be read further."""
+        if side.block is not None and (kind != H2_CONTINUATION or stream != side.block_stream):
+            return self._error("h2_protocol")          # 6.10: nothing between fragments
+        if kind == H2_PUSH_PROMISE and to_server:
+            return self._error("h2_protocol")          # 8.4: only servers push
+        if kind in (H2_HEADERS, H2_PUSH_PROMISE):
+            pad = 0
+            if flags & H2_PADDED:
+                if not payload:
+                    return self._error("h2_protocol")
+                pad, payload = payload[0], payload[1:]
+            skip = H2_PROMISED_LEN if kind == H2_PUSH_PROMISE else \
+                H2_PRIORITY_LEN if flags & H2_PRIORITY_FLAG else 0
+            if pad + skip > len(payload) or stream == 0:
+                return self._error("h2_protocol")
+            promised = int.from_bytes(payload[:skip], "big") & H2_STREAM_MASK \
+                if kind == H2_PUSH_PROMISE else 0
+            side.block, side.block_stream, side.block_promised = bytearray(), stream, promised
+            side.block_end, side.block_over = bool(flags & H2_END_STREAM), False
+            self._fragment(side, payload[skip:len(payload) - pad])
+        elif kind == H2_CONTINUATION:
+            if side.block is None:          # its block began before capture (or never)
+                self.stage.errors["h2_protocol"] += 1
+                side.hpack.lost()
+                side.block, side.block_stream, side.block_over = bytearray(), stream, True
+            self._fragment(side, payload)
+        elif kind == H2_SETTINGS:
+            if flags & H2_ACK:
+                other = self.server if to_server else self.client
+                if other.pending:               # the peer's sizes apply once acknowledged
+                    size = other.pending.popleft()
+                    if size is not None:
+                        side.hpack.settings = size
+                return True
+            if len(payload) % H2_SETTING.size:
+                return self._error("h2_protocol")
+            size = None
+            for at in range(0, len(payload), H2_SETTING.size):
+                ident, value = H2_SETTING.unpack_from(payload, at)
+                if ident == H2_SETTINGS_HEADER_TABLE_SIZE:
+                    size = value
+            other = self.server if to_server else self.client
+            side.pending.append(size)
+            if size is not None and size > other.hpack.settings:
+                other.hpack.settings = size         # a larger one may be used at once
+            return True
+        elif kind == H2_RST_STREAM:
+            request = self.streams.get(stream)
+            if request is not None and len(payload) == 4:
+                request.rst = int.from_bytes(payload, "big")
+                self._close(request, ts)
+            return True
+        elif kind == H2_GOAWAY:
+            if len(payload) >= H2_GOAWAY_LEN and not to_server:
+                last = int.from_bytes(payload[:4], "big") & H2_STREAM_MASK
+                for sid in [sid for sid, r in self.streams.items() if sid > last and r.ttfb is None]:
+                    self._drop(sid)         # never processed: the client asks again elsewhere
+            return True
+        else:
+            return True                     # PRIORITY, PING, WINDOW_UPDATE, extensions
+        if flags & H2_END_HEADERS:
+            self._block_done(side, to_server, ts)
+        return True
+
+    def _fragment(self, side, fragment):
+        if side.block_over:
+            return
+        if len(side.block) + len(fragment) > H2_HEADER_BLOCK_MAX or \
+                self.stage.h2_blocks + len(fragment) > H2_BLOCKS_TOTAL_MAX:
+            self._block_over(side)
+            return
+        side.block += fragment
+        self.stage.h2_blocks += len(fragment)
+
+    def _block_over(self, side):
+        """A header block past the bounds: dropped, and the HPACK context with it."""
+        if not side.block_over:
+            self.stage.errors["h2_header_block_too_large"] += 1
+            side.hpack.lost()
+        self.stage.h2_blocks -= len(side.block or b"")
+        side.block, side.block_over = bytearray(), True
+
+    def _block_done(self, side, to_server, ts):
+        block, over, stream = side.block, side.block_over, side.block_stream
+        self.stage.h2_blocks -= len(block)
+        side.block, side.block_over = None, False
+        if over:
+            return
+        unknown = side.hpack.unknown_fields
+        try:
+            fields = side.hpack.decode(block)
+        except HpackError as e:
+            self.stage.errors["hpack_" + e.reason] += 1
+            if e.reason not in ("too_long", "too_many"):
+                return
+            fields = ()
+        if side.hpack.unknown_fields != unknown:
+            self.stage.errors["hpack_unknown"] += side.hpack.unknown_fields - unknown
+        if side.block_promised:             # a pushed request (8.4): its response follows
+            request = self._new(side.block_promised, ts)
+            if request is not None:
+                request.request_fields(fields)
+            return
+        request = self.streams.get(stream)
+        if to_server:
+            if request is None and stream > self.last_stream:
+                self.last_stream = stream
+                request = self._new(stream, ts)
+                if request is not None:
+                    request.request_fields(fields)
+        elif request is not None:
+            if request.response_fields(fields, ts) and side.block_end:
+                self._close(request, ts)
+
+    def _new(self, stream, ts):
+        stage = self.stage
+        if len(self.streams) >= H2_STREAMS_MAX or stage.h2_streams >= H2_STREAMS_TOTAL_MAX:
+            stage.errors["h2_too_many_streams"] += 1
+            return None
+        self.depth += 1
+        request = H2Request(ts, stream, self.depth)
+        self._open(request)
+        return request
+
+    def _open(self, request):
+        self.streams[request.stream] = request
+        self.stage.h2_streams += 1
+
+    def _drop(self, stream):
+        del self.streams[stream]
+        self.stage.h2_streams -= 1
+
+    def _close(self, request, ts, seen=True):
+        self._drop(request.stream)
+        request.finish(ts, seen)
+        self.stage.record(self.conn, request)
+
+    def _error(self, reason):
+        self.stage.errors[reason] += 1
+        return False
+
+    def end(self, ts):
+        """The connection is over: streams left are recorded unanswered (or as far as they
+        went), a block being gathered is let go."""
+        for side in (self.client, self.server):
+            if side.block is not None:
+                self.stage.h2_blocks -= len(side.block)
+                side.block = None
+        for request in list(self.streams.values()):
+            self._close(request, ts, False)
+
+
+###############################################################################
+# 16.3 HTTP requests (TCP reassembly, HTTP/1.x, the stage) ####################
+# provides: -
+#
+# Per TCP connection to or from an --http-ports port: each direction's bytes in sequence
+# order (retransmissions dropped, out-of-order segments held in a bounded buffer, a gap
+# that never fills ends parsing of the connection), then HTTP/1.x framing as RFC 9112
+# section 6 has it: requests and responses matched in order (pipelining), bodies skipped
+# by length or by chunks, never buffered. Timing comes from the segments' timestamps.
+# Before its first HTTP/1 request a connection may show it speaks HTTP/2 (16.2's take():
+# the preface, or frames where capture joined it late), or switch to it by a 101 answer
+# to `Upgrade: h2c`: from then on its bytes go to its Http2Connection. HTTP/2 requests
+# and gRPC calls are recorded here as HTTP/1's are: the log, /api/requests, OpenTelemetry's
+# histograms (gRPC calls in rpc_server_call_duration_seconds, semantic conventions
+# v1.40.0, not in the HTTP one), and their messages counted.
+
+HTTP_MAX_HEAD = 64 << 10          # a request or response head beyond this is not HTTP we read
+HTTP_OOO_MAX = 256 << 10          # out-of-order bytes held per direction; beyond: a gap
+HTTP_OOO_TOTAL_MAX = 64 << 20     # and over every connection: a flood of early segments is gaps
+HTTP_PENDING_MAX = 1024           # requests waiting for responses on one connection
+HTTP_OOO_SEGMENTS = 1024          # early segments held per direction (each fill scans them)
+HTTP_RECENT_SERVERS = 128         # servers with /api/requests history: worst case ~256 MiB
+HTTP_SERVERS_MAX = 4096           # servers with their own series and /api/requests; the rest: other
+HTTP_STREAMS_MAX = 65536          # connections parsed at once; then the least active one goes
+HTTP_IDLE_TIMEOUT = DEFAULT_CONN_TIMEOUT_TCP
+HTTP_RECENT = 1000                # requests kept per server for /api/requests
+HTTP_ROUTES_MAX = 50              # routes per server with their own series; the rest: other
+HTTP_LATENCY_SAMPLES = 100_000    # durations kept per server for the table's percentiles
+# OpenTelemetry's http.server.request.duration buckets (seconds).
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+                          "PATCH"))
+HTTP_PARSE_ERRORS = ("gap", "head_too_large", "bad_request", "bad_response", "bad_chunk",
+                     "unmatched_response", "too_many_pending") + H2_PARSE_ERRORS + \
+    tuple("hpack_" + reason for reason in HPACK_ERRORS)
+HTTP_H2C = "h2c"                  # the Upgrade token of HTTP/2 in clear text (RFC 7540 3.2)
+RPC_SYSTEM = "grpc"               # rpc.system.name
+HTTP_ID_SEGMENT = re.compile(r"[0-9]+|[0-9a-fA-F]{8,}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                             r"[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+HTTP_HEAD_END = re.compile(rb"\r?\n\r?\n")
+HTTP_CHUNK_LINE = re.compile(rb"\r?\n")
+HTTP_CHUNK_SIZE_RE = re.compile(rb"[0-9a-fA-F]{1,16}")
+HTTP_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+HTTP_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})")
+# parser states, per direction
+(HTTP_HEAD, HTTP_BODY, HTTP_CHUNK_SIZE, HTTP_CHUNK_DATA, HTTP_CHUNK_END, HTTP_TRAILER,
+ HTTP_UNTIL_CLOSE, HTTP_STOPPED) = range(8)
+
+
+def http_route(uri):
+    """The path without query, ids (numbers, long hex, UUIDs) as :id."""
+    path = uri.split("?", 1)[0].split("#", 1)[0]
+    if "://" in path:                                  # absolute-form (a proxy request)
+        path = "/" + path.split("://", 1)[1].partition("/")[2]
+    parts = [":id" if HTTP_ID_SEGMENT.fullmatch(p) else p for p in path.split("/")]
+    return "/".join(parts) or "/"
+
+
+def _headers(block):
+    """Header fields of a head (after its first line): {lower-case name: last value}."""
+    fields = {}
+    for line in block.split(b"\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep:
+            fields[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+    return fields
+
+
+class _HttpDir:
+    """One direction of a connection: reassembly, then the framing state."""
+    __slots__ = ("next_seq", "ooo", "ooo_bytes", "buf", "buf_ts", "state", "left", "fin",
+                 "last_data", "scanned")
+
+    def __init__(self):
+        self.last_data = 0.0                 # when the last in-order payload byte was had
+        self.scanned = 0                     # bytes of buf searched for a line or head end
+        self.next_seq = None
+        self.ooo = {}                       # seq -> (bytes, ts)
+        self.ooo_bytes = 0
+        self.buf = bytearray()              # bytes not yet framed
+        self.buf_ts = 0.0                   # timestamp of the first byte in buf
+        self.state, self.left, self.fin = HTTP_HEAD, 0, False
+
+
+class _HttpRequest:
+    __slots__ = ("ts", "method", "uri", "host", "depth", "req_body", "resp_body", "status",
+                 "ttfb", "end", "head", "connect", "version", "upgrade")
+    stream = rpc = None                         # an HTTP/2 request's (16.2's H2Request)
+
+    def __init__(self, ts, method, uri, host, depth, version, upgrade):
+        self.ts, self.method, self.uri, self.host, self.depth = ts, method, uri, host, depth
+        self.version, self.upgrade = version, upgrade
+        self.req_body = self.resp_body = self.status = 0
+        self.ttfb = self.end = None
+        self.head, self.connect = method == "HEAD", method == "CONNECT"
+
+
+class _HttpStream:
+    __slots__ = ("key", "client", "server", "to_server", "to_client", "pending", "depth",
+                 "last", "current_request", "response", "joined", "h2")
+
+    def __init__(self, key, client, server, joined):
+        self.key, self.client, self.server = key, client, server
+        self.joined = joined                    # capture began after the connection did
+        self.h2 = None                          # its Http2Connection once it speaks HTTP/2
+        self.to_server, self.to_client = _HttpDir(), _HttpDir()
+        self.pending = collections.deque()      # requests waiting for their response
+        self.depth = 0
+        self.last = 0.0
+        self.current_request = None             # being received (its body)
+        self.response = None                    # (request, final?) being received
+
+
+class HttpSnapshot(NamedTuple):
+    """Histogram rows ((labels), bucket counts, sum, count), parse errors, the recent
+    requests per server (newest first) and per-server summaries for the table; the same
+    for gRPC calls, and their messages."""
+    histogram: tuple = ()
+    parse_errors: tuple = ()
+    recent: tuple = ()                     # ((server, (record, ...)), ...)
+    servers: tuple = ()                    # ((server, requests, errors, (durations...), ((route, n), ...)), ...)
+    rpc_histogram: tuple = ()
+    rpc_messages: tuple = ()               # ((method, direction, server, port, container), messages, bytes)
+    rpc_servers: tuple = ()                # ((server, calls, ((status, n), ...), (durations...), ((method, n), ...)), ...)
+
+    def merge(self, other):
+        recent = {}
+        for srv, recs in self.recent + other.recent:
+            recent[srv] = recent.get(srv, ()) + recs
+        summary = {}
+        for srv, n, errors, durations, routes in self.servers + other.servers:
+            if srv in summary:
+                n0, e0, d0, r0 = summary[srv]
+                summary[srv] = (n0 + n, e0 + errors, (d0 + durations)[-HTTP_LATENCY_SAMPLES:],
+                                _merge_keyed(r0, routes, 1))
+            else:
+                summary[srv] = (n, errors, durations, routes)
+        calls = {}
+        for srv, n, statuses, durations, methods in self.rpc_servers + other.rpc_servers:
+            if srv in calls:
+                n0, s0, d0, m0 = calls[srv]
+                calls[srv] = (n0 + n, _merge_keyed(s0, statuses, 1),
+                              (d0 + durations)[-HTTP_LATENCY_SAMPLES:], _merge_keyed(m0, methods, 1))
+            else:
+                calls[srv] = (n, statuses, durations, methods)
+        return HttpSnapshot(
+            _merge_histograms(self.histogram, other.histogram),
+            _merge_keyed(self.parse_errors, other.parse_errors, 1),
+            tuple((srv, tuple(sorted(recs, key=_finished_at, reverse=True)[:HTTP_RECENT]))
+                  for srv, recs in itertools.islice(recent.items(), HTTP_RECENT_SERVERS)),
+            tuple((srv, *v) for srv, v in summary.items()),
+            _merge_histograms(self.rpc_histogram, other.rpc_histogram),
+            _merge_keyed(self.rpc_messages, other.rpc_messages, 5),
+            tuple((srv, *v) for srv, v in calls.items()))
+
+
+def _finished_at(rec):
+    return rec["ts"] + rec["duration"]
+
+
+def _observe(histogram, labels, value):
+    """One observation into {labels: [a count per HTTP_BUCKETS bucket and one above the
+    last, sum, count]}."""
+    h = histogram.get(labels)
+    if h is None:
+        h = histogram[labels] = [0] * (len(HTTP_BUCKETS) + 3)
+    h[bisect.bisect_left(HTTP_BUCKETS, value)] += 1
+    h[-2] += value
+    h[-1] += 1
+
+
+def _histogram_rows(histogram):
+    return tuple((k, tuple(v[:-2]), v[-2], v[-1]) for k, v in histogram.items())
+
+
+def _merge_histograms(a, b):
+    """Histogram rows ((labels), bucket counts, sum, count) of two snapshots, summed."""
+    hist = {}
+    for labels, counts, total, n in a + b:
+        if labels in hist:
+            c, t, m = hist[labels]
+            hist[labels] = (_add(c, counts), t + total, m + n)
+        else:
+            hist[labels] = (counts, total, n)
+    return tuple((k, c, t, n) for k, (c, t, n) in hist.items())
+
+
+class HttpRequests(Consumer):
+    """HTTP/1.x requests on --http-ports, from the frames: `finished(record)` gets each
+    request as an http.log record (Zeek's names where they exist)."""
+    name = "http"
+    snapshot_type = HttpSnapshot
+    wants = frozenset((WANT_RAW, WANT_TS))
+
+    def __init__(self, ports=DEFAULT_HTTP_PORTS, finished=None, container=None):
+        self.ports = frozenset(ports)
+        self.judged = {IPPROTO_TCP: self.ports}      # not_on_ports'
+        self.finished = finished
+        self.container = container or (lambda addr: "")
+        self.streams = collections.OrderedDict()
+        self.errors = dict.fromkeys(HTTP_PARSE_ERRORS, 0)
+        self.histogram = {}                      # labels -> [bucket counts..., sum, count]
+        self.recent = {}                         # server -> deque of records
+        self.routes = {}                         # server -> {route: requests}
+        self.summary = {}                        # server -> [requests, errors, durations]
+        self.ooo_total = 0                       # out-of-order bytes held, every connection
+        self.rpc_histogram = {}                  # as histogram, for gRPC calls
+        self.rpc_methods = {}                    # server -> {method: calls}
+        self.rpc_messages = {}                   # (method, direction, server, port, container) -> [n, bytes]
+        self.rpc_summary = {}                    # server -> [calls, {status: n}, durations]
+        self.h2_blocks = 0                       # HTTP/2 header block bytes held, every connection
+        self.h2_streams = 0                      # and HTTP/2 streams open
+
+    def snaplen(self):
+        """Nothing of other frames: the kernel program returns this stage's frames whole
+        (kernel_program's `whole`), and a replay has them whole."""
+        return 0
+
+    def whole_ports(self):
+        return tuple(sorted(self.ports)), ()
+
+    def consume(self, batch):
+        ports = self.judged
+        for data, ts, wire_bytes, frames, l2_len in frames_in_order(batch):
+            if frames == 1 and len(data) < wire_bytes:
+                continue                         # a frame cut short: its bytes are a gap
+            if not not_on_ports(data, ports):
+                self.packet(data, ts)
+
+    def packet(self, data, ts):
+        f = parse_l4(data)
+        if f is None or f[0] != IPPROTO_TCP:
+            return
+        _, src, dst, sport, dport, ip_len, plen, flags, seq, ack, window, _, at = f
+        if dport in self.ports:
+            key, to_server = (src, sport, dst, dport), True
+        elif sport in self.ports:
+            key, to_server = (dst, dport, src, sport), False
+        else:
+            return
+        s = self.streams.get(key)
+        if s is not None and flags & (TH_SYN | TH_ACK) == TH_SYN and to_server and \
+                s.to_server.next_seq not in (None, (seq + 1) % SEQ_MOD):
+            self.end(s)                            # a new connection on the same ports
+            s = None
+        if s is None:
+            if flags & TH_RST or not (plen or flags & TH_SYN):
+                return
+            if len(self.streams) >= HTTP_STREAMS_MAX:
+                self.end(next(iter(self.streams.values())))
+            s = self.streams[key] = _HttpStream(key, (src, sport) if to_server else (dst, dport),
+                                                (dst, dport) if to_server else (src, sport),
+                                                not flags & TH_SYN)
+        self.streams.move_to_end(key)
+        s.last = ts
+        d = s.to_server if to_server else s.to_client
+        if flags & TH_SYN:
+            d.next_seq = (seq + 1) % SEQ_MOD
+        elif plen or flags & TH_FIN:
+            payload = memoryview(data)[at:at + plen]
+            if d.next_seq is None:
+                d.next_seq = seq                  # joined mid-stream
+            self._segment(s, d, to_server, seq, payload, bool(flags & TH_FIN), ts)
+        if flags & TH_RST or (s.to_server.fin and s.to_client.fin):
+            self.end(s)
+
+    def _segment(self, s, d, to_server, seq, payload, fin, ts):
+        """Reassembly: deliver what continues the stream, hold what comes early."""
+        if d.state == HTTP_STOPPED:
+            return
+        off = (seq - d.next_seq) % SEQ_MOD
+        if off >= SEQ_HALF:                      # starts before next_seq: drop what was seen
+            cut = SEQ_MOD - off
+            if cut >= len(payload) and not (fin and cut == len(payload)):
+                return
+            payload, seq = payload[cut:], d.next_seq
+            off = 0
+        if off:
+            held = d.ooo.get(seq)
+            if held is None and len(d.ooo) >= HTTP_OOO_SEGMENTS:
+                self._gap(s, d)                    # bare FINs and slivers count too
+                return
+            if held is None or len(held[0]) < len(payload):
+                if held is not None:
+                    d.ooo_bytes -= len(held[0])
+                    self.ooo_total -= len(held[0])
+                d.ooo[seq] = (bytes(payload), ts, fin)
+                d.ooo_bytes += len(payload)
+                self.ooo_total += len(payload)
+            if d.ooo_bytes > HTTP_OOO_MAX or self.ooo_total > HTTP_OOO_TOTAL_MAX:
+                self._gap(s, d)
+            return
+        self._deliver(s, d, to_server, payload, fin, ts)
+        while d.ooo and d.state != HTTP_STOPPED:
+            exact = d.ooo.pop(d.next_seq, None)
+            if exact is not None:                  # the common case: no scan
+                data, t, f = exact
+                d.ooo_bytes -= len(data)
+                self.ooo_total -= len(data)
+                self._deliver(s, d, to_server, data, f, max(t, ts))
+                continue
+            for k in list(d.ooo):
+                o = (k - d.next_seq) % SEQ_MOD
+                if o == 0 or o >= SEQ_HALF:
+                    data, t, f = d.ooo.pop(k)
+                    d.ooo_bytes -= len(data)
+                    self.ooo_total -= len(data)
+                    if o >= SEQ_HALF:
+                        data = data[SEQ_MOD - o:]
+                        if not data and not f:
+                            break
+                    # held bytes are had now, when the gap before them filled
+                    self._deliver(s, d, to_server, data, f, max(t, ts))
+                    break
+            else:
+                break
+
+    def _gap(self, s, d):
+        self.errors["gap"] += 1
+        d.state = HTTP_STOPPED
+        self._drop_held(d)
+
+    def _drop_held(self, d):
+        self.ooo_total -= d.ooo_bytes
+        d.ooo.clear()
+        d.ooo_bytes = 0
+        d.buf.clear()
+
+    def _deliver(self, s, d, to_server, payload, fin, ts):
+        d.next_seq = (d.next_seq + len(payload) + (1 if fin else 0)) % SEQ_MOD
+        if payload:
+            d.last_data = ts
+            if not d.buf:
+                d.buf_ts = ts
+            d.buf += payload
+            if s.h2 is None and not s.depth:
+                h2 = Http2Connection.take(self, s, to_server, d)
+                if h2 is H2_UNDECIDED:
+                    return
+                s.h2 = h2
+            if s.h2 is None:
+                (self._client_bytes if to_server else self._server_bytes)(s, d, ts)
+            elif not s.h2.data(to_server, d, ts):
+                d.state = HTTP_STOPPED
+                d.buf.clear()
+        if fin:
+            d.fin = True
+            if not to_server and d.state == HTTP_UNTIL_CLOSE and s.response:
+                self._response_done(s, d.last_data)     # its last byte, not the FIN
+            d.state = HTTP_STOPPED                      # nothing comes after a FIN
+
+    # -- framing --------------------------------------------------------------
+
+    def _head(self, d):
+        """A complete head at the start of d.buf, or None (waiting, or no HTTP)."""
+        m = HTTP_HEAD_END.search(d.buf, max(0, d.scanned - 3))   # a head trickling in: once
+        if m is None:
+            d.scanned = len(d.buf)
+            if len(d.buf) > HTTP_MAX_HEAD:
+                self.errors["head_too_large"] += 1
+                d.state = HTTP_STOPPED
+            return None
+        d.scanned = 0
+        head = bytes(d.buf[:m.start()])
+        del d.buf[:m.end()]
+        return head
+
+    def _client_bytes(self, s, d, ts):
+        while d.buf and d.state != HTTP_STOPPED:
+            if d.state == HTTP_HEAD:
+                while d.buf[:2] == b"\r\n" or d.buf[:1] == b"\n":      # blank lines between
+                    del d.buf[:2 if d.buf[:2] == b"\r\n" else 1]
+                if not d.buf:
+                    return
+                first_ts = d.buf_ts
+                head = self._head(d)
+                if head is None:
+                    return
+                parts = head.split(b"\n", 1)[0].split()
+                if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+                    self.errors["bad_request"] += 1
+                    d.state = HTTP_STOPPED
+                    return
+                fields = _headers(head)
+                if len(s.pending) >= HTTP_PENDING_MAX:
+                    self.errors["too_many_pending"] += 1
+                    d.state = HTTP_STOPPED
+                    return
+                s.depth += 1
+                host = fields.get("host")
+                r = _HttpRequest(first_ts, parts[0].decode("latin-1")[:HTTP_TEXT_MAX],
+                                 parts[1].decode("latin-1")[:HTTP_TEXT_MAX],
+                                 host[:HTTP_TEXT_MAX] if host is not None else None, s.depth,
+                                 parts[2][len(b"HTTP/"):].decode("latin-1"),
+                                 fields.get("upgrade", "").lower() == HTTP_H2C)
+                s.pending.append(r)
+                s.current_request = r
+                d.buf_ts = ts
+                self._frame_body(d, fields, parts[2] == b"HTTP/1.1", None)
+            elif not self._body_bytes(d, lambda n: setattr(s.current_request, "req_body",
+                                                          s.current_request.req_body + n)):
+                return
+            if d.state == HTTP_HEAD:
+                d.buf_ts = ts
+
+    def _frame_body(self, d, fields, http11, no_body):
+        """After a head: what the body is (RFC 9112 6.3)."""
+        te = fields.get("transfer-encoding", "").lower()
+        if no_body:
+            d.state = HTTP_HEAD
+        elif te and te.rsplit(",", 1)[-1].strip() == "chunked":
+            d.state = HTTP_CHUNK_SIZE
+        elif "content-length" in fields:
+            # RFC 9112 6.3: digits only; a list of one value repeated is that value
+            values = {v.strip() for v in fields["content-length"].split(",")}
+            value = values.pop() if len(values) == 1 else ""
+            d.left = int(value) if HTTP_CONTENT_LENGTH.fullmatch(value) else -1
+            if d.left < 0:
+                self.errors["bad_request" if no_body is None else "bad_response"] += 1
+                d.state = HTTP_STOPPED
+                return
+            d.state = HTTP_BODY if d.left else HTTP_HEAD
+        elif no_body is None:
+            d.state = HTTP_HEAD                  # a request without a length has no body
+        else:
+            d.state = HTTP_UNTIL_CLOSE
+
+    def _line(self, d, error):
+        """The next CRLF-ended line of d.buf, taken from it; None while incomplete (or
+        when it grew past HTTP_MAX_HEAD: counted as `error`, the stream stopped)."""
+        m = HTTP_CHUNK_LINE.search(d.buf, max(0, d.scanned - 1))
+        d.scanned = 0 if m else len(d.buf)
+        if m is None:
+            if len(d.buf) > HTTP_MAX_HEAD:
+                self.errors[error] += 1
+                d.state = HTTP_STOPPED
+            return None
+        line = bytes(d.buf[:m.start()])
+        del d.buf[:m.end()]
+        return line
+
+    def _body_bytes(self, d, add):
+        """Consume body bytes from d.buf in the current state; add(n) counts them.
+        False when it must wait for more bytes (a size line or CRLF not complete)."""
+        if d.state in (HTTP_BODY, HTTP_CHUNK_DATA):
+            n = min(d.left, len(d.buf))
+            del d.buf[:n]
+            add(n)
+            d.left -= n
+            if not d.left:
+                d.state = HTTP_HEAD if d.state == HTTP_BODY else HTTP_CHUNK_END
+        elif d.state == HTTP_CHUNK_SIZE:
+            line = self._line(d, "bad_chunk")
+            if line is None:
+                return False
+            line = line.split(b";", 1)[0].strip()
+            if not HTTP_CHUNK_SIZE_RE.fullmatch(line):      # int(x, 16) takes 0x5, +5, -5, 0_5
+                self.errors["bad_chunk"] += 1
+                d.state = HTTP_STOPPED
+                return False
+            d.left = int(line, 16)
+            d.state = HTTP_CHUNK_DATA if d.left else HTTP_TRAILER
+        elif d.state == HTTP_CHUNK_END:
+            m = HTTP_CHUNK_LINE.match(d.buf)
+            if m is None:
+                if len(d.buf) >= 2 or d.buf[:1] not in (b"\r", b"\n"):
+                    self.errors["bad_chunk"] += 1
+                    d.state = HTTP_STOPPED
+                return False
+            del d.buf[:m.end()]
+            d.state = HTTP_CHUNK_SIZE
+        elif d.state == HTTP_TRAILER:
+            line = self._line(d, "head_too_large")
+            if line is None:
+                return False
+            if not line.strip():
+                d.state = HTTP_HEAD              # the blank line ends the trailers
+        elif d.state == HTTP_UNTIL_CLOSE:
+            add(len(d.buf))
+            d.buf.clear()
+        return True
+
+    def _server_bytes(self, s, d, ts):
+        while d.buf and d.state != HTTP_STOPPED:
+            if d.state == HTTP_HEAD:
+                first_ts = d.buf_ts
+                head = self._head(d)
+                if head is None:
+                    return
+                m = HTTP_STATUS_LINE.match(head)
+                if m is None:
+                    self.errors["bad_response"] += 1
+                    d.state = HTTP_STOPPED
+                    return
+                code = int(m.group(2))
+                if not s.pending:
+                    self.errors["unmatched_response"] += 1
+                    d.state = HTTP_STOPPED
+                    return
+                r = s.pending[0]
+                if 100 <= code < 200 and code != 101:
+                    d.buf_ts = ts
+                    continue                     # interim (100 Continue): the request goes on
+                if code == 101 and r.upgrade and len(s.pending) == 1:
+                    s.pending.popleft()          # HTTP/2 from here; the request is stream 1
+                    s.current_request = None
+                    s.h2 = Http2Connection(self, s, False, r)
+                    if not s.h2.data(False, d, ts):
+                        d.state = HTTP_STOPPED
+                    if s.to_server.buf and not s.h2.data(True, s.to_server, ts):
+                        s.to_server.state = HTTP_STOPPED
+                    return
+                r.status, r.ttfb = code, first_ts - r.ts
+                s.response = r
+                fields = _headers(head)
+                no_body = r.head or code in (204, 304) or code == 101 or \
+                    (r.connect and 200 <= code < 300)
+                self._frame_body(d, fields, m.group(1) == b"1", no_body)
+                if d.state == HTTP_HEAD:
+                    self._response_done(s, ts)
+                if code == 101 or (r.connect and 200 <= code < 300):
+                    d.state = s.to_server.state = HTTP_STOPPED     # a tunnel: not HTTP any more
+                    return
+            else:
+                r = s.response
+                if r is None:                     # bytes after the response that ran to the close
+                    d.state = HTTP_STOPPED
+                    return
+                if not self._body_bytes(d, lambda n: setattr(r, "resp_body", r.resp_body + n)):
+                    return
+                if d.state == HTTP_HEAD:
+                    self._response_done(s, ts)
+            d.buf_ts = ts
+
+    def _response_done(self, s, ts):
+        r = s.response
+        s.response = None
+        if s.pending and s.pending[0] is r:
+            s.pending.popleft()
+        r.end = ts
+        self.record(s, r)
+
+    # -- ends -----------------------------------------------------------------
+
+    def end(self, s):
+        """The connection is over: a response running to the close ends, requests left
+        unanswered finish with status 0, an unfilled gap is counted."""
+        self.streams.pop(s.key, None)
+        if s.h2 is not None:
+            s.h2.end(s.last)
+        if s.response is not None and s.to_client.state == HTTP_UNTIL_CLOSE:
+            self._response_done(s, s.to_client.last_data)
+        for d in (s.to_server, s.to_client):
+            if d.ooo and d.state != HTTP_STOPPED:
+                self._gap(s, d)
+            self._drop_held(d)
+        while s.pending:
+            r = s.pending.popleft()
+            r.end = s.last
+            r.status = 0 if r.ttfb is None else r.status
+            self.record(s, r)
+
+    def finish(self):
+        """End of a replay (or of capture): every stream's pending requests are recorded."""
+        for s in list(self.streams.values()):
+            self.end(s)
+        return True
+
+    def tick(self, now):
+        while self.streams:
+            s = next(iter(self.streams.values()))
+            if s.last + HTTP_IDLE_TIMEOUT > now:
+                break
+            self.end(s)
+
+    def record(self, s, r):
+        (ch, cp), (sh, sp) = s.client, s.server
+        server_h = raw_address(sh)
+        server = f"{server_h}:{sp}"
+        container = self.container(sh)
+        if container:
+            server = container
+        if server not in self.routes and len(self.routes) >= HTTP_SERVERS_MAX:
+            server_label = port_label = server = "other"      # a scan of many servers
+        else:
+            server_label, port_label = server_h, str(sp)
+        rec = {"ts": round(r.ts, 6), "id.orig_h": raw_address(ch), "id.orig_p": cp, "id.resp_h": server_h,
+               "id.resp_p": sp, "trans_depth": r.depth, "method": r.method}
+        if r.host is not None:
+            rec["host"] = r.host
+        rec.update({"uri": r.uri, "version": r.version, "status_code": r.status,
+                    "request_body_len": r.req_body, "response_body_len": r.resp_body})
+        if r.stream is not None:
+            rec["stream_id"] = r.stream
+        if r.ttfb is not None:
+            rec["ttfb"] = round(r.ttfb, 6)
+        duration = r.end - r.ts
+        rec.update({"duration": round(duration, 6), "container": container})
+        rpc = r.rpc
+        if rpc is not None:
+            rec.update({"rpc_method": rpc.method, "grpc_status": rpc.status})
+            if rpc.message is not None:
+                rec["grpc_message"] = rpc.message
+            rec.update({"request_messages": rpc.messages[0],
+                        "response_messages": rpc.messages[1]})
+            self._call(server, rpc, duration, (server_label, port_label, container))
+        else:
+            self._request(server, r, duration, (server_label, port_label, container))
+        if server in self.recent or len(self.recent) < HTTP_RECENT_SERVERS:
+            self.recent.setdefault(server, collections.deque(maxlen=HTTP_RECENT)).appendleft(rec)
+        if self.finished is not None:
+            self.finished(rec)
+
+    def _request(self, server, r, duration, where):
+        routes = self.routes.setdefault(server, {})
+        route = http_route(r.uri)
+        if route not in routes and len(routes) >= HTTP_ROUTES_MAX:
+            route = "other"
+        routes[route] = routes.get(route, 0) + 1
+        method = r.method if r.method in HTTP_METHODS else "_OTHER"
+        _observe(self.histogram, (method, str(r.status), route, r.version) + where, duration)
+        summary = self.summary.setdefault(server, [0, 0, collections.deque(maxlen=HTTP_LATENCY_SAMPLES)])
+        summary[0] += 1
+        summary[1] += r.status == 0 or r.status >= 500
+        summary[2].append(duration)
+
+    def _call(self, server, rpc, duration, where):
+        """A gRPC call: its histogram (methods bounded per server as routes are), its
+        messages, the server's summary by status."""
+        methods = self.rpc_methods.setdefault(server, {})
+        method = rpc.method
+        if method not in methods and len(methods) >= HTTP_ROUTES_MAX:
+            method = "other"
+        methods[method] = methods.get(method, 0) + 1
+        status = H2_UNKNOWN_TEXT if rpc.status is None else GRPC_STATUS_NAMES[rpc.status]
+        _observe(self.rpc_histogram, (RPC_SYSTEM, method, status) + where, duration)
+        for way, direction in enumerate(("request", "response")):
+            key = (method, direction) + where
+            counts = self.rpc_messages.setdefault(key, [0, 0])
+            counts[0] += rpc.messages[way]
+            counts[1] += rpc.message_bytes[way]
+        summary = self.rpc_summary.setdefault(
+            server, [0, {}, collections.deque(maxlen=HTTP_LATENCY_SAMPLES)])
+        summary[0] += 1
+        summary[1][status] = summary[1].get(status, 0) + 1
+        summary[2].append(duration)
+
+    def snapshot(self):
+        return HttpSnapshot(_histogram_rows(self.histogram),
+                            tuple(self.errors.items()),
+                            tuple((srv, tuple(q)) for srv, q in self.recent.items()),
+                            tuple((srv, n, e, tuple(lat), tuple(self.routes.get(srv, {}).items()))
+                                  for srv, (n, e, lat) in self.summary.items()),
+                            _histogram_rows(self.rpc_histogram),
+                            tuple(k + tuple(v) for k, v in self.rpc_messages.items()),
+                            tuple((srv, n, tuple(st.items()), tuple(lat),
+                                   tuple(self.rpc_methods.get(srv, {}).items()))
+                                  for srv, (n, st, lat) in self.rpc_summary.items()))
+
+
+def _percentile(sorted_values, q):
+    """The q-quantile (nearest rank) of sorted values; 0 for none."""
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
+
+
+def http_document(snap, how, top=None):
+    """--output json's "http": per server requests, errors (status 0 or 5xx), latency
+    percentiles and routes; parse errors. `top`: the busiest servers, and routes each."""
+    http = snap.get("http")
+    if http is None:
+        return None
+    servers = {}
+    for server, n, errors, durations, routes in _first(http.servers, top, lambda s: (-s[1], s[0])):
+        lat = sorted(durations)
+        ranked = sorted(routes, key=lambda rn: (-rn[1], rn[0]))
+        servers[server] = {"requests": n, "errors": errors, "p50": _percentile(lat, 0.5),
+                           "p95": _percentile(lat, 0.95), "p99": _percentile(lat, 0.99),
+                           "routes": dict(ranked if top is None else ranked[:top])}
+    rpc = {}
+    for server, n, statuses, durations, methods in _first(http.rpc_servers, top,
+                                                           lambda s: (-s[1], s[0])):
+        lat = sorted(durations)
+        ranked = sorted(methods, key=lambda mn: (-mn[1], mn[0]))
+        rpc[server] = {"calls": n, "errors": n - dict(statuses).get(GRPC_OK, 0),
+                       "statuses": dict(sorted(statuses, key=lambda sn: (-sn[1], sn[0]))),
+                       "p50": _percentile(lat, 0.5), "p95": _percentile(lat, 0.95),
+                       "p99": _percentile(lat, 0.99),
+                       "methods": dict(ranked if top is None else ranked[:top])}
+    return {**_envelope(snap, how), "servers": servers, "rpc": rpc,
+            "rpc_total": len(http.rpc_servers), "parse_errors": dict(http.parse_errors),
+            **_cut(servers, len(http.servers))}
+
+
+def requests_document(snap, how, top=None, server=None, rows=None):
+    """/api/requests: the last requests per server, newest first (`top`: at most N each);
+    `rows`: at most that many in all, servers in the order lpd first saw them."""
+    http = snap.get("http")
+    if http is None:
+        return None
+    recent, kept, total = {}, 0, 0
+    for srv, recs in http.recent:
+        if server is not None and srv != server:
+            continue
+        n = len(recs) if top is None else min(top, len(recs))
+        if rows is not None:
+            n = min(n, rows - kept)
+        recent[srv] = list(recs[:n])
+        kept, total = kept + n, total + len(recs)
+    return {**_envelope(snap, how), "servers": recent, "total": total, "truncated": kept < total}
+
+
+def http_metrics(c, snap):
+    """The HTTP requests' families (a row of STAGES): OpenTelemetry's duration
+    histogram, parse errors; none without --http."""
+    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+    http = snap.get("http")
+    if http is None:
+        return
+    bounds = [f"{b:g}" for b in HTTP_BUCKETS] + ["+Inf"]
+    for name, doc, labels, rows in (
+            ("http_server_request_duration_seconds",
+             "Duration of HTTP server requests, from packets (OpenTelemetry semantic "
+             "conventions).", ["http_request_method", "http_response_status_code",
+                               "http_route", "network_protocol_version"], http.histogram),
+            ("rpc_server_call_duration_seconds",
+             "Duration of gRPC calls a server answered, from packets (OpenTelemetry "
+             "semantic conventions v1.40.0).",
+             ["rpc_system_name", "rpc_method", "rpc_response_status_code"], http.rpc_histogram)):
+        fam = HistogramMetricFamily(name, doc, labels=labels + ["server_address", "server_port",
+                                                                "container"])
+        for values, counts, total, n in rows:
+            fam.add_metric(list(values), list(zip(bounds, itertools.accumulate(counts))), total)
+        yield fam
+    labels = ["rpc_method", "direction", "server_address", "server_port", "container"]
+    yield metric_family(CounterMetricFamily, "lpd_rpc_messages",
+                        "gRPC messages (length-prefixed) of the calls, by direction.", labels,
+                        [(row[:5], row[5]) for row in http.rpc_messages])
+    yield metric_family(CounterMetricFamily, "lpd_rpc_message_bytes",
+                        "Bytes of gRPC messages (without their 5-byte prefixes), by direction.",
+                        labels, [(row[:5], row[6]) for row in http.rpc_messages])
+    yield metric_family(CounterMetricFamily, "lpd_http_parse_errors",
+                        "HTTP streams lpd stopped parsing, by reason.", ["reason"],
+                        [((r,), n) for r, n in http.parse_errors])
+
+
+HTTP_TABLE_ROUTES = 5              # routes a table lists per server
+
+
+def http_table(doc):
+    """--output table's HTTP servers: requests, errors, latency, the busiest routes."""
+    out = [f"\nHTTP servers: {len(doc['servers'])}\n"]
+    header = ("server", "requests", "error %", "p50 s", "p95 s", "p99 s", "top routes")
+    rows = [[srv, str(d["requests"]), f"{100 * d['errors'] / max(1, d['requests']):.1f}",
+             f"{d['p50']:.4f}", f"{d['p95']:.4f}", f"{d['p99']:.4f}",
+             ", ".join(f"{r} {n}" for r, n in list(d["routes"].items())[:HTTP_TABLE_ROUTES])]
+            for srv, d in sorted(doc["servers"].items(), key=lambda kv: -kv[1]["requests"])]
+    out += _columns(header, rows, header[1:6])
+    if doc["rpc"]:
+        out.append(f"\ngRPC servers: {doc['rpc_total']}\n")
+        header = ("server", "calls", "error %", "p50 s", "p95 s", "p99 s", "statuses",
+                  "top methods")
+        rows = [[srv, str(d["calls"]), f"{100 * d['errors'] / max(1, d['calls']):.1f}",
+                 f"{d['p50']:.4f}", f"{d['p95']:.4f}", f"{d['p99']:.4f}",
+                 ", ".join(f"{st} {n}" for st, n in d["statuses"].items()),
+                 ", ".join(f"{m} {n}" for m, n in list(d["methods"].items())[:HTTP_TABLE_ROUTES])]
+                for srv, d in sorted(doc["rpc"].items(), key=lambda kv: -kv[1]["calls"])]
+        out += _columns(header, rows, header[1:6])
+    bad = ", ".join(f"{r} {n}" for r, n in doc["parse_errors"].items() if n)
+    if bad:
+        out.append(f"parse errors: {bad}\n")
+    return out
+
+
+def _http_requests(opts, w, built):
+    if not opts.http:
+        return None
+    log_ = w.logs.get(HttpRequests.name)
+    return HttpRequests(opts.http_ports, log_.write if log_ is not None else None,
+                        w.names.name_of if w.names else None)
+
+
+STAGES.append(Stage(HttpRequests, _http_requests, (("http", http_document),), http_metrics,
+                    http_table, log="--http-log", live_documents=(("requests", requests_document),)))
+
+
+###############################################################################
+# 17 eBPF engine: accounting and rules as one kernel program (--engine ebpf) ####
 ###############################################################################
 # provides: build_program, CopyPlan, disassemble, ebpf_available, emit_rule, Gen, KernelAccounting,
 #   Label, MAP_NAMES, overflow_slots, Untranslatable
@@ -11805,7 +12930,7 @@ STAGES.append(Stage(TlsSessions, _tls, (("tls", tls_document),), tls_metrics, tl
 
 
 ###############################################################################
-# 16.1 Assembler ##############################################################
+# 17.1 Assembler ##############################################################
 # provides: alu32_imm, alu32_reg, alu64_imm, alu64_reg, assemble, atomic_add, call, disassemble,
 #   endian_be, exit_insn, ja, jmp_imm, jmp_reg, Label, ld_map_fd, ldx, mov32_imm, mov32_reg,
 #   mov64_imm, mov64_reg, st_imm, stx
@@ -12084,7 +13209,7 @@ def disassemble(image, labels=None):
 
 
 ###############################################################################
-# 16.2 Syscalls: bpf(2), maps, programs, test runs ############################
+# 17.2 Syscalls: bpf(2), maps, programs, test runs ############################
 # provides: attach, load_program, Map, Program, _round8, _syscall
 
 LOG_SIZE = 1 << 22                                   # verifier log: 4 MiB is plenty for lpd's programs
@@ -12427,7 +13552,7 @@ def attach(sock, prog_fd):
 
 
 ###############################################################################
-# 16.3 Programs: the decoder and the rules in eBPF ############################
+# 17.3 Programs: the decoder and the rules in eBPF ############################
 # provides: ADDR_KEY, build_program, CopyPlan, emit_rule, FLOW_KEY, FLOW_MAP_MAX, FLOW_SUMS,
 #   FLOW_VALUE, Gen, GENERATIONS, IFACE_FIELDS, make_maps, MAP_NAMES, NS_PER_S, overflow_slots,
 #   OVERFLOW_VALUE, REMOTE_FIELDS, REMOTE_MAP_MIN, RULE_VALUE, Untranslatable
@@ -13723,7 +14848,7 @@ def read_counters(maps, nrules=0):
 
 
 ###############################################################################
-# 16.4 Accounting: the kernel tables behind the stages ########################
+# 17.4 Accounting: the kernel tables behind the stages ########################
 # provides: ebpf_available, KernelAccounting
 
 # How long the old program of a reload may still be running on another CPU after
@@ -14241,7 +15366,7 @@ class KernelAccounting:
 
 
 ###############################################################################
-# 17 Exporters ################################################################
+# 18 Exporters ################################################################
 ###############################################################################
 # provides: all_documents, api_answer, choose_stages, Collector,
 #   decoder_stages, format_table, make_metrics_server, open_logs, RuleSocketServer
@@ -14249,13 +15374,13 @@ class KernelAccounting:
 
 
 ###############################################################################
-# 17.1 The stage table at work ################################################
+# 18.1 The stage table at work ################################################
 # provides: all_documents, api_answer, choose_stages,
 #   Collector, decoder_stages, format_table, open_logs
 #
 # Everything that handles stages iterates STAGES: choose_stages() (the daemon, each
-# worker and -r), publishing and finishing (18), the workers' pipes and their merge
-# (19), the documents, the table and the Collector below.
+# worker and -r), publishing and finishing (19), the workers' pipes and their merge
+# (20), the documents, the table and the Collector below.
 
 def choose_stages(opts, wiring):
     """The stages the options ask for, by name in STAGES' order: the one place that
@@ -14385,7 +15510,7 @@ class Collector:
 
 
 ###############################################################################
-# 17.2 One selector server (the metrics endpoint, the rule socket) ############
+# 18.2 One selector server (the metrics endpoint, the rule socket) ############
 # provides: _Client, SelectorServer
 
 # When accept() fails (EMFILE, ENFILE, ENOBUFS, ...) the connection stays queued and the
@@ -14625,7 +15750,7 @@ class SelectorServer:
 
 
 ###############################################################################
-# 17.3 The metrics endpoint ###################################################
+# 18.3 The metrics endpoint ###################################################
 # provides: make_metrics_server
 #
 # Exporters read Published.latest(): a scrape never waits for capture, and capture
@@ -14904,7 +16029,7 @@ def make_metrics_server(host, port, registry, api=None):
 
 
 ###############################################################################
-# 17.4 The rule socket (bpfcountd's unix socket) ##############################
+# 18.4 The rule socket (bpfcountd's unix socket) ##############################
 # provides: RuleSocketServer
 
 # Dumps cut off at a client's deadline are logged at most this often, as a count.
@@ -15017,7 +16142,7 @@ class RuleSocketServer(SelectorServer):
 
 
 ###############################################################################
-# 18 Daemon: wiring, signals, reload ##########################################
+# 19 Daemon: wiring, signals, reload ##########################################
 ###############################################################################
 # provides: build_capture, build_daemon, build_exporters, capture_interface, Daemon,
 #   interface_local_nets, kernel_program, Lifecycle, load_rules, SOCKET_FRESH_TIMEOUT,
@@ -15955,7 +17080,7 @@ def build_daemon(opts):
 
 
 ###############################################################################
-# 19 Workers: one capture process per core behind PACKET_FANOUT ###############
+# 20 Workers: one capture process per core behind PACKET_FANOUT ###############
 ###############################################################################
 # provides: build_supervisor, run_worker
 #
@@ -16348,7 +17473,7 @@ def build_supervisor(opts, argv):
 
 
 ###############################################################################
-# 20 Offline replay and filter dumps ##########################################
+# 21 Offline replay and filter dumps ##########################################
 ###############################################################################
 # provides: dump_filter, replay, write_output
 
@@ -16469,7 +17594,7 @@ def dump_filter(opts, out=sys.stdout):
 
 
 ###############################################################################
-# 21 Operator view: lpd top ###################################################
+# 22 Operator view: lpd top ###################################################
 ###############################################################################
 # provides: top_main
 #
@@ -16510,6 +17635,7 @@ TOP_SORT_LABELS = {
     "rules": {"rate": "bit/s", "total": "bytes", "name": "rule"},
     "connections": {"rate": "bit/s", "total": "bytes", "name": "originator"},
     "http": {"rate": "req/s", "total": "requests", "name": "server"},
+    "rpc": {"rate": "calls/s", "total": "calls", "name": "server"},
 }
 # What a pane whose document the daemon does not serve (404: the stage is off) shows.
 TOP_OFF = {
@@ -16520,6 +17646,10 @@ TOP_OFF = {
 }
 TOP_KEYS = "keys: 1-5/Tab pane  s sort  p pause  q quit"
 TOP_ONCE_ROWS = 10                 # --once: the biggest rows of each pane
+# gRPC servers (the HTTP pane, below the HTTP servers): each server's row, then a line of
+# its statuses other than OK and a line of its busiest methods (at most this many; the
+# screen's width cuts the line as it cuts any).
+TOP_RPC_METHODS = 5
 # A remote's name (--names) is cut to this many characters, its left end first: the
 # registered domain is at the right, and the pane keeps room for an IPv6 address (39),
 # rate, total, country and ISP on a 132-column terminal.
@@ -16785,7 +17915,12 @@ TOP_SCHEMA = {
          "resp_p": TOP_COUNT, "state": TOP_TEXT, "orig_wire_bytes": TOP_COUNT,
          "resp_wire_bytes": TOP_COUNT, "pid": TOP_MAYBE_COUNT, "comm": TOP_MAYBE_TEXT}]},
     "http": {"servers": TopMap({"requests": TOP_COUNT, "errors": TOP_COUNT, "p50": TOP_RATE,
-                                "p95": TOP_RATE})},
+                                "p95": TOP_RATE}),
+             # gRPC calls per server (an lpd before HTTP/2 sends no "rpc")
+             "rpc": TopOptional(TopMap({"calls": TOP_COUNT, "errors": TOP_COUNT,
+                                        "statuses": TopMap(TOP_COUNT), "p50": TOP_RATE,
+                                        "p95": TOP_RATE, "p99": TOP_RATE,
+                                        "methods": TopMap(TOP_COUNT)}))},
 }
 
 
@@ -16891,7 +18026,7 @@ def _conn_bytes(c):
 
 def _index_docs(docs):
     """Each cumulative document keyed for rate(): remotes and rules by name, connections
-    by their five-tuple, HTTP by server."""
+    by their five-tuple, HTTP by server (a gRPC server by ("rpc", server))."""
     if docs.get("remotes"):
         docs["remotes"]["_index"] = {r["address"]: {"bytes": r["tx_bytes"] + r["rx_bytes"]}
                                      for r in docs["remotes"]["remotes"]}
@@ -16902,6 +18037,8 @@ def _index_docs(docs):
                                          for c in docs["connections"]["connections"]}
     if docs.get("http"):
         docs["http"]["_index"] = {s: {"requests": v["requests"]} for s, v in docs["http"]["servers"].items()}
+        docs["http"]["_index"].update((("rpc", s), {"calls": v["calls"]})
+                                      for s, v in docs["http"].get("rpc", {}).items())
     return docs
 
 
@@ -17071,6 +18208,37 @@ class TopView:
             f"{servers[s]['errors'] / servers[s]['requests'] if servers[s]['requests'] else 0:>7.1%} "
             f"{servers[s]['p50'] * 1e3:>7.1f}ms {servers[s]['p95'] * 1e3:>7.1f}ms" for s in names]
 
+    def rpc(self, doc):
+        """The gRPC servers of the HTTP document (below its HTTP servers): a row each of
+        calls, error share and latency, then its statuses other than OK and its busiest
+        methods, one line each (a row of three lines: --once cuts whole rows)."""
+        servers = doc.get("rpc") or {}
+        rate = lambda s: self.rate("http", ("rpc", s), "calls", servers[s]["calls"])  # noqa: E731
+        names = self._sorted(list(servers), rate, lambda s: servers[s]["calls"], lambda s: s)
+        rows = []
+        for s in names:
+            d = servers[s]
+            errors = ", ".join(f"{st} {n}" for st, n in sorted(
+                d["statuses"].items(), key=lambda sn: (-sn[1], sn[0])) if st != GRPC_OK and n)
+            methods = ", ".join(f"{m} {n}" for m, n in sorted(
+                d["methods"].items(), key=lambda mn: (-mn[1], mn[0]))[:TOP_RPC_METHODS])
+            rows.append((f"{s[:24]:<24} {rate(s):>8.1f} {d['calls']:>8} "
+                         f"{d['errors'] / d['calls'] if d['calls'] else 0:>7.1%} "
+                         f"{d['p50'] * 1e3:>7.1f}ms {d['p95'] * 1e3:>7.1f}ms {d['p99'] * 1e3:>7.1f}ms",
+                         f"  errors: {errors or 'none'}", f"  methods: {methods or 'none'}"))
+        total = doc.get("rpc_total")
+        return [self._title("rpc", f"gRPC servers: {total if _count(total) else len(servers)}"),
+                f"{'server':<24} {'calls/s':>8} {'calls':>8} {'errors':>7} {'p50':>9} {'p95':>9} "
+                f"{'p99':>9}"], rows
+
+    def sections(self, pane, doc):
+        """A pane's parts, each (heading lines, rows); a row is a line or a tuple of lines
+        kept together. The HTTP pane has its gRPC servers below, where there are some."""
+        parts = [getattr(self, pane)(doc)]
+        if pane == "http" and doc.get("rpc"):
+            parts.append(self.rpc(doc))
+        return parts
+
     # -- the whole screen -------------------------------------------------------------
 
     def header(self):
@@ -17108,8 +18276,10 @@ class TopView:
         if self.docs is not None:
             for pane in panes or (self.pane,):
                 doc = self.docs.get(pane)
-                head, part = ([TOP_OFF[pane]], []) if doc is None else getattr(self, pane)(doc)
-                body += [""] + head + (part if rows is None else part[:rows])
+                for head, part in ([([TOP_OFF[pane]], [])] if doc is None
+                                   else self.sections(pane, doc)):
+                    for row in [""] + head + (part if rows is None else part[:rows]):
+                        body += [row] if isinstance(row, str) else list(row)
         if height is not None:
             body = body[:max(0, height - len(lines) - keys)]
         lines += [(TOP_PANE, text) for text in body]
@@ -17239,7 +18409,7 @@ def top_main(argv):
 
 
 ###############################################################################
-# 22 main #####################################################################
+# 23 main #####################################################################
 ###############################################################################
 # provides: -
 

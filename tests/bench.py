@@ -41,8 +41,13 @@ frame, the stage's per frame and per message, every count checked against the tr
 RSS under prlimit on the mix, on 10^5 DNS answers (--names-max 65536, the table full) and
 on 10^5 ClientHellos that never finish, beside TLS_HELLOS_MAX x TLS_HELLO_MAX; the kernel
 program's cost of copying handshakes whole (BPF_PROG_TEST_RUN, root, skipped without BPF).
+--http2 (issue 28): a trace written here of h2c and gRPC connections with prior knowledge
+(the h2 library on both ends: many streams at once, HPACK with its dynamic table, DATA
+frames, WINDOW_UPDATEs) through lpd -r with and without --http, beside tshark's http2
+dissector on the same file and beside lpd on the same calls as HTTP/1.1: CPU per frame and
+per call, every count checked against the trace.
 Offline series by name (--series): accounting, remote, remote-flood, connections, http,
-syn-flood, matchers, rules-at-scale, worker-transport, ipfix, names.
+syn-flood, matchers, rules-at-scale, worker-transport, ipfix, names, http2.
 
 Live: two namespaces joined by a veth pair (tests/netns.py); every lpd line runs with
 --engine ebpf and with --engine cbpf, beside tcpdump -w /dev/null. An lpd counting with
@@ -2448,11 +2453,374 @@ def offline_names(lpd, results, quick):
     return t
 
 
+# --series http2 (issue 28): the HTTP stage on HTTP/2 in clear text (h2c, gRPC), lpd -r
+# beside tshark's http2 dissector on the same capture and beside lpd on the same calls
+# as HTTP/1.1.
+
+H2_CONNS = 200                          # connections of the trace (--quick: a fifth)
+H2_CALLS = (20, 50, 100, 200)           # calls per connection (drawn)
+H2_BATCH = (1, 4, 10, 25)               # streams a client opens at once (drawn per batch)
+H2_GRPC_SHARE = 0.75                    # connections that are gRPC (port 50051); the rest
+                                        # h2c GETs (port 8080), prior knowledge both
+H2_GRPC_PORT, H2_PORT = 50051, 8080
+H2_METHODS = tuple(f"bench.{svc}/{m}" for svc in ("Users", "Orders", "Search", "Feed")
+                   for m in ("Get", "List", "Put", "Watch"))
+H2_PATHS = ("/", "/api/v1/items", "/api/v1/items/42", "/static/app.js", "/img/logo.png",
+            "/healthz")
+H2_REQUEST = (12, 40, 200, 1200)         # request message / body bytes (drawn)
+H2_RESPONSE = (0, 60, 300, 2000, 9000, 40000)   # response message / body bytes (drawn)
+H2_GRPC_ERRORS = (("NOT_FOUND", 5), ("UNAVAILABLE", 14))   # a share of calls end so
+H2_ERROR_SHARE = 0.05
+H2_MSS = 1448
+H2_CONCURRENT = 100                     # connections in progress at once, interleaved
+H2_STEP_US = 50                         # the trace's packet clock (20,000 fps)
+H2_REPEAT = 3                           # best of, the lpd lines in turn
+H2_TSHARK_REPEAT = 1                    # tshark's http2 takes about 2 min a run here
+H2_CAP = 4_000_000_000                  # RLIMIT_AS of every run
+H2_TIMEOUT = 600                        # s for one run
+
+
+def h2_plan(rng, conn):
+    """One connection's calls, the same for both renderings: (grpc?, port, [(path,
+    request bytes, response bytes, grpc status or None)])."""
+    grpc = rng.random() < H2_GRPC_SHARE
+    calls = []
+    for _ in range(rng.choice(H2_CALLS)):
+        status = None
+        if grpc:
+            path = "/" + rng.choice(H2_METHODS)
+            status = 0
+            if rng.random() < H2_ERROR_SHARE:
+                status = rng.choice(H2_GRPC_ERRORS)[1]
+            req = rng.choice(H2_REQUEST)
+        else:
+            path, req = rng.choice(H2_PATHS), 0
+        resp = 0 if status else rng.choice(H2_RESPONSE)
+        calls.append((path, req, resp, status))
+    return grpc, H2_GRPC_PORT if grpc else H2_PORT, calls
+
+
+def _h2_addresses(conn):
+    client = f"10.198.{conn // 250 % 250}.{conn % 250 + 1}"
+    return client, "10.199.9.9", 20000 + conn % 40000
+
+
+def _segments(client, server, sport, dport, writes):
+    """A TCP connection's frames for `writes` ((to_server, bytes), ...): handshake, each
+    write cut at H2_MSS with an ACK of it from the other side, FINs."""
+    seq = {True: 1000, False: 50000}
+    f = _names_frame
+
+    def frame(to_server, payload, flags):
+        src, dst, sp, dp = (client, server, sport, dport) if to_server else \
+            (server, client, dport, sport)
+        return f(src, dst, payload, 6, sp, dp, flags, seq[to_server], seq[not to_server])
+    yield frame(True, b"", 0x02)
+    seq[True] += 1
+    yield frame(False, b"", 0x12)
+    seq[False] += 1
+    yield frame(True, b"", 0x10)
+    for to_server, data in writes:
+        for at in range(0, len(data), H2_MSS):
+            chunk = data[at:at + H2_MSS]
+            yield frame(to_server, chunk, 0x18)
+            seq[to_server] += len(chunk)
+        yield frame(not to_server, b"", 0x10)
+    for to_server in (True, False):
+        yield frame(to_server, b"", 0x11)
+        seq[to_server] += 1
+    yield frame(True, b"", 0x10)
+
+
+def h2_writes(grpc, port, calls, rng):
+    """The calls as HTTP/2 (the h2 library on both ends: HPACK with its dynamic table,
+    flow control answered with WINDOW_UPDATEs): batches of streams opened at once, the
+    server answering each batch's streams in turn."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                                  header_encoding=None))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False,
+                                                                  header_encoding=None))
+    writes = []
+
+    def move():
+        for _ in range(20):
+            moved = False
+            for to_server, src, dst in ((True, client, server), (False, server, client)):
+                data = src.data_to_send()
+                if data:
+                    moved = True
+                    writes.append((to_server, data))
+                    for ev in dst.receive_data(data):
+                        if isinstance(ev, h2.events.DataReceived) and ev.flow_controlled_length:
+                            dst.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            if not moved:
+                return
+    client.initiate_connection()
+    server.initiate_connection()
+    move()
+    authority = f"10.199.9.9:{port}".encode()
+    i = 0
+    while i < len(calls):
+        batch = calls[i:i + rng.choice(H2_BATCH)]
+        i += len(batch)
+        sids = []
+        for path, req, _, _ in batch:
+            sid = client.get_next_available_stream_id()
+            sids.append(sid)
+            if grpc:
+                client.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"),
+                                          (b":path", path.encode()), (b":authority", authority),
+                                          (b"content-type", b"application/grpc"), (b"te", b"trailers"),
+                                          (b"grpc-timeout", b"5S"),
+                                          (b"user-agent", b"grpc-python/1.85 bench")])
+                client.send_data(sid, grpc_frame(req), end_stream=True)
+            else:
+                client.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"http"),
+                                          (b":path", path.encode()), (b":authority", authority),
+                                          (b"accept", b"*/*"), (b"user-agent", b"bench/1.0")],
+                                    end_stream=True)
+        move()
+        for sid, (path, _, resp, status) in zip(sids, batch):
+            if grpc and status:                            # trailers only
+                server.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                                          (b"grpc-status", str(status).encode()),
+                                          (b"grpc-message", b"bench")], end_stream=True)
+                continue
+            server.send_headers(sid, [(b":status", b"200"),
+                                      (b"content-type", b"application/grpc" if grpc else b"text/plain"),
+                                      (b"server", b"bench")] +
+                                ([] if grpc else [(b"content-length", str(resp).encode())]),
+                                end_stream=not grpc and not resp)
+            body = grpc_frame(resp) if grpc else bytes(resp)
+            step = server.max_outbound_frame_size
+            for at in range(0, len(body), step):
+                while server.local_flow_control_window(sid) < min(step, len(body) - at):
+                    move()                                 # the client's WINDOW_UPDATEs
+                server.send_data(sid, body[at:at + step],
+                                 end_stream=not grpc and at + step >= len(body))
+            if grpc:
+                server.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+        move()
+    client.close_connection()
+    move()
+    return writes
+
+
+def grpc_frame(n):
+    return b"\0" + n.to_bytes(4, "big") + bytes(n)
+
+
+def h1_writes(grpc, port, calls):
+    """The same calls as HTTP/1.1 on one keep-alive connection, one at a time: the same
+    request and response bodies (a gRPC message's bytes under Content-Length)."""
+    writes = []
+    host = f"10.199.9.9:{port}"
+    for path, req, resp, status in calls:
+        if grpc:
+            body = grpc_frame(req)
+            writes.append((True, (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
+                                  f"application/grpc\r\nUser-Agent: bench/1.0\r\nContent-Length: "
+                                  f"{len(body)}\r\n\r\n").encode() + body))
+            body = b"" if status else grpc_frame(resp)
+        else:
+            writes.append((True, (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: */*\r\n"
+                                  f"User-Agent: bench/1.0\r\n\r\n").encode()))
+            body = bytes(resp)
+        code = "404 Not Found" if status else "200 OK"
+        writes.append((False, (f"HTTP/1.1 {code}\r\nContent-Type: text/plain\r\nServer: bench\r\n"
+                               f"Content-Length: {len(body)}\r\n\r\n").encode() + body))
+    return writes
+
+
+class H2Trace:
+    """The plans of H2_CONNS connections (seeded), and their frames as HTTP/2 or HTTP/1.1,
+    H2_CONCURRENT connections interleaved."""
+
+    def __init__(self, conns):
+        rng = random.Random(28)
+        self.plans = [h2_plan(rng, c) for c in range(conns)]
+        calls = [(grpc, c) for grpc, _, cs in self.plans for c in cs]
+        self.grpc = sum(g for g, _ in calls)
+        self.gets = len(calls) - self.grpc
+        self.statuses = collections.Counter(
+            c[3] for g, c in calls if g)                  # grpc status code -> calls
+
+    def frames(self, h2):
+        rng = random.Random(2828)
+
+        def conn(i):
+            grpc, port, calls = self.plans[i]
+            client, server, sport = _h2_addresses(i)
+            writes = h2_writes(grpc, port, calls, random.Random(i)) if h2 else \
+                h1_writes(grpc, port, calls)
+            return _segments(client, server, sport, port, writes)
+        pending, active = iter(range(len(self.plans))), []
+        while True:
+            while len(active) < H2_CONCURRENT:
+                i = next(pending, None)
+                if i is None:
+                    break
+                active.append(conn(i))
+            if not active:
+                return
+            j = rng.randrange(len(active))
+            f = next(active[j], None)
+            if f is None:
+                active[j] = active[-1]
+                active.pop()
+                continue
+            yield f
+
+
+def tshark_h2(pcap, h2):
+    """tshark decoding :path, :status and gRPC message lengths of every frame (the http2
+    dissector, TCP reassembly on, the ports given as HTTP/2): (CPU s, paths, statuses)."""
+    fields = ["-e", "http2.headers.path", "-e", "http2.headers.status", "-e", "grpc.message_length"] \
+        if h2 else ["-e", "http.request.uri", "-e", "http.response.code"]
+    proto = "http2" if h2 else "http"
+    cp, _, cpu = run_limited(["tshark", "-r", pcap, "-d", f"tcp.port=={H2_GRPC_PORT},{proto}",
+                              "-d", f"tcp.port=={H2_PORT},{proto}", "-T", "fields", *fields],
+                             H2_CAP, H2_TIMEOUT)
+    if cp.returncode:
+        raise RuntimeError((cp.stderr.strip() or f"exit {cp.returncode}").splitlines()[-1])
+    rows = [line.split("\t") for line in cp.stdout.splitlines()]
+    count = lambda k: sum(len(r[k].split(",")) for r in rows if len(r) > k and r[k])  # noqa: E731
+    return cpu, count(0), count(1)
+
+
+def offline_http2(lpd, results, quick):
+    """--http on HTTP/2 in clear text (h2c and gRPC, prior knowledge): lpd -r's CPU per
+    frame and per call, beside tshark's http2 dissector on the same capture and beside
+    lpd on the same calls as HTTP/1.1; every count checked against the trace."""
+    conns = H2_CONNS // (5 if quick else 1)
+    t = Table("Offline: HTTP/2 and gRPC (--http) - lpd -r beside tshark's http2 dissector "
+              "and beside the same calls as HTTP/1.1",
+              ["line", "trace", "frames", "calls", "CPU s", "ns/frame", "stage ns/frame",
+               "stage µs/call", "÷ lpd --http", "peak RSS MiB", "checks"],
+              note=f"A synthetic trace (classic pcap, whole frames, {H2_STEP_US} µs apart) of "
+                   f"{conns} connections with prior knowledge, {H2_CONCURRENT} interleaved: "
+                   f"{H2_GRPC_SHARE:.0%} gRPC (port {H2_GRPC_PORT}: unary\ncalls of "
+                   f"{len(H2_METHODS)} methods, request messages of {H2_REQUEST} B, responses "
+                   f"of {H2_RESPONSE} B then trailers; {H2_ERROR_SHARE:.0%} trailers-only "
+                   "NOT_FOUND/UNAVAILABLE), the rest\nh2c GETs (port "
+                   f"{H2_PORT}, bodies of the same sizes); {H2_CALLS} calls a connection in "
+                   f"batches of {H2_BATCH} streams opened at once. Both ends are the h2 "
+                   "library:\nHPACK with its dynamic table, DATA in frames of at most 16 KiB, "
+                   "flow control with WINDOW_UPDATEs; TCP segments of "
+                   f"{H2_MSS} B, an ACK per write. HTTP/1.1: the same\ncalls one at a time "
+                   "on the same connections (POST with Content-Length for a gRPC call, the same "
+                   "body bytes). Lines: lpd -r FILE --output json\n(baseline); lpd -r FILE "
+                   f"--http --http-ports {H2_GRPC_PORT},{H2_PORT} --output json; best of "
+                   f"{H2_REPEAT}, in turn (tshark: best of {H2_TSHARK_REPEAT}). CPU: the child's user+sys (wait4); ns/frame: minus\n"
+                   "the same line's CPU on an empty trace (startup), per frame; stage: --http "
+                   "minus baseline. ÷ lpd --http: per frame, against lpd --http on the same trace. "
+                   "tshark (reference; the same startup subtraction): -d "
+                   "tcp.port==P,http2\n-T fields -e http2.headers.path -e http2.headers.status "
+                   "-e grpc.message_length (HTTP/1.1: the http dissector, -e http.request.uri "
+                   "-e http.response.code);\nits check: the paths and statuses it decoded = "
+                   "the calls. lpd's check: gRPC calls, statuses and HTTP requests in its "
+                   "document = the trace's, no parse error.")
+    results["offline_http2"] = t.to_json()
+    try:
+        import h2.connection  # noqa: F401
+    except ImportError:
+        t.say("-", "the h2 library is not installed (Debian: python3-h2; pip: h2)")
+        return t
+    with tempfile.TemporaryDirectory(prefix="lpd-bench-h2-") as workdir:
+        t0 = time.monotonic()
+        trace = H2Trace(conns)
+        calls = trace.grpc + trace.gets
+        paths = {}
+        for name, as_h2 in (("h2", True), ("h1", False)):
+            paths[name] = os.path.join(workdir, f"{name}.pcap")
+            n = write_names_pcap(paths[name], trace.frames(as_h2), step_us=H2_STEP_US)
+            paths[name + " frames"] = n
+        empty = os.path.join(workdir, "empty.pcap")
+        write_names_pcap(empty, ())
+        t.say("h2", f"{calls:,} calls ({trace.grpc:,} gRPC, {trace.gets:,} GETs) on {conns} "
+                    f"connections: HTTP/2 {paths['h2 frames']:,} frames, "
+                    f"{os.path.getsize(paths['h2']) >> 20} MiB; HTTP/1.1 "
+                    f"{paths['h1 frames']:,} frames, {os.path.getsize(paths['h1']) >> 20} MiB; "
+                    f"made in {time.monotonic() - t0:.0f} s")
+        ports = f"{H2_GRPC_PORT},{H2_PORT}"
+
+        def base(pcap):
+            return ["-r", pcap, "--output", "json"]
+
+        def http(pcap):
+            return ["-r", pcap, "--http", "--http-ports", ports, "--output", "json"]
+        try:
+            e_base = _best([run_lpd_measured(base(empty), H2_CAP, H2_TIMEOUT) for _ in range(H2_REPEAT)])
+            e_http = _best([run_lpd_measured(http(empty), H2_CAP, H2_TIMEOUT) for _ in range(H2_REPEAT)])
+            runs = collections.defaultdict(list)
+            for _ in range(H2_REPEAT):
+                for name in ("h2", "h1"):
+                    runs[name, "base"].append(run_lpd_measured(base(paths[name]), H2_CAP, H2_TIMEOUT))
+                    runs[name, "http"].append(run_lpd_measured(http(paths[name]), H2_CAP, H2_TIMEOUT))
+        except Exception as e:
+            t.say("-", "error: " + one_line(e))
+            return t
+        names = {0: "OK", 5: "NOT_FOUND", 14: "UNAVAILABLE"}
+        want = {names[k]: v for k, v in trace.statuses.items()}
+        lpd_ns = {}
+        for name, label in (("h2", "HTTP/2 (h2c, gRPC)"), ("h1", "HTTP/1.1, the same calls")):
+            n = paths[name + " frames"]
+            b, h = _best(runs[name, "base"]), _best(runs[name, "http"])
+            doc = json.loads(h["stdout"]).get("http") or {}
+            rpc, servers = doc.get("rpc") or {}, doc.get("servers") or {}
+            got = collections.Counter()
+            for d in rpc.values():
+                got.update(d.get("statuses") or {})
+            requests = sum(d.get("requests", 0) for d in servers.values())
+            errors = {k: v for k, v in (doc.get("parse_errors") or {}).items() if v}
+            if name == "h2":
+                ok = dict(got) == want and requests == trace.gets and not errors
+                detail = {"gRPC calls": sum(got.values()), "statuses": dict(got),
+                          "HTTP requests": requests, "parse errors": errors}
+            else:
+                ok = not rpc and requests == calls and not errors
+                detail = {"HTTP requests": requests, "parse errors": errors}
+            stage = (h["CPU s"] - e_http["CPU s"]) - (b["CPU s"] - e_base["CPU s"])
+            ns = (h["CPU s"] - e_http["CPU s"]) / n * 1e9
+            lpd_ns[name] = ns
+            t.add(line="lpd -r (baseline)", trace=label, frames=n, **{
+                "CPU s": b["CPU s"], "ns/frame": (b["CPU s"] - e_base["CPU s"]) / n * 1e9,
+                "peak RSS MiB": b["peak RSS KiB"] / 1024})
+            t.add(line="lpd -r --http", trace=label, frames=n, calls=calls, checks=ok,
+                  detail=detail, **{
+                      "CPU s": h["CPU s"], "ns/frame": ns, "stage ns/frame": stage / n * 1e9,
+                      "stage µs/call": stage / calls * 1e6,
+                      "peak RSS MiB": h["peak RSS KiB"] / 1024})
+        if shutil.which("tshark"):
+            try:
+                e_cpu = min(tshark_h2(empty, True)[0] for _ in range(H2_TSHARK_REPEAT))
+                for name, label in (("h2", "HTTP/2 (h2c, gRPC)"), ("h1", "HTTP/1.1, the same calls")):
+                    n = paths[name + " frames"]
+                    cpu, got_paths, got_statuses = min(
+                        (tshark_h2(paths[name], name == "h2") for _ in range(H2_TSHARK_REPEAT)),
+                        key=lambda r: r[0])
+                    ns = (cpu - e_cpu) / n * 1e9
+                    t.add(line=f"tshark {'http2' if name == 'h2' else 'http'} (reference)",
+                          trace=label, frames=n, calls=calls,
+                          checks=(got_paths, got_statuses) == (calls, calls),
+                          detail={"paths": got_paths, "statuses": got_statuses,
+                                  "startup CPU s": e_cpu},
+                          **{"CPU s": cpu, "ns/frame": ns, "÷ lpd --http": ratio(ns, lpd_ns.get(name))})
+            except Exception as e:
+                t.say("tshark", one_line(e))
+        else:
+            t.say("tshark", "not installed")
+    return t
+
+
 OFFLINE_SERIES = {"accounting": offline_accounting, "remote": offline_remote,
                   "remote-flood": remote_flood, "connections": offline_connections,
                   "http": offline_http, "syn-flood": syn_flood, "matchers": offline_matchers,
                   "rules-at-scale": rules_at_scale, "worker-transport": offline_worker_transport,
-                  "ipfix": offline_ipfix, "names": offline_names}
+                  "ipfix": offline_ipfix, "names": offline_names, "http2": offline_http2}
 
 
 def run_offline(lpd, results, quick, series=tuple(OFFLINE_SERIES)):

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -708,18 +710,22 @@ def strip(rec):
 
 
 def hist_series(m, suffix="_count"):
+    """The histogram's series without network_protocol_version (summed over it)."""
     out = {}
     for (name, labels), v in m.items():
         if name == HIST + suffix:
             d = dict(labels)
-            out[(d["http_request_method"], d["http_response_status_code"], d["http_route"],
-                 d["server_address"], d["server_port"], d["container"])] = v
+            k = (d["http_request_method"], d["http_response_status_code"], d["http_route"],
+                 d["server_address"], d["server_port"], d["container"])
+            out[k] = out.get(k, 0) + v
     return out
 
 
-def labels_of(series_key):
+def labels_of(series_key, version="1.1"):
+    """The labels of a hist_series key, of the series of one HTTP version."""
     return dict(zip(("http_request_method", "http_response_status_code", "http_route",
-                     "server_address", "server_port", "container"), series_key))
+                     "server_address", "server_port", "container"), series_key),
+                network_protocol_version=version)
 
 
 # --- TLS ---------------------------------------------------------------------------------
@@ -752,3 +758,65 @@ def memory_handshake(client, server, sni):
     except ssl.SSLWantReadError:
         pass
     return first, s_out.read()
+
+
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class HostLpd:
+    """lpd in the host's namespace on an interface (a container engine's bridge), its web
+    port on loopback, stopped by PID (netns.popen also stops it at exit). limit: run it
+    under prlimit --as=BYTES."""
+
+    def __init__(self, iface, *args, limit=None, start=15):
+        self.port = free_port()
+        self.err = tempfile.TemporaryFile()
+        prefix = ["prlimit", f"--as={limit}"] if limit else []
+        self.proc = netns.popen(None, [*prefix, sys.executable, LPD, "-i", iface,
+                                       "--web.listen-address", f"127.0.0.1:{self.port}",
+                                       "--mapping-url", "none", *args], stderr=self.err)
+        if not wait_for(self._ready, start, 0.05):
+            self.stop()
+            raise AssertionError(f"lpd did not start: {self.stderr()}")
+
+    def _ready(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"lpd exited {self.proc.returncode}: {self.stderr()}")
+        try:
+            return "lpd_build_info" in self.get("/metrics")[1]
+        except OSError:
+            return False
+
+    def get(self, path):
+        """(status, body text) of one GET on lpd's web port."""
+        try:
+            with NO_PROXY.open(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def json(self, path):
+        status, body = self.get(path)
+        return status, json.loads(body)
+
+    def metrics(self):
+        out = {}
+        for fam in text_string_to_metric_families(self.get("/metrics")[1]):
+            for s in fam.samples:
+                out[(s.name, frozenset(s.labels.items()))] = s.value
+        return out
+
+    def value(self, name, **labels):
+        return self.metrics().get((name, frozenset(labels.items())))
+
+    def containers(self):
+        """The container names /api/containers lists (none while it does not answer)."""
+        status, doc = self.json("/api/containers")
+        return {c["container"] for c in doc.get("containers", [])} if status == 200 else set()
+
+    def stderr(self):
+        self.err.seek(0)
+        return self.err.read().decode(errors="replace")
+
+    def stop(self, sig=signal.SIGTERM):
+        return netns.stop(self.proc, sig, grace=10)

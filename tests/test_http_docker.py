@@ -38,7 +38,6 @@ What is checked (the issue's list):
    and duplicated: identical logs, equal to the live one but for `container`.
 """
 import collections
-import json
 import os
 import signal
 import socket
@@ -47,14 +46,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import docker_engine
+import harness
 import netns
 from harness import (CHUNKED_LEN, CLOSE_LEN, FIXED_LEN, HIST, HTTP_SERVER, LPD, NOT_FOUND, TIMES,
                      PCAP_NS, PCAP_US, UPLOAD_LEN, Client, hist_series, key, labels_of, read_log,
@@ -69,7 +66,7 @@ TIMEOUT = 10.0              # any one socket operation
 CURL_TIMEOUT = 15
 BB_INDEX = docker_engine.INDEX
 FIELDS = ("ts", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "trans_depth", "method",
-          "host", "uri", "status_code", "request_body_len", "response_body_len", "ttfb",
+          "host", "uri", "version", "status_code", "request_body_len", "response_body_len", "ttfb",
           "duration", "container")
 # Live and replayed times of one request: lpd's ring and tcpdump's are two packet sockets,
 # and a frame the kernel left without a timestamp (one that crossed a veth from a
@@ -99,64 +96,15 @@ def host_port_free(port):
             s.close()
 
 
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-class HostLpd:
-    """lpd in the host's namespace on the engine's bridge, web port on loopback, stopped
-    by PID (netns.popen also stops it at exit)."""
-
-    def __init__(self, iface, *args):
-        self.port = free_port()
-        self.err = tempfile.TemporaryFile()
-        self.proc = netns.popen(None, [sys.executable, LPD, "-i", iface,
-                                       "--web.listen-address", f"127.0.0.1:{self.port}",
-                                       "--mapping-url", "none", *args], stderr=self.err)
-        if not wait_for(self._ready, 15, 0.05):
-            self.stop()
-            raise AssertionError(f"lpd did not start: {self.stderr()}")
-
-    def _ready(self):
-        if self.proc.poll() is not None:
-            raise AssertionError(f"lpd exited {self.proc.returncode}: {self.stderr()}")
-        try:
-            return "lpd_build_info" in self.get("/metrics")[1]
-        except OSError:
-            return False
-
-    def get(self, path):
-        """(status, body text) of one GET on lpd's web port."""
-        try:
-            with NO_PROXY.open(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-
-    def json(self, path):
-        status, body = self.get(path)
-        return status, json.loads(body)
-
-    def metrics(self):
-        out = {}
-        for fam in text_string_to_metric_families(self.get("/metrics")[1]):
-            for s in fam.samples:
-                out[(s.name, frozenset(s.labels.items()))] = s.value
-        return out
-
-    def value(self, name, **labels):
-        return self.metrics().get((name, frozenset(labels.items())))
+class HostLpd(harness.HostLpd):
+    """harness.HostLpd, and the container names it publishes."""
 
     def container_info(self, m=None):
         """{(local_ip, container, image)} of lpd_container_info series equal to 1."""
         m = self.metrics() if m is None else m
         return container_info(m)
-
-    def stderr(self):
-        self.err.seek(0)
-        return self.err.read().decode(errors="replace")
-
-    def stop(self, sig=signal.SIGTERM):
-        return netns.stop(self.proc, sig, grace=10)
 
 
 def container_info(m):
@@ -242,12 +190,13 @@ def curl(*args):
     return out
 
 
-def record(orig, server, depth, method, uri, host, status, qlen, rlen, container):
+def record(orig, server, depth, method, uri, host, status, qlen, rlen, container,
+           version="1.1"):
     rec = {"id.orig_h": orig[0], "id.orig_p": orig[1], "id.resp_h": server[0],
            "id.resp_p": server[1], "trans_depth": depth, "method": method}
     if host is not None:
         rec["host"] = host
-    rec.update({"uri": uri, "status_code": status, "request_body_len": qlen,
+    rec.update({"uri": uri, "version": version, "status_code": status, "request_body_len": qlen,
                 "response_body_len": rlen, "container": container})
     return rec
 
@@ -304,9 +253,9 @@ class Live:
         self.t0 = self.t1 = None
 
     def expect(self, name, orig, server, depth, method, uri, host, status, qlen, rlen,
-               container, route):
+               container, route, version="1.1"):
         self.expected.append((name, record(orig, server, depth, method, uri, host, status,
-                                           qlen, rlen, container), route))
+                                           qlen, rlen, container, version), route))
 
     def records(self, name):
         got = by_key(self.log)
@@ -381,7 +330,7 @@ def scenario_http10(live):
         (code, size, lip, lport, _), = curl("-0", "-o", "/dev/null", f"http://{ip}{uri}")
         assert (code, size) == (200, length), uri
         live.expect("http10", (lip, lport), (ip, 80), 1, "GET", uri, ip, 200, 0, length, "py1",
-                    uri.split("?")[0])
+                    uri.split("?")[0], "1.0")
 
 
 def scenario_ipv6(live):
@@ -435,7 +384,8 @@ def scenario_busybox(live):
                 "web1", "/form")
     c, code, fields, rest = one("GET", "/", None, version="HTTP/1.0")
     assert (code, rest) == (200, BB_INDEX)
-    live.expect("busybox", c.local, srv, 1, "GET", "/", None, 200, 0, len(BB_INDEX), "web1", "/")
+    live.expect("busybox", c.local, srv, 1, "GET", "/", None, 200, 0, len(BB_INDEX), "web1", "/",
+                "1.0")
     # two pipelined: busybox answers the first and closes; the second gets no answer
     c = HostClient(ip)
     c.send(request("GET", "/", "p1.example") + request("GET", "/again", "p2.example"))
@@ -540,7 +490,7 @@ def test_published_port_request_is_named_in_log_api_and_histogram(live):
     assert status == 200 and set(doc["servers"]) == {"web1"} and rec in doc["servers"]["web1"]
     labels = labels_of(("GET", "200", "/", rec["id.resp_h"], "80", "web1"))
     n = sum(1 for r in live.log if r["id.resp_h"] == rec["id.resp_h"] and r["uri"] == "/"
-            and r["status_code"] == 200 and r["method"] == "GET")
+            and r["status_code"] == 200 and r["method"] == "GET" and r["version"] == "1.1")
     assert live.metrics.get((HIST + "_count", frozenset(labels.items()))) == n, \
         hist_series(live.metrics)
 

@@ -64,15 +64,17 @@ class Run:
         self.words = []
         self.exit_code, self.stderr = None, ""
 
-    def expect(self, name, client, method, uri, host, status, req_body, resp_body, route):
+    def expect(self, name, client, method, uri, host, status, req_body, resp_body, route,
+               version="1.1"):
         client.depth += 1
         rec = {"id.orig_h": client.local[0], "id.orig_p": client.local[1],
                "id.resp_h": client.server[0], "id.resp_p": client.server[1],
                "trans_depth": client.depth, "method": method}
         if host is not None:
             rec["host"] = host
-        rec.update({"uri": uri, "status_code": status, "request_body_len": req_body,
-                    "response_body_len": resp_body, "container": ""})
+        rec.update({"uri": uri, "version": version, "status_code": status,
+                    "request_body_len": req_body, "response_body_len": resp_body,
+                    "container": ""})
         self.expected.append((name, rec, route))
 
     def records(self, name):
@@ -175,7 +177,7 @@ def scenario_http10(run, a4):
     c.send(request("GET", "/close", None, version="HTTP/1.0"))
     code, body = c.response()
     assert (code, len(body)) == (200, CLOSE_LEN)
-    run.expect("http10", c, "GET", "/close", None, 200, 0, CLOSE_LEN, "/close")
+    run.expect("http10", c, "GET", "/close", None, 200, 0, CLOSE_LEN, "/close", "1.0")
     c.close()
 
 
@@ -297,7 +299,7 @@ def test_one_exact_log_line_per_request(http_run):
         assert got is not None, (name, want)
         assert strip(got) == want, (name, got, want)
         assert list(got) == [k for k in ("ts", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p",
-                                         "trans_depth", "method", "host", "uri", "status_code",
+                                         "trans_depth", "method", "host", "uri", "version", "status_code",
                                          "request_body_len", "response_body_len", "ttfb",
                                          "duration", "container") if k in got], got
 
@@ -399,8 +401,12 @@ def test_histogram_count_per_series_equals_requests_sent(http_run):
                                                         if got.get(k) != v},
                                "unexpected": {k: v for k, v in got.items() if k not in want}}
     m = http_run.metrics
+    versions = {}
+    for _, rec, route in http_run.expected:
+        versions[(rec["method"], str(rec["status_code"]), route, rec["id.resp_h"],
+                  str(rec["id.resp_p"]), "")] = rec["version"]
     for k, n in want.items():
-        assert value(m, HIST + "_bucket", le="+Inf", **labels_of(k)) == n, k
+        assert value(m, HIST + "_bucket", le="+Inf", **labels_of(k, versions[k])) == n, k
 
 
 def test_route_normalisation(http_run):

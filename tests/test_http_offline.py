@@ -44,13 +44,14 @@ S9999 = ("10.0.0.2", 9999)
 HOST = "example.com"
 
 FIELDS = ("ts", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "trans_depth", "method",
-          "host", "uri", "status_code", "request_body_len", "response_body_len", "ttfb",
+          "host", "uri", "version", "status_code", "request_body_len", "response_body_len", "ttfb",
           "duration", "container")
 TIMES = ("ts", "ttfb", "duration")
 BUCKETS = ("0.005", "0.01", "0.025", "0.05", "0.075", "0.1", "0.25", "0.5", "0.75", "1.0",
            "2.5", "5.0", "7.5", "10.0", "+Inf")
 HIST = "http_server_request_duration_seconds"
-LABELS = {"http_request_method", "http_response_status_code", "http_route", "server_address",
+LABELS = {"http_request_method", "http_response_status_code", "http_route",
+          "network_protocol_version", "server_address",
           "server_port", "container"}
 
 
@@ -179,13 +180,13 @@ CHUNKED_200 = response(200, headers=["Transfer-Encoding: chunked"], length=False
 
 
 def rec(depth, method, uri, status, t, first=None, last=None, host=HOST, qlen=0, rlen=0,
-        c=C, s=S):
+        c=C, s=S, version="1.1"):
     """The http.log record expected: request's first byte at offset t, final response's first
     byte at `first` (None: no response), the last byte (or the connection's last packet) at
     `last`."""
     r = {"ts": us(t) / 1e6, "id.orig_h": c[0], "id.orig_p": c[1], "id.resp_h": s[0],
          "id.resp_p": s[1], "trans_depth": depth, "method": method, "uri": uri,
-         "status_code": status, "request_body_len": qlen, "response_body_len": rlen,
+         "version": version, "status_code": status, "request_body_len": qlen, "response_body_len": rlen,
          "duration": (us(last) - us(t)) / 1e6, "container": ""}
     if host is not None:
         r["host"] = host
@@ -735,7 +736,7 @@ def test_http10_close_delimited_response_ends_at_fin(tmp_path):
     cn.r(0.06, b"y" * 50, FPA)
     cn.fin(0.07, C)
     check(http_log(tmp_path, tr),
-          [rec(1, "GET", "/old", 200, 0.03, 0.05, 0.06, host=None, rlen=150)])
+          [rec(1, "GET", "/old", 200, 0.03, 0.05, 0.06, host=None, rlen=150, version="1.0")])
 
 
 def test_close_delimited_response_with_a_separate_fin(tmp_path):
@@ -749,7 +750,7 @@ def test_close_delimited_response_with_a_separate_fin(tmp_path):
     cn.fin(0.09, S)
     cn.fin(0.10, C)
     check(http_log(tmp_path, tr),
-          [rec(1, "GET", "/old", 200, 0.03, 0.05, 0.06, host=None, rlen=150)])
+          [rec(1, "GET", "/old", 200, 0.03, 0.05, 0.06, host=None, rlen=150, version="1.0")])
 
 
 # --- requests without a response ------------------------------------------------------------

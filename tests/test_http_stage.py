@@ -159,7 +159,7 @@ def test_a_scan_of_many_servers_keeps_a_bounded_set_of_series(monkeypatch):
         stage.packet(seg("10.0.0.1", server, 1000, 80, 1, b"GET /x HTTP/1.1\r\n\r\n"), 1.0)
         stage.packet(seg(server, "10.0.0.1", 80, 1000, 1, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), 1.1)
     assert len(stage.recent) == 6 and "other" in stage.recent and len(stage.recent["other"]) == 15
-    assert {labels[3] for labels in stage.histogram} == {f"10.0.1.{i + 1}" for i in range(5)} | {"other"}
+    assert {labels[4] for labels in stage.histogram} == {f"10.0.1.{i + 1}" for i in range(5)} | {"other"}
 
 
 def test_after_a_response_that_ran_to_the_close_late_bytes_are_ignored():

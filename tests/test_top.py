@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -246,6 +247,25 @@ def _changed(kind, path, value):
     return doc
 
 
+def _grpc_http(calls, ok=None, requests=10):
+    """An http document with one HTTP server and two gRPC servers ("rpc", issue 28):
+    `calls` on the busy one (`ok` of them OK), 4 on the other."""
+    ok = calls - 3 if ok is None else ok
+    return {"nic": "veth-b", "time": 1.0,
+            "servers": {"10.199.0.1:8080": {"requests": requests, "errors": 1, "p50": 0.001,
+                                            "p95": 0.002, "p99": 0.003, "routes": {"/": requests}}},
+            "rpc": {"shop-grpc": {
+                        "calls": calls, "errors": calls - ok,
+                        "statuses": {"OK": ok, "NOT_FOUND": calls - ok - 1, "UNAVAILABLE": 1},
+                        "p50": 0.0125, "p95": 0.0375, "p99": 0.0625,
+                        "methods": {"helloworld.Greeter/SayHello": calls - 7, "pkg.Store/Get": 4,
+                                    "pkg.Store/Put": 2, "pkg.Store/List": 1}},
+                    "10.199.0.1:50051": {
+                        "calls": 4, "errors": 0, "statuses": {"OK": 4}, "p50": 0.5, "p95": 0.5,
+                        "p99": 0.75, "methods": {"pkg.Slow/Wait": 4}}},
+            "parse_errors": {}}
+
+
 def _json(doc):
     return json.dumps(doc).encode()
 
@@ -280,6 +300,7 @@ ANSWERS = {
     "http-500": {"remotes": (500, b"oops")},
     "no-interface": {"interface": (404, b"{}")},
     "map-of-wrong": {"connections": (200, _json(_changed("connections", ["counts", "udp"], [1])))},
+    "grpc": {"http": (200, _json(_grpc_http(150)))},      # issue 28: gRPC servers too
 }
 # what each garbage case must say (the reason on screen and after --once)
 GARBAGE = {
@@ -692,3 +713,157 @@ def test_titles_count_what_the_daemon_has_not_what_top_fetched():
         assert any(t.startswith(f"rules: {shown} - sorted by") for _, t in view.frame(80)), total
     view.key("5")
     assert any(t.startswith("HTTP servers: 4000 - sorted by") for _, t in view.frame(80))
+
+
+def test_the_http_pane_shows_grpc_servers():
+    """The http document's "rpc" part (issue 28) below the HTTP servers: per gRPC server
+    its call rate (two fetches apart), calls, error share, p50/p95/p99, then its statuses
+    other than OK and its busiest methods; s sorts them as it sorts the HTTP servers.
+    An lpd without "rpc" (or with none) shows no gRPC table; a wrong one is garbage."""
+    view = lpdmod.TopView("localhost:59122", refresh=0.5)
+    view.key("5")
+    view.update(_docs(http=_grpc_http(100)), 10.0, 1000.0)
+    view.update(_docs(http=_grpc_http(150)), 10.5, 1000.5)     # 50 calls in 0.5 s: 100/s
+    text = [t for _, t in view.frame(80)]
+    assert all(len(t) <= 80 for t in text), [t for t in text if len(t) > 80]
+    assert any(t.startswith("HTTP servers: 1 - sorted by: req/s") for t in text), text
+    at = text.index("gRPC servers: 2 - sorted by: calls/s")
+    assert at > next(i for i, t in enumerate(text) if t.startswith("10.199.0.1:8080")), text
+    assert text[at + 1].split() == ["server", "calls/s", "calls", "errors", "p50", "p95", "p99"]
+    busy = text[at + 2].split()
+    assert busy == ["shop-grpc", "100.0", "150", "2.0%", "12.5ms", "37.5ms", "62.5ms"], text
+    assert text[at + 3] == "  errors: NOT_FOUND 2, UNAVAILABLE 1", text
+    assert text[at + 4] == ("  methods: helloworld.Greeter/SayHello 143, pkg.Store/Get 4, "
+                            "pkg.Store/Put 2, pk"), text                # cut at the width
+    wide = [t for _, t in view.frame(132)]
+    assert wide[at + 4] == ("  methods: helloworld.Greeter/SayHello 143, pkg.Store/Get 4, "
+                            "pkg.Store/Put 2, pkg.Store/List 1"), wide
+    assert text[at + 5].split() == ["10.199.0.1:50051", "0.0", "4", "0.0%", "500.0ms", "500.0ms",
+                                    "750.0ms"], text
+    assert text[at + 6:at + 8] == ["  errors: none", "  methods: pkg.Slow/Wait 4"], text
+    for label, first in (("calls", "shop-grpc"), ("server", "10.199.0.1:50051"),
+                         ("calls/s", "shop-grpc")):           # s cycles the sort
+        view.key("s")
+        text = [t for _, t in view.frame(80)]
+        at = text.index(f"gRPC servers: 2 - sorted by: {label}")
+        assert text[at + 2].startswith(first), (label, text)
+    # --once cuts whole rows: a server never loses its errors or methods line
+    once = [t for _, t in view.frame(80, panes=("http",), rows=1, keys=False)]
+    at = once.index("gRPC servers: 2 - sorted by: calls/s")
+    assert once[at + 2].startswith("shop-grpc") and once[at + 4].startswith("  methods:")
+    assert not any(t.startswith("10.199.0.1:50051") for t in once), once
+    # an lpd before HTTP/2 (no "rpc"), or one without gRPC calls: no gRPC table
+    for doc in ({k: v for k, v in _grpc_http(50).items() if k != "rpc"}, {**_grpc_http(50), "rpc": {}}):
+        view.update(_docs(http=doc), 11.0, 1001.0)
+        text = [t for _, t in view.frame(80)]
+        assert any(t.startswith("HTTP servers: 1") for t in text)
+        assert not any("gRPC" in t or "errors:" in t for t in text), text
+    for path, value, reason in (
+            (["rpc", "10.199.0.1:50051", "statuses", "OK"], "4",
+             "http.rpc['10.199.0.1:50051'].statuses['OK']: expected a whole number >= 0, got a string '4'"),
+            (["rpc", "10.199.0.1:50051", "p99"], -1,
+             "http.rpc['10.199.0.1:50051'].p99: expected a finite number >= 0, got a number -1"),
+            (["rpc", "10.199.0.1:50051", "methods"], [],
+             "http.rpc['10.199.0.1:50051'].methods: expected an object, got an array of 0")):
+        doc = _grpc_http(50)
+        node = doc
+        for step in path[:-1]:
+            node = node[step]
+        node[path[-1]] = value
+        with pytest.raises(lpdmod.TopGarbage) as e:
+            lpdmod.top_document("http", 200, _json(doc))
+        assert e.value.reason == f"/api/http: {reason}", e.value.reason
+    missing = _grpc_http(50)
+    del missing["rpc"]["10.199.0.1:50051"]["p99"]
+    with pytest.raises(lpdmod.TopGarbage, match=r"http.rpc\['10.199.0.1:50051'\].p99: missing"):
+        lpdmod.top_document("http", 200, _json(missing))
+
+
+def test_once_shows_grpc_servers_from_the_daemon(fake):
+    """--once against a daemon whose /api/http has gRPC servers: the table as plain text,
+    within the width, below the HTTP servers."""
+    code, out, err, _ = run_top("--once", "--url", fake.url("grpc"), "--refresh", "0.2")
+    assert code == 0 and "Traceback" not in err, (code, out, err)
+    lines = out.splitlines()
+    assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
+    assert lines.index("gRPC servers: 2 - sorted by: calls/s") > lines.index(
+        "HTTP servers: 1 - sorted by: req/s"), out
+    row = next(line for line in lines if line.startswith("shop-grpc")).split()
+    assert row[2:] == ["150", "2.0%", "12.5ms", "37.5ms", "62.5ms"], row
+    assert "  errors: NOT_FOUND 2, UNAVAILABLE 1" in lines, out
+    assert any(line.startswith("  methods: helloworld.Greeter/SayHello 143,") for line in lines), out
+
+
+GRPC_PORT, GRPC_DELAY = 50051, 0.02
+GRPC_SERVER = r"""
+import sys, time
+from concurrent import futures
+import grpc
+def answer(code):
+    def method(request, context):
+        time.sleep(float(sys.argv[3]))
+        if code is not None:
+            context.abort(code, "not here")
+        return b"r" * 50
+    return grpc.unary_unary_rpc_method_handler(method)      # bytes in, bytes out
+srv = grpc.server(futures.ThreadPoolExecutor(4), options=[("grpc.so_reuseport", 0)])
+srv.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("lpd.test.Echo", {
+    "Ok": answer(None), "Missing": answer(grpc.StatusCode.NOT_FOUND)})])
+srv.add_insecure_port(f"{sys.argv[1]}:{sys.argv[2]}")
+srv.start()
+print("ready", flush=True)
+srv.wait_for_termination()
+"""
+GRPC_CLIENT = r"""
+import json, sys
+import grpc
+channel = grpc.insecure_channel(f"{sys.argv[1]}:{sys.argv[2]}", options=[("grpc.enable_http_proxy", 0)])
+codes = {}
+for method in json.loads(sys.argv[3]):
+    try:
+        channel.unary_unary(f"/lpd.test.Echo/{method}")(b"q" * 20, timeout=5)
+        code = "OK"
+    except grpc.RpcError as e:
+        code = e.code().name
+    codes[code] = codes.get(code, 0) + 1
+channel.close()
+print(json.dumps(codes), flush=True)
+"""
+
+
+def test_once_shows_a_live_daemons_grpc_calls(pair):
+    """A live lpd --http sees real gRPC calls (grpcio, h2c) from B to a server on A: top's
+    HTTP pane has the server's row with the calls, error share, latency above the server's
+    think time, the statuses that are errors and the methods, as the calls were made."""
+    server = pair.popen(pair.ns_a, [sys.executable, "-c", GRPC_SERVER, pair.ip4_a, str(GRPC_PORT),
+                                    str(GRPC_DELAY)], stdout=subprocess.PIPE, text=True)
+    assert select.select([server.stdout], [], [], 10)[0] and \
+        server.stdout.readline().strip() == "ready", f"no gRPC server (exit {server.poll()})"
+    lpd = Lpd(pair, "--mapping-url", "none", "--local-net", f"{pair.ip4_b}/32", "--http",
+              "--http-ports", str(GRPC_PORT), "--docker-socket", "none")
+    try:
+        calls = ["Ok", "Missing", "Ok", "Ok"] * 3              # 9 OK, 3 NOT_FOUND
+        client = subprocess.run(netns.ns_argv(pair.ns_b, [
+            sys.executable, "-c", GRPC_CLIENT, pair.ip4_a, str(GRPC_PORT), json.dumps(calls)]),
+            capture_output=True, text=True, timeout=60)
+        assert json.loads(client.stdout) == {"OK": 9, "NOT_FOUND": 3}, client.stdout + client.stderr
+
+        def calls_seen():
+            doc = json.loads(netns.http_get(pair.ns_b, "127.0.0.1", 59122, "/api/http")[1])
+            return sum(s["calls"] for s in doc.get("rpc", {}).values()) == len(calls)
+        assert wait_for(calls_seen, 10), "lpd did not count the calls"
+        out = top_once(pair.ns_b, HOST_PORT, 80)
+    finally:
+        lpd.stop()
+        netns.stop(server)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
+    assert "HTTP servers: 0 - sorted by: req/s" in lines, out.stdout     # gRPC is not HTTP's
+    at = lines.index("gRPC servers: 1 - sorted by: calls/s")
+    row = lines[at + 2].split()
+    assert row[0] == f"{pair.ip4_a}:{GRPC_PORT}" and row[2:4] == ["12", "25.0%"], lines[at:]
+    p50, p95, p99 = (float(v[:-2]) / 1e3 for v in row[4:7])
+    assert GRPC_DELAY <= p50 <= p95 <= p99 < 1.0, row
+    assert lines[at + 3:at + 5] == ["  errors: NOT_FOUND 3",
+                                    "  methods: lpd.test.Echo/Ok 9, lpd.test.Echo/Missing 3"], lines[at:]
