@@ -11621,8 +11621,11 @@ H2_STREAM_MASK = 0x7FFFFFFF                 # the stream identifier's reserved b
 H2_END_STREAM = H2_ACK = 0x1
 H2_END_HEADERS, H2_PADDED, H2_PRIORITY_FLAG = 0x4, 0x8, 0x20
 H2_PRIORITY_LEN = 5                         # a HEADERS frame's priority fields (6.2)
-H2_PROMISED_LEN = 4                         # PUSH_PROMISE's promised stream (6.6)
 H2_GOAWAY_LEN = 8                           # last stream and error code (6.8)
+H2_STREAM_ID_LEN = 4                        # PUSH_PROMISE's promised stream, GOAWAY's last
+H2_RST_STREAM_LEN = 4                       # its error code (6.4)
+H2_PING_LEN = 8                             # opaque data (6.7)
+H2_WINDOW_UPDATE_LEN = 4                    # the increment (6.9)
 H2_SETTING = struct.Struct("!HI")           # one setting: identifier, value (6.5.1)
 H2_SETTINGS_HEADER_TABLE_SIZE = 1
 # Frames lpd reads whole: every peer accepts frames this long (SETTINGS_MAX_FRAME_SIZE's
@@ -11641,12 +11644,12 @@ H2_FRAME_RULES = {
     H2_DATA: (H2_END_STREAM | H2_PADDED, False, None),
     H2_HEADERS: (H2_END_STREAM | H2_END_HEADERS | H2_PADDED | H2_PRIORITY_FLAG, False, None),
     H2_PRIORITY: (0, False, H2_PRIORITY_LEN),
-    H2_RST_STREAM: (0, False, 4),
+    H2_RST_STREAM: (0, False, H2_RST_STREAM_LEN),
     H2_SETTINGS: (H2_ACK, True, None),
     H2_PUSH_PROMISE: (H2_END_HEADERS | H2_PADDED, False, None),
-    H2_PING: (H2_ACK, True, 8),
+    H2_PING: (H2_ACK, True, H2_PING_LEN),
     H2_GOAWAY: (0, True, None),
-    H2_WINDOW_UPDATE: (0, None, 4),
+    H2_WINDOW_UPDATE: (0, None, H2_WINDOW_UPDATE_LEN),
     H2_CONTINUATION: (H2_END_HEADERS, False, None),
 }
 H2_PARSE_ERRORS = ("h2_protocol", "h2_header_block_too_large", "h2_too_many_streams",
@@ -11984,7 +11987,7 @@ class Http2Connection:
                 if not payload:
                     return self._error("h2_protocol")
                 pad, payload = payload[0], payload[1:]
-            skip = H2_PROMISED_LEN if kind == H2_PUSH_PROMISE else \
+            skip = H2_STREAM_ID_LEN if kind == H2_PUSH_PROMISE else \
                 H2_PRIORITY_LEN if flags & H2_PRIORITY_FLAG else 0
             if pad + skip > len(payload) or stream == 0:
                 return self._error("h2_protocol")
@@ -12021,13 +12024,13 @@ class Http2Connection:
             return True
         elif kind == H2_RST_STREAM:
             request = self.streams.get(stream)
-            if request is not None and len(payload) == 4:
+            if request is not None and len(payload) == H2_RST_STREAM_LEN:
                 request.rst = int.from_bytes(payload, "big")
                 self._close(request, ts)
             return True
         elif kind == H2_GOAWAY:
             if len(payload) >= H2_GOAWAY_LEN and not to_server:
-                last = int.from_bytes(payload[:4], "big") & H2_STREAM_MASK
+                last = int.from_bytes(payload[:H2_STREAM_ID_LEN], "big") & H2_STREAM_MASK
                 for sid in [sid for sid, r in self.streams.items() if sid > last and r.ttfb is None]:
                     self._drop(sid)         # never processed: the client asks again elsewhere
             return True
