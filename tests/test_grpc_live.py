@@ -401,8 +401,10 @@ def client_result(eng, name, path, timeout=CLIENT_TIMEOUT):
     return json.loads(path.read_text())
 
 
-@pytest.fixture(scope="module")
-def run():
+@pytest.fixture(scope="module", params=["cbpf", "ebpf"])
+def run(request):
+    """The whole run, under each capture engine (which frames the kernel copies whole
+    differs; what lpd reads from them must not)."""
     for prog in ("tcpdump", "tshark", "prlimit"):
         assert shutil.which(prog), f"{prog} is not installed"
     cp = subprocess.run([docker_engine.PYTHON, "-c", "import grpc"], capture_output=True,
@@ -438,8 +440,9 @@ def run():
                 eng.docker("logs", HOLD, check=False)
             r.hold_ip = eng.addresses(HOLD)[0]
             r.hold_log = Path(tmp.name) / "hold.json"
-            lpd = Lpd(eng.bridge, "--promisc", "--http", "--http-log", str(r.hold_log),
-                      "--interval", str(INTERVAL), "--docker-socket", eng.socket)
+            lpd = Lpd(eng.bridge, "--engine", request.param, "--promisc", "--http",
+                      "--http-log", str(r.hold_log), "--interval", str(INTERVAL),
+                      "--docker-socket", eng.socket)
             assert wait_for(lambda: SRV in lpd.containers(), WAIT, 0.1), lpd.containers()
             time.sleep(2 * INTERVAL)
             (share / "go").touch()
@@ -453,8 +456,9 @@ def run():
 
             # full: lpd first, then a new client and connection
             r.full_log = Path(tmp.name) / "full.json"
-            lpd = Lpd(eng.bridge, "--promisc", "--http", "--http-log", str(r.full_log),
-                      "--interval", str(INTERVAL), "--docker-socket", eng.socket)
+            lpd = Lpd(eng.bridge, "--engine", request.param, "--promisc", "--http",
+                      "--http-log", str(r.full_log), "--interval", str(INTERVAL),
+                      "--docker-socket", eng.socket)
             assert wait_for(lambda: SRV in lpd.containers(), WAIT, 0.1), lpd.containers()
             r.t0 = time.time()
             start_client(eng, CLI, r.srv_ip, "--out", "/share/full.json")
