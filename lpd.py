@@ -11590,7 +11590,7 @@ class HpackDecoder:
 
 ###############################################################################
 # 16.2 HTTP/2 connections (frames, streams, gRPC calls) #######################
-# provides: GRPC_OK, GRPC_STATUS_NAMES, H2_PARSE_ERRORS, H2_UNDECIDED, H2_UNKNOWN_TEXT, HTTP_TEXT_MAX,
+# provides: GRPC_OK, GRPC_STATUS_NAMES, H2_PARSE_ERRORS, H2_UNDECIDED, HTTP_OTHER, HTTP_TEXT_MAX,
 #   Http2Connection
 #
 # A connection the HTTP stage (16.3) hands over once it speaks HTTP/2: the client's
@@ -11659,7 +11659,7 @@ H2_UNDECIDED = "undecided"                  # take(): more bytes are needed to t
 # the part of one a segment may end in: a joined connection's bytes that match are HTTP/1's.
 H2_HTTP1_START = re.compile(rb"HTTP/1\.|[-!#$%&'*+.^_`|~0-9A-Za-z]{1,20}(?: |\Z)|"
                             rb"H(?:T(?:T(?:P(?:/1?)?)?)?)?\Z")
-H2_UNKNOWN_TEXT = "_OTHER"                  # a method, path or status HPACK cannot know
+HTTP_OTHER = "_OTHER"      # OpenTelemetry's name for a method (path, status) not known
 
 GRPC_CONTENT_TYPE = "application/grpc"      # and "application/grpc+proto" and the like
 GRPC_PREFIX = 5                             # a message's compressed flag and 4-byte length
@@ -11753,7 +11753,7 @@ class H2Request:
 
     def __init__(self, ts, stream, depth):
         self.ts, self.stream, self.depth = ts, stream, depth
-        self.method = self.uri = H2_UNKNOWN_TEXT
+        self.method = self.uri = HTTP_OTHER
         self.host = self.ttfb = self.end = self.rpc = self.rst = None
         self.req_body = self.resp_body = self.status = 0
         self.unsure = False                 # a response field's name was not known
@@ -11761,9 +11761,9 @@ class H2Request:
     def request_fields(self, fields):
         for name, value in fields:
             if name == ":method":
-                self.method = H2_UNKNOWN_TEXT if value is HPACK_UNKNOWN else value
+                self.method = HTTP_OTHER if value is HPACK_UNKNOWN else value
             elif name == ":path":
-                self.uri = H2_UNKNOWN_TEXT if value is HPACK_UNKNOWN else value
+                self.uri = HTTP_OTHER if value is HPACK_UNKNOWN else value
             elif name == ":authority" and value is not HPACK_UNKNOWN:
                 self.host = value
             elif name == "content-type":
@@ -11772,8 +11772,8 @@ class H2Request:
     def _content_type(self, value):
         if value is not HPACK_UNKNOWN and value.startswith(GRPC_CONTENT_TYPE) and self.rpc is None:
             path = self.uri
-            self.rpc = GrpcCall(path[1:] if path.startswith("/") and path != H2_UNKNOWN_TEXT
-                                else H2_UNKNOWN_TEXT)
+            self.rpc = GrpcCall(path[1:] if path.startswith("/") and path != HTTP_OTHER
+                                else HTTP_OTHER)
 
     def response_fields(self, fields, ts):
         """A response's HEADERS (or its trailers): False for an interim (1xx) one."""
@@ -12747,7 +12747,7 @@ class HttpRequests(Consumer):
         if route not in routes and len(routes) >= HTTP_ROUTES_MAX:
             route = "other"
         routes[route] = routes.get(route, 0) + 1
-        method = r.method if r.method in HTTP_METHODS else "_OTHER"
+        method = r.method if r.method in HTTP_METHODS else HTTP_OTHER
         _observe(self.histogram, (method, str(r.status), route, r.version) + where, duration)
         summary = self.summary.setdefault(server, [0, 0, collections.deque(maxlen=HTTP_LATENCY_SAMPLES)])
         summary[0] += 1
@@ -12762,7 +12762,7 @@ class HttpRequests(Consumer):
         if method not in methods and len(methods) >= HTTP_ROUTES_MAX:
             method = "other"
         methods[method] = methods.get(method, 0) + 1
-        status = H2_UNKNOWN_TEXT if rpc.status is None else GRPC_STATUS_NAMES[rpc.status]
+        status = HTTP_OTHER if rpc.status is None else GRPC_STATUS_NAMES[rpc.status]
         _observe(self.rpc_histogram, (RPC_SYSTEM, method, status) + where, duration)
         for way, direction in enumerate(("request", "response")):
             key = (method, direction) + where
